@@ -1,0 +1,40 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_WORKSPACE ?= workspace/demo
+
+.PHONY: venv demo test test-fast browser bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## demo: create the environment, then run the whole pipeline on the committed sample world
+demo: $(STAMP)
+	$(VENV)/bin/recsys --workspace $(DEMO_WORKSPACE) demo
+
+## test: create the environment (and headless Chromium for the report test), run every test
+test: $(STAMP) browser
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow and not browser and not ray"
+
+# The report's browser test needs Debian's chromium and chromedriver.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "chromium/chromedriver missing and not root: the browser test will skip (and fail under CI=true)"; \
+	  fi; \
+	fi
+
+clean:
+	rm -rf $(VENV) workspace .pytest_cache

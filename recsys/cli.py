@@ -1,0 +1,354 @@
+"""The ``recsys`` command line. Commands are thin: they resolve the workspace, the store and
+the config, then call a pipeline in ``recsys.pipelines``. Heavy imports happen inside the
+commands so that ``--help`` stays instant.
+
+Exit codes: 0 success, 1 bad usage or bad input (``RecsysError``), 2 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.exceptions import TyperException
+
+from recsys.config import Config, Workspace, load_config, resolve_db_url
+from recsys.errors import RecsysError
+
+app = typer.Typer(
+    help="Multimodal news recommendation: MIND ingest, encoders, FAISS, CTR model, nightly ranking, evaluation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Store schema migrations.", no_args_is_help=True)
+index_app = typer.Typer(help="The FAISS index of item embeddings.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(index_app, name="index")
+
+log = logging.getLogger("recsys")
+
+
+@dataclass
+class AppContext:
+    workspace: Workspace
+    db_url: str
+    config_path: Path | None
+    verbose: bool
+
+    def config(self, overrides: dict | None = None) -> Config:
+        return load_config(self.config_path, overrides)
+
+    def engine(self):
+        from recsys.store.database import open_store
+
+        self.workspace.ensure()
+        return open_store(self.db_url)
+
+
+def _ctx(ctx: typer.Context) -> AppContext:
+    return ctx.obj
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    workspace: Annotated[Optional[Path], typer.Option(help="Workspace folder (models, caches, reports, default SQLite store). Env: RECSYS_WORKSPACE.")] = None,
+    db: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the store. Env: RECSYS_DB. Default: SQLite in the workspace.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Config file (TOML). Default: recsys.toml in the workspace.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging and tracebacks on errors.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    ws = Workspace.resolve(workspace)
+    if config is not None and not config.exists():
+        raise RecsysError(f"config file {config} does not exist")
+    ctx.obj = AppContext(ws, resolve_db_url(db, ws), config or ws.config_path, verbose)
+
+
+def _print_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str, ensure_ascii=False))
+
+
+# --- data in ---------------------------------------------------------------------------
+
+
+@app.command("generate-sample")
+def generate_sample_cmd(
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    users: Annotated[int, typer.Option(help="Number of users.")] = 1500,
+    news: Annotated[int, typer.Option(help="Number of articles.")] = 2000,
+    impressions: Annotated[int, typer.Option(help="Number of training impressions (test adds about a third).")] = 6000,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same files.")] = 7,
+) -> None:
+    """Write a MIND-format sample world with cover images and true click probabilities."""
+    from recsys.pipelines.sample import run_generate_sample
+
+    _print_json(run_generate_sample(out, users=users, news=news, impressions=impressions, seed=seed))
+
+
+@app.command()
+def ingest(
+    ctx: typer.Context,
+    news: Annotated[Optional[Path], typer.Option(help="MIND news.tsv.")] = None,
+    behaviors: Annotated[Optional[Path], typer.Option(help="MIND behaviors.tsv (labelled or not).")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Folder of cover images <NewsID>.<jpg|jpeg|png|webp>.")] = None,
+    source: Annotated[Optional[str], typer.Option(help="Name of this behaviors file in the store (impression ids are unique per source). Default: <folder>/<file stem>.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad row with exit 1 and write nothing.")] = False,
+) -> None:
+    """Validate and load MIND files into the store; bad rows go to quarantine."""
+    from recsys.pipelines.ingest import run_ingest
+
+    c = _ctx(ctx)
+    if news is None and behaviors is None:
+        raise RecsysError("ingest needs --news and/or --behaviors")
+    report = run_ingest(c.engine(), c.workspace, news=news, behaviors=behaviors, images=images, source=source, strict=strict)
+    _print_json(report)
+
+
+@app.command()
+def stats(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
+    """Counts of what the store holds."""
+    from recsys.store.stats import store_stats
+
+    counts = store_stats(_ctx(ctx).engine())
+    if as_json:
+        _print_json(counts)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("what", "count", title="store")
+    for key, value in counts.items():
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context, revision: Annotated[str, typer.Option(help="Target revision.")] = "head") -> None:
+    """Create or upgrade the store's tables (Alembic migrations)."""
+    from recsys.store.database import create_engine_for, current_revision, upgrade
+
+    c = _ctx(ctx)
+    c.workspace.ensure()
+    engine = create_engine_for(c.db_url)
+    upgrade(engine, revision)
+    typer.echo(f"store at revision {current_revision(engine)}")
+
+
+# --- model ------------------------------------------------------------------------------
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    modalities: Annotated[Optional[str], typer.Option(help="text | image | text,image")] = None,
+    fusion: Annotated[Optional[str], typer.Option(help="concat | weighted_sum | gated")] = None,
+    since: Annotated[Optional[str], typer.Option(help="First impression time to train on (ISO date or datetime).")] = None,
+    until: Annotated[Optional[str], typer.Option(help="End of the window, exclusive (ISO).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs (early stopping on validation AUC).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    source: Annotated[Optional[str], typer.Option(help="Train only on impressions of this source.")] = None,
+) -> None:
+    """Train the CTR model on a time window; write a model version and mark it current."""
+    from recsys.pipelines.train import run_train
+
+    c = _ctx(ctx)
+    config = c.config({"model.modalities": modalities, "model.fusion": fusion, "model.epochs": epochs, "model.seed": seed})
+    _print_json(run_train(c.engine(), c.workspace, config, since=since, until=until, source=source))
+
+
+@index_app.command("build")
+def index_build(
+    ctx: typer.Context,
+    model: Annotated[Optional[str], typer.Option(help="Model version (default: current).")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="auto | flat | hnsw | ivf")] = None,
+) -> None:
+    """Embed every article with the model's item tower and build the FAISS index."""
+    from recsys.pipelines.index import run_index_build
+
+    c = _ctx(ctx)
+    config = c.config({"index.kind": kind})
+    _print_json(run_index_build(c.engine(), c.workspace, config, version=model))
+
+
+@app.command()
+def similar(
+    ctx: typer.Context,
+    news: Annotated[str, typer.Option(help="News id.")],
+    k: Annotated[int, typer.Option(help="How many.")] = 10,
+    model: Annotated[Optional[str], typer.Option(help="Model version (default: current).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+) -> None:
+    """Articles closest to an article in the item-embedding space."""
+    from recsys.pipelines.index import run_similar
+
+    c = _ctx(ctx)
+    rows = run_similar(c.engine(), c.workspace, news_id=news, k=k, version=model)
+    _print_rows(rows, as_json, title=f"similar to {news}")
+
+
+@app.command()
+def nightly(
+    ctx: typer.Context,
+    engine_name: Annotated[Optional[str], typer.Option("--engine", help="local | ray")] = None,
+    k: Annotated[Optional[int], typer.Option(help="Recommendations per user.")] = None,
+    candidates: Annotated[Optional[int], typer.Option(help="Candidates retrieved from FAISS per user.")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(help="Users per shard.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes (local) or actors (ray).")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: a local Ray instance).")] = None,
+    news: Annotated[Optional[Path], typer.Option(help="New news.tsv to ingest first.")] = None,
+    behaviors: Annotated[Optional[Path], typer.Option(help="New behaviors.tsv to ingest first.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Cover images of the new articles.")] = None,
+    export: Annotated[Optional[Path], typer.Option(help="Also write the run as Parquet into this folder.")] = None,
+) -> None:
+    """The nightly job: ingest, encode new articles, rank every active user, switch atomically."""
+    from recsys.pipelines.nightly import run_nightly_job
+
+    c = _ctx(ctx)
+    config = c.config({
+        "nightly.engine": engine_name, "nightly.k": k, "nightly.num_candidates": candidates,
+        "nightly.shard_size": shard_size, "nightly.workers": workers, "nightly.ray_address": ray_address,
+    })
+    summary = run_nightly_job(c.engine(), c.workspace, config, news=news, behaviors=behaviors, images=images, export=export)
+    _print_json(summary)
+
+
+@app.command()
+def recommend(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Option(help="User id.")],
+    k: Annotated[int, typer.Option(help="How many.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+) -> None:
+    """The latest complete nightly run's recommendations for a user."""
+    from recsys.ranking.runs import recommendations_for_user
+
+    rows = recommendations_for_user(_ctx(ctx).engine(), user, k)
+    _print_rows(rows.to_dict("records"), as_json, title=f"recommendations for {user}")
+
+
+def _print_rows(rows: list[dict], as_json: bool, *, title: str) -> None:
+    keys = ["rank", "news_id", "title", "category", "score"]
+    clean = [{key: row[key] for key in keys} for row in rows]
+    for row in clean:
+        row["rank"] = int(row["rank"])
+        row["score"] = round(float(row["score"]), 6)
+    if as_json:
+        _print_json(clean)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*keys, title=title)
+    for row in clean:
+        table.add_row(str(row["rank"]), row["news_id"], row["title"], row["category"], f"{row['score']:.4f}")
+    Console().print(table)
+
+
+@app.command()
+def predict(
+    ctx: typer.Context,
+    behaviors: Annotated[Path, typer.Option(help="MIND behaviors file to score (labelled or not).")],
+    out: Annotated[Path, typer.Option(help="Prediction file to write (MIND format).")],
+    model: Annotated[Optional[str], typer.Option(help="Model version (default: current).")] = None,
+    news: Annotated[Optional[Path], typer.Option(help="news.tsv with articles the store does not know.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Cover images of those articles.")] = None,
+) -> None:
+    """Score every impression of a behaviors file; write `ImpressionID [r1,r2,...]` lines."""
+    from recsys.pipelines.predict import run_predict
+
+    c = _ctx(ctx)
+    _print_json(run_predict(c.engine(), c.workspace, c.config(), behaviors=behaviors, out=out, version=model, news=news, images=images))
+
+
+@app.command()
+def evaluate(
+    ctx: typer.Context,
+    behaviors: Annotated[Optional[Path], typer.Option(help="Held-out MIND behaviors file (labelled).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Report folder (metrics.json, report.html, predictions).")] = None,
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated model versions (default: current).")] = None,
+    baselines: Annotated[bool, typer.Option("--baselines", help="Also the text-only and image-only ablations of the current model.")] = False,
+    truth: Annotated[Optional[Path], typer.Option(help="Sample-world truth.tsv for the oracle row (found beside the behaviors file by default).")] = None,
+    news: Annotated[Optional[Path], typer.Option(help="news.tsv with articles the store does not know.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Cover images of those articles.")] = None,
+    compare: Annotated[Optional[list[Path]], typer.Option(help="Two metrics.json files to compare (give the option twice).")] = None,
+) -> None:
+    """Offline CTR evaluation report: metrics.json, report.html and MIND prediction files."""
+    if compare:
+        from recsys.evaluation.compare import compare_files
+
+        if len(compare) != 2:
+            raise RecsysError(f"--compare needs exactly two metrics.json files, got {len(compare)}")
+        typer.echo(compare_files(compare[0], compare[1]))
+        return
+    if behaviors is None or out is None:
+        raise RecsysError("evaluate needs --behaviors and --out (or --compare A.json --compare B.json)")
+    from recsys.pipelines.evaluate import run_evaluate
+
+    c = _ctx(ctx)
+    versions = [v for v in models.split(",") if v] if models else None
+    summary = run_evaluate(
+        c.engine(), c.workspace, c.config(), behaviors=behaviors, out=out, versions=versions,
+        ablations=baselines, truth=truth, news=news, images=images,
+    )
+    _print_json(summary)
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    sample: Annotated[Optional[Path], typer.Option(help="Sample world folder (default: the committed data/sample).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
+) -> None:
+    """The whole pipeline on the sample world: ingest, train, index, nightly, report."""
+    from recsys.pipelines.demo import run_demo
+
+    c = _ctx(ctx)
+    run_demo(c, sample=sample, epochs=epochs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: maps errors to exit codes and one clear line on stderr."""
+    verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
+    try:
+        app(args=argv, standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 1
+    except TyperException as exc:
+        # Bad usage (unknown option, missing value): typer's own message, then exit 1.
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        else:
+            typer.echo(f"error: {exc.format_message()}", err=True)
+        return 1
+    except RecsysError as exc:
+        if verbose:
+            log.exception("failed")
+        typer.echo(f"error: {exc}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: exit code 2
+        if verbose:
+            log.exception("internal error")
+        typer.echo(f"internal error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)", err=True)
+        return 2
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

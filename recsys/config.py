@@ -1,0 +1,227 @@
+"""Typed configuration: defaults, then ``recsys.toml``, then environment, then CLI flags.
+
+Every section is a frozen dataclass; an unknown key or a value of the wrong type is a
+``ConfigError`` naming the key, so a typo fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recsys.errors import ConfigError
+
+FUSION_MODES = ("concat", "weighted_sum", "gated")
+MODALITIES = ("text", "image", "text,image")
+INDEX_KINDS = ("auto", "flat", "hnsw", "ivf")
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class EncodersConfig:
+    text_model: str = ""  # path of an ONNX text model; empty = bundled all-MiniLM-L6-v2 (int8)
+    tokenizer: str = ""  # path of a tokenizer.json; empty = bundled BERT uncased WordPiece
+    image_model: str = ""  # path of a Keras image model file; empty = ImageNet MobileNet v1
+    image_size: int = 224
+    use_abstract: bool = False
+    text_max_length: int = 48
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    fusion: str = "gated"
+    modalities: str = "text,image"
+    embedding_dim: int = 128
+    history_len: int = 50
+    epochs: int = 6
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    seed: int = 0
+    valid_days: float = 1.0  # the last days of the training window are held out for validation
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    kind: str = "auto"
+    exact_max_items: int = 100_000
+
+
+@dataclass(frozen=True)
+class NightlyConfig:
+    engine: str = "local"
+    k: int = 10
+    num_candidates: int = 200
+    active_days: float = 7.0
+    freshness_days: float = 3.0
+    keep_runs: int = 3
+    shard_size: int = 2000
+    workers: int = 2
+    ray_address: str = ""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    threads: int = 0  # 0 = every core available to the process
+
+
+@dataclass(frozen=True)
+class Config:
+    encoders: EncodersConfig = field(default_factory=EncodersConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    nightly: NightlyConfig = field(default_factory=NightlyConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("model.fusion", self.model.fusion, FUSION_MODES)
+        _check_choice("model.modalities", self.model.modalities, MODALITIES)
+        _check_choice("index.kind", self.index.kind, INDEX_KINDS)
+        _check_choice("nightly.engine", self.nightly.engine, ENGINES)
+        for key, value in (
+            ("encoders.image_size", self.encoders.image_size),
+            ("model.embedding_dim", self.model.embedding_dim),
+            ("model.history_len", self.model.history_len),
+            ("model.epochs", self.model.epochs),
+            ("model.batch_size", self.model.batch_size),
+            ("nightly.k", self.nightly.k),
+            ("nightly.num_candidates", self.nightly.num_candidates),
+            ("nightly.shard_size", self.nightly.shard_size),
+            ("nightly.workers", self.nightly.workers),
+            ("nightly.keep_runs", self.nightly.keep_runs),
+        ):
+            if value < 1:
+                raise ConfigError(f"config key '{key}' is {value}, expected a positive number")
+        if self.encoders.image_size < 32:
+            raise ConfigError(f"config key 'encoders.image_size' is {self.encoders.image_size}, expected at least 32")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"config key '{key}' is {value!r}, expected one of {', '.join(choices)}")
+
+
+def _coerce(key: str, value: object, kind: type) -> object:
+    # TOML already gives typed values; only accept the ones that mean the same thing.
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' is {value!r}, expected true or false")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}' is {value!r}, expected {kind.__name__}")
+    return value
+
+
+def config_from_dict(data: dict, *, source: str = "config") -> Config:
+    """Build a Config from nested dicts, rejecting unknown sections and keys.
+
+    Raises:
+        ConfigError: naming the first unknown key or badly typed value.
+    """
+    sections = {}
+    hints = typing.get_type_hints(Config)
+    for section_name, section_value in data.items():
+        if section_name not in hints:
+            known = ", ".join(hints)
+            raise ConfigError(f"{source}: unknown section '{section_name}' (known: {known})")
+        if not isinstance(section_value, dict):
+            raise ConfigError(f"{source}: '{section_name}' must be a table, got {section_value!r}")
+        section_cls = hints[section_name]
+        field_types = typing.get_type_hints(section_cls)
+        values = {}
+        for key, value in section_value.items():
+            full = f"{section_name}.{key}"
+            if key not in field_types:
+                known = ", ".join(field_types)
+                raise ConfigError(f"{source}: unknown key '{full}' (known in [{section_name}]: {known})")
+            values[key] = _coerce(full, value, field_types[key])
+        sections[section_name] = section_cls(**values)
+    return Config(**sections)
+
+
+def load_config(path: Path | None, overrides: dict | None = None) -> Config:
+    """Load ``path`` (if it exists) and apply ``overrides`` ({"section.key": value}).
+
+    Raises:
+        ConfigError: unreadable TOML, unknown keys, wrong types or values.
+    """
+    data: dict = {}
+    if path is not None and Path(path).exists():
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        data.setdefault(section, {})[key] = value
+    return config_from_dict(data, source=str(path) if path else "config")
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where models, caches, reports and (by default) the SQLite store live.
+
+    Layout::
+
+        <root>/recsys.toml        configuration (optional)
+        <root>/recsys.db          default SQLite store
+        <root>/cache/features/    encoder feature cache
+        <root>/models/<version>/  model versions (Keras models, FAISS index, manifest)
+        <root>/quarantine/        bad input rows, one file per ingested file and run
+        <root>/reports/           evaluation reports
+        <root>/exports/           Parquet exports of nightly runs
+    """
+
+    root: Path
+
+    @classmethod
+    def resolve(cls, root: str | Path | None) -> "Workspace":
+        value = root or os.environ.get("RECSYS_WORKSPACE") or "workspace"
+        return cls(Path(value).expanduser().resolve())
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "recsys.toml"
+
+    @property
+    def default_db_url(self) -> str:
+        return f"sqlite:///{self.root / 'recsys.db'}"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.root / "cache" / "features"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.root / "exports"
+
+    def ensure(self) -> "Workspace":
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def resolve_db_url(db: str | None, workspace: Workspace) -> str:
+    """``--db`` flag, else ``RECSYS_DB``, else SQLite inside the workspace."""
+    return db or os.environ.get("RECSYS_DB") or workspace.default_db_url

@@ -1,0 +1,1 @@
+"""Data in: the MIND reader, cover images and the sample-world generator."""

@@ -1,0 +1,47 @@
+"""Progress for long steps: a bar on a terminal, plain log lines otherwise (cron, Airflow)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger("recsys")
+
+Advance = Callable[[int], None]
+
+
+@contextmanager
+def progress(description: str, total: int | None = None, *, interval_s: float = 10.0) -> Iterator[Advance]:
+    """Yield ``advance(n)``; shows a rich bar on a TTY, else a log line every ``interval_s``.
+
+    Args:
+        description: what is being done ("encoding articles").
+        total: number of units if known.
+        interval_s: seconds between log lines when not on a terminal.
+    """
+    if sys.stderr.isatty():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, transient=False) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda n=1: bar.advance(task, n)
+        return
+    done = 0
+    start = last = time.monotonic()
+
+    def advance(n: int = 1) -> None:
+        nonlocal done, last
+        done += n
+        now = time.monotonic()
+        if now - last >= interval_s:
+            last = now
+            of = f"/{total}" if total else ""
+            log.info("%s: %d%s (%.0f s)", description, done, of, now - start)
+
+    yield advance
+    of = f"/{total}" if total else ""
+    log.info("%s: done %d%s in %.1f s", description, done, of, time.monotonic() - start)

@@ -1,0 +1,1 @@
+"""The SQL store: schema, connection, migrations and the queries the pipeline makes."""

@@ -1,0 +1,55 @@
+"""Thread-pool sizes for TensorFlow, onnxruntime and FAISS (OpenMP).
+
+Each library wants every core by default; on a 2-core machine with worker processes that
+oversubscribes badly. Callers decide the count once per process, before heavy work starts.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def default_threads() -> int:
+    """Cores this process may use (respects CPU affinity and cgroup-limited containers)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def configure_threads(num_threads: int | None = None) -> int:
+    """Set TensorFlow, FAISS and OpenMP thread counts for this process.
+
+    Args:
+        num_threads: threads per library; None means every core available to the process.
+
+    Returns:
+        The number of threads set.
+    """
+    n = num_threads or default_threads()
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+    except ImportError:
+        pass
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(1 if n == 1 else 2)
+    except RuntimeError:
+        # TensorFlow refuses once its runtime is initialised; the first setting stands.
+        pass
+    return n
+
+
+def onnx_session_options(num_threads: int | None = None):
+    """onnxruntime SessionOptions with an explicit intra-op thread count."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = num_threads or default_threads()
+    opts.inter_op_num_threads = 1
+    return opts
