@@ -1,0 +1,252 @@
+"""Image tower: safe decoding of cover images and a frozen Keras image model.
+
+``load_image_rgb`` turns any cover file into a (size, size, 3) uint8 array or raises
+``ImageDecodeError``; ``ImageEncoder`` runs batches of them through ImageNet MobileNet v1 (the
+default) or any Keras image model file. A cover that cannot be decoded yields ``ok=False``,
+never a zero vector passed off as a picture.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from recsys.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from recsys.encoders.item_features import EncoderInfo
+from recsys.errors import ConfigError, RecsysError
+
+log = logging.getLogger(__name__)
+
+# What Pillow raises on broken files (found by its own fuzzing): truncated data, bad chunks,
+# malformed EXIF, unsupported mode conversions.
+_PIL_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, TypeError, IndexError, KeyError)
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+class ImageDecodeError(RecsysError):
+    """A cover image cannot be used.
+
+    Args:
+        path: the image file.
+        reason: why, e.g. ``"file is empty (0 bytes)"``.
+    """
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path, self.reason = str(path), reason
+        super().__init__(f"cover image {self.path}: {reason}")
+
+
+def load_image_rgb(path: str | Path, size: int) -> np.ndarray:
+    """Decode a cover image safely into a square RGB array.
+
+    Refuses files over ``MAX_IMAGE_BYTES`` before opening them and images over
+    ``MAX_IMAGE_PIXELS`` from their header, before decoding. Applies the EXIF orientation;
+    converts palette, greyscale, CMYK and 16-bit images to 8-bit RGB and composites
+    transparent ones on white. The image is scaled so that its shorter side is ``size`` and
+    the centre is cropped (as ImageNet models were evaluated), so wide covers lose their edges
+    rather than gaining bars.
+
+    Args:
+        path: the image file (any format Pillow reads; the extension is not trusted).
+        size: output width and height in pixels.
+
+    Returns:
+        (size, size, 3) uint8 RGB.
+
+    Raises:
+        ImageDecodeError: the file is missing, empty, too large, not an image, truncated or
+            otherwise undecodable; the message names the file and the reason.
+    """
+    if size < 1:
+        raise ValueError(f"image size is {size}, expected at least 1 pixel")
+    path = Path(path)
+    try:
+        num_bytes = path.stat().st_size
+    except OSError as exc:
+        raise ImageDecodeError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    if num_bytes == 0:
+        raise ImageDecodeError(path, "file is empty (0 bytes)")
+    if num_bytes > MAX_IMAGE_BYTES:
+        raise ImageDecodeError(path, f"file is {num_bytes} bytes, over the limit of {MAX_IMAGE_BYTES} bytes")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its own limit and twice it; refuse those as well.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise ImageDecodeError(
+                        path, f"image is {width}x{height} = {width * height} pixels, over the limit of {MAX_IMAGE_PIXELS}"
+                    )
+                if width < 1 or height < 1:
+                    raise ImageDecodeError(path, f"image is {width}x{height} pixels")
+                # JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below `size`.
+                image.draft(None, (size, size))
+                image.load()
+                rgb = _to_rgb(ImageOps.exif_transpose(image))
+                fitted = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BICUBIC)
+                return np.asarray(fitted, dtype=np.uint8)
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(path, "not a recognised image format") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(path, f"too many pixels, refused as a decompression bomb ({exc})") from exc
+    except _PIL_DECODE_ERRORS as exc:
+        raise ImageDecodeError(path, f"cannot be decoded ({type(exc).__name__}: {exc})") from exc
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB version of any Pillow image; transparency is composited on white."""
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode == "L" and "transparency" in image.info:
+        image = image.convert("LA")
+    if image.mode in _ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # Pillow's own conversion clips 16-bit values at 255; scale the full range instead.
+        grey = np.asarray(image).astype(np.float32)
+        grey = np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode != "RGB":
+        return image.convert("RGB")
+    return image
+
+
+class ImageEncoder:
+    """Frozen image model: cover files in, pooled feature vectors out.
+
+    Every image model here takes (batch, size, size, 3) float32 RGB in [0, 255] and does its own
+    scaling (the default MobileNet has it as its first layer; Keras applications such as
+    EfficientNet include it). A plugged model that expects other inputs must be saved with a
+    ``keras.layers.Rescaling`` layer in front.
+
+    Args:
+        model_path: a Keras model file (``.keras``) producing (batch, dim) or
+            (batch, h, w, c) (then average-pooled over h and w); None means ImageNet
+            MobileNet v1 1.0 (1024-d), built once from the ``nudity`` package and cached.
+        image_size: square input size. Must equal the model's input size when the model
+            fixes one.
+        num_threads: TensorFlow threads for this process (``recsys.threads.configure_threads``);
+            None leaves the process setting alone.
+        cache_dir: where the default MobileNet is cached; None means
+            ``mobilenet.default_cache_dir()``.
+
+    Raises:
+        ConfigError: the model file is missing, not a ``.keras`` file, unreadable, or has
+            input or output shapes the encoder cannot use.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        image_size: int = 224,
+        num_threads: int | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        import tensorflow as tf
+
+        from recsys.encoders import mobilenet
+        from recsys.encoders.text import file_sha256
+        from recsys.threads import configure_threads
+
+        if num_threads is not None:
+            configure_threads(num_threads)
+        if image_size < 1:
+            raise ConfigError(f"encoders.image_size is {image_size}, expected a positive number of pixels")
+        self.image_size = int(image_size)
+        if model_path is None:
+            self.model_path = None
+            self._model = mobilenet.load_mobilenet(self.image_size, cache_dir=Path(cache_dir) if cache_dir else None)
+            name, version = mobilenet.MOBILENET_NAME, mobilenet.graph_package_version()
+        else:
+            self.model_path = Path(model_path)
+            self._model = self._load_custom(self.model_path)
+            name, version = self.model_path.stem, f"sha256:{file_sha256(self.model_path)[:16]}"
+        self._pool = len(self._model.output_shape) == 4
+        dim = self._check_shapes()
+        self._info = EncoderInfo(name=name, version=f"{version}+px:{self.image_size}", dim=dim)
+        spec = tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)
+        # One traced graph for every batch size: far cheaper per call than eager model(x).
+        self._forward = tf.function(self._call_model, input_signature=[spec], autograph=False)
+
+    @property
+    def info(self) -> EncoderInfo:
+        """Name, version (with the input size) and output dimension."""
+        return self._info
+
+    def _load_custom(self, path: Path):
+        import keras
+
+        if not path.is_file():
+            raise ConfigError(f"image model file {path} does not exist")
+        if path.suffix != ".keras":
+            raise ConfigError(f"image model file {path} is not a native Keras file, expected a name ending in .keras")
+        try:
+            return keras.saving.load_model(path, compile=False)
+        except Exception as exc:  # Keras raises ValueError, TypeError, OSError, zipfile errors...
+            raise ConfigError(f"image model file {path} cannot be loaded by Keras: {exc}") from exc
+
+    def _check_shapes(self) -> int:
+        where = f"image model {self.model_path or self._model.name}"
+        inputs = self._model.inputs
+        if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].shape[-1] != 3:
+            shapes = [tuple(i.shape) for i in inputs]
+            raise ConfigError(f"{where} has inputs {shapes}, expected one (batch, height, width, 3) RGB input")
+        height, width = inputs[0].shape[1:3]
+        if (height, width) != (None, None) and (height, width) != (self.image_size, self.image_size):
+            raise ConfigError(
+                f"{where} takes {height}x{width} images but encoders.image_size is {self.image_size}; set it to match"
+            )
+        out = tuple(self._model.output_shape)
+        if len(out) not in (2, 4) or not isinstance(out[-1], int):
+            raise ConfigError(f"{where} outputs shape {out}, expected (batch, dim) or (batch, h, w, channels)")
+        return int(out[-1])
+
+    def _call_model(self, images):
+        import tensorflow as tf
+
+        features = self._model(images, training=False)
+        return tf.reduce_mean(features, axis=(1, 2)) if self._pool else features
+
+    def encode(self, paths: Sequence[Path | str | None], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """Features of cover images; a missing or undecodable image is reported, not fatal.
+
+        Args:
+            paths: n image files; None where an article has no usable image.
+            batch_size: images per model call (decoded images held in memory at once).
+
+        Returns:
+            features: (n, dim) float32; rows where ``ok`` is False are zeros.
+            ok: (n,) bool, True where the image was decoded and encoded.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size is {batch_size}, expected at least 1")
+        features = np.zeros((len(paths), self._info.dim), dtype=np.float32)
+        ok = np.zeros(len(paths), dtype=bool)
+        todo = [i for i, p in enumerate(paths) if p is not None]
+        for start in range(0, len(todo), batch_size):
+            rows, pixels = [], []
+            for i in todo[start : start + batch_size]:
+                try:
+                    pixels.append(load_image_rgb(paths[i], self.image_size))
+                except ImageDecodeError as exc:
+                    log.warning("%s; the article is encoded without an image", exc)
+                    continue
+                rows.append(i)
+            if rows:
+                batch = np.stack(pixels).astype(np.float32)
+                features[rows] = np.asarray(self._forward(batch), dtype=np.float32)
+                ok[rows] = True
+        return features, ok

@@ -1,0 +1,146 @@
+"""Encode a catalogue of articles into ``ItemFeatures``, encoding only what the cache lacks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from recsys.columns import ABSTRACT, CATEGORY, CONTENT_HASH, IMAGE_OK, IMAGE_PATH, IMAGE_STATUS, NEWS_ID, TITLE
+from recsys.encoders.cache import FeatureCache
+from recsys.encoders.item_features import EncoderInfo, ItemFeatures
+from recsys.errors import ModelMismatchError, SchemaError
+
+REQUIRED_COLUMNS = (NEWS_ID, TITLE, ABSTRACT, CATEGORY, IMAGE_PATH, IMAGE_STATUS, CONTENT_HASH)
+_ABSTRACT_SUFFIX = "+abstract"
+
+
+def text_info_for(info: EncoderInfo, *, use_abstract: bool) -> EncoderInfo:
+    """The identity of the text column: title-only and title+abstract vectors differ."""
+    return EncoderInfo(info.name + _ABSTRACT_SUFFIX, info.version, info.dim) if use_abstract else info
+
+
+def article_text(title: object, abstract: object, *, use_abstract: bool) -> str:
+    """``title`` or ``"title. abstract"``; missing values count as empty."""
+    title = "" if pd.isna(title) else str(title).strip()
+    abstract = "" if pd.isna(abstract) else str(abstract).strip()
+    if not use_abstract or not abstract:
+        return title
+    if not title:
+        return abstract
+    return f"{title} {abstract}" if title[-1] in ".!?" else f"{title}. {abstract}"
+
+
+def encode_items(
+    news: pd.DataFrame,
+    images_dir: Path | None,
+    text_encoder,
+    image_encoder,
+    cache: FeatureCache | None = None,
+    *,
+    use_abstract: bool = False,
+    batch_size: int = 256,
+    progress: Callable[[int], None] | None = None,
+) -> ItemFeatures:
+    """Frozen-encoder features of articles, row-aligned with ``news``.
+
+    Articles whose (news id, content hash) is in ``cache`` are read from it; the others are
+    encoded in batches of ``batch_size`` and each batch is stored in the cache as soon as it
+    is done, so memory stays bounded and an interrupted run resumes where it stopped. Images
+    are encoded only where ``IMAGE_STATUS == "ok"``; an image that fails to decode now gives
+    ``has_image`` False (and a zero row that must not be read as a picture).
+
+    With ``use_abstract`` the text is ``"title. abstract"``; the text encoder's name gets a
+    ``+abstract`` suffix in the result and such vectors are cached apart from title-only ones.
+
+    Args:
+        news: one row per article with columns NEWS_ID, TITLE, ABSTRACT, CATEGORY,
+            IMAGE_PATH, IMAGE_STATUS, CONTENT_HASH (``recsys.columns``); ids unique.
+        images_dir: the folder IMAGE_PATH is relative to; None when the paths are absolute.
+        text_encoder: has ``info`` and ``encode(texts) -> (n, dim)`` (``TextEncoder``).
+        image_encoder: has ``info`` and ``encode(paths) -> (features, ok)`` (``ImageEncoder``).
+        cache: feature cache built for these two encoders; None encodes everything.
+        use_abstract: append the abstract to the title.
+        batch_size: articles per encoding step (and per cache shard).
+        progress: called after each step with the number of articles that step completed;
+            articles found in the cache are reported in one call first. The calls add up to
+            ``len(news)``.
+
+    Returns:
+        ItemFeatures with n = len(news) rows in the order of ``news``. Image features of
+        newly encoded articles come back with the cache's float16 rounding when a cache is
+        used, so a first run and a cached rerun return identical arrays.
+
+    Raises:
+        SchemaError: a column is missing, a news id repeats, or a content hash is missing.
+        ModelMismatchError: the cache was built for other encoders.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size is {batch_size}, expected at least 1")
+    _check_news(news)
+    text_info = text_info_for(text_encoder.info, use_abstract=use_abstract)
+    if cache is not None and (cache.text_info, cache.image_info) != (text_encoder.info, image_encoder.info):
+        raise ModelMismatchError(
+            f"feature cache {cache.path} is for encoders {cache.text_info.name} ({cache.text_info.version}) and "
+            f"{cache.image_info.name} ({cache.image_info.version}), not {text_encoder.info.name} "
+            f"({text_encoder.info.version}) and {image_encoder.info.name} ({image_encoder.info.version})"
+        )
+    n = len(news)
+    ids = news[NEWS_ID].astype(str).to_numpy(dtype=object)
+    # The cache key carries the text variant, so toggling use_abstract never reads stale text.
+    keys = news[CONTENT_HASH].astype(str).to_numpy(dtype=object)
+    if use_abstract:
+        keys = np.array([k + _ABSTRACT_SUFFIX for k in keys], dtype=object)
+    cached = cache.lookup(ids, keys) if cache is not None else np.zeros(n, dtype=bool)
+    if progress is not None and cached.any():
+        progress(int(cached.sum()))
+
+    titles, abstracts = news[TITLE].to_numpy(dtype=object), news[ABSTRACT].to_numpy(dtype=object)
+    image_paths = _image_paths(news, images_dir)
+    if cache is None:
+        text = np.zeros((n, text_info.dim), dtype=np.float32)
+        image = np.zeros((n, image_encoder.info.dim), dtype=np.float32)
+        has_image = np.zeros(n, dtype=bool)
+    todo = np.flatnonzero(~cached)
+    for start in range(0, len(todo), batch_size):
+        rows = todo[start : start + batch_size]
+        batch_text = text_encoder.encode([article_text(titles[r], abstracts[r], use_abstract=use_abstract) for r in rows])
+        batch_image, batch_ok = image_encoder.encode([image_paths[r] for r in rows])
+        if cache is not None:
+            cache.put(ids[rows], keys[rows], batch_text, batch_image, batch_ok)
+        else:
+            text[rows], image[rows], has_image[rows] = batch_text, np.where(batch_ok[:, None], batch_image, 0.0), batch_ok
+        if progress is not None:
+            progress(len(rows))
+    if cache is not None:
+        text, image, has_image = cache.load(ids)
+    categories = news[CATEGORY].fillna("").astype(str).to_numpy(dtype=object)
+    return ItemFeatures(ids, text, image, has_image, categories, text_info, image_encoder.info)
+
+
+def _check_news(news: pd.DataFrame) -> None:
+    for column in REQUIRED_COLUMNS:
+        if column not in news.columns:
+            raise SchemaError("news table", None, column, "missing", f"a column '{column}' (have {list(news.columns)})")
+    ids = news[NEWS_ID].astype(str)
+    repeated = ids[ids.duplicated()]
+    if len(repeated):
+        row = int(np.flatnonzero(ids.duplicated().to_numpy())[0])
+        raise SchemaError("news table", None, NEWS_ID, repeated.iloc[0], f"unique news ids (row {row} repeats it)")
+    missing = news[CONTENT_HASH].isna().to_numpy()
+    if missing.any():
+        row = int(np.flatnonzero(missing)[0])
+        raise SchemaError("news table", None, CONTENT_HASH, None, f"a content hash for news id {ids.iloc[row]!r}")
+
+
+def _image_paths(news: pd.DataFrame, images_dir: Path | None) -> list[Path | None]:
+    """Path of each article's cover, or None where ingest found no usable image."""
+    paths: list[Path | None] = []
+    for status, rel in zip(news[IMAGE_STATUS].to_numpy(dtype=object), news[IMAGE_PATH].to_numpy(dtype=object)):
+        if status != IMAGE_OK or pd.isna(rel) or not str(rel):
+            paths.append(None)
+        else:
+            paths.append(Path(images_dir) / str(rel) if images_dir is not None else Path(str(rel)))
+    return paths

@@ -1,0 +1,271 @@
+"""encode_items: only new or changed articles are encoded; the no-image path is explicit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fake_encoders import FakeImageEncoder, FakeTextEncoder
+from recsys.columns import (
+    ABSTRACT,
+    CATEGORY,
+    CONTENT_HASH,
+    IMAGE_CORRUPT,
+    IMAGE_MISSING,
+    IMAGE_OK,
+    IMAGE_PATH,
+    IMAGE_STATUS,
+    NEWS_ID,
+    TITLE,
+)
+from recsys.encoders.cache import FeatureCache
+from recsys.encoders.pipeline import article_text, encode_items, text_info_for
+from recsys.errors import ModelMismatchError, SchemaError
+
+
+def make_news(images_dir, n: int = 10) -> pd.DataFrame:
+    """n articles; every third has no image, article 4's image fails to decode."""
+    rows = []
+    for i in range(n):
+        news_id = f"N{i}"
+        status, rel = IMAGE_OK, f"{news_id}.jpg"
+        if i % 3 == 2:
+            status, rel = IMAGE_MISSING, None
+        else:
+            (images_dir / rel).write_bytes(b"bad" if i == 4 else f"pixels of {news_id}".encode())
+        rows.append(
+            {
+                NEWS_ID: news_id,
+                CATEGORY: ["sports", "news", "finance"][i % 3],
+                TITLE: f"Headline number {i}",
+                ABSTRACT: f"Abstract {i}." if i % 2 else None,
+                IMAGE_PATH: rel,
+                IMAGE_STATUS: status,
+                CONTENT_HASH: f"hash-{i}",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def news(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    return make_news(images), images
+
+
+def assert_same_features(a, b):
+    np.testing.assert_array_equal(a.news_ids, b.news_ids)
+    np.testing.assert_array_equal(a.text, b.text)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.has_image, b.has_image)
+    np.testing.assert_array_equal(a.categories, b.categories)
+    assert (a.text_encoder, a.image_encoder) == (b.text_encoder, b.image_encoder)
+
+
+def test_features_are_row_aligned_with_an_explicit_no_image_path(news, fake_encoders):
+    frame, images = news
+    text_enc, image_enc = fake_encoders
+    features = encode_items(frame, images, text_enc, image_enc, None, batch_size=4)
+    assert len(features) == 10
+    assert features.news_ids.tolist() == frame[NEWS_ID].tolist()
+    assert features.categories.tolist() == frame[CATEGORY].tolist()
+    assert features.text.shape == (10, 8) and features.text.dtype == np.float32
+    assert features.image.shape == (10, 4) and features.image.dtype == np.float32
+    expected_has_image = [i % 3 != 2 and i != 4 for i in range(10)]
+    assert features.has_image.tolist() == expected_has_image
+    assert not features.image[~features.has_image].any()
+    assert (features.image[features.has_image] > 0).all()
+    # Articles without an "ok" image are never handed to the image encoder.
+    paths = image_enc.paths_seen
+    assert sum(p is not None for p in paths) == 7 and paths[2] is None
+    np.testing.assert_array_equal(features.text[3], text_enc.encode(["Headline number 3"])[0])
+    assert features.text_encoder == text_enc.info and features.image_encoder == image_enc.info
+
+
+def test_second_run_encodes_nothing(news, tmp_path, fake_encoders):
+    frame, images = news
+    text_enc, image_enc = fake_encoders
+    cache = FeatureCache(tmp_path / "cache", text_enc.info, image_enc.info)
+    first = encode_items(frame, images, text_enc, image_enc, cache, batch_size=4)
+    assert text_enc.num_encoded == 10 and len(image_enc.paths_seen) == 10
+
+    text_again, image_again = FakeTextEncoder(), FakeImageEncoder()
+    reopened = FeatureCache(tmp_path / "cache", text_again.info, image_again.info)
+    second = encode_items(frame, images, text_again, image_again, reopened, batch_size=4)
+    assert text_again.calls == [] and image_again.calls == []
+    assert_same_features(first, second)
+
+
+def test_changed_content_hash_reencodes_only_that_article(news, tmp_path, fake_encoders):
+    frame, images = news
+    text_enc, image_enc = fake_encoders
+    cache = FeatureCache(tmp_path / "cache", text_enc.info, image_enc.info)
+    encode_items(frame, images, text_enc, image_enc, cache)
+    changed = frame.copy()
+    changed.loc[5, TITLE] = "A corrected headline"
+    changed.loc[5, CONTENT_HASH] = "hash-5-v2"
+    text_enc.calls.clear()
+    image_enc.calls.clear()
+    features = encode_items(changed, images, text_enc, image_enc, cache)
+    assert text_enc.calls == [["A corrected headline"]]
+    assert len(image_enc.paths_seen) == 1
+    np.testing.assert_array_equal(features.text[5], text_enc.encode(["A corrected headline"])[0])
+
+
+def test_new_articles_are_added_in_order(news, tmp_path, fake_encoders):
+    frame, images = news
+    text_enc, image_enc = fake_encoders
+    cache = FeatureCache(tmp_path / "cache", text_enc.info, image_enc.info)
+    encode_items(frame.iloc[:6], images, text_enc, image_enc, cache)
+    text_enc.calls.clear()
+    shuffled = frame.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    features = encode_items(shuffled, images, text_enc, image_enc, cache)
+    assert sorted(t for call in text_enc.calls for t in call) == [f"Headline number {i}" for i in range(6, 10)]
+    assert features.news_ids.tolist() == shuffled[NEWS_ID].tolist()
+    fresh = encode_items(shuffled, images, FakeTextEncoder(), FakeImageEncoder(), None)
+    np.testing.assert_array_equal(features.text, fresh.text)
+    np.testing.assert_allclose(features.image, fresh.image, rtol=1e-3)  # float16 storage
+    np.testing.assert_array_equal(features.has_image, fresh.has_image)
+
+
+def test_crash_midway_then_rerun_completes(news, tmp_path):
+    frame, images = news
+    crashing = FakeTextEncoder(fail_on_call=3)
+    image_enc = FakeImageEncoder()
+    cache = FeatureCache(tmp_path / "cache", crashing.info, image_enc.info)
+    with pytest.raises(KeyboardInterrupt, match="simulated crash"):
+        encode_items(frame, images, crashing, image_enc, cache, batch_size=3)
+    assert len(FeatureCache(tmp_path / "cache", crashing.info, image_enc.info)) == 6  # two full batches kept
+
+    text_enc = FakeTextEncoder()
+    resumed = encode_items(frame, images, text_enc, FakeImageEncoder(), FeatureCache(tmp_path / "cache", text_enc.info, image_enc.info))
+    assert text_enc.num_encoded == 4
+    clean = encode_items(frame, images, FakeTextEncoder(), FakeImageEncoder(), FeatureCache(tmp_path / "clean", text_enc.info, image_enc.info))
+    assert_same_features(resumed, clean)
+
+
+def test_progress_reports_add_up_to_the_catalogue(news, tmp_path, fake_encoders):
+    frame, images = news
+    text_enc, image_enc = fake_encoders
+    cache = FeatureCache(tmp_path / "cache", text_enc.info, image_enc.info)
+    calls = []
+    encode_items(frame.iloc[:4], images, text_enc, image_enc, cache, batch_size=3, progress=calls.append)
+    assert calls == [3, 1]
+    calls.clear()
+    encode_items(frame, images, text_enc, image_enc, cache, batch_size=3, progress=calls.append)
+    assert calls == [4, 3, 3]
+
+
+def test_cache_of_other_encoders_is_refused(news, tmp_path, fake_encoders):
+    frame, images = news
+    text_enc, image_enc = fake_encoders
+    cache = FeatureCache(tmp_path / "cache", FakeTextEncoder(name="other-text").info, image_enc.info)
+    with pytest.raises(ModelMismatchError, match=r"is for encoders other-text \(1\) and fake-image \(1\), not fake-text"):
+        encode_items(frame, images, text_enc, image_enc, cache)
+
+
+def test_use_abstract_changes_the_text_and_its_identity(news, tmp_path, fake_encoders):
+    frame, images = news
+    text_enc, image_enc = fake_encoders
+    cache = FeatureCache(tmp_path / "cache", text_enc.info, image_enc.info)
+    titles_only = encode_items(frame, images, text_enc, image_enc, cache)
+    text_enc.calls.clear()
+    with_abstract = encode_items(frame, images, text_enc, image_enc, cache, use_abstract=True)
+    # Cached title-only vectors are not reused for title + abstract.
+    assert text_enc.num_encoded == 10
+    assert "Headline number 1. Abstract 1." in text_enc.calls[0]
+    assert "Headline number 0" in text_enc.calls[0]  # no abstract: title alone
+    assert with_abstract.text_encoder.name == "fake-text+abstract"
+    assert titles_only.text_encoder.name == "fake-text"
+    assert not np.array_equal(with_abstract.text[1], titles_only.text[1])
+    np.testing.assert_array_equal(with_abstract.text[0], titles_only.text[0])
+    assert text_info_for(text_enc.info, use_abstract=False) == text_enc.info
+
+
+@pytest.mark.parametrize(
+    "title, abstract, expected",
+    [("Title", "Body.", "Title. Body."), ("Why?", "Because.", "Why? Because."), (None, "Body", "Body"), ("T", float("nan"), "T"), (" T ", "", "T")],
+)
+def test_article_text(title, abstract, expected):
+    assert article_text(title, abstract, use_abstract=True) == expected
+    assert article_text("Title", "Body", use_abstract=False) == "Title"
+
+
+def test_absolute_image_paths_without_images_dir(news, fake_encoders):
+    frame, images = news
+    text_enc, image_enc = fake_encoders
+    absolute = frame.copy()
+    absolute[IMAGE_PATH] = [str(images / p) if pd.notna(p) else None for p in frame[IMAGE_PATH]]
+    features = encode_items(absolute, None, text_enc, image_enc, None)
+    assert features.has_image.sum() == 6
+
+
+def test_image_not_ok_at_ingest_is_not_read(news, fake_encoders):
+    frame, images = news
+    text_enc, image_enc = fake_encoders
+    flagged = frame.copy()
+    flagged[IMAGE_STATUS] = IMAGE_CORRUPT  # paths still set, but ingest refused them
+    features = encode_items(flagged, images, text_enc, image_enc, None)
+    assert not features.has_image.any()
+    assert all(p is None for p in image_enc.paths_seen)
+
+
+def test_empty_catalogue(news, tmp_path, fake_encoders):
+    frame, images = news
+    text_enc, image_enc = fake_encoders
+    features = encode_items(frame.iloc[:0], images, text_enc, image_enc, FeatureCache(tmp_path, text_enc.info, image_enc.info))
+    assert len(features) == 0 and features.text.shape == (0, 8) and features.image.shape == (0, 4)
+
+
+def test_missing_column_is_a_schema_error(news, fake_encoders):
+    frame, images = news
+    with pytest.raises(SchemaError, match=r"news table: field 'content_hash' has 'missing', expected a column 'content_hash'"):
+        encode_items(frame.drop(columns=[CONTENT_HASH]), images, *fake_encoders)
+
+
+def test_repeated_news_id_is_a_schema_error(news, fake_encoders):
+    frame, images = news
+    repeated = pd.concat([frame, frame.iloc[[3]]], ignore_index=True)
+    with pytest.raises(SchemaError, match=r"field 'news_id' has 'N3', expected unique news ids \(row 10 repeats it\)"):
+        encode_items(repeated, images, *fake_encoders)
+
+
+def test_missing_content_hash_is_a_schema_error(news, fake_encoders):
+    frame, images = news
+    frame.loc[2, CONTENT_HASH] = None
+    with pytest.raises(SchemaError, match=r"field 'content_hash' has None, expected a content hash for news id 'N2'"):
+        encode_items(frame, images, *fake_encoders)
+
+
+def test_batch_size_must_be_positive(news, fake_encoders):
+    frame, images = news
+    with pytest.raises(ValueError, match="batch_size is 0"):
+        encode_items(frame, images, *fake_encoders, batch_size=0)
+
+
+@pytest.mark.slow
+def test_real_encoders_end_to_end(tmp_path, sample_photos, text_encoder, image_encoder):
+    frame = pd.DataFrame(
+        {
+            NEWS_ID: ["N1", "N2", "N3"],
+            CATEGORY: ["travel", "lifestyle", "news"],
+            TITLE: ["Ancient temples draw record crowds", "Spring flowers bloom early", "Navy pioneer honoured"],
+            ABSTRACT: [None, None, None],
+            IMAGE_PATH: [sample_photos["china"].name, None, str(sample_photos["grace_hopper"])],
+            IMAGE_STATUS: [IMAGE_OK, IMAGE_MISSING, IMAGE_OK],
+            CONTENT_HASH: ["a", "b", "c"],
+        }
+    )
+    images_dir = sample_photos["china"].parent  # the absolute path of N3 overrides it
+    cache = FeatureCache(tmp_path, text_encoder.info, image_encoder.info)
+    first = encode_items(frame, images_dir, text_encoder, image_encoder, cache)
+    assert first.has_image.tolist() == [True, False, True]
+    assert first.text.shape == (3, 384) and first.image.shape == (3, 1024)
+    np.testing.assert_allclose(np.linalg.norm(first.text, axis=1), 1.0, atol=1e-5)
+    direct, _ = image_encoder.encode([sample_photos["china"]])
+    cosine = first.image[0] @ direct[0] / (np.linalg.norm(first.image[0]) * np.linalg.norm(direct[0]))
+    assert cosine >= 0.999  # float16 storage
+    second = encode_items(frame, images_dir, text_encoder, image_encoder, FeatureCache(tmp_path, text_encoder.info, image_encoder.info))
+    assert_same_features(first, second)

@@ -1,0 +1,207 @@
+"""Feature cache: round trip, content hashes, encoder isolation, crash safety."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from recsys.encoders.cache import MANIFEST_NAME, FeatureCache, cache_folder_name
+from recsys.encoders.item_features import EncoderInfo
+from recsys.errors import ModelMismatchError, NotFoundError
+
+TEXT = EncoderInfo("text-enc", "1.0", 6)
+IMAGE = EncoderInfo("image-enc", "2.0", 5)
+
+
+def features(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    text = rng.normal(size=(n, TEXT.dim)).astype(np.float32)
+    image = rng.uniform(0, 6, size=(n, IMAGE.dim)).astype(np.float32)
+    has_image = rng.uniform(size=n) > 0.3
+    return text, image, has_image
+
+
+def test_put_then_load_round_trips(tmp_path):
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    ids = [f"N{i}" for i in range(7)]
+    text, image, has_image = features(7)
+    cache.put(ids, ["h"] * 7, text, image, has_image)
+
+    reopened = FeatureCache(tmp_path, TEXT, IMAGE)
+    assert len(reopened) == 7
+    order = ["N3", "N0", "N6"]
+    got_text, got_image, got_has = reopened.load(order)
+    rows = [3, 0, 6]
+    np.testing.assert_array_equal(got_text, text[rows])
+    assert got_text.dtype == np.float32 and got_image.dtype == np.float32
+    expected_image = np.where(has_image[rows, None], image[rows], 0.0)
+    np.testing.assert_allclose(got_image, expected_image, rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(got_has, has_image[rows])
+
+
+def test_image_features_are_stored_as_float16(tmp_path):
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    text, image, has_image = features(3)
+    cache.put(["a", "b", "c"], ["h"] * 3, text, image, np.ones(3, bool))
+    (shard,) = cache.path.glob("shard-*.npz")
+    with np.load(shard) as z:
+        assert z["image"].dtype == np.float16
+        assert z["text"].dtype == np.float32
+    _, loaded, _ = cache.load(["a", "b", "c"])
+    np.testing.assert_array_equal(loaded, image.astype(np.float16).astype(np.float32))
+
+
+def test_rows_without_image_are_stored_as_zeros(tmp_path):
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    text, image, _ = features(2)
+    cache.put(["a", "b"], ["h", "h"], text, image, np.array([True, False]))
+    _, loaded, has_image = cache.load(["a", "b"])
+    assert has_image.tolist() == [True, False]
+    assert not loaded[1].any() and loaded[0].any()
+
+
+def test_lookup_matches_id_and_content_hash(tmp_path):
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    text, image, has_image = features(2)
+    cache.put(["a", "b"], ["h1", "h2"], text, image, has_image)
+    found = cache.lookup(["a", "b", "b", "zzz"], ["h1", "h2", "changed", "h1"])
+    assert found.tolist() == [True, True, False, False]
+
+
+def test_newer_shard_wins_for_a_changed_article(tmp_path):
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    old = features(1, seed=1)
+    new = features(1, seed=2)
+    cache.put(["a"], ["v1"], *old)
+    cache.put(["a"], ["v2"], *new)
+    reopened = FeatureCache(tmp_path, TEXT, IMAGE)
+    assert reopened.lookup(["a", "a"], ["v1", "v2"]).tolist() == [False, True]
+    np.testing.assert_array_equal(reopened.load(["a"])[0], new[0])
+
+
+def test_compact_keeps_the_live_entries_in_one_shard(tmp_path):
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    for seed in range(4):
+        cache.put([f"N{seed}", "shared"], [f"h{seed}", f"s{seed}"], *features(2, seed))
+    before = cache.load([f"N{i}" for i in range(4)] + ["shared"])
+    cache.compact()
+    assert cache.num_shards == 1
+    assert len(list(cache.path.glob("shard-*.npz"))) == 1
+    reopened = FeatureCache(tmp_path, TEXT, IMAGE)
+    after = reopened.load([f"N{i}" for i in range(4)] + ["shared"])
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert reopened.lookup(["shared"], ["s3"]).tolist() == [True]
+
+
+def test_other_encoders_get_their_own_folder(tmp_path):
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    cache.put(["a"], ["h"], *features(1))
+    other = FeatureCache(tmp_path, EncoderInfo("text-enc", "1.1", 6), IMAGE)
+    assert other.path != cache.path
+    assert other.lookup(["a"], ["h"]).tolist() == [False]
+    assert cache_folder_name(TEXT, IMAGE).startswith("text-enc__image-enc__")
+
+
+def test_manifest_recording_other_encoders_is_refused(tmp_path):
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    manifest = json.loads((cache.path / MANIFEST_NAME).read_text())
+    assert manifest["text_encoder"] == TEXT.to_dict() and manifest["image_encoder"] == IMAGE.to_dict()
+    manifest["image_encoder"]["dim"] = 999
+    (cache.path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ModelMismatchError, match=r"holds image_encoder .*'dim': 999.* was asked for"):
+        FeatureCache(tmp_path, TEXT, IMAGE)
+
+
+def test_unreadable_manifest_is_refused(tmp_path):
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    (cache.path / MANIFEST_NAME).write_text("{broken")
+    with pytest.raises(ModelMismatchError, match=r"manifest .* cannot be read"):
+        FeatureCache(tmp_path, TEXT, IMAGE)
+
+
+def test_put_with_wrong_dimension_is_refused(tmp_path):
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    text, image, has_image = features(2)
+    with pytest.raises(ModelMismatchError, match=r"text features have shape \(2, 3\), but encoder text-enc .* dim 6"):
+        cache.put(["a", "b"], ["h", "h"], text[:, :3], image, has_image)
+
+
+def test_put_with_misaligned_rows_or_repeats_is_refused(tmp_path):
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    text, image, has_image = features(2)
+    with pytest.raises(ValueError, match="put got 2 news ids but 1 rows of image"):
+        cache.put(["a", "b"], ["h", "h"], text, image[:1], has_image)
+    with pytest.raises(ValueError, match="repeated news ids"):
+        cache.put(["a", "a"], ["h", "h"], text, image, has_image)
+    with pytest.raises(ValueError, match="lookup got 2 news ids but 1 content hashes"):
+        cache.lookup(["a", "b"], ["h"])
+
+
+def test_load_of_unknown_ids_names_them(tmp_path):
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    cache.put(["a"], ["h"], *features(1))
+    with pytest.raises(NotFoundError, match=r"no features for news ids N1, N2, N3, N4, N5 and 2 more"):
+        cache.load(["a"] + [f"N{i}" for i in range(1, 8)])
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        cache.put(["a"], ["h"], *features(1))
+    assert sorted(p.name for p in cache.path.iterdir()) == [MANIFEST_NAME]
+    assert len(cache) == 0
+
+
+def test_unreadable_shard_is_skipped_and_leftover_temp_files_ignored(tmp_path, caplog):
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    cache.put(["a"], ["h"], *features(1))
+    (cache.path / "shard-00000000000000000001-deadbeef.npz").write_bytes(b"garbage")
+    (cache.path / ".shard-99999999999999999999-x.npz.123.abcd.tmp").write_bytes(b"half written")
+    reopened = FeatureCache(tmp_path, TEXT, IMAGE)
+    assert reopened.lookup(["a"], ["h"]).tolist() == [True]
+    assert "is unreadable" in caplog.text
+
+
+def test_killed_writer_loses_at_most_the_batch_in_flight(tmp_path):
+    """SIGKILL a process that keeps writing shards: every shard left on disk is readable."""
+    script = textwrap.dedent(
+        f"""
+        import numpy as np
+        from recsys.encoders.cache import FeatureCache
+        from recsys.encoders.item_features import EncoderInfo
+        cache = FeatureCache({str(tmp_path)!r}, EncoderInfo("text-enc", "1.0", 6), EncoderInfo("image-enc", "2.0", 5))
+        rng = np.random.default_rng(0)
+        for batch in range(100000):
+            ids = [f"N{{batch}}-{{i}}" for i in range(500)]
+            cache.put(ids, ["h"] * 500, rng.normal(size=(500, 6)), rng.normal(size=(500, 5)), np.ones(500, bool))
+            print(batch, flush=True)
+        """
+    )
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            for _ in range(3):  # wait until a few batches are on disk, then kill mid-write
+                proc.stdout.readline()
+            time.sleep(0.01)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    assert len(cache) >= 3 * 500 and len(cache) % 500 == 0
+    assert cache.num_shards == len(list(cache.path.glob("shard-*.npz")))
+    # The batches on disk are exactly the first ones, each complete.
+    written = [f"N{b}-{i}" for b in range(len(cache) // 500) for i in range(500)]
+    text, _, has_image = cache.load(written)
+    assert np.isfinite(text).all() and has_image.all()

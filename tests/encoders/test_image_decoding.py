@@ -1,0 +1,165 @@
+"""Safe decoding of cover images: modes, orientation, limits and broken files."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from recsys.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from recsys.encoders.image import ImageDecodeError, load_image_rgb
+
+RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
+
+
+def halves(width: int, height: int, left=RED, right=BLUE) -> Image.Image:
+    """An RGB image whose left half is ``left`` and right half ``right``."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, : width // 2] = left
+    pixels[:, width // 2 :] = right
+    return Image.fromarray(pixels)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose IHDR claims ``width`` x ``height`` pixels (the data is one row)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 4)) + chunk(b"IEND", b"")
+
+
+def test_rgb_jpeg_is_resized_and_centre_cropped(tmp_path):
+    path = tmp_path / "wide.jpg"
+    # 300x100: the centre crop keeps the middle third, which is split red | blue.
+    halves(300, 100).save(path, quality=95)
+    out = load_image_rgb(path, 64)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    assert np.abs(out[32, 5].astype(int) - RED).max() < 40
+    assert np.abs(out[32, 58].astype(int) - BLUE).max() < 40
+
+
+@pytest.mark.parametrize(
+    "mode, suffix",
+    [("L", ".png"), ("P", ".png"), ("RGBA", ".png"), ("LA", ".png"), ("CMYK", ".jpg"), ("1", ".png"), ("RGB", ".webp")],
+)
+def test_every_colour_mode_becomes_rgb(tmp_path, mode, suffix):
+    gradient = np.tile(np.linspace(0, 255, 40, dtype=np.uint8), (30, 1))
+    grey = Image.fromarray(gradient)
+    source = grey.convert(mode) if mode != "RGB" else Image.merge("RGB", [grey] * 3)
+    path = tmp_path / f"img{suffix}"
+    source.save(path)
+    out = load_image_rgb(path, 24)
+    assert out.shape == (24, 24, 3) and out.dtype == np.uint8
+    # Every mode keeps the dark-to-light gradient from left to right.
+    assert out[:, :4].mean() + 60 < out[:, -4:].mean()
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((20, 20), 32896, np.uint16)).save(path)  # 32896 / 257 = 128
+    with Image.open(path) as check:
+        assert check.mode.startswith("I")
+    out = load_image_rgb(path, 10)
+    assert np.all(out == 128)
+
+
+def test_transparent_pixels_are_composited_on_white(tmp_path):
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[:, :10] = (255, 0, 0, 255)  # opaque red
+    rgba[:, 10:] = (0, 0, 255, 0)  # fully transparent blue
+    path = tmp_path / "alpha.png"
+    Image.fromarray(rgba).save(path)
+    out = load_image_rgb(path, 20)
+    assert tuple(out[10, 2]) == RED
+    assert tuple(out[10, 17]) == WHITE
+
+
+def test_palette_with_transparency_is_composited_on_white(tmp_path):
+    image = Image.new("P", (10, 10), 1)
+    image.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    path = tmp_path / "palette.png"
+    image.save(path, transparency=1)
+    assert tuple(load_image_rgb(path, 10)[5, 5]) == WHITE
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    halves(80, 40).save(path, exif=exif, quality=95)
+    out = load_image_rgb(path, 32)
+    # Displayed upright the image is 40x80 with red on top and blue below.
+    assert np.abs(out[2, 16].astype(int) - RED).max() < 40
+    assert np.abs(out[29, 16].astype(int) - BLUE).max() < 40
+    assert np.abs(out[2, 2].astype(int) - out[2, 29].astype(int)).max() < 40  # top row is all red
+
+
+def test_zero_byte_file(tmp_path):
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    with pytest.raises(ImageDecodeError, match=r"empty.jpg: file is empty \(0 bytes\)"):
+        load_image_rgb(path, 32)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageDecodeError, match=r"nope.jpg: cannot be read \(No such file or directory\)"):
+        load_image_rgb(tmp_path / "nope.jpg", 32)
+
+
+def test_non_image_bytes_with_a_jpg_name(tmp_path):
+    path = tmp_path / "fake.jpg"
+    path.write_bytes(b"<html><body>404 Not Found</body></html>")
+    with pytest.raises(ImageDecodeError, match=r"fake.jpg: not a recognised image format") as info:
+        load_image_rgb(path, 32)
+    assert info.value.path == str(path)
+
+
+def test_truncated_file(tmp_path):
+    full = tmp_path / "full.jpg"
+    halves(200, 200).save(full, quality=95)
+    path = tmp_path / "truncated.jpg"
+    path.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(ImageDecodeError, match=r"truncated.jpg: cannot be decoded \(OSError: image file is truncated"):
+        load_image_rgb(path, 32)
+
+
+def test_file_over_the_byte_limit_is_not_opened(tmp_path):
+    path = tmp_path / "huge.jpg"
+    with open(path, "wb") as f:
+        f.truncate(MAX_IMAGE_BYTES + 1)  # sparse: no real disk used
+    with pytest.raises(ImageDecodeError, match=rf"huge.jpg: file is {MAX_IMAGE_BYTES + 1} bytes, over the limit"):
+        load_image_rgb(path, 32)
+
+
+def test_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path):
+    side = int(MAX_IMAGE_PIXELS**0.5) + 1
+    path = tmp_path / "big.png"
+    path.write_bytes(png_declaring(side, side))
+    with pytest.raises(ImageDecodeError, match=rf"big.png: image is {side}x{side} = {side * side} pixels, over the limit"):
+        load_image_rgb(path, 32)
+
+
+@pytest.mark.parametrize("side", [10_000, 100_000])
+def test_decompression_bomb_is_refused(tmp_path, side):
+    # 10000^2 is past Pillow's warning threshold, 100000^2 past its hard limit.
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_declaring(side, side))
+    assert path.stat().st_size < 100
+    with pytest.raises(ImageDecodeError, match=r"bomb.png: too many pixels, refused as a decompression bomb"):
+        load_image_rgb(path, 32)
+
+
+def test_size_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="image size is 0, expected at least 1 pixel"):
+        load_image_rgb(tmp_path / "x.jpg", 0)
+
+
+def test_small_images_are_upscaled(tmp_path):
+    path = tmp_path / "tiny.png"
+    halves(4, 4).save(path)
+    assert load_image_rgb(path, 32).shape == (32, 32, 3)
