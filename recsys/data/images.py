@@ -2,8 +2,158 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+from PIL import Image, UnidentifiedImageError
+
+from recsys.columns import IMAGE_BAD_NAME, IMAGE_CORRUPT, IMAGE_EMPTY, IMAGE_MISSING, IMAGE_OK, IMAGE_TOO_LARGE
+
 # Files larger than this are not opened at all (status "too_large").
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 # Decompression-bomb guard: more pixels than this is refused (status "too_large").
 MAX_IMAGE_PIXELS = 40_000_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+# Pillow format name expected for each extension; anything else is a wrongly named file.
+_FORMAT_OF_EXTENSION = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}
+_DECODERS = ("JPEG", "PNG", "WEBP")
+_NEWS_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class ImageCheck(NamedTuple):
+    """What ``inspect_image`` found for one article.
+
+    Attributes:
+        path: the image's path relative to the images folder (POSIX separators), or None
+            when there is no usable image.
+        status: one of ``recsys.columns.IMAGE_STATUSES``.
+        sha256: hex digest of the file bytes when the file could be read (also for a corrupt
+            file, so that replacing it changes the article's content hash), else None.
+    """
+
+    path: str | None
+    status: str
+    sha256: str | None
+
+
+def list_images(images_dir: Path) -> dict[str, str]:
+    """Map ``<stem><lower-cased extension>`` -> real file name for the covers in ``images_dir``.
+
+    ``inspect_image`` takes this listing so that a whole ingest lists the folder once
+    instead of once per article. Only names with an image extension are kept.
+    """
+    listing: dict[str, str] = {}
+    with os.scandir(images_dir) as entries:
+        for entry in entries:
+            stem, dot, ext = entry.name.rpartition(".")
+            key = f"{stem}.{ext.lower()}"
+            if dot and key.endswith(IMAGE_EXTENSIONS):
+                # "N1.JPG" and "N1.jpg" both present: keep the first in sorted order, so the
+                # choice does not depend on directory order.
+                if key not in listing or entry.name < listing[key]:
+                    listing[key] = entry.name
+    return listing
+
+
+def inspect_image(images_dir: Path, news_id: str, *, listing: Mapping[str, str] | None = None) -> ImageCheck:
+    """Find and check the cover image of ``news_id``: ``<NewsID>.<jpg|jpeg|png|webp>``.
+
+    The extension is matched case-insensitively (the id is not); when several files match, the first
+    extension of ``IMAGE_EXTENSIONS`` wins. The file must stay inside ``images_dir`` once
+    symlinks are resolved. Checks, in order: size (empty, over ``MAX_IMAGE_BYTES``), the
+    header (a JPEG, PNG or WebP whose format matches the extension, at most
+    ``MAX_IMAGE_PIXELS``), ``verify()`` for PNG (chunk checksums), and a full decode, which
+    is what catches truncated files.
+
+    Args:
+        images_dir: the folder of cover images.
+        news_id: the article id.
+        listing: ``list_images(images_dir)``, to avoid listing the folder on every call.
+
+    Returns:
+        ``ImageCheck(path, status, sha256)``; ``path`` is set only when status is IMAGE_OK.
+        Never raises for a bad file: the status says what is wrong with it.
+
+    Decoding briefly changes the process's warning filters (to refuse Pillow's
+    decompression-bomb warning), so call it from one thread at a time.
+    """
+    if not _NEWS_ID_RE.fullmatch(news_id):
+        return ImageCheck(None, IMAGE_BAD_NAME, None)
+    root = Path(images_dir).resolve()
+    if listing is None:
+        try:
+            listing = list_images(root)
+        except OSError:
+            return ImageCheck(None, IMAGE_MISSING, None)
+    name = next((listing[news_id + ext] for ext in IMAGE_EXTENSIONS if news_id + ext in listing), None)
+    if name is None:
+        return ImageCheck(None, IMAGE_MISSING, None)
+    return _check_file(root, root / name)
+
+
+def _check_file(root: Path, candidate: Path) -> ImageCheck:
+    try:
+        target = candidate.resolve(strict=False)
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+        return ImageCheck(None, IMAGE_BAD_NAME, None)
+    if not target.is_relative_to(root):
+        return ImageCheck(None, IMAGE_BAD_NAME, None)
+    if not target.exists():
+        return ImageCheck(None, IMAGE_MISSING, None)
+    if not target.is_file():
+        return ImageCheck(None, IMAGE_BAD_NAME, None)
+    relative = target.relative_to(root).as_posix()
+    expected_format = _FORMAT_OF_EXTENSION.get(target.suffix.lower())
+    if expected_format is None:  # a link to a file with another extension
+        return ImageCheck(None, IMAGE_BAD_NAME, None)
+    try:
+        size = target.stat().st_size
+        if size == 0:
+            return ImageCheck(None, IMAGE_EMPTY, hashlib.sha256(b"").hexdigest())
+        if size > MAX_IMAGE_BYTES:
+            return ImageCheck(None, IMAGE_TOO_LARGE, None)
+        with open(target, "rb") as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)
+    except OSError:
+        return ImageCheck(None, IMAGE_CORRUPT, None)
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) > MAX_IMAGE_BYTES:  # grew since stat
+        return ImageCheck(None, IMAGE_TOO_LARGE, digest)
+    status = _decode_status(data, expected_format)
+    return ImageCheck(relative if status == IMAGE_OK else None, status, digest)
+
+
+def _decode_status(data: bytes, expected_format: str) -> str:
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (not raises) between its own bomb limit and twice it; refuse those.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=_DECODERS) as image:
+                if image.format != expected_format:
+                    return IMAGE_BAD_NAME
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    return IMAGE_TOO_LARGE
+                if width < 1 or height < 1:
+                    return IMAGE_CORRUPT
+                if image.format != "PNG":
+                    image.load()  # a full decode is what finds truncated files
+                    return IMAGE_OK
+                image.verify()  # PNG chunk checksums, which decoding alone skips
+            # verify() leaves the image unusable; decoding needs a fresh open.
+            with Image.open(io.BytesIO(data), formats=_DECODERS) as image:
+                image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return IMAGE_TOO_LARGE
+    except UnidentifiedImageError:
+        return IMAGE_CORRUPT
+    except Exception:  # noqa: BLE001 - decoders of damaged files raise many types (OSError, SyntaxError, struct.error, ...)
+        return IMAGE_CORRUPT
+    return IMAGE_OK

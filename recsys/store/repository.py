@@ -106,18 +106,20 @@ def read_user_histories(
             if len(ids) <= 5000:
                 break
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[USER_ID, NEWS_ID, "history_pos", "clicked_at"])
-    return _history_csr(df, user_ids, news_ids, max_len=max_len)
+    return _history_csr(df, user_ids, news_ids, max_len=max_len, by_time=include_impression_clicks)
 
 
-def _history_csr(df: pd.DataFrame, user_ids: np.ndarray, news_ids: np.ndarray, *, max_len: int | None):
+def _history_csr(df: pd.DataFrame, user_ids: np.ndarray, news_ids: np.ndarray, *, max_len: int | None, by_time: bool):
     user_row = pd.Series(np.arange(len(user_ids)), index=pd.Index(user_ids))
     item_row = _row_lookup(news_ids)
     df = df[df[NEWS_ID].isin(item_row.index)].copy()
     df["u"] = user_row.reindex(df[USER_ID].to_numpy()).to_numpy()
     df["i"] = item_row.reindex(df[NEWS_ID].to_numpy()).to_numpy()
     # Recent first: timed clicks newest first, then history entries from the end of the list.
-    df["has_time"] = df["clicked_at"].notna()
-    df["t"] = pd.to_datetime(df["clicked_at"]).astype("int64", copy=False) if len(df) else 0
+    # Without impression clicks the History column's own order rules (an article that is in
+    # it and was also clicked later must not jump ahead).
+    df["has_time"] = df["clicked_at"].notna() & by_time
+    df["t"] = pd.to_datetime(df["clicked_at"]).astype("int64", copy=False) if len(df) and by_time else 0
     df["hp"] = df["history_pos"].fillna(-1)
     df = df.sort_values(["u", "has_time", "t", "hp"], ascending=[True, False, False, False], kind="stable")
     if max_len is not None:
@@ -231,3 +233,13 @@ def read_active_users(engine: Engine, since: datetime) -> np.ndarray:
     with engine.connect() as conn:
         rows = conn.execute(select(im.user_id).where(im.time >= since).distinct().order_by(im.user_id)).scalars().all()
     return np.asarray(rows, dtype=object)
+
+
+def read_news_titles(engine: Engine, news_ids) -> pd.DataFrame:
+    """Title and category of the given articles, indexed by news id (for printing lists)."""
+    n = s.news.c
+    ids = list(map(str, news_ids))
+    with engine.connect() as conn:
+        df = pd.read_sql(select(n.news_id, n.title, n.category).where(n.news_id.in_(ids)), conn)
+    df.columns = [NEWS_ID, TITLE, CATEGORY]
+    return df.set_index(NEWS_ID)

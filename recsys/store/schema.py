@@ -47,7 +47,8 @@ news = Table(
     Column("url", Text, nullable=False),
     Column("title_entities", Text, nullable=False),
     Column("abstract_entities", Text, nullable=False),
-    # Path relative to the images folder given at ingest; NULL when there is no usable image.
+    # Absolute resolved path of the cover, inside the images folder given at ingest; NULL
+    # when there is no usable image (see image_status).
     Column("image_path", Text, nullable=True),
     Column("image_status", String(16), nullable=False),
     # sha256 of the fields the encoders read (title, abstract, category, image bytes).
@@ -63,6 +64,12 @@ users = Table(
     Column("user_id", String(ID_LEN), primary_key=True),
     Column("first_seen_at", DateTime, nullable=True),
     Column("last_seen_at", DateTime, nullable=True),
+    # Time of the impression whose History column the clicks table holds: ingest replaces a
+    # user's history only with one from a later impression, so an older file ingested later
+    # does not roll it back.
+    Column("history_at", DateTime, nullable=True),
+    # Fingerprint of that History, so that seeing the same History again rewrites nothing.
+    Column("history_hash", String(32), nullable=True),
 )
 
 impressions = Table(
@@ -79,28 +86,39 @@ impressions = Table(
     Index("ix_impressions_user_time", "user_id", "time"),
 )
 
+# The two big tables (impression_items, clicks) carry no foreign keys: ingest is their only
+# writer and checks every reference itself (news ids against the store and the news file,
+# impression_pk from the impression it just wrote). PostgreSQL checks a foreign key with a
+# per-row trigger; measured here, the two keys of impression_items made its COPY 3-4x slower,
+# enough on their own to miss the 90 s MIND-small ingest goal. Nothing deletes impressions,
+# news or users.
+# SQLite stores both without rowid (one B-tree for the primary key instead of two).
 impression_items = Table(
     "impression_items",
     metadata,
-    Column("impression_pk", BigInteger().with_variant(Integer, "sqlite"), ForeignKey("impressions.id", ondelete="CASCADE"), primary_key=True),
-    Column("position", Integer, primary_key=True),
-    Column("news_id", String(ID_LEN), ForeignKey("news.news_id"), nullable=False),
+    Column("impression_pk", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),  # impressions.id
+    Column("position", Integer, primary_key=True),  # 0-based, display order
+    Column("news_id", String(ID_LEN), nullable=False),  # news.news_id
     # NULL in unlabelled (test) behaviors files.
     Column("label", SmallInteger, nullable=True),
     Index("ix_impression_items_news", "news_id"),
+    sqlite_with_rowid=False,
 )
 
 # Click history: the MIND History column (history_pos set, clicked_at NULL) and clicks seen
-# in labelled impressions (clicked_at set). One row per (user, article).
+# in labelled impressions (clicked_at set). One row per (user, article). No foreign keys,
+# see impression_items.
 clicks = Table(
     "clicks",
     metadata,
-    Column("user_id", String(ID_LEN), ForeignKey("users.user_id"), primary_key=True),
-    Column("news_id", String(ID_LEN), ForeignKey("news.news_id"), primary_key=True),
+    Column("user_id", String(ID_LEN), primary_key=True),  # users.user_id
+    Column("news_id", String(ID_LEN), primary_key=True),  # news.news_id
+    # 0-based index in the latest History column seen for the user (the last is the newest).
     Column("history_pos", Integer, nullable=True),
     Column("clicked_at", DateTime, nullable=True),
     Index("ix_clicks_user", "user_id", "clicked_at"),
     Index("ix_clicks_clicked_at", "clicked_at"),
+    sqlite_with_rowid=False,
 )
 
 quarantine = Table(

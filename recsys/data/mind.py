@@ -1,0 +1,399 @@
+"""Streaming readers of the MIND files, exactly as Microsoft ships them.
+
+``news.tsv``: NewsID, Category, SubCategory, Title, Abstract, URL, TitleEntities,
+AbstractEntities. ``behaviors.tsv``: ImpressionID, UserID, Time, History, Impressions. No
+header, tab-separated, UTF-8, ``\\n`` or ``\\r\\n`` line ends. Impressions are ``N123-1 N456-0``
+(labelled) or ``N123 N456`` (test files); History may be empty; Time looks like
+``11/11/2019 9:05:58 AM``.
+
+The readers yield one parsed row or one ``BadRow`` per line and never raise for bad input,
+so the caller decides between quarantining and stopping. Lines are read as bytes with a
+bounded reader: a line longer than ``MAX_LINE_BYTES`` (or a multi-GB file without newlines)
+costs at most that much memory and becomes a bad row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from recsys.columns import (
+    ABSTRACT,
+    ABSTRACT_ENTITIES,
+    CATEGORY,
+    HISTORY,
+    IMPRESSION_ID,
+    NEWS_ID,
+    SUBCATEGORY,
+    TIME,
+    TITLE,
+    TITLE_ENTITIES,
+    USER_ID,
+)
+from recsys.errors import RecsysError, SchemaError
+
+IMPRESSIONS = "impressions"  # the fifth behaviors column (no constant elsewhere: never stored)
+NUM_NEWS_COLUMNS = 8
+NUM_BEHAVIORS_COLUMNS = 5
+
+MAX_LINE_BYTES = 1024 * 1024
+MAX_TITLE_CHARS = 1_000
+MAX_ABSTRACT_CHARS = 10_000
+MAX_CATEGORY_CHARS = 128
+MAX_HISTORY_IDS = 10_000
+MAX_CANDIDATES = 1_000
+# Raw lines kept in bad-row records are cut to this many characters.
+RAW_CHARS = 200
+
+ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
+TIME_EXAMPLE = "11/11/2019 9:05:58 AM"
+
+_ID_RE = re.compile(ID_PATTERN)
+_IDS_RE = re.compile(rf"{ID_PATTERN}(?: {ID_PATTERN})*")
+_LABELLED_RE = re.compile(rf"{ID_PATTERN}-[01](?: {ID_PATTERN}-[01])*")
+_LABELLED_TOKEN_RE = re.compile(rf"{ID_PATTERN}-[01]")
+_LABEL_SUFFIX_RE = re.compile(r"-[01](?= |$)")
+_LABEL_RE = re.compile(r"-([01])(?= |$)")
+_INT_RE = re.compile(r"[0-9]{1,18}")  # fits a signed 64-bit column
+_TIME_RE = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4}) (\d{1,2}):(\d{2}):(\d{2}) ([AaPp][Mm])")
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+_EXPECTED_ID = f"an id matching ^{ID_PATTERN}$"
+
+
+class MindFileError(RecsysError):
+    """A MIND file cannot be opened or read at all (missing, a folder, no permission)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewsRow:
+    """One valid line of news.tsv (``line`` is 1-based)."""
+
+    line: int
+    news_id: str
+    category: str
+    subcategory: str
+    title: str
+    abstract: str
+    url: str
+    title_entities: str
+    abstract_entities: str
+
+
+@dataclass(frozen=True, slots=True)
+class BehaviorRow:
+    """One valid line of behaviors.tsv.
+
+    Attributes:
+        line: 1-based line number.
+        impression_id: the ImpressionID (unique within its file only).
+        user_id: the UserID.
+        time: naive datetime of the impression.
+        history: clicked news ids from the History column, in file order (oldest first).
+        news_ids: the candidates, in display order.
+        labels: 1 clicked / 0 not, aligned with ``news_ids``; None for unlabelled files.
+        raw: the line, cut to ``RAW_CHARS`` characters (for quarantine records).
+    """
+
+    line: int
+    impression_id: int
+    user_id: str
+    time: datetime
+    history: tuple[str, ...]
+    news_ids: tuple[str, ...]
+    labels: tuple[int, ...] | None
+    raw: str
+
+
+@dataclass(frozen=True, slots=True)
+class BadRow:
+    """A line that is not loaded, and why.
+
+    Attributes:
+        file: the file as the caller named it.
+        line: 1-based line number.
+        field: the offending column (or ``columns``/``line`` for whole-line problems).
+        value: the offending value (shortened in messages).
+        expected: what the field should have held.
+        raw: the line, cut to ``RAW_CHARS`` characters (invalid bytes replaced).
+    """
+
+    file: str
+    line: int
+    field: str
+    value: object
+    expected: str
+    raw: str
+
+    def to_error(self) -> SchemaError:
+        """The same problem as the exception ``strict`` ingest raises."""
+        return SchemaError(self.file, self.line, self.field, self.value, self.expected)
+
+    @property
+    def reason(self) -> str:
+        """``behaviors.tsv line 812: field 'impressions' has 'N55-x', expected label 0 or 1``."""
+        return str(self.to_error())
+
+
+def parse_time(text: str) -> datetime:
+    """Parse a MIND time (``%m/%d/%Y %I:%M:%S %p``, e.g. ``11/11/2019 9:05:58 AM``).
+
+    Hand-written because ``strptime`` costs ~10 us a call and honours the locale's AM/PM.
+
+    Raises:
+        ValueError: not a MIND time, or not a real date.
+    """
+    m = _TIME_RE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"{text!r} is not a time like {TIME_EXAMPLE!r}")
+    month, day, year, hour, minute, second = (int(g) for g in m.groups()[:6])
+    if not 1 <= hour <= 12:
+        raise ValueError(f"{text!r} is not a time: hour {hour} is not 1..12")
+    hour = hour % 12 + (12 if m.group(7) in ("PM", "pm", "Pm", "pM") else 0)
+    try:
+        return datetime(year, month, day, hour, minute, second)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a real date and time ({exc})") from None
+
+
+def format_time(value: datetime) -> str:
+    """The MIND spelling of a time (no zero padding of month, day and hour, as in MIND)."""
+    hour = value.hour % 12 or 12
+    suffix = "PM" if value.hour >= 12 else "AM"
+    return f"{value.month}/{value.day}/{value.year} {hour}:{value.minute:02d}:{value.second:02d} {suffix}"
+
+
+class RowStream:
+    """Iterator over the rows (and bad rows) of one MIND file, read lazily.
+
+    Attributes:
+        path: the file.
+        name: the file as the caller spelled it (used in messages).
+        size: file size in bytes when opened.
+        bytes_read: bytes consumed so far (for progress).
+    """
+
+    def __init__(self, path: str | Path, parse: Callable[[str, int, str], NewsRow | BehaviorRow | BadRow]):
+        self.path = Path(path)
+        self.name = str(path)
+        try:
+            self._file = open(self.path, "rb", buffering=1024 * 1024)  # noqa: SIM115 - closed by close()/exhaustion
+            self.size = os.fstat(self._file.fileno()).st_size
+        except OSError as exc:
+            raise MindFileError(f"{self.name}: cannot be read ({exc.strerror or exc})") from exc
+        self.bytes_read = 0
+        self._rows = self._generate(parse)
+
+    def __iter__(self) -> RowStream:
+        return self
+
+    def __next__(self) -> NewsRow | BehaviorRow | BadRow:
+        return next(self._rows)
+
+    def close(self) -> None:
+        self._rows.close()
+        self._file.close()
+
+    def __enter__(self) -> RowStream:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _generate(self, parse) -> Iterator[NewsRow | BehaviorRow | BadRow]:
+        f, name = self._file, self.name
+        limit = MAX_LINE_BYTES + 2  # room for "\r\n" after a line of exactly the maximum
+        line_no = 0
+        try:
+            while True:
+                raw = f.readline(limit)
+                if not raw:
+                    return
+                line_no += 1
+                self.bytes_read += len(raw)
+                if line_no == 1 and raw.startswith(_UTF8_BOM):
+                    raw = raw[len(_UTF8_BOM):]
+                if len(raw) == limit and not raw.endswith(b"\n"):
+                    self.bytes_read += _skip_to_newline(f)
+                    yield BadRow(name, line_no, "line", f"a line of more than {MAX_LINE_BYTES} bytes",
+                                 f"at most {MAX_LINE_BYTES} bytes per line", _shorten(raw.decode("utf-8", "replace")))
+                    continue
+                content = raw[:-1] if raw.endswith(b"\n") else raw
+                if content.endswith(b"\r"):
+                    content = content[:-1]
+                if len(content) > MAX_LINE_BYTES:
+                    yield BadRow(name, line_no, "line", f"a line of {len(content)} bytes",
+                                 f"at most {MAX_LINE_BYTES} bytes per line", _shorten(content.decode("utf-8", "replace")))
+                    continue
+                if not content.strip():
+                    continue  # blank lines (often one at the end of a file) carry nothing
+                try:
+                    text = content.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    near = content[max(0, exc.start - 20) : exc.end + 20]
+                    yield BadRow(name, line_no, "line", near, f"UTF-8 text (invalid byte at offset {exc.start})",
+                                 _shorten(content.decode("utf-8", "replace")))
+                    continue
+                yield parse(name, line_no, text)
+        finally:
+            f.close()
+
+
+def _skip_to_newline(f) -> int:
+    """Consume the rest of an over-long line in bounded chunks; returns the bytes skipped."""
+    skipped = 0
+    while True:
+        chunk = f.readline(1024 * 1024)
+        skipped += len(chunk)
+        if not chunk or chunk.endswith(b"\n"):
+            return skipped
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= RAW_CHARS else text[: RAW_CHARS - 3] + "..."
+
+
+def iter_news(path: str | Path) -> RowStream:
+    """Stream the rows of a MIND news.tsv.
+
+    Checks: 8 columns; NewsID matches ``^[A-Za-z0-9_-]{1,64}$``; category non-empty and
+    category/subcategory at most 128 characters; title at most 1000 characters; abstract at
+    most 10000; the entity columns empty or JSON.
+
+    Returns:
+        A ``RowStream`` yielding ``NewsRow`` or ``BadRow``, one per non-blank line.
+
+    Raises:
+        MindFileError: the file cannot be opened.
+    """
+    return RowStream(path, _parse_news)
+
+
+def iter_behaviors(path: str | Path) -> RowStream:
+    """Stream the rows of a MIND behaviors.tsv (labelled or not).
+
+    Checks: 5 columns; ImpressionID a non-negative integer; UserID and every news id match
+    ``^[A-Za-z0-9_-]{1,64}$``; Time like ``11/11/2019 9:05:58 AM``; at most 10000 History
+    ids; 1 to 1000 candidates; labels 0 or 1; every candidate of an impression labelled or
+    none. A candidate is read as labelled when it ends in ``-0``/``-1``, so in an unlabelled
+    file a bare id may not end that way.
+
+    Returns:
+        A ``RowStream`` yielding ``BehaviorRow`` or ``BadRow``, one per non-blank line.
+
+    Raises:
+        MindFileError: the file cannot be opened.
+    """
+    return RowStream(path, _parse_behaviors)
+
+
+def _parse_news(name: str, line: int, text: str) -> NewsRow | BadRow:
+    cols = text.split("\t")
+    if len(cols) != NUM_NEWS_COLUMNS:
+        return BadRow(name, line, "columns", len(cols), f"{NUM_NEWS_COLUMNS} tab-separated columns", _shorten(text))
+    news_id, category, subcategory, title, abstract, url, title_entities, abstract_entities = cols
+
+    def bad(field: str, value: object, expected: str) -> BadRow:
+        return BadRow(name, line, field, value, expected, _shorten(text))
+
+    if not _ID_RE.fullmatch(news_id):
+        return bad(NEWS_ID, news_id, _EXPECTED_ID)
+    if not category or len(category) > MAX_CATEGORY_CHARS:
+        return bad(CATEGORY, category, f"a non-empty category of at most {MAX_CATEGORY_CHARS} characters")
+    if len(subcategory) > MAX_CATEGORY_CHARS:
+        return bad(SUBCATEGORY, subcategory, f"at most {MAX_CATEGORY_CHARS} characters (it has {len(subcategory)})")
+    if len(title) > MAX_TITLE_CHARS:
+        return bad(TITLE, title, f"at most {MAX_TITLE_CHARS} characters (it has {len(title)})")
+    if len(abstract) > MAX_ABSTRACT_CHARS:
+        return bad(ABSTRACT, abstract, f"at most {MAX_ABSTRACT_CHARS} characters (it has {len(abstract)})")
+    for field, value in ((TITLE_ENTITIES, title_entities), (ABSTRACT_ENTITIES, abstract_entities)):
+        if value:
+            try:
+                json.loads(value)
+            except ValueError:
+                return bad(field, value, "empty or JSON (a list of entities)")
+    return NewsRow(line, news_id, category, subcategory, title, abstract, url, title_entities, abstract_entities)
+
+
+def _parse_behaviors(name: str, line: int, text: str) -> BehaviorRow | BadRow:
+    cols = text.split("\t")
+    if len(cols) != NUM_BEHAVIORS_COLUMNS:
+        return BadRow(name, line, "columns", len(cols), f"{NUM_BEHAVIORS_COLUMNS} tab-separated columns", _shorten(text))
+    impression_id, user_id, time_text, history_text, impressions_text = cols
+
+    def bad(field: str, value: object, expected: str) -> BadRow:
+        return BadRow(name, line, field, value, expected, _shorten(text))
+
+    if not _INT_RE.fullmatch(impression_id):
+        return bad(IMPRESSION_ID, impression_id, "a non-negative integer of at most 18 digits")
+    if not _ID_RE.fullmatch(user_id):
+        return bad(USER_ID, user_id, _EXPECTED_ID)
+    try:
+        time = parse_time(time_text)
+    except ValueError:
+        return bad(TIME, time_text, f"a time like '{TIME_EXAMPLE}' ({TIME_FORMAT})")
+
+    if not history_text:
+        history: tuple[str, ...] = ()
+    elif _IDS_RE.fullmatch(history_text):
+        history = tuple(history_text.split(" "))
+    else:
+        history = tuple(history_text.split())
+        wrong = next((h for h in history if not _ID_RE.fullmatch(h)), None)
+        if wrong is not None:
+            return bad(HISTORY, wrong, f"news ids matching ^{ID_PATTERN}$ separated by spaces")
+    if len(history) > MAX_HISTORY_IDS:
+        return bad(HISTORY, f"{len(history)} ids", f"at most {MAX_HISTORY_IDS} ids")
+
+    labels: tuple[int, ...] | None
+    if _LABELLED_RE.fullmatch(impressions_text):
+        news_ids = tuple(_LABEL_SUFFIX_RE.sub("", impressions_text).split(" "))
+        labels = tuple(map(int, _LABEL_RE.findall(impressions_text)))
+    elif _IDS_RE.fullmatch(impressions_text) and not _LABEL_SUFFIX_RE.search(impressions_text):
+        news_ids = tuple(impressions_text.split(" "))
+        labels = None
+    else:
+        try:
+            news_ids, labels = _parse_impressions_slowly(impressions_text)
+        except _Invalid as exc:
+            return bad(IMPRESSIONS, exc.value, exc.expected)
+    if len(news_ids) > MAX_CANDIDATES:
+        return bad(IMPRESSIONS, f"{len(news_ids)} candidates", f"at most {MAX_CANDIDATES} candidates")
+    return BehaviorRow(line, int(impression_id), user_id, time, history, news_ids, labels, _shorten(text))
+
+
+class _Invalid(Exception):
+    def __init__(self, value: str, expected: str):
+        super().__init__(value, expected)
+        self.value, self.expected = value, expected
+
+
+def _parse_impressions_slowly(text: str) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
+    """Impressions that failed the fast patterns: odd spacing, or a bad token to name.
+
+    Raises:
+        _Invalid: with the offending token and what was expected.
+    """
+    tokens = text.split()
+    if not tokens:
+        raise _Invalid(text, "at least one candidate news id")
+    if any(_LABELLED_TOKEN_RE.fullmatch(t) for t in tokens):
+        for t in tokens:
+            if "-" not in t:
+                raise _Invalid(t, "a label on every candidate (the impression mixes labelled and unlabelled items)")
+            news_id, _, label = t.rpartition("-")
+            if label not in ("0", "1"):
+                raise _Invalid(t, "label 0 or 1")
+            if not _ID_RE.fullmatch(news_id):
+                raise _Invalid(t, f"a news id matching ^{ID_PATTERN}$ before the label")
+        return tuple(t[:-2] for t in tokens), tuple(1 if t[-1] == "1" else 0 for t in tokens)
+    for t in tokens:
+        if not _ID_RE.fullmatch(t):
+            raise _Invalid(t, f"news ids matching ^{ID_PATTERN}$ (with -0/-1 labels or none)")
+    return tuple(tokens), None

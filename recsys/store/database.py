@@ -1,0 +1,245 @@
+"""Connecting to the store and keeping its tables at the latest migration.
+
+Any SQLAlchemy URL works; SQLite (the default, one file in the workspace) and PostgreSQL
+(psycopg 3) are the two the project tests. Migrations ship inside the package, so no
+``alembic.ini`` is needed at run time.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
+
+from recsys.errors import StoreError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+# Seconds a SQLite writer waits for another writer's lock before giving up.
+SQLITE_BUSY_TIMEOUT_S = 60
+# Execution option: "IMMEDIATE" makes the next SQLite transaction take the write lock at
+# BEGIN, so two writers queue on the busy timeout instead of failing when a read-then-write
+# transaction tries to upgrade its lock.
+SQLITE_BEGIN = "recsys_sqlite_begin"
+# Key of the PostgreSQL advisory lock that serialises concurrent migrations.
+_MIGRATION_LOCK_KEY = 0x7265637379730001
+_VERSION_TABLE = "alembic_version"
+
+
+def mask_url(url: str | URL) -> str:
+    """The URL as text with its password replaced by ``***`` (safe for messages and logs)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable URL>"
+
+
+def _normalise(url: str) -> URL:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise StoreError(f"store URL {url!r} is not a valid SQLAlchemy URL: {exc}") from exc
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def _sqlite_on_connect(dbapi_connection, _record) -> None:
+    # Take BEGIN away from the sqlite3 module (it would skip it before SELECT and DDL), so
+    # that transactions, transactional DDL and savepoints behave as on PostgreSQL.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_S * 1000}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        # In WAL mode NORMAL is corruption-safe; a power cut may lose the last commits only.
+        cursor.execute("PRAGMA synchronous = NORMAL")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    options = conn.get_execution_options()
+    if options.get("isolation_level") == "AUTOCOMMIT":
+        return
+    mode = options.get(SQLITE_BEGIN, "DEFERRED")
+    if mode not in ("DEFERRED", "IMMEDIATE", "EXCLUSIVE"):
+        raise StoreError(f"execution option {SQLITE_BEGIN} has {mode!r}, expected DEFERRED, IMMEDIATE or EXCLUSIVE")
+    conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def create_engine_for(url: str) -> Engine:
+    """An engine for the store at ``url``, checked by opening one connection.
+
+    SQLite connections run in WAL mode with foreign keys on, ``synchronous=NORMAL`` and a
+    busy timeout; ``postgresql://`` URLs use psycopg 3.
+
+    Args:
+        url: any SQLAlchemy URL, e.g. ``sqlite:///workspace/recsys.db`` or
+            ``postgresql://user:pw@host:5432/recsys``.
+
+    Returns:
+        The engine (pooled connections).
+
+    Raises:
+        StoreError: the URL is malformed, its driver is missing, or the server or file cannot
+            be reached; the message names the URL with its password masked.
+    """
+    parsed = _normalise(url)
+    shown = mask_url(parsed)
+    kwargs: dict = {}
+    if parsed.get_backend_name() == "postgresql":
+        kwargs["pool_pre_ping"] = True
+    try:
+        engine = sa.create_engine(parsed, **kwargs)
+    except (ArgumentError, ImportError) as exc:
+        raise StoreError(f"cannot use the store at {shown}: {exc}") from exc
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as exc:
+        engine.dispose()
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+        raise StoreError(f"cannot reach the store at {shown}: {reason}") from exc
+    return engine
+
+
+def _quiet_alembic_import() -> None:
+    # Importing alembic logs each of its plugins at INFO: under a CLI that logs at INFO that
+    # would print on every command. Quieten that one logger unless the application set it.
+    plugins_log = logging.getLogger("alembic.runtime.plugins")
+    if plugins_log.level == logging.NOTSET:
+        plugins_log.setLevel(logging.WARNING)
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """Alembic configuration of the shipped migrations (no ini file needed).
+
+    Args:
+        connection: an open connection the migration commands run on (``env.py`` takes it
+            from ``config.attributes``); None for commands that only read the scripts.
+    """
+    _quiet_alembic_import()
+    from alembic.config import Config
+
+    config = Config()
+    # ConfigParser interpolates '%': escape it in case the install path holds one.
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    """The newest migration shipped with this version of recsys."""
+    _quiet_alembic_import()
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:
+        raise StoreError(f"no migrations found in {MIGRATIONS_DIR}")
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The migration the store is at, or None for an empty (never migrated) database."""
+    with engine.connect() as conn:
+        return _revision_of(conn)
+
+
+def _revision_of(conn: Connection) -> str | None:
+    # Read alembic's table directly: a MigrationContext logs its set-up at INFO on every call,
+    # and every command opens the store.
+    if not sa.inspect(conn).has_table(_VERSION_TABLE):
+        return None
+    versions = conn.execute(sa.text(f"SELECT version_num FROM {_VERSION_TABLE}")).scalars().all()
+    if len(versions) > 1:
+        raise StoreError(f"the store has {len(versions)} migration heads ({', '.join(versions)}), expected one")
+    return versions[0] if versions else None
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Migrate the store to ``revision`` in one transaction.
+
+    Concurrent callers are serialised (an advisory lock on PostgreSQL, an immediate write
+    lock on SQLite), so two commands starting at once cannot both create the tables.
+
+    Raises:
+        StoreError: the revision is unknown, or the database holds tables that no migration
+            created (e.g. made by hand), or a migration fails.
+    """
+    _quiet_alembic_import()
+    from alembic import command
+    from alembic.util import CommandError
+
+    shown = mask_url(engine.url)
+    with engine.connect() as conn:
+        conn.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
+        try:
+            with conn.begin():
+                if conn.dialect.name == "postgresql":
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+                _refuse_unmanaged_tables(conn, shown)
+                command.upgrade(alembic_config(conn), revision)
+        except CommandError as exc:
+            raise StoreError(f"cannot migrate the store at {shown} to {revision!r}: {exc}") from exc
+        except DBAPIError as exc:
+            raise StoreError(f"migrating the store at {shown} failed: {exc.orig}") from exc
+
+
+def _refuse_unmanaged_tables(conn: Connection, shown: str) -> None:
+    if _revision_of(conn) is not None:
+        return
+    from recsys.store.schema import metadata
+
+    present = set(sa.inspect(conn).get_table_names()) & set(metadata.tables)
+    if present:
+        raise StoreError(
+            f"the store at {shown} has tables ({', '.join(sorted(present))}) but no migration "
+            "version: it was not created by recsys migrations; use an empty database"
+        )
+
+
+def open_store(url: str) -> Engine:
+    """Connect to the store and bring its tables to the latest migration.
+
+    A SQLite file and its folder are created when missing. Commands that need the store
+    call this.
+
+    Raises:
+        StoreError: the store cannot be reached, or it is at a revision this version of
+            recsys does not know (written by a newer version).
+    """
+    parsed = _normalise(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        if not parsed.database.startswith("file:"):
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine_for(url)
+    head = head_revision()
+    current = current_revision(engine)
+    if current == head:
+        return engine
+    _quiet_alembic_import()
+    from alembic.script import ScriptDirectory
+
+    known = {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    if current is not None and current not in known:
+        engine.dispose()
+        raise StoreError(
+            f"the store at {mask_url(parsed)} is at migration {current!r}, which this version of "
+            f"recsys does not know (newest here: {head!r}); upgrade recsys"
+        )
+    upgrade(engine, "head")
+    return engine

@@ -1,0 +1,704 @@
+"""Loading MIND files into the store: validate, quarantine bad rows, upsert in batches.
+
+News first, then behaviors. Files are streamed; each batch of lines is written in one
+transaction, and every write is an upsert whose result does not depend on what an earlier,
+interrupted run already wrote (minimum of first-seen times, the history of the latest
+impression, delete-then-insert of an impression's items). So the same files twice give the
+same store, and a crash followed by a rerun gives the store one clean run gives.
+
+``strict=True`` runs the whole ingest in one transaction that is rolled back at the first
+bad row, so nothing at all is written (no quarantine file either).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import time as clock
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy import Connection, Engine, Table
+from sqlalchemy.dialects import postgresql, sqlite
+
+from recsys.columns import HISTORY, IMAGE_MISSING, IMAGE_STATUSES
+from recsys.data.images import ImageCheck, inspect_image, list_images
+from recsys.data.mind import IMPRESSIONS, BadRow, BehaviorRow, NewsRow, RowStream, iter_behaviors, iter_news
+from recsys.errors import ConfigError, StoreError
+from recsys.store import schema
+from recsys.store.database import SQLITE_BEGIN
+
+# Largest IN list sent at once: SQLite allows 32766 bound parameters, PostgreSQL 65535.
+_IN_CHUNK = 5000
+_QUARANTINE_HEADER = ("file", "line", "field", "reason", "raw")
+_NEWS_UPDATED = (
+    "category", "subcategory", "title", "abstract", "url", "title_entities", "abstract_entities",
+    "image_path", "image_status", "content_hash",
+)
+
+
+@dataclass
+class IngestReport:
+    """What one ``ingest`` call did.
+
+    Attributes:
+        news: news rows accepted (inserted or updated).
+        users: users new to the store.
+        impressions: impressions accepted (inserted or replaced).
+        impression_items: candidate rows written.
+        clicks: click rows written (History entries of replaced histories + clicked items).
+        num_bad_rows: lines not loaded (also in the quarantine file and table).
+        quarantine_file: the quarantine TSV of this call, None when there was no bad row.
+        source: the name the behaviors file's impressions are stored under.
+        image_status: articles per image status (news ingest only).
+        elapsed: seconds per stage ("news", "behaviors", "total").
+    """
+
+    news: int = 0
+    users: int = 0
+    impressions: int = 0
+    impression_items: int = 0
+    clicks: int = 0
+    num_bad_rows: int = 0
+    quarantine_file: str | None = None
+    source: str | None = None
+    image_status: dict[str, int] = field(default_factory=dict)
+    elapsed: dict[str, float] = field(default_factory=dict)
+
+
+def default_source(behaviors_path: str | Path) -> str:
+    """``<parent folder name>/<file stem>``, e.g. ``MINDsmall_train/behaviors``."""
+    path = Path(behaviors_path).resolve()
+    return f"{path.parent.name}/{path.stem}"
+
+
+def ingest(
+    engine: Engine,
+    *,
+    news_path: str | Path | None = None,
+    behaviors_path: str | Path | None = None,
+    images_dir: str | Path | None = None,
+    source: str | None = None,
+    strict: bool = False,
+    quarantine_dir: Path,
+    batch_size: int = 5000,
+    progress: Callable[[int], None] | None = None,
+) -> IngestReport:
+    """Validate MIND files and load them into the store.
+
+    Args:
+        engine: the store (migrated, see ``open_store``).
+        news_path: a news.tsv, loaded first. Rows update articles with the same NewsID.
+        behaviors_path: a behaviors.tsv (labelled or not). Every news id it mentions must be
+            in the store or in ``news_path``, else the line is a bad row.
+        images_dir: folder of cover images ``<NewsID>.<jpg|jpeg|png|webp>``; without it every
+            article of ``news_path`` gets image status "missing".
+        source: name under which the impressions are stored (MIND impression ids restart in
+            every file); default ``<parent folder>/<file stem>``.
+        strict: stop at the first bad row with SchemaError and write nothing.
+        quarantine_dir: where the quarantine TSV is written
+            (``<timestamp>-<file stem>.tsv``, one per call, only when there are bad rows).
+        batch_size: lines per transaction.
+        progress: called with the number of lines done after each batch is written
+            (and committed, unless ``strict``).
+
+    Returns:
+        The counts, bad-row summary and timings.
+
+    Raises:
+        SchemaError: ``strict`` and a bad row (the message names file, line, field, value).
+        ConfigError: no input file, a bad ``batch_size`` or ``source``, or a missing
+            images folder.
+        MindFileError: an input file cannot be opened.
+        StoreError: the store is neither SQLite nor PostgreSQL.
+    """
+    if news_path is None and behaviors_path is None:
+        raise ConfigError("ingest needs a news file, a behaviors file or both")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size is {batch_size}, expected at least 1")
+    if behaviors_path is not None:
+        source = default_source(behaviors_path) if source is None else source
+        if not 0 < len(source) <= schema.impressions.c.source.type.length:
+            raise ConfigError(f"source {source!r} must have 1 to {schema.impressions.c.source.type.length} characters")
+    listing = None
+    if images_dir is not None:
+        images_dir = Path(images_dir)
+        if not images_dir.is_dir():
+            raise ConfigError(f"images folder {images_dir} does not exist or is not a folder")
+        listing = list_images(images_dir)
+
+    started = clock.perf_counter()
+    now = datetime.now(UTC).replace(tzinfo=None)
+    report = IngestReport(source=source if behaviors_path is not None else None)
+    named_after = Path(behaviors_path if behaviors_path is not None else news_path)
+    quarantine = _QuarantineFile(Path(quarantine_dir), f"{now:%Y%m%dT%H%M%S_%f}-{named_after.stem}.tsv")
+    news_stream = behaviors_stream = None
+    try:
+        # Both files open before anything is written: a missing second file fails early.
+        news_stream = iter_news(news_path) if news_path is not None else None
+        behaviors_stream = iter_behaviors(behaviors_path) if behaviors_path is not None else None
+        with engine.connect() as conn:
+            # Take the write lock at BEGIN: a concurrent writer then waits (busy timeout)
+            # instead of failing when this transaction upgrades a read lock.
+            conn.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
+            if conn.dialect.name == "sqlite":
+                with conn.begin():
+                    conn.exec_driver_sql("PRAGMA cache_size = -131072")  # 128 MB of pages
+            job = _Job(conn, _writer_for(conn), strict, batch_size, progress, quarantine, report, now)
+            with conn.begin() if strict else nullcontext():
+                with job.transaction():
+                    # Every known article with its first-seen time: the one thing held in
+                    # memory for the whole ingest (it decides unknown ids and which
+                    # first-seen times an impression actually moves).
+                    known = {n: t for n, t in conn.execute(sa.select(schema.news.c.news_id, schema.news.c.first_seen_at))}
+                if news_stream is not None:
+                    stage_start = clock.perf_counter()
+                    job.ingest_news(news_stream, images_dir, listing, known)
+                    report.elapsed["news"] = clock.perf_counter() - stage_start
+                if behaviors_stream is not None:
+                    stage_start = clock.perf_counter()
+                    job.ingest_behaviors(behaviors_stream, source, known)
+                    report.elapsed["behaviors"] = clock.perf_counter() - stage_start
+    except BaseException:
+        quarantine.discard()
+        raise
+    finally:
+        for stream in (news_stream, behaviors_stream):
+            if stream is not None:
+                stream.close()
+    path = quarantine.finish()
+    report.quarantine_file = str(path) if path is not None else None
+    report.elapsed["total"] = clock.perf_counter() - started
+    return report
+
+
+@dataclass
+class _Job:
+    """State of one ingest call: the connection, the writer and the running report."""
+
+    conn: Connection
+    writer: _Writer
+    strict: bool
+    batch_size: int
+    progress: Callable[[int], None] | None
+    quarantine: _QuarantineFile
+    report: IngestReport
+    now: datetime
+
+    def transaction(self) -> AbstractContextManager:
+        # strict mode already holds one transaction around everything.
+        return nullcontext() if self.strict else self.conn.begin()
+
+    def _bad(self, bad: BadRow, file_key: str, pending: list[tuple]) -> None:
+        if self.strict:
+            raise bad.to_error()
+        self.report.num_bad_rows += 1
+        self.quarantine.add(file_key, bad)
+        pending.append((file_key, bad.line, bad.field[:64], bad.reason, self.now))
+
+    def _begin_file(self, file_key: str) -> None:
+        # The quarantine table mirrors the latest ingest of each file.
+        with self.transaction():
+            self.conn.execute(sa.delete(schema.quarantine).where(schema.quarantine.c.file == file_key))
+
+    def _write_quarantine(self, rows: list[tuple]) -> None:
+        if rows:
+            self.writer.upsert(
+                schema.quarantine, ("file", "line", "field", "reason", "created_at"), rows,
+                key=("file", "line"), update=lambda ex, t: {"field": ex.field, "reason": ex.reason},
+            )
+
+    def _done(self, num_lines: int) -> None:
+        if self.progress is not None:
+            self.progress(num_lines)
+
+    # --- news ---------------------------------------------------------------------------
+
+    def ingest_news(self, stream: RowStream, images_dir: Path | None, listing, known: dict[str, datetime | None]) -> None:
+        file_key = str(stream.path.resolve())
+        self._begin_file(file_key)
+        counts = self.report.image_status
+        for status in IMAGE_STATUSES:
+            counts.setdefault(status, 0)
+        images_root = Path(images_dir).resolve() if images_dir is not None else None
+        for lines in _batches(stream, self.batch_size):
+            pending_bad: list[tuple] = []
+            latest: dict[str, NewsRow] = {}
+            for row in lines:
+                if isinstance(row, BadRow):
+                    self._bad(row, file_key, pending_bad)
+                else:
+                    latest.pop(row.news_id, None)  # a later line for the same id wins
+                    latest[row.news_id] = row
+            records = []
+            for row in latest.values():
+                if images_dir is None:
+                    check = ImageCheck(None, IMAGE_MISSING, None)
+                else:
+                    check = inspect_image(images_dir, row.news_id, listing=listing)
+                counts[check.status] += 1
+                records.append((
+                    row.news_id, row.category, row.subcategory, row.title, row.abstract, row.url,
+                    row.title_entities, row.abstract_entities,
+                    # Absolute, so that later steps (encode, predict) find the file without
+                    # being told the images folder again; containment was checked above.
+                    None if check.path is None else str(images_root / check.path), check.status,
+                    content_hash(row.title, row.abstract, row.category, row.subcategory, check.sha256),
+                    self.now,
+                ))
+            with self.transaction():
+                if records:
+                    self.writer.upsert(
+                        schema.news, ("news_id", *_NEWS_UPDATED, "updated_at"), records, key=("news_id",),
+                        update=_news_update, where=_news_changed,
+                    )
+                self._write_quarantine(pending_bad)
+            for news_id in latest:
+                known.setdefault(news_id, None)
+            self.report.news += len(records)
+            self._done(len(lines))
+
+    # --- behaviors ----------------------------------------------------------------------
+
+    def ingest_behaviors(self, stream: RowStream, source: str, known: dict[str, datetime | None]) -> None:
+        file_key = str(stream.path.resolve())
+        self._begin_file(file_key)
+        for lines in _batches(stream, self.batch_size):
+            pending_bad: list[tuple] = []
+            latest: dict[int, BehaviorRow] = {}
+            parsed = [r for r in lines if isinstance(r, BehaviorRow)]
+            missing = set().union(*(r.news_ids for r in parsed), *(r.history for r in parsed)).difference(known)
+            for row in lines:
+                if missing and isinstance(row, BehaviorRow):
+                    unknown = _unknown_news(row, missing, stream.name)
+                    row = unknown if unknown is not None else row
+                if isinstance(row, BadRow):
+                    self._bad(row, file_key, pending_bad)
+                else:
+                    latest.pop(row.impression_id, None)  # a later line for the same id wins
+                    latest[row.impression_id] = row
+            with self.transaction():
+                if latest:
+                    self._write_behaviors(list(latest.values()), source, known)
+                self._write_quarantine(pending_bad)
+            self._done(len(lines))
+
+    def _write_behaviors(self, rows: list[BehaviorRow], source: str, known: dict[str, datetime | None]) -> None:
+        w, report = self.writer, self.report
+        users, impressions, items, clicks, news = (
+            schema.users, schema.impressions, schema.impression_items, schema.clicks, schema.news,
+        )
+
+        # Users: first/last seen, and whose History this batch brings the latest of (ties:
+        # the first listed, so that batch boundaries do not change the outcome).
+        per_user: dict[str, list] = {}
+        for r in rows:
+            agg = per_user.get(r.user_id)
+            if agg is None:
+                per_user[r.user_id] = [r.time, r.time, r.time, r.history]
+            else:
+                agg[0] = min(agg[0], r.time)
+                agg[1] = max(agg[1], r.time)
+                if r.time > agg[2]:
+                    agg[2], agg[3] = r.time, r.history
+        stored = {
+            u: (at, digest)
+            for u, at, digest in w.select_in(
+                sa.select(users.c.user_id, users.c.history_at, users.c.history_hash), users.c.user_id, per_user
+            )
+        }
+        report.users += len(per_user) - len(stored)
+        user_rows, new_history, stored_hash = [], {}, {}
+        for u, (first, last, at, history) in per_user.items():
+            old_at, old_hash = stored.get(u, (None, None))
+            if old_at is None or at > old_at:
+                new_history[u], stored_hash[u] = history, old_hash
+                user_rows.append((u, first, last, at, _history_hash(history)))
+            else:
+                user_rows.append((u, first, last, old_at, old_hash))
+        w.upsert(
+            users, ("user_id", "first_seen_at", "last_seen_at", "history_at", "history_hash"), user_rows, key=("user_id",),
+            update=lambda ex, t: {
+                "first_seen_at": _least(t.first_seen_at, ex.first_seen_at),
+                "last_seen_at": _greatest(t.last_seen_at, ex.last_seen_at),
+                "history_at": ex.history_at,
+                "history_hash": ex.history_hash,
+            },
+        )
+
+        # Impressions, then their items (replaced whole, so a changed impression leaves no
+        # stale positions behind).
+        w.upsert(
+            impressions, ("source", "impression_id", "user_id", "time"),
+            [(source, r.impression_id, r.user_id, r.time) for r in rows], key=("source", "impression_id"),
+            update=lambda ex, t: {"user_id": ex.user_id, "time": ex.time},
+            where=lambda ex, t: sa.or_(t.user_id != ex.user_id, t.time != ex.time),
+        )
+        pk_of = {
+            imp_id: pk
+            for pk, imp_id in w.select_in(
+                sa.select(impressions.c.id, impressions.c.impression_id).where(impressions.c.source == source),
+                impressions.c.impression_id, [r.impression_id for r in rows],
+            )
+        }
+        w.delete_in(items, items.c.impression_pk, list(pk_of.values()))
+        item_rows = []
+        for r in rows:
+            pk = pk_of[r.impression_id]
+            labels = r.labels if r.labels is not None else itertools.repeat(None)
+            item_rows.extend(zip(itertools.repeat(pk), itertools.count(), r.news_ids, labels))
+        w.insert(items, ("impression_pk", "position", "news_id", "label"), item_rows)
+        report.impressions += len(rows)
+        report.impression_items += len(item_rows)
+
+        # An article's first impression stands in for its publication time. Only times that
+        # move earlier than what the store holds are written.
+        first_shown: dict[str, datetime] = {}
+        for r in sorted(rows, key=lambda r: r.time, reverse=True):
+            first_shown.update(dict.fromkeys(r.news_ids, r.time))  # earlier times overwrite later
+        first_shown = {n: t for n, t in first_shown.items() if known[n] is None or t < known[n]}
+        w.update(
+            news, "news_id", ("news_id", "first_seen_at"), list(first_shown.items()),
+            values=lambda src: {"first_seen_at": src["first_seen_at"]},
+            where=lambda src, t: sa.or_(t.first_seen_at.is_(None), t.first_seen_at > src["first_seen_at"]),
+        )
+
+        known.update(first_shown)
+        report.clicks += self._replace_histories(new_history, stored_hash, {u for u in per_user if u not in stored})
+
+        # Clicked candidates: one row per (user, article), keeping the earliest click.
+        clicked: dict[tuple[str, str], datetime] = {}
+        for r in rows:
+            if r.labels is None:
+                continue
+            for n, label in zip(r.news_ids, r.labels):
+                if label == 1:
+                    key = (r.user_id, n)
+                    seen = clicked.get(key)
+                    if seen is None or r.time < seen:
+                        clicked[key] = r.time
+        if clicked:
+            w.upsert(
+                clicks, ("user_id", "news_id", "history_pos", "clicked_at"),
+                [(u, n, None, t) for (u, n), t in clicked.items()], key=("user_id", "news_id"),
+                update=lambda ex, t: {"clicked_at": _least(t.clicked_at, ex.clicked_at)},
+                where=lambda ex, t: sa.or_(t.clicked_at.is_(None), ex.clicked_at < t.clicked_at),
+            )
+        report.clicks += len(clicked)
+
+    def _replace_histories(self, new_history: dict[str, tuple[str, ...]], stored_hash: dict[str, str | None],
+                           new_users: set[str]) -> int:
+        """Make the History-derived click rows of these users exactly their new History.
+
+        ``stored_hash`` has the ``_history_hash`` of each user's History in the store: an
+        equal hash means nothing to do. ``new_users`` were not in the store before this
+        batch, so they have no click rows yet.
+        """
+        w, clicks = self.writer, schema.clicks
+        columns = ("user_id", "news_id", "history_pos", "clicked_at")
+        fresh: list[tuple] = []
+        replaced: list[tuple] = []
+        changed: list[str] = []
+        for user, history in new_history.items():
+            if user not in new_users and stored_hash[user] == _history_hash(history):
+                continue
+            positions: dict[str, int] = {}
+            for pos, news_id in enumerate(history):
+                positions.setdefault(news_id, pos)  # a repeated id keeps its first position
+            if user in new_users:
+                fresh.extend((user, n, pos, None) for n, pos in positions.items())
+            else:
+                changed.append(user)
+                replaced.extend((user, n, pos, None) for n, pos in positions.items())
+        # A user's first History conflicts with nothing; a later one replaces the old rows:
+        # History-only rows go, clicked rows stay with history_pos cleared, then the upsert.
+        w.insert(clicks, columns, fresh)
+        if changed:
+            w.delete_in(clicks, clicks.c.user_id, changed, clicks.c.clicked_at.is_(None))
+            w.update_in(clicks, clicks.c.user_id, changed, clicks.c.history_pos.is_not(None), history_pos=None)
+            w.upsert(clicks, columns, replaced, key=("user_id", "news_id"), update=lambda ex, t: {"history_pos": ex.history_pos})
+        return len(fresh) + len(replaced)
+
+
+def _history_hash(history: tuple[str, ...]) -> str:
+    """Fingerprint of a History column, so that an unchanged one is not rewritten."""
+    return hashlib.sha256(" ".join(history).encode()).hexdigest()[:32]
+
+
+def content_hash(title: str, abstract: str, category: str, subcategory: str, image_sha256: str | None) -> str:
+    """sha256 over what the encoders read: an article whose hash is unchanged needs no re-encoding.
+
+    Fields are joined with the unit separator (\\x1f), so ("ab", "c") and ("a", "bc") differ.
+    """
+    text = "\x1f".join((title, abstract, category, subcategory, image_sha256 or ""))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _news_update(ex, t) -> dict:
+    return {c: ex[c] for c in (*_NEWS_UPDATED, "updated_at")}
+
+
+def _news_changed(ex, t):
+    # updated_at moves only when something did, so re-ingesting the same file changes nothing.
+    return sa.or_(*(t[c].is_distinct_from(ex[c]) for c in _NEWS_UPDATED))
+
+
+def _least(current, new):
+    return sa.case((current.is_(None), new), (new < current, new), else_=current)
+
+
+def _greatest(current, new):
+    return sa.case((current.is_(None), new), (new > current, new), else_=current)
+
+
+def _unknown_news(row: BehaviorRow, missing: set[str], name: str) -> BadRow | None:
+    """The row as a bad row if it names one of the ``missing`` news ids (History first)."""
+    for field_name, ids in ((HISTORY, row.history), (IMPRESSIONS, row.news_ids)):
+        for news_id in ids:
+            if news_id in missing:
+                return BadRow(name, row.line, field_name, news_id, "a news id present in the store or in the news file", row.raw)
+    return None
+
+
+def _batches(rows: Iterable, size: int) -> Iterator[list]:
+    it = iter(rows)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
+def _chunks(values: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+# --- writers: bulk statements per backend ---------------------------------------------------
+
+
+def _writer_for(conn: Connection) -> _Writer:
+    if conn.dialect.name == "postgresql":
+        return _PostgresWriter(conn)
+    if conn.dialect.name == "sqlite":
+        return _SQLiteWriter(conn)
+    raise StoreError(f"ingest supports SQLite and PostgreSQL stores, not {conn.dialect.name}")
+
+
+class _Writer(ABC):
+    """Bulk writes inside the caller's transaction; rows are tuples in ``columns`` order.
+
+    ``upsert`` INSERTs rows and on a ``key`` conflict applies ``update(excluded, table.c)``
+    (a dict column -> expression) where ``where(excluded, table.c)`` holds, or does nothing
+    when ``update`` is None. ``update`` UPDATEs the rows whose ``key`` matches, setting
+    ``values(src)`` where ``where(src, table.c)`` holds; ``src[column]`` stands for the given
+    row's values. Rows must not repeat a key (PostgreSQL refuses to touch a row twice).
+    """
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    @staticmethod
+    def _upsert_statement(stmt, table: Table, key: Sequence[str], update: Callable | None, where: Callable | None):
+        if update is None:
+            return stmt.on_conflict_do_nothing(index_elements=list(key))
+        return stmt.on_conflict_do_update(
+            index_elements=list(key),
+            set_=update(stmt.excluded, table.c),
+            where=where(stmt.excluded, table.c) if where is not None else None,
+        )
+
+    @abstractmethod
+    def upsert(self, table: Table, columns: Sequence[str], rows: list[tuple], *, key: Sequence[str],
+               update: Callable | None = None, where: Callable | None = None) -> None:
+        """INSERT ... ON CONFLICT (see the class docstring)."""
+
+    @abstractmethod
+    def insert(self, table: Table, columns: Sequence[str], rows: list[tuple]) -> None:
+        """Plain INSERT of rows that conflict with nothing."""
+
+    @abstractmethod
+    def update(self, table: Table, key: str, columns: Sequence[str], rows: list[tuple], *,
+               values: Callable, where: Callable | None = None) -> None:
+        """UPDATE by ``key`` (see the class docstring)."""
+
+    def _in(self, column, values: Sequence):
+        """``column IN values``; PostgreSQL overrides it with one array parameter."""
+        return column.in_(values)
+
+    _chunk = _IN_CHUNK
+
+    def select_in(self, query, column, values: Iterable) -> list[tuple]:
+        """Rows of ``query`` where ``column`` is among ``values`` (in chunks)."""
+        values = list(values)
+        out: list[tuple] = []
+        for chunk in _chunks(values, self._chunk):
+            out.extend(self.conn.execute(query.where(self._in(column, chunk))).tuples().all())
+        return out
+
+    def delete_in(self, table: Table, column, values: Sequence, *conditions) -> None:
+        for chunk in _chunks(list(values), self._chunk):
+            self.conn.execute(sa.delete(table).where(self._in(column, chunk), *conditions))
+
+    def update_in(self, table: Table, column, values: Sequence, *conditions, **assignments) -> None:
+        for chunk in _chunks(list(values), self._chunk):
+            self.conn.execute(sa.update(table).where(self._in(column, chunk), *conditions).values(**assignments))
+
+
+class _SQLiteWriter(_Writer):
+    """Compiles each statement once and hands the rows to sqlite3's executemany.
+
+    SQLAlchemy's per-row parameter processing costs more than SQLite's insert itself at
+    millions of rows, so the only conversion done here is SQLAlchemy's own DateTime format
+    (kept identical so that reads through SQLAlchemy and string comparisons still work).
+    """
+
+    def _executemany(self, stmt, table: Table, columns: Sequence[str], rows: list[tuple], names: dict[str, str],
+                     column_keys: list[str] | None = None) -> None:
+        """``names`` maps each bound parameter name of ``stmt`` to its column in ``columns``."""
+        dialect = self.conn.dialect
+        compiled = stmt.compile(dialect=dialect, column_keys=column_keys)
+        order = [columns.index(names[p]) for p in compiled.positiontup]
+        converters = [(k, self._converter(table.c[columns[i]].type)) for k, i in enumerate(order)]
+        converters = [(k, f) for k, f in converters if f is not None]
+        if order != list(range(len(columns))):
+            rows = [[r[i] for i in order] for r in rows]
+        elif converters:
+            rows = [list(r) for r in rows]
+        for k, convert in converters:
+            for r in rows:
+                r[k] = convert(r[k])
+        # The DBAPI cursor directly: SQLAlchemy insists on tuples, sqlite3 takes the lists.
+        cursor = self.conn.connection.driver_connection.cursor()
+        try:
+            cursor.executemany(compiled.string, rows)
+        finally:
+            cursor.close()
+
+    def _converter(self, type_) -> Callable | None:
+        if isinstance(type_, sa.DateTime):
+            # Exactly SQLAlchemy's SQLite storage format ("2019-11-11 09:05:58.000000"),
+            # written by the C isoformat instead of a Python %-format per value.
+            return _sqlite_datetime
+        return type_.dialect_impl(self.conn.dialect).bind_processor(self.conn.dialect)
+
+    def upsert(self, table, columns, rows, *, key, update=None, where=None) -> None:
+        if rows:
+            stmt = self._upsert_statement(sqlite.insert(table), table, key, update, where)
+            self._executemany(stmt, table, columns, rows, {c: c for c in columns}, list(columns))
+
+    def insert(self, table, columns, rows) -> None:
+        if rows:
+            self._executemany(sa.insert(table), table, columns, rows, {c: c for c in columns}, list(columns))
+
+    def update(self, table, key, columns, rows, *, values, where=None) -> None:
+        if not rows:
+            return
+        src = {c: sa.bindparam(f"b_{c}", type_=table.c[c].type) for c in columns}
+        stmt = sa.update(table).where(table.c[key] == src[key]).values(values(src))
+        if where is not None:
+            stmt = stmt.where(where(src, table.c))
+        self._executemany(stmt, table, columns, rows, {f"b_{c}": c for c in columns})
+
+
+class _PostgresWriter(_Writer):
+    """COPY into a temporary staging table, then one set-based INSERT/UPDATE from it.
+
+    COPY moves rows about ten times faster than executemany; impression items, which
+    conflict with nothing once their impression's old items are deleted, are copied
+    straight into their table.
+    """
+
+    # One array parameter instead of thousands of IN-list parameters: far less to parse and plan.
+    _chunk = 100_000
+
+    def _in(self, column, values: Sequence):
+        return column == sa.any_(sa.bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
+
+    def _stage(self, table: Table, columns: Sequence[str], rows: list[tuple]) -> Table:
+        quote = self.conn.dialect.identifier_preparer.quote
+        # The name depends on the columns: a pooled connection keeps its temp tables.
+        digest = hashlib.sha1(",".join(columns).encode()).hexdigest()[:10]
+        name = f"recsys_stage_{table.name}_{digest}"
+        stage = Table(name, sa.MetaData(), *(sa.Column(c, table.c[c].type) for c in columns))
+        ddl = ", ".join(f"{quote(c)} {table.c[c].type.compile(dialect=self.conn.dialect)}" for c in columns)
+        self.conn.exec_driver_sql(f"CREATE TEMPORARY TABLE IF NOT EXISTS {name} ({ddl})")
+        self.conn.exec_driver_sql(f"TRUNCATE {name}")
+        self._copy(name, columns, rows)
+        return stage
+
+    def _copy(self, table_name: str, columns: Sequence[str], rows: list[tuple]) -> None:
+        quote = self.conn.dialect.identifier_preparer.quote
+        cols = ", ".join(quote(c) for c in columns)
+        driver_conn = self.conn.connection.driver_connection
+        with driver_conn.cursor() as cursor, cursor.copy(f"COPY {quote(table_name)} ({cols}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    def upsert(self, table, columns, rows, *, key, update=None, where=None) -> None:
+        if not rows:
+            return
+        stage = self._stage(table, columns, rows)
+        stmt = postgresql.insert(table).from_select(list(columns), sa.select(*(stage.c[c] for c in columns)))
+        self.conn.execute(self._upsert_statement(stmt, table, key, update, where))
+
+    def insert(self, table, columns, rows) -> None:
+        if rows:
+            self._copy(table.name, columns, rows)
+
+    def update(self, table, key, columns, rows, *, values, where=None) -> None:
+        if not rows:
+            return
+        stage = self._stage(table, columns, rows)
+        src = {c: stage.c[c] for c in columns}
+        stmt = sa.update(table).where(table.c[key] == stage.c[key]).values(values(src))
+        if where is not None:
+            stmt = stmt.where(where(src, table.c))
+        self.conn.execute(stmt)
+
+
+# --- quarantine file ---------------------------------------------------------------------------
+
+
+class _QuarantineFile:
+    """The bad rows of one ingest call as TSV, written to a temp name and renamed at the end."""
+
+    def __init__(self, directory: Path, name: str):
+        self.path = directory / name
+        self._tmp = directory / f".{name}.tmp"
+        self._file = None
+
+    def add(self, file_key: str, bad: BadRow) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self._tmp, "w", encoding="utf-8", newline="")  # noqa: SIM115 - closed in finish/discard
+            self._file.write("\t".join(_QUARANTINE_HEADER) + "\n")
+        cells = (file_key, str(bad.line), bad.field, bad.reason, bad.raw)
+        self._file.write("\t".join(_tsv_cell(c) for c in cells) + "\n")
+
+    def finish(self) -> Path | None:
+        if self._file is None:
+            return None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._tmp.unlink(missing_ok=True)
+
+
+def _sqlite_datetime(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat(" ", "microseconds")
+
+
+def _tsv_cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n")

@@ -1,0 +1,129 @@
+"""Store fixtures shared by every test area: ``db_url`` (SQLite and PostgreSQL) and ``engine``.
+
+PostgreSQL: one database per session, ``recsys_test_<uuid8>``, created on the server of
+``RECSYS_TEST_PG_URL`` (default ``postgresql+psycopg://postgres@127.0.0.1:5432/test``) and
+dropped at the end; every test starts from an empty ``public`` schema. When the server is
+unreachable the PostgreSQL cases skip, except with ``CI=true``, where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+PG_SERVER_URL = os.environ.get("RECSYS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _admin_engine() -> sa.Engine:
+    url = make_url(PG_SERVER_URL)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    return sa.create_engine(url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+
+
+@pytest.fixture(scope="session")
+def pg_database_url() -> Iterator[str]:
+    """URL of a PostgreSQL database private to this test session (dropped at the end)."""
+    admin = _admin_engine()
+    name = f"recsys_test_{uuid.uuid4().hex[:8]}"
+    shown = admin.url.render_as_string(hide_password=True)
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as exc:
+        admin.dispose()
+        reason = f"PostgreSQL unreachable at {shown}: {str(exc.orig).strip().splitlines()[0]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (CI=true: PostgreSQL tests must run, not skip)")
+        pytest.skip(reason)
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(
+                sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"), {"name": name}
+            )
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+def _reset_pg(url: str, *, keep_migrated: bool) -> None:
+    """Drop and recreate the public schema; or, when ``keep_migrated`` and the schema is
+    exactly the migrated store, just empty its tables (much faster than migrating again)."""
+    from recsys.store.database import head_revision
+    from recsys.store.schema import metadata
+
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            # Connections a previous test left open (pools, killed subprocesses) would block us.
+            conn.execute(sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ))
+            tables = set(sa.inspect(conn).get_table_names())
+            at_head = False
+            if keep_migrated and tables == set(metadata.tables) | {"alembic_version"}:
+                at_head = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all() == [head_revision()]
+            if at_head:
+                names = ", ".join(f'"{t}"' for t in metadata.tables)
+                conn.execute(sa.text(f"TRUNCATE TABLE {names} RESTART IDENTITY CASCADE"))
+                return
+            conn.execute(sa.text("DROP SCHEMA IF EXISTS public CASCADE"))
+            conn.execute(sa.text("CREATE SCHEMA public"))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def _migrated_sqlite_template(tmp_path_factory) -> Path:
+    """A SQLite store migrated once per session; ``engine`` copies it instead of migrating."""
+    from recsys.store.database import open_store
+
+    path = tmp_path_factory.mktemp("sqlite_template") / "store.db"
+    engine = open_store(f"sqlite:///{path}")
+    engine.dispose()  # the last connection to close checkpoints the WAL into the file
+    return path
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres),
+    ]
+)
+def db_url(request, tmp_path) -> str:
+    """URL of an empty database (no tables): a SQLite file, or a clean PostgreSQL schema.
+
+    When the test also uses ``engine``, the database may instead already hold the migrated,
+    empty store (a copied template, or truncated tables), which ``engine`` then opens.
+    """
+    wants_store = "engine" in request.fixturenames
+    if request.param == "sqlite":
+        path = tmp_path / "store.db"
+        if wants_store:
+            shutil.copyfile(request.getfixturevalue("_migrated_sqlite_template"), path)
+        return f"sqlite:///{path}"
+    url = request.getfixturevalue("pg_database_url")
+    _reset_pg(url, keep_migrated=wants_store)
+    return url
+
+
+@pytest.fixture
+def engine(db_url) -> Iterator[sa.Engine]:
+    """The store at ``db_url``, migrated to the latest revision and empty."""
+    from recsys.store.database import open_store
+
+    store = open_store(db_url)
+    try:
+        yield store
+    finally:
+        store.dispose()

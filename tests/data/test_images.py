@@ -1,0 +1,198 @@
+"""Cover-image checks: every status, case-insensitive extensions, and no escape from the folder."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from recsys.columns import IMAGE_BAD_NAME, IMAGE_CORRUPT, IMAGE_EMPTY, IMAGE_MISSING, IMAGE_OK, IMAGE_TOO_LARGE
+from recsys.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ImageCheck, inspect_image, list_images
+
+
+def image_bytes(fmt: str, size=(48, 32), seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt)
+    return out.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with a tiny (wrong) data chunk."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    return folder
+
+
+def check(folder, news_id):
+    """inspect_image with and without a listing must agree."""
+    without = inspect_image(folder, news_id)
+    with_listing = inspect_image(folder, news_id, listing=list_images(folder))
+    assert without == with_listing
+    return without
+
+
+@pytest.mark.parametrize(("fmt", "ext"), [("JPEG", ".jpg"), ("JPEG", ".jpeg"), ("PNG", ".png"), ("WEBP", ".webp"), ("JPEG", ".JPG"), ("PNG", ".Png")])
+def test_valid_images_are_ok_with_their_sha256(images, fmt, ext):
+    data = image_bytes(fmt)
+    (images / f"N1{ext}").write_bytes(data)
+    assert check(images, "N1") == ImageCheck(f"N1{ext}", IMAGE_OK, hashlib.sha256(data).hexdigest())
+
+
+def test_missing_image(images):
+    (images / "N2.jpg").write_bytes(image_bytes("JPEG"))
+    assert check(images, "N1") == ImageCheck(None, IMAGE_MISSING, None)
+
+
+def test_the_news_id_is_case_sensitive(images):
+    (images / "n1.jpg").write_bytes(image_bytes("JPEG"))
+    assert check(images, "N1").status == IMAGE_MISSING
+    assert check(images, "n1").status == IMAGE_OK
+
+
+def test_first_extension_in_order_wins(images):
+    (images / "N1.png").write_bytes(image_bytes("PNG"))
+    (images / "N1.jpg").write_bytes(image_bytes("JPEG"))
+    assert check(images, "N1").path == "N1.jpg"
+
+
+def test_zero_byte_file_is_empty(images):
+    (images / "N1.jpg").write_bytes(b"")
+    assert check(images, "N1") == ImageCheck(None, IMAGE_EMPTY, hashlib.sha256(b"").hexdigest())
+
+
+def test_random_bytes_are_corrupt(images):
+    data = os.urandom(2000)
+    (images / "N1.png").write_bytes(data)
+    assert check(images, "N1") == ImageCheck(None, IMAGE_CORRUPT, hashlib.sha256(data).hexdigest())
+
+
+@pytest.mark.parametrize(("fmt", "ext"), [("JPEG", ".jpg"), ("PNG", ".png"), ("WEBP", ".webp")])
+def test_truncated_images_are_corrupt(images, fmt, ext):
+    data = image_bytes(fmt, size=(256, 256))
+    (images / f"N1{ext}").write_bytes(data[: len(data) // 2])
+    if fmt != "WEBP":  # (Pillow's WebP reader decodes on open)
+        # The header alone looks fine: only a full decode finds the missing half.
+        with Image.open(images / f"N1{ext}") as img:
+            assert img.size == (256, 256)
+    assert check(images, "N1").status == IMAGE_CORRUPT
+
+
+def test_png_with_a_bad_checksum_is_corrupt(images):
+    data = bytearray(image_bytes("PNG"))
+    data[-20] ^= 0xFF  # inside the last IDAT chunk or its CRC
+    (images / "N1.png").write_bytes(bytes(data))
+    assert check(images, "N1").status == IMAGE_CORRUPT
+
+
+@pytest.mark.parametrize(("fmt", "ext"), [("PNG", ".jpg"), ("JPEG", ".png"), ("JPEG", ".webp")])
+def test_content_that_does_not_match_the_extension_is_a_bad_name(images, fmt, ext):
+    data = image_bytes(fmt)
+    (images / f"N1{ext}").write_bytes(data)
+    assert check(images, "N1") == ImageCheck(None, IMAGE_BAD_NAME, hashlib.sha256(data).hexdigest())
+
+
+def test_other_formats_under_an_image_extension_are_corrupt(images):
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, format="GIF")
+    (images / "N1.png").write_bytes(out.getvalue())
+    assert check(images, "N1").status == IMAGE_CORRUPT
+
+
+def test_more_pixels_than_the_limit_is_too_large(images):
+    width = 8000
+    height = MAX_IMAGE_PIXELS // width + 1
+    (images / "N1.png").write_bytes(png_header_only(width, height))
+    assert check(images, "N1").status == IMAGE_TOO_LARGE
+
+
+def test_decompression_bomb_beyond_pillows_own_limit_is_too_large(images):
+    # 40000 x 40000 = 1.6e9 pixels: Pillow itself raises DecompressionBombError on open.
+    (images / "N1.png").write_bytes(png_header_only(40_000, 40_000))
+    assert check(images, "N1").status == IMAGE_TOO_LARGE
+
+
+def test_between_pillows_warning_and_error_limits_is_too_large(images):
+    # ~100 M pixels: Pillow only warns here; the warning must not leak and the image is refused.
+    (images / "N1.png").write_bytes(png_header_only(10_000, 10_000))
+    assert check(images, "N1").status == IMAGE_TOO_LARGE
+
+
+def test_a_real_compressed_bomb_is_refused_without_decoding(images):
+    # 7000 x 6000 black PNG: a few KB on disk, 42 M pixels (126 MB decoded).
+    Image.new("1", (7000, 6000)).save(images / "N1.png")
+    assert (images / "N1.png").stat().st_size < 100_000
+    assert check(images, "N1").status == IMAGE_TOO_LARGE
+
+
+def test_file_over_the_byte_limit_is_too_large_without_being_read(images):
+    with open(images / "N1.jpg", "wb") as f:
+        f.truncate(MAX_IMAGE_BYTES + 1)  # sparse: costs no disk
+    assert check(images, "N1") == ImageCheck(None, IMAGE_TOO_LARGE, None)
+
+
+def test_symlink_leaving_the_folder_is_a_bad_name(images, tmp_path):
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(image_bytes("JPEG"))
+    (images / "N1.jpg").symlink_to(outside)
+    (images / "N2.jpg").symlink_to("../secret.jpg")
+    assert check(images, "N1") == ImageCheck(None, IMAGE_BAD_NAME, None)
+    assert check(images, "N2") == ImageCheck(None, IMAGE_BAD_NAME, None)
+
+
+def test_symlink_inside_the_folder_points_at_its_target(images):
+    (images / "shared").mkdir()
+    data = image_bytes("JPEG")
+    (images / "shared" / "cover.jpg").write_bytes(data)
+    (images / "N1.jpg").symlink_to(images / "shared" / "cover.jpg")
+    assert check(images, "N1") == ImageCheck("shared/cover.jpg", IMAGE_OK, hashlib.sha256(data).hexdigest())
+
+
+def test_dangling_symlink_is_missing_and_a_loop_is_a_bad_name(images):
+    (images / "N1.jpg").symlink_to(images / "gone.jpg")
+    (images / "N2.jpg").symlink_to(images / "N2.jpg")
+    assert check(images, "N1").status == IMAGE_MISSING
+    assert check(images, "N2").status == IMAGE_BAD_NAME
+
+
+def test_symlink_to_a_file_with_another_extension_is_a_bad_name(images):
+    (images / "cover.gif").write_bytes(image_bytes("JPEG"))
+    (images / "N1.jpg").symlink_to(images / "cover.gif")
+    assert check(images, "N1").status == IMAGE_BAD_NAME
+
+
+def test_a_folder_named_like_an_image_is_a_bad_name(images):
+    (images / "N1.jpg").mkdir()
+    assert check(images, "N1").status == IMAGE_BAD_NAME
+
+
+@pytest.mark.parametrize("news_id", ["../N1", "N1/../../x", "", "N 1", "a" * 65])
+def test_ids_that_could_name_another_path_are_bad_names(images, news_id):
+    assert inspect_image(images, news_id) == ImageCheck(None, IMAGE_BAD_NAME, None)
+
+
+def test_images_folder_that_is_a_symlink_is_followed(images, tmp_path):
+    (images / "N1.png").write_bytes(image_bytes("PNG"))
+    link = tmp_path / "link"
+    link.symlink_to(images)
+    assert check(link, "N1").status == IMAGE_OK
+
+
+def test_missing_images_folder_means_missing_images(tmp_path):
+    assert inspect_image(tmp_path / "nope", "N1") == ImageCheck(None, IMAGE_MISSING, None)

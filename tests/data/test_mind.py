@@ -1,0 +1,251 @@
+"""The MIND readers: real-file quirks, every bad-row kind and its message, bounded lines."""
+
+from __future__ import annotations
+
+import tracemalloc
+from datetime import datetime
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recsys.data import mind
+from recsys.data.mind import BadRow, BehaviorRow, MindFileError, NewsRow, format_time, iter_behaviors, iter_news, parse_time
+from recsys.errors import SchemaError
+
+NEWS_OK = "N1\tnews\tnewsus\tStorm hits the coast\tHeavy rain.\thttps://x/1\t[]\t[]"
+ENTITIES = '[{"Label": "Coast", "Type": "G", "WikidataId": "Q1", "Confidence": 0.9, "OccurrenceOffsets": [16], "SurfaceForms": ["coast"]}]'
+
+
+def write(tmp_path, name: str, data: bytes):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def read_news(tmp_path, text: str | bytes):
+    data = text if isinstance(text, bytes) else text.encode("utf-8")
+    return list(iter_news(write(tmp_path, "news.tsv", data)))
+
+
+def read_behaviors(tmp_path, text: str | bytes):
+    data = text if isinstance(text, bytes) else text.encode("utf-8")
+    return list(iter_behaviors(write(tmp_path, "behaviors.tsv", data)))
+
+
+def only_bad(rows) -> BadRow:
+    assert len(rows) == 1 and isinstance(rows[0], BadRow), rows
+    return rows[0]
+
+
+# --- news --------------------------------------------------------------------------------------
+
+
+def test_news_row_with_entities_and_any_script(tmp_path):
+    title = "東京で大雨 — Тяжёлый дождь — العاصفة 🌧"
+    rows = read_news(tmp_path, f"N1\tnews\tnewsus\t{title}\tAbstract.\thttps://x/1\t{ENTITIES}\t[]\n")
+    assert rows == [NewsRow(1, "N1", "news", "newsus", title, "Abstract.", "https://x/1", ENTITIES, "[]")]
+
+
+def test_news_crlf_bom_blank_lines_and_no_final_newline(tmp_path):
+    data = b"\xef\xbb\xbf" + (NEWS_OK + "\r\n\r\n").encode() + NEWS_OK.replace("N1", "N2").encode()
+    rows = read_news(tmp_path, data)
+    assert [(r.line, r.news_id, r.abstract_entities) for r in rows] == [(1, "N1", "[]"), (3, "N2", "[]")]
+
+
+def test_empty_abstract_and_empty_entity_columns_are_fine(tmp_path):
+    (row,) = read_news(tmp_path, "N1\tnews\tnewsus\tT\t\thttps://x\t\t\n")
+    assert (row.abstract, row.title_entities, row.abstract_entities) == ("", "", "")
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "message"),
+    [
+        ("N1\tnews\tnewsus\tT", "columns", r"news\.tsv line 1: field 'columns' has 4, expected 8 tab-separated columns"),
+        (NEWS_OK + "\textra", "columns", "has 9, expected 8 tab-separated columns"),
+        (NEWS_OK.replace("N1", "N/1"), "news_id", r"field 'news_id' has 'N/1', expected an id matching \^\[A-Za-z0-9_-\]\{1,64\}\$"),
+        (NEWS_OK.replace("N1", "N" * 65), "news_id", "field 'news_id' has 'NNNN"),
+        (NEWS_OK.replace("\tnews\t", "\t\t"), "category", "field 'category' has '', expected a non-empty category of at most 128 characters"),
+        (NEWS_OK.replace("\tnewsus\t", "\t" + "s" * 129 + "\t"), "subcategory", r"expected at most 128 characters \(it has 129\)"),
+        (NEWS_OK.replace("Storm hits the coast", "t" * 1001), "title", r"field 'title' has 'ttt.*\.\.\., expected at most 1000 characters \(it has 1001\)"),
+        (NEWS_OK.replace("Heavy rain.", "a" * 10001), "abstract", r"expected at most 10000 characters \(it has 10001\)"),
+        (NEWS_OK.replace("\t[]\t[]", "\t[{broken\t[]"), "title_entities", r"field 'title_entities' has '\[\{broken', expected empty or JSON"),
+        (NEWS_OK.replace("\t[]\t[]", "\t[]\tnot json"), "abstract_entities", "field 'abstract_entities' has 'not json'"),
+    ],
+)
+def test_bad_news_rows(tmp_path, line, field, message):
+    bad = only_bad(read_news(tmp_path, line + "\n"))
+    assert (bad.line, bad.field) == (1, field)
+    assert bad.raw == mind._shorten(line)
+    with pytest.raises(SchemaError, match=message):
+        raise bad.to_error()
+
+
+def test_title_of_exactly_1000_characters_is_accepted(tmp_path):
+    (row,) = read_news(tmp_path, NEWS_OK.replace("Storm hits the coast", "t" * 1000))
+    assert isinstance(row, NewsRow) and len(row.title) == 1000
+
+
+def test_invalid_utf8_is_a_bad_row_and_reading_goes_on(tmp_path):
+    data = NEWS_OK.replace("Storm", "St\xffrm").encode("latin-1") + b"\n" + NEWS_OK.replace("N1", "N2").encode() + b"\n"
+    bad, good = read_news(tmp_path, data)
+    assert isinstance(bad, BadRow) and bad.field == "line" and bad.line == 1
+    assert "St\ufffdrm" in bad.raw
+    with pytest.raises(SchemaError, match=r"news\.tsv line 1: field 'line' has b'.*St\\xffrm.*', expected UTF-8 text \(invalid byte at offset 17\)"):
+        raise bad.to_error()
+    assert isinstance(good, NewsRow) and good.line == 2
+
+
+def test_missing_file_is_a_mind_file_error(tmp_path):
+    with pytest.raises(MindFileError, match=r"nope\.tsv: cannot be read \(No such file or directory\)"):
+        iter_news(tmp_path / "nope.tsv")
+
+
+# --- behaviors ---------------------------------------------------------------------------------
+
+B_OK = "1\tU1\t11/11/2019 9:05:58 AM\tN1 N2\tN3-1 N4-0"
+
+
+def test_labelled_behavior_row(tmp_path):
+    (row,) = read_behaviors(tmp_path, B_OK + "\n")
+    assert row == BehaviorRow(1, 1, "U1", datetime(2019, 11, 11, 9, 5, 58), ("N1", "N2"), ("N3", "N4"), (1, 0), B_OK)
+
+
+def test_unlabelled_test_file_rows_and_empty_history(tmp_path):
+    rows = read_behaviors(tmp_path, "7\tU9\t11/15/2019 12:00:01 PM\t\tN3 N4 N5\r\n8\tU9\t11/15/2019 12:00:01 AM\tN1\tN3\r\n")
+    assert [(r.history, r.news_ids, r.labels, r.time) for r in rows] == [
+        ((), ("N3", "N4", "N5"), None, datetime(2019, 11, 15, 12, 0, 1)),
+        (("N1",), ("N3",), None, datetime(2019, 11, 15, 0, 0, 1)),
+    ]
+
+
+def test_ids_with_dashes_and_underscores(tmp_path):
+    (row,) = read_behaviors(tmp_path, "1\tuser_7-a\t11/11/2019 9:05:58 AM\tnews-a_1\tnews-b-1 x_y-0\n")
+    assert (row.user_id, row.history, row.news_ids, row.labels) == ("user_7-a", ("news-a_1",), ("news-b", "x_y"), (1, 0))
+
+
+def test_extra_spaces_between_ids_are_tolerated(tmp_path):
+    (row,) = read_behaviors(tmp_path, "1\tU1\t11/11/2019 9:05:58 AM\tN1  N2 \t N3-1  N4-0\n")
+    assert (row.history, row.news_ids, row.labels) == (("N1", "N2"), ("N3", "N4"), (1, 0))
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "message"),
+    [
+        ("1\tU1\t11/11/2019 9:05:58 AM\tN1", "columns", r"behaviors\.tsv line 1: field 'columns' has 4, expected 5 tab-separated columns"),
+        ("x1\tU1\t11/11/2019 9:05:58 AM\t\tN1-1", "impression_id", "field 'impression_id' has 'x1', expected a non-negative integer"),
+        ("-4\tU1\t11/11/2019 9:05:58 AM\t\tN1-1", "impression_id", "field 'impression_id' has '-4'"),
+        ("1" * 19 + "\tU1\t11/11/2019 9:05:58 AM\t\tN1-1", "impression_id", "expected a non-negative integer of at most 18 digits"),
+        ("1\tU 1\t11/11/2019 9:05:58 AM\t\tN1-1", "user_id", r"field 'user_id' has 'U 1', expected an id matching"),
+        ("1\tU1\t2019-11-11 09:05:58\t\tN1-1", "time", r"field 'time' has '2019-11-11 09:05:58', expected a time like '11/11/2019 9:05:58 AM' \(%m/%d/%Y %I:%M:%S %p\)"),
+        ("1\tU1\t13/11/2019 9:05:58 AM\t\tN1-1", "time", "field 'time' has '13/11/2019 9:05:58 AM'"),
+        ("1\tU1\t11/11/2019 13:05:58 PM\t\tN1-1", "time", "field 'time' has '11/11/2019 13:05:58 PM'"),
+        ("1\tU1\t2/30/2019 1:05:58 PM\t\tN1-1", "time", "field 'time' has '2/30/2019 1:05:58 PM'"),
+        ("1\tU1\t11/11/2019 9:05:58 AM\tN1 N/2\tN1-1", "history", "field 'history' has 'N/2', expected news ids matching"),
+        ("1\tU1\t11/11/2019 9:05:58 AM\t\tN1-1 N55-x", "impressions", r"behaviors\.tsv line 1: field 'impressions' has 'N55-x', expected label 0 or 1"),
+        ("1\tU1\t11/11/2019 9:05:58 AM\t\tN1-1 N55-2", "impressions", "has 'N55-2', expected label 0 or 1"),
+        ("1\tU1\t11/11/2019 9:05:58 AM\t\tN1-1 N2", "impressions", r"has 'N2', expected a label on every candidate \(the impression mixes labelled and unlabelled items\)"),
+        ("1\tU1\t11/11/2019 9:05:58 AM\t\tN2 N1-0", "impressions", "has 'N2', expected a label on every candidate"),
+        ("1\tU1\t11/11/2019 9:05:58 AM\t\tN1-1 N/2-0", "impressions", "has 'N/2-0', expected a news id matching"),
+        ("1\tU1\t11/11/2019 9:05:58 AM\t\tN1 N/2", "impressions", "has 'N/2', expected news ids matching"),
+        ("1\tU1\t11/11/2019 9:05:58 AM\tN1\t", "impressions", "field 'impressions' has '', expected at least one candidate news id"),
+        ("1\tU1\t11/11/2019 9:05:58 AM\tN1\t   ", "impressions", "expected at least one candidate news id"),
+    ],
+)
+def test_bad_behavior_rows(tmp_path, line, field, message):
+    bad = only_bad(read_behaviors(tmp_path, line + "\n"))
+    assert (bad.line, bad.field) == (1, field)
+    with pytest.raises(SchemaError, match=message):
+        raise bad.to_error()
+    assert bad.reason == str(bad.to_error())
+
+
+def test_absurd_history_and_candidate_counts(tmp_path):
+    history = " ".join(f"N{i}" for i in range(10_001))
+    candidates = " ".join(f"N{i}-0" for i in range(1_001))
+    ok_history = " ".join(f"N{i}" for i in range(10_000))
+    rows = read_behaviors(tmp_path, "\n".join([
+        f"1\tU1\t11/11/2019 9:05:58 AM\t{history}\tN1-1",
+        f"2\tU1\t11/11/2019 9:05:58 AM\t\t{candidates}",
+        f"3\tU1\t11/11/2019 9:05:58 AM\t{ok_history}\tN1-1",
+    ]) + "\n")
+    with pytest.raises(SchemaError, match=r"line 1: field 'history' has '10001 ids', expected at most 10000 ids"):
+        raise rows[0].to_error()
+    with pytest.raises(SchemaError, match=r"line 2: field 'impressions' has '1001 candidates', expected at most 1000 candidates"):
+        raise rows[1].to_error()
+    assert isinstance(rows[2], BehaviorRow) and len(rows[2].history) == 10_000
+
+
+# --- bounded lines -----------------------------------------------------------------------------
+
+
+def test_over_long_line_is_a_bad_row_and_the_next_line_still_reads(tmp_path):
+    long_line = b"1\tU1\t11/11/2019 9:05:58 AM\t" + b"N1 " * (mind.MAX_LINE_BYTES // 3 + 10) + b"\tN1-1"
+    data = long_line + b"\n" + B_OK.replace("1\tU1", "2\tU1", 1).encode() + b"\n"
+    bad, good = read_behaviors(tmp_path, data)
+    assert (bad.line, bad.field) == (1, "line")
+    with pytest.raises(SchemaError, match=r"line 1: field 'line' has 'a line of more than 1048576 bytes', expected at most 1048576 bytes per line"):
+        raise bad.to_error()
+    assert len(bad.raw) == mind.RAW_CHARS
+    assert isinstance(good, BehaviorRow) and (good.line, good.impression_id) == (2, 2)
+
+
+def test_line_of_exactly_the_limit_with_crlf_is_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(mind, "MAX_LINE_BYTES", len(B_OK))
+    (row,) = read_behaviors(tmp_path, B_OK + "\r\n")
+    assert isinstance(row, BehaviorRow)
+    bad = only_bad(read_behaviors(tmp_path, B_OK + "x\r\n"))
+    assert bad.field == "line"
+
+
+def test_a_huge_file_without_newlines_costs_bounded_memory(tmp_path):
+    path = tmp_path / "behaviors.tsv"
+    with open(path, "wb") as f:
+        chunk = b"N12345 " * (1 << 17)  # ~0.9 MB
+        for _ in range(40):  # ~37 MB on one line
+            f.write(chunk)
+    tracemalloc.start()
+    try:
+        stream = iter_behaviors(path)
+        rows = list(stream)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(rows) == 1 and rows[0].field == "line"
+    assert stream.bytes_read == path.stat().st_size
+    assert peak < 8 * mind.MAX_LINE_BYTES  # the file is ~37 MB
+
+
+def test_bytes_read_tracks_progress(tmp_path):
+    path = write(tmp_path, "behaviors.tsv", (B_OK + "\n").encode() * 3)
+    stream = iter_behaviors(path)
+    assert (stream.size, stream.bytes_read) == (path.stat().st_size, 0)
+    next(stream)
+    assert stream.bytes_read == len(B_OK) + 1
+    stream.close()
+
+
+# --- times -------------------------------------------------------------------------------------
+
+
+@given(st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(2100, 12, 31)).map(lambda d: d.replace(microsecond=0)))
+@settings(max_examples=300, deadline=None)
+def test_parse_time_agrees_with_strptime_and_inverts_format_time(value):
+    text = format_time(value)
+    assert parse_time(text) == value == datetime.strptime(text, mind.TIME_FORMAT)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("11/11/2019 12:00:00 AM", datetime(2019, 11, 11, 0, 0, 0)),
+    ("11/11/2019 12:30:00 PM", datetime(2019, 11, 11, 12, 30, 0)),
+    ("1/2/2019 1:02:03 pm", datetime(2019, 1, 2, 13, 2, 3)),
+    ("01/02/2019 01:02:03 AM", datetime(2019, 1, 2, 1, 2, 3)),
+])
+def test_parse_time_by_hand(text, expected):
+    assert parse_time(text) == expected
+
+
+@pytest.mark.parametrize("text", ["11/11/2019 0:00:00 AM", "11/11/2019 9:05 AM", "11/11/2019 9:05:58", "11/31/2019 9:05:58 AM"])
+def test_parse_time_rejects(text):
+    with pytest.raises(ValueError, match=f"'{text}' is not"):
+        parse_time(text)

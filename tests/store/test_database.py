@@ -1,0 +1,184 @@
+"""Connecting to the store, SQLite settings, and migrations on both backends."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from recsys.errors import StoreError
+from recsys.store import schema
+from recsys.store.database import (
+    SQLITE_BEGIN,
+    alembic_config,
+    create_engine_for,
+    current_revision,
+    head_revision,
+    mask_url,
+    open_store,
+    upgrade,
+)
+
+
+def test_sqlite_connections_use_wal_foreign_keys_and_a_busy_timeout(tmp_path):
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'a.db'}")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    engine.dispose()
+
+
+def test_sqlite_transactions_roll_back_ddl_and_dml(tmp_path):
+    # pysqlite on its own would autocommit the CREATE TABLE; the begin hook makes it transactional.
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'a.db'}")
+    with pytest.raises(RuntimeError, match="abort"):
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+            conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+            raise RuntimeError("abort")
+    assert "t" not in sa.inspect(engine).get_table_names()
+    engine.dispose()
+
+
+def test_sqlite_immediate_begin_takes_the_write_lock(tmp_path):
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    first, second = create_engine_for(url), create_engine_for(url)
+    with first.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    with first.connect() as holder:
+        holder.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
+        with holder.begin():
+            with second.connect() as other:
+                other.exec_driver_sql("PRAGMA busy_timeout = 50")
+                other.commit()  # the PRAGMA autobegan a (deferred, lock-free) transaction
+                other.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
+                with pytest.raises(sa.exc.OperationalError, match="locked"):
+                    other.begin()
+    first.dispose()
+    second.dispose()
+
+
+def test_unknown_begin_mode_is_refused(tmp_path):
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'a.db'}")
+    with engine.connect() as conn:
+        conn.execution_options(**{SQLITE_BEGIN: "LATER"})
+        with pytest.raises(StoreError, match="recsys_sqlite_begin has 'LATER', expected DEFERRED, IMMEDIATE or EXCLUSIVE"):
+            conn.begin()
+    engine.dispose()
+
+
+def test_unreachable_postgres_names_the_url_with_the_password_masked():
+    with pytest.raises(StoreError, match=r"cannot reach the store at postgresql\+psycopg://bob:\*\*\*@127\.0\.0\.1:1/shop") as info:
+        create_engine_for("postgresql://bob:s3cret@127.0.0.1:1/shop")
+    assert "s3cret" not in str(info.value)
+
+
+def test_malformed_url_is_a_store_error():
+    with pytest.raises(StoreError, match="'not a url' is not a valid SQLAlchemy URL"):
+        create_engine_for("not a url")
+
+
+def test_sqlite_file_in_a_missing_folder_is_a_store_error(tmp_path):
+    with pytest.raises(StoreError, match=r"cannot reach the store at sqlite:///.*/nowhere/a\.db"):
+        create_engine_for(f"sqlite:///{tmp_path / 'nowhere' / 'a.db'}")
+
+
+def test_open_store_creates_the_sqlite_folder(tmp_path):
+    engine = open_store(f"sqlite:///{tmp_path / 'deep' / 'er' / 'store.db'}")
+    assert (tmp_path / "deep" / "er" / "store.db").exists()
+    assert current_revision(engine) == head_revision()
+    engine.dispose()
+
+
+def test_mask_url_hides_only_the_password():
+    assert mask_url("postgresql+psycopg://u:pw@h:5432/db") == "postgresql+psycopg://u:***@h:5432/db"
+    assert mask_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+@pytest.mark.postgres
+def test_postgres_urls_use_psycopg3(pg_database_url):
+    plain = pg_database_url.replace("postgresql+psycopg://", "postgresql://")
+    engine = create_engine_for(plain)
+    assert engine.dialect.driver == "psycopg"
+    engine.dispose()
+
+
+# --- migrations (both backends) -------------------------------------------------------------
+
+
+def test_empty_database_has_no_revision_then_open_store_migrates_to_head(db_url):
+    bare = create_engine_for(db_url)
+    assert current_revision(bare) is None
+    bare.dispose()
+    engine = open_store(db_url)
+    assert current_revision(engine) == head_revision()
+    assert set(schema.metadata.tables) <= set(sa.inspect(engine).get_table_names())
+    engine.dispose()
+    # A second open finds the store at head and changes nothing.
+    again = open_store(db_url)
+    assert current_revision(again) == head_revision()
+    again.dispose()
+
+
+def test_migrated_database_matches_schema_py(engine):
+    with engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), schema.metadata)
+    assert diffs == []
+
+
+def test_migrations_downgrade_to_base_and_upgrade_again(engine):
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "base")
+    assert current_revision(engine) is None
+    assert not set(schema.metadata.tables) & set(sa.inspect(engine).get_table_names())
+    upgrade(engine)
+    assert current_revision(engine) == head_revision()
+
+
+def test_store_at_an_unknown_revision_is_refused(engine, db_url):
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = 'f00dcafe'"))
+    with pytest.raises(StoreError, match="at migration 'f00dcafe', which this version of recsys does not know"):
+        open_store(db_url)
+
+
+def test_upgrade_to_an_unknown_revision_is_a_store_error(db_url):
+    engine = create_engine_for(db_url)
+    with pytest.raises(StoreError, match="cannot migrate the store at .* to 'nope'"):
+        upgrade(engine, "nope")
+    engine.dispose()
+
+
+def test_tables_not_made_by_migrations_are_refused(db_url):
+    engine = create_engine_for(db_url)
+    schema.metadata.create_all(engine)
+    with pytest.raises(StoreError, match=r"has tables \(.*news.*\) but no migration version"):
+        upgrade(engine)
+    engine.dispose()
+
+
+def test_concurrent_open_store_calls_both_succeed(db_url):
+    errors: list[BaseException] = []
+    engines: list[sa.Engine] = []
+
+    def open_it() -> None:
+        try:
+            engines.append(open_store(db_url))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert all(current_revision(e) == head_revision() for e in engines)
+    for e in engines:
+        e.dispose()

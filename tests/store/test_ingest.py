@@ -1,0 +1,411 @@
+"""Ingest into both backends: contents worked out by hand, updates, idempotency, bad rows, strict."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from PIL import Image
+
+from recsys.columns import IMAGE_BAD_NAME, IMAGE_CORRUPT, IMAGE_EMPTY, IMAGE_MISSING, IMAGE_OK
+from recsys.data.mind import MAX_LINE_BYTES, MindFileError
+from recsys.errors import ConfigError, SchemaError
+from recsys.store import schema
+from recsys.store.ingest import content_hash, default_source, ingest
+from recsys.store.stats import store_stats
+
+from .conftest import T0
+from .mind_files import behavior_line, dump_store, news_line, wipe_store, write_lines
+
+H, D = timedelta(hours=1), timedelta(days=1)
+
+
+def rows(engine, table, *columns, order_by=None):
+    t = schema.metadata.tables[table]
+    cols = [t.c[c] for c in columns] if columns else list(t.c)
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.select(*cols).order_by(*(order_by or cols)))]
+
+
+def run(engine, quarantine_dir, **kwargs):
+    return ingest(engine, quarantine_dir=quarantine_dir, **kwargs)
+
+
+# --- a small world, checked row by row -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [5000, 1])
+def test_small_world_rows_by_hand(engine, small_world, quarantine_dir, batch_size):
+    report = run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"],
+                 batch_size=batch_size)
+    source = f"{small_world['root'].name}/behaviors"
+    assert (report.news, report.users, report.impressions, report.impression_items) == (6, 3, 4, 10)
+    assert (report.num_bad_rows, report.quarantine_file, report.source) == (0, None, source)
+    assert not quarantine_dir.exists()
+
+    assert rows(engine, "users", "user_id", "first_seen_at", "last_seen_at", "history_at") == [
+        ("U1", T0, T0 + D, T0 + D),
+        ("U2", T0 + H, T0 + H, T0 + H),
+        ("U3", T0 - 2 * H, T0 - 2 * H, T0 - 2 * H),
+    ]
+    assert rows(engine, "users", "history_hash") == sorted(
+        (hashlib.sha256(h.encode()).hexdigest()[:32],) for h in ("N1 N2 N3", "", "N6")
+    )
+    assert rows(engine, "impressions", "source", "impression_id", "user_id", "time") == [
+        (source, 1, "U1", T0), (source, 2, "U2", T0 + H), (source, 3, "U1", T0 + D), (source, 4, "U3", T0 - 2 * H),
+    ]
+    im, it = schema.impressions, schema.impression_items
+    with engine.connect() as conn:
+        items = conn.execute(
+            sa.select(im.c.impression_id, it.c.position, it.c.news_id, it.c.label)
+            .join(im, im.c.id == it.c.impression_pk).order_by(im.c.impression_id, it.c.position)
+        ).all()
+    assert [tuple(r) for r in items] == [
+        (1, 0, "N3", 1), (1, 1, "N4", 0), (1, 2, "N5", 0),
+        (2, 0, "N1", 0), (2, 1, "N2", 1), (2, 2, "N6", 1),
+        (3, 0, "N4", 1), (3, 1, "N5", 0),
+        (4, 0, "N3", 0), (4, 1, "N4", 0),
+    ]
+    # U1's History is the one of its latest impression (3); clicks keep their earliest time.
+    assert rows(engine, "clicks", "user_id", "news_id", "history_pos", "clicked_at") == [
+        ("U1", "N1", 0, None), ("U1", "N2", 1, None), ("U1", "N3", 2, T0), ("U1", "N4", None, T0 + D),
+        ("U2", "N2", None, T0 + H), ("U2", "N6", None, T0 + H),
+        ("U3", "N6", 0, None),
+    ]
+    # First time each article was shown.
+    assert rows(engine, "news", "news_id", "first_seen_at") == [
+        ("N1", T0 + H), ("N2", T0 + H), ("N3", T0 - 2 * H), ("N4", T0 - 2 * H), ("N5", T0), ("N6", T0 + H),
+    ]
+    assert store_stats(engine) == {
+        "news": 6, "news_with_image": 0, "users": 3, "impressions": 4, "impression_items": 10, "labelled_items": 10,
+        "clicked_items": 4, "clicks": 7, "quarantined": 0, "sources": 1,
+        "image_ok": 0, "image_missing": 6, "image_corrupt": 0, "image_too_large": 0, "image_empty": 0, "image_bad_name": 0,
+    }
+
+
+def test_news_text_round_trips_with_any_script_and_entity_json(engine, small_world, quarantine_dir):
+    run(engine, quarantine_dir, news_path=small_world["news"])
+    by_id = {r[0]: r for r in rows(engine, "news", "news_id", "title", "abstract", "title_entities", "abstract_entities", "image_status")}
+    assert by_id["N3"][1:3] == ("東京で大雨、交通に影響", "Тяжёлый дождь — العاصفة")
+    assert by_id["N1"][3].startswith('[{"Label": "Coast"') and by_id["N1"][4] == "[]"
+    assert by_id["N6"][3:5] == ("", "")
+    assert {r[5] for r in by_id.values()} == {IMAGE_MISSING}
+
+
+def test_content_hash_covers_text_fields_and_image(engine, small_world, quarantine_dir):
+    run(engine, quarantine_dir, news_path=small_world["news"])
+    (stored,) = rows(engine, "news", "content_hash", order_by=[schema.news.c.news_id])[:1]
+    expected = hashlib.sha256("\x1f".join(["Storm hits the coast", "Heavy rain.", "news", "newsus", ""]).encode()).hexdigest()
+    assert stored == (expected,)
+    assert content_hash("ab", "c", "x", "y", None) != content_hash("a", "bc", "x", "y", None)
+    assert content_hash("a", "b", "c", "d", None) != content_hash("a", "b", "c", "d", "00" * 32)
+
+
+def test_crlf_files_give_the_same_store(engine, small_world, quarantine_dir, tmp_path):
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], source="s")
+    expected = dump_store(engine)
+    wipe_store(engine)
+    crlf = tmp_path / "crlf"
+    crlf.mkdir()
+    for name in ("news.tsv", "behaviors.tsv"):
+        (crlf / name).write_bytes(small_world[name.split(".")[0]].read_bytes().replace(b"\n", b"\r\n"))
+    run(engine, quarantine_dir, news_path=crlf / "news.tsv", behaviors_path=crlf / "behaviors.tsv", source="s")
+    assert dump_store(engine) == expected
+
+
+def test_file_order_and_batch_size_do_not_change_the_store(engine, small_world, quarantine_dir, tmp_path):
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], source="s")
+    expected = dump_store(engine)
+    wipe_store(engine)
+    lines = small_world["behaviors"].read_text().splitlines()
+    reversed_file = write_lines(tmp_path / "reversed.tsv", lines[::-1])
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=reversed_file, source="s", batch_size=1)
+    assert dump_store(engine) == expected
+
+
+# --- updates and reruns ----------------------------------------------------------------------------
+
+
+def test_same_files_twice_leave_the_same_store(engine, small_world, quarantine_dir):
+    args = dict(news_path=small_world["news"], behaviors_path=small_world["behaviors"])
+    run(engine, quarantine_dir, **args)
+    first = dump_store(engine) | {"news_updated_at": rows(engine, "news", "news_id", "updated_at")}
+    report = run(engine, quarantine_dir, **args)
+    assert report.users == 0  # all known now
+    assert dump_store(engine) | {"news_updated_at": rows(engine, "news", "news_id", "updated_at")} == first
+
+
+def test_newer_news_row_updates_the_article(engine, small_world, quarantine_dir, tmp_path):
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"])
+    before = {r[0]: r for r in rows(engine, "news", "news_id", "title", "content_hash", "updated_at", "first_seen_at")}
+    newer = write_lines(tmp_path / "news2.tsv", [
+        news_line("N1", title="Storm hits the coast, updated", abstract="Heavy rain."),
+        news_line("N2", category="sports", subcategory="football", title="Team wins the cup"),
+        news_line("N7", title="Brand new"),
+    ])
+    report = run(engine, quarantine_dir, news_path=newer)
+    assert report.news == 3
+    after = {r[0]: r for r in rows(engine, "news", "news_id", "title", "content_hash", "updated_at", "first_seen_at")}
+    assert after["N1"][1] == "Storm hits the coast, updated"
+    assert after["N1"][2] != before["N1"][2]
+    assert after["N1"][3] > before["N1"][3]
+    assert after["N1"][4] == before["N1"][4] == T0 + H  # first seen comes from impressions, kept
+    assert after["N2"] == before["N2"]  # unchanged content: not even updated_at moves
+    assert after["N7"][4] is None
+
+
+def test_duplicate_news_id_in_one_file_keeps_the_last_line(engine, quarantine_dir, tmp_path):
+    news = write_lines(tmp_path / "news.tsv", [news_line("N1", title="first"), news_line("N2"), news_line("N1", title="last")])
+    for batch_size in (5000, 1):
+        run(engine, quarantine_dir, news_path=news, batch_size=batch_size)
+        assert rows(engine, "news", "news_id", "title") == [("N1", "last"), ("N2", "Title of N2")]
+
+
+def test_unlabelled_test_file_then_history_replacement(engine, small_world, quarantine_dir, tmp_path):
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"])
+    (tmp_path / "test").mkdir()
+    test_file = write_lines(tmp_path / "test" / "behaviors.tsv", [
+        behavior_line(1, "U1", T0 + 2 * D, ["N1", "N4"], ["N5", "N6"]),
+        behavior_line(2, "U4", T0 + 2 * D, [], ["N1"]),
+    ])
+    report = run(engine, quarantine_dir, behaviors_path=test_file)
+    assert report.source == "test/behaviors" and report.users == 1
+    # U1: N2 was only in the old History (gone); N3 was clicked (kept, no longer in History);
+    # N4 was clicked and is now in History.
+    assert rows(engine, "clicks", "user_id", "news_id", "history_pos", "clicked_at", order_by=None)[:3] == [
+        ("U1", "N1", 0, None), ("U1", "N3", None, T0), ("U1", "N4", 1, T0 + D),
+    ]
+    stats = store_stats(engine)
+    assert (stats["impressions"], stats["impression_items"], stats["labelled_items"], stats["sources"]) == (6, 13, 10, 2)
+    im, it = schema.impressions, schema.impression_items
+    with engine.connect() as conn:
+        labels = conn.execute(sa.select(it.c.label).join(im, im.c.id == it.c.impression_pk).where(im.c.source == "test/behaviors")).scalars().all()
+    assert labels == [None, None, None]
+
+
+def test_an_older_history_does_not_replace_a_newer_one(engine, small_world, quarantine_dir, tmp_path):
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"])
+    before = rows(engine, "clicks")
+    old = write_lines(tmp_path / "old.tsv", [behavior_line(1, "U1", T0 - D, ["N5"], ["N6-0"])])
+    run(engine, quarantine_dir, behaviors_path=old)
+    assert rows(engine, "clicks") == before
+    assert rows(engine, "users", "user_id", "first_seen_at", "last_seen_at", "history_at")[0] == ("U1", T0 - D, T0 + D, T0 + D)
+
+
+def test_sources_keep_equal_impression_ids_apart(engine, small_world, quarantine_dir):
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], source="train")
+    run(engine, quarantine_dir, behaviors_path=small_world["behaviors"], source="dev")
+    assert rows(engine, "impressions", "source", "impression_id")[:1] == [("dev", 1)]
+    assert store_stats(engine)["impressions"] == 8 and store_stats(engine)["impression_items"] == 20
+
+
+def test_a_changed_impression_replaces_all_its_items(engine, small_world, quarantine_dir, tmp_path):
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], source="s")
+    shorter = write_lines(tmp_path / "b2.tsv", [behavior_line(1, "U1", T0, ["N1", "N2"], ["N6-0"])])
+    run(engine, quarantine_dir, behaviors_path=shorter, source="s")
+    im, it = schema.impressions, schema.impression_items
+    with engine.connect() as conn:
+        items = conn.execute(sa.select(it.c.position, it.c.news_id).join(im, im.c.id == it.c.impression_pk).where(im.c.impression_id == 1)).all()
+    assert [tuple(r) for r in items] == [(0, "N6")]
+
+
+def test_behaviors_may_reference_news_ingested_earlier(engine, small_world, quarantine_dir):
+    run(engine, quarantine_dir, news_path=small_world["news"])
+    report = run(engine, quarantine_dir, behaviors_path=small_world["behaviors"])
+    assert (report.impressions, report.num_bad_rows) == (4, 0)
+
+
+def test_progress_counts_every_line(engine, small_world, quarantine_dir):
+    calls: list[int] = []
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], batch_size=3,
+        progress=calls.append)
+    assert calls == [3, 3, 3, 1]  # 6 news lines, then 4 behaviors lines
+
+
+# --- bad rows -------------------------------------------------------------------------------------
+
+LONG = "x" * (MAX_LINE_BYTES + 5)
+
+BAD_NEWS = [
+    ("N9\tnews\tsub\ttitle", "columns", r"news\.tsv line 2: field 'columns' has 4, expected 8 tab-separated columns"),
+    (news_line("N 9"), "news_id", r"news\.tsv line 2: field 'news_id' has 'N 9', expected an id matching"),
+    (news_line("N9", category=""), "category", "field 'category' has '', expected a non-empty category"),
+    (news_line("N9", title="t" * 1001), "title", r"field 'title' has .*expected at most 1000 characters \(it has 1001\)"),
+    (news_line("N9", abstract="a" * 10001), "abstract", r"expected at most 10000 characters \(it has 10001\)"),
+    (news_line("N9", title_entities="[{"), "title_entities", r"field 'title_entities' has '\[\{', expected empty or JSON"),
+    (news_line("N9", title="caf\udce9").encode("utf-8", "surrogateescape"), "line", r"news\.tsv line 2: field 'line' has b'.*caf\\xe9.*', expected UTF-8 text"),
+    (news_line("N9", title=LONG), "line", r"news\.tsv line 2: field 'line' has 'a line of more than 1048576 bytes'"),
+]
+BAD_BEHAVIORS = [
+    ("9\tU1\t11/11/2019 9:05:58 AM\tN1", "columns", r"behaviors\.tsv line 2: field 'columns' has 4, expected 5 tab-separated columns"),
+    (behavior_line("9a", "U1", T0, [], ["N1-1"]), "impression_id", "field 'impression_id' has '9a', expected a non-negative integer"),
+    (behavior_line(9, "U/1", T0, [], ["N1-1"]), "user_id", "field 'user_id' has 'U/1', expected an id matching"),
+    (behavior_line(9, "U1", "11/11/2019 25:05:58 AM", [], ["N1-1"]), "time", "field 'time' has '11/11/2019 25:05:58 AM', expected a time like"),
+    (behavior_line(9, "U1", T0, ["N1", "N?"], ["N1-1"]), "history", "field 'history' has 'N\\?', expected news ids matching"),
+    (behavior_line(9, "U1", T0, [], ["N1-1", "N55-x"]), "impressions", r"behaviors\.tsv line 2: field 'impressions' has 'N55-x', expected label 0 or 1"),
+    (behavior_line(9, "U1", T0, [], ["N1-1", "N2"]), "impressions", "field 'impressions' has 'N2', expected a label on every candidate"),
+    (behavior_line(9, "U1", T0, [], ["N1-1", "N99-0"]), "impressions", "field 'impressions' has 'N99', expected a news id present in the store or in the news file"),
+    (behavior_line(9, "U1", T0, ["N98"], ["N1-1"]), "history", "field 'history' has 'N98', expected a news id present in the store"),
+    (behavior_line(9, "U1", T0, [], [f"N1-{i % 2}" for i in range(1001)]), "impressions", "has '1001 candidates', expected at most 1000 candidates"),
+    (behavior_line(9, "U1", T0, ["N1"] * 10001, ["N1-1"]), "history", "has '10001 ids', expected at most 10000 ids"),
+    (behavior_line(9, "U1", T0, [], ["N1-1"]).encode() + b"\xff", "line", "field 'line' has b'.*', expected UTF-8 text"),
+]
+
+
+def _world_with(tmp_path, kind: str, bad_line) -> dict[str, Path]:
+    """news N1..N3 and two impressions, with ``bad_line`` as line 2 of the ``kind`` file."""
+    news = [news_line("N1"), news_line("N2"), news_line("N3")]
+    behaviors = [behavior_line(1, "U1", T0, ["N1"], ["N2-1", "N3-0"]), behavior_line(2, "U2", T0 + H, [], ["N1-0", "N3-1"])]
+    target = news if kind == "news" else behaviors
+    target.insert(1, bad_line)
+    return {
+        "news": write_lines(tmp_path / "news.tsv", news),
+        "behaviors": write_lines(tmp_path / "behaviors.tsv", behaviors),
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "bad_line", "field", "message"),
+    [("news", *case) for case in BAD_NEWS] + [("behaviors", *case) for case in BAD_BEHAVIORS],
+    ids=[f"news-{c[1]}-{i}" for i, c in enumerate(BAD_NEWS)] + [f"behaviors-{c[1]}-{i}" for i, c in enumerate(BAD_BEHAVIORS)],
+)
+def test_bad_row_is_quarantined_and_the_rest_loads(engine, tmp_path, quarantine_dir, kind, bad_line, field, message):
+    files = _world_with(tmp_path, kind, bad_line)
+    report = run(engine, quarantine_dir, news_path=files["news"], behaviors_path=files["behaviors"])
+    assert report.num_bad_rows == 1
+    assert (report.news, report.impressions) == (3, 2)
+    bad_file = str(files[kind].resolve())
+    ((file, line, got_field, reason),) = rows(engine, "quarantine", "file", "line", "field", "reason")
+    assert (file, line, got_field) == (bad_file, 2, field)
+    assert re.search(message, reason), reason
+    # The quarantine file: header, then the same record with the raw line cut short.
+    path = Path(report.quarantine_file)
+    assert path.parent == quarantine_dir and path.name.endswith("-behaviors.tsv")
+    header, record = path.read_text(encoding="utf-8").splitlines()
+    assert header == "file\tline\tfield\treason\traw"
+    cells = [_unescape(c) for c in record.split("\t")]
+    assert cells[:4] == [bad_file, "2", field, reason]
+    assert len(cells) == 5 and len(cells[4]) <= 200
+    assert not list(quarantine_dir.glob(".*.tmp"))
+
+
+def _unescape(cell: str) -> str:
+    return re.sub(r"\\(.)", lambda m: {"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}[m.group(1)], cell)
+
+
+@pytest.mark.parametrize(
+    ("kind", "bad_line", "message"),
+    [("news", c[0], c[2]) for c in BAD_NEWS] + [("behaviors", c[0], c[2]) for c in BAD_BEHAVIORS],
+    ids=[f"news-{c[1]}-{i}" for i, c in enumerate(BAD_NEWS)] + [f"behaviors-{c[1]}-{i}" for i, c in enumerate(BAD_BEHAVIORS)],
+)
+def test_strict_stops_at_the_bad_row_and_writes_nothing(engine, tmp_path, quarantine_dir, kind, bad_line, message):
+    files = _world_with(tmp_path, kind, bad_line)
+    with pytest.raises(SchemaError, match=message):
+        run(engine, quarantine_dir, news_path=files["news"], behaviors_path=files["behaviors"], strict=True, batch_size=1)
+    assert all(v == [] for v in dump_store(engine).values())
+    assert not quarantine_dir.exists()
+
+
+def test_strict_failure_late_in_a_file_leaves_an_existing_store_untouched(engine, small_world, quarantine_dir, tmp_path):
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"])
+    before = dump_store(engine) | {"updated": rows(engine, "news", "news_id", "updated_at")}
+    news = write_lines(tmp_path / "n2.tsv", [news_line(f"M{i}") for i in range(10)] + [news_line("N1", title="changed")])
+    behaviors = write_lines(tmp_path / "b2.tsv", [behavior_line(i, f"V{i}", T0, ["M1"], ["M2-1"]) for i in range(20)] + ["broken"])
+    with pytest.raises(SchemaError, match=r"b2\.tsv line 21: field 'columns' has 1, expected 5"):
+        run(engine, quarantine_dir, news_path=news, behaviors_path=behaviors, strict=True, batch_size=3)
+    assert dump_store(engine) | {"updated": rows(engine, "news", "news_id", "updated_at")} == before
+
+
+def test_strict_run_on_good_files_equals_a_lenient_run(engine, small_world, quarantine_dir):
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], strict=True, batch_size=2)
+    strict = dump_store(engine)
+    wipe_store(engine)
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"])
+    assert dump_store(engine) == strict
+
+
+def test_rerun_does_not_double_count_quarantined_rows(engine, tmp_path, quarantine_dir):
+    files = _world_with(tmp_path, "behaviors", behavior_line(9, "U1", T0, [], ["N1-1", "N55-x"]))
+    for _ in range(2):
+        report = run(engine, quarantine_dir, news_path=files["news"], behaviors_path=files["behaviors"])
+        assert report.num_bad_rows == 1
+        assert store_stats(engine)["quarantined"] == 1
+    assert len(list(quarantine_dir.glob("*-behaviors.tsv"))) == 2  # one file per run
+    # Once the file is fixed, its quarantine rows go.
+    write_lines(files["behaviors"], [behavior_line(1, "U1", T0, ["N1"], ["N2-1"])])
+    assert run(engine, quarantine_dir, behaviors_path=files["behaviors"]).quarantine_file is None
+    assert store_stats(engine)["quarantined"] == 0
+
+
+def test_quarantine_file_escapes_tabs_and_newlines(engine, tmp_path, quarantine_dir):
+    files = _world_with(tmp_path, "news", "N9\tnews\twith\\backslash")
+    report = run(engine, quarantine_dir, news_path=files["news"])
+    record = Path(report.quarantine_file).read_text(encoding="utf-8").splitlines()[1]
+    assert record.endswith("\tN9\\tnews\\twith\\\\backslash")
+
+
+# --- images ---------------------------------------------------------------------------------------
+
+
+def _jpeg(seed: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def test_image_statuses_paths_and_hash(engine, small_world, quarantine_dir, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    good = _jpeg(0)
+    (images / "N1.jpg").write_bytes(good)
+    (images / "N2.png").write_bytes(b"not a png at all")
+    (images / "N3.JPG").write_bytes(b"")
+    (tmp_path / "outside.png").write_bytes(_jpeg(1))
+    (images / "N5.png").symlink_to(tmp_path / "outside.png")
+    (images / "N6.webp").write_bytes(good)  # JPEG bytes named .webp
+    report = run(engine, quarantine_dir, news_path=small_world["news"], images_dir=images)
+    assert rows(engine, "news", "news_id", "image_path", "image_status") == [
+        ("N1", str(images.resolve() / "N1.jpg"), IMAGE_OK), ("N2", None, IMAGE_CORRUPT), ("N3", None, IMAGE_EMPTY),
+        ("N4", None, IMAGE_MISSING), ("N5", None, IMAGE_BAD_NAME), ("N6", None, IMAGE_BAD_NAME),
+    ]
+    assert report.image_status == {"ok": 1, "missing": 1, "corrupt": 1, "too_large": 0, "empty": 1, "bad_name": 2}
+    stats = store_stats(engine)
+    assert stats["news_with_image"] == 1
+    assert {k: stats[f"image_{k}"] for k in report.image_status} == report.image_status
+    ((hash_n1, updated_n1),) = [r[1:] for r in rows(engine, "news", "news_id", "content_hash", "updated_at") if r[0] == "N1"]
+    expected = hashlib.sha256("\x1f".join(["Storm hits the coast", "Heavy rain.", "news", "newsus", hashlib.sha256(good).hexdigest()]).encode()).hexdigest()
+    assert hash_n1 == expected
+    # A new picture changes the article's hash; the others stay as they were.
+    unchanged = [r for r in rows(engine, "news", "news_id", "content_hash", "updated_at") if r[0] != "N1"]
+    (images / "N1.jpg").write_bytes(_jpeg(2))
+    run(engine, quarantine_dir, news_path=small_world["news"], images_dir=images)
+    after = rows(engine, "news", "news_id", "content_hash", "updated_at")
+    assert after[0][1] != hash_n1 and after[0][2] > updated_n1
+    assert after[1:] == unchanged
+
+
+# --- arguments ------------------------------------------------------------------------------------
+
+
+def test_argument_errors(engine, small_world, quarantine_dir, tmp_path):
+    with pytest.raises(ConfigError, match="ingest needs a news file, a behaviors file or both"):
+        run(engine, quarantine_dir)
+    with pytest.raises(ConfigError, match="batch_size is 0, expected at least 1"):
+        run(engine, quarantine_dir, news_path=small_world["news"], batch_size=0)
+    with pytest.raises(ConfigError, match="images folder .*nope does not exist or is not a folder"):
+        run(engine, quarantine_dir, news_path=small_world["news"], images_dir=tmp_path / "nope")
+    with pytest.raises(ConfigError, match="source 'xxx.*' must have 1 to 255 characters"):
+        run(engine, quarantine_dir, behaviors_path=small_world["behaviors"], source="x" * 256)
+    with pytest.raises(MindFileError, match=r"missing\.tsv: cannot be read"):
+        run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=tmp_path / "missing.tsv")
+    assert dump_store(engine)["news"] == []  # nothing started before the inputs were checked
+
+
+def test_default_source_is_folder_and_stem(tmp_path):
+    assert default_source(tmp_path / "MINDsmall_dev" / "behaviors.tsv") == "MINDsmall_dev/behaviors"
