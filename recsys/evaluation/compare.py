@@ -1,0 +1,125 @@
+"""Compare two ``metrics.json`` files (``recsys evaluate --compare A.json B.json``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple, TextIO
+
+from recsys.evaluation.report import METRIC_LABELS, SCHEMA_VERSION, ReportError
+from recsys.metrics.accumulator import METRICS
+
+# Rows compared besides METRICS: (label, how to read the value out of a model entry).
+_EXTRA = {
+    "gap_closed": lambda entry: entry.get("gap_closed"),
+    "ece": lambda entry: (entry.get("calibration") or {}).get("ece"),
+}
+
+
+class ComparisonRow(NamedTuple):
+    """One model's metric in two reports; ``diff`` is ``b - a`` when both exist."""
+
+    model: str
+    metric: str
+    a: float | None
+    b: float | None
+    diff: float | None
+
+
+def load_metrics(path: str | os.PathLike) -> dict:
+    """Read a ``metrics.json`` written by ``write_report``.
+
+    Raises:
+        ReportError: unreadable JSON, or a schema version this code does not know.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path} line {err.lineno}: not valid JSON ({err.msg}), expected a metrics.json") from None
+    if not isinstance(document, dict) or document.get("schema_version") != SCHEMA_VERSION:
+        found = document.get("schema_version") if isinstance(document, dict) else type(document).__name__
+        raise ReportError(f"{path}: field 'schema_version' has {found!r}, expected {SCHEMA_VERSION}")
+    if not isinstance(document.get("models"), dict):
+        raise ReportError(f"{path}: field 'models' is missing, expected an object of models")
+    return document
+
+
+def _metric_value(entry: Mapping | None, metric: str):
+    if entry is None:
+        return None
+    if metric in _EXTRA:
+        return _EXTRA[metric](entry)
+    return ((entry.get("metrics") or {}).get(metric) or {}).get("value")
+
+
+def compare_metrics(a: Mapping, b: Mapping) -> list[ComparisonRow]:
+    """Differences per model and metric between two report dicts.
+
+    Args:
+        a: the baseline report (``metrics.json`` content).
+        b: the report compared with it.
+
+    Returns:
+        Rows for every model in either report (a's order, then b's new models) and every
+        metric of METRICS plus ``gap_closed`` and ``ece``; a value is None where a report lacks
+        it, and rows missing from both are left out.
+
+    Raises:
+        ReportError: a dict without ``models``.
+    """
+    for label, doc in (("a", a), ("b", b)):
+        if not isinstance(doc.get("models"), Mapping):
+            raise ReportError(f"report {label} lacks 'models', expected a metrics.json document")
+    names = list(dict.fromkeys([*a["models"], *b["models"]]))
+    rows = []
+    for name in names:
+        entry_a, entry_b = a["models"].get(name), b["models"].get(name)
+        for metric in (*METRICS, *_EXTRA):
+            value_a, value_b = _metric_value(entry_a, metric), _metric_value(entry_b, metric)
+            if value_a is None and value_b is None:
+                continue
+            diff = value_b - value_a if value_a is not None and value_b is not None else None
+            rows.append(ComparisonRow(name, metric, value_a, value_b, diff))
+    return rows
+
+
+def format_comparison(rows: list[ComparisonRow], *, a_label: str = "A", b_label: str = "B") -> str:
+    """A plain-text table of ``compare_metrics`` rows."""
+    labels = {**METRIC_LABELS, "gap_closed": "Gap closed", "ece": "ECE"}
+
+    def show(value, signed: bool = False) -> str:
+        if value is None:
+            return "-"
+        return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+    table = [("model", "metric", a_label, b_label, f"{b_label} - {a_label}")]
+    table += [(r.model, labels.get(r.metric, r.metric), show(r.a), show(r.b), show(r.diff, signed=True)) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
+    lines = []
+    for i, row in enumerate(table):
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1]), *(c.rjust(w) for c, w in zip(row[2:], widths[2:]))]
+        lines.append("  ".join(cells).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def print_comparison(
+    rows: list[ComparisonRow], *, a_label: str = "A", b_label: str = "B", file: TextIO | None = None
+) -> None:
+    """Print ``format_comparison`` to ``file`` (default stdout)."""
+    print(format_comparison(rows, a_label=a_label, b_label=b_label), file=file or sys.stdout)
+
+
+def compare_files(a: str | os.PathLike, b: str | os.PathLike) -> str:
+    """The comparison table of two ``metrics.json`` files, headed by which file is A and B.
+
+    Raises:
+        ReportError: as ``load_metrics``.
+    """
+    rows = compare_metrics(load_metrics(a), load_metrics(b))
+    return f"A: {Path(a)}\nB: {Path(b)}\n\n" + format_comparison(rows)

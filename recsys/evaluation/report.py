@@ -1,0 +1,507 @@
+"""The offline evaluation report: ``metrics.json`` and a self-contained ``report.html``.
+
+The pipeline streams impressions into an ``ImpressionMetrics`` accumulator, calls
+``build_result`` with the header facts, optionally adds ``beyond_accuracy(...)`` for the latest
+nightly run, and hands the dict to ``write_report``. The dict (``metrics.json`` is this dict
+plus ``"schema_version": 1``)::
+
+    {"header": {"generated_at": ISO-8601 UTC str, "data_window": str | None,
+                "behaviors_file": str | None, "num_impressions": int,
+                "num_labelled_impressions": int, "num_unlabelled": int, "num_scored": int,
+                "num_single_class": int, "num_candidates": int, "num_clicked": int,
+                "model_versions": [str, ...], "encoders": {name: description},
+                "bootstrap": {"unit", "num_resamples", "breakdown_resamples", "confidence",
+                              "seed", "pooled_auc"}},
+     "models": {name: {                         # in evaluation order; the first is the reference
+         "kind": "model" | "baseline" | "oracle" | "ablation",
+         "metrics": {metric: {"value", "ci_low", "ci_high"}},   # metric in METRICS
+         "diff_to_first": {metric: value},
+         "diff_to_first_ci": {metric: {"ci_low", "ci_high"}},  # paired bootstrap
+         "gap_closed": float | None,     # (AUC - 0.5) / (oracle AUC - 0.5), per-impression AUC
+         "probabilistic": bool,          # every score in [0, 1]: log loss and calibration apply
+         "tied_impressions": int,        # impressions where the model tied two candidates
+         "calibration": {"strategy", "num_bins", "bins": [{"lower", "upper", "count",
+                         "mean_predicted", "fraction_positive"}], "ece"} | None,
+         "breakdowns": {scheme: {group: {"num_impressions", "num_scored", "num_candidates",
+                                         "num_clicked", "metrics": {metric: {...}}}}}}},
+     "beyond_accuracy": {"num_users", "num_recommendations", "catalogue_size",
+                         "num_distinct_items", "coverage", "intra_list_diversity",
+                         "gini_simpson_diversity", "novelty", "mean_popularity_percentile",
+                         "new_since"} | None}
+
+Values are None where a metric is undefined. Every number the HTML shows is in this dict.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from recsys.columns import NEWS_ID, RANK, USER_ID
+from recsys.errors import RecsysError
+from recsys.metrics.accumulator import HIGHER_IS_BETTER, METRICS, ImpressionMetrics
+
+SCHEMA_VERSION = 1
+KINDS = ("model", "ablation", "baseline", "oracle")
+METRIC_LABELS = {
+    "impression_auc": "AUC per impression",
+    "mrr": "MRR",
+    "ndcg@5": "nDCG@5",
+    "ndcg@10": "nDCG@10",
+    "pooled_auc": "AUC pooled",
+    "log_loss": "Log loss",
+}
+METRIC_UNITS = {m: "0-1, higher is better" for m in METRICS} | {"log_loss": "nats, lower is better"}
+# Breakdown plots show at most this many groups (the largest; the table lists all).
+_MAX_PLOTTED_GROUPS = 20
+
+
+class ReportError(RecsysError):
+    """A result dict or metrics file that does not have the report's shape."""
+
+
+def build_result(
+    metrics: ImpressionMetrics,
+    *,
+    kinds: Mapping[str, str] | None = None,
+    behaviors_file: str | os.PathLike | None = None,
+    data_window: str | None = None,
+    model_versions: Sequence[str] = (),
+    encoders: Mapping[str, object] | None = None,
+    generated_at: datetime | None = None,
+    beyond_accuracy: Mapping | None = None,
+) -> dict:
+    """The report dict (module docstring) from an accumulator and the header facts.
+
+    Args:
+        metrics: the accumulator, with every impression added.
+        kinds: model name -> one of KINDS; models not named are "model". At most one oracle;
+            with one, every row gets ``gap_closed``.
+        behaviors_file: the evaluated file, for the header.
+        data_window: the evaluated time window, as text (e.g. "2019-11-14 to 2019-11-15").
+        model_versions: version ids of the evaluated models.
+        encoders: encoder name -> description (e.g. dims) of the current model version.
+        generated_at: report time (default: now, UTC).
+        beyond_accuracy: the dict of ``beyond_accuracy`` for the latest nightly run, or None.
+
+    Returns:
+        The report dict.
+
+    Raises:
+        ReportError: an unknown model or kind in ``kinds``, or more than one oracle.
+    """
+    kinds = dict(kinds or {})
+    unknown = sorted(set(kinds) - set(metrics.model_names))
+    if unknown:
+        raise ReportError(f"kinds names unknown models {unknown}, expected some of {list(metrics.model_names)}")
+    bad = {k: v for k, v in kinds.items() if v not in KINDS}
+    if bad:
+        raise ReportError(f"kinds holds {bad}, expected each kind to be one of {list(KINDS)}")
+    oracles = [name for name, kind in kinds.items() if kind == "oracle"]
+    if len(oracles) > 1:
+        raise ReportError(f"kinds marks {oracles} as oracle, expected at most one")
+
+    raw = metrics.result()
+    oracle_auc = raw["models"][oracles[0]]["metrics"]["impression_auc"]["value"] if oracles else None
+    models = {}
+    for name, entry in raw["models"].items():
+        auc = entry["metrics"]["impression_auc"]["value"]
+        gap = None
+        if oracle_auc is not None and auc is not None and oracle_auc > 0.5:
+            gap = (auc - 0.5) / (oracle_auc - 0.5)
+        models[name] = {"kind": kinds.get(name, "model"), **entry, "gap_closed": gap}
+    when = generated_at or datetime.now(timezone.utc)
+    header = {
+        "generated_at": when.isoformat(timespec="seconds"),
+        "data_window": data_window,
+        "behaviors_file": None if behaviors_file is None else str(behaviors_file),
+        **{key: raw[key] for key in (
+            "num_impressions", "num_labelled_impressions", "num_unlabelled", "num_scored",
+            "num_single_class", "num_candidates", "num_clicked",
+        )},
+        "model_versions": [str(v) for v in model_versions],
+        "encoders": {str(k): v for k, v in (encoders or {}).items()},
+        "bootstrap": raw["bootstrap"],
+    }
+    return {"header": header, "models": models, "beyond_accuracy": None if beyond_accuracy is None else dict(beyond_accuracy)}
+
+
+def beyond_accuracy(
+    recs: pd.DataFrame,
+    item_category: Mapping | pd.Series,
+    item_first_seen: Mapping | pd.Series,
+    item_popularity: Mapping | pd.Series,
+    catalogue_size: int,
+    new_since,
+) -> dict:
+    """Coverage, diversity, novelty and popularity bias of one run's recommendation lists.
+
+    Args:
+        recs: one row per recommendation, columns ``user_id``, ``rank``, ``news_id``.
+        item_category: news id -> category (items without one count as category "unknown").
+        item_first_seen: news id -> first time the article was shown or published (NaT or
+            missing: never shown before, so new).
+        item_popularity: news id -> popularity (e.g. clicks in the training window); missing
+            items count as 0.
+        catalogue_size: articles that could have been recommended (at least the number of
+            distinct recommended articles and of items with a popularity).
+        new_since: an article first seen at or after this time counts as new.
+
+    Returns:
+        ``{"num_users", "num_recommendations", "catalogue_size", "num_distinct_items",
+        "coverage", "intra_list_diversity", "gini_simpson_diversity", "novelty",
+        "mean_popularity_percentile", "new_since"}``: coverage is the share of the catalogue
+        recommended at least once; intra-list diversity the mean over lists of distinct
+        categories / list length; Gini-Simpson the mean of ``1 - sum_c share_c**2``; novelty the
+        share of recommendations that are new articles; the popularity percentile of an item is
+        ``100 * (#catalogue items less popular + half the equally popular) / catalogue_size``
+        (unpopular 0, the catalogue's mean 50), averaged over recommendations.
+
+    Raises:
+        ReportError: missing columns, no rows, a negative popularity, or a catalogue smaller
+            than what it must hold.
+    """
+    missing = [c for c in (USER_ID, RANK, NEWS_ID) if c not in recs.columns]
+    if missing:
+        raise ReportError(f"recommendations lack columns {missing}, expected {[USER_ID, RANK, NEWS_ID]}")
+    if recs.empty:
+        raise ReportError("recommendations are empty, expected at least one row")
+    news = recs[NEWS_ID]
+    popularity = pd.Series(item_popularity, dtype=np.float64)
+    if (popularity < 0).any() or popularity.isna().any():
+        bad = popularity[(popularity < 0) | popularity.isna()]
+        raise ReportError(f"item_popularity of {bad.index[0]!r} is {bad.iloc[0]}, expected a number >= 0")
+    num_distinct = int(news.nunique())
+    if catalogue_size < max(num_distinct, len(popularity)):
+        raise ReportError(
+            f"catalogue_size is {catalogue_size}, expected at least {max(num_distinct, len(popularity))} "
+            "(the distinct recommended articles and the articles with a popularity)"
+        )
+    categories = news.map(pd.Series(item_category, dtype=object)).fillna("unknown")
+    frame = pd.DataFrame({USER_ID: recs[USER_ID].to_numpy(), "category": categories.to_numpy()})
+    list_length = frame.groupby(USER_ID).size()
+    per_category = frame.groupby([USER_ID, "category"]).size()
+    distinct = per_category.groupby(level=0).size()
+    share_sq = (per_category / list_length.reindex(per_category.index.get_level_values(0)).to_numpy()) ** 2
+    gini_simpson = 1.0 - share_sq.groupby(level=0).sum()
+
+    seen = pd.Series(item_first_seen)
+    # Text times may mix formats ("2019-11-14", "2019-11-14 23:00"); datetimes pass through.
+    seen = pd.to_datetime(seen, utc=True, format="mixed") if seen.dtype == object else pd.to_datetime(seen, utc=True)
+    first_seen = seen.reindex(news.to_numpy())  # keeps the datetime dtype; missing items are NaT
+    since = pd.Timestamp(new_since)
+    since = since.tz_localize("UTC") if since.tzinfo is None else since.tz_convert("UTC")
+    is_new = first_seen.isna().to_numpy() | (first_seen >= since).to_numpy()
+
+    # Catalogue items without a popularity are 0; percentiles use midranks over the catalogue.
+    known = np.sort(popularity.to_numpy())
+    num_zero_fill = catalogue_size - len(known)
+    values = news.map(popularity).fillna(0.0).to_numpy(dtype=np.float64)
+    below = np.searchsorted(known, values, side="left") + np.where(values > 0, num_zero_fill, 0)
+    equal = np.searchsorted(known, values, side="right") - np.searchsorted(known, values, side="left")
+    equal = equal + np.where(values == 0, num_zero_fill, 0)
+    percentile = 100.0 * (below + 0.5 * equal) / catalogue_size
+    return {
+        "num_users": int(len(list_length)),
+        "num_recommendations": int(len(recs)),
+        "catalogue_size": int(catalogue_size),
+        "num_distinct_items": num_distinct,
+        "coverage": num_distinct / catalogue_size,
+        "intra_list_diversity": float((distinct / list_length.reindex(distinct.index)).mean()),
+        "gini_simpson_diversity": float(gini_simpson.mean()),
+        "novelty": float(is_new.mean()),
+        "mean_popularity_percentile": float(percentile.mean()),
+        "new_since": since.isoformat(),
+    }
+
+
+def _check_result(result: Mapping) -> None:
+    for key in ("header", "models"):
+        if key not in result:
+            raise ReportError(f"result lacks '{key}', expected keys 'header', 'models' and 'beyond_accuracy'")
+    if not isinstance(result["models"], Mapping) or not result["models"]:
+        raise ReportError("result['models'] is empty, expected at least one model")
+    for name, entry in result["models"].items():
+        for key in ("kind", "metrics", "diff_to_first", "gap_closed", "calibration", "breakdowns"):
+            if key not in entry:
+                raise ReportError(f"result['models']['{name}'] lacks '{key}'")
+        if entry["kind"] not in KINDS:
+            raise ReportError(f"result['models']['{name}']['kind'] is {entry['kind']!r}, expected one of {list(KINDS)}")
+        absent = [m for m in METRICS if m not in entry["metrics"]]
+        if absent:
+            raise ReportError(f"result['models']['{name}']['metrics'] lacks {absent}")
+
+
+def _plain(value):
+    """JSON-ready copy: numpy scalars to Python, NaN/inf to None, tuples to lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, (datetime, pd.Timestamp)):
+        return value.isoformat()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be shared
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(result: Mapping, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``metrics.json`` and ``report.html`` into ``out_dir`` (created if missing).
+
+    Args:
+        result: the report dict (module docstring), e.g. from ``build_result``.
+        out_dir: destination folder.
+
+    Returns:
+        ``(metrics_json_path, html_path)``.
+
+    Raises:
+        ReportError: the dict lacks a required part.
+    """
+    _check_result(result)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    document = {"schema_version": SCHEMA_VERSION, **_plain(result)}
+    document.setdefault("beyond_accuracy", None)
+    html = render_html(document)
+    json_path, html_path = out_dir / "metrics.json", out_dir / "report.html"
+    _write_atomic(json_path, (json.dumps(document, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+    _write_atomic(html_path, html.encode("utf-8"))
+    return json_path, html_path
+
+
+def render_html(document: Mapping) -> str:
+    """The report page for a checked, JSON-ready report dict."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("recsys.evaluation", "templates"),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["num"] = _format_number
+    env.filters["count"] = _format_count
+    env.filters["pct"] = _format_percent
+    env.filters["interval"] = _format_interval
+    env.filters["signed_interval"] = _format_signed_interval
+    env.filters["describe"] = _describe
+    return env.get_template("report.html.j2").render(**_context(document))
+
+
+def _describe(value) -> str:
+    """A header value as text: mappings as ``key=value`` pairs, lists comma-separated."""
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={_describe(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(_describe(v) for v in value)
+    return str(value)
+
+
+def _format_number(value, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _format_count(value) -> str:
+    return "n/a" if value is None else f"{value:,}"
+
+
+def _format_percent(value, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{100.0 * value:.{digits}f} %"
+
+
+def _format_interval(entry: Mapping | None, digits: int = 4) -> str:
+    if not entry or entry.get("value") is None:
+        return "n/a"
+    text = f"{entry['value']:.{digits}f}"
+    if entry.get("ci_low") is not None and entry.get("ci_high") is not None:
+        text += f" [{entry['ci_low']:.{digits}f}, {entry['ci_high']:.{digits}f}]"
+    return text
+
+
+def _format_signed_interval(value, ci: Mapping | None, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{value:+.{digits}f}"
+    if ci and ci.get("ci_low") is not None and ci.get("ci_high") is not None:
+        text += f" [{ci['ci_low']:+.{digits}f}, {ci['ci_high']:+.{digits}f}]"
+    return text
+
+
+def _sort_key(entry: tuple[str, Mapping]):
+    value = entry[1]["metrics"]["impression_auc"]["value"]
+    return (value is None, -(value or 0.0))
+
+
+def _context(document: Mapping) -> dict:
+    models = document["models"]
+    first = next(iter(models))
+    ordered = sorted(models.items(), key=_sort_key)
+    # One colour per model in every plot, fixed by evaluation order.
+    colors = {name: f"C{i % 10}" for i, name in enumerate(models)}
+    schemes = []
+    scheme_names = list(dict.fromkeys(s for entry in models.values() for s in entry["breakdowns"]))
+    for scheme in scheme_names:
+        groups = list(dict.fromkeys(g for entry in models.values() for g in entry["breakdowns"].get(scheme, {})))
+        if not groups:
+            continue
+        counts = next(entry["breakdowns"][scheme] for entry in models.values() if entry["breakdowns"].get(scheme))
+        schemes.append({
+            "name": scheme,
+            "groups": groups,
+            "counts": counts,
+            "plot": _plot_breakdown(scheme, groups, ordered, colors),
+        })
+    calibrated = [(name, entry) for name, entry in ordered if entry.get("calibration")]
+    return {
+        "header": document["header"],
+        "first_model": first,
+        "models": ordered,
+        "diff_models": [(name, entry) for name, entry in ordered if name != first],
+        "metrics": METRICS,
+        "metric_labels": METRIC_LABELS,
+        "metric_units": METRIC_UNITS,
+        "higher_is_better": HIGHER_IS_BETTER,
+        "has_oracle": any(entry["kind"] == "oracle" for entry in models.values()),
+        "calibrated": calibrated,
+        "schemes": schemes,
+        "beyond": document.get("beyond_accuracy"),
+        "plots": {
+            "metrics": _plot_metrics(ordered, colors, document["header"].get("bootstrap", {}).get("confidence", 0.95)),
+            "reliability": _plot_reliability(calibrated, colors) if calibrated else None,
+        },
+        "schema_version": document["schema_version"],
+    }
+
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg")  # set here, not at import: importing the package must not switch backends
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _png_data_uri(figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _errors(entries: list[Mapping]) -> np.ndarray:
+    """(2, k) asymmetric error bar lengths; 0 where an interval is missing."""
+    lows, highs = [], []
+    for e in entries:
+        value = e.get("value")
+        ok = value is not None and e.get("ci_low") is not None and e.get("ci_high") is not None
+        lows.append(max(value - e["ci_low"], 0.0) if ok else 0.0)
+        highs.append(max(e["ci_high"] - value, 0.0) if ok else 0.0)
+    return np.array([lows, highs])
+
+
+def _grouped_bars(
+    ax, labels: list[str], series: list[tuple[str, list[Mapping]]], colors: Mapping[str, str], *, horizontal: bool = False
+) -> None:
+    positions = np.arange(len(labels))
+    width = 0.8 / max(len(series), 1)
+    for i, (name, entries) in enumerate(series):
+        values = [e.get("value") if e and e.get("value") is not None else np.nan for e in entries]
+        offset = positions - 0.4 + width * (i + 0.5)
+        errors = _errors([e or {} for e in entries])
+        if horizontal:
+            ax.barh(offset, values, height=width, xerr=errors, label=name, capsize=2, color=colors[name])
+        else:
+            ax.bar(offset, values, width=width, yerr=errors, label=name, capsize=2, color=colors[name])
+    if horizontal:
+        ax.set_yticks(positions, labels)
+        ax.invert_yaxis()
+    else:
+        ax.set_xticks(positions, labels)
+
+
+def _plot_metrics(ordered: list[tuple[str, Mapping]], colors: Mapping[str, str], confidence: float) -> str:
+    ranking = [m for m in METRICS if m != "log_loss"]
+    has_loss = any(entry["metrics"]["log_loss"]["value"] is not None for _, entry in ordered)
+    figure = _figure(11 if has_loss else 9, 4.2)
+    axes = figure.subplots(1, 2, width_ratios=[4, 1]) if has_loss else [figure.subplots()]
+    _grouped_bars(axes[0], [METRIC_LABELS[m] for m in ranking],
+                  [(name, [entry["metrics"][m] for m in ranking]) for name, entry in ordered], colors)
+    axes[0].set_ylabel("score (0-1, higher is better)")
+    axes[0].set_ylim(0, 1)
+    axes[0].set_title(f"Metrics with {100 * confidence:.0f}% bootstrap intervals")
+    axes[0].legend(fontsize="small", ncols=min(len(ordered), 4))
+    if has_loss:
+        _grouped_bars(axes[1], ["Log loss"], [(name, [entry["metrics"]["log_loss"]]) for name, entry in ordered], colors)
+        axes[1].set_ylabel("nats (lower is better)")
+    return _png_data_uri(figure)
+
+
+def _plot_reliability(calibrated: list[tuple[str, Mapping]], colors: Mapping[str, str]) -> str:
+    figure = _figure(6, 5)
+    ax = figure.subplots()
+    top = 0.0
+    for name, entry in calibrated:
+        bins = [b for b in entry["calibration"]["bins"] if b["count"]]
+        x = [b["mean_predicted"] for b in bins]
+        y = [b["fraction_positive"] for b in bins]
+        top = max([top, *x, *y])
+        ax.plot(x, y, marker="o", color=colors[name], label=f"{name} (ECE {entry['calibration']['ece']:.4f})")
+    top = min(1.0, top * 1.05) or 1.0
+    ax.plot([0, top], [0, top], linestyle="--", color="grey", label="perfect calibration")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("mean predicted click probability")
+    ax.set_ylabel("observed click rate")
+    ax.set_title("Reliability diagram")
+    ax.legend(fontsize="small")
+    return _png_data_uri(figure)
+
+
+def _plot_breakdown(scheme: str, groups: list[str], ordered: list[tuple[str, Mapping]], colors: Mapping[str, str]) -> str:
+    shown = groups[:_MAX_PLOTTED_GROUPS]
+    figure = _figure(9, 1.2 + 0.35 * len(shown) * max(1, min(len(ordered), 4)) / 2)
+    ax = figure.subplots()
+    series = [
+        (name, [entry["breakdowns"].get(scheme, {}).get(g, {}).get("metrics", {}).get("impression_auc") for g in shown])
+        for name, entry in ordered
+    ]
+    _grouped_bars(ax, shown, series, colors, horizontal=True)
+    ax.axvline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("AUC per impression within the group (0-1, higher is better)")
+    more = f" (largest {len(shown)} of {len(groups)})" if len(groups) > len(shown) else ""
+    ax.set_title(f"AUC per impression by {scheme}{more}")
+    ax.legend(fontsize="small")
+    return _png_data_uri(figure)

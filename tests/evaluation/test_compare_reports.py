@@ -1,0 +1,88 @@
+"""Comparing two metrics.json files."""
+
+import copy
+import io
+import json
+
+import pytest
+
+from recsys.evaluation.compare import compare_files, compare_metrics, format_comparison, load_metrics, print_comparison
+from recsys.evaluation.report import ReportError, write_report
+
+
+@pytest.fixture(scope="module")
+def two_reports(tmp_path_factory, synthetic_result):
+    first = tmp_path_factory.mktemp("a")
+    second = tmp_path_factory.mktemp("b")
+    changed = copy.deepcopy(synthetic_result)
+    changed["models"]["v2"]["metrics"]["mrr"]["value"] += 0.01
+    changed["models"]["v3"] = copy.deepcopy(changed["models"].pop("text_only"))
+    write_report(synthetic_result, first)
+    write_report(changed, second)
+    return load_metrics(first / "metrics.json"), load_metrics(second / "metrics.json")
+
+
+def test_rows_hold_both_values_and_the_difference(two_reports):
+    a, b = two_reports
+    rows = {(r.model, r.metric): r for r in compare_metrics(a, b)}
+    mrr = rows["v2", "mrr"]
+    assert mrr.a == a["models"]["v2"]["metrics"]["mrr"]["value"]
+    assert mrr.diff == pytest.approx(0.01)
+    assert rows["v1", "pooled_auc"].diff == 0.0
+    assert rows["text_only", "mrr"].b is None and rows["text_only", "mrr"].diff is None
+    assert rows["v3", "mrr"].a is None
+    assert rows["v2", "gap_closed"].a == a["models"]["v2"]["gap_closed"]
+    assert rows["v2", "ece"].a == a["models"]["v2"]["calibration"]["ece"]
+    assert ("popularity", "log_loss") not in rows  # undefined in both
+    models = list(dict.fromkeys(r.model for r in compare_metrics(a, b)))
+    assert models == ["v2", "v1", "text_only", "random", "popularity", "oracle", "v3"]
+
+
+def test_printed_table(two_reports):
+    a, b = two_reports
+    rows = [r for r in compare_metrics(a, b) if r.model == "v2" and r.metric in ("mrr", "ndcg@5")]
+    out = io.StringIO()
+    print_comparison(rows, a_label="old", b_label="new", file=out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == ["model", "metric", "old", "new", "new", "-", "old"]
+    assert lines[2].split()[:2] == ["v2", "MRR"] and lines[2].split()[-1] == "+0.0100"
+    assert lines[3].split()[-1] == "+0.0000"
+    assert format_comparison([]).splitlines()[0].startswith("model")
+
+
+def test_missing_values_print_as_dashes(two_reports):
+    a, b = two_reports
+    rows = [r for r in compare_metrics(a, b) if r.model == "v3" and r.metric == "mrr"]
+    assert format_comparison(rows).splitlines()[2].split()[-3:] == ["-", f"{rows[0].b:.4f}", "-"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "line 1: not valid JSON"),
+        (json.dumps({"schema_version": 2, "models": {}}), "field 'schema_version' has 2, expected 1"),
+        (json.dumps([1, 2]), "field 'schema_version' has 'list', expected 1"),
+        (json.dumps({"schema_version": 1}), "field 'models' is missing"),
+    ],
+)
+def test_bad_metrics_files_are_rejected(tmp_path, content, message):
+    path = tmp_path / "metrics.json"
+    path.write_text(content)
+    with pytest.raises(ReportError, match=message):
+        load_metrics(path)
+
+
+def test_compare_needs_models():
+    with pytest.raises(ReportError, match="report a lacks 'models'"):
+        compare_metrics({}, {"models": {}})
+
+
+def test_compare_files_names_the_files(tmp_path, two_reports):
+    a, b = two_reports
+    for name, document in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(document))
+    text = compare_files(tmp_path / "a.json", tmp_path / "b.json")
+    lines = text.splitlines()
+    assert lines[0] == f"A: {tmp_path / 'a.json'}" and lines[1] == f"B: {tmp_path / 'b.json'}"
+    assert lines[3].split()[:4] == ["model", "metric", "A", "B"]
+    assert any(line.split()[:2] == ["v2", "MRR"] and line.endswith("+0.0100") for line in lines)

@@ -1,0 +1,193 @@
+"""write_report: metrics.json holds every number of report.html; the page is self-contained."""
+
+import base64
+import copy
+import io
+import json
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+
+import pytest
+from PIL import Image
+
+from recsys.evaluation import report as report_module
+from recsys.evaluation.report import SCHEMA_VERSION, ReportError, write_report
+from report_data import make_accumulator
+
+DATA_TABLES = ("metrics-table", "diff-table", "calibration-table", "beyond-table")
+
+
+class _Page(HTMLParser):
+    """Collects image sources, table ids, and the text of data cells (not name cells)."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.tables, self.cells = [], [], []
+        self._table = None
+        self._cell = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        elif tag == "table":
+            self._table = attrs.get("id", "")
+            self.tables.append(self._table)
+        elif tag == "td" and self._table and (self._table in DATA_TABLES or self._table.startswith("breakdown-")):
+            self._cell = [] if "name" not in (attrs.get("class") or "") else None
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None:
+            self.cells.append("".join(self._cell))
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _numbers(document):
+    """Every numeric leaf of the JSON document."""
+    if isinstance(document, dict):
+        for value in document.values():
+            yield from _numbers(value)
+    elif isinstance(document, list):
+        for value in document:
+            yield from _numbers(value)
+    elif isinstance(document, (int, float)) and not isinstance(document, bool):
+        yield document
+
+
+def _renderings(value):
+    shown = {f"{value:.4f}", f"{value:+.4f}", f"{value:.3f}", f"{value:.1f}", f"{100 * value:.1f}", f"{100 * value:.0f}"}
+    if isinstance(value, int):
+        shown |= {str(value), f"{value:,}"}
+    return shown
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, synthetic_result):
+    out = tmp_path_factory.mktemp("report") / "nested" / "out"
+    json_path, html_path = write_report(synthetic_result, out)
+    return synthetic_result, json_path, html_path
+
+
+def test_files_are_written_without_leftovers(written):
+    _, json_path, html_path = written
+    assert json_path.name == "metrics.json" and html_path.name == "report.html"
+    assert sorted(p.name for p in json_path.parent.iterdir()) == ["metrics.json", "report.html"]
+
+
+def test_metrics_json_is_the_result_with_a_schema_version(written):
+    result, json_path, _ = written
+
+    def reject(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    document = json.loads(json_path.read_text(), parse_constant=reject)
+    assert document["schema_version"] == SCHEMA_VERSION
+    assert {k: v for k, v in document.items() if k != "schema_version"} == json.loads(json.dumps(result))
+
+
+def test_every_number_in_the_tables_is_in_metrics_json(written):
+    _, json_path, html_path = written
+    page = _Page()
+    page.feed(html_path.read_text())
+    allowed = set()
+    for value in _numbers(json.loads(json_path.read_text())):
+        allowed |= _renderings(value)
+    tokens = [t for cell in page.cells for t in re.findall(r"[+-]?\d[\d,]*(?:\.\d+)?", cell)]
+    assert len(tokens) > 300
+    missing = sorted({t for t in tokens if t not in allowed})
+    assert missing == []
+
+
+def test_tables_and_plots_are_present_and_self_contained(written):
+    _, _, html_path = written
+    page = _Page()
+    text = html_path.read_text()
+    page.feed(text)
+    assert {"header-table", "metrics-table", "diff-table", "calibration-table", "beyond-table"} <= set(page.tables)
+    assert {"breakdown-category", "breakdown-has_image", "breakdown-history_length"} <= set(page.tables)
+    assert len(page.images) == 5  # metrics, reliability, one per breakdown scheme
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        assert image.format == "PNG" and image.width > 100 and image.height > 100
+    assert "http://" not in text and "https://" not in text
+
+
+def test_metrics_table_is_sorted_best_first(written):
+    result, _, html_path = written
+    rows = re.findall(r'<tr(?: class="reference")?>\s*<td class="name">([^<]+)</td><td class="name">(model|ablation|baseline|oracle)', html_path.read_text())
+    shown = [name for name, _ in rows[: len(result["models"])]]
+    by_auc = sorted(result["models"], key=lambda m: -result["models"][m]["metrics"]["impression_auc"]["value"])
+    assert shown == by_auc
+
+
+def test_backend_is_agg_after_writing(written):
+    import matplotlib
+
+    assert matplotlib.get_backend().lower() == "agg"
+
+
+def test_importing_the_package_starts_no_plotting():
+    code = "import sys, recsys.evaluation, recsys.metrics; print('matplotlib' in sys.modules, 'jinja2' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_minimal_result_renders(tmp_path):
+    # One non-probabilistic model, no breakdowns, no oracle, no nightly run.
+    from recsys.evaluation.report import build_result
+    from recsys.metrics.accumulator import ImpressionMetrics
+
+    acc = ImpressionMetrics(["popularity"], num_resamples=50)
+    acc.add([1, 0, 0], {"popularity": [3.0, 1.0, 2.0]})
+    acc.add([0, 1], {"popularity": [5.0, 1.0]})
+    _, html_path = write_report(build_result(acc), tmp_path)
+    text = html_path.read_text()
+    assert "calibration does not apply" in text and "No breakdowns were requested" in text
+    assert "No nightly run was given" in text and 'id="diff-table"' not in text
+
+
+def test_a_failed_render_writes_nothing(tmp_path, monkeypatch, synthetic_result):
+    def broken(document):
+        raise RuntimeError("template exploded")
+
+    monkeypatch.setattr(report_module, "render_html", broken)
+    with pytest.raises(RuntimeError, match="template exploded"):
+        write_report(synthetic_result, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r.pop("header"), "result lacks 'header'"),
+        (lambda r: r.update(models={}), r"result\['models'\] is empty"),
+        (lambda r: r["models"]["v1"].pop("metrics"), r"result\['models'\]\['v1'\] lacks 'metrics'"),
+        (lambda r: r["models"]["v1"].update(kind="champion"), r"\['kind'\] is 'champion', expected one of"),
+        (lambda r: r["models"]["v1"]["metrics"].pop("mrr"), r"\['metrics'\] lacks \['mrr'\]"),
+    ],
+)
+def test_malformed_results_are_rejected(tmp_path, change, message, synthetic_result):
+    result = copy.deepcopy(synthetic_result)
+    change(result)
+    with pytest.raises(ReportError, match=message):
+        write_report(result, tmp_path)
+
+
+def test_make_accumulator_is_deterministic():
+    assert make_accumulator(30).result() == make_accumulator(30).result()
+
+
+def test_header_describes_structured_encoders(tmp_path, synthetic_result):
+    result = copy.deepcopy(synthetic_result)
+    result["header"]["encoders"] = {"text": {"name": "all-MiniLM-L6-v2", "dim": 384}, "image": {"name": "mobilenet_v1"}}
+    _, html_path = write_report(result, tmp_path)
+    assert "text: name=all-MiniLM-L6-v2, dim=384; image: name=mobilenet_v1" in html_path.read_text()

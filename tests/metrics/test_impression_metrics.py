@@ -1,0 +1,360 @@
+"""ImpressionMetrics: every number against the one-impression functions, sklearn or bootstrap_ci."""
+
+import numpy as np
+import pytest
+import sklearn.metrics
+
+from recsys.metrics import accumulator as accumulator_module
+from recsys.metrics.accumulator import (
+    ARTICLE_AGE_ORDER,
+    HISTORY_LENGTH_ORDER,
+    METRICS,
+    ImpressionMetrics,
+    article_age_bucket,
+    history_length_bucket,
+)
+from recsys.metrics.bootstrap import bootstrap_ci
+from recsys.metrics.calibration import reliability_curve
+from recsys.metrics.classification import log_loss
+from recsys.metrics.ranking import MetricInputError, mind_scores, ranks_from_scores, scores_from_ranks
+
+MODELS = ("good", "noisy", "count")
+CATEGORIES = np.array(["news", "sports", "finance", "lifestyle"])
+
+
+def _world(num_impressions=300, seed=0):
+    """Impressions with labels, three models' scores and group values; some unlabelled."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(num_impressions):
+        n = int(rng.integers(2, 25))
+        p = rng.beta(1, 8, n)
+        labels = (rng.random(n) < p).astype(int)
+        if i % 40 == 7:
+            labels[:] = -1
+        scores = {
+            "good": np.clip(p + rng.normal(0, 0.03, n), 0, 1),
+            "noisy": rng.random(n) * 0.5 + p * 0.5,
+            "count": rng.integers(0, 4, n).astype(float),  # ties, and not probabilities
+        }
+        item_groups = {"category": CATEGORIES[rng.integers(0, 4, n)], "has_image": rng.random(n) < 0.7}
+        impression_groups = {"history_length": history_length_bucket(int(rng.integers(0, 15)), short_max=5)}
+        out.append((labels, scores, item_groups, impression_groups))
+    return out
+
+
+def _accumulate(world, **options):
+    acc = ImpressionMetrics(
+        MODELS,
+        item_groups=("category", "has_image"),
+        impression_groups=("history_length",),
+        group_order={"history_length": HISTORY_LENGTH_ORDER},
+        num_resamples=options.pop("num_resamples", 300),
+        breakdown_resamples=options.pop("breakdown_resamples", 100),
+        **options,
+    )
+    for labels, scores, item_groups, impression_groups in world:
+        acc.add(labels, scores, item_groups=item_groups, impression_groups=impression_groups)
+    return acc
+
+
+@pytest.fixture(scope="module")
+def world():
+    return _world()
+
+
+@pytest.fixture(scope="module")
+def result(world):
+    return _accumulate(world).result()
+
+
+def _labelled(world):
+    return [w for w in world if w[0][0] != -1]
+
+
+def test_counts(world, result):
+    labelled = _labelled(world)
+    assert result["num_impressions"] == len(world)
+    assert result["num_unlabelled"] == len(world) - len(labelled)
+    assert result["num_labelled_impressions"] == len(labelled)
+    assert result["num_candidates"] == sum(len(w[0]) for w in labelled)
+    assert result["num_clicked"] == sum(int(w[0].sum()) for w in labelled)
+    single = sum(1 for w in labelled if w[0].sum() in (0, len(w[0])))
+    assert result["num_single_class"] == single
+    assert result["num_scored"] == len(labelled) - single
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_ranking_metrics_equal_mind_scores_on_prediction_file_ranks(world, result, model):
+    labelled = _labelled(world)
+    expected = mind_scores([w[0] for w in labelled], [scores_from_ranks(ranks_from_scores(w[1][model])) for w in labelled])
+    for metric in ("impression_auc", "mrr", "ndcg@5", "ndcg@10"):
+        assert result["models"][model]["metrics"][metric]["value"] == pytest.approx(expected[metric], abs=1e-12)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_pooled_auc_and_log_loss_equal_sklearn_on_float32_scores(world, result, model):
+    labelled = _labelled(world)
+    labels = np.concatenate([w[0] for w in labelled])
+    scores = np.concatenate([w[1][model] for w in labelled]).astype(np.float32).astype(np.float64)
+    metrics = result["models"][model]["metrics"]
+    assert metrics["pooled_auc"]["value"] == pytest.approx(sklearn.metrics.roc_auc_score(labels, scores), abs=1e-12)
+    if model == "count":
+        assert metrics["log_loss"] == {"value": None, "ci_low": None, "ci_high": None}
+        assert result["models"][model]["calibration"] is None
+        assert not result["models"][model]["probabilistic"]
+    else:
+        assert metrics["log_loss"]["value"] == pytest.approx(log_loss(labels, scores), abs=1e-12)
+        curve = reliability_curve(labels, scores, num_bins=10, strategy="quantile")
+        calibration = result["models"][model]["calibration"]
+        assert calibration["ece"] == pytest.approx(curve.expected_calibration_error(), abs=1e-12)
+        assert calibration["num_bins"] == len(calibration["bins"]) == len(curve.counts)
+
+
+def test_intervals_equal_bootstrap_ci_of_the_per_impression_values(world, result):
+    # Same seed and same number of impressions: the same resamples as bootstrap_ci.
+    labelled = _labelled(world)
+    per_impression = []
+    for labels, scores, _, _ in labelled:
+        if 0 < labels.sum() < len(labels):
+            per_impression.append(sklearn.metrics.roc_auc_score(labels, scores_from_ranks(ranks_from_scores(scores["good"]))))
+        else:
+            per_impression.append(np.nan)
+    ci = bootstrap_ci(np.array(per_impression), num_resamples=300, seed=0)
+    got = result["models"]["good"]["metrics"]["impression_auc"]
+    assert (got["value"], got["ci_low"], got["ci_high"]) == pytest.approx(tuple(ci), abs=1e-12)
+
+
+def test_every_interval_holds_its_value(result):
+    for entry in result["models"].values():
+        for metric, values in entry["metrics"].items():
+            if values["value"] is not None:
+                assert values["ci_low"] <= values["value"] <= values["ci_high"], metric
+
+
+def test_differences_to_the_first_model(result):
+    first = result["models"]["good"]
+    for name, entry in result["models"].items():
+        for metric in METRICS:
+            value, reference = entry["metrics"][metric]["value"], first["metrics"][metric]["value"]
+            if value is None:
+                assert entry["diff_to_first"][metric] is None
+                continue
+            assert entry["diff_to_first"][metric] == pytest.approx(value - reference)
+    noisy = result["models"]["noisy"]["diff_to_first_ci"]["impression_auc"]
+    assert noisy["ci_high"] < 0  # clearly worse than the good model
+    assert result["models"]["good"]["diff_to_first_ci"]["mrr"] == {"ci_low": 0.0, "ci_high": 0.0}
+
+
+def test_tied_impressions_are_counted(world, result):
+    labelled = _labelled(world)
+    expected = sum(1 for w in labelled if len(np.unique(w[1]["count"])) < len(w[1]["count"]))
+    assert result["models"]["count"]["tied_impressions"] == expected
+    assert result["models"]["noisy"]["tied_impressions"] == 0
+
+
+def test_item_group_breakdown_scores_each_group_within_each_impression(world, result):
+    labelled = _labelled(world)
+    breakdown = result["models"]["noisy"]["breakdowns"]["category"]
+    for category in CATEGORIES:
+        labels_in, scores_in = [], []
+        for labels, scores, item_groups, _ in labelled:
+            mask = item_groups["category"] == category
+            if mask.any():
+                ranks = ranks_from_scores(scores["noisy"])[mask]
+                labels_in.append(labels[mask])
+                scores_in.append(1.0 / ranks)
+        expected = mind_scores(labels_in, scores_in)
+        entry = breakdown[category]
+        assert entry["num_impressions"] == len(labels_in)
+        assert entry["num_scored"] == expected["num_scored"]
+        assert entry["num_candidates"] == sum(len(x) for x in labels_in)
+        for metric in ("impression_auc", "mrr", "ndcg@5", "ndcg@10"):
+            assert entry["metrics"][metric]["value"] == pytest.approx(expected[metric], abs=1e-12)
+        flat_labels = np.concatenate(labels_in)
+        flat_scores = np.concatenate(
+            [scores["noisy"][item_groups["category"] == category] for _, scores, item_groups, _ in labelled]
+        ).astype(np.float32)
+        assert entry["metrics"]["pooled_auc"]["value"] == pytest.approx(
+            sklearn.metrics.roc_auc_score(flat_labels, flat_scores), abs=1e-12
+        )
+        assert entry["metrics"]["log_loss"]["value"] == pytest.approx(log_loss(flat_labels, flat_scores), abs=1e-9)
+        assert entry["metrics"]["impression_auc"]["ci_low"] <= entry["metrics"]["impression_auc"]["value"]
+
+
+def test_impression_group_breakdown_restricts_to_those_impressions(world, result):
+    labelled = _labelled(world)
+    breakdown = result["models"]["good"]["breakdowns"]["history_length"]
+    assert list(breakdown) == [g for g in HISTORY_LENGTH_ORDER if g in breakdown]
+    for group, entry in breakdown.items():
+        chosen = [w for w in labelled if w[3]["history_length"] == group]
+        expected = mind_scores([w[0] for w in chosen], [1.0 / ranks_from_scores(w[1]["good"]) for w in chosen])
+        assert entry["num_impressions"] == len(chosen)
+        assert entry["metrics"]["mrr"]["value"] == pytest.approx(expected["mrr"], abs=1e-12)
+        labels = np.concatenate([w[0] for w in chosen])
+        scores = np.concatenate([w[1]["good"] for w in chosen]).astype(np.float32)
+        assert entry["metrics"]["pooled_auc"]["value"] == pytest.approx(sklearn.metrics.roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_boolean_groups_become_text_keys(result):
+    assert set(result["models"]["good"]["breakdowns"]["has_image"]) == {"True", "False"}
+
+
+def test_add_batch_small_flushes_and_small_chunks_give_the_same_result(world, result, monkeypatch):
+    monkeypatch.setattr(accumulator_module, "_FLUSH_CANDIDATES", 50)
+    monkeypatch.setattr(accumulator_module, "_CHUNK_CANDIDATES", 40)
+    acc = ImpressionMetrics(
+        MODELS, item_groups=("category", "has_image"), impression_groups=("history_length",),
+        group_order={"history_length": HISTORY_LENGTH_ORDER}, num_resamples=300, breakdown_resamples=100,
+    )
+    for start in range(0, len(world), 37):
+        part = world[start : start + 37]
+        offsets = np.r_[0, np.cumsum([len(w[0]) for w in part])]
+        acc.add_batch(
+            np.concatenate([w[0] for w in part]),
+            {m: np.concatenate([w[1][m] for w in part]) for m in MODELS},
+            offsets,
+            item_groups={g: np.concatenate([w[2][g] for w in part]) for g in ("category", "has_image")},
+            impression_groups={"history_length": [w[3]["history_length"] for w in part]},
+        )
+    assert acc.result() == result
+
+
+def test_no_labelled_impression_gives_empty_metrics():
+    acc = ImpressionMetrics(["a"], item_groups=("category",))
+    acc.add([-1, -1], {"a": [0.1, 0.2]}, item_groups={"category": ["x", "y"]})
+    out = acc.result()
+    assert out["num_unlabelled"] == 1 and out["num_labelled_impressions"] == 0
+    assert out["models"]["a"]["metrics"]["mrr"] == {"value": None, "ci_low": None, "ci_high": None}
+    assert out["models"]["a"]["breakdowns"] == {"category": {}}
+
+
+def test_only_single_class_impressions_leave_per_impression_metrics_undefined():
+    acc = ImpressionMetrics(["a"], num_resamples=20)
+    acc.add([1, 1], {"a": [0.9, 0.2]})
+    acc.add([0, 0, 0], {"a": [0.1, 0.3, 0.2]})
+    out = acc.result()["models"]["a"]["metrics"]
+    assert out["impression_auc"]["value"] is None
+    assert out["pooled_auc"]["value"] == pytest.approx(sklearn.metrics.roc_auc_score([1, 1, 0, 0, 0], [0.9, 0.2, 0.1, 0.3, 0.2]))
+
+
+def test_buckets():
+    assert [history_length_bucket(n) for n in (0, 1, 10, 11)] == ["cold", "short", "short", "long"]
+    assert [article_age_bucket(h) for h in (None, float("nan"), 1, 6, 30, 100)] == [
+        "unknown", "unknown", "< 6 h", "6-24 h", "1-3 d", "> 3 d",
+    ]
+    assert set(ARTICLE_AGE_ORDER) >= {article_age_bucket(h) for h in (None, 1, 6, 30, 100)}
+    with pytest.raises(MetricInputError, match="history length is -1, expected >= 0"):
+        history_length_bucket(-1)
+
+
+def _one(**changes):
+    acc = ImpressionMetrics(["a", "b"], item_groups=("category",), impression_groups=("history_length",))
+    args = {
+        "labels": [1, 0],
+        "scores": {"a": [0.1, 0.2], "b": [0.3, 0.4]},
+        "item_groups": {"category": ["x", "y"]},
+        "impression_groups": {"history_length": "cold"},
+    }
+    args.update(changes)
+    acc.add(args["labels"], args["scores"], item_groups=args["item_groups"], impression_groups=args["impression_groups"])
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"labels": [1, 2]}, "impression 0 has label 2, expected 0 or 1"),
+        ({"labels": [1, -1]}, "impression 0 has label -1, expected 0 or 1 \\(or -1 for every candidate"),
+        ({"labels": []}, "expected 1 to 65535 candidates"),
+        ({"scores": {"a": [0.1, 0.2]}}, r"scores lacks \['b'\] and has unknown \[\], expected exactly \['a', 'b'\]"),
+        ({"scores": {"a": [0.1, 0.2], "b": [0.3, 0.4], "c": [0, 0]}}, r"has unknown \['c'\]"),
+        ({"scores": {"a": [0.1], "b": [0.3, 0.4]}}, r"scores of model 'a' have shape \(1,\), expected \(2,\)"),
+        ({"scores": {"a": [0.1, np.nan], "b": [0.3, 0.4]}}, "model 'a' scores nan, expected finite scores"),
+        ({"item_groups": {"category": ["x"]}}, r"item_groups\['category'\] has 1 values, expected 2"),
+        ({"item_groups": None}, r"item_groups lacks \['category'\]"),
+        ({"impression_groups": {}}, r"impression_groups lacks \['history_length'\]"),
+    ],
+)
+def test_bad_impressions_are_rejected(changes, message):
+    with pytest.raises(MetricInputError, match=message):
+        _one(**changes)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda acc: acc.add_batch([1, 0, -1], {"a": [0.1, 0.2, 0.3]}, [0, 3]), "impression 0 mixes labels -1 with 0/1"),
+        (lambda acc: acc.add_batch([1, 0], {"a": [0.1, 0.2]}, [0, 1]), "offsets run from 0 to 1, expected 0 to 2"),
+        (lambda acc: acc.add_batch([1, 0, 5], {"a": [0.1, 0.2, 0.3]}, [0, 2, 3]), "impression 1 has label 5"),
+        (lambda acc: acc.add_batch([1, 0], {"a": [0.1, np.inf]}, [0, 1, 2]), "impression 1: model 'a' scores inf"),
+        (lambda acc: acc.add_batch([[1, 0]], {"a": [0.1, 0.2]}, [0, 2]), "expected a 1-D array"),
+        (lambda acc: acc.add_batch([1, 0], {"a": [0.1, 0.2]}, [0, 2]), r"item_groups lacks \['g'\]"),
+        (lambda acc: acc.add_batch([1, 0], {"a": [0.1]}, [0, 2]), r"scores of model 'a' have shape \(1,\), expected \(2,\)"),
+        (lambda acc: acc.add_batch([1, 0], {"a": [0.1, 0.2]}, [[0, 2]]), r"offsets have shape \(1, 2\)"),
+        (
+            lambda acc: acc.add_batch([1, 0], {"a": [0.1, 0.2]}, [0, 2], item_groups={"g": ["x"]},
+                                      impression_groups={"h": ["c"]}),
+            r"item_groups\['g'\] has 1 values, expected 2",
+        ),
+        (
+            lambda acc: acc.add_batch([1, 0], {"a": [0.1, 0.2]}, [0, 2], item_groups={"g": ["x", "y"]},
+                                      impression_groups={"h": []}),
+            r"impression_groups\['h'\] has 0 values, expected 1",
+        ),
+    ],
+)
+def test_bad_batches_are_rejected(call, message):
+    with pytest.raises(MetricInputError, match=message):
+        call(ImpressionMetrics(["a"], item_groups=("g",), impression_groups=("h",)))
+
+
+def test_too_many_groups_are_rejected(monkeypatch):
+    monkeypatch.setattr(accumulator_module, "MAX_GROUPS", 2)
+    acc = ImpressionMetrics(["a"], item_groups=("g",))
+    acc.add([1, 0, 0], {"a": [0.1, 0.2, 0.3]}, item_groups={"g": ["x", "y", "z"]})
+    with pytest.raises(MetricInputError, match="group scheme 'g' has more than 2 distinct values"):
+        acc.result()
+
+
+def test_too_long_impressions_are_rejected(monkeypatch):
+    monkeypatch.setattr(accumulator_module, "MAX_CANDIDATES", 3)
+    acc = ImpressionMetrics(["a"])
+    with pytest.raises(MetricInputError, match="impression 0 has 4 candidates, expected at most 3"):
+        acc.add_batch([1, 0, 0, 0], {"a": [0.1, 0.2, 0.3, 0.4]}, [0, 4])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"model_names": []}, "model_names is empty"),
+        ({"model_names": ["a", "a"]}, r"model names repeat \['a'\]"),
+        ({"model_names": ["a"], "item_groups": ["g"], "impression_groups": ["g"]}, r"group scheme names repeat \['g'\]"),
+        ({"model_names": ["a"], "num_resamples": 0}, "num_resamples is 0, expected an integer >= 1"),
+        ({"model_names": ["a"], "num_resamples": 10, "breakdown_resamples": 20}, "expected at most num_resamples"),
+        ({"model_names": ["a"], "confidence": 95}, "confidence is 95"),
+        ({"model_names": ["a"], "calibration_strategy": "kde"}, "calibration_strategy is 'kde'"),
+        ({"model_names": ["a"], "group_order": {"age": ["new"]}}, r"group_order names unknown schemes \['age'\]"),
+    ],
+)
+def test_bad_options_are_rejected(kwargs, message):
+    with pytest.raises(MetricInputError, match=message):
+        ImpressionMetrics(**kwargs)
+
+
+def test_known_ordinal_groups_keep_their_order_without_being_told():
+    acc = ImpressionMetrics(["a"], impression_groups=("history_length",), item_groups=("article_age",), num_resamples=20)
+    rng = np.random.default_rng(0)
+    for bucket in ["long"] * 5 + ["short"] * 3 + ["cold"]:
+        acc.add(rng.integers(0, 2, 6), {"a": rng.random(6)}, impression_groups={"history_length": bucket},
+                item_groups={"article_age": ["> 3 d", "> 3 d", "> 3 d", "< 6 h", "unknown", "6-24 h"]})
+    breakdowns = acc.result()["models"]["a"]["breakdowns"]
+    assert list(breakdowns["history_length"]) == ["cold", "short", "long"]
+    assert list(breakdowns["article_age"]) == ["< 6 h", "6-24 h", "> 3 d", "unknown"]
+
+
+def test_result_can_be_taken_again_after_more_impressions(world, result):
+    acc = _accumulate(world[:100])
+    acc.result()
+    for labels, scores, item_groups, impression_groups in world[100:]:
+        acc.add(labels, scores, item_groups=item_groups, impression_groups=impression_groups)
+    assert acc.result() == result
