@@ -1,0 +1,210 @@
+"""FaissIndex.save / load: round trip, manifest, atomic writes, mismatch and corruption errors."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+from index_data import news_ids, sphere_mixture
+
+from recsys.errors import ModelMismatchError, NotFoundError, RecsysError
+from recsys.index import FaissIndex, IndexFormatError
+
+ALL_KINDS = ("flat", "hnsw", "ivf")
+ENCODERS = {"text": {"name": "all-MiniLM-L6-v2", "dim": 384}, "image": {"name": "mobilenet_v1", "dim": 1024}}
+
+
+@pytest.fixture
+def world():
+    items, queries = sphere_mixture(500, 16, cluster_size=50, seed=7, num_queries=12)
+    published = np.datetime64("2024-01-01T00:00:00") + np.arange(len(items)).astype("timedelta64[h]")
+    return news_ids(len(items)), items, published, queries
+
+
+@pytest.fixture
+def saved(world, tmp_path):
+    ids, items, published, _ = world
+    index = FaissIndex.build(ids, items, published=published, kind="flat", num_threads=1)
+    path = index.save(tmp_path / "index", manifest_extra={"encoders": ENCODERS, "model_version": "v3"})
+    return index, path
+
+
+def search_all(index, queries):
+    plain = index.search(queries, 20)
+    filtered = index.search(queries, 20, exclude=[{"N1", "N2"}] * len(queries),
+                            published_after=np.datetime64("2024-01-10T00:00:00"))
+    return [(h.news_ids.tolist(), h.scores.tolist()) for h in plain + filtered]
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_round_trip_gives_identical_results(world, tmp_path, kind):
+    ids, items, published, queries = world
+    index = FaissIndex.build(ids, items, published=published, kind=kind, exact_max_items=0, num_threads=1)
+    index.add(ids[:5], items[100:105], published[100:105])  # tombstones for hnsw / ivf
+    index.save(tmp_path / "index")
+    loaded = FaissIndex.load(tmp_path / "index", num_threads=1)
+    assert search_all(loaded, queries) == search_all(index, queries)
+    assert loaded.kind == kind and loaded.params == index.params and loaded.dim == 16
+    assert loaded.num_tombstones == index.num_tombstones
+    assert loaded.news_ids.tolist() == index.news_ids.tolist()
+    np.testing.assert_array_equal(loaded.vectors(ids[:10]), index.vectors(ids[:10]))
+    # A loaded index keeps working: adds and replacements.
+    new = -items[200:202]
+    loaded.add(["N-new", "N6"], new)
+    assert loaded.search(new[:1], 1)[0].news_ids.tolist() == ["N-new"]
+    np.testing.assert_array_equal(loaded.vector("N6"), new[1])
+
+
+def test_manifest_records_the_index_and_the_callers_entries(saved):
+    index, path = saved
+    assert sorted(p.name for p in path.iterdir()) == sorted(
+        ["index.faiss", "news_ids.npy", "published.npy", "alive.npy", "manifest.json"]
+    )
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["kind"] == "flat" and manifest["dim"] == 16 and manifest["num_items"] == 500
+    assert manifest["params"] == {} and manifest["metric"] == "inner_product"
+    assert manifest["faiss_version"] == faiss.__version__
+    assert manifest["built_at"].endswith("+00:00") and manifest["build_seconds"] >= 0
+    assert manifest["encoders"] == ENCODERS and manifest["model_version"] == "v3"
+    assert np.load(path / "published.npy").dtype == np.dtype("datetime64[s]")
+    assert FaissIndex.load(path).manifest_extra == {"encoders": ENCODERS, "model_version": "v3"}
+
+
+def test_resaving_a_loaded_index_keeps_the_callers_entries(saved, tmp_path):
+    _, path = saved
+    loaded = FaissIndex.load(path)
+    loaded.save(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "manifest.json").read_text())["model_version"] == "v3"
+
+
+def test_load_checks_expected_entries(saved):
+    _, path = saved
+    loaded = FaissIndex.load(path, expected={"dim": 16, "encoders": ENCODERS, "kind": "flat"})
+    assert len(loaded) == 500
+    with pytest.raises(ModelMismatchError, match=r"manifest.json: key 'dim' is 16 in the saved index, expected 128"):
+        FaissIndex.load(path, expected={"dim": 128})
+    other = {**ENCODERS, "image": {"name": "efficientnet_b0", "dim": 1280}}
+    with pytest.raises(ModelMismatchError, match=r"key 'encoders' is \{.*mobilenet_v1.*\} in the saved index, expected \{.*efficientnet_b0"):
+        FaissIndex.load(path, expected={"encoders": other})
+    with pytest.raises(ModelMismatchError, match=r"key 'fusion' is missing, expected 'gated'"):
+        FaissIndex.load(path, expected={"fusion": "gated"})
+
+
+def test_expected_values_compare_as_json(saved):
+    index, tmp = saved
+    index.save(tmp.parent / "tuple", manifest_extra={"dims": (384, 1024)})
+    assert len(FaissIndex.load(tmp.parent / "tuple", expected={"dims": (384, 1024)})) == 500
+
+
+def test_save_replaces_a_previous_index_atomically(saved, world):
+    _, path = saved
+    ids, items, _, queries = world
+    smaller = FaissIndex.build(ids[:10], items[:10], num_threads=1)
+    smaller.save(path)
+    assert len(FaissIndex.load(path)) == 10
+    leftovers = [p.name for p in path.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_a_failed_save_leaves_the_previous_index_and_no_temporary_files(saved, monkeypatch):
+    index, path = saved
+    before = (path / "manifest.json").read_text()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        index.save(path, manifest_extra={"model_version": "v4"})
+    assert (path / "manifest.json").read_text() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["index"]
+
+
+def test_save_refuses_to_replace_a_directory_that_is_not_an_index(saved, tmp_path):
+    index, _ = saved
+    version_dir = tmp_path / "v3"
+    version_dir.mkdir()
+    (version_dir / "model.keras").write_text("weights")
+    with pytest.raises(RecsysError, match=r"refusing to replace .*v3: it is not an index directory"):
+        index.save(version_dir)
+    assert (version_dir / "model.keras").read_text() == "weights"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    index.save(empty)
+    assert len(FaissIndex.load(empty)) == 500
+
+
+def test_manifest_extra_cannot_override_the_index_entries(saved, tmp_path):
+    index, _ = saved
+    with pytest.raises(ValueError, match=r"manifest_extra keys \['dim', 'kind'\] are reserved"):
+        index.save(tmp_path / "x", manifest_extra={"dim": 3, "kind": "hnsw", "ok": 1})
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        index.save(tmp_path / "x", manifest_extra={"when": object()})
+    assert not (tmp_path / "x").exists()
+
+
+def test_load_of_a_missing_directory_is_not_found(tmp_path):
+    with pytest.raises(NotFoundError, match=r"no index directory at .*nowhere"):
+        FaissIndex.load(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name", ["index.faiss", "news_ids.npy", "published.npy", "alive.npy"])
+def test_load_names_a_missing_file(saved, name):
+    _, path = saved
+    (path / name).unlink()
+    with pytest.raises(IndexFormatError, match=rf"{name}: missing, the index directory is incomplete"):
+        FaissIndex.load(path)
+
+
+def test_load_rejects_a_missing_or_broken_manifest(saved):
+    _, path = saved
+    manifest = path / "manifest.json"
+    text = manifest.read_text()
+    manifest.write_text("{not json")
+    with pytest.raises(IndexFormatError, match=r"manifest.json: unreadable"):
+        FaissIndex.load(path)
+    manifest.write_text(json.dumps({**json.loads(text), "format_version": 99}))
+    with pytest.raises(IndexFormatError, match=r"field 'format_version' is 99, expected 1"):
+        FaissIndex.load(path)
+    manifest.write_text(json.dumps({"format": "something.else"}))
+    with pytest.raises(IndexFormatError, match=r"field 'format' is not 'recsys.faiss_index'"):
+        FaissIndex.load(path)
+    incomplete = json.loads(text)
+    del incomplete["params"]
+    manifest.write_text(json.dumps(incomplete))
+    with pytest.raises(IndexFormatError, match=r"fields \['params'\] are missing"):
+        FaissIndex.load(path)
+    manifest.unlink()
+    with pytest.raises(IndexFormatError, match=r"manifest.json: missing, expected the index manifest"):
+        FaissIndex.load(path)
+
+
+def test_load_rejects_inconsistent_files(saved):
+    _, path = saved
+    np.save(path / "news_ids.npy", np.array(["N1", "N2"]))
+    with pytest.raises(IndexFormatError, match=r"news_ids.npy: 2 rows, index.faiss holds 500"):
+        FaissIndex.load(path)
+    np.save(path / "news_ids.npy", np.arange(500))
+    with pytest.raises(IndexFormatError, match=r"news_ids.npy: holds int64 of shape \(500,\), expected a 1-d 'U' array"):
+        FaissIndex.load(path)
+
+
+def test_load_rejects_a_corrupt_faiss_file_and_a_kind_mismatch(saved, world):
+    _, path = saved
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "kind": "hnsw"}))
+    with pytest.raises(IndexFormatError, match=r"index.faiss: holds a IndexFlatIP, manifest kind is 'hnsw'"):
+        FaissIndex.load(path)
+    (path / "index.faiss").write_bytes(b"garbage")
+    with pytest.raises(IndexFormatError, match=r"index.faiss: FAISS cannot read it"):
+        FaissIndex.load(path)
+
+
+def test_load_checks_expected_before_reading_the_index(saved):
+    # A mismatch is reported even when the index file itself would not load.
+    _, path = saved
+    (path / "index.faiss").write_bytes(b"garbage")
+    with pytest.raises(ModelMismatchError, match=r"key 'dim' is 16 in the saved index, expected 64"):
+        FaissIndex.load(path, expected={"dim": 64})

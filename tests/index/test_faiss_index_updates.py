@@ -1,0 +1,118 @@
+"""FaissIndex.add / compact: new articles without a rebuild, replaced ids, tombstones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from index_data import brute_force, news_ids, sphere_mixture
+
+from recsys.index import FaissIndex
+
+ALL_KINDS = ("flat", "hnsw", "ivf")
+
+
+@pytest.fixture
+def world():
+    items, queries = sphere_mixture(400, 16, cluster_size=40, seed=5, num_queries=10)
+    return news_ids(len(items)), items, queries
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_add_appends_without_rebuilding_the_old_rows(world, kind):
+    ids, items, queries = world
+    index = FaissIndex.build(ids[:300], items[:300], kind=kind, exact_max_items=0, num_threads=1)
+    faiss_index = index._index
+    index.add(ids[300:], items[300:])
+    # Same FAISS object, grown in place: old rows were neither re-encoded nor re-inserted.
+    assert index._index is faiss_index and faiss_index.ntotal == 400
+    assert len(index) == 400 and index.num_tombstones == 0
+    np.testing.assert_array_equal(index.vectors(ids[[0, 299, 300, 399]]), items[[0, 299, 300, 399]])
+    # A new article is found by its own vector.
+    hits = index.search(items[350:351], 1)[0]
+    assert hits.news_ids.tolist() == ["N350"]
+
+
+def test_flat_after_add_equals_a_flat_built_at_once(world):
+    ids, items, queries = world
+    grown = FaissIndex.build(ids[:250], items[:250], kind="flat", num_threads=1)
+    grown.add(ids[250:], items[250:])
+    for got, (want_ids, want_scores) in zip(grown.search(queries, 20), brute_force(items, ids, queries, 20)):
+        np.testing.assert_array_equal(got.news_ids, want_ids)
+        np.testing.assert_allclose(got.scores, want_scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_replacing_an_id_keeps_one_entry_with_the_new_vector(world, kind):
+    ids, items, queries = world
+    published = np.full(len(ids), np.datetime64("2024-01-01T00:00:00"), dtype="datetime64[s]")
+    index = FaissIndex.build(ids, items, published=published, kind=kind, exact_max_items=0, num_threads=1)
+    new_vector = -items[7:8]
+    index.add(["N7"], new_vector, published=np.array(["2024-02-01T00:00:00"], dtype="datetime64[s]"))
+    assert len(index) == 400
+    assert index.num_tombstones == (0 if kind == "flat" else 1)
+    np.testing.assert_array_equal(index.vector("N7"), new_vector[0])
+    # Searching with the old vector must not return N7 (its old row is gone or a tombstone).
+    old = index.search(items[7:8], 400)[0]
+    assert old.news_ids.tolist().count("N7") == 1
+    assert old.news_ids[-1] == "N7"  # now the opposite direction: the worst match
+    np.testing.assert_allclose(old.scores[-1], float(new_vector[0] @ items[7]), atol=1e-5)
+    assert index.search(new_vector, 1)[0].news_ids.tolist() == ["N7"]
+    # Its publication time was replaced too.
+    fresh = index.search(queries, 5, published_after=np.datetime64("2024-01-15"))
+    assert all(h.news_ids.tolist() == ["N7"] for h in fresh)
+    assert index.news_ids.tolist().count("N7") == 1 and len(index.news_ids) == 400
+
+
+def test_flat_replacement_removes_the_row_and_shifts_the_rest(world):
+    ids, items, _ = world
+    index = FaissIndex.build(ids[:5], items[:5], kind="flat", num_threads=1)
+    index.add(["N1", "N9"], items[[8, 9]])
+    assert index.news_ids.tolist() == ["N0", "N2", "N3", "N4", "N1", "N9"]
+    assert index._index.ntotal == 6
+    np.testing.assert_array_equal(index.vectors(["N0", "N2", "N1", "N9"]), items[[0, 2, 8, 9]])
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_compact_drops_tombstones_and_keeps_results(world, kind):
+    ids, items, queries = world
+    index = FaissIndex.build(ids, items, kind=kind, exact_max_items=0, num_threads=1)
+    index.add(ids[:50], items[50:100])
+    assert index.num_tombstones == 50
+    before = index.search(queries, 10)
+    index.compact()
+    assert index.num_tombstones == 0 and index._index.ntotal == 400 and len(index) == 400
+    np.testing.assert_array_equal(index.vectors(ids[:50]), items[50:100])
+    after = index.search(queries, 10)
+    overlap = np.mean([len(set(a.news_ids) & set(b.news_ids)) / 10 for a, b in zip(before, after)])
+    assert overlap >= 0.9  # a rebuilt graph may differ slightly, an IVF keeps its centroids
+    index.compact()  # nothing to do
+    assert index._index.ntotal == 400
+
+
+def test_add_nothing_is_a_no_op(world):
+    ids, items, _ = world
+    index = FaissIndex.build(ids, items, num_threads=1)
+    index.add([], np.zeros((0, 16), np.float32))
+    assert len(index) == 400
+
+
+def test_add_to_an_empty_index(world):
+    ids, items, _ = world
+    index = FaissIndex.build([], np.zeros((0, 16), np.float32), num_threads=1)
+    index.add(ids[:3], items[:3])
+    assert index.search(items[:1], 5)[0].news_ids.tolist()[0] == "N0"
+    assert len(index.search(items[:1], 5)[0]) == 3
+
+
+def test_add_rejects_bad_input_and_leaves_the_index_unchanged(world):
+    ids, items, _ = world
+    index = FaissIndex.build(ids[:10], items[:10], num_threads=1)
+    with pytest.raises(ValueError, match=r"vectors must have shape \(2, 16\), got \(2, 8\)"):
+        index.add(["N1", "N20"], items[:2, :8])
+    with pytest.raises(ValueError, match=r"news ids must be unique, repeated: \['N20'\]"):
+        index.add(["N20", "N20"], items[:2])
+    with pytest.raises(ValueError, match=r"published must be datetime64 of shape \(1,\), got int64"):
+        index.add(["N20"], items[:1], published=np.array([5]))
+    with pytest.raises(ValueError, match=r"vectors row 0 holds NaN or infinity"):
+        index.add(["N20"], np.full((1, 16), np.inf, np.float32))
+    assert len(index) == 10 and index._index.ntotal == 10 and "N20" not in index
