@@ -1,0 +1,413 @@
+"""The saved ranking model: item tower, user encoder and scorer, plus what they need to run.
+
+A bundle directory holds::
+
+    item_tower.keras     features of an article -> (D,) embedding (new articles need only this)
+    user_encoder.keras   (H, D) clicked-item embeddings + (H,) mask -> (D,) user vector
+    scorer.keras         user (D,), candidate (D,), side (S,) -> click probability
+    config.json          category vocabulary, history_len, side-feature statistics,
+                         modalities, fusion mode, embedding_dim, encoder identities, seed
+
+Each ``.keras`` file loads with plain ``keras.saving.load_model``. ``RankingModel`` wraps
+them with numpy-in/numpy-out batched methods; the nightly job computes item embeddings once
+per item and user vectors once per user, then scores every (user, candidate) pair.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from recsys.encoders.item_features import EncoderInfo, ItemFeatures
+from recsys.errors import ModelMismatchError, NotFoundError
+from recsys.models.fusion import CategoryVocabulary, build_item_tower, parse_modalities
+from recsys.models.samples import Impressions, InteractionLog
+from recsys.models.scorer import Scorer, build_scorer
+from recsys.models.side_features import SideFeatures
+from recsys.models.user_encoder import build_user_encoder
+
+CONFIG_FILE = "config.json"
+MODEL_FILES = ("item_tower.keras", "user_encoder.keras", "scorer.keras")
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RankingConfig:
+    """Everything besides weights that a bundle needs, saved as config.json.
+
+    Attributes:
+        categories: the category vocabulary (training window only); id 0 is unknown.
+        history_len: clicked items the user encoder reads, most recent first.
+        embedding_dim: ``D``.
+        modalities: "text", "image" or "text,image".
+        fusion: "concat", "weighted_sum" or "gated".
+        side_features: side-feature window and normalisation statistics.
+        text_encoder / image_encoder: the frozen encoders the features must come from.
+        seed: training seed.
+        info: free-form training facts (loss, metrics, data counts) for manifests.
+    """
+
+    categories: tuple[str, ...]
+    history_len: int
+    embedding_dim: int
+    modalities: str
+    fusion: str
+    side_features: SideFeatures
+    text_encoder: EncoderInfo
+    image_encoder: EncoderInfo
+    seed: int = 0
+    info: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "categories": list(self.categories),
+            "history_len": self.history_len,
+            "embedding_dim": self.embedding_dim,
+            "modalities": self.modalities,
+            "fusion": self.fusion,
+            "side_features": self.side_features.to_dict(),
+            "text_encoder": self.text_encoder.to_dict(),
+            "image_encoder": self.image_encoder.to_dict(),
+            "seed": self.seed,
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RankingConfig":
+        return cls(
+            categories=tuple(d["categories"]),
+            history_len=int(d["history_len"]),
+            embedding_dim=int(d["embedding_dim"]),
+            modalities=str(d["modalities"]),
+            fusion=str(d["fusion"]),
+            side_features=SideFeatures.from_dict(d["side_features"]),
+            text_encoder=EncoderInfo.from_dict(d["text_encoder"]),
+            image_encoder=EncoderInfo.from_dict(d["image_encoder"]),
+            seed=int(d.get("seed", 0)),
+            info=dict(d.get("info", {})),
+        )
+
+
+def _check_encoder(field_name: str, saved: EncoderInfo, given: EncoderInfo | None) -> None:
+    if given is None:
+        return
+    for attr in ("name", "version", "dim"):
+        if getattr(saved, attr) != getattr(given, attr):
+            raise ModelMismatchError(
+                f"{field_name}.{attr}: the model was saved with {getattr(saved, attr)!r}, "
+                f"but {getattr(given, attr)!r} was given"
+            )
+
+
+class RankingModel:
+    """The trained ranking model with batched numpy methods.
+
+    Args:
+        item_tower / user_encoder / scorer: the functional models built by
+            ``build_item_tower`` / ``build_user_encoder`` / ``build_scorer``.
+        config: the bundle config.
+    """
+
+    def __init__(self, item_tower: keras.Model, user_encoder: keras.Model, scorer: keras.Model, config: RankingConfig):
+        self.item_tower = item_tower
+        self.user_encoder = user_encoder
+        self.scorer = scorer
+        self.config = config
+        self.vocabulary = CategoryVocabulary(config.categories)
+        text_dim, image_dim = config.text_encoder.dim, config.image_encoder.dim
+        d, s = config.embedding_dim, config.side_features.num_features
+        # One trace per model: fixed feature dims, any batch size.
+        self._item_fn = tf.function(
+            lambda t, i, h, c: item_tower({"text": t, "image": i, "has_image": h, "category": c}, training=False),
+            input_signature=[
+                tf.TensorSpec((None, text_dim), tf.float32), tf.TensorSpec((None, image_dim), tf.float32),
+                tf.TensorSpec((None,), tf.float32), tf.TensorSpec((None,), tf.int32),
+            ],
+        )
+        self._user_fn = tf.function(
+            lambda e, m: user_encoder([e, m], training=False),
+            input_signature=[tf.TensorSpec((None, None, d), tf.float32), tf.TensorSpec((None, None), tf.float32)],
+        )
+        self._score_fn = tf.function(
+            lambda u, c, x: scorer([u, c, x], training=False),
+            input_signature=[tf.TensorSpec((None, d), tf.float32)] * 2 + [tf.TensorSpec((None, s), tf.float32)],
+        )
+        scorer_layers = [layer for layer in scorer.layers if isinstance(layer, Scorer)]
+        if len(scorer_layers) != 1:
+            raise ValueError(f"the scorer model has {len(scorer_layers)} Scorer layers, expected 1")
+        self._scorer_layer = scorer_layers[0]
+        self._logit_fn = tf.function(
+            lambda u, c, x: self._scorer_layer.logits(u, c, x),
+            input_signature=[tf.TensorSpec((None, d), tf.float32)] * 2 + [tf.TensorSpec((None, s), tf.float32)],
+        )
+
+    @classmethod
+    def create(
+        cls,
+        text_encoder: EncoderInfo,
+        image_encoder: EncoderInfo,
+        categories,
+        *,
+        modalities: str = "text,image",
+        fusion: str = "gated",
+        embedding_dim: int = 128,
+        history_len: int = 50,
+        side_features: SideFeatures | None = None,
+        num_heads: int = 4,
+        scorer_hidden_units=(32,),
+        dropout: float = 0.1,
+        seed: int = 0,
+    ) -> "RankingModel":
+        """A fresh (untrained) model; ``categories`` is any iterable of category strings."""
+        if not isinstance(history_len, (int, np.integer)) or history_len <= 0:
+            raise ValueError(f"history_len is {history_len!r}, expected a positive integer")
+        side_features = side_features or SideFeatures()
+        vocabulary = CategoryVocabulary.fit(categories)
+        config = RankingConfig(
+            categories=vocabulary.categories, history_len=int(history_len), embedding_dim=int(embedding_dim),
+            modalities=",".join(parse_modalities(modalities)), fusion=fusion, side_features=side_features,
+            text_encoder=text_encoder, image_encoder=image_encoder, seed=int(seed),
+        )
+        keras.utils.set_random_seed(seed)
+        item_tower = build_item_tower(
+            text_encoder.dim, image_encoder.dim, len(vocabulary), embedding_dim=embedding_dim, fusion=fusion,
+            modalities=modalities, dropout=dropout,
+        )
+        user_encoder = build_user_encoder(embedding_dim, num_heads=num_heads, dropout=dropout)
+        scorer = build_scorer(embedding_dim, side_features.num_features, hidden_units=scorer_hidden_units)
+        return cls(item_tower, user_encoder, scorer, config)
+
+    # -- persistence ---------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the bundle to ``directory`` atomically (a sibling temp dir, then renames).
+
+        An existing bundle at ``directory`` is replaced; a failure leaves it untouched.
+        """
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            self.item_tower.save(tmp / MODEL_FILES[0])
+            self.user_encoder.save(tmp / MODEL_FILES[1])
+            self.scorer.save(tmp / MODEL_FILES[2])
+            with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
+                json.dump(self.config.to_dict(), f, indent=2, sort_keys=True)
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.replace(target, old / "bundle")
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        text_encoder: EncoderInfo | None = None,
+        image_encoder: EncoderInfo | None = None,
+    ) -> "RankingModel":
+        """Load a bundle, refusing one built on other encoders than the ones given.
+
+        Raises:
+            NotFoundError: the directory or one of its files is missing.
+            ModelMismatchError: ``text_encoder``/``image_encoder`` differ from the saved ones
+                (the message names the field, the saved value and the given value).
+        """
+        directory = Path(directory)
+        missing = [name for name in (CONFIG_FILE, *MODEL_FILES) if not (directory / name).is_file()]
+        if missing:
+            raise NotFoundError(f"model bundle {directory} has no {', '.join(missing)}")
+        with open(directory / CONFIG_FILE, encoding="utf-8") as f:
+            config = RankingConfig.from_dict(json.load(f))
+        _check_encoder("text_encoder", config.text_encoder, text_encoder)
+        _check_encoder("image_encoder", config.image_encoder, image_encoder)
+        models = [keras.saving.load_model(directory / name) for name in MODEL_FILES]
+        return cls(*models, config)
+
+    # -- inference -----------------------------------------------------------------------
+
+    def item_embeddings(self, features: ItemFeatures, *, batch_size: int = 4096) -> np.ndarray:
+        """Embeddings of articles from their frozen-encoder features.
+
+        Args:
+            features: ``n`` articles; their encoders must be the bundle's.
+            batch_size: rows per forward pass.
+
+        Returns:
+            (n, D) float32, unit L2 norm.
+
+        Raises:
+            ModelMismatchError: the features come from other encoders or have other dims.
+        """
+        _check_encoder("text_encoder", self.config.text_encoder, features.text_encoder)
+        _check_encoder("image_encoder", self.config.image_encoder, features.image_encoder)
+        for field_name, saved, got in (
+            ("text dim", self.config.text_encoder.dim, features.text.shape[1]),
+            ("image dim", self.config.image_encoder.dim, features.image.shape[1]),
+        ):
+            if saved != got:
+                raise ModelMismatchError(f"{field_name}: the model was saved with {saved}, but features have {got}")
+        categories = self.vocabulary.lookup(features.categories)
+        has_image = features.has_image.astype(np.float32)
+        out = np.empty((len(features), self.config.embedding_dim), dtype=np.float32)
+        for lo in range(0, len(features), batch_size):
+            hi = min(lo + batch_size, len(features))
+            out[lo:hi] = self._item_fn(
+                np.asarray(features.text[lo:hi], dtype=np.float32), np.asarray(features.image[lo:hi], dtype=np.float32),
+                has_image[lo:hi], categories[lo:hi],
+            ).numpy()
+        return out
+
+    def history_matrix(self, history_offsets: np.ndarray, history_items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """CSR histories -> (m, H) item rows and (m, H) float32 mask, capped to ``history_len``.
+
+        Histories are stored most recent first, so the cap keeps the first ``history_len``.
+        Padding slots hold row 0 with mask 0.
+        """
+        lengths = np.minimum(np.diff(history_offsets), self.config.history_len)
+        width = max(int(lengths.max()) if len(lengths) else 0, 1)
+        slots = np.arange(width)[None, :]
+        mask = slots < lengths[:, None]
+        positions = np.where(mask, history_offsets[:-1, None] + slots, 0)
+        rows = np.where(mask, history_items[positions] if len(history_items) else 0, 0)
+        return rows.astype(np.int64), mask.astype(np.float32)
+
+    def user_vectors(
+        self, history_offsets: np.ndarray, history_items: np.ndarray, item_embeddings: np.ndarray, *, batch_size: int = 1024
+    ) -> np.ndarray:
+        """User vectors from clicked histories; empty histories get the cold-start vector.
+
+        Args:
+            history_offsets: (m + 1,) int64 CSR offsets.
+            history_items: (h,) int rows into ``item_embeddings``, most recent first per user.
+            item_embeddings: (n, D) from ``item_embeddings``.
+            batch_size: users per forward pass.
+
+        Returns:
+            (m, D) float32.
+
+        Raises:
+            ValueError: a history item outside ``item_embeddings`` or a wrong embedding dim.
+        """
+        history_offsets = np.asarray(history_offsets, dtype=np.int64)
+        history_items = np.asarray(history_items, dtype=np.int64)
+        self._check_embeddings(item_embeddings)
+        if len(history_items) and (history_items.min() < 0 or history_items.max() >= len(item_embeddings)):
+            bad = history_items[(history_items < 0) | (history_items >= len(item_embeddings))][0]
+            raise ValueError(f"history item row {bad} is outside the {len(item_embeddings)} item embeddings")
+        m = len(history_offsets) - 1
+        out = np.empty((m, self.config.embedding_dim), dtype=np.float32)
+        for lo in range(0, m, batch_size):
+            hi = min(lo + batch_size, m)
+            rows, mask = self.history_matrix(history_offsets[lo : hi + 1], history_items)
+            out[lo:hi] = self._user_fn(item_embeddings[rows].astype(np.float32, copy=False), mask).numpy()
+        return out
+
+    def side_features(
+        self, item_rows: np.ndarray, times: np.ndarray, log: InteractionLog, first_seen: np.ndarray
+    ) -> np.ndarray:
+        """(p, S) float32 normalised side features (popularity before ``times``, age)."""
+        return self.config.side_features.compute(item_rows, times, log, first_seen)
+
+    def score(
+        self, user_vectors: np.ndarray, candidate_embeddings: np.ndarray, side: np.ndarray, *, batch_size: int = 65536
+    ) -> np.ndarray:
+        """Click probabilities of (user, candidate) pairs.
+
+        Args:
+            user_vectors: (p, D) user vector of each pair.
+            candidate_embeddings: (p, D) item embedding of each pair.
+            side: (p, S) side features of each pair.
+            batch_size: pairs per forward pass.
+
+        Returns:
+            (p,) float32 probabilities.
+        """
+        return self._pairs(self._score_fn, user_vectors, candidate_embeddings, side, batch_size)
+
+    def logits(
+        self, user_vectors: np.ndarray, candidate_embeddings: np.ndarray, side: np.ndarray, *, batch_size: int = 65536
+    ) -> np.ndarray:
+        """Uncalibrated logits of (user, candidate) pairs; same arguments as ``score``."""
+        return self._pairs(self._logit_fn, user_vectors, candidate_embeddings, side, batch_size)
+
+    def _pairs(self, fn, user_vectors, candidate_embeddings, side, batch_size: int) -> np.ndarray:
+        p = len(user_vectors)
+        d, s = self.config.embedding_dim, self.config.side_features.num_features
+        if candidate_embeddings.shape != (p, d) or user_vectors.shape != (p, d) or side.shape != (p, s):
+            raise ValueError(
+                f"score expects user_vectors ({p}, {d}), candidate_embeddings ({p}, {d}) and side ({p}, {s}); "
+                f"got {user_vectors.shape}, {candidate_embeddings.shape} and {side.shape}"
+            )
+        out = np.empty(p, dtype=np.float32)
+        for lo in range(0, p, batch_size):
+            hi = min(lo + batch_size, p)
+            out[lo:hi] = fn(
+                np.asarray(user_vectors[lo:hi], dtype=np.float32), np.asarray(candidate_embeddings[lo:hi], dtype=np.float32),
+                np.asarray(side[lo:hi], dtype=np.float32),
+            ).numpy()
+        return out
+
+    def score_impressions(
+        self,
+        impressions: Impressions,
+        item_embeddings: np.ndarray,
+        log: InteractionLog,
+        first_seen: np.ndarray,
+        *,
+        as_of: np.datetime64 | None = None,
+        logits: bool = False,
+    ) -> np.ndarray:
+        """Click probabilities of every candidate of every impression.
+
+        Args:
+            impressions: ``m`` impressions (labels are not read).
+            item_embeddings: (n, D) embeddings of the rows the impressions refer to.
+            log: interactions for the popularity features (events before each time count).
+            first_seen: (n,) datetime64 first appearance of each item.
+            as_of: compute side features at this time instead of each impression's time
+                (a nightly batch scores tomorrow's impressions with tonight's statistics).
+            logits: return uncalibrated logits instead of probabilities.
+
+        Returns:
+            (c,) float32 aligned with ``impressions.candidate_items``.
+        """
+        users = self.user_vectors(impressions.history_offsets, impressions.history_items, item_embeddings)
+        counts = np.diff(impressions.candidate_offsets)
+        owner = np.repeat(np.arange(len(impressions)), counts)
+        items = impressions.candidate_items.astype(np.int64)
+        if len(items) and (items.min() < 0 or items.max() >= len(item_embeddings)):
+            bad = items[(items < 0) | (items >= len(item_embeddings))][0]
+            raise ValueError(f"candidate item row {bad} is outside the {len(item_embeddings)} item embeddings")
+        times = impressions.times[owner] if as_of is None else np.full(len(items), np.datetime64(as_of, "s"))
+        side = self.side_features(items, times, log, first_seen)
+        fn = self.logits if logits else self.score
+        out = np.empty(len(items), dtype=np.float32)
+        step = 65536  # gather per chunk: bounded memory for millions of candidates
+        for lo in range(0, len(items), step):
+            hi = min(lo + step, len(items))
+            out[lo:hi] = fn(users[owner[lo:hi]], item_embeddings[items[lo:hi]], side[lo:hi])
+        return out
+
+    def _check_embeddings(self, item_embeddings: np.ndarray) -> None:
+        if item_embeddings.ndim != 2 or item_embeddings.shape[1] != self.config.embedding_dim:
+            raise ModelMismatchError(
+                f"embedding_dim: the model was saved with {self.config.embedding_dim}, "
+                f"but item embeddings have shape {item_embeddings.shape}"
+            )

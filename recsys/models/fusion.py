@@ -1,0 +1,251 @@
+"""The item tower: fuses frozen text and image features and the category into one embedding.
+
+Every modality is projected to ``embedding_dim`` (a "token"); the tokens are combined by one
+of three fusion modes, passed through an output projection and L2-normalised:
+
+- ``concat``: ``tanh(sum_k W_k x_k + b)`` -- a dense layer over the concatenated inputs
+  (a dense layer over a concatenation is exactly the sum of per-block projections).
+- ``weighted_sum``: ``sum_k softmax(a)_k tanh(W_k x_k + b_k)`` with learned global weights.
+- ``gated`` (default): per-dimension softmax gates computed from all tokens and the
+  has-image mask, ``sum_k g_k(x) * tanh(W_k x_k + b_k)`` -- a gated multimodal unit
+  (Arevalo et al., 2017) generalised to more than two tokens.
+
+A missing image is never read as a picture: its token is a learned placeholder, and the
+gates also see the has-image mask. The category token comes from an embedding table whose
+row 0 is the out-of-vocabulary category. There is no per-item-id parameter: an article nobody
+has clicked gets an embedding from its content alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import keras
+import numpy as np
+from keras import ops
+
+FUSION_MODES = ("concat", "weighted_sum", "gated")
+MODALITIES = ("text", "image")
+ITEM_INPUTS = ("text", "image", "has_image", "category")
+
+
+def parse_modalities(modalities: str) -> tuple[str, ...]:
+    """``"text,image"`` -> ``("text", "image")``, in canonical order.
+
+    Raises:
+        ValueError: an unknown or repeated modality, or none at all.
+    """
+    parts = [p.strip() for p in str(modalities).split(",") if p.strip()]
+    unknown = [p for p in parts if p not in MODALITIES]
+    if unknown or not parts or len(set(parts)) != len(parts):
+        raise ValueError(f"modalities is {modalities!r}, expected 'text', 'image' or 'text,image'")
+    return tuple(m for m in MODALITIES if m in parts)
+
+
+def _rms_normalise(x):
+    # Scale-free inputs: encoders differ in feature scale (MobileNet features are unnormalised).
+    return x * ops.rsqrt(ops.mean(ops.square(x), axis=-1, keepdims=True) + 1e-6)
+
+
+def l2_normalise(x, axis: int = -1):
+    return x * ops.rsqrt(ops.sum(ops.square(x), axis=axis, keepdims=True) + 1e-12)
+
+
+@keras.saving.register_keras_serializable(package="recsys")
+class MultimodalFusion(keras.layers.Layer):
+    """Fuses text, image and category features into an L2-normalised item embedding.
+
+    Call with a dict: ``text`` (B, text_dim) float, ``image`` (B, image_dim) float,
+    ``has_image`` (B,) float 0/1, ``category`` (B,) int ids (0 = unknown). Returns
+    (B, embedding_dim), unit L2 norm. With ``modalities="text"`` (or ``"image"``) the other
+    input is accepted and ignored, so ablations run through the same layer.
+
+    Args:
+        embedding_dim: output dimension ``D``.
+        fusion: "concat", "weighted_sum" or "gated".
+        modalities: "text", "image" or "text,image".
+        num_categories: size of the category vocabulary, excluding the out-of-vocabulary id 0.
+        dropout: dropout rate on the fused vector during training.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int = 128,
+        *,
+        fusion: str = "gated",
+        modalities: str = "text,image",
+        num_categories: int = 0,
+        dropout: float = 0.1,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(embedding_dim, (int, np.integer)) or embedding_dim <= 0:
+            raise ValueError(f"embedding_dim is {embedding_dim!r}, expected a positive integer")
+        if fusion not in FUSION_MODES:
+            raise ValueError(f"fusion is {fusion!r}, expected one of {', '.join(FUSION_MODES)}")
+        if not isinstance(num_categories, (int, np.integer)) or num_categories < 0:
+            raise ValueError(f"num_categories is {num_categories!r}, expected an integer >= 0")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout is {dropout!r}, expected 0 <= dropout < 1")
+        self.embedding_dim = int(embedding_dim)
+        self.fusion = fusion
+        self.modalities = ",".join(parse_modalities(modalities))
+        self.num_categories = int(num_categories)
+        self.dropout = float(dropout)
+        self._dropout = keras.layers.Dropout(self.dropout)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.modalities.split(",")) + 1  # content modalities + category
+
+    def build(self, input_shape: dict) -> None:
+        d = self.embedding_dim
+        used = self.modalities.split(",")
+        if "text" in used:
+            text_dim = input_shape["text"][-1]
+            self.text_kernel = self.add_weight(shape=(text_dim, d), initializer="glorot_uniform", name="text_kernel")
+            self.text_bias = self.add_weight(shape=(d,), initializer="zeros", name="text_bias")
+            self.text_center = self.add_weight(shape=(text_dim,), initializer="zeros", trainable=False, name="text_center")
+        if "image" in used:
+            image_dim = input_shape["image"][-1]
+            self.image_kernel = self.add_weight(shape=(image_dim, d), initializer="glorot_uniform", name="image_kernel")
+            self.image_bias = self.add_weight(shape=(d,), initializer="zeros", name="image_bias")
+            self.image_center = self.add_weight(shape=(image_dim,), initializer="zeros", trainable=False, name="image_center")
+            self.image_placeholder = self.add_weight(
+                shape=(d,), initializer=keras.initializers.RandomNormal(stddev=0.1), name="image_placeholder"
+            )
+        self.category_embeddings = self.add_weight(
+            shape=(self.num_categories + 1, d), initializer=keras.initializers.RandomNormal(stddev=0.1),
+            name="category_embeddings",
+        )
+        k = self.num_tokens
+        if self.fusion == "weighted_sum":
+            self.token_logits = self.add_weight(shape=(k,), initializer="zeros", name="token_logits")
+        elif self.fusion == "gated":
+            self.gate_kernel = self.add_weight(shape=(k * d + 1, k * d), initializer="glorot_uniform", name="gate_kernel")
+            self.gate_bias = self.add_weight(shape=(k * d,), initializer="zeros", name="gate_bias")
+        self.output_kernel = self.add_weight(shape=(d, d), initializer="glorot_uniform", name="output_kernel")
+        self.output_bias = self.add_weight(shape=(d,), initializer="zeros", name="output_bias")
+
+    def call(self, inputs: dict, training: bool | None = None):
+        used = self.modalities.split(",")
+        has_image = ops.reshape(ops.cast(inputs["has_image"], self.compute_dtype), (-1, 1))
+        tokens = []  # pre-activation projections, (B, D) each
+        if "text" in used:
+            text = _rms_normalise(ops.cast(inputs["text"], self.compute_dtype) - self.text_center)
+            tokens.append(ops.matmul(text, self.text_kernel) + self.text_bias)
+        if "image" in used:
+            image = _rms_normalise(ops.cast(inputs["image"], self.compute_dtype) - self.image_center)
+            projected = ops.matmul(image, self.image_kernel) + self.image_bias
+            tokens.append(has_image * projected + (1.0 - has_image) * self.image_placeholder)
+        category = ops.cast(ops.reshape(inputs["category"], (-1,)), "int32")
+        category = ops.where((category < 0) | (category > self.num_categories), 0, category)
+        tokens.append(ops.take(self.category_embeddings, category, axis=0))
+
+        stacked = ops.stack(tokens, axis=1)  # (B, K, D)
+        if self.fusion == "concat":
+            fused = ops.tanh(ops.sum(stacked, axis=1))
+        elif self.fusion == "weighted_sum":
+            weights = ops.reshape(ops.softmax(self.token_logits), (1, -1, 1))
+            fused = ops.sum(weights * ops.tanh(stacked), axis=1)
+        else:
+            activated = ops.tanh(stacked)
+            gate_in = ops.concatenate([ops.reshape(activated, (-1, self.num_tokens * self.embedding_dim)), has_image], axis=-1)
+            gates = ops.matmul(gate_in, self.gate_kernel) + self.gate_bias
+            gates = ops.softmax(ops.reshape(gates, (-1, self.num_tokens, self.embedding_dim)), axis=1)
+            fused = ops.sum(gates * activated, axis=1)
+        fused = self._dropout(fused, training=training)
+        return l2_normalise(ops.matmul(fused, self.output_kernel) + self.output_bias)
+
+    def adapt(self, text: np.ndarray, image: np.ndarray, has_image: np.ndarray) -> None:
+        """Centre the inputs on the mean features of these (training) items.
+
+        Pretrained features share a large common component (MobileNet's are all non-negative),
+        which would dominate every projection; centring leaves the part that tells items
+        apart. Rows without an image do not count for the image mean.
+
+        Args:
+            text: (n, text_dim) features. image: (n, image_dim). has_image: (n,) bool.
+        """
+        if not self.built:
+            raise ValueError("adapt() needs a built layer: call it on a batch or build the model first")
+        used = self.modalities.split(",")
+        if "text" in used and len(text):
+            self.text_center.assign(np.asarray(text, dtype=np.float64).mean(axis=0).astype(np.float32))
+        with_image = np.asarray(has_image, dtype=bool)
+        if "image" in used and with_image.any():
+            self.image_center.assign(np.asarray(image)[with_image].astype(np.float64).mean(axis=0).astype(np.float32))
+
+    def compute_output_shape(self, input_shape: dict) -> tuple:
+        return (input_shape["text"][0], self.embedding_dim)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            embedding_dim=self.embedding_dim, fusion=self.fusion, modalities=self.modalities,
+            num_categories=self.num_categories, dropout=self.dropout,
+        )
+        return config
+
+
+def build_item_tower(
+    text_dim: int,
+    image_dim: int,
+    num_categories: int,
+    *,
+    embedding_dim: int = 128,
+    fusion: str = "gated",
+    modalities: str = "text,image",
+    dropout: float = 0.1,
+) -> keras.Model:
+    """The item tower as a functional model, saved on its own as ``item_tower.keras``.
+
+    Inputs (dict): ``text`` (B, text_dim) float32, ``image`` (B, image_dim) float32,
+    ``has_image`` (B,) float32 0/1, ``category`` (B,) int32. Output: (B, embedding_dim).
+    """
+    for name, value in (("text_dim", text_dim), ("image_dim", image_dim)):
+        if not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{name} is {value!r}, expected a positive integer")
+    inputs = {
+        "text": keras.Input((int(text_dim),), dtype="float32", name="text"),
+        "image": keras.Input((int(image_dim),), dtype="float32", name="image"),
+        "has_image": keras.Input((), dtype="float32", name="has_image"),
+        "category": keras.Input((), dtype="int32", name="category"),
+    }
+    fusion_layer = MultimodalFusion(
+        embedding_dim, fusion=fusion, modalities=modalities, num_categories=num_categories, dropout=dropout,
+        name="fusion",
+    )
+    return keras.Model(inputs, fusion_layer(inputs), name="item_tower")
+
+
+@dataclass(frozen=True)
+class CategoryVocabulary:
+    """Category strings to ids; built on the training window only and saved with the model.
+
+    Id 0 is out of vocabulary (unknown or unseen categories); known categories get 1..V in
+    sorted order.
+    """
+
+    categories: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if list(self.categories) != sorted(set(self.categories)):
+            raise ValueError("CategoryVocabulary.categories must be sorted and unique")
+
+    def __len__(self) -> int:
+        return len(self.categories)
+
+    @classmethod
+    def fit(cls, categories: Iterable) -> "CategoryVocabulary":
+        return cls(tuple(sorted({str(c) for c in categories})))
+
+    def lookup(self, categories: np.ndarray) -> np.ndarray:
+        """(n,) category values -> (n,) int32 ids, 0 for unknown ones."""
+        values = np.asarray(categories).astype(str)
+        if not self.categories:
+            return np.zeros(len(values), dtype=np.int32)
+        known = np.asarray(self.categories, dtype=str)
+        pos = np.clip(np.searchsorted(known, values), 0, len(known) - 1)
+        return np.where(known[pos] == values, pos + 1, 0).astype(np.int32)

@@ -1,0 +1,120 @@
+"""Side features of a (candidate, time) pair: recent popularity and article age.
+
+Popularity at time ``t`` counts the clicks and shows of the article in ``[t - window, t)`` of an
+``InteractionLog``: strictly before ``t``, so a training sample never sees its own click or
+anything later. Age is ``t - first_seen`` (NaT, i.e. never seen before, counts as brand new).
+Training and serving call the same ``SideFeatures.compute``; the normalisation statistics are
+fitted on the training samples and saved in the model bundle's config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from recsys.models.samples import InteractionLog
+
+SIDE_FEATURE_NAMES = ("log_clicks", "log_shows", "log_age_hours")
+
+
+def raw_side_features(
+    item_rows: np.ndarray,
+    times: np.ndarray,
+    log: InteractionLog,
+    first_seen: np.ndarray,
+    *,
+    window_hours: float,
+) -> np.ndarray:
+    """Unnormalised side features, one row per (item, time) pair.
+
+    Args:
+        item_rows: (p,) int item rows into the feature table the log and ``first_seen`` index.
+        times: (p,) datetime64 times at which the items are shown.
+        log: labelled shows and clicks; only events strictly before each time count.
+        first_seen: (n,) datetime64 first appearance (or publication) of every item, NaT if
+            unknown.
+        window_hours: popularity look-back window.
+
+    Returns:
+        (p, 3) float64: log1p(clicks in window), log1p(shows in window), log1p(age in hours).
+
+    Raises:
+        ValueError: an item row outside ``first_seen`` or the log, or a non-positive window.
+    """
+    if not window_hours > 0:
+        raise ValueError(f"window_hours is {window_hours}, expected a positive number of hours")
+    item_rows = np.asarray(item_rows, dtype=np.int64)
+    times = np.asarray(times).astype("datetime64[s]")
+    if len(item_rows) != len(times):
+        raise ValueError(f"side features got {len(item_rows)} item rows but {len(times)} times")
+    limit = min(len(first_seen), log.num_items)
+    bad = np.flatnonzero((item_rows < 0) | (item_rows >= limit))
+    if len(bad):
+        raise ValueError(
+            f"side features: item row {item_rows[bad[0]]} at position {bad[0]} is outside the log "
+            f"({log.num_items} items) or first_seen ({len(first_seen)} items)"
+        )
+    window = np.timedelta64(int(round(window_hours * 3600)), "s")
+    clicks, shows = log.window_counts(item_rows, times, window=window)
+    seen = np.asarray(first_seen).astype("datetime64[s]")[item_rows]
+    age_seconds = (times - seen).astype(np.int64).astype(np.float64)
+    age_hours = np.where(np.isnat(seen), 0.0, np.maximum(age_seconds, 0.0) / 3600.0)
+    return np.stack([np.log1p(clicks), np.log1p(shows), np.log1p(age_hours)], axis=1)
+
+
+@dataclass(frozen=True)
+class SideFeatures:
+    """How side features are computed and normalised; saved in the bundle's config.
+
+    Attributes:
+        window_hours: popularity look-back window in hours.
+        mean / std: per-feature normalisation statistics (from the training samples).
+    """
+
+    window_hours: float = 24.0
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if not self.window_hours > 0:
+            raise ValueError(f"SideFeatures.window_hours is {self.window_hours}, expected > 0")
+        n = len(SIDE_FEATURE_NAMES)
+        if len(self.mean) != n or len(self.std) != n:
+            raise ValueError(f"SideFeatures mean/std have {len(self.mean)}/{len(self.std)} entries, expected {n}")
+        if min(self.std) <= 0:
+            raise ValueError(f"SideFeatures.std is {self.std}, expected positive values")
+
+    @property
+    def num_features(self) -> int:
+        return len(SIDE_FEATURE_NAMES)
+
+    def fit(self, item_rows: np.ndarray, times: np.ndarray, log: InteractionLog, first_seen: np.ndarray) -> "SideFeatures":
+        """A copy whose normalisation statistics are fitted on these (training) samples."""
+        raw = raw_side_features(item_rows, times, log, first_seen, window_hours=self.window_hours)
+        if len(raw) == 0:
+            return self
+        std = np.maximum(raw.std(axis=0), 1e-6)
+        return SideFeatures(self.window_hours, tuple(float(v) for v in raw.mean(axis=0)), tuple(float(v) for v in std))
+
+    def compute(self, item_rows: np.ndarray, times: np.ndarray, log: InteractionLog, first_seen: np.ndarray) -> np.ndarray:
+        """Normalised side features.
+
+        Args: see ``raw_side_features``.
+
+        Returns:
+            (p, num_features) float32.
+        """
+        raw = raw_side_features(item_rows, times, log, first_seen, window_hours=self.window_hours)
+        return ((raw - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return {"names": list(SIDE_FEATURE_NAMES), "window_hours": self.window_hours,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SideFeatures":
+        names = tuple(d.get("names", SIDE_FEATURE_NAMES))
+        if names != SIDE_FEATURE_NAMES:
+            raise ValueError(f"side features {list(names)} saved, this code computes {list(SIDE_FEATURE_NAMES)}")
+        return cls(float(d["window_hours"]), tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))

@@ -1,0 +1,411 @@
+"""Training the CTR model on impressions, with early stopping on a later validation window.
+
+Samples: every labelled candidate of an impression is a sample (clicked = positive, shown but
+not clicked = negative). Two losses are available:
+
+- ``pointwise`` (default): binary cross-entropy over all candidates of the impression. It
+  gives calibrated probabilities directly. Candidates are cheap once the unique items of the
+  batch went through the item tower, so no negative subsampling is needed.
+- ``listwise``: MIND-style npratio, one clicked item against ``negatives`` shown-but-not-
+  clicked items of the same impression (drawn with replacement), softmax cross-entropy. It
+  fixes only score differences within an impression, so a Platt calibration
+  ``sigmoid(a * logit + b)`` is fitted on the validation window afterwards.
+
+Batches are built in numpy with a seeded generator (deterministic order); a batch carries
+the features of its unique items once. The step is a ``tf.function`` with a GradientTape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from recsys.encoders.item_features import ItemFeatures
+from recsys.models.bundle import RankingModel
+from recsys.models.ctr import CTRModel, listwise_loss, pointwise_loss
+from recsys.models.fusion import CategoryVocabulary
+from recsys.models.samples import Impressions, InteractionLog, candidate_impression_rows, first_shown
+from recsys.models.side_features import SideFeatures
+
+LOSSES = ("pointwise", "listwise")
+
+
+def mean_impression_auc(y_true: np.ndarray, y_score: np.ndarray, offsets: np.ndarray) -> tuple[float, int]:
+    """Mean per-impression ROC AUC (MIND's "AUC"), vectorised over all impressions.
+
+    Ties get average ranks, as in ``sklearn.metrics.roc_auc_score``. Impressions without both
+    a click and a non-click are skipped; candidates labelled -1 are ignored.
+
+    Args:
+        y_true: (c,) labels 1/0 (-1 unknown).
+        y_score: (c,) scores.
+        offsets: (m + 1,) CSR offsets of the impressions into ``y_true``/``y_score``.
+
+    Returns:
+        ``(mean AUC, number of impressions scored)``; NaN when none can be scored.
+    """
+    y_true = np.asarray(y_true)
+    y_score = np.asarray(y_score, dtype=np.float64)
+    owner = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    keep = y_true >= 0
+    owner, y, s = owner[keep], y_true[keep].astype(np.int64), y_score[keep]
+    order = np.lexsort((s, owner))
+    owner, y, s = owner[order], y[order], s[order]
+    m = len(offsets) - 1
+    counts = np.bincount(owner, minlength=m)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    position = np.arange(len(s)) - starts[owner] + 1.0  # 1-based rank within the impression
+    new_group = np.ones(len(s), dtype=bool)
+    new_group[1:] = (owner[1:] != owner[:-1]) | (s[1:] != s[:-1])
+    group = np.cumsum(new_group) - 1
+    mean_rank = np.bincount(group, weights=position) / np.bincount(group)
+    rank = mean_rank[group]
+    num_pos = np.bincount(owner, weights=y, minlength=m)
+    num_neg = counts - num_pos
+    rank_sum = np.bincount(owner, weights=rank * y, minlength=m)
+    scored = (num_pos > 0) & (num_neg > 0)
+    if not scored.any():
+        return float("nan"), 0
+    auc = (rank_sum[scored] - num_pos[scored] * (num_pos[scored] + 1) / 2) / (num_pos[scored] * num_neg[scored])
+    return float(auc.mean()), int(scored.sum())
+
+
+def binary_log_loss(y_true: np.ndarray, y_prob: np.ndarray, *, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy of labelled candidates (labels -1 ignored), clipped at ``eps``."""
+    keep = np.asarray(y_true) >= 0
+    y = np.asarray(y_true)[keep].astype(np.float64)
+    p = np.clip(np.asarray(y_prob, dtype=np.float64)[keep], eps, 1 - eps)
+    if len(y) == 0:
+        return float("nan")
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
+
+
+class _BatchMaker:
+    """Builds padded index batches over the unique items of a set of impressions."""
+
+    def __init__(
+        self,
+        impressions: Impressions,
+        side: np.ndarray,
+        category_ids: np.ndarray,
+        has_image: np.ndarray,
+        *,
+        history_len: int,
+        negatives: int,
+        category_dropout: float,
+    ):
+        self.imps = impressions
+        self.side = side
+        self.category_ids = category_ids
+        self.has_image = has_image
+        self.history_len = history_len
+        self.negatives = negatives
+        self.category_dropout = category_dropout
+
+    def make(self, rows: np.ndarray, rng: np.random.Generator, *, listwise: bool) -> dict:
+        imps = self.imps
+        b = len(rows)
+        h_start = imps.history_offsets[rows]
+        h_len = np.minimum(imps.history_offsets[rows + 1] - h_start, self.history_len)
+        h_slots = np.arange(max(int(h_len.max()), 1))[None, :]
+        h_mask = h_slots < h_len[:, None]
+        c_start = imps.candidate_offsets[rows]
+        c_len = imps.candidate_offsets[rows + 1] - c_start
+        c_slots = np.arange(max(int(c_len.max()), 1))[None, :]
+        c_mask = c_slots < c_len[:, None]
+        c_pos = np.where(c_mask, c_start[:, None] + c_slots, 0)
+        h_items = imps.history_items[np.where(h_mask, h_start[:, None] + h_slots, 0)[h_mask]] if h_mask.any() else np.zeros(0, np.int64)
+        c_items = imps.candidate_items[c_pos[c_mask]]
+        unique, inverse = np.unique(np.concatenate([h_items, c_items]).astype(np.int64), return_inverse=True)
+        h_index = np.zeros(h_mask.shape, dtype=np.int32)
+        h_index[h_mask] = inverse[: len(h_items)]
+        c_index = np.zeros(c_mask.shape, dtype=np.int32)
+        c_index[c_mask] = inverse[len(h_items):]
+        labels = np.where(c_mask, imps.labels[c_pos], -1)
+        weights = (labels >= 0).astype(np.float32)
+        side = self.side[c_pos] * c_mask[..., None]
+        category = self.category_ids[unique]
+        if self.category_dropout > 0:
+            # Trains the out-of-vocabulary row, which unseen categories map to at serving time.
+            category = np.where(rng.random(len(unique)) < self.category_dropout, 0, category)
+        groups = np.zeros((0, 1 + self.negatives), dtype=np.int32)
+        if listwise:
+            width = c_mask.shape[1]
+            pos_b, pos_j = np.nonzero(labels == 1)
+            neg_b, neg_j = np.nonzero(labels == 0)
+            neg_count = np.bincount(neg_b, minlength=b)
+            neg_start = np.concatenate([[0], np.cumsum(neg_count)[:-1]])
+            ok = neg_count[pos_b] > 0
+            pos_b, pos_j = pos_b[ok], pos_j[ok]
+            draws = np.floor(rng.random((len(pos_b), self.negatives)) * neg_count[pos_b][:, None]).astype(np.int64)
+            chosen = (neg_b * width + neg_j)[neg_start[pos_b][:, None] + draws]
+            groups = np.concatenate([(pos_b * width + pos_j)[:, None], chosen], axis=1).astype(np.int32)
+        return {
+            "rows": unique,
+            "has_image": self.has_image[unique],
+            "category": category.astype(np.int32),
+            "history_index": h_index,
+            "history_mask": h_mask.astype(np.float32),
+            "candidate_index": c_index,
+            "side": side.astype(np.float32),
+            "labels": np.maximum(labels, 0).astype(np.float32),
+            "weights": weights,
+            "groups": groups,
+        }
+
+
+def _check_rows(name: str, impressions: Impressions, num_items: int) -> None:
+    for part, rows in (("history_items", impressions.history_items), ("candidate_items", impressions.candidate_items)):
+        if len(rows) and (rows.min() < 0 or rows.max() >= num_items):
+            bad = rows[(rows < 0) | (rows >= num_items)][0]
+            raise ValueError(f"{name}.{part} has item row {bad}, expected 0 <= row < {num_items} (the feature table)")
+
+
+def evaluate_impressions(
+    model: RankingModel,
+    features: ItemFeatures,
+    impressions: Impressions,
+    log: InteractionLog,
+    first_seen: np.ndarray,
+    *,
+    as_of: np.datetime64 | None = None,
+) -> dict:
+    """Score impressions and return ``{"auc", "log_loss", "num_scored", "scores"}``.
+
+    Only the items the impressions refer to go through the item tower.
+    """
+    embeddings = _embeddings_for(model, features, impressions)
+    scores = model.score_impressions(impressions, embeddings, log, first_seen, as_of=as_of)
+    auc, num_scored = mean_impression_auc(impressions.labels, scores, impressions.candidate_offsets)
+    return {"auc": auc, "log_loss": binary_log_loss(impressions.labels, scores), "num_scored": num_scored, "scores": scores}
+
+
+def _fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(slope, intercept) of a 1-d logistic regression of labels on logits."""
+    from sklearn.linear_model import LogisticRegression
+
+    keep = labels >= 0
+    y = labels[keep]
+    if len(np.unique(y)) < 2:
+        return 1.0, 0.0
+    fit = LogisticRegression(C=1e6, max_iter=1000).fit(logits[keep].reshape(-1, 1).astype(np.float64), y)
+    return float(fit.coef_[0, 0]), float(fit.intercept_[0])
+
+
+def train_ctr(
+    features: ItemFeatures,
+    train: Impressions,
+    valid: Impressions,
+    log: InteractionLog,
+    *,
+    modalities: str = "text,image",
+    fusion: str = "gated",
+    embedding_dim: int = 128,
+    history_len: int = 50,
+    epochs: int = 5,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    negatives: int = 4,
+    loss: str = "pointwise",
+    patience: int = 2,
+    window_hours: float = 24.0,
+    first_seen: np.ndarray | None = None,
+    num_heads: int = 4,
+    scorer_hidden_units=(32,),
+    dropout: float = 0.1,
+    category_dropout: float = 0.05,
+    calibrate: bool | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> tuple[RankingModel, dict]:
+    """Train the CTR model; early-stop on the validation per-impression AUC.
+
+    Args:
+        features: features of every item the impressions refer to (rows = item rows).
+        train: training impressions (labelled).
+        valid: validation impressions from a later window (labelled).
+        log: labelled shows/clicks for the popularity features; only events strictly before a
+            sample's time are counted, so it may include the training and validation windows.
+        modalities: "text", "image" or "text,image".
+        fusion: "concat", "weighted_sum" or "gated".
+        embedding_dim: item embedding / user vector dimension ``D``.
+        history_len: clicked items read per user, most recent first.
+        epochs: maximum number of passes over ``train``.
+        batch_size: impressions per step.
+        learning_rate: Adam learning rate.
+        seed: seeds weights, dropout and data order; same seed, same result.
+        negatives: K of the listwise loss (1 positive + K negatives per group).
+        loss: "pointwise" or "listwise" (see the module docstring).
+        patience: epochs without a better validation AUC before stopping.
+        window_hours: popularity window of the side features.
+        first_seen: (n,) datetime64 first appearance of each item; default: first show in
+            ``train`` or ``valid``.
+        num_heads: self-attention heads of the user encoder.
+        scorer_hidden_units: hidden widths of the scorer's MLP.
+        dropout: dropout in the item tower and user encoder.
+        category_dropout: share of items whose category is replaced by "unknown" in training,
+            so that unseen categories get a trained embedding.
+        calibrate: fit a Platt calibration on ``valid``; default: only for "listwise".
+        progress: called after every epoch with a dict (epoch, loss, val_auc, ...).
+
+    Returns:
+        ``(model, history)``: the model with the best validation AUC's weights, and a dict of
+        per-epoch lists ``loss``, ``val_auc``, ``val_log_loss``, ``epoch_seconds`` plus
+        ``best_epoch``, ``best_val_auc``, ``train_impressions``, ``train_samples``,
+        ``calibration``.
+
+    Raises:
+        ValueError: bad arguments, item rows outside ``features``, or no validation impression
+            with both a click and a non-click.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss is {loss!r}, expected one of {', '.join(LOSSES)}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("negatives", negatives),
+                        ("history_len", history_len), ("patience", patience)):
+        if not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{name} is {value!r}, expected a positive integer")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate is {learning_rate!r}, expected > 0")
+    if not 0.0 <= category_dropout < 1.0:
+        raise ValueError(f"category_dropout is {category_dropout!r}, expected 0 <= value < 1")
+    n = len(features)
+    _check_rows("train", train, n)
+    _check_rows("valid", valid, n)
+    if log.num_items != n:
+        raise ValueError(f"the interaction log covers {log.num_items} items, the feature table has {n}")
+    _, valid_scoreable = mean_impression_auc(valid.labels, np.zeros(len(valid.labels)), valid.candidate_offsets)
+    if valid_scoreable == 0:
+        raise ValueError("valid has no impression with both a click and a non-click: the AUC is undefined")
+    listwise = loss == "listwise"
+    calibrate = listwise if calibrate is None else calibrate
+
+    keras.utils.set_random_seed(seed)
+    if first_seen is None:
+        first_seen = first_shown([train, valid], n)
+    seen = np.unique(np.concatenate([train.history_items, train.candidate_items]).astype(np.int64))
+    vocabulary = CategoryVocabulary.fit(features.categories[seen])
+    train_times = train.times[candidate_impression_rows(train)]
+    side_spec = SideFeatures(window_hours).fit(train.candidate_items, train_times, log, first_seen)
+    model = RankingModel.create(
+        features.text_encoder, features.image_encoder, vocabulary.categories, modalities=modalities, fusion=fusion,
+        embedding_dim=embedding_dim, history_len=history_len, side_features=side_spec, num_heads=num_heads,
+        scorer_hidden_units=scorer_hidden_units, dropout=dropout, seed=seed,
+    )
+    model.item_tower.get_layer("fusion").adapt(features.text[seen], features.image[seen], features.has_image[seen])
+    ctr = CTRModel(model.item_tower, model.user_encoder, model.scorer)
+    optimizer = keras.optimizers.Adam(learning_rate)
+    side = side_spec.compute(train.candidate_items, train_times, log, first_seen)
+    maker = _BatchMaker(
+        train, side, vocabulary.lookup(features.categories), features.has_image.astype(np.float32),
+        history_len=history_len, negatives=negatives, category_dropout=category_dropout,
+    )
+    text_table = tf.convert_to_tensor(np.asarray(features.text, dtype=np.float32))
+    image_table = tf.convert_to_tensor(np.asarray(features.image, dtype=np.float32))
+
+    num_side = side_spec.num_features
+
+    @tf.function(input_signature=[
+        tf.TensorSpec((None, features.text.shape[1]), tf.float32),
+        tf.TensorSpec((None, features.image.shape[1]), tf.float32),
+        tf.TensorSpec((None,), tf.int64), tf.TensorSpec((None,), tf.float32), tf.TensorSpec((None,), tf.int32),
+        tf.TensorSpec((None, None), tf.int32), tf.TensorSpec((None, None), tf.float32),
+        tf.TensorSpec((None, None), tf.int32), tf.TensorSpec((None, None, num_side), tf.float32),
+        tf.TensorSpec((None, None), tf.float32), tf.TensorSpec((None, None), tf.float32),
+        tf.TensorSpec((None, 1 + negatives), tf.int32),
+    ])
+    def train_step(text_tab, image_tab, rows, has_image, category, h_index, h_mask, c_index, side_x, labels, weights, groups):
+        inputs = {
+            "text": tf.gather(text_tab, rows), "image": tf.gather(image_tab, rows), "has_image": has_image,
+            "category": category, "history_index": h_index, "history_mask": h_mask, "candidate_index": c_index,
+            "side": side_x,
+        }
+        with tf.GradientTape() as tape:
+            logits = ctr(inputs, training=True)
+            value = listwise_loss(logits, groups) if listwise else pointwise_loss(logits, labels, weights)
+        variables = ctr.trainable_variables
+        optimizer.apply(tape.gradient(value, variables), variables)
+        return value
+
+    owner = candidate_impression_rows(train)
+    labelled = np.bincount(owner, weights=train.labels >= 0, minlength=len(train)).astype(np.int64)
+    clicks = np.bincount(owner, weights=train.labels == 1, minlength=len(train)).astype(np.int64)
+    usable = (clicks > 0) & (clicks < labelled) if listwise else labelled > 0
+    eligible = np.flatnonzero(usable)
+    if len(eligible) == 0:
+        raise ValueError(f"train has no impression usable by the {loss} loss")
+
+    blocks = (model.item_tower, model.user_encoder, model.scorer)
+    history = {"loss": [], "val_auc": [], "val_log_loss": [], "epoch_seconds": [],
+               "train_impressions": int(len(eligible)), "train_samples": int(labelled[eligible].sum())}
+    best_auc, best_epoch, best_weights, waited = -np.inf, 0, None, 0
+    for epoch in range(1, epochs + 1):
+        started = time.perf_counter()
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(eligible)
+        total, steps = 0.0, 0
+        for lo in range(0, len(order), batch_size):
+            batch = maker.make(order[lo : lo + batch_size], rng, listwise=listwise)
+            if listwise and len(batch["groups"]) == 0:
+                continue
+            value = train_step(
+                text_table, image_table, batch["rows"], batch["has_image"], batch["category"],
+                batch["history_index"], batch["history_mask"], batch["candidate_index"], batch["side"],
+                batch["labels"], batch["weights"], batch["groups"],
+            )
+            total += float(value)
+            steps += 1
+        train_seconds = time.perf_counter() - started
+        metrics = evaluate_impressions(model, features, valid, log, first_seen)
+        history["loss"].append(total / max(steps, 1))
+        history["val_auc"].append(metrics["auc"])
+        history["val_log_loss"].append(metrics["log_loss"])
+        history["epoch_seconds"].append(train_seconds)
+        if progress is not None:
+            progress({"epoch": epoch, "epochs": epochs, "loss": history["loss"][-1], "val_auc": metrics["auc"],
+                      "val_log_loss": metrics["log_loss"], "seconds": train_seconds})
+        if metrics["auc"] > best_auc:
+            best_auc, best_epoch, waited = metrics["auc"], epoch, 0
+            best_weights = [block.get_weights() for block in blocks]
+        else:
+            waited += 1
+            if waited >= patience:
+                break
+    for block, weights in zip(blocks, best_weights):
+        block.set_weights(weights)
+
+    slope, intercept = 1.0, 0.0
+    if calibrate:
+        valid_logits = evaluate_logits(model, features, valid, log, first_seen)
+        slope, intercept = _fit_platt(valid_logits, valid.labels)
+        ctr.scorer_layer.set_calibration(slope, intercept)
+    history.update(best_epoch=best_epoch, best_val_auc=float(best_auc),
+                   calibration={"slope": slope, "intercept": intercept})
+    info = {
+        "loss": loss, "negatives": negatives if listwise else None, "epochs_run": len(history["loss"]),
+        "best_epoch": best_epoch, "best_val_auc": float(best_auc), "batch_size": batch_size,
+        "learning_rate": learning_rate, "train_impressions": history["train_impressions"],
+        "train_samples": history["train_samples"], "calibration": history["calibration"],
+    }
+    config = dataclasses.replace(model.config, info=info)
+    return RankingModel(model.item_tower, model.user_encoder, model.scorer, config), history
+
+
+def evaluate_logits(
+    model: RankingModel, features: ItemFeatures, impressions: Impressions, log: InteractionLog, first_seen: np.ndarray
+) -> np.ndarray:
+    """(c,) uncalibrated logits of every candidate of ``impressions``."""
+    return model.score_impressions(impressions, _embeddings_for(model, features, impressions), log, first_seen, logits=True)
+
+
+def _embeddings_for(model: RankingModel, features: ItemFeatures, impressions: Impressions) -> np.ndarray:
+    """(n, D) embeddings, computed only for the rows the impressions refer to (others zero)."""
+    needed = np.unique(np.concatenate([impressions.history_items, impressions.candidate_items]).astype(np.int64))
+    embeddings = np.zeros((len(features), model.config.embedding_dim), dtype=np.float32)
+    if len(needed):
+        embeddings[needed] = model.item_embeddings(features.take(needed))
+    return embeddings

@@ -1,0 +1,133 @@
+"""Training helpers (metrics, batches, losses, argument checks) and short training runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss, roc_auc_score
+
+from recsys.models.ctr import listwise_loss, pointwise_loss
+from recsys.models.samples import Impressions, InteractionLog, first_shown, select_impressions
+from recsys.models.training import _BatchMaker, binary_log_loss, evaluate_impressions, mean_impression_auc, train_ctr
+
+
+def _random_impressions(seed: int = 0, m: int = 60):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 9, m)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    labels = (rng.random(offsets[-1]) < 0.3).astype(np.int8)
+    labels[rng.random(offsets[-1]) < 0.05] = -1
+    scores = np.round(rng.random(offsets[-1]), 1)  # many ties
+    return offsets, labels, scores
+
+
+def test_mean_impression_auc_matches_sklearn_with_ties_and_skips():
+    offsets, labels, scores = _random_impressions()
+    expected = []
+    for i in range(len(offsets) - 1):
+        y, s = labels[offsets[i]:offsets[i + 1]], scores[offsets[i]:offsets[i + 1]]
+        y, s = y[y >= 0], s[y >= 0]
+        if 0 < y.sum() < len(y):
+            expected.append(roc_auc_score(y, s))
+    auc, scored = mean_impression_auc(labels, scores, offsets)
+    assert scored == len(expected)
+    assert auc == pytest.approx(np.mean(expected), abs=1e-12)
+    # an all-single-class set is NaN with nothing scored
+    nan, none = mean_impression_auc(np.zeros(3, np.int8), np.arange(3.0), np.array([0, 3]))
+    assert np.isnan(nan) and none == 0
+
+
+def test_binary_log_loss_matches_sklearn():
+    offsets, labels, scores = _random_impressions(1)
+    keep = labels >= 0
+    probs = np.clip(scores, 0.01, 0.99)
+    assert binary_log_loss(labels, probs) == pytest.approx(log_loss(labels[keep], probs[keep]), rel=1e-9)
+
+
+def test_losses_match_numpy():
+    logits = np.array([[2.0, -1.0, 0.5], [0.0, 1.0, -2.0]], dtype=np.float32)
+    labels = np.array([[1, 0, 0], [0, 1, 0]], dtype=np.float32)
+    weights = np.array([[1, 1, 1], [1, 1, 0]], dtype=np.float32)
+    p = 1 / (1 + np.exp(-logits))
+    bce = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+    assert float(pointwise_loss(logits, labels, weights)) == pytest.approx((bce * weights).sum() / 5, rel=1e-5)
+    groups = np.array([[0, 1, 2], [4, 3, 3]], dtype=np.int32)
+    flat = logits.ravel()
+    expected = np.mean([np.log(np.exp(flat[g]).sum()) - flat[g[0]] for g in groups])
+    assert float(listwise_loss(logits, groups)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_batches_index_unique_items_and_group_negatives_of_the_same_impression(world):
+    imps = world.train
+    side = np.random.default_rng(0).standard_normal((len(imps.candidate_items), 3)).astype(np.float32)
+    maker = _BatchMaker(imps, side, np.arange(len(world.features)) % 5, world.features.has_image.astype(np.float32),
+                        history_len=10, negatives=4, category_dropout=0.0)
+    rows = np.array([5, 17, 3, 99])
+    batch = maker.make(rows, np.random.default_rng(1), listwise=True)
+    unique = batch["rows"]
+    assert len(unique) == len(np.unique(unique))
+    for b, row in enumerate(rows):
+        hist = imps.history(row)[:10]
+        np.testing.assert_array_equal(unique[batch["history_index"][b, : len(hist)]], hist)
+        assert batch["history_mask"][b].sum() == len(hist)
+        cands = imps.candidates(row)
+        np.testing.assert_array_equal(unique[batch["candidate_index"][b, : len(cands)]], cands)
+        np.testing.assert_array_equal(batch["labels"][b, : len(cands)], imps.candidate_labels(row))
+        np.testing.assert_allclose(batch["side"][b, : len(cands)], side[imps.candidate_offsets[row]:imps.candidate_offsets[row + 1]])
+        assert batch["weights"][b, len(cands):].sum() == 0
+    width = batch["labels"].shape[1]
+    groups = batch["groups"]
+    assert len(groups) == sum(int(imps.candidate_labels(r).sum()) for r in rows
+                              if 0 < imps.candidate_labels(r).sum() < len(imps.candidate_labels(r)))
+    flat_labels = batch["labels"].ravel()
+    assert np.all(flat_labels[groups[:, 0]] == 1)
+    assert np.all(flat_labels[groups[:, 1:]] == 0)
+    assert np.all(batch["weights"].ravel()[groups] == 1)  # never a padding slot
+    assert np.all(groups[:, 1:] // width == (groups[:, :1] // width))  # same impression
+
+
+def test_train_ctr_rejects_bad_arguments(world, log):
+    args = (world.features, world.train, world.valid, log)
+    with pytest.raises(ValueError, match="loss is 'hinge', expected one of pointwise, listwise"):
+        train_ctr(*args, loss="hinge")
+    with pytest.raises(ValueError, match="epochs is 0, expected a positive integer"):
+        train_ctr(*args, epochs=0)
+    with pytest.raises(ValueError, match="learning_rate is -1"):
+        train_ctr(*args, learning_rate=-1)
+    no_clicks = Impressions(**{**world.valid.__dict__, "labels": np.zeros_like(world.valid.labels)})
+    with pytest.raises(ValueError, match="valid has no impression with both a click and a non-click"):
+        train_ctr(world.features, world.train, no_clicks, log)
+    bad = Impressions(**{**world.train.__dict__, "candidate_items": world.train.candidate_items + 10_000})
+    with pytest.raises(ValueError, match=r"train.candidate_items has item row 1\d+, expected 0 <= row < 600"):
+        train_ctr(world.features, bad, world.valid, log)
+    with pytest.raises(ValueError, match="the interaction log covers 5 items, the feature table has 600"):
+        train_ctr(*args[:3], InteractionLog.from_impressions([], 5))
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics(world, log):
+    """Reproducibility: two runs with one seed agree to 3 decimals; another seed differs."""
+    train = select_impressions(world.train, np.arange(600))
+    kwargs = dict(epochs=2, batch_size=32, embedding_dim=32, history_len=20)
+    _, first = train_ctr(world.features, train, world.valid, log, seed=7, **kwargs)
+    _, second = train_ctr(world.features, train, world.valid, log, seed=7, **kwargs)
+    _, other = train_ctr(world.features, train, world.valid, log, seed=8, **kwargs)
+    np.testing.assert_allclose(first["val_auc"], second["val_auc"], atol=5e-4)
+    np.testing.assert_allclose(first["loss"], second["loss"], atol=5e-4)
+    np.testing.assert_allclose(first["val_log_loss"], second["val_log_loss"], atol=5e-4)
+    assert not np.allclose(first["val_auc"], other["val_auc"], atol=5e-4)
+
+
+@pytest.mark.slow
+def test_listwise_training_is_calibrated_afterwards(world, log):
+    train = select_impressions(world.train, np.arange(700))
+    first_seen = first_shown([train, world.valid], len(world.features))
+    model, history = train_ctr(world.features, train, world.valid, log, loss="listwise", negatives=3, epochs=2,
+                               batch_size=32, embedding_dim=32, first_seen=first_seen)
+    calibration = history["calibration"]
+    assert calibration != {"slope": 1.0, "intercept": 0.0}
+    assert model.config.info["loss"] == "listwise" and model.config.info["calibration"] == calibration
+    metrics = evaluate_impressions(model, world.features, world.valid, log, first_seen)
+    # Platt scaling on the validation window: mean probability matches the click rate there.
+    labelled = world.valid.labels >= 0
+    assert metrics["scores"][labelled].mean() == pytest.approx(world.valid.labels[labelled].mean(), abs=0.02)

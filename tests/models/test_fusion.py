@@ -1,0 +1,156 @@
+"""The item tower: fusion modes, missing images, ablation modes, category vocabulary."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from recsys.models.fusion import (
+    FUSION_MODES,
+    CategoryVocabulary,
+    MultimodalFusion,
+    build_item_tower,
+    parse_modalities,
+)
+
+TEXT_DIM, IMAGE_DIM, NUM_CATEGORIES = 12, 20, 3
+
+
+def _inputs(n: int = 6, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "text": rng.standard_normal((n, TEXT_DIM)).astype(np.float32),
+        "image": np.abs(rng.standard_normal((n, IMAGE_DIM))).astype(np.float32),
+        "has_image": np.array([1, 1, 0, 1, 0, 1][:n], dtype=np.float32),
+        "category": np.array([0, 1, 2, 3, 1, 2][:n], dtype=np.int32),
+    }
+
+
+def _layer(**kwargs) -> MultimodalFusion:
+    keras.utils.set_random_seed(0)
+    layer = MultimodalFusion(16, num_categories=NUM_CATEGORIES, **kwargs)
+    layer(_inputs())
+    return layer
+
+
+@pytest.mark.parametrize("fusion", FUSION_MODES)
+@pytest.mark.parametrize("modalities", ["text", "image", "text,image"])
+def test_get_config_round_trip_gives_same_outputs(fusion, modalities):
+    layer = _layer(fusion=fusion, modalities=modalities)
+    clone = MultimodalFusion.from_config(layer.get_config())
+    clone(_inputs())
+    clone.set_weights(layer.get_weights())
+    assert clone.get_config() == layer.get_config()
+    np.testing.assert_allclose(clone(_inputs()), layer(_inputs()), atol=1e-6)
+
+
+@pytest.mark.parametrize("fusion", FUSION_MODES)
+def test_output_is_unit_norm_and_finite(fusion):
+    out = np.asarray(_layer(fusion=fusion)(_inputs()))
+    assert out.shape == (6, 16)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", FUSION_MODES)
+def test_missing_image_uses_placeholder_not_the_pixels(fusion):
+    layer = _layer(fusion=fusion)
+    x = _inputs()
+    garbage = dict(x, image=x["image"] * 100.0 + 7.0)
+    no_image = x["has_image"] == 0
+    # Rows without an image ignore whatever the image columns hold ...
+    np.testing.assert_allclose(np.asarray(layer(garbage))[no_image], np.asarray(layer(x))[no_image], atol=1e-6)
+    # ... and a zero vector with has_image=1 (a black picture) is not the same as "no image".
+    zeros = dict(x, image=np.zeros_like(x["image"]))
+    as_picture = dict(zeros, has_image=np.ones_like(x["has_image"]))
+    assert not np.allclose(np.asarray(layer(zeros)), np.asarray(layer(as_picture)), atol=1e-4)
+
+
+@pytest.mark.parametrize("modalities,ignored", [("text", "image"), ("image", "text")])
+def test_single_modality_ignores_the_other_input(modalities, ignored):
+    layer = _layer(modalities=modalities)
+    x = _inputs()
+    changed = dict(x, **{ignored: x[ignored] + 5.0})
+    np.testing.assert_allclose(np.asarray(layer(changed)), np.asarray(layer(x)), atol=1e-6)
+    names = {w.name for w in layer.weights}
+    assert f"{ignored}_kernel" not in names
+
+
+def test_unknown_category_ids_behave_as_out_of_vocabulary():
+    layer = _layer()
+    x = _inputs()
+    oov = dict(x, category=np.zeros(6, dtype=np.int32))
+    beyond = dict(x, category=np.full(6, NUM_CATEGORIES + 5, dtype=np.int32))
+    negative = dict(x, category=np.full(6, -1, dtype=np.int32))
+    np.testing.assert_allclose(np.asarray(layer(beyond)), np.asarray(layer(oov)), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(layer(negative)), np.asarray(layer(oov)), atol=1e-6)
+
+
+def test_content_not_ids_identical_features_give_identical_embeddings():
+    tower = build_item_tower(TEXT_DIM, IMAGE_DIM, NUM_CATEGORIES, embedding_dim=16)
+    x = _inputs()
+    twice = {k: np.concatenate([v[:3], v[:3]]) for k, v in x.items()}
+    out = np.asarray(tower(twice))
+    np.testing.assert_allclose(out[:3], out[3:], atol=1e-6)
+
+
+def test_item_tower_saves_and_loads(tmp_path):
+    tower = build_item_tower(TEXT_DIM, IMAGE_DIM, NUM_CATEGORIES, embedding_dim=16, fusion="weighted_sum")
+    tower.save(tmp_path / "tower.keras")
+    loaded = keras.saving.load_model(tmp_path / "tower.keras")
+    np.testing.assert_allclose(np.asarray(loaded(_inputs())), np.asarray(tower(_inputs())), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(fusion="sum"), "fusion is 'sum', expected one of concat, weighted_sum, gated"),
+        (dict(modalities="audio"), "modalities is 'audio', expected"),
+        (dict(modalities="text,text"), "modalities is 'text,text'"),
+        (dict(embedding_dim=0), "embedding_dim is 0, expected a positive integer"),
+        (dict(dropout=1.0), "dropout is 1.0"),
+        (dict(num_categories=-1), "num_categories is -1"),
+    ],
+)
+def test_invalid_arguments_are_rejected(kwargs, message):
+    args = dict(embedding_dim=16) | kwargs
+    with pytest.raises(ValueError, match=message):
+        MultimodalFusion(args.pop("embedding_dim"), **args)
+
+
+def test_build_item_tower_rejects_bad_dims():
+    with pytest.raises(ValueError, match="image_dim is 0, expected a positive integer"):
+        build_item_tower(8, 0, 1)
+
+
+def test_parse_modalities_is_canonical():
+    assert parse_modalities(" image , text ") == ("text", "image")
+    with pytest.raises(ValueError, match="modalities is ''"):
+        parse_modalities("")
+
+
+def test_category_vocabulary_maps_unknown_to_zero():
+    vocab = CategoryVocabulary.fit(["sports", "news", "sports", "lifestyle"])
+    assert vocab.categories == ("lifestyle", "news", "sports")
+    ids = vocab.lookup(np.array(["news", "weather", "sports", "lifestyle", "aaa", "zzz"], dtype=object))
+    np.testing.assert_array_equal(ids, [2, 0, 3, 1, 0, 0])
+    np.testing.assert_array_equal(CategoryVocabulary(()).lookup(np.array(["x"])), [0])
+    with pytest.raises(ValueError, match="must be sorted and unique"):
+        CategoryVocabulary(("b", "a"))
+
+
+def test_adapt_centres_the_inputs_on_training_means():
+    layer = _layer()
+    x = _inputs()
+    layer.adapt(x["text"], x["image"], x["has_image"].astype(bool))
+    np.testing.assert_allclose(np.asarray(layer.text_center), x["text"].mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(layer.image_center), x["image"][x["has_image"] == 1].mean(axis=0), atol=1e-6)
+    # centring is what it says: the same as feeding centred features to an uncentred layer
+    plain = _layer()
+    centred = dict(x, text=x["text"] - x["text"].mean(axis=0),
+                   image=x["image"] - x["image"][x["has_image"] == 1].mean(axis=0))
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(plain(centred)), atol=1e-5)
+    assert {"text_center", "image_center"} <= {w.name for w in layer.non_trainable_weights}
+    with pytest.raises(ValueError, match="adapt\\(\\) needs a built layer"):
+        MultimodalFusion(8).adapt(x["text"], x["image"], x["has_image"])

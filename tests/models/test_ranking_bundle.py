@@ -1,0 +1,200 @@
+"""The saved ranking model: round trip, mismatch errors, cold start, missing image, consistency."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from recsys.encoders.item_features import EncoderInfo
+from recsys.errors import ModelMismatchError, NotFoundError
+from recsys.models.bundle import MODEL_FILES, RankingModel
+from recsys.models.ctr import CTRModel
+from recsys.models.samples import InteractionLog, candidate_impression_rows, first_shown
+from recsys.models.training import _BatchMaker
+
+
+@pytest.fixture(scope="module")
+def small(small_world):
+    log = InteractionLog.from_impressions([small_world.train, small_world.valid], len(small_world.features))
+    first = first_shown([small_world.train, small_world.valid, small_world.test], len(small_world.features))
+    return small_world, log, first
+
+
+@pytest.fixture(scope="module")
+def model(small_world):
+    f = small_world.features
+    m = RankingModel.create(f.text_encoder, f.image_encoder, ["category0", "category1", "category2"],
+                            embedding_dim=16, history_len=5, num_heads=2, seed=3)
+    # Non-trivial weights everywhere (biases start at zero; calibration at identity).
+    rng = np.random.default_rng(0)
+    for block in (m.item_tower, m.user_encoder, m.scorer):
+        block.set_weights([w + rng.normal(0, 0.05, np.shape(w)).astype(np.float32) for w in block.get_weights()])
+    return m
+
+
+def _predict(m: RankingModel, small):
+    world, log, first = small
+    emb = m.item_embeddings(world.features)
+    users = m.user_vectors(world.test.history_offsets, world.test.history_items, emb)
+    scores = m.score_impressions(world.test, emb, log, first)
+    return emb, users, scores
+
+
+def test_save_load_gives_identical_predictions(model, small, tmp_path):
+    model.save(tmp_path / "bundle")
+    loaded = RankingModel.load(tmp_path / "bundle")
+    for a, b in zip(_predict(model, small), _predict(loaded, small)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert loaded.config == model.config
+    # every part is a plain Keras file
+    for name in MODEL_FILES:
+        assert isinstance(keras.saving.load_model(tmp_path / "bundle" / name), keras.Model)
+    config = json.loads((tmp_path / "bundle" / "config.json").read_text())
+    assert config["categories"] == ["category0", "category1", "category2"]
+    assert config["history_len"] == 5 and config["embedding_dim"] == 16
+    assert config["modalities"] == "text,image" and config["fusion"] == "gated"
+    assert config["text_encoder"] == model.config.text_encoder.to_dict() and config["seed"] == 3
+    assert set(config["side_features"]) == {"names", "window_hours", "mean", "std"}
+
+
+def test_save_replaces_an_existing_bundle_and_failure_keeps_the_old(model, tmp_path, monkeypatch):
+    target = tmp_path / "bundle"
+    model.save(target)
+    model.save(target)  # overwrite
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+    def broken_dump(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dump", broken_dump)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(target)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temp dir left behind
+    RankingModel.load(target)
+
+
+def test_load_refuses_other_encoders_naming_the_field(model, small_world, tmp_path):
+    model.save(tmp_path / "bundle")
+    text = small_world.features.text_encoder
+    image = small_world.features.image_encoder
+    RankingModel.load(tmp_path / "bundle", text_encoder=text, image_encoder=image)
+    with pytest.raises(ModelMismatchError, match=r"text_encoder.name: .*saved with 'synthetic-text', but 'minilm' was given"):
+        RankingModel.load(tmp_path / "bundle", text_encoder=EncoderInfo("minilm", text.version, text.dim))
+    with pytest.raises(ModelMismatchError, match=r"image_encoder.dim: .*saved with 32, but 1024 was given"):
+        RankingModel.load(tmp_path / "bundle", image_encoder=EncoderInfo(image.name, image.version, 1024))
+    with pytest.raises(ModelMismatchError, match=r"image_encoder.version: .*saved with '1', but '2' was given"):
+        RankingModel.load(tmp_path / "bundle", image_encoder=EncoderInfo(image.name, "2", image.dim))
+
+
+def test_features_from_other_encoders_or_dims_are_refused(model, small_world):
+    f = small_world.features
+    other = type(f)(f.news_ids, f.text, f.image, f.has_image, f.categories,
+                    EncoderInfo("other-text", "1", f.text.shape[1]), f.image_encoder)
+    with pytest.raises(ModelMismatchError, match="text_encoder.name: the model was saved with 'synthetic-text', but 'other-text'"):
+        model.item_embeddings(other)
+    narrow = type(f)(f.news_ids, f.text, f.image[:, :10], f.has_image, f.categories, f.text_encoder, f.image_encoder)
+    with pytest.raises(ModelMismatchError, match="image dim: the model was saved with 32, but features have 10"):
+        model.item_embeddings(narrow)
+    with pytest.raises(ModelMismatchError, match=r"embedding_dim: the model was saved with 16, but item embeddings have shape \(3, 8\)"):
+        model.user_vectors(np.array([0, 1]), np.array([0]), np.zeros((3, 8), np.float32))
+
+
+def test_missing_bundle_files_raise_not_found(model, tmp_path):
+    with pytest.raises(NotFoundError, match="has no config.json, item_tower.keras"):
+        RankingModel.load(tmp_path / "nowhere")
+    model.save(tmp_path / "bundle")
+    (tmp_path / "bundle" / "scorer.keras").unlink()
+    with pytest.raises(NotFoundError, match="has no scorer.keras"):
+        RankingModel.load(tmp_path / "bundle")
+
+
+def test_cold_start_users_and_history_cap(model, small_world):
+    emb = model.item_embeddings(small_world.features)
+    # user 0: no history; user 1: 8 clicks (capped to the 5 most recent); user 2: its first 5
+    offsets = np.array([0, 0, 8, 13])
+    items = np.array([3, 4, 5, 6, 7, 100, 101, 102, 3, 4, 5, 6, 7])
+    users = model.user_vectors(offsets, items, emb)
+    assert np.all(np.isfinite(users))
+    cold = np.asarray(model.user_encoder.get_layer("user_encoder").cold_start)
+    np.testing.assert_allclose(users[0], cold, atol=1e-6)
+    np.testing.assert_allclose(users[1], users[2], atol=1e-6)
+    assert not np.allclose(users[1], cold)
+    # all users cold at once, and batches smaller than the user count
+    np.testing.assert_allclose(model.user_vectors(np.zeros(4, np.int64), np.zeros(0, np.int64), emb), np.tile(cold, (3, 1)), atol=1e-6)
+    np.testing.assert_allclose(model.user_vectors(offsets, items, emb, batch_size=1), users, atol=1e-6)
+    with pytest.raises(ValueError, match="history item row 999 is outside the 200 item embeddings"):
+        model.user_vectors(np.array([0, 1]), np.array([999]), emb)
+
+
+def test_item_without_image_ignores_its_image_columns(model, small_world):
+    f = small_world.features
+    rows = np.flatnonzero(~f.has_image)[:5]
+    sub = f.take(rows)
+    garbage = type(f)(sub.news_ids, sub.text, sub.image + 3.0, sub.has_image, sub.categories, f.text_encoder, f.image_encoder)
+    np.testing.assert_allclose(model.item_embeddings(garbage), model.item_embeddings(sub), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(model.item_embeddings(sub), axis=1), 1.0, atol=1e-5)
+
+
+def test_unknown_category_is_embedded(model, small_world):
+    f = small_world.features.take(np.arange(4))
+    renamed = type(f)(f.news_ids, f.text, f.image, f.has_image, np.array(["brand-new"] * 4, dtype=object),
+                      f.text_encoder, f.image_encoder)
+    assert np.all(np.isfinite(model.item_embeddings(renamed)))
+
+
+def test_score_impressions_matches_the_building_blocks(model, small):
+    world, log, first = small
+    emb, users, scores = _predict(model, small)
+    owner = candidate_impression_rows(world.test)
+    items = world.test.candidate_items
+    side = model.side_features(items, world.test.times[owner], log, first)
+    np.testing.assert_allclose(scores, model.score(users[owner], emb[items], side), atol=1e-6)
+    np.testing.assert_allclose(model.score(users[owner], emb[items], side, batch_size=7), scores, atol=1e-6)
+    assert np.all((scores > 0) & (scores < 1))
+    # as_of: every candidate gets the side features of that one time
+    as_of = world.valid.times.max()
+    late = model.score_impressions(world.test, emb, log, first, as_of=as_of)
+    side_then = model.side_features(items, np.full(len(items), as_of), log, first)
+    np.testing.assert_allclose(late, model.score(users[owner], emb[items], side_then), atol=1e-6)
+    with pytest.raises(ValueError, match=r"score expects user_vectors \(3, 16\)"):
+        model.score(users[:3], emb[:2], side[:3])
+
+
+def test_training_model_and_bundle_agree(model, small):
+    """The CTRModel used in training computes exactly what the bundle serves."""
+    world, log, first = small
+    f = world.features
+    imps = world.test
+    owner = candidate_impression_rows(imps)
+    side = model.side_features(imps.candidate_items, imps.times[owner], log, first)
+    maker = _BatchMaker(imps, side, model.vocabulary.lookup(f.categories), f.has_image.astype(np.float32),
+                        history_len=model.config.history_len, negatives=2, category_dropout=0.0)
+    rows = np.arange(10)
+    batch = maker.make(rows, np.random.default_rng(0), listwise=False)
+    ctr = CTRModel(model.item_tower, model.user_encoder, model.scorer)
+    inputs = {k: batch[k] for k in ("has_image", "category", "history_index", "history_mask", "candidate_index", "side")}
+    inputs.update(text=f.text[batch["rows"]], image=f.image[batch["rows"]])
+    logits = np.asarray(ctr(inputs, training=False))
+    served = model.score_impressions(imps, model.item_embeddings(f), log, first, logits=True)
+    counts = np.diff(imps.candidate_offsets)[rows]
+    for b, row in enumerate(rows):
+        lo = imps.candidate_offsets[row]
+        np.testing.assert_allclose(logits[b, : counts[b]], served[lo : lo + counts[b]], atol=1e-5)
+
+    clone = CTRModel.from_config(ctr.get_config())
+    clone.item_tower.set_weights(model.item_tower.get_weights())
+    clone.user_encoder.set_weights(model.user_encoder.get_weights())
+    clone.scorer.set_weights(model.scorer.get_weights())
+    np.testing.assert_allclose(np.asarray(clone(inputs, training=False)), logits, atol=1e-6)
+
+
+def test_create_validates_arguments(small_world):
+    f = small_world.features
+    with pytest.raises(ValueError, match="history_len is 0, expected a positive integer"):
+        RankingModel.create(f.text_encoder, f.image_encoder, [], history_len=0)
+    with pytest.raises(ValueError, match="fusion is 'max'"):
+        RankingModel.create(f.text_encoder, f.image_encoder, [], fusion="max")

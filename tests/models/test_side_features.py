@@ -1,0 +1,118 @@
+"""Side features: popularity strictly before t (worked by hand), age, normalisation, leakage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recsys.models.samples import InteractionLog
+from recsys.models.side_features import SIDE_FEATURE_NAMES, SideFeatures, raw_side_features
+
+T0 = np.datetime64("2019-11-10T00:00:00", "s")
+
+
+def _at(hours: float) -> np.datetime64:
+    return T0 + np.timedelta64(int(hours * 3600), "s")
+
+
+@pytest.fixture
+def hand_log() -> InteractionLog:
+    # Item 0: clicked at 10:00, shown at 11:00, clicked at 12:00. Item 2: shown at 11:00.
+    # Item 1 never shown. Events given out of order on purpose.
+    return InteractionLog.from_events(
+        item_rows=np.array([0, 2, 0, 0]),
+        times=np.array([_at(12), _at(11), _at(10), _at(11)]),
+        clicks=np.array([1, 0, 1, 0]),
+        num_items=3,
+    )
+
+
+def test_popularity_worked_by_hand(hand_log):
+    items = np.array([0, 0, 0, 0, 1, 2, 0])
+    times = np.array([_at(12), _at(12) + np.timedelta64(1, "s"), _at(10), _at(9), _at(12), _at(12), _at(40)])
+    clicks, shows = hand_log.window_counts(items, times, window=np.timedelta64(24, "h"))
+    # at 12:00 the 12:00 click is not yet counted (strictly before t); one second later it is
+    np.testing.assert_array_equal(clicks, [1, 2, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(shows, [2, 3, 0, 0, 0, 1, 0])  # at 40:00 all events are > 24 h old
+    # a 1.5 h window at 12:00 covers [10:30, 12:00): only the 11:00 show
+    clicks, shows = hand_log.window_counts(np.array([0]), np.array([_at(12)]), window=np.timedelta64(90, "m"))
+    np.testing.assert_array_equal(clicks, [0])
+    np.testing.assert_array_equal(shows, [1])
+
+
+def test_raw_features_and_age_worked_by_hand(hand_log):
+    first_seen = np.array([_at(10), np.datetime64("NaT"), _at(11)], dtype="datetime64[s]")
+    raw = raw_side_features(
+        np.array([0, 1, 2, 0]), np.array([_at(12), _at(12), _at(11), _at(9)]), hand_log, first_seen, window_hours=24
+    )
+    expected = np.array([
+        [np.log1p(1), np.log1p(2), np.log1p(2.0)],  # 2 h old
+        [0.0, 0.0, 0.0],  # never seen: brand new
+        [0.0, 0.0, 0.0],  # shown at 11:00, asked at 11:00: nothing before, age 0
+        [0.0, 0.0, 0.0],  # asked before it was first seen: age clipped to 0
+    ])
+    np.testing.assert_allclose(raw, expected)
+
+
+def test_first_shown_of_the_log(hand_log):
+    first = hand_log.first_shown()
+    assert first[0] == _at(10) and first[2] == _at(11) and np.isnat(first[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    events=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 200), st.integers(0, 1)), max_size=40),
+    future=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 100), st.integers(0, 1)), min_size=1, max_size=20),
+    query_hour=st.integers(0, 200),
+    window=st.integers(1, 100),
+)
+def test_events_at_or_after_t_never_change_the_features(events, future, query_hour, window):
+    """No leakage: adding clicks at or after the query time leaves its features unchanged."""
+    def build(evts):
+        if not evts:
+            return InteractionLog.from_events(np.zeros(0, int), np.zeros(0, "datetime64[s]"), np.zeros(0, int), 4)
+        items, hours, clicks = map(np.array, zip(*evts))
+        return InteractionLog.from_events(items, T0 + hours.astype("timedelta64[h]"), clicks, 4)
+
+    later = [(i, query_hour + h, c) for i, h, c in future]
+    items = np.arange(4)
+    times = np.full(4, _at(query_hour))
+    before = build(events).window_counts(items, times, window=np.timedelta64(window, "h"))
+    after = build(events + later).window_counts(items, times, window=np.timedelta64(window, "h"))
+    np.testing.assert_array_equal(before[0], after[0])
+    np.testing.assert_array_equal(before[1], after[1])
+    # and a brute-force count agrees
+    for item in items:
+        expected = [(h, c) for i, h, c in events if i == item and query_hour - window <= h < query_hour]
+        assert before[1][item] == len(expected)
+        assert before[0][item] == sum(c for _, c in expected)
+
+
+def test_fit_normalises_the_training_samples(hand_log):
+    first_seen = hand_log.first_shown()
+    items = np.array([0, 0, 2, 1, 0])
+    times = np.array([_at(10), _at(11), _at(12), _at(13), _at(14)])
+    spec = SideFeatures(window_hours=24).fit(items, times, hand_log, first_seen)
+    x = spec.compute(items, times, hand_log, first_seen)
+    assert x.dtype == np.float32 and x.shape == (5, len(SIDE_FEATURE_NAMES))
+    np.testing.assert_allclose(x.mean(axis=0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(x.std(axis=0), 1.0, atol=1e-5)
+    assert SideFeatures.from_dict(spec.to_dict()) == spec
+
+
+def test_errors_name_the_problem(hand_log):
+    first_seen = hand_log.first_shown()
+    with pytest.raises(ValueError, match="item row 5 at position 1 is outside the log"):
+        raw_side_features(np.array([0, 5]), np.array([_at(1), _at(1)]), hand_log, first_seen, window_hours=24)
+    with pytest.raises(ValueError, match="window_hours is 0, expected a positive number"):
+        raw_side_features(np.array([0]), np.array([_at(1)]), hand_log, first_seen, window_hours=0)
+    with pytest.raises(ValueError, match="got 2 item rows but 1 times"):
+        raw_side_features(np.array([0, 1]), np.array([_at(1)]), hand_log, first_seen, window_hours=1)
+    with pytest.raises(ValueError, match="SideFeatures.std is"):
+        SideFeatures(24.0, (0.0, 0.0, 0.0), (1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="mean/std have 2/3 entries, expected 3"):
+        SideFeatures(24.0, (0.0, 0.0), (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match=r"side features \['a'\] saved"):
+        SideFeatures.from_dict({"names": ["a"], "window_hours": 1, "mean": [0], "std": [1]})
