@@ -1,0 +1,273 @@
+"""Per-shard ranking: user vectors -> FAISS candidates -> CTR scores -> top k (pure compute).
+
+Nothing here touches SQL: the engines read a shard's histories, call ``rank_users`` and write
+the result. Everything is vectorised over the shard: one ``user_vectors`` call, one batched
+FAISS search, and every (user, candidate) pair of the shard scored in a few large batches.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+
+from recsys.columns import NEWS_ID, RANK, SCORE, USER_ID
+from recsys.errors import ConfigError
+from recsys.models.samples import InteractionLog
+from recsys.models.side_features import SideFeatures
+
+# Pairs scored per ``model.score`` call: big enough to amortise the call, small enough that the
+# gathered (pairs, D) user and candidate matrices stay a few tens of MB.
+SCORE_BATCH = 65_536
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """The articles that can be recommended tonight, row-aligned.
+
+    Attributes:
+        news_ids: (n,) object array of news ids (the rows of the index).
+        embeddings: (n, D) float32 item embeddings.
+        side: (n, S) float32 side features of each article at the run's time: at serving time
+            popularity and age depend on the article only, so they are computed once a night
+            for every article rather than once per (user, candidate) pair.
+    """
+
+    news_ids: np.ndarray
+    embeddings: np.ndarray
+    side: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.news_ids)
+        if len(self.embeddings) != n or len(self.side) != n:
+            raise ValueError(
+                f"Catalogue has {n} news ids, {len(self.embeddings)} embeddings and {len(self.side)} side rows"
+            )
+
+    def __len__(self) -> int:
+        return len(self.news_ids)
+
+    @cached_property
+    def lookup(self) -> pd.Index:
+        """news id -> row (a hash index, built once per catalogue)."""
+        lookup = pd.Index(self.news_ids)
+        if not lookup.is_unique:
+            raise ValueError(f"Catalogue news ids repeat, e.g. {lookup[lookup.duplicated()][0]!r}")
+        return lookup
+
+
+def item_side_features(
+    side_features: SideFeatures, now: np.datetime64, log: InteractionLog, first_seen: np.ndarray
+) -> np.ndarray:
+    """Side features of every article at time ``now``.
+
+    Args:
+        side_features: the model's side-feature definition (``model.config.side_features``).
+        now: the run's time (the store's latest impression time).
+        log: labelled shows and clicks, item rows as in ``first_seen``.
+        first_seen: (n,) datetime64 first appearance of each article (NaT: brand new).
+
+    Returns:
+        (n, S) float32, equal to ``model.side_features`` of each (article, now) pair.
+    """
+    n = len(first_seen)
+    rows = np.arange(n, dtype=np.int64)
+    times = np.full(n, np.datetime64(now, "s"))
+    return np.asarray(side_features.compute(rows, times, log, first_seen), dtype=np.float32)
+
+
+def popular_items(
+    log: InteractionLog,
+    first_seen: np.ndarray,
+    *,
+    now: np.datetime64,
+    window: np.timedelta64,
+    fresh_after: np.datetime64 | None,
+    limit: int,
+) -> np.ndarray:
+    """Fresh articles ordered by recent popularity: the cold-start candidates.
+
+    Popularity is clicks, then shows, in ``[now - window, now)``; ties go to the newer
+    article, then the lower row. Articles first seen before ``fresh_after`` are left out;
+    never-seen ones (NaT) count as fresh.
+
+    Args:
+        log: labelled shows and clicks.
+        first_seen: (n,) datetime64 first appearance of each article.
+        now: the run's time.
+        window: popularity look-back.
+        fresh_after: freshness cut-off, or None for no cut-off.
+        limit: at most this many rows.
+
+    Returns:
+        (<= limit,) int64 item rows, most popular first.
+    """
+    n = len(first_seen)
+    rows = np.arange(n, dtype=np.int64)
+    clicks, shows = log.window_counts(rows, np.full(n, np.datetime64(now, "s")), window=window)
+    seen = np.asarray(first_seen).astype("datetime64[s]")
+    if fresh_after is None:
+        fresh = np.ones(n, dtype=bool)
+    else:
+        fresh = np.isnat(seen) | (seen >= np.datetime64(fresh_after, "s"))
+    recency = np.where(np.isnat(seen), np.iinfo(np.int64).max, seen.astype(np.int64))
+    order = np.lexsort((rows, -recency, -np.asarray(shows, np.float64), -np.asarray(clicks, np.float64)))
+    return order[fresh[order]][:limit].astype(np.int64)
+
+
+def rank_users(
+    user_ids: np.ndarray,
+    history_offsets: np.ndarray,
+    history_items: np.ndarray,
+    model,
+    catalogue: Catalogue,
+    index,
+    *,
+    num_candidates: int = 200,
+    k: int = 10,
+    published_after: np.datetime64 | None = None,
+    popular: np.ndarray | None = None,
+    timings: dict | None = None,
+) -> pd.DataFrame:
+    """Top-k recommendations for a shard of users.
+
+    Users with a history get their user vector's nearest articles from the index (already
+    clicked and stale articles filtered out by the index); users without one (cold start) get
+    the ``popular`` articles as candidates, ranked for the model's cold-start user vector.
+    Every candidate is scored by the CTR model; the k best are kept. Users with fewer than k
+    candidates get fewer rows: never duplicates, never padding.
+
+    Args:
+        user_ids: (m,) user ids of the shard.
+        history_offsets: (m + 1,) int64 CSR offsets into ``history_items``.
+        history_items: (h,) int rows into ``catalogue`` of each user's clicks, most recent first.
+        model: a ``RankingModel``.
+        catalogue: the articles, embeddings and side features, rows as in the index.
+        index: a ``FaissIndex`` holding the catalogue's articles.
+        num_candidates: articles retrieved per user before scoring (N).
+        k: recommendations kept per user.
+        published_after: freshness cut-off handed to the index.
+        popular: (c,) item rows of cold-start candidates, most popular first.
+        timings: if given, seconds per stage are added to it.
+
+    Returns:
+        DataFrame with USER_ID, RANK (1-based), NEWS_ID, SCORE; users in input order, best
+        first.
+
+    Raises:
+        ConfigError: k or num_candidates below 1.
+        ValueError: history offsets that do not match the users.
+    """
+    if k < 1 or num_candidates < 1:
+        raise ConfigError(f"k is {k} and num_candidates is {num_candidates}, expected both at least 1")
+    user_ids = np.asarray(user_ids, dtype=object)
+    history_offsets = np.asarray(history_offsets, dtype=np.int64)
+    history_items = np.asarray(history_items, dtype=np.int64)
+    m = len(user_ids)
+    if len(history_offsets) != m + 1:
+        raise ValueError(f"history offsets have {len(history_offsets)} entries for {m} users, expected {m + 1}")
+    timings = {} if timings is None else timings
+    if m == 0:
+        return _empty_result()
+
+    clock = time.perf_counter()
+    vectors = np.asarray(model.user_vectors(history_offsets, history_items, catalogue.embeddings), dtype=np.float32)
+    clock = _tick(timings, "user_vectors", clock)
+
+    lengths = np.diff(history_offsets)
+    warm = np.flatnonzero(lengths > 0)
+    cold = np.flatnonzero(lengths == 0)
+    pair_users, pair_items = [], []
+    if len(warm):
+        exclude = [set(catalogue.news_ids[history_items[history_offsets[u]:history_offsets[u + 1]]]) for u in warm]
+        found = index.search(vectors[warm], num_candidates, exclude=exclude, published_after=published_after)
+        counts, found_ids = _flatten_search(found)
+        rows = _rows_of(catalogue, found_ids)
+        pair_users.append(np.repeat(warm, counts))
+        pair_items.append(rows)
+    clock = _tick(timings, "search", clock)
+    if len(cold) and popular is not None and len(popular):
+        cands = np.asarray(popular[:num_candidates], dtype=np.int64)
+        pair_users.append(np.repeat(cold, len(cands)))
+        pair_items.append(np.tile(cands, len(cold)))
+    users = np.concatenate(pair_users) if pair_users else np.zeros(0, np.int64)
+    items = np.concatenate(pair_items) if pair_items else np.zeros(0, np.int64)
+    users, items = _clean_pairs(users, items, history_offsets, history_items, len(catalogue))
+    timings["candidates"] = timings.get("candidates", 0) + len(items)
+
+    scores = np.empty(len(items), dtype=np.float64)
+    for start in range(0, len(items), SCORE_BATCH):
+        stop = start + SCORE_BATCH
+        u, i = users[start:stop], items[start:stop]
+        scores[start:stop] = np.asarray(
+            model.score(vectors[u], catalogue.embeddings[i], catalogue.side[i]), dtype=np.float64
+        ).reshape(-1)
+    clock = _tick(timings, "score", clock)
+
+    keep_users, keep_ranks, keep_items, keep_scores = _top_k(users, items, scores, k)
+    frame = pd.DataFrame({
+        USER_ID: user_ids[keep_users],
+        RANK: keep_ranks,
+        NEWS_ID: catalogue.news_ids[keep_items],
+        SCORE: keep_scores,
+    })
+    _tick(timings, "top_k", clock)
+    return frame
+
+
+def _empty_result() -> pd.DataFrame:
+    return pd.DataFrame({
+        USER_ID: np.zeros(0, dtype=object), RANK: np.zeros(0, dtype=np.int64),
+        NEWS_ID: np.zeros(0, dtype=object), SCORE: np.zeros(0, dtype=np.float64),
+    })
+
+
+def _tick(timings: dict, stage: str, since: float) -> float:
+    now = time.perf_counter()
+    timings[stage] = timings.get(stage, 0.0) + (now - since)
+    return now
+
+
+def _flatten_search(found) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query result counts and the flat news ids of ``FaissIndex.search``'s ``Hits`` list."""
+    counts = np.fromiter((len(hits) for hits in found), dtype=np.int64, count=len(found))
+    if counts.sum() == 0:
+        return counts, np.zeros(0, dtype=object)
+    return counts, np.concatenate([hits.news_ids for hits in found]).astype(object)
+
+
+def _rows_of(catalogue: Catalogue, news_ids: np.ndarray) -> np.ndarray:
+    """Catalogue rows of news ids; -1 for an id the catalogue lacks (dropped later)."""
+    if len(news_ids) == 0:
+        return np.zeros(0, np.int64)
+    return catalogue.lookup.get_indexer(news_ids).astype(np.int64)
+
+
+def _clean_pairs(users, items, history_offsets, history_items, num_items):
+    """Drop unknown articles, articles the user clicked, and repeated (user, article) pairs."""
+    valid = (items >= 0) & (items < num_items)
+    users, items = users[valid], items[valid]
+    keys = users * np.int64(num_items) + items
+    clicked_users = np.repeat(np.arange(len(history_offsets) - 1, dtype=np.int64), np.diff(history_offsets))
+    clicked = clicked_users * np.int64(num_items) + history_items
+    keep = ~np.isin(keys, clicked)
+    _, first = np.unique(keys[keep], return_index=True)
+    chosen = np.flatnonzero(keep)[np.sort(first)]
+    return users[chosen], items[chosen]
+
+
+def _top_k(users, items, scores, k):
+    """The k best pairs of each user: (users, 1-based ranks, items, scores), users ascending."""
+    if len(users) == 0:
+        return users, np.zeros(0, np.int64), items, scores
+    # Best score first; ties broken by item row so that every engine picks the same list.
+    order = np.lexsort((items, -scores, users))
+    users, items, scores = users[order], items[order], scores[order]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    group_start = np.repeat(starts, np.diff(np.r_[starts, len(users)]))
+    ranks = np.arange(len(users)) - group_start + 1
+    keep = ranks <= k
+    return users[keep], ranks[keep], items[keep], scores[keep]

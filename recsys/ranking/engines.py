@@ -1,0 +1,349 @@
+"""Engines that run the shards of a nightly run: local worker processes, or Ray Data.
+
+Both engines run the same ``ShardWorker``: it loads the model and the index once, then for
+each shard reads the users' histories from the store (one query), ranks them
+(``rank_users``) and writes the shard's recommendations with its ``run_shards`` row in one
+transaction. Shards are therefore atomic whatever the engine, and a shard written twice (a
+retried Ray task, an orphaned worker) is written once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+
+from recsys.errors import ModelMismatchError, RecsysError
+from recsys.threads import configure_threads, default_threads
+
+# (shard number, user ids of the shard)
+Shard = tuple[int, np.ndarray]
+OnResult = Callable[["ShardResult"], None]
+
+
+def ids_fingerprint(news_ids: np.ndarray) -> str:
+    """A hash of an ordered id list: workers check that their index has the driver's rows."""
+    digest = hashlib.sha256()
+    for news_id in news_ids:
+        digest.update(str(news_id).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What every worker needs, the same for all shards of a run (pickled once per worker).
+
+    Attributes:
+        db_url: store URL, password included (workers open their own connections).
+        run_id: the run the shards belong to.
+        model_dir / index_dir: the model bundle and the FAISS index to load.
+        k / num_candidates: recommendations kept and candidates retrieved per user.
+        published_after: freshness cut-off (datetime64[s]) or None.
+        side: (n, S) float32 side features of every index row at the run's time.
+        popular: (c,) int64 index rows of the cold-start candidates, most popular first.
+        catalogue_fingerprint: ``ids_fingerprint`` of the index rows the driver saw.
+        num_threads: threads per worker for TensorFlow and FAISS.
+        created_at: timestamp written on every recommendation of the run.
+    """
+
+    db_url: str
+    run_id: int
+    model_dir: str
+    index_dir: str
+    k: int
+    num_candidates: int
+    published_after: np.datetime64 | None
+    side: np.ndarray
+    popular: np.ndarray
+    catalogue_fingerprint: str
+    num_threads: int
+    created_at: datetime
+
+
+@dataclass
+class ShardResult:
+    """What a worker did with one shard.
+
+    Attributes:
+        shard: shard number.
+        num_users: users in the shard.
+        num_cold_start: users without a usable history.
+        num_candidates: (user, candidate) pairs scored.
+        num_recommendations: rows written.
+        written: False when the shard had already been written by someone else.
+        timings: seconds per stage (read_histories, user_vectors, search, score, top_k, write;
+            and load: the worker's start-up, with its first shard).
+    """
+
+    shard: int
+    num_users: int
+    num_cold_start: int
+    num_candidates: int
+    num_recommendations: int
+    written: bool
+    timings: dict = field(default_factory=dict)
+
+    def to_row(self) -> dict:
+        return {
+            "shard": self.shard, "num_users": self.num_users, "num_cold_start": self.num_cold_start,
+            "num_candidates": self.num_candidates, "num_recommendations": self.num_recommendations,
+            "written": self.written, "timings": json.dumps(self.timings),
+        }
+
+    @classmethod
+    def from_row(cls, row: dict) -> ShardResult:
+        return cls(
+            int(row["shard"]), int(row["num_users"]), int(row["num_cold_start"]), int(row["num_candidates"]),
+            int(row["num_recommendations"]), bool(row["written"]), json.loads(row["timings"]),
+        )
+
+
+class ShardWorker:
+    """Loads the model, the index and a store connection once; ranks and writes shards.
+
+    Raises:
+        ModelMismatchError: the index rows differ from the driver's, or the model's
+            embedding size differs from the index's.
+    """
+
+    def __init__(self, setup: WorkerSetup):
+        started = time.perf_counter()
+        from recsys.index.faiss_index import FaissIndex
+        from recsys.models.bundle import RankingModel
+        from recsys.ranking.candidates import Catalogue
+        from recsys.store.database import create_engine_for
+
+        configure_threads(setup.num_threads)
+        self.setup = setup
+        self.model = RankingModel.load(setup.model_dir)
+        self.index = FaissIndex.load(
+            setup.index_dir, expected={"dim": self.model.config.embedding_dim}, num_threads=setup.num_threads
+        )
+        news_ids = np.asarray(self.index.news_ids, dtype=object)
+        if ids_fingerprint(news_ids) != setup.catalogue_fingerprint:
+            raise ModelMismatchError(
+                f"index {setup.index_dir}: its articles changed since the run started "
+                f"(fingerprint {ids_fingerprint(news_ids)}, expected {setup.catalogue_fingerprint})"
+            )
+        embeddings = np.asarray(self.index.vectors(news_ids), dtype=np.float32)
+        self.catalogue = Catalogue(news_ids, embeddings, setup.side)
+        self.engine = create_engine_for(setup.db_url)
+        self._warm_up()
+        # Reported with the first shard, so that the driver can tell start-up from work.
+        self._load_seconds: float | None = time.perf_counter() - started
+
+    def _warm_up(self) -> None:
+        """Trace the model's functions now, so that the first shard is not charged for it."""
+        if len(self.catalogue) == 0:
+            return
+        vector = self.model.user_vectors(np.array([0, 1]), np.array([0]), self.catalogue.embeddings)
+        self.model.score(vector, self.catalogue.embeddings[:1], self.catalogue.side[:1])
+
+    def process(self, shard: int, user_ids: np.ndarray) -> ShardResult:
+        """Rank one shard's users and write the shard (one transaction)."""
+        from recsys.ranking.candidates import rank_users
+        from recsys.ranking.runs import write_shard
+        from recsys.store.repository import read_user_histories
+
+        user_ids = np.asarray(user_ids, dtype=object)
+        timings: dict = {}
+        clock = time.perf_counter()
+        offsets, items = read_user_histories(self.engine, user_ids, self.catalogue.news_ids)
+        timings["read_histories"] = time.perf_counter() - clock
+        recs = rank_users(
+            user_ids, offsets, items, self.model, self.catalogue, self.index,
+            num_candidates=self.setup.num_candidates, k=self.setup.k,
+            published_after=self.setup.published_after, popular=self.setup.popular, timings=timings,
+        )
+        num_candidates = int(timings.pop("candidates", 0))
+        clock = time.perf_counter()
+        written = write_shard(
+            self.engine, self.setup.run_id, shard, recs, num_users=len(user_ids), created_at=self.setup.created_at
+        )
+        timings["write"] = time.perf_counter() - clock
+        if self._load_seconds is not None:
+            timings["load"], self._load_seconds = self._load_seconds, None
+        return ShardResult(
+            shard=int(shard), num_users=len(user_ids), num_cold_start=int(np.sum(np.diff(offsets) == 0)),
+            num_candidates=num_candidates, num_recommendations=len(recs), written=written, timings=timings,
+        )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def threads_per_worker(num_workers: int) -> int:
+    """Threads each worker may use so that workers x threads <= cores."""
+    return max(1, default_threads() // max(1, num_workers))
+
+
+# ----------------------------------------------------------------------------------------
+# local engine
+
+
+# The worker of this process (local engine), set by ``_init_worker``.
+_WORKER: ShardWorker | None = None
+_WORKER_ERROR: BaseException | None = None
+
+
+def _init_worker(setup: WorkerSetup, parent_pid: int) -> None:
+    global _WORKER, _WORKER_ERROR
+    _watch_parent(parent_pid)
+    try:
+        _WORKER = ShardWorker(setup)
+    except Exception as exc:  # noqa: BLE001 - re-raised in the driver by _process_shard
+        # A failing Pool initializer makes the pool respawn workers for ever; keep the error
+        # and report it with the first shard instead.
+        _WORKER_ERROR = exc
+
+
+def _process_shard(shard: int, user_ids: np.ndarray) -> ShardResult:
+    if _WORKER is None:
+        raise _WORKER_ERROR or RecsysError("worker was not initialised")
+    return _WORKER.process(shard, user_ids)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit when the driver dies (kill -9 gives it no chance to stop its workers)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="recsys-parent-watch", daemon=True).start()
+
+
+def run_local(
+    setup: WorkerSetup, shards: Sequence[Shard], *, num_workers: int, on_result: OnResult | None = None
+) -> list[ShardResult]:
+    """Rank shards with worker processes ("spawn" context) on this machine.
+
+    Each worker loads the model and the index once (pool initializer). At most two shards
+    per worker are in flight, so a slow consumer (``on_result``) slows the dispatch instead
+    of piling up results.
+
+    Args:
+        setup: shared inputs; ``setup.num_threads`` threads per worker.
+        shards: (shard number, user ids) to process.
+        num_workers: worker processes; 0 runs the shards in this process (debugging, tests).
+        on_result: called in this process for every finished shard, in completion order.
+
+    Returns:
+        One result per shard, in completion order.
+    """
+    results: list[ShardResult] = []
+
+    def done(result: ShardResult) -> None:
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+
+    if num_workers == 0:
+        worker = ShardWorker(setup)
+        try:
+            for shard, user_ids in shards:
+                done(worker.process(shard, user_ids))
+        finally:
+            worker.close()
+        return results
+
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(num_workers, initializer=_init_worker, initargs=(setup, os.getpid())) as pool:
+        pending: deque = deque()
+        for shard, user_ids in shards:
+            pending.append(pool.apply_async(_process_shard, (shard, user_ids)))
+            if len(pending) >= 2 * num_workers:
+                done(pending.popleft().get())
+        while pending:
+            done(pending.popleft().get())
+    return results
+
+
+# ----------------------------------------------------------------------------------------
+# Ray engine
+
+
+class RayShardActor:
+    """Ray Data actor: one ``ShardWorker`` per actor, one shard per batch row."""
+
+    def __init__(self, setup: WorkerSetup):
+        self.worker = ShardWorker(setup)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [self.worker.process(int(shard), np.asarray(users, dtype=object)).to_row()
+                for shard, users in zip(batch["shard"], batch["user_ids"])]
+        return {key: np.asarray([row[key] for row in rows]) for key in rows[0]} if rows else {}
+
+
+def run_ray(
+    setup: WorkerSetup,
+    shards: Sequence[Shard],
+    *,
+    num_workers: int,
+    ray_address: str | None = None,
+    on_result: OnResult | None = None,
+) -> list[ShardResult]:
+    """Rank shards with Ray Data: ``map_batches`` over shards with an actor pool.
+
+    The dataset holds one row per shard (its number and user ids, read from the store by the
+    driver); each actor loads the model and the index once and writes every shard it ranks
+    to the store itself, so the model dir, the index dir and the store must be reachable from
+    every node of a cluster.
+
+    Args:
+        setup: shared inputs; ``setup.num_threads`` CPUs per actor.
+        shards: (shard number, user ids) to process.
+        num_workers: actors in the pool.
+        ray_address: a cluster to join ("auto", "ray://host:10001", ...); None starts a
+            local Ray instance for this call and stops it afterwards.
+        on_result: called in the driver for every finished shard.
+
+    Returns:
+        One result per shard.
+    """
+    import ray
+
+    results: list[ShardResult] = []
+    if not shards:
+        return results
+    started_here = not ray.is_initialized()
+    if started_here:
+        if ray_address:
+            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(num_cpus=default_threads(), include_dashboard=False, log_to_driver=False)
+    try:
+        dataset = ray.data.from_items(
+            [{"shard": int(shard), "user_ids": [str(u) for u in users]} for shard, users in shards],
+            override_num_blocks=len(shards),
+        )
+        ranked = dataset.map_batches(
+            RayShardActor,
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=num_workers),
+            num_cpus=setup.num_threads,
+            fn_constructor_kwargs={"setup": setup},
+        )
+        for row in ranked.iter_rows():
+            result = ShardResult.from_row(row)
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    finally:
+        if started_here:
+            ray.shutdown()
+    return results

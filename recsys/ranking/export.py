@@ -1,0 +1,74 @@
+"""Parquet export of a nightly run: one row per user and rank, for downstream systems."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sqlalchemy import Engine, select
+
+from recsys.columns import NEWS_ID, RANK, RUN_ID, SCORE, USER_ID
+from recsys.errors import NotFoundError
+from recsys.ranking.runs import COMPLETE, get_run, latest_run
+from recsys.store import schema as s
+
+EXPORT_SCHEMA = pa.schema([
+    pa.field(RUN_ID, pa.int64(), nullable=False),
+    pa.field(USER_ID, pa.string(), nullable=False),
+    pa.field(RANK, pa.int16(), nullable=False),
+    pa.field(NEWS_ID, pa.string(), nullable=False),
+    pa.field(SCORE, pa.float64(), nullable=False),
+    pa.field("created_at", pa.timestamp("us"), nullable=False),
+])
+
+
+def export_run(engine: Engine, out_dir: Path, *, run_id: int | None = None, chunk_rows: int = 200_000) -> Path:
+    """Write a run's recommendations to ``out_dir/recommendations-run-<id>.parquet``.
+
+    Rows are streamed from the store in chunks (memory bounded) into a temporary file that
+    is renamed into place at the end, so a reader never sees a half-written export.
+
+    Args:
+        engine: the store.
+        out_dir: folder to write into (created if missing).
+        run_id: the run; defaults to the latest complete nightly run.
+        chunk_rows: rows fetched and written per row group.
+
+    Returns:
+        The path of the Parquet file.
+
+    Raises:
+        NotFoundError: no such run, or no complete run when ``run_id`` is None.
+    """
+    if run_id is None:
+        latest = latest_run(engine)
+        if latest is None:
+            raise NotFoundError("no nightly run has completed yet: nothing to export")
+        run_id = latest.run_id
+    else:
+        status = get_run(engine, run_id).status
+        if status != COMPLETE:
+            raise NotFoundError(f"run {run_id} is {status}: only complete runs can be exported")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"recommendations-run-{run_id}.parquet"
+    tmp = out_dir / f".{path.name}.{os.getpid()}.tmp"
+    rec = s.recommendations.c
+    query = (
+        select(rec.run_id, rec.user_id, rec.rank, rec.news_id, rec.score, rec.created_at)
+        .where(rec.run_id == run_id)
+        .order_by(rec.user_id, rec.rank)
+    )
+    try:
+        with engine.connect() as conn, pq.ParquetWriter(tmp, EXPORT_SCHEMA) as writer:
+            result = conn.execution_options(stream_results=True, yield_per=chunk_rows).execute(query)
+            for rows in result.partitions(chunk_rows):
+                columns = list(zip(*rows))
+                arrays = [pa.array(col, type=field.type) for col, field in zip(columns, EXPORT_SCHEMA)]
+                writer.write_table(pa.Table.from_arrays(arrays, schema=EXPORT_SCHEMA))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

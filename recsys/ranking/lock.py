@@ -1,0 +1,260 @@
+"""A named lock held in the store, so that two nightly runs never overlap.
+
+The lock is one row of the ``locks`` table. Taking it is a plain INSERT: the primary key
+makes a second insert fail on every backend, so two processes racing for the lock cannot
+both win. A lock left behind by a process killed with ``kill -9`` is recognised as stale and
+taken over:
+
+- holder on this host: stale when its pid is gone, or now belongs to a process started
+  after the lock was taken (the pid was reused);
+- holder on another host: stale when it has shown no activity for ``stale_after`` (activity
+  is the time the lock was taken or the latest shard its run wrote).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import psutil
+from sqlalchemy import Connection, Engine, and_, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from recsys.errors import RunLockedError
+from recsys.store import schema as s
+from recsys.store.database import SQLITE_BEGIN
+
+log = logging.getLogger(__name__)
+
+NIGHTLY_LOCK = "nightly"
+DEFAULT_STALE_AFTER = timedelta(hours=6)
+# A few attempts cover the case where another process takes over the same stale lock.
+_MAX_ATTEMPTS = 5
+# Process start times and lock times come from different clocks; allow for rounding.
+_CLOCK_SLACK = timedelta(seconds=2)
+
+
+def utc_now() -> datetime:
+    """The current time as a naive UTC datetime, as the store keeps times."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that takes SQLite's write lock at BEGIN (no effect on PostgreSQL).
+
+    A read-then-write transaction that starts as a reader can fail at once with "database is
+    locked" when another process writes first; taking the write lock up front makes
+    concurrent writers queue on the busy timeout instead.
+    """
+    with engine.connect() as conn:
+        conn.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
+        with conn.begin():
+            yield conn
+
+
+def current_holder() -> str:
+    """This process's identity as a lock holder: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class LockState:
+    """The lock row as stored.
+
+    Attributes:
+        name: lock name.
+        holder: ``host:pid`` of the process holding it.
+        run_id: the run the holder is working on, if it said so.
+        acquired_at: naive UTC time the lock was taken.
+    """
+
+    name: str
+    holder: str
+    run_id: int | None
+    acquired_at: datetime
+
+    @property
+    def host(self) -> str:
+        return self.holder.rpartition(":")[0]
+
+    @property
+    def pid(self) -> int | None:
+        tail = self.holder.rpartition(":")[2]
+        return int(tail) if tail.isdigit() else None
+
+
+class StoreLock:
+    """A lock this process holds; a context manager that releases it on exit.
+
+    Use ``with acquire_lock(engine, run_id=...) as lock:``.
+    """
+
+    def __init__(self, engine: Engine, state: LockState):
+        self._engine = engine
+        self.state = state
+        self._held = True
+
+    @property
+    def name(self) -> str:
+        return self.state.name
+
+    @property
+    def holder(self) -> str:
+        return self.state.holder
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def attach_run(self, run_id: int) -> None:
+        """Record the run this lock protects, so that others can name it and see its progress."""
+        lk = s.locks.c
+        with write_transaction(self._engine) as conn:
+            conn.execute(
+                update(s.locks).where(and_(lk.name == self.name, lk.holder == self.holder)).values(run_id=run_id)
+            )
+        self.state = LockState(self.name, self.holder, run_id, self.state.acquired_at)
+
+    def release(self) -> bool:
+        """Release the lock; False when it was no longer ours (taken over as stale)."""
+        if not self._held:
+            return False
+        self._held = False
+        return release_lock(self._engine, self.name, holder=self.holder)
+
+    def __enter__(self) -> StoreLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def read_lock(engine: Engine, name: str = NIGHTLY_LOCK) -> LockState | None:
+    """The lock row, or None when nobody holds the lock."""
+    lk = s.locks.c
+    with engine.connect() as conn:
+        row = conn.execute(select(lk.name, lk.holder, lk.run_id, lk.acquired_at).where(lk.name == name)).first()
+    return None if row is None else LockState(row.name, row.holder, row.run_id, row.acquired_at)
+
+
+def acquire_lock(
+    engine: Engine,
+    name: str = NIGHTLY_LOCK,
+    *,
+    run_id: int | None = None,
+    stale_after: timedelta = DEFAULT_STALE_AFTER,
+    holder: str | None = None,
+) -> StoreLock:
+    """Take the named lock or refuse.
+
+    Args:
+        engine: the store.
+        name: lock name (one per kind of job).
+        run_id: the run the lock protects, if already known (see ``StoreLock.attach_run``).
+        stale_after: a lock held from another host with no activity for this long is stale.
+        holder: identity to record; defaults to ``host:pid`` of this process (tests pass
+            other hosts here).
+
+    Returns:
+        The held lock, a context manager.
+
+    Raises:
+        RunLockedError: another live process holds the lock; the message names it and since when.
+    """
+    holder = holder or current_holder()
+    for _ in range(_MAX_ATTEMPTS):
+        now = utc_now()
+        row = {"name": name, "holder": holder, "run_id": run_id, "acquired_at": now}
+        try:
+            with write_transaction(engine) as conn:
+                conn.execute(insert(s.locks).values(**row))
+            return StoreLock(engine, LockState(name, holder, run_id, now))
+        except IntegrityError:
+            pass  # someone holds it: look at who
+        current = read_lock(engine, name)
+        if current is None:
+            continue  # released in between: try again
+        reason = _stale_reason(engine, current, stale_after=stale_after, now=now)
+        if reason is None:
+            raise RunLockedError(
+                f"lock '{name}' is held by {current.holder}"
+                + (f" (run {current.run_id})" if current.run_id is not None else "")
+                + f" since {current.acquired_at:%Y-%m-%d %H:%M:%S} UTC: another run is in progress;"
+                f" wait for it to finish (a lock from another host counts as stale after {stale_after})"
+            )
+        if _take_over(engine, current, row):
+            log.warning(
+                "took over stale lock '%s' from %s (held since %s UTC, run %s): %s",
+                name, current.holder, current.acquired_at, current.run_id, reason,
+            )
+            return StoreLock(engine, LockState(name, holder, run_id, now))
+    raise RunLockedError(f"lock '{name}' changed hands {_MAX_ATTEMPTS} times while being taken; try again")
+
+
+def release_lock(engine: Engine, name: str = NIGHTLY_LOCK, *, holder: str | None = None) -> bool:
+    """Release the named lock if ``holder`` (default: this process) holds it.
+
+    Returns:
+        True when a lock row was deleted.
+    """
+    lk = s.locks.c
+    holder = holder or current_holder()
+    with write_transaction(engine) as conn:
+        result = conn.execute(delete(s.locks).where(and_(lk.name == name, lk.holder == holder)))
+    return result.rowcount > 0
+
+
+def _take_over(engine: Engine, stale: LockState, row: dict) -> bool:
+    """Replace the stale row by ours in one transaction, only if it is still the same row."""
+    lk = s.locks.c
+    try:
+        with write_transaction(engine) as conn:
+            gone = conn.execute(
+                delete(s.locks).where(
+                    and_(lk.name == stale.name, lk.holder == stale.holder, lk.acquired_at == stale.acquired_at)
+                )
+            )
+            if gone.rowcount != 1:
+                return False
+            conn.execute(insert(s.locks).values(**row))
+    except IntegrityError:
+        return False
+    return True
+
+
+def _stale_reason(engine: Engine, lock: LockState, *, stale_after: timedelta, now: datetime) -> str | None:
+    """Why the lock is stale, or None when its holder may still be working."""
+    if lock.host == socket.gethostname() and lock.pid is not None:
+        return _local_stale_reason(lock)
+    last = _last_activity(engine, lock)
+    if now - last > stale_after:
+        return f"holder on another host, no activity since {last:%Y-%m-%d %H:%M:%S} UTC (> {stale_after})"
+    return None
+
+
+def _local_stale_reason(lock: LockState) -> str | None:
+    try:
+        proc = psutil.Process(lock.pid)
+        started = datetime.fromtimestamp(proc.create_time(), timezone.utc).replace(tzinfo=None)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return f"process {lock.pid} has exited"
+    except psutil.NoSuchProcess:
+        return f"process {lock.pid} no longer exists"
+    if started > lock.acquired_at + _CLOCK_SLACK:
+        return f"pid {lock.pid} now belongs to a process started after the lock was taken"
+    return None
+
+
+def _last_activity(engine: Engine, lock: LockState) -> datetime:
+    if lock.run_id is None:
+        return lock.acquired_at
+    rs = s.run_shards.c
+    with engine.connect() as conn:
+        latest = conn.execute(select(func.max(rs.finished_at)).where(rs.run_id == lock.run_id)).scalar()
+    return max(lock.acquired_at, latest) if latest is not None else lock.acquired_at

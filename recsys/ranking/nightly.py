@@ -1,0 +1,301 @@
+"""The ranking part of the nightly job: active users in shards -> rank -> write -> switch -> prune.
+
+Steps 3 to 5 of the nightly job (ingest and encoding new articles are the pipeline's glue).
+One call, under the store lock:
+
+1. select the active users (an impression within ``active_days`` of the store's latest
+   impression, or of ``as_of``) and cut them into shards of ``shard_size`` users;
+2. resume the latest running run if it was started with exactly the same inputs, else start
+   a new run (an older unfinished run is marked failed and its rows deleted);
+3. rank the missing shards with the chosen engine; each shard is written atomically;
+4. switch: the run becomes "complete" in one transaction, readers see it from then on;
+5. prune old runs and return the run summary (counts, timings per stage, model version).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import Engine
+
+from recsys.errors import ConfigError, ModelMismatchError, NotFoundError, RecsysError
+from recsys.models.side_features import SideFeatures
+from recsys.ranking import runs
+from recsys.ranking.engines import ShardResult, WorkerSetup, ids_fingerprint, run_local, run_ray, threads_per_worker
+from recsys.ranking.lock import DEFAULT_STALE_AFTER, NIGHTLY_LOCK, acquire_lock, utc_now
+from recsys.ranking.queries import (
+    active_user_ids,
+    count_without_clicks,
+    first_seen_times,
+    interaction_log,
+    store_marker,
+)
+from recsys.store.repository import time_range
+from recsys.threads import default_threads
+
+ENGINES = ("local", "ray")
+# Progress factory: ``progress(description, total)`` -> context manager yielding ``advance(n)``
+# (``recsys.progress.progress`` fits).
+ProgressFactory = Callable[..., object]
+
+
+def run_nightly(
+    engine: Engine,
+    *,
+    model_dir: str | Path,
+    index_dir: str | Path,
+    model_version: str | None = None,
+    engine_name: str = "local",
+    shard_size: int = 2000,
+    k: int = 10,
+    num_candidates: int = 200,
+    active_days: float = 7.0,
+    freshness_days: float = 3.0,
+    keep_runs: int = 3,
+    num_workers: int | None = None,
+    ray_address: str | None = None,
+    as_of: datetime | None = None,
+    lock_stale_after: timedelta = DEFAULT_STALE_AFTER,
+    progress: ProgressFactory | None = None,
+) -> dict:
+    """Rank every active user and switch readers to the new run.
+
+    Args:
+        engine: the store (migrated).
+        model_dir: the model bundle (``RankingModel.save``).
+        index_dir: the FAISS index of the same model version's item embeddings.
+        model_version: recorded with the run; defaults to the model directory's name.
+        engine_name: "local" (worker processes) or "ray" (Ray Data actor pool).
+        shard_size: users per shard (the unit of work, of atomic writes and of resume).
+        k: recommendations per user.
+        num_candidates: candidates retrieved from the index per user (N).
+        active_days: users with an impression in the last ``active_days`` before ``as_of``
+            are ranked, including users who never clicked (they get cold-start lists).
+        freshness_days: articles first seen more than this long before ``as_of`` are not
+            recommended.
+        keep_runs: complete runs whose recommendations are kept; older ones are pruned.
+        num_workers: worker processes or Ray actors; default: one per core. 0 (local engine
+            only) ranks in this process.
+        ray_address: Ray cluster address; None starts a local Ray instance.
+        as_of: the run's "now"; defaults to the store's latest impression time.
+        lock_stale_after: a lock held from another host counts as stale after this long
+            without activity.
+        progress: optional progress factory (e.g. ``recsys.progress.progress``).
+
+    Returns:
+        The run summary (see ``docs/operations.md``): run id, status, model version, plan,
+        counts, timings per stage in seconds, resumed shards, pruned runs.
+
+    Raises:
+        ConfigError: an argument out of range or an unknown engine.
+        RecsysError: the store holds no impressions or no active user in the window.
+        RunLockedError: another nightly run holds the lock.
+        NotFoundError: the model bundle or the index is missing.
+        ModelMismatchError: the model's config is unreadable, or its embedding size differs
+            from the index's.
+    """
+    _check_arguments(engine_name, shard_size, k, num_candidates, active_days, freshness_days, keep_runs, num_workers)
+    workers = default_threads() if num_workers is None else num_workers
+    if engine_name == "ray" and workers < 1:
+        raise ConfigError(f"nightly.workers is {workers}, the ray engine needs at least 1 actor")
+    model_version = model_version or Path(model_dir).name
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    with acquire_lock(engine, NIGHTLY_LOCK, stale_after=lock_stale_after) as lock:
+        clock = time.perf_counter()
+        as_of, users = _active_users(engine, as_of=as_of, active_days=active_days)
+        shards = [(i, users[start : start + shard_size]) for i, start in enumerate(range(0, len(users), shard_size))]
+        timings["select_users"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        prepared = _prepare(
+            engine, model_dir, index_dir, as_of=as_of, freshness_days=freshness_days, num_candidates=num_candidates
+        )
+        plan = {
+            "as_of": as_of.isoformat(sep=" "), "active_days": active_days, "freshness_days": freshness_days,
+            "k": k, "num_candidates": num_candidates, "shard_size": shard_size, "num_shards": len(shards),
+            "num_users": len(users), "users": ids_fingerprint(users), "model_version": model_version,
+            "index": prepared["fingerprint"], "index_items": len(prepared["news_ids"]), **store_marker(engine),
+        }
+        resumed = runs.find_resumable_run(engine, plan)
+        run_id = resumed.run_id if resumed else runs.create_run(engine, model_version=model_version, plan=plan)
+        lock.attach_run(run_id)
+        abandoned = runs.abandon_running_runs(engine, keep_run_id=run_id, message=f"superseded by run {run_id}")
+        done = runs.finished_shards(engine, run_id)
+        todo = [shard for shard in shards if shard[0] not in done]
+        timings["prepare"] = time.perf_counter() - clock
+
+        try:
+            ranked = _rank(
+                engine, engine_name, run_id, prepared, todo, model_dir=model_dir, index_dir=index_dir, k=k,
+                num_candidates=num_candidates, num_workers=workers, ray_address=ray_address, progress=progress,
+            )
+            timings["rank"] = ranked["wall"]
+            timings.update({f"workers.{stage}": seconds for stage, seconds in ranked["stages"].items()})
+            clock = time.perf_counter()
+            counts = _counts(engine, run_id, users, num_shards=len(shards), resumed_shards=len(done),
+                             candidates=ranked["candidates"])
+            runs.complete_run(engine, run_id, counts=counts, timings=timings, num_shards=len(shards))
+            timings["complete"] = time.perf_counter() - clock
+        except Exception as exc:
+            runs.fail_run(engine, run_id, f"{type(exc).__name__}: {exc}")
+            raise
+        clock = time.perf_counter()
+        pruned = runs.prune_runs(engine, keep_runs)
+        timings["prune"] = time.perf_counter() - clock
+        timings["total"] = time.perf_counter() - started
+        runs.record_timings(engine, run_id, timings)
+    summary = runs.run_summary(engine, run_id)
+    summary.update({
+        "engine": engine_name, "resumed": resumed is not None, "abandoned_runs": abandoned, "pruned_runs": pruned,
+        "users_per_second": len(users) / timings["total"],
+    })
+    return summary
+
+
+def _active_users(engine: Engine, *, as_of: datetime | None, active_days: float) -> tuple[datetime, np.ndarray]:
+    """The run's time and its active users, sorted."""
+    as_of = as_of or time_range(engine)[1]
+    if as_of is None:
+        raise RecsysError("the store holds no impressions: ingest behaviors before running the nightly job")
+    users = active_user_ids(engine, since=as_of - timedelta(days=active_days), until=as_of)
+    if len(users) == 0:
+        raise RecsysError(f"no active user: nobody was shown an impression in the {active_days} days before {as_of}")
+    return as_of, users
+
+
+def _counts(
+    engine: Engine, run_id: int, users: np.ndarray, *, num_shards: int, resumed_shards: int, candidates: int
+) -> dict:
+    """The run's counts, read from the store so that resumed shards are counted too."""
+    written = runs.finished_shards(engine, run_id)
+    served = runs.users_with_recommendations(engine, run_id)
+    return {
+        "users": len(users),
+        "cold_start_users": count_without_clicks(engine, users),
+        "users_with_recommendations": served,
+        "users_without_recommendations": len(users) - served,
+        "recommendations": int(sum(num for _, num in written.values())),
+        "shards": num_shards,
+        "shards_resumed": resumed_shards,
+        # Shards resumed from an earlier attempt were scored there: not counted here.
+        "candidates_scored": candidates,
+    }
+
+
+def _check_arguments(engine_name, shard_size, k, num_candidates, active_days, freshness_days, keep_runs, num_workers):
+    if engine_name not in ENGINES:
+        raise ConfigError(f"nightly.engine is {engine_name!r}, expected one of {', '.join(ENGINES)}")
+    integers = (("shard_size", shard_size), ("k", k), ("num_candidates", num_candidates), ("keep_runs", keep_runs))
+    for name, value in integers:
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ConfigError(f"nightly.{name} is {value!r}, expected an integer >= 1")
+    if k > num_candidates:
+        raise ConfigError(f"nightly.k is {k}, expected at most num_candidates ({num_candidates})")
+    for name, value in (("active_days", active_days), ("freshness_days", freshness_days)):
+        if not value > 0:
+            raise ConfigError(f"nightly.{name} is {value!r}, expected a positive number of days")
+    if num_workers is not None and num_workers < 0:
+        raise ConfigError(f"nightly.workers is {num_workers}, expected 0 or more")
+
+
+def _prepare(
+    engine: Engine, model_dir, index_dir, *, as_of: datetime, freshness_days: float, num_candidates: int
+) -> dict:
+    """Once per run, in the driver: the index rows, side features and cold-start candidates.
+
+    The driver never loads TensorFlow: side features are plain NumPy from the bundle's
+    config, so the driver stays small and starts fast while the workers load the model.
+    """
+    from recsys.index.faiss_index import FaissIndex
+    from recsys.ranking.candidates import item_side_features, popular_items
+
+    config = _bundle_config(Path(model_dir))
+    side_features = SideFeatures.from_dict(config["side_features"])
+    # The index must hold this model's item embeddings: at least their size must match.
+    index = FaissIndex.load(index_dir, expected={"dim": int(config["embedding_dim"])}, num_threads=1)
+    news_ids = np.asarray(index.news_ids, dtype=object)
+    now = np.datetime64(as_of, "s")
+    window = timedelta(hours=side_features.window_hours)
+    log = interaction_log(engine, news_ids, since=as_of - window, until=as_of)
+    first_seen = first_seen_times(engine, news_ids)
+    fresh_after = np.datetime64(as_of - timedelta(days=freshness_days), "s")
+    return {
+        "news_ids": news_ids,
+        "fingerprint": ids_fingerprint(news_ids),
+        "side": item_side_features(side_features, now, log, first_seen),
+        "popular": popular_items(
+            log, first_seen, now=now, window=np.timedelta64(int(window.total_seconds()), "s"),
+            fresh_after=fresh_after, limit=num_candidates,
+        ),
+        "published_after": fresh_after,
+    }
+
+
+def _bundle_config(model_dir: Path) -> dict:
+    """The model bundle's config.json, read without loading TensorFlow (see recsys.models.bundle)."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise NotFoundError(f"model bundle {model_dir} has no config.json")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelMismatchError(f"{path}: unreadable model config ({exc})") from exc
+    missing = [key for key in ("embedding_dim", "side_features") if key not in config]
+    if missing:
+        raise ModelMismatchError(f"{path}: keys {missing} are missing from the model config")
+    return config
+
+
+def _rank(engine, engine_name, run_id, prepared, todo, *, model_dir, index_dir, k, num_candidates, num_workers,
+          ray_address, progress) -> dict:
+    """Run the missing shards; returns wall time, candidates scored and worker stage sums."""
+    setup = WorkerSetup(
+        db_url=_worker_url(engine),
+        run_id=run_id,
+        model_dir=str(model_dir),
+        index_dir=str(index_dir),
+        k=k,
+        num_candidates=num_candidates,
+        published_after=prepared["published_after"],
+        side=prepared["side"],
+        popular=prepared["popular"],
+        catalogue_fingerprint=prepared["fingerprint"],
+        num_threads=default_threads() if num_workers == 0 else threads_per_worker(num_workers),
+        created_at=utc_now(),
+    )
+    stages: dict[str, float] = {}
+    candidates = 0
+    clock = time.perf_counter()
+    num_users = sum(len(users) for _, users in todo)
+    bar = progress("ranking users", num_users) if progress is not None and todo else nullcontext(None)
+    with bar as advance:
+
+        def on_result(result: ShardResult) -> None:
+            nonlocal candidates
+            candidates += result.num_candidates
+            for stage, seconds in result.timings.items():
+                stages[stage] = stages.get(stage, 0.0) + seconds
+            if advance is not None:
+                advance(result.num_users)
+
+        if engine_name == "ray":
+            run_ray(setup, todo, num_workers=num_workers, ray_address=ray_address, on_result=on_result)
+        else:
+            run_local(setup, todo, num_workers=num_workers, on_result=on_result)
+    return {"wall": time.perf_counter() - clock, "candidates": candidates, "stages": stages}
+
+
+def _worker_url(engine: Engine) -> str:
+    """The store URL for workers, which may run in another directory (Ray): SQLite paths made absolute."""
+    url = engine.url
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        if not url.database.startswith("file:") and not Path(url.database).is_absolute():
+            url = url.set(database=str(Path(url.database).resolve()))
+    return url.render_as_string(hide_password=False)

@@ -1,0 +1,92 @@
+"""Store reads of the nightly job that ``recsys.store.repository`` does not offer.
+
+The repository reads active users from a start time only and the popularity log up to an end
+time only; the nightly job needs both bounds (an explicit ``as_of`` in the past must not see
+later data, and only the popularity window is worth loading), plus cheap markers of what the
+store holds so that a rerun can tell whether its inputs changed.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Engine, and_, func, select
+
+from recsys.models.samples import InteractionLog
+from recsys.store import schema as s
+
+
+def active_user_ids(engine: Engine, *, since: datetime, until: datetime) -> np.ndarray:
+    """Users shown at least one impression in ``[since, until]``, sorted by id.
+
+    Sorted in Python, not by the database's collation, so shards are the same on every backend.
+
+    Returns:
+        (u,) object array of user ids.
+    """
+    im = s.impressions.c
+    with engine.connect() as conn:
+        query = select(im.user_id).where(and_(im.time >= since, im.time <= until)).distinct()
+        rows = conn.execute(query).scalars().all()
+    return np.array(sorted(rows), dtype=object)
+
+
+def count_without_clicks(engine: Engine, user_ids: np.ndarray) -> int:
+    """How many of ``user_ids`` have no click at all (the cold-start users)."""
+    c = s.clicks.c
+    ids = [str(u) for u in user_ids]
+    with_clicks = 0
+    with engine.connect() as conn:
+        # IN lists are chunked: both backends cap the number of bound parameters.
+        for start in range(0, len(ids), 5000):
+            chunk = ids[start : start + 5000]
+            with_clicks += conn.execute(select(func.count(c.user_id.distinct())).where(c.user_id.in_(chunk))).scalar()
+    return len(ids) - with_clicks
+
+
+def first_seen_times(engine: Engine, news_ids: np.ndarray) -> np.ndarray:
+    """First impression time of each article, aligned with ``news_ids``.
+
+    Returns:
+        (n,) datetime64[s]; NaT for articles never shown or unknown to the store.
+    """
+    n = s.news.c
+    with engine.connect() as conn:
+        rows = conn.execute(select(n.news_id, n.first_seen_at)).all()
+    frame = pd.DataFrame(rows, columns=["news_id", "first_seen_at"])
+    times = pd.Series(pd.to_datetime(frame["first_seen_at"]).to_numpy(), index=pd.Index(frame["news_id"]))
+    aligned = times.reindex(pd.Index(news_ids, dtype=object))
+    return aligned.to_numpy(dtype="datetime64[ns]").astype("datetime64[s]")
+
+
+def interaction_log(engine: Engine, news_ids: np.ndarray, *, since: datetime, until: datetime) -> InteractionLog:
+    """Labelled shows and clicks in ``[since, until)`` as an ``InteractionLog`` over ``news_ids``.
+
+    Shows of articles missing from ``news_ids`` are dropped (they cannot be recommended).
+    """
+    im, it = s.impressions.c, s.impression_items.c
+    query = (
+        select(it.news_id, im.time, it.label)
+        .join(s.impressions, it.impression_pk == im.id)
+        .where(and_(it.label.is_not(None), im.time >= since, im.time < until))
+    )
+    with engine.connect() as conn:
+        frame = pd.DataFrame(conn.execute(query).all(), columns=["news_id", "time", "label"])
+    if frame.empty:
+        empty = np.zeros(0, np.int64)
+        return InteractionLog.from_events(empty, empty.astype("datetime64[s]"), empty.astype(np.int8), len(news_ids))
+    rows = pd.Index(news_ids, dtype=object).get_indexer(frame["news_id"].to_numpy(dtype=object))
+    known = rows >= 0
+    times = pd.to_datetime(frame["time"]).to_numpy(dtype="datetime64[ns]").astype("datetime64[s]")
+    labels = frame["label"].to_numpy(dtype=np.int8)
+    return InteractionLog.from_events(rows[known], times[known], labels[known], len(news_ids))
+
+
+def store_marker(engine: Engine) -> dict:
+    """Cheap counters that change whenever behaviors are ingested (part of a run's plan)."""
+    with engine.connect() as conn:
+        last_impression = conn.execute(select(func.max(s.impressions.c.id))).scalar()
+        clicks = conn.execute(select(func.count()).select_from(s.clicks)).scalar()
+    return {"last_impression_pk": int(last_impression or 0), "clicks": int(clicks or 0)}

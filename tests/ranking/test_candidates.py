@@ -1,0 +1,177 @@
+"""Per-shard ranking against a brute-force NumPy reference, cold start, short lists, errors."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from recsys.columns import NEWS_ID, RANK, SCORE, USER_ID
+from recsys.errors import ConfigError
+from recsys.index.faiss_index import FaissIndex
+from recsys.models.bundle import RankingModel
+from recsys.models.samples import InteractionLog
+from recsys.ranking.candidates import Catalogue, item_side_features, popular_items, rank_users
+
+AS_OF = datetime(2019, 11, 15, 12, 0, 0)  # the world's latest impression (conftest.World.as_of)
+
+
+@pytest.fixture(scope="module")
+def parts(world):
+    assert world.as_of == AS_OF
+    model = RankingModel.load(world.model_dir)
+    index = FaissIndex.load(world.index_dir, num_threads=1)
+    news_ids = np.asarray(index.news_ids, dtype=object)
+    first_seen = np.array(
+        [np.datetime64(t, "s") if t else np.datetime64("NaT", "s") for t in world.first_seen], dtype="datetime64[s]"
+    )
+    rng = np.random.default_rng(0)
+    events = rng.integers(0, len(news_ids), 400)
+    times = np.datetime64(AS_OF, "s") - rng.integers(1, 48 * 3600, 400).astype("timedelta64[s]")
+    log = InteractionLog.from_events(events, times, rng.random(400) < 0.3, len(news_ids))
+    side = item_side_features(model.config.side_features, np.datetime64(AS_OF, "s"), log, first_seen)
+    catalogue = Catalogue(news_ids, index.vectors(news_ids), side)
+    return model, index, catalogue, log, first_seen
+
+
+def _histories(world, users, news_ids):
+    row = {n: i for i, n in enumerate(news_ids)}
+    lists = [[row[n] for n in world.clicks.get(u, [])] for u in users]
+    offsets = np.zeros(len(users) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(x) for x in lists])
+    return offsets, np.array([r for x in lists for r in x], dtype=np.int64)
+
+
+def _reference(model, catalogue, first_seen, vectors, clicked_rows, cutoff, k):
+    """Brute force: score every fresh, unclicked article for the user; the k best."""
+    eligible = np.flatnonzero(~np.isnat(first_seen) & (first_seen >= cutoff))
+    eligible = np.setdiff1d(eligible, clicked_rows)
+    users = np.repeat(vectors[None, :], len(eligible), axis=0)
+    scores = model.score(users, catalogue.embeddings[eligible], catalogue.side[eligible])
+    order = np.lexsort((eligible, -scores.astype(np.float64)))[:k]
+    return list(catalogue.news_ids[eligible[order]]), scores[order]
+
+
+def test_matches_brute_force_when_every_article_is_a_candidate(world, parts):
+    model, index, catalogue, _, first_seen = parts
+    users = world.active_users[:20]
+    offsets, items = _histories(world, users, catalogue.news_ids)
+    cutoff = np.datetime64(AS_OF - timedelta(days=3), "s")
+    timings = {}
+    got = rank_users(
+        np.array(users, dtype=object), offsets, items, model, catalogue, index,
+        num_candidates=len(catalogue), k=10, published_after=cutoff, popular=np.arange(5), timings=timings,
+    )
+    assert list(got.columns) == [USER_ID, RANK, NEWS_ID, SCORE]
+    vectors = model.user_vectors(offsets, items, catalogue.embeddings)
+    for i, user in enumerate(users):
+        mine = got[got[USER_ID] == user]
+        clicked = items[offsets[i]:offsets[i + 1]]
+        want_ids, want_scores = _reference(model, catalogue, first_seen, vectors[i], clicked, cutoff, 10)
+        assert mine[NEWS_ID].tolist() == want_ids
+        np.testing.assert_allclose(mine[SCORE].to_numpy(), want_scores, rtol=1e-5)
+        assert mine[RANK].tolist() == list(range(1, 11))
+    assert {"user_vectors", "search", "score", "top_k"} <= set(timings) and timings["candidates"] > 0
+
+
+def test_candidates_are_the_nearest_articles(world, parts):
+    model, index, catalogue, _, first_seen = parts
+    users = world.active_users[:10]
+    offsets, items = _histories(world, users, catalogue.news_ids)
+    cutoff = np.datetime64(AS_OF - timedelta(days=3), "s")
+    got = rank_users(np.array(users, dtype=object), offsets, items, model, catalogue, index,
+                     num_candidates=15, k=5, published_after=cutoff)
+    vectors = model.user_vectors(offsets, items, catalogue.embeddings)
+    fresh = ~np.isnat(first_seen) & (first_seen >= cutoff)
+    for i, user in enumerate(users):
+        allowed = fresh.copy()
+        allowed[items[offsets[i]:offsets[i + 1]]] = False
+        sims = np.where(allowed, catalogue.embeddings @ vectors[i], -np.inf)
+        nearest = set(catalogue.news_ids[np.argsort(-sims)[:15]])
+        picked = got.loc[got[USER_ID] == user, NEWS_ID]
+        assert len(picked) == 5 and set(picked) <= nearest
+
+
+def test_cold_start_users_rank_the_popular_articles(world, parts):
+    model, index, catalogue, log, first_seen = parts
+    users = np.array(world.cold_users[:3] + world.active_users[:1], dtype=object)
+    offsets, items = _histories(world, list(users), catalogue.news_ids)
+    assert list(np.diff(offsets)[:3]) == [0, 0, 0]
+    cutoff = np.datetime64(AS_OF - timedelta(days=3), "s")
+    popular = popular_items(log, first_seen, now=np.datetime64(AS_OF, "s"), window=np.timedelta64(24, "h"),
+                            fresh_after=cutoff, limit=30)
+    got = rank_users(users, offsets, items, model, catalogue, index, num_candidates=30, k=10,
+                     published_after=cutoff, popular=popular)
+    cold_lists = [got.loc[got[USER_ID] == u, NEWS_ID].tolist() for u in users[:3]]
+    # Same cold-start vector, same candidates: the same list, drawn from the popular articles.
+    assert cold_lists[0] == cold_lists[1] == cold_lists[2] and len(cold_lists[0]) == 10
+    assert set(cold_lists[0]) <= set(catalogue.news_ids[popular])
+    cold_vector = model.user_vectors(np.zeros(2, np.int64), np.zeros(0, np.int64), catalogue.embeddings)
+    scores = model.score(np.repeat(cold_vector, len(popular), axis=0), catalogue.embeddings[popular], catalogue.side[popular])
+    want = catalogue.news_ids[popular[np.lexsort((popular, -scores.astype(np.float64)))[:10]]]
+    assert cold_lists[0] == list(want)
+    # Without popular articles a cold-start user gets nothing, and is still not an error.
+    none = rank_users(users[:1], offsets[:2], items[:0], model, catalogue, index, k=10, published_after=cutoff)
+    assert none.empty
+
+
+def test_fewer_candidates_than_k(parts):
+    model, _, catalogue, _, _ = parts
+    small = FaissIndex.build(catalogue.news_ids[:6].astype(str), catalogue.embeddings[:6], kind="flat", num_threads=1)
+    tiny = Catalogue(catalogue.news_ids[:6], catalogue.embeddings[:6], catalogue.side[:6])
+    users = np.array(["a", "b", "c"], dtype=object)
+    # a clicked rows 0 and 1, b clicked everything, c clicked row 5.
+    offsets = np.array([0, 2, 8, 9])
+    items = np.array([0, 1, 0, 1, 2, 3, 4, 5, 5])
+    got = rank_users(users, offsets, items, model, tiny, small, num_candidates=200, k=10)
+    by_user = {u: g for u, g in got.groupby(USER_ID)}
+    assert sorted(by_user["a"][NEWS_ID]) == sorted(tiny.news_ids[2:6])
+    assert "b" not in by_user
+    assert sorted(by_user["c"][NEWS_ID]) == sorted(tiny.news_ids[:5])
+    assert by_user["c"][RANK].tolist() == [1, 2, 3, 4, 5]
+    assert not got.duplicated([USER_ID, NEWS_ID]).any() and not got.duplicated([USER_ID, RANK]).any()
+    assert got[NEWS_ID].isin(tiny.news_ids).all()
+
+
+def test_empty_shard_and_bad_arguments(parts):
+    model, index, catalogue, _, _ = parts
+    empty = rank_users(np.array([], dtype=object), np.zeros(1, np.int64), np.zeros(0, np.int64), model, catalogue, index)
+    assert empty.empty and list(empty.columns) == [USER_ID, RANK, NEWS_ID, SCORE]
+    with pytest.raises(ConfigError, match="k is 0 and num_candidates is 200, expected both at least 1"):
+        rank_users(np.array(["a"], dtype=object), np.zeros(2, np.int64), np.zeros(0), model, catalogue, index, k=0)
+    with pytest.raises(ValueError, match="history offsets have 3 entries for 1 users, expected 2"):
+        rank_users(np.array(["a"], dtype=object), np.zeros(3, np.int64), np.zeros(0), model, catalogue, index)
+
+
+def test_popular_items_by_hand():
+    now = np.datetime64("2019-11-15T12:00:00", "s")
+    hour = np.timedelta64(1, "h")
+    # item 0: 2 clicks; item 1: 1 click, 3 shows; item 2: 1 click, 1 show; item 3: old; item 4: never shown.
+    rows = np.array([0, 0, 1, 1, 1, 2, 3, 3, 3, 0])
+    times = np.array([now - hour] * 9 + [now - 30 * hour])  # the last event is outside the 24 h window
+    clicks = np.array([1, 1, 1, 0, 0, 1, 1, 1, 1, 1])
+    log = InteractionLog.from_events(rows, times, clicks, 5)
+    seen = np.array(
+        ["2019-11-15T00:00", "2019-11-14T00:00", "2019-11-15T06:00", "2019-11-01T00:00", "NaT"], dtype="datetime64[s]"
+    )
+    order = popular_items(log, seen, now=now, window=24 * hour, fresh_after=now - 72 * hour, limit=10)
+    assert order.tolist() == [0, 1, 2, 4]
+    assert popular_items(log, seen, now=now, window=24 * hour, fresh_after=None, limit=2).tolist() == [3, 0]
+
+
+def test_item_side_features_equal_per_pair_features(world, parts):
+    model, _, catalogue, log, first_seen = parts
+    rows = np.random.default_rng(1).integers(0, len(catalogue), 50)
+    direct = model.side_features(rows, np.full(50, np.datetime64(AS_OF, "s")), log, first_seen)
+    np.testing.assert_array_equal(catalogue.side[rows], direct)
+
+
+def test_catalogue_checks():
+    with pytest.raises(ValueError, match="Catalogue has 2 news ids, 1 embeddings and 2 side rows"):
+        Catalogue(np.array(["a", "b"], dtype=object), np.zeros((1, 4)), np.zeros((2, 3)))
+    repeated = Catalogue(np.array(["a", "a"], dtype=object), np.zeros((2, 4)), np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="Catalogue news ids repeat, e.g. 'a'"):
+        _ = repeated.lookup
+    assert isinstance(Catalogue(np.array(["a"], dtype=object), np.zeros((1, 4)), np.zeros((1, 3))).lookup, pd.Index)

@@ -1,0 +1,106 @@
+"""kill -9 in the middle of a nightly run: the previous run stays, the rerun resumes cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pandas as pd
+import pytest
+from sqlalchemy import func, select
+
+from recsys.columns import NEWS_ID, RANK, SCORE, USER_ID
+from recsys.errors import RunLockedError
+from recsys.ranking import runs
+from recsys.ranking.nightly import run_nightly
+from recsys.store import schema as s
+
+SETTINGS = dict(shard_size=5, k=10, num_candidates=40, active_days=7, freshness_days=3, keep_runs=3)
+
+# The killed run: worker processes, and a progress callback that slows the driver so that the
+# kill lands after a few shards (two shards per worker in flight: the workers wait for it).
+SCRIPT = textwrap.dedent("""
+    import sys, time
+    from contextlib import contextmanager
+    from recsys.store.database import create_engine_for
+    from recsys.ranking.nightly import run_nightly
+
+    @contextmanager
+    def slow_progress(description, total):
+        yield lambda n: time.sleep(1.0)
+
+    if __name__ == "__main__":
+        url, model_dir, index_dir = sys.argv[1:4]
+        run_nightly(create_engine_for(url), model_dir=model_dir, index_dir=index_dir, num_workers=1,
+                    progress=slow_progress, **{settings})
+""").replace("{settings}", repr(SETTINGS))
+
+
+def _rows(engine, run_id) -> pd.DataFrame:
+    rec = s.recommendations.c
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(rec.user_id, rec.rank, rec.news_id, rec.score).where(rec.run_id == run_id).order_by(rec.user_id, rec.rank)
+        ).all()
+    return pd.DataFrame(rows, columns=[USER_ID, RANK, NEWS_ID, SCORE])
+
+
+def _shards_of_newer_runs(engine, run_id) -> int:
+    rs = s.run_shards.c
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(s.run_shards).where(rs.run_id > run_id)).scalar()
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun(world_store, store_url, world, tmp_path, caplog):
+    first = run_nightly(world_store, model_dir=world.model_dir, index_dir=world.index_dir, num_workers=0, **SETTINGS)
+    before = _rows(world_store, first["run_id"])
+    script = tmp_path / "nightly_job.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), store_url, str(world.model_dir), str(world.index_dir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while _shards_of_newer_runs(world_store, first["run_id"]) == 0:
+            if proc.poll() is not None:
+                pytest.fail(f"nightly subprocess ended early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("nightly subprocess wrote no shard within 300 s")
+            time.sleep(0.05)
+        # A second run while the first is alive is refused and names the holder.
+        with pytest.raises(RunLockedError, match=rf"held by {socket.gethostname()}:{proc.pid} \(run \d+\) since"):
+            run_nightly(world_store, model_dir=world.model_dir, index_dir=world.index_dir, num_workers=0, **SETTINGS)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+    killed = runs.get_run(world_store, first["run_id"] + 1)
+    assert killed.status == "running"
+    assert 0 < len(runs.finished_shards(world_store, killed.run_id)) < killed.plan["num_shards"]
+    # The previous run is still the one readers see, intact.
+    assert runs.latest_run(world_store).run_id == first["run_id"]
+    pd.testing.assert_frame_equal(_rows(world_store, first["run_id"]), before)
+    user = world.active_users[0]
+    assert runs.recommendations_for_user(world_store, user).attrs["run_id"] == first["run_id"]
+
+    time.sleep(1.5)  # the orphaned worker notices its driver is gone and exits
+    with caplog.at_level("WARNING", logger="recsys.ranking.lock"):
+        rerun = run_nightly(world_store, model_dir=world.model_dir, index_dir=world.index_dir, num_workers=0, **SETTINGS)
+    assert f"took over stale lock 'nightly' from {socket.gethostname()}:{proc.pid}" in caplog.text
+    assert rerun["run_id"] == killed.run_id and rerun["resumed"] and rerun["counts"]["shards_resumed"] > 0
+    after = _rows(world_store, rerun["run_id"])
+    assert not after.duplicated([USER_ID, RANK]).any()
+    assert len(after) == rerun["counts"]["recommendations"] == len(before)
+    pd.testing.assert_frame_equal(after[[USER_ID, RANK, NEWS_ID]], before[[USER_ID, RANK, NEWS_ID]])
+    pd.testing.assert_series_equal(after[SCORE], before[SCORE], check_exact=False, rtol=1e-5)
+    assert runs.latest_run(world_store).run_id == rerun["run_id"]

@@ -1,0 +1,138 @@
+"""The store lock: refusal with the holder's name, release, stale-lock takeover, races."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+import threading
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import insert
+
+from recsys.errors import RunLockedError
+from recsys.ranking.lock import acquire_lock, current_holder, read_lock, release_lock, utc_now
+from recsys.store import schema as s
+
+HOST = socket.gethostname()
+
+
+def _plant_lock(engine, holder, acquired_at, run_id=None, name="nightly"):
+    with engine.begin() as conn:
+        conn.execute(insert(s.locks).values(name=name, holder=holder, run_id=run_id, acquired_at=acquired_at))
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_second_acquire_refused_with_holder_and_time(store):
+    with acquire_lock(store, run_id=7) as lock:
+        assert lock.holder == current_holder()
+        since = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"
+        with pytest.raises(RunLockedError, match=rf"lock 'nightly' is held by {HOST}:\d+ \(run 7\) since {since}"):
+            acquire_lock(store, holder="other-host:1")
+    assert read_lock(store) is None
+    # Released: the next run takes it.
+    with acquire_lock(store, holder="other-host:1"):
+        assert read_lock(store).holder == "other-host:1"
+
+
+def test_locks_by_name_are_independent(store):
+    with acquire_lock(store, "nightly"), acquire_lock(store, "train"):
+        assert read_lock(store, "train") is not None
+
+
+def test_attach_run_is_recorded(store):
+    with acquire_lock(store) as lock:
+        lock.attach_run(42)
+        assert read_lock(store).run_id == 42
+
+
+def test_release_by_someone_else_does_nothing(store):
+    with acquire_lock(store):
+        assert release_lock(store, holder="intruder:1") is False
+        assert read_lock(store) is not None
+
+
+def test_dead_pid_on_this_host_is_taken_over(store, caplog):
+    pid = _dead_pid()
+    _plant_lock(store, f"{HOST}:{pid}", utc_now() - timedelta(minutes=1), run_id=3)
+    with caplog.at_level(logging.WARNING, logger="recsys.ranking.lock"):
+        lock = acquire_lock(store)
+    assert read_lock(store).holder == current_holder()
+    assert f"took over stale lock 'nightly' from {HOST}:{pid}" in caplog.text
+    assert f"process {pid} no longer exists" in caplog.text
+    lock.release()
+
+
+def test_reused_pid_on_this_host_is_taken_over(store, caplog):
+    # A live process started after the lock was taken cannot be the holder.
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        _plant_lock(store, f"{HOST}:{proc.pid}", utc_now() - timedelta(hours=1))
+        with caplog.at_level(logging.WARNING, logger="recsys.ranking.lock"), acquire_lock(store):
+            assert "started after the lock was taken" in caplog.text
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_live_pid_on_this_host_is_respected(store):
+    # This process started before the lock was taken: a live holder, however short the timeout.
+    _plant_lock(store, current_holder(), utc_now())
+    with pytest.raises(RunLockedError, match="is held by"):
+        acquire_lock(store, holder="other-host:2", stale_after=timedelta(seconds=0))
+
+
+def test_other_host_stale_only_after_timeout(store, caplog):
+    _plant_lock(store, "far-away:99", utc_now() - timedelta(minutes=30))
+    with pytest.raises(RunLockedError, match=r"held by far-away:99 since .* stale after 1:00:00"):
+        acquire_lock(store, stale_after=timedelta(hours=1))
+    with caplog.at_level(logging.WARNING, logger="recsys.ranking.lock"), acquire_lock(store, stale_after=timedelta(minutes=10)):
+        assert "holder on another host, no activity since" in caplog.text
+
+
+def test_other_host_with_recent_shards_is_alive(store):
+    now = utc_now()
+    with store.begin() as conn:
+        conn.execute(insert(s.runs).values(run_id=5, kind="nightly", status="running", started_at=now, counts={}, timings={}))
+        conn.execute(insert(s.run_shards).values(run_id=5, shard=0, num_users=1, num_recommendations=1, finished_at=now))
+    _plant_lock(store, "far-away:99", now - timedelta(hours=3), run_id=5)
+    with pytest.raises(RunLockedError, match=r"\(run 5\)"):
+        acquire_lock(store, stale_after=timedelta(hours=1))
+
+
+def test_racing_acquirers_one_wins(store):
+    barrier = threading.Barrier(6)
+    won, refused = [], []
+
+    def contend(i):
+        barrier.wait()
+        try:
+            acquire_lock(store, holder=f"host-{i}:1")
+            won.append(i)
+        except RunLockedError:
+            refused.append(i)
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(refused) == 5
+    assert read_lock(store).holder == f"host-{won[0]}:1"
+
+
+def test_gives_up_when_the_lock_keeps_changing_hands(store, monkeypatch):
+    from recsys.ranking import lock as lock_module
+
+    _plant_lock(store, f"{HOST}:{_dead_pid()}", utc_now() - timedelta(minutes=1))
+    # Every takeover loses the race to another process.
+    monkeypatch.setattr(lock_module, "_take_over", lambda *args: False)
+    with pytest.raises(RunLockedError, match="lock 'nightly' changed hands 5 times while being taken; try again"):
+        acquire_lock(store)

@@ -1,0 +1,197 @@
+"""The nightly ranking job end to end on a small world (in-process engine unless marked)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+from sqlalchemy import select
+
+from recsys.columns import NEWS_ID, RANK, SCORE, USER_ID
+from recsys.errors import ConfigError, ModelMismatchError, NotFoundError, RecsysError, RunLockedError
+from recsys.ranking import runs
+from recsys.ranking.lock import acquire_lock, read_lock
+from recsys.ranking.nightly import run_nightly
+from recsys.store import schema as s
+
+K = 10
+
+
+def _nightly(engine, world, **overrides):
+    args = dict(model_dir=world.model_dir, index_dir=world.index_dir, shard_size=7, k=K, num_candidates=40,
+                active_days=7, freshness_days=3, keep_runs=3, num_workers=0)
+    args.update(overrides)
+    return run_nightly(engine, **args)
+
+
+def _run_rows(engine, run_id) -> pd.DataFrame:
+    rec = s.recommendations.c
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(rec.user_id, rec.rank, rec.news_id, rec.score).where(rec.run_id == run_id).order_by(rec.user_id, rec.rank)
+        ).all()
+    return pd.DataFrame(rows, columns=[USER_ID, RANK, NEWS_ID, SCORE])
+
+
+def test_nightly_ranks_every_active_user(world_store, world):
+    summary = _nightly(world_store, world)
+    assert summary["status"] == "complete" and summary["model_version"] == "model-v1"
+    counts = summary["counts"]
+    assert counts["users"] == len(world.active_users) and counts["cold_start_users"] == len(world.cold_users)
+    assert counts["shards"] == -(-len(world.active_users) // 7) and counts["shards_resumed"] == 0
+    assert counts["users_with_recommendations"] == len(world.active_users)
+    assert counts["users_without_recommendations"] == 0
+    rows = _run_rows(world_store, summary["run_id"])
+    assert counts["recommendations"] == len(rows) == summary["recommendations_stored"]
+    assert set(rows[USER_ID]) == set(world.active_users)
+    assert not rows.duplicated([USER_ID, RANK]).any() and not rows.duplicated([USER_ID, NEWS_ID]).any()
+    assert rows.groupby(USER_ID)[RANK].agg(lambda r: list(r) == list(range(1, len(r) + 1))).all()
+    assert (rows.groupby(USER_ID).size() <= K).all()
+    # Only fresh articles the user has not clicked; never padding.
+    fresh = {n for n, t in zip(world.news_ids, world.first_seen) if t is not None and t >= world.as_of - timedelta(days=3)}
+    assert set(rows[NEWS_ID]) <= fresh
+    for user, group in rows.groupby(USER_ID):
+        assert not set(group[NEWS_ID]) & set(world.clicks.get(user, []))
+    assert rows.groupby(USER_ID)[SCORE].agg(lambda x: bool(np.all(np.diff(x.to_numpy()) <= 1e-7))).all()
+    stages = ("select_users", "prepare", "rank", "complete", "prune", "total", "workers.load", "workers.score", "workers.write")
+    for stage in stages:
+        assert summary["timings"][stage] >= 0
+    assert summary["plan"]["as_of"] == "2019-11-15 12:00:00"
+
+
+def test_reader_cold_start_and_unknown_users(world_store, world):
+    _nightly(world_store, world)
+    cold = runs.recommendations_for_user(world_store, world.cold_users[0], K)
+    assert len(cold) == K and cold["title"].str.startswith("title of").all()
+    # Inactive users are known, but the run did not rank them.
+    assert runs.recommendations_for_user(world_store, world.inactive_users[0]).empty
+    with pytest.raises(NotFoundError, match="user 'U999' is unknown"):
+        runs.recommendations_for_user(world_store, "U999")
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_and_matches_a_clean_run(world_store, world):
+    clean = _nightly(world_store, world)
+    clean_rows = _run_rows(world_store, clean["run_id"])
+    seen = []
+
+    def interrupting_progress(description, total):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def bar():
+            def advance(n):
+                seen.append(n)
+                if len(seen) == 3:
+                    raise KeyboardInterrupt  # like Ctrl-C or a scheduler's SIGINT mid-run
+
+            yield advance
+
+        return bar()
+
+    with pytest.raises(KeyboardInterrupt):
+        _nightly(world_store, world, progress=interrupting_progress)
+    assert read_lock(world_store) is None  # released on the way out
+    # Readers still see the clean run.
+    assert runs.latest_run(world_store).run_id == clean["run_id"]
+    resumed = _nightly(world_store, world)
+    assert resumed["resumed"] and resumed["counts"]["shards_resumed"] == 3
+    assert resumed["run_id"] != clean["run_id"]
+    pd.testing.assert_frame_equal(_run_rows(world_store, resumed["run_id"]), clean_rows, check_exact=False, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_changed_inputs_start_a_fresh_run(world_store, world):
+    def stop_early(description, total):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def bar():
+            def advance(n):
+                raise KeyboardInterrupt
+
+            yield advance
+
+        return bar()
+
+    with pytest.raises(KeyboardInterrupt):
+        _nightly(world_store, world, progress=stop_early)
+    stale = runs.finished_shards(world_store, 1)
+    assert len(stale) == 1
+    summary = _nightly(world_store, world, k=5)
+    assert not summary["resumed"] and summary["abandoned_runs"] == [1]
+    assert runs.get_run(world_store, 1).status == "failed"
+    assert runs.finished_shards(world_store, 1) == {}
+
+
+def test_running_lock_refuses_a_second_run(world_store, world):
+    first = _nightly(world_store, world)
+    with acquire_lock(world_store, holder="other-host:4242"):
+        with pytest.raises(RunLockedError, match=r"lock 'nightly' is held by other-host:4242 since .* UTC"):
+            _nightly(world_store, world)
+    assert runs.latest_run(world_store).run_id == first["run_id"]
+    assert len(_run_rows(world_store, first["run_id"])) == first["counts"]["recommendations"]
+
+
+@pytest.mark.slow
+def test_pruning_keeps_the_newest_runs(world_store, world):
+    ids = [_nightly(world_store, world, keep_runs=2)["run_id"] for _ in range(3)]
+    assert [runs.get_run(world_store, i).status for i in ids] == ["pruned", "complete", "complete"]
+    assert _run_rows(world_store, ids[0]).empty and not _run_rows(world_store, ids[1]).empty
+
+
+def test_bad_inputs(store, world_store, world):
+    with pytest.raises(ConfigError, match="nightly.engine is 'spark', expected one of local, ray"):
+        _nightly(world_store, world, engine_name="spark")
+    with pytest.raises(ConfigError, match="nightly.shard_size is 0, expected an integer >= 1"):
+        _nightly(world_store, world, shard_size=0)
+    with pytest.raises(ConfigError, match=r"nightly.k is 50, expected at most num_candidates \(40\)"):
+        _nightly(world_store, world, k=50)
+    with pytest.raises(ConfigError, match="nightly.active_days is 0, expected a positive number of days"):
+        _nightly(world_store, world, active_days=0)
+    with pytest.raises(ConfigError, match="nightly.workers is -1, expected 0 or more"):
+        _nightly(world_store, world, num_workers=-1)
+    with pytest.raises(ConfigError, match="nightly.workers is 0, the ray engine needs at least 1 actor"):
+        _nightly(world_store, world, engine_name="ray", num_workers=0)
+    message = "no active user: nobody was shown an impression in the 7 days before 2020-01-01 00:00:00"
+    with pytest.raises(RecsysError, match=message):
+        _nightly(world_store, world, as_of=world.as_of + timedelta(days=46, hours=12))
+    assert read_lock(world_store) is None
+
+
+def test_empty_store_is_refused(store, world):
+    with pytest.raises(RecsysError, match="the store holds no impressions"):
+        _nightly(store, world)
+
+
+def test_index_of_another_model_is_refused(world_store, world, tmp_path):
+    from recsys.index.faiss_index import FaissIndex
+
+    other = FaissIndex.build(np.array(["N000"]), np.ones((1, 4), np.float32) / 2, kind="flat", num_threads=1)
+    other.save(tmp_path / "index-other")
+    with pytest.raises(ModelMismatchError, match="key 'dim' is 4 in the saved index, expected 16"):
+        _nightly(world_store, world, index_dir=tmp_path / "index-other")
+
+
+def test_model_bundle_must_be_readable(world_store, world, tmp_path):
+    with pytest.raises(NotFoundError, match=f"model bundle {tmp_path} has no config.json"):
+        _nightly(world_store, world, model_dir=tmp_path)
+    (tmp_path / "config.json").write_text('{"history_len": 8}')
+    with pytest.raises(ModelMismatchError, match=r"keys \['embedding_dim', 'side_features'\] are missing"):
+        _nightly(world_store, world, model_dir=tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelMismatchError, match="unreadable model config"):
+        _nightly(world_store, world, model_dir=tmp_path)
+
+
+def test_worker_url_is_absolute_for_sqlite(tmp_path, monkeypatch):
+    from sqlalchemy import create_engine
+
+    from recsys.ranking.nightly import _worker_url
+
+    monkeypatch.chdir(tmp_path)
+    assert _worker_url(create_engine("sqlite:///rel/store.db")) == f"sqlite:///{tmp_path}/rel/store.db"
+    assert _worker_url(create_engine("sqlite:////abs/store.db")) == "sqlite:////abs/store.db"
+    assert _worker_url(create_engine("postgresql+psycopg://u:secret@h/db")) == "postgresql+psycopg://u:secret@h/db"
