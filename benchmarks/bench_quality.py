@@ -1,0 +1,153 @@
+"""Quality of the CTR model on held-out sample worlds (issue: "The CTR model", Quality).
+
+For each seed: generate a world the model has never seen, ingest its news and training
+behaviors, train the multimodal model and its text-only and image-only ablations, and
+evaluate all of them on the later test window with the oracle (true click probabilities),
+random and most-popular baselines. About half of the test window's candidates are articles
+published after training (never clicked in the training window), so the "fresh" rows show
+how well content alone carries the prediction.
+
+Prints a table and writes benchmarks/results/quality.json.
+
+Usage:
+  python benchmarks/bench_quality.py --seeds 101 102 103 --users 3000 --news 2500 --impressions 9000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def subset_rows(world: Path, report_dir: Path, versions: dict[str, str], *, fresh_only: bool) -> dict:
+    """Per-impression AUC restricted to fresh candidates (never shown in training) or to the rest.
+
+    Uses the prediction files and truth.tsv only, so it is independent of the report code.
+    """
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from recsys.data.mind import iter_behaviors
+    from recsys.evaluation.prediction_file import read_predictions
+
+    train_ids = set()
+    for row in iter_behaviors(world / "behaviors_train.tsv"):
+        train_ids.update(row.news_ids)
+    truth = pd.read_csv(world / "truth.tsv", sep="\t", header=None, names=["split", "iid", "nid", "pos", "p", "y"])
+    truth = truth[truth["split"] == "test"]
+    by_imp = {iid: g for iid, g in truth.groupby("iid")}
+    out = {}
+    scores_of = {name: dict((int(i), 1.0 / r) for i, r in read_predictions(report_dir / f"prediction-{v}.txt")) for name, v in versions.items()}
+    for name in list(versions) + ["oracle"]:
+        aucs = []
+        for iid, g in by_imp.items():
+            fresh = ~g["nid"].isin(train_ids).to_numpy()
+            fresh = fresh if fresh_only else ~fresh
+            y = g["y"].to_numpy()[fresh]
+            if fresh.sum() < 2 or y.min() == y.max():
+                continue
+            s = g["p"].to_numpy()[fresh] if name == "oracle" else scores_of[name][int(iid)][fresh]
+            aucs.append(roc_auc_score(y, s))
+        out[name] = float(np.mean(aucs)) if aucs else None
+    out["num_impressions"] = len([1 for g in by_imp.values()])
+    return out
+
+
+def run_seed(seed: int, args, root: Path) -> dict:
+    from recsys.cli import AppContext
+    from recsys.config import Workspace, load_config
+    from recsys.data.sample import generate_sample
+    from recsys.pipelines.evaluate import run_evaluate
+    from recsys.pipelines.ingest import run_ingest
+    from recsys.pipelines.train import run_train
+    from recsys.store.database import open_store
+
+    world = root / f"world-{seed}"
+    t0 = time.perf_counter()
+    generate_sample(world, num_users=args.users, num_news=args.news, num_impressions=args.impressions, seed=seed)
+    ws = Workspace(root / f"ws-{seed}").ensure()
+    engine = open_store(ws.default_db_url)
+    config = load_config(None, {"model.epochs": args.epochs})
+    run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=world / "images")
+    versions = {}
+    for modalities in ("text", "image", "text,image"):
+        cfg = replace(config, model=replace(config.model, modalities=modalities))
+        result = run_train(engine, ws, cfg, make_current=(modalities == "text,image"))
+        versions[modalities] = result["version"]
+    report = run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=ws.reports_dir / "quality",
+                          ablations=True, truth=world / "truth.tsv", num_resamples=200)
+    metrics = json.loads(Path(report["metrics_json"]).read_text())
+    rows = {}
+    for name, m in metrics["models"].items():
+        rows[name] = {
+            "kind": m["kind"],
+            "impression_auc": m["metrics"]["impression_auc"]["value"],
+            "ci": [m["metrics"]["impression_auc"]["ci_low"], m["metrics"]["impression_auc"]["ci_high"]],
+            "gap_closed": m["gap_closed"],
+            "log_loss": m["metrics"]["log_loss"]["value"],
+        }
+    fresh = subset_rows(world, ws.reports_dir / "quality", versions, fresh_only=True)
+    seen = subset_rows(world, ws.reports_dir / "quality", versions, fresh_only=False)
+    return {"seed": seed, "rows": rows, "fresh": fresh, "seen": seen, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[101, 102, 103])
+    parser.add_argument("--users", type=int, default=3000)
+    parser.add_argument("--news", type=int, default=2500)
+    parser.add_argument("--impressions", type=int, default=9000)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--keep", type=Path, default=None, help="keep worlds and workspaces here")
+    args = parser.parse_args()
+    root = args.keep or Path(tempfile.mkdtemp(prefix="recsys-quality-"))
+    root.mkdir(parents=True, exist_ok=True)
+    results = []
+    try:
+        for seed in args.seeds:
+            res = run_seed(seed, args, root)
+            results.append(res)
+            print(f"\nseed {seed} ({res['seconds']} s)")
+            print(f"  {'model':<48} {'kind':<9} {'AUC/imp':>8} {'gap':>7} {'logloss':>8}")
+            for name, r in res["rows"].items():
+                gap = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.1f}%"
+                ll = "" if r["log_loss"] is None else f"{r['log_loss']:.4f}"
+                print(f"  {name:<48} {r['kind']:<9} {r['impression_auc']:>8.4f} {gap:>7} {ll:>8}")
+            for subset in ("fresh", "seen"):
+                print(f"  {subset} candidates only (AUC/imp):", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res[subset].items()})
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    summary = {}
+    for kind_label in ("text+image", "text only", "image only", "most popular", "random"):
+        gaps = [r["gap_closed"] for res in results for n, r in res["rows"].items() if n.startswith(kind_label) and r["gap_closed"] is not None]
+        if gaps:
+            summary[kind_label] = {"mean_gap_closed": float(np.mean(gaps)), "min_gap_closed": float(np.min(gaps))}
+    for subset in ("fresh", "seen"):
+        gaps = []
+        for res in results:
+            f = res[subset]
+            if f.get("text,image") is not None and f.get("oracle"):
+                gaps.append((f["text,image"] - 0.5) / (f["oracle"] - 0.5))
+        summary[f"{subset}_gap_closed_text+image"] = gaps
+    out = {
+        "benchmark": "quality", "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "host": platform.node(), "results": results, "summary": summary,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "quality.json").write_text(json.dumps(out, indent=2))
+    print("\nsummary:", json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

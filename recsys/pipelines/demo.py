@@ -1,0 +1,108 @@
+"""`recsys demo`: sample world -> ingest -> train (+ ablations) -> index -> nightly -> report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from recsys.errors import RecsysError
+
+log = logging.getLogger("recsys.demo")
+
+COMMITTED_SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
+
+
+def find_sample(sample: Path | None, workspace_root: Path) -> Path:
+    """The sample world to run on: given, committed, or generated into the workspace."""
+    if sample is not None:
+        if not (Path(sample) / "news.tsv").is_file():
+            raise RecsysError(f"--sample {sample}: no news.tsv there")
+        return Path(sample)
+    if (COMMITTED_SAMPLE / "news.tsv").is_file():
+        return COMMITTED_SAMPLE
+    from recsys.pipelines.sample import run_generate_sample
+
+    out = workspace_root / "sample"
+    if not (out / "news.tsv").is_file():
+        log.info("no committed sample found; generating one into %s", out)
+        run_generate_sample(out, users=1000, news=1000, impressions=1800, seed=7)
+    return out
+
+
+def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> dict:
+    from rich.console import Console
+
+    from recsys.pipelines.evaluate import run_evaluate
+    from recsys.pipelines.index import run_index_build, run_similar
+    from recsys.pipelines.ingest import run_ingest
+    from recsys.pipelines.nightly import run_nightly_job
+    from recsys.pipelines.train import run_train
+    from recsys.ranking.runs import recommendations_for_user
+    from recsys.store.stats import store_stats
+
+    console = Console()
+    ws = ctx.workspace.ensure()
+    config = ctx.config({"model.epochs": epochs})
+    world = find_sample(sample, ws.root)
+    engine = ctx.engine()
+    step = lambda text: console.rule(f"[bold]{text}")  # noqa: E731
+
+    step(f"1/7 ingest {world}")
+    run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=world / "images")
+    console.print_json(json.dumps(store_stats(engine)))
+
+    step("2/7 train the CTR model (text + image), then its text-only and image-only ablations")
+    trained = {}
+    for modalities in ("text", "image", "text,image"):  # the multimodal model last: it becomes current
+        cfg = replace(config, model=replace(config.model, modalities=modalities))
+        result = run_train(engine, ws, cfg, make_current=(modalities == "text,image"))
+        trained[modalities] = result
+        console.print(f"  {modalities:<10} version {result['version']}  validation AUC {result['metrics'].get('val_auc', float('nan')):.4f}")
+
+    step("3/7 build the FAISS index")
+    console.print_json(json.dumps(run_index_build(engine, ws, config)))
+
+    step("4/7 nightly ranking of every active user")
+    summary = run_nightly_job(engine, ws, config, export=ws.exports_dir)
+    console.print_json(json.dumps(summary["run"], default=str))
+
+    step("5/7 an example: one reader's recommendations")
+    user = _example_user(engine)
+    recs = recommendations_for_user(engine, user, config.nightly.k)
+    console.print(recs[["rank", "news_id", "category", "title", "score"]].to_string(index=False))
+
+    step("6/7 articles similar to the top recommendation")
+    for row in run_similar(engine, ws, news_id=recs.iloc[0]["news_id"], k=5):
+        console.print(f"  {row['rank']}. {row['news_id']} [{row['category']}] {row['title']}  ({row['score']:.3f})")
+
+    step("7/7 offline evaluation on the held-out test window")
+    out = ws.reports_dir / "demo"
+    report = run_evaluate(
+        engine, ws, config, behaviors=world / "behaviors_test.tsv", out=out, versions=None, ablations=True,
+        truth=world / "truth.tsv" if (world / "truth.tsv").exists() else None, news=None, images=None,
+    )
+    console.print(f"report: [bold]{report['html']}[/bold]")
+    console.print(f"metrics: {report['metrics_json']}")
+    return {"trained": trained, "nightly": summary, "report": report}
+
+
+def _example_user(engine) -> str:
+    """A user of the latest run with a click history (most informative to look at)."""
+    from sqlalchemy import func, select
+
+    from recsys.store import schema as s
+
+    with engine.connect() as conn:
+        run_id = conn.execute(select(func.max(s.runs.c.run_id)).where(s.runs.c.kind == "nightly", s.runs.c.status == "complete")).scalar()
+        user = conn.execute(
+            select(s.recommendations.c.user_id)
+            .join(s.clicks, s.clicks.c.user_id == s.recommendations.c.user_id)
+            .where(s.recommendations.c.run_id == run_id)
+            .order_by(s.recommendations.c.user_id)
+            .limit(1)
+        ).scalar()
+    if user is None:
+        raise RecsysError("the nightly run recommended nothing")
+    return user

@@ -1,0 +1,231 @@
+"""`recsys evaluate`: held-out behaviors -> metrics.json, report.html, MIND prediction files.
+
+Streams the behaviors file chunk by chunk; per chunk every model version scores the
+impressions once and the baselines are computed, then the accumulator keeps only compact
+per-candidate values (see recsys.metrics.accumulator).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Engine, select
+
+from recsys.columns import CATEGORY, NEWS_ID
+from recsys.config import Config, Workspace
+from recsys.errors import NotFoundError, RecsysError, SchemaError
+from recsys.pipelines.predict import split_scores
+from recsys.pipelines.scoring import Catalogue, VersionScorer, iter_scored, load_scoring_catalogue
+from recsys.threads import configure_threads
+from recsys.versions import ModelVersion, get_version, list_versions
+
+log = logging.getLogger("recsys.evaluate")
+
+RANDOM, POPULAR, ORACLE = "random", "most popular", "oracle (true probability)"
+AGE_EDGES_H = (6.0, 24.0, 72.0)
+
+
+def find_ablations(engine: Engine, current: ModelVersion) -> dict[str, ModelVersion]:
+    """The latest text-only and image-only versions trained on the current version's window."""
+    found = {}
+    window = current.manifest.get("training_window")
+    for row in reversed(list_versions(engine)):
+        m = row["manifest"]
+        if m.get("modalities") in ("text", "image") and m.get("training_window") == window and m["modalities"] not in found:
+            found[m["modalities"]] = get_version(engine, row["version"])
+    return found
+
+
+def train_missing_ablations(engine: Engine, workspace: Workspace, config: Config, current: ModelVersion, found: dict) -> dict:
+    from recsys.pipelines.train import run_train
+
+    window = current.manifest["training_window"]
+    for modalities in ("text", "image"):
+        if modalities in found:
+            continue
+        log.info("no %s-only version for the current training window: training one", modalities)
+        cfg = replace(config, model=replace(config.model, modalities=modalities, fusion=current.manifest.get("fusion", config.model.fusion)))
+        result = run_train(engine, workspace, cfg, since=window["since"], until=window["until"], source=window.get("source"), make_current=False)
+        found[modalities] = get_version(engine, result["version"])
+    return found
+
+
+def load_truth(path: Path, split: str) -> dict[int, tuple[list, np.ndarray]]:
+    """impression id -> (news ids, true probabilities) of one split of a sample world's truth.tsv."""
+    df = pd.read_csv(path, sep="\t", header=None, names=["split", "impression_id", NEWS_ID, "position", "p", "label"],
+                     dtype={"split": str, NEWS_ID: str}, keep_default_na=False)
+    df = df[df["split"] == split].sort_values(["impression_id", "position"], kind="stable")
+    if df.empty:
+        raise RecsysError(f"{path}: no rows for split '{split}'")
+    out = {}
+    for iid, group in df.groupby("impression_id", sort=False):
+        out[int(iid)] = (group[NEWS_ID].tolist(), group["p"].to_numpy(np.float64))
+    return out
+
+
+def split_of(behaviors: Path) -> str:
+    """The sample world names its files behaviors_<split>[_unlabelled].tsv."""
+    stem = behaviors.stem
+    return stem.removeprefix("behaviors_").removesuffix("_unlabelled") if stem.startswith("behaviors_") else stem
+
+
+def _age_groups(times: np.ndarray, offsets: np.ndarray, items: np.ndarray, first_seen: np.ndarray) -> list[str]:
+    from recsys.metrics.accumulator import ARTICLE_AGE_ORDER
+
+    shown_at = np.repeat(times, np.diff(offsets))
+    fs = first_seen[items]
+    age_h = (shown_at - fs).astype("timedelta64[s]").astype(np.float64) / 3600.0
+    code = np.digitize(age_h, AGE_EDGES_H)
+    labels = np.array(ARTICLE_AGE_ORDER[:4] + ("unknown",), dtype=object)
+    # An article never shown before this impression is brand new: the youngest bucket.
+    code = np.where(np.isnat(fs) | (age_h < 0), 0, code)
+    return labels[code].tolist()
+
+
+def run_evaluate(
+    engine: Engine, workspace: Workspace, config: Config, *, behaviors: Path, out: Path, versions: list[str] | None = None,
+    ablations: bool = False, truth: Path | None = None, news: Path | None = None, images: Path | None = None,
+    chunk_size: int = 20_000, num_resamples: int = 1000,
+) -> dict:
+    from recsys.evaluation.prediction_file import write_predictions
+    from recsys.evaluation.report import build_result, write_report
+    from recsys.metrics.accumulator import ImpressionMetrics, history_length_bucket
+
+    behaviors = Path(behaviors)
+    if not behaviors.is_file():
+        raise RecsysError(f"--behaviors {behaviors}: no such file")
+    configure_threads(config.runtime.threads or None)
+    t_start = time.perf_counter()
+    chosen = [get_version(engine, v) for v in versions] if versions else [get_version(engine)]
+    kinds = {mv.version: "model" for mv in chosen}
+    if ablations:
+        found = train_missing_ablations(engine, workspace, config, chosen[0], find_ablations(engine, chosen[0]))
+        for modalities, mv in sorted(found.items()):
+            chosen.append(mv)
+            kinds[mv.version] = "ablation"
+    catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images)
+    scorers = {mv.version: VersionScorer(mv, catalogue) for mv in chosen}
+    names = {mv.version: _display_name(mv, kinds[mv.version]) for mv in chosen}
+
+    truth_path = truth if truth is not None else behaviors.parent / "truth.tsv"
+    oracle = load_truth(truth_path, split_of(behaviors)) if truth_path.is_file() else None
+    popularity = _popularity(catalogue, chosen[0])
+    rng = np.random.default_rng(0)
+
+    model_names = [names[v] for v in scorers] + [RANDOM, POPULAR] + ([ORACLE] if oracle else [])
+    acc = ImpressionMetrics(
+        model_names, item_groups=("category", "has_image", "article_age"), impression_groups=("history_length",),
+        num_resamples=num_resamples, breakdown_resamples=min(200, num_resamples),
+    )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    predictions: dict[str, list] = {v: [] for v in scorers}
+    categories = catalogue.news[CATEGORY].to_numpy(dtype=object)
+    has_image = np.where(catalogue.features.has_image, "with image", "no image").astype(object)
+    window = [None, None]
+    for chunk in iter_scored(behaviors, catalogue, scorers, chunk_size=chunk_size):
+        imps = chunk.impressions
+        window[0] = imps.times.min() if window[0] is None else min(window[0], imps.times.min())
+        window[1] = imps.times.max() if window[1] is None else max(window[1], imps.times.max())
+        scores = {names[v]: s for v, s in chunk.scores.items()}
+        scores[RANDOM] = rng.random(len(imps.candidate_items))
+        # Click counts tie often; a random tie-break keeps candidate order out of the baseline.
+        scores[POPULAR] = popularity[imps.candidate_items] + 0.5 * rng.random(len(imps.candidate_items))
+        if oracle is not None:
+            scores[ORACLE] = _oracle_scores(oracle, imps, catalogue, behaviors, chunk.lines)
+        hist_len = np.diff(imps.history_offsets)
+        acc.add_batch(
+            imps.labels, scores, imps.candidate_offsets,
+            item_groups={
+                "category": categories[imps.candidate_items].tolist(),
+                "has_image": has_image[imps.candidate_items].tolist(),
+                "article_age": _age_groups(imps.times, imps.candidate_offsets, imps.candidate_items, catalogue.first_seen),
+            },
+            impression_groups={"history_length": [history_length_bucket(int(h)) for h in hist_len]},
+        )
+        for v, s in chunk.scores.items():
+            predictions[v].extend(zip(imps.impression_ids.tolist(), (x.copy() for x in split_scores(imps.candidate_offsets, s))))
+    if acc.num_impressions == 0:
+        raise RecsysError(f"{behaviors}: no impressions")
+    prediction_files = {}
+    for v, rows in predictions.items():
+        path = out / f"prediction-{v}.txt"
+        write_predictions(path, rows)
+        prediction_files[v] = str(path)
+    t_scored = time.perf_counter() - t_start
+    result = build_result(
+        acc,
+        kinds={**{names[v]: kinds[v] for v in scorers}, RANDOM: "baseline", POPULAR: "baseline", **({ORACLE: "oracle"} if oracle else {})},
+        behaviors_file=behaviors,
+        data_window=f"{window[0]} to {window[1]}",
+        model_versions=list(scorers),
+        encoders={
+            "text": catalogue.features.text_encoder.to_dict(),
+            "image": catalogue.features.image_encoder.to_dict(),
+        },
+        beyond_accuracy=_beyond_accuracy(engine, catalogue, popularity),
+    )
+    metrics_path, html_path = write_report(result, out)
+    gaps = {name: m.get("gap_closed") for name, m in result["models"].items()}
+    return {
+        "metrics_json": str(metrics_path), "html": str(html_path), "predictions": prediction_files,
+        "num_impressions": result["header"]["num_impressions"], "num_unlabelled": result["header"]["num_unlabelled"],
+        "impression_auc": {name: m["metrics"]["impression_auc"]["value"] for name, m in result["models"].items()},
+        "gap_closed": gaps, "seconds": round(time.perf_counter() - t_start, 2), "scoring_seconds": round(t_scored, 2),
+    }
+
+
+def _display_name(mv: ModelVersion, kind: str) -> str:
+    modalities = mv.manifest.get("modalities", "text,image")
+    label = {"text,image": "text+image", "text": "text only", "image": "image only"}.get(modalities, modalities)
+    return f"{label} ({mv.version})"
+
+
+def _popularity(catalogue: Catalogue, reference: ModelVersion) -> np.ndarray:
+    """Clicks per article in the reference model's training window: the popularity baseline."""
+    window = reference.manifest["training_window"]
+    lo, hi = np.datetime64(window["since"], "s"), np.datetime64(window["until"], "s")
+    ev = catalogue.log
+    inside = (ev.times >= lo) & (ev.times < hi)
+    return np.bincount(ev.item_rows[inside], weights=ev.clicks[inside], minlength=len(catalogue.features)).astype(np.float64)
+
+
+def _oracle_scores(oracle: dict, imps, catalogue: Catalogue, behaviors: Path, lines: np.ndarray) -> np.ndarray:
+    out = np.empty(len(imps.candidate_items), dtype=np.float64)
+    ids = catalogue.features.news_ids
+    for i, iid in enumerate(imps.impression_ids.tolist()):
+        lo, hi = imps.candidate_offsets[i], imps.candidate_offsets[i + 1]
+        entry = oracle.get(iid)
+        if entry is None or entry[0] != ids[imps.candidate_items[lo:hi]].tolist():
+            raise SchemaError(behaviors, int(lines[i]), "impressions", iid, "the same candidates as in truth.tsv (is it this world's truth file?)")
+        out[lo:hi] = entry[1]
+    return out
+
+
+def _beyond_accuracy(engine: Engine, catalogue: Catalogue, popularity: np.ndarray) -> dict | None:
+    """Coverage, diversity, novelty and popularity bias of the latest complete nightly run."""
+    from recsys.evaluation.report import beyond_accuracy
+    from recsys.ranking.runs import latest_run
+    from recsys.store import schema as s
+
+    run = latest_run(engine)
+    if run is None:
+        return None
+    r = s.recommendations.c
+    with engine.connect() as conn:
+        recs = pd.read_sql(select(r.user_id, r.rank, r.news_id).where(r.run_id == run.run_id), conn)
+    if recs.empty:
+        return None
+    ids = catalogue.features.news_ids
+    first_seen = pd.Series(pd.to_datetime(catalogue.first_seen), index=ids)
+    # "New" = first shown within the day before the run's as-of time (or never shown).
+    as_of = pd.Timestamp(run.plan.get("as_of") or run.started_at)
+    return beyond_accuracy(
+        recs, pd.Series(catalogue.news[CATEGORY].to_numpy(), index=ids), first_seen, pd.Series(popularity, index=ids),
+        len(ids), as_of - pd.Timedelta(days=1),
+    )

@@ -1,0 +1,90 @@
+"""`recsys index build` and `recsys similar`: item embeddings of the catalogue in FAISS."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Engine
+
+from recsys.columns import CATEGORY, TITLE
+from recsys.config import Config, Workspace
+from recsys.errors import NotFoundError
+from recsys.pipelines.train import first_seen_array, load_catalogue, load_version_model
+from recsys.store import repository as repo
+from recsys.threads import configure_threads
+from recsys.versions import ModelVersion, check_encoders, get_version
+
+log = logging.getLogger("recsys.index")
+
+
+def published_times(engine: Engine, news: pd.DataFrame) -> np.ndarray:
+    """(n,) datetime64[s] publication stand-in: first shown, else "now" of the store.
+
+    MIND has no publication time. An article never shown yet is new: it gets the store's
+    latest impression time, so the freshness filter keeps it.
+    """
+    first_seen = first_seen_array(news)
+    _, latest = repo.time_range(engine)
+    now = np.datetime64(latest, "s") if latest is not None else np.datetime64("now", "s")
+    return np.where(np.isnat(first_seen), now, first_seen)
+
+
+def index_manifest(mv: ModelVersion) -> dict:
+    return {
+        "model_version": mv.version,
+        "text_encoder": mv.manifest["text_encoder"],
+        "image_encoder": mv.manifest["image_encoder"],
+        "embedding_dim": mv.manifest["embedding_dim"],
+    }
+
+
+def run_index_build(engine: Engine, workspace: Workspace, config: Config, *, version: str | None = None) -> dict:
+    """Embed every article with the version's item tower and write ``<version>/index``."""
+    from recsys.index.faiss_index import FaissIndex
+
+    configure_threads(config.runtime.threads or None)
+    mv = get_version(engine, version)
+    t0 = time.perf_counter()
+    news, features = load_catalogue(engine, workspace, config)
+    check_encoders(mv.manifest, features.text_encoder.to_dict(), features.image_encoder.to_dict(), what=f"model version {mv.version}")
+    model = load_version_model(mv, features)
+    embeddings = model.item_embeddings(features)
+    t_embed = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    index = FaissIndex.build(
+        features.news_ids, embeddings, published=published_times(engine, news), kind=config.index.kind,
+        exact_max_items=config.index.exact_max_items, num_threads=config.runtime.threads or None,
+    )
+    index.save(mv.index_dir, manifest_extra=index_manifest(mv))
+    t_build = time.perf_counter() - t0
+    log.info("index of %d articles (%s) written to %s", len(index), index.kind, mv.index_dir)
+    return {
+        "version": mv.version, "path": str(mv.index_dir), "items": len(index), "kind": index.kind,
+        "embed_s": round(t_embed, 2), "build_s": round(t_build, 2),
+    }
+
+
+def load_index(mv: ModelVersion, *, num_threads: int | None = None):
+    """The version's FAISS index, refusing one built for other encoders or dims."""
+    from recsys.index.faiss_index import FaissIndex
+
+    if not mv.index_dir.exists():
+        raise NotFoundError(f"model version {mv.version} has no index yet: run `recsys index build`")
+    return FaissIndex.load(mv.index_dir, expected=index_manifest(mv), num_threads=num_threads)
+
+
+def run_similar(engine: Engine, workspace: Workspace, *, news_id: str, k: int, version: str | None = None) -> list[dict]:
+    """The ``k`` articles nearest to ``news_id`` (itself excluded), best first."""
+    mv = get_version(engine, version)
+    index = load_index(mv)
+    if news_id not in index:
+        raise NotFoundError(f"news id '{news_id}' is not in the index of model version {mv.version}")
+    hits = index.search(index.vector(news_id)[None, :], k, exclude=[{news_id}])[0]
+    meta = repo.read_news_titles(engine, hits.news_ids)
+    return [
+        {"rank": rank, "news_id": nid, "score": float(score), "title": meta.at[nid, TITLE], "category": meta.at[nid, CATEGORY]}
+        for rank, (nid, score) in enumerate(hits, start=1)
+    ]

@@ -1,0 +1,97 @@
+"""`recsys nightly`: the product's main job, one command for cron or Airflow.
+
+1. ingest new files if given (bad rows quarantined; an ingest failure is recorded and the
+   existing data is still scored),
+2. encode articles the feature cache lacks, embed them with the current model version and
+   add new or changed articles to its index,
+3-5. rank every active user shard by shard, switch readers atomically, record the run
+   (``recsys.ranking.nightly.run_nightly``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import Engine
+
+from recsys.config import Config, Workspace
+from recsys.errors import RecsysError
+from recsys.pipelines.index import index_manifest, load_index, published_times
+from recsys.pipelines.train import load_catalogue, load_version_model
+from recsys.progress import progress
+from recsys.threads import configure_threads
+from recsys.versions import check_encoders, get_version
+
+log = logging.getLogger("recsys.nightly")
+
+
+def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv) -> dict:
+    """Add articles that are new (or whose content changed) to the version's index.
+
+    Features come through the cache, so only new articles reach the encoders; the item
+    tower is cheap and re-embeds the catalogue, and only rows whose embedding differs from
+    the indexed one are written.
+    """
+    from recsys.index.faiss_index import FaissIndex
+
+    news, features = load_catalogue(engine, workspace, config)
+    check_encoders(mv.manifest, features.text_encoder.to_dict(), features.image_encoder.to_dict(), what=f"model version {mv.version}")
+    embeddings = load_version_model(mv, features).item_embeddings(features)
+    published = published_times(engine, news)
+    if not mv.index_dir.exists():
+        index = FaissIndex.build(
+            features.news_ids, embeddings, published=published, kind=config.index.kind,
+            exact_max_items=config.index.exact_max_items,
+        )
+        index.save(mv.index_dir, manifest_extra=index_manifest(mv))
+        return {"index_built": len(index), "index_added": len(index)}
+    index = load_index(mv)
+    present = np.array([nid in index for nid in features.news_ids], dtype=bool)
+    changed = ~present
+    if present.any():
+        old = index.vectors(features.news_ids[present])
+        changed[np.flatnonzero(present)] = np.abs(old - embeddings[present]).max(axis=1) > 1e-5
+    rows = np.flatnonzero(changed)
+    if len(rows):
+        index.add(features.news_ids[rows], embeddings[rows], published=published[rows])
+        index.save(mv.index_dir, manifest_extra=index_manifest(mv))
+    return {"index_added": int((~present).sum()), "index_updated": int(len(rows) - (~present).sum())}
+
+
+def run_nightly_job(
+    engine: Engine, workspace: Workspace, config: Config, *, news: Path | None = None, behaviors: Path | None = None,
+    images: Path | None = None, export: Path | None = None,
+) -> dict:
+    from recsys.pipelines.ingest import run_ingest
+    from recsys.ranking.nightly import run_nightly
+
+    nc = config.nightly
+    configure_threads(config.runtime.threads or None)
+    summary: dict = {"timings": {}}
+    if news is not None or behaviors is not None:
+        t0 = time.perf_counter()
+        try:
+            summary["ingest"] = run_ingest(engine, workspace, news=news, behaviors=behaviors, images=images)
+        except RecsysError as exc:
+            # The rules of ingest hold (nothing half-written); the existing data is still scored.
+            log.error("ingest failed, scoring the data already stored: %s", exc)
+            summary["ingest"] = {"error": str(exc)}
+        summary["timings"]["ingest_s"] = round(time.perf_counter() - t0, 2)
+    mv = get_version(engine)
+    t0 = time.perf_counter()
+    summary["index"] = refresh_index(engine, workspace, config, mv)
+    summary["timings"]["encode_and_index_s"] = round(time.perf_counter() - t0, 2)
+    summary["run"] = run_nightly(
+        engine, model_dir=mv.model_dir, index_dir=mv.index_dir, model_version=mv.version, engine_name=nc.engine,
+        shard_size=nc.shard_size, k=nc.k, num_candidates=nc.num_candidates, active_days=nc.active_days,
+        freshness_days=nc.freshness_days, keep_runs=nc.keep_runs, num_workers=nc.workers,
+        ray_address=nc.ray_address or None, progress=progress,
+    )
+    if export is not None:
+        from recsys.ranking.export import export_run
+
+        summary["export"] = str(export_run(engine, Path(export), run_id=summary["run"]["run_id"]))
+    return summary

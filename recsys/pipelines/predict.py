@@ -1,0 +1,46 @@
+"""`recsys predict`: a MIND behaviors file -> the MIND competition prediction file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import Engine
+
+from recsys.config import Config, Workspace
+from recsys.errors import RecsysError
+from recsys.pipelines.scoring import VersionScorer, iter_scored, load_scoring_catalogue
+from recsys.threads import configure_threads
+from recsys.versions import get_version
+
+
+def split_scores(offsets: np.ndarray, scores: np.ndarray):
+    return (scores[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1))
+
+
+def run_predict(
+    engine: Engine, workspace: Workspace, config: Config, *, behaviors: Path, out: Path, version: str | None = None,
+    news: Path | None = None, images: Path | None = None,
+) -> dict:
+    """Write ``ImpressionID [r1,r2,...]`` for every impression of ``behaviors``, in file order."""
+    from recsys.evaluation.prediction_file import write_predictions
+
+    if not Path(behaviors).is_file():
+        raise RecsysError(f"--behaviors {behaviors}: no such file")
+    configure_threads(config.runtime.threads or None)
+    t0 = time.perf_counter()
+    mv = get_version(engine, version)
+    catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images)
+    scorer = VersionScorer(mv, catalogue)
+    counts = {"impressions": 0, "candidates": 0}
+
+    def rows():
+        for chunk in iter_scored(Path(behaviors), catalogue, {"model": scorer}):
+            imps = chunk.impressions
+            counts["impressions"] += len(imps)
+            counts["candidates"] += len(imps.candidate_items)
+            yield from zip(imps.impression_ids.tolist(), split_scores(imps.candidate_offsets, chunk.scores["model"]))
+
+    write_predictions(Path(out), rows())
+    return {"version": mv.version, "out": str(out), **counts, "seconds": round(time.perf_counter() - t0, 2)}

@@ -1,0 +1,14 @@
+"""`recsys generate-sample`: write a MIND-format sample world."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from recsys.progress import progress
+
+
+def run_generate_sample(out: Path, *, users: int, news: int, impressions: int, seed: int) -> dict:
+    from recsys.data.sample import generate_sample
+
+    with progress("generating sample world", total=None) as advance:
+        return generate_sample(Path(out), num_users=users, num_news=news, num_impressions=impressions, seed=seed, progress=advance)

@@ -1,0 +1,176 @@
+"""Score a MIND behaviors file, streaming: the shared core of `predict` and `evaluate`.
+
+The file is read in chunks of impressions, so memory is bounded by the chunk, not the file.
+Each chunk becomes an ``Impressions`` over the catalogue's item rows (history from the row's
+own History column, as the MIND competition defines it) and every model scores it once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Engine
+
+from recsys.columns import (
+    ABSTRACT, CATEGORY, CONTENT_HASH, IMAGE_MISSING, IMAGE_PATH, IMAGE_STATUS, NEWS_ID, SUBCATEGORY, TITLE,
+)
+from recsys.config import Config, Workspace
+from recsys.encoders.item_features import ItemFeatures
+from recsys.errors import RecsysError, SchemaError
+from recsys.models.samples import Impressions, InteractionLog
+from recsys.pipelines.features import encode_news
+from recsys.pipelines.train import first_seen_array, interaction_log, load_version_model
+from recsys.store import repository as repo
+from recsys.versions import ModelVersion, check_encoders
+
+log = logging.getLogger("recsys.scoring")
+
+
+@dataclass
+class Catalogue:
+    """Every article a behaviors file may name, with features and serving statistics."""
+
+    news: pd.DataFrame
+    features: ItemFeatures
+    row_of: dict
+    log: InteractionLog
+    first_seen: np.ndarray
+
+
+def news_from_file(path: Path, images: Path | None, known: set[str]) -> pd.DataFrame:
+    """Articles of a news.tsv that the store does not know, in the store's column layout.
+
+    Raises:
+        SchemaError: the first malformed row (scoring needs every article it is asked about).
+    """
+    from recsys.data.images import inspect_image, list_images
+    from recsys.data.mind import BadRow, iter_news
+    from recsys.store.ingest import content_hash
+
+    root = Path(images).resolve() if images else None
+    listing = list_images(root) if root else None
+    records = []
+    for row in iter_news(path):
+        if isinstance(row, BadRow):
+            raise SchemaError(row.file, row.line, row.field, row.value, row.expected)
+        if row.news_id in known:
+            continue
+        check = inspect_image(root, row.news_id, listing=listing) if root else None
+        image_path = str(root / check.path) if check and check.path else None
+        records.append({
+            NEWS_ID: row.news_id, CATEGORY: row.category, SUBCATEGORY: row.subcategory, TITLE: row.title,
+            ABSTRACT: row.abstract, IMAGE_PATH: image_path, IMAGE_STATUS: check.status if check else IMAGE_MISSING,
+            CONTENT_HASH: content_hash(row.title, row.abstract, row.category, row.subcategory, check.sha256 if check else None),
+            "first_seen_at": pd.NaT,
+        })
+    return pd.DataFrame.from_records(records, columns=[NEWS_ID, CATEGORY, SUBCATEGORY, TITLE, ABSTRACT, IMAGE_PATH, IMAGE_STATUS, CONTENT_HASH, "first_seen_at"])
+
+
+def load_scoring_catalogue(engine: Engine, workspace: Workspace, config: Config, *, news: Path | None, images: Path | None) -> Catalogue:
+    stored = repo.read_news(engine)
+    extra = news_from_file(news, images, set(stored[NEWS_ID])) if news else stored.iloc[:0]
+    frames = [df for df in (stored, extra) if len(df)]
+    if not frames:
+        raise RecsysError("no articles to score: the store is empty and no --news file was given")
+    catalogue = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    features = encode_news(catalogue, workspace, config)
+    row_of = dict(zip(features.news_ids.tolist(), range(len(features))))
+    events = interaction_log(engine, features.news_ids)
+    return Catalogue(catalogue, features, row_of, events, first_seen_array(catalogue))
+
+
+@dataclass
+class ScoredChunk:
+    impressions: Impressions
+    scores: dict  # model name -> (c,) probabilities aligned with impressions.candidate_items
+    lines: np.ndarray  # (m,) line numbers in the behaviors file
+
+
+def iter_behavior_chunks(path: Path, catalogue: Catalogue, *, chunk_size: int = 20_000, history_len: int = 50) -> Iterator[tuple[Impressions, np.ndarray]]:
+    """Chunks of a behaviors file as ``Impressions`` (labels -1 where the file has none).
+
+    Raises:
+        SchemaError: a malformed row, or a candidate article missing from the catalogue.
+    """
+    from recsys.data.mind import BadRow, iter_behaviors
+
+    buf: list = []
+    missing_history = 0
+    for row in iter_behaviors(path):
+        if isinstance(row, BadRow):
+            raise SchemaError(row.file, row.line, row.field, row.value, row.expected)
+        buf.append(row)
+        if len(buf) >= chunk_size:
+            imps, dropped = _chunk(buf, catalogue.row_of, path, history_len)
+            missing_history += dropped
+            yield imps, np.array([r.line for r in buf])
+            buf = []
+    if buf:
+        imps, dropped = _chunk(buf, catalogue.row_of, path, history_len)
+        missing_history += dropped
+        yield imps, np.array([r.line for r in buf])
+    if missing_history:
+        log.warning("%s: %d history entries name articles not in the catalogue and were ignored", path, missing_history)
+
+
+def _chunk(rows: list, row_of: dict, path: Path, history_len: int) -> tuple[Impressions, int]:
+    h_lists, c_lists, l_lists = [], [], []
+    dropped = 0
+    for row in rows:
+        # MIND lists history oldest first; the model reads most recent first.
+        hist = [row_of.get(n) for n in reversed(row.history)]
+        known = [h for h in hist if h is not None]
+        dropped += len(hist) - len(known)
+        h_lists.append(known[:history_len])
+        cands = []
+        for n in row.news_ids:
+            r = row_of.get(n)
+            if r is None:
+                raise SchemaError(path, row.line, "impressions", n, "a news id present in the store or in --news")
+            cands.append(r)
+        c_lists.append(cands)
+        l_lists.append(row.labels if row.labels is not None else [-1] * len(cands))
+    h_off = np.concatenate([[0], np.cumsum([len(h) for h in h_lists])]).astype(np.int64)
+    c_off = np.concatenate([[0], np.cumsum([len(c) for c in c_lists])]).astype(np.int64)
+    flat = lambda lists, dtype: np.fromiter((x for xs in lists for x in xs), dtype=dtype, count=-1)  # noqa: E731
+    imps = Impressions(
+        impression_ids=np.array([r.impression_id for r in rows], dtype=np.int64),
+        user_ids=np.array([r.user_id for r in rows], dtype=object),
+        times=np.array([np.datetime64(r.time, "s") for r in rows], dtype="datetime64[s]"),
+        history_offsets=h_off,
+        history_items=flat(h_lists, np.int32),
+        candidate_offsets=c_off,
+        candidate_items=flat(c_lists, np.int32),
+        labels=flat(l_lists, np.int8),
+    )
+    return imps, dropped
+
+
+class VersionScorer:
+    """A model version ready to score chunks: its bundle and the catalogue's embeddings."""
+
+    def __init__(self, mv: ModelVersion, catalogue: Catalogue):
+        check_encoders(mv.manifest, catalogue.features.text_encoder.to_dict(), catalogue.features.image_encoder.to_dict(),
+                       what=f"model version {mv.version}")
+        self.version = mv
+        self.model = load_version_model(mv, catalogue.features)
+        self.embeddings = self.model.item_embeddings(catalogue.features)
+        self.catalogue = catalogue
+
+    @property
+    def history_len(self) -> int:
+        return self.model.config.history_len
+
+    def score(self, impressions: Impressions) -> np.ndarray:
+        return self.model.score_impressions(impressions, self.embeddings, self.catalogue.log, self.catalogue.first_seen)
+
+
+def iter_scored(path: Path, catalogue: Catalogue, scorers: dict[str, VersionScorer], *, chunk_size: int = 20_000) -> Iterator[ScoredChunk]:
+    history_len = max((s.history_len for s in scorers.values()), default=50)
+    for imps, lines in iter_behavior_chunks(path, catalogue, chunk_size=chunk_size, history_len=history_len):
+        yield ScoredChunk(imps, {name: s.score(imps) for name, s in scorers.items()}, lines)

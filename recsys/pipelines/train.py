@@ -1,0 +1,168 @@
+"""`recsys train`: impressions of a time window -> CTR model version (marked current)."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Engine
+
+from recsys.columns import LABEL, NEWS_ID, TIME
+from recsys.config import Config, Workspace
+from recsys.encoders.item_features import ItemFeatures
+from recsys.errors import RecsysError
+from recsys.models.samples import Impressions, InteractionLog
+from recsys.pipelines.features import encode_news
+from recsys.pipelines.runlog import recorded_run
+from recsys.store import repository as repo
+from recsys.threads import configure_threads
+from recsys.versions import ModelVersion, new_version_name, publish_version, staging_dir, utcnow
+
+log = logging.getLogger("recsys.train")
+
+
+def parse_time(value: str | None, flag: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise RecsysError(f"{flag} {value!r} is not a date or datetime, expected ISO format like 2019-11-14 or 2019-11-14T09:00") from exc
+
+
+def interaction_log(engine: Engine, news_ids: np.ndarray, *, until: datetime | None = None) -> InteractionLog:
+    """The labelled shows and clicks (before ``until``) as an ``InteractionLog`` over ``news_ids``."""
+    events = repo.read_click_log(engine, until=until)
+    rows = pd.Series(np.arange(len(news_ids)), index=pd.Index(news_ids)).reindex(events[NEWS_ID].to_numpy())
+    known = rows.notna().to_numpy()
+    return InteractionLog.from_events(
+        rows.to_numpy()[known].astype(np.int64),
+        pd.to_datetime(events[TIME]).to_numpy()[known].astype("datetime64[s]"),
+        events[LABEL].to_numpy()[known].astype(np.int8),
+        len(news_ids),
+    )
+
+
+def first_seen_array(news: pd.DataFrame) -> np.ndarray:
+    """(n,) datetime64[s] first time each article was shown; NaT when never."""
+    return pd.to_datetime(news["first_seen_at"]).to_numpy().astype("datetime64[s]")
+
+
+def load_catalogue(engine: Engine, workspace: Workspace, config: Config) -> tuple[pd.DataFrame, ItemFeatures]:
+    news = repo.read_news(engine)
+    if news.empty:
+        raise RecsysError("the store holds no articles: run `recsys ingest --news news.tsv` first")
+    return news, encode_news(news, workspace, config)
+
+
+def train_window(engine: Engine, since: datetime | None, until: datetime | None, valid_days: float):
+    lo, hi = repo.time_range(engine)
+    if lo is None:
+        raise RecsysError("the store holds no impressions: run `recsys ingest --behaviors behaviors.tsv` first")
+    since = since or lo
+    until = until or (hi + timedelta(seconds=1))
+    if until <= since:
+        raise RecsysError(f"training window is empty: --since {since} is not before --until {until}")
+    valid_start = until - timedelta(days=valid_days)
+    if valid_start <= since:
+        raise RecsysError(
+            f"training window {since} .. {until} is not longer than the validation window "
+            f"(model.valid_days = {valid_days}); widen the window or lower model.valid_days"
+        )
+    return since, valid_start, until
+
+
+def run_train(
+    engine: Engine, workspace: Workspace, config: Config, *, since: str | None = None, until: str | None = None,
+    source: str | None = None, make_current: bool = True,
+) -> dict:
+    """Train on the window, validate on its last ``model.valid_days``, publish a version."""
+    from recsys.models.training import train_ctr
+
+    configure_threads(config.runtime.threads or None)
+    mc = config.model
+    timings = {}
+    t0 = time.perf_counter()
+    news, features = load_catalogue(engine, workspace, config)
+    timings["encode_s"] = round(time.perf_counter() - t0, 2)
+    since_dt, valid_start, until_dt = train_window(engine, parse_time(since, "--since"), parse_time(until, "--until"), mc.valid_days)
+    t0 = time.perf_counter()
+    read = dict(source=source, history_len=mc.history_len, labelled_only=True)
+    train = repo.read_impressions(engine, features.news_ids, since=since_dt, until=valid_start, **read)
+    valid = repo.read_impressions(engine, features.news_ids, since=valid_start, until=until_dt, **read)
+    for name, imps in (("training", train), ("validation", valid)):
+        if len(imps) == 0:
+            raise RecsysError(f"the {name} window holds no labelled impressions ({since_dt} .. {valid_start} .. {until_dt})")
+    events = interaction_log(engine, features.news_ids, until=until_dt)
+    first_seen = first_seen_array(news)
+    timings["read_s"] = round(time.perf_counter() - t0, 2)
+    log.info("training on %d impressions, validating on %d (%s .. %s .. %s)", len(train), len(valid), since_dt, valid_start, until_dt)
+
+    version = new_version_name()
+    with recorded_run(engine, "train", model_version=version) as record:
+        t0 = time.perf_counter()
+        model, history = train_ctr(
+            features, train, valid, events, modalities=mc.modalities, fusion=mc.fusion, embedding_dim=mc.embedding_dim,
+            history_len=mc.history_len, epochs=mc.epochs, batch_size=mc.batch_size, learning_rate=mc.learning_rate,
+            seed=mc.seed, first_seen=first_seen, progress=_log_epoch,
+        )
+        timings["train_s"] = round(time.perf_counter() - t0, 2)
+        staged = staging_dir(workspace.models_dir, version)
+        model.save(staged / "model")
+        manifest = {
+            "version": version,
+            "created_at": utcnow().isoformat(),
+            "text_encoder": features.text_encoder.to_dict(),
+            "image_encoder": features.image_encoder.to_dict(),
+            "embedding_dim": mc.embedding_dim,
+            "modalities": mc.modalities,
+            "fusion": mc.fusion,
+            "seed": mc.seed,
+            "training_window": {"since": since_dt.isoformat(), "valid_start": valid_start.isoformat(), "until": until_dt.isoformat(), "source": source},
+            "data": _counts(train, valid, features),
+            "metrics": _final_metrics(history),
+            "history": history,
+            "timings": timings,
+            "host": platform.node(),
+        }
+        mv = publish_version(engine, workspace.models_dir, version, staged, manifest, make_current=make_current)
+        record["counts"] = manifest["data"]
+        record["timings"] = timings
+    return {"version": mv.version, "path": str(mv.path), "current": make_current, "metrics": manifest["metrics"], "data": manifest["data"], "timings": timings}
+
+
+def _counts(train: Impressions, valid: Impressions, features: ItemFeatures) -> dict:
+    return {
+        "train_impressions": len(train),
+        "train_samples": int(len(train.candidate_items)),
+        "valid_impressions": len(valid),
+        "valid_samples": int(len(valid.candidate_items)),
+        "items": len(features),
+        "items_with_image": int(features.has_image.sum()),
+    }
+
+
+def _final_metrics(history: dict) -> dict:
+    """Validation metrics of the epoch whose weights were kept."""
+    best = history.get("best_epoch")
+    out = {"best_epoch": best, "val_auc": history.get("best_val_auc")}
+    if best and history.get("val_log_loss"):  # epochs count from 1
+        out["val_log_loss"] = history["val_log_loss"][best - 1]
+    return out
+
+
+def _log_epoch(info: dict) -> None:
+    shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
+    log.info("epoch: %s", shown)
+
+
+def load_version_model(mv: ModelVersion, features: ItemFeatures):
+    """The version's ``RankingModel``, refusing features from other encoders."""
+    from recsys.models.bundle import RankingModel
+
+    return RankingModel.load(mv.model_dir, text_encoder=features.text_encoder, image_encoder=features.image_encoder)

@@ -1,0 +1,128 @@
+"""Model versions: one directory per version under ``<workspace>/models/`` plus a row in the
+store's ``model_versions`` table. A version becomes visible (and current) only after its
+directory is complete: it is written under a temporary name and renamed in one step.
+
+Layout of a version directory::
+
+    manifest.json      encoders, dims, training window, data counts, metrics, seed
+    model/             the CTR model bundle (Keras files + config, see recsys.models.bundle)
+    index/             the FAISS index and its id map (written by ``recsys index build``)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import Engine, insert, select, update
+
+from recsys.errors import ModelMismatchError, NotFoundError
+from recsys.store import schema as s
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version: str
+    path: Path
+    manifest: dict
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.path / "index"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def new_version_name() -> str:
+    return utcnow().strftime("v%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def staging_dir(models_dir: Path, version: str) -> Path:
+    """A fresh temporary directory in which a version is assembled."""
+    tmp = models_dir / f".tmp-{version}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def publish_version(engine: Engine, models_dir: Path, version: str, staged: Path, manifest: dict, *, make_current: bool = True) -> ModelVersion:
+    """Rename the staged directory into place and register it (current if asked), atomically.
+
+    The directory rename happens first; if the process dies between the rename and the
+    database commit, the directory is an orphan that no reader ever sees.
+    """
+    write_json_atomic(staged / MANIFEST, manifest)
+    final = models_dir / version
+    os.replace(staged, final)
+    with engine.begin() as conn:
+        if make_current:
+            conn.execute(update(s.model_versions).values(is_current=False))
+        conn.execute(
+            insert(s.model_versions).values(
+                version=version, path=str(final), created_at=utcnow(), is_current=make_current, manifest=manifest
+            )
+        )
+    return ModelVersion(version, final, manifest)
+
+
+def get_version(engine: Engine, version: str | None = None) -> ModelVersion:
+    """The named version, or the current one.
+
+    Raises:
+        NotFoundError: no such version, or no current version yet (train first).
+    """
+    mv = s.model_versions.c
+    query = select(mv.version, mv.path, mv.manifest)
+    query = query.where(mv.version == version) if version else query.where(mv.is_current.is_(True))
+    with engine.connect() as conn:
+        row = conn.execute(query).first()
+    if row is None:
+        if version:
+            raise NotFoundError(f"model version '{version}' does not exist (see the model_versions table)")
+        raise NotFoundError("no current model version: run `recsys train` first")
+    path = Path(row.path)
+    if not (path / MANIFEST).exists():
+        raise NotFoundError(f"model version '{row.version}' is registered but its directory {path} is missing")
+    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    return ModelVersion(row.version, path, manifest)
+
+
+def list_versions(engine: Engine) -> list[dict]:
+    mv = s.model_versions.c
+    with engine.connect() as conn:
+        rows = conn.execute(select(mv.version, mv.path, mv.created_at, mv.is_current, mv.manifest).order_by(mv.created_at)).all()
+    return [dict(r._mapping) for r in rows]
+
+
+def check_encoders(manifest: dict, text_info: dict, image_info: dict, *, what: str) -> None:
+    """Refuse to combine a version with features from other encoders.
+
+    Raises:
+        ModelMismatchError: naming the encoder, the saved identity and the given one.
+    """
+    for key, given in (("text_encoder", text_info), ("image_encoder", image_info)):
+        saved = manifest.get(key)
+        if saved != given:
+            raise ModelMismatchError(
+                f"{what} was built with {key} {saved}, but the configured encoder is {given}; "
+                "retrain, or configure the encoder the version was built with"
+            )

@@ -1,0 +1,191 @@
+"""The `recsys` command end to end on a tiny generated world, plus its error paths.
+
+Commands run in-process through ``recsys.cli.main`` (the console script's own entry), so
+TensorFlow loads once. Numbers are checked against the input files and scikit-learn.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from recsys.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def read_tsv(path: Path) -> list[list[str]]:
+    return [line.rstrip("\n").split("\t") for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from recsys.data.sample import generate_sample
+
+    out = tmp_path_factory.mktemp("world") / "sample"
+    generate_sample(out, num_users=160, num_news=240, num_impressions=700, seed=3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ws")
+
+
+def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
+    ws = ["--workspace", str(workspace)]
+    news = read_tsv(world / "news.tsv")
+    train_rows = read_tsv(world / "behaviors_train.tsv")
+
+    code, out, err = run(capsys, *ws, "ingest", "--news", str(world / "news.tsv"), "--behaviors",
+                         str(world / "behaviors_train.tsv"), "--images", str(world / "images"))
+    assert code == 0, err
+    code, out, _ = run(capsys, *ws, "stats", "--json")
+    assert code == 0
+    stats = json.loads(out)
+    items = [tok for row in train_rows for tok in row[4].split()]
+    assert stats["news"] == len(news)
+    assert stats["news_with_image"] == len(list((world / "images").iterdir()))
+    assert stats["impressions"] == len(train_rows)
+    assert stats["users"] == len({row[1] for row in train_rows})
+    assert stats["impression_items"] == len(items)
+    assert stats["labelled_items"] == len(items)
+    assert stats["quarantined"] == 0
+    history_pairs = {(row[1], n) for row in train_rows for n in row[3].split()}
+    click_pairs = {(row[1], tok[:-2]) for row in train_rows for tok in row[4].split() if tok.endswith("-1")}
+    assert stats["clicks"] == len(history_pairs | click_pairs)
+
+    code, out, err = run(capsys, *ws, "train", "--epochs", "2")
+    assert code == 0, err
+    trained = json.loads(out)
+    assert trained["current"] is True
+    assert 0.0 <= trained["metrics"]["val_auc"] <= 1.0  # learning itself is tested in tests/models
+
+    code, out, err = run(capsys, *ws, "index", "build")
+    assert code == 0, err
+    assert json.loads(out)["items"] == len(news)
+
+    probe = news[0][0]
+    code, out, err = run(capsys, *ws, "similar", "--news", probe, "--k", "5", "--json")
+    assert code == 0, err
+    similar = json.loads(out)
+    assert [r["rank"] for r in similar] == [1, 2, 3, 4, 5]
+    assert set(similar[0]) == {"rank", "news_id", "title", "category", "score"}
+    assert probe not in {r["news_id"] for r in similar}
+    scores = [r["score"] for r in similar]
+    assert scores == sorted(scores, reverse=True)
+
+    code, out, err = run(capsys, *ws, "nightly", "--k", "5", "--workers", "1", "--export", str(workspace / "export"))
+    assert code == 0, err
+    summary = json.loads(out)
+    # Every user of the 5-day training window is active in the default 7-day window.
+    assert summary["run"]["counts"]["users"] == len({row[1] for row in train_rows})
+    assert summary["run"]["status"] == "complete"
+
+    user = train_rows[0][1]
+    code, out, err = run(capsys, *ws, "recommend", "--user", user, "--json")
+    assert code == 0, err
+    recs = json.loads(out)
+    assert 1 <= len(recs) <= 5
+    assert set(recs[0]) == {"rank", "news_id", "title", "category", "score"}
+    assert len({r["news_id"] for r in recs}) == len(recs)
+    clicked = {n for row in train_rows if row[1] == user for n in row[3].split()}
+    assert not clicked & {r["news_id"] for r in recs}
+
+    code, _, err = run(capsys, *ws, "recommend", "--user", "U_nobody")
+    assert code == 1
+    assert "U_nobody" in err
+
+    # Predictions for the unlabelled test file: one line per impression, in file order.
+    unlabelled = read_tsv(world / "behaviors_test_unlabelled.tsv")
+    pred = workspace / "prediction.txt"
+    code, out, err = run(capsys, *ws, "predict", "--behaviors", str(world / "behaviors_test_unlabelled.tsv"), "--out", str(pred))
+    assert code == 0, err
+    lines = pred.read_text().splitlines()
+    assert len(lines) == len(unlabelled)
+    for line, row in zip(lines, unlabelled):
+        m = re.fullmatch(r"(\d+) \[([0-9,]+)\]", line)
+        assert m, line
+        assert m.group(1) == row[0]
+        ranks = [int(x) for x in m.group(2).split(",")]
+        assert sorted(ranks) == list(range(1, len(row[4].split()) + 1))
+
+    # The report's per-impression AUC equals the one worked out from the prediction file.
+    report_dir = workspace / "report"
+    code, out, err = run(capsys, *ws, "evaluate", "--behaviors", str(world / "behaviors_test.tsv"), "--out", str(report_dir), "--baselines")
+    assert code == 0, err
+    result = json.loads(out)
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    assert metrics["schema_version"] == 1
+    assert (report_dir / "report.html").stat().st_size > 10_000
+    version = trained["version"]
+    pred_file = Path(result["predictions"][version])
+    labelled = read_tsv(world / "behaviors_test.tsv")
+    aucs = []
+    for line, row in zip(pred_file.read_text().splitlines(), labelled):
+        ranks = np.array([int(x) for x in line.split(" [")[1].rstrip("]").split(",")])
+        y = np.array([int(tok[-1]) for tok in row[4].split()])
+        if 0 < y.sum() < len(y):
+            aucs.append(roc_auc_score(y, 1.0 / ranks))
+    name = next(n for n in metrics["models"] if version in n and metrics["models"][n]["kind"] == "model")
+    assert metrics["models"][name]["metrics"]["impression_auc"]["value"] == pytest.approx(np.mean(aucs), abs=1e-9)
+    kinds = {m["kind"] for m in metrics["models"].values()}
+    assert kinds == {"model", "ablation", "baseline", "oracle"}
+    oracle = next(m for m in metrics["models"].values() if m["kind"] == "oracle")
+    assert oracle["gap_closed"] == pytest.approx(1.0)
+
+    code, out, err = run(capsys, "evaluate", "--compare", str(report_dir / "metrics.json"), "--compare", str(report_dir / "metrics.json"))
+    assert code == 0, err
+    assert "impression_auc" in out or "AUC" in out
+
+
+def test_bad_usage_exits_1(capsys, tmp_path: Path):
+    code, _, err = run(capsys, "nosuch")
+    assert code == 1
+    assert "No such command" in err
+    code, _, err = run(capsys, "--workspace", str(tmp_path), "train", "--epochs", "abc")
+    assert code == 1
+
+
+def test_missing_input_file_exits_1_naming_it(capsys, tmp_path: Path):
+    code, _, err = run(capsys, "--workspace", str(tmp_path), "ingest", "--news", str(tmp_path / "nope.tsv"))
+    assert code == 1
+    assert "nope.tsv" in err and "no such file" in err
+    assert "Traceback" not in err
+
+
+def test_config_typo_exits_1_naming_the_key(capsys, tmp_path: Path):
+    (tmp_path / "recsys.toml").write_text("[nightly]\nkk = 3\n")
+    code, _, err = run(capsys, "--workspace", str(tmp_path), "nightly")
+    assert code == 1
+    assert "nightly.kk" in err
+
+
+def test_train_on_empty_store_exits_1(capsys, tmp_path: Path):
+    code, _, err = run(capsys, "--workspace", str(tmp_path), "train")
+    assert code == 1
+    assert "no articles" in err
+
+
+def test_internal_error_exits_2_without_traceback(capsys, tmp_path: Path, monkeypatch):
+    import recsys.store.stats as stats_module
+
+    def broken(engine):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(stats_module, "store_stats", broken)
+    code, _, err = run(capsys, "--workspace", str(tmp_path), "stats")
+    assert code == 2
+    assert "disk on fire" in err and "Traceback" not in err
