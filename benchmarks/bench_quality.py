@@ -64,7 +64,6 @@ def subset_rows(world: Path, report_dir: Path, versions: dict[str, str], *, fres
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
-    from recsys.cli import AppContext
     from recsys.config import Workspace, load_config
     from recsys.data.sample import generate_sample
     from recsys.pipelines.evaluate import run_evaluate

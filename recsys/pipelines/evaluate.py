@@ -18,7 +18,7 @@ from sqlalchemy import Engine, select
 
 from recsys.columns import CATEGORY, NEWS_ID
 from recsys.config import Config, Workspace
-from recsys.errors import NotFoundError, RecsysError, SchemaError
+from recsys.errors import RecsysError, SchemaError
 from recsys.pipelines.predict import split_scores
 from recsys.pipelines.scoring import Catalogue, VersionScorer, iter_scored, load_scoring_catalogue
 from recsys.threads import configure_threads

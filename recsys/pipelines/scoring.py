@@ -24,7 +24,7 @@ from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError, SchemaError
 from recsys.models.samples import Impressions, InteractionLog
 from recsys.pipelines.features import encode_news
-from recsys.pipelines.train import first_seen_array, interaction_log, load_version_model
+from recsys.pipelines.train import first_seen_array, load_version_model
 from recsys.store import repository as repo
 from recsys.versions import ModelVersion, check_encoders
 
@@ -80,7 +80,7 @@ def load_scoring_catalogue(engine: Engine, workspace: Workspace, config: Config,
     catalogue = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     features = encode_news(catalogue, workspace, config)
     row_of = dict(zip(features.news_ids.tolist(), range(len(features))))
-    events = interaction_log(engine, features.news_ids)
+    events = repo.read_interaction_log(engine, features.news_ids)
     return Catalogue(catalogue, features, row_of, events, first_seen_array(catalogue))
 
 

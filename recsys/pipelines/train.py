@@ -6,17 +6,15 @@ import logging
 import platform
 import time
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sqlalchemy import Engine
 
-from recsys.columns import LABEL, NEWS_ID, TIME
 from recsys.config import Config, Workspace
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError
-from recsys.models.samples import Impressions, InteractionLog
+from recsys.models.samples import Impressions
 from recsys.pipelines.features import encode_news
 from recsys.pipelines.runlog import recorded_run
 from recsys.store import repository as repo
@@ -33,19 +31,6 @@ def parse_time(value: str | None, flag: str) -> datetime | None:
         return datetime.fromisoformat(value)
     except ValueError as exc:
         raise RecsysError(f"{flag} {value!r} is not a date or datetime, expected ISO format like 2019-11-14 or 2019-11-14T09:00") from exc
-
-
-def interaction_log(engine: Engine, news_ids: np.ndarray, *, until: datetime | None = None) -> InteractionLog:
-    """The labelled shows and clicks (before ``until``) as an ``InteractionLog`` over ``news_ids``."""
-    events = repo.read_click_log(engine, until=until)
-    rows = pd.Series(np.arange(len(news_ids)), index=pd.Index(news_ids)).reindex(events[NEWS_ID].to_numpy())
-    known = rows.notna().to_numpy()
-    return InteractionLog.from_events(
-        rows.to_numpy()[known].astype(np.int64),
-        pd.to_datetime(events[TIME]).to_numpy()[known].astype("datetime64[s]"),
-        events[LABEL].to_numpy()[known].astype(np.int8),
-        len(news_ids),
-    )
 
 
 def first_seen_array(news: pd.DataFrame) -> np.ndarray:
@@ -98,7 +83,7 @@ def run_train(
     for name, imps in (("training", train), ("validation", valid)):
         if len(imps) == 0:
             raise RecsysError(f"the {name} window holds no labelled impressions ({since_dt} .. {valid_start} .. {until_dt})")
-    events = interaction_log(engine, features.news_ids, until=until_dt)
+    events = repo.read_interaction_log(engine, features.news_ids, until=until_dt)
     first_seen = first_seen_array(news)
     timings["read_s"] = round(time.perf_counter() - t0, 2)
     log.info("training on %d impressions, validating on %d (%s .. %s .. %s)", len(train), len(valid), since_dt, valid_start, until_dt)

@@ -33,10 +33,9 @@ from recsys.ranking.queries import (
     active_user_ids,
     count_without_clicks,
     first_seen_times,
-    interaction_log,
     store_marker,
 )
-from recsys.store.repository import time_range
+from recsys.store.repository import read_interaction_log, time_range
 from recsys.threads import default_threads
 
 ENGINES = ("local", "ray")
@@ -223,7 +222,7 @@ def _prepare(
     news_ids = np.asarray(index.news_ids, dtype=object)
     now = np.datetime64(as_of, "s")
     window = timedelta(hours=side_features.window_hours)
-    log = interaction_log(engine, news_ids, since=as_of - window, until=as_of)
+    log = read_interaction_log(engine, news_ids, since=as_of - window, until=as_of)
     first_seen = first_seen_times(engine, news_ids)
     fresh_after = np.datetime64(as_of - timedelta(days=freshness_days), "s")
     return {

@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import Engine, and_, func, select
 
-from recsys.models.samples import InteractionLog
 from recsys.store import schema as s
 
 
@@ -59,29 +58,6 @@ def first_seen_times(engine: Engine, news_ids: np.ndarray) -> np.ndarray:
     times = pd.Series(pd.to_datetime(frame["first_seen_at"]).to_numpy(), index=pd.Index(frame["news_id"]))
     aligned = times.reindex(pd.Index(news_ids, dtype=object))
     return aligned.to_numpy(dtype="datetime64[ns]").astype("datetime64[s]")
-
-
-def interaction_log(engine: Engine, news_ids: np.ndarray, *, since: datetime, until: datetime) -> InteractionLog:
-    """Labelled shows and clicks in ``[since, until)`` as an ``InteractionLog`` over ``news_ids``.
-
-    Shows of articles missing from ``news_ids`` are dropped (they cannot be recommended).
-    """
-    im, it = s.impressions.c, s.impression_items.c
-    query = (
-        select(it.news_id, im.time, it.label)
-        .join(s.impressions, it.impression_pk == im.id)
-        .where(and_(it.label.is_not(None), im.time >= since, im.time < until))
-    )
-    with engine.connect() as conn:
-        frame = pd.DataFrame(conn.execute(query).all(), columns=["news_id", "time", "label"])
-    if frame.empty:
-        empty = np.zeros(0, np.int64)
-        return InteractionLog.from_events(empty, empty.astype("datetime64[s]"), empty.astype(np.int8), len(news_ids))
-    rows = pd.Index(news_ids, dtype=object).get_indexer(frame["news_id"].to_numpy(dtype=object))
-    known = rows >= 0
-    times = pd.to_datetime(frame["time"]).to_numpy(dtype="datetime64[ns]").astype("datetime64[s]")
-    labels = frame["label"].to_numpy(dtype=np.int8)
-    return InteractionLog.from_events(rows[known], times[known], labels[known], len(news_ids))
 
 
 def store_marker(engine: Engine) -> dict:

@@ -27,7 +27,7 @@ from recsys.columns import (
     TITLE,
     USER_ID,
 )
-from recsys.models.samples import Impressions
+from recsys.models.samples import Impressions, InteractionLog
 from recsys.store import schema as s
 
 
@@ -92,19 +92,15 @@ def read_user_histories(
         (offsets (u + 1,) int64, items (h,) int32 rows into ``news_ids``).
     """
     c = s.clicks.c
-    query = select(c.user_id, c.news_id, c.history_pos, c.clicked_at).where(c.user_id.in_(list(map(str, user_ids))))
+    query = select(c.user_id, c.news_id, c.history_pos, c.clicked_at)
     if not include_impression_clicks:
         query = query.where(c.history_pos.is_not(None))
+    ids = list(map(str, user_ids))
     frames = []
     with engine.connect() as conn:
         # IN lists are chunked: PostgreSQL and SQLite both cap bound parameters.
-        ids = list(map(str, user_ids))
         for start in range(0, len(ids), 5000):
-            chunk = ids[start : start + 5000]
-            q = query.where(c.user_id.in_(chunk)) if len(ids) > 5000 else query
-            frames.append(pd.read_sql(q, conn))
-            if len(ids) <= 5000:
-                break
+            frames.append(pd.read_sql(query.where(c.user_id.in_(ids[start : start + 5000])), conn))
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[USER_ID, NEWS_ID, "history_pos", "clicked_at"])
     return _history_csr(df, user_ids, news_ids, max_len=max_len, by_time=include_impression_clicks)
 
@@ -211,28 +207,31 @@ def impressions_from_frame(
     )
 
 
-def read_click_log(engine: Engine, *, until: datetime | None = None) -> pd.DataFrame:
-    """Labelled impression items (news id, time, label) in time order: the popularity log."""
+def read_interaction_log(
+    engine: Engine, news_ids: np.ndarray, *, since: datetime | None = None, until: datetime | None = None
+) -> InteractionLog:
+    """Labelled shows and clicks in ``[since, until)`` as an ``InteractionLog`` over ``news_ids``.
+
+    This is the popularity log of the side features. Shows of articles missing from
+    ``news_ids`` are dropped (they cannot be scored).
+    """
     im, it = s.impressions.c, s.impression_items.c
-    query = (
-        select(it.news_id, im.time, it.label)
-        .join(s.impressions, it.impression_pk == im.id)
-        .where(it.label.is_not(None))
-    )
+    cond = [it.label.is_not(None)]
+    if since is not None:
+        cond.append(im.time >= since)
     if until is not None:
-        query = query.where(im.time < until)
+        cond.append(im.time < until)
+    query = select(it.news_id, im.time, it.label).join(s.impressions, it.impression_pk == im.id).where(and_(*cond))
     with engine.connect() as conn:
-        df = pd.read_sql(query.order_by(im.time), conn)
-    df.columns = [NEWS_ID, TIME, LABEL]
-    return df
-
-
-def read_active_users(engine: Engine, since: datetime) -> np.ndarray:
-    """Users shown at least one impression at or after ``since``, sorted by id."""
-    im = s.impressions.c
-    with engine.connect() as conn:
-        rows = conn.execute(select(im.user_id).where(im.time >= since).distinct().order_by(im.user_id)).scalars().all()
-    return np.asarray(rows, dtype=object)
+        frame = pd.DataFrame(conn.execute(query).all(), columns=[NEWS_ID, TIME, LABEL])
+    if frame.empty:
+        empty = np.zeros(0, np.int64)
+        return InteractionLog.from_events(empty, empty.astype("datetime64[s]"), empty.astype(np.int8), len(news_ids))
+    rows = pd.Index(news_ids, dtype=object).get_indexer(frame[NEWS_ID].to_numpy(dtype=object))
+    known = rows >= 0
+    times = pd.to_datetime(frame[TIME]).to_numpy(dtype="datetime64[ns]").astype("datetime64[s]")
+    labels = frame[LABEL].to_numpy(dtype=np.int8)
+    return InteractionLog.from_events(rows[known], times[known], labels[known], len(news_ids))
 
 
 def read_news_titles(engine: Engine, news_ids) -> pd.DataFrame:

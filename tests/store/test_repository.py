@@ -1,0 +1,86 @@
+"""The store's read path (recsys.store.repository) against the MIND lines that were ingested."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import numpy as np
+
+from recsys.store import repository as repo
+from recsys.store.ingest import ingest
+from tests.store.mind_files import behavior_line, news_line, write_lines
+
+T0 = datetime(2019, 11, 11, 9, 0, 0)
+
+
+def _ingest(engine, tmp_path, news_ids, behaviors):
+    news = write_lines(tmp_path / "news.tsv", [news_line(n) for n in news_ids])
+    beh = write_lines(tmp_path / "behaviors.tsv", behaviors)
+    ingest(engine, news_path=news, behaviors_path=beh, quarantine_dir=tmp_path / "q")
+
+
+def test_impressions_match_the_file(engine, tmp_path):
+    ids = [f"N{i}" for i in range(1, 9)]
+    _ingest(engine, tmp_path, ids, [
+        behavior_line(1, "U1", T0, ["N1", "N2", "N3"], ["N4-1", "N5-0", "N6-0"]),
+        behavior_line(2, "U2", T0 + timedelta(hours=1), [], ["N7-0", "N8-1"]),
+        behavior_line(3, "U1", T0 + timedelta(hours=2), ["N1", "N2", "N3"], ["N5-1", "N6-0"]),
+    ])
+    news_ids = repo.read_news(engine)["news_id"].to_numpy()
+    imps = repo.read_impressions(engine, news_ids, history_len=2)
+    row = {n: i for i, n in enumerate(news_ids)}
+    assert imps.impression_ids.tolist() == [1, 2, 3]  # time order
+    assert imps.user_ids.tolist() == ["U1", "U2", "U1"]
+    assert [news_ids[imps.candidates(i)].tolist() for i in range(3)] == [["N4", "N5", "N6"], ["N7", "N8"], ["N5", "N6"]]
+    assert [imps.candidate_labels(i).tolist() for i in range(3)] == [[1, 0, 0], [0, 1], [1, 0]]
+    # History: most recent first, capped, and never the impression clicks (N4, N5 are labels).
+    assert news_ids[imps.history(0)].tolist() == ["N3", "N2"]
+    assert news_ids[imps.history(2)].tolist() == ["N3", "N2"]
+    assert imps.history(1).size == 0
+    assert imps.candidate_items.dtype == np.int32 and row["N4"] == imps.candidates(0)[0]
+    # A time window selects by impression time, end exclusive.
+    window = repo.read_impressions(engine, news_ids, since=T0 + timedelta(minutes=30), until=T0 + timedelta(hours=2))
+    assert window.impression_ids.tolist() == [2]
+
+
+def test_serving_history_puts_impression_clicks_first(engine, tmp_path):
+    ids = [f"N{i}" for i in range(1, 7)]
+    _ingest(engine, tmp_path, ids, [
+        behavior_line(1, "U1", T0, ["N1", "N2", "N3"], ["N4-1", "N3-1", "N5-0"]),
+        behavior_line(2, "U1", T0 + timedelta(hours=1), ["N1", "N2", "N3"], ["N6-1", "N5-0"]),
+    ])
+    news_ids = repo.read_news(engine)["news_id"].to_numpy()
+    serving = repo.read_user_histories(engine, np.array(["U1"], dtype=object), news_ids)
+    training = repo.read_user_histories(engine, np.array(["U1"], dtype=object), news_ids, include_impression_clicks=False)
+    # Newest timed click first (N6, then N4 and N3 clicked at T0), then the History column.
+    serving_ids = news_ids[serving[1]].tolist()
+    assert serving_ids[0] == "N6" and set(serving_ids[1:3]) == {"N4", "N3"} and serving_ids[3:] == ["N2", "N1"]
+    # Training reads the History column only, in its own order (N3 was re-clicked later).
+    assert news_ids[training[1]].tolist() == ["N3", "N2", "N1"]
+
+
+def test_histories_of_many_users_are_chunked(engine, tmp_path):
+    users = [f"U{i}" for i in range(6001)]
+    _ingest(engine, tmp_path, ["N1", "N2"], [
+        behavior_line(i + 1, u, T0, ["N1"] if i % 2 else [], ["N2-1"]) for i, u in enumerate(users)
+    ])
+    news_ids = np.array(["N1", "N2"], dtype=object)
+    offsets, items = repo.read_user_histories(engine, np.array(users, dtype=object), news_ids, include_impression_clicks=False)
+    lengths = np.diff(offsets)
+    assert lengths.tolist() == [i % 2 for i in range(6001)]
+    assert set(items.tolist()) == {0}
+
+
+def test_click_log_and_time_range(engine, tmp_path):
+    _ingest(engine, tmp_path, ["N1", "N2"], [
+        behavior_line(1, "U1", T0, [], ["N1-1", "N2-0"]),
+        behavior_line(2, "U2", T0 + timedelta(days=1), [], ["N2-1"]),
+    ])
+    assert repo.time_range(engine) == (T0, T0 + timedelta(days=1))
+    news_ids = np.array(["N1", "N2"], dtype=object)
+    log = repo.read_interaction_log(engine, news_ids, until=T0 + timedelta(hours=1))
+    assert sorted(zip(news_ids[log.item_rows].tolist(), log.clicks.tolist())) == [("N1", 1), ("N2", 0)]
+    later = repo.read_interaction_log(engine, news_ids, since=T0 + timedelta(hours=1))
+    assert news_ids[later.item_rows].tolist() == ["N2"] and later.clicks.tolist() == [1]
+    titles = repo.read_news_titles(engine, ["N2"])
+    assert titles.loc["N2", "title"] == "Title of N2"
