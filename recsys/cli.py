@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -351,4 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    # TensorFlow's C++ start-up chatter (CUDA probing, CPU flags) buries the job's own log
+    # lines in cron mails; users can still set the variable themselves.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.exit(main())
