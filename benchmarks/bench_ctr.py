@@ -9,8 +9,9 @@ Reports samples/s, impressions/s and seconds per epoch (training steps only; the
 pass is timed separately), and peak RSS sampled with psutil.
 
 Scoring: the per-candidate part, ``RankingModel.score`` on (P, D) user vectors, (P, D)
-candidate embeddings and (P, S) side features, at several batch sizes (candidates/s), also
-with the gathers from per-user / per-item matrices that the nightly job does.
+candidate embeddings and (P, S) side features, for caller batches of several sizes
+(candidates/s): with the default internal chunks, as one forward pass, and with the gathers
+from per-user / per-item matrices that the nightly job does.
 
 Study (``--study``): trains variants (fusion modes, losses, scorer, modalities) on the same
 world and reports the test window's per-impression AUC, log loss, the share of the gap
@@ -31,14 +32,14 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 from recsys.threads import configure_threads
+
+from peak_rss import PeakRSS  # benchmarks/peak_rss.py (scripts run with benchmarks/ on sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_SIZE = dict(items=65_000, users=50_000, impressions=150_000, candidates=37)
@@ -52,31 +53,6 @@ STUDY_VARIANTS = {
     "text only": dict(modalities="text"),
     "image only": dict(modalities="image"),
 }
-
-
-class PeakRSS:
-    """Samples this process's resident set size in a background thread."""
-
-    def __init__(self, interval: float = 0.05):
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._process = psutil.Process(os.getpid())
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._process.memory_info().rss)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "PeakRSS":
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._process.memory_info().rss)
 
 
 def _mib(n: int) -> float:
@@ -139,6 +115,10 @@ def bench_scoring(model, world, batch_sizes: list[int], total: int) -> dict:
         started = time.perf_counter()
         for _ in range(rounds):
             model.score(users, cands, side, batch_size=batch)
+        single = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(rounds):
+            model.score(users, cands, side)  # default internal chunks
         elapsed = time.perf_counter() - started
         # with the gathers of the nightly job: per-user and per-item matrices -> pairs
         user_table = rng.standard_normal((max(batch // 200, 1), d)).astype(np.float32)
@@ -147,10 +127,11 @@ def bench_scoring(model, world, batch_sizes: list[int], total: int) -> dict:
         items = rng.integers(0, len(item_table), batch)
         started = time.perf_counter()
         for _ in range(rounds):
-            model.score(user_table[owner], item_table[items], side, batch_size=batch)
+            model.score(user_table[owner], item_table[items], side)
         gathered = time.perf_counter() - started
         out[str(batch)] = {
             "candidates_per_second": round(rounds * batch / elapsed),
+            "candidates_per_second_one_forward_pass": round(rounds * batch / single),
             "candidates_per_second_with_gather": round(rounds * batch / gathered),
         }
     # the once-per-item and once-per-user parts, for scale

@@ -17,45 +17,15 @@ import os
 import platform
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 
 from recsys.data.sample import generate_sample
 
+from peak_rss import PeakRSS  # benchmarks/peak_rss.py (scripts run with benchmarks/ on sys.path)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-class PeakRSS:
-    """Samples the summed RSS of this process and its children in a background thread."""
-
-    def __init__(self, interval: float = 0.1):
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = me.memory_info().rss
-            for child in me.children(recursive=True):
-                try:
-                    total += child.memory_info().rss
-                except psutil.Error:  # a worker that just exited
-                    pass
-            self.peak = max(self.peak, total)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "PeakRSS":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def main() -> None:

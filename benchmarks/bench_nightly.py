@@ -34,12 +34,13 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+
+from peak_rss import PeakRSS  # benchmarks/peak_rss.py (scripts run with benchmarks/ on sys.path)
 
 AS_OF = datetime(2019, 11, 15, 12, 0, 0)
 CATEGORIES = ("news", "sports", "finance", "lifestyle", "health", "foodanddrink", "weather", "autos", "travel",
@@ -202,38 +203,6 @@ def add_new_articles(work: Path, db_path: Path, model, *, fraction: float, num_n
 # one measured run, in its own process
 
 
-class PeakRSS:
-    """Samples the RSS of this process plus all its descendants; keeps the peak."""
-
-    def __init__(self, interval_s: float = 0.25):
-        import psutil
-
-        self._psutil, self._interval = psutil, interval_s
-        self.peak_total = self.peak_driver = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = self._psutil.Process()
-        while not self._stop.is_set():
-            total = driver = me.memory_info().rss
-            for child in me.children(recursive=True):
-                try:
-                    total += child.memory_info().rss
-                except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
-                    pass
-            self.peak_total, self.peak_driver = max(self.peak_total, total), max(self.peak_driver, driver)
-            self._stop.wait(self._interval)
-
-    def __enter__(self) -> "PeakRSS":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def child_run(spec: dict) -> dict:
     """Run one nightly and return its summary with timings and peak memory."""
     from recsys.ranking.nightly import run_nightly
@@ -256,7 +225,7 @@ def child_run(spec: dict) -> dict:
         "seconds": timings["total"], "users_per_second": users / timings["total"],
         "steady_users_per_second": users / (compute / max(1, spec["workers"])) if compute > 0 else None,
         "timings": summary["timings"], "counts": summary["counts"],
-        "peak_rss_mb_total": rss.peak_total / 2**20, "peak_rss_mb_driver": rss.peak_driver / 2**20,
+        "peak_rss_mb_total": rss.peak / 2**20, "peak_rss_mb_driver": rss.peak_driver / 2**20,
         "driver_cpu_seconds": time.process_time() - cpu,
     }
 
