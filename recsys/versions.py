@@ -21,6 +21,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, insert, select, update
 
+from recsys.atomic import atomic_open
 from recsys.errors import ModelMismatchError, NotFoundError
 from recsys.store import schema as s
 
@@ -59,9 +60,8 @@ def staging_dir(models_dir: Path, version: str) -> Path:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_open(path, "w") as out:
+        out.write(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def publish_version(engine: Engine, models_dir: Path, version: str, staged: Path, manifest: dict, *, make_current: bool = True) -> ModelVersion:

@@ -7,12 +7,11 @@ with no spaces inside the brackets; the MIND scorer turns rank ``r`` into the sc
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import numpy as np
 
+from recsys.atomic import atomic_open
 from recsys.errors import RecsysError, SchemaError
 from recsys.metrics.ranking import MetricInputError, ranks_from_scores
 
@@ -63,22 +62,12 @@ def write_predictions(path: str | os.PathLike, rows: Iterable[tuple[object, obje
     Raises:
         PredictionError: a row that ``format_prediction_line`` rejects (nothing is left behind).
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     count = 0
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the file is meant to be shared
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
-            for impression_id, scores in rows:
-                out.write(format_prediction_line(impression_id, scores))
-                out.write("\n")
-                count += 1
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w", newline="\n") as out:
+        for impression_id, scores in rows:
+            out.write(format_prediction_line(impression_id, scores))
+            out.write("\n")
+            count += 1
     return count
 
 

@@ -39,7 +39,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from recsys.atomic import atomic_open
 from recsys.columns import NEWS_ID, RANK, USER_ID
 from recsys.errors import RecsysError
 from recsys.metrics.accumulator import HIGHER_IS_BETTER, METRICS, ImpressionMetrics
@@ -262,17 +262,8 @@ def _plain(value):
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be shared
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as out:
+        out.write(data)
 
 
 def write_report(result: Mapping, out_dir: str | os.PathLike) -> tuple[Path, Path]:
