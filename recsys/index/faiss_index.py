@@ -209,6 +209,8 @@ class FaissIndex:
             raise ConfigError(f"exact_max_items must be an integer >= 0, got {exact_max_items!r}")
         _check_target_recall(target_recall)
         resolved = _resolve_kind(kind, len(ids), exact_max_items)
+        if resolved == IVF and len(ids) == 0:
+            raise ValueError("kind='ivf' needs at least one vector to train its coarse quantizer, got 0")
         checked = _check_params(APPROXIMATE_AUTO_KIND if kind == AUTO else resolved, params)
         full_params = {} if resolved == FLAT else _derive_params(resolved, checked, len(ids))
         threads = _set_threads(num_threads)
@@ -216,8 +218,6 @@ class FaissIndex:
         start = time.perf_counter()
         index = _new_index(resolved, x.shape[1], full_params)
         if resolved == IVF:
-            if len(ids) == 0:
-                raise ValueError("kind='ivf' needs at least one vector to train its coarse quantizer, got 0")
             index.train(x)
             # A direct map lets vector() reconstruct rows; it is kept up to date by add().
             index.make_direct_map(True)
