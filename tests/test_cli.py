@@ -77,6 +77,7 @@ def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
     assert code == 0, err
     assert json.loads(out)["items"] == len(news)
 
+    check_similar_share_topic_or_style(world, workspace)
     probe = news[0][0]
     code, out, err = run(capsys, *ws, "similar", "--news", probe, "--k", "5", "--json")
     assert code == 0, err
@@ -189,3 +190,36 @@ def test_internal_error_exits_2_without_traceback(capsys, tmp_path: Path, monkey
     code, _, err = run(capsys, "--workspace", str(tmp_path), "stats")
     assert code == 2
     assert "disk on fire" in err and "Traceback" not in err
+
+
+def check_similar_share_topic_or_style(world: Path, workspace: Path) -> None:
+    """Neighbours in the item-embedding space share the hidden topic (only in the title) or
+    cover style (only in the picture) far more often than chance."""
+    from recsys.data.sample import read_world
+    from recsys.pipelines.index import run_similar
+    from recsys.config import Workspace
+    from recsys.store.database import open_store
+
+    truth = read_world(world)
+    topic = dict(zip(truth.news_ids.tolist(), truth.news_topic.tolist()))
+    style = dict(zip(truth.news_ids.tolist(), truth.news_style.tolist()))
+    has_image = dict(zip(truth.news_ids.tolist(), (truth.news_image > 0).tolist()))
+    ws = Workspace(workspace)
+    engine = open_store(ws.default_db_url)
+    probes = [n for n in truth.news_ids.tolist() if has_image[n]][:60]
+    shared = total = 0
+    for probe in probes:
+        for row in run_similar(engine, ws, news_id=probe, k=5):
+            other = row["news_id"]
+            total += 1
+            shared += topic[other] == topic[probe] or (has_image[other] and style[other] == style[probe])
+    # Chance: a random other article shares the topic or (if pictured) the style.
+    ids = truth.news_ids.tolist()
+    rng = np.random.default_rng(0)
+    pairs = rng.integers(0, len(ids), size=(20_000, 2))
+    chance = np.mean([
+        topic[ids[a]] == topic[ids[b]] or (has_image[ids[a]] and has_image[ids[b]] and style[ids[a]] == style[ids[b]])
+        for a, b in pairs if a != b
+    ])
+    observed = shared / total
+    assert observed > chance + 0.25, (observed, chance)
