@@ -90,6 +90,12 @@ _MAX_APPROXIMATE_ROUNDS = 4
 _EF_SEARCH_LADDER = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 _CALIBRATION_K = 100
 _CALIBRATION_QUERIES = 256
+# How many vectors a batched exact search (BLAS) compares in the time HNSW or IVF compares
+# one (random memory access, no matrix product): measured ~11 at 1000 queries per batch on
+# the 2-core machine (benchmarks/bench_index.py); small batches gain less from BLAS.
+_EXACT_ADVANTAGE_BATCHED = 10.0
+_EXACT_ADVANTAGE_SMALL = 2.0
+_BATCHED_QUERIES = 64
 
 
 class IndexFormatError(RecsysError):
@@ -526,25 +532,50 @@ class FaissIndex:
 
         hits: list[Hits | None] = [_NO_HITS if t == 0 else None for t in targets]
         pending = np.flatnonzero(targets > 0)
-        if self._kind == FLAT or (allowed is not None and num_allowed <= self._exact_max_items):
+        if self._kind == FLAT or (allowed is not None and self._filtered_exact_is_cheaper(len(pending), num_allowed, k)):
             self._exact_round(q, pending, allowed, k, excluded, targets, hits)
             return hits  # type: ignore[return-value]
 
         selector_bits = None if allowed is None else np.packbits(allowed, bitorder="little")
-        # A filter that keeps a fraction f of the rows leaves ~f of the visited candidates
-        # usable, so the search breadth grows by 1/f to keep recall where it is unfiltered.
         # Each retry round doubles k and the breadth.
         for growth in (2**r for r in range(_MAX_APPROXIMATE_ROUNDS)):
             if len(pending) == 0:
                 break
             k_search = min(num_allowed, k * growth + max(len(excluded[i]) for i in pending))
-            breadth = growth * len(self._ids) / num_allowed
-            value = math.ceil(self._params[_SEARCH_PARAMS[self._kind][0]] * breadth)
-            labels, scores = self._approximate_search(q[pending], k_search, value, selector_bits)
+            breadth = self._filtered_breadth(num_allowed, growth)
+            labels, scores = self._approximate_search(q[pending], k_search, breadth, selector_bits)
             pending = self._collect(pending, labels, scores, excluded, targets, hits)
         # Whatever is still short after widening is searched exactly: results are complete.
         self._exact_round(q, pending, allowed, k, excluded, targets, hits)
         return hits  # type: ignore[return-value]
+
+    def _filtered_breadth(self, num_allowed: int, growth: int = 1) -> int:
+        """ef_search / nprobe for a search whose filter keeps num_allowed of the rows.
+
+        A filter keeping a fraction f of the rows leaves ~f of the visited candidates usable,
+        so the breadth grows by 1/f to keep recall where it is unfiltered.
+        """
+        base = self._params[_SEARCH_PARAMS[self._kind][0]]
+        return math.ceil(base * growth * len(self._ids) / num_allowed)
+
+    def _filtered_exact_is_cheaper(self, num_queries: int, num_allowed: int, k: int) -> bool:
+        """Whether scanning the allowed rows exactly beats the widened approximate search.
+
+        Always true up to exact_max_items allowed rows. Beyond, the approximate cost is
+        estimated in vectors compared per query (HNSW: ~M per unit of ef, as measured; IVF:
+        the probed lists plus the centroids) and weighed by how much cheaper a batched
+        exact comparison is.
+        """
+        if num_allowed <= self._exact_max_items:
+            return True
+        breadth = self._filtered_breadth(num_allowed)
+        if self._kind == HNSW:
+            compared = self._params["M"] * max(min(breadth, len(self._ids)), k)
+        else:
+            nlist = self._params["nlist"]
+            compared = min(breadth, nlist) * len(self._ids) / nlist + nlist
+        advantage = _EXACT_ADVANTAGE_BATCHED if num_queries >= _BATCHED_QUERIES else _EXACT_ADVANTAGE_SMALL
+        return num_allowed <= advantage * compared
 
     def _exact_round(self, q, pending, allowed, k, excluded, targets, hits) -> None:
         """Exact search for the pending queries over the allowed rows (None: every row)."""

@@ -313,7 +313,6 @@ def make_synthetic_world(
         The world (see ``SyntheticWorld``).
     """
     rng = np.random.default_rng(seed)
-    hour = np.timedelta64(3600, "s")
     start = np.datetime64("2019-11-09T00:00:00", "s")
     live_hours = 48.0
 

@@ -12,9 +12,29 @@ from index_data import brute_force, news_ids, sphere_mixture
 
 from recsys.errors import NotFoundError
 from recsys.index import FaissIndex, Hits
+from recsys.index import faiss_index
 
 APPROXIMATE = ("hnsw", "ivf")
 ALL_KINDS = ("flat", *APPROXIMATE)
+
+
+def force_approximate_filtering(monkeypatch):
+    """Make filtered hnsw/ivf searches go through FAISS's IDSelector, never the exact scan.
+
+    Returns:
+        A list that records the breadth of every approximate search.
+    """
+    monkeypatch.setattr(faiss_index, "_EXACT_ADVANTAGE_BATCHED", 0.0)
+    monkeypatch.setattr(faiss_index, "_EXACT_ADVANTAGE_SMALL", 0.0)
+    calls = []
+    original = FaissIndex._approximate_search
+
+    def spy(self, q, k_search, breadth, selector_bits):
+        calls.append(breadth)
+        return original(self, q, k_search, breadth, selector_bits)
+
+    monkeypatch.setattr(FaissIndex, "_approximate_search", spy)
+    return calls
 
 
 def recall_at(truth_ids, found_ids, k):
@@ -139,9 +159,11 @@ def test_fewer_results_than_asked_when_filters_leave_few(small_world, kind):
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
 @pytest.mark.parametrize("exact_max_items", [0, 100_000])
-def test_age_filter_matches_the_reference(small_world, kind, exact_max_items):
-    # exact_max_items=0 sends approximate kinds through FAISS's IDSelector; the default
-    # threshold searches the small filtered set exactly.
+def test_age_filter_matches_the_reference(small_world, kind, exact_max_items, monkeypatch):
+    # exact_max_items=0 (and no cost model) sends approximate kinds through FAISS's
+    # IDSelector; the default threshold searches the small filtered set exactly.
+    if not exact_max_items:
+        force_approximate_filtering(monkeypatch)
     ids, items, published, queries = small_world
     published = published.copy()
     published[:20] = np.datetime64("NaT")  # unknown times never pass the filter
@@ -195,12 +217,14 @@ def test_age_filter_that_excludes_everything_returns_empty_lists(small_world):
 
 
 @pytest.mark.parametrize("kind", APPROXIMATE)
-def test_starved_approximate_search_falls_back_to_exact_results(small_world, kind):
+def test_starved_approximate_search_falls_back_to_exact_results(small_world, kind, monkeypatch):
     # Deliberately narrow settings and a selective filter: the retry rounds widen the search
     # and the exact fallback guarantees every eligible item can still come back.
+    calls = force_approximate_filtering(monkeypatch)
     ids, items, published, queries = small_world
     params = {"ef_search": 1} if kind == "hnsw" else {"nlist": 7, "nprobe": 1}
-    index = FaissIndex.build(ids, items, published=published, kind=kind, exact_max_items=0, params=params, num_threads=1)
+    index = FaissIndex.build(ids, items, published=published, kind=kind, exact_max_items=0, params=params,
+                             num_threads=1, target_recall=None)
     cutoff = np.datetime64("2024-01-28T00:00:00")
     eligible = published >= cutoff
     hits = index.search(queries, 200, published_after=cutoff, exclude=[set(ids[:50].tolist())] * len(queries))
@@ -208,6 +232,32 @@ def test_starved_approximate_search_falls_back_to_exact_results(small_world, kin
     for got in hits:
         assert len(got) == want
         assert set(got.news_ids.tolist()) == set(ids[50:][eligible[50:]].tolist())
+    # At least one approximate round ran; each retry was twice as broad as the one before.
+    assert len(calls) >= 1 and calls == [calls[0] * 2**r for r in range(len(calls))]
+
+
+@pytest.mark.parametrize("kind", APPROXIMATE)
+def test_filtered_search_scans_exactly_when_that_is_cheaper(small_world, kind, monkeypatch):
+    ids, items, published, queries = small_world
+    index = FaissIndex.build(ids, items, published=published, kind=kind, exact_max_items=0, num_threads=1)
+    calls = []
+    monkeypatch.setattr(FaissIndex, "_approximate_search", lambda *args: calls.append(args) or (_ for _ in ()).throw(AssertionError))
+    cutoff = np.datetime64("2024-01-20T00:00:00")
+    hits = index.search(queries, 15, published_after=cutoff)
+    assert calls == []  # ~100 allowed rows: a scan is far cheaper than a widened graph walk
+    assert_same_as_reference(hits, brute_force(items, ids, queries, 15, (published >= cutoff)[None, :]))
+
+
+def test_the_cost_model_weighs_breadth_against_the_allowed_rows(small_world):
+    ids, items, _, _ = small_world
+    index = FaissIndex.build(ids, items, kind="hnsw", exact_max_items=0, params={"ef_search": 100}, num_threads=1)
+    # 300 rows, 150 allowed: ef 200, ~32 * 200 = 6400 compared per query by the graph walk.
+    assert index._filtered_breadth(150) == 200
+    assert index._filtered_exact_is_cheaper(1000, 150, k=10)
+    index._ids = np.concatenate([index._ids] * 1000)  # pretend 300k rows, 150k allowed
+    assert not index._filtered_exact_is_cheaper(1000, 150_000, k=10)
+    assert index._filtered_exact_is_cheaper(1000, 60_000, k=10)  # <= 10 * 32 * 500
+    assert not index._filtered_exact_is_cheaper(1, 60_000, k=10)  # one query gains little from BLAS
 
 
 def test_vector_and_vectors_return_the_stored_embeddings(small_world):
@@ -278,6 +328,12 @@ def test_search_never_pads_and_always_returns_every_eligible_item_up_to_k(
 ):
     if kind == "ivf" and num_items == 0:
         return  # IVF needs vectors to train on; its error is tested in the build tests
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        force_approximate_filtering(monkeypatch)
+        check_search_invariants(num_items, kind, k, seed, num_excluded, age_filter, num_replaced)
+
+
+def check_search_invariants(num_items, kind, k, seed, num_excluded, age_filter, num_replaced):
     rng = np.random.default_rng(seed)
     dim = 8
     items = rng.standard_normal((num_items, dim)).astype(np.float32)

@@ -41,8 +41,8 @@ def results(world, log, first_seen, serving_time, train_args):
 
 def test_each_modality_adds_and_all_beat_popularity(results):
     multimodal = results["text,image"]["auc"]
-    assert multimodal > results["text"]["auc"] + 0.01
-    assert multimodal > results["image"]["auc"] + 0.01
+    assert multimodal > results["text"]["auc"] + 0.015
+    assert multimodal > results["image"]["auc"] + 0.015
     for name in ("text,image", "text", "image"):
         assert results[name]["auc"] > results["popularity"]["auc"] + 0.05
 
@@ -56,6 +56,6 @@ def test_fresh_articles_are_ranked_from_content(results):
     """Candidates published after training, never clicked or shown before, still rank well."""
     oracle = results["oracle"]["fresh_auc"]
     fresh = results["text,image"]["fresh_auc"]
-    assert (fresh - 0.5) / (oracle - 0.5) > 0.6
+    assert (fresh - 0.5) / (oracle - 0.5) > 0.65
     # popularity knows nothing about them
     assert results["popularity"]["fresh_auc"] == pytest.approx(0.5)
