@@ -141,6 +141,27 @@ def test_migrations_downgrade_to_base_and_upgrade_again(engine):
     assert current_revision(engine) == head_revision()
 
 
+def test_a_0001_store_with_data_upgrades_to_head_and_keeps_its_rows(db_url):
+    bare = create_engine_for(db_url)
+    upgrade(bare, "0001")
+    assert "ix_impression_items_news" in {ix["name"] for ix in sa.inspect(bare).get_indexes("impression_items")}
+    with bare.begin() as conn:
+        conn.execute(schema.impression_items.insert(), [
+            {"impression_pk": 1, "position": p, "news_id": f"N{p}", "label": p % 2} for p in range(3)
+        ])
+        conn.execute(schema.clicks.insert(), [{"user_id": "U1", "news_id": "N1", "history_pos": 0, "clicked_at": None}])
+    bare.dispose()
+    engine = open_store(db_url)  # migrates 0001 -> head
+    assert current_revision(engine) == head_revision()
+    inspector = sa.inspect(engine)
+    assert not {ix["name"] for ix in inspector.get_indexes("impression_items")}
+    assert not {ix["name"] for ix in inspector.get_indexes("clicks")}
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(schema.impression_items)).scalar() == 3
+        assert conn.execute(sa.select(schema.clicks.c.news_id)).scalars().all() == ["N1"]
+    engine.dispose()
+
+
 def test_store_at_an_unknown_revision_is_refused(engine, db_url):
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE alembic_version SET version_num = 'f00dcafe'"))
