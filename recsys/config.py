@@ -37,6 +37,7 @@ class ModelConfig:
     fusion: str = "gated"
     modalities: str = "text,image"
     embedding_dim: int = 128
+    anchor_dim: int = 16  # fixed content dimensions per modality in the item embedding (0: none)
     history_len: int = 50
     epochs: int = 6
     batch_size: int = 64
@@ -98,6 +99,12 @@ class Config:
                 raise ConfigError(f"config key '{key}' is {value}, expected a positive number")
         if self.encoders.image_size < 32:
             raise ConfigError(f"config key 'encoders.image_size' is {self.encoders.image_size}, expected at least 32")
+        anchors = self.model.anchor_dim * len(self.model.modalities.split(","))
+        if self.model.anchor_dim < 0 or anchors >= self.model.embedding_dim:
+            raise ConfigError(
+                f"config key 'model.anchor_dim' is {self.model.anchor_dim}, expected 0 or more with "
+                f"anchor_dim x modalities ({anchors}) below model.embedding_dim ({self.model.embedding_dim})"
+            )
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

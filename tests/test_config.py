@@ -44,6 +44,8 @@ def test_unknown_section_is_named():
         ({"model": {"fusion": "sum"}}, r"'model.fusion' is 'sum', expected one of concat, weighted_sum, gated"),
         ({"nightly": {"k": 0}}, r"'nightly.k' is 0, expected a positive number"),
         ({"nightly": 3}, r"'nightly' must be a table"),
+        ({"model": {"anchor_dim": 64}}, r"'model.anchor_dim' is 64, expected 0 or more with anchor_dim x modalities \(128\)"),
+        ({"model": {"anchor_dim": -1}}, r"'model.anchor_dim' is -1"),
     ],
 )
 def test_bad_values_are_named(data, message):

@@ -97,6 +97,11 @@ class RankingConfig:
         )
 
 
+def default_anchor_dim(embedding_dim: int) -> int:
+    """16 content-anchor dimensions per modality at D = 128 (the config default), D / 8 below."""
+    return min(16, int(embedding_dim) // 8)
+
+
 def _check_encoder(field_name: str, saved: EncoderInfo, given: EncoderInfo | None) -> None:
     if given is None:
         return
@@ -165,12 +170,14 @@ class RankingModel:
         num_heads: int = 4,
         scorer_hidden_units=(32,),
         dropout: float = 0.1,
+        anchor_dim: int | None = None,
         seed: int = 0,
     ) -> "RankingModel":
         """A fresh (untrained) model; ``categories`` is any iterable of category strings."""
         if not isinstance(history_len, (int, np.integer)) or history_len <= 0:
             raise ValueError(f"history_len is {history_len!r}, expected a positive integer")
         side_features = side_features or SideFeatures()
+        anchor_dim = default_anchor_dim(embedding_dim) if anchor_dim is None else anchor_dim
         vocabulary = CategoryVocabulary.fit(categories)
         config = RankingConfig(
             categories=vocabulary.categories, history_len=int(history_len), embedding_dim=int(embedding_dim),
@@ -180,7 +187,7 @@ class RankingModel:
         keras.utils.set_random_seed(seed)
         item_tower = build_item_tower(
             text_encoder.dim, image_encoder.dim, len(vocabulary), embedding_dim=embedding_dim, fusion=fusion,
-            modalities=modalities, dropout=dropout,
+            modalities=modalities, dropout=dropout, anchor_dim=anchor_dim,
         )
         user_encoder = build_user_encoder(embedding_dim, num_heads=num_heads, dropout=dropout)
         scorer = build_scorer(embedding_dim, side_features.num_features, hidden_units=scorer_hidden_units)

@@ -219,6 +219,7 @@ def train_ctr(
     num_heads: int = 4,
     scorer_hidden_units=(32,),
     dropout: float = 0.1,
+    anchor_dim: int | None = None,
     category_dropout: float = 0.05,
     calibrate: bool | None = None,
     progress: Callable[[dict], None] | None = None,
@@ -248,6 +249,9 @@ def train_ctr(
         num_heads: self-attention heads of the user encoder.
         scorer_hidden_units: hidden widths of the scorer's MLP.
         dropout: dropout in the item tower and user encoder.
+        anchor_dim: principal components per modality in the item embedding's fixed content
+            anchor (see ``recsys.models.fusion``); 0 learns the whole embedding; None:
+            ``default_anchor_dim(embedding_dim)``.
         category_dropout: share of items whose category is replaced by "unknown" in training,
             so that unseen categories get a trained embedding.
         calibrate: fit a Platt calibration on ``valid``; default: only for "listwise".
@@ -294,7 +298,7 @@ def train_ctr(
     model = RankingModel.create(
         features.text_encoder, features.image_encoder, vocabulary.categories, modalities=modalities, fusion=fusion,
         embedding_dim=embedding_dim, history_len=history_len, side_features=side_spec, num_heads=num_heads,
-        scorer_hidden_units=scorer_hidden_units, dropout=dropout, seed=seed,
+        scorer_hidden_units=scorer_hidden_units, dropout=dropout, anchor_dim=anchor_dim, seed=seed,
     )
     model.item_tower.get_layer("fusion").adapt(features.text[seen], features.image[seen], features.has_image[seen])
     ctr = CTRModel(model.item_tower, model.user_encoder, model.scorer)

@@ -93,6 +93,7 @@ def run_train(
         t0 = time.perf_counter()
         model, history = train_ctr(
             features, train, valid, events, modalities=mc.modalities, fusion=mc.fusion, embedding_dim=mc.embedding_dim,
+            anchor_dim=mc.anchor_dim,
             history_len=mc.history_len, epochs=mc.epochs, batch_size=mc.batch_size, learning_rate=mc.learning_rate,
             seed=mc.seed, first_seen=first_seen, progress=_log_epoch,
         )
@@ -105,6 +106,7 @@ def run_train(
             "text_encoder": features.text_encoder.to_dict(),
             "image_encoder": features.image_encoder.to_dict(),
             "embedding_dim": mc.embedding_dim,
+            "anchor_dim": mc.anchor_dim,
             "modalities": mc.modalities,
             "fusion": mc.fusion,
             "seed": mc.seed,

@@ -154,3 +154,102 @@ def test_adapt_centres_the_inputs_on_training_means():
     assert {"text_center", "image_center"} <= {w.name for w in layer.non_trainable_weights}
     with pytest.raises(ValueError, match="adapt\\(\\) needs a built layer"):
         MultimodalFusion(8).adapt(x["text"], x["image"], x["has_image"])
+
+
+# --- content anchors ------------------------------------------------------------------------
+
+
+def _anchored(anchor_dim: int = 3, modalities: str = "text,image", n: int = 40, seed: int = 1):
+    """A layer with anchors adapted on n random items; returns (layer, inputs)."""
+    rng = np.random.default_rng(seed)
+    x = {
+        "text": rng.standard_normal((n, TEXT_DIM)).astype(np.float32),
+        "image": np.abs(rng.standard_normal((n, IMAGE_DIM))).astype(np.float32),
+        "has_image": (rng.random(n) < 0.8).astype(np.float32),
+        "category": rng.integers(0, NUM_CATEGORIES + 1, n).astype(np.int32),
+    }
+    keras.utils.set_random_seed(0)
+    layer = MultimodalFusion(16, num_categories=NUM_CATEGORIES, modalities=modalities, anchor_dim=anchor_dim, dropout=0.0)
+    layer(x)
+    layer.adapt(x["text"], x["image"], x["has_image"].astype(bool))
+    return layer, x
+
+
+def _rms(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.sqrt(np.mean(x**2, axis=1, keepdims=True) + 1e-6)
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_anchor_bases_are_the_principal_components_sklearn_finds():
+    from sklearn.decomposition import PCA
+
+    layer, x = _anchored(anchor_dim=3)
+    with_image = x["has_image"] == 1
+    for name, rows in (("text", slice(None)), ("image", with_image)):
+        data = _rms(x[name][rows] - x[name][rows].mean(axis=0))
+        # The layer's covariance is uncentred over already-centred rows; rms-normalising
+        # moves the mean slightly, so compare against an uncentred decomposition (SVD).
+        _, _, vt = np.linalg.svd(data, full_matrices=False)
+        basis = np.asarray(getattr(layer, f"{name}_basis"))
+        for k in range(3):  # same directions up to sign
+            assert abs(abs(float(basis[:, k] @ vt[k])) - 1.0) < 1e-4
+        # and close to what sklearn's (centred) PCA gives on this nearly centred data
+        pca = PCA(3).fit(data)
+        assert np.all(np.abs(np.sum(basis.T * pca.components_, axis=1)) > 0.9)
+
+
+def test_anchor_blocks_carry_the_cosine_in_the_principal_subspace():
+    layer, x = _anchored(anchor_dim=3)
+    out = np.asarray(layer(x))
+    assert out.shape == (40, 16)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    learned_dim = layer.learned_dim
+    assert learned_dim == 16 - 2 * 3
+    text_block = out[:, learned_dim : learned_dim + 3]
+    expected = _unit(_rms(x["text"] - np.asarray(layer.text_center)) @ np.asarray(layer.text_basis))
+    # each block is the normalised projection times one common positive factor per row
+    ratio = text_block / expected
+    np.testing.assert_allclose(ratio, ratio[:, :1].repeat(3, axis=1), rtol=1e-3)
+    assert np.all(ratio > 0)
+
+
+def test_missing_image_has_a_zero_image_anchor():
+    layer, x = _anchored(anchor_dim=3)
+    out = np.asarray(layer(x))
+    image_block = out[:, -3:]
+    missing = x["has_image"] == 0
+    assert missing.any() and (~missing).any()
+    np.testing.assert_array_equal(image_block[missing], 0.0)
+    assert np.all(np.linalg.norm(image_block[~missing], axis=1) > 0.1)
+
+
+def test_anchors_are_deterministic_and_survive_save_and_load(tmp_path):
+    layer, x = _anchored(anchor_dim=4)
+    again, _ = _anchored(anchor_dim=4)
+    np.testing.assert_array_equal(np.asarray(layer.text_basis), np.asarray(again.text_basis))
+    tower = build_item_tower(TEXT_DIM, IMAGE_DIM, NUM_CATEGORIES, embedding_dim=16, anchor_dim=4)
+    fusion = tower.get_layer("fusion")
+    fusion.adapt(x["text"], x["image"], x["has_image"].astype(bool))
+    assert {"text_basis", "image_basis"} <= {w.name for w in fusion.non_trainable_weights}
+    tower.save(tmp_path / "tower.keras")
+    loaded = keras.saving.load_model(tmp_path / "tower.keras")
+    assert loaded.get_layer("fusion").anchor_dim == 4
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(tower(x)), atol=1e-6)
+
+
+@pytest.mark.parametrize("modalities,blocks", [("text", 1), ("image", 1)])
+def test_a_single_modality_has_only_its_own_anchor(modalities, blocks):
+    layer, x = _anchored(anchor_dim=3, modalities=modalities)
+    assert layer.learned_dim == 16 - 3 * blocks
+    assert not hasattr(layer, "image_basis" if modalities == "text" else "text_basis")
+    assert np.asarray(layer(x)).shape == (40, 16)
+
+
+@pytest.mark.parametrize("anchor_dim", [-1, 8, 2.5])
+def test_anchor_dim_must_leave_room_for_the_learned_part(anchor_dim):
+    with pytest.raises(ValueError, match=f"anchor_dim is {anchor_dim!r}"):
+        MultimodalFusion(16, anchor_dim=anchor_dim)
