@@ -63,6 +63,57 @@ def subset_rows(world: Path, report_dir: Path, versions: dict[str, str], *, fres
     return out
 
 
+def hidden_label_ceiling(world: Path) -> dict:
+    """How much of the oracle's gap the click histories can carry at best.
+
+    The oracle knows every user's hidden topic and style affinities; a model only sees the
+    clicked history. This reference is given the generator's hidden topic and style of every
+    article (which no model sees) and learns from the training impressions, with a logistic
+    regression, the click from: the share of the user's history with the candidate's topic,
+    the share with its style, whether the history is empty, and the candidate's clicks and
+    shows in the training window (a training sample's own left out). Its per-impression AUC on the test window estimates the best a model
+    that reads histories can reach; it is not an upper bound in the strict sense.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    from recsys.data.mind import iter_behaviors
+    from recsys.data.sample import read_world
+    from recsys.models.training import mean_impression_auc
+
+    hidden = read_world(world)
+    row_of = {n: i for i, n in enumerate(hidden.news_ids)}
+    clicks, shows = np.zeros(len(row_of)), np.zeros(len(row_of))
+
+    def features(path: Path, leave_one_out: bool):
+        xs, ys, groups = [], [], []
+        for row in iter_behaviors(path):
+            cand = np.array([row_of[n] for n in row.news_ids])
+            hist = np.array([row_of[n] for n in row.history], dtype=np.int64)
+            if len(hist):
+                topic = (hidden.news_topic[cand][:, None] == hidden.news_topic[hist][None, :]).mean(axis=1)
+                style = (hidden.news_style[cand][:, None] == hidden.news_style[hist][None, :]).mean(axis=1)
+            else:
+                topic = style = np.zeros(len(cand))
+            # A training sample's own show and click are left out of its popularity.
+            own_click, own_show = (np.asarray(row.labels), 1.0) if leave_one_out else (0.0, 0.0)
+            xs.append(np.column_stack([topic, style, np.full(len(cand), float(len(hist) == 0)),
+                                       np.log1p(clicks[cand] - own_click), np.log1p(shows[cand] - own_show)]))
+            ys.append(np.asarray(row.labels))
+            groups.append(len(cand))
+        return np.concatenate(xs), np.concatenate(ys), np.asarray(groups)
+
+    for row in iter_behaviors(world / "behaviors_train.tsv"):  # popularity in the training window
+        cand = np.array([row_of[n] for n in row.news_ids])
+        np.add.at(shows, cand, 1)
+        np.add.at(clicks, cand, np.asarray(row.labels))
+    x_train, y_train, _ = features(world / "behaviors_train.tsv", leave_one_out=True)
+    x_test, y_test, groups = features(world / "behaviors_test.tsv", leave_one_out=False)
+    model = LogisticRegression(max_iter=2000).fit(x_train, y_train)
+    offsets = np.concatenate([[0], np.cumsum(groups)])
+    auc, _ = mean_impression_auc(y_test, model.decision_function(x_test), offsets)
+    return {"impression_auc": float(auc)}
+
+
 def run_seed(seed: int, args, root: Path) -> dict:
     from recsys.config import Workspace, load_config
     from recsys.data.sample import generate_sample
@@ -97,7 +148,11 @@ def run_seed(seed: int, args, root: Path) -> dict:
         }
     fresh = subset_rows(world, ws.reports_dir / "quality", versions, fresh_only=True)
     seen = subset_rows(world, ws.reports_dir / "quality", versions, fresh_only=False)
-    return {"seed": seed, "rows": rows, "fresh": fresh, "seen": seen, "seconds": round(time.perf_counter() - t0, 1)}
+    oracle = next(r["impression_auc"] for r in rows.values() if r["kind"] == "oracle")
+    ceiling = hidden_label_ceiling(world)
+    ceiling["gap_closed"] = (ceiling["impression_auc"] - 0.5) / (oracle - 0.5)
+    return {"seed": seed, "rows": rows, "fresh": fresh, "seen": seen, "hidden_label_ceiling": ceiling,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main() -> None:
@@ -122,6 +177,9 @@ def main() -> None:
                 gap = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.1f}%"
                 ll = "" if r["log_loss"] is None else f"{r['log_loss']:.4f}"
                 print(f"  {name:<48} {r['kind']:<9} {r['impression_auc']:>8.4f} {gap:>7} {ll:>8}")
+            c = res["hidden_label_ceiling"]
+            print(f"  {'reference: hidden topic/style shares of the history (LR)':<58} {c['impression_auc']:>8.4f} "
+                  f"{100 * c['gap_closed']:.1f}%")
             for subset in ("fresh", "seen"):
                 print(f"  {subset} candidates only (AUC/imp):", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res[subset].items()})
     finally:
@@ -139,6 +197,7 @@ def main() -> None:
             if f.get("text,image") is not None and f.get("oracle"):
                 gaps.append((f["text,image"] - 0.5) / (f["oracle"] - 0.5))
         summary[f"{subset}_gap_closed_text+image"] = gaps
+    summary["hidden_label_ceiling_gap_closed"] = [res["hidden_label_ceiling"]["gap_closed"] for res in results]
     out = {
         "benchmark": "quality", "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "host": platform.node(), "results": results, "summary": summary,
