@@ -226,6 +226,7 @@ def child_run(spec: dict) -> dict:
         "steady_users_per_second": users / (compute / max(1, spec["workers"])) if compute > 0 else None,
         "timings": summary["timings"], "counts": summary["counts"],
         "peak_rss_mb_total": rss.peak / 2**20, "peak_rss_mb_driver": rss.peak_driver / 2**20,
+        "peak_pss_mb_total": rss.peak_pss / 2**20,
         "driver_cpu_seconds": time.process_time() - cpu,
     }
 
@@ -293,7 +294,8 @@ def main(argv=None) -> int:
                 runs.append(result)
                 print(f"  {result['users_per_second']:.0f} users/s end to end ({result['steady_users_per_second']:.0f} "
                       f"after worker start-up), {result['seconds']:.1f} s, "
-                      f"peak RSS {result['peak_rss_mb_total']:.0f} MB (driver {result['peak_rss_mb_driver']:.0f} MB)",
+                      f"peak RSS {result['peak_rss_mb_total']:.0f} MB (driver {result['peak_rss_mb_driver']:.0f} MB), "
+                      f"peak PSS {result.get('peak_pss_mb_total', 0):.0f} MB",
                       flush=True)
         incremental = None
         if not args.skip_incremental:
