@@ -247,12 +247,10 @@ def _print_rows(rows: list[dict], as_json: bool, *, title: str) -> None:
         _print_json(clean)
         return
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(*keys, title=title)
-    for row in clean:
-        table.add_row(str(row["rank"]), row["news_id"], row["title"], row["category"], f"{row['score']:.4f}")
-    Console().print(table)
+    from recsys.display import rows_table
+
+    Console().print(rows_table(clean, keys, title=title))
 
 
 @app.command()

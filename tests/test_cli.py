@@ -87,6 +87,9 @@ def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
     assert probe not in {r["news_id"] for r in similar}
     scores = [r["score"] for r in similar]
     assert scores == sorted(scores, reverse=True)
+    code, out, err = run(capsys, *ws, "similar", "--news", probe, "--k", "5")  # the table
+    assert code == 0, err
+    assert [n for n in re.findall(r"\bN\d+\b", out) if n != probe] == [r["news_id"] for r in similar]
 
     code, out, err = run(capsys, *ws, "nightly", "--k", "5", "--workers", "1", "--export", str(workspace / "export"))
     assert code == 0, err

@@ -16,6 +16,7 @@ per item and user vectors once per user, then scores every (user, candidate) pai
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -33,6 +34,24 @@ from recsys.models.samples import Impressions, InteractionLog
 from recsys.models.scorer import Scorer, build_scorer
 from recsys.models.side_features import SideFeatures
 from recsys.models.user_encoder import build_user_encoder
+
+class _OwnTracingWarningFilter(logging.Filter):
+    """Drops TensorFlow's "triggered tf.function retracing" warning about RankingModel's own functions.
+
+    Every RankingModel traces its four functions once (fixed input signatures). TensorFlow
+    counts traces per source line, across instances, so loading several models in one process
+    (an evaluation comparing versions, the demo) reads to it like retracing in a loop and it
+    warns that tracing is expensive. Warnings about any other function pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("triggered tf.function retracing" in message and "RankingModel.__init__" in message)
+
+
+_tf_logger = logging.getLogger("tensorflow")
+if not any(isinstance(f, _OwnTracingWarningFilter) for f in _tf_logger.filters):
+    _tf_logger.addFilter(_OwnTracingWarningFilter())
 
 CONFIG_FILE = "config.json"
 MODEL_FILES = ("item_tower.keras", "user_encoder.keras", "scorer.keras")

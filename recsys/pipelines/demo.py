@@ -33,7 +33,9 @@ def find_sample(sample: Path | None, workspace_root: Path) -> Path:
 
 def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> dict:
     from rich.console import Console
+    from rich.text import Text
 
+    from recsys.display import rows_table
     from recsys.pipelines.evaluate import run_evaluate
     from recsys.pipelines.index import run_index_build, run_similar
     from recsys.pipelines.ingest import run_ingest
@@ -71,11 +73,11 @@ def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> d
     step("5/7 an example: one reader's recommendations")
     user = _example_user(engine)
     recs = recommendations_for_user(engine, user, config.nightly.k)
-    console.print(recs[["rank", "news_id", "category", "title", "score"]].to_string(index=False))
+    console.print(rows_table(recs.to_dict("records"), ["rank", "news_id", "category", "title", "score"], title=f"recommendations for {user}"))
 
     step("6/7 articles similar to the top recommendation")
     for row in run_similar(engine, ws, news_id=recs.iloc[0]["news_id"], k=5):
-        console.print(f"  {row['rank']}. {row['news_id']} [{row['category']}] {row['title']}  ({row['score']:.3f})")
+        console.print(f"  {row['rank']}. {row['news_id']} [{row['category']}] {row['title']}  ({row['score']:.3f})", markup=False)
 
     step("7/7 offline evaluation on the held-out test window")
     out = ws.reports_dir / "demo"
@@ -83,8 +85,8 @@ def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> d
         engine, ws, config, behaviors=world / "behaviors_test.tsv", out=out, versions=None, ablations=True,
         truth=world / "truth.tsv" if (world / "truth.tsv").exists() else None, news=None, images=None,
     )
-    console.print(f"report: [bold]{report['html']}[/bold]")
-    console.print(f"metrics: {report['metrics_json']}")
+    console.print("report:", Text(str(report["html"]), style="bold"))
+    console.print("metrics:", Text(str(report["metrics_json"])))
     return {"trained": trained, "nightly": summary, "report": report}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import keras
 import numpy as np
@@ -198,3 +199,31 @@ def test_create_validates_arguments(small_world):
         RankingModel.create(f.text_encoder, f.image_encoder, [], history_len=0)
     with pytest.raises(ValueError, match="fusion is 'max'"):
         RankingModel.create(f.text_encoder, f.image_encoder, [], fusion="max")
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_loading_several_models_does_not_warn_of_retracing(small_world):
+    """Each model traces its functions once; TensorFlow must not call that retracing in a loop."""
+    f = small_world.features
+    collect = _Collect()
+    tf_logger = logging.getLogger("tensorflow")
+    tf_logger.addHandler(collect)
+    try:
+        for seed in range(8):
+            m = RankingModel.create(f.text_encoder, f.image_encoder, ["a"], embedding_dim=16, history_len=5,
+                                    num_heads=2, seed=seed)
+            m.item_embeddings(f.take(np.arange(4)))
+        # ...while the same warning about another function still reaches the log.
+        tf_logger.warning("5 out of the last 5 calls to <function other at 0x1> triggered tf.function retracing.")
+    finally:
+        tf_logger.removeHandler(collect)
+    retracing = [m for m in collect.messages if "retracing" in m]
+    assert retracing == ["5 out of the last 5 calls to <function other at 0x1> triggered tf.function retracing."]
