@@ -114,6 +114,44 @@ def hidden_label_ceiling(world: Path) -> dict:
     return {"impression_auc": float(auc)}
 
 
+def content_similarity_reference(world: Path, engine, ws, config) -> dict:
+    """A training-free baseline: how similar the candidate is to what the user clicked.
+
+    Score = mean over the history of the cosine similarity of the frozen text features plus
+    that of the frozen image features (each centred on the catalogue's mean, an article
+    without a cover contributing 0 to the image term), equal weights, no parameter fitted on
+    any window. Empty history: 0 for every candidate. If the trained model does not beat it,
+    the learned part is not yet earning its keep.
+    """
+    from recsys.data.mind import iter_behaviors
+    from recsys.models.training import mean_impression_auc
+    from recsys.pipelines.scoring import load_scoring_catalogue
+
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    features = catalogue.features
+
+    def unit(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64) - x[rows].mean(axis=0)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    with_image = np.asarray(features.has_image, dtype=bool)
+    text = unit(features.text, np.arange(len(features)))
+    image = unit(features.image, with_image) * with_image[:, None]
+    labels, scores, sizes = [], [], []
+    for row in iter_behaviors(world / "behaviors_test.tsv"):
+        cand = np.array([catalogue.row_of[n] for n in row.news_ids])
+        hist = np.array([catalogue.row_of[n] for n in row.history], dtype=np.int64)
+        if len(hist):
+            scores.append((text[cand] @ text[hist].T).mean(axis=1) + (image[cand] @ image[hist].T).mean(axis=1))
+        else:
+            scores.append(np.zeros(len(cand)))
+        labels.append(np.asarray(row.labels))
+        sizes.append(len(cand))
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    auc, _ = mean_impression_auc(np.concatenate(labels), np.concatenate(scores), offsets)
+    return {"impression_auc": float(auc)}
+
+
 def run_seed(seed: int, args, root: Path) -> dict:
     from recsys.config import Workspace, load_config
     from recsys.data.sample import generate_sample
@@ -151,7 +189,10 @@ def run_seed(seed: int, args, root: Path) -> dict:
     oracle = next(r["impression_auc"] for r in rows.values() if r["kind"] == "oracle")
     ceiling = hidden_label_ceiling(world)
     ceiling["gap_closed"] = (ceiling["impression_auc"] - 0.5) / (oracle - 0.5)
+    knn = content_similarity_reference(world, engine, ws, config)
+    knn["gap_closed"] = (knn["impression_auc"] - 0.5) / (oracle - 0.5)
     return {"seed": seed, "rows": rows, "fresh": fresh, "seen": seen, "hidden_label_ceiling": ceiling,
+            "content_similarity": knn,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -180,6 +221,9 @@ def main() -> None:
             c = res["hidden_label_ceiling"]
             print(f"  {'reference: hidden topic/style shares of the history (LR)':<58} {c['impression_auc']:>8.4f} "
                   f"{100 * c['gap_closed']:.1f}%")
+            c = res["content_similarity"]
+            print(f"  {'reference: content similarity to the history, no training':<58} {c['impression_auc']:>8.4f} "
+                  f"{100 * c['gap_closed']:.1f}%")
             for subset in ("fresh", "seen"):
                 print(f"  {subset} candidates only (AUC/imp):", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res[subset].items()})
     finally:
@@ -198,6 +242,7 @@ def main() -> None:
                 gaps.append((f["text,image"] - 0.5) / (f["oracle"] - 0.5))
         summary[f"{subset}_gap_closed_text+image"] = gaps
     summary["hidden_label_ceiling_gap_closed"] = [res["hidden_label_ceiling"]["gap_closed"] for res in results]
+    summary["content_similarity_gap_closed"] = [res["content_similarity"]["gap_closed"] for res in results]
     out = {
         "benchmark": "quality", "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "host": platform.node(), "results": results, "summary": summary,
