@@ -35,6 +35,7 @@ from recsys.models.scorer import Scorer, build_scorer
 from recsys.models.side_features import SideFeatures
 from recsys.models.user_encoder import build_user_encoder
 
+
 class _OwnTracingWarningFilter(logging.Filter):
     """Drops TensorFlow's "triggered tf.function retracing" warning about RankingModel's own functions.
 
