@@ -44,6 +44,8 @@ class ModelConfig:
     learning_rate: float = 1e-3
     seed: int = 0
     valid_days: float = 1.0  # the last days of the training window are held out for validation
+    # Lead each History column with the user's clicks in earlier impressions of the store.
+    logged_clicks: bool = True
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,8 @@ class RankingConfig:
         side_features: side-feature window and normalisation statistics.
         text_encoder / image_encoder: the frozen encoders the features must come from.
         seed: training seed.
+        logged_clicks: the model was trained on histories led by the user's logged clicks
+            before each impression (``samples.with_logged_clicks``), so it must be served so.
         info: free-form training facts (loss, metrics, data counts) for manifests.
     """
 
@@ -84,6 +86,7 @@ class RankingConfig:
     text_encoder: EncoderInfo
     image_encoder: EncoderInfo
     seed: int = 0
+    logged_clicks: bool = False
     info: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -98,6 +101,7 @@ class RankingConfig:
             "text_encoder": self.text_encoder.to_dict(),
             "image_encoder": self.image_encoder.to_dict(),
             "seed": self.seed,
+            "logged_clicks": self.logged_clicks,
             "info": self.info,
         }
 
@@ -113,6 +117,7 @@ class RankingConfig:
             text_encoder=EncoderInfo.from_dict(d["text_encoder"]),
             image_encoder=EncoderInfo.from_dict(d["image_encoder"]),
             seed=int(d.get("seed", 0)),
+            logged_clicks=bool(d.get("logged_clicks", False)),
             info=dict(d.get("info", {})),
         )
 
@@ -192,6 +197,7 @@ class RankingModel:
         dropout: float = 0.1,
         anchor_dim: int | None = None,
         seed: int = 0,
+        logged_clicks: bool = False,
     ) -> "RankingModel":
         """A fresh (untrained) model; ``categories`` is any iterable of category strings."""
         if not isinstance(history_len, (int, np.integer)) or history_len <= 0:
@@ -202,7 +208,7 @@ class RankingModel:
         config = RankingConfig(
             categories=vocabulary.categories, history_len=int(history_len), embedding_dim=int(embedding_dim),
             modalities=",".join(parse_modalities(modalities)), fusion=fusion, side_features=side_features,
-            text_encoder=text_encoder, image_encoder=image_encoder, seed=int(seed),
+            text_encoder=text_encoder, image_encoder=image_encoder, seed=int(seed), logged_clicks=bool(logged_clicks),
         )
         keras.utils.set_random_seed(seed)
         item_tower = build_item_tower(

@@ -238,6 +238,130 @@ class InteractionLog:
 
 
 @dataclass(frozen=True)
+class ClickLog:
+    """Clicks seen in labelled impressions, grouped by user, ascending in time within a user.
+
+    A MIND History column stops where the behaviors log starts; by the time of a later
+    impression, the user's clicks in earlier impressions of the log are history too. This is
+    the lookup that adds them (see ``with_logged_clicks``).
+
+    Attributes:
+        user_ids: (u,) object array of user ids, sorted, unique.
+        offsets: (u + 1,) int64; user ``j`` owns ``times[offsets[j]:offsets[j+1]]``.
+        times: (k,) datetime64[s] click times, ascending within a user (then item rows).
+        items: (k,) int32 item rows of the clicked articles.
+    """
+
+    user_ids: np.ndarray
+    offsets: np.ndarray
+    times: np.ndarray
+    items: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @classmethod
+    def from_events(cls, user_ids, times, items) -> "ClickLog":
+        """A log from unsorted clicks: (k,) user ids, (k,) datetime64 times, (k,) item rows.
+
+        Raises:
+            ValueError: arrays of different lengths, a NaT time or a negative item row.
+        """
+        user_ids = np.asarray(user_ids, dtype=object)
+        times = np.asarray(times).astype("datetime64[s]")
+        items = np.asarray(items, dtype=np.int64)
+        if not len(user_ids) == len(times) == len(items):
+            raise ValueError(f"ClickLog arrays differ in length: user_ids {len(user_ids)}, times {len(times)}, items {len(items)}")
+        if np.isnat(times).any():
+            raise ValueError(f"click {np.flatnonzero(np.isnat(times))[0]} has time NaT, expected a time")
+        if len(items) and items.min() < 0:
+            raise ValueError(f"click {np.flatnonzero(items < 0)[0]} has item row {items.min()}, expected >= 0")
+        unique, user_index = np.unique(user_ids.astype(str), return_inverse=True)
+        # Item rows break time ties, so the order never depends on the order events came in.
+        order = np.lexsort((items, times.astype(np.int64), user_index))
+        offsets = np.zeros(len(unique) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(user_index, minlength=len(unique)), out=offsets[1:])
+        return cls(unique.astype(object), offsets, times[order], items[order].astype(np.int32))
+
+    @classmethod
+    def from_impressions(cls, impressions: Sequence[Impressions]) -> "ClickLog":
+        """The clicks (label 1) of the given impressions."""
+        users, times, items = [], [], []
+        for imps in impressions:
+            owner = candidate_impression_rows(imps)[imps.labels == 1]
+            users.append(imps.user_ids[owner])
+            times.append(imps.times[owner])
+            items.append(imps.candidate_items[imps.labels == 1])
+        if not users:
+            return cls.from_events(np.zeros(0, object), np.zeros(0, "datetime64[s]"), np.zeros(0, np.int64))
+        return cls.from_events(np.concatenate(users), np.concatenate(times), np.concatenate(items))
+
+
+def with_logged_clicks(impressions: Impressions, clicks: ClickLog, history_len: int) -> Impressions:
+    """The impressions with each history led by the user's logged clicks before the impression.
+
+    History of impression ``i`` (user ``u`` at time ``t``): up to ``history_len`` clicks of
+    ``u`` in ``clicks`` strictly before ``t``, newest first, then the impression's own history
+    (most recent first); an article keeps only its first (most recent) place and the result is
+    capped at ``history_len``. "Strictly before" keeps an impression's own labels, and those of
+    any impression at the same second, out of its history, so training on these histories
+    does not leak.
+
+    Args:
+        impressions: ``m`` impressions whose histories are the MIND History column.
+        clicks: the click log; its item rows must index the same feature table.
+        history_len: ``H``, the cap.
+
+    Returns:
+        ``Impressions`` with new ``history_offsets`` / ``history_items``; the rest is shared.
+    """
+    if not isinstance(history_len, (int, np.integer)) or history_len <= 0:
+        raise ValueError(f"history_len is {history_len!r}, expected a positive integer")
+    m = len(impressions)
+    # Position of each impression's user in the log (-1: no logged click).
+    where = np.searchsorted(clicks.user_ids.astype(str), impressions.user_ids.astype(str)) if len(clicks.user_ids) else np.zeros(m, np.int64)
+    where = np.minimum(where, max(len(clicks.user_ids) - 1, 0))
+    known = (clicks.user_ids[where] == impressions.user_ids) if len(clicks.user_ids) else np.zeros(m, dtype=bool)
+    start = np.where(known, clicks.offsets[where], 0)
+    stop = np.where(known, clicks.offsets[np.minimum(where + 1, len(clicks.offsets) - 1)], 0)
+    # Clicks of the user strictly before t: a binary search in the user's time-sorted slice,
+    # done for all impressions at once on (user, time) keys.
+    seconds = clicks.times.astype(np.int64)
+    base = np.int64(seconds.min()) if len(seconds) else np.int64(0)
+    user_of_click = np.repeat(np.arange(len(clicks.user_ids), dtype=np.int64), np.diff(clicks.offsets))
+    keys = user_of_click * _TIME_SPAN + (seconds - base)
+    query = np.where(known, where, 0).astype(np.int64) * _TIME_SPAN + np.clip(impressions.times.astype("datetime64[s]").astype(np.int64) - base, 0, _TIME_SPAN - 1)
+    before = np.where(known, np.clip(np.searchsorted(keys, query, side="left"), start, stop), start)
+    n_log = np.minimum(before - start, history_len)
+    n_own = np.diff(impressions.history_offsets)
+    lengths = n_log + n_own
+    offsets = np.zeros(m + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    owner = np.repeat(np.arange(m, dtype=np.int64), lengths)
+    slot = np.arange(offsets[-1], dtype=np.int64) - offsets[:-1][owner]
+    from_log = slot < n_log[owner]
+    # Log part newest first: walk back from the last click before t.
+    log_pos = before[owner] - 1 - slot
+    own_pos = impressions.history_offsets[:-1][owner] + slot - n_log[owner]
+    merged = np.where(from_log, clicks.items[np.where(from_log, log_pos, 0)] if len(clicks.items) else 0,
+                      impressions.history_items[np.where(from_log, 0, own_pos)] if len(impressions.history_items) else 0)
+    # Keep each (impression, article) once, at its first place, then cap the length.
+    pair = owner * np.int64(int(merged.max()) + 1 if len(merged) else 1) + merged.astype(np.int64)
+    keep = np.zeros(len(pair), dtype=bool)
+    keep[np.unique(pair, return_index=True)[1]] = True
+    rank = np.cumsum(keep) - 1
+    first_rank = np.zeros(m + 1, dtype=np.int64)
+    first_rank[1:] = np.cumsum(np.bincount(owner[keep], minlength=m))
+    keep &= (rank - first_rank[:-1][owner]) < history_len
+    new_offsets = np.zeros(m + 1, dtype=np.int64)
+    np.cumsum(np.bincount(owner[keep], minlength=m), out=new_offsets[1:])
+    return Impressions(
+        impressions.impression_ids, impressions.user_ids, impressions.times, new_offsets,
+        merged[keep].astype(np.int32), impressions.candidate_offsets, impressions.candidate_items, impressions.labels,
+    )
+
+
+@dataclass(frozen=True)
 class SyntheticWorld:
     """A generated world with a known click model.
 

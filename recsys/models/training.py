@@ -29,7 +29,9 @@ from recsys.encoders.item_features import ItemFeatures
 from recsys.models.bundle import RankingModel
 from recsys.models.ctr import CTRModel, listwise_loss, pointwise_loss
 from recsys.models.fusion import CategoryVocabulary
-from recsys.models.samples import Impressions, InteractionLog, candidate_impression_rows, first_shown
+from recsys.models.samples import (
+    ClickLog, Impressions, InteractionLog, candidate_impression_rows, first_shown, with_logged_clicks,
+)
 from recsys.models.side_features import SideFeatures
 
 LOSSES = ("pointwise", "listwise")
@@ -222,6 +224,7 @@ def train_ctr(
     anchor_dim: int | None = None,
     category_dropout: float = 0.05,
     calibrate: bool | None = None,
+    clicks: ClickLog | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> tuple[RankingModel, dict]:
     """Train the CTR model; early-stop on the validation per-impression AUC.
@@ -255,6 +258,9 @@ def train_ctr(
         category_dropout: share of items whose category is replaced by "unknown" in training,
             so that unseen categories get a trained embedding.
         calibrate: fit a Platt calibration on ``valid``; default: only for "listwise".
+        clicks: if given, every train and valid history is led by the user's clicks in this log
+            strictly before the impression (``with_logged_clicks``), and the model records that
+            it must be served the same way. It may hold the train and valid windows themselves.
         progress: called after every epoch with a dict (epoch, loss, val_auc, ...).
 
     Returns:
@@ -280,6 +286,11 @@ def train_ctr(
     n = len(features)
     _check_rows("train", train, n)
     _check_rows("valid", valid, n)
+    if clicks is not None:
+        if len(clicks) and int(clicks.items.max()) >= n:
+            raise ValueError(f"the click log names item row {int(clicks.items.max())}, the feature table has {n} rows")
+        train = with_logged_clicks(train, clicks, history_len)
+        valid = with_logged_clicks(valid, clicks, history_len)
     if log.num_items != n:
         raise ValueError(f"the interaction log covers {log.num_items} items, the feature table has {n}")
     _, valid_scoreable = mean_impression_auc(valid.labels, np.zeros(len(valid.labels)), valid.candidate_offsets)
@@ -299,6 +310,7 @@ def train_ctr(
         features.text_encoder, features.image_encoder, vocabulary.categories, modalities=modalities, fusion=fusion,
         embedding_dim=embedding_dim, history_len=history_len, side_features=side_spec, num_heads=num_heads,
         scorer_hidden_units=scorer_hidden_units, dropout=dropout, anchor_dim=anchor_dim, seed=seed,
+        logged_clicks=clicks is not None,
     )
     model.item_tower.get_layer("fusion").adapt(features.text[seen], features.image[seen], features.has_image[seen])
     ctr = CTRModel(model.item_tower, model.user_encoder, model.scorer)

@@ -2,7 +2,9 @@
 
 The file is read in chunks of impressions, so memory is bounded by the chunk, not the file.
 Each chunk becomes an ``Impressions`` over the catalogue's item rows (history from the row's
-own History column, as the MIND competition defines it) and every model scores it once.
+own History column, as the MIND competition defines it) and every model scores it once; a
+model trained with ``logged_clicks`` first gets each history led by the user's clicks in the
+store before the impression, as it was trained (docs/model.md).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from recsys.columns import (
 from recsys.config import Config, Workspace
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError, SchemaError
-from recsys.models.samples import Impressions, InteractionLog
+from recsys.models.samples import ClickLog, Impressions, InteractionLog, with_logged_clicks
 from recsys.pipelines.features import encode_news
 from recsys.pipelines.train import first_seen_array, load_version_model
 from recsys.store import repository as repo
@@ -40,6 +42,7 @@ class Catalogue:
     row_of: dict
     log: InteractionLog
     first_seen: np.ndarray
+    clicks: ClickLog  # impression clicks in the store, for models trained with logged_clicks
 
 
 def news_from_file(path: Path, images: Path | None, known: set[str]) -> pd.DataFrame:
@@ -81,7 +84,8 @@ def load_scoring_catalogue(engine: Engine, workspace: Workspace, config: Config,
     features = encode_news(catalogue, workspace, config)
     row_of = dict(zip(features.news_ids.tolist(), range(len(features))))
     events = repo.read_interaction_log(engine, features.news_ids)
-    return Catalogue(catalogue, features, row_of, events, first_seen_array(catalogue))
+    clicks = repo.read_click_log(engine, features.news_ids)
+    return Catalogue(catalogue, features, row_of, events, first_seen_array(catalogue), clicks)
 
 
 @dataclass
@@ -167,6 +171,8 @@ class VersionScorer:
         return self.model.config.history_len
 
     def score(self, impressions: Impressions) -> np.ndarray:
+        if self.model.config.logged_clicks:  # served as trained: clicks in the store before each impression lead its history
+            impressions = with_logged_clicks(impressions, self.catalogue.clicks, self.history_len)
         return self.model.score_impressions(impressions, self.embeddings, self.catalogue.log, self.catalogue.first_seen)
 
 

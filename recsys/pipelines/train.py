@@ -84,6 +84,7 @@ def run_train(
         if len(imps) == 0:
             raise RecsysError(f"the {name} window holds no labelled impressions ({since_dt} .. {valid_start} .. {until_dt})")
     events = repo.read_interaction_log(engine, features.news_ids, until=until_dt)
+    clicks = repo.read_click_log(engine, features.news_ids, until=until_dt) if mc.logged_clicks else None
     first_seen = first_seen_array(news)
     timings["read_s"] = round(time.perf_counter() - t0, 2)
     log.info("training on %d impressions, validating on %d (%s .. %s .. %s)", len(train), len(valid), since_dt, valid_start, until_dt)
@@ -95,7 +96,7 @@ def run_train(
             features, train, valid, events, modalities=mc.modalities, fusion=mc.fusion, embedding_dim=mc.embedding_dim,
             anchor_dim=mc.anchor_dim,
             history_len=mc.history_len, epochs=mc.epochs, batch_size=mc.batch_size, learning_rate=mc.learning_rate,
-            seed=mc.seed, first_seen=first_seen, progress=_log_epoch,
+            seed=mc.seed, first_seen=first_seen, clicks=clicks, progress=_log_epoch,
         )
         timings["train_s"] = round(time.perf_counter() - t0, 2)
         staged = staging_dir(workspace.models_dir, version)
@@ -110,6 +111,7 @@ def run_train(
             "modalities": mc.modalities,
             "fusion": mc.fusion,
             "seed": mc.seed,
+            "logged_clicks": mc.logged_clicks,
             "training_window": {"since": since_dt.isoformat(), "valid_start": valid_start.isoformat(), "until": until_dt.isoformat(), "source": source},
             "data": _counts(train, valid, features),
             "metrics": _final_metrics(history),

@@ -27,7 +27,7 @@ from recsys.columns import (
     TITLE,
     USER_ID,
 )
-from recsys.models.samples import Impressions, InteractionLog
+from recsys.models.samples import ClickLog, Impressions, InteractionLog
 from recsys.store import schema as s
 
 
@@ -232,6 +232,25 @@ def read_interaction_log(
     times = pd.to_datetime(frame[TIME]).to_numpy(dtype="datetime64[ns]").astype("datetime64[s]")
     labels = frame[LABEL].to_numpy(dtype=np.int8)
     return InteractionLog.from_events(rows[known], times[known], labels[known], len(news_ids))
+
+
+def read_click_log(engine: Engine, news_ids: np.ndarray, *, until: datetime | None = None) -> ClickLog:
+    """Clicks of labelled impressions before ``until`` as a ``ClickLog`` over ``news_ids``.
+
+    The impression clicks that lead each History column (``samples.with_logged_clicks``).
+    Clicks on articles missing from ``news_ids`` are dropped (they have no embedding).
+    """
+    im, it = s.impressions.c, s.impression_items.c
+    cond = [it.label == 1]
+    if until is not None:
+        cond.append(im.time < until)
+    query = select(im.user_id, im.time, it.news_id).join(s.impressions, it.impression_pk == im.id).where(and_(*cond))
+    with engine.connect() as conn:
+        frame = pd.DataFrame(conn.execute(query).all(), columns=[USER_ID, TIME, NEWS_ID])
+    rows = pd.Index(news_ids, dtype=object).get_indexer(frame[NEWS_ID].to_numpy(dtype=object))
+    known = rows >= 0
+    times = pd.to_datetime(frame[TIME]).to_numpy(dtype="datetime64[ns]").astype("datetime64[s]")
+    return ClickLog.from_events(frame[USER_ID].to_numpy(dtype=object)[known], times[known], rows[known])
 
 
 def read_news_titles(engine: Engine, news_ids) -> pd.DataFrame:

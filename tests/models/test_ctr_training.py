@@ -7,7 +7,9 @@ import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
 from recsys.models.ctr import listwise_loss, pointwise_loss
-from recsys.models.samples import Impressions, InteractionLog, first_shown, select_impressions
+from recsys.models.samples import (
+    ClickLog, Impressions, InteractionLog, first_shown, select_impressions, with_logged_clicks,
+)
 from recsys.models.training import _BatchMaker, binary_log_loss, evaluate_impressions, mean_impression_auc, train_ctr
 
 
@@ -102,6 +104,33 @@ def test_train_ctr_rejects_bad_arguments(world, log):
         train_ctr(world.features, bad, world.valid, log)
     with pytest.raises(ValueError, match="the interaction log covers 5 items, the feature table has 600"):
         train_ctr(*args[:3], InteractionLog.from_impressions([], 5))
+    far = ClickLog.from_events(np.array(["U1"], dtype=object), world.train.times[:1], np.array([600]))
+    with pytest.raises(ValueError, match="the click log names item row 600, the feature table has 600 rows"):
+        train_ctr(*args, clicks=far)
+
+
+def test_train_ctr_with_a_click_log_trains_and_validates_on_led_histories(world, log, monkeypatch):
+    import recsys.models.training as training
+
+    seen = []
+
+    def spy(impressions, clicks, history_len):
+        out = with_logged_clicks(impressions, clicks, history_len)
+        seen.append((len(impressions), history_len, int(np.diff(out.history_offsets).sum() - np.diff(impressions.history_offsets).clip(max=history_len).sum())))
+        return out
+
+    monkeypatch.setattr(training, "with_logged_clicks", spy)
+    clicks = ClickLog.from_impressions([world.train, world.valid])
+    train = select_impressions(world.train, np.arange(200))
+    model, _ = train_ctr(world.features, train, world.valid, log, epochs=1, batch_size=32, embedding_dim=16,
+                         history_len=8, clicks=clicks)
+    assert model.config.logged_clicks is True
+    # Both windows were rebuilt with the model's cap, and the validation histories gained
+    # items (its users clicked in training impressions).
+    assert [s[:2] for s in seen] == [(200, 8), (len(world.valid), 8)]
+    assert seen[1][2] > 0
+    plain, _ = train_ctr(world.features, train, world.valid, log, epochs=1, batch_size=32, embedding_dim=16, history_len=8)
+    assert plain.config.logged_clicks is False and len(seen) == 2
 
 
 @pytest.mark.slow

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 from recsys.models.samples import (
+    ClickLog,
     Impressions,
     InteractionLog,
     candidate_impression_rows,
     first_shown,
     gather_csr,
     select_impressions,
+    with_logged_clicks,
 )
 
 T0 = np.datetime64("2019-11-10T00:00:00", "s")
@@ -76,6 +78,71 @@ def test_log_errors_name_the_problem():
         InteractionLog(3, np.array([1, 0], np.int32), np.array([T0, T0]), np.array([0, 0], np.int8))
     with pytest.raises(ValueError, match="differ in length"):
         InteractionLog(3, np.array([1], np.int32), np.array([T0, T0]), np.array([0, 0], np.int8))
+
+
+def _reference_logged_history(imps: Impressions, i: int, events: list[tuple], cap: int) -> list[int]:
+    """The documented rule, written as a loop: clicks of the user strictly before the impression,
+    newest first, then the History column; each article once; at most ``cap``."""
+    mine = sorted((t, item) for user, t, item in events if user == imps.user_ids[i] and t < imps.times[i])
+    merged = [item for _, item in reversed(mine)][:cap] + imps.history(i).tolist()
+    out: list[int] = []
+    for item in merged:
+        if item not in out:
+            out.append(item)
+    return out[:cap]
+
+
+@pytest.mark.parametrize("cap", [1, 3, 50])
+def test_logged_clicks_lead_the_history_as_a_loop_would(world, cap):
+    clicks = ClickLog.from_impressions([world.train, world.valid])
+    events = [(world.train.user_ids[r], world.train.times[r], int(item))
+              for r, item, label in zip(candidate_impression_rows(world.train), world.train.candidate_items, world.train.labels)
+              if label == 1]
+    events += [(world.valid.user_ids[r], world.valid.times[r], int(item))
+               for r, item, label in zip(candidate_impression_rows(world.valid), world.valid.candidate_items, world.valid.labels)
+               if label == 1]
+    assert len(clicks) == len(events)
+    out = with_logged_clicks(world.valid, clicks, cap)
+    changed = 0
+    for i in range(len(world.valid)):
+        expected = _reference_logged_history(world.valid, i, events, cap)
+        assert out.history(i).tolist() == expected, i
+        changed += expected[:1] != world.valid.history(i)[:1].tolist()
+    assert changed > len(world.valid) // 2  # most validation users clicked in training impressions
+    # Candidates and labels are untouched.
+    np.testing.assert_array_equal(out.candidate_items, world.valid.candidate_items)
+    np.testing.assert_array_equal(out.labels, world.valid.labels)
+
+
+def test_logged_clicks_never_include_the_impression_itself():
+    # User "a" clicks item 0 at T0 (impression 1); another impression of "a" at the same
+    # second must not see it, a later one must, and user "c" has no logged click.
+    imps = _impressions()
+    clicks = ClickLog.from_events(np.array(["a", "a", "b"], dtype=object),
+                                  np.array([T0, T0 - np.timedelta64(1, "h"), T0 + np.timedelta64(1, "h")]),
+                                  np.array([0, 3, 2]))
+    out = with_logged_clicks(imps, clicks, 10)
+    assert out.history(0).tolist() == [3, 4, 1]  # the T0 click is not before T0; item 3 (an hour earlier) is
+    assert out.history(1).tolist() == [2]  # b's click at T0+1h is before its impression at T0+5h
+    assert out.history(2).tolist() == [0]  # c: no logged click, History unchanged
+    later = Impressions(np.array([9]), np.array(["a"], dtype=object), np.array([T0 + np.timedelta64(1, "s")]),
+                        np.array([0, 2]), np.array([0, 1], np.int32), np.array([0, 1]), np.array([2], np.int32),
+                        np.array([0], np.int8))
+    # A second later the T0 click leads; item 0 also in the History column appears once.
+    assert with_logged_clicks(later, clicks, 10).history(0).tolist() == [0, 3, 1]
+    empty = ClickLog.from_events(np.zeros(0, object), np.zeros(0, "datetime64[s]"), np.zeros(0, np.int64))
+    np.testing.assert_array_equal(with_logged_clicks(imps, empty, 10).history_items, imps.history_items)
+
+
+def test_click_log_errors_name_the_problem():
+    with pytest.raises(ValueError, match="differ in length"):
+        ClickLog.from_events(np.array(["a"], dtype=object), np.array([T0, T0]), np.array([0]))
+    with pytest.raises(ValueError, match="click 1 has time NaT"):
+        ClickLog.from_events(np.array(["a", "b"], dtype=object), np.array([T0, "NaT"], dtype="datetime64[s]"), np.array([0, 1]))
+    with pytest.raises(ValueError, match="click 0 has item row -1"):
+        ClickLog.from_events(np.array(["a"], dtype=object), np.array([T0]), np.array([-1]))
+    with pytest.raises(ValueError, match="history_len is 0"):
+        with_logged_clicks(_impressions(), ClickLog.from_impressions([_impressions()]), 0)
 
 
 def test_synthetic_world_invariants(world):

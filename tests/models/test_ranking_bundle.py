@@ -59,6 +59,21 @@ def test_save_load_gives_identical_predictions(model, small, tmp_path):
     assert config["modalities"] == "text,image" and config["fusion"] == "gated"
     assert config["text_encoder"] == model.config.text_encoder.to_dict() and config["seed"] == 3
     assert set(config["side_features"]) == {"names", "window_hours", "mean", "std"}
+    assert config["logged_clicks"] is False
+
+
+def test_logged_clicks_flag_survives_save_and_old_bundles_read_false(small_world, tmp_path):
+    f = small_world.features
+    m = RankingModel.create(f.text_encoder, f.image_encoder, ["c"], embedding_dim=16, history_len=5, num_heads=2,
+                            logged_clicks=True)
+    m.save(tmp_path / "bundle")
+    assert RankingModel.load(tmp_path / "bundle").config.logged_clicks is True
+    # A bundle saved before the flag existed was trained on History columns only.
+    path = tmp_path / "bundle" / "config.json"
+    config = json.loads(path.read_text())
+    del config["logged_clicks"]
+    path.write_text(json.dumps(config))
+    assert RankingModel.load(tmp_path / "bundle").config.logged_clicks is False
 
 
 def test_save_replaces_an_existing_bundle_and_failure_keeps_the_old(model, tmp_path, monkeypatch):

@@ -84,3 +84,19 @@ def test_click_log_and_time_range(engine, tmp_path):
     assert news_ids[later.item_rows].tolist() == ["N2"] and later.clicks.tolist() == [1]
     titles = repo.read_news_titles(engine, ["N2"])
     assert titles.loc["N2", "title"] == "Title of N2"
+
+
+def test_click_log_holds_labelled_clicks_before_until(engine, tmp_path):
+    _ingest(engine, tmp_path, ["N1", "N2", "N3"], [
+        behavior_line(1, "U1", T0, ["N3"], ["N1-1", "N2-0"]),
+        behavior_line(2, "U2", T0 + timedelta(hours=1), [], ["N2-1", "N3-1"]),
+        behavior_line(3, "U1", T0 + timedelta(days=1), ["N3"], ["N2-1"]),
+    ])
+    news_ids = np.array(["N1", "N2", "N3"], dtype=object)
+    clicks = repo.read_click_log(engine, news_ids)
+    got = sorted(zip(np.repeat(clicks.user_ids, np.diff(clicks.offsets)).tolist(), clicks.times.tolist(), news_ids[clicks.items].tolist()))
+    assert got == [("U1", T0, "N1"), ("U1", T0 + timedelta(days=1), "N2"),
+                   ("U2", T0 + timedelta(hours=1), "N2"), ("U2", T0 + timedelta(hours=1), "N3")]
+    # History entries (N3 of U1) are not logged clicks; until is exclusive; unknown articles drop.
+    early = repo.read_click_log(engine, np.array(["N2", "N3"], dtype=object), until=T0 + timedelta(days=1))
+    assert early.user_ids.tolist() == ["U2"] and len(early) == 2
