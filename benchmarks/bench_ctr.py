@@ -103,7 +103,7 @@ def bench_training(world, log, first_seen, args) -> tuple[object, dict]:
 
 def bench_scoring(model, world, batch_sizes: list[int], total: int) -> dict:
     rng = np.random.default_rng(0)
-    d = model.config.embedding_dim
+    d = model.config.serving_dim  # D, or D + A when the content prior is served
     s = model.config.side_features.num_features
     out = {}
     for batch in batch_sizes:
@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="world/training seeds for --study")
     parser.add_argument("--variants", nargs="*", help="restrict --study to these variant names")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--content-prior", type=float, default=0.0,
+                        help="score with the content prior at this weight (what `recsys train` serves when it fits one)")
     parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/ctr*.json)")
     args = parser.parse_args(argv)
     if args.full:
@@ -232,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({len(world.train.candidate_items)} pairs), built in {world_seconds:.1f}s", flush=True)
         model, training = bench_training(world, log, first_seen, args)
         print(json.dumps({"training": training}, indent=2), flush=True)
+        if args.content_prior:
+            model = model.with_content_prior(args.content_prior)
+        meta["content_prior"] = args.content_prior
         scoring = bench_scoring(model, world, args.score_batch or [4096, 16384, 65536], args.score_total)
         print(json.dumps({"scoring": scoring}, indent=2), flush=True)
         result = {**meta, "world_build_seconds": round(world_seconds, 1), "training": training, "scoring": scoring,

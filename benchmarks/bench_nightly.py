@@ -135,8 +135,12 @@ def synthetic_features(news_ids, categories, seed: int):
                         EncoderInfo("synthetic-text", "1", TEXT_DIM), EncoderInfo("synthetic-image", "1", IMAGE_DIM))
 
 
-def build_model_and_index(work: Path, world: dict, *, seed: int) -> dict:
-    """An untrained model at production sizes, item embeddings of every article, the index."""
+def build_model_and_index(work: Path, world: dict, *, seed: int, content_prior: float = 0.0) -> dict:
+    """An untrained model at production sizes, item embeddings of every article, the index.
+
+    ``content_prior`` > 0 serves it as ``train`` does when it fits the prior: anchors fitted on
+    the features, D + 32 served columns, the prior's product in every score.
+    """
     from recsys.index.faiss_index import FaissIndex
     from recsys.models.bundle import RankingModel
     from recsys.models.side_features import SideFeatures
@@ -146,6 +150,9 @@ def build_model_and_index(work: Path, world: dict, *, seed: int) -> dict:
     features = synthetic_features([f"N{i}" for i in range(world["news"])], world["categories"], seed)
     model = RankingModel.create(features.text_encoder, features.image_encoder, CATEGORIES, embedding_dim=128,
                                 history_len=50, side_features=SideFeatures(24.0), seed=seed)
+    if content_prior:
+        model.item_tower.get_layer("fusion").adapt(features.text, features.image, features.has_image)
+        model = model.with_content_prior(content_prior)
     model.save(work / "model")
     clock = time.perf_counter()
     embeddings = model.item_embeddings(features)
@@ -256,6 +263,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--new-fraction", type=float, default=0.01, help="new articles of the incremental night")
     parser.add_argument("--skip-incremental", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--content-prior", type=float, default=0.0,
+                        help="serve the model with this content-prior weight (trained models get 0-32; 0: off)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the world here (default: a temp dir, removed)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "nightly.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -281,7 +290,7 @@ def main(argv=None) -> int:
         world = write_store(db_path, num_news=args.news, user_groups=groups, clicks_min=args.clicks_min,
                             clicks_max=args.clicks_max, seed=args.seed)
         print(f"  {world['clicks']} clicks in {world['write_seconds']:.1f} s; building model and index ...", flush=True)
-        built = build_model_and_index(work, world, seed=args.seed)
+        built = build_model_and_index(work, world, seed=args.seed, content_prior=args.content_prior)
         model = built.pop("model")
         runs = []
         base = {"url": f"sqlite:///{db_path}", "model_dir": str(work / "model"), "index_dir": str(work / "index"),

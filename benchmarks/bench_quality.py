@@ -63,7 +63,17 @@ def subset_rows(world: Path, report_dir: Path, versions: dict[str, str], *, fres
     return out
 
 
-def hidden_label_ceiling(world: Path) -> dict:
+def _file_impressions(path: Path, catalogue, logged_clicks: bool):
+    """A behaviors file as one ``Impressions`` over the catalogue's rows, histories capped at 50
+    and, with ``logged_clicks``, led by the store's clicks before each impression (as the model)."""
+    from recsys.models.samples import with_logged_clicks
+    from recsys.pipelines.scoring import iter_behavior_chunks
+
+    imps, _ = next(iter_behavior_chunks(path, catalogue, chunk_size=10**7, history_len=50))
+    return with_logged_clicks(imps, catalogue.clicks, 50) if logged_clicks else imps
+
+
+def hidden_label_ceiling(world: Path, catalogue, *, logged_clicks: bool) -> dict:
     """How much of the oracle's gap the click histories can carry at best.
 
     The oracle knows every user's hidden topic and style affinities; a model only sees the
@@ -71,63 +81,58 @@ def hidden_label_ceiling(world: Path) -> dict:
     article (which no model sees) and learns from the training impressions, with a logistic
     regression, the click from: the share of the user's history with the candidate's topic,
     the share with its style, whether the history is empty, and the candidate's clicks and
-    shows in the training window (a training sample's own left out). Its per-impression AUC on the test window estimates the best a model
-    that reads histories can reach; it is not an upper bound in the strict sense.
+    shows in the training window (a training sample's own left out). It reads the same
+    histories as the model (``logged_clicks``: the History column led by the user's earlier
+    clicks). Its per-impression AUC on the test window estimates the best a model that reads
+    histories can reach; it is not an upper bound in the strict sense.
     """
     from sklearn.linear_model import LogisticRegression
 
-    from recsys.data.mind import iter_behaviors
     from recsys.data.sample import read_world
     from recsys.models.training import mean_impression_auc
 
     hidden = read_world(world)
-    row_of = {n: i for i, n in enumerate(hidden.news_ids)}
-    clicks, shows = np.zeros(len(row_of)), np.zeros(len(row_of))
+    hidden_row = {n: i for i, n in enumerate(hidden.news_ids)}
+    rows = np.array([hidden_row[n] for n in catalogue.features.news_ids])
+    topic_of, style_of = hidden.news_topic[rows], hidden.news_style[rows]
+    n = len(rows)
+    train = _file_impressions(world / "behaviors_train.tsv", catalogue, logged_clicks)
+    test = _file_impressions(world / "behaviors_test.tsv", catalogue, logged_clicks)
+    clicks = np.bincount(train.candidate_items, weights=train.labels, minlength=n)
+    shows = np.bincount(train.candidate_items, minlength=n).astype(float)
 
-    def features(path: Path, leave_one_out: bool):
-        xs, ys, groups = [], [], []
-        for row in iter_behaviors(path):
-            cand = np.array([row_of[n] for n in row.news_ids])
-            hist = np.array([row_of[n] for n in row.history], dtype=np.int64)
+    def features(imps, leave_one_out: bool):
+        xs = []
+        for i in range(len(imps)):
+            cand, hist = imps.candidates(i), imps.history(i)
             if len(hist):
-                topic = (hidden.news_topic[cand][:, None] == hidden.news_topic[hist][None, :]).mean(axis=1)
-                style = (hidden.news_style[cand][:, None] == hidden.news_style[hist][None, :]).mean(axis=1)
+                topic = (topic_of[cand][:, None] == topic_of[hist][None, :]).mean(axis=1)
+                style = (style_of[cand][:, None] == style_of[hist][None, :]).mean(axis=1)
             else:
                 topic = style = np.zeros(len(cand))
             # A training sample's own show and click are left out of its popularity.
-            own_click, own_show = (np.asarray(row.labels), 1.0) if leave_one_out else (0.0, 0.0)
+            own_click, own_show = (imps.candidate_labels(i), 1.0) if leave_one_out else (0.0, 0.0)
             xs.append(np.column_stack([topic, style, np.full(len(cand), float(len(hist) == 0)),
                                        np.log1p(clicks[cand] - own_click), np.log1p(shows[cand] - own_show)]))
-            ys.append(np.asarray(row.labels))
-            groups.append(len(cand))
-        return np.concatenate(xs), np.concatenate(ys), np.asarray(groups)
+        return np.concatenate(xs)
 
-    for row in iter_behaviors(world / "behaviors_train.tsv"):  # popularity in the training window
-        cand = np.array([row_of[n] for n in row.news_ids])
-        np.add.at(shows, cand, 1)
-        np.add.at(clicks, cand, np.asarray(row.labels))
-    x_train, y_train, _ = features(world / "behaviors_train.tsv", leave_one_out=True)
-    x_test, y_test, groups = features(world / "behaviors_test.tsv", leave_one_out=False)
-    model = LogisticRegression(max_iter=2000).fit(x_train, y_train)
-    offsets = np.concatenate([[0], np.cumsum(groups)])
-    auc, _ = mean_impression_auc(y_test, model.decision_function(x_test), offsets)
-    return {"impression_auc": float(auc)}
+    model = LogisticRegression(max_iter=2000).fit(features(train, True), train.labels)
+    auc, _ = mean_impression_auc(test.labels, model.decision_function(features(test, False)), test.candidate_offsets)
+    return {"impression_auc": float(auc), "logged_clicks": logged_clicks}
 
 
-def content_similarity_reference(world: Path, engine, ws, config) -> dict:
+def content_similarity_reference(world: Path, catalogue, *, logged_clicks: bool) -> dict:
     """A training-free baseline: how similar the candidate is to what the user clicked.
 
     Score = mean over the history of the cosine similarity of the frozen text features plus
     that of the frozen image features (each centred on the catalogue's mean, an article
     without a cover contributing 0 to the image term), equal weights, no parameter fitted on
-    any window. Empty history: 0 for every candidate. If the trained model does not beat it,
-    the learned part is not yet earning its keep.
+    any window. Empty history: 0 for every candidate. Histories as the model reads them
+    (``logged_clicks``). If the trained model does not beat it, the learned part is not yet
+    earning its keep.
     """
-    from recsys.data.mind import iter_behaviors
     from recsys.models.training import mean_impression_auc
-    from recsys.pipelines.scoring import load_scoring_catalogue
 
-    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
     features = catalogue.features
 
     def unit(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -137,19 +142,15 @@ def content_similarity_reference(world: Path, engine, ws, config) -> dict:
     with_image = np.asarray(features.has_image, dtype=bool)
     text = unit(features.text, np.arange(len(features)))
     image = unit(features.image, with_image) * with_image[:, None]
-    labels, scores, sizes = [], [], []
-    for row in iter_behaviors(world / "behaviors_test.tsv"):
-        cand = np.array([catalogue.row_of[n] for n in row.news_ids])
-        hist = np.array([catalogue.row_of[n] for n in row.history], dtype=np.int64)
+    test = _file_impressions(world / "behaviors_test.tsv", catalogue, logged_clicks)
+    scores = np.zeros(len(test.candidate_items))
+    for i in range(len(test)):
+        cand, hist = test.candidates(i), test.history(i)
         if len(hist):
-            scores.append((text[cand] @ text[hist].T).mean(axis=1) + (image[cand] @ image[hist].T).mean(axis=1))
-        else:
-            scores.append(np.zeros(len(cand)))
-        labels.append(np.asarray(row.labels))
-        sizes.append(len(cand))
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    auc, _ = mean_impression_auc(np.concatenate(labels), np.concatenate(scores), offsets)
-    return {"impression_auc": float(auc)}
+            lo = test.candidate_offsets[i]
+            scores[lo : lo + len(cand)] = (text[cand] @ text[hist].T).mean(axis=1) + (image[cand] @ image[hist].T).mean(axis=1)
+    auc, _ = mean_impression_auc(test.labels, scores, test.candidate_offsets)
+    return {"impression_auc": float(auc), "logged_clicks": logged_clicks}
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
@@ -157,6 +158,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
     from recsys.data.sample import generate_sample
     from recsys.pipelines.evaluate import run_evaluate
     from recsys.pipelines.ingest import run_ingest
+    from recsys.pipelines.scoring import load_scoring_catalogue
     from recsys.pipelines.train import run_train
     from recsys.store.database import open_store
 
@@ -187,12 +189,14 @@ def run_seed(seed: int, args, root: Path) -> dict:
     fresh = subset_rows(world, ws.reports_dir / "quality", versions, fresh_only=True)
     seen = subset_rows(world, ws.reports_dir / "quality", versions, fresh_only=False)
     oracle = next(r["impression_auc"] for r in rows.values() if r["kind"] == "oracle")
-    ceiling = hidden_label_ceiling(world)
-    ceiling["gap_closed"] = (ceiling["impression_auc"] - 0.5) / (oracle - 0.5)
-    knn = content_similarity_reference(world, engine, ws, config)
-    knn["gap_closed"] = (knn["impression_auc"] - 0.5) / (oracle - 0.5)
-    return {"seed": seed, "rows": rows, "fresh": fresh, "seen": seen, "hidden_label_ceiling": ceiling,
-            "content_similarity": knn,
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    references = {}
+    for name, fn in (("hidden_label_ceiling", hidden_label_ceiling), ("content_similarity", content_similarity_reference)):
+        for logged in (True, False):
+            ref = fn(world, catalogue, logged_clicks=logged)
+            ref["gap_closed"] = (ref["impression_auc"] - 0.5) / (oracle - 0.5)
+            references[name + ("" if logged else "_history_column_only")] = ref
+    return {"seed": seed, "rows": rows, "fresh": fresh, "seen": seen, **references,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -218,12 +222,11 @@ def main() -> None:
                 gap = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.1f}%"
                 ll = "" if r["log_loss"] is None else f"{r['log_loss']:.4f}"
                 print(f"  {name:<48} {r['kind']:<9} {r['impression_auc']:>8.4f} {gap:>7} {ll:>8}")
-            c = res["hidden_label_ceiling"]
-            print(f"  {'reference: hidden topic/style shares of the history (LR)':<58} {c['impression_auc']:>8.4f} "
-                  f"{100 * c['gap_closed']:.1f}%")
-            c = res["content_similarity"]
-            print(f"  {'reference: content similarity to the history, no training':<58} {c['impression_auc']:>8.4f} "
-                  f"{100 * c['gap_closed']:.1f}%")
+            for key, label in (("hidden_label_ceiling", "reference: hidden topic/style shares of the history (LR)"),
+                               ("content_similarity", "reference: content similarity to the history, no training")):
+                for suffix, note in (("", ""), ("_history_column_only", ", History column only")):
+                    c = res[key + suffix]
+                    print(f"  {label + note:<78} {c['impression_auc']:>8.4f} {100 * c['gap_closed']:.1f}%")
             for subset in ("fresh", "seen"):
                 print(f"  {subset} candidates only (AUC/imp):", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res[subset].items()})
     finally:
@@ -241,8 +244,9 @@ def main() -> None:
             if f.get("text,image") is not None and f.get("oracle"):
                 gaps.append((f["text,image"] - 0.5) / (f["oracle"] - 0.5))
         summary[f"{subset}_gap_closed_text+image"] = gaps
-    summary["hidden_label_ceiling_gap_closed"] = [res["hidden_label_ceiling"]["gap_closed"] for res in results]
-    summary["content_similarity_gap_closed"] = [res["content_similarity"]["gap_closed"] for res in results]
+    for key in ("hidden_label_ceiling", "content_similarity"):
+        for suffix in ("", "_history_column_only"):
+            summary[f"{key}{suffix}_gap_closed"] = [res[key + suffix]["gap_closed"] for res in results]
     out = {
         "benchmark": "quality", "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "host": platform.node(), "results": results, "summary": summary,

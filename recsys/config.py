@@ -46,6 +46,8 @@ class ModelConfig:
     valid_days: float = 1.0  # the last days of the training window are held out for validation
     # Lead each History column with the user's clicks in earlier impressions of the store.
     logged_clicks: bool = True
+    # Blend in a training-free content-similarity prior, its weight fitted on the validation window.
+    content_prior: bool = True
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 A bundle directory holds::
 
     item_tower.keras     features of an article -> (D,) embedding (new articles need only this)
+                         (served vectors append the content prior's A anchor columns, if fitted)
     user_encoder.keras   (H, D) clicked-item embeddings + (H,) mask -> (D,) user vector
     scorer.keras         user (D,), candidate (D,), side (S,) -> click probability
     config.json          category vocabulary, history_len, side-feature statistics,
@@ -15,6 +16,7 @@ per item and user vectors once per user, then scores every (user, candidate) pai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -74,6 +76,10 @@ class RankingConfig:
         seed: training seed.
         logged_clicks: the model was trained on histories led by the user's logged clicks
             before each impression (``samples.with_logged_clicks``), so it must be served so.
+        prior_weight: ``lambda`` of the content prior (``RankingModel.with_content_prior``);
+            0 serves the networks alone.
+        prior_dim: ``A``, the content-anchor columns appended to embeddings and user vectors
+            when the prior is on (0 when off).
         info: free-form training facts (loss, metrics, data counts) for manifests.
     """
 
@@ -87,7 +93,14 @@ class RankingConfig:
     image_encoder: EncoderInfo
     seed: int = 0
     logged_clicks: bool = False
+    prior_weight: float = 0.0
+    prior_dim: int = 0
     info: dict = field(default_factory=dict)
+
+    @property
+    def serving_dim(self) -> int:
+        """Width of served item embeddings and user vectors: ``D`` plus the prior's ``A`` columns."""
+        return self.embedding_dim + self.prior_dim
 
     def to_dict(self) -> dict:
         return {
@@ -102,6 +115,9 @@ class RankingConfig:
             "image_encoder": self.image_encoder.to_dict(),
             "seed": self.seed,
             "logged_clicks": self.logged_clicks,
+            "prior_weight": self.prior_weight,
+            "prior_dim": self.prior_dim,
+            "serving_dim": self.serving_dim,  # for readers that do not load TensorFlow (the nightly driver)
             "info": self.info,
         }
 
@@ -118,6 +134,8 @@ class RankingConfig:
             image_encoder=EncoderInfo.from_dict(d["image_encoder"]),
             seed=int(d.get("seed", 0)),
             logged_clicks=bool(d.get("logged_clicks", False)),
+            prior_weight=float(d.get("prior_weight", 0.0)),
+            prior_dim=int(d.get("prior_dim", 0)),
             info=dict(d.get("info", {})),
         )
 
@@ -175,6 +193,14 @@ class RankingModel:
         if len(scorer_layers) != 1:
             raise ValueError(f"the scorer model has {len(scorer_layers)} Scorer layers, expected 1")
         self._scorer_layer = scorer_layers[0]
+        fusion = item_tower.get_layer("fusion")
+        self._anchor_columns = fusion.anchor_dim * len(fusion.modalities.split(","))
+        expected_prior = self._anchor_columns if config.prior_weight > 0 else 0
+        if config.prior_weight < 0 or not np.isfinite(config.prior_weight) or config.prior_dim != expected_prior:
+            raise ModelMismatchError(
+                f"content prior: prior_weight {config.prior_weight} with prior_dim {config.prior_dim}, but the item "
+                f"tower has {self._anchor_columns} anchor columns (expected prior_dim {expected_prior})"
+            )
         self._logit_fn = tf.function(
             lambda u, c, x: self._scorer_layer.logits(u, c, x),
             input_signature=[tf.TensorSpec((None, d), tf.float32)] * 2 + [tf.TensorSpec((None, s), tf.float32)],
@@ -283,7 +309,8 @@ class RankingModel:
             batch_size: rows per forward pass.
 
         Returns:
-            (n, D) float32, unit L2 norm.
+            (n, D) float32, unit L2 norm; with the content prior on, (n, D + A): the embedding
+            followed by the article's content anchors (``content_anchors``).
 
         Raises:
             ModelMismatchError: the features come from other encoders or have other dims.
@@ -305,7 +332,43 @@ class RankingModel:
                 np.asarray(features.text[lo:hi], dtype=np.float32), np.asarray(features.image[lo:hi], dtype=np.float32),
                 has_image[lo:hi], categories[lo:hi],
             ).numpy()
+        if self.config.prior_dim:
+            return np.concatenate([out, self.content_anchors(features)], axis=1)
         return out
+
+    def content_anchors(self, features: ItemFeatures) -> np.ndarray:
+        """(n, A) the item tower's fixed content anchors of each article (no trained weight).
+
+        ``A`` = anchor_dim x modalities: per modality the unit projection of the centred frozen
+        features on their training-time principal directions (zero image block without a cover).
+        """
+        return self.item_tower.get_layer("fusion").content_anchors(features.text, features.image, features.has_image)
+
+    @property
+    def anchor_columns(self) -> int:
+        """``A``: content-anchor columns of the item tower (anchor_dim x modalities; 0 without)."""
+        return self._anchor_columns
+
+    def with_content_prior(self, weight: float) -> "RankingModel":
+        """The same networks, serving ``logit + weight * <mean anchors of the history, anchors of the candidate>``.
+
+        The prior is the training-free "how close is the candidate to what the user clicked, in
+        the frozen encoders' own spaces" score; ``train_ctr`` fits ``weight`` on the validation
+        window. It rides along in the served vectors: item embeddings gain the ``A`` anchor
+        columns and user vectors ``weight`` times the mean anchors of the history, so one inner
+        product in the index or in ``score`` adds it. 0 turns it off.
+
+        Raises:
+            ValueError: a negative or non-finite weight, or a positive one on a model without
+                content anchors (``anchor_dim`` 0).
+        """
+        weight = float(weight)
+        if weight < 0 or not np.isfinite(weight):
+            raise ValueError(f"content prior weight is {weight!r}, expected a finite number >= 0")
+        if weight > 0 and not self._anchor_columns:
+            raise ValueError("content prior needs content anchors, but the model has anchor_dim 0")
+        config = dataclasses.replace(self.config, prior_weight=weight, prior_dim=self._anchor_columns if weight > 0 else 0)
+        return RankingModel(self.item_tower, self.user_encoder, self.scorer, config)
 
     def history_matrix(self, history_offsets: np.ndarray, history_items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """CSR histories -> (m, H) item rows and (m, H) float32 mask, capped to ``history_len``.
@@ -333,7 +396,7 @@ class RankingModel:
             batch_size: users per forward pass.
 
         Returns:
-            (m, D) float32.
+            (m, D) float32; (m, D + A) with the content prior on.
 
         Raises:
             ValueError: a history item outside ``item_embeddings`` or a wrong embedding dim.
@@ -345,11 +408,16 @@ class RankingModel:
             bad = history_items[(history_items < 0) | (history_items >= len(item_embeddings))][0]
             raise ValueError(f"history item row {bad} is outside the {len(item_embeddings)} item embeddings")
         m = len(history_offsets) - 1
-        out = np.empty((m, self.config.embedding_dim), dtype=np.float32)
+        d = self.config.embedding_dim
+        out = np.empty((m, self.config.serving_dim), dtype=np.float32)
         for lo in range(0, m, batch_size):
             hi = min(lo + batch_size, m)
             rows, mask = self.history_matrix(history_offsets[lo : hi + 1], history_items)
-            out[lo:hi] = self._user_fn(item_embeddings[rows].astype(np.float32, copy=False), mask).numpy()
+            history = item_embeddings[rows].astype(np.float32, copy=False)  # (b, H, D [+ A])
+            out[lo:hi, :d] = self._user_fn(np.ascontiguousarray(history[..., :d]), mask).numpy()
+            if self.config.prior_dim:  # weight x mean anchors of the history; 0 for a cold user
+                count = np.maximum(mask.sum(axis=1, keepdims=True), 1.0)
+                out[lo:hi, d:] = self.config.prior_weight * np.einsum("bh,bha->ba", mask, history[..., d:]) / count
         return out
 
     def side_features(
@@ -373,29 +441,41 @@ class RankingModel:
         Returns:
             (p,) float32 probabilities.
         """
-        return self._pairs(self._score_fn, user_vectors, candidate_embeddings, side, batch_size)
+        return self._pairs(True, user_vectors, candidate_embeddings, side, batch_size)
 
     def logits(
         self, user_vectors: np.ndarray, candidate_embeddings: np.ndarray, side: np.ndarray, *, batch_size: int = 8192
     ) -> np.ndarray:
         """Uncalibrated logits of (user, candidate) pairs; same arguments as ``score``."""
-        return self._pairs(self._logit_fn, user_vectors, candidate_embeddings, side, batch_size)
+        return self._pairs(False, user_vectors, candidate_embeddings, side, batch_size)
 
-    def _pairs(self, fn, user_vectors, candidate_embeddings, side, batch_size: int) -> np.ndarray:
+    def _pairs(self, calibrated: bool, user_vectors, candidate_embeddings, side, batch_size: int) -> np.ndarray:
         p = len(user_vectors)
-        d, s = self.config.embedding_dim, self.config.side_features.num_features
-        if candidate_embeddings.shape != (p, d) or user_vectors.shape != (p, d) or side.shape != (p, s):
+        w, s = self.config.serving_dim, self.config.side_features.num_features
+        if candidate_embeddings.shape != (p, w) or user_vectors.shape != (p, w) or side.shape != (p, s):
             raise ValueError(
-                f"score expects user_vectors ({p}, {d}), candidate_embeddings ({p}, {d}) and side ({p}, {s}); "
+                f"score expects user_vectors ({p}, {w}), candidate_embeddings ({p}, {w}) and side ({p}, {s}); "
                 f"got {user_vectors.shape}, {candidate_embeddings.shape} and {side.shape}"
             )
+        d = self.config.embedding_dim
+        prior = self.config.prior_dim > 0
+        # Without the prior the scorer's own graph does everything; with it, the prior's inner
+        # product joins the logit before the scorer's (Platt) calibration.
+        fn = self._logit_fn if (prior or not calibrated) else self._score_fn
+        if prior and calibrated:
+            slope = float(self._scorer_layer.calibration_slope.numpy())
+            intercept = float(self._scorer_layer.calibration_intercept.numpy())
         out = np.empty(p, dtype=np.float32)
         for lo in range(0, p, batch_size):
             hi = min(lo + batch_size, p)
-            out[lo:hi] = fn(
-                np.asarray(user_vectors[lo:hi], dtype=np.float32), np.asarray(candidate_embeddings[lo:hi], dtype=np.float32),
-                np.asarray(side[lo:hi], dtype=np.float32),
-            ).numpy()
+            u = np.asarray(user_vectors[lo:hi], dtype=np.float32)
+            c = np.asarray(candidate_embeddings[lo:hi], dtype=np.float32)
+            value = fn(np.ascontiguousarray(u[:, :d]), np.ascontiguousarray(c[:, :d]), np.asarray(side[lo:hi], dtype=np.float32)).numpy()
+            if prior:
+                value = value + np.einsum("pa,pa->p", u[:, d:], c[:, d:])
+                if calibrated:
+                    value = np.exp(-np.logaddexp(0.0, -(slope * value + intercept)))  # stable sigmoid
+            out[lo:hi] = value
         return out
 
     def score_impressions(
@@ -440,8 +520,9 @@ class RankingModel:
         return out
 
     def _check_embeddings(self, item_embeddings: np.ndarray) -> None:
-        if item_embeddings.ndim != 2 or item_embeddings.shape[1] != self.config.embedding_dim:
+        if item_embeddings.ndim != 2 or item_embeddings.shape[1] != self.config.serving_dim:
             raise ModelMismatchError(
-                f"embedding_dim: the model was saved with {self.config.embedding_dim}, "
+                f"embedding_dim: the model serves {self.config.serving_dim} columns (embedding_dim "
+                f"{self.config.embedding_dim} + content prior {self.config.prior_dim}), "
                 f"but item embeddings have shape {item_embeddings.shape}"
             )

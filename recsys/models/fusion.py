@@ -229,6 +229,30 @@ class MultimodalFusion(keras.layers.Layer):
             if "image" in used and with_image.any():
                 self.image_basis.assign(self._principal_directions(np.asarray(image)[with_image], self.image_center))
 
+    def content_anchors(self, text: np.ndarray, image: np.ndarray, has_image: np.ndarray, *, batch_size: int = 8192) -> np.ndarray:
+        """The fixed content anchor blocks of ``call``, unscaled: (n, anchor_dim x modalities).
+
+        Per used modality (text first) the L2-normalised projection of the centred features on
+        the principal directions; an article without a cover has a zero image block. No
+        trained weight enters: these are the frozen encoders' own spaces, reduced.
+        """
+        used = self.modalities.split(",")
+        blocks = []
+        for name, x, center, basis in (("text", text, getattr(self, "text_center", None), getattr(self, "text_basis", None)),
+                                       ("image", image, getattr(self, "image_center", None), getattr(self, "image_basis", None))):
+            if name not in used or not self.anchor_dim:
+                continue
+            center, basis = ops.convert_to_numpy(center), ops.convert_to_numpy(basis)
+            out = np.empty((len(x), self.anchor_dim), dtype=np.float32)
+            for lo in range(0, len(x), batch_size):  # bounded temporaries
+                # Centring matters; the RMS scaling of call() cancels in the L2 normalisation.
+                projected = (np.asarray(x[lo : lo + batch_size], dtype=np.float32) - center) @ basis
+                out[lo : lo + batch_size] = projected / np.sqrt(np.square(projected).sum(axis=1, keepdims=True) + 1e-12)
+            if name == "image":
+                out *= np.asarray(has_image, dtype=np.float32)[:, None]
+            blocks.append(out)
+        return np.concatenate(blocks, axis=1) if blocks else np.zeros((len(text), 0), dtype=np.float32)
+
     def _principal_directions(self, x: np.ndarray, center) -> np.ndarray:
         """(dim, anchor_dim) top eigenvectors of the covariance of the normalised inputs."""
         x = ops.convert_to_numpy(_rms_normalise(ops.convert_to_tensor(np.asarray(x, dtype=np.float32)) - center))

@@ -225,6 +225,7 @@ def train_ctr(
     category_dropout: float = 0.05,
     calibrate: bool | None = None,
     clicks: ClickLog | None = None,
+    content_prior: bool = False,
     progress: Callable[[dict], None] | None = None,
 ) -> tuple[RankingModel, dict]:
     """Train the CTR model; early-stop on the validation per-impression AUC.
@@ -261,6 +262,9 @@ def train_ctr(
         clicks: if given, every train and valid history is led by the user's clicks in this log
             strictly before the impression (``with_logged_clicks``), and the model records that
             it must be served the same way. It may hold the train and valid windows themselves.
+        content_prior: after training, fit the weight of the training-free content prior
+            (``RankingModel.with_content_prior``) on the validation window: the weight of
+            ``PRIOR_WEIGHTS`` with the best validation AUC, 0 if none beats the networks alone.
         progress: called after every epoch with a dict (epoch, loss, val_auc, ...).
 
     Returns:
@@ -394,21 +398,50 @@ def train_ctr(
     for block, weights in zip(blocks, best_weights):
         block.set_weights(weights)
 
+    prior_weight, served_auc = 0.0, float(best_auc)
+    if content_prior and model.anchor_columns:  # same networks, so ctr's scorer is model's
+        prior_weight, served_auc = _fit_prior_weight(model, features, valid, log, first_seen)
+        model = model.with_content_prior(prior_weight)
+
     slope, intercept = 1.0, 0.0
     if calibrate:
         valid_logits = evaluate_logits(model, features, valid, log, first_seen)
         slope, intercept = _fit_platt(valid_logits, valid.labels)
         ctr.scorer_layer.set_calibration(slope, intercept)
-    history.update(best_epoch=best_epoch, best_val_auc=float(best_auc),
-                   calibration={"slope": slope, "intercept": intercept})
+    history.update(best_epoch=best_epoch, best_val_auc=float(best_auc), prior_weight=prior_weight,
+                   served_val_auc=served_auc, calibration={"slope": slope, "intercept": intercept})
     info = {
         "loss": loss, "negatives": negatives if listwise else None, "epochs_run": len(history["loss"]),
         "best_epoch": best_epoch, "best_val_auc": float(best_auc), "batch_size": batch_size,
         "learning_rate": learning_rate, "train_impressions": history["train_impressions"],
         "train_samples": history["train_samples"], "calibration": history["calibration"],
+        "prior_weight": prior_weight, "served_val_auc": served_auc,
     }
     config = dataclasses.replace(model.config, info=info)
     return RankingModel(model.item_tower, model.user_encoder, model.scorer, config), history
+
+
+# Candidate weights of the content prior; logits of the networks span a few units and the
+# prior (a sum of two cosines) lies in [-2, 2], so these cover "negligible" to "dominant".
+PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+
+def _fit_prior_weight(
+    model: RankingModel, features: ItemFeatures, valid: Impressions, log: InteractionLog, first_seen: np.ndarray
+) -> tuple[float, float]:
+    """The ``PRIOR_WEIGHTS`` entry with the best validation per-impression AUC, and that AUC.
+
+    Logits are linear in the weight, so the networks are run twice (weights 0 and 1) and
+    every candidate weight is a sum. Ties go to the smaller weight (0 first).
+    """
+    base = evaluate_logits(model, features, valid, log, first_seen).astype(np.float64)
+    prior = evaluate_logits(model.with_content_prior(1.0), features, valid, log, first_seen) - base
+    best_weight, best_auc = 0.0, -np.inf
+    for weight in PRIOR_WEIGHTS:
+        auc, _ = mean_impression_auc(valid.labels, base + weight * prior, valid.candidate_offsets)
+        if auc > best_auc + 1e-9:
+            best_weight, best_auc = weight, float(auc)
+    return best_weight, best_auc
 
 
 def evaluate_logits(
@@ -419,9 +452,9 @@ def evaluate_logits(
 
 
 def _embeddings_for(model: RankingModel, features: ItemFeatures, impressions: Impressions) -> np.ndarray:
-    """(n, D) embeddings, computed only for the rows the impressions refer to (others zero)."""
+    """(n, D [+ A]) served embeddings, computed only for the rows the impressions refer to (others zero)."""
     needed = np.unique(np.concatenate([impressions.history_items, impressions.candidate_items]).astype(np.int64))
-    embeddings = np.zeros((len(features), model.config.embedding_dim), dtype=np.float32)
+    embeddings = np.zeros((len(features), model.config.serving_dim), dtype=np.float32)
     if len(needed):
         embeddings[needed] = model.item_embeddings(features.take(needed))
     return embeddings

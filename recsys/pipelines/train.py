@@ -96,7 +96,7 @@ def run_train(
             features, train, valid, events, modalities=mc.modalities, fusion=mc.fusion, embedding_dim=mc.embedding_dim,
             anchor_dim=mc.anchor_dim,
             history_len=mc.history_len, epochs=mc.epochs, batch_size=mc.batch_size, learning_rate=mc.learning_rate,
-            seed=mc.seed, first_seen=first_seen, clicks=clicks, progress=_log_epoch,
+            seed=mc.seed, first_seen=first_seen, clicks=clicks, content_prior=mc.content_prior, progress=_log_epoch,
         )
         timings["train_s"] = round(time.perf_counter() - t0, 2)
         staged = staging_dir(workspace.models_dir, version)
@@ -112,6 +112,8 @@ def run_train(
             "fusion": mc.fusion,
             "seed": mc.seed,
             "logged_clicks": mc.logged_clicks,
+            "content_prior_weight": model.config.prior_weight,
+            "serving_dim": model.config.serving_dim,
             "training_window": {"since": since_dt.isoformat(), "valid_start": valid_start.isoformat(), "until": until_dt.isoformat(), "source": source},
             "data": _counts(train, valid, features),
             "metrics": _final_metrics(history),
@@ -137,9 +139,14 @@ def _counts(train: Impressions, valid: Impressions, features: ItemFeatures) -> d
 
 
 def _final_metrics(history: dict) -> dict:
-    """Validation metrics of the epoch whose weights were kept."""
+    """Validation metrics of the served model: the kept epoch, with the content prior if fitted.
+
+    ``val_auc`` is the served model's (networks plus prior); ``val_auc_networks`` the kept
+    epoch's alone; ``val_log_loss`` is the kept epoch's, before the prior.
+    """
     best = history.get("best_epoch")
-    out = {"best_epoch": best, "val_auc": history.get("best_val_auc")}
+    out = {"best_epoch": best, "val_auc": history.get("served_val_auc", history.get("best_val_auc")),
+           "val_auc_networks": history.get("best_val_auc"), "content_prior_weight": history.get("prior_weight", 0.0)}
     if best and history.get("val_log_loss"):  # epochs count from 1
         out["val_log_loss"] = history["val_log_loss"][best - 1]
     return out

@@ -126,7 +126,7 @@ class ShardWorker:
         self.setup = setup
         self.model = RankingModel.load(setup.model_dir)
         self.index = FaissIndex.load(
-            setup.index_dir, expected={"dim": self.model.config.embedding_dim}, num_threads=setup.num_threads
+            setup.index_dir, expected={"dim": self.model.config.serving_dim}, num_threads=setup.num_threads
         )
         news_ids = np.asarray(self.index.news_ids, dtype=object)
         if ids_fingerprint(news_ids) != setup.catalogue_fingerprint:

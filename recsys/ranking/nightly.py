@@ -218,7 +218,7 @@ def _prepare(
     config = _bundle_config(Path(model_dir))
     side_features = SideFeatures.from_dict(config["side_features"])
     # The index must hold this model's item embeddings: at least their size must match.
-    index = FaissIndex.load(index_dir, expected={"dim": int(config["embedding_dim"])}, num_threads=1)
+    index = FaissIndex.load(index_dir, expected={"dim": int(config.get("serving_dim", config["embedding_dim"]))}, num_threads=1)
     news_ids = np.asarray(index.news_ids, dtype=object)
     now = np.datetime64(as_of, "s")
     window = timedelta(hours=side_features.window_hours)

@@ -115,7 +115,7 @@ def test_features_from_other_encoders_or_dims_are_refused(model, small_world):
     narrow = type(f)(f.news_ids, f.text, f.image[:, :10], f.has_image, f.categories, f.text_encoder, f.image_encoder)
     with pytest.raises(ModelMismatchError, match="image dim: the model was saved with 32, but features have 10"):
         model.item_embeddings(narrow)
-    with pytest.raises(ModelMismatchError, match=r"embedding_dim: the model was saved with 16, but item embeddings have shape \(3, 8\)"):
+    with pytest.raises(ModelMismatchError, match=r"embedding_dim: the model serves 16 columns \(embedding_dim 16 \+ content prior 0\), but item embeddings have shape \(3, 8\)"):
         model.user_vectors(np.array([0, 1]), np.array([0]), np.zeros((3, 8), np.float32))
 
 
@@ -242,3 +242,103 @@ def test_loading_several_models_does_not_warn_of_retracing(small_world):
         tf_logger.removeHandler(collect)
     retracing = [m for m in collect.messages if "retracing" in m]
     assert retracing == ["5 out of the last 5 calls to <function other at 0x1> triggered tf.function retracing."]
+
+
+@pytest.fixture(scope="module")
+def prior_model(small_world):
+    """A model with fitted content anchors (2 per modality), non-trivial weights, a calibration."""
+    f = small_world.features
+    m = RankingModel.create(f.text_encoder, f.image_encoder, ["category0", "category1", "category2"],
+                            embedding_dim=16, history_len=5, num_heads=2, seed=4)
+    m.item_tower.get_layer("fusion").adapt(f.text, f.image, f.has_image)
+    rng = np.random.default_rng(1)
+    for block in (m.user_encoder, m.scorer):
+        block.set_weights([w + rng.normal(0, 0.05, np.shape(w)).astype(np.float32) for w in block.get_weights()])
+    m._scorer_layer.set_calibration(0.7, -0.3)
+    return m
+
+
+def test_content_anchors_are_the_principal_directions_of_the_features(prior_model, small_world):
+    f = small_world.features
+    anchors = prior_model.content_anchors(f)
+    assert anchors.shape == (len(f), 4) and prior_model.anchor_columns == 4
+    # Independently: centre, RMS-scale, project on the top-2 right singular vectors. Directions
+    # are defined up to a rotation within the top-2 subspace (near-equal singular values), so
+    # the two must differ by an orthogonal 2 x 2 map.
+    for block, x, rows in ((anchors[:, :2], f.text, np.arange(len(f))), (anchors[:, 2:], f.image, np.flatnonzero(f.has_image))):
+        z = x.astype(np.float64) - x[rows].mean(axis=0)
+        z /= np.sqrt(np.square(z).mean(axis=1, keepdims=True))
+        _, _, vt = np.linalg.svd(z[rows], full_matrices=False)
+        p = z[rows] @ vt[:2].T
+        p /= np.linalg.norm(p, axis=1, keepdims=True)
+        rotation = np.linalg.lstsq(block[rows], p, rcond=None)[0]
+        np.testing.assert_allclose(rotation @ rotation.T, np.eye(2), atol=1e-3)
+        np.testing.assert_allclose(block[rows] @ rotation, p, atol=1e-3)
+    assert np.all(anchors[~f.has_image, 2:] == 0)
+    # They are the (scaled) anchor blocks of the item tower's own embedding.
+    emb = prior_model.item_embeddings(f)
+    for lo, hi in ((12, 14), (14, 16)):
+        tower, fixed = emb[f.has_image, lo:hi], anchors[f.has_image, lo - 12:hi - 12]
+        cosine = np.sum(tower * fixed, axis=1) / np.linalg.norm(tower, axis=1)
+        np.testing.assert_allclose(cosine, 1.0, atol=1e-4)
+
+
+def test_content_prior_adds_its_weighted_similarity_before_calibration(prior_model, small):
+    world, log, first = small
+    f = world.features
+    served = prior_model.with_content_prior(2.5)
+    assert served.config.serving_dim == 20 and served.config.prior_dim == 4
+    emb = served.item_embeddings(f)
+    np.testing.assert_allclose(emb[:, :16], prior_model.item_embeddings(f), atol=1e-6)
+    np.testing.assert_allclose(emb[:, 16:], prior_model.content_anchors(f), atol=1e-6)
+    imps = world.test
+    users = served.user_vectors(imps.history_offsets, imps.history_items, emb)
+    base_users = prior_model.user_vectors(imps.history_offsets, imps.history_items, emb[:, :16])
+    np.testing.assert_allclose(users[:, :16], base_users, atol=1e-6)
+    owner = candidate_impression_rows(imps)
+    side = served.side_features(imps.candidate_items, imps.times[owner], log, first)
+    base = prior_model.logits(base_users[owner], emb[imps.candidate_items, :16], side)
+    anchors = emb[:, 16:]
+    expected = np.empty(len(owner))
+    for i in range(len(imps)):  # a loop over impressions: mean anchor of the capped history
+        hist = imps.history(i)[:5]
+        mean = anchors[hist].mean(axis=0) if len(hist) else np.zeros(4)
+        lo, hi = imps.candidate_offsets[i], imps.candidate_offsets[i + 1]
+        expected[lo:hi] = base[lo:hi] + 2.5 * anchors[imps.candidates(i)] @ mean
+    logits = served.score_impressions(imps, emb, log, first, logits=True)
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+    probs = served.score_impressions(imps, emb, log, first)
+    np.testing.assert_allclose(probs, 1 / (1 + np.exp(-(0.7 * expected - 0.3))), atol=1e-5)
+    assert np.any(np.abs(expected - base) > 0.1)  # the prior moves scores
+    with pytest.raises(ModelMismatchError, match=r"the model serves 20 columns \(embedding_dim 16 \+ content prior 4\)"):
+        served.user_vectors(imps.history_offsets, imps.history_items, emb[:, :16])
+
+
+def test_content_prior_survives_save_and_load(prior_model, small, tmp_path):
+    served = prior_model.with_content_prior(1.25)
+    served.save(tmp_path / "bundle")
+    loaded = RankingModel.load(tmp_path / "bundle")
+    assert loaded.config == served.config
+    assert json.loads((tmp_path / "bundle" / "config.json").read_text())["serving_dim"] == 20
+    for a, b in zip(_predict(served, small), _predict(loaded, small)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    off = served.with_content_prior(0.0)
+    assert off.config.serving_dim == 16 and off.config.prior_dim == 0
+
+
+def test_content_prior_rejects_bad_weights_and_inconsistent_bundles(prior_model, small_world, tmp_path):
+    with pytest.raises(ValueError, match="content prior weight is -1.0, expected a finite number >= 0"):
+        prior_model.with_content_prior(-1)
+    with pytest.raises(ValueError, match="content prior weight is nan"):
+        prior_model.with_content_prior(float("nan"))
+    f = small_world.features
+    plain = RankingModel.create(f.text_encoder, f.image_encoder, ["c"], embedding_dim=16, num_heads=2, anchor_dim=0)
+    with pytest.raises(ValueError, match="content prior needs content anchors, but the model has anchor_dim 0"):
+        plain.with_content_prior(1.0)
+    prior_model.with_content_prior(1.0).save(tmp_path / "bundle")
+    path = tmp_path / "bundle" / "config.json"
+    config = json.loads(path.read_text())
+    config["prior_dim"] = 3
+    path.write_text(json.dumps(config))
+    with pytest.raises(ModelMismatchError, match="prior_dim 3, but the item tower has 4 anchor columns"):
+        RankingModel.load(tmp_path / "bundle")

@@ -116,6 +116,10 @@ def _build_world(root: Path) -> World:
         news_ids, rng.normal(size=(NUM_NEWS, 16)).astype(np.float32), rng.normal(size=(NUM_NEWS, 8)).astype(np.float32),
         rng.random(NUM_NEWS) < 0.8, categories, text, image,
     )
+    # Served as trained models are: with content anchors fitted and the content prior on, so
+    # every ranking test runs through the (D + A)-wide served vectors.
+    model.item_tower.get_layer("fusion").adapt(features.text, features.image, features.has_image)
+    model = model.with_content_prior(1.5)
     embeddings = model.item_embeddings(features)
     published = np.array([np.datetime64(t, "s") if t else np.datetime64("NaT", "s") for t in first_seen])
     index = FaissIndex.build(news_ids.astype(str), embeddings, published=published, kind="flat", num_threads=1)

@@ -171,7 +171,7 @@ def test_index_of_another_model_is_refused(world_store, world, tmp_path):
 
     other = FaissIndex.build(np.array(["N000"]), np.ones((1, 4), np.float32) / 2, kind="flat", num_threads=1)
     other.save(tmp_path / "index-other")
-    with pytest.raises(ModelMismatchError, match="key 'dim' is 4 in the saved index, expected 16"):
+    with pytest.raises(ModelMismatchError, match="key 'dim' is 4 in the saved index, expected 20"):  # D 16 + 4 prior columns
         _nightly(world_store, world, index_dir=tmp_path / "index-other")
 
 

@@ -1,0 +1,198 @@
+"""How much of the oracle's gap each kind of user evidence can carry, on the sample worlds.
+
+The quality goal is a share of the gap between random (AUC 0.5) and the oracle, which knows
+every user's hidden topic and style affinities and every article's popularity latent. No
+model sees those; this script asks what a reader *given the generator's hidden article labels*
+could reach from the evidence a model does see, so that the model's figures can be read
+against what is possible. Nothing here is used by the product (it reads ``world.json``'s
+hidden labels, which real data does not have).
+
+Rows, per-impression AUC on the test window (``behaviors_test.tsv``):
+
+- ``oracle``: the true click logits.
+- ``true affinities, no popularity``: the oracle without the popularity term (no content
+  model can know the popularity latent of a fresh article).
+- ``true liked sets, no popularity``: which topics and styles the user likes, not how much.
+- ``MAP liked sets from ...``: the liked topic and style sets that maximise the posterior
+  under the generator's own click model (its priors and weights, strength 0.8), found by
+  alternating exact maximisation over all topic subsets (1-4 of 17) and style subsets (1-3 of
+  10), from three kinds of evidence:
+  - ``History column``: the clicks before the log (what MIND's History holds);
+  - ``+ logged clicks``: plus the user's clicks in the training impressions;
+  - ``+ logged skips``: plus the training impressions' shown-but-not-clicked articles.
+
+Usage:
+  python benchmarks/bench_quality_ceiling.py --seeds 101 102 103 --users 3000 --news 2500 --impressions 9000
+
+Prints a table and writes benchmarks/results/quality_ceiling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import platform
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STRENGTH = 0.8  # mean of the generator's U(0.6, 1) liked-affinity strength
+
+
+def _log_binomial(k: np.ndarray, n: int, p: float) -> np.ndarray:
+    """log P(Binomial(n, p) = k), elementwise for integer-valued ``k`` in [0, n]."""
+    return np.array([np.log(math.comb(n, int(j)) * p**j * (1 - p) ** (n - j)) for j in k])
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+class MapReader:
+    """The MAP liked-topic and liked-style sets of a user under the world's click model."""
+
+    def __init__(self, world, sample):
+        self.w = world
+        self.topic_gain = sample.TOPIC_WEIGHT * STRENGTH
+        self.style_gain = sample.STYLE_WEIGHT * STRENGTH
+        self.pop_weight, self.bias = sample.POPULARITY_WEIGHT, sample.CLICK_BIAS
+        num_topics, num_styles = world.topic_affinity.shape[1], world.style_affinity.shape[1]
+        self.topic_sets = self._sets(num_topics, 4)
+        self.style_sets = self._sets(num_styles, 3)
+        shares = np.array([t.share for t in sample.TOPICS])
+        shares = shares / shares.sum()
+        # Priors of the generator: 1 + Binomial(3, 0.4) liked topics drawn by share, 1 +
+        # Binomial(2, 0.35) liked styles drawn uniformly (the share term is approximate).
+        self.topic_prior = _log_binomial(self.topic_sets.sum(1) - 1, 3, 0.4) + self.topic_sets @ np.log(shares * num_topics)
+        self.style_prior = _log_binomial(self.style_sets.sum(1) - 1, 2, 0.35)
+        # History clicks are draws from exposure (exp z) times click probability over the
+        # articles published before training; their normaliser depends on the sets through
+        # C[topic, style, liked topic?, liked style?].
+        pool = np.flatnonzero(world.news_published < world.windows.train_start)
+        weight = np.exp(world.news_popularity[pool].astype(np.float64))
+        self.C = np.zeros((num_topics, num_styles, 2, 2))
+        for a in (0, 1):
+            for b in (0, 1):
+                p = _sigmoid(self.topic_gain * a + self.style_gain * b + self.pop_weight * world.news_popularity[pool] + self.bias)
+                np.add.at(self.C[:, :, a, b], (world.news_topic[pool], world.news_style[pool]), weight * p)
+
+    @staticmethod
+    def _sets(n: int, most: int) -> np.ndarray:
+        combos = [c for r in range(1, most + 1) for c in itertools.combinations(range(n), r)]
+        out = np.zeros((len(combos), n))
+        for i, c in enumerate(combos):
+            out[i, list(c)] = 1.0
+        return out
+
+    def fit(self, history, clicked=(), skipped=()):
+        w = self.w
+        groups = [(np.asarray(x, dtype=np.int64), kind) for x, kind in ((history, "h"), (clicked, "c"), (skipped, "s"))]
+        groups = [(w.news_topic[x], w.news_style[x], w.news_popularity[x].astype(np.float64), kind) for x, kind in groups if len(x)]
+        n_hist = len(history)
+        styles = np.zeros(w.style_affinity.shape[1])
+        topics = np.zeros(w.topic_affinity.shape[1])
+        for _ in range(4):  # alternate: best topic set given styles, best style set given topics
+            ll = self.topic_prior.copy()
+            for t, s, z, kind in groups:
+                logit = self.topic_gain * self.topic_sets[:, t] + self.style_gain * styles[s] + self.pop_weight * z + self.bias
+                ll += (np.log(_sigmoid(logit)) if kind != "s" else np.log1p(-_sigmoid(logit))).sum(axis=1)
+            if n_hist:
+                cell = np.where(styles[None, :, None] > 0, self.C[:, :, :, 1], self.C[:, :, :, 0]).sum(axis=1)  # (T, 2)
+                ll -= n_hist * np.log((self.topic_sets * cell[:, 1] + (1 - self.topic_sets) * cell[:, 0]).sum(axis=1))
+            topics = self.topic_sets[int(np.argmax(ll))]
+            ll = self.style_prior.copy()
+            for t, s, z, kind in groups:
+                logit = self.topic_gain * topics[t][None, :] + self.style_gain * self.style_sets[:, s] + self.pop_weight * z + self.bias
+                ll += (np.log(_sigmoid(logit)) if kind != "s" else np.log1p(-_sigmoid(logit))).sum(axis=1)
+            if n_hist:
+                cell = np.where(topics[:, None, None] > 0, self.C[:, :, 1, :], self.C[:, :, 0, :]).sum(axis=0)  # (S, 2)
+                ll -= n_hist * np.log((self.style_sets * cell[:, 1] + (1 - self.style_sets) * cell[:, 0]).sum(axis=1))
+            styles = self.style_sets[int(np.argmax(ll))]
+        return topics, styles
+
+
+def run_seed(seed: int, args, root: Path) -> dict:
+    from recsys.data import sample
+    from recsys.data.mind import iter_behaviors
+    from recsys.models.training import mean_impression_auc
+
+    out_dir = root / f"world-{seed}"
+    sample.generate_sample(out_dir, num_users=args.users, num_news=args.news, num_impressions=args.impressions, seed=seed)
+    world = sample.read_world(out_dir)
+    row_of = {n: i for i, n in enumerate(world.news_ids)}
+    user_of = {u: i for i, u in enumerate(world.user_ids)}
+    clicked, skipped = defaultdict(list), defaultdict(list)
+    for row in iter_behaviors(out_dir / sample.TRAIN_FILE):
+        for n, label in zip(row.news_ids, row.labels):
+            (clicked if label else skipped)[row.user_id].append(row_of[n])
+    reader = MapReader(world, sample)
+    evidence = {
+        "MAP liked sets from the History column": lambda h, u: reader.fit(h),
+        "MAP liked sets, + logged clicks": lambda h, u: reader.fit(h, clicked[u]),
+        "MAP liked sets, + logged clicks and skips": lambda h, u: reader.fit(h, clicked[u], skipped[u]),
+    }
+    names = ["oracle", "true affinities, no popularity", "true liked sets, no popularity", *evidence]
+    scores = {n: [] for n in names}
+    fitted = {n: {} for n in evidence}
+    labels, sizes = [], []
+    t0 = time.perf_counter()
+    for row in iter_behaviors(out_dir / sample.TEST_FILE):
+        u = user_of[row.user_id]
+        cand = np.array([row_of[n] for n in row.news_ids])
+        history = np.array([row_of[n] for n in row.history], dtype=np.int64)
+        ta = world.topic_affinity[u][world.news_topic[cand]]
+        sa = world.style_affinity[u][world.news_style[cand]]
+        scores["oracle"].append(sample.click_logits(world, np.full(len(cand), u), cand))
+        scores["true affinities, no popularity"].append(sample.TOPIC_WEIGHT * ta + sample.STYLE_WEIGHT * sa)
+        scores["true liked sets, no popularity"].append(sample.TOPIC_WEIGHT * (ta > 0) + sample.STYLE_WEIGHT * (sa > 0))
+        for name, fit in evidence.items():
+            if row.user_id not in fitted[name]:
+                has_evidence = len(history) or (name != names[3] and row.user_id in clicked)
+                fitted[name][row.user_id] = fit(history, row.user_id) if has_evidence else None
+            sets = fitted[name][row.user_id]
+            scores[name].append(np.zeros(len(cand)) if sets is None else
+                                reader.topic_gain * sets[0][world.news_topic[cand]] + reader.style_gain * sets[1][world.news_style[cand]])
+        labels.append(np.asarray(row.labels))
+        sizes.append(len(cand))
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    y = np.concatenate(labels)
+    aucs = {n: float(mean_impression_auc(y, np.concatenate(scores[n]), offsets)[0]) for n in names}
+    oracle = aucs["oracle"]
+    rows = {n: {"impression_auc": a, "gap_closed": (a - 0.5) / (oracle - 0.5)} for n, a in aucs.items()}
+    return {"seed": seed, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[101, 102, 103])
+    parser.add_argument("--users", type=int, default=3000)
+    parser.add_argument("--news", type=int, default=2500)
+    parser.add_argument("--impressions", type=int, default=9000)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="recsys-ceiling-"))
+    try:
+        results = [run_seed(seed, args, root) for seed in args.seeds]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    names = list(results[0]["rows"])
+    print(f"{'':<46}" + "".join(f"{'seed ' + str(r['seed']):>12}" for r in results) + f"{'mean gap':>10}")
+    for name in names:
+        aucs = "".join(f"{r['rows'][name]['impression_auc']:>12.4f}" for r in results)
+        gap = np.mean([r["rows"][name]["gap_closed"] for r in results])
+        print(f"{name:<46}{aucs}{100 * gap:>9.1f}%")
+    RESULTS.mkdir(exist_ok=True)
+    out = {"benchmark": "quality_ceiling", "args": vars(args), "host": platform.node(), "results": results,
+           "mean_gap_closed": {n: float(np.mean([r["rows"][n]["gap_closed"] for r in results])) for n in names}}
+    (RESULTS / "quality_ceiling.json").write_text(json.dumps(out, indent=2))
+    print(f"wrote {RESULTS / 'quality_ceiling.json'}")
+
+
+if __name__ == "__main__":
+    main()
