@@ -205,6 +205,20 @@ class RankingModel:
             lambda u, c, x: self._scorer_layer.logits(u, c, x),
             input_signature=[tf.TensorSpec((None, d), tf.float32)] * 2 + [tf.TensorSpec((None, s), tf.float32)],
         )
+        if config.prior_dim:
+            # Served pairs are D + A wide: the networks read the first D columns and the content
+            # prior's inner product of the rest joins the logit before the calibration, in one graph.
+            layer = self._scorer_layer
+
+            def served_logits(u, c, x):
+                return layer.logits(u[:, :d], c[:, :d], x) + tf.reduce_sum(u[:, d:] * c[:, d:], axis=1)
+
+            served = [tf.TensorSpec((None, config.serving_dim), tf.float32)] * 2 + [tf.TensorSpec((None, s), tf.float32)]
+            self._logit_fn = tf.function(served_logits, input_signature=served)
+            self._score_fn = tf.function(
+                lambda u, c, x: tf.sigmoid(layer.calibration_slope * served_logits(u, c, x) + layer.calibration_intercept),
+                input_signature=served,
+            )
 
     @classmethod
     def create(
@@ -441,15 +455,15 @@ class RankingModel:
         Returns:
             (p,) float32 probabilities.
         """
-        return self._pairs(True, user_vectors, candidate_embeddings, side, batch_size)
+        return self._pairs(self._score_fn, user_vectors, candidate_embeddings, side, batch_size)
 
     def logits(
         self, user_vectors: np.ndarray, candidate_embeddings: np.ndarray, side: np.ndarray, *, batch_size: int = 8192
     ) -> np.ndarray:
         """Uncalibrated logits of (user, candidate) pairs; same arguments as ``score``."""
-        return self._pairs(False, user_vectors, candidate_embeddings, side, batch_size)
+        return self._pairs(self._logit_fn, user_vectors, candidate_embeddings, side, batch_size)
 
-    def _pairs(self, calibrated: bool, user_vectors, candidate_embeddings, side, batch_size: int) -> np.ndarray:
+    def _pairs(self, fn, user_vectors, candidate_embeddings, side, batch_size: int) -> np.ndarray:
         p = len(user_vectors)
         w, s = self.config.serving_dim, self.config.side_features.num_features
         if candidate_embeddings.shape != (p, w) or user_vectors.shape != (p, w) or side.shape != (p, s):
@@ -457,25 +471,13 @@ class RankingModel:
                 f"score expects user_vectors ({p}, {w}), candidate_embeddings ({p}, {w}) and side ({p}, {s}); "
                 f"got {user_vectors.shape}, {candidate_embeddings.shape} and {side.shape}"
             )
-        d = self.config.embedding_dim
-        prior = self.config.prior_dim > 0
-        # Without the prior the scorer's own graph does everything; with it, the prior's inner
-        # product joins the logit before the scorer's (Platt) calibration.
-        fn = self._logit_fn if (prior or not calibrated) else self._score_fn
-        if prior and calibrated:
-            slope = float(self._scorer_layer.calibration_slope.numpy())
-            intercept = float(self._scorer_layer.calibration_intercept.numpy())
         out = np.empty(p, dtype=np.float32)
         for lo in range(0, p, batch_size):
             hi = min(lo + batch_size, p)
-            u = np.asarray(user_vectors[lo:hi], dtype=np.float32)
-            c = np.asarray(candidate_embeddings[lo:hi], dtype=np.float32)
-            value = fn(np.ascontiguousarray(u[:, :d]), np.ascontiguousarray(c[:, :d]), np.asarray(side[lo:hi], dtype=np.float32)).numpy()
-            if prior:
-                value = value + np.einsum("pa,pa->p", u[:, d:], c[:, d:])
-                if calibrated:
-                    value = np.exp(-np.logaddexp(0.0, -(slope * value + intercept)))  # stable sigmoid
-            out[lo:hi] = value
+            out[lo:hi] = fn(
+                np.asarray(user_vectors[lo:hi], dtype=np.float32), np.asarray(candidate_embeddings[lo:hi], dtype=np.float32),
+                np.asarray(side[lo:hi], dtype=np.float32),
+            ).numpy()
         return out
 
     def score_impressions(
