@@ -73,14 +73,30 @@ def make_world(args, seed: int):
 
 
 def bench_training(world, log, first_seen, args) -> tuple[object, dict]:
+    from recsys.models.samples import ClickLog, with_logged_clicks
     from recsys.models.training import evaluate_impressions, train_ctr
 
     epochs_log = []
+    merge = {}
+    clicks = None
+    if args.logged_clicks:  # what `recsys train` does by default: time the history merge on its own too
+        started = time.perf_counter()
+        clicks = ClickLog.from_impressions([world.train, world.valid])
+        merge["click_log_build_seconds"] = round(time.perf_counter() - started, 3)
+        started = time.perf_counter()
+        led = with_logged_clicks(world.train, clicks, 50)
+        merge["merge_train_histories_seconds"] = round(time.perf_counter() - started, 3)
+        merge["clicks"] = len(clicks)
+        merge["mean_history_length"] = {"history_column": round(float(np.diff(world.train.history_offsets).mean()), 1),
+                                        "led_by_logged_clicks": round(float(np.diff(led.history_offsets).mean()), 1)}
     with PeakRSS() as rss:
+        started = time.perf_counter()
         model, history = train_ctr(
             world.features, world.train, world.valid, log, epochs=args.epochs, batch_size=args.batch_size,
             learning_rate=args.learning_rate, patience=args.epochs, progress=epochs_log.append,
+            clicks=clicks, content_prior=args.fit_prior,
         )
+        total_seconds = time.perf_counter() - started
     seconds = history["epoch_seconds"]
     per_epoch = float(np.median(seconds))
     started = time.perf_counter()
@@ -98,6 +114,10 @@ def bench_training(world, log, first_seen, args) -> tuple[object, dict]:
         "validation_impressions": len(world.valid),
         "peak_rss_mib_during_training": _mib(rss.peak),
         "val_auc": [round(v, 4) for v in history["val_auc"]],
+        "train_ctr_total_seconds": round(total_seconds, 1),
+        "logged_clicks": merge or None,
+        "content_prior": {"fitted": args.fit_prior, "weight": history.get("prior_weight"),
+                          "served_val_auc": history.get("served_val_auc")},
     }
 
 
@@ -211,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="world/training seeds for --study")
     parser.add_argument("--variants", nargs="*", help="restrict --study to these variant names")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--logged-clicks", action="store_true",
+                        help="train on histories led by logged clicks, as `recsys train` does by default")
+    parser.add_argument("--fit-prior", action="store_true",
+                        help="fit the content prior's weight after training, as `recsys train` does by default")
     parser.add_argument("--content-prior", type=float, default=0.0,
                         help="score with the content prior at this weight (what `recsys train` serves when it fits one)")
     parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/ctr*.json)")
@@ -237,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.content_prior:
             model = model.with_content_prior(args.content_prior)
         meta["content_prior"] = args.content_prior
+        meta["scored_with_prior_weight"] = model.config.prior_weight  # fitted (--fit-prior) or given
         scoring = bench_scoring(model, world, args.score_batch or [4096, 16384, 65536], args.score_total)
         print(json.dumps({"scoring": scoring}, indent=2), flush=True)
         result = {**meta, "world_build_seconds": round(world_seconds, 1), "training": training, "scoring": scoring,
