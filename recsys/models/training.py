@@ -258,7 +258,8 @@ def train_ctr(
             ``default_anchor_dim(embedding_dim)``.
         category_dropout: share of items whose category is replaced by "unknown" in training,
             so that unseen categories get a trained embedding.
-        calibrate: fit a Platt calibration on ``valid``; default: only for "listwise".
+        calibrate: fit a Platt calibration on ``valid``; default: for "listwise", and whenever
+            a content prior is fitted (its weighted similarity shifts the logits).
         clicks: if given, every train and valid history is led by the user's clicks in this log
             strictly before the impression (``with_logged_clicks``), and the model records that
             it must be served the same way. It may hold the train and valid windows themselves.
@@ -301,7 +302,6 @@ def train_ctr(
     if valid_scoreable == 0:
         raise ValueError("valid has no impression with both a click and a non-click: the AUC is undefined")
     listwise = loss == "listwise"
-    calibrate = listwise if calibrate is None else calibrate
 
     keras.utils.set_random_seed(seed)
     if first_seen is None:
@@ -404,6 +404,8 @@ def train_ctr(
         model = model.with_content_prior(prior_weight)
 
     slope, intercept = 1.0, 0.0
+    if calibrate is None:
+        calibrate = listwise or prior_weight > 0
     if calibrate:
         valid_logits = evaluate_logits(model, features, valid, log, first_seen)
         slope, intercept = _fit_platt(valid_logits, valid.labels)

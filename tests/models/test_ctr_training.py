@@ -181,3 +181,9 @@ def test_content_prior_weight_is_the_best_on_validation(world, log):
     assert aucs[0.0] == pytest.approx(history["best_val_auc"], abs=1e-6)
     # On this world (topics in the text, styles in the images) the prior helps.
     assert weight > 0 and served > history["best_val_auc"]
+    # Its weighted similarity shifts the logits, so the probabilities are re-calibrated (Platt)
+    # on the validation window: their mean there matches the click rate.
+    assert history["calibration"]["slope"] > 0 and history["calibration"] != {"slope": 1.0, "intercept": 0.0}
+    probs = evaluate_impressions(model, world.features, world.valid, log, first_seen)["scores"]
+    labelled = world.valid.labels >= 0
+    assert probs[labelled].mean() == pytest.approx(world.valid.labels[labelled].mean(), abs=0.02)
