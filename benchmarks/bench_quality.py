@@ -200,12 +200,17 @@ def run_seed(seed: int, args, root: Path) -> dict:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_world_arguments(parser: argparse.ArgumentParser) -> None:
+    """The held-out worlds' seeds and size, shared with bench_quality_ceiling.py."""
     parser.add_argument("--seeds", type=int, nargs="+", default=[101, 102, 103])
     parser.add_argument("--users", type=int, default=3000)
     parser.add_argument("--news", type=int, default=2500)
     parser.add_argument("--impressions", type=int, default=9000)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_world_arguments(parser)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--keep", type=Path, default=None, help="keep worlds and workspaces here")
     args = parser.parse_args()

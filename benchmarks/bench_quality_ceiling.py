@@ -170,11 +170,10 @@ def run_seed(seed: int, args, root: Path) -> dict:
 
 
 def main() -> None:
+    from bench_quality import add_world_arguments  # this folder is on sys.path when run as a script
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[101, 102, 103])
-    parser.add_argument("--users", type=int, default=3000)
-    parser.add_argument("--news", type=int, default=2500)
-    parser.add_argument("--impressions", type=int, default=9000)
+    add_world_arguments(parser)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="recsys-ceiling-"))
     try:
