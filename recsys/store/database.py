@@ -8,6 +8,8 @@ Any SQLAlchemy URL works; SQLite (the default, one file in the workspace) and Po
 from __future__ import annotations
 
 import logging
+import sqlite3
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,11 +62,31 @@ def _sqlite_on_connect(dbapi_connection, _record) -> None:
     try:
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_S * 1000}")
         cursor.execute("PRAGMA foreign_keys = ON")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        _use_wal(cursor)
         # In WAL mode NORMAL is corruption-safe; a power cut may lose the last commits only.
         cursor.execute("PRAGMA synchronous = NORMAL")
     finally:
         cursor.close()
+
+
+def _use_wal(cursor) -> None:
+    """Put the database file in WAL mode, waiting out other connections doing the same.
+
+    Switching the journal mode does not wait on the busy timeout: when several processes open a
+    new store at once, all but one get "database is locked" at once. The mode is a property of
+    the file, so a connection that finds it already set changes nothing; the others retry until
+    the busy timeout has passed.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _sqlite_on_begin(conn: Connection) -> None:

@@ -194,7 +194,7 @@ def test_concurrent_open_store_calls_both_succeed(db_url):
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
 
-    threads = [threading.Thread(target=open_it) for _ in range(3)]
+    threads = [threading.Thread(target=open_it) for _ in range(6)]  # a new file: all race to set WAL
     for t in threads:
         t.start()
     for t in threads:
