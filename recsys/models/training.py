@@ -398,16 +398,17 @@ def train_ctr(
     for block, weights in zip(blocks, best_weights):
         block.set_weights(weights)
 
-    prior_weight, served_auc = 0.0, float(best_auc)
+    prior_weight, served_auc, valid_logits = 0.0, float(best_auc), None
     if content_prior and model.anchor_columns:  # same networks, so ctr's scorer is model's
-        prior_weight, served_auc = _fit_prior_weight(model, features, valid, log, first_seen)
+        prior_weight, served_auc, valid_logits = _fit_prior_weight(model, features, valid, log, first_seen)
         model = model.with_content_prior(prior_weight)
 
     slope, intercept = 1.0, 0.0
     if calibrate is None:
         calibrate = listwise or prior_weight > 0
     if calibrate:
-        valid_logits = evaluate_logits(model, features, valid, log, first_seen)
+        if valid_logits is None:  # the prior's fit already scored the validation window
+            valid_logits = evaluate_logits(model, features, valid, log, first_seen)
         slope, intercept = _fit_platt(valid_logits, valid.labels)
         ctr.scorer_layer.set_calibration(slope, intercept)
     history.update(best_epoch=best_epoch, best_val_auc=float(best_auc), prior_weight=prior_weight,
@@ -430,8 +431,9 @@ PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 def _fit_prior_weight(
     model: RankingModel, features: ItemFeatures, valid: Impressions, log: InteractionLog, first_seen: np.ndarray
-) -> tuple[float, float]:
-    """The ``PRIOR_WEIGHTS`` entry with the best validation per-impression AUC, and that AUC.
+) -> tuple[float, float, np.ndarray]:
+    """The ``PRIOR_WEIGHTS`` entry with the best validation per-impression AUC, that AUC, and
+    the validation logits served with it (uncalibrated, for the Platt fit that follows).
 
     Logits are linear in the weight, so the networks are run twice (weights 0 and 1) and
     every candidate weight is a sum. Ties go to the smaller weight (0 first).
@@ -443,7 +445,7 @@ def _fit_prior_weight(
         auc, _ = mean_impression_auc(valid.labels, base + weight * prior, valid.candidate_offsets)
         if auc > best_auc + 1e-9:
             best_weight, best_auc = weight, float(auc)
-    return best_weight, best_auc
+    return best_weight, best_auc, (base + best_weight * prior).astype(np.float32)
 
 
 def evaluate_logits(
