@@ -185,10 +185,6 @@ class RankingModel:
             lambda e, m: user_encoder([e, m], training=False),
             input_signature=[tf.TensorSpec((None, None, d), tf.float32), tf.TensorSpec((None, None), tf.float32)],
         )
-        self._score_fn = tf.function(
-            lambda u, c, x: scorer([u, c, x], training=False),
-            input_signature=[tf.TensorSpec((None, d), tf.float32)] * 2 + [tf.TensorSpec((None, s), tf.float32)],
-        )
         scorer_layers = [layer for layer in scorer.layers if isinstance(layer, Scorer)]
         if len(scorer_layers) != 1:
             raise ValueError(f"the scorer model has {len(scorer_layers)} Scorer layers, expected 1")
@@ -201,24 +197,22 @@ class RankingModel:
                 f"content prior: prior_weight {config.prior_weight} with prior_dim {config.prior_dim}, but the item "
                 f"tower has {self._anchor_columns} anchor columns (expected prior_dim {expected_prior})"
             )
-        self._logit_fn = tf.function(
-            lambda u, c, x: self._scorer_layer.logits(u, c, x),
-            input_signature=[tf.TensorSpec((None, d), tf.float32)] * 2 + [tf.TensorSpec((None, s), tf.float32)],
-        )
+        pairs = [tf.TensorSpec((None, config.serving_dim), tf.float32)] * 2 + [tf.TensorSpec((None, s), tf.float32)]
+        layer = self._scorer_layer
         if config.prior_dim:
             # Served pairs are D + A wide: the networks read the first D columns and the content
             # prior's inner product of the rest joins the logit before the calibration, in one graph.
-            layer = self._scorer_layer
-
             def served_logits(u, c, x):
                 return layer.logits(u[:, :d], c[:, :d], x) + tf.reduce_sum(u[:, d:] * c[:, d:], axis=1)
 
-            served = [tf.TensorSpec((None, config.serving_dim), tf.float32)] * 2 + [tf.TensorSpec((None, s), tf.float32)]
-            self._logit_fn = tf.function(served_logits, input_signature=served)
+            self._logit_fn = tf.function(served_logits, input_signature=pairs)
             self._score_fn = tf.function(
                 lambda u, c, x: tf.sigmoid(layer.calibration_slope * served_logits(u, c, x) + layer.calibration_intercept),
-                input_signature=served,
+                input_signature=pairs,
             )
+        else:
+            self._logit_fn = tf.function(lambda u, c, x: layer.logits(u, c, x), input_signature=pairs)
+            self._score_fn = tf.function(lambda u, c, x: scorer([u, c, x], training=False), input_signature=pairs)
 
     @classmethod
     def create(

@@ -207,6 +207,40 @@ def impressions_from_frame(
     )
 
 
+def _labelled_items(
+    engine: Engine, news_ids: np.ndarray, columns: dict, where, *, since: datetime | None = None,
+    until: datetime | None = None,
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Impression items matching ``where`` in ``[since, until)``, on articles of ``news_ids``.
+
+    The read behind the popularity log and the click log. Items of articles missing from
+    ``news_ids`` are dropped (they have no features to score or embed).
+
+    Args:
+        columns: {name: column} of ``impressions`` / ``impression_items`` to read.
+        where: a condition on those tables (which labels).
+
+    Returns:
+        ``(frame, rows, times)`` of the kept items: the columns, their rows into ``news_ids``
+        (int64) and their impressions' times (datetime64[s]).
+    """
+    im, it = s.impressions.c, s.impression_items.c
+    cond = [where]
+    if since is not None:
+        cond.append(im.time >= since)
+    if until is not None:
+        cond.append(im.time < until)
+    query = select(*columns.values(), it.news_id, im.time).join(s.impressions, it.impression_pk == im.id).where(and_(*cond))
+    with engine.connect() as conn:
+        frame = pd.DataFrame(conn.execute(query).all(), columns=[*columns, NEWS_ID, TIME])
+    if frame.empty:
+        return frame, np.zeros(0, np.int64), np.zeros(0, "datetime64[s]")
+    rows = pd.Index(news_ids, dtype=object).get_indexer(frame[NEWS_ID].to_numpy(dtype=object))
+    known = rows >= 0
+    times = pd.to_datetime(frame[TIME]).to_numpy(dtype="datetime64[ns]").astype("datetime64[s]")
+    return frame[known], rows[known].astype(np.int64), times[known]
+
+
 def read_interaction_log(
     engine: Engine, news_ids: np.ndarray, *, since: datetime | None = None, until: datetime | None = None
 ) -> InteractionLog:
@@ -215,23 +249,9 @@ def read_interaction_log(
     This is the popularity log of the side features. Shows of articles missing from
     ``news_ids`` are dropped (they cannot be scored).
     """
-    im, it = s.impressions.c, s.impression_items.c
-    cond = [it.label.is_not(None)]
-    if since is not None:
-        cond.append(im.time >= since)
-    if until is not None:
-        cond.append(im.time < until)
-    query = select(it.news_id, im.time, it.label).join(s.impressions, it.impression_pk == im.id).where(and_(*cond))
-    with engine.connect() as conn:
-        frame = pd.DataFrame(conn.execute(query).all(), columns=[NEWS_ID, TIME, LABEL])
-    if frame.empty:
-        empty = np.zeros(0, np.int64)
-        return InteractionLog.from_events(empty, empty.astype("datetime64[s]"), empty.astype(np.int8), len(news_ids))
-    rows = pd.Index(news_ids, dtype=object).get_indexer(frame[NEWS_ID].to_numpy(dtype=object))
-    known = rows >= 0
-    times = pd.to_datetime(frame[TIME]).to_numpy(dtype="datetime64[ns]").astype("datetime64[s]")
-    labels = frame[LABEL].to_numpy(dtype=np.int8)
-    return InteractionLog.from_events(rows[known], times[known], labels[known], len(news_ids))
+    it = s.impression_items.c
+    frame, rows, times = _labelled_items(engine, news_ids, {LABEL: it.label}, it.label.is_not(None), since=since, until=until)
+    return InteractionLog.from_events(rows, times, frame[LABEL].to_numpy(dtype=np.int8), len(news_ids))
 
 
 def read_click_log(engine: Engine, news_ids: np.ndarray, *, until: datetime | None = None) -> ClickLog:
@@ -240,17 +260,10 @@ def read_click_log(engine: Engine, news_ids: np.ndarray, *, until: datetime | No
     The impression clicks that lead each History column (``samples.with_logged_clicks``).
     Clicks on articles missing from ``news_ids`` are dropped (they have no embedding).
     """
-    im, it = s.impressions.c, s.impression_items.c
-    cond = [it.label == 1]
-    if until is not None:
-        cond.append(im.time < until)
-    query = select(im.user_id, im.time, it.news_id).join(s.impressions, it.impression_pk == im.id).where(and_(*cond))
-    with engine.connect() as conn:
-        frame = pd.DataFrame(conn.execute(query).all(), columns=[USER_ID, TIME, NEWS_ID])
-    rows = pd.Index(news_ids, dtype=object).get_indexer(frame[NEWS_ID].to_numpy(dtype=object))
-    known = rows >= 0
-    times = pd.to_datetime(frame[TIME]).to_numpy(dtype="datetime64[ns]").astype("datetime64[s]")
-    return ClickLog.from_events(frame[USER_ID].to_numpy(dtype=object)[known], times[known], rows[known])
+    frame, rows, times = _labelled_items(
+        engine, news_ids, {USER_ID: s.impressions.c.user_id}, s.impression_items.c.label == 1, until=until
+    )
+    return ClickLog.from_events(frame[USER_ID].to_numpy(dtype=object), times, rows)
 
 
 def read_news_titles(engine: Engine, news_ids) -> pd.DataFrame:
