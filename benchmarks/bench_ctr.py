@@ -117,17 +117,18 @@ def bench_training(world, log, first_seen, args) -> tuple[object, dict]:
         "train_ctr_total_seconds": round(total_seconds, 1),
         "logged_clicks": merge or None,
         "content_prior": {"fitted": args.fit_prior, "weight": history.get("prior_weight"),
-                          "served_val_auc": history.get("served_val_auc")},
+                          "moment_weight": history.get("prior_moment_weight"), "served_val_auc": history.get("served_val_auc")},
     }
 
 
 def bench_scoring(model, world, batch_sizes: list[int], total: int) -> dict:
     rng = np.random.default_rng(0)
     d = model.config.serving_dim  # D, or D + A when the content prior is served
+    u = model.config.user_dim  # serving_dim, plus Q with the prior's second-moment term
     s = model.config.side_features.num_features
     out = {}
     for batch in batch_sizes:
-        users = rng.standard_normal((batch, d)).astype(np.float32)
+        users = rng.standard_normal((batch, u)).astype(np.float32)
         cands = rng.standard_normal((batch, d)).astype(np.float32)
         side = rng.standard_normal((batch, s)).astype(np.float32)
         model.score(users, cands, side, batch_size=batch)  # warm-up
@@ -141,7 +142,7 @@ def bench_scoring(model, world, batch_sizes: list[int], total: int) -> dict:
             model.score(users, cands, side)  # default internal chunks
         elapsed = time.perf_counter() - started
         # with the gathers of the nightly job: per-user and per-item matrices -> pairs
-        user_table = rng.standard_normal((max(batch // 200, 1), d)).astype(np.float32)
+        user_table = rng.standard_normal((max(batch // 200, 1), u)).astype(np.float32)
         item_table = rng.standard_normal((len(world.features), d)).astype(np.float32)
         owner = rng.integers(0, len(user_table), batch)
         items = rng.integers(0, len(item_table), batch)
@@ -235,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="train on histories led by logged clicks, as `recsys train` does by default")
     parser.add_argument("--fit-prior", action="store_true",
                         help="fit the content prior's weight after training, as `recsys train` does by default")
-    parser.add_argument("--content-prior", type=float, default=0.0,
-                        help="score with the content prior at this weight (what `recsys train` serves when it fits one)")
+    parser.add_argument("--content-prior", type=float, nargs="+", default=[0.0], metavar="W [MU]",
+                        help="score with the content prior at weight W and second-moment weight MU (default 0; "
+                             "what `recsys train` serves when it fits them)")
     parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/ctr*.json)")
     args = parser.parse_args(argv)
     if args.full:
@@ -258,10 +260,12 @@ def main(argv: list[str] | None = None) -> int:
               f"({len(world.train.candidate_items)} pairs), built in {world_seconds:.1f}s", flush=True)
         model, training = bench_training(world, log, first_seen, args)
         print(json.dumps({"training": training}, indent=2), flush=True)
-        if args.content_prior:
-            model = model.with_content_prior(args.content_prior)
+        if any(args.content_prior):
+            model = model.with_content_prior(*args.content_prior)
         meta["content_prior"] = args.content_prior
-        meta["scored_with_prior_weight"] = model.config.prior_weight  # fitted (--fit-prior) or given
+        # fitted (--fit-prior) or given
+        meta["scored_with_prior_weights"] = [model.config.prior_weight, model.config.prior_moment_weight]
+        meta["served_dims"] = {"item": model.config.serving_dim, "user": model.config.user_dim}
         scoring = bench_scoring(model, world, args.score_batch or [4096, 16384, 65536], args.score_total)
         print(json.dumps({"scoring": scoring}, indent=2), flush=True)
         result = {**meta, "world_build_seconds": round(world_seconds, 1), "training": training, "scoring": scoring,

@@ -135,11 +135,12 @@ def synthetic_features(news_ids, categories, seed: int):
                         EncoderInfo("synthetic-text", "1", TEXT_DIM), EncoderInfo("synthetic-image", "1", IMAGE_DIM))
 
 
-def build_model_and_index(work: Path, world: dict, *, seed: int, content_prior: float = 0.0) -> dict:
+def build_model_and_index(work: Path, world: dict, *, seed: int, content_prior: tuple = (0.0,)) -> dict:
     """An untrained model at production sizes, item embeddings of every article, the index.
 
-    ``content_prior`` > 0 serves it as ``train`` does when it fits the prior: anchors fitted on
-    the features, D + 32 served columns, the prior's product in every score.
+    ``content_prior`` (weight, optional second-moment weight), any > 0, serves it as ``train``
+    does when it fits the prior: anchors fitted on the features, D + 32 item columns (plus 512
+    scorer-only user columns with the second moment), the prior's terms in every score.
     """
     from recsys.index.faiss_index import FaissIndex
     from recsys.models.bundle import RankingModel
@@ -150,9 +151,9 @@ def build_model_and_index(work: Path, world: dict, *, seed: int, content_prior: 
     features = synthetic_features([f"N{i}" for i in range(world["news"])], world["categories"], seed)
     model = RankingModel.create(features.text_encoder, features.image_encoder, CATEGORIES, embedding_dim=128,
                                 history_len=50, side_features=SideFeatures(24.0), seed=seed)
-    if content_prior:
+    if any(content_prior):
         model.item_tower.get_layer("fusion").adapt(features.text, features.image, features.has_image)
-        model = model.with_content_prior(content_prior)
+        model = model.with_content_prior(*content_prior)
     model.save(work / "model")
     clock = time.perf_counter()
     embeddings = model.item_embeddings(features)
@@ -263,8 +264,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--new-fraction", type=float, default=0.01, help="new articles of the incremental night")
     parser.add_argument("--skip-incremental", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--content-prior", type=float, default=0.0,
-                        help="serve the model with this content-prior weight (trained models get 0-32; 0: off)")
+    parser.add_argument("--content-prior", type=float, nargs="+", default=[0.0], metavar="W [MU]",
+                        help="serve the model with content-prior weight W and second-moment weight MU "
+                             "(trained models get 0-32 each; 0: off)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the world here (default: a temp dir, removed)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "nightly.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)

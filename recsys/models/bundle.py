@@ -5,6 +5,7 @@ A bundle directory holds::
     item_tower.keras     features of an article -> (D,) embedding (new articles need only this)
                          (served vectors append the content prior's A anchor columns, if fitted)
     user_encoder.keras   (H, D) clicked-item embeddings + (H,) mask -> (D,) user vector
+                         (served user vectors append the content prior's columns, if fitted)
     scorer.keras         user (D,), candidate (D,), side (S,) -> click probability
     config.json          category vocabulary, history_len, side-feature statistics,
                          modalities, fusion mode, embedding_dim, encoder identities, seed
@@ -76,10 +77,15 @@ class RankingConfig:
         seed: training seed.
         logged_clicks: the model was trained on histories led by the user's logged clicks
             before each impression (``samples.with_logged_clicks``), so it must be served so.
-        prior_weight: ``lambda`` of the content prior (``RankingModel.with_content_prior``);
-            0 serves the networks alone.
+        prior_weight: ``lambda`` of the content prior's mean-similarity term
+            (``RankingModel.with_content_prior``); 0 with ``prior_moment_weight`` 0 serves the
+            networks alone.
         prior_dim: ``A``, the content-anchor columns appended to embeddings and user vectors
             when the prior is on (0 when off).
+        prior_moment_weight: ``mu``, the weight of the prior's second-moment term (mean squared
+            similarity to the history, per modality); 0 turns it off.
+        moment_dim: ``Q``, the columns of that term in user vectors: anchor_dim squared per
+            modality when it is on, else 0. Item embeddings do not carry them.
         info: free-form training facts (loss, metrics, data counts) for manifests.
     """
 
@@ -95,12 +101,20 @@ class RankingConfig:
     logged_clicks: bool = False
     prior_weight: float = 0.0
     prior_dim: int = 0
+    prior_moment_weight: float = 0.0
+    moment_dim: int = 0
     info: dict = field(default_factory=dict)
 
     @property
     def serving_dim(self) -> int:
-        """Width of served item embeddings and user vectors: ``D`` plus the prior's ``A`` columns."""
+        """Width of served item embeddings (what the index holds): ``D`` plus the prior's ``A`` columns."""
         return self.embedding_dim + self.prior_dim
+
+    @property
+    def user_dim(self) -> int:
+        """Width of served user vectors: ``serving_dim`` plus the prior's ``Q`` second-moment
+        columns. Their first ``serving_dim`` columns are the retrieval query."""
+        return self.serving_dim + self.moment_dim
 
     def to_dict(self) -> dict:
         return {
@@ -117,7 +131,10 @@ class RankingConfig:
             "logged_clicks": self.logged_clicks,
             "prior_weight": self.prior_weight,
             "prior_dim": self.prior_dim,
+            "prior_moment_weight": self.prior_moment_weight,
+            "moment_dim": self.moment_dim,
             "serving_dim": self.serving_dim,  # for readers that do not load TensorFlow (the nightly driver)
+            "user_dim": self.user_dim,
             "info": self.info,
         }
 
@@ -136,6 +153,8 @@ class RankingConfig:
             logged_clicks=bool(d.get("logged_clicks", False)),
             prior_weight=float(d.get("prior_weight", 0.0)),
             prior_dim=int(d.get("prior_dim", 0)),
+            prior_moment_weight=float(d.get("prior_moment_weight", 0.0)),
+            moment_dim=int(d.get("moment_dim", 0)),
             info=dict(d.get("info", {})),
         )
 
@@ -190,20 +209,37 @@ class RankingModel:
             raise ValueError(f"the scorer model has {len(scorer_layers)} Scorer layers, expected 1")
         self._scorer_layer = scorer_layers[0]
         fusion = item_tower.get_layer("fusion")
-        self._anchor_columns = fusion.anchor_dim * len(fusion.modalities.split(","))
-        expected_prior = self._anchor_columns if config.prior_weight > 0 else 0
-        if config.prior_weight < 0 or not np.isfinite(config.prior_weight) or config.prior_dim != expected_prior:
+        self._anchor_dim = fusion.anchor_dim
+        self._anchor_blocks = len(fusion.modalities.split(",")) if fusion.anchor_dim else 0
+        self._anchor_columns = self._anchor_dim * self._anchor_blocks
+        weights = (config.prior_weight, config.prior_moment_weight)
+        on = any(w > 0 for w in weights)
+        expected = (self._anchor_columns if on else 0, self._anchor_blocks * self._anchor_dim**2 if weights[1] > 0 else 0)
+        if any(w < 0 or not np.isfinite(w) for w in weights) or (config.prior_dim, config.moment_dim) != expected:
             raise ModelMismatchError(
-                f"content prior: prior_weight {config.prior_weight} with prior_dim {config.prior_dim}, but the item "
-                f"tower has {self._anchor_columns} anchor columns (expected prior_dim {expected_prior})"
+                f"content prior: prior_weight {config.prior_weight} and prior_moment_weight {config.prior_moment_weight} "
+                f"with prior_dim {config.prior_dim} and moment_dim {config.moment_dim}, but the item tower has "
+                f"{self._anchor_blocks} anchor blocks of {self._anchor_dim} (expected prior_dim {expected[0]}, "
+                f"moment_dim {expected[1]})"
             )
-        pairs = [tf.TensorSpec((None, config.serving_dim), tf.float32)] * 2 + [tf.TensorSpec((None, s), tf.float32)]
+        pairs = [tf.TensorSpec((None, config.user_dim), tf.float32), tf.TensorSpec((None, config.serving_dim), tf.float32),
+                 tf.TensorSpec((None, s), tf.float32)]
         layer = self._scorer_layer
         if config.prior_dim:
-            # Served pairs are D + A wide: the networks read the first D columns and the content
-            # prior's inner product of the rest joins the logit before the calibration, in one graph.
+            w, blocks, k = config.serving_dim, self._anchor_blocks, self._anchor_dim
+            moments = config.moment_dim > 0
+
+            # The networks read the first D columns; the content prior joins the logit before the
+            # calibration, in one graph: the inner product of the anchor columns (mean similarity)
+            # and, with moments, c_b' M_b c_b per anchor block b, M_b the user's weighted mean
+            # outer product of the history's anchors (mean squared similarity).
             def served_logits(u, c, x):
-                return layer.logits(u[:, :d], c[:, :d], x) + tf.reduce_sum(u[:, d:] * c[:, d:], axis=1)
+                out = layer.logits(u[:, :d], c[:, :d], x) + tf.reduce_sum(u[:, d:w] * c[:, d:], axis=1)
+                if moments:
+                    anchors = tf.reshape(c[:, d:], (-1, blocks, k))
+                    second = tf.reshape(u[:, w:], (-1, blocks, k, k))
+                    out += tf.reduce_sum(tf.linalg.matvec(second, anchors) * anchors, axis=[1, 2])
+                return out
 
             self._logit_fn = tf.function(served_logits, input_signature=pairs)
             self._score_fn = tf.function(
@@ -357,25 +393,39 @@ class RankingModel:
         """``A``: content-anchor columns of the item tower (anchor_dim x modalities; 0 without)."""
         return self._anchor_columns
 
-    def with_content_prior(self, weight: float) -> "RankingModel":
-        """The same networks, serving ``logit + weight * <mean anchors of the history, anchors of the candidate>``.
+    def with_content_prior(self, weight: float, moment_weight: float = 0.0) -> "RankingModel":
+        """The same networks, serving ``logit + weight * s1 + moment_weight * s2``.
 
         The prior is the training-free "how close is the candidate to what the user clicked, in
-        the frozen encoders' own spaces" score; ``train_ctr`` fits ``weight`` on the validation
-        window. It rides along in the served vectors: item embeddings gain the ``A`` anchor
-        columns and user vectors ``weight`` times the mean anchors of the history, so one inner
-        product in the index or in ``score`` adds it. 0 turns it off.
+        the frozen encoders' own spaces" score. With ``a_h`` the anchors of the history's
+        articles and ``c`` the candidate's, per anchor block (modality) ``b``:
+
+            s1 = sum_b mean_h <a_hb, c_b>       (mean similarity)
+            s2 = sum_b mean_h <a_hb, c_b>^2     (mean squared similarity)
+
+        ``s2`` rewards a candidate very close to some of the history over one mildly close to
+        all of it (a user with several distinct interests). ``train_ctr`` fits both weights on
+        the validation window. The prior rides along in the served vectors: item embeddings gain
+        the ``A`` anchor columns; user vectors ``weight`` times the history's mean anchors and,
+        for ``s2``, ``moment_weight`` times its mean per-block outer products (``Q`` columns that
+        only the scorer reads: retrieval uses the first ``serving_dim`` columns). 0 and 0 turn
+        it off.
 
         Raises:
             ValueError: a negative or non-finite weight, or a positive one on a model without
                 content anchors (``anchor_dim`` 0).
         """
-        weight = float(weight)
-        if weight < 0 or not np.isfinite(weight):
-            raise ValueError(f"content prior weight is {weight!r}, expected a finite number >= 0")
-        if weight > 0 and not self._anchor_columns:
+        weight, moment_weight = float(weight), float(moment_weight)
+        for name, value in (("weight", weight), ("moment weight", moment_weight)):
+            if value < 0 or not np.isfinite(value):
+                raise ValueError(f"content prior {name} is {value!r}, expected a finite number >= 0")
+        on = weight > 0 or moment_weight > 0
+        if on and not self._anchor_columns:
             raise ValueError("content prior needs content anchors, but the model has anchor_dim 0")
-        config = dataclasses.replace(self.config, prior_weight=weight, prior_dim=self._anchor_columns if weight > 0 else 0)
+        config = dataclasses.replace(
+            self.config, prior_weight=weight, prior_dim=self._anchor_columns if on else 0,
+            prior_moment_weight=moment_weight, moment_dim=self._anchor_blocks * self._anchor_dim**2 if moment_weight > 0 else 0,
+        )
         return RankingModel(self.item_tower, self.user_encoder, self.scorer, config)
 
     def history_matrix(self, history_offsets: np.ndarray, history_items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -404,7 +454,8 @@ class RankingModel:
             batch_size: users per forward pass.
 
         Returns:
-            (m, D) float32; (m, D + A) with the content prior on.
+            (m, user_dim) float32: (m, D), (m, D + A) with the content prior on, (m, D + A + Q)
+            with its second-moment term.
 
         Raises:
             ValueError: a history item outside ``item_embeddings`` or a wrong embedding dim.
@@ -416,8 +467,8 @@ class RankingModel:
             bad = history_items[(history_items < 0) | (history_items >= len(item_embeddings))][0]
             raise ValueError(f"history item row {bad} is outside the {len(item_embeddings)} item embeddings")
         m = len(history_offsets) - 1
-        d = self.config.embedding_dim
-        out = np.empty((m, self.config.serving_dim), dtype=np.float32)
+        d, w = self.config.embedding_dim, self.config.serving_dim
+        out = np.empty((m, self.config.user_dim), dtype=np.float32)
         for lo in range(0, m, batch_size):
             hi = min(lo + batch_size, m)
             rows, mask = self.history_matrix(history_offsets[lo : hi + 1], history_items)
@@ -425,7 +476,11 @@ class RankingModel:
             out[lo:hi, :d] = self._user_fn(np.ascontiguousarray(history[..., :d]), mask).numpy()
             if self.config.prior_dim:  # weight x mean anchors of the history; 0 for a cold user
                 count = np.maximum(mask.sum(axis=1, keepdims=True), 1.0)
-                out[lo:hi, d:] = self.config.prior_weight * np.einsum("bh,bha->ba", mask, history[..., d:]) / count
+                out[lo:hi, d:w] = self.config.prior_weight * np.einsum("bh,bha->ba", mask, history[..., d:]) / count
+            if self.config.moment_dim:  # moment weight x mean outer product of the anchors, per block
+                blocks = history[..., d:].reshape(hi - lo, history.shape[1], self._anchor_blocks, self._anchor_dim)
+                second = np.einsum("bh,bhgi,bhgj->bgij", mask, blocks, blocks).reshape(hi - lo, -1)
+                out[lo:hi, w:] = self.config.prior_moment_weight * second / count
         return out
 
     def side_features(
@@ -440,8 +495,8 @@ class RankingModel:
         """Click probabilities of (user, candidate) pairs.
 
         Args:
-            user_vectors: (p, D) user vector of each pair.
-            candidate_embeddings: (p, D) item embedding of each pair.
+            user_vectors: (p, user_dim) user vector of each pair (``user_vectors``).
+            candidate_embeddings: (p, serving_dim) item embedding of each pair (``item_embeddings``).
             side: (p, S) side features of each pair.
             batch_size: pairs per forward pass; about 8k keeps the (batch, D) temporaries in
                 the CPU caches, larger passes are slower per pair.
@@ -459,10 +514,10 @@ class RankingModel:
 
     def _pairs(self, fn, user_vectors, candidate_embeddings, side, batch_size: int) -> np.ndarray:
         p = len(user_vectors)
-        w, s = self.config.serving_dim, self.config.side_features.num_features
-        if candidate_embeddings.shape != (p, w) or user_vectors.shape != (p, w) or side.shape != (p, s):
+        u, w, s = self.config.user_dim, self.config.serving_dim, self.config.side_features.num_features
+        if candidate_embeddings.shape != (p, w) or user_vectors.shape != (p, u) or side.shape != (p, s):
             raise ValueError(
-                f"score expects user_vectors ({p}, {w}), candidate_embeddings ({p}, {w}) and side ({p}, {s}); "
+                f"score expects user_vectors ({p}, {u}), candidate_embeddings ({p}, {w}) and side ({p}, {s}); "
                 f"got {user_vectors.shape}, {candidate_embeddings.shape} and {side.shape}"
             )
         out = np.empty(p, dtype=np.float32)

@@ -263,9 +263,10 @@ def train_ctr(
         clicks: if given, every train and valid history is led by the user's clicks in this log
             strictly before the impression (``with_logged_clicks``), and the model records that
             it must be served the same way. It may hold the train and valid windows themselves.
-        content_prior: after training, fit the weight of the training-free content prior
-            (``RankingModel.with_content_prior``) on the validation window: the weight of
-            ``PRIOR_WEIGHTS`` with the best validation AUC, 0 if none beats the networks alone.
+        content_prior: after training, fit the weights of the training-free content prior
+            (``RankingModel.with_content_prior``) on the validation window: the pair of
+            ``PRIOR_WEIGHTS`` (mean similarity) and ``MOMENT_WEIGHTS`` (mean squared
+            similarity) with the best validation AUC, (0, 0) if none beats the networks alone.
         progress: called after every epoch with a dict (epoch, loss, val_auc, ...).
 
     Returns:
@@ -398,54 +399,61 @@ def train_ctr(
     for block, weights in zip(blocks, best_weights):
         block.set_weights(weights)
 
-    prior_weight, served_auc, valid_logits = 0.0, float(best_auc), None
+    prior_weight, moment_weight, served_auc, valid_logits = 0.0, 0.0, float(best_auc), None
     if content_prior and model.anchor_columns:  # same networks, so ctr's scorer is model's
-        prior_weight, served_auc, valid_logits = _fit_prior_weight(model, features, valid, log, first_seen)
-        model = model.with_content_prior(prior_weight)
+        prior_weight, moment_weight, served_auc, valid_logits = _fit_prior_weights(model, features, valid, log, first_seen)
+        model = model.with_content_prior(prior_weight, moment_weight)
 
     slope, intercept = 1.0, 0.0
     if calibrate is None:
-        calibrate = listwise or prior_weight > 0
+        calibrate = listwise or model.config.prior_dim > 0
     if calibrate:
         if valid_logits is None:  # the prior's fit already scored the validation window
             valid_logits = evaluate_logits(model, features, valid, log, first_seen)
         slope, intercept = _fit_platt(valid_logits, valid.labels)
         ctr.scorer_layer.set_calibration(slope, intercept)
     history.update(best_epoch=best_epoch, best_val_auc=float(best_auc), prior_weight=prior_weight,
-                   served_val_auc=served_auc, calibration={"slope": slope, "intercept": intercept})
+                   prior_moment_weight=moment_weight, served_val_auc=served_auc,
+                   calibration={"slope": slope, "intercept": intercept})
     info = {
         "loss": loss, "negatives": negatives if listwise else None, "epochs_run": len(history["loss"]),
         "best_epoch": best_epoch, "best_val_auc": float(best_auc), "batch_size": batch_size,
         "learning_rate": learning_rate, "train_impressions": history["train_impressions"],
         "train_samples": history["train_samples"], "calibration": history["calibration"],
-        "prior_weight": prior_weight, "served_val_auc": served_auc,
+        "prior_weight": prior_weight, "prior_moment_weight": moment_weight, "served_val_auc": served_auc,
     }
     config = dataclasses.replace(model.config, info=info)
     return RankingModel(model.item_tower, model.user_encoder, model.scorer, config), history
 
 
-# Candidate weights of the content prior; logits of the networks span a few units and the
-# prior (a sum of two cosines) lies in [-2, 2], so these cover "negligible" to "dominant".
+# Candidate weights of the content prior's two terms; logits of the networks span a few units,
+# the mean similarity (a sum of two cosines) lies in [-2, 2] and the mean squared one in [0, 2],
+# so these cover "negligible" to "dominant".
 PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+MOMENT_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 
-def _fit_prior_weight(
+def _fit_prior_weights(
     model: RankingModel, features: ItemFeatures, valid: Impressions, log: InteractionLog, first_seen: np.ndarray
-) -> tuple[float, float, np.ndarray]:
-    """The ``PRIOR_WEIGHTS`` entry with the best validation per-impression AUC, that AUC, and
-    the validation logits served with it (uncalibrated, for the Platt fit that follows).
+) -> tuple[float, float, float, np.ndarray]:
+    """The (``PRIOR_WEIGHTS``, ``MOMENT_WEIGHTS``) pair with the best validation per-impression
+    AUC, that AUC, and the validation logits served with it (uncalibrated, for the Platt fit).
 
-    Logits are linear in the weight, so the networks are run twice (weights 0 and 1) and
-    every candidate weight is a sum. Ties go to the smaller weight (0 first).
+    Logits are linear in both weights, so the networks are run three times (weights (0, 0),
+    (1, 0) and (0, 1)) and every candidate pair is a sum. Ties go to the smaller weights,
+    the moment weight first: (0, 0) unless something beats the networks alone.
     """
     base = evaluate_logits(model, features, valid, log, first_seen).astype(np.float64)
-    prior = evaluate_logits(model.with_content_prior(1.0), features, valid, log, first_seen) - base
-    best_weight, best_auc = 0.0, -np.inf
-    for weight in PRIOR_WEIGHTS:
-        auc, _ = mean_impression_auc(valid.labels, base + weight * prior, valid.candidate_offsets)
-        if auc > best_auc + 1e-9:
-            best_weight, best_auc = weight, float(auc)
-    return best_weight, best_auc, (base + best_weight * prior).astype(np.float32)
+    mean_sim = evaluate_logits(model.with_content_prior(1.0), features, valid, log, first_seen) - base
+    mean_sq = evaluate_logits(model.with_content_prior(0.0, 1.0), features, valid, log, first_seen) - base
+    best, best_auc = (0.0, 0.0), -np.inf
+    for moment in MOMENT_WEIGHTS:
+        for weight in PRIOR_WEIGHTS:
+            auc, _ = mean_impression_auc(valid.labels, base + weight * mean_sim + moment * mean_sq, valid.candidate_offsets)
+            if auc > best_auc + 1e-9:
+                best, best_auc = (weight, moment), float(auc)
+    logits = base + best[0] * mean_sim + best[1] * mean_sq
+    return best[0], best[1], best_auc, logits.astype(np.float32)
 
 
 def evaluate_logits(
@@ -456,7 +464,7 @@ def evaluate_logits(
 
 
 def _embeddings_for(model: RankingModel, features: ItemFeatures, impressions: Impressions) -> np.ndarray:
-    """(n, D [+ A]) served embeddings, computed only for the rows the impressions refer to (others zero)."""
+    """(n, serving_dim) served embeddings, computed only for the rows the impressions refer to (others zero)."""
     needed = np.unique(np.concatenate([impressions.history_items, impressions.candidate_items]).astype(np.int64))
     embeddings = np.zeros((len(features), model.config.serving_dim), dtype=np.float32)
     if len(needed):

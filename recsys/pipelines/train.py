@@ -113,7 +113,9 @@ def run_train(
             "seed": mc.seed,
             "logged_clicks": mc.logged_clicks,
             "content_prior_weight": model.config.prior_weight,
+            "content_prior_moment_weight": model.config.prior_moment_weight,
             "serving_dim": model.config.serving_dim,
+            "user_dim": model.config.user_dim,
             "training_window": {"since": since_dt.isoformat(), "valid_start": valid_start.isoformat(), "until": until_dt.isoformat(), "source": source},
             "data": _counts(train, valid, features),
             "metrics": _final_metrics(history),
@@ -146,7 +148,8 @@ def _final_metrics(history: dict) -> dict:
     """
     best = history.get("best_epoch")
     out = {"best_epoch": best, "val_auc": history.get("served_val_auc", history.get("best_val_auc")),
-           "val_auc_networks": history.get("best_val_auc"), "content_prior_weight": history.get("prior_weight", 0.0)}
+           "val_auc_networks": history.get("best_val_auc"), "content_prior_weight": history.get("prior_weight", 0.0),
+           "content_prior_moment_weight": history.get("prior_moment_weight", 0.0)}
     if best and history.get("val_log_loss"):  # epochs count from 1
         out["val_log_loss"] = history["val_log_loss"][best - 1]
     return out

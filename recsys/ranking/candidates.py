@@ -183,7 +183,10 @@ def rank_users(
     pair_users, pair_items = [], []
     if len(warm):
         exclude = [set(catalogue.news_ids[history_items[history_offsets[u]:history_offsets[u + 1]]]) for u in warm]
-        found = index.search(vectors[warm], num_candidates, exclude=exclude, published_after=published_after)
+        # The index holds serving_dim columns; the user vector's first serving_dim are the query
+        # (any content-prior second-moment columns after them are for the scorer only).
+        query = vectors[warm, : catalogue.embeddings.shape[1]]
+        found = index.search(query, num_candidates, exclude=exclude, published_after=published_after)
         counts, found_ids = _flatten_search(found)
         rows = _rows_of(catalogue, found_ids)
         pair_users.append(np.repeat(warm, counts))

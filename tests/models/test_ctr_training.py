@@ -162,25 +162,28 @@ def test_listwise_training_is_calibrated_afterwards(world, log):
     assert metrics["scores"][labelled].mean() == pytest.approx(world.valid.labels[labelled].mean(), abs=0.02)
 
 
-def test_content_prior_weight_is_the_best_on_validation(world, log):
-    from recsys.models.training import PRIOR_WEIGHTS
+def test_content_prior_weights_are_the_best_on_validation(world, log):
+    from recsys.models.training import MOMENT_WEIGHTS, PRIOR_WEIGHTS
 
     train = select_impressions(world.train, np.arange(300))
     first_seen = first_shown([train, world.valid], len(world.features))
     model, history = train_ctr(world.features, train, world.valid, log, epochs=1, batch_size=32, embedding_dim=32,
                                first_seen=first_seen, content_prior=True)
-    weight = history["prior_weight"]
+    weight, moment = history["prior_weight"], history["prior_moment_weight"]
     assert weight in PRIOR_WEIGHTS and model.config.prior_weight == weight == model.config.info["prior_weight"]
-    # Recomputed from scratch: the served model's validation AUC is the one recorded, no
-    # other candidate weight does better, and the networks alone are the weight-0 entry.
+    assert moment in MOMENT_WEIGHTS and model.config.prior_moment_weight == moment == model.config.info["prior_moment_weight"]
+    # Recomputed from scratch: the served model's validation AUC is the one recorded, no other
+    # candidate on either axis through the chosen pair does better, and the networks alone are
+    # the (0, 0) entry.
     served = evaluate_impressions(model, world.features, world.valid, log, first_seen)["auc"]
     assert served == pytest.approx(history["served_val_auc"], abs=1e-6)
-    aucs = {w: evaluate_impressions(model.with_content_prior(w), world.features, world.valid, log, first_seen)["auc"]
-            for w in PRIOR_WEIGHTS}
+    pairs = {(w, moment) for w in PRIOR_WEIGHTS} | {(weight, m) for m in MOMENT_WEIGHTS} | {(0.0, 0.0)}
+    aucs = {p: evaluate_impressions(model.with_content_prior(*p), world.features, world.valid, log, first_seen)["auc"]
+            for p in pairs}
     assert served >= max(aucs.values()) - 1e-6
-    assert aucs[0.0] == pytest.approx(history["best_val_auc"], abs=1e-6)
+    assert aucs[(0.0, 0.0)] == pytest.approx(history["best_val_auc"], abs=1e-6)
     # On this world (topics in the text, styles in the images) the prior helps.
-    assert weight > 0 and served > history["best_val_auc"]
+    assert weight + moment > 0 and served > history["best_val_auc"]
     # Its weighted similarity shifts the logits, so the probabilities are re-calibrated (Platt)
     # on the validation window: their mean there matches the click rate.
     assert history["calibration"]["slope"] > 0 and history["calibration"] != {"slope": 1.0, "intercept": 0.0}

@@ -314,16 +314,53 @@ def test_content_prior_adds_its_weighted_similarity_before_calibration(prior_mod
         served.user_vectors(imps.history_offsets, imps.history_items, emb[:, :16])
 
 
+@pytest.mark.parametrize("weight", [0.0, 1.5])
+def test_content_prior_second_moment_adds_the_mean_squared_similarity_per_modality(prior_model, small, weight):
+    world, log, first = small
+    f = world.features
+    served = prior_model.with_content_prior(weight, 3.0)
+    # Items keep D + A columns (the index); users gain anchor_dim^2 per modality (2 x 2 x 2).
+    assert (served.config.serving_dim, served.config.user_dim, served.config.moment_dim) == (20, 28, 8)
+    emb = served.item_embeddings(f)
+    assert emb.shape == (len(f), 20)
+    imps = world.test
+    users = served.user_vectors(imps.history_offsets, imps.history_items, emb)
+    assert users.shape == (len(imps), 28)
+    owner = candidate_impression_rows(imps)
+    side = served.side_features(imps.candidate_items, imps.times[owner], log, first)
+    base_users = prior_model.user_vectors(imps.history_offsets, imps.history_items, emb[:, :16])
+    base = prior_model.logits(base_users[owner], emb[imps.candidate_items, :16], side)
+    anchors = emb[:, 16:]
+    expected = np.empty(len(owner))
+    for i in range(len(imps)):  # a loop over impressions and modality blocks
+        hist, cands = imps.history(i)[:5], imps.candidates(i)
+        lo, hi = imps.candidate_offsets[i], imps.candidate_offsets[i + 1]
+        expected[lo:hi] = base[lo:hi]
+        for block in (slice(0, 2), slice(2, 4)):
+            if len(hist):
+                sims = anchors[cands, block] @ anchors[hist, block].T  # (candidates, history)
+                expected[lo:hi] += weight * sims.mean(axis=1) + 3.0 * (sims**2).mean(axis=1)
+    np.testing.assert_allclose(served.score_impressions(imps, emb, log, first, logits=True), expected, atol=1e-4)
+    # The retrieval query (first serving_dim columns) is the user vector without the moments:
+    # the networks' part and weight x the mean anchors (zeros when only the moment term is on).
+    mean_anchors = np.array([anchors[imps.history(i)[:5]].mean(axis=0) if len(imps.history(i)) else np.zeros(4)
+                             for i in range(len(imps))])
+    np.testing.assert_allclose(users[:, :20], np.c_[base_users, weight * mean_anchors], atol=1e-5)
+    with pytest.raises(ValueError, match=r"score expects user_vectors \(3, 28\)"):
+        served.score(users[:3, :20], emb[:3], side[:3])
+
+
 def test_content_prior_survives_save_and_load(prior_model, small, tmp_path):
-    served = prior_model.with_content_prior(1.25)
+    served = prior_model.with_content_prior(1.25, 0.5)
     served.save(tmp_path / "bundle")
     loaded = RankingModel.load(tmp_path / "bundle")
     assert loaded.config == served.config
-    assert json.loads((tmp_path / "bundle" / "config.json").read_text())["serving_dim"] == 20
+    saved = json.loads((tmp_path / "bundle" / "config.json").read_text())
+    assert (saved["serving_dim"], saved["user_dim"], saved["prior_moment_weight"]) == (20, 28, 0.5)
     for a, b in zip(_predict(served, small), _predict(loaded, small)):
         np.testing.assert_allclose(a, b, atol=1e-6)
     off = served.with_content_prior(0.0)
-    assert off.config.serving_dim == 16 and off.config.prior_dim == 0
+    assert off.config.serving_dim == off.config.user_dim == 16 and off.config.prior_dim == off.config.moment_dim == 0
 
 
 def test_content_prior_rejects_bad_weights_and_inconsistent_bundles(prior_model, small_world, tmp_path):
@@ -331,14 +368,17 @@ def test_content_prior_rejects_bad_weights_and_inconsistent_bundles(prior_model,
         prior_model.with_content_prior(-1)
     with pytest.raises(ValueError, match="content prior weight is nan"):
         prior_model.with_content_prior(float("nan"))
+    with pytest.raises(ValueError, match="content prior moment weight is -2.0, expected a finite number >= 0"):
+        prior_model.with_content_prior(1.0, -2)
     f = small_world.features
     plain = RankingModel.create(f.text_encoder, f.image_encoder, ["c"], embedding_dim=16, num_heads=2, anchor_dim=0)
     with pytest.raises(ValueError, match="content prior needs content anchors, but the model has anchor_dim 0"):
-        plain.with_content_prior(1.0)
-    prior_model.with_content_prior(1.0).save(tmp_path / "bundle")
+        plain.with_content_prior(0.0, 1.0)
+    prior_model.with_content_prior(1.0, 2.0).save(tmp_path / "bundle")
     path = tmp_path / "bundle" / "config.json"
-    config = json.loads(path.read_text())
-    config["prior_dim"] = 3
-    path.write_text(json.dumps(config))
-    with pytest.raises(ModelMismatchError, match="prior_dim 3, but the item tower has 4 anchor columns"):
-        RankingModel.load(tmp_path / "bundle")
+    good = json.loads(path.read_text())
+    for key, value, expected in (("prior_dim", 3, "prior_dim 3 and moment_dim 8"), ("moment_dim", 4, "prior_dim 4 and moment_dim 4")):
+        path.write_text(json.dumps({**good, key: value}))
+        with pytest.raises(ModelMismatchError, match=rf"{expected}, but the item tower has 2 anchor blocks of 2 "
+                                                     r"\(expected prior_dim 4, moment_dim 8\)"):
+            RankingModel.load(tmp_path / "bundle")

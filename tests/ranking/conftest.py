@@ -116,10 +116,11 @@ def _build_world(root: Path) -> World:
         news_ids, rng.normal(size=(NUM_NEWS, 16)).astype(np.float32), rng.normal(size=(NUM_NEWS, 8)).astype(np.float32),
         rng.random(NUM_NEWS) < 0.8, categories, text, image,
     )
-    # Served as trained models are: with content anchors fitted and the content prior on, so
-    # every ranking test runs through the (D + A)-wide served vectors.
+    # Served as trained models are: with content anchors fitted and both terms of the content
+    # prior on, so every ranking test runs through the (D + A)-wide item embeddings and the
+    # (D + A + Q)-wide user vectors, whose first D + A columns are the retrieval query.
     model.item_tower.get_layer("fusion").adapt(features.text, features.image, features.has_image)
-    model = model.with_content_prior(1.5)
+    model = model.with_content_prior(1.5, 2.0)
     embeddings = model.item_embeddings(features)
     published = np.array([np.datetime64(t, "s") if t else np.datetime64("NaT", "s") for t in first_seen])
     index = FaissIndex.build(news_ids.astype(str), embeddings, published=published, kind="flat", num_threads=1)

@@ -84,11 +84,15 @@ def test_candidates_are_the_nearest_articles(world, parts):
     got = rank_users(np.array(users, dtype=object), offsets, items, model, catalogue, index,
                      num_candidates=15, k=5, published_after=cutoff)
     vectors = model.user_vectors(offsets, items, catalogue.embeddings)
+    # The query is the user vector's first serving_dim columns; the content prior's
+    # second-moment columns after them only reach the scorer.
+    width = model.config.serving_dim
+    assert catalogue.embeddings.shape[1] == width and vectors.shape[1] == model.config.user_dim > width
     fresh = ~np.isnat(first_seen) & (first_seen >= cutoff)
     for i, user in enumerate(users):
         allowed = fresh.copy()
         allowed[items[offsets[i]:offsets[i + 1]]] = False
-        sims = np.where(allowed, catalogue.embeddings @ vectors[i], -np.inf)
+        sims = np.where(allowed, catalogue.embeddings @ vectors[i, :width], -np.inf)
         nearest = set(catalogue.news_ids[np.argsort(-sims)[:15]])
         picked = got.loc[got[USER_ID] == user, NEWS_ID]
         assert len(picked) == 5 and set(picked) <= nearest

@@ -1,0 +1,173 @@
+"""Would skipped articles (shown, not clicked) improve the served model? A measured experiment.
+
+The hidden-label reader of bench_quality_ceiling.py gains 6 points of the oracle's gap when it
+also reads each user's skips. This asks what the product's own representation can get from
+them, before anything is built into it: for each held-out world, train the default model
+(``recsys train``), then add to its served logits, on the validation window and the test file,
+
+    prior_clicks = <mean content anchors of the clicked history, anchors of the candidate>
+    prior_skips  = <mean content anchors of the user's skips before t, anchors of the candidate>
+
+(the anchors are the frozen encoders' features reduced to the item tower's principal
+directions, exactly what the served content prior uses; skips are the user's shown-but-not-
+clicked articles in labelled impressions of the store strictly before the impression, newest
+first, capped). The weights of both terms are fitted on the validation window (a grid; the
+skip weight may be negative or positive), as ``train_ctr`` fits the click prior's, and the
+per-impression AUC is read on the test file. Nothing here is used by the product.
+
+Rows per seed: the networks alone; the served model (networks + fitted click prior);
+networks + click prior + skip prior at each cap; the skip-aware prior alone.
+
+Usage:
+  python benchmarks/bench_skip_feedback.py --seeds 101 102 103 --users 3000 --news 2500 --impressions 9000
+
+Prints a table and writes benchmarks/results/skip_feedback.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CLICK_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # train_ctr's PRIOR_WEIGHTS
+SKIP_WEIGHTS = (-32.0, -16.0, -8.0, -4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0)
+SKIP_CAPS = (20, 50, 200)
+
+
+def oracle_auc(world: Path) -> float:
+    """Per-impression AUC of the true click probabilities of the test file (truth.tsv)."""
+    import pandas as pd
+
+    from recsys.models.training import mean_impression_auc
+
+    truth = pd.read_csv(world / "truth.tsv", sep="\t", header=None, names=["split", "iid", "nid", "pos", "p", "y"])
+    truth = truth[truth["split"] == "test"].sort_values(["iid", "pos"])
+    offsets = np.concatenate([[0], np.cumsum(truth.groupby("iid", sort=True).size().to_numpy())])
+    return mean_impression_auc(truth["y"].to_numpy(), truth["p"].to_numpy(), offsets)[0]
+
+
+def run_seed(seed: int, args, root: Path) -> dict:
+    from recsys.columns import USER_ID
+    from recsys.config import Workspace, load_config
+    from recsys.data.sample import generate_sample
+    from recsys.models.samples import ClickLog, with_logged_clicks
+    from recsys.models.training import mean_impression_auc
+    from recsys.pipelines.ingest import run_ingest
+    from recsys.pipelines.scoring import VersionScorer, iter_behavior_chunks, load_scoring_catalogue
+    from recsys.pipelines.train import run_train
+    from recsys.store import repository as repo
+    from recsys.store import schema
+    from recsys.store.database import open_store
+    from recsys.versions import get_version
+
+    t0 = time.perf_counter()
+    world = root / f"world-{seed}"
+    generate_sample(world, num_users=args.users, num_news=args.news, num_impressions=args.impressions, seed=seed)
+    ws = Workspace(root / f"ws-{seed}").ensure()
+    engine = open_store(ws.default_db_url)
+    config = load_config(None, {"model.epochs": args.epochs})
+    run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=world / "images")
+    run_train(engine, ws, config)
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    version = get_version(engine)
+    scorer = VersionScorer(version, catalogue)
+    model, embeddings = scorer.model, scorer.embeddings
+    d, h = model.config.embedding_dim, model.config.history_len
+    if not model.config.prior_dim:
+        raise SystemExit(f"seed {seed}: the trained model serves no content prior; nothing to compare against")
+    anchors = embeddings[:, d:]  # unscaled: the served weight sits in the user vectors
+    networks = model.with_content_prior(0.0)
+
+    frame, rows, times = repo._labelled_items(  # the read behind read_click_log, with label 0
+        engine, catalogue.features.news_ids, {USER_ID: schema.impressions.c.user_id}, schema.impression_items.c.label == 0
+    )
+    skips = ClickLog.from_events(frame[USER_ID].to_numpy(dtype=object), times, rows)
+    window = version.manifest["training_window"]
+    valid = repo.read_impressions(engine, catalogue.features.news_ids, since=datetime.fromisoformat(window["valid_start"]),
+                                  until=datetime.fromisoformat(window["until"]), history_len=h, labelled_only=True)
+    test, _ = next(iter_behavior_chunks(world / "behaviors_test.tsv", catalogue, chunk_size=10**7, history_len=h))
+    valid, test = (with_logged_clicks(x, catalogue.clicks, h) for x in (valid, test))
+
+    def mean_anchor_dot(imps, offsets, items) -> np.ndarray:
+        """(c,) <mean anchors of each impression's list, anchors of its candidates>; 0 for an empty list."""
+        lengths = np.diff(offsets)
+        means = np.zeros((len(imps), anchors.shape[1]))
+        np.add.at(means, np.repeat(np.arange(len(imps)), lengths), anchors[items])
+        means /= np.maximum(lengths, 1)[:, None]
+        owner = np.repeat(np.arange(len(imps)), np.diff(imps.candidate_offsets))
+        return np.einsum("ij,ij->i", means[owner], anchors[imps.candidate_items])
+
+    def terms(imps, cap: int):
+        base = networks.score_impressions(imps, embeddings[:, :d], catalogue.log, catalogue.first_seen, logits=True)
+        empty = replace(imps, history_offsets=np.zeros(len(imps) + 1, np.int64), history_items=np.zeros(0, np.int32))
+        skipped = with_logged_clicks(empty, skips, cap)  # newest first, each article once, strictly before t
+        return (base.astype(np.float64), mean_anchor_dot(imps, imps.history_offsets, imps.history_items),
+                mean_anchor_dot(imps, skipped.history_offsets, skipped.history_items), np.diff(skipped.history_offsets))
+
+    def auc(imps, scores) -> float:
+        return float(mean_impression_auc(imps.labels, scores, imps.candidate_offsets)[0])
+
+    oracle = oracle_auc(world)
+    gap = lambda a: (a - 0.5) / (oracle - 0.5)  # noqa: E731
+    out = {"seed": seed, "oracle": oracle, "served_prior_weight": model.config.prior_weight, "rows": {}}
+    for cap in SKIP_CAPS:
+        vb, vc, vs, _ = terms(valid, cap)
+        tb, tc, ts, tn = terms(test, cap)
+        if cap == SKIP_CAPS[0]:
+            wc = max(CLICK_WEIGHTS, key=lambda w: (auc(valid, vb + w * vc), -w))
+            for name, scores, w in (("networks alone", tb, None), ("served: networks + click prior", tb + wc * tc, [wc])):
+                out["rows"][name] = {"impression_auc": auc(test, scores), "gap_closed": gap(auc(test, scores)), "weights": w}
+        wc2, ws = max(((a, b) for a in CLICK_WEIGHTS for b in SKIP_WEIGHTS),
+                      key=lambda w: (auc(valid, vb + w[0] * vc + w[1] * vs), -abs(w[1]), -w[0]))
+        a = auc(test, tb + wc2 * tc + ws * ts)
+        out["rows"][f"networks + click and skip priors, cap {cap}"] = {
+            "impression_auc": a, "gap_closed": gap(a), "weights": [wc2, ws], "mean_skips": float(tn.mean())}
+        wp = max(SKIP_WEIGHTS, key=lambda w: (auc(valid, vc + w * vs), -abs(w)))
+        a = auc(test, tc + wp * ts)
+        out["rows"][f"click and skip priors alone, cap {cap}"] = {"impression_auc": a, "gap_closed": gap(a), "weights": [1.0, wp]}
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    engine.dispose()
+    return out
+
+
+def main() -> None:
+    from bench_quality import add_world_arguments  # this folder is on sys.path when run as a script
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_world_arguments(parser)
+    parser.add_argument("--epochs", type=int, default=6)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="recsys-skips-"))
+    results = []
+    try:
+        for seed in args.seeds:
+            res = run_seed(seed, args, root)
+            results.append(res)
+            print(f"\nseed {seed} ({res['seconds']} s), oracle {res['oracle']:.4f}")
+            for name, r in res["rows"].items():
+                print(f"  {name:<48} {r['impression_auc']:.4f} {100 * r['gap_closed']:5.1f}%  weights {r['weights']}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    mean_gap = {name: float(np.mean([r["rows"][name]["gap_closed"] for r in results])) for name in results[0]["rows"]}
+    print("\nmean gap closed over seeds:")
+    for name, value in mean_gap.items():
+        print(f"  {name:<48} {100 * value:5.1f}%")
+    RESULTS.mkdir(exist_ok=True)
+    out = {"benchmark": "skip_feedback", "args": vars(args), "host": platform.node(), "results": results,
+           "mean_gap_closed": mean_gap}
+    (RESULTS / "skip_feedback.json").write_text(json.dumps(out, indent=2))
+    print(f"wrote {RESULTS / 'skip_feedback.json'}")
+
+
+if __name__ == "__main__":
+    main()
