@@ -15,8 +15,9 @@ first, capped). The weights of both terms are fitted on the validation window (a
 skip weight may be negative or positive), as ``train_ctr`` fits the click prior's, and the
 per-impression AUC is read on the test file. Nothing here is used by the product.
 
-Rows per seed: the networks alone; the served model (networks + fitted click prior);
-networks + click prior + skip prior at each cap; the skip-aware prior alone.
+Rows per seed: the networks alone; networks + the fitted mean-similarity prior (what was served
+when this was measured; the served prior has since gained a second-moment term, see
+docs/model.md); networks + click prior + skip prior at each cap; the two priors alone.
 
 Usage:
   python benchmarks/bench_skip_feedback.py --seeds 101 102 103 --users 3000 --news 2500 --impressions 9000
@@ -125,7 +126,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
         tb, tc, ts, tn = terms(test, cap)
         if cap == SKIP_CAPS[0]:
             wc = max(CLICK_WEIGHTS, key=lambda w: (auc(valid, vb + w * vc), -w))
-            for name, scores, w in (("networks alone", tb, None), ("served: networks + click prior", tb + wc * tc, [wc])):
+            for name, scores, w in (("networks alone", tb, None), ("networks + mean-similarity prior", tb + wc * tc, [wc])):
                 out["rows"][name] = {"impression_auc": auc(test, scores), "gap_closed": gap(auc(test, scores)), "weights": w}
         wc2, ws = max(((a, b) for a in CLICK_WEIGHTS for b in SKIP_WEIGHTS),
                       key=lambda w: (auc(valid, vb + w[0] * vc + w[1] * vs), -abs(w[1]), -w[0]))

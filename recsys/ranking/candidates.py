@@ -20,8 +20,9 @@ from recsys.models.samples import InteractionLog
 from recsys.models.side_features import SideFeatures
 
 # Pairs scored per ``model.score`` call: big enough to amortise the call, small enough that the
-# gathered (pairs, D) user and candidate matrices stay a few tens of MB.
-SCORE_BATCH = 65_536
+# gathered (pairs, user_dim) and (pairs, serving_dim) matrices stay a few tens of MB (user
+# vectors with the content prior's second moment are 672 wide: 16k pairs gather 44 MB).
+SCORE_BATCH = 16_384
 
 
 @dataclass(frozen=True)
