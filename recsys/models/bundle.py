@@ -238,7 +238,7 @@ class RankingModel:
                 if moments:
                     anchors = tf.reshape(c[:, d:], (-1, blocks, k))
                     second = tf.reshape(u[:, w:], (-1, blocks, k, k))
-                    out += tf.einsum("pgij,pgi,pgj->p", second, anchors, anchors)  # 1.4x a matvec's speed here
+                    out += tf.einsum("pgij,pgi,pgj->p", second, anchors, anchors)
                 return out
 
             self._logit_fn = tf.function(served_logits, input_signature=pairs)
