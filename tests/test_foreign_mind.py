@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from recsys.cli import main
 from tests.store.mind_files import behavior_line, news_line, write_lines
+from tests.test_cli import run
 
 pytestmark = pytest.mark.slow
 
@@ -90,13 +90,6 @@ def mind(tmp_path_factory) -> Path:
         unlabelled.append("\t".join(cols))
     write_lines(root / "dev" / "behaviors_unlabelled.tsv", unlabelled)
     return root
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def rows(path: Path) -> list[list[str]]:
