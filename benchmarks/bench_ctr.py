@@ -116,8 +116,8 @@ def bench_training(world, log, first_seen, args) -> tuple[object, dict]:
         "val_auc": [round(v, 4) for v in history["val_auc"]],
         "train_ctr_total_seconds": round(total_seconds, 1),
         "logged_clicks": merge or None,
-        "content_prior": {"fitted": args.fit_prior, "weight": history.get("prior_weight"),
-                          "moment_weight": history.get("prior_moment_weight"), "served_val_auc": history.get("served_val_auc")},
+        "content_prior": {"fitted": args.fit_prior, "weights": history.get("prior_weights"),
+                          "moment_weights": history.get("moment_weights"), "served_val_auc": history.get("served_val_auc")},
     }
 
 
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             model = model.with_content_prior(*args.content_prior)
         meta["content_prior"] = args.content_prior
         # fitted (--fit-prior) or given
-        meta["scored_with_prior_weights"] = [model.config.prior_weight, model.config.prior_moment_weight]
+        meta["scored_with_prior_weights"] = {"mean": list(model.config.prior_weights), "moment": list(model.config.moment_weights)}
         meta["served_dims"] = {"item": model.config.serving_dim, "user": model.config.user_dim}
         scoring = bench_scoring(model, world, args.score_batch or [4096, 16384, 65536], args.score_total)
         print(json.dumps({"scoring": scoring}, indent=2), flush=True)

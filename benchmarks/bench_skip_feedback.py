@@ -120,7 +120,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
 
     oracle = oracle_auc(world)
     gap = lambda a: (a - 0.5) / (oracle - 0.5)  # noqa: E731
-    out = {"seed": seed, "oracle": oracle, "served_prior_weight": model.config.prior_weight, "rows": {}}
+    out = {"seed": seed, "oracle": oracle, "served_prior_weights": list(model.config.prior_weights), "rows": {}}
     for cap in SKIP_CAPS:
         vb, vc, vs, _ = terms(valid, cap)
         tb, tc, ts, tn = terms(test, cap)

@@ -77,13 +77,13 @@ class RankingConfig:
         seed: training seed.
         logged_clicks: the model was trained on histories led by the user's logged clicks
             before each impression (``samples.with_logged_clicks``), so it must be served so.
-        prior_weight: ``lambda`` of the content prior's mean-similarity term
-            (``RankingModel.with_content_prior``); 0 with ``prior_moment_weight`` 0 serves the
-            networks alone.
+        prior_weights: ``lambda_b``, one per anchor block (modality, text first): the weights of
+            the content prior's mean-similarity term (``RankingModel.with_content_prior``); ()
+            or all 0, with ``moment_weights`` the same, serves the networks alone.
         prior_dim: ``A``, the content-anchor columns appended to embeddings and user vectors
             when the prior is on (0 when off).
-        prior_moment_weight: ``mu``, the weight of the prior's second-moment term (mean squared
-            similarity to the history, per modality); 0 turns it off.
+        moment_weights: ``mu_b``, one per anchor block: the weights of the prior's
+            second-moment term (mean squared similarity to the history); () or all 0: off.
         moment_dim: ``Q``, the columns of that term in user vectors: anchor_dim squared per
             modality when it is on, else 0. Item embeddings do not carry them.
         info: free-form training facts (loss, metrics, data counts) for manifests.
@@ -99,9 +99,9 @@ class RankingConfig:
     image_encoder: EncoderInfo
     seed: int = 0
     logged_clicks: bool = False
-    prior_weight: float = 0.0
+    prior_weights: tuple[float, ...] = ()
     prior_dim: int = 0
-    prior_moment_weight: float = 0.0
+    moment_weights: tuple[float, ...] = ()
     moment_dim: int = 0
     info: dict = field(default_factory=dict)
 
@@ -129,9 +129,9 @@ class RankingConfig:
             "image_encoder": self.image_encoder.to_dict(),
             "seed": self.seed,
             "logged_clicks": self.logged_clicks,
-            "prior_weight": self.prior_weight,
+            "prior_weights": list(self.prior_weights),
             "prior_dim": self.prior_dim,
-            "prior_moment_weight": self.prior_moment_weight,
+            "moment_weights": list(self.moment_weights),
             "moment_dim": self.moment_dim,
             "serving_dim": self.serving_dim,  # for readers that do not load TensorFlow (the nightly driver)
             "user_dim": self.user_dim,
@@ -151,12 +151,21 @@ class RankingConfig:
             image_encoder=EncoderInfo.from_dict(d["image_encoder"]),
             seed=int(d.get("seed", 0)),
             logged_clicks=bool(d.get("logged_clicks", False)),
-            prior_weight=float(d.get("prior_weight", 0.0)),
+            prior_weights=_prior_weights(d),
             prior_dim=int(d.get("prior_dim", 0)),
-            prior_moment_weight=float(d.get("prior_moment_weight", 0.0)),
+            moment_weights=tuple(float(w) for w in d.get("moment_weights", ())),
             moment_dim=int(d.get("moment_dim", 0)),
             info=dict(d.get("info", {})),
         )
+
+
+def _prior_weights(d: dict) -> tuple[float, ...]:
+    """Per-block prior weights of a config.json; bundles saved before per-modality weights
+    hold one ``prior_weight`` for every block (one block per modality)."""
+    if "prior_weights" in d:
+        return tuple(float(w) for w in d["prior_weights"])
+    weight = float(d.get("prior_weight", 0.0))
+    return (weight,) * len(str(d["modalities"]).split(",")) if weight else ()
 
 
 def default_anchor_dim(embedding_dim: int) -> int:
@@ -212,14 +221,16 @@ class RankingModel:
         self._anchor_dim = fusion.anchor_dim
         self._anchor_blocks = len(fusion.modalities.split(",")) if fusion.anchor_dim else 0
         self._anchor_columns = self._anchor_dim * self._anchor_blocks
-        weights = (config.prior_weight, config.prior_moment_weight)
-        on = any(w > 0 for w in weights)
-        expected = (self._anchor_columns if on else 0, self._anchor_blocks * self._anchor_dim**2 if weights[1] > 0 else 0)
-        if any(w < 0 or not np.isfinite(w) for w in weights) or (config.prior_dim, config.moment_dim) != expected:
+        means, moments = config.prior_weights, config.moment_weights
+        on = any(w > 0 for w in means + moments)
+        expected = (self._anchor_columns if on else 0, self._anchor_blocks * self._anchor_dim**2 if any(moments) else 0)
+        lengths = (self._anchor_blocks if on else 0, self._anchor_blocks if any(moments) else 0)
+        if (any(w < 0 or not np.isfinite(w) for w in means + moments) or (len(means), len(moments)) != lengths
+                or (config.prior_dim, config.moment_dim) != expected):
             raise ModelMismatchError(
-                f"content prior: prior_weight {config.prior_weight} and prior_moment_weight {config.prior_moment_weight} "
-                f"with prior_dim {config.prior_dim} and moment_dim {config.moment_dim}, but the item tower has "
-                f"{self._anchor_blocks} anchor blocks of {self._anchor_dim} (expected prior_dim {expected[0]}, "
+                f"content prior: prior_weights {list(means)} and moment_weights {list(moments)} with prior_dim "
+                f"{config.prior_dim} and moment_dim {config.moment_dim}, but the item tower has {self._anchor_blocks} "
+                f"anchor blocks of {self._anchor_dim} (expected one weight >= 0 per block, prior_dim {expected[0]}, "
                 f"moment_dim {expected[1]})"
             )
         pairs = [tf.TensorSpec((None, config.user_dim), tf.float32), tf.TensorSpec((None, config.serving_dim), tf.float32),
@@ -393,38 +404,52 @@ class RankingModel:
         """``A``: content-anchor columns of the item tower (anchor_dim x modalities; 0 without)."""
         return self._anchor_columns
 
-    def with_content_prior(self, weight: float, moment_weight: float = 0.0) -> "RankingModel":
-        """The same networks, serving ``logit + weight * s1 + moment_weight * s2``.
+    def with_content_prior(self, weights=0.0, moment_weights=0.0) -> "RankingModel":
+        """The same networks, serving ``logit + sum_b (weights[b] * s1_b + moment_weights[b] * s2_b)``.
 
         The prior is the training-free "how close is the candidate to what the user clicked, in
         the frozen encoders' own spaces" score. With ``a_h`` the anchors of the history's
-        articles and ``c`` the candidate's, per anchor block (modality) ``b``:
+        articles and ``c`` the candidate's, per anchor block (modality, text first) ``b``:
 
-            s1 = sum_b mean_h <a_hb, c_b>       (mean similarity)
-            s2 = sum_b mean_h <a_hb, c_b>^2     (mean squared similarity)
+            s1_b = mean_h <a_hb, c_b>       (mean similarity)
+            s2_b = mean_h <a_hb, c_b>^2     (mean squared similarity)
 
         ``s2`` rewards a candidate very close to some of the history over one mildly close to
-        all of it (a user with several distinct interests). ``train_ctr`` fits both weights on
+        all of it (a user with several distinct interests). ``train_ctr`` fits the weights on
         the validation window. The prior rides along in the served vectors: item embeddings gain
-        the ``A`` anchor columns; user vectors ``weight`` times the history's mean anchors and,
-        for ``s2``, ``moment_weight`` times its mean per-block outer products (``Q`` columns that
-        only the scorer reads: retrieval uses the first ``serving_dim`` columns). 0 and 0 turn
-        it off.
+        the ``A`` anchor columns; user vectors ``weights[b]`` times the history's mean anchors of
+        block ``b`` and, for ``s2``, ``moment_weights[b]`` times their mean outer product (``Q``
+        columns that only the scorer reads: retrieval uses the first ``serving_dim`` columns).
+        All 0 turns it off.
+
+        Args:
+            weights / moment_weights: one number for every block, or one per block.
 
         Raises:
-            ValueError: a negative or non-finite weight, or a positive one on a model without
-                content anchors (``anchor_dim`` 0).
+            ValueError: a negative or non-finite weight, a sequence of the wrong length, or a
+                positive weight on a model without content anchors (``anchor_dim`` 0).
         """
-        weight, moment_weight = float(weight), float(moment_weight)
-        for name, value in (("weight", weight), ("moment weight", moment_weight)):
-            if value < 0 or not np.isfinite(value):
-                raise ValueError(f"content prior {name} is {value!r}, expected a finite number >= 0")
-        on = weight > 0 or moment_weight > 0
+        per_block = []
+        for name, value in (("weight", weights), ("moment weight", moment_weights)):
+            values = [float(v) for v in np.atleast_1d(np.asarray(value, dtype=np.float64))]
+            if np.ndim(value) == 0:
+                values = values * max(self._anchor_blocks, 1)
+            elif len(values) != self._anchor_blocks:
+                raise ValueError(f"content prior {name}s {values} have {len(values)} entries, expected one per "
+                                 f"anchor block ({self._anchor_blocks})")
+            for v in values:
+                if v < 0 or not np.isfinite(v):
+                    raise ValueError(f"content prior {name} is {v!r}, expected a finite number >= 0")
+            per_block.append(tuple(values))
+        means, moments = per_block
+        on, with_moments = any(means + moments), any(moments)
         if on and not self._anchor_columns:
             raise ValueError("content prior needs content anchors, but the model has anchor_dim 0")
+        # Off: no columns and no weights. Moments alone: the mean anchor columns serve zeros.
         config = dataclasses.replace(
-            self.config, prior_weight=weight, prior_dim=self._anchor_columns if on else 0,
-            prior_moment_weight=moment_weight, moment_dim=self._anchor_blocks * self._anchor_dim**2 if moment_weight > 0 else 0,
+            self.config, prior_weights=means if on else (), prior_dim=self._anchor_columns if on else 0,
+            moment_weights=moments if with_moments else (),
+            moment_dim=self._anchor_blocks * self._anchor_dim**2 if with_moments else 0,
         )
         return RankingModel(self.item_tower, self.user_encoder, self.scorer, config)
 
@@ -474,13 +499,15 @@ class RankingModel:
             rows, mask = self.history_matrix(history_offsets[lo : hi + 1], history_items)
             history = item_embeddings[rows].astype(np.float32, copy=False)  # (b, H, D [+ A])
             out[lo:hi, :d] = self._user_fn(np.ascontiguousarray(history[..., :d]), mask).numpy()
-            if self.config.prior_dim:  # weight x mean anchors of the history; 0 for a cold user
+            if self.config.prior_dim:  # block weights x mean anchors of the history; 0 for a cold user
                 count = np.maximum(mask.sum(axis=1, keepdims=True), 1.0)
-                out[lo:hi, d:w] = self.config.prior_weight * np.einsum("bh,bha->ba", mask, history[..., d:]) / count
-            if self.config.moment_dim:  # moment weight x mean outer product of the anchors, per block
+                scale = np.repeat(np.asarray(self.config.prior_weights, dtype=np.float32), self._anchor_dim)
+                out[lo:hi, d:w] = scale * np.einsum("bh,bha->ba", mask, history[..., d:]) / count
+            if self.config.moment_dim:  # block moment weights x mean outer product of the block's anchors
                 blocks = history[..., d:].reshape(hi - lo, history.shape[1], self._anchor_blocks, self._anchor_dim)
-                second = np.einsum("bh,bhgi,bhgj->bgij", mask, blocks, blocks).reshape(hi - lo, -1)
-                out[lo:hi, w:] = self.config.prior_moment_weight * second / count
+                second = np.einsum("bh,bhgi,bhgj->bgij", mask, blocks, blocks) / count[:, :, None, None]
+                second *= np.asarray(self.config.moment_weights, dtype=np.float32)[None, :, None, None]
+                out[lo:hi, w:] = second.reshape(hi - lo, -1)
         return out
 
     def side_features(

@@ -263,10 +263,11 @@ def train_ctr(
         clicks: if given, every train and valid history is led by the user's clicks in this log
             strictly before the impression (``with_logged_clicks``), and the model records that
             it must be served the same way. It may hold the train and valid windows themselves.
-        content_prior: after training, fit the weights of the training-free content prior
-            (``RankingModel.with_content_prior``) on the validation window: the pair of
-            ``PRIOR_WEIGHTS`` (mean similarity) and ``MOMENT_WEIGHTS`` (mean squared
-            similarity) with the best validation AUC, (0, 0) if none beats the networks alone.
+        content_prior: after training, fit the per-modality weights of the training-free
+            content prior (``RankingModel.with_content_prior``) on the validation window, from
+            the grids ``PRIOR_WEIGHTS`` (mean similarity) and ``MOMENT_WEIGHTS`` (mean squared
+            similarity), by validation AUC (``_fit_prior_weights``); off if nothing beats the
+            networks alone.
         progress: called after every epoch with a dict (epoch, loss, val_auc, ...).
 
     Returns:
@@ -399,10 +400,11 @@ def train_ctr(
     for block, weights in zip(blocks, best_weights):
         block.set_weights(weights)
 
-    prior_weight, moment_weight, served_auc, valid_logits = 0.0, 0.0, float(best_auc), None
+    prior_weights, moment_weights, served_auc, valid_logits = (), (), float(best_auc), None
     if content_prior and model.anchor_columns:  # same networks, so ctr's scorer is model's
-        prior_weight, moment_weight, served_auc, valid_logits = _fit_prior_weights(model, features, valid, log, first_seen)
-        model = model.with_content_prior(prior_weight, moment_weight)
+        prior_weights, moment_weights, served_auc, valid_logits = _fit_prior_weights(model, features, valid, log, first_seen)
+        model = model.with_content_prior(prior_weights, moment_weights)
+        prior_weights, moment_weights = model.config.prior_weights, model.config.moment_weights  # () when off
 
     slope, intercept = 1.0, 0.0
     if calibrate is None:
@@ -412,15 +414,15 @@ def train_ctr(
             valid_logits = evaluate_logits(model, features, valid, log, first_seen)
         slope, intercept = _fit_platt(valid_logits, valid.labels)
         ctr.scorer_layer.set_calibration(slope, intercept)
-    history.update(best_epoch=best_epoch, best_val_auc=float(best_auc), prior_weight=prior_weight,
-                   prior_moment_weight=moment_weight, served_val_auc=served_auc,
+    history.update(best_epoch=best_epoch, best_val_auc=float(best_auc), prior_weights=list(prior_weights),
+                   moment_weights=list(moment_weights), served_val_auc=served_auc,
                    calibration={"slope": slope, "intercept": intercept})
     info = {
         "loss": loss, "negatives": negatives if listwise else None, "epochs_run": len(history["loss"]),
         "best_epoch": best_epoch, "best_val_auc": float(best_auc), "batch_size": batch_size,
         "learning_rate": learning_rate, "train_impressions": history["train_impressions"],
         "train_samples": history["train_samples"], "calibration": history["calibration"],
-        "prior_weight": prior_weight, "prior_moment_weight": moment_weight, "served_val_auc": served_auc,
+        "prior_weights": list(prior_weights), "moment_weights": list(moment_weights), "served_val_auc": served_auc,
     }
     config = dataclasses.replace(model.config, info=info)
     return RankingModel(model.item_tower, model.user_encoder, model.scorer, config), history
@@ -435,25 +437,53 @@ MOMENT_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 def _fit_prior_weights(
     model: RankingModel, features: ItemFeatures, valid: Impressions, log: InteractionLog, first_seen: np.ndarray
-) -> tuple[float, float, float, np.ndarray]:
-    """The (``PRIOR_WEIGHTS``, ``MOMENT_WEIGHTS``) pair with the best validation per-impression
-    AUC, that AUC, and the validation logits served with it (uncalibrated, for the Platt fit).
+) -> tuple[tuple, tuple, float, np.ndarray]:
+    """Per-modality weights of the content prior's two terms with the best validation
+    per-impression AUC, that AUC, and the validation logits served with them (uncalibrated,
+    for the Platt fit that follows).
 
-    Logits are linear in both weights, so the networks are run three times (weights (0, 0),
-    (1, 0) and (0, 1)) and every candidate pair is a sum. Ties go to the smaller weights,
-    the moment weight first: (0, 0) unless something beats the networks alone.
+    Logits are linear in every weight, so the networks are run once with the prior off and
+    once per term and anchor block with that weight 1 (five passes for text + image); every
+    candidate is then a sum. The search: the best pair of ``PRIOR_WEIGHTS`` x
+    ``MOMENT_WEIGHTS`` shared by all blocks (ties to the smaller weights, the moment weight
+    first: the prior stays off unless something beats the networks alone), then two sweeps of
+    coordinate ascent over the per-block weights, each taking a grid value only if it raises
+    the AUC. One modality, one block: the shared search is the whole fit.
+
+    Returns:
+        ``(mean weights per block, moment weights per block, AUC, (c,) logits)``.
     """
+    blocks = model.anchor_columns // model.item_tower.get_layer("fusion").anchor_dim
     base = evaluate_logits(model, features, valid, log, first_seen).astype(np.float64)
-    mean_sim = evaluate_logits(model.with_content_prior(1.0), features, valid, log, first_seen) - base
-    mean_sq = evaluate_logits(model.with_content_prior(0.0, 1.0), features, valid, log, first_seen) - base
-    best, best_auc = (0.0, 0.0), -np.inf
+
+    def unit_term(moment: bool, block: int) -> np.ndarray:
+        unit = np.eye(blocks)[block]
+        served = model.with_content_prior(0.0, unit) if moment else model.with_content_prior(unit)
+        return evaluate_logits(served, features, valid, log, first_seen) - base
+
+    terms = [unit_term(False, b) for b in range(blocks)] + [unit_term(True, b) for b in range(blocks)]
+    grids = [PRIOR_WEIGHTS] * blocks + [MOMENT_WEIGHTS] * blocks
+
+    def auc_of(weights) -> float:
+        logits = base + sum(w * t for w, t in zip(weights, terms) if w)
+        return float(mean_impression_auc(valid.labels, logits, valid.candidate_offsets)[0])
+
+    best, best_auc = [0.0] * (2 * blocks), -np.inf
     for moment in MOMENT_WEIGHTS:
         for weight in PRIOR_WEIGHTS:
-            auc, _ = mean_impression_auc(valid.labels, base + weight * mean_sim + moment * mean_sq, valid.candidate_offsets)
+            candidate = [weight] * blocks + [moment] * blocks
+            auc = auc_of(candidate)
             if auc > best_auc + 1e-9:
-                best, best_auc = (weight, moment), float(auc)
-    logits = base + best[0] * mean_sim + best[1] * mean_sq
-    return best[0], best[1], best_auc, logits.astype(np.float32)
+                best, best_auc = candidate, auc
+    for _ in range(2 if blocks > 1 else 0):
+        for k, grid in enumerate(grids):
+            for value in grid:
+                candidate = best[:k] + [value] + best[k + 1 :]
+                auc = auc_of(candidate)
+                if auc > best_auc + 1e-9:
+                    best, best_auc = candidate, auc
+    logits = base + sum(w * t for w, t in zip(best, terms) if w)
+    return tuple(best[:blocks]), tuple(best[blocks:]), best_auc, logits.astype(np.float32)
 
 
 def evaluate_logits(

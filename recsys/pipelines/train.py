@@ -112,8 +112,8 @@ def run_train(
             "fusion": mc.fusion,
             "seed": mc.seed,
             "logged_clicks": mc.logged_clicks,
-            "content_prior_weight": model.config.prior_weight,
-            "content_prior_moment_weight": model.config.prior_moment_weight,
+            "content_prior_weights": list(model.config.prior_weights),
+            "content_prior_moment_weights": list(model.config.moment_weights),
             "serving_dim": model.config.serving_dim,
             "user_dim": model.config.user_dim,
             "training_window": {"since": since_dt.isoformat(), "valid_start": valid_start.isoformat(), "until": until_dt.isoformat(), "source": source},
@@ -148,8 +148,8 @@ def _final_metrics(history: dict) -> dict:
     """
     best = history.get("best_epoch")
     out = {"best_epoch": best, "val_auc": history.get("served_val_auc", history.get("best_val_auc")),
-           "val_auc_networks": history.get("best_val_auc"), "content_prior_weight": history.get("prior_weight", 0.0),
-           "content_prior_moment_weight": history.get("prior_moment_weight", 0.0)}
+           "val_auc_networks": history.get("best_val_auc"), "content_prior_weights": history.get("prior_weights", []),
+           "content_prior_moment_weights": history.get("moment_weights", [])}
     if best and history.get("val_log_loss"):  # epochs count from 1
         out["val_log_loss"] = history["val_log_loss"][best - 1]
     return out

@@ -169,21 +169,25 @@ def test_content_prior_weights_are_the_best_on_validation(world, log):
     first_seen = first_shown([train, world.valid], len(world.features))
     model, history = train_ctr(world.features, train, world.valid, log, epochs=1, batch_size=32, embedding_dim=32,
                                first_seen=first_seen, content_prior=True)
-    weight, moment = history["prior_weight"], history["prior_moment_weight"]
-    assert weight in PRIOR_WEIGHTS and model.config.prior_weight == weight == model.config.info["prior_weight"]
-    assert moment in MOMENT_WEIGHTS and model.config.prior_moment_weight == moment == model.config.info["prior_moment_weight"]
-    # Recomputed from scratch: the served model's validation AUC is the one recorded, no other
-    # candidate on either axis through the chosen pair does better, and the networks alone are
-    # the (0, 0) entry.
+    weights, moments = tuple(history["prior_weights"]), tuple(history["moment_weights"])
+    assert model.config.prior_weights == weights and list(weights) == model.config.info["prior_weights"]
+    assert model.config.moment_weights == moments and list(moments) == model.config.info["moment_weights"]
+    assert len(weights) == 2 and set(weights) <= set(PRIOR_WEIGHTS) and set(moments) <= set(MOMENT_WEIGHTS)
+    # Recomputed from scratch: the served model's validation AUC is the one recorded, no
+    # change of one block's weight to another grid value does better, and the networks alone
+    # are the all-zero entry.
     served = evaluate_impressions(model, world.features, world.valid, log, first_seen)["auc"]
     assert served == pytest.approx(history["served_val_auc"], abs=1e-6)
-    pairs = {(w, moment) for w in PRIOR_WEIGHTS} | {(weight, m) for m in MOMENT_WEIGHTS} | {(0.0, 0.0)}
-    aucs = {p: evaluate_impressions(model.with_content_prior(*p), world.features, world.valid, log, first_seen)["auc"]
-            for p in pairs}
+    current = list(weights) + list(moments or (0.0, 0.0))
+    neighbours = [(0.0, 0.0, 0.0, 0.0)]
+    for k, grid in enumerate([PRIOR_WEIGHTS] * 2 + [MOMENT_WEIGHTS] * 2):
+        neighbours += [tuple(current[:k] + [v] + current[k + 1:]) for v in grid]
+    aucs = {n: evaluate_impressions(model.with_content_prior(n[:2], n[2:]), world.features, world.valid, log,
+                                    first_seen)["auc"] for n in set(neighbours)}
     assert served >= max(aucs.values()) - 1e-6
-    assert aucs[(0.0, 0.0)] == pytest.approx(history["best_val_auc"], abs=1e-6)
+    assert aucs[(0.0, 0.0, 0.0, 0.0)] == pytest.approx(history["best_val_auc"], abs=1e-6)
     # On this world (topics in the text, styles in the images) the prior helps.
-    assert weight + moment > 0 and served > history["best_val_auc"]
+    assert sum(current) > 0 and served > history["best_val_auc"]
     # Its weighted similarity shifts the logits, so the probabilities are re-calibrated (Platt)
     # on the validation window: their mean there matches the click rate.
     assert history["calibration"]["slope"] > 0 and history["calibration"] != {"slope": 1.0, "intercept": 0.0}

@@ -314,11 +314,12 @@ def test_content_prior_adds_its_weighted_similarity_before_calibration(prior_mod
         served.user_vectors(imps.history_offsets, imps.history_items, emb[:, :16])
 
 
-@pytest.mark.parametrize("weight", [0.0, 1.5])
-def test_content_prior_second_moment_adds_the_mean_squared_similarity_per_modality(prior_model, small, weight):
+@pytest.mark.parametrize("weights", [(0.0, 0.0), (1.5, 0.5)])
+def test_content_prior_terms_add_their_weighted_similarities_per_modality(prior_model, small, weights):
     world, log, first = small
     f = world.features
-    served = prior_model.with_content_prior(weight, 3.0)
+    moments = (3.0, 1.0)
+    served = prior_model.with_content_prior(weights, moments)
     # Items keep D + A columns (the index); users gain anchor_dim^2 per modality (2 x 2 x 2).
     assert (served.config.serving_dim, served.config.user_dim, served.config.moment_dim) == (20, 28, 8)
     emb = served.item_embeddings(f)
@@ -336,31 +337,47 @@ def test_content_prior_second_moment_adds_the_mean_squared_similarity_per_modali
         hist, cands = imps.history(i)[:5], imps.candidates(i)
         lo, hi = imps.candidate_offsets[i], imps.candidate_offsets[i + 1]
         expected[lo:hi] = base[lo:hi]
-        for block in (slice(0, 2), slice(2, 4)):
+        for b, block in enumerate((slice(0, 2), slice(2, 4))):
             if len(hist):
                 sims = anchors[cands, block] @ anchors[hist, block].T  # (candidates, history)
-                expected[lo:hi] += weight * sims.mean(axis=1) + 3.0 * (sims**2).mean(axis=1)
+                expected[lo:hi] += weights[b] * sims.mean(axis=1) + moments[b] * (sims**2).mean(axis=1)
     np.testing.assert_allclose(served.score_impressions(imps, emb, log, first, logits=True), expected, atol=1e-4)
     # The retrieval query (first serving_dim columns) is the user vector without the moments:
     # the networks' part and weight x the mean anchors (zeros when only the moment term is on).
     mean_anchors = np.array([anchors[imps.history(i)[:5]].mean(axis=0) if len(imps.history(i)) else np.zeros(4)
                              for i in range(len(imps))])
-    np.testing.assert_allclose(users[:, :20], np.c_[base_users, weight * mean_anchors], atol=1e-5)
+    scale = np.repeat(weights, 2)
+    np.testing.assert_allclose(users[:, :20], np.c_[base_users, scale * mean_anchors], atol=1e-5)
     with pytest.raises(ValueError, match=r"score expects user_vectors \(3, 28\)"):
         served.score(users[:3, :20], emb[:3], side[:3])
 
 
 def test_content_prior_survives_save_and_load(prior_model, small, tmp_path):
-    served = prior_model.with_content_prior(1.25, 0.5)
+    served = prior_model.with_content_prior((1.25, 2.0), 0.5)
     served.save(tmp_path / "bundle")
     loaded = RankingModel.load(tmp_path / "bundle")
     assert loaded.config == served.config
     saved = json.loads((tmp_path / "bundle" / "config.json").read_text())
-    assert (saved["serving_dim"], saved["user_dim"], saved["prior_moment_weight"]) == (20, 28, 0.5)
+    assert (saved["serving_dim"], saved["user_dim"]) == (20, 28)
+    assert (saved["prior_weights"], saved["moment_weights"]) == ([1.25, 2.0], [0.5, 0.5])
     for a, b in zip(_predict(served, small), _predict(loaded, small)):
         np.testing.assert_allclose(a, b, atol=1e-6)
     off = served.with_content_prior(0.0)
     assert off.config.serving_dim == off.config.user_dim == 16 and off.config.prior_dim == off.config.moment_dim == 0
+    assert off.config.prior_weights == off.config.moment_weights == ()
+
+
+def test_bundle_saved_with_one_prior_weight_serves_it_for_every_modality(prior_model, small, tmp_path):
+    # config.json before per-modality weights: one "prior_weight", no moment fields.
+    prior_model.with_content_prior(1.5).save(tmp_path / "bundle")
+    path = tmp_path / "bundle" / "config.json"
+    config = json.loads(path.read_text())
+    del config["prior_weights"], config["moment_weights"], config["moment_dim"], config["user_dim"]
+    path.write_text(json.dumps({**config, "prior_weight": 1.5}))
+    loaded = RankingModel.load(tmp_path / "bundle")
+    assert loaded.config.prior_weights == (1.5, 1.5) and loaded.config.moment_weights == ()
+    for a, b in zip(_predict(prior_model.with_content_prior(1.5), small), _predict(loaded, small)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_content_prior_rejects_bad_weights_and_inconsistent_bundles(prior_model, small_world, tmp_path):
@@ -369,7 +386,9 @@ def test_content_prior_rejects_bad_weights_and_inconsistent_bundles(prior_model,
     with pytest.raises(ValueError, match="content prior weight is nan"):
         prior_model.with_content_prior(float("nan"))
     with pytest.raises(ValueError, match="content prior moment weight is -2.0, expected a finite number >= 0"):
-        prior_model.with_content_prior(1.0, -2)
+        prior_model.with_content_prior(1.0, (1.0, -2))
+    with pytest.raises(ValueError, match=r"content prior weights \[1.0, 2.0, 3.0\] have 3 entries, expected one per anchor block \(2\)"):
+        prior_model.with_content_prior((1.0, 2.0, 3.0))
     f = small_world.features
     plain = RankingModel.create(f.text_encoder, f.image_encoder, ["c"], embedding_dim=16, num_heads=2, anchor_dim=0)
     with pytest.raises(ValueError, match="content prior needs content anchors, but the model has anchor_dim 0"):
@@ -377,8 +396,9 @@ def test_content_prior_rejects_bad_weights_and_inconsistent_bundles(prior_model,
     prior_model.with_content_prior(1.0, 2.0).save(tmp_path / "bundle")
     path = tmp_path / "bundle" / "config.json"
     good = json.loads(path.read_text())
-    for key, value, expected in (("prior_dim", 3, "prior_dim 3 and moment_dim 8"), ("moment_dim", 4, "prior_dim 4 and moment_dim 4")):
+    for key, value, expected in (("prior_dim", 3, "prior_dim 3 and moment_dim 8"), ("moment_dim", 4, "prior_dim 4 and moment_dim 4"),
+                                 ("moment_weights", [2.0], r"moment_weights \[2.0\] with prior_dim 4 and moment_dim 8")):
         path.write_text(json.dumps({**good, key: value}))
         with pytest.raises(ModelMismatchError, match=rf"{expected}, but the item tower has 2 anchor blocks of 2 "
-                                                     r"\(expected prior_dim 4, moment_dim 8\)"):
+                                                     r"\(expected one weight >= 0 per block, prior_dim 4, moment_dim 8\)"):
             RankingModel.load(tmp_path / "bundle")
