@@ -221,9 +221,10 @@ class RankingModel:
         self._anchor_dim = fusion.anchor_dim
         self._anchor_blocks = len(fusion.modalities.split(",")) if fusion.anchor_dim else 0
         self._anchor_columns = self._anchor_dim * self._anchor_blocks
+        self._moment_columns = self._anchor_blocks * self._anchor_dim**2  # Q when the second moment is on
         means, moments = config.prior_weights, config.moment_weights
         on = any(w > 0 for w in means + moments)
-        expected = (self._anchor_columns if on else 0, self._anchor_blocks * self._anchor_dim**2 if any(moments) else 0)
+        expected = (self._anchor_columns if on else 0, self._moment_columns if any(moments) else 0)
         lengths = (self._anchor_blocks if on else 0, self._anchor_blocks if any(moments) else 0)
         if (any(w < 0 or not np.isfinite(w) for w in means + moments) or (len(means), len(moments)) != lengths
                 or (config.prior_dim, config.moment_dim) != expected):
@@ -404,6 +405,11 @@ class RankingModel:
         """``A``: content-anchor columns of the item tower (anchor_dim x modalities; 0 without)."""
         return self._anchor_columns
 
+    @property
+    def anchor_blocks(self) -> int:
+        """Anchor blocks, one per modality of the item tower (0 without content anchors)."""
+        return self._anchor_blocks
+
     def with_content_prior(self, weights=0.0, moment_weights=0.0) -> "RankingModel":
         """The same networks, serving ``logit + sum_b (weights[b] * s1_b + moment_weights[b] * s2_b)``.
 
@@ -449,7 +455,7 @@ class RankingModel:
         config = dataclasses.replace(
             self.config, prior_weights=means if on else (), prior_dim=self._anchor_columns if on else 0,
             moment_weights=moments if with_moments else (),
-            moment_dim=self._anchor_blocks * self._anchor_dim**2 if with_moments else 0,
+            moment_dim=self._moment_columns if with_moments else 0,
         )
         return RankingModel(self.item_tower, self.user_encoder, self.scorer, config)
 
@@ -494,6 +500,9 @@ class RankingModel:
         m = len(history_offsets) - 1
         d, w = self.config.embedding_dim, self.config.serving_dim
         out = np.empty((m, self.config.user_dim), dtype=np.float32)
+        # Per-column weight of the mean anchors, per-block weight of their outer products.
+        scale = np.repeat(np.asarray(self.config.prior_weights, dtype=np.float32), self._anchor_dim)
+        moment_scale = np.asarray(self.config.moment_weights, dtype=np.float32)[None, :, None, None]
         for lo in range(0, m, batch_size):
             hi = min(lo + batch_size, m)
             rows, mask = self.history_matrix(history_offsets[lo : hi + 1], history_items)
@@ -501,12 +510,11 @@ class RankingModel:
             out[lo:hi, :d] = self._user_fn(np.ascontiguousarray(history[..., :d]), mask).numpy()
             if self.config.prior_dim:  # block weights x mean anchors of the history; 0 for a cold user
                 count = np.maximum(mask.sum(axis=1, keepdims=True), 1.0)
-                scale = np.repeat(np.asarray(self.config.prior_weights, dtype=np.float32), self._anchor_dim)
                 out[lo:hi, d:w] = scale * np.einsum("bh,bha->ba", mask, history[..., d:]) / count
             if self.config.moment_dim:  # block moment weights x mean outer product of the block's anchors
                 blocks = history[..., d:].reshape(hi - lo, history.shape[1], self._anchor_blocks, self._anchor_dim)
                 second = np.einsum("bh,bhgi,bhgj->bgij", mask, blocks, blocks) / count[:, :, None, None]
-                second *= np.asarray(self.config.moment_weights, dtype=np.float32)[None, :, None, None]
+                second *= moment_scale
                 out[lo:hi, w:] = second.reshape(hi - lo, -1)
         return out
 

@@ -286,8 +286,9 @@ class ClickLog:
         m = len(user_ids)
         if not len(self.user_ids):
             return np.zeros(m, np.int64), np.zeros(m, np.int64)
-        where = np.minimum(np.searchsorted(self._user_keys, np.asarray(user_ids).astype(str)), len(self.user_ids) - 1)
-        known = self._user_keys[where] == np.asarray(user_ids).astype(str)
+        keys = np.asarray(user_ids).astype(str)
+        where = np.minimum(np.searchsorted(self._user_keys, keys), len(self.user_ids) - 1)
+        known = self._user_keys[where] == keys
         start = self.offsets[where]
         seconds = np.asarray(times).astype("datetime64[s]").astype(np.int64)
         query = where * _TIME_SPAN + np.clip(seconds - self._base, 0, _TIME_SPAN - 1)

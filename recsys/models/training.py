@@ -453,7 +453,7 @@ def _fit_prior_weights(
     Returns:
         ``(mean weights per block, moment weights per block, AUC, (c,) logits)``.
     """
-    blocks = model.anchor_columns // model.item_tower.get_layer("fusion").anchor_dim
+    blocks = model.anchor_blocks
     base = evaluate_logits(model, features, valid, log, first_seen).astype(np.float64)
 
     def unit_term(moment: bool, block: int) -> np.ndarray:
@@ -464,9 +464,11 @@ def _fit_prior_weights(
     terms = [unit_term(False, b) for b in range(blocks)] + [unit_term(True, b) for b in range(blocks)]
     grids = [PRIOR_WEIGHTS] * blocks + [MOMENT_WEIGHTS] * blocks
 
+    def logits_of(weights) -> np.ndarray:
+        return base + sum(w * t for w, t in zip(weights, terms) if w)
+
     def auc_of(weights) -> float:
-        logits = base + sum(w * t for w, t in zip(weights, terms) if w)
-        return float(mean_impression_auc(valid.labels, logits, valid.candidate_offsets)[0])
+        return float(mean_impression_auc(valid.labels, logits_of(weights), valid.candidate_offsets)[0])
 
     best, best_auc = [0.0] * (2 * blocks), -np.inf
     for moment in MOMENT_WEIGHTS:
@@ -482,8 +484,7 @@ def _fit_prior_weights(
                 auc = auc_of(candidate)
                 if auc > best_auc + 1e-9:
                     best, best_auc = candidate, auc
-    logits = base + sum(w * t for w, t in zip(best, terms) if w)
-    return tuple(best[:blocks]), tuple(best[blocks:]), best_auc, logits.astype(np.float32)
+    return tuple(best[:blocks]), tuple(best[blocks:]), best_auc, logits_of(best).astype(np.float32)
 
 
 def evaluate_logits(

@@ -261,7 +261,7 @@ def prior_model(small_world):
 def test_content_anchors_are_the_principal_directions_of_the_features(prior_model, small_world):
     f = small_world.features
     anchors = prior_model.content_anchors(f)
-    assert anchors.shape == (len(f), 4) and prior_model.anchor_columns == 4
+    assert anchors.shape == (len(f), 4) and prior_model.anchor_columns == 4 and prior_model.anchor_blocks == 2
     # Independently: centre, RMS-scale, project on the top-2 right singular vectors. Directions
     # are defined up to a rotation within the top-2 subspace (near-equal singular values), so
     # the two must differ by an orthogonal 2 x 2 map.
