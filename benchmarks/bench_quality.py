@@ -208,35 +208,64 @@ def add_world_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impressions", type=int, default=9000)
 
 
+def on_held_out_worlds(args: argparse.Namespace, run_seed, prefix: str, *, show=None, keep: Path | None = None) -> list[dict]:
+    """``run_seed(seed, args, root)`` for every seed of ``args.seeds``, in order, in one root folder.
+
+    Shared by the quality benchmarks. The root is ``keep`` (left in place) or a temporary folder
+    named ``prefix...`` (removed at the end, also on failure); ``show(result)`` runs after each
+    seed so that a long run prints as it goes.
+    """
+    root = keep or Path(tempfile.mkdtemp(prefix=prefix))
+    root.mkdir(parents=True, exist_ok=True)
+    results = []
+    try:
+        for seed in args.seeds:
+            results.append(run_seed(seed, args, root))
+            if show is not None:
+                show(results[-1])
+    finally:
+        if keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def mean_gap_closed(results: list[dict]) -> dict[str, float]:
+    """{row name: mean over seeds of its ``gap_closed``}, for rows present in every seed's result."""
+    return {name: float(np.mean([r["rows"][name]["gap_closed"] for r in results])) for name in results[0]["rows"]}
+
+
+def write_results(name: str, args: argparse.Namespace, results: list[dict], **extra) -> None:
+    """benchmarks/results/<name>.json: the arguments, this host, every seed's result and ``extra``."""
+    out = {"benchmark": name, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "host": platform.node(), "results": results, **extra}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
+    print(f"wrote {RESULTS / f'{name}.json'}")
+
+
+def _show_seed(res: dict) -> None:
+    print(f"\nseed {res['seed']} ({res['seconds']} s)")
+    print(f"  {'model':<48} {'kind':<9} {'AUC/imp':>8} {'gap':>7} {'logloss':>8}")
+    for name, r in res["rows"].items():
+        gap = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.1f}%"
+        ll = "" if r["log_loss"] is None else f"{r['log_loss']:.4f}"
+        print(f"  {name:<48} {r['kind']:<9} {r['impression_auc']:>8.4f} {gap:>7} {ll:>8}")
+    for key, label in (("hidden_label_ceiling", "reference: hidden topic/style shares of the history (LR)"),
+                       ("content_similarity", "reference: content similarity to the history, no training")):
+        for suffix, note in (("", ""), ("_history_column_only", ", History column only")):
+            c = res[key + suffix]
+            print(f"  {label + note:<78} {c['impression_auc']:>8.4f} {100 * c['gap_closed']:.1f}%")
+    for subset in ("fresh", "seen"):
+        print(f"  {subset} candidates only (AUC/imp):", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res[subset].items()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_world_arguments(parser)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--keep", type=Path, default=None, help="keep worlds and workspaces here")
     args = parser.parse_args()
-    root = args.keep or Path(tempfile.mkdtemp(prefix="recsys-quality-"))
-    root.mkdir(parents=True, exist_ok=True)
-    results = []
-    try:
-        for seed in args.seeds:
-            res = run_seed(seed, args, root)
-            results.append(res)
-            print(f"\nseed {seed} ({res['seconds']} s)")
-            print(f"  {'model':<48} {'kind':<9} {'AUC/imp':>8} {'gap':>7} {'logloss':>8}")
-            for name, r in res["rows"].items():
-                gap = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.1f}%"
-                ll = "" if r["log_loss"] is None else f"{r['log_loss']:.4f}"
-                print(f"  {name:<48} {r['kind']:<9} {r['impression_auc']:>8.4f} {gap:>7} {ll:>8}")
-            for key, label in (("hidden_label_ceiling", "reference: hidden topic/style shares of the history (LR)"),
-                               ("content_similarity", "reference: content similarity to the history, no training")):
-                for suffix, note in (("", ""), ("_history_column_only", ", History column only")):
-                    c = res[key + suffix]
-                    print(f"  {label + note:<78} {c['impression_auc']:>8.4f} {100 * c['gap_closed']:.1f}%")
-            for subset in ("fresh", "seen"):
-                print(f"  {subset} candidates only (AUC/imp):", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res[subset].items()})
-    finally:
-        if args.keep is None:
-            shutil.rmtree(root, ignore_errors=True)
+    results = on_held_out_worlds(args, run_seed, "recsys-quality-", show=_show_seed, keep=args.keep)
     summary = {}
     for kind_label in ("text+image", "text only", "image only", "most popular", "random"):
         gaps = [r["gap_closed"] for res in results for n, r in res["rows"].items() if n.startswith(kind_label) and r["gap_closed"] is not None]
@@ -252,13 +281,8 @@ def main() -> None:
     for key in ("hidden_label_ceiling", "content_similarity"):
         for suffix in ("", "_history_column_only"):
             summary[f"{key}{suffix}_gap_closed"] = [res[key + suffix]["gap_closed"] for res in results]
-    out = {
-        "benchmark": "quality", "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "host": platform.node(), "results": results, "summary": summary,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quality.json").write_text(json.dumps(out, indent=2))
     print("\nsummary:", json.dumps(summary, indent=1))
+    write_results("quality", args, results, summary=summary)
 
 
 if __name__ == "__main__":

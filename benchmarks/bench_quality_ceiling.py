@@ -31,18 +31,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
-import platform
-import shutil
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
 STRENGTH = 0.8  # mean of the generator's U(0.6, 1) liked-affinity strength
 
 
@@ -170,27 +165,19 @@ def run_seed(seed: int, args, root: Path) -> dict:
 
 
 def main() -> None:
-    from bench_quality import add_world_arguments  # this folder is on sys.path when run as a script
+    # this folder is on sys.path when run as a script
+    from bench_quality import add_world_arguments, mean_gap_closed, on_held_out_worlds, write_results
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_world_arguments(parser)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="recsys-ceiling-"))
-    try:
-        results = [run_seed(seed, args, root) for seed in args.seeds]
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    names = list(results[0]["rows"])
+    results = on_held_out_worlds(args, run_seed, "recsys-ceiling-")
+    mean_gap = mean_gap_closed(results)
     print(f"{'':<46}" + "".join(f"{'seed ' + str(r['seed']):>12}" for r in results) + f"{'mean gap':>10}")
-    for name in names:
+    for name, gap in mean_gap.items():
         aucs = "".join(f"{r['rows'][name]['impression_auc']:>12.4f}" for r in results)
-        gap = np.mean([r["rows"][name]["gap_closed"] for r in results])
         print(f"{name:<46}{aucs}{100 * gap:>9.1f}%")
-    RESULTS.mkdir(exist_ok=True)
-    out = {"benchmark": "quality_ceiling", "args": vars(args), "host": platform.node(), "results": results,
-           "mean_gap_closed": {n: float(np.mean([r["rows"][n]["gap_closed"] for r in results])) for n in names}}
-    (RESULTS / "quality_ceiling.json").write_text(json.dumps(out, indent=2))
-    print(f"wrote {RESULTS / 'quality_ceiling.json'}")
+    write_results("quality_ceiling", args, results, mean_gap_closed=mean_gap)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,6 @@ Prints a table and writes benchmarks/results/skip_feedback.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import shutil
-import tempfile
 import time
 from dataclasses import replace
 from datetime import datetime
@@ -39,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CLICK_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # train_ctr's PRIOR_WEIGHTS
 SKIP_WEIGHTS = (-32.0, -16.0, -8.0, -4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0)
 SKIP_CAPS = (20, 50, 200)
@@ -142,32 +137,25 @@ def run_seed(seed: int, args, root: Path) -> dict:
 
 
 def main() -> None:
-    from bench_quality import add_world_arguments  # this folder is on sys.path when run as a script
+    # this folder is on sys.path when run as a script
+    from bench_quality import add_world_arguments, mean_gap_closed, on_held_out_worlds, write_results
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_world_arguments(parser)
     parser.add_argument("--epochs", type=int, default=6)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="recsys-skips-"))
-    results = []
-    try:
-        for seed in args.seeds:
-            res = run_seed(seed, args, root)
-            results.append(res)
-            print(f"\nseed {seed} ({res['seconds']} s), oracle {res['oracle']:.4f}")
-            for name, r in res["rows"].items():
-                print(f"  {name:<48} {r['impression_auc']:.4f} {100 * r['gap_closed']:5.1f}%  weights {r['weights']}")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    mean_gap = {name: float(np.mean([r["rows"][name]["gap_closed"] for r in results])) for name in results[0]["rows"]}
+
+    def show(res: dict) -> None:
+        print(f"\nseed {res['seed']} ({res['seconds']} s), oracle {res['oracle']:.4f}")
+        for name, r in res["rows"].items():
+            print(f"  {name:<48} {r['impression_auc']:.4f} {100 * r['gap_closed']:5.1f}%  weights {r['weights']}")
+
+    results = on_held_out_worlds(args, run_seed, "recsys-skips-", show=show)
+    mean_gap = mean_gap_closed(results)
     print("\nmean gap closed over seeds:")
     for name, value in mean_gap.items():
         print(f"  {name:<48} {100 * value:5.1f}%")
-    RESULTS.mkdir(exist_ok=True)
-    out = {"benchmark": "skip_feedback", "args": vars(args), "host": platform.node(), "results": results,
-           "mean_gap_closed": mean_gap}
-    (RESULTS / "skip_feedback.json").write_text(json.dumps(out, indent=2))
-    print(f"wrote {RESULTS / 'skip_feedback.json'}")
+    write_results("skip_feedback", args, results, mean_gap_closed=mean_gap)
 
 
 if __name__ == "__main__":
