@@ -136,6 +136,8 @@ def content_similarity_reference(world: Path, catalogue, *, logged_clicks: bool)
     features = catalogue.features
 
     def unit(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        if not np.any(rows):  # e.g. no article has a cover (a MIND download): the term is 0
+            return np.zeros(x.shape)
         x = x.astype(np.float64) - x[rows].mean(axis=0)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
