@@ -86,16 +86,25 @@ def hidden_label_ceiling(world: Path, catalogue, *, logged_clicks: bool) -> dict
     clicks). Its per-impression AUC on the test window estimates the best a model that reads
     histories can reach; it is not an upper bound in the strict sense.
     """
-    from sklearn.linear_model import LogisticRegression
-
     from recsys.data.sample import read_world
-    from recsys.models.training import mean_impression_auc
 
     hidden = read_world(world)
     hidden_row = {n: i for i, n in enumerate(hidden.news_ids)}
     rows = np.array([hidden_row[n] for n in catalogue.features.news_ids])
-    topic_of, style_of = hidden.news_topic[rows], hidden.news_style[rows]
-    n = len(rows)
+    return label_share_reference(world, catalogue, [hidden.news_topic[rows], hidden.news_style[rows]],
+                                 logged_clicks=logged_clicks)
+
+
+def label_share_reference(world: Path, catalogue, labels: list[np.ndarray], *, logged_clicks: bool) -> dict:
+    """A logistic regression on the share of the history that shares each of ``labels`` (per
+    catalogue row, e.g. topic and style) with the candidate, an empty-history flag, and the
+    candidate's clicks and shows in the training file (a training sample's own left out);
+    fitted on behaviors_train.tsv, its per-impression AUC read on behaviors_test.tsv."""
+    from sklearn.linear_model import LogisticRegression
+
+    from recsys.models.training import mean_impression_auc
+
+    n = len(catalogue.features)
     train = _file_impressions(world / "behaviors_train.tsv", catalogue, logged_clicks)
     test = _file_impressions(world / "behaviors_test.tsv", catalogue, logged_clicks)
     clicks = np.bincount(train.candidate_items, weights=train.labels, minlength=n)
@@ -105,14 +114,11 @@ def hidden_label_ceiling(world: Path, catalogue, *, logged_clicks: bool) -> dict
         xs = []
         for i in range(len(imps)):
             cand, hist = imps.candidates(i), imps.history(i)
-            if len(hist):
-                topic = (topic_of[cand][:, None] == topic_of[hist][None, :]).mean(axis=1)
-                style = (style_of[cand][:, None] == style_of[hist][None, :]).mean(axis=1)
-            else:
-                topic = style = np.zeros(len(cand))
+            shares = [(label[cand][:, None] == label[hist][None, :]).mean(axis=1) if len(hist) else np.zeros(len(cand))
+                      for label in labels]
             # A training sample's own show and click are left out of its popularity.
             own_click, own_show = (imps.candidate_labels(i), 1.0) if leave_one_out else (0.0, 0.0)
-            xs.append(np.column_stack([topic, style, np.full(len(cand), float(len(hist) == 0)),
+            xs.append(np.column_stack([*shares, np.full(len(cand), float(len(hist) == 0)),
                                        np.log1p(clicks[cand] - own_click), np.log1p(shows[cand] - own_show)]))
         return np.concatenate(xs)
 

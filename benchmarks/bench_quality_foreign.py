@@ -164,39 +164,16 @@ def write_world(out: Path, *, seed: int, users: int, news: int, impressions: int
 
 
 def category_reference(world: Path, catalogue) -> dict:
-    """Logistic regression on public fields only: the share of the history with the candidate's
-    category and with its subcategory, an empty-history flag, and the candidate's training clicks
-    and shows (a training sample's own left out); fitted on the training file, read on the test."""
+    """``label_share_reference`` on public fields only: the history's shares of the candidate's
+    category and of its subcategory (no encoder, no hidden label)."""
     import pandas as pd
-    from sklearn.linear_model import LogisticRegression
 
-    from bench_quality import _file_impressions
-    from recsys.models.training import mean_impression_auc
+    from bench_quality import label_share_reference
 
     frame = pd.read_csv(world / "news.tsv", sep="\t", header=None, usecols=[0, 1, 2], names=["id", "cat", "sub"])
     meta = frame.set_index("id").reindex(catalogue.features.news_ids)
-    cat = pd.factorize(meta["cat"])[0]
-    sub = pd.factorize(meta["sub"])[0]
-    train = _file_impressions(world / "behaviors_train.tsv", catalogue, True)
-    test = _file_impressions(world / "behaviors_test.tsv", catalogue, True)
-    n = len(cat)
-    clicks = np.bincount(train.candidate_items, weights=train.labels, minlength=n)
-    shows = np.bincount(train.candidate_items, minlength=n).astype(float)
-
-    def features(imps, leave_one_out: bool):
-        xs = []
-        for i in range(len(imps)):
-            c, h = imps.candidates(i), imps.history(i)
-            same_cat = (cat[c][:, None] == cat[h][None, :]).mean(1) if len(h) else np.zeros(len(c))
-            same_sub = (sub[c][:, None] == sub[h][None, :]).mean(1) if len(h) else np.zeros(len(c))
-            own_click, own_show = (imps.candidate_labels(i), 1.0) if leave_one_out else (0.0, 0.0)
-            xs.append(np.column_stack([same_cat, same_sub, np.full(len(c), float(len(h) == 0)),
-                                       np.log1p(clicks[c] - own_click), np.log1p(shows[c] - own_show)]))
-        return np.concatenate(xs)
-
-    model = LogisticRegression(max_iter=2000).fit(features(train, True), train.labels)
-    auc, _ = mean_impression_auc(test.labels, model.decision_function(features(test, False)), test.candidate_offsets)
-    return {"impression_auc": float(auc)}
+    return label_share_reference(world, catalogue, [pd.factorize(meta["cat"])[0], pd.factorize(meta["sub"])[0]],
+                                 logged_clicks=True)
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
