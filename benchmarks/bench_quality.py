@@ -175,7 +175,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
     generate_sample(world, num_users=args.users, num_news=args.news, num_impressions=args.impressions, seed=seed)
     ws = Workspace(root / f"ws-{seed}").ensure()
     engine = open_store(ws.default_db_url)
-    config = load_config(None, {"model.epochs": args.epochs})
+    config = load_config(None, config_overrides(args))
     run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=world / "images")
     versions = {}
     for modalities in ("text", "image", "text,image"):
@@ -209,11 +209,28 @@ def run_seed(seed: int, args, root: Path) -> dict:
 
 
 def add_world_arguments(parser: argparse.ArgumentParser) -> None:
-    """The held-out worlds' seeds and size, shared with bench_quality_ceiling.py."""
+    """The held-out worlds' seeds and size, config overrides and a results tag, shared by the
+    quality benchmarks."""
     parser.add_argument("--seeds", type=int, nargs="+", default=[101, 102, 103])
     parser.add_argument("--users", type=int, default=3000)
     parser.add_argument("--news", type=int, default=2500)
     parser.add_argument("--impressions", type=int, default=9000)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for training, a TOML value: --set encoders.use_abstract=true")
+    parser.add_argument("--tag", default="", help="write results/<name>_<tag>.json (a variant beside the default run)")
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """{"model.epochs": --epochs, plus every --set KEY=VALUE with VALUE read as TOML}."""
+    import tomllib
+
+    overrides = {"model.epochs": args.epochs} if hasattr(args, "epochs") else {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+    return overrides
 
 
 def on_held_out_worlds(args: argparse.Namespace, run_seed, prefix: str, *, show=None, keep: Path | None = None) -> list[dict]:
@@ -246,6 +263,7 @@ def write_results(name: str, args: argparse.Namespace, results: list[dict], **ex
     """benchmarks/results/<name>.json: the arguments, this host, every seed's result and ``extra``."""
     out = {"benchmark": name, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "host": platform.node(), "results": results, **extra}
+    name += f"_{args.tag}" if getattr(args, "tag", "") else ""
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
     print(f"wrote {RESULTS / f'{name}.json'}")

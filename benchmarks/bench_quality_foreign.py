@@ -177,7 +177,7 @@ def category_reference(world: Path, catalogue) -> dict:
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
-    from bench_quality import content_similarity_reference, subset_rows
+    from bench_quality import config_overrides, content_similarity_reference, subset_rows
     from recsys.config import Workspace, load_config
     from recsys.pipelines.evaluate import run_evaluate
     from recsys.pipelines.ingest import run_ingest
@@ -191,7 +191,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
     counts = write_world(world, seed=seed, users=args.users, news=args.news, impressions=args.impressions)
     ws = Workspace(root / f"ws-{seed}").ensure()
     engine = open_store(ws.default_db_url)
-    config = load_config(None, {"model.epochs": args.epochs})
+    config = load_config(None, config_overrides(args))
     run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=None)
     version = run_train(engine, ws, config)["version"]
     report = run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=ws.reports_dir / "foreign",

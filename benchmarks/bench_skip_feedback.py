@@ -84,6 +84,7 @@ def count_features(imps, skipped, anchors: np.ndarray, blocks: int) -> np.ndarra
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
+    from bench_quality import config_overrides
     from recsys.columns import USER_ID
     from recsys.config import Workspace, load_config
     from recsys.data.sample import generate_sample
@@ -102,7 +103,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
     generate_sample(world, num_users=args.users, num_news=args.news, num_impressions=args.impressions, seed=seed)
     ws = Workspace(root / f"ws-{seed}").ensure()
     engine = open_store(ws.default_db_url)
-    config = load_config(None, {"model.epochs": args.epochs})
+    config = load_config(None, config_overrides(args))
     run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=world / "images")
     run_train(engine, ws, config)
     catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
