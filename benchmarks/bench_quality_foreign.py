@@ -7,7 +7,7 @@ picture). The product is judged on MIND data it has never seen, so this benchmar
 from a second click model, written here independently of the generator and shaped like the
 MIND-small download instead:
 
-- no cover images at all (MIND has none), 12 MIND categories with 2-4 subcategories each; the
+- no cover images at all (MIND has none), 12 MIND categories with 1-3 subcategories each; the
   subcategory shows in news.tsv and in the headline's words, as in MIND;
 - users with *dense* tastes (a Gaussian taste for every category plus one for every
   subcategory), not a few liked topics; their own sensitivity to popularity;
@@ -26,7 +26,10 @@ subcategory shares of the history (the fields a MIND reader has without any enco
 Usage:
   python benchmarks/bench_quality_foreign.py --seeds 201 202 203 --users 3000 --news 2500 --impressions 9000
 
-Prints a table and writes benchmarks/results/quality_foreign.json.
+A variant trains with config overrides and writes its own results file, e.g. title + abstract:
+  ... --set encoders.use_abstract=true --set encoders.text_max_length=128 --tag abstract
+
+Prints a table and writes benchmarks/results/quality_foreign.json (quality_foreign_<tag>.json).
 """
 
 from __future__ import annotations

@@ -27,8 +27,10 @@ class EncodersConfig:
     tokenizer: str = ""  # path of a tokenizer.json; empty = bundled BERT uncased WordPiece
     image_model: str = ""  # path of a Keras image model file; empty = ImageNet MobileNet v1
     image_size: int = 224
-    use_abstract: bool = False
-    text_max_length: int = 48
+    # Title + abstract: more of what an article is about than its headline (measured in
+    # docs/model.md on two kinds of world); 128 tokens hold both for almost every article.
+    use_abstract: bool = True
+    text_max_length: int = 128
     batch_size: int = 64
 
 

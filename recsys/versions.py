@@ -122,7 +122,10 @@ def check_encoders(manifest: dict, text_info: dict, image_info: dict, *, what: s
     for key, given in (("text_encoder", text_info), ("image_encoder", image_info)):
         saved = manifest.get(key)
         if saved != given:
+            # The text variant is part of the identity: a '+abstract' name is [encoders]
+            # use_abstract = true, the version's '+len:N' is text_max_length = N.
+            keys = " ([encoders] use_abstract and text_max_length)" if key == "text_encoder" else ""
             raise ModelMismatchError(
                 f"{what} was built with {key} {saved}, but the configured encoder is {given}; "
-                "retrain, or configure the encoder the version was built with"
+                f"retrain, or configure the encoder the version was built with{keys}"
             )

@@ -126,6 +126,18 @@ def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
         ranks = [int(x) for x in m.group(2).split(",")]
         assert sorted(ranks) == list(range(1, len(row[4].split()) + 1))
 
+    # The default model reads title + abstract vectors; served title-only ones it refuses with
+    # the settings to change, and writes nothing.
+    titles_only = workspace / "titles-only.toml"
+    titles_only.write_text("[encoders]\nuse_abstract = false\ntext_max_length = 48\n")
+    refused = workspace / "refused.txt"
+    code, out, err = run(capsys, *ws, "--config", str(titles_only), "predict", "--behaviors",
+                         str(world / "behaviors_test_unlabelled.tsv"), "--out", str(refused))
+    assert code == 1
+    assert "built with text_encoder" in err and "'all-MiniLM-L6-v2-int8+abstract'" in err and "+len:128" in err, err
+    assert "use_abstract and text_max_length" in err, err
+    assert not refused.exists()
+
     # The report's per-impression AUC equals the one worked out from the prediction file.
     report_dir = workspace / "report"
     code, out, err = run(capsys, *ws, "evaluate", "--behaviors", str(world / "behaviors_test.tsv"), "--out", str(report_dir), "--baselines")
