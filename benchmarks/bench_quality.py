@@ -255,8 +255,10 @@ def on_held_out_worlds(args: argparse.Namespace, run_seed, prefix: str, *, show=
 
 
 def mean_gap_closed(results: list[dict]) -> dict[str, float]:
-    """{row name: mean over seeds of its ``gap_closed``}, for rows present in every seed's result."""
-    return {name: float(np.mean([r["rows"][name]["gap_closed"] for r in results])) for name in results[0]["rows"]}
+    """{row name: mean over seeds of its ``gap_closed``}, for the rows of the first seed's result
+    that have one (every seed has the same rows)."""
+    return {name: float(np.mean([r["rows"][name]["gap_closed"] for r in results]))
+            for name, row in results[0]["rows"].items() if row["gap_closed"] is not None}
 
 
 def write_results(name: str, args: argparse.Namespace, results: list[dict], **extra) -> None:
@@ -269,13 +271,18 @@ def write_results(name: str, args: argparse.Namespace, results: list[dict], **ex
     print(f"wrote {RESULTS / f'{name}.json'}")
 
 
-def _show_seed(res: dict) -> None:
-    print(f"\nseed {res['seed']} ({res['seconds']} s)")
-    print(f"  {'model':<48} {'kind':<9} {'AUC/imp':>8} {'gap':>7} {'logloss':>8}")
-    for name, r in res["rows"].items():
+def print_rows(rows: dict) -> None:
+    """One line per row of a seed's result: name, kind, per-impression AUC, gap closed, log loss."""
+    for name, r in rows.items():
         gap = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.1f}%"
         ll = "" if r["log_loss"] is None else f"{r['log_loss']:.4f}"
         print(f"  {name:<48} {r['kind']:<9} {r['impression_auc']:>8.4f} {gap:>7} {ll:>8}")
+
+
+def _show_seed(res: dict) -> None:
+    print(f"\nseed {res['seed']} ({res['seconds']} s)")
+    print(f"  {'model':<48} {'kind':<9} {'AUC/imp':>8} {'gap':>7} {'logloss':>8}")
+    print_rows(res["rows"])
     for key, label in (("hidden_label_ceiling", "reference: hidden topic/style shares of the history (LR)"),
                        ("content_similarity", "reference: content similarity to the history, no training")):
         for suffix, note in (("", ""), ("_history_column_only", ", History column only")):

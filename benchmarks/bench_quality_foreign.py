@@ -69,14 +69,12 @@ TAXONOMY = {
     "music": {"musicnews": "singer album concert tour grammy rapper band song"},
     "movies": {"movienews": "movie box office film director trailer sequel marvel oscar"},
 }
-FILLER = "the a new after why how this what is for with on about says says will top best may"
-HOURS = 3600
+FILLER = "the a new after why how this what is for with on about says says will top best may".split()
 
 
 def _words(rng: np.random.Generator, own: list[str], k: int) -> str:
     """k words, two thirds from the subcategory's own words, the rest common filler."""
-    filler = FILLER.split()
-    return " ".join(rng.choice(own) if rng.random() < 0.67 else rng.choice(filler) for _ in range(k))
+    return " ".join(rng.choice(own) if rng.random() < 0.67 else rng.choice(FILLER) for _ in range(k))
 
 
 def write_world(out: Path, *, seed: int, users: int, news: int, impressions: int) -> dict:
@@ -201,7 +199,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
                           truth=world / "truth.tsv", num_resamples=200)
     metrics = json.loads(Path(report["metrics_json"]).read_text())
     # "text+image (v2026...)" -> "text+image": one row name across seeds
-    rows = {name.split(" (v")[0]: {"kind": m["kind"], "version": m.get("version"), "impression_auc": m["metrics"]["impression_auc"]["value"],
+    rows = {name.split(" (v")[0]: {"kind": m["kind"], "impression_auc": m["metrics"]["impression_auc"]["value"],
                    "gap_closed": m["gap_closed"], "log_loss": m["metrics"]["log_loss"]["value"]}
             for name, m in metrics["models"].items()}
     oracle = next(r["impression_auc"] for r in rows.values() if r["kind"] == "oracle")
@@ -216,7 +214,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
 
 
 def main() -> None:
-    from bench_quality import add_world_arguments, on_held_out_worlds, write_results
+    from bench_quality import add_world_arguments, mean_gap_closed, on_held_out_worlds, print_rows, write_results
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_world_arguments(parser)
@@ -226,18 +224,14 @@ def main() -> None:
 
     def show(res: dict) -> None:
         print(f"\nforeign world {res['seed']} ({res['seconds']} s, impressions {res['counts']})")
-        for name, r in res["rows"].items():
-            gap = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.1f}%"
-            ll = "" if r["log_loss"] is None else f"{r['log_loss']:.4f}"
-            print(f"  {name:<48} {r['kind']:<9} {r['impression_auc']:.4f} {gap:>7} {ll:>8}")
+        print_rows(res["rows"])
         f = res["fresh"]
         if f.get("text,image") is not None:
             print(f"  fresh candidates only: model {f['text,image']:.4f}, oracle {f['oracle']:.4f}, "
                   f"gap {100 * (f['text,image'] - 0.5) / (f['oracle'] - 0.5):.1f}%")
 
     results = on_held_out_worlds(args, run_seed, "recsys-foreign-", show=show)
-    mean_gap = {name: float(np.mean([r["rows"][name]["gap_closed"] for r in results]))
-                for name, row in results[0]["rows"].items() if row["gap_closed"] is not None}
+    mean_gap = mean_gap_closed(results)
     fresh = [(r["fresh"]["text,image"] - 0.5) / (r["fresh"]["oracle"] - 0.5) for r in results if r["fresh"].get("text,image")]
     print("\nmean gap closed over foreign worlds:")
     for name, value in mean_gap.items():

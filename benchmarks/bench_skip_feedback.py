@@ -135,10 +135,15 @@ def run_seed(seed: int, args, root: Path) -> dict:
         owner = np.repeat(np.arange(len(imps)), np.diff(imps.candidate_offsets))
         return np.einsum("ij,ij->i", means[owner], anchors[imps.candidate_items])
 
+    def skip_lists(imps, cap: int):
+        """``imps`` with each history replaced by the user's skips: newest first, each article
+        once, strictly before the impression, at most ``cap``."""
+        empty = replace(imps, history_offsets=np.zeros(len(imps) + 1, np.int64), history_items=np.zeros(0, np.int32))
+        return with_logged_clicks(empty, skips, cap)
+
     def terms(imps, cap: int):
         base = networks.score_impressions(imps, embeddings[:, :d], catalogue.log, catalogue.first_seen, logits=True)
-        empty = replace(imps, history_offsets=np.zeros(len(imps) + 1, np.int64), history_items=np.zeros(0, np.int32))
-        skipped = with_logged_clicks(empty, skips, cap)  # newest first, each article once, strictly before t
+        skipped = skip_lists(imps, cap)
         return (base.astype(np.float64), mean_anchor_dot(imps, imps.history_offsets, imps.history_items),
                 mean_anchor_dot(imps, skipped.history_offsets, skipped.history_items), np.diff(skipped.history_offsets))
 
@@ -166,10 +171,9 @@ def run_seed(seed: int, args, root: Path) -> dict:
     # The served model plus a regression over count features (cap: the largest).
     from sklearn.linear_model import LogisticRegression
 
-    empty = lambda imps: replace(imps, history_offsets=np.zeros(len(imps) + 1, np.int64), history_items=np.zeros(0, np.int32))  # noqa: E731
     served = [model.score_impressions(x, embeddings, catalogue.log, catalogue.first_seen, logits=True).astype(np.float64)
               for x in (valid, test)]
-    counts = [count_features(x, with_logged_clicks(empty(x), skips, SKIP_CAPS[-1]), anchors, model.anchor_blocks)
+    counts = [count_features(x, skip_lists(x, SKIP_CAPS[-1]), anchors, model.anchor_blocks)
               for x in (valid, test)]
     a = auc(test, served[1])
     out["rows"]["served model"] = {"impression_auc": a, "gap_closed": gap(a), "weights": None}
