@@ -27,10 +27,20 @@ list's length. A Bayesian reader's evidence about a topic is how often it was sh
 which a mean loses; the regression can weigh clicks against skips. Rows "served model + count
 features" with clicks only and with clicks and skips.
 
+Which of those could be served, and does the gain hold on another click model: rows for
+subsets of the count features (", servable": without the kernel counts, i.e. only terms linear
+in the candidate's anchors or their outer products, which user vectors can carry as they carry
+the served prior; "skip means ..." and "skip sums ...": the skips' dot products and squares
+alone), each fitted twice on the validation window: by the pointwise logistic regression and
+(", listwise") by a conditional logit over each impression's candidates, which like
+per-impression AUC ignores differences between impressions. ``--foreign`` runs it all on the
+worlds of ``bench_quality_foreign.py`` (seeds 201-203, results ``skip_feedback_foreign.json``).
+
 Usage:
   python benchmarks/bench_skip_feedback.py --seeds 101 102 103 --users 3000 --news 2500 --impressions 9000
+  python benchmarks/bench_skip_feedback.py --foreign
 
-Prints a table and writes benchmarks/results/skip_feedback.json.
+Prints a table and writes benchmarks/results/skip_feedback.json (skip_feedback_foreign.json).
 """
 
 from __future__ import annotations
@@ -83,6 +93,53 @@ def count_features(imps, skipped, anchors: np.ndarray, blocks: int) -> np.ndarra
     return np.concatenate(out)
 
 
+KINDS = ("sum", "sum2", "mean", "mean2", "kernel8", "kernel20")  # count_features' columns per block
+# Linear in the candidate's anchors or their outer products, so a user vector can carry them
+# (as it carries the served prior's mean and second moment); the kernels cannot.
+SERVABLE = ("sum", "sum2", "mean", "mean2")
+
+
+def feature_columns(blocks: int, lists: tuple[int, ...], kinds: tuple[str, ...], *, length: bool = True) -> list[int]:
+    """Columns of ``count_features`` for the given lists (0 clicks, 1 skips) and kinds."""
+    width = len(KINDS) * blocks + 1
+    cols = []
+    for lst in lists:
+        cols += [lst * width + b * len(KINDS) + KINDS.index(k) for b in range(blocks) for k in kinds]
+        if length:
+            cols.append(lst * width + width - 1)
+    return cols
+
+
+def fit_listwise(x: np.ndarray, labels: np.ndarray, offsets: np.ndarray, l2: float = 1e-3) -> np.ndarray:
+    """Weights ``w`` (f,) of a conditional logit: maximise the likelihood that each impression's
+    clicked candidates win a softmax of ``x @ w`` over its candidates (+ ``l2/2 |w|^2``).
+
+    Unlike a pointwise logistic regression this is blind to differences *between* impressions
+    (per-user or per-time offsets), which is what per-impression AUC ranks. ``x`` (c, f) rows in
+    candidate order, ``offsets`` (n + 1,) the impressions' candidate ranges, none empty.
+    """
+    from scipy.optimize import minimize
+
+    owner = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    pos = labels == 1
+    clicks = np.bincount(owner[pos], minlength=len(offsets) - 1).astype(np.float64)
+    x_pos = x[pos].sum(0)
+
+    def loss(w):
+        z = x @ w
+        top = np.maximum.reduceat(z, offsets[:-1])
+        e = np.exp(z - top[owner])
+        total = np.add.reduceat(e, offsets[:-1])
+        lse = top + np.log(total)
+        weight = clicks[owner] * e / total[owner]  # each click's softmax mass on every candidate
+        value = -(z[pos].sum() - clicks @ lse) / pos.sum() + 0.5 * l2 * w @ w
+        return value, -(x_pos - weight @ x) / pos.sum() + l2 * w
+
+    start = np.zeros(x.shape[1])
+    start[0] = 1.0  # the served model's logit alone
+    return minimize(loss, start, jac=True, method="L-BFGS-B").x
+
+
 def run_seed(seed: int, args, root: Path) -> dict:
     from bench_quality import config_overrides
     from recsys.columns import USER_ID
@@ -100,11 +157,17 @@ def run_seed(seed: int, args, root: Path) -> dict:
 
     t0 = time.perf_counter()
     world = root / f"world-{seed}"
-    generate_sample(world, num_users=args.users, num_news=args.news, num_impressions=args.impressions, seed=seed)
+    if args.foreign:
+        from bench_quality_foreign import write_world
+
+        world.mkdir()
+        write_world(world, seed=seed, users=args.users, news=args.news, impressions=args.impressions)
+    else:
+        generate_sample(world, num_users=args.users, num_news=args.news, num_impressions=args.impressions, seed=seed)
     ws = Workspace(root / f"ws-{seed}").ensure()
     engine = open_store(ws.default_db_url)
     config = load_config(None, config_overrides(args))
-    run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=world / "images")
+    run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=None if args.foreign else world / "images")
     run_train(engine, ws, config)
     catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
     version = get_version(engine)
@@ -177,13 +240,21 @@ def run_seed(seed: int, args, root: Path) -> dict:
               for x in (valid, test)]
     a = auc(test, served[1])
     out["rows"]["served model"] = {"impression_auc": a, "gap_closed": gap(a), "weights": None}
-    half = counts[0].shape[1] // 2
-    for name, cols in (("clicks", slice(0, half)), ("clicks and skips", slice(0, None))):
+    blocks = model.anchor_blocks
+    for name, cols in (("clicks", feature_columns(blocks, (0,), KINDS)),
+                       ("clicks and skips", feature_columns(blocks, (0, 1), KINDS)),
+                       ("clicks and skips, servable", feature_columns(blocks, (0, 1), SERVABLE)),
+                       ("skip means of dot and dot^2", feature_columns(blocks, (1,), ("mean", "mean2"), length=False)),
+                       ("skip sums of dot and dot^2", feature_columns(blocks, (1,), ("sum", "sum2"), length=False))):
         xv, xt = (np.column_stack([s_, c[:, cols]]) for s_, c in zip(served, counts))
         mu, sd = xv.mean(0), xv.std(0) + 1e-9
         fit = LogisticRegression(max_iter=2000).fit((xv - mu) / sd, valid.labels)
         a = auc(test, fit.decision_function((xt - mu) / sd))
         out["rows"][f"served model + count features, {name}"] = {"impression_auc": a, "gap_closed": gap(a), "weights": None}
+        w = fit_listwise((xv - mu) / sd, valid.labels, valid.candidate_offsets)
+        a = auc(test, ((xt - mu) / sd) @ w)
+        out["rows"][f"served model + count features, {name}, listwise"] = {
+            "impression_auc": a, "gap_closed": gap(a), "weights": [round(float(v), 4) for v in w]}
     out["seconds"] = round(time.perf_counter() - t0, 1)
     engine.dispose()
     return out
@@ -196,7 +267,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_world_arguments(parser)
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--foreign", action="store_true",
+                        help="worlds of bench_quality_foreign.py's click model (seeds 201-203), results tag 'foreign'")
     args = parser.parse_args()
+    if args.foreign:
+        args.seeds = args.seeds if args.seeds != [101, 102, 103] else [201, 202, 203]
+        args.tag = args.tag or "foreign"
 
     def show(res: dict) -> None:
         print(f"\nseed {res['seed']} ({res['seconds']} s), oracle {res['oracle']:.4f}")
