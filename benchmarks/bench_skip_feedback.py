@@ -31,7 +31,8 @@ Which of those could be served, and does the gain hold on another click model: r
 subsets of the count features (", servable": without the kernel counts, i.e. only terms linear
 in the candidate's anchors or their outer products, which user vectors can carry as they carry
 the served prior; "skip means ..." and "skip sums ...": the skips' dot products and squares
-alone), each fitted twice on the validation window: by the pointwise logistic regression and
+alone; "nearest clicks": the cosine of the nearest clicked article and the mean of the 3
+nearest, a multi-interest signal that no user vector carries), each fitted twice on the validation window: by the pointwise logistic regression and
 (", listwise") by a conditional logit over each impression's candidates, which like
 per-impression AUC ignores differences between impressions. ``--foreign`` runs it all on the
 worlds of ``bench_quality_foreign.py`` (seeds 201-203, results ``skip_feedback_foreign.json``).
@@ -71,7 +72,7 @@ def oracle_auc(world: Path) -> float:
 
 
 def count_features(imps, skipped, anchors: np.ndarray, blocks: int) -> np.ndarray:
-    """(c, 2 * (6 * blocks + 1)) count features of every candidate against its impression's
+    """(c, 2 * (8 * blocks + 1)) count features of every candidate against its impression's
     history (first half) and skip list (second half); see the module docstring."""
     k = anchors.shape[1] // blocks
     by_block = anchors.reshape(len(anchors), blocks, k).astype(np.float64)
@@ -88,12 +89,15 @@ def count_features(imps, skipped, anchors: np.ndarray, blocks: int) -> np.ndarra
                 cos = unit[cand, b] @ unit[rows, b].T
                 cols += [dots.sum(1), (dots**2).sum(1), dots.sum(1) / n, (dots**2).sum(1) / n,
                          np.exp(8 * (cos - 1)).sum(1), np.exp(20 * (cos - 1)).sum(1)]
+                top = -np.sort(-cos, axis=1)[:, :3] if len(rows) else np.zeros((len(cand), 1))
+                cols += [top[:, 0], top.mean(1)]  # the nearest listed article, the mean of the 3 nearest
             cols.append(np.full(len(cand), float(len(rows))))
         out.append(np.stack(cols, axis=1))
     return np.concatenate(out)
 
 
-KINDS = ("sum", "sum2", "mean", "mean2", "kernel8", "kernel20")  # count_features' columns per block
+KINDS = ("sum", "sum2", "mean", "mean2", "kernel8", "kernel20", "max", "top3")  # count_features' columns per block
+COUNTS = KINDS[:6]
 # Linear in the candidate's anchors or their outer products, so a user vector can carry them
 # (as it carries the served prior's mean and second moment); the kernels cannot.
 SERVABLE = ("sum", "sum2", "mean", "mean2")
@@ -241,8 +245,9 @@ def run_seed(seed: int, args, root: Path) -> dict:
     a = auc(test, served[1])
     out["rows"]["served model"] = {"impression_auc": a, "gap_closed": gap(a), "weights": None}
     blocks = model.anchor_blocks
-    for name, cols in (("clicks", feature_columns(blocks, (0,), KINDS)),
-                       ("clicks and skips", feature_columns(blocks, (0, 1), KINDS)),
+    for name, cols in (("clicks", feature_columns(blocks, (0,), COUNTS)),
+                       ("clicks and skips", feature_columns(blocks, (0, 1), COUNTS)),
+                       ("nearest clicks (max and top-3 cosine)", feature_columns(blocks, (0,), ("max", "top3"), length=False)),
                        ("clicks and skips, servable", feature_columns(blocks, (0, 1), SERVABLE)),
                        ("skip means of dot and dot^2", feature_columns(blocks, (1,), ("mean", "mean2"), length=False)),
                        ("skip sums of dot and dot^2", feature_columns(blocks, (1,), ("sum", "sum2"), length=False))):
