@@ -32,9 +32,10 @@ subsets of the count features (", servable": without the kernel counts, i.e. onl
 in the candidate's anchors or their outer products, which user vectors can carry as they carry
 the served prior; "skip means ..." and "skip sums ...": the skips' dot products and squares
 alone; "nearest clicks": the cosine of the nearest clicked article and the mean of the 3
-nearest, a multi-interest signal that no user vector carries), each fitted twice on the validation window: by the pointwise logistic regression and
-(", listwise") by a conditional logit over each impression's candidates, which like
-per-impression AUC ignores differences between impressions. ``--foreign`` runs it all on the
+nearest, a multi-interest signal that no user vector carries), each fitted twice on the
+validation window: by the pointwise logistic regression and (", listwise") by a conditional
+logit over each impression's candidates, which like per-impression AUC ignores differences
+between impressions. ``--foreign`` runs it all on the
 worlds of ``bench_quality_foreign.py`` (seeds 201-203, results ``skip_feedback_foreign.json``).
 
 Usage:
