@@ -50,6 +50,8 @@ class ModelConfig:
     logged_clicks: bool = True
     # Blend in a training-free content-similarity prior, its weight fitted on the validation window.
     content_prior: bool = True
+    # Train on side features as of the last nightly clock tick (hours; 0: each impression's own time).
+    feature_clock_hours: float = 0.0
 
 
 @dataclass(frozen=True)

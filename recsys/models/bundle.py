@@ -572,6 +572,7 @@ class RankingModel:
         first_seen: np.ndarray,
         *,
         as_of: np.datetime64 | None = None,
+        features_until: np.datetime64 | None = None,
         logits: bool = False,
     ) -> np.ndarray:
         """Click probabilities of every candidate of every impression.
@@ -583,6 +584,10 @@ class RankingModel:
             first_seen: (n,) datetime64 first appearance of each item.
             as_of: compute side features at this time instead of each impression's time
                 (a nightly batch scores tomorrow's impressions with tonight's statistics).
+            features_until: compute side features at ``min(impression time, features_until)``:
+                impressions after the end of ``log`` get the statistics of its end, not a
+                popularity window that runs past the data (which reads every article as
+                unpopular a day later). Ignored with ``as_of``.
             logits: return uncalibrated logits instead of probabilities.
 
         Returns:
@@ -596,6 +601,8 @@ class RankingModel:
             bad = items[(items < 0) | (items >= len(item_embeddings))][0]
             raise ValueError(f"candidate item row {bad} is outside the {len(item_embeddings)} item embeddings")
         times = impressions.times[owner] if as_of is None else np.full(len(items), np.datetime64(as_of, "s"))
+        if as_of is None and features_until is not None:
+            times = np.minimum(times, np.datetime64(features_until, "s"))
         side = self.side_features(items, times, log, first_seen)
         fn = self.logits if logits else self.score
         out = np.empty(len(items), dtype=np.float32)

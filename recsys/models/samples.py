@@ -168,6 +168,14 @@ class InteractionLog:
     def __len__(self) -> int:
         return len(self.item_rows)
 
+    @property
+    def end(self) -> np.datetime64 | None:
+        """One second after the last event, the first time at which every event counts; None
+        for an empty log."""
+        if not len(self.times):
+            return None
+        return self.times.astype("datetime64[s]").max() + np.timedelta64(1, "s")
+
     @classmethod
     def from_events(cls, item_rows: np.ndarray, times: np.ndarray, clicks: np.ndarray, num_items: int) -> "InteractionLog":
         """A log from unsorted events.

@@ -168,6 +168,16 @@ def _check_rows(name: str, impressions: Impressions, num_items: int) -> None:
             raise ValueError(f"{name}.{part} has item row {bad}, expected 0 <= row < {num_items} (the feature table)")
 
 
+def clock_floor(times: np.ndarray, hours: float) -> np.ndarray:
+    """(m,) datetime64[s]: each time moved back to the last tick of an epoch-aligned clock
+    ticking every ``hours`` (24: UTC midnight of the same day)."""
+    period = int(round(hours * 3600))
+    if period <= 0:
+        raise ValueError(f"clock period is {hours!r} hours, expected at least one second")
+    seconds = np.asarray(times).astype("datetime64[s]").astype(np.int64)
+    return ((seconds // period) * period).astype("datetime64[s]")
+
+
 def evaluate_impressions(
     model: RankingModel,
     features: ItemFeatures,
@@ -226,6 +236,7 @@ def train_ctr(
     calibrate: bool | None = None,
     clicks: ClickLog | None = None,
     content_prior: bool = False,
+    feature_clock_hours: float = 0.0,
     progress: Callable[[dict], None] | None = None,
 ) -> tuple[RankingModel, dict]:
     """Train the CTR model; early-stop on the validation per-impression AUC.
@@ -268,6 +279,11 @@ def train_ctr(
             the grids ``PRIOR_WEIGHTS`` (mean similarity) and ``MOMENT_WEIGHTS`` (mean squared
             similarity), by validation AUC (``_fit_prior_weights``); off if nothing beats the
             networks alone.
+        feature_clock_hours: if > 0, the side features of every train and valid impression are
+            computed at the last tick of a clock with this period (epoch-aligned; 24: UTC
+            midnight) at or before it, not at its own time: the nightly job serves a day of
+            impressions with the statistics of the night before, so an article published since
+            has no shows and age 0 in training as it has when served (``clock_floor``).
         progress: called after every epoch with a dict (epoch, loss, val_auc, ...).
 
     Returns:
@@ -308,6 +324,11 @@ def train_ctr(
     keras.utils.set_random_seed(seed)
     if first_seen is None:
         first_seen = first_shown([train, valid], n)
+    if feature_clock_hours < 0:
+        raise ValueError(f"feature_clock_hours is {feature_clock_hours!r}, expected >= 0")
+    if feature_clock_hours > 0:  # histories are already read at the true times; only side features move
+        train = dataclasses.replace(train, times=clock_floor(train.times, feature_clock_hours))
+        valid = dataclasses.replace(valid, times=clock_floor(valid.times, feature_clock_hours))
     seen = np.unique(np.concatenate([train.history_items, train.candidate_items]).astype(np.int64))
     vocabulary = CategoryVocabulary.fit(features.categories[seen])
     train_times = train.times[candidate_impression_rows(train)]

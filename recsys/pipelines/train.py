@@ -96,7 +96,8 @@ def run_train(
             features, train, valid, events, modalities=mc.modalities, fusion=mc.fusion, embedding_dim=mc.embedding_dim,
             anchor_dim=mc.anchor_dim,
             history_len=mc.history_len, epochs=mc.epochs, batch_size=mc.batch_size, learning_rate=mc.learning_rate,
-            seed=mc.seed, first_seen=first_seen, clicks=clicks, content_prior=mc.content_prior, progress=_log_epoch,
+            seed=mc.seed, first_seen=first_seen, clicks=clicks, content_prior=mc.content_prior,
+            feature_clock_hours=mc.feature_clock_hours, progress=_log_epoch,
         )
         timings["train_s"] = round(time.perf_counter() - t0, 2)
         staged = staging_dir(workspace.models_dir, version)
@@ -112,6 +113,7 @@ def run_train(
             "fusion": mc.fusion,
             "seed": mc.seed,
             "logged_clicks": mc.logged_clicks,
+            "feature_clock_hours": mc.feature_clock_hours,
             "content_prior_weights": list(model.config.prior_weights),
             "content_prior_moment_weights": list(model.config.moment_weights),
             "serving_dim": model.config.serving_dim,

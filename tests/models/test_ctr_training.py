@@ -10,7 +10,7 @@ from recsys.models.ctr import listwise_loss, pointwise_loss
 from recsys.models.samples import (
     ClickLog, Impressions, InteractionLog, first_shown, select_impressions, with_logged_clicks,
 )
-from recsys.models.training import _BatchMaker, binary_log_loss, evaluate_impressions, mean_impression_auc, train_ctr
+from recsys.models.training import _BatchMaker, binary_log_loss, clock_floor, evaluate_impressions, mean_impression_auc, train_ctr
 
 
 def _random_impressions(seed: int = 0, m: int = 60):
@@ -107,6 +107,37 @@ def test_train_ctr_rejects_bad_arguments(world, log):
     far = ClickLog.from_events(np.array(["U1"], dtype=object), world.train.times[:1], np.array([600]))
     with pytest.raises(ValueError, match="the click log names item row 600, the feature table has 600 rows"):
         train_ctr(*args, clicks=far)
+
+
+def test_clock_floor_moves_times_back_to_the_last_tick():
+    t = np.array(["2019-11-14T13:45:10", "2019-11-14T00:00:00", "2019-11-13T23:59:59"], dtype="datetime64[s]")
+    assert [str(x) for x in clock_floor(t, 24)] == ["2019-11-14T00:00:00", "2019-11-14T00:00:00", "2019-11-13T00:00:00"]
+    assert [str(x) for x in clock_floor(t, 6)] == ["2019-11-14T12:00:00", "2019-11-14T00:00:00", "2019-11-13T18:00:00"]
+    with pytest.raises(ValueError, match="clock period is 0 hours"):
+        clock_floor(t, 0)
+
+
+def test_train_ctr_with_a_feature_clock_trains_and_validates_at_the_ticks(world, log, monkeypatch):
+    from recsys.models.side_features import SideFeatures
+
+    seen = []
+    compute = SideFeatures.compute
+
+    def spy(self, item_rows, times, log_, first_seen):
+        seen.append(np.asarray(times).copy())
+        return compute(self, item_rows, times, log_, first_seen)
+
+    monkeypatch.setattr(SideFeatures, "compute", spy)
+    train = select_impressions(world.train, np.arange(200))
+    with pytest.raises(ValueError, match="feature_clock_hours is -1, expected >= 0"):
+        train_ctr(world.features, train, world.valid, log, feature_clock_hours=-1)
+    train_ctr(world.features, train, world.valid, log, epochs=1, batch_size=32, embedding_dim=16, feature_clock_hours=24)
+    owner = lambda imps: np.repeat(np.arange(len(imps)), np.diff(imps.candidate_offsets))  # noqa: E731
+    expected_train = clock_floor(train.times[owner(train)], 24)
+    expected_valid = clock_floor(world.valid.times[owner(world.valid)], 24)
+    assert np.array_equal(seen[0], expected_train)  # the training samples
+    assert any(len(x) == len(expected_valid) and np.array_equal(x, expected_valid) for x in seen[1:])  # validation
+    assert not np.array_equal(expected_train, train.times[owner(train)])  # the clock moved them
 
 
 def test_train_ctr_with_a_click_log_trains_and_validates_on_led_histories(world, log, monkeypatch):

@@ -63,6 +63,18 @@ def test_log_from_impressions_skips_unlabelled_and_sorts():
     assert list(log.times[1:4]) == [T0, T0 + np.timedelta64(2, "h"), T0 + np.timedelta64(5, "h")]
 
 
+def test_log_end_is_the_first_time_every_event_counts():
+    log = InteractionLog.from_impressions([_impressions()], 5)
+    assert log.end == T0 + np.timedelta64(5, "h") + np.timedelta64(1, "s")  # the last labelled show, +1 s
+    items = np.arange(5)
+    clicks, shows = log.window_counts(items, np.full(5, log.end), window=np.timedelta64(1, "D"))
+    np.testing.assert_array_equal(shows, [1, 3, 1, 0, 0])  # every labelled show of _impressions
+    np.testing.assert_array_equal(clicks, [1, 1, 1, 0, 0])
+    _, before = log.window_counts(items, np.full(5, log.end - np.timedelta64(1, "s")), window=np.timedelta64(1, "D"))
+    assert before.sum() == 3  # one second earlier the two shows at the last time do not count yet
+    assert InteractionLog.from_events(np.zeros(0), np.zeros(0, "datetime64[s]"), np.zeros(0), 3).end is None
+
+
 def test_first_shown_reads_shows_not_labels():
     first = first_shown([_impressions()], 5)
     assert first[1] == T0 and first[3] == T0 + np.timedelta64(5, "h")  # item 3 is unlabelled but shown

@@ -176,6 +176,14 @@ def test_score_impressions_matches_the_building_blocks(model, small):
     late = model.score_impressions(world.test, emb, log, first, as_of=as_of)
     side_then = model.side_features(items, np.full(len(items), as_of), log, first)
     np.testing.assert_allclose(late, model.score(users[owner], emb[items], side_then), atol=1e-6)
+    # features_until: impressions after it get its statistics, earlier ones keep their own
+    until = np.sort(world.test.times)[len(world.test) // 2]
+    capped = model.score_impressions(world.test, emb, log, first, features_until=until)
+    times = world.test.times[owner]
+    side_capped = model.side_features(items, np.minimum(times, until), log, first)
+    np.testing.assert_allclose(capped, model.score(users[owner], emb[items], side_capped), atol=1e-6)
+    np.testing.assert_array_equal(capped[times <= until], scores[times <= until])
+    assert np.abs(capped - scores)[times > until].max() > 1e-4  # the cap changed the later ones
     with pytest.raises(ValueError, match=r"score expects user_vectors \(3, 16\)"):
         model.score(users[:3], emb[:2], side[:3])
 
