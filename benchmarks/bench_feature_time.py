@@ -34,31 +34,17 @@ CLOCKS = (0.0, 24.0)
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
-    from bench_quality import config_overrides
+    from bench_quality import config_overrides, ingested_world
     from bench_skip_feedback import oracle_auc
-    from recsys.config import Workspace, load_config
-    from recsys.data.sample import generate_sample
+    from recsys.config import load_config
     from recsys.models.samples import with_logged_clicks
     from recsys.models.training import mean_impression_auc
-    from recsys.pipelines.ingest import run_ingest
     from recsys.pipelines.scoring import VersionScorer, iter_behavior_chunks, load_scoring_catalogue
     from recsys.pipelines.train import run_train
-    from recsys.store.database import open_store
     from recsys.versions import get_version
 
     t0 = time.perf_counter()
-    world = root / f"world-{seed}"
-    if args.foreign:
-        from bench_quality_foreign import write_world
-
-        world.mkdir()
-        write_world(world, seed=seed, users=args.users, news=args.news, impressions=args.impressions)
-    else:
-        generate_sample(world, num_users=args.users, num_news=args.news, num_impressions=args.impressions, seed=seed)
-    ws = Workspace(root / f"ws-{seed}").ensure()
-    engine = open_store(ws.default_db_url)
-    run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv",
-               images=None if args.foreign else world / "images")
+    world, ws, engine = ingested_world(seed, args, root)
     oracle = oracle_auc(world)
     out = {"seed": seed, "oracle": oracle, "rows": {}}
     for clock in CLOCKS:
@@ -94,17 +80,15 @@ def run_seed(seed: int, args, root: Path) -> dict:
 
 def main() -> None:
     # this folder is on sys.path when run as a script
-    from bench_quality import add_world_arguments, mean_gap_closed, on_held_out_worlds, write_results
+    from bench_quality import (add_foreign_argument, add_world_arguments, foreign_defaults, mean_gap_closed,
+                               on_held_out_worlds, write_results)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_world_arguments(parser)
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--foreign", action="store_true",
-                        help="worlds of bench_quality_foreign.py's click model (seeds 201-203), results tag 'foreign'")
+    add_foreign_argument(parser)
     args = parser.parse_args()
-    if args.foreign:
-        args.seeds = args.seeds if args.seeds != [101, 102, 103] else [201, 202, 203]
-        args.tag = args.tag or "foreign"
+    foreign_defaults(args)
 
     def show(res: dict) -> None:
         print(f"\nseed {res['seed']} ({res['seconds']} s), oracle {res['oracle']:.4f}")

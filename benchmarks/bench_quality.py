@@ -220,6 +220,43 @@ def add_world_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tag", default="", help="write results/<name>_<tag>.json (a variant beside the default run)")
 
 
+def add_foreign_argument(parser: argparse.ArgumentParser) -> None:
+    """``--foreign``: run on the worlds of ``bench_quality_foreign.py`` (see ``foreign_defaults``)."""
+    parser.add_argument("--foreign", action="store_true",
+                        help="worlds of bench_quality_foreign.py's click model (seeds 201-203), results tag 'foreign'")
+
+
+def foreign_defaults(args: argparse.Namespace) -> None:
+    """With ``--foreign``: seeds 201-203 unless others were given, results tag 'foreign'."""
+    if args.foreign:
+        args.seeds = args.seeds if args.seeds != [101, 102, 103] else [201, 202, 203]
+        args.tag = args.tag or "foreign"
+
+
+def ingested_world(seed: int, args: argparse.Namespace, root: Path):
+    """Write the world of ``seed`` (``--foreign``: the second click model's, no covers) under
+    ``root``, ingest its news and training behaviors into a new workspace; ``(world, ws, engine)``."""
+    from recsys.config import Workspace
+    from recsys.data.sample import generate_sample
+    from recsys.pipelines.ingest import run_ingest
+    from recsys.store.database import open_store
+
+    world = root / f"world-{seed}"
+    foreign = getattr(args, "foreign", False)
+    if foreign:
+        from bench_quality_foreign import write_world
+
+        world.mkdir()
+        write_world(world, seed=seed, users=args.users, news=args.news, impressions=args.impressions)
+    else:
+        generate_sample(world, num_users=args.users, num_news=args.news, num_impressions=args.impressions, seed=seed)
+    ws = Workspace(root / f"ws-{seed}").ensure()
+    engine = open_store(ws.default_db_url)
+    run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv",
+               images=None if foreign else world / "images")
+    return world, ws, engine
+
+
 def config_overrides(args: argparse.Namespace) -> dict:
     """{"model.epochs": --epochs, plus every --set KEY=VALUE with VALUE read as TOML}."""
     import tomllib
