@@ -220,17 +220,19 @@ def add_world_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tag", default="", help="write results/<name>_<tag>.json (a variant beside the default run)")
 
 
-def add_foreign_argument(parser: argparse.ArgumentParser) -> None:
-    """``--foreign``: run on the worlds of ``bench_quality_foreign.py`` (see ``foreign_defaults``)."""
+def parse_experiment_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The world arguments plus ``--epochs`` and ``--foreign`` (the worlds of
+    ``bench_quality_foreign.py``: seeds 201-203 unless others are given, results tag 'foreign'),
+    parsed."""
+    add_world_arguments(parser)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--foreign", action="store_true",
                         help="worlds of bench_quality_foreign.py's click model (seeds 201-203), results tag 'foreign'")
-
-
-def foreign_defaults(args: argparse.Namespace) -> None:
-    """With ``--foreign``: seeds 201-203 unless others were given, results tag 'foreign'."""
+    args = parser.parse_args()
     if args.foreign:
         args.seeds = args.seeds if args.seeds != [101, 102, 103] else [201, 202, 203]
         args.tag = args.tag or "foreign"
+    return args
 
 
 def ingested_world(seed: int, args: argparse.Namespace, root: Path):

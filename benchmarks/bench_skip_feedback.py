@@ -255,15 +255,9 @@ def run_seed(seed: int, args, root: Path) -> dict:
 
 def main() -> None:
     # this folder is on sys.path when run as a script
-    from bench_quality import (add_foreign_argument, add_world_arguments, foreign_defaults, mean_gap_closed,
-                               on_held_out_worlds, write_results)
+    from bench_quality import mean_gap_closed, on_held_out_worlds, parse_experiment_args, write_results
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_world_arguments(parser)
-    parser.add_argument("--epochs", type=int, default=6)
-    add_foreign_argument(parser)
-    args = parser.parse_args()
-    foreign_defaults(args)
+    args = parse_experiment_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
 
     def show(res: dict) -> None:
         print(f"\nseed {res['seed']} ({res['seconds']} s), oracle {res['oracle']:.4f}")
