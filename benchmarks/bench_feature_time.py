@@ -24,7 +24,6 @@ Prints a table and writes benchmarks/results/feature_time.json (feature_time_<ta
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -80,9 +79,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
 
 def main() -> None:
     # this folder is on sys.path when run as a script
-    from bench_quality import mean_gap_closed, on_held_out_worlds, parse_experiment_args, write_results
-
-    args = parse_experiment_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    from bench_quality import run_experiment
 
     def show(res: dict) -> None:
         print(f"\nseed {res['seed']} ({res['seconds']} s), oracle {res['oracle']:.4f}")
@@ -92,12 +89,7 @@ def main() -> None:
                   f"{r['seen_auc']:.4f}  {r['mean_p_fresh']:.4f} / {r['mean_p_seen']:.4f} "
                   f"({r['click_rate_fresh']:.4f} / {r['click_rate_seen']:.4f})")
 
-    results = on_held_out_worlds(args, run_seed, "recsys-feature-time-", show=show)
-    mean_gap = mean_gap_closed(results)
-    print("\nmean gap closed over seeds:")
-    for name, value in mean_gap.items():
-        print(f"  {name:<42} {100 * value:5.1f}%")
-    write_results("feature_time", args, results, mean_gap_closed=mean_gap)
+    run_experiment(__doc__, "feature_time", run_seed, show, width=42)
 
 
 if __name__ == "__main__":

@@ -220,6 +220,19 @@ def add_world_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tag", default="", help="write results/<name>_<tag>.json (a variant beside the default run)")
 
 
+def run_experiment(doc: str, name: str, run_seed, show, *, width: int = 48) -> None:
+    """The main of an experiment benchmark: parse its arguments (``parse_experiment_args``),
+    ``run_seed`` on every held-out world with ``show`` after each, print each row's mean gap
+    closed over the seeds and write ``results/<name>[_<tag>].json``."""
+    args = parse_experiment_args(argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter))
+    results = on_held_out_worlds(args, run_seed, f"recsys-{name}-", show=show)
+    mean_gap = mean_gap_closed(results)
+    print("\nmean gap closed over seeds:")
+    for row, value in mean_gap.items():
+        print(f"  {row:<{width}} {100 * value:5.1f}%")
+    write_results(name, args, results, mean_gap_closed=mean_gap)
+
+
 def parse_experiment_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The world arguments plus ``--epochs`` and ``--foreign`` (the worlds of
     ``bench_quality_foreign.py``: seeds 201-203 unless others are given, results tag 'foreign'),

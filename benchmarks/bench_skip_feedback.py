@@ -47,7 +47,6 @@ Prints a table and writes benchmarks/results/skip_feedback.json (skip_feedback_f
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import replace
 from datetime import datetime
@@ -255,21 +254,14 @@ def run_seed(seed: int, args, root: Path) -> dict:
 
 def main() -> None:
     # this folder is on sys.path when run as a script
-    from bench_quality import mean_gap_closed, on_held_out_worlds, parse_experiment_args, write_results
-
-    args = parse_experiment_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    from bench_quality import run_experiment
 
     def show(res: dict) -> None:
         print(f"\nseed {res['seed']} ({res['seconds']} s), oracle {res['oracle']:.4f}")
         for name, r in res["rows"].items():
             print(f"  {name:<48} {r['impression_auc']:.4f} {100 * r['gap_closed']:5.1f}%  weights {r['weights']}")
 
-    results = on_held_out_worlds(args, run_seed, "recsys-skips-", show=show)
-    mean_gap = mean_gap_closed(results)
-    print("\nmean gap closed over seeds:")
-    for name, value in mean_gap.items():
-        print(f"  {name:<48} {100 * value:5.1f}%")
-    write_results("skip_feedback", args, results, mean_gap_closed=mean_gap)
+    run_experiment(__doc__, "skip_feedback", run_seed, show)
 
 
 if __name__ == "__main__":
