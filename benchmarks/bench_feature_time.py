@@ -43,7 +43,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
     from recsys.versions import get_version
 
     t0 = time.perf_counter()
-    world, ws, engine = ingested_world(seed, args, root)
+    world, ws, engine, _ = ingested_world(seed, args, root, foreign=args.foreign)
     oracle = oracle_auc(world)
     out = {"seed": seed, "oracle": oracle, "rows": {}}
     for clock in CLOCKS:

@@ -162,21 +162,14 @@ def content_similarity_reference(world: Path, catalogue, *, logged_clicks: bool)
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
-    from recsys.config import Workspace, load_config
-    from recsys.data.sample import generate_sample
+    from recsys.config import load_config
     from recsys.pipelines.evaluate import run_evaluate
-    from recsys.pipelines.ingest import run_ingest
     from recsys.pipelines.scoring import load_scoring_catalogue
     from recsys.pipelines.train import run_train
-    from recsys.store.database import open_store
 
-    world = root / f"world-{seed}"
     t0 = time.perf_counter()
-    generate_sample(world, num_users=args.users, num_news=args.news, num_impressions=args.impressions, seed=seed)
-    ws = Workspace(root / f"ws-{seed}").ensure()
-    engine = open_store(ws.default_db_url)
+    world, ws, engine, _ = ingested_world(seed, args, root)
     config = load_config(None, config_overrides(args))
-    run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=world / "images")
     versions = {}
     for modalities in ("text", "image", "text,image"):
         cfg = replace(config, model=replace(config.model, modalities=modalities))
@@ -248,28 +241,28 @@ def parse_experiment_args(parser: argparse.ArgumentParser) -> argparse.Namespace
     return args
 
 
-def ingested_world(seed: int, args: argparse.Namespace, root: Path):
-    """Write the world of ``seed`` (``--foreign``: the second click model's, no covers) under
-    ``root``, ingest its news and training behaviors into a new workspace; ``(world, ws, engine)``."""
+def ingested_world(seed: int, args: argparse.Namespace, root: Path, *, foreign: bool = False):
+    """Write the held-out world of ``seed`` under ``root`` (``foreign``: the second click model's
+    of ``bench_quality_foreign.py``, no covers) and ingest its news and training behaviors into a
+    new workspace; ``(world folder, workspace, engine, the writer's summary)``."""
     from recsys.config import Workspace
     from recsys.data.sample import generate_sample
     from recsys.pipelines.ingest import run_ingest
     from recsys.store.database import open_store
 
     world = root / f"world-{seed}"
-    foreign = getattr(args, "foreign", False)
     if foreign:
         from bench_quality_foreign import write_world
 
         world.mkdir()
-        write_world(world, seed=seed, users=args.users, news=args.news, impressions=args.impressions)
+        summary = write_world(world, seed=seed, users=args.users, news=args.news, impressions=args.impressions)
     else:
-        generate_sample(world, num_users=args.users, num_news=args.news, num_impressions=args.impressions, seed=seed)
+        summary = generate_sample(world, num_users=args.users, num_news=args.news, num_impressions=args.impressions, seed=seed)
     ws = Workspace(root / f"ws-{seed}").ensure()
     engine = open_store(ws.default_db_url)
     run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv",
                images=None if foreign else world / "images")
-    return world, ws, engine
+    return world, ws, engine, summary
 
 
 def config_overrides(args: argparse.Namespace) -> dict:

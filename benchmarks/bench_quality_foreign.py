@@ -178,22 +178,15 @@ def category_reference(world: Path, catalogue) -> dict:
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
-    from bench_quality import config_overrides, content_similarity_reference, subset_rows
-    from recsys.config import Workspace, load_config
+    from bench_quality import config_overrides, content_similarity_reference, ingested_world, subset_rows
+    from recsys.config import load_config
     from recsys.pipelines.evaluate import run_evaluate
-    from recsys.pipelines.ingest import run_ingest
     from recsys.pipelines.scoring import load_scoring_catalogue
     from recsys.pipelines.train import run_train
-    from recsys.store.database import open_store
 
     t0 = time.perf_counter()
-    world = root / f"foreign-{seed}"
-    world.mkdir()
-    counts = write_world(world, seed=seed, users=args.users, news=args.news, impressions=args.impressions)
-    ws = Workspace(root / f"ws-{seed}").ensure()
-    engine = open_store(ws.default_db_url)
+    world, ws, engine, counts = ingested_world(seed, args, root, foreign=True)
     config = load_config(None, config_overrides(args))
-    run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=None)
     version = run_train(engine, ws, config)["version"]
     report = run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=ws.reports_dir / "foreign",
                           truth=world / "truth.tsv", num_resamples=200)

@@ -35,8 +35,8 @@ alone; "nearest clicks": the cosine of the nearest clicked article and the mean 
 nearest, a multi-interest signal that no user vector carries), each fitted twice on the
 validation window: by the pointwise logistic regression and (", listwise") by a conditional
 logit over each impression's candidates, which like per-impression AUC ignores differences
-between impressions. ``--foreign`` runs it all on the
-worlds of ``bench_quality_foreign.py`` (seeds 201-203, results ``skip_feedback_foreign.json``).
+between impressions. ``--foreign`` runs it all on the worlds of ``bench_quality_foreign.py``
+(seeds 201-203, results ``skip_feedback_foreign.json``).
 
 Usage:
   python benchmarks/bench_skip_feedback.py --seeds 101 102 103 --users 3000 --news 2500 --impressions 9000
@@ -157,7 +157,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
     from recsys.versions import get_version
 
     t0 = time.perf_counter()
-    world, ws, engine = ingested_world(seed, args, root)
+    world, ws, engine, _ = ingested_world(seed, args, root, foreign=args.foreign)
     config = load_config(None, config_overrides(args))
     run_train(engine, ws, config)
     catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
