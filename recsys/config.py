@@ -107,6 +107,10 @@ class Config:
                 raise ConfigError(f"config key '{key}' is {value}, expected a positive number")
         if self.encoders.image_size < 32:
             raise ConfigError(f"config key 'encoders.image_size' is {self.encoders.image_size}, expected at least 32")
+        clock = self.model.feature_clock_hours
+        if not (clock == 0 or 1 / 3600 <= clock < float("inf")):  # also rejects NaN; clock_floor ticks in seconds
+            raise ConfigError(f"config key 'model.feature_clock_hours' is {clock}, expected 0 (off) or a period of "
+                              "at least one second (1/3600 hours)")
         anchors = self.model.anchor_dim * len(self.model.modalities.split(","))
         if self.model.anchor_dim < 0 or anchors >= self.model.embedding_dim:
             raise ConfigError(

@@ -46,6 +46,9 @@ def test_unknown_section_is_named():
         ({"nightly": 3}, r"'nightly' must be a table"),
         ({"model": {"anchor_dim": 64}}, r"'model.anchor_dim' is 64, expected 0 or more with anchor_dim x modalities \(128\)"),
         ({"model": {"anchor_dim": -1}}, r"'model.anchor_dim' is -1"),
+        ({"model": {"feature_clock_hours": -24.0}}, r"'model.feature_clock_hours' is -24.0, expected 0 \(off\) or a period"),
+        ({"model": {"feature_clock_hours": 1e-4}}, r"'model.feature_clock_hours' is 0.0001, expected 0 \(off\)"),
+        ({"model": {"feature_clock_hours": float("nan")}}, r"'model.feature_clock_hours' is nan"),
     ],
 )
 def test_bad_values_are_named(data, message):
