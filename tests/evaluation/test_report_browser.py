@@ -67,10 +67,12 @@ def test_report_renders_in_chromium(driver, tmp_path, synthetic_result):
 
 
 def test_missing_browser_skips_locally_and_fails_under_ci(monkeypatch, tmp_path):
+    # Both paths are replaced, so the messages do not depend on what this machine has installed.
     monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.setattr(sys.modules[__name__], "CHROMEDRIVER", tmp_path / "no-chromedriver")
     monkeypatch.delenv("CI", raising=False)
-    with pytest.raises(pytest.skip.Exception, match="no-chromium not installed"):
+    with pytest.raises(pytest.skip.Exception, match="no-chromium, .*no-chromedriver not installed"):
         _require_browser()
     monkeypatch.setenv("CI", "true")
-    with pytest.raises(pytest.fail.Exception, match="CI=true but .*no-chromium not installed"):
+    with pytest.raises(pytest.fail.Exception, match="CI=true but .*no-chromium, .*no-chromedriver not installed"):
         _require_browser()
