@@ -253,6 +253,12 @@ def _print_rows(rows: list[dict], as_json: bool, *, title: str) -> None:
     Console().print(rows_table(clean, keys, title=title))
 
 
+_FEATURES_AT_HELP = (
+    "impression | store-end: read popularity and age at each impression's time (default), or "
+    "no later than the store's last logged show (for a file that runs past the store, e.g. MIND dev after MIND train)."
+)
+
+
 @app.command()
 def predict(
     ctx: typer.Context,
@@ -261,12 +267,16 @@ def predict(
     model: Annotated[Optional[str], typer.Option(help="Model version (default: current).")] = None,
     news: Annotated[Optional[Path], typer.Option(help="news.tsv with articles the store does not know.")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Cover images of those articles.")] = None,
+    features_at: Annotated[str, typer.Option("--features-at", help=_FEATURES_AT_HELP)] = "impression",
 ) -> None:
     """Score every impression of a behaviors file; write `ImpressionID [r1,r2,...]` lines."""
     from recsys.pipelines.predict import run_predict
 
     c = _ctx(ctx)
-    _print_json(run_predict(c.engine(), c.workspace, c.config(), behaviors=behaviors, out=out, version=model, news=news, images=images))
+    _print_json(run_predict(
+        c.engine(), c.workspace, c.config(), behaviors=behaviors, out=out, version=model, news=news, images=images,
+        features_at=features_at,
+    ))
 
 
 @app.command()
@@ -280,6 +290,7 @@ def evaluate(
     news: Annotated[Optional[Path], typer.Option(help="news.tsv with articles the store does not know.")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Cover images of those articles.")] = None,
     compare: Annotated[Optional[list[Path]], typer.Option(help="Two metrics.json files to compare (give the option twice).")] = None,
+    features_at: Annotated[str, typer.Option("--features-at", help=_FEATURES_AT_HELP)] = "impression",
 ) -> None:
     """Offline CTR evaluation report: metrics.json, report.html and MIND prediction files."""
     if compare:
@@ -297,7 +308,7 @@ def evaluate(
     versions = [v for v in models.split(",") if v] if models else None
     summary = run_evaluate(
         c.engine(), c.workspace, c.config(), behaviors=behaviors, out=out, versions=versions,
-        ablations=baselines, truth=truth, news=news, images=images,
+        ablations=baselines, truth=truth, news=news, images=images, features_at=features_at,
     )
     _print_json(summary)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,23 @@ def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
         assert m.group(1) == row[0]
         ranks = [int(x) for x in m.group(2).split(",")]
         assert sorted(ranks) == list(range(1, len(row[4].split()) + 1))
+    assert json.loads(out)["side_features_at"] == "impression time"
+
+    # --features-at store-end: the same impressions, popularity and age read no later than one
+    # second after the last ingested show (the scores themselves: tests/test_scoring.py).
+    last_show = max(datetime.strptime(row[2], "%m/%d/%Y %I:%M:%S %p") for row in train_rows)  # MIND's time format
+    end = (np.datetime64(last_show, "s") + np.timedelta64(1, "s")).astype(str)
+    at_end = workspace / "prediction-store-end.txt"
+    code, out, err = run(capsys, *ws, "predict", "--behaviors", str(world / "behaviors_test_unlabelled.tsv"), "--out", str(at_end),
+                         "--features-at", "store-end")
+    assert code == 0, err
+    assert json.loads(out)["side_features_at"] == f"impression time, at most the store's end {end}"
+    assert [x.split()[0] for x in at_end.read_text().splitlines()] == [x.split()[0] for x in lines]
+    code, out, err = run(capsys, *ws, "predict", "--behaviors", str(world / "behaviors_test_unlabelled.tsv"), "--out",
+                         str(workspace / "never.txt"), "--features-at", "tomorrow")
+    assert code == 1
+    assert "--features-at is 'tomorrow', expected one of ['impression', 'store-end']" in err, err
+    assert not (workspace / "never.txt").exists()
 
     # The default model reads title + abstract vectors; served title-only ones it refuses with
     # the settings to change, and writes nothing.
@@ -145,6 +163,7 @@ def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
     result = json.loads(out)
     metrics = json.loads((report_dir / "metrics.json").read_text())
     assert metrics["schema_version"] == 1
+    assert metrics["header"]["side_features_at"] == "impression time"
     assert (report_dir / "report.html").stat().st_size > 10_000
     version = trained["version"]
     pred_file = Path(result["predictions"][version])

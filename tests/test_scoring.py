@@ -9,9 +9,11 @@ import pytest
 
 from recsys.config import Workspace, load_config
 from recsys.data.mind import iter_behaviors
-from recsys.models.samples import with_logged_clicks
+from recsys.errors import RecsysError
+from recsys.models.samples import InteractionLog, with_logged_clicks
 from recsys.pipelines.ingest import run_ingest
-from recsys.pipelines.scoring import VersionScorer, iter_behavior_chunks, load_scoring_catalogue
+from recsys.pipelines.predict import run_predict
+from recsys.pipelines.scoring import VersionScorer, features_until, iter_behavior_chunks, load_scoring_catalogue
 from recsys.pipelines.train import run_train
 from recsys.store.database import open_store
 from recsys.versions import get_version
@@ -62,3 +64,46 @@ def test_each_model_is_served_the_histories_it_was_trained_on(trained):
         # The test window follows training: its users' training clicks change their vectors.
         assert np.abs(on_led - on_file).max() > 1e-4
         np.testing.assert_allclose(scorer.score(imps), on_led if flag else on_file, rtol=1e-5, atol=1e-6)
+
+
+def test_store_end_reads_later_impressions_with_the_stores_last_statistics(trained):
+    world, ws, engine, config, versions = trained
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    assert features_until(catalogue, "impression") is None
+    end = features_until(catalogue, "store-end")
+    last_show = max(np.datetime64(row.time, "s") for row in iter_behaviors(world / "behaviors_train.tsv"))
+    assert end == last_show + np.timedelta64(1, "s")
+
+    imps, _ = next(iter_behavior_chunks(Path(world / "behaviors_test.tsv"), catalogue, history_len=50))
+    later = np.repeat(imps.times > end, np.diff(imps.candidate_offsets))
+    assert later.all()  # the sample's test window follows the ingested training window
+    mv = get_version(engine, versions[True])
+    default = VersionScorer(mv, catalogue)
+    at_impression = default.score(imps)
+    at_end = VersionScorer(mv, catalogue, features_until=end).score(imps)
+    # Every test impression is after the end, so each reads the statistics of the end itself:
+    # the batch path that scores everything at one time (as_of) gives the same numbers.
+    led = with_logged_clicks(imps, catalogue.clicks, default.history_len)
+    expected = default.model.score_impressions(led, default.embeddings, catalogue.log, catalogue.first_seen, as_of=end)
+    np.testing.assert_allclose(at_end, expected, rtol=1e-5, atol=1e-6)
+    # A day or more past the end, impression-time windows are empty: the scores differ.
+    assert np.abs(at_end - at_impression).max() > 1e-4
+
+
+def test_store_end_without_a_logged_show_is_refused(trained):
+    world, ws, engine, config, _ = trained
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    empty = InteractionLog.from_events(np.array([], np.int64), np.array([], "datetime64[s]"), np.array([], np.int8),
+                                       len(catalogue.features))
+    catalogue.log = empty
+    with pytest.raises(RecsysError, match="store-end: the store holds no labelled impression"):
+        features_until(catalogue, "store-end")
+    assert features_until(catalogue, "impression") is None
+
+
+def test_unknown_features_at_is_refused_before_anything_is_written(trained, tmp_path):
+    world, ws, engine, config, _ = trained
+    out = tmp_path / "prediction.txt"
+    with pytest.raises(RecsysError, match=r"--features-at is 'tomorrow', expected one of \['impression', 'store-end'\]"):
+        run_predict(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=out, features_at="tomorrow")
+    assert not out.exists()

@@ -121,5 +121,12 @@ def compare_files(a: str | os.PathLike, b: str | os.PathLike) -> str:
     Raises:
         ReportError: as ``load_metrics``.
     """
-    rows = compare_metrics(load_metrics(a), load_metrics(b))
-    return f"A: {Path(a)}\nB: {Path(b)}\n\n" + format_comparison(rows)
+    doc_a, doc_b = load_metrics(a), load_metrics(b)
+    rows = compare_metrics(doc_a, doc_b)
+    return f"A: {_describe(a, doc_a)}\nB: {_describe(b, doc_b)}\n\n" + format_comparison(rows)
+
+
+def _describe(path: str | os.PathLike, document: Mapping) -> str:
+    # Reports written before the header recorded it lack side_features_at.
+    read_at = (document.get("header") or {}).get("side_features_at")
+    return f"{Path(path)}" + (f" (side features read at {read_at})" if read_at else "")

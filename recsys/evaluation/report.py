@@ -10,6 +10,7 @@ plus ``"schema_version": 1``)::
                 "num_labelled_impressions": int, "num_unlabelled": int, "num_scored": int,
                 "num_single_class": int, "num_candidates": int, "num_clicked": int,
                 "model_versions": [str, ...], "encoders": {name: description},
+                "side_features_at": str | None,   # where popularity and age were read
                 "bootstrap": {"unit", "num_resamples", "breakdown_resamples", "confidence",
                               "seed", "pooled_auc"}},
      "models": {name: {                         # in evaluation order; the first is the reference
@@ -80,6 +81,7 @@ def build_result(
     encoders: Mapping[str, object] | None = None,
     generated_at: datetime | None = None,
     beyond_accuracy: Mapping | None = None,
+    side_features_at: str | None = None,
 ) -> dict:
     """The report dict (module docstring) from an accumulator and the header facts.
 
@@ -93,6 +95,7 @@ def build_result(
         encoders: encoder name -> description (e.g. dims) of the current model version.
         generated_at: report time (default: now, UTC).
         beyond_accuracy: the dict of ``beyond_accuracy`` for the latest nightly run, or None.
+        side_features_at: where the models read popularity and age (e.g. "impression time").
 
     Returns:
         The report dict.
@@ -131,6 +134,7 @@ def build_result(
         )},
         "model_versions": [str(v) for v in model_versions],
         "encoders": {str(k): v for k, v in (encoders or {}).items()},
+        "side_features_at": side_features_at,
         "bootstrap": raw["bootstrap"],
     }
     return {"header": header, "models": models, "beyond_accuracy": None if beyond_accuracy is None else dict(beyond_accuracy)}

@@ -20,7 +20,9 @@ from recsys.columns import CATEGORY, NEWS_ID
 from recsys.config import Config, Workspace
 from recsys.errors import RecsysError, SchemaError
 from recsys.pipelines.predict import split_scores
-from recsys.pipelines.scoring import Catalogue, VersionScorer, iter_scored, load_scoring_catalogue
+from recsys.pipelines.scoring import (
+    Catalogue, VersionScorer, check_features_at, describe_features_at, features_until, iter_scored, load_scoring_catalogue,
+)
 from recsys.threads import configure_threads
 from recsys.versions import ModelVersion, get_version, list_versions
 
@@ -90,8 +92,13 @@ def _age_groups(times: np.ndarray, offsets: np.ndarray, items: np.ndarray, first
 def run_evaluate(
     engine: Engine, workspace: Workspace, config: Config, *, behaviors: Path, out: Path, versions: list[str] | None = None,
     ablations: bool = False, truth: Path | None = None, news: Path | None = None, images: Path | None = None,
-    chunk_size: int = 20_000, num_resamples: int = 1000,
+    chunk_size: int = 20_000, num_resamples: int = 1000, features_at: str = "impression",
 ) -> dict:
+    """Score ``behaviors`` with the chosen versions and the baselines; write the report to ``out``.
+
+    ``features_at``: ``"impression"`` or ``"store-end"`` (recsys.pipelines.scoring), the same
+    for every version; the report's header records it.
+    """
     from recsys.evaluation.prediction_file import write_predictions
     from recsys.evaluation.report import build_result, write_report
     from recsys.metrics.accumulator import ImpressionMetrics, history_length_bucket
@@ -99,6 +106,7 @@ def run_evaluate(
     behaviors = Path(behaviors)
     if not behaviors.is_file():
         raise RecsysError(f"--behaviors {behaviors}: no such file")
+    check_features_at(features_at)
     configure_threads(config.runtime.threads or None)
     t_start = time.perf_counter()
     chosen = [get_version(engine, v) for v in versions] if versions else [get_version(engine)]
@@ -109,7 +117,8 @@ def run_evaluate(
             chosen.append(mv)
             kinds[mv.version] = "ablation"
     catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images)
-    scorers = {mv.version: VersionScorer(mv, catalogue) for mv in chosen}
+    until = features_until(catalogue, features_at)
+    scorers = {mv.version: VersionScorer(mv, catalogue, features_until=until) for mv in chosen}
     names = {mv.version: _display_name(mv, kinds[mv.version]) for mv in chosen}
 
     truth_path = truth if truth is not None else behaviors.parent / "truth.tsv"
@@ -169,6 +178,7 @@ def run_evaluate(
             "image": catalogue.features.image_encoder.to_dict(),
         },
         beyond_accuracy=_beyond_accuracy(engine, catalogue, popularity),
+        side_features_at=describe_features_at(until),
     )
     metrics_path, html_path = write_report(result, out)
     gaps = {name: m.get("gap_closed") for name, m in result["models"].items()}

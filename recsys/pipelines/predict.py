@@ -10,7 +10,9 @@ from sqlalchemy import Engine
 
 from recsys.config import Config, Workspace
 from recsys.errors import RecsysError
-from recsys.pipelines.scoring import VersionScorer, iter_scored, load_scoring_catalogue
+from recsys.pipelines.scoring import (
+    VersionScorer, check_features_at, describe_features_at, features_until, iter_scored, load_scoring_catalogue,
+)
 from recsys.threads import configure_threads
 from recsys.versions import get_version
 
@@ -21,18 +23,23 @@ def split_scores(offsets: np.ndarray, scores: np.ndarray):
 
 def run_predict(
     engine: Engine, workspace: Workspace, config: Config, *, behaviors: Path, out: Path, version: str | None = None,
-    news: Path | None = None, images: Path | None = None,
+    news: Path | None = None, images: Path | None = None, features_at: str = "impression",
 ) -> dict:
-    """Write ``ImpressionID [r1,r2,...]`` for every impression of ``behaviors``, in file order."""
+    """Write ``ImpressionID [r1,r2,...]`` for every impression of ``behaviors``, in file order.
+
+    ``features_at``: ``"impression"`` or ``"store-end"`` (recsys.pipelines.scoring).
+    """
     from recsys.evaluation.prediction_file import write_predictions
 
     if not Path(behaviors).is_file():
         raise RecsysError(f"--behaviors {behaviors}: no such file")
+    check_features_at(features_at)
     configure_threads(config.runtime.threads or None)
     t0 = time.perf_counter()
     mv = get_version(engine, version)
     catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images)
-    scorer = VersionScorer(mv, catalogue)
+    until = features_until(catalogue, features_at)
+    scorer = VersionScorer(mv, catalogue, features_until=until)
     counts = {"impressions": 0, "candidates": 0}
 
     def rows():
@@ -43,4 +50,4 @@ def run_predict(
             yield from zip(imps.impression_ids.tolist(), split_scores(imps.candidate_offsets, chunk.scores["model"]))
 
     write_predictions(Path(out), rows())
-    return {"version": mv.version, "out": str(out), **counts, "seconds": round(time.perf_counter() - t0, 2)}
+    return {"version": mv.version, "out": str(out), **counts, "side_features_at": describe_features_at(until), "seconds": round(time.perf_counter() - t0, 2)}

@@ -5,6 +5,11 @@ Each chunk becomes an ``Impressions`` over the catalogue's item rows (history fr
 own History column, as the MIND competition defines it) and every model scores it once; a
 model trained with ``logged_clicks`` first gets each history led by the user's clicks in the
 store before the impression, as it was trained (docs/model.md).
+
+Side features (popularity, age) are read at each impression's time by default, as validation
+is in training; ``features_at="store-end"`` reads an impression later than the store's last
+event at that end instead, as the nightly job reads tomorrow's candidates with tonight's
+statistics (docs/model.md, "When a later window's features are read").
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ from recsys.store import repository as repo
 from recsys.versions import ModelVersion, check_encoders
 
 log = logging.getLogger("recsys.scoring")
+
+# Where a behaviors file's side features are read: each impression's own time, or no later
+# than the store's end.
+FEATURES_AT = ("impression", "store-end")
 
 
 @dataclass
@@ -155,16 +164,49 @@ def _chunk(rows: list, row_of: dict, path: Path, history_len: int) -> tuple[Impr
     return imps, dropped
 
 
-class VersionScorer:
-    """A model version ready to score chunks: its bundle and the catalogue's embeddings."""
+def check_features_at(features_at: str) -> None:
+    """Raises RecsysError for a value not in FEATURES_AT (before any data is read)."""
+    if features_at not in FEATURES_AT:
+        raise RecsysError(f"--features-at is {features_at!r}, expected one of {list(FEATURES_AT)}")
 
-    def __init__(self, mv: ModelVersion, catalogue: Catalogue):
+
+def features_until(catalogue: Catalogue, features_at: str) -> np.datetime64 | None:
+    """The time after which side features stop moving: None for ``"impression"``, the store's
+    end (one second after its last logged show) for ``"store-end"``.
+
+    Raises:
+        RecsysError: an unknown ``features_at``, or ``"store-end"`` with no show in the store.
+    """
+    check_features_at(features_at)
+    if features_at == "impression":
+        return None
+    end = catalogue.log.end
+    if end is None:
+        raise RecsysError("--features-at store-end: the store holds no labelled impression, so it has no end; "
+                          "ingest behaviors first or use --features-at impression")
+    return end
+
+
+def describe_features_at(until: np.datetime64 | None) -> str:
+    """For reports and summaries: where side features were read."""
+    return "impression time" if until is None else f"impression time, at most the store's end {pd.Timestamp(until).isoformat()}"
+
+
+class VersionScorer:
+    """A model version ready to score chunks: its bundle and the catalogue's embeddings.
+
+    ``features_until``: side features of later impressions are read at this time
+    (``features_until(catalogue, "store-end")``); None reads each at its own time.
+    """
+
+    def __init__(self, mv: ModelVersion, catalogue: Catalogue, *, features_until: np.datetime64 | None = None):
         check_encoders(mv.manifest, catalogue.features.text_encoder.to_dict(), catalogue.features.image_encoder.to_dict(),
                        what=f"model version {mv.version}")
         self.version = mv
         self.model = load_version_model(mv, catalogue.features)
         self.embeddings = self.model.item_embeddings(catalogue.features)
         self.catalogue = catalogue
+        self.features_until = features_until
 
     @property
     def history_len(self) -> int:
@@ -173,7 +215,8 @@ class VersionScorer:
     def score(self, impressions: Impressions) -> np.ndarray:
         if self.model.config.logged_clicks:  # served as trained: clicks in the store before each impression lead its history
             impressions = with_logged_clicks(impressions, self.catalogue.clicks, self.history_len)
-        return self.model.score_impressions(impressions, self.embeddings, self.catalogue.log, self.catalogue.first_seen)
+        return self.model.score_impressions(impressions, self.embeddings, self.catalogue.log, self.catalogue.first_seen,
+                                            features_until=self.features_until)
 
 
 def iter_scored(path: Path, catalogue: Catalogue, scorers: dict[str, VersionScorer], *, chunk_size: int = 20_000) -> Iterator[ScoredChunk]:

@@ -86,3 +86,14 @@ def test_compare_files_names_the_files(tmp_path, two_reports):
     assert lines[0] == f"A: {tmp_path / 'a.json'}" and lines[1] == f"B: {tmp_path / 'b.json'}"
     assert lines[3].split()[:4] == ["model", "metric", "A", "B"]
     assert any(line.split()[:2] == ["v2", "MRR"] and line.endswith("+0.0100") for line in lines)
+
+
+def test_compare_files_says_where_each_report_read_side_features(tmp_path, two_reports):
+    a, b = copy.deepcopy(two_reports[0]), copy.deepcopy(two_reports[1])
+    a["header"]["side_features_at"] = "impression time"
+    b["header"]["side_features_at"] = "impression time, at most the store's end 2019-11-15T00:00:01"
+    for name, document in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(document))
+    lines = compare_files(tmp_path / "a.json", tmp_path / "b.json").splitlines()
+    assert lines[0] == f"A: {tmp_path / 'a.json'} (side features read at impression time)"
+    assert lines[1] == f"B: {tmp_path / 'b.json'} (side features read at impression time, at most the store's end 2019-11-15T00:00:01)"
