@@ -50,4 +50,5 @@ def run_predict(
             yield from zip(imps.impression_ids.tolist(), split_scores(imps.candidate_offsets, chunk.scores["model"]))
 
     write_predictions(Path(out), rows())
-    return {"version": mv.version, "out": str(out), **counts, "side_features_at": describe_features_at(until), "seconds": round(time.perf_counter() - t0, 2)}
+    return {"version": mv.version, "out": str(out), **counts, "side_features_at": describe_features_at(until),
+            "seconds": round(time.perf_counter() - t0, 2)}
