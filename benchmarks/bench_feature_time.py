@@ -33,42 +33,33 @@ CLOCKS = (0.0, 24.0)
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
-    from bench_quality import config_overrides, ingested_world
-    from bench_skip_feedback import oracle_auc
+    from bench_quality import config_overrides, file_impressions, fresh_candidates, ingested_world, oracle_auc, subset_auc
     from recsys.config import load_config
-    from recsys.models.samples import with_logged_clicks
-    from recsys.models.training import mean_impression_auc
-    from recsys.pipelines.scoring import VersionScorer, iter_behavior_chunks, load_scoring_catalogue
+    from recsys.pipelines.scoring import VersionScorer, load_scoring_catalogue
     from recsys.pipelines.train import run_train
     from recsys.versions import get_version
 
     t0 = time.perf_counter()
     world, ws, engine, _ = ingested_world(seed, args, root, foreign=args.foreign)
     oracle = oracle_auc(world)
+    # The store does not change between the trainings: one catalogue and one test file serve both.
+    catalogue = load_scoring_catalogue(engine, ws, load_config(None, config_overrides(args)), news=None, images=None)
     out = {"seed": seed, "oracle": oracle, "rows": {}}
+    test = fresh = None
     for clock in CLOCKS:
         config = load_config(None, {**config_overrides(args), "model.feature_clock_hours": clock})
         run_train(engine, ws, config)
-        catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
         scorer = VersionScorer(get_version(engine), catalogue)
-        test, _ = next(iter_behavior_chunks(world / "behaviors_test.tsv", catalogue, chunk_size=10**7,
-                                            history_len=scorer.history_len))
-        led = with_logged_clicks(test, catalogue.clicks, scorer.history_len)
-        owner = np.repeat(np.arange(len(test)), np.diff(test.candidate_offsets))
-        shown = catalogue.first_seen[test.candidate_items]
-        fresh = np.isnat(shown) | (shown >= catalogue.log.end)
-
-        def auc(scores, keep):
-            offsets = np.concatenate([[0], np.cumsum(np.bincount(owner[keep], minlength=len(test)))])
-            return float(mean_impression_auc(test.labels[keep], scores[keep], offsets)[0])
-
+        if test is None:
+            test = file_impressions(world / "behaviors_test.tsv", catalogue, logged_clicks=True, history_len=scorer.history_len)
+            fresh = fresh_candidates(test, catalogue)
         for reading, until in (("impression time", None), ("store's end", catalogue.log.end)):
-            scores = scorer.model.score_impressions(led, scorer.embeddings, catalogue.log, catalogue.first_seen,
+            scores = scorer.model.score_impressions(test, scorer.embeddings, catalogue.log, catalogue.first_seen,
                                                     features_until=until)
-            a = auc(scores, np.ones(len(scores), bool))
+            a = subset_auc(test, scores, np.ones(len(scores), bool))
             out["rows"][f"clock {clock:g}, features at {reading}"] = {
                 "impression_auc": a, "gap_closed": (a - 0.5) / (oracle - 0.5),
-                "fresh_auc": auc(scores, fresh), "seen_auc": auc(scores, ~fresh),
+                "fresh_auc": subset_auc(test, scores, fresh), "seen_auc": subset_auc(test, scores, ~fresh),
                 "mean_p_fresh": float(scores[fresh].mean()), "mean_p_seen": float(scores[~fresh].mean()),
                 "click_rate_fresh": float((test.labels[fresh] == 1).mean()),
                 "click_rate_seen": float((test.labels[~fresh] == 1).mean())}

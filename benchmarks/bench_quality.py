@@ -63,14 +63,42 @@ def subset_rows(world: Path, report_dir: Path, versions: dict[str, str], *, fres
     return out
 
 
-def _file_impressions(path: Path, catalogue, logged_clicks: bool):
-    """A behaviors file as one ``Impressions`` over the catalogue's rows, histories capped at 50
-    and, with ``logged_clicks``, led by the store's clicks before each impression (as the model)."""
+def file_impressions(path: Path, catalogue, logged_clicks: bool, history_len: int = 50):
+    """A behaviors file as one ``Impressions`` over the catalogue's rows, histories capped at
+    ``history_len`` and, with ``logged_clicks``, led by the store's clicks before each impression
+    (as the model is served)."""
     from recsys.models.samples import with_logged_clicks
     from recsys.pipelines.scoring import iter_behavior_chunks
 
-    imps, _ = next(iter_behavior_chunks(path, catalogue, chunk_size=10**7, history_len=50))
-    return with_logged_clicks(imps, catalogue.clicks, 50) if logged_clicks else imps
+    imps, _ = next(iter_behavior_chunks(path, catalogue, chunk_size=10**7, history_len=history_len))
+    return with_logged_clicks(imps, catalogue.clicks, history_len) if logged_clicks else imps
+
+
+def fresh_candidates(imps, catalogue) -> np.ndarray:
+    """(c,) bool: candidates never shown in the store (first shown at or after its log's end)."""
+    shown = catalogue.first_seen[imps.candidate_items]
+    return np.isnat(shown) | (shown >= catalogue.log.end)
+
+
+def subset_auc(imps, scores: np.ndarray, keep: np.ndarray) -> float:
+    """Mean per-impression AUC of ``scores`` over the candidates where ``keep`` is True."""
+    from recsys.models.training import mean_impression_auc
+
+    owner = np.repeat(np.arange(len(imps)), np.diff(imps.candidate_offsets))
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(owner[keep], minlength=len(imps)))])
+    return float(mean_impression_auc(imps.labels[keep], scores[keep], offsets)[0])
+
+
+def oracle_auc(world: Path) -> float:
+    """Per-impression AUC of the true click probabilities of the test file (truth.tsv)."""
+    import pandas as pd
+
+    from recsys.models.training import mean_impression_auc
+
+    truth = pd.read_csv(world / "truth.tsv", sep="\t", header=None, names=["split", "iid", "nid", "pos", "p", "y"])
+    truth = truth[truth["split"] == "test"].sort_values(["iid", "pos"])
+    offsets = np.concatenate([[0], np.cumsum(truth.groupby("iid", sort=True).size().to_numpy())])
+    return mean_impression_auc(truth["y"].to_numpy(), truth["p"].to_numpy(), offsets)[0]
 
 
 def hidden_label_ceiling(world: Path, catalogue, *, logged_clicks: bool) -> dict:
@@ -105,8 +133,8 @@ def label_share_reference(world: Path, catalogue, labels: list[np.ndarray], *, l
     from recsys.models.training import mean_impression_auc
 
     n = len(catalogue.features)
-    train = _file_impressions(world / "behaviors_train.tsv", catalogue, logged_clicks)
-    test = _file_impressions(world / "behaviors_test.tsv", catalogue, logged_clicks)
+    train = file_impressions(world / "behaviors_train.tsv", catalogue, logged_clicks)
+    test = file_impressions(world / "behaviors_test.tsv", catalogue, logged_clicks)
     clicks = np.bincount(train.candidate_items, weights=train.labels, minlength=n)
     shows = np.bincount(train.candidate_items, minlength=n).astype(float)
 
@@ -150,7 +178,7 @@ def content_similarity_reference(world: Path, catalogue, *, logged_clicks: bool)
     with_image = np.asarray(features.has_image, dtype=bool)
     text = unit(features.text, np.arange(len(features)))
     image = unit(features.image, with_image) * with_image[:, None]
-    test = _file_impressions(world / "behaviors_test.tsv", catalogue, logged_clicks)
+    test = file_impressions(world / "behaviors_test.tsv", catalogue, logged_clicks)
     scores = np.zeros(len(test.candidate_items))
     for i in range(len(test)):
         cand, hist = test.candidates(i), test.history(i)

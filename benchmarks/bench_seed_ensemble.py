@@ -32,44 +32,34 @@ MEMBERS = 3
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
-    from bench_quality import config_overrides, ingested_world
-    from bench_skip_feedback import oracle_auc
+    from bench_quality import config_overrides, file_impressions, fresh_candidates, ingested_world, oracle_auc, subset_auc
     from recsys.config import load_config
-    from recsys.models.samples import with_logged_clicks
-    from recsys.models.training import mean_impression_auc
-    from recsys.pipelines.scoring import VersionScorer, iter_behavior_chunks, load_scoring_catalogue
+    from recsys.pipelines.scoring import VersionScorer, load_scoring_catalogue
     from recsys.pipelines.train import run_train
     from recsys.versions import get_version
 
     t0 = time.perf_counter()
     world, ws, engine, _ = ingested_world(seed, args, root, foreign=args.foreign)
     oracle = oracle_auc(world)
+    # The store does not change between the trainings: one catalogue and one test file serve all.
+    catalogue = load_scoring_catalogue(engine, ws, load_config(None, config_overrides(args)), news=None, images=None)
     out = {"seed": seed, "oracle": oracle, "rows": {}, "train_seconds": []}
-    logits, test, fresh = [], None, None
+    logits, test = [], None
     for member in range(MEMBERS):
         config = load_config(None, {**config_overrides(args), "model.seed": member})
         t = time.perf_counter()
         version = run_train(engine, ws, config, make_current=False)["version"]
         out["train_seconds"].append(round(time.perf_counter() - t, 1))
-        catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
         scorer = VersionScorer(get_version(engine, version), catalogue)
         if test is None:
-            test, _ = next(iter_behavior_chunks(world / "behaviors_test.tsv", catalogue, chunk_size=10**7,
-                                                history_len=scorer.history_len))
-            shown = catalogue.first_seen[test.candidate_items]
-            fresh = np.isnat(shown) | (shown >= catalogue.log.end)
-        led = with_logged_clicks(test, catalogue.clicks, scorer.history_len)
-        logits.append(scorer.model.score_impressions(led, scorer.embeddings, catalogue.log, catalogue.first_seen,
+            test = file_impressions(world / "behaviors_test.tsv", catalogue, logged_clicks=True, history_len=scorer.history_len)
+        logits.append(scorer.model.score_impressions(test, scorer.embeddings, catalogue.log, catalogue.first_seen,
                                                      logits=True).astype(np.float64))
-    owner = np.repeat(np.arange(len(test)), np.diff(test.candidate_offsets))
-
-    def auc(scores: np.ndarray, keep: np.ndarray) -> float:
-        offsets = np.concatenate([[0], np.cumsum(np.bincount(owner[keep], minlength=len(test)))])
-        return float(mean_impression_auc(test.labels[keep], scores[keep], offsets)[0])
+    fresh = fresh_candidates(test, catalogue)
 
     def row(scores: np.ndarray) -> dict:
-        a = auc(scores, np.ones(len(scores), bool))
-        return {"impression_auc": a, "gap_closed": (a - 0.5) / (oracle - 0.5), "fresh_auc": auc(scores, fresh)}
+        a = subset_auc(test, scores, np.ones(len(scores), bool))
+        return {"impression_auc": a, "gap_closed": (a - 0.5) / (oracle - 0.5), "fresh_auc": subset_auc(test, scores, fresh)}
 
     for member, scores in enumerate(logits):
         out["rows"][f"seed {member} alone"] = row(scores)

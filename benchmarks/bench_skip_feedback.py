@@ -59,18 +59,6 @@ SKIP_WEIGHTS = (-32.0, -16.0, -8.0, -4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 
 SKIP_CAPS = (20, 50, 200)
 
 
-def oracle_auc(world: Path) -> float:
-    """Per-impression AUC of the true click probabilities of the test file (truth.tsv)."""
-    import pandas as pd
-
-    from recsys.models.training import mean_impression_auc
-
-    truth = pd.read_csv(world / "truth.tsv", sep="\t", header=None, names=["split", "iid", "nid", "pos", "p", "y"])
-    truth = truth[truth["split"] == "test"].sort_values(["iid", "pos"])
-    offsets = np.concatenate([[0], np.cumsum(truth.groupby("iid", sort=True).size().to_numpy())])
-    return mean_impression_auc(truth["y"].to_numpy(), truth["p"].to_numpy(), offsets)[0]
-
-
 def count_features(imps, skipped, anchors: np.ndarray, blocks: int) -> np.ndarray:
     """(c, 2 * (8 * blocks + 1)) count features of every candidate against its impression's
     history (first half) and skip list (second half); see the module docstring."""
@@ -145,12 +133,12 @@ def fit_listwise(x: np.ndarray, labels: np.ndarray, offsets: np.ndarray, l2: flo
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
-    from bench_quality import config_overrides, ingested_world
+    from bench_quality import config_overrides, file_impressions, ingested_world, oracle_auc
     from recsys.columns import USER_ID
     from recsys.config import load_config
     from recsys.models.samples import ClickLog, with_logged_clicks
     from recsys.models.training import mean_impression_auc
-    from recsys.pipelines.scoring import VersionScorer, iter_behavior_chunks, load_scoring_catalogue
+    from recsys.pipelines.scoring import VersionScorer, load_scoring_catalogue
     from recsys.pipelines.train import run_train
     from recsys.store import repository as repo
     from recsys.store import schema
@@ -177,8 +165,8 @@ def run_seed(seed: int, args, root: Path) -> dict:
     window = version.manifest["training_window"]
     valid = repo.read_impressions(engine, catalogue.features.news_ids, since=datetime.fromisoformat(window["valid_start"]),
                                   until=datetime.fromisoformat(window["until"]), history_len=h, labelled_only=True)
-    test, _ = next(iter_behavior_chunks(world / "behaviors_test.tsv", catalogue, chunk_size=10**7, history_len=h))
-    valid, test = (with_logged_clicks(x, catalogue.clicks, h) for x in (valid, test))
+    valid = with_logged_clicks(valid, catalogue.clicks, h)
+    test = file_impressions(world / "behaviors_test.tsv", catalogue, logged_clicks=True, history_len=h)
 
     def mean_anchor_dot(imps, offsets, items) -> np.ndarray:
         """(c,) <mean anchors of each impression's list, anchors of its candidates>; 0 for an empty list."""
