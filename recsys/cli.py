@@ -254,8 +254,9 @@ def _print_rows(rows: list[dict], as_json: bool, *, title: str) -> None:
 
 
 _FEATURES_AT_HELP = (
-    "impression | store-end: read popularity and age at each impression's time (default), or "
-    "no later than the store's last logged show (for a file that runs past the store, e.g. MIND dev after MIND train)."
+    "popularity-at-end | impression | store-end: for impressions later than the store's last logged show "
+    "(MIND dev after MIND train), read popularity no later than the store's end and age at each impression's "
+    "time (default), both at each impression's time, or both no later than the store's end."
 )
 
 
@@ -267,7 +268,7 @@ def predict(
     model: Annotated[Optional[str], typer.Option(help="Model version (default: current).")] = None,
     news: Annotated[Optional[Path], typer.Option(help="news.tsv with articles the store does not know.")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Cover images of those articles.")] = None,
-    features_at: Annotated[str, typer.Option("--features-at", help=_FEATURES_AT_HELP)] = "impression",
+    features_at: Annotated[str, typer.Option("--features-at", help=_FEATURES_AT_HELP)] = "popularity-at-end",
 ) -> None:
     """Score every impression of a behaviors file; write `ImpressionID [r1,r2,...]` lines."""
     from recsys.pipelines.predict import run_predict
@@ -290,7 +291,7 @@ def evaluate(
     news: Annotated[Optional[Path], typer.Option(help="news.tsv with articles the store does not know.")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Cover images of those articles.")] = None,
     compare: Annotated[Optional[list[Path]], typer.Option(help="Two metrics.json files to compare (give the option twice).")] = None,
-    features_at: Annotated[str, typer.Option("--features-at", help=_FEATURES_AT_HELP)] = "impression",
+    features_at: Annotated[str, typer.Option("--features-at", help=_FEATURES_AT_HELP)] = "popularity-at-end",
 ) -> None:
     """Offline CTR evaluation report: metrics.json, report.html and MIND prediction files."""
     if compare:

@@ -126,22 +126,25 @@ def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
         assert m.group(1) == row[0]
         ranks = [int(x) for x in m.group(2).split(",")]
         assert sorted(ranks) == list(range(1, len(row[4].split()) + 1))
-    assert json.loads(out)["side_features_at"] == "impression time"
-
-    # --features-at store-end: the same impressions, popularity and age read no later than one
-    # second after the last ingested show (the scores themselves: tests/test_scoring.py).
+    # By default popularity is read no later than one second after the last ingested show, age at
+    # each impression's time (the scores themselves: tests/test_scoring.py).
     last_show = max(datetime.strptime(row[2], "%m/%d/%Y %I:%M:%S %p") for row in train_rows)  # MIND's time format
     end = (np.datetime64(last_show, "s") + np.timedelta64(1, "s")).astype(str)
-    at_end = workspace / "prediction-store-end.txt"
-    code, out, err = run(capsys, *ws, "predict", "--behaviors", str(world / "behaviors_test_unlabelled.tsv"), "--out", str(at_end),
-                         "--features-at", "store-end")
-    assert code == 0, err
-    assert json.loads(out)["side_features_at"] == f"impression time, at most the store's end {end}"
-    assert [x.split()[0] for x in at_end.read_text().splitlines()] == [x.split()[0] for x in lines]
+    default_reading = f"popularity at impression time, at most the store's end {end}; age at impression time"
+    assert json.loads(out)["side_features_at"] == default_reading
+
+    # --features-at store-end / impression: the same impressions, both features read at the end / at each impression.
+    for mode, reading in (("store-end", f"impression time, at most the store's end {end}"), ("impression", "impression time")):
+        other = workspace / f"prediction-{mode}.txt"
+        code, out, err = run(capsys, *ws, "predict", "--behaviors", str(world / "behaviors_test_unlabelled.tsv"), "--out",
+                             str(other), "--features-at", mode)
+        assert code == 0, err
+        assert json.loads(out)["side_features_at"] == reading
+        assert [x.split()[0] for x in other.read_text().splitlines()] == [x.split()[0] for x in lines]
     code, out, err = run(capsys, *ws, "predict", "--behaviors", str(world / "behaviors_test_unlabelled.tsv"), "--out",
                          str(workspace / "never.txt"), "--features-at", "tomorrow")
     assert code == 1
-    assert "--features-at is 'tomorrow', expected one of ['impression', 'store-end']" in err, err
+    assert "--features-at is 'tomorrow', expected one of ['popularity-at-end', 'impression', 'store-end']" in err, err
     assert not (workspace / "never.txt").exists()
 
     # The default model reads title + abstract vectors; served title-only ones it refuses with
@@ -163,7 +166,7 @@ def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
     result = json.loads(out)
     metrics = json.loads((report_dir / "metrics.json").read_text())
     assert metrics["schema_version"] == 1
-    assert metrics["header"]["side_features_at"] == "impression time"
+    assert metrics["header"]["side_features_at"] == default_reading
     assert (report_dir / "report.html").stat().st_size > 10_000
     version = trained["version"]
     pred_file = Path(result["predictions"][version])

@@ -13,7 +13,7 @@ from recsys.errors import RecsysError
 from recsys.models.samples import InteractionLog, with_logged_clicks
 from recsys.pipelines.ingest import run_ingest
 from recsys.pipelines.predict import run_predict
-from recsys.pipelines.scoring import VersionScorer, features_until, iter_behavior_chunks, load_scoring_catalogue
+from recsys.pipelines.scoring import FeatureTimes, VersionScorer, feature_times, iter_behavior_chunks, load_scoring_catalogue
 from recsys.pipelines.train import run_train
 from recsys.store.database import open_store
 from recsys.versions import get_version
@@ -69,10 +69,12 @@ def test_each_model_is_served_the_histories_it_was_trained_on(trained):
 def test_store_end_reads_later_impressions_with_the_stores_last_statistics(trained):
     world, ws, engine, config, versions = trained
     catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
-    assert features_until(catalogue, "impression") is None
-    end = features_until(catalogue, "store-end")
+    assert feature_times(catalogue, "impression") == FeatureTimes()
+    end = feature_times(catalogue, "store-end").popularity_until
     last_show = max(np.datetime64(row.time, "s") for row in iter_behaviors(world / "behaviors_train.tsv"))
     assert end == last_show + np.timedelta64(1, "s")
+    assert feature_times(catalogue, "store-end") == FeatureTimes(popularity_until=end, age_until=end)
+    assert feature_times(catalogue, "popularity-at-end") == FeatureTimes(popularity_until=end)
 
     imps, _ = next(iter_behavior_chunks(Path(world / "behaviors_test.tsv"), catalogue, history_len=50))
     later = np.repeat(imps.times > end, np.diff(imps.candidate_offsets))
@@ -80,14 +82,41 @@ def test_store_end_reads_later_impressions_with_the_stores_last_statistics(train
     mv = get_version(engine, versions[True])
     default = VersionScorer(mv, catalogue)
     at_impression = default.score(imps)
-    at_end = VersionScorer(mv, catalogue, features_until=end).score(imps)
+    at_end = VersionScorer(mv, catalogue, times=feature_times(catalogue, "store-end")).score(imps)
+    popularity_at_end = VersionScorer(mv, catalogue, times=feature_times(catalogue, "popularity-at-end")).score(imps)
     # Every test impression is after the end, so each reads the statistics of the end itself:
     # the batch path that scores everything at one time (as_of) gives the same numbers.
     led = with_logged_clicks(imps, catalogue.clicks, default.history_len)
-    expected = default.model.score_impressions(led, default.embeddings, catalogue.log, catalogue.first_seen, as_of=end)
+    model = default.model
+    expected = model.score_impressions(led, default.embeddings, catalogue.log, catalogue.first_seen, as_of=end)
     np.testing.assert_allclose(at_end, expected, rtol=1e-5, atol=1e-6)
-    # A day or more past the end, impression-time windows are empty: the scores differ.
+    # popularity-at-end: the end's popularity columns with each impression's own age column,
+    # assembled from the parts (user vectors, side features, pair scorer)
+    owner = np.repeat(np.arange(len(led)), np.diff(led.candidate_offsets))
+    items = led.candidate_items.astype(np.int64)
+    side_end = model.side_features(items, np.full(len(items), end), catalogue.log, catalogue.first_seen)
+    side_own = model.side_features(items, led.times[owner], catalogue.log, catalogue.first_seen)
+    side = np.concatenate([side_end[:, :2], side_own[:, 2:]], axis=1)  # log clicks, log shows | log age
+    users = model.user_vectors(led.history_offsets, led.history_items, default.embeddings)
+    np.testing.assert_allclose(popularity_at_end, model.score(users[owner], default.embeddings[items], side),
+                               rtol=1e-5, atol=1e-6)
+    # A day or more past the end, impression-time windows are empty and articles are older: the scores differ.
     assert np.abs(at_end - at_impression).max() > 1e-4
+    assert np.abs(popularity_at_end - at_end).max() > 1e-4
+    assert np.abs(popularity_at_end - at_impression).max() > 1e-4
+
+
+def test_every_reading_agrees_inside_the_stores_time_range(trained):
+    """Impressions before the store's end read both features at their own time in every mode."""
+    world, ws, engine, config, versions = trained
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    imps, _ = next(iter_behavior_chunks(Path(world / "behaviors_train.tsv"), catalogue, history_len=50))
+    assert (imps.times < catalogue.log.end).all()
+    mv = get_version(engine, versions[True])
+    scores = [VersionScorer(mv, catalogue, times=feature_times(catalogue, mode)).score(imps)
+              for mode in ("impression", "store-end", "popularity-at-end")]
+    np.testing.assert_array_equal(scores[0], scores[1])
+    np.testing.assert_array_equal(scores[0], scores[2])
 
 
 def test_store_end_without_a_logged_show_is_refused(trained):
@@ -97,13 +126,24 @@ def test_store_end_without_a_logged_show_is_refused(trained):
                                        len(catalogue.features))
     catalogue.log = empty
     with pytest.raises(RecsysError, match="store-end: the store holds no labelled impression"):
-        features_until(catalogue, "store-end")
-    assert features_until(catalogue, "impression") is None
+        feature_times(catalogue, "store-end")
+    assert feature_times(catalogue, "impression") == FeatureTimes()
+    # With nothing logged every popularity window is empty wherever it is read: the default reads at the impression.
+    assert feature_times(catalogue, "popularity-at-end") == FeatureTimes()
+    assert feature_times(catalogue, "popularity-at-end").describe() == "impression time"
+
+
+def test_feature_times_describe_themselves():
+    end = np.datetime64("2019-11-15T00:00:01", "s")
+    assert FeatureTimes().describe() == "impression time"
+    assert FeatureTimes(end, end).describe() == "impression time, at most the store's end 2019-11-15T00:00:01"
+    assert FeatureTimes(popularity_until=end).describe() == (
+        "popularity at impression time, at most the store's end 2019-11-15T00:00:01; age at impression time")
 
 
 def test_unknown_features_at_is_refused_before_anything_is_written(trained, tmp_path):
     world, ws, engine, config, _ = trained
     out = tmp_path / "prediction.txt"
-    with pytest.raises(RecsysError, match=r"--features-at is 'tomorrow', expected one of \['impression', 'store-end'\]"):
+    with pytest.raises(RecsysError, match=r"--features-at is 'tomorrow', expected one of \['popularity-at-end', 'impression', 'store-end'\]"):
         run_predict(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=out, features_at="tomorrow")
     assert not out.exists()

@@ -129,4 +129,4 @@ def compare_files(a: str | os.PathLike, b: str | os.PathLike) -> str:
 def _describe(path: str | os.PathLike, document: Mapping) -> str:
     # Reports written before the header recorded it lack side_features_at.
     read_at = (document.get("header") or {}).get("side_features_at")
-    return f"{Path(path)}" + (f" (side features read at {read_at})" if read_at else "")
+    return f"{Path(path)}" + (f" (side features: {read_at})" if read_at else "")

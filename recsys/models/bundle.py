@@ -519,10 +519,12 @@ class RankingModel:
         return out
 
     def side_features(
-        self, item_rows: np.ndarray, times: np.ndarray, log: InteractionLog, first_seen: np.ndarray
+        self, item_rows: np.ndarray, times: np.ndarray, log: InteractionLog, first_seen: np.ndarray,
+        *, age_times: np.ndarray | None = None,
     ) -> np.ndarray:
-        """(p, S) float32 normalised side features (popularity before ``times``, age)."""
-        return self.config.side_features.compute(item_rows, times, log, first_seen)
+        """(p, S) float32 normalised side features (popularity before ``times``, age at
+        ``age_times``, by default ``times``)."""
+        return self.config.side_features.compute(item_rows, times, log, first_seen, age_times=age_times)
 
     def score(
         self, user_vectors: np.ndarray, candidate_embeddings: np.ndarray, side: np.ndarray, *, batch_size: int = 8192
@@ -572,7 +574,8 @@ class RankingModel:
         first_seen: np.ndarray,
         *,
         as_of: np.datetime64 | None = None,
-        features_until: np.datetime64 | None = None,
+        popularity_until: np.datetime64 | None = None,
+        age_until: np.datetime64 | None = None,
         logits: bool = False,
     ) -> np.ndarray:
         """Click probabilities of every candidate of every impression.
@@ -584,10 +587,11 @@ class RankingModel:
             first_seen: (n,) datetime64 first appearance of each item.
             as_of: compute side features at this time instead of each impression's time
                 (a nightly batch scores tomorrow's impressions with tonight's statistics).
-            features_until: compute side features at ``min(impression time, features_until)``:
-                impressions after the end of ``log`` get the statistics of its end, not a
-                popularity window that runs past the data (which reads every article as
+            popularity_until: read popularity at ``min(impression time, popularity_until)``:
+                with the end of ``log``, impressions after it get the newest window the log
+                holds, not a window that runs past the data (which reads every article as
                 unpopular a day later). Ignored with ``as_of``.
+            age_until: read age at ``min(impression time, age_until)``. Ignored with ``as_of``.
             logits: return uncalibrated logits instead of probabilities.
 
         Returns:
@@ -601,9 +605,12 @@ class RankingModel:
             bad = items[(items < 0) | (items >= len(item_embeddings))][0]
             raise ValueError(f"candidate item row {bad} is outside the {len(item_embeddings)} item embeddings")
         times = impressions.times[owner] if as_of is None else np.full(len(items), np.datetime64(as_of, "s"))
-        if as_of is None and features_until is not None:
-            times = np.minimum(times, np.datetime64(features_until, "s"))
-        side = self.side_features(items, times, log, first_seen)
+        age_times = times
+        if as_of is None and popularity_until is not None:
+            times = np.minimum(times, np.datetime64(popularity_until, "s"))
+        if as_of is None and age_until is not None:
+            age_times = np.minimum(age_times, np.datetime64(age_until, "s"))
+        side = self.side_features(items, times, log, first_seen, age_times=age_times)
         fn = self.logits if logits else self.score
         out = np.empty(len(items), dtype=np.float32)
         step = 65536  # gather per chunk: bounded memory for millions of candidates

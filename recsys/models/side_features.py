@@ -25,6 +25,7 @@ def raw_side_features(
     first_seen: np.ndarray,
     *,
     window_hours: float,
+    age_times: np.ndarray | None = None,
 ) -> np.ndarray:
     """Unnormalised side features, one row per (item, time) pair.
 
@@ -35,6 +36,8 @@ def raw_side_features(
         first_seen: (n,) datetime64 first appearance (or publication) of every item, NaT if
             unknown.
         window_hours: popularity look-back window.
+        age_times: (p,) datetime64 times at which the age is read, if not ``times`` (popularity
+            read at the end of the logged data, age at the show's own time).
 
     Returns:
         (p, 3) float64: log1p(clicks in window), log1p(shows in window), log1p(age in hours).
@@ -48,6 +51,9 @@ def raw_side_features(
     times = np.asarray(times).astype("datetime64[s]")
     if len(item_rows) != len(times):
         raise ValueError(f"side features got {len(item_rows)} item rows but {len(times)} times")
+    age_times = times if age_times is None else np.asarray(age_times).astype("datetime64[s]")
+    if len(age_times) != len(times):
+        raise ValueError(f"side features got {len(times)} times but {len(age_times)} age times")
     limit = min(len(first_seen), log.num_items)
     bad = np.flatnonzero((item_rows < 0) | (item_rows >= limit))
     if len(bad):
@@ -58,7 +64,7 @@ def raw_side_features(
     window = np.timedelta64(int(round(window_hours * 3600)), "s")
     clicks, shows = log.window_counts(item_rows, times, window=window)
     seen = np.asarray(first_seen).astype("datetime64[s]")[item_rows]
-    age_seconds = (times - seen).astype(np.int64).astype(np.float64)
+    age_seconds = (age_times - seen).astype(np.int64).astype(np.float64)
     age_hours = np.where(np.isnat(seen), 0.0, np.maximum(age_seconds, 0.0) / 3600.0)
     return np.stack([np.log1p(clicks), np.log1p(shows), np.log1p(age_hours)], axis=1)
 
@@ -97,7 +103,10 @@ class SideFeatures:
         std = np.maximum(raw.std(axis=0), 1e-6)
         return SideFeatures(self.window_hours, tuple(float(v) for v in raw.mean(axis=0)), tuple(float(v) for v in std))
 
-    def compute(self, item_rows: np.ndarray, times: np.ndarray, log: InteractionLog, first_seen: np.ndarray) -> np.ndarray:
+    def compute(
+        self, item_rows: np.ndarray, times: np.ndarray, log: InteractionLog, first_seen: np.ndarray,
+        *, age_times: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Normalised side features.
 
         Args: see ``raw_side_features``.
@@ -105,7 +114,7 @@ class SideFeatures:
         Returns:
             (p, num_features) float32.
         """
-        raw = raw_side_features(item_rows, times, log, first_seen, window_hours=self.window_hours)
+        raw = raw_side_features(item_rows, times, log, first_seen, window_hours=self.window_hours, age_times=age_times)
         return ((raw - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32)
 
     def to_dict(self) -> dict:

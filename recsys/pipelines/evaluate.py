@@ -21,7 +21,7 @@ from recsys.config import Config, Workspace
 from recsys.errors import RecsysError, SchemaError
 from recsys.pipelines.predict import split_scores
 from recsys.pipelines.scoring import (
-    Catalogue, VersionScorer, check_features_at, describe_features_at, features_until, iter_scored, load_scoring_catalogue,
+    Catalogue, VersionScorer, DEFAULT_FEATURES_AT, check_features_at, feature_times, iter_scored, load_scoring_catalogue,
 )
 from recsys.threads import configure_threads
 from recsys.versions import ModelVersion, get_version, list_versions
@@ -92,11 +92,11 @@ def _age_groups(times: np.ndarray, offsets: np.ndarray, items: np.ndarray, first
 def run_evaluate(
     engine: Engine, workspace: Workspace, config: Config, *, behaviors: Path, out: Path, versions: list[str] | None = None,
     ablations: bool = False, truth: Path | None = None, news: Path | None = None, images: Path | None = None,
-    chunk_size: int = 20_000, num_resamples: int = 1000, features_at: str = "impression",
+    chunk_size: int = 20_000, num_resamples: int = 1000, features_at: str = DEFAULT_FEATURES_AT,
 ) -> dict:
     """Score ``behaviors`` with the chosen versions and the baselines; write the report to ``out``.
 
-    ``features_at``: ``"impression"`` or ``"store-end"`` (recsys.pipelines.scoring), the same
+    ``features_at``: one of ``FEATURES_AT`` (recsys.pipelines.scoring), the same
     for every version; the report's header records it.
     """
     from recsys.evaluation.prediction_file import write_predictions
@@ -117,8 +117,8 @@ def run_evaluate(
             chosen.append(mv)
             kinds[mv.version] = "ablation"
     catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images)
-    until = features_until(catalogue, features_at)
-    scorers = {mv.version: VersionScorer(mv, catalogue, features_until=until) for mv in chosen}
+    times = feature_times(catalogue, features_at)
+    scorers = {mv.version: VersionScorer(mv, catalogue, times=times) for mv in chosen}
     names = {mv.version: _display_name(mv, kinds[mv.version]) for mv in chosen}
 
     truth_path = truth if truth is not None else behaviors.parent / "truth.tsv"
@@ -178,7 +178,7 @@ def run_evaluate(
             "image": catalogue.features.image_encoder.to_dict(),
         },
         beyond_accuracy=_beyond_accuracy(engine, catalogue, popularity),
-        side_features_at=describe_features_at(until),
+        side_features_at=times.describe(),
     )
     metrics_path, html_path = write_report(result, out)
     gaps = {name: m.get("gap_closed") for name, m in result["models"].items()}

@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from recsys.config import Config, Workspace
 from recsys.errors import RecsysError
 from recsys.pipelines.scoring import (
-    VersionScorer, check_features_at, describe_features_at, features_until, iter_scored, load_scoring_catalogue,
+    VersionScorer, DEFAULT_FEATURES_AT, check_features_at, feature_times, iter_scored, load_scoring_catalogue,
 )
 from recsys.threads import configure_threads
 from recsys.versions import get_version
@@ -23,11 +23,11 @@ def split_scores(offsets: np.ndarray, scores: np.ndarray):
 
 def run_predict(
     engine: Engine, workspace: Workspace, config: Config, *, behaviors: Path, out: Path, version: str | None = None,
-    news: Path | None = None, images: Path | None = None, features_at: str = "impression",
+    news: Path | None = None, images: Path | None = None, features_at: str = DEFAULT_FEATURES_AT,
 ) -> dict:
     """Write ``ImpressionID [r1,r2,...]`` for every impression of ``behaviors``, in file order.
 
-    ``features_at``: ``"impression"`` or ``"store-end"`` (recsys.pipelines.scoring).
+    ``features_at``: one of ``FEATURES_AT`` (recsys.pipelines.scoring).
     """
     from recsys.evaluation.prediction_file import write_predictions
 
@@ -38,8 +38,8 @@ def run_predict(
     t0 = time.perf_counter()
     mv = get_version(engine, version)
     catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images)
-    until = features_until(catalogue, features_at)
-    scorer = VersionScorer(mv, catalogue, features_until=until)
+    times = feature_times(catalogue, features_at)
+    scorer = VersionScorer(mv, catalogue, times=times)
     counts = {"impressions": 0, "candidates": 0}
 
     def rows():
@@ -50,5 +50,5 @@ def run_predict(
             yield from zip(imps.impression_ids.tolist(), split_scores(imps.candidate_offsets, chunk.scores["model"]))
 
     write_predictions(Path(out), rows())
-    return {"version": mv.version, "out": str(out), **counts, "side_features_at": describe_features_at(until),
+    return {"version": mv.version, "out": str(out), **counts, "side_features_at": times.describe(),
             "seconds": round(time.perf_counter() - t0, 2)}

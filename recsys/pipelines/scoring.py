@@ -6,10 +6,13 @@ own History column, as the MIND competition defines it) and every model scores i
 model trained with ``logged_clicks`` first gets each history led by the user's clicks in the
 store before the impression, as it was trained (docs/model.md).
 
-Side features (popularity, age) are read at each impression's time by default, as validation
-is in training; ``features_at="store-end"`` reads an impression later than the store's last
-event at that end instead, as the nightly job reads tomorrow's candidates with tonight's
-statistics (docs/model.md, "When a later window's features are read").
+Side features of an impression later than the store's last event (MIND dev after MIND train)
+are read by default with popularity from the newest window the store holds (at its end) and
+the article's true age at the impression: a popularity window that runs past the store's data
+would read every article as unpopular. ``features_at="impression"`` reads both at each
+impression's time, ``"store-end"`` both at the store's end, as the nightly job reads tomorrow's
+candidates with tonight's statistics (docs/model.md, "When a later window's features are read").
+Impressions inside the store's time range read both at their own time in every mode.
 """
 
 from __future__ import annotations
@@ -37,9 +40,11 @@ from recsys.versions import ModelVersion, check_encoders
 
 log = logging.getLogger("recsys.scoring")
 
-# Where a behaviors file's side features are read: each impression's own time, or no later
-# than the store's end.
-FEATURES_AT = ("impression", "store-end")
+# Where a behaviors file's side features are read; the first is the default.
+#   popularity-at-end: popularity at min(t, store's end), age at t;
+#   impression: both at t;  store-end: both at min(t, store's end).
+FEATURES_AT = ("popularity-at-end", "impression", "store-end")
+DEFAULT_FEATURES_AT = FEATURES_AT[0]
 
 
 @dataclass
@@ -170,43 +175,60 @@ def check_features_at(features_at: str) -> None:
         raise RecsysError(f"--features-at is {features_at!r}, expected one of {list(FEATURES_AT)}")
 
 
-def features_until(catalogue: Catalogue, features_at: str) -> np.datetime64 | None:
-    """The time after which side features stop moving: None for ``"impression"``, the store's
-    end (one second after its last logged show) for ``"store-end"``.
+@dataclass(frozen=True)
+class FeatureTimes:
+    """Caps on the times at which a behaviors file's side features are read: an impression at
+    ``t`` reads popularity at ``min(t, popularity_until)`` and age at ``min(t, age_until)``;
+    None reads at ``t``."""
+
+    popularity_until: np.datetime64 | None = None
+    age_until: np.datetime64 | None = None
+
+    def describe(self) -> str:
+        """For reports and summaries: where side features were read."""
+        def at(until: np.datetime64 | None) -> str:
+            return "impression time" if until is None else f"impression time, at most the store's end {pd.Timestamp(until).isoformat()}"
+
+        if self.popularity_until == self.age_until:  # both None, or both the store's end
+            return at(self.popularity_until)
+        return f"popularity at {at(self.popularity_until)}; age at {at(self.age_until)}"
+
+
+def feature_times(catalogue: Catalogue, features_at: str) -> FeatureTimes:
+    """Where side features are read for ``features_at`` (one of FEATURES_AT); the store's end is
+    one second after its last logged show.
 
     Raises:
         RecsysError: an unknown ``features_at``, or ``"store-end"`` with no show in the store.
     """
     check_features_at(features_at)
-    if features_at == "impression":
-        return None
     end = catalogue.log.end
+    if features_at == "impression":
+        return FeatureTimes()
+    if features_at == "popularity-at-end":
+        # with nothing logged every popularity window is empty wherever it is read
+        return FeatureTimes(popularity_until=end)
     if end is None:
         raise RecsysError("--features-at store-end: the store holds no labelled impression, so it has no end; "
                           "ingest behaviors first or use --features-at impression")
-    return end
-
-
-def describe_features_at(until: np.datetime64 | None) -> str:
-    """For reports and summaries: where side features were read."""
-    return "impression time" if until is None else f"impression time, at most the store's end {pd.Timestamp(until).isoformat()}"
+    return FeatureTimes(popularity_until=end, age_until=end)
 
 
 class VersionScorer:
     """A model version ready to score chunks: its bundle and the catalogue's embeddings.
 
-    ``features_until``: side features of later impressions are read at this time
-    (``features_until(catalogue, "store-end")``); None reads each at its own time.
+    ``times``: where side features are read (``feature_times(catalogue, features_at)``); the
+    default reads each impression's at its own time.
     """
 
-    def __init__(self, mv: ModelVersion, catalogue: Catalogue, *, features_until: np.datetime64 | None = None):
+    def __init__(self, mv: ModelVersion, catalogue: Catalogue, *, times: FeatureTimes = FeatureTimes()):
         check_encoders(mv.manifest, catalogue.features.text_encoder.to_dict(), catalogue.features.image_encoder.to_dict(),
                        what=f"model version {mv.version}")
         self.version = mv
         self.model = load_version_model(mv, catalogue.features)
         self.embeddings = self.model.item_embeddings(catalogue.features)
         self.catalogue = catalogue
-        self.features_until = features_until
+        self.times = times
 
     @property
     def history_len(self) -> int:
@@ -216,7 +238,8 @@ class VersionScorer:
         if self.model.config.logged_clicks:  # served as trained: clicks in the store before each impression lead its history
             impressions = with_logged_clicks(impressions, self.catalogue.clicks, self.history_len)
         return self.model.score_impressions(impressions, self.embeddings, self.catalogue.log, self.catalogue.first_seen,
-                                            features_until=self.features_until)
+                                            popularity_until=self.times.popularity_until,
+                                            age_until=self.times.age_until)
 
 
 def iter_scored(path: Path, catalogue: Catalogue, scorers: dict[str, VersionScorer], *, chunk_size: int = 20_000) -> Iterator[ScoredChunk]:

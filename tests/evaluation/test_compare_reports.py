@@ -91,9 +91,11 @@ def test_compare_files_names_the_files(tmp_path, two_reports):
 def test_compare_files_says_where_each_report_read_side_features(tmp_path, two_reports):
     a, b = copy.deepcopy(two_reports[0]), copy.deepcopy(two_reports[1])
     a["header"]["side_features_at"] = "impression time"
-    b["header"]["side_features_at"] = "impression time, at most the store's end 2019-11-15T00:00:01"
+    b["header"]["side_features_at"] = ("popularity at impression time, at most the store's end 2019-11-15T00:00:01; "
+                                       "age at impression time")
     for name, document in (("a.json", a), ("b.json", b)):
         (tmp_path / name).write_text(json.dumps(document))
     lines = compare_files(tmp_path / "a.json", tmp_path / "b.json").splitlines()
-    assert lines[0] == f"A: {tmp_path / 'a.json'} (side features read at impression time)"
-    assert lines[1] == f"B: {tmp_path / 'b.json'} (side features read at impression time, at most the store's end 2019-11-15T00:00:01)"
+    assert lines[0] == f"A: {tmp_path / 'a.json'} (side features: impression time)"
+    assert lines[1] == (f"B: {tmp_path / 'b.json'} (side features: popularity at impression time, at most the store's end "
+                        "2019-11-15T00:00:01; age at impression time)")

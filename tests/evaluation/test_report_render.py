@@ -195,7 +195,9 @@ def test_header_describes_structured_encoders(tmp_path, synthetic_result):
 
 def test_header_says_where_side_features_were_read(tmp_path, synthetic_result):
     result = copy.deepcopy(synthetic_result)
-    result["header"]["side_features_at"] = "impression time, at most the store's end 2019-11-15T00:00:01"
+    result["header"]["side_features_at"] = ("popularity at impression time, at most the store's end 2019-11-15T00:00:01; "
+                                            "age at impression time")
     _, html_path = write_report(result, tmp_path)
-    assert ("<th class=\"name\">Side features (popularity, age) read at</th><td class=\"name\">"
-            "impression time, at most the store&#39;s end 2019-11-15T00:00:01</td>") in html_path.read_text()
+    assert ("<th class=\"name\">Where side features (popularity, age) were read</th><td class=\"name\">"
+            "popularity at impression time, at most the store&#39;s end 2019-11-15T00:00:01; age at impression time</td>"
+            ) in html_path.read_text()

@@ -176,14 +176,20 @@ def test_score_impressions_matches_the_building_blocks(model, small):
     late = model.score_impressions(world.test, emb, log, first, as_of=as_of)
     side_then = model.side_features(items, np.full(len(items), as_of), log, first)
     np.testing.assert_allclose(late, model.score(users[owner], emb[items], side_then), atol=1e-6)
-    # features_until: impressions after it get its statistics, earlier ones keep their own
+    # popularity_until + age_until: impressions after it get its statistics, earlier ones keep their own
     until = np.sort(world.test.times)[len(world.test) // 2]
-    capped = model.score_impressions(world.test, emb, log, first, features_until=until)
+    capped = model.score_impressions(world.test, emb, log, first, popularity_until=until, age_until=until)
     times = world.test.times[owner]
     side_capped = model.side_features(items, np.minimum(times, until), log, first)
     np.testing.assert_allclose(capped, model.score(users[owner], emb[items], side_capped), atol=1e-6)
     np.testing.assert_array_equal(capped[times <= until], scores[times <= until])
     assert np.abs(capped - scores)[times > until].max() > 1e-4  # the cap changed the later ones
+    # popularity_until alone: popularity columns of the capped reading, the age column of each impression's own
+    pop_capped = model.score_impressions(world.test, emb, log, first, popularity_until=until)
+    side_mixed = np.concatenate([side_capped[:, :2], side[:, 2:]], axis=1)  # log clicks, log shows | log age
+    np.testing.assert_allclose(pop_capped, model.score(users[owner], emb[items], side_mixed), atol=1e-6)
+    np.testing.assert_array_equal(pop_capped[times <= until], scores[times <= until])
+    assert np.abs(pop_capped - capped)[times > until].max() > 1e-4  # the true age moved the later ones
     with pytest.raises(ValueError, match=r"score expects user_vectors \(3, 16\)"):
         model.score(users[:3], emb[:2], side[:3])
 

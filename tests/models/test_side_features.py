@@ -56,6 +56,22 @@ def test_raw_features_and_age_worked_by_hand(hand_log):
     np.testing.assert_allclose(raw, expected)
 
 
+def test_age_read_at_its_own_times_worked_by_hand(hand_log):
+    """age_times moves only the age: popularity at 12:00 (the log's end), age at 30:00."""
+    first_seen = np.array([_at(10), np.datetime64("NaT"), _at(11)], dtype="datetime64[s]")
+    items = np.array([0, 1, 2])
+    raw = raw_side_features(items, np.full(3, _at(12)), hand_log, first_seen, window_hours=24,
+                            age_times=np.full(3, _at(30)))
+    expected = np.array([
+        [np.log1p(1), np.log1p(2), np.log1p(20.0)],  # 2 shows and 1 click before 12:00; 20 h old at 30:00
+        [0.0, 0.0, 0.0],  # never seen: brand new whenever asked
+        [0.0, np.log1p(1), np.log1p(19.0)],  # shown at 11:00; 19 h old at 30:00
+    ])
+    np.testing.assert_allclose(raw, expected)
+    with pytest.raises(ValueError, match="got 3 times but 2 age times"):
+        raw_side_features(items, np.full(3, _at(12)), hand_log, first_seen, window_hours=24, age_times=np.full(2, _at(30)))
+
+
 def test_first_shown_of_the_log(hand_log):
     first = hand_log.first_shown()
     assert first[0] == _at(10) and first[2] == _at(11) and np.isnat(first[1])
