@@ -1,23 +1,26 @@
 """At what time should a later window's side features be read? A measured experiment (issue 4).
 
 Popularity (clicks and shows in the 24 h before ``t``) and age are computed at a time ``t``.
-``recsys evaluate`` / ``recsys predict`` score each impression of a behaviors file at its own
-time, with the store's log: for an impression a day after the store's last event the popularity
-window holds no data, so every article reads as unpopular. The nightly job instead scores with
-tonight's statistics. This benchmark measures both on held-out worlds, for two trainings:
+Read at each impression's own time with the store's log, an impression a day after the store's
+last event gets a popularity window that holds no data, so every article reads as unpopular. The
+nightly job instead scores with tonight's statistics. This benchmark measures where
+``recsys evaluate`` / ``recsys predict`` should read them, on held-out worlds, for two trainings:
 
 - ``clock 0``: the default, training and validation features at each impression's own time;
 - ``clock 24``: ``model.feature_clock_hours = 24``, training and validation features at the last
   UTC midnight (what a nightly job serves: an article published since has no shows, age 0).
 
-Each model scores the test file twice: at each impression's time (what ``evaluate`` does) and
-at ``min(t, end of the store's log)`` (``score_impressions(features_until=...)``). Rows: AUC
+Each model scores the test file the three ways of ``--features-at``: both at each impression's
+time (``impression``), both at ``min(t, end of the store's log)`` (``store-end``), and popularity
+at ``min(t, end)`` with the age at ``t`` (``popularity-at-end``, the default since this
+benchmark measured it). Rows: AUC
 per impression over all candidates, over fresh ones (never shown in the store) and over seen
 ones, with the mean predicted probability of each group against its click rate.
 
 Usage:
   python benchmarks/bench_feature_time.py --seeds 101 102 103
   python benchmarks/bench_feature_time.py --foreign            # seeds 201-203, tag 'foreign'
+  python benchmarks/bench_feature_time.py --clocks 0 --users 12000 --impressions 36000 --tag users12k_clock0
 
 Prints a table and writes benchmarks/results/feature_time.json (feature_time_<tag>.json).
 """
@@ -30,12 +33,15 @@ from pathlib import Path
 import numpy as np
 
 CLOCKS = (0.0, 24.0)
+# row label -> --features-at mode (recsys.pipelines.scoring.FEATURES_AT)
+READINGS = {"impression time": "impression", "store's end": "store-end",
+            "store's end, age at impression time": "popularity-at-end"}
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
     from bench_quality import config_overrides, file_impressions, fresh_candidates, ingested_world, oracle_auc, subset_auc
     from recsys.config import load_config
-    from recsys.pipelines.scoring import VersionScorer, load_scoring_catalogue
+    from recsys.pipelines.scoring import VersionScorer, feature_times, load_scoring_catalogue
     from recsys.pipelines.train import run_train
     from recsys.versions import get_version
 
@@ -46,16 +52,17 @@ def run_seed(seed: int, args, root: Path) -> dict:
     catalogue = load_scoring_catalogue(engine, ws, load_config(None, config_overrides(args)), news=None, images=None)
     out = {"seed": seed, "oracle": oracle, "rows": {}}
     test = fresh = None
-    for clock in CLOCKS:
+    for clock in args.clocks:
         config = load_config(None, {**config_overrides(args), "model.feature_clock_hours": clock})
         run_train(engine, ws, config)
         scorer = VersionScorer(get_version(engine), catalogue)
         if test is None:
             test = file_impressions(world / "behaviors_test.tsv", catalogue, logged_clicks=True, history_len=scorer.history_len)
             fresh = fresh_candidates(test, catalogue)
-        for reading, until in (("impression time", None), ("store's end", catalogue.log.end)):
+        for reading, mode in READINGS.items():
+            at = feature_times(catalogue, mode)
             scores = scorer.model.score_impressions(test, scorer.embeddings, catalogue.log, catalogue.first_seen,
-                                                    features_until=until)
+                                                    popularity_until=at.popularity_until, age_until=at.age_until)
             a = subset_auc(test, scores, np.ones(len(scores), bool))
             out["rows"][f"clock {clock:g}, features at {reading}"] = {
                 "impression_auc": a, "gap_closed": (a - 0.5) / (oracle - 0.5),
@@ -74,13 +81,17 @@ def main() -> None:
 
     def show(res: dict) -> None:
         print(f"\nseed {res['seed']} ({res['seconds']} s), oracle {res['oracle']:.4f}")
-        print(f"  {'':<42} {'AUC':>6} {'gap':>6} {'fresh':>6} {'seen':>6}  mean p fresh/seen (click rate)")
+        print(f"  {'':<58} {'AUC':>6} {'gap':>6} {'fresh':>6} {'seen':>6}  mean p fresh/seen (click rate)")
         for name, r in res["rows"].items():
-            print(f"  {name:<42} {r['impression_auc']:.4f} {100 * r['gap_closed']:5.1f}% {r['fresh_auc']:.4f} "
+            print(f"  {name:<58} {r['impression_auc']:.4f} {100 * r['gap_closed']:5.1f}% {r['fresh_auc']:.4f} "
                   f"{r['seen_auc']:.4f}  {r['mean_p_fresh']:.4f} / {r['mean_p_seen']:.4f} "
                   f"({r['click_rate_fresh']:.4f} / {r['click_rate_seen']:.4f})")
 
-    run_experiment(__doc__, "feature_time", run_seed, show, width=42)
+    def add_arguments(parser) -> None:
+        parser.add_argument("--clocks", type=float, nargs="+", default=list(CLOCKS),
+                            help="model.feature_clock_hours of each training (default: 0 24)")
+
+    run_experiment(__doc__, "feature_time", run_seed, show, width=58, add_arguments=add_arguments)
 
 
 if __name__ == "__main__":

@@ -241,11 +241,15 @@ def add_world_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tag", default="", help="write results/<name>_<tag>.json (a variant beside the default run)")
 
 
-def run_experiment(doc: str, name: str, run_seed, show, *, width: int = 48) -> None:
-    """The main of an experiment benchmark: parse its arguments (``parse_experiment_args``),
-    ``run_seed`` on every held-out world with ``show`` after each, print each row's mean gap
-    closed over the seeds and write ``results/<name>[_<tag>].json``."""
-    args = parse_experiment_args(argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter))
+def run_experiment(doc: str, name: str, run_seed, show, *, width: int = 48, add_arguments=None) -> None:
+    """The main of an experiment benchmark: parse its arguments (``parse_experiment_args``, plus
+    those ``add_arguments(parser)`` adds), ``run_seed`` on every held-out world with ``show``
+    after each, print each row's mean gap closed over the seeds and write
+    ``results/<name>[_<tag>].json``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parse_experiment_args(parser)
     results = on_held_out_worlds(args, run_seed, f"recsys-{name}-", show=show)
     mean_gap = mean_gap_closed(results)
     print("\nmean gap closed over seeds:")
