@@ -605,12 +605,12 @@ class RankingModel:
             bad = items[(items < 0) | (items >= len(item_embeddings))][0]
             raise ValueError(f"candidate item row {bad} is outside the {len(item_embeddings)} item embeddings")
         times = impressions.times[owner] if as_of is None else np.full(len(items), np.datetime64(as_of, "s"))
-        age_times = times
+        popularity_times, age_times = times, times
         if as_of is None and popularity_until is not None:
-            times = np.minimum(times, np.datetime64(popularity_until, "s"))
+            popularity_times = np.minimum(times, np.datetime64(popularity_until, "s"))
         if as_of is None and age_until is not None:
-            age_times = np.minimum(age_times, np.datetime64(age_until, "s"))
-        side = self.side_features(items, times, log, first_seen, age_times=age_times)
+            age_times = np.minimum(times, np.datetime64(age_until, "s"))
+        side = self.side_features(items, popularity_times, log, first_seen, age_times=age_times)
         fn = self.logits if logits else self.score
         out = np.empty(len(items), dtype=np.float32)
         step = 65536  # gather per chunk: bounded memory for millions of candidates
