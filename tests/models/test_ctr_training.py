@@ -123,9 +123,11 @@ def test_train_ctr_with_a_feature_clock_trains_and_validates_at_the_ticks(world,
     seen = []
     compute = SideFeatures.compute
 
-    def spy(self, item_rows, times, log_, first_seen):
+    def spy(self, item_rows, times, log_, first_seen, *, age_times=None):
+        # training and validation read popularity and age at the same tick
+        assert age_times is None or np.array_equal(age_times, times)
         seen.append(np.asarray(times).copy())
-        return compute(self, item_rows, times, log_, first_seen)
+        return compute(self, item_rows, times, log_, first_seen, age_times=age_times)
 
     monkeypatch.setattr(SideFeatures, "compute", spy)
     train = select_impressions(world.train, np.arange(200))
