@@ -13,14 +13,16 @@ nightly job instead scores with tonight's statistics. This benchmark measures wh
 Each model scores the test file the three ways of ``--features-at``: both at each impression's
 time (``impression``), both at ``min(t, end of the store's log)`` (``store-end``), and popularity
 at ``min(t, end)`` with the age at ``t`` (``popularity-at-end``, the default since this
-benchmark measured it). Rows: AUC
-per impression over all candidates, over fresh ones (never shown in the store) and over seen
-ones, with the mean predicted probability of each group against its click rate.
+benchmark measured it). ``--file-first-seen`` adds the default reading with never-shown
+articles dated by their first show in the test file (measured, not built: docs/model.md).
+Rows: AUC per impression over all candidates, over fresh ones (never shown in the store) and
+over seen ones, with the mean predicted probability of each group against its click rate.
 
 Usage:
   python benchmarks/bench_feature_time.py --seeds 101 102 103
   python benchmarks/bench_feature_time.py --foreign            # seeds 201-203, tag 'foreign'
   python benchmarks/bench_feature_time.py --clocks 0 --users 12000 --impressions 36000 --tag users12k_clock0
+  python benchmarks/bench_feature_time.py --clocks 0 --file-first-seen --tag clock0_file_first_seen
 
 Prints a table and writes benchmarks/results/feature_time.json (feature_time_<tag>.json).
 """
@@ -36,6 +38,20 @@ CLOCKS = (0.0, 24.0)
 # row label -> --features-at mode (recsys.pipelines.scoring.FEATURES_AT)
 READINGS = {"impression time": "impression", "store's end": "store-end",
             "store's end, age at impression time": "popularity-at-end"}
+
+# a candidate reading: articles the store never showed get their first show in the scored file
+# as first_seen (the same definition the store uses for the rest), not "brand new" at every show
+FILE_FIRST_SEEN = "store's end, age at impression time, unseen articles aged from the file"
+
+
+def file_first_seen(imps, first_seen: np.ndarray) -> np.ndarray:
+    """(n,) ``first_seen`` with each never-shown (NaT) article's earliest show among ``imps``."""
+    owner = np.repeat(np.arange(len(imps)), np.diff(imps.candidate_offsets))
+    never = np.iinfo(np.int64).max
+    earliest = np.full(len(first_seen), never, dtype=np.int64)
+    np.minimum.at(earliest, imps.candidate_items.astype(np.int64), imps.times[owner].astype("datetime64[s]").astype(np.int64))
+    shown = np.where(earliest == never, np.datetime64("NaT"), earliest.astype("datetime64[s]"))
+    return np.where(np.isnat(first_seen), shown, np.asarray(first_seen, dtype="datetime64[s]"))
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
@@ -59,9 +75,11 @@ def run_seed(seed: int, args, root: Path) -> dict:
         if test is None:
             test = file_impressions(world / "behaviors_test.tsv", catalogue, logged_clicks=True, history_len=scorer.history_len)
             fresh = fresh_candidates(test, catalogue)
-        for reading, mode in READINGS.items():
+        readings = {**READINGS, **({FILE_FIRST_SEEN: "popularity-at-end"} if args.file_first_seen else {})}
+        for reading, mode in readings.items():
             at = feature_times(catalogue, mode)
-            scores = scorer.model.score_impressions(test, scorer.embeddings, catalogue.log, catalogue.first_seen,
+            first_seen = file_first_seen(test, catalogue.first_seen) if reading == FILE_FIRST_SEEN else catalogue.first_seen
+            scores = scorer.model.score_impressions(test, scorer.embeddings, catalogue.log, first_seen,
                                                     popularity_until=at.popularity_until, age_until=at.age_until)
             a = subset_auc(test, scores, np.ones(len(scores), bool))
             out["rows"][f"clock {clock:g}, features at {reading}"] = {
@@ -90,6 +108,8 @@ def main() -> None:
     def add_arguments(parser) -> None:
         parser.add_argument("--clocks", type=float, nargs="+", default=list(CLOCKS),
                             help="model.feature_clock_hours of each training (default: 0 24)")
+        parser.add_argument("--file-first-seen", action="store_true",
+                            help="also score with never-shown articles aged from their first show in the test file")
 
     run_experiment(__doc__, "feature_time", run_seed, show, width=58, add_arguments=add_arguments)
 
