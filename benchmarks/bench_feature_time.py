@@ -46,12 +46,9 @@ FILE_FIRST_SEEN = "store's end, age at impression time, unseen articles aged fro
 
 def file_first_seen(imps, first_seen: np.ndarray) -> np.ndarray:
     """(n,) ``first_seen`` with each never-shown (NaT) article's earliest show among ``imps``."""
-    owner = np.repeat(np.arange(len(imps)), np.diff(imps.candidate_offsets))
-    never = np.iinfo(np.int64).max
-    earliest = np.full(len(first_seen), never, dtype=np.int64)
-    np.minimum.at(earliest, imps.candidate_items.astype(np.int64), imps.times[owner].astype("datetime64[s]").astype(np.int64))
-    shown = np.where(earliest == never, np.datetime64("NaT"), earliest.astype("datetime64[s]"))
-    return np.where(np.isnat(first_seen), shown, np.asarray(first_seen, dtype="datetime64[s]"))
+    from recsys.models.samples import first_shown
+
+    return np.where(np.isnat(first_seen), first_shown([imps], len(first_seen)), np.asarray(first_seen, dtype="datetime64[s]"))
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
@@ -68,6 +65,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
     catalogue = load_scoring_catalogue(engine, ws, load_config(None, config_overrides(args)), news=None, images=None)
     out = {"seed": seed, "oracle": oracle, "rows": {}}
     test = fresh = None
+    readings = {**READINGS, **({FILE_FIRST_SEEN: "popularity-at-end"} if args.file_first_seen else {})}
     for clock in args.clocks:
         config = load_config(None, {**config_overrides(args), "model.feature_clock_hours": clock})
         run_train(engine, ws, config)
@@ -75,10 +73,10 @@ def run_seed(seed: int, args, root: Path) -> dict:
         if test is None:
             test = file_impressions(world / "behaviors_test.tsv", catalogue, logged_clicks=True, history_len=scorer.history_len)
             fresh = fresh_candidates(test, catalogue)
-        readings = {**READINGS, **({FILE_FIRST_SEEN: "popularity-at-end"} if args.file_first_seen else {})}
+            dated = file_first_seen(test, catalogue.first_seen) if args.file_first_seen else None
         for reading, mode in readings.items():
             at = feature_times(catalogue, mode)
-            first_seen = file_first_seen(test, catalogue.first_seen) if reading == FILE_FIRST_SEEN else catalogue.first_seen
+            first_seen = dated if reading == FILE_FIRST_SEEN else catalogue.first_seen
             scores = scorer.model.score_impressions(test, scorer.embeddings, catalogue.log, first_seen,
                                                     popularity_until=at.popularity_until, age_until=at.age_until)
             a = subset_auc(test, scores, np.ones(len(scores), bool))

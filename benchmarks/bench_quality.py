@@ -82,9 +82,10 @@ def fresh_candidates(imps, catalogue) -> np.ndarray:
 
 def subset_auc(imps, scores: np.ndarray, keep: np.ndarray) -> float:
     """Mean per-impression AUC of ``scores`` over the candidates where ``keep`` is True."""
+    from recsys.models.samples import candidate_impression_rows
     from recsys.models.training import mean_impression_auc
 
-    owner = np.repeat(np.arange(len(imps)), np.diff(imps.candidate_offsets))
+    owner = candidate_impression_rows(imps)
     offsets = np.concatenate([[0], np.cumsum(np.bincount(owner[keep], minlength=len(imps)))])
     return float(mean_impression_auc(imps.labels[keep], scores[keep], offsets)[0])
 

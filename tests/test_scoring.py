@@ -10,7 +10,7 @@ import pytest
 from recsys.config import Workspace, load_config
 from recsys.data.mind import iter_behaviors
 from recsys.errors import RecsysError
-from recsys.models.samples import InteractionLog, with_logged_clicks
+from recsys.models.samples import InteractionLog, candidate_impression_rows, with_logged_clicks
 from recsys.pipelines.ingest import run_ingest
 from recsys.pipelines.predict import run_predict
 from recsys.pipelines.scoring import FeatureTimes, VersionScorer, feature_times, iter_behavior_chunks, load_scoring_catalogue
@@ -92,7 +92,7 @@ def test_store_end_reads_later_impressions_with_the_stores_last_statistics(train
     np.testing.assert_allclose(at_end, expected, rtol=1e-5, atol=1e-6)
     # popularity-at-end: the end's popularity columns with each impression's own age column,
     # assembled from the parts (user vectors, side features, pair scorer)
-    owner = np.repeat(np.arange(len(led)), np.diff(led.candidate_offsets))
+    owner = candidate_impression_rows(led)
     items = led.candidate_items.astype(np.int64)
     side_end = model.side_features(items, np.full(len(items), end), catalogue.log, catalogue.first_seen)
     side_own = model.side_features(items, led.times[owner], catalogue.log, catalogue.first_seen)
