@@ -95,6 +95,26 @@ def select_impressions(impressions: Impressions, rows: np.ndarray) -> Impression
     )
 
 
+def concat_impressions(parts: Sequence[Impressions]) -> Impressions:
+    """The impressions of every part, part after part, in one ``Impressions`` (at least one part)."""
+    if not parts:
+        raise ValueError("concat_impressions needs at least one part")
+
+    def offsets(name: str) -> np.ndarray:
+        lengths = np.concatenate([np.diff(getattr(p, name)) for p in parts])
+        out = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=out[1:])
+        return out
+
+    def joined(name: str) -> np.ndarray:
+        return np.concatenate([getattr(p, name) for p in parts])
+
+    return Impressions(
+        joined("impression_ids"), joined("user_ids"), joined("times"), offsets("history_offsets"),
+        joined("history_items"), offsets("candidate_offsets"), joined("candidate_items"), joined("labels"),
+    )
+
+
 def candidate_impression_rows(impressions: Impressions) -> np.ndarray:
     """(c,) int64: for every candidate, the row of the impression it belongs to."""
     return np.repeat(np.arange(len(impressions), dtype=np.int64), np.diff(impressions.candidate_offsets))

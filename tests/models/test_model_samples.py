@@ -10,6 +10,7 @@ from recsys.models.samples import (
     Impressions,
     InteractionLog,
     candidate_impression_rows,
+    concat_impressions,
     first_shown,
     gather_csr,
     select_impressions,
@@ -52,6 +53,23 @@ def test_select_impressions_keeps_rows_aligned():
     masked = select_impressions(imps, np.array([False, True, False]))
     np.testing.assert_array_equal(masked.candidates(0), [1, 2, 3])
     np.testing.assert_array_equal(candidate_impression_rows(imps), [0, 0, 1, 1, 1, 2])
+
+
+def test_concat_impressions_undoes_a_split():
+    imps = _impressions()
+    parts = [select_impressions(imps, np.array([0])), select_impressions(imps, np.array([], dtype=np.int64)),
+             select_impressions(imps, np.array([1, 2]))]
+    joined = concat_impressions(parts)
+    for name, value in imps.__dict__.items():
+        np.testing.assert_array_equal(getattr(joined, name), value, err_msg=name)
+    # a part after another: its rows follow, offsets shifted by the first part's lengths
+    twice = concat_impressions([imps, imps])
+    assert list(twice.impression_ids) == [1, 2, 3, 1, 2, 3]
+    np.testing.assert_array_equal(twice.candidates(4), imps.candidates(1))
+    np.testing.assert_array_equal(twice.history(3), imps.history(0))
+    np.testing.assert_array_equal(twice.candidate_labels(5), imps.candidate_labels(2))
+    with pytest.raises(ValueError, match="at least one part"):
+        concat_impressions([])
 
 
 def test_log_from_impressions_skips_unlabelled_and_sorts():
