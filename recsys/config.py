@@ -52,6 +52,8 @@ class ModelConfig:
     content_prior: bool = True
     # Train on side features as of the last nightly clock tick (hours; 0: each impression's own time).
     feature_clock_hours: float = 0.0
+    # After early stopping, train the networks again on the training and validation windows together.
+    refit: bool = False
 
 
 @dataclass(frozen=True)

@@ -147,3 +147,21 @@ def test_unknown_features_at_is_refused_before_anything_is_written(trained, tmp_
     with pytest.raises(RecsysError, match=r"--features-at is 'tomorrow', expected one of \['popularity-at-end', 'impression', 'store-end'\]"):
         run_predict(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=out, features_at="tomorrow")
     assert not out.exists()
+
+
+def test_a_refit_version_records_it_and_scores_a_behaviors_file(trained, tmp_path):
+    """``model.refit``: the manifest says so and counts both windows; predict serves it as any version."""
+    world, ws, engine, config, versions = trained
+    refit_config = load_config(None, {"model.epochs": 1, "model.embedding_dim": 32, "model.anchor_dim": 4, "model.refit": True})
+    summary = run_train(engine, ws, refit_config, make_current=False)
+    mv = get_version(engine, summary["version"])
+    data, metrics = mv.manifest["data"], mv.manifest["metrics"]
+    assert mv.manifest["refit"] is True and get_version(engine, versions[True]).manifest["refit"] is False
+    assert metrics["refit"] == {"epochs": metrics["best_epoch"],
+                                "train_impressions": data["train_impressions"] + data["valid_impressions"],
+                                "train_samples": data["train_samples"] + data["valid_samples"]}
+    assert "refit" not in get_version(engine, versions[True]).manifest["metrics"]
+    out = tmp_path / "prediction.txt"
+    run_predict(engine, ws, refit_config, behaviors=world / "behaviors_test.tsv", out=out, version=summary["version"])
+    lines = out.read_text().splitlines()
+    assert len(lines) == sum(1 for _ in iter_behaviors(world / "behaviors_test.tsv"))

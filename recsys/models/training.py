@@ -30,7 +30,8 @@ from recsys.models.bundle import RankingModel
 from recsys.models.ctr import CTRModel, listwise_loss, pointwise_loss
 from recsys.models.fusion import CategoryVocabulary
 from recsys.models.samples import (
-    ClickLog, Impressions, InteractionLog, candidate_impression_rows, first_shown, with_logged_clicks,
+    ClickLog, Impressions, InteractionLog, candidate_impression_rows, concat_impressions, first_shown,
+    with_logged_clicks,
 )
 from recsys.models.side_features import SideFeatures
 
@@ -237,6 +238,7 @@ def train_ctr(
     clicks: ClickLog | None = None,
     content_prior: bool = False,
     feature_clock_hours: float = 0.0,
+    refit: bool = False,
     progress: Callable[[dict], None] | None = None,
 ) -> tuple[RankingModel, dict]:
     """Train the CTR model; early-stop on the validation per-impression AUC.
@@ -284,13 +286,20 @@ def train_ctr(
             midnight) at or before it, not at its own time: the nightly job serves a day of
             impressions with the statistics of the night before, so an article published since
             has no shows and age 0 in training as it has when served (``clock_floor``).
+        refit: after early stopping and the fits on ``valid`` (content prior, calibration),
+            train the networks again from the same seed on ``train`` and ``valid`` together for
+            the kept number of epochs, and serve those with the weights and calibration fitted on
+            ``valid``: the served networks then learn from the newest window too. The
+            validation figures returned are the first training's (nothing is left to validate
+            the refit on).
         progress: called after every epoch with a dict (epoch, loss, val_auc, ...).
 
     Returns:
         ``(model, history)``: the model with the best validation AUC's weights, and a dict of
         per-epoch lists ``loss``, ``val_auc``, ``val_log_loss``, ``epoch_seconds`` plus
         ``best_epoch``, ``best_val_auc``, ``train_impressions``, ``train_samples``,
-        ``calibration``.
+        ``calibration``; with ``refit``, also ``refit`` (``epochs``, ``train_impressions``,
+        ``train_samples``, ``loss``, ``epoch_seconds`` of the second training).
 
     Raises:
         ValueError: bad arguments, item rows outside ``features``, or no validation impression
@@ -320,8 +329,6 @@ def train_ctr(
     if valid_scoreable == 0:
         raise ValueError("valid has no impression with both a click and a non-click: the AUC is undefined")
     listwise = loss == "listwise"
-
-    keras.utils.set_random_seed(seed)
     if first_seen is None:
         first_seen = first_shown([train, valid], n)
     if feature_clock_hours < 0:
@@ -329,15 +336,87 @@ def train_ctr(
     if feature_clock_hours > 0:  # histories are already read at the true times; only side features move
         train = dataclasses.replace(train, times=clock_floor(train.times, feature_clock_hours))
         valid = dataclasses.replace(valid, times=clock_floor(valid.times, feature_clock_hours))
+    networks = dict(
+        features=features, log=log, first_seen=first_seen, modalities=modalities, fusion=fusion,
+        embedding_dim=embedding_dim, history_len=history_len, batch_size=batch_size, learning_rate=learning_rate,
+        seed=seed, negatives=negatives, listwise=listwise, window_hours=window_hours, num_heads=num_heads,
+        scorer_hidden_units=scorer_hidden_units, dropout=dropout, anchor_dim=anchor_dim,
+        category_dropout=category_dropout, logged_clicks=clicks is not None,
+    )
+    model, ctr, history = _train_networks(train, valid, epochs=epochs, patience=patience, progress=progress, **networks)
+    best_epoch, best_auc = history["best_epoch"], history["best_val_auc"]
+
+    prior_weights, moment_weights, served_auc, valid_logits = (), (), float(best_auc), None
+    if content_prior and model.anchor_columns:  # same networks, so ctr's scorer is model's
+        prior_weights, moment_weights, served_auc, valid_logits = _fit_prior_weights(model, features, valid, log, first_seen)
+        model = model.with_content_prior(prior_weights, moment_weights)
+        prior_weights, moment_weights = model.config.prior_weights, model.config.moment_weights  # () when off
+
+    slope, intercept = 1.0, 0.0
+    if calibrate is None:
+        calibrate = listwise or model.config.prior_dim > 0
+    if calibrate:
+        if valid_logits is None:  # the prior's fit already scored the validation window
+            valid_logits = evaluate_logits(model, features, valid, log, first_seen)
+        slope, intercept = _fit_platt(valid_logits, valid.labels)
+        ctr.scorer_layer.set_calibration(slope, intercept)
+    history.update(prior_weights=list(prior_weights), moment_weights=list(moment_weights), served_val_auc=served_auc,
+                   calibration={"slope": slope, "intercept": intercept})
+
+    refit_info = None
+    if refit:
+        # Everything fitted on ``valid`` (the epoch count, the prior's weights, the calibration) is
+        # kept; the networks are trained again, from the same seed, on both windows, so that the
+        # served networks also learn from the newest one.
+        whole = concat_impressions([train, valid])
+        model, ctr, refit_history = _train_networks(whole, None, epochs=best_epoch, patience=patience,
+                                                    progress=progress, **networks)
+        if prior_weights:
+            model = model.with_content_prior(prior_weights, moment_weights)
+        ctr.scorer_layer.set_calibration(slope, intercept)
+        refit_info = {key: refit_history[key] for key in ("train_impressions", "train_samples", "loss", "epoch_seconds")}
+        refit_info["epochs"] = best_epoch
+        history["refit"] = refit_info
+
+    info = {
+        "loss": loss, "negatives": negatives if listwise else None, "epochs_run": len(history["loss"]),
+        "best_epoch": best_epoch, "best_val_auc": float(best_auc), "batch_size": batch_size,
+        "learning_rate": learning_rate, "train_impressions": history["train_impressions"],
+        "train_samples": history["train_samples"], "calibration": history["calibration"],
+        "prior_weights": list(prior_weights), "moment_weights": list(moment_weights), "served_val_auc": served_auc,
+        "refit": None if refit_info is None else {k: refit_info[k] for k in ("epochs", "train_impressions", "train_samples")},
+    }
+    config = dataclasses.replace(model.config, info=info)
+    return RankingModel(model.item_tower, model.user_encoder, model.scorer, config), history
+
+
+def _train_networks(
+    train: Impressions, valid: Impressions | None, *, features: ItemFeatures, log: InteractionLog,
+    first_seen: np.ndarray, epochs: int, patience: int, listwise: bool, seed: int, history_len: int,
+    batch_size: int, learning_rate: float, negatives: int, window_hours: float, category_dropout: float,
+    logged_clicks: bool, progress: Callable[[dict], None] | None, **architecture,
+) -> tuple[RankingModel, CTRModel, dict]:
+    """A new model (seeded, its vocabulary, side-feature scaling and centring fitted on
+    ``train``) trained on ``train``.
+
+    With ``valid``: at most ``epochs`` epochs, stopping after ``patience`` epochs without a better
+    validation AUC, the best epoch's weights restored. Without: exactly ``epochs`` epochs (the
+    refit, which has no window left to validate on).
+
+    Returns:
+        ``(model, the CTRModel over its layers, history)``: per-epoch lists ``loss``,
+        ``val_auc``, ``val_log_loss``, ``epoch_seconds`` (the ``val_`` lists empty without
+        ``valid``) plus ``best_epoch``, ``best_val_auc`` (None without ``valid``),
+        ``train_impressions`` and ``train_samples``.
+    """
+    keras.utils.set_random_seed(seed)
     seen = np.unique(np.concatenate([train.history_items, train.candidate_items]).astype(np.int64))
     vocabulary = CategoryVocabulary.fit(features.categories[seen])
     train_times = train.times[candidate_impression_rows(train)]
     side_spec = SideFeatures(window_hours).fit(train.candidate_items, train_times, log, first_seen)
     model = RankingModel.create(
-        features.text_encoder, features.image_encoder, vocabulary.categories, modalities=modalities, fusion=fusion,
-        embedding_dim=embedding_dim, history_len=history_len, side_features=side_spec, num_heads=num_heads,
-        scorer_hidden_units=scorer_hidden_units, dropout=dropout, anchor_dim=anchor_dim, seed=seed,
-        logged_clicks=clicks is not None,
+        features.text_encoder, features.image_encoder, vocabulary.categories, history_len=history_len,
+        side_features=side_spec, seed=seed, logged_clicks=logged_clicks, **architecture,
     )
     model.item_tower.get_layer("fusion").adapt(features.text[seen], features.image[seen], features.has_image[seen])
     ctr = CTRModel(model.item_tower, model.user_encoder, model.scorer)
@@ -380,7 +459,7 @@ def train_ctr(
     usable = (clicks > 0) & (clicks < labelled) if listwise else labelled > 0
     eligible = np.flatnonzero(usable)
     if len(eligible) == 0:
-        raise ValueError(f"train has no impression usable by the {loss} loss")
+        raise ValueError(f"train has no impression usable by the {'listwise' if listwise else 'pointwise'} loss")
 
     blocks = (model.item_tower, model.user_encoder, model.scorer)
     history = {"loss": [], "val_auc": [], "val_log_loss": [], "epoch_seconds": [],
@@ -403,14 +482,18 @@ def train_ctr(
             total += float(value)
             steps += 1
         train_seconds = time.perf_counter() - started
-        metrics = evaluate_impressions(model, features, valid, log, first_seen)
         history["loss"].append(total / max(steps, 1))
+        history["epoch_seconds"].append(train_seconds)
+        report = {"epoch": epoch, "epochs": epochs, "loss": history["loss"][-1]}
+        if valid is None:
+            if progress is not None:
+                progress({**report, "refit": True, "seconds": train_seconds})
+            continue
+        metrics = evaluate_impressions(model, features, valid, log, first_seen)
         history["val_auc"].append(metrics["auc"])
         history["val_log_loss"].append(metrics["log_loss"])
-        history["epoch_seconds"].append(train_seconds)
         if progress is not None:
-            progress({"epoch": epoch, "epochs": epochs, "loss": history["loss"][-1], "val_auc": metrics["auc"],
-                      "val_log_loss": metrics["log_loss"], "seconds": train_seconds})
+            progress({**report, "val_auc": metrics["auc"], "val_log_loss": metrics["log_loss"], "seconds": train_seconds})
         if metrics["auc"] > best_auc:
             best_auc, best_epoch, waited = metrics["auc"], epoch, 0
             best_weights = [block.get_weights() for block in blocks]
@@ -418,35 +501,13 @@ def train_ctr(
             waited += 1
             if waited >= patience:
                 break
-    for block, weights in zip(blocks, best_weights):
-        block.set_weights(weights)
-
-    prior_weights, moment_weights, served_auc, valid_logits = (), (), float(best_auc), None
-    if content_prior and model.anchor_columns:  # same networks, so ctr's scorer is model's
-        prior_weights, moment_weights, served_auc, valid_logits = _fit_prior_weights(model, features, valid, log, first_seen)
-        model = model.with_content_prior(prior_weights, moment_weights)
-        prior_weights, moment_weights = model.config.prior_weights, model.config.moment_weights  # () when off
-
-    slope, intercept = 1.0, 0.0
-    if calibrate is None:
-        calibrate = listwise or model.config.prior_dim > 0
-    if calibrate:
-        if valid_logits is None:  # the prior's fit already scored the validation window
-            valid_logits = evaluate_logits(model, features, valid, log, first_seen)
-        slope, intercept = _fit_platt(valid_logits, valid.labels)
-        ctr.scorer_layer.set_calibration(slope, intercept)
-    history.update(best_epoch=best_epoch, best_val_auc=float(best_auc), prior_weights=list(prior_weights),
-                   moment_weights=list(moment_weights), served_val_auc=served_auc,
-                   calibration={"slope": slope, "intercept": intercept})
-    info = {
-        "loss": loss, "negatives": negatives if listwise else None, "epochs_run": len(history["loss"]),
-        "best_epoch": best_epoch, "best_val_auc": float(best_auc), "batch_size": batch_size,
-        "learning_rate": learning_rate, "train_impressions": history["train_impressions"],
-        "train_samples": history["train_samples"], "calibration": history["calibration"],
-        "prior_weights": list(prior_weights), "moment_weights": list(moment_weights), "served_val_auc": served_auc,
-    }
-    config = dataclasses.replace(model.config, info=info)
-    return RankingModel(model.item_tower, model.user_encoder, model.scorer, config), history
+    if valid is None:
+        history.update(best_epoch=epochs, best_val_auc=None)
+    else:
+        for block, weights in zip(blocks, best_weights):
+            block.set_weights(weights)
+        history.update(best_epoch=best_epoch, best_val_auc=float(best_auc))
+    return model, ctr, history
 
 
 # Candidate weights of the content prior's two terms; logits of the networks span a few units,

@@ -97,7 +97,7 @@ def run_train(
             anchor_dim=mc.anchor_dim,
             history_len=mc.history_len, epochs=mc.epochs, batch_size=mc.batch_size, learning_rate=mc.learning_rate,
             seed=mc.seed, first_seen=first_seen, clicks=clicks, content_prior=mc.content_prior,
-            feature_clock_hours=mc.feature_clock_hours, progress=_log_epoch,
+            feature_clock_hours=mc.feature_clock_hours, refit=mc.refit, progress=_log_epoch,
         )
         timings["train_s"] = round(time.perf_counter() - t0, 2)
         staged = staging_dir(workspace.models_dir, version)
@@ -114,6 +114,7 @@ def run_train(
             "seed": mc.seed,
             "logged_clicks": mc.logged_clicks,
             "feature_clock_hours": mc.feature_clock_hours,
+            "refit": mc.refit,
             "content_prior_weights": list(model.config.prior_weights),
             "content_prior_moment_weights": list(model.config.moment_weights),
             "serving_dim": model.config.serving_dim,
@@ -154,6 +155,8 @@ def _final_metrics(history: dict) -> dict:
            "content_prior_moment_weights": history.get("moment_weights", [])}
     if best and history.get("val_log_loss"):  # epochs count from 1
         out["val_log_loss"] = history["val_log_loss"][best - 1]
+    if history.get("refit"):  # the served networks are the refit's; the figures above are the first training's
+        out["refit"] = {k: history["refit"][k] for k in ("epochs", "train_impressions", "train_samples")}
     return out
 
 

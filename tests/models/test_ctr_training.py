@@ -227,3 +227,53 @@ def test_content_prior_weights_are_the_best_on_validation(world, log):
     probs = evaluate_impressions(model, world.features, world.valid, log, first_seen)["scores"]
     labelled = world.valid.labels >= 0
     assert probs[labelled].mean() == pytest.approx(world.valid.labels[labelled].mean(), abs=0.02)
+
+
+@pytest.mark.slow
+def test_refit_trains_again_on_both_windows_and_keeps_what_validation_fitted(world, log, tmp_path):
+    import dataclasses
+
+    from recsys.models.bundle import RankingModel
+
+    train = select_impressions(world.train, np.arange(300))
+    # Articles shown only in the validation window get a category of their own: a vocabulary
+    # fitted on the training window cannot know it, one fitted on both windows must.
+    in_train = np.zeros(len(world.features), bool)
+    in_train[np.concatenate([train.history_items, train.candidate_items])] = True
+    only_valid = np.zeros(len(world.features), bool)
+    only_valid[np.concatenate([world.valid.history_items, world.valid.candidate_items])] = True
+    only_valid &= ~in_train
+    assert only_valid.any()
+    categories = np.where(only_valid, "late-breaking", world.features.categories).astype(object)
+    features = dataclasses.replace(world.features, categories=categories)
+    first_seen = first_shown([train, world.valid], len(features))
+    kwargs = dict(epochs=2, patience=2, batch_size=32, embedding_dim=32, first_seen=first_seen, content_prior=True)
+    plain, plain_history = train_ctr(features, train, world.valid, log, **kwargs)
+    refit, history = train_ctr(features, train, world.valid, log, refit=True, **kwargs)
+    again, _ = train_ctr(features, train, world.valid, log, refit=True, **kwargs)
+
+    # The first training, the prior's weights and the calibration are those of the plain run.
+    for key in ("val_auc", "loss", "best_epoch", "prior_weights", "moment_weights", "calibration"):
+        assert history[key] == pytest.approx(plain_history[key], abs=1e-6), key
+    assert refit.config.prior_weights == plain.config.prior_weights
+    assert refit.config.moment_weights == plain.config.moment_weights
+    # The second training ran the kept number of epochs over every impression of both windows.
+    best = history["best_epoch"]
+    labelled = lambda imps: int((imps.labels >= 0).sum())  # noqa: E731
+    assert history["refit"]["epochs"] == best and len(history["refit"]["loss"]) == best
+    assert history["refit"]["train_impressions"] == len(train) + len(world.valid)
+    assert history["refit"]["train_samples"] == labelled(train) + labelled(world.valid)
+    assert refit.config.info["refit"] == {k: history["refit"][k] for k in ("epochs", "train_impressions", "train_samples")}
+    assert plain.config.info["refit"] is None
+    assert "late-breaking" in refit.config.categories and "late-breaking" not in plain.config.categories
+
+    def scores(model):
+        return evaluate_impressions(model, features, world.test, log, first_seen)["scores"]
+
+    served = scores(refit)
+    assert not np.allclose(served, scores(plain), atol=1e-3)  # other networks
+    np.testing.assert_allclose(served, scores(again), atol=1e-5)  # same seed, same refit
+    refit.save(tmp_path / "model")
+    loaded = RankingModel.load(tmp_path / "model")
+    np.testing.assert_allclose(scores(loaded), served, atol=1e-6)
+    assert loaded.config.info["refit"] == refit.config.info["refit"]
