@@ -52,7 +52,7 @@ def file_first_seen(imps, first_seen: np.ndarray) -> np.ndarray:
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
-    from bench_quality import config_overrides, file_impressions, fresh_candidates, ingested_world, oracle_auc, subset_auc
+    from bench_quality import config_overrides, file_impressions, fresh_candidates, ingested_world, oracle_auc, test_file_row
     from recsys.config import load_config
     from recsys.pipelines.scoring import VersionScorer, feature_times, load_scoring_catalogue
     from recsys.pipelines.train import run_train
@@ -79,10 +79,8 @@ def run_seed(seed: int, args, root: Path) -> dict:
             first_seen = dated if reading == FILE_FIRST_SEEN else catalogue.first_seen
             scores = scorer.model.score_impressions(test, scorer.embeddings, catalogue.log, first_seen,
                                                     popularity_until=at.popularity_until, age_until=at.age_until)
-            a = subset_auc(test, scores, np.ones(len(scores), bool))
             out["rows"][f"clock {clock:g}, features at {reading}"] = {
-                "impression_auc": a, "gap_closed": (a - 0.5) / (oracle - 0.5),
-                "fresh_auc": subset_auc(test, scores, fresh), "seen_auc": subset_auc(test, scores, ~fresh),
+                **test_file_row(test, scores, oracle, fresh),
                 "mean_p_fresh": float(scores[fresh].mean()), "mean_p_seen": float(scores[~fresh].mean()),
                 "click_rate_fresh": float((test.labels[fresh] == 1).mean()),
                 "click_rate_seen": float((test.labels[~fresh] == 1).mean())}
@@ -93,15 +91,11 @@ def run_seed(seed: int, args, root: Path) -> dict:
 
 def main() -> None:
     # this folder is on sys.path when run as a script
-    from bench_quality import run_experiment
+    from bench_quality import run_experiment, show_rows
 
-    def show(res: dict) -> None:
-        print(f"\nseed {res['seed']} ({res['seconds']} s), oracle {res['oracle']:.4f}")
-        print(f"  {'':<58} {'AUC':>6} {'gap':>6} {'fresh':>6} {'seen':>6}  mean p fresh/seen (click rate)")
-        for name, r in res["rows"].items():
-            print(f"  {name:<58} {r['impression_auc']:.4f} {100 * r['gap_closed']:5.1f}% {r['fresh_auc']:.4f} "
-                  f"{r['seen_auc']:.4f}  {r['mean_p_fresh']:.4f} / {r['mean_p_seen']:.4f} "
-                  f"({r['click_rate_fresh']:.4f} / {r['click_rate_seen']:.4f})")
+    columns = {"fresh": lambda r: f"{r['fresh_auc']:.4f}", "seen": lambda r: f"{r['seen_auc']:.4f}",
+               "mean p fresh / seen (click rate)": lambda r: f"{r['mean_p_fresh']:.4f} / {r['mean_p_seen']:.4f} "
+               f"({r['click_rate_fresh']:.4f} / {r['click_rate_seen']:.4f})"}
 
     def add_arguments(parser) -> None:
         parser.add_argument("--clocks", type=float, nargs="+", default=list(CLOCKS),
@@ -109,7 +103,8 @@ def main() -> None:
         parser.add_argument("--file-first-seen", action="store_true",
                             help="also score with never-shown articles aged from their first show in the test file")
 
-    run_experiment(__doc__, "feature_time", run_seed, show, width=58, add_arguments=add_arguments)
+    run_experiment(__doc__, "feature_time", run_seed, lambda res: show_rows(res, 58, columns), width=58,
+                   add_arguments=add_arguments)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,25 @@ def subset_auc(imps, scores: np.ndarray, keep: np.ndarray) -> float:
     return float(mean_impression_auc(imps.labels[keep], scores[keep], offsets)[0])
 
 
+def test_file_row(imps, scores: np.ndarray, oracle: float, fresh: np.ndarray) -> dict:
+    """An experiment's row on the test file: AUC per impression over all candidates, the share
+    of the random-to-oracle gap it closes, and the AUC over the ``fresh`` and the other candidates."""
+    a = subset_auc(imps, scores, np.ones(len(scores), bool))
+    return {"impression_auc": a, "gap_closed": (a - 0.5) / (oracle - 0.5),
+            "fresh_auc": subset_auc(imps, scores, fresh), "seen_auc": subset_auc(imps, scores, ~fresh)}
+
+
+def show_rows(res: dict, width: int, columns: dict | None = None, *, note: str = "") -> None:
+    """Print one world's rows of an experiment: AUC and gap closed, then each of ``columns``
+    (header -> function of a row giving its text)."""
+    columns = columns or {}
+    print(f"\nseed {res['seed']} ({res['seconds']} s{note}), oracle {res['oracle']:.4f}")
+    print(f"  {'':<{width}} {'AUC':>6} {'gap':>6} " + " ".join(f"{h:>6}" for h in columns))
+    for name, r in res["rows"].items():
+        cells = " ".join(f"{fn(r):>6}" for fn in columns.values())
+        print(f"  {name:<{width}} {r['impression_auc']:.4f} {100 * r['gap_closed']:5.1f}% {cells}")
+
+
 def oracle_auc(world: Path) -> float:
     """Per-impression AUC of the true click probabilities of the test file (truth.tsv)."""
     import pandas as pd

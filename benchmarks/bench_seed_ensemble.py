@@ -32,7 +32,7 @@ MEMBERS = 3
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
-    from bench_quality import config_overrides, file_impressions, fresh_candidates, ingested_world, oracle_auc, subset_auc
+    from bench_quality import config_overrides, file_impressions, fresh_candidates, ingested_world, oracle_auc, test_file_row
     from recsys.config import load_config
     from recsys.pipelines.scoring import VersionScorer, load_scoring_catalogue
     from recsys.pipelines.train import run_train
@@ -57,14 +57,10 @@ def run_seed(seed: int, args, root: Path) -> dict:
                                                      logits=True).astype(np.float64))
     fresh = fresh_candidates(test, catalogue)
 
-    def row(scores: np.ndarray) -> dict:
-        a = subset_auc(test, scores, np.ones(len(scores), bool))
-        return {"impression_auc": a, "gap_closed": (a - 0.5) / (oracle - 0.5), "fresh_auc": subset_auc(test, scores, fresh)}
-
     for member, scores in enumerate(logits):
-        out["rows"][f"seed {member} alone"] = row(scores)
+        out["rows"][f"seed {member} alone"] = test_file_row(test, scores, oracle, fresh)
     for k in range(2, MEMBERS + 1):
-        out["rows"][f"mean logit of seeds 0-{k - 1}"] = row(np.mean(logits[:k], axis=0))
+        out["rows"][f"mean logit of seeds 0-{k - 1}"] = test_file_row(test, np.mean(logits[:k], axis=0), oracle, fresh)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     engine.dispose()
     return out
@@ -72,13 +68,10 @@ def run_seed(seed: int, args, root: Path) -> dict:
 
 def main() -> None:
     # this folder is on sys.path when run as a script
-    from bench_quality import run_experiment
+    from bench_quality import run_experiment, show_rows
 
     def show(res: dict) -> None:
-        print(f"\nseed {res['seed']} ({res['seconds']} s; training {res['train_seconds']} s), oracle {res['oracle']:.4f}")
-        print(f"  {'':<28} {'AUC':>6} {'gap':>6} {'fresh':>6}")
-        for name, r in res["rows"].items():
-            print(f"  {name:<28} {r['impression_auc']:.4f} {100 * r['gap_closed']:5.1f}% {r['fresh_auc']:.4f}")
+        show_rows(res, 28, {"fresh": lambda r: f"{r['fresh_auc']:.4f}"}, note=f"; training {res['train_seconds']} s")
 
     run_experiment(__doc__, "seed_ensemble", run_seed, show, width=28)
 

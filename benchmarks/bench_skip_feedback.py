@@ -242,14 +242,9 @@ def run_seed(seed: int, args, root: Path) -> dict:
 
 def main() -> None:
     # this folder is on sys.path when run as a script
-    from bench_quality import run_experiment
+    from bench_quality import run_experiment, show_rows
 
-    def show(res: dict) -> None:
-        print(f"\nseed {res['seed']} ({res['seconds']} s), oracle {res['oracle']:.4f}")
-        for name, r in res["rows"].items():
-            print(f"  {name:<48} {r['impression_auc']:.4f} {100 * r['gap_closed']:5.1f}%  weights {r['weights']}")
-
-    run_experiment(__doc__, "skip_feedback", run_seed, show)
+    run_experiment(__doc__, "skip_feedback", run_seed, lambda res: show_rows(res, 48, {"weights": lambda r: str(r["weights"])}))
 
 
 if __name__ == "__main__":
