@@ -27,7 +27,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
     from bench_quality import config_overrides, file_impressions, fresh_candidates, ingested_world, oracle_auc, test_file_row
     from recsys.config import load_config
     from recsys.metrics.classification import log_loss
-    from recsys.pipelines.scoring import VersionScorer, feature_times, load_scoring_catalogue
+    from recsys.pipelines.scoring import DEFAULT_FEATURES_AT, VersionScorer, feature_times, load_scoring_catalogue
     from recsys.pipelines.train import run_train
     from recsys.versions import get_version
 
@@ -35,7 +35,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
     world, ws, engine, _ = ingested_world(seed, args, root, foreign=args.foreign)
     oracle = oracle_auc(world)
     catalogue = load_scoring_catalogue(engine, ws, load_config(None, config_overrides(args)), news=None, images=None)
-    at = feature_times(catalogue, "popularity-at-end")
+    at = feature_times(catalogue, DEFAULT_FEATURES_AT)
     out = {"seed": seed, "oracle": oracle, "rows": {}}
     test = fresh = None
     for name, refit in (("default (networks trained on the training window)", False),

@@ -36,6 +36,8 @@ from recsys.models.samples import (
 from recsys.models.side_features import SideFeatures
 
 LOSSES = ("pointwise", "listwise")
+# What a model's info (and a version's manifest metrics) records of a refit: the second training's size.
+REFIT_SUMMARY = ("epochs", "train_impressions", "train_samples")
 
 
 def mean_impression_auc(y_true: np.ndarray, y_score: np.ndarray, offsets: np.ndarray) -> tuple[float, int]:
@@ -339,7 +341,7 @@ def train_ctr(
     networks = dict(
         features=features, log=log, first_seen=first_seen, modalities=modalities, fusion=fusion,
         embedding_dim=embedding_dim, history_len=history_len, batch_size=batch_size, learning_rate=learning_rate,
-        seed=seed, negatives=negatives, listwise=listwise, window_hours=window_hours, num_heads=num_heads,
+        seed=seed, negatives=negatives, loss=loss, window_hours=window_hours, num_heads=num_heads,
         scorer_hidden_units=scorer_hidden_units, dropout=dropout, anchor_dim=anchor_dim,
         category_dropout=category_dropout, logged_clicks=clicks is not None,
     )
@@ -374,9 +376,8 @@ def train_ctr(
         if prior_weights:
             model = model.with_content_prior(prior_weights, moment_weights)
         ctr.scorer_layer.set_calibration(slope, intercept)
-        refit_info = {key: refit_history[key] for key in ("train_impressions", "train_samples", "loss", "epoch_seconds")}
-        refit_info["epochs"] = best_epoch
-        history["refit"] = refit_info
+        refit_info = {"epochs": best_epoch, **{key: refit_history[key] for key in REFIT_SUMMARY[1:]}}
+        history["refit"] = {**refit_info, "loss": refit_history["loss"], "epoch_seconds": refit_history["epoch_seconds"]}
 
     info = {
         "loss": loss, "negatives": negatives if listwise else None, "epochs_run": len(history["loss"]),
@@ -384,7 +385,7 @@ def train_ctr(
         "learning_rate": learning_rate, "train_impressions": history["train_impressions"],
         "train_samples": history["train_samples"], "calibration": history["calibration"],
         "prior_weights": list(prior_weights), "moment_weights": list(moment_weights), "served_val_auc": served_auc,
-        "refit": None if refit_info is None else {k: refit_info[k] for k in ("epochs", "train_impressions", "train_samples")},
+        "refit": refit_info,
     }
     config = dataclasses.replace(model.config, info=info)
     return RankingModel(model.item_tower, model.user_encoder, model.scorer, config), history
@@ -392,7 +393,7 @@ def train_ctr(
 
 def _train_networks(
     train: Impressions, valid: Impressions | None, *, features: ItemFeatures, log: InteractionLog,
-    first_seen: np.ndarray, epochs: int, patience: int, listwise: bool, seed: int, history_len: int,
+    first_seen: np.ndarray, epochs: int, patience: int, loss: str, seed: int, history_len: int,
     batch_size: int, learning_rate: float, negatives: int, window_hours: float, category_dropout: float,
     logged_clicks: bool, progress: Callable[[dict], None] | None, **architecture,
 ) -> tuple[RankingModel, CTRModel, dict]:
@@ -409,6 +410,7 @@ def _train_networks(
         ``valid``) plus ``best_epoch``, ``best_val_auc`` (None without ``valid``),
         ``train_impressions`` and ``train_samples``.
     """
+    listwise = loss == "listwise"
     keras.utils.set_random_seed(seed)
     seen = np.unique(np.concatenate([train.history_items, train.candidate_items]).astype(np.int64))
     vocabulary = CategoryVocabulary.fit(features.categories[seen])
@@ -459,7 +461,7 @@ def _train_networks(
     usable = (clicks > 0) & (clicks < labelled) if listwise else labelled > 0
     eligible = np.flatnonzero(usable)
     if len(eligible) == 0:
-        raise ValueError(f"train has no impression usable by the {'listwise' if listwise else 'pointwise'} loss")
+        raise ValueError(f"train has no impression usable by the {loss} loss")
 
     blocks = (model.item_tower, model.user_encoder, model.scorer)
     history = {"loss": [], "val_auc": [], "val_log_loss": [], "epoch_seconds": [],

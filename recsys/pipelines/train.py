@@ -156,7 +156,9 @@ def _final_metrics(history: dict) -> dict:
     if best and history.get("val_log_loss"):  # epochs count from 1
         out["val_log_loss"] = history["val_log_loss"][best - 1]
     if history.get("refit"):  # the served networks are the refit's; the figures above are the first training's
-        out["refit"] = {k: history["refit"][k] for k in ("epochs", "train_impressions", "train_samples")}
+        from recsys.models.training import REFIT_SUMMARY  # loaded with train_ctr already: no start-up cost
+
+        out["refit"] = {k: history["refit"][k] for k in REFIT_SUMMARY}
     return out
 
 
