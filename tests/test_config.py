@@ -49,6 +49,7 @@ def test_unknown_section_is_named():
         ({"model": {"feature_clock_hours": -24.0}}, r"'model.feature_clock_hours' is -24.0, expected 0 \(off\) or a period"),
         ({"model": {"feature_clock_hours": 1e-4}}, r"'model.feature_clock_hours' is 0.0001, expected 0 \(off\)"),
         ({"model": {"feature_clock_hours": float("nan")}}, r"'model.feature_clock_hours' is nan"),
+        ({"model": {"refit": "yes"}}, r"'model.refit' is 'yes', expected true or false"),
     ],
 )
 def test_bad_values_are_named(data, message):
