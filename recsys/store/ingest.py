@@ -357,11 +357,15 @@ class _Job:
         report.impressions += len(rows)
         report.impression_items += len(item_rows)
 
-        # An article's first impression stands in for its publication time. Only times that
-        # move earlier than what the store holds are written.
+        # MIND has no publication time: the first impression that shows an article, or lists
+        # it in a History (clicked before that impression, so it existed then), stands in for
+        # it. Without the History, the back catalogue that MIND's logs only list as old clicks
+        # would read as never seen: brand new to the age feature and the freshness filter.
+        # Only times that move earlier than what the store holds are written.
         first_shown: dict[str, datetime] = {}
         for r in sorted(rows, key=lambda r: r.time, reverse=True):
-            first_shown.update(dict.fromkeys(r.news_ids, r.time))  # earlier times overwrite later
+            first_shown.update(dict.fromkeys(r.history, r.time))  # earlier times overwrite later
+            first_shown.update(dict.fromkeys(r.news_ids, r.time))
         first_shown = {n: t for n, t in first_shown.items() if known[n] is None or t < known[n]}
         w.update(
             news, "news_id", ("news_id", "first_seen_at"), list(first_shown.items()),

@@ -78,9 +78,10 @@ def test_small_world_rows_by_hand(engine, small_world, quarantine_dir, batch_siz
         ("U2", "N2", None, T0 + H), ("U2", "N6", None, T0 + H),
         ("U3", "N6", 0, None),
     ]
-    # First time each article was shown.
+    # First time each article was shown or listed in a History: N1 and N2 are listed at T0 (U1)
+    # before they are shown at T0 + H; N6 is listed at T0 - 2h (U3) before it is shown.
     assert rows(engine, "news", "news_id", "first_seen_at") == [
-        ("N1", T0 + H), ("N2", T0 + H), ("N3", T0 - 2 * H), ("N4", T0 - 2 * H), ("N5", T0), ("N6", T0 + H),
+        ("N1", T0), ("N2", T0), ("N3", T0 - 2 * H), ("N4", T0 - 2 * H), ("N5", T0), ("N6", T0 - 2 * H),
     ]
     assert store_stats(engine) == {
         "news": 6, "news_with_image": 0, "users": 3, "impressions": 4, "impression_items": 10, "labelled_items": 10,
@@ -155,7 +156,7 @@ def test_newer_news_row_updates_the_article(engine, small_world, quarantine_dir,
     assert after["N1"][1] == "Storm hits the coast, updated"
     assert after["N1"][2] != before["N1"][2]
     assert after["N1"][3] > before["N1"][3]
-    assert after["N1"][4] == before["N1"][4] == T0 + H  # first seen comes from impressions, kept
+    assert after["N1"][4] == before["N1"][4] == T0  # first seen comes from behaviors, kept
     assert after["N2"] == before["N2"]  # unchanged content: not even updated_at moves
     assert after["N7"][4] is None
 
@@ -187,6 +188,31 @@ def test_unlabelled_test_file_then_history_replacement(engine, small_world, quar
     with engine.connect() as conn:
         labels = conn.execute(sa.select(it.c.label).join(im, im.c.id == it.c.impression_pk).where(im.c.source == "test/behaviors")).scalars().all()
     assert labels == [None, None, None]
+
+
+def test_an_article_only_listed_in_histories_is_as_old_as_its_first_listing(engine, quarantine_dir, tmp_path):
+    """MIND's back catalogue appears only in History columns: clicked before the log, so it is
+    not brand new. Its first listing stands in for its publication; files only lower it."""
+    news = write_lines(tmp_path / "news.tsv", [news_line(n) for n in ("N1", "N2", "N3", "N4")])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = write_lines(tmp_path / "a" / "behaviors.tsv", [
+        behavior_line(1, "U1", T0 + D, ["N1", "N2"], ["N3-1"]),
+        behavior_line(2, "U2", T0, ["N2"], ["N3-0"]),
+    ])
+    run(engine, quarantine_dir, news_path=news, behaviors_path=first)
+    # N1 only listed (by U1 at T0 + D), N2 first listed by U2 at T0, N4 neither listed nor shown.
+    assert rows(engine, "news", "news_id", "first_seen_at") == [
+        ("N1", T0 + D), ("N2", T0), ("N3", T0), ("N4", None),
+    ]
+    later = write_lines(tmp_path / "b" / "behaviors.tsv", [
+        behavior_line(1, "U3", T0 - H, ["N1"], ["N2-0"]),
+        behavior_line(2, "U3", T0 + 2 * D, ["N3", "N4"], ["N2-1"]),
+    ])
+    run(engine, quarantine_dir, behaviors_path=later)
+    assert rows(engine, "news", "news_id", "first_seen_at") == [
+        ("N1", T0 - H), ("N2", T0 - H), ("N3", T0), ("N4", T0 + 2 * D),
+    ]
 
 
 def test_an_older_history_does_not_replace_a_newer_one(engine, small_world, quarantine_dir, tmp_path):
