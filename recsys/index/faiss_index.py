@@ -476,13 +476,41 @@ class FaissIndex:
         Raises:
             NotFoundError: a news id is not in the index (the message names it).
         """
+        return self._gather(self._rows_of(_as_ids(news_ids, "news_ids")))
+
+    def published(self, news_ids: Sequence[str] | np.ndarray) -> np.ndarray:
+        """The stored publication times of several articles.
+
+        Returns:
+            (m,) datetime64[s] in the order asked (NaT: unknown).
+
+        Raises:
+            NotFoundError: a news id is not in the index (the message names it).
+        """
+        return self._published[self._rows_of(_as_ids(news_ids, "news_ids"))].copy()
+
+    def set_published(self, news_ids: Sequence[str] | np.ndarray, published: np.ndarray) -> None:
+        """Replace the publication times of articles already in the index; vectors stay.
+
+        Args:
+            news_ids: (m,) unique news ids, all in the index.
+            published: (m,) datetime64 publication times (NaT: unknown).
+
+        Raises:
+            ValueError: malformed times or duplicate ids.
+            NotFoundError: a news id is not in the index; nothing is changed then.
+        """
         ids = _as_ids(news_ids, "news_ids")
+        pub = _as_published(published, len(ids))
+        _check_unique(ids)
+        self._published[self._rows_of(ids)] = pub
+
+    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
         missing = [i for i in ids.tolist() if i not in self._row_of]
         if missing:
             shown = ", ".join(repr(i) for i in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise NotFoundError(f"news id {shown} not in the index ({len(self)} items)")
-        rows = np.array([self._row_of[i] for i in ids.tolist()], dtype=np.int64)
-        return self._gather(rows)
+        return np.array([self._row_of[i] for i in ids.tolist()], dtype=np.int64)
 
     # ------------------------------------------------------------------ search
 

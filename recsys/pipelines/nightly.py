@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from recsys.config import Config, Workspace
 from recsys.errors import RecsysError
 from recsys.pipelines.index import index_manifest, load_index, published_times
-from recsys.pipelines.train import load_catalogue, load_version_model
+from recsys.pipelines.train import first_seen_array, load_catalogue, load_version_model
 from recsys.progress import progress
 from recsys.threads import configure_threads
 from recsys.versions import check_encoders, get_version
@@ -33,7 +33,10 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv) -> d
 
     Features come through the cache, so only new articles reach the encoders; the item
     tower is cheap and re-embeds the catalogue, and only rows whose embedding differs from
-    the indexed one are written.
+    the indexed one are written. Publication times follow the store: a behaviors file can
+    move an article's first-seen time earlier (an older file, or a History that lists it),
+    and the freshness filter reads the index's copy. An article the store has not seen yet
+    keeps the time it was first indexed at, so it still leaves the fresh set after its days.
     """
     from recsys.index.faiss_index import FaissIndex
 
@@ -51,14 +54,23 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv) -> d
     index = load_index(mv)
     present = np.array([nid in index for nid in features.news_ids], dtype=bool)
     changed = ~present
+    moved = np.zeros(len(present), dtype=bool)
     if present.any():
-        old = index.vectors(features.news_ids[present])
-        changed[np.flatnonzero(present)] = np.abs(old - embeddings[present]).max(axis=1) > 1e-5
+        at = np.flatnonzero(present)
+        old = index.vectors(features.news_ids[at])
+        changed[at] = np.abs(old - embeddings[at]).max(axis=1) > 1e-5
+        indexed = index.published(features.news_ids[at])
+        published[at] = np.where(np.isnat(first_seen_array(news)[at]), indexed, published[at])
+        moved[at] = ~changed[at] & (published[at] != indexed) & ~np.isnat(published[at])  # NaT != NaT in numpy
     rows = np.flatnonzero(changed)
+    if moved.any():
+        index.set_published(features.news_ids[moved], published[moved])
     if len(rows):
         index.add(features.news_ids[rows], embeddings[rows], published=published[rows])
+    if len(rows) or moved.any():
         index.save(mv.index_dir, manifest_extra=index_manifest(mv))
-    return {"index_added": int((~present).sum()), "index_updated": int(len(rows) - (~present).sum())}
+    return {"index_added": int((~present).sum()), "index_updated": int(len(rows) - (~present).sum()),
+            "index_republished": int(moved.sum())}
 
 
 def run_nightly_job(

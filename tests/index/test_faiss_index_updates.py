@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from index_data import brute_force, news_ids, sphere_mixture
 
+from recsys.errors import NotFoundError
 from recsys.index import FaissIndex
 
 ALL_KINDS = ("flat", "hnsw", "ivf")
@@ -116,3 +117,40 @@ def test_add_rejects_bad_input_and_leaves_the_index_unchanged(world):
     with pytest.raises(ValueError, match=r"vectors row 0 holds NaN or infinity"):
         index.add(["N20"], np.full((1, 16), np.inf, np.float32))
     assert len(index) == 10 and index._index.ntotal == 10 and "N20" not in index
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_set_published_moves_times_in_place_and_persists(world, kind, tmp_path):
+    ids, items, queries = world
+    day = np.datetime64("2019-11-10T00:00:00", "s")
+    published = day + np.arange(len(ids)).astype("timedelta64[h]")
+    index = FaissIndex.build(ids, items, published=published, kind=kind, exact_max_items=0, num_threads=1)
+    index.add(ids[:5], items[:5], published=published[:5])  # tombstones behind rows 0-4 (HNSW, IVF)
+    np.testing.assert_array_equal(index.published(ids[[3, 0, 399]]), published[[3, 0, 399]])
+
+    earlier = np.full(2, day - np.timedelta64(3, "D"))
+    index.set_published(ids[[0, 200]], earlier)
+    np.testing.assert_array_equal(index.published(ids[[0, 200, 1]]), [earlier[0], earlier[1], published[1]])
+    np.testing.assert_array_equal(index.vectors(ids[[0, 200]]), items[[0, 200]])  # vectors stay
+    # The freshness filter reads the new times: both moved rows drop out, nothing else does.
+    hits = index.search(items[200:201], 400, published_after=day)[0]
+    assert len(hits) == 398 and not {"N0", "N200"} & set(hits.news_ids.tolist())
+
+    index.save(tmp_path / "idx")
+    np.testing.assert_array_equal(FaissIndex.load(tmp_path / "idx").published(ids), np.concatenate([earlier[:1], published[1:200], earlier[1:], published[201:]]))
+
+
+def test_set_published_refuses_bad_input_and_changes_nothing(world):
+    ids, items, _ = world
+    published = np.full(len(ids), np.datetime64("2019-11-10T00:00:00", "s"))
+    index = FaissIndex.build(ids, items, published=published, kind="flat", num_threads=1)
+    later = np.datetime64("2019-11-12T00:00:00", "s")
+    with pytest.raises(NotFoundError, match="news id 'N_missing' not in the index"):
+        index.set_published(np.array(["N1", "N_missing"]), np.full(2, later))
+    with pytest.raises(ValueError, match="news ids must be unique"):
+        index.set_published(np.array(["N1", "N1"]), np.full(2, later))
+    with pytest.raises(ValueError, match=r"published must be datetime64 of shape \(2,\)"):
+        index.set_published(np.array(["N1", "N2"]), np.array([1.0, 2.0]))
+    with pytest.raises(NotFoundError, match="N_missing"):
+        index.published(["N_missing"])
+    np.testing.assert_array_equal(index.published(ids), published)

@@ -1,0 +1,83 @@
+"""The nightly index refresh keeps publication times in step with the store.
+
+The freshness filter reads the index's copy of each article's time, while the store's
+``first_seen_at`` can move earlier with every behaviors file (an older file, or a History that
+lists the article). Times worked out by hand from the files written here.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from recsys.config import Workspace, load_config
+from recsys.pipelines.index import load_index
+from recsys.pipelines.ingest import run_ingest
+from recsys.pipelines.nightly import refresh_index
+from recsys.pipelines.train import run_train
+from recsys.store import repository as repo
+from recsys.store import schema
+from recsys.store.database import open_store
+from recsys.versions import get_version
+from tests.store.mind_files import behavior_line, write_lines
+
+pytestmark = pytest.mark.slow
+
+
+def first_seen(engine) -> dict[str, datetime | None]:
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.select(schema.news.c.news_id, schema.news.c.first_seen_at)).all())
+
+
+def test_refresh_follows_the_stores_first_seen_times(tmp_path):
+    from recsys.data.sample import generate_sample
+
+    world = tmp_path / "world"
+    generate_sample(world, num_users=60, num_news=200, num_impressions=200, seed=3)
+    ws = Workspace(tmp_path / "ws").ensure()
+    engine = open_store(ws.default_db_url)
+    run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=world / "images")
+    config = load_config(None, {"model.epochs": 1, "model.embedding_dim": 16, "model.anchor_dim": 4})
+    run_train(engine, ws, config)
+    mv = get_version(engine)
+
+    built = refresh_index(engine, ws, config, mv)
+    assert built["index_built"] == 200
+    seen = first_seen(engine)
+    never = sorted(n for n, t in seen.items() if t is None)
+    shown = sorted(n for n, t in seen.items() if t is not None)
+    assert len(never) >= 3, "the sample world should leave some articles never shown nor listed"
+    _, store_end = repo.time_range(engine)  # the latest impression
+    index = load_index(mv)
+    # Never seen: the store's latest time at the build stands in, so the freshness filter keeps it.
+    np.testing.assert_array_equal(index.published(never), np.full(len(never), np.datetime64(store_end, "s")))
+
+    listed, unseen, moved = never[0], never[1:], shown[0]
+    start = min(t for t in seen.values() if t is not None)
+    older, later = start - timedelta(days=3), store_end + timedelta(days=2)
+    (tmp_path / "older").mkdir()
+    (tmp_path / "later").mkdir()
+    # An older file lists `listed` in a History and shows `moved` before anything the store holds;
+    # a later one moves the store's end on without touching the never-seen articles.
+    run_ingest(engine, ws, news=None, images=None, behaviors=write_lines(
+        tmp_path / "older" / "behaviors.tsv", [behavior_line(1, "U_old", older, [listed], [f"{moved}-0"])]))
+    run_ingest(engine, ws, news=None, images=None, behaviors=write_lines(
+        tmp_path / "later" / "behaviors.tsv", [behavior_line(1, "U_new", later, [], [f"{shown[1]}-1"])]))
+    assert first_seen(engine)[listed] == older and first_seen(engine)[moved] == older
+
+    refreshed = refresh_index(engine, ws, config, mv)
+    assert refreshed == {"index_added": 0, "index_updated": 0, "index_republished": 2}
+    index = load_index(mv)  # what was saved
+    assert len(index) == 200
+    np.testing.assert_array_equal(index.published([listed, moved]), np.full(2, np.datetime64(older, "s")))
+    # Still never seen: they keep the build's time instead of the store's new end.
+    np.testing.assert_array_equal(index.published(unseen), np.full(len(unseen), np.datetime64(store_end, "s")))
+    fresh_after = np.datetime64(start - timedelta(days=1), "s")
+    (hits,) = index.search(index.vectors([moved]), 200, published_after=fresh_after)
+    assert len(hits) == 198 and not {listed, moved} & set(hits.news_ids.tolist())
+
+    assert refresh_index(engine, ws, config, mv) == {"index_added": 0, "index_updated": 0, "index_republished": 0}
+    engine.dispose()
