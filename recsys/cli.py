@@ -2,7 +2,8 @@
 the config, then call a pipeline in ``recsys.pipelines``. Heavy imports happen inside the
 commands so that ``--help`` stays instant.
 
-Exit codes: 0 success, 1 bad usage or bad input (``RecsysError``), 2 internal error.
+Exit codes: 0 success, 1 bad usage or bad input (``RecsysError``), 2 internal error, 3 the
+nightly run completed on the data already stored but its ingest failed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+INGEST_FAILED = 3
 db_app = typer.Typer(help="Store schema migrations.", no_args_is_help=True)
 index_app = typer.Typer(help="The FAISS index of item embeddings.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -221,6 +223,11 @@ def nightly(
     })
     summary = run_nightly_job(c.engine(), c.workspace, config, news=news, behaviors=behaviors, images=images, export=export)
     _print_json(summary)
+    failed = summary.get("ingest", {}).get("error")
+    if failed is not None:
+        # The lists were made from the data already stored; the scheduler must still hear of it.
+        typer.echo(f"error: ingest failed, the run ranked the data already stored: {failed}", err=True)
+        raise typer.Exit(INGEST_FAILED)
 
 
 @app.command()
@@ -331,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: maps errors to exit codes and one clear line on stderr."""
     verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
     try:
-        app(args=argv, standalone_mode=False)
+        # Outside standalone mode click hands back a command's typer.Exit code as the result.
+        code = app(args=argv, standalone_mode=False)
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:
@@ -358,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("internal error")
         typer.echo(f"internal error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)", err=True)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def entry() -> None:

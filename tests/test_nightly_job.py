@@ -1,18 +1,23 @@
-"""The nightly index refresh keeps publication times in step with the store.
+"""The nightly job's glue around the ranking: the index refresh and a failed ingest.
 
 The freshness filter reads the index's copy of each article's time, while the store's
 ``first_seen_at`` can move earlier with every behaviors file (an older file, or a History that
-lists the article). Times worked out by hand from the files written here.
+lists the article); times are worked out by hand from the files written here. An ingest that
+fails leaves the store as it was, the run still ranks it, and the exit code says so.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from recsys.cli import main
 from recsys.config import Workspace, load_config
 from recsys.pipelines.index import load_index
 from recsys.pipelines.ingest import run_ingest
@@ -21,6 +26,7 @@ from recsys.pipelines.train import run_train
 from recsys.store import repository as repo
 from recsys.store import schema
 from recsys.store.database import open_store
+from recsys.store.stats import store_stats
 from recsys.versions import get_version
 from tests.store.mind_files import behavior_line, write_lines
 
@@ -32,7 +38,8 @@ def first_seen(engine) -> dict[str, datetime | None]:
         return dict(conn.execute(sa.select(schema.news.c.news_id, schema.news.c.first_seen_at)).all())
 
 
-def test_refresh_follows_the_stores_first_seen_times(tmp_path):
+def trained_workspace(tmp_path: Path):
+    """A small sample world ingested and a one-epoch model marked current."""
     from recsys.data.sample import generate_sample
 
     world = tmp_path / "world"
@@ -42,6 +49,11 @@ def test_refresh_follows_the_stores_first_seen_times(tmp_path):
     run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=world / "images")
     config = load_config(None, {"model.epochs": 1, "model.embedding_dim": 16, "model.anchor_dim": 4})
     run_train(engine, ws, config)
+    return world, ws, engine, config
+
+
+def test_refresh_follows_the_stores_first_seen_times(tmp_path):
+    world, ws, engine, config = trained_workspace(tmp_path)
     mv = get_version(engine)
 
     built = refresh_index(engine, ws, config, mv)
@@ -80,4 +92,29 @@ def test_refresh_follows_the_stores_first_seen_times(tmp_path):
     assert len(hits) == 198 and not {listed, moved} & set(hits.news_ids.tolist())
 
     assert refresh_index(engine, ws, config, mv) == {"index_added": 0, "index_updated": 0, "index_republished": 0}
+    engine.dispose()
+
+
+def test_a_failed_ingest_ranks_the_stored_data_and_exits_3(tmp_path, capsys):
+    world, ws, engine, _ = trained_workspace(tmp_path)
+    before = store_stats(engine)
+    cli = ("--workspace", str(ws.root), "nightly", "--k", "3", "--workers", "1")
+    capsys.readouterr()
+    assert main(list(cli)) == 0
+    first = json.loads(capsys.readouterr().out)["run"]["run_id"]
+
+    # Real MIND has no covers: a scheduler line that still passes --images points at nothing.
+    (tmp_path / "night").mkdir()
+    behaviors = write_lines(tmp_path / "night" / "behaviors.tsv", [behavior_line(1, "U_new", "11/20/2019 9:00:00 AM", [], ["N1-1"])])
+    missing = tmp_path / "night" / "images"
+    code = main([*cli, "--news", str(world / "news.tsv"), "--behaviors", str(behaviors), "--images", str(missing)])
+    out, err = capsys.readouterr()
+    assert code == 3
+    summary = json.loads(out)
+    assert str(missing) in summary["ingest"]["error"]
+    assert summary["run"]["status"] == "complete" and summary["run"]["run_id"] > first
+    assert summary["run"]["counts"]["users"] == before["users"]  # U_new was not stored
+    assert err.strip().splitlines()[-1].startswith("error: ingest failed, the run ranked the data already stored:")
+    assert str(missing) in err
+    assert store_stats(engine) == before
     engine.dispose()
