@@ -10,11 +10,15 @@ import os
 
 
 def default_threads() -> int:
-    """Cores this process may use (respects CPU affinity and cgroup-limited containers)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    """Cores this process may use: the fewest of the machine's cores, the CPU affinity and the
+    container's CPU quota (cgroup v1 or v2, rounded up), as joblib's ``cpu_count`` reads them.
+
+    The affinity alone is every core of the node in a pod limited to 2 CPUs (a CFS quota), and
+    one thread per node core in each worker would then oversubscribe the quota many times.
+    """
+    import joblib
+
+    return max(1, int(joblib.cpu_count()))
 
 
 def configure_threads(num_threads: int | None = None) -> int:

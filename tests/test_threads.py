@@ -1,0 +1,50 @@
+"""Thread counts follow what the process may really use: affinity and the container's CPU quota."""
+
+from __future__ import annotations
+
+import builtins
+import io
+import os
+
+import pytest
+
+from recsys.ranking.engines import threads_per_worker
+from recsys.threads import default_threads, onnx_session_options
+
+CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "<quota> <period>" in microseconds, or "max <period>"
+
+
+@pytest.fixture
+def cgroup_quota(monkeypatch):
+    """Make the cgroup v2 file say ``text``, as a container runtime would."""
+
+    def install(text: str) -> None:
+        real_exists, real_open = os.path.exists, builtins.open
+        monkeypatch.setattr(os.path, "exists", lambda p: True if str(p) == CPU_MAX else real_exists(p))
+        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: io.StringIO(text) if str(p) == CPU_MAX else real_open(p, *a, **k))
+
+    monkeypatch.delenv("LOKY_MAX_CPU_COUNT", raising=False)
+    return install
+
+
+def test_default_is_the_affinity_without_a_quota(cgroup_quota):
+    cgroup_quota("max 100000\n")
+    assert default_threads() == min(len(os.sched_getaffinity(0)), os.cpu_count())
+
+
+def test_a_cpu_quota_below_the_cores_caps_every_pool(cgroup_quota):
+    # Half a CPU of quota (a pod with `cpu: 500m`): one thread, whatever the node has.
+    cgroup_quota("50000 100000\n")
+    assert default_threads() == 1
+    assert threads_per_worker(2) == 1
+    assert onnx_session_options().intra_op_num_threads == 1
+
+
+def test_a_quota_above_the_cores_does_not_raise_the_count(cgroup_quota):
+    cgroup_quota(f"{(len(os.sched_getaffinity(0)) + 3) * 100000} 100000\n")
+    assert default_threads() == len(os.sched_getaffinity(0))
+
+
+def test_loky_max_cpu_count_is_honoured(monkeypatch):
+    monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "1")
+    assert default_threads() == 1
