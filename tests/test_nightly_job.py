@@ -1,4 +1,4 @@
-"""The nightly job's glue around the ranking: the index refresh and a failed ingest.
+"""The nightly job's glue around the ranking: the index refresh, a failed ingest, the lock.
 
 The freshness filter reads the index's copy of each article's time, while the store's
 ``first_seen_at`` can move earlier with every behaviors file (an older file, or a History that
@@ -21,7 +21,9 @@ from recsys.cli import main
 from recsys.config import Workspace, load_config
 from recsys.pipelines.index import load_index
 from recsys.pipelines.ingest import run_ingest
-from recsys.pipelines.nightly import refresh_index
+from recsys.errors import RunLockedError
+from recsys.pipelines.nightly import refresh_index, run_nightly_job
+from recsys.ranking.lock import acquire_lock
 from recsys.pipelines.train import run_train
 from recsys.store import repository as repo
 from recsys.store import schema
@@ -116,5 +118,23 @@ def test_a_failed_ingest_ranks_the_stored_data_and_exits_3(tmp_path, capsys):
     assert summary["run"]["counts"]["users"] == before["users"]  # U_new was not stored
     assert err.strip().splitlines()[-1].startswith("error: ingest failed, the run ranked the data already stored:")
     assert str(missing) in err
+    assert store_stats(engine) == before
+    engine.dispose()
+
+
+def test_a_job_that_finds_the_lock_held_ingests_nothing(tmp_path):
+    """Overlapping nights: the second job stops before its ingest, not only before ranking."""
+    from recsys.data.sample import generate_sample
+
+    world = tmp_path / "world"
+    generate_sample(world, num_users=20, num_news=100, num_impressions=30, seed=4)
+    ws = Workspace(tmp_path / "ws").ensure()
+    engine = open_store(ws.default_db_url)
+    run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=world / "images")
+    before = store_stats(engine)
+    config = load_config(None, {})
+    with acquire_lock(engine, holder="other-host:4242"):  # a live run elsewhere
+        with pytest.raises(RunLockedError, match="lock 'nightly' is held by other-host:4242"):
+            run_nightly_job(engine, ws, config, behaviors=world / "behaviors_test.tsv")
     assert store_stats(engine) == before
     engine.dispose()

@@ -1,5 +1,7 @@
 """`recsys nightly`: the product's main job, one command for cron or Airflow.
 
+The whole job holds the store's ``nightly`` lock, so a second job ingests nothing.
+
 1. ingest new files if given (bad rows quarantined; an ingest failure is recorded and the
    existing data is still scored),
 2. encode articles the feature cache lacks, embed them with the current model version and
@@ -22,6 +24,7 @@ from recsys.errors import RecsysError
 from recsys.pipelines.index import index_manifest, load_index, published_times
 from recsys.pipelines.train import first_seen_array, load_catalogue, load_version_model
 from recsys.progress import progress
+from recsys.ranking.lock import NIGHTLY_LOCK, StoreLock, acquire_lock
 from recsys.threads import configure_threads
 from recsys.versions import check_encoders, get_version
 
@@ -77,11 +80,24 @@ def run_nightly_job(
     engine: Engine, workspace: Workspace, config: Config, *, news: Path | None = None, behaviors: Path | None = None,
     images: Path | None = None, export: Path | None = None,
 ) -> dict:
+    """Ingest the given files, refresh the index, rank every active user (docs/operations.md).
+
+    Raises:
+        RunLockedError: another nightly job holds the lock; nothing is ingested or indexed.
+    """
+
+    configure_threads(config.runtime.threads or None)
+    # The lock covers the ingest and the index too: a run started while the previous night's
+    # still ranks must not change the store or swap the index under it.
+    with acquire_lock(engine, NIGHTLY_LOCK) as lock:
+        return _nightly_job(engine, workspace, config, lock, news=news, behaviors=behaviors, images=images, export=export)
+
+
+def _nightly_job(engine: Engine, workspace: Workspace, config: Config, lock: StoreLock, *, news, behaviors, images, export) -> dict:
     from recsys.pipelines.ingest import run_ingest
     from recsys.ranking.nightly import run_nightly
 
     nc = config.nightly
-    configure_threads(config.runtime.threads or None)
     summary: dict = {"timings": {}}
     if news is not None or behaviors is not None:
         t0 = time.perf_counter()
@@ -100,7 +116,7 @@ def run_nightly_job(
         engine, model_dir=mv.model_dir, index_dir=mv.index_dir, model_version=mv.version, engine_name=nc.engine,
         shard_size=nc.shard_size, k=nc.k, num_candidates=nc.num_candidates, active_days=nc.active_days,
         freshness_days=nc.freshness_days, keep_runs=nc.keep_runs, num_workers=nc.workers,
-        ray_address=nc.ray_address or None, progress=progress,
+        ray_address=nc.ray_address or None, lock=lock, progress=progress,
     )
     if export is not None:
         from recsys.ranking.export import export_run

@@ -28,7 +28,7 @@ from recsys.errors import ConfigError, ModelMismatchError, NotFoundError, Recsys
 from recsys.models.side_features import SideFeatures
 from recsys.ranking import runs
 from recsys.ranking.engines import ShardResult, WorkerSetup, ids_fingerprint, run_local, run_ray, threads_per_worker
-from recsys.ranking.lock import DEFAULT_STALE_AFTER, NIGHTLY_LOCK, acquire_lock, utc_now
+from recsys.ranking.lock import DEFAULT_STALE_AFTER, NIGHTLY_LOCK, StoreLock, acquire_lock, utc_now
 from recsys.ranking.queries import (
     active_user_ids,
     count_without_clicks,
@@ -61,6 +61,7 @@ def run_nightly(
     ray_address: str | None = None,
     as_of: datetime | None = None,
     lock_stale_after: timedelta = DEFAULT_STALE_AFTER,
+    lock: StoreLock | None = None,
     progress: ProgressFactory | None = None,
 ) -> dict:
     """Rank every active user and switch readers to the new run.
@@ -85,6 +86,8 @@ def run_nightly(
         as_of: the run's "now"; defaults to the store's latest impression time.
         lock_stale_after: a lock held from another host counts as stale after this long
             without activity.
+        lock: the nightly lock, when the caller already holds it (the nightly job takes it
+            before its ingest); otherwise the run takes it.
         progress: optional progress factory (e.g. ``recsys.progress.progress``).
 
     Returns:
@@ -106,7 +109,10 @@ def run_nightly(
     model_version = model_version or Path(model_dir).name
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    with acquire_lock(engine, NIGHTLY_LOCK, stale_after=lock_stale_after) as lock:
+    if lock is not None and not (lock.held and lock.name == NIGHTLY_LOCK):
+        raise ValueError(f"the lock handed to run_nightly must be the held {NIGHTLY_LOCK!r} lock, got {lock.name!r}")
+    held = nullcontext(lock) if lock is not None else acquire_lock(engine, NIGHTLY_LOCK, stale_after=lock_stale_after)
+    with held as lock:
         clock = time.perf_counter()
         as_of, users = _active_users(engine, as_of=as_of, active_days=active_days)
         shards = [(i, users[start : start + shard_size]) for i, start in enumerate(range(0, len(users), shard_size))]
