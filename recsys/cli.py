@@ -211,6 +211,7 @@ def nightly(
     news: Annotated[Optional[Path], typer.Option(help="New news.tsv to ingest first.")] = None,
     behaviors: Annotated[Optional[Path], typer.Option(help="New behaviors.tsv to ingest first.")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Cover images of the new articles.")] = None,
+    source: Annotated[Optional[str], typer.Option(help="Name of the new behaviors file in the store; give each night its own when files reuse one path (impression ids restart in every MIND file). Default: <folder>/<file stem>.")] = None,
     export: Annotated[Optional[Path], typer.Option(help="Also write the run as Parquet into this folder.")] = None,
 ) -> None:
     """The nightly job: ingest, encode new articles, rank every active user, switch atomically."""
@@ -221,7 +222,9 @@ def nightly(
         "nightly.engine": engine_name, "nightly.k": k, "nightly.num_candidates": candidates,
         "nightly.shard_size": shard_size, "nightly.workers": workers, "nightly.ray_address": ray_address,
     })
-    summary = run_nightly_job(c.engine(), c.workspace, config, news=news, behaviors=behaviors, images=images, export=export)
+    summary = run_nightly_job(
+        c.engine(), c.workspace, config, news=news, behaviors=behaviors, images=images, source=source, export=export
+    )
     _print_json(summary)
     failed = summary.get("ingest", {}).get("error")
     if failed is not None:

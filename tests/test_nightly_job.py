@@ -107,7 +107,8 @@ def test_a_failed_ingest_ranks_the_stored_data_and_exits_3(tmp_path, capsys):
 
     # Real MIND has no covers: a scheduler line that still passes --images points at nothing.
     (tmp_path / "night").mkdir()
-    behaviors = write_lines(tmp_path / "night" / "behaviors.tsv", [behavior_line(1, "U_new", "11/20/2019 9:00:00 AM", [], ["N1-1"])])
+    article = (world / "news.tsv").read_text(encoding="utf-8").split("\t", 1)[0]
+    behaviors = write_lines(tmp_path / "night" / "behaviors.tsv", [behavior_line(1, "U_new", "11/20/2019 9:00:00 AM", [], [f"{article}-1"])])
     missing = tmp_path / "night" / "images"
     code = main([*cli, "--news", str(world / "news.tsv"), "--behaviors", str(behaviors), "--images", str(missing)])
     out, err = capsys.readouterr()
@@ -119,6 +120,16 @@ def test_a_failed_ingest_ranks_the_stored_data_and_exits_3(tmp_path, capsys):
     assert err.strip().splitlines()[-1].startswith("error: ingest failed, the run ranked the data already stored:")
     assert str(missing) in err
     assert store_stats(engine) == before
+
+    # Without --images the same night loads, under the source it is given.
+    code = main([*cli, "--behaviors", str(behaviors), "--source", "nightly-2019-11-20"])
+    assert code == 0, capsys.readouterr().err
+    ingested = json.loads(capsys.readouterr().out)["ingest"]
+    assert (ingested["source"], ingested["impressions"], ingested["num_bad_rows"]) == ("nightly-2019-11-20", 1, 0)
+    with engine.connect() as conn:
+        stored = conn.execute(sa.select(schema.impressions.c.source, schema.impressions.c.user_id)
+                              .where(schema.impressions.c.source == "nightly-2019-11-20")).all()
+    assert [tuple(r) for r in stored] == [("nightly-2019-11-20", "U_new")]
     engine.dispose()
 
 

@@ -78,7 +78,7 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv) -> d
 
 def run_nightly_job(
     engine: Engine, workspace: Workspace, config: Config, *, news: Path | None = None, behaviors: Path | None = None,
-    images: Path | None = None, export: Path | None = None,
+    images: Path | None = None, source: str | None = None, export: Path | None = None,
 ) -> dict:
     """Ingest the given files, refresh the index, rank every active user (docs/operations.md).
 
@@ -90,10 +90,10 @@ def run_nightly_job(
     # The lock covers the ingest and the index too: a run started while the previous night's
     # still ranks must not change the store or swap the index under it.
     with acquire_lock(engine, NIGHTLY_LOCK) as lock:
-        return _nightly_job(engine, workspace, config, lock, news=news, behaviors=behaviors, images=images, export=export)
+        return _nightly_job(engine, workspace, config, lock, news=news, behaviors=behaviors, images=images, source=source, export=export)
 
 
-def _nightly_job(engine: Engine, workspace: Workspace, config: Config, lock: StoreLock, *, news, behaviors, images, export) -> dict:
+def _nightly_job(engine: Engine, workspace: Workspace, config: Config, lock: StoreLock, *, news, behaviors, images, source, export) -> dict:
     from recsys.pipelines.ingest import run_ingest
     from recsys.ranking.nightly import run_nightly
 
@@ -102,7 +102,7 @@ def _nightly_job(engine: Engine, workspace: Workspace, config: Config, lock: Sto
     if news is not None or behaviors is not None:
         t0 = time.perf_counter()
         try:
-            summary["ingest"] = run_ingest(engine, workspace, news=news, behaviors=behaviors, images=images)
+            summary["ingest"] = run_ingest(engine, workspace, news=news, behaviors=behaviors, images=images, source=source)
         except RecsysError as exc:
             # The rules of ingest hold (nothing half-written); the existing data is still scored.
             log.error("ingest failed, scoring the data already stored: %s", exc)
