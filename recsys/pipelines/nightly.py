@@ -85,15 +85,18 @@ def run_nightly_job(
     Raises:
         RunLockedError: another nightly job holds the lock; nothing is ingested or indexed.
     """
-
     configure_threads(config.runtime.threads or None)
     # The lock covers the ingest and the index too: a run started while the previous night's
     # still ranks must not change the store or swap the index under it.
     with acquire_lock(engine, NIGHTLY_LOCK) as lock:
-        return _nightly_job(engine, workspace, config, lock, news=news, behaviors=behaviors, images=images, source=source, export=export)
+        return _nightly_job(
+            engine, workspace, config, lock, news=news, behaviors=behaviors, images=images, source=source, export=export
+        )
 
 
-def _nightly_job(engine: Engine, workspace: Workspace, config: Config, lock: StoreLock, *, news, behaviors, images, source, export) -> dict:
+def _nightly_job(
+    engine: Engine, workspace: Workspace, config: Config, lock: StoreLock, *, news, behaviors, images, source, export
+) -> dict:
     from recsys.pipelines.ingest import run_ingest
     from recsys.ranking.nightly import run_nightly
 

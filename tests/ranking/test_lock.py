@@ -136,3 +136,16 @@ def test_gives_up_when_the_lock_keeps_changing_hands(store, monkeypatch):
     monkeypatch.setattr(lock_module, "_take_over", lambda *args: False)
     with pytest.raises(RunLockedError, match="lock 'nightly' changed hands 5 times while being taken; try again"):
         acquire_lock(store)
+
+
+def test_run_nightly_refuses_a_lock_that_is_not_the_held_nightly_lock(store, tmp_path):
+    from recsys.ranking.nightly import run_nightly
+
+    with acquire_lock(store, "train") as other:
+        with pytest.raises(ValueError, match="must be the held 'nightly' lock, got 'train'"):
+            run_nightly(store, model_dir=tmp_path, index_dir=tmp_path, lock=other)
+    released = acquire_lock(store)
+    released.release()
+    with pytest.raises(ValueError, match="must be the held 'nightly' lock"):
+        run_nightly(store, model_dir=tmp_path, index_dir=tmp_path, lock=released)
+    assert read_lock(store) is None
