@@ -214,7 +214,7 @@ def test_config_typo_exits_1_naming_the_key(capsys, tmp_path: Path):
 def test_train_on_empty_store_exits_1(capsys, tmp_path: Path):
     code, _, err = run(capsys, "--workspace", str(tmp_path), "train")
     assert code == 1
-    assert "no articles" in err
+    assert "the store holds no labelled impressions: run `recsys ingest --behaviors behaviors.tsv` first" in err
 
 
 def test_internal_error_exits_2_without_traceback(capsys, tmp_path: Path, monkeypatch):

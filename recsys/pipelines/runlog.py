@@ -1,4 +1,4 @@
-"""Rows of the ``runs`` table for steps other than the nightly job (ingest, train, evaluate)."""
+"""Rows of the ``runs`` table for steps other than the nightly job (ingest, train)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pandas as pd
@@ -28,9 +28,11 @@ def parse_time(value: str | None, flag: str) -> datetime | None:
     if value is None:
         return None
     try:
-        return datetime.fromisoformat(value)
+        parsed = datetime.fromisoformat(value)
     except ValueError as exc:
         raise RecsysError(f"{flag} {value!r} is not a date or datetime, expected ISO format like 2019-11-14 or 2019-11-14T09:00") from exc
+    # The store keeps naive UTC times; an offset ("...Z", "+01:00") is honoured, not compared naive-to-aware.
+    return parsed if parsed.tzinfo is None else parsed.astimezone(timezone.utc).replace(tzinfo=None)
 
 
 def first_seen_array(news: pd.DataFrame) -> np.ndarray:
@@ -45,10 +47,14 @@ def load_catalogue(engine: Engine, workspace: Workspace, config: Config) -> tupl
     return news, encode_news(news, workspace, config)
 
 
-def train_window(engine: Engine, since: datetime | None, until: datetime | None, valid_days: float):
-    lo, hi = repo.time_range(engine)
+def train_window(engine: Engine, since: datetime | None, until: datetime | None, valid_days: float, source: str | None = None):
+    """(since, validation start, until) of a training run; the default ends after the last
+    labelled impression (of ``source``), so an unlabelled test file in the store cannot
+    become the validation window."""
+    lo, hi = repo.time_range(engine, source=source, labelled_only=True)
     if lo is None:
-        raise RecsysError("the store holds no impressions: run `recsys ingest --behaviors behaviors.tsv` first")
+        of = f" of source {source!r}" if source is not None else ""
+        raise RecsysError(f"the store holds no labelled impressions{of}: run `recsys ingest --behaviors behaviors.tsv` first")
     since = since or lo
     until = until or (hi + timedelta(seconds=1))
     if until <= since:
@@ -72,10 +78,13 @@ def run_train(
     configure_threads(config.runtime.threads or None)
     mc = config.model
     timings = {}
+    # The window first: a bad flag or an empty store fails before the catalogue is encoded.
+    since_dt, valid_start, until_dt = train_window(
+        engine, parse_time(since, "--since"), parse_time(until, "--until"), mc.valid_days, source
+    )
     t0 = time.perf_counter()
     news, features = load_catalogue(engine, workspace, config)
     timings["encode_s"] = round(time.perf_counter() - t0, 2)
-    since_dt, valid_start, until_dt = train_window(engine, parse_time(since, "--since"), parse_time(until, "--until"), mc.valid_days)
     t0 = time.perf_counter()
     read = dict(source=source, history_len=mc.history_len, labelled_only=True)
     train = repo.read_impressions(engine, features.news_ids, since=since_dt, until=valid_start, **read)

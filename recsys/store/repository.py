@@ -49,10 +49,24 @@ def read_news(engine: Engine) -> pd.DataFrame:
     return df
 
 
-def time_range(engine: Engine) -> tuple[datetime | None, datetime | None]:
-    """First and last impression time in the store (None, None when it holds none)."""
+def time_range(
+    engine: Engine, *, source: str | None = None, labelled_only: bool = False
+) -> tuple[datetime | None, datetime | None]:
+    """First and last impression time in the store (None, None when it holds none).
+
+    Args:
+        source: only impressions of this behaviors file.
+        labelled_only: only impressions with at least one labelled candidate (what training
+            reads; an unlabelled test file ingested for its articles does not count).
+    """
+    im, it = s.impressions.c, s.impression_items.c
+    query = select(func.min(im.time), func.max(im.time))
+    if source is not None:
+        query = query.where(im.source == source)
+    if labelled_only:
+        query = query.where(select(it.impression_pk).where(it.impression_pk == im.id, it.label.is_not(None)).exists())
     with engine.connect() as conn:
-        lo, hi = conn.execute(select(func.min(s.impressions.c.time), func.max(s.impressions.c.time))).one()
+        lo, hi = conn.execute(query).one()
     return lo, hi
 
 
