@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ import pandas as pd
 from sqlalchemy import Engine, select
 
 from recsys.columns import CATEGORY, NEWS_ID
-from recsys.config import Config, Workspace
+from recsys.config import Config, ModelConfig, Workspace
 from recsys.errors import RecsysError, SchemaError
 from recsys.pipelines.predict import split_scores
 from recsys.pipelines.scoring import (
@@ -32,26 +32,45 @@ RANDOM, POPULAR, ORACLE = "random", "most popular", "oracle (true probability)"
 AGE_EDGES_H = (6.0, 24.0, 72.0)
 
 
+def training_settings(manifest: dict) -> dict:
+    """The ``[model]`` settings a version was trained with, as far as its manifest records them
+    (all of them since ``model_config`` was recorded; a few named keys before)."""
+    names = {f.name for f in fields(ModelConfig)}
+    recorded = manifest.get("model_config") or manifest
+    return {k: v for k, v in recorded.items() if k in names}
+
+
+def _trained_alike(manifest: dict, current: dict) -> bool:
+    """Same settings as ``current`` except the modalities, on every setting both record."""
+    mine, theirs = training_settings(manifest), training_settings(current)
+    return all(mine[k] == theirs[k] for k in mine.keys() & theirs.keys() if k != "modalities")
+
+
 def find_ablations(engine: Engine, current: ModelVersion) -> dict[str, ModelVersion]:
-    """The latest text-only and image-only versions trained on the current version's window."""
+    """The latest text-only and image-only versions trained like the current one: the same
+    window and the same settings apart from the modalities (seed, epochs, history, prior...)."""
     found = {}
     window = current.manifest.get("training_window")
     for row in reversed(list_versions(engine)):
         m = row["manifest"]
-        if m.get("modalities") in ("text", "image") and m.get("training_window") == window and m["modalities"] not in found:
+        if (m.get("modalities") in ("text", "image") and m["modalities"] not in found
+                and m.get("training_window") == window and _trained_alike(m, current.manifest)):
             found[m["modalities"]] = get_version(engine, row["version"])
     return found
 
 
 def train_missing_ablations(engine: Engine, workspace: Workspace, config: Config, current: ModelVersion, found: dict) -> dict:
+    """Train the missing text-only and image-only versions with the current version's settings
+    (today's config fills in what an older manifest does not record), on its window."""
     from recsys.pipelines.train import run_train
 
     window = current.manifest["training_window"]
+    settings = training_settings(current.manifest)
     for modalities in ("text", "image"):
         if modalities in found:
             continue
         log.info("no %s-only version for the current training window: training one", modalities)
-        cfg = replace(config, model=replace(config.model, modalities=modalities, fusion=current.manifest.get("fusion", config.model.fusion)))
+        cfg = replace(config, model=replace(config.model, **{**settings, "modalities": modalities}))
         result = run_train(engine, workspace, cfg, since=window["since"], until=window["until"], source=window.get("source"), make_current=False)
         found[modalities] = get_version(engine, result["version"])
     return found

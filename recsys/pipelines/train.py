@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -124,6 +125,7 @@ def run_train(
             "logged_clicks": mc.logged_clicks,
             "feature_clock_hours": mc.feature_clock_hours,
             "refit": mc.refit,
+            "model_config": asdict(mc),  # every setting, so that ablations can be trained alike
             "content_prior_weights": list(model.config.prior_weights),
             "content_prior_moment_weights": list(model.config.moment_weights),
             "serving_dim": model.config.serving_dim,

@@ -1,0 +1,52 @@
+"""`recsys evaluate --baselines`: text-only and image-only versions trained like the evaluated one."""
+
+from __future__ import annotations
+
+import pytest
+
+from recsys.config import Workspace, load_config
+from recsys.pipelines.evaluate import find_ablations, train_missing_ablations, training_settings
+from recsys.pipelines.ingest import run_ingest
+from recsys.pipelines.train import run_train
+from recsys.store.database import open_store
+from recsys.versions import get_version
+
+pytestmark = pytest.mark.slow
+
+SMALL = {"model.epochs": 1, "model.embedding_dim": 16, "model.anchor_dim": 4}
+
+
+def test_ablations_take_the_evaluated_versions_settings_not_todays_config(tmp_path):
+    from recsys.data.sample import generate_sample
+
+    world = tmp_path / "world"
+    generate_sample(world, num_users=60, num_news=150, num_impressions=200, seed=6)
+    ws = Workspace(tmp_path / "ws").ensure()
+    engine = open_store(ws.default_db_url)
+    run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=world / "images")
+    trained = {**SMALL, "model.seed": 3, "model.history_len": 20, "model.content_prior": False}
+    current = get_version(engine, run_train(engine, ws, load_config(None, trained))["version"])
+    assert current.manifest["model_config"]["seed"] == 3
+
+    # Today's config differs in every one of these; the ablations must not read it.
+    today = load_config(None, {**SMALL, "model.epochs": 2, "model.seed": 0, "model.history_len": 50, "model.embedding_dim": 32})
+    assert find_ablations(engine, current) == {}
+    found = train_missing_ablations(engine, ws, today, current, {})
+    assert set(found) == {"text", "image"}
+    for modalities, mv in found.items():
+        assert mv.manifest["modalities"] == modalities
+        assert {**training_settings(mv.manifest), "modalities": "text,image"} == training_settings(current.manifest)
+        assert len(mv.manifest["history"]["loss"]) == 1  # the version's one epoch, not today's two
+        assert mv.manifest["training_window"] == current.manifest["training_window"]
+    assert {m: v.version for m, v in find_ablations(engine, current).items()} == {m: v.version for m, v in found.items()}
+
+    # Another seed on the same window is another experiment: its ablations are not these.
+    other = get_version(engine, run_train(engine, ws, load_config(None, {**trained, "model.seed": 4}))["version"])
+    assert other.manifest["training_window"] == current.manifest["training_window"]
+    assert find_ablations(engine, other) == {}
+    engine.dispose()
+
+
+def test_settings_of_a_manifest_from_before_model_config_was_recorded():
+    old = {"modalities": "text,image", "fusion": "gated", "seed": 2, "embedding_dim": 64, "version": "v1", "metrics": {}}
+    assert training_settings(old) == {"modalities": "text,image", "fusion": "gated", "seed": 2, "embedding_dim": 64}
