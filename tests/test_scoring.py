@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,27 @@ def test_a_refit_version_records_it_and_scores_a_behaviors_file(trained, tmp_pat
     run_predict(engine, ws, refit_config, behaviors=world / "behaviors_test.tsv", out=out, version=summary["version"])
     lines = out.read_text().splitlines()
     assert len(lines) == sum(1 for _ in iter_behaviors(world / "behaviors_test.tsv"))
+
+
+def test_history_length_groups_count_the_clicks_the_model_reads(trained, tmp_path):
+    """A user with an empty History column who clicked in the ingested window is not cold to a
+    model that reads logged clicks; counted from the files alone."""
+    from recsys.pipelines.evaluate import run_evaluate
+
+    world, ws, engine, config, versions = trained
+    clicked_at: dict[str, list] = {}
+    for row in iter_behaviors(world / "behaviors_train.tsv"):
+        if 1 in row.labels:
+            clicked_at.setdefault(row.user_id, []).append(row.time)
+    test_rows = list(iter_behaviors(world / "behaviors_test.tsv"))
+    empty_column = [not row.history for row in test_rows]
+    no_click_before = [not any(t < row.time for t in clicked_at.get(row.user_id, [])) for row in test_rows]
+    expected = {False: sum(empty_column), True: sum(e and n for e, n in zip(empty_column, no_click_before))}
+    assert expected[True] < expected[False], "the world should have users with clicks but an empty History column"
+    for flag, version in versions.items():
+        summary = run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=tmp_path / str(flag),
+                               versions=[version], num_resamples=10)
+        groups = json.loads((tmp_path / str(flag) / "metrics.json").read_text())["models"]
+        first = next(m for name, m in groups.items() if version in name)
+        cold = first["breakdowns"]["history_length"].get("cold", {"num_impressions": 0})["num_impressions"]
+        assert cold == expected[flag], (flag, summary)
