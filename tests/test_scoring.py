@@ -190,3 +190,26 @@ def test_history_length_groups_count_the_clicks_the_model_reads(trained, tmp_pat
         first = next(m for name, m in groups.items() if version in name)
         cold = first["breakdowns"]["history_length"].get("cold", {"num_impressions": 0})["num_impressions"]
         assert cold == expected[flag], (flag, summary)
+
+
+def test_evaluate_writes_prediction_files_per_chunk_and_keeps_the_old_ones_on_failure(trained, tmp_path):
+    from recsys.pipelines.evaluate import run_evaluate
+
+    world, ws, engine, config, versions = trained
+    version = versions[True]
+    out = tmp_path / "report"
+    run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=out, versions=[version], num_resamples=10,
+                 chunk_size=7)
+    written = (out / f"prediction-{version}.txt").read_text()
+    run_predict(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=tmp_path / "predict.txt", version=version)
+    assert written == (tmp_path / "predict.txt").read_text()  # same lines, written in chunks of 7
+
+    # A bad line after several chunks: nothing replaces the earlier report's prediction file.
+    lines = (world / "behaviors_test.tsv").read_text().splitlines()
+    bad = tmp_path / "bad" / "behaviors_test.tsv"
+    bad.parent.mkdir()
+    bad.write_text("\n".join([*lines[:30], "99999\tU1\t11/15/2019 9:00:00 AM\t\tN_nowhere-1"]) + "\n")
+    with pytest.raises(RecsysError, match="N_nowhere"):
+        run_evaluate(engine, ws, config, behaviors=bad, out=out, versions=[version], num_resamples=10, chunk_size=7)
+    assert (out / f"prediction-{version}.txt").read_text() == written
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []

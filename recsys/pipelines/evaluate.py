@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -127,7 +128,8 @@ def run_evaluate(
     ``features_at``: one of ``FEATURES_AT`` (recsys.pipelines.scoring), the same
     for every version; the report's header records it.
     """
-    from recsys.evaluation.prediction_file import write_predictions
+    from recsys.atomic import atomic_open
+    from recsys.evaluation.prediction_file import format_prediction_line
     from recsys.evaluation.report import build_result, write_report
     from recsys.metrics.accumulator import ImpressionMetrics, history_length_bucket
 
@@ -161,40 +163,41 @@ def run_evaluate(
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    predictions: dict[str, list] = {v: [] for v in scorers}
+    prediction_files = {v: out / f"prediction-{v}.txt" for v in scorers}
     categories = catalogue.news[CATEGORY].to_numpy(dtype=object)
     has_image = np.where(catalogue.features.has_image, "with image", "no image").astype(object)
     window = [None, None]
     reference = next(iter(scorers.values()), None)
-    for chunk in iter_scored(behaviors, catalogue, scorers, chunk_size=chunk_size):
-        imps = chunk.impressions
-        window[0] = imps.times.min() if window[0] is None else min(window[0], imps.times.min())
-        window[1] = imps.times.max() if window[1] is None else max(window[1], imps.times.max())
-        scores = {names[v]: s for v, s in chunk.scores.items()}
-        scores[RANDOM] = rng.random(len(imps.candidate_items))
-        # Click counts tie often; a random tie-break keeps candidate order out of the baseline.
-        scores[POPULAR] = popularity[imps.candidate_items] + 0.5 * rng.random(len(imps.candidate_items))
-        if oracle is not None:
-            scores[ORACLE] = _oracle_scores(oracle, imps, catalogue, behaviors, chunk.lines)
-        hist_len = np.diff(_history_read(imps, catalogue, reference).history_offsets)
-        acc.add_batch(
-            imps.labels, scores, imps.candidate_offsets,
-            item_groups={
-                "category": categories[imps.candidate_items].tolist(),
-                "has_image": has_image[imps.candidate_items].tolist(),
-                "article_age": _age_groups(imps.times, imps.candidate_offsets, imps.candidate_items, catalogue.first_seen),
-            },
-            impression_groups={"history_length": [history_length_bucket(int(h)) for h in hist_len]},
-        )
-        for v, s in chunk.scores.items():
-            predictions[v].extend(zip(imps.impression_ids.tolist(), (x.copy() for x in split_scores(imps.candidate_offsets, s))))
-    if acc.num_impressions == 0:
-        raise RecsysError(f"{behaviors}: no impressions")
-    prediction_files = {}
-    for v, rows in predictions.items():
-        path = out / f"prediction-{v}.txt"
-        write_predictions(path, rows)
-        prediction_files[v] = str(path)
+    # Prediction lines are written as each chunk is scored (nothing kept per impression); the
+    # files replace earlier ones only when every chunk is done.
+    with ExitStack() as files:
+        written = {v: files.enter_context(atomic_open(path, "w", newline="\n")) for v, path in prediction_files.items()}
+        for chunk in iter_scored(behaviors, catalogue, scorers, chunk_size=chunk_size):
+            imps = chunk.impressions
+            window[0] = imps.times.min() if window[0] is None else min(window[0], imps.times.min())
+            window[1] = imps.times.max() if window[1] is None else max(window[1], imps.times.max())
+            scores = {names[v]: s for v, s in chunk.scores.items()}
+            scores[RANDOM] = rng.random(len(imps.candidate_items))
+            # Click counts tie often; a random tie-break keeps candidate order out of the baseline.
+            scores[POPULAR] = popularity[imps.candidate_items] + 0.5 * rng.random(len(imps.candidate_items))
+            if oracle is not None:
+                scores[ORACLE] = _oracle_scores(oracle, imps, catalogue, behaviors, chunk.lines)
+            hist_len = np.diff(_history_read(imps, catalogue, reference).history_offsets)
+            acc.add_batch(
+                imps.labels, scores, imps.candidate_offsets,
+                item_groups={
+                    "category": categories[imps.candidate_items].tolist(),
+                    "has_image": has_image[imps.candidate_items].tolist(),
+                    "article_age": _age_groups(imps.times, imps.candidate_offsets, imps.candidate_items, catalogue.first_seen),
+                },
+                impression_groups={"history_length": [history_length_bucket(int(h)) for h in hist_len]},
+            )
+            for v, s in chunk.scores.items():
+                for impression_id, row in zip(imps.impression_ids.tolist(), split_scores(imps.candidate_offsets, s)):
+                    written[v].write(format_prediction_line(impression_id, row) + "\n")
+        if acc.num_impressions == 0:
+            raise RecsysError(f"{behaviors}: no impressions")
+    prediction_files = {v: str(path) for v, path in prediction_files.items()}
     t_scored = time.perf_counter() - t_start
     result = build_result(
         acc,
