@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from recsys.config import Workspace, load_config
+from recsys.config import load_config
 from recsys.pipelines.evaluate import find_ablations, train_missing_ablations, training_settings
-from recsys.pipelines.ingest import run_ingest
 from recsys.pipelines.train import run_train
-from recsys.store.database import open_store
 from recsys.versions import get_version
+from tests.sample_store import ingested_sample
 
 pytestmark = pytest.mark.slow
 
@@ -17,13 +16,7 @@ SMALL = {"model.epochs": 1, "model.embedding_dim": 16, "model.anchor_dim": 4}
 
 
 def test_ablations_take_the_evaluated_versions_settings_not_todays_config(tmp_path):
-    from recsys.data.sample import generate_sample
-
-    world = tmp_path / "world"
-    generate_sample(world, num_users=60, num_news=150, num_impressions=200, seed=6)
-    ws = Workspace(tmp_path / "ws").ensure()
-    engine = open_store(ws.default_db_url)
-    run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=world / "images")
+    world, ws, engine = ingested_sample(tmp_path, num_users=60, num_news=150, num_impressions=200, seed=6)
     trained = {**SMALL, "model.seed": 3, "model.history_len": 20, "model.content_prior": False}
     current = get_version(engine, run_train(engine, ws, load_config(None, trained))["version"])
     assert current.manifest["model_config"]["seed"] == 3

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from recsys.cli import main
-from recsys.config import Workspace, load_config
+from recsys.config import load_config
 from recsys.pipelines.index import load_index
 from recsys.pipelines.ingest import run_ingest
 from recsys.errors import RunLockedError
@@ -27,9 +27,9 @@ from recsys.ranking.lock import acquire_lock
 from recsys.pipelines.train import run_train
 from recsys.store import repository as repo
 from recsys.store import schema
-from recsys.store.database import open_store
 from recsys.store.stats import store_stats
 from recsys.versions import get_version
+from tests.sample_store import ingested_sample
 from tests.store.mind_files import behavior_line, write_lines
 
 pytestmark = pytest.mark.slow
@@ -42,13 +42,7 @@ def first_seen(engine) -> dict[str, datetime | None]:
 
 def trained_workspace(tmp_path: Path):
     """A small sample world ingested and a one-epoch model marked current."""
-    from recsys.data.sample import generate_sample
-
-    world = tmp_path / "world"
-    generate_sample(world, num_users=60, num_news=200, num_impressions=200, seed=3)
-    ws = Workspace(tmp_path / "ws").ensure()
-    engine = open_store(ws.default_db_url)
-    run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=world / "images")
+    world, ws, engine = ingested_sample(tmp_path, num_users=60, num_news=200, num_impressions=200, seed=3)
     config = load_config(None, {"model.epochs": 1, "model.embedding_dim": 16, "model.anchor_dim": 4})
     run_train(engine, ws, config)
     return world, ws, engine, config
@@ -135,13 +129,7 @@ def test_a_failed_ingest_ranks_the_stored_data_and_exits_3(tmp_path, capsys):
 
 def test_a_job_that_finds_the_lock_held_ingests_nothing(tmp_path):
     """Overlapping nights: the second job stops before its ingest, not only before ranking."""
-    from recsys.data.sample import generate_sample
-
-    world = tmp_path / "world"
-    generate_sample(world, num_users=20, num_news=100, num_impressions=30, seed=4)
-    ws = Workspace(tmp_path / "ws").ensure()
-    engine = open_store(ws.default_db_url)
-    run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=world / "images")
+    world, ws, engine = ingested_sample(tmp_path, num_users=20, num_news=100, num_impressions=30, seed=4)
     before = store_stats(engine)
     config = load_config(None, {})
     with acquire_lock(engine, holder="other-host:4242"):  # a live run elsewhere
