@@ -8,28 +8,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsys.config import Workspace, load_config
+from recsys.config import load_config
 from recsys.data.mind import iter_behaviors
 from recsys.errors import RecsysError
 from recsys.models.samples import InteractionLog, candidate_impression_rows, with_logged_clicks
-from recsys.pipelines.ingest import run_ingest
 from recsys.pipelines.predict import run_predict
 from recsys.pipelines.scoring import FeatureTimes, VersionScorer, feature_times, iter_behavior_chunks, load_scoring_catalogue
 from recsys.pipelines.train import run_train
-from recsys.store.database import open_store
 from recsys.versions import get_version
+from tests.sample_store import ingested_sample
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A sample world ingested, and two one-epoch models: with and without logged clicks."""
-    from recsys.data.sample import generate_sample
-
-    world = tmp_path_factory.mktemp("world") / "sample"
-    generate_sample(world, num_users=80, num_news=160, num_impressions=400, seed=5)
-    ws = Workspace(tmp_path_factory.mktemp("ws")).ensure()
-    engine = open_store(ws.default_db_url)
-    run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=world / "images")
+    world, ws, engine = ingested_sample(tmp_path_factory.mktemp("sample"), num_users=80, num_news=160, num_impressions=400, seed=5)
     versions = {}
     for flag in (False, True):
         config = load_config(None, {"model.epochs": 1, "model.logged_clicks": flag, "model.embedding_dim": 32, "model.anchor_dim": 4})
@@ -213,3 +206,19 @@ def test_evaluate_writes_prediction_files_per_chunk_and_keeps_the_old_ones_on_fa
         run_evaluate(engine, ws, config, behaviors=bad, out=out, versions=[version], num_resamples=10, chunk_size=7)
     assert (out / f"prediction-{version}.txt").read_text() == written
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_iter_scored_shares_a_reading_and_scores_each_model_as_alone(trained):
+    from recsys.pipelines.scoring import iter_scored
+
+    world, ws, engine, config, versions = trained
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    scorers = {flag: VersionScorer(get_version(engine, v), catalogue) for flag, v in versions.items()}
+    for order in ((True, False, True), (False, True)):
+        chosen = {f"{flag}-{i}": scorers[flag] for i, flag in enumerate(order)}
+        for chunk in iter_scored(world / "behaviors_test.tsv", catalogue, chosen, chunk_size=50):
+            for name, scorer in chosen.items():
+                np.testing.assert_array_equal(chunk.scores[name], scorer.score(chunk.impressions))
+            first = scorers[order[0]].read(chunk.impressions)
+            np.testing.assert_array_equal(chunk.read.history_offsets, first.history_offsets)
+            np.testing.assert_array_equal(chunk.read.history_items, first.history_items)

@@ -20,7 +20,6 @@ from sqlalchemy import Engine, select
 from recsys.columns import CATEGORY, NEWS_ID
 from recsys.config import Config, ModelConfig, Workspace
 from recsys.errors import RecsysError, SchemaError
-from recsys.models.samples import with_logged_clicks
 from recsys.pipelines.predict import split_scores
 from recsys.pipelines.scoring import (
     Catalogue, VersionScorer, DEFAULT_FEATURES_AT, check_features_at, feature_times, iter_scored, load_scoring_catalogue,
@@ -46,14 +45,6 @@ def _trained_alike(manifest: dict, current: dict) -> bool:
     """Same settings as ``current`` except the modalities, on every setting both record."""
     mine, theirs = training_settings(manifest), training_settings(current)
     return all(mine[k] == theirs[k] for k in mine.keys() & theirs.keys() if k != "modalities")
-
-
-def _history_read(imps, catalogue, scorer):
-    """The histories ``scorer`` reads: the History column, led by the user's clicks in the store
-    when the model was trained on them (a user with an empty column may not be cold at all)."""
-    if scorer is None or not scorer.model.config.logged_clicks:
-        return imps
-    return with_logged_clicks(imps, catalogue.clicks, scorer.history_len)
 
 
 def find_ablations(engine: Engine, current: ModelVersion) -> dict[str, ModelVersion]:
@@ -167,7 +158,6 @@ def run_evaluate(
     categories = catalogue.news[CATEGORY].to_numpy(dtype=object)
     has_image = np.where(catalogue.features.has_image, "with image", "no image").astype(object)
     window = [None, None]
-    reference = next(iter(scorers.values()), None)
     # Prediction lines are written as each chunk is scored (nothing kept per impression); the
     # files replace earlier ones only when every chunk is done.
     with ExitStack() as files:
@@ -182,7 +172,8 @@ def run_evaluate(
             scores[POPULAR] = popularity[imps.candidate_items] + 0.5 * rng.random(len(imps.candidate_items))
             if oracle is not None:
                 scores[ORACLE] = _oracle_scores(oracle, imps, catalogue, behaviors, chunk.lines)
-            hist_len = np.diff(_history_read(imps, catalogue, reference).history_offsets)
+            # The history the first model reads: a user with an empty History column may not be cold.
+            hist_len = np.diff(chunk.read.history_offsets)
             acc.add_batch(
                 imps.labels, scores, imps.candidate_offsets,
                 item_groups={

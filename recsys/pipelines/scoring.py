@@ -107,6 +107,7 @@ class ScoredChunk:
     impressions: Impressions
     scores: dict  # model name -> (c,) probabilities aligned with impressions.candidate_items
     lines: np.ndarray  # (m,) line numbers in the behaviors file
+    read: Impressions  # the same impressions with the histories the first model reads (VersionScorer.read)
 
 
 def iter_behavior_chunks(path: Path, catalogue: Catalogue, *, chunk_size: int = 20_000, history_len: int = 50) -> Iterator[tuple[Impressions, np.ndarray]]:
@@ -234,10 +235,24 @@ class VersionScorer:
     def history_len(self) -> int:
         return self.model.config.history_len
 
+    @property
+    def reading(self) -> tuple[bool, int]:
+        """What ``read`` depends on: models with the same reading read the same histories."""
+        return self.model.config.logged_clicks, self.history_len
+
+    def read(self, impressions: Impressions) -> Impressions:
+        """The impressions with the histories this model reads: served as trained, the user's
+        clicks in the store before each impression lead its History column when it was trained so."""
+        if self.model.config.logged_clicks:
+            return with_logged_clicks(impressions, self.catalogue.clicks, self.history_len)
+        return impressions
+
     def score(self, impressions: Impressions) -> np.ndarray:
-        if self.model.config.logged_clicks:  # served as trained: clicks in the store before each impression lead its history
-            impressions = with_logged_clicks(impressions, self.catalogue.clicks, self.history_len)
-        return self.model.score_impressions(impressions, self.embeddings, self.catalogue.log, self.catalogue.first_seen,
+        return self.score_read(self.read(impressions))
+
+    def score_read(self, read: Impressions) -> np.ndarray:
+        """(c,) probabilities of impressions already ``read`` by this model."""
+        return self.model.score_impressions(read, self.embeddings, self.catalogue.log, self.catalogue.first_seen,
                                             popularity_until=self.times.popularity_until,
                                             age_until=self.times.age_until)
 
@@ -245,4 +260,10 @@ class VersionScorer:
 def iter_scored(path: Path, catalogue: Catalogue, scorers: dict[str, VersionScorer], *, chunk_size: int = 20_000) -> Iterator[ScoredChunk]:
     history_len = max((s.history_len for s in scorers.values()), default=50)
     for imps, lines in iter_behavior_chunks(path, catalogue, chunk_size=chunk_size, history_len=history_len):
-        yield ScoredChunk(imps, {name: s.score(imps) for name, s in scorers.items()}, lines)
+        reads: dict[tuple[bool, int], Impressions] = {}  # one reading per kind, shared by the models that read alike
+        scores = {}
+        for name, s in scorers.items():
+            if s.reading not in reads:
+                reads[s.reading] = s.read(imps)
+            scores[name] = s.score_read(reads[s.reading])
+        yield ScoredChunk(imps, scores, lines, next(iter(reads.values()), imps))
