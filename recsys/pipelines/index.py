@@ -21,10 +21,11 @@ log = logging.getLogger("recsys.index")
 
 
 def published_times(engine: Engine, news: pd.DataFrame) -> np.ndarray:
-    """(n,) datetime64[s] publication stand-in: first shown, else "now" of the store.
+    """(n,) datetime64[s] publication stand-in: first shown or listed in a History, else "now"
+    of the store.
 
-    MIND has no publication time. An article never shown yet is new: it gets the store's
-    latest impression time, so the freshness filter keeps it.
+    MIND has no publication time. An article never shown or listed yet is new: it gets the
+    store's latest impression time, so the freshness filter keeps it.
     """
     first_seen = first_seen_array(news)
     _, latest = repo.time_range(engine)

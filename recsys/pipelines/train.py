@@ -37,7 +37,7 @@ def parse_time(value: str | None, flag: str) -> datetime | None:
 
 
 def first_seen_array(news: pd.DataFrame) -> np.ndarray:
-    """(n,) datetime64[s] first time each article was shown; NaT when never."""
+    """(n,) datetime64[s] first time each article was shown or listed in a History; NaT when never."""
     return pd.to_datetime(news["first_seen_at"]).to_numpy().astype("datetime64[s]")
 
 

@@ -362,18 +362,18 @@ class _Job:
         # it. Without the History, the back catalogue that MIND's logs only list as old clicks
         # would read as never seen: brand new to the age feature and the freshness filter.
         # Only times that move earlier than what the store holds are written.
-        first_shown: dict[str, datetime] = {}
+        first_seen: dict[str, datetime] = {}
         for r in sorted(rows, key=lambda r: r.time, reverse=True):
-            first_shown.update(dict.fromkeys(r.history, r.time))  # earlier times overwrite later
-            first_shown.update(dict.fromkeys(r.news_ids, r.time))
-        first_shown = {n: t for n, t in first_shown.items() if known[n] is None or t < known[n]}
+            first_seen.update(dict.fromkeys(r.history, r.time))  # earlier times overwrite later
+            first_seen.update(dict.fromkeys(r.news_ids, r.time))
+        first_seen = {n: t for n, t in first_seen.items() if known[n] is None or t < known[n]}
         w.update(
-            news, "news_id", ("news_id", "first_seen_at"), list(first_shown.items()),
+            news, "news_id", ("news_id", "first_seen_at"), list(first_seen.items()),
             values=lambda src: {"first_seen_at": src["first_seen_at"]},
             where=lambda src, t: sa.or_(t.first_seen_at.is_(None), t.first_seen_at > src["first_seen_at"]),
         )
 
-        known.update(first_shown)
+        known.update(first_seen)
         report.clicks += self._replace_histories(new_history, stored_hash, {u for u in per_user if u not in stored})
 
         # Clicked candidates: one row per (user, article), keeping the earliest click.
