@@ -21,9 +21,12 @@ MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
-# Pillow format name expected for each extension; anything else is a wrongly named file.
-_FORMAT_OF_EXTENSION = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}
+# Pillow's plugins tried on a cover, whatever its extension: image CDNs often serve WebP or
+# PNG under a .jpg name, and the encoder decodes by content too.
 _DECODERS = ("JPEG", "PNG", "WEBP")
+# Formats those plugins report: "MPO" is a JPEG with a multi-picture index (camera JPEGs
+# that embed a large preview), which decodes as the first picture.
+_ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
 _NEWS_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -65,12 +68,14 @@ def list_images(images_dir: Path) -> dict[str, str]:
 def inspect_image(images_dir: Path, news_id: str, *, listing: Mapping[str, str] | None = None) -> ImageCheck:
     """Find and check the cover image of ``news_id``: ``<NewsID>.<jpg|jpeg|png|webp>``.
 
-    The extension is matched case-insensitively (the id is not); when several files match, the first
-    extension of ``IMAGE_EXTENSIONS`` wins. The file must stay inside ``images_dir`` once
-    symlinks are resolved. Checks, in order: size (empty, over ``MAX_IMAGE_BYTES``), the
-    header (a JPEG, PNG or WebP whose format matches the extension, at most
-    ``MAX_IMAGE_PIXELS``), ``verify()`` for PNG (chunk checksums), and a full decode, which
-    is what catches truncated files.
+    The extension is matched case-insensitively (the id is not); when several files match,
+    they are checked in the order of ``IMAGE_EXTENSIONS`` and the first usable one wins (a
+    damaged ``N1.jpg`` does not hide a good ``N1.png``); when none is usable, the first one's
+    status is returned. The file must stay inside ``images_dir`` once symlinks are resolved.
+    Checks, in order: size (empty, over ``MAX_IMAGE_BYTES``), the header (JPEG, PNG or WebP
+    content, whichever of the image extensions it carries; at most ``MAX_IMAGE_PIXELS``),
+    ``verify()`` for PNG (chunk checksums), and a full decode, which is what catches
+    truncated files.
 
     Args:
         images_dir: the folder of cover images.
@@ -92,10 +97,29 @@ def inspect_image(images_dir: Path, news_id: str, *, listing: Mapping[str, str] 
             listing = list_images(root)
         except OSError:
             return ImageCheck(None, IMAGE_MISSING, None)
-    name = next((listing[news_id + ext] for ext in IMAGE_EXTENSIONS if news_id + ext in listing), None)
-    if name is None:
+    first = None
+    for name in (listing[news_id + ext] for ext in IMAGE_EXTENSIONS if news_id + ext in listing):
+        check = _check_file(root, root / name)
+        if check.status == IMAGE_OK:
+            return check
+        first = first or check
+    return first or ImageCheck(None, IMAGE_MISSING, None)
+
+
+def check_image_file(path: str | Path) -> ImageCheck:
+    """Check the cover at ``path`` (an absolute ``image_path`` an earlier ingest stored) as
+    ``inspect_image`` checks a file found in a folder, its own folder being the root.
+
+    Returns:
+        ``ImageCheck(name, status, sha256)``; ``name`` is the file's name when status is
+        IMAGE_OK.
+    """
+    path = Path(path)
+    try:
+        root = path.parent.resolve()
+    except (OSError, RuntimeError):
         return ImageCheck(None, IMAGE_MISSING, None)
-    return _check_file(root, root / name)
+    return _check_file(root, path)
 
 
 def _check_file(root: Path, candidate: Path) -> ImageCheck:
@@ -110,8 +134,7 @@ def _check_file(root: Path, candidate: Path) -> ImageCheck:
     if not target.is_file():
         return ImageCheck(None, IMAGE_BAD_NAME, None)
     relative = target.relative_to(root).as_posix()
-    expected_format = _FORMAT_OF_EXTENSION.get(target.suffix.lower())
-    if expected_format is None:  # a link to a file with another extension
+    if not target.name.lower().endswith(IMAGE_EXTENSIONS):  # a link to a file with another extension
         return ImageCheck(None, IMAGE_BAD_NAME, None)
     try:
         size = target.stat().st_size
@@ -126,18 +149,18 @@ def _check_file(root: Path, candidate: Path) -> ImageCheck:
     digest = hashlib.sha256(data).hexdigest()
     if len(data) > MAX_IMAGE_BYTES:  # grew since stat
         return ImageCheck(None, IMAGE_TOO_LARGE, digest)
-    status = _decode_status(data, expected_format)
+    status = _decode_status(data)
     return ImageCheck(relative if status == IMAGE_OK else None, status, digest)
 
 
-def _decode_status(data: bytes, expected_format: str) -> str:
+def _decode_status(data: bytes) -> str:
     try:
         with warnings.catch_warnings():
             # Pillow warns (not raises) between its own bomb limit and twice it; refuse those.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=_DECODERS) as image:
-                if image.format != expected_format:
-                    return IMAGE_BAD_NAME
+                if image.format not in _ACCEPTED_FORMATS:
+                    return IMAGE_CORRUPT
                 width, height = image.size
                 if width * height > MAX_IMAGE_PIXELS:
                     return IMAGE_TOO_LARGE

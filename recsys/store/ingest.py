@@ -27,8 +27,8 @@ import sqlalchemy as sa
 from sqlalchemy import Connection, Engine, Table
 from sqlalchemy.dialects import postgresql, sqlite
 
-from recsys.columns import HISTORY, IMAGE_MISSING, IMAGE_STATUSES
-from recsys.data.images import ImageCheck, inspect_image, list_images
+from recsys.columns import HISTORY, IMAGE_MISSING, IMAGE_OK, IMAGE_STATUSES
+from recsys.data.images import ImageCheck, check_image_file, inspect_image, list_images
 from recsys.data.mind import IMPRESSIONS, BadRow, BehaviorRow, NewsRow, RowStream, iter_behaviors, iter_news
 from recsys.errors import ConfigError, StoreError
 from recsys.store import schema
@@ -97,8 +97,9 @@ def ingest(
         news_path: a news.tsv, loaded first. Rows update articles with the same NewsID.
         behaviors_path: a behaviors.tsv (labelled or not). Every news id it mentions must be
             in the store or in ``news_path``, else the line is a bad row.
-        images_dir: folder of cover images ``<NewsID>.<jpg|jpeg|png|webp>``; without it every
-            article of ``news_path`` gets image status "missing".
+        images_dir: folder of cover images ``<NewsID>.<jpg|jpeg|png|webp>``. An article it
+            has no usable file for (or every article, without it) keeps the cover an earlier
+            ingest stored if that file still checks ok, else gets image status "missing".
         source: name under which the impressions are stored (MIND impression ids restart in
             every file); default ``<parent folder>/<file stem>``.
         strict: stop at the first bad row with SchemaError and write nothing.
@@ -236,19 +237,25 @@ class _Job:
                 else:
                     latest.pop(row.news_id, None)  # a later line for the same id wins
                     latest[row.news_id] = row
+            checks = {
+                news_id: ImageCheck(None, IMAGE_MISSING, None) if images_dir is None
+                else inspect_image(images_dir, news_id, listing=listing)
+                for news_id in latest
+            }
+            kept = self._stored_covers([n for n, check in checks.items() if check.status == IMAGE_MISSING])
             records = []
             for row in latest.values():
-                if images_dir is None:
-                    check = ImageCheck(None, IMAGE_MISSING, None)
+                check = checks[row.news_id]
+                if row.news_id in kept:
+                    path, check = kept[row.news_id]
                 else:
-                    check = inspect_image(images_dir, row.news_id, listing=listing)
+                    # Absolute, so that later steps (encode, predict) find the file without
+                    # being told the images folder again; containment was checked above.
+                    path = None if check.path is None else str(images_root / check.path)
                 counts[check.status] += 1
                 records.append((
                     row.news_id, row.category, row.subcategory, row.title, row.abstract, row.url,
-                    row.title_entities, row.abstract_entities,
-                    # Absolute, so that later steps (encode, predict) find the file without
-                    # being told the images folder again; containment was checked above.
-                    None if check.path is None else str(images_root / check.path), check.status,
+                    row.title_entities, row.abstract_entities, path, check.status,
                     content_hash(row.title, row.abstract, row.category, row.subcategory, check.sha256),
                     self.now,
                 ))
@@ -263,6 +270,27 @@ class _Job:
                 known.setdefault(news_id, None)
             self.report.news += len(records)
             self._done(len(lines))
+
+    def _stored_covers(self, news_ids: list[str]) -> dict[str, tuple[str, ImageCheck]]:
+        """``news_id -> (stored absolute path, its check)`` for the articles among ``news_ids``
+        whose cover an earlier ingest stored and whose file still checks ``ok``.
+
+        A news file that brings no cover for an article (ingested without ``--images``, as
+        MIND's dev file repeating train's articles is, or with a folder of the new covers
+        only) keeps the stored one instead of stripping it. A stored file that has gone or
+        changed into something unusable is not kept: the article's status then says so.
+        """
+        if not news_ids:
+            return {}
+        query = sa.select(schema.news.c.news_id, schema.news.c.image_path).where(schema.news.c.image_status == IMAGE_OK)
+        with self.transaction():
+            stored = self.writer.select_in(query, schema.news.c.news_id, news_ids)
+        kept = {}
+        for news_id, path in stored:
+            check = check_image_file(path)
+            if check.status == IMAGE_OK:
+                kept[news_id] = (path, check)
+        return kept
 
     # --- behaviors ----------------------------------------------------------------------
 

@@ -101,11 +101,33 @@ def test_png_with_a_bad_checksum_is_corrupt(images):
     assert check(images, "N1").status == IMAGE_CORRUPT
 
 
-@pytest.mark.parametrize(("fmt", "ext"), [("PNG", ".jpg"), ("JPEG", ".png"), ("JPEG", ".webp")])
-def test_content_that_does_not_match_the_extension_is_a_bad_name(images, fmt, ext):
+@pytest.mark.parametrize(("fmt", "ext"), [("PNG", ".jpg"), ("WEBP", ".jpg"), ("JPEG", ".png"), ("JPEG", ".webp")])
+def test_an_image_under_another_image_extension_is_ok(images, fmt, ext):
+    # Image CDNs serve WebP or PNG under .jpg names; the encoder decodes by content.
     data = image_bytes(fmt)
     (images / f"N1{ext}").write_bytes(data)
-    assert check(images, "N1") == ImageCheck(None, IMAGE_BAD_NAME, hashlib.sha256(data).hexdigest())
+    assert check(images, "N1") == ImageCheck(f"N1{ext}", IMAGE_OK, hashlib.sha256(data).hexdigest())
+
+
+def test_a_camera_jpeg_with_a_multi_picture_index_is_ok(images):
+    # Cameras write a large preview after the main picture (MPF); Pillow calls such files MPO.
+    out = io.BytesIO()
+    Image.new("RGB", (40, 30), "red").save(out, format="MPO", save_all=True, append_images=[Image.new("RGB", (20, 15))])
+    with Image.open(io.BytesIO(out.getvalue())) as img:
+        assert img.format == "MPO"
+    (images / "N1.jpg").write_bytes(out.getvalue())
+    assert check(images, "N1") == ImageCheck("N1.jpg", IMAGE_OK, hashlib.sha256(out.getvalue()).hexdigest())
+
+
+def test_a_damaged_first_file_does_not_hide_a_good_second_one(images):
+    good = image_bytes("PNG")
+    (images / "N1.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (images / "N1.png").write_bytes(good)
+    assert check(images, "N1") == ImageCheck("N1.png", IMAGE_OK, hashlib.sha256(good).hexdigest())
+    # None usable: the first file's status, in extension order.
+    (images / "N2.jpg").write_bytes(b"")
+    (images / "N2.webp").write_bytes(os.urandom(500))
+    assert check(images, "N2") == ImageCheck(None, IMAGE_EMPTY, hashlib.sha256(b"").hexdigest())
 
 
 def test_other_formats_under_an_image_extension_are_corrupt(images):

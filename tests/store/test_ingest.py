@@ -394,15 +394,15 @@ def test_image_statuses_paths_and_hash(engine, small_world, quarantine_dir, tmp_
     (images / "N3.JPG").write_bytes(b"")
     (tmp_path / "outside.png").write_bytes(_jpeg(1))
     (images / "N5.png").symlink_to(tmp_path / "outside.png")
-    (images / "N6.webp").write_bytes(good)  # JPEG bytes named .webp
+    (images / "N6.webp").write_bytes(good)  # JPEG bytes named .webp: decoded by content
     report = run(engine, quarantine_dir, news_path=small_world["news"], images_dir=images)
     assert rows(engine, "news", "news_id", "image_path", "image_status") == [
         ("N1", str(images.resolve() / "N1.jpg"), IMAGE_OK), ("N2", None, IMAGE_CORRUPT), ("N3", None, IMAGE_EMPTY),
-        ("N4", None, IMAGE_MISSING), ("N5", None, IMAGE_BAD_NAME), ("N6", None, IMAGE_BAD_NAME),
+        ("N4", None, IMAGE_MISSING), ("N5", None, IMAGE_BAD_NAME), ("N6", str(images.resolve() / "N6.webp"), IMAGE_OK),
     ]
-    assert report.image_status == {"ok": 1, "missing": 1, "corrupt": 1, "too_large": 0, "empty": 1, "bad_name": 2}
+    assert report.image_status == {"ok": 2, "missing": 1, "corrupt": 1, "too_large": 0, "empty": 1, "bad_name": 1}
     stats = store_stats(engine)
-    assert stats["news_with_image"] == 1
+    assert stats["news_with_image"] == 2
     assert {k: stats[f"image_{k}"] for k in report.image_status} == report.image_status
     ((hash_n1, updated_n1),) = [r[1:] for r in rows(engine, "news", "news_id", "content_hash", "updated_at") if r[0] == "N1"]
     expected = hashlib.sha256("\x1f".join(["Storm hits the coast", "Heavy rain.", "news", "newsus", hashlib.sha256(good).hexdigest()]).encode()).hexdigest()
@@ -414,6 +414,42 @@ def test_image_statuses_paths_and_hash(engine, small_world, quarantine_dir, tmp_
     after = rows(engine, "news", "news_id", "content_hash", "updated_at")
     assert after[0][1] != hash_n1 and after[0][2] > updated_n1
     assert after[1:] == unchanged
+
+
+def test_a_news_file_without_covers_keeps_the_stored_ones(engine, small_world, quarantine_dir, tmp_path):
+    """MIND's dev news.tsv repeats train's articles; ingesting it without --images, or a nightly
+    feed with a folder of the new covers only, must not strip the covers stored before."""
+    images = tmp_path / "images"
+    images.mkdir()
+    covers = {"N1": _jpeg(0), "N2": _jpeg(1)}
+    for news_id, data in covers.items():
+        (images / f"{news_id}.jpg").write_bytes(data)
+    run(engine, quarantine_dir, news_path=small_world["news"], images_dir=images)
+    columns = ("news_id", "image_path", "image_status", "content_hash", "updated_at")
+    before = rows(engine, "news", *columns)
+    assert [r[2] for r in before] == [IMAGE_OK, IMAGE_OK] + [IMAGE_MISSING] * 4
+
+    report = run(engine, quarantine_dir, news_path=small_world["news"])
+    assert rows(engine, "news", *columns) == before
+    assert report.image_status["ok"] == 2
+
+    new_covers = tmp_path / "new_covers"
+    new_covers.mkdir()
+    (new_covers / "N3.png").write_bytes(_jpeg(2))
+    run(engine, quarantine_dir, news_path=small_world["news"], images_dir=new_covers)
+    after = {r[0]: r for r in rows(engine, "news", *columns)}
+    assert [after[n] for n in ("N1", "N2")] == before[:2]
+    assert after["N3"][1:3] == (str(new_covers.resolve() / "N3.png"), IMAGE_OK)
+
+    # A changed title keeps the cover and hashes it with the stored picture; a cover whose
+    # file has gone is not kept.
+    edited = write_lines(tmp_path / "edited.tsv", [news_line("N1", title="A new title"), news_line("N2", category="sports", subcategory="football", title="Team wins the cup")])
+    (images / "N2.jpg").unlink()
+    run(engine, quarantine_dir, news_path=edited)
+    after = {r[0]: r for r in rows(engine, "news", *columns)}
+    expected = hashlib.sha256("\x1f".join(["A new title", "", "news", "newsus", hashlib.sha256(covers["N1"]).hexdigest()]).encode()).hexdigest()
+    assert after["N1"][1:4] == (str(images.resolve() / "N1.jpg"), IMAGE_OK, expected)
+    assert after["N2"][1:4] == (None, IMAGE_MISSING, content_hash("Team wins the cup", "", "sports", "football", None))
 
 
 # --- arguments ------------------------------------------------------------------------------------
