@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from recsys.errors import ModelMismatchError, SchemaError
 
 REQUIRED_COLUMNS = (NEWS_ID, TITLE, ABSTRACT, CATEGORY, IMAGE_PATH, IMAGE_STATUS, CONTENT_HASH)
 _ABSTRACT_SUFFIX = "+abstract"
+log = logging.getLogger(__name__)
 
 
 def text_info_for(info: EncoderInfo, *, use_abstract: bool) -> EncoderInfo:
@@ -50,7 +52,9 @@ def encode_items(
     encoded in batches of ``batch_size`` and each batch is stored in the cache as soon as it
     is done, so memory stays bounded and an interrupted run resumes where it stopped. Images
     are encoded only where ``IMAGE_STATUS == "ok"``; an image that fails to decode now gives
-    ``has_image`` False (and a zero row that must not be read as a picture).
+    ``has_image`` False (and a zero row that must not be read as a picture). An image file that
+    cannot be opened at all is treated the same way but not cached, so that a later call reads
+    it again once it is back.
 
     With ``use_abstract`` the text is ``"title. abstract"``; the text encoder's name gets a
     ``+abstract`` suffix in the result and such vectors are cached apart from title-only ones.
@@ -104,18 +108,38 @@ def encode_items(
         image = np.zeros((n, image_encoder.info.dim), dtype=np.float32)
         has_image = np.zeros(n, dtype=bool)
     todo = np.flatnonzero(~cached)
+    unread_rows, unread_text = [], []  # covers that could not be read this time: not cached
     for start in range(0, len(todo), batch_size):
         rows = todo[start : start + batch_size]
         batch_text = text_encoder.encode([article_text(titles[r], abstracts[r], use_abstract=use_abstract) for r in rows])
         batch_image, batch_ok = image_encoder.encode([image_paths[r] for r in rows])
         if cache is not None:
-            cache.put(ids[rows], keys[rows], batch_text, batch_image, batch_ok)
+            # A file that fails to decode fails the same way next time, and new bytes give a
+            # new content hash, so that failure is cached. A file that cannot be read at all
+            # (folder moved or unmounted, permissions) is not: caching it would drop the
+            # picture for good once the file is back.
+            unread = np.array([not ok and _unreadable(image_paths[r]) for r, ok in zip(rows, batch_ok)], dtype=bool)
+            keep = ~unread
+            cache.put(ids[rows[keep]], keys[rows[keep]], batch_text[keep], batch_image[keep], batch_ok[keep])
+            unread_rows.extend(rows[unread].tolist())
+            unread_text.extend(batch_text[unread])
         else:
             text[rows], image[rows], has_image[rows] = batch_text, np.where(batch_ok[:, None], batch_image, 0.0), batch_ok
         if progress is not None:
             progress(len(rows))
     if cache is not None:
-        text, image, has_image = cache.load(ids)
+        unread = np.zeros(n, dtype=bool)
+        unread[unread_rows] = True
+        text = np.empty((n, text_info.dim), dtype=np.float32)
+        image = np.zeros((n, image_encoder.info.dim), dtype=np.float32)
+        has_image = np.zeros(n, dtype=bool)
+        text[~unread], image[~unread], has_image[~unread] = cache.load(ids[~unread])
+        if unread_rows:
+            text[unread_rows] = np.asarray(unread_text, dtype=np.float32)
+            log.warning(
+                "%d cover images could not be read (first: %s); those articles are encoded without an image "
+                "this time and again at the next encode", len(unread_rows), image_paths[unread_rows[0]],
+            )
     categories = news[CATEGORY].fillna("").astype(str).to_numpy(dtype=object)
     return ItemFeatures(ids, text, image, has_image, categories, text_info, image_encoder.info)
 
@@ -133,6 +157,17 @@ def _check_news(news: pd.DataFrame) -> None:
     if missing.any():
         row = int(np.flatnonzero(missing)[0])
         raise SchemaError("news table", None, CONTENT_HASH, None, f"a content hash for news id {ids.iloc[row]!r}")
+
+
+def _unreadable(path: Path | None) -> bool:
+    """True when a cover the ingest found usable cannot even be opened now."""
+    if path is None:
+        return False
+    try:
+        with open(path, "rb"):
+            return False
+    except OSError:
+        return True
 
 
 def _image_paths(news: pd.DataFrame, images_dir: Path | None) -> list[Path | None]:

@@ -98,6 +98,28 @@ def test_second_run_encodes_nothing(news, tmp_path, fake_encoders):
     assert_same_features(first, second)
 
 
+def test_a_cover_that_cannot_be_opened_is_not_cached(news, tmp_path, fake_encoders):
+    # The images folder is unmounted or moved during one run: that run has no picture for the
+    # article, and the next run, with the file back, encodes it instead of reading "no image".
+    frame, images = news
+    text_enc, image_enc = fake_encoders
+    cache = FeatureCache(tmp_path / "cache", text_enc.info, image_enc.info)
+    picture = (images / "N1.jpg").read_bytes()
+    (images / "N1.jpg").unlink()
+    first = encode_items(frame, images, text_enc, image_enc, cache, batch_size=4)
+    assert first.has_image.tolist() == [i % 3 != 2 and i not in (1, 4) for i in range(10)]
+    assert not first.image[1].any()
+    np.testing.assert_array_equal(first.text[1], text_enc.encode(["Headline number 1"])[0])
+
+    (images / "N1.jpg").write_bytes(picture)
+    text_again, image_again = FakeTextEncoder(), FakeImageEncoder()
+    second = encode_items(frame, images, text_again, image_again, FeatureCache(tmp_path / "cache", text_again.info, image_again.info))
+    assert image_again.paths_seen == [images / "N1.jpg"]  # only the unread one; article 4's bad file stays cached
+    assert second.has_image.tolist() == [i % 3 != 2 and i != 4 for i in range(10)]
+    reference = encode_items(frame, images, FakeTextEncoder(), FakeImageEncoder(), FeatureCache(tmp_path / "fresh", text_enc.info, image_enc.info))
+    assert_same_features(second, reference)
+
+
 def test_changed_content_hash_reencodes_only_that_article(news, tmp_path, fake_encoders):
     frame, images = news
     text_enc, image_enc = fake_encoders
