@@ -55,6 +55,7 @@ TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
 TIME_EXAMPLE = "11/11/2019 9:05:58 AM"
 
 _ID_RE = re.compile(ID_PATTERN)
+_NEWS_FIELDS = (NEWS_ID, CATEGORY, SUBCATEGORY, TITLE, ABSTRACT, "url", TITLE_ENTITIES, ABSTRACT_ENTITIES)
 _IDS_RE = re.compile(rf"{ID_PATTERN}(?: {ID_PATTERN})*")
 _LABELLED_RE = re.compile(rf"{ID_PATTERN}-[01](?: {ID_PATTERN}-[01])*")
 _LABELLED_TOKEN_RE = re.compile(rf"{ID_PATTERN}-[01]")
@@ -304,6 +305,11 @@ def _parse_news(name: str, line: int, text: str) -> NewsRow | BadRow:
 
     if not _ID_RE.fullmatch(news_id):
         return bad(NEWS_ID, news_id, _EXPECTED_ID)
+    if "\x00" in text:
+        # PostgreSQL's text type cannot hold NUL; refused here, on every backend, so that a
+        # store behaves the same on SQLite and PostgreSQL.
+        field, value = next((f, v) for f, v in zip(_NEWS_FIELDS, cols) if "\x00" in v)
+        return bad(field, value, "text without NUL (0x00) characters")
     if not category or len(category) > MAX_CATEGORY_CHARS:
         return bad(CATEGORY, category, f"a non-empty category of at most {MAX_CATEGORY_CHARS} characters")
     if len(subcategory) > MAX_CATEGORY_CHARS:

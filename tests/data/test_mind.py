@@ -71,6 +71,8 @@ def test_empty_abstract_and_empty_entity_columns_are_fine(tmp_path):
         (NEWS_OK.replace("Heavy rain.", "a" * 10001), "abstract", r"expected at most 10000 characters \(it has 10001\)"),
         (NEWS_OK.replace("\t[]\t[]", "\t[{broken\t[]"), "title_entities", r"field 'title_entities' has '\[\{broken', expected empty or JSON"),
         (NEWS_OK.replace("\t[]\t[]", "\t[]\tnot json"), "abstract_entities", "field 'abstract_entities' has 'not json'"),
+        (NEWS_OK.replace("Storm", "Sto\x00rm"), "title", r"field 'title' has 'Sto\\x00rm hits the coast', expected text without NUL \(0x00\) characters"),
+        (NEWS_OK.replace("[]\t[]", "[]\t[\x00]"), "abstract_entities", "expected text without NUL"),
     ],
 )
 def test_bad_news_rows(tmp_path, line, field, message):
