@@ -302,6 +302,7 @@ def evaluate(
     images: Annotated[Optional[Path], typer.Option(help="Cover images of those articles.")] = None,
     compare: Annotated[Optional[list[Path]], typer.Option(help="Two metrics.json files to compare (give the option twice).")] = None,
     features_at: Annotated[str, typer.Option("--features-at", help=_FEATURES_AT_HELP)] = "popularity-at-end",
+    allow_different_data: Annotated[bool, typer.Option("--allow-different-data", help="--compare two reports of different behaviors files (refused by default).")] = False,
 ) -> None:
     """Offline CTR evaluation report: metrics.json, report.html and MIND prediction files."""
     if compare:
@@ -309,7 +310,7 @@ def evaluate(
 
         if len(compare) != 2:
             raise RecsysError(f"--compare needs exactly two metrics.json files, got {len(compare)}")
-        typer.echo(compare_files(compare[0], compare[1]))
+        typer.echo(compare_files(compare[0], compare[1], allow_different_data=allow_different_data))
         return
     if behaviors is None or out is None:
         raise RecsysError("evaluate needs --behaviors and --out (or --compare A.json --compare B.json)")

@@ -6,6 +6,7 @@ TensorFlow loads once. Numbers are checked against the input files and scikit-le
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from datetime import datetime
@@ -167,6 +168,7 @@ def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
     metrics = json.loads((report_dir / "metrics.json").read_text())
     assert metrics["schema_version"] == 1
     assert metrics["header"]["side_features_at"] == default_reading
+    assert metrics["header"]["behaviors_sha256"] == hashlib.sha256((world / "behaviors_test.tsv").read_bytes()).hexdigest()
     assert (report_dir / "report.html").stat().st_size > 10_000
     version = trained["version"]
     pred_file = Path(result["predictions"][version])

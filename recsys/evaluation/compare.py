@@ -115,18 +115,51 @@ def print_comparison(
     print(format_comparison(rows, a_label=a_label, b_label=b_label), file=file or sys.stdout)
 
 
-def compare_files(a: str | os.PathLike, b: str | os.PathLike) -> str:
+# Header facts that identify the evaluated impressions when a report lacks the file's sha256.
+_SET_COUNTS = ("num_impressions", "num_labelled_impressions", "num_candidates", "num_clicked")
+
+
+def data_differences(a: Mapping, b: Mapping) -> list[str]:
+    """How the impressions two reports were computed on differ; empty when they are the same.
+
+    The file's sha256 decides when both headers have it (reports since it was recorded);
+    otherwise the impression, candidate and click counts do.
+    """
+    head_a, head_b = a.get("header") or {}, b.get("header") or {}
+    sha_a, sha_b = head_a.get("behaviors_sha256"), head_b.get("behaviors_sha256")
+    if sha_a and sha_b:
+        return [] if sha_a == sha_b else [f"behaviors files with sha256 {sha_a[:12]} and {sha_b[:12]}"]
+    return [f"{key} {head_a.get(key)} and {head_b.get(key)}" for key in _SET_COUNTS if head_a.get(key) != head_b.get(key)]
+
+
+def compare_files(a: str | os.PathLike, b: str | os.PathLike, *, allow_different_data: bool = False) -> str:
     """The comparison table of two ``metrics.json`` files, headed by which file is A and B.
 
+    Two reports of different impressions differ by their data as much as by their models,
+    so they are refused unless ``allow_different_data``; the table is then headed by a warning.
+
     Raises:
-        ReportError: as ``load_metrics``.
+        ReportError: as ``load_metrics``, or the reports were computed on different impressions.
     """
     doc_a, doc_b = load_metrics(a), load_metrics(b)
+    differences = data_differences(doc_a, doc_b)
+    if differences and not allow_different_data:
+        raise ReportError(
+            f"{a} and {b} were computed on different impressions ({'; '.join(differences)}): their differences "
+            "mix the data with the models. Evaluate both models on the same behaviors file "
+            "(or pass --allow-different-data)"
+        )
     rows = compare_metrics(doc_a, doc_b)
-    return f"A: {_describe(a, doc_a)}\nB: {_describe(b, doc_b)}\n\n" + format_comparison(rows)
+    warning = f"WARNING: different impressions ({'; '.join(differences)})\n" if differences else ""
+    return f"{warning}A: {_describe(a, doc_a)}\nB: {_describe(b, doc_b)}\n\n" + format_comparison(rows)
 
 
 def _describe(path: str | os.PathLike, document: Mapping) -> str:
+    header = document.get("header") or {}
+    facts = []
+    if header.get("behaviors_file"):
+        facts.append(f"{header['behaviors_file']}, {header.get('num_impressions')} impressions")
     # Reports written before the header recorded it lack side_features_at.
-    read_at = (document.get("header") or {}).get("side_features_at")
-    return f"{Path(path)}" + (f" (side features: {read_at})" if read_at else "")
+    if header.get("side_features_at"):
+        facts.append(f"side features: {header['side_features_at']}")
+    return f"{Path(path)}" + (f" ({'; '.join(facts)})" if facts else "")

@@ -7,6 +7,7 @@ with no spaces inside the brackets; the MIND scorer turns rank ``r`` into the sc
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -17,6 +18,7 @@ from recsys.metrics.ranking import MetricInputError, ranks_from_scores
 
 IMPRESSION_FIELD = "ImpressionID"
 RANKS_FIELD = "ranks"
+_RANK = re.compile(r"[1-9][0-9]*", re.ASCII)
 
 
 class PredictionError(RecsysError, ValueError):
@@ -93,12 +95,11 @@ def parse_prediction_line(line: str, *, path: str | os.PathLike = "<predictions>
     if not (field.startswith("[") and field.endswith("]")) or len(field) < 3:
         raise SchemaError(path, line_number, RANKS_FIELD, field, "a bracketed list of ranks like [2,1,3]")
     parts = field[1:-1].split(",")
-    if not all(p.isdigit() for p in parts):
+    # ASCII digits without leading zeros: what the MIND scorer's json.loads accepts (str.isdigit
+    # would also pass "²" or Arabic-Indic digits, and "01").
+    if not all(_RANK.fullmatch(p) for p in parts):
         raise SchemaError(path, line_number, RANKS_FIELD, field, "comma-separated integers >= 1")
-    ranks = np.array([int(p) for p in parts], dtype=np.int64)
-    if ranks.min() < 1:
-        raise SchemaError(path, line_number, RANKS_FIELD, field, "ranks >= 1")
-    return impression_id, ranks
+    return impression_id, np.array([int(p) for p in parts], dtype=np.int64)
 
 
 def read_predictions(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:

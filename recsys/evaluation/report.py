@@ -6,7 +6,8 @@ nightly run, and hands the dict to ``write_report``. The dict (``metrics.json`` 
 plus ``"schema_version": 1``)::
 
     {"header": {"generated_at": ISO-8601 UTC str, "data_window": str | None,
-                "behaviors_file": str | None, "num_impressions": int,
+                "behaviors_file": str | None, "behaviors_sha256": str | None,
+                "num_impressions": int,
                 "num_labelled_impressions": int, "num_unlabelled": int, "num_scored": int,
                 "num_single_class": int, "num_candidates": int, "num_clicked": int,
                 "model_versions": [str, ...], "encoders": {name: description},
@@ -82,6 +83,7 @@ def build_result(
     generated_at: datetime | None = None,
     beyond_accuracy: Mapping | None = None,
     side_features_at: str | None = None,
+    behaviors_sha256: str | None = None,
 ) -> dict:
     """The report dict (module docstring) from an accumulator and the header facts.
 
@@ -96,6 +98,8 @@ def build_result(
         generated_at: report time (default: now, UTC).
         beyond_accuracy: the dict of ``beyond_accuracy`` for the latest nightly run, or None.
         side_features_at: where the models read popularity and age (e.g. "impression time").
+        behaviors_sha256: hex sha256 of the evaluated file's bytes: ``--compare`` refuses two
+            reports of different data.
 
     Returns:
         The report dict.
@@ -128,6 +132,7 @@ def build_result(
         "generated_at": when.isoformat(timespec="seconds"),
         "data_window": data_window,
         "behaviors_file": None if behaviors_file is None else str(behaviors_file),
+        "behaviors_sha256": behaviors_sha256,
         **{key: raw[key] for key in (
             "num_impressions", "num_labelled_impressions", "num_unlabelled", "num_scored",
             "num_single_class", "num_candidates", "num_clicked",

@@ -378,7 +378,10 @@ def mind_scores(labels_list: Iterable[Sequence[int]], scores_list: Iterable[Sequ
         labels_list: per impression, the 0/1 labels in candidate order. An empty list or all
             labels -1 marks an unlabelled (masked) impression, which is counted and skipped.
         scores_list: per impression, the scores in the same order (for a prediction file, pass
-            ``scores_from_ranks(ranks)`` to reproduce the scorer exactly).
+            ``scores_from_ranks(ranks)`` to reproduce the scorer exactly). Nothing here sees
+            impression ids: the caller must pair each prediction line with the labels of the
+            same impression (``read_predictions`` yields the ids), as the MIND scorer refuses
+            a file whose ids are out of step.
 
     Returns:
         ``{"impression_auc", "mrr", "ndcg@5", "ndcg@10"}`` means over scored impressions (None if

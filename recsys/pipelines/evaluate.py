@@ -120,6 +120,7 @@ def run_evaluate(
     for every version; the report's header records it.
     """
     from recsys.atomic import atomic_open
+    from recsys.encoders.text import file_sha256
     from recsys.evaluation.prediction_file import format_prediction_line
     from recsys.evaluation.report import build_result, write_report
     from recsys.metrics.accumulator import ImpressionMetrics, history_length_bucket
@@ -202,6 +203,7 @@ def run_evaluate(
         },
         beyond_accuracy=_beyond_accuracy(engine, catalogue, popularity),
         side_features_at=times.describe(),
+        behaviors_sha256=file_sha256(behaviors),
     )
     metrics_path, html_path = write_report(result, out)
     gaps = {name: m.get("gap_closed") for name, m in result["models"].items()}

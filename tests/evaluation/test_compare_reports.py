@@ -83,7 +83,8 @@ def test_compare_files_names_the_files(tmp_path, two_reports):
         (tmp_path / name).write_text(json.dumps(document))
     text = compare_files(tmp_path / "a.json", tmp_path / "b.json")
     lines = text.splitlines()
-    assert lines[0] == f"A: {tmp_path / 'a.json'}" and lines[1] == f"B: {tmp_path / 'b.json'}"
+    described = f"(MINDsmall_dev/behaviors.tsv, {a['header']['num_impressions']} impressions)"
+    assert lines[0] == f"A: {tmp_path / 'a.json'} {described}" and lines[1] == f"B: {tmp_path / 'b.json'} {described}"
     assert lines[3].split()[:4] == ["model", "metric", "A", "B"]
     assert any(line.split()[:2] == ["v2", "MRR"] and line.endswith("+0.0100") for line in lines)
 
@@ -96,6 +97,54 @@ def test_compare_files_says_where_each_report_read_side_features(tmp_path, two_r
     for name, document in (("a.json", a), ("b.json", b)):
         (tmp_path / name).write_text(json.dumps(document))
     lines = compare_files(tmp_path / "a.json", tmp_path / "b.json").splitlines()
-    assert lines[0] == f"A: {tmp_path / 'a.json'} (side features: impression time)"
-    assert lines[1] == (f"B: {tmp_path / 'b.json'} (side features: popularity at impression time, at most the store's end "
-                        "2019-11-15T00:00:01; age at impression time)")
+    n = a["header"]["num_impressions"]
+    assert lines[0] == f"A: {tmp_path / 'a.json'} (MINDsmall_dev/behaviors.tsv, {n} impressions; side features: impression time)"
+    assert lines[1] == (f"B: {tmp_path / 'b.json'} (MINDsmall_dev/behaviors.tsv, {n} impressions; side features: popularity at "
+                        "impression time, at most the store's end 2019-11-15T00:00:01; age at impression time)")
+
+
+def _write(tmp_path, a, b):
+    for name, document in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(document))
+    return tmp_path / "a.json", tmp_path / "b.json"
+
+
+def test_reports_of_different_behaviors_files_are_refused_unless_allowed(tmp_path, two_reports):
+    a, b = copy.deepcopy(two_reports[0]), copy.deepcopy(two_reports[1])
+    a["header"]["behaviors_sha256"], b["header"]["behaviors_sha256"] = "ab" * 32, "cd" * 32
+    path_a, path_b = _write(tmp_path, a, b)
+    with pytest.raises(ReportError, match=r"computed on different impressions \(behaviors files with sha256 abababababab and cdcdcdcdcdcd\)"):
+        compare_files(path_a, path_b)
+    lines = compare_files(path_a, path_b, allow_different_data=True).splitlines()
+    assert lines[0] == "WARNING: different impressions (behaviors files with sha256 abababababab and cdcdcdcdcdcd)"
+    assert lines[1].startswith("A: ")
+    # The same file under another name compares; the counts do not matter then.
+    b["header"]["behaviors_sha256"], b["header"]["behaviors_file"] = "ab" * 32, "elsewhere/behaviors.tsv"
+    b["header"]["num_clicked"] += 1
+    path_a, path_b = _write(tmp_path, a, b)
+    assert compare_files(path_a, path_b).startswith("A: ")
+
+
+def test_older_reports_without_the_sha256_compare_their_counts(tmp_path, two_reports):
+    a, b = copy.deepcopy(two_reports[0]), copy.deepcopy(two_reports[1])
+    for document in (a, b):
+        document["header"].pop("behaviors_sha256", None)
+    b["header"]["num_impressions"] += 5
+    b["header"]["num_candidates"] += 50
+    n, c = a["header"]["num_impressions"], a["header"]["num_candidates"]
+    with pytest.raises(ReportError, match=f"num_impressions {n} and {n + 5}; num_candidates {c} and {c + 50}"):
+        compare_files(*_write(tmp_path, a, b))
+    b["header"].update({key: a["header"][key] for key in ("num_impressions", "num_candidates")})
+    assert compare_files(*_write(tmp_path, a, b)).startswith("A: ")
+
+
+def test_the_cli_refuses_different_data_with_exit_1(tmp_path, two_reports, capsys):
+    from recsys.cli import main
+
+    a, b = copy.deepcopy(two_reports[0]), copy.deepcopy(two_reports[1])
+    b["header"]["num_clicked"] += 1
+    path_a, path_b = _write(tmp_path, a, b)
+    assert main(["evaluate", "--compare", str(path_a), "--compare", str(path_b)]) == 1
+    assert "computed on different impressions (num_clicked" in capsys.readouterr().err
+    assert main(["evaluate", "--compare", str(path_a), "--compare", str(path_b), "--allow-different-data"]) == 0
+    assert capsys.readouterr().out.startswith("WARNING: different impressions")

@@ -63,7 +63,11 @@ def test_bad_rows_are_rejected(tmp_path, row, message):
         ("7 []\n", "ranks", "a bracketed list of ranks"),
         ("7 [1,x]\n", "ranks", "comma-separated integers >= 1"),
         ("7 [1,-2]\n", "ranks", "comma-separated integers >= 1"),
-        ("7 [0,1]\n", "ranks", "ranks >= 1"),
+        ("7 [0,1]\n", "ranks", "comma-separated integers >= 1"),
+        # What the MIND scorer's json.loads refuses, and what int() cannot read.
+        ("7 [01,2]\n", "ranks", "comma-separated integers >= 1"),
+        ("7 [1,2\u00b2]\n", "ranks", "comma-separated integers >= 1"),
+        ("7 [\u0661,2]\n", "ranks", "comma-separated integers >= 1"),
         ("\n", "line", "two fields"),
     ],
 )
