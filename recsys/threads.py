@@ -22,7 +22,7 @@ def default_threads() -> int:
 
 
 def configure_threads(num_threads: int | None = None) -> int:
-    """Set TensorFlow, FAISS and OpenMP thread counts for this process.
+    """Set TensorFlow, FAISS, OpenMP and tokenizer (Rayon) thread counts for this process.
 
     Args:
         num_threads: threads per library; None means every core available to the process.
@@ -32,6 +32,9 @@ def configure_threads(num_threads: int | None = None) -> int:
     """
     n = num_threads or default_threads()
     os.environ["OMP_NUM_THREADS"] = str(n)
+    # The tokenizers library encodes batches on a Rayon pool sized to every core, created at
+    # its first use; the variable sizes it, so it must be set before any text is encoded.
+    os.environ["RAYON_NUM_THREADS"] = str(n)
     try:
         import faiss
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import builtins
 import io
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -48,3 +50,27 @@ def test_a_quota_above_the_cores_does_not_raise_the_count(cgroup_quota):
 def test_loky_max_cpu_count_is_honoured(monkeypatch):
     monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "1")
     assert default_threads() == 1
+
+
+PROBE = """
+import os
+from recsys.threads import configure_threads
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+
+configure_threads(3)
+tokenizer = Tokenizer(WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+tokenizer.pre_tokenizer = Whitespace()
+before = len(os.listdir("/proc/self/task"))
+tokenizer.encode_batch(["a b a"] * 1000)
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_the_tokenizer_pool_gets_the_configured_thread_count():
+    # Three is more than this machine's cores, so the default pool would be smaller.
+    env = {k: v for k, v in os.environ.items() if k != "RAYON_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True, timeout=300)
+    assert out.stdout.split()[-1] == "3"
