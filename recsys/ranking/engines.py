@@ -29,6 +29,11 @@ Shard = tuple[int, np.ndarray]
 OnResult = Callable[["ShardResult"], None]
 
 
+class WorkerDiedError(RecsysError):
+    """A worker process died (killed by a signal) while shards were pending: like a killed
+    run, the run stays resumable."""
+
+
 def ids_fingerprint(news_ids: np.ndarray) -> str:
     """A hash of an ordered id list: workers check that their index has the driver's rows."""
     digest = hashlib.sha256()
@@ -231,7 +236,8 @@ def run_local(
 
     Each worker loads the model and the index once (pool initializer). At most two shards
     per worker are in flight, so a slow consumer (``on_result``) slows the dispatch instead
-    of piling up results.
+    of piling up results. A worker that dies fails the call (WorkerDiedError) instead of
+    leaving its shard unanswered.
 
     Args:
         setup: shared inputs; ``setup.num_threads`` threads per worker.
@@ -259,17 +265,39 @@ def run_local(
         return results
 
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(num_workers, initializer=_init_worker, initargs=(setup, os.getpid())) as pool:
+    # Not multiprocessing.Pool: it replaces a worker that dies (the out-of-memory killer) but
+    # loses its shard, and the driver then waits for ever while holding the nightly lock. An
+    # executor fails every pending shard with BrokenProcessPool instead.
+    executor = ProcessPoolExecutor(
+        num_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+        initargs=(setup, os.getpid()),
+    )
+    try:
         pending: deque = deque()
         for shard, user_ids in shards:
-            pending.append(pool.apply_async(_process_shard, (shard, user_ids)))
+            pending.append((shard, executor.submit(_process_shard, shard, user_ids)))
             if len(pending) >= 2 * num_workers:
-                done(pending.popleft().get())
+                done(_shard_result(*pending.popleft()))
         while pending:
-            done(pending.popleft().get())
+            done(_shard_result(*pending.popleft()))
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
     return results
+
+
+def _shard_result(shard: int, future) -> ShardResult:
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        return future.result()
+    except BrokenProcessPool as exc:
+        raise WorkerDiedError(
+            f"a ranking worker process died while shard {shard} was pending (killed by a signal, often the "
+            "out-of-memory killer: fewer workers or a smaller shard size need less memory); the run stays "
+            "resumable, and the next attempt with the same plan ranks only the shards not yet written"
+        ) from exc
 
 
 # ----------------------------------------------------------------------------------------

@@ -27,7 +27,15 @@ from sqlalchemy import Engine
 from recsys.errors import ConfigError, ModelMismatchError, NotFoundError, RecsysError
 from recsys.models.side_features import SideFeatures
 from recsys.ranking import runs
-from recsys.ranking.engines import ShardResult, WorkerSetup, ids_fingerprint, run_local, run_ray, threads_per_worker
+from recsys.ranking.engines import (
+    ShardResult,
+    WorkerDiedError,
+    WorkerSetup,
+    ids_fingerprint,
+    run_local,
+    run_ray,
+    threads_per_worker,
+)
 from recsys.ranking.lock import DEFAULT_STALE_AFTER, NIGHTLY_LOCK, StoreLock, acquire_lock, utc_now
 from recsys.ranking.queries import (
     active_user_ids,
@@ -98,6 +106,7 @@ def run_nightly(
         ConfigError: an argument out of range or an unknown engine.
         RecsysError: the store holds no impressions or no active user in the window.
         RunLockedError: another nightly run holds the lock.
+        WorkerDiedError: a worker process died; the run is left resumable.
         NotFoundError: the model bundle or the index is missing.
         ModelMismatchError: the model's config is unreadable, or its embedding size differs
             from the index's.
@@ -148,6 +157,8 @@ def run_nightly(
                              candidates=ranked["candidates"])
             runs.complete_run(engine, run_id, counts=counts, timings=timings, num_shards=len(shards))
             timings["complete"] = time.perf_counter() - clock
+        except WorkerDiedError:
+            raise  # as after kill -9: the run stays running, and the next attempt resumes it
         except Exception as exc:
             runs.fail_run(engine, run_id, f"{type(exc).__name__}: {exc}")
             raise

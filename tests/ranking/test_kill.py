@@ -104,3 +104,51 @@ def test_kill_9_then_rerun(world_store, store_url, world, tmp_path, caplog):
     pd.testing.assert_frame_equal(after[[USER_ID, RANK, NEWS_ID]], before[[USER_ID, RANK, NEWS_ID]])
     pd.testing.assert_series_equal(after[SCORE], before[SCORE], check_exact=False, rtol=1e-5)
     assert runs.latest_run(world_store).run_id == rerun["run_id"]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_by_a_signal_stops_the_run_resumably(world_store, world, monkeypatch):
+    # multiprocessing.Pool replaced a dead worker and lost its shard: the driver waited for
+    # ever, holding the lock. The out-of-memory killer is the usual cause.
+    import multiprocessing
+    import threading
+
+    from recsys.ranking import nightly
+    from recsys.ranking.engines import WorkerDiedError
+
+    real_run_local = nightly.run_local
+
+    def run_local_killing_the_workers(setup, shards, *, num_workers, on_result=None):
+        def kill_after_first(result):
+            on_result(result)
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGKILL)
+
+        return real_run_local(setup, shards, num_workers=num_workers, on_result=kill_after_first)
+
+    monkeypatch.setattr(nightly, "run_local", run_local_killing_the_workers)
+    outcome: dict = {}
+
+    def job():
+        try:
+            run_nightly(world_store, model_dir=world.model_dir, index_dir=world.index_dir, num_workers=1, **SETTINGS)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "the nightly job hung after its worker was killed"
+    assert isinstance(outcome.get("error"), WorkerDiedError), outcome
+    assert "out-of-memory killer" in str(outcome["error"])
+    monkeypatch.undo()
+
+    stopped = runs.get_run(world_store, 1)
+    assert stopped.status == "running"
+    written = len(runs.finished_shards(world_store, 1))
+    assert 0 < written < stopped.plan["num_shards"]
+    # The lock was released: the next attempt runs at once and resumes the run.
+    rerun = run_nightly(world_store, model_dir=world.model_dir, index_dir=world.index_dir, num_workers=0, **SETTINGS)
+    assert rerun["run_id"] == 1 and rerun["resumed"] and rerun["counts"]["shards_resumed"] == written
+    clean = run_nightly(world_store, model_dir=world.model_dir, index_dir=world.index_dir, num_workers=0, **SETTINGS)
+    pd.testing.assert_frame_equal(_rows(world_store, 1)[[USER_ID, RANK, NEWS_ID]], _rows(world_store, clean["run_id"])[[USER_ID, RANK, NEWS_ID]])
