@@ -39,6 +39,7 @@ def test_a_cpu_quota_below_the_cores_caps_every_pool(cgroup_quota):
     cgroup_quota("50000 100000\n")
     assert default_threads() == 1
     assert threads_per_worker(2) == 1
+    assert threads_per_worker(2, 6) == 3  # an explicit budget ([runtime] threads) wins
     assert onnx_session_options().intra_op_num_threads == 1
 
 

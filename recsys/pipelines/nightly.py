@@ -119,6 +119,7 @@ def _nightly_job(
         engine, model_dir=mv.model_dir, index_dir=mv.index_dir, model_version=mv.version, engine_name=nc.engine,
         shard_size=nc.shard_size, k=nc.k, num_candidates=nc.num_candidates, active_days=nc.active_days,
         freshness_days=nc.freshness_days, keep_runs=nc.keep_runs, num_workers=nc.workers,
+        num_threads=config.runtime.threads or None,
         ray_address=nc.ray_address or None, lock=lock, progress=progress,
     )
     if export is not None:

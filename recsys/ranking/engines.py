@@ -162,7 +162,10 @@ class ShardWorker:
         user_ids = np.asarray(user_ids, dtype=object)
         timings: dict = {}
         clock = time.perf_counter()
-        offsets, items = read_user_histories(self.engine, user_ids, self.catalogue.news_ids)
+        # The history the model was trained on: led by the logged clicks only if it read them.
+        offsets, items = read_user_histories(
+            self.engine, user_ids, self.catalogue.news_ids, include_impression_clicks=self.model.config.logged_clicks
+        )
         timings["read_histories"] = time.perf_counter() - clock
         recs = rank_users(
             user_ids, offsets, items, self.model, self.catalogue, self.index,
@@ -186,9 +189,10 @@ class ShardWorker:
         self.engine.dispose()
 
 
-def threads_per_worker(num_workers: int) -> int:
-    """Threads each worker may use so that workers x threads <= cores."""
-    return max(1, default_threads() // max(1, num_workers))
+def threads_per_worker(num_workers: int, num_threads: int | None = None) -> int:
+    """Threads each worker may use so that workers x threads <= ``num_threads`` (default:
+    every core available to the process), and at least one."""
+    return max(1, (num_threads or default_threads()) // max(1, num_workers))
 
 
 # ----------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ def run_nightly(
     freshness_days: float = 3.0,
     keep_runs: int = 3,
     num_workers: int | None = None,
+    num_threads: int | None = None,
     ray_address: str | None = None,
     as_of: datetime | None = None,
     lock_stale_after: timedelta = DEFAULT_STALE_AFTER,
@@ -88,8 +89,10 @@ def run_nightly(
         freshness_days: articles first seen more than this long before ``as_of`` are not
             recommended.
         keep_runs: complete runs whose recommendations are kept; older ones are pruned.
-        num_workers: worker processes or Ray actors; default: one per core. 0 (local engine
-            only) ranks in this process.
+        num_workers: worker processes or Ray actors; default: one per thread of
+            ``num_threads``. 0 (local engine only) ranks in this process.
+        num_threads: threads the ranking may use in all (``[runtime] threads``), shared out
+            among the workers; default: every core available to the process.
         ray_address: Ray cluster address; None starts a local Ray instance.
         as_of: the run's "now"; defaults to the store's latest impression time.
         lock_stale_after: a lock held from another host counts as stale after this long
@@ -112,7 +115,10 @@ def run_nightly(
             from the index's.
     """
     _check_arguments(engine_name, shard_size, k, num_candidates, active_days, freshness_days, keep_runs, num_workers)
-    workers = default_threads() if num_workers is None else num_workers
+    if num_threads is not None and num_threads < 1:
+        raise ConfigError(f"runtime.threads is {num_threads}, expected at least 1 (or 0 for every core)")
+    budget = num_threads or default_threads()
+    workers = budget if num_workers is None else num_workers
     if engine_name == "ray" and workers < 1:
         raise ConfigError(f"nightly.workers is {workers}, the ray engine needs at least 1 actor")
     model_version = model_version or Path(model_dir).name
@@ -148,7 +154,8 @@ def run_nightly(
         try:
             ranked = _rank(
                 engine, engine_name, run_id, prepared, todo, model_dir=model_dir, index_dir=index_dir, k=k,
-                num_candidates=num_candidates, num_workers=workers, ray_address=ray_address, progress=progress,
+                num_candidates=num_candidates, num_workers=workers, num_threads=budget, ray_address=ray_address,
+                progress=progress,
             )
             timings["rank"] = ranked["wall"]
             timings.update({f"workers.{stage}": seconds for stage, seconds in ranked["stages"].items()})
@@ -270,7 +277,7 @@ def _bundle_config(model_dir: Path) -> dict:
 
 
 def _rank(engine, engine_name, run_id, prepared, todo, *, model_dir, index_dir, k, num_candidates, num_workers,
-          ray_address, progress) -> dict:
+          num_threads, ray_address, progress) -> dict:
     """Run the missing shards; returns wall time, candidates scored and worker stage sums."""
     setup = WorkerSetup(
         db_url=_worker_url(engine),
@@ -283,7 +290,7 @@ def _rank(engine, engine_name, run_id, prepared, todo, *, model_dir, index_dir, 
         side=prepared["side"],
         popular=prepared["popular"],
         catalogue_fingerprint=prepared["fingerprint"],
-        num_threads=default_threads() if num_workers == 0 else threads_per_worker(num_workers),
+        num_threads=num_threads if num_workers == 0 else threads_per_worker(num_workers, num_threads),
         created_at=utc_now(),
     )
     stages: dict[str, float] = {}

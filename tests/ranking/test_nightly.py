@@ -195,3 +195,62 @@ def test_worker_url_is_absolute_for_sqlite(tmp_path, monkeypatch):
     assert _worker_url(create_engine("sqlite:///rel/store.db")) == f"sqlite:///{tmp_path}/rel/store.db"
     assert _worker_url(create_engine("sqlite:////abs/store.db")) == "sqlite:////abs/store.db"
     assert _worker_url(create_engine("postgresql+psycopg://u:secret@h/db")) == "postgresql+psycopg://u:secret@h/db"
+
+
+def test_histories_are_read_as_the_model_was_trained(world_store, world, tmp_path, monkeypatch):
+    # A model trained on the History column alone must not be served histories led by the
+    # logged impression clicks (predict and evaluate already read it so).
+    import json
+    import shutil
+
+    from recsys.store import repository
+
+    asked = []
+    real = repository.read_user_histories
+
+    def spy(engine, user_ids, news_ids, **kwargs):
+        asked.append(kwargs.get("include_impression_clicks", True))
+        return real(engine, user_ids, news_ids, **kwargs)
+
+    monkeypatch.setattr(repository, "read_user_histories", spy)
+    assert json.loads((world.model_dir / "config.json").read_text())["logged_clicks"] is False
+    _nightly(world_store, world)
+    assert asked and set(asked) == {False}
+
+    logged = tmp_path / "model-logged"
+    shutil.copytree(world.model_dir, logged)
+    config = json.loads((logged / "config.json").read_text())
+    (logged / "config.json").write_text(json.dumps({**config, "logged_clicks": True}))
+    asked.clear()
+    _nightly(world_store, world, model_dir=logged)
+    assert asked and set(asked) == {True}
+
+
+
+@pytest.mark.parametrize("num_threads", [1, None])
+def test_the_thread_budget_reaches_an_in_process_worker(world_store, world, monkeypatch, num_threads):
+    # [runtime] threads caps the whole job (a shared host): the worker must not reset it.
+    from recsys.ranking import engines
+    from recsys.threads import default_threads
+
+    seen = []
+    monkeypatch.setattr(engines, "configure_threads", lambda n=None: seen.append(n) or n)
+    _nightly(world_store, world, num_threads=num_threads, num_workers=0)
+    assert seen == [num_threads or default_threads()]
+
+
+def test_worker_processes_share_the_thread_budget(world_store, world, monkeypatch):
+    from recsys.ranking import nightly
+
+    class Stop(Exception):
+        pass
+
+    def capture(setup, shards, **kwargs):
+        raise Stop(setup.num_threads)
+
+    monkeypatch.setattr(nightly, "run_local", capture)
+    with pytest.raises(Stop) as stopped:
+        _nightly(world_store, world, num_threads=3, num_workers=2)
+    assert stopped.value.args == (1,)  # 3 threads for 2 workers: one each, never 2 x 2
+    with pytest.raises(ConfigError, match="runtime.threads is -1"):
+        _nightly(world_store, world, num_threads=-1)
