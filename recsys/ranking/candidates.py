@@ -82,7 +82,7 @@ def item_side_features(
 
 def popular_items(
     log: InteractionLog,
-    first_seen: np.ndarray,
+    published: np.ndarray,
     *,
     now: np.datetime64,
     window: np.timedelta64,
@@ -92,12 +92,14 @@ def popular_items(
     """Fresh articles ordered by recent popularity: the cold-start candidates.
 
     Popularity is clicks, then shows, in ``[now - window, now)``; ties go to the newer
-    article, then the lower row. Articles first seen before ``fresh_after`` are left out;
-    never-seen ones (NaT) count as fresh.
+    article, then the lower row. Freshness follows the rule of the index's
+    ``published_after`` filter, which the users with a history get: articles published
+    before ``fresh_after``, or at an unknown time (NaT), are left out.
 
     Args:
         log: labelled shows and clicks.
-        first_seen: (n,) datetime64 first appearance of each article.
+        published: (n,) datetime64 publication time of each article: the index's
+            (``FaissIndex.published``), so that cold and warm users share one freshness.
         now: the run's time.
         window: popularity look-back.
         fresh_after: freshness cut-off, or None for no cut-off.
@@ -106,15 +108,15 @@ def popular_items(
     Returns:
         (<= limit,) int64 item rows, most popular first.
     """
-    n = len(first_seen)
+    n = len(published)
     rows = np.arange(n, dtype=np.int64)
     clicks, shows = log.window_counts(rows, np.full(n, np.datetime64(now, "s")), window=window)
-    seen = np.asarray(first_seen).astype("datetime64[s]")
+    published = np.asarray(published).astype("datetime64[s]")
     if fresh_after is None:
         fresh = np.ones(n, dtype=bool)
     else:
-        fresh = np.isnat(seen) | (seen >= np.datetime64(fresh_after, "s"))
-    recency = np.where(np.isnat(seen), np.iinfo(np.int64).max, seen.astype(np.int64))
+        fresh = published >= np.datetime64(fresh_after, "s")  # NaT compares False
+    recency = np.where(np.isnat(published), np.iinfo(np.int64).min, published.astype(np.int64))
     order = np.lexsort((rows, -recency, -np.asarray(shows, np.float64), -np.asarray(clicks, np.float64)))
     return order[fresh[order]][:limit].astype(np.int64)
 

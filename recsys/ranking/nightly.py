@@ -253,8 +253,10 @@ def _prepare(
         "news_ids": news_ids,
         "fingerprint": ids_fingerprint(news_ids),
         "side": item_side_features(side_features, now, log, first_seen),
+        # Freshness from the index, as the warm users' published_after filter reads it: an
+        # article never shown has no first-seen time but an indexing time, and ages out.
         "popular": popular_items(
-            log, first_seen, now=now, window=np.timedelta64(int(window.total_seconds()), "s"),
+            log, index.published(news_ids), now=now, window=np.timedelta64(int(window.total_seconds()), "s"),
             fresh_after=fresh_after, limit=num_candidates,
         ),
         "published_after": fresh_after,

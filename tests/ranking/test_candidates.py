@@ -152,7 +152,7 @@ def test_empty_shard_and_bad_arguments(parts):
 def test_popular_items_by_hand():
     now = np.datetime64("2019-11-15T12:00:00", "s")
     hour = np.timedelta64(1, "h")
-    # item 0: 2 clicks; item 1: 1 click, 3 shows; item 2: 1 click, 1 show; item 3: old; item 4: never shown.
+    # item 0: 2 clicks; item 1: 1 click, 3 shows; item 2: 1 click, 1 show; item 3: old; item 4: unknown time.
     rows = np.array([0, 0, 1, 1, 1, 2, 3, 3, 3, 0])
     times = np.array([now - hour] * 9 + [now - 30 * hour])  # the last event is outside the 24 h window
     clicks = np.array([1, 1, 1, 0, 0, 1, 1, 1, 1, 1])
@@ -161,7 +161,9 @@ def test_popular_items_by_hand():
         ["2019-11-15T00:00", "2019-11-14T00:00", "2019-11-15T06:00", "2019-11-01T00:00", "NaT"], dtype="datetime64[s]"
     )
     order = popular_items(log, seen, now=now, window=24 * hour, fresh_after=now - 72 * hour, limit=10)
-    assert order.tolist() == [0, 1, 2, 4]
+    assert order.tolist() == [0, 1, 2]  # an unknown time is not fresh, as in the index's filter
+    seen[4] = now - hour
+    assert popular_items(log, seen, now=now, window=24 * hour, fresh_after=now - 72 * hour, limit=10).tolist() == [0, 1, 2, 4]
     assert popular_items(log, seen, now=now, window=24 * hour, fresh_after=None, limit=2).tolist() == [3, 0]
 
 

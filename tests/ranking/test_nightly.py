@@ -254,3 +254,28 @@ def test_worker_processes_share_the_thread_budget(world_store, world, monkeypatc
     assert stopped.value.args == (1,)  # 3 threads for 2 workers: one each, never 2 x 2
     with pytest.raises(ConfigError, match="runtime.threads is -1"):
         _nightly(world_store, world, num_threads=-1)
+
+
+def test_cold_start_candidates_follow_the_index_freshness(world_store, world, tmp_path):
+    # Articles never shown have no first-seen time; the index gives them their indexing time,
+    # after which they age out for users with a history. Cold users must not keep them for ever.
+    from datetime import datetime
+
+    from recsys.index.faiss_index import FaissIndex
+    from recsys.ranking.nightly import _prepare
+
+    as_of = datetime(2019, 11, 15, 12, 0, 0)
+    never = [n for n, t in zip(world.news_ids, world.first_seen) if t is None]
+    index = FaissIndex.load(world.index_dir)
+    for name, published in (("aged", as_of - timedelta(days=10)), ("recent", as_of - timedelta(hours=1))):
+        index.set_published(never, np.full(len(never), np.datetime64(published, "s")))
+        index.save(tmp_path / name)
+        prepared = _prepare(world_store, world.model_dir, tmp_path / name, as_of=as_of, freshness_days=3, num_candidates=200)
+        popular = set(prepared["news_ids"][prepared["popular"]])
+        if name == "aged":
+            assert not popular & set(never)
+        else:
+            assert set(never) <= popular
+        # The same rule as the users with a history: the index's published_after filter.
+        fresh = set(prepared["news_ids"][index.published(prepared["news_ids"]) >= prepared["published_after"]])
+        assert popular <= fresh
