@@ -31,7 +31,7 @@ from recsys.versions import check_encoders, get_version
 log = logging.getLogger("recsys.nightly")
 
 
-def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv) -> dict:
+def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, lock: StoreLock | None = None) -> dict:
     """Add articles that are new (or whose content changed) to the version's index.
 
     Features come through the cache, so only new articles reach the encoders; the item
@@ -40,6 +40,8 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv) -> d
     move an article's first-seen time earlier (an older file, or a History that lists it),
     and the freshness filter reads the index's copy. An article the store has not seen yet
     keeps the time it was first indexed at, so it still leaves the fresh set after its days.
+    With ``lock``, the index is written only while the store still names this job its holder
+    (encoding a large batch of new articles takes a while).
     """
     from recsys.index.faiss_index import FaissIndex
 
@@ -71,6 +73,8 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv) -> d
     if len(rows):
         index.add(features.news_ids[rows], embeddings[rows], published=published[rows])
     if len(rows) or moved.any():
+        if lock is not None:
+            lock.check()
         index.save(mv.index_dir, manifest_extra=index_manifest(mv))
     return {"index_added": int((~present).sum()), "index_updated": int(len(rows) - (~present).sum()),
             "index_republished": int(moved.sum())}
@@ -113,7 +117,7 @@ def _nightly_job(
         summary["timings"]["ingest_s"] = round(time.perf_counter() - t0, 2)
     mv = get_version(engine)
     t0 = time.perf_counter()
-    summary["index"] = refresh_index(engine, workspace, config, mv)
+    summary["index"] = refresh_index(engine, workspace, config, mv, lock=lock)
     summary["timings"]["encode_and_index_s"] = round(time.perf_counter() - t0, 2)
     summary["run"] = run_nightly(
         engine, model_dir=mv.model_dir, index_dir=mv.index_dir, model_version=mv.version, engine_name=nc.engine,

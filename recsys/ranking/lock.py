@@ -8,7 +8,13 @@ taken over:
 - holder on this host: stale when its pid is gone, or now belongs to a process started
   after the lock was taken (the pid was reused);
 - holder on another host: stale when it has shown no activity for ``stale_after`` (activity
-  is the time the lock was taken or the latest shard its run wrote).
+  is the lock's heartbeat, which the holder refreshes every ``HEARTBEAT_EVERY`` while it
+  lives, the time the lock was taken, or the latest shard its run wrote).
+
+A holder whose lock was taken over anyway (a host frozen or cut off from the store for longer
+than ``stale_after``) must not go on writing: ``StoreLock.check`` raises ``LockLostError``
+when the store no longer names it, and the nightly job checks before each step that changes
+shared state.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +39,10 @@ from recsys.store.database import SQLITE_BEGIN
 log = logging.getLogger(__name__)
 
 NIGHTLY_LOCK = "nightly"
-DEFAULT_STALE_AFTER = timedelta(hours=6)
+# A live holder refreshes its heartbeat every minute, so a quarter of an hour without one
+# means the holder is gone (or cut off, and it will find out before it writes again).
+HEARTBEAT_EVERY = timedelta(minutes=1)
+DEFAULT_STALE_AFTER = timedelta(minutes=15)
 # A few attempts cover the case where another process takes over the same stale lock.
 _MAX_ATTEMPTS = 5
 # Process start times and lock times come from different clocks; allow for rounding.
@@ -63,6 +73,11 @@ def current_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+class LockLostError(RunLockedError):
+    """The store no longer records this process as the lock's holder: another job took it
+    over as stale. The job must stop before it changes anything else."""
+
+
 @dataclass(frozen=True)
 class LockState:
     """The lock row as stored.
@@ -72,12 +87,15 @@ class LockState:
         holder: ``host:pid`` of the process holding it.
         run_id: the run the holder is working on, if it said so.
         acquired_at: naive UTC time the lock was taken.
+        heartbeat_at: naive UTC time the holder last said it was alive (None before its first
+            heartbeat).
     """
 
     name: str
     holder: str
     run_id: int | None
     acquired_at: datetime
+    heartbeat_at: datetime | None = None
 
     @property
     def host(self) -> str:
@@ -92,13 +110,37 @@ class LockState:
 class StoreLock:
     """A lock this process holds; a context manager that releases it on exit.
 
-    Use ``with acquire_lock(engine, run_id=...) as lock:``.
+    Use ``with acquire_lock(engine, run_id=...) as lock:``. While held, a daemon thread
+    refreshes the row's ``heartbeat_at`` every ``heartbeat_every``.
     """
 
-    def __init__(self, engine: Engine, state: LockState):
+    def __init__(self, engine: Engine, state: LockState, *, heartbeat_every: timedelta = HEARTBEAT_EVERY):
         self._engine = engine
         self.state = state
         self._held = True
+        self._lost = False
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(
+            target=self._beat, args=(heartbeat_every.total_seconds(),), name=f"recsys-lock-{state.name}", daemon=True
+        )
+        self._heartbeat.start()
+
+    def _mine(self):
+        lk = s.locks.c
+        return and_(lk.name == self.name, lk.holder == self.holder, lk.acquired_at == self.state.acquired_at)
+
+    def _beat(self, seconds: float) -> None:
+        while not self._stop.wait(seconds):
+            try:
+                with write_transaction(self._engine) as conn:
+                    touched = conn.execute(update(s.locks).where(self._mine()).values(heartbeat_at=utc_now())).rowcount
+            except Exception as exc:  # noqa: BLE001 - the store may be unreachable for a moment; try again
+                log.warning("lock '%s': heartbeat not recorded (%s)", self.name, exc)
+                continue
+            if touched != 1:
+                self._lost = True
+                log.error("lock '%s' is no longer held by %s: another job took it over", self.name, self.holder)
+                return
 
     @property
     def name(self) -> str:
@@ -110,23 +152,53 @@ class StoreLock:
 
     @property
     def held(self) -> bool:
-        return self._held
+        """Taken and not released, and no heartbeat found it taken over (``check`` asks the store)."""
+        return self._held and not self._lost
+
+    def check(self) -> None:
+        """Make sure the store still records this process as the holder.
+
+        Raises:
+            LockLostError: the lock was released, cleared by hand or taken over.
+        """
+        current = read_lock(self._engine, self.name) if self._held else None
+        if current is not None and (current.holder, current.acquired_at) == (self.holder, self.state.acquired_at):
+            return
+        self._lost = True
+        if not self._held:
+            why = "it was released"
+        elif current is None:
+            why = "its row was deleted (cleared by hand?)"
+        else:
+            why = f"{current.holder} took it over at {current.acquired_at:%Y-%m-%d %H:%M:%S} UTC"
+        raise LockLostError(
+            f"lock '{self.name}' is no longer held by {self.holder}: {why}; this job stops without writing "
+            "anything more"
+        )
 
     def attach_run(self, run_id: int) -> None:
-        """Record the run this lock protects, so that others can name it and see its progress."""
-        lk = s.locks.c
+        """Record the run this lock protects, so that others can name it and see its progress.
+
+        Raises:
+            LockLostError: the lock is no longer this process's.
+        """
         with write_transaction(self._engine) as conn:
-            conn.execute(
-                update(s.locks).where(and_(lk.name == self.name, lk.holder == self.holder)).values(run_id=run_id)
-            )
+            touched = conn.execute(update(s.locks).where(self._mine()).values(run_id=run_id, heartbeat_at=utc_now()))
+        if touched.rowcount != 1:
+            self.check()
+            raise LockLostError(f"lock '{self.name}' is no longer held by {self.holder}")  # changed in between
         self.state = LockState(self.name, self.holder, run_id, self.state.acquired_at)
 
     def release(self) -> bool:
         """Release the lock; False when it was no longer ours (taken over as stale)."""
+        self._stop.set()
         if not self._held:
             return False
         self._held = False
-        return release_lock(self._engine, self.name, holder=self.holder)
+        if self._heartbeat is not threading.current_thread():
+            self._heartbeat.join(timeout=5)
+        with write_transaction(self._engine) as conn:
+            return conn.execute(delete(s.locks).where(self._mine())).rowcount > 0
 
     def __enter__(self) -> StoreLock:
         return self
@@ -139,8 +211,10 @@ def read_lock(engine: Engine, name: str = NIGHTLY_LOCK) -> LockState | None:
     """The lock row, or None when nobody holds the lock."""
     lk = s.locks.c
     with engine.connect() as conn:
-        row = conn.execute(select(lk.name, lk.holder, lk.run_id, lk.acquired_at).where(lk.name == name)).first()
-    return None if row is None else LockState(row.name, row.holder, row.run_id, row.acquired_at)
+        row = conn.execute(
+            select(lk.name, lk.holder, lk.run_id, lk.acquired_at, lk.heartbeat_at).where(lk.name == name)
+        ).first()
+    return None if row is None else LockState(row.name, row.holder, row.run_id, row.acquired_at, row.heartbeat_at)
 
 
 def acquire_lock(
@@ -150,6 +224,7 @@ def acquire_lock(
     run_id: int | None = None,
     stale_after: timedelta = DEFAULT_STALE_AFTER,
     holder: str | None = None,
+    heartbeat_every: timedelta = HEARTBEAT_EVERY,
 ) -> StoreLock:
     """Take the named lock or refuse.
 
@@ -160,6 +235,8 @@ def acquire_lock(
         stale_after: a lock held from another host with no activity for this long is stale.
         holder: identity to record; defaults to ``host:pid`` of this process (tests pass
             other hosts here).
+        heartbeat_every: how often the held lock's heartbeat is refreshed; keep it well
+            under every ``stale_after`` in use.
 
     Returns:
         The held lock, a context manager.
@@ -174,7 +251,7 @@ def acquire_lock(
         try:
             with write_transaction(engine) as conn:
                 conn.execute(insert(s.locks).values(**row))
-            return StoreLock(engine, LockState(name, holder, run_id, now))
+            return StoreLock(engine, LockState(name, holder, run_id, now), heartbeat_every=heartbeat_every)
         except IntegrityError:
             pass  # someone holds it: look at who
         current = read_lock(engine, name)
@@ -186,14 +263,14 @@ def acquire_lock(
                 f"lock '{name}' is held by {current.holder}"
                 + (f" (run {current.run_id})" if current.run_id is not None else "")
                 + f" since {current.acquired_at:%Y-%m-%d %H:%M:%S} UTC: another run is in progress;"
-                f" wait for it to finish (a lock from another host counts as stale after {stale_after})"
+                f" wait for it to finish (a lock from another host counts as stale after {stale_after} without a heartbeat)"
             )
         if _take_over(engine, current, row):
             log.warning(
                 "took over stale lock '%s' from %s (held since %s UTC, run %s): %s",
                 name, current.holder, current.acquired_at, current.run_id, reason,
             )
-            return StoreLock(engine, LockState(name, holder, run_id, now))
+            return StoreLock(engine, LockState(name, holder, run_id, now), heartbeat_every=heartbeat_every)
     raise RunLockedError(f"lock '{name}' changed hands {_MAX_ATTEMPTS} times while being taken; try again")
 
 
@@ -215,9 +292,11 @@ def _take_over(engine: Engine, stale: LockState, row: dict) -> bool:
     lk = s.locks.c
     try:
         with write_transaction(engine) as conn:
+            # Only the row judged stale: not one whose holder beat its heartbeat since.
+            beat = lk.heartbeat_at.is_(None) if stale.heartbeat_at is None else lk.heartbeat_at == stale.heartbeat_at
             gone = conn.execute(
                 delete(s.locks).where(
-                    and_(lk.name == stale.name, lk.holder == stale.holder, lk.acquired_at == stale.acquired_at)
+                    and_(lk.name == stale.name, lk.holder == stale.holder, lk.acquired_at == stale.acquired_at, beat)
                 )
             )
             if gone.rowcount != 1:
@@ -252,9 +331,9 @@ def _local_stale_reason(lock: LockState) -> str | None:
 
 
 def _last_activity(engine: Engine, lock: LockState) -> datetime:
-    if lock.run_id is None:
-        return lock.acquired_at
-    rs = s.run_shards.c
-    with engine.connect() as conn:
-        latest = conn.execute(select(func.max(rs.finished_at)).where(rs.run_id == lock.run_id)).scalar()
-    return max(lock.acquired_at, latest) if latest is not None else lock.acquired_at
+    times = [lock.acquired_at, lock.heartbeat_at]
+    if lock.run_id is not None:
+        rs = s.run_shards.c
+        with engine.connect() as conn:
+            times.append(conn.execute(select(func.max(rs.finished_at)).where(rs.run_id == lock.run_id)).scalar())
+    return max(t for t in times if t is not None)

@@ -36,7 +36,7 @@ from recsys.ranking.engines import (
     run_ray,
     threads_per_worker,
 )
-from recsys.ranking.lock import DEFAULT_STALE_AFTER, NIGHTLY_LOCK, StoreLock, acquire_lock, utc_now
+from recsys.ranking.lock import DEFAULT_STALE_AFTER, NIGHTLY_LOCK, LockLostError, StoreLock, acquire_lock, utc_now
 from recsys.ranking.queries import (
     active_user_ids,
     count_without_clicks,
@@ -110,6 +110,7 @@ def run_nightly(
         RecsysError: the store holds no impressions or no active user in the window.
         RunLockedError: another nightly run holds the lock.
         WorkerDiedError: a worker process died; the run is left resumable.
+        LockLostError: another job took the lock over as stale; this one stopped.
         NotFoundError: the model bundle or the index is missing.
         ModelMismatchError: the model's config is unreadable, or its embedding size differs
             from the index's.
@@ -143,6 +144,7 @@ def run_nightly(
             "num_users": len(users), "users": ids_fingerprint(users), "model_version": model_version,
             "index": prepared["fingerprint"], "index_items": len(prepared["news_ids"]), **store_marker(engine),
         }
+        lock.check()  # taken over while preparing? then touch no run
         resumed = runs.find_resumable_run(engine, plan)
         run_id = resumed.run_id if resumed else runs.create_run(engine, model_version=model_version, plan=plan)
         lock.attach_run(run_id)
@@ -162,10 +164,13 @@ def run_nightly(
             clock = time.perf_counter()
             counts = _counts(engine, run_id, users, num_shards=len(shards), resumed_shards=len(done),
                              candidates=ranked["candidates"])
+            lock.check()
             runs.complete_run(engine, run_id, counts=counts, timings=timings, num_shards=len(shards))
             timings["complete"] = time.perf_counter() - clock
-        except WorkerDiedError:
-            raise  # as after kill -9: the run stays running, and the next attempt resumes it
+        except (WorkerDiedError, LockLostError):
+            # As after kill -9 the run stays running (the next attempt resumes it); and a job
+            # that lost the lock leaves the runs to the job that holds it.
+            raise
         except Exception as exc:
             runs.fail_run(engine, run_id, f"{type(exc).__name__}: {exc}")
             raise

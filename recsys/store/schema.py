@@ -188,4 +188,5 @@ locks = Table(
     Column("holder", String(255), nullable=False),  # host:pid
     Column("run_id", BigInteger, nullable=True),
     Column("acquired_at", DateTime, nullable=False),
+    Column("heartbeat_at", DateTime, nullable=True),  # refreshed while the holder works
 )

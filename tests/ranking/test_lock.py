@@ -7,13 +7,14 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import insert
 
 from recsys.errors import RunLockedError
-from recsys.ranking.lock import acquire_lock, current_holder, read_lock, release_lock, utc_now
+from recsys.ranking.lock import LockLostError, acquire_lock, current_holder, read_lock, release_lock, utc_now
 from recsys.store import schema as s
 
 HOST = socket.gethostname()
@@ -114,8 +115,7 @@ def test_racing_acquirers_one_wins(store):
     def contend(i):
         barrier.wait()
         try:
-            acquire_lock(store, holder=f"host-{i}:1")
-            won.append(i)
+            won.append(acquire_lock(store, holder=f"host-{i}:1"))
         except RunLockedError:
             refused.append(i)
 
@@ -125,7 +125,8 @@ def test_racing_acquirers_one_wins(store):
     for t in threads:
         t.join()
     assert len(won) == 1 and len(refused) == 5
-    assert read_lock(store).holder == f"host-{won[0]}:1"
+    assert read_lock(store).holder == won[0].holder and won[0].holder.startswith("host-")
+    assert won[0].release()
 
 
 def test_gives_up_when_the_lock_keeps_changing_hands(store, monkeypatch):
@@ -149,3 +150,66 @@ def test_run_nightly_refuses_a_lock_that_is_not_the_held_nightly_lock(store, tmp
     with pytest.raises(ValueError, match="must be the held 'nightly' lock"):
         run_nightly(store, model_dir=tmp_path, index_dir=tmp_path, lock=released)
     assert read_lock(store) is None
+
+
+def _plant_with_heartbeat(engine, holder, acquired_at, heartbeat_at):
+    with engine.begin() as conn:
+        conn.execute(insert(s.locks).values(name="nightly", holder=holder, run_id=None, acquired_at=acquired_at,
+                                            heartbeat_at=heartbeat_at))
+
+
+def test_the_holder_beats_a_heartbeat(store):
+    with acquire_lock(store, heartbeat_every=timedelta(milliseconds=50)) as lock:
+        deadline = time.monotonic() + 10
+        while read_lock(store).heartbeat_at is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = read_lock(store).heartbeat_at
+        assert first is not None and abs(utc_now() - first) < timedelta(seconds=10)
+        time.sleep(0.3)
+        assert read_lock(store).heartbeat_at > first
+        assert lock.held
+    assert read_lock(store) is None
+
+
+def test_a_recent_heartbeat_keeps_a_lock_from_another_host_alive(store, caplog):
+    # Hours since it was taken and no shard written (a long ingest or encode), but beating.
+    now = utc_now()
+    _plant_with_heartbeat(store, "far-away:99", now - timedelta(hours=3), now - timedelta(minutes=1))
+    with pytest.raises(RunLockedError, match=r"held by far-away:99 .* stale after 0:10:00 without a heartbeat"):
+        acquire_lock(store, stale_after=timedelta(minutes=10))
+    with store.begin() as conn:
+        conn.execute(s.locks.update().values(heartbeat_at=now - timedelta(minutes=30)))
+    with caplog.at_level(logging.WARNING, logger="recsys.ranking.lock"), acquire_lock(store, stale_after=timedelta(minutes=10)):
+        assert "took over stale lock 'nightly' from far-away:99" in caplog.text
+
+
+def test_a_lock_taken_over_is_known_lost_and_its_holder_writes_nothing(store):
+    old = acquire_lock(store, holder="host-a:1", heartbeat_every=timedelta(hours=1))  # frozen: no beat
+    new = acquire_lock(store, holder="host-b:2", stale_after=timedelta(0))  # judged it stale
+    assert old.held  # it cannot know without asking the store
+    with pytest.raises(LockLostError, match=r"lock 'nightly' is no longer held by host-a:1: host-b:2 took it over at"):
+        old.check()
+    assert not old.held
+    with pytest.raises(LockLostError):
+        old.attach_run(9)
+    assert old.release() is False
+    assert (read_lock(store).holder, read_lock(store).run_id) == ("host-b:2", None)
+    new.check()
+    new.release()
+    with pytest.raises(LockLostError, match="it was released"):
+        new.check()
+
+
+def test_the_heartbeat_notices_a_lock_cleared_by_hand(store, caplog):
+    with caplog.at_level(logging.ERROR, logger="recsys.ranking.lock"):
+        lock = acquire_lock(store, heartbeat_every=timedelta(milliseconds=50))
+        with store.begin() as conn:
+            conn.execute(s.locks.delete())
+        deadline = time.monotonic() + 10
+        while lock.held and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert not lock.held
+    assert "is no longer held by" in caplog.text
+    with pytest.raises(LockLostError, match="its row was deleted"):
+        lock.check()
+    assert lock.release() is False

@@ -279,3 +279,23 @@ def test_cold_start_candidates_follow_the_index_freshness(world_store, world, tm
         # The same rule as the users with a history: the index's published_after filter.
         fresh = set(prepared["news_ids"][index.published(prepared["news_ids"]) >= prepared["published_after"]])
         assert popular <= fresh
+
+
+def test_a_job_whose_lock_was_taken_over_touches_no_run(world_store, world):
+    # A job frozen past the stale limit lost its lock to a retry elsewhere; when it wakes up it
+    # must neither abandon the new holder's run nor create or complete one of its own.
+    from datetime import timedelta as td
+
+    from recsys.ranking.lock import LockLostError
+
+    frozen = acquire_lock(world_store, holder="host-a:1", heartbeat_every=td(hours=1))
+    retry = acquire_lock(world_store, holder="host-b:2", stale_after=td(0))
+    theirs = runs.create_run(world_store, model_version="model-v1", plan={"k": 1})
+    retry.attach_run(theirs)
+    with pytest.raises(LockLostError, match="host-b:2 took it over"):
+        _nightly(world_store, world, lock=frozen)
+    assert runs.get_run(world_store, theirs).status == "running"
+    with world_store.connect() as conn:
+        assert conn.execute(select(s.runs.c.run_id)).scalars().all() == [theirs]
+    assert read_lock(world_store).holder == "host-b:2"
+    retry.release()

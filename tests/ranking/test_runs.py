@@ -60,6 +60,31 @@ def test_readers_see_only_the_latest_complete_run(world):
     assert runs.recommendations_for_user(world, "U1", 1)[NEWS_ID].tolist() == ["N3"]
 
 
+def _view(engine):
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT run_id, user_id, rank, news_id FROM current_recommendations ORDER BY user_id, rank"
+        ).all()
+    return [tuple(r) for r in rows]
+
+
+def test_the_current_view_shows_only_the_latest_complete_run(world):
+    # Product surfaces that query the store directly read this view, never a run in progress
+    # or a failed one, even when those have higher run ids.
+    assert _view(world) == []
+    first = _complete_run(world, ["N1", "N2"])
+    expected = [(first, "U1", 1, "N1"), (first, "U1", 2, "N2"), (first, "U2", 1, "N1"), (first, "U2", 2, "N2")]
+    assert _view(world) == expected
+    running = runs.create_run(world, model_version="v2", plan={**PLAN, "k": 3})
+    runs.write_shard(world, running, 0, _recs(["U1"], ["N3"]), num_users=1)
+    assert _view(world) == expected
+    runs.fail_run(world, running, "boom")
+    failed_rows = _count(world, s.recommendations, run_id=running)
+    assert failed_rows == 1 and _view(world) == expected
+    second = _complete_run(world, ["N4"], plan={**PLAN, "k": 1})
+    assert _view(world) == [(second, "U1", 1, "N4"), (second, "U2", 1, "N4")]
+
+
 def test_unknown_user_and_empty_lists(world):
     _complete_run(world, ["N1"])
     with pytest.raises(NotFoundError, match="user 'nobody' is unknown"):
