@@ -94,7 +94,8 @@ def run_nightly(
         num_threads: threads the ranking may use in all (``[runtime] threads``), shared out
             among the workers; default: every core available to the process.
         ray_address: Ray cluster address; None starts a local Ray instance.
-        as_of: the run's "now"; defaults to the store's latest impression time.
+        as_of: the run's "now"; defaults to the store's latest impression time, and may not
+            be earlier (ConfigError: the store cannot be read as of a past time).
         lock_stale_after: a lock held from another host counts as stale after this long
             without activity.
         lock: the nightly lock, when the caller already holds it (the nightly job takes it
@@ -189,9 +190,18 @@ def run_nightly(
 
 def _active_users(engine: Engine, *, as_of: datetime | None, active_days: float) -> tuple[datetime, np.ndarray]:
     """The run's time and its active users, sorted."""
-    as_of = as_of or time_range(engine)[1]
-    if as_of is None:
+    latest = time_range(engine)[1]
+    if latest is None:
         raise RecsysError("the store holds no impressions: ingest behaviors before running the nightly job")
+    if as_of is not None and as_of < latest:
+        # Not a point-in-time backfill: the store keeps each reader's latest History and every
+        # click and article since, which a run "as of" an earlier time would read.
+        raise ConfigError(
+            f"as_of {as_of} is before the store's latest impression ({latest}): the store keeps each reader's "
+            "latest History only, so a run in the past would read later clicks and articles; rank as of the "
+            "store's end (the default) or later"
+        )
+    as_of = as_of or latest
     users = active_user_ids(engine, since=as_of - timedelta(days=active_days), until=as_of)
     if len(users) == 0:
         raise RecsysError(f"no active user: nobody was shown an impression in the {active_days} days before {as_of}")

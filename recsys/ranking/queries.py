@@ -1,9 +1,10 @@
 """Store reads of the nightly job that ``recsys.store.repository`` does not offer.
 
 The repository reads active users from a start time only and the popularity log up to an end
-time only; the nightly job needs both bounds (an explicit ``as_of`` in the past must not see
-later data, and only the popularity window is worth loading), plus cheap markers of what the
-store holds so that a rerun can tell whether its inputs changed.
+time only; the nightly job needs both bounds (only the active-user and popularity windows
+before ``as_of`` are worth loading), plus cheap markers of what the store holds so that a
+rerun can tell whether its inputs changed. ``as_of`` is never earlier than the store's latest
+impression (``run_nightly`` refuses it): histories and the index have no past view.
 """
 
 from __future__ import annotations

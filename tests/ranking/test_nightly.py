@@ -155,6 +155,8 @@ def test_bad_inputs(store, world_store, world):
         _nightly(world_store, world, num_workers=-1)
     with pytest.raises(ConfigError, match="nightly.workers is 0, the ray engine needs at least 1 actor"):
         _nightly(world_store, world, engine_name="ray", num_workers=0)
+    with pytest.raises(ConfigError, match=r"as_of 2019-11-14 12:00:00 is before the store's latest impression \(2019-11-15 12:00:00\)"):
+        _nightly(world_store, world, as_of=world.as_of - timedelta(days=1))
     message = "no active user: nobody was shown an impression in the 7 days before 2020-01-01 00:00:00"
     with pytest.raises(RecsysError, match=message):
         _nightly(world_store, world, as_of=world.as_of + timedelta(days=46, hours=12))
