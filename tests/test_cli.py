@@ -169,6 +169,7 @@ def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
     assert metrics["schema_version"] == 1
     assert metrics["header"]["side_features_at"] == default_reading
     assert metrics["header"]["behaviors_sha256"] == hashlib.sha256((world / "behaviors_test.tsv").read_bytes()).hexdigest()
+    assert metrics["header"]["bootstrap"]["unit"] == "user"  # a reader's impressions are resampled together
     assert (report_dir / "report.html").stat().st_size > 10_000
     version = trained["version"]
     pred_file = Path(result["predictions"][version])

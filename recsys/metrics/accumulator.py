@@ -1,8 +1,8 @@
 """Streaming evaluation of several models over impressions: ``ImpressionMetrics``.
 
 Impressions are added one at a time (``add``) or in CSR batches (``add_batch``); ``result()``
-returns every metric of every model with bootstrap intervals over impressions, and breakdowns
-by group. What is kept per labelled candidate is compact: the label (1 byte), per model the
+returns every metric of every model with bootstrap intervals over impressions (or over
+clusters of them, such as users: ``cluster_unit``), and breakdowns by group. What is kept per labelled candidate is compact: the label (1 byte), per model the
 rank within its impression (2 bytes) and the score as float32 (4 bytes), and per item-level
 group scheme a 2-byte code; per impression its length and per impression-level scheme a code.
 With 4 models and 3 item schemes that is 31 bytes per candidate: MIND-small's validation set
@@ -101,7 +101,11 @@ class ImpressionMetrics:
         group_order: optional display order of the values of a scheme; other values follow,
             most candidates first. Without one, values that all belong to
             HISTORY_LENGTH_ORDER or ARTICLE_AGE_ORDER keep that order.
-        num_resamples: bootstrap resamples of impressions for the model metrics.
+        num_resamples: bootstrap resamples for the model metrics.
+        cluster_unit: None resamples impressions; a name (e.g. "user") resamples the clusters
+            that ``add``/``add_batch`` are then given per impression (``clusters``), each
+            with all its impressions: impressions of one reader are correlated, and treating
+            them as independent makes the intervals too narrow.
         breakdown_resamples: resamples for the breakdown metrics (the first of the same
             resamples; default ``min(200, num_resamples)``, as breakdowns hold many more
             statistics); 0 reports breakdown values without intervals.
@@ -128,6 +132,7 @@ class ImpressionMetrics:
         seed: int = 0,
         num_bins: int = 10,
         calibration_strategy: str = "quantile",
+        cluster_unit: str | None = None,
     ):
         self.model_names = tuple(model_names)
         self.item_groups = tuple(item_groups)
@@ -162,6 +167,9 @@ class ImpressionMetrics:
         self.seed = seed
         self.num_bins = num_bins
         self.calibration_strategy = calibration_strategy
+        if cluster_unit is not None and (not isinstance(cluster_unit, str) or not cluster_unit or cluster_unit == "impression"):
+            raise MetricInputError(f"cluster_unit is {cluster_unit!r}, expected None or the name of a cluster such as 'user'")
+        self.cluster_unit = cluster_unit
 
         self._num_added = 0
         self._num_unlabelled = 0
@@ -176,6 +184,8 @@ class ImpressionMetrics:
         self._scores: dict[str, list[np.ndarray]] = {name: [] for name in self.model_names}
         self._item_codes: dict[str, list[np.ndarray]] = {name: [] for name in self.item_groups}
         self._impression_codes: dict[str, list[np.ndarray]] = {name: [] for name in self.impression_groups}
+        self._cluster_ids: dict[Hashable, int] = {}
+        self._cluster_codes: list[np.ndarray] = []
         self._reset_buffer()
 
     def _reset_buffer(self) -> None:
@@ -185,6 +195,7 @@ class ImpressionMetrics:
         self._buf_scores: dict[str, list[np.ndarray]] = {name: [] for name in self.model_names}
         self._buf_item_values: dict[str, list] = {name: [] for name in self.item_groups}
         self._buf_impression_values: dict[str, list] = {name: [] for name in self.impression_groups}
+        self._buf_clusters: list = []
 
     @property
     def num_impressions(self) -> int:
@@ -203,6 +214,7 @@ class ImpressionMetrics:
         *,
         item_groups: Mapping[str, Sequence[Hashable]] | None = None,
         impression_groups: Mapping[str, Hashable] | None = None,
+        cluster: Hashable | None = None,
     ) -> None:
         """Add one impression.
 
@@ -211,13 +223,16 @@ class ImpressionMetrics:
             scores: model name -> (n,) finite scores in candidate order, for every model.
             item_groups: scheme -> (n,) group value of each candidate, for every item scheme.
             impression_groups: scheme -> the impression's group value, for every such scheme.
+            cluster: the impression's cluster (e.g. its user id); required with
+                ``cluster_unit``, refused without.
 
         Raises:
             MetricInputError: no candidate or more than MAX_CANDIDATES, labels other than 0/1
                 (or all -1), missing or unknown models or schemes, arrays of the wrong length,
-                or non-finite scores.
+                non-finite scores, or a cluster given or missing against ``cluster_unit``.
         """
         where = f"impression {self._num_added}"
+        self._check_clusters(cluster, where, "cluster")
         labels = np.asarray(labels)
         if labels.ndim != 1 or not 0 < labels.size <= MAX_CANDIDATES:
             raise MetricInputError(
@@ -263,6 +278,8 @@ class ImpressionMetrics:
             self._buf_item_values[name].append(values)
         for name, value in impression_values.items():
             self._buf_impression_values[name].append([value])
+        if self.cluster_unit is not None:
+            self._buf_clusters.append([cluster])
         self._buffered += size
         if self._buffered >= _FLUSH_CANDIDATES:
             self._flush()
@@ -275,6 +292,7 @@ class ImpressionMetrics:
         *,
         item_groups: Mapping[str, Sequence[Hashable]] | None = None,
         impression_groups: Mapping[str, Sequence[Hashable]] | None = None,
+        clusters: Sequence[Hashable] | None = None,
     ) -> None:
         """Add ``m`` impressions given CSR-style (faster than ``add`` per impression).
 
@@ -285,11 +303,13 @@ class ImpressionMetrics:
             offsets: (m + 1,) offsets; impression ``i`` owns ``labels[offsets[i]:offsets[i+1]]``.
             item_groups: scheme -> (c,) group value per candidate, for every item scheme.
             impression_groups: scheme -> (m,) group value per impression, for every such scheme.
+            clusters: (m,) cluster of each impression; required with ``cluster_unit``.
 
         Raises:
             MetricInputError: as ``add``, and offsets that do not delimit the candidates.
         """
         first = self._num_added
+        self._check_clusters(clusters, f"impressions from {first}", "clusters")
         labels = np.asarray(labels)
         if labels.ndim != 1:
             raise MetricInputError(f"impressions from {first}: labels have shape {labels.shape}, expected a 1-D array")
@@ -340,6 +360,8 @@ class ImpressionMetrics:
             for name, values in values_of.items():
                 if len(values) != size:
                     raise MetricInputError(f"impressions from {first}: {kind}['{name}'] has {len(values)} values, expected {size}")
+        if clusters is not None and len(clusters) != num_impressions:
+            raise MetricInputError(f"impressions from {first}: clusters has {len(clusters)} values, expected {num_impressions}")
 
         labelled = num_missing == 0
         self._num_added += num_impressions
@@ -357,9 +379,17 @@ class ImpressionMetrics:
             self._buf_impression_values[name].append(
                 values if labelled.all() else np.asarray(values, dtype=object)[labelled]
             )
+        if clusters is not None:
+            self._buf_clusters.append(clusters if labelled.all() else np.asarray(clusters, dtype=object)[labelled])
         self._buffered += int(lengths[labelled].sum())
         if self._buffered >= _FLUSH_CANDIDATES:
             self._flush()
+
+    def _check_clusters(self, given, where: str, name: str) -> None:
+        if self.cluster_unit is not None and given is None:
+            raise MetricInputError(f"{where}: {name} missing, expected one per impression (cluster_unit '{self.cluster_unit}')")
+        if self.cluster_unit is None and given is not None:
+            raise MetricInputError(f"{where}: {name} given, but this accumulator resamples impressions (cluster_unit None)")
 
     def _check_mapping(self, what: str, given: Mapping | None, expected: tuple[str, ...]) -> Mapping:
         given = {} if given is None else given
@@ -405,6 +435,12 @@ class ImpressionMetrics:
             self._item_codes[name].append(self._encode(name, self._buf_item_values[name]))
         for name in self.impression_groups:
             self._impression_codes[name].append(self._encode(name, self._buf_impression_values[name]))
+        if self._buf_clusters:
+            values = np.fromiter(itertools.chain.from_iterable(self._buf_clusters), dtype=object)
+            local, uniques = pd.factorize(values, use_na_sentinel=False)
+            ids = self._cluster_ids
+            remap = np.array([ids.setdefault(u, len(ids)) for u in uniques], dtype=np.int64)
+            self._cluster_codes.append(remap[local])
         self._reset_buffer()
 
     def _compact(self) -> None:
@@ -413,7 +449,7 @@ class ImpressionMetrics:
             for name, parts in store.items():
                 if len(parts) > 1:
                     store[name] = [np.concatenate(parts)]
-        for attr in ("_labels", "_lengths"):
+        for attr in ("_labels", "_lengths", "_cluster_codes"):
             parts = getattr(self, attr)
             if len(parts) > 1:
                 setattr(self, attr, [np.concatenate(parts)])
@@ -454,7 +490,7 @@ class ImpressionMetrics:
             "num_candidates": int(len(data.labels)),
             "num_clicked": int(data.labels.sum()),
             "bootstrap": {
-                "unit": "impression",
+                "unit": self.cluster_unit or "impression",
                 "num_resamples": self.num_resamples,
                 "breakdown_resamples": self.breakdown_resamples,
                 "confidence": self.confidence,
@@ -472,7 +508,7 @@ class ImpressionMetrics:
         per_model = {}
         scored_segments = np.flatnonzero(data.scored)
         impressions = np.arange(data.num_impressions)
-        counts_cache = _cached_counts(data.num_impressions, self.breakdown_resamples, self.seed)
+        counts_cache = _cached_counts(data.units.count, self.breakdown_resamples, self.seed)
         breakdowns = [
             _Breakdown(self, data, scheme, counts_cache) for scheme in self.item_groups + self.impression_groups
         ]
@@ -487,7 +523,7 @@ class ImpressionMetrics:
                 breakdown.add_model(name)
             data.forget(name)
         if len(main):
-            samples = main.samples(num_resamples=self.num_resamples, seed=self.seed)
+            samples = main.samples(num_resamples=self.num_resamples, seed=self.seed, units=data.units)
             low, high = percentile_interval(samples, confidence=self.confidence)
 
         first = self.model_names[0]
@@ -558,11 +594,32 @@ def _count_tied_impressions(scores: np.ndarray, ranks: np.ndarray, offsets: np.n
     return int(np.unique(segment[1:][same]).size)
 
 
-def _cached_counts(num_impressions: int, num_resamples: int, seed: int) -> list[np.ndarray] | None:
+def _cached_counts(num_units: int, num_resamples: int, seed: int) -> list[np.ndarray] | None:
     """The first resamples' counts as uint8 chunks when they fit the cache limit, else None."""
-    if num_impressions == 0 or num_resamples == 0 or num_impressions * num_resamples > _CACHE_COUNTS_LIMIT:
+    if num_units == 0 or num_resamples == 0 or num_units * num_resamples > _CACHE_COUNTS_LIMIT:
         return None
-    return [c.astype(np.uint8) for c in resample_counts(num_impressions, num_resamples=num_resamples, seed=seed)]
+    return [c.astype(np.uint8) for c in resample_counts(num_units, num_resamples=num_resamples, seed=seed)]
+
+
+class _Units:
+    """What the bootstrap resamples: impressions, or clusters of them (each with all of its
+    impressions). Every statistic is a ratio of per-impression sums, so resampling clusters is
+    resampling their summed rows."""
+
+    def __init__(self, num_impressions: int, clusters: np.ndarray | None):
+        if clusters is None:
+            self.count, self._order, self._starts = num_impressions, None, None
+            return
+        self._order = np.argsort(clusters, kind="stable")
+        ordered = clusters[self._order]
+        self._starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(ordered) else np.zeros(0, np.int64)
+        self.count = len(self._starts)
+
+    def sums(self, columns: np.ndarray) -> np.ndarray:
+        """(n, k) per-impression columns -> (units, k) per-unit sums."""
+        if self._order is None or not len(columns):
+            return columns
+        return np.add.reduceat(columns[self._order], self._starts, axis=0)
 
 
 class _Breakdown:
@@ -625,7 +682,7 @@ class _Breakdown:
                 denominators=(("scored", g), ("items", g)),
             )
         if self.resamples and len(table):
-            samples = table.samples(num_resamples=self.resamples, seed=self.seed, counts=self.counts_cache)
+            samples = table.samples(num_resamples=self.resamples, seed=self.seed, counts=self.counts_cache, units=data.units)
             low, high = percentile_interval(samples, confidence=self.confidence)
             for (g, metric), col in table.column_of.items():
                 self.bounds[name, g, metric] = (low[col], high[col])
@@ -669,9 +726,11 @@ class _StatTable:
         self.denominator_of.append(self._den_ids[denominator_key])
         self.offsets.append(offset)
 
-    def samples(self, *, num_resamples: int, seed: int, counts=None) -> np.ndarray:
+    def samples(self, *, num_resamples: int, seed: int, counts=None, units: "_Units | None" = None) -> np.ndarray:
         numerators = np.column_stack(self.numerators)
         denominators = np.column_stack(self._denominators)
+        if units is not None:
+            numerators, denominators = units.sums(numerators), units.sums(denominators)
         out = ratio_samples(
             numerators, denominators, np.array(self.denominator_of), num_resamples=num_resamples, seed=seed, counts=counts
         )
@@ -756,6 +815,10 @@ class _Data:
         self.scores = {n: acc._scores[n][0] for n in acc.model_names if acc._scores[n]}
         self.item_codes = {n: acc._item_codes[n][0] for n in acc.item_groups if acc._item_codes[n]}
         self.impression_codes = {n: acc._impression_codes[n][0] for n in acc.impression_groups if acc._impression_codes[n]}
+        clusters = None
+        if acc.cluster_unit is not None:
+            clusters = acc._cluster_codes[0] if acc._cluster_codes else np.zeros(0, np.int64)
+        self.units = _Units(self.num_impressions, clusters)
         self.per_impression = {}
         for name in self.ranks:
             parts = []

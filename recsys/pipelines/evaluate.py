@@ -152,6 +152,7 @@ def run_evaluate(
     acc = ImpressionMetrics(
         model_names, item_groups=("category", "has_image", "article_age"), impression_groups=("history_length",),
         num_resamples=num_resamples, breakdown_resamples=min(200, num_resamples),
+        cluster_unit="user",  # a reader's impressions are not independent draws
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -183,6 +184,7 @@ def run_evaluate(
                     "article_age": _age_groups(imps.times, imps.candidate_offsets, imps.candidate_items, catalogue.first_seen),
                 },
                 impression_groups={"history_length": [history_length_bucket(int(h)) for h in hist_len]},
+                clusters=imps.user_ids,
             )
             for v, s in chunk.scores.items():
                 for impression_id, row in zip(imps.impression_ids.tolist(), split_scores(imps.candidate_offsets, s)):

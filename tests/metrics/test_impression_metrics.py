@@ -358,3 +358,107 @@ def test_result_can_be_taken_again_after_more_impressions(world, result):
     for labels, scores, item_groups, impression_groups in world[100:]:
         acc.add(labels, scores, item_groups=item_groups, impression_groups=impression_groups)
     assert acc.result() == result
+
+
+# --- resampling readers (clusters) instead of impressions -----------------------------------
+
+
+def _users(world, per_user=3, seed=1):
+    """A user id per impression: about ``per_user`` impressions each, interleaved."""
+    rng = np.random.default_rng(seed)
+    return [f"U{u}" for u in rng.integers(0, max(1, len(world) // per_user), len(world))]
+
+
+def _accumulate_clustered(world, users, **options):
+    acc = ImpressionMetrics(
+        MODELS, item_groups=("category", "has_image"), impression_groups=("history_length",),
+        group_order={"history_length": HISTORY_LENGTH_ORDER}, num_resamples=300, breakdown_resamples=100,
+        cluster_unit="user", **options,
+    )
+    for (labels, scores, item_groups, impression_groups), user in zip(world, users):
+        acc.add(labels, scores, item_groups=item_groups, impression_groups=impression_groups, cluster=user)
+    return acc
+
+
+def test_user_intervals_equal_a_direct_cluster_bootstrap(world):
+    from recsys.metrics.bootstrap import percentile_interval, resample_counts
+
+    users = _users(world)
+    got = _accumulate_clustered(world, users).result()
+    assert got["bootstrap"]["unit"] == "user"
+    # By hand: each resample draws users with replacement; an impression weighs as often as
+    # its user was drawn. Users are numbered in order of first appearance.
+    values, weights_of = [], []
+    labelled_users = [u for w, u in zip(world, users) if w[0][0] != -1]
+    order = {u: i for i, u in enumerate(dict.fromkeys(labelled_users))}
+    for (labels, scores, _, _), user in zip(_labelled(world), labelled_users):
+        scored = 0 < labels.sum() < len(labels)
+        auc = sklearn.metrics.roc_auc_score(labels, scores_from_ranks(ranks_from_scores(scores["good"]))) if scored else 0.0
+        values.append((auc, float(scored)))
+        weights_of.append(order[user])
+    a, b = np.array(values).T
+    counts = np.concatenate(list(resample_counts(len(order), num_resamples=300, seed=0)))
+    w = counts[:, weights_of]
+    low, high = percentile_interval((w @ a) / (w @ b), confidence=0.95)
+    metric = got["models"]["good"]["metrics"]["impression_auc"]
+    assert metric["value"] == pytest.approx(a.sum() / b.sum(), abs=1e-12)
+    assert (metric["ci_low"], metric["ci_high"]) == pytest.approx((float(low), float(high)), abs=1e-12)
+
+
+def test_one_impression_per_user_gives_the_impression_bootstrap(world, result):
+    distinct = [f"U{i}" for i in range(len(world))]
+    got = _accumulate_clustered(world, distinct).result()
+    assert got["bootstrap"].pop("unit") == "user"
+    expected = {**result, "bootstrap": {k: v for k, v in result["bootstrap"].items() if k != "unit"}}
+    assert got == expected
+
+
+def test_repeated_impressions_of_a_reader_widen_the_user_interval(world):
+    # Each reader's impression shown five times: five independent-looking copies of one draw.
+    labelled = _labelled(world)[:100]
+    copies = [w for w in labelled for _ in range(5)]
+    users = [f"U{i}" for i in range(len(labelled)) for _ in range(5)]
+    by_user = _accumulate_clustered(copies, users).result()["models"]["good"]
+    by_impression = _accumulate(copies).result()["models"]["good"]
+    for metric in ("impression_auc", "mrr"):
+        width_user = by_user["metrics"][metric]["ci_high"] - by_user["metrics"][metric]["ci_low"]
+        width_impression = by_impression["metrics"][metric]["ci_high"] - by_impression["metrics"][metric]["ci_low"]
+        assert width_user > 1.8 * width_impression  # about sqrt(5) = 2.2
+        assert by_user["metrics"][metric]["value"] == by_impression["metrics"][metric]["value"]
+    diff_user = by_user["diff_to_first_ci"]["pooled_auc"]
+    assert diff_user == {"ci_low": 0.0, "ci_high": 0.0}  # the reference model itself
+
+
+def test_batches_with_clusters_equal_one_by_one(world, monkeypatch):
+    users = _users(world)
+    expected = _accumulate_clustered(world, users).result()
+    monkeypatch.setattr(accumulator_module, "_FLUSH_CANDIDATES", 50)
+    acc = ImpressionMetrics(
+        MODELS, item_groups=("category", "has_image"), impression_groups=("history_length",),
+        group_order={"history_length": HISTORY_LENGTH_ORDER}, num_resamples=300, breakdown_resamples=100,
+        cluster_unit="user",
+    )
+    for start in range(0, len(world), 37):
+        part, part_users = world[start : start + 37], users[start : start + 37]
+        acc.add_batch(
+            np.concatenate([w[0] for w in part]),
+            {m: np.concatenate([w[1][m] for w in part]) for m in MODELS},
+            np.r_[0, np.cumsum([len(w[0]) for w in part])],
+            item_groups={g: np.concatenate([w[2][g] for w in part]) for g in ("category", "has_image")},
+            impression_groups={"history_length": [w[3]["history_length"] for w in part]},
+            clusters=np.array(part_users, dtype=object),
+        )
+    assert acc.result() == expected
+
+
+def test_clusters_must_match_the_cluster_unit():
+    with_users = ImpressionMetrics(["a"], cluster_unit="user")
+    with pytest.raises(MetricInputError, match=r"impression 0: cluster missing, expected one per impression \(cluster_unit 'user'\)"):
+        with_users.add([1, 0], {"a": [0.2, 0.1]})
+    with pytest.raises(MetricInputError, match="impressions from 0: clusters has 1 values, expected 2"):
+        with_users.add_batch([1, 0, 0, 1], {"a": [0.2, 0.1, 0.3, 0.4]}, [0, 2, 4], clusters=["U1"])
+    plain = ImpressionMetrics(["a"])
+    with pytest.raises(MetricInputError, match=r"cluster given, but this accumulator resamples impressions"):
+        plain.add([1, 0], {"a": [0.2, 0.1]}, cluster="U1")
+    with pytest.raises(MetricInputError, match="cluster_unit is 'impression', expected None or the name"):
+        ImpressionMetrics(["a"], cluster_unit="impression")
