@@ -33,13 +33,16 @@ def load_metrics(path: str | os.PathLike) -> dict:
     """Read a ``metrics.json`` written by ``write_report``.
 
     Raises:
-        ReportError: unreadable JSON, or a schema version this code does not know.
+        ReportError: a missing or unreadable file, invalid JSON, or a schema version this code
+            does not know.
     """
     try:
         with open(path, encoding="utf-8") as f:
             document = json.load(f)
     except json.JSONDecodeError as err:
         raise ReportError(f"{path} line {err.lineno}: not valid JSON ({err.msg}), expected a metrics.json") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ReportError(f"{path}: cannot be read ({getattr(err, 'strerror', None) or err}), expected a metrics.json") from None
     if not isinstance(document, dict) or document.get("schema_version") != SCHEMA_VERSION:
         found = document.get("schema_version") if isinstance(document, dict) else type(document).__name__
         raise ReportError(f"{path}: field 'schema_version' has {found!r}, expected {SCHEMA_VERSION}")

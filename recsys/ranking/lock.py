@@ -152,8 +152,13 @@ class StoreLock:
 
     @property
     def held(self) -> bool:
-        """Taken and not released, and no heartbeat found it taken over (``check`` asks the store)."""
-        return self._held and not self._lost
+        """Taken and not released by this process (``lost`` says whether another took it)."""
+        return self._held
+
+    @property
+    def lost(self) -> bool:
+        """The heartbeat or ``check`` found the lock taken over or cleared."""
+        return self._lost
 
     def check(self) -> None:
         """Make sure the store still records this process as the holder.

@@ -128,6 +128,8 @@ def run_nightly(
     timings: dict[str, float] = {}
     if lock is not None and not (lock.held and lock.name == NIGHTLY_LOCK):
         raise ValueError(f"the lock handed to run_nightly must be the held {NIGHTLY_LOCK!r} lock, got {lock.name!r}")
+    if lock is not None:
+        lock.check()  # LockLostError when another job took it over meanwhile
     held = nullcontext(lock) if lock is not None else acquire_lock(engine, NIGHTLY_LOCK, stale_after=lock_stale_after)
     with held as lock:
         clock = time.perf_counter()

@@ -72,6 +72,11 @@ def test_bad_metrics_files_are_rejected(tmp_path, content, message):
         load_metrics(path)
 
 
+def test_a_missing_metrics_file_is_a_report_error_naming_it(tmp_path):
+    with pytest.raises(ReportError, match=rf"{tmp_path / 'nope.json'}: cannot be read \(No such file or directory\)"):
+        load_metrics(tmp_path / "nope.json")
+
+
 def test_compare_needs_models():
     with pytest.raises(ReportError, match="report a lacks 'models'"):
         compare_metrics({}, {"models": {}})

@@ -167,7 +167,7 @@ def test_the_holder_beats_a_heartbeat(store):
         assert first is not None and abs(utc_now() - first) < timedelta(seconds=10)
         time.sleep(0.3)
         assert read_lock(store).heartbeat_at > first
-        assert lock.held
+        assert lock.held and not lock.lost
     assert read_lock(store) is None
 
 
@@ -186,10 +186,10 @@ def test_a_recent_heartbeat_keeps_a_lock_from_another_host_alive(store, caplog):
 def test_a_lock_taken_over_is_known_lost_and_its_holder_writes_nothing(store):
     old = acquire_lock(store, holder="host-a:1", heartbeat_every=timedelta(hours=1))  # frozen: no beat
     new = acquire_lock(store, holder="host-b:2", stale_after=timedelta(0))  # judged it stale
-    assert old.held  # it cannot know without asking the store
+    assert not old.lost  # it cannot know without asking the store
     with pytest.raises(LockLostError, match=r"lock 'nightly' is no longer held by host-a:1: host-b:2 took it over at"):
         old.check()
-    assert not old.held
+    assert old.lost
     with pytest.raises(LockLostError):
         old.attach_run(9)
     assert old.release() is False
@@ -206,9 +206,9 @@ def test_the_heartbeat_notices_a_lock_cleared_by_hand(store, caplog):
         with store.begin() as conn:
             conn.execute(s.locks.delete())
         deadline = time.monotonic() + 10
-        while lock.held and time.monotonic() < deadline:
+        while not lock.lost and time.monotonic() < deadline:
             time.sleep(0.05)
-    assert not lock.held
+    assert lock.lost
     assert "is no longer held by" in caplog.text
     with pytest.raises(LockLostError, match="its row was deleted"):
         lock.check()

@@ -296,6 +296,10 @@ def test_a_job_whose_lock_was_taken_over_touches_no_run(world_store, world):
     retry.attach_run(theirs)
     with pytest.raises(LockLostError, match="host-b:2 took it over"):
         _nightly(world_store, world, lock=frozen)
+    # The same when its heartbeat noticed first: still LockLostError (exit 1), not a ValueError.
+    assert frozen.lost and frozen.held
+    with pytest.raises(LockLostError, match="host-b:2 took it over"):
+        _nightly(world_store, world, lock=frozen)
     assert runs.get_run(world_store, theirs).status == "running"
     with world_store.connect() as conn:
         assert conn.execute(select(s.runs.c.run_id)).scalars().all() == [theirs]
