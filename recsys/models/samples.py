@@ -411,6 +411,54 @@ def with_logged_clicks(impressions: Impressions, clicks: ClickLog, history_len: 
     )
 
 
+def without_later_clicks(impressions: Impressions, clicks: ClickLog) -> Impressions:
+    """The impressions without the History-column articles their user first clicked, in the
+    log, at or after the impression.
+
+    The store keeps one History per user, from the user's latest impression. A later file's
+    History (MIND-large's test file, or a daily feed) lists the clicks of earlier days, among
+    them the very click a training impression is labelled with; reading it for that
+    impression would teach "a candidate in the history is clicked". An article the log shows
+    clicked strictly before the impression stays (``with_logged_clicks`` adds those anyway);
+    one the log never shows clicked stays too (a click from before the log).
+
+    Args:
+        impressions: ``m`` impressions whose histories are the stored History column.
+        clicks: every logged click of the store (later files included), over the same item rows.
+
+    Returns:
+        ``Impressions`` with the later-clicked articles removed from the histories, order kept.
+    """
+    m = len(impressions)
+    if not len(clicks) or not len(impressions.history_items):
+        return impressions
+    # Earliest logged click of each (user position, item): the log is sorted by user, then time.
+    owner = np.repeat(np.arange(len(clicks.user_ids), dtype=np.int64), np.diff(clicks.offsets))
+    width = np.int64(max(int(clicks.items.max()), int(impressions.history_items.max())) + 1)
+    keys = owner * width + clicks.items.astype(np.int64)
+    first = np.unique(keys, return_index=True)[1]  # first occurrence = earliest time within a user
+    click_keys, click_times = keys[first], clicks.times[first].astype("datetime64[s]")
+
+    where = np.searchsorted(clicks.user_ids.astype(str), np.asarray(impressions.user_ids).astype(str))
+    where = np.minimum(where, len(clicks.user_ids) - 1)
+    known = clicks.user_ids.astype(str)[where] == np.asarray(impressions.user_ids).astype(str)
+    lengths = np.diff(impressions.history_offsets)
+    entry_owner = np.repeat(np.arange(m, dtype=np.int64), lengths)
+    entry_keys = where[entry_owner] * width + impressions.history_items.astype(np.int64)
+    at = np.minimum(np.searchsorted(click_keys, entry_keys), len(click_keys) - 1)
+    clicked_in_log = known[entry_owner] & (click_keys[at] == entry_keys)
+    later = clicked_in_log & (click_times[at] >= impressions.times.astype("datetime64[s]")[entry_owner])
+    if not later.any():
+        return impressions
+    keep = ~later
+    offsets = np.zeros(m + 1, dtype=np.int64)
+    np.cumsum(np.bincount(entry_owner[keep], minlength=m), out=offsets[1:])
+    return Impressions(
+        impressions.impression_ids, impressions.user_ids, impressions.times, offsets,
+        impressions.history_items[keep], impressions.candidate_offsets, impressions.candidate_items, impressions.labels,
+    )
+
+
 @dataclass(frozen=True)
 class SyntheticWorld:
     """A generated world with a known click model.

@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from recsys.config import Config, Workspace
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError
-from recsys.models.samples import Impressions
+from recsys.models.samples import Impressions, without_later_clicks
 from recsys.pipelines.features import encode_news
 from recsys.pipelines.runlog import recorded_run
 from recsys.store import repository as repo
@@ -69,6 +69,29 @@ def train_window(engine: Engine, since: datetime | None, until: datetime | None,
     return since, valid_start, until
 
 
+def read_windows(
+    engine: Engine, news_ids: np.ndarray, since: datetime, valid_start: datetime, until: datetime, *,
+    source: str | None, history_len: int,
+) -> tuple[Impressions, Impressions]:
+    """The labelled training and validation impressions, with the histories they may read.
+
+    The store keeps each user's latest History column; a file ingested after these impressions
+    (MIND-large's test file, a daily feed) lists clicks of the window in it, the impressions'
+    own clicks among them. Those are removed (``samples.without_later_clicks``).
+
+    Raises:
+        RecsysError: a window holds no labelled impression.
+    """
+    read = dict(source=source, history_len=history_len, labelled_only=True)
+    train = repo.read_impressions(engine, news_ids, since=since, until=valid_start, **read)
+    valid = repo.read_impressions(engine, news_ids, since=valid_start, until=until, **read)
+    for name, imps in (("training", train), ("validation", valid)):
+        if len(imps) == 0:
+            raise RecsysError(f"the {name} window holds no labelled impressions ({since} .. {valid_start} .. {until})")
+    every_click = repo.read_click_log(engine, news_ids)
+    return without_later_clicks(train, every_click), without_later_clicks(valid, every_click)
+
+
 def run_train(
     engine: Engine, workspace: Workspace, config: Config, *, since: str | None = None, until: str | None = None,
     source: str | None = None, make_current: bool = True,
@@ -87,12 +110,9 @@ def run_train(
     news, features = load_catalogue(engine, workspace, config)
     timings["encode_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    read = dict(source=source, history_len=mc.history_len, labelled_only=True)
-    train = repo.read_impressions(engine, features.news_ids, since=since_dt, until=valid_start, **read)
-    valid = repo.read_impressions(engine, features.news_ids, since=valid_start, until=until_dt, **read)
-    for name, imps in (("training", train), ("validation", valid)):
-        if len(imps) == 0:
-            raise RecsysError(f"the {name} window holds no labelled impressions ({since_dt} .. {valid_start} .. {until_dt})")
+    train, valid = read_windows(
+        engine, features.news_ids, since_dt, valid_start, until_dt, source=source, history_len=mc.history_len
+    )
     events = repo.read_interaction_log(engine, features.news_ids, until=until_dt)
     clicks = repo.read_click_log(engine, features.news_ids, until=until_dt) if mc.logged_clicks else None
     first_seen = first_seen_array(news)

@@ -15,6 +15,7 @@ from recsys.models.samples import (
     gather_csr,
     select_impressions,
     with_logged_clicks,
+    without_later_clicks,
 )
 
 T0 = np.datetime64("2019-11-10T00:00:00", "s")
@@ -162,6 +163,42 @@ def test_logged_clicks_never_include_the_impression_itself():
     assert with_logged_clicks(later, clicks, 10).history(0).tolist() == [0, 3, 1]
     empty = ClickLog.from_events(np.zeros(0, object), np.zeros(0, "datetime64[s]"), np.zeros(0, np.int64))
     np.testing.assert_array_equal(with_logged_clicks(imps, empty, 10).history_items, imps.history_items)
+
+
+def test_histories_lose_the_articles_first_clicked_at_or_after_the_impression():
+    # A later file's History, stored for the user, lists clicks of the training window: the
+    # impression's own click (item 2 for "a" at T0 + 10h) must not be in its history.
+    h = np.timedelta64(1, "h")
+    imps = Impressions(
+        impression_ids=np.array([1, 2, 3, 4]),
+        user_ids=np.array(["a", "a", "b", "z"], dtype=object),
+        times=np.array([T0 + 10 * h, T0 + 30 * h, T0 + 30 * h, T0]),
+        history_offsets=np.array([0, 3, 5, 6, 7]),
+        history_items=np.array([2, 1, 5, 2, 1, 2, 2], dtype=np.int32),
+        candidate_offsets=np.array([0, 2, 3, 4, 5]),
+        candidate_items=np.array([2, 3, 4, 0, 0], dtype=np.int32),
+        labels=np.array([1, 0, 1, 1, 0], dtype=np.int8),
+    )
+    clicks = ClickLog.from_events(
+        np.array(["a", "a", "a", "b"], dtype=object),
+        np.array([T0 + 10 * h, T0 - 5 * h, T0 + 40 * h, T0 + 50 * h]),
+        np.array([2, 5, 2, 2]),  # "a" clicks item 2 twice: the earliest click counts
+    )
+    out = without_later_clicks(imps, clicks)
+    assert out.history(0).tolist() == [1, 5]  # 2 clicked at the impression's second; 5 before; 1 never logged
+    assert out.history(1).tolist() == [2, 1]  # by T0 + 30h the click on 2 is history
+    assert out.history(2).tolist() == []  # b clicks 2 only later
+    assert out.history(3).tolist() == [2]  # z has no logged click
+    np.testing.assert_array_equal(out.candidate_items, imps.candidate_items)
+    # A loop over the entries, as a check of the vectorised lookup.
+    first = {}
+    for user, time, item in zip(["a", "a", "a", "b"], clicks.times, clicks.items):
+        first[user, int(item)] = min(first.get((user, int(item)), time), time)
+    for i in range(len(imps)):
+        expected = [int(x) for x in imps.history(i) if not ((imps.user_ids[i], int(x)) in first and first[imps.user_ids[i], int(x)] >= imps.times[i])]
+        assert out.history(i).tolist() == expected
+    empty = ClickLog.from_events(np.zeros(0, object), np.zeros(0, "datetime64[s]"), np.zeros(0, np.int64))
+    assert without_later_clicks(imps, empty) is imps
 
 
 def test_click_log_errors_name_the_problem():

@@ -100,3 +100,37 @@ def test_click_log_holds_labelled_clicks_before_until(engine, tmp_path):
     # History entries (N3 of U1) are not logged clicks; until is exclusive; unknown articles drop.
     early = repo.read_click_log(engine, np.array(["N2", "N3"], dtype=object), until=T0 + timedelta(days=1))
     assert early.user_ids.tolist() == ["U2"] and len(early) == 2
+
+
+def test_training_histories_do_not_read_a_later_files_clicks(engine, tmp_path):
+    # Train file: U1 clicks N2 at T0. A later (test) file stores U1's new History, which lists
+    # that click; the training impression must still read only what came before it.
+    from recsys.pipelines.train import read_windows
+
+    ids = [f"N{i}" for i in range(1, 6)]
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    news = write_lines(tmp_path / "news.tsv", [news_line(n) for n in ids])
+    train = write_lines(tmp_path / "train" / "behaviors.tsv", [
+        behavior_line(1, "U1", T0, ["N1"], ["N2-1", "N3-0"]),
+        behavior_line(2, "U1", T0 + timedelta(days=1), ["N1"], ["N4-1", "N3-0"]),
+    ])
+    test = write_lines(tmp_path / "test" / "behaviors.tsv", [
+        behavior_line(1, "U1", T0 + timedelta(days=3), ["N1", "N2", "N4"], ["N5", "N3"]),
+    ])
+    ingest(engine, news_path=news, behaviors_path=train, quarantine_dir=tmp_path / "q")
+    news_ids = repo.read_news(engine)["news_id"].to_numpy()
+    window = (T0, T0 + timedelta(days=1), T0 + timedelta(days=2))
+
+    def histories():
+        got = read_windows(engine, news_ids, *window, source=None, history_len=10)
+        return [[news_ids[imps.history(i)].tolist() for i in range(len(imps))] for imps in got]
+
+    before = histories()
+    assert before == [[["N1"]], [["N1"]]]
+    ingest(engine, behaviors_path=test, quarantine_dir=tmp_path / "q")
+    stored = repo.read_impressions(engine, news_ids, since=window[0], until=window[1], history_len=10)
+    assert news_ids[stored.history(0)].tolist() == ["N4", "N2", "N1"]  # what the store now holds
+    # Impression 1 (T0) loses N2 (its own click) and N4; impression 2 (a day later) keeps N2,
+    # clicked before it, and loses N4, its own click.
+    assert histories() == [[["N1"]], [["N2", "N1"]]]
