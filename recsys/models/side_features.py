@@ -9,6 +9,7 @@ fitted on the training samples and saved in the model bundle's config.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,9 @@ import numpy as np
 from recsys.models.samples import InteractionLog
 
 SIDE_FEATURE_NAMES = ("log_clicks", "log_shows", "log_age_hours")
+# Below this spread (the features are log1p counts and hours) a feature counts as constant.
+_MIN_STD = 1e-3
+_log = logging.getLogger(__name__)
 
 
 def raw_side_features(
@@ -100,7 +104,16 @@ class SideFeatures:
         raw = raw_side_features(item_rows, times, log, first_seen, window_hours=self.window_hours)
         if len(raw) == 0:
             return self
-        std = np.maximum(raw.std(axis=0), 1e-6)
+        std = raw.std(axis=0)
+        # A feature constant on the training samples (a first window where nothing had been
+        # shown before) has no scale to learn: dividing by a tiny std would turn later values
+        # into ~1e6 and saturate the scorer. It is only centred, as scikit-learn's
+        # StandardScaler does with a zero variance.
+        constant = std < _MIN_STD
+        if constant.any():
+            names = [name for name, c in zip(SIDE_FEATURE_NAMES, constant) if c]
+            _log.warning("side features %s are constant on the %d training samples: centred, not scaled", names, len(raw))
+        std = np.where(constant, 1.0, std)
         return SideFeatures(self.window_hours, tuple(float(v) for v in raw.mean(axis=0)), tuple(float(v) for v in std))
 
     def compute(

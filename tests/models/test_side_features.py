@@ -118,6 +118,23 @@ def test_fit_normalises_the_training_samples(hand_log):
     assert SideFeatures.from_dict(spec.to_dict()) == spec
 
 
+def test_a_feature_constant_in_training_is_centred_not_blown_up(hand_log, caplog):
+    # A first window where nothing had been shown: popularity and age are 0 on every sample.
+    first_seen = np.full(3, np.datetime64("NaT"), dtype="datetime64[s]")
+    items = np.array([0, 1, 2])
+    early = np.array([_at(1), _at(2), _at(3)])
+    quiet = InteractionLog.from_events(np.zeros(0, np.int64), np.zeros(0, "datetime64[s]"), np.zeros(0, np.int64), 3)
+    with caplog.at_level("WARNING", logger="recsys.models.side_features"):
+        spec = SideFeatures(window_hours=24).fit(items, early, quiet, first_seen)
+    assert spec.std == (1.0, 1.0, 1.0) and spec.mean == (0.0, 0.0, 0.0)
+    assert "constant on the 3 training samples" in caplog.text
+    # Later, with clicks and shows, the values stay on the raw log scale, not ~1e6.
+    later = spec.compute(np.array([0, 0]), np.array([_at(13), _at(14)]), hand_log, hand_log.first_shown())
+    raw = raw_side_features(np.array([0, 0]), np.array([_at(13), _at(14)]), hand_log, hand_log.first_shown(), window_hours=24)
+    np.testing.assert_allclose(later, raw, rtol=1e-6)
+    assert np.abs(later).max() < 10
+
+
 def test_errors_name_the_problem(hand_log):
     first_seen = hand_log.first_shown()
     with pytest.raises(ValueError, match="item row 5 at position 1 is outside the log"):
