@@ -18,6 +18,7 @@ the features of its unique items once. The step is a ``tf.function`` with a Grad
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Callable
 
@@ -26,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from recsys.encoders.item_features import ItemFeatures
+from recsys.errors import RecsysError
 from recsys.models.bundle import RankingModel
 from recsys.models.ctr import CTRModel, listwise_loss, pointwise_loss
 from recsys.models.fusion import CategoryVocabulary
@@ -40,6 +42,10 @@ LOSSES = ("pointwise", "listwise")
 REFIT_SUMMARY = ("epochs", "train_impressions", "train_samples")
 
 
+class TrainingDivergedError(RecsysError):
+    """The loss or the validation scores stopped being finite: nothing is published."""
+
+
 def mean_impression_auc(y_true: np.ndarray, y_score: np.ndarray, offsets: np.ndarray) -> tuple[float, int]:
     """Mean per-impression ROC AUC (MIND's "AUC"), vectorised over all impressions.
 
@@ -52,10 +58,13 @@ def mean_impression_auc(y_true: np.ndarray, y_score: np.ndarray, offsets: np.nda
         offsets: (m + 1,) CSR offsets of the impressions into ``y_true``/``y_score``.
 
     Returns:
-        ``(mean AUC, number of impressions scored)``; NaN when none can be scored.
+        ``(mean AUC, number of impressions scored)``; NaN when none can be scored or a score
+        is not finite.
     """
     y_true = np.asarray(y_true)
     y_score = np.asarray(y_score, dtype=np.float64)
+    if not np.isfinite(y_score).all():
+        return float("nan"), 0  # no ranking of NaN scores means anything
     owner = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     keep = y_true >= 0
     owner, y, s = owner[keep], y_true[keep].astype(np.int64), y_score[keep]
@@ -484,6 +493,13 @@ def _train_networks(
             total += float(value)
             steps += 1
         train_seconds = time.perf_counter() - started
+        if not math.isfinite(total):
+            # Publishing NaN weights would serve NaN scores; early stopping cannot tell (an
+            # AUC of NaN scores depends on the candidate order).
+            raise TrainingDivergedError(
+                f"training diverged: the loss is {total / max(steps, 1)} at epoch {epoch}; lower model.learning_rate "
+                f"(now {learning_rate}) or look for non-finite article features"
+            )
         history["loss"].append(total / max(steps, 1))
         history["epoch_seconds"].append(train_seconds)
         report = {"epoch": epoch, "epochs": epochs, "loss": history["loss"][-1]}
@@ -492,6 +508,8 @@ def _train_networks(
                 progress({**report, "refit": True, "seconds": train_seconds})
             continue
         metrics = evaluate_impressions(model, features, valid, log, first_seen)
+        if math.isnan(metrics["auc"]):
+            raise TrainingDivergedError(f"training diverged: the validation scores are not finite at epoch {epoch}")
         history["val_auc"].append(metrics["auc"])
         history["val_log_loss"].append(metrics["log_loss"])
         if progress is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from sklearn.metrics import log_loss, roc_auc_score
@@ -107,6 +109,19 @@ def test_train_ctr_rejects_bad_arguments(world, log):
     far = ClickLog.from_events(np.array(["U1"], dtype=object), world.train.times[:1], np.array([600]))
     with pytest.raises(ValueError, match="the click log names item row 600, the feature table has 600 rows"):
         train_ctr(*args, clicks=far)
+
+
+def test_a_diverged_training_stops_instead_of_publishing_nan_weights(world, log):
+    from recsys.models.training import TrainingDivergedError
+
+    text = world.features.text.copy()
+    text[world.train.candidate_items[:50]] = np.nan  # articles whose features went bad
+    broken = dataclasses.replace(world.features, text=text)
+    train = select_impressions(world.train, np.arange(200))
+    with pytest.raises(TrainingDivergedError, match="training diverged: the loss is nan at epoch 1"):
+        train_ctr(broken, train, world.valid, log, epochs=2, batch_size=32, embedding_dim=16, history_len=10)
+    # NaN scores have no AUC, whatever order the candidates come in.
+    assert np.isnan(mean_impression_auc(np.array([1, 0]), np.array([np.nan, 0.5]), np.array([0, 2]))[0])
 
 
 def test_clock_floor_moves_times_back_to_the_last_tick():
