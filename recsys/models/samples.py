@@ -20,6 +20,7 @@ from recsys.encoders.item_features import EncoderInfo, ItemFeatures
 # Log keys pack (item row, seconds since the log's first event) into one sortable int64.
 _TIME_SPAN = np.int64(1) << 40  # about 34,800 years of seconds
 _MAX_ITEMS = 1 << 22
+_MAX_USERS = 1 << 23  # a click log packs (user, second) into an int64 as well
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,9 @@ class ClickLog:
     def __post_init__(self) -> None:
         # (user position, seconds) packed into one sortable int64, as InteractionLog does for
         # items: every "clicks of u before t" query is then one searchsorted, built once.
+        if len(self.user_ids) >= _MAX_USERS:
+            # The packed keys below would overflow int64 and mix users' histories silently.
+            raise ValueError(f"ClickLog has {len(self.user_ids)} users, expected fewer than {_MAX_USERS}")
         seconds = self.times.astype("datetime64[s]").astype(np.int64)
         base = np.int64(seconds.min()) if len(seconds) else np.int64(0)
         owner = np.repeat(np.arange(len(self.user_ids), dtype=np.int64), np.diff(self.offsets))

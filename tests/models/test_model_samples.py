@@ -201,6 +201,14 @@ def test_histories_lose_the_articles_first_clicked_at_or_after_the_impression():
     assert without_later_clicks(imps, empty) is imps
 
 
+def test_a_click_log_too_large_to_pack_is_refused(monkeypatch):
+    from recsys.models import samples
+
+    monkeypatch.setattr(samples, "_MAX_USERS", 2)
+    with pytest.raises(ValueError, match="ClickLog has 2 users, expected fewer than 2"):
+        ClickLog.from_events(np.array(["a", "b"], dtype=object), np.array([T0, T0]), np.array([0, 1]))
+
+
 def test_click_log_errors_name_the_problem():
     with pytest.raises(ValueError, match="differ in length"):
         ClickLog.from_events(np.array(["a"], dtype=object), np.array([T0, T0]), np.array([0]))
