@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
@@ -43,6 +44,7 @@ class AppContext:
     db_url: str
     config_path: Path | None
     verbose: bool
+    call_on_close: Callable[[Callable[[], object]], object] | None = None
 
     def config(self, overrides: dict | None = None) -> Config:
         return load_config(self.config_path, overrides)
@@ -51,7 +53,10 @@ class AppContext:
         from recsys.store.database import open_store
 
         self.workspace.ensure()
-        return open_store(self.db_url)
+        engine = open_store(self.db_url)
+        if self.call_on_close is not None:
+            self.call_on_close(engine.dispose)  # close pooled connections when the command ends
+        return engine
 
 
 def _ctx(ctx: typer.Context) -> AppContext:
@@ -74,7 +79,7 @@ def main_options(
     ws = Workspace.resolve(workspace)
     if config is not None and not config.exists():
         raise RecsysError(f"config file {config} does not exist")
-    ctx.obj = AppContext(ws, resolve_db_url(db, ws), config or ws.config_path, verbose)
+    ctx.obj = AppContext(ws, resolve_db_url(db, ws), config or ws.config_path, verbose, ctx.call_on_close)
 
 
 def _print_json(obj) -> None:
@@ -244,6 +249,12 @@ def recommend(
     from recsys.ranking.runs import recommendations_for_user
 
     rows = recommendations_for_user(_ctx(ctx).engine(), user, k)
+    if rows.empty:
+        # Known user, empty list: say why on stderr, so that the output stays a valid (empty) list.
+        typer.echo(
+            f"note: user {user!r} has no list in run {rows.attrs.get('run_id')}: not active in that run's window "
+            "(nightly.active_days) or no eligible article", err=True,
+        )
     _print_rows(rows.to_dict("records"), as_json, title=f"recommendations for {user}")
 
 

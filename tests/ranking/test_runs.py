@@ -180,3 +180,17 @@ def test_run_summary(world):
     assert summary["plan"]["k"] == 2
     with pytest.raises(NotFoundError, match="run 999 does not exist"):
         runs.run_summary(world, 999)
+
+
+def test_the_cli_says_why_a_known_users_list_is_empty(world, capsys):
+    from recsys.cli import main
+
+    _complete_run(world, ["N1", "N2"], users=("U1", "U2"))
+    url = world.url.render_as_string(hide_password=False)
+    assert main(["--db", url, "recommend", "--user", "U3", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "[]"
+    assert "note: user 'U3' has no list in run 1: not active in that run's window" in err
+    assert main(["--db", url, "recommend", "--user", "U1", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [r["news_id"] for r in __import__("json").loads(out)] == ["N1", "N2"] and "note" not in err
