@@ -318,14 +318,19 @@ class ClickLog:
         m = len(user_ids)
         if not len(self.user_ids):
             return np.zeros(m, np.int64), np.zeros(m, np.int64)
-        keys = np.asarray(user_ids).astype(str)
-        where = np.minimum(np.searchsorted(self._user_keys, keys), len(self.user_ids) - 1)
-        known = self._user_keys[where] == keys
+        where, known = self.user_positions(user_ids)
         start = self.offsets[where]
         seconds = np.asarray(times).astype("datetime64[s]").astype(np.int64)
         query = where * _TIME_SPAN + np.clip(seconds - self._base, 0, _TIME_SPAN - 1)
         stop = np.clip(np.searchsorted(self._keys, query, side="left"), start, self.offsets[where + 1])
         return np.where(known, start, 0), np.where(known, stop, 0)
+
+    def user_positions(self, user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(position, known)``, both (m,): each user's position in ``self.user_ids`` (a valid
+        index even for an unknown user) and whether the log has the user. Needs a non-empty log."""
+        keys = np.asarray(user_ids).astype(str)
+        where = np.minimum(np.searchsorted(self._user_keys, keys), len(self.user_ids) - 1)
+        return where, self._user_keys[where] == keys
 
     @classmethod
     def from_events(cls, user_ids, times, items) -> "ClickLog":
@@ -443,9 +448,7 @@ def without_later_clicks(impressions: Impressions, clicks: ClickLog) -> Impressi
     first = np.unique(keys, return_index=True)[1]  # first occurrence = earliest time within a user
     click_keys, click_times = keys[first], clicks.times[first].astype("datetime64[s]")
 
-    where = np.searchsorted(clicks.user_ids.astype(str), np.asarray(impressions.user_ids).astype(str))
-    where = np.minimum(where, len(clicks.user_ids) - 1)
-    known = clicks.user_ids.astype(str)[where] == np.asarray(impressions.user_ids).astype(str)
+    where, known = clicks.user_positions(impressions.user_ids)
     lengths = np.diff(impressions.history_offsets)
     entry_owner = np.repeat(np.arange(m, dtype=np.int64), lengths)
     entry_keys = where[entry_owner] * width + impressions.history_items.astype(np.int64)

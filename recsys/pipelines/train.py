@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from recsys.config import Config, Workspace
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError
-from recsys.models.samples import Impressions, without_later_clicks
+from recsys.models.samples import ClickLog, Impressions, without_later_clicks
 from recsys.pipelines.features import encode_news
 from recsys.pipelines.runlog import recorded_run
 from recsys.store import repository as repo
@@ -72,12 +72,15 @@ def train_window(engine: Engine, since: datetime | None, until: datetime | None,
 def read_windows(
     engine: Engine, news_ids: np.ndarray, since: datetime, valid_start: datetime, until: datetime, *,
     source: str | None, history_len: int,
-) -> tuple[Impressions, Impressions]:
-    """The labelled training and validation impressions, with the histories they may read.
+) -> tuple[Impressions, Impressions, ClickLog]:
+    """The labelled training and validation impressions, with the histories they may read,
+    and every logged click of the store.
 
     The store keeps each user's latest History column; a file ingested after these impressions
     (MIND-large's test file, a daily feed) lists clicks of the window in it, the impressions'
-    own clicks among them. Those are removed (``samples.without_later_clicks``).
+    own clicks among them. Those are removed (``samples.without_later_clicks``). The click log
+    also serves ``model.logged_clicks``: clicks after the window are never "before" one of its
+    impressions, so the whole log leads the histories exactly as the window's part would.
 
     Raises:
         RecsysError: a window holds no labelled impression.
@@ -89,7 +92,7 @@ def read_windows(
         if len(imps) == 0:
             raise RecsysError(f"the {name} window holds no labelled impressions ({since} .. {valid_start} .. {until})")
     every_click = repo.read_click_log(engine, news_ids)
-    return without_later_clicks(train, every_click), without_later_clicks(valid, every_click)
+    return without_later_clicks(train, every_click), without_later_clicks(valid, every_click), every_click
 
 
 def run_train(
@@ -110,11 +113,11 @@ def run_train(
     news, features = load_catalogue(engine, workspace, config)
     timings["encode_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    train, valid = read_windows(
+    train, valid, every_click = read_windows(
         engine, features.news_ids, since_dt, valid_start, until_dt, source=source, history_len=mc.history_len
     )
     events = repo.read_interaction_log(engine, features.news_ids, until=until_dt)
-    clicks = repo.read_click_log(engine, features.news_ids, until=until_dt) if mc.logged_clicks else None
+    clicks = every_click if mc.logged_clicks else None
     first_seen = first_seen_array(news)
     timings["read_s"] = round(time.perf_counter() - t0, 2)
     log.info("training on %d impressions, validating on %d (%s .. %s .. %s)", len(train), len(valid), since_dt, valid_start, until_dt)

@@ -123,8 +123,8 @@ def test_training_histories_do_not_read_a_later_files_clicks(engine, tmp_path):
     window = (T0, T0 + timedelta(days=1), T0 + timedelta(days=2))
 
     def histories():
-        got = read_windows(engine, news_ids, *window, source=None, history_len=10)
-        return [[news_ids[imps.history(i)].tolist() for i in range(len(imps))] for imps in got]
+        train, valid, _ = read_windows(engine, news_ids, *window, source=None, history_len=10)
+        return [[news_ids[imps.history(i)].tolist() for i in range(len(imps))] for imps in (train, valid)]
 
     before = histories()
     assert before == [[["N1"]], [["N1"]]]
