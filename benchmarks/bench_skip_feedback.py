@@ -134,7 +134,6 @@ def fit_listwise(x: np.ndarray, labels: np.ndarray, offsets: np.ndarray, l2: flo
 
 def run_seed(seed: int, args, root: Path) -> dict:
     from bench_quality import config_overrides, file_impressions, ingested_world, oracle_auc
-    from recsys.columns import USER_ID
     from recsys.config import load_config
     from recsys.models.samples import ClickLog, with_logged_clicks
     from recsys.models.training import mean_impression_auc
@@ -158,10 +157,10 @@ def run_seed(seed: int, args, root: Path) -> dict:
     anchors = embeddings[:, d:]  # unscaled: the served weight sits in the user vectors
     networks = model.with_content_prior(0.0)
 
-    frame, rows, times = repo._labelled_items(  # the read behind read_click_log, with label 0
-        engine, catalogue.features.news_ids, {USER_ID: schema.impressions.c.user_id}, schema.impression_items.c.label == 0
+    users, rows, times = repo._labelled_items(  # the read behind read_click_log, with label 0
+        engine, catalogue.features.news_ids, schema.impressions.c.user_id, object, schema.impression_items.c.label == 0
     )
-    skips = ClickLog.from_events(frame[USER_ID].to_numpy(dtype=object), times, rows)
+    skips = ClickLog.from_events(users, times, rows)
     window = version.manifest["training_window"]
     valid = repo.read_impressions(engine, catalogue.features.news_ids, since=datetime.fromisoformat(window["valid_start"]),
                                   until=datetime.fromisoformat(window["until"]), history_len=h, labelled_only=True)

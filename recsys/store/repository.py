@@ -21,7 +21,6 @@ from recsys.columns import (
     IMPRESSION_ID,
     LABEL,
     NEWS_ID,
-    POSITION,
     SUBCATEGORY,
     TIME,
     TITLE,
@@ -82,6 +81,29 @@ def _csr(group_keys: np.ndarray, num_groups: int) -> np.ndarray:
     return offsets
 
 
+# Rows fetched and turned into arrays at a time. The drivers build a Python object per value;
+# a window of MIND-large (80M impression items) read at once would hold tens of GB of them.
+STREAM_ROWS = 1 << 18
+# IN lists are chunked: PostgreSQL and SQLite both cap bound parameters.
+_IN_CHUNK = 5000
+
+
+def _stream(conn, query, columns: list[str]):
+    """The query's result as DataFrames of at most ``STREAM_ROWS`` rows, fetched as a stream
+    (a server-side cursor on PostgreSQL), so that only one chunk's Python objects are alive."""
+    # The result is closed even when the caller stops early (a bad row): an unclosed server-side
+    # cursor outlives its transaction on PostgreSQL.
+    with conn.execution_options(yield_per=STREAM_ROWS).execute(query) as result:
+        for rows in result.partitions():
+            # Column by column: handing pandas the Row objects costs a failed attribute lookup
+            # per row (it probes them for namedtuple fields), most of the read's time.
+            yield pd.DataFrame(dict(zip(columns, map(list, zip(*rows)))), columns=columns)
+
+
+def _seconds(values: pd.Series) -> np.ndarray:
+    return pd.to_datetime(values).to_numpy(dtype="datetime64[ns]").astype("datetime64[s]")
+
+
 def read_user_histories(
     engine: Engine,
     user_ids: np.ndarray,
@@ -90,13 +112,15 @@ def read_user_histories(
     include_impression_clicks: bool = True,
     max_len: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Click histories of ``user_ids`` in one query, most recent first.
+    """Click histories of ``user_ids``, most recent first.
 
     Order: clicks seen in impressions (newest first), then the MIND History column (its last
-    entry is the most recent). Articles missing from ``news_ids`` are dropped.
+    entry is the most recent). Articles missing from ``news_ids`` are dropped. Users are read
+    ``_IN_CHUNK`` at a time and capped before the next chunk is read, so memory follows the
+    capped result, not every stored click.
 
     Args:
-        user_ids: (u,) user ids.
+        user_ids: (u,) unique user ids.
         news_ids: (n,) the item ordering the returned rows index into.
         include_impression_clicks: False keeps only the History column (the training input,
             which cannot leak the labels of the impressions being learned).
@@ -109,19 +133,26 @@ def read_user_histories(
     query = select(c.user_id, c.news_id, c.history_pos, c.clicked_at)
     if not include_impression_clicks:
         query = query.where(c.history_pos.is_not(None))
-    ids = list(map(str, user_ids))
-    frames = []
-    with engine.connect() as conn:
-        # IN lists are chunked: PostgreSQL and SQLite both cap bound parameters.
-        for start in range(0, len(ids), 5000):
-            frames.append(pd.read_sql(query.where(c.user_id.in_(ids[start : start + 5000])), conn))
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[USER_ID, NEWS_ID, "history_pos", "clicked_at"])
-    return _history_csr(df, user_ids, news_ids, max_len=max_len, by_time=include_impression_clicks)
-
-
-def _history_csr(df: pd.DataFrame, user_ids: np.ndarray, news_ids: np.ndarray, *, max_len: int | None, by_time: bool):
-    user_row = pd.Series(np.arange(len(user_ids)), index=pd.Index(user_ids))
+    columns = [USER_ID, NEWS_ID, "history_pos", "clicked_at"]
+    user_ids = np.asarray(user_ids, dtype=object)
     item_row = _row_lookup(news_ids)
+    lengths, items = [], []
+    with engine.connect() as conn:
+        for start in range(0, len(user_ids), _IN_CHUNK):
+            chunk = user_ids[start : start + _IN_CHUNK]
+            parts = list(_stream(conn, query.where(c.user_id.in_(list(map(str, chunk)))), columns))
+            df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({k: [] for k in columns})
+            offsets, rows = _history_csr(df, chunk, item_row, max_len=max_len, by_time=include_impression_clicks)
+            lengths.append(np.diff(offsets))
+            items.append(rows)
+    offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
+    if lengths:
+        np.cumsum(np.concatenate(lengths), out=offsets[1:])
+    return offsets, np.concatenate(items) if items else np.zeros(0, np.int32)
+
+
+def _history_csr(df: pd.DataFrame, user_ids: np.ndarray, item_row: pd.Series, *, max_len: int | None, by_time: bool):
+    user_row = pd.Series(np.arange(len(user_ids)), index=pd.Index(user_ids))
     df = df[df[NEWS_ID].isin(item_row.index)].copy()
     df["u"] = user_row.reindex(df[USER_ID].to_numpy()).to_numpy()
     df["i"] = item_row.reindex(df[NEWS_ID].to_numpy()).to_numpy()
@@ -151,7 +182,15 @@ def read_impressions(
     """Impressions with time in ``[since, until)`` as arrays, in time order.
 
     Histories are the MIND History column of each user (clicks before the log started), so a
-    training impression never sees its own labels.
+    training impression never sees its own labels. The rows are streamed ``STREAM_ROWS`` at a
+    time into arrays: about 5 bytes per (impression, candidate) are kept, not the driver's
+    Python objects.
+
+    Args:
+        labelled_only: only labelled candidates; an impression without any is left out.
+
+    Raises:
+        KeyError: a candidate's news id is not in ``news_ids`` (it has no features).
     """
     im, it = s.impressions.c, s.impression_items.c
     cond = []
@@ -161,82 +200,89 @@ def read_impressions(
         cond.append(im.time < until)
     if source is not None:
         cond.append(im.source == source)
+    if labelled_only:
+        cond.append(it.label.is_not(None))
     query = (
-        select(im.id, im.impression_id, im.user_id, im.time, it.position, it.news_id, it.label)
+        select(im.id, im.impression_id, im.user_id, im.time, it.news_id, it.label)
         .join(s.impression_items, it.impression_pk == im.id)
         .where(and_(*cond) if cond else True)
         .order_by(im.time, im.id, it.position)
     )
+    lookup = pd.Index(news_ids, dtype=object)
+    heads, counts, rows, labels = [], [], [], []
+    last_pk = None
     with engine.connect() as conn:
-        df = pd.read_sql(query, conn)
-    df.columns = ["pk", IMPRESSION_ID, USER_ID, TIME, POSITION, NEWS_ID, LABEL]
-    if labelled_only:
-        df = df[df[LABEL].notna()]
-    return impressions_from_frame(df, news_ids, engine=engine, history_len=history_len)
+        for df in _stream(conn, query, ["pk", IMPRESSION_ID, USER_ID, TIME, NEWS_ID, LABEL]):
+            found = lookup.get_indexer(df[NEWS_ID].to_numpy(dtype=object))
+            if (found < 0).any():
+                raise KeyError(f"news id {df[NEWS_ID].iloc[int(np.argmax(found < 0))]!r} has no features")
+            rows.append(found.astype(np.int32))
+            labels.append(df[LABEL].fillna(-1).to_numpy(dtype=np.int8))
+            # Items arrive grouped by impression; one may continue from the previous chunk.
+            pk = df["pk"].to_numpy(dtype=np.int64)
+            first = np.ones(len(pk), dtype=bool)
+            first[1:] = pk[1:] != pk[:-1]
+            first[0] = pk[0] != last_pk
+            starts = np.flatnonzero(first)
+            if len(starts) == 0 or starts[0] > 0:  # the previous chunk's last impression goes on
+                next(c for c in reversed(counts) if len(c))[-1] += starts[0] if len(starts) else len(pk)
+            counts.append(np.diff(np.append(starts, len(pk))))
+            heads.append(pd.DataFrame({
+                IMPRESSION_ID: df[IMPRESSION_ID].to_numpy(dtype=np.int64)[starts],
+                USER_ID: df[USER_ID].to_numpy(dtype=object)[starts],
+                TIME: _seconds(df[TIME].iloc[starts]),
+            }))
+            last_pk = pk[-1]
+    if not heads:
+        heads = [pd.DataFrame({IMPRESSION_ID: np.zeros(0, np.int64), USER_ID: np.zeros(0, object), TIME: np.zeros(0, "datetime64[s]")})]
+    head = pd.concat(heads, ignore_index=True)
+    cand_offsets = np.zeros(len(head) + 1, dtype=np.int64)
+    if counts:
+        np.cumsum(np.concatenate(counts), out=cand_offsets[1:])
+    users = head[USER_ID].to_numpy(dtype=object)
+    unique_users = pd.unique(users)
+    u_off, u_items = read_user_histories(engine, unique_users, news_ids, include_impression_clicks=False, max_len=history_len)
+    h_off, h_items = _per_impression(users, unique_users, u_off, u_items)
+    return Impressions(
+        impression_ids=head[IMPRESSION_ID].to_numpy(dtype=np.int64),
+        user_ids=users,
+        times=head[TIME].to_numpy(dtype="datetime64[s]"),
+        history_offsets=h_off,
+        history_items=h_items,
+        candidate_offsets=cand_offsets,
+        candidate_items=np.concatenate(rows) if rows else np.zeros(0, np.int32),
+        labels=np.concatenate(labels) if labels else np.zeros(0, np.int8),
+    )
 
 
-def impressions_from_frame(
-    df: pd.DataFrame, news_ids: np.ndarray, *, engine: Engine | None = None, history_len: int | None = None,
-    histories: tuple[np.ndarray, np.ndarray] | None = None,
-) -> Impressions:
-    """Build ``Impressions`` from one row per impression item (grouped by ``pk``, in order).
-
-    Histories come from the store (``engine``) unless given as CSR over the frame's users.
-    """
-    item_row = _row_lookup(news_ids)
-    unknown = ~df[NEWS_ID].isin(item_row.index)
-    if unknown.any():
-        bad = df.loc[unknown, NEWS_ID].iloc[0]
-        raise KeyError(f"news id {bad!r} has no features")
-    first = ~df["pk"].duplicated()
-    heads = df[first]
-    impression_index = np.cumsum(first.to_numpy()) - 1
-    cand_offsets = _csr(impression_index, len(heads))
-    labels = df[LABEL].fillna(-1).to_numpy(dtype=np.int8)
-    users = heads[USER_ID].to_numpy(dtype=object)
-    if histories is None:
-        unique_users = pd.unique(users)
-        if engine is None:
-            raise ValueError("impressions_from_frame needs an engine or histories")
-        u_off, u_items = read_user_histories(engine, unique_users, news_ids, include_impression_clicks=False, max_len=history_len)
-    else:
-        unique_users, (u_off, u_items) = histories[0], histories[1]
-    # Expand per-user histories to per-impression CSR.
+def _per_impression(users: np.ndarray, unique_users: np.ndarray, u_off: np.ndarray, u_items: np.ndarray):
+    """Per-user history CSR expanded to one history per impression: (offsets (m + 1,), items int32)."""
     pos = pd.Series(np.arange(len(unique_users)), index=pd.Index(unique_users)).reindex(users).to_numpy()
     lengths = (u_off[1:] - u_off[:-1])[pos]
     h_off = np.zeros(len(users) + 1, dtype=np.int64)
     np.cumsum(lengths, out=h_off[1:])
-    starts = np.repeat(u_off[:-1][pos], lengths)
-    within = np.arange(h_off[-1]) - np.repeat(h_off[:-1], lengths)
-    h_items = u_items[starts + within] if len(within) else np.zeros(0, dtype=np.int32)
-    return Impressions(
-        impression_ids=heads[IMPRESSION_ID].to_numpy(dtype=np.int64),
-        user_ids=users,
-        times=pd.to_datetime(heads[TIME]).to_numpy().astype("datetime64[s]"),
-        history_offsets=h_off,
-        history_items=h_items.astype(np.int32),
-        candidate_offsets=cand_offsets,
-        candidate_items=item_row.reindex(df[NEWS_ID].to_numpy()).to_numpy(dtype=np.int32),
-        labels=labels,
-    )
+    starts = np.repeat(u_off[:-1][pos] - h_off[:-1], lengths)  # item k of the result is u_items[k + start]
+    h_items = u_items[starts + np.arange(h_off[-1])] if h_off[-1] else np.zeros(0, dtype=np.int32)
+    return h_off, h_items.astype(np.int32, copy=False)
 
 
 def _labelled_items(
-    engine: Engine, news_ids: np.ndarray, columns: dict, where, *, since: datetime | None = None,
+    engine: Engine, news_ids: np.ndarray, column, dtype, where, *, since: datetime | None = None,
     until: datetime | None = None,
-) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """Impression items matching ``where`` in ``[since, until)``, on articles of ``news_ids``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One column of the impression items matching ``where`` in ``[since, until)``, on articles of
+    ``news_ids``, streamed into arrays.
 
     The read behind the popularity log and the click log. Items of articles missing from
     ``news_ids`` are dropped (they have no features to score or embed).
 
     Args:
-        columns: {name: column} of ``impressions`` / ``impression_items`` to read.
+        column: a column of ``impressions`` / ``impression_items`` to read, as ``dtype``.
         where: a condition on those tables (which labels).
 
     Returns:
-        ``(frame, rows, times)`` of the kept items: the columns, their rows into ``news_ids``
-        (int64) and their impressions' times (datetime64[s]).
+        ``(values, rows, times)`` of the kept items: the column, their rows into ``news_ids``
+        (int32) and their impressions' times (datetime64[s]).
     """
     im, it = s.impressions.c, s.impression_items.c
     cond = [where]
@@ -244,15 +290,17 @@ def _labelled_items(
         cond.append(im.time >= since)
     if until is not None:
         cond.append(im.time < until)
-    query = select(*columns.values(), it.news_id, im.time).join(s.impressions, it.impression_pk == im.id).where(and_(*cond))
+    query = select(column, it.news_id, im.time).join(s.impressions, it.impression_pk == im.id).where(and_(*cond))
+    lookup = pd.Index(news_ids, dtype=object)
+    values, rows, times = [np.zeros(0, dtype)], [np.zeros(0, np.int32)], [np.zeros(0, "datetime64[s]")]
     with engine.connect() as conn:
-        frame = pd.DataFrame(conn.execute(query).all(), columns=[*columns, NEWS_ID, TIME])
-    if frame.empty:
-        return frame, np.zeros(0, np.int64), np.zeros(0, "datetime64[s]")
-    rows = pd.Index(news_ids, dtype=object).get_indexer(frame[NEWS_ID].to_numpy(dtype=object))
-    known = rows >= 0
-    times = pd.to_datetime(frame[TIME]).to_numpy(dtype="datetime64[ns]").astype("datetime64[s]")
-    return frame[known], rows[known].astype(np.int64), times[known]
+        for df in _stream(conn, query, ["value", NEWS_ID, TIME]):
+            found = lookup.get_indexer(df[NEWS_ID].to_numpy(dtype=object))
+            known = found >= 0
+            values.append(df["value"].to_numpy(dtype=dtype)[known])
+            rows.append(found[known].astype(np.int32))
+            times.append(_seconds(df[TIME])[known])
+    return np.concatenate(values), np.concatenate(rows), np.concatenate(times)
 
 
 def read_interaction_log(
@@ -264,8 +312,8 @@ def read_interaction_log(
     ``news_ids`` are dropped (they cannot be scored).
     """
     it = s.impression_items.c
-    frame, rows, times = _labelled_items(engine, news_ids, {LABEL: it.label}, it.label.is_not(None), since=since, until=until)
-    return InteractionLog.from_events(rows, times, frame[LABEL].to_numpy(dtype=np.int8), len(news_ids))
+    labels, rows, times = _labelled_items(engine, news_ids, it.label, np.int8, it.label.is_not(None), since=since, until=until)
+    return InteractionLog.from_events(rows, times, labels, len(news_ids))
 
 
 def read_click_log(engine: Engine, news_ids: np.ndarray, *, until: datetime | None = None) -> ClickLog:
@@ -274,10 +322,10 @@ def read_click_log(engine: Engine, news_ids: np.ndarray, *, until: datetime | No
     The impression clicks that lead each History column (``samples.with_logged_clicks``).
     Clicks on articles missing from ``news_ids`` are dropped (they have no embedding).
     """
-    frame, rows, times = _labelled_items(
-        engine, news_ids, {USER_ID: s.impressions.c.user_id}, s.impression_items.c.label == 1, until=until
+    users, rows, times = _labelled_items(
+        engine, news_ids, s.impressions.c.user_id, object, s.impression_items.c.label == 1, until=until
     )
-    return ClickLog.from_events(frame[USER_ID].to_numpy(dtype=object), times, rows)
+    return ClickLog.from_events(users, times, rows)
 
 
 def read_news_titles(engine: Engine, news_ids) -> pd.DataFrame:

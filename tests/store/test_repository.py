@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import numpy as np
+import pytest
 
 from recsys.store import repository as repo
 from recsys.store.ingest import ingest
@@ -134,3 +135,54 @@ def test_training_histories_do_not_read_a_later_files_clicks(engine, tmp_path):
     # Impression 1 (T0) loses N2 (its own click) and N4; impression 2 (a day later) keeps N2,
     # clicked before it, and loses N4, its own click.
     assert histories() == [[["N1"]], [["N2", "N1"]]]
+
+
+def test_streamed_reads_do_not_depend_on_the_chunk_size(engine, tmp_path, monkeypatch):
+    # Rows are streamed STREAM_ROWS at a time and users read _IN_CHUNK at a time; an impression's
+    # items can span chunks (one row per chunk: every impression but the first starts mid-stream).
+    ids = [f"N{i}" for i in range(1, 10)]
+    lines, expected = [], []
+    for i in range(12):
+        items = [f"N{4 + (i + k) % 5}" for k in range(1 + i % 4)]
+        labels = [int(k == i % len(items)) for k in range(len(items))]
+        lines.append(behavior_line(i + 1, f"U{i % 5}", T0 + timedelta(minutes=i), ["N1", "N2"] if i % 2 else ["N3"],
+                                   [f"{n}-{y}" for n, y in zip(items, labels)]))
+        expected.append((items, labels))
+    _ingest(engine, tmp_path, ids, lines)
+    news_ids = repo.read_news(engine)["news_id"].to_numpy()
+    users = np.array([f"U{u}" for u in range(5)], dtype=object)
+
+    def everything():
+        imps = repo.read_impressions(engine, news_ids, history_len=5)
+        log = repo.read_interaction_log(engine, news_ids)
+        clicks = repo.read_click_log(engine, news_ids)
+        histories = repo.read_user_histories(engine, users, news_ids)
+        return imps, log, clicks, histories
+
+    imps, log, clicks, histories = everything()
+    # Against the file: every impression's candidates and labels, in order.
+    assert [(news_ids[imps.candidates(i)].tolist(), imps.candidate_labels(i).tolist()) for i in range(12)] == expected
+    assert len(log) == sum(len(items) for items, _ in expected) and int(log.clicks.sum()) == 12 == len(clicks)
+    for rows, users_at_once in ((1, 1), (2, 2), (5, 3)):
+        monkeypatch.setattr(repo, "STREAM_ROWS", rows)
+        monkeypatch.setattr(repo, "_IN_CHUNK", users_at_once)
+        again, log2, clicks2, histories2 = everything()
+        for field in ("impression_ids", "user_ids", "times", "history_offsets", "history_items",
+                      "candidate_offsets", "candidate_items", "labels"):
+            np.testing.assert_array_equal(getattr(again, field), getattr(imps, field), err_msg=f"{field} at {rows} rows")
+        for a, b in ((log2.item_rows, log.item_rows), (log2.times, log.times), (log2.clicks, log.clicks),
+                     (clicks2.offsets, clicks.offsets), (clicks2.items, clicks.items), (clicks2.times, clicks.times),
+                     (histories2[0], histories[0]), (histories2[1], histories[1])):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_an_unknown_candidate_is_named_whatever_chunk_it_is_in(engine, tmp_path, monkeypatch):
+    _ingest(engine, tmp_path, ["N1", "N2", "N3"], [
+        behavior_line(1, "U1", T0, [], ["N1-1", "N2-0"]),
+        behavior_line(2, "U2", T0 + timedelta(hours=1), [], ["N2-0", "N3-1"]),
+    ])
+    monkeypatch.setattr(repo, "STREAM_ROWS", 1)
+    with pytest.raises(KeyError, match="news id 'N3' has no features"):
+        repo.read_impressions(engine, np.array(["N1", "N2"], dtype=object))
+    # The logs drop what they cannot index instead.
+    assert len(repo.read_interaction_log(engine, np.array(["N1", "N2"], dtype=object))) == 3
