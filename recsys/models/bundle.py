@@ -33,7 +33,7 @@ import tensorflow as tf
 from recsys.encoders.item_features import EncoderInfo, ItemFeatures
 from recsys.errors import ModelMismatchError, NotFoundError
 from recsys.models.fusion import CategoryVocabulary, build_item_tower, parse_modalities
-from recsys.models.samples import Impressions, InteractionLog
+from recsys.models.samples import Impressions, InteractionLog, slice_impressions
 from recsys.models.scorer import Scorer, build_scorer
 from recsys.models.side_features import SideFeatures
 from recsys.models.user_encoder import build_user_encoder
@@ -60,6 +60,8 @@ if not any(isinstance(f, _OwnTracingWarningFilter) for f in _tf_logger.filters):
 CONFIG_FILE = "config.json"
 MODEL_FILES = ("item_tower.keras", "user_encoder.keras", "scorer.keras")
 FORMAT_VERSION = 1
+# Impressions scored at a time by ``score_impressions``.
+SCORE_IMPRESSIONS = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -597,13 +599,29 @@ class RankingModel:
         Returns:
             (c,) float32 aligned with ``impressions.candidate_items``.
         """
+        items = impressions.candidate_items
+        if len(items) and (items.min() < 0 or items.max() >= len(item_embeddings)):
+            bad = items[(items < 0) | (items >= len(item_embeddings))][0]
+            raise ValueError(f"candidate item row {bad} is outside the {len(item_embeddings)} item embeddings")
+        out = np.empty(len(items), dtype=np.float32)
+        # A chunk of impressions at a time: user vectors take user_dim floats per impression and
+        # the side features ~110 bytes per candidate, too much for a whole training window at once.
+        for lo in range(0, len(impressions), SCORE_IMPRESSIONS):
+            part = slice_impressions(impressions, lo, min(lo + SCORE_IMPRESSIONS, len(impressions)))
+            start = impressions.candidate_offsets[lo]
+            out[start : start + len(part.candidate_items)] = self._score_part(
+                part, item_embeddings, log, first_seen, as_of=as_of, popularity_until=popularity_until,
+                age_until=age_until, logits=logits,
+            )
+        return out
+
+    def _score_part(self, impressions: Impressions, item_embeddings: np.ndarray, log: InteractionLog,
+                    first_seen: np.ndarray, *, as_of, popularity_until, age_until, logits: bool) -> np.ndarray:
+        """``score_impressions`` on one chunk."""
         users = self.user_vectors(impressions.history_offsets, impressions.history_items, item_embeddings)
         counts = np.diff(impressions.candidate_offsets)
         owner = np.repeat(np.arange(len(impressions)), counts)
         items = impressions.candidate_items.astype(np.int64)
-        if len(items) and (items.min() < 0 or items.max() >= len(item_embeddings)):
-            bad = items[(items < 0) | (items >= len(item_embeddings))][0]
-            raise ValueError(f"candidate item row {bad} is outside the {len(item_embeddings)} item embeddings")
         times = impressions.times[owner] if as_of is None else np.full(len(items), np.datetime64(as_of, "s"))
         popularity_times, age_times = times, times
         if as_of is None and popularity_until is not None:

@@ -10,6 +10,7 @@ styles, appeal and ageing) for the tests and benchmarks of the CTR model.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -369,6 +370,40 @@ class ClickLog:
         return cls.from_events(np.concatenate(users), np.concatenate(times), np.concatenate(items))
 
 
+# Impressions whose histories are rebuilt at a time. The vectorised merges below hold about ten
+# int64 per history entry; a MIND-large window (2M impressions, 50 entries each) at once would
+# need several GB for a moment. Chunks of this size keep it under ~0.3 GB.
+HISTORY_CHUNK = 1 << 16
+
+
+def slice_impressions(impressions: Impressions, lo: int, hi: int) -> Impressions:
+    """Impressions ``lo:hi`` as views, offsets rebased: a contiguous ``select_impressions``
+    without copies, for working through a large window a chunk at a time."""
+    h, c = impressions.history_offsets[lo : hi + 1], impressions.candidate_offsets[lo : hi + 1]
+    return Impressions(
+        impressions.impression_ids[lo:hi], impressions.user_ids[lo:hi], impressions.times[lo:hi],
+        h - h[0], impressions.history_items[h[0] : h[-1]], c - c[0], impressions.candidate_items[c[0] : c[-1]],
+        impressions.labels[c[0] : c[-1]],
+    )
+
+
+def _rebuild_histories(impressions: Impressions, rebuild) -> Impressions:
+    """The impressions with their histories replaced by ``rebuild(part)`` (an ``Impressions``
+    whose histories are new), applied to ``HISTORY_CHUNK`` impressions at a time."""
+    m = len(impressions)
+    lengths, items = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
+    for lo in range(0, m, HISTORY_CHUNK):
+        part = rebuild(slice_impressions(impressions, lo, min(lo + HISTORY_CHUNK, m)))
+        lengths.append(np.diff(part.history_offsets))
+        items.append(part.history_items.astype(np.int32, copy=False))
+    offsets = np.zeros(m + 1, dtype=np.int64)
+    np.cumsum(np.concatenate(lengths), out=offsets[1:])
+    return Impressions(
+        impressions.impression_ids, impressions.user_ids, impressions.times, offsets, np.concatenate(items),
+        impressions.candidate_offsets, impressions.candidate_items, impressions.labels,
+    )
+
+
 def with_logged_clicks(impressions: Impressions, clicks: ClickLog, history_len: int) -> Impressions:
     """The impressions with each history led by the user's logged clicks before the impression.
 
@@ -389,6 +424,11 @@ def with_logged_clicks(impressions: Impressions, clicks: ClickLog, history_len: 
     """
     if not isinstance(history_len, (int, np.integer)) or history_len <= 0:
         raise ValueError(f"history_len is {history_len!r}, expected a positive integer")
+    return _rebuild_histories(impressions, lambda part: _led_by_logged_clicks(part, clicks, history_len))
+
+
+def _led_by_logged_clicks(impressions: Impressions, clicks: ClickLog, history_len: int) -> Impressions:
+    """``with_logged_clicks`` on one chunk."""
     m = len(impressions)
     start, before = clicks.before(impressions.user_ids, impressions.times)
     n_log = np.minimum(before - start, history_len)
@@ -438,7 +478,6 @@ def without_later_clicks(impressions: Impressions, clicks: ClickLog) -> Impressi
     Returns:
         ``Impressions`` with the later-clicked articles removed from the histories, order kept.
     """
-    m = len(impressions)
     if not len(clicks) or not len(impressions.history_items):
         return impressions
     # Earliest logged click of each (user position, item): the log is sorted by user, then time.
@@ -447,23 +486,22 @@ def without_later_clicks(impressions: Impressions, clicks: ClickLog) -> Impressi
     keys = owner * width + clicks.items.astype(np.int64)
     first = np.unique(keys, return_index=True)[1]  # first occurrence = earliest time within a user
     click_keys, click_times = keys[first], clicks.times[first].astype("datetime64[s]")
+    del owner, keys, first
 
-    where, known = clicks.user_positions(impressions.user_ids)
-    lengths = np.diff(impressions.history_offsets)
-    entry_owner = np.repeat(np.arange(m, dtype=np.int64), lengths)
-    entry_keys = where[entry_owner] * width + impressions.history_items.astype(np.int64)
-    at = np.minimum(np.searchsorted(click_keys, entry_keys), len(click_keys) - 1)
-    clicked_in_log = known[entry_owner] & (click_keys[at] == entry_keys)
-    later = clicked_in_log & (click_times[at] >= impressions.times.astype("datetime64[s]")[entry_owner])
-    if not later.any():
-        return impressions
-    keep = ~later
-    offsets = np.zeros(m + 1, dtype=np.int64)
-    np.cumsum(np.bincount(entry_owner[keep], minlength=m), out=offsets[1:])
-    return Impressions(
-        impressions.impression_ids, impressions.user_ids, impressions.times, offsets,
-        impressions.history_items[keep], impressions.candidate_offsets, impressions.candidate_items, impressions.labels,
-    )
+    def drop_later(part: Impressions) -> Impressions:
+        m = len(part)
+        where, known = clicks.user_positions(part.user_ids)
+        lengths = np.diff(part.history_offsets)
+        entry_owner = np.repeat(np.arange(m, dtype=np.int64), lengths)
+        entry_keys = where[entry_owner] * width + part.history_items.astype(np.int64)
+        at = np.minimum(np.searchsorted(click_keys, entry_keys), len(click_keys) - 1)
+        clicked_in_log = known[entry_owner] & (click_keys[at] == entry_keys)
+        keep = ~(clicked_in_log & (click_times[at] >= part.times.astype("datetime64[s]")[entry_owner]))
+        offsets = np.zeros(m + 1, dtype=np.int64)
+        np.cumsum(np.bincount(entry_owner[keep], minlength=m), out=offsets[1:])
+        return dataclasses.replace(part, history_offsets=offsets, history_items=part.history_items[keep])
+
+    return _rebuild_histories(impressions, drop_later)
 
 
 @dataclass(frozen=True)

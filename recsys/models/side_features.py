@@ -19,6 +19,9 @@ from recsys.models.samples import InteractionLog
 SIDE_FEATURE_NAMES = ("log_clicks", "log_shows", "log_age_hours")
 # Below this spread (the features are log1p counts and hours) a feature counts as constant.
 _MIN_STD = 1e-3
+# (item, time) pairs computed at a time: ``raw_side_features`` holds about 110 bytes per pair
+# while it works, so a MIND-large training window (80M pairs) at once would need ~9 GB.
+PAIR_CHUNK = 1 << 20
 _log = logging.getLogger(__name__)
 
 
@@ -51,26 +54,32 @@ def raw_side_features(
     """
     if not window_hours > 0:
         raise ValueError(f"window_hours is {window_hours}, expected a positive number of hours")
+    _check_pairs(item_rows, times, age_times, log, first_seen)
     item_rows = np.asarray(item_rows, dtype=np.int64)
     times = np.asarray(times).astype("datetime64[s]")
-    if len(item_rows) != len(times):
-        raise ValueError(f"side features got {len(item_rows)} item rows but {len(times)} times")
     age_times = times if age_times is None else np.asarray(age_times).astype("datetime64[s]")
-    if len(age_times) != len(times):
-        raise ValueError(f"side features got {len(times)} times but {len(age_times)} age times")
-    limit = min(len(first_seen), log.num_items)
-    bad = np.flatnonzero((item_rows < 0) | (item_rows >= limit))
-    if len(bad):
-        raise ValueError(
-            f"side features: item row {item_rows[bad[0]]} at position {bad[0]} is outside the log "
-            f"({log.num_items} items) or first_seen ({len(first_seen)} items)"
-        )
     window = np.timedelta64(int(round(window_hours * 3600)), "s")
     clicks, shows = log.window_counts(item_rows, times, window=window)
     seen = np.asarray(first_seen).astype("datetime64[s]")[item_rows]
     age_seconds = (age_times - seen).astype(np.int64).astype(np.float64)
     age_hours = np.where(np.isnat(seen), 0.0, np.maximum(age_seconds, 0.0) / 3600.0)
     return np.stack([np.log1p(clicks), np.log1p(shows), np.log1p(age_hours)], axis=1)
+
+
+def _check_pairs(item_rows, times, age_times, log: InteractionLog, first_seen: np.ndarray) -> None:
+    """Raises ValueError for arrays of different lengths or an item row outside the log or ``first_seen``."""
+    if len(item_rows) != len(times):
+        raise ValueError(f"side features got {len(item_rows)} item rows but {len(times)} times")
+    if age_times is not None and len(age_times) != len(times):
+        raise ValueError(f"side features got {len(times)} times but {len(age_times)} age times")
+    item_rows = np.asarray(item_rows)
+    limit = min(len(first_seen), log.num_items)
+    if len(item_rows) and (item_rows.min() < 0 or item_rows.max() >= limit):
+        bad = np.flatnonzero((item_rows < 0) | (item_rows >= limit))[0]
+        raise ValueError(
+            f"side features: item row {item_rows[bad]} at position {bad} is outside the log "
+            f"({log.num_items} items) or first_seen ({len(first_seen)} items)"
+        )
 
 
 @dataclass(frozen=True)
@@ -101,10 +110,20 @@ class SideFeatures:
 
     def fit(self, item_rows: np.ndarray, times: np.ndarray, log: InteractionLog, first_seen: np.ndarray) -> "SideFeatures":
         """A copy whose normalisation statistics are fitted on these (training) samples."""
-        raw = raw_side_features(item_rows, times, log, first_seen, window_hours=self.window_hours)
-        if len(raw) == 0:
+        _check_pairs(item_rows, times, None, log, first_seen)  # before the chunks: positions count from 0 here
+        count, mean, m2 = 0, np.zeros(len(SIDE_FEATURE_NAMES)), np.zeros(len(SIDE_FEATURE_NAMES))
+        for lo in range(0, len(item_rows), PAIR_CHUNK):
+            raw = raw_side_features(item_rows[lo : lo + PAIR_CHUNK], times[lo : lo + PAIR_CHUNK], log, first_seen,
+                                    window_hours=self.window_hours)
+            # Chan et al.'s pairwise update: the chunks' means and squared deviations combine exactly.
+            n, chunk_mean = len(raw), raw.mean(axis=0)
+            delta = chunk_mean - mean
+            m2 += ((raw - chunk_mean) ** 2).sum(axis=0) + delta**2 * count * n / (count + n)
+            mean += delta * n / (count + n)
+            count += n
+        if count == 0:
             return self
-        std = raw.std(axis=0)
+        std = np.sqrt(m2 / count)
         # A feature constant on the training samples (a first window where nothing had been
         # shown before) has no scale to learn: dividing by a tiny std would turn later values
         # into ~1e6 and saturate the scorer. It is only centred, as scikit-learn's
@@ -112,9 +131,9 @@ class SideFeatures:
         constant = std < _MIN_STD
         if constant.any():
             names = [name for name, c in zip(SIDE_FEATURE_NAMES, constant) if c]
-            _log.warning("side features %s are constant on the %d training samples: centred, not scaled", names, len(raw))
+            _log.warning("side features %s are constant on the %d training samples: centred, not scaled", names, count)
         std = np.where(constant, 1.0, std)
-        return SideFeatures(self.window_hours, tuple(float(v) for v in raw.mean(axis=0)), tuple(float(v) for v in std))
+        return SideFeatures(self.window_hours, tuple(float(v) for v in mean), tuple(float(v) for v in std))
 
     def compute(
         self, item_rows: np.ndarray, times: np.ndarray, log: InteractionLog, first_seen: np.ndarray,
@@ -127,8 +146,15 @@ class SideFeatures:
         Returns:
             (p, num_features) float32.
         """
-        raw = raw_side_features(item_rows, times, log, first_seen, window_hours=self.window_hours, age_times=age_times)
-        return ((raw - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32)
+        _check_pairs(item_rows, times, age_times, log, first_seen)  # before the chunks: positions count from 0 here
+        out = np.empty((len(item_rows), self.num_features), dtype=np.float32)
+        mean, std = np.asarray(self.mean), np.asarray(self.std)
+        for lo in range(0, len(item_rows), PAIR_CHUNK):
+            part = slice(lo, lo + PAIR_CHUNK)
+            raw = raw_side_features(item_rows[part], times[part], log, first_seen, window_hours=self.window_hours,
+                                    age_times=None if age_times is None else age_times[part])
+            out[part] = (raw - mean) / std
+        return out
 
     def to_dict(self) -> dict:
         return {"names": list(SIDE_FEATURE_NAMES), "window_hours": self.window_hours,

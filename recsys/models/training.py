@@ -32,12 +32,14 @@ from recsys.models.bundle import RankingModel
 from recsys.models.ctr import CTRModel, listwise_loss, pointwise_loss
 from recsys.models.fusion import CategoryVocabulary
 from recsys.models.samples import (
-    ClickLog, Impressions, InteractionLog, candidate_impression_rows, concat_impressions, first_shown,
+    ClickLog, Impressions, InteractionLog, concat_impressions, first_shown,
     with_logged_clicks,
 )
 from recsys.models.side_features import SideFeatures
 
 LOSSES = ("pointwise", "listwise")
+# Impressions per chunk of ``mean_impression_auc``.
+AUC_IMPRESSIONS = 1 << 16
 # What a model's info (and a version's manifest metrics) records of a refit: the second training's size.
 REFIT_SUMMARY = ("epochs", "train_impressions", "train_samples")
 
@@ -62,9 +64,23 @@ def mean_impression_auc(y_true: np.ndarray, y_score: np.ndarray, offsets: np.nda
         is not finite.
     """
     y_true = np.asarray(y_true)
-    y_score = np.asarray(y_score, dtype=np.float64)
+    y_score = np.asarray(y_score)
     if not np.isfinite(y_score).all():
         return float("nan"), 0  # no ranking of NaN scores means anything
+    offsets = np.asarray(offsets, dtype=np.int64)
+    m = len(offsets) - 1
+    total, scored = 0.0, 0
+    # A chunk of impressions at a time: the sort below holds ~80 bytes per candidate.
+    for lo in range(0, m, AUC_IMPRESSIONS):
+        part = offsets[lo : min(lo + AUC_IMPRESSIONS, m) + 1]
+        auc = _impression_aucs(y_true[part[0] : part[-1]], y_score[part[0] : part[-1]].astype(np.float64), part - part[0])
+        total += float(auc.sum())
+        scored += len(auc)
+    return (total / scored if scored else float("nan")), scored
+
+
+def _impression_aucs(y_true: np.ndarray, y_score: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The AUC of every impression with both a click and a non-click (``mean_impression_auc``)."""
     owner = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     keep = y_true >= 0
     owner, y, s = owner[keep], y_true[keep].astype(np.int64), y_score[keep]
@@ -83,10 +99,7 @@ def mean_impression_auc(y_true: np.ndarray, y_score: np.ndarray, offsets: np.nda
     num_neg = counts - num_pos
     rank_sum = np.bincount(owner, weights=rank * y, minlength=m)
     scored = (num_pos > 0) & (num_neg > 0)
-    if not scored.any():
-        return float("nan"), 0
-    auc = (rank_sum[scored] - num_pos[scored] * (num_pos[scored] + 1) / 2) / (num_pos[scored] * num_neg[scored])
-    return float(auc.mean()), int(scored.sum())
+    return (rank_sum[scored] - num_pos[scored] * (num_pos[scored] + 1) / 2) / (num_pos[scored] * num_neg[scored])
 
 
 def binary_log_loss(y_true: np.ndarray, y_prob: np.ndarray, *, eps: float = 1e-7) -> float:
@@ -171,6 +184,13 @@ class _BatchMaker:
             "weights": weights,
             "groups": groups,
         }
+
+
+def _per_impression(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(m,) int64 number of true ``flags`` (c,) of each impression (CSR ``offsets``)."""
+    cum = np.zeros(len(flags) + 1, dtype=np.int64)
+    np.cumsum(flags, out=cum[1:])
+    return cum[offsets[1:]] - cum[offsets[:-1]]
 
 
 def _check_rows(name: str, impressions: Impressions, num_items: int) -> None:
@@ -421,9 +441,13 @@ def _train_networks(
     """
     listwise = loss == "listwise"
     keras.utils.set_random_seed(seed)
-    seen = np.unique(np.concatenate([train.history_items, train.candidate_items]).astype(np.int64))
+    # Masks and repeats, not a sort or int64 owner array: these run over every training pair.
+    used = np.zeros(len(features), dtype=bool)
+    used[train.history_items] = True
+    used[train.candidate_items] = True
+    seen = np.flatnonzero(used)
     vocabulary = CategoryVocabulary.fit(features.categories[seen])
-    train_times = train.times[candidate_impression_rows(train)]
+    train_times = np.repeat(train.times, np.diff(train.candidate_offsets))
     side_spec = SideFeatures(window_hours).fit(train.candidate_items, train_times, log, first_seen)
     model = RankingModel.create(
         features.text_encoder, features.image_encoder, vocabulary.categories, history_len=history_len,
@@ -464,9 +488,8 @@ def _train_networks(
         optimizer.apply(tape.gradient(value, variables), variables)
         return value
 
-    owner = candidate_impression_rows(train)
-    labelled = np.bincount(owner, weights=train.labels >= 0, minlength=len(train)).astype(np.int64)
-    clicks = np.bincount(owner, weights=train.labels == 1, minlength=len(train)).astype(np.int64)
+    labelled = _per_impression(train.labels >= 0, train.candidate_offsets)
+    clicks = _per_impression(train.labels == 1, train.candidate_offsets)
     usable = (clicks > 0) & (clicks < labelled) if listwise else labelled > 0
     eligible = np.flatnonzero(usable)
     if len(eligible) == 0:

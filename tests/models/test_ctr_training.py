@@ -12,6 +12,7 @@ from recsys.models.ctr import listwise_loss, pointwise_loss
 from recsys.models.samples import (
     ClickLog, Impressions, InteractionLog, first_shown, select_impressions, with_logged_clicks,
 )
+from recsys.models import training
 from recsys.models.training import _BatchMaker, binary_log_loss, clock_floor, evaluate_impressions, mean_impression_auc, train_ctr
 
 
@@ -25,7 +26,10 @@ def _random_impressions(seed: int = 0, m: int = 60):
     return offsets, labels, scores
 
 
-def test_mean_impression_auc_matches_sklearn_with_ties_and_skips():
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_mean_impression_auc_matches_sklearn_with_ties_and_skips(chunk, monkeypatch):
+    if chunk:  # impressions are scored AUC_IMPRESSIONS at a time
+        monkeypatch.setattr(training, "AUC_IMPRESSIONS", chunk)
     offsets, labels, scores = _random_impressions()
     expected = []
     for i in range(len(offsets) - 1):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from recsys.models import samples
 from recsys.models.samples import (
     ClickLog,
     Impressions,
@@ -123,8 +124,10 @@ def _reference_logged_history(imps: Impressions, i: int, events: list[tuple], ca
     return out[:cap]
 
 
-@pytest.mark.parametrize("cap", [1, 3, 50])
-def test_logged_clicks_lead_the_history_as_a_loop_would(world, cap):
+@pytest.mark.parametrize("cap, chunk", [(1, None), (3, None), (50, None), (3, 7)])
+def test_logged_clicks_lead_the_history_as_a_loop_would(world, cap, chunk, monkeypatch):
+    if chunk:  # histories are rebuilt HISTORY_CHUNK impressions at a time
+        monkeypatch.setattr(samples, "HISTORY_CHUNK", chunk)
     clicks = ClickLog.from_impressions([world.train, world.valid])
     events = [(world.train.user_ids[r], world.train.times[r], int(item))
               for r, item, label in zip(candidate_impression_rows(world.train), world.train.candidate_items, world.train.labels)
@@ -165,7 +168,10 @@ def test_logged_clicks_never_include_the_impression_itself():
     np.testing.assert_array_equal(with_logged_clicks(imps, empty, 10).history_items, imps.history_items)
 
 
-def test_histories_lose_the_articles_first_clicked_at_or_after_the_impression():
+@pytest.mark.parametrize("chunk", [None, 1, 3])
+def test_histories_lose_the_articles_first_clicked_at_or_after_the_impression(chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setattr(samples, "HISTORY_CHUNK", chunk)
     # A later file's History, stored for the user, lists clicks of the training window: the
     # impression's own click (item 2 for "a" at T0 + 10h) must not be in its history.
     h = np.timedelta64(1, "h")

@@ -11,6 +11,7 @@ import pytest
 
 from recsys.encoders.item_features import EncoderInfo
 from recsys.errors import ModelMismatchError, NotFoundError
+from recsys.models import bundle
 from recsys.models.bundle import MODEL_FILES, RankingModel
 from recsys.models.ctr import CTRModel
 from recsys.models.samples import InteractionLog, candidate_impression_rows, first_shown
@@ -192,6 +193,20 @@ def test_score_impressions_matches_the_building_blocks(model, small):
     assert np.abs(pop_capped - capped)[times > until].max() > 1e-4  # the true age moved the later ones
     with pytest.raises(ValueError, match=r"score expects user_vectors \(3, 16\)"):
         model.score(users[:3], emb[:2], side[:3])
+
+
+def test_score_impressions_a_chunk_of_impressions_at_a_time(model, small, monkeypatch):
+    # Impressions are scored SCORE_IMPRESSIONS at a time; with 7 the test window's chunks end
+    # mid-window, and every candidate must still get its own impression's user and time.
+    world, log, first = small
+    emb = model.item_embeddings(world.features)
+    monkeypatch.setattr(bundle, "SCORE_IMPRESSIONS", 7)
+    assert len(world.test) > 7
+    chunked = model.score_impressions(world.test, emb, log, first)
+    owner = candidate_impression_rows(world.test)
+    users = model.user_vectors(world.test.history_offsets, world.test.history_items, emb)
+    side = model.side_features(world.test.candidate_items, world.test.times[owner], log, first)
+    np.testing.assert_allclose(chunked, model.score(users[owner], emb[world.test.candidate_items], side), atol=1e-6)
 
 
 def test_training_model_and_bundle_agree(model, small):

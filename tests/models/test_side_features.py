@@ -149,3 +149,32 @@ def test_errors_name_the_problem(hand_log):
         SideFeatures(24.0, (0.0, 0.0), (1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match=r"side features \['a'\] saved"):
         SideFeatures.from_dict({"names": ["a"], "window_hours": 1, "mean": [0], "std": [1]})
+
+
+def test_chunked_fit_and_compute_match_one_pass(hand_log, monkeypatch):
+    # Pairs are computed PAIR_CHUNK at a time; statistics combine across chunks exactly.
+    from recsys.models import side_features
+
+    rng = np.random.default_rng(0)
+    first_seen = hand_log.first_shown()
+    items = rng.integers(0, 3, 101)
+    times = T0 + rng.integers(0, 40 * 3600, 101).astype("timedelta64[s]")
+    ages = times + np.timedelta64(3600, "s")
+    raw = raw_side_features(items, times, hand_log, first_seen, window_hours=24)
+    spec = SideFeatures(window_hours=24).fit(items, times, hand_log, first_seen)
+    np.testing.assert_allclose(spec.mean, raw.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(spec.std, raw.std(axis=0), rtol=1e-12)
+    whole = spec.compute(items, times, hand_log, first_seen, age_times=ages)
+    monkeypatch.setattr(side_features, "PAIR_CHUNK", 7)
+    chunked = SideFeatures(window_hours=24).fit(items, times, hand_log, first_seen)
+    np.testing.assert_allclose(chunked.mean, spec.mean, rtol=1e-12)
+    np.testing.assert_allclose(chunked.std, spec.std, rtol=1e-12)
+    np.testing.assert_array_equal(chunked.compute(items, times, hand_log, first_seen, age_times=ages), whole)
+    # A bad row is named at its position in the whole array, not in its chunk.
+    items[30] = 9
+    with pytest.raises(ValueError, match="item row 9 at position 30"):
+        spec.compute(items, times, hand_log, first_seen)
+    with pytest.raises(ValueError, match="got 101 times but 100 age times"):
+        spec.compute(items[:101], times, hand_log, first_seen, age_times=ages[:100])
+    with pytest.raises(ValueError, match="got 100 item rows but 101 times"):
+        spec.fit(items[:100], times, hand_log, first_seen)
