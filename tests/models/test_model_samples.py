@@ -83,6 +83,20 @@ def test_log_from_impressions_skips_unlabelled_and_sorts():
     assert list(log.times[1:4]) == [T0, T0 + np.timedelta64(2, "h"), T0 + np.timedelta64(5, "h")]
 
 
+def test_log_order_is_items_then_times_ties_in_arrival_order():
+    rng = np.random.default_rng(3)
+    n = 500
+    items = rng.integers(0, 7, n)
+    times = T0 + rng.integers(-3, 4, n).astype("timedelta64[h]").astype("timedelta64[s]")  # many ties
+    clicks = rng.integers(0, 2, n)
+    log = InteractionLog.from_events(items, times, clicks, 7)
+    expected = sorted(range(n), key=lambda i: (items[i], times[i]))  # Python's sort is stable
+    np.testing.assert_array_equal(log.item_rows, items[expected])
+    np.testing.assert_array_equal(log.times, times[expected])
+    np.testing.assert_array_equal(log.clicks, clicks[expected])
+    assert log.item_rows.dtype == np.int32 and log.clicks.dtype == np.int8
+
+
 def test_log_end_is_the_first_time_every_event_counts():
     log = InteractionLog.from_impressions([_impressions()], 5)
     assert log.end == T0 + np.timedelta64(5, "h") + np.timedelta64(1, "s")  # the last labelled show, +1 s
