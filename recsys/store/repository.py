@@ -10,7 +10,7 @@ from datetime import datetime
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Engine, and_, func, select
+from sqlalchemy import Engine, and_, func, select, true
 
 from recsys.columns import (
     ABSTRACT,
@@ -200,19 +200,21 @@ def read_impressions(
         cond.append(im.time < until)
     if source is not None:
         cond.append(im.source == source)
-    if labelled_only:
-        cond.append(it.label.is_not(None))
-    query = (
-        select(im.id, im.impression_id, im.user_id, im.time, it.news_id, it.label)
-        .join(s.impression_items, it.impression_pk == im.id)
-        .where(and_(*cond) if cond else True)
+    window = and_(*cond) if cond else true()
+    # Two queries: the items (three narrow columns per candidate) and the impressions' own
+    # columns once per impression, not repeated on every candidate row (half the read time).
+    items_query = (
+        select(it.impression_pk, it.news_id, it.label)
+        .join(s.impressions, it.impression_pk == im.id)
+        .where(and_(window, it.label.is_not(None)) if labelled_only else window)
         .order_by(im.time, im.id, it.position)
     )
+    heads_query = select(im.id, im.impression_id, im.user_id, im.time).where(window).order_by(im.time, im.id)
     lookup = pd.Index(news_ids, dtype=object)
-    heads, counts, rows, labels = [], [], [], []
+    pks, counts, rows, labels = [], [], [], []
     last_pk = None
     with engine.connect() as conn:
-        for df in _stream(conn, query, ["pk", IMPRESSION_ID, USER_ID, TIME, NEWS_ID, LABEL]):
+        for df in _stream(conn, items_query, ["pk", NEWS_ID, LABEL]):
             found = lookup.get_indexer(df[NEWS_ID].to_numpy(dtype=object))
             if (found < 0).any():
                 raise KeyError(f"news id {df[NEWS_ID].iloc[int(np.argmax(found < 0))]!r} has no features")
@@ -227,15 +229,21 @@ def read_impressions(
             if len(starts) == 0 or starts[0] > 0:  # the previous chunk's last impression goes on
                 next(c for c in reversed(counts) if len(c))[-1] += starts[0] if len(starts) else len(pk)
             counts.append(np.diff(np.append(starts, len(pk))))
-            heads.append(pd.DataFrame({
-                IMPRESSION_ID: df[IMPRESSION_ID].to_numpy(dtype=np.int64)[starts],
-                USER_ID: df[USER_ID].to_numpy(dtype=object)[starts],
-                TIME: _seconds(df[TIME].iloc[starts]),
-            }))
+            pks.append(pk[starts])
             last_pk = pk[-1]
-    if not heads:
-        heads = [pd.DataFrame({IMPRESSION_ID: np.zeros(0, np.int64), USER_ID: np.zeros(0, object), TIME: np.zeros(0, "datetime64[s]")})]
-    head = pd.concat(heads, ignore_index=True)
+        # Read after the items: an ingest in between only adds impressions, so every impression
+        # the items name is here (impressions without a labelled item, or added since, are not used).
+        heads = [pd.DataFrame({"pk": df["pk"].to_numpy(dtype=np.int64), IMPRESSION_ID: df[IMPRESSION_ID].to_numpy(dtype=np.int64),
+                               USER_ID: df[USER_ID].to_numpy(dtype=object), TIME: _seconds(df[TIME])})
+                 for df in _stream(conn, heads_query, ["pk", IMPRESSION_ID, USER_ID, TIME])]
+    order = np.concatenate(pks) if pks else np.zeros(0, np.int64)
+    head = (pd.concat(heads, ignore_index=True) if heads else
+            pd.DataFrame({"pk": np.zeros(0, np.int64), IMPRESSION_ID: np.zeros(0, np.int64), USER_ID: np.zeros(0, object),
+                          TIME: np.zeros(0, "datetime64[s]")}))
+    at = pd.Index(head["pk"].to_numpy()).get_indexer(order)
+    if (at < 0).any():  # impressions are never deleted, so this is a broken store, not a race
+        raise RuntimeError(f"impression pk {order[np.argmax(at < 0)]} has items but no impression row")
+    head = head.iloc[at].reset_index(drop=True)
     cand_offsets = np.zeros(len(head) + 1, dtype=np.int64)
     if counts:
         np.cumsum(np.concatenate(counts), out=cand_offsets[1:])

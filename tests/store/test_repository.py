@@ -148,18 +148,24 @@ def test_streamed_reads_do_not_depend_on_the_chunk_size(engine, tmp_path, monkey
         lines.append(behavior_line(i + 1, f"U{i % 5}", T0 + timedelta(minutes=i), ["N1", "N2"] if i % 2 else ["N3"],
                                    [f"{n}-{y}" for n, y in zip(items, labels)]))
         expected.append((items, labels))
+    # An unlabelled impression (a test file's) between them: left out of labelled reads.
+    lines.append(behavior_line(99, "U7", T0 + timedelta(minutes=5, seconds=30), ["N1"], ["N9", "N8"]))
     _ingest(engine, tmp_path, ids, lines)
     news_ids = repo.read_news(engine)["news_id"].to_numpy()
     users = np.array([f"U{u}" for u in range(5)], dtype=object)
+    every = repo.read_impressions(engine, news_ids)
+    assert every.impression_ids.tolist() == [1, 2, 3, 4, 5, 6, 99, 7, 8, 9, 10, 11, 12]
+    assert news_ids[every.candidates(6)].tolist() == ["N9", "N8"] and every.candidate_labels(6).tolist() == [-1, -1]
 
     def everything():
-        imps = repo.read_impressions(engine, news_ids, history_len=5)
+        imps = repo.read_impressions(engine, news_ids, history_len=5, labelled_only=True)
         log = repo.read_interaction_log(engine, news_ids)
         clicks = repo.read_click_log(engine, news_ids)
         histories = repo.read_user_histories(engine, users, news_ids)
         return imps, log, clicks, histories
 
     imps, log, clicks, histories = everything()
+    assert imps.impression_ids.tolist() == list(range(1, 13))
     # Against the file: every impression's candidates and labels, in order.
     assert [(news_ids[imps.candidates(i)].tolist(), imps.candidate_labels(i).tolist()) for i in range(12)] == expected
     assert len(log) == sum(len(items) for items, _ in expected) and int(log.clicks.sum()) == 12 == len(clicks)
