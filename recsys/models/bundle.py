@@ -35,7 +35,7 @@ from recsys.errors import ModelMismatchError, NotFoundError
 from recsys.models.fusion import CategoryVocabulary, build_item_tower, parse_modalities
 from recsys.models.samples import Impressions, InteractionLog, slice_impressions
 from recsys.models.scorer import Scorer, build_scorer
-from recsys.models.side_features import SideFeatures
+from recsys.models.side_features import SideFeatures, check_side_inputs
 from recsys.models.user_encoder import build_user_encoder
 
 
@@ -603,6 +603,8 @@ class RankingModel:
         if len(items) and (items.min() < 0 or items.max() >= len(item_embeddings)):
             bad = items[(items < 0) | (items >= len(item_embeddings))][0]
             raise ValueError(f"candidate item row {bad} is outside the {len(item_embeddings)} item embeddings")
+        # Before the chunks, so that a bad row is named at its position in the whole array.
+        check_side_inputs(items, log, first_seen)
         out = np.empty(len(items), dtype=np.float32)
         # A chunk of impressions at a time: user vectors take user_dim floats per impression and
         # the side features ~110 bytes per candidate, too much for a whole training window at once.

@@ -54,7 +54,7 @@ def raw_side_features(
     """
     if not window_hours > 0:
         raise ValueError(f"window_hours is {window_hours}, expected a positive number of hours")
-    _check_pairs(item_rows, times, age_times, log, first_seen)
+    check_side_inputs(item_rows, log, first_seen, times=times, age_times=age_times)
     item_rows = np.asarray(item_rows, dtype=np.int64)
     times = np.asarray(times).astype("datetime64[s]")
     age_times = times if age_times is None else np.asarray(age_times).astype("datetime64[s]")
@@ -66,11 +66,13 @@ def raw_side_features(
     return np.stack([np.log1p(clicks), np.log1p(shows), np.log1p(age_hours)], axis=1)
 
 
-def _check_pairs(item_rows, times, age_times, log: InteractionLog, first_seen: np.ndarray) -> None:
-    """Raises ValueError for arrays of different lengths or an item row outside the log or ``first_seen``."""
-    if len(item_rows) != len(times):
+def check_side_inputs(item_rows, log: InteractionLog, first_seen: np.ndarray, *, times=None, age_times=None) -> None:
+    """Checks what ``raw_side_features`` reads, for callers that compute it in chunks.
+
+    Raises ValueError for arrays of different lengths or an item row outside the log or ``first_seen``."""
+    if times is not None and len(item_rows) != len(times):
         raise ValueError(f"side features got {len(item_rows)} item rows but {len(times)} times")
-    if age_times is not None and len(age_times) != len(times):
+    if times is not None and age_times is not None and len(age_times) != len(times):
         raise ValueError(f"side features got {len(times)} times but {len(age_times)} age times")
     item_rows = np.asarray(item_rows)
     limit = min(len(first_seen), log.num_items)
@@ -110,7 +112,7 @@ class SideFeatures:
 
     def fit(self, item_rows: np.ndarray, times: np.ndarray, log: InteractionLog, first_seen: np.ndarray) -> "SideFeatures":
         """A copy whose normalisation statistics are fitted on these (training) samples."""
-        _check_pairs(item_rows, times, None, log, first_seen)  # before the chunks: positions count from 0 here
+        check_side_inputs(item_rows, log, first_seen, times=times)  # before the chunks: positions count from 0 here
         count, mean, m2 = 0, np.zeros(len(SIDE_FEATURE_NAMES)), np.zeros(len(SIDE_FEATURE_NAMES))
         for lo in range(0, len(item_rows), PAIR_CHUNK):
             raw = raw_side_features(item_rows[lo : lo + PAIR_CHUNK], times[lo : lo + PAIR_CHUNK], log, first_seen,
@@ -146,7 +148,7 @@ class SideFeatures:
         Returns:
             (p, num_features) float32.
         """
-        _check_pairs(item_rows, times, age_times, log, first_seen)  # before the chunks: positions count from 0 here
+        check_side_inputs(item_rows, log, first_seen, times=times, age_times=age_times)  # before the chunks: positions count from 0 here
         out = np.empty((len(item_rows), self.num_features), dtype=np.float32)
         mean, std = np.asarray(self.mean), np.asarray(self.std)
         for lo in range(0, len(item_rows), PAIR_CHUNK):

@@ -101,7 +101,8 @@ def _stream(conn, query, columns: list[str]):
 
 
 def _seconds(values: pd.Series) -> np.ndarray:
-    return pd.to_datetime(values).to_numpy(dtype="datetime64[ns]").astype("datetime64[s]")
+    # Not through datetime64[ns]: it ends in 2262 and wraps silently after.
+    return pd.to_datetime(values).to_numpy().astype("datetime64[s]")
 
 
 def read_user_histories(
@@ -214,6 +215,10 @@ def read_impressions(
     pks, counts, rows, labels = [], [], [], []
     last_pk = None
     with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            # One snapshot for both queries (SQLite's BEGIN DEFERRED in WAL mode gives one already):
+            # a re-ingest may move an impression's time or user between them.
+            conn.execution_options(isolation_level="REPEATABLE READ")
         for df in _stream(conn, items_query, ["pk", NEWS_ID, LABEL]):
             found = lookup.get_indexer(df[NEWS_ID].to_numpy(dtype=object))
             if (found < 0).any():
@@ -231,8 +236,7 @@ def read_impressions(
             counts.append(np.diff(np.append(starts, len(pk))))
             pks.append(pk[starts])
             last_pk = pk[-1]
-        # Read after the items: an ingest in between only adds impressions, so every impression
-        # the items name is here (impressions without a labelled item, or added since, are not used).
+        # Aligned to the items' impressions: those without a labelled item are not used.
         heads = [pd.DataFrame({"pk": df["pk"].to_numpy(dtype=np.int64), IMPRESSION_ID: df[IMPRESSION_ID].to_numpy(dtype=np.int64),
                                USER_ID: df[USER_ID].to_numpy(dtype=object), TIME: _seconds(df[TIME])})
                  for df in _stream(conn, heads_query, ["pk", IMPRESSION_ID, USER_ID, TIME])]
@@ -241,7 +245,7 @@ def read_impressions(
             pd.DataFrame({"pk": np.zeros(0, np.int64), IMPRESSION_ID: np.zeros(0, np.int64), USER_ID: np.zeros(0, object),
                           TIME: np.zeros(0, "datetime64[s]")}))
     at = pd.Index(head["pk"].to_numpy()).get_indexer(order)
-    if (at < 0).any():  # impressions are never deleted, so this is a broken store, not a race
+    if (at < 0).any():  # both queries read one snapshot, so this is a broken store
         raise RuntimeError(f"impression pk {order[np.argmax(at < 0)]} has items but no impression row")
     head = head.iloc[at].reset_index(drop=True)
     cand_offsets = np.zeros(len(head) + 1, dtype=np.int64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -207,6 +208,15 @@ def test_score_impressions_a_chunk_of_impressions_at_a_time(model, small, monkey
     users = model.user_vectors(world.test.history_offsets, world.test.history_items, emb)
     side = model.side_features(world.test.candidate_items, world.test.times[owner], log, first)
     np.testing.assert_allclose(chunked, model.score(users[owner], emb[world.test.candidate_items], side), atol=1e-6)
+    # A bad row in the second chunk is named at its position among all candidates.
+    n = len(emb)
+    items = world.test.candidate_items.copy()
+    items[items == n - 1] = 0
+    position = int(world.test.candidate_offsets[7]) + 1
+    items[position] = n - 1
+    bad = dataclasses.replace(world.test, candidate_items=items)
+    with pytest.raises(ValueError, match=f"item row {n - 1} at position {position} "):
+        model.score_impressions(bad, emb, log, first[: n - 1])
 
 
 def test_training_model_and_bundle_agree(model, small):

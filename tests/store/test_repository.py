@@ -192,3 +192,32 @@ def test_an_unknown_candidate_is_named_whatever_chunk_it_is_in(engine, tmp_path,
         repo.read_impressions(engine, np.array(["N1", "N2"], dtype=object))
     # The logs drop what they cannot index instead.
     assert len(repo.read_interaction_log(engine, np.array(["N1", "N2"], dtype=object))) == 3
+
+
+def test_a_reingest_between_the_two_queries_of_a_read_is_not_seen(engine, tmp_path, monkeypatch):
+    # read_impressions reads the items, then the impressions' own columns; a corrected file
+    # ingested in between (impression 2 moved ten days later) must not mix into the result.
+    (tmp_path / "fix").mkdir()
+    news = write_lines(tmp_path / "news.tsv", [news_line(n) for n in ("N1", "N2", "N3")])
+    first = write_lines(tmp_path / "behaviors.tsv",
+                        [behavior_line(i + 1, "U1", T0 + timedelta(hours=i), ["N1"], ["N2-1", "N3-0"]) for i in range(3)])
+    ingest(engine, news_path=news, behaviors_path=first, quarantine_dir=tmp_path / "q", source="train")
+    news_ids = repo.read_news(engine)["news_id"].to_numpy()
+    moved = write_lines(tmp_path / "fix" / "behaviors.tsv",
+                        [behavior_line(2, "U1", T0 + timedelta(days=10), ["N1"], ["N2-1", "N3-0"])])
+    stream, streams = repo._stream, []
+
+    def ingest_after_the_items(conn, query, columns):
+        yield from stream(conn, query, columns)
+        streams.append(columns)
+        if len(streams) == 1:  # the items are read; the impression rows not yet
+            ingest(engine, behaviors_path=moved, quarantine_dir=tmp_path / "q", source="train")
+
+    monkeypatch.setattr(repo, "_stream", ingest_after_the_items)
+    window = dict(since=T0, until=T0 + timedelta(days=1))
+    imps = repo.read_impressions(engine, news_ids, **window)
+    assert streams[0][1] == "news_id" and streams[1][1] == "impression_id"  # the ingest ran between the two
+    assert imps.impression_ids.tolist() == [1, 2, 3]
+    assert imps.times.tolist() == [T0, T0 + timedelta(hours=1), T0 + timedelta(hours=2)]
+    monkeypatch.setattr(repo, "_stream", stream)
+    assert repo.read_impressions(engine, news_ids, **window).impression_ids.tolist() == [1, 3]  # a new read sees it
