@@ -13,15 +13,21 @@ a sampler records the peak RSS during the stage above the RSS when it started
 (``peak_above_start_mb``: what the stage needs on top of what earlier stages hold), and the
 stage's retained RSS. Bytes per pair divide by the window's (impression, candidate) pairs.
 
+On PostgreSQL (``--backend postgresql``) the world is ingested into a fresh database of the
+server that is dropped afterwards; the reads then go through server-side cursors.
+
 Usage (the store is kept in --store and reused when it exists, so that runs compare alike):
     .venv/bin/python benchmarks/bench_train_data.py --impressions 150000 --store /tmp/bench_train_store
     .venv/bin/python benchmarks/bench_train_data.py --impressions 600000 --store /tmp/bench_train_store_600k \\
         --out benchmarks/results/train_data_600k.json
+    .venv/bin/python benchmarks/bench_train_data.py --impressions 150000 --store /tmp/bench_train_store \\
+        --backend postgresql --out benchmarks/results/train_data_postgresql.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -31,11 +37,13 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psutil
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_data.json"
+DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 HISTORY_LEN = 50
 VALID_DAYS = 1.0
 
@@ -149,31 +157,63 @@ def run_child(url: str) -> dict:
     }
 
 
-def build_store(folder: Path, args) -> str:
-    """Write and ingest the world into ``folder/bench.db`` unless it is there; returns the URL."""
+def write_files(folder: Path, args) -> None:
+    """The world's news.tsv and behaviors.tsv in ``folder``, unless they are there."""
     from bench_ingest import write_world  # benchmarks/ is on sys.path when run as a script
 
-    db = folder / "bench.db"
-    url = f"sqlite:///{db}"
-    if db.exists():
-        print(f"reusing the store {db}", flush=True)
-        return url
+    if (folder / "behaviors.tsv").exists():
+        return
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     world = write_world(folder, num_news=args.news, num_users=args.users, num_impressions=args.impressions,
                         mean_candidates=args.candidates, seed=args.seed)
     print(f"world written in {time.perf_counter() - t0:.0f} s: {world}", flush=True)
+
+
+def ingest_into(url: str, folder: Path) -> None:
     from recsys.store.database import open_store
     from recsys.store.ingest import ingest
 
     t0 = time.perf_counter()
-    engine = open_store(f"sqlite:///{folder / 'bench.db.partial'}")
-    ingest(engine, news_path=folder / "news.tsv", behaviors_path=folder / "behaviors.tsv",
-           quarantine_dir=folder / "quarantine")
+    engine = open_store(url)
+    ingest(engine, news_path=folder / "news.tsv", behaviors_path=folder / "behaviors.tsv", quarantine_dir=folder / "quarantine")
     engine.dispose()
-    os.replace(folder / "bench.db.partial", db)  # an interrupted build is not reused
     print(f"ingested in {time.perf_counter() - t0:.0f} s", flush=True)
-    return url
+
+
+def sqlite_store(folder: Path, args) -> str:
+    """Write and ingest the world into ``folder/bench.db`` unless it is there; returns the URL."""
+    db = folder / "bench.db"
+    if db.exists():
+        print(f"reusing the store {db}", flush=True)
+        return f"sqlite:///{db}"
+    write_files(folder, args)
+    ingest_into(f"sqlite:///{folder / 'bench.db.partial'}", folder)
+    os.replace(folder / "bench.db.partial", db)  # an interrupted build is not reused
+    return f"sqlite:///{db}"
+
+
+@contextlib.contextmanager
+def postgresql_store(folder: Path, args):
+    """A fresh PostgreSQL database holding the world, dropped afterwards; yields its URL."""
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    write_files(folder, args)
+    name = f"recsys_bench_{uuid.uuid4().hex[:8]}"
+    server = make_url(args.pg_url).set(drivername="postgresql+psycopg")
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        url = server.set(database=name).render_as_string(hide_password=False)
+        ingest_into(url, folder)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"), {"d": name})
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
 
 
 def main() -> None:
@@ -183,7 +223,11 @@ def main() -> None:
     parser.add_argument("--impressions", type=int, default=150_000)
     parser.add_argument("--candidates", type=float, default=37.0, help="mean candidates per impression")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--store", type=Path, help="folder of the store, kept and reused (default: a temporary one)")
+    parser.add_argument("--store", type=Path, help="folder of the world's files and SQLite store, kept and reused "
+                        "(default: a temporary one)")
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="postgresql: ingest the world into a fresh database of --pg-url's server, dropped afterwards")
+    parser.add_argument("--pg-url", default=os.environ.get("RECSYS_TEST_PG_URL", DEFAULT_PG))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -192,8 +236,10 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory(prefix="bench_train_data_") as tmp:
-        url = build_store(args.store or Path(tmp), args)
-        proc = subprocess.run([sys.executable, __file__, "--child", url], capture_output=True, text=True)
+        folder = args.store or Path(tmp)
+        with (postgresql_store(folder, args) if args.backend == "postgresql"
+              else contextlib.nullcontext(sqlite_store(folder, args))) as url:
+            proc = subprocess.run([sys.executable, __file__, "--child", url], capture_output=True, text=True)
         sys.stderr.write(proc.stderr[-4000:] if proc.returncode else "")
         if proc.returncode:
             raise SystemExit(f"the child failed with exit {proc.returncode}")
@@ -203,7 +249,7 @@ def main() -> None:
         run = json.loads(lines[-1])
     import recsys
 
-    results = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"},
+    results = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("child", "pg_url")},
                "code": str(Path(recsys.__file__).parent), "machine": platform.machine(), "cpu_count": os.cpu_count(), **run}
     print(json.dumps({k: results[k] for k in ("window", "max_rss_mb", "numpy_arrays_mb")}, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
