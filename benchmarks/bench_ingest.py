@@ -107,17 +107,22 @@ def _admin(url: str):
     return sa.create_engine(url, isolation_level="AUTOCOMMIT")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_world_args(parser: argparse.ArgumentParser) -> None:
+    """The world's size and seed (``write_world``) and the PostgreSQL server; shared with bench_train_data."""
     parser.add_argument("--news", type=int, default=65_000)
     parser.add_argument("--users", type=int, default=50_000)
     parser.add_argument("--impressions", type=int, default=150_000)
     parser.add_argument("--candidates", type=float, default=37.0, help="mean candidates per impression")
-    parser.add_argument("--batch-size", type=int, default=5000)
-    parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pg-url", default=os.environ.get("RECSYS_TEST_PG_URL", DEFAULT_PG),
                         help="a PostgreSQL server database to create the benchmark database from")
-    parser.add_argument("--seed", type=int, default=0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_world_args(parser)
+    parser.add_argument("--batch-size", type=int, default=5000)
+    parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)

@@ -42,8 +42,9 @@ from pathlib import Path
 
 import psutil
 
+from bench_ingest import add_world_args  # benchmarks/ is on sys.path when run as a script
+
 RESULTS = Path(__file__).resolve().parent / "results" / "train_data.json"
-DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 HISTORY_LEN = 50
 VALID_DAYS = 1.0
 
@@ -159,7 +160,7 @@ def run_child(url: str) -> dict:
 
 def write_files(folder: Path, args) -> None:
     """The world's news.tsv and behaviors.tsv in ``folder``, unless they are there."""
-    from bench_ingest import write_world  # benchmarks/ is on sys.path when run as a script
+    from bench_ingest import write_world
 
     if (folder / "behaviors.tsv").exists():
         return
@@ -218,16 +219,11 @@ def postgresql_store(folder: Path, args):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--news", type=int, default=65_000)
-    parser.add_argument("--users", type=int, default=50_000)
-    parser.add_argument("--impressions", type=int, default=150_000)
-    parser.add_argument("--candidates", type=float, default=37.0, help="mean candidates per impression")
-    parser.add_argument("--seed", type=int, default=0)
+    add_world_args(parser)
     parser.add_argument("--store", type=Path, help="folder of the world's files and SQLite store, kept and reused "
                         "(default: a temporary one)")
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite",
                         help="postgresql: ingest the world into a fresh database of --pg-url's server, dropped afterwards")
-    parser.add_argument("--pg-url", default=os.environ.get("RECSYS_TEST_PG_URL", DEFAULT_PG))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
