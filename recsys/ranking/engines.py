@@ -14,6 +14,7 @@ import json
 import os
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,8 +31,8 @@ OnResult = Callable[["ShardResult"], None]
 
 
 class WorkerDiedError(RecsysError):
-    """A worker process died (killed by a signal) while shards were pending: like a killed
-    run, the run stays resumable."""
+    """A worker process died (killed by a signal) while shards were pending, or a Ray worker
+    died more often than it is restarted: like a killed run, the run stays resumable."""
 
 
 def ids_fingerprint(news_ids: np.ndarray) -> str:
@@ -308,6 +309,12 @@ def _shard_result(shard: int, future) -> ShardResult:
 # Ray engine
 
 
+# Ray Data restarts a dead actor and retries its shard, by default for ever: a shard that kills
+# its worker every time (out of memory) would hang the job while it holds the store lock. A
+# worker that dies once is still replaced and the shard retried.
+RAY_ACTOR_RESTARTS = 2
+
+
 class RayShardActor:
     """Ray Data actor: one ``ShardWorker`` per actor, one shard per batch row."""
 
@@ -345,6 +352,10 @@ def run_ray(
 
     Returns:
         One result per shard.
+
+    Raises:
+        WorkerDiedError: an actor died more than ``RAY_ACTOR_RESTARTS`` times (one that dies
+            less often is replaced and its shard ranked again).
     """
     import ray
 
@@ -362,19 +373,31 @@ def run_ray(
             [{"shard": int(shard), "user_ids": [str(u) for u in users]} for shard, users in shards],
             override_num_blocks=len(shards),
         )
-        ranked = dataset.map_batches(
-            RayShardActor,
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=num_workers),
-            num_cpus=setup.num_threads,
-            fn_constructor_kwargs={"setup": setup},
-        )
-        for row in ranked.iter_rows():
-            result = ShardResult.from_row(row)
-            results.append(result)
-            if on_result is not None:
-                on_result(result)
+        with warnings.catch_warnings():
+            # Ray 2.60 deprecates actor options given as keywords but names no replacement for
+            # max_restarts; its actor pool still reads it from there.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ranked = dataset.map_batches(
+                RayShardActor,
+                batch_size=1,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=num_workers),
+                num_cpus=setup.num_threads,
+                max_restarts=RAY_ACTOR_RESTARTS,
+                fn_constructor_kwargs={"setup": setup},
+            )
+        try:
+            for row in ranked.iter_rows():
+                result = ShardResult.from_row(row)
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as exc:
+            raise WorkerDiedError(
+                f"a Ray ranking worker died {RAY_ACTOR_RESTARTS + 1} times (killed by a signal or Ray's memory monitor, "
+                "often for memory: fewer workers or a smaller shard size need less); the run stays resumable, and the "
+                f"next attempt with the same plan ranks only the shards not yet written ({type(exc).__name__})"
+            ) from exc
     finally:
         if started_here:
             ray.shutdown()

@@ -152,3 +152,59 @@ def test_a_worker_killed_by_a_signal_stops_the_run_resumably(world_store, world,
     assert rerun["run_id"] == 1 and rerun["resumed"] and rerun["counts"]["shards_resumed"] == written
     clean = run_nightly(world_store, model_dir=world.model_dir, index_dir=world.index_dir, num_workers=0, **SETTINGS)
     pd.testing.assert_frame_equal(_rows(world_store, 1)[[USER_ID, RANK, NEWS_ID]], _rows(world_store, clean["run_id"])[[USER_ID, RANK, NEWS_ID]])
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_ray_worker_that_keeps_dying_stops_the_run_resumably(world_store, world):
+    # Ray Data replaces a dead actor and retries its shard, by default for ever: a shard that
+    # kills its worker every time (out of memory) hung the job while it held the lock. Here every
+    # actor process is killed as soon as it appears.
+    import threading
+
+    import psutil
+
+    from recsys.ranking.engines import RAY_ACTOR_RESTARTS, WorkerDiedError
+
+    stop, killed = threading.Event(), set()
+
+    def kill_the_actors():
+        while not stop.is_set():
+            for process in psutil.process_iter(["pid", "name"]):
+                if "RayShardActor" in (process.info["name"] or ""):
+                    try:
+                        process.kill()
+                        killed.add(process.info["pid"])
+                    except psutil.Error:
+                        pass
+            stop.wait(0.1)
+
+    outcome: dict = {}
+
+    def job():
+        try:
+            run_nightly(world_store, model_dir=world.model_dir, index_dir=world.index_dir, engine_name="ray",
+                        num_workers=1, **SETTINGS)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = exc
+
+    killer = threading.Thread(target=kill_the_actors, daemon=True)
+    killer.start()
+    try:
+        thread = threading.Thread(target=job, daemon=True)
+        thread.start()
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "the nightly job hung while its Ray worker kept dying"
+    finally:
+        stop.set()
+        killer.join()
+    assert isinstance(outcome.get("error"), WorkerDiedError), outcome
+    assert f"died {RAY_ACTOR_RESTARTS + 1} times" in str(outcome["error"])
+    assert len(killed) >= RAY_ACTOR_RESTARTS + 1
+    stopped = runs.get_run(world_store, 1)
+    assert stopped.status == "running"
+    # The lock was released: the next attempt runs at once, resumes the run and ends as a clean run does.
+    rerun = run_nightly(world_store, model_dir=world.model_dir, index_dir=world.index_dir, num_workers=0, **SETTINGS)
+    assert rerun["run_id"] == 1 and rerun["resumed"] and rerun["status"] == "complete"
+    clean = run_nightly(world_store, model_dir=world.model_dir, index_dir=world.index_dir, num_workers=0, **SETTINGS)
+    pd.testing.assert_frame_equal(_rows(world_store, 1)[[USER_ID, RANK, NEWS_ID]], _rows(world_store, clean["run_id"])[[USER_ID, RANK, NEWS_ID]])
