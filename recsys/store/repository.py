@@ -212,8 +212,8 @@ def read_impressions(
     )
     heads_query = select(im.id, im.impression_id, im.user_id, im.time).where(window).order_by(im.time, im.id)
     lookup = pd.Index(news_ids, dtype=object)
-    pks, counts, rows, labels = [], [], [], []
-    last_pk = None
+    pks, starts, rows, labels = [], [], [], []
+    last_pk, seen = None, 0  # the previous chunk's last impression, items read so far
     with engine.connect() as conn:
         if engine.dialect.name == "postgresql":
             # One snapshot for both queries (SQLite's BEGIN DEFERRED in WAL mode gives one already):
@@ -230,12 +230,10 @@ def read_impressions(
             first = np.ones(len(pk), dtype=bool)
             first[1:] = pk[1:] != pk[:-1]
             first[0] = pk[0] != last_pk
-            starts = np.flatnonzero(first)
-            if len(starts) == 0 or starts[0] > 0:  # the previous chunk's last impression goes on
-                next(c for c in reversed(counts) if len(c))[-1] += starts[0] if len(starts) else len(pk)
-            counts.append(np.diff(np.append(starts, len(pk))))
-            pks.append(pk[starts])
-            last_pk = pk[-1]
+            begin = np.flatnonzero(first)
+            starts.append(seen + begin)  # where each impression's items start among all items
+            pks.append(pk[begin])
+            last_pk, seen = pk[-1], seen + len(pk)
         # Aligned to the items' impressions: those without a labelled item are not used.
         heads = [pd.DataFrame({"pk": df["pk"].to_numpy(dtype=np.int64), IMPRESSION_ID: df[IMPRESSION_ID].to_numpy(dtype=np.int64),
                                USER_ID: df[USER_ID].to_numpy(dtype=object), TIME: _seconds(df[TIME])})
@@ -248,9 +246,7 @@ def read_impressions(
     if (at < 0).any():  # both queries read one snapshot, so this is a broken store
         raise RuntimeError(f"impression pk {order[np.argmax(at < 0)]} has items but no impression row")
     head = head.iloc[at].reset_index(drop=True)
-    cand_offsets = np.zeros(len(head) + 1, dtype=np.int64)
-    if counts:
-        np.cumsum(np.concatenate(counts), out=cand_offsets[1:])
+    cand_offsets = np.append(np.concatenate(starts) if starts else np.zeros(0, np.int64), seen).astype(np.int64)
     users = head[USER_ID].to_numpy(dtype=object)
     unique_users = pd.unique(users)
     u_off, u_items = read_user_histories(engine, unique_users, news_ids, include_impression_clicks=False, max_len=history_len)
