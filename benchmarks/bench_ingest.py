@@ -36,8 +36,9 @@ WORDS = tuple(
 
 
 def write_world(out: Path, *, num_news: int, num_users: int, num_impressions: int, mean_candidates: float,
-                seed: int) -> dict:
-    """Write ``news.tsv`` and ``behaviors.tsv`` (labelled) into ``out``; returns row counts."""
+                seed: int, start: datetime = datetime(2019, 11, 9), days: float = 6.0) -> dict:
+    """Write ``news.tsv`` and ``behaviors.tsv`` (labelled, ``days`` from ``start``) into ``out``;
+    returns row counts."""
     rng = np.random.default_rng(seed)
     news_ids = np.array([f"N{i}" for i in range(1, num_news + 1)], dtype=object)
     with open(out / "news.tsv", "w", encoding="utf-8", newline="\n") as f:
@@ -55,8 +56,7 @@ def write_world(out: Path, *, num_news: int, num_users: int, num_impressions: in
     histories = [" ".join(news_ids[rng.choice(num_news, n, p=popularity)]) if n else "" for n in history_len]
     negatives = np.array([f"{n}-0" for n in news_ids], dtype=object)
     positives = np.array([f"{n}-1" for n in news_ids], dtype=object)
-    start = datetime(2019, 11, 9)
-    seconds = np.sort(rng.integers(0, 6 * 24 * 3600, num_impressions))
+    seconds = np.sort(rng.integers(0, int(days * 24 * 3600), num_impressions))
     users = rng.integers(0, num_users, num_impressions)
     counts = np.clip(rng.poisson(mean_candidates - 2, num_impressions) + 2, 2, 300)
     num_items = 0

@@ -43,6 +43,27 @@ class ModelVersion:
         return self.path / "index"
 
 
+def read_bundle_config(model_dir: Path) -> dict:
+    """A model bundle's config.json, read without loading TensorFlow (see recsys.models.bundle):
+    the nightly driver and the scoring commands read the side-feature window from it.
+
+    Raises:
+        NotFoundError: the bundle has no config.json.
+        ModelMismatchError: it is unreadable or lacks ``embedding_dim`` or ``side_features``.
+    """
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise NotFoundError(f"model bundle {model_dir} has no config.json")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelMismatchError(f"{path}: unreadable model config ({exc})") from exc
+    missing = [key for key in ("embedding_dim", "side_features") if key not in config]
+    if missing:
+        raise ModelMismatchError(f"{path}: keys {missing} are missing from the model config")
+    return config
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 

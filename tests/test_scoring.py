@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from recsys.config import load_config
-from recsys.data.mind import iter_behaviors
+from recsys.data.mind import iter_behaviors, scan_behaviors
 from recsys.errors import RecsysError
 from recsys.models.samples import InteractionLog, candidate_impression_rows, with_logged_clicks
 from recsys.pipelines.predict import run_predict
-from recsys.pipelines.scoring import FeatureTimes, VersionScorer, feature_times, iter_behavior_chunks, load_scoring_catalogue
+from recsys.pipelines.scoring import (
+    FEATURES_AT, FeatureTimes, VersionScorer, feature_times, iter_behavior_chunks, load_scoring_catalogue, scoring_span,
+)
 from recsys.pipelines.train import run_train
 from recsys.versions import get_version
 from tests.sample_store import ingested_sample
@@ -100,6 +102,32 @@ def test_store_end_reads_later_impressions_with_the_stores_last_statistics(train
     assert np.abs(popularity_at_end - at_impression).max() > 1e-4
 
 
+def test_a_files_span_reads_only_the_log_it_counts_and_scores_the_same(trained):
+    """predict/evaluate read the popularity log only where the file's side features look
+    (``ScoringSpan.log_window``): every reading scores as with the whole store's log."""
+    world, ws, engine, config, versions = trained
+    whole = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    assert whole.end == whole.log.end  # the store's end, read apart from the log
+    mv = get_version(engine, versions[True])
+    on_whole = VersionScorer(mv, whole)
+    for name in ("behaviors_test.tsv", "behaviors_train.tsv"):
+        path = world / name
+        times = [row.time for row in iter_behaviors(path)]
+        span = scoring_span(scan_behaviors(path), [mv])
+        assert (span.first, span.last) == (min(times), max(times))
+        assert span.window_hours == on_whole.model.config.side_features.window_hours
+        part = load_scoring_catalogue(engine, ws, config, news=None, images=None, span=span)
+        assert part.end == whole.end
+        on_part = VersionScorer(mv, part)
+        for mode in FEATURES_AT:
+            on_whole.times, on_part.times = feature_times(whole, mode), feature_times(part, mode)
+            assert on_part.times == on_whole.times
+            for imps, _ in iter_behavior_chunks(path, whole, chunk_size=150, history_len=50):
+                np.testing.assert_array_equal(on_part.score(imps), on_whole.score(imps), err_msg=f"{name} {mode}")
+        if name == "behaviors_test.tsv":  # a later file reads the store's last window only
+            assert 0 < len(part.log) < len(whole.log) / 2, (len(part.log), len(whole.log))
+
+
 def test_every_reading_agrees_inside_the_stores_time_range(trained):
     """Impressions before the store's end read both features at their own time in every mode."""
     world, ws, engine, config, versions = trained
@@ -118,7 +146,7 @@ def test_store_end_without_a_logged_show_is_refused(trained):
     catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
     empty = InteractionLog.from_events(np.array([], np.int64), np.array([], "datetime64[s]"), np.array([], np.int8),
                                        len(catalogue.features))
-    catalogue.log = empty
+    catalogue.log, catalogue.end = empty, None
     with pytest.raises(RecsysError, match="store-end: the store holds no labelled impression"):
         feature_times(catalogue, "store-end")
     assert feature_times(catalogue, "impression") == FeatureTimes()
@@ -222,3 +250,22 @@ def test_iter_scored_shares_a_reading_and_scores_each_model_as_alone(trained):
             first = scorers[order[0]].read(chunk.impressions)
             np.testing.assert_array_equal(chunk.read.history_offsets, first.history_offsets)
             np.testing.assert_array_equal(chunk.read.history_items, first.history_items)
+
+
+def test_popularity_baseline_counts_the_training_windows_clicks_in_the_file(trained):
+    from datetime import datetime
+
+    from recsys.pipelines.evaluate import _popularity
+
+    world, ws, engine, config, versions = trained
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    mv = get_version(engine, versions[True])
+    window = mv.manifest["training_window"]
+    since, until = datetime.fromisoformat(window["since"]), datetime.fromisoformat(window["until"])
+    expected = np.zeros(len(catalogue.features))
+    for row in iter_behaviors(world / "behaviors_train.tsv"):
+        if since <= row.time < until:
+            for n, label in zip(row.news_ids, row.labels):
+                expected[catalogue.row_of[n]] += label
+    assert expected.sum() > 0
+    np.testing.assert_array_equal(_popularity(engine, catalogue, mv), expected)

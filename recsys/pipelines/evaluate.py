@@ -11,6 +11,7 @@ import logging
 import time
 from contextlib import ExitStack
 from dataclasses import fields, replace
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,13 @@ from sqlalchemy import Engine, select
 
 from recsys.columns import CATEGORY, NEWS_ID
 from recsys.config import Config, ModelConfig, Workspace
+from recsys.data.mind import scan_behaviors
 from recsys.errors import RecsysError, SchemaError
 from recsys.pipelines.predict import split_scores
+from recsys.store import repository as repo
 from recsys.pipelines.scoring import (
     Catalogue, VersionScorer, DEFAULT_FEATURES_AT, check_features_at, feature_times, iter_scored, load_scoring_catalogue,
+    scoring_span,
 )
 from recsys.threads import configure_threads
 from recsys.versions import ModelVersion, get_version, list_versions
@@ -120,7 +124,6 @@ def run_evaluate(
     for every version; the report's header records it.
     """
     from recsys.atomic import atomic_open
-    from recsys.encoders.text import file_sha256
     from recsys.evaluation.prediction_file import format_prediction_line
     from recsys.evaluation.report import build_result, write_report
     from recsys.metrics.accumulator import ImpressionMetrics, history_length_bucket
@@ -138,14 +141,16 @@ def run_evaluate(
         for modalities, mv in sorted(found.items()):
             chosen.append(mv)
             kinds[mv.version] = "ablation"
-    catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images)
+    scan = scan_behaviors(behaviors)  # the checksum for the report, and the span of store data to read
+    catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images,
+                                       span=scoring_span(scan, chosen))
     times = feature_times(catalogue, features_at)
     scorers = {mv.version: VersionScorer(mv, catalogue, times=times) for mv in chosen}
     names = {mv.version: _display_name(mv, kinds[mv.version]) for mv in chosen}
 
     truth_path = truth if truth is not None else behaviors.parent / "truth.tsv"
     oracle = load_truth(truth_path, split_of(behaviors)) if truth_path.is_file() else None
-    popularity = _popularity(catalogue, chosen[0])
+    popularity = _popularity(engine, catalogue, chosen[0])
     rng = np.random.default_rng(0)
 
     model_names = [names[v] for v in scorers] + [RANDOM, POPULAR] + ([ORACLE] if oracle else [])
@@ -205,7 +210,7 @@ def run_evaluate(
         },
         beyond_accuracy=_beyond_accuracy(engine, catalogue, popularity),
         side_features_at=times.describe(),
-        behaviors_sha256=file_sha256(behaviors),
+        behaviors_sha256=scan.sha256,
     )
     metrics_path, html_path = write_report(result, out)
     gaps = {name: m.get("gap_closed") for name, m in result["models"].items()}
@@ -223,13 +228,11 @@ def _display_name(mv: ModelVersion, kind: str) -> str:
     return f"{label} ({mv.version})"
 
 
-def _popularity(catalogue: Catalogue, reference: ModelVersion) -> np.ndarray:
+def _popularity(engine: Engine, catalogue: Catalogue, reference: ModelVersion) -> np.ndarray:
     """Clicks per article in the reference model's training window: the popularity baseline."""
     window = reference.manifest["training_window"]
-    lo, hi = np.datetime64(window["since"], "s"), np.datetime64(window["until"], "s")
-    ev = catalogue.log
-    inside = (ev.times >= lo) & (ev.times < hi)
-    return np.bincount(ev.item_rows[inside], weights=ev.clicks[inside], minlength=len(catalogue.features)).astype(np.float64)
+    return repo.read_click_counts(engine, catalogue.features.news_ids, since=datetime.fromisoformat(window["since"]),
+                                  until=datetime.fromisoformat(window["until"]))
 
 
 def _oracle_scores(oracle: dict, imps, catalogue: Catalogue, behaviors: Path, lines: np.ndarray) -> np.ndarray:

@@ -9,9 +9,11 @@ import numpy as np
 from sqlalchemy import Engine
 
 from recsys.config import Config, Workspace
+from recsys.data.mind import scan_behaviors
 from recsys.errors import RecsysError
 from recsys.pipelines.scoring import (
     VersionScorer, DEFAULT_FEATURES_AT, check_features_at, feature_times, iter_scored, load_scoring_catalogue,
+    scoring_span,
 )
 from recsys.threads import configure_threads
 from recsys.versions import get_version
@@ -37,7 +39,8 @@ def run_predict(
     configure_threads(config.runtime.threads or None)
     t0 = time.perf_counter()
     mv = get_version(engine, version)
-    catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images)
+    span = scoring_span(scan_behaviors(behaviors), [mv])
+    catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images, span=span)
     times = feature_times(catalogue, features_at)
     scorer = VersionScorer(mv, catalogue, times=times)
     counts = {"impressions": 0, "candidates": 0}

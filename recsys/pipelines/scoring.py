@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +31,15 @@ from recsys.columns import (
     ABSTRACT, CATEGORY, CONTENT_HASH, IMAGE_MISSING, IMAGE_PATH, IMAGE_STATUS, NEWS_ID, SUBCATEGORY, TITLE,
 )
 from recsys.config import Config, Workspace
+from recsys.data.mind import BehaviorsScan
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError, SchemaError
 from recsys.models.samples import ClickLog, Impressions, InteractionLog, with_logged_clicks
+from recsys.models.side_features import SideFeatures
 from recsys.pipelines.features import encode_news
 from recsys.pipelines.train import first_seen_array, load_version_model
 from recsys.store import repository as repo
-from recsys.versions import ModelVersion, check_encoders
+from recsys.versions import ModelVersion, check_encoders, read_bundle_config
 
 log = logging.getLogger("recsys.scoring")
 
@@ -57,6 +60,7 @@ class Catalogue:
     log: InteractionLog
     first_seen: np.ndarray
     clicks: ClickLog  # impression clicks in the store, for models trained with logged_clicks
+    end: np.datetime64 | None  # one second after the store's last labelled show; None if it has none
 
 
 def news_from_file(path: Path, images: Path | None, known: set[str]) -> pd.DataFrame:
@@ -88,7 +92,53 @@ def news_from_file(path: Path, images: Path | None, known: set[str]) -> pd.DataF
     return pd.DataFrame.from_records(records, columns=[NEWS_ID, CATEGORY, SUBCATEGORY, TITLE, ABSTRACT, IMAGE_PATH, IMAGE_STATUS, CONTENT_HASH, "first_seen_at"])
 
 
-def load_scoring_catalogue(engine: Engine, workspace: Workspace, config: Config, *, news: Path | None, images: Path | None) -> Catalogue:
+@dataclass(frozen=True)
+class ScoringSpan:
+    """The times a behaviors file's side features can read: its impressions' first and last
+    time and the longest popularity window of the models that score it."""
+
+    first: datetime
+    last: datetime
+    window_hours: float
+
+    def log_window(self, end: datetime | None) -> tuple[datetime, datetime]:
+        """``[since, until)`` of the popularity log that scoring can count, for a store ending at ``end``.
+
+        Popularity at ``t`` counts ``[t - window, t)`` and is read at ``t`` or at ``min(t, end)``
+        (FEATURES_AT), so nothing before ``min(first, end) - window`` or from ``last`` on counts.
+        """
+        start = self.first if end is None else min(self.first, end)
+        return start - timedelta(hours=self.window_hours), self.last
+
+
+def scoring_span(scan: BehaviorsScan, versions: list[ModelVersion]) -> ScoringSpan | None:
+    """The span of a scanned behaviors file (``scan_behaviors``) for these versions; None when
+    no line has a time (the parse will name the problem)."""
+    if scan.first is None or scan.last is None:
+        return None
+    hours = max(SideFeatures.from_dict(read_bundle_config(mv.model_dir)["side_features"]).window_hours for mv in versions)
+    return ScoringSpan(scan.first, scan.last, hours)
+
+
+def read_popularity_log(engine: Engine, news_ids: np.ndarray, span: ScoringSpan | None) -> tuple[InteractionLog, datetime | None]:
+    """The popularity log over ``news_ids`` that a file of ``span`` can count (the whole store's
+    when None), and the store's end: one second after its last labelled show, None if it has none."""
+    _, last_show = repo.time_range(engine, labelled_only=True)
+    end = None if last_show is None else last_show + timedelta(seconds=1)
+    since, until = span.log_window(end) if span is not None else (None, None)
+    return repo.read_interaction_log(engine, news_ids, since=since, until=until), end
+
+
+def load_scoring_catalogue(
+    engine: Engine, workspace: Workspace, config: Config, *, news: Path | None, images: Path | None,
+    span: ScoringSpan | None = None,
+) -> Catalogue:
+    """Every article the store and ``news`` hold, encoded, with the store's logs.
+
+    ``span``: the popularity log is read only where the file's side features can look
+    (``ScoringSpan.log_window``): a day or two of a store that may hold weeks (about 3 GB of
+    log at MIND-large size). None reads the whole store's log.
+    """
     stored = repo.read_news(engine)
     extra = news_from_file(news, images, set(stored[NEWS_ID])) if news else stored.iloc[:0]
     frames = [df for df in (stored, extra) if len(df)]
@@ -97,9 +147,10 @@ def load_scoring_catalogue(engine: Engine, workspace: Workspace, config: Config,
     catalogue = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     features = encode_news(catalogue, workspace, config)
     row_of = dict(zip(features.news_ids.tolist(), range(len(features))))
-    events = repo.read_interaction_log(engine, features.news_ids)
+    events, end = read_popularity_log(engine, features.news_ids, span)
     clicks = repo.read_click_log(engine, features.news_ids)
-    return Catalogue(catalogue, features, row_of, events, first_seen_array(catalogue), clicks)
+    return Catalogue(catalogue, features, row_of, events, first_seen_array(catalogue), clicks,
+                     None if end is None else np.datetime64(end, "s"))
 
 
 @dataclass
@@ -203,7 +254,7 @@ def feature_times(catalogue: Catalogue, features_at: str) -> FeatureTimes:
         RecsysError: an unknown ``features_at``, or ``"store-end"`` with no show in the store.
     """
     check_features_at(features_at)
-    end = catalogue.log.end
+    end = catalogue.end
     if features_at == "impression":
         return FeatureTimes()
     if features_at == "popularity-at-end":

@@ -14,7 +14,6 @@ One call, under the store lock:
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import Engine
 
-from recsys.errors import ConfigError, ModelMismatchError, NotFoundError, RecsysError
+from recsys.errors import ConfigError, RecsysError
 from recsys.models.side_features import SideFeatures
 from recsys.ranking import runs
 from recsys.ranking.engines import (
@@ -45,6 +44,7 @@ from recsys.ranking.queries import (
 )
 from recsys.store.repository import read_interaction_log, time_range
 from recsys.threads import default_threads
+from recsys.versions import read_bundle_config
 
 ENGINES = ("local", "ray")
 # Progress factory: ``progress(description, total)`` -> context manager yielding ``advance(n)``
@@ -256,7 +256,7 @@ def _prepare(
     from recsys.index.faiss_index import FaissIndex
     from recsys.ranking.candidates import item_side_features, popular_items
 
-    config = _bundle_config(Path(model_dir))
+    config = read_bundle_config(Path(model_dir))
     side_features = SideFeatures.from_dict(config["side_features"])
     # The index must hold this model's item embeddings: at least their size must match.
     index = FaissIndex.load(index_dir, expected={"dim": int(config.get("serving_dim", config["embedding_dim"]))}, num_threads=1)
@@ -278,21 +278,6 @@ def _prepare(
         ),
         "published_after": fresh_after,
     }
-
-
-def _bundle_config(model_dir: Path) -> dict:
-    """The model bundle's config.json, read without loading TensorFlow (see recsys.models.bundle)."""
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise NotFoundError(f"model bundle {model_dir} has no config.json")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelMismatchError(f"{path}: unreadable model config ({exc})") from exc
-    missing = [key for key in ("embedding_dim", "side_features") if key not in config]
-    if missing:
-        raise ModelMismatchError(f"{path}: keys {missing} are missing from the model config")
-    return config
 
 
 def _rank(engine, engine_name, run_id, prepared, todo, *, model_dir, index_dir, k, num_candidates, num_workers,

@@ -324,6 +324,17 @@ def read_interaction_log(
     return InteractionLog.from_events(rows, times, labels, len(news_ids))
 
 
+
+def read_click_counts(engine: Engine, news_ids: np.ndarray, *, since: datetime, until: datetime) -> np.ndarray:
+    """(n,) float64 clicks of each of ``news_ids`` in labelled impressions of ``[since, until)``.
+
+    Reads the clicks only (about 4% of MIND's shows), not the window's whole popularity log.
+    """
+    it = s.impression_items.c
+    _, rows, _ = _labelled_items(engine, news_ids, it.label, np.int8, it.label == 1, since=since, until=until)
+    return np.bincount(rows, minlength=len(news_ids)).astype(np.float64)
+
+
 def read_click_log(engine: Engine, news_ids: np.ndarray, *, until: datetime | None = None) -> ClickLog:
     """Clicks of labelled impressions before ``until`` as a ``ClickLog`` over ``news_ids``.
 

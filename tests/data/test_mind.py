@@ -251,3 +251,81 @@ def test_parse_time_by_hand(text, expected):
 def test_parse_time_rejects(text):
     with pytest.raises(ValueError, match=f"'{text}' is not"):
         parse_time(text)
+
+
+# --- scan before the parse ---------------------------------------------------------------------
+
+
+def _behavior_text(impression_id: int, when: datetime) -> str:
+    return f"{impression_id}\tU{impression_id % 3}\t{format_time(when)}\tN1 N2\tN3-1 N4-0"
+
+
+_TIMES = st.datetimes(min_value=datetime(2019, 1, 1), max_value=datetime(2020, 12, 31)).map(lambda d: d.replace(microsecond=0))
+# A line: a valid row at a time, or one the parse refuses (bad time, too few columns, bad UTF-8 in the time, bad id).
+_LINES = st.one_of(
+    _TIMES.map(lambda t: ("ok", t)),
+    st.sampled_from([b"7\tU1\t13/45/2019 9:00:00 AM\t\tN1-1", b"7\tU1\t11/11/2019", b"7\tU1\t\xff\xfe\t\tN1-1", b"", b"  "]),
+    _TIMES.map(lambda t: ("bad id", t)),
+)
+
+
+@given(lines=st.lists(_LINES, max_size=30), crlf=st.booleans(), bom=st.booleans(), final_newline=st.booleans(),
+       block_bytes=st.integers(1, 200))
+@settings(max_examples=150, deadline=None)
+def test_scan_covers_every_row_the_parse_accepts_and_hashes_the_bytes(tmp_path_factory, lines, crlf, bom, final_newline,
+                                                                      block_bytes):
+    import hashlib
+
+    encoded = []
+    for i, line in enumerate(lines):
+        if isinstance(line, bytes):
+            encoded.append(line)
+        elif line[0] == "ok":
+            encoded.append(_behavior_text(i, line[1]).encode())
+        else:
+            encoded.append(_behavior_text(i, line[1]).replace(f"U{i % 3}", "U?", 1).encode())
+    end = b"\r\n" if crlf else b"\n"
+    data = (mind._UTF8_BOM if bom else b"") + end.join(encoded) + (end if final_newline and encoded else b"")
+    path = tmp_path_factory.mktemp("scan") / "behaviors.tsv"
+    path.write_bytes(data)
+    scan = mind.scan_behaviors(path, block_bytes=block_bytes)
+    assert scan.sha256 == hashlib.sha256(data).hexdigest()
+    # Every line with a time that parses counts, whether or not the rest of the row is good.
+    timed = [line[1] for line in lines if not isinstance(line, bytes)]
+    assert (scan.first, scan.last) == ((min(timed), max(timed)) if timed else (None, None))
+    accepted = [row.time for row in iter_behaviors(path) if isinstance(row, BehaviorRow)]
+    assert len(accepted) == sum(1 for line in lines if not isinstance(line, bytes) and line[0] == "ok")
+    if accepted:
+        assert scan.first <= min(accepted) and max(accepted) <= scan.last
+
+
+def test_scan_counts_a_line_of_the_limit_and_bounds_memory_on_longer_ones(tmp_path, monkeypatch):
+    ok = _behavior_text(1, datetime(2019, 11, 11, 9, 0, 0))
+    monkeypatch.setattr(mind, "MAX_LINE_BYTES", len(ok))
+    later = datetime(2019, 11, 12, 9, 0, 0)
+    path = write(tmp_path, "behaviors.tsv", ok.encode() + b"\r\n" + _behavior_text(2, later).encode() + b"\r\n")
+    assert all(isinstance(row, BehaviorRow) for row in iter_behaviors(path))
+    for block_bytes in (1, 5, 64, 1 << 20):
+        scan = mind.scan_behaviors(path, block_bytes=block_bytes)
+        assert (scan.first, scan.last) == (datetime(2019, 11, 11, 9, 0, 0), later)
+    monkeypatch.undo()
+
+    huge = tmp_path / "huge.tsv"
+    with open(huge, "wb") as f:
+        chunk = b"N12345 " * (1 << 17)  # ~0.9 MB
+        for _ in range(40):  # ~37 MB on one line, then a good line
+            f.write(chunk)
+        f.write(b"\n" + _behavior_text(3, later).encode() + b"\n")
+    tracemalloc.start()
+    try:
+        scan = mind.scan_behaviors(huge)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (scan.first, scan.last) == (later, later)
+    assert peak < 8 * mind.MAX_LINE_BYTES
+
+
+def test_scan_of_a_missing_file_is_a_mind_file_error(tmp_path):
+    with pytest.raises(MindFileError, match=r"nowhere\.tsv: cannot be read"):
+        mind.scan_behaviors(tmp_path / "nowhere.tsv")

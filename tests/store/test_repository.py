@@ -103,6 +103,24 @@ def test_click_log_holds_labelled_clicks_before_until(engine, tmp_path):
     assert early.user_ids.tolist() == ["U2"] and len(early) == 2
 
 
+def test_click_counts_count_labelled_clicks_in_the_window(engine, tmp_path):
+    _ingest(engine, tmp_path, ["N1", "N2", "N3", "N4"], [
+        behavior_line(1, "U1", T0, ["N3"], ["N1-1", "N2-0"]),
+        behavior_line(2, "U2", T0 + timedelta(hours=1), [], ["N2-1", "N3-1", "N1-1"]),
+        behavior_line(3, "U1", T0 + timedelta(days=1), ["N3"], ["N2-1", "N1-0"]),
+        behavior_line(4, "U3", T0 + timedelta(days=2), [], ["N2", "N1"]),  # unlabelled: no clicks
+    ])
+    news_ids = np.array(["N4", "N2", "N1", "N3"], dtype=object)
+    every = repo.read_click_counts(engine, news_ids, since=T0, until=T0 + timedelta(days=3))
+    assert every.tolist() == [0, 2, 2, 1] and every.dtype == np.float64
+    # since inclusive, until exclusive; History entries (N3 of U1) are not clicks.
+    first_day = repo.read_click_counts(engine, news_ids, since=T0 + timedelta(hours=1), until=T0 + timedelta(days=1))
+    assert first_day.tolist() == [0, 1, 1, 1]
+    # The same as the clicks of the popularity log of that window (what evaluate counted before).
+    log = repo.read_interaction_log(engine, news_ids, since=T0 + timedelta(hours=1), until=T0 + timedelta(days=1))
+    assert first_day.tolist() == np.bincount(log.item_rows, weights=log.clicks, minlength=4).tolist()
+
+
 def test_training_histories_do_not_read_a_later_files_clicks(engine, tmp_path):
     # Train file: U1 clicks N2 at T0. A later (test) file stores U1's new History, which lists
     # that click; the training impression must still read only what came before it.
