@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
@@ -171,6 +172,12 @@ def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
     assert metrics["header"]["behaviors_sha256"] == hashlib.sha256((world / "behaviors_test.tsv").read_bytes()).hexdigest()
     assert metrics["header"]["bootstrap"]["unit"] == "user"  # a reader's impressions are resampled together
     assert (report_dir / "report.html").stat().st_size > 10_000
+    # Beyond accuracy: the nightly run's lists, streamed from the store, against its Parquet export.
+    (exported,) = (workspace / "export").glob("*.parquet")
+    exported = pd.read_parquet(exported)
+    beyond = metrics["beyond_accuracy"]
+    assert (beyond["num_users"], beyond["num_recommendations"]) == (exported["user_id"].nunique(), len(exported))
+    assert beyond["num_distinct_items"] == exported["news_id"].nunique()
     version = trained["version"]
     pred_file = Path(result["predictions"][version])
     labelled = read_tsv(world / "behaviors_test.tsv")

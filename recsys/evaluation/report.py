@@ -41,7 +41,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -146,7 +146,7 @@ def build_result(
 
 
 def beyond_accuracy(
-    recs: pd.DataFrame,
+    recs: pd.DataFrame | Iterable[pd.DataFrame],
     item_category: Mapping | pd.Series,
     item_first_seen: Mapping | pd.Series,
     item_popularity: Mapping | pd.Series,
@@ -156,7 +156,9 @@ def beyond_accuracy(
     """Coverage, diversity, novelty and popularity bias of one run's recommendation lists.
 
     Args:
-        recs: one row per recommendation, columns ``user_id``, ``rank``, ``news_id``.
+        recs: one row per recommendation, columns ``user_id``, ``rank``, ``news_id``; or chunks
+            of such rows, every user's list in one chunk (``repository.iter_run_recommendations``
+            streams a run so), so that a run of a million users is never held at once.
         item_category: news id -> category (items without one count as category "unknown").
         item_first_seen: news id -> first time the article was shown or published (NaT or
             missing: never shown before, so new).
@@ -177,59 +179,77 @@ def beyond_accuracy(
         (unpopular 0, the catalogue's mean 50), averaged over recommendations.
 
     Raises:
-        ReportError: missing columns, no rows, a negative popularity, or a catalogue smaller
-            than what it must hold.
+        ReportError: missing columns, no rows, a user's list split over two chunks, a negative
+            popularity, or a catalogue smaller than what it must hold.
     """
-    missing = [c for c in (USER_ID, RANK, NEWS_ID) if c not in recs.columns]
-    if missing:
-        raise ReportError(f"recommendations lack columns {missing}, expected {[USER_ID, RANK, NEWS_ID]}")
-    if recs.empty:
-        raise ReportError("recommendations are empty, expected at least one row")
-    news = recs[NEWS_ID]
     popularity = pd.Series(item_popularity, dtype=np.float64)
     if (popularity < 0).any() or popularity.isna().any():
         bad = popularity[(popularity < 0) | popularity.isna()]
         raise ReportError(f"item_popularity of {bad.index[0]!r} is {bad.iloc[0]}, expected a number >= 0")
-    num_distinct = int(news.nunique())
-    if catalogue_size < max(num_distinct, len(popularity)):
+    if catalogue_size < len(popularity):
+        raise ReportError(f"catalogue_size is {catalogue_size}, expected at least {len(popularity)} "
+                          "(the distinct recommended articles and the articles with a popularity)")
+    category_of = pd.Series(item_category, dtype=object)
+    seen = pd.Series(item_first_seen)
+    # Text times may mix formats ("2019-11-14", "2019-11-14 23:00"); datetimes pass through.
+    seen = pd.to_datetime(seen, utc=True, format="mixed") if seen.dtype == object else pd.to_datetime(seen, utc=True)
+    since = pd.Timestamp(new_since)
+    since = since.tz_localize("UTC") if since.tzinfo is None else since.tz_convert("UTC")
+    known = np.sort(popularity.to_numpy())  # catalogue items without a popularity are 0
+    num_zero_fill = catalogue_size - len(known)
+
+    num_users = num_recs = 0
+    sums = dict.fromkeys(("diversity", "gini_simpson", "new", "percentile"), 0.0)
+    distinct_items: set = set()
+    last_user = None
+    for chunk in [recs] if isinstance(recs, pd.DataFrame) else recs:
+        missing = [c for c in (USER_ID, RANK, NEWS_ID) if c not in chunk.columns]
+        if missing:
+            raise ReportError(f"recommendations lack columns {missing}, expected {[USER_ID, RANK, NEWS_ID]}")
+        if chunk.empty:
+            continue
+        users = chunk[USER_ID].to_numpy()
+        if last_user is not None and (users == last_user).any():
+            raise ReportError(f"user {last_user!r}'s recommendations are split over two chunks, expected one chunk per list")
+        last_user = users[-1]
+        news = chunk[NEWS_ID]
+        distinct_items.update(news.unique().tolist())
+        categories = news.map(category_of).fillna("unknown")
+        frame = pd.DataFrame({USER_ID: users, "category": categories.to_numpy()})
+        list_length = frame.groupby(USER_ID).size()
+        per_category = frame.groupby([USER_ID, "category"]).size()
+        distinct = per_category.groupby(level=0).size()
+        share_sq = (per_category / list_length.reindex(per_category.index.get_level_values(0)).to_numpy()) ** 2
+        num_users += len(list_length)
+        num_recs += len(chunk)
+        sums["diversity"] += float((distinct / list_length.reindex(distinct.index)).sum())
+        sums["gini_simpson"] += float((1.0 - share_sq.groupby(level=0).sum()).sum())
+        first_seen = seen.reindex(news.to_numpy())  # keeps the datetime dtype; missing items are NaT
+        sums["new"] += float((first_seen.isna().to_numpy() | (first_seen >= since).to_numpy()).sum())
+        # Percentiles use midranks over the catalogue.
+        values = news.map(popularity).fillna(0.0).to_numpy(dtype=np.float64)
+        below = np.searchsorted(known, values, side="left") + np.where(values > 0, num_zero_fill, 0)
+        equal = np.searchsorted(known, values, side="right") - np.searchsorted(known, values, side="left")
+        equal = equal + np.where(values == 0, num_zero_fill, 0)
+        sums["percentile"] += float((100.0 * (below + 0.5 * equal) / catalogue_size).sum())
+    if num_recs == 0:
+        raise ReportError("recommendations are empty, expected at least one row")
+    num_distinct = len(distinct_items)
+    if catalogue_size < num_distinct:
         raise ReportError(
             f"catalogue_size is {catalogue_size}, expected at least {max(num_distinct, len(popularity))} "
             "(the distinct recommended articles and the articles with a popularity)"
         )
-    categories = news.map(pd.Series(item_category, dtype=object)).fillna("unknown")
-    frame = pd.DataFrame({USER_ID: recs[USER_ID].to_numpy(), "category": categories.to_numpy()})
-    list_length = frame.groupby(USER_ID).size()
-    per_category = frame.groupby([USER_ID, "category"]).size()
-    distinct = per_category.groupby(level=0).size()
-    share_sq = (per_category / list_length.reindex(per_category.index.get_level_values(0)).to_numpy()) ** 2
-    gini_simpson = 1.0 - share_sq.groupby(level=0).sum()
-
-    seen = pd.Series(item_first_seen)
-    # Text times may mix formats ("2019-11-14", "2019-11-14 23:00"); datetimes pass through.
-    seen = pd.to_datetime(seen, utc=True, format="mixed") if seen.dtype == object else pd.to_datetime(seen, utc=True)
-    first_seen = seen.reindex(news.to_numpy())  # keeps the datetime dtype; missing items are NaT
-    since = pd.Timestamp(new_since)
-    since = since.tz_localize("UTC") if since.tzinfo is None else since.tz_convert("UTC")
-    is_new = first_seen.isna().to_numpy() | (first_seen >= since).to_numpy()
-
-    # Catalogue items without a popularity are 0; percentiles use midranks over the catalogue.
-    known = np.sort(popularity.to_numpy())
-    num_zero_fill = catalogue_size - len(known)
-    values = news.map(popularity).fillna(0.0).to_numpy(dtype=np.float64)
-    below = np.searchsorted(known, values, side="left") + np.where(values > 0, num_zero_fill, 0)
-    equal = np.searchsorted(known, values, side="right") - np.searchsorted(known, values, side="left")
-    equal = equal + np.where(values == 0, num_zero_fill, 0)
-    percentile = 100.0 * (below + 0.5 * equal) / catalogue_size
     return {
-        "num_users": int(len(list_length)),
-        "num_recommendations": int(len(recs)),
+        "num_users": num_users,
+        "num_recommendations": num_recs,
         "catalogue_size": int(catalogue_size),
         "num_distinct_items": num_distinct,
         "coverage": num_distinct / catalogue_size,
-        "intra_list_diversity": float((distinct / list_length.reindex(distinct.index)).mean()),
-        "gini_simpson_diversity": float(gini_simpson.mean()),
-        "novelty": float(is_new.mean()),
-        "mean_popularity_percentile": float(percentile.mean()),
+        "intra_list_diversity": sums["diversity"] / num_users,
+        "gini_simpson_diversity": sums["gini_simpson"] / num_users,
+        "novelty": sums["new"] / num_recs,
+        "mean_popularity_percentile": sums["percentile"] / num_recs,
         "new_since": since.isoformat(),
     }
 

@@ -11,12 +11,13 @@ import logging
 import time
 from contextlib import ExitStack
 from dataclasses import fields, replace
+from itertools import chain
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from recsys.columns import CATEGORY, NEWS_ID
 from recsys.config import Config, ModelConfig, Workspace
@@ -251,21 +252,19 @@ def _beyond_accuracy(engine: Engine, catalogue: Catalogue, popularity: np.ndarra
     """Coverage, diversity, novelty and popularity bias of the latest complete nightly run."""
     from recsys.evaluation.report import beyond_accuracy
     from recsys.ranking.runs import latest_run
-    from recsys.store import schema as s
 
     run = latest_run(engine)
     if run is None:
         return None
-    r = s.recommendations.c
-    with engine.connect() as conn:
-        recs = pd.read_sql(select(r.user_id, r.rank, r.news_id).where(r.run_id == run.run_id), conn)
-    if recs.empty:
+    chunks = repo.iter_run_recommendations(engine, run.run_id)
+    first = next(chunks, None)
+    if first is None:
         return None
     ids = catalogue.features.news_ids
     first_seen = pd.Series(pd.to_datetime(catalogue.first_seen), index=ids)
     # "New" = first shown within the day before the run's as-of time (or never shown).
     as_of = pd.Timestamp(run.plan.get("as_of") or run.started_at)
     return beyond_accuracy(
-        recs, pd.Series(catalogue.news[CATEGORY].to_numpy(), index=ids), first_seen, pd.Series(popularity, index=ids),
-        len(ids), as_of - pd.Timedelta(days=1),
+        chain([first], chunks), pd.Series(catalogue.news[CATEGORY].to_numpy(), index=ids),
+        first_seen, pd.Series(popularity, index=ids), len(ids), as_of - pd.Timedelta(days=1),
     )

@@ -6,6 +6,7 @@ of an ``ItemFeatures``) so the model code never sees SQL or string ids in hot pa
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 
 import numpy as np
@@ -21,6 +22,7 @@ from recsys.columns import (
     IMPRESSION_ID,
     LABEL,
     NEWS_ID,
+    RANK,
     SUBCATEGORY,
     TIME,
     TITLE,
@@ -345,6 +347,26 @@ def read_click_log(engine: Engine, news_ids: np.ndarray, *, until: datetime | No
         engine, news_ids, s.impressions.c.user_id, object, s.impression_items.c.label == 1, until=until
     )
     return ClickLog.from_events(users, times, rows)
+
+
+
+def iter_run_recommendations(engine: Engine, run_id: int) -> Iterator[pd.DataFrame]:
+    """A run's recommendations (``user_id``, ``rank``, ``news_id``), streamed in DataFrames of
+    about ``STREAM_ROWS`` rows that each hold whole lists: every user's rows in one, by rank."""
+    r = s.recommendations.c
+    query = select(r.user_id, r.rank, r.news_id).where(r.run_id == run_id).order_by(r.user_id, r.rank)
+    carry = None
+    with engine.connect() as conn:
+        for df in _stream(conn, query, [USER_ID, RANK, NEWS_ID]):
+            if carry is not None:
+                df = pd.concat([carry, df], ignore_index=True)
+            # Rows come ordered by user, so the last user's rows end the chunk; they may go on in the next.
+            last = (df[USER_ID] == df[USER_ID].iat[-1]).to_numpy()
+            carry = df[last]
+            if not last.all():
+                yield df[~last].reset_index(drop=True)
+    if carry is not None:
+        yield carry.reset_index(drop=True)
 
 
 def read_news_titles(engine: Engine, news_ids) -> pd.DataFrame:

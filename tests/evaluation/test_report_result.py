@@ -2,6 +2,7 @@
 
 from datetime import datetime, timezone
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -103,3 +104,36 @@ def test_popularity_percentile_of_the_whole_catalogue_averages_fifty():
 def test_beyond_accuracy_rejects_bad_input(recs, popularity, size, message):
     with pytest.raises(ReportError, match=message):
         beyond_accuracy(recs, CATEGORY, FIRST_SEEN, popularity, catalogue_size=size, new_since="2019-11-15")
+
+
+def test_beyond_accuracy_over_chunks_of_whole_lists_equals_the_whole():
+    rng = np.random.default_rng(3)
+    items = [f"N{i}" for i in range(30)]
+    rows = [(f"U{u}", r + 1, items[j]) for u in range(40)
+            for r, j in enumerate(rng.choice(30, rng.integers(1, 8), replace=False))]
+    recs = pd.DataFrame(rows, columns=["user_id", "rank", "news_id"])
+    category = {n: ["news", "sports", "finance"][i % 3] for i, n in enumerate(items[:25])}  # 5 unknown
+    first_seen = {n: f"2019-11-{10 + i % 10}" for i, n in enumerate(items[:20])}
+    popularity = {n: float(i % 6) for i, n in enumerate(items)}
+    whole = beyond_accuracy(recs, category, first_seen, popularity, catalogue_size=35, new_since="2019-11-15")
+    starts = np.flatnonzero(recs["user_id"].ne(recs["user_id"].shift()).to_numpy())  # where each list begins
+    cuts = sorted(rng.choice(starts[1:], 9, replace=False).tolist())
+    chunks = [recs.iloc[a:b] for a, b in zip([0, *cuts], [*cuts, len(recs)])]
+    chunked = beyond_accuracy(iter(chunks), category, first_seen, popularity, catalogue_size=35, new_since="2019-11-15")
+    assert chunked.keys() == whole.keys()
+    for key, value in whole.items():
+        assert chunked[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
+    # Against the per-user definition, computed here without pandas' groupby.
+    lists = {}
+    for user, _, news_id in rows:
+        lists.setdefault(user, []).append(category.get(news_id, "unknown"))
+    assert whole["intra_list_diversity"] == pytest.approx(np.mean([len(set(c)) / len(c) for c in lists.values()]))
+    assert whole["gini_simpson_diversity"] == pytest.approx(
+        np.mean([1 - sum((c.count(x) / len(c)) ** 2 for x in set(c)) for c in lists.values()]))
+
+    long = next(i for i in range(len(starts) - 1) if starts[i + 1] - starts[i] >= 2)
+    split = [recs.iloc[: starts[long] + 1], recs.iloc[starts[long] + 1:]]  # a list of 2+ items in two chunks
+    with pytest.raises(ReportError, match=rf"user 'U{long}''s recommendations are split over two chunks"):
+        beyond_accuracy(iter(split), category, first_seen, popularity, catalogue_size=35, new_since="2019-11-15")
+    with pytest.raises(ReportError, match="recommendations are empty"):
+        beyond_accuracy(iter([recs.iloc[:0]]), category, first_seen, popularity, catalogue_size=35, new_since="2019-11-15")

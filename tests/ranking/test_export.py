@@ -59,3 +59,31 @@ def test_export_errors(store, tmp_path):
     with pytest.raises(NotFoundError, match="run 12345 does not exist"):
         export_run(store, tmp_path / "out", run_id=12345)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stream_rows", [1, 2, 3, 1000])
+def test_run_recommendations_stream_in_whole_lists(store, add_news, monkeypatch, stream_rows):
+    """``iter_run_recommendations`` (evaluate's beyond-accuracy read) keeps every list in one chunk."""
+    from recsys.store import repository as repo
+
+    add_news(store, ["N1", "N2", "N3", "N4"])
+    news = ["N1", "N2", "N3", "N4"]
+    lists = {f"U{i}": news[: 1 + i % 4] for i in range(13)}  # lists of 1 to 4 items
+    run_id = runs.create_run(store, model_version="v1", plan={"k": 4})
+    frame = pd.DataFrame([(u, r + 1, n, 1.0 - r) for u, items in lists.items() for r, n in enumerate(items)],
+                         columns=[USER_ID, RANK, NEWS_ID, SCORE])
+    runs.write_shard(store, run_id, 0, frame, num_users=len(lists))
+    _run(store, ["U0", "V"], ["N4"])  # another run: not read
+    monkeypatch.setattr(repo, "STREAM_ROWS", stream_rows)
+    chunks = list(repo.iter_run_recommendations(store, run_id))
+    users_per_chunk = [set(c[USER_ID]) for c in chunks]
+    for i, a in enumerate(users_per_chunk):
+        assert all(not (a & b) for b in users_per_chunk[i + 1:])  # no list split over chunks
+    got = pd.concat(chunks, ignore_index=True)
+    assert list(got.columns) == [USER_ID, RANK, NEWS_ID]
+    assert sorted(zip(got[USER_ID], got[RANK], got[NEWS_ID])) == sorted(zip(frame[USER_ID], frame[RANK], frame[NEWS_ID]))
+    for user, rows in got.groupby(USER_ID):
+        assert rows[RANK].tolist() == list(range(1, len(lists[user]) + 1))
+    if stream_rows <= 3:
+        assert len(chunks) > 3
+    assert list(repo.iter_run_recommendations(store, 12345)) == []
