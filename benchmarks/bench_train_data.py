@@ -88,7 +88,7 @@ def run_child(url: str) -> dict:
 
     from recsys.models.samples import with_logged_clicks
     from recsys.models.side_features import SideFeatures
-    from recsys.pipelines.train import first_seen_array, read_windows, train_window
+    from recsys.pipelines.train import first_seen_array, read_training_log, read_windows, train_window
     from recsys.store import repository as repo
     from recsys.store.database import open_store
     from recsys.threads import configure_threads
@@ -117,7 +117,7 @@ def run_child(url: str) -> dict:
 
     def read():
         train, valid, clicks = read_windows(engine, news_ids, since, valid_start, until, source=None, history_len=HISTORY_LEN)
-        events = repo.read_interaction_log(engine, news_ids, until=until)
+        events = read_training_log(engine, news_ids, since, until, window_hours=24.0, feature_clock_hours=0.0)
         return train, valid, clicks, events
 
     train, valid, clicks, events = stage("read_windows", read)

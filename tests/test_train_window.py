@@ -67,3 +67,39 @@ def test_a_bad_window_fails_before_the_catalogue_is_encoded(store, tmp_path, mon
         run_train(store, ws, config, since="yesterday")
     with pytest.raises(RecsysError, match="training window is empty"):
         run_train(store, ws, config, since="2019-11-12T00:00Z", until="2019-11-11")
+
+
+@pytest.mark.parametrize("clock_hours", [0.0, 24.0])
+def test_the_training_log_holds_every_show_the_windows_side_features_count(engine, tmp_path, clock_hours):
+    """``read_training_log`` starts one popularity window (plus a feature-clock period) before
+    the window: side features read from it equal those read from the whole store's log."""
+    import numpy as np
+
+    from recsys.models.side_features import raw_side_features
+    from recsys.models.training import clock_floor
+    from recsys.pipelines.train import first_seen_array, read_training_log, read_windows
+    from recsys.store import repository as repo
+
+    news = write_lines(tmp_path / "news.tsv", [news_line(f"N{i}") for i in range(1, 7)])
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(72):  # an impression every two hours for six days
+        picks = rng.choice(6, 3, replace=False) + 1
+        labels = rng.integers(0, 2, 3)
+        lines.append(behavior_line(i + 1, f"U{i % 5}", T0 + i * timedelta(hours=2), ["N1"],
+                                   [f"N{p}-{y}" for p, y in zip(picks, labels)]))
+    ingest(engine, news_path=news, behaviors_path=write_lines(tmp_path / "b.tsv", lines), quarantine_dir=tmp_path / "q")
+    frame = repo.read_news(engine)
+    news_ids, first_seen = frame["news_id"].to_numpy(dtype=object), first_seen_array(frame)
+    since, valid_start, until = T0 + timedelta(days=2, hours=12), T0 + 4 * D, T0 + 5 * D  # since at 22:00
+    train, valid, _ = read_windows(engine, news_ids, since, valid_start, until, source=None, history_len=5)
+    whole = repo.read_interaction_log(engine, news_ids)
+    part = read_training_log(engine, news_ids, since, until, window_hours=24.0, feature_clock_hours=clock_hours)
+    assert len(part) < len(whole)
+    for imps in (train, valid):
+        times = np.repeat(imps.times, np.diff(imps.candidate_offsets))
+        times = clock_floor(times, clock_hours) if clock_hours else times
+        got = raw_side_features(imps.candidate_items, times, part, first_seen, window_hours=24.0)
+        want = raw_side_features(imps.candidate_items, times, whole, first_seen, window_hours=24.0)
+        np.testing.assert_array_equal(got, want)
+        assert want[:, 1].min() > 0  # every candidate was shown in the window before it

@@ -15,7 +15,8 @@ from sqlalchemy import Engine
 from recsys.config import Config, Workspace
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError
-from recsys.models.samples import ClickLog, Impressions, without_later_clicks
+from recsys.models.samples import ClickLog, Impressions, InteractionLog, without_later_clicks
+from recsys.models.side_features import SideFeatures
 from recsys.pipelines.features import encode_news
 from recsys.pipelines.runlog import recorded_run
 from recsys.store import repository as repo
@@ -95,6 +96,20 @@ def read_windows(
     return without_later_clicks(train, every_click), without_later_clicks(valid, every_click), every_click
 
 
+def read_training_log(
+    engine: Engine, news_ids: np.ndarray, since: datetime, until: datetime, *, window_hours: float,
+    feature_clock_hours: float,
+) -> InteractionLog:
+    """The popularity log that the side features of a training window ``[since, until)`` can count.
+
+    Each impression counts one popularity window before its feature time, which the feature
+    clock (``model.feature_clock_hours``) moves back by less than one period; nothing earlier
+    counts, so a store that holds months is not read whole.
+    """
+    lookback = timedelta(hours=window_hours + feature_clock_hours)
+    return repo.read_interaction_log(engine, news_ids, since=since - lookback, until=until)
+
+
 def run_train(
     engine: Engine, workspace: Workspace, config: Config, *, since: str | None = None, until: str | None = None,
     source: str | None = None, make_current: bool = True,
@@ -116,7 +131,9 @@ def run_train(
     train, valid, every_click = read_windows(
         engine, features.news_ids, since_dt, valid_start, until_dt, source=source, history_len=mc.history_len
     )
-    events = repo.read_interaction_log(engine, features.news_ids, until=until_dt)
+    window_hours = SideFeatures().window_hours
+    events = read_training_log(engine, features.news_ids, since_dt, until_dt, window_hours=window_hours,
+                               feature_clock_hours=mc.feature_clock_hours)
     clicks = every_click if mc.logged_clicks else None
     first_seen = first_seen_array(news)
     timings["read_s"] = round(time.perf_counter() - t0, 2)
@@ -130,7 +147,7 @@ def run_train(
             anchor_dim=mc.anchor_dim,
             history_len=mc.history_len, epochs=mc.epochs, batch_size=mc.batch_size, learning_rate=mc.learning_rate,
             seed=mc.seed, first_seen=first_seen, clicks=clicks, content_prior=mc.content_prior,
-            feature_clock_hours=mc.feature_clock_hours, refit=mc.refit, progress=_log_epoch,
+            feature_clock_hours=mc.feature_clock_hours, refit=mc.refit, window_hours=window_hours, progress=_log_epoch,
         )
         timings["train_s"] = round(time.perf_counter() - t0, 2)
         staged = staging_dir(workspace.models_dir, version)
