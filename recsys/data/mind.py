@@ -295,7 +295,6 @@ def iter_behaviors(path: str | Path) -> RowStream:
     return RowStream(path, _parse_behaviors)
 
 
-
 @dataclass(frozen=True)
 class BehaviorsScan:
     """What one quick pass over a behaviors file tells before it is parsed.

@@ -11,8 +11,8 @@ import logging
 import time
 from contextlib import ExitStack
 from dataclasses import fields, replace
-from itertools import chain
 from datetime import datetime
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +24,11 @@ from recsys.config import Config, ModelConfig, Workspace
 from recsys.data.mind import scan_behaviors
 from recsys.errors import RecsysError, SchemaError
 from recsys.pipelines.predict import split_scores
-from recsys.store import repository as repo
 from recsys.pipelines.scoring import (
     Catalogue, VersionScorer, DEFAULT_FEATURES_AT, check_features_at, feature_times, iter_scored, load_scoring_catalogue,
     scoring_span,
 )
+from recsys.store import repository as repo
 from recsys.threads import configure_threads
 from recsys.versions import ModelVersion, get_version, list_versions
 
