@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,16 @@ def test_refresh_follows_the_stores_first_seen_times(tmp_path):
     assert len(hits) == 198 and not {listed, moved} & set(hits.news_ids.tolist())
 
     assert refresh_index(engine, ws, config, mv) == {"index_added": 0, "index_updated": 0, "index_republished": 0}
+
+    # A job that lost its lock writes no index, not even a cold build (the index was lost).
+    from recsys.ranking.lock import LockLostError
+
+    shutil.rmtree(mv.index_dir)
+    frozen = acquire_lock(engine, holder="host-a:1", heartbeat_every=timedelta(hours=1))
+    acquire_lock(engine, holder="host-b:2", stale_after=timedelta(0))
+    with pytest.raises(LockLostError, match="host-b:2 took it over"):
+        refresh_index(engine, ws, config, mv, lock=frozen)
+    assert not mv.index_dir.exists()
     engine.dispose()
 
 

@@ -89,6 +89,9 @@ _MAX_APPROXIMATE_ROUNDS = 4
 # Search breadths tried by calibrate(), smallest first: the first reaching the target wins.
 _EF_SEARCH_LADDER = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 _CALIBRATION_K = 100
+# Leftovers of a save killed mid-way (``.<name>.tmp-*``, ``.<name>.old-*``) older than this are
+# removed by the next save; a younger one may belong to a save still running.
+STALE_SAVE_SECONDS = 3600
 _CALIBRATION_QUERIES = 256
 # How many vectors a batched exact search (BLAS) compares in the time HNSW or IVF compares
 # one (random memory access, no matrix product): measured ~11 at 1000 queries per batch on
@@ -326,8 +329,8 @@ class FaissIndex:
 
         Returns:
             The calibration record (also in ``calibration`` and the saved manifest): k,
-            num_queries, target_recall, param, value, recall, tuned. None for a flat or empty
-            index, which are exact.
+            num_queries, target_recall, param, value, recall, tuned, num_items (the live items
+            it was measured on). None for a flat or empty index, which are exact.
         """
         _check_target_recall(target_recall)
         live = np.flatnonzero(self._alive)
@@ -362,7 +365,7 @@ class FaissIndex:
         self._params[name] = int(value)
         self._calibration = {
             "k": k, "num_queries": len(probes), "target_recall": target_recall,
-            "param": name, "value": int(value), "recall": round(recall, 4), "tuned": tune,
+            "param": name, "value": int(value), "recall": round(recall, 4), "tuned": tune, "num_items": int(len(live)),
         }
         return dict(self._calibration)
 
@@ -704,7 +707,9 @@ class FaissIndex:
         The files are written into a temporary sibling directory which is then renamed into
         place, so ``directory`` is either the previous complete index or the new complete
         one. Replacing an existing index renames it aside first; if the process dies between
-        the two renames the previous index survives as ``.<name>.old-*`` beside it.
+        the two renames the previous index survives as ``.<name>.old-*`` beside it, and the
+        next ``load``, ``exists`` or ``save`` puts it back. Leftovers of killed saves older than
+        ``STALE_SAVE_SECONDS`` are removed after a successful save.
 
         Layout: index.faiss, news_ids.npy (str), published.npy (datetime64[s]), alive.npy
         (bool, False for tombstones), manifest.json.
@@ -723,6 +728,7 @@ class FaissIndex:
             RecsysError: the directory exists and is not an index directory.
         """
         directory = Path(directory)
+        _restore_interrupted_save(directory)
         extra = dict(self.manifest_extra if manifest_extra is None else manifest_extra)
         clashing = sorted(set(extra) & set(MANIFEST_KEYS))
         if clashing:
@@ -767,8 +773,16 @@ class FaissIndex:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        _remove_stale_saves(directory)
         self.manifest_extra = extra
         return directory
+
+    @staticmethod
+    def exists(directory: str | os.PathLike) -> bool:
+        """Whether ``directory`` holds an index (after putting back one that a killed save moved aside)."""
+        directory = Path(directory)
+        _restore_interrupted_save(directory)
+        return directory.is_dir()
 
     @classmethod
     def load(
@@ -797,6 +811,7 @@ class FaissIndex:
         """
         directory = Path(directory)
         manifest_path = directory / MANIFEST_FILE
+        _restore_interrupted_save(directory)
         if not directory.is_dir():
             raise NotFoundError(f"no index directory at {directory}")
         if not manifest_path.is_file():
@@ -1042,6 +1057,48 @@ def _swap_in(new: Path, directory: Path) -> None:
             raise
         shutil.rmtree(old, ignore_errors=True)
     _fsync(directory.parent)
+
+
+def _saves_beside(directory: Path, kind: str) -> list[Path]:
+    """``.<name>.<kind>-*`` siblings of ``directory`` (kind "tmp" or "old"), newest first."""
+    if not directory.parent.is_dir():
+        return []
+    found = [p for p in directory.parent.glob(f".{directory.name}.{kind}-*") if p.is_dir()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _restore_interrupted_save(directory: Path) -> None:
+    """Put back the index a save moved aside before it died (between ``_swap_in``'s renames).
+
+    The index as it was before that save comes back: the caller redoes its change (the nightly
+    refresh adds whatever differs from the index). A concurrent restore may win the rename.
+    """
+    if directory.exists():
+        return
+    for old in _saves_beside(directory, "old"):
+        if not _is_index_directory(old) or not (old / MANIFEST_FILE).is_file():
+            continue
+        try:
+            os.replace(old, directory)
+        except OSError:  # another process restored it first
+            if directory.exists():
+                return
+            raise
+        _fsync(directory.parent)
+        log.warning("%s was missing: restored the index a killed save had moved aside (%s)", directory, old.name)
+        return
+
+
+def _remove_stale_saves(directory: Path) -> None:
+    """Remove the temporary and moved-aside folders that killed saves left beside ``directory``."""
+    cutoff = time.time() - STALE_SAVE_SECONDS
+    for leftover in _saves_beside(directory, "tmp") + _saves_beside(directory, "old"):
+        try:
+            if leftover.stat().st_mtime < cutoff:
+                shutil.rmtree(leftover)
+                log.info("removed %s, left by a save that did not finish", leftover)
+        except FileNotFoundError:  # removed meanwhile
+            continue
 
 
 def _fsync(path: Path) -> None:

@@ -72,7 +72,7 @@ def load_index(mv: ModelVersion, *, num_threads: int | None = None):
     """The version's FAISS index, refusing one built for other encoders or dims."""
     from recsys.index.faiss_index import FaissIndex
 
-    if not mv.index_dir.exists():
+    if not FaissIndex.exists(mv.index_dir):
         raise NotFoundError(f"model version {mv.version} has no index yet: run `recsys index build`")
     return FaissIndex.load(mv.index_dir, expected=index_manifest(mv), num_threads=num_threads)
 

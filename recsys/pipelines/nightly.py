@@ -30,6 +30,15 @@ from recsys.versions import check_encoders, get_version
 
 log = logging.getLogger("recsys.nightly")
 
+# An approximate index (HNSW, IVF) keeps a replaced article's old row as a tombstone, skipped
+# at search time; past this share of the live rows they slow every search and grow the file
+# night after night (a night that re-embeds the catalogue adds a whole copy), so the refresh
+# rebuilds the index without them.
+COMPACT_TOMBSTONE_SHARE = 0.2
+# The search breadth is tuned to a target recall on the catalogue as it was; re-tuned after a
+# compaction or once the catalogue has grown by this factor since.
+RECALIBRATE_GROWTH = 1.25
+
 
 def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, lock: StoreLock | None = None) -> dict:
     """Add articles that are new (or whose content changed) to the version's index.
@@ -49,14 +58,17 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, l
     check_encoders(mv.manifest, features.text_encoder.to_dict(), features.image_encoder.to_dict(), what=f"model version {mv.version}")
     embeddings = load_version_model(mv, features).item_embeddings(features)
     published = published_times(engine, news)
-    if not mv.index_dir.exists():
+    threads = config.runtime.threads or None
+    if not FaissIndex.exists(mv.index_dir):
         index = FaissIndex.build(
             features.news_ids, embeddings, published=published, kind=config.index.kind,
-            exact_max_items=config.index.exact_max_items,
+            exact_max_items=config.index.exact_max_items, num_threads=threads,
         )
+        if lock is not None:
+            lock.check()
         index.save(mv.index_dir, manifest_extra=index_manifest(mv))
         return {"index_built": len(index), "index_added": len(index)}
-    index = load_index(mv)
+    index = load_index(mv, num_threads=threads)
     present = np.array([nid in index for nid in features.news_ids], dtype=bool)
     changed = ~present
     moved = np.zeros(len(present), dtype=bool)
@@ -72,12 +84,30 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, l
         index.set_published(features.news_ids[moved], published[moved])
     if len(rows):
         index.add(features.news_ids[rows], embeddings[rows], published=published[rows])
-    if len(rows) or moved.any():
+    maintained = maintain_index(index)
+    if len(rows) or moved.any() or maintained:
         if lock is not None:
             lock.check()
         index.save(mv.index_dir, manifest_extra=index_manifest(mv))
     return {"index_added": int((~present).sum()), "index_updated": int(len(rows) - (~present).sum()),
-            "index_republished": int(moved.sum())}
+            "index_republished": int(moved.sum()), **maintained}
+
+
+def maintain_index(index) -> dict:
+    """Compact an approximate index with too many tombstones and re-tune its search breadth
+    (``COMPACT_TOMBSTONE_SHARE``, ``RECALIBRATE_GROWTH``); returns what it did (empty: nothing)."""
+    done = {}
+    if index.num_tombstones > COMPACT_TOMBSTONE_SHARE * len(index):
+        done["index_compacted"] = index.num_tombstones
+        t0 = time.perf_counter()
+        index.compact()
+        log.info("index compacted: %d tombstones dropped in %.1f s", done["index_compacted"], time.perf_counter() - t0)
+    calibration = index.calibration
+    grown = calibration is not None and len(index) > RECALIBRATE_GROWTH * calibration.get("num_items", 0)
+    if index.kind != "flat" and len(index) and (done or calibration is None or grown):
+        record = index.calibrate()
+        done["index_calibrated"] = {record["param"]: record["value"], "recall": record["recall"]}
+    return done
 
 
 def run_nightly_job(

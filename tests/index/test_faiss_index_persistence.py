@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import faiss
 import numpy as np
@@ -208,3 +212,69 @@ def test_load_checks_expected_before_reading_the_index(saved):
     (path / "index.faiss").write_bytes(b"garbage")
     with pytest.raises(ModelMismatchError, match=r"key 'dim' is 16 in the saved index, expected 64"):
         FaissIndex.load(path, expected={"dim": 64})
+
+
+_KILL_SAVE = """
+import os, sys
+import numpy as np
+from recsys.index import FaissIndex
+from recsys.index import faiss_index
+
+path, renames_before_kill, during = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+index = FaissIndex.load(path)
+real_replace, calls = os.replace, []
+
+def replace(src, dst):  # the process dies as SIGKILL would: no handler, no cleanup
+    calls.append(src)
+    if len(calls) > renames_before_kill:
+        os._exit(9)
+    real_replace(src, dst)
+
+if during == "write":
+    real_save = np.save
+    def save(*args, **kwargs):
+        os._exit(9)
+    faiss_index.np.save = save
+faiss_index.os.replace = replace
+smaller = FaissIndex.build(index.news_ids[:10], index.vectors(index.news_ids[:10]), num_threads=1)
+smaller.save(path)
+"""
+
+
+@pytest.mark.parametrize("renames_before_kill, during", [(0, "write"), (1, "swap")])
+def test_a_save_killed_midway_leaves_the_previous_index_for_the_next_load(saved, world, tmp_path, renames_before_kill, during):
+    index, path = saved
+    _, _, _, queries = world
+    script = tmp_path / "kill_save.py"
+    script.write_text(_KILL_SAVE)
+    proc = subprocess.run([sys.executable, str(script), str(path), str(renames_before_kill), during], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    leftovers = sorted(p.name.split("-")[0] for p in path.parent.iterdir() if p.name.startswith("."))
+    if during == "swap":  # killed between the renames: no index/ at all, the old one moved aside
+        assert not path.exists() and leftovers == [".index.old", ".index.tmp"]
+        assert FaissIndex.exists(path)  # puts it back
+    else:
+        assert path.exists() and leftovers == [".index.tmp"]
+    restored = FaissIndex.load(path)
+    assert len(restored) == len(index)
+    assert search_all(restored, queries) == search_all(index, queries)
+    # The next save keeps young leftovers (a save may still be running) and removes stale ones.
+    restored.save(path)
+    young = sorted(p.name for p in path.parent.iterdir() if p.name.startswith("."))
+    assert [n.split("-")[0] for n in young] == [".index.tmp"]
+    old_time = time.time() - 2 * 3600
+    for name in young:
+        os.utime(path.parent / name, (old_time, old_time))
+    restored.save(path)
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == [] and path.is_dir()
+
+
+def test_load_after_a_killed_swap_restores_without_a_second_copy(saved, tmp_path):
+    """Only a complete moved-aside index is put back; a missing directory without one stays missing."""
+    _, path = saved
+    aside = path.parent / ".index.old-0123"
+    path.rename(aside)
+    (aside / "manifest.json").unlink()  # incomplete: not restored
+    with pytest.raises(NotFoundError, match="no index directory"):
+        FaissIndex.load(path)
+    assert not FaissIndex.exists(path) and aside.exists()

@@ -154,3 +154,42 @@ def test_set_published_refuses_bad_input_and_changes_nothing(world):
     with pytest.raises(NotFoundError, match="N_missing"):
         index.published(["N_missing"])
     np.testing.assert_array_equal(index.published(ids), published)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_the_nightly_refresh_compacts_tombstones_and_retunes_the_search(kind):
+    """``pipelines.nightly.maintain_index``: compaction past COMPACT_TOMBSTONE_SHARE of the live
+    rows, a new calibration after it and after RECALIBRATE_GROWTH; nothing otherwise."""
+    from recsys.pipelines.nightly import COMPACT_TOMBSTONE_SHARE, RECALIBRATE_GROWTH, maintain_index
+
+    items, queries = sphere_mixture(2600, 16, cluster_size=50, seed=11, num_queries=20)
+    ids = news_ids(len(items))
+    index = FaissIndex.build(ids[:2000], items[:2000], kind=kind, exact_max_items=0, num_threads=1)
+    assert index.calibration["num_items"] == 2000
+    assert maintain_index(index) == {}
+    limit = int(COMPACT_TOMBSTONE_SHARE * 2000)
+    rng = np.random.default_rng(0)
+    moved = items + 0.05 * rng.standard_normal(items.shape).astype(np.float32)
+    moved /= np.linalg.norm(moved, axis=1, keepdims=True)
+    index.add(ids[:limit], moved[:limit])  # re-embedded articles: their old rows become tombstones
+    assert index.num_tombstones == limit and maintain_index(index) == {}
+    index.add(ids[limit:limit + 50], moved[limit:limit + 50])
+    done = maintain_index(index)
+    assert done["index_compacted"] == limit + 50 and index.num_tombstones == 0 and len(index) == 2000
+    assert set(done["index_calibrated"]) == {index.calibration["param"], "recall"}
+    current = np.concatenate([moved[:limit + 50], items[limit + 50:2000]])
+    hits = index.search(queries, 10)
+    exact = brute_force(current, ids[:2000], queries, 10)
+    recall = np.mean([len(set(h.news_ids) & set(e[0])) / 10 for h, e in zip(hits, exact)])
+    assert recall >= 0.9
+    # Growth: re-tuned once the catalogue passes RECALIBRATE_GROWTH times the calibrated size.
+    grown = int(RECALIBRATE_GROWTH * 2000)
+    index.add(ids[2000:grown], items[2000:grown])
+    assert maintain_index(index) == {}
+    index.add(ids[grown:grown + 1], items[grown:grown + 1])
+    done = maintain_index(index)
+    assert "index_compacted" not in done and index.calibration["num_items"] == grown + 1
+
+    flat = FaissIndex.build(ids[:100], items[:100], kind="flat", num_threads=1)
+    flat.add(ids[:50], moved[:50])
+    assert maintain_index(flat) == {}
