@@ -269,3 +269,70 @@ def test_popularity_baseline_counts_the_training_windows_clicks_in_the_file(trai
                 expected[catalogue.row_of[n]] += label
     assert expected.sum() > 0
     np.testing.assert_array_equal(_popularity(engine, catalogue, mv), expected)
+
+
+def test_the_log_window_keeps_the_shows_on_its_boundary_seconds(engine, tmp_path):
+    """``read_popularity_log``: shows exactly one window before the first counted time are read,
+    shows at the file's last time are not needed; popularity agrees with the whole log at every
+    second the file's side features can be read at (SQLite and PostgreSQL)."""
+    from datetime import datetime, timedelta
+
+    from recsys.pipelines.scoring import ScoringSpan, read_popularity_log
+    from recsys.store.ingest import ingest
+    from tests.store.mind_files import behavior_line, news_line, write_lines
+
+    t0, hour, second = datetime(2019, 11, 9), timedelta(hours=1), timedelta(seconds=1)
+    times = [t0 + k * hour for k in range(48)] + [t0 + 23 * hour + second]  # the last: end - 24 h exactly
+    lines = [behavior_line(i + 1, f"U{i % 4}", t, [], [f"N{1 + i % 2}-{i % 3 == 0:d}", "N3-0"]) for i, t in enumerate(times)]
+    ingest(engine, news_path=write_lines(tmp_path / "news.tsv", [news_line(f"N{i}") for i in (1, 2, 3)]),
+           behaviors_path=write_lines(tmp_path / "behaviors.tsv", lines), quarantine_dir=tmp_path / "q")
+    news_ids = np.array(["N1", "N2", "N3"], dtype=object)
+    whole, end = read_popularity_log(engine, news_ids, None)
+    assert end == t0 + 47 * hour + second and len(whole) == 2 * len(times)
+    window = np.timedelta64(24 * 3600, "s")
+    for first, last, since in (
+        (t0 + 50 * hour, t0 + 52 * hour, t0 + 23 * hour + second),  # after the store: counted from its end
+        (t0 + 30 * hour, t0 + 40 * hour, t0 + 6 * hour),  # inside it: from the file's own first time
+    ):
+        span = ScoringSpan(first, last, 24.0)
+        assert span.log_window(end) == (since, last)
+        part, part_end = read_popularity_log(engine, news_ids, span)
+        assert part_end == end and part.times.min() == np.datetime64(since, "s") and part.times.max() < np.datetime64(last, "s")
+        at = np.arange(np.datetime64(first, "s"), np.datetime64(last, "s") + 1, np.timedelta64(60, "s"))
+        at = np.concatenate([at, np.minimum(at, np.datetime64(end, "s"))])
+        for item in range(3):
+            rows = np.full(len(at), item)
+            np.testing.assert_array_equal(np.stack(part.window_counts(rows, at, window=window)),
+                                          np.stack(whole.window_counts(rows, at, window=window)))
+    empty, _ = read_popularity_log(engine, news_ids, ScoringSpan(None, None, 24.0))  # a file without times
+    assert len(empty) == 0
+
+
+def test_a_file_that_changes_after_its_scan_is_refused(trained, tmp_path):
+    import dataclasses
+    from datetime import timedelta
+
+    from recsys.pipelines.scoring import ScoringSpan
+
+    world, ws, engine, config, versions = trained
+    path = world / "behaviors_test.tsv"
+    scan = scan_behaviors(path)
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    rows = list(iter_behaviors(path))
+    last_line = max(rows, key=lambda r: r.time).line
+    narrower = dataclasses.replace(catalogue, span=ScoringSpan(scan.first, scan.last - timedelta(seconds=1), 24.0))
+    with pytest.raises(RecsysError, match=rf"behaviors_test.tsv line {last_line}: time .* is outside .* it changed while it was read"):
+        list(iter_behavior_chunks(path, narrower, chunk_size=50))
+    full = dataclasses.replace(catalogue, span=scoring_span(scan, [get_version(engine, versions[True])]))
+    assert sum(len(imps) for imps, _ in iter_behavior_chunks(path, full, chunk_size=50)) == len(rows)
+
+
+def test_an_empty_behaviors_file_reads_no_log_and_predicts_nothing(trained, tmp_path):
+    world, ws, engine, config, versions = trained
+    empty = tmp_path / "behaviors.tsv"
+    empty.write_text("\n")
+    span = scoring_span(scan_behaviors(empty), [get_version(engine, versions[True])])
+    assert (span.first, span.last) == (None, None)
+    assert len(load_scoring_catalogue(engine, ws, config, news=None, images=None, span=span).log) == 0
+    summary = run_predict(engine, ws, config, behaviors=empty, out=tmp_path / "prediction.txt")
+    assert summary["impressions"] == 0 and (tmp_path / "prediction.txt").read_text() == ""

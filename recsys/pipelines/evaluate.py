@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import fields, replace
 from datetime import datetime
 from itertools import chain
@@ -256,15 +256,16 @@ def _beyond_accuracy(engine: Engine, catalogue: Catalogue, popularity: np.ndarra
     run = latest_run(engine)
     if run is None:
         return None
-    chunks = repo.iter_run_recommendations(engine, run.run_id)
-    first = next(chunks, None)
-    if first is None:
-        return None
-    ids = catalogue.features.news_ids
-    first_seen = pd.Series(pd.to_datetime(catalogue.first_seen), index=ids)
-    # "New" = first shown within the day before the run's as-of time (or never shown).
-    as_of = pd.Timestamp(run.plan.get("as_of") or run.started_at)
-    return beyond_accuracy(
-        chain([first], chunks), pd.Series(catalogue.news[CATEGORY].to_numpy(), index=ids),
-        first_seen, pd.Series(popularity, index=ids), len(ids), as_of - pd.Timedelta(days=1),
-    )
+    # Closed on any exit: an open stream holds a PostgreSQL transaction and server-side cursor.
+    with closing(repo.iter_run_recommendations(engine, run.run_id)) as chunks:
+        first = next(chunks, None)
+        if first is None:
+            return None
+        ids = catalogue.features.news_ids
+        first_seen = pd.Series(pd.to_datetime(catalogue.first_seen), index=ids)
+        # "New" = first shown within the day before the run's as-of time (or never shown).
+        as_of = pd.Timestamp(run.plan.get("as_of") or run.started_at)
+        return beyond_accuracy(
+            chain([first], chunks), pd.Series(catalogue.news[CATEGORY].to_numpy(), index=ids),
+            first_seen, pd.Series(popularity, index=ids), len(ids), as_of - pd.Timedelta(days=1),
+        )

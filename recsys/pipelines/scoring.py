@@ -61,6 +61,7 @@ class Catalogue:
     first_seen: np.ndarray
     clicks: ClickLog  # impression clicks in the store, for models trained with logged_clicks
     end: np.datetime64 | None  # one second after the store's last labelled show; None if it has none
+    span: ScoringSpan | None = None  # the file the log was read for (None: the whole store's log)
 
 
 def news_from_file(path: Path, images: Path | None, known: set[str]) -> pd.DataFrame:
@@ -97,8 +98,8 @@ class ScoringSpan:
     """The times a behaviors file's side features can read: its impressions' first and last
     time and the longest popularity window of the models that score it."""
 
-    first: datetime
-    last: datetime
+    first: datetime | None  # None: no line of the file has a time (nothing to score)
+    last: datetime | None
     window_hours: float
 
     def log_window(self, end: datetime | None) -> tuple[datetime, datetime]:
@@ -106,16 +107,27 @@ class ScoringSpan:
 
         Popularity at ``t`` counts ``[t - window, t)`` and is read at ``t`` or at ``min(t, end)``
         (FEATURES_AT), so nothing before ``min(first, end) - window`` or from ``last`` on counts.
+        A file without times gets an empty window.
         """
+        if self.first is None or self.last is None:
+            return datetime(1970, 1, 1), datetime(1970, 1, 1)
         start = self.first if end is None else min(self.first, end)
         return start - timedelta(hours=self.window_hours), self.last
 
+    def check(self, times: np.ndarray, path: Path, lines: np.ndarray) -> None:
+        """Raises RecsysError for an impression outside the scanned span: the file changed
+        between the scan and the parse, and its side features would miss part of the log."""
+        lo = np.datetime64(self.first, "s") if self.first is not None else None
+        outside = np.ones(len(times), dtype=bool) if lo is None else (times < lo) | (times > np.datetime64(self.last, "s"))
+        if outside.any():
+            i = int(np.flatnonzero(outside)[0])
+            raise RecsysError(f"{path} line {int(lines[i])}: time {times[i]} is outside {self.first} .. {self.last}, "
+                              "the times the file held when it was scanned: it changed while it was read; run again")
 
-def scoring_span(scan: BehaviorsScan, versions: list[ModelVersion]) -> ScoringSpan | None:
-    """The span of a scanned behaviors file (``scan_behaviors``) for these versions; None when
-    no line has a time (the parse will name the problem)."""
-    if scan.first is None or scan.last is None:
-        return None
+
+def scoring_span(scan: BehaviorsScan, versions: list[ModelVersion]) -> ScoringSpan:
+    """The span of a scanned behaviors file (``scan_behaviors``) for these versions: the
+    longest popularity window of their bundles."""
     hours = max(SideFeatures.from_dict(read_bundle_config(mv.model_dir)["side_features"]).window_hours for mv in versions)
     return ScoringSpan(scan.first, scan.last, hours)
 
@@ -123,7 +135,7 @@ def scoring_span(scan: BehaviorsScan, versions: list[ModelVersion]) -> ScoringSp
 def read_popularity_log(engine: Engine, news_ids: np.ndarray, span: ScoringSpan | None) -> tuple[InteractionLog, datetime | None]:
     """The popularity log over ``news_ids`` that a file of ``span`` can count (the whole store's
     when None), and the store's end: one second after its last labelled show, None if it has none."""
-    _, last_show = repo.time_range(engine, labelled_only=True)
+    last_show = repo.last_labelled_time(engine)
     end = None if last_show is None else last_show + timedelta(seconds=1)
     since, until = span.log_window(end) if span is not None else (None, None)
     return repo.read_interaction_log(engine, news_ids, since=since, until=until), end
@@ -150,7 +162,7 @@ def load_scoring_catalogue(
     events, end = read_popularity_log(engine, features.news_ids, span)
     clicks = repo.read_click_log(engine, features.news_ids)
     return Catalogue(catalogue, features, row_of, events, first_seen_array(catalogue), clicks,
-                     None if end is None else np.datetime64(end, "s"))
+                     None if end is None else np.datetime64(end, "s"), span)
 
 
 @dataclass
@@ -178,14 +190,20 @@ def iter_behavior_chunks(path: Path, catalogue: Catalogue, *, chunk_size: int = 
         if len(buf) >= chunk_size:
             imps, dropped = _chunk(buf, catalogue.row_of, path, history_len)
             missing_history += dropped
-            yield imps, np.array([r.line for r in buf])
+            yield _checked(imps, np.array([r.line for r in buf]), catalogue.span, path)
             buf = []
     if buf:
         imps, dropped = _chunk(buf, catalogue.row_of, path, history_len)
         missing_history += dropped
-        yield imps, np.array([r.line for r in buf])
+        yield _checked(imps, np.array([r.line for r in buf]), catalogue.span, path)
     if missing_history:
         log.warning("%s: %d history entries name articles not in the catalogue and were ignored", path, missing_history)
+
+
+def _checked(imps: Impressions, lines: np.ndarray, span: ScoringSpan | None, path: Path) -> tuple[Impressions, np.ndarray]:
+    if span is not None:
+        span.check(imps.times, path, lines)
+    return imps, lines
 
 
 def _chunk(rows: list, row_of: dict, path: Path, history_len: int) -> tuple[Impressions, int]:

@@ -71,6 +71,18 @@ def time_range(
     return lo, hi
 
 
+def last_labelled_time(engine: Engine) -> datetime | None:
+    """Time of the store's last impression with labelled candidates (None when it has none).
+
+    ``ORDER BY time DESC LIMIT 1`` walks the time index from the end; the max of
+    ``time_range(labelled_only=True)`` makes PostgreSQL join every impression item.
+    """
+    im, it = s.impressions.c, s.impression_items.c
+    labelled = select(it.impression_pk).where(it.impression_pk == im.id, it.label.is_not(None)).exists()
+    with engine.connect() as conn:
+        return conn.execute(select(im.time).where(labelled).order_by(im.time.desc()).limit(1)).scalar()
+
+
 def _row_lookup(news_ids: np.ndarray) -> pd.Series:
     return pd.Series(np.arange(len(news_ids), dtype=np.int32), index=pd.Index(news_ids, name=NEWS_ID))
 
