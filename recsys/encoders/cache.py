@@ -89,6 +89,10 @@ class FeatureCache:
         # news id -> (shard index, row, content hash), the newest shard winning.
         self._index: dict[str, tuple[int, int, str]] = {}
         self._shards: list[Path] = []
+        self._list_shards()
+
+    def _list_shards(self) -> None:
+        self._index, self._shards = {}, []
         for shard in sorted(self.path.glob(_SHARD_GLOB)):
             self._index_shard(shard)
 
@@ -121,6 +125,8 @@ class FeatureCache:
         try:
             with np.load(shard, allow_pickle=False) as z:
                 ids, hashes = z["news_ids"], z["content_hashes"]
+        except FileNotFoundError:  # merged into a newer shard by another process's compact
+            return
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             # Renames make torn shards impossible short of disk damage; re-encoding heals it.
             log.warning("feature cache shard %s is unreadable (%s); its articles will be encoded again", shard, exc)
@@ -170,6 +176,14 @@ class FeatureCache:
         Raises:
             NotFoundError: some ids are not cached.
         """
+        try:
+            return self._load(news_ids)
+        except FileNotFoundError:
+            # Another process compacted the cache after this one listed it: list it again.
+            self._list_shards()
+            return self._load(news_ids)
+
+    def _load(self, news_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         missing = [str(i) for i in news_ids if str(i) not in self._index]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -243,8 +257,9 @@ class FeatureCache:
         """Rewrite the live entries into one shard and delete the older shards.
 
         Safe against a crash at any point: the merged shard is in place before any old shard
-        is removed, and it is the newest, so duplicates left behind are shadowed by it. Do not
-        run it while another process reads the same cache.
+        is removed, and it is the newest, so duplicates left behind are shadowed by it. A
+        process that listed the old shards before (an evaluate beside the nightly job) finds
+        one gone and lists the cache again (``load``).
         """
         if len(self._shards) <= 1:
             return

@@ -101,6 +101,23 @@ def test_compact_keeps_the_live_entries_in_one_shard(tmp_path):
     assert reopened.lookup(["shared"], ["s3"]).tolist() == [True]
 
 
+def test_a_reader_outlives_another_process_compacting_the_cache(tmp_path, caplog):
+    """An evaluate that opened the cache before the nightly job compacted it reads on."""
+    writer = FeatureCache(tmp_path, TEXT, IMAGE)
+    text, image, has_image = features(9)
+    ids = [f"N{i}" for i in range(9)]
+    for lo in range(0, 9, 3):  # three shards
+        writer.put(ids[lo:lo + 3], ["h"] * 3, text[lo:lo + 3], image[lo:lo + 3], has_image[lo:lo + 3])
+    reader = FeatureCache(tmp_path, TEXT, IMAGE)
+    assert reader.num_shards == 3
+    writer.compact()
+    got_text, got_image, got_has = reader.load(ids[::-1])
+    np.testing.assert_array_equal(got_text, text[::-1])
+    np.testing.assert_allclose(got_image, np.where(has_image[:, None], image, 0)[::-1], rtol=1e-3, atol=1e-2)
+    np.testing.assert_array_equal(got_has, has_image[::-1])
+    assert reader.num_shards == 1 and "unreadable" not in caplog.text
+
+
 def test_other_encoders_get_their_own_folder(tmp_path):
     cache = FeatureCache(tmp_path, TEXT, IMAGE)
     cache.put(["a"], ["h"], *features(1))
