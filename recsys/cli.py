@@ -22,6 +22,7 @@ from typer.exceptions import TyperException
 
 from recsys.config import Config, Workspace, load_config, resolve_db_url
 from recsys.errors import RecsysError
+from recsys.progress import LOG_FORMAT
 
 app = typer.Typer(
     help="Multimodal news recommendation: MIND ingest, encoders, FAISS, CTR model, nightly ranking, evaluation.",
@@ -73,7 +74,7 @@ def main_options(
 ) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
         stream=sys.stderr,
     )
     ws = Workspace.resolve(workspace)

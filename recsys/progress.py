@@ -8,6 +8,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+# The log line of every recsys process (the CLI, and helper processes it spawns).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 log = logging.getLogger("recsys")
 
 Advance = Callable[[int], None]

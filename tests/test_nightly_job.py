@@ -148,3 +148,24 @@ def test_a_job_that_finds_the_lock_held_ingests_nothing(tmp_path):
             run_nightly_job(engine, ws, config, behaviors=world / "behaviors_test.tsv")
     assert store_stats(engine) == before
     engine.dispose()
+
+
+def test_the_jobs_own_process_never_loads_tensorflow(tmp_path):
+    """The index refresh (encoders, item tower) runs in a helper process, so the job's process
+    stays small beside its ranking workers; checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    world, ws, engine, config = trained_workspace(tmp_path)
+    engine.dispose()
+    script = (
+        "import sys\n"
+        "from recsys.cli import main\n"
+        f"code = main(['--workspace', {str(ws.root)!r}, 'nightly', '--k', '3', '--workers', '1'])\n"
+        "print('EXIT', code, 'tensorflow' in sys.modules, 'keras' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.stdout.strip().splitlines()[-1] == "EXIT 0 False False", proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[: proc.stdout.rindex("EXIT")])
+    assert summary["index"]["index_built"] == 200 and summary["run"]["status"] == "complete"
+    assert "encoding articles" in proc.stderr  # the helper's log lines reach the job's stderr

@@ -5,7 +5,8 @@ The whole job holds the store's ``nightly`` lock, so a second job ingests nothin
 1. ingest new files if given (bad rows quarantined; an ingest failure is recorded and the
    existing data is still scored),
 2. encode articles the feature cache lacks, embed them with the current model version and
-   add new or changed articles to its index,
+   add new or changed articles to its index (in a helper process, so that TensorFlow and the
+   features leave memory before the ranking workers start),
 3-5. rank every active user shard by shard, switch readers atomically, record the run
    (``recsys.ranking.nightly.run_nightly``).
 """
@@ -13,6 +14,8 @@ The whole job holds the store's ``nightly`` lock, so a second job ingests nothin
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from recsys.errors import RecsysError
 from recsys.pipelines.index import index_manifest, load_index, published_times
 from recsys.pipelines.train import first_seen_array, load_catalogue, load_version_model
 from recsys.progress import progress
-from recsys.ranking.lock import NIGHTLY_LOCK, StoreLock, acquire_lock
+from recsys.ranking.lock import NIGHTLY_LOCK, LockView, StoreLock, acquire_lock
 from recsys.threads import configure_threads
 from recsys.versions import check_encoders, get_version
 
@@ -40,7 +43,7 @@ COMPACT_TOMBSTONE_SHARE = 0.2
 RECALIBRATE_GROWTH = 1.25
 
 
-def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, lock: StoreLock | None = None) -> dict:
+def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, lock: StoreLock | LockView | None = None) -> dict:
     """Add articles that are new (or whose content changed) to the version's index.
 
     Features come through the cache, so only new articles reach the encoders; the item
@@ -93,6 +96,62 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, l
             "index_republished": int(moved.sum()), **maintained}
 
 
+def refresh_index_apart(engine: Engine, workspace: Workspace, config: Config, mv, *, lock: StoreLock | None = None) -> dict:
+    """``refresh_index`` in a spawned process of its own.
+
+    The refresh loads TensorFlow, the encoders and the catalogue's features (1.1 GB of RSS at
+    MIND-small size) and a process never hands TensorFlow's memory back: done in the job's
+    own process, all of it stayed resident beside the ranking workers. The helper asks the
+    store whether the job still holds ``lock`` before it writes (``LockView``); the job keeps
+    the heartbeat.
+
+    Raises:
+        WorkerDiedError: the helper process died (killed by a signal); nothing was swapped in
+            that a later night cannot redo.
+        RecsysError: what ``refresh_index`` raised.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from recsys.ranking.engines import WorkerDiedError
+    from recsys.ranking.nightly import worker_url
+
+    args = (worker_url(engine), workspace, config, mv, None if lock is None else lock.state,
+            logging.getLogger().level, os.getpid())
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as helper:
+        try:
+            return helper.submit(_refresh_in_helper, *args).result()
+        except BrokenProcessPool as exc:
+            raise WorkerDiedError(
+                "the index refresh process died (killed by a signal, often the out-of-memory killer); the index "
+                "is the previous night's or this one's, whole, and the next run refreshes it again"
+            ) from exc
+
+
+def _refresh_in_helper(url: str, workspace: Workspace, config: Config, mv, lock_state, log_level: int, parent_pid: int) -> dict:
+    import pickle
+
+    from recsys.progress import LOG_FORMAT
+    from recsys.ranking.engines import watch_parent
+    from recsys.store.database import open_store
+
+    logging.basicConfig(level=log_level, format=LOG_FORMAT, stream=sys.stderr)
+    watch_parent(parent_pid)
+    configure_threads(config.runtime.threads or None)
+    engine = open_store(url)
+    try:
+        return refresh_index(engine, workspace, config, mv, lock=None if lock_state is None else LockView(engine, lock_state))
+    except RecsysError as exc:
+        try:  # the job re-raises it as it is if it crosses the process boundary intact
+            pickle.loads(pickle.dumps(exc))
+        except Exception:  # noqa: BLE001 - an error class whose arguments are not its message
+            raise RecsysError(str(exc)) from None
+        raise
+    finally:
+        engine.dispose()
+
+
 def maintain_index(index) -> dict:
     """Compact an approximate index with too many tombstones and re-tune its search breadth
     (``COMPACT_TOMBSTONE_SHARE``, ``RECALIBRATE_GROWTH``); returns what it did (empty: nothing)."""
@@ -119,7 +178,8 @@ def run_nightly_job(
     Raises:
         RunLockedError: another nightly job holds the lock; nothing is ingested or indexed.
     """
-    configure_threads(config.runtime.threads or None)
+    # This process ingests and drives the ranking; TensorFlow runs in its helper and workers.
+    configure_threads(config.runtime.threads or None, tensorflow=False)
     # The lock covers the ingest and the index too: a run started while the previous night's
     # still ranks must not change the store or swap the index under it.
     with acquire_lock(engine, NIGHTLY_LOCK) as lock:
@@ -147,7 +207,7 @@ def _nightly_job(
         summary["timings"]["ingest_s"] = round(time.perf_counter() - t0, 2)
     mv = get_version(engine)
     t0 = time.perf_counter()
-    summary["index"] = refresh_index(engine, workspace, config, mv, lock=lock)
+    summary["index"] = refresh_index_apart(engine, workspace, config, mv, lock=lock)
     summary["timings"]["encode_and_index_s"] = round(time.perf_counter() - t0, 2)
     summary["run"] = run_nightly(
         engine, model_dir=mv.model_dir, index_dir=mv.index_dir, model_version=mv.version, engine_name=nc.engine,

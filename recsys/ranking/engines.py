@@ -207,7 +207,7 @@ _WORKER_ERROR: BaseException | None = None
 
 def _init_worker(setup: WorkerSetup, parent_pid: int) -> None:
     global _WORKER, _WORKER_ERROR
-    _watch_parent(parent_pid)
+    watch_parent(parent_pid)
     try:
         _WORKER = ShardWorker(setup)
     except Exception as exc:  # noqa: BLE001 - re-raised in the driver by _process_shard
@@ -222,7 +222,7 @@ def _process_shard(shard: int, user_ids: np.ndarray) -> ShardResult:
     return _WORKER.process(shard, user_ids)
 
 
-def _watch_parent(parent_pid: int) -> None:
+def watch_parent(parent_pid: int) -> None:
     """Exit when the driver dies (kill -9 gives it no chance to stop its workers)."""
 
     def watch() -> None:

@@ -107,6 +107,37 @@ class LockState:
         return int(tail) if tail.isdigit() else None
 
 
+def check_holder(engine: Engine, state: LockState, *, released: bool = False) -> None:
+    """Raises LockLostError unless the store still records ``state``'s holder as holding the lock.
+
+    Shared by ``StoreLock.check`` and ``LockView``, which a helper process of the holder uses.
+    """
+    current = None if released else read_lock(engine, state.name)
+    if current is not None and (current.holder, current.acquired_at) == (state.holder, state.acquired_at):
+        return
+    if released:
+        why = "it was released"
+    elif current is None:
+        why = "its row was deleted (cleared by hand?)"
+    else:
+        why = f"{current.holder} took it over at {current.acquired_at:%Y-%m-%d %H:%M:%S} UTC"
+    raise LockLostError(
+        f"lock '{state.name}' is no longer held by {state.holder}: {why}; this job stops without writing "
+        "anything more"
+    )
+
+
+class LockView:
+    """The lock of a job seen from a helper process it started (the index refresh): ``check``
+    asks the store whether the job still holds it; the job itself keeps the heartbeat."""
+
+    def __init__(self, engine: Engine, state: LockState):
+        self._engine, self.state = engine, state
+
+    def check(self) -> None:
+        check_holder(self._engine, self.state)
+
+
 class StoreLock:
     """A lock this process holds; a context manager that releases it on exit.
 
@@ -166,20 +197,11 @@ class StoreLock:
         Raises:
             LockLostError: the lock was released, cleared by hand or taken over.
         """
-        current = read_lock(self._engine, self.name) if self._held else None
-        if current is not None and (current.holder, current.acquired_at) == (self.holder, self.state.acquired_at):
-            return
-        self._lost = True
-        if not self._held:
-            why = "it was released"
-        elif current is None:
-            why = "its row was deleted (cleared by hand?)"
-        else:
-            why = f"{current.holder} took it over at {current.acquired_at:%Y-%m-%d %H:%M:%S} UTC"
-        raise LockLostError(
-            f"lock '{self.name}' is no longer held by {self.holder}: {why}; this job stops without writing "
-            "anything more"
-        )
+        try:
+            check_holder(self._engine, self.state, released=not self._held)
+        except LockLostError:
+            self._lost = True
+            raise
 
     def attach_run(self, run_id: int) -> None:
         """Record the run this lock protects, so that others can name it and see its progress.

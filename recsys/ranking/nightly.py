@@ -284,7 +284,7 @@ def _rank(engine, engine_name, run_id, prepared, todo, *, model_dir, index_dir, 
           num_threads, ray_address, progress) -> dict:
     """Run the missing shards; returns wall time, candidates scored and worker stage sums."""
     setup = WorkerSetup(
-        db_url=_worker_url(engine),
+        db_url=worker_url(engine),
         run_id=run_id,
         model_dir=str(model_dir),
         index_dir=str(index_dir),
@@ -319,7 +319,7 @@ def _rank(engine, engine_name, run_id, prepared, todo, *, model_dir, index_dir, 
     return {"wall": time.perf_counter() - clock, "candidates": candidates, "stages": stages}
 
 
-def _worker_url(engine: Engine) -> str:
+def worker_url(engine: Engine) -> str:
     """The store URL for workers, which may run in another directory (Ray): SQLite paths made absolute."""
     url = engine.url
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":

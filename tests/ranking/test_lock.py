@@ -200,6 +200,24 @@ def test_a_lock_taken_over_is_known_lost_and_its_holder_writes_nothing(store):
         new.check()
 
 
+def test_a_helper_process_sees_the_jobs_lock_lost_as_the_job_does(store):
+    """``LockView``: what the index refresh's helper process checks before it writes."""
+    import pickle
+
+    from recsys.ranking.lock import LockView
+
+    job = acquire_lock(store, holder="host-a:1", heartbeat_every=timedelta(hours=1))
+    view = LockView(store, pickle.loads(pickle.dumps(job.state)))  # the state crosses to the helper
+    view.check()
+    acquire_lock(store, holder="host-b:2", stale_after=timedelta(0))
+    with pytest.raises(LockLostError, match=r"lock 'nightly' is no longer held by host-a:1: host-b:2 took it over at"):
+        view.check()
+    with store.begin() as conn:
+        conn.execute(s.locks.delete())
+    with pytest.raises(LockLostError, match="its row was deleted"):
+        view.check()
+
+
 def test_the_heartbeat_notices_a_lock_cleared_by_hand(store, caplog):
     with caplog.at_level(logging.ERROR, logger="recsys.ranking.lock"):
         lock = acquire_lock(store, heartbeat_every=timedelta(milliseconds=50))

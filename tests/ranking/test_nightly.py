@@ -188,15 +188,15 @@ def test_model_bundle_must_be_readable(world_store, world, tmp_path):
         _nightly(world_store, world, model_dir=tmp_path)
 
 
-def test_worker_url_is_absolute_for_sqlite(tmp_path, monkeypatch):
+def testworker_url_is_absolute_for_sqlite(tmp_path, monkeypatch):
     from sqlalchemy import create_engine
 
-    from recsys.ranking.nightly import _worker_url
+    from recsys.ranking.nightly import worker_url
 
     monkeypatch.chdir(tmp_path)
-    assert _worker_url(create_engine("sqlite:///rel/store.db")) == f"sqlite:///{tmp_path}/rel/store.db"
-    assert _worker_url(create_engine("sqlite:////abs/store.db")) == "sqlite:////abs/store.db"
-    assert _worker_url(create_engine("postgresql+psycopg://u:secret@h/db")) == "postgresql+psycopg://u:secret@h/db"
+    assert worker_url(create_engine("sqlite:///rel/store.db")) == f"sqlite:///{tmp_path}/rel/store.db"
+    assert worker_url(create_engine("sqlite:////abs/store.db")) == "sqlite:////abs/store.db"
+    assert worker_url(create_engine("postgresql+psycopg://u:secret@h/db")) == "postgresql+psycopg://u:secret@h/db"
 
 
 def test_histories_are_read_as_the_model_was_trained(world_store, world, tmp_path, monkeypatch):
