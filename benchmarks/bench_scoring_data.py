@@ -28,12 +28,11 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime
 from pathlib import Path
 
 from bench_ingest import add_world_args, write_world  # benchmarks/ is on sys.path when run as a script
-from bench_train_data import StagePeak, _mb, sqlite_store
+from bench_train_data import StagePeak, _mb, sqlite_store, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scoring_data.json"
 WINDOW_HOURS = 24.0  # the side features' default popularity window (models.side_features.SideFeatures)
@@ -55,14 +54,7 @@ def run_child(url: str, later: Path, mode: str) -> dict:
     stages: dict = {}
 
     def stage(name: str, work):
-        start = sampler.reset()
-        t0 = time.perf_counter()
-        result = work()
-        end = sampler.rss()
-        stages[name] = {"seconds": round(time.perf_counter() - t0, 2), "peak_above_start_mb": _mb(sampler.peak - start),
-                        "retained_mb": _mb(end - start)}
-        print(f"{mode} {name}: {stages[name]}", flush=True)
-        return result
+        return sampler.stage(stages, name, work, label=f"{mode} ")
 
     baseline = sampler.rss()
     span = None
@@ -136,11 +128,7 @@ def main() -> None:
         **runs,
     }
     print(json.dumps({m: {k: runs[m][k] for k in ("max_rss_mb", "log_events", "log_mb")} for m in MODES}, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = args.out.with_suffix(".json.tmp")
-    tmp_path.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp_path, args.out)
-    print(f"wrote {args.out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

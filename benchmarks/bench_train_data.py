@@ -77,6 +77,19 @@ class StagePeak:
         self._stop.set()
         self._thread.join()
 
+    def stage(self, stages: dict, name: str, work, *, label: str = ""):
+        """``work()``, with its seconds and its RSS (peak above its start, retained, after) in
+        ``stages[name]``; returns what it returned."""
+        start = self.reset()
+        t0 = time.perf_counter()
+        result = work()
+        seconds = time.perf_counter() - t0
+        end = self.rss()
+        stages[name] = {"seconds": round(seconds, 2), "peak_above_start_mb": _mb(self.peak - start),
+                        "retained_mb": _mb(end - start), "rss_after_mb": _mb(end)}
+        print(f"{label}{name}: {stages[name]}", flush=True)
+        return result
+
 
 def _mb(n: float) -> float:
     return round(n / 2**20, 1)
@@ -103,15 +116,7 @@ def run_child(url: str) -> dict:
     stages: dict = {}
 
     def stage(name: str, work):
-        start = sampler.reset()
-        t0 = time.perf_counter()
-        result = work()
-        seconds = time.perf_counter() - t0
-        end = sampler.rss()
-        stages[name] = {"seconds": round(seconds, 2), "peak_above_start_mb": _mb(sampler.peak - start),
-                        "retained_mb": _mb(end - start), "rss_after_mb": _mb(end)}
-        print(f"{name}: {stages[name]}", flush=True)
-        return result
+        return sampler.stage(stages, name, work)
 
     baseline = sampler.rss()
 
@@ -248,11 +253,16 @@ def main() -> None:
     results = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("child", "pg_url")},
                "code": str(Path(recsys.__file__).parent), "machine": platform.machine(), "cpu_count": os.cpu_count(), **run}
     print(json.dumps({k: results[k] for k in ("window", "max_rss_mb", "numpy_arrays_mb")}, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = args.out.with_suffix(".json.tmp")
+    write_results(args.out, results)
+
+
+def write_results(out: Path, results: dict) -> None:
+    """Write ``results`` as JSON to ``out`` through a temporary file (a killed run leaves the old one)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = out.with_suffix(".json.tmp")
     tmp_path.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp_path, args.out)
-    print(f"wrote {args.out}")
+    os.replace(tmp_path, out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
