@@ -55,6 +55,12 @@ def cache_folder_name(text_info: EncoderInfo, image_info: EncoderInfo) -> str:
     return f"{_slug(text_info.name)}__{_slug(image_info.name)}__{digest}"
 
 
+def _shard_time(shard: Path) -> int | None:
+    """The time_ns a shard's name carries (``shard-<time_ns>-<random>.npz``), None if another name."""
+    match = re.fullmatch(r"shard-(\d{20})-[0-9a-f]+\.npz", shard.name)
+    return int(match.group(1)) if match else None
+
+
 def _write_atomically(path: Path, write) -> None:
     """Call ``write(file)`` on a temporary sibling of ``path``, then rename it into place."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -246,8 +252,9 @@ class FeatureCache:
         image = np.where(has_image[:, None], image, 0.0).astype(_IMAGE_DTYPE)
         self._write_shard(ids, hashes, text, image, has_image)
 
-    def _write_shard(self, ids, hashes, text, image, has_image) -> Path:
-        path = self.path / f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.npz"
+    def _write_shard(self, ids, hashes, text, image, has_image, *, time_ns: int | None = None) -> Path:
+        stamp = time.time_ns() if time_ns is None else time_ns
+        path = self.path / f"shard-{stamp:020d}-{uuid.uuid4().hex[:8]}.npz"
         arrays = dict(zip(_SHARD_KEYS, (ids, hashes, text, image, has_image)))
         _write_atomically(path, lambda f: np.savez(f, **arrays))
         self._index_shard(path)
@@ -266,10 +273,19 @@ class FeatureCache:
         old = list(self._shards)
         ids = sorted(self._index)
         hashes = [self._index[i][2] for i in ids]
-        text, image, has_image = self.load(ids)
+        try:
+            text, image, has_image = self._load(ids)
+        except FileNotFoundError:  # another process compacted first: its shard holds these entries
+            self._list_shards()
+            return
+        # Named just after the newest shard it merges, not "now": a shard another process wrote
+        # meanwhile (an article encoded again) still sorts after it and wins.
+        newest = max((_shard_time(p) for p in old), default=None)
         self._index, self._shards = {}, []
         self._write_shard(
-            np.array(ids, dtype=str), np.array(hashes, dtype=str), text, image.astype(_IMAGE_DTYPE), has_image
+            np.array(ids, dtype=str), np.array(hashes, dtype=str), text, image.astype(_IMAGE_DTYPE), has_image,
+            time_ns=None if newest is None else newest + 1,
         )
         for shard in old:
             shard.unlink(missing_ok=True)
+        self._list_shards()  # with any shard written meanwhile

@@ -92,6 +92,9 @@ _CALIBRATION_K = 100
 # Leftovers of a save killed mid-way (``.<name>.tmp-*``, ``.<name>.old-*``) older than this are
 # removed by the next save; a younger one may belong to a save still running.
 STALE_SAVE_SECONDS = 3600
+# A missing index is restored from a moved-aside one only after this long: a save still
+# between its two renames (microseconds, normally) must not have its old index put back.
+RESTORE_GRACE_SECONDS = 60
 _CALIBRATION_QUERIES = 256
 # How many vectors a batched exact search (BLAS) compares in the time HNSW or IVF compares
 # one (random memory access, no matrix product): measured ~11 at 1000 queries per batch on
@@ -707,9 +710,10 @@ class FaissIndex:
         The files are written into a temporary sibling directory which is then renamed into
         place, so ``directory`` is either the previous complete index or the new complete
         one. Replacing an existing index renames it aside first; if the process dies between
-        the two renames the previous index survives as ``.<name>.old-*`` beside it, and the
-        next ``load``, ``exists`` or ``save`` puts it back. Leftovers of killed saves older than
-        ``STALE_SAVE_SECONDS`` are removed after a successful save.
+        the two renames the previous index survives as ``.<name>.old-*`` beside it, and a
+        ``load``, ``exists`` or ``save`` more than ``RESTORE_GRACE_SECONDS`` later puts it back.
+        Leftovers of killed saves older than ``STALE_SAVE_SECONDS`` are removed after a
+        successful save.
 
         Layout: index.faiss, news_ids.npy (str), published.npy (datetime64[s]), alive.npy
         (bool, False for tombstones), manifest.json.
@@ -1055,50 +1059,91 @@ def _swap_in(new: Path, directory: Path) -> None:
         except BaseException:
             os.replace(old, directory)
             raise
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            _discard(old)
+        except OSError as err:  # the new index is in place; a later save removes the leftover
+            log.warning("could not remove %s (%s)", old, err)
     _fsync(directory.parent)
 
 
+def _discard(path: Path) -> None:
+    """Remove a leftover folder; of a symlink (a workspace that links its index), the link only."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
+def _age_seconds(path: Path) -> float:
+    """Seconds since ``path`` last changed; a rename changes its ctime, so a folder just moved
+    aside is young whatever its files' age."""
+    st = path.lstat()
+    return time.time() - max(st.st_mtime, st.st_ctime)
+
+
 def _saves_beside(directory: Path, kind: str) -> list[Path]:
-    """``.<name>.<kind>-*`` siblings of ``directory`` (kind "tmp" or "old"), newest first."""
+    """``.<name>.<kind>-*`` siblings of ``directory`` (kind "tmp" or "old")."""
     if not directory.parent.is_dir():
         return []
-    found = [p for p in directory.parent.glob(f".{directory.name}.{kind}-*") if p.is_dir()]
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+    return [p for p in directory.parent.glob(f".{directory.name}.{kind}-*") if p.is_dir()]
+
+
+def _saved_at(directory: Path) -> str | None:
+    """The manifest's ``saved_at`` of a complete saved index (every file, a manifest that
+    parses), else None."""
+    if not all((directory / name).is_file() for name in INDEX_FILES):
+        return None
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return str(manifest.get("saved_at", "")) if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
 
 
 def _restore_interrupted_save(directory: Path) -> None:
     """Put back the index a save moved aside before it died (between ``_swap_in``'s renames).
 
     The index as it was before that save comes back: the caller redoes its change (the nightly
-    refresh adds whatever differs from the index). A concurrent restore may win the rename.
+    refresh adds whatever differs from the index). Only a complete index moved aside more than
+    ``RESTORE_GRACE_SECONDS`` ago is taken (a younger one may belong to a save still between its
+    renames), the most recently saved if there are several. A concurrent restore may win.
     """
-    if directory.exists():
+    if directory.exists() or directory.is_symlink():
         return
+    candidates = []
     for old in _saves_beside(directory, "old"):
-        if not _is_index_directory(old) or not (old / MANIFEST_FILE).is_file():
-            continue
         try:
-            os.replace(old, directory)
-        except OSError:  # another process restored it first
-            if directory.exists():
-                return
-            raise
-        _fsync(directory.parent)
-        log.warning("%s was missing: restored the index a killed save had moved aside (%s)", directory, old.name)
+            if _age_seconds(old) < RESTORE_GRACE_SECONDS:
+                continue
+        except FileNotFoundError:
+            continue
+        saved_at = _saved_at(old)
+        if saved_at is not None:
+            candidates.append((saved_at, old.name, old))
+    if not candidates:
         return
+    old = max(candidates)[2]
+    try:
+        os.replace(old, directory)
+    except OSError:  # another process restored it first
+        if directory.exists():
+            return
+        raise
+    _fsync(directory.parent)
+    log.warning("%s was missing: restored the index a killed save had moved aside (%s)", directory, old.name)
 
 
 def _remove_stale_saves(directory: Path) -> None:
     """Remove the temporary and moved-aside folders that killed saves left beside ``directory``."""
-    cutoff = time.time() - STALE_SAVE_SECONDS
     for leftover in _saves_beside(directory, "tmp") + _saves_beside(directory, "old"):
         try:
-            if leftover.stat().st_mtime < cutoff:
-                shutil.rmtree(leftover)
+            if _age_seconds(leftover) >= STALE_SAVE_SECONDS:
+                _discard(leftover)
                 log.info("removed %s, left by a save that did not finish", leftover)
         except FileNotFoundError:  # removed meanwhile
             continue
+        except OSError as err:  # not worth failing a save that succeeded
+            log.warning("could not remove %s (%s)", leftover, err)
 
 
 def _fsync(path: Path) -> None:

@@ -110,28 +110,60 @@ def refresh_index_apart(engine: Engine, workspace: Workspace, config: Config, mv
             that a later night cannot redo.
         RecsysError: what ``refresh_index`` raised.
     """
+    from recsys.ranking.nightly import worker_url
+
+    args = (worker_url(engine), workspace, config, mv, None if lock is None else lock.state,
+            logging.getLogger().level, os.getpid())
+    return run_apart(_refresh_in_helper, *args, died=(
+        "the index refresh process died (killed by a signal, often the out-of-memory killer); the index is "
+        "the previous night's or this one's, whole, and the next run refreshes it again"))
+
+
+def run_apart(target, *args, died: str):
+    """``target(*args)`` in a spawned helper process: its result, or the exception it raised
+    (one that cannot cross the process boundary as it is comes as RecsysError for a
+    RecsysError, RuntimeError otherwise, with its class name and message).
+
+    Raises:
+        WorkerDiedError: the helper died (killed by a signal), with the message ``died``.
+    """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
     from recsys.ranking.engines import WorkerDiedError
-    from recsys.ranking.nightly import worker_url
 
-    args = (worker_url(engine), workspace, config, mv, None if lock is None else lock.state,
-            logging.getLogger().level, os.getpid())
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as helper:
-        try:
-            return helper.submit(_refresh_in_helper, *args).result()
-        except BrokenProcessPool as exc:
-            raise WorkerDiedError(
-                "the index refresh process died (killed by a signal, often the out-of-memory killer); the index "
-                "is the previous night's or this one's, whole, and the next run refreshes it again"
-            ) from exc
+    helper = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        return helper.submit(_call_in_helper, target, *args).result()
+    except BrokenProcessPool as exc:
+        raise WorkerDiedError(died) from exc
+    except BaseException:
+        # Ctrl-C in the job: stop the helper now instead of waiting for it to finish (the
+        # executor has no public way to; an index save it cuts short is restored later).
+        for process in list((getattr(helper, "_processes", None) or {}).values()):
+            process.terminate()
+        raise
+    finally:
+        helper.shutdown(wait=True, cancel_futures=True)
+
+
+def _call_in_helper(target, *args):
+    import pickle
+
+    try:
+        return target(*args)
+    except Exception as exc:
+        try:  # the job re-raises it as it is if it crosses the process boundary intact
+            pickle.loads(pickle.dumps(exc))
+        except Exception:  # noqa: BLE001 - an error class whose arguments are not its message
+            # Same kind of failure for the CLI: bad input (exit 1) or an internal error (exit 2).
+            kind = RecsysError if isinstance(exc, RecsysError) else RuntimeError
+            raise kind(f"{type(exc).__name__}: {exc}") from None
+        raise
 
 
 def _refresh_in_helper(url: str, workspace: Workspace, config: Config, mv, lock_state, log_level: int, parent_pid: int) -> dict:
-    import pickle
-
     from recsys.progress import LOG_FORMAT
     from recsys.ranking.engines import watch_parent
     from recsys.store.database import open_store
@@ -142,12 +174,6 @@ def _refresh_in_helper(url: str, workspace: Workspace, config: Config, mv, lock_
     engine = open_store(url)
     try:
         return refresh_index(engine, workspace, config, mv, lock=None if lock_state is None else LockView(engine, lock_state))
-    except RecsysError as exc:
-        try:  # the job re-raises it as it is if it crosses the process boundary intact
-            pickle.loads(pickle.dumps(exc))
-        except Exception:  # noqa: BLE001 - an error class whose arguments are not its message
-            raise RecsysError(str(exc)) from None
-        raise
     finally:
         engine.dispose()
 
@@ -163,8 +189,10 @@ def maintain_index(index) -> dict:
         log.info("index compacted: %d tombstones dropped in %.1f s", done["index_compacted"], time.perf_counter() - t0)
     calibration = index.calibration
     grown = calibration is not None and len(index) > RECALIBRATE_GROWTH * calibration.get("num_items", 0)
-    if index.kind != "flat" and len(index) and (done or calibration is None or grown):
-        record = index.calibrate()
+    # Never calibrated: built with calibration turned off (target_recall None), left so.
+    if index.kind != "flat" and len(index) and calibration is not None and (done or grown):
+        # The recorded target, and a breadth set by hand (tuned False) only measured, not changed.
+        record = index.calibrate(target_recall=calibration["target_recall"], tune=calibration["tuned"])
         done["index_calibrated"] = {record["param"]: record["value"], "recall": record["recall"]}
     return done
 

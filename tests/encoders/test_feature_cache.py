@@ -118,6 +118,30 @@ def test_a_reader_outlives_another_process_compacting_the_cache(tmp_path, caplog
     assert reader.num_shards == 1 and "unreadable" not in caplog.text
 
 
+def test_a_compaction_never_hides_a_shard_written_after_it_listed_the_cache(tmp_path):
+    """Two processes: one encodes an article again while the other, which had listed the cache
+    before, compacts it; the newer features stay the ones read, by every later reader."""
+    a = FeatureCache(tmp_path, TEXT, IMAGE)
+    old_text, old_image, old_has = features(2, seed=1)
+    a.put(["X", "Y"], ["h1", "y1"], old_text, old_image, old_has)
+    a.put(["Z"], ["z1"], *features(1, seed=2))
+    b = FeatureCache(tmp_path, TEXT, IMAGE)  # lists the two shards
+    new_text, new_image, new_has = features(1, seed=3)
+    a.put(["X"], ["h2"], new_text, new_image, new_has)  # X's content changed; b does not know
+    b.compact()
+    for reader in (FeatureCache(tmp_path, TEXT, IMAGE), b):
+        assert reader.lookup(["X", "Y"], ["h2", "y1"]).tolist() == [True, True]
+        np.testing.assert_array_equal(reader.load(["X"])[0], new_text)
+        np.testing.assert_array_equal(reader.load(["Y"])[0], old_text[1:])
+
+    # A compaction that finds its shards already merged by another process gives up.
+    c = FeatureCache(tmp_path, TEXT, IMAGE)
+    FeatureCache(tmp_path, TEXT, IMAGE).compact()
+    c.compact()
+    assert c.lookup(["X"], ["h2"]).tolist() == [True]
+    np.testing.assert_array_equal(FeatureCache(tmp_path, TEXT, IMAGE).load(["X"])[0], new_text)
+
+
 def test_other_encoders_get_their_own_folder(tmp_path):
     cache = FeatureCache(tmp_path, TEXT, IMAGE)
     cache.put(["a"], ["h"], *features(1))

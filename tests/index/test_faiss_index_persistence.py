@@ -242,7 +242,10 @@ smaller.save(path)
 
 
 @pytest.mark.parametrize("renames_before_kill, during", [(0, "write"), (1, "swap")])
-def test_a_save_killed_midway_leaves_the_previous_index_for_the_next_load(saved, world, tmp_path, renames_before_kill, during):
+def test_a_save_killed_midway_leaves_the_previous_index_for_the_next_load(saved, world, tmp_path, monkeypatch,
+                                                                          renames_before_kill, during):
+    from recsys.index import faiss_index
+
     index, path = saved
     _, _, _, queries = world
     script = tmp_path / "kill_save.py"
@@ -252,6 +255,9 @@ def test_a_save_killed_midway_leaves_the_previous_index_for_the_next_load(saved,
     leftovers = sorted(p.name.split("-")[0] for p in path.parent.iterdir() if p.name.startswith("."))
     if during == "swap":  # killed between the renames: no index/ at all, the old one moved aside
         assert not path.exists() and leftovers == [".index.old", ".index.tmp"]
+        # Just moved aside: it may be a save still between its renames, so it stays for now.
+        assert not FaissIndex.exists(path)
+        monkeypatch.setattr(faiss_index, "RESTORE_GRACE_SECONDS", 0)  # as a minute later
         assert FaissIndex.exists(path)  # puts it back
     else:
         assert path.exists() and leftovers == [".index.tmp"]
@@ -262,19 +268,45 @@ def test_a_save_killed_midway_leaves_the_previous_index_for_the_next_load(saved,
     restored.save(path)
     young = sorted(p.name for p in path.parent.iterdir() if p.name.startswith("."))
     assert [n.split("-")[0] for n in young] == [".index.tmp"]
-    old_time = time.time() - 2 * 3600
-    for name in young:
-        os.utime(path.parent / name, (old_time, old_time))
+    monkeypatch.setattr(faiss_index, "STALE_SAVE_SECONDS", 0)  # as an hour later
     restored.save(path)
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == [] and path.is_dir()
 
 
-def test_load_after_a_killed_swap_restores_without_a_second_copy(saved, tmp_path):
-    """Only a complete moved-aside index is put back; a missing directory without one stays missing."""
-    _, path = saved
-    aside = path.parent / ".index.old-0123"
-    path.rename(aside)
-    (aside / "manifest.json").unlink()  # incomplete: not restored
+def test_only_a_complete_index_moved_aside_is_restored_the_latest_saved_first(saved, world, monkeypatch):
+    from recsys.index import faiss_index
+
+    monkeypatch.setattr(faiss_index, "RESTORE_GRACE_SECONDS", 0)
+    index, path = saved
+    ids, items, _, _ = world
+    newer = FaissIndex.build(ids[:30], items[:30], num_threads=1)
+    newer.save(path.parent / "newer")
+    (path.parent / "newer").rename(path.parent / ".index.old-bbbb")
+    path.rename(path.parent / ".index.old-aaaa")  # saved first
+    half = path.parent / ".index.old-cccc"  # a cleanup killed half-way: newest folder, files missing
+    half.mkdir()
+    (half / "manifest.json").write_text((path.parent / ".index.old-bbbb" / "manifest.json").read_text())
+    assert len(FaissIndex.load(path)) == 30  # the later save of the two complete ones
+    path.rename(path.parent / ".index.old-dddd")
+    (path.parent / ".index.old-aaaa" / "manifest.json").write_text("{broken")
+    (path.parent / ".index.old-dddd" / "alive.npy").unlink()
     with pytest.raises(NotFoundError, match="no index directory"):
         FaissIndex.load(path)
-    assert not FaissIndex.exists(path) and aside.exists()
+    assert not FaissIndex.exists(path)
+
+
+def test_a_symlinked_index_is_replaced_and_its_old_link_removed(world, tmp_path, monkeypatch):
+    """A workspace may link its index folder elsewhere: saves replace the link, never fail on it."""
+    from recsys.index import faiss_index
+
+    ids, items, _, _ = world
+    target = tmp_path / "elsewhere"
+    FaissIndex.build(ids[:20], items[:20], num_threads=1).save(target)
+    link = tmp_path / "version" / "index"
+    link.parent.mkdir()
+    link.symlink_to(target, target_is_directory=True)
+    FaissIndex.build(ids[:25], items[:25], num_threads=1).save(link)
+    monkeypatch.setattr(faiss_index, "STALE_SAVE_SECONDS", 0)
+    FaissIndex.build(ids[:26], items[:26], num_threads=1).save(link)
+    assert len(FaissIndex.load(link)) == 26 and target.is_dir()
+    assert [p.name for p in link.parent.iterdir()] == ["index"]

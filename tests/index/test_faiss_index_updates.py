@@ -193,3 +193,23 @@ def test_the_nightly_refresh_compacts_tombstones_and_retunes_the_search(kind):
     flat = FaissIndex.build(ids[:100], items[:100], kind="flat", num_threads=1)
     flat.add(ids[:50], moved[:50])
     assert maintain_index(flat) == {}
+
+
+def test_the_nightly_refresh_keeps_a_hand_set_breadth_and_the_target_recall():
+    from recsys.pipelines.nightly import maintain_index
+
+    items, _ = sphere_mixture(1000, 16, cluster_size=50, seed=12, num_queries=1)
+    ids = news_ids(len(items))
+    hand = FaissIndex.build(ids, items, kind="hnsw", exact_max_items=0, params={"ef_search": 40}, num_threads=1)
+    strict = FaissIndex.build(ids, items, kind="hnsw", exact_max_items=0, target_recall=0.99, num_threads=1)
+    for index in (hand, strict):
+        before = index.calibration
+        index.add(ids[:300], items[:300][::-1].copy())  # 30% tombstones: compacted, calibrated again
+        done = maintain_index(index)
+        assert done["index_compacted"] == 300
+        after = index.calibration
+        assert (after["target_recall"], after["tuned"]) == (before["target_recall"], before["tuned"])
+    assert hand.params["ef_search"] == 40  # measured, not changed
+    off = FaissIndex.build(ids, items, kind="hnsw", exact_max_items=0, target_recall=None, num_threads=1)
+    off.add(ids[:300], items[:300][::-1].copy())
+    assert maintain_index(off) == {"index_compacted": 300} and off.calibration is None

@@ -1,0 +1,47 @@
+"""``pipelines.nightly.run_apart``: the nightly job's helper process (the index refresh runs in it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from recsys.errors import RecsysError, SchemaError
+from recsys.pipelines.nightly import run_apart
+from recsys.ranking.engines import WorkerDiedError
+
+
+def raise_schema_error(value):
+    """A RecsysError whose constructor does not take its message: it cannot be unpickled as is."""
+    raise SchemaError("behaviors.tsv", 3, "time", value, "a time")
+
+
+def raise_plain(value):
+    raise KeyError(value)
+
+
+def test_the_result_and_the_errors_come_back_to_the_job():
+    assert run_apart(pow, 2, 10, died="x") == 1024
+    with pytest.raises(ValueError, match="invalid literal"):
+        run_apart(int, "x", died="x")
+    with pytest.raises(RecsysError, match=r"SchemaError: behaviors.tsv line 3: field 'time' has 'soon', expected a time"):
+        run_apart(raise_schema_error, "soon", died="x")
+    with pytest.raises(KeyError, match="k"):
+        run_apart(raise_plain, "k", died="x")
+
+
+def test_a_helper_killed_by_a_signal_stops_the_job_with_its_message():
+    with pytest.raises(WorkerDiedError, match="the helper died"):
+        run_apart(os._exit, 9, died="the helper died")
+
+
+def test_ctrl_c_in_the_job_stops_the_helper_at_once():
+    # SIGINT to the job's process (as `kill -INT <pid>`); the helper has started by then.
+    threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_apart(time.sleep, 120, died="x")
+    assert time.monotonic() - t0 < 30  # not the helper's two minutes
