@@ -105,14 +105,16 @@ def test_the_training_log_holds_every_show_the_windows_side_features_count(engin
         assert want[:, 1].min() > 0  # every candidate was shown in the window before it
 
 
-def test_last_labelled_time_ignores_an_unlabelled_test_file(store, engine):
+def test_the_time_range_of_labelled_impressions_ignores_an_unlabelled_test_file(store, engine):
     from recsys.store import repository as repo
 
-    assert repo.last_labelled_time(store) == T0 + 6 * D == repo.time_range(store, labelled_only=True)[1]
-    assert repo.time_range(store)[1] == T0 + 8 * D  # the unlabelled day is later
+    assert repo.time_range(store, labelled_only=True) == (T0, T0 + 6 * D)
+    assert repo.time_range(store, source="test/behaviors") == (T0 + 8 * D, T0 + 8 * D)
+    assert repo.time_range(store, source="test/behaviors", labelled_only=True) == (None, None)
+    assert repo.time_range(store) == (T0, T0 + 8 * D)  # the unlabelled day is later
     with engine.begin() as conn:  # an empty store has none
         from recsys.store import schema as s
 
         conn.execute(s.impression_items.delete())
         conn.execute(s.impressions.delete())
-    assert repo.last_labelled_time(engine) is None
+    assert repo.time_range(engine, labelled_only=True) == (None, None) == repo.time_range(engine)

@@ -135,7 +135,7 @@ def scoring_span(scan: BehaviorsScan, versions: list[ModelVersion]) -> ScoringSp
 def read_popularity_log(engine: Engine, news_ids: np.ndarray, span: ScoringSpan | None) -> tuple[InteractionLog, datetime | None]:
     """The popularity log over ``news_ids`` that a file of ``span`` can count (the whole store's
     when None), and the store's end: one second after its last labelled show, None if it has none."""
-    last_show = repo.last_labelled_time(engine)
+    _, last_show = repo.time_range(engine, labelled_only=True)
     end = None if last_show is None else last_show + timedelta(seconds=1)
     since, until = span.log_window(end) if span is not None else (None, None)
     return repo.read_interaction_log(engine, news_ids, since=since, until=until), end

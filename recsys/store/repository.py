@@ -61,26 +61,18 @@ def time_range(
             reads; an unlabelled test file ingested for its articles does not count).
     """
     im, it = s.impressions.c, s.impression_items.c
-    query = select(func.min(im.time), func.max(im.time))
+    cond = []
     if source is not None:
-        query = query.where(im.source == source)
+        cond.append(im.source == source)
     if labelled_only:
-        query = query.where(select(it.impression_pk).where(it.impression_pk == im.id, it.label.is_not(None)).exists())
+        cond.append(select(it.impression_pk).where(it.impression_pk == im.id, it.label.is_not(None)).exists())
+    # Each end walks the time index from its side and stops at the first match: with the
+    # labelled filter, min()/max() made PostgreSQL join every impression item (0.8-1.0 s
+    # against 0.09 s at 6M items, 50k unlabelled impressions last).
+    ends = [select(im.time).where(*cond).order_by(order).limit(1).scalar_subquery() for order in (im.time.asc(), im.time.desc())]
     with engine.connect() as conn:
-        lo, hi = conn.execute(query).one()
+        lo, hi = conn.execute(select(*ends)).one()
     return lo, hi
-
-
-def last_labelled_time(engine: Engine) -> datetime | None:
-    """Time of the store's last impression with labelled candidates (None when it has none).
-
-    ``ORDER BY time DESC LIMIT 1`` walks the time index from the end; the max of
-    ``time_range(labelled_only=True)`` makes PostgreSQL join every impression item.
-    """
-    im, it = s.impressions.c, s.impression_items.c
-    labelled = select(it.impression_pk).where(it.impression_pk == im.id, it.label.is_not(None)).exists()
-    with engine.connect() as conn:
-        return conn.execute(select(im.time).where(labelled).order_by(im.time.desc()).limit(1)).scalar()
 
 
 def _row_lookup(news_ids: np.ndarray) -> pd.Series:
@@ -338,7 +330,6 @@ def read_interaction_log(
     return InteractionLog.from_events(rows, times, labels, len(news_ids))
 
 
-
 def read_click_counts(engine: Engine, news_ids: np.ndarray, *, since: datetime, until: datetime) -> np.ndarray:
     """(n,) float64 clicks of each of ``news_ids`` in labelled impressions of ``[since, until)``.
 
@@ -359,7 +350,6 @@ def read_click_log(engine: Engine, news_ids: np.ndarray, *, until: datetime | No
         engine, news_ids, s.impressions.c.user_id, object, s.impression_items.c.label == 1, until=until
     )
     return ClickLog.from_events(users, times, rows)
-
 
 
 def iter_run_recommendations(engine: Engine, run_id: int) -> Iterator[pd.DataFrame]:
