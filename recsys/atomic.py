@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -35,3 +40,49 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def age_seconds(path: Path) -> float:
+    """Seconds since ``path`` itself last changed (not the files in it). A rename changes the
+    ctime, so a folder just moved aside is young whatever its files' age.
+
+    Raises:
+        FileNotFoundError: ``path`` is gone.
+    """
+    st = path.lstat()
+    return time.time() - max(st.st_mtime, st.st_ctime)
+
+
+def remove_stale(paths: Iterable[Path], older_than: float, *, why: str) -> list[Path]:
+    """Remove the files and folders of ``paths`` unchanged for ``older_than`` seconds.
+
+    For what killed writers leave behind: a writer that is still running keeps its temporary
+    file's mtime fresh, so only leftovers grow old. A symlink is removed, not followed. One
+    already gone (another process cleaned it) is skipped; any other failure is logged, never
+    raised, so that housekeeping cannot fail the command that does it.
+
+    Args:
+        paths: candidates (files, folders or links).
+        older_than: seconds since the path last changed (``age_seconds``).
+        why: what the paths are, for the log line ("left by a save that did not finish").
+
+    Returns:
+        The paths removed.
+    """
+    removed = []
+    for path in paths:
+        try:
+            if age_seconds(path) < older_than:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            log.warning("could not remove %s, %s (%s)", path, why, err)
+            continue
+        log.info("removed %s, %s", path, why)
+        removed.append(path)
+    return removed

@@ -21,11 +21,13 @@ from pathlib import Path
 
 from sqlalchemy import Engine, insert, select, update
 
-from recsys.atomic import atomic_open
+from recsys.atomic import atomic_open, remove_stale
 from recsys.errors import ModelMismatchError, NotFoundError
 from recsys.store import schema as s
 
 MANIFEST = "manifest.json"
+# A staging folder unchanged this long belongs to a training killed before it published.
+STALE_STAGING_SECONDS = 3600
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,10 @@ def new_version_name() -> str:
 
 
 def staging_dir(models_dir: Path, version: str) -> Path:
-    """A fresh temporary directory in which a version is assembled."""
+    """A fresh temporary directory in which a version is assembled (seconds before it is
+    published); those of killed trainings older than ``STALE_STAGING_SECONDS`` are removed."""
+    if models_dir.is_dir():
+        remove_stale(models_dir.glob(".tmp-*"), STALE_STAGING_SECONDS, why="staged by a training that did not finish")
     tmp = models_dir / f".tmp-{version}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

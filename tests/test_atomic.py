@@ -1,7 +1,10 @@
+import os
+import time
 from pathlib import Path
 
 import pytest
 
+from recsys import atomic
 from recsys.atomic import atomic_open
 
 
@@ -24,3 +27,50 @@ def test_failure_leaves_the_old_file_and_no_temporary(tmp_path: Path):
             raise RuntimeError("boom")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+
+@pytest.fixture
+def two_hours_later(monkeypatch) -> float:
+    """``remove_stale`` sees the clock two hours ahead (ctime cannot be set back); returns that time."""
+    later = time.time() + 7200
+    monkeypatch.setattr(atomic.time, "time", lambda: later)
+    return later
+
+
+def test_remove_stale_removes_only_what_is_old_enough(tmp_path: Path, two_hours_later):
+    old_file, young_file = tmp_path / ".a.tmp", tmp_path / ".b.tmp"
+    old_dir = tmp_path / ".tmp-v1"
+    (old_dir / "model").mkdir(parents=True)
+    (old_dir / "model" / "w.keras").write_bytes(b"x")
+    old_file.write_text("half")
+    young_file.write_text("still writing")
+    os.utime(young_file, (two_hours_later - 10, two_hours_later - 10))  # written 10 s before
+    removed = atomic.remove_stale([old_file, young_file, old_dir, tmp_path / "gone"], 3600, why="test")
+    assert sorted(p.name for p in removed) == [".a.tmp", ".tmp-v1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.tmp"]
+
+
+def test_remove_stale_removes_a_link_not_its_target(tmp_path: Path, two_hours_later):
+    target = tmp_path / "real"
+    target.mkdir()
+    (target / "keep.txt").write_text("keep")
+    link = tmp_path / ".old-link"
+    link.symlink_to(target)
+    assert atomic.remove_stale([link], 3600, why="test") == [link]
+    assert not link.exists() and not link.is_symlink()
+    assert (target / "keep.txt").read_text() == "keep"
+
+
+def test_remove_stale_logs_a_failure_instead_of_raising(tmp_path: Path, two_hours_later, monkeypatch, caplog):
+    stuck = tmp_path / ".stuck.tmp"
+    stuck.write_text("x")
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with caplog.at_level("WARNING", logger="recsys.atomic"):
+        assert atomic.remove_stale([stuck], 3600, why="test") == []
+    assert "could not remove" in caplog.text and "read-only file system" in caplog.text
+    assert stuck.exists()

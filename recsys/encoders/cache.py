@@ -12,6 +12,11 @@ temporary name and renamed, so a killed run loses at most the batch it was writi
 article is stored again (its content changed), the newer shard wins; ``compact`` rewrites the
 live entries into one shard.
 
+Housekeeping on every open: temporary files that killed writers left (``.*.tmp``) are
+removed after an hour, and the folders of other encoder pairs after 30 days unused (opening a
+cache marks its folder used), so changing encoder settings does not keep the old features
+on disk for ever.
+
 Image features are stored as float16: MobileNet's pooled activations lie in [0, 6], where
 float16 keeps a relative error under 1e-3 (cosine to the float32 vector above 0.9999), and it
 halves the disk and the memory of the largest column. Text vectors stay float32.
@@ -32,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recsys.atomic import remove_stale
 from recsys.encoders.item_features import EncoderInfo
 from recsys.errors import ModelMismatchError, NotFoundError
 
@@ -42,6 +48,12 @@ MANIFEST_NAME = "manifest.json"
 _SHARD_GLOB = "shard-*.npz"
 _IMAGE_DTYPE = np.float16
 _SHARD_KEYS = ("news_ids", "content_hashes", "text", "image", "has_image")
+# A temporary file unchanged this long belongs to a killed writer (a live one writes a shard
+# in seconds and keeps its mtime fresh).
+STALE_TEMP_SECONDS = 3600
+# Another encoder pair's folder unused this long is removed: only a model version trained on
+# those encoders reads it, and it would encode its articles again (minutes), not fail.
+UNUSED_FOLDER_SECONDS = 30 * 24 * 3600
 
 
 def _slug(name: str) -> str:
@@ -92,6 +104,7 @@ class FeatureCache:
         self.path = self.root_dir / cache_folder_name(text_info, image_info)
         self.path.mkdir(parents=True, exist_ok=True)
         self._check_manifest()
+        self._housekeep()
         # news id -> (shard index, row, content hash), the newest shard winning.
         self._index: dict[str, tuple[int, int, str]] = {}
         self._shards: list[Path] = []
@@ -101,6 +114,19 @@ class FeatureCache:
         self._index, self._shards = {}, []
         for shard in sorted(self.path.glob(_SHARD_GLOB)):
             self._index_shard(shard)
+
+    def _housekeep(self) -> None:
+        """Mark this folder used; remove killed writers' temporary files and the folders of
+        other encoder pairs unused for ``UNUSED_FOLDER_SECONDS`` (only folders with a cache
+        manifest: nothing else under the root is touched)."""
+        try:
+            os.utime(self.path)
+        except OSError as err:  # a read-only cache still serves; it only looks unused to others
+            log.warning("could not mark feature cache %s used (%s)", self.path, err)
+        remove_stale(self.path.glob(".*.tmp"), STALE_TEMP_SECONDS, why="left by a writer that did not finish")
+        others = [p for p in self.root_dir.iterdir()
+                  if p.name != self.path.name and p.is_dir() and not p.is_symlink() and (p / MANIFEST_NAME).is_file()]
+        remove_stale(others, UNUSED_FOLDER_SECONDS, why="features of other encoders, unused for 30 days")
 
     def _manifest(self) -> dict:
         return {

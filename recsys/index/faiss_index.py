@@ -45,6 +45,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from recsys.atomic import age_seconds, remove_stale
 from recsys.errors import ConfigError, ModelMismatchError, NotFoundError, RecsysError
 from recsys.threads import default_threads
 
@@ -1074,13 +1075,6 @@ def _discard(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _age_seconds(path: Path) -> float:
-    """Seconds since ``path`` last changed; a rename changes its ctime, so a folder just moved
-    aside is young whatever its files' age."""
-    st = path.lstat()
-    return time.time() - max(st.st_mtime, st.st_ctime)
-
-
 def _saves_beside(directory: Path, kind: str) -> list[Path]:
     """``.<name>.<kind>-*`` siblings of ``directory`` (kind "tmp" or "old")."""
     if not directory.parent.is_dir():
@@ -1113,7 +1107,7 @@ def _restore_interrupted_save(directory: Path) -> None:
     candidates = []
     for old in _saves_beside(directory, "old"):
         try:
-            if _age_seconds(old) < RESTORE_GRACE_SECONDS:
+            if age_seconds(old) < RESTORE_GRACE_SECONDS:
                 continue
         except FileNotFoundError:
             continue
@@ -1135,15 +1129,8 @@ def _restore_interrupted_save(directory: Path) -> None:
 
 def _remove_stale_saves(directory: Path) -> None:
     """Remove the temporary and moved-aside folders that killed saves left beside ``directory``."""
-    for leftover in _saves_beside(directory, "tmp") + _saves_beside(directory, "old"):
-        try:
-            if _age_seconds(leftover) >= STALE_SAVE_SECONDS:
-                _discard(leftover)
-                log.info("removed %s, left by a save that did not finish", leftover)
-        except FileNotFoundError:  # removed meanwhile
-            continue
-        except OSError as err:  # not worth failing a save that succeeded
-            log.warning("could not remove %s (%s)", leftover, err)
+    leftovers = _saves_beside(directory, "tmp") + _saves_beside(directory, "old")
+    remove_stale(leftovers, STALE_SAVE_SECONDS, why="left by a save that did not finish")
 
 
 def _fsync(path: Path) -> None:

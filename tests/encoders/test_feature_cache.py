@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import time
 import numpy as np
 import pytest
 
+from recsys import atomic
+from recsys.encoders import cache as cache_module
 from recsys.encoders.cache import MANIFEST_NAME, FeatureCache, cache_folder_name
 from recsys.encoders.item_features import EncoderInfo
 from recsys.errors import ModelMismatchError, NotFoundError
@@ -214,6 +217,50 @@ def test_unreadable_shard_is_skipped_and_leftover_temp_files_ignored(tmp_path, c
     reopened = FeatureCache(tmp_path, TEXT, IMAGE)
     assert reopened.lookup(["a"], ["h"]).tolist() == [True]
     assert "is unreadable" in caplog.text
+
+
+
+def test_opening_removes_temp_files_of_killed_writers_after_an_hour(tmp_path, monkeypatch):
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    cache.put(["a"], ["h"], *features(1))
+    killed = cache.path / ".shard-00000000000000000002-ab.npz.123.abcd.tmp"
+    killed.write_bytes(b"half written")
+    FeatureCache(tmp_path, TEXT, IMAGE)
+    assert killed.exists()  # young: its writer may still be running
+
+    later = time.time() + cache_module.STALE_TEMP_SECONDS + 60
+    monkeypatch.setattr(atomic.time, "time", lambda: later)
+    writing = cache.path / ".shard-00000000000000000003-cd.npz.456.ef01.tmp"
+    writing.write_bytes(b"being written")
+    os.utime(writing, (later - 5, later - 5))  # a live writer keeps its mtime fresh
+    reopened = FeatureCache(tmp_path, TEXT, IMAGE)
+    assert not killed.exists() and writing.exists()
+    assert reopened.lookup(["a"], ["h"]).tolist() == [True]
+
+
+def test_folders_of_other_encoders_go_after_30_days_unused(tmp_path, monkeypatch):
+    old = FeatureCache(tmp_path, EncoderInfo("text-enc", "0.9", 6), IMAGE)
+    old.put(["a"], ["h"], *features(1))
+    used = FeatureCache(tmp_path, TEXT, EncoderInfo("image-enc", "1.9", 5))
+    not_a_cache = tmp_path / "notes"
+    not_a_cache.mkdir()
+    FeatureCache(tmp_path, TEXT, IMAGE)
+    assert old.path.exists()  # used today
+
+    later = time.time() + cache_module.UNUSED_FOLDER_SECONDS + 60
+    monkeypatch.setattr(atomic.time, "time", lambda: later)
+    os.utime(used.path, (later - 86400, later - 86400))  # opened yesterday
+    current = FeatureCache(tmp_path, TEXT, IMAGE)
+    assert not old.path.exists()
+    assert used.path.exists() and not_a_cache.exists() and current.path.exists()
+
+
+def test_opening_marks_the_folder_used(tmp_path):
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    past = time.time() - 10 * 86400
+    os.utime(cache.path, (past, past))
+    FeatureCache(tmp_path, TEXT, IMAGE)
+    assert cache.path.stat().st_mtime > past + 9 * 86400
 
 
 def test_killed_writer_loses_at_most_the_batch_in_flight(tmp_path):
