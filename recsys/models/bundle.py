@@ -461,17 +461,21 @@ class RankingModel:
         )
         return RankingModel(self.item_tower, self.user_encoder, self.scorer, config)
 
-    def history_matrix(self, history_offsets: np.ndarray, history_items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """CSR histories -> (m, H) item rows and (m, H) float32 mask, capped to ``history_len``.
+    def history_matrix(self, history_offsets: np.ndarray, history_items: np.ndarray,
+                       users: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """CSR histories -> (b, H) item rows and (b, H) float32 mask, capped to ``history_len``.
 
-        Histories are stored most recent first, so the cap keeps the first ``history_len``.
-        Padding slots hold row 0 with mask 0.
+        ``users``: (b,) which of the m histories, in this order (default all m). Histories are
+        stored most recent first, so the cap keeps the first ``history_len``. H is the longest
+        capped history among them; padding slots hold row 0 with mask 0.
         """
-        lengths = np.minimum(np.diff(history_offsets), self.config.history_len)
+        users = np.arange(len(history_offsets) - 1) if users is None else users
+        starts = history_offsets[users]
+        lengths = np.minimum(history_offsets[users + 1] - starts, self.config.history_len)
         width = max(int(lengths.max()) if len(lengths) else 0, 1)
         slots = np.arange(width)[None, :]
         mask = slots < lengths[:, None]
-        positions = np.where(mask, history_offsets[:-1, None] + slots, 0)
+        positions = np.where(mask, starts[:, None] + slots, 0)
         rows = np.where(mask, history_items[positions] if len(history_items) else 0, 0)
         return rows.astype(np.int64), mask.astype(np.float32)
 
@@ -502,22 +506,28 @@ class RankingModel:
         m = len(history_offsets) - 1
         d, w = self.config.embedding_dim, self.config.serving_dim
         out = np.empty((m, self.config.user_dim), dtype=np.float32)
+        # Batches of users with similar history lengths: each batch is padded to its longest
+        # history and self-attention costs H^2, so sorting by length saves a third of the time
+        # on MIND-like lengths (a user's vector does not depend on its batch's padding, to
+        # float rounding).
+        lengths = np.minimum(np.diff(history_offsets), self.config.history_len)
+        order = np.argsort(lengths, kind="stable")
         # Per-column weight of the mean anchors, per-block weight of their outer products.
         scale = np.repeat(np.asarray(self.config.prior_weights, dtype=np.float32), self._anchor_dim)
         moment_scale = np.asarray(self.config.moment_weights, dtype=np.float32)[None, :, None, None]
         for lo in range(0, m, batch_size):
-            hi = min(lo + batch_size, m)
-            rows, mask = self.history_matrix(history_offsets[lo : hi + 1], history_items)
+            users = order[lo : lo + batch_size]
+            rows, mask = self.history_matrix(history_offsets, history_items, users)
             history = item_embeddings[rows].astype(np.float32, copy=False)  # (b, H, D [+ A])
-            out[lo:hi, :d] = self._user_fn(np.ascontiguousarray(history[..., :d]), mask).numpy()
+            out[users, :d] = self._user_fn(np.ascontiguousarray(history[..., :d]), mask).numpy()
             if self.config.prior_dim:  # block weights x mean anchors of the history; 0 for a cold user
                 count = np.maximum(mask.sum(axis=1, keepdims=True), 1.0)
-                out[lo:hi, d:w] = scale * np.einsum("bh,bha->ba", mask, history[..., d:]) / count
+                out[users, d:w] = scale * np.einsum("bh,bha->ba", mask, history[..., d:]) / count
             if self.config.moment_dim:  # block moment weights x mean outer product of the block's anchors
-                blocks = history[..., d:].reshape(hi - lo, history.shape[1], self._anchor_blocks, self._anchor_dim)
+                blocks = history[..., d:].reshape(len(users), history.shape[1], self._anchor_blocks, self._anchor_dim)
                 second = np.einsum("bh,bhgi,bhgj->bgij", mask, blocks, blocks) / count[:, :, None, None]
                 second *= moment_scale
-                out[lo:hi, w:] = second.reshape(hi - lo, -1)
+                out[users, w:] = second.reshape(len(users), -1)
         return out
 
     def side_features(

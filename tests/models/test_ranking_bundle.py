@@ -322,6 +322,21 @@ def test_content_anchors_are_the_principal_directions_of_the_features(prior_mode
         np.testing.assert_allclose(cosine, 1.0, atol=1e-4)
 
 
+
+def test_user_vectors_batched_by_length_come_back_in_user_order(model, small_world):
+    """Users are batched by history length; each vector must land on its own user."""
+    emb = model.item_embeddings(small_world.features)
+    rng = np.random.default_rng(5)
+    lengths = rng.permutation([0, 1, 7, 2, 5, 3, 0, 9, 4, 1, 6])  # longest first would be a different order
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    items = rng.integers(0, len(emb), size=offsets[-1])
+    together = model.user_vectors(offsets, items, emb, batch_size=3)
+    for u in range(len(lengths)):
+        alone = model.user_vectors(np.array([0, lengths[u]]), items[offsets[u] : offsets[u + 1]], emb)
+        np.testing.assert_allclose(together[u], alone[0], atol=1e-5, err_msg=f"user {u} (history {lengths[u]})")
+    assert len({tuple(np.round(v, 4)) for v in together[lengths > 0]}) > 5  # distinct users, a real check
+
+
 def test_content_prior_adds_its_weighted_similarity_before_calibration(prior_model, small):
     world, log, first = small
     f = world.features
