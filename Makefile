@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_WORKSPACE ?= workspace/demo
 
-.PHONY: venv demo test test-fast browser bench clean
+.PHONY: venv demo test test-fast browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
