@@ -720,7 +720,8 @@ class FaissIndex:
         (bool, False for tombstones), manifest.json.
 
         Args:
-            directory: target directory; it must not exist or hold a previous index.
+            directory: target directory; it must not exist or hold a previous index. A
+                symlink is followed: the folder it points to is replaced and the link stays.
             manifest_extra: JSON-serialisable entries merged into manifest.json (e.g. encoder
                 names and dims, model version); defaults to the ones this index was loaded
                 with. Keys must not collide with the index's own manifest keys.
@@ -732,7 +733,8 @@ class FaissIndex:
             ValueError: a manifest_extra key collides with a reserved key.
             RecsysError: the directory exists and is not an index directory.
         """
-        directory = Path(directory)
+        given = Path(directory)
+        directory = _followed(given)
         _restore_interrupted_save(directory)
         extra = dict(self.manifest_extra if manifest_extra is None else manifest_extra)
         clashing = sorted(set(extra) & set(MANIFEST_KEYS))
@@ -780,12 +782,12 @@ class FaissIndex:
             raise
         _remove_stale_saves(directory)
         self.manifest_extra = extra
-        return directory
+        return given
 
     @staticmethod
     def exists(directory: str | os.PathLike) -> bool:
         """Whether ``directory`` holds an index (after putting back one that a killed save moved aside)."""
-        directory = Path(directory)
+        directory = _followed(Path(directory))
         _restore_interrupted_save(directory)
         return directory.is_dir()
 
@@ -814,7 +816,7 @@ class FaissIndex:
                 the key, the saved value and the expected one).
             IndexFormatError: a file is missing, unreadable or inconsistent with the others.
         """
-        directory = Path(directory)
+        directory = _followed(Path(directory))
         manifest_path = directory / MANIFEST_FILE
         _restore_interrupted_save(directory)
         if not directory.is_dir():
@@ -1065,6 +1067,13 @@ def _swap_in(new: Path, directory: Path) -> None:
         except OSError as err:  # the new index is in place; a later save removes the leftover
             log.warning("could not remove %s (%s)", old, err)
     _fsync(directory.parent)
+
+
+def _followed(directory: Path) -> Path:
+    """The folder a symlinked index directory points to (a workspace that keeps its index on
+    another disk): saves replace that folder beside itself, so the link stays and keeps
+    pointing at the current index; a save killed between its renames is put back there too."""
+    return Path(os.path.realpath(directory)) if directory.is_symlink() else directory
 
 
 def _discard(path: Path) -> None:

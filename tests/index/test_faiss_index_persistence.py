@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -295,18 +296,37 @@ def test_only_a_complete_index_moved_aside_is_restored_the_latest_saved_first(sa
     assert not FaissIndex.exists(path)
 
 
-def test_a_symlinked_index_is_replaced_and_its_old_link_removed(world, tmp_path, monkeypatch):
-    """A workspace may link its index folder elsewhere: saves replace the link, never fail on it."""
+def test_a_symlinked_index_is_followed_and_the_link_stays(world, tmp_path, monkeypatch):
+    """A workspace may keep its index on another disk behind a link: saves replace the folder
+    the link points to, so the link keeps serving the newest index."""
     from recsys.index import faiss_index
 
     ids, items, _, _ = world
-    target = tmp_path / "elsewhere"
+    target = tmp_path / "disk2" / "index-v1"
     FaissIndex.build(ids[:20], items[:20], num_threads=1).save(target)
     link = tmp_path / "version" / "index"
     link.parent.mkdir()
     link.symlink_to(target, target_is_directory=True)
-    FaissIndex.build(ids[:25], items[:25], num_threads=1).save(link)
+    assert FaissIndex.build(ids[:25], items[:25], num_threads=1).save(link) == link
     monkeypatch.setattr(faiss_index, "STALE_SAVE_SECONDS", 0)
     FaissIndex.build(ids[:26], items[:26], num_threads=1).save(link)
-    assert len(FaissIndex.load(link)) == 26 and target.is_dir()
+    assert link.is_symlink() and Path(os.readlink(link)) == target
+    assert len(FaissIndex.load(link)) == 26 and len(FaissIndex.load(target)) == 26
     assert [p.name for p in link.parent.iterdir()] == ["index"]
+    assert [p.name for p in target.parent.iterdir()] == ["index-v1"]  # no leftovers beside it
+
+
+def test_a_save_through_a_link_killed_between_its_renames_is_put_back(world, tmp_path, monkeypatch):
+    from recsys.index import faiss_index
+
+    ids, items, _, _ = world
+    target = tmp_path / "disk2" / "index"
+    FaissIndex.build(ids[:20], items[:20], num_threads=1).save(target)
+    link = tmp_path / "version" / "index"
+    link.parent.mkdir()
+    link.symlink_to(target, target_is_directory=True)
+    target.rename(target.parent / ".index.old-0123abcd")  # what a save killed between its renames leaves
+    assert not link.exists()  # a dangling link
+    monkeypatch.setattr(faiss_index, "RESTORE_GRACE_SECONDS", 0)  # as a minute later
+    assert FaissIndex.exists(link) and link.is_symlink()
+    assert len(FaissIndex.load(link)) == 20
