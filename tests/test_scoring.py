@@ -336,3 +336,60 @@ def test_an_empty_behaviors_file_reads_no_log_and_predicts_nothing(trained, tmp_
     assert len(load_scoring_catalogue(engine, ws, config, news=None, images=None, span=span).log) == 0
     summary = run_predict(engine, ws, config, behaviors=empty, out=tmp_path / "prediction.txt")
     assert summary["impressions"] == 0 and (tmp_path / "prediction.txt").read_text() == ""
+
+
+def test_a_score_that_is_not_finite_is_refused_naming_line_and_impression(trained, monkeypatch):
+    from recsys.pipelines.scoring import iter_scored
+
+    world, ws, engine, config, versions = trained
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    scorer = VersionScorer(get_version(engine, versions[True]), catalogue)
+    rows = list(iter_behaviors(world / "behaviors_test.tsv"))
+    real = scorer.score_read
+
+    def broken(read):  # the 3rd candidate of the file's 5th impression
+        scores = real(read)
+        scores[read.candidate_offsets[4] + 2] = np.nan
+        return scores
+
+    monkeypatch.setattr(scorer, "score_read", broken)
+    pattern = (rf"behaviors_test.tsv line {rows[4].line}: model m scores candidate 3 of impression "
+               rf"{rows[4].impression_id} as nan, expected a finite probability")
+    with pytest.raises(RecsysError, match=pattern):
+        list(iter_scored(world / "behaviors_test.tsv", catalogue, {"m": scorer}))
+
+
+def test_predict_refuses_an_output_it_cannot_write_before_scoring(trained, tmp_path, monkeypatch):
+    from recsys.pipelines import predict
+
+    world, ws, engine, config, _ = trained
+    monkeypatch.setattr(predict, "load_scoring_catalogue", lambda *a, **k: pytest.fail("read the store before checking --out"))
+    with pytest.raises(RecsysError, match=rf"--out {tmp_path}: is a folder; give the prediction file's path"):
+        run_predict(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=tmp_path)
+    missing = tmp_path / "no" / "such" / "prediction.txt"
+    with pytest.raises(RecsysError, match=rf"--out {missing}: folder {missing.parent} does not exist"):
+        run_predict(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=missing)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_refuses_a_truth_file_that_is_not_there(trained, tmp_path):
+    from recsys.pipelines.evaluate import run_evaluate
+
+    world, ws, engine, config, _ = trained
+    with pytest.raises(RecsysError, match=r"--truth .*truht.tsv: no such file \(a sample world's truth.tsv"):
+        run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=tmp_path / "r", truth=world / "truht.tsv")
+    assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_of_an_unlabelled_file_warns_and_writes_the_predictions(trained, tmp_path, caplog):
+    from recsys.pipelines.evaluate import run_evaluate
+
+    world, ws, engine, config, versions = trained
+    path = world / "behaviors_test_unlabelled.tsv"
+    with caplog.at_level("WARNING", logger="recsys.evaluate"):
+        summary = run_evaluate(engine, ws, config, behaviors=path, out=tmp_path / "r", versions=[versions[True]], num_resamples=10)
+    assert summary["warning"].startswith(f"{path} has no labelled impression: every metric is n/a")
+    assert "no labelled impression" in caplog.text
+    assert summary["num_unlabelled"] == summary["num_impressions"] == len(list(iter_behaviors(path)))
+    run_predict(engine, ws, config, behaviors=path, out=tmp_path / "p.txt", version=versions[True])
+    assert (tmp_path / "r" / f"prediction-{versions[True]}.txt").read_text() == (tmp_path / "p.txt").read_text()

@@ -62,7 +62,9 @@ _LABELLED_RE = re.compile(rf"{ID_PATTERN}-[01](?: {ID_PATTERN}-[01])*")
 _LABELLED_TOKEN_RE = re.compile(rf"{ID_PATTERN}-[01]")
 _LABEL_SUFFIX_RE = re.compile(r"-[01](?= |$)")
 _LABEL_RE = re.compile(r"-([01])(?= |$)")
-_INT_RE = re.compile(r"[0-9]{1,18}")  # fits a signed 64-bit column
+# Fits a signed 64-bit column. No leading zeros: the prediction file repeats the id as a
+# number, and the MIND scorer compares ids as text ("007" would come back as "7").
+_INT_RE = re.compile(r"0|[1-9][0-9]{0,17}")
 _TIME_RE = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4}) (\d{1,2}):(\d{2}):(\d{2}) ([AaPp][Mm])")
 _UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -400,7 +402,7 @@ def _parse_behaviors(name: str, line: int, text: str) -> BehaviorRow | BadRow:
         return BadRow(name, line, field, value, expected, _shorten(text))
 
     if not _INT_RE.fullmatch(impression_id):
-        return bad(IMPRESSION_ID, impression_id, "a non-negative integer of at most 18 digits")
+        return bad(IMPRESSION_ID, impression_id, "a non-negative integer of at most 18 digits, without leading zeros")
     if not _ID_RE.fullmatch(user_id):
         return bad(USER_ID, user_id, _EXPECTED_ID)
     try:

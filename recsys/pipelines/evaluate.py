@@ -88,7 +88,8 @@ def load_truth(path: Path, split: str) -> dict[int, tuple[list, np.ndarray]]:
                      dtype={"split": str, NEWS_ID: str}, keep_default_na=False)
     df = df[df["split"] == split].sort_values(["impression_id", "position"], kind="stable")
     if df.empty:
-        raise RecsysError(f"{path}: no rows for split '{split}'")
+        raise RecsysError(f"{path}: no rows for split '{split}' (expected a sample world's truth.tsv, as generate-sample "
+                          "writes it: split, impression id, news id, position, true probability, label)")
     out = {}
     for iid, group in df.groupby("impression_id", sort=False):
         out[int(iid)] = (group[NEWS_ID].tolist(), group["p"].to_numpy(np.float64))
@@ -133,6 +134,8 @@ def run_evaluate(
     if not behaviors.is_file():
         raise RecsysError(f"--behaviors {behaviors}: no such file")
     check_features_at(features_at)
+    if truth is not None and not Path(truth).is_file():
+        raise RecsysError(f"--truth {truth}: no such file (a sample world's truth.tsv, as generate-sample writes it)")
     configure_threads(config.runtime.threads or None)
     t_start = time.perf_counter()
     chosen = [get_version(engine, v) for v in versions] if versions else [get_version(engine)]
@@ -215,11 +218,17 @@ def run_evaluate(
     )
     metrics_path, html_path = write_report(result, out)
     gaps = {name: m.get("gap_closed") for name, m in result["models"].items()}
+    warning = {}
+    if result["header"]["num_labelled_impressions"] == 0:  # a MIND test file: nothing to measure
+        warning = {"warning": f"{behaviors} has no labelled impression: every metric is n/a; the prediction files "
+                              "are written (recsys predict writes one without a report)"}
+        log.warning(warning["warning"])
     return {
         "metrics_json": str(metrics_path), "html": str(html_path), "predictions": prediction_files,
         "num_impressions": result["header"]["num_impressions"], "num_unlabelled": result["header"]["num_unlabelled"],
         "impression_auc": {name: m["metrics"]["impression_auc"]["value"] for name, m in result["models"].items()},
         "gap_closed": gaps, "seconds": round(time.perf_counter() - t_start, 2), "scoring_seconds": round(t_scored, 2),
+        **warning,
     }
 
 

@@ -23,6 +23,15 @@ def split_scores(offsets: np.ndarray, scores: np.ndarray):
     return (scores[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1))
 
 
+def check_out(out: Path) -> None:
+    """Raises RecsysError when the prediction file cannot go to ``out``: found before any
+    scoring, not when the last impression is done (the file is renamed into place at the end)."""
+    if out.is_dir():
+        raise RecsysError(f"--out {out}: is a folder; give the prediction file's path")
+    if not out.parent.is_dir():
+        raise RecsysError(f"--out {out}: folder {out.parent} does not exist")
+
+
 def run_predict(
     engine: Engine, workspace: Workspace, config: Config, *, behaviors: Path, out: Path, version: str | None = None,
     news: Path | None = None, images: Path | None = None, features_at: str = DEFAULT_FEATURES_AT,
@@ -35,6 +44,7 @@ def run_predict(
 
     if not Path(behaviors).is_file():
         raise RecsysError(f"--behaviors {behaviors}: no such file")
+    check_out(Path(out))
     check_features_at(features_at)
     configure_threads(config.runtime.threads or None)
     t0 = time.perf_counter()

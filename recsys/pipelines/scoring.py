@@ -335,4 +335,20 @@ def iter_scored(path: Path, catalogue: Catalogue, scorers: dict[str, VersionScor
             if s.reading not in reads:
                 reads[s.reading] = s.read(imps)
             scores[name] = s.score_read(reads[s.reading])
+            _check_finite(scores[name], name, imps, lines, path)
         yield ScoredChunk(imps, scores, lines, next(iter(reads.values()), imps))
+
+
+def _check_finite(scores: np.ndarray, name: str, imps: Impressions, lines: np.ndarray, path: Path) -> None:
+    """Raises RecsysError naming the line, impression and candidate of the first score that is
+    not a finite number (a broken model file or non-finite article features), before any
+    metric or prediction line takes it."""
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        i = int(np.searchsorted(imps.candidate_offsets, j, side="right") - 1)
+        raise RecsysError(
+            f"{path} line {int(lines[i])}: model {name} scores candidate {j - int(imps.candidate_offsets[i]) + 1} "
+            f"of impression {int(imps.impression_ids[i])} as {float(scores[j])}, expected a finite probability; "
+            "the model version or the article's features are broken (retrain, or re-encode the article)"
+        )

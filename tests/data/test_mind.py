@@ -138,6 +138,7 @@ def test_extra_spaces_between_ids_are_tolerated(tmp_path):
         ("x1\tU1\t11/11/2019 9:05:58 AM\t\tN1-1", "impression_id", "field 'impression_id' has 'x1', expected a non-negative integer"),
         ("-4\tU1\t11/11/2019 9:05:58 AM\t\tN1-1", "impression_id", "field 'impression_id' has '-4'"),
         ("1" * 19 + "\tU1\t11/11/2019 9:05:58 AM\t\tN1-1", "impression_id", "expected a non-negative integer of at most 18 digits"),
+        ("007\tU1\t11/11/2019 9:05:58 AM\t\tN1-1", "impression_id", "field 'impression_id' has '007', expected .* without leading zeros"),
         ("1\tU 1\t11/11/2019 9:05:58 AM\t\tN1-1", "user_id", r"field 'user_id' has 'U 1', expected an id matching"),
         ("1\tU1\t2019-11-11 09:05:58\t\tN1-1", "time", r"field 'time' has '2019-11-11 09:05:58', expected a time like '11/11/2019 9:05:58 AM' \(%m/%d/%Y %I:%M:%S %p\)"),
         ("1\tU1\t13/11/2019 9:05:58 AM\t\tN1-1", "time", "field 'time' has '13/11/2019 9:05:58 AM'"),
