@@ -379,6 +379,9 @@ def test_evaluate_refuses_a_truth_file_that_is_not_there(trained, tmp_path):
     with pytest.raises(RecsysError, match=r"--truth .*truht.tsv: no such file \(a sample world's truth.tsv"):
         run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=tmp_path / "r", truth=world / "truht.tsv")
     assert not (tmp_path / "r").exists()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(RecsysError, match=r"--out .*a-file: is a file; give the report's folder"):
+        run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=tmp_path / "a-file")
 
 
 def test_evaluate_of_an_unlabelled_file_warns_and_writes_the_predictions(trained, tmp_path, caplog):

@@ -134,6 +134,8 @@ def run_evaluate(
     if not behaviors.is_file():
         raise RecsysError(f"--behaviors {behaviors}: no such file")
     check_features_at(features_at)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise RecsysError(f"--out {out}: is a file; give the report's folder")
     if truth is not None and not Path(truth).is_file():
         raise RecsysError(f"--truth {truth}: no such file (a sample world's truth.tsv, as generate-sample writes it)")
     configure_threads(config.runtime.threads or None)
