@@ -369,7 +369,11 @@ def test_predict_refuses_an_output_it_cannot_write_before_scoring(trained, tmp_p
     missing = tmp_path / "no" / "such" / "prediction.txt"
     with pytest.raises(RecsysError, match=rf"--out {missing}: folder {missing.parent} does not exist"):
         run_predict(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=missing)
-    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "a-file").write_text("x")
+    under_a_file = tmp_path / "a-file" / "prediction.txt"
+    with pytest.raises(RecsysError, match=rf"--out {under_a_file}: folder {tmp_path / 'a-file'} is not a folder"):
+        run_predict(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=under_a_file)
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
 
 
 def test_evaluate_refuses_a_truth_file_that_is_not_there(trained, tmp_path):
@@ -380,8 +384,11 @@ def test_evaluate_refuses_a_truth_file_that_is_not_there(trained, tmp_path):
         run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=tmp_path / "r", truth=world / "truht.tsv")
     assert not (tmp_path / "r").exists()
     (tmp_path / "a-file").write_text("x")
-    with pytest.raises(RecsysError, match=r"--out .*a-file: is a file; give the report's folder"):
-        run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=tmp_path / "a-file")
+    for out in (tmp_path / "a-file", tmp_path / "a-file" / "report"):
+        with pytest.raises(RecsysError, match=rf"--out {out}: {tmp_path / 'a-file'} is a file; give the report's folder"):
+            run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=out)
+    with pytest.raises(RecsysError, match=r"--truth .*: is not a file \(a sample world's truth.tsv"):
+        run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=tmp_path / "r", truth=tmp_path)
 
 
 def test_evaluate_of_an_unlabelled_file_warns_and_writes_the_predictions(trained, tmp_path, caplog):

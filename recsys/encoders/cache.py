@@ -124,9 +124,24 @@ class FeatureCache:
         except OSError as err:  # a read-only cache still serves; it only looks unused to others
             log.warning("could not mark feature cache %s used (%s)", self.path, err)
         remove_stale(self.path.glob(".*.tmp"), STALE_TEMP_SECONDS, why="left by a writer that did not finish")
-        others = [p for p in self.root_dir.iterdir()
-                  if p.name != self.path.name and p.is_dir() and not p.is_symlink() and (p / MANIFEST_NAME).is_file()]
-        remove_stale(others, UNUSED_FOLDER_SECONDS, why="features of other encoders, unused for 30 days")
+        remove_stale(self._other_folders(), UNUSED_FOLDER_SECONDS, why="features of other encoders, unused for 30 days")
+
+    def _other_folders(self) -> list[Path]:
+        """Cache folders of other encoder pairs beside this one; a folder this user cannot read
+        is passed over (it is someone else's to tidy), never an error."""
+        others = []
+        try:
+            entries = list(self.root_dir.iterdir())
+        except OSError as err:
+            log.warning("could not list feature caches in %s (%s)", self.root_dir, err)
+            return others
+        for p in entries:
+            try:
+                if p.name != self.path.name and p.is_dir() and not p.is_symlink() and (p / MANIFEST_NAME).is_file():
+                    others.append(p)
+            except OSError:
+                continue
+        return others
 
     def _manifest(self) -> dict:
         return {

@@ -735,6 +735,9 @@ class FaissIndex:
         """
         given = Path(directory)
         directory = _followed(given)
+        if directory != given and not directory.parent.is_dir():
+            raise RecsysError(f"index {given} links to {directory}, whose folder {directory.parent} does not exist "
+                              "(a disk not mounted?); nothing was written")
         _restore_interrupted_save(directory)
         extra = dict(self.manifest_extra if manifest_extra is None else manifest_extra)
         clashing = sorted(set(extra) & set(MANIFEST_KEYS))
@@ -767,7 +770,11 @@ class FaissIndex:
 
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
+        try:
+            tmp.mkdir()
+        except PermissionError as exc:
+            raise RecsysError(f"cannot save the index {given}: an index is written beside {directory} and renamed into "
+                              f"place, so {directory.parent} must be writable ({exc.strerror})") from exc
         try:
             faiss.write_index(self._index, str(tmp / INDEX_FILE))
             np.save(tmp / IDS_FILE, self._ids, allow_pickle=False)
@@ -781,6 +788,8 @@ class FaissIndex:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _remove_stale_saves(directory)
+        if directory != given:  # what saves left beside the link before links were followed
+            _remove_stale_saves(given)
         self.manifest_extra = extra
         return given
 

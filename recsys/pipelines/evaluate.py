@@ -134,10 +134,14 @@ def run_evaluate(
     if not behaviors.is_file():
         raise RecsysError(f"--behaviors {behaviors}: no such file")
     check_features_at(features_at)
-    if Path(out).exists() and not Path(out).is_dir():
-        raise RecsysError(f"--out {out}: is a file; give the report's folder")
+    existing = Path(out)
+    while not existing.exists() and existing != existing.parent:  # the folder is created only once scored
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RecsysError(f"--out {out}: {existing} is a file; give the report's folder")
     if truth is not None and not Path(truth).is_file():
-        raise RecsysError(f"--truth {truth}: no such file (a sample world's truth.tsv, as generate-sample writes it)")
+        what = "is not a file" if Path(truth).exists() else "no such file"
+        raise RecsysError(f"--truth {truth}: {what} (a sample world's truth.tsv, as generate-sample writes it)")
     configure_threads(config.runtime.threads or None)
     t_start = time.perf_counter()
     chosen = [get_version(engine, v) for v in versions] if versions else [get_version(engine)]

@@ -29,7 +29,8 @@ def check_out(out: Path) -> None:
     if out.is_dir():
         raise RecsysError(f"--out {out}: is a folder; give the prediction file's path")
     if not out.parent.is_dir():
-        raise RecsysError(f"--out {out}: folder {out.parent} does not exist")
+        what = "is not a folder" if out.parent.exists() else "does not exist"
+        raise RecsysError(f"--out {out}: folder {out.parent} {what}")
 
 
 def run_predict(
@@ -56,11 +57,11 @@ def run_predict(
     counts = {"impressions": 0, "candidates": 0}
 
     def rows():
-        for chunk in iter_scored(Path(behaviors), catalogue, {"model": scorer}):
+        for chunk in iter_scored(Path(behaviors), catalogue, {mv.version: scorer}):
             imps = chunk.impressions
             counts["impressions"] += len(imps)
             counts["candidates"] += len(imps.candidate_items)
-            yield from zip(imps.impression_ids.tolist(), split_scores(imps.candidate_offsets, chunk.scores["model"]))
+            yield from zip(imps.impression_ids.tolist(), split_scores(imps.candidate_offsets, chunk.scores[mv.version]))
 
     write_predictions(Path(out), rows())
     return {"version": mv.version, "out": str(out), **counts, "side_features_at": times.describe(),

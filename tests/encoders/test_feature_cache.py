@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 import time
 
 import numpy as np
@@ -253,6 +254,22 @@ def test_folders_of_other_encoders_go_after_30_days_unused(tmp_path, monkeypatch
     current = FeatureCache(tmp_path, TEXT, IMAGE)
     assert not old.path.exists()
     assert used.path.exists() and not_a_cache.exists() and current.path.exists()
+
+
+
+def test_a_cache_folder_this_user_cannot_read_does_not_stop_the_open(tmp_path, monkeypatch, caplog):
+    other = FeatureCache(tmp_path, EncoderInfo("text-enc", "0.9", 6), IMAGE)
+    real_is_file = Path.is_file
+
+    def private(self):  # someone else's 0700 folder (root reads everything, so refuse by hand)
+        if self.parent == other.path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", private)
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    cache.put(["a"], ["h"], *features(1))
+    assert cache.lookup(["a"], ["h"]).tolist() == [True] and other.path.exists()
 
 
 def test_opening_marks_the_folder_used(tmp_path):

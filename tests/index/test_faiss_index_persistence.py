@@ -330,3 +330,29 @@ def test_a_save_through_a_link_killed_between_its_renames_is_put_back(world, tmp
     monkeypatch.setattr(faiss_index, "RESTORE_GRACE_SECONDS", 0)  # as a minute later
     assert FaissIndex.exists(link) and link.is_symlink()
     assert len(FaissIndex.load(link)) == 20
+
+
+def test_a_link_to_a_missing_disk_is_refused_and_nothing_is_written(world, tmp_path):
+    ids, items, _, _ = world
+    link = tmp_path / "version" / "index"
+    link.parent.mkdir()
+    link.symlink_to(tmp_path / "unmounted" / "index", target_is_directory=True)
+    with pytest.raises(RecsysError, match=r"links to .*unmounted/index, whose folder .*unmounted does not exist"):
+        FaissIndex.build(ids[:5], items[:5], num_threads=1).save(link)
+    assert not (tmp_path / "unmounted").exists()
+
+
+def test_a_folder_it_cannot_write_beside_is_a_clear_error(world, tmp_path, monkeypatch):
+    ids, items, _, _ = world
+    real_mkdir = Path.mkdir
+
+    def refuse_temporaries(self, *args, **kwargs):  # root may write anywhere; refuse as a read-only folder would
+        if ".tmp-" in self.name:
+            raise PermissionError(13, "Permission denied")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse_temporaries)
+    target = tmp_path / "index"
+    with pytest.raises(RecsysError, match=rf"cannot save the index {target}: .* so {tmp_path} must be writable"):
+        FaissIndex.build(ids[:5], items[:5], num_threads=1).save(target)
+    assert not target.exists()

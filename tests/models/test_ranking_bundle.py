@@ -323,8 +323,14 @@ def test_content_anchors_are_the_principal_directions_of_the_features(prior_mode
 
 
 
-def test_user_vectors_batched_by_length_come_back_in_user_order(model, small_world):
-    """Users are batched by history length; each vector must land on its own user."""
+@pytest.mark.parametrize("kind", ["networks", "content prior with second moment"])
+def test_user_vectors_batched_by_length_come_back_in_user_order(request, small_world, kind):
+    """Users are batched by history length; each vector (every column block) must land on its own user."""
+    if kind == "networks":
+        model = request.getfixturevalue("model")
+    else:
+        model = request.getfixturevalue("prior_model").with_content_prior((1.5, 0.5), (3.0, 1.0))
+        assert model.config.prior_dim and model.config.moment_dim
     emb = model.item_embeddings(small_world.features)
     rng = np.random.default_rng(5)
     lengths = rng.permutation([0, 1, 7, 2, 5, 3, 0, 9, 4, 1, 6])  # longest first would be a different order
