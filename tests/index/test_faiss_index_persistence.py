@@ -296,17 +296,24 @@ def test_only_a_complete_index_moved_aside_is_restored_the_latest_saved_first(sa
     assert not FaissIndex.exists(path)
 
 
+def linked_index(world, tmp_path, name: str) -> tuple[Path, Path]:
+    """An index of 20 items saved on "another disk" (``disk2/<name>``) and a link to it from ``version/index``."""
+    ids, items, _, _ = world
+    target = tmp_path / "disk2" / name
+    FaissIndex.build(ids[:20], items[:20], num_threads=1).save(target)
+    link = tmp_path / "version" / "index"
+    link.parent.mkdir()
+    link.symlink_to(target, target_is_directory=True)
+    return target, link
+
+
 def test_a_symlinked_index_is_followed_and_the_link_stays(world, tmp_path, monkeypatch):
     """A workspace may keep its index on another disk behind a link: saves replace the folder
     the link points to, so the link keeps serving the newest index."""
     from recsys.index import faiss_index
 
     ids, items, _, _ = world
-    target = tmp_path / "disk2" / "index-v1"
-    FaissIndex.build(ids[:20], items[:20], num_threads=1).save(target)
-    link = tmp_path / "version" / "index"
-    link.parent.mkdir()
-    link.symlink_to(target, target_is_directory=True)
+    target, link = linked_index(world, tmp_path, "index-v1")
     assert FaissIndex.build(ids[:25], items[:25], num_threads=1).save(link) == link
     monkeypatch.setattr(faiss_index, "STALE_SAVE_SECONDS", 0)
     FaissIndex.build(ids[:26], items[:26], num_threads=1).save(link)
@@ -319,12 +326,7 @@ def test_a_symlinked_index_is_followed_and_the_link_stays(world, tmp_path, monke
 def test_a_save_through_a_link_killed_between_its_renames_is_put_back(world, tmp_path, monkeypatch):
     from recsys.index import faiss_index
 
-    ids, items, _, _ = world
-    target = tmp_path / "disk2" / "index"
-    FaissIndex.build(ids[:20], items[:20], num_threads=1).save(target)
-    link = tmp_path / "version" / "index"
-    link.parent.mkdir()
-    link.symlink_to(target, target_is_directory=True)
+    target, link = linked_index(world, tmp_path, "index")
     target.rename(target.parent / ".index.old-0123abcd")  # what a save killed between its renames leaves
     assert not link.exists()  # a dangling link
     monkeypatch.setattr(faiss_index, "RESTORE_GRACE_SECONDS", 0)  # as a minute later
