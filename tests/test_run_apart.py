@@ -39,6 +39,17 @@ def test_a_helper_killed_by_a_signal_stops_the_job_with_its_message():
 
 
 def test_ctrl_c_in_the_job_stops_the_helper_at_once():
+    # Python raises KeyboardInterrupt only if SIGINT was not ignored when it started, and a
+    # shell without job control starts background commands with SIGINT ignored: install the
+    # default handler so that the test does not depend on how pytest was launched.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupt_the_job_while_the_helper_runs()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt_the_job_while_the_helper_runs():
     # SIGINT to the job's process (as `kill -INT <pid>`); the helper has started by then.
     threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT)).start()
     t0 = time.monotonic()
