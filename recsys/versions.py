@@ -77,8 +77,7 @@ def new_version_name() -> str:
 def staging_dir(models_dir: Path, version: str) -> Path:
     """A fresh temporary directory in which a version is assembled (seconds before it is
     published); those of killed trainings older than ``STALE_STAGING_SECONDS`` are removed."""
-    if models_dir.is_dir():
-        remove_stale(models_dir.glob(".tmp-*"), STALE_STAGING_SECONDS, why="staged by a training that did not finish")
+    remove_stale(models_dir.glob(".tmp-*"), STALE_STAGING_SECONDS, why="staged by a training that did not finish")
     tmp = models_dir / f".tmp-{version}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

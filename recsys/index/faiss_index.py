@@ -1072,7 +1072,7 @@ def _swap_in(new: Path, directory: Path) -> None:
             os.replace(old, directory)
             raise
         try:
-            _discard(old)
+            shutil.rmtree(old)  # a real folder: a linked index is followed (_followed)
         except OSError as err:  # the new index is in place; a later save removes the leftover
             log.warning("could not remove %s (%s)", old, err)
     _fsync(directory.parent)
@@ -1083,14 +1083,6 @@ def _followed(directory: Path) -> Path:
     another disk): saves replace that folder beside itself, so the link stays and keeps
     pointing at the current index; a save killed between its renames is put back there too."""
     return Path(os.path.realpath(directory)) if directory.is_symlink() else directory
-
-
-def _discard(path: Path) -> None:
-    """Remove a leftover folder; of a symlink (a workspace that links its index), the link only."""
-    if path.is_symlink():
-        path.unlink()
-    else:
-        shutil.rmtree(path)
 
 
 def _saves_beside(directory: Path, kind: str) -> list[Path]:
