@@ -4,6 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_WORKSPACE ?= workspace/demo
+# Test processes (pytest-xdist): the suite is mostly single-threaded Python and process
+# start-ups, so two keep both cores busy. Each takes whole files (--dist loadfile), so a
+# file's module fixtures are built once. `make test PYTEST_WORKERS=0` runs in one process.
+PYTEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: venv demo test test-fast browser clean
 
@@ -21,10 +26,10 @@ demo: $(STAMP)
 
 ## test: create the environment (and headless Chromium for the report test), run every test
 test: $(STAMP) browser
-	$(PY) -m pytest
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow and not browser and not ray"
+	$(PYTEST) -m "not slow and not browser and not ray"
 
 # The report's browser test needs Debian's chromium and chromedriver.
 browser:

@@ -8,8 +8,10 @@ unreachable the PostgreSQL cases skip, except with ``CI=true``, where they fail.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,3 +129,16 @@ def engine(db_url) -> Iterator[sa.Engine]:
         yield store
     finally:
         store.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _one_ray_test_at_a_time(request) -> Iterator[None]:
+    """Tests marked ``ray`` run one at a time on this machine (across pytest-xdist workers and
+    concurrent sessions): test_kill's Ray test kills every RayShardActor process it sees, which
+    took down the actors of a Ray test running beside it."""
+    if request.node.get_closest_marker("ray") is None:
+        yield
+        return
+    with open(Path(tempfile.gettempdir()) / "recsys-tests-ray.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
