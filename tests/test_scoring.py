@@ -20,6 +20,8 @@ from recsys.pipelines.train import run_train
 from recsys.versions import get_version
 from tests.sample_store import ingested_sample
 
+pytestmark = pytest.mark.slow  # every test reads the module's two trained versions
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

@@ -69,6 +69,7 @@ print(len(os.listdir("/proc/self/task")) - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
 def test_the_tokenizer_pool_gets_the_configured_thread_count():
     # Three is more than this machine's cores, so the default pool would be smaller.
