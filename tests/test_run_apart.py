@@ -10,7 +10,7 @@ import time
 import pytest
 
 from recsys.errors import RecsysError, SchemaError
-from recsys.pipelines.nightly import run_apart
+from recsys.pipelines.nightly import HelperTraceback, run_apart
 from recsys.ranking.engines import WorkerDiedError
 
 
@@ -33,9 +33,28 @@ def test_the_result_and_the_errors_come_back_to_the_job():
         run_apart(raise_plain, "k", died="x")
 
 
-def test_a_helper_killed_by_a_signal_stops_the_job_with_its_message():
-    with pytest.raises(WorkerDiedError, match="the helper died"):
+def test_the_helpers_traceback_is_the_cause_of_the_error():
+    with pytest.raises(KeyError) as raised:
+        run_apart(raise_plain, "k", died="x")
+    cause = raised.value.__cause__
+    assert isinstance(cause, HelperTraceback)
+    assert 'in raise_plain\n    raise KeyError(value)' in str(cause)
+
+
+def test_a_result_that_cannot_be_sent_back_is_an_error_not_a_death():
+    with pytest.raises(RuntimeError, match="the helper's result cannot be sent back: TypeError: cannot pickle"):
+        run_apart(threading.Lock, died="x")
+
+
+def test_a_helper_that_dies_stops_the_job_with_its_message():
+    with pytest.raises(WorkerDiedError, match=r"^the helper died \(exit code 9\)$"):
         run_apart(os._exit, 9, died="the helper died")
+    with pytest.raises(WorkerDiedError, match=r"^the helper died \(exit code -9\)$"):
+        run_apart(_kill_self, died="the helper died")
+
+
+def _kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_ctrl_c_in_the_job_stops_the_helper_at_once():

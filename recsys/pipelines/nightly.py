@@ -125,42 +125,67 @@ def run_apart(target, *args, died: str):
     RecsysError, RuntimeError otherwise, with its class name and message).
 
     Raises:
-        WorkerDiedError: the helper died (killed by a signal), with the message ``died``.
+        WorkerDiedError: the helper died (killed by a signal) before it answered, with the
+            message ``died`` and its exit code.
     """
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
 
     from recsys.ranking.engines import WorkerDiedError
 
-    helper = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    context = multiprocessing.get_context("spawn")
+    answer, reply = context.Pipe(duplex=False)
+    helper = context.Process(target=_call_in_helper, args=(reply, target, *args), name="recsys-helper")
+    helper.start()
+    reply.close()  # the helper holds the only sending end: its death reads as end of file
     try:
-        return helper.submit(_call_in_helper, target, *args).result()
-    except BrokenProcessPool as exc:
-        raise WorkerDiedError(died) from exc
+        try:
+            ok, value, trace = answer.recv()
+        except EOFError:
+            helper.join()
+            raise WorkerDiedError(f"{died} (exit code {helper.exitcode})") from None
+        helper.join()
+        if ok:
+            return value
+        raise value from (HelperTraceback(trace) if trace else None)
     except BaseException:
-        # Ctrl-C in the job: stop the helper now instead of waiting for it to finish (the
-        # executor has no public way to; an index save it cuts short is restored later).
-        for process in list((getattr(helper, "_processes", None) or {}).values()):
-            process.terminate()
+        # Ctrl-C in the job: stop the helper now instead of waiting for it to finish (an index
+        # save it cuts short is restored later).
+        if helper.is_alive():
+            helper.terminate()
+            helper.join()
         raise
     finally:
-        helper.shutdown(wait=True, cancel_futures=True)
+        answer.close()
 
 
-def _call_in_helper(target, *args):
+class HelperTraceback(Exception):
+    """The helper's traceback, as the cause of the exception ``run_apart`` re-raises."""
+
+    def __str__(self) -> str:
+        return f"\n\n{self.args[0]}"
+
+
+def _call_in_helper(reply, target, *args) -> None:
     import pickle
+    import traceback
 
     try:
-        return target(*args)
-    except Exception as exc:
+        outcome = (True, target(*args), None)
+    except Exception as exc:  # noqa: BLE001 - handed to the job, which raises it
+        trace = "".join(traceback.format_exception(exc))
         try:  # the job re-raises it as it is if it crosses the process boundary intact
             pickle.loads(pickle.dumps(exc))
+            outcome = (False, exc, trace)
         except Exception:  # noqa: BLE001 - an error class whose arguments are not its message
             # Same kind of failure for the CLI: bad input (exit 1) or an internal error (exit 2).
             kind = RecsysError if isinstance(exc, RecsysError) else RuntimeError
-            raise kind(f"{type(exc).__name__}: {exc}") from None
-        raise
+            outcome = (False, kind(f"{type(exc).__name__}: {exc}"), trace)
+    try:
+        reply.send(outcome)
+    except Exception as exc:  # noqa: BLE001 - a result that cannot be pickled
+        reply.send((False, RuntimeError(f"the helper's result cannot be sent back: {type(exc).__name__}: {exc}"), None))
+    finally:
+        reply.close()
 
 
 def _refresh_in_helper(url: str, workspace: Workspace, config: Config, mv, lock_state, log_level: int, parent_pid: int) -> dict:
