@@ -169,8 +169,13 @@ class StoreLock:
                 log.warning("lock '%s': heartbeat not recorded (%s)", self.name, exc)
                 continue
             if touched != 1:
+                # Log before raising the flag: whoever watches ``lost`` then also finds the reason logged.
+                log.error(
+                    "lock '%s' is no longer held by %s: another job took it over or it was cleared by hand",
+                    self.name,
+                    self.holder,
+                )
                 self._lost = True
-                log.error("lock '%s' is no longer held by %s: another job took it over", self.name, self.holder)
                 return
 
     @property

@@ -218,7 +218,17 @@ def test_a_helper_process_sees_the_jobs_lock_lost_as_the_job_does(store):
         view.check()
 
 
-def test_the_heartbeat_notices_a_lock_cleared_by_hand(store, caplog):
+def test_the_heartbeat_notices_a_lock_cleared_by_hand(store, caplog, monkeypatch):
+    from recsys.ranking import lock as lock_module
+
+    # A slow logger (a loaded machine) must not let ``lost`` turn true before the reason is logged.
+    slow_error = lock_module.log.error
+
+    def error_after_a_pause(*args, **kwargs):
+        time.sleep(0.3)
+        slow_error(*args, **kwargs)
+
+    monkeypatch.setattr(lock_module.log, "error", error_after_a_pause)
     with caplog.at_level(logging.ERROR, logger="recsys.ranking.lock"):
         lock = acquire_lock(store, heartbeat_every=timedelta(milliseconds=50))
         with store.begin() as conn:
