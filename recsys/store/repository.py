@@ -6,12 +6,14 @@ of an ``ItemFeatures``) so the model code never sees SQL or string ids in hot pa
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from datetime import datetime
 
 import numpy as np
 import pandas as pd
 from sqlalchemy import Engine, and_, func, select, true
+from sqlalchemy.exc import DBAPIError
 
 from recsys.columns import (
     ABSTRACT,
@@ -92,18 +94,41 @@ def _csr(group_keys: np.ndarray, num_groups: int) -> np.ndarray:
 STREAM_ROWS = 1 << 18
 # IN lists are chunked: PostgreSQL and SQLite both cap bound parameters.
 _IN_CHUNK = 5000
+# Server-side cursors are named; a name is unique within its connection.
+_cursor_names = itertools.count()
 
 
 def _stream(conn, query, columns: list[str]):
     """The query's result as DataFrames of at most ``STREAM_ROWS`` rows, fetched as a stream
-    (a server-side cursor on PostgreSQL), so that only one chunk's Python objects are alive."""
-    # The result is closed even when the caller stops early (a bad row): an unclosed server-side
-    # cursor outlives its transaction on PostgreSQL.
-    with conn.execution_options(yield_per=STREAM_ROWS).execute(query) as result:
-        for rows in result.partitions():
-            # Column by column: handing pandas the Row objects costs a failed attribute lookup
-            # per row (it probes them for namedtuple fields), most of the read's time.
-            yield pd.DataFrame(dict(zip(columns, map(list, zip(*rows)))), columns=columns)
+    (a server-side cursor on PostgreSQL), so that only one chunk's Python objects are alive.
+
+    Rows come from the driver's own cursor, inside ``conn``'s transaction: SQLAlchemy's Row
+    objects and per-value type processing took half of a training read. Values are therefore
+    the driver's: times are ``datetime`` on PostgreSQL and ISO strings on SQLite (callers read
+    them with ``pd.to_datetime``).
+    """
+    if not conn.in_transaction():
+        # Every read of ``conn`` shares one transaction (BEGIN on SQLite, the isolation level
+        # set on PostgreSQL), as it does when SQLAlchemy executes the queries itself.
+        conn.begin()
+    # The values are the pipeline's own (times, ids, run numbers); SQLAlchemy renders and quotes them.
+    sql = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+    dbapi = conn.dialect.loaded_dbapi
+    driver_conn = conn.connection.dbapi_connection
+    if conn.dialect.name == "postgresql":
+        cursor = driver_conn.cursor(name=f"recsys_stream_{next(_cursor_names)}")
+    else:
+        cursor = driver_conn.cursor()
+    # The cursor is closed even when the caller stops early (a bad row): an unclosed
+    # server-side cursor outlives its transaction on PostgreSQL.
+    try:
+        cursor.execute(sql)
+        while rows := cursor.fetchmany(STREAM_ROWS):
+            yield pd.DataFrame.from_records(rows, columns=columns)
+    except dbapi.Error as exc:  # the errors SQLAlchemy raises for its own queries
+        raise DBAPIError.instance(sql, None, exc, dbapi.Error) from exc
+    finally:
+        cursor.close()
 
 
 def _seconds(values: pd.Series) -> np.ndarray:
@@ -160,9 +185,11 @@ def read_user_histories(
 
 def _history_csr(df: pd.DataFrame, user_ids: np.ndarray, item_row: pd.Series, *, max_len: int | None, by_time: bool):
     user_row = pd.Series(np.arange(len(user_ids)), index=pd.Index(user_ids))
-    df = df[df[NEWS_ID].isin(item_row.index)].copy()
+    found = item_row.index.get_indexer(df[NEWS_ID].to_numpy(dtype=object))  # -1: an article without features
+    known = found >= 0
+    df = df[known].copy()
     df["u"] = user_row.reindex(df[USER_ID].to_numpy()).to_numpy()
-    df["i"] = item_row.reindex(df[NEWS_ID].to_numpy()).to_numpy()
+    df["i"] = item_row.to_numpy()[found[known]]
     # Recent first: timed clicks newest first, then history entries from the end of the list.
     # Without impression clicks the History column's own order rules (an article that is in
     # it and was also clicked later must not jump ahead).

@@ -239,3 +239,47 @@ def test_a_reingest_between_the_two_queries_of_a_read_is_not_seen(engine, tmp_pa
     assert imps.times.tolist() == [T0, T0 + timedelta(hours=1), T0 + timedelta(hours=2)]
     monkeypatch.setattr(repo, "_stream", stream)
     assert repo.read_impressions(engine, news_ids, **window).impression_ids.tolist() == [1, 3]  # a new read sees it
+
+
+def test_a_failing_read_raises_sqlalchemys_error_and_leaves_the_connection_usable(engine):
+    """Reads fetch through the driver's cursor; its errors come back as SQLAlchemy's, as the
+    CLI expects of every store error, with the statement named."""
+    import sqlalchemy as sa
+
+    from recsys.store import schema as s
+
+    bad = sa.select(s.news.c.news_id, sa.literal_column("no_such_column"))
+    with engine.connect() as conn:
+        with pytest.raises(sa.exc.DBAPIError, match="no_such_column") as caught:
+            list(repo._stream(conn, bad, ["news_id", "x"]))
+        assert caught.value.statement is not None and "no_such_column" in caught.value.statement
+        conn.rollback()
+        assert conn.execute(sa.select(sa.func.count()).select_from(s.news)).scalar_one() == 0
+
+
+def test_a_read_stopped_early_closes_its_cursor(engine, tmp_path, monkeypatch):
+    # The unknown candidate stops read_impressions in its first chunk; on PostgreSQL a server-side
+    # cursor left open would outlive the read. The same connection then reads on.
+    import sqlalchemy as sa
+
+    _ingest(engine, tmp_path, ["N1", "N2", "N3"], [
+        behavior_line(i + 1, "U1", T0 + timedelta(minutes=i), [], ["N1-1", "N3-0"]) for i in range(4)
+    ])
+    monkeypatch.setattr(repo, "STREAM_ROWS", 2)
+    with engine.connect() as conn:
+        items = repo._stream(conn, sa.select(repo.s.impression_items.c.news_id), ["news_id"])
+        assert next(items)["news_id"].tolist() == ["N1", "N3"]
+        items.close()
+        if engine.dialect.name == "postgresql":
+            assert conn.exec_driver_sql("SELECT count(*) FROM pg_cursors").scalar_one() == 0
+        assert len(list(repo._stream(conn, sa.select(repo.s.impression_items.c.news_id), ["news_id"]))) == 4
+
+
+def test_ids_are_quoted_in_the_reads_own_sql(engine, tmp_path):
+    # Ids reach the SQL as rendered literals; ingest only admits [A-Za-z0-9_-], but the read
+    # functions take any ids and must not break on a quote.
+    _ingest(engine, tmp_path, ["N1", "N2"], [behavior_line(1, "U1", T0, ["N1"], ["N2-1"])])
+    news_ids = repo.read_news(engine)["news_id"].to_numpy()
+    offsets, items = repo.read_user_histories(engine, np.array(["U'1", "U1", "U\\1"], dtype=object), news_ids)
+    assert np.diff(offsets).tolist() == [0, 2, 0]
+    assert news_ids[items].tolist() == ["N2", "N1"]
