@@ -111,22 +111,26 @@ def _stream(conn, query, columns: list[str]):
         # Every read of ``conn`` shares one transaction (BEGIN on SQLite, the isolation level
         # set on PostgreSQL), as it does when SQLAlchemy executes the queries itself.
         conn.begin()
-    # The values are the pipeline's own (times, ids, run numbers); SQLAlchemy renders and quotes them.
-    sql = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
     dbapi = conn.dialect.loaded_dbapi
     driver_conn = conn.connection.dbapi_connection
     if conn.dialect.name == "postgresql":
+        # Bound parameters, which psycopg adapts itself (times, text, integers; IN lists expanded).
+        compiled = query.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+        sql, params = str(compiled), compiled.params
         cursor = driver_conn.cursor(name=f"recsys_stream_{next(_cursor_names)}")
     else:
+        # Literal values rendered and quoted by SQLAlchemy, in the text form it stores times in
+        # (sqlite3 would bind a datetime in another form, which compares differently as text).
+        sql, params = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True})), None
         cursor = driver_conn.cursor()
     # The cursor is closed even when the caller stops early (a bad row): an unclosed
     # server-side cursor outlives its transaction on PostgreSQL.
     try:
-        cursor.execute(sql)
+        cursor.execute(sql) if params is None else cursor.execute(sql, params)
         while rows := cursor.fetchmany(STREAM_ROWS):
             yield pd.DataFrame.from_records(rows, columns=columns)
     except dbapi.Error as exc:  # the errors SQLAlchemy raises for its own queries
-        raise DBAPIError.instance(sql, None, exc, dbapi.Error) from exc
+        raise DBAPIError.instance(sql, params, exc, dbapi.Error) from exc
     finally:
         cursor.close()
 

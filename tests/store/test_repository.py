@@ -283,3 +283,22 @@ def test_ids_are_quoted_in_the_reads_own_sql(engine, tmp_path):
     offsets, items = repo.read_user_histories(engine, np.array(["U'1", "U1", "U\\1"], dtype=object), news_ids)
     assert np.diff(offsets).tolist() == [0, 2, 0]
     assert news_ids[items].tolist() == ["N2", "N1"]
+
+
+@pytest.mark.parametrize("source", ["MIND_100%_sample/behaviors", "it's %s %(x)s \\ %%"])
+def test_a_source_with_percent_signs_and_quotes_selects_its_impressions(engine, tmp_path, source):
+    # A source is free text (the file's folder and name by default). psycopg's parameter style
+    # doubles '%' in rendered SQL; a literal sent without parameters compared as 'MIND_100%%_...'
+    # and silently selected nothing on PostgreSQL.
+    news = write_lines(tmp_path / "news.tsv", [news_line(n) for n in ("N1", "N2", "N3")])
+    beh = write_lines(tmp_path / "behaviors.tsv", [
+        behavior_line(1, "U1", T0, ["N1"], ["N2-1", "N3-0"]),
+        behavior_line(2, "U1", T0 + timedelta(hours=1), ["N1"], ["N3-1"]),
+    ])
+    ingest(engine, news_path=news, behaviors_path=beh, quarantine_dir=tmp_path / "q", source=source)
+    other = write_lines(tmp_path / "other.tsv", [behavior_line(1, "U2", T0, [], ["N1-1", "N2-0"])])
+    ingest(engine, behaviors_path=other, quarantine_dir=tmp_path / "q", source="other")
+    news_ids = repo.read_news(engine)["news_id"].to_numpy()
+    assert repo.read_impressions(engine, news_ids, source=source).impression_ids.tolist() == [1, 2]
+    assert repo.read_impressions(engine, news_ids, source=source, labelled_only=True).user_ids.tolist() == ["U1", "U1"]
+    assert repo.read_impressions(engine, news_ids, source="other").user_ids.tolist() == ["U2"]
