@@ -222,11 +222,11 @@ def test_the_heartbeat_notices_a_lock_cleared_by_hand(store, caplog, monkeypatch
     from recsys.ranking import lock as lock_module
 
     # A slow logger (a loaded machine) must not let ``lost`` turn true before the reason is logged.
-    slow_error = lock_module.log.error
+    log_error = lock_module.log.error
 
     def error_after_a_pause(*args, **kwargs):
         time.sleep(0.3)
-        slow_error(*args, **kwargs)
+        log_error(*args, **kwargs)
 
     monkeypatch.setattr(lock_module.log, "error", error_after_a_pause)
     with caplog.at_level(logging.ERROR, logger="recsys.ranking.lock"):

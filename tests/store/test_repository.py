@@ -258,26 +258,29 @@ def test_a_failing_read_raises_sqlalchemys_error_and_leaves_the_connection_usabl
 
 
 def test_a_read_stopped_early_closes_its_cursor(engine, tmp_path, monkeypatch):
-    # The unknown candidate stops read_impressions in its first chunk; on PostgreSQL a server-side
-    # cursor left open would outlive the read. The same connection then reads on.
+    # A caller that stops after the first chunk (read_impressions on an unknown candidate) closes
+    # the stream; on PostgreSQL a server-side cursor left open would outlive the read. The same
+    # connection then reads on.
     import sqlalchemy as sa
+
+    from recsys.store import schema as s
 
     _ingest(engine, tmp_path, ["N1", "N2", "N3"], [
         behavior_line(i + 1, "U1", T0 + timedelta(minutes=i), [], ["N1-1", "N3-0"]) for i in range(4)
     ])
     monkeypatch.setattr(repo, "STREAM_ROWS", 2)
     with engine.connect() as conn:
-        items = repo._stream(conn, sa.select(repo.s.impression_items.c.news_id), ["news_id"])
+        items = repo._stream(conn, sa.select(s.impression_items.c.news_id), ["news_id"])
         assert next(items)["news_id"].tolist() == ["N1", "N3"]
         items.close()
         if engine.dialect.name == "postgresql":
             assert conn.exec_driver_sql("SELECT count(*) FROM pg_cursors").scalar_one() == 0
-        assert len(list(repo._stream(conn, sa.select(repo.s.impression_items.c.news_id), ["news_id"]))) == 4
+        assert len(list(repo._stream(conn, sa.select(s.impression_items.c.news_id), ["news_id"]))) == 4
 
 
 def test_ids_are_quoted_in_the_reads_own_sql(engine, tmp_path):
-    # Ids reach the SQL as rendered literals; ingest only admits [A-Za-z0-9_-], but the read
-    # functions take any ids and must not break on a quote.
+    # Ids reach SQLite's SQL as rendered literals (PostgreSQL's as bound parameters); ingest only
+    # admits [A-Za-z0-9_-], but the read functions take any ids and must not break on a quote.
     _ingest(engine, tmp_path, ["N1", "N2"], [behavior_line(1, "U1", T0, ["N1"], ["N2-1"])])
     news_ids = repo.read_news(engine)["news_id"].to_numpy()
     offsets, items = repo.read_user_histories(engine, np.array(["U'1", "U1", "U\\1"], dtype=object), news_ids)
