@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from recsys.columns import NEWS_ID, RANK, RUN_ID, SCORE, USER_ID
 from recsys.errors import NotFoundError
 from recsys.ranking.runs import COMPLETE, get_run, latest_run
-from recsys.store import schema as s
+from recsys.store.repository import iter_run_rows
 
 EXPORT_SCHEMA = pa.schema([
     pa.field(RUN_ID, pa.int64(), nullable=False),
@@ -55,19 +55,10 @@ def export_run(engine: Engine, out_dir: Path, *, run_id: int | None = None, chun
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"recommendations-run-{run_id}.parquet"
     tmp = out_dir / f".{path.name}.{os.getpid()}.tmp"
-    rec = s.recommendations.c
-    query = (
-        select(rec.run_id, rec.user_id, rec.rank, rec.news_id, rec.score, rec.created_at)
-        .where(rec.run_id == run_id)
-        .order_by(rec.user_id, rec.rank)
-    )
     try:
-        with engine.connect() as conn, pq.ParquetWriter(tmp, EXPORT_SCHEMA) as writer:
-            result = conn.execution_options(stream_results=True, yield_per=chunk_rows).execute(query)
-            for rows in result.partitions(chunk_rows):
-                columns = list(zip(*rows))
-                arrays = [pa.array(col, type=field.type) for col, field in zip(columns, EXPORT_SCHEMA)]
-                writer.write_table(pa.Table.from_arrays(arrays, schema=EXPORT_SCHEMA))
+        with pq.ParquetWriter(tmp, EXPORT_SCHEMA) as writer:
+            for df in iter_run_rows(engine, run_id, rows=chunk_rows):
+                writer.write_table(pa.Table.from_pandas(df, schema=EXPORT_SCHEMA, preserve_index=False))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

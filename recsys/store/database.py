@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -97,6 +99,18 @@ def _sqlite_on_begin(conn: Connection) -> None:
     if mode not in ("DEFERRED", "IMMEDIATE", "EXCLUSIVE"):
         raise StoreError(f"execution option {SQLITE_BEGIN} has {mode!r}, expected DEFERRED, IMMEDIATE or EXCLUSIVE")
     conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+@contextmanager
+def driver_errors(conn: Connection, statement: str, params=None) -> Iterator[None]:
+    """Raise the driver's errors as SQLAlchemy raises them for its own statements (an
+    ``IntegrityError`` for a broken key, and so on, naming the statement), for code that runs
+    statements on the driver's cursor to skip SQLAlchemy's per-row work."""
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        yield
+    except dbapi.Error as exc:
+        raise DBAPIError.instance(statement, params, exc, dbapi.Error) from exc
 
 
 def create_engine_for(url: str) -> Engine:

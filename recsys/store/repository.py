@@ -13,7 +13,6 @@ from datetime import datetime
 import numpy as np
 import pandas as pd
 from sqlalchemy import Engine, and_, func, select, true
-from sqlalchemy.exc import DBAPIError
 
 from recsys.columns import (
     ABSTRACT,
@@ -25,6 +24,7 @@ from recsys.columns import (
     LABEL,
     NEWS_ID,
     RANK,
+    SCORE,
     SUBCATEGORY,
     TIME,
     TITLE,
@@ -32,6 +32,7 @@ from recsys.columns import (
 )
 from recsys.models.samples import ClickLog, Impressions, InteractionLog
 from recsys.store import schema as s
+from recsys.store.database import driver_errors
 
 
 def read_news(engine: Engine) -> pd.DataFrame:
@@ -98,8 +99,8 @@ _IN_CHUNK = 5000
 _cursor_names = itertools.count()
 
 
-def _stream(conn, query, columns: list[str]):
-    """The query's result as DataFrames of at most ``STREAM_ROWS`` rows, fetched as a stream
+def _stream(conn, query, columns: list[str], rows: int | None = None):
+    """The query's result as DataFrames of at most ``rows`` rows (``STREAM_ROWS`` by default), fetched as a stream
     (a server-side cursor on PostgreSQL), so that only one chunk's Python objects are alive.
 
     Rows come from the driver's own cursor, inside ``conn``'s transaction: SQLAlchemy's Row
@@ -111,7 +112,6 @@ def _stream(conn, query, columns: list[str]):
         # Every read of ``conn`` shares one transaction (BEGIN on SQLite, the isolation level
         # set on PostgreSQL), as it does when SQLAlchemy executes the queries itself.
         conn.begin()
-    dbapi = conn.dialect.loaded_dbapi
     driver_conn = conn.connection.dbapi_connection
     if conn.dialect.name == "postgresql":
         # Bound parameters, which psycopg adapts itself (times, text, integers; IN lists expanded).
@@ -126,11 +126,10 @@ def _stream(conn, query, columns: list[str]):
     # The cursor is closed even when the caller stops early (a bad row): an unclosed
     # server-side cursor outlives its transaction on PostgreSQL.
     try:
-        cursor.execute(sql) if params is None else cursor.execute(sql, params)
-        while rows := cursor.fetchmany(STREAM_ROWS):
-            yield pd.DataFrame.from_records(rows, columns=columns)
-    except dbapi.Error as exc:  # the errors SQLAlchemy raises for its own queries
-        raise DBAPIError.instance(sql, params, exc, dbapi.Error) from exc
+        with driver_errors(conn, sql, params):
+            cursor.execute(sql) if params is None else cursor.execute(sql, params)
+            while chunk := cursor.fetchmany(rows or STREAM_ROWS):
+                yield pd.DataFrame.from_records(chunk, columns=columns)
     finally:
         cursor.close()
 
@@ -400,6 +399,19 @@ def iter_run_recommendations(engine: Engine, run_id: int) -> Iterator[pd.DataFra
                 yield df[~last].reset_index(drop=True)
     if carry is not None:
         yield carry.reset_index(drop=True)
+
+
+def iter_run_rows(engine: Engine, run_id: int, *, rows: int | None = None) -> Iterator[pd.DataFrame]:
+    """Every stored column of a run's recommendations (``run_id``, USER_ID, RANK, NEWS_ID,
+    SCORE, ``created_at``), by user and rank, streamed in DataFrames of at most ``rows`` rows."""
+    r = s.recommendations.c
+    query = (select(r.run_id, r.user_id, r.rank, r.news_id, r.score, r.created_at)
+             .where(r.run_id == run_id).order_by(r.user_id, r.rank))
+    with engine.connect() as conn:
+        for df in _stream(conn, query, ["run_id", USER_ID, RANK, NEWS_ID, SCORE, "created_at"], rows):
+            # The driver's values: ISO text on SQLite, datetime on PostgreSQL.
+            df["created_at"] = pd.to_datetime(df["created_at"])
+            yield df
 
 
 def read_news_titles(engine: Engine, news_ids) -> pd.DataFrame:

@@ -108,6 +108,34 @@ def test_shard_written_once(world):
     assert runs.finished_shards(world, run_id) == {0: (1, 2)}
 
 
+def test_shard_rows_are_stored_as_given(world):
+    """The shard goes to the driver as plain tuples: NumPy and Arrow dtypes, a quote in an id,
+    float32 scores and the microseconds of ``created_at`` come back unchanged through SQLAlchemy."""
+    from datetime import datetime
+
+    import numpy as np
+
+    run_id = runs.create_run(world, model_version="v1", plan=PLAN)
+    frame = pd.DataFrame({
+        USER_ID: pd.array(["U1", "U1", "U'2"], dtype="string[pyarrow]"),
+        RANK: np.array([1, 2, 1], dtype=np.int16),
+        NEWS_ID: np.array(["N1", "N2", "N2"], dtype=object),
+        SCORE: np.array([0.1, -2.5e-8, 3.0], dtype=np.float32),
+    })
+    at = datetime(2019, 11, 15, 1, 2, 3, 456789)
+    assert runs.write_shard(world, run_id, 0, frame, num_users=2, created_at=at) is True
+    rec = s.recommendations.c
+    with world.connect() as conn:
+        got = conn.execute(
+            select(rec.user_id, rec.rank, rec.news_id, rec.score, rec.created_at)
+            .where(rec.run_id == run_id).order_by(rec.user_id, rec.rank)
+        ).all()
+    want = [("U'2", 1, "N2", float(np.float32(3.0)), at), ("U1", 1, "N1", float(np.float32(0.1)), at),
+            ("U1", 2, "N2", float(np.float32(-2.5e-8)), at)]
+    assert [tuple(r) for r in got] == want
+    assert runs.finished_shards(world, run_id) == {0: (2, 3)}
+
+
 def test_failed_shard_write_leaves_nothing(world):
     run_id = runs.create_run(world, model_version="v1", plan=PLAN)
     duplicated = pd.concat([_recs(["U1"], ["N1"]), _recs(["U1"], ["N2"])])  # two rank-1 rows
