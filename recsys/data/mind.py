@@ -65,7 +65,8 @@ _LABEL_RE = re.compile(r"-([01])(?= |$)")
 # Fits a signed 64-bit column. No leading zeros: the prediction file repeats the id as a
 # number, and the MIND scorer compares ids as text ("007" would come back as "7").
 _INT_RE = re.compile(r"0|[1-9][0-9]{0,17}")
-_TIME_RE = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4}) (\d{1,2}):(\d{2}):(\d{2}) ([AaPp][Mm])")
+# ASCII digits only: ``\d`` also matches Arabic-Indic and full-width ones, which int() reads.
+_TIME_RE = re.compile(r"([0-9]{1,2})/([0-9]{1,2})/([0-9]{4}) ([0-9]{1,2}):([0-9]{2}):([0-9]{2}) ([AaPp][Mm])")
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 _EXPECTED_ID = f"an id matching ^{ID_PATTERN}$"
@@ -220,9 +221,13 @@ class RowStream:
                 if not raw:
                     return
                 line_no += 1
-                self.bytes_read += len(raw)
                 if line_no == 1 and raw.startswith(_UTF8_BOM):
+                    # The BOM does not count towards the line's limit: read as far as without it.
+                    if len(raw) == limit and not raw.endswith(b"\n"):
+                        raw += f.readline(len(_UTF8_BOM))
+                    self.bytes_read += len(_UTF8_BOM)
                     raw = raw[len(_UTF8_BOM):]
+                self.bytes_read += len(raw)
                 if len(raw) == limit and not raw.endswith(b"\n"):
                     self.bytes_read += _skip_to_newline(f)
                     yield BadRow(name, line_no, "line", f"a line of more than {MAX_LINE_BYTES} bytes",
@@ -235,8 +240,8 @@ class RowStream:
                     yield BadRow(name, line_no, "line", f"a line of {len(content)} bytes",
                                  f"at most {MAX_LINE_BYTES} bytes per line", _shorten(content.decode("utf-8", "replace")))
                     continue
-                if not content.strip():
-                    continue  # blank lines (often one at the end of a file) carry nothing
+                if not content.strip(b" "):
+                    continue  # blank lines (often one at the end of a file) carry nothing; tabs are columns
                 try:
                     text = content.decode("utf-8")
                 except UnicodeDecodeError as exc:
@@ -387,7 +392,7 @@ def _parse_news(name: str, line: int, text: str) -> NewsRow | BadRow:
         if value:
             try:
                 json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):  # the second: arrays nested ~1000 deep
                 return bad(field, value, "empty or JSON (a list of entities)")
     return NewsRow(line, news_id, category, subcategory, title, abstract, url, title_entities, abstract_entities)
 

@@ -73,6 +73,9 @@ def test_empty_abstract_and_empty_entity_columns_are_fine(tmp_path):
         (NEWS_OK.replace("\t[]\t[]", "\t[]\tnot json"), "abstract_entities", "field 'abstract_entities' has 'not json'"),
         (NEWS_OK.replace("Storm", "Sto\x00rm"), "title", r"field 'title' has 'Sto\\x00rm hits the coast', expected text without NUL \(0x00\) characters"),
         (NEWS_OK.replace("[]\t[]", "[]\t[\x00]"), "abstract_entities", "expected text without NUL"),
+        # json.loads raises RecursionError, not ValueError, on arrays nested this deep
+        (NEWS_OK.replace("\t[]\t[]", "\t" + "[" * 5000 + "\t[]"), "title_entities", r"field 'title_entities' has '\[\[\[.*expected empty or JSON"),
+        ("\t" * 7, "news_id", r"field 'news_id' has '', expected an id matching"),  # tabs only: columns, not a blank line
     ],
 )
 def test_bad_news_rows(tmp_path, line, field, message):
@@ -144,6 +147,10 @@ def test_extra_spaces_between_ids_are_tolerated(tmp_path):
         ("1\tU1\t13/11/2019 9:05:58 AM\t\tN1-1", "time", "field 'time' has '13/11/2019 9:05:58 AM'"),
         ("1\tU1\t11/11/2019 13:05:58 PM\t\tN1-1", "time", "field 'time' has '11/11/2019 13:05:58 PM'"),
         ("1\tU1\t2/30/2019 1:05:58 PM\t\tN1-1", "time", "field 'time' has '2/30/2019 1:05:58 PM'"),
+        # Digits other than ASCII ones (Arabic-Indic, full-width), which int() would read
+        ("1\tU1\t\u0661\u0661/11/2019 9:05:58 AM\t\tN1-1", "time", "field 'time' has '\u0661\u0661/11/2019 9:05:58 AM'"),
+        ("1\tU1\t11/11/2019 \uff19:05:58 AM\t\tN1-1", "time", "field 'time' has '11/11/2019 \uff19:05:58 AM'"),
+        ("\t\t\t\t", "impression_id", "field 'impression_id' has '', expected a non-negative integer"),
         ("1\tU1\t11/11/2019 9:05:58 AM\tN1 N/2\tN1-1", "history", "field 'history' has 'N/2', expected news ids matching"),
         ("1\tU1\t11/11/2019 9:05:58 AM\t\tN1-1 N55-x", "impressions", r"behaviors\.tsv line 1: field 'impressions' has 'N55-x', expected label 0 or 1"),
         ("1\tU1\t11/11/2019 9:05:58 AM\t\tN1-1 N55-2", "impressions", "has 'N55-2', expected label 0 or 1"),
@@ -191,6 +198,21 @@ def test_over_long_line_is_a_bad_row_and_the_next_line_still_reads(tmp_path):
         raise bad.to_error()
     assert len(bad.raw) == mind.RAW_CHARS
     assert isinstance(good, BehaviorRow) and (good.line, good.impression_id) == (2, 2)
+
+
+def test_a_bom_does_not_lift_the_first_lines_limit_or_shift_line_numbers(tmp_path, monkeypatch):
+    monkeypatch.setattr(mind, "MAX_LINE_BYTES", len(B_OK))
+    bom = b"\xef\xbb\xbf"
+    (row,) = read_behaviors(tmp_path, bom + (B_OK + "\r\n").encode())  # exactly the limit after the BOM
+    assert isinstance(row, BehaviorRow)
+    for extra in (b"x", b"xx", b"xxx", b"xxxx" * 1000):
+        rows = read_behaviors(tmp_path, bom + B_OK.encode() + extra + b"\n" + B_OK.replace("1\tU1", "2\tU1", 1).encode() + b"\n")
+        assert [(type(r), r.line) for r in rows] == [(BadRow, 1), (BehaviorRow, 2)], extra
+        assert rows[0].field == "line"
+    path = write(tmp_path, "behaviors.tsv", bom + B_OK.encode() + b"xx\n" + B_OK.encode() + b"\n")
+    stream = iter_behaviors(path)
+    list(stream)
+    assert stream.bytes_read == path.stat().st_size
 
 
 def test_line_of_exactly_the_limit_with_crlf_is_read(tmp_path, monkeypatch):
