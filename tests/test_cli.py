@@ -212,6 +212,9 @@ def test_missing_input_file_exits_1_naming_it(capsys, tmp_path: Path):
     assert code == 1
     assert "nope.tsv" in err and "no such file" in err
     assert "Traceback" not in err
+    code, _, err = run(capsys, "--workspace", str(tmp_path), "ingest", "--news", str(tmp_path))  # a folder
+    assert code == 1
+    assert f"--news {tmp_path}: not a regular file" in err
 
 
 def test_config_typo_exits_1_naming_the_key(capsys, tmp_path: Path):

@@ -31,7 +31,8 @@ def run_ingest(
 
     for label, path in (("--news", news), ("--behaviors", behaviors)):
         if path is not None and not Path(path).is_file():
-            raise RecsysError(f"{label} {path}: no such file")
+            # A folder, pipe or device: bad rows are recorded by the file's path, which a pipe does not keep.
+            raise RecsysError(f"{label} {path}: " + ("not a regular file" if Path(path).exists() else "no such file"))
     if images is not None and not Path(images).is_dir():
         raise RecsysError(f"--images {images}: no such folder")
     workspace.quarantine_dir.mkdir(parents=True, exist_ok=True)

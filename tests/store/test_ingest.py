@@ -161,11 +161,90 @@ def test_newer_news_row_updates_the_article(engine, small_world, quarantine_dir,
     assert after["N7"][4] is None
 
 
-def test_duplicate_news_id_in_one_file_keeps_the_last_line(engine, quarantine_dir, tmp_path):
-    news = write_lines(tmp_path / "news.tsv", [news_line("N1", title="first"), news_line("N2"), news_line("N1", title="last")])
-    for batch_size in (5000, 1):
-        run(engine, quarantine_dir, news_path=news, batch_size=batch_size)
-        assert rows(engine, "news", "news_id", "title") == [("N1", "last"), ("N2", "Title of N2")]
+@pytest.mark.parametrize("batch_size", [5000, 2, 1])
+def test_duplicate_news_id_in_one_file_keeps_the_last_line(engine, quarantine_dir, tmp_path, batch_size):
+    news = write_lines(tmp_path / "news.tsv", [news_line("N1", title="first"), news_line("N2"), news_line("N3"),
+                                               news_line("N1", title="last")])
+    report = run(engine, quarantine_dir, news_path=news, batch_size=batch_size)
+    assert report.news == 3
+    stored = rows(engine, "news", "news_id", "title", "content_hash", "updated_at")
+    assert [r[:2] for r in stored] == [("N1", "last"), ("N2", "Title of N2"), ("N3", "Title of N3")]
+    # The earlier line is never written in between, so the same file again changes nothing.
+    run(engine, quarantine_dir, news_path=news, batch_size=batch_size)
+    assert rows(engine, "news", "news_id", "title", "content_hash", "updated_at") == stored
+
+
+@pytest.mark.parametrize("batch_size", [5000, 3, 1])
+def test_a_repeated_impression_id_is_a_bad_row_whatever_the_batches(engine, quarantine_dir, tmp_path, batch_size):
+    news = write_lines(tmp_path / "news.tsv", [news_line("N1"), news_line("N2")])
+    lines = [behavior_line(i, f"U{i}", T0 + i * H, [], ["N1-1", "N2-0"]) for i in range(1, 6)]
+    lines += [behavior_line(3, "UA", T0, ["N1"], ["N2-1"]), behavior_line(1, "UB", T0, [], ["N1-0"]),
+              behavior_line(3, "UC", T0, [], ["N1-0"])]
+    behaviors = write_lines(tmp_path / "behaviors.tsv", lines)
+    report = run(engine, quarantine_dir, news_path=news, behaviors_path=behaviors, batch_size=batch_size)
+    assert (report.impressions, report.users, report.num_bad_rows) == (5, 5, 3)
+    assert rows(engine, "impressions", "impression_id", "user_id") == [(i, f"U{i}") for i in range(1, 6)]
+    assert rows(engine, "users", "user_id") == [(f"U{i}",) for i in range(1, 6)]
+    quarantined = rows(engine, "quarantine", "line", "reason")
+    assert [(line, re.search(r"has '(\d+)'.*\(line (\d+) has it\)", reason).groups()) for line, reason in quarantined] == [
+        (6, ("3", "3")), (7, ("1", "1")), (8, ("3", "3"))]
+
+
+def test_a_killed_ingests_quarantine_temp_file_is_removed(engine, tmp_path, quarantine_dir, monkeypatch):
+    import os
+    import time
+
+    from recsys import atomic
+    from recsys.store.ingest import STALE_QUARANTINE_SECONDS
+
+    quarantine_dir.mkdir()
+    killed, live = quarantine_dir / ".20190101T000000_000000-behaviors.tsv.tmp", quarantine_dir / ".20190101T000001_000000-behaviors.tsv.tmp"
+    killed.write_text("file\tline\n")
+    live.write_text("file\tline\n")
+    later = time.time() + STALE_QUARANTINE_SECONDS + 60  # ctime cannot be set back: move the clock on
+    monkeypatch.setattr(atomic.time, "time", lambda: later)
+    os.utime(live, (later - 5, later - 5))  # another ingest, still writing
+    files = _world_with(tmp_path, "behaviors", behavior_line(9, "U1", T0, [], ["N1-1", "N55-x"]))
+    report = run(engine, quarantine_dir, news_path=files["news"], behaviors_path=files["behaviors"])
+    assert report.num_bad_rows == 1 and Path(report.quarantine_file).exists()
+    assert not killed.exists() and live.exists()
+
+
+def test_a_live_ingest_touches_its_quarantine_temp_file_after_every_batch(engine, tmp_path, quarantine_dir):
+    import os
+    import time
+
+    files = _world_with(tmp_path, "behaviors", behavior_line(9, "U1", T0, [], ["N1-1", "N55-x"]))  # bad row first
+    past = time.time() - 86400
+    seen = []
+
+    def backdate(_lines):  # what a slow batch would leave for another ingest's cleanup to see
+        for tmp in quarantine_dir.glob(".*.tmp"):
+            seen.append(tmp.stat().st_mtime)
+            os.utime(tmp, (past, past))
+
+    run(engine, quarantine_dir, news_path=files["news"], behaviors_path=files["behaviors"], batch_size=1, progress=backdate)
+    assert len(seen) >= 2 and min(seen) > time.time() - 60
+
+
+def test_first_lines_agrees_with_a_dict(tmp_path):
+    """The sorted runs that remember impression ids give what a dict of first lines gives."""
+    from recsys.store.ingest import _FirstLines
+
+    rng = np.random.default_rng(0)
+    seen, reference, line = _FirstLines(), {}, 0
+    for size in rng.integers(1, 300, 60):
+        ids = rng.integers(0, 2000, size) * 10**14  # large ids, many repeats
+        ids = np.unique(ids)  # one batch's new candidates; repeats are looked up first
+        lines = np.arange(line + 1, line + 1 + len(ids))
+        line += len(ids)
+        found = seen.lookup(ids)
+        assert found.tolist() == [reference.get(i, 0) for i in ids.tolist()]
+        new = found == 0
+        seen.add(ids[new], lines[new])
+        for i, at in zip(ids[new].tolist(), lines[new].tolist()):
+            reference[i] = at
+    assert len(seen._runs) <= 8
 
 
 def test_unlabelled_test_file_then_history_replacement(engine, small_world, quarantine_dir, tmp_path):
@@ -283,6 +362,9 @@ BAD_BEHAVIORS = [
     (behavior_line(9, "U1", T0, [], [f"N1-{i % 2}" for i in range(1001)]), "impressions", "has '1001 candidates', expected at most 1000 candidates"),
     (behavior_line(9, "U1", T0, ["N1"] * 10001, ["N1-1"]), "history", "has '10001 ids', expected at most 10000 ids"),
     (behavior_line(9, "U1", T0, [], ["N1-1"]).encode() + b"\xff", "line", "field 'line' has b'.*', expected UTF-8 text"),
+    # Line 1 has impression 1: the first line keeps it, in one batch or across batches.
+    (behavior_line(1, "U3", T0 + H, [], ["N2-1"]), "impression_id",
+     r"behaviors\.tsv line 2: field 'impression_id' has '1', expected an id unique within the file \(line 1 has it\)"),
 ]
 
 
