@@ -350,6 +350,11 @@ def demo(
     run_demo(c, sample=sample, epochs=epochs)
 
 
+# Typer turns a KeyboardInterrupt in a command into a silent exit code 130, which click hands
+# back as the result outside standalone mode; no recsys command exits 130 itself.
+_TYPER_CTRL_C = 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps errors to exit codes and one clear line on stderr."""
     verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
@@ -381,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             log.exception("internal error")
         typer.echo(f"internal error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)", err=True)
+        return 2
+    if code == _TYPER_CTRL_C:
+        typer.echo("interrupted", err=True)
         return 2
     return code if isinstance(code, int) else 0
 

@@ -217,6 +217,17 @@ def test_missing_input_file_exits_1_naming_it(capsys, tmp_path: Path):
     assert f"--news {tmp_path}: not a regular file" in err
 
 
+def test_ctrl_c_exits_2_saying_interrupted(capsys, tmp_path: Path, monkeypatch):
+    import recsys.store.stats
+
+    def interrupted(_engine):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recsys.store.stats, "store_stats", interrupted)
+    code, _, err = run(capsys, "--workspace", str(tmp_path), "stats")
+    assert (code, err.strip().splitlines()[-1]) == (2, "interrupted")
+
+
 def test_config_typo_exits_1_naming_the_key(capsys, tmp_path: Path):
     (tmp_path / "recsys.toml").write_text("[nightly]\nkk = 3\n")
     code, _, err = run(capsys, "--workspace", str(tmp_path), "nightly")
