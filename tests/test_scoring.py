@@ -393,6 +393,66 @@ def test_evaluate_refuses_a_truth_file_that_is_not_there(trained, tmp_path):
         run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=tmp_path / "r", truth=tmp_path)
 
 
+def test_predict_and_evaluate_refuse_bad_paths_before_scoring(trained, tmp_path, monkeypatch):
+    """Each is one clear RecsysError (exit 1) raised before the store or a model is read."""
+    import os
+
+    from recsys.pipelines import inputs
+    from recsys.pipelines.evaluate import run_evaluate
+    from recsys.pipelines.predict import run_predict
+
+    world, ws, engine, config, _ = trained
+    behaviors = world / "behaviors_test.tsv"
+    (tmp_path / "a-file").write_text("x")
+    cases = [
+        ({"images": tmp_path / "nope"}, rf"--images {tmp_path / 'nope'}: no such folder"),
+        ({"images": tmp_path / "a-file"}, rf"--images {tmp_path / 'a-file'}: not a folder"),
+        ({"news": tmp_path / "nope.tsv"}, rf"--news {tmp_path / 'nope.tsv'}: no such file"),
+        ({"news": tmp_path}, rf"--news {tmp_path}: not a regular file"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(RecsysError, match=message):
+            run_predict(engine, ws, config, behaviors=behaviors, out=tmp_path / "p.txt", **kwargs)
+        with pytest.raises(RecsysError, match=message):
+            run_evaluate(engine, ws, config, behaviors=behaviors, out=tmp_path / "r", **kwargs)
+    # A folder the process cannot write to (a read-only mount, say; root passes permission bits).
+    real_access = os.access
+    monkeypatch.setattr(inputs.os, "access", lambda path, mode: Path(path) != tmp_path and real_access(path, mode))
+    with pytest.raises(RecsysError, match=rf"--out {tmp_path / 'p.txt'}: folder {tmp_path} is not writable"):
+        run_predict(engine, ws, config, behaviors=behaviors, out=tmp_path / "p.txt")
+    with pytest.raises(RecsysError, match=rf"--out {tmp_path / 'r' / 's'}: folder {tmp_path} is not writable"):
+        run_evaluate(engine, ws, config, behaviors=behaviors, out=tmp_path / "r" / "s")
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
+def test_an_article_repeated_in_a_news_file_for_scoring_takes_its_last_line(tmp_path):
+    from recsys.pipelines.scoring import news_from_file
+
+    lines = ["NX1\tnews\tsub\tFirst title\t\thttps://x\t[]\t[]", "NX2\tnews\tsub\tOther\t\thttps://x\t[]\t[]",
+             "NX1\tsports\tsub\tLast title\t\thttps://x\t[]\t[]", "N1\tnews\tsub\tKnown\t\thttps://x\t[]\t[]"]
+    (tmp_path / "news.tsv").write_text("\n".join(lines) + "\n")
+    df = news_from_file(tmp_path / "news.tsv", None, known={"N1"})
+    assert sorted(zip(df["news_id"], df["title"], df["category"])) == [("NX1", "Last title", "sports"), ("NX2", "Other", "news")]
+
+
+def test_a_truth_file_beside_a_file_of_another_name_is_skipped_with_a_warning(trained, tmp_path, caplog):
+    """A file cut from a sample world's split sits beside its truth.tsv under another name:
+    evaluated without the oracle row, where an explicit --truth for it is refused."""
+    from recsys.pipelines.evaluate import run_evaluate
+
+    world, ws, engine, config, _ = trained
+    subset = world / "first_lines.tsv"
+    subset.write_text("".join((world / "behaviors_test.tsv").read_text().splitlines(keepends=True)[:40]))
+    try:
+        result = run_evaluate(engine, ws, config, behaviors=subset, out=tmp_path / "r", num_resamples=10)
+        assert result["num_impressions"] == 40 and not any("oracle" in name.lower() for name in result["impression_auc"])
+        assert "no rows for split 'first_lines'" in caplog.text and "no oracle row" in caplog.text
+        with pytest.raises(RecsysError, match="truth.tsv: no rows for split 'first_lines'"):
+            run_evaluate(engine, ws, config, behaviors=subset, out=tmp_path / "r2", truth=world / "truth.tsv")
+    finally:
+        subset.unlink()
+
+
 def test_evaluate_of_an_unlabelled_file_warns_and_writes_the_predictions(trained, tmp_path, caplog):
     from recsys.pipelines.evaluate import run_evaluate
 

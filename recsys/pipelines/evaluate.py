@@ -23,6 +23,7 @@ from recsys.columns import CATEGORY, NEWS_ID
 from recsys.config import Config, ModelConfig, Workspace
 from recsys.data.mind import scan_behaviors
 from recsys.errors import RecsysError, SchemaError
+from recsys.pipelines.inputs import check_file, check_folder, check_writable
 from recsys.pipelines.predict import split_scores
 from recsys.pipelines.scoring import (
     Catalogue, VersionScorer, DEFAULT_FEATURES_AT, check_features_at, feature_times, iter_scored, load_scoring_catalogue,
@@ -83,17 +84,34 @@ def train_missing_ablations(engine: Engine, workspace: Workspace, config: Config
 
 
 def load_truth(path: Path, split: str) -> dict[int, tuple[list, np.ndarray]]:
-    """impression id -> (news ids, true probabilities) of one split of a sample world's truth.tsv."""
+    """impression id -> (news ids, true probabilities) of one split of a sample world's truth.tsv
+    (empty when the file has no rows for ``split``)."""
     df = pd.read_csv(path, sep="\t", header=None, names=["split", "impression_id", NEWS_ID, "position", "p", "label"],
                      dtype={"split": str, NEWS_ID: str}, keep_default_na=False)
     df = df[df["split"] == split].sort_values(["impression_id", "position"], kind="stable")
-    if df.empty:
-        raise RecsysError(f"{path}: no rows for split '{split}' (expected a sample world's truth.tsv, as generate-sample "
-                          "writes it: split, impression id, news id, position, true probability, label)")
     out = {}
     for iid, group in df.groupby("impression_id", sort=False):
         out[int(iid)] = (group[NEWS_ID].tolist(), group["p"].to_numpy(np.float64))
     return out
+
+
+def _oracle(behaviors: Path, truth: Path | None) -> dict | None:
+    """The true probabilities of ``behaviors``'s split: from ``--truth``, which must hold that
+    split, or else from a ``truth.tsv`` beside the file, which may not (a file cut from a
+    sample world's split and named otherwise): then the report has no oracle row."""
+    split = split_of(behaviors)
+    path = Path(truth) if truth is not None else behaviors.parent / "truth.tsv"
+    if not path.is_file():
+        return None
+    oracle = load_truth(path, split)
+    if oracle:
+        return oracle
+    message = (f"{path}: no rows for split '{split}' (expected a sample world's truth.tsv, as generate-sample "
+               "writes it: split, impression id, news id, position, true probability, label)")
+    if truth is not None:
+        raise RecsysError(message)
+    log.warning("%s; the report has no oracle row", message)
+    return None
 
 
 def split_of(behaviors: Path) -> str:
@@ -131,14 +149,17 @@ def run_evaluate(
     from recsys.metrics.accumulator import ImpressionMetrics, history_length_bucket
 
     behaviors = Path(behaviors)
-    if not behaviors.is_file():
-        raise RecsysError(f"--behaviors {behaviors}: no such file")
+    check_file("--behaviors", behaviors)
+    for option, path, check in (("--news", news, check_file), ("--images", images, check_folder)):
+        if path is not None:
+            check(option, path)
     check_features_at(features_at)
     existing = Path(out)
     while not existing.exists() and existing != existing.parent:  # the folder is created only once scored
         existing = existing.parent
     if not existing.is_dir():
         raise RecsysError(f"--out {out}: {existing} is a file; give the report's folder")
+    check_writable("--out", out, existing)
     if truth is not None and not Path(truth).is_file():
         what = "is not a file" if Path(truth).exists() else "no such file"
         raise RecsysError(f"--truth {truth}: {what} (a sample world's truth.tsv, as generate-sample writes it)")
@@ -158,8 +179,7 @@ def run_evaluate(
     scorers = {mv.version: VersionScorer(mv, catalogue, times=times) for mv in chosen}
     names = {mv.version: _display_name(mv, kinds[mv.version]) for mv in chosen}
 
-    truth_path = truth if truth is not None else behaviors.parent / "truth.tsv"
-    oracle = load_truth(truth_path, split_of(behaviors)) if truth_path.is_file() else None
+    oracle = _oracle(behaviors, truth)
     popularity = _popularity(engine, catalogue, chosen[0])
     rng = np.random.default_rng(0)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from recsys.config import Workspace
-from recsys.errors import RecsysError
+from recsys.pipelines.inputs import check_file, check_folder
 from recsys.pipelines.runlog import recorded_run
 from recsys.progress import progress
 
@@ -30,11 +30,10 @@ def run_ingest(
     from recsys.store.ingest import ingest
 
     for label, path in (("--news", news), ("--behaviors", behaviors)):
-        if path is not None and not Path(path).is_file():
-            # A folder, pipe or device: bad rows are recorded by the file's path, which a pipe does not keep.
-            raise RecsysError(f"{label} {path}: " + ("not a regular file" if Path(path).exists() else "no such file"))
-    if images is not None and not Path(images).is_dir():
-        raise RecsysError(f"--images {images}: no such folder")
+        if path is not None:
+            check_file(label, path)  # not a pipe either: bad rows are recorded by the file's path
+    if images is not None:
+        check_folder("--images", images)
     workspace.quarantine_dir.mkdir(parents=True, exist_ok=True)
     with recorded_run(engine, "ingest") as record, progress("ingesting") as advance:
         report = ingest(

@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from recsys.config import Config, Workspace
 from recsys.data.mind import scan_behaviors
 from recsys.errors import RecsysError
+from recsys.pipelines.inputs import check_file, check_folder, check_writable
 from recsys.pipelines.scoring import (
     VersionScorer, DEFAULT_FEATURES_AT, check_features_at, feature_times, iter_scored, load_scoring_catalogue,
     scoring_span,
@@ -31,6 +32,7 @@ def check_out(out: Path) -> None:
     if not out.parent.is_dir():
         what = "is not a folder" if out.parent.exists() else "does not exist"
         raise RecsysError(f"--out {out}: folder {out.parent} {what}")
+    check_writable("--out", out, out.parent)
 
 
 def run_predict(
@@ -43,8 +45,10 @@ def run_predict(
     """
     from recsys.evaluation.prediction_file import write_predictions
 
-    if not Path(behaviors).is_file():
-        raise RecsysError(f"--behaviors {behaviors}: no such file")
+    check_file("--behaviors", behaviors)
+    for option, path, check in (("--news", news, check_file), ("--images", images, check_folder)):
+        if path is not None:
+            check(option, path)
     check_out(Path(out))
     check_features_at(features_at)
     configure_threads(config.runtime.threads or None)

@@ -76,21 +76,22 @@ def news_from_file(path: Path, images: Path | None, known: set[str]) -> pd.DataF
 
     root = Path(images).resolve() if images else None
     listing = list_images(root) if root else None
-    records = []
+    records = {}
     for row in iter_news(path):
         if isinstance(row, BadRow):
             raise SchemaError(row.file, row.line, row.field, row.value, row.expected)
         if row.news_id in known:
             continue
+        # An id repeated in the file: its last line wins, as in the ingest.
         check = inspect_image(root, row.news_id, listing=listing) if root else None
         image_path = str(root / check.path) if check and check.path else None
-        records.append({
+        records[row.news_id] = {
             NEWS_ID: row.news_id, CATEGORY: row.category, SUBCATEGORY: row.subcategory, TITLE: row.title,
             ABSTRACT: row.abstract, IMAGE_PATH: image_path, IMAGE_STATUS: check.status if check else IMAGE_MISSING,
             CONTENT_HASH: content_hash(row.title, row.abstract, row.category, row.subcategory, check.sha256 if check else None),
             "first_seen_at": pd.NaT,
-        })
-    return pd.DataFrame.from_records(records, columns=[NEWS_ID, CATEGORY, SUBCATEGORY, TITLE, ABSTRACT, IMAGE_PATH, IMAGE_STATUS, CONTENT_HASH, "first_seen_at"])
+        }
+    return pd.DataFrame.from_records(list(records.values()), columns=[NEWS_ID, CATEGORY, SUBCATEGORY, TITLE, ABSTRACT, IMAGE_PATH, IMAGE_STATUS, CONTENT_HASH, "first_seen_at"])
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,30 @@
+"""Checks of the paths a command is given, made before any work so that a wrong path is one
+clear line (exit 1) rather than an internal error after the store and models are loaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from recsys.errors import RecsysError
+
+
+def check_file(option: str, path: Path | str) -> None:
+    """Raises RecsysError unless ``path`` is a regular file (not a folder, pipe or device)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecsysError(f"{option} {path}: " + ("not a regular file" if path.exists() else "no such file"))
+
+
+def check_folder(option: str, path: Path | str) -> None:
+    """Raises RecsysError unless ``path`` is a folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RecsysError(f"{option} {path}: " + ("not a folder" if path.exists() else "no such folder"))
+
+
+def check_writable(option: str, value: Path | str, folder: Path) -> None:
+    """Raises RecsysError when files cannot be created in ``folder`` (permissions, a read-only
+    file system), which would otherwise surface only once everything is scored."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RecsysError(f"{option} {value}: folder {folder} is not writable")
