@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,17 +78,58 @@ def compare_metrics(a: Mapping, b: Mapping) -> list[ComparisonRow]:
     for label, doc in (("a", a), ("b", b)):
         if not isinstance(doc.get("models"), Mapping):
             raise ReportError(f"report {label} lacks 'models', expected a metrics.json document")
-    names = list(dict.fromkeys([*a["models"], *b["models"]]))
     rows = []
-    for name in names:
-        entry_a, entry_b = a["models"].get(name), b["models"].get(name)
+    for name, name_a, name_b in _pairs(a["models"], b["models"]):
+        entry_a, entry_b = a["models"].get(name_a), b["models"].get(name_b)
         for metric in (*METRICS, *_EXTRA):
-            value_a, value_b = _metric_value(entry_a, metric), _metric_value(entry_b, metric)
+            value_a, value_b = _number(_metric_value(entry_a, metric)), _number(_metric_value(entry_b, metric))
             if value_a is None and value_b is None:
                 continue
             diff = value_b - value_a if value_a is not None and value_b is not None else None
             rows.append(ComparisonRow(name, metric, value_a, value_b, diff))
     return rows
+
+
+def _number(value):
+    """A metric value, or None for anything that is not a number (a hand-edited file)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _role(name: str, entry) -> tuple:
+    """What a model entry stands for across reports: its kind and its name without the version
+    (``text+image (v2026...)`` is the evaluated model of its report, whichever version)."""
+    kind = entry.get("kind") if isinstance(entry, Mapping) else None
+    return kind, _VERSION_SUFFIX.sub("", name)
+
+
+_VERSION_SUFFIX = re.compile(r" \(v[^()]*\)$")
+
+
+def _pairs(models_a: Mapping, models_b: Mapping) -> list[tuple[str, str | None, str | None]]:
+    """``(row name, name in a, name in b)``: the same name in both reports, and otherwise the one
+    entry of a role that only a has with the one entry of that role that only b has (two
+    reports of two versions: ``text+image (v1 -> v2)``); a's order, then b's new entries."""
+    only_a = [n for n in models_a if n not in models_b]
+    only_b = [n for n in models_b if n not in models_a]
+    roles_a = [_role(n, models_a[n]) for n in only_a]
+    roles_b = [_role(n, models_b[n]) for n in only_b]
+    partner = {}
+    for name, role in zip(only_a, roles_a):
+        if roles_a.count(role) == 1 and roles_b.count(role) == 1:
+            partner[name] = only_b[roles_b.index(role)]
+    paired_b = set(partner.values())
+    out = []
+    for name in models_a:
+        if name in models_b:
+            out.append((name, name, name))
+        elif name in partner:
+            version_b = _VERSION_SUFFIX.search(partner[name])
+            out.append((f"{name[:-1]} -> {version_b.group(0)[2:]}" if version_b and name.endswith(")") else name,
+                        name, partner[name]))
+        else:
+            out.append((name, name, None))
+    out += [(name, None, name) for name in models_b if name not in models_a and name not in paired_b]
+    return out
 
 
 def format_comparison(rows: list[ComparisonRow], *, a_label: str = "A", b_label: str = "B") -> str:

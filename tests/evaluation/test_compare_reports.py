@@ -153,3 +153,29 @@ def test_the_cli_refuses_different_data_with_exit_1(tmp_path, two_reports, capsy
     assert "computed on different impressions (num_clicked" in capsys.readouterr().err
     assert main(["evaluate", "--compare", str(path_a), "--compare", str(path_b), "--allow-different-data"]) == 0
     assert capsys.readouterr().out.startswith("WARNING: different impressions")
+
+
+def test_reports_of_two_versions_pair_their_models(two_reports):
+    """Each report holds its own version of the evaluated model and of an ablation: their rows
+    pair (the documented way to compare a refit version with the default), other rows do not."""
+    a, b = copy.deepcopy(two_reports[0]), copy.deepcopy(two_reports[1])
+    for doc, version in ((a, "v20261201-000000-aaaaaa"), (b, "v20261202-000000-bbbbbb")):
+        doc["models"] = {(f"text+image ({version})" if n == "v2" else n): e for n, e in doc["models"].items()}
+    b["models"][f"text+image (v20261202-000000-bbbbbb)"]["metrics"]["impression_auc"]["value"] += 0.02
+    rows = {(r.model, r.metric): r for r in compare_metrics(a, b)}
+    paired = rows["text+image (v20261201-000000-aaaaaa -> v20261202-000000-bbbbbb)", "impression_auc"]
+    assert paired.a == a["models"]["text+image (v20261201-000000-aaaaaa)"]["metrics"]["impression_auc"]["value"]
+    assert paired.diff == pytest.approx(0.02)
+    assert not any(name.startswith("text+image (v2026120") and "->" not in name for name, _ in rows)
+    assert rows["text_only", "mrr"].b is None and rows["v3", "mrr"].a is None  # other names, not paired
+    # Two entries of one role in a report: ambiguous, so nothing is paired.
+    b["models"]["text+image (v20261203-000000-cccccc)"] = b["models"]["text+image (v20261202-000000-bbbbbb)"]
+    assert not any("->" in r.model for r in compare_metrics(a, b))
+
+
+def test_a_hand_edited_value_that_is_not_a_number_reads_as_missing(two_reports):
+    a, b = copy.deepcopy(two_reports[0]), two_reports[1]
+    a["models"]["v2"]["metrics"]["mrr"]["value"] = "0.5"
+    rows = {(r.model, r.metric): r for r in compare_metrics(a, b)}
+    assert rows["v2", "mrr"].a is None and rows["v2", "mrr"].diff is None
+    assert "v2" in format_comparison(list(rows.values()))
