@@ -236,6 +236,10 @@ def test_evaluate_writes_prediction_files_per_chunk_and_keeps_the_old_ones_on_fa
         run_evaluate(engine, ws, config, behaviors=bad, out=out, versions=[version], num_resamples=10, chunk_size=7)
     assert (out / f"prediction-{version}.txt").read_text() == written
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    # Into a new folder: the failed run leaves no empty folders behind.
+    with pytest.raises(RecsysError, match="N_nowhere"):
+        run_evaluate(engine, ws, config, behaviors=bad, out=tmp_path / "new" / "report", versions=[version], num_resamples=10)
+    assert not (tmp_path / "new").exists()
 
 
 def test_iter_scored_shares_a_reading_and_scores_each_model_as_alone(trained):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, suppress
 from dataclasses import fields, replace
 from datetime import datetime
 from itertools import chain
@@ -155,7 +155,7 @@ def run_evaluate(
             check(option, path)
     check_features_at(features_at)
     existing = Path(out)
-    while not existing.exists() and existing != existing.parent:  # the folder is created only once scored
+    while not existing.exists() and existing != existing.parent:  # created for the scoring, removed if it fails
         existing = existing.parent
     if not existing.is_dir():
         raise RecsysError(f"--out {out}: {existing} is a file; give the report's folder")
@@ -190,6 +190,7 @@ def run_evaluate(
         cluster_unit="user",  # a reader's impressions are not independent draws
     )
     out = Path(out)
+    created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     out.mkdir(parents=True, exist_ok=True)
     prediction_files = {v: out / f"prediction-{v}.txt" for v in scorers}
     categories = catalogue.news[CATEGORY].to_numpy(dtype=object)
@@ -197,35 +198,41 @@ def run_evaluate(
     window = [None, None]
     # Prediction lines are written as each chunk is scored (nothing kept per impression); the
     # files replace earlier ones only when every chunk is done.
-    with ExitStack() as files:
-        written = {v: files.enter_context(atomic_open(path, "w", newline="\n")) for v, path in prediction_files.items()}
-        for chunk in iter_scored(behaviors, catalogue, scorers, chunk_size=chunk_size):
-            imps = chunk.impressions
-            window[0] = imps.times.min() if window[0] is None else min(window[0], imps.times.min())
-            window[1] = imps.times.max() if window[1] is None else max(window[1], imps.times.max())
-            scores = {names[v]: s for v, s in chunk.scores.items()}
-            scores[RANDOM] = rng.random(len(imps.candidate_items))
-            # Click counts tie often; a random tie-break keeps candidate order out of the baseline.
-            scores[POPULAR] = popularity[imps.candidate_items] + 0.5 * rng.random(len(imps.candidate_items))
-            if oracle is not None:
-                scores[ORACLE] = _oracle_scores(oracle, imps, catalogue, behaviors, chunk.lines)
-            # The history the first model reads: a user with an empty History column may not be cold.
-            hist_len = np.diff(chunk.read.history_offsets)
-            acc.add_batch(
-                imps.labels, scores, imps.candidate_offsets,
-                item_groups={
-                    "category": categories[imps.candidate_items].tolist(),
-                    "has_image": has_image[imps.candidate_items].tolist(),
-                    "article_age": _age_groups(imps.times, imps.candidate_offsets, imps.candidate_items, catalogue.first_seen),
-                },
-                impression_groups={"history_length": [history_length_bucket(int(h)) for h in hist_len]},
-                clusters=imps.user_ids,
-            )
-            for v, s in chunk.scores.items():
-                for impression_id, row in zip(imps.impression_ids.tolist(), split_scores(imps.candidate_offsets, s)):
-                    written[v].write(format_prediction_line(impression_id, row) + "\n")
-        if acc.num_impressions == 0:
-            raise RecsysError(f"{behaviors}: no impressions")
+    try:
+        with ExitStack() as files:
+            written = {v: files.enter_context(atomic_open(path, "w", newline="\n")) for v, path in prediction_files.items()}
+            for chunk in iter_scored(behaviors, catalogue, scorers, chunk_size=chunk_size):
+                imps = chunk.impressions
+                window[0] = imps.times.min() if window[0] is None else min(window[0], imps.times.min())
+                window[1] = imps.times.max() if window[1] is None else max(window[1], imps.times.max())
+                scores = {names[v]: s for v, s in chunk.scores.items()}
+                scores[RANDOM] = rng.random(len(imps.candidate_items))
+                # Click counts tie often; a random tie-break keeps candidate order out of the baseline.
+                scores[POPULAR] = popularity[imps.candidate_items] + 0.5 * rng.random(len(imps.candidate_items))
+                if oracle is not None:
+                    scores[ORACLE] = _oracle_scores(oracle, imps, catalogue, behaviors, chunk.lines)
+                # The history the first model reads: a user with an empty History column may not be cold.
+                hist_len = np.diff(chunk.read.history_offsets)
+                acc.add_batch(
+                    imps.labels, scores, imps.candidate_offsets,
+                    item_groups={
+                        "category": categories[imps.candidate_items].tolist(),
+                        "has_image": has_image[imps.candidate_items].tolist(),
+                        "article_age": _age_groups(imps.times, imps.candidate_offsets, imps.candidate_items, catalogue.first_seen),
+                    },
+                    impression_groups={"history_length": [history_length_bucket(int(h)) for h in hist_len]},
+                    clusters=imps.user_ids,
+                )
+                for v, s in chunk.scores.items():
+                    for impression_id, row in zip(imps.impression_ids.tolist(), split_scores(imps.candidate_offsets, s)):
+                        written[v].write(format_prediction_line(impression_id, row) + "\n")
+            if acc.num_impressions == 0:
+                raise RecsysError(f"{behaviors}: no impressions")
+    except BaseException:
+        for folder in created:  # a failed run leaves no empty report folder behind
+            with suppress(OSError):
+                folder.rmdir()
+        raise
     prediction_files = {v: str(path) for v, path in prediction_files.items()}
     t_scored = time.perf_counter() - t_start
     result = build_result(
