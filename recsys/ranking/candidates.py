@@ -134,6 +134,7 @@ def rank_users(
     published_after: np.datetime64 | None = None,
     popular: np.ndarray | None = None,
     timings: dict | None = None,
+    clicked: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """Top-k recommendations for a shard of users.
 
@@ -155,6 +156,9 @@ def rank_users(
         published_after: freshness cut-off handed to the index.
         popular: (c,) item rows of cold-start candidates, most popular first.
         timings: if given, seconds per stage are added to it.
+        clicked: (offsets (m + 1,), items) of every article each user clicked, which are never
+            recommended; default: the history. A model that reads the History column only
+            (``logged_clicks = false``) does not see the clicks of impressions, but they count here.
 
     Returns:
         DataFrame with USER_ID, RANK (1-based), NEWS_ID, SCORE; users in input order, best
@@ -175,6 +179,10 @@ def rank_users(
     timings = {} if timings is None else timings
     if m == 0:
         return _empty_result()
+    clicked_offsets, clicked_items = (history_offsets, history_items) if clicked is None else (
+        np.asarray(clicked[0], dtype=np.int64), np.asarray(clicked[1], dtype=np.int64))
+    if len(clicked_offsets) != m + 1:
+        raise ValueError(f"clicked offsets have {len(clicked_offsets)} entries for {m} users, expected {m + 1}")
 
     clock = time.perf_counter()
     vectors = np.asarray(model.user_vectors(history_offsets, history_items, catalogue.embeddings), dtype=np.float32)
@@ -185,7 +193,7 @@ def rank_users(
     cold = np.flatnonzero(lengths == 0)
     pair_users, pair_items = [], []
     if len(warm):
-        exclude = [set(catalogue.news_ids[history_items[history_offsets[u]:history_offsets[u + 1]]]) for u in warm]
+        exclude = [set(catalogue.news_ids[clicked_items[clicked_offsets[u]:clicked_offsets[u + 1]]]) for u in warm]
         # The index holds serving_dim columns; the user vector's first serving_dim are the query
         # (any content-prior second-moment columns after them are for the scorer only).
         query = vectors[warm, : catalogue.embeddings.shape[1]]
@@ -201,7 +209,7 @@ def rank_users(
         pair_items.append(np.tile(cands, len(cold)))
     users = np.concatenate(pair_users) if pair_users else np.zeros(0, np.int64)
     items = np.concatenate(pair_items) if pair_items else np.zeros(0, np.int64)
-    users, items = _clean_pairs(users, items, history_offsets, history_items, len(catalogue))
+    users, items = _clean_pairs(users, items, clicked_offsets, clicked_items, len(catalogue))
     timings["candidates"] = timings.get("candidates", 0) + len(items)
 
     scores = np.empty(len(items), dtype=np.float64)

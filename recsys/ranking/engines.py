@@ -164,14 +164,15 @@ class ShardWorker:
         timings: dict = {}
         clock = time.perf_counter()
         # The history the model was trained on: led by the logged clicks only if it read them.
-        offsets, items = read_user_histories(
-            self.engine, user_ids, self.catalogue.news_ids, include_impression_clicks=self.model.config.logged_clicks
-        )
+        # Either way every click is kept out of the lists.
+        logged = self.model.config.logged_clicks
+        offsets, items = read_user_histories(self.engine, user_ids, self.catalogue.news_ids, include_impression_clicks=logged)
+        clicked = None if logged else read_user_histories(self.engine, user_ids, self.catalogue.news_ids)
         timings["read_histories"] = time.perf_counter() - clock
         recs = rank_users(
             user_ids, offsets, items, self.model, self.catalogue, self.index,
             num_candidates=self.setup.num_candidates, k=self.setup.k,
-            published_after=self.setup.published_after, popular=self.setup.popular, timings=timings,
+            published_after=self.setup.published_after, popular=self.setup.popular, timings=timings, clicked=clicked,
         )
         num_candidates = int(timings.pop("candidates", 0))
         clock = time.perf_counter()

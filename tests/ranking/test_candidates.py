@@ -76,6 +76,38 @@ def test_matches_brute_force_when_every_article_is_a_candidate(world, parts):
     assert {"user_vectors", "search", "score", "top_k"} <= set(timings) and timings["candidates"] > 0
 
 
+def test_clicks_the_model_does_not_read_are_still_never_recommended(world, parts):
+    """``clicked`` (every click) can hold more than the history the model reads: a model trained
+    on the History column only does not see impression clicks, but must not recommend them."""
+    model, index, catalogue, _, first_seen = parts
+    users = world.active_users[:8] + world.cold_users[:2]
+    offsets, items = _histories(world, users, catalogue.news_ids)
+    cutoff = np.datetime64(AS_OF - timedelta(days=3), "s")
+    fresh = np.flatnonzero(~np.isnat(first_seen) & (first_seen >= cutoff))
+    # Each user also clicked three fresh articles: the first three of a plain run's list.
+    plain = rank_users(np.array(users, dtype=object), offsets, items, model, catalogue, index,
+                       num_candidates=len(catalogue), k=3, published_after=cutoff, popular=fresh)
+    lookup = {n: i for i, n in enumerate(catalogue.news_ids)}
+    extra = [[lookup[n] for n in plain.loc[plain[USER_ID] == u, NEWS_ID]] for u in users]
+    assert all(len(e) == 3 for e in extra)
+    clicked_items = np.concatenate([np.r_[items[offsets[i]:offsets[i + 1]], extra[i]] for i in range(len(users))]).astype(np.int64)
+    clicked_offsets = np.r_[0, np.cumsum([offsets[i + 1] - offsets[i] + 3 for i in range(len(users))])]
+    got = rank_users(np.array(users, dtype=object), offsets, items, model, catalogue, index,
+                     num_candidates=len(catalogue), k=10, published_after=cutoff, popular=fresh,
+                     clicked=(clicked_offsets, clicked_items))
+    vectors = model.user_vectors(offsets, items, catalogue.embeddings)  # the model's input is unchanged
+    for i, user in enumerate(users):
+        mine = got[got[USER_ID] == user]
+        assert not set(mine[NEWS_ID]) & set(catalogue.news_ids[extra[i]])
+        if i < 8:  # warm users: brute force over every fresh article they did not click
+            want_ids, want_scores = _reference(model, catalogue, first_seen, vectors[i],
+                                               clicked_items[clicked_offsets[i]:clicked_offsets[i + 1]], cutoff, 10)
+            assert mine[NEWS_ID].tolist() == want_ids
+            np.testing.assert_allclose(mine[SCORE].to_numpy(), want_scores, rtol=1e-5)
+        else:  # cold users: the popular articles less their clicks
+            assert len(mine) == 10 and set(mine[NEWS_ID]) <= set(catalogue.news_ids[fresh])
+
+
 def test_candidates_are_the_nearest_articles(world, parts):
     model, index, catalogue, _, first_seen = parts
     users = world.active_users[:10]

@@ -217,7 +217,8 @@ def test_histories_are_read_as_the_model_was_trained(world_store, world, tmp_pat
     monkeypatch.setattr(repository, "read_user_histories", spy)
     assert json.loads((world.model_dir / "config.json").read_text())["logged_clicks"] is False
     _nightly(world_store, world)
-    assert asked and set(asked) == {False}
+    # The model reads the History column; every click is read too, to keep them out of the lists.
+    assert asked and asked.count(False) == asked.count(True)
 
     logged = tmp_path / "model-logged"
     shutil.copytree(world.model_dir, logged)
@@ -227,6 +228,21 @@ def test_histories_are_read_as_the_model_was_trained(world_store, world, tmp_pat
     _nightly(world_store, world, model_dir=logged)
     assert asked and set(asked) == {True}
 
+
+
+def test_impression_clicks_a_model_does_not_read_are_not_recommended(world_store, world):
+    """A model trained on the History column only (``logged_clicks = false``) is not shown the
+    clicks of impressions, but the lists must still leave out everything the reader clicked."""
+    from sqlalchemy import insert
+
+    first = _run_rows(world_store, _nightly(world_store, world)["run_id"])
+    top = first[first[RANK] == 1].set_index(USER_ID)[NEWS_ID]
+    with world_store.begin() as conn:  # each reader has since clicked their first recommendation
+        conn.execute(insert(s.clicks), [{"user_id": u, "news_id": n, "history_pos": None,
+                                         "clicked_at": world.as_of - timedelta(hours=1)} for u, n in top.items()])
+    second = _run_rows(world_store, _nightly(world_store, world)["run_id"])
+    again = second.merge(top.rename("clicked").reset_index(), on=USER_ID)
+    assert len(top) > 10 and not (again[NEWS_ID] == again["clicked"]).any()
 
 
 @pytest.mark.parametrize("num_threads", [1, None])
