@@ -169,6 +169,23 @@ def test_a_job_that_finds_the_lock_held_ingests_nothing(tmp_path):
     engine.dispose()
 
 
+def test_a_job_with_an_export_it_cannot_write_or_lone_ingest_options_stops_before_anything(tmp_path):
+    """Found before the lock, the ingest and the ranking: not after the night's work is done."""
+    from recsys.errors import RecsysError
+
+    world, ws, engine = ingested_sample(tmp_path, num_users=20, num_news=100, num_impressions=30, seed=4)
+    before = store_stats(engine)
+    config = load_config(None, {})
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(RecsysError, match=rf"--export {tmp_path / 'a-file' / 'sub'}: {tmp_path / 'a-file'} is a file, expected a folder"):
+        run_nightly_job(engine, ws, config, behaviors=world / "behaviors_test.tsv", export=tmp_path / "a-file" / "sub")
+    for kwargs in ({"images": world / "images"}, {"source": "night-1"}):
+        with pytest.raises(RecsysError, match="nightly --images and --source go with --news and/or --behaviors"):
+            run_nightly_job(engine, ws, config, **kwargs)
+    assert store_stats(engine) == before
+    engine.dispose()
+
+
 def test_the_jobs_own_process_never_loads_tensorflow(trained):
     """The index refresh (encoders, item tower) runs in a helper process, so the job's process
     stays small beside its ranking workers; checked in a fresh interpreter."""

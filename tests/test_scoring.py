@@ -391,7 +391,7 @@ def test_evaluate_refuses_a_truth_file_that_is_not_there(trained, tmp_path):
     assert not (tmp_path / "r").exists()
     (tmp_path / "a-file").write_text("x")
     for out in (tmp_path / "a-file", tmp_path / "a-file" / "report"):
-        with pytest.raises(RecsysError, match=rf"--out {out}: {tmp_path / 'a-file'} is a file; give the report's folder"):
+        with pytest.raises(RecsysError, match=rf"--out {out}: {tmp_path / 'a-file'} is a file, expected a folder"):
             run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=out)
     with pytest.raises(RecsysError, match=r"--truth .*: is not a file \(a sample world's truth.tsv"):
         run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=tmp_path / "r", truth=tmp_path)

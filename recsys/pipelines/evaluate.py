@@ -23,7 +23,7 @@ from recsys.columns import CATEGORY, NEWS_ID
 from recsys.config import Config, ModelConfig, Workspace
 from recsys.data.mind import scan_behaviors
 from recsys.errors import RecsysError, SchemaError
-from recsys.pipelines.inputs import check_file, check_folder, check_writable
+from recsys.pipelines.inputs import check_file, check_folder, check_output_folder
 from recsys.pipelines.predict import split_scores
 from recsys.pipelines.scoring import (
     Catalogue, VersionScorer, DEFAULT_FEATURES_AT, check_features_at, feature_times, iter_scored, load_scoring_catalogue,
@@ -154,12 +154,7 @@ def run_evaluate(
         if path is not None:
             check(option, path)
     check_features_at(features_at)
-    existing = Path(out)
-    while not existing.exists() and existing != existing.parent:  # created for the scoring, removed if it fails
-        existing = existing.parent
-    if not existing.is_dir():
-        raise RecsysError(f"--out {out}: {existing} is a file; give the report's folder")
-    check_writable("--out", out, existing)
+    check_output_folder("--out", out)  # created for the scoring, removed if it fails
     if truth is not None and not Path(truth).is_file():
         what = "is not a file" if Path(truth).exists() else "no such file"
         raise RecsysError(f"--truth {truth}: {what} (a sample world's truth.tsv, as generate-sample writes it)")

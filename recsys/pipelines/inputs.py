@@ -28,3 +28,15 @@ def check_writable(option: str, value: Path | str, folder: Path) -> None:
     file system), which would otherwise surface only once everything is scored."""
     if not os.access(folder, os.W_OK | os.X_OK):
         raise RecsysError(f"{option} {value}: folder {folder} is not writable")
+
+
+def check_output_folder(option: str, path: Path | str) -> Path:
+    """Raises RecsysError unless ``path`` is, or can be created as, a folder this process can
+    write into; returns the nearest folder that exists (``path`` itself or an ancestor)."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RecsysError(f"{option} {path}: {existing} is a file, expected a folder")
+    check_writable(option, path, existing)
+    return existing

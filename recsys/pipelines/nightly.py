@@ -25,6 +25,7 @@ from sqlalchemy import Engine
 from recsys.config import Config, Workspace
 from recsys.errors import RecsysError
 from recsys.pipelines.index import index_manifest, load_index, published_times
+from recsys.pipelines.inputs import check_output_folder
 from recsys.pipelines.train import first_seen_array, load_catalogue, load_version_model
 from recsys.progress import progress
 from recsys.ranking.lock import NIGHTLY_LOCK, LockView, StoreLock, acquire_lock
@@ -231,6 +232,10 @@ def run_nightly_job(
     Raises:
         RunLockedError: another nightly job holds the lock; nothing is ingested or indexed.
     """
+    if news is None and behaviors is None and (images is not None or source is not None):
+        raise RecsysError("nightly --images and --source go with --news and/or --behaviors (the files to ingest)")
+    if export is not None:  # found now, not after the night's ranking
+        check_output_folder("--export", export)
     # This process ingests and drives the ranking; TensorFlow runs in its helper and workers.
     configure_threads(config.runtime.threads or None, tensorflow=False)
     # The lock covers the ingest and the index too: a run started while the previous night's
@@ -272,5 +277,9 @@ def _nightly_job(
     if export is not None:
         from recsys.ranking.export import export_run
 
-        summary["export"] = str(export_run(engine, Path(export), run_id=summary["run"]["run_id"]))
+        run_id = summary["run"]["run_id"]
+        try:
+            summary["export"] = str(export_run(engine, Path(export), run_id=run_id))
+        except OSError as exc:  # a full disk, say: the run itself is complete and served
+            raise RecsysError(f"--export {export}: run {run_id} completed, but its export failed ({exc})") from exc
     return summary
