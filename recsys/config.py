@@ -62,6 +62,10 @@ class IndexConfig:
     exact_max_items: int = 100_000
 
 
+# Longest look-back the nightly windows accept (a century): far beyond any log, still a timedelta.
+MAX_DAYS = 36_500
+
+
 @dataclass(frozen=True)
 class NightlyConfig:
     engine: str = "local"
@@ -107,6 +111,11 @@ class Config:
         ):
             if value < 1:
                 raise ConfigError(f"config key '{key}' is {value}, expected a positive number")
+        for key, value in (("nightly.active_days", self.nightly.active_days), ("nightly.freshness_days", self.nightly.freshness_days)):
+            if not 0 < value <= MAX_DAYS:  # also rejects NaN and inf, which timedelta cannot hold
+                raise ConfigError(f"config key '{key}' is {value}, expected a number of days above 0 and at most {MAX_DAYS}")
+        if self.runtime.threads < 0:
+            raise ConfigError(f"config key 'runtime.threads' is {self.runtime.threads}, expected 0 (every core) or more")
         if self.encoders.image_size < 32:
             raise ConfigError(f"config key 'encoders.image_size' is {self.encoders.image_size}, expected at least 32")
         clock = self.model.feature_clock_hours

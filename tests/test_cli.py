@@ -90,6 +90,8 @@ def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
     assert probe not in {r["news_id"] for r in similar}
     scores = [r["score"] for r in similar]
     assert scores == sorted(scores, reverse=True)
+    code, _, err = run(capsys, *ws, "similar", "--news", probe, "--k", "-3")
+    assert (code, err.strip()) == (1, "error: k is -3, expected at least 1")
     code, out, err = run(capsys, *ws, "similar", "--news", probe, "--k", "5")  # the table
     assert code == 0, err
     assert [n for n in re.findall(r"\bN\d+\b", out) if n != probe] == [r["news_id"] for r in similar]

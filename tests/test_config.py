@@ -50,6 +50,13 @@ def test_unknown_section_is_named():
         ({"model": {"feature_clock_hours": 1e-4}}, r"'model.feature_clock_hours' is 0.0001, expected 0 \(off\)"),
         ({"model": {"feature_clock_hours": float("nan")}}, r"'model.feature_clock_hours' is nan"),
         ({"model": {"refit": "yes"}}, r"'model.refit' is 'yes', expected true or false"),
+        # timedelta cannot hold these: they crashed the nightly with an OverflowError
+        ({"nightly": {"freshness_days": float("inf")}}, r"'nightly.freshness_days' is inf, expected a number of days above 0 and at most 36500"),
+        ({"nightly": {"active_days": 1e12}}, r"'nightly.active_days' is 1000000000000.0, expected a number of days"),
+        ({"nightly": {"active_days": float("nan")}}, r"'nightly.active_days' is nan"),
+        ({"nightly": {"freshness_days": 0.0}}, r"'nightly.freshness_days' is 0.0"),
+        # a negative count aborted TensorFlow in the helper, reported as the out-of-memory killer
+        ({"runtime": {"threads": -1}}, r"'runtime.threads' is -1, expected 0 \(every core\) or more"),
     ],
 )
 def test_bad_values_are_named(data, message):

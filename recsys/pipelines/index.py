@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 
 from recsys.columns import CATEGORY, TITLE
 from recsys.config import Config, Workspace
-from recsys.errors import NotFoundError
+from recsys.errors import ConfigError, NotFoundError
 from recsys.pipelines.train import first_seen_array, load_catalogue, load_version_model
 from recsys.store import repository as repo
 from recsys.threads import configure_threads
@@ -79,6 +79,8 @@ def load_index(mv: ModelVersion, *, num_threads: int | None = None):
 
 def run_similar(engine: Engine, workspace: Workspace, *, news_id: str, k: int, version: str | None = None) -> list[dict]:
     """The ``k`` articles nearest to ``news_id`` (itself excluded), best first."""
+    if k < 1:
+        raise ConfigError(f"k is {k}, expected at least 1")
     mv = get_version(engine, version)
     index = load_index(mv)
     if news_id not in index:

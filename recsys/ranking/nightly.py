@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import Engine
 
+from recsys.config import MAX_DAYS
 from recsys.errors import ConfigError, RecsysError
 from recsys.models.side_features import SideFeatures
 from recsys.ranking import runs
+from recsys.ranking.runs import MAX_RANK
 from recsys.ranking.engines import (
     ShardResult,
     WorkerDiedError,
@@ -238,9 +240,11 @@ def _check_arguments(engine_name, shard_size, k, num_candidates, active_days, fr
             raise ConfigError(f"nightly.{name} is {value!r}, expected an integer >= 1")
     if k > num_candidates:
         raise ConfigError(f"nightly.k is {k}, expected at most num_candidates ({num_candidates})")
+    if k > MAX_RANK:
+        raise ConfigError(f"nightly.k is {k}, expected at most {MAX_RANK} (the largest rank the store holds)")
     for name, value in (("active_days", active_days), ("freshness_days", freshness_days)):
-        if not value > 0:
-            raise ConfigError(f"nightly.{name} is {value!r}, expected a positive number of days")
+        if not 0 < value <= MAX_DAYS:
+            raise ConfigError(f"nightly.{name} is {value!r}, expected a number of days above 0 and at most {MAX_DAYS}")
     if num_workers is not None and num_workers < 0:
         raise ConfigError(f"nightly.workers is {num_workers}, expected 0 or more")
 

@@ -33,6 +33,8 @@ FAILED = "failed"
 PRUNED = "pruned"
 
 RECOMMENDATION_COLUMNS = (USER_ID, RANK, NEWS_ID, SCORE)
+# The largest rank the store's SmallInteger column holds.
+MAX_RANK = 32_767
 # The stored row of one recommendation, in the order write_shard builds it.
 _ROW_COLUMNS = ("run_id", "user_id", "rank", "news_id", "score", "created_at")
 
@@ -327,6 +329,7 @@ def recommendations_for_user(engine: Engine, user_id: str, k: int = 10) -> pd.Da
     """
     if k < 1:
         raise ConfigError(f"k is {k}, expected at least 1")
+    k = min(k, MAX_RANK)  # ranks are small integers: a larger k asks for the whole list
     r, rec, n = s.runs.c, s.recommendations.c, s.news.c
     latest = (
         select(func.max(r.run_id)).where(and_(r.kind == NIGHTLY, r.status == COMPLETE)).scalar_subquery()

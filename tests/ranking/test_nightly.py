@@ -149,8 +149,12 @@ def test_bad_inputs(store, world_store, world):
         _nightly(world_store, world, shard_size=0)
     with pytest.raises(ConfigError, match=r"nightly.k is 50, expected at most num_candidates \(40\)"):
         _nightly(world_store, world, k=50)
-    with pytest.raises(ConfigError, match="nightly.active_days is 0, expected a positive number of days"):
+    with pytest.raises(ConfigError, match="nightly.active_days is 0, expected a number of days above 0 and at most 36500"):
         _nightly(world_store, world, active_days=0)
+    with pytest.raises(ConfigError, match="nightly.freshness_days is inf, expected a number of days above 0"):
+        _nightly(world_store, world, freshness_days=float("inf"))
+    with pytest.raises(ConfigError, match=r"nightly.k is 40000, expected at most 32767 \(the largest rank the store holds\)"):
+        _nightly(world_store, world, k=40_000, num_candidates=50_000)
     with pytest.raises(ConfigError, match="nightly.workers is -1, expected 0 or more"):
         _nightly(world_store, world, num_workers=-1)
     with pytest.raises(ConfigError, match="nightly.workers is 0, the ray engine needs at least 1 actor"):

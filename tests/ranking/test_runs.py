@@ -58,6 +58,8 @@ def test_readers_see_only_the_latest_complete_run(world):
     assert recs["title"].tolist() == ["title of N3", "title of N4"]
     assert recs[RANK].tolist() == [1, 2]
     assert runs.recommendations_for_user(world, "U1", 1)[NEWS_ID].tolist() == ["N3"]
+    # A k beyond any rank (or any integer the database takes) asks for the whole list.
+    assert runs.recommendations_for_user(world, "U1", 10**20)[NEWS_ID].tolist() == ["N3", "N4"]
 
 
 def _view(engine):
