@@ -8,11 +8,11 @@ shards of ``--shard-size`` users into a fresh store (a temporary SQLite file, or
 PostgreSQL database that is dropped afterwards), completes it, exports it, and checks that the
 export holds every row. Users, articles and scores are random draws: the costs do not depend on them.
 
-    .venv/bin/python benchmarks/bench_run_io.py --users 190000
+    .venv/bin/python benchmarks/bench_run_io.py --users 190000 --out benchmarks/results/run_io_sqlite.json
     .venv/bin/python benchmarks/bench_run_io.py --users 190000 --backend postgresql \\
         --out benchmarks/results/run_io_postgresql.json
 
-Prints the figures and writes them to benchmarks/results/run_io.json (``--out``).
+Prints the figures and writes them to ``--out`` (default benchmarks/results/run_io_sqlite.json).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from bench_train_data import StagePeak, _mb, write_results  # benchmarks/ is on sys.path when run as a script
 
-RESULTS = Path(__file__).resolve().parent / "results" / "run_io.json"
+RESULTS = Path(__file__).resolve().parent / "results" / "run_io_sqlite.json"
 
 
 @contextlib.contextmanager
