@@ -24,6 +24,7 @@ from sqlalchemy import Engine, insert, select, update
 from recsys.atomic import atomic_open, remove_stale
 from recsys.errors import ModelMismatchError, NotFoundError
 from recsys.store import schema as s
+from recsys.store.database import PUBLISH_LOCK_KEY, serialized_transaction
 
 MANIFEST = "manifest.json"
 # A staging folder unchanged this long belongs to a training killed before it published.
@@ -98,7 +99,9 @@ def publish_version(engine: Engine, models_dir: Path, version: str, staged: Path
     write_json_atomic(staged / MANIFEST, manifest)
     final = models_dir / version
     os.replace(staged, final)
-    with engine.begin() as conn:
+    # Serialised: two trainings publishing at once would each clear the flags the other had
+    # not yet set (PostgreSQL, read committed) and both insert a current version.
+    with serialized_transaction(engine, PUBLISH_LOCK_KEY) as conn:
         if make_current:
             conn.execute(update(s.model_versions).values(is_current=False))
         conn.execute(
@@ -117,7 +120,9 @@ def get_version(engine: Engine, version: str | None = None) -> ModelVersion:
     """
     mv = s.model_versions.c
     query = select(mv.version, mv.path, mv.manifest)
-    query = query.where(mv.version == version) if version else query.where(mv.is_current.is_(True))
+    # Newest first: a store written before publishing was serialised may hold two current rows.
+    query = query.where(mv.version == version) if version else (
+        query.where(mv.is_current.is_(True)).order_by(mv.created_at.desc(), mv.version.desc()).limit(1))
     with engine.connect() as conn:
         row = conn.execute(query).first()
     if row is None:

@@ -33,9 +33,39 @@ SQLITE_BUSY_TIMEOUT_S = 60
 # BEGIN, so two writers queue on the busy timeout instead of failing when a read-then-write
 # transaction tries to upgrade its lock.
 SQLITE_BEGIN = "recsys_sqlite_begin"
-# Key of the PostgreSQL advisory lock that serialises concurrent migrations.
+# Keys of the PostgreSQL advisory locks that serialise short critical sections (SQLite
+# serialises every write transaction begun IMMEDIATE): migrations, and publishing a model
+# version (two trainings finishing at once must leave one current version).
 _MIGRATION_LOCK_KEY = 0x7265637379730001
+PUBLISH_LOCK_KEY = 0x7265637379730002
 _VERSION_TABLE = "alembic_version"
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that takes SQLite's write lock at BEGIN (no effect on PostgreSQL).
+
+    A read-then-write transaction that starts as a reader can fail at once with "database is
+    locked" when another process writes first; taking the write lock up front makes
+    concurrent writers queue on the busy timeout instead.
+    """
+    with engine.connect() as conn:
+        conn.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
+        with conn.begin():
+            yield conn
+
+
+@contextmanager
+def serialized_transaction(engine: Engine, key: int) -> Iterator[Connection]:
+    """A write transaction that no other one with the same ``key`` runs beside.
+
+    PostgreSQL takes the advisory lock ``key`` until the transaction ends; SQLite already
+    runs one write transaction at a time (``write_transaction``).
+    """
+    with write_transaction(engine) as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        yield conn
 
 
 def mask_url(url: str | URL) -> str:
@@ -221,18 +251,14 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     from alembic.util import CommandError
 
     shown = mask_url(engine.url)
-    with engine.connect() as conn:
-        conn.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
-        try:
-            with conn.begin():
-                if conn.dialect.name == "postgresql":
-                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
-                _refuse_unmanaged_tables(conn, shown)
-                command.upgrade(alembic_config(conn), revision)
-        except CommandError as exc:
-            raise StoreError(f"cannot migrate the store at {shown} to {revision!r}: {exc}") from exc
-        except DBAPIError as exc:
-            raise StoreError(f"migrating the store at {shown} failed: {exc.orig}") from exc
+    try:
+        with serialized_transaction(engine, _MIGRATION_LOCK_KEY) as conn:
+            _refuse_unmanaged_tables(conn, shown)
+            command.upgrade(alembic_config(conn), revision)
+    except CommandError as exc:
+        raise StoreError(f"cannot migrate the store at {shown} to {revision!r}: {exc}") from exc
+    except DBAPIError as exc:
+        raise StoreError(f"migrating the store at {shown} failed: {exc.orig}") from exc
 
 
 def _refuse_unmanaged_tables(conn: Connection, shown: str) -> None:
