@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -12,6 +13,7 @@ from recsys.config import Workspace
 from recsys.pipelines.inputs import check_file, check_folder
 from recsys.pipelines.runlog import recorded_run
 from recsys.progress import progress
+from recsys.ranking.lock import NIGHTLY_LOCK, StoreLock, acquire_lock
 
 log = logging.getLogger("recsys.ingest")
 
@@ -25,8 +27,16 @@ def run_ingest(
     images: Path | None,
     source: str | None = None,
     strict: bool = False,
+    lock: StoreLock | None = None,
 ) -> dict:
-    """Ingest and return the report as a plain dict (counts, bad rows, quarantine file)."""
+    """Ingest and return the report as a plain dict (counts, bad rows, quarantine file).
+
+    The ingest holds the store's ``nightly`` lock: ``lock`` when the caller (the nightly
+    job) already holds it, else it is taken here.
+
+    Raises:
+        RunLockedError: another ingest or nightly job holds the lock; nothing is written.
+    """
     from recsys.store.ingest import ingest
 
     for label, path in (("--news", news), ("--behaviors", behaviors)):
@@ -35,7 +45,12 @@ def run_ingest(
     if images is not None:
         check_folder("--images", images)
     workspace.quarantine_dir.mkdir(parents=True, exist_ok=True)
-    with recorded_run(engine, "ingest") as record, progress("ingesting") as advance:
+    # The nightly job's lock: two ingests at once would race on the same users' histories,
+    # and a nightly job ranking while an ingest writes would read half of it.
+    held = nullcontext(lock) if lock is not None else acquire_lock(engine, NIGHTLY_LOCK)
+    with held as store_lock, recorded_run(engine, "ingest", exclusive=True) as record, progress("ingesting") as advance:
+        if lock is None:  # taken here: name the run, so that a job it refuses can say which
+            store_lock.attach_run(record["run_id"])
         report = ingest(
             engine, news_path=news, behaviors_path=behaviors, images_dir=images, source=source,
             strict=strict, quarantine_dir=workspace.quarantine_dir, progress=advance,

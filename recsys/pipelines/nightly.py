@@ -257,7 +257,9 @@ def _nightly_job(
     if news is not None or behaviors is not None:
         t0 = time.perf_counter()
         try:
-            summary["ingest"] = run_ingest(engine, workspace, news=news, behaviors=behaviors, images=images, source=source)
+            summary["ingest"] = run_ingest(
+                engine, workspace, news=news, behaviors=behaviors, images=images, source=source, lock=lock
+            )
         except RecsysError as exc:
             # The rules of ingest hold (nothing half-written); the existing data is still scored.
             log.error("ingest failed, scoring the data already stored: %s", exc)

@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, insert, update
+from sqlalchemy import Engine, and_, insert, select, update
 
+from recsys.ranking.lock import current_holder, local_process_gone
 from recsys.store import schema as s
+from recsys.store.database import write_transaction
 from recsys.versions import utcnow
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
-def recorded_run(engine: Engine, kind: str, *, model_version: str | None = None):
+def recorded_run(engine: Engine, kind: str, *, model_version: str | None = None, exclusive: bool = False):
     """Insert a ``running`` row, yield a dict to fill with counts/timings, then mark it.
 
     The row ends ``complete`` or ``failed`` (with the error message); the error propagates.
+    First, runs of the same kind left ``running`` by a process that is gone are marked
+    failed (see ``abandon_dead_runs``); ``exclusive``: the caller holds the store's lock
+    for this kind of run, so every other ``running`` row of it is dead, on any host.
     """
+    abandon_dead_runs(engine, kind, every=exclusive)
     with engine.begin() as conn:
         run_id = conn.execute(
-            insert(s.runs).values(kind=kind, status="running", started_at=utcnow(), model_version=model_version, counts={}, timings={})
+            insert(s.runs).values(
+                kind=kind, status="running", started_at=utcnow(), model_version=model_version, counts={}, timings={},
+                holder=current_holder(),
+            )
         ).inserted_primary_key[0]
     record: dict = {"run_id": run_id, "counts": {}, "timings": {}, "model_version": model_version}
     try:
@@ -39,3 +51,38 @@ def recorded_run(engine: Engine, kind: str, *, model_version: str | None = None)
                 model_version=record["model_version"],
             )
         )
+
+
+def abandon_dead_runs(engine: Engine, kind: str, *, every: bool = False) -> list[int]:
+    """Mark failed the ``running`` runs of ``kind`` whose process was killed before it could
+    record an outcome (``kill -9``, the out-of-memory killer, a reboot).
+
+    A run is known dead when its process, on this host, is gone; a run from another host is
+    left alone (this host cannot tell) unless ``every``, which the holder of the lock that
+    runs of this kind take passes: no other run of the kind can be alive then.
+
+    Returns:
+        The ids of the runs marked failed.
+    """
+    r = s.runs.c
+    with write_transaction(engine) as conn:
+        rows = conn.execute(
+            select(r.run_id, r.holder, r.started_at).where(and_(r.kind == kind, r.status == "running"))
+        ).all()
+        dead = {}
+        for row in rows:
+            reason = local_process_gone(row.holder, row.started_at, since_what="the run started") if row.holder else None
+            if reason is None and every:
+                reason = f"no process holds the store's lock for {kind} runs any more"
+            if reason is not None:
+                dead[row.run_id] = reason
+        for run_id, reason in dead.items():
+            conn.execute(
+                update(s.runs).where(and_(r.run_id == run_id, r.status == "running")).values(
+                    status="failed", finished_at=utcnow(),
+                    message=f"abandoned: {reason}, and the run recorded no outcome (killed?)",
+                )
+            )
+    for run_id, reason in dead.items():
+        log.warning("%s run %d marked failed: %s before it recorded an outcome", kind, run_id, reason)
+    return list(dead)

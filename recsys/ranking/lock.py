@@ -23,18 +23,16 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import psutil
-from sqlalchemy import Connection, Engine, and_, delete, func, insert, select, update
+from sqlalchemy import Engine, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from recsys.errors import RunLockedError
 from recsys.store import schema as s
-from recsys.store.database import SQLITE_BEGIN
+from recsys.store.database import write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +50,6 @@ _CLOCK_SLACK = timedelta(seconds=2)
 def utc_now() -> datetime:
     """The current time as a naive UTC datetime, as the store keeps times."""
     return datetime.now(timezone.utc).replace(tzinfo=None)
-
-
-@contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """A transaction that takes SQLite's write lock at BEGIN (no effect on PostgreSQL).
-
-    A read-then-write transaction that starts as a reader can fail at once with "database is
-    locked" when another process writes first; taking the write lock up front makes
-    concurrent writers queue on the busy timeout instead.
-    """
-    with engine.connect() as conn:
-        conn.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
-        with conn.begin():
-            yield conn
 
 
 def current_holder() -> str:
@@ -342,23 +326,31 @@ def _take_over(engine: Engine, stale: LockState, row: dict) -> bool:
 def _stale_reason(engine: Engine, lock: LockState, *, stale_after: timedelta, now: datetime) -> str | None:
     """Why the lock is stale, or None when its holder may still be working."""
     if lock.host == socket.gethostname() and lock.pid is not None:
-        return _local_stale_reason(lock)
+        return local_process_gone(lock.holder, lock.acquired_at, since_what="the lock was taken")
     last = _last_activity(engine, lock)
     if now - last > stale_after:
         return f"holder on another host, no activity since {last:%Y-%m-%d %H:%M:%S} UTC (> {stale_after})"
     return None
 
 
-def _local_stale_reason(lock: LockState) -> str | None:
+def local_process_gone(holder: str, since: datetime, *, since_what: str) -> str | None:
+    """Why the process ``holder`` (``host:pid``), working since ``since`` (naive UTC), is gone:
+    exited, or its pid now names a process started later (``since_what`` says what happened
+    at ``since``, for the message). None when it may still be working, or when it ran on
+    another host (this host cannot tell)."""
+    host, _, tail = holder.rpartition(":")
+    if host != socket.gethostname() or not tail.isdigit():
+        return None
+    pid = int(tail)
     try:
-        proc = psutil.Process(lock.pid)
+        proc = psutil.Process(pid)
         started = datetime.fromtimestamp(proc.create_time(), timezone.utc).replace(tzinfo=None)
         if proc.status() == psutil.STATUS_ZOMBIE:
-            return f"process {lock.pid} has exited"
+            return f"process {pid} has exited"
     except psutil.NoSuchProcess:
-        return f"process {lock.pid} no longer exists"
-    if started > lock.acquired_at + _CLOCK_SLACK:
-        return f"pid {lock.pid} now belongs to a process started after the lock was taken"
+        return f"process {pid} no longer exists"
+    if started > since + _CLOCK_SLACK:
+        return f"pid {pid} now belongs to a process started after {since_what}"
     return None
 
 

@@ -21,9 +21,10 @@ from sqlalchemy.exc import IntegrityError
 
 from recsys.columns import CATEGORY, NEWS_ID, RANK, RUN_ID, SCORE, TITLE, USER_ID
 from recsys.errors import ConfigError, NotFoundError, StoreError
-from recsys.ranking.lock import utc_now, write_transaction
+from recsys.ranking.lock import current_holder, utc_now
 from recsys.store import schema as s
 from recsys.store.bulk import bulk_writer
+from recsys.store.database import write_transaction
 
 NIGHTLY = "nightly"
 RUNNING = "running"
@@ -93,7 +94,7 @@ def create_run(engine: Engine, *, model_version: str | None, plan: dict, started
         result = conn.execute(
             insert(s.runs).values(
                 kind=NIGHTLY, status=RUNNING, started_at=started_at or utc_now(), model_version=model_version,
-                counts={"plan": plan}, timings={},
+                counts={"plan": plan}, timings={}, holder=current_holder(),
             )
         )
         return int(result.inserted_primary_key[0])

@@ -154,6 +154,7 @@ runs = Table(
     Column("counts", JSON, nullable=False),
     Column("timings", JSON, nullable=False),
     Column("message", Text, nullable=True),
+    Column("holder", String(255), nullable=True),  # host:pid of the process that recorded it
     Index("ix_runs_kind_status", "kind", "status", "run_id"),
 )
 

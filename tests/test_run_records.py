@@ -1,0 +1,136 @@
+"""A standalone ingest holds the store's lock; runs whose process was killed do not stay
+``running`` for ever (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, insert, select
+
+from recsys.config import Workspace
+from recsys.errors import RunLockedError
+from recsys.pipelines.ingest import run_ingest
+from recsys.pipelines.runlog import abandon_dead_runs, recorded_run
+from recsys.ranking.lock import acquire_lock, current_holder, read_lock, utc_now
+from recsys.store import ingest as store_ingest
+from recsys.store import schema as s
+
+HOST = socket.gethostname()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from recsys.data.sample import generate_sample
+
+    root = tmp_path_factory.mktemp("world")
+    generate_sample(root, num_users=20, num_news=100, num_impressions=30, seed=5, image_size=32)
+    return root
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _plant_run(engine, kind: str, holder: str | None, started_at=None) -> int:
+    with engine.begin() as conn:
+        return conn.execute(insert(s.runs).values(
+            kind=kind, status="running", started_at=started_at or utc_now() - timedelta(minutes=5),
+            counts={}, timings={}, holder=holder,
+        )).inserted_primary_key[0]
+
+
+def _runs(engine) -> dict[int, tuple]:
+    r = s.runs.c
+    with engine.connect() as conn:
+        return {row.run_id: (row.kind, row.status, row.message) for row in conn.execute(select(r.run_id, r.kind, r.status, r.message))}
+
+
+def _count(engine, table) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(table)).scalar()
+
+
+def test_an_ingest_refuses_to_start_while_another_job_holds_the_lock(engine, world, tmp_path):
+    """Two ingests at once would race on the same users' histories; one ranking night would
+    read half of an ingest. The second job stops before it writes anything."""
+    ws = Workspace(tmp_path / "ws").ensure()
+    with acquire_lock(engine, holder="other-host:4242", run_id=9):  # a live job elsewhere
+        with pytest.raises(RunLockedError, match=r"lock 'nightly' is held by other-host:4242 \(run 9\)"):
+            run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=None)
+    assert _count(engine, s.news) == 0 and _count(engine, s.impressions) == 0
+    assert _runs(engine) == {}  # refused before it recorded a run
+    assert read_lock(engine) is None
+
+
+def test_a_standalone_ingest_holds_the_lock_under_its_run_id_and_releases_it(engine, world, tmp_path, monkeypatch):
+    ws = Workspace(tmp_path / "ws").ensure()
+    seen = []
+    real_ingest = store_ingest.ingest
+
+    def watched(eng, **kwargs):
+        seen.append(read_lock(eng))
+        return real_ingest(eng, **kwargs)
+
+    monkeypatch.setattr(store_ingest, "ingest", watched)
+    summary = run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=None)
+    assert summary["impressions"] == _count(engine, s.impressions) > 0
+    (ingest_run,) = [run_id for run_id, (kind, status, _) in _runs(engine).items() if kind == "ingest" and status == "complete"]
+    assert [(lk.holder, lk.run_id) for lk in seen] == [(current_holder(), ingest_run)]
+    assert read_lock(engine) is None
+
+
+def test_an_ingest_after_a_killed_one_takes_its_lock_and_marks_its_run_failed(engine, world, tmp_path):
+    ws = Workspace(tmp_path / "ws").ensure()
+    pid = _dead_pid()
+    killed = _plant_run(engine, "ingest", f"{HOST}:{pid}")
+    elsewhere = _plant_run(engine, "ingest", "other-host:17")  # its lock is gone: that process is too
+    training = _plant_run(engine, "train", "other-host:18")  # not an ingest: left alone
+    with engine.begin() as conn:
+        conn.execute(insert(s.locks).values(name="nightly", holder=f"{HOST}:{pid}", run_id=killed, acquired_at=utc_now()))
+    run_ingest(engine, ws, news=world / "news.tsv", behaviors=None, images=None)
+    runs = _runs(engine)
+    assert runs[killed][1] == "failed" and f"process {pid} no longer exists" in runs[killed][2]
+    assert runs[elsewhere][1] == "failed" and "no process holds the store's lock" in runs[elsewhere][2]
+    assert runs[training] == ("train", "running", None)
+    assert sorted(status for kind, status, _ in runs.values() if kind == "ingest") == ["complete", "failed", "failed"]
+    assert read_lock(engine) is None
+
+
+def test_a_run_is_marked_failed_only_when_its_process_is_known_to_be_gone(engine):
+    """Trainings take no lock (two may run at once): a row is abandoned when its process on
+    this host is gone or its pid was reused since; a row from another host is left alone."""
+    dead = _plant_run(engine, "train", f"{HOST}:{_dead_pid()}")
+    reused = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        reused_run = _plant_run(engine, "train", f"{HOST}:{reused.pid}", started_at=utc_now() - timedelta(hours=1))
+        alive = _plant_run(engine, "train", current_holder(), started_at=utc_now())  # this process, started before its run
+        remote = _plant_run(engine, "train", "other-host:99")
+        before_holders = _plant_run(engine, "train", None)  # written before runs recorded a holder
+        ingest_run = _plant_run(engine, "ingest", f"{HOST}:{_dead_pid()}")
+        assert sorted(abandon_dead_runs(engine, "train")) == sorted([dead, reused_run])
+    finally:
+        reused.kill()
+        reused.wait()
+    runs = _runs(engine)
+    assert runs[dead][1] == "failed" and "no longer exists" in runs[dead][2]
+    assert runs[reused_run][1] == "failed" and "started after the run started" in runs[reused_run][2]
+    for run_id in (alive, remote, before_holders, ingest_run):
+        assert runs[run_id][1] == "running"
+
+
+def test_recorded_run_records_its_process_and_clears_dead_runs_of_its_kind(engine):
+    dead = _plant_run(engine, "train", f"{HOST}:{_dead_pid()}")
+    with recorded_run(engine, "train", model_version="v1") as record:
+        pass
+    r = s.runs.c
+    with engine.connect() as conn:
+        row = conn.execute(select(r.status, r.holder).where(r.run_id == record["run_id"])).one()
+    assert tuple(row) == ("complete", f"{HOST}:{os.getpid()}")
+    assert _runs(engine)[dead][1] == "failed"
