@@ -47,8 +47,9 @@ class AppContext:
     verbose: bool
     call_on_close: Callable[[Callable[[], object]], object] | None = None
 
-    def config(self, overrides: dict | None = None) -> Config:
-        return load_config(self.config_path, overrides)
+    def config(self, overrides: dict | None = None, flags: dict[str, str] | None = None) -> Config:
+        """The config with ``overrides`` ({"model.seed": 3}); ``flags`` names the option each came from."""
+        return load_config(self.config_path, overrides, flags=flags)
 
     def engine(self):
         from recsys.store.database import open_store
@@ -171,7 +172,11 @@ def train(
     from recsys.pipelines.train import run_train
 
     c = _ctx(ctx)
-    config = c.config({"model.modalities": modalities, "model.fusion": fusion, "model.epochs": epochs, "model.seed": seed})
+    config = c.config(
+        {"model.modalities": modalities, "model.fusion": fusion, "model.epochs": epochs, "model.seed": seed},
+        flags={"model.modalities": "--modalities", "model.fusion": "--fusion", "model.epochs": "--epochs",
+               "model.seed": "--seed"},
+    )
     _print_json(run_train(c.engine(), c.workspace, config, since=since, until=until, source=source))
 
 
@@ -185,7 +190,7 @@ def index_build(
     from recsys.pipelines.index import run_index_build
 
     c = _ctx(ctx)
-    config = c.config({"index.kind": kind})
+    config = c.config({"index.kind": kind}, flags={"index.kind": "--kind"})
     _print_json(run_index_build(c.engine(), c.workspace, config, version=model))
 
 
@@ -227,6 +232,9 @@ def nightly(
     config = c.config({
         "nightly.engine": engine_name, "nightly.k": k, "nightly.num_candidates": candidates,
         "nightly.shard_size": shard_size, "nightly.workers": workers, "nightly.ray_address": ray_address,
+    }, flags={
+        "nightly.engine": "--engine", "nightly.k": "--k", "nightly.num_candidates": "--candidates",
+        "nightly.shard_size": "--shard-size", "nightly.workers": "--workers",
     })
     summary = run_nightly_job(
         c.engine(), c.workspace, config, news=news, behaviors=behaviors, images=images, source=source, export=export

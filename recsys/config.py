@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recsys.errors import ConfigError
+from recsys.models import NUM_HEADS
 
 FUSION_MODES = ("concat", "weighted_sum", "gated")
 MODALITIES = ("text", "image", "text,image")
@@ -64,6 +65,8 @@ class IndexConfig:
 
 # Longest look-back the nightly windows accept (a century): far beyond any log, still a timedelta.
 MAX_DAYS = 36_500
+# NumPy and TensorFlow seeds are unsigned 32-bit integers.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -119,9 +122,22 @@ class Config:
         if self.encoders.image_size < 32:
             raise ConfigError(f"config key 'encoders.image_size' is {self.encoders.image_size}, expected at least 32")
         clock = self.model.feature_clock_hours
-        if not (clock == 0 or 1 / 3600 <= clock < float("inf")):  # also rejects NaN; clock_floor ticks in seconds
+        if not (clock == 0 or 1 / 3600 <= clock <= MAX_DAYS * 24):  # also rejects NaN; clock_floor ticks in seconds
             raise ConfigError(f"config key 'model.feature_clock_hours' is {clock}, expected 0 (off) or a period of "
-                              "at least one second (1/3600 hours)")
+                              f"at least one second (1/3600 hours) and at most {MAX_DAYS * 24} hours ({MAX_DAYS} days)")
+        if not 0 <= self.model.seed <= MAX_SEED:
+            raise ConfigError(f"config key 'model.seed' is {self.model.seed}, expected an integer from 0 to {MAX_SEED} "
+                              "(NumPy and TensorFlow seeds are unsigned 32-bit)")
+        if not 0 < self.model.learning_rate < float("inf"):  # also rejects NaN
+            raise ConfigError(f"config key 'model.learning_rate' is {self.model.learning_rate}, expected a finite number above 0")
+        if not 0 < self.model.valid_days <= MAX_DAYS:  # also rejects NaN and inf, which timedelta cannot hold
+            raise ConfigError(f"config key 'model.valid_days' is {self.model.valid_days}, expected a number of days above 0 "
+                              f"and at most {MAX_DAYS} (the last days of the training window, held out for validation)")
+        if self.model.embedding_dim % NUM_HEADS:
+            raise ConfigError(
+                f"config key 'model.embedding_dim' is {self.model.embedding_dim}, expected a multiple of {NUM_HEADS} "
+                "(the heads of the user encoder's self-attention)"
+            )
         anchors = self.model.anchor_dim * len(self.model.modalities.split(","))
         if self.model.anchor_dim < 0 or anchors >= self.model.embedding_dim:
             raise ConfigError(
@@ -173,8 +189,12 @@ def config_from_dict(data: dict, *, source: str = "config") -> Config:
     return Config(**sections)
 
 
-def load_config(path: Path | None, overrides: dict | None = None) -> Config:
+def load_config(path: Path | None, overrides: dict | None = None, *, flags: dict[str, str] | None = None) -> Config:
     """Load ``path`` (if it exists) and apply ``overrides`` ({"section.key": value}).
+
+    Args:
+        flags: the command-line option each override came from ({"model.seed": "--seed"}); an
+            error about a value given that way names the option before the key.
 
     Raises:
         ConfigError: unreadable TOML, unknown keys, wrong types or values.
@@ -190,7 +210,13 @@ def load_config(path: Path | None, overrides: dict | None = None) -> Config:
             continue
         section, _, key = dotted.partition(".")
         data.setdefault(section, {})[key] = value
-    return config_from_dict(data, source=str(path) if path else "config")
+    try:
+        return config_from_dict(data, source=str(path) if path else "config")
+    except ConfigError as exc:
+        for dotted, flag in (flags or {}).items():
+            if (overrides or {}).get(dotted) is not None and f"config key '{dotted}'" in str(exc):
+                raise ConfigError(f"{flag}: {exc}") from exc
+        raise
 
 
 def config_to_dict(config: Config) -> dict:

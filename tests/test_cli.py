@@ -243,6 +243,42 @@ def test_train_on_empty_store_exits_1(capsys, tmp_path: Path):
     assert "the store holds no labelled impressions: run `recsys ingest --behaviors behaviors.tsv` first" in err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seed", "-1"], "error: --seed: config key 'model.seed' is -1, expected an integer from 0 to 4294967295"),
+        (["--seed", "4294967296"], "error: --seed: config key 'model.seed' is 4294967296, expected an integer from 0 to 4294967295"),
+        (["--epochs", "0"], "error: --epochs: config key 'model.epochs' is 0, expected a positive number"),
+        (["--fusion", "sum"], "error: --fusion: config key 'model.fusion' is 'sum', expected one of concat, weighted_sum, gated"),
+        (["--since", "0001-01-01T00:00:00+01:00"], "error: --since '0001-01-01T00:00:00+01:00' is outside the calendar in UTC"),
+        (["--until", "9999-12-31T23:00:00-02:00"], "error: --until '9999-12-31T23:00:00-02:00' is outside the calendar in UTC"),
+    ],
+)
+def test_bad_train_options_exit_1_naming_the_option_and_value(capsys, tmp_path: Path, args, message):
+    # Exit code 2 before for the seeds (NumPy's seeding) and the offsets (an OverflowError).
+    code, out, err = run(capsys, "--workspace", str(tmp_path), "train", *args)
+    assert (code, out) == (1, "")
+    assert err.startswith(message), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("learning_rate = nan", "error: config key 'model.learning_rate' is nan, expected a finite number above 0"),
+        ("embedding_dim = 30", "error: config key 'model.embedding_dim' is 30, expected a multiple of 4"),
+        ("valid_days = 1e12", "error: config key 'model.valid_days' is 1000000000000.0, expected a number of days above 0"),
+        ("feature_clock_hours = 1e300", "error: config key 'model.feature_clock_hours' is 1e+300, expected 0 (off)"),
+    ],
+)
+def test_bad_training_config_exits_1_before_the_store_is_opened(capsys, tmp_path: Path, setting, message):
+    (tmp_path / "recsys.toml").write_text(f"[model]\n{setting}\n")
+    code, _, err = run(capsys, "--workspace", str(tmp_path), "train")
+    assert code == 1
+    assert err.startswith(message), err
+    assert not (tmp_path / "recsys.db").exists()
+
+
 def test_internal_error_exits_2_without_traceback(capsys, tmp_path: Path, monkeypatch):
     import recsys.store.stats as stats_module
 

@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from recsys.config import Config, Workspace, config_from_dict, load_config, resolve_db_url
+from recsys.config import MAX_DAYS, MAX_SEED, Config, Workspace, config_from_dict, load_config, resolve_db_url
 from recsys.errors import ConfigError
+from recsys.models import NUM_HEADS
 
 
 def test_defaults_are_valid():
@@ -62,6 +63,57 @@ def test_unknown_section_is_named():
 def test_bad_values_are_named(data, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(data)
+
+
+# Values that crashed `recsys train` with exit code 2 (a ValueError from the seeding, an
+# OverflowError from timedelta, Keras' attention) or trained on nonsense; refused before any work.
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("seed", -1, r"'model.seed' is -1, expected an integer from 0 to 4294967295"),
+        ("seed", 2**32, r"'model.seed' is 4294967296, expected an integer from 0 to 4294967295"),
+        ("learning_rate", 0.0, r"'model.learning_rate' is 0.0, expected a finite number above 0"),
+        ("learning_rate", -1e-3, r"'model.learning_rate' is -0.001, expected a finite number above 0"),
+        ("learning_rate", float("nan"), r"'model.learning_rate' is nan, expected a finite number"),
+        ("learning_rate", float("inf"), r"'model.learning_rate' is inf, expected a finite number"),
+        ("embedding_dim", 30, rf"'model.embedding_dim' is 30, expected a multiple of {NUM_HEADS} \(the heads of the user encoder"),
+        ("embedding_dim", 130, r"'model.embedding_dim' is 130, expected a multiple of"),
+        ("valid_days", 0.0, r"'model.valid_days' is 0.0, expected a number of days above 0 and at most 36500"),
+        ("valid_days", -2.0, r"'model.valid_days' is -2.0, expected a number of days above 0"),
+        ("valid_days", float("nan"), r"'model.valid_days' is nan, expected a number of days"),
+        ("valid_days", float("inf"), r"'model.valid_days' is inf, expected a number of days"),
+        ("valid_days", 1e12, r"'model.valid_days' is 1000000000000.0, expected a number of days above 0 and at most 36500"),
+        ("feature_clock_hours", 1e300, r"'model.feature_clock_hours' is 1e\+300, expected 0 \(off\) or a period of at least "
+                                       r"one second \(1/3600 hours\) and at most 876000 hours \(36500 days\)"),
+        ("feature_clock_hours", float("inf"), r"'model.feature_clock_hours' is inf, expected 0 \(off\)"),
+        ("feature_clock_hours", float("-inf"), r"'model.feature_clock_hours' is -inf, expected 0 \(off\)"),
+    ],
+)
+def test_bad_training_values_are_named(key, value, message):
+    with pytest.raises(ConfigError, match=rf"^config key {message}"):
+        config_from_dict({"model": {key: value}})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("seed", 0), ("seed", MAX_SEED), ("learning_rate", 1e-9), ("valid_days", 1e-3), ("valid_days", float(MAX_DAYS)),
+     ("feature_clock_hours", MAX_DAYS * 24.0), ("embedding_dim", 132)],
+)
+def test_training_values_at_the_bounds_are_accepted(key, value):
+    assert getattr(config_from_dict({"model": {key: value}}).model, key) == value
+
+
+def test_a_bad_flag_is_named_before_its_key(tmp_path: Path):
+    flags = {"model.seed": "--seed", "model.epochs": "--epochs"}
+    with pytest.raises(ConfigError, match=r"^--seed: config key 'model.seed' is -1, expected an integer from 0"):
+        load_config(None, {"model.seed": -1, "model.epochs": None}, flags=flags)
+    with pytest.raises(ConfigError, match=r"^--epochs: config key 'model.epochs' is 0, expected a positive number"):
+        load_config(None, {"model.seed": 3, "model.epochs": 0}, flags=flags)
+    # A bad value from the file is the file's, not the (unused) flag's.
+    path = tmp_path / "recsys.toml"
+    path.write_text("[model]\nseed = -1\n")
+    with pytest.raises(ConfigError, match=r"^config key 'model.seed' is -1"):
+        load_config(path, {"model.seed": None}, flags=flags)
 
 
 def test_bad_toml_names_the_file(tmp_path: Path):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta
 
 import pytest
 
-from recsys.config import Workspace, load_config
+from recsys.config import MAX_DAYS, Workspace, load_config
 from recsys.errors import RecsysError
 from recsys.pipelines import train as train_pipeline
 from recsys.pipelines.train import parse_time, run_train, train_window
@@ -54,6 +55,95 @@ def test_time_zone_offsets_are_converted_to_the_stores_naive_utc():
     assert parse_time("2019-11-14", "--since") == datetime(2019, 11, 14)
     with pytest.raises(RecsysError, match=r"--until '14/11/2019' is not a date or datetime"):
         parse_time("14/11/2019", "--until")
+
+
+@pytest.mark.parametrize(
+    ("value", "flag"),
+    [("0001-01-01T00:00:00+01:00", "--since"), ("0001-01-01T13:00+14:00", "--since"), ("9999-12-31T23:00:00-02:00", "--until")],
+)
+def test_an_offset_past_the_calendars_ends_is_named(value, flag):
+    # An OverflowError (exit code 2) before.
+    with pytest.raises(RecsysError, match=rf"^{flag} {re.escape(repr(value))} is outside the calendar in UTC, expected a "
+                                          r"time from 0001-01-01 00:00:00 to 9999-12-31 23:59:59.999999 UTC$"):
+        parse_time(value, flag)
+
+
+def test_a_window_at_the_calendars_start_is_checked_without_overflow(store):
+    # ``until - valid_days`` is before year 1: an OverflowError before.
+    with pytest.raises(RecsysError, match=r"training window 0001-01-01 00:00:00 .. 0001-01-01 12:00:00 is not longer than "
+                                          r"the validation window \(model.valid_days = 1.0\)"):
+        train_window(store, datetime(1, 1, 1), datetime(1, 1, 1, 12), 1.0)
+    assert train_window(store, datetime(1, 1, 1), None, 1.0)[0] == datetime(1, 1, 1)
+
+
+@pytest.mark.parametrize("clock_hours", [0.0, MAX_DAYS * 24.0])
+def test_the_training_log_of_a_window_from_the_calendars_start_is_the_whole_log(store, clock_hours):
+    # ``--since 0001-01-01`` minus the popularity window overflowed; nothing is older, so it reads all.
+    from recsys.pipelines.train import read_training_log
+    from recsys.store import repository as repo
+
+    news_ids = repo.read_news(store)["news_id"].to_numpy(dtype=object)
+    until = T0 + 9 * D
+    for since in (datetime(1, 1, 1), T0):
+        part = read_training_log(store, news_ids, since, until, window_hours=24.0, feature_clock_hours=clock_hours)
+        assert len(part) == len(repo.read_interaction_log(store, news_ids, until=until))
+
+
+def _stub_catalogue(monkeypatch):
+    """The catalogue without encoding it: the window checks read only its ids."""
+    from types import SimpleNamespace
+
+    from recsys.store import repository as repo
+
+    def stub(engine, workspace, config):
+        news = repo.read_news(engine)
+        return news, SimpleNamespace(news_ids=news["news_id"].to_numpy(dtype=object))
+
+    monkeypatch.setattr(train_pipeline, "load_catalogue", stub)
+
+
+def _stored_runs_and_versions(engine) -> tuple[int, int]:
+    import sqlalchemy as sa
+
+    from recsys.store import schema as s
+
+    with engine.connect() as conn:
+        return (conn.execute(sa.select(sa.func.count()).select_from(s.runs)).scalar_one(),
+                conn.execute(sa.select(sa.func.count()).select_from(s.model_versions)).scalar_one())
+
+
+@pytest.mark.parametrize(
+    ("dev_labels", "message"),
+    [
+        (["N3-0", "N4-0"], r"holds no click \(all 2 labelled candidates are 0\)"),
+        (["N3-1", "N4-1"], r"holds only clicks \(all 2 labelled candidates are 1\)"),
+    ],
+    ids=["no click", "only clicks"],
+)
+def test_a_validation_window_without_an_auc_is_refused_before_the_run_starts(engine, tmp_path, monkeypatch, dev_labels, message):
+    # A ValueError from train_ctr before (exit code 2), after a run row was written.
+    news = write_lines(tmp_path / "news.tsv", [news_line(f"N{i}") for i in range(1, 5)])
+    lines = [behavior_line(i + 1, f"U{i}", T0 + i * D, ["N1"], ["N2-1", "N3-0"]) for i in range(5)]
+    lines.append(behavior_line(6, "U9", T0 + 6 * D, ["N1"], dev_labels))
+    ingest(engine, news_path=news, behaviors_path=write_lines(tmp_path / "b.tsv", lines), quarantine_dir=tmp_path / "q")
+    _stub_catalogue(monkeypatch)
+    ws = Workspace(tmp_path / "ws").ensure()
+    with pytest.raises(RecsysError, match=rf"^the validation window 2019-11-14 10:00:01 .. 2019-11-15 10:00:01 {message}, "
+                                          r"so its per-impression AUC, which early stopping follows, is undefined; "
+                                          r"widen it \(--until, model.valid_days\) or ingest more behaviors$"):
+        run_train(engine, ws, load_config(None, {}))
+    assert _stored_runs_and_versions(engine) == (0, 0)
+    assert not ws.models_dir.exists()
+
+
+def test_a_window_past_the_stored_days_is_named(store, tmp_path, monkeypatch):
+    _stub_catalogue(monkeypatch)
+    ws = Workspace(tmp_path / "ws").ensure()
+    with pytest.raises(RecsysError, match=r"the validation window holds no labelled impressions \(2019-11-09 10:00:00 .. "
+                                          r"9999-12-30 00:00:00 .. 9999-12-31 00:00:00\); move the window \(--since, --until, "
+                                          r"model.valid_days\) onto days of ingested behaviors"):
+        run_train(store, ws, load_config(None, {}), until="9999-12-31")
+    assert _stored_runs_and_versions(store) == (0, 0)
 
 
 def test_a_bad_window_fails_before_the_catalogue_is_encoded(store, tmp_path, monkeypatch):

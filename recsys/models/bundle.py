@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from recsys.encoders.item_features import EncoderInfo, ItemFeatures
 from recsys.errors import ModelMismatchError, NotFoundError
+from recsys.models import NUM_HEADS
 from recsys.models.fusion import CategoryVocabulary, build_item_tower, parse_modalities
 from recsys.models.samples import Impressions, InteractionLog, slice_impressions
 from recsys.models.scorer import Scorer, build_scorer
@@ -276,7 +277,7 @@ class RankingModel:
         embedding_dim: int = 128,
         history_len: int = 50,
         side_features: SideFeatures | None = None,
-        num_heads: int = 4,
+        num_heads: int = NUM_HEADS,
         scorer_hidden_units=(32,),
         dropout: float = 0.1,
         anchor_dim: int | None = None,

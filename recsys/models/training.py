@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError
+from recsys.models import NUM_HEADS
 from recsys.models.bundle import RankingModel
 from recsys.models.ctr import CTRModel, listwise_loss, pointwise_loss
 from recsys.models.fusion import CategoryVocabulary
@@ -46,6 +47,25 @@ REFIT_SUMMARY = ("epochs", "train_impressions", "train_samples")
 
 class TrainingDivergedError(RecsysError):
     """The loss or the validation scores stopped being finite: nothing is published."""
+
+
+class NoValidationAUCError(RecsysError):
+    """No validation impression has both a click and a non-click: early stopping has no AUC to follow."""
+
+
+def unscoreable_labels(impressions: Impressions) -> str | None:
+    """Why no impression has a per-impression AUC ("holds no click", ...), or None when one has."""
+    _, scoreable = mean_impression_auc(impressions.labels, np.zeros(len(impressions.labels)), impressions.candidate_offsets)
+    if scoreable:
+        return None
+    clicks, non_clicks = int((impressions.labels == 1).sum()), int((impressions.labels == 0).sum())
+    if clicks == non_clicks == 0:
+        return "holds no labelled candidate"
+    if clicks == 0:
+        return f"holds no click (all {non_clicks} labelled candidates are 0)"
+    if non_clicks == 0:
+        return f"holds only clicks (all {clicks} labelled candidates are 1)"
+    return f"has no impression with both a click and a non-click ({clicks} clicks, {non_clicks} non-clicks in all)"
 
 
 def mean_impression_auc(y_true: np.ndarray, y_score: np.ndarray, offsets: np.ndarray) -> tuple[float, int]:
@@ -260,7 +280,7 @@ def train_ctr(
     patience: int = 2,
     window_hours: float = 24.0,
     first_seen: np.ndarray | None = None,
-    num_heads: int = 4,
+    num_heads: int = NUM_HEADS,
     scorer_hidden_units=(32,),
     dropout: float = 0.1,
     anchor_dim: int | None = None,
@@ -333,8 +353,8 @@ def train_ctr(
         ``train_samples``, ``loss``, ``epoch_seconds`` of the second training).
 
     Raises:
-        ValueError: bad arguments, item rows outside ``features``, or no validation impression
-            with both a click and a non-click.
+        ValueError: bad arguments or item rows outside ``features``.
+        NoValidationAUCError: no validation impression has both a click and a non-click.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss is {loss!r}, expected one of {', '.join(LOSSES)}")
@@ -342,8 +362,8 @@ def train_ctr(
                         ("history_len", history_len), ("patience", patience)):
         if not isinstance(value, (int, np.integer)) or value <= 0:
             raise ValueError(f"{name} is {value!r}, expected a positive integer")
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate is {learning_rate!r}, expected > 0")
+    if not 0 < learning_rate < math.inf:  # also rejects NaN
+        raise ValueError(f"learning_rate is {learning_rate!r}, expected a finite number > 0")
     if not 0.0 <= category_dropout < 1.0:
         raise ValueError(f"category_dropout is {category_dropout!r}, expected 0 <= value < 1")
     n = len(features)
@@ -356,9 +376,9 @@ def train_ctr(
         valid = with_logged_clicks(valid, clicks, history_len)
     if log.num_items != n:
         raise ValueError(f"the interaction log covers {log.num_items} items, the feature table has {n}")
-    _, valid_scoreable = mean_impression_auc(valid.labels, np.zeros(len(valid.labels)), valid.candidate_offsets)
-    if valid_scoreable == 0:
-        raise ValueError("valid has no impression with both a click and a non-click: the AUC is undefined")
+    problem = unscoreable_labels(valid)
+    if problem is not None:
+        raise NoValidationAUCError(f"the validation impressions {problem}: the per-impression AUC is undefined")
     listwise = loss == "listwise"
     if first_seen is None:
         first_seen = first_shown([train, valid], n)

@@ -13,6 +13,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from recsys.models import NUM_HEADS
+
 
 @keras.saving.register_keras_serializable(package="recsys")
 class UserEncoder(keras.layers.Layer):
@@ -26,7 +28,7 @@ class UserEncoder(keras.layers.Layer):
         dropout: dropout rate in the self-attention and on the pooled vector.
     """
 
-    def __init__(self, *, num_heads: int = 4, attention_dim: int = 64, dropout: float = 0.1, **kwargs):
+    def __init__(self, *, num_heads: int = NUM_HEADS, attention_dim: int = 64, dropout: float = 0.1, **kwargs):
         super().__init__(**kwargs)
         for name, value in (("num_heads", num_heads), ("attention_dim", attention_dim)):
             if not isinstance(value, (int, np.integer)) or value <= 0:
@@ -84,7 +86,7 @@ class UserEncoder(keras.layers.Layer):
 
 
 def build_user_encoder(
-    embedding_dim: int = 128, *, history_len: int | None = None, num_heads: int = 4, attention_dim: int = 64,
+    embedding_dim: int = 128, *, history_len: int | None = None, num_heads: int = NUM_HEADS, attention_dim: int = 64,
     dropout: float = 0.1,
 ) -> keras.Model:
     """The user encoder as a functional model, saved on its own as ``user_encoder.keras``.

@@ -46,7 +46,7 @@ def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> d
 
     console = Console()
     ws = ctx.workspace.ensure()
-    config = ctx.config({"model.epochs": epochs})
+    config = ctx.config({"model.epochs": epochs}, flags={"model.epochs": "--epochs"})
     world = find_sample(sample, ws.root)
     engine = ctx.engine()
     step = lambda text: console.rule(Text(text, style="bold"))  # noqa: E731  (the sample path is not markup)

@@ -33,8 +33,15 @@ def parse_time(value: str | None, flag: str) -> datetime | None:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
         raise RecsysError(f"{flag} {value!r} is not a date or datetime, expected ISO format like 2019-11-14 or 2019-11-14T09:00") from exc
+    if parsed.tzinfo is None:
+        return parsed
     # The store keeps naive UTC times; an offset ("...Z", "+01:00") is honoured, not compared naive-to-aware.
-    return parsed if parsed.tzinfo is None else parsed.astimezone(timezone.utc).replace(tzinfo=None)
+    try:
+        return parsed.astimezone(timezone.utc).replace(tzinfo=None)
+    except OverflowError as exc:  # 0001-01-01T00:00+01:00 is in year 0 in UTC
+        raise RecsysError(
+            f"{flag} {value!r} is outside the calendar in UTC, expected a time from {datetime.min} to {datetime.max} UTC"
+        ) from exc
 
 
 def first_seen_array(news: pd.DataFrame) -> np.ndarray:
@@ -61,13 +68,13 @@ def train_window(engine: Engine, since: datetime | None, until: datetime | None,
     until = until or (hi + timedelta(seconds=1))
     if until <= since:
         raise RecsysError(f"training window is empty: --since {since} is not before --until {until}")
-    valid_start = until - timedelta(days=valid_days)
-    if valid_start <= since:
+    # Compared as a length: ``until - valid_days`` may fall before the calendar's first day.
+    if until - since <= timedelta(days=valid_days):
         raise RecsysError(
             f"training window {since} .. {until} is not longer than the validation window "
             f"(model.valid_days = {valid_days}); widen the window or lower model.valid_days"
         )
-    return since, valid_start, until
+    return since, until - timedelta(days=valid_days), until
 
 
 def read_windows(
@@ -84,14 +91,27 @@ def read_windows(
     impressions, so the whole log leads the histories exactly as the window's part would.
 
     Raises:
-        RecsysError: a window holds no labelled impression.
+        RecsysError: a window holds no labelled impression, or the validation window has no
+            impression with both a click and a non-click (its AUC, which early stopping
+            follows, is undefined).
     """
+    from recsys.models.training import NoValidationAUCError, unscoreable_labels
+
     read = dict(source=source, history_len=history_len, labelled_only=True)
     train = repo.read_impressions(engine, news_ids, since=since, until=valid_start, **read)
     valid = repo.read_impressions(engine, news_ids, since=valid_start, until=until, **read)
     for name, imps in (("training", train), ("validation", valid)):
         if len(imps) == 0:
-            raise RecsysError(f"the {name} window holds no labelled impressions ({since} .. {valid_start} .. {until})")
+            raise RecsysError(
+                f"the {name} window holds no labelled impressions ({since} .. {valid_start} .. {until}); "
+                "move the window (--since, --until, model.valid_days) onto days of ingested behaviors"
+            )
+    problem = unscoreable_labels(valid)
+    if problem is not None:
+        raise NoValidationAUCError(
+            f"the validation window {valid_start} .. {until} {problem}, so its per-impression AUC, which early "
+            "stopping follows, is undefined; widen it (--until, model.valid_days) or ingest more behaviors"
+        )
     every_click = repo.read_click_log(engine, news_ids)
     return without_later_clicks(train, every_click), without_later_clicks(valid, every_click), every_click
 
@@ -107,7 +127,8 @@ def read_training_log(
     counts, so a store that holds months is not read whole.
     """
     lookback = timedelta(hours=window_hours + feature_clock_hours)
-    return repo.read_interaction_log(engine, news_ids, since=since - lookback, until=until)
+    start = since - lookback if since - datetime.min > lookback else datetime.min  # nothing is older
+    return repo.read_interaction_log(engine, news_ids, since=start, until=until)
 
 
 def run_train(

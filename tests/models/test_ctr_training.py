@@ -13,7 +13,9 @@ from recsys.models.samples import (
     ClickLog, Impressions, InteractionLog, first_shown, select_impressions, with_logged_clicks,
 )
 from recsys.models import training
-from recsys.models.training import _BatchMaker, binary_log_loss, clock_floor, evaluate_impressions, mean_impression_auc, train_ctr
+from recsys.models.training import (
+    NoValidationAUCError, _BatchMaker, binary_log_loss, clock_floor, evaluate_impressions, mean_impression_auc, train_ctr,
+)
 
 
 def _random_impressions(seed: int = 0, m: int = 60):
@@ -100,11 +102,9 @@ def test_train_ctr_rejects_bad_arguments(world, log):
         train_ctr(*args, loss="hinge")
     with pytest.raises(ValueError, match="epochs is 0, expected a positive integer"):
         train_ctr(*args, epochs=0)
-    with pytest.raises(ValueError, match="learning_rate is -1"):
-        train_ctr(*args, learning_rate=-1)
-    no_clicks = Impressions(**{**world.valid.__dict__, "labels": np.zeros_like(world.valid.labels)})
-    with pytest.raises(ValueError, match="valid has no impression with both a click and a non-click"):
-        train_ctr(world.features, world.train, no_clicks, log)
+    for rate in (-1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"learning_rate is {rate}, expected a finite number > 0"):
+            train_ctr(*args, learning_rate=rate)
     bad = Impressions(**{**world.train.__dict__, "candidate_items": world.train.candidate_items + 10_000})
     with pytest.raises(ValueError, match=r"train.candidate_items has item row 1\d+, expected 0 <= row < 600"):
         train_ctr(world.features, bad, world.valid, log)
@@ -113,6 +113,27 @@ def test_train_ctr_rejects_bad_arguments(world, log):
     far = ClickLog.from_events(np.array(["U1"], dtype=object), world.train.times[:1], np.array([600]))
     with pytest.raises(ValueError, match="the click log names item row 600, the feature table has 600 rows"):
         train_ctr(*args, clicks=far)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ("none clicked", r"holds no click \(all \d+ labelled candidates are 0\)"),
+        ("all clicked", r"holds only clicks \(all \d+ labelled candidates are 1\)"),
+        ("all or none per impression", r"has no impression with both a click and a non-click \(\d+ clicks, \d+ non-clicks in all\)"),
+    ],
+)
+def test_a_validation_window_without_an_auc_is_a_recsys_error(world, log, labels, message):
+    # A ValueError before (exit code 2): the window is the user's input, not a bug.
+    sizes = np.diff(world.valid.candidate_offsets)
+    relabelled = {
+        "none clicked": np.zeros(sizes.sum()),
+        "all clicked": np.ones(sizes.sum()),
+        "all or none per impression": np.repeat(np.arange(len(sizes)) % 2, sizes),
+    }[labels]
+    valid = dataclasses.replace(world.valid, labels=relabelled.astype(world.valid.labels.dtype))
+    with pytest.raises(NoValidationAUCError, match=rf"^the validation impressions {message}: the per-impression AUC is undefined"):
+        train_ctr(world.features, world.train, valid, log)
 
 
 def test_a_diverged_training_stops_instead_of_publishing_nan_weights(world, log):
