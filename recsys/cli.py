@@ -51,9 +51,14 @@ class AppContext:
         """The config with ``overrides`` ({"model.seed": 3}); ``flags`` names the option each came from."""
         return load_config(self.config_path, overrides, flags=flags)
 
+    def check_config(self) -> None:
+        """Refuse a bad config file even in a command that reads none of its keys (docs/configuration.md)."""
+        self.config()
+
     def engine(self):
         from recsys.store.database import open_store
 
+        self.check_config()  # before the workspace or the store is created
         self.workspace.ensure()
         engine = open_store(self.db_url)
         if self.call_on_close is not None:
@@ -148,6 +153,7 @@ def db_upgrade(ctx: typer.Context, revision: Annotated[str, typer.Option(help="T
     from recsys.store.database import create_engine_for, current_revision, upgrade
 
     c = _ctx(ctx)
+    c.check_config()
     c.workspace.ensure()
     engine = create_engine_for(c.db_url)
     upgrade(engine, revision)
@@ -328,6 +334,7 @@ def evaluate(
     if compare:
         from recsys.evaluation.compare import compare_files
 
+        _ctx(ctx).check_config()
         if len(compare) != 2:
             raise RecsysError(f"--compare needs exactly two metrics.json files, got {len(compare)}")
         typer.echo(compare_files(compare[0], compare[1], allow_different_data=allow_different_data))

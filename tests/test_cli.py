@@ -237,6 +237,29 @@ def test_config_typo_exits_1_naming_the_key(capsys, tmp_path: Path):
     assert "nightly.kk" in err
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["stats"],
+        ["recommend", "--user", "U1"],
+        ["similar", "--news", "N1"],
+        ["ingest", "--news", "news.tsv"],
+        ["db", "upgrade"],
+        ["evaluate", "--compare", "a.json", "--compare", "b.json"],
+        ["predict", "--behaviors", "behaviors.tsv", "--out", "prediction.txt"],
+    ],
+)
+def test_every_command_refuses_a_config_typo_before_creating_the_store(capsys, tmp_path: Path, command):
+    # These commands read no config key, yet a typo must not pass silently (docs/configuration.md).
+    workspace = tmp_path / "ws"
+    config = tmp_path / "recsys.toml"
+    config.write_text("[nightly]\nkk = 3\n")
+    code, out, err = run(capsys, "--workspace", str(workspace), "--config", str(config), *command)
+    assert (code, out) == (1, "")
+    assert "unknown key 'nightly.kk'" in err, err
+    assert not workspace.exists()
+
+
 def test_train_on_empty_store_exits_1(capsys, tmp_path: Path):
     code, _, err = run(capsys, "--workspace", str(tmp_path), "train")
     assert code == 1
