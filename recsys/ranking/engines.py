@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import threading
 import time
 import warnings
@@ -315,6 +316,93 @@ def _shard_result(shard: int, future) -> ShardResult:
 # worker that dies once is still replaced and the shard retried.
 RAY_ACTOR_RESTARTS = 2
 
+# How long the driver waits for a TCP connection to the Ray cluster given by --ray-address
+# before the job stops. ray.init itself, when nothing listens there, retries its GCS client 20
+# times at about 40 s each (over 13 minutes, the nightly lock held all along); Ray Client
+# (ray://) gives up after 30 s. A head node that is up accepts a connection within
+# milliseconds, even across regions; 10 s still covers a few lost SYNs on a bad link (Linux
+# resends them after 1, 3 and 7 s), and stays well below Ray's own waits.
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def _ray_unreachable(ray_address: str) -> str:
+    return f"cannot reach the Ray cluster at {ray_address} (--ray-address, config key nightly.ray_address)"
+
+
+def _ray_connect_target(ray_address: str) -> str | None:
+    """The host:port that ``ray.init(address=ray_address)`` connects to first, or None when
+    there is nothing to check beforehand: "local" (a new instance), a scheme other than
+    ray:// (a client plugin), a Ray Client address without a port, or "auto" (or a plain
+    address) that Ray cannot resolve, in which case ray.init reports it at once."""
+    address = ray_address
+    if address == "auto":  # as ray.init: RAY_ADDRESS, when set, replaces "auto"
+        address = os.environ.get("RAY_ADDRESS") or address
+    if address.startswith("ray://"):  # Ray Client: a gRPC channel to host:port as given
+        inner = address[len("ray://"):].rstrip("/")
+        return inner if _split_host_port(inner) else None
+    if address == "local" or "://" in address:
+        return None
+    try:
+        # The GCS address as ray.init reads it: "auto" from RAY_ADDRESS or the address file of
+        # the latest `ray start` (stale once that cluster died), localhost as this node's IP.
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(address)
+    except Exception:  # noqa: BLE001 - a private Ray helper: fall back on the address as given
+        return address if _split_host_port(address) else None
+
+
+def _split_host_port(address: str) -> tuple[str, int] | None:
+    """("host", port) of "host:port" or "[v6]:port"; None when it is not that form."""
+    host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        return None
+    return host, int(port)
+
+
+def check_ray_reachable(ray_address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Refuse a Ray address where nothing accepts a TCP connection, within ``timeout`` seconds
+    (``RAY_CONNECT_TIMEOUT_S``): ray.init would wait there for many minutes. Only the
+    connection is checked (opened and closed at once), never whether a Ray cluster answers it,
+    so an address that ray.init can join always passes.
+
+    Raises:
+        RecsysError: nothing accepts a connection at the address (refused, unreachable, no
+            answer within ``timeout``, or a host name that does not resolve).
+    """
+    if os.environ.get("RAY_grpc_enable_http_proxy", "0").lower() in ("1", "true"):
+        return  # Ray then connects through an HTTP proxy: a direct connection proves nothing
+    target = _ray_connect_target(ray_address)
+    split = _split_host_port(target) if target else None
+    if split is None:
+        return
+    host, port = split
+    deadline = time.monotonic() + timeout
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise RecsysError(f"{_ray_unreachable(ray_address)}: cannot resolve the host name {host!r} ({exc})") from exc
+    reason = "no address"
+    for family, kind, proto, _, sockaddr in addresses:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.settimeout(left)
+                sock.connect(sockaddr)
+            return
+        except TimeoutError:
+            reason = f"no answer within {timeout:g} s"
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+    raise RecsysError(
+        f"{_ray_unreachable(ray_address)}: connecting to {target}: {reason.lower()}; start the cluster "
+        "(`ray start --head`) or fix the address"
+    )
+
 
 class RayShardActor:
     """Ray Data actor: one ``ShardWorker`` per actor, one shard per batch row."""
@@ -355,6 +443,8 @@ def run_ray(
         One result per shard.
 
     Raises:
+        RecsysError: the cluster at ``ray_address`` cannot be reached (``check_ray_reachable``
+            within ``RAY_CONNECT_TIMEOUT_S``, or ray.init failing to connect).
         WorkerDiedError: an actor died more than ``RAY_ACTOR_RESTARTS`` times (one that dies
             less often is replaced and its shard ranked again).
     """
@@ -366,7 +456,11 @@ def run_ray(
     started_here = not ray.is_initialized()
     if started_here:
         if ray_address:
-            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+            check_ray_reachable(ray_address)
+            try:
+                ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+            except ConnectionError as exc:  # no cluster found for "auto", or Ray's own wait ran out
+                raise RecsysError(f"{_ray_unreachable(ray_address)}: {exc}") from exc
         else:
             ray.init(num_cpus=default_threads(), include_dashboard=False, log_to_driver=False)
     try:

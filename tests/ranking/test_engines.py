@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import re
+import socket
+import sys
+import time
+
 import pandas as pd
 import pytest
 from sqlalchemy import select
 
 from recsys.columns import NEWS_ID, RANK, SCORE, USER_ID
-from recsys.ranking.engines import threads_per_worker
+from recsys.errors import RecsysError
+from recsys.ranking import runs
+from recsys.ranking.engines import RAY_CONNECT_TIMEOUT_S, check_ray_reachable, threads_per_worker
+from recsys.ranking.lock import read_lock
 from recsys.ranking.nightly import run_nightly
 from recsys.store import schema as s
 from recsys.threads import default_threads
@@ -56,6 +64,85 @@ def test_ray_engine_equals_local(world_store, world):
     assert on_ray["counts"]["shards"] == local["counts"]["shards"]
     assert on_ray["counts"]["candidates_scored"] == local["counts"]["candidates_scored"]
     _assert_same(_rows(world_store, on_ray["run_id"]), _rows(world_store, local["run_id"]))
+
+
+def _port_nobody_listens_on() -> int:
+    # Free on every interface: Ray connects to this node's IP when given 127.0.0.1.
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        return sock.getsockname()[1]
+
+
+def _unreachable(address: str) -> str:
+    return rf"cannot reach the Ray cluster at {re.escape(address)} \(--ray-address, config key nightly\.ray_address\): "
+
+
+def test_ray_engine_fails_fast_where_no_cluster_listens(world_store, world):
+    # ray.init waited over 13 minutes there, the nightly lock held; the run must fail at once,
+    # as on any other error: run failed, lock released.
+    address = f"127.0.0.1:{_port_nobody_listens_on()}"
+    started = time.monotonic()
+    with pytest.raises(RecsysError, match=_unreachable(address) + r"connecting to .*:\d+: connection refused"):
+        _run(world_store, world, engine_name="ray", num_workers=1, ray_address=address)
+    assert time.monotonic() - started < RAY_CONNECT_TIMEOUT_S
+    with world_store.connect() as conn:
+        (run_id,) = conn.execute(select(s.runs.c.run_id)).scalars().all()
+    run = runs.get_run(world_store, run_id)
+    assert run.status == "failed" and address in run.message
+    assert read_lock(world_store) is None
+
+
+def test_ray_addresses_are_checked_as_ray_init_reads_them(monkeypatch):
+    port = _port_nobody_listens_on()
+    # Ray Client: host and port as given, refused at once instead of Ray Client's 30 s.
+    with pytest.raises(RecsysError, match=_unreachable(f"ray://127.0.0.1:{port}") + f"connecting to 127.0.0.1:{port}: "):
+        check_ray_reachable(f"ray://127.0.0.1:{port}")
+    # "auto" is RAY_ADDRESS when set (as in ray.init); the error names what the user gave.
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    with pytest.raises(RecsysError, match=_unreachable("auto") + r"connecting to .*: connection refused"):
+        check_ray_reachable("auto")
+    monkeypatch.delenv("RAY_ADDRESS")
+    # Nothing to check beforehand: a new local instance, a client plugin, no port.
+    for address in ("local", "anyscale://prod", "ray://head"):
+        check_ray_reachable(address)
+    # Through an HTTP proxy (Ray's opt-in) a direct connection proves nothing either way.
+    monkeypatch.setenv("RAY_grpc_enable_http_proxy", "1")
+    check_ray_reachable(f"127.0.0.1:{port}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux drops connections to a full accept queue")
+def test_ray_address_that_never_answers_fails_within_the_timeout():
+    # A listener whose accept queue is full: the kernel drops new connections unanswered,
+    # as a firewall or a powered-off head does.
+    with socket.socket() as server, socket.socket() as queued:
+        server.bind(("0.0.0.0", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        queued.connect(("127.0.0.1", port))
+        started = time.monotonic()
+        with pytest.raises(RecsysError, match=_unreachable(f"ray://127.0.0.1:{port}") + "connecting to .*: no answer within 0.5 s"):
+            check_ray_reachable(f"ray://127.0.0.1:{port}", timeout=0.5)
+        assert time.monotonic() - started < 2
+
+
+def test_ray_init_that_cannot_connect_is_a_recsys_error(store, world, monkeypatch):
+    # Something accepts connections there but ray.init still gives up ("auto" finding no
+    # cluster, a wrong port): a RecsysError naming the option too, not a traceback.
+    import ray
+
+    from recsys.ranking.engines import run_ray
+
+    def cannot_connect(**kwargs):
+        raise ConnectionError(f"Failed to connect to Ray cluster at {kwargs['address']}")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", cannot_connect)
+    with socket.socket() as server:
+        server.bind(("0.0.0.0", 0))
+        server.listen()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        with pytest.raises(RecsysError, match=_unreachable(address) + "Failed to connect to Ray cluster"):
+            run_ray(_setup(store, world), [(0, ["U000"])], num_workers=1, ray_address=address)
 
 
 def _setup(store, world, **overrides):
