@@ -469,3 +469,20 @@ def test_evaluate_of_an_unlabelled_file_warns_and_writes_the_predictions(trained
     assert summary["num_unlabelled"] == summary["num_impressions"] == len(list(iter_behaviors(path)))
     run_predict(engine, ws, config, behaviors=path, out=tmp_path / "p.txt", version=versions[True])
     assert (tmp_path / "r" / f"prediction-{versions[True]}.txt").read_text() == (tmp_path / "p.txt").read_text()
+
+
+@pytest.mark.parametrize(("impressions", "message"), [
+    ("N1-x N2-x", r"line 1: field 'impressions' has 'N1-x', expected label 0 or 1"),  # read as unlabelled ids
+    ("N1 N2-2", "has 'N2-2', expected label 0 or 1"),
+    ("N1 N3-x", "has 'N3-x', expected a news id present in the store or in --news"),  # N3 is not known either
+])
+def test_a_bad_label_on_a_known_article_is_named_as_a_bad_label(tmp_path, impressions, message):
+    from types import SimpleNamespace
+
+    from recsys.errors import SchemaError
+
+    path = tmp_path / "behaviors.tsv"
+    path.write_text(f"1\tU1\t11/11/2019 9:05:58 AM\tN1\t{impressions}\n")
+    catalogue = SimpleNamespace(row_of={"N1": 0, "N2": 1}, span=None)
+    with pytest.raises(SchemaError, match=message):
+        list(iter_behavior_chunks(path, catalogue))

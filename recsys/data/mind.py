@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -70,6 +70,7 @@ _TIME_RE = re.compile(r"([0-9]{1,2})/([0-9]{1,2})/([0-9]{4}) ([0-9]{1,2}):([0-9]
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 _EXPECTED_ID = f"an id matching ^{ID_PATTERN}$"
+EXPECTED_LABEL = "label 0 or 1"
 
 
 class MindFileError(RecsysError):
@@ -284,6 +285,17 @@ def iter_news(path: str | Path) -> RowStream:
     return RowStream(path, _parse_news)
 
 
+def is_bad_label(candidate: str, known: Container[str]) -> bool:
+    """Whether an unknown candidate of an unlabelled impression is a known id with a bad label.
+
+    News ids may contain ``-``, so a candidate with a bad label (``N17008-x``) reads as an
+    unlabelled id when no candidate of its impression has a good one; only the catalogue can
+    tell. If ``N17008`` is ``known``, the label is what is wrong, not the id.
+    """
+    news_id, dash, _ = candidate.rpartition("-")
+    return bool(dash) and news_id in known
+
+
 def iter_behaviors(path: str | Path) -> RowStream:
     """Stream the rows of a MIND behaviors.tsv (labelled or not).
 
@@ -465,7 +477,7 @@ def _parse_impressions_slowly(text: str) -> tuple[tuple[str, ...], tuple[int, ..
                 raise _Invalid(t, "a label on every candidate (the impression mixes labelled and unlabelled items)")
             news_id, _, label = t.rpartition("-")
             if label not in ("0", "1"):
-                raise _Invalid(t, "label 0 or 1")
+                raise _Invalid(t, EXPECTED_LABEL)
             if not _ID_RE.fullmatch(news_id):
                 raise _Invalid(t, f"a news id matching ^{ID_PATTERN}$ before the label")
         return tuple(t[:-2] for t in tokens), tuple(1 if t[-1] == "1" else 0 for t in tokens)

@@ -31,7 +31,7 @@ from recsys.columns import (
     ABSTRACT, CATEGORY, CONTENT_HASH, IMAGE_MISSING, IMAGE_PATH, IMAGE_STATUS, NEWS_ID, SUBCATEGORY, TITLE,
 )
 from recsys.config import Config, Workspace
-from recsys.data.mind import BehaviorsScan
+from recsys.data.mind import EXPECTED_LABEL, IMPRESSIONS, BehaviorsScan, is_bad_label
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError, SchemaError
 from recsys.models.samples import ClickLog, Impressions, InteractionLog, with_logged_clicks
@@ -220,7 +220,9 @@ def _chunk(rows: list, row_of: dict, path: Path, history_len: int) -> tuple[Impr
         for n in row.news_ids:
             r = row_of.get(n)
             if r is None:
-                raise SchemaError(path, row.line, "impressions", n, "a news id present in the store or in --news")
+                if row.labels is None and is_bad_label(n, row_of):
+                    raise SchemaError(path, row.line, IMPRESSIONS, n, EXPECTED_LABEL)
+                raise SchemaError(path, row.line, IMPRESSIONS, n, "a news id present in the store or in --news")
             cands.append(r)
         c_lists.append(cands)
         l_lists.append(row.labels if row.labels is not None else [-1] * len(cands))

@@ -29,7 +29,9 @@ from sqlalchemy import Connection, Engine
 from recsys.atomic import remove_stale
 from recsys.columns import HISTORY, IMAGE_MISSING, IMAGE_OK, IMAGE_STATUSES
 from recsys.data.images import ImageCheck, check_image_file, inspect_image, list_images
-from recsys.data.mind import IMPRESSIONS, BadRow, BehaviorRow, NewsRow, RowStream, iter_behaviors, iter_news
+from recsys.data.mind import (
+    EXPECTED_LABEL, IMPRESSIONS, BadRow, BehaviorRow, NewsRow, RowStream, is_bad_label, iter_behaviors, iter_news,
+)
 from recsys.errors import ConfigError
 from recsys.store import schema
 from recsys.store.bulk import BulkWriter, bulk_writer
@@ -53,7 +55,9 @@ class IngestReport:
         users: users new to the store.
         impressions: impressions accepted (inserted or replaced).
         impression_items: candidate rows written.
-        clicks: click rows written (History entries of replaced histories + clicked items).
+        clicks: click-row writes: History entries of replaced histories + (user, article) pairs
+            clicked, per batch. Not the rows added to ``clicks``: a pair both in the History and
+            clicked counts twice, and a rerun counts its clicked pairs again (docs/data-contract.md).
         num_bad_rows: lines not loaded (also in the quarantine file and table).
         quarantine_file: the quarantine TSV of this call, None when there was no bad row.
         source: the name the behaviors file's impressions are stored under.
@@ -311,7 +315,7 @@ class _Job:
             missing = set().union(*(r.news_ids for r in parsed), *(r.history for r in parsed)).difference(known)
             for row in lines:
                 if isinstance(row, BehaviorRow):
-                    row = repeats.get(row.line) or (missing and _unknown_news(row, missing, stream.name)) or row
+                    row = repeats.get(row.line) or (missing and _unknown_news(row, missing, known, stream.name)) or row
                 if isinstance(row, BadRow):
                     self._bad(row, file_key, pending_bad)
                 else:
@@ -494,8 +498,16 @@ def _greatest(current, new):
     return sa.case((current.is_(None), new), (new > current, new), else_=current)
 
 
-def _unknown_news(row: BehaviorRow, missing: set[str], name: str) -> BadRow | None:
-    """The row as a bad row if it names one of the ``missing`` news ids (History first)."""
+def _unknown_news(row: BehaviorRow, missing: set[str], known: dict[str, datetime | None], name: str) -> BadRow | None:
+    """The row as a bad row if it names one of the ``missing`` news ids (History first).
+
+    An unknown candidate that is a ``known`` id with a bad label (``N17008-x``, see
+    ``is_bad_label``) is reported as that, and first: the reader puts bad labels before ids.
+    """
+    if row.labels is None:
+        for candidate in row.news_ids:
+            if candidate in missing and is_bad_label(candidate, known):
+                return BadRow(name, row.line, IMPRESSIONS, candidate, EXPECTED_LABEL, row.raw)
     for field_name, ids in ((HISTORY, row.history), (IMPRESSIONS, row.news_ids)):
         for news_id in ids:
             if news_id in missing:

@@ -90,6 +90,16 @@ def test_small_world_rows_by_hand(engine, small_world, quarantine_dir, batch_siz
     }
 
 
+def test_report_clicks_count_writes_and_stats_count_rows(engine, small_world, quarantine_dir):
+    """docs/data-contract.md, "What ingest reports": the report's ``clicks`` is not ``recsys stats``'."""
+    report = run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"])
+    # History entries U1: N1 N2 N3, U3: N6; clicked pairs (U1, N3), (U1, N4), (U2, N2), (U2, N6).
+    # (U1, N3) is both: one row, two writes.
+    assert (report.clicks, store_stats(engine)["clicks"]) == (4 + 4, 7)
+    report = run(engine, quarantine_dir, behaviors_path=small_world["behaviors"])
+    assert (report.clicks, store_stats(engine)["clicks"]) == (4, 7)  # Histories unchanged: only the clicked pairs
+
+
 def test_news_text_round_trips_with_any_script_and_entity_json(engine, small_world, quarantine_dir):
     run(engine, quarantine_dir, news_path=small_world["news"])
     by_id = {r[0]: r for r in rows(engine, "news", "news_id", "title", "abstract", "title_entities", "abstract_entities", "image_status")}
@@ -357,6 +367,11 @@ BAD_BEHAVIORS = [
     (behavior_line(9, "U1", T0, ["N1", "N?"], ["N1-1"]), "history", "field 'history' has 'N\\?', expected news ids matching"),
     (behavior_line(9, "U1", T0, [], ["N1-1", "N55-x"]), "impressions", r"behaviors\.tsv line 2: field 'impressions' has 'N55-x', expected label 0 or 1"),
     (behavior_line(9, "U1", T0, [], ["N1-1", "N2"]), "impressions", "field 'impressions' has 'N2', expected a label on every candidate"),
+    # Every candidate with a bad label reads as an unlabelled id ("N2-x"); as none is known and
+    # the id before the dash is, the label is what is wrong, however the other candidates look.
+    (behavior_line(9, "U1", T0, [], ["N2-x", "N3-x"]), "impressions", r"behaviors\.tsv line 2: field 'impressions' has 'N2-x', expected label 0 or 1"),
+    (behavior_line(9, "U1", T0, [], ["N2", "N3-2"]), "impressions", "field 'impressions' has 'N3-2', expected label 0 or 1"),
+    (behavior_line(9, "U1", T0, ["N98"], ["N1-"]), "impressions", "field 'impressions' has 'N1-', expected label 0 or 1"),
     (behavior_line(9, "U1", T0, [], ["N1-1", "N99-0"]), "impressions", "field 'impressions' has 'N99', expected a news id present in the store or in the news file"),
     (behavior_line(9, "U1", T0, ["N98"], ["N1-1"]), "history", "field 'history' has 'N98', expected a news id present in the store"),
     (behavior_line(9, "U1", T0, [], [f"N1-{i % 2}" for i in range(1001)]), "impressions", "has '1001 candidates', expected at most 1000 candidates"),
