@@ -20,7 +20,8 @@ EXPORT_SCHEMA = pa.schema([
     pa.field(RANK, pa.int16(), nullable=False),
     pa.field(NEWS_ID, pa.string(), nullable=False),
     pa.field(SCORE, pa.float64(), nullable=False),
-    pa.field("created_at", pa.timestamp("us"), nullable=False),
+    # The store's times are naive UTC; the file says so, or readers take them for local times.
+    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
 ])
 
 
@@ -58,6 +59,7 @@ def export_run(engine: Engine, out_dir: Path, *, run_id: int | None = None, chun
     try:
         with pq.ParquetWriter(tmp, EXPORT_SCHEMA) as writer:
             for df in iter_run_rows(engine, run_id, rows=chunk_rows):
+                df["created_at"] = df["created_at"].dt.tz_localize("UTC")
                 writer.write_table(pa.Table.from_pandas(df, schema=EXPORT_SCHEMA, preserve_index=False))
         os.replace(tmp, path)
     finally:

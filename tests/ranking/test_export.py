@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -48,6 +50,25 @@ def test_round_trip(store, add_news, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         f"recommendations-run-{old}.parquet", f"recommendations-run-{run_id}.parquet",
     ]
+
+
+def test_created_at_is_a_utc_timestamp(store, add_news, tmp_path):
+    """The store holds naive UTC times; the file says UTC, so a reader in another zone (Spark,
+    DuckDB, pandas) does not read the rows' time as its own local time."""
+    import pyarrow as pa
+
+    add_news(store, ["N1", "N2"])
+    run_id = runs.create_run(store, model_version="v1", plan={"k": 2})
+    frame = pd.DataFrame([("U1", 1, "N1", 0.9), ("U1", 2, "N2", 0.8)], columns=[USER_ID, RANK, NEWS_ID, SCORE])
+    written = datetime(2019, 11, 15, 2, 30, 5, 123456)
+    runs.write_shard(store, run_id, 0, frame, num_users=1, created_at=written)
+    runs.complete_run(store, run_id, counts={}, timings={}, num_shards=1)
+    table = pq.read_table(export_run(store, tmp_path))
+    assert table.schema.field("created_at").type == pa.timestamp("us", tz="UTC")
+    with store.connect() as conn:
+        stored = conn.execute(select(s.recommendations.c.created_at).where(s.recommendations.c.run_id == run_id)).scalars().all()
+    assert stored == [written, written]  # naive, UTC
+    assert table.column("created_at").to_pylist() == [written.replace(tzinfo=timezone.utc)] * 2
 
 
 def test_export_errors(store, tmp_path):
