@@ -114,6 +114,9 @@ class Config:
         ):
             if value < 1:
                 raise ConfigError(f"config key '{key}' is {value}, expected a positive number")
+        if self.nightly.k > self.nightly.num_candidates:
+            raise ConfigError(f"config key 'nightly.k' is {self.nightly.k}, expected at most 'nightly.num_candidates' "
+                              f"({self.nightly.num_candidates}): each list is the best k of the candidates retrieved")
         for key, value in (("nightly.active_days", self.nightly.active_days), ("nightly.freshness_days", self.nightly.freshness_days)):
             if not 0 < value <= MAX_DAYS:  # also rejects NaN and inf, which timedelta cannot hold
                 raise ConfigError(f"config key '{key}' is {value}, expected a number of days above 0 and at most {MAX_DAYS}")
@@ -194,7 +197,8 @@ def load_config(path: Path | None, overrides: dict | None = None, *, flags: dict
 
     Args:
         flags: the command-line option each override came from ({"model.seed": "--seed"}); an
-            error about a value given that way names the option before the key.
+            error about a value given that way names the option before the key (both options,
+            when it is about two keys given that way).
 
     Raises:
         ConfigError: unreadable TOML, unknown keys, wrong types or values.
@@ -213,9 +217,11 @@ def load_config(path: Path | None, overrides: dict | None = None, *, flags: dict
     try:
         return config_from_dict(data, source=str(path) if path else "config")
     except ConfigError as exc:
-        for dotted, flag in (flags or {}).items():
-            if (overrides or {}).get(dotted) is not None and f"config key '{dotted}'" in str(exc):
-                raise ConfigError(f"{flag}: {exc}") from exc
+        # Every flag given whose key the error names (a rule between two keys names both).
+        given = [flag for dotted, flag in (flags or {}).items()
+                 if (overrides or {}).get(dotted) is not None and f"'{dotted}'" in str(exc)]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: {exc}") from exc
         raise
 
 

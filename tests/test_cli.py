@@ -302,6 +302,15 @@ def test_bad_training_config_exits_1_before_the_store_is_opened(capsys, tmp_path
     assert not (tmp_path / "recsys.db").exists()
 
 
+def test_nightly_with_fewer_candidates_than_k_exits_1_before_the_store_is_opened(capsys, tmp_path: Path):
+    # Refused by the ranking before, after the ingest and the encoding of new articles.
+    code, out, err = run(capsys, "--workspace", str(tmp_path), "nightly", "--candidates", "5", "--k", "10")
+    assert (code, out) == (1, "")
+    assert err.startswith("error: --k, --candidates: config key 'nightly.k' is 10, expected at most "
+                          "'nightly.num_candidates' (5)"), err
+    assert not (tmp_path / "recsys.db").exists()
+
+
 def test_internal_error_exits_2_without_traceback(capsys, tmp_path: Path, monkeypatch):
     import recsys.store.stats as stats_module
 

@@ -116,6 +116,22 @@ def test_a_bad_flag_is_named_before_its_key(tmp_path: Path):
         load_config(path, {"model.seed": None}, flags=flags)
 
 
+def test_fewer_candidates_than_k_is_refused_naming_both_keys_and_the_flags_given(tmp_path: Path):
+    # The nightly refused it only after its ingest and the encoding of new articles.
+    message = r"config key 'nightly.k' is 10, expected at most 'nightly.num_candidates' \(5\)"
+    with pytest.raises(ConfigError, match=rf"^{message}"):
+        config_from_dict({"nightly": {"num_candidates": 5}})
+    flags = {"nightly.k": "--k", "nightly.num_candidates": "--candidates"}
+    with pytest.raises(ConfigError, match=rf"^--k, --candidates: {message}"):
+        load_config(None, {"nightly.k": 10, "nightly.num_candidates": 5}, flags=flags)
+    # Only the flags given are named: here k is the file's.
+    path = tmp_path / "recsys.toml"
+    path.write_text("[nightly]\nk = 10\n")
+    with pytest.raises(ConfigError, match=rf"^--candidates: {message}"):
+        load_config(path, {"nightly.k": None, "nightly.num_candidates": 5}, flags=flags)
+    assert load_config(None, {"nightly.k": 5, "nightly.num_candidates": 5}, flags=flags).nightly.k == 5
+
+
 def test_bad_toml_names_the_file(tmp_path: Path):
     path = tmp_path / "recsys.toml"
     path.write_text("[nightly\n")
