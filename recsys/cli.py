@@ -24,15 +24,21 @@ from recsys.config import Config, Workspace, load_config, resolve_db_url
 from recsys.errors import RecsysError
 from recsys.progress import LOG_FORMAT
 
+# Plain click help, not Rich's: Rich reads a help text's "[r1,r2,...]" as markup and drops
+# it, and typer's Rich panel gives every flag (--strict, --json, --help) a "<bool>" metavar
+# as if it took a value. Every Typer sets it: its commands inherit it from there.
+_PLAIN_HELP = {"rich_markup_mode": None}
+
 app = typer.Typer(
     help="Multimodal news recommendation: MIND ingest, encoders, FAISS, CTR model, nightly ranking, evaluation.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    **_PLAIN_HELP,
 )
 INGEST_FAILED = 3
-db_app = typer.Typer(help="Store schema migrations.", no_args_is_help=True)
-index_app = typer.Typer(help="The FAISS index of item embeddings.", no_args_is_help=True)
+db_app = typer.Typer(help="Store schema migrations.", no_args_is_help=True, **_PLAIN_HELP)
+index_app = typer.Typer(help="The FAISS index of item embeddings.", no_args_is_help=True, **_PLAIN_HELP)
 app.add_typer(db_app, name="db")
 app.add_typer(index_app, name="index")
 

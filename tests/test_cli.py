@@ -209,6 +209,39 @@ def test_bad_usage_exits_1(capsys, tmp_path: Path):
     assert code == 1
 
 
+def test_predict_help_shows_the_prediction_line_literally(capsys):
+    # Rich read "[r1,r2,...]" as a markup tag and printed "write `ImpressionID ` lines".
+    code, out, _ = run(capsys, "predict", "--help")
+    assert code == 0
+    assert "write `ImpressionID [r1,r2,...]`" in " ".join(out.split())
+
+
+def _commands(group, path=()):
+    """(path, click command) of every command, groups included."""
+    yield path, group
+    for name, sub in getattr(group, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_every_help_shows_its_texts_verbatim_and_no_value_for_flags(capsys):
+    import typer
+
+    from recsys.cli import app
+
+    for path, command in _commands(typer.main.get_command(app)):
+        code, out, _ = run(capsys, *path, "--help")
+        assert code == 0, path
+        # Typer's Rich panel printed "--strict <bool>", "--help <bool>": as if flags took a value.
+        assert "<bool>" not in out, path
+        flags = [p.opts[0] for p in command.params if getattr(p, "is_flag", False)] + ["--help"]
+        for flag in flags:
+            assert re.search(rf"^\s+(-\w, )?{flag}\s{{2,}}\S", out, re.M), (path, flag, out)
+        # Wrapping moves spaces and breaks at hyphens: compare without any whitespace.
+        shown = re.sub(r"\s+", "", out)
+        for param in command.params:
+            assert re.sub(r"\s+", "", param.help or "") in shown, (path, param.name)
+
+
 def test_missing_input_file_exits_1_naming_it(capsys, tmp_path: Path):
     code, _, err = run(capsys, "--workspace", str(tmp_path), "ingest", "--news", str(tmp_path / "nope.tsv"))
     assert code == 1
