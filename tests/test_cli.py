@@ -387,3 +387,27 @@ def check_similar_share_topic_or_style(world: Path, workspace: Path) -> None:
     ])
     observed = shared / total
     assert observed > chance + 0.25, (observed, chance)
+
+
+def test_the_readme_lists_every_command_with_every_option():
+    import typer
+
+    from recsys.cli import app
+
+    commands = {" ".join(path): command for path, command in _commands(typer.main.get_command(app))
+                if path and not getattr(command, "commands", None)}  # groups list their commands
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## The command line", 1)[1].split("```", 2)[1]
+    # Each "recsys <command> ..." line with its indented continuation lines.
+    usage: dict[str, str] = {}
+    name = None
+    for line in block.splitlines():
+        if line.startswith("recsys "):
+            words = line.split()
+            name = " ".join(words[1:3]) if " ".join(words[1:3]) in commands else words[1]
+        usage[name] = usage.get(name, "") + " " + line
+    for name, command in commands.items():
+        assert name in usage, f"README lists no 'recsys {name}'"
+        for param in command.params:
+            if param.opts[0].startswith("--"):
+                assert param.opts[0] in usage[name], f"README's 'recsys {name}' lacks {param.opts[0]}"
