@@ -67,6 +67,8 @@ class IndexConfig:
 MAX_DAYS = 36_500
 # NumPy and TensorFlow seeds are unsigned 32-bit integers.
 MAX_SEED = 2**32 - 1
+# The largest rank the store's recommendations.rank column (SmallInteger) holds.
+MAX_RANK = 32_767
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,9 @@ class Config:
         ):
             if value < 1:
                 raise ConfigError(f"config key '{key}' is {value}, expected a positive number")
+        if self.nightly.k > MAX_RANK:
+            raise ConfigError(f"config key 'nightly.k' is {self.nightly.k}, expected at most {MAX_RANK} "
+                              "(the largest rank the store holds)")
         if self.nightly.k > self.nightly.num_candidates:
             raise ConfigError(f"config key 'nightly.k' is {self.nightly.k}, expected at most 'nightly.num_candidates' "
                               f"({self.nightly.num_candidates}): each list is the best k of the candidates retrieved")

@@ -44,6 +44,8 @@ def test_unknown_section_is_named():
         ({"encoders": {"use_abstract": 1}}, r"'encoders.use_abstract' is 1, expected true or false"),
         ({"model": {"fusion": "sum"}}, r"'model.fusion' is 'sum', expected one of concat, weighted_sum, gated"),
         ({"nightly": {"k": 0}}, r"'nightly.k' is 0, expected a positive number"),
+        # refused by the ranking before, after the ingest and the encoding of new articles
+        ({"nightly": {"k": 40000, "num_candidates": 50000}}, r"'nightly.k' is 40000, expected at most 32767 \(the largest rank"),
         ({"nightly": 3}, r"'nightly' must be a table"),
         ({"model": {"anchor_dim": 64}}, r"'model.anchor_dim' is 64, expected 0 or more with anchor_dim x modalities \(128\)"),
         ({"model": {"anchor_dim": -1}}, r"'model.anchor_dim' is -1"),

@@ -23,11 +23,10 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import Engine
 
-from recsys.config import MAX_DAYS
+from recsys.config import MAX_DAYS, MAX_RANK
 from recsys.errors import ConfigError, RecsysError
 from recsys.models.side_features import SideFeatures
 from recsys.ranking import runs
-from recsys.ranking.runs import MAX_RANK
 from recsys.ranking.engines import (
     ShardResult,
     WorkerDiedError,

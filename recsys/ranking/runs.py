@@ -20,6 +20,7 @@ from sqlalchemy import Engine, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from recsys.columns import CATEGORY, NEWS_ID, RANK, RUN_ID, SCORE, TITLE, USER_ID
+from recsys.config import MAX_RANK
 from recsys.errors import ConfigError, NotFoundError, StoreError
 from recsys.ranking.lock import current_holder, utc_now
 from recsys.store import schema as s
@@ -34,8 +35,6 @@ FAILED = "failed"
 PRUNED = "pruned"
 
 RECOMMENDATION_COLUMNS = (USER_ID, RANK, NEWS_ID, SCORE)
-# The largest rank the store's SmallInteger column holds.
-MAX_RANK = 32_767
 # The stored row of one recommendation, in the order write_shard builds it.
 _ROW_COLUMNS = ("run_id", "user_id", "rank", "news_id", "score", "created_at")
 
