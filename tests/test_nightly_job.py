@@ -186,6 +186,31 @@ def test_a_job_with_an_export_it_cannot_write_or_lone_ingest_options_stops_befor
     engine.dispose()
 
 
+def test_a_job_whose_ray_cluster_is_unreachable_stops_before_the_ingest(tmp_path):
+    """Found before the lock and the ingest, not after them (the ranking checks it too)."""
+    import socket
+
+    from recsys.errors import RecsysError
+
+    world, ws, engine = ingested_sample(tmp_path, num_users=20, num_news=100, num_impressions=30, seed=4)
+    before = store_stats(engine)
+    runs_before = _runs(engine)
+    with socket.socket() as sock:  # a port nothing listens on, on every interface
+        sock.bind(("0.0.0.0", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    config = load_config(None, {"nightly.engine": "ray", "nightly.ray_address": address})
+    with pytest.raises(RecsysError, match=f"cannot reach the Ray cluster at {address}"):
+        run_nightly_job(engine, ws, config, behaviors=world / "behaviors_test.tsv")
+    assert store_stats(engine) == before
+    assert _runs(engine) == runs_before  # no ingest run, no nightly run
+    engine.dispose()
+
+
+def _runs(engine) -> list[tuple]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.select(schema.runs.c.run_id, schema.runs.c.kind, schema.runs.c.status))]
+
+
 def test_the_jobs_own_process_never_loads_tensorflow(trained):
     """The index refresh (encoders, item tower) runs in a helper process, so the job's process
     stays small beside its ranking workers; checked in a fresh interpreter."""

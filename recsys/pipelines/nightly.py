@@ -236,6 +236,11 @@ def run_nightly_job(
         raise RecsysError("nightly --images and --source go with --news and/or --behaviors (the files to ingest)")
     if export is not None:  # found now, not after the night's ranking
         check_output_folder("--export", export)
+    if config.nightly.engine == "ray" and config.nightly.ray_address:
+        from recsys.ranking.engines import check_ray_reachable
+
+        # Now, not after the ingest and the index refresh; the ranking checks again before ray.init.
+        check_ray_reachable(config.nightly.ray_address)
     # This process ingests and drives the ranking; TensorFlow runs in its helper and workers.
     configure_threads(config.runtime.threads or None, tensorflow=False)
     # The lock covers the ingest and the index too: a run started while the previous night's
