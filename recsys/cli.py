@@ -89,6 +89,8 @@ def main_options(
         format=LOG_FORMAT,
         stream=sys.stderr,
     )
+    # Which SIMD build FAISS loaded: six INFO lines a job, none of them news.
+    logging.getLogger("faiss.loader").setLevel(logging.NOTSET if verbose else logging.WARNING)
     ws = Workspace.resolve(workspace)
     if config is not None and not config.exists():
         raise RecsysError(f"config file {config} does not exist")

@@ -411,3 +411,16 @@ def test_the_readme_lists_every_command_with_every_option():
         for param in command.params:
             if param.opts[0].startswith("--"):
                 assert param.opts[0] in usage[name], f"README's 'recsys {name}' lacks {param.opts[0]}"
+
+
+def test_faiss_loader_lines_only_with_verbose(capsys, tmp_path: Path):
+    import logging
+
+    loader = logging.getLogger("faiss.loader")
+    try:
+        run(capsys, "--workspace", str(tmp_path), "stats")
+        assert loader.level == logging.WARNING  # six INFO lines a job about SIMD builds
+        run(capsys, "--workspace", str(tmp_path), "--verbose", "stats")
+        assert loader.level == logging.NOTSET  # the root logger's DEBUG
+    finally:
+        loader.setLevel(logging.NOTSET)
