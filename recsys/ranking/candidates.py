@@ -140,7 +140,8 @@ def rank_users(
 
     Users with a history get their user vector's nearest articles from the index (already
     clicked and stale articles filtered out by the index); users without one (cold start) get
-    the ``popular`` articles as candidates, ranked for the model's cold-start user vector.
+    the first ``num_candidates`` ``popular`` articles they did not click as candidates, ranked
+    for the model's cold-start user vector.
     Every candidate is scored by the CTR model; the k best are kept. Users with fewer than k
     candidates get fewer rows: never duplicates, never padding.
 
@@ -154,7 +155,8 @@ def rank_users(
         num_candidates: articles retrieved per user before scoring (N).
         k: recommendations kept per user.
         published_after: freshness cut-off handed to the index.
-        popular: (c,) item rows of cold-start candidates, most popular first.
+        popular: (c,) item rows of cold-start candidates, most popular first; it should reach
+            past ``num_candidates`` (every fresh article) so that a reader's clicks can be skipped.
         timings: if given, seconds per stage are added to it.
         clicked: (offsets (m + 1,), items) of every article each user clicked, which are never
             recommended; default: the history. A model that reads the History column only
@@ -177,7 +179,7 @@ def rank_users(
     if len(history_offsets) != m + 1:
         raise ValueError(f"history offsets have {len(history_offsets)} entries for {m} users, expected {m + 1}")
     timings = {} if timings is None else timings
-    if m == 0:
+    if m == 0 or len(catalogue) == 0:  # an empty index: nothing to recommend, no user vector to read
         return _empty_result()
     clicked_offsets, clicked_items = (history_offsets, history_items) if clicked is None else (
         np.asarray(clicked[0], dtype=np.int64), np.asarray(clicked[1], dtype=np.int64))
@@ -204,9 +206,11 @@ def rank_users(
         pair_items.append(rows)
     clock = _tick(timings, "search", clock)
     if len(cold) and popular is not None and len(popular):
-        cands = np.asarray(popular[:num_candidates], dtype=np.int64)
-        pair_users.append(np.repeat(cold, len(cands)))
-        pair_items.append(np.tile(cands, len(cold)))
+        cold_users, cold_items = _popular_pairs(
+            cold, np.asarray(popular, dtype=np.int64), clicked_offsets, clicked_items, num_candidates, len(catalogue)
+        )
+        pair_users.append(cold_users)
+        pair_items.append(cold_items)
     users = np.concatenate(pair_users) if pair_users else np.zeros(0, np.int64)
     items = np.concatenate(pair_items) if pair_items else np.zeros(0, np.int64)
     users, items = _clean_pairs(users, items, clicked_offsets, clicked_items, len(catalogue))
@@ -260,14 +264,46 @@ def _rows_of(catalogue: Catalogue, news_ids: np.ndarray) -> np.ndarray:
     return catalogue.lookup.get_indexer(news_ids).astype(np.int64)
 
 
+def _clicked_keys(clicked_offsets: np.ndarray, clicked_items: np.ndarray, num_items: int) -> np.ndarray:
+    """(c,) int64 ``user * num_items + item`` of every (user position, clicked row) pair."""
+    clicked_users = np.repeat(np.arange(len(clicked_offsets) - 1, dtype=np.int64), np.diff(clicked_offsets))
+    return clicked_users * np.int64(num_items) + clicked_items
+
+
+def _popular_pairs(
+    cold: np.ndarray, popular: np.ndarray, clicked_offsets: np.ndarray, clicked_items: np.ndarray,
+    num_candidates: int, num_items: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each cold-start user's first ``num_candidates`` popular articles that they did not click.
+
+    A reader without a usable history may still have clicked (impression clicks that a model
+    trained on the History column does not read), and what they clicked is popular by
+    construction: cutting the list before dropping their clicks would leave them short of k
+    while more fresh articles wait. The index skips the clicks of users with a history the
+    same way, before its cut.
+
+    Args:
+        cold: (c,) int64 positions of the cold-start users in the shard.
+        popular: (p,) int64 item rows, most popular first.
+        clicked_offsets / clicked_items: CSR of every user's clicked item rows.
+
+    Returns:
+        (users, items): int64 pairs of user positions and item rows, users in ``cold`` order.
+    """
+    most_clicked = int(np.diff(clicked_offsets)[cold].max())
+    cands = popular[: num_candidates + most_clicked]
+    keys = cold[:, None] * np.int64(num_items) + cands[None, :]  # (c, len(cands))
+    unclicked = ~np.isin(keys, _clicked_keys(clicked_offsets, clicked_items, num_items))
+    keep = unclicked & (np.cumsum(unclicked, axis=1) <= num_candidates)
+    return np.broadcast_to(cold[:, None], keep.shape)[keep], np.broadcast_to(cands, keep.shape)[keep]
+
+
 def _clean_pairs(users, items, history_offsets, history_items, num_items):
     """Drop unknown articles, articles the user clicked, and repeated (user, article) pairs."""
     valid = (items >= 0) & (items < num_items)
     users, items = users[valid], items[valid]
     keys = users * np.int64(num_items) + items
-    clicked_users = np.repeat(np.arange(len(history_offsets) - 1, dtype=np.int64), np.diff(history_offsets))
-    clicked = clicked_users * np.int64(num_items) + history_items
-    keep = ~np.isin(keys, clicked)
+    keep = ~np.isin(keys, _clicked_keys(history_offsets, history_items, num_items))
     _, first = np.unique(keys[keep], return_index=True)
     chosen = np.flatnonzero(keep)[np.sort(first)]
     return users[chosen], items[chosen]

@@ -56,7 +56,8 @@ class WorkerSetup:
         k / num_candidates: recommendations kept and candidates retrieved per user.
         published_after: freshness cut-off (datetime64[s]) or None.
         side: (n, S) float32 side features of every index row at the run's time.
-        popular: (c,) int64 index rows of the cold-start candidates, most popular first.
+        popular: (c,) int64 index rows of every fresh article, most popular first: each
+            cold-start user's candidates are the first ``num_candidates`` they did not click.
         catalogue_fingerprint: ``ids_fingerprint`` of the index rows the driver saw.
         num_threads: threads per worker for TensorFlow and FAISS.
         created_at: timestamp written on every recommendation of the run.

@@ -139,9 +139,7 @@ def run_nightly(
         timings["select_users"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        prepared = _prepare(
-            engine, model_dir, index_dir, as_of=as_of, freshness_days=freshness_days, num_candidates=num_candidates
-        )
+        prepared = _prepare(engine, model_dir, index_dir, as_of=as_of, freshness_days=freshness_days)
         plan = {
             "as_of": as_of.isoformat(sep=" "), "active_days": active_days, "freshness_days": freshness_days,
             "k": k, "num_candidates": num_candidates, "shard_size": shard_size, "num_shards": len(shards),
@@ -248,9 +246,7 @@ def _check_arguments(engine_name, shard_size, k, num_candidates, active_days, fr
         raise ConfigError(f"nightly.workers is {num_workers}, expected 0 or more")
 
 
-def _prepare(
-    engine: Engine, model_dir, index_dir, *, as_of: datetime, freshness_days: float, num_candidates: int
-) -> dict:
+def _prepare(engine: Engine, model_dir, index_dir, *, as_of: datetime, freshness_days: float) -> dict:
     """Once per run, in the driver: the index rows, side features and cold-start candidates.
 
     The driver never loads TensorFlow: side features are plain NumPy from the bundle's
@@ -277,7 +273,8 @@ def _prepare(
         # article never shown has no first-seen time but an indexing time, and ages out.
         "popular": popular_items(
             log, index.published(news_ids), now=now, window=np.timedelta64(int(window.total_seconds()), "s"),
-            fresh_after=fresh_after, limit=num_candidates,
+            # Every fresh article, not num_candidates: each cold-start reader skips the ones they clicked.
+            fresh_after=fresh_after, limit=len(news_ids),
         ),
         "published_after": fresh_after,
     }

@@ -213,3 +213,38 @@ def test_catalogue_checks():
     with pytest.raises(ValueError, match="Catalogue news ids repeat, e.g. 'a'"):
         _ = repeated.lookup
     assert isinstance(Catalogue(np.array(["a"], dtype=object), np.zeros((1, 4)), np.zeros((1, 3))).lookup, pd.Index)
+
+
+def test_cold_start_users_who_clicked_popular_articles_still_get_k(world, parts):
+    """A reader without a usable history may have clicked (impression clicks a History-only
+    model does not read): the articles they clicked are skipped before the popular list is cut
+    to num_candidates, as the index over-fetches for users with a history."""
+    model, index, catalogue, log, first_seen = parts
+    cutoff = np.datetime64(AS_OF - timedelta(days=3), "s")
+    popular = popular_items(log, first_seen, now=np.datetime64(AS_OF, "s"), window=np.timedelta64(24, "h"),
+                            fresh_after=cutoff, limit=len(catalogue))
+    users = np.array(["cold-a", "cold-b", "cold-c"], dtype=object)
+    # a clicked the three most popular articles, b the 2nd and the 11th, c nothing.
+    clicks = [list(popular[:3]), [popular[1], popular[10]], []]
+    clicked = (np.r_[0, np.cumsum([len(c) for c in clicks])], np.array([r for c in clicks for r in c], dtype=np.int64))
+    got = rank_users(users, np.zeros(4, np.int64), np.zeros(0, np.int64), model, catalogue, index,
+                     num_candidates=10, k=10, published_after=cutoff, popular=popular, clicked=clicked)
+    cold_vector = model.user_vectors(np.zeros(2, np.int64), np.zeros(0, np.int64), catalogue.embeddings)
+    for user, mine in zip(users, clicks):
+        # Reference: the first 10 popular articles the user did not click, ranked by brute force.
+        cands = np.array([r for r in popular if r not in mine][:10])
+        scores = model.score(np.repeat(cold_vector, len(cands), axis=0), catalogue.embeddings[cands], catalogue.side[cands])
+        order = np.lexsort((cands, -scores.astype(np.float64)))
+        listed = got[got[USER_ID] == user]
+        assert listed[NEWS_ID].tolist() == list(catalogue.news_ids[cands[order]])
+        np.testing.assert_allclose(listed[SCORE].to_numpy(), scores[order], rtol=1e-5)
+
+
+def test_an_empty_index_gives_empty_lists(parts):
+    model, _, catalogue, _, _ = parts
+    empty = FaissIndex.build(np.array([], dtype=str), np.zeros((0, catalogue.embeddings.shape[1]), np.float32),
+                             kind="flat", num_threads=1)
+    nothing = Catalogue(catalogue.news_ids[:0], catalogue.embeddings[:0], catalogue.side[:0])
+    got = rank_users(np.array(["a", "b"], dtype=object), np.zeros(3, np.int64), np.zeros(0, np.int64), model,
+                     nothing, empty, k=10, popular=np.zeros(0, np.int64))
+    assert got.empty and list(got.columns) == [USER_ID, RANK, NEWS_ID, SCORE]

@@ -292,7 +292,7 @@ def test_cold_start_candidates_follow_the_index_freshness(world_store, world, tm
     for name, published in (("aged", as_of - timedelta(days=10)), ("recent", as_of - timedelta(hours=1))):
         index.set_published(never, np.full(len(never), np.datetime64(published, "s")))
         index.save(tmp_path / name)
-        prepared = _prepare(world_store, world.model_dir, tmp_path / name, as_of=as_of, freshness_days=3, num_candidates=200)
+        prepared = _prepare(world_store, world.model_dir, tmp_path / name, as_of=as_of, freshness_days=3)
         popular = set(prepared["news_ids"][prepared["popular"]])
         if name == "aged":
             assert not popular & set(never)
@@ -325,3 +325,36 @@ def test_a_job_whose_lock_was_taken_over_touches_no_run(world_store, world):
         assert conn.execute(select(s.runs.c.run_id)).scalars().all() == [theirs]
     assert read_lock(world_store).holder == "host-b:2"
     retry.release()
+
+
+def test_cold_start_readers_who_clicked_popular_articles_still_get_k(world_store, world):
+    """Readers without a History whose impression clicks (unread by this History-only model)
+    are the most popular articles: at k == num_candidates they still get k fresh articles."""
+    from sqlalchemy import insert
+
+    from recsys.ranking.nightly import _prepare
+
+    prepared = _prepare(world_store, world.model_dir, world.index_dir, as_of=world.as_of, freshness_days=3)
+    top = prepared["news_ids"][prepared["popular"][:3]]
+    with world_store.begin() as conn:
+        conn.execute(insert(s.clicks), [{"user_id": u, "news_id": n, "history_pos": None,
+                                         "clicked_at": world.as_of - timedelta(hours=1)}
+                                        for u in world.cold_users for n in top])
+    rows = _run_rows(world_store, _nightly(world_store, world, k=10, num_candidates=10)["run_id"])
+    cold = rows[rows[USER_ID].isin(world.cold_users)]
+    fresh = {n for n, t in zip(world.news_ids, world.first_seen) if t is not None and t >= world.as_of - timedelta(days=3)}
+    assert len(fresh - set(top)) >= 10  # enough eligible articles for a full list
+    assert (cold.groupby(USER_ID).size().reindex(world.cold_users) == 10).all()
+    assert not cold[NEWS_ID].isin(top).any() and set(cold[NEWS_ID]) <= fresh
+
+
+def test_an_index_without_articles_completes_with_empty_lists(world_store, world, tmp_path):
+    # Nothing to recommend is not a crash: every active user is ranked and gets an empty list.
+    from recsys.index.faiss_index import FaissIndex
+
+    dim = FaissIndex.load(world.index_dir).dim
+    FaissIndex.build(np.array([], dtype=str), np.zeros((0, dim), np.float32), kind="flat", num_threads=1).save(tmp_path / "empty")
+    summary = _nightly(world_store, world, index_dir=tmp_path / "empty")
+    assert summary["status"] == "complete" and summary["plan"]["index_items"] == 0
+    assert summary["counts"]["users_without_recommendations"] == summary["counts"]["users"] == len(world.active_users)
+    assert _run_rows(world_store, summary["run_id"]).empty
