@@ -158,11 +158,12 @@ def stats(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", he
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context, revision: Annotated[str, typer.Option(help="Target revision.")] = "head") -> None:
     """Create or upgrade the store's tables (Alembic migrations)."""
-    from recsys.store.database import create_engine_for, current_revision, upgrade
+    from recsys.store.database import create_engine_for, current_revision, ensure_sqlite_folder, upgrade
 
     c = _ctx(ctx)
     c.check_config()
     c.workspace.ensure()
+    ensure_sqlite_folder(c.db_url)  # as every other command does through open_store
     engine = create_engine_for(c.db_url)
     upgrade(engine, revision)
     typer.echo(f"store at revision {current_revision(engine)}")

@@ -8,6 +8,7 @@ Any SQLAlchemy URL works; SQLite (the default, one file in the workspace) and Po
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine, event
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from recsys.errors import StoreError
@@ -68,19 +69,31 @@ def serialized_transaction(engine: Engine, key: int) -> Iterator[Connection]:
         yield conn
 
 
+# In a URL SQLAlchemy cannot parse, the password is taken to run from the first ':' not
+# followed by '/' (so not the scheme's) to the last '@'; masking too much beats showing it.
+_TEXT_PASSWORD = re.compile(r":(?!/)(.*)@")
+
+
 def mask_url(url: str | URL) -> str:
-    """The URL as text with its password replaced by ``***`` (safe for messages and logs)."""
+    """The URL as text with its password replaced by ``***`` (safe for messages and logs).
+
+    A URL that does not parse (a typo'd scheme separator, a port that is not a number) is
+    shown as typed, with whatever stands where a password would stand masked.
+    """
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparseable URL>"
+    except (ArgumentError, ValueError):
+        return _TEXT_PASSWORD.sub(":***@", str(url), count=1)
 
 
 def _normalise(url: str) -> URL:
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
-        raise StoreError(f"store URL {url!r} is not a valid SQLAlchemy URL: {exc}") from exc
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
+        raise StoreError(
+            f"store URL {mask_url(url)!r} is not a valid SQLAlchemy URL ({exc}); expected "
+            "dialect[+driver]://user:password@host[:port]/database or sqlite:///path/to/file.db"
+        ) from exc
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed
@@ -131,6 +144,18 @@ def _sqlite_on_begin(conn: Connection) -> None:
     conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+def _sqlite_on_error(shown: str, context: ExceptionContext) -> None:
+    # A write to a read-only file, or to a file whose folder is read-only (WAL mode creates
+    # -wal and -shm files beside it), is the operator's to fix: one line, not a traceback.
+    orig = context.original_exception
+    code = getattr(orig, "sqlite_errorcode", None)
+    if isinstance(orig, sqlite3.OperationalError) and code is not None and code & 0xFF == sqlite3.SQLITE_READONLY:
+        raise StoreError(
+            f"the store at {shown} is read-only ({orig}): recsys must be able to write the file "
+            "and create its -wal and -shm files in the same folder"
+        ) from orig
+
+
 @contextmanager
 def driver_errors(conn: Connection, statement: str, params=None) -> Iterator[None]:
     """Raise the driver's errors as SQLAlchemy raises them for its own statements (an
@@ -168,10 +193,13 @@ def create_engine_for(url: str) -> Engine:
     try:
         engine = sa.create_engine(parsed, **kwargs)
     except (ArgumentError, ImportError) as exc:
-        raise StoreError(f"cannot use the store at {shown}: {exc}") from exc
+        # One line: SQLAlchemy's message for a bad SQLite URL lists the valid forms on four more.
+        reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise StoreError(f"cannot use the store at {shown}: {reason}") from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
+        event.listen(engine, "handle_error", lambda context: _sqlite_on_error(shown, context))
     try:
         with engine.connect():
             pass
@@ -243,22 +271,63 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     lock on SQLite), so two commands starting at once cannot both create the tables.
 
     Raises:
-        StoreError: the revision is unknown, or the database holds tables that no migration
-            created (e.g. made by hand), or a migration fails.
+        StoreError: the revision is empty or unknown, or older than the store's (this never
+            downgrades), or the store is at a revision this version of recsys does not know,
+            or the database holds tables that no migration created (e.g. made by hand), or a
+            migration fails.
     """
     _quiet_alembic_import()
     from alembic import command
     from alembic.util import CommandError
 
     shown = mask_url(engine.url)
+    if not revision.strip():
+        # Alembic fails on an empty revision with a bare AssertionError.
+        raise StoreError(f"cannot migrate the store at {shown}: the target revision is empty, expected e.g. 'head'")
     try:
         with serialized_transaction(engine, _MIGRATION_LOCK_KEY) as conn:
             _refuse_unmanaged_tables(conn, shown)
+            _refuse_unknown_or_older(_revision_of(conn), revision, shown)
             command.upgrade(alembic_config(conn), revision)
     except CommandError as exc:
         raise StoreError(f"cannot migrate the store at {shown} to {revision!r}: {exc}") from exc
     except DBAPIError as exc:
         raise StoreError(f"migrating the store at {shown} failed: {exc.orig}") from exc
+
+
+def _refuse_unknown_or_older(current: str | None, target: str, shown: str) -> None:
+    """Refuse a store written by a newer recsys, and a target older than the store: Alembic
+    would report the first as an unknown revision without saying why, and silently skip the
+    second (an operator who asked for a downgrade would believe it done)."""
+    if current is None:
+        return
+    _quiet_alembic_import()
+    from alembic.script import ScriptDirectory
+    from alembic.script.revision import RevisionError
+    from alembic.util import CommandError
+
+    scripts = ScriptDirectory.from_config(alembic_config())
+    ancestry = [script.revision for script in scripts.walk_revisions()]  # newest first
+    if current not in ancestry:
+        raise StoreError(
+            f"the store at {shown} is at migration {current!r}, which this version of "
+            f"recsys does not know (newest here: {ancestry[0]!r}); upgrade recsys"
+        )
+    if target == "base":
+        wanted = None
+    else:
+        try:
+            wanted = scripts.get_revision(target)
+        except (CommandError, RevisionError):
+            return  # symbolic or relative targets ('head', '+1'): Alembic resolves or refuses them
+        if wanted is None:
+            return
+        wanted = wanted.revision
+    if wanted != current and (wanted is None or ancestry.index(wanted) > ancestry.index(current)):
+        raise StoreError(
+            f"the store at {shown} is at migration {current!r}, past {target!r}: "
+            "`recsys db upgrade` does not downgrade"
+        )
 
 
 def _refuse_unmanaged_tables(conn: Connection, shown: str) -> None:
@@ -274,6 +343,24 @@ def _refuse_unmanaged_tables(conn: Connection, shown: str) -> None:
         )
 
 
+def ensure_sqlite_folder(url: str) -> None:
+    """Create the folder of a SQLite file URL when missing (nothing for other URLs).
+
+    Raises:
+        StoreError: the URL does not parse, or the folder cannot be created.
+    """
+    parsed = _normalise(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    if parsed.database.startswith("file:"):
+        return
+    folder = Path(parsed.database).expanduser().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create the folder of the store at {mask_url(parsed)}: {exc}") from exc
+
+
 def open_store(url: str) -> Engine:
     """Connect to the store and bring its tables to the latest migration.
 
@@ -284,24 +371,16 @@ def open_store(url: str) -> Engine:
         StoreError: the store cannot be reached, or it is at a revision this version of
             recsys does not know (written by a newer version).
     """
-    parsed = _normalise(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        if not parsed.database.startswith("file:"):
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    ensure_sqlite_folder(url)
     engine = create_engine_for(url)
-    head = head_revision()
     current = current_revision(engine)
-    if current == head:
+    if current == head_revision():
         return engine
-    _quiet_alembic_import()
-    from alembic.script import ScriptDirectory
-
-    known = {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
-    if current is not None and current not in known:
+    try:
+        # Checked again under the lock by upgrade(); here so as not to wait on another writer first.
+        _refuse_unknown_or_older(current, "head", mask_url(engine.url))
+        upgrade(engine, "head")
+    except BaseException:
         engine.dispose()
-        raise StoreError(
-            f"the store at {mask_url(parsed)} is at migration {current!r}, which this version of "
-            f"recsys does not know (newest here: {head!r}); upgrade recsys"
-        )
-    upgrade(engine, "head")
+        raise
     return engine

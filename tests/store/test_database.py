@@ -203,3 +203,76 @@ def test_concurrent_open_store_calls_both_succeed(db_url):
     assert all(current_revision(e) == head_revision() for e in engines)
     for e in engines:
         e.dispose()
+
+
+# --- what an operator meets: bad URLs, bad revisions, read-only files -------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql//bob:s3cret@db.internal/shop", "postgresql//bob:***@db.internal/shop"),  # no ':' after the scheme
+        ("postgresql://bob:s3cret@db.internal:54x2/shop", "postgresql://bob:***@db.internal:54x2/shop"),  # port typo
+    ],
+)
+def test_unparseable_url_is_a_store_error_that_hides_the_password(url, shown):
+    with pytest.raises(StoreError, match="is not a valid SQLAlchemy URL") as info:
+        create_engine_for(url)
+    assert shown in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+def test_bad_sqlite_url_is_one_line_without_the_password():
+    with pytest.raises(StoreError, match="Invalid SQLite URL") as info:
+        create_engine_for("sqlite://bob:s3cret@/store.db")
+    assert "\n" not in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+def test_upgrade_to_an_empty_revision_is_a_store_error(db_url):
+    engine = create_engine_for(db_url)
+    with pytest.raises(StoreError, match="the target revision is empty"):
+        upgrade(engine, " ")
+    engine.dispose()
+
+
+@pytest.mark.parametrize("target", ["0002", "base"])
+def test_upgrade_to_an_older_revision_is_refused_not_skipped(engine, target):
+    with pytest.raises(StoreError, match=rf"at migration '{head_revision()}', past '{target}': .* does not downgrade"):
+        upgrade(engine, target)
+    assert current_revision(engine) == head_revision()
+
+
+def test_upgrade_of_a_store_at_an_unknown_revision_says_it_is_newer(engine):
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = 'f00dcafe'"))
+    with pytest.raises(StoreError, match="at migration 'f00dcafe', which this version of recsys does not know"):
+        upgrade(engine)
+
+
+def test_db_upgrade_creates_the_sqlite_folder_as_other_commands_do(tmp_path, capsys):
+    from recsys.cli import main
+
+    path = tmp_path / "new" / "store.db"
+    code = main(["--workspace", str(tmp_path / "ws"), "--db", f"sqlite:///{path}", "db", "upgrade"])
+    assert (code, capsys.readouterr().out.strip()) == (0, f"store at revision {head_revision()}")
+    assert path.exists()
+
+
+def test_sqlite_folder_that_cannot_be_created_is_a_store_error(tmp_path):
+    (tmp_path / "blocker").write_text("a file where the store's folder should be")
+    with pytest.raises(StoreError, match=r"cannot create the folder of the store at sqlite:///.*/blocker/sub/store\.db"):
+        open_store(f"sqlite:///{tmp_path / 'blocker' / 'sub' / 'store.db'}")
+
+
+def test_writing_to_a_read_only_sqlite_store_is_a_store_error(tmp_path):
+    path = tmp_path / "store.db"
+    open_store(f"sqlite:///{path}").dispose()
+    # mode=ro stands for a file or folder without write permission (tests may run as root).
+    engine = create_engine_for(f"sqlite:///file:{path}?mode=ro&uri=true")
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(schema.news)).scalar() == 0  # reads work
+    with pytest.raises(StoreError, match=r"the store at sqlite:///file.*store\.db\?mode=ro&uri=true is read-only \(attempt to write a readonly database\)"):
+        with engine.begin() as conn:
+            conn.execute(schema.locks.insert().values(name="nightly", holder="h:1", acquired_at=sa.func.now()))
+    engine.dispose()
