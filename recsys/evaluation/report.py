@@ -66,6 +66,9 @@ METRIC_LABELS = {
 METRIC_UNITS = {m: "0-1, higher is better" for m in METRICS} | {"log_loss": "nats, lower is better"}
 # Breakdown plots show at most this many groups (the largest; the table lists all).
 _MAX_PLOTTED_GROUPS = 20
+# A tick label longer than this is cut (with "…"): a category may have 128 characters, and a
+# label that long leaves the chart no width, so matplotlib drops its layout and cuts every label.
+_MAX_TICK_LABEL = 40
 
 
 class ReportError(RecsysError):
@@ -464,11 +467,16 @@ def _grouped_bars(
             ax.barh(offset, values, height=width, xerr=errors, label=name, capsize=2, color=colors[name])
         else:
             ax.bar(offset, values, width=width, yerr=errors, label=name, capsize=2, color=colors[name])
+    labels = [_tick_label(label) for label in labels]
     if horizontal:
         ax.set_yticks(positions, labels)
         ax.invert_yaxis()
     else:
         ax.set_xticks(positions, labels)
+
+
+def _tick_label(label: str) -> str:
+    return label if len(label) <= _MAX_TICK_LABEL else label[: _MAX_TICK_LABEL - 1] + "…"
 
 
 def _plot_metrics(ordered: list[tuple[str, Mapping]], colors: Mapping[str, str], confidence: float) -> str:
