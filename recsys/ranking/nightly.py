@@ -14,6 +14,7 @@ One call, under the store lock:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -51,6 +52,8 @@ ENGINES = ("local", "ray")
 # Progress factory: ``progress(description, total)`` -> context manager yielding ``advance(n)``
 # (``recsys.progress.progress`` fits).
 ProgressFactory = Callable[..., object]
+
+logger = logging.getLogger(__name__)
 
 
 def run_nightly(
@@ -166,6 +169,14 @@ def run_nightly(
             clock = time.perf_counter()
             counts = _counts(engine, run_id, users, num_shards=len(shards), resumed_shards=len(done),
                              candidates=ranked["candidates"])
+            if counts["recommendations"] == 0:
+                # Complete, as documented, but the surfaces now show nothing: say so in the job's log.
+                logger.warning(
+                    "run %s recommends nothing to any of its %d users: no article was eligible (the index holds %d; "
+                    "only those first seen within nightly.freshness_days = %g days before %s and not clicked by "
+                    "the reader count): check the ingest and that window",
+                    run_id, counts["users"], plan["index_items"], freshness_days, plan["as_of"],
+                )
             lock.check()
             runs.complete_run(engine, run_id, counts=counts, timings=timings, num_shards=len(shards))
             timings["complete"] = time.perf_counter() - clock

@@ -348,13 +348,16 @@ def test_cold_start_readers_who_clicked_popular_articles_still_get_k(world_store
     assert not cold[NEWS_ID].isin(top).any() and set(cold[NEWS_ID]) <= fresh
 
 
-def test_an_index_without_articles_completes_with_empty_lists(world_store, world, tmp_path):
-    # Nothing to recommend is not a crash: every active user is ranked and gets an empty list.
+def test_an_index_without_articles_completes_with_empty_lists(world_store, world, tmp_path, caplog):
+    # Nothing to recommend is not a crash: every active user is ranked and gets an empty list,
+    # and the job's log says so (the surfaces now show nothing).
     from recsys.index.faiss_index import FaissIndex
 
     dim = FaissIndex.load(world.index_dir).dim
     FaissIndex.build(np.array([], dtype=str), np.zeros((0, dim), np.float32), kind="flat", num_threads=1).save(tmp_path / "empty")
-    summary = _nightly(world_store, world, index_dir=tmp_path / "empty")
+    with caplog.at_level("WARNING", logger="recsys.ranking.nightly"):
+        summary = _nightly(world_store, world, index_dir=tmp_path / "empty")
+    assert f"run {summary['run_id']} recommends nothing to any of its {len(world.active_users)} users" in caplog.text
     assert summary["status"] == "complete" and summary["plan"]["index_items"] == 0
     assert summary["counts"]["users_without_recommendations"] == summary["counts"]["users"] == len(world.active_users)
     assert _run_rows(world_store, summary["run_id"]).empty
