@@ -486,3 +486,17 @@ def test_a_bad_label_on_a_known_article_is_named_as_a_bad_label(tmp_path, impres
     catalogue = SimpleNamespace(row_of={"N1": 0, "N2": 1}, span=None)
     with pytest.raises(SchemaError, match=message):
         list(iter_behavior_chunks(path, catalogue))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 20_000])  # the repeat in a later chunk, and in the same one
+def test_a_repeated_impression_id_is_refused_naming_both_lines(tmp_path, chunk_size):
+    # Ingest quarantines such a line; predict wrote the id twice into the prediction file.
+    from types import SimpleNamespace
+
+    from recsys.errors import SchemaError
+
+    path = tmp_path / "behaviors.tsv"
+    path.write_text("".join(f"{i}\tU1\t11/11/2019 9:05:58 AM\tN1\tN1 N2\n" for i in (7, 8, 7)))
+    catalogue = SimpleNamespace(row_of={"N1": 0, "N2": 1}, span=None)
+    with pytest.raises(SchemaError, match=r"line 3: field 'impression_id' has '7', expected an id unique within the file \(line 1 has it\)"):
+        list(iter_behavior_chunks(path, catalogue, chunk_size=chunk_size))

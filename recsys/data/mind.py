@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+
 from recsys.columns import (
     ABSTRACT,
     ABSTRACT_ENTITIES,
@@ -294,6 +296,55 @@ def is_bad_label(candidate: str, known: Container[str]) -> bool:
     """
     news_id, dash, _ = candidate.rpartition("-")
     return bool(dash) and news_id in known
+
+
+class FirstLines:
+    """The first line of every impression id met so far in one file, in sorted NumPy runs
+    (16 bytes an id: MIND-large's 2.2M ids take 36 MB, where a dict took 217 MB).
+
+    Runs merge like a binary counter (a new run swallows the runs no longer than it), so
+    there are at most log2(ids / batch) of them and each id is re-sorted log2 times.
+    """
+
+    def __init__(self):
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted ids, their lines)
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """For each id, the line it was first met on, or 0 when it is new."""
+        found = np.zeros(len(ids), dtype=np.int64)
+        for run_ids, run_lines in self._runs:
+            pos = np.minimum(np.searchsorted(run_ids, ids), len(run_ids) - 1)
+            hit = run_ids[pos] == ids
+            found[hit] = run_lines[pos[hit]]  # the runs hold each id once, so hits never overlap
+        return found
+
+    def add(self, ids: np.ndarray, lines: np.ndarray) -> None:
+        """Record new ``ids`` (none of them met before) first met on ``lines``."""
+        if not len(ids):
+            return
+        while self._runs and len(self._runs[-1][0]) <= len(ids):
+            run_ids, run_lines = self._runs.pop()
+            ids, lines = np.concatenate([run_ids, ids]), np.concatenate([run_lines, lines])
+        order = np.argsort(ids, kind="stable")
+        self._runs.append((ids[order], lines[order]))
+
+
+def repeated_impression_ids(rows: list[BehaviorRow], seen: FirstLines, name: str) -> dict[int, BadRow]:
+    """``line -> bad row`` for the rows whose impression id an earlier line of the file has
+    (the first line keeps it, whatever the batches); records the batch's new ids in ``seen``."""
+    ids = np.fromiter((r.impression_id for r in rows), dtype=np.int64, count=len(rows))
+    earlier = seen.lookup(ids).tolist()
+    first_in_batch: dict[int, int] = {}
+    bad: dict[int, BadRow] = {}
+    new = np.ones(len(rows), dtype=bool)
+    for i, (row, line) in enumerate(zip(rows, earlier)):
+        first = line or first_in_batch.setdefault(row.impression_id, row.line)
+        if first != row.line:
+            new[i] = False
+            bad[row.line] = BadRow(name, row.line, "impression_id", str(row.impression_id),
+                                   f"an id unique within the file (line {first} has it)", row.raw)
+    seen.add(ids[new], np.fromiter((r.line for r in rows), dtype=np.int64, count=len(rows))[new])
+    return bad
 
 
 def iter_behaviors(path: str | Path) -> RowStream:

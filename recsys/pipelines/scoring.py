@@ -180,25 +180,39 @@ def iter_behavior_chunks(path: Path, catalogue: Catalogue, *, chunk_size: int = 
     Raises:
         SchemaError: a malformed row, or a candidate article missing from the catalogue.
     """
-    from recsys.data.mind import BadRow, iter_behaviors
+    from recsys.data.mind import BadRow, FirstLines, iter_behaviors
 
     buf: list = []
     missing_history = 0
+    seen = FirstLines()  # a repeated ImpressionID would put two lines of one id in the prediction file
     for row in iter_behaviors(path):
         if isinstance(row, BadRow):
             raise SchemaError(row.file, row.line, row.field, row.value, row.expected)
         buf.append(row)
         if len(buf) >= chunk_size:
+            _refuse_repeated_ids(buf, seen, path)
             imps, dropped = _chunk(buf, catalogue.row_of, path, history_len)
             missing_history += dropped
             yield _checked(imps, np.array([r.line for r in buf]), catalogue.span, path)
             buf = []
     if buf:
+        _refuse_repeated_ids(buf, seen, path)
         imps, dropped = _chunk(buf, catalogue.row_of, path, history_len)
         missing_history += dropped
         yield _checked(imps, np.array([r.line for r in buf]), catalogue.span, path)
     if missing_history:
         log.warning("%s: %d history entries name articles not in the catalogue and were ignored", path, missing_history)
+
+
+def _refuse_repeated_ids(rows: list, seen, path: Path) -> None:
+    """Raise on the first row whose ImpressionID an earlier line of the file has (as ingest
+    quarantines it): the MIND prediction format has one line per impression id."""
+    from recsys.data.mind import repeated_impression_ids
+
+    repeated = repeated_impression_ids(rows, seen, str(path))
+    if repeated:
+        bad = repeated[min(repeated)]
+        raise SchemaError(path, bad.line, bad.field, bad.value, bad.expected)
 
 
 def _checked(imps: Impressions, lines: np.ndarray, span: ScoringSpan | None, path: Path) -> tuple[Impressions, np.ndarray]:

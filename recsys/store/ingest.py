@@ -30,7 +30,8 @@ from recsys.atomic import remove_stale
 from recsys.columns import HISTORY, IMAGE_MISSING, IMAGE_OK, IMAGE_STATUSES
 from recsys.data.images import ImageCheck, check_image_file, inspect_image, list_images
 from recsys.data.mind import (
-    EXPECTED_LABEL, IMPRESSIONS, BadRow, BehaviorRow, NewsRow, RowStream, is_bad_label, iter_behaviors, iter_news,
+    EXPECTED_LABEL, IMPRESSIONS, BadRow, BehaviorRow, FirstLines, NewsRow, RowStream, is_bad_label, iter_behaviors,
+    iter_news, repeated_impression_ids,
 )
 from recsys.errors import ConfigError
 from recsys.store import schema
@@ -306,12 +307,12 @@ class _Job:
     def ingest_behaviors(self, stream: RowStream, source: str, known: dict[str, datetime | None]) -> None:
         file_key = str(stream.path.resolve())
         self._begin_file(file_key)
-        seen = _FirstLines()
+        seen = FirstLines()
         for lines in _batches(stream, self.batch_size):
             pending_bad: list[tuple] = []
             good: list[BehaviorRow] = []
             parsed = [r for r in lines if isinstance(r, BehaviorRow)]
-            repeats = _repeated_ids(parsed, seen, stream.name)
+            repeats = repeated_impression_ids(parsed, seen, stream.name)
             missing = set().union(*(r.news_ids for r in parsed), *(r.history for r in parsed)).difference(known)
             for row in lines:
                 if isinstance(row, BehaviorRow):
@@ -513,55 +514,6 @@ def _unknown_news(row: BehaviorRow, missing: set[str], known: dict[str, datetime
             if news_id in missing:
                 return BadRow(name, row.line, field_name, news_id, "a news id present in the store or in the news file", row.raw)
     return None
-
-
-class _FirstLines:
-    """The first line of every impression id met so far in one file, in sorted NumPy runs
-    (16 bytes an id: MIND-large's 2.2M ids take 36 MB, where a dict took 217 MB).
-
-    Runs merge like a binary counter (a new run swallows the runs no longer than it), so
-    there are at most log2(ids / batch) of them and each id is re-sorted log2 times.
-    """
-
-    def __init__(self):
-        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted ids, their lines)
-
-    def lookup(self, ids: np.ndarray) -> np.ndarray:
-        """For each id, the line it was first met on, or 0 when it is new."""
-        found = np.zeros(len(ids), dtype=np.int64)
-        for run_ids, run_lines in self._runs:
-            pos = np.minimum(np.searchsorted(run_ids, ids), len(run_ids) - 1)
-            hit = run_ids[pos] == ids
-            found[hit] = run_lines[pos[hit]]  # the runs hold each id once, so hits never overlap
-        return found
-
-    def add(self, ids: np.ndarray, lines: np.ndarray) -> None:
-        """Record new ``ids`` (none of them met before) first met on ``lines``."""
-        if not len(ids):
-            return
-        while self._runs and len(self._runs[-1][0]) <= len(ids):
-            run_ids, run_lines = self._runs.pop()
-            ids, lines = np.concatenate([run_ids, ids]), np.concatenate([run_lines, lines])
-        order = np.argsort(ids, kind="stable")
-        self._runs.append((ids[order], lines[order]))
-
-
-def _repeated_ids(rows: list[BehaviorRow], seen: _FirstLines, name: str) -> dict[int, BadRow]:
-    """``line -> bad row`` for the rows whose impression id an earlier line of the file has
-    (the first line keeps it, whatever the batches); records the batch's new ids in ``seen``."""
-    ids = np.fromiter((r.impression_id for r in rows), dtype=np.int64, count=len(rows))
-    earlier = seen.lookup(ids).tolist()
-    first_in_batch: dict[int, int] = {}
-    bad: dict[int, BadRow] = {}
-    new = np.ones(len(rows), dtype=bool)
-    for i, (row, line) in enumerate(zip(rows, earlier)):
-        first = line or first_in_batch.setdefault(row.impression_id, row.line)
-        if first != row.line:
-            new[i] = False
-            bad[row.line] = BadRow(name, row.line, "impression_id", str(row.impression_id),
-                                   f"an id unique within the file (line {first} has it)", row.raw)
-    seen.add(ids[new], np.fromiter((r.line for r in rows), dtype=np.int64, count=len(rows))[new])
-    return bad
 
 
 def _batches(rows: Iterable, size: int) -> Iterator[list]:

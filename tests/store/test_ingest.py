@@ -239,10 +239,10 @@ def test_a_live_ingest_touches_its_quarantine_temp_file_after_every_batch(engine
 
 def test_first_lines_agrees_with_a_dict(tmp_path):
     """The sorted runs that remember impression ids give what a dict of first lines gives."""
-    from recsys.store.ingest import _FirstLines
+    from recsys.data.mind import FirstLines
 
     rng = np.random.default_rng(0)
-    seen, reference, line = _FirstLines(), {}, 0
+    seen, reference, line = FirstLines(), {}, 0
     for size in rng.integers(1, 300, 60):
         ids = rng.integers(0, 2000, size) * 10**14  # large ids, many repeats
         ids = np.unique(ids)  # one batch's new candidates; repeats are looked up first
