@@ -8,6 +8,7 @@ Any SQLAlchemy URL works; SQLite (the default, one file in the workspace) and Po
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sqlite3
 import time
@@ -68,6 +69,10 @@ def serialized_transaction(engine: Engine, key: int) -> Iterator[Connection]:
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
         yield conn
 
+
+# Seconds libpq waits for a PostgreSQL connection unless the URL (?connect_timeout=N) or
+# PGCONNECT_TIMEOUT says otherwise; a server that is up answers in milliseconds.
+PG_CONNECT_TIMEOUT_S = 10
 
 # In a URL SQLAlchemy cannot parse, the password is taken to run from the first ':' not
 # followed by '/' (so not the scheme's) to the last '@'; masking too much beats showing it.
@@ -190,6 +195,10 @@ def create_engine_for(url: str) -> Engine:
     kwargs: dict = {}
     if parsed.get_backend_name() == "postgresql":
         kwargs["pool_pre_ping"] = True
+        if "connect_timeout" not in parsed.query and "PGCONNECT_TIMEOUT" not in os.environ:
+            # libpq waits for ever by default: a server behind a firewall that drops packets
+            # would hang the nightly job (with its lock) until TCP gives up, minutes later.
+            kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
     try:
         engine = sa.create_engine(parsed, **kwargs)
     except (ArgumentError, ImportError) as exc:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import sys
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -77,6 +80,25 @@ def test_unreachable_postgres_names_the_url_with_the_password_masked():
     with pytest.raises(StoreError, match=r"cannot reach the store at postgresql\+psycopg://bob:\*\*\*@127\.0\.0\.1:1/shop") as info:
         create_engine_for("postgresql://bob:s3cret@127.0.0.1:1/shop")
     assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux drops connections to a full accept queue")
+def test_postgres_server_that_never_answers_fails_within_the_connect_timeout(monkeypatch):
+    # A listener whose accept queue is full: the kernel drops new connections unanswered, as a
+    # firewall does. libpq alone waited until TCP gave up (minutes), the nightly lock held.
+    import recsys.store.database as database
+
+    monkeypatch.setattr(database, "PG_CONNECT_TIMEOUT_S", 2)  # libpq's smallest
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    with socket.socket() as server, socket.socket() as queued:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        queued.connect(("127.0.0.1", port))
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=f"cannot reach the store at postgresql\\+psycopg://u:\\*\\*\\*@127.0.0.1:{port}/db: .*timeout"):
+            create_engine_for(f"postgresql://u:pw@127.0.0.1:{port}/db")
+        assert time.monotonic() - started < 8
 
 
 def test_malformed_url_is_a_store_error():
