@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -498,5 +500,10 @@ def test_a_repeated_impression_id_is_refused_naming_both_lines(tmp_path, chunk_s
     path = tmp_path / "behaviors.tsv"
     path.write_text("".join(f"{i}\tU1\t11/11/2019 9:05:58 AM\tN1\tN1 N2\n" for i in (7, 8, 7)))
     catalogue = SimpleNamespace(row_of={"N1": 0, "N2": 1}, span=None)
-    with pytest.raises(SchemaError, match=r"line 3: field 'impression_id' has '7', expected an id unique within the file \(line 1 has it\)"):
-        list(iter_behavior_chunks(path, catalogue, chunk_size=chunk_size))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(SchemaError, match=r"line 3: field 'impression_id' has '7', expected an id unique within the file \(line 1 has it\)"):
+            list(iter_behavior_chunks(path, catalogue, chunk_size=chunk_size))
+        gc.collect()
+    # The file is closed when the error stops the read, not left to the garbage collector.
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

@@ -185,21 +185,22 @@ def iter_behavior_chunks(path: Path, catalogue: Catalogue, *, chunk_size: int = 
     buf: list = []
     missing_history = 0
     seen = FirstLines()  # a repeated ImpressionID would put two lines of one id in the prediction file
-    for row in iter_behaviors(path):
-        if isinstance(row, BadRow):
-            raise SchemaError(row.file, row.line, row.field, row.value, row.expected)
-        buf.append(row)
-        if len(buf) >= chunk_size:
+    with iter_behaviors(path) as rows:  # closed also when a bad line stops the read
+        for row in rows:
+            if isinstance(row, BadRow):
+                raise SchemaError(row.file, row.line, row.field, row.value, row.expected)
+            buf.append(row)
+            if len(buf) >= chunk_size:
+                _refuse_repeated_ids(buf, seen, path)
+                imps, dropped = _chunk(buf, catalogue.row_of, path, history_len)
+                missing_history += dropped
+                yield _checked(imps, np.array([r.line for r in buf]), catalogue.span, path)
+                buf = []
+        if buf:
             _refuse_repeated_ids(buf, seen, path)
             imps, dropped = _chunk(buf, catalogue.row_of, path, history_len)
             missing_history += dropped
             yield _checked(imps, np.array([r.line for r in buf]), catalogue.span, path)
-            buf = []
-    if buf:
-        _refuse_repeated_ids(buf, seen, path)
-        imps, dropped = _chunk(buf, catalogue.row_of, path, history_len)
-        missing_history += dropped
-        yield _checked(imps, np.array([r.line for r in buf]), catalogue.span, path)
     if missing_history:
         log.warning("%s: %d history entries name articles not in the catalogue and were ignored", path, missing_history)
 
