@@ -22,7 +22,7 @@ from typer.exceptions import TyperException
 
 from recsys.config import Config, Workspace, load_config, resolve_db_url
 from recsys.errors import RecsysError
-from recsys.progress import LOG_FORMAT
+from recsys.progress import configure_logging
 
 # Plain click help, not Rich's: Rich reads a help text's "[r1,r2,...]" as markup and drops
 # it, and typer's Rich panel gives every flag (--strict, --json, --help) a "<bool>" metavar
@@ -84,13 +84,7 @@ def main_options(
     config: Annotated[Optional[Path], typer.Option(help="Config file (TOML). Default: recsys.toml in the workspace.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging and tracebacks on errors.")] = False,
 ) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format=LOG_FORMAT,
-        stream=sys.stderr,
-    )
-    # Which SIMD build FAISS loaded: six INFO lines a job, none of them news.
-    logging.getLogger("faiss.loader").setLevel(logging.NOTSET if verbose else logging.WARNING)
+    configure_logging(logging.DEBUG if verbose else logging.INFO)
     ws = Workspace.resolve(workspace)
     if config is not None and not config.exists():
         raise RecsysError(f"config file {config} does not exist")

@@ -13,6 +13,13 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 log = logging.getLogger("recsys")
 
+
+def configure_logging(level: int) -> None:
+    """The log set-up of every recsys process: ``LOG_FORMAT`` lines on stderr at ``level``."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    # Which SIMD build FAISS loaded: six INFO lines a process, none of them news.
+    logging.getLogger("faiss.loader").setLevel(logging.NOTSET if level <= logging.DEBUG else logging.WARNING)
+
 Advance = Callable[[int], None]
 
 

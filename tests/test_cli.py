@@ -414,6 +414,7 @@ def test_the_readme_lists_every_command_with_every_option():
 
 
 def test_faiss_loader_lines_only_with_verbose(capsys, tmp_path: Path):
+    # The CLI and the nightly's helper process both set logging up through configure_logging.
     import logging
 
     loader = logging.getLogger("faiss.loader")

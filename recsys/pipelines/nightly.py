@@ -190,11 +190,11 @@ def _call_in_helper(reply, target, *args) -> None:
 
 
 def _refresh_in_helper(url: str, workspace: Workspace, config: Config, mv, lock_state, log_level: int, parent_pid: int) -> dict:
-    from recsys.progress import LOG_FORMAT
+    from recsys.progress import configure_logging
     from recsys.ranking.engines import watch_parent
     from recsys.store.database import open_store
 
-    logging.basicConfig(level=log_level, format=LOG_FORMAT, stream=sys.stderr)
+    configure_logging(log_level)
     watch_parent(parent_pid)
     configure_threads(config.runtime.threads or None)
     engine = open_store(url)
