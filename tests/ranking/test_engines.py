@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import socket
-import sys
 import time
 
 import pandas as pd
@@ -19,6 +18,7 @@ from recsys.ranking.lock import read_lock
 from recsys.ranking.nightly import run_nightly
 from recsys.store import schema as s
 from recsys.threads import default_threads
+from tests.sockets import needs_linux, port_that_never_answers
 
 
 def _rows(engine, run_id) -> pd.DataFrame:
@@ -110,15 +110,9 @@ def test_ray_addresses_are_checked_as_ray_init_reads_them(monkeypatch):
     check_ray_reachable(f"127.0.0.1:{port}")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux drops connections to a full accept queue")
+@needs_linux
 def test_ray_address_that_never_answers_fails_within_the_timeout():
-    # A listener whose accept queue is full: the kernel drops new connections unanswered,
-    # as a firewall or a powered-off head does.
-    with socket.socket() as server, socket.socket() as queued:
-        server.bind(("0.0.0.0", 0))
-        server.listen(0)
-        port = server.getsockname()[1]
-        queued.connect(("127.0.0.1", port))
+    with port_that_never_answers() as port:  # as a firewall or a powered-off head
         started = time.monotonic()
         with pytest.raises(RecsysError, match=_unreachable(f"ray://127.0.0.1:{port}") + "connecting to .*: no answer within 0.5 s"):
             check_ray_reachable(f"ray://127.0.0.1:{port}", timeout=0.5)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import sys
 import threading
 import time
 
@@ -25,6 +23,7 @@ from recsys.store.database import (
     open_store,
     upgrade,
 )
+from tests.sockets import needs_linux, port_that_never_answers
 
 
 def test_sqlite_connections_use_wal_foreign_keys_and_a_busy_timeout(tmp_path):
@@ -82,19 +81,14 @@ def test_unreachable_postgres_names_the_url_with_the_password_masked():
     assert "s3cret" not in str(info.value)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux drops connections to a full accept queue")
+@needs_linux
 def test_postgres_server_that_never_answers_fails_within_the_connect_timeout(monkeypatch):
-    # A listener whose accept queue is full: the kernel drops new connections unanswered, as a
-    # firewall does. libpq alone waited until TCP gave up (minutes), the nightly lock held.
+    # As behind a firewall that drops packets: libpq alone waited until TCP gave up (minutes).
     import recsys.store.database as database
 
     monkeypatch.setattr(database, "PG_CONNECT_TIMEOUT_S", 2)  # libpq's smallest
     monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
-    with socket.socket() as server, socket.socket() as queued:
-        server.bind(("127.0.0.1", 0))
-        server.listen(0)
-        port = server.getsockname()[1]
-        queued.connect(("127.0.0.1", port))
+    with port_that_never_answers() as port:
         started = time.monotonic()
         with pytest.raises(StoreError, match=f"cannot reach the store at postgresql\\+psycopg://u:\\*\\*\\*@127.0.0.1:{port}/db: .*timeout"):
             create_engine_for(f"postgresql://u:pw@127.0.0.1:{port}/db")
