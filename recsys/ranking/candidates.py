@@ -87,7 +87,7 @@ def popular_items(
     now: np.datetime64,
     window: np.timedelta64,
     fresh_after: np.datetime64 | None,
-    limit: int,
+    limit: int | None = None,
 ) -> np.ndarray:
     """Fresh articles ordered by recent popularity: the cold-start candidates.
 
@@ -103,7 +103,7 @@ def popular_items(
         now: the run's time.
         window: popularity look-back.
         fresh_after: freshness cut-off, or None for no cut-off.
-        limit: at most this many rows.
+        limit: at most this many rows; None for every fresh article.
 
     Returns:
         (<= limit,) int64 item rows, most popular first.
@@ -205,15 +205,17 @@ def rank_users(
         pair_users.append(np.repeat(warm, counts))
         pair_items.append(rows)
     clock = _tick(timings, "search", clock)
+    clicked_keys = _clicked_keys(clicked_offsets, clicked_items, len(catalogue))
     if len(cold) and popular is not None and len(popular):
         cold_users, cold_items = _popular_pairs(
-            cold, np.asarray(popular, dtype=np.int64), clicked_offsets, clicked_items, num_candidates, len(catalogue)
+            cold, np.asarray(popular, dtype=np.int64), np.diff(clicked_offsets)[cold], clicked_keys, num_candidates,
+            len(catalogue),
         )
         pair_users.append(cold_users)
         pair_items.append(cold_items)
     users = np.concatenate(pair_users) if pair_users else np.zeros(0, np.int64)
     items = np.concatenate(pair_items) if pair_items else np.zeros(0, np.int64)
-    users, items = _clean_pairs(users, items, clicked_offsets, clicked_items, len(catalogue))
+    users, items = _clean_pairs(users, items, clicked_keys, len(catalogue))
     timings["candidates"] = timings.get("candidates", 0) + len(items)
 
     scores = np.empty(len(items), dtype=np.float64)
@@ -271,7 +273,7 @@ def _clicked_keys(clicked_offsets: np.ndarray, clicked_items: np.ndarray, num_it
 
 
 def _popular_pairs(
-    cold: np.ndarray, popular: np.ndarray, clicked_offsets: np.ndarray, clicked_items: np.ndarray,
+    cold: np.ndarray, popular: np.ndarray, cold_clicks: np.ndarray, clicked_keys: np.ndarray,
     num_candidates: int, num_items: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each cold-start user's first ``num_candidates`` popular articles that they did not click.
@@ -285,25 +287,26 @@ def _popular_pairs(
     Args:
         cold: (c,) int64 positions of the cold-start users in the shard.
         popular: (p,) int64 item rows, most popular first.
-        clicked_offsets / clicked_items: CSR of every user's clicked item rows.
+        cold_clicks: (c,) number of articles each cold-start user clicked.
+        clicked_keys: ``_clicked_keys`` of every user of the shard.
 
     Returns:
         (users, items): int64 pairs of user positions and item rows, users in ``cold`` order.
     """
-    most_clicked = int(np.diff(clicked_offsets)[cold].max())
-    cands = popular[: num_candidates + most_clicked]
+    cands = popular[: num_candidates + int(cold_clicks.max())]
     keys = cold[:, None] * np.int64(num_items) + cands[None, :]  # (c, len(cands))
-    unclicked = ~np.isin(keys, _clicked_keys(clicked_offsets, clicked_items, num_items))
+    unclicked = ~np.isin(keys, clicked_keys)
     keep = unclicked & (np.cumsum(unclicked, axis=1) <= num_candidates)
     return np.broadcast_to(cold[:, None], keep.shape)[keep], np.broadcast_to(cands, keep.shape)[keep]
 
 
-def _clean_pairs(users, items, history_offsets, history_items, num_items):
-    """Drop unknown articles, articles the user clicked, and repeated (user, article) pairs."""
+def _clean_pairs(users, items, clicked_keys, num_items):
+    """Drop unknown articles, articles the user clicked (``_clicked_keys``), and repeated
+    (user, article) pairs."""
     valid = (items >= 0) & (items < num_items)
     users, items = users[valid], items[valid]
     keys = users * np.int64(num_items) + items
-    keep = ~np.isin(keys, _clicked_keys(history_offsets, history_items, num_items))
+    keep = ~np.isin(keys, clicked_keys)
     _, first = np.unique(keys[keep], return_index=True)
     chosen = np.flatnonzero(keep)[np.sort(first)]
     return users[chosen], items[chosen]

@@ -285,7 +285,7 @@ def _prepare(engine: Engine, model_dir, index_dir, *, as_of: datetime, freshness
         "popular": popular_items(
             log, index.published(news_ids), now=now, window=np.timedelta64(int(window.total_seconds()), "s"),
             # Every fresh article, not num_candidates: each cold-start reader skips the ones they clicked.
-            fresh_after=fresh_after, limit=len(news_ids),
+            fresh_after=fresh_after,
         ),
         "published_after": fresh_after,
     }
