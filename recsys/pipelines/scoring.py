@@ -17,6 +17,7 @@ Impressions inside the store's time range read both at their own time in every m
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -182,21 +183,13 @@ def iter_behavior_chunks(path: Path, catalogue: Catalogue, *, chunk_size: int = 
     """
     from recsys.data.mind import BadRow, FirstLines, iter_behaviors
 
-    buf: list = []
     missing_history = 0
     seen = FirstLines()  # a repeated ImpressionID would put two lines of one id in the prediction file
     with iter_behaviors(path) as rows:  # closed also when a bad line stops the read
-        for row in rows:
-            if isinstance(row, BadRow):
-                raise SchemaError(row.file, row.line, row.field, row.value, row.expected)
-            buf.append(row)
-            if len(buf) >= chunk_size:
-                _refuse_repeated_ids(buf, seen, path)
-                imps, dropped = _chunk(buf, catalogue.row_of, path, history_len)
-                missing_history += dropped
-                yield _checked(imps, np.array([r.line for r in buf]), catalogue.span, path)
-                buf = []
-        if buf:
+        while buf := list(itertools.islice(rows, chunk_size)):
+            bad = next((row for row in buf if isinstance(row, BadRow)), None)
+            if bad is not None:
+                raise SchemaError(bad.file, bad.line, bad.field, bad.value, bad.expected)
             _refuse_repeated_ids(buf, seen, path)
             imps, dropped = _chunk(buf, catalogue.row_of, path, history_len)
             missing_history += dropped
