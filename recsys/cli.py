@@ -169,7 +169,7 @@ def db_upgrade(ctx: typer.Context, revision: Annotated[str, typer.Option(help="T
 @app.command()
 def train(
     ctx: typer.Context,
-    modalities: Annotated[Optional[str], typer.Option(help="text | image | text,image")] = None,
+    modalities: Annotated[Optional[str], typer.Option(help="text | image | text,image (any order)")] = None,
     fusion: Annotated[Optional[str], typer.Option(help="concat | weighted_sum | gated")] = None,
     since: Annotated[Optional[str], typer.Option(help="First impression time to train on (ISO date or datetime).")] = None,
     until: Annotated[Optional[str], typer.Option(help="End of the window, exclusive (ISO).")] = None,

@@ -105,6 +105,19 @@ def test_training_values_at_the_bounds_are_accepted(key, value):
     assert getattr(config_from_dict({"model": {key: value}}).model, key) == value
 
 
+@pytest.mark.parametrize(("value", "canonical"), [("image,text", "text,image"), (" text , image ", "text,image"),
+                                                  ("image", "image"), (" text", "text")])
+def test_modalities_in_any_order_name_one_model(value, canonical):
+    # `--modalities image,text` was refused although it names the multimodal model.
+    assert config_from_dict({"model": {"modalities": value}}).model.modalities == canonical
+
+
+@pytest.mark.parametrize("value", ["text,text", "text,audio", "", ","])
+def test_bad_modalities_are_named(value):
+    with pytest.raises(ConfigError, match=rf"^config key 'model.modalities' is '{value}', expected one of text, image, text,image"):
+        config_from_dict({"model": {"modalities": value}})
+
+
 def test_a_bad_flag_is_named_before_its_key(tmp_path: Path):
     flags = {"model.seed": "--seed", "model.epochs": "--epochs"}
     with pytest.raises(ConfigError, match=r"^--seed: config key 'model.seed' is -1, expected an integer from 0"):
