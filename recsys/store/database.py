@@ -70,6 +70,10 @@ def serialized_transaction(engine: Engine, key: int) -> Iterator[Connection]:
         yield conn
 
 
+# Seconds a migration on PostgreSQL waits for a table lock before it gives up (lock_timeout).
+MIGRATION_LOCK_TIMEOUT_S = 10.0
+_PG_LOCK_NOT_AVAILABLE = "55P03"
+
 # Seconds libpq waits for a PostgreSQL connection unless the URL (?connect_timeout=N) or
 # PGCONNECT_TIMEOUT says otherwise; a server that is up answers in milliseconds.
 PG_CONNECT_TIMEOUT_S = 10
@@ -283,7 +287,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         StoreError: the revision is empty or unknown, or older than the store's (this never
             downgrades), or the store is at a revision this version of recsys does not know,
             or the database holds tables that no migration created (e.g. made by hand), or a
-            migration fails.
+            migration fails, or (PostgreSQL) waited ``MIGRATION_LOCK_TIMEOUT_S`` for a table
+            that another session holds.
     """
     _quiet_alembic_import()
     from alembic import command
@@ -297,10 +302,21 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         with serialized_transaction(engine, _MIGRATION_LOCK_KEY) as conn:
             _refuse_unmanaged_tables(conn, shown)
             _refuse_unknown_or_older(_revision_of(conn), revision, shown)
+            if conn.dialect.name == "postgresql":
+                # A migration's ALTER TABLE waits for every open transaction on its table (a
+                # nightly run's reads), and every later reader queues behind it: the product's
+                # surfaces would hang with it. Give up instead; the transaction changes nothing.
+                conn.execute(sa.text(f"SET LOCAL lock_timeout = '{round(MIGRATION_LOCK_TIMEOUT_S * 1000)}ms'"))
             command.upgrade(alembic_config(conn), revision)
     except CommandError as exc:
         raise StoreError(f"cannot migrate the store at {shown} to {revision!r}: {exc}") from exc
     except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) == _PG_LOCK_NOT_AVAILABLE:
+            raise StoreError(
+                f"migrating the store at {shown} waited {MIGRATION_LOCK_TIMEOUT_S:g} s for a table another session is "
+                "using (a nightly run, an ingest or a long query) and gave up; nothing was changed: run it again "
+                "when that session has finished"
+            ) from exc
         raise StoreError(f"migrating the store at {shown} failed: {exc.orig}") from exc
 
 

@@ -178,6 +178,36 @@ def test_a_0001_store_with_data_upgrades_to_head_and_keeps_its_rows(db_url):
     engine.dispose()
 
 
+def test_a_migration_never_waits_long_on_a_table_a_reader_holds(db_url, monkeypatch):
+    """A nightly run's open read transaction on ``runs``: on PostgreSQL 0004's ALTER TABLE waited
+    for it for ever (and queued every later reader behind it); now it gives up after the lock
+    timeout with nothing changed. SQLite's WAL readers never block the migration."""
+    from recsys.store import database
+
+    monkeypatch.setattr(database, "MIGRATION_LOCK_TIMEOUT_S", 0.5)
+    bare = create_engine_for(db_url)
+    upgrade(bare, "0003")
+    reader = create_engine_for(db_url)
+    with reader.connect() as conn:
+        conn.execute(sa.select(schema.runs.c.run_id)).all()  # the transaction stays open
+        if bare.dialect.name == "postgresql":
+            started = time.monotonic()
+            with pytest.raises(StoreError, match=r"^migrating the store at .* waited 0.5 s for a table another session "
+                                                 r"is using \(a nightly run, an ingest or a long query\) and gave up; "
+                                                 r"nothing was changed"):
+                upgrade(bare, "head")
+            assert time.monotonic() - started < 5
+            assert current_revision(bare) == "0003"
+            assert "holder" not in {c["name"] for c in sa.inspect(bare).get_columns("runs")}
+        else:
+            upgrade(bare, "head")
+    upgrade(bare, "head")  # the reader is gone
+    assert current_revision(bare) == head_revision()
+    assert "holder" in {c["name"] for c in sa.inspect(bare).get_columns("runs")}
+    reader.dispose()
+    bare.dispose()
+
+
 def test_store_at_an_unknown_revision_is_refused(engine, db_url):
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE alembic_version SET version_num = 'f00dcafe'"))
