@@ -133,7 +133,9 @@ def test_a_failed_ingest_ranks_the_stored_data_and_exits_3(tmp_path, trained, ca
     # Real MIND has no covers: a scheduler line that still passes --images points at nothing.
     (tmp_path / "night").mkdir()
     article = (world / "news.tsv").read_text(encoding="utf-8").split("\t", 1)[0]
-    behaviors = write_lines(tmp_path / "night" / "behaviors.tsv", [behavior_line(1, "U_new", "11/20/2019 9:00:00 AM", [], [f"{article}-1"])])
+    # At the store's end: a later time would move the run's clock past every fresh article.
+    night = repo.time_range(engine)[1]
+    behaviors = write_lines(tmp_path / "night" / "behaviors.tsv", [behavior_line(1, "U_new", night, [], [f"{article}-1"])])
     missing = tmp_path / "night" / "images"
     code = main([*cli, "--news", str(world / "news.tsv"), "--behaviors", str(behaviors), "--images", str(missing)])
     out, err = capsys.readouterr()

@@ -14,7 +14,6 @@ One call, under the store lock:
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -53,7 +52,8 @@ ENGINES = ("local", "ray")
 # (``recsys.progress.progress`` fits).
 ProgressFactory = Callable[..., object]
 
-logger = logging.getLogger(__name__)
+class NothingToRecommendError(RecsysError):
+    """A run found no eligible article for any of its users; it is failed, not completed."""
 
 
 def run_nightly(
@@ -114,6 +114,8 @@ def run_nightly(
         ConfigError: an argument out of range or an unknown engine.
         RecsysError: the store holds no impressions or no active user in the window.
         RunLockedError: another nightly run holds the lock.
+        NothingToRecommendError: no user got a single recommendation (no eligible article);
+            the run is failed and readers keep the last complete run.
         WorkerDiedError: a worker process died; the run is left resumable.
         LockLostError: another job took the lock over as stale; this one stopped.
         NotFoundError: the model bundle or the index is missing.
@@ -169,13 +171,18 @@ def run_nightly(
             clock = time.perf_counter()
             counts = _counts(engine, run_id, users, num_shards=len(shards), resumed_shards=len(done),
                              candidates=ranked["candidates"])
-            if counts["recommendations"] == 0:
-                # Complete, as documented, but the surfaces now show nothing: say so in the job's log.
-                logger.warning(
-                    "run %s recommends nothing to any of its %d users: no article was eligible (the index holds %d; "
-                    "only those first seen within nightly.freshness_days = %g days before %s and not clicked by "
-                    "the reader count): check the ingest and that window",
-                    run_id, counts["users"], plan["index_items"], freshness_days, plan["as_of"],
+            if counts["recommendations"] == 0 and counts["users"] > 0:
+                # Completing it would switch every surface to empty lists: almost always a night
+                # whose files were not ingested. Fail instead (exit 1 alerts cron or Airflow) and
+                # leave readers on the last complete run.
+                kept = runs.latest_run(engine)
+                raise NothingToRecommendError(
+                    f"run {run_id} recommends nothing to any of its {counts['users']} users: no article was eligible "
+                    f"(the index holds {plan['index_items']}; only those first seen within nightly.freshness_days = "
+                    f"{freshness_days:g} days before {plan['as_of']} and not clicked by the reader count); the run is "
+                    "marked failed and readers keep "
+                    + (f"run {kept.run_id}'s lists" if kept is not None else "no lists (there is no complete run)")
+                    + ": check the ingest and that window"
                 )
             lock.check()
             runs.complete_run(engine, run_id, counts=counts, timings=timings, num_shards=len(shards))

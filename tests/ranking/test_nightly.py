@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import numpy as np
@@ -348,16 +349,32 @@ def test_cold_start_readers_who_clicked_popular_articles_still_get_k(world_store
     assert not cold[NEWS_ID].isin(top).any() and set(cold[NEWS_ID]) <= fresh
 
 
-def test_an_index_without_articles_completes_with_empty_lists(world_store, world, tmp_path, caplog):
-    # Nothing to recommend is not a crash: every active user is ranked and gets an empty list,
-    # and the job's log says so (the surfaces now show nothing).
+def _empty_index(world, tmp_path):
     from recsys.index.faiss_index import FaissIndex
 
     dim = FaissIndex.load(world.index_dir).dim
     FaissIndex.build(np.array([], dtype=str), np.zeros((0, dim), np.float32), kind="flat", num_threads=1).save(tmp_path / "empty")
-    with caplog.at_level("WARNING", logger="recsys.ranking.nightly"):
-        summary = _nightly(world_store, world, index_dir=tmp_path / "empty")
-    assert f"run {summary['run_id']} recommends nothing to any of its {len(world.active_users)} users" in caplog.text
-    assert summary["status"] == "complete" and summary["plan"]["index_items"] == 0
-    assert summary["counts"]["users_without_recommendations"] == summary["counts"]["users"] == len(world.active_users)
-    assert _run_rows(world_store, summary["run_id"]).empty
+    return tmp_path / "empty"
+
+
+def test_a_run_that_recommends_nothing_fails_and_readers_keep_the_last_lists(world_store, world, tmp_path):
+    # An index without articles (or a night whose files were not ingested) left every active
+    # user with nothing. Completing that run switched every surface to empty lists and only
+    # logged a warning; now it fails (exit 1 for cron) and yesterday's run stays the one read.
+    from recsys.ranking.nightly import NothingToRecommendError
+
+    with pytest.raises(NothingToRecommendError, match=r"readers keep no lists \(there is no complete run\)"):
+        _nightly(world_store, world, index_dir=_empty_index(world, tmp_path))
+    yesterday = _nightly(world_store, world)
+    kept = _run_rows(world_store, yesterday["run_id"])
+    assert not kept.empty
+    message = (rf"^run (\d+) recommends nothing to any of its {len(world.active_users)} users: no article was eligible "
+               rf"\(the index holds 0; .*\); the run is marked failed and readers keep run {yesterday['run_id']}'s lists")
+    with pytest.raises(NothingToRecommendError, match=message) as raised:
+        _nightly(world_store, world, index_dir=_empty_index(world, tmp_path))
+    failed = runs.get_run(world_store, int(re.match(message, str(raised.value)).group(1)))
+    assert failed.status == "failed" and "recommends nothing" in failed.message
+    assert runs.latest_run(world_store).run_id == yesterday["run_id"]
+    pd.testing.assert_frame_equal(_run_rows(world_store, yesterday["run_id"]), kept)
+    user = kept[USER_ID].iloc[0]
+    assert runs.recommendations_for_user(world_store, user, k=K)[NEWS_ID].tolist() == kept[kept[USER_ID] == user][NEWS_ID].tolist()
