@@ -201,3 +201,19 @@ def test_header_says_where_side_features_were_read(tmp_path, synthetic_result):
     assert ("<th class=\"name\">Where side features (popularity, age) were read</th><td class=\"name\">"
             "popularity at impression time, at most the store&#39;s end 2019-11-15T00:00:01; age at impression time</td>"
             ) in html_path.read_text()
+
+
+@pytest.mark.parametrize(("unit", "said"), [
+    ("user", "percentile bootstrap over users (all impressions of a user move together"),
+    ("impression", "percentile bootstrap over impressions (all candidates of an impression move together)"),
+])
+def test_the_notes_name_the_bootstrap_unit_the_header_names(tmp_path, synthetic_result, unit, said):
+    # The notes said "over impressions" under a header (and a computation) over users.
+    result = copy.deepcopy(synthetic_result)
+    result["header"]["bootstrap"]["unit"] = unit
+    _, html_path = write_report(result, tmp_path)
+    text = html_path.read_text()
+    assert f"percentile bootstrap over {unit}s," in text  # the header
+    assert said in text
+    other = "impressions" if unit == "user" else "users"
+    assert f"bootstrap over {other}" not in text
