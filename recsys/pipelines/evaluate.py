@@ -23,7 +23,7 @@ from recsys.columns import CATEGORY, NEWS_ID
 from recsys.config import Config, ModelConfig, Workspace
 from recsys.data.mind import scan_behaviors
 from recsys.errors import RecsysError, SchemaError
-from recsys.pipelines.inputs import check_file, check_folder, check_output_folder
+from recsys.pipelines.inputs import check_file, check_folder, check_images_go_with_news, check_output_folder
 from recsys.pipelines.predict import split_scores
 from recsys.pipelines.scoring import (
     Catalogue, VersionScorer, DEFAULT_FEATURES_AT, check_features_at, feature_times, iter_scored, load_scoring_catalogue,
@@ -150,6 +150,7 @@ def run_evaluate(
 
     behaviors = Path(behaviors)
     check_file("--behaviors", behaviors)
+    check_images_go_with_news("evaluate", news, images)
     for option, path, check in (("--news", news, check_file), ("--images", images, check_folder)):
         if path is not None:
             check(option, path)

@@ -10,7 +10,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from recsys.config import Workspace
-from recsys.pipelines.inputs import check_file, check_folder
+from recsys.pipelines.inputs import check_file, check_folder, check_images_go_with_news
 from recsys.pipelines.runlog import recorded_run
 from recsys.progress import progress
 from recsys.ranking.lock import NIGHTLY_LOCK, StoreLock, acquire_lock
@@ -42,6 +42,7 @@ def run_ingest(
     for label, path in (("--news", news), ("--behaviors", behaviors)):
         if path is not None:
             check_file(label, path)  # not a pipe either: bad rows are recorded by the file's path
+    check_images_go_with_news("ingest", news, images)
     if images is not None:
         check_folder("--images", images)
     workspace.quarantine_dir.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,14 @@ def check_folder(option: str, path: Path | str) -> None:
         raise RecsysError(f"{option} {path}: " + ("not a folder" if path.exists() else "no such folder"))
 
 
+def check_images_go_with_news(command: str, news: Path | str | None, images: Path | str | None) -> None:
+    """Raises RecsysError for ``--images`` without ``--news``: covers are read only for the
+    articles of a news.tsv, so the folder would be ignored without a word."""
+    if images is not None and news is None:
+        raise RecsysError(f"{command} --images {images} goes with --news: covers are read only for the articles of "
+                          "a news.tsv, so without one they would be ignored")
+
+
 def check_writable(option: str, value: Path | str, folder: Path) -> None:
     """Raises RecsysError when files cannot be created in ``folder`` (permissions, a read-only
     file system), which would otherwise surface only once everything is scored."""

@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from recsys.config import Config, Workspace
 from recsys.data.mind import scan_behaviors
 from recsys.errors import RecsysError
-from recsys.pipelines.inputs import check_file, check_folder, check_writable
+from recsys.pipelines.inputs import check_file, check_folder, check_images_go_with_news, check_writable
 from recsys.pipelines.scoring import (
     VersionScorer, DEFAULT_FEATURES_AT, check_features_at, feature_times, iter_scored, load_scoring_catalogue,
     scoring_span,
@@ -46,6 +46,7 @@ def run_predict(
     from recsys.evaluation.prediction_file import write_predictions
 
     check_file("--behaviors", behaviors)
+    check_images_go_with_news("predict", news, images)
     for option, path, check in (("--news", news, check_file), ("--images", images, check_folder)):
         if path is not None:
             check(option, path)
