@@ -325,7 +325,7 @@ def evaluate(
     behaviors: Annotated[Optional[Path], typer.Option(help="Held-out MIND behaviors file (labelled).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Report folder (metrics.json, report.html, predictions).")] = None,
     models: Annotated[Optional[str], typer.Option(help="Comma-separated model versions (default: current).")] = None,
-    baselines: Annotated[bool, typer.Option("--baselines", help="Also the text-only and image-only ablations of the current model.")] = False,
+    baselines: Annotated[bool, typer.Option("--baselines", help="Also the text-only and image-only ablations of the first model evaluated (reused, or trained with its settings).")] = False,
     truth: Annotated[Optional[Path], typer.Option(help="Sample-world truth.tsv for the oracle row (found beside the behaviors file by default).")] = None,
     news: Annotated[Optional[Path], typer.Option(help="news.tsv with articles the store does not know.")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Cover images of those articles.")] = None,
@@ -334,16 +334,25 @@ def evaluate(
     allow_different_data: Annotated[bool, typer.Option("--allow-different-data", help="--compare two reports of different behaviors files (refused by default).")] = False,
 ) -> None:
     """Offline CTR evaluation report: metrics.json, report.html and MIND prediction files."""
+    scoring = {"--behaviors": behaviors is not None, "--out": out is not None, "--models": models is not None,
+               "--baselines": baselines, "--truth": truth is not None, "--news": news is not None,
+               "--images": images is not None, "--features-at": features_at != "popularity-at-end"}
     if compare:
         from recsys.evaluation.compare import compare_files
 
         _ctx(ctx).check_config()
+        # Ignored by a comparison: a user who added them expected something else to happen.
+        if given := [option for option, used in scoring.items() if used]:
+            raise RecsysError(f"evaluate --compare reads two metrics.json files; {', '.join(given)} "
+                              "go with scoring a behaviors file, not with --compare")
         if len(compare) != 2:
             raise RecsysError(f"--compare needs exactly two metrics.json files, got {len(compare)}")
         typer.echo(compare_files(compare[0], compare[1], allow_different_data=allow_different_data))
         return
     if behaviors is None or out is None:
         raise RecsysError("evaluate needs --behaviors and --out (or --compare A.json --compare B.json)")
+    if allow_different_data:
+        raise RecsysError("evaluate --allow-different-data goes with --compare A.json --compare B.json")
     from recsys.pipelines.evaluate import run_evaluate
 
     c = _ctx(ctx)

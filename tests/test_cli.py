@@ -425,3 +425,45 @@ def test_faiss_loader_lines_only_with_verbose(capsys, tmp_path: Path):
         assert loader.level == logging.NOTSET  # the root logger's DEBUG
     finally:
         loader.setLevel(logging.NOTSET)
+
+
+@pytest.mark.parametrize("command", [
+    ["ingest", "--behaviors", "{behaviors}", "--images", "{images}"],
+    ["nightly", "--behaviors", "{behaviors}", "--images", "{images}"],
+    ["predict", "--behaviors", "{behaviors}", "--out", "{tmp}/prediction.txt", "--images", "{images}"],
+    ["evaluate", "--behaviors", "{behaviors}", "--out", "{tmp}/report", "--images", "{images}"],
+])
+def test_images_without_news_are_refused_not_ignored(capsys, tmp_path: Path, command):
+    # Covers are read only for the articles of a news.tsv: the folder was ignored without a word.
+    (tmp_path / "images").mkdir()
+    behaviors = tmp_path / "behaviors.tsv"
+    behaviors.write_text("1\tU1\t11/15/2019 8:00:00 AM\t\tN1-1 N2-0\n")
+    args = [a.format(behaviors=behaviors, images=tmp_path / "images", tmp=tmp_path) for a in command]
+    code, out, err = run(capsys, "--workspace", str(tmp_path / "ws"), *args)
+    assert (code, out) == (1, "")
+    assert err.strip() == (f"error: {command[0]} --images {tmp_path / 'images'} goes with --news: covers are read only "
+                           "for the articles of a news.tsv, so without one they would be ignored")
+    assert not (tmp_path / "prediction.txt").exists() and not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    (["--behaviors", "b.tsv", "--out", "zz"], "--behaviors, --out"),
+    (["--models", "v1", "--baselines"], "--models, --baselines"),
+    (["--features-at", "impression"], "--features-at"),
+])
+def test_compare_refuses_the_scoring_options_it_would_ignore(capsys, tmp_path: Path, extra, named):
+    code, out, err = run(capsys, "--workspace", str(tmp_path), "evaluate", "--compare", "a.json", "--compare", "b.json", *extra)
+    assert (code, out) == (1, "")
+    assert err.strip() == (f"error: evaluate --compare reads two metrics.json files; {named} go with scoring a "
+                           "behaviors file, not with --compare")
+    assert not (tmp_path / "zz").exists()
+
+
+def test_allow_different_data_without_compare_is_refused(capsys, tmp_path: Path):
+    behaviors = tmp_path / "behaviors.tsv"
+    behaviors.write_text("1\tU1\t11/15/2019 8:00:00 AM\t\tN1-1 N2-0\n")
+    code, out, err = run(capsys, "--workspace", str(tmp_path), "evaluate", "--behaviors", str(behaviors), "--out",
+                         str(tmp_path / "report"), "--allow-different-data")
+    assert (code, out) == (1, "")
+    assert err.strip() == "error: evaluate --allow-different-data goes with --compare A.json --compare B.json"
+    assert not (tmp_path / "report").exists()
