@@ -244,6 +244,27 @@ def test_evaluate_writes_prediction_files_per_chunk_and_keeps_the_old_ones_on_fa
     assert not (tmp_path / "new").exists()
 
 
+def test_evaluate_into_an_earlier_reports_folder_leaves_one_evaluation(trained, tmp_path, caplog):
+    # The earlier report's prediction files of other models stayed beside the new metrics.json.
+    from recsys.pipelines.evaluate import run_evaluate
+
+    world, ws, engine, config, versions = trained
+    out = tmp_path / "report"
+    first = run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=out,
+                         versions=[versions[True], versions[False]], num_resamples=10)
+    assert first["removed_stale_predictions"] == []
+    (out / "notes.txt").write_text("mine")  # not a prediction file: kept
+    with caplog.at_level("WARNING", logger="recsys.evaluate"):
+        second = run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=out,
+                              versions=[versions[True]], num_resamples=10)
+    gone = out / f"prediction-{versions[False]}.txt"
+    assert second["removed_stale_predictions"] == [str(gone)]
+    assert f"removed {gone}: an earlier report's prediction file" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == sorted(["metrics.json", "report.html", "notes.txt",
+                                                             f"prediction-{versions[True]}.txt"])
+    assert list(json.loads((out / "metrics.json").read_text())["header"]["model_versions"]) == [versions[True]]
+
+
 def test_iter_scored_shares_a_reading_and_scores_each_model_as_alone(trained):
     from recsys.pipelines.scoring import iter_scored
 

@@ -246,6 +246,13 @@ def run_evaluate(
         behaviors_sha256=scan.sha256,
     )
     metrics_path, html_path = write_report(result, out)
+    # An earlier report in the same folder left its models' prediction files: beside a
+    # metrics.json that no longer describes them, a MIND scorer run over the folder would mix
+    # two evaluations. Removed only now that the new report is whole.
+    stale = sorted(p for p in out.glob("prediction-*.txt") if str(p) not in prediction_files.values() and p.is_file())
+    for path in stale:
+        path.unlink()
+        log.warning("removed %s: an earlier report's prediction file, not of this report's models", path)
     gaps = {name: m.get("gap_closed") for name, m in result["models"].items()}
     warning = {}
     if result["header"]["num_labelled_impressions"] == 0:  # a MIND test file: nothing to measure
@@ -254,6 +261,7 @@ def run_evaluate(
         log.warning(warning["warning"])
     return {
         "metrics_json": str(metrics_path), "html": str(html_path), "predictions": prediction_files,
+        "removed_stale_predictions": [str(p) for p in stale],
         "num_impressions": result["header"]["num_impressions"], "num_unlabelled": result["header"]["num_unlabelled"],
         "impression_auc": {name: m["metrics"]["impression_auc"]["value"] for name, m in result["models"].items()},
         "gap_closed": gaps, "seconds": round(time.perf_counter() - t_start, 2), "scoring_seconds": round(t_scored, 2),
