@@ -1,0 +1,116 @@
+"""Would counting how often the scored file itself shows each candidate rank better? A measured
+experiment (issue 4: fresh articles have no popularity signal).
+
+Half of a test window's candidates are articles published after training: the model's side
+features (clicks and shows in the 24 h before the store's end) read nothing for them, so
+their popularity is unknown. The file being scored does show them, though, and how often an
+article is shown says how hard the publisher pushes it (top MIND solutions counted impressions
+in the test file). This asks what that is worth before anything is built: for each held-out
+world, train the default model (``recsys train``), score the test file with it (as served), and
+read the per-impression AUC of
+
+- the served model,
+- the candidate's shows in the scored file in the 24 h before the impression (strictly
+  before, so no impression reads itself or a later one; labels are never read): log1p(count),
+- the served model's logit + w * log1p(count), with w chosen on the other half of the
+  impressions (two folds by impression row parity, each fitted on the other; the grid below),
+  so that no impression is scored with a weight fitted on itself,
+
+over all candidates and over fresh ones (never shown in the store). Nothing here is used by the
+product: serving it would need every impression shown so far tonight in the nightly job, and a
+training feature whose click counts lag its show counts, as the scored file's clicks are unknown.
+
+Usage:
+  python benchmarks/bench_file_exposure.py --seeds 101 102 103
+  python benchmarks/bench_file_exposure.py --foreign            # seeds 201-203, tag 'foreign'
+
+Prints a table and writes benchmarks/results/file_exposure.json (file_exposure_<tag>.json).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+WINDOW = np.timedelta64(24, "h")
+WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+def file_shows(imps) -> np.ndarray:
+    """(c,) int64: for each candidate, how many impressions of the same file showed the same
+    article in ``[t - WINDOW, t)``, t its own impression's time."""
+    from recsys.models.samples import candidate_impression_rows
+
+    t = imps.times[candidate_impression_rows(imps)].astype("datetime64[s]").astype(np.int64)
+    items = imps.candidate_items.astype(np.int64)
+    # One sorted key per show, (item, time); the counts are two binary searches per candidate.
+    keys = np.sort(items * 2**40 + t)
+    window = int(WINDOW / np.timedelta64(1, "s"))
+    return np.searchsorted(keys, items * 2**40 + t, "left") - np.searchsorted(keys, items * 2**40 + t - window, "left")
+
+
+def cross_fitted(imps, logits: np.ndarray, feature: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    """logits + w * feature, w from ``WEIGHTS`` maximising the mean per-impression AUC on the
+    other fold (impression rows of the other parity); the scores and the two weights."""
+    from bench_quality import subset_auc
+
+    from recsys.models.samples import candidate_impression_rows
+
+    fold = candidate_impression_rows(imps) % 2
+    out, chosen = np.empty_like(logits), []
+    for k in (0, 1):
+        fit = fold != k
+        best = max(WEIGHTS, key=lambda w: subset_auc(imps, logits + w * feature, fit))
+        chosen.append(best)
+        out[fold == k] = (logits + best * feature)[fold == k]
+    return out, chosen
+
+
+def run_seed(seed: int, args, root: Path) -> dict:
+    from bench_quality import config_overrides, file_impressions, fresh_candidates, ingested_world, oracle_auc, test_file_row
+    from recsys.config import load_config
+    from recsys.pipelines.scoring import VersionScorer, load_scoring_catalogue
+    from recsys.pipelines.train import run_train
+    from recsys.versions import get_version
+
+    t0 = time.perf_counter()
+    world, ws, engine, _ = ingested_world(seed, args, root, foreign=args.foreign)
+    oracle = oracle_auc(world)
+    config = load_config(None, config_overrides(args))
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    version = run_train(engine, ws, config, make_current=False)["version"]
+    scorer = VersionScorer(get_version(engine, version), catalogue)
+    test = file_impressions(world / "behaviors_test.tsv", catalogue, logged_clicks=True, history_len=scorer.history_len)
+    logits = scorer.model.score_impressions(test, scorer.embeddings, catalogue.log, catalogue.first_seen,
+                                            logits=True).astype(np.float64)
+    fresh = fresh_candidates(test, catalogue)
+    shows = np.log1p(file_shows(test)).astype(np.float64)
+    # Ties broken by a tiny, fixed jitter: many candidates share a count.
+    jitter = np.random.default_rng(0).random(len(shows)) * 1e-6
+    blended, weights = cross_fitted(test, logits, shows)
+
+    out = {"seed": seed, "oracle": oracle, "rows": {}, "weights": weights,
+           "shows_fresh_mean": float(np.expm1(shows[fresh]).mean()), "shows_seen_mean": float(np.expm1(shows[~fresh]).mean())}
+    out["rows"]["served model"] = test_file_row(test, logits, oracle, fresh)
+    out["rows"]["shows in the file, last 24 h"] = test_file_row(test, shows + jitter, oracle, fresh)
+    out["rows"]["served model + w * shows (cross-fitted w)"] = test_file_row(test, blended, oracle, fresh)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    engine.dispose()
+    return out
+
+
+def main() -> None:
+    # this folder is on sys.path when run as a script
+    from bench_quality import run_experiment, show_rows
+
+    def show(res: dict) -> None:
+        show_rows(res, 42, {"fresh": lambda r: f"{r['fresh_auc']:.4f}", "seen": lambda r: f"{r['seen_auc']:.4f}"},
+                  note=f"; weights {res['weights']}, mean shows fresh {res['shows_fresh_mean']:.1f} / seen {res['shows_seen_mean']:.1f}")
+
+    run_experiment(__doc__, "file_exposure", run_seed, show, width=42)
+
+
+if __name__ == "__main__":
+    main()
