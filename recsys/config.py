@@ -109,6 +109,7 @@ class Config:
         _check_choice("nightly.engine", self.nightly.engine, ENGINES)
         for key, value in (
             ("encoders.image_size", self.encoders.image_size),
+            ("encoders.batch_size", self.encoders.batch_size),
             ("model.embedding_dim", self.model.embedding_dim),
             ("model.history_len", self.model.history_len),
             ("model.epochs", self.model.epochs),
@@ -134,6 +135,13 @@ class Config:
             raise ConfigError(f"config key 'runtime.threads' is {self.runtime.threads}, expected 0 (every core) or more")
         if self.encoders.image_size < 32:
             raise ConfigError(f"config key 'encoders.image_size' is {self.encoders.image_size}, expected at least 32")
+        # Found by the encoder only once the nightly had ingested (and named no key).
+        if self.encoders.text_max_length < 2:
+            raise ConfigError(f"config key 'encoders.text_max_length' is {self.encoders.text_max_length}, expected at "
+                              "least 2 tokens (the tokenizer's [CLS] and [SEP])")
+        if self.index.exact_max_items < 0:
+            raise ConfigError(f"config key 'index.exact_max_items' is {self.index.exact_max_items}, expected 0 (never "
+                              "exact) or more")
         clock = self.model.feature_clock_hours
         if not (clock == 0 or 1 / 3600 <= clock <= MAX_DAYS * 24):  # also rejects NaN; clock_floor ticks in seconds
             raise ConfigError(f"config key 'model.feature_clock_hours' is {clock}, expected 0 (off) or a period of "
@@ -226,10 +234,14 @@ def load_config(path: Path | None, overrides: dict | None = None, *, flags: dict
     """
     data: dict = {}
     if path is not None and Path(path).exists():
+        if Path(path).is_dir():
+            raise ConfigError(f"config file {path} is a folder, expected a TOML file")
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        except OSError as exc:  # unreadable (permissions): the operator's file, exit 1
+            raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from exc
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -301,7 +313,14 @@ class Workspace:
         return self.root / "exports"
 
     def ensure(self) -> "Workspace":
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Create the workspace folder; ConfigError when its path cannot be one (a file in the way,
+        a folder that cannot be created): the operator's path, not an internal error."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"workspace {self.root} is a file, expected a folder")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"workspace {self.root} cannot be created: {exc.strerror or exc}") from exc
         return self
 
 

@@ -467,3 +467,15 @@ def test_allow_different_data_without_compare_is_refused(capsys, tmp_path: Path)
     assert (code, out) == (1, "")
     assert err.strip() == "error: evaluate --allow-different-data goes with --compare A.json --compare B.json"
     assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("command", [["stats"], ["recommend", "--user", "U1"], ["nightly"]])
+def test_a_workspace_or_config_path_of_the_wrong_kind_exits_1(capsys, tmp_path: Path, command):
+    # Both exited 2 ("internal error: FileExistsError / IsADirectoryError"): an operator's typo.
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    code, out, err = run(capsys, "--workspace", str(afile), *command)
+    assert (code, out, err.strip()) == (1, "", f"error: workspace {afile} is a file, expected a folder")
+    code, out, err = run(capsys, "--workspace", str(tmp_path / "ws"), "--config", str(tmp_path), *command)
+    assert (code, out, err.strip()) == (1, "", f"error: config file {tmp_path} is a folder, expected a TOML file")
+    assert not (tmp_path / "ws").exists()

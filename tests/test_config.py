@@ -60,6 +60,12 @@ def test_unknown_section_is_named():
         ({"nightly": {"freshness_days": 0.0}}, r"'nightly.freshness_days' is 0.0"),
         # a negative count aborted TensorFlow in the helper, reported as the out-of-memory killer
         ({"runtime": {"threads": -1}}, r"'runtime.threads' is -1, expected 0 \(every core\) or more"),
+        # found by the encoder or the index build only after a nightly's ingest, naming no key;
+        # a batch size below 64 was silently raised to 64
+        ({"encoders": {"text_max_length": 1}}, r"'encoders.text_max_length' is 1, expected at least 2 tokens"),
+        ({"encoders": {"text_max_length": -5}}, r"'encoders.text_max_length' is -5, expected at least 2 tokens"),
+        ({"index": {"exact_max_items": -1}}, r"'index.exact_max_items' is -1, expected 0 \(never exact\) or more"),
+        ({"encoders": {"batch_size": 0}}, r"'encoders.batch_size' is 0, expected a positive number"),
     ],
 )
 def test_bad_values_are_named(data, message):
@@ -164,3 +170,19 @@ def test_workspace_and_db_resolution(tmp_path: Path, monkeypatch):
     assert resolve_db_url(None, ws) == "postgresql://postgres@127.0.0.1/x"
     assert resolve_db_url("sqlite:///other.db", ws) == "sqlite:///other.db"  # the flag wins
     assert Workspace.resolve(tmp_path / "flag").root == (tmp_path / "flag").resolve()
+
+
+def test_a_workspace_path_that_cannot_be_a_folder_is_a_config_error(tmp_path: Path):
+    # exit 2 ("internal error: FileExistsError") before, for a wrong RECSYS_WORKSPACE in cron
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ConfigError, match=rf"^workspace {afile} is a file, expected a folder$"):
+        Workspace(afile).ensure()
+    with pytest.raises(ConfigError, match=rf"^workspace {afile / 'sub'} cannot be created: Not a directory$"):
+        Workspace(afile / "sub").ensure()
+    assert Workspace(tmp_path / "new" / "ws").ensure().root.is_dir()
+
+
+def test_a_config_path_that_is_a_folder_is_a_config_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match=rf"^config file {tmp_path} is a folder, expected a TOML file$"):
+        load_config(tmp_path)

@@ -38,7 +38,7 @@ def encode_news(news: pd.DataFrame, workspace: Workspace, config: Config, *, enc
     with progress("encoding articles", total=len(news)) as advance:
         features = encode_items(
             news, None, text, image, cache, use_abstract=config.encoders.use_abstract,
-            batch_size=max(config.encoders.batch_size, 64), progress=advance,
+            batch_size=config.encoders.batch_size, progress=advance,
         )
     # Every night appends a small shard; merge them now and then so opening stays fast.
     if cache.num_shards > MAX_CACHE_SHARDS:
