@@ -159,6 +159,22 @@ def test_a_failed_ingest_ranks_the_stored_data_and_exits_3(tmp_path, trained, ca
     assert [tuple(r) for r in stored] == [("nightly-2019-11-20", "U_new")]
 
 
+def test_a_night_whose_files_have_no_good_line_exits_3_and_ranks_the_stored_data(tmp_path, trained, capsys):
+    # Swapped files were quarantined line by line and the job exited 0: no alert fired.
+    world, ws, engine, _ = trained
+    before = store_stats(engine)
+    code = main(["--workspace", str(ws.root), "nightly", "--k", "3", "--workers", "1",
+                 "--news", str(world / "behaviors_train.tsv"), "--behaviors", str(world / "news.tsv"), "--source", "swapped"])
+    out, err = capsys.readouterr()
+    assert code == 3
+    summary = json.loads(out)
+    assert summary["ingest"]["error"].startswith(f"--news {world / 'behaviors_train.tsv'}: every one of its ")
+    assert summary["run"]["status"] == "complete"
+    assert err.strip().splitlines()[-1].startswith("error: ingest failed, the run ranked the data already stored: --news")
+    after = store_stats(engine)
+    assert (after["news"], after["impressions"]) == (before["news"], before["impressions"])
+
+
 def test_a_job_that_finds_the_lock_held_ingests_nothing(tmp_path):
     """Overlapping nights: the second job stops before its ingest, not only before ranking."""
     world, ws, engine = ingested_sample(tmp_path, num_users=20, num_news=100, num_impressions=30, seed=4)

@@ -10,12 +10,32 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from recsys.config import Workspace
+from recsys.errors import RecsysError
 from recsys.pipelines.inputs import check_file, check_folder, check_images_go_with_news
 from recsys.pipelines.runlog import recorded_run
 from recsys.progress import progress
 from recsys.ranking.lock import NIGHTLY_LOCK, StoreLock, acquire_lock
 
 log = logging.getLogger("recsys.ingest")
+
+
+class NoGoodRowError(RecsysError):
+    """Every line of a given file was quarantined: most likely the wrong file (news.tsv and
+    behaviors.tsv swapped, another format), which a lenient ingest would otherwise pass."""
+
+
+def _refuse_files_without_a_good_row(summary: dict, *, news: Path | None, behaviors: Path | None) -> None:
+    # A file whose every line is bad loaded nothing; its bad lines are quarantined as usual,
+    # and what the other file loaded stays (each batch is its own transaction).
+    problems = []
+    for option, path, loaded in (("--news", news, summary["news"]), ("--behaviors", behaviors, summary["impressions"])):
+        bad = summary["bad_rows_by_file"].get(str(Path(path).resolve()), 0) if path is not None else 0
+        if bad and not loaded:
+            problems.append(f"{option} {path}: every one of its {bad} lines was bad, nothing of it was stored "
+                            f"(first: {summary['first_bad_row'][str(Path(path).resolve())]})")
+    if problems:
+        raise NoGoodRowError("; ".join(problems) + f"; the lines are in {summary['quarantine_file']}: is it the right "
+                             "file (news.tsv and behaviors.tsv swapped?)")
 
 
 def run_ingest(
@@ -58,6 +78,7 @@ def run_ingest(
         )
         summary = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(report)
         record["counts"] = {k: v for k, v in summary.items() if isinstance(v, int)}
+        _refuse_files_without_a_good_row(summary, news=news, behaviors=behaviors)
     bad = summary.get("num_bad_rows", 0)
     if bad:
         log.warning("%d bad rows quarantined in %s", bad, summary.get("quarantine_file"))

@@ -60,6 +60,8 @@ class IngestReport:
             clicked, per batch. Not the rows added to ``clicks``: a pair both in the History and
             clicked counts twice, and a rerun counts its clicked pairs again (docs/data-contract.md).
         num_bad_rows: lines not loaded (also in the quarantine file and table).
+        bad_rows_by_file: {file (resolved path): its lines not loaded}.
+        first_bad_row: {file (resolved path): the reason of its first line not loaded}.
         quarantine_file: the quarantine TSV of this call, None when there was no bad row.
         source: the name the behaviors file's impressions are stored under.
         image_status: articles per image status (news ingest only).
@@ -72,6 +74,8 @@ class IngestReport:
     impression_items: int = 0
     clicks: int = 0
     num_bad_rows: int = 0
+    bad_rows_by_file: dict[str, int] = field(default_factory=dict)
+    first_bad_row: dict[str, str] = field(default_factory=dict)
     quarantine_file: str | None = None
     source: str | None = None
     image_status: dict[str, int] = field(default_factory=dict)
@@ -206,6 +210,8 @@ class _Job:
         if self.strict:
             raise bad.to_error()
         self.report.num_bad_rows += 1
+        self.report.bad_rows_by_file[file_key] = self.report.bad_rows_by_file.get(file_key, 0) + 1
+        self.report.first_bad_row.setdefault(file_key, bad.reason)
         self.quarantine.add(file_key, bad)
         pending.append((file_key, bad.line, bad.field[:64], bad.reason, self.now))
 

@@ -1,0 +1,73 @@
+"""`recsys ingest` refuses a file of which no line could be loaded (the wrong file), keeping what
+the other file loaded and quarantining the bad lines as usual."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from recsys.config import Workspace
+from recsys.pipelines.ingest import NoGoodRowError, run_ingest
+from recsys.store import schema as s
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from recsys.data.sample import generate_sample
+
+    root = tmp_path_factory.mktemp("world")
+    generate_sample(root, num_users=20, num_news=100, num_impressions=30, seed=5, image_size=32)
+    return root
+
+
+def _count(engine, table) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(table)).scalar()
+
+
+def _ingest_runs(engine) -> list[tuple]:
+    r = s.runs.c
+    with engine.connect() as conn:
+        return [(row.status, row.message) for row in conn.execute(select(r.status, r.message).where(r.kind == "ingest"))]
+
+
+def test_swapped_news_and_behaviors_files_are_refused_naming_both(engine, world, tmp_path):
+    # Lenient ingest quarantined every line of both and exited 0: nothing alerted the operator.
+    ws = Workspace(tmp_path / "ws").ensure()
+    news, behaviors = world / "behaviors_train.tsv", world / "news.tsv"
+    num_behaviors = len(news.read_text().splitlines())
+    num_news = len(behaviors.read_text().splitlines())
+    with pytest.raises(NoGoodRowError) as raised:
+        run_ingest(engine, ws, news=news, behaviors=behaviors, images=None)
+    message = str(raised.value)
+    assert message.startswith(f"--news {news}: every one of its {num_behaviors} lines was bad, nothing of it was stored "
+                              f"(first: {news} line 1: field ")
+    assert f"; --behaviors {behaviors}: every one of its {num_news} lines was bad" in message
+    assert message.endswith("is it the right file (news.tsv and behaviors.tsv swapped?)")
+    (quarantine,) = ws.quarantine_dir.iterdir()
+    assert f"the lines are in {quarantine}" in message
+    assert _count(engine, s.news) == _count(engine, s.impressions) == 0
+    assert _count(engine, s.quarantine) == num_behaviors + num_news
+    ((status, why),) = _ingest_runs(engine)
+    assert status == "failed" and why.startswith("NoGoodRowError: --news")
+
+
+def test_only_the_file_without_a_good_line_is_named_and_the_other_stays_stored(engine, world, tmp_path):
+    ws = Workspace(tmp_path / "ws").ensure()
+    wrong = world / "news.tsv"  # given as behaviors
+    with pytest.raises(NoGoodRowError, match=rf"^--behaviors {wrong}: every one of its \d+ lines was bad") as raised:
+        run_ingest(engine, ws, news=world / "news.tsv", behaviors=wrong, images=None)
+    assert "--news" not in str(raised.value)
+    assert _count(engine, s.news) == 100 and _count(engine, s.impressions) == 0
+
+
+def test_a_file_with_some_good_lines_is_loaded_and_its_bad_lines_quarantined(engine, world, tmp_path):
+    ws = Workspace(tmp_path / "ws").ensure()
+    lines = (world / "behaviors_train.tsv").read_text().splitlines()
+    mixed = tmp_path / "behaviors.tsv"
+    mixed.write_text("\n".join([*lines[:5], "not\ta behaviors line"]) + "\n")
+    summary = run_ingest(engine, ws, news=world / "news.tsv", behaviors=mixed, images=None)
+    assert (summary["impressions"], summary["num_bad_rows"]) == (5, 1)
+    assert summary["bad_rows_by_file"] == {str(mixed.resolve()): 1}
+    assert summary["first_bad_row"][str(mixed.resolve())].startswith(f"{mixed} line 6: ")
+    assert [status for status, _ in _ingest_runs(engine)] == ["complete"]
