@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,8 +384,35 @@ def demo(
 _TYPER_CTRL_C = 130
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's timeout, ``kill``): unwound like Ctrl-C, so that the store's lock
+    is released and the run stays resumable; otherwise a retry on another host would wait for
+    the lock to go stale (15 minutes)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    global _terminated
+    _terminated = True
+    raise Terminated
+
+
+_terminated = False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps errors to exit codes and one clear line on stderr."""
+    global _terminated
+    _terminated = False
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers may be set
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if in_main_thread:  # None: a handler not set from Python, i.e. the default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _main(argv: list[str] | None) -> int:
     verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
     try:
         # Outside standalone mode click hands back a command's typer.Exit code as the result.
@@ -407,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"error: {exc}", err=True)
         return 1
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        typer.echo("terminated (SIGTERM)" if _terminated else "interrupted", err=True)
         return 2
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: exit code 2
         if verbose:
@@ -415,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"internal error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)", err=True)
         return 2
     if code == _TYPER_CTRL_C:
-        typer.echo("interrupted", err=True)
+        typer.echo("terminated (SIGTERM)" if _terminated else "interrupted", err=True)
         return 2
     return code if isinstance(code, int) else 0
 

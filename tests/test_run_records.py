@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -134,3 +135,30 @@ def test_recorded_run_records_its_process_and_clears_dead_runs_of_its_kind(engin
         row = conn.execute(select(r.status, r.holder).where(r.run_id == record["run_id"])).one()
     assert tuple(row) == ("complete", f"{HOST}:{os.getpid()}")
     assert _runs(engine)[dead][1] == "failed"
+
+
+def test_sigterm_mid_ingest_releases_the_lock_and_fails_the_run(engine, world, tmp_path, monkeypatch, capsys):
+    """Airflow's timeout sends SIGTERM: the process died holding the lock, so a retry on another
+    host was refused for 15 minutes (until the lock went stale). Now it unwinds like Ctrl-C."""
+    import time
+
+    from recsys.cli import main
+
+    real_ingest = store_ingest.ingest
+
+    def terminated_midway(eng, **kwargs):
+        assert read_lock(eng) is not None  # held while ingesting
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at the next bytecode, long before this ends
+        return real_ingest(eng, **kwargs)
+
+    monkeypatch.setattr(store_ingest, "ingest", terminated_midway)
+    before = signal.getsignal(signal.SIGTERM)
+    code = main(["--workspace", str(tmp_path / "ws"), "--db", str(engine.url.render_as_string(hide_password=False)),
+                 "ingest", "--news", str(world / "news.tsv"), "--behaviors", str(world / "behaviors_train.tsv")])
+    assert (code, capsys.readouterr().err.strip().splitlines()[-1]) == (2, "terminated (SIGTERM)")
+    assert read_lock(engine) is None
+    ((kind, status, message),) = _runs(engine).values()
+    assert (kind, status) == ("ingest", "failed") and message.startswith("Terminated")
+    assert _count(engine, s.news) == 0
+    assert signal.getsignal(signal.SIGTERM) == before  # main() leaves the process's handler as it was
