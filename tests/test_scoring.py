@@ -432,8 +432,8 @@ def test_predict_and_evaluate_refuse_bad_paths_before_scoring(trained, tmp_path,
     behaviors = world / "behaviors_test.tsv"
     (tmp_path / "a-file").write_text("x")
     cases = [
-        ({"images": tmp_path / "nope"}, rf"--images {tmp_path / 'nope'}: no such folder"),
-        ({"images": tmp_path / "a-file"}, rf"--images {tmp_path / 'a-file'}: not a folder"),
+        ({"news": world / "news.tsv", "images": tmp_path / "nope"}, rf"--images {tmp_path / 'nope'}: no such folder"),
+        ({"news": world / "news.tsv", "images": tmp_path / "a-file"}, rf"--images {tmp_path / 'a-file'}: not a folder"),
         ({"news": tmp_path / "nope.tsv"}, rf"--news {tmp_path / 'nope.tsv'}: no such file"),
         ({"news": tmp_path}, rf"--news {tmp_path}: not a regular file"),
     ]
