@@ -216,6 +216,7 @@ def similar(
     """Articles closest to an article in the item-embedding space."""
     from recsys.pipelines.index import run_similar
 
+    _check_id("--news", news)
     c = _ctx(ctx)
     rows = run_similar(c.engine(), c.workspace, news_id=news, k=k, version=model)
     _print_rows(rows, as_json, title=f"similar to {news}")
@@ -268,6 +269,7 @@ def recommend(
     """The latest complete nightly run's recommendations for a user."""
     from recsys.ranking.runs import recommendations_for_user
 
+    _check_id("--user", user)
     rows = recommendations_for_user(_ctx(ctx).engine(), user, k)
     if rows.empty:
         # Known user, empty list: say why on stderr, so that the output stays a valid (empty) list.
@@ -276,6 +278,15 @@ def recommend(
             "(nightly.active_days) or no eligible article", err=True,
         )
     _print_rows(rows.to_dict("records"), as_json, title=f"recommendations for {user}")
+
+
+def _check_id(option: str, value: str) -> None:
+    # Bytes that are not UTF-8 reach Python as surrogates, which no driver can send: an
+    # operator's typo, not an internal error.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RecsysError(f"{option} {value.encode('utf-8', 'surrogateescape')!r}: not valid UTF-8") from None
 
 
 def _print_rows(rows: list[dict], as_json: bool, *, title: str) -> None:

@@ -479,3 +479,11 @@ def test_a_workspace_or_config_path_of_the_wrong_kind_exits_1(capsys, tmp_path: 
     code, out, err = run(capsys, "--workspace", str(tmp_path / "ws"), "--config", str(tmp_path), *command)
     assert (code, out, err.strip()) == (1, "", f"error: config file {tmp_path} is a folder, expected a TOML file")
     assert not (tmp_path / "ws").exists()
+
+
+@pytest.mark.parametrize("command", [["recommend", "--user"], ["similar", "--news"]])
+def test_an_id_that_is_not_utf8_exits_1(capsys, tmp_path: Path, command):
+    # Exit 2 before ("internal error: UnicodeEncodeError ... surrogates not allowed").
+    value = b"U10\xff20".decode("utf-8", "surrogateescape")  # how Python hands over such an argument
+    code, out, err = run(capsys, "--workspace", str(tmp_path), *command, value)
+    assert (code, out, err.strip()) == (1, "", f"error: {command[1]} b'U10\\xff20': not valid UTF-8")

@@ -197,6 +197,12 @@ def test_a_job_with_an_export_it_cannot_write_or_lone_ingest_options_stops_befor
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(RecsysError, match=rf"--export {tmp_path / 'a-file' / 'sub'}: {tmp_path / 'a-file'} is a file, expected a folder"):
         run_nightly_job(engine, ws, config, behaviors=world / "behaviors_test.tsv", export=tmp_path / "a-file" / "sub")
+    # A link to an unmounted share passed the check: the night ranked, then its export failed.
+    (tmp_path / "share").symlink_to("/nonexistent/recsys-exports")
+    for export in (tmp_path / "share", tmp_path / "share" / "night-1"):
+        with pytest.raises(RecsysError, match=rf"^--export {export}: {tmp_path / 'share'} is a link to "
+                                              r"/nonexistent/recsys-exports, which does not exist$"):
+            run_nightly_job(engine, ws, config, behaviors=world / "behaviors_test.tsv", export=export)
     for kwargs in ({"images": world / "images"}, {"source": "night-1"}):
         with pytest.raises(RecsysError, match="nightly --images and --source go with --news and/or --behaviors"):
             run_nightly_job(engine, ws, config, **kwargs)

@@ -43,6 +43,9 @@ def check_output_folder(option: str, path: Path | str) -> Path:
     write into; returns the nearest folder that exists (``path`` itself or an ancestor)."""
     existing = Path(path)
     while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():
+            # An unmounted share behind a link: mkdir fails on it only after the night's ranking.
+            raise RecsysError(f"{option} {path}: {existing} is a link to {os.readlink(existing)}, which does not exist")
         existing = existing.parent
     if not existing.is_dir():
         raise RecsysError(f"{option} {path}: {existing} is a file, expected a folder")
