@@ -260,6 +260,21 @@ def nightly(
 
 
 @app.command()
+def export(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="Folder to write recommendations-run-<id>.parquet into.")],
+    run: Annotated[Optional[int], typer.Option(help="Run id (default: the latest complete nightly run).")] = None,
+) -> None:
+    """Write a complete nightly run's recommendations as Parquet (as `nightly --export` does)."""
+    from recsys.pipelines.inputs import check_output_folder
+    from recsys.ranking.export import export_run
+
+    check_output_folder("--out", out)
+    c = _ctx(ctx)
+    typer.echo(str(export_run(c.engine(), out, run_id=run)))
+
+
+@app.command()
 def recommend(
     ctx: typer.Context,
     user: Annotated[str, typer.Option(help="User id.")],

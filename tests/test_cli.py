@@ -102,6 +102,15 @@ def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
     # Every user of the 5-day training window is active in the default 7-day window.
     assert summary["run"]["counts"]["users"] == len({row[1] for row in train_rows})
     assert summary["run"]["status"] == "complete"
+    # The run exported again (after a failed --export, say): the same file, byte for byte.
+    run_id = summary["run"]["run_id"]
+    code, out, err = run(capsys, *ws, "export", "--out", str(workspace / "again"), "--run", str(run_id))
+    assert (code, out.strip()) == (0, str(workspace / "again" / f"recommendations-run-{run_id}.parquet")), err
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out.strip()).equals(pq.read_table(summary["export"]))
+    code, out, err = run(capsys, *ws, "export", "--out", str(workspace / "again"), "--run", "999")
+    assert code == 1 and "999" in err, err
 
     user = train_rows[0][1]
     code, out, err = run(capsys, *ws, "recommend", "--user", user, "--json")

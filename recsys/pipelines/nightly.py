@@ -289,5 +289,6 @@ def _nightly_job(
         try:
             summary["export"] = str(export_run(engine, Path(export), run_id=run_id))
         except OSError as exc:  # a full disk, say: the run itself is complete and served
-            raise RecsysError(f"--export {export}: run {run_id} completed, but its export failed ({exc})") from exc
+            raise RecsysError(f"--export {export}: run {run_id} completed, but its export failed ({exc}); once the "
+                              f"cause is fixed, `recsys export --run {run_id} --out DIR` writes it") from exc
     return summary
