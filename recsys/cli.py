@@ -252,11 +252,16 @@ def nightly(
         c.engine(), c.workspace, config, news=news, behaviors=behaviors, images=images, source=source, export=export
     )
     _print_json(summary)
+    export_failed = summary["export"].get("error") if isinstance(summary.get("export"), dict) else None
+    if export_failed is not None:
+        typer.echo(f"error: {export_failed}", err=True)
     failed = summary.get("ingest", {}).get("error")
     if failed is not None:
         # The lists were made from the data already stored; the scheduler must still hear of it.
         typer.echo(f"error: ingest failed, the run ranked the data already stored: {failed}", err=True)
         raise typer.Exit(INGEST_FAILED)
+    if export_failed is not None:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -175,6 +175,28 @@ def test_a_night_whose_files_have_no_good_line_exits_3_and_ranks_the_stored_data
     assert (after["news"], after["impressions"]) == (before["news"], before["impressions"])
 
 
+def test_an_export_that_fails_after_the_run_still_prints_the_summary_and_exits_1(tmp_path, trained, capsys, monkeypatch):
+    # The summary (counts, pruned runs) was lost with the error; the run itself is served.
+    import recsys.ranking.export
+
+    world, ws, engine, _ = trained
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(recsys.ranking.export, "export_run", full_disk)
+    code = main(["--workspace", str(ws.root), "nightly", "--k", "3", "--workers", "1", "--export", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 1
+    summary = json.loads(out)
+    run_id = summary["run"]["run_id"]
+    assert summary["run"]["status"] == "complete"
+    message = (f"--export {tmp_path / 'out'}: run {run_id} completed, but its export failed ([Errno 28] No space left "
+               f"on device); once the cause is fixed, `recsys export --run {run_id} --out DIR` writes it")
+    assert summary["export"] == {"error": message}
+    assert err.strip().splitlines()[-1] == f"error: {message}"
+
+
 def test_a_job_that_finds_the_lock_held_ingests_nothing(tmp_path):
     """Overlapping nights: the second job stops before its ingest, not only before ranking."""
     world, ws, engine = ingested_sample(tmp_path, num_users=20, num_news=100, num_impressions=30, seed=4)

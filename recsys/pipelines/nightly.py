@@ -289,6 +289,9 @@ def _nightly_job(
         try:
             summary["export"] = str(export_run(engine, Path(export), run_id=run_id))
         except OSError as exc:  # a full disk, say: the run itself is complete and served
-            raise RecsysError(f"--export {export}: run {run_id} completed, but its export failed ({exc}); once the "
-                              f"cause is fixed, `recsys export --run {run_id} --out DIR` writes it") from exc
+            # Recorded, not raised: the summary (counts, pruned runs) is still printed; the
+            # command then exits 1.
+            log.error("export failed: %s", exc)
+            summary["export"] = {"error": f"--export {export}: run {run_id} completed, but its export failed ({exc}); "
+                                          f"once the cause is fixed, `recsys export --run {run_id} --out DIR` writes it"}
     return summary
