@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recsys.errors import ConfigError
-from recsys.models import NUM_HEADS
+from recsys.models import NUM_HEADS, parse_modalities
 
 FUSION_MODES = ("concat", "weighted_sum", "gated")
 MODALITIES = ("text", "image", "text,image")
@@ -101,7 +101,10 @@ class Config:
         _check_choice("model.fusion", self.model.fusion, FUSION_MODES)
         # "image,text" or "text, image" name the multimodal model too: keep its one canonical
         # spelling, which the manifest records and the report compares.
-        modalities = _canonical_modalities(self.model.modalities)
+        try:
+            modalities = ",".join(parse_modalities(self.model.modalities))
+        except ValueError:
+            modalities = self.model.modalities  # named by _check_choice below
         if modalities != self.model.modalities:
             object.__setattr__(self, "model", dataclasses.replace(self.model, modalities=modalities))
         _check_choice("model.modalities", self.model.modalities, MODALITIES)
@@ -165,17 +168,6 @@ class Config:
                 f"config key 'model.anchor_dim' is {self.model.anchor_dim}, expected 0 or more with "
                 f"anchor_dim x modalities ({anchors}) below model.embedding_dim ({self.model.embedding_dim})"
             )
-
-
-def _canonical_modalities(value: object) -> object:
-    """``"image, text"`` -> ``"text,image"``; anything that is not a set of known modalities is
-    returned unchanged for ``_check_choice`` to name."""
-    if not isinstance(value, str):
-        return value
-    parts = [p.strip() for p in value.split(",")]
-    if len(set(parts)) != len(parts) or not set(parts) <= {"text", "image"}:
-        return value
-    return ",".join(m for m in ("text", "image") if m in parts)
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

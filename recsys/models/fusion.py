@@ -34,26 +34,14 @@ import keras
 import numpy as np
 from keras import ops
 
+from recsys.models import parse_modalities
+
 FUSION_MODES = ("concat", "weighted_sum", "gated")
-MODALITIES = ("text", "image")
 ITEM_INPUTS = ("text", "image", "has_image", "category")
 # Each anchor block starts with 4x the weight of the learned part (softplus(0) = log 2), so
 # a fresh model ranks by content similarity and training refines from there; on the sample
 # world, starting at 1x left the anchors unused (per-impression AUC +0.00 vs +0.02 at 4x).
 _ANCHOR_START_WEIGHT = 4.0
-
-
-def parse_modalities(modalities: str) -> tuple[str, ...]:
-    """``"text,image"`` -> ``("text", "image")``, in canonical order.
-
-    Raises:
-        ValueError: an unknown or repeated modality, or none at all.
-    """
-    parts = [p.strip() for p in str(modalities).split(",") if p.strip()]
-    unknown = [p for p in parts if p not in MODALITIES]
-    if unknown or not parts or len(set(parts)) != len(parts):
-        raise ValueError(f"modalities is {modalities!r}, expected 'text', 'image' or 'text,image'")
-    return tuple(m for m in MODALITIES if m in parts)
 
 
 def _rms_normalise(x):

@@ -29,10 +29,11 @@ def _refuse_files_without_a_good_row(summary: dict, *, news: Path | None, behavi
     # and what the other file loaded stays (each batch is its own transaction).
     problems = []
     for option, path, loaded in (("--news", news, summary["news"]), ("--behaviors", behaviors, summary["impressions"])):
-        bad = summary["bad_rows_by_file"].get(str(Path(path).resolve()), 0) if path is not None else 0
+        key = str(Path(path).resolve()) if path is not None else None  # how the ingest names a file
+        bad = summary["bad_rows_by_file"].get(key, 0)
         if bad and not loaded:
             problems.append(f"{option} {path}: every one of its {bad} lines was bad, nothing of it was stored "
-                            f"(first: {summary['first_bad_row'][str(Path(path).resolve())]})")
+                            f"(first: {summary['first_bad_row'][key]})")
     if problems:
         raise NoGoodRowError("; ".join(problems) + f"; the lines are in {summary['quarantine_file']}: is it the right "
                              "file (news.tsv and behaviors.tsv swapped?)")
