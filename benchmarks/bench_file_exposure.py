@@ -40,15 +40,14 @@ WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 def file_shows(imps) -> np.ndarray:
     """(c,) int64: for each candidate, how many impressions of the same file showed the same
-    article in ``[t - WINDOW, t)``, t its own impression's time."""
-    from recsys.models.samples import candidate_impression_rows
+    article in ``[t - WINDOW, t)``, t its own impression's time (the side features' own count)."""
+    from recsys.models.samples import InteractionLog, candidate_impression_rows
 
-    t = imps.times[candidate_impression_rows(imps)].astype("datetime64[s]").astype(np.int64)
-    items = imps.candidate_items.astype(np.int64)
-    # One sorted key per show, (item, time); the counts are two binary searches per candidate.
-    keys = np.sort(items * 2**40 + t)
-    window = int(WINDOW / np.timedelta64(1, "s"))
-    return np.searchsorted(keys, items * 2**40 + t, "left") - np.searchsorted(keys, items * 2**40 + t - window, "left")
+    items = imps.candidate_items
+    times = imps.times[candidate_impression_rows(imps)]
+    # Every show of the file, its label never read (clicks all 0): only the show count is used.
+    log = InteractionLog.from_events(items, times, np.zeros(len(items), np.int8), int(items.max()) + 1)
+    return log.window_counts(items, times, window=WINDOW)[1]
 
 
 def cross_fitted(imps, logits: np.ndarray, feature: np.ndarray) -> tuple[np.ndarray, list[float]]:
