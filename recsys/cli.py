@@ -63,12 +63,13 @@ class AppContext:
         """Refuse a bad config file even in a command that reads none of its keys (docs/configuration.md)."""
         self.config()
 
-    def engine(self):
+    def engine(self, *, create: bool = False):
+        """The store, migrated; ``create`` for the commands that write data in (see ``open_store``)."""
         from recsys.store.database import open_store
 
         self.check_config()  # before the workspace or the store is created
         self.workspace.ensure()
-        engine = open_store(self.db_url)
+        engine = open_store(self.db_url, create=create)
         if self.call_on_close is not None:
             self.call_on_close(engine.dispose)  # close pooled connections when the command ends
         return engine
@@ -129,7 +130,7 @@ def ingest(
     c = _ctx(ctx)
     if news is None and behaviors is None:
         raise RecsysError("ingest needs --news and/or --behaviors")
-    report = run_ingest(c.engine(), c.workspace, news=news, behaviors=behaviors, images=images, source=source, strict=strict)
+    report = run_ingest(c.engine(create=True), c.workspace, news=news, behaviors=behaviors, images=images, source=source, strict=strict)
     _print_json(report)
 
 
@@ -219,6 +220,9 @@ def similar(
     _check_id("--news", news)
     c = _ctx(ctx)
     rows = run_similar(c.engine(), c.workspace, news_id=news, k=k, version=model)
+    if not rows:
+        # On stderr, so that the output stays a valid (empty) list.
+        typer.echo(f"note: the index holds no article other than {news!r}", err=True)
     _print_rows(rows, as_json, title=f"similar to {news}")
 
 

@@ -268,6 +268,7 @@ def test_ctrl_c_exits_2_saying_interrupted(capsys, tmp_path: Path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(recsys.store.stats, "store_stats", interrupted)
+    assert run(capsys, "--workspace", str(tmp_path), "db", "upgrade")[0] == 0
     code, _, err = run(capsys, "--workspace", str(tmp_path), "stats")
     assert (code, err.strip().splitlines()[-1]) == (2, "interrupted")
 
@@ -302,7 +303,29 @@ def test_every_command_refuses_a_config_typo_before_creating_the_store(capsys, t
     assert not workspace.exists()
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["stats"],
+        ["recommend", "--user", "U1"],
+        ["similar", "--news", "N1"],
+        ["export", "--out", "{tmp}"],
+        ["train"],
+        ["index", "build"],
+    ],
+)
+def test_reading_commands_refuse_a_missing_store_instead_of_creating_one(capsys, tmp_path: Path, command):
+    # A mistyped --db used to create a new empty store, and recommend then answered "unknown user".
+    typo = tmp_path / "stroe.db"
+    command = [arg.format(tmp=tmp_path) for arg in command]
+    code, out, err = run(capsys, "--workspace", str(tmp_path / "ws"), "--db", f"sqlite:///{typo}", *command)
+    assert (code, out) == (1, "")
+    assert f"error: no store at {typo}: the file does not exist" in err, err
+    assert not typo.exists()
+
+
 def test_train_on_empty_store_exits_1(capsys, tmp_path: Path):
+    assert run(capsys, "--workspace", str(tmp_path), "db", "upgrade")[0] == 0
     code, _, err = run(capsys, "--workspace", str(tmp_path), "train")
     assert code == 1
     assert "the store holds no labelled impressions: run `recsys ingest --behaviors behaviors.tsv` first" in err
@@ -321,6 +344,7 @@ def test_train_on_empty_store_exits_1(capsys, tmp_path: Path):
 )
 def test_bad_train_options_exit_1_naming_the_option_and_value(capsys, tmp_path: Path, args, message):
     # Exit code 2 before for the seeds (NumPy's seeding) and the offsets (an OverflowError).
+    assert run(capsys, "--workspace", str(tmp_path), "db", "upgrade")[0] == 0
     code, out, err = run(capsys, "--workspace", str(tmp_path), "train", *args)
     assert (code, out) == (1, "")
     assert err.startswith(message), err
@@ -360,6 +384,7 @@ def test_internal_error_exits_2_without_traceback(capsys, tmp_path: Path, monkey
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(stats_module, "store_stats", broken)
+    assert run(capsys, "--workspace", str(tmp_path), "db", "upgrade")[0] == 0
     code, _, err = run(capsys, "--workspace", str(tmp_path), "stats")
     assert code == 2
     assert "disk on fire" in err and "Traceback" not in err
@@ -448,6 +473,7 @@ def test_images_without_news_are_refused_not_ignored(capsys, tmp_path: Path, com
     behaviors = tmp_path / "behaviors.tsv"
     behaviors.write_text("1\tU1\t11/15/2019 8:00:00 AM\t\tN1-1 N2-0\n")
     args = [a.format(behaviors=behaviors, images=tmp_path / "images", tmp=tmp_path) for a in command]
+    assert run(capsys, "--workspace", str(tmp_path / "ws"), "db", "upgrade")[0] == 0  # predict and evaluate need one
     code, out, err = run(capsys, "--workspace", str(tmp_path / "ws"), *args)
     assert (code, out) == (1, "")
     assert err.strip() == (f"error: {command[0]} --images {tmp_path / 'images'} goes with --news: covers are read only "
@@ -496,3 +522,13 @@ def test_an_id_that_is_not_utf8_exits_1(capsys, tmp_path: Path, command):
     value = b"U10\xff20".decode("utf-8", "surrogateescape")  # how Python hands over such an argument
     code, out, err = run(capsys, "--workspace", str(tmp_path), *command, value)
     assert (code, out, err.strip()) == (1, "", f"error: {command[1]} b'U10\\xff20': not valid UTF-8")
+
+
+def test_similar_with_no_other_article_says_so_on_stderr(capsys, tmp_path: Path, monkeypatch):
+    import recsys.pipelines.index
+
+    monkeypatch.setattr(recsys.pipelines.index, "run_similar", lambda *_a, **_k: [])  # an index of one article
+    assert run(capsys, "--workspace", str(tmp_path), "db", "upgrade")[0] == 0
+    code, out, err = run(capsys, "--workspace", str(tmp_path), "similar", "--news", "N1", "--json")
+    assert (code, json.loads(out)) == (0, [])
+    assert "note: the index holds no article other than 'N1'" in err

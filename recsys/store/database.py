@@ -374,34 +374,63 @@ def ensure_sqlite_folder(url: str) -> None:
     Raises:
         StoreError: the URL does not parse, or the folder cannot be created.
     """
+    path = sqlite_file(url)
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create the folder of the store at {mask_url(url)}: {exc}") from exc
+
+
+def sqlite_file(url: str | URL) -> Path | None:
+    """The file of a SQLite file URL; None for other URLs, in-memory ones and ``file:`` URIs."""
     parsed = _normalise(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return
+        return None
     if parsed.database.startswith("file:"):
-        return
-    folder = Path(parsed.database).expanduser().parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"cannot create the folder of the store at {mask_url(parsed)}: {exc}") from exc
+        return None
+    return Path(parsed.database).expanduser()
 
 
-def open_store(url: str) -> Engine:
+def _refuse_missing_sqlite_file(url: str) -> None:
+    # Connecting would create the file (and the WAL files beside it); check first.
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        raise StoreError(
+            f"no store at {path}: the file does not exist (check --db / RECSYS_DB and --workspace, "
+            "or run `recsys ingest` first)"
+        )
+
+
+def open_store(url: str, *, create: bool = True) -> Engine:
     """Connect to the store and bring its tables to the latest migration.
 
-    A SQLite file and its folder are created when missing. Commands that need the store
-    call this.
+    Commands that need the store call this. Those that write data in (ingest, nightly) pass
+    ``create=True``: a SQLite file and its folder are created when missing, an empty database
+    gets the tables. The others pass ``create=False``: they only read what was ingested, so a
+    missing SQLite file or a database without recsys tables is almost always a mistyped
+    ``--db``, and answering "unknown user" from a new empty store would hide it.
 
     Raises:
-        StoreError: the store cannot be reached, or it is at a revision this version of
-            recsys does not know (written by a newer version).
+        StoreError: the store cannot be reached, it is missing or empty and ``create`` is
+            False, or it is at a revision this version of recsys does not know (written by a
+            newer version).
     """
-    ensure_sqlite_folder(url)
+    if create:
+        ensure_sqlite_folder(url)
+    else:
+        _refuse_missing_sqlite_file(url)
     engine = create_engine_for(url)
     current = current_revision(engine)
     if current == head_revision():
         return engine
     try:
+        if current is None and not create:
+            raise StoreError(
+                f"the store at {mask_url(engine.url)} holds no recsys tables: nothing was ingested "
+                f"there (check --db / RECSYS_DB, or run `recsys ingest` first)"
+            )
         # Checked again under the lock by upgrade(); here so as not to wait on another writer first.
         _refuse_unknown_or_older(current, "head", mask_url(engine.url))
         upgrade(engine, "head")

@@ -142,6 +142,29 @@ def test_empty_database_has_no_revision_then_open_store_migrates_to_head(db_url)
     again.dispose()
 
 
+def test_open_store_without_create_refuses_an_empty_database_and_leaves_it_empty(db_url):
+    # A read-only command on a mistyped --db must not turn a stranger's database into a store.
+    bare = create_engine_for(db_url)  # SQLite: creates the empty file
+    assert current_revision(bare) is None
+    with pytest.raises(StoreError, match="holds no recsys tables: nothing was ingested there"):
+        open_store(db_url, create=False)
+    assert current_revision(bare) is None
+    assert sa.inspect(bare).get_table_names() == []
+    bare.dispose()
+    # Once created, the same call opens it.
+    open_store(db_url).dispose()
+    engine = open_store(db_url, create=False)
+    assert current_revision(engine) == head_revision()
+    engine.dispose()
+
+
+def test_open_store_without_create_refuses_a_missing_sqlite_file_and_creates_nothing(tmp_path):
+    path = tmp_path / "typo" / "store.db"
+    with pytest.raises(StoreError, match=f"no store at {path}: the file does not exist"):
+        open_store(f"sqlite:///{path}", create=False)
+    assert not (tmp_path / "typo").exists()
+
+
 def test_migrated_database_matches_schema_py(engine):
     with engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), schema.metadata)
