@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -365,6 +366,40 @@ def test_an_empty_behaviors_file_reads_no_log_and_predicts_nothing(trained, tmp_
     assert len(load_scoring_catalogue(engine, ws, config, news=None, images=None, span=span).log) == 0
     summary = run_predict(engine, ws, config, behaviors=empty, out=tmp_path / "prediction.txt")
     assert summary["impressions"] == 0 and (tmp_path / "prediction.txt").read_text() == ""
+    assert summary["warning"] == f"{empty} has no impression: the prediction file {tmp_path / 'prediction.txt'} is empty"
+
+
+def test_predict_and_evaluate_count_history_entries_naming_no_known_article(trained, tmp_path):
+    # They were only logged, so a pipeline reading the JSON never learnt that histories were cut.
+    from recsys.pipelines.evaluate import run_evaluate
+
+    world, ws, engine, config, _ = trained
+    lines = (world / "behaviors_test.tsv").read_text().splitlines(keepends=True)[:30]
+    original, cut = tmp_path / "original.tsv", tmp_path / "cut.tsv"
+    original.write_text("".join(lines))
+    fields = lines[0].split("\t")
+    fields[3] = " ".join([*fields[3].split(), "NZZ1", "NZZ2"])  # two ids no news.tsv has
+    cut.write_text("\t".join(fields) + "".join(lines[1:]))
+    base = run_predict(engine, ws, config, behaviors=original, out=tmp_path / "p0.txt")["ignored_history_entries"]
+    assert run_predict(engine, ws, config, behaviors=cut, out=tmp_path / "p1.txt")["ignored_history_entries"] == base + 2
+    result = run_evaluate(engine, ws, config, behaviors=cut, out=tmp_path / "r", num_resamples=10)
+    assert result["ignored_history_entries"] == base + 2
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["header"]["ignored_history_entries"] == base + 2
+    assert "History entries naming no known article" in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_evaluate_of_a_file_without_a_two_class_impression_warns(trained, tmp_path):
+    from recsys.pipelines.evaluate import run_evaluate
+
+    world, ws, engine, config, _ = trained
+    rows = [line.split("\t") for line in (world / "behaviors_test.tsv").read_text().splitlines()[:3]]
+    for row in rows:  # nothing clicked
+        row[4] = " ".join(c.rsplit("-", 1)[0] + "-0" for c in row[4].split())
+    path = tmp_path / "noclick.tsv"
+    path.write_text("".join("\t".join(row) + "\n" for row in rows))
+    result = run_evaluate(engine, ws, config, behaviors=path, out=tmp_path / "r", num_resamples=10)
+    assert all(auc is None for auc in result["impression_auc"].values())
+    assert result["warning"].startswith(f"{path}: none of its 3 labelled impressions has both a clicked and a skipped")
 
 
 def test_a_score_that_is_not_finite_is_refused_naming_line_and_impression(trained, monkeypatch):
@@ -403,6 +438,29 @@ def test_predict_refuses_an_output_it_cannot_write_before_scoring(trained, tmp_p
     with pytest.raises(RecsysError, match=rf"--out {under_a_file}: folder {tmp_path / 'a-file'} is not a folder"):
         run_predict(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=under_a_file)
     assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
+def test_predict_refuses_an_output_that_is_one_of_its_inputs_and_leaves_it_whole(trained, tmp_path, monkeypatch):
+    # `--out dev/behaviors.tsv` (a typo) replaced the behaviors file with its own predictions.
+    from recsys.pipelines import predict
+    from recsys.store.database import sqlite_file
+
+    world, ws, engine, config, _ = trained
+    monkeypatch.setattr(predict, "load_scoring_catalogue", lambda *a, **k: pytest.fail("read the store before checking --out"))
+    behaviors, news = tmp_path / "behaviors.tsv", tmp_path / "news.tsv"
+    behaviors.write_bytes((world / "behaviors_test.tsv").read_bytes())
+    news.write_bytes((world / "news.tsv").read_bytes())
+    (tmp_path / "link.tsv").symlink_to(behaviors)
+    cases = [(behaviors, f"is the --behaviors file {behaviors}"), (tmp_path / "link.tsv", f"is the --behaviors file {behaviors}"),
+             (news, f"is the --news file {news}")]
+    store = sqlite_file(engine.url)
+    if store is not None:  # the PostgreSQL store has no file to protect
+        cases.append((store, f"is the store file {store}"))
+    before = {path: path.read_bytes() for path, _ in cases}
+    for out, message in cases:
+        with pytest.raises(RecsysError, match=re.escape(f"--out {out}: {message}; the prediction would replace it")):
+            run_predict(engine, ws, config, behaviors=behaviors, news=news, out=out)
+    assert {path: path.read_bytes() for path, _ in cases} == before
 
 
 def test_evaluate_refuses_a_truth_file_that_is_not_there(trained, tmp_path):
@@ -528,3 +586,42 @@ def test_a_repeated_impression_id_is_refused_naming_both_lines(tmp_path, chunk_s
         gc.collect()
     # The file is closed when the error stops the read, not left to the garbage collector.
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+@pytest.mark.parametrize(("order", "first"), [
+    (("repeat", "unknown", "malformed"), "line 3: field 'impression_id' has '1'"),
+    (("unknown", "malformed", "repeat"), "line 3: field 'impressions' has 'N9'"),
+    (("malformed", "repeat", "unknown"), "line 3: field 'time' has '25:00:00 PM'"),
+])
+def test_the_first_bad_line_of_the_file_is_named_whatever_its_fault(tmp_path, order, first):
+    # A malformed line was named before an earlier repeated id or unknown candidate, so each fix
+    # revealed an earlier line.
+    from types import SimpleNamespace
+
+    from recsys.errors import SchemaError
+
+    faults = {
+        "repeat": "1\tU1\t11/11/2019 9:05:58 AM\tN1\tN1-0 N2-1",
+        "unknown": "5\tU1\t11/11/2019 9:05:58 AM\tN1\tN9-0 N2-1",
+        "malformed": "6\tU1\t25:00:00 PM\tN1\tN1-0 N2-1",
+    }
+    lines = ["1\tU1\t11/11/2019 9:05:58 AM\tN1\tN1-0 N2-1", "2\tU1\t11/11/2019 9:05:58 AM\tN1\tN1-1 N2-0"]
+    lines += [faults[kind] for kind in order]
+    path = tmp_path / "behaviors.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    catalogue = SimpleNamespace(row_of={"N1": 0, "N2": 1}, span=None)
+    with pytest.raises(SchemaError, match=re.escape(first)):
+        list(iter_behavior_chunks(path, catalogue))
+
+
+def test_history_entries_naming_no_known_article_are_counted(tmp_path):
+    from types import SimpleNamespace
+
+    path = tmp_path / "behaviors.tsv"
+    path.write_text("1\tU1\t11/11/2019 9:05:58 AM\tN1 N7 N8\tN1-0 N2-1\n2\tU2\t11/11/2019 9:05:58 AM\tN9\tN1-1 N2-0\n"
+                    "3\tU3\t11/11/2019 9:05:58 AM\t\tN1-1 N2-0\n")
+    catalogue = SimpleNamespace(row_of={"N1": 0, "N2": 1}, span=None)
+    tally = {}
+    chunks = list(iter_behavior_chunks(path, catalogue, chunk_size=2, tally=tally))
+    assert tally == {"ignored_history_entries": 3}
+    assert [int(np.diff(imps.history_offsets).sum()) for imps, _ in chunks] == [1, 0]

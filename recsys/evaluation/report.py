@@ -10,6 +10,7 @@ plus ``"schema_version": 1``)::
                 "num_impressions": int,
                 "num_labelled_impressions": int, "num_unlabelled": int, "num_scored": int,
                 "num_single_class": int, "num_candidates": int, "num_clicked": int,
+                "ignored_history_entries": int | None,   # History ids naming no known article
                 "model_versions": [str, ...], "encoders": {name: description},
                 "side_features_at": str | None,   # where popularity and age were read
                 "bootstrap": {"unit", "num_resamples", "breakdown_resamples", "confidence",
@@ -87,6 +88,7 @@ def build_result(
     beyond_accuracy: Mapping | None = None,
     side_features_at: str | None = None,
     behaviors_sha256: str | None = None,
+    ignored_history_entries: int | None = None,
 ) -> dict:
     """The report dict (module docstring) from an accumulator and the header facts.
 
@@ -103,6 +105,8 @@ def build_result(
         side_features_at: where the models read popularity and age (e.g. "impression time").
         behaviors_sha256: hex sha256 of the evaluated file's bytes: ``--compare`` refuses two
             reports of different data.
+        ignored_history_entries: History entries of the file that name no known article,
+            left out of the readers' histories.
 
     Returns:
         The report dict.
@@ -140,6 +144,7 @@ def build_result(
             "num_impressions", "num_labelled_impressions", "num_unlabelled", "num_scored",
             "num_single_class", "num_candidates", "num_clicked",
         )},
+        "ignored_history_entries": ignored_history_entries,
         "model_versions": [str(v) for v in model_versions],
         "encoders": {str(k): v for k, v in (encoders or {}).items()},
         "side_features_at": side_features_at,

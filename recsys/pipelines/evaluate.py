@@ -26,7 +26,7 @@ from recsys.errors import RecsysError, SchemaError
 from recsys.pipelines.inputs import check_file, check_folder, check_images_go_with_news, check_output_folder
 from recsys.pipelines.predict import split_scores
 from recsys.pipelines.scoring import (
-    Catalogue, VersionScorer, DEFAULT_FEATURES_AT, check_features_at, feature_times, iter_scored, load_scoring_catalogue,
+    IGNORED_HISTORY, Catalogue, VersionScorer, DEFAULT_FEATURES_AT, check_features_at, feature_times, iter_scored, load_scoring_catalogue,
     scoring_span,
 )
 from recsys.store import repository as repo
@@ -192,12 +192,13 @@ def run_evaluate(
     categories = catalogue.news[CATEGORY].to_numpy(dtype=object)
     has_image = np.where(catalogue.features.has_image, "with image", "no image").astype(object)
     window = [None, None]
+    tally = {IGNORED_HISTORY: 0}
     # Prediction lines are written as each chunk is scored (nothing kept per impression); the
     # files replace earlier ones only when every chunk is done.
     try:
         with ExitStack() as files:
             written = {v: files.enter_context(atomic_open(path, "w", newline="\n")) for v, path in prediction_files.items()}
-            for chunk in iter_scored(behaviors, catalogue, scorers, chunk_size=chunk_size):
+            for chunk in iter_scored(behaviors, catalogue, scorers, chunk_size=chunk_size, tally=tally):
                 imps = chunk.impressions
                 window[0] = imps.times.min() if window[0] is None else min(window[0], imps.times.min())
                 window[1] = imps.times.max() if window[1] is None else max(window[1], imps.times.max())
@@ -244,6 +245,7 @@ def run_evaluate(
         beyond_accuracy=_beyond_accuracy(engine, catalogue, popularity),
         side_features_at=times.describe(),
         behaviors_sha256=scan.sha256,
+        ignored_history_entries=tally[IGNORED_HISTORY],
     )
     metrics_path, html_path = write_report(result, out)
     # An earlier report in the same folder left its models' prediction files: beside a
@@ -258,11 +260,17 @@ def run_evaluate(
     if result["header"]["num_labelled_impressions"] == 0:  # a MIND test file: nothing to measure
         warning = {"warning": f"{behaviors} has no labelled impression: every metric is n/a; the prediction files "
                               "are written (recsys predict writes one without a report)"}
+    elif result["header"]["num_scored"] == 0:  # labelled, but no impression has both a click and a skip
+        warning = {"warning": f"{behaviors}: none of its {result['header']['num_labelled_impressions']} labelled "
+                              "impressions has both a clicked and a skipped candidate, so the per-impression metrics "
+                              "are n/a (single-class impressions are left out, as the MIND scorer does)"}
+    if warning:
         log.warning(warning["warning"])
     return {
         "metrics_json": str(metrics_path), "html": str(html_path), "predictions": prediction_files,
         "removed_stale_predictions": [str(p) for p in stale],
         "num_impressions": result["header"]["num_impressions"], "num_unlabelled": result["header"]["num_unlabelled"],
+        IGNORED_HISTORY: tally[IGNORED_HISTORY],
         "impression_auc": {name: m["metrics"]["impression_auc"]["value"] for name, m in result["models"].items()},
         "gap_closed": gaps, "seconds": round(time.perf_counter() - t_start, 2), "scoring_seconds": round(t_scored, 2),
         **warning,

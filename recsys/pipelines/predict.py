@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -13,22 +14,32 @@ from recsys.data.mind import scan_behaviors
 from recsys.errors import RecsysError
 from recsys.pipelines.inputs import check_file, check_folder, check_images_go_with_news, check_writable
 from recsys.pipelines.scoring import (
-    VersionScorer, DEFAULT_FEATURES_AT, check_features_at, feature_times, iter_scored, load_scoring_catalogue,
+    IGNORED_HISTORY, VersionScorer, DEFAULT_FEATURES_AT, check_features_at, feature_times, iter_scored, load_scoring_catalogue,
     scoring_span,
 )
+from recsys.store.database import sqlite_file
 from recsys.threads import configure_threads
 from recsys.versions import get_version
+
+log = logging.getLogger("recsys.predict")
 
 
 def split_scores(offsets: np.ndarray, scores: np.ndarray):
     return (scores[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1))
 
 
-def check_out(out: Path) -> None:
+def check_out(out: Path, inputs: dict[str, Path | str | None] | None = None) -> None:
     """Raises RecsysError when the prediction file cannot go to ``out``: found before any
-    scoring, not when the last impression is done (the file is renamed into place at the end)."""
+    scoring, not when the last impression is done (the file is renamed into place at the end).
+
+    ``inputs`` (option or role -> path) are files ``out`` must not be: the prediction would
+    replace them (a typo such as ``--out MINDsmall_dev/behaviors.tsv`` destroyed the file).
+    """
     if out.is_dir():
         raise RecsysError(f"--out {out}: is a folder; give the prediction file's path")
+    for name, path in (inputs or {}).items():
+        if path is not None and out.exists() and Path(path).exists() and out.samefile(path):
+            raise RecsysError(f"--out {out}: is the {name} file {path}; the prediction would replace it")
     if not out.parent.is_dir():
         what = "is not a folder" if out.parent.exists() else "does not exist"
         raise RecsysError(f"--out {out}: folder {out.parent} {what}")
@@ -50,7 +61,7 @@ def run_predict(
     for option, path, check in (("--news", news, check_file), ("--images", images, check_folder)):
         if path is not None:
             check(option, path)
-    check_out(Path(out))
+    check_out(Path(out), {"--behaviors": behaviors, "--news": news, "store": sqlite_file(engine.url)})
     check_features_at(features_at)
     configure_threads(config.runtime.threads or None)
     t0 = time.perf_counter()
@@ -59,15 +70,19 @@ def run_predict(
     catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images, span=span)
     times = feature_times(catalogue, features_at)
     scorer = VersionScorer(mv, catalogue, times=times)
-    counts = {"impressions": 0, "candidates": 0}
+    counts = {"impressions": 0, "candidates": 0, IGNORED_HISTORY: 0}
 
     def rows():
-        for chunk in iter_scored(Path(behaviors), catalogue, {mv.version: scorer}):
+        for chunk in iter_scored(Path(behaviors), catalogue, {mv.version: scorer}, tally=counts):
             imps = chunk.impressions
             counts["impressions"] += len(imps)
             counts["candidates"] += len(imps.candidate_items)
             yield from zip(imps.impression_ids.tolist(), split_scores(imps.candidate_offsets, chunk.scores[mv.version]))
 
     write_predictions(Path(out), rows())
+    warning = {}
+    if counts["impressions"] == 0:  # valid (an empty prediction file), but most likely a broken upstream step
+        warning = {"warning": f"{behaviors} has no impression: the prediction file {out} is empty"}
+        log.warning(warning["warning"])
     return {"version": mv.version, "out": str(out), **counts, "side_features_at": times.describe(),
-            "seconds": round(time.perf_counter() - t0, 2)}
+            "seconds": round(time.perf_counter() - t0, 2), **warning}

@@ -49,6 +49,8 @@ log = logging.getLogger("recsys.scoring")
 #   impression: both at t;  store-end: both at min(t, store's end).
 FEATURES_AT = ("popularity-at-end", "impression", "store-end")
 DEFAULT_FEATURES_AT = FEATURES_AT[0]
+# Key of the tally of iter_behavior_chunks, and of predict's and evaluate's summaries.
+IGNORED_HISTORY = "ignored_history_entries"
 
 
 @dataclass
@@ -175,38 +177,49 @@ class ScoredChunk:
     read: Impressions  # the same impressions with the histories the first model reads (VersionScorer.read)
 
 
-def iter_behavior_chunks(path: Path, catalogue: Catalogue, *, chunk_size: int = 20_000, history_len: int = 50) -> Iterator[tuple[Impressions, np.ndarray]]:
+def iter_behavior_chunks(
+    path: Path, catalogue: Catalogue, *, chunk_size: int = 20_000, history_len: int = 50, tally: dict | None = None,
+) -> Iterator[tuple[Impressions, np.ndarray]]:
     """Chunks of a behaviors file as ``Impressions`` (labels -1 where the file has none).
+
+    History entries that name no article of the catalogue are left out of the histories;
+    ``tally[IGNORED_HISTORY]`` counts them (predict and evaluate report it).
 
     Raises:
         SchemaError: a malformed row, or a candidate article missing from the catalogue.
     """
-    from recsys.data.mind import BadRow, FirstLines, iter_behaviors
+    from recsys.data.mind import FirstLines, iter_behaviors
 
     missing_history = 0
     seen = FirstLines()  # a repeated ImpressionID would put two lines of one id in the prediction file
     with iter_behaviors(path) as rows:  # closed also when a bad line stops the read
         while buf := list(itertools.islice(rows, chunk_size)):
-            bad = next((row for row in buf if isinstance(row, BadRow)), None)
-            if bad is not None:
-                raise SchemaError(bad.file, bad.line, bad.field, bad.value, bad.expected)
-            _refuse_repeated_ids(buf, seen, path)
+            _refuse_bad_rows(buf, seen, catalogue.row_of, path, history_len)
             imps, dropped = _chunk(buf, catalogue.row_of, path, history_len)
             missing_history += dropped
+            if tally is not None:
+                tally[IGNORED_HISTORY] = tally.get(IGNORED_HISTORY, 0) + dropped
             yield _checked(imps, np.array([r.line for r in buf]), catalogue.span, path)
     if missing_history:
         log.warning("%s: %d history entries name articles not in the catalogue and were ignored", path, missing_history)
 
 
-def _refuse_repeated_ids(rows: list, seen, path: Path) -> None:
-    """Raise on the first row whose ImpressionID an earlier line of the file has (as ingest
-    quarantines it): the MIND prediction format has one line per impression id."""
-    from recsys.data.mind import repeated_impression_ids
+def _refuse_bad_rows(rows: list, seen, row_of: dict, path: Path, history_len: int) -> None:
+    """Raise SchemaError for the first bad line of a chunk, whatever its fault: a malformed
+    line, an ImpressionID an earlier line has (the MIND prediction format has one line per id;
+    ingest quarantines such a line), or a candidate missing from the catalogue. Reporting one
+    kind before the others named a later line first, so each fix revealed an earlier one."""
+    from recsys.data.mind import BadRow, repeated_impression_ids
 
-    repeated = repeated_impression_ids(rows, seen, str(path))
-    if repeated:
-        bad = repeated[min(repeated)]
-        raise SchemaError(path, bad.line, bad.field, bad.value, bad.expected)
+    malformed = next((row for row in rows if isinstance(row, BadRow)), None)
+    good = [row for row in rows if not isinstance(row, BadRow)]
+    repeated = repeated_impression_ids(good, seen, str(path))
+    problems = ([malformed] if malformed is not None else []) + ([repeated[min(repeated)]] if repeated else [])
+    if not problems:
+        return
+    first = min(problems, key=lambda bad: bad.line)
+    _chunk([row for row in good if row.line < first.line], row_of, path, history_len)  # raises on an unknown candidate
+    raise SchemaError(first.file, first.line, first.field, first.value, first.expected)
 
 
 def _checked(imps: Impressions, lines: np.ndarray, span: ScoringSpan | None, path: Path) -> tuple[Impressions, np.ndarray]:
@@ -337,9 +350,12 @@ class VersionScorer:
                                             age_until=self.times.age_until)
 
 
-def iter_scored(path: Path, catalogue: Catalogue, scorers: dict[str, VersionScorer], *, chunk_size: int = 20_000) -> Iterator[ScoredChunk]:
+def iter_scored(
+    path: Path, catalogue: Catalogue, scorers: dict[str, VersionScorer], *, chunk_size: int = 20_000, tally: dict | None = None,
+) -> Iterator[ScoredChunk]:
+    """Every model's scores for each chunk of ``path`` (``tally``: see ``iter_behavior_chunks``)."""
     history_len = max((s.history_len for s in scorers.values()), default=50)
-    for imps, lines in iter_behavior_chunks(path, catalogue, chunk_size=chunk_size, history_len=history_len):
+    for imps, lines in iter_behavior_chunks(path, catalogue, chunk_size=chunk_size, history_len=history_len, tally=tally):
         reads: dict[tuple[bool, int], Impressions] = {}  # one reading per kind, shared by the models that read alike
         scores = {}
         for name, s in scorers.items():
