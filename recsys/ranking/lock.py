@@ -279,7 +279,7 @@ def acquire_lock(
                 f"lock '{name}' is held by {current.holder}"
                 + (f" (run {current.run_id})" if current.run_id is not None else "")
                 + f" since {current.acquired_at:%Y-%m-%d %H:%M:%S} UTC: another run is in progress;"
-                f" wait for it to finish (a lock from another host counts as stale after {stale_after} without a heartbeat)"
+                f" wait for it to finish ({_when_stale(engine, current, stale_after)})"
             )
         if _take_over(engine, current, row):
             log.warning(
@@ -321,6 +321,16 @@ def _take_over(engine: Engine, stale: LockState, row: dict) -> bool:
     except IntegrityError:
         return False
     return True
+
+
+def _when_stale(engine: Engine, lock: LockState, stale_after: timedelta) -> str:
+    """When a live holder's lock may be taken over, for the refusal's message: staleness runs
+    from the last heartbeat or finished shard, not from when the lock was taken."""
+    if lock.host == socket.gethostname() and lock.pid is not None:
+        return f"process {lock.pid} is running on this host; the lock is freed when it exits"
+    last = _last_activity(engine, lock)
+    return (f"last activity {last:%Y-%m-%d %H:%M:%S} UTC; a holder on another host counts as gone after {stale_after} "
+            f"without activity, so from {last + stale_after:%Y-%m-%d %H:%M:%S} UTC")
 
 
 def _stale_reason(engine: Engine, lock: LockState, *, stale_after: timedelta, now: datetime) -> str | None:

@@ -92,7 +92,7 @@ def test_live_pid_on_this_host_is_respected(store):
 
 def test_other_host_stale_only_after_timeout(store, caplog):
     _plant_lock(store, "far-away:99", utc_now() - timedelta(minutes=30))
-    with pytest.raises(RunLockedError, match=r"held by far-away:99 since .* stale after 1:00:00"):
+    with pytest.raises(RunLockedError, match=r"held by far-away:99 since .* counts as gone after 1:00:00 without activity"):
         acquire_lock(store, stale_after=timedelta(hours=1))
     with caplog.at_level(logging.WARNING, logger="recsys.ranking.lock"), acquire_lock(store, stale_after=timedelta(minutes=10)):
         assert "holder on another host, no activity since" in caplog.text
@@ -104,7 +104,7 @@ def test_other_host_with_recent_shards_is_alive(store):
         conn.execute(insert(s.runs).values(run_id=5, kind="nightly", status="running", started_at=now, counts={}, timings={}))
         conn.execute(insert(s.run_shards).values(run_id=5, shard=0, num_users=1, num_recommendations=1, finished_at=now))
     _plant_lock(store, "far-away:99", now - timedelta(hours=3), run_id=5)
-    with pytest.raises(RunLockedError, match=r"\(run 5\)"):
+    with pytest.raises(RunLockedError, match=rf"\(run 5\) .*\(last activity {now:%Y-%m-%d %H:%M:%S} UTC"):  # the shard
         acquire_lock(store, stale_after=timedelta(hours=1))
 
 
@@ -174,9 +174,15 @@ def test_the_holder_beats_a_heartbeat(store):
 def test_a_recent_heartbeat_keeps_a_lock_from_another_host_alive(store, caplog):
     # Hours since it was taken and no shard written (a long ingest or encode), but beating.
     now = utc_now()
-    _plant_with_heartbeat(store, "far-away:99", now - timedelta(hours=3), now - timedelta(minutes=1))
-    with pytest.raises(RunLockedError, match=r"held by far-away:99 .* stale after 0:10:00 without a heartbeat"):
+    beat = now - timedelta(minutes=1)
+    _plant_with_heartbeat(store, "far-away:99", now - timedelta(hours=3), beat)
+    # The message said "since <3 h ago> ... stale after 0:10:00", which read as stale already;
+    # staleness runs from the last activity.
+    with pytest.raises(RunLockedError) as refused:
         acquire_lock(store, stale_after=timedelta(minutes=10))
+    assert f"since {now - timedelta(hours=3):%Y-%m-%d %H:%M:%S} UTC" in str(refused.value)
+    assert (f"last activity {beat:%Y-%m-%d %H:%M:%S} UTC; a holder on another host counts as gone after 0:10:00 "
+            f"without activity, so from {beat + timedelta(minutes=10):%Y-%m-%d %H:%M:%S} UTC") in str(refused.value)
     with store.begin() as conn:
         conn.execute(s.locks.update().values(heartbeat_at=now - timedelta(minutes=30)))
     with caplog.at_level(logging.WARNING, logger="recsys.ranking.lock"), acquire_lock(store, stale_after=timedelta(minutes=10)):
