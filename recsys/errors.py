@@ -45,3 +45,7 @@ class ModelMismatchError(RecsysError):
 
 class NotFoundError(RecsysError):
     """A user, article or model version asked for does not exist."""
+
+
+class DamagedFileError(RecsysError):
+    """A saved artefact (a model bundle's file, a version manifest) is truncated or corrupt."""

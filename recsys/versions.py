@@ -22,7 +22,7 @@ from pathlib import Path
 from sqlalchemy import Engine, insert, select, update
 
 from recsys.atomic import atomic_open, remove_stale
-from recsys.errors import ModelMismatchError, NotFoundError
+from recsys.errors import DamagedFileError, ModelMismatchError, NotFoundError
 from recsys.store import schema as s
 from recsys.store.database import PUBLISH_LOCK_KEY, serialized_transaction
 
@@ -132,7 +132,13 @@ def get_version(engine: Engine, version: str | None = None) -> ModelVersion:
     path = Path(row.path)
     if not (path / MANIFEST).exists():
         raise NotFoundError(f"model version '{row.version}' is registered but its directory {path} is missing")
-    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DamagedFileError(f"{path / MANIFEST}: the manifest of model version '{row.version}' cannot be read "
+                               f"({type(err).__name__}: {err}); train again, or restore the version's folder") from err
+    if not isinstance(manifest, dict):
+        raise DamagedFileError(f"{path / MANIFEST}: expected a JSON object, found {type(manifest).__name__}")
     return ModelVersion(row.version, path, manifest)
 
 

@@ -81,3 +81,17 @@ def test_current_version_is_the_newest_when_an_old_store_holds_two(engine, tmp_p
     with engine.begin() as conn:  # as an unserialised publish could have left it
         conn.execute(update(schema.model_versions).values(is_current=True))
     assert versions.get_version(engine).version == "v2"
+
+
+def test_a_truncated_version_manifest_is_named_as_damaged(engine, tmp_path):
+    # It gave a bare JSONDecodeError (exit 2) naming no file.
+    import pytest
+
+    from recsys.errors import DamagedFileError
+
+    models = tmp_path / "models"
+    versions.publish_version(engine, models, "v1", _stage(models, "v1"), {"seed": 0, "modalities": "text,image"})
+    manifest = versions.get_version(engine, "v1").path / versions.MANIFEST
+    manifest.write_text(manifest.read_text()[:10])
+    with pytest.raises(DamagedFileError, match=rf"{manifest}: the manifest of model version 'v1' cannot be read \(JSONDecodeError"):
+        versions.get_version(engine, "v1")

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from recsys.encoders.item_features import EncoderInfo, ItemFeatures
-from recsys.errors import ModelMismatchError, NotFoundError
+from recsys.errors import DamagedFileError, ModelMismatchError, NotFoundError
 from recsys.models import NUM_HEADS
 from recsys.models.fusion import CategoryVocabulary, build_item_tower, parse_modalities
 from recsys.models.samples import Impressions, InteractionLog, slice_impressions
@@ -160,6 +160,13 @@ class RankingConfig:
             moment_dim=int(d.get("moment_dim", 0)),
             info=dict(d.get("info", {})),
         )
+
+
+def _damaged(path: Path, err: Exception) -> DamagedFileError:
+    # Keras reports a truncated .keras file as "File not found", which sends operators looking
+    # for a missing file; name the file and say it is there but unreadable.
+    return DamagedFileError(f"{path}: the file is there but cannot be read ({type(err).__name__}: {err}); the model "
+                            "version is damaged: train again, or restore the version's folder from a backup")
 
 
 def _prior_weights(d: dict) -> tuple[float, ...]:
@@ -344,6 +351,7 @@ class RankingModel:
 
         Raises:
             NotFoundError: the directory or one of its files is missing.
+            DamagedFileError: a file is there but cannot be read (truncated, corrupt).
             ModelMismatchError: ``text_encoder``/``image_encoder`` differ from the saved ones
                 (the message names the field, the saved value and the given value).
         """
@@ -351,11 +359,19 @@ class RankingModel:
         missing = [name for name in (CONFIG_FILE, *MODEL_FILES) if not (directory / name).is_file()]
         if missing:
             raise NotFoundError(f"model bundle {directory} has no {', '.join(missing)}")
-        with open(directory / CONFIG_FILE, encoding="utf-8") as f:
-            config = RankingConfig.from_dict(json.load(f))
+        try:
+            with open(directory / CONFIG_FILE, encoding="utf-8") as f:
+                config = RankingConfig.from_dict(json.load(f))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+            raise _damaged(directory / CONFIG_FILE, err) from err
         _check_encoder("text_encoder", config.text_encoder, text_encoder)
         _check_encoder("image_encoder", config.image_encoder, image_encoder)
-        models = [keras.saving.load_model(directory / name) for name in MODEL_FILES]
+        models = []
+        for name in MODEL_FILES:
+            try:
+                models.append(keras.saving.load_model(directory / name))
+            except Exception as err:  # noqa: BLE001 - Keras raises ValueError("File not found"), zipfile and h5 errors
+                raise _damaged(directory / name, err) from err
         return cls(*models, config)
 
     # -- inference -----------------------------------------------------------------------

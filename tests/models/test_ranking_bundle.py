@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 
 import keras
 import numpy as np
@@ -93,6 +94,19 @@ def test_save_replaces_an_existing_bundle_and_failure_keeps_the_old(model, tmp_p
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temp dir left behind
     RankingModel.load(target)
+
+
+@pytest.mark.parametrize("name", ["config.json", "item_tower.keras", "scorer.keras"])
+def test_a_truncated_bundle_file_is_named_as_damaged(model, tmp_path, name):
+    # Keras said "File not found" of a truncated scorer.keras, and a truncated config.json
+    # gave a bare JSONDecodeError: both exit 2 as internal errors, one naming no file.
+    from recsys.errors import DamagedFileError
+
+    model.save(tmp_path / "bundle")
+    path = tmp_path / "bundle" / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DamagedFileError, match=re.escape(f"{path}: the file is there but cannot be read (")):
+        RankingModel.load(tmp_path / "bundle")
 
 
 def test_load_refuses_other_encoders_naming_the_field(model, small_world, tmp_path):
