@@ -232,6 +232,25 @@ def test_a_job_with_an_export_it_cannot_write_or_lone_ingest_options_stops_befor
     engine.dispose()
 
 
+def test_a_job_whose_workspace_it_cannot_write_stops_before_the_ingest(tmp_path, monkeypatch):
+    """A read-only workspace failed as an internal error in the index save, after the ingest."""
+    import os
+
+    from recsys.errors import RecsysError
+    from recsys.pipelines import inputs
+
+    world, ws, engine = ingested_sample(tmp_path, num_users=20, num_news=100, num_impressions=30, seed=4)
+    before, runs_before = store_stats(engine), _runs(engine)
+    ws.models_dir.mkdir(exist_ok=True)
+    real_access = os.access
+    monkeypatch.setattr(inputs.os, "access", lambda path, mode: Path(path) != ws.models_dir and real_access(path, mode))
+    with pytest.raises(RecsysError, match=rf"^--workspace {ws.root}: folder {ws.models_dir} is not writable$"):
+        run_nightly_job(engine, ws, load_config(None, {}), behaviors=world / "behaviors_test.tsv")
+    assert store_stats(engine) == before
+    assert _runs(engine) == runs_before
+    engine.dispose()
+
+
 def test_a_job_whose_ray_cluster_is_unreachable_stops_before_the_ingest(tmp_path):
     """Found before the lock and the ingest, not after them (the ranking checks it too)."""
     import socket

@@ -772,7 +772,7 @@ class FaissIndex:
         tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
         try:
             tmp.mkdir()
-        except PermissionError as exc:
+        except OSError as exc:  # permissions, a read-only file system, a full disk
             raise RecsysError(f"cannot save the index {given}: an index is written beside {directory} and renamed into "
                               f"place, so {directory.parent} must be writable ({exc.strerror})") from exc
         try:

@@ -23,9 +23,9 @@ import numpy as np
 from sqlalchemy import Engine
 
 from recsys.config import Config, Workspace
-from recsys.errors import RecsysError
+from recsys.errors import NotFoundError, RecsysError
 from recsys.pipelines.index import index_manifest, load_index, published_times
-from recsys.pipelines.inputs import check_images_go_with_news, check_output_folder
+from recsys.pipelines.inputs import check_images_go_with_news, check_output_folder, check_writable
 from recsys.pipelines.train import first_seen_array, load_catalogue, load_version_model
 from recsys.progress import progress
 from recsys.ranking.lock import NIGHTLY_LOCK, LockView, StoreLock, acquire_lock
@@ -237,6 +237,7 @@ def run_nightly_job(
     check_images_go_with_news("nightly", news, images)
     if export is not None:  # found now, not after the night's ranking
         check_output_folder("--export", export)
+    _check_workspace_writable(engine, workspace)
     if config.nightly.engine == "ray" and config.nightly.ray_address:
         from recsys.ranking.engines import check_ray_reachable
 
@@ -250,6 +251,20 @@ def run_nightly_job(
         return _nightly_job(
             engine, workspace, config, lock, news=news, behaviors=behaviors, images=images, source=source, export=export
         )
+
+
+def _check_workspace_writable(engine: Engine, workspace: Workspace) -> None:
+    """Raises RecsysError when a folder the night writes into (the feature cache, the current
+    version's index, the quarantine) cannot be written (permissions, a read-only mount): found
+    now, not after the night's files are ingested."""
+    folders = [workspace.root, workspace.features_dir, workspace.models_dir, workspace.quarantine_dir]
+    try:
+        folders.append(get_version(engine).path)
+    except NotFoundError:
+        pass  # no model yet: the job says so after the ingest
+    for folder in folders:
+        if folder.is_dir():
+            check_writable("--workspace", workspace.root, folder)
 
 
 def _nightly_job(

@@ -219,8 +219,15 @@ class StoreLock:
     def __enter__(self) -> StoreLock:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.release()
+            return
+        try:
+            self.release()
+        except Exception as unreleased:  # noqa: BLE001 - the store failing (a full disk) must not hide the cause
+            log.error("could not release lock '%s' after an error (%s: %s); the next run takes it over as stale",
+                      self.name, type(unreleased).__name__, unreleased)
 
 
 def read_lock(engine: Engine, name: str = NIGHTLY_LOCK) -> LockState | None:

@@ -14,6 +14,7 @@ One call, under the store lock:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -46,6 +47,8 @@ from recsys.ranking.queries import (
 from recsys.store.repository import read_interaction_log, time_range
 from recsys.threads import default_threads
 from recsys.versions import read_bundle_config
+
+log = logging.getLogger(__name__)
 
 ENGINES = ("local", "ray")
 # Progress factory: ``progress(description, total)`` -> context manager yielding ``advance(n)``
@@ -193,7 +196,11 @@ def run_nightly(
             # that lost the lock leaves the runs to the job that holds it.
             raise
         except Exception as exc:
-            runs.fail_run(engine, run_id, f"{type(exc).__name__}: {exc}")
+            try:
+                runs.fail_run(engine, run_id, f"{type(exc).__name__}: {exc}")
+            except Exception as unrecorded:  # noqa: BLE001 - the store itself fails (a full disk): keep the cause
+                log.error("could not mark run %s failed (%s: %s); the next run resumes or abandons it",
+                          run_id, type(unrecorded).__name__, unrecorded)
             raise
         clock = time.perf_counter()
         pruned = runs.prune_runs(engine, keep_runs)

@@ -344,17 +344,19 @@ def test_a_link_to_a_missing_disk_is_refused_and_nothing_is_written(world, tmp_p
     assert not (tmp_path / "unmounted").exists()
 
 
-def test_a_folder_it_cannot_write_beside_is_a_clear_error(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), OSError(30, "Read-only file system")])
+def test_a_folder_it_cannot_write_beside_is_a_clear_error(world, tmp_path, monkeypatch, error):
+    # A read-only mount raises a plain OSError (errno 30), which was an internal error (exit 2).
     ids, items, _, _ = world
     real_mkdir = Path.mkdir
 
     def refuse_temporaries(self, *args, **kwargs):  # root may write anywhere; refuse as a read-only folder would
         if ".tmp-" in self.name:
-            raise PermissionError(13, "Permission denied")
+            raise error
         return real_mkdir(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", refuse_temporaries)
     target = tmp_path / "index"
-    with pytest.raises(RecsysError, match=rf"cannot save the index {target}: .* so {tmp_path} must be writable"):
+    with pytest.raises(RecsysError, match=rf"cannot save the index {target}: .* so {tmp_path} must be writable \({error.strerror}\)"):
         FaissIndex.build(ids[:5], items[:5], num_threads=1).save(target)
     assert not target.exists()

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import insert
 
 from recsys.errors import RunLockedError
-from recsys.ranking.lock import LockLostError, acquire_lock, current_holder, read_lock, release_lock, utc_now
+from recsys.ranking.lock import LockLostError, StoreLock, acquire_lock, current_holder, read_lock, release_lock, utc_now
 from recsys.store import schema as s
 
 HOST = socket.gethostname()
@@ -247,3 +247,25 @@ def test_the_heartbeat_notices_a_lock_cleared_by_hand(store, caplog, monkeypatch
     with pytest.raises(LockLostError, match="its row was deleted"):
         lock.check()
     assert lock.release() is False
+
+
+def test_a_release_that_fails_during_an_error_does_not_hide_the_error(store, monkeypatch, caplog):
+    # A full disk failed the shard write, then the release: only the release's error was printed.
+    from sqlalchemy.exc import OperationalError
+
+    def full(self):  # as release() does: stop the heartbeat, then fail on the store
+        self._stop.set()
+        raise OperationalError("DELETE", {}, Exception("database or disk is full"))
+
+    with pytest.raises(ValueError, match="the shard write failed"):
+        with caplog.at_level(logging.ERROR, logger="recsys.ranking.lock"), acquire_lock(store):
+            monkeypatch.setattr(StoreLock, "release", full)
+            raise ValueError("the shard write failed")
+    assert "could not release lock 'nightly' after an error (OperationalError" in caplog.text
+    monkeypatch.undo()
+    assert release_lock(store)  # it was left held, as after a crash
+    with pytest.raises(OperationalError):  # without an error under way, a failing release is the error
+        with acquire_lock(store):
+            monkeypatch.setattr(StoreLock, "release", full)
+    monkeypatch.undo()
+    assert release_lock(store)

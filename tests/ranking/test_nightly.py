@@ -378,3 +378,22 @@ def test_a_run_that_recommends_nothing_fails_and_readers_keep_the_last_lists(wor
     pd.testing.assert_frame_equal(_run_rows(world_store, yesterday["run_id"]), kept)
     user = kept[USER_ID].iloc[0]
     assert runs.recommendations_for_user(world_store, user, k=K)[NEWS_ID].tolist() == kept[kept[USER_ID] == user][NEWS_ID].tolist()
+
+
+def test_a_run_that_cannot_be_marked_failed_still_reports_its_own_error(world_store, world, tmp_path, monkeypatch, caplog):
+    # A full disk failed the ranking, then marking the run failed: only the second error was
+    # printed, and the cause was a chained exception shown with --verbose alone.
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+
+    from recsys.ranking.nightly import NothingToRecommendError
+
+    def full(*args, **kwargs):
+        raise OperationalError("UPDATE runs", {}, Exception("database or disk is full"))
+
+    monkeypatch.setattr(runs, "fail_run", full)
+    with caplog.at_level(logging.ERROR, logger="recsys.ranking.nightly"):
+        with pytest.raises(NothingToRecommendError):
+            _nightly(world_store, world, index_dir=_empty_index(world, tmp_path))
+    assert re.search(r"could not mark run \d+ failed \(OperationalError: .*database or disk is full", caplog.text)
