@@ -223,6 +223,7 @@ def child_run(spec: dict) -> dict:
             engine, model_dir=spec["model_dir"], index_dir=spec["index_dir"], engine_name=spec["engine"],
             shard_size=spec["shard_size"], k=spec["k"], num_candidates=spec["candidates"], active_days=spec["active_days"],
             freshness_days=3.0, keep_runs=2, num_workers=spec["workers"], as_of=datetime.fromisoformat(spec["as_of"]),
+            rerank=True,  # measure a ranking even when an earlier run had the same plan (another engine)
         )
     users = summary["counts"]["users"]
     timings = summary["timings"]

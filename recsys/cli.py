@@ -240,6 +240,7 @@ def nightly(
     images: Annotated[Optional[Path], typer.Option(help="Cover images of the new articles.")] = None,
     source: Annotated[Optional[str], typer.Option(help="Name of the new behaviors file in the store; give each night its own when files reuse one path (impression ids restart in every MIND file). Default: <folder>/<file stem>.")] = None,
     export: Annotated[Optional[Path], typer.Option(help="Also write the run as Parquet into this folder.")] = None,
+    rerank: Annotated[bool, typer.Option("--rerank", help="Rank even when the latest complete run had the same inputs (by default a retried night returns that run).")] = False,
 ) -> None:
     """The nightly job: ingest, encode new articles, rank every active user, switch atomically."""
     from recsys.pipelines.nightly import run_nightly_job
@@ -253,7 +254,8 @@ def nightly(
         "nightly.shard_size": "--shard-size", "nightly.workers": "--workers",
     })
     summary = run_nightly_job(
-        c.engine(), c.workspace, config, news=news, behaviors=behaviors, images=images, source=source, export=export
+        c.engine(create=True), c.workspace, config, news=news, behaviors=behaviors, images=images, source=source,
+        export=export, rerank=rerank,
     )
     _print_json(summary)
     export_failed = summary["export"].get("error") if isinstance(summary.get("export"), dict) else None

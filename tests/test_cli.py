@@ -324,6 +324,16 @@ def test_reading_commands_refuse_a_missing_store_instead_of_creating_one(capsys,
     assert not typo.exists()
 
 
+def test_nightly_creates_the_store_of_a_new_workspace(capsys, tmp_path: Path, world: Path):
+    # Like ingest, it writes data in: no "no store" refusal; it ingests, then needs a model.
+    ws = tmp_path / "ws"
+    code, _, err = run(capsys, "--workspace", str(ws), "nightly", "--news", str(world / "news.tsv"),
+                       "--behaviors", str(world / "behaviors_train.tsv"))
+    assert code == 1 and "no current model version: run `recsys train` first" in err, err
+    code, out, _ = run(capsys, "--workspace", str(ws), "stats", "--json")
+    assert code == 0 and json.loads(out)["impressions"] == len((world / "behaviors_train.tsv").read_text().splitlines())
+
+
 def test_train_on_empty_store_exits_1(capsys, tmp_path: Path):
     assert run(capsys, "--workspace", str(tmp_path), "db", "upgrade")[0] == 0
     code, _, err = run(capsys, "--workspace", str(tmp_path), "train")

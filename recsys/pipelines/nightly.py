@@ -225,9 +225,12 @@ def maintain_index(index) -> dict:
 
 def run_nightly_job(
     engine: Engine, workspace: Workspace, config: Config, *, news: Path | None = None, behaviors: Path | None = None,
-    images: Path | None = None, source: str | None = None, export: Path | None = None,
+    images: Path | None = None, source: str | None = None, export: Path | None = None, rerank: bool = False,
 ) -> dict:
     """Ingest the given files, refresh the index, rank every active user (docs/operations.md).
+
+    ``rerank``: see ``run_nightly``; a night already ranked on the same inputs is otherwise
+    returned as it is (and exported again with ``export``).
 
     Raises:
         RunLockedError: another nightly job holds the lock; nothing is ingested or indexed.
@@ -249,7 +252,8 @@ def run_nightly_job(
     # still ranks must not change the store or swap the index under it.
     with acquire_lock(engine, NIGHTLY_LOCK) as lock:
         return _nightly_job(
-            engine, workspace, config, lock, news=news, behaviors=behaviors, images=images, source=source, export=export
+            engine, workspace, config, lock, news=news, behaviors=behaviors, images=images, source=source, export=export,
+            rerank=rerank,
         )
 
 
@@ -268,7 +272,8 @@ def _check_workspace_writable(engine: Engine, workspace: Workspace) -> None:
 
 
 def _nightly_job(
-    engine: Engine, workspace: Workspace, config: Config, lock: StoreLock, *, news, behaviors, images, source, export
+    engine: Engine, workspace: Workspace, config: Config, lock: StoreLock, *, news, behaviors, images, source, export,
+    rerank: bool,
 ) -> dict:
     from recsys.pipelines.ingest import run_ingest
     from recsys.ranking.nightly import run_nightly
@@ -295,7 +300,7 @@ def _nightly_job(
         shard_size=nc.shard_size, k=nc.k, num_candidates=nc.num_candidates, active_days=nc.active_days,
         freshness_days=nc.freshness_days, keep_runs=nc.keep_runs, num_workers=nc.workers,
         num_threads=config.runtime.threads or None,
-        ray_address=nc.ray_address or None, lock=lock, progress=progress,
+        ray_address=nc.ray_address or None, lock=lock, progress=progress, rerank=rerank,
     )
     if export is not None:
         from recsys.ranking.export import export_run

@@ -80,6 +80,7 @@ def run_nightly(
     lock_stale_after: timedelta = DEFAULT_STALE_AFTER,
     lock: StoreLock | None = None,
     progress: ProgressFactory | None = None,
+    rerank: bool = False,
 ) -> dict:
     """Rank every active user and switch readers to the new run.
 
@@ -109,6 +110,9 @@ def run_nightly(
         lock: the nightly lock, when the caller already holds it (the nightly job takes it
             before its ingest); otherwise the run takes it.
         progress: optional progress factory (e.g. ``recsys.progress.progress``).
+        rerank: rank even when the latest complete run was started with the same inputs (the
+            same plan: model, index, data, settings); by default that run is returned as it is,
+            with ``already_complete`` true, so that a retried job does not rank the night again.
 
     Returns:
         The run summary (see ``docs/operations.md``): run id, status, model version, plan,
@@ -156,6 +160,15 @@ def run_nightly(
             "index": prepared["fingerprint"], "index_items": len(prepared["news_ids"]), **store_marker(engine),
         }
         lock.check()  # taken over while preparing? then touch no run
+        done = None if rerank else runs.find_completed_run(engine, plan)
+        if done is not None:
+            # A retry of a night already done (Airflow retries exit 1 and 3 as well): the same
+            # inputs rank the same lists, so ranking again would only push a night out of keep_runs.
+            log.info("run %s already ranked these inputs (same plan): nothing to rank again", done.run_id)
+            summary = runs.run_summary(engine, done.run_id)
+            summary.update({"engine": engine_name, "resumed": False, "already_complete": True, "abandoned_runs": [],
+                            "pruned_runs": [], "users_per_second": None})
+            return summary
         resumed = runs.find_resumable_run(engine, plan)
         run_id = resumed.run_id if resumed else runs.create_run(engine, model_version=model_version, plan=plan)
         lock.attach_run(run_id)
@@ -209,8 +222,8 @@ def run_nightly(
         runs.record_timings(engine, run_id, timings)
     summary = runs.run_summary(engine, run_id)
     summary.update({
-        "engine": engine_name, "resumed": resumed is not None, "abandoned_runs": abandoned, "pruned_runs": pruned,
-        "users_per_second": len(users) / timings["total"],
+        "engine": engine_name, "resumed": resumed is not None, "already_complete": False, "abandoned_runs": abandoned,
+        "pruned_runs": pruned, "users_per_second": len(users) / timings["total"],
     })
     return summary
 

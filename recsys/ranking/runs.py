@@ -117,16 +117,23 @@ def find_resumable_run(engine: Engine, plan: dict) -> RunInfo | None:
 
     Only the newest running run is considered: an older one was already superseded.
     """
-    fingerprint = plan_fingerprint({k: v for k, v in plan.items() if k != "fingerprint"})
     r = s.runs.c
     with engine.connect() as conn:
         row = conn.execute(
             select(s.runs).where(and_(r.kind == NIGHTLY, r.status == RUNNING)).order_by(r.run_id.desc()).limit(1)
         ).mappings().first()
-    if row is None:
-        return None
-    info = _run_info(row)
-    return info if info.plan.get("fingerprint") == fingerprint else None
+    return _if_same_inputs(None if row is None else _run_info(row), plan)
+
+
+def find_completed_run(engine: Engine, plan: dict) -> RunInfo | None:
+    """The latest complete nightly run (the one readers see) when it was started with the same
+    inputs, or None: a retry of a night already done, which would rank the same lists again."""
+    return _if_same_inputs(latest_run(engine), plan)
+
+
+def _if_same_inputs(info: RunInfo | None, plan: dict) -> RunInfo | None:
+    fingerprint = plan_fingerprint({k: v for k, v in plan.items() if k != "fingerprint"})
+    return info if info is not None and info.plan.get("fingerprint") == fingerprint else None
 
 
 def abandon_running_runs(engine: Engine, *, keep_run_id: int | None, message: str) -> list[int]:

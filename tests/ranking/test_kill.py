@@ -20,7 +20,8 @@ from recsys.ranking import runs
 from recsys.ranking.nightly import run_nightly
 from recsys.store import schema as s
 
-SETTINGS = dict(shard_size=5, k=10, num_candidates=40, active_days=7, freshness_days=3, keep_runs=3)
+# rerank: each run ranks the same inputs again (else a night already done is returned as it is).
+SETTINGS = dict(shard_size=5, k=10, num_candidates=40, active_days=7, freshness_days=3, keep_runs=3, rerank=True)
 
 # The killed run: worker processes, and a progress callback that slows the driver so that the
 # kill lands after a few shards (two shards per worker in flight: the workers wait for it).

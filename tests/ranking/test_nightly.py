@@ -92,12 +92,12 @@ def test_interrupted_run_resumes_and_matches_a_clean_run(world_store, world):
 
         return bar()
 
-    with pytest.raises(KeyboardInterrupt):
-        _nightly(world_store, world, progress=interrupting_progress)
+    with pytest.raises(KeyboardInterrupt):  # the same inputs again: rerank, or the clean run is returned
+        _nightly(world_store, world, progress=interrupting_progress, rerank=True)
     assert read_lock(world_store) is None  # released on the way out
     # Readers still see the clean run.
     assert runs.latest_run(world_store).run_id == clean["run_id"]
-    resumed = _nightly(world_store, world)
+    resumed = _nightly(world_store, world, rerank=True)
     assert resumed["resumed"] and resumed["counts"]["shards_resumed"] == 3
     assert resumed["run_id"] != clean["run_id"]
     pd.testing.assert_frame_equal(_run_rows(world_store, resumed["run_id"]), clean_rows, check_exact=False, rtol=1e-6)
@@ -138,9 +138,22 @@ def test_running_lock_refuses_a_second_run(world_store, world):
 
 @pytest.mark.slow
 def test_pruning_keeps_the_newest_runs(world_store, world):
-    ids = [_nightly(world_store, world, keep_runs=2)["run_id"] for _ in range(3)]
+    ids = [_nightly(world_store, world, keep_runs=2, rerank=True)["run_id"] for _ in range(3)]
     assert [runs.get_run(world_store, i).status for i in ids] == ["pruned", "complete", "complete"]
     assert _run_rows(world_store, ids[0]).empty and not _run_rows(world_store, ids[1]).empty
+
+
+def test_a_retry_of_a_night_already_done_returns_its_run_without_ranking_again(world_store, world):
+    # Airflow retries exit 1 (a failed export) and 3 too: each retry ranked the whole night
+    # again as a new run and pushed an earlier night out of keep_runs.
+    first = _nightly(world_store, world, keep_runs=1)
+    again = _nightly(world_store, world, keep_runs=1, progress=lambda *a: pytest.fail("ranked the night again"))
+    assert again["already_complete"] and not first["already_complete"]
+    assert (again["run_id"], again["status"], again["counts"]) == (first["run_id"], "complete", first["counts"])
+    assert again["pruned_runs"] == [] and runs.latest_run(world_store).run_id == first["run_id"]
+    # Other inputs (here k) make a new run.
+    other = _nightly(world_store, world, keep_runs=1, k=K - 1)
+    assert other["run_id"] != first["run_id"] and not other["already_complete"]
 
 
 def test_bad_inputs(store, world_store, world):
