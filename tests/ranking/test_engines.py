@@ -173,3 +173,47 @@ def test_worker_process_setup_error_reaches_the_driver(store, world):
     # come back with the first shard instead.
     with pytest.raises(ModelMismatchError, match="its articles changed since the run started"):
         run_local(_setup(store, world), [(0, ["U000"]), (1, ["U001"])], num_workers=1)
+
+
+def _starting_slowly() -> None:  # a worker still loading TensorFlow and the model
+    time.sleep(60)
+
+
+def _shard(x: int) -> int:
+    return x
+
+
+def test_an_interrupt_stops_the_local_workers_instead_of_waiting_for_their_shards():
+    # SIGTERM to the job's process alone waited 30 s for workers still starting up.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from recsys.ranking.engines import stopping_on_interrupt
+
+    executor = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"), initializer=_starting_slowly)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with stopping_on_interrupt(executor):
+            executor.submit(_shard, 1)
+            time.sleep(1.0)  # the workers are up and in their initializer
+            processes = list(executor._processes.values())
+            raise KeyboardInterrupt
+    assert time.monotonic() - started < 20
+    assert processes and not any(p.is_alive() for p in processes)
+
+
+def test_an_error_lets_the_local_workers_finish_their_shards():
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from recsys.ranking.engines import stopping_on_interrupt
+
+    executor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    with pytest.raises(ValueError):
+        with stopping_on_interrupt(executor):
+            future = executor.submit(_shard, 7)
+            deadline = time.monotonic() + 30
+            while not future.running() and not future.done() and time.monotonic() < deadline:
+                time.sleep(0.01)  # handed to the worker: what shutdown(cancel_futures=True) cannot cancel
+            raise ValueError("one shard failed")
+    assert future.result(timeout=0) == 7  # shut down with wait: the shard in flight was finished
