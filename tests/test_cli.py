@@ -542,3 +542,20 @@ def test_similar_with_no_other_article_says_so_on_stderr(capsys, tmp_path: Path,
     code, out, err = run(capsys, "--workspace", str(tmp_path), "similar", "--news", "N1", "--json")
     assert (code, json.loads(out)) == (0, [])
     assert "note: the index holds no article other than 'N1'" in err
+
+
+def test_demo_creates_the_store_of_a_new_workspace(capsys, tmp_path: Path, world: Path, monkeypatch):
+    # `make demo` on a fresh clone stopped at once with "no store at ..." when reading commands
+    # stopped creating stores; the demo ingests first, so it creates it. Stopped after the ingest.
+    import recsys.errors
+    import recsys.pipelines.train
+
+    def stop(*args, **kwargs):
+        raise recsys.errors.RecsysError("stopped after the ingest")
+
+    monkeypatch.setattr(recsys.pipelines.train, "run_train", stop)
+    ws = tmp_path / "ws"
+    code, _, err = run(capsys, "--workspace", str(ws), "demo", "--sample", str(world))
+    assert code == 1 and err.strip().endswith("error: stopped after the ingest"), err
+    code, out, _ = run(capsys, "--workspace", str(ws), "stats", "--json")
+    assert code == 0 and json.loads(out)["impressions"] == len((world / "behaviors_train.tsv").read_text().splitlines())

@@ -48,7 +48,7 @@ def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> d
     ws = ctx.workspace.ensure()
     config = ctx.config({"model.epochs": epochs}, flags={"model.epochs": "--epochs"})
     world = find_sample(sample, ws.root)
-    engine = ctx.engine()
+    engine = ctx.engine(create=True)  # it ingests the sample first
     step = lambda text: console.rule(Text(text, style="bold"))  # noqa: E731  (the sample path is not markup)
 
     step(f"1/7 ingest {world}")
