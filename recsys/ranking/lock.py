@@ -90,6 +90,11 @@ class LockState:
         tail = self.holder.rpartition(":")[2]
         return int(tail) if tail.isdigit() else None
 
+    @property
+    def on_this_host(self) -> bool:
+        """Held by a process of this host: alive or gone is known from its pid, no timeout applies."""
+        return self.host == socket.gethostname() and self.pid is not None
+
 
 def check_holder(engine: Engine, state: LockState, *, released: bool = False) -> None:
     """Raises LockLostError unless the store still records ``state``'s holder as holding the lock.
@@ -333,7 +338,7 @@ def _take_over(engine: Engine, stale: LockState, row: dict) -> bool:
 def _when_stale(engine: Engine, lock: LockState, stale_after: timedelta) -> str:
     """When a live holder's lock may be taken over, for the refusal's message: staleness runs
     from the last heartbeat or finished shard, not from when the lock was taken."""
-    if lock.host == socket.gethostname() and lock.pid is not None:
+    if lock.on_this_host:
         return f"process {lock.pid} is running on this host; the lock is freed when it exits"
     last = _last_activity(engine, lock)
     return (f"last activity {last:%Y-%m-%d %H:%M:%S} UTC; a holder on another host counts as gone after {stale_after} "
@@ -342,7 +347,7 @@ def _when_stale(engine: Engine, lock: LockState, stale_after: timedelta) -> str:
 
 def _stale_reason(engine: Engine, lock: LockState, *, stale_after: timedelta, now: datetime) -> str | None:
     """Why the lock is stale, or None when its holder may still be working."""
-    if lock.host == socket.gethostname() and lock.pid is not None:
+    if lock.on_this_host:
         return local_process_gone(lock.holder, lock.acquired_at, since_what="the lock was taken")
     last = _last_activity(engine, lock)
     if now - last > stale_after:
