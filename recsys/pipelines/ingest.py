@@ -27,9 +27,11 @@ class NoGoodRowError(RecsysError):
 def _refuse_files_without_a_good_row(summary: dict, *, news: Path | None, behaviors: Path | None) -> None:
     # A file whose every line is bad loaded nothing; its bad lines are quarantined as usual,
     # and what the other file loaded stays (each batch is its own transaction).
+    from recsys.store.ingest import quarantine_key
+
     problems = []
     for option, path, loaded in (("--news", news, summary["news"]), ("--behaviors", behaviors, summary["impressions"])):
-        key = str(Path(path).resolve()) if path is not None else None  # how the ingest names a file
+        key = quarantine_key(path) if path is not None else None
         bad = summary["bad_rows_by_file"].get(key, 0)
         if bad and not loaded:
             problems.append(f"{option} {path}: every one of its {bad} lines was bad, nothing of it was stored "

@@ -82,6 +82,11 @@ class IngestReport:
     elapsed: dict[str, float] = field(default_factory=dict)
 
 
+def quarantine_key(path: str | Path) -> str:
+    """How the ingest names a file: in the quarantine table and ``IngestReport.bad_rows_by_file``."""
+    return str(Path(path).resolve())
+
+
 def default_source(behaviors_path: str | Path) -> str:
     """``<parent folder name>/<file stem>``, e.g. ``MINDsmall_train/behaviors``."""
     path = Path(behaviors_path).resolve()
@@ -235,7 +240,7 @@ class _Job:
     # --- news ---------------------------------------------------------------------------
 
     def ingest_news(self, stream: RowStream, images_dir: Path | None, listing, known: dict[str, datetime | None]) -> None:
-        file_key = str(stream.path.resolve())
+        file_key = quarantine_key(stream.path)
         self._begin_file(file_key)
         counts = self.report.image_status
         for status in IMAGE_STATUSES:
@@ -311,7 +316,7 @@ class _Job:
     # --- behaviors ----------------------------------------------------------------------
 
     def ingest_behaviors(self, stream: RowStream, source: str, known: dict[str, datetime | None]) -> None:
-        file_key = str(stream.path.resolve())
+        file_key = quarantine_key(stream.path)
         self._begin_file(file_key)
         seen = FirstLines()
         for lines in _batches(stream, self.batch_size):
