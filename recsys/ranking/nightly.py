@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import Engine
 
+import recsys
+
 from recsys.config import MAX_DAYS, MAX_RANK
 from recsys.errors import ConfigError, RecsysError
 from recsys.models.side_features import SideFeatures
@@ -111,7 +113,7 @@ def run_nightly(
             before its ingest); otherwise the run takes it.
         progress: optional progress factory (e.g. ``recsys.progress.progress``).
         rerank: rank even when the latest complete run was started with the same inputs (the
-            same plan: model, index, data, settings); by default that run is returned as it is,
+            same plan: model, index, data, settings, recsys release); by default that run is returned as it is,
             with ``already_complete`` true, so that a retried job does not rank the night again.
 
     Returns:
@@ -158,6 +160,9 @@ def run_nightly(
             "k": k, "num_candidates": num_candidates, "shard_size": shard_size, "num_shards": len(shards),
             "num_users": len(users), "users": ids_fingerprint(users), "model_version": model_version,
             "index": prepared["fingerprint"], "index_items": len(prepared["news_ids"]), **store_marker(engine),
+            # A new release may rank differently: its retry ranks again instead of returning (or
+            # finishing) a run of the old code.
+            "recsys_version": recsys.__version__,
         }
         lock.check()  # taken over while preparing? then touch no run
         done = None if rerank else runs.find_completed_run(engine, plan)

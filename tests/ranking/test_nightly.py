@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from sqlalchemy import select
 
+import recsys
 from recsys.columns import NEWS_ID, RANK, SCORE, USER_ID
 from recsys.errors import ConfigError, ModelMismatchError, NotFoundError, RecsysError, RunLockedError
 from recsys.ranking import runs
@@ -154,6 +155,16 @@ def test_a_retry_of_a_night_already_done_returns_its_run_without_ranking_again(w
     # Other inputs (here k) make a new run.
     other = _nightly(world_store, world, keep_runs=1, k=K - 1)
     assert other["run_id"] != first["run_id"] and not other["already_complete"]
+
+
+def test_a_new_recsys_release_ranks_the_night_again(world_store, world, monkeypatch):
+    # The plan named the model, index and data but not the code: an upgrade's retry returned
+    # the lists the old release ranked.
+    first = _nightly(world_store, world)
+    monkeypatch.setattr(recsys, "__version__", "99.0.0")
+    upgraded = _nightly(world_store, world)
+    assert upgraded["run_id"] != first["run_id"] and not upgraded["already_complete"]
+    assert runs.get_run(world_store, upgraded["run_id"]).plan["recsys_version"] == "99.0.0"
 
 
 def test_bad_inputs(store, world_store, world):
