@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -421,6 +422,37 @@ def check_ray_reachable(ray_address: str, timeout: float = RAY_CONNECT_TIMEOUT_S
     )
 
 
+def _init_ray(ray_address: str | None) -> None:
+    """``ray.init`` (a local instance when ``ray_address`` is None) that keeps the process's
+    SIGTERM handler: Ray replaces it with ``sys.exit(15)``, which skipped the CLI's handling
+    (exit 15 without "terminated (SIGTERM)"), and one such SIGTERM early in the ranking was
+    lost altogether: the job ranked on to the end. A SIGTERM during the start-up itself is
+    handed to the previous handler, once the half-started instance is stopped.
+
+    Raises:
+        RecsysError: ray.init could not connect to ``ray_address``.
+    """
+    import ray
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers may be set
+    previous = signal.getsignal(signal.SIGTERM) if in_main_thread else None
+    try:
+        if ray_address:
+            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(num_cpus=default_threads(), include_dashboard=False, log_to_driver=False)
+    except ConnectionError as exc:  # no cluster found for "auto", or Ray's own wait ran out
+        raise RecsysError(f"{_ray_unreachable(ray_address)}: {exc}") from exc
+    except SystemExit as exc:  # Ray's handler: a SIGTERM arrived during the start-up
+        ray.shutdown()
+        if exc.code == signal.SIGTERM and callable(previous):
+            previous(signal.SIGTERM, None)  # e.g. the CLI's: raises its own Terminated
+        raise
+    finally:
+        if in_main_thread:  # None: a handler not set from Python, i.e. the default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 class RayShardActor:
     """Ray Data actor: one ``ShardWorker`` per actor, one shard per batch row."""
 
@@ -474,12 +506,7 @@ def run_ray(
     if started_here:
         if ray_address:
             check_ray_reachable(ray_address)
-            try:
-                ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
-            except ConnectionError as exc:  # no cluster found for "auto", or Ray's own wait ran out
-                raise RecsysError(f"{_ray_unreachable(ray_address)}: {exc}") from exc
-        else:
-            ray.init(num_cpus=default_threads(), include_dashboard=False, log_to_driver=False)
+        _init_ray(ray_address)
     try:
         dataset = ray.data.from_items(
             [{"shard": int(shard), "user_ids": [str(u) for u in users]} for shard, users in shards],

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
+import threading
 import time
 
 import pandas as pd
@@ -137,6 +140,38 @@ def test_ray_init_that_cannot_connect_is_a_recsys_error(store, world, monkeypatc
         address = f"127.0.0.1:{server.getsockname()[1]}"
         with pytest.raises(RecsysError, match=_unreachable(address) + "Failed to connect to Ray cluster"):
             run_ray(_setup(store, world), [(0, ["U000"])], num_workers=1, ray_address=address)
+
+
+class _Terminated(KeyboardInterrupt):
+    pass
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
+@pytest.mark.ray
+def test_ray_keeps_the_jobs_sigterm_handler():
+    # ray.init replaced the CLI's handler with sys.exit(15): a terminated nightly exited 15
+    # without its message, and once ranked on to the end (bench_interrupt.py --engines ray).
+    import ray
+
+    from recsys.ranking.engines import _init_ray
+
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        _init_ray(None)
+        try:
+            assert signal.getsignal(signal.SIGTERM) is _raise_terminated
+        finally:
+            ray.shutdown()
+        # A SIGTERM during the start-up (about 3 s) reaches the job's handler; no instance is left.
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(_Terminated):
+            _init_ray(None)
+        assert not ray.is_initialized()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _setup(store, world, **overrides):
