@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from typer.exceptions import TyperException
 
 from recsys.config import Config, Workspace, load_config, resolve_db_url
 from recsys.errors import RecsysError
+from recsys.interrupts import sigterm_unwinds, terminated
 from recsys.progress import configure_logging
 
 # Plain click help, not Rich's: Rich reads a help text's "[r1,r2,...]" as markup and drops
@@ -421,32 +420,10 @@ def demo(
 _TYPER_CTRL_C = 130
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's timeout, ``kill``): unwound like Ctrl-C, so that the store's lock
-    is released and the run stays resumable; otherwise a retry on another host would wait for
-    the lock to go stale (15 minutes)."""
-
-
-def _on_sigterm(signum, frame) -> None:
-    global _terminated
-    _terminated = True
-    raise Terminated
-
-
-_terminated = False
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps errors to exit codes and one clear line on stderr."""
-    global _terminated
-    _terminated = False
-    in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers may be set
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
-    try:
+    with sigterm_unwinds():
         return _main(argv)
-    finally:
-        if in_main_thread:  # None: a handler not set from Python, i.e. the default
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -473,7 +450,7 @@ def _main(argv: list[str] | None) -> int:
         typer.echo(f"error: {exc}", err=True)
         return 1
     except KeyboardInterrupt:
-        typer.echo("terminated (SIGTERM)" if _terminated else "interrupted", err=True)
+        typer.echo("terminated (SIGTERM)" if terminated() else "interrupted", err=True)
         return 2
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: exit code 2
         if verbose:
@@ -481,7 +458,7 @@ def _main(argv: list[str] | None) -> int:
         typer.echo(f"internal error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)", err=True)
         return 2
     if code == _TYPER_CTRL_C:
-        typer.echo("terminated (SIGTERM)" if _terminated else "interrupted", err=True)
+        typer.echo("terminated (SIGTERM)" if terminated() else "interrupted", err=True)
         return 2
     return code if isinstance(code, int) else 0
 

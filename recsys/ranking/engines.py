@@ -26,6 +26,7 @@ from datetime import datetime
 import numpy as np
 
 from recsys.errors import ModelMismatchError, RecsysError
+from recsys.interrupts import raise_if_terminated
 from recsys.threads import configure_threads, default_threads
 
 # (shard number, user ids of the shard)
@@ -261,6 +262,7 @@ def run_local(
     results: list[ShardResult] = []
 
     def done(result: ShardResult) -> None:
+        raise_if_terminated()  # a SIGTERM whose exception some library swallowed
         results.append(result)
         if on_result is not None:
             on_result(result)
@@ -427,7 +429,8 @@ def _init_ray(ray_address: str | None) -> None:
     SIGTERM handler: Ray replaces it with ``sys.exit(15)``, which skipped the CLI's handling
     (exit 15 without "terminated (SIGTERM)"), and one such SIGTERM early in the ranking was
     lost altogether: the job ranked on to the end. A SIGTERM during the start-up itself is
-    handed to the previous handler, once the half-started instance is stopped.
+    handed to the previous handler after ``ray.shutdown()`` (processes of a node that was not
+    fully started are not known to it; Ray ties them to this process, so they end with it).
 
     Raises:
         RecsysError: ray.init could not connect to ``ray_address``.
@@ -446,7 +449,7 @@ def _init_ray(ray_address: str | None) -> None:
     except SystemExit as exc:  # Ray's handler: a SIGTERM arrived during the start-up
         ray.shutdown()
         if exc.code == signal.SIGTERM and callable(previous):
-            previous(signal.SIGTERM, None)  # e.g. the CLI's: raises its own Terminated
+            previous(signal.SIGTERM, None)  # e.g. recsys.interrupts.on_sigterm: raises Terminated
         raise
     finally:
         if in_main_thread:  # None: a handler not set from Python, i.e. the default
@@ -499,6 +502,7 @@ def run_ray(
     """
     import ray
 
+    raise_if_terminated()  # one that landed in `import ray`: its Cython set-up swallows it
     results: list[ShardResult] = []
     if not shards:
         return results
@@ -508,6 +512,7 @@ def run_ray(
             check_ray_reachable(ray_address)
         _init_ray(ray_address)
     try:
+        raise_if_terminated()  # one that landed during ray.init
         dataset = ray.data.from_items(
             [{"shard": int(shard), "user_ids": [str(u) for u in users]} for shard, users in shards],
             override_num_blocks=len(shards),
@@ -527,6 +532,7 @@ def run_ray(
             )
         try:
             for row in ranked.iter_rows():
+                raise_if_terminated()
                 result = ShardResult.from_row(row)
                 results.append(result)
                 if on_result is not None:

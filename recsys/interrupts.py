@@ -1,0 +1,56 @@
+"""SIGTERM (a scheduler's timeout, ``kill``) unwound like Ctrl-C, and remembered.
+
+The handler raises ``Terminated`` so that the store's lock is released and a nightly run stays
+resumable; otherwise a retry on another host would wait for the lock to go stale (15 minutes).
+An exception raised from a signal handler can be swallowed by code it lands in: Cython's
+module set-up in ``import ray`` reports it as "Exception ignored" and goes on, and the job then
+ranked the whole night. Long loops therefore also call ``raise_if_terminated``.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM."""
+
+
+_terminated = False
+
+
+def on_sigterm(signum, frame) -> None:
+    global _terminated
+    _terminated = True
+    raise Terminated
+
+
+def terminated() -> bool:
+    """Whether a SIGTERM arrived inside the current ``sigterm_unwinds`` block."""
+    return _terminated
+
+
+def raise_if_terminated() -> None:
+    """Raise ``Terminated`` again when a SIGTERM arrived but its exception was swallowed."""
+    if _terminated:
+        raise Terminated
+
+
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises ``Terminated`` inside the block (handlers can only be set from the main
+    thread; elsewhere the process keeps its handler). The previous handler is restored after,
+    and a SIGTERM of this block is forgotten: the next command starts afresh."""
+    global _terminated
+    _terminated = False
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
+    try:
+        yield
+    finally:
+        _terminated = False
+        if in_main_thread:  # None: a handler not set from Python, i.e. the default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
