@@ -20,6 +20,7 @@ from recsys.pipelines.runlog import abandon_dead_runs, recorded_run
 from recsys.ranking.lock import acquire_lock, current_holder, read_lock, utc_now
 from recsys.store import ingest as store_ingest
 from recsys.store import schema as s
+from tests.signals import swallowed_sigterm
 
 HOST = socket.gethostname()
 
@@ -162,3 +163,23 @@ def test_sigterm_mid_ingest_releases_the_lock_and_fails_the_run(engine, world, t
     assert (kind, status) == ("ingest", "failed") and message.startswith("Terminated")
     assert _count(engine, s.news) == 0
     assert signal.getsignal(signal.SIGTERM) == before  # main() leaves the process's handler as it was
+
+
+def test_a_sigterm_that_a_library_swallowed_still_stops_the_ingest(engine, world, tmp_path, monkeypatch, capsys):
+    # An exception raised by the SIGTERM handler can be swallowed where it lands (Cython's
+    # module set-up in `import ray` does): the job went on as if never terminated.
+    from recsys.cli import main
+
+    real_ingest = store_ingest.ingest
+
+    def swallowed_then_ingest(eng, **kwargs):
+        swallowed_sigterm()
+        return real_ingest(eng, **kwargs)
+
+    monkeypatch.setattr(store_ingest, "ingest", swallowed_then_ingest)
+    code = main(["--workspace", str(tmp_path / "ws"), "--db", str(engine.url.render_as_string(hide_password=False)),
+                 "ingest", "--news", str(world / "news.tsv"), "--behaviors", str(world / "behaviors_train.tsv")])
+    assert (code, capsys.readouterr().err.strip().splitlines()[-1]) == (2, "terminated (SIGTERM)")
+    assert read_lock(engine) is None and _count(engine, s.news) == 0
+    ((kind, status, _),) = _runs(engine).values()
+    assert (kind, status) == ("ingest", "failed")

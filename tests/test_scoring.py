@@ -22,6 +22,7 @@ from recsys.pipelines.scoring import (
 from recsys.pipelines.train import run_train
 from recsys.versions import get_version
 from tests.sample_store import ingested_sample
+from tests.signals import swallowed_sigterm
 
 pytestmark = pytest.mark.slow  # every test reads the module's two trained versions
 
@@ -367,6 +368,24 @@ def test_an_empty_behaviors_file_reads_no_log_and_predicts_nothing(trained, tmp_
     summary = run_predict(engine, ws, config, behaviors=empty, out=tmp_path / "prediction.txt")
     assert summary["impressions"] == 0 and (tmp_path / "prediction.txt").read_text() == ""
     assert summary["warning"] == f"{empty} has no impression: the prediction file {tmp_path / 'prediction.txt'} is empty"
+
+
+def test_a_sigterm_that_a_library_swallowed_still_stops_train_and_predict(trained, tmp_path):
+    # An exception raised by the SIGTERM handler can be swallowed where it lands (Cython's
+    # module set-up in `import ray` does): the command went on as if never terminated.
+    from recsys.interrupts import Terminated, sigterm_unwinds
+    from recsys.versions import list_versions
+
+    world, ws, engine, config, versions = trained
+    before = [v["version"] for v in list_versions(engine)]
+    out = tmp_path / "prediction.txt"
+    with sigterm_unwinds():
+        swallowed_sigterm()
+        with pytest.raises(Terminated):
+            run_predict(engine, ws, config, behaviors=world / "behaviors_train.tsv", out=out)
+        with pytest.raises(Terminated):
+            run_train(engine, ws, config, make_current=False)
+    assert not out.exists() and [v["version"] for v in list_versions(engine)] == before
 
 
 def test_predict_and_evaluate_count_history_entries_naming_no_known_article(trained, tmp_path):

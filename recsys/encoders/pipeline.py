@@ -13,6 +13,7 @@ from recsys.columns import ABSTRACT, CATEGORY, CONTENT_HASH, IMAGE_OK, IMAGE_PAT
 from recsys.encoders.cache import FeatureCache
 from recsys.encoders.item_features import EncoderInfo, ItemFeatures
 from recsys.errors import ModelMismatchError, SchemaError
+from recsys.interrupts import raise_if_terminated
 
 REQUIRED_COLUMNS = (NEWS_ID, TITLE, ABSTRACT, CATEGORY, IMAGE_PATH, IMAGE_STATUS, CONTENT_HASH)
 _ABSTRACT_SUFFIX = "+abstract"
@@ -110,6 +111,7 @@ def encode_items(
     todo = np.flatnonzero(~cached)
     unread_rows, unread_text = [], []  # covers that could not be read this time: not cached
     for start in range(0, len(todo), batch_size):
+        raise_if_terminated()  # a SIGTERM whose exception some library swallowed
         rows = todo[start : start + batch_size]
         batch_text = text_encoder.encode([article_text(titles[r], abstracts[r], use_abstract=use_abstract) for r in rows])
         batch_image, batch_ok = image_encoder.encode([image_paths[r] for r in rows])

@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError
+from recsys.interrupts import raise_if_terminated
 from recsys.models import NUM_HEADS
 from recsys.models.bundle import RankingModel
 from recsys.models.ctr import CTRModel, listwise_loss, pointwise_loss
@@ -525,6 +526,7 @@ def _train_networks(
         order = rng.permutation(eligible)
         total, steps = 0.0, 0
         for lo in range(0, len(order), batch_size):
+            raise_if_terminated()  # a SIGTERM whose exception some library swallowed
             batch = maker.make(order[lo : lo + batch_size], rng, listwise=listwise)
             if listwise and len(batch["groups"]) == 0:
                 continue

@@ -35,6 +35,7 @@ from recsys.config import Config, Workspace
 from recsys.data.mind import EXPECTED_LABEL, IMPRESSIONS, BehaviorsScan, is_bad_label
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError, SchemaError
+from recsys.interrupts import raise_if_terminated
 from recsys.models.samples import ClickLog, Impressions, InteractionLog, with_logged_clicks
 from recsys.models.side_features import SideFeatures
 from recsys.pipelines.features import encode_news
@@ -356,6 +357,7 @@ def iter_scored(
     """Every model's scores for each chunk of ``path`` (``tally``: see ``iter_behavior_chunks``)."""
     history_len = max((s.history_len for s in scorers.values()), default=50)
     for imps, lines in iter_behavior_chunks(path, catalogue, chunk_size=chunk_size, history_len=history_len, tally=tally):
+        raise_if_terminated()  # a SIGTERM whose exception some library swallowed
         reads: dict[tuple[bool, int], Impressions] = {}  # one reading per kind, shared by the models that read alike
         scores = {}
         for name, s in scorers.items():

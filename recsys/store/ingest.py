@@ -34,6 +34,7 @@ from recsys.data.mind import (
     iter_news, repeated_impression_ids,
 )
 from recsys.errors import ConfigError
+from recsys.interrupts import raise_if_terminated
 from recsys.store import schema
 from recsys.store.bulk import BulkWriter, bulk_writer
 from recsys.store.database import SQLITE_BEGIN
@@ -530,6 +531,7 @@ def _unknown_news(row: BehaviorRow, missing: set[str], known: dict[str, datetime
 def _batches(rows: Iterable, size: int) -> Iterator[list]:
     it = iter(rows)
     while batch := list(itertools.islice(it, size)):
+        raise_if_terminated()  # a SIGTERM whose exception some library swallowed
         yield batch
 
 

@@ -64,6 +64,20 @@ def assert_same_features(a, b):
     assert (a.text_encoder, a.image_encoder) == (b.text_encoder, b.image_encoder)
 
 
+def test_a_sigterm_that_a_library_swallowed_still_stops_the_encoding(news, fake_encoders, tmp_path):
+    from recsys.interrupts import Terminated, sigterm_unwinds
+    from tests.signals import swallowed_sigterm
+
+    frame, images = news
+    text_enc, image_enc = fake_encoders
+    cache = FeatureCache(tmp_path / "cache", text_enc.info, image_enc.info)
+    with sigterm_unwinds():
+        swallowed_sigterm()
+        with pytest.raises(Terminated):
+            encode_items(frame, images, text_enc, image_enc, cache, batch_size=4)
+    assert text_enc.calls == []
+
+
 def test_features_are_row_aligned_with_an_explicit_no_image_path(news, fake_encoders):
     frame, images = news
     text_enc, image_enc = fake_encoders

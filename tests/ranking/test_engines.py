@@ -21,6 +21,7 @@ from recsys.ranking.lock import read_lock
 from recsys.ranking.nightly import run_nightly
 from recsys.store import schema as s
 from recsys.threads import default_threads
+from tests.signals import swallowed_sigterm
 from tests.sockets import needs_linux, port_that_never_answers
 
 
@@ -190,26 +191,13 @@ def test_a_sigterm_during_ray_init_reaches_the_jobs_handler(monkeypatch):
         signal.signal(signal.SIGTERM, previous)
 
 
-def _swallowed_sigterm() -> None:
-    """A SIGTERM whose exception the code it landed in swallowed, as Cython's module set-up in
-    `import ray` does ("Exception ignored in: <module 'collections.abc'>")."""
-    from recsys.interrupts import Terminated
-
-    try:
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler runs at the next bytecode
-        pytest.fail("the SIGTERM handler did not run")
-    except Terminated:
-        pass
-
-
 def test_a_sigterm_that_a_library_swallowed_still_stops_the_ranking(world_store, world):
     # bench_interrupt.py: a terminated nightly on the ray engine ranked the whole night.
     from recsys.interrupts import Terminated, sigterm_unwinds
     from recsys.ranking.engines import run_ray
 
     with sigterm_unwinds():
-        _swallowed_sigterm()
+        swallowed_sigterm()
         with pytest.raises(Terminated):
             _run(world_store, world, num_workers=0)
         with pytest.raises(Terminated):  # before starting a Ray instance
