@@ -25,7 +25,6 @@ import numpy as np
 from sqlalchemy import Engine
 
 import recsys
-
 from recsys.config import MAX_DAYS, MAX_RANK
 from recsys.errors import ConfigError, RecsysError
 from recsys.models.side_features import SideFeatures
@@ -113,8 +112,9 @@ def run_nightly(
             before its ingest); otherwise the run takes it.
         progress: optional progress factory (e.g. ``recsys.progress.progress``).
         rerank: rank even when the latest complete run was started with the same inputs (the
-            same plan: model, index, data, settings, recsys release); by default that run is returned as it is,
-            with ``already_complete`` true, so that a retried job does not rank the night again.
+            same plan: model, index, data, settings, recsys release); by default that run is
+            returned as it is, with ``already_complete`` true, so that a retried job does not
+            rank the night again.
 
     Returns:
         The run summary (see ``docs/operations.md``): run id, status, model version, plan,
