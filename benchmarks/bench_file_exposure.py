@@ -15,6 +15,9 @@ read the per-impression AUC of
 - the served model's logit + w * log1p(count), with w chosen on the other half of the
   impressions (two folds by impression row parity, each fitted on the other; the grid below),
   so that no impression is scored with a weight fitted on itself,
+- the served model's logit with the file's exposure evidence for fresh candidates (their earlier
+  shows in the file and the hours since their first one) and for the others, combined by a
+  logistic regression cross-fitted on the labels of the other half (``logistic_blend``),
 
 over all candidates and over fresh ones (never shown in the store). Nothing here is used by the
 product: serving it would need every impression shown so far tonight in the nightly job, and a
@@ -48,6 +51,53 @@ def file_shows(imps) -> np.ndarray:
     # Every show of the file, its label never read (clicks all 0): only the show count is used.
     log = InteractionLog.from_events(items, times, np.zeros(len(items), np.int8), int(items.max()) + 1)
     return log.window_counts(items, times, window=WINDOW)[1]
+
+
+def file_history(imps) -> tuple[np.ndarray, np.ndarray]:
+    """(c,) int64 shows of each candidate's article in the same file strictly before its
+    impression (all of them, not a window) and (c,) float64 hours since the first of those (0
+    when none): how hard the file pushes an article, and for how long it has."""
+    from recsys.models.samples import candidate_impression_rows
+
+    items = imps.candidate_items.astype(np.int64)
+    times = imps.times[candidate_impression_rows(imps)].astype("datetime64[s]").astype(np.int64)
+    order = np.lexsort((times, items))
+    it, tt = items[order], times[order]
+    start = np.r_[True, it[1:] != it[:-1]]
+    group_start = np.maximum.accumulate(np.where(start, np.arange(len(it)), 0))
+    # shows strictly before: position in the article's run, less earlier shows at the same second
+    first_at_time = np.r_[True, (it[1:] != it[:-1]) | (tt[1:] != tt[:-1])]
+    tie_start = np.maximum.accumulate(np.where(first_at_time, np.arange(len(it)), 0))
+    before = tie_start - group_start
+    first = tt[group_start]
+    hours = np.where(before > 0, (tt - first) / 3600.0, 0.0)
+    counts, since = np.empty(len(items), np.int64), np.empty(len(items))
+    counts[order], since[order] = before, hours
+    return counts, since
+
+
+def logistic_blend(imps, logits: np.ndarray, fresh: np.ndarray) -> tuple[np.ndarray, list[list[float]]]:
+    """The served logit and the file's exposure combined by a logistic regression on the labels
+    of the other fold (two folds by impression row parity, as ``cross_fitted``).
+
+    Features: the logit; for fresh candidates log1p(earlier shows in the file), log1p(hours
+    since their first show in the file) and a fresh flag; for the others log1p(earlier shows).
+    The model's own popularity features read nothing for fresh articles, so the file's
+    evidence enters for them apart."""
+    from sklearn.linear_model import LogisticRegression
+
+    from recsys.models.samples import candidate_impression_rows
+
+    counts, hours = file_history(imps)
+    f = fresh.astype(np.float64)
+    x = np.column_stack([logits, f * np.log1p(counts), f * np.log1p(hours), f, (1 - f) * np.log1p(counts)])
+    fold = candidate_impression_rows(imps) % 2
+    out, coefs = np.empty_like(logits), []
+    for k in (0, 1):
+        model = LogisticRegression(C=1.0, max_iter=1000).fit(x[fold != k], imps.labels[fold != k])
+        coefs.append([round(float(c), 4) for c in model.coef_[0]])
+        out[fold == k] = model.decision_function(x[fold == k])
+    return out, coefs
 
 
 def cross_fitted(imps, logits: np.ndarray, feature: np.ndarray) -> tuple[np.ndarray, list[float]]:
@@ -95,6 +145,9 @@ def run_seed(seed: int, args, root: Path) -> dict:
     out["rows"]["served model"] = test_file_row(test, logits, oracle, fresh)
     out["rows"]["shows in the file, last 24 h"] = test_file_row(test, shows + jitter, oracle, fresh)
     out["rows"]["served model + w * shows (cross-fitted w)"] = test_file_row(test, blended, oracle, fresh)
+    exposure, coefs = logistic_blend(test, logits, fresh)
+    out["rows"]["served model + file exposure (cross-fitted logistic)"] = test_file_row(test, exposure, oracle, fresh)
+    out["logistic_coefficients"] = coefs
     out["seconds"] = round(time.perf_counter() - t0, 1)
     engine.dispose()
     return out

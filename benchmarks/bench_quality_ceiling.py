@@ -20,6 +20,19 @@ Rows, per-impression AUC on the test window (``behaviors_test.tsv``):
   - ``History column``: the clicks before the log (what MIND's History holds);
   - ``+ logged clicks``: plus the user's clicks in the training impressions;
   - ``+ logged skips``: plus the training impressions' shown-but-not-clicked articles.
+- ``..., popularity of articles shown in training``: a row above plus the popularity term with
+  the true latent of every article the training impressions show (the most a log of clicks
+  and shows could tell about them) and nothing for the fresh ones.
+- ``..., popularity of every article``: the same with the true latent of fresh articles too,
+  which no data reveals: the bound if popularity were known.
+- ``..., fresh from the scored file``: fresh articles' latent read from how often the scored
+  file shows them (see ``_popularity_from_shows``; generous).
+- ``..., fresh from earlier shows in the file``: the same from the shows before each impression
+  only, as serving could know them (``_popularity_from_earlier_shows``).
+
+Each row also has ``fresh_auc``: the per-impression AUC over the candidates never shown in
+training only, and its share of the oracle's gap on the same candidates (as the "fresh" rows
+of ``bench_quality.py``).
 
 Usage:
   python benchmarks/bench_quality_ceiling.py --seeds 101 102 103 --users 3000 --news 2500 --impressions 9000
@@ -113,6 +126,53 @@ class MapReader:
         return topics, styles
 
 
+def _popularity_from_shows(world, test_file: Path, row_of: dict, fresh: np.ndarray) -> np.ndarray:
+    """(n,) float64: the popularity latent of each ``fresh`` article as read from how often the
+    scored file shows it, 0 elsewhere.
+
+    Exposure is ``exp(z)`` among the articles available at the time, so log(shows) less
+    log(hours available in the test window) tracks ``z``. The linear map is fitted on the hidden
+    latents themselves and uses the whole file, past and future, so this is generous: no model
+    reading the file as it is served can do better with this evidence.
+    """
+    from recsys.data.mind import iter_behaviors
+
+    shows = np.zeros(world.num_news)
+    for row in iter_behaviors(test_file):
+        for n in row.news_ids:
+            shows[row_of[n]] += 1
+    w = world.windows
+    start = np.maximum(world.news_published, w.test_start)
+    end = np.minimum(world.news_published + w.freshness, w.test_end)
+    hours = np.maximum((end - start) / np.timedelta64(1, "h"), 1.0)
+    features = np.column_stack([np.ones(world.num_news), np.log1p(shows), np.log(hours)])
+    fit = fresh & (shows > 0)
+    coef, *_ = np.linalg.lstsq(features[fit], world.news_popularity[fit].astype(np.float64), rcond=None)
+    return np.where(fresh, features @ coef, 0.0)
+
+
+def _popularity_from_earlier_shows(world, test_file: Path, row_of: dict, fresh: np.ndarray) -> list[np.ndarray]:
+    """Per impression of the scored file, (c,) float64: each fresh candidate's popularity latent
+    as read from its shows in the file *before* the impression (what serving could know), 0
+    for the other candidates. The linear map is fitted on the hidden latents (generous)."""
+    from recsys.data.mind import iter_behaviors
+
+    rows = [(row.time, np.array([row_of[n] for n in row.news_ids])) for row in iter_behaviors(test_file)]
+    shows, before = np.zeros(world.num_news), [None] * len(rows)
+    for i in sorted(range(len(rows)), key=lambda i: rows[i][0]):
+        before[i] = shows[rows[i][1]].copy()
+        shows[rows[i][1]] += 1
+    start = np.maximum(world.news_published, world.windows.test_start)
+    features = []
+    for (time, cand), counts in zip(rows, before):
+        hours = (np.datetime64(time, "s") - start[cand]) / np.timedelta64(1, "h")
+        features.append(np.column_stack([np.ones(len(cand)), np.log1p(counts), np.log(np.maximum(hours, 0.1))]))
+    cands = np.concatenate([c for _, c in rows])
+    fit = fresh[cands]
+    coef, *_ = np.linalg.lstsq(np.concatenate(features)[fit], world.news_popularity[cands[fit]].astype(np.float64), rcond=None)
+    return [np.where(fresh[cand], f @ coef, 0.0) for (_, cand), f in zip(rows, features)]
+
+
 def run_seed(seed: int, args, root: Path) -> dict:
     from recsys.data import sample
     from recsys.data.mind import iter_behaviors
@@ -127,18 +187,39 @@ def run_seed(seed: int, args, root: Path) -> dict:
     for row in iter_behaviors(out_dir / sample.TRAIN_FILE):
         for n, label in zip(row.news_ids, row.labels):
             (clicked if label else skipped)[row.user_id].append(row_of[n])
+    train_rows = np.array(sorted({n for rows in (*clicked.values(), *skipped.values()) for n in rows}), dtype=np.int64)
+    seen = np.zeros(world.num_news, bool)
+    seen[train_rows] = True  # shown in training: a model can estimate its popularity from the log
+    estimated = np.where(seen, world.news_popularity, _popularity_from_shows(world, out_dir / sample.TEST_FILE, row_of, ~seen))
+    earlier = _popularity_from_earlier_shows(world, out_dir / sample.TEST_FILE, row_of, ~seen)
     reader = MapReader(world, sample)
     evidence = {
         "MAP liked sets from the History column": lambda h, u: reader.fit(h),
         "MAP liked sets, + logged clicks": lambda h, u: reader.fit(h, clicked[u]),
         "MAP liked sets, + logged clicks and skips": lambda h, u: reader.fit(h, clicked[u], skipped[u]),
     }
-    names = ["oracle", "true affinities, no popularity", "true liked sets, no popularity", *evidence]
+    with_popularity = {  # row -> (row it adds popularity to, articles whose popularity it knows)
+        "true affinities, popularity of articles shown in training": ("true affinities, no popularity", seen),
+        "MAP liked sets, + clicks and skips, popularity of articles shown in training": (
+            "MAP liked sets, + logged clicks and skips", seen),
+        "MAP liked sets, + clicks and skips, popularity of every article": (
+            "MAP liked sets, + logged clicks and skips", np.ones(world.num_news, bool)),
+        "true affinities, popularity shown in training, fresh from the scored file": (
+            "true affinities, no popularity", estimated),
+        "MAP liked sets, + clicks and skips, popularity shown in training, fresh from the scored file": (
+            "MAP liked sets, + logged clicks and skips", estimated),
+        "true affinities, popularity shown in training, fresh from earlier shows in the file": (
+            "true affinities, no popularity", "earlier"),
+        "MAP liked sets, + clicks and skips, popularity shown in training, fresh from earlier shows in the file": (
+            "MAP liked sets, + logged clicks and skips", "earlier"),
+    }
+    names = ["oracle", "true affinities, no popularity", "true liked sets, no popularity", *evidence, *with_popularity]
     scores = {n: [] for n in names}
+    fresh = []
     fitted = {n: {} for n in evidence}
     labels, sizes = [], []
     t0 = time.perf_counter()
-    for row in iter_behaviors(out_dir / sample.TEST_FILE):
+    for i, row in enumerate(iter_behaviors(out_dir / sample.TEST_FILE)):
         u = user_of[row.user_id]
         cand = np.array([row_of[n] for n in row.news_ids])
         history = np.array([row_of[n] for n in row.history], dtype=np.int64)
@@ -154,13 +235,33 @@ def run_seed(seed: int, args, root: Path) -> dict:
             sets = fitted[name][row.user_id]
             scores[name].append(np.zeros(len(cand)) if sets is None else
                                 reader.topic_gain * sets[0][world.news_topic[cand]] + reader.style_gain * sets[1][world.news_style[cand]])
+        for name, (base, known) in with_popularity.items():
+            # a bool mask says whose true latent the row knows; a float array is the row's estimate
+            if isinstance(known, str):  # the fresh ones' from earlier shows, per impression
+                popularity = np.where(seen[cand], world.news_popularity[cand], earlier[i])
+            elif known.dtype == bool:
+                popularity = np.where(known[cand], world.news_popularity[cand], 0.0)
+            else:
+                popularity = known[cand]
+            scores[name].append(scores[base][-1] + sample.POPULARITY_WEIGHT * popularity)
         labels.append(np.asarray(row.labels))
         sizes.append(len(cand))
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    y = np.concatenate(labels)
-    aucs = {n: float(mean_impression_auc(y, np.concatenate(scores[n]), offsets)[0]) for n in names}
-    oracle = aucs["oracle"]
-    rows = {n: {"impression_auc": a, "gap_closed": (a - 0.5) / (oracle - 0.5)} for n, a in aucs.items()}
+        fresh.append(~seen[cand])
+    y, fresh = np.concatenate(labels), np.concatenate(fresh)
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+
+    def auc(name: str, keep: np.ndarray) -> float:
+        # per-impression AUC over the kept candidates (as bench_quality's fresh rows)
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(owner[keep], minlength=len(sizes)))])
+        return float(mean_impression_auc(y[keep], np.concatenate(scores[name])[keep], offsets)[0])
+
+    everything = np.ones(len(y), bool)
+    oracle, oracle_fresh = auc("oracle", everything), auc("oracle", fresh)
+    rows = {}
+    for n in names:
+        a, f = auc(n, everything), auc(n, fresh)
+        rows[n] = {"impression_auc": a, "gap_closed": (a - 0.5) / (oracle - 0.5),
+                   "fresh_auc": f, "fresh_gap_closed": (f - 0.5) / (oracle_fresh - 0.5)}
     return {"seed": seed, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -173,11 +274,12 @@ def main() -> None:
     args = parser.parse_args()
     results = on_held_out_worlds(args, run_seed, "recsys-ceiling-")
     mean_gap = mean_gap_closed(results)
-    print(f"{'':<46}" + "".join(f"{'seed ' + str(r['seed']):>12}" for r in results) + f"{'mean gap':>10}")
+    mean_fresh = {n: float(np.mean([r["rows"][n]["fresh_gap_closed"] for r in results])) for n in mean_gap}
+    print(f"{'':<100}" + "".join(f"{'seed ' + str(r['seed']):>12}" for r in results) + f"{'mean gap':>10}{'fresh gap':>10}")
     for name, gap in mean_gap.items():
         aucs = "".join(f"{r['rows'][name]['impression_auc']:>12.4f}" for r in results)
-        print(f"{name:<46}{aucs}{100 * gap:>9.1f}%")
-    write_results("quality_ceiling", args, results, mean_gap_closed=mean_gap)
+        print(f"{name:<100}{aucs}{100 * gap:>9.1f}%{100 * mean_fresh[name]:>9.1f}%")
+    write_results("quality_ceiling", args, results, mean_gap_closed=mean_gap, mean_fresh_gap_closed=mean_fresh)
 
 
 if __name__ == "__main__":
