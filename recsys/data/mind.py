@@ -20,7 +20,7 @@ import os
 import re
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,11 @@ RAW_CHARS = 200
 ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
 TIME_EXAMPLE = "11/11/2019 9:05:58 AM"
+# A behaviors time outside these bounds is a typo (1019, 2099), not a click: stored, it would
+# move first-seen and last-seen times that only ever move one way. MIND's times are naive
+# local times, so the upper bound allows a day beyond the present in UTC.
+EARLIEST_TIME = datetime(1990, 1, 1)
+FUTURE_SLACK = timedelta(days=1)
 
 _ID_RE = re.compile(ID_PATTERN)
 _NEWS_FIELDS = (NEWS_ID, CATEGORY, SUBCATEGORY, TITLE, ABSTRACT, "url", TITLE_ENTITIES, ABSTRACT_ENTITIES)
@@ -168,6 +173,11 @@ def parse_time(text: str) -> datetime:
         return datetime(year, month, day, hour, minute, second)
     except ValueError as exc:
         raise ValueError(f"{text!r} is not a real date and time ({exc})") from None
+
+
+def latest_time() -> datetime:
+    """The latest behaviors time accepted: a day from now (naive UTC)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None) + FUTURE_SLACK
 
 
 def format_time(value: datetime) -> str:
@@ -477,6 +487,8 @@ def _parse_behaviors(name: str, line: int, text: str) -> BehaviorRow | BadRow:
         time = parse_time(time_text)
     except ValueError:
         return bad(TIME, time_text, f"a time like '{TIME_EXAMPLE}' ({TIME_FORMAT})")
+    if time < EARLIEST_TIME or time > latest_time():
+        return bad(TIME, time_text, f"a time between {format_time(EARLIEST_TIME)} and a day from now ({format_time(latest_time())})")
 
     if not history_text:
         history: tuple[str, ...] = ()

@@ -147,6 +147,10 @@ def test_extra_spaces_between_ids_are_tolerated(tmp_path):
         ("1\tU1\t13/11/2019 9:05:58 AM\t\tN1-1", "time", "field 'time' has '13/11/2019 9:05:58 AM'"),
         ("1\tU1\t11/11/2019 13:05:58 PM\t\tN1-1", "time", "field 'time' has '11/11/2019 13:05:58 PM'"),
         ("1\tU1\t2/30/2019 1:05:58 PM\t\tN1-1", "time", "field 'time' has '2/30/2019 1:05:58 PM'"),
+        # Real dates that no click log holds: a typo would move stored first and last seen times
+        ("1\tU1\t11/9/1019 2:02:56 AM\t\tN1-1", "time",
+         r"field 'time' has '11/9/1019 2:02:56 AM', expected a time between 1/1/1990 12:00:00 AM and a day from now"),
+        ("1\tU1\t11/9/2099 2:02:56 AM\t\tN1-1", "time", "field 'time' has '11/9/2099 2:02:56 AM', expected a time between"),
         # Digits other than ASCII ones (Arabic-Indic, full-width), which int() would read
         ("1\tU1\t\u0661\u0661/11/2019 9:05:58 AM\t\tN1-1", "time", "field 'time' has '\u0661\u0661/11/2019 9:05:58 AM'"),
         ("1\tU1\t11/11/2019 \uff19:05:58 AM\t\tN1-1", "time", "field 'time' has '11/11/2019 \uff19:05:58 AM'"),
@@ -168,6 +172,16 @@ def test_bad_behavior_rows(tmp_path, line, field, message):
     with pytest.raises(SchemaError, match=message):
         raise bad.to_error()
     assert bad.reason == str(bad.to_error())
+
+
+def test_times_up_to_a_day_from_now_are_accepted_and_later_ones_are_not(tmp_path):
+    from datetime import timedelta, timezone
+
+    now = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+    soon, later = format_time(now + timedelta(hours=20)), format_time(now + timedelta(hours=30))
+    rows = read_behaviors(tmp_path, f"1\tU1\t{soon}\t\tN1-1\n2\tU1\t{later}\t\tN1-1\n3\tU1\t1/1/1990 12:00:00 AM\t\tN1-1\n")
+    assert [type(r) for r in rows] == [BehaviorRow, BadRow, BehaviorRow]
+    assert (rows[1].field, rows[1].value) == ("time", later)
 
 
 def test_absurd_history_and_candidate_counts(tmp_path):

@@ -377,6 +377,10 @@ BAD_BEHAVIORS = [
     (behavior_line(9, "U1", T0, [], [f"N1-{i % 2}" for i in range(1001)]), "impressions", "has '1001 candidates', expected at most 1000 candidates"),
     (behavior_line(9, "U1", T0, ["N1"] * 10001, ["N1-1"]), "history", "has '10001 ids', expected at most 10000 ids"),
     (behavior_line(9, "U1", T0, [], ["N1-1"]).encode() + b"\xff", "line", "field 'line' has b'.*', expected UTF-8 text"),
+    # A real date no click log holds (a typo) would move first and last seen times for good.
+    (behavior_line(9, "U1", "11/9/1019 2:02:56 AM", ["N1"], ["N2-1"]), "time",
+     "field 'time' has '11/9/1019 2:02:56 AM', expected a time between 1/1/1990 12:00:00 AM and a day from now"),
+    (behavior_line(9, "U1", "11/9/2099 2:02:56 AM", ["N1"], ["N2-1"]), "time", "field 'time' has '11/9/2099 2:02:56 AM', expected a time between"),
     # Line 1 has impression 1: the first line keeps it, in one batch or across batches.
     (behavior_line(1, "U3", T0 + H, [], ["N2-1"]), "impression_id",
      r"behaviors\.tsv line 2: field 'impression_id' has '1', expected an id unique within the file \(line 1 has it\)"),
