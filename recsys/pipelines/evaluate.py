@@ -83,11 +83,44 @@ def train_missing_ablations(engine: Engine, workspace: Workspace, config: Config
     return found
 
 
+TRUTH_COLUMNS = ("split", "impression_id", NEWS_ID, "position", "p", "label")
+
+
 def load_truth(path: Path, split: str) -> dict[int, tuple[list, np.ndarray]]:
     """impression id -> (news ids, true probabilities) of one split of a sample world's truth.tsv
-    (empty when the file has no rows for ``split``)."""
-    df = pd.read_csv(path, sep="\t", header=None, names=["split", "impression_id", NEWS_ID, "position", "p", "label"],
-                     dtype={"split": str, NEWS_ID: str}, keep_default_na=False)
+    (empty when the file has no rows for ``split``).
+
+    Raises:
+        SchemaError: a line without six tab-separated columns, an impression id or position
+            that is not a non-negative integer, a probability outside [0, 1] or a label not 0
+            or 1, naming the file, line, field and value.
+        RecsysError: the file cannot be read as text.
+    """
+    try:
+        df = pd.read_csv(path, sep="\t", header=None, names=list(TRUTH_COLUMNS), dtype=str, na_filter=False,
+                         quoting=3, encoding="utf-8")  # 3: csv.QUOTE_NONE, as MIND files are read
+    except UnicodeDecodeError as exc:
+        raise RecsysError(f"{path}: not UTF-8 text ({exc}); expected a sample world's truth.tsv") from None
+    except pd.errors.ParserError as exc:  # more columns than six on some line
+        raise RecsysError(f"{path}: {str(exc).strip()}; expected six tab-separated columns (split, impression id, news id, "
+                          "position, true probability, label)") from None
+    numbers = {c: pd.to_numeric(df[c], errors="coerce") for c in ("impression_id", "position", "p")}
+    checks = (  # (field, rows where it is wrong, what was expected), in column order
+        ("columns", df["label"] == "", "six tab-separated columns"),  # a short line leaves the last one empty
+        ("impression_id", ~df["impression_id"].str.fullmatch(r"[0-9]{1,18}"), "a non-negative integer"),
+        (NEWS_ID, df[NEWS_ID] == "", "a news id"),
+        ("position", ~df["position"].str.fullmatch(r"[0-9]{1,9}"), "a non-negative integer"),
+        ("p", ~numbers["p"].between(0.0, 1.0), "a probability between 0 and 1"),
+        ("label", ~df["label"].isin(["0", "1"]), "label 0 or 1"),
+    )
+    first = min(((int(np.flatnonzero(bad.to_numpy())[0]), order, field, expected)
+                 for order, (field, bad, expected) in enumerate(checks) if bad.any()), default=None)
+    if first is not None:
+        row, _, field, expected = first
+        value = "a shorter line" if field == "columns" else df[field].iat[row]
+        raise SchemaError(str(path), row + 1, field, value, f"{expected} (a sample world's truth.tsv)")
+    df = df.assign(impression_id=numbers["impression_id"].astype(np.int64), position=numbers["position"].astype(np.int64),
+                   p=numbers["p"].astype(np.float64))
     df = df[df["split"] == split].sort_values(["impression_id", "position"], kind="stable")
     out = {}
     for iid, group in df.groupby("impression_id", sort=False):
