@@ -197,6 +197,8 @@ def config_from_dict(data: dict, *, source: str = "config") -> Config:
     for section_name, section_value in data.items():
         if section_name not in hints:
             known = ", ".join(hints)
+            if not isinstance(section_value, dict):  # `k = 3` above every [section] header
+                raise ConfigError(f"{source}: key '{section_name}' is outside any [section] (sections: {known})")
             raise ConfigError(f"{source}: unknown section '{section_name}' (known: {known})")
         if not isinstance(section_value, dict):
             raise ConfigError(f"{source}: '{section_name}' must be a table, got {section_value!r}")
@@ -234,9 +236,11 @@ def load_config(path: Path | None, overrides: dict | None = None, *, flags: dict
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
         except OSError as exc:  # unreadable (permissions): the operator's file, exit 1
             raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from exc
+    from_file = {f"{s}.{k}" for s, section in data.items() if isinstance(section, dict) for k in section}
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
+        from_file.discard(dotted)
         section, _, key = dotted.partition(".")
         data.setdefault(section, {})[key] = value
     try:
@@ -247,6 +251,9 @@ def load_config(path: Path | None, overrides: dict | None = None, *, flags: dict
                  if (overrides or {}).get(dotted) is not None and f"'{dotted}'" in str(exc)]
         if given:
             raise ConfigError(f"{', '.join(given)}: {exc}") from exc
+        # A bad value read from the file: name the file, as the unknown-key errors do.
+        if not str(exc).startswith(f"{path}:") and any(f"'{dotted}'" in str(exc) for dotted in from_file):
+            raise ConfigError(f"{path}: {exc}") from exc
         raise
 
 

@@ -364,17 +364,17 @@ def test_bad_train_options_exit_1_naming_the_option_and_value(capsys, tmp_path: 
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        ("learning_rate = nan", "error: config key 'model.learning_rate' is nan, expected a finite number above 0"),
-        ("embedding_dim = 30", "error: config key 'model.embedding_dim' is 30, expected a multiple of 4"),
-        ("valid_days = 1e12", "error: config key 'model.valid_days' is 1000000000000.0, expected a number of days above 0"),
-        ("feature_clock_hours = 1e300", "error: config key 'model.feature_clock_hours' is 1e+300, expected 0 (off)"),
+        ("learning_rate = nan", "error: {toml}: config key 'model.learning_rate' is nan, expected a finite number above 0"),
+        ("embedding_dim = 30", "error: {toml}: config key 'model.embedding_dim' is 30, expected a multiple of 4"),
+        ("valid_days = 1e12", "error: {toml}: config key 'model.valid_days' is 1000000000000.0, expected a number of days above 0"),
+        ("feature_clock_hours = 1e300", "error: {toml}: config key 'model.feature_clock_hours' is 1e+300, expected 0 (off)"),
     ],
 )
 def test_bad_training_config_exits_1_before_the_store_is_opened(capsys, tmp_path: Path, setting, message):
     (tmp_path / "recsys.toml").write_text(f"[model]\n{setting}\n")
     code, _, err = run(capsys, "--workspace", str(tmp_path), "train")
     assert code == 1
-    assert err.startswith(message), err
+    assert err.startswith(message.format(toml=tmp_path / "recsys.toml")), err
     assert not (tmp_path / "recsys.db").exists()
 
 

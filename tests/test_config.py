@@ -133,7 +133,7 @@ def test_a_bad_flag_is_named_before_its_key(tmp_path: Path):
     # A bad value from the file is the file's, not the (unused) flag's.
     path = tmp_path / "recsys.toml"
     path.write_text("[model]\nseed = -1\n")
-    with pytest.raises(ConfigError, match=r"^config key 'model.seed' is -1"):
+    with pytest.raises(ConfigError, match=rf"^{path}: config key 'model.seed' is -1"):
         load_config(path, {"model.seed": None}, flags=flags)
 
 
@@ -151,6 +151,26 @@ def test_fewer_candidates_than_k_is_refused_naming_both_keys_and_the_flags_given
     with pytest.raises(ConfigError, match=rf"^--candidates: {message}"):
         load_config(path, {"nightly.k": None, "nightly.num_candidates": 5}, flags=flags)
     assert load_config(None, {"nightly.k": 5, "nightly.num_candidates": 5}, flags=flags).nightly.k == 5
+
+
+def test_a_bad_value_in_the_file_names_the_file_and_one_given_by_flag_does_not(tmp_path: Path):
+    path = tmp_path / "recsys.toml"
+    path.write_text("[nightly]\nk = -3\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: config key 'nightly.k' is -3, expected a positive number"):
+        load_config(path)
+    path.write_text('[nightly]\nk = "ten"\n')
+    with pytest.raises(ConfigError, match=rf"^{path}: config key 'nightly.k'"):
+        load_config(path)
+    # The same key given by a flag replaces the file's value: the error is the flag's.
+    with pytest.raises(ConfigError, match=r"^config key 'nightly.k' is -3"):
+        load_config(path, {"nightly.k": -3})
+
+
+def test_a_key_above_every_section_is_named_as_such(tmp_path: Path):
+    path = tmp_path / "recsys.toml"
+    path.write_text("k = 3\n[nightly]\nk = 5\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: key 'k' is outside any \[section\] \(sections: "):
+        load_config(path)
 
 
 def test_bad_toml_names_the_file(tmp_path: Path):
