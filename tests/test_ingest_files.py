@@ -7,6 +7,7 @@ import pytest
 from sqlalchemy import func, select
 
 from recsys.config import Workspace
+from recsys.errors import RecsysError
 from recsys.pipelines.ingest import NoGoodRowError, run_ingest
 from recsys.store import schema as s
 
@@ -54,7 +55,8 @@ def test_swapped_news_and_behaviors_files_are_refused_naming_both(engine, world,
 
 def test_only_the_file_without_a_good_line_is_named_and_the_other_stays_stored(engine, world, tmp_path):
     ws = Workspace(tmp_path / "ws").ensure()
-    wrong = world / "news.tsv"  # given as behaviors
+    wrong = tmp_path / "news-copy.tsv"  # a news file given as behaviors
+    wrong.write_bytes((world / "news.tsv").read_bytes())
     with pytest.raises(NoGoodRowError, match=rf"^--behaviors {wrong}: every one of its \d+ lines was bad") as raised:
         run_ingest(engine, ws, news=world / "news.tsv", behaviors=wrong, images=None)
     assert "--news" not in str(raised.value)
@@ -71,3 +73,16 @@ def test_a_file_with_some_good_lines_is_loaded_and_its_bad_lines_quarantined(eng
     assert summary["bad_rows_by_file"] == {str(mixed.resolve()): 1}
     assert summary["first_bad_row"][str(mixed.resolve())].startswith(f"{mixed} line 6: ")
     assert [status for status, _ in _ingest_runs(engine)] == ["complete"]
+
+
+def test_one_file_given_as_both_news_and_behaviors_is_refused_before_anything_is_written(engine, world, tmp_path):
+    # It was read twice, its bad lines counted twice under one key ("4 lines" of a 2-line file)
+    # and the behaviors reading reported with the news reading's reason.
+    ws = Workspace(tmp_path / "ws").ensure()
+    (tmp_path / "link.tsv").symlink_to(world / "news.tsv")
+    for behaviors in (world / "news.tsv", tmp_path / "link.tsv"):
+        with pytest.raises(RecsysError, match=rf"^--news and --behaviors are the same file {world / 'news.tsv'}: "
+                                              "expected news.tsv and behaviors.tsv$"):
+            run_ingest(engine, ws, news=world / "news.tsv", behaviors=behaviors, images=None)
+    assert _count(engine, s.news) == _count(engine, s.quarantine) == 0
+    assert _ingest_runs(engine) == [] and not ws.quarantine_dir.exists()

@@ -65,6 +65,10 @@ def run_ingest(
     for label, path in (("--news", news), ("--behaviors", behaviors)):
         if path is not None:
             check_file(label, path)  # not a pipe either: bad rows are recorded by the file's path
+    if news is not None and behaviors is not None and Path(news).resolve() == Path(behaviors).resolve():
+        # Its bad rows would be counted and quarantined under one key for both readings.
+        raise RecsysError(f"--news and --behaviors are the same file {Path(news).resolve()}: "
+                          "expected news.tsv and behaviors.tsv")
     check_images_go_with_news("ingest", news, images)
     if images is not None:
         check_folder("--images", images)
