@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import os
 import time as clock
 from collections.abc import Callable, Iterable, Iterator
@@ -28,7 +29,7 @@ from sqlalchemy import Connection, Engine
 
 from recsys.atomic import remove_stale
 from recsys.columns import HISTORY, IMAGE_MISSING, IMAGE_OK, IMAGE_STATUSES
-from recsys.data.images import ImageCheck, check_image_file, inspect_image, list_images
+from recsys.data.images import IMAGE_EXTENSIONS, ImageCheck, check_image_file, inspect_image, list_images
 from recsys.data.mind import (
     EXPECTED_LABEL, IMPRESSIONS, BadRow, BehaviorRow, FirstLines, NewsRow, RowStream, is_bad_label, iter_behaviors,
     iter_news, repeated_impression_ids,
@@ -40,6 +41,9 @@ from recsys.store.bulk import BulkWriter, bulk_writer
 from recsys.store.database import SQLITE_BEGIN
 
 _QUARANTINE_HEADER = ("file", "line", "field", "reason", "raw")
+# Unusable cover files named one by one on the log; the rest are counted.
+NAMED_BAD_COVERS = 20
+log = logging.getLogger("recsys.ingest")
 # A quarantine temp file unchanged this long was left by a killed ingest (see _QuarantineFile).
 STALE_QUARANTINE_SECONDS = 3600
 _NEWS_UPDATED = (
@@ -207,6 +211,7 @@ class _Job:
     quarantine: _QuarantineFile
     report: IngestReport
     now: datetime
+    bad_covers: int = 0  # unusable cover files met so far (NAMED_BAD_COVERS of them logged)
 
     def transaction(self) -> AbstractContextManager:
         # strict mode already holds one transaction around everything.
@@ -264,7 +269,9 @@ class _Job:
                 else inspect_image(images_dir, news_id, listing=listing)
                 for news_id in latest
             }
-            kept = self._stored_covers([n for n, check in checks.items() if check.status == IMAGE_MISSING])
+            # No new file, or an unusable one: a good cover stored before is kept, not lost.
+            kept = self._stored_covers([n for n, check in checks.items() if check.status != IMAGE_OK])
+            self._name_bad_covers(images_dir, listing, checks, kept)
             records = []
             for row in latest.values():
                 check = checks[row.news_id]
@@ -292,6 +299,21 @@ class _Job:
                 known.setdefault(news_id, None)
             self.report.news += len(records)
             self._done(len(lines))
+
+    def _name_bad_covers(self, images_dir: Path | None, listing, checks: dict[str, ImageCheck], kept: dict) -> None:
+        """Log each article whose cover file is there but unusable (empty, corrupt, too large,
+        a bad name): the report only counts statuses, and the operator needs the file."""
+        for news_id, check in checks.items():
+            if check.status in (IMAGE_OK, IMAGE_MISSING):
+                continue
+            self.bad_covers += 1
+            if self.bad_covers <= NAMED_BAD_COVERS:
+                names = [listing[news_id + ext] for ext in IMAGE_EXTENSIONS if listing and news_id + ext in listing]
+                where = ", ".join(str(Path(images_dir) / n) for n in names) or f"in {images_dir}"
+                outcome = "kept the cover stored before" if news_id in kept else "the article has no cover"
+                log.warning("cover of %s is %s (%s): %s", news_id, check.status, where, outcome)
+            elif self.bad_covers == NAMED_BAD_COVERS + 1:
+                log.warning("more unusable cover files: counted in the report's image_status, not named")
 
     def _stored_covers(self, news_ids: list[str]) -> dict[str, tuple[str, ImageCheck]]:
         """``news_id -> (stored absolute path, its check)`` for the articles among ``news_ids``

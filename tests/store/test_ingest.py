@@ -555,6 +555,27 @@ def test_a_news_file_without_covers_keeps_the_stored_ones(engine, small_world, q
     assert after["N2"][1:4] == (None, IMAGE_MISSING, content_hash("Team wins the cup", "", "sports", "football", None))
 
 
+def test_an_unusable_new_cover_is_named_and_keeps_the_good_one_stored_before(engine, small_world, quarantine_dir, tmp_path, caplog):
+    # A corrupt N1.jpg in tonight's folder replaced yesterday's good cover (status corrupt, no
+    # picture), and nothing on the log named the article or the file.
+    images, tonight = tmp_path / "images", tmp_path / "tonight"
+    images.mkdir(), tonight.mkdir()
+    (images / "N1.jpg").write_bytes(_jpeg(0))
+    run(engine, quarantine_dir, news_path=small_world["news"], images_dir=images)
+    columns = ("news_id", "image_path", "image_status", "content_hash")
+    before = rows(engine, "news", *columns)
+    (tonight / "N1.jpg").write_text("this is not a picture")
+    (tonight / "N2.png").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="recsys.ingest"):
+        report = run(engine, quarantine_dir, news_path=small_world["news"], images_dir=tonight)
+    after = {r[0]: r for r in rows(engine, "news", *columns)}
+    assert after["N1"] == before[0]
+    assert after["N2"][1:3] == (None, IMAGE_EMPTY)
+    assert report.image_status["ok"] == 1 and report.image_status["empty"] == 1
+    assert f"cover of N1 is corrupt ({tonight / 'N1.jpg'}): kept the cover stored before" in caplog.text
+    assert f"cover of N2 is empty ({tonight / 'N2.png'}): the article has no cover" in caplog.text
+
+
 # --- arguments ------------------------------------------------------------------------------------
 
 
