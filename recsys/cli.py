@@ -121,7 +121,7 @@ def ingest(
     behaviors: Annotated[Optional[Path], typer.Option(help="MIND behaviors.tsv (labelled or not).")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Folder of cover images <NewsID>.<jpg|jpeg|png|webp>.")] = None,
     source: Annotated[Optional[str], typer.Option(help="Name of this behaviors file in the store (impression ids are unique per source). Default: <folder>/<file stem>.")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad row with exit 1 and write nothing.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad row with exit 1 and store none of the data (the runs table records the failed attempt).")] = False,
 ) -> None:
     """Validate and load MIND files into the store; bad rows go to quarantine."""
     from recsys.pipelines.ingest import run_ingest
