@@ -199,7 +199,11 @@ def _history_csr(df: pd.DataFrame, user_ids: np.ndarray, item_row: pd.Series, *,
     df["has_time"] = df["clicked_at"].notna() & by_time
     df["t"] = pd.to_datetime(df["clicked_at"]).astype("int64", copy=False) if len(df) and by_time else 0
     df["hp"] = df["history_pos"].fillna(-1)
-    df = df.sort_values(["u", "has_time", "t", "hp"], ascending=[True, False, False, False], kind="stable")
+    # The item row breaks the last ties (clicks of one impression share its time and have no
+    # History position): the database returns rows in no set order, and which of them the cap
+    # keeps must not depend on the query plan, the shard's other users or the backend. It
+    # runs backwards, as reading ``ClickLog`` newest first does.
+    df = df.sort_values(["u", "has_time", "t", "hp", "i"], ascending=[True, False, False, False, False], kind="stable")
     if max_len is not None:
         df = df.groupby("u", sort=False).head(max_len)
     offsets = _csr(df["u"].to_numpy(dtype=np.int64), len(user_ids))

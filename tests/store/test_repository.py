@@ -60,6 +60,31 @@ def test_serving_history_puts_impression_clicks_first(engine, tmp_path):
     assert news_ids[training[1]].tolist() == ["N3", "N2", "N1"]
 
 
+def test_the_cap_keeps_the_same_clicks_of_one_impression_whatever_order_the_database_returns(engine, tmp_path, monkeypatch):
+    # Five clicks of one impression share its time and have no History position: with the cap
+    # at 3, which three a user's history kept followed the query plan (the nightly's lists then
+    # changed with --shard-size and --engine on PostgreSQL).
+    ids = [f"N{i}" for i in range(1, 9)]
+    _ingest(engine, tmp_path, ids, [
+        behavior_line(1, "U1", T0, ["N8"], ["N1-1", "N2-1", "N3-1", "N4-1", "N5-1", "N6-0"]),
+        behavior_line(2, "U2", T0, [], ["N5-1", "N6-1", "N7-1"]),
+    ])
+    news_ids = np.array(ids, dtype=object)
+    users = np.array(["U1", "U2"], dtype=object)
+    capped = repo.read_user_histories(engine, users, news_ids, max_len=3)
+    real_stream = repo._stream
+
+    def backwards(conn, query, columns):  # another plan: every part, and the rows in it, reversed
+        return [part.iloc[::-1].reset_index(drop=True) for part in reversed(list(real_stream(conn, query, columns)))]
+
+    monkeypatch.setattr(repo, "_stream", backwards)
+    for got in (repo.read_user_histories(engine, users, news_ids, max_len=3),
+                repo.read_user_histories(engine, users[::-1], news_ids, max_len=3)[1][[3, 4, 5, 0, 1, 2]]):
+        assert np.array_equal(got[1] if isinstance(got, tuple) else got, capped[1])
+    # Ties run by item row from the last, as the click log read newest first does.
+    assert [news_ids[capped[1][capped[0][u]:capped[0][u + 1]]].tolist() for u in range(2)] == [["N5", "N4", "N3"], ["N7", "N6", "N5"]]
+
+
 def test_histories_of_many_users_are_chunked(engine, tmp_path):
     users = [f"U{i}" for i in range(6001)]
     _ingest(engine, tmp_path, ["N1", "N2"], [
