@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 
 from recsys.columns import NEWS_ID, RANK, RUN_ID, SCORE, USER_ID
 from recsys.errors import NotFoundError
-from recsys.ranking.runs import COMPLETE, get_run, latest_run
+from recsys.ranking.runs import COMPLETE, NIGHTLY, get_run, latest_run
 from recsys.store.repository import iter_run_rows
 
 EXPORT_SCHEMA = pa.schema([
@@ -49,9 +49,12 @@ def export_run(engine: Engine, out_dir: Path, *, run_id: int | None = None, chun
             raise NotFoundError("no nightly run has completed yet: nothing to export")
         run_id = latest.run_id
     else:
-        status = get_run(engine, run_id).status
-        if status != COMPLETE:
-            raise NotFoundError(f"run {run_id} is {status}: only complete runs can be exported")
+        run = get_run(engine, run_id)
+        if run.kind != NIGHTLY:  # an ingest or a training: it has no lists, not empty ones
+            raise NotFoundError(f"run {run_id} is a{'n' if run.kind[0] in 'aeiou' else ''} {run.kind} run, not a nightly "
+                                "run: only complete nightly runs have recommendations to export")
+        if run.status != COMPLETE:
+            raise NotFoundError(f"run {run_id} is {run.status}: only complete runs can be exported")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"recommendations-run-{run_id}.parquet"

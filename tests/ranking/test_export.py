@@ -79,6 +79,17 @@ def test_export_errors(store, tmp_path):
         export_run(store, tmp_path / "out", run_id=running)
     with pytest.raises(NotFoundError, match="run 12345 does not exist"):
         export_run(store, tmp_path / "out", run_id=12345)
+    # A complete ingest or training run was exported as an empty file, exit 0: a loader would
+    # publish empty lists.
+    from recsys.pipelines.runlog import recorded_run
+
+    for kind, article in (("ingest", "an"), ("train", "a")):
+        with recorded_run(store, kind) as record:
+            pass
+        assert runs.get_run(store, record["run_id"]).status == runs.COMPLETE
+        with pytest.raises(NotFoundError, match=f"^run {record['run_id']} is {article} {kind} run, not a nightly run: "
+                                                "only complete nightly runs have recommendations to export$"):
+            export_run(store, tmp_path / "out", run_id=record["run_id"])
     assert not (tmp_path / "out").exists()
 
 
