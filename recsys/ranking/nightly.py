@@ -170,8 +170,12 @@ def run_nightly(
             # A retry of a night already done (Airflow retries exit 1 and 3 as well): the same
             # inputs rank the same lists, so ranking again would only push a night out of keep_runs.
             log.info("run %s already ranked these inputs (same plan): nothing to rank again", done.run_id)
+            # A run left running (a killed --rerank of the same night) is dead under our lock;
+            # left alone it would stay 'running' with its partial rows.
+            abandoned = runs.abandon_running_runs(engine, keep_run_id=None,
+                                                  message=f"superseded by run {done.run_id}, which ranked the same inputs")
             summary = runs.run_summary(engine, done.run_id)
-            summary.update({"engine": engine_name, "resumed": False, "already_complete": True, "abandoned_runs": [],
+            summary.update({"engine": engine_name, "resumed": False, "already_complete": True, "abandoned_runs": abandoned,
                             "pruned_runs": [], "users_per_second": None})
             return summary
         resumed = runs.find_resumable_run(engine, plan)

@@ -157,6 +157,34 @@ def test_a_retry_of_a_night_already_done_returns_its_run_without_ranking_again(w
     assert other["run_id"] != first["run_id"] and not other["already_complete"]
 
 
+def test_a_retry_that_finds_the_night_done_abandons_a_killed_rerank_of_it(world_store, world):
+    # The killed --rerank stayed 'running' with its partial rows: the retry returned the done
+    # run and left it, so monitoring saw a run that never finished.
+    from contextlib import contextmanager
+
+    def stop_after_a_shard(description, total):
+        @contextmanager
+        def bar():
+            def advance(n):
+                raise KeyboardInterrupt
+
+            yield advance
+
+        return bar()
+
+    first = _nightly(world_store, world)
+    with pytest.raises(KeyboardInterrupt):
+        _nightly(world_store, world, rerank=True, progress=stop_after_a_shard)
+    killed = first["run_id"] + 1
+    assert runs.get_run(world_store, killed).status == "running" and runs.finished_shards(world_store, killed)
+    again = _nightly(world_store, world, progress=lambda *a: pytest.fail("ranked the night again"))
+    assert again["already_complete"] and again["run_id"] == first["run_id"] and again["abandoned_runs"] == [killed]
+    info = runs.get_run(world_store, killed)
+    assert (info.status, info.message) == ("failed", f"superseded by run {first['run_id']}, which ranked the same inputs")
+    assert runs.finished_shards(world_store, killed) == {} and _run_rows(world_store, killed).empty
+    assert len(_run_rows(world_store, first["run_id"])) == first["counts"]["recommendations"]
+
+
 def test_a_new_recsys_release_ranks_the_night_again(world_store, world, monkeypatch):
     # The plan named the model, index and data but not the code: an upgrade's retry returned
     # the lists the old release ranked.
