@@ -208,3 +208,28 @@ def test_the_time_range_of_labelled_impressions_ignores_an_unlabelled_test_file(
         conn.execute(s.impression_items.delete())
         conn.execute(s.impressions.delete())
     assert repo.time_range(engine, labelled_only=True) == (None, None) == repo.time_range(engine)
+
+
+def test_a_training_started_during_an_ingest_says_so_before_it_reads(store, tmp_path, monkeypatch, caplog):
+    # Train takes no lock and an ingest commits batch by batch: a training started 4 s into an
+    # ingest read half its file and published the version as current, without a word.
+    from recsys.pipelines.runlog import recorded_run, running_runs
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(train_pipeline, "load_catalogue", stop)
+    ws = Workspace(tmp_path / "ws").ensure()
+    with caplog.at_level("WARNING"), pytest.raises(Stop):
+        run_train(store, ws, load_config(None, {}))
+    assert "still running" not in caplog.text
+    with recorded_run(store, "ingest") as record:  # this process: alive, so not abandoned
+        assert [run_id for run_id, _, _ in running_runs(store, "ingest")] == [record["run_id"]]
+        with caplog.at_level("WARNING"), pytest.raises(Stop):
+            run_train(store, ws, load_config(None, {}))
+    assert re.search(rf"ingest run {record['run_id']} \(.*, started .* UTC\) is still running: this training reads only "
+                     "the batches it has committed so far", caplog.text)
+    assert running_runs(store, "ingest") == []

@@ -18,7 +18,7 @@ from recsys.errors import RecsysError
 from recsys.models.samples import ClickLog, Impressions, InteractionLog, without_later_clicks
 from recsys.models.side_features import SideFeatures
 from recsys.pipelines.features import encode_news
-from recsys.pipelines.runlog import recorded_run
+from recsys.pipelines.runlog import recorded_run, running_runs
 from recsys.store import repository as repo
 from recsys.threads import configure_threads
 from recsys.versions import ModelVersion, new_version_name, publish_version, staging_dir, utcnow
@@ -145,6 +145,12 @@ def run_train(
     since_dt, valid_start, until_dt = train_window(
         engine, parse_time(since, "--since"), parse_time(until, "--until"), mc.valid_days, source
     )
+    # Train takes no lock, and an ingest commits batch by batch: training now would read part
+    # of its file. Said before the reads, and recorded in the manifest.
+    ingesting = running_runs(engine, "ingest")
+    for run_id, holder, started in ingesting:
+        log.warning("ingest run %d (%s, started %s UTC) is still running: this training reads only the batches it "
+                    "has committed so far; train again after it ends to learn from the whole file", run_id, holder, started)
     t0 = time.perf_counter()
     news, features = load_catalogue(engine, workspace, config)
     timings["encode_s"] = round(time.perf_counter() - t0, 2)
@@ -197,11 +203,13 @@ def run_train(
             "history": history,
             "timings": timings,
             "host": platform.node(),
+            "ingest_runs_running_at_read": [run_id for run_id, _, _ in ingesting],
         }
         mv = publish_version(engine, workspace.models_dir, version, staged, manifest, make_current=make_current)
         record["counts"] = manifest["data"]
         record["timings"] = timings
-    return {"version": mv.version, "path": str(mv.path), "current": make_current, "metrics": manifest["metrics"], "data": manifest["data"], "timings": timings}
+    return {"version": mv.version, "path": str(mv.path), "current": make_current, "metrics": manifest["metrics"], "data": manifest["data"], "timings": timings,
+            "ingest_runs_running_at_read": manifest["ingest_runs_running_at_read"]}
 
 
 def _counts(train: Impressions, valid: Impressions, features: ItemFeatures) -> dict:
