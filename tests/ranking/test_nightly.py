@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from datetime import timedelta
 
 import numpy as np
@@ -104,22 +105,19 @@ def test_interrupted_run_resumes_and_matches_a_clean_run(world_store, world):
     pd.testing.assert_frame_equal(_run_rows(world_store, resumed["run_id"]), clean_rows, check_exact=False, rtol=1e-6)
 
 
+@contextmanager
+def _stop_after_the_first_shard(description, total):
+    """A progress bar whose first advance (a shard written) is a Ctrl-C."""
+    def advance(n):
+        raise KeyboardInterrupt
+
+    yield advance
+
+
 @pytest.mark.slow
 def test_changed_inputs_start_a_fresh_run(world_store, world):
-    def stop_early(description, total):
-        from contextlib import contextmanager
-
-        @contextmanager
-        def bar():
-            def advance(n):
-                raise KeyboardInterrupt
-
-            yield advance
-
-        return bar()
-
     with pytest.raises(KeyboardInterrupt):
-        _nightly(world_store, world, progress=stop_early)
+        _nightly(world_store, world, progress=_stop_after_the_first_shard)
     stale = runs.finished_shards(world_store, 1)
     assert len(stale) == 1
     summary = _nightly(world_store, world, k=5)
@@ -160,21 +158,9 @@ def test_a_retry_of_a_night_already_done_returns_its_run_without_ranking_again(w
 def test_a_retry_that_finds_the_night_done_abandons_a_killed_rerank_of_it(world_store, world):
     # The killed --rerank stayed 'running' with its partial rows: the retry returned the done
     # run and left it, so monitoring saw a run that never finished.
-    from contextlib import contextmanager
-
-    def stop_after_a_shard(description, total):
-        @contextmanager
-        def bar():
-            def advance(n):
-                raise KeyboardInterrupt
-
-            yield advance
-
-        return bar()
-
     first = _nightly(world_store, world)
     with pytest.raises(KeyboardInterrupt):
-        _nightly(world_store, world, rerank=True, progress=stop_after_a_shard)
+        _nightly(world_store, world, rerank=True, progress=_stop_after_the_first_shard)
     killed = first["run_id"] + 1
     assert runs.get_run(world_store, killed).status == "running" and runs.finished_shards(world_store, killed)
     again = _nightly(world_store, world, progress=lambda *a: pytest.fail("ranked the night again"))
