@@ -41,39 +41,31 @@ WINDOW = np.timedelta64(24, "h")
 WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
-def file_shows(imps) -> np.ndarray:
+def file_shows(imps, window: np.timedelta64 = WINDOW) -> np.ndarray:
     """(c,) int64: for each candidate, how many impressions of the same file showed the same
-    article in ``[t - WINDOW, t)``, t its own impression's time (the side features' own count)."""
+    article in ``[t - window, t)``, t its own impression's time (the side features' own count)."""
     from recsys.models.samples import InteractionLog, candidate_impression_rows
 
     items = imps.candidate_items
     times = imps.times[candidate_impression_rows(imps)]
     # Every show of the file, its label never read (clicks all 0): only the show count is used.
     log = InteractionLog.from_events(items, times, np.zeros(len(items), np.int8), int(items.max()) + 1)
-    return log.window_counts(items, times, window=WINDOW)[1]
+    return log.window_counts(items, times, window=window)[1]
 
 
 def file_history(imps) -> tuple[np.ndarray, np.ndarray]:
     """(c,) int64 shows of each candidate's article in the same file strictly before its
     impression (all of them, not a window) and (c,) float64 hours since the first of those (0
     when none): how hard the file pushes an article, and for how long it has."""
-    from recsys.models.samples import candidate_impression_rows
+    from recsys.models.samples import candidate_impression_rows, first_shown
 
-    items = imps.candidate_items.astype(np.int64)
-    times = imps.times[candidate_impression_rows(imps)].astype("datetime64[s]").astype(np.int64)
-    order = np.lexsort((times, items))
-    it, tt = items[order], times[order]
-    start = np.r_[True, it[1:] != it[:-1]]
-    group_start = np.maximum.accumulate(np.where(start, np.arange(len(it)), 0))
-    # shows strictly before: position in the article's run, less earlier shows at the same second
-    first_at_time = np.r_[True, (it[1:] != it[:-1]) | (tt[1:] != tt[:-1])]
-    tie_start = np.maximum.accumulate(np.where(first_at_time, np.arange(len(it)), 0))
-    before = tie_start - group_start
-    first = tt[group_start]
-    hours = np.where(before > 0, (tt - first) / 3600.0, 0.0)
-    counts, since = np.empty(len(items), np.int64), np.empty(len(items))
-    counts[order], since[order] = before, hours
-    return counts, since
+    times = imps.times[candidate_impression_rows(imps)].astype("datetime64[s]")
+    span = times.max() - times.min() + np.timedelta64(1, "s")
+    counts = file_shows(imps, window=span)
+    # With an earlier show, the file's first show of the article is the first of those.
+    first = first_shown([imps], int(imps.candidate_items.max()) + 1)[imps.candidate_items]
+    hours = np.where(counts > 0, (times - first) / np.timedelta64(1, "h"), 0.0)
+    return counts, hours
 
 
 def logistic_blend(imps, logits: np.ndarray, fresh: np.ndarray) -> tuple[np.ndarray, list[list[float]]]:
