@@ -65,6 +65,12 @@ def list_images(images_dir: Path) -> dict[str, str]:
     return listing
 
 
+def image_names(listing: Mapping[str, str], news_id: str) -> list[str]:
+    """The file names in ``listing`` (``list_images``) that may hold ``news_id``'s cover, in the
+    order ``IMAGE_EXTENSIONS`` checks them."""
+    return [listing[news_id + ext] for ext in IMAGE_EXTENSIONS if news_id + ext in listing]
+
+
 def inspect_image(images_dir: Path, news_id: str, *, listing: Mapping[str, str] | None = None) -> ImageCheck:
     """Find and check the cover image of ``news_id``: ``<NewsID>.<jpg|jpeg|png|webp>``.
 
@@ -98,7 +104,7 @@ def inspect_image(images_dir: Path, news_id: str, *, listing: Mapping[str, str] 
         except OSError:
             return ImageCheck(None, IMAGE_MISSING, None)
     first = None
-    for name in (listing[news_id + ext] for ext in IMAGE_EXTENSIONS if news_id + ext in listing):
+    for name in image_names(listing, news_id):
         check = _check_file(root, root / name)
         if check.status == IMAGE_OK:
             return check

@@ -29,7 +29,7 @@ from sqlalchemy import Connection, Engine
 
 from recsys.atomic import remove_stale
 from recsys.columns import HISTORY, IMAGE_MISSING, IMAGE_OK, IMAGE_STATUSES
-from recsys.data.images import IMAGE_EXTENSIONS, ImageCheck, check_image_file, inspect_image, list_images
+from recsys.data.images import ImageCheck, check_image_file, image_names, inspect_image, list_images
 from recsys.data.mind import (
     EXPECTED_LABEL, IMPRESSIONS, BadRow, BehaviorRow, FirstLines, NewsRow, RowStream, is_bad_label, iter_behaviors,
     iter_news, repeated_impression_ids,
@@ -308,7 +308,7 @@ class _Job:
                 continue
             self.bad_covers += 1
             if self.bad_covers <= NAMED_BAD_COVERS:
-                names = [listing[news_id + ext] for ext in IMAGE_EXTENSIONS if listing and news_id + ext in listing]
+                names = image_names(listing, news_id) if listing else []
                 where = ", ".join(str(Path(images_dir) / n) for n in names) or f"in {images_dir}"
                 outcome = "kept the cover stored before" if news_id in kept else "the article has no cover"
                 log.warning("cover of %s is %s (%s): %s", news_id, check.status, where, outcome)
