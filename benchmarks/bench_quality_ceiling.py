@@ -198,20 +198,35 @@ def run_seed(seed: int, args, root: Path) -> dict:
         "MAP liked sets, + logged clicks": lambda h, u: reader.fit(h, clicked[u]),
         "MAP liked sets, + logged clicks and skips": lambda h, u: reader.fit(h, clicked[u], skipped[u]),
     }
-    with_popularity = {  # row -> (row it adds popularity to, articles whose popularity it knows)
-        "true affinities, popularity of articles shown in training": ("true affinities, no popularity", seen),
+    z = world.news_popularity.astype(np.float64)
+
+    # How each reading knows popularity: (candidates, impression's row in the file) -> latents.
+    def shown_in_training(cand, i):
+        return np.where(seen[cand], z[cand], 0.0)
+
+    def every_article(cand, i):
+        return z[cand]
+
+    def from_the_file(cand, i):
+        return estimated[cand]
+
+    def from_earlier_shows(cand, i):
+        return np.where(seen[cand], z[cand], earlier[i])
+
+    with_popularity = {  # row -> (row it adds popularity to, its popularity reading)
+        "true affinities, popularity of articles shown in training": ("true affinities, no popularity", shown_in_training),
         "MAP liked sets, + clicks and skips, popularity of articles shown in training": (
-            "MAP liked sets, + logged clicks and skips", seen),
+            "MAP liked sets, + logged clicks and skips", shown_in_training),
         "MAP liked sets, + clicks and skips, popularity of every article": (
-            "MAP liked sets, + logged clicks and skips", np.ones(world.num_news, bool)),
+            "MAP liked sets, + logged clicks and skips", every_article),
         "true affinities, popularity shown in training, fresh from the scored file": (
-            "true affinities, no popularity", estimated),
+            "true affinities, no popularity", from_the_file),
         "MAP liked sets, + clicks and skips, popularity shown in training, fresh from the scored file": (
-            "MAP liked sets, + logged clicks and skips", estimated),
+            "MAP liked sets, + logged clicks and skips", from_the_file),
         "true affinities, popularity shown in training, fresh from earlier shows in the file": (
-            "true affinities, no popularity", "earlier"),
+            "true affinities, no popularity", from_earlier_shows),
         "MAP liked sets, + clicks and skips, popularity shown in training, fresh from earlier shows in the file": (
-            "MAP liked sets, + logged clicks and skips", "earlier"),
+            "MAP liked sets, + logged clicks and skips", from_earlier_shows),
     }
     names = ["oracle", "true affinities, no popularity", "true liked sets, no popularity", *evidence, *with_popularity]
     scores = {n: [] for n in names}
@@ -235,15 +250,8 @@ def run_seed(seed: int, args, root: Path) -> dict:
             sets = fitted[name][row.user_id]
             scores[name].append(np.zeros(len(cand)) if sets is None else
                                 reader.topic_gain * sets[0][world.news_topic[cand]] + reader.style_gain * sets[1][world.news_style[cand]])
-        for name, (base, known) in with_popularity.items():
-            # a bool mask says whose true latent the row knows; a float array is the row's estimate
-            if isinstance(known, str):  # the fresh ones' from earlier shows, per impression
-                popularity = np.where(seen[cand], world.news_popularity[cand], earlier[i])
-            elif known.dtype == bool:
-                popularity = np.where(known[cand], world.news_popularity[cand], 0.0)
-            else:
-                popularity = known[cand]
-            scores[name].append(scores[base][-1] + sample.POPULARITY_WEIGHT * popularity)
+        for name, (base, popularity) in with_popularity.items():
+            scores[name].append(scores[base][-1] + sample.POPULARITY_WEIGHT * popularity(cand, i))
         labels.append(np.asarray(row.labels))
         sizes.append(len(cand))
         fresh.append(~seen[cand])
