@@ -11,6 +11,7 @@ from recsys.metrics.accumulator import (
     METRICS,
     ImpressionMetrics,
     article_age_bucket,
+    article_age_buckets,
     history_length_bucket,
 )
 from recsys.metrics.bootstrap import (
@@ -45,6 +46,7 @@ __all__ = [
     "MetricInputError",
     "ReliabilityCurve",
     "article_age_bucket",
+    "article_age_buckets",
     "auc_score",
     "batch_impression_scores",
     "batch_ranks_from_scores",

@@ -66,15 +66,26 @@ def history_length_bucket(history_length: int, *, short_max: int = 10) -> str:
     return "short" if history_length <= short_max else "long"
 
 
+AGE_EDGES_H = (6.0, 24.0, 72.0)  # hours: the edges between ARTICLE_AGE_ORDER's first four buckets
+
+
+def article_age_buckets(age_hours) -> np.ndarray:
+    """Ages of articles when shown, in hours, as ``ARTICLE_AGE_ORDER`` labels.
+
+    Args:
+        age_hours: (n,) floats; NaN is "unknown".
+
+    Returns:
+        (n,) object array of labels.
+    """
+    age = np.asarray(age_hours, dtype=np.float64)
+    code = np.where(np.isnan(age), len(AGE_EDGES_H) + 1, np.digitize(np.nan_to_num(age), AGE_EDGES_H))
+    return np.array(ARTICLE_AGE_ORDER, dtype=object)[code]
+
+
 def article_age_bucket(age_hours: float | None) -> str:
-    """Age of an article when shown: one of ``ARTICLE_AGE_ORDER`` (None or NaN is "unknown")."""
-    if age_hours is None or (isinstance(age_hours, float) and math.isnan(age_hours)):
-        return "unknown"
-    if age_hours < 6:
-        return "< 6 h"
-    if age_hours < 24:
-        return "6-24 h"
-    return "1-3 d" if age_hours < 72 else "> 3 d"
+    """One age, as ``article_age_buckets`` labels it (None is "unknown")."""
+    return str(article_age_buckets([np.nan if age_hours is None else age_hours])[0])
 
 
 def _check_int(name: str, value, minimum: int) -> None:

@@ -23,6 +23,7 @@ from recsys.columns import CATEGORY, NEWS_ID
 from recsys.config import Config, ModelConfig, Workspace
 from recsys.data.mind import scan_behaviors
 from recsys.errors import RecsysError, SchemaError
+from recsys.metrics.accumulator import ImpressionMetrics, article_age_buckets, history_length_bucket
 from recsys.pipelines.inputs import check_file, check_folder, check_images_go_with_news, check_output_folder
 from recsys.pipelines.predict import split_scores
 from recsys.pipelines.scoring import (
@@ -36,7 +37,6 @@ from recsys.versions import ModelVersion, get_version, list_versions
 log = logging.getLogger("recsys.evaluate")
 
 RANDOM, POPULAR, ORACLE = "random", "most popular", "oracle (true probability)"
-AGE_EDGES_H = (6.0, 24.0, 72.0)
 
 
 def training_settings(manifest: dict) -> dict:
@@ -98,7 +98,8 @@ def load_truth(path: Path, split: str) -> dict[int, tuple[list, np.ndarray]]:
     """
     try:
         df = pd.read_csv(path, sep="\t", header=None, names=list(TRUTH_COLUMNS), dtype=str, na_filter=False,
-                         quoting=3, encoding="utf-8")  # 3: csv.QUOTE_NONE, as MIND files are read
+                         quoting=3, encoding="utf-8",  # 3: csv.QUOTE_NONE, as MIND files are read
+                         skip_blank_lines=False)  # a skipped line would shift every later line's number
     except UnicodeDecodeError as exc:
         raise RecsysError(f"{path}: not UTF-8 text ({exc}); expected a sample world's truth.tsv") from None
     except pd.errors.ParserError as exc:  # more columns than six on some line
@@ -117,7 +118,10 @@ def load_truth(path: Path, split: str) -> dict[int, tuple[list, np.ndarray]]:
                  for order, (field, bad, expected) in enumerate(checks) if bad.any()), default=None)
     if first is not None:
         row, _, field, expected = first
-        value = "a shorter line" if field == "columns" else df[field].iat[row]
+        if field != "columns":
+            value = df[field].iat[row]
+        else:
+            value = "an empty line" if df["split"].iat[row] == df["impression_id"].iat[row] == "" else "a shorter line"
         raise SchemaError(str(path), row + 1, field, value, f"{expected} (a sample world's truth.tsv)")
     df = df.assign(impression_id=numbers["impression_id"].astype(np.int64), position=numbers["position"].astype(np.int64),
                    p=numbers["p"].astype(np.float64))
@@ -154,16 +158,12 @@ def split_of(behaviors: Path) -> str:
 
 
 def _age_groups(times: np.ndarray, offsets: np.ndarray, items: np.ndarray, first_seen: np.ndarray) -> list[str]:
-    from recsys.metrics.accumulator import ARTICLE_AGE_ORDER
-
+    """(c,) age group of each candidate when shown; one the store never saw before its
+    impression is brand new (the youngest group), as the model's age feature reads it."""
     shown_at = np.repeat(times, np.diff(offsets))
     fs = first_seen[items]
     age_h = (shown_at - fs).astype("timedelta64[s]").astype(np.float64) / 3600.0
-    code = np.digitize(age_h, AGE_EDGES_H)
-    labels = np.array(ARTICLE_AGE_ORDER[:4] + ("unknown",), dtype=object)
-    # An article never shown before this impression is brand new: the youngest bucket.
-    code = np.where(np.isnat(fs) | (age_h < 0), 0, code)
-    return labels[code].tolist()
+    return article_age_buckets(np.where(np.isnat(fs) | (age_h < 0), 0.0, age_h)).tolist()
 
 
 def run_evaluate(
@@ -179,7 +179,6 @@ def run_evaluate(
     from recsys.atomic import atomic_open
     from recsys.evaluation.prediction_file import format_prediction_line
     from recsys.evaluation.report import build_result, write_report
-    from recsys.metrics.accumulator import ImpressionMetrics, history_length_bucket
 
     behaviors = Path(behaviors)
     check_file("--behaviors", behaviors)

@@ -11,6 +11,7 @@ from recsys.metrics.accumulator import (
     METRICS,
     ImpressionMetrics,
     article_age_bucket,
+    article_age_buckets,
     history_length_bucket,
 )
 from recsys.metrics.bootstrap import bootstrap_ci
@@ -462,3 +463,10 @@ def test_clusters_must_match_the_cluster_unit():
         plain.add([1, 0], {"a": [0.2, 0.1]}, cluster="U1")
     with pytest.raises(MetricInputError, match="cluster_unit is 'impression', expected None or the name"):
         ImpressionMetrics(["a"], cluster_unit="impression")
+
+
+def test_age_buckets_vectorised_match_the_edges_and_the_scalar_form():
+    hours = np.array([0.0, 5.999, 6.0, 23.9, 24.0, 71.9, 72.0, 1e4, np.nan])
+    expected = ["< 6 h", "< 6 h", "6-24 h", "6-24 h", "1-3 d", "1-3 d", "> 3 d", "> 3 d", "unknown"]
+    assert article_age_buckets(hours).tolist() == expected
+    assert [article_age_bucket(None if np.isnan(h) else float(h)) for h in hours] == expected
