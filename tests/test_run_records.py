@@ -138,6 +138,25 @@ def test_recorded_run_records_its_process_and_clears_dead_runs_of_its_kind(engin
     assert _runs(engine)[dead][1] == "failed"
 
 
+def test_a_store_that_fails_the_failed_mark_does_not_replace_the_runs_own_error(engine, monkeypatch, caplog):
+    """The run's error is what the operator must see; the store failing as well (it went away)
+    is logged beside it, and the run is left running for a later run to abandon."""
+    from sqlalchemy.exc import OperationalError
+
+    from recsys.pipelines import runlog
+
+    def store_gone(*args, **kwargs):
+        raise OperationalError("UPDATE runs ...", {}, Exception("server closed the connection unexpectedly"))
+
+    with pytest.raises(ValueError, match="the run's own error"):
+        with recorded_run(engine, "train") as record:
+            monkeypatch.setattr(runlog, "update", store_gone)
+            raise ValueError("the run's own error")
+    assert _runs(engine)[record["run_id"]][1] == "running"
+    assert f"could not mark train run {record['run_id']} failed (OperationalError" in caplog.text
+    assert "server closed the connection unexpectedly" in caplog.text
+
+
 def test_sigterm_mid_ingest_releases_the_lock_and_fails_the_run(engine, world, tmp_path, monkeypatch, capsys):
     """Airflow's timeout sends SIGTERM: the process died holding the lock, so a retry on another
     host was refused for 15 minutes (until the lock went stale). Now it unwinds like Ctrl-C."""

@@ -36,13 +36,17 @@ def recorded_run(engine: Engine, kind: str, *, model_version: str | None = None,
     try:
         yield record
     except BaseException as exc:
-        with engine.begin() as conn:
-            conn.execute(
-                update(s.runs).where(s.runs.c.run_id == run_id).values(
-                    status="failed", finished_at=utcnow(), message=f"{type(exc).__name__}: {exc}"[:2000],
-                    counts=record["counts"], timings=record["timings"],
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    update(s.runs).where(s.runs.c.run_id == run_id).values(
+                        status="failed", finished_at=utcnow(), message=f"{type(exc).__name__}: {exc}"[:2000],
+                        counts=record["counts"], timings=record["timings"],
+                    )
                 )
-            )
+        except Exception as unrecorded:  # noqa: BLE001 - the store itself fails (it went away): keep the cause
+            log.error("could not mark %s run %s failed (%s: %s); it stays running until a later run finds this "
+                      "process gone", kind, run_id, type(unrecorded).__name__, unrecorded)
         raise
     with engine.begin() as conn:
         conn.execute(
