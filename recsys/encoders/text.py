@@ -162,6 +162,7 @@ class TextEncoder:
 
         Raises:
             TypeError: an element is not a string.
+            ValueError: ``batch_size`` is below 1 (with at least one text).
         """
         texts = list(texts)
         for i, text in enumerate(texts):

@@ -314,9 +314,14 @@ class RankingModel:
     # -- persistence ---------------------------------------------------------------------
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the bundle to ``directory`` atomically (a sibling temp dir, then renames).
+        """Write the bundle into a sibling temp dir and rename it to ``directory``: a reader
+        never sees a half-written bundle, and a failure while writing leaves an existing one
+        untouched.
 
-        An existing bundle at ``directory`` is replaced; a failure leaves it untouched.
+        An existing bundle is replaced by two renames (it moves to a sibling ``.<name>.old-*``
+        folder, then the new one moves in); a process killed between them leaves no bundle at
+        ``directory`` and the old one in that folder. ``recsys train`` always writes a new
+        version folder, so this only concerns callers that overwrite.
         """
         target = Path(directory)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -384,8 +389,8 @@ class RankingModel:
             batch_size: rows per forward pass.
 
         Returns:
-            (n, D) float32, unit L2 norm; with the content prior on, (n, D + A): the embedding
-            followed by the article's content anchors (``content_anchors``).
+            (n, serving_dim) float32: the (n, D) embedding, unit L2 norm, followed with the
+            content prior on by the article's A content anchors (``content_anchors``).
 
         Raises:
             ModelMismatchError: the features come from other encoders or have other dims.
@@ -504,7 +509,7 @@ class RankingModel:
         Args:
             history_offsets: (m + 1,) int64 CSR offsets.
             history_items: (h,) int rows into ``item_embeddings``, most recent first per user.
-            item_embeddings: (n, D) from ``item_embeddings``.
+            item_embeddings: (n, serving_dim) from ``item_embeddings``.
             batch_size: users per forward pass.
 
         Returns:
@@ -512,7 +517,8 @@ class RankingModel:
             with its second-moment term.
 
         Raises:
-            ValueError: a history item outside ``item_embeddings`` or a wrong embedding dim.
+            ValueError: a history item outside ``item_embeddings``.
+            ModelMismatchError: ``item_embeddings`` do not have ``serving_dim`` columns.
         """
         history_offsets = np.asarray(history_offsets, dtype=np.int64)
         history_items = np.asarray(history_items, dtype=np.int64)
@@ -611,7 +617,8 @@ class RankingModel:
 
         Args:
             impressions: ``m`` impressions (labels are not read).
-            item_embeddings: (n, D) embeddings of the rows the impressions refer to.
+            item_embeddings: (n, serving_dim) embeddings (``item_embeddings``) of the rows the
+                impressions refer to.
             log: interactions for the popularity features (events before each time count).
             first_seen: (n,) datetime64 first appearance of each item.
             as_of: compute side features at this time instead of each impression's time

@@ -31,7 +31,7 @@ class Catalogue:
 
     Attributes:
         news_ids: (n,) object array of news ids (the rows of the index).
-        embeddings: (n, D) float32 item embeddings.
+        embeddings: (n, serving_dim) float32 item embeddings (``RankingModel.item_embeddings``).
         side: (n, S) float32 side features of each article at the run's time: at serving time
             popularity and age depend on the article only, so they are computed once a night
             for every article rather than once per (user, candidate) pair.

@@ -197,8 +197,9 @@ class ShardWorker:
 
 
 def threads_per_worker(num_workers: int, num_threads: int | None = None) -> int:
-    """Threads each worker may use so that workers x threads <= ``num_threads`` (default:
-    every core available to the process), and at least one."""
+    """Threads each worker may use: ``num_threads`` (default: every core available to the
+    process) shared out among the workers, at least one each, so more workers than threads
+    run one thread each (``run_nightly`` warns of that)."""
     return max(1, (num_threads or default_threads()) // max(1, num_workers))
 
 

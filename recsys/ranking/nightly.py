@@ -137,6 +137,9 @@ def run_nightly(
         raise ConfigError(f"runtime.threads is {num_threads}, expected at least 1 (or 0 for every core)")
     budget = num_threads or default_threads()
     workers = budget if num_workers is None else num_workers
+    if workers > budget:
+        log.warning("nightly.workers = %d is more than the %d threads of runtime.threads: each worker runs one "
+                    "thread and they share the cores", workers, budget)
     if engine_name == "ray" and workers < 1:
         raise ConfigError(f"nightly.workers is {workers}, the ray engine needs at least 1 actor")
     model_version = model_version or Path(model_dir).name

@@ -157,8 +157,9 @@ def read_user_histories(
     Args:
         user_ids: (u,) unique user ids.
         news_ids: (n,) the item ordering the returned rows index into.
-        include_impression_clicks: False keeps only the History column (the training input,
-            which cannot leak the labels of the impressions being learned).
+        include_impression_clicks: False keeps only the History column (the training input;
+            a later file's History may still list clicks of the impressions being learned,
+            which ``samples.without_later_clicks`` drops).
         max_len: keep at most this many per user.
 
     Returns:
@@ -222,12 +223,17 @@ def read_impressions(
 ) -> Impressions:
     """Impressions with time in ``[since, until)`` as arrays, in time order.
 
-    Histories are the MIND History column of each user (clicks before the log started), so a
-    training impression never sees its own labels. The rows are streamed ``STREAM_ROWS`` at a
+    Histories are the user's stored MIND History column: the one of the user's latest
+    impression in the store, which a later file may have extended with clicks from this very
+    window. A training reader must drop those (``samples.without_later_clicks``, as
+    ``pipelines.train.read_windows`` does), or an impression would see its own labels. The rows are streamed ``STREAM_ROWS`` at a
     time into arrays: about 5 bytes per (impression, candidate) are kept, not the driver's
     Python objects.
 
     Args:
+        since / until: the time window (either may be None: unbounded).
+        source: only impressions of this source (the file they were ingested from); None: all.
+        history_len: keep at most this many history items per user, most recent first; None: all.
         labelled_only: only labelled candidates; an impression without any is left out.
 
     Raises:

@@ -300,7 +300,7 @@ def test_the_thread_budget_reaches_an_in_process_worker(world_store, world, monk
     assert seen == [num_threads or default_threads()]
 
 
-def test_worker_processes_share_the_thread_budget(world_store, world, monkeypatch):
+def test_worker_processes_share_the_thread_budget(world_store, world, monkeypatch, caplog):
     from recsys.ranking import nightly
 
     class Stop(Exception):
@@ -313,6 +313,11 @@ def test_worker_processes_share_the_thread_budget(world_store, world, monkeypatc
     with pytest.raises(Stop) as stopped:
         _nightly(world_store, world, num_threads=3, num_workers=2)
     assert stopped.value.args == (1,)  # 3 threads for 2 workers: one each, never 2 x 2
+    caplog.clear()
+    with pytest.raises(Stop) as stopped:
+        _nightly(world_store, world, num_threads=2, num_workers=3)
+    assert stopped.value.args == (1,)
+    assert "nightly.workers = 3 is more than the 2 threads of runtime.threads" in caplog.text
     with pytest.raises(ConfigError, match="runtime.threads is -1"):
         _nightly(world_store, world, num_threads=-1)
 
