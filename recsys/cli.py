@@ -218,7 +218,8 @@ def similar(
 
     _check_id("--news", news)
     c = _ctx(ctx)
-    rows = run_similar(c.engine(), c.workspace, news_id=news, k=k, version=model)
+    rows = run_similar(c.engine(), c.workspace, news_id=news, k=k, version=model,
+                       num_threads=c.config().runtime.threads or None)
     if not rows:
         # On stderr, so that the output stays a valid (empty) list.
         typer.echo(f"note: the index holds no article other than {news!r}", err=True)

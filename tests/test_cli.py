@@ -544,6 +544,21 @@ def test_similar_with_no_other_article_says_so_on_stderr(capsys, tmp_path: Path,
     assert "note: the index holds no article other than 'N1'" in err
 
 
+def test_similar_runs_faiss_on_the_configured_threads(capsys, tmp_path: Path, monkeypatch):
+    # It loaded the index on every core whatever [runtime] threads said (a shared host).
+    import recsys.pipelines.index
+
+    seen = []
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(recsys.pipelines.index, "get_version", lambda *_a, **_k: SimpleNamespace(version="v1"))
+    monkeypatch.setattr(recsys.pipelines.index, "load_index", lambda mv, num_threads=None: seen.append(num_threads) or {})
+    assert run(capsys, "--workspace", str(tmp_path), "db", "upgrade")[0] == 0
+    (tmp_path / "recsys.toml").write_text("[runtime]\nthreads = 1\n")
+    code, _, err = run(capsys, "--workspace", str(tmp_path), "similar", "--news", "N1")
+    assert (code, seen) == (1, [1]) and "news id 'N1' is not in the index" in err
+
+
 def test_demo_creates_the_store_of_a_new_workspace(capsys, tmp_path: Path, world: Path, monkeypatch):
     # `make demo` on a fresh clone stopped at once with "no store at ..." when reading commands
     # stopped creating stores; the demo ingests first, so it creates it. Stopped after the ingest.

@@ -77,12 +77,14 @@ def load_index(mv: ModelVersion, *, num_threads: int | None = None):
     return FaissIndex.load(mv.index_dir, expected=index_manifest(mv), num_threads=num_threads)
 
 
-def run_similar(engine: Engine, workspace: Workspace, *, news_id: str, k: int, version: str | None = None) -> list[dict]:
-    """The ``k`` articles nearest to ``news_id`` (itself excluded), best first."""
+def run_similar(engine: Engine, workspace: Workspace, *, news_id: str, k: int, version: str | None = None,
+                num_threads: int | None = None) -> list[dict]:
+    """The ``k`` articles nearest to ``news_id`` (itself excluded), best first; FAISS runs on
+    ``num_threads`` (``[runtime] threads``; None: every core)."""
     if k < 1:
         raise ConfigError(f"k is {k}, expected at least 1")
     mv = get_version(engine, version)
-    index = load_index(mv)
+    index = load_index(mv, num_threads=num_threads)
     if news_id not in index:
         raise NotFoundError(f"news id '{news_id}' is not in the index of model version {mv.version}")
     hits = index.search(index.vector(news_id)[None, :], k, exclude=[{news_id}])[0]
