@@ -13,19 +13,20 @@ ABSTRACT_ENTITIES = "abstract_entities"
 IMAGE_PATH = "image_path"
 IMAGE_STATUS = "image_status"
 CONTENT_HASH = "content_hash"
-PUBLISHED_AT = "published_at"
+FIRST_SEEN_AT = "first_seen_at"
 TIME = "time"
 HISTORY = "history"
-POSITION = "position"
 LABEL = "label"
 SCORE = "score"
 RANK = "rank"
 RUN_ID = "run_id"
-PROBABILITY = "probability"
+IMPRESSIONS = "impressions"  # the fifth behaviors column (never stored as such)
 
 # The MIND files carry no header; these are their columns in file order.
 NEWS_TSV_COLUMNS = (NEWS_ID, CATEGORY, SUBCATEGORY, TITLE, ABSTRACT, URL, TITLE_ENTITIES, ABSTRACT_ENTITIES)
-BEHAVIORS_TSV_COLUMNS = (IMPRESSION_ID, USER_ID, TIME, HISTORY, "impressions")
+BEHAVIORS_TSV_COLUMNS = (IMPRESSION_ID, USER_ID, TIME, HISTORY, IMPRESSIONS)
+# The news frame the store and the scoring catalogue hand around, one row per article.
+NEWS_FRAME_COLUMNS = (NEWS_ID, CATEGORY, SUBCATEGORY, TITLE, ABSTRACT, IMAGE_PATH, IMAGE_STATUS, CONTENT_HASH, FIRST_SEEN_AT)
 
 # Image statuses stored per article; only "ok" images are fed to the image tower.
 IMAGE_OK = "ok"

@@ -257,10 +257,6 @@ def load_config(path: Path | None, overrides: dict | None = None, *, flags: dict
         raise
 
 
-def config_to_dict(config: Config) -> dict:
-    return dataclasses.asdict(config)
-
-
 @dataclass(frozen=True)
 class Workspace:
     """Where models, caches, reports and (by default) the SQLite store live.

@@ -32,7 +32,9 @@ from recsys.columns import (
     CATEGORY,
     HISTORY,
     IMPRESSION_ID,
+    IMPRESSIONS,
     NEWS_ID,
+    NEWS_TSV_COLUMNS,
     SUBCATEGORY,
     TIME,
     TITLE,
@@ -41,7 +43,6 @@ from recsys.columns import (
 )
 from recsys.errors import RecsysError, SchemaError
 
-IMPRESSIONS = "impressions"  # the fifth behaviors column (no constant elsewhere: never stored)
 NUM_NEWS_COLUMNS = 8
 NUM_BEHAVIORS_COLUMNS = 5
 
@@ -64,7 +65,6 @@ EARLIEST_TIME = datetime(1990, 1, 1)
 FUTURE_SLACK = timedelta(days=1)
 
 _ID_RE = re.compile(ID_PATTERN)
-_NEWS_FIELDS = (NEWS_ID, CATEGORY, SUBCATEGORY, TITLE, ABSTRACT, "url", TITLE_ENTITIES, ABSTRACT_ENTITIES)
 _IDS_RE = re.compile(rf"{ID_PATTERN}(?: {ID_PATTERN})*")
 _LABELLED_RE = re.compile(rf"{ID_PATTERN}-[01](?: {ID_PATTERN}-[01])*")
 _LABELLED_TOKEN_RE = re.compile(rf"{ID_PATTERN}-[01]")
@@ -453,7 +453,7 @@ def _parse_news(name: str, line: int, text: str) -> NewsRow | BadRow:
     if "\x00" in text:
         # PostgreSQL's text type cannot hold NUL; refused here, on every backend, so that a
         # store behaves the same on SQLite and PostgreSQL.
-        field, value = next((f, v) for f, v in zip(_NEWS_FIELDS, cols) if "\x00" in v)
+        field, value = next((f, v) for f, v in zip(NEWS_TSV_COLUMNS, cols) if "\x00" in v)
         return bad(field, value, "text without NUL (0x00) characters")
     if not category or len(category) > MAX_CATEGORY_CHARS:
         return bad(CATEGORY, category, f"a non-empty category of at most {MAX_CATEGORY_CHARS} characters")

@@ -16,7 +16,6 @@ from recsys.atomic import atomic_open
 from recsys.errors import RecsysError, SchemaError
 from recsys.metrics.ranking import MetricInputError, ranks_from_scores
 
-IMPRESSION_FIELD = "ImpressionID"
 RANKS_FIELD = "ranks"
 _RANK = re.compile(r"[1-9][0-9]*", re.ASCII)
 

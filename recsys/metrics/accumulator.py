@@ -24,7 +24,6 @@ themselves; log loss and calibration only for models whose every score lies in [
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pandas as pd
 
@@ -46,9 +45,3 @@ def encode_news(news: pd.DataFrame, workspace: Workspace, config: Config, *, enc
     return features
 
 
-def encoder_infos(features: ItemFeatures) -> tuple[dict, dict]:
-    return features.text_encoder.to_dict(), features.image_encoder.to_dict()
-
-
-def resolve_images_dir(images: Path | None) -> Path | None:
-    return Path(images).expanduser().resolve() if images else None

@@ -29,7 +29,8 @@ import pandas as pd
 from sqlalchemy import Engine
 
 from recsys.columns import (
-    ABSTRACT, CATEGORY, CONTENT_HASH, IMAGE_MISSING, IMAGE_PATH, IMAGE_STATUS, NEWS_ID, SUBCATEGORY, TITLE,
+    ABSTRACT, CATEGORY, CONTENT_HASH, FIRST_SEEN_AT, IMAGE_MISSING, IMAGE_PATH, IMAGE_STATUS, NEWS_FRAME_COLUMNS, NEWS_ID,
+    SUBCATEGORY, TITLE,
 )
 from recsys.config import Config, Workspace
 from recsys.data.mind import EXPECTED_LABEL, IMPRESSIONS, BehaviorsScan, is_bad_label
@@ -93,9 +94,9 @@ def news_from_file(path: Path, images: Path | None, known: set[str]) -> pd.DataF
             NEWS_ID: row.news_id, CATEGORY: row.category, SUBCATEGORY: row.subcategory, TITLE: row.title,
             ABSTRACT: row.abstract, IMAGE_PATH: image_path, IMAGE_STATUS: check.status if check else IMAGE_MISSING,
             CONTENT_HASH: content_hash(row.title, row.abstract, row.category, row.subcategory, check.sha256 if check else None),
-            "first_seen_at": pd.NaT,
+            FIRST_SEEN_AT: pd.NaT,
         }
-    return pd.DataFrame.from_records(list(records.values()), columns=[NEWS_ID, CATEGORY, SUBCATEGORY, TITLE, ABSTRACT, IMAGE_PATH, IMAGE_STATUS, CONTENT_HASH, "first_seen_at"])
+    return pd.DataFrame.from_records(list(records.values()), columns=list(NEWS_FRAME_COLUMNS))
 
 
 @dataclass(frozen=True)

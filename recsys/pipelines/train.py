@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import Engine
 
+from recsys.columns import FIRST_SEEN_AT
 from recsys.config import Config, Workspace
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError
@@ -46,7 +47,7 @@ def parse_time(value: str | None, flag: str) -> datetime | None:
 
 def first_seen_array(news: pd.DataFrame) -> np.ndarray:
     """(n,) datetime64[s] first time each article was shown or listed in a History; NaT when never."""
-    return pd.to_datetime(news["first_seen_at"]).to_numpy().astype("datetime64[s]")
+    return pd.to_datetime(news[FIRST_SEEN_AT]).to_numpy().astype("datetime64[s]")
 
 
 def load_catalogue(engine: Engine, workspace: Workspace, config: Config) -> tuple[pd.DataFrame, ItemFeatures]:

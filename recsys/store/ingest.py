@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 

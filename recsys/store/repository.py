@@ -12,20 +12,16 @@ from datetime import datetime
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Engine, and_, func, select, true
+from sqlalchemy import Engine, and_, select, true
 
 from recsys.columns import (
-    ABSTRACT,
     CATEGORY,
-    CONTENT_HASH,
-    IMAGE_PATH,
-    IMAGE_STATUS,
     IMPRESSION_ID,
     LABEL,
+    NEWS_FRAME_COLUMNS,
     NEWS_ID,
     RANK,
     SCORE,
-    SUBCATEGORY,
     TIME,
     TITLE,
     USER_ID,
@@ -39,8 +35,7 @@ def read_news(engine: Engine) -> pd.DataFrame:
     """Every article, ordered by news id.
 
     Returns:
-        DataFrame with NEWS_ID, CATEGORY, SUBCATEGORY, TITLE, ABSTRACT, IMAGE_PATH,
-        IMAGE_STATUS, CONTENT_HASH and ``first_seen_at``.
+        DataFrame with the ``NEWS_FRAME_COLUMNS``.
     """
     n = s.news.c
     query = select(
@@ -49,7 +44,7 @@ def read_news(engine: Engine) -> pd.DataFrame:
     ).order_by(n.news_id)
     with engine.connect() as conn:
         df = pd.read_sql(query, conn)
-    df.columns = [NEWS_ID, CATEGORY, SUBCATEGORY, TITLE, ABSTRACT, IMAGE_PATH, IMAGE_STATUS, CONTENT_HASH, "first_seen_at"]
+    df.columns = list(NEWS_FRAME_COLUMNS)
     return df
 
 
