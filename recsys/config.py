@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recsys.errors import ConfigError
-from recsys.models import NUM_HEADS, parse_modalities
+from recsys.models import FUSION_MODES, NUM_HEADS, parse_modalities
 
-FUSION_MODES = ("concat", "weighted_sum", "gated")
-MODALITIES = ("text", "image", "text,image")
+MODALITY_SETS = ("text", "image", "text,image")  # what model.modalities may be, canonically spelled
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf")
 ENGINES = ("local", "ray")
 
@@ -107,7 +106,7 @@ class Config:
             modalities = self.model.modalities  # named by _check_choice below
         if modalities != self.model.modalities:
             object.__setattr__(self, "model", dataclasses.replace(self.model, modalities=modalities))
-        _check_choice("model.modalities", self.model.modalities, MODALITIES)
+        _check_choice("model.modalities", self.model.modalities, MODALITY_SETS)
         _check_choice("index.kind", self.index.kind, INDEX_KINDS)
         _check_choice("nightly.engine", self.nightly.engine, ENGINES)
         for key, value in (

@@ -4,6 +4,9 @@
 # Here rather than in user_encoder.py so that the config's check reads it without loading Keras.
 NUM_HEADS = 4
 
+# How the item tower fuses its inputs (models/fusion.py); here so the config checks it without Keras.
+FUSION_MODES = ("concat", "weighted_sum", "gated")
+
 # The item tower's inputs an ablation may keep, in canonical order; here for the same reason.
 MODALITIES = ("text", "image")
 

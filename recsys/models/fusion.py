@@ -34,9 +34,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from recsys.models import parse_modalities
+from recsys.models import FUSION_MODES, parse_modalities
 
-FUSION_MODES = ("concat", "weighted_sum", "gated")
 ITEM_INPUTS = ("text", "image", "has_image", "category")
 # Each anchor block starts with 4x the weight of the learned part (softplus(0) = log 2), so
 # a fresh model ranks by content similarity and training refines from there; on the sample

@@ -25,7 +25,7 @@ import numpy as np
 from sqlalchemy import Engine
 
 import recsys
-from recsys.config import MAX_DAYS, MAX_RANK
+from recsys.config import ENGINES, MAX_DAYS, MAX_RANK
 from recsys.errors import ConfigError, RecsysError
 from recsys.models.side_features import SideFeatures
 from recsys.ranking import runs
@@ -51,7 +51,6 @@ from recsys.versions import read_bundle_config
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("local", "ray")
 # Progress factory: ``progress(description, total)`` -> context manager yielding ``advance(n)``
 # (``recsys.progress.progress`` fits).
 ProgressFactory = Callable[..., object]
