@@ -1,6 +1,6 @@
 """Benchmark the CTR model: training throughput, scoring throughput, and a quality study.
 
-Everything runs on a synthetic world (``recsys.models.samples.make_synthetic_world``): items
+Everything runs on a synthetic world (``recsys.models.synthetic.make_synthetic_world``): items
 with a latent topic (text features), a latent style (image features, 10% without image) and an
 appeal, users who like a few topics and styles, clicks drawn from a known logistic model.
 
@@ -60,7 +60,8 @@ def _mib(n: int) -> float:
 
 
 def make_world(args, seed: int):
-    from recsys.models.samples import InteractionLog, first_shown, make_synthetic_world
+    from recsys.data.interactions import InteractionLog, first_shown
+from recsys.models.synthetic import make_synthetic_world
 
     world = make_synthetic_world(
         num_items=args.items, num_users=args.users, num_impressions=args.impressions,
@@ -73,7 +74,7 @@ def make_world(args, seed: int):
 
 
 def bench_training(world, log, first_seen, args) -> tuple[object, dict]:
-    from recsys.models.samples import ClickLog, with_logged_clicks
+    from recsys.data.interactions import ClickLog, with_logged_clicks
     from recsys.models.training import evaluate_impressions, train_ctr
 
     epochs_log = []

@@ -46,7 +46,7 @@ FILE_FIRST_SEEN = "store's end, age at impression time, unseen articles aged fro
 
 def file_first_seen(imps, first_seen: np.ndarray) -> np.ndarray:
     """(n,) ``first_seen`` with each never-shown (NaT) article's earliest show among ``imps``."""
-    from recsys.models.samples import first_shown
+    from recsys.data.interactions import first_shown
 
     return np.where(np.isnat(first_seen), first_shown([imps], len(first_seen)), np.asarray(first_seen, dtype="datetime64[s]"))
 

@@ -44,7 +44,7 @@ WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 def file_shows(imps, window: np.timedelta64 = WINDOW) -> np.ndarray:
     """(c,) int64: for each candidate, how many impressions of the same file showed the same
     article in ``[t - window, t)``, t its own impression's time (the side features' own count)."""
-    from recsys.models.samples import InteractionLog, candidate_impression_rows
+    from recsys.data.interactions import InteractionLog, candidate_impression_rows
 
     items = imps.candidate_items
     times = imps.times[candidate_impression_rows(imps)]
@@ -57,7 +57,7 @@ def file_history(imps) -> tuple[np.ndarray, np.ndarray]:
     """(c,) int64 shows of each candidate's article in the same file strictly before its
     impression (all of them, not a window) and (c,) float64 hours since the first of those (0
     when none): how hard the file pushes an article, and for how long it has."""
-    from recsys.models.samples import candidate_impression_rows, first_shown
+    from recsys.data.interactions import candidate_impression_rows, first_shown
 
     times = imps.times[candidate_impression_rows(imps)].astype("datetime64[s]")
     span = times.max() - times.min() + np.timedelta64(1, "s")
@@ -78,7 +78,7 @@ def logistic_blend(imps, logits: np.ndarray, fresh: np.ndarray) -> tuple[np.ndar
     evidence enters for them apart."""
     from sklearn.linear_model import LogisticRegression
 
-    from recsys.models.samples import candidate_impression_rows
+    from recsys.data.interactions import candidate_impression_rows
 
     counts, hours = file_history(imps)
     f = fresh.astype(np.float64)
@@ -97,7 +97,7 @@ def cross_fitted(imps, logits: np.ndarray, feature: np.ndarray) -> tuple[np.ndar
     other fold (impression rows of the other parity); the scores and the two weights."""
     from bench_quality import subset_auc
 
-    from recsys.models.samples import candidate_impression_rows
+    from recsys.data.interactions import candidate_impression_rows
 
     fold = candidate_impression_rows(imps) % 2
     out, chosen = np.empty_like(logits), []

@@ -67,7 +67,7 @@ def file_impressions(path: Path, catalogue, logged_clicks: bool, history_len: in
     """A behaviors file as one ``Impressions`` over the catalogue's rows, histories capped at
     ``history_len`` and, with ``logged_clicks``, led by the store's clicks before each impression
     (as the model is served)."""
-    from recsys.models.samples import with_logged_clicks
+    from recsys.data.interactions import with_logged_clicks
     from recsys.pipelines.scoring import iter_behavior_chunks
 
     imps, _ = next(iter_behavior_chunks(path, catalogue, chunk_size=10**7, history_len=history_len))
@@ -82,7 +82,7 @@ def fresh_candidates(imps, catalogue) -> np.ndarray:
 
 def subset_auc(imps, scores: np.ndarray, keep: np.ndarray) -> float:
     """Mean per-impression AUC of ``scores`` over the candidates where ``keep`` is True."""
-    from recsys.models.samples import candidate_impression_rows
+    from recsys.data.interactions import candidate_impression_rows
     from recsys.models.training import mean_impression_auc
 
     owner = candidate_impression_rows(imps)

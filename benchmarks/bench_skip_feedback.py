@@ -135,7 +135,7 @@ def fit_listwise(x: np.ndarray, labels: np.ndarray, offsets: np.ndarray, l2: flo
 def run_seed(seed: int, args, root: Path) -> dict:
     from bench_quality import config_overrides, file_impressions, ingested_world, oracle_auc
     from recsys.config import load_config
-    from recsys.models.samples import ClickLog, with_logged_clicks
+    from recsys.data.interactions import ClickLog, with_logged_clicks
     from recsys.models.training import mean_impression_auc
     from recsys.pipelines.scoring import VersionScorer, load_scoring_catalogue
     from recsys.pipelines.train import run_train

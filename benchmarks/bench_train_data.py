@@ -3,7 +3,7 @@
 Before the first training step, `recsys train` reads the training and validation windows
 from the store (``pipelines.train.read_windows``: the impressions, their histories, the click
 log and the history filter) and the popularity log, leads every history with the user's logged
-clicks (``samples.with_logged_clicks``), and fits and computes the side features of every
+clicks (``interactions.with_logged_clicks``), and fits and computes the side features of every
 training (impression, candidate) pair (``SideFeatures``). At MIND-large size (about 2.2M
 training impressions, 80M pairs) these steps decide whether training fits in memory at all.
 
@@ -99,7 +99,7 @@ def run_child(url: str) -> dict:
     """The stages on the store at ``url``; runs inside the child process."""
     import numpy as np
 
-    from recsys.models.samples import with_logged_clicks
+    from recsys.data.interactions import with_logged_clicks
     from recsys.models.side_features import SideFeatures
     from recsys.pipelines.train import first_seen_array, read_training_log, read_windows, train_window
     from recsys.store import repository as repo

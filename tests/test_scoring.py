@@ -14,7 +14,7 @@ import pytest
 from recsys.config import load_config
 from recsys.data.mind import iter_behaviors, scan_behaviors
 from recsys.errors import RecsysError
-from recsys.models.samples import InteractionLog, candidate_impression_rows, with_logged_clicks
+from recsys.data.interactions import InteractionLog, candidate_impression_rows, with_logged_clicks
 from recsys.pipelines.predict import run_predict
 from recsys.pipelines.scoring import (
     FEATURES_AT, FeatureTimes, VersionScorer, feature_times, iter_behavior_chunks, load_scoring_catalogue, scoring_span,

@@ -34,7 +34,7 @@ from recsys.encoders.item_features import EncoderInfo, ItemFeatures
 from recsys.errors import DamagedFileError, ModelMismatchError, NotFoundError
 from recsys.models import NUM_HEADS
 from recsys.models.fusion import CategoryVocabulary, build_item_tower, parse_modalities
-from recsys.models.samples import Impressions, InteractionLog, slice_impressions
+from recsys.data.interactions import Impressions, InteractionLog, slice_impressions
 from recsys.models.scorer import Scorer, build_scorer
 from recsys.models.side_features import SideFeatures, check_side_inputs
 from recsys.models.user_encoder import build_user_encoder
@@ -79,7 +79,7 @@ class RankingConfig:
         text_encoder / image_encoder: the frozen encoders the features must come from.
         seed: training seed.
         logged_clicks: the model was trained on histories led by the user's logged clicks
-            before each impression (``samples.with_logged_clicks``), so it must be served so.
+            before each impression (``interactions.with_logged_clicks``), so it must be served so.
         prior_weights: ``lambda_b``, one per anchor block (modality, text first): the weights of
             the content prior's mean-similarity term (``RankingModel.with_content_prior``); ()
             or all 0, with ``moment_weights`` the same, serves the networks alone.

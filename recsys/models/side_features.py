@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from recsys.models.samples import InteractionLog
+from recsys.data.interactions import InteractionLog
 
 SIDE_FEATURE_NAMES = ("log_clicks", "log_shows", "log_age_hours")
 # Below this spread (the features are log1p counts and hours) a feature counts as constant.

@@ -33,7 +33,7 @@ from recsys.models import NUM_HEADS
 from recsys.models.bundle import RankingModel
 from recsys.models.ctr import CTRModel, listwise_loss, pointwise_loss
 from recsys.models.fusion import CategoryVocabulary
-from recsys.models.samples import (
+from recsys.data.interactions import (
     ClickLog, Impressions, InteractionLog, concat_impressions, first_shown,
     with_logged_clicks,
 )

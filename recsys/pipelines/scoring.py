@@ -37,7 +37,7 @@ from recsys.data.mind import EXPECTED_LABEL, IMPRESSIONS, BehaviorsScan, is_bad_
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError, SchemaError
 from recsys.interrupts import raise_if_terminated
-from recsys.models.samples import ClickLog, Impressions, InteractionLog, with_logged_clicks
+from recsys.data.interactions import ClickLog, Impressions, InteractionLog, with_logged_clicks
 from recsys.models.side_features import SideFeatures
 from recsys.pipelines.features import encode_news
 from recsys.pipelines.train import first_seen_array, load_version_model

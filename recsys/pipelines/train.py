@@ -16,7 +16,7 @@ from recsys.columns import FIRST_SEEN_AT
 from recsys.config import Config, Workspace
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError
-from recsys.models.samples import ClickLog, Impressions, InteractionLog, without_later_clicks
+from recsys.data.interactions import ClickLog, Impressions, InteractionLog, without_later_clicks
 from recsys.models.side_features import SideFeatures
 from recsys.pipelines.features import encode_news
 from recsys.pipelines.runlog import recorded_run, running_runs
@@ -87,7 +87,7 @@ def read_windows(
 
     The store keeps each user's latest History column; a file ingested after these impressions
     (MIND-large's test file, a daily feed) lists clicks of the window in it, the impressions'
-    own clicks among them. Those are removed (``samples.without_later_clicks``). The click log
+    own clicks among them. Those are removed (``interactions.without_later_clicks``). The click log
     also serves ``model.logged_clicks``: clicks after the window are never "before" one of its
     impressions, so the whole log leads the histories exactly as the window's part would.
 

@@ -16,7 +16,7 @@ import pandas as pd
 
 from recsys.columns import NEWS_ID, RANK, SCORE, USER_ID
 from recsys.errors import ConfigError
-from recsys.models.samples import InteractionLog
+from recsys.data.interactions import InteractionLog
 from recsys.models.side_features import SideFeatures
 
 # Pairs scored per ``model.score`` call: big enough to amortise the call, small enough that the

@@ -26,7 +26,7 @@ from recsys.columns import (
     TITLE,
     USER_ID,
 )
-from recsys.models.samples import ClickLog, Impressions, InteractionLog
+from recsys.data.interactions import ClickLog, Impressions, InteractionLog
 from recsys.store import schema as s
 from recsys.store.database import driver_errors
 
@@ -154,7 +154,7 @@ def read_user_histories(
         news_ids: (n,) the item ordering the returned rows index into.
         include_impression_clicks: False keeps only the History column (the training input;
             a later file's History may still list clicks of the impressions being learned,
-            which ``samples.without_later_clicks`` drops).
+            which ``interactions.without_later_clicks`` drops).
         max_len: keep at most this many per user.
 
     Returns:
@@ -220,7 +220,7 @@ def read_impressions(
 
     Histories are the user's stored MIND History column: the one of the user's latest
     impression in the store, which a later file may have extended with clicks from this very
-    window. A training reader must drop those (``samples.without_later_clicks``, as
+    window. A training reader must drop those (``interactions.without_later_clicks``, as
     ``pipelines.train.read_windows`` does), or an impression would see its own labels. The rows are streamed ``STREAM_ROWS`` at a
     time into arrays: about 5 bytes per (impression, candidate) are kept, not the driver's
     Python objects.
@@ -378,7 +378,7 @@ def read_click_counts(engine: Engine, news_ids: np.ndarray, *, since: datetime, 
 def read_click_log(engine: Engine, news_ids: np.ndarray, *, until: datetime | None = None) -> ClickLog:
     """Clicks of labelled impressions before ``until`` as a ``ClickLog`` over ``news_ids``.
 
-    The impression clicks that lead each History column (``samples.with_logged_clicks``).
+    The impression clicks that lead each History column (``interactions.with_logged_clicks``).
     Clicks on articles missing from ``news_ids`` are dropped (they have no embedding).
     """
     users, rows, times = _labelled_items(

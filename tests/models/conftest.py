@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from recsys.threads import configure_threads
-from recsys.models.samples import InteractionLog, first_shown, make_synthetic_world
+from recsys.data.interactions import InteractionLog, first_shown
+from recsys.models.synthetic import make_synthetic_world
 
 # Fast but learnable: 600 items, 300 users, 1.4k train and 300 validation impressions; the
 # test window is larger (1.3k impressions: scoring is cheap) so that test AUCs are precise.

@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
 from recsys.models.ctr import listwise_loss, pointwise_loss
-from recsys.models.samples import (
+from recsys.data.interactions import (
     ClickLog, Impressions, InteractionLog, first_shown, select_impressions, with_logged_clicks,
 )
 from recsys.models import training

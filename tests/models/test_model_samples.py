@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsys.models import samples
-from recsys.models.samples import (
+from recsys.data import interactions
+from recsys.data.interactions import (
     ClickLog,
     Impressions,
     InteractionLog,
@@ -141,7 +141,7 @@ def _reference_logged_history(imps: Impressions, i: int, events: list[tuple], ca
 @pytest.mark.parametrize("cap, chunk", [(1, None), (3, None), (50, None), (3, 7)])
 def test_logged_clicks_lead_the_history_as_a_loop_would(world, cap, chunk, monkeypatch):
     if chunk:  # histories are rebuilt HISTORY_CHUNK impressions at a time
-        monkeypatch.setattr(samples, "HISTORY_CHUNK", chunk)
+        monkeypatch.setattr(interactions, "HISTORY_CHUNK", chunk)
     clicks = ClickLog.from_impressions([world.train, world.valid])
     events = [(world.train.user_ids[r], world.train.times[r], int(item))
               for r, item, label in zip(candidate_impression_rows(world.train), world.train.candidate_items, world.train.labels)
@@ -185,7 +185,7 @@ def test_logged_clicks_never_include_the_impression_itself():
 @pytest.mark.parametrize("chunk", [None, 1, 3])
 def test_histories_lose_the_articles_first_clicked_at_or_after_the_impression(chunk, monkeypatch):
     if chunk:
-        monkeypatch.setattr(samples, "HISTORY_CHUNK", chunk)
+        monkeypatch.setattr(interactions, "HISTORY_CHUNK", chunk)
     # A later file's History, stored for the user, lists clicks of the training window: the
     # impression's own click (item 2 for "a" at T0 + 10h) must not be in its history.
     h = np.timedelta64(1, "h")
@@ -222,9 +222,9 @@ def test_histories_lose_the_articles_first_clicked_at_or_after_the_impression(ch
 
 
 def test_a_click_log_too_large_to_pack_is_refused(monkeypatch):
-    from recsys.models import samples
+    from recsys.data import interactions
 
-    monkeypatch.setattr(samples, "_MAX_USERS", 2)
+    monkeypatch.setattr(interactions, "_MAX_USERS", 2)
     with pytest.raises(ValueError, match="ClickLog has 2 users, expected fewer than 2"):
         ClickLog.from_events(np.array(["a", "b"], dtype=object), np.array([T0, T0]), np.array([0, 1]))
 

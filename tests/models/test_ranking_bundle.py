@@ -16,7 +16,7 @@ from recsys.errors import ModelMismatchError, NotFoundError
 from recsys.models import bundle
 from recsys.models.bundle import MODEL_FILES, RankingModel
 from recsys.models.ctr import CTRModel
-from recsys.models.samples import InteractionLog, candidate_impression_rows, first_shown
+from recsys.data.interactions import InteractionLog, candidate_impression_rows, first_shown
 from recsys.models.training import _BatchMaker
 
 

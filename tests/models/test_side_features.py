@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recsys.models.samples import InteractionLog
+from recsys.data.interactions import InteractionLog
 from recsys.models.side_features import SIDE_FEATURE_NAMES, SideFeatures, raw_side_features
 
 T0 = np.datetime64("2019-11-10T00:00:00", "s")

@@ -12,7 +12,7 @@ from recsys.columns import NEWS_ID, RANK, SCORE, USER_ID
 from recsys.errors import ConfigError
 from recsys.index.faiss_index import FaissIndex
 from recsys.models.bundle import RankingModel
-from recsys.models.samples import InteractionLog
+from recsys.data.interactions import InteractionLog
 from recsys.ranking.candidates import Catalogue, item_side_features, popular_items, rank_users
 
 AS_OF = datetime(2019, 11, 15, 12, 0, 0)  # the world's latest impression (conftest.World.as_of)
