@@ -251,7 +251,7 @@ def nightly(
         "nightly.shard_size": shard_size, "nightly.workers": workers, "nightly.ray_address": ray_address,
     }, flags={
         "nightly.engine": "--engine", "nightly.k": "--k", "nightly.num_candidates": "--candidates",
-        "nightly.shard_size": "--shard-size", "nightly.workers": "--workers",
+        "nightly.shard_size": "--shard-size", "nightly.workers": "--workers", "nightly.ray_address": "--ray-address",
     })
     summary = run_nightly_job(
         c.engine(create=True), c.workspace, config, news=news, behaviors=behaviors, images=images, source=source,

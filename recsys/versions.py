@@ -52,7 +52,9 @@ def read_bundle_config(model_dir: Path) -> dict:
 
     Raises:
         NotFoundError: the bundle has no config.json.
-        ModelMismatchError: it is unreadable or lacks ``embedding_dim`` or ``side_features``.
+        DamagedFileError: it is there but cannot be read (truncated, not JSON), as
+            ``RankingModel.load`` reports it.
+        ModelMismatchError: it lacks ``embedding_dim`` or ``side_features``.
     """
     path = model_dir / "config.json"
     if not path.is_file():
@@ -60,7 +62,9 @@ def read_bundle_config(model_dir: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelMismatchError(f"{path}: unreadable model config ({exc})") from exc
+        raise DamagedFileError(f"{path}: the file is there but cannot be read as the model config ({type(exc).__name__}: "
+                               f"{exc}); the model version is damaged: train again, or restore the version's folder "
+                               "from a backup") from exc
     missing = [key for key in ("embedding_dim", "side_features") if key not in config]
     if missing:
         raise ModelMismatchError(f"{path}: keys {missing} are missing from the model config")

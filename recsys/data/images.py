@@ -183,6 +183,8 @@ def _decode_status(data: bytes) -> str:
         return IMAGE_TOO_LARGE
     except UnidentifiedImageError:
         return IMAGE_CORRUPT
+    except MemoryError:  # the machine's problem, not the file's: do not store the cover as corrupt
+        raise
     except Exception:  # noqa: BLE001 - decoders of damaged files raise many types (OSError, SyntaxError, struct.error, ...)
         return IMAGE_CORRUPT
     return IMAGE_OK

@@ -218,3 +218,17 @@ def test_images_folder_that_is_a_symlink_is_followed(images, tmp_path):
 
 def test_missing_images_folder_means_missing_images(tmp_path):
     assert inspect_image(tmp_path / "nope", "N1") == ImageCheck(None, IMAGE_MISSING, None)
+
+
+def test_running_out_of_memory_while_decoding_is_not_a_corrupt_cover(images, monkeypatch):
+    # It was caught with every decoder error and stored the cover as corrupt for good.
+    from recsys.data import images as images_module
+
+    (images / "N1.jpg").write_bytes(image_bytes("JPEG"))
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(images_module.Image, "open", out_of_memory)
+    with pytest.raises(MemoryError):
+        inspect_image(images, "N1")

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 import recsys
 from recsys.columns import NEWS_ID, RANK, SCORE, USER_ID
-from recsys.errors import ConfigError, ModelMismatchError, NotFoundError, RecsysError, RunLockedError
+from recsys.errors import ConfigError, DamagedFileError, ModelMismatchError, NotFoundError, RecsysError, RunLockedError
 from recsys.ranking import runs
 from recsys.ranking.lock import acquire_lock, read_lock
 from recsys.ranking.nightly import run_nightly
@@ -227,7 +227,7 @@ def test_model_bundle_must_be_readable(world_store, world, tmp_path):
     with pytest.raises(ModelMismatchError, match=r"keys \['embedding_dim', 'side_features'\] are missing"):
         _nightly(world_store, world, model_dir=tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ModelMismatchError, match="unreadable model config"):
+    with pytest.raises(DamagedFileError, match="config.json: the file is there but cannot be read as the model config"):
         _nightly(world_store, world, model_dir=tmp_path)
 
 
