@@ -58,11 +58,16 @@ class CTRModel(keras.Model):
 
     def get_config(self) -> dict:
         return {
-            "name": self.name,
+            **super().get_config(),  # name, trainable, dtype policy
             "item_tower": keras.saving.serialize_keras_object(self.item_tower),
             "user_encoder": keras.saving.serialize_keras_object(self.user_encoder),
             "scorer": keras.saving.serialize_keras_object(self.scorer),
         }
+
+    def build_from_config(self, config: dict) -> None:
+        # The three blocks are functional models, built as they are deserialised; this model
+        # owns no weights of its own, so loading a .keras file has nothing left to build.
+        self.built = True
 
     @classmethod
     def from_config(cls, config: dict) -> "CTRModel":

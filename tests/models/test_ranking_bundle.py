@@ -233,7 +233,7 @@ def test_score_impressions_a_chunk_of_impressions_at_a_time(model, small, monkey
         model.score_impressions(bad, emb, log, first[: n - 1])
 
 
-def test_training_model_and_bundle_agree(model, small):
+def test_training_model_and_bundle_agree(model, small, tmp_path):
     """The CTRModel used in training computes exactly what the bundle serves."""
     world, log, first = small
     f = world.features
@@ -259,6 +259,13 @@ def test_training_model_and_bundle_agree(model, small):
     clone.user_encoder.set_weights(model.user_encoder.get_weights())
     clone.scorer.set_weights(model.scorer.get_weights())
     np.testing.assert_allclose(np.asarray(clone(inputs, training=False)), logits, atol=1e-6)
+
+    # A native .keras file round-trips with its weights, like the three blocks the bundle saves.
+    path = tmp_path / "ctr.keras"
+    ctr.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, CTRModel) and loaded.name == ctr.name
+    np.testing.assert_allclose(np.asarray(loaded(inputs, training=False)), logits, atol=1e-6)
 
 
 def test_create_validates_arguments(small_world):
