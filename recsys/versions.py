@@ -16,12 +16,12 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import Engine, insert, select, update
 
 from recsys.atomic import atomic_open, remove_stale
+from recsys.clock import utc_now
 from recsys.errors import DamagedFileError, ModelMismatchError, NotFoundError
 from recsys.store import schema as s
 from recsys.store.database import PUBLISH_LOCK_KEY, serialized_transaction
@@ -71,12 +71,8 @@ def read_bundle_config(model_dir: Path) -> dict:
     return config
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
-
-
 def new_version_name() -> str:
-    return utcnow().strftime("v%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    return utc_now().strftime("v%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
 def staging_dir(models_dir: Path, version: str) -> Path:
@@ -110,7 +106,7 @@ def publish_version(engine: Engine, models_dir: Path, version: str, staged: Path
             conn.execute(update(s.model_versions).values(is_current=False))
         conn.execute(
             insert(s.model_versions).values(
-                version=version, path=str(final), created_at=utcnow(), is_current=make_current, manifest=manifest
+                version=version, path=str(final), created_at=utc_now(), is_current=make_current, manifest=manifest
             )
         )
     return ModelVersion(version, final, manifest)

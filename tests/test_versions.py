@@ -42,7 +42,7 @@ def test_two_trainings_publishing_at_once_leave_one_current_version(engine, tmp_
     versions.publish_version(engine, models, "v0", _stage(models, "v0"), {"seed": 0})
     # The first publisher pauses between clearing the flags and inserting its row (where it
     # reads the clock), while the second one starts publishing.
-    first_cleared, real_utcnow = threading.Event(), versions.utcnow
+    first_cleared, real_utcnow = threading.Event(), versions.utc_now
 
     def slow_utcnow():
         if threading.current_thread().name == "first":
@@ -50,7 +50,7 @@ def test_two_trainings_publishing_at_once_leave_one_current_version(engine, tmp_
             time.sleep(1.0)
         return real_utcnow()
 
-    monkeypatch.setattr(versions, "utcnow", slow_utcnow)
+    monkeypatch.setattr(versions, "utc_now", slow_utcnow)
     errors = []
 
     def publish(version):

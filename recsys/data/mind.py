@@ -21,11 +21,12 @@ import os
 import re
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 
+from recsys.clock import utc_now
 from recsys.columns import (
     ABSTRACT,
     ABSTRACT_ENTITIES,
@@ -178,7 +179,7 @@ def parse_time(text: str) -> datetime:
 
 def latest_time() -> datetime:
     """The latest behaviors time accepted: a day from now (naive UTC)."""
-    return datetime.now(timezone.utc).replace(tzinfo=None) + FUTURE_SLACK
+    return utc_now() + FUTURE_SLACK
 
 
 def format_time(value: datetime) -> str:

@@ -10,7 +10,7 @@ from sqlalchemy import Engine, and_, insert, select, update
 from recsys.ranking.lock import current_holder, local_process_gone
 from recsys.store import schema as s
 from recsys.store.database import write_transaction
-from recsys.versions import utcnow
+from recsys.clock import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def recorded_run(engine: Engine, kind: str, *, model_version: str | None = None,
     with engine.begin() as conn:
         run_id = conn.execute(
             insert(s.runs).values(
-                kind=kind, status="running", started_at=utcnow(), model_version=model_version, counts={}, timings={},
+                kind=kind, status="running", started_at=utc_now(), model_version=model_version, counts={}, timings={},
                 holder=current_holder(),
             )
         ).inserted_primary_key[0]
@@ -40,7 +40,7 @@ def recorded_run(engine: Engine, kind: str, *, model_version: str | None = None,
             with engine.begin() as conn:
                 conn.execute(
                     update(s.runs).where(s.runs.c.run_id == run_id).values(
-                        status="failed", finished_at=utcnow(), message=f"{type(exc).__name__}: {exc}"[:2000],
+                        status="failed", finished_at=utc_now(), message=f"{type(exc).__name__}: {exc}"[:2000],
                         counts=record["counts"], timings=record["timings"],
                     )
                 )
@@ -51,7 +51,7 @@ def recorded_run(engine: Engine, kind: str, *, model_version: str | None = None,
     with engine.begin() as conn:
         conn.execute(
             update(s.runs).where(s.runs.c.run_id == run_id).values(
-                status="complete", finished_at=utcnow(), counts=record["counts"], timings=record["timings"],
+                status="complete", finished_at=utc_now(), counts=record["counts"], timings=record["timings"],
                 model_version=record["model_version"],
             )
         )
@@ -83,7 +83,7 @@ def abandon_dead_runs(engine: Engine, kind: str, *, every: bool = False) -> list
         for run_id, reason in dead.items():
             conn.execute(
                 update(s.runs).where(and_(r.run_id == run_id, r.status == "running")).values(
-                    status="failed", finished_at=utcnow(),
+                    status="failed", finished_at=utc_now(),
                     message=f"abandoned: {reason}, and the run recorded no outcome (killed?)",
                 )
             )

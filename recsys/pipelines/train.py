@@ -22,7 +22,8 @@ from recsys.pipelines.features import encode_news
 from recsys.pipelines.runlog import recorded_run, running_runs
 from recsys.store import repository as repo
 from recsys.threads import configure_threads
-from recsys.versions import ModelVersion, new_version_name, publish_version, staging_dir, utcnow
+from recsys.clock import utc_now
+from recsys.versions import ModelVersion, new_version_name, publish_version, staging_dir
 
 log = logging.getLogger("recsys.train")
 
@@ -182,7 +183,7 @@ def run_train(
         model.save(staged / "model")
         manifest = {
             "version": version,
-            "created_at": utcnow().isoformat(),
+            "created_at": utc_now().isoformat(),
             "text_encoder": features.text_encoder.to_dict(),
             "image_encoder": features.image_encoder.to_dict(),
             "embedding_dim": mc.embedding_dim,

@@ -30,6 +30,7 @@ import psutil
 from sqlalchemy import Engine, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from recsys.clock import utc_now
 from recsys.errors import RunLockedError
 from recsys.store import schema as s
 from recsys.store.database import write_transaction
@@ -45,11 +46,6 @@ DEFAULT_STALE_AFTER = timedelta(minutes=15)
 _MAX_ATTEMPTS = 5
 # Process start times and lock times come from different clocks; allow for rounding.
 _CLOCK_SLACK = timedelta(seconds=2)
-
-
-def utc_now() -> datetime:
-    """The current time as a naive UTC datetime, as the store keeps times."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 def current_holder() -> str:

@@ -20,13 +20,14 @@ import time as clock
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
 from recsys.atomic import remove_stale
+from recsys.clock import utc_now
 from recsys.columns import HISTORY, IMAGE_MISSING, IMAGE_OK, IMAGE_STATUSES
 from recsys.data.images import ImageCheck, check_image_file, image_names, inspect_image, list_images
 from recsys.data.mind import (
@@ -154,7 +155,7 @@ def ingest(
         listing = list_images(images_dir)
 
     started = clock.perf_counter()
-    now = datetime.now(UTC).replace(tzinfo=None)
+    now = utc_now()
     report = IngestReport(source=source if behaviors_path is not None else None)
     named_after = Path(behaviors_path if behaviors_path is not None else news_path)
     quarantine = _QuarantineFile(Path(quarantine_dir), f"{now:%Y%m%dT%H%M%S_%f}-{named_after.stem}.tsv")
