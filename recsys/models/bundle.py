@@ -54,9 +54,12 @@ class _OwnTracingWarningFilter(logging.Filter):
         return not ("triggered tf.function retracing" in message and "RankingModel.__init__" in message)
 
 
-_tf_logger = logging.getLogger("tensorflow")
-if not any(isinstance(f, _OwnTracingWarningFilter) for f in _tf_logger.filters):
-    _tf_logger.addFilter(_OwnTracingWarningFilter())
+def _quiet_own_tracing_warning() -> None:
+    """Install ``_OwnTracingWarningFilter`` on TensorFlow's logger once (from the first
+    RankingModel made, not at import: importing changes nothing)."""
+    tf_logger = logging.getLogger("tensorflow")
+    if not any(isinstance(f, _OwnTracingWarningFilter) for f in tf_logger.filters):
+        tf_logger.addFilter(_OwnTracingWarningFilter())
 
 CONFIG_FILE = "config.json"
 MODEL_FILES = ("item_tower.keras", "user_encoder.keras", "scorer.keras")
@@ -204,6 +207,7 @@ class RankingModel:
     """
 
     def __init__(self, item_tower: keras.Model, user_encoder: keras.Model, scorer: keras.Model, config: RankingConfig):
+        _quiet_own_tracing_warning()
         self.item_tower = item_tower
         self.user_encoder = user_encoder
         self.scorer = scorer
