@@ -101,7 +101,8 @@ def run_child(url: str) -> dict:
 
     from recsys.data.interactions import with_logged_clicks
     from recsys.models.side_features import SideFeatures
-    from recsys.pipelines.train import first_seen_array, read_training_log, read_windows, train_window
+    from recsys.pipelines.features import first_seen_array
+    from recsys.pipelines.train import read_training_log, read_windows, train_window
     from recsys.store import repository as repo
     from recsys.store.database import open_store
     from recsys.threads import configure_threads

@@ -167,7 +167,8 @@ def test_the_training_log_holds_every_show_the_windows_side_features_count(engin
 
     from recsys.models.side_features import raw_side_features
     from recsys.models.training import clock_floor
-    from recsys.pipelines.train import first_seen_array, read_training_log, read_windows
+    from recsys.pipelines.features import first_seen_array
+    from recsys.pipelines.train import read_training_log, read_windows
     from recsys.store import repository as repo
 
     news = write_lines(tmp_path / "news.tsv", [news_line(f"N{i}") for i in range(1, 7)])

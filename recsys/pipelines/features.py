@@ -1,13 +1,19 @@
-"""Encode the catalogue with the configured frozen encoders, through the feature cache."""
+"""The catalogue as the commands read it: the store's articles, encoded with the configured
+frozen encoders through the feature cache, and the model version that embeds them."""
 
 from __future__ import annotations
 
-
+import numpy as np
 import pandas as pd
+from sqlalchemy import Engine
 
+from recsys.columns import FIRST_SEEN_AT
 from recsys.config import Config, Workspace
 from recsys.encoders.item_features import ItemFeatures
+from recsys.errors import RecsysError
 from recsys.progress import progress
+from recsys.store import repository as repo
+from recsys.versions import ModelVersion
 
 MAX_CACHE_SHARDS = 256
 
@@ -45,3 +51,21 @@ def encode_news(news: pd.DataFrame, workspace: Workspace, config: Config, *, enc
     return features
 
 
+def load_catalogue(engine: Engine, workspace: Workspace, config: Config) -> tuple[pd.DataFrame, ItemFeatures]:
+    """The store's articles (``repository.read_news``) and their features, row-aligned."""
+    news = repo.read_news(engine)
+    if news.empty:
+        raise RecsysError("the store holds no articles: run `recsys ingest --news news.tsv` first")
+    return news, encode_news(news, workspace, config)
+
+
+def first_seen_array(news: pd.DataFrame) -> np.ndarray:
+    """(n,) datetime64[s] first time each article was shown or listed in a History; NaT when never."""
+    return pd.to_datetime(news[FIRST_SEEN_AT]).to_numpy().astype("datetime64[s]")
+
+
+def load_version_model(mv: ModelVersion, features: ItemFeatures):
+    """The version's ``RankingModel``, refusing features from other encoders."""
+    from recsys.models.bundle import RankingModel
+
+    return RankingModel.load(mv.model_dir, text_encoder=features.text_encoder, image_encoder=features.image_encoder)

@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 from recsys.columns import CATEGORY, TITLE
 from recsys.config import Config, Workspace
 from recsys.errors import ConfigError, NotFoundError
-from recsys.pipelines.train import first_seen_array, load_catalogue, load_version_model
+from recsys.pipelines.features import first_seen_array, load_catalogue, load_version_model
 from recsys.store import repository as repo
 from recsys.threads import configure_threads
 from recsys.versions import ModelVersion, check_encoders, get_version

@@ -25,7 +25,7 @@ from recsys.config import Config, Workspace
 from recsys.errors import NotFoundError, RecsysError
 from recsys.pipelines.index import index_manifest, load_index, published_times
 from recsys.pipelines.inputs import check_images_go_with_news, check_output_folder, check_writable
-from recsys.pipelines.train import first_seen_array, load_catalogue, load_version_model
+from recsys.pipelines.features import first_seen_array, load_catalogue, load_version_model
 from recsys.progress import progress
 from recsys.ranking.lock import NIGHTLY_LOCK, LockView, StoreLock, acquire_lock
 from recsys.threads import configure_threads

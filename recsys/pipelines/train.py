@@ -9,21 +9,19 @@ from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
-import pandas as pd
 from sqlalchemy import Engine
 
-from recsys.columns import FIRST_SEEN_AT
+from recsys.clock import utc_now
 from recsys.config import Config, Workspace
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError
 from recsys.data.interactions import ClickLog, Impressions, InteractionLog, without_later_clicks
 from recsys.models.side_features import SideFeatures
-from recsys.pipelines.features import encode_news
+from recsys.pipelines.features import first_seen_array, load_catalogue
 from recsys.pipelines.runlog import recorded_run, running_runs
 from recsys.store import repository as repo
 from recsys.threads import configure_threads
-from recsys.clock import utc_now
-from recsys.versions import ModelVersion, new_version_name, publish_version, staging_dir
+from recsys.versions import new_version_name, publish_version, staging_dir
 
 log = logging.getLogger("recsys.train")
 
@@ -44,18 +42,6 @@ def parse_time(value: str | None, flag: str) -> datetime | None:
         raise RecsysError(
             f"{flag} {value!r} is outside the calendar in UTC, expected a time from {datetime.min} to {datetime.max} UTC"
         ) from exc
-
-
-def first_seen_array(news: pd.DataFrame) -> np.ndarray:
-    """(n,) datetime64[s] first time each article was shown or listed in a History; NaT when never."""
-    return pd.to_datetime(news[FIRST_SEEN_AT]).to_numpy().astype("datetime64[s]")
-
-
-def load_catalogue(engine: Engine, workspace: Workspace, config: Config) -> tuple[pd.DataFrame, ItemFeatures]:
-    news = repo.read_news(engine)
-    if news.empty:
-        raise RecsysError("the store holds no articles: run `recsys ingest --news news.tsv` first")
-    return news, encode_news(news, workspace, config)
 
 
 def train_window(engine: Engine, since: datetime | None, until: datetime | None, valid_days: float, source: str | None = None):
@@ -247,10 +233,3 @@ def _final_metrics(history: dict) -> dict:
 def _log_epoch(info: dict) -> None:
     shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
     log.info("epoch: %s", shown)
-
-
-def load_version_model(mv: ModelVersion, features: ItemFeatures):
-    """The version's ``RankingModel``, refusing features from other encoders."""
-    from recsys.models.bundle import RankingModel
-
-    return RankingModel.load(mv.model_dir, text_encoder=features.text_encoder, image_encoder=features.image_encoder)
