@@ -61,23 +61,27 @@ class Catalogue:
 
 
 def item_side_features(
-    side_features: SideFeatures, now: np.datetime64, log: InteractionLog, first_seen: np.ndarray
+    side_features: SideFeatures, now: np.datetime64, log: InteractionLog, first_seen: np.ndarray,
+    *, popularity_at: np.datetime64 | None = None,
 ) -> np.ndarray:
     """Side features of every article at time ``now``.
 
     Args:
         side_features: the model's side-feature definition (``model.config.side_features``).
-        now: the run's time (the store's latest impression time).
+        now: the run's time (the store's latest impression time); ages are read at it.
         log: labelled shows and clicks, item rows as in ``first_seen``.
         first_seen: (n,) datetime64 first appearance of each article (NaT: brand new).
+        popularity_at: read popularity here instead of at ``now`` (the store's last labelled
+            show, when later impressions carry no labels).
 
     Returns:
         (n, S) float32, equal to ``model.side_features`` of each (article, now) pair.
     """
     n = len(first_seen)
     rows = np.arange(n, dtype=np.int64)
-    times = np.full(n, np.datetime64(now, "s"))
-    return np.asarray(side_features.compute(rows, times, log, first_seen), dtype=np.float32)
+    ages = np.full(n, np.datetime64(now, "s"))
+    times = ages if popularity_at is None else np.full(n, np.datetime64(popularity_at, "s"))
+    return np.asarray(side_features.compute(rows, times, log, first_seen, age_times=ages), dtype=np.float32)
 
 
 def popular_items(

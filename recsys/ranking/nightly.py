@@ -312,17 +312,27 @@ def _prepare(engine: Engine, model_dir, index_dir, *, as_of: datetime, freshness
     news_ids = np.asarray(index.news_ids, dtype=object)
     now = np.datetime64(as_of, "s")
     window = timedelta(hours=side_features.window_hours)
-    log = read_interaction_log(engine, news_ids, since=as_of - window, until=as_of)
+    # Popularity counts labelled shows up to the store's last one, included (predict and
+    # evaluate's "store's end"). When the newest impressions are unlabelled (a MIND test file
+    # ingested last), a window ending at the run's time would hold none of them and every
+    # article would read as never shown; ages are still read at the run's time.
+    _, last_show = time_range(engine, labelled_only=True)
+    popular_at = as_of if last_show is None else last_show + timedelta(seconds=1)
+    if last_show is not None and last_show < time_range(engine)[1]:
+        log.warning("the store's impressions after %s carry no labels: popularity is read from the %g h before it, "
+                    "ages at the run's time %s", last_show, side_features.window_hours, as_of)
+    events = read_interaction_log(engine, news_ids, since=popular_at - window, until=popular_at)
     first_seen = first_seen_times(engine, news_ids)
     fresh_after = np.datetime64(as_of - timedelta(days=freshness_days), "s")
     return {
         "news_ids": news_ids,
         "fingerprint": ids_fingerprint(news_ids),
-        "side": item_side_features(side_features, now, log, first_seen),
+        "side": item_side_features(side_features, now, events, first_seen, popularity_at=np.datetime64(popular_at, "s")),
         # Freshness from the index, as the warm users' published_after filter reads it: an
         # article never shown has no first-seen time but an indexing time, and ages out.
         "popular": popular_items(
-            log, index.published(news_ids), now=now, window=np.timedelta64(int(window.total_seconds()), "s"),
+            events, index.published(news_ids), now=np.datetime64(popular_at, "s"),
+            window=np.timedelta64(int(window.total_seconds()), "s"),
             # Every fresh article, not num_candidates: each cold-start reader skips the ones they clicked.
             fresh_after=fresh_after,
         ),

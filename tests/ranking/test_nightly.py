@@ -440,3 +440,23 @@ def test_a_run_that_cannot_be_marked_failed_still_reports_its_own_error(world_st
         with pytest.raises(NothingToRecommendError):
             _nightly(world_store, world, index_dir=_empty_index(world, tmp_path))
     assert re.search(r"could not mark run \d+ failed \(OperationalError: .*database or disk is full", caplog.text)
+
+
+def test_popularity_is_read_from_the_last_labelled_window_when_later_impressions_have_no_labels(world_store, world, caplog):
+    # A MIND test file (no labels) ingested last moved the run's time a day past every labelled
+    # show: the 24 h window before it was empty and every article read as never shown.
+    from recsys.models.side_features import SIDE_FEATURE_NAMES
+    from recsys.ranking.nightly import _prepare
+
+    popularity = [SIDE_FEATURE_NAMES.index(name) for name in ("log_clicks", "log_shows")]
+    age = SIDE_FEATURE_NAMES.index("log_age_hours")
+    at_end = _prepare(world_store, world.model_dir, world.index_dir, as_of=world.as_of, freshness_days=3)
+    assert "carry no labels" not in caplog.text
+    later = _prepare(world_store, world.model_dir, world.index_dir, as_of=world.as_of + timedelta(days=1), freshness_days=3)
+    assert len(np.unique(at_end["side"][:, popularity[0]])) > 1  # the world's last day has clicks to read
+    np.testing.assert_array_equal(later["side"][:, popularity], at_end["side"][:, popularity])
+    assert (later["side"][:, age] > at_end["side"][:, age]).any()  # ages still at the run's time
+    # Cold-start lists: the same popularity order, less what aged out of the freshness window.
+    still_fresh = set(later["popular"].tolist())
+    assert [row for row in at_end["popular"].tolist() if row in still_fresh] == later["popular"].tolist()
+    assert "carry no labels" not in caplog.text  # the store itself has no unlabelled impressions
