@@ -86,3 +86,25 @@ def test_one_file_given_as_both_news_and_behaviors_is_refused_before_anything_is
             run_ingest(engine, ws, news=world / "news.tsv", behaviors=behaviors, images=None)
     assert _count(engine, s.news) == _count(engine, s.quarantine) == 0
     assert _ingest_runs(engine) == [] and not ws.quarantine_dir.exists()
+
+
+def test_another_file_under_the_same_default_source_is_counted_and_named_on_the_log(engine, world, tmp_path, caplog):
+    # data/train/behaviors.tsv and data/other/train/behaviors.tsv both default to the source
+    # 'train/behaviors': the second silently replaced the first's impressions with equal ids.
+    ws = Workspace(tmp_path / "ws").ensure()
+    first, second = tmp_path / "a" / "train", tmp_path / "b" / "train"
+    for folder in (first, second):
+        folder.mkdir(parents=True)
+    lines = (world / "behaviors_train.tsv").read_text().splitlines()
+    (first / "behaviors.tsv").write_text("\n".join(lines[:10]) + "\n")
+    # The same ids, other users: another file, not a corrected copy of the first.
+    other = ["\t".join([c if i != 1 else c + "x" for i, c in enumerate(line.split("\t"))]) for line in lines[:4]]
+    (second / "behaviors.tsv").write_text("\n".join(other) + "\n")
+    summary = run_ingest(engine, ws, news=world / "news.tsv", behaviors=first / "behaviors.tsv", images=None)
+    assert (summary["source"], summary["impressions_changed"]) == ("train/behaviors", 0)
+    again = run_ingest(engine, ws, news=None, behaviors=first / "behaviors.tsv", images=None)
+    assert again["impressions_changed"] == 0 and "had another user or time" not in caplog.text
+    replaced = run_ingest(engine, ws, news=None, behaviors=second / "behaviors.tsv", images=None)
+    assert (replaced["source"], replaced["impressions"], replaced["impressions_changed"]) == ("train/behaviors", 4, 4)
+    assert "4 impressions stored under source 'train/behaviors' had another user or time" in caplog.text
+    assert _count(engine, s.impressions) == 10

@@ -86,6 +86,12 @@ def run_ingest(
         summary = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(report)
         record["counts"] = {k: v for k, v in summary.items() if isinstance(v, int)}
         _refuse_files_without_a_good_row(summary, news=news, behaviors=behaviors)
+    changed = summary.get("impressions_changed", 0)
+    if changed:
+        log.warning("%d impressions stored under source '%s' had another user or time and were replaced by this "
+                    "file's: if it is another file than the one ingested before (MIND restarts impression ids at 1 in "
+                    "every file), its impressions took their place; ingest each file under its own --source",
+                    changed, summary.get("source"))
     bad = summary.get("num_bad_rows", 0)
     if bad:
         log.warning("%d bad rows quarantined in %s", bad, summary.get("quarantine_file"))

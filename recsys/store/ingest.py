@@ -60,6 +60,9 @@ class IngestReport:
         news: news rows accepted (inserted or updated).
         users: users new to the store.
         impressions: impressions accepted (inserted or replaced).
+        impressions_changed: of those, impressions whose (source, impression id) the store held
+            with another user or time: replaced by a corrected file, or by another file stored
+            under the same source name (MIND restarts impression ids at 1 in every file).
         impression_items: candidate rows written.
         clicks: click-row writes: History entries of replaced histories + (user, article) pairs
             clicked, per batch. Not the rows added to ``clicks``: a pair both in the History and
@@ -76,6 +79,7 @@ class IngestReport:
     news: int = 0
     users: int = 0
     impressions: int = 0
+    impressions_changed: int = 0
     impression_items: int = 0
     clicks: int = 0
     num_bad_rows: int = 0
@@ -405,7 +409,15 @@ class _Job:
         )
 
         # Impressions, then their items (replaced whole, so a changed impression leaves no
-        # stale positions behind).
+        # stale positions behind). One stored under this source with another user or time is
+        # counted: a re-ingest of the same file changes none.
+        before = w.select_in(
+            sa.select(impressions.c.impression_id, impressions.c.user_id, impressions.c.time).where(impressions.c.source == source),
+            impressions.c.impression_id, [r.impression_id for r in rows],
+        )
+        if before:
+            incoming = {r.impression_id: (r.user_id, r.time) for r in rows}
+            report.impressions_changed += sum(incoming[imp_id] != (user, time) for imp_id, user, time in before)
         w.upsert(
             impressions, ("source", "impression_id", "user_id", "time"),
             [(source, r.impression_id, r.user_id, r.time) for r in rows], key=("source", "impression_id"),
