@@ -32,6 +32,9 @@ def test_ablations_take_the_evaluated_versions_settings_not_todays_config(tmp_pa
         assert len(mv.manifest["history"]["loss"]) == 1  # the version's one epoch, not today's two
         assert mv.manifest["training_window"] == current.manifest["training_window"]
     assert {m: v.version for m, v in find_ablations(engine, current).items()} == {m: v.version for m, v in found.items()}
+    # A text-only model is not its own ablation: it is compared with the image-only one alone.
+    text_only = found["text"]
+    assert {m: v.version for m, v in find_ablations(engine, text_only).items()} == {"image": found["image"].version}
 
     # Another seed on the same window is another experiment: its ablations are not these.
     other = get_version(engine, run_train(engine, ws, load_config(None, {**trained, "model.seed": 4}))["version"])

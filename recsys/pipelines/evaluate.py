@@ -53,14 +53,21 @@ def _trained_alike(manifest: dict, current: dict) -> bool:
     return all(mine[k] == theirs[k] for k in mine.keys() & theirs.keys() if k != "modalities")
 
 
+def ablation_modalities(current: ModelVersion) -> tuple[str, ...]:
+    """The single-modality variants to compare ``current`` with: text-only and image-only, less
+    the one ``current`` is itself (a text-only model is not its own ablation)."""
+    return tuple(m for m in ("text", "image") if m != current.manifest.get("modalities"))
+
+
 def find_ablations(engine: Engine, current: ModelVersion) -> dict[str, ModelVersion]:
-    """The latest text-only and image-only versions trained like the current one: the same
+    """The latest versions of ``ablation_modalities`` trained like the current one: the same
     window and the same settings apart from the modalities (seed, epochs, history, prior...)."""
     found = {}
     window = current.manifest.get("training_window")
+    wanted = ablation_modalities(current)
     for row in reversed(list_versions(engine)):
         m = row["manifest"]
-        if (m.get("modalities") in ("text", "image") and m["modalities"] not in found
+        if (m.get("modalities") in wanted and m["modalities"] not in found
                 and m.get("training_window") == window and _trained_alike(m, current.manifest)):
             found[m["modalities"]] = get_version(engine, row["version"])
     return found
@@ -73,7 +80,7 @@ def train_missing_ablations(engine: Engine, workspace: Workspace, config: Config
 
     window = current.manifest["training_window"]
     settings = training_settings(current.manifest)
-    for modalities in ("text", "image"):
+    for modalities in ablation_modalities(current):
         if modalities in found:
             continue
         log.info("no %s-only version for the current training window: training one", modalities)
@@ -198,8 +205,9 @@ def run_evaluate(
     if ablations:
         found = train_missing_ablations(engine, workspace, config, chosen[0], find_ablations(engine, chosen[0]))
         for modalities, mv in sorted(found.items()):
-            chosen.append(mv)
-            kinds[mv.version] = "ablation"
+            if mv.version not in kinds:  # also listed in --models: it stays a model
+                chosen.append(mv)
+                kinds[mv.version] = "ablation"
     scan = scan_behaviors(behaviors)  # the checksum for the report, and the span of store data to read
     catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images,
                                        span=scoring_span(scan, chosen))
