@@ -644,3 +644,23 @@ def test_history_entries_naming_no_known_article_are_counted(tmp_path):
     chunks = list(iter_behavior_chunks(path, catalogue, chunk_size=2, tally=tally))
     assert tally == {"ignored_history_entries": 3}
     assert [int(np.diff(imps.history_offsets).sum()) for imps, _ in chunks] == [1, 0]
+
+
+def test_evaluate_says_when_the_file_lies_in_a_models_training_window(trained, tmp_path, caplog):
+    # After the nightly flow ingests a dev file, `recsys train` validates on it; evaluating
+    # that file then reads like a held-out figure.
+    from recsys.pipelines.evaluate import run_evaluate
+
+    world, ws, engine, config, versions = trained
+    version = versions[True]
+    rows = (world / "behaviors_train.tsv").read_text().splitlines(keepends=True)[-20:]
+    seen = tmp_path / "seen.tsv"
+    seen.write_text("".join(rows))
+    result = run_evaluate(engine, ws, config, behaviors=seen, out=tmp_path / "r", versions=[version], num_resamples=10)
+    assert result["trained_on_the_file"] == [version]
+    assert f"lie in the training window of model version {version}" in caplog.text
+    caplog.clear()
+    held_out = run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=tmp_path / "t",
+                            versions=[version], num_resamples=10)
+    assert held_out["trained_on_the_file"] == [] and "training window" not in caplog.text
+

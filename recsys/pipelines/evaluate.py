@@ -209,6 +209,11 @@ def run_evaluate(
                 chosen.append(mv)
                 kinds[mv.version] = "ablation"
     scan = scan_behaviors(behaviors)  # the checksum for the report, and the span of store data to read
+    trained_on = trained_on_the_file(scan, chosen)
+    for mv, window in trained_on.items():
+        log.warning("%s: its impressions (%s .. %s) lie in the training window of model version %s (%s .. %s, "
+                    "validation from %s), which chose its epoch and fitted it: these figures are not held-out",
+                    behaviors, scan.first, scan.last, mv, window["since"], window["until"], window.get("valid_start"))
     catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images,
                                        span=scoring_span(scan, chosen))
     times = feature_times(catalogue, features_at)
@@ -313,8 +318,23 @@ def run_evaluate(
         IGNORED_HISTORY: tally[IGNORED_HISTORY],
         "impression_auc": {name: m["metrics"]["impression_auc"]["value"] for name, m in result["models"].items()},
         "gap_closed": gaps, "seconds": round(time.perf_counter() - t_start, 2), "scoring_seconds": round(t_scored, 2),
-        **warning,
+        "trained_on_the_file": sorted(trained_on), **warning,
     }
+
+
+def trained_on_the_file(scan, versions: list[ModelVersion]) -> dict[str, dict]:
+    """{version: its training window} of the versions whose training window (validation days
+    included) holds a time of the scanned file: a file the model learned from, or one of the
+    same days (its articles' popularity, its readers' clicks), is not held-out."""
+    out = {}
+    if scan.first is None:
+        return out
+    for mv in versions:
+        window = mv.manifest.get("training_window") or {}
+        if "since" in window and "until" in window and (
+                scan.first < datetime.fromisoformat(window["until"]) and scan.last >= datetime.fromisoformat(window["since"])):
+            out[mv.version] = window
+    return out
 
 
 def _display_name(mv: ModelVersion, kind: str) -> str:
