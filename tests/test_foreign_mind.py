@@ -96,7 +96,7 @@ def rows(path: Path) -> list[list[str]]:
     return [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_every_command_runs_on_a_mind_download_without_images(mind: Path, tmp_path: Path, capsys):
+def test_every_command_runs_on_a_mind_download_without_images(mind: Path, tmp_path: Path, capsys, caplog):
     ws = ["--workspace", str(tmp_path / "ws")]
     train, dev = mind / "train", mind / "dev"
     code, out, err = run(capsys, *ws, "ingest", "--news", str(train / "news.tsv"), "--behaviors", str(train / "behaviors.tsv"))
@@ -109,6 +109,7 @@ def test_every_command_runs_on_a_mind_download_without_images(mind: Path, tmp_pa
     code, out, err = run(capsys, *ws, "train", "--epochs", "2")
     assert code == 0, err
     assert json.loads(out)["current"] is True
+    assert "no article in the store has a usable cover" in caplog.text  # text,image by default: say so
     code, out, err = run(capsys, *ws, "index", "build")
     assert code == 0, err
     # Every article here is shown within the log's first hours, so none is "fresh" in the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 
+import numpy as np
 import pytest
 
 from recsys.config import MAX_DAYS, Workspace, load_config
@@ -97,7 +98,7 @@ def _stub_catalogue(monkeypatch):
 
     def stub(engine, workspace, config):
         news = repo.read_news(engine)
-        return news, SimpleNamespace(news_ids=news["news_id"].to_numpy(dtype=object))
+        return news, SimpleNamespace(news_ids=news["news_id"].to_numpy(dtype=object), has_image=np.ones(len(news), bool))
 
     monkeypatch.setattr(train_pipeline, "load_catalogue", stub)
 

@@ -142,6 +142,9 @@ def run_train(
     t0 = time.perf_counter()
     news, features = load_catalogue(engine, workspace, config)
     timings["encode_s"] = round(time.perf_counter() - t0, 2)
+    if "image" in mc.modalities.split(",") and not features.has_image.any():
+        log.warning("no article in the store has a usable cover (the MIND download ships none): the image input reads "
+                    "only its placeholder; `--modalities text` trains the same model without it")
     t0 = time.perf_counter()
     train, valid, every_click = read_windows(
         engine, features.news_ids, since_dt, valid_start, until_dt, source=source, history_len=mc.history_len
