@@ -86,6 +86,11 @@ def run_ingest(
         summary = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(report)
         record["counts"] = {k: v for k, v in summary.items() if isinstance(v, int)}
         _refuse_files_without_a_good_row(summary, news=news, behaviors=behaviors)
+    unknown = summary.get("unknown_history_ids", 0)
+    if unknown:
+        log.warning("%d History entries named articles neither the store nor the news file has: left out of the stored "
+                    "histories (their impressions are kept); ingest the news file that has them, then the behaviors "
+                    "again, to restore them", unknown)
     changed = summary.get("impressions_changed", 0)
     if changed:
         log.warning("%d impressions stored under source '%s' had another user or time and were replaced by this "

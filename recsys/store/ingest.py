@@ -19,6 +19,7 @@ import os
 import time as clock
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +29,7 @@ from sqlalchemy import Connection, Engine
 
 from recsys.atomic import remove_stale
 from recsys.clock import utc_now
-from recsys.columns import HISTORY, IMAGE_MISSING, IMAGE_OK, IMAGE_STATUSES
+from recsys.columns import IMAGE_MISSING, IMAGE_OK, IMAGE_STATUSES
 from recsys.data.images import ImageCheck, check_image_file, image_names, inspect_image, list_images
 from recsys.data.mind import (
     EXPECTED_LABEL, IMPRESSIONS, BadRow, BehaviorRow, FirstLines, NewsRow, RowStream, is_bad_label, iter_behaviors,
@@ -43,6 +44,7 @@ from recsys.store.database import SQLITE_BEGIN
 _QUARANTINE_HEADER = ("file", "line", "field", "reason", "raw")
 # Unusable cover files named one by one on the log; the rest are counted.
 NAMED_BAD_COVERS = 20
+NAMED_UNKNOWN_HISTORY = 20  # lines named on the log for a History id nobody has
 log = logging.getLogger("recsys.ingest")
 # A quarantine temp file unchanged this long was left by a killed ingest (see _QuarantineFile).
 STALE_QUARANTINE_SECONDS = 3600
@@ -64,6 +66,9 @@ class IngestReport:
             with another user or time: replaced by a corrected file, or by another file stored
             under the same source name (MIND restarts impression ids at 1 in every file).
         impression_items: candidate rows written.
+        unknown_history_ids: History entries naming an article neither the store nor the news
+            file has (a news line quarantined, say), left out of the stored History; their
+            impressions are kept, as ``predict`` and ``evaluate`` keep theirs.
         clicks: click-row writes: History entries of replaced histories + (user, article) pairs
             clicked, per batch. Not the rows added to ``clicks``: a pair both in the History and
             clicked counts twice, and a rerun counts its clicked pairs again (docs/data-contract.md).
@@ -81,6 +86,7 @@ class IngestReport:
     impressions: int = 0
     impressions_changed: int = 0
     impression_items: int = 0
+    unknown_history_ids: int = 0
     clicks: int = 0
     num_bad_rows: int = 0
     bad_rows_by_file: dict[str, int] = field(default_factory=dict)
@@ -216,6 +222,7 @@ class _Job:
     report: IngestReport
     now: datetime
     bad_covers: int = 0  # unusable cover files met so far (NAMED_BAD_COVERS of them logged)
+    unknown_history_lines: int = 0  # lines with an unknown History id so far (NAMED_UNKNOWN_HISTORY logged)
 
     def transaction(self) -> AbstractContextManager:
         # strict mode already holds one transaction around everything.
@@ -355,6 +362,8 @@ class _Job:
             for row in lines:
                 if isinstance(row, BehaviorRow):
                     row = repeats.get(row.line) or (missing and _unknown_news(row, missing, known, stream.name)) or row
+                if isinstance(row, BehaviorRow) and missing and not missing.isdisjoint(row.history):
+                    row = self._without_unknown_history(row, missing)
                 if isinstance(row, BadRow):
                     self._bad(row, file_key, pending_bad)
                 else:
@@ -364,6 +373,16 @@ class _Job:
                     self._write_behaviors(good, source, known)
                 self._write_quarantine(pending_bad)
             self._done(len(lines))
+
+    def _without_unknown_history(self, row: BehaviorRow, missing: set[str]) -> BehaviorRow:
+        """The row with its History's unknown articles left out, counted and the first few named."""
+        unknown = [n for n in row.history if n in missing]
+        self.unknown_history_lines += 1
+        if self.unknown_history_lines <= NAMED_UNKNOWN_HISTORY:
+            log.warning("behaviors line %d: History names %s, which neither the store nor the news file has: left out "
+                        "of the stored History, the impression is kept", row.line, ", ".join(unknown[:5]))
+        self.report.unknown_history_ids += len(unknown)
+        return dataclasses.replace(row, history=tuple(n for n in row.history if n not in missing))
 
     def _write_behaviors(self, rows: list[BehaviorRow], source: str, known: dict[str, datetime | None]) -> None:
         w, report = self.writer, self.report
@@ -546,7 +565,8 @@ def _greatest(current, new):
 
 
 def _unknown_news(row: BehaviorRow, missing: set[str], known: dict[str, datetime | None], name: str) -> BadRow | None:
-    """The row as a bad row if it names one of the ``missing`` news ids (History first).
+    """The row as a bad row if one of its candidates is a ``missing`` news id (an unknown History
+    entry is left out instead: ``_without_unknown_history``).
 
     An unknown candidate that is a ``known`` id with a bad label (``N17008-x``, see
     ``is_bad_label``) is reported as that, and first: the reader puts bad labels before ids.
@@ -555,10 +575,9 @@ def _unknown_news(row: BehaviorRow, missing: set[str], known: dict[str, datetime
         for candidate in row.news_ids:
             if candidate in missing and is_bad_label(candidate, known):
                 return BadRow(name, row.line, IMPRESSIONS, candidate, EXPECTED_LABEL, row.raw)
-    for field_name, ids in ((HISTORY, row.history), (IMPRESSIONS, row.news_ids)):
-        for news_id in ids:
-            if news_id in missing:
-                return BadRow(name, row.line, field_name, news_id, "a news id present in the store or in the news file", row.raw)
+    for news_id in row.news_ids:
+        if news_id in missing:
+            return BadRow(name, row.line, IMPRESSIONS, news_id, "a news id present in the store or in the news file", row.raw)
     return None
 
 
