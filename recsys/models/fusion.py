@@ -40,7 +40,12 @@ ITEM_INPUTS = ("text", "image", "has_image", "category")
 # Each anchor block starts with 4x the weight of the learned part (softplus(0) = log 2), so
 # a fresh model ranks by content similarity and training refines from there; on the sample
 # world, starting at 1x left the anchors unused (per-impression AUC +0.00 vs +0.02 at 4x).
-_ANCHOR_START_WEIGHT = 4.0
+ANCHOR_START_WEIGHT = 4.0
+# A block whose similarity does not rank the training clicks (titles of random words, say)
+# starts at this weight instead: at 4x it is 97% of the embedding's norm, and a few hundred
+# steps cannot move the trainable scale far enough for the learned part (the category, the
+# other modality) to be heard (docs/model.md, "Anchors that carry no signal").
+WEAK_ANCHOR_START_WEIGHT = 0.25
 
 
 def _rms_normalise(x):
@@ -186,7 +191,7 @@ class MultimodalFusion(keras.layers.Layer):
         learned = l2_normalise(ops.matmul(fused, self.output_kernel) + self.output_bias)
         if not anchors:
             return learned
-        scales = ops.softplus(self.anchor_scale) * _ANCHOR_START_WEIGHT / np.log(2.0)
+        scales = ops.softplus(self.anchor_scale) * ANCHOR_START_WEIGHT / np.log(2.0)
         blocks = [learned] + [scales[k] * a for k, a in enumerate(anchors)]
         return l2_normalise(ops.concatenate(blocks, axis=-1))
 
@@ -215,6 +220,21 @@ class MultimodalFusion(keras.layers.Layer):
                 self.text_basis.assign(self._principal_directions(text, self.text_center))
             if "image" in used and with_image.any():
                 self.image_basis.assign(self._principal_directions(np.asarray(image)[with_image], self.image_center))
+
+    def set_anchor_start_weights(self, weights) -> None:
+        """Start each anchor block (modality, text first) at ``weights[b]`` times the learned
+        part's weight instead of ``ANCHOR_START_WEIGHT``; the scales stay trainable."""
+        weights = np.asarray(weights, dtype=np.float64)
+        if not self.anchor_dim or weights.shape != (len(self.modalities.split(",")),) or not (weights > 0).all():
+            raise ValueError(f"anchor start weights {weights.tolist()}: expected one positive weight per anchor block")
+        softplus = weights * np.log(2.0) / ANCHOR_START_WEIGHT  # call() scales softplus(s) by START / log 2
+        # The default start is exactly the initial 0, not log(expm1(log 2)) ~ -2e-16.
+        scale = np.where(weights == ANCHOR_START_WEIGHT, 0.0, np.log(np.expm1(softplus)))
+        self.anchor_scale.assign(scale.astype(np.float32))
+
+    def anchor_start_weights(self) -> np.ndarray:
+        """(blocks,) each anchor block's weight relative to the learned part, now."""
+        return np.log1p(np.exp(ops.convert_to_numpy(self.anchor_scale).astype(np.float64))) * ANCHOR_START_WEIGHT / np.log(2.0)
 
     def content_anchors(self, text: np.ndarray, image: np.ndarray, has_image: np.ndarray, *, batch_size: int = 8192) -> np.ndarray:
         """The fixed content anchor blocks of ``call``, unscaled: (n, anchor_dim x modalities).

@@ -32,9 +32,9 @@ from recsys.interrupts import raise_if_terminated
 from recsys.models import NUM_HEADS
 from recsys.models.bundle import RankingModel
 from recsys.models.ctr import CTRModel, listwise_loss, pointwise_loss
-from recsys.models.fusion import CategoryVocabulary
+from recsys.models.fusion import ANCHOR_START_WEIGHT, WEAK_ANCHOR_START_WEIGHT, CategoryVocabulary
 from recsys.data.interactions import (
-    ClickLog, Impressions, InteractionLog, concat_impressions, first_shown,
+    ClickLog, Impressions, InteractionLog, concat_impressions, first_shown, gather_csr,
     with_logged_clicks,
 )
 from recsys.models.side_features import SideFeatures
@@ -435,10 +435,50 @@ def train_ctr(
         "learning_rate": learning_rate, "train_impressions": history["train_impressions"],
         "train_samples": history["train_samples"], "calibration": history["calibration"],
         "prior_weights": list(prior_weights), "moment_weights": list(moment_weights), "served_val_auc": served_auc,
-        "refit": refit_info,
+        "refit": refit_info, "anchor_similarity_auc": history["anchor_similarity_auc"],
+        "anchor_start_weights": history["anchor_start_weights"],
     }
     config = dataclasses.replace(model.config, info=info)
     return RankingModel(model.item_tower, model.user_encoder, model.scorer, config), history
+
+
+# A content-anchor block starts strong only when its mean similarity to the history ranks the
+# training clicks clearly better than chance (per-impression AUC).
+ANCHOR_SIGNAL_AUC = 0.52
+ANCHOR_AUC_IMPRESSIONS = 10_000
+
+
+def anchor_similarity_aucs(fusion, features: ItemFeatures, train: Impressions) -> dict[str, float]:
+    """{modality: per-impression AUC of the candidates' mean anchor similarity to the history}
+    on up to ``ANCHOR_AUC_IMPRESSIONS`` training impressions with a history, evenly spread
+    ({} without anchors). This is the content prior's ``s1`` on the training window, before any
+    weight is trained: how well the frozen encoders' own similarity ranks these clicks. A
+    candidate that is in its impression's own history is left out."""
+    if not fusion.anchor_dim:
+        return {}
+    with_history = np.flatnonzero((np.diff(train.history_offsets) > 0) & (np.diff(train.candidate_offsets) > 0))
+    if len(with_history) == 0:
+        return {}
+    rows = with_history[np.linspace(0, len(with_history) - 1, min(len(with_history), ANCHOR_AUC_IMPRESSIONS)).astype(np.int64)]
+    rows = np.unique(rows)
+    h_off, h_items = gather_csr(train.history_offsets, train.history_items, rows)
+    c_off, c_items = gather_csr(train.candidate_offsets, train.candidate_items, rows)
+    _, labels = gather_csr(train.candidate_offsets, train.labels, rows)
+    owner = np.repeat(np.arange(len(rows)), np.diff(c_off))
+    # A candidate in its own history is similar to itself whatever the encoders say: it would
+    # lend random features an AUC above chance where re-shown clicked articles are clicked again.
+    n = np.int64(len(features))
+    own = np.isin(owner * n + c_items, np.repeat(np.arange(len(rows)), np.diff(h_off)) * n + h_items)
+    labels = np.where(own, -1, labels)  # -1: left out of the AUC
+    anchors = fusion.content_anchors(features.text, features.image, features.has_image)
+    out = {}
+    for b, name in enumerate(fusion.modalities.split(",")):
+        block = anchors[:, b * fusion.anchor_dim : (b + 1) * fusion.anchor_dim]
+        means = np.add.reduceat(block[h_items], h_off[:-1], axis=0) / np.diff(h_off)[:, None]  # (r, anchor_dim)
+        s1 = np.einsum("ij,ij->i", means[owner], block[c_items])
+        auc, _ = mean_impression_auc(labels, s1, c_off)
+        out[name] = float(auc) if np.isfinite(auc) else 0.5
+    return out
 
 
 def _train_networks(
@@ -474,7 +514,12 @@ def _train_networks(
         features.text_encoder, features.image_encoder, vocabulary.categories, history_len=history_len,
         side_features=side_spec, seed=seed, logged_clicks=logged_clicks, **architecture,
     )
-    model.item_tower.get_layer("fusion").adapt(features.text[seen], features.image[seen], features.has_image[seen])
+    fusion_layer = model.item_tower.get_layer("fusion")
+    fusion_layer.adapt(features.text[seen], features.image[seen], features.has_image[seen])
+    anchor_aucs = anchor_similarity_aucs(fusion_layer, features, train)
+    if any(auc < ANCHOR_SIGNAL_AUC for auc in anchor_aucs.values()):  # else the layer's own start, untouched
+        fusion_layer.set_anchor_start_weights(
+            [ANCHOR_START_WEIGHT if auc >= ANCHOR_SIGNAL_AUC else WEAK_ANCHOR_START_WEIGHT for auc in anchor_aucs.values()])
     ctr = CTRModel(model.item_tower, model.user_encoder, model.scorer)
     optimizer = keras.optimizers.Adam(learning_rate)
     side = side_spec.compute(train.candidate_items, train_times, log, first_seen)
@@ -518,7 +563,9 @@ def _train_networks(
 
     blocks = (model.item_tower, model.user_encoder, model.scorer)
     history = {"loss": [], "val_auc": [], "val_log_loss": [], "epoch_seconds": [],
-               "train_impressions": int(len(eligible)), "train_samples": int(labelled[eligible].sum())}
+               "train_impressions": int(len(eligible)), "train_samples": int(labelled[eligible].sum()),
+               "anchor_similarity_auc": anchor_aucs,
+               "anchor_start_weights": [float(w) for w in (fusion_layer.anchor_start_weights() if anchor_aucs else [])]}
     best_auc, best_epoch, best_weights, waited = -np.inf, 0, None, 0
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()

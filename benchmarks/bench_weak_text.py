@@ -1,0 +1,129 @@
+"""Titles that say nothing: does the model still learn what does (issue 4, robustness)?
+
+A MIND-format world built here, not by the sample generator: each reader likes 3 of 10
+categories and clicks a candidate of a liked category with probability 0.25, any other with
+0.02; titles and abstracts are random words from one small vocabulary, so the frozen text
+encoder's similarity carries no signal; there are no covers. Its History column lists liked
+articles; train is five days of impressions, the held-out file the day after.
+
+For each seed it trains the default text+image model and its ablations (``recsys evaluate
+--baselines``) twice: with the content anchors' start chosen from the training data (the
+default: a block whose similarity to the history does not rank the training clicks starts
+weak) and with every block started strong, as before (``ANCHOR_SIGNAL_AUC = 0``). Rows:
+per-impression AUC on the held-out day.
+
+Usage:
+  python benchmarks/bench_weak_text.py --seeds 1 2 3
+
+Prints a table and writes benchmarks/results/weak_text.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import shutil
+import tempfile
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CATEGORIES = ("news", "sports", "finance", "lifestyle", "foodanddrink", "autos", "tv", "video", "kids", "travel")
+WORDS = ("the a season star recipe market stocks car review royal family kids dog cat storm election win loss record "
+         "deal city team plan report week home show new old big").split()
+
+
+def write_world(root: Path, seed: int, *, news: int = 700, users: int = 500, train_impressions: int = 2500,
+                test_impressions: int = 800) -> None:
+    """news.tsv, behaviors_train.tsv and behaviors_test.tsv of one category-driven world under ``root``."""
+    rng = random.Random(seed)
+    ids = [f"N{i}" for i in rng.sample(range(1000, 200_000), news)]
+    category = {n: rng.choice(CATEGORIES) for n in ids}
+    with open(root / "news.tsv", "w", encoding="utf-8") as f:
+        for n in ids:
+            title = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize()
+            abstract = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30)))
+            f.write("\t".join([n, category[n], category[n] + "sub", title, abstract, "https://example.com/" + n, "[]", "[]"]) + "\n")
+    back, shown = ids[: news // 3], ids[news // 3 :]
+    start = datetime(2019, 11, 9)
+    born = {n: start + timedelta(hours=rng.uniform(0, 24 * 6)) for n in shown}
+    readers = [f"U{i}" for i in rng.sample(range(10, 100_000), users)]
+    taste = {u: set(rng.sample(CATEGORIES, 3)) for u in readers}
+    history = {}
+    for u in readers:
+        liked = [n for n in back if category[n] in taste[u]]
+        history[u] = rng.sample(liked, min(len(liked), rng.choice([0, rng.randint(1, 40)])))
+
+    def impressions(first_id: int, count: int, since: datetime, hours: float) -> list[str]:
+        lines = []
+        for i in range(first_id, first_id + count):
+            u, t = rng.choice(readers), since + timedelta(seconds=rng.uniform(0, hours * 3600))
+            alive = [n for n in shown if born[n] <= t < born[n] + timedelta(hours=48)] or shown
+            candidates = rng.sample(alive, min(len(alive), rng.randint(5, 40)))
+            labels = [int(rng.random() < (0.25 if category[n] in taste[u] else 0.02)) for n in candidates]
+            if not any(labels):
+                labels[rng.randrange(len(labels))] = 1
+            when = f"{t.month}/{t.day}/{t.year} {t.hour % 12 or 12}:{t.minute:02d}:{t.second:02d} {'PM' if t.hour >= 12 else 'AM'}"
+            lines.append("\t".join([str(i), u, when, " ".join(history[u]), " ".join(f"{n}-{y}" for n, y in zip(candidates, labels))]))
+        return lines
+
+    (root / "behaviors_train.tsv").write_text("\n".join(impressions(1, train_impressions, start, 24 * 5)) + "\n")
+    (root / "behaviors_test.tsv").write_text("\n".join(impressions(1, test_impressions, start + timedelta(days=5), 23)) + "\n")
+
+
+def run_seed(seed: int, root: Path) -> dict:
+    from recsys.config import Workspace, load_config
+    from recsys.models import training
+    from recsys.pipelines.evaluate import run_evaluate
+    from recsys.pipelines.ingest import run_ingest
+    from recsys.pipelines.train import run_train
+    from recsys.store.database import open_store
+
+    world = root / f"world-{seed}"
+    world.mkdir()
+    write_world(world, seed)
+    rows, default_threshold = {}, training.ANCHOR_SIGNAL_AUC
+    for label, threshold in (("anchors started from the data (default)", default_threshold),
+                             ("every anchor block started strong (before)", 0.0)):
+        training.ANCHOR_SIGNAL_AUC = threshold
+        try:
+            ws = Workspace(root / f"ws-{seed}-{threshold}").ensure()
+            engine = open_store(ws.default_db_url)
+            run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=None)
+            started = time.perf_counter()
+            run_train(engine, ws, load_config(None, {}))
+            summary = run_evaluate(engine, ws, load_config(None, {}), behaviors=world / "behaviors_test.tsv",
+                                   out=ws.reports_dir / "weak", ablations=True, num_resamples=10)
+            engine.dispose()
+        finally:
+            training.ANCHOR_SIGNAL_AUC = default_threshold
+        rows[label] = {name.split(" (")[0]: auc for name, auc in summary["impression_auc"].items()}
+        rows[label]["seconds"] = round(time.perf_counter() - started, 1)
+    return {"seed": seed, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="recsys-weak-text-"))
+    try:
+        results = [run_seed(seed, root) for seed in args.seeds]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    columns = ("text+image", "text only", "image only", "most popular")
+    print(f"\n{'':<44} " + " ".join(f"{c:>12}" for c in columns))
+    for res in results:
+        for label, row in res["rows"].items():
+            print(f"seed {res['seed']} {label:<37} " + " ".join(f"{row.get(c, float('nan')):>12.4f}" for c in columns))
+    out = {"benchmark": "weak_text", "args": vars(args), "host": platform.node(), "results": results}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "weak_text.json").write_text(json.dumps(out, indent=2))
+    print(f"wrote {RESULTS / 'weak_text.json'}")
+
+
+if __name__ == "__main__":
+    main()
