@@ -76,7 +76,7 @@ def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> d
     console.print(rows_table(recs.to_dict("records"), ["rank", "news_id", "category", "title", "score"], title=f"recommendations for {user}"))
 
     step("6/7 articles similar to the top recommendation")
-    for row in run_similar(engine, ws, news_id=recs.iloc[0]["news_id"], k=5):
+    for row in run_similar(engine, ws, news_id=recs.iloc[0]["news_id"], k=5, num_threads=config.runtime.threads or None):
         console.print(f"  {row['rank']}. {row['news_id']} [{row['category']}] {row['title']}  ({row['score']:.3f})", markup=False)
 
     step("7/7 offline evaluation on the held-out test window")
@@ -92,12 +92,16 @@ def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> d
 
 def _example_user(engine) -> str:
     """A user of the latest run with a click history (most informative to look at)."""
-    from sqlalchemy import func, select
+    from sqlalchemy import select
 
+    from recsys.ranking.runs import latest_run
     from recsys.store import schema as s
 
+    latest = latest_run(engine)
+    if latest is None:
+        raise RecsysError("the nightly run recommended nothing")
+    run_id = latest.run_id
     with engine.connect() as conn:
-        run_id = conn.execute(select(func.max(s.runs.c.run_id)).where(s.runs.c.kind == "nightly", s.runs.c.status == "complete")).scalar()
         user = conn.execute(
             select(s.recommendations.c.user_id)
             .join(s.clicks, s.clicks.c.user_id == s.recommendations.c.user_id)
