@@ -10,7 +10,9 @@ DEMO_WORKSPACE ?= workspace/demo
 PYTEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
-.PHONY: venv demo test test-fast browser clean
+LOWEST_VENV := .venv-lowest
+
+.PHONY: venv demo test test-fast test-lowest browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +33,14 @@ test: $(STAMP) browser
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow and not browser and not ray"
 
+## test-lowest: the fast tests on the lowest version of every dependency that pyproject.toml
+## allows (uv's lowest-direct resolution, in .venv-lowest): the declared lower bounds are tested.
+test-lowest:
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install --quiet 'uv>=0.5'
+	$(LOWEST_VENV)/bin/uv pip install --quiet --python $(LOWEST_VENV)/bin/python --resolution lowest-direct -e '.[test]'
+	$(LOWEST_VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not browser and not ray"
+
 # The report's browser test needs Debian's chromium and chromedriver.
 browser:
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
@@ -42,4 +52,4 @@ browser:
 	fi
 
 clean:
-	rm -rf $(VENV) workspace .pytest_cache
+	rm -rf $(VENV) $(LOWEST_VENV) workspace .pytest_cache
