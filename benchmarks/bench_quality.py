@@ -221,7 +221,8 @@ def run_seed(seed: int, args, root: Path) -> dict:
     versions = {}
     for modalities in ("text", "image", "text,image"):
         cfg = replace(config, model=replace(config.model, modalities=modalities))
-        result = run_train(engine, ws, cfg, make_current=(modalities == "text,image"))
+        result = run_train(engine, ws, cfg, make_current=(modalities == "text,image"),
+                           exact_modalities=(modalities != "text,image"))  # the ablations are what they say
         versions[modalities] = result["version"]
     report = run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=ws.reports_dir / "quality",
                           ablations=True, truth=world / "truth.tsv", num_resamples=200)

@@ -6,11 +6,13 @@ categories and clicks a candidate of a liked category with probability 0.25, any
 encoder's similarity carries no signal; there are no covers. Its History column lists liked
 articles; train is five days of impressions, the held-out file the day after.
 
-For each seed it trains the default text+image model and its ablations (``recsys evaluate
---baselines``) twice: with the content anchors' start chosen from the training data (the
-default: a block whose similarity to the history does not rank the training clicks starts
-weak) and with every block started strong, as before (``ANCHOR_SIGNAL_AUC = 0``). Rows:
-per-impression AUC on the held-out day.
+For each seed it runs ``recsys train`` (text+image asked for) and ``recsys evaluate
+--baselines`` three times: as the product does (an anchor block whose similarity to the history
+does not rank the training clicks starts weak, and a model without such a silent modality is
+trained as well, the better on validation served); with the weak start but every modality kept
+(``train.SILENT_MODALITY_AUC = 0``); and as before both (``training.ANCHOR_SIGNAL_AUC = 0``
+too). Rows: per-impression AUC on the held-out day of the served model and of the ablations
+the report trains beside it.
 
 Usage:
   python benchmarks/bench_weak_text.py --seeds 1 2 3
@@ -74,34 +76,48 @@ def write_world(root: Path, seed: int, *, news: int = 700, users: int = 500, tra
     (root / "behaviors_test.tsv").write_text("\n".join(impressions(1, test_impressions, start + timedelta(days=5), 23)) + "\n")
 
 
+VARIANTS = (  # (row, training.ANCHOR_SIGNAL_AUC, train.SILENT_MODALITY_AUC); 0 turns a rule off
+    ("default: anchors started from the data, silent modality dropped if validation agrees", None, None),
+    ("anchors started from the data, every modality kept", None, 0.0),
+    ("before: anchors started strong, every modality kept", 0.0, 0.0),
+)
+
+
 def run_seed(seed: int, root: Path) -> dict:
     from recsys.config import Workspace, load_config
     from recsys.models import training
+    from recsys.pipelines import train as train_pipeline
     from recsys.pipelines.evaluate import run_evaluate
     from recsys.pipelines.ingest import run_ingest
-    from recsys.pipelines.train import run_train
     from recsys.store.database import open_store
 
     world = root / f"world-{seed}"
     world.mkdir()
     write_world(world, seed)
-    rows, default_threshold = {}, training.ANCHOR_SIGNAL_AUC
-    for label, threshold in (("anchors started from the data (default)", default_threshold),
-                             ("every anchor block started strong (before)", 0.0)):
-        training.ANCHOR_SIGNAL_AUC = threshold
+    rows = {}
+    defaults = training.ANCHOR_SIGNAL_AUC, train_pipeline.SILENT_MODALITY_AUC
+    for k, (label, anchor_auc, silent_auc) in enumerate(VARIANTS):
+        training.ANCHOR_SIGNAL_AUC = defaults[0] if anchor_auc is None else anchor_auc
+        train_pipeline.SILENT_MODALITY_AUC = defaults[1] if silent_auc is None else silent_auc
         try:
-            ws = Workspace(root / f"ws-{seed}-{threshold}").ensure()
+            ws = Workspace(root / f"ws-{seed}-{k}").ensure()
             engine = open_store(ws.default_db_url)
             run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=None)
             started = time.perf_counter()
-            run_train(engine, ws, load_config(None, {}))
+            trained = train_pipeline.run_train(engine, ws, load_config(None, {}))
             summary = run_evaluate(engine, ws, load_config(None, {}), behaviors=world / "behaviors_test.tsv",
                                    out=ws.reports_dir / "weak", ablations=True, num_resamples=10)
             engine.dispose()
         finally:
-            training.ANCHOR_SIGNAL_AUC = default_threshold
-        rows[label] = {name.split(" (")[0]: auc for name, auc in summary["impression_auc"].items()}
-        rows[label]["seconds"] = round(time.perf_counter() - started, 1)
+            training.ANCHOR_SIGNAL_AUC, train_pipeline.SILENT_MODALITY_AUC = defaults
+        report = json.loads(Path(summary["metrics_json"]).read_text())["models"]
+        row = {"served model": next(m["metrics"]["impression_auc"]["value"] for m in report.values() if m["kind"] == "model")}
+        row.update({name.split(" (")[0]: m["metrics"]["impression_auc"]["value"] for name, m in report.items()
+                    if m["kind"] in ("ablation", "baseline")})
+        manifest = json.loads((Path(trained["path"]) / "manifest.json").read_text())
+        row.update(served_modalities=manifest["modalities"], seconds=round(time.perf_counter() - started, 1),
+                   anchor_similarity_auc=manifest["history"].get("anchor_similarity_auc"))
+        rows[label] = row
     return {"seed": seed, "rows": rows}
 
 
@@ -114,11 +130,12 @@ def main() -> None:
         results = [run_seed(seed, root) for seed in args.seeds]
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    columns = ("text+image", "text only", "image only", "most popular")
-    print(f"\n{'':<44} " + " ".join(f"{c:>12}" for c in columns))
+    columns = ("served model", "text only", "image only", "most popular")
+    print(f"\n{'':<95} {'served':>10} " + " ".join(f"{c:>12}" for c in columns))
     for res in results:
         for label, row in res["rows"].items():
-            print(f"seed {res['seed']} {label:<37} " + " ".join(f"{row.get(c, float('nan')):>12.4f}" for c in columns))
+            cells = " ".join(f"{row.get(c) if row.get(c) is not None else float('nan'):>12.4f}" for c in columns)
+            print(f"seed {res['seed']} {label:<88} {row['served_modalities']:>10} {cells}")
     out = {"benchmark": "weak_text", "args": vars(args), "host": platform.node(), "results": results}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "weak_text.json").write_text(json.dumps(out, indent=2))

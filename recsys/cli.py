@@ -188,7 +188,8 @@ def train(
         flags={"model.modalities": "--modalities", "model.fusion": "--fusion", "model.epochs": "--epochs",
                "model.seed": "--seed"},
     )
-    _print_json(run_train(c.engine(), c.workspace, config, since=since, until=until, source=source))
+    _print_json(run_train(c.engine(), c.workspace, config, since=since, until=until, source=source,
+                          exact_modalities=modalities is not None))
 
 
 @index_app.command("build")

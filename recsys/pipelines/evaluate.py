@@ -85,7 +85,8 @@ def train_missing_ablations(engine: Engine, workspace: Workspace, config: Config
             continue
         log.info("no %s-only version for the current training window: training one", modalities)
         cfg = replace(config, model=replace(config.model, **{**settings, "modalities": modalities}))
-        result = run_train(engine, workspace, cfg, since=window["since"], until=window["until"], source=window.get("source"), make_current=False)
+        result = run_train(engine, workspace, cfg, since=window["since"], until=window["until"], source=window.get("source"),
+                           make_current=False, exact_modalities=True)
         found[modalities] = get_version(engine, result["version"])
     return found
 

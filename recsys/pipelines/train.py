@@ -121,9 +121,15 @@ def read_training_log(
 
 def run_train(
     engine: Engine, workspace: Workspace, config: Config, *, since: str | None = None, until: str | None = None,
-    source: str | None = None, make_current: bool = True,
+    source: str | None = None, make_current: bool = True, exact_modalities: bool = False,
 ) -> dict:
-    """Train on the window, validate on its last ``model.valid_days``, publish a version."""
+    """Train on the window, validate on its last ``model.valid_days``, publish a version.
+
+    Unless ``exact_modalities`` (an ablation, or ``--modalities`` given), a model without the
+    modalities whose content says nothing about these clicks is trained as well and the better
+    on validation is kept (``without_silent_modalities``; the manifest records
+    ``modalities_requested``, ``history.modalities_tried`` and ``history.requested_anchor_similarity_auc``).
+    """
     from recsys.models.training import train_ctr
 
     configure_threads(config.runtime.threads or None)
@@ -160,13 +166,32 @@ def run_train(
     version = new_version_name()
     with recorded_run(engine, "train", model_version=version) as record:
         t0 = time.perf_counter()
-        model, history = train_ctr(
-            features, train, valid, events, modalities=mc.modalities, fusion=mc.fusion, embedding_dim=mc.embedding_dim,
-            anchor_dim=mc.anchor_dim,
-            history_len=mc.history_len, epochs=mc.epochs, batch_size=mc.batch_size, learning_rate=mc.learning_rate,
-            seed=mc.seed, first_seen=first_seen, clicks=clicks, content_prior=mc.content_prior,
-            feature_clock_hours=mc.feature_clock_hours, refit=mc.refit, window_hours=window_hours, progress=_log_epoch,
-        )
+
+        def train_with(modalities: str):
+            return train_ctr(
+                features, train, valid, events, modalities=modalities, fusion=mc.fusion, embedding_dim=mc.embedding_dim,
+                anchor_dim=mc.anchor_dim,
+                history_len=mc.history_len, epochs=mc.epochs, batch_size=mc.batch_size, learning_rate=mc.learning_rate,
+                seed=mc.seed, first_seen=first_seen, clicks=clicks, content_prior=mc.content_prior,
+                feature_clock_hours=mc.feature_clock_hours, refit=mc.refit, window_hours=window_hours, progress=_log_epoch,
+            )
+
+        modalities = mc.modalities
+        model, history = train_with(modalities)
+        without = None if exact_modalities else without_silent_modalities(
+            modalities, history.get("anchor_similarity_auc", {}), bool(features.has_image.any()))
+        tried, requested_aucs = {modalities: _served_val_auc(history)}, history.get("anchor_similarity_auc", {})
+        if without is not None:
+            log.warning("the %s features' similarity to the readers' histories does not rank the training clicks "
+                        "(per-impression AUC %s): training a %s model as well, the better on validation is kept",
+                        "/".join(m for m in modalities.split(",") if m not in without.split(",")) or modalities,
+                        history["anchor_similarity_auc"], without)
+            other_model, other_history = train_with(without)
+            tried[without] = _served_val_auc(other_history)
+            if tried[without] > tried[modalities]:
+                model, history, modalities = other_model, other_history, without
+            log.warning("kept the %s model (validation AUC %s)", modalities, tried)
+        history.update(modalities_tried=tried, requested_anchor_similarity_auc=requested_aucs)
         timings["train_s"] = round(time.perf_counter() - t0, 2)
         staged = staging_dir(workspace.models_dir, version)
         model.save(staged / "model")
@@ -177,13 +202,14 @@ def run_train(
             "image_encoder": features.image_encoder.to_dict(),
             "embedding_dim": mc.embedding_dim,
             "anchor_dim": mc.anchor_dim,
-            "modalities": mc.modalities,
+            "modalities": modalities,
+            "modalities_requested": mc.modalities,
             "fusion": mc.fusion,
             "seed": mc.seed,
             "logged_clicks": mc.logged_clicks,
             "feature_clock_hours": mc.feature_clock_hours,
             "refit": mc.refit,
-            "model_config": asdict(mc),  # every setting, so that ablations can be trained alike
+            "model_config": {**asdict(mc), "modalities": modalities},  # every setting, so that ablations can be trained alike
             "content_prior_weights": list(model.config.prior_weights),
             "content_prior_moment_weights": list(model.config.moment_weights),
             "serving_dim": model.config.serving_dim,
@@ -212,6 +238,33 @@ def _counts(train: Impressions, valid: Impressions, features: ItemFeatures) -> d
         "items": len(features),
         "items_with_image": int(features.has_image.sum()),
     }
+
+
+# A modality whose content anchors' similarity to the history ranks the training clicks no
+# better than this (per-impression AUC, ``training.anchor_similarity_aucs``) is "silent".
+SILENT_MODALITY_AUC = 0.52
+
+
+def without_silent_modalities(modalities: str, anchor_aucs: dict[str, float], any_cover: bool) -> str | None:
+    """The modalities to train as well when some of ``modalities`` say nothing about these clicks,
+    or None. Titles of random words (a generated world) or covers of noise make the learned
+    fusion drown the category and popularity; the model without them is tried, and validation
+    decides. With nothing left (silent text and no cover at all) it is "image": without covers
+    that model reads the category, popularity and age alone."""
+    used = modalities.split(",")
+    silent = [m for m in used if m in anchor_aucs and anchor_aucs[m] < SILENT_MODALITY_AUC and (m != "image" or any_cover)]
+    if not silent:
+        return None
+    kept = [m for m in used if m not in silent and (m != "image" or any_cover)]
+    if not kept:
+        kept = ["image"] if not any_cover else []
+    without = ",".join(kept)
+    return without if without and without != modalities else None
+
+
+def _served_val_auc(history: dict) -> float:
+    auc = history.get("served_val_auc", history.get("best_val_auc"))
+    return float(auc) if auc is not None and np.isfinite(auc) else -np.inf
 
 
 def _final_metrics(history: dict) -> dict:
