@@ -10,8 +10,8 @@ For each seed it runs ``recsys train`` (text+image asked for) and ``recsys evalu
 --baselines`` three times: as the product does (an anchor block whose similarity to the history
 does not rank the training clicks starts weak, and a model without such a silent modality is
 trained as well, the better on validation served); with the weak start but every modality kept
-(``train.SILENT_MODALITY_AUC = 0``); and as before both (``training.ANCHOR_SIGNAL_AUC = 0``
-too). Rows: per-impression AUC on the held-out day of the served model and of the ablations
+(``run_train(..., exact_modalities=True)``, as ``--modalities`` does); and as before both
+(``training.ANCHOR_SIGNAL_AUC = 0`` too). Rows: per-impression AUC on the held-out day of the served model and of the ablations
 the report trains beside it.
 
 Usage:
@@ -76,10 +76,10 @@ def write_world(root: Path, seed: int, *, news: int = 700, users: int = 500, tra
     (root / "behaviors_test.tsv").write_text("\n".join(impressions(1, test_impressions, start + timedelta(days=5), 23)) + "\n")
 
 
-VARIANTS = (  # (row, training.ANCHOR_SIGNAL_AUC, train.SILENT_MODALITY_AUC); 0 turns a rule off
-    ("default: anchors started from the data, silent modality dropped if validation agrees", None, None),
-    ("anchors started from the data, every modality kept", None, 0.0),
-    ("before: anchors started strong, every modality kept", 0.0, 0.0),
+VARIANTS = (  # (row, training.ANCHOR_SIGNAL_AUC (None: the product's, 0: every block strong), exact_modalities)
+    ("default: anchors started from the data, silent modality dropped if validation agrees", None, False),
+    ("anchors started from the data, every modality kept", None, True),
+    ("before: anchors started strong, every modality kept", 0.0, True),
 )
 
 
@@ -95,21 +95,20 @@ def run_seed(seed: int, root: Path) -> dict:
     world.mkdir()
     write_world(world, seed)
     rows = {}
-    defaults = training.ANCHOR_SIGNAL_AUC, train_pipeline.SILENT_MODALITY_AUC
-    for k, (label, anchor_auc, silent_auc) in enumerate(VARIANTS):
-        training.ANCHOR_SIGNAL_AUC = defaults[0] if anchor_auc is None else anchor_auc
-        train_pipeline.SILENT_MODALITY_AUC = defaults[1] if silent_auc is None else silent_auc
+    default_auc = training.ANCHOR_SIGNAL_AUC
+    for k, (label, anchor_auc, exact) in enumerate(VARIANTS):
+        training.ANCHOR_SIGNAL_AUC = default_auc if anchor_auc is None else anchor_auc
         try:
             ws = Workspace(root / f"ws-{seed}-{k}").ensure()
             engine = open_store(ws.default_db_url)
             run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=None)
             started = time.perf_counter()
-            trained = train_pipeline.run_train(engine, ws, load_config(None, {}))
+            trained = train_pipeline.run_train(engine, ws, load_config(None, {}), exact_modalities=exact)
             summary = run_evaluate(engine, ws, load_config(None, {}), behaviors=world / "behaviors_test.tsv",
                                    out=ws.reports_dir / "weak", ablations=True, num_resamples=10)
             engine.dispose()
         finally:
-            training.ANCHOR_SIGNAL_AUC, train_pipeline.SILENT_MODALITY_AUC = defaults
+            training.ANCHOR_SIGNAL_AUC = default_auc
         report = json.loads(Path(summary["metrics_json"]).read_text())["models"]
         row = {"served model": next(m["metrics"]["impression_auc"]["value"] for m in report.values() if m["kind"] == "model")}
         row.update({name.split(" (")[0]: m["metrics"]["impression_auc"]["value"] for name, m in report.items()

@@ -436,6 +436,7 @@ def train_ctr(
         "train_samples": history["train_samples"], "calibration": history["calibration"],
         "prior_weights": list(prior_weights), "moment_weights": list(moment_weights), "served_val_auc": served_auc,
         "refit": refit_info, "anchor_similarity_auc": history["anchor_similarity_auc"],
+        "silent_modalities": history["silent_modalities"],
         "anchor_start_weights": history["anchor_start_weights"],
     }
     config = dataclasses.replace(model.config, info=info)
@@ -517,9 +518,10 @@ def _train_networks(
     fusion_layer = model.item_tower.get_layer("fusion")
     fusion_layer.adapt(features.text[seen], features.image[seen], features.has_image[seen])
     anchor_aucs = anchor_similarity_aucs(fusion_layer, features, train)
-    if any(auc < ANCHOR_SIGNAL_AUC for auc in anchor_aucs.values()):  # else the layer's own start, untouched
+    silent = [name for name, auc in anchor_aucs.items() if auc < ANCHOR_SIGNAL_AUC]
+    if silent:  # else the layer's own start, untouched
         fusion_layer.set_anchor_start_weights(
-            [ANCHOR_START_WEIGHT if auc >= ANCHOR_SIGNAL_AUC else WEAK_ANCHOR_START_WEIGHT for auc in anchor_aucs.values()])
+            [WEAK_ANCHOR_START_WEIGHT if name in silent else ANCHOR_START_WEIGHT for name in anchor_aucs])
     ctr = CTRModel(model.item_tower, model.user_encoder, model.scorer)
     optimizer = keras.optimizers.Adam(learning_rate)
     side = side_spec.compute(train.candidate_items, train_times, log, first_seen)
@@ -564,7 +566,7 @@ def _train_networks(
     blocks = (model.item_tower, model.user_encoder, model.scorer)
     history = {"loss": [], "val_auc": [], "val_log_loss": [], "epoch_seconds": [],
                "train_impressions": int(len(eligible)), "train_samples": int(labelled[eligible].sum()),
-               "anchor_similarity_auc": anchor_aucs,
+               "anchor_similarity_auc": anchor_aucs, "silent_modalities": silent,
                "anchor_start_weights": [float(w) for w in (fusion_layer.anchor_start_weights() if anchor_aucs else [])]}
     best_auc, best_epoch, best_weights, waited = -np.inf, 0, None, 0
     for epoch in range(1, epochs + 1):

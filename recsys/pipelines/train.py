@@ -179,7 +179,7 @@ def run_train(
         modalities = mc.modalities
         model, history = train_with(modalities)
         without = None if exact_modalities else without_silent_modalities(
-            modalities, history.get("anchor_similarity_auc", {}), bool(features.has_image.any()))
+            modalities, history.get("silent_modalities", []), bool(features.has_image.any()))
         tried, requested_aucs = {modalities: _served_val_auc(history)}, history.get("anchor_similarity_auc", {})
         if without is not None:
             log.warning("the %s features' similarity to the readers' histories does not rank the training clicks "
@@ -240,19 +240,16 @@ def _counts(train: Impressions, valid: Impressions, features: ItemFeatures) -> d
     }
 
 
-# A modality whose content anchors' similarity to the history ranks the training clicks no
-# better than this (per-impression AUC, ``training.anchor_similarity_aucs``) is "silent".
-SILENT_MODALITY_AUC = 0.52
-
-
-def without_silent_modalities(modalities: str, anchor_aucs: dict[str, float], any_cover: bool) -> str | None:
-    """The modalities to train as well when some of ``modalities`` say nothing about these clicks,
-    or None. Titles of random words (a generated world) or covers of noise make the learned
-    fusion drown the category and popularity; the model without them is tried, and validation
-    decides. With nothing left (silent text and no cover at all) it is "image": without covers
-    that model reads the category, popularity and age alone."""
+def without_silent_modalities(modalities: str, silent: list[str], any_cover: bool) -> str | None:
+    """The modalities to train as well when some of ``modalities`` say nothing about these clicks
+    (``silent``: the training's ``history["silent_modalities"]``, whose anchor blocks started
+    weak), or None. Titles of random words (a generated world) or covers of noise make the
+    learned fusion drown the category and popularity; the model without them is tried, and
+    validation decides. A store without covers has a zero image block, not a silent one. With
+    nothing left (silent text and no cover at all) it is "image": without covers that model
+    reads the category, popularity and age alone."""
     used = modalities.split(",")
-    silent = [m for m in used if m in anchor_aucs and anchor_aucs[m] < SILENT_MODALITY_AUC and (m != "image" or any_cover)]
+    silent = [m for m in used if m in silent and (m != "image" or any_cover)]
     if not silent:
         return None
     kept = [m for m in used if m not in silent and (m != "image" or any_cover)]

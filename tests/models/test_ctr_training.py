@@ -332,6 +332,7 @@ def test_anchor_blocks_start_strong_only_where_their_similarity_ranks_the_traini
     # The world's text is its topic centroid plus noise: text similarity ranks its clicks.
     assert informative["anchor_similarity_auc"]["text"] > ANCHOR_SIGNAL_AUC
     assert informative["anchor_start_weights"][0] == pytest.approx(ANCHOR_START_WEIGHT)
+    assert informative["silent_modalities"] == []
 
     # The same candidates and histories with every title replaced by noise.
     rng = np.random.default_rng(0)
@@ -339,6 +340,7 @@ def test_anchor_blocks_start_strong_only_where_their_similarity_ranks_the_traini
     model, weak = train_ctr(noise, train, world.valid, log, **kwargs)
     assert abs(weak["anchor_similarity_auc"]["text"] - 0.5) < ANCHOR_SIGNAL_AUC - 0.5
     assert weak["anchor_start_weights"][0] == pytest.approx(WEAK_ANCHOR_START_WEIGHT)
+    assert weak["silent_modalities"] == ["text"]
     # An independent reading of the text AUC: the mean similarity, by sklearn, impression by impression.
     fusion = model.item_tower.get_layer("fusion")
     anchors = fusion.content_anchors(noise.text, noise.image, noise.has_image)[:, :4]
