@@ -68,10 +68,22 @@ def abandon_dead_runs(engine: Engine, kind: str, *, every: bool = False) -> list
     Returns:
         The ids of the runs marked failed.
     """
+    return _sweep_running(engine, kind, every=every)[0]
+
+
+def running_runs(engine: Engine, kind: str) -> list[tuple[int, str | None, object]]:
+    """``(run_id, holder, started_at)`` of the runs of ``kind`` still running, after those of
+    dead processes on this host are marked failed (``abandon_dead_runs``)."""
+    return _sweep_running(engine, kind, every=False)[1]
+
+
+def _sweep_running(engine: Engine, kind: str, *, every: bool) -> tuple[list[int], list[tuple[int, str | None, object]]]:
+    """``abandon_dead_runs``'s work in one read of the running rows: ``(ids marked failed,
+    (run_id, holder, started_at) of the others, by run id)``."""
     r = s.runs.c
     with write_transaction(engine) as conn:
         rows = conn.execute(
-            select(r.run_id, r.holder, r.started_at).where(and_(r.kind == kind, r.status == "running"))
+            select(r.run_id, r.holder, r.started_at).where(and_(r.kind == kind, r.status == "running")).order_by(r.run_id)
         ).all()
         dead = {}
         for row in rows:
@@ -89,16 +101,5 @@ def abandon_dead_runs(engine: Engine, kind: str, *, every: bool = False) -> list
             )
     for run_id, reason in dead.items():
         log.warning("%s run %d marked failed: %s before it recorded an outcome", kind, run_id, reason)
-    return list(dead)
-
-
-def running_runs(engine: Engine, kind: str) -> list[tuple[int, str | None, object]]:
-    """``(run_id, holder, started_at)`` of the runs of ``kind`` still running, after those of
-    dead processes on this host are marked failed (``abandon_dead_runs``)."""
-    abandon_dead_runs(engine, kind)
-    r = s.runs.c
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(r.run_id, r.holder, r.started_at).where(and_(r.kind == kind, r.status == "running")).order_by(r.run_id)
-        ).all()
-    return [(int(row.run_id), row.holder, row.started_at) for row in rows]
+    alive = [(int(row.run_id), row.holder, row.started_at) for row in rows if row.run_id not in dead]
+    return list(dead), alive
