@@ -39,8 +39,7 @@ from recsys.errors import RecsysError, SchemaError
 from recsys.interrupts import raise_if_terminated
 from recsys.data.interactions import ClickLog, Impressions, InteractionLog, with_logged_clicks
 from recsys.models.side_features import SideFeatures
-from recsys.pipelines.features import encode_news
-from recsys.pipelines.features import first_seen_array, load_version_model
+from recsys.pipelines.features import encode_news, first_seen_array, load_version_model
 from recsys.store import repository as repo
 from recsys.versions import ModelVersion, check_encoders, read_bundle_config
 

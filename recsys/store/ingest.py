@@ -12,6 +12,7 @@ bad row, so nothing at all is written (no quarantine file either).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -19,7 +20,6 @@ import os
 import time as clock
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
