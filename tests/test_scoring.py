@@ -535,8 +535,55 @@ def test_an_article_repeated_in_a_news_file_for_scoring_takes_its_last_line(tmp_
     lines = ["NX1\tnews\tsub\tFirst title\t\thttps://x\t[]\t[]", "NX2\tnews\tsub\tOther\t\thttps://x\t[]\t[]",
              "NX1\tsports\tsub\tLast title\t\thttps://x\t[]\t[]", "N1\tnews\tsub\tKnown\t\thttps://x\t[]\t[]"]
     (tmp_path / "news.tsv").write_text("\n".join(lines) + "\n")
-    df = news_from_file(tmp_path / "news.tsv", None, known={"N1"})
+    df, bad = news_from_file(tmp_path / "news.tsv", None, known={"N1"})
     assert sorted(zip(df["news_id"], df["title"], df["category"])) == [("NX1", "Last title", "sports"), ("NX2", "Other", "news")]
+    assert bad == {}
+
+
+def test_a_malformed_line_of_a_news_file_for_scoring_is_left_out_and_named(tmp_path, caplog):
+    # One damaged line among thousands stopped predict and evaluate, though no impression named it.
+    from recsys.pipelines.scoring import news_from_file
+
+    lines = ["NX1\tnews\tsub\tGood\t\thttps://x\t[]\t[]", "NX2\t\tsub\tNo category\t\thttps://x\t[]\t[]",
+             "NX3\tnews\tsub\tBad entities\t\thttps://x\t[{\t[]", "N1\tnews\tsub\tKnown but damaged\t\thttps://x\tnot json\t[]",
+             "NX4\tnews\tsub\tDamaged first\t\thttps://x\t{\t[]", "NX4\tnews\tsub\tThen good\t\thttps://x\t[]\t[]"]
+    (tmp_path / "news.tsv").write_text("\n".join(lines) + "\n")
+    df, bad = news_from_file(tmp_path / "news.tsv", None, known={"N1"})
+    assert sorted(df["news_id"]) == ["NX1", "NX4"] and df.set_index("news_id").loc["NX4", "title"] == "Then good"
+    # Only ids that no good line and not the store has: a candidate of those cannot be scored.
+    assert {news_id: (row.line, row.field) for news_id, row in bad.items()} == {"NX2": (2, "category"), "NX3": (3, "title_entities")}
+    assert "news.tsv: 4 malformed lines left out (first: " in caplog.text and "line 2: field 'category'" in caplog.text
+
+
+def test_a_news_file_for_scoring_without_one_good_line_is_refused(tmp_path):
+    # behaviors.tsv given as --news: every line is bad, and each candidate would be named unknown.
+    from recsys.pipelines.scoring import news_from_file
+
+    (tmp_path / "news.tsv").write_text("1\tU1\t11/11/2019 9:05:58 AM\tN1\tN1-0 N2-1\n2\tU1\t11/11/2019 9:05:58 AM\tN1\tN1-1\n")
+    with pytest.raises(RecsysError, match=r"--news .*news.tsv: every one of its 2 lines was bad \(first: .*line 1: .*is it the right file"):
+        news_from_file(tmp_path / "news.tsv", None, known=set())
+
+
+def test_predict_scores_past_a_malformed_news_line_no_candidate_needs(trained, tmp_path):
+    from recsys.pipelines.predict import run_predict
+
+    world, ws, engine, config, _ = trained
+    behaviors = tmp_path / "behaviors.tsv"
+    behaviors.write_text("1\tU1\t11/20/2019 9:05:58 AM\t\tNF1-1 NF2-0\n2\tU2\t11/20/2019 9:05:59 AM\t\tNF3-0 NF1-1\n")
+    news = tmp_path / "news.tsv"
+    good = lambda n, title: f"{n}\tsports\tsub\t{title}\t\thttps://x\t[]\t[]"  # noqa: E731
+    news.write_text("\n".join([good("NF1", "A new story"), "NF9\tsports\tsub\tDamaged\t\thttps://x\t[{\t[]",
+                               good("NF2", "Another story"), good("NF3", "A third")]) + "\n")
+    from recsys.errors import SchemaError
+
+    run_predict(engine, ws, config, behaviors=behaviors, news=news, out=tmp_path / "p.txt")
+    assert [line.split()[0] for line in (tmp_path / "p.txt").read_text().splitlines()] == ["1", "2"]
+    # A candidate that only the damaged line names: the error names both files' lines.
+    behaviors.write_text("1\tU1\t11/20/2019 9:05:58 AM\t\tNF1-1 NF9-0\n")
+    with pytest.raises(SchemaError, match=r"behaviors.tsv line 1: field 'impressions' has 'NF9', expected a news id present "
+                                          r"in the store or in --news \(--news has it only on a malformed line: .*news.tsv line 2: "
+                                          r"field 'title_entities'"):
+        run_predict(engine, ws, config, behaviors=behaviors, news=news, out=tmp_path / "q.txt")
 
 
 def test_a_truth_file_beside_a_file_of_another_name_is_skipped_with_a_warning(trained, tmp_path, caplog):
@@ -583,7 +630,7 @@ def test_a_bad_label_on_a_known_article_is_named_as_a_bad_label(tmp_path, impres
 
     path = tmp_path / "behaviors.tsv"
     path.write_text(f"1\tU1\t11/11/2019 9:05:58 AM\tN1\t{impressions}\n")
-    catalogue = SimpleNamespace(row_of={"N1": 0, "N2": 1}, span=None)
+    catalogue = SimpleNamespace(row_of={"N1": 0, "N2": 1}, span=None, bad_news={})
     with pytest.raises(SchemaError, match=message):
         list(iter_behavior_chunks(path, catalogue))
 
@@ -597,7 +644,7 @@ def test_a_repeated_impression_id_is_refused_naming_both_lines(tmp_path, chunk_s
 
     path = tmp_path / "behaviors.tsv"
     path.write_text("".join(f"{i}\tU1\t11/11/2019 9:05:58 AM\tN1\tN1 N2\n" for i in (7, 8, 7)))
-    catalogue = SimpleNamespace(row_of={"N1": 0, "N2": 1}, span=None)
+    catalogue = SimpleNamespace(row_of={"N1": 0, "N2": 1}, span=None, bad_news={})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(SchemaError, match=r"line 3: field 'impression_id' has '7', expected an id unique within the file \(line 1 has it\)"):
@@ -628,7 +675,7 @@ def test_the_first_bad_line_of_the_file_is_named_whatever_its_fault(tmp_path, or
     lines += [faults[kind] for kind in order]
     path = tmp_path / "behaviors.tsv"
     path.write_text("\n".join(lines) + "\n")
-    catalogue = SimpleNamespace(row_of={"N1": 0, "N2": 1}, span=None)
+    catalogue = SimpleNamespace(row_of={"N1": 0, "N2": 1}, span=None, bad_news={})
     with pytest.raises(SchemaError, match=re.escape(first)):
         list(iter_behavior_chunks(path, catalogue))
 
@@ -639,7 +686,7 @@ def test_history_entries_naming_no_known_article_are_counted(tmp_path):
     path = tmp_path / "behaviors.tsv"
     path.write_text("1\tU1\t11/11/2019 9:05:58 AM\tN1 N7 N8\tN1-0 N2-1\n2\tU2\t11/11/2019 9:05:58 AM\tN9\tN1-1 N2-0\n"
                     "3\tU3\t11/11/2019 9:05:58 AM\t\tN1-1 N2-0\n")
-    catalogue = SimpleNamespace(row_of={"N1": 0, "N2": 1}, span=None)
+    catalogue = SimpleNamespace(row_of={"N1": 0, "N2": 1}, span=None, bad_news={})
     tally = {}
     chunks = list(iter_behavior_chunks(path, catalogue, chunk_size=2, tally=tally))
     assert tally == {"ignored_history_entries": 3}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from recsys.columns import (
     SUBCATEGORY, TITLE,
 )
 from recsys.config import Config, Workspace
-from recsys.data.mind import EXPECTED_LABEL, IMPRESSIONS, BehaviorsScan, is_bad_label
+from recsys.data.mind import EXPECTED_LABEL, IMPRESSIONS, BadRow, BehaviorsScan, is_bad_label
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError, SchemaError
 from recsys.interrupts import raise_if_terminated
@@ -66,24 +66,36 @@ class Catalogue:
     clicks: ClickLog  # impression clicks in the store, for models trained with logged_clicks
     end: np.datetime64 | None  # one second after the store's last labelled show; None if it has none
     span: ScoringSpan | None = None  # the file the log was read for (None: the whole store's log)
+    # --news lines left out as malformed, by the id they start with (ids no good line has)
+    bad_news: dict[str, BadRow] = field(default_factory=dict)
 
 
-def news_from_file(path: Path, images: Path | None, known: set[str]) -> pd.DataFrame:
-    """Articles of a news.tsv that the store does not know, in the store's column layout.
+def news_from_file(path: Path, images: Path | None, known: set[str]) -> tuple[pd.DataFrame, dict[str, BadRow]]:
+    """Articles of a news.tsv that the store does not know, in the store's column layout, and
+    the file's malformed lines by the news id they start with.
 
-    Raises:
-        SchemaError: the first malformed row (scoring needs every article it is asked about).
+    A malformed line is left out rather than stopping the command: a behaviors file names only
+    some of the articles, and one damaged line among thousands need not be one of them. A
+    candidate that only such a line names is the scoring's error, with that line's fault
+    (``iter_behavior_chunks``).
     """
     from recsys.data.images import inspect_image, list_images
-    from recsys.data.mind import BadRow, iter_news
+    from recsys.data.mind import iter_news
     from recsys.store.ingest import content_hash
 
     root = Path(images).resolve() if images else None
     listing = list_images(root) if root else None
     records = {}
+    bad: dict[str, BadRow] = {}
+    first_bad: BadRow | None = None
+    good = num_bad = 0
     for row in iter_news(path):
         if isinstance(row, BadRow):
-            raise SchemaError(row.file, row.line, row.field, row.value, row.expected)
+            first_bad = first_bad or row
+            num_bad += 1
+            bad.setdefault(row.raw.split("\t", 1)[0].strip(), row)
+            continue
+        good += 1
         if row.news_id in known:
             continue
         # An id repeated in the file: its last line wins, as in the ingest.
@@ -95,7 +107,14 @@ def news_from_file(path: Path, images: Path | None, known: set[str]) -> pd.DataF
             CONTENT_HASH: content_hash(row.title, row.abstract, row.category, row.subcategory, check.sha256 if check else None),
             FIRST_SEEN_AT: pd.NaT,
         }
-    return pd.DataFrame.from_records(list(records.values()), columns=list(NEWS_FRAME_COLUMNS))
+    if first_bad is not None:
+        if not good:  # the wrong file (behaviors.tsv given as --news), as the ingest refuses it
+            raise RecsysError(f"--news {path}: every one of its {num_bad} lines was bad (first: {first_bad.reason}); "
+                              "is it the right file?")
+        log.warning("%s: %d malformed lines left out (first: %s); a candidate only they name stops the scoring",
+                    path, num_bad, first_bad.reason)
+    bad = {news_id: row for news_id, row in bad.items() if news_id not in records and news_id not in known}
+    return pd.DataFrame.from_records(list(records.values()), columns=list(NEWS_FRAME_COLUMNS)), bad
 
 
 @dataclass(frozen=True)
@@ -157,7 +176,7 @@ def load_scoring_catalogue(
     log at MIND-large size). None reads the whole store's log.
     """
     stored = repo.read_news(engine)
-    extra = news_from_file(news, images, set(stored[NEWS_ID])) if news else stored.iloc[:0]
+    extra, bad_news = news_from_file(news, images, set(stored[NEWS_ID])) if news else (stored.iloc[:0], {})
     frames = [df for df in (stored, extra) if len(df)]
     if not frames:
         raise RecsysError("no articles to score: the store is empty and no --news file was given")
@@ -167,7 +186,7 @@ def load_scoring_catalogue(
     events, end = read_popularity_log(engine, features.news_ids, span)
     clicks = repo.read_click_log(engine, features.news_ids)
     return Catalogue(catalogue, features, row_of, events, first_seen_array(catalogue), clicks,
-                     None if end is None else np.datetime64(end, "s"), span)
+                     None if end is None else np.datetime64(end, "s"), span, bad_news)
 
 
 @dataclass
@@ -195,8 +214,8 @@ def iter_behavior_chunks(
     seen = FirstLines()  # a repeated ImpressionID would put two lines of one id in the prediction file
     with iter_behaviors(path) as rows:  # closed also when a bad line stops the read
         while buf := list(itertools.islice(rows, chunk_size)):
-            _refuse_bad_rows(buf, seen, catalogue.row_of, path, history_len)
-            imps, dropped = _chunk(buf, catalogue.row_of, path, history_len)
+            _refuse_bad_rows(buf, seen, catalogue, path, history_len)
+            imps, dropped = _chunk(buf, catalogue, path, history_len)
             missing_history += dropped
             if tally is not None:
                 tally[IGNORED_HISTORY] = tally.get(IGNORED_HISTORY, 0) + dropped
@@ -205,7 +224,7 @@ def iter_behavior_chunks(
         log.warning("%s: %d history entries name articles not in the catalogue and were ignored", path, missing_history)
 
 
-def _refuse_bad_rows(rows: list, seen, row_of: dict, path: Path, history_len: int) -> None:
+def _refuse_bad_rows(rows: list, seen, catalogue: Catalogue, path: Path, history_len: int) -> None:
     """Raise SchemaError for the first bad line of a chunk, whatever its fault: a malformed
     line, an ImpressionID an earlier line has (the MIND prediction format has one line per id;
     ingest quarantines such a line), or a candidate missing from the catalogue. Reporting one
@@ -219,7 +238,7 @@ def _refuse_bad_rows(rows: list, seen, row_of: dict, path: Path, history_len: in
     if not problems:
         return
     first = min(problems, key=lambda bad: bad.line)
-    _chunk([row for row in good if row.line < first.line], row_of, path, history_len)  # raises on an unknown candidate
+    _chunk([row for row in good if row.line < first.line], catalogue, path, history_len)  # raises on an unknown candidate
     raise SchemaError(first.file, first.line, first.field, first.value, first.expected)
 
 
@@ -229,7 +248,8 @@ def _checked(imps: Impressions, lines: np.ndarray, span: ScoringSpan | None, pat
     return imps, lines
 
 
-def _chunk(rows: list, row_of: dict, path: Path, history_len: int) -> tuple[Impressions, int]:
+def _chunk(rows: list, catalogue: Catalogue, path: Path, history_len: int) -> tuple[Impressions, int]:
+    row_of = catalogue.row_of
     h_lists, c_lists, l_lists = [], [], []
     dropped = 0
     for row in rows:
@@ -244,7 +264,10 @@ def _chunk(rows: list, row_of: dict, path: Path, history_len: int) -> tuple[Impr
             if r is None:
                 if row.labels is None and is_bad_label(n, row_of):
                     raise SchemaError(path, row.line, IMPRESSIONS, n, EXPECTED_LABEL)
-                raise SchemaError(path, row.line, IMPRESSIONS, n, "a news id present in the store or in --news")
+                expected = "a news id present in the store or in --news"
+                if n in catalogue.bad_news:  # the fault to fix is that line's
+                    expected += f" (--news has it only on a malformed line: {catalogue.bad_news[n].reason})"
+                raise SchemaError(path, row.line, IMPRESSIONS, n, expected)
             cands.append(r)
         c_lists.append(cands)
         l_lists.append(row.labels if row.labels is not None else [-1] * len(cands))
