@@ -430,26 +430,22 @@ class _Job:
         # Impressions, then their items (replaced whole, so a changed impression leaves no
         # stale positions behind). One stored under this source with another user or time is
         # counted: a re-ingest of the same file changes none.
-        before = w.select_in(
-            sa.select(impressions.c.impression_id, impressions.c.user_id, impressions.c.time).where(impressions.c.source == source),
-            impressions.c.impression_id, [r.impression_id for r in rows],
-        )
+        ids = [r.impression_id for r in rows]
+        by_source = sa.select(impressions.c.id, impressions.c.impression_id).where(impressions.c.source == source)
+        before = w.select_in(by_source.add_columns(impressions.c.user_id, impressions.c.time), impressions.c.impression_id, ids)
         if before:
             incoming = {r.impression_id: (r.user_id, r.time) for r in rows}
-            report.impressions_changed += sum(incoming[imp_id] != (user, time) for imp_id, user, time in before)
+            report.impressions_changed += sum(incoming[imp_id] != (user, time) for _, imp_id, user, time in before)
         w.upsert(
             impressions, ("source", "impression_id", "user_id", "time"),
             [(source, r.impression_id, r.user_id, r.time) for r in rows], key=("source", "impression_id"),
             update=lambda ex, t: {"user_id": ex.user_id, "time": ex.time},
             where=lambda ex, t: sa.or_(t.user_id != ex.user_id, t.time != ex.time),
         )
-        pk_of = {
-            imp_id: pk
-            for pk, imp_id in w.select_in(
-                sa.select(impressions.c.id, impressions.c.impression_id).where(impressions.c.source == source),
-                impressions.c.impression_id, [r.impression_id for r in rows],
-            )
-        }
+        # The upsert keeps a stored row's key; only the new ones are read back.
+        pk_of = {imp_id: pk for pk, imp_id, _, _ in before}
+        pk_of.update((imp_id, pk) for pk, imp_id in
+                     w.select_in(by_source, impressions.c.impression_id, [i for i in ids if i not in pk_of]))
         w.delete_in(items, items.c.impression_pk, list(pk_of.values()))
         item_rows = []
         for r in rows:
