@@ -535,9 +535,25 @@ def test_an_article_repeated_in_a_news_file_for_scoring_takes_its_last_line(tmp_
     lines = ["NX1\tnews\tsub\tFirst title\t\thttps://x\t[]\t[]", "NX2\tnews\tsub\tOther\t\thttps://x\t[]\t[]",
              "NX1\tsports\tsub\tLast title\t\thttps://x\t[]\t[]", "N1\tnews\tsub\tKnown\t\thttps://x\t[]\t[]"]
     (tmp_path / "news.tsv").write_text("\n".join(lines) + "\n")
-    df, bad = news_from_file(tmp_path / "news.tsv", None, known={"N1"})
+    df, bad = news_from_file(tmp_path / "news.tsv", None, known={"N1": ("news", "sub", "Known", "")})
     assert sorted(zip(df["news_id"], df["title"], df["category"])) == [("NX1", "Last title", "sports"), ("NX2", "Other", "news")]
     assert bad == {}
+
+
+def test_a_news_line_that_differs_from_the_stored_article_is_named(tmp_path, caplog):
+    # The store's article is scored (as the nightly ranks it); the file's other title went unsaid.
+    from recsys.pipelines.scoring import news_from_file
+
+    lines = ["N1\tnews\tsub\tSame\tabs\thttps://x\t[]\t[]", "N2\tnews\tsub\tNew title\t\thttps://x\t[]\t[]",
+             "N3\tsports\tsub\tSame\t\thttps://x\t[]\t[]"]
+    (tmp_path / "news.tsv").write_text("\n".join(lines) + "\n")
+    known = {"N1": ("news", "sub", "Same", "abs"), "N2": ("news", "sub", "Old title", ""), "N3": ("news", "sub", "Same", "")}
+    df, _ = news_from_file(tmp_path / "news.tsv", None, known=known)
+    assert len(df) == 0
+    assert "news.tsv: 2 lines differ from the stored article of their id (first: line 2, N2) and are scored as stored" in caplog.text
+    caplog.clear()
+    news_from_file(tmp_path / "news.tsv", None, known={**known, "N2": ("news", "sub", "New title", ""), "N3": ("sports", "sub", "Same", "")})
+    assert "differ" not in caplog.text
 
 
 def test_a_malformed_line_of_a_news_file_for_scoring_is_left_out_and_named(tmp_path, caplog):
@@ -548,7 +564,7 @@ def test_a_malformed_line_of_a_news_file_for_scoring_is_left_out_and_named(tmp_p
              "NX3\tnews\tsub\tBad entities\t\thttps://x\t[{\t[]", "N1\tnews\tsub\tKnown but damaged\t\thttps://x\tnot json\t[]",
              "NX4\tnews\tsub\tDamaged first\t\thttps://x\t{\t[]", "NX4\tnews\tsub\tThen good\t\thttps://x\t[]\t[]"]
     (tmp_path / "news.tsv").write_text("\n".join(lines) + "\n")
-    df, bad = news_from_file(tmp_path / "news.tsv", None, known={"N1"})
+    df, bad = news_from_file(tmp_path / "news.tsv", None, known={"N1": ("news", "sub", "Known but damaged", "")})
     assert sorted(df["news_id"]) == ["NX1", "NX4"] and df.set_index("news_id").loc["NX4", "title"] == "Then good"
     # Only ids that no good line and not the store has: a candidate of those cannot be scored.
     assert {news_id: (row.line, row.field) for news_id, row in bad.items()} == {"NX2": (2, "category"), "NX3": (3, "title_entities")}
@@ -561,10 +577,12 @@ def test_a_news_file_for_scoring_without_one_good_line_is_refused(tmp_path):
 
     (tmp_path / "news.tsv").write_text("1\tU1\t11/11/2019 9:05:58 AM\tN1\tN1-0 N2-1\n2\tU1\t11/11/2019 9:05:58 AM\tN1\tN1-1\n")
     with pytest.raises(RecsysError, match=r"--news .*news.tsv: every one of its 2 lines was bad \(first: .*line 1: .*is it the right file"):
-        news_from_file(tmp_path / "news.tsv", None, known=set())
+        news_from_file(tmp_path / "news.tsv", None, known={})
 
 
-def test_predict_scores_past_a_malformed_news_line_no_candidate_needs(trained, tmp_path):
+def test_predict_scores_past_a_malformed_news_line_no_candidate_needs(trained, tmp_path, caplog):
+    from recsys.store.repository import read_news as repo_news
+
     from recsys.pipelines.predict import run_predict
 
     world, ws, engine, config, _ = trained
@@ -578,6 +596,10 @@ def test_predict_scores_past_a_malformed_news_line_no_candidate_needs(trained, t
 
     run_predict(engine, ws, config, behaviors=behaviors, news=news, out=tmp_path / "p.txt")
     assert [line.split()[0] for line in (tmp_path / "p.txt").read_text().splitlines()] == ["1", "2"]
+    # The ingested news.tsv agrees with the store line for line (empty abstracts included).
+    caplog.clear()
+    catalogue = load_scoring_catalogue(engine, ws, config, news=world / "news.tsv", images=None)
+    assert len(catalogue.news) == len(repo_news(engine)) and "differ" not in caplog.text
     # A candidate that only the damaged line names: the error names both files' lines.
     behaviors.write_text("1\tU1\t11/20/2019 9:05:58 AM\t\tNF1-1 NF9-0\n")
     with pytest.raises(SchemaError, match=r"behaviors.tsv line 1: field 'impressions' has 'NF9', expected a news id present "

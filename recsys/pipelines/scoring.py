@@ -70,9 +70,15 @@ class Catalogue:
     bad_news: dict[str, BadRow] = field(default_factory=dict)
 
 
-def news_from_file(path: Path, images: Path | None, known: set[str]) -> tuple[pd.DataFrame, dict[str, BadRow]]:
+def news_from_file(
+    path: Path, images: Path | None, known: dict[str, tuple[str, str, str, str]],
+) -> tuple[pd.DataFrame, dict[str, BadRow]]:
     """Articles of a news.tsv that the store does not know, in the store's column layout, and
     the file's malformed lines by the news id they start with.
+
+    ``known``: the store's articles, id -> (category, subcategory, title, abstract). They are
+    scored as stored, as the nightly job ranks them; a line that says otherwise is counted and
+    named in a warning (ingest the file to update them).
 
     A malformed line is left out rather than stopping the command: a behaviors file names only
     some of the articles, and one damaged line among thousands need not be one of them. A
@@ -88,7 +94,8 @@ def news_from_file(path: Path, images: Path | None, known: set[str]) -> tuple[pd
     records = {}
     bad: dict[str, BadRow] = {}
     first_bad: BadRow | None = None
-    good = num_bad = 0
+    first_changed = None
+    good = num_bad = num_changed = 0
     for row in iter_news(path):
         if isinstance(row, BadRow):
             first_bad = first_bad or row
@@ -97,6 +104,9 @@ def news_from_file(path: Path, images: Path | None, known: set[str]) -> tuple[pd
             continue
         good += 1
         if row.news_id in known:
+            if known[row.news_id] != (row.category, row.subcategory, row.title, row.abstract):
+                first_changed = first_changed or row
+                num_changed += 1
             continue
         # An id repeated in the file: its last line wins, as in the ingest.
         check = inspect_image(root, row.news_id, listing=listing) if root else None
@@ -113,6 +123,9 @@ def news_from_file(path: Path, images: Path | None, known: set[str]) -> tuple[pd
                               "is it the right file?")
         log.warning("%s: %d malformed lines left out (first: %s); a candidate only they name stops the scoring",
                     path, num_bad, first_bad.reason)
+    if first_changed is not None:
+        log.warning("%s: %d lines differ from the stored article of their id (first: line %d, %s) and are scored as "
+                    "stored; ingest the file to update them", path, num_changed, first_changed.line, first_changed.news_id)
     bad = {news_id: row for news_id, row in bad.items() if news_id not in records and news_id not in known}
     return pd.DataFrame.from_records(list(records.values()), columns=list(NEWS_FRAME_COLUMNS)), bad
 
@@ -176,7 +189,11 @@ def load_scoring_catalogue(
     log at MIND-large size). None reads the whole store's log.
     """
     stored = repo.read_news(engine)
-    extra, bad_news = news_from_file(news, images, set(stored[NEWS_ID])) if news else (stored.iloc[:0], {})
+    if news:
+        known = dict(zip(stored[NEWS_ID], zip(stored[CATEGORY], stored[SUBCATEGORY], stored[TITLE], stored[ABSTRACT])))
+        extra, bad_news = news_from_file(news, images, known)
+    else:
+        extra, bad_news = stored.iloc[:0], {}
     frames = [df for df in (stored, extra) if len(df)]
     if not frames:
         raise RecsysError("no articles to score: the store is empty and no --news file was given")
