@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -17,12 +16,12 @@ from recsys.config import Workspace
 from recsys.errors import RunLockedError
 from recsys.pipelines.ingest import run_ingest
 from recsys.pipelines.runlog import abandon_dead_runs, recorded_run
-from recsys.ranking.lock import acquire_lock, current_holder, read_lock, utc_now
+from recsys.ranking.lock import acquire_lock, current_holder, read_lock, this_host, utc_now
 from recsys.store import ingest as store_ingest
 from recsys.store import schema as s
 from tests.signals import swallowed_sigterm
 
-HOST = socket.gethostname()
+HOST = this_host()
 
 
 @pytest.fixture(scope="module")

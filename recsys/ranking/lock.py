@@ -19,6 +19,7 @@ shared state.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -48,9 +49,35 @@ _MAX_ATTEMPTS = 5
 _CLOCK_SLACK = timedelta(seconds=2)
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:  # not Linux: the host name alone
+        return ""
+
+
+def this_host() -> str:
+    """Where this process's pids mean something: ``hostname#key``. The key hashes the machine's
+    id and this process's pid namespace, so that two machines of one name, or containers
+    sharing the host's name (``--network host``) but not its pids, are told apart: each would
+    otherwise read the other's live holder as a dead pid of its own and take its lock. Both
+    stay the same across a reboot of a machine (the root pid namespace has one fixed id), so
+    its runs killed by the reboot are still recognised as its own, and dead; the boot id
+    stands in where there is no machine id (containers often have none, and a new pid
+    namespace each start anyway)."""
+    try:
+        pid_ns = os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux: the host name and what follows
+        pid_ns = ""
+    machine = _read("/etc/machine-id") or _read("/proc/sys/kernel/random/boot_id")
+    key = hashlib.sha1(f"{machine}|{pid_ns}".encode()).hexdigest()[:8]
+    return f"{socket.gethostname()}#{key}"
+
+
 def current_holder() -> str:
-    """This process's identity as a lock holder: ``host:pid``."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This process's identity as a lock holder: ``host:pid``, the host being ``this_host()``."""
+    return f"{this_host()}:{os.getpid()}"
 
 
 class LockLostError(RunLockedError):
@@ -89,7 +116,7 @@ class LockState:
     @property
     def on_this_host(self) -> bool:
         """Held by a process of this host: alive or gone is known from its pid, no timeout applies."""
-        return self.host == socket.gethostname() and self.pid is not None
+        return self.host == this_host() and self.pid is not None
 
 
 def check_holder(engine: Engine, state: LockState, *, released: bool = False) -> None:
@@ -357,7 +384,7 @@ def local_process_gone(holder: str, since: datetime, *, since_what: str) -> str 
     at ``since``, for the message). None when it may still be working, or when it ran on
     another host (this host cannot tell)."""
     host, _, tail = holder.rpartition(":")
-    if host != socket.gethostname() or not tail.isdigit():
+    if host != this_host() or not tail.isdigit():
         return None
     pid = int(tail)
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ from sqlalchemy import func, select
 from recsys.columns import NEWS_ID, RANK, SCORE, USER_ID
 from recsys.errors import RunLockedError
 from recsys.ranking import runs
+from recsys.ranking.lock import this_host
 from recsys.ranking.nightly import run_nightly
 from recsys.store import schema as s
 
@@ -76,7 +76,7 @@ def test_kill_9_then_rerun(world_store, store_url, world, tmp_path, caplog):
                 pytest.fail("nightly subprocess wrote no shard within 300 s")
             time.sleep(0.05)
         # A second run while the first is alive is refused and names the holder.
-        with pytest.raises(RunLockedError, match=rf"held by {socket.gethostname()}:{proc.pid} \(run \d+\) since"):
+        with pytest.raises(RunLockedError, match=rf"held by {this_host()}:{proc.pid} \(run \d+\) since"):
             run_nightly(world_store, model_dir=world.model_dir, index_dir=world.index_dir, num_workers=0, **SETTINGS)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
@@ -97,7 +97,7 @@ def test_kill_9_then_rerun(world_store, store_url, world, tmp_path, caplog):
     time.sleep(1.5)  # the orphaned worker notices its driver is gone and exits
     with caplog.at_level("WARNING", logger="recsys.ranking.lock"):
         rerun = run_nightly(world_store, model_dir=world.model_dir, index_dir=world.index_dir, num_workers=0, **SETTINGS)
-    assert f"took over stale lock 'nightly' from {socket.gethostname()}:{proc.pid}" in caplog.text
+    assert f"took over stale lock 'nightly' from {this_host()}:{proc.pid}" in caplog.text
     assert rerun["run_id"] == killed.run_id and rerun["resumed"] and rerun["counts"]["shards_resumed"] > 0
     after = _rows(world_store, rerun["run_id"])
     assert not after.duplicated([USER_ID, RANK]).any()

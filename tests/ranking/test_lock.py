@@ -14,10 +14,12 @@ import pytest
 from sqlalchemy import insert
 
 from recsys.errors import RunLockedError
-from recsys.ranking.lock import LockLostError, StoreLock, acquire_lock, current_holder, read_lock, release_lock, utc_now
+from recsys.ranking.lock import (
+    LockLostError, StoreLock, acquire_lock, current_holder, read_lock, release_lock, this_host, utc_now,
+)
 from recsys.store import schema as s
 
-HOST = socket.gethostname()
+HOST = this_host()
 
 
 def _plant_lock(engine, holder, acquired_at, run_id=None, name="nightly"):
@@ -88,6 +90,27 @@ def test_live_pid_on_this_host_is_respected(store):
     _plant_lock(store, current_holder(), utc_now())
     with pytest.raises(RunLockedError, match="is held by"):
         acquire_lock(store, holder="other-host:2", stale_after=timedelta(seconds=0))
+
+
+def test_a_holder_of_the_same_host_name_in_another_pid_namespace_is_another_host(store, monkeypatch):
+    # Containers sharing the host's name (`--network host`) or two machines of one name: the
+    # holder's pid means nothing here, and a pid absent here was read as a dead holder.
+    from recsys.ranking import lock as lock_module
+
+    pid = _dead_pid()
+    _plant_lock(store, f"{HOST}:{pid}", utc_now() - timedelta(minutes=1))
+    real_read = lock_module._read
+    monkeypatch.setattr(lock_module, "_read", lambda path: "another-machine")
+    assert lock_module.this_host() != HOST and lock_module.this_host().startswith(socket.gethostname() + "#")
+    with pytest.raises(RunLockedError, match=rf"held by {HOST}:{pid} .*a holder on another host counts as gone after 0:15:00"):
+        acquire_lock(store)
+    monkeypatch.setattr(lock_module.os, "readlink", lambda path: "pid:[1]")  # a container's own pid namespace
+    monkeypatch.setattr(lock_module, "_read", real_read)
+    assert lock_module.this_host() != HOST
+    with pytest.raises(RunLockedError, match="counts as gone after"):
+        acquire_lock(store)
+    monkeypatch.undo()
+    acquire_lock(store).release()  # back in the holder's namespace: its pid is known dead
 
 
 def test_other_host_stale_only_after_timeout(store, caplog):
