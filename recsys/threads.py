@@ -1,4 +1,4 @@
-"""Thread-pool sizes for TensorFlow, onnxruntime and FAISS (OpenMP).
+"""Thread-pool sizes for TensorFlow, onnxruntime, FAISS (OpenMP) and numpy's BLAS.
 
 Each library wants every core by default; on a 2-core machine with worker processes that
 oversubscribes badly. Callers decide the count once per process, before heavy work starts.
@@ -22,7 +22,7 @@ def default_threads() -> int:
 
 
 def configure_threads(num_threads: int | None = None, *, tensorflow: bool = True) -> int:
-    """Set TensorFlow, FAISS, OpenMP and tokenizer (Rayon) thread counts for this process.
+    """Set TensorFlow, FAISS, OpenMP, BLAS and tokenizer (Rayon) thread counts for this process.
 
     Args:
         num_threads: threads per library; None means every core available to the process.
@@ -37,6 +37,14 @@ def configure_threads(num_threads: int | None = None, *, tensorflow: bool = True
     # The tokenizers library encodes batches on a Rayon pool sized to every core, created at
     # its first use; the variable sizes it, so it must be set before any text is encoded.
     os.environ["RAYON_NUM_THREADS"] = str(n)
+    # numpy's and scipy's OpenBLAS pools were sized when numpy was imported (to the CPU
+    # affinity, not a container's quota): resize every BLAS and OpenMP pool loaded now, and
+    # set the variables for the pools of libraries loaded later and of child processes.
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(n)
     try:
         import faiss
 
