@@ -425,8 +425,9 @@ def check_ray_reachable(ray_address: str, timeout: float = RAY_CONNECT_TIMEOUT_S
     )
 
 
-def _init_ray(ray_address: str | None) -> None:
-    """``ray.init`` (a local instance when ``ray_address`` is None) that keeps the process's
+def _init_ray(ray_address: str | None, num_cpus: int | None = None) -> None:
+    """``ray.init`` (a local instance of ``num_cpus`` CPUs, default every core available, when
+    ``ray_address`` is None) that keeps the process's
     SIGTERM handler: Ray replaces it with ``sys.exit(15)``, which skipped the CLI's handling
     (exit 15 without "terminated (SIGTERM)"), and one such SIGTERM early in the ranking was
     lost altogether: the job ranked on to the end. A SIGTERM during the start-up itself is
@@ -444,7 +445,7 @@ def _init_ray(ray_address: str | None) -> None:
         if ray_address:
             ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
         else:
-            ray.init(num_cpus=default_threads(), include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=num_cpus or default_threads(), include_dashboard=False, log_to_driver=False)
     except ConnectionError as exc:  # no cluster found for "auto", or Ray's own wait ran out
         raise RecsysError(f"{_ray_unreachable(ray_address)}: {exc}") from exc
     except SystemExit as exc:  # Ray's handler: a SIGTERM arrived during the start-up
@@ -511,7 +512,9 @@ def run_ray(
     if started_here:
         if ray_address:
             check_ray_reachable(ray_address)
-        _init_ray(ray_address)
+        # A local instance gets the actors' CPUs (the thread budget shared out), not every
+        # core: Ray would otherwise run its own tasks beside them on cores the budget left free.
+        _init_ray(ray_address, num_cpus=num_workers * setup.num_threads)
     try:
         raise_if_terminated()  # one that landed during ray.init
         dataset = ray.data.from_items(

@@ -143,6 +143,27 @@ def test_ray_init_that_cannot_connect_is_a_recsys_error(store, world, monkeypatc
             run_ray(_setup(store, world), [(0, ["U000"])], num_workers=1, ray_address=address)
 
 
+def test_a_local_ray_instance_gets_the_actors_cpus_not_every_core(store, world, monkeypatch):
+    # It was started with every core whatever `[runtime] threads` said, and ran Ray's own
+    # tasks beside the actors on cores the budget had left free.
+    import ray
+
+    from recsys.ranking.engines import run_ray
+
+    asked = {}
+
+    def record(**kwargs):
+        asked.update(kwargs)
+        raise ConnectionError("stop here")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", record)
+    monkeypatch.setattr("recsys.ranking.engines.default_threads", lambda: 64)
+    with pytest.raises(RecsysError, match="stop here"):
+        run_ray(_setup(store, world, num_threads=3), [(0, ["U000"])], num_workers=2)
+    assert asked["num_cpus"] == 6 and "address" not in asked
+
+
 class _Terminated(KeyboardInterrupt):
     pass
 
