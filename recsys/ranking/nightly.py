@@ -99,7 +99,8 @@ def run_nightly(
             recommended.
         keep_runs: complete runs whose recommendations are kept; older ones are pruned.
         num_workers: worker processes or Ray actors; default: one per thread of
-            ``num_threads``. 0 (local engine only) ranks in this process.
+            ``num_threads``, and at most that many except on a Ray cluster. 0 (local engine
+            only) ranks in this process.
         num_threads: threads the ranking may use in all (``[runtime] threads``), shared out
             among the workers; default: every core available to the process.
         ray_address: Ray cluster address; None starts a local Ray instance.
@@ -136,9 +137,12 @@ def run_nightly(
         raise ConfigError(f"runtime.threads is {num_threads}, expected at least 1 (or 0 for every core)")
     budget = num_threads or default_threads()
     workers = budget if num_workers is None else num_workers
-    if workers > budget:
-        log.warning("nightly.workers = %d is more than the %d threads of runtime.threads: each worker runs one "
-                    "thread and they share the cores", workers, budget)
+    if workers > budget and not (engine_name == "ray" and ray_address):
+        # Each worker needs a thread at least: more of them than the budget would run on
+        # cores the budget leaves to others. A Ray cluster's cores are not this machine's.
+        log.warning("nightly.workers = %d is more than the %d threads of runtime.threads: ranking with %d workers "
+                    "of one thread each", workers, budget, budget)
+        workers = budget
     if engine_name == "ray" and workers < 1:
         raise ConfigError(f"nightly.workers is {workers}, the ray engine needs at least 1 actor")
     model_version = model_version or Path(model_dir).name

@@ -307,17 +307,18 @@ def test_worker_processes_share_the_thread_budget(world_store, world, monkeypatc
         pass
 
     def capture(setup, shards, **kwargs):
-        raise Stop(setup.num_threads)
+        raise Stop((setup.num_threads, kwargs["num_workers"]))
 
     monkeypatch.setattr(nightly, "run_local", capture)
     with pytest.raises(Stop) as stopped:
         _nightly(world_store, world, num_threads=3, num_workers=2)
-    assert stopped.value.args == (1,)  # 3 threads for 2 workers: one each, never 2 x 2
+    assert stopped.value.args == ((1, 2),)  # 3 threads for 2 workers: one each, never 2 x 2
     caplog.clear()
     with pytest.raises(Stop) as stopped:
         _nightly(world_store, world, num_threads=2, num_workers=3)
-    assert stopped.value.args == (1,)
-    assert "nightly.workers = 3 is more than the 2 threads of runtime.threads" in caplog.text
+    # More workers than threads ran 3 on a budget of 2: now 2 of one thread each.
+    assert stopped.value.args == ((1, 2),)
+    assert "nightly.workers = 3 is more than the 2 threads of runtime.threads: ranking with 2 workers" in caplog.text
     with pytest.raises(ConfigError, match="runtime.threads is -1"):
         _nightly(world_store, world, num_threads=-1)
 
