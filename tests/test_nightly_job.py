@@ -124,6 +124,38 @@ def test_refresh_follows_the_stores_first_seen_times(tmp_path, trained):
     assert not mv.index_dir.exists()
 
 
+def test_a_new_versions_index_keeps_the_stamps_of_never_seen_articles(tmp_path, trained):
+    # Every full build stamped them with the store's end anew: after each retraining the never-
+    # shown back catalogue was fresh again (4% of list slots on a hunt's ten nights).
+    from recsys.pipelines.index import run_index_build
+
+    world, ws, engine, config = trained
+    first = get_version(engine)
+    refresh_index(engine, ws, config, first)
+    _, built_at = repo.time_range(engine)
+    never = sorted(n for n, t in first_seen(engine).items() if t is None)
+    shown = sorted(n for n, t in first_seen(engine).items() if t is not None)
+    second = get_version(engine, run_train(engine, ws, load_config(None, TRAINED))["version"])
+    assert second.version != first.version and not second.index_dir.exists()
+    # Nights go by before the new version's index is built.
+    (tmp_path / "later").mkdir()
+    later = built_at + timedelta(days=4)
+    run_ingest(engine, ws, news=None, images=None, behaviors=write_lines(
+        tmp_path / "later" / "behaviors.tsv", [behavior_line(1, "U_new", later, [], [f"{shown[0]}-1"])]))
+
+    for build in (lambda: refresh_index(engine, ws, config, second), lambda: run_index_build(engine, ws, config)):
+        build()
+        np.testing.assert_array_equal(load_index(second).published(never), np.full(len(never), np.datetime64(built_at, "s")))
+    # An article no index has held yet is new at the store's end, as before.
+    news = tmp_path / "news.tsv"
+    news.write_text("NBRANDNEW\tnews\tsub\tA new story\t\thttps://x\t[]\t[]\n")
+    run_ingest(engine, ws, news=news, images=None, behaviors=None)
+    shutil.rmtree(second.index_dir)
+    refresh_index(engine, ws, config, second)
+    assert load_index(second).published(["NBRANDNEW"])[0] == np.datetime64(later, "s")
+    assert load_index(second).published(never[:1])[0] == np.datetime64(built_at, "s")
+
+
 def test_a_failed_ingest_ranks_the_stored_data_and_exits_3(tmp_path, trained, capsys):
     world, ws, engine, _ = trained
     before = store_stats(engine)

@@ -863,9 +863,7 @@ class FaissIndex:
             index = faiss.read_index(str(directory / INDEX_FILE))
         except RuntimeError as err:
             raise IndexFormatError(f"{directory / INDEX_FILE}: FAISS cannot read it ({err})") from err
-        ids = _load_npy(directory / IDS_FILE, "U")
-        published = _load_npy(directory / PUBLISHED_FILE, "M").astype("datetime64[s]")
-        alive = _load_npy(directory / ALIVE_FILE, "b")
+        ids, published, alive = _load_rows(directory)
         kind = manifest.get("kind")
         if kind not in (FLAT, HNSW, IVF) or not isinstance(index, _INDEX_TYPES[kind]):
             raise IndexFormatError(
@@ -1040,6 +1038,25 @@ def _as_time(value) -> np.datetime64:
     if np.isnat(cutoff):
         raise ValueError("published_after must be a time, got NaT")
     return cutoff
+
+
+def read_published(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(news_ids, published)`` of the live articles of a saved index, read without loading
+    the FAISS index; None when ``directory`` holds no complete saved index."""
+    directory = Path(directory)
+    if _saved_at(directory) is None:
+        return None
+    ids, published, alive = _load_rows(directory)
+    if not len(ids) == len(published) == len(alive):
+        raise IndexFormatError(f"{directory}: {len(ids)} ids, {len(published)} publication times and {len(alive)} "
+                               "flags, expected one of each per row")
+    return ids[alive], published[alive]
+
+
+def _load_rows(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The per-row arrays of a saved index: ids, publication times, live flags."""
+    return (_load_npy(directory / IDS_FILE, "U"), _load_npy(directory / PUBLISHED_FILE, "M").astype("datetime64[s]"),
+            _load_npy(directory / ALIVE_FILE, "b"))
 
 
 def _load_npy(path: Path, kind: str) -> np.ndarray:

@@ -4,33 +4,49 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sqlalchemy import Engine
 
-from recsys.columns import CATEGORY, TITLE
+from recsys.columns import CATEGORY, NEWS_ID, TITLE
 from recsys.config import Config, Workspace
 from recsys.errors import ConfigError, NotFoundError
 from recsys.pipelines.features import first_seen_array, load_catalogue, load_version_model
 from recsys.store import repository as repo
 from recsys.threads import configure_threads
-from recsys.versions import ModelVersion, check_encoders, get_version
+from recsys.versions import ModelVersion, check_encoders, get_version, list_versions
 
 log = logging.getLogger("recsys.index")
 
 
 def published_times(engine: Engine, news: pd.DataFrame) -> np.ndarray:
-    """(n,) datetime64[s] publication stand-in: first shown or listed in a History, else "now"
-    of the store.
+    """(n,) datetime64[s] publication stand-in: first shown or listed in a History, else the
+    time an index first stamped it, else "now" of the store.
 
-    MIND has no publication time. An article never shown or listed yet is new: it gets the
-    store's latest impression time, so the freshness filter keeps it.
+    MIND has no publication time. An article never shown or listed yet is new: the first
+    index that holds it stamps it with the store's latest impression time, so the freshness
+    filter keeps it, and it ages from there. A full build (a new model version's index, or
+    `recsys index build`) reads that stamp back from the indexes already saved (the earliest,
+    where several hold it): stamped anew, every never-shown article of the back catalogue was
+    fresh again after each retraining.
     """
+    from recsys.index.faiss_index import read_published
+
     first_seen = first_seen_array(news)
     _, latest = repo.time_range(engine)
     now = np.datetime64(latest, "s") if latest is not None else np.datetime64("now", "s")
-    return np.where(np.isnat(first_seen), now, first_seen)
+    unseen = np.isnat(first_seen)
+    stamped = np.full(len(news), np.datetime64("NaT", "s"))
+    if unseen.any():
+        saved = [read_published(ModelVersion(v["version"], Path(v["path"]), v["manifest"]).index_dir)
+                 for v in list_versions(engine)]
+        stamps = [pd.Series(published, index=ids) for ids, published in filter(None, saved)]
+        if stamps:
+            earliest = pd.concat(stamps).groupby(level=0).min()
+            stamped[unseen] = earliest.reindex(news[NEWS_ID].to_numpy()[unseen]).to_numpy(dtype="datetime64[s]")
+    return np.where(unseen, np.where(np.isnat(stamped), now, stamped), first_seen)
 
 
 def index_manifest(mv: ModelVersion) -> dict:
