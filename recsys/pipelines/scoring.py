@@ -92,13 +92,11 @@ def news_from_file(
     root = Path(images).resolve() if images else None
     listing = list_images(root) if root else None
     records = {}
-    bad: dict[str, BadRow] = {}
-    first_bad: BadRow | None = None
+    bad: dict[str, BadRow] = {}  # in file order: the first value is the first malformed line
     first_changed = None
     good = num_bad = num_changed = 0
     for row in iter_news(path):
         if isinstance(row, BadRow):
-            first_bad = first_bad or row
             num_bad += 1
             bad.setdefault(row.raw.split("\t", 1)[0].strip(), row)
             continue
@@ -117,7 +115,8 @@ def news_from_file(
             CONTENT_HASH: content_hash(row.title, row.abstract, row.category, row.subcategory, check.sha256 if check else None),
             FIRST_SEEN_AT: pd.NaT,
         }
-    if first_bad is not None:
+    if bad:
+        first_bad = next(iter(bad.values()))
         if not good:  # the wrong file (behaviors.tsv given as --news), as the ingest refuses it
             raise RecsysError(f"--news {path}: every one of its {num_bad} lines was bad (first: {first_bad.reason}); "
                               "is it the right file?")
