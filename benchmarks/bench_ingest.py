@@ -2,7 +2,8 @@
 
 Writes news.tsv and behaviors.tsv directly (NumPy draws, no images), then runs ``ingest``
 once per backend in a child process, so that each backend's peak RSS (``ru_maxrss``) is
-its own. PostgreSQL gets a fresh database that is dropped afterwards.
+its own; then, into the loaded store, the next six days of the same users and the first file
+again, each under a new source (``later_ingests``). PostgreSQL gets a fresh database that is dropped afterwards.
 
 Full size (the goal is < 90 s and < 1.5 GB per backend on the 2-core machine):
     .venv/bin/python benchmarks/bench_ingest.py --news 65000 --users 50000 --impressions 150000
@@ -88,6 +89,15 @@ def run_child(backend: str, url: str, folder: Path, batch_size: int) -> dict:
                     quarantine_dir=folder / "quarantine", batch_size=batch_size)
     wall = time.perf_counter() - start
     stats = store_stats(engine)
+    # Two behaviors files into the loaded store under new sources: the next days of the same
+    # users (what a nightly ingest is), and the first file again (a re-delivered file, whose
+    # every impression the store holds under the first source).
+    later = {}
+    for name, path in (("next_days", folder / "next" / "behaviors.tsv"), ("same_file_again", folder / "behaviors.tsv")):
+        started = time.perf_counter()
+        again = ingest(engine, behaviors_path=path, source=name, quarantine_dir=folder / "quarantine", batch_size=batch_size)
+        later[name] = {"wall_s": round(time.perf_counter() - started, 2), "impressions": again.impressions,
+                       "impressions_stored_elsewhere": getattr(again, "impressions_stored_elsewhere", None)}
     engine.dispose()
     return {
         "backend": backend,
@@ -98,6 +108,7 @@ def run_child(backend: str, url: str, folder: Path, batch_size: int) -> dict:
         "impression_items_per_s": round(stats["impression_items"] / wall),
         "num_bad_rows": report.num_bad_rows,
         "store": stats,
+        "later_ingests": later,
     }
 
 
@@ -139,6 +150,9 @@ def main() -> None:
                                        num_impressions=args.impressions, mean_candidates=args.candidates, seed=args.seed)
         results["world"]["write_s"] = round(time.perf_counter() - start, 2)
         results["world"]["behaviors_mb"] = round((folder / "behaviors.tsv").stat().st_size / 2**20, 1)
+        (folder / "next").mkdir()
+        write_world(folder / "next", num_news=args.news, num_users=args.users, num_impressions=args.impressions,
+                    mean_candidates=args.candidates, seed=args.seed + 1, start=datetime(2019, 11, 15))
         print(f"world: {results['world']}", flush=True)
         for backend in args.backends.split(","):
             cleanup = None
@@ -182,6 +196,7 @@ def main() -> None:
             run = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{backend}: {run['wall_s']} s, peak RSS {run['peak_rss_mb']} MB, "
                   f"{run['rows_per_s']} rows/s ({run['impression_items_per_s']} items/s), stages {run['elapsed']}", flush=True)
+            print(f"{backend}: then {run['later_ingests']}", flush=True)
             results["runs"].append(run)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = RESULTS.with_suffix(".json.tmp")

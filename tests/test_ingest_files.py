@@ -75,6 +75,23 @@ def test_a_file_with_some_good_lines_is_loaded_and_its_bad_lines_quarantined(eng
     assert [status for status, _ in _ingest_runs(engine)] == ["complete"]
 
 
+def test_a_file_already_stored_under_another_source_is_not_refused_as_bad(engine, world, tmp_path, caplog):
+    # Its good lines are all held under the first source: none is stored again, and a bad
+    # line beside them must not make the file read as one without a good line.
+    ws = Workspace(tmp_path / "ws").ensure()
+    lines = (world / "behaviors_train.tsv").read_text().splitlines()
+    first = tmp_path / "night1" / "behaviors.tsv"
+    again = tmp_path / "night2" / "behaviors.tsv"
+    for path, extra in ((first, []), (again, ["not\ta behaviors line"])):
+        path.parent.mkdir()
+        path.write_text("\n".join([*lines[:5], *extra]) + "\n")
+    run_ingest(engine, ws, news=world / "news.tsv", behaviors=first, images=None)
+    summary = run_ingest(engine, ws, news=None, behaviors=again, images=None)
+    assert (summary["impressions"], summary["impressions_stored_elsewhere"], summary["num_bad_rows"]) == (0, 5, 1)
+    assert _count(engine, s.impressions) == 5
+    assert "5 impressions of this file were not stored under source 'night2/behaviors'" in caplog.text
+
+
 def test_one_file_given_as_both_news_and_behaviors_is_refused_before_anything_is_written(engine, world, tmp_path):
     # It was read twice, its bad lines counted twice under one key ("4 lines" of a 2-line file)
     # and the behaviors reading reported with the news reading's reason.

@@ -30,7 +30,8 @@ def _refuse_files_without_a_good_row(summary: dict, *, news: Path | None, behavi
     from recsys.store.ingest import quarantine_key
 
     problems = []
-    for option, path, loaded in (("--news", news, summary["news"]), ("--behaviors", behaviors, summary["impressions"])):
+    behaviors_loaded = summary["impressions"] + summary["impressions_stored_elsewhere"]
+    for option, path, loaded in (("--news", news, summary["news"]), ("--behaviors", behaviors, behaviors_loaded)):
         key = quarantine_key(path) if path is not None else None
         bad = summary["bad_rows_by_file"].get(key, 0)
         if bad and not loaded:
@@ -97,6 +98,11 @@ def run_ingest(
                     "file's: if it is another file than the one ingested before (MIND restarts impression ids at 1 in "
                     "every file), its impressions took their place; ingest each file under its own --source",
                     changed, summary.get("source"))
+    elsewhere = summary.get("impressions_stored_elsewhere", 0)
+    if elsewhere:
+        log.warning("%d impressions of this file were not stored under source '%s': the store holds each of them (same "
+                    "user, time, candidates and labels) under another source; the same file ingested under a second "
+                    "name would count every click twice", elsewhere, summary.get("source"))
     bad = summary.get("num_bad_rows", 0)
     if bad:
         log.warning("%d bad rows quarantined in %s", bad, summary.get("quarantine_file"))

@@ -45,6 +45,7 @@ _QUARANTINE_HEADER = ("file", "line", "field", "reason", "raw")
 # Unusable cover files named one by one on the log; the rest are counted.
 NAMED_BAD_COVERS = 20
 NAMED_UNKNOWN_HISTORY = 20  # lines named on the log for a History id nobody has
+NAMED_STORED_ELSEWHERE = 5  # lines named on the log for an impression another source holds
 log = logging.getLogger("recsys.ingest")
 # A quarantine temp file unchanged this long was left by a killed ingest (see _QuarantineFile).
 STALE_QUARANTINE_SECONDS = 3600
@@ -65,6 +66,10 @@ class IngestReport:
         impressions_changed: of those, impressions whose (source, impression id) the store held
             with another user or time: replaced by a corrected file, or by another file stored
             under the same source name (MIND restarts impression ids at 1 in every file).
+        impressions_stored_elsewhere: impressions not stored because the store holds the same
+            impression (user, time, candidates and labels) under another source: the same file
+            ingested again under another name, or files whose windows overlap. Stored twice,
+            their clicks would count twice in every popularity and training figure.
         impression_items: candidate rows written.
         unknown_history_ids: History entries naming an article neither the store nor the news
             file has (a news line quarantined, say), left out of the stored History; their
@@ -85,6 +90,7 @@ class IngestReport:
     users: int = 0
     impressions: int = 0
     impressions_changed: int = 0
+    impressions_stored_elsewhere: int = 0
     impression_items: int = 0
     unknown_history_ids: int = 0
     clicks: int = 0
@@ -369,10 +375,60 @@ class _Job:
                 else:
                     good.append(row)
             with self.transaction():
+                good = self._without_stored_elsewhere(good, source) if good else good
                 if good:
                     self._write_behaviors(good, source, known)
                 self._write_quarantine(pending_bad)
             self._done(len(lines))
+
+    def _without_stored_elsewhere(self, rows: list[BehaviorRow], source: str) -> list[BehaviorRow]:
+        """The rows less those the store holds as the same impression under another source.
+
+        The same impression is the same user at the same time with the same candidates and
+        labels: the user's impressions of the batch's time span under other sources are read
+        (index on user and time; none on a night of new data) and the candidates of those at
+        the same (user, time) compared. An impression already stored under this source keeps
+        being replaced in place, whatever another source holds.
+        """
+        imp, items, w = schema.impressions, schema.impression_items, self.writer
+        times = [r.time for r in rows]
+        others = w.select_in(
+            sa.select(imp.c.id, imp.c.source, imp.c.impression_id, imp.c.user_id, imp.c.time)
+            .where(imp.c.source != source, imp.c.time >= min(times), imp.c.time <= max(times)),
+            imp.c.user_id, {r.user_id for r in rows},
+        )
+        if not others:
+            return rows
+        at: dict[tuple[str, datetime], list[tuple[int, str, int]]] = {}
+        for pk, other_source, imp_id, user, time in others:
+            at.setdefault((user, time), []).append((pk, other_source, imp_id))
+        suspects = [r for r in rows if (r.user_id, r.time) in at]
+        if not suspects:
+            return rows
+        ours = {r.impression_id for r in suspects}.intersection(
+            i for (i,) in w.select_in(sa.select(imp.c.impression_id).where(imp.c.source == source),
+                                      imp.c.impression_id, [r.impression_id for r in suspects]))
+        pks = [pk for r in suspects for pk, _, _ in at[(r.user_id, r.time)]]
+        candidates: dict[int, list[tuple[str, int | None]]] = {}
+        for pk, _, news_id, label in sorted(w.select_in(
+                sa.select(items.c.impression_pk, items.c.position, items.c.news_id, items.c.label),
+                items.c.impression_pk, pks)):
+            candidates.setdefault(pk, []).append((news_id, label))
+        kept = []
+        for r in rows:
+            match = None
+            if (r.user_id, r.time) in at and r.impression_id not in ours:
+                shown = list(zip(r.news_ids, r.labels if r.labels is not None else itertools.repeat(None)))
+                match = next(((s, i) for pk, s, i in at[(r.user_id, r.time)] if candidates.get(pk) == shown), None)
+            if match is None:
+                kept.append(r)
+                continue
+            self.report.impressions_stored_elsewhere += 1
+            if self.report.impressions_stored_elsewhere <= NAMED_STORED_ELSEWHERE:
+                log.warning("behaviors line %d: the store holds this impression (user %s at %s, same candidates and "
+                            "labels) under source '%s' as impression %d: not stored again under '%s'",
+                            r.line, r.user_id, r.time.isoformat(sep=" "), match[0], match[1], source)
+        return kept
 
     def _without_unknown_history(self, row: BehaviorRow, missing: set[str]) -> BehaviorRow:
         """The row with its History's unknown articles left out, counted and the first few named."""

@@ -313,11 +313,55 @@ def test_an_older_history_does_not_replace_a_newer_one(engine, small_world, quar
     assert rows(engine, "users", "user_id", "first_seen_at", "last_seen_at", "history_at")[0] == ("U1", T0 - D, T0 + D, T0 + D)
 
 
-def test_sources_keep_equal_impression_ids_apart(engine, small_world, quarantine_dir):
+def test_sources_keep_equal_impression_ids_apart(engine, small_world, quarantine_dir, tmp_path):
     run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], source="train")
-    run(engine, quarantine_dir, behaviors_path=small_world["behaviors"], source="dev")
+    later = small_world["behaviors"].read_text(encoding="utf-8").replace("11/11/2019", "11/13/2019").replace("11/12/2019", "11/14/2019")
+    dev = tmp_path / "dev.tsv"
+    dev.write_text(later, encoding="utf-8")
+    report = run(engine, quarantine_dir, behaviors_path=dev, source="dev")
+    assert (report.impressions, report.impressions_stored_elsewhere) == (4, 0)
     assert rows(engine, "impressions", "source", "impression_id")[:1] == [("dev", 1)]
     assert store_stats(engine)["impressions"] == 8 and store_stats(engine)["impression_items"] == 20
+
+
+def test_the_same_file_under_another_source_is_not_stored_twice(engine, small_world, quarantine_dir, caplog):
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], source="night1")
+    before = dump_store(engine)
+    report = run(engine, quarantine_dir, behaviors_path=small_world["behaviors"], source="night2")
+    assert (report.impressions, report.impressions_stored_elsewhere, report.impression_items) == (0, 4, 0)
+    assert dump_store(engine) == before  # not one click counted twice
+    assert "behaviors line 1: the store holds this impression" in caplog.text and "source 'night1'" in caplog.text
+
+
+def test_an_overlapping_file_stores_only_the_impressions_not_held_elsewhere(engine, small_world, quarantine_dir, tmp_path):
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], source="night1")
+    lines = small_world["behaviors"].read_text(encoding="utf-8").splitlines()
+    overlap = write_lines(tmp_path / "night2.tsv", [
+        lines[1],  # U2's impression, as night1 stored it
+        lines[2].replace("N4-1 N5-0", "N4-0 N5-1"),  # U1 at the same time, other labels: another impression
+        lines[3].replace("N3-0 N4-0", "N3-0 N4-0 N5-0"),  # U3 at the same time, other candidates
+        behavior_line(5, "U2", T0 + 2 * D, [], ["N5-1", "N6-0"]),  # new
+    ])
+    report = run(engine, quarantine_dir, behaviors_path=overlap, source="night2")
+    assert (report.impressions, report.impressions_stored_elsewhere) == (3, 1)
+    assert rows(engine, "impressions", "source", "impression_id") == [
+        ("night1", 1), ("night1", 2), ("night1", 3), ("night1", 4), ("night2", 3), ("night2", 4), ("night2", 5)]
+
+
+def test_an_impression_this_source_holds_is_replaced_whatever_another_source_holds(engine, small_world, quarantine_dir, tmp_path):
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], source="a")
+    lines = small_world["behaviors"].read_text(encoding="utf-8").splitlines()
+    first = write_lines(tmp_path / "b1.tsv", [lines[0].replace("N5-0", "N5-1")])
+    assert run(engine, quarantine_dir, behaviors_path=first, source="b").impressions == 1
+    # b's impression 1 corrected back to what a holds: replaced in place under b, not dropped.
+    fixed = write_lines(tmp_path / "b2.tsv", [lines[0]])
+    report = run(engine, quarantine_dir, behaviors_path=fixed, source="b")
+    assert (report.impressions, report.impressions_stored_elsewhere) == (1, 0)
+    im, it = schema.impressions, schema.impression_items
+    with engine.connect() as conn:
+        labels = conn.execute(sa.select(it.c.label).join(im, im.c.id == it.c.impression_pk)
+                              .where(im.c.source == "b").order_by(it.c.position)).scalars().all()
+    assert labels == [1, 0, 0]
 
 
 def test_a_changed_impression_replaces_all_its_items(engine, small_world, quarantine_dir, tmp_path):
