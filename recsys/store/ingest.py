@@ -61,6 +61,8 @@ class IngestReport:
 
     Attributes:
         news: news rows accepted (inserted or updated).
+        news_changed: of those, articles the store held with another title, abstract, category,
+            subcategory or cover (the last ingest of an article wins, whatever the file's age).
         users: users new to the store.
         impressions: impressions accepted (inserted or replaced).
         impressions_changed: of those, impressions whose (source, impression id) the store held
@@ -87,6 +89,7 @@ class IngestReport:
     """
 
     news: int = 0
+    news_changed: int = 0
     users: int = 0
     impressions: int = 0
     impressions_changed: int = 0
@@ -229,6 +232,7 @@ class _Job:
     now: datetime
     bad_covers: int = 0  # unusable cover files met so far (NAMED_BAD_COVERS of them logged)
     unknown_history_lines: int = 0  # lines with an unknown History id so far (NAMED_UNKNOWN_HISTORY logged)
+    first_changed_news: str | None = None  # the first stored article given other content
 
     def transaction(self) -> AbstractContextManager:
         # strict mode already holds one transaction around everything.
@@ -289,7 +293,7 @@ class _Job:
             # No new file, or an unusable one: a good cover stored before is kept, not lost.
             kept = self._stored_covers([n for n, check in checks.items() if check.status != IMAGE_OK])
             self._name_bad_covers(images_dir, listing, checks, kept)
-            records = []
+            records, hashes = [], {}
             for row in latest.values():
                 check = checks[row.news_id]
                 if row.news_id in kept:
@@ -299,13 +303,13 @@ class _Job:
                     # being told the images folder again; containment was checked above.
                     path = None if check.path is None else str(images_root / check.path)
                 counts[check.status] += 1
+                hashes[row.news_id] = content_hash(row.title, row.abstract, row.category, row.subcategory, check.sha256)
                 records.append((
                     row.news_id, row.category, row.subcategory, row.title, row.abstract, row.url,
-                    row.title_entities, row.abstract_entities, path, check.status,
-                    content_hash(row.title, row.abstract, row.category, row.subcategory, check.sha256),
-                    self.now,
+                    row.title_entities, row.abstract_entities, path, check.status, hashes[row.news_id], self.now,
                 ))
             with self.transaction():
+                self._count_changed_news(hashes, known)
                 if records:
                     self.writer.upsert(
                         schema.news, ("news_id", *_NEWS_UPDATED, "updated_at"), records, key=("news_id",),
@@ -316,6 +320,27 @@ class _Job:
                 known.setdefault(news_id, None)
             self.report.news += len(records)
             self._done(len(lines))
+        if self.report.news_changed:
+            log.warning("%d articles already stored got other content (title, abstract, categories or cover) from %s, "
+                        "first %s: the last ingest of an article wins, so replaying an older news file undoes later "
+                        "corrections; they are encoded again by the next nightly run", self.report.news_changed,
+                        stream.path, self.first_changed_news)
+
+    def _count_changed_news(self, hashes: dict[str, str], known: dict[str, datetime | None]) -> None:
+        """Count (and name the first of) the stored articles this batch gives other content.
+
+        The latest ingest of an article wins: a news file has no time of its own to tell an
+        older file from a newer one, so the operator is told how many articles changed.
+        """
+        stored = [n for n in hashes if n in known]
+        if not stored:
+            return
+        news = schema.news
+        before = dict(self.writer.select_in(sa.select(news.c.news_id, news.c.content_hash), news.c.news_id, stored))
+        changed = [n for n in stored if before.get(n, hashes[n]) != hashes[n]]
+        if changed and self.report.news_changed == 0:
+            self.first_changed_news = changed[0]
+        self.report.news_changed += len(changed)
 
     def _name_bad_covers(self, images_dir: Path | None, listing, checks: dict[str, ImageCheck], kept: dict) -> None:
         """Log each article whose cover file is there but unusable (empty, corrupt, too large,

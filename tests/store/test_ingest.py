@@ -152,8 +152,8 @@ def test_same_files_twice_leave_the_same_store(engine, small_world, quarantine_d
     assert dump_store(engine) | {"news_updated_at": rows(engine, "news", "news_id", "updated_at")} == first
 
 
-def test_newer_news_row_updates_the_article(engine, small_world, quarantine_dir, tmp_path):
-    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"])
+def test_newer_news_row_updates_the_article(engine, small_world, quarantine_dir, tmp_path, caplog):
+    assert run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"]).news_changed == 0
     before = {r[0]: r for r in rows(engine, "news", "news_id", "title", "content_hash", "updated_at", "first_seen_at")}
     newer = write_lines(tmp_path / "news2.tsv", [
         news_line("N1", title="Storm hits the coast, updated", abstract="Heavy rain."),
@@ -161,7 +161,8 @@ def test_newer_news_row_updates_the_article(engine, small_world, quarantine_dir,
         news_line("N7", title="Brand new"),
     ])
     report = run(engine, quarantine_dir, news_path=newer)
-    assert report.news == 3
+    assert (report.news, report.news_changed) == (3, 1)  # N1's title; N2 as stored, N7 new
+    assert f"1 articles already stored got other content (title, abstract, categories or cover) from {newer}, first N1" in caplog.text
     after = {r[0]: r for r in rows(engine, "news", "news_id", "title", "content_hash", "updated_at", "first_seen_at")}
     assert after["N1"][1] == "Storm hits the coast, updated"
     assert after["N1"][2] != before["N1"][2]
@@ -169,6 +170,9 @@ def test_newer_news_row_updates_the_article(engine, small_world, quarantine_dir,
     assert after["N1"][4] == before["N1"][4] == T0  # first seen comes from behaviors, kept
     assert after["N2"] == before["N2"]  # unchanged content: not even updated_at moves
     assert after["N7"][4] is None
+    # Replaying the older file undoes the correction, and says so; the same file again changes nothing.
+    assert run(engine, quarantine_dir, news_path=small_world["news"]).news_changed == 1
+    assert run(engine, quarantine_dir, news_path=small_world["news"]).news_changed == 0
 
 
 @pytest.mark.parametrize("batch_size", [5000, 2, 1])
