@@ -134,6 +134,8 @@ def main() -> None:
     add_world_args(parser)
     parser.add_argument("--batch-size", type=int, default=5000)
     parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--world", help="folder to write the two worlds into and keep, or to reuse them from "
+                                         "(the same size arguments); default: a temporary folder")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -144,20 +146,23 @@ def main() -> None:
 
     results: dict = {"args": {k: v for k, v in vars(args).items() if k not in ("child", "url", "folder")}, "runs": []}
     with tempfile.TemporaryDirectory(prefix="bench_ingest_") as tmp:
-        folder = Path(tmp)
-        start = time.perf_counter()
-        results["world"] = write_world(folder, num_news=args.news, num_users=args.users,
-                                       num_impressions=args.impressions, mean_candidates=args.candidates, seed=args.seed)
-        results["world"]["write_s"] = round(time.perf_counter() - start, 2)
+        folder = Path(args.world or tmp)
+        if (folder / "next" / "behaviors.tsv").is_file():
+            results["world"] = {"reused": str(folder)}  # written by an earlier run with --world
+        else:
+            start = time.perf_counter()
+            results["world"] = write_world(folder, num_news=args.news, num_users=args.users,
+                                           num_impressions=args.impressions, mean_candidates=args.candidates, seed=args.seed)
+            (folder / "next").mkdir()
+            write_world(folder / "next", num_news=args.news, num_users=args.users, num_impressions=args.impressions,
+                        mean_candidates=args.candidates, seed=args.seed + 1, start=datetime(2019, 11, 15))
+            results["world"]["write_s"] = round(time.perf_counter() - start, 2)
         results["world"]["behaviors_mb"] = round((folder / "behaviors.tsv").stat().st_size / 2**20, 1)
-        (folder / "next").mkdir()
-        write_world(folder / "next", num_news=args.news, num_users=args.users, num_impressions=args.impressions,
-                    mean_candidates=args.candidates, seed=args.seed + 1, start=datetime(2019, 11, 15))
         print(f"world: {results['world']}", flush=True)
         for backend in args.backends.split(","):
             cleanup = None
             if backend == "sqlite":
-                url = f"sqlite:///{folder / 'bench.db'}"
+                url = f"sqlite:///{Path(tmp) / 'bench.db'}"
             elif backend == "postgresql":
                 import sqlalchemy as sa
                 from sqlalchemy.engine import make_url

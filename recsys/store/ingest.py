@@ -384,6 +384,11 @@ class _Job:
         file_key = quarantine_key(stream.path)
         self._begin_file(file_key)
         seen = FirstLines()
+        imp = schema.impressions
+        with self.transaction():
+            # Once per file (nothing else writes impressions while the ingest holds the lock):
+            # a store of this source alone, such as a first ingest, needs no check per batch.
+            other_sources = self.conn.execute(sa.select(imp.c.id).where(imp.c.source != source).limit(1)).first() is not None
         for lines in _batches(stream, self.batch_size):
             pending_bad: list[tuple] = []
             good: list[BehaviorRow] = []
@@ -400,7 +405,7 @@ class _Job:
                 else:
                     good.append(row)
             with self.transaction():
-                good = self._without_stored_elsewhere(good, source) if good else good
+                good = self._without_stored_elsewhere(good, source) if good and other_sources else good
                 if good:
                     self._write_behaviors(good, source, known)
                 self._write_quarantine(pending_bad)
@@ -417,9 +422,12 @@ class _Job:
         """
         imp, items, w = schema.impressions, schema.impression_items, self.writer
         times = [r.time for r in rows]
+        in_span = (imp.c.source != source, imp.c.time >= min(times), imp.c.time <= max(times))
+        # One probe per user (index on user and time), linear in the batch whatever the
+        # file's order: a store-wide probe of the batch's time span would scan this file's
+        # own earlier rows in it, again in every batch of a file not sorted by time (MIND's).
         others = w.select_in(
-            sa.select(imp.c.id, imp.c.source, imp.c.impression_id, imp.c.user_id, imp.c.time)
-            .where(imp.c.source != source, imp.c.time >= min(times), imp.c.time <= max(times)),
+            sa.select(imp.c.id, imp.c.source, imp.c.impression_id, imp.c.user_id, imp.c.time).where(*in_span),
             imp.c.user_id, {r.user_id for r in rows},
         )
         if not others:
@@ -435,9 +443,9 @@ class _Job:
                                       imp.c.impression_id, [r.impression_id for r in suspects]))
         pks = [pk for r in suspects for pk, _, _ in at[(r.user_id, r.time)]]
         candidates: dict[int, list[tuple[str, int | None]]] = {}
-        for pk, _, news_id, label in sorted(w.select_in(
-                sa.select(items.c.impression_pk, items.c.position, items.c.news_id, items.c.label),
-                items.c.impression_pk, pks)):
+        for pk, news_id, label in w.select_in(
+                sa.select(items.c.impression_pk, items.c.news_id, items.c.label)
+                .order_by(items.c.impression_pk, items.c.position), items.c.impression_pk, pks):
             candidates.setdefault(pk, []).append((news_id, label))
         kept = []
         for r in rows:
