@@ -130,23 +130,84 @@ def get_version(engine: Engine, version: str | None = None) -> ModelVersion:
             raise NotFoundError(f"model version '{version}' does not exist (see the model_versions table)")
         raise NotFoundError("no current model version: run `recsys train` first")
     path = Path(row.path)
+    return ModelVersion(row.version, path, read_manifest(row.version, path))
+
+
+def read_manifest(version: str, path: Path) -> dict:
+    """The manifest in a registered version's folder.
+
+    Raises:
+        NotFoundError: the folder (or its manifest) is missing.
+        DamagedFileError: the manifest cannot be read as a JSON object.
+    """
     if not (path / MANIFEST).exists():
-        raise NotFoundError(f"model version '{row.version}' is registered but its directory {path} is missing")
+        raise NotFoundError(f"model version '{version}' is registered but its directory {path} is missing")
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DamagedFileError(f"{path / MANIFEST}: the manifest of model version '{row.version}' cannot be read "
+        raise DamagedFileError(f"{path / MANIFEST}: the manifest of model version '{version}' cannot be read "
                                f"({type(err).__name__}: {err}); train again, or restore the version's folder") from err
     if not isinstance(manifest, dict):
         raise DamagedFileError(f"{path / MANIFEST}: expected a JSON object, found {type(manifest).__name__}")
-    return ModelVersion(row.version, path, manifest)
+    return manifest
 
 
 def list_versions(engine: Engine) -> list[dict]:
+    """Every registered version's row (version, path, created_at, is_current, manifest), oldest first."""
     mv = s.model_versions.c
     with engine.connect() as conn:
-        rows = conn.execute(select(mv.version, mv.path, mv.created_at, mv.is_current, mv.manifest).order_by(mv.created_at)).all()
+        rows = conn.execute(select(mv.version, mv.path, mv.created_at, mv.is_current, mv.manifest)
+                            .order_by(mv.created_at, mv.version)).all()
     return [dict(r._mapping) for r in rows]
+
+
+# How many version names a refusal lists (the newest); `recsys model list` shows them all.
+SHOWN_VERSIONS = 10
+
+
+def set_current(engine: Engine, version: str, *, encoders: tuple[dict, dict] | None = None) -> str | None:
+    """Make ``version`` the one current version (``recsys model use``, a rollback); returns the
+    version that was current before (None when none was). Using the current version again
+    changes nothing but still leaves it the only current row.
+
+    Under the publishing lock, so that a training publishing at the same moment cannot leave
+    two current versions. Whether the version has an index is not checked: the next nightly
+    (or ``recsys index build``) builds a missing one.
+
+    Args:
+        encoders: the configured ``(text_encoder, image_encoder)`` identities (``EncoderInfo``
+            dicts); a version built with other encoders is refused (``check_encoders``).
+
+    Raises:
+        NotFoundError: no such version (the message lists the newest known ones), or its folder
+            is missing.
+        DamagedFileError: its manifest or its model's config.json cannot be read.
+        ModelMismatchError: it was built with other encoders than ``encoders``, or its model
+            bundle lacks keys.
+    """
+    mv = s.model_versions.c
+    with engine.connect() as conn:
+        known = conn.execute(select(mv.version).order_by(mv.created_at, mv.version)).scalars().all()
+    if version not in known:
+        if not known:
+            raise NotFoundError(f"model version '{version}' does not exist: the store holds no model version yet "
+                                "(run `recsys train` first)")
+        shown = ", ".join(known[-SHOWN_VERSIONS:])
+        more = f" (the newest {SHOWN_VERSIONS} of {len(known)}; `recsys model list` shows them all)" \
+            if len(known) > SHOWN_VERSIONS else " (see `recsys model list`)"
+        raise NotFoundError(f"model version '{version}' does not exist; known versions: {shown}{more}")
+    chosen = get_version(engine, version)
+    # The nightly loads the model from this folder: a bundle without its config would fail there.
+    read_bundle_config(chosen.model_dir)
+    if encoders is not None:
+        check_encoders(chosen.manifest, *encoders, what=f"model version {version}")
+    with serialized_transaction(engine, PUBLISH_LOCK_KEY) as conn:
+        # Newest first, as get_version reads it: an old store may hold two current rows.
+        previous = conn.execute(select(mv.version).where(mv.is_current.is_(True))
+                                .order_by(mv.created_at.desc(), mv.version.desc()).limit(1)).scalar_one_or_none()
+        conn.execute(update(s.model_versions).where(mv.version != version).values(is_current=False))
+        conn.execute(update(s.model_versions).where(mv.version == version).values(is_current=True))
+    return previous
 
 
 def check_encoders(manifest: dict, text_info: dict, image_info: dict, *, what: str) -> None:
@@ -165,3 +226,46 @@ def check_encoders(manifest: dict, text_info: dict, image_info: dict, *, what: s
                 f"{what} was built with {key} {saved}, but the configured encoder is {given}; "
                 f"retrain, or configure the encoder the version was built with{keys}"
             )
+
+
+def describe_versions(engine: Engine) -> list[dict]:
+    """One summary per registered version, oldest first (``recsys model list``): its training
+    settings, window and validation metrics from the manifest, whether it is current and whether
+    its index exists. A version whose folder is missing or whose manifest is damaged is listed
+    too, ``status`` "missing" or "damaged" with the reason in ``problem``; its figures then come
+    from the copy of the manifest in the store."""
+    from recsys.index.faiss_index import FaissIndex
+
+    out = []
+    for row in list_versions(engine):
+        path = Path(row["path"])
+        status, problem = "ok", None
+        try:
+            manifest = read_manifest(row["version"], path)
+        except (NotFoundError, DamagedFileError) as exc:
+            status = "missing" if isinstance(exc, NotFoundError) else "damaged"
+            problem, manifest = str(exc), row["manifest"] if isinstance(row["manifest"], dict) else {}
+        window = manifest.get("training_window") if isinstance(manifest.get("training_window"), dict) else {}
+        metrics = manifest.get("metrics") if isinstance(manifest.get("metrics"), dict) else {}
+        data = manifest.get("data") if isinstance(manifest.get("data"), dict) else {}
+        out.append({
+            "version": row["version"],
+            "created_at": row["created_at"].isoformat(sep=" ", timespec="seconds") if row["created_at"] else None,
+            "current": bool(row["is_current"]),
+            "status": status,
+            "modalities": manifest.get("modalities"),
+            "fusion": manifest.get("fusion"),
+            "since": window.get("since"),
+            "until": window.get("until"),
+            "valid_start": window.get("valid_start"),
+            "source": window.get("source"),
+            "val_auc": metrics.get("val_auc"),
+            "val_log_loss": metrics.get("val_log_loss"),
+            "best_epoch": metrics.get("best_epoch"),
+            "train_impressions": data.get("train_impressions"),
+            "valid_impressions": data.get("valid_impressions"),
+            "index": status != "missing" and FaissIndex.exists(path / "index"),
+            "path": str(path),
+            "problem": problem,
+        })
+    return out

@@ -95,3 +95,135 @@ def test_a_truncated_version_manifest_is_named_as_damaged(engine, tmp_path):
     manifest.write_text(manifest.read_text()[:10])
     with pytest.raises(DamagedFileError, match=rf"{manifest}: the manifest of model version 'v1' cannot be read \(JSONDecodeError"):
         versions.get_version(engine, "v1")
+
+
+# --- choosing the current version (`recsys model use`) -----------------------------------
+
+TEXT = {"name": "all-MiniLM-L6-v2-int8+abstract", "version": "tok+len:128", "dim": 384}
+IMAGE = {"name": "mobilenet_v1_1.0_imagenet", "version": "nudity==0.2.3+px:224", "dim": 1024}
+
+
+def _publish(engine, models, version: str, *, make_current: bool = True, **manifest):
+    staged = _stage(models, version)
+    (staged / "model" / "config.json").write_text('{"embedding_dim": 8, "side_features": {}}')
+    manifest = {"text_encoder": TEXT, "image_encoder": IMAGE, "modalities": "text,image", "fusion": "gated", **manifest}
+    return versions.publish_version(engine, models, version, staged, manifest, make_current=make_current)
+
+
+def _current(engine) -> list[str]:
+    mv = schema.model_versions.c
+    with engine.connect() as conn:
+        return conn.execute(select(mv.version).where(mv.is_current.is_(True))).scalars().all()
+
+
+def test_set_current_rolls_back_to_an_older_version_and_leaves_it_the_only_current_one(engine, tmp_path):
+    models = tmp_path / "models"
+    for version in ("v1", "v2", "v3"):
+        _publish(engine, models, version)
+    assert versions.set_current(engine, "v1", encoders=(TEXT, IMAGE)) == "v3"
+    assert _current(engine) == ["v1"]
+    assert versions.get_version(engine).version == "v1"  # what the next nightly, predict and evaluate read
+    # Again: nothing changes, and it says which was current.
+    assert versions.set_current(engine, "v1") == "v1"
+    assert _current(engine) == ["v1"]
+
+
+def test_set_current_leaves_one_current_row_in_a_store_that_holds_two(engine, tmp_path):
+    models = tmp_path / "models"
+    for version in ("v1", "v2"):
+        _publish(engine, models, version)
+    with engine.begin() as conn:  # as an unserialised publish could have left it
+        conn.execute(update(schema.model_versions).values(is_current=True))
+    assert versions.set_current(engine, "v2") == "v2"
+    assert _current(engine) == ["v2"]
+
+
+def test_set_current_refuses_an_unknown_version_naming_it_and_the_known_ones(engine, tmp_path):
+    import pytest
+
+    from recsys.errors import NotFoundError
+
+    with pytest.raises(NotFoundError, match=r"model version 'v9' does not exist: the store holds no model version yet"):
+        versions.set_current(engine, "v9")
+    models = tmp_path / "models"
+    for version in ("v1", "v2"):
+        _publish(engine, models, version)
+    with pytest.raises(NotFoundError, match=r"^model version 'v9' does not exist; known versions: v1, v2 \(see `recsys model list`\)$"):
+        versions.set_current(engine, "v9")
+    assert _current(engine) == ["v2"]
+
+
+def test_set_current_refuses_a_version_whose_folder_or_model_is_gone(engine, tmp_path):
+    import shutil
+
+    import pytest
+
+    from recsys.errors import DamagedFileError, NotFoundError
+
+    models = tmp_path / "models"
+    for version in ("v1", "v2", "v3", "v4"):
+        _publish(engine, models, version)
+    shutil.rmtree(models / "v1")
+    with pytest.raises(NotFoundError, match=rf"model version 'v1' is registered but its directory {models / 'v1'} is missing"):
+        versions.set_current(engine, "v1")
+    (models / "v2" / versions.MANIFEST).write_text("{")
+    with pytest.raises(DamagedFileError, match=r"the manifest of model version 'v2' cannot be read"):
+        versions.set_current(engine, "v2")
+    (models / "v3" / "model" / "config.json").unlink()  # the nightly could not load the model
+    with pytest.raises(NotFoundError, match=rf"model bundle {models / 'v3' / 'model'} has no config.json"):
+        versions.set_current(engine, "v3")
+    assert _current(engine) == ["v4"]
+
+
+def test_set_current_refuses_a_version_built_with_other_encoders(engine, tmp_path):
+    import pytest
+
+    from recsys.errors import ModelMismatchError
+
+    models = tmp_path / "models"
+    _publish(engine, models, "v1")
+    _publish(engine, models, "v2")
+    titles_only = {**TEXT, "name": "all-MiniLM-L6-v2-int8"}
+    with pytest.raises(ModelMismatchError, match=r"model version v1 was built with text_encoder .*int8\+abstract'.* but the "
+                                                 r"configured encoder is .*use_abstract and text_max_length"):
+        versions.set_current(engine, "v1", encoders=(titles_only, IMAGE))
+    with pytest.raises(ModelMismatchError, match=r"model version v1 was built with image_encoder"):
+        versions.set_current(engine, "v1", encoders=(TEXT, {**IMAGE, "version": "nudity==0.2.3+px:160"}))
+    assert _current(engine) == ["v2"]
+
+
+def test_a_version_published_without_making_it_current_leaves_the_current_one(engine, tmp_path):
+    # `recsys train --keep-current`: a candidate, served only after `recsys model use`.
+    models = tmp_path / "models"
+    _publish(engine, models, "v1")
+    _publish(engine, models, "v2", make_current=False)
+    assert _current(engine) == ["v1"] and versions.get_version(engine).version == "v1"
+    assert versions.get_version(engine, "v2").version == "v2"
+    assert versions.set_current(engine, "v2") == "v1"
+    assert versions.get_version(engine).version == "v2"
+
+
+def test_describe_versions_lists_every_version_even_a_missing_or_damaged_one(engine, tmp_path):
+    import shutil
+
+    models = tmp_path / "models"
+    window = {"since": "2019-11-09T00:00:00", "valid_start": "2019-11-13T00:00:00", "until": "2019-11-14T00:00:00",
+              "source": None}
+    _publish(engine, models, "v1", training_window=window, metrics={"val_auc": 0.61, "best_epoch": 2},
+             data={"train_impressions": 100, "valid_impressions": 20})
+    _publish(engine, models, "v2", fusion="concat", metrics={"val_auc": 0.63})
+    _publish(engine, models, "v3", modalities="text")
+    _publish(engine, models, "v4", make_current=False)
+    (models / "v1" / "index").mkdir()  # FaissIndex.exists reads the folder
+    (models / "v2" / versions.MANIFEST).write_text("[1]")
+    shutil.rmtree(models / "v3")
+    rows = versions.describe_versions(engine)
+    assert [(r["version"], r["current"], r["status"], r["index"]) for r in rows] == [
+        ("v1", False, "ok", True), ("v2", False, "damaged", False), ("v3", True, "missing", False), ("v4", False, "ok", False)]
+    first = rows[0]
+    assert (first["modalities"], first["fusion"], first["since"], first["until"], first["val_auc"], first["best_epoch"],
+            first["train_impressions"]) == ("text,image", "gated", window["since"], window["until"], 0.61, 2, 100)
+    # A damaged or missing folder: the reason, and the figures of the store's copy of the manifest.
+    assert "expected a JSON object, found list" in rows[1]["problem"] and rows[1]["fusion"] == "concat"
+    assert "is missing" in rows[2]["problem"] and rows[2]["modalities"] == "text"
+    assert rows[0]["problem"] is None and rows[0]["created_at"] <= rows[3]["created_at"]
