@@ -40,8 +40,11 @@ app = typer.Typer(
 INGEST_FAILED = 3
 db_app = typer.Typer(help="Store schema migrations.", no_args_is_help=True, **_PLAIN_HELP)
 index_app = typer.Typer(help="The FAISS index of item embeddings.", no_args_is_help=True, **_PLAIN_HELP)
+model_app = typer.Typer(help="Model versions: list them, choose the current one (rollback).", no_args_is_help=True,
+                        **_PLAIN_HELP)
 app.add_typer(db_app, name="db")
 app.add_typer(index_app, name="index")
+app.add_typer(model_app, name="model")
 
 log = logging.getLogger("recsys")
 
@@ -178,6 +181,7 @@ def train(
     epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs (early stopping on validation AUC).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     source: Annotated[Optional[str], typer.Option(help="Train only on impressions of this source.")] = None,
+    keep_current: Annotated[bool, typer.Option("--keep-current", help="Publish the version without making it current (a candidate: evaluate it, then `recsys model use VERSION`).")] = False,
 ) -> None:
     """Train the CTR model on a time window; write a model version and mark it current."""
     from recsys.pipelines.train import run_train
@@ -189,7 +193,58 @@ def train(
                "model.seed": "--seed"},
     )
     _print_json(run_train(c.engine(), c.workspace, config, since=since, until=until, source=source,
-                          exact_modalities=modalities is not None))
+                          make_current=not keep_current, exact_modalities=modalities is not None))
+
+
+# created_at is in the version's name (vYYYYMMDD-HHMMSS-xxxxxx) and in --json.
+_MODEL_LIST_COLUMNS = ["version", "current", "modalities", "fusion", "since", "until", "val_auc", "index", "status"]
+INDEX_MISSING = "missing, built by the next nightly or recsys index build"
+
+
+@model_app.command("list")
+def model_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False) -> None:
+    """Every model version, oldest first: current or not, settings, training window, validation AUC, index."""
+    from recsys.versions import describe_versions
+
+    rows = describe_versions(_ctx(ctx).engine())
+    if as_json:
+        _print_json(rows)
+        return
+    from rich.console import Console
+
+    from recsys.display import rows_table
+
+    shown = [{**row, "current": "yes" if row["current"] else "no", "index": "yes" if row["index"] else "no",
+              "val_auc": "-" if row["val_auc"] is None else round(float(row["val_auc"]), 4),
+              **{key: "-" if row[key] is None else row[key] for key in ("modalities", "fusion")},
+              **{key: "-" if row[key] is None else str(row[key]).replace("T", " ")[:16] for key in ("since", "until")}}
+             for row in rows]
+    table = rows_table(shown, _MODEL_LIST_COLUMNS, title="model versions")
+    for column in table.columns:  # a narrow terminal wraps the cells instead of cutting version names short
+        column.overflow = "fold"
+    Console().print(table)
+    for row in rows:
+        if row["problem"]:
+            typer.echo(f"note: {row['problem']}", err=True)
+
+
+@model_app.command("use")
+def model_use(ctx: typer.Context, version: Annotated[str, typer.Argument(metavar="VERSION", help="The model version to make current (see `recsys model list`).")]) -> None:
+    """Make a model version the current one (a rollback); the next nightly run ranks with it."""
+    from recsys.index.faiss_index import FaissIndex
+    from recsys.pipelines.features import configured_encoder_infos
+    from recsys.versions import get_version, set_current
+
+    _check_id("VERSION", version)
+    c = _ctx(ctx)
+    config = c.config()
+    engine = c.engine()
+    previous = set_current(engine, version, encoders=configured_encoder_infos(config))
+    mv = get_version(engine, version)
+    if previous == version:
+        typer.echo(f"note: model version '{version}' is already current: nothing changed", err=True)
+    _print_json({"current": version, "previous": previous, "changed": previous != version,
+                 "index": "present" if FaissIndex.exists(mv.index_dir) else INDEX_MISSING})
 
 
 @index_app.command("build")

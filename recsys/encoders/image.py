@@ -186,6 +186,15 @@ class ImageEncoder:
         """Name, version (with the input size) and output dimension."""
         return self._info
 
+    @staticmethod
+    def default_info(image_size: int = 224) -> EncoderInfo:
+        """The default MobileNet's ``info`` at ``image_size``, without loading TensorFlow
+        (``recsys model use`` checks a version's encoders with it)."""
+        from recsys.encoders import mobilenet
+
+        return EncoderInfo(name=mobilenet.MOBILENET_NAME, version=f"{mobilenet.graph_package_version()}+px:{int(image_size)}",
+                           dim=mobilenet.MOBILENET_DIM)
+
     def _load_custom(self, path: Path):
         import keras
 

@@ -30,6 +30,27 @@ def build_encoders(config: Config, *, num_threads: int | None = None):
     return text, image
 
 
+def configured_encoder_infos(config: Config) -> tuple[dict, dict]:
+    """The ``(text_encoder, image_encoder)`` identities that ``[encoders]`` gives the features, as
+    ``versions.check_encoders`` compares them with a version's manifest; nothing is encoded.
+
+    The text encoder is opened (onnxruntime, a fraction of a second); the default image
+    encoder's identity is known without TensorFlow, a custom image model is loaded to read its
+    output size.
+    """
+    from recsys.encoders.image import ImageEncoder
+    from recsys.encoders.pipeline import text_info_for
+    from recsys.encoders.text import TextEncoder
+
+    enc = config.encoders
+    text = TextEncoder(enc.text_model or None, enc.tokenizer or None, max_length=enc.text_max_length, num_threads=1)
+    if enc.image_model:
+        image = ImageEncoder(enc.image_model, image_size=enc.image_size, num_threads=config.runtime.threads or None).info
+    else:
+        image = ImageEncoder.default_info(enc.image_size)
+    return text_info_for(text.info, use_abstract=enc.use_abstract).to_dict(), image.to_dict()
+
+
 def encode_news(news: pd.DataFrame, workspace: Workspace, config: Config, *, encoders=None) -> ItemFeatures:
     """Features of ``news`` rows (store columns), encoding only what the cache lacks.
 
