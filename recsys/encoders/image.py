@@ -176,7 +176,7 @@ class ImageEncoder:
             name, version = self.model_path.stem, f"sha256:{file_sha256(self.model_path)[:16]}"
         self._pool = len(self._model.output_shape) == 4
         dim = self._check_shapes()
-        self._info = EncoderInfo(name=name, version=f"{version}+px:{self.image_size}", dim=dim)
+        self._info = _info(name, version, self.image_size, dim)
         spec = tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)
         # One traced graph for every batch size: far cheaper per call than eager model(x).
         self._forward = tf.function(self._call_model, input_signature=[spec], autograph=False)
@@ -192,8 +192,7 @@ class ImageEncoder:
         (``recsys model use`` checks a version's encoders with it)."""
         from recsys.encoders import mobilenet
 
-        return EncoderInfo(name=mobilenet.MOBILENET_NAME, version=f"{mobilenet.graph_package_version()}+px:{int(image_size)}",
-                           dim=mobilenet.MOBILENET_DIM)
+        return _info(mobilenet.MOBILENET_NAME, mobilenet.graph_package_version(), int(image_size), mobilenet.MOBILENET_DIM)
 
     def _load_custom(self, path: Path):
         import keras
@@ -259,3 +258,8 @@ class ImageEncoder:
                 features[rows] = np.asarray(self._forward(batch), dtype=np.float32)
                 ok[rows] = True
         return features, ok
+
+
+def _info(name: str, version: str, image_size: int, dim: int) -> EncoderInfo:
+    # The input size is part of the identity: features at another size are other features.
+    return EncoderInfo(name=name, version=f"{version}+px:{image_size}", dim=dim)

@@ -16,6 +16,8 @@ def test_info_of_the_default_model(image_encoder):
     assert info.name == "mobilenet_v1_1.0_imagenet"
     assert info.version == "nudity==0.2.3+px:224"
     assert info.dim == 1024
+    # What `recsys model use` checks a version against without loading TensorFlow.
+    assert ImageEncoder.default_info(224) == info and ImageEncoder.default_info(160).version.endswith("+px:160")
 
 
 def test_encode_reports_failures_without_crashing(image_encoder, sample_photos, tmp_path, caplog):
