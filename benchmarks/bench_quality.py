@@ -83,11 +83,17 @@ def fresh_candidates(imps, catalogue) -> np.ndarray:
 def subset_auc(imps, scores: np.ndarray, keep: np.ndarray) -> float:
     """Mean per-impression AUC of ``scores`` over the candidates where ``keep`` is True."""
     from recsys.data.interactions import candidate_impression_rows
+
+    return masked_auc(imps.labels, scores, candidate_impression_rows(imps), len(imps), keep)
+
+
+def masked_auc(labels: np.ndarray, scores: np.ndarray, owner: np.ndarray, num_impressions: int, keep: np.ndarray) -> float:
+    """Mean per-impression AUC over the candidates where ``keep`` is True; ``owner`` (n,) gives
+    each candidate's impression row, candidates grouped by impression."""
     from recsys.models.training import mean_impression_auc
 
-    owner = candidate_impression_rows(imps)
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(owner[keep], minlength=len(imps)))])
-    return float(mean_impression_auc(imps.labels[keep], scores[keep], offsets)[0])
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(owner[keep], minlength=num_impressions))])
+    return float(mean_impression_auc(labels[keep], scores[keep], offsets)[0])
 
 
 def test_file_row(imps, scores: np.ndarray, oracle: float, fresh: np.ndarray) -> dict:

@@ -176,7 +176,7 @@ def _popularity_from_earlier_shows(world, test_file: Path, row_of: dict, fresh: 
 def run_seed(seed: int, args, root: Path) -> dict:
     from recsys.data import sample
     from recsys.data.mind import iter_behaviors
-    from recsys.models.training import mean_impression_auc
+    from bench_quality import masked_auc  # this folder is on sys.path when run as a script
 
     out_dir = root / f"world-{seed}"
     sample.generate_sample(out_dir, num_users=args.users, num_news=args.news, num_impressions=args.impressions, seed=seed)
@@ -259,9 +259,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
     owner = np.repeat(np.arange(len(sizes)), sizes)
 
     def auc(name: str, keep: np.ndarray) -> float:
-        # per-impression AUC over the kept candidates (as bench_quality's fresh rows)
-        offsets = np.concatenate([[0], np.cumsum(np.bincount(owner[keep], minlength=len(sizes)))])
-        return float(mean_impression_auc(y[keep], np.concatenate(scores[name])[keep], offsets)[0])
+        return masked_auc(y, np.concatenate(scores[name]), owner, len(sizes), keep)
 
     everything = np.ones(len(y), bool)
     oracle, oracle_fresh = auc("oracle", everything), auc("oracle", fresh)
