@@ -156,6 +156,32 @@ def test_a_new_versions_index_keeps_the_stamps_of_never_seen_articles(tmp_path, 
     assert load_index(second).published(never[:1])[0] == np.datetime64(built_at, "s")
 
 
+def test_a_rollback_ranks_the_next_night_with_the_old_version_and_fills_its_index(tmp_path, trained, capsys):
+    # A retried night returns the last run when its inputs are unchanged: the model version is
+    # one of them, so the night after `model use` ranks again, with the version chosen, and
+    # that version's index gains the articles that came while another version was current.
+    world, ws, engine, _ = trained
+    cli = ("--workspace", str(ws.root), "nightly", "--k", "3", "--workers", "1")
+    first = get_version(engine).version
+    assert main(cli) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    second = run_train(engine, ws, load_config(None, TRAINED))["version"]
+    news = tmp_path / "news.tsv"
+    news.write_text("NBRANDNEW\tnews\tsub\tA new story\t\thttps://x\t[]\t[]\n", encoding="utf-8")
+    assert main([*cli, "--news", str(news)]) == 0, capsys.readouterr().err
+    night = json.loads(capsys.readouterr().out)
+    assert night["run"]["model_version"] == second and night["index"]["index_built"] == 201
+    assert "NBRANDNEW" not in load_index(get_version(engine, first))
+
+    assert main(["--workspace", str(ws.root), "model", "use", first]) == 0
+    assert json.loads(capsys.readouterr().out) == {"current": first, "previous": second, "changed": True, "index": "present"}
+    assert main(cli) == 0, capsys.readouterr().err
+    rolled_back = json.loads(capsys.readouterr().out)
+    assert not rolled_back["run"]["already_complete"] and rolled_back["run"]["run_id"] > night["run"]["run_id"]
+    assert rolled_back["run"]["model_version"] == first and rolled_back["index"]["index_added"] == 1
+    assert "NBRANDNEW" in load_index(get_version(engine, first))
+
+
 def test_a_failed_ingest_ranks_the_stored_data_and_exits_3(tmp_path, trained, capsys):
     world, ws, engine, _ = trained
     before = store_stats(engine)
