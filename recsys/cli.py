@@ -222,7 +222,10 @@ def model_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json
     table = rows_table(shown, _MODEL_LIST_COLUMNS, title="model versions")
     for column in table.columns:  # a narrow terminal wraps the cells instead of cutting version names short
         column.overflow = "fold"
-    Console().print(table)
+    console = Console()
+    # Rich lays out 80 columns when the output is not a terminal (a cron mail, a pipe): wide
+    # enough for whole rows there.
+    (console if console.is_terminal else Console(width=max(console.width, 160))).print(table)
     for row in rows:
         if row["problem"]:
             typer.echo(f"note: {row['problem']}", err=True)

@@ -661,9 +661,10 @@ def test_model_list_and_use(capsys, tmp_path: Path, monkeypatch):
     code, out, err = run(capsys, *ws, "model", "use", "v1")
     assert (code, out) == (1, "")
     assert f"{tmp_path / 'models' / 'v1' / 'manifest.json'}: the manifest of model version 'v1' cannot be read" in err
-    monkeypatch.setenv("COLUMNS", "200")  # rich's width outside a terminal is 80: the table's cells would wrap
+    # Rich lays tables out in 80 columns outside a terminal: the cells wrapped ("damag" / "ed").
     code, out, err = run(capsys, *ws, "model", "list")
     assert code == 0 and re.findall(r"\bv\d\b", out) == ["v1", "v2", "v3"], err
+    assert max(len(line) for line in out.splitlines()) > 80 and len(out.splitlines()) == 8
     assert "damaged" in out and "note: " in err and "model version 'v1' cannot be read" in err
     code, out, _ = run(capsys, *ws, "model", "list", "--json")
     assert [(r["version"], r["current"], r["status"]) for r in json.loads(out)] == [
