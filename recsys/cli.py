@@ -145,13 +145,14 @@ def stats(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", he
     if as_json:
         _print_json(counts)
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from recsys.display import console
 
     table = Table("what", "count", title="store")
     for key, value in counts.items():
         table.add_row(key, str(value))
-    Console().print(table)
+    console().print(table)
 
 
 @db_app.command("upgrade")
@@ -210,9 +211,7 @@ def model_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json
     if as_json:
         _print_json(rows)
         return
-    from rich.console import Console
-
-    from recsys.display import rows_table
+    from recsys.display import console, rows_table
 
     shown = [{**row, "current": "yes" if row["current"] else "no", "index": "yes" if row["index"] else "no",
               "val_auc": "-" if row["val_auc"] is None else round(float(row["val_auc"]), 4),
@@ -222,10 +221,7 @@ def model_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json
     table = rows_table(shown, _MODEL_LIST_COLUMNS, title="model versions")
     for column in table.columns:  # a narrow terminal wraps the cells instead of cutting version names short
         column.overflow = "fold"
-    console = Console()
-    # Rich lays out 80 columns when the output is not a terminal (a cron mail, a pipe): wide
-    # enough for whole rows there.
-    (console if console.is_terminal else Console(width=max(console.width, 160))).print(table)
+    console().print(table)
     for row in rows:
         if row["problem"]:
             typer.echo(f"note: {row['problem']}", err=True)
@@ -383,11 +379,9 @@ def _print_rows(rows: list[dict], as_json: bool, *, title: str) -> None:
     if as_json:
         _print_json(clean)
         return
-    from rich.console import Console
+    from recsys.display import console, rows_table
 
-    from recsys.display import rows_table
-
-    Console().print(rows_table(clean, keys, title=title))
+    console().print(rows_table(clean, keys, title=title))
 
 
 _FEATURES_AT_HELP = (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -24,3 +25,15 @@ def rows_table(rows: Iterable[Mapping[str, object]], columns: Sequence[str], *, 
     for row in rows:
         table.add_row(*(_cell(row[column]) for column in columns))
     return table
+
+
+# Rich lays out 80 columns when the output is not a terminal (a cron mail, a pipe, a log):
+# tables of ids, dates and titles would fold every cell. At least this many there.
+MIN_PIPED_WIDTH = 160
+
+
+def console() -> Console:
+    """A Rich console: the terminal's width, or at least ``MIN_PIPED_WIDTH`` columns when the
+    output is not a terminal (``COLUMNS`` still widens it)."""
+    out = Console()
+    return out if out.is_terminal else Console(width=max(out.width, MIN_PIPED_WIDTH))

@@ -39,3 +39,13 @@ def test_columns_follow_the_requested_order():
     out = render(rows_table(rows, ["b", "a"], title="t"))
     header = next(line for line in out.splitlines() if "a" in line and "b" in line and "┃" in line)
     assert header.index(" b ") < header.index(" a ")
+
+
+def test_a_console_that_is_not_a_terminal_is_wide_enough_for_whole_rows(monkeypatch):
+    # Rich's 80 columns outside a terminal folded every id, date and title of a cron mail.
+    from recsys.display import MIN_PIPED_WIDTH, console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert console().width == MIN_PIPED_WIDTH
+    monkeypatch.setenv("COLUMNS", "300")
+    assert console().width == 300

@@ -32,10 +32,9 @@ def find_sample(sample: Path | None, workspace_root: Path) -> Path:
 
 
 def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> dict:
-    from rich.console import Console
     from rich.text import Text
 
-    from recsys.display import rows_table
+    from recsys.display import console as wide_console, rows_table
     from recsys.pipelines.evaluate import run_evaluate
     from recsys.pipelines.index import run_index_build, run_similar
     from recsys.pipelines.ingest import run_ingest
@@ -44,7 +43,7 @@ def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> d
     from recsys.ranking.runs import recommendations_for_user
     from recsys.store.stats import store_stats
 
-    console = Console()
+    console = wide_console()
     ws = ctx.workspace.ensure()
     config = ctx.config({"model.epochs": epochs}, flags={"model.epochs": "--epochs"})
     world = find_sample(sample, ws.root)
