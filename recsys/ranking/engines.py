@@ -346,6 +346,13 @@ RAY_ACTOR_RESTARTS = 2
 RAY_CONNECT_TIMEOUT_S = 10.0
 
 
+# The HTTP/2 client preface and an empty SETTINGS frame: every gRPC server (Ray's GCS, Ray
+# Client) answers them with a SETTINGS frame (RFC 9113, 3.4), type 0x4 in a frame's 4th byte.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_HTTP2_SETTINGS = 4
+_FRAME_HEADER_BYTES = 9
+
+
 def _ray_unreachable(ray_address: str) -> str:
     return f"cannot reach the Ray cluster at {ray_address} (--ray-address, config key nightly.ray_address)"
 
@@ -384,14 +391,16 @@ def _split_host_port(address: str) -> tuple[str, int] | None:
 
 
 def check_ray_reachable(ray_address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
-    """Refuse a Ray address where nothing accepts a TCP connection, within ``timeout`` seconds
-    (``RAY_CONNECT_TIMEOUT_S``): ray.init would wait there for many minutes. Only the
-    connection is checked (opened and closed at once), never whether a Ray cluster answers it,
-    so an address that ray.init can join always passes.
+    """Refuse a Ray address where no gRPC server answers, within ``timeout`` seconds
+    (``RAY_CONNECT_TIMEOUT_S``): ray.init would wait there for many minutes. The check opens a
+    TCP connection and sends the HTTP/2 client preface, which every gRPC server (Ray's GCS, Ray
+    Client) answers at once; it never asks whether the server is Ray's, so an address that
+    ray.init can join always passes.
 
     Raises:
         RecsysError: nothing accepts a connection at the address (refused, unreachable, no
-            answer within ``timeout``, or a host name that does not resolve).
+            answer within ``timeout``, or a host name that does not resolve), or what accepts
+            it does not answer as a gRPC server (the dashboard's port, another service).
     """
     if os.environ.get("RAY_grpc_enable_http_proxy", "0").lower() in ("1", "true"):
         return  # Ray then connects through an HTTP proxy: a direct connection proves nothing
@@ -414,15 +423,49 @@ def check_ray_reachable(ray_address: str, timeout: float = RAY_CONNECT_TIMEOUT_S
             with socket.socket(family, kind, proto) as sock:
                 sock.settimeout(left)
                 sock.connect(sockaddr)
-            return
+                not_grpc = _not_grpc(sock, deadline, timeout)
         except TimeoutError:
             reason = f"no answer within {timeout:g} s"
         except OSError as exc:
             reason = exc.strerror or str(exc)
+        else:
+            if not_grpc is None:
+                return
+            # Something else listens there (the dashboard's 8265, a database): ray.init would
+            # wait on it as long as on a silent address.
+            raise RecsysError(
+                f"{_ray_unreachable(ray_address)}: {target} accepts connections but {not_grpc}, so it is not a Ray "
+                "cluster's GCS (the head's --port, 6379 by default) nor Ray Client (ray://host:10001); the "
+                "dashboard's port (8265) is not a cluster address"
+            )
     raise RecsysError(
         f"{_ray_unreachable(ray_address)}: connecting to {target}: {reason.lower()}; start the cluster "
         "(`ray start --head`) or fix the address"
     )
+
+
+def _not_grpc(sock: socket.socket, deadline: float, timeout: float) -> str | None:
+    """None when the server on ``sock`` answers the HTTP/2 client preface as every gRPC server
+    does (a SETTINGS frame first); else what it did instead. Not asked over TLS (``RAY_USE_TLS``):
+    the server then expects a TLS handshake first."""
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return None
+    head = b""
+    try:
+        sock.settimeout(max(deadline - time.monotonic(), 0.05))
+        sock.sendall(_HTTP2_PREFACE)
+        while len(head) < _FRAME_HEADER_BYTES:
+            chunk = sock.recv(_FRAME_HEADER_BYTES - len(head))
+            if not chunk:
+                break
+            head += chunk
+    except TimeoutError:
+        return f"did not answer as a gRPC server within {timeout:g} s" + (f" (it sent {head!r})" if head else "")
+    except OSError as exc:
+        return f"dropped the connection as a gRPC server would not ({exc.strerror or exc})"
+    if len(head) == _FRAME_HEADER_BYTES and head[3] == _HTTP2_SETTINGS:
+        return None
+    return f"answered {head!r}, not as a gRPC server" if head else "closed the connection without an answer"
 
 
 def _init_ray(ray_address: str | None, num_cpus: int | None = None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import re
 import signal
@@ -77,6 +79,33 @@ def _port_nobody_listens_on() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def http2_server():
+    """A port whose server answers every connection as an HTTP/2 (gRPC) server does: its
+    SETTINGS frame (RFC 9113, 3.4) once the client's preface arrives."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 0))
+    listener.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with conn:
+                conn.recv(64)
+                conn.sendall(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
 def _unreachable(address: str) -> str:
     return rf"cannot reach the Ray cluster at {re.escape(address)} \(--ray-address, config key nightly\.ray_address\): "
 
@@ -123,6 +152,41 @@ def test_ray_address_that_never_answers_fails_within_the_timeout():
         assert time.monotonic() - started < 2
 
 
+def test_a_ray_address_where_something_else_listens_is_refused_at_once(monkeypatch):
+    # A wrong port that accepts connections (the dashboard's 8265, a database) passed the TCP
+    # check, and ray.init then waited over 13 minutes there, the nightly lock held.
+    import threading
+
+    with http2_server() as port:  # as Ray's GCS and Ray Client answer (checked by hand on both)
+        check_ray_reachable(f"127.0.0.1:{port}")
+        check_ray_reachable(f"ray://127.0.0.1:{port}")
+
+    with socket.socket() as http, socket.socket() as silent:
+        for listener in (http, silent):
+            listener.bind(("0.0.0.0", 0))
+            listener.listen()
+
+        def answer_as_http() -> None:
+            conn, _ = http.accept()
+            with conn:
+                conn.recv(100)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        threading.Thread(target=answer_as_http, daemon=True).start()
+        address = f"127.0.0.1:{http.getsockname()[1]}"
+        with pytest.raises(RecsysError, match=_unreachable(address) + r".* accepts connections but answered b'HTTP/1.1 ', "
+                                                                     r"not as a gRPC server, so it is not a Ray cluster's GCS"):
+            check_ray_reachable(address)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"  # accepted by the kernel, never answered
+        started = time.monotonic()
+        with pytest.raises(RecsysError, match=_unreachable(address) + ".* did not answer as a gRPC server within 0.5 s"):
+            check_ray_reachable(address, timeout=0.5)
+        assert time.monotonic() - started < 2
+        # Over TLS the server waits for a handshake first: only the connection is checked.
+        monkeypatch.setenv("RAY_USE_TLS", "1")
+        check_ray_reachable(address, timeout=0.5)
+
+
 def test_ray_init_that_cannot_connect_is_a_recsys_error(store, world, monkeypatch):
     # Something accepts connections there but ray.init still gives up ("auto" finding no
     # cluster, a wrong port): a RecsysError naming the option too, not a traceback.
@@ -135,10 +199,8 @@ def test_ray_init_that_cannot_connect_is_a_recsys_error(store, world, monkeypatc
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", cannot_connect)
-    with socket.socket() as server:
-        server.bind(("0.0.0.0", 0))
-        server.listen()
-        address = f"127.0.0.1:{server.getsockname()[1]}"
+    with http2_server() as port:  # answers the address check
+        address = f"127.0.0.1:{port}"
         with pytest.raises(RecsysError, match=_unreachable(address) + "Failed to connect to Ray cluster"):
             run_ray(_setup(store, world), [(0, ["U000"])], num_workers=1, ray_address=address)
 
