@@ -388,7 +388,9 @@ class _Job:
         with self.transaction():
             # Once per file (nothing else writes impressions while the ingest holds the lock):
             # a store of this source alone, such as a first ingest, needs no check per batch.
-            other_sources = self.conn.execute(sa.select(imp.c.id).where(imp.c.source != source).limit(1)).first() is not None
+            # Two range probes of the (source, impression id) index: "!=" would read all of it.
+            other_sources = self.conn.execute(
+                sa.select(imp.c.id).where(sa.or_(imp.c.source < source, imp.c.source > source)).limit(1)).first() is not None
         for lines in _batches(stream, self.batch_size):
             pending_bad: list[tuple] = []
             good: list[BehaviorRow] = []
@@ -414,27 +416,26 @@ class _Job:
     def _without_stored_elsewhere(self, rows: list[BehaviorRow], source: str) -> list[BehaviorRow]:
         """The rows less those the store holds as the same impression under another source.
 
-        The same impression is the same user at the same time with the same candidates and
-        labels: the user's impressions of the batch's time span under other sources are read
-        (index on user and time; none on a night of new data) and the candidates of those at
-        the same (user, time) compared. An impression already stored under this source keeps
-        being replaced in place, whatever another source holds.
+        The same impression is the same user at the same time with the same candidates in the
+        same order and the same labels (the History is not compared): the other sources'
+        impressions at the batch's exact times are read (index on time; none on a night of new
+        data) and the candidates of those of the same user compared. An impression id this
+        source already holds keeps being replaced in place, whatever another source holds.
         """
         imp, items, w = schema.impressions, schema.impression_items, self.writer
-        times = [r.time for r in rows]
-        in_span = (imp.c.source != source, imp.c.time >= min(times), imp.c.time <= max(times))
-        # One probe per user (index on user and time), linear in the batch whatever the
-        # file's order: a store-wide probe of the batch's time span would scan this file's
-        # own earlier rows in it, again in every batch of a file not sorted by time (MIND's).
+        pairs = {(r.user_id, r.time) for r in rows}
+        # Exact times, not the batch's span: a span re-reads a user's impressions in every batch
+        # of a file not sorted by time (MIND's), whose span is the file's whole window.
         others = w.select_in(
-            sa.select(imp.c.id, imp.c.source, imp.c.impression_id, imp.c.user_id, imp.c.time).where(*in_span),
-            imp.c.user_id, {r.user_id for r in rows},
+            sa.select(imp.c.id, imp.c.source, imp.c.impression_id, imp.c.user_id, imp.c.time).where(imp.c.source != source),
+            imp.c.time, sorted({time for _, time in pairs}),
         )
-        if not others:
-            return rows
         at: dict[tuple[str, datetime], list[tuple[int, str, int]]] = {}
         for pk, other_source, imp_id, user, time in others:
-            at.setdefault((user, time), []).append((pk, other_source, imp_id))
+            if (user, time) in pairs:
+                at.setdefault((user, time), []).append((pk, other_source, imp_id))
+        if not at:
+            return rows
         suspects = [r for r in rows if (r.user_id, r.time) in at]
         if not suspects:
             return rows
