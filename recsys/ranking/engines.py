@@ -414,7 +414,7 @@ def check_ray_reachable(ray_address: str, timeout: float = RAY_CONNECT_TIMEOUT_S
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise RecsysError(f"{_ray_unreachable(ray_address)}: cannot resolve the host name {host!r} ({exc})") from exc
-    reason = "no address"
+    failure = f"connecting to {target}: no address; {_START_OR_FIX}"
     for family, kind, proto, _, sockaddr in addresses:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -423,48 +423,57 @@ def check_ray_reachable(ray_address: str, timeout: float = RAY_CONNECT_TIMEOUT_S
             with socket.socket(family, kind, proto) as sock:
                 sock.settimeout(left)
                 sock.connect(sockaddr)
-                not_grpc = _not_grpc(sock, deadline, timeout)
+                not_grpc = _not_grpc(sock, max(deadline, time.monotonic() + MIN_PROBE_S))
         except TimeoutError:
-            reason = f"no answer within {timeout:g} s"
+            failure = f"connecting to {target}: no answer within {timeout:g} s; {_START_OR_FIX}"
         except OSError as exc:
-            reason = exc.strerror or str(exc)
+            failure = f"connecting to {target}: {(exc.strerror or str(exc)).lower()}; {_START_OR_FIX}"
         else:
             if not_grpc is None:
                 return
             # Something else listens there (the dashboard's 8265, a database): ray.init would
             # wait on it as long as on a silent address.
-            raise RecsysError(
-                f"{_ray_unreachable(ray_address)}: {target} accepts connections but {not_grpc}, so it is not a Ray "
-                "cluster's GCS (the head's --port, 6379 by default) nor Ray Client (ray://host:10001); the "
-                "dashboard's port (8265) is not a cluster address"
-            )
-    raise RecsysError(
-        f"{_ray_unreachable(ray_address)}: connecting to {target}: {reason.lower()}; start the cluster "
-        "(`ray start --head`) or fix the address"
-    )
+            failure = (f"{target} accepts connections but {not_grpc}, so it is not a Ray cluster's GCS (the head's "
+                       "--port, 6379 by default) nor Ray Client (ray://host:10001); the dashboard's port (8265) is not "
+                       "a cluster address")
+    raise RecsysError(f"{_ray_unreachable(ray_address)}: {failure}")
 
 
-def _not_grpc(sock: socket.socket, deadline: float, timeout: float) -> str | None:
+_START_OR_FIX = "start the cluster (`ray start --head`) or fix the address"
+# The least time a server that accepted the connection gets to answer the preface, however
+# long the connection took: a head reached after lost SYNs is not refused for being slow.
+MIN_PROBE_S = 2.0
+
+
+def _not_grpc(sock: socket.socket, deadline: float) -> str | None:
     """None when the server on ``sock`` answers the HTTP/2 client preface as every gRPC server
-    does (a SETTINGS frame first); else what it did instead. Not asked over TLS (``RAY_USE_TLS``):
-    the server then expects a TLS handshake first."""
+    does (a SETTINGS frame first) before ``deadline`` (``time.monotonic``); else what it did
+    instead. Not asked over TLS (``RAY_USE_TLS``): the server then expects a handshake first."""
     if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
         return None
-    head = b""
+    head, late = b"", False
     try:
-        sock.settimeout(max(deadline - time.monotonic(), 0.05))
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
         sock.sendall(_HTTP2_PREFACE)
         while len(head) < _FRAME_HEADER_BYTES:
+            left = deadline - time.monotonic()  # the whole answer, not each read, is timed
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
             chunk = sock.recv(_FRAME_HEADER_BYTES - len(head))
             if not chunk:
                 break
             head += chunk
     except TimeoutError:
-        return f"did not answer as a gRPC server within {timeout:g} s" + (f" (it sent {head!r})" if head else "")
+        late = True
     except OSError as exc:
         return f"dropped the connection as a gRPC server would not ({exc.strerror or exc})"
     if len(head) == _FRAME_HEADER_BYTES and head[3] == _HTTP2_SETTINGS:
         return None
+    if head[:1] in (b"\x15", b"\x16") and head[1:2] == b"\x03":  # a TLS alert or handshake record
+        return "answered with TLS (a cluster started with RAY_USE_TLS=1: set it, and Ray's TLS_* variables, here too)"
+    if late:
+        return "did not answer as a gRPC server in time" + (f" (it sent {head!r})" if head else "")
     return f"answered {head!r}, not as a gRPC server" if head else "closed the connection without an answer"
 
 
