@@ -214,7 +214,7 @@ def model_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json
     from recsys.display import console, rows_table
 
     shown = [{**row, "current": "yes" if row["current"] else "no", "index": "yes" if row["index"] else "no",
-              "val_auc": "-" if row["val_auc"] is None else round(float(row["val_auc"]), 4),
+              "val_auc": _auc_cell(row["val_auc"]),
               **{key: "-" if row[key] is None else row[key] for key in ("modalities", "fusion")},
               **{key: "-" if row[key] is None else str(row[key]).replace("T", " ")[:16] for key in ("since", "until")}}
              for row in rows]
@@ -225,6 +225,14 @@ def model_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json
     for row in rows:
         if row["problem"]:
             typer.echo(f"note: {row['problem']}", err=True)
+
+
+def _auc_cell(value) -> str:
+    # A hand-edited or damaged manifest may hold anything there: shown, not an internal error.
+    try:
+        return "-" if value is None else f"{float(value):.4f}"
+    except (TypeError, ValueError):
+        return str(value)
 
 
 @model_app.command("use")
@@ -238,7 +246,7 @@ def model_use(ctx: typer.Context, version: Annotated[str, typer.Argument(metavar
     c = _ctx(ctx)
     config = c.config()
     engine = c.engine()
-    previous = set_current(engine, version, encoders=configured_encoder_infos(config))
+    previous = set_current(engine, version, encoders=lambda: configured_encoder_infos(config))
     mv = get_version(engine, version)
     if previous == version:
         typer.echo(f"note: model version '{version}' is already current: nothing changed", err=True)

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,8 +128,12 @@ def get_version(engine: Engine, version: str | None = None) -> ModelVersion:
         row = conn.execute(query).first()
     if row is None:
         if version:
-            raise NotFoundError(f"model version '{version}' does not exist (see the model_versions table)")
-        raise NotFoundError("no current model version: run `recsys train` first")
+            raise NotFoundError(f"model version '{version}' does not exist (see `recsys model list`)")
+        with engine.connect() as conn:
+            registered = conn.execute(select(mv.version).limit(1)).first() is not None
+        raise NotFoundError("no current model version: " + (
+            "versions exist but none is current (trained with --keep-current?): `recsys model use VERSION` serves one "
+            "(see `recsys model list`)" if registered else "run `recsys train` first"))
     path = Path(row.path)
     return ModelVersion(row.version, path, read_manifest(row.version, path))
 
@@ -165,7 +170,8 @@ def list_versions(engine: Engine) -> list[dict]:
 SHOWN_VERSIONS = 10
 
 
-def set_current(engine: Engine, version: str, *, encoders: tuple[dict, dict] | None = None) -> str | None:
+def set_current(engine: Engine, version: str, *,
+                encoders: tuple[dict, dict] | Callable[[], tuple[dict, dict]] | None = None) -> str | None:
     """Make ``version`` the one current version (``recsys model use``, a rollback); returns the
     version that was current before (None when none was). Using the current version again
     changes nothing but still leaves it the only current row.
@@ -176,7 +182,9 @@ def set_current(engine: Engine, version: str, *, encoders: tuple[dict, dict] | N
 
     Args:
         encoders: the configured ``(text_encoder, image_encoder)`` identities (``EncoderInfo``
-            dicts); a version built with other encoders is refused (``check_encoders``).
+            dicts), or a function giving them, called once the version is known to exist (it
+            may open the encoders); a version built with other encoders is refused
+            (``check_encoders``).
 
     Raises:
         NotFoundError: no such version (the message lists the newest known ones), or its folder
@@ -200,7 +208,7 @@ def set_current(engine: Engine, version: str, *, encoders: tuple[dict, dict] | N
     # The nightly loads the model from this folder: a bundle without its config would fail there.
     read_bundle_config(chosen.model_dir)
     if encoders is not None:
-        check_encoders(chosen.manifest, *encoders, what=f"model version {version}")
+        check_encoders(chosen.manifest, *(encoders() if callable(encoders) else encoders), what=f"model version {version}")
     with serialized_transaction(engine, PUBLISH_LOCK_KEY) as conn:
         # Newest first, as get_version reads it: an old store may hold two current rows.
         previous = conn.execute(select(mv.version).where(mv.is_current.is_(True))

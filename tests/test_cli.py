@@ -700,3 +700,10 @@ def test_model_list_and_use_load_no_tensorflow(tmp_path: Path):
               "print(codes, 'tensorflow' in sys.modules, 'keras' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.stdout.splitlines()[-1] == "[0, 0] False False", out.stderr
+
+
+def test_model_list_shows_a_validation_auc_it_cannot_read_as_it_is():
+    # A hand-edited manifest's "n/a" made the whole listing an internal error (exit 2).
+    from recsys.cli import _auc_cell
+
+    assert (_auc_cell(0.712345), _auc_cell(None), _auc_cell("n/a"), _auc_cell([1])) == ("0.7123", "-", "n/a", "[1]")

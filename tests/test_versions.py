@@ -227,3 +227,37 @@ def test_describe_versions_lists_every_version_even_a_missing_or_damaged_one(eng
     assert "expected a JSON object, found list" in rows[1]["problem"] and rows[1]["fusion"] == "concat"
     assert "is missing" in rows[2]["problem"] and rows[2]["modalities"] == "text"
     assert rows[0]["problem"] is None and rows[0]["created_at"] <= rows[3]["created_at"]
+
+
+def test_set_current_reads_the_encoders_only_for_a_version_that_exists(engine, tmp_path):
+    # A typo paid for opening the encoders first, and a broken [encoders] setting then hid the
+    # typo behind its own error.
+    import pytest
+
+    from recsys.errors import ConfigError, NotFoundError
+
+    _publish(engine, tmp_path / "models", "v1")
+    asked = []
+
+    def encoders():
+        asked.append(True)
+        raise ConfigError("text model file /nope/model.onnx does not exist")
+
+    with pytest.raises(NotFoundError, match="model version 'v9' does not exist"):
+        versions.set_current(engine, "v9", encoders=encoders)
+    assert not asked
+    with pytest.raises(ConfigError, match="/nope/model.onnx"):
+        versions.set_current(engine, "v1", encoders=encoders)
+    assert versions.set_current(engine, "v1", encoders=lambda: (TEXT, IMAGE)) == "v1"
+
+
+def test_no_current_version_points_at_model_use_when_versions_exist(engine, tmp_path):
+    import pytest
+
+    from recsys.errors import NotFoundError
+
+    with pytest.raises(NotFoundError, match=r"^no current model version: run `recsys train` first$"):
+        versions.get_version(engine)
+    _publish(engine, tmp_path / "models", "v1", make_current=False)  # a first `train --keep-current`
+    with pytest.raises(NotFoundError, match=r"none is current .*`recsys model use VERSION` serves one"):
+        versions.get_version(engine)

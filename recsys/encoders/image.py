@@ -192,6 +192,8 @@ class ImageEncoder:
         (``recsys model use`` checks a version's encoders with it)."""
         from recsys.encoders import mobilenet
 
+        if image_size < 1:  # as the loaded encoder refuses it
+            raise ConfigError(f"encoders.image_size is {image_size}, expected a positive number of pixels")
         return _info(mobilenet.MOBILENET_NAME, mobilenet.graph_package_version(), int(image_size), mobilenet.MOBILENET_DIM)
 
     def _load_custom(self, path: Path):

@@ -140,7 +140,9 @@ def ingest(
             has no usable file for (or every article, without it) keeps the cover an earlier
             ingest stored if that file still checks ok, else gets image status "missing".
         source: name under which the impressions are stored (MIND impression ids restart in
-            every file); default ``<parent folder>/<file stem>``.
+            every file); default ``<parent folder>/<file stem>``. The caller keeps other
+            writers of impressions out meanwhile (``recsys.pipelines.ingest.run_ingest`` holds
+            the store's lock): whether another source exists is read once per file.
         strict: stop at the first bad row with SchemaError and write nothing.
         quarantine_dir: where the quarantine TSV is written
             (``<timestamp>-<file stem>.tsv``, one per call, only when there are bad rows).
@@ -212,6 +214,11 @@ def ingest(
         for stream in (news_stream, behaviors_stream):
             if stream is not None:
                 stream.close()
+    if report.news_changed:  # said once it is stored (a strict ingest rolls everything back on a bad row)
+        log.warning("%d articles already stored got other content (title, abstract, categories or cover) from %s, "
+                    "first %s: the last ingest of an article wins, so replaying an older news file undoes later "
+                    "corrections; they are encoded again by the next nightly run", report.news_changed, news_path,
+                    job.first_changed_news)
     path = quarantine.finish()
     report.quarantine_file = str(path) if path is not None else None
     report.elapsed["total"] = clock.perf_counter() - started
@@ -320,11 +327,6 @@ class _Job:
                 known.setdefault(news_id, None)
             self.report.news += len(records)
             self._done(len(lines))
-        if self.report.news_changed:
-            log.warning("%d articles already stored got other content (title, abstract, categories or cover) from %s, "
-                        "first %s: the last ingest of an article wins, so replaying an older news file undoes later "
-                        "corrections; they are encoded again by the next nightly run", self.report.news_changed,
-                        stream.path, self.first_changed_news)
 
     def _count_changed_news(self, hashes: dict[str, str], known: dict[str, datetime | None]) -> None:
         """Count (and name the first of) the stored articles this batch gives other content.

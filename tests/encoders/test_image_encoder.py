@@ -18,6 +18,8 @@ def test_info_of_the_default_model(image_encoder):
     assert info.dim == 1024
     # What `recsys model use` checks a version against without loading TensorFlow.
     assert ImageEncoder.default_info(224) == info and ImageEncoder.default_info(160).version.endswith("+px:160")
+    with pytest.raises(ConfigError, match="encoders.image_size is 0"):
+        ImageEncoder.default_info(0)
 
 
 def test_encode_reports_failures_without_crashing(image_encoder, sample_photos, tmp_path, caplog):
