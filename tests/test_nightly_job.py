@@ -156,6 +156,24 @@ def test_a_new_versions_index_keeps_the_stamps_of_never_seen_articles(tmp_path, 
     assert load_index(second).published(never[:1])[0] == np.datetime64(built_at, "s")
 
 
+def test_another_versions_damaged_index_does_not_stop_the_index_step(tmp_path, trained, caplog):
+    # Never-shown articles take their stamp from every version's saved index: one candidate's
+    # truncated file stopped every night's index step (and `index build`) with exit 1.
+    world, ws, engine, config = trained
+    first = get_version(engine)
+    refresh_index(engine, ws, config, first)
+    other = tmp_path / "vother"
+    shutil.copytree(first.index_dir, other / "index")
+    published = next((other / "index").glob("published*.npy"))
+    published.write_bytes(published.read_bytes()[:100])
+    with engine.begin() as conn:
+        conn.execute(sa.insert(schema.model_versions).values(
+            version="vother", path=str(other), created_at=datetime(2026, 1, 1), is_current=False, manifest={}))
+    shutil.rmtree(first.index_dir)
+    assert refresh_index(engine, ws, config, first)["index_built"] == 200
+    assert "the index of model version vother cannot be read" in caplog.text
+
+
 def test_a_rollback_ranks_the_next_night_with_the_old_version_and_fills_its_index(tmp_path, trained, capsys):
     # A retried night returns the last run when its inputs are unchanged: the model version is
     # one of them, so the night after `model use` ranks again, with the version chosen, and

@@ -32,21 +32,31 @@ def published_times(engine: Engine, news: pd.DataFrame) -> np.ndarray:
     where several hold it): stamped anew, every never-shown article of the back catalogue was
     fresh again after each retraining.
     """
-    from recsys.index.faiss_index import read_published
-
     first_seen = first_seen_array(news)
     _, latest = repo.time_range(engine)
     now = np.datetime64(latest, "s") if latest is not None else np.datetime64("now", "s")
     unseen = np.isnat(first_seen)
     stamped = np.full(len(news), np.datetime64("NaT", "s"))
     if unseen.any():
-        saved = [read_published(ModelVersion(v["version"], Path(v["path"]), v["manifest"]).index_dir)
-                 for v in list_versions(engine)]
+        saved = [_saved_stamps(Path(v["path"]) / "index", v["version"]) for v in list_versions(engine)]
         stamps = [pd.Series(published, index=ids) for ids, published in filter(None, saved)]
         if stamps:
             earliest = pd.concat(stamps).groupby(level=0).min()
             stamped[unseen] = earliest.reindex(news[NEWS_ID].to_numpy()[unseen]).to_numpy(dtype="datetime64[s]")
     return np.where(unseen, np.where(np.isnat(stamped), now, stamped), first_seen)
+
+
+def _saved_stamps(index_dir: Path, version: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """``read_published`` of one version's index; None, with a warning, when it cannot be read:
+    another version's damaged index (a candidate's, an old one's) must not stop the night."""
+    from recsys.index.faiss_index import IndexFormatError, read_published
+
+    try:
+        return read_published(index_dir)
+    except IndexFormatError as exc:
+        log.warning("the index of model version %s cannot be read (%s): its first-seen stamps of never-shown articles "
+                    "are not reused; rebuild it with `recsys index build --model %s`", version, exc, version)
+        return None
 
 
 def index_manifest(mv: ModelVersion) -> dict:
