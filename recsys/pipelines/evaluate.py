@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from contextlib import ExitStack, closing, suppress
 from dataclasses import fields, replace
 from datetime import datetime
@@ -105,9 +106,14 @@ def load_truth(path: Path, split: str) -> dict[int, tuple[list, np.ndarray]]:
         RecsysError: the file cannot be read as text.
     """
     try:
-        df = pd.read_csv(path, sep="\t", header=None, names=list(TRUTH_COLUMNS), dtype=str, na_filter=False,
-                         quoting=3, encoding="utf-8",  # 3: csv.QUOTE_NONE, as MIND files are read
-                         skip_blank_lines=False)  # a skipped line would shift every later line's number
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            df = pd.read_csv(path, sep="\t", header=None, names=list(TRUTH_COLUMNS), dtype=str, na_filter=False,
+                             quoting=3, encoding="utf-8",  # 3: csv.QUOTE_NONE, as MIND files are read
+                             skip_blank_lines=False,  # a skipped line would shift every later line's number
+                             index_col=False)  # wider lines: not the leading columns as an index, every field shifted
+        if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
+            _refuse_wide_truth_line(path)
     except UnicodeDecodeError as exc:
         raise RecsysError(f"{path}: not UTF-8 text ({exc}); expected a sample world's truth.tsv") from None
     except pd.errors.ParserError as exc:  # more columns than six on some line
@@ -138,6 +144,16 @@ def load_truth(path: Path, split: str) -> dict[int, tuple[list, np.ndarray]]:
     for iid, group in df.groupby("impression_id", sort=False):
         out[int(iid)] = (group[NEWS_ID].tolist(), group["p"].to_numpy(np.float64))
     return out
+
+
+def _refuse_wide_truth_line(path: Path) -> None:
+    """Raises SchemaError naming the first line of ``path`` with more than six columns."""
+    with open(path, encoding="utf-8", newline="") as lines:
+        for number, line in enumerate(lines, start=1):
+            columns = line.rstrip("\r\n").count("\t") + 1
+            if columns > len(TRUTH_COLUMNS):
+                raise SchemaError(str(path), number, "columns", f"{columns} columns",
+                                  "six tab-separated columns (a sample world's truth.tsv)")
 
 
 def _oracle(behaviors: Path, truth: Path | None) -> dict | None:

@@ -55,3 +55,12 @@ def test_a_line_with_more_columns_or_bytes_that_are_not_utf8_is_refused_by_name(
     path.write_bytes(b"test\t9\tN\xff4\t0\t0.5\t0\n")
     with pytest.raises(RecsysError, match=re.escape(str(path)) + ": not UTF-8 text"):
         load_truth(path, "test")
+
+
+def test_a_file_whose_every_line_is_wider_is_refused_as_too_many_columns(tmp_path):
+    # A news.tsv given as --truth: pandas took the two extra leading columns as the index and
+    # reported "field 'impression_id' has '<a title>'".
+    path = write(tmp_path, ["N1\tnews\tsub\tA title\tAn abstract\thttps://x\t[]\t[]"] * 2)
+    with pytest.raises(SchemaError) as info:
+        load_truth(path, "test")
+    assert (info.value.line, info.value.field, info.value.value) == (1, "columns", "8 columns")
