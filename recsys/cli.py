@@ -456,7 +456,13 @@ def evaluate(
     from recsys.pipelines.evaluate import run_evaluate
 
     c = _ctx(ctx)
-    versions = [v for v in models.split(",") if v] if models else None
+    versions = None
+    if models is not None:
+        versions = [v.strip() for v in models.split(",") if v.strip()]
+        if not versions:
+            raise RecsysError(f"--models {models!r} names no model version (comma-separated names, see `recsys model list`)")
+        if twice := sorted({v for v in versions if versions.count(v) > 1}):
+            raise RecsysError(f"--models names {', '.join(twice)} more than once")
     summary = run_evaluate(
         c.engine(), c.workspace, c.config(), behaviors=behaviors, out=out, versions=versions,
         ablations=baselines, truth=truth, news=news, images=images, features_at=features_at,

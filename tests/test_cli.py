@@ -707,3 +707,16 @@ def test_model_list_shows_a_validation_auc_it_cannot_read_as_it_is():
     from recsys.cli import _auc_cell
 
     assert (_auc_cell(0.712345), _auc_cell(None), _auc_cell("n/a"), _auc_cell([1])) == ("0.7123", "-", "n/a", "[1]")
+
+
+@pytest.mark.parametrize(("models", "message"), [
+    (",", "--models ',' names no model version"),  # evaluated the current version instead
+    ("v1, v1", "--models names v1 more than once"),  # collapsed to one row
+])
+def test_evaluate_refuses_a_models_list_that_names_nothing_or_a_version_twice(capsys, tmp_path: Path, models, message):
+    behaviors = tmp_path / "behaviors.tsv"
+    behaviors.write_text("1\tU1\t11/15/2019 8:00:00 AM\t\tN1-1 N2-0\n")
+    code, out, err = run(capsys, "--workspace", str(tmp_path), "evaluate", "--behaviors", str(behaviors), "--out",
+                         str(tmp_path / "report"), "--models", models)
+    assert (code, out) == (1, "") and err.startswith(f"error: {message}"), err
+    assert not (tmp_path / "report").exists()
