@@ -253,9 +253,8 @@ def describe_versions(engine: Engine) -> list[dict]:
         except (NotFoundError, DamagedFileError) as exc:
             status = "missing" if isinstance(exc, NotFoundError) else "damaged"
             problem, manifest = str(exc), row["manifest"] if isinstance(row["manifest"], dict) else {}
-        window = manifest.get("training_window") if isinstance(manifest.get("training_window"), dict) else {}
-        metrics = manifest.get("metrics") if isinstance(manifest.get("metrics"), dict) else {}
-        data = manifest.get("data") if isinstance(manifest.get("data"), dict) else {}
+        window, metrics, data = (manifest.get(key) if isinstance(manifest.get(key), dict) else {}
+                                 for key in ("training_window", "metrics", "data"))
         out.append({
             "version": row["version"],
             "created_at": row["created_at"].isoformat(sep=" ", timespec="seconds") if row["created_at"] else None,
@@ -272,7 +271,7 @@ def describe_versions(engine: Engine) -> list[dict]:
             "best_epoch": metrics.get("best_epoch"),
             "train_impressions": data.get("train_impressions"),
             "valid_impressions": data.get("valid_impressions"),
-            "index": status != "missing" and FaissIndex.exists(path / "index"),
+            "index": status != "missing" and FaissIndex.exists(ModelVersion(row["version"], path, manifest).index_dir),
             "path": str(path),
             "problem": problem,
         })

@@ -21,13 +21,19 @@ MAX_CACHE_SHARDS = 256
 def build_encoders(config: Config, *, num_threads: int | None = None):
     """The text and image encoders named by ``[encoders]`` (bundled defaults when empty)."""
     from recsys.encoders.image import ImageEncoder
-    from recsys.encoders.text import TextEncoder
 
     enc = config.encoders
     threads = num_threads or config.runtime.threads or None
-    text = TextEncoder(enc.text_model or None, enc.tokenizer or None, max_length=enc.text_max_length, num_threads=threads)
-    image = ImageEncoder(enc.image_model or None, image_size=enc.image_size, num_threads=threads)
-    return text, image
+    return _text_encoder(config, threads), ImageEncoder(enc.image_model or None, image_size=enc.image_size, num_threads=threads)
+
+
+def _text_encoder(config: Config, num_threads: int | None):
+    """The text encoder ``[encoders]`` names: one construction, so that the identity ``model use``
+    checks and the one features are cached under cannot drift apart."""
+    from recsys.encoders.text import TextEncoder
+
+    enc = config.encoders
+    return TextEncoder(enc.text_model or None, enc.tokenizer or None, max_length=enc.text_max_length, num_threads=num_threads)
 
 
 def configured_encoder_infos(config: Config) -> tuple[dict, dict]:
@@ -40,10 +46,9 @@ def configured_encoder_infos(config: Config) -> tuple[dict, dict]:
     """
     from recsys.encoders.image import ImageEncoder
     from recsys.encoders.pipeline import text_info_for
-    from recsys.encoders.text import TextEncoder
 
     enc = config.encoders
-    text = TextEncoder(enc.text_model or None, enc.tokenizer or None, max_length=enc.text_max_length, num_threads=1)
+    text = _text_encoder(config, 1)
     if enc.image_model:
         image = ImageEncoder(enc.image_model, image_size=enc.image_size, num_threads=config.runtime.threads or None).info
     else:

@@ -38,7 +38,7 @@ def published_times(engine: Engine, news: pd.DataFrame) -> np.ndarray:
     unseen = np.isnat(first_seen)
     stamped = np.full(len(news), np.datetime64("NaT", "s"))
     if unseen.any():
-        saved = [_saved_stamps(Path(v["path"]) / "index", v["version"]) for v in list_versions(engine)]
+        saved = [_saved_stamps(ModelVersion(v["version"], Path(v["path"]), v["manifest"])) for v in list_versions(engine)]
         stamps = [pd.Series(published, index=ids) for ids, published in filter(None, saved)]
         if stamps:
             earliest = pd.concat(stamps).groupby(level=0).min()
@@ -46,16 +46,16 @@ def published_times(engine: Engine, news: pd.DataFrame) -> np.ndarray:
     return np.where(unseen, np.where(np.isnat(stamped), now, stamped), first_seen)
 
 
-def _saved_stamps(index_dir: Path, version: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _saved_stamps(mv: ModelVersion) -> tuple[np.ndarray, np.ndarray] | None:
     """``read_published`` of one version's index; None, with a warning, when it cannot be read:
     another version's damaged index (a candidate's, an old one's) must not stop the night."""
     from recsys.index.faiss_index import IndexFormatError, read_published
 
     try:
-        return read_published(index_dir)
+        return read_published(mv.index_dir)
     except IndexFormatError as exc:
         log.warning("the index of model version %s cannot be read (%s): its first-seen stamps of never-shown articles "
-                    "are not reused; rebuild it with `recsys index build --model %s`", version, exc, version)
+                    "are not reused; rebuild it with `recsys index build --model %s`", mv.version, exc, mv.version)
         return None
 
 

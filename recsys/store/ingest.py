@@ -438,9 +438,7 @@ class _Job:
                 at.setdefault((user, time), []).append((pk, other_source, imp_id))
         if not at:
             return rows
-        suspects = [r for r in rows if (r.user_id, r.time) in at]
-        if not suspects:
-            return rows
+        suspects = [r for r in rows if (r.user_id, r.time) in at]  # not empty: ``at`` holds only the rows' pairs
         ours = {r.impression_id for r in suspects}.intersection(
             i for (i,) in w.select_in(sa.select(imp.c.impression_id).where(imp.c.source == source),
                                       imp.c.impression_id, [r.impression_id for r in suspects]))
