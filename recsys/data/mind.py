@@ -64,6 +64,11 @@ TIME_EXAMPLE = "11/11/2019 9:05:58 AM"
 # local times, so the upper bound allows a day beyond the present in UTC.
 EARLIEST_TIME = datetime(1990, 1, 1)
 FUTURE_SLACK = timedelta(days=1)
+# A file's bulk: the span of its middle lines, once it has enough lines to have one. A line
+# later than the bulk's end by more than the bulk's own span (at least a day) is a wrong date.
+BULK_TRIM = 0.01
+BULK_MIN_LINES = 100
+BULK_MIN_MARGIN = timedelta(days=1)
 
 _ID_RE = re.compile(ID_PATTERN)
 _IDS_RE = re.compile(rf"{ID_PATTERN}(?: {ID_PATTERN})*")
@@ -359,14 +364,15 @@ def repeated_impression_ids(rows: list[BehaviorRow], seen: FirstLines, name: str
     return bad
 
 
-def iter_behaviors(path: str | Path) -> RowStream:
+def iter_behaviors(path: str | Path, *, scan: BehaviorsScan | None = None) -> RowStream:
     """Stream the rows of a MIND behaviors.tsv (labelled or not).
 
     Checks: 5 columns; ImpressionID a non-negative integer; UserID and every news id match
     ``^[A-Za-z0-9_-]{1,64}$``; Time like ``11/11/2019 9:05:58 AM``; at most 10000 History
     ids; 1 to 1000 candidates; labels 0 or 1; every candidate of an impression labelled or
     none. A candidate is read as labelled when it ends in ``-0``/``-1``, so in an unlabelled
-    file a bare id may not end that way.
+    file a bare id may not end that way. Given the file's ``scan``, a Time later than its
+    ``latest_plausible`` is a bad row too (what is stored needs it; scoring a file does not).
 
     Returns:
         A ``RowStream`` yielding ``BehaviorRow`` or ``BadRow``, one per non-blank line.
@@ -375,7 +381,7 @@ def iter_behaviors(path: str | Path) -> RowStream:
         MindFileError: the file cannot be opened.
     """
     # The latest accepted time, once per file: reading the clock per row cost 9% of the parse.
-    return RowStream(path, functools.partial(_parse_behaviors, latest=latest_time()))
+    return RowStream(path, functools.partial(_parse_behaviors, latest=latest_time(), scan=scan))
 
 
 @dataclass(frozen=True)
@@ -385,11 +391,28 @@ class BehaviorsScan:
     Attributes:
         first, last: earliest and latest Time of its lines (None when no line has one).
         sha256: hex digest of the file's bytes.
+        bulk: the earliest and latest Time of its middle 98% of lines (1% left out at each
+            end), None below ``BULK_MIN_LINES`` lines with a Time.
     """
 
     first: datetime | None
     last: datetime | None
     sha256: str
+    bulk: tuple[datetime, datetime] | None = None
+
+    @property
+    def latest_plausible(self) -> datetime | None:
+        """The latest Time a line of this file may have; None when the file is too short to tell.
+
+        A replayed log (MIND's 2019, a backfill) is older than the clock, so the clock cannot
+        tell a wrong year from a real one; the file's other lines can. A line later than the
+        end of the file's middle 98% by more than that span (and more than a day) is refused:
+        stored, it would become the store's latest impression, the nightly run's "now".
+        """
+        if self.bulk is None:
+            return None
+        start, end = self.bulk
+        return end + max(BULK_MIN_MARGIN, end - start)
 
 
 def scan_behaviors(path: str | Path, *, block_bytes: int = 1 << 20) -> BehaviorsScan:
@@ -399,13 +422,14 @@ def scan_behaviors(path: str | Path, *, block_bytes: int = 1 << 20) -> Behaviors
     command can learn which store data it needs before it parses the file. Every line that
     ``iter_behaviors`` accepts counts; lines whose Time does not parse are passed over, and a
     line too long for ``iter_behaviors`` may or may not count: the parse that follows refuses
-    both. Memory is bounded by ``block_bytes`` plus one line of ``MAX_LINE_BYTES``.
+    both. Memory is ``block_bytes`` plus one line of ``MAX_LINE_BYTES`` plus 8 bytes a line (the
+    times, for the file's bulk).
 
     Raises:
         MindFileError: the file cannot be opened or read.
     """
     digest = hashlib.sha256()
-    first = last = None
+    blocks: list[np.ndarray] = []  # seconds since the epoch: 8 bytes a line
     tail, skipping = b"", False  # skipping: the rest of a line longer than MAX_LINE_BYTES
     try:
         with open(path, "rb") as f:
@@ -418,15 +442,25 @@ def scan_behaviors(path: str | Path, *, block_bytes: int = 1 << 20) -> Behaviors
                     lines, skipping = lines[1:], False
                 times = [t for t in map(_line_time, lines) if t is not None]
                 if times:
-                    first = min(times) if first is None else min(first, *times)
-                    last = max(times) if last is None else max(last, *times)
+                    blocks.append(np.array(times, dtype="datetime64[s]").astype(np.int64))
                 if len(tail) > MAX_LINE_BYTES + 8:  # room for a BOM and "\r\n" around an accepted line
                     tail, skipping = b"", True
                 if not block:
                     break
     except OSError as exc:
         raise MindFileError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
-    return BehaviorsScan(first, last, digest.hexdigest())
+    times = np.sort(np.concatenate(blocks)) if blocks else np.zeros(0, np.int64)
+    if not len(times):
+        return BehaviorsScan(None, None, digest.hexdigest())
+
+    def at(i: int) -> datetime:
+        return datetime(1970, 1, 1) + timedelta(seconds=int(times[i]))
+
+    bulk = None
+    if len(times) >= BULK_MIN_LINES:
+        n = len(times) - 1
+        bulk = at(int(np.ceil(BULK_TRIM * n))), at(int(np.floor((1 - BULK_TRIM) * n)))
+    return BehaviorsScan(at(0), at(len(times) - 1), digest.hexdigest(), bulk)
 
 
 def _line_time(line: bytes) -> datetime | None:
@@ -473,7 +507,8 @@ def _parse_news(name: str, line: int, text: str) -> NewsRow | BadRow:
     return NewsRow(line, news_id, category, subcategory, title, abstract, url, title_entities, abstract_entities)
 
 
-def _parse_behaviors(name: str, line: int, text: str, *, latest: datetime) -> BehaviorRow | BadRow:
+def _parse_behaviors(name: str, line: int, text: str, *, latest: datetime,
+                     scan: BehaviorsScan | None = None) -> BehaviorRow | BadRow:
     cols = text.split("\t")
     if len(cols) != NUM_BEHAVIORS_COLUMNS:
         return BadRow(name, line, "columns", len(cols), f"{NUM_BEHAVIORS_COLUMNS} tab-separated columns", _shorten(text))
@@ -492,6 +527,11 @@ def _parse_behaviors(name: str, line: int, text: str, *, latest: datetime) -> Be
         return bad(TIME, time_text, f"a time like '{TIME_EXAMPLE}' ({TIME_FORMAT})")
     if time < EARLIEST_TIME or time > latest:
         return bad(TIME, time_text, f"a time between {format_time(EARLIEST_TIME)} and a day from now ({format_time(latest)})")
+    if scan is not None and scan.latest_plausible is not None and time > scan.latest_plausible:
+        start, end = scan.bulk
+        return bad(TIME, time_text, f"a time no later than {format_time(scan.latest_plausible)}: 98% of the file's lines "
+                                    f"are from {format_time(start)} to {format_time(end)}, and a date far past the rest "
+                                    "of a file would become the store's latest impression, the nightly run's now")
 
     if not history_text:
         history: tuple[str, ...] = ()

@@ -33,7 +33,7 @@ from recsys.columns import IMAGE_MISSING, IMAGE_OK, IMAGE_STATUSES
 from recsys.data.images import ImageCheck, check_image_file, image_names, inspect_image, list_images
 from recsys.data.mind import (
     EXPECTED_LABEL, IMPRESSIONS, BadRow, BehaviorRow, FirstLines, NewsRow, RowStream, is_bad_label, iter_behaviors,
-    iter_news, repeated_impression_ids,
+    iter_news, repeated_impression_ids, scan_behaviors,
 )
 from recsys.errors import ConfigError
 from recsys.interrupts import raise_if_terminated
@@ -184,7 +184,9 @@ def ingest(
     try:
         # Both files open before anything is written: a missing second file fails early.
         news_stream = iter_news(news_path) if news_path is not None else None
-        behaviors_stream = iter_behaviors(behaviors_path) if behaviors_path is not None else None
+        # A first pass over the Time column finds the file's bulk, which bounds a wrong date.
+        behaviors_stream = (iter_behaviors(behaviors_path, scan=scan_behaviors(behaviors_path))
+                            if behaviors_path is not None else None)
         with engine.connect() as conn:
             # Take the write lock at BEGIN: a concurrent writer then waits (busy timeout)
             # instead of failing when this transaction upgrades a read lock.

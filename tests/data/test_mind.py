@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -366,3 +366,51 @@ def test_scan_counts_a_line_of_the_limit_and_bounds_memory_on_longer_ones(tmp_pa
 def test_scan_of_a_missing_file_is_a_mind_file_error(tmp_path):
     with pytest.raises(MindFileError, match=r"nowhere\.tsv: cannot be read"):
         mind.scan_behaviors(tmp_path / "nowhere.tsv")
+
+
+@given(times=st.lists(_TIMES, min_size=1, max_size=400), block_bytes=st.sampled_from([64, 1 << 20]))
+@settings(max_examples=60, deadline=None)
+def test_scan_bulk_is_the_files_middle_98_percent(tmp_path_factory, times, block_bytes):
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("bulk") / "behaviors.tsv"
+    path.write_text("".join(_behavior_text(i, t) + "\n" for i, t in enumerate(times)), encoding="utf-8")
+    scan = mind.scan_behaviors(path, block_bytes=block_bytes)
+    assert (scan.first, scan.last) == (min(times), max(times))
+    if len(times) < 100:
+        assert scan.bulk is None and scan.latest_plausible is None
+        return
+    # numpy's "higher"/"lower" quantiles are order statistics: no time is interpolated.
+    seconds = np.array(times, dtype="datetime64[s]")
+    start, end = np.quantile(seconds.astype(np.int64), 0.01, method="higher"), np.quantile(seconds.astype(np.int64), 0.99, method="lower")
+    expected = tuple(datetime(1970, 1, 1) + timedelta(seconds=int(s)) for s in (start, end))
+    assert scan.bulk == expected
+    assert scan.latest_plausible == expected[1] + max(timedelta(days=1), expected[1] - expected[0])
+
+
+def _file_of_a_week_and_one_line(tmp_path, last_time):
+    """200 lines over a week of 2019, then one at ``last_time``."""
+    week = [datetime(2019, 11, 9) + timedelta(hours=i * 0.8) for i in range(200)]
+    text = "".join(_behavior_text(i, t) + "\n" for i, t in enumerate(week)) + _behavior_text(200, last_time) + "\n"
+    return write(tmp_path, "behaviors.tsv", text.encode())
+
+
+def test_a_line_far_past_the_rest_of_its_file_is_a_bad_row_given_the_scan(tmp_path):
+    path = _file_of_a_week_and_one_line(tmp_path, datetime(2026, 12, 5, 9, 0, 0))
+    scan = mind.scan_behaviors(path)
+    # The bulk: the 3rd and the 199th of the 201 times; a week long, so a week of margin.
+    assert scan.bulk == (datetime(2019, 11, 9, 1, 36), datetime(2019, 11, 15, 14, 24))
+    assert scan.latest_plausible == datetime(2019, 11, 22, 3, 12)
+    rows = list(iter_behaviors(path, scan=scan))
+    assert all(isinstance(r, BehaviorRow) for r in rows[:200])
+    bad = rows[200]
+    assert (bad.line, bad.field, bad.value) == (201, "time", "12/5/2026 9:00:00 AM")
+    assert ("expected a time no later than 11/22/2019 3:12:00 AM: 98% of the file's lines are from 11/9/2019 1:36:00 AM "
+            "to 11/15/2019 2:24:00 PM") in bad.reason
+    # Without the scan (predict, evaluate: nothing is stored) the line is read.
+    assert isinstance(list(iter_behaviors(path))[200], BehaviorRow)
+
+
+def test_a_line_within_the_margin_is_kept(tmp_path):
+    path = _file_of_a_week_and_one_line(tmp_path, datetime(2019, 11, 22, 3, 12))
+    assert isinstance(list(iter_behaviors(path, scan=mind.scan_behaviors(path)))[200], BehaviorRow)

@@ -471,6 +471,46 @@ def test_bad_row_is_quarantined_and_the_rest_loads(engine, tmp_path, quarantine_
     assert not list(quarantine_dir.glob(".*.tmp"))
 
 
+def _a_week_and_a_wrong_year(tmp_path, strict_line: int = 150):
+    """150 impressions over a week from T0, one of them (``strict_line``) dated seven years on."""
+    news = write_lines(tmp_path / "news.tsv", [news_line(f"N{i}") for i in range(1, 4)])
+    lines = [behavior_line(i, f"U{i % 20}", T0 + i * H, ["N1"], ["N2-1", "N3-0"]) for i in range(1, 151)]
+    lines[strict_line - 1] = behavior_line(strict_line, "U7", "12/5/2026 9:00:00 AM", ["N1"], ["N2-1", "N3-0"])
+    return news, write_lines(tmp_path / "behaviors.tsv", lines)
+
+
+@pytest.mark.parametrize("batch_size", [5000, 7])
+def test_a_line_dated_far_past_the_rest_of_its_file_is_quarantined(engine, tmp_path, quarantine_dir, batch_size):
+    # Stored, it became the store's latest impression: the nightly run's "now" (one active
+    # reader instead of all), new articles' first-seen time, and its user's History frozen there.
+    news, behaviors = _a_week_and_a_wrong_year(tmp_path, strict_line=40)
+    report = run(engine, quarantine_dir, news_path=news, behaviors_path=behaviors, batch_size=batch_size)
+    assert (report.impressions, report.num_bad_rows) == (149, 1)
+    ((line, field, reason),) = rows(engine, "quarantine", "line", "field", "reason")
+    assert (line, field) == (40, "time")
+    assert "behaviors.tsv line 40: field 'time' has '12/5/2026 9:00:00 AM', expected a time no later than" in reason
+    latest_seen = max(t for (t,) in rows(engine, "users", "last_seen_at"))
+    assert max(t for (t,) in rows(engine, "impressions", "time")) == latest_seen == T0 + 150 * H
+    assert rows(engine, "users", "user_id", "last_seen_at", order_by=[schema.users.c.user_id])[-1] == ("U9", T0 + 149 * H)
+    assert ("U7", T0 + 147 * H) in rows(engine, "users", "user_id", "last_seen_at")
+
+
+def test_strict_refuses_a_file_with_a_line_far_past_the_rest(engine, tmp_path, quarantine_dir):
+    news, behaviors = _a_week_and_a_wrong_year(tmp_path)
+    with pytest.raises(SchemaError, match=r"behaviors\.tsv line 150: field 'time' has '12/5/2026 9:00:00 AM', "
+                                          r"expected a time no later than .*98% of the file's lines are from"):
+        run(engine, quarantine_dir, news_path=news, behaviors_path=behaviors, strict=True)
+    assert all(v == [] for v in dump_store(engine).values())
+
+
+def test_a_short_file_has_no_bulk_to_bound_its_times(engine, tmp_path, quarantine_dir):
+    # Below 100 lines a file's own span says too little: only the clock's rule holds.
+    news = write_lines(tmp_path / "news.tsv", [news_line("N1"), news_line("N2")])
+    behaviors = write_lines(tmp_path / "behaviors.tsv", [behavior_line(i, "U1", T0 + i * H, [], ["N1-1", "N2-0"])
+                                                         for i in range(1, 99)] + [behavior_line(99, "U2", T0 + 90 * D, [], ["N1-1"])])
+    assert run(engine, quarantine_dir, news_path=news, behaviors_path=behaviors).num_bad_rows == 0
+
+
 def test_an_unknown_history_id_is_left_out_and_its_impression_kept(engine, tmp_path, quarantine_dir, caplog):
     # It quarantined the whole line: a hunt's one news line quarantined for an extra tab in its
     # title took 23% of the impressions with it, every one whose History listed that article.
