@@ -370,8 +370,9 @@ def iter_behaviors(path: str | Path, *, scan: BehaviorsScan | None = None) -> Ro
     Checks: 5 columns; ImpressionID a non-negative integer; UserID and every news id match
     ``^[A-Za-z0-9_-]{1,64}$``; Time like ``11/11/2019 9:05:58 AM``; at most 10000 History
     ids; 1 to 1000 candidates; labels 0 or 1; every candidate of an impression labelled or
-    none. A candidate is read as labelled when it ends in ``-0``/``-1``, so in an unlabelled
-    file a bare id may not end that way. Given the file's ``scan``, a Time later than its
+    none; an article shown twice in one impression has the same label both times. A
+    candidate is read as labelled when it ends in ``-0``/``-1``, so in an unlabelled file a
+    bare id may not end that way. Given the file's ``scan``, a Time later than its
     ``latest_plausible`` is a bad row too (what is stored needs it; scoring a file does not).
 
     Returns:
@@ -559,6 +560,12 @@ def _parse_behaviors(name: str, line: int, text: str, *, latest: datetime,
             return bad(IMPRESSIONS, exc.value, exc.expected)
     if len(news_ids) > MAX_CANDIDATES:
         return bad(IMPRESSIONS, f"{len(news_ids)} candidates", f"at most {MAX_CANDIDATES} candidates")
+    if labels is not None and len(set(news_ids)) < len(news_ids):
+        label_of: dict[str, int] = {}
+        for news_id, label in zip(news_ids, labels):
+            if label_of.setdefault(news_id, label) != label:
+                return bad(IMPRESSIONS, news_id, "one label per article: it is shown twice in the impression, clicked "
+                                                 "and not clicked")
     return BehaviorRow(line, int(impression_id), user_id, time, history, news_ids, labels, _shorten(text))
 
 

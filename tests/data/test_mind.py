@@ -414,3 +414,13 @@ def test_a_line_far_past_the_rest_of_its_file_is_a_bad_row_given_the_scan(tmp_pa
 def test_a_line_within_the_margin_is_kept(tmp_path):
     path = _file_of_a_week_and_one_line(tmp_path, datetime(2019, 11, 22, 3, 12))
     assert isinstance(list(iter_behaviors(path, scan=mind.scan_behaviors(path)))[200], BehaviorRow)
+
+
+def test_an_article_shown_twice_in_one_impression_needs_one_label(tmp_path):
+    rows = read_behaviors(tmp_path, "1\tU1\t11/11/2019 9:05:58 AM\t\tN1-1 N2-0 N1-1\n"  # same label: kept as shown
+                                    "2\tU1\t11/11/2019 9:05:58 AM\t\tN1-0 N2-0 N2-1\n"
+                                    "3\tU1\t11/11/2019 9:05:58 AM\t\tN1 N2 N1\n")  # unlabelled: nothing to disagree
+    assert isinstance(rows[0], BehaviorRow) and rows[0].news_ids == ("N1", "N2", "N1") and rows[0].labels == (1, 0, 1)
+    assert (rows[1].line, rows[1].field, rows[1].value) == (2, "impressions", "N2")
+    assert "expected one label per article: it is shown twice in the impression, clicked and not clicked" in rows[1].reason
+    assert isinstance(rows[2], BehaviorRow)

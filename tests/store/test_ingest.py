@@ -428,6 +428,9 @@ BAD_BEHAVIORS = [
     (behavior_line(9, "U1", "11/9/1019 2:02:56 AM", ["N1"], ["N2-1"]), "time",
      "field 'time' has '11/9/1019 2:02:56 AM', expected a time between 1/1/1990 12:00:00 AM and a day from now"),
     (behavior_line(9, "U1", "11/9/2099 2:02:56 AM", ["N1"], ["N2-1"]), "time", "field 'time' has '11/9/2099 2:02:56 AM', expected a time between"),
+    # Clicked and not clicked in one list: which one the store kept would depend on the order.
+    (behavior_line(9, "U1", T0, [], ["N2-1", "N3-0", "N2-0"]), "impressions",
+     r"behaviors\.tsv line 2: field 'impressions' has 'N2', expected one label per article: it is shown twice"),
     # Line 1 has impression 1: the first line keeps it, in one batch or across batches.
     (behavior_line(1, "U3", T0 + H, [], ["N2-1"]), "impression_id",
      r"behaviors\.tsv line 2: field 'impression_id' has '1', expected an id unique within the file \(line 1 has it\)"),
