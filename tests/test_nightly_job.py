@@ -273,6 +273,25 @@ def test_an_export_that_fails_after_the_run_still_prints_the_summary_and_exits_1
     assert err.strip().splitlines()[-1] == f"error: {message}"
 
 
+def test_a_first_night_without_a_model_says_what_its_ingest_stored(tmp_path, capsys, caplog):
+    """The ingest is committed before the job finds no model version: it exited 1 with only
+    the model's error, and nothing said the night's file was stored (a rerun would find it so)."""
+    world, ws, engine = ingested_sample(tmp_path, num_users=20, num_news=100, num_impressions=30, seed=4)
+    article = (world / "news.tsv").read_text(encoding="utf-8").split("\t", 1)[0]
+    (tmp_path / "night").mkdir()
+    night = write_lines(tmp_path / "night" / "behaviors.tsv",
+                        [behavior_line(1, "U_new", repo.time_range(engine)[1], [], [f"{article}-1"])])
+    before = store_stats(engine)["impressions"]
+    capsys.readouterr()
+    assert main(["--workspace", str(ws.root), "nightly", "--behaviors", str(night)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: no current model version")
+    assert store_stats(engine)["impressions"] == before + 1
+    (said,) = [r.getMessage() for r in caplog.records if "the night stopped after its ingest" in r.getMessage()]
+    ingested = json.loads(said.split("which is stored and stays: ", 1)[1])
+    assert (ingested["source"], ingested["impressions"], ingested["users"], ingested["num_bad_rows"]) == ("night/behaviors", 1, 1, 0)
+    engine.dispose()
+
+
 def test_a_job_that_finds_the_lock_held_ingests_nothing(tmp_path):
     """Overlapping nights: the second job stops before its ingest, not only before ranking."""
     world, ws, engine = ingested_sample(tmp_path, num_users=20, num_news=100, num_impressions=30, seed=4)

@@ -13,6 +13,7 @@ The whole job holds the store's ``nightly`` lock, so a second job ingests nothin
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -275,9 +276,7 @@ def _nightly_job(
     rerank: bool,
 ) -> dict:
     from recsys.pipelines.ingest import run_ingest
-    from recsys.ranking.nightly import run_nightly
 
-    nc = config.nightly
     summary: dict = {"timings": {}}
     if news is not None or behaviors is not None:
         t0 = time.perf_counter()
@@ -290,6 +289,23 @@ def _nightly_job(
             log.error("ingest failed, scoring the data already stored: %s", exc)
             summary["ingest"] = {"error": str(exc)}
         summary["timings"]["ingest_s"] = round(time.perf_counter() - t0, 2)
+    try:
+        return _index_and_rank(engine, workspace, config, lock, summary, export=export, rerank=rerank)
+    except BaseException:
+        # The ingest is committed and stays: the summary that would have told so is never
+        # printed (no model version yet, a failed refresh or ranking, Ctrl-C), so the log does.
+        ingested = summary.get("ingest")
+        if ingested is not None and "error" not in ingested:
+            log.error("the night stopped after its ingest, which is stored and stays: %s",
+                      json.dumps(ingested, default=str))
+        raise
+
+
+def _index_and_rank(engine: Engine, workspace: Workspace, config: Config, lock: StoreLock, summary: dict, *, export,
+                    rerank: bool) -> dict:
+    from recsys.ranking.nightly import run_nightly
+
+    nc = config.nightly
     mv = get_version(engine)
     t0 = time.perf_counter()
     summary["index"] = refresh_index_apart(engine, workspace, config, mv, lock=lock)
