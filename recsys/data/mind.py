@@ -65,10 +65,12 @@ TIME_EXAMPLE = "11/11/2019 9:05:58 AM"
 EARLIEST_TIME = datetime(1990, 1, 1)
 FUTURE_SLACK = timedelta(days=1)
 # A file's bulk: the span of its middle lines, once it has enough lines to have one. A line
-# later than the bulk's end by more than the bulk's own span (at least a day) is a wrong date.
+# further from the bulk than the bulk's own span (and than these) is a wrong date. Early lines
+# get more room: a client that was offline sends its impressions days late.
 BULK_TRIM = 0.01
 BULK_MIN_LINES = 100
 BULK_MIN_MARGIN = timedelta(days=1)
+BULK_MIN_EARLY_MARGIN = timedelta(days=30)
 
 _ID_RE = re.compile(ID_PATTERN)
 _IDS_RE = re.compile(rf"{ID_PATTERN}(?: {ID_PATTERN})*")
@@ -373,7 +375,7 @@ def iter_behaviors(path: str | Path, *, scan: BehaviorsScan | None = None) -> Ro
     none; an article shown twice in one impression has the same label both times. A
     candidate is read as labelled when it ends in ``-0``/``-1``, so in an unlabelled file a
     bare id may not end that way. Given the file's ``scan``, a Time later than its
-    ``latest_plausible`` is a bad row too (what is stored needs it; scoring a file does not).
+    ``plausible`` span is a bad row too (what is stored needs it; scoring a file does not).
 
     Returns:
         A ``RowStream`` yielding ``BehaviorRow`` or ``BadRow``, one per non-blank line.
@@ -402,18 +404,21 @@ class BehaviorsScan:
     bulk: tuple[datetime, datetime] | None = None
 
     @property
-    def latest_plausible(self) -> datetime | None:
-        """The latest Time a line of this file may have; None when the file is too short to tell.
+    def plausible(self) -> tuple[datetime, datetime] | None:
+        """The earliest and latest Time a line of this file may have; None when the file is
+        too short to tell.
 
         A replayed log (MIND's 2019, a backfill) is older than the clock, so the clock cannot
         tell a wrong year from a real one; the file's other lines can. A line later than the
         end of the file's middle 98% by more than that span (and more than a day) is refused:
-        stored, it would become the store's latest impression, the nightly run's "now".
+        stored, it would become the store's latest impression, the nightly run's "now". So is
+        one earlier than its start by more than the span (and more than 30 days): it would move
+        its articles' first-seen times there for good, out of every fresh set.
         """
         if self.bulk is None:
             return None
         start, end = self.bulk
-        return end + max(BULK_MIN_MARGIN, end - start)
+        return start - max(BULK_MIN_EARLY_MARGIN, end - start), end + max(BULK_MIN_MARGIN, end - start)
 
 
 def scan_behaviors(path: str | Path, *, block_bytes: int = 1 << 20) -> BehaviorsScan:
@@ -528,11 +533,14 @@ def _parse_behaviors(name: str, line: int, text: str, *, latest: datetime,
         return bad(TIME, time_text, f"a time like '{TIME_EXAMPLE}' ({TIME_FORMAT})")
     if time < EARLIEST_TIME or time > latest:
         return bad(TIME, time_text, f"a time between {format_time(EARLIEST_TIME)} and a day from now ({format_time(latest)})")
-    if scan is not None and scan.latest_plausible is not None and time > scan.latest_plausible:
-        start, end = scan.bulk
-        return bad(TIME, time_text, f"a time no later than {format_time(scan.latest_plausible)}: 98% of the file's lines "
-                                    f"are from {format_time(start)} to {format_time(end)}, and a date far past the rest "
-                                    "of a file would become the store's latest impression, the nightly run's now")
+    if scan is not None and scan.plausible is not None and not scan.plausible[0] <= time <= scan.plausible[1]:
+        (start, end), (earliest, latest) = scan.bulk, scan.plausible
+        bulk = f"98% of the file's lines are from {format_time(start)} to {format_time(end)}"
+        if time > latest:
+            return bad(TIME, time_text, f"a time no later than {format_time(latest)}: {bulk}, and a date far past the "
+                                        "rest of a file would become the store's latest impression, the nightly run's now")
+        return bad(TIME, time_text, f"a time no earlier than {format_time(earliest)}: {bulk}, and a date far before "
+                                    "the rest of a file would move its articles' first-seen times there for good")
 
     if not history_text:
         history: tuple[str, ...] = ()

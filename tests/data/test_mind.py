@@ -378,14 +378,15 @@ def test_scan_bulk_is_the_files_middle_98_percent(tmp_path_factory, times, block
     scan = mind.scan_behaviors(path, block_bytes=block_bytes)
     assert (scan.first, scan.last) == (min(times), max(times))
     if len(times) < 100:
-        assert scan.bulk is None and scan.latest_plausible is None
+        assert scan.bulk is None and scan.plausible is None
         return
     # numpy's "higher"/"lower" quantiles are order statistics: no time is interpolated.
     seconds = np.array(times, dtype="datetime64[s]")
     start, end = np.quantile(seconds.astype(np.int64), 0.01, method="higher"), np.quantile(seconds.astype(np.int64), 0.99, method="lower")
     expected = tuple(datetime(1970, 1, 1) + timedelta(seconds=int(s)) for s in (start, end))
     assert scan.bulk == expected
-    assert scan.latest_plausible == expected[1] + max(timedelta(days=1), expected[1] - expected[0])
+    span = expected[1] - expected[0]
+    assert scan.plausible == (expected[0] - max(timedelta(days=30), span), expected[1] + max(timedelta(days=1), span))
 
 
 def _file_of_a_week_and_one_line(tmp_path, last_time):
@@ -400,7 +401,7 @@ def test_a_line_far_past_the_rest_of_its_file_is_a_bad_row_given_the_scan(tmp_pa
     scan = mind.scan_behaviors(path)
     # The bulk: the 3rd and the 199th of the 201 times; a week long, so a week of margin.
     assert scan.bulk == (datetime(2019, 11, 9, 1, 36), datetime(2019, 11, 15, 14, 24))
-    assert scan.latest_plausible == datetime(2019, 11, 22, 3, 12)
+    assert scan.plausible == (datetime(2019, 10, 10, 1, 36), datetime(2019, 11, 22, 3, 12))
     rows = list(iter_behaviors(path, scan=scan))
     assert all(isinstance(r, BehaviorRow) for r in rows[:200])
     bad = rows[200]
@@ -411,9 +412,21 @@ def test_a_line_far_past_the_rest_of_its_file_is_a_bad_row_given_the_scan(tmp_pa
     assert isinstance(list(iter_behaviors(path))[200], BehaviorRow)
 
 
-def test_a_line_within_the_margin_is_kept(tmp_path):
-    path = _file_of_a_week_and_one_line(tmp_path, datetime(2019, 11, 22, 3, 12))
+@pytest.mark.parametrize("when", [datetime(2019, 11, 22, 3, 12), datetime(2019, 10, 10, 1, 36)])
+def test_a_line_within_the_margins_is_kept(tmp_path, when):
+    path = _file_of_a_week_and_one_line(tmp_path, when)
     assert isinstance(list(iter_behaviors(path, scan=mind.scan_behaviors(path)))[200], BehaviorRow)
+
+
+def test_a_line_far_before_the_rest_of_its_file_is_a_bad_row_given_the_scan(tmp_path):
+    # Stored, it moved its articles' first-seen times back for good: out of every fresh set.
+    path = _file_of_a_week_and_one_line(tmp_path, datetime(2018, 11, 12, 9, 0, 0))
+    bad = list(iter_behaviors(path, scan=mind.scan_behaviors(path)))[200]
+    assert (bad.line, bad.field, bad.value) == (201, "time", "11/12/2018 9:00:00 AM")
+    # Sorted first, it moves the bulk one line down: the 2nd and the 198th of the week.
+    assert ("expected a time no earlier than 10/10/2019 12:48:00 AM: 98% of the file's lines are from 11/9/2019 12:48:00 AM "
+            "to 11/15/2019 1:36:00 PM, and a date far before the rest of a file would move its articles' first-seen "
+            "times there for good") in bad.reason
 
 
 def test_an_article_shown_twice_in_one_impression_needs_one_label(tmp_path):

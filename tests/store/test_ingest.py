@@ -506,6 +506,19 @@ def test_strict_refuses_a_file_with_a_line_far_past_the_rest(engine, tmp_path, q
     assert all(v == [] for v in dump_store(engine).values())
 
 
+def test_a_line_dated_far_before_the_rest_of_its_file_is_quarantined(engine, tmp_path, quarantine_dir):
+    # Stored, it moved N2's and N3's first-seen times back a year for good: out of every fresh set.
+    news = write_lines(tmp_path / "news.tsv", [news_line(f"N{i}") for i in range(1, 6)])
+    lines = [behavior_line(i, f"U{i % 20}", T0 + i * H, ["N1"], ["N4-1", "N5-0"]) for i in range(1, 151)]
+    lines[59] = behavior_line(60, "U0", T0 - 365 * D, ["N1"], ["N2-1", "N3-0"])
+    report = run(engine, quarantine_dir, news_path=news, behaviors_path=write_lines(tmp_path / "behaviors.tsv", lines))
+    assert (report.impressions, report.num_bad_rows) == (149, 1)
+    ((line, field, reason),) = rows(engine, "quarantine", "line", "field", "reason")
+    assert (line, field) == (60, "time") and "expected a time no earlier than" in reason
+    assert rows(engine, "news", "news_id", "first_seen_at") == [
+        ("N1", T0 + H), ("N2", None), ("N3", None), ("N4", T0 + H), ("N5", T0 + H)]
+
+
 def test_a_short_file_has_no_bulk_to_bound_its_times(engine, tmp_path, quarantine_dir):
     # Below 100 lines a file's own span says too little: only the clock's rule holds.
     news = write_lines(tmp_path / "news.tsv", [news_line("N1"), news_line("N2")])
