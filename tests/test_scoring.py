@@ -419,6 +419,9 @@ def test_evaluate_of_a_file_without_a_two_class_impression_warns(trained, tmp_pa
     result = run_evaluate(engine, ws, config, behaviors=path, out=tmp_path / "r", num_resamples=10)
     assert all(auc is None for auc in result["impression_auc"].values())
     assert result["warning"].startswith(f"{path}: none of its 3 labelled impressions has both a clicked and a skipped")
+    # It said the MIND scorer leaves them out too; it prints NaN for them (docs/evaluation.md).
+    assert result["warning"].endswith("recsys leaves them out of every mean; the MIND scorer prints NaN for them: "
+                                      "docs/evaluation.md, Averaging)")
 
 
 def test_a_score_that_is_not_finite_is_refused_naming_line_and_impression(trained, monkeypatch):
@@ -624,6 +627,27 @@ def test_a_truth_file_beside_a_file_of_another_name_is_skipped_with_a_warning(tr
             run_evaluate(engine, ws, config, behaviors=subset, out=tmp_path / "r2", truth=world / "truth.tsv")
     finally:
         subset.unlink()
+
+
+def test_a_truth_file_of_another_kind_beside_a_foreign_file_is_skipped_with_a_warning(trained, tmp_path, caplog):
+    """A MIND scorer's truth.tsv kept beside behaviors.tsv stopped the evaluation (exit 1)
+    though no --truth was given; given as --truth, it is still refused."""
+    from recsys.pipelines.evaluate import run_evaluate
+
+    world, ws, engine, config, _ = trained
+    folder = tmp_path / "dev"
+    folder.mkdir()
+    lines = (world / "behaviors_test.tsv").read_text().splitlines(keepends=True)[:30]
+    behaviors = folder / "behaviors.tsv"
+    behaviors.write_text("".join(lines))
+    # The MIND competition's truth file: impression id, then the labels as a list.
+    (folder / "truth.tsv").write_text("".join(
+        f"{line.split(chr(9))[0]} [{','.join(c[-1] for c in line.split(chr(9))[4].split())}]\n" for line in lines))
+    result = run_evaluate(engine, ws, config, behaviors=behaviors, out=tmp_path / "r", num_resamples=10)
+    assert result["num_impressions"] == 30 and not any("oracle" in name.lower() for name in result["impression_auc"])
+    assert f"{folder / 'truth.tsv'} was found beside behaviors.tsv but is not a sample world's truth file" in caplog.text
+    with pytest.raises(RecsysError, match=r"truth\.tsv line 1: field .columns."):
+        run_evaluate(engine, ws, config, behaviors=behaviors, out=tmp_path / "r2", truth=folder / "truth.tsv")
 
 
 def test_evaluate_of_an_unlabelled_file_warns_and_writes_the_predictions(trained, tmp_path, caplog):

@@ -158,13 +158,23 @@ def _refuse_wide_truth_line(path: Path) -> None:
 
 def _oracle(behaviors: Path, truth: Path | None) -> dict | None:
     """The true probabilities of ``behaviors``'s split: from ``--truth``, which must hold that
-    split, or else from a ``truth.tsv`` beside the file, which may not (a file cut from a
-    sample world's split and named otherwise): then the report has no oracle row."""
+    split, or else from a ``truth.tsv`` beside the file, which may not hold it (a file cut from
+    a sample world's split and named otherwise) or be another kind of file: then the report
+    has no oracle row, with a warning."""
     split = split_of(behaviors)
     path = Path(truth) if truth is not None else behaviors.parent / "truth.tsv"
     if not path.is_file():
         return None
-    oracle = load_truth(path, split)
+    try:
+        oracle = load_truth(path, split)
+    except RecsysError as exc:
+        if truth is not None or (isinstance(exc, SchemaError) and exc.line is not None and exc.line > 1):
+            raise  # asked for, or a sample world's truth file damaged after its first line
+        # A truth.tsv of another kind (a MIND scorer's labels, say: its first line is not one of
+        # ours) beside a foreign file must not stop its evaluation: it was never asked for.
+        log.warning("%s was found beside %s but is not a sample world's truth file (%s): the report has no oracle "
+                    "row; give --truth to read one", path, behaviors.name, exc)
+        return None
     if oracle:
         return oracle
     message = (f"{path}: no rows for split '{split}' (expected a sample world's truth.tsv, as generate-sample "
@@ -325,7 +335,8 @@ def run_evaluate(
     elif result["header"]["num_scored"] == 0:  # labelled, but no impression has both a click and a skip
         warning = {"warning": f"{behaviors}: none of its {result['header']['num_labelled_impressions']} labelled "
                               "impressions has both a clicked and a skipped candidate, so the per-impression metrics "
-                              "are n/a (single-class impressions are left out, as the MIND scorer does)"}
+                              "are n/a (single-class impressions have no AUC and recsys leaves them out of every "
+                              "mean; the MIND scorer prints NaN for them: docs/evaluation.md, Averaging)"}
     if warning:
         log.warning(warning["warning"])
     return {

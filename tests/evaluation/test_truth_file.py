@@ -64,3 +64,22 @@ def test_a_file_whose_every_line_is_wider_is_refused_as_too_many_columns(tmp_pat
     with pytest.raises(SchemaError) as info:
         load_truth(path, "test")
     assert (info.value.line, info.value.field, info.value.value) == (1, "columns", "8 columns")
+
+
+def test_a_truth_file_found_beside_is_passed_over_only_when_its_first_line_is_of_another_kind(tmp_path, caplog):
+    from recsys.pipelines.evaluate import _oracle
+
+    behaviors = tmp_path / "behaviors_test.tsv"
+    truth = tmp_path / "truth.tsv"
+    good = "test\t1\tN1\t0\t0.25\t1\n"
+    truth.write_text(good + "test\t1\tN2\t1\t0.5\n")  # ours, damaged on line 2: still an error
+    with pytest.raises(SchemaError, match=r"truth\.tsv line 2: field 'columns' has 'a shorter line'"):
+        _oracle(behaviors, None)
+    truth.write_text("1 [1,0]\n2 [0,1]\n")  # the MIND competition's truth file: not ours, passed over
+    assert _oracle(behaviors, None) is None
+    assert "was found beside behaviors_test.tsv but is not a sample world's truth file" in caplog.text
+    with pytest.raises(SchemaError, match=r"truth\.tsv line 1: field 'columns'"):
+        _oracle(behaviors, truth)  # asked for by --truth: refused
+    truth.write_text(good)
+    ids, p = _oracle(behaviors, None)[1]
+    assert ids == ["N1"] and p.tolist() == [0.25]
