@@ -311,6 +311,7 @@ def test_config_typo_exits_1_naming_the_key(capsys, tmp_path: Path):
         ["predict", "--behaviors", "behaviors.tsv", "--out", "prediction.txt"],
         ["model", "list"],
         ["model", "use", "v1"],
+        ["demo"],  # it made the workspace folder first
     ],
 )
 def test_every_command_refuses_a_config_typo_before_creating_the_store(capsys, tmp_path: Path, command):

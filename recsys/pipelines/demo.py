@@ -44,8 +44,9 @@ def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> d
     from recsys.store.stats import store_stats
 
     console = wide_console()
-    ws = ctx.workspace.ensure()
+    # The config first: a typo or a bad --epochs is refused before the workspace is made.
     config = ctx.config({"model.epochs": epochs}, flags={"model.epochs": "--epochs"})
+    ws = ctx.workspace.ensure()
     world = find_sample(sample, ws.root)
     engine = ctx.engine(create=True)  # it ingests the sample first
     step = lambda text: console.rule(Text(text, style="bold"))  # noqa: E731  (the sample path is not markup)
