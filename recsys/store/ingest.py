@@ -45,7 +45,9 @@ _QUARANTINE_HEADER = ("file", "line", "field", "reason", "raw")
 # Unusable cover files named one by one on the log; the rest are counted.
 NAMED_BAD_COVERS = 20
 NAMED_UNKNOWN_HISTORY = 20  # lines named on the log for a History id nobody has
-NAMED_STORED_ELSEWHERE = 5  # lines named on the log for an impression another source holds
+# Lines named on the log for an impression another source holds, and (separately) for one this
+# source holds under another impression id.
+NAMED_STORED_ELSEWHERE = 5
 log = logging.getLogger("recsys.ingest")
 # A quarantine temp file unchanged this long was left by a killed ingest (see _QuarantineFile).
 STALE_QUARANTINE_SECONDS = 3600
@@ -72,6 +74,11 @@ class IngestReport:
             impression (user, time, candidates and labels) under another source: the same file
             ingested again under another name, or files whose windows overlap. Stored twice,
             their clicks would count twice in every popularity and training figure.
+        impressions_repeated: impressions not stored because the store holds the same impression
+            under this source as another impression id, or an earlier line of the file is it: the
+            same file re-delivered with its ids renumbered (each id would take its neighbour's
+            impression, one stored twice and one lost), or a log line written twice. That id keeps
+            what it holds.
         impression_items: candidate rows written.
         unknown_history_ids: History entries naming an article neither the store nor the news
             file has (a news line quarantined, say), left out of the stored History; their
@@ -94,6 +101,7 @@ class IngestReport:
     impressions: int = 0
     impressions_changed: int = 0
     impressions_stored_elsewhere: int = 0
+    impressions_repeated: int = 0
     impression_items: int = 0
     unknown_history_ids: int = 0
     clicks: int = 0
@@ -142,7 +150,7 @@ def ingest(
         source: name under which the impressions are stored (MIND impression ids restart in
             every file); default ``<parent folder>/<file stem>``. The caller keeps other
             writers of impressions out meanwhile (``recsys.pipelines.ingest.run_ingest`` holds
-            the store's lock): whether another source exists is read once per file.
+            the store's lock): each batch is checked against the impressions stored before it.
         strict: stop at the first bad row with SchemaError and write nothing.
         quarantine_dir: where the quarantine TSV is written
             (``<timestamp>-<file stem>.tsv``, one per call, only when there are bad rows).
@@ -388,13 +396,6 @@ class _Job:
         file_key = quarantine_key(stream.path)
         self._begin_file(file_key)
         seen = FirstLines()
-        imp = schema.impressions
-        with self.transaction():
-            # Once per file (nothing else writes impressions while the ingest holds the lock):
-            # a store of this source alone, such as a first ingest, needs no check per batch.
-            # Two range probes of the (source, impression id) index: "!=" would read all of it.
-            other_sources = self.conn.execute(
-                sa.select(imp.c.id).where(sa.or_(imp.c.source < source, imp.c.source > source)).limit(1)).first() is not None
         for lines in _batches(stream, self.batch_size):
             pending_bad: list[tuple] = []
             good: list[BehaviorRow] = []
@@ -411,60 +412,90 @@ class _Job:
                 else:
                     good.append(row)
             with self.transaction():
-                good = self._without_stored_elsewhere(good, source) if good and other_sources else good
+                good = self._without_stored_twice(good, source)
                 if good:
                     self._write_behaviors(good, source, known)
                 self._write_quarantine(pending_bad)
             self._done(len(lines))
 
-    def _without_stored_elsewhere(self, rows: list[BehaviorRow], source: str) -> list[BehaviorRow]:
-        """The rows less those the store holds as the same impression under another source.
+    def _without_stored_twice(self, rows: list[BehaviorRow], source: str) -> list[BehaviorRow]:
+        """The rows less those whose impression the store would then hold twice.
 
         The same impression is the same user at the same time with the same candidates in the
-        same order and the same labels (the History is not compared): the other sources'
-        impressions at the batch's exact times are read (index on time; none on a night of new
-        data) and the candidates of those of the same user compared. An impression id this
-        source already holds keeps being replaced in place, whatever another source holds.
+        same order and the same labels (the History is not compared). A row is not stored when
+        the store holds its impression under this source as another impression id
+        (``impressions_repeated``: a renumbered re-delivery, a repeated line), or under another
+        source (``impressions_stored_elsewhere``) unless this source holds the row's own id,
+        which keeps being replaced in place. A row whose own (source, id) holds it is a plain
+        re-ingest and is stored. Each row is judged against the store as the file's earlier
+        rows leave it, those of its own batch included, so that batch boundaries do not change
+        the outcome: the store's impressions at the batch's exact times are read (index on
+        time; next to none on a night of new data) and the candidates of those of the same user
+        compared.
         """
         imp, items, w = schema.impressions, schema.impression_items, self.writer
-        pairs = {(r.user_id, r.time) for r in rows}
+        ids_at: dict[tuple[str, datetime], set[int]] = {}
+        for r in rows:
+            ids_at.setdefault((r.user_id, r.time), set()).add(r.impression_id)
         # Exact times, not the batch's span: a span re-reads a user's impressions in every batch
         # of a file not sorted by time (MIND's), whose span is the file's whole window.
-        others = w.select_in(
-            sa.select(imp.c.id, imp.c.source, imp.c.impression_id, imp.c.user_id, imp.c.time).where(imp.c.source != source),
-            imp.c.time, sorted({time for _, time in pairs}),
+        stored = w.select_in(
+            sa.select(imp.c.id, imp.c.source, imp.c.impression_id, imp.c.user_id, imp.c.time),
+            imp.c.time, sorted({time for _, time in ids_at}),
         )
-        at: dict[tuple[str, datetime], list[tuple[int, str, int]]] = {}
-        for pk, other_source, imp_id, user, time in others:
-            if (user, time) in pairs:
-                at.setdefault((user, time), []).append((pk, other_source, imp_id))
-        if not at:
-            return rows
-        suspects = [r for r in rows if (r.user_id, r.time) in at]  # not empty: ``at`` holds only the rows' pairs
-        ours = {r.impression_id for r in suspects}.intersection(
-            i for (i,) in w.select_in(sa.select(imp.c.impression_id).where(imp.c.source == source),
-                                      imp.c.impression_id, [r.impression_id for r in suspects]))
-        pks = [pk for r in suspects for pk, _, _ in at[(r.user_id, r.time)]]
-        candidates: dict[int, list[tuple[str, int | None]]] = {}
+        # Only those some row other than their own could repeat: a re-ingest reads no candidates.
+        wanted = {pk: ((user, time), (s, i)) for pk, s, i, user, time in stored
+                  if (user, time) in ids_at and (s != source or ids_at[(user, time)] != {i})}
+        shown: dict[int, tuple[list[str], list[int | None]]] = {}
         for pk, news_id, label in w.select_in(
                 sa.select(items.c.impression_pk, items.c.news_id, items.c.label)
-                .order_by(items.c.impression_pk, items.c.position), items.c.impression_pk, pks):
-            candidates.setdefault(pk, []).append((news_id, label))
+                .order_by(items.c.impression_pk, items.c.position), items.c.impression_pk, list(wanted)):
+            news_ids, labels = shown.setdefault(pk, ([], []))
+            news_ids.append(news_id)
+            labels.append(label)
+        # (user, time) -> {(source, impression id): (candidates, labels)}, kept up to date below.
+        held: dict[tuple[str, datetime], dict[tuple[str, int], tuple[tuple, tuple]]] = {}
+        where: dict[tuple[str, int], tuple[str, datetime]] = {}
+        for pk, (pair, key) in wanted.items():
+            news_ids, labels = shown.get(pk, ([], []))
+            held.setdefault(pair, {})[key] = (tuple(news_ids), tuple(labels))
+            where[key] = pair
+        suspects = [r.impression_id for r in rows if any(s != source for s, _ in held.get((r.user_id, r.time), ()))]
+        ours = {i for (i,) in w.select_in(sa.select(imp.c.impression_id).where(imp.c.source == source),
+                                          imp.c.impression_id, suspects)}
         kept = []
         for r in rows:
-            match = None
-            if (r.user_id, r.time) in at and r.impression_id not in ours:
-                shown = list(zip(r.news_ids, r.labels if r.labels is not None else itertools.repeat(None)))
-                match = next(((s, i) for pk, s, i in at[(r.user_id, r.time)] if candidates.get(pk) == shown), None)
-            if match is None:
+            pair, own = (r.user_id, r.time), (source, r.impression_id)
+            content = (r.news_ids, r.labels if r.labels is not None else (None,) * len(r.news_ids))
+            same = [key for key, c in held.get(pair, {}).items() if key != own and c == content]
+            repeat = next((i for s, i in same if s == source), None)
+            if repeat is not None:
+                self._name_repeated(r, source, repeat)
+            elif same and r.impression_id not in ours:
+                self._name_stored_elsewhere(r, source, *same[0])
+            else:
                 kept.append(r)
-                continue
-            self.report.impressions_stored_elsewhere += 1
-            if self.report.impressions_stored_elsewhere <= NAMED_STORED_ELSEWHERE:
-                log.warning("behaviors line %d: the store holds this impression (user %s at %s, same candidates and "
-                            "labels) under source '%s' as impression %d: not stored again under '%s'",
-                            r.line, r.user_id, r.time.isoformat(sep=" "), match[0], match[1], source)
+                # Its id holds this impression from now on, whatever the store had there before.
+                old = where.pop(own, None)
+                if old is not None:
+                    del held[old][own]
+                held.setdefault(pair, {})[own] = content
+                where[own] = pair
         return kept
+
+    def _name_repeated(self, row: BehaviorRow, source: str, holder: int) -> None:
+        self.report.impressions_repeated += 1
+        if self.report.impressions_repeated <= NAMED_STORED_ELSEWHERE:
+            log.warning("behaviors line %d: source '%s' holds this impression (user %s at %s, same candidates and "
+                        "labels) as impression %d: not stored again as impression %d", row.line, source, row.user_id,
+                        row.time.isoformat(sep=" "), holder, row.impression_id)
+
+    def _name_stored_elsewhere(self, row: BehaviorRow, source: str, other_source: str, holder: int) -> None:
+        self.report.impressions_stored_elsewhere += 1
+        if self.report.impressions_stored_elsewhere <= NAMED_STORED_ELSEWHERE:
+            log.warning("behaviors line %d: the store holds this impression (user %s at %s, same candidates and "
+                        "labels) under source '%s' as impression %d: not stored again under '%s'",
+                        row.line, row.user_id, row.time.isoformat(sep=" "), other_source, holder, source)
 
     def _without_unknown_history(self, row: BehaviorRow, missing: set[str]) -> BehaviorRow:
         """The row with its History's unknown articles left out, counted and the first few named."""

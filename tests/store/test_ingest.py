@@ -143,12 +143,15 @@ def test_file_order_and_batch_size_do_not_change_the_store(engine, small_world, 
 # --- updates and reruns ----------------------------------------------------------------------------
 
 
-def test_same_files_twice_leave_the_same_store(engine, small_world, quarantine_dir):
-    args = dict(news_path=small_world["news"], behaviors_path=small_world["behaviors"])
+@pytest.mark.parametrize("batch_size", [5000, 1])
+def test_same_files_twice_leave_the_same_store(engine, small_world, quarantine_dir, batch_size):
+    args = dict(news_path=small_world["news"], behaviors_path=small_world["behaviors"], batch_size=batch_size)
     run(engine, quarantine_dir, **args)
     first = dump_store(engine) | {"news_updated_at": rows(engine, "news", "news_id", "updated_at")}
     report = run(engine, quarantine_dir, **args)
     assert report.users == 0  # all known now
+    # Each line matches only what its own id holds: replaced in place, not a repeat.
+    assert (report.impressions, report.impressions_repeated, report.impressions_stored_elsewhere) == (4, 0, 0)
     assert dump_store(engine) | {"news_updated_at": rows(engine, "news", "news_id", "updated_at")} == first
 
 
@@ -366,6 +369,100 @@ def test_an_impression_this_source_holds_is_replaced_whatever_another_source_hol
         labels = conn.execute(sa.select(it.c.label).join(im, im.c.id == it.c.impression_pk)
                               .where(im.c.source == "b").order_by(it.c.position)).scalars().all()
     assert labels == [1, 0, 0]
+
+
+@pytest.mark.parametrize("batch_size", [5000, 1])
+@pytest.mark.parametrize("shift", [1, -1])
+def test_a_renumbered_redelivery_under_the_same_source_changes_nothing(engine, small_world, quarantine_dir, tmp_path,
+                                                                       caplog, shift, batch_size):
+    # Line k carries id k + shift: each id used to take its neighbour's impression, one of the
+    # four ended up stored twice and another lost.
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], source="s")
+    before = dump_store(engine)
+    lines = small_world["behaviors"].read_text(encoding="utf-8").splitlines()
+    renumbered = write_lines(tmp_path / "renumbered.tsv", [
+        f"{int(imp_id) + shift}\t{rest}" for imp_id, rest in (line.split("\t", 1) for line in lines)])
+    report = run(engine, quarantine_dir, behaviors_path=renumbered, source="s", batch_size=batch_size)
+    assert (report.impressions, report.impressions_repeated, report.impressions_changed, report.impression_items) == (0, 4, 0, 0)
+    assert dump_store(engine) == before
+    assert (f"behaviors line 1: source 's' holds this impression (user U1 at {T0.isoformat(sep=' ')}, same candidates "
+            f"and labels) as impression 1: not stored again as impression {1 + shift}") in caplog.text
+
+
+@pytest.mark.parametrize("batch_size", [5000, 1])
+def test_a_line_repeated_under_another_id_is_stored_once(engine, small_world, quarantine_dir, tmp_path, caplog, batch_size):
+    # A log line written twice: stored twice, its click counted twice in popularity and training.
+    twice = write_lines(tmp_path / "behaviors.tsv", [
+        behavior_line(1, "U1", T0, ["N1"], ["N3-1", "N4-0"]),
+        behavior_line(2, "U2", T0 + H, [], ["N1-0", "N2-1"]),
+        behavior_line(3, "U1", T0, ["N1"], ["N3-1", "N4-0"]),
+    ])
+    report = run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=twice, source="s",
+                 batch_size=batch_size)
+    assert (report.impressions, report.impressions_repeated, report.impression_items) == (2, 1, 4)
+    assert rows(engine, "impressions", "impression_id", "user_id", "time") == [(1, "U1", T0), (2, "U2", T0 + H)]
+    assert (store_stats(engine)["impression_items"], store_stats(engine)["clicked_items"]) == (4, 2)
+    assert (f"behaviors line 3: source 's' holds this impression (user U1 at {T0.isoformat(sep=' ')}, same candidates "
+            "and labels) as impression 1: not stored again as impression 3") in caplog.text
+    before = dump_store(engine)
+    again = run(engine, quarantine_dir, behaviors_path=twice, source="s", batch_size=batch_size)
+    assert (again.impressions, again.impressions_repeated) == (2, 1)
+    assert dump_store(engine) == before
+
+
+@pytest.mark.parametrize("batch_size", [5000, 1])
+def test_an_impression_differing_in_one_label_candidate_user_or_time_is_stored(engine, small_world, quarantine_dir,
+                                                                               tmp_path, batch_size):
+    lines = [
+        behavior_line(1, "U1", T0, ["N1"], ["N3-1", "N4-0"]),
+        behavior_line(2, "U1", T0, ["N1"], ["N3-0", "N4-0"]),  # one label
+        behavior_line(3, "U1", T0, ["N1"], ["N3-1", "N5-0"]),  # one candidate
+        behavior_line(4, "U1", T0, ["N1"], ["N4-0", "N3-1"]),  # the same candidates in another order
+        behavior_line(5, "U2", T0, ["N1"], ["N3-1", "N4-0"]),  # another user
+        behavior_line(6, "U1", T0 + timedelta(seconds=1), ["N1"], ["N3-1", "N4-0"]),  # another time
+        behavior_line(7, "U1", T0, ["N2"], ["N3-1", "N4-0"]),  # only the History differs: the same impression
+    ]
+    behaviors = write_lines(tmp_path / "behaviors.tsv", lines)
+    report = run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=behaviors, source="s",
+                 batch_size=batch_size)
+    assert (report.impressions, report.impressions_repeated) == (6, 1)
+    assert rows(engine, "impressions", "impression_id") == [(i,) for i in range(1, 7)]
+
+
+@pytest.mark.parametrize("batch_size", [5000, 2, 1])
+def test_a_redelivery_with_a_line_inserted_is_stored_as_it_is_whatever_the_batches(engine, small_world, quarantine_dir,
+                                                                                   tmp_path, batch_size):
+    # A new line 1 moves every impression to the next id. Each line is judged against the store
+    # as the file's earlier lines leave it: id 1 no longer holds U1's impression at T0 when
+    # line 2 brings it as id 2, so nothing is a repeat and nothing is lost.
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], source="s")
+    lines = small_world["behaviors"].read_text(encoding="utf-8").splitlines()
+    shifted = write_lines(tmp_path / "shifted.tsv", [
+        behavior_line(1, "U2", T0 + 2 * D, [], ["N5-1", "N6-0"]),
+        *(f"{int(imp_id) + 1}\t{rest}" for imp_id, rest in (line.split("\t", 1) for line in lines)),
+    ])
+    report = run(engine, quarantine_dir, behaviors_path=shifted, source="s", batch_size=batch_size)
+    assert (report.impressions, report.impressions_repeated, report.impressions_changed) == (5, 0, 4)
+    assert rows(engine, "impressions", "impression_id", "user_id", "time") == [
+        (1, "U2", T0 + 2 * D), (2, "U1", T0), (3, "U2", T0 + H), (4, "U1", T0 + D), (5, "U3", T0 - 2 * H)]
+    assert store_stats(engine)["impression_items"] == 12
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: docs/data-contract.md, impressions_repeated")
+def test_a_redelivery_whose_window_moved_is_idempotent(engine, small_world, quarantine_dir, tmp_path):
+    # Its first line dropped and a new one at the end: line k brings as id k what id k + 1
+    # holds. Lines 1-3 are repeats of ids 2-4, then line 4 overwrites id 4: U3's impression is
+    # held by no id, and the same file again stores it as id 3, overwriting U1's at T0 + D.
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], source="s")
+    lines = small_world["behaviors"].read_text(encoding="utf-8").splitlines()
+    moved = write_lines(tmp_path / "moved.tsv", [
+        *(f"{int(imp_id) - 1}\t{rest}" for imp_id, rest in (line.split("\t", 1) for line in lines[1:])),
+        behavior_line(4, "U2", T0 + 2 * D, [], ["N5-1", "N6-0"]),
+    ])
+    run(engine, quarantine_dir, behaviors_path=moved, source="s")
+    once = dump_store(engine)
+    run(engine, quarantine_dir, behaviors_path=moved, source="s")
+    assert dump_store(engine) == once
 
 
 def test_a_changed_impression_replaces_all_its_items(engine, small_world, quarantine_dir, tmp_path):
