@@ -30,7 +30,8 @@ def _refuse_files_without_a_good_row(summary: dict, *, news: Path | None, behavi
     from recsys.store.ingest import quarantine_key
 
     problems = []
-    behaviors_loaded = summary["impressions"] + summary["impressions_stored_elsewhere"]
+    # A line not stored because the store already holds its impression is a good line.
+    behaviors_loaded = summary["impressions"] + summary["impressions_stored_elsewhere"] + summary["impressions_repeated"]
     for option, path, loaded in (("--news", news, summary["news"]), ("--behaviors", behaviors, behaviors_loaded)):
         key = quarantine_key(path) if path is not None else None
         bad = summary["bad_rows_by_file"].get(key, 0)
@@ -103,6 +104,12 @@ def run_ingest(
         log.warning("%d impressions of this file were not stored under source '%s': the store holds each of them (same "
                     "user, time, candidates and labels) under another source; the same file ingested under a second "
                     "name would count every click twice", elsewhere, summary.get("source"))
+    repeated = summary.get("impressions_repeated", 0)
+    if repeated:
+        log.warning("%d impressions of this file were not stored: source '%s' holds each of them (same user, time, "
+                    "candidates and labels) under another impression id, or an earlier line of the file is it; a "
+                    "re-delivered file with renumbered ids or a repeated line would count every click twice",
+                    repeated, summary.get("source"))
     bad = summary.get("num_bad_rows", 0)
     if bad:
         log.warning("%d bad rows quarantined in %s", bad, summary.get("quarantine_file"))
