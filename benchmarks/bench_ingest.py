@@ -97,7 +97,8 @@ def run_child(backend: str, url: str, folder: Path, batch_size: int) -> dict:
         started = time.perf_counter()
         again = ingest(engine, behaviors_path=path, source=name, quarantine_dir=folder / "quarantine", batch_size=batch_size)
         later[name] = {"wall_s": round(time.perf_counter() - started, 2), "impressions": again.impressions,
-                       "impressions_stored_elsewhere": getattr(again, "impressions_stored_elsewhere", None)}
+                       "impressions_stored_elsewhere": getattr(again, "impressions_stored_elsewhere", None),
+                       "impressions_repeated": getattr(again, "impressions_repeated", None)}
     engine.dispose()
     return {
         "backend": backend,
@@ -147,6 +148,7 @@ def main() -> None:
     results: dict = {"args": {k: v for k, v in vars(args).items() if k not in ("child", "url", "folder")}, "runs": []}
     with tempfile.TemporaryDirectory(prefix="bench_ingest_") as tmp:
         folder = Path(args.world or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         if (folder / "next" / "behaviors.tsv").is_file():
             results["world"] = {"reused": str(folder)}  # written by an earlier run with --world
         else:
@@ -186,6 +188,7 @@ def main() -> None:
                     admin.dispose()
             else:
                 parser.error(f"unknown backend {backend!r}, expected sqlite or postgresql")
+            load = os.getloadavg()  # the machine may be shared: figures go with the load they met
             try:
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", backend, "--url", url, "--folder", str(folder),
@@ -199,6 +202,7 @@ def main() -> None:
                 if cleanup is not None:
                     cleanup()
             run = json.loads(out.stdout.strip().splitlines()[-1])
+            run["load_average_before"] = [round(x, 2) for x in load]
             print(f"{backend}: {run['wall_s']} s, peak RSS {run['peak_rss_mb']} MB, "
                   f"{run['rows_per_s']} rows/s ({run['impression_items_per_s']} items/s), stages {run['elapsed']}", flush=True)
             print(f"{backend}: then {run['later_ingests']}", flush=True)
