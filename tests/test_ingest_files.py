@@ -92,21 +92,23 @@ def test_a_file_already_stored_under_another_source_is_not_refused_as_bad(engine
     assert "5 impressions of this file were not stored under source 'night2/behaviors'" in caplog.text
 
 
-def test_a_renumbered_file_under_the_same_source_is_not_refused_as_bad(engine, world, tmp_path, caplog):
-    # Its good lines are all held under the same source as other ids: none is stored again,
-    # and a bad line beside them must not make the file read as one without a good line.
+def test_a_file_whose_good_lines_are_all_repeats_is_not_refused_as_bad(engine, world, tmp_path, caplog):
+    # Its good lines repeat impressions earlier lines of it named under other ids (those lines
+    # now bad: a candidate no news file has), which the store holds from the first delivery:
+    # none is stored again, and the bad lines must not make it read as a file without a good one.
     ws = Workspace(tmp_path / "ws").ensure()
     lines = (world / "behaviors_train.tsv").read_text().splitlines()[:5]
     path = tmp_path / "train" / "behaviors.tsv"
     path.parent.mkdir()
     path.write_text("\n".join(lines) + "\n")
     run_ingest(engine, ws, news=world / "news.tsv", behaviors=path, images=None)
-    renumbered = [f"{int(imp_id) + 1}\t{rest}" for imp_id, rest in (line.split("\t", 1) for line in lines)]
-    path.write_text("\n".join([*renumbered, "not\ta behaviors line"]) + "\n")
+    damaged = [line + " N_NOWHERE-0" for line in lines]
+    again = [f"{int(imp_id) + 100}\t{rest}" for imp_id, rest in (line.split("\t", 1) for line in lines)]
+    path.write_text("\n".join([*damaged, *again]) + "\n")
     summary = run_ingest(engine, ws, news=None, behaviors=path, images=None)
-    assert (summary["impressions"], summary["impressions_repeated"], summary["num_bad_rows"]) == (0, 5, 1)
+    assert (summary["impressions"], summary["impressions_repeated"], summary["num_bad_rows"]) == (0, 5, 5)
     assert _count(engine, s.impressions) == 5
-    assert "5 impressions of this file were not stored: source 'train/behaviors' holds each of them" in caplog.text
+    assert "5 impressions of this file were not stored: an earlier line of the file brought each of them" in caplog.text
 
 
 def test_one_file_given_as_both_news_and_behaviors_is_refused_before_anything_is_written(engine, world, tmp_path):

@@ -106,10 +106,9 @@ def run_ingest(
                     "name would count every click twice", elsewhere, summary.get("source"))
     repeated = summary.get("impressions_repeated", 0)
     if repeated:
-        log.warning("%d impressions of this file were not stored: source '%s' holds each of them (same user, time, "
-                    "candidates and labels) under another impression id, or an earlier line of the file is it; a "
-                    "re-delivered file with renumbered ids or a repeated line would count every click twice",
-                    repeated, summary.get("source"))
+        log.warning("%d impressions of this file were not stored: an earlier line of the file brought each of them "
+                    "(same user, time, candidates and labels) under another impression id of source '%s'; a line "
+                    "written twice would count its clicks twice", repeated, summary.get("source"))
     bad = summary.get("num_bad_rows", 0)
     if bad:
         log.warning("%d bad rows quarantined in %s", bad, summary.get("quarantine_file"))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
@@ -74,11 +75,9 @@ class IngestReport:
             impression (user, time, candidates and labels) under another source: the same file
             ingested again under another name, or files whose windows overlap. Stored twice,
             their clicks would count twice in every popularity and training figure.
-        impressions_repeated: impressions not stored because the store holds the same impression
-            under this source as another impression id, or an earlier line of the file is it: the
-            same file re-delivered with its ids renumbered (each id would take its neighbour's
-            impression, one stored twice and one lost), or a log line written twice. That id keeps
-            what it holds.
+        impressions_repeated: impressions not stored because an earlier line of the file brought
+            the same impression under another impression id (a log line written twice): stored
+            twice, its clicks would count twice. That id keeps what it holds.
         impression_items: candidate rows written.
         unknown_history_ids: History entries naming an article neither the store nor the news
             file has (a news line quarantined, say), left out of the stored History; their
@@ -412,26 +411,30 @@ class _Job:
                 else:
                     good.append(row)
             with self.transaction():
-                good = self._without_stored_twice(good, source)
+                good = self._without_stored_twice(good, source, seen)
                 if good:
                     self._write_behaviors(good, source, known)
                 self._write_quarantine(pending_bad)
             self._done(len(lines))
 
-    def _without_stored_twice(self, rows: list[BehaviorRow], source: str) -> list[BehaviorRow]:
+    def _without_stored_twice(self, rows: list[BehaviorRow], source: str, seen: FirstLines) -> list[BehaviorRow]:
         """The rows less those whose impression the store would then hold twice.
 
         The same impression is the same user at the same time with the same candidates in the
         same order and the same labels (the History is not compared). A row is not stored when
-        the store holds its impression under this source as another impression id
-        (``impressions_repeated``: a renumbered re-delivery, a repeated line), or under another
-        source (``impressions_stored_elsewhere``) unless this source holds the row's own id,
+        an earlier line of this file named the impression id of this source that holds its
+        impression (``impressions_repeated``: a log line written twice), or when another source
+        holds it (``impressions_stored_elsewhere``) unless this source holds the row's own id,
         which keeps being replaced in place. A row whose own (source, id) holds it is a plain
-        re-ingest and is stored. Each row is judged against the store as the file's earlier
-        rows leave it, those of its own batch included, so that batch boundaries do not change
-        the outcome: the store's impressions at the batch's exact times are read (index on
-        time; next to none on a night of new data) and the candidates of those of the same user
-        compared.
+        re-ingest and is stored. An id of this source that no earlier line named is left to the
+        rest of the file, which may give it something else (a re-delivery whose window moved):
+        so a file stored twice gives one store and nothing is lost, and a renumbered copy of a
+        stored file replaces its ids in place (``impressions_changed``) and may hold one of them
+        twice. Each row is judged against the store as the file's earlier rows leave it, those
+        of its own batch included, so that batch boundaries do not change the outcome: the
+        store's impressions at the batch's exact times are read (index on time; next to none
+        on a night of new data) and the candidates of those of the same user compared.
+        ``seen`` holds the line that first named each id of the file, this batch's included.
         """
         imp, items, w = schema.impressions, schema.impression_items, self.writer
         ids_at: dict[tuple[str, datetime], set[int]] = {}
@@ -443,9 +446,12 @@ class _Job:
             sa.select(imp.c.id, imp.c.source, imp.c.impression_id, imp.c.user_id, imp.c.time),
             imp.c.time, sorted({time for _, time in ids_at}),
         )
+        stored = [row for row in stored if (row[3], row[4]) in ids_at]
+        ids = np.array(sorted({i for _, s, i, _, _ in stored if s == source} | {r.impression_id for r in rows}), np.int64)
+        first_line = dict(zip(ids.tolist(), seen.lookup(ids).tolist()))
         # Only those some row other than their own could repeat: a re-ingest reads no candidates.
         wanted = {pk: ((user, time), (s, i)) for pk, s, i, user, time in stored
-                  if (user, time) in ids_at and (s != source or ids_at[(user, time)] != {i})}
+                  if s != source or (first_line[i] and ids_at[(user, time)] != {i})}
         shown: dict[int, tuple[list[str], list[int | None]]] = {}
         for pk, news_id, label in w.select_in(
                 sa.select(items.c.impression_pk, items.c.news_id, items.c.label)
@@ -468,11 +474,12 @@ class _Job:
             pair, own = (r.user_id, r.time), (source, r.impression_id)
             content = (r.news_ids, r.labels if r.labels is not None else (None,) * len(r.news_ids))
             same = [key for key, c in held.get(pair, {}).items() if key != own and c == content]
-            repeat = next((i for s, i in same if s == source), None)
+            repeat = next((i for s, i in same if s == source and 0 < first_line[i] < r.line), None)
+            elsewhere = [key for key in same if key[0] != source]
             if repeat is not None:
                 self._name_repeated(r, source, repeat)
-            elif same and r.impression_id not in ours:
-                self._name_stored_elsewhere(r, source, *same[0])
+            elif elsewhere and r.impression_id not in ours:
+                self._name_stored_elsewhere(r, source, *elsewhere[0])
             else:
                 kept.append(r)
                 # Its id holds this impression from now on, whatever the store had there before.
