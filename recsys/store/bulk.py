@@ -87,6 +87,15 @@ class BulkWriter(ABC):
             out.extend(self.conn.execute(query.where(self._in(column, chunk))).tuples().all())
         return out
 
+    def select_pairs_in(self, query, columns: Sequence, pairs: Iterable[tuple]) -> list[tuple]:
+        """Rows of ``query`` whose two ``columns`` are one of ``pairs`` (in chunks): one probe of
+        an index on both per pair, where ``select_in`` on either column reads every row sharing
+        that value (all of a day's impressions on a log with coarse times)."""
+        out: list[tuple] = []
+        for chunk in _chunks(list(pairs), self._chunk // 2):
+            out.extend(self.conn.execute(query.where(sa.tuple_(*columns).in_(chunk))).tuples().all())
+        return out
+
     def delete_in(self, table: Table, column, values: Sequence, *conditions) -> None:
         for chunk in _chunks(list(values), self._chunk):
             self.conn.execute(sa.delete(table).where(self._in(column, chunk), *conditions))
@@ -166,6 +175,15 @@ class _PostgresWriter(BulkWriter):
 
     def _in(self, column, values: Sequence):
         return column == sa.any_(sa.bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
+
+    def select_pairs_in(self, query, columns: Sequence, pairs: Iterable[tuple]) -> list[tuple]:
+        # Two array parameters unnested side by side, as ``_in`` sends one.
+        out: list[tuple] = []
+        for chunk in _chunks(list(pairs), self._chunk):
+            arrays = [sa.bindparam(None, [p[i] for p in chunk], type_=postgresql.ARRAY(c.type)) for i, c in enumerate(columns)]
+            wanted = sa.func.unnest(*arrays).table_valued(*(f"v{i}" for i in range(len(columns)))).render_derived()
+            out.extend(self.conn.execute(query.where(sa.tuple_(*columns).in_(sa.select(*wanted.c)))).tuples().all())
+        return out
 
     def _stage(self, table: Table, columns: Sequence[str], rows: list[tuple]) -> Table:
         quote = self.conn.dialect.identifier_preparer.quote

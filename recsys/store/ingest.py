@@ -440,13 +440,13 @@ class _Job:
         ids_at: dict[tuple[str, datetime], set[int]] = {}
         for r in rows:
             ids_at.setdefault((r.user_id, r.time), set()).add(r.impression_id)
-        # Exact times, not the batch's span: a span re-reads a user's impressions in every batch
-        # of a file not sorted by time (MIND's), whose span is the file's whole window.
-        stored = w.select_in(
+        # Exact (user, time) pairs (index on both): a span re-reads a user's impressions in every
+        # batch of a file not sorted by time (MIND's), whose span is the file's whole window, and
+        # exact times alone re-read all the file stored so far on a log with coarse times.
+        stored = w.select_pairs_in(
             sa.select(imp.c.id, imp.c.source, imp.c.impression_id, imp.c.user_id, imp.c.time),
-            imp.c.time, sorted({time for _, time in ids_at}),
+            (imp.c.user_id, imp.c.time), sorted(ids_at),
         )
-        stored = [row for row in stored if (row[3], row[4]) in ids_at]
         ids = np.array(sorted({i for _, s, i, _, _ in stored if s == source} | {r.impression_id for r in rows}), np.int64)
         first_line = dict(zip(ids.tolist(), seen.lookup(ids).tolist()))
         # Only those some row other than their own could repeat: a re-ingest reads no candidates.
