@@ -92,21 +92,17 @@ def test_a_file_already_stored_under_another_source_is_not_refused_as_bad(engine
     assert "5 impressions of this file were not stored under source 'night2/behaviors'" in caplog.text
 
 
-def test_a_file_whose_good_lines_are_all_repeats_is_not_refused_as_bad(engine, world, tmp_path, caplog):
-    # Its good lines repeat impressions earlier lines of it named under other ids (those lines
-    # now bad: a candidate no news file has), which the store holds from the first delivery:
-    # none is stored again, and the bad lines must not make it read as a file without a good one.
+def test_lines_written_twice_are_counted_and_said_once(engine, world, tmp_path, caplog):
+    # Each of five lines written again under another id: stored once, the copies counted as
+    # repeats (good lines, not bad rows) and said on the log.
     ws = Workspace(tmp_path / "ws").ensure()
     lines = (world / "behaviors_train.tsv").read_text().splitlines()[:5]
     path = tmp_path / "train" / "behaviors.tsv"
     path.parent.mkdir()
-    path.write_text("\n".join(lines) + "\n")
-    run_ingest(engine, ws, news=world / "news.tsv", behaviors=path, images=None)
-    damaged = [line + " N_NOWHERE-0" for line in lines]
     again = [f"{int(imp_id) + 100}\t{rest}" for imp_id, rest in (line.split("\t", 1) for line in lines)]
-    path.write_text("\n".join([*damaged, *again]) + "\n")
-    summary = run_ingest(engine, ws, news=None, behaviors=path, images=None)
-    assert (summary["impressions"], summary["impressions_repeated"], summary["num_bad_rows"]) == (0, 5, 5)
+    path.write_text("\n".join([*lines, *again, "not\ta behaviors line"]) + "\n")
+    summary = run_ingest(engine, ws, news=world / "news.tsv", behaviors=path, images=None)
+    assert (summary["impressions"], summary["impressions_repeated"], summary["num_bad_rows"]) == (5, 5, 1)
     assert _count(engine, s.impressions) == 5
     assert "5 impressions of this file were not stored: an earlier line of the file brought each of them" in caplog.text
 

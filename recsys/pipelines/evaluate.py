@@ -168,7 +168,7 @@ def _oracle(behaviors: Path, truth: Path | None) -> dict | None:
     try:
         oracle = load_truth(path, split)
     except RecsysError as exc:
-        if truth is not None or (isinstance(exc, SchemaError) and exc.line is not None and exc.line > 1):
+        if truth is not None or _first_line_is_ours(path):
             raise  # asked for, or a sample world's truth file damaged after its first line
         # A truth.tsv of another kind (a MIND scorer's labels, say: its first line is not one of
         # ours) beside a foreign file must not stop its evaluation: it was never asked for.
@@ -183,6 +183,22 @@ def _oracle(behaviors: Path, truth: Path | None) -> dict | None:
         raise RecsysError(message)
     log.warning("%s; the report has no oracle row", message)
     return None
+
+
+def _first_line_is_ours(path: Path) -> bool:
+    """Whether the first line of ``path`` reads as a sample world's truth line."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline().decode("utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError):
+        return False
+    cells = first.split("\t")
+    if len(cells) != len(TRUTH_COLUMNS):
+        return False
+    try:
+        return 0.0 <= float(cells[4]) <= 1.0 and cells[5] in ("0", "1") and cells[1].isdigit() and cells[3].isdigit()
+    except ValueError:
+        return False
 
 
 def split_of(behaviors: Path) -> str:

@@ -395,6 +395,7 @@ class _Job:
         file_key = quarantine_key(stream.path)
         self._begin_file(file_key)
         seen = FirstLines()
+        brought = FirstLines()  # the ids this file stored, and the lines that brought them
         for lines in _batches(stream, self.batch_size):
             pending_bad: list[tuple] = []
             good: list[BehaviorRow] = []
@@ -411,22 +412,24 @@ class _Job:
                 else:
                     good.append(row)
             with self.transaction():
-                good = self._without_stored_twice(good, source, seen)
+                good = self._without_stored_twice(good, source, brought)
                 if good:
                     self._write_behaviors(good, source, known)
+                    brought.add(np.fromiter((r.impression_id for r in good), np.int64, len(good)),
+                                np.fromiter((r.line for r in good), np.int64, len(good)))
                 self._write_quarantine(pending_bad)
             self._done(len(lines))
 
-    def _without_stored_twice(self, rows: list[BehaviorRow], source: str, seen: FirstLines) -> list[BehaviorRow]:
+    def _without_stored_twice(self, rows: list[BehaviorRow], source: str, brought: FirstLines) -> list[BehaviorRow]:
         """The rows less those whose impression the store would then hold twice.
 
         The same impression is the same user at the same time with the same candidates in the
         same order and the same labels (the History is not compared). A row is not stored when
-        an earlier line of this file named the impression id of this source that holds its
-        impression (``impressions_repeated``: a log line written twice), or when another source
+        an earlier line of this file stored it under another impression id of this source
+        (``impressions_repeated``: a log line written twice), or when another source
         holds it (``impressions_stored_elsewhere``) unless this source holds the row's own id,
         which keeps being replaced in place. A row whose own (source, id) holds it is a plain
-        re-ingest and is stored. An id of this source that no earlier line named is left to the
+        re-ingest and is stored. An id of this source that no earlier line stored is left to the
         rest of the file, which may give it something else (a re-delivery whose window moved):
         so a file stored twice gives one store and nothing is lost, and a renumbered copy of a
         stored file replaces its ids in place (``impressions_changed``) and may hold one of them
@@ -434,7 +437,7 @@ class _Job:
         of its own batch included, so that batch boundaries do not change the outcome: the
         store's impressions at the batch's exact times are read (index on time; next to none
         on a night of new data) and the candidates of those of the same user compared.
-        ``seen`` holds the line that first named each id of the file, this batch's included.
+        ``brought`` holds the ids the file's earlier batches stored, and their lines.
         """
         imp, items, w = schema.impressions, schema.impression_items, self.writer
         ids_at: dict[tuple[str, datetime], set[int]] = {}
@@ -447,8 +450,10 @@ class _Job:
             sa.select(imp.c.id, imp.c.source, imp.c.impression_id, imp.c.user_id, imp.c.time),
             (imp.c.user_id, imp.c.time), sorted(ids_at),
         )
-        ids = np.array(sorted({i for _, s, i, _, _ in stored if s == source} | {r.impression_id for r in rows}), np.int64)
-        first_line = dict(zip(ids.tolist(), seen.lookup(ids).tolist()))
+        ids = np.array(sorted({i for _, s, i, _, _ in stored if s == source}), np.int64)
+        # Of this source's ids, the line of this file that stored each (0: none); this batch's
+        # are added as they are kept.
+        first_line = dict(zip(ids.tolist(), brought.lookup(ids).tolist()))
         # Only those some row other than their own could repeat: a re-ingest reads no candidates.
         wanted = {pk: ((user, time), (s, i)) for pk, s, i, user, time in stored
                   if s != source or (first_line[i] and ids_at[(user, time)] != {i})}
@@ -474,7 +479,7 @@ class _Job:
             pair, own = (r.user_id, r.time), (source, r.impression_id)
             content = (r.news_ids, r.labels if r.labels is not None else (None,) * len(r.news_ids))
             same = [key for key, c in held.get(pair, {}).items() if key != own and c == content]
-            repeat = next((i for s, i in same if s == source and 0 < first_line[i] < r.line), None)
+            repeat = next((i for s, i in same if s == source and 0 < first_line.get(i, 0) < r.line), None)
             elsewhere = [key for key in same if key[0] != source]
             if repeat is not None:
                 self._name_repeated(r, source, repeat)
@@ -488,6 +493,7 @@ class _Job:
                     del held[old][own]
                 held.setdefault(pair, {})[own] = content
                 where[own] = pair
+                first_line[r.impression_id] = r.line
         return kept
 
     def _name_repeated(self, row: BehaviorRow, source: str, holder: int) -> None:

@@ -75,6 +75,13 @@ def test_a_truth_file_found_beside_is_passed_over_only_when_its_first_line_is_of
     truth.write_text(good + "test\t1\tN2\t1\t0.5\n")  # ours, damaged on line 2: still an error
     with pytest.raises(SchemaError, match=r"truth\.tsv line 2: field 'columns' has 'a shorter line'"):
         _oracle(behaviors, None)
+    for damage in ("test\t1\tN2\t1\t0.5\t0\textra\tcolumns\n", b"test\t1\tN\xff\t1\t0.5\t0\n"):  # after line 1
+        if isinstance(damage, bytes):
+            truth.write_bytes(good.encode() + damage)
+        else:
+            truth.write_text(good + damage)
+        with pytest.raises(RecsysError, match="truth.tsv"):
+            _oracle(behaviors, None)
     truth.write_text("1 [1,0]\n2 [0,1]\n")  # the MIND competition's truth file: not ours, passed over
     assert _oracle(behaviors, None) is None
     assert "was found beside behaviors_test.tsv but is not a sample world's truth file" in caplog.text

@@ -820,3 +820,15 @@ def test_argument_errors(engine, small_world, quarantine_dir, tmp_path):
 
 def test_default_source_is_folder_and_stem(tmp_path):
     assert default_source(tmp_path / "MINDsmall_dev" / "behaviors.tsv") == "MINDsmall_dev/behaviors"
+
+
+@pytest.mark.parametrize("bad_first", [["N3-1", "N99-0"], ["N3-1", "N3-0"]])  # an unknown article; a label conflict
+def test_a_quarantined_line_brings_nothing_a_later_line_could_repeat(engine, small_world, quarantine_dir, tmp_path, bad_first):
+    # Its id used to count as named whatever made it bad: the later line was a repeat when the
+    # article was unknown and stored when the labels conflicted.
+    first = write_lines(tmp_path / "b1.tsv", [behavior_line(1, "U1", T0, [], ["N3-1", "N4-0"])])
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=first, source="s")
+    later = write_lines(tmp_path / "b2.tsv", [behavior_line(1, "U1", T0, [], bad_first),
+                                              behavior_line(2, "U1", T0, [], ["N3-1", "N4-0"])])
+    report = run(engine, quarantine_dir, behaviors_path=later, source="s")
+    assert (report.num_bad_rows, report.impressions, report.impressions_repeated) == (1, 1, 0)
