@@ -384,7 +384,10 @@ def iter_behaviors(path: str | Path, *, scan: BehaviorsScan | None = None) -> Ro
         MindFileError: the file cannot be opened.
     """
     # The latest accepted time, once per file: reading the clock per row cost 9% of the parse.
-    return RowStream(path, functools.partial(_parse_behaviors, latest=latest_time(), scan=scan))
+    # The file's bounds too, once: ``plausible`` is computed on each read.
+    plausible = scan.plausible if scan is not None else None
+    return RowStream(path, functools.partial(_parse_behaviors, latest=latest_time(), plausible=plausible,
+                                             bulk=scan.bulk if scan is not None else None))
 
 
 @dataclass(frozen=True)
@@ -514,7 +517,8 @@ def _parse_news(name: str, line: int, text: str) -> NewsRow | BadRow:
 
 
 def _parse_behaviors(name: str, line: int, text: str, *, latest: datetime,
-                     scan: BehaviorsScan | None = None) -> BehaviorRow | BadRow:
+                     plausible: tuple[datetime, datetime] | None = None,
+                     bulk: tuple[datetime, datetime] | None = None) -> BehaviorRow | BadRow:
     cols = text.split("\t")
     if len(cols) != NUM_BEHAVIORS_COLUMNS:
         return BadRow(name, line, "columns", len(cols), f"{NUM_BEHAVIORS_COLUMNS} tab-separated columns", _shorten(text))
@@ -533,13 +537,13 @@ def _parse_behaviors(name: str, line: int, text: str, *, latest: datetime,
         return bad(TIME, time_text, f"a time like '{TIME_EXAMPLE}' ({TIME_FORMAT})")
     if time < EARLIEST_TIME or time > latest:
         return bad(TIME, time_text, f"a time between {format_time(EARLIEST_TIME)} and a day from now ({format_time(latest)})")
-    if scan is not None and scan.plausible is not None and not scan.plausible[0] <= time <= scan.plausible[1]:
-        (start, end), (earliest, latest) = scan.bulk, scan.plausible
-        bulk = f"98% of the file's lines are from {format_time(start)} to {format_time(end)}"
-        if time > latest:
-            return bad(TIME, time_text, f"a time no later than {format_time(latest)}: {bulk}, and a date far past the "
+    if plausible is not None and not plausible[0] <= time <= plausible[1]:
+        (start, end), (earliest, last) = bulk, plausible
+        most = f"98% of the file's lines are from {format_time(start)} to {format_time(end)}"
+        if time > last:
+            return bad(TIME, time_text, f"a time no later than {format_time(last)}: {most}, and a date far past the "
                                         "rest of a file would become the store's latest impression, the nightly run's now")
-        return bad(TIME, time_text, f"a time no earlier than {format_time(earliest)}: {bulk}, and a date far before "
+        return bad(TIME, time_text, f"a time no earlier than {format_time(earliest)}: {most}, and a date far before "
                                     "the rest of a file would move its articles' first-seen times there for good")
 
     if not history_text:

@@ -435,8 +435,8 @@ class _Job:
         stored file replaces its ids in place (``impressions_changed``) and may hold one of them
         twice. Each row is judged against the store as the file's earlier rows leave it, those
         of its own batch included, so that batch boundaries do not change the outcome: the
-        store's impressions at the batch's exact times are read (index on time; next to none
-        on a night of new data) and the candidates of those of the same user compared.
+        store's impressions of the batch's exact (user, time) pairs are read (index on both;
+        next to none on a night of new data) and their candidates compared.
         ``brought`` holds the ids the file's earlier batches stored, and their lines.
         """
         imp, items, w = schema.impressions, schema.impression_items, self.writer
