@@ -41,7 +41,8 @@ def export_run(engine: Engine, out_dir: Path, *, run_id: int | None = None, chun
         The path of the Parquet file.
 
     Raises:
-        NotFoundError: no such run, or no complete run when ``run_id`` is None.
+        NotFoundError: no such run, or no complete run when ``run_id`` is None, or the run was
+            pruned between its lookup and the read (nothing is written then).
     """
     if run_id is None:
         latest = latest_run(engine)
@@ -59,11 +60,18 @@ def export_run(engine: Engine, out_dir: Path, *, run_id: int | None = None, chun
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"recommendations-run-{run_id}.parquet"
     tmp = out_dir / f".{path.name}.{os.getpid()}.tmp"
+    written = 0
     try:
         with pq.ParquetWriter(tmp, EXPORT_SCHEMA) as writer:
             for df in iter_run_rows(engine, run_id, rows=chunk_rows):
                 df["created_at"] = df["created_at"].dt.tz_localize("UTC")
                 writer.write_table(pa.Table.from_pandas(df, schema=EXPORT_SCHEMA, preserve_index=False))
+                written += len(df)
+        # The read is one statement, so it sees the run whole or not at all; none at all may be a
+        # prune that committed after the lookup, and an empty file would publish empty lists.
+        if written == 0 and (status := get_run(engine, run_id).status) != COMPLETE:
+            raise NotFoundError(f"run {run_id} became {status} while it was exported (a newer run pruned it): "
+                                "nothing was written; export the latest run")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -119,3 +119,37 @@ def test_run_recommendations_stream_in_whole_lists(store, add_news, monkeypatch,
     if stream_rows <= 3:
         assert len(chunks) > 3
     assert list(repo.iter_run_recommendations(store, 12345)) == []
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_a_run_pruned_while_exported_is_an_error_not_an_empty_file(store, add_news, monkeypatch, tmp_path, explicit):
+    """A prune that commits between the run's lookup and the read left an empty Parquet file
+    and exit 0: a loader would have published empty lists."""
+    from recsys.ranking import export
+
+    add_news(store, ["N1", "N2"])
+    old = _run(store, ["U1", "U2"], ["N1", "N2"])
+    newer = _run(store, ["U1"], ["N2"])
+    read = export.iter_run_rows
+
+    def pruned_first(engine, run_id, **kw):
+        runs.prune_runs(engine, keep_runs=1)  # the nightly job's prune, between lookup and read
+        return read(engine, run_id, **kw)
+
+    monkeypatch.setattr(export, "iter_run_rows", pruned_first)
+    if not explicit:  # `old` was the latest at lookup time; `newer` completed and pruned it since
+        monkeypatch.setattr(export, "latest_run", lambda engine: runs.get_run(engine, old))
+    with pytest.raises(NotFoundError, match=f"^run {old} became pruned while it was exported"):
+        export_run(store, tmp_path / "out", run_id=old if explicit else None)
+    assert list((tmp_path / "out").iterdir()) == []
+    # A complete run still exports, and the nightly's newest run was never touched.
+    monkeypatch.setattr(export, "iter_run_rows", read)
+    assert len(pq.read_table(export_run(store, tmp_path / "out", run_id=newer))) == 1
+
+
+def test_a_complete_run_without_rows_exports_an_empty_file(store, tmp_path):
+    """A night with no active reader completes with no lists: its export is empty, not an error."""
+    run_id = runs.create_run(store, model_version="v1", plan={"k": 5})
+    runs.complete_run(store, run_id, counts={}, timings={}, num_shards=0)
+    table = pq.read_table(export_run(store, tmp_path, run_id=run_id))
+    assert table.num_rows == 0 and table.schema.equals(EXPORT_SCHEMA)
