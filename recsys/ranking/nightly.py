@@ -167,8 +167,9 @@ def run_nightly(
             "num_users": len(users), "users": ids_fingerprint(users), "model_version": model_version,
             "index": prepared["fingerprint"], "index_items": len(prepared["news_ids"]), **store_marker(engine),
             # A new release may rank differently: its retry ranks again instead of returning (or
-            # finishing) a run of the old code.
-            "recsys_version": recsys.__version__,
+            # finishing) a run of the old code. The sources' fingerprint, as the version number
+            # stays the same between commits.
+            "recsys_version": recsys.release(),
         }
         lock.check()  # taken over while preparing? then touch no run
         done = None if rerank else runs.find_completed_run(engine, plan)

@@ -175,10 +175,21 @@ def test_a_new_recsys_release_ranks_the_night_again(world_store, world, monkeypa
     # The plan named the model, index and data but not the code: an upgrade's retry returned
     # the lists the old release ranked.
     first = _nightly(world_store, world)
+    assert runs.get_run(world_store, first["run_id"]).plan["recsys_version"] == recsys.release()
     monkeypatch.setattr(recsys, "__version__", "99.0.0")
     upgraded = _nightly(world_store, world)
     assert upgraded["run_id"] != first["run_id"] and not upgraded["already_complete"]
-    assert runs.get_run(world_store, upgraded["run_id"]).plan["recsys_version"] == "99.0.0"
+    assert runs.get_run(world_store, upgraded["run_id"]).plan["recsys_version"].startswith("99.0.0+")
+
+
+def test_new_code_under_the_same_version_number_ranks_the_night_again(world_store, world, monkeypatch):
+    # The version is 0.1.0 in every commit: a release's plan was the old one's, so the upgraded
+    # job returned the old code's run (and finished a killed one with the new code).
+    first = _nightly(world_store, world)
+    monkeypatch.setattr(recsys, "_this_source", lambda: "0" * 16)  # other sources, same version
+    upgraded = _nightly(world_store, world)
+    assert upgraded["run_id"] != first["run_id"] and not upgraded["already_complete"]
+    assert runs.get_run(world_store, upgraded["run_id"]).plan["recsys_version"] == f"{recsys.__version__}+{'0' * 16}"
 
 
 def test_bad_inputs(store, world_store, world):

@@ -1,0 +1,45 @@
+"""The code's fingerprint in the nightly's plan: it changes with the sources, not with caches."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import recsys
+from recsys import source_fingerprint
+
+
+def _copy(tmp_path: Path) -> Path:
+    return Path(shutil.copytree(Path(recsys.__file__).parent, tmp_path / "recsys",
+                                ignore=shutil.ignore_patterns("__pycache__", "assets")))
+
+
+def test_the_fingerprint_follows_the_sources_only(tmp_path):
+    tree = _copy(tmp_path)
+    before = source_fingerprint(tree)
+    assert len(before) == 64 and before == source_fingerprint(tree)
+    (tree / "__pycache__").mkdir(exist_ok=True)
+    (tree / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"cache")
+    (tree / "notes.txt").write_text("not code")
+    assert source_fingerprint(tree) == before
+    scorer = tree / "models" / "scorer.py"
+    scorer.write_text(scorer.read_text() + "\n# one more line\n")
+    changed = source_fingerprint(tree)
+    assert changed != before
+    scorer.rename(tree / "models" / "scorer2.py")  # same bytes under another name
+    assert source_fingerprint(tree) not in (before, changed)
+
+
+def test_the_fingerprint_against_a_hand_computed_one(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a.py").write_bytes(b"x = 1\n")
+    (tmp_path / "b" / "c.py").write_bytes(b"y = 2\n")
+    want = hashlib.sha256()
+    for name, data in (("a.py", b"x = 1\n"), ("b/c.py", b"y = 2\n")):
+        want.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    assert source_fingerprint(tmp_path) == want.hexdigest()
+
+
+def test_release_names_the_version_and_this_tree():
+    assert recsys.release() == f"{recsys.__version__}+{source_fingerprint(Path(recsys.__file__).parent)[:16]}"
