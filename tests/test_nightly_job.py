@@ -390,3 +390,39 @@ def test_the_jobs_own_process_never_loads_tensorflow(trained):
     summary = json.loads(proc.stdout[: proc.stdout.rindex("EXIT")])
     assert summary["index"]["index_built"] == 200 and summary["run"]["status"] == "complete"
     assert "encoding articles" in proc.stderr  # the helper's log lines reach the job's stderr
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"encoders.image_model": "/nonexistent/m.keras"}, "image model file /nonexistent/m.keras does not exist"),
+    ({"encoders.image_model": "NEWS"}, r"image model file .*news\.tsv is not a native Keras file"),
+    ({"encoders.image_model": "NOTZIP"}, r"image model file .*m\.keras cannot be loaded by Keras: it is not a \.keras archive"),
+    ({"encoders.tokenizer": "/nonexistent/tokenizer.json"}, "tokenizer"),
+])
+def test_a_job_whose_encoders_cannot_load_stops_before_the_ingest(tmp_path, trained, setting, message):
+    """A bad [encoders] path stopped the night after its ingest (in the index refresh), so the
+    night's files were stored by a job that could not rank them (config hunt)."""
+    world, ws, engine, _ = trained
+    (tmp_path / "m.keras").write_text("not a zip")
+    ((key, value),) = setting.items()
+    value = {"NEWS": str(world / "news.tsv"), "NOTZIP": str(tmp_path / "m.keras")}.get(value, value)
+    config = load_config(None, {**TRAINED, key: value})
+    before, runs_before = store_stats(engine), _runs(engine)
+    from recsys.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^\[encoders\] cannot be used, nothing was ingested: .*{message}"):
+        run_nightly_job(engine, ws, config, behaviors=world / "behaviors_test.tsv")
+    assert store_stats(engine) == before and _runs(engine) == runs_before
+
+
+def test_a_job_whose_encoders_differ_from_the_current_versions_stops_before_the_ingest(trained):
+    """use_abstract other than the version's: refused by the index refresh, after the ingest."""
+    from recsys.errors import ModelMismatchError
+
+    world, ws, engine, config = trained
+    manifest = get_version(engine).manifest
+    flipped = load_config(None, {**TRAINED, "encoders.use_abstract": not config.encoders.use_abstract})
+    before, runs_before = store_stats(engine), _runs(engine)
+    with pytest.raises(ModelMismatchError, match=rf"model version {get_version(engine).version} was built with text_encoder"):
+        run_nightly_job(engine, ws, flipped, behaviors=world / "behaviors_test.tsv")
+    assert store_stats(engine) == before and _runs(engine) == runs_before
+    assert manifest["text_encoder"]  # the version is untouched

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import struct
 import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -196,13 +197,21 @@ class ImageEncoder:
             raise ConfigError(f"encoders.image_size is {image_size}, expected a positive number of pixels")
         return _info(mobilenet.MOBILENET_NAME, mobilenet.graph_package_version(), int(image_size), mobilenet.MOBILENET_DIM)
 
-    def _load_custom(self, path: Path):
-        import keras
-
+    @staticmethod
+    def check_file(path: Path) -> None:
+        """Raises ConfigError when ``path`` cannot be a Keras model file, without TensorFlow (the
+        nightly job checks ``[encoders]`` before its ingest, in a process that never loads it)."""
         if not path.is_file():
             raise ConfigError(f"image model file {path} does not exist")
         if path.suffix != ".keras":
             raise ConfigError(f"image model file {path} is not a native Keras file, expected a name ending in .keras")
+        if not zipfile.is_zipfile(path):  # every .keras file is a zip archive
+            raise ConfigError(f"image model file {path} cannot be loaded by Keras: it is not a .keras archive")
+
+    def _load_custom(self, path: Path):
+        import keras
+
+        self.check_file(path)
         try:
             return keras.saving.load_model(path, compile=False)
         except Exception as exc:  # Keras raises ValueError, TypeError, OSError, zipfile errors...

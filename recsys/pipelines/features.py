@@ -3,6 +3,8 @@ frozen encoders through the feature cache, and the model version that embeds the
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from sqlalchemy import Engine
@@ -36,24 +38,27 @@ def _text_encoder(config: Config, num_threads: int | None):
     return TextEncoder(enc.text_model or None, enc.tokenizer or None, max_length=enc.text_max_length, num_threads=num_threads)
 
 
-def configured_encoder_infos(config: Config) -> tuple[dict, dict]:
+def configured_encoder_infos(config: Config, *, load_image_model: bool = True) -> tuple[dict, dict | None]:
     """The ``(text_encoder, image_encoder)`` identities that ``[encoders]`` gives the features, as
     ``versions.check_encoders`` compares them with a version's manifest; nothing is encoded.
 
     The text encoder is opened (onnxruntime, a fraction of a second); the default image
     encoder's identity is known without TensorFlow, a custom image model is loaded to read its
-    output size.
+    output size, or with ``load_image_model=False`` only its file is checked (image identity None).
     """
     from recsys.encoders.image import ImageEncoder
     from recsys.encoders.pipeline import text_info_for
 
     enc = config.encoders
     text = _text_encoder(config, 1)
-    if enc.image_model:
+    if enc.image_model and not load_image_model:
+        ImageEncoder.check_file(Path(enc.image_model))
+        image = None
+    elif enc.image_model:
         image = ImageEncoder(enc.image_model, image_size=enc.image_size, num_threads=config.runtime.threads or None).info
     else:
         image = ImageEncoder.default_info(enc.image_size)
-    return text_info_for(text.info, use_abstract=enc.use_abstract).to_dict(), image.to_dict()
+    return text_info_for(text.info, use_abstract=enc.use_abstract).to_dict(), image and image.to_dict()
 
 
 def encode_news(news: pd.DataFrame, workspace: Workspace, config: Config, *, encoders=None) -> ItemFeatures:

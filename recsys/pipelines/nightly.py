@@ -23,7 +23,7 @@ import numpy as np
 from sqlalchemy import Engine
 
 from recsys.config import Config, Workspace
-from recsys.errors import NotFoundError, RecsysError
+from recsys.errors import ConfigError, NotFoundError, RecsysError
 from recsys.pipelines.index import index_manifest, load_index, published_times
 from recsys.pipelines.inputs import check_images_go_with_news, check_output_folder, check_writable
 from recsys.pipelines.features import first_seen_array, load_catalogue, load_version_model
@@ -241,6 +241,7 @@ def run_nightly_job(
     if export is not None:  # found now, not after the night's ranking
         check_output_folder("--export", export)
     _check_workspace_writable(engine, workspace)
+    _check_encoders(engine, config)
     if config.nightly.engine == "ray" and config.nightly.ray_address:
         from recsys.ranking.engines import check_ray_reachable
 
@@ -269,6 +270,27 @@ def _check_workspace_writable(engine: Engine, workspace: Workspace) -> None:
     for folder in folders:
         if folder.is_dir():
             check_writable("--workspace", workspace.root, folder)
+
+
+def _check_encoders(engine: Engine, config: Config) -> None:
+    """Raises ConfigError (a missing or unusable model file) or ModelMismatchError (encoders other
+    than the current version's) when ``[encoders]`` cannot give the night's features: found now,
+    not by the index refresh after the night's files are ingested.
+
+    Without TensorFlow: a custom image model's file is checked, its identity by the refresh.
+    """
+    from recsys.pipelines.features import configured_encoder_infos
+
+    try:
+        text, image = configured_encoder_infos(config, load_image_model=False)
+    except ConfigError as exc:
+        raise ConfigError(f"[encoders] cannot be used, nothing was ingested: {exc}") from exc
+    try:
+        mv = get_version(engine)
+    except NotFoundError:
+        return  # no model yet: the job says so after the ingest
+    saved_image = mv.manifest.get("image_encoder") if image is None else image
+    check_encoders(mv.manifest, text, saved_image, what=f"model version {mv.version}")
 
 
 def _nightly_job(
