@@ -364,8 +364,15 @@ def _when_stale(engine: Engine, lock: LockState, stale_after: timedelta) -> str:
     if lock.on_this_host:
         return f"process {lock.pid} is running on this host; the lock is freed when it exits"
     last = _last_activity(engine, lock)
-    return (f"last activity {last:%Y-%m-%d %H:%M:%S} UTC; a holder on another host counts as gone after {stale_after} "
+    said = (f"last activity {last:%Y-%m-%d %H:%M:%S} UTC; a holder on another host counts as gone after {stale_after} "
             f"without activity, so from {last + stale_after:%Y-%m-%d %H:%M:%S} UTC")
+    if lock.holder.rpartition(":")[0] == socket.gethostname():
+        # hostname:pid, as releases before the host key wrote it: on an upgrade night this is
+        # most likely this machine's killed job, which no pid check can confirm.
+        said += ("; its holder names this host's name without a host key, as a recsys release before the key "
+                 "wrote it: if no recsys job runs on this machine, the lock is a killed old job's, and "
+                 f"`DELETE FROM locks WHERE name = '{lock.name}'` frees it now (docs/operations.md, Locks)")
+    return said
 
 
 def _stale_reason(engine: Engine, lock: LockState, *, stale_after: timedelta, now: datetime) -> str | None:

@@ -292,3 +292,18 @@ def test_a_release_that_fails_during_an_error_does_not_hide_the_error(store, mon
             monkeypatch.setattr(StoreLock, "release", full)
     monkeypatch.undo()
     assert release_lock(store)
+
+
+def test_a_lock_an_old_release_wrote_on_this_host_says_how_to_free_it(store):
+    # Releases before the host key wrote `hostname:pid`; after an upgrade the lock of a killed
+    # old job read as "another run is in progress" for 15 minutes with no hint (upgrade hunt).
+    pid = _dead_pid()
+    _plant_lock(store, f"{socket.gethostname()}:{pid}", utc_now() - timedelta(minutes=1))
+    with pytest.raises(RunLockedError, match=rf"held by {socket.gethostname()}:{pid} .*counts as gone after 0:15:00 .*"
+                                             r"as a recsys release before the key wrote it: if no recsys job runs on "
+                                             r"this machine, .*`DELETE FROM locks WHERE name = 'nightly'` frees it now"):
+        acquire_lock(store)
+    _plant_lock(store, "far-away:99", utc_now() - timedelta(minutes=1), name="other")  # another host's: no hint
+    with pytest.raises(RunLockedError) as refused:
+        acquire_lock(store, "other")
+    assert "release before the key" not in str(refused.value)
