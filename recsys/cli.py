@@ -56,6 +56,7 @@ class AppContext:
     config_path: Path | None
     verbose: bool
     call_on_close: Callable[[Callable[[], object]], object] | None = None
+    db_source: str | None = None  # "--db" or "RECSYS_DB"; None: the workspace's own SQLite file
 
     def config(self, overrides: dict | None = None, flags: dict[str, str] | None = None) -> Config:
         """The config with ``overrides`` ({"model.seed": 3}); ``flags`` names the option each came from."""
@@ -71,7 +72,7 @@ class AppContext:
 
         self.check_config()  # before the workspace or the store is created
         self.workspace.ensure()
-        engine = open_store(self.db_url, create=create)
+        engine = open_store(self.db_url, create=create, source=self.db_source)
         if self.call_on_close is not None:
             self.call_on_close(engine.dispose)  # close pooled connections when the command ends
         return engine
@@ -93,7 +94,8 @@ def main_options(
     ws = Workspace.resolve(workspace)
     if config is not None and not config.exists():
         raise RecsysError(f"config file {config} does not exist")
-    ctx.obj = AppContext(ws, resolve_db_url(db, ws), config or ws.config_path, verbose, ctx.call_on_close)
+    db_source = "--db" if db else "RECSYS_DB" if os.environ.get("RECSYS_DB") else None
+    ctx.obj = AppContext(ws, resolve_db_url(db, ws), config or ws.config_path, verbose, ctx.call_on_close, db_source)
 
 
 def _print_json(obj) -> None:
@@ -158,10 +160,17 @@ def stats(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", he
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context, revision: Annotated[str, typer.Option(help="Target revision.")] = "head") -> None:
     """Create or upgrade the store's tables (Alembic migrations)."""
-    from recsys.store.database import create_engine_for, current_revision, ensure_sqlite_folder, upgrade
+    from recsys.store.database import (
+        create_engine_for,
+        current_revision,
+        ensure_sqlite_folder,
+        refuse_in_memory_sqlite,
+        upgrade,
+    )
 
     c = _ctx(ctx)
     c.check_config()
+    refuse_in_memory_sqlite(c.db_url, c.db_source)  # as open_store does: migrating one would keep nothing
     c.workspace.ensure()
     ensure_sqlite_folder(c.db_url)  # as every other command does through open_store
     engine = create_engine_for(c.db_url)

@@ -393,6 +393,42 @@ def sqlite_file(url: str | URL) -> Path | None:
     return Path(parsed.database).expanduser()
 
 
+def is_in_memory_sqlite(url: str | URL) -> bool:
+    """Whether ``url`` names a SQLite database that lives only as long as its connection:
+    ``sqlite://``, ``sqlite:///`` and ``:memory:``, a ``file:`` URI with no path or
+    ``:memory:`` (``file:`` with no path is a temporary file, deleted on close), ``mode=memory``."""
+    parsed = _normalise(url)
+    if parsed.get_backend_name() != "sqlite":
+        return False
+    name = parsed.database or ""
+    if name.startswith("file:"):
+        name = name.removeprefix("file:").split("?", 1)[0]
+    # mode=memory without uri=true is ignored by the driver (a file is kept), but it says
+    # what the operator meant: refused too rather than guessed.
+    return name in ("", ":memory:") or parsed.query.get("mode") == "memory"
+
+
+def refuse_in_memory_sqlite(url: str, source: str | None = None) -> None:
+    """Refuse a store that keeps nothing: every command runs in its own process, so what an
+    in-memory SQLite database receives is gone when the command exits, yet it would exit 0
+    (``RECSYS_DB="sqlite:///$UNSET_VAR"`` gives ``sqlite:///``).
+
+    Args:
+        source: where the URL came from (``--db``, ``RECSYS_DB``), named in the message.
+
+    Raises:
+        StoreError: the URL names an in-memory (or temporary) SQLite database.
+    """
+    if is_in_memory_sqlite(url):
+        where = f"from {source}" if source else "check --db / RECSYS_DB"
+        # As typed (mask_url would show ':memory:' as '%3Amemory%3A'), unless it holds a password.
+        shown = url if _normalise(url).password is None else mask_url(url)
+        raise StoreError(
+            f"store URL {shown!r} ({where}) is an in-memory SQLite database, which keeps nothing once the "
+            "command ends; give a file (sqlite:///path/to/store.db) or a PostgreSQL URL"
+        )
+
+
 def _refuse_missing_sqlite_file(url: str) -> None:
     # Connecting would create the file (and the WAL files beside it); check first.
     path = sqlite_file(url)
@@ -403,7 +439,7 @@ def _refuse_missing_sqlite_file(url: str) -> None:
         )
 
 
-def open_store(url: str, *, create: bool = True) -> Engine:
+def open_store(url: str, *, create: bool = True, source: str | None = None) -> Engine:
     """Connect to the store and bring its tables to the latest migration.
 
     Commands that need the store call this. Those that write data in (ingest, nightly) pass
@@ -412,11 +448,15 @@ def open_store(url: str, *, create: bool = True) -> Engine:
     missing SQLite file or a database without recsys tables is almost always a mistyped
     ``--db``, and answering "unknown user" from a new empty store would hide it.
 
+    Args:
+        source: where ``url`` came from (``--db``, ``RECSYS_DB``), named in errors about it.
+
     Raises:
         StoreError: the store cannot be reached, it is missing or empty and ``create`` is
-            False, or it is at a revision this version of recsys does not know (written by a
-            newer version).
+            False, it is at a revision this version of recsys does not know (written by a
+            newer version), or it is an in-memory SQLite database.
     """
+    refuse_in_memory_sqlite(url, source)
     if create:
         ensure_sqlite_folder(url)
     else:

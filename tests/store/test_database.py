@@ -19,6 +19,7 @@ from recsys.store.database import (
     create_engine_for,
     current_revision,
     head_revision,
+    is_in_memory_sqlite,
     mask_url,
     open_store,
     upgrade,
@@ -345,3 +346,47 @@ def test_writing_to_a_read_only_sqlite_store_is_a_store_error(tmp_path):
         with engine.begin() as conn:
             conn.execute(schema.locks.insert().values(name="nightly", holder="h:1", acquired_at=sa.func.now()))
     engine.dispose()
+
+
+IN_MEMORY_URLS = [
+    "sqlite://",
+    "sqlite:///",  # what RECSYS_DB="sqlite:///$UNSET_VAR" gives
+    "sqlite:///:memory:",
+    "sqlite+pysqlite:///:memory:",
+    "sqlite:///file::memory:?cache=shared&uri=true",
+    "sqlite:///file:shared?mode=memory&cache=shared&uri=true",
+    "sqlite:///file:?uri=true",  # a temporary file, deleted on close
+]
+
+
+@pytest.mark.parametrize("url", IN_MEMORY_URLS)
+def test_open_store_refuses_an_in_memory_sqlite_database(url):
+    # It would take the data and exit 0; the next command finds nothing.
+    with pytest.raises(StoreError, match=r"\(check --db / RECSYS_DB\) is an in-memory SQLite database, which keeps nothing"):
+        open_store(url)
+    with pytest.raises(StoreError, match=r"\(from RECSYS_DB\) is an in-memory"):
+        open_store(url, create=False, source="RECSYS_DB")
+
+
+@pytest.mark.parametrize("url", ["sqlite:///store.db", "sqlite:///file:store.db?uri=true", "sqlite:///file:store.db?mode=ro&uri=true",
+                                 "postgresql://u@h/db"])
+def test_file_and_server_urls_are_not_in_memory(url):
+    assert not is_in_memory_sqlite(url)
+
+
+@pytest.mark.parametrize("command", [["ingest", "--news", "news.tsv"], ["nightly"], ["db", "upgrade"], ["stats"]])
+@pytest.mark.parametrize("by_flag", [True, False])
+def test_every_command_refuses_an_in_memory_store_naming_where_the_url_came_from(tmp_path, capsys, monkeypatch, command, by_flag):
+    from recsys.cli import main
+
+    (tmp_path / "news.tsv").write_text("")
+    monkeypatch.chdir(tmp_path)
+    if by_flag:
+        args = ["--db", "sqlite://"]
+    else:
+        monkeypatch.setenv("RECSYS_DB", "sqlite:///")
+        args = []
+    code = main(["--workspace", str(tmp_path / "ws"), *args, *command])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert f"(from {'--db' if by_flag else 'RECSYS_DB'}) is an in-memory SQLite database, which keeps nothing" in err
