@@ -92,7 +92,8 @@ def main_options(
 ) -> None:
     configure_logging(logging.DEBUG if verbose else logging.INFO)
     ws = Workspace.resolve(workspace)
-    if config is not None and not config.exists():
+    # A dangling link is named as one by load_config, which every command calls.
+    if config is not None and not config.exists() and not config.is_symlink():
         raise RecsysError(f"config file {config} does not exist")
     db_source = "--db" if db else "RECSYS_DB" if os.environ.get("RECSYS_DB") else None
     ctx.obj = AppContext(ws, resolve_db_url(db, ws), config or ws.config_path, verbose, ctx.call_on_close, db_source)

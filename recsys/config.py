@@ -226,6 +226,8 @@ def load_config(path: Path | None, overrides: dict | None = None, *, flags: dict
         ConfigError: unreadable TOML, unknown keys, wrong types or values.
     """
     data: dict = {}
+    if path is not None:
+        _refuse_dangling_link(Path(path))
     if path is not None and Path(path).exists():
         if Path(path).is_dir():
             raise ConfigError(f"config file {path} is a folder, expected a TOML file")
@@ -254,6 +256,18 @@ def load_config(path: Path | None, overrides: dict | None = None, *, flags: dict
         if not str(exc).startswith(f"{path}:") and any(f"'{dotted}'" in str(exc) for dotted in from_file):
             raise ConfigError(f"{path}: {exc}") from exc
         raise
+
+
+def _refuse_dangling_link(path: Path) -> None:
+    # A link whose target is gone (a moved /etc file, an unmounted volume) looks like no file at
+    # all: the job would run on the defaults without a word.
+    if not path.is_symlink():
+        return
+    try:
+        path.stat()
+    except OSError as exc:
+        raise ConfigError(f"config file {path} is a symbolic link to {os.readlink(path)}, which cannot be read: "
+                          f"{exc.strerror or exc}") from exc
 
 
 @dataclass(frozen=True)

@@ -550,6 +550,22 @@ def test_a_workspace_or_config_path_of_the_wrong_kind_exits_1(capsys, tmp_path: 
     assert not (tmp_path / "ws").exists()
 
 
+@pytest.mark.parametrize("command", [["stats"], ["nightly"], ["db", "upgrade"]])
+def test_a_config_link_to_nothing_exits_1_naming_the_link_and_its_target(capsys, tmp_path: Path, command):
+    # The workspace's recsys.toml pointing at a file that is gone was read as no file: defaults.
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "recsys.toml").symlink_to("/etc/recsys-missing/recsys.toml")
+    code, out, err = run(capsys, "--workspace", str(workspace), *command)
+    assert (code, out) == (1, ""), err
+    assert err.strip() == (f"error: config file {workspace / 'recsys.toml'} is a symbolic link to "
+                           "/etc/recsys-missing/recsys.toml, which cannot be read: No such file or directory")
+    code, out, err = run(capsys, "--workspace", str(workspace), "--config", str(workspace / "recsys.toml"), *command)
+    assert (code, out) == (1, ""), err
+    assert "is a symbolic link to /etc/recsys-missing/recsys.toml" in err
+    assert sorted(p.name for p in workspace.iterdir()) == ["recsys.toml"]  # no store was created
+
+
 @pytest.mark.parametrize("command", [["recommend", "--user"], ["similar", "--news"]])
 def test_an_id_that_is_not_utf8_exits_1(capsys, tmp_path: Path, command):
     # Exit 2 before ("internal error: UnicodeEncodeError ... surrogates not allowed").

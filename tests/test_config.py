@@ -206,3 +206,35 @@ def test_a_workspace_path_that_cannot_be_a_folder_is_a_config_error(tmp_path: Pa
 def test_a_config_path_that_is_a_folder_is_a_config_error(tmp_path: Path):
     with pytest.raises(ConfigError, match=rf"^config file {tmp_path} is a folder, expected a TOML file$"):
         load_config(tmp_path)
+
+
+def test_a_config_path_that_is_a_dangling_link_is_a_config_error(tmp_path: Path):
+    # It read as no file at all: the nightly job ran on the defaults without a word.
+    link = tmp_path / "recsys.toml"
+    link.symlink_to(tmp_path / "gone" / "recsys.toml")
+    with pytest.raises(ConfigError, match=rf"^config file {link} is a symbolic link to {tmp_path / 'gone' / 'recsys.toml'}, "
+                                          "which cannot be read: No such file or directory$"):
+        load_config(link)
+    loop = tmp_path / "loop.toml"
+    loop.symlink_to(loop)
+    with pytest.raises(ConfigError, match="loop.toml is a symbolic link to .*loop.toml, which cannot be read: Too many levels"):
+        load_config(loop)
+
+
+def test_a_link_to_a_config_file_is_read(tmp_path: Path):
+    (tmp_path / "real.toml").write_text("[nightly]\nk = 5\n")
+    (tmp_path / "recsys.toml").symlink_to(tmp_path / "real.toml")
+    assert load_config(tmp_path / "recsys.toml").nightly.k == 5
+
+
+def test_an_unreadable_config_file_is_a_config_error(tmp_path: Path, monkeypatch):
+    # chmod 000 does not stop root, which runs the tests in CI: fail the read itself.
+    path = tmp_path / "recsys.toml"
+    path.write_text("[nightly]\nk = 5\n")
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(ConfigError, match=rf"^config file {path} cannot be read: Permission denied$"):
+        load_config(path)
