@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from recsys.encoders.item_features import EncoderInfo
+from recsys.encoders.positions import text_model_max_positions
 from recsys.errors import ConfigError
 
 DEFAULT_TEXT_MODEL_NAME = "all-MiniLM-L6-v2-int8"
@@ -93,6 +94,11 @@ class TextEncoder:
             if not path.is_file():
                 raise ConfigError(f"{what} file {path} does not exist")
         self.max_length = int(max_length)
+        limit = text_model_max_positions(None if bundled else self.model_path)
+        if limit is not None and self.max_length > limit[0]:
+            # Config refuses it too; this is for callers that build an encoder themselves.
+            raise ConfigError(f"text encoder max_length (encoders.text_max_length) is {self.max_length}, expected "
+                              f"at most {limit[0]} ({limit[1]})")
 
         try:
             self._tokenizer = Tokenizer.from_file(str(self.tokenizer_path))

@@ -194,3 +194,25 @@ def test_batch_size_must_be_positive(text_encoder):
 def test_max_length_must_leave_room_for_tokens():
     with pytest.raises(ConfigError, match="max_length is 1, expected at least 2"):
         TextEncoder(max_length=1)
+
+
+def test_the_bundled_model_takes_exactly_its_max_positions():
+    # The bound the config enforces (BUNDLED_TEXT_MAX_POSITIONS) is the model's own: one token
+    # more fails inside onnxruntime (exit 2 once a long article came along).
+    from recsys.encoders.positions import BUNDLED_TEXT_MAX_POSITIONS
+
+    encoder = TextEncoder(max_length=BUNDLED_TEXT_MAX_POSITIONS, num_threads=1)
+    assert encoder.encode(["word " * 700]).shape == (1, 384)
+    with pytest.raises(ConfigError, match=r"max_length \(encoders.text_max_length\) is 513, expected at most 512 "
+                                          r"\(the bundled all-MiniLM-L6-v2's positions\)"):
+        TextEncoder(max_length=BUNDLED_TEXT_MAX_POSITIONS + 1)
+
+
+def test_a_plugged_model_is_bounded_by_the_config_json_beside_it(tmp_path):
+    table = np.zeros((30522, 4), np.float32)
+    path = write_embedding_model(tmp_path / "model.onnx", table, input_names=("input_ids",))
+    assert TextEncoder(path, DEFAULT_TOKENIZER_PATH, max_length=1000).max_length == 1000  # nothing says otherwise
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "max_position_embeddings": 256}')
+    with pytest.raises(ConfigError, match=rf"is 257, expected at most 256 \(max_position_embeddings in {tmp_path / 'config.json'}\)"):
+        TextEncoder(path, DEFAULT_TOKENIZER_PATH, max_length=257)
+    assert TextEncoder(path, DEFAULT_TOKENIZER_PATH, max_length=256).max_length == 256
