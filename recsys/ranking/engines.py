@@ -478,8 +478,8 @@ def _not_grpc(sock: socket.socket, deadline: float) -> str | None:
 
 
 def _init_ray(ray_address: str | None, num_cpus: int | None = None) -> None:
-    """``ray.init`` (a local instance of ``num_cpus`` CPUs, default every core available, when
-    ``ray_address`` is None) that keeps the process's
+    """``ray.init`` (a new local instance of ``num_cpus`` CPUs, default every core available,
+    when ``ray_address`` is None, even with ``RAY_ADDRESS`` set) that keeps the process's
     SIGTERM handler: Ray replaces it with ``sys.exit(15)``, which skipped the CLI's handling
     (exit 15 without "terminated (SIGTERM)"), and one such SIGTERM early in the ranking was
     lost altogether: the job ranked on to the end. A SIGTERM during the start-up itself is
@@ -497,7 +497,10 @@ def _init_ray(ray_address: str | None, num_cpus: int | None = None) -> None:
         if ray_address:
             ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
         else:
-            ray.init(num_cpus=num_cpus or default_threads(), include_dashboard=False, log_to_driver=False)
+            # "local": a new instance whatever RAY_ADDRESS says; with address None ray.init joined
+            # the cluster named there, refused num_cpus (ValueError, exit 2) after the night's ingest.
+            ray.init(address="local", num_cpus=num_cpus or default_threads(), include_dashboard=False,
+                     log_to_driver=False)
     except ConnectionError as exc:  # no cluster found for "auto", or Ray's own wait ran out
         raise RecsysError(f"{_ray_unreachable(ray_address)}: {exc}") from exc
     except SystemExit as exc:  # Ray's handler: a SIGTERM arrived during the start-up

@@ -252,7 +252,43 @@ def test_a_local_ray_instance_gets_the_actors_cpus_not_every_core(store, world, 
     monkeypatch.setattr("recsys.ranking.engines.default_threads", lambda: 64)
     with pytest.raises(RecsysError, match="stop here"):
         run_ray(_setup(store, world, num_threads=3), [(0, ["U000"])], num_workers=2)
-    assert asked["num_cpus"] == 6 and "address" not in asked
+    assert asked["num_cpus"] == 6 and asked["address"] == "local"
+
+
+def test_a_local_ray_instance_is_started_whatever_ray_address_says(store, world, monkeypatch):
+    # With RAY_ADDRESS set, ray.init(address=None) joined that cluster and refused num_cpus:
+    # "ValueError: When connecting to an existing cluster, num_cpus and num_gpus must not be
+    # provided", exit 2 after the night's ingest. "local" makes ray.init ignore the variable.
+    import ray
+
+    from recsys.ranking.engines import run_ray
+
+    asked = {}
+
+    def record(**kwargs):
+        asked.update(kwargs)
+        raise ConnectionError("stop here")
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6390")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", record)
+    with pytest.raises(RecsysError, match="stop here"):
+        run_ray(_setup(store, world, num_threads=1), [(0, ["U000"])], num_workers=1)
+    assert asked["address"] == "local" and asked["num_cpus"] == 1
+
+
+@pytest.mark.ray
+def test_a_real_local_ray_instance_starts_with_ray_address_set(monkeypatch):
+    import ray
+
+    from recsys.ranking.engines import _init_ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6390")  # nothing listens there
+    _init_ray(None, num_cpus=1)
+    try:
+        assert ray.cluster_resources().get("CPU") == 1
+    finally:
+        ray.shutdown()
 
 
 class _Terminated(KeyboardInterrupt):
