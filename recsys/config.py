@@ -83,6 +83,11 @@ class NightlyConfig:
     ray_address: str = ""
 
 
+# Most threads runtime.threads may ask for: onnxruntime spends about 40 ms per thread creating
+# a session (100000 threads hung the nightly's index helper), and no more cores help here.
+MAX_THREADS = 256
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     threads: int = 0  # 0 = every core available to the process
@@ -137,8 +142,9 @@ class Config:
         for key, value in (("nightly.active_days", self.nightly.active_days), ("nightly.freshness_days", self.nightly.freshness_days)):
             if not 0 < value <= MAX_DAYS:  # also rejects NaN and inf, which timedelta cannot hold
                 raise ConfigError(f"config key '{key}' is {value}, expected a number of days above 0 and at most {MAX_DAYS}")
-        if self.runtime.threads < 0:
-            raise ConfigError(f"config key 'runtime.threads' is {self.runtime.threads}, expected 0 (every core) or more")
+        if not 0 <= self.runtime.threads <= MAX_THREADS:
+            raise ConfigError(f"config key 'runtime.threads' is {self.runtime.threads}, expected 0 (every core) to "
+                              f"{MAX_THREADS}")
         if self.encoders.image_size < 32:
             raise ConfigError(f"config key 'encoders.image_size' is {self.encoders.image_size}, expected at least 32")
         # Found by the encoder only once the nightly had ingested (and named no key).

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from recsys.errors import ConfigError
+
 
 def default_threads() -> int:
     """Cores this process may use: the fewest of the machine's cores, the CPU affinity and the
@@ -15,9 +17,23 @@ def default_threads() -> int:
 
     The affinity alone is every core of the node in a pod limited to 2 CPUs (a CFS quota), and
     one thread per node core in each worker would then oversubscribe the quota many times.
+
+    Raises:
+        ConfigError: ``LOKY_MAX_CPU_COUNT`` is set but not a whole number of 1 or more.
     """
     import joblib
 
+    # joblib reads it with int(): "abc", "1.5" or "" would be an internal error (ValueError,
+    # exit 2), and 0 or less silently one core.
+    value = os.environ.get("LOKY_MAX_CPU_COUNT")
+    if value is not None:
+        try:
+            valid = int(value) >= 1
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ConfigError(f"environment variable LOKY_MAX_CPU_COUNT is {value!r}, expected a whole number of cores, "
+                              "1 or more (or unset it for every core available)")
     return max(1, int(joblib.cpu_count()))
 
 

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from recsys.errors import ConfigError
 from recsys.ranking.engines import threads_per_worker
 from recsys.threads import default_threads, onnx_session_options
 
@@ -52,6 +53,15 @@ def test_a_quota_above_the_cores_does_not_raise_the_count(cgroup_quota):
 def test_loky_max_cpu_count_is_honoured(monkeypatch):
     monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "1")
     assert default_threads() == 1
+
+
+@pytest.mark.parametrize("value", ["abc", "1.5", "", "0", "-2"])
+def test_a_loky_max_cpu_count_that_is_not_a_count_is_named(monkeypatch, value):
+    # joblib's int() made "abc" and "1.5" an internal error (exit 2); 0 silently meant one core.
+    monkeypatch.setenv("LOKY_MAX_CPU_COUNT", value)
+    with pytest.raises(ConfigError, match=rf"^environment variable LOKY_MAX_CPU_COUNT is {value!r}, expected a whole "
+                                          "number of cores, 1 or more"):
+        default_threads()
 
 
 PROBE = """
