@@ -176,7 +176,7 @@ class Config:
         if self.model.anchor_dim < 0 or anchors >= self.model.embedding_dim:
             raise ConfigError(
                 f"config key 'model.anchor_dim' is {self.model.anchor_dim}, expected 0 or more with "
-                f"anchor_dim x modalities ({anchors}) below model.embedding_dim ({self.model.embedding_dim})"
+                f"anchor_dim x modalities ({anchors}) below 'model.embedding_dim' ({self.model.embedding_dim})"
             )
 
 
