@@ -38,6 +38,7 @@ app = typer.Typer(
     **_PLAIN_HELP,
 )
 INGEST_FAILED = 3
+MAX_RUN_ID = 2**63 - 1  # run ids are BIGINT on PostgreSQL, 64-bit INTEGER on SQLite
 db_app = typer.Typer(help="Store schema migrations.", no_args_is_help=True, **_PLAIN_HELP)
 index_app = typer.Typer(help="The FAISS index of item embeddings.", no_args_is_help=True, **_PLAIN_HELP)
 model_app = typer.Typer(help="Model versions: list them, choose the current one (rollback).", no_args_is_help=True,
@@ -85,13 +86,21 @@ def _ctx(ctx: typer.Context) -> AppContext:
 @app.callback()
 def main_options(
     ctx: typer.Context,
-    workspace: Annotated[Optional[Path], typer.Option(help="Workspace folder (models, caches, reports, default SQLite store). Env: RECSYS_WORKSPACE.")] = None,
+    # str, not Path: click turns '' into Path('.'), the working directory.
+    workspace: Annotated[Optional[str], typer.Option(help="Workspace folder (models, caches, reports, default SQLite store). Env: RECSYS_WORKSPACE.")] = None,
     db: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the store. Env: RECSYS_DB. Default: SQLite in the workspace.")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="Config file (TOML). Default: recsys.toml in the workspace.")] = None,
+    config: Annotated[Optional[str], typer.Option(help="Config file (TOML). Default: recsys.toml in the workspace.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging and tracebacks on errors.")] = False,
 ) -> None:
     configure_logging(logging.DEBUG if verbose else logging.INFO)
+    # An empty value is a script's unset variable (--db "$STORE"): --db fell through to RECSYS_DB,
+    # --workspace and --config to the working directory.
+    for option, value, expected in (("--workspace", workspace, "a folder"), ("--db", db, "a SQLAlchemy URL"),
+                                    ("--config", config, "a TOML file")):
+        if value is not None and not value.strip():
+            raise RecsysError(f"{option} is {value!r}, expected {expected} (leave the option out for the default)")
     ws = Workspace.resolve(workspace)
+    config = Path(config) if config is not None else None
     # A dangling link is named as one by load_config, which every command calls.
     if config is not None and not config.exists() and not config.is_symlink():
         raise RecsysError(f"config file {config} does not exist")
@@ -353,6 +362,9 @@ def export(
     from recsys.pipelines.inputs import check_output_folder
     from recsys.ranking.export import export_run
 
+    if run is not None and not 1 <= run <= MAX_RUN_ID:
+        # The store's run ids are 64-bit: a larger one failed in the driver (exit 2).
+        raise RecsysError(f"--run {run}: expected a run id from 1 to {MAX_RUN_ID} (see the runs of `recsys nightly`)")
     check_output_folder("--out", out)
     c = _ctx(ctx)
     typer.echo(str(export_run(c.engine(), out, run_id=run)))

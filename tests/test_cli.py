@@ -392,6 +392,9 @@ def test_bad_train_options_exit_1_naming_the_option_and_value(capsys, tmp_path: 
         ("embedding_dim = 30", "error: {toml}: config key 'model.embedding_dim' is 30, expected a multiple of 4"),
         ("valid_days = 1e12", "error: {toml}: config key 'model.valid_days' is 1000000000000.0, expected a number of days above 0"),
         ("feature_clock_hours = 1e300", "error: {toml}: config key 'model.feature_clock_hours' is 1e+300, expected 0 (off)"),
+        # The file sets only embedding_dim, which the message named unquoted: the file went unnamed.
+        ("embedding_dim = 16", "error: {toml}: config key 'model.anchor_dim' is 16, expected 0 or more with anchor_dim x "
+                               "modalities (32) below 'model.embedding_dim' (16)"),
     ],
 )
 def test_bad_training_config_exits_1_before_the_store_is_opened(capsys, tmp_path: Path, setting, message):
@@ -564,6 +567,30 @@ def test_a_config_link_to_nothing_exits_1_naming_the_link_and_its_target(capsys,
     assert (code, out) == (1, ""), err
     assert "is a symbolic link to /etc/recsys-missing/recsys.toml" in err
     assert sorted(p.name for p in workspace.iterdir()) == ["recsys.toml"]  # no store was created
+
+
+@pytest.mark.parametrize(("option", "expected"), [("--db", "a SQLAlchemy URL"), ("--workspace", "a folder"),
+                                                  ("--config", "a TOML file")])
+def test_an_empty_global_option_exits_1(capsys, tmp_path: Path, monkeypatch, option, expected):
+    # A script's unset variable (--db "$STORE"): --db fell through to RECSYS_DB, --workspace and
+    # --config to the working directory, which then got a store.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RECSYS_DB", f"sqlite:///{tmp_path / 'other.db'}")
+    code, out, err = run(capsys, option, "", "ingest", "--news", "news.tsv")
+    assert (code, out, err.strip()) == (1, "", f"error: {option} is '', expected {expected} (leave the option out for "
+                                                "the default)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_a_run_id_beyond_64_bits(capsys, tmp_path: Path):
+    # An OverflowError (SQLite) or a driver error with the SQL (PostgreSQL): exit 2.
+    ws = ["--workspace", str(tmp_path / "ws")]
+    assert run(capsys, *ws, "db", "upgrade")[0] == 0
+    code, out, err = run(capsys, *ws, "export", "--out", str(tmp_path), "--run", "100000000000000000000")
+    assert (code, out, err.strip()) == (1, "", "error: --run 100000000000000000000: expected a run id from 1 to "
+                                                "9223372036854775807 (see the runs of `recsys nightly`)")
+    code, out, err = run(capsys, *ws, "export", "--out", str(tmp_path), "--run", "9223372036854775807")
+    assert (code, out, err.strip()) == (1, "", "error: run 9223372036854775807 does not exist")
 
 
 @pytest.mark.parametrize("command", [["recommend", "--user"], ["similar", "--news"]])
