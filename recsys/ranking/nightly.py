@@ -140,8 +140,10 @@ def run_nightly(
     if workers > budget and not (engine_name == "ray" and ray_address):
         # Each worker needs a thread at least: more of them than the budget would run on
         # cores the budget leaves to others. A Ray cluster's cores are not this machine's.
-        log.warning("nightly.workers = %d is more than the %d threads of runtime.threads: ranking with %d workers "
-                    "of one thread each", workers, budget, budget)
+        where = ("runtime.threads" if num_threads else
+                 "the cores available: runtime.threads is unset, so LOKY_MAX_CPU_COUNT, the CPU affinity or quota")
+        log.warning("nightly.workers = %d is more than the %d threads of %s: ranking with %d workers of one thread each",
+                    workers, budget, where, budget)
         workers = budget
     if engine_name == "ray" and workers < 1:
         raise ConfigError(f"nightly.workers is {workers}, the ray engine needs at least 1 actor")

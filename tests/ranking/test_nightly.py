@@ -330,6 +330,14 @@ def test_worker_processes_share_the_thread_budget(world_store, world, monkeypatc
     # More workers than threads ran 3 on a budget of 2: now 2 of one thread each.
     assert stopped.value.args == ((1, 2),)
     assert "nightly.workers = 3 is more than the 2 threads of runtime.threads: ranking with 2 workers" in caplog.text
+    # Unset, the budget is the machine's: the warning blamed runtime.threads all the same.
+    caplog.clear()
+    monkeypatch.setattr(nightly, "default_threads", lambda: 1)
+    with pytest.raises(Stop) as stopped:
+        _nightly(world_store, world, num_threads=None, num_workers=2)
+    assert stopped.value.args == ((1, 1),)
+    assert ("nightly.workers = 2 is more than the 1 threads of the cores available: runtime.threads is unset, so "
+            "LOKY_MAX_CPU_COUNT, the CPU affinity or quota") in caplog.text
     with pytest.raises(ConfigError, match="runtime.threads is -1"):
         _nightly(world_store, world, num_threads=-1)
 
