@@ -137,6 +137,24 @@ def test_a_validation_window_without_an_auc_is_refused_before_the_run_starts(eng
     assert not ws.models_dir.exists()
 
 
+def test_a_training_window_without_a_click_is_refused_before_the_run_starts(engine, tmp_path, monkeypatch):
+    # It trained, and published as current a version that ranked by the content prior alone.
+    from recsys.models.training import NoTrainingClicksError
+
+    news = write_lines(tmp_path / "news.tsv", [news_line(f"N{i}") for i in range(1, 5)])
+    lines = [behavior_line(i + 1, f"U{i}", T0 + i * D, ["N1"], ["N2-0", "N3-0"]) for i in range(5)]
+    lines.append(behavior_line(6, "U9", T0 + 6 * D, ["N1"], ["N3-1", "N4-0"]))
+    ingest(engine, news_path=news, behaviors_path=write_lines(tmp_path / "b.tsv", lines), quarantine_dir=tmp_path / "q")
+    _stub_catalogue(monkeypatch)
+    ws = Workspace(tmp_path / "ws").ensure()
+    with pytest.raises(NoTrainingClicksError, match=r"^the training window 2019-11-09 10:00:00 .. 2019-11-14 10:00:01 holds "
+                                                    r"no click \(all 10 labelled candidates are 0\): .* move the window "
+                                                    r"\(--since, --until, model.valid_days\) onto days with clicks"):
+        run_train(engine, ws, load_config(None, {}))
+    assert _stored_runs_and_versions(engine) == (0, 0)
+    assert not ws.models_dir.exists()
+
+
 def test_a_window_past_the_stored_days_is_named(store, tmp_path, monkeypatch):
     _stub_catalogue(monkeypatch)
     ws = Workspace(tmp_path / "ws").ensure()

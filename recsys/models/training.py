@@ -54,6 +54,11 @@ class NoValidationAUCError(RecsysError):
     """No validation impression has both a click and a non-click: early stopping has no AUC to follow."""
 
 
+class NoTrainingClicksError(RecsysError):
+    """The training impressions hold no click: the networks would learn that nothing is clicked,
+    and a version served on the content prior alone would be published as if trained."""
+
+
 def unscoreable_labels(impressions: Impressions) -> str | None:
     """Why no impression has a per-impression AUC ("holds no click", ...), or None when one has."""
     _, scoreable = mean_impression_auc(impressions.labels, np.zeros(len(impressions.labels)), impressions.candidate_offsets)

@@ -79,11 +79,12 @@ def read_windows(
     impressions, so the whole log leads the histories exactly as the window's part would.
 
     Raises:
-        RecsysError: a window holds no labelled impression, or the validation window has no
-            impression with both a click and a non-click (its AUC, which early stopping
-            follows, is undefined).
+        RecsysError: a window holds no labelled impression.
+        NoTrainingClicksError: the training window holds no click.
+        NoValidationAUCError: the validation window has no impression with both a click and a
+            non-click (its AUC, which early stopping follows, is undefined).
     """
-    from recsys.models.training import NoValidationAUCError, unscoreable_labels
+    from recsys.models.training import NoTrainingClicksError, NoValidationAUCError, unscoreable_labels
 
     read = dict(source=source, history_len=history_len, labelled_only=True)
     train = repo.read_impressions(engine, news_ids, since=since, until=valid_start, **read)
@@ -94,6 +95,12 @@ def read_windows(
                 f"the {name} window holds no labelled impressions ({since} .. {valid_start} .. {until}); "
                 "move the window (--since, --until, model.valid_days) onto days of ingested behaviors"
             )
+    if not (train.labels == 1).any():
+        raise NoTrainingClicksError(
+            f"the training window {since} .. {valid_start} holds no click (all {int((train.labels == 0).sum())} labelled "
+            "candidates are 0): a model trained on it would rank by its content prior alone; move the window "
+            "(--since, --until, model.valid_days) onto days with clicks, or check the ingested behaviors' labels"
+        )
     problem = unscoreable_labels(valid)
     if problem is not None:
         raise NoValidationAUCError(
