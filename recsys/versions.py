@@ -271,6 +271,7 @@ def describe_versions(engine: Engine) -> list[dict]:
             "best_epoch": metrics.get("best_epoch"),
             "train_impressions": data.get("train_impressions"),
             "valid_impressions": data.get("valid_impressions"),
+            "valid_scoreable_impressions": data.get("valid_scoreable_impressions"),  # None before it was recorded
             "index": status != "missing" and FaissIndex.exists(ModelVersion(row["version"], path, manifest).index_dir),
             "path": str(path),
             "problem": problem,

@@ -96,11 +96,85 @@ def _stub_catalogue(monkeypatch):
 
     from recsys.store import repository as repo
 
+    class Catalogue(SimpleNamespace):
+        def __len__(self):
+            return len(self.news_ids)
+
     def stub(engine, workspace, config):
         news = repo.read_news(engine)
-        return news, SimpleNamespace(news_ids=news["news_id"].to_numpy(dtype=object), has_image=np.ones(len(news), bool))
+        return news, Catalogue(news_ids=news["news_id"].to_numpy(dtype=object), has_image=np.ones(len(news), bool))
 
     monkeypatch.setattr(train_pipeline, "load_catalogue", stub)
+
+
+class Stop(Exception):
+    pass
+
+
+def _stop_before_training(monkeypatch) -> dict:
+    """``train_ctr`` stops the run; the returned dict receives the windows it was given."""
+    from recsys.models import training
+
+    seen = {}
+
+    def stop(features, train, valid, *args, **kwargs):
+        seen.update(train=train, valid=valid, features=features)
+        raise Stop
+
+    monkeypatch.setattr(training, "train_ctr", stop)
+    return seen
+
+
+def _window_store(engine, tmp_path, valid_labels: list[list[str]]):
+    """Five labelled training days, then one validation impression per entry of ``valid_labels``."""
+    news = write_lines(tmp_path / "news.tsv", [news_line(f"N{i}") for i in range(1, 5)])
+    lines = [behavior_line(i + 1, f"U{i}", T0 + i * D, ["N1"], ["N2-1", "N3-0"]) for i in range(5)]
+    lines += [behavior_line(10 + j, f"V{j}", T0 + 6 * D + j * timedelta(minutes=1), ["N1"], labels)
+              for j, labels in enumerate(valid_labels)]
+    ingest(engine, news_path=news, behaviors_path=write_lines(tmp_path / "b.tsv", lines), quarantine_dir=tmp_path / "q")
+    return engine
+
+
+@pytest.mark.parametrize(
+    ("valid_labels", "warned"),
+    [
+        ([["N3-1", "N4-0"]], "the validation AUC rests on 1 impression (of 1 in the validation window"),
+        ([["N3-1", "N4-0"]] * 29 + [["N3-1"]] * 5, "the validation AUC rests on 29 impressions (of 34"),
+        ([["N3-1", "N4-0"]] * 30 + [["N3-1"]] * 271, "the validation AUC rests on 30 impressions (of 301"),
+        ([["N3-1", "N4-0"]] * 30 + [["N3-0"]] * 270, None),
+    ],
+    ids=["one", "under 30", "under 10%", "enough"],
+)
+def test_a_validation_auc_of_few_impressions_is_warned_about_not_refused(engine, tmp_path, monkeypatch, caplog,
+                                                                          valid_labels, warned):
+    # It was published with no hint that it came from one impression.
+    _window_store(engine, tmp_path, valid_labels)
+    _stub_catalogue(monkeypatch)
+    seen = _stop_before_training(monkeypatch)
+    with caplog.at_level("WARNING", logger="recsys.train"), pytest.raises(Stop):
+        run_train(engine, Workspace(tmp_path / "ws").ensure(), load_config(None, {}))
+    thin = [r.getMessage() for r in caplog.records if "validation AUC rests on" in r.getMessage()]
+    assert thin == [] if warned is None else (len(thin) == 1 and thin[0].startswith(warned)), thin
+    counts = train_pipeline._counts(seen["train"], seen["valid"], seen["features"],
+                                    valid_scoreable=train_pipeline.scoreable_impressions(seen["valid"]))
+    assert counts["valid_impressions"] == len(valid_labels)
+    assert counts["valid_scoreable_impressions"] == sum(len(labels) == 2 and labels[0] != labels[1] for labels in valid_labels)
+
+
+def test_scoreable_impressions_are_those_the_auc_averages_over(engine, tmp_path):
+    from recsys.models.training import mean_impression_auc
+    from recsys.pipelines.train import read_windows, scoreable_impressions
+    from recsys.store import repository as repo
+
+    rng = np.random.default_rng(1)
+    labels = [[f"N{p}-{y}" for p, y in zip(rng.choice(4, rng.integers(1, 4), replace=False) + 1, rng.integers(0, 2, 3))]
+              for _ in range(200)]
+    _window_store(engine, tmp_path, labels)
+    news_ids = repo.read_news(engine)["news_id"].to_numpy(dtype=object)
+    _, valid, _ = read_windows(engine, news_ids, T0, T0 + 5 * D, T0 + 7 * D, source=None, history_len=5)
+    want = mean_impression_auc(valid.labels, rng.random(len(valid.labels)), valid.candidate_offsets)[1]
+    assert scoreable_impressions(valid) == want
+    assert 0 < want < len(valid) == 200
 
 
 def _stored_runs_and_versions(engine) -> tuple[int, int]:

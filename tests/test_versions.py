@@ -210,7 +210,7 @@ def test_describe_versions_lists_every_version_even_a_missing_or_damaged_one(eng
     window = {"since": "2019-11-09T00:00:00", "valid_start": "2019-11-13T00:00:00", "until": "2019-11-14T00:00:00",
               "source": None}
     _publish(engine, models, "v1", training_window=window, metrics={"val_auc": 0.61, "best_epoch": 2},
-             data={"train_impressions": 100, "valid_impressions": 20})
+             data={"train_impressions": 100, "valid_impressions": 20, "valid_scoreable_impressions": 17})
     _publish(engine, models, "v2", fusion="concat", metrics={"val_auc": 0.63})
     _publish(engine, models, "v3", modalities="text")
     _publish(engine, models, "v4", make_current=False)
@@ -223,6 +223,8 @@ def test_describe_versions_lists_every_version_even_a_missing_or_damaged_one(eng
     first = rows[0]
     assert (first["modalities"], first["fusion"], first["since"], first["until"], first["val_auc"], first["best_epoch"],
             first["train_impressions"]) == ("text,image", "gated", window["since"], window["until"], 0.61, 2, 100)
+    # What val_auc averages over; None for a version trained before it was recorded.
+    assert (first["valid_scoreable_impressions"], rows[3]["valid_scoreable_impressions"]) == (17, None)
     # A damaged or missing folder: the reason, and the figures of the store's copy of the manifest.
     assert "expected a JSON object, found list" in rows[1]["problem"] and rows[1]["fusion"] == "concat"
     assert "is missing" in rows[2]["problem"] and rows[2]["modalities"] == "text"

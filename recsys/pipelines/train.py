@@ -25,6 +25,11 @@ from recsys.versions import new_version_name, publish_version, staging_dir
 
 log = logging.getLogger("recsys.train")
 
+# Below either floor the validation AUC (which picks the epoch and is published with the version)
+# is warned about: it is the mean over few impressions. MIND's days hold tens of thousands.
+MIN_SCOREABLE_IMPRESSIONS = 30
+MIN_SCOREABLE_SHARE = 0.1
+
 
 def parse_time(value: str | None, flag: str) -> datetime | None:
     if value is None:
@@ -111,6 +116,27 @@ def read_windows(
     return without_later_clicks(train, every_click), without_later_clicks(valid, every_click), every_click
 
 
+def scoreable_impressions(impressions: Impressions) -> int:
+    """Impressions with both a click and a non-click: those the per-impression AUC averages
+    over (``training.mean_impression_auc`` skips the others)."""
+    owner = np.repeat(np.arange(len(impressions)), np.diff(impressions.candidate_offsets))
+    clicks = np.bincount(owner, weights=impressions.labels == 1, minlength=len(impressions))
+    non_clicks = np.bincount(owner, weights=impressions.labels == 0, minlength=len(impressions))
+    return int(((clicks > 0) & (non_clicks > 0)).sum())
+
+
+def warn_thin_validation(valid: Impressions, valid_start: datetime, until: datetime) -> int:
+    """The validation window's scoreable impressions; a warning when the AUC rests on few of them
+    (fewer than ``MIN_SCOREABLE_IMPRESSIONS``, or than ``MIN_SCOREABLE_SHARE`` of the window)."""
+    scoreable = scoreable_impressions(valid)
+    if scoreable < MIN_SCOREABLE_IMPRESSIONS or scoreable < MIN_SCOREABLE_SHARE * len(valid):
+        log.warning("the validation AUC rests on %d impression%s (of %d in the validation window %s .. %s, only those "
+                    "with both a click and a non-click count): it picks the epoch and is published with the version, "
+                    "so treat it as rough; widen the validation window (model.valid_days, --until) for a steadier one",
+                    scoreable, "" if scoreable == 1 else "s", len(valid), valid_start, until)
+    return scoreable
+
+
 def read_training_log(
     engine: Engine, news_ids: np.ndarray, since: datetime, until: datetime, *, window_hours: float,
     feature_clock_hours: float,
@@ -168,6 +194,7 @@ def run_train(
     clicks = every_click if mc.logged_clicks else None
     first_seen = first_seen_array(news)
     timings["read_s"] = round(time.perf_counter() - t0, 2)
+    scoreable = warn_thin_validation(valid, valid_start, until_dt)
     log.info("training on %d impressions, validating on %d (%s .. %s .. %s)", len(train), len(valid), since_dt, valid_start, until_dt)
 
     version = new_version_name()
@@ -222,7 +249,7 @@ def run_train(
             "serving_dim": model.config.serving_dim,
             "user_dim": model.config.user_dim,
             "training_window": {"since": since_dt.isoformat(), "valid_start": valid_start.isoformat(), "until": until_dt.isoformat(), "source": source},
-            "data": _counts(train, valid, features),
+            "data": _counts(train, valid, features, valid_scoreable=scoreable),
             "metrics": _final_metrics(history),
             "history": history,
             "timings": timings,
@@ -236,11 +263,12 @@ def run_train(
             "ingest_runs_running_at_read": manifest["ingest_runs_running_at_read"]}
 
 
-def _counts(train: Impressions, valid: Impressions, features: ItemFeatures) -> dict:
+def _counts(train: Impressions, valid: Impressions, features: ItemFeatures, *, valid_scoreable: int) -> dict:
     return {
         "train_impressions": len(train),
         "train_samples": int(len(train.candidate_items)),
         "valid_impressions": len(valid),
+        "valid_scoreable_impressions": valid_scoreable,  # what val_auc averages over
         "valid_samples": int(len(valid.candidate_items)),
         "items": len(features),
         "items_with_image": int(features.has_image.sum()),
