@@ -125,10 +125,11 @@ def _stop_before_training(monkeypatch) -> dict:
     return seen
 
 
-def _window_store(engine, tmp_path, valid_labels: list[list[str]]):
-    """Five labelled training days, then one validation impression per entry of ``valid_labels``."""
+def _window_store(engine, tmp_path, valid_labels: list[list[str]], train_labels: list[str] = ("N2-1", "N3-0")):
+    """Five training days (one impression of ``train_labels`` each), then one validation
+    impression per entry of ``valid_labels`` on day 6."""
     news = write_lines(tmp_path / "news.tsv", [news_line(f"N{i}") for i in range(1, 5)])
-    lines = [behavior_line(i + 1, f"U{i}", T0 + i * D, ["N1"], ["N2-1", "N3-0"]) for i in range(5)]
+    lines = [behavior_line(i + 1, f"U{i}", T0 + i * D, ["N1"], list(train_labels)) for i in range(5)]
     lines += [behavior_line(10 + j, f"V{j}", T0 + 6 * D + j * timedelta(minutes=1), ["N1"], labels)
               for j, labels in enumerate(valid_labels)]
     ingest(engine, news_path=news, behaviors_path=write_lines(tmp_path / "b.tsv", lines), quarantine_dir=tmp_path / "q")
@@ -159,6 +160,42 @@ def test_a_validation_auc_of_few_impressions_is_warned_about_not_refused(engine,
                                     valid_scoreable=train_pipeline.scoreable_impressions(seen["valid"]))
     assert counts["valid_impressions"] == len(valid_labels)
     assert counts["valid_scoreable_impressions"] == sum(len(labels) == 2 and labels[0] != labels[1] for labels in valid_labels)
+
+
+@pytest.mark.parametrize(
+    ("valid_labels", "train_labels", "window", "message"),
+    [
+        ([["N3-1", "N4-0"]], ["N2-0", "N3-0"], {}, "training window .* holds no click"),
+        ([["N3-0", "N4-0"]], ["N2-1", "N3-0"], {}, "validation window .* holds no click"),
+        ([["N3-1", "N4-1"]], ["N2-1", "N3-0"], {}, "validation window .* holds only clicks"),
+        ([["N3-1"], ["N4-0"]], ["N2-1", "N3-0"], {}, r"has no impression with both a click and a non-click \(1 clicks"),
+        ([["N3-1", "N4-0"]], ["N2-1", "N3-0"], {"until": "2019-11-20"}, "the validation window holds no labelled"),
+        ([["N3-1", "N4-0"]], ["N2-1", "N3-0"], {"since": "2019-11-14", "until": "2019-11-16"},
+         "the training window holds no labelled"),
+    ],
+    ids=["no training click", "no validation click", "only validation clicks", "clicks apart", "empty validation",
+         "empty training"],
+)
+def test_a_window_without_the_labels_training_needs_fails_before_the_catalogue_is_encoded(
+        engine, tmp_path, monkeypatch, valid_labels, train_labels, window, message):
+    # The labels were checked only after the whole catalogue was encoded (minutes at MIND size).
+    from recsys.pipelines.train import read_windows
+    from recsys.store import repository as repo
+
+    _window_store(engine, tmp_path, valid_labels, train_labels)
+
+    def encode(*args, **kwargs):
+        raise AssertionError("the catalogue was encoded before the window's labels were checked")
+
+    monkeypatch.setattr(train_pipeline, "load_catalogue", encode)
+    with pytest.raises(RecsysError, match=message) as early:
+        run_train(engine, Workspace(tmp_path / "ws").ensure(), load_config(None, {}), **window)
+    # The same words as the check on the rows read, which stays.
+    since, valid_start, until = train_window(engine, *(parse_time(window.get(k), k) for k in ("since", "until")), 1.0)
+    news_ids = repo.read_news(engine)["news_id"].to_numpy(dtype=object)
+    with pytest.raises(RecsysError) as late:
+        read_windows(engine, news_ids, since, valid_start, until, source=None, history_len=5)
+    assert (type(early.value), str(early.value)) == (type(late.value), str(late.value))
 
 
 def test_scoreable_impressions_are_those_the_auc_averages_over(engine, tmp_path):

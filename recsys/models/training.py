@@ -64,7 +64,12 @@ def unscoreable_labels(impressions: Impressions) -> str | None:
     _, scoreable = mean_impression_auc(impressions.labels, np.zeros(len(impressions.labels)), impressions.candidate_offsets)
     if scoreable:
         return None
-    clicks, non_clicks = int((impressions.labels == 1).sum()), int((impressions.labels == 0).sum())
+    return unscoreable_reason(int((impressions.labels == 1).sum()), int((impressions.labels == 0).sum()))
+
+
+def unscoreable_reason(clicks: int, non_clicks: int) -> str:
+    """``unscoreable_labels``'s words for impressions without a per-impression AUC, from their
+    label counts (``recsys train`` says it from SQL counts before it reads them)."""
     if clicks == non_clicks == 0:
         return "holds no labelled candidate"
     if clicks == 0:

@@ -70,6 +70,31 @@ def train_window(engine: Engine, since: datetime | None, until: datetime | None,
     return since, until - timedelta(days=valid_days), until
 
 
+def check_window_labels(engine: Engine, since: datetime, valid_start: datetime, until: datetime, *,
+                        source: str | None) -> None:
+    """``read_windows``' label checks, asked of the store with EXISTS queries: ``run_train`` calls
+    it before it encodes the catalogue (minutes at MIND size), so that a window it would refuse
+    after the reads is refused at once, with the same message.
+
+    Raises:
+        RecsysError / NoTrainingClicksError / NoValidationAUCError: as ``read_windows``.
+    """
+    from recsys.models.training import unscoreable_reason
+
+    parts = {"training": (since, valid_start), "validation": (valid_start, until)}
+    found = {name: repo.window_labels(engine, since=lo, until=hi, source=source) for name, (lo, hi) in parts.items()}
+    for name, (labelled, _, _) in found.items():
+        if not labelled:
+            raise _empty_window(name, since, valid_start, until)
+    # The counts in the messages are read only on the way out: a sum over the whole window.
+    if not found["training"][1]:
+        raise _no_training_click(since, valid_start, repo.window_label_counts(engine, since=since, until=valid_start,
+                                                                              source=source)[1])
+    if not found["validation"][2]:
+        counts = repo.window_label_counts(engine, since=valid_start, until=until, source=source)
+        raise _no_validation_auc(valid_start, until, unscoreable_reason(*counts))
+
+
 def read_windows(
     engine: Engine, news_ids: np.ndarray, since: datetime, valid_start: datetime, until: datetime, *,
     source: str | None, history_len: int,
@@ -83,37 +108,56 @@ def read_windows(
     also serves ``model.logged_clicks``: clicks after the window are never "before" one of its
     impressions, so the whole log leads the histories exactly as the window's part would.
 
+    The labels are checked again on the rows read (``check_window_labels`` asked before): an
+    ingest committing in between, or a caller that did not ask, must not train on a bad window.
+
     Raises:
         RecsysError: a window holds no labelled impression.
         NoTrainingClicksError: the training window holds no click.
         NoValidationAUCError: the validation window has no impression with both a click and a
             non-click (its AUC, which early stopping follows, is undefined).
     """
-    from recsys.models.training import NoTrainingClicksError, NoValidationAUCError, unscoreable_labels
+    from recsys.models.training import unscoreable_labels
 
     read = dict(source=source, history_len=history_len, labelled_only=True)
     train = repo.read_impressions(engine, news_ids, since=since, until=valid_start, **read)
     valid = repo.read_impressions(engine, news_ids, since=valid_start, until=until, **read)
     for name, imps in (("training", train), ("validation", valid)):
         if len(imps) == 0:
-            raise RecsysError(
-                f"the {name} window holds no labelled impressions ({since} .. {valid_start} .. {until}); "
-                "move the window (--since, --until, model.valid_days) onto days of ingested behaviors"
-            )
+            raise _empty_window(name, since, valid_start, until)
     if not (train.labels == 1).any():
-        raise NoTrainingClicksError(
-            f"the training window {since} .. {valid_start} holds no click (all {int((train.labels == 0).sum())} labelled "
-            "candidates are 0): a model trained on it would rank by its content prior alone; move the window "
-            "(--since, --until, model.valid_days) onto days with clicks, or check the ingested behaviors' labels"
-        )
+        raise _no_training_click(since, valid_start, int((train.labels == 0).sum()))
     problem = unscoreable_labels(valid)
     if problem is not None:
-        raise NoValidationAUCError(
-            f"the validation window {valid_start} .. {until} {problem}, so its per-impression AUC, which early "
-            "stopping follows, is undefined; widen it (--until, model.valid_days) or ingest more behaviors"
-        )
+        raise _no_validation_auc(valid_start, until, problem)
     every_click = repo.read_click_log(engine, news_ids)
     return without_later_clicks(train, every_click), without_later_clicks(valid, every_click), every_click
+
+
+def _empty_window(name: str, since: datetime, valid_start: datetime, until: datetime) -> RecsysError:
+    return RecsysError(
+        f"the {name} window holds no labelled impressions ({since} .. {valid_start} .. {until}); "
+        "move the window (--since, --until, model.valid_days) onto days of ingested behaviors"
+    )
+
+
+def _no_training_click(since: datetime, valid_start: datetime, non_clicks: int) -> RecsysError:
+    from recsys.models.training import NoTrainingClicksError
+
+    return NoTrainingClicksError(
+        f"the training window {since} .. {valid_start} holds no click (all {non_clicks} labelled candidates are 0): "
+        "a model trained on it would rank by its content prior alone; move the window (--since, --until, "
+        "model.valid_days) onto days with clicks, or check the ingested behaviors' labels"
+    )
+
+
+def _no_validation_auc(valid_start: datetime, until: datetime, problem: str) -> RecsysError:
+    from recsys.models.training import NoValidationAUCError
+
+    return NoValidationAUCError(
+        f"the validation window {valid_start} .. {until} {problem}, so its per-impression AUC, which early "
+        "stopping follows, is undefined; widen it (--until, model.valid_days) or ingest more behaviors"
+    )
 
 
 def scoreable_impressions(impressions: Impressions) -> int:
@@ -168,7 +212,8 @@ def run_train(
     configure_threads(config.runtime.threads or None)
     mc = config.model
     timings = {}
-    # The window first: a bad flag or an empty store fails before the catalogue is encoded.
+    # The window first: a bad flag, an empty store or a window without the labels training
+    # needs fails before the catalogue is encoded.
     since_dt, valid_start, until_dt = train_window(
         engine, parse_time(since, "--since"), parse_time(until, "--until"), mc.valid_days, source
     )
@@ -178,6 +223,7 @@ def run_train(
     for run_id, holder, started in ingesting:
         log.warning("ingest run %d (%s, started %s UTC) is still running: this training reads only the batches it "
                     "has committed so far; train again after it ends to learn from the whole file", run_id, holder, started)
+    check_window_labels(engine, since_dt, valid_start, until_dt, source=source)
     t0 = time.perf_counter()
     news, features = load_catalogue(engine, workspace, config)
     timings["encode_s"] = round(time.perf_counter() - t0, 2)

@@ -12,7 +12,7 @@ from datetime import datetime
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Engine, and_, select, true
+from sqlalchemy import Engine, and_, case, func, select, true
 
 from recsys.columns import (
     CATEGORY,
@@ -71,6 +71,39 @@ def time_range(
     with engine.connect() as conn:
         lo, hi = conn.execute(select(*ends)).one()
     return lo, hi
+
+
+def window_labels(engine: Engine, *, since: datetime, until: datetime, source: str | None = None) -> tuple[bool, bool, bool]:
+    """Whether impressions with time in ``[since, until)`` (of ``source``) hold (a labelled
+    candidate, a click, an impression with both a click and a non-click), read without the rows.
+
+    Each EXISTS walks the time index and stops at its first match: milliseconds when the answer
+    is yes, whatever the window's size (``recsys train`` asks before encoding the catalogue).
+    """
+    im, it = s.impressions.c, s.impression_items.c
+    window = [im.time >= since, im.time < until] + ([im.source == source] if source is not None else [])
+
+    def labelled(*conds):
+        return select(it.impression_pk).where(it.impression_pk == im.id, *conds).exists()
+
+    def some_impression(*conds):
+        return select(im.id).where(*window, *conds).exists()
+
+    query = select(some_impression(labelled(it.label.is_not(None))), some_impression(labelled(it.label == 1)),
+                   some_impression(labelled(it.label == 1), labelled(it.label == 0)))
+    with engine.connect() as conn:
+        return tuple(bool(v) for v in conn.execute(query).one())
+
+
+def window_label_counts(engine: Engine, *, since: datetime, until: datetime, source: str | None = None) -> tuple[int, int]:
+    """(clicks, non-clicks) among the candidates of impressions with time in ``[since, until)``."""
+    im, it = s.impressions.c, s.impression_items.c
+    window = [im.time >= since, im.time < until] + ([im.source == source] if source is not None else [])
+    counts = [func.coalesce(func.sum(case((it.label == label, 1), else_=0)), 0) for label in (1, 0)]
+    query = select(*counts).select_from(s.impression_items.join(s.impressions, it.impression_pk == im.id)).where(*window)
+    with engine.connect() as conn:
+        clicks, non_clicks = conn.execute(query).one()
+    return int(clicks), int(non_clicks)
 
 
 def _row_lookup(news_ids: np.ndarray) -> pd.Series:
