@@ -71,10 +71,31 @@ def test_an_offset_past_the_calendars_ends_is_named(value, flag):
 
 def test_a_window_at_the_calendars_start_is_checked_without_overflow(store):
     # ``until - valid_days`` is before year 1: an OverflowError before.
-    with pytest.raises(RecsysError, match=r"training window 0001-01-01 00:00:00 .. 0001-01-01 12:00:00 is not longer than "
-                                          r"the validation window \(model.valid_days = 1.0\)"):
+    with pytest.raises(RecsysError, match=r"training window --since 0001-01-01 00:00:00 .. --until 0001-01-01 12:00:00 is "
+                                          r"not longer than the validation window \(model.valid_days = 1.0\)"):
         train_window(store, datetime(1, 1, 1), datetime(1, 1, 1, 12), 1.0)
     assert train_window(store, datetime(1, 1, 1), None, 1.0)[0] == datetime(1, 1, 1)
+
+
+def test_a_bad_window_says_which_bound_is_a_default_and_which_days_the_store_holds(store):
+    # "--until 2019-11-15 10:00:01" was said of a flag never given, with no next step.
+    stored = r"the store's labelled impressions run from 2019-11-09 10:00:00 to 2019-11-15 10:00:00"
+    with pytest.raises(RecsysError, match=rf"^training window is empty: --since 2020-01-01 00:00:00 is not before the default "
+                                          rf"end 2019-11-15 10:00:01 \(1 s after the last labelled impression; no --until "
+                                          rf"given\); {stored}: move the window onto them$"):
+        train_window(store, datetime(2020, 1, 1), None, 1.0)
+    with pytest.raises(RecsysError, match=r"^training window is empty: the default start 2019-11-09 10:00:00 \(the first "
+                                          r"labelled impression; no --since given\) is not before --until 2019-01-01 00:00:00"):
+        train_window(store, None, datetime(2019, 1, 1), 1.0)
+    with pytest.raises(RecsysError, match=r"^training window the default start 2019-11-09 10:00:00 .* \.\. --until "
+                                          r"2019-11-09 20:00:00 is not longer than the validation window \(model.valid_days "
+                                          rf"= 1.0\); widen the window \({stored}\) or lower model.valid_days$"):
+        train_window(store, None, datetime(2019, 11, 9, 20), 1.0)
+    with pytest.raises(RecsysError, match=r"^training window is empty: --since 2019-11-14 00:00:00 is not before the default "
+                                          r"end 2019-11-13 10:00:01 \(1 s after the last labelled impression of source "
+                                          r"'train/behaviors'; no --until given\); the store's labelled impressions of source "
+                                          r"'train/behaviors' run from 2019-11-09 10:00:00 to 2019-11-13 10:00:00"):
+        train_window(store, datetime(2019, 11, 14), None, 1.0, "train/behaviors")
 
 
 @pytest.mark.parametrize("clock_hours", [0.0, MAX_DAYS * 24.0])
@@ -271,7 +292,8 @@ def test_a_window_past_the_stored_days_is_named(store, tmp_path, monkeypatch):
     ws = Workspace(tmp_path / "ws").ensure()
     with pytest.raises(RecsysError, match=r"the validation window holds no labelled impressions \(2019-11-09 10:00:00 .. "
                                           r"9999-12-30 00:00:00 .. 9999-12-31 00:00:00\); move the window \(--since, --until, "
-                                          r"model.valid_days\) onto days of ingested behaviors"):
+                                          r"model.valid_days\) onto days of ingested behaviors \(the store's labelled impressions run "
+                                          r"from 2019-11-09 10:00:00 to 2019-11-15 10:00:00\)$"):
         run_train(store, ws, load_config(None, {}), until="9999-12-31")
     assert _stored_runs_and_versions(store) == (0, 0)
 

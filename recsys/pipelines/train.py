@@ -52,22 +52,38 @@ def parse_time(value: str | None, flag: str) -> datetime | None:
 def train_window(engine: Engine, since: datetime | None, until: datetime | None, valid_days: float, source: str | None = None):
     """(since, validation start, until) of a training run; the default ends after the last
     labelled impression (of ``source``), so an unlabelled test file in the store cannot
-    become the validation window."""
+    become the validation window.
+
+    Raises:
+        RecsysError: no labelled impression, an empty window or one not longer than
+            ``valid_days``; the message says which bound is a default and which days the store holds.
+    """
     lo, hi = repo.time_range(engine, source=source, labelled_only=True)
+    of = f" of source {source!r}" if source is not None else ""
     if lo is None:
-        of = f" of source {source!r}" if source is not None else ""
         raise RecsysError(f"the store holds no labelled impressions{of}: run `recsys ingest --behaviors behaviors.tsv` first")
-    since = since or lo
-    until = until or (hi + timedelta(seconds=1))
+    # A default bound is not what the user typed: said as such, or "--until 2019-11-13 23:47:13"
+    # reads like a typo of a flag never given.
+    start = f"--since {since}" if since is not None else f"the default start {lo} (the first labelled impression{of}; no --since given)"
+    end = (f"--until {until}" if until is not None
+           else f"the default end {hi + timedelta(seconds=1)} (1 s after the last labelled impression{of}; no --until given)")
+    since = lo if since is None else since
+    until = hi + timedelta(seconds=1) if until is None else until
+    stored = _stored_days(lo, hi, source)
     if until <= since:
-        raise RecsysError(f"training window is empty: --since {since} is not before --until {until}")
+        raise RecsysError(f"training window is empty: {start} is not before {end}; {stored}: move the window onto them")
     # Compared as a length: ``until - valid_days`` may fall before the calendar's first day.
     if until - since <= timedelta(days=valid_days):
         raise RecsysError(
-            f"training window {since} .. {until} is not longer than the validation window "
-            f"(model.valid_days = {valid_days}); widen the window or lower model.valid_days"
+            f"training window {start} .. {end} is not longer than the validation window "
+            f"(model.valid_days = {valid_days}); widen the window ({stored}) or lower model.valid_days"
         )
     return since, until - timedelta(days=valid_days), until
+
+
+def _stored_days(lo: datetime, hi: datetime, source: str | None) -> str:
+    of = f" of source {source!r}" if source is not None else ""
+    return f"the store's labelled impressions{of} run from {lo} to {hi}"
 
 
 def check_window_labels(engine: Engine, since: datetime, valid_start: datetime, until: datetime, *,
@@ -85,7 +101,7 @@ def check_window_labels(engine: Engine, since: datetime, valid_start: datetime, 
     found = {name: repo.window_labels(engine, since=lo, until=hi, source=source) for name, (lo, hi) in parts.items()}
     for name, (labelled, _, _) in found.items():
         if not labelled:
-            raise _empty_window(name, since, valid_start, until)
+            raise _empty_window(engine, name, since, valid_start, until, source)
     # The counts in the messages are read only on the way out: a sum over the whole window.
     if not found["training"][1]:
         raise _no_training_click(since, valid_start, repo.window_label_counts(engine, since=since, until=valid_start,
@@ -124,7 +140,7 @@ def read_windows(
     valid = repo.read_impressions(engine, news_ids, since=valid_start, until=until, **read)
     for name, imps in (("training", train), ("validation", valid)):
         if len(imps) == 0:
-            raise _empty_window(name, since, valid_start, until)
+            raise _empty_window(engine, name, since, valid_start, until, source)
     if not (train.labels == 1).any():
         raise _no_training_click(since, valid_start, int((train.labels == 0).sum()))
     problem = unscoreable_labels(valid)
@@ -134,10 +150,13 @@ def read_windows(
     return without_later_clicks(train, every_click), without_later_clicks(valid, every_click), every_click
 
 
-def _empty_window(name: str, since: datetime, valid_start: datetime, until: datetime) -> RecsysError:
+def _empty_window(engine: Engine, name: str, since: datetime, valid_start: datetime, until: datetime,
+                  source: str | None) -> RecsysError:
+    lo, hi = repo.time_range(engine, source=source, labelled_only=True)
+    stored = _stored_days(lo, hi, source) if lo is not None else "the store holds none"
     return RecsysError(
         f"the {name} window holds no labelled impressions ({since} .. {valid_start} .. {until}); "
-        "move the window (--since, --until, model.valid_days) onto days of ingested behaviors"
+        f"move the window (--since, --until, model.valid_days) onto days of ingested behaviors ({stored})"
     )
 
 
