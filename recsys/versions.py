@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import uuid
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,9 @@ from recsys.store import schema as s
 from recsys.store.database import PUBLISH_LOCK_KEY, serialized_transaction
 
 MANIFEST = "manifest.json"
+# recsys.models.bundle.MODEL_FILES, named here so that `model list` and `model use` check a
+# bundle without importing TensorFlow.
+BUNDLE_MODEL_FILES = ("item_tower.keras", "user_encoder.keras", "scorer.keras")
 # A staging folder unchanged this long belongs to a training killed before it published.
 STALE_STAGING_SECONDS = 3600
 
@@ -69,6 +73,31 @@ def read_bundle_config(model_dir: Path) -> dict:
     missing = [key for key in ("embedding_dim", "side_features") if key not in config]
     if missing:
         raise ModelMismatchError(f"{path}: keys {missing} are missing from the model config")
+    return config
+
+
+def check_bundle_files(model_dir: Path) -> dict:
+    """A model bundle's config.json (``read_bundle_config``), after checking that each of its
+    Keras files is there and is a zip archive, as every ``.keras`` file is. That reads each
+    file's last bytes, not its weights: a deleted or truncated file is found by `model use`
+    and `model list`, not by the nightly that loads it.
+
+    Raises:
+        NotFoundError: config.json or a Keras file is missing.
+        DamagedFileError: config.json cannot be read, or a Keras file is not a zip archive
+            (truncated, overwritten).
+        ModelMismatchError: config.json lacks keys.
+    """
+    config = read_bundle_config(model_dir)
+    for name in BUNDLE_MODEL_FILES:
+        path = model_dir / name
+        if not path.is_file():
+            raise NotFoundError(f"model bundle {model_dir} has no {name}; the model version is damaged: train again, "
+                                "or restore the version's folder from a backup")
+        if not zipfile.is_zipfile(path):  # False as well when the file cannot be opened
+            raise DamagedFileError(f"{path}: the file is there ({path.stat().st_size} bytes) but is not a .keras zip "
+                                   "archive (truncated or overwritten); the model version is damaged: train again, or "
+                                   "restore the version's folder from a backup")
     return config
 
 
@@ -189,7 +218,8 @@ def set_current(engine: Engine, version: str, *,
     Raises:
         NotFoundError: no such version (the message lists the newest known ones), or its folder
             is missing.
-        DamagedFileError: its manifest or its model's config.json cannot be read.
+        DamagedFileError: its manifest or its model's config.json cannot be read, or a Keras
+            file of its model is not a zip archive (``check_bundle_files``).
         ModelMismatchError: it was built with other encoders than ``encoders``, or its model
             bundle lacks keys.
     """
@@ -205,8 +235,9 @@ def set_current(engine: Engine, version: str, *,
             if len(known) > SHOWN_VERSIONS else " (see `recsys model list`)"
         raise NotFoundError(f"model version '{version}' does not exist; known versions: {shown}{more}")
     chosen = get_version(engine, version)
-    # The nightly loads the model from this folder: a bundle without its config would fail there.
-    read_bundle_config(chosen.model_dir)
+    # The nightly loads the model from this folder: a bundle without its config or with a
+    # deleted or truncated Keras file would fail there, at night.
+    check_bundle_files(chosen.model_dir)
     if encoders is not None:
         check_encoders(chosen.manifest, *(encoders() if callable(encoders) else encoders), what=f"model version {version}")
     with serialized_transaction(engine, PUBLISH_LOCK_KEY) as conn:
@@ -239,9 +270,10 @@ def check_encoders(manifest: dict, text_info: dict, image_info: dict, *, what: s
 def describe_versions(engine: Engine) -> list[dict]:
     """One summary per registered version, oldest first (``recsys model list``): its training
     settings, window and validation metrics from the manifest, whether it is current and whether
-    its index exists. A version whose folder is missing or whose manifest is damaged is listed
-    too, ``status`` "missing" or "damaged" with the reason in ``problem``; its figures then come
-    from the copy of the manifest in the store."""
+    its index exists. A version whose folder is missing, or whose manifest or model bundle is
+    damaged (``check_bundle_files``), is listed too, ``status`` "missing" or "damaged" with the
+    reason in ``problem``; the figures of a version without a readable manifest come from the
+    copy of the manifest in the store."""
     from recsys.index.faiss_index import FaissIndex
 
     out = []
@@ -253,6 +285,11 @@ def describe_versions(engine: Engine) -> list[dict]:
         except (NotFoundError, DamagedFileError) as exc:
             status = "missing" if isinstance(exc, NotFoundError) else "damaged"
             problem, manifest = str(exc), row["manifest"] if isinstance(row["manifest"], dict) else {}
+        else:
+            try:
+                check_bundle_files(ModelVersion(row["version"], path, manifest).model_dir)
+            except (NotFoundError, DamagedFileError, ModelMismatchError) as exc:
+                status, problem = "damaged", str(exc)
         window, metrics, data = (manifest.get(key) if isinstance(manifest.get(key), dict) else {}
                                  for key in ("training_window", "metrics", "data"))
         out.append({

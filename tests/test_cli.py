@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import zipfile
 from datetime import datetime
 from pathlib import Path
 
@@ -649,7 +650,7 @@ def _register_versions(workspace: Path, names: list[str], encoders: tuple[dict, 
     from recsys.config import load_config
     from recsys.pipelines.features import configured_encoder_infos
     from recsys.store.database import open_store
-    from recsys.versions import publish_version, staging_dir
+    from recsys.versions import BUNDLE_MODEL_FILES, publish_version, staging_dir
 
     text, image = encoders or configured_encoder_infos(load_config(None))
     engine = open_store(f"sqlite:///{workspace / 'recsys.db'}")
@@ -658,6 +659,8 @@ def _register_versions(workspace: Path, names: list[str], encoders: tuple[dict, 
             staged = staging_dir(workspace / "models", name)
             (staged / "model").mkdir()
             (staged / "model" / "config.json").write_text('{"embedding_dim": 8, "side_features": {}}')
+            for file in BUNDLE_MODEL_FILES:  # empty zip archives: what `model use` and `model list` read of them
+                zipfile.ZipFile(staged / "model" / file, "w").close()
             publish_version(engine, workspace / "models", name, staged, {
                 "version": name, "text_encoder": text, "image_encoder": image, "modalities": "text,image",
                 "fusion": "gated", "metrics": {"val_auc": 0.6 + i / 100},
@@ -713,6 +716,14 @@ def test_model_list_and_use(capsys, tmp_path: Path, monkeypatch):
     code, out, _ = run(capsys, *ws, "model", "list", "--json")
     assert [(r["version"], r["current"], r["status"]) for r in json.loads(out)] == [
         ("v1", False, "damaged"), ("v2", True, "ok"), ("v3", False, "ok")]
+    # A truncated Keras file: refused (exit 1, naming it) and listed as damaged, not left to the nightly.
+    truncated = tmp_path / "models" / "v3" / "model" / "scorer.keras"
+    truncated.write_bytes(b"PK")
+    code, out, err = run(capsys, *ws, "model", "use", "v3")
+    assert (code, out) == (1, "") and err.startswith(f"error: {truncated}: the file is there (2 bytes) but is not a .keras"), err
+    code, out, err = run(capsys, *ws, "model", "list", "--json")
+    rows = json.loads(out)
+    assert [r["status"] for r in rows] == ["damaged", "ok", "damaged"] and str(truncated) in rows[2]["problem"], err
 
 
 def test_train_keep_current_publishes_without_serving(capsys, tmp_path: Path, monkeypatch):

@@ -104,8 +104,14 @@ IMAGE = {"name": "mobilenet_v1_1.0_imagenet", "version": "nudity==0.2.3+px:224",
 
 
 def _publish(engine, models, version: str, *, make_current: bool = True, **manifest):
+    """A version as a training publishes it; its Keras files are empty zip archives (what
+    ``check_bundle_files`` reads of them)."""
+    import zipfile
+
     staged = _stage(models, version)
     (staged / "model" / "config.json").write_text('{"embedding_dim": 8, "side_features": {}}')
+    for name in versions.BUNDLE_MODEL_FILES:
+        zipfile.ZipFile(staged / "model" / name, "w").close()
     manifest = {"text_encoder": TEXT, "image_encoder": IMAGE, "modalities": "text,image", "fusion": "gated", **manifest}
     return versions.publish_version(engine, models, version, staged, manifest, make_current=make_current)
 
@@ -173,6 +179,31 @@ def test_set_current_refuses_a_version_whose_folder_or_model_is_gone(engine, tmp
     with pytest.raises(NotFoundError, match=rf"model bundle {models / 'v3' / 'model'} has no config.json"):
         versions.set_current(engine, "v3")
     assert _current(engine) == ["v4"]
+
+
+def test_a_version_with_a_deleted_or_truncated_model_file_is_refused_and_listed_as_damaged(engine, tmp_path):
+    # `model use` and `model list` accepted it; the nightly then failed at night.
+    import pytest
+
+    from recsys.errors import DamagedFileError, NotFoundError
+
+    models = tmp_path / "models"
+    for version in ("v1", "v2", "v3"):
+        _publish(engine, models, version)
+    (models / "v1" / "model" / "scorer.keras").unlink()
+    truncated = models / "v2" / "model" / "item_tower.keras"
+    truncated.write_bytes(truncated.read_bytes()[:10])
+    with pytest.raises(NotFoundError, match=rf"^model bundle {models / 'v1' / 'model'} has no scorer.keras; the model "
+                                            r"version is damaged"):
+        versions.set_current(engine, "v1")
+    with pytest.raises(DamagedFileError, match=rf"^{truncated}: the file is there \(10 bytes\) but is not a .keras zip "
+                                               r"archive \(truncated or overwritten\)"):
+        versions.set_current(engine, "v2")
+    assert _current(engine) == ["v3"]
+    rows = versions.describe_versions(engine)
+    assert [(r["version"], r["status"]) for r in rows] == [("v1", "damaged"), ("v2", "damaged"), ("v3", "ok")]
+    assert "has no scorer.keras" in rows[0]["problem"] and str(truncated) in rows[1]["problem"]
+    assert rows[0]["modalities"] == "text,image"  # the manifest still reads: its figures are shown
 
 
 def test_set_current_refuses_a_version_built_with_other_encoders(engine, tmp_path):

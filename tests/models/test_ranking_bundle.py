@@ -65,6 +65,15 @@ def test_save_load_gives_identical_predictions(model, small, tmp_path):
     assert config["logged_clicks"] is False
 
 
+def test_the_versions_check_of_a_bundle_passes_a_saved_one(model, tmp_path):
+    # `model use` and `model list` check the files without TensorFlow, by their own list of names.
+    from recsys.versions import BUNDLE_MODEL_FILES, check_bundle_files
+
+    assert BUNDLE_MODEL_FILES == MODEL_FILES
+    model.save(tmp_path / "bundle")
+    assert check_bundle_files(tmp_path / "bundle")["embedding_dim"] == 16
+
+
 def test_logged_clicks_flag_survives_save_and_old_bundles_read_false(small_world, tmp_path):
     f = small_world.features
     m = RankingModel.create(f.text_encoder, f.image_encoder, ["c"], embedding_dim=16, history_len=5, num_heads=2,
