@@ -50,6 +50,18 @@ class ModelVersion:
     def index_dir(self) -> Path:
         return self.path / "index"
 
+    def field(self, key: str):
+        """The manifest's ``key``.
+
+        Raises:
+            DamagedFileError: the manifest lacks it (edited by hand, or written by an older
+                training), naming manifest.json and the key.
+        """
+        if key not in self.manifest:
+            raise DamagedFileError(f"{self.path / MANIFEST}: key '{key}' is missing from the manifest of model version "
+                                   f"'{self.version}'; train again, or restore the version's folder from a backup")
+        return self.manifest[key]
+
 
 def read_bundle_config(model_dir: Path) -> dict:
     """A model bundle's config.json, read without loading TensorFlow (see recsys.models.bundle):
@@ -239,7 +251,7 @@ def set_current(engine: Engine, version: str, *,
     # deleted or truncated Keras file would fail there, at night.
     check_bundle_files(chosen.model_dir)
     if encoders is not None:
-        check_encoders(chosen.manifest, *(encoders() if callable(encoders) else encoders), what=f"model version {version}")
+        check_encoders(chosen, *(encoders() if callable(encoders) else encoders))
     with serialized_transaction(engine, PUBLISH_LOCK_KEY) as conn:
         # Newest first, as get_version reads it: an old store may hold two current rows.
         previous = conn.execute(select(mv.version).where(mv.is_current.is_(True))
@@ -249,14 +261,16 @@ def set_current(engine: Engine, version: str, *,
     return previous
 
 
-def check_encoders(manifest: dict, text_info: dict, image_info: dict, *, what: str) -> None:
+def check_encoders(mv: ModelVersion, text_info: dict, image_info: dict) -> None:
     """Refuse to combine a version with features from other encoders.
 
     Raises:
         ModelMismatchError: naming the encoder, the saved identity and the given one.
+        DamagedFileError: the manifest records no identity (``ModelVersion.field``).
     """
+    what = f"model version {mv.version}"
     for key, given in (("text_encoder", text_info), ("image_encoder", image_info)):
-        saved = manifest.get(key)
+        saved = mv.field(key)
         if saved != given:
             # The text variant is part of the identity: a '+abstract' name is [encoders]
             # use_abstract = true, the version's '+len:N' is text_max_length = N.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -204,6 +205,32 @@ def test_a_version_with_a_deleted_or_truncated_model_file_is_refused_and_listed_
     assert [(r["version"], r["status"]) for r in rows] == [("v1", "damaged"), ("v2", "damaged"), ("v3", "ok")]
     assert "has no scorer.keras" in rows[0]["problem"] and str(truncated) in rows[1]["problem"]
     assert rows[0]["modalities"] == "text,image"  # the manifest still reads: its figures are shown
+
+
+def test_a_manifest_missing_a_key_is_named_not_a_key_error(engine, tmp_path):
+    # `recsys similar` said "internal error: KeyError: 'text_encoder'" (exit 2).
+    import pytest
+
+    from recsys.errors import DamagedFileError
+    from recsys.pipelines.index import index_manifest
+
+    models = tmp_path / "models"
+    _publish(engine, models, "v1", embedding_dim=8)
+    _publish(engine, models, "v2")
+    assert index_manifest(versions.get_version(engine, "v1")) == {
+        "model_version": "v1", "text_encoder": TEXT, "image_encoder": IMAGE, "embedding_dim": 8}
+    manifest = models / "v1" / versions.MANIFEST
+    edited = json.loads(manifest.read_text())
+    del edited["text_encoder"]
+    manifest.write_text(json.dumps(edited))
+    named = rf"^{manifest}: key 'text_encoder' is missing from the manifest of model version 'v1'; train again"
+    with pytest.raises(DamagedFileError, match=named):
+        index_manifest(versions.get_version(engine, "v1"))
+    with pytest.raises(DamagedFileError, match=named):  # it said "built with text_encoder None"
+        versions.set_current(engine, "v1", encoders=(TEXT, IMAGE))
+    with pytest.raises(DamagedFileError, match=rf"^{models / 'v2' / versions.MANIFEST}: key 'embedding_dim' is missing"):
+        index_manifest(versions.get_version(engine, "v2"))
+    assert _current(engine) == ["v2"]
 
 
 def test_set_current_refuses_a_version_built_with_other_encoders(engine, tmp_path):

@@ -172,6 +172,28 @@ def _damaged(path: Path, err: Exception) -> DamagedFileError:
                             "version is damaged: train again, or restore the version's folder from a backup")
 
 
+def _check_widths(directory: Path, config: RankingConfig, item_tower: keras.Model, user_encoder: keras.Model,
+                  scorer: keras.Model) -> None:
+    """Refuse a config.json whose widths are not the networks': an edited embedding_dim, or
+    files of two bundles, failed only at the first batch ("could not broadcast (400,128) into
+    (400,64)", an internal error)."""
+    d, s = config.embedding_dim, config.side_features.num_features
+    widths = [
+        ("embedding_dim", d, MODEL_FILES[0], "embeds articles in", item_tower.outputs[0].shape[-1]),
+        ("embedding_dim", d, MODEL_FILES[1], "reads history embeddings of", user_encoder.inputs[0].shape[-1]),
+        ("embedding_dim", d, MODEL_FILES[2], "reads user vectors of", scorer.inputs[0].shape[-1]),
+        ("embedding_dim", d, MODEL_FILES[2], "reads article embeddings of", scorer.inputs[1].shape[-1]),
+        ("side_features", s, MODEL_FILES[2], "reads side features of", scorer.inputs[2].shape[-1]),
+    ]
+    for key, expected, name, what, got in widths:
+        if got != expected:
+            raise DamagedFileError(
+                f"{directory / CONFIG_FILE}: {key} gives {expected} dimensions, but {name} {what} {got}; the bundle's "
+                "files do not belong together: the model version is damaged: train again, or restore the version's "
+                "folder from a backup"
+            )
+
+
 def _prior_weights(d: dict) -> tuple[float, ...]:
     """Per-block prior weights of a config.json; bundles saved before per-modality weights
     hold one ``prior_weight`` for every block (one block per modality)."""
@@ -381,6 +403,7 @@ class RankingModel:
                 models.append(keras.saving.load_model(directory / name))
             except Exception as err:  # noqa: BLE001 - Keras raises ValueError("File not found"), zipfile and h5 errors
                 raise _damaged(directory / name, err) from err
+        _check_widths(directory, config, *models)
         return cls(*models, config)
 
     # -- inference -----------------------------------------------------------------------

@@ -79,7 +79,7 @@ def train_missing_ablations(engine: Engine, workspace: Workspace, config: Config
     (today's config fills in what an older manifest does not record), on its window."""
     from recsys.pipelines.train import run_train
 
-    window = current.manifest["training_window"]
+    window = current.field("training_window")
     settings = training_settings(current.manifest)
     for modalities in ablation_modalities(current):
         if modalities in found:
@@ -389,7 +389,7 @@ def _display_name(mv: ModelVersion, kind: str) -> str:
 
 def _popularity(engine: Engine, catalogue: Catalogue, reference: ModelVersion) -> np.ndarray:
     """Clicks per article in the reference model's training window: the popularity baseline."""
-    window = reference.manifest["training_window"]
+    window = reference.field("training_window")
     return repo.read_click_counts(engine, catalogue.features.news_ids, since=datetime.fromisoformat(window["since"]),
                                   until=datetime.fromisoformat(window["until"]))
 

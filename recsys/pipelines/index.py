@@ -60,12 +60,9 @@ def _saved_stamps(mv: ModelVersion) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def index_manifest(mv: ModelVersion) -> dict:
-    return {
-        "model_version": mv.version,
-        "text_encoder": mv.manifest["text_encoder"],
-        "image_encoder": mv.manifest["image_encoder"],
-        "embedding_dim": mv.manifest["embedding_dim"],
-    }
+    """What a version's index must have been built with; a manifest lacking a key is named
+    (``ModelVersion.field``), not a KeyError."""
+    return {"model_version": mv.version, **{key: mv.field(key) for key in ("text_encoder", "image_encoder", "embedding_dim")}}
 
 
 def run_index_build(engine: Engine, workspace: Workspace, config: Config, *, version: str | None = None) -> dict:
@@ -76,7 +73,7 @@ def run_index_build(engine: Engine, workspace: Workspace, config: Config, *, ver
     mv = get_version(engine, version)
     t0 = time.perf_counter()
     news, features = load_catalogue(engine, workspace, config)
-    check_encoders(mv.manifest, features.text_encoder.to_dict(), features.image_encoder.to_dict(), what=f"model version {mv.version}")
+    check_encoders(mv, features.text_encoder.to_dict(), features.image_encoder.to_dict())
     model = load_version_model(mv, features)
     embeddings = model.item_embeddings(features)
     t_embed = time.perf_counter() - t0

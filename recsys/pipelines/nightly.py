@@ -59,7 +59,7 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, l
     from recsys.index.faiss_index import FaissIndex
 
     news, features = load_catalogue(engine, workspace, config)
-    check_encoders(mv.manifest, features.text_encoder.to_dict(), features.image_encoder.to_dict(), what=f"model version {mv.version}")
+    check_encoders(mv, features.text_encoder.to_dict(), features.image_encoder.to_dict())
     embeddings = load_version_model(mv, features).item_embeddings(features)
     published = published_times(engine, news)
     threads = config.runtime.threads or None

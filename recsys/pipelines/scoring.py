@@ -356,8 +356,7 @@ class VersionScorer:
     """
 
     def __init__(self, mv: ModelVersion, catalogue: Catalogue, *, times: FeatureTimes = FeatureTimes()):
-        check_encoders(mv.manifest, catalogue.features.text_encoder.to_dict(), catalogue.features.image_encoder.to_dict(),
-                       what=f"model version {mv.version}")
+        check_encoders(mv, catalogue.features.text_encoder.to_dict(), catalogue.features.image_encoder.to_dict())
         self.version = mv
         self.model = load_version_model(mv, catalogue.features)
         self.embeddings = self.model.item_embeddings(catalogue.features)

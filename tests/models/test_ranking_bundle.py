@@ -118,6 +118,20 @@ def test_a_truncated_bundle_file_is_named_as_damaged(model, tmp_path, name):
         RankingModel.load(tmp_path / "bundle")
 
 
+def test_a_config_whose_embedding_dim_is_not_the_networks_is_named_as_damaged(model, tmp_path):
+    # An edited embedding_dim loaded, then failed at the first batch: "could not broadcast input
+    # array from shape (400,128) into shape (400,64)", an internal error (exit 2).
+    from recsys.errors import DamagedFileError
+
+    model.save(tmp_path / "bundle")
+    path = tmp_path / "bundle" / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "embedding_dim": 8}))
+    with pytest.raises(DamagedFileError, match=re.escape(f"{path}: embedding_dim gives 8 dimensions, but item_tower.keras "
+                                                         "embeds articles in 16; the bundle's files do not belong together")):
+        RankingModel.load(tmp_path / "bundle")
+
+
 def test_load_refuses_other_encoders_naming_the_field(model, small_world, tmp_path):
     model.save(tmp_path / "bundle")
     text = small_world.features.text_encoder
