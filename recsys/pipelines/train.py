@@ -64,7 +64,8 @@ def train_window(engine: Engine, since: datetime | None, until: datetime | None,
         raise RecsysError(f"the store holds no labelled impressions{of}: run `recsys ingest --behaviors behaviors.tsv` first")
     # A default bound is not what the user typed: said as such, or "--until 2019-11-13 23:47:13"
     # reads like a typo of a flag never given.
-    start = f"--since {since}" if since is not None else f"the default start {lo} (the first labelled impression{of}; no --since given)"
+    start = (f"--since {since}" if since is not None
+             else f"the default start {lo} (the first labelled impression{of}; no --since given)")
     end = (f"--until {until}" if until is not None
            else f"the default end {hi + timedelta(seconds=1)} (1 s after the last labelled impression{of}; no --until given)")
     since = lo if since is None else since
