@@ -290,7 +290,7 @@ def _check_encoders(engine: Engine, config: Config) -> None:
     except NotFoundError:
         return  # no model yet: the job says so after the ingest
     saved_image = mv.manifest.get("image_encoder") if image is None else image
-    check_encoders(mv.manifest, text, saved_image, what=f"model version {mv.version}")
+    check_encoders(mv, text, saved_image)
 
 
 def _nightly_job(
