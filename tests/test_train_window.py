@@ -245,6 +245,17 @@ def _stored_runs_and_versions(engine) -> tuple[int, int]:
                 conn.execute(sa.select(sa.func.count()).select_from(s.model_versions)).scalar_one())
 
 
+def _five_days_and_a_validation_day(engine, tmp_path, monkeypatch, train_labels, dev_labels) -> Workspace:
+    """Five training days of one impression with ``train_labels`` and one on the validation day
+    with ``dev_labels`` ingested; the catalogue stubbed. Returns the workspace."""
+    news = write_lines(tmp_path / "news.tsv", [news_line(f"N{i}") for i in range(1, 5)])
+    lines = [behavior_line(i + 1, f"U{i}", T0 + i * D, ["N1"], train_labels) for i in range(5)]
+    lines.append(behavior_line(6, "U9", T0 + 6 * D, ["N1"], dev_labels))
+    ingest(engine, news_path=news, behaviors_path=write_lines(tmp_path / "b.tsv", lines), quarantine_dir=tmp_path / "q")
+    _stub_catalogue(monkeypatch)
+    return Workspace(tmp_path / "ws").ensure()
+
+
 @pytest.mark.parametrize(
     ("dev_labels", "message"),
     [
@@ -255,12 +266,7 @@ def _stored_runs_and_versions(engine) -> tuple[int, int]:
 )
 def test_a_validation_window_without_an_auc_is_refused_before_the_run_starts(engine, tmp_path, monkeypatch, dev_labels, message):
     # A ValueError from train_ctr before (exit code 2), after a run row was written.
-    news = write_lines(tmp_path / "news.tsv", [news_line(f"N{i}") for i in range(1, 5)])
-    lines = [behavior_line(i + 1, f"U{i}", T0 + i * D, ["N1"], ["N2-1", "N3-0"]) for i in range(5)]
-    lines.append(behavior_line(6, "U9", T0 + 6 * D, ["N1"], dev_labels))
-    ingest(engine, news_path=news, behaviors_path=write_lines(tmp_path / "b.tsv", lines), quarantine_dir=tmp_path / "q")
-    _stub_catalogue(monkeypatch)
-    ws = Workspace(tmp_path / "ws").ensure()
+    ws = _five_days_and_a_validation_day(engine, tmp_path, monkeypatch, ["N2-1", "N3-0"], dev_labels)
     with pytest.raises(RecsysError, match=rf"^the validation window 2019-11-14 10:00:01 .. 2019-11-15 10:00:01 {message}, "
                                           r"so its per-impression AUC, which early stopping follows, is undefined; "
                                           r"widen it \(--until, model.valid_days\) or ingest more behaviors$"):
@@ -273,12 +279,7 @@ def test_a_training_window_without_a_click_is_refused_before_the_run_starts(engi
     # It trained, and published as current a version that ranked by the content prior alone.
     from recsys.models.training import NoTrainingClicksError
 
-    news = write_lines(tmp_path / "news.tsv", [news_line(f"N{i}") for i in range(1, 5)])
-    lines = [behavior_line(i + 1, f"U{i}", T0 + i * D, ["N1"], ["N2-0", "N3-0"]) for i in range(5)]
-    lines.append(behavior_line(6, "U9", T0 + 6 * D, ["N1"], ["N3-1", "N4-0"]))
-    ingest(engine, news_path=news, behaviors_path=write_lines(tmp_path / "b.tsv", lines), quarantine_dir=tmp_path / "q")
-    _stub_catalogue(monkeypatch)
-    ws = Workspace(tmp_path / "ws").ensure()
+    ws = _five_days_and_a_validation_day(engine, tmp_path, monkeypatch, ["N2-0", "N3-0"], ["N3-1", "N4-0"])
     with pytest.raises(NoTrainingClicksError, match=r"^the training window 2019-11-09 10:00:00 .. 2019-11-14 10:00:01 holds "
                                                     r"no click \(all 10 labelled candidates are 0\): .* move the window "
                                                     r"\(--since, --until, model.valid_days\) onto days with clicks"):
