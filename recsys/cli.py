@@ -335,6 +335,10 @@ def nightly(
         "nightly.engine": "--engine", "nightly.k": "--k", "nightly.num_candidates": "--candidates",
         "nightly.shard_size": "--shard-size", "nightly.workers": "--workers", "nightly.ray_address": "--ray-address",
     })
+    if ray_address and config.nightly.engine != "ray":
+        # Typed for this run, so meant: the local engine would rank on this machine instead.
+        raise RecsysError(f"--ray-address {ray_address} goes with the ray engine, but nightly.engine is "
+                          f"{config.nightly.engine!r}: add --engine ray (or leave --ray-address out)")
     summary = run_nightly_job(
         c.engine(create=True), c.workspace, config, news=news, behaviors=behaviors, images=images, source=source,
         export=export, rerank=rerank,

@@ -114,10 +114,6 @@ class Config:
         _check_choice("model.modalities", self.model.modalities, MODALITY_SETS)
         _check_choice("index.kind", self.index.kind, INDEX_KINDS)
         _check_choice("nightly.engine", self.nightly.engine, ENGINES)
-        if self.nightly.ray_address and self.nightly.engine != "ray":
-            # The local engine never reads it: a job meant for a cluster would rank on this machine.
-            raise ConfigError(f"config key 'nightly.ray_address' is {self.nightly.ray_address!r}, but 'nightly.engine' "
-                              f"is {self.nightly.engine!r}: a Ray address goes with engine 'ray'")
         for key, value in (
             ("encoders.image_size", self.encoders.image_size),
             ("encoders.batch_size", self.encoders.batch_size),

@@ -415,6 +415,15 @@ def test_nightly_with_fewer_candidates_than_k_exits_1_before_the_store_is_opened
     assert not (tmp_path / "recsys.db").exists()
 
 
+def test_nightly_ray_address_flag_without_the_ray_engine_exits_1_before_the_store_is_opened(capsys, tmp_path: Path):
+    # The local engine never read it: a job meant for a cluster ranked on this machine, exit 0.
+    code, out, err = run(capsys, "--workspace", str(tmp_path), "nightly", "--ray-address", "10.0.0.1:6379")
+    assert (code, out) == (1, "")
+    assert err.strip() == ("error: --ray-address 10.0.0.1:6379 goes with the ray engine, but nightly.engine is "
+                           "'local': add --engine ray (or leave --ray-address out)"), err
+    assert not (tmp_path / "recsys.db").exists()
+
+
 def test_internal_error_exits_2_without_traceback(capsys, tmp_path: Path, monkeypatch):
     import recsys.store.stats as stats_module
 

@@ -272,16 +272,12 @@ def test_text_max_length_is_bounded_by_the_text_models_positions(tmp_path: Path)
     assert Config(encoders=EncodersConfig(text_model=str(model), text_max_length=4096)).encoders.text_max_length == 4096
 
 
-def test_a_ray_address_without_the_ray_engine_is_refused_naming_both(tmp_path: Path):
-    # The local engine never read it: a job meant for a cluster ranked on this machine, exit 0.
-    with pytest.raises(ConfigError, match=r"^--ray-address: config key 'nightly.ray_address' is '10.0.0.1:6379', but "
-                                          r"'nightly.engine' is 'local': a Ray address goes with engine 'ray'$"):
-        load_config(None, {"nightly.ray_address": "10.0.0.1:6379"}, flags={"nightly.ray_address": "--ray-address",
-                                                                          "nightly.engine": "--engine"})
+def test_a_ray_address_in_the_file_goes_with_either_engine(tmp_path: Path):
+    # The file's cluster with `--engine local` (a cluster down) and every other command, which
+    # never ranks, must still run; the nightly warns (tests/test_nightly_job.py).
     config = tmp_path / "recsys.toml"
     config.write_text('[nightly]\nray_address = "auto"\n')
-    with pytest.raises(ConfigError, match=rf"^{config}: config key 'nightly.ray_address' is 'auto', but 'nightly.engine'"):
-        load_config(config)
+    assert load_config(config).nightly.ray_address == "auto"
     assert load_config(config, {"nightly.engine": "ray"}).nightly.ray_address == "auto"
 
 

@@ -366,6 +366,20 @@ def test_a_job_whose_ray_cluster_is_unreachable_stops_before_the_ingest(tmp_path
     engine.dispose()
 
 
+def test_a_config_files_ray_address_with_the_local_engine_is_said_not_used(tmp_path, caplog):
+    """`--engine local` over a file's cluster (the cluster down) runs here; the log says so."""
+    import logging
+
+    world, ws, engine = ingested_sample(tmp_path, num_users=20, num_news=100, num_impressions=30, seed=4)
+    config = load_config(None, {"nightly.ray_address": "auto"})
+    with acquire_lock(engine, holder="other-host:4242"), caplog.at_level(logging.WARNING):
+        with pytest.raises(RunLockedError):  # stops there: the warning comes before the lock
+            run_nightly_job(engine, ws, config)
+    assert ("nightly.ray_address 'auto' is not used: the engine is 'local', so this machine ranks (nightly.engine = "
+            '"ray" or --engine ray ranks on the cluster)') in caplog.text
+    engine.dispose()
+
+
 def _runs(engine) -> list[tuple]:
     with engine.connect() as conn:
         return [tuple(r) for r in conn.execute(sa.select(schema.runs.c.run_id, schema.runs.c.kind, schema.runs.c.status))]

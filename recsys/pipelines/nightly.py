@@ -242,6 +242,11 @@ def run_nightly_job(
         check_output_folder("--export", export)
     _check_workspace_writable(engine, workspace)
     _check_encoders(engine, config)
+    if config.nightly.engine != "ray" and config.nightly.ray_address:
+        # A config file's cluster with `--engine local` (say, while the cluster is down) is fine;
+        # said, so that a job meant for the cluster is not taken to have run there.
+        log.warning("nightly.ray_address %r is not used: the engine is %r, so this machine ranks (nightly.engine = "
+                    "\"ray\" or --engine ray ranks on the cluster)", config.nightly.ray_address, config.nightly.engine)
     if config.nightly.engine == "ray" and config.nightly.ray_address:
         from recsys.ranking.engines import check_ray_reachable
 
