@@ -147,7 +147,6 @@ class Config:
         if self.encoders.text_max_length < 2:
             raise ConfigError(f"config key 'encoders.text_max_length' is {self.encoders.text_max_length}, expected at "
                               "least 2 tokens (the tokenizer's [CLS] and [SEP])")
-        self._check_text_positions()
         if self.index.exact_max_items < 0:
             raise ConfigError(f"config key 'index.exact_max_items' is {self.index.exact_max_items}, expected 0 (never "
                               "exact) or more")
@@ -174,17 +173,6 @@ class Config:
                 f"config key 'model.anchor_dim' is {self.model.anchor_dim}, expected 0 or more with "
                 f"anchor_dim x modalities ({anchors}) below 'model.embedding_dim' ({self.model.embedding_dim})"
             )
-
-
-    def _check_text_positions(self) -> None:
-        # Above the model's positions, the first long article fails in onnxruntime (exit 2), possibly
-        # after a night's ingest.
-        from recsys.encoders.positions import text_model_max_positions
-
-        limit = text_model_max_positions(self.encoders.text_model)
-        if limit is not None and self.encoders.text_max_length > limit[0]:
-            raise ConfigError(f"config key 'encoders.text_max_length' is {self.encoders.text_max_length}, expected at "
-                              f"most {limit[0]} ({limit[1]})")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

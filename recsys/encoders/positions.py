@@ -2,9 +2,8 @@
 
 A BERT-style model adds a learned position embedding to each token: a text longer than its
 table of positions fails inside onnxruntime (a broadcast error, exit 2), only when an article
-that long comes along, possibly after a night's ingest. The config refuses such a
-``encoders.text_max_length`` up front. Kept free of numpy and onnxruntime: every command
-validates its config.
+that long comes along, possibly after a night's ingest. The text encoder cuts texts there
+whatever ``encoders.text_max_length`` says. Kept free of numpy and onnxruntime.
 """
 
 from __future__ import annotations
@@ -15,6 +14,9 @@ from pathlib import Path
 # Positions of the bundled all-MiniLM-L6-v2 (its Hugging Face config.json's
 # max_position_embeddings; 513 tokens fail in onnxruntime, checked in tests/encoders).
 BUNDLED_TEXT_MAX_POSITIONS = 512
+# Model types that, like RoBERTa, number positions from the padding id + 1 (Hugging Face's
+# create_position_ids_from_input_ids): their tables hold pad_token_id + 1 positions that no token uses.
+_PADDING_OFFSET_MODELS = frozenset({"camembert", "mpnet", "longformer", "luke", "data2vec-text", "ibert", "markuplm"})
 
 
 def text_model_max_positions(model_path: str | Path | None) -> tuple[int, str] | None:
@@ -40,7 +42,7 @@ def text_model_max_positions(model_path: str | Path | None) -> tuple[int, str] |
     if not isinstance(positions, int) or isinstance(positions, bool) or positions < 2:
         return None
     model_type = str(data.get("model_type", "")).lower()
-    if "roberta" in model_type or model_type == "camembert":
+    if "roberta" in model_type or model_type in _PADDING_OFFSET_MODELS:
         pad = data.get("pad_token_id")
         positions -= (pad if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else 1) + 1
     return positions, f"max_position_embeddings in {config}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import numpy as np
 from recsys.encoders.item_features import EncoderInfo
 from recsys.encoders.positions import text_model_max_positions
 from recsys.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TEXT_MODEL_NAME = "all-MiniLM-L6-v2-int8"
 DEFAULT_TOKENIZER_PATH = Path(__file__).parent / "assets" / "all-MiniLM-L6-v2" / "tokenizer.json"
@@ -94,11 +97,15 @@ class TextEncoder:
             if not path.is_file():
                 raise ConfigError(f"{what} file {path} does not exist")
         self.max_length = int(max_length)
+        # Texts are cut at the model's positions too: one token more fails inside onnxruntime
+        # once a long article comes along (exit 2, every night). Not refused: a setting above
+        # them encoded every shorter text right, and its identity (+len:N) stays, so versions
+        # built with it need no retraining.
         limit = text_model_max_positions(None if bundled else self.model_path)
-        if limit is not None and self.max_length > limit[0]:
-            # Config refuses it too; this is for callers that build an encoder themselves.
-            raise ConfigError(f"text encoder max_length (encoders.text_max_length) is {self.max_length}, expected "
-                              f"at most {limit[0]} ({limit[1]})")
+        self.truncate_at = self.max_length if limit is None else min(self.max_length, limit[0])
+        if self.truncate_at < self.max_length:
+            log.warning("encoders.text_max_length = %d is more than the text model takes: texts are cut at %d tokens "
+                        "(%s)", self.max_length, self.truncate_at, limit[1])
 
         try:
             self._tokenizer = Tokenizer.from_file(str(self.tokenizer_path))
@@ -107,7 +114,7 @@ class TextEncoder:
         # The file may carry fixed-length padding (all-MiniLM's pads to 128); this class pads
         # each batch itself, to its longest text.
         self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(max_length=self.max_length)
+        self._tokenizer.enable_truncation(max_length=self.truncate_at)
 
         try:
             self._session = ort.InferenceSession(

@@ -196,23 +196,40 @@ def test_max_length_must_leave_room_for_tokens():
         TextEncoder(max_length=1)
 
 
-def test_the_bundled_model_takes_exactly_its_max_positions():
-    # The bound the config enforces (BUNDLED_TEXT_MAX_POSITIONS) is the model's own: one token
-    # more fails inside onnxruntime (exit 2 once a long article came along).
+def test_texts_are_cut_at_the_bundled_models_positions(caplog):
+    # One token more than the positions failed inside onnxruntime (exit 2, every night once a
+    # long article came along). Texts are cut there; the identity keeps the configured length.
+    import logging
+
     from recsys.encoders.positions import BUNDLED_TEXT_MAX_POSITIONS
 
-    encoder = TextEncoder(max_length=BUNDLED_TEXT_MAX_POSITIONS, num_threads=1)
-    assert encoder.encode(["word " * 700]).shape == (1, 384)
-    with pytest.raises(ConfigError, match=r"max_length \(encoders.text_max_length\) is 513, expected at most 512 "
-                                          r"\(the bundled all-MiniLM-L6-v2's positions\)"):
-        TextEncoder(max_length=BUNDLED_TEXT_MAX_POSITIONS + 1)
+    long_text = ["word " * 700]
+    at_limit = TextEncoder(max_length=BUNDLED_TEXT_MAX_POSITIONS, num_threads=1)
+    with caplog.at_level(logging.WARNING):
+        above = TextEncoder(max_length=1024, num_threads=1)
+    assert "encoders.text_max_length = 1024 is more than the text model takes: texts are cut at 512 tokens" in caplog.text
+    assert above.info.version.endswith("+len:1024") and at_limit.info.version.endswith("+len:512")
+    np.testing.assert_array_equal(above.encode(long_text), at_limit.encode(long_text))
+    short = ["a short title"]
+    np.testing.assert_array_equal(above.encode(short), at_limit.encode(short))
+    # The bound is the model's own: 513 tokens fail in onnxruntime.
+    at_limit._tokenizer.enable_truncation(max_length=BUNDLED_TEXT_MAX_POSITIONS + 1)
+    with pytest.raises(Exception, match="(?i)broadcast|index|invalid"):
+        at_limit.encode(long_text)
 
 
-def test_a_plugged_model_is_bounded_by_the_config_json_beside_it(tmp_path):
+def test_a_plugged_model_is_cut_at_the_config_json_beside_it(tmp_path, caplog):
+    import logging
+
     table = np.zeros((30522, 4), np.float32)
     path = write_embedding_model(tmp_path / "model.onnx", table, input_names=("input_ids",))
-    assert TextEncoder(path, DEFAULT_TOKENIZER_PATH, max_length=1000).max_length == 1000  # nothing says otherwise
+    assert TextEncoder(path, DEFAULT_TOKENIZER_PATH, max_length=1000).truncate_at == 1000  # nothing says otherwise
     (tmp_path / "config.json").write_text('{"model_type": "bert", "max_position_embeddings": 256}')
-    with pytest.raises(ConfigError, match=rf"is 257, expected at most 256 \(max_position_embeddings in {tmp_path / 'config.json'}\)"):
-        TextEncoder(path, DEFAULT_TOKENIZER_PATH, max_length=257)
-    assert TextEncoder(path, DEFAULT_TOKENIZER_PATH, max_length=256).max_length == 256
+    with caplog.at_level(logging.WARNING):
+        encoder = TextEncoder(path, DEFAULT_TOKENIZER_PATH, max_length=257)
+    assert (encoder.max_length, encoder.truncate_at) == (257, 256)
+    assert f"texts are cut at 256 tokens (max_position_embeddings in {tmp_path / 'config.json'})" in caplog.text
+    for model_type in ("roberta", "xlm-roberta", "mpnet"):  # positions numbered from the padding id + 1
+        (tmp_path / "config.json").write_text(
+            f'{{"model_type": "{model_type}", "max_position_embeddings": 514, "pad_token_id": 1}}')
+        assert TextEncoder(path, DEFAULT_TOKENIZER_PATH, max_length=600).truncate_at == 512
