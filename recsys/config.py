@@ -84,8 +84,9 @@ class NightlyConfig:
 
 
 # Most threads runtime.threads may ask for: onnxruntime spends about 40 ms per thread creating
-# a session (100000 threads hung the nightly's index helper), and no more cores help here.
-MAX_THREADS = 256
+# a session (100000 threads hung the nightly's index helper); the largest machines (and a Ray
+# cluster's budget, shared out among its actors) have a few hundred cores.
+MAX_THREADS = 4096
 
 
 @dataclass(frozen=True)

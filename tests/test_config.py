@@ -70,9 +70,9 @@ def test_unknown_section_is_named():
         ({"nightly": {"active_days": float("nan")}}, r"'nightly.active_days' is nan"),
         ({"nightly": {"freshness_days": 0.0}}, r"'nightly.freshness_days' is 0.0"),
         # a negative count aborted TensorFlow in the helper, reported as the out-of-memory killer
-        ({"runtime": {"threads": -1}}, r"'runtime.threads' is -1, expected 0 \(every core\) to 256"),
+        ({"runtime": {"threads": -1}}, r"'runtime.threads' is -1, expected 0 \(every core\) to 4096"),
         # onnxruntime spent about 40 ms per thread creating each session: the nightly hung
-        ({"runtime": {"threads": 100000}}, r"'runtime.threads' is 100000, expected 0 \(every core\) to 256"),
+        ({"runtime": {"threads": 100000}}, r"'runtime.threads' is 100000, expected 0 \(every core\) to 4096"),
         # found by the encoder or the index build only after a nightly's ingest, naming no key;
         # a batch size below 64 was silently raised to 64
         ({"encoders": {"text_max_length": 1}}, r"'encoders.text_max_length' is 1, expected at least 2 tokens"),
@@ -271,4 +271,4 @@ def test_a_ray_address_in_the_file_goes_with_either_engine(tmp_path: Path):
 
 
 def test_runtime_threads_at_its_bound_is_accepted():
-    assert Config(runtime=RuntimeConfig(threads=MAX_THREADS)).runtime.threads == MAX_THREADS == 256
+    assert Config(runtime=RuntimeConfig(threads=MAX_THREADS)).runtime.threads == MAX_THREADS == 4096
