@@ -43,3 +43,14 @@ def test_the_fingerprint_against_a_hand_computed_one(tmp_path):
 
 def test_release_names_the_version_and_this_tree():
     assert recsys.release() == f"{recsys.__version__}+{source_fingerprint(Path(recsys.__file__).parent)[:16]}"
+
+
+def test_a_tree_without_sources_is_read_by_its_compiled_files(tmp_path):
+    # compileall, then the .py files removed: the hash of no file at all would be every release's.
+    (tmp_path / "__pycache__").mkdir()
+    compiled = tmp_path / "__pycache__" / "a.cpython-311.pyc"
+    compiled.write_bytes(b"one")
+    before = source_fingerprint(tmp_path)
+    assert before != hashlib.sha256().hexdigest()
+    compiled.write_bytes(b"two")
+    assert source_fingerprint(tmp_path) != before
