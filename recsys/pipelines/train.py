@@ -183,10 +183,13 @@ def _no_validation_auc(valid_start: datetime, until: datetime, problem: str) -> 
 def scoreable_impressions(impressions: Impressions) -> int:
     """Impressions with both a click and a non-click: those the per-impression AUC averages
     over (``training.mean_impression_auc`` skips the others)."""
-    owner = np.repeat(np.arange(len(impressions)), np.diff(impressions.candidate_offsets))
-    clicks = np.bincount(owner, weights=impressions.labels == 1, minlength=len(impressions))
-    non_clicks = np.bincount(owner, weights=impressions.labels == 0, minlength=len(impressions))
-    return int(((clicks > 0) & (non_clicks > 0)).sum())
+    # One boolean per candidate at most (a MIND-large day holds tens of millions of them).
+    starts = impressions.candidate_offsets[:-1][np.diff(impressions.candidate_offsets) > 0]
+    if len(starts) == 0:
+        return 0
+    clicked = np.logical_or.reduceat(impressions.labels == 1, starts)
+    skipped = np.logical_or.reduceat(impressions.labels == 0, starts)
+    return int((clicked & skipped).sum())
 
 
 def warn_thin_validation(valid: Impressions, valid_start: datetime, until: datetime) -> int:
