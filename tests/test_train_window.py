@@ -387,3 +387,28 @@ def test_a_training_started_during_an_ingest_says_so_before_it_reads(store, tmp_
     assert re.search(rf"ingest run {record['run_id']} \(.*, started .* UTC\) is still running: this training reads only "
                      "the batches it has committed so far", caplog.text)
     assert running_runs(store, "ingest") == []
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_window_labels_answer_what_the_rows_say(engine, tmp_path, seed):
+    """The EXISTS answers against the labels written, window by window (unlabelled lines too)."""
+    from recsys.store import repository as repo
+
+    rng = np.random.default_rng(seed)
+    news = write_lines(tmp_path / "news.tsv", [news_line(f"N{i}") for i in range(1, 5)])
+    rows = []  # (day, labels or None)
+    for i in range(12):
+        labels = None if rng.random() < 0.2 else rng.integers(0, 2, rng.integers(1, 4)).tolist()
+        rows.append((int(rng.integers(0, 6)), labels))
+    lines = [behavior_line(i + 1, f"U{i}", T0 + day * D, [], [f"N{j + 1}" + ("" if labels is None else f"-{y}")
+                                                              for j, y in enumerate(labels or [0, 0])])
+             for i, (day, labels) in enumerate(rows)]
+    ingest(engine, news_path=news, behaviors_path=write_lines(tmp_path / "b.tsv", lines), quarantine_dir=tmp_path / "q")
+    for lo in range(6):
+        for hi in range(lo + 1, 7):
+            shown = [labels for day, labels in rows if lo <= day < hi and labels is not None]
+            want = {"labelled": bool(shown), "clicked": any(1 in ls for ls in shown),
+                    "scoreable": any(1 in ls and 0 in ls for ls in shown)}
+            assert repo.window_labels(engine, since=T0 + lo * D, until=T0 + hi * D) == want, (lo, hi)
+            assert repo.window_labels(engine, since=T0 + lo * D, until=T0 + hi * D, asks=("scoreable",)) == {
+                "scoreable": want["scoreable"]}

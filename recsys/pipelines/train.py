@@ -98,16 +98,18 @@ def check_window_labels(engine: Engine, since: datetime, valid_start: datetime, 
     """
     from recsys.models.training import unscoreable_reason
 
-    parts = {"training": (since, valid_start), "validation": (valid_start, until)}
-    found = {name: repo.window_labels(engine, since=lo, until=hi, source=source) for name, (lo, hi) in parts.items()}
-    for name, (labelled, _, _) in found.items():
-        if not labelled:
+    parts = {"training": (since, valid_start, ("labelled", "clicked")),
+             "validation": (valid_start, until, ("labelled", "scoreable"))}
+    found = {name: repo.window_labels(engine, since=lo, until=hi, source=source, asks=asks)
+             for name, (lo, hi, asks) in parts.items()}
+    for name, answers in found.items():
+        if not answers["labelled"]:
             raise _empty_window(engine, name, since, valid_start, until, source)
     # The counts in the messages are read only on the way out: a sum over the whole window.
-    if not found["training"][1]:
+    if not found["training"]["clicked"]:
         raise _no_training_click(since, valid_start, repo.window_label_counts(engine, since=since, until=valid_start,
                                                                               source=source)[1])
-    if not found["validation"][2]:
+    if not found["validation"]["scoreable"]:
         counts = repo.window_label_counts(engine, since=valid_start, until=until, source=source)
         raise _no_validation_auc(valid_start, until, unscoreable_reason(*counts))
 

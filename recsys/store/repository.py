@@ -73,12 +73,18 @@ def time_range(
     return lo, hi
 
 
-def window_labels(engine: Engine, *, since: datetime, until: datetime, source: str | None = None) -> tuple[bool, bool, bool]:
-    """Whether impressions with time in ``[since, until)`` (of ``source``) hold (a labelled
-    candidate, a click, an impression with both a click and a non-click), read without the rows.
+WINDOW_LABEL_ASKS = ("labelled", "clicked", "scoreable")
+
+
+def window_labels(engine: Engine, *, since: datetime, until: datetime, source: str | None = None,
+                  asks: tuple[str, ...] = WINDOW_LABEL_ASKS) -> dict[str, bool]:
+    """Whether impressions with time in ``[since, until)`` (of ``source``) hold what ``asks``
+    names: "labelled" (a labelled candidate), "clicked" (a click), "scoreable" (an impression
+    with both a click and a non-click); read without the rows.
 
     Each EXISTS walks the time index and stops at its first match: milliseconds when the answer
-    is yes, whatever the window's size (``recsys train`` asks before encoding the catalogue).
+    is yes, whatever the window's size (``recsys train`` asks before encoding the catalogue); a
+    "no" walks the whole window, so only what the caller reads is asked.
     """
     im, it = s.impressions.c, s.impression_items.c
     window = [im.time >= since, im.time < until] + ([im.source == source] if source is not None else [])
@@ -89,10 +95,12 @@ def window_labels(engine: Engine, *, since: datetime, until: datetime, source: s
     def some_impression(*conds):
         return select(im.id).where(*window, *conds).exists()
 
-    query = select(some_impression(labelled(it.label.is_not(None))), some_impression(labelled(it.label == 1)),
-                   some_impression(labelled(it.label == 1), labelled(it.label == 0)))
+    exists = {"labelled": lambda: some_impression(labelled(it.label.is_not(None))),
+              "clicked": lambda: some_impression(labelled(it.label == 1)),
+              "scoreable": lambda: some_impression(labelled(it.label == 1), labelled(it.label == 0))}
     with engine.connect() as conn:
-        return tuple(bool(v) for v in conn.execute(query).one())
+        row = conn.execute(select(*(exists[ask]() for ask in asks))).one()
+    return {ask: bool(value) for ask, value in zip(asks, row)}
 
 
 def window_label_counts(engine: Engine, *, since: datetime, until: datetime, source: str | None = None) -> tuple[int, int]:
