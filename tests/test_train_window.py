@@ -187,6 +187,7 @@ def test_a_validation_auc_of_few_impressions_is_warned_about_not_refused(engine,
     ("valid_labels", "train_labels", "window", "message"),
     [
         ([["N3-1", "N4-0"]], ["N2-0", "N3-0"], {}, "training window .* holds no click"),
+        ([["N3-1", "N4-0"]], ["N2-1", "N3-1"], {}, r"training window .* holds no non-click \(all \d+ labelled candidates are 1\)"),
         ([["N3-0", "N4-0"]], ["N2-1", "N3-0"], {}, "validation window .* holds no click"),
         ([["N3-1", "N4-1"]], ["N2-1", "N3-0"], {}, "validation window .* holds only clicks"),
         ([["N3-1"], ["N4-0"]], ["N2-1", "N3-0"], {}, r"has no impression with both a click and a non-click \(1 clicks"),
@@ -194,7 +195,7 @@ def test_a_validation_auc_of_few_impressions_is_warned_about_not_refused(engine,
         ([["N3-1", "N4-0"]], ["N2-1", "N3-0"], {"since": "2019-11-14", "until": "2019-11-16"},
          "the training window holds no labelled"),
     ],
-    ids=["no training click", "no validation click", "only validation clicks", "clicks apart", "empty validation",
+    ids=["no training click", "no training non-click", "no validation click", "only validation clicks", "clicks apart", "empty validation",
          "empty training"],
 )
 def test_a_window_without_the_labels_training_needs_fails_before_the_catalogue_is_encoded(
@@ -408,7 +409,7 @@ def test_window_labels_answer_what_the_rows_say(engine, tmp_path, seed):
         for hi in range(lo + 1, 7):
             shown = [labels for day, labels in rows if lo <= day < hi and labels is not None]
             want = {"labelled": bool(shown), "clicked": any(1 in ls for ls in shown),
-                    "scoreable": any(1 in ls and 0 in ls for ls in shown)}
+                    "skipped": any(0 in ls for ls in shown), "scoreable": any(1 in ls and 0 in ls for ls in shown)}
             assert repo.window_labels(engine, since=T0 + lo * D, until=T0 + hi * D) == want, (lo, hi)
             assert repo.window_labels(engine, since=T0 + lo * D, until=T0 + hi * D, asks=("scoreable",)) == {
                 "scoreable": want["scoreable"]}

@@ -59,6 +59,11 @@ class NoTrainingClicksError(RecsysError):
     and a version served on the content prior alone would be published as if trained."""
 
 
+class NoTrainingNonClicksError(RecsysError):
+    """The training impressions hold no non-click (a log of clicks alone): the networks would
+    learn that everything is clicked, and nothing tells a candidate from another."""
+
+
 def unscoreable_labels(impressions: Impressions) -> str | None:
     """Why no impression has a per-impression AUC ("holds no click", ...), or None when one has."""
     _, scoreable = mean_impression_auc(impressions.labels, np.zeros(len(impressions.labels)), impressions.candidate_offsets)

@@ -98,7 +98,7 @@ def check_window_labels(engine: Engine, since: datetime, valid_start: datetime, 
     """
     from recsys.models.training import unscoreable_reason
 
-    parts = {"training": (since, valid_start, ("labelled", "clicked")),
+    parts = {"training": (since, valid_start, ("labelled", "clicked", "skipped")),
              "validation": (valid_start, until, ("labelled", "scoreable"))}
     found = {name: repo.window_labels(engine, since=lo, until=hi, source=source, asks=asks)
              for name, (lo, hi, asks) in parts.items()}
@@ -109,6 +109,9 @@ def check_window_labels(engine: Engine, since: datetime, valid_start: datetime, 
     if not found["training"]["clicked"]:
         raise _no_training_click(since, valid_start, repo.window_label_counts(engine, since=since, until=valid_start,
                                                                               source=source)[1])
+    if not found["training"]["skipped"]:
+        raise _no_training_non_click(since, valid_start, repo.window_label_counts(engine, since=since, until=valid_start,
+                                                                                  source=source)[0])
     if not found["validation"]["scoreable"]:
         counts = repo.window_label_counts(engine, since=valid_start, until=until, source=source)
         raise _no_validation_auc(valid_start, until, unscoreable_reason(*counts))
@@ -146,6 +149,8 @@ def read_windows(
             raise _empty_window(engine, name, since, valid_start, until, source)
     if not (train.labels == 1).any():
         raise _no_training_click(since, valid_start, int((train.labels == 0).sum()))
+    if not (train.labels == 0).any():
+        raise _no_training_non_click(since, valid_start, int((train.labels == 1).sum()))
     problem = unscoreable_labels(valid)
     if problem is not None:
         raise _no_validation_auc(valid_start, until, problem)
@@ -160,6 +165,16 @@ def _empty_window(engine: Engine, name: str, since: datetime, valid_start: datet
     return RecsysError(
         f"the {name} window holds no labelled impressions ({since} .. {valid_start} .. {until}); "
         f"move the window (--since, --until, model.valid_days) onto days of ingested behaviors ({stored})"
+    )
+
+
+def _no_training_non_click(since: datetime, valid_start: datetime, clicks: int) -> RecsysError:
+    from recsys.models.training import NoTrainingNonClicksError
+
+    return NoTrainingNonClicksError(
+        f"the training window {since} .. {valid_start} holds no non-click (all {clicks} labelled candidates are 1): "
+        "a model trained on it could not tell a clicked candidate from a skipped one; check the ingested behaviors' "
+        "labels (a log of clicks alone?) or move the window (--since, --until, model.valid_days)"
     )
 
 

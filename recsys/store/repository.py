@@ -73,14 +73,14 @@ def time_range(
     return lo, hi
 
 
-WINDOW_LABEL_ASKS = ("labelled", "clicked", "scoreable")
+WINDOW_LABEL_ASKS = ("labelled", "clicked", "skipped", "scoreable")
 
 
 def window_labels(engine: Engine, *, since: datetime, until: datetime, source: str | None = None,
                   asks: tuple[str, ...] = WINDOW_LABEL_ASKS) -> dict[str, bool]:
     """Whether impressions with time in ``[since, until)`` (of ``source``) hold what ``asks``
-    names: "labelled" (a labelled candidate), "clicked" (a click), "scoreable" (an impression
-    with both a click and a non-click); read without the rows.
+    names: "labelled" (a labelled candidate), "clicked" (a click), "skipped" (a non-click),
+    "scoreable" (an impression with both a click and a non-click); read without the rows.
 
     Each EXISTS walks the time index and stops at its first match: milliseconds when the answer
     is yes, whatever the window's size (``recsys train`` asks before encoding the catalogue); a
@@ -97,6 +97,7 @@ def window_labels(engine: Engine, *, since: datetime, until: datetime, source: s
 
     exists = {"labelled": lambda: some_impression(labelled(it.label.is_not(None))),
               "clicked": lambda: some_impression(labelled(it.label == 1)),
+              "skipped": lambda: some_impression(labelled(it.label == 0)),
               "scoreable": lambda: some_impression(labelled(it.label == 1), labelled(it.label == 0))}
     with engine.connect() as conn:
         row = conn.execute(select(*(exists[ask]() for ask in asks))).one()
