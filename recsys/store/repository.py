@@ -73,6 +73,20 @@ def time_range(
     return lo, hi
 
 
+def _window(since: datetime | None, until: datetime | None, source: str | None = None) -> list:
+    """Conditions on ``impressions``: time in ``[since, until)`` (a None end: unbounded) and,
+    unless None, of ``source``."""
+    im = s.impressions.c
+    cond = []
+    if since is not None:
+        cond.append(im.time >= since)
+    if until is not None:
+        cond.append(im.time < until)
+    if source is not None:
+        cond.append(im.source == source)
+    return cond
+
+
 WINDOW_LABEL_ASKS = ("labelled", "clicked", "skipped", "scoreable")
 
 
@@ -87,7 +101,7 @@ def window_labels(engine: Engine, *, since: datetime, until: datetime, source: s
     "no" walks the whole window, so only what the caller reads is asked.
     """
     im, it = s.impressions.c, s.impression_items.c
-    window = [im.time >= since, im.time < until] + ([im.source == source] if source is not None else [])
+    window = _window(since, until, source)
 
     def labelled(*conds):
         return select(it.impression_pk).where(it.impression_pk == im.id, *conds).exists()
@@ -107,7 +121,7 @@ def window_labels(engine: Engine, *, since: datetime, until: datetime, source: s
 def window_label_counts(engine: Engine, *, since: datetime, until: datetime, source: str | None = None) -> tuple[int, int]:
     """(clicks, non-clicks) among the candidates of impressions with time in ``[since, until)``."""
     im, it = s.impressions.c, s.impression_items.c
-    window = [im.time >= since, im.time < until] + ([im.source == source] if source is not None else [])
+    window = _window(since, until, source)
     counts = [func.coalesce(func.sum(case((it.label == label, 1), else_=0)), 0) for label in (1, 0)]
     query = select(*counts).select_from(s.impression_items.join(s.impressions, it.impression_pk == im.id)).where(*window)
     with engine.connect() as conn:
@@ -277,13 +291,7 @@ def read_impressions(
         KeyError: a candidate's news id is not in ``news_ids`` (it has no features).
     """
     im, it = s.impressions.c, s.impression_items.c
-    cond = []
-    if since is not None:
-        cond.append(im.time >= since)
-    if until is not None:
-        cond.append(im.time < until)
-    if source is not None:
-        cond.append(im.source == source)
+    cond = _window(since, until, source)
     window = and_(*cond) if cond else true()
     # Two queries: the items (three narrow columns per candidate) and the impressions' own
     # columns once per impression, not repeated on every candidate row (half the read time).
@@ -376,11 +384,7 @@ def _labelled_items(
         (int32) and their impressions' times (datetime64[s]).
     """
     im, it = s.impressions.c, s.impression_items.c
-    cond = [where]
-    if since is not None:
-        cond.append(im.time >= since)
-    if until is not None:
-        cond.append(im.time < until)
+    cond = [where, *_window(since, until)]
     query = select(column, it.news_id, im.time).join(s.impressions, it.impression_pk == im.id).where(and_(*cond))
     lookup = pd.Index(news_ids, dtype=object)
     values, rows, times = [np.zeros(0, dtype)], [np.zeros(0, np.int32)], [np.zeros(0, "datetime64[s]")]
