@@ -177,8 +177,10 @@ def test_a_validation_auc_of_few_impressions_is_warned_about_not_refused(engine,
         run_train(engine, Workspace(tmp_path / "ws").ensure(), load_config(None, {}))
     thin = [r.getMessage() for r in caplog.records if "validation AUC rests on" in r.getMessage()]
     assert thin == [] if warned is None else (len(thin) == 1 and thin[0].startswith(warned)), thin
+    from recsys.models.training import scoreable_impressions
+
     counts = train_pipeline._counts(seen["train"], seen["valid"], seen["features"],
-                                    valid_scoreable=train_pipeline.scoreable_impressions(seen["valid"]))
+                                    valid_scoreable=scoreable_impressions(seen["valid"]))
     assert counts["valid_impressions"] == len(valid_labels)
     assert counts["valid_scoreable_impressions"] == sum(len(labels) == 2 and labels[0] != labels[1] for labels in valid_labels)
 
@@ -221,8 +223,8 @@ def test_a_window_without_the_labels_training_needs_fails_before_the_catalogue_i
 
 
 def test_scoreable_impressions_are_those_the_auc_averages_over(engine, tmp_path):
-    from recsys.models.training import mean_impression_auc
-    from recsys.pipelines.train import read_windows, scoreable_impressions
+    from recsys.models.training import mean_impression_auc, scoreable_impressions
+    from recsys.pipelines.train import read_windows
     from recsys.store import repository as repo
 
     rng = np.random.default_rng(1)

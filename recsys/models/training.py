@@ -64,10 +64,21 @@ class NoTrainingNonClicksError(RecsysError):
     learn that everything is clicked, and nothing tells a candidate from another."""
 
 
+def scoreable_impressions(impressions: Impressions) -> int:
+    """Impressions with both a click and a non-click: those the per-impression AUC averages
+    over (``mean_impression_auc`` skips the others)."""
+    # One boolean per candidate at most (a MIND-large day holds tens of millions of them).
+    starts = impressions.candidate_offsets[:-1][np.diff(impressions.candidate_offsets) > 0]
+    if len(starts) == 0:
+        return 0
+    clicked = np.logical_or.reduceat(impressions.labels == 1, starts)
+    skipped = np.logical_or.reduceat(impressions.labels == 0, starts)
+    return int((clicked & skipped).sum())
+
+
 def unscoreable_labels(impressions: Impressions) -> str | None:
     """Why no impression has a per-impression AUC ("holds no click", ...), or None when one has."""
-    _, scoreable = mean_impression_auc(impressions.labels, np.zeros(len(impressions.labels)), impressions.candidate_offsets)
-    if scoreable:
+    if scoreable_impressions(impressions):
         return None
     return unscoreable_reason(int((impressions.labels == 1).sum()), int((impressions.labels == 0).sum()))
 

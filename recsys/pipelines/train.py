@@ -59,7 +59,7 @@ def train_window(engine: Engine, since: datetime | None, until: datetime | None,
             ``valid_days``; the message says which bound is a default and which days the store holds.
     """
     lo, hi = repo.time_range(engine, source=source, labelled_only=True)
-    of = f" of source {source!r}" if source is not None else ""
+    of = _of_source(source)
     if lo is None:
         raise RecsysError(f"the store holds no labelled impressions{of}: run `recsys ingest --behaviors behaviors.tsv` first")
     # A default bound is not what the user typed: said as such, or "--until 2019-11-13 23:47:13"
@@ -82,9 +82,12 @@ def train_window(engine: Engine, since: datetime | None, until: datetime | None,
     return since, until - timedelta(days=valid_days), until
 
 
+def _of_source(source: str | None) -> str:
+    return f" of source {source!r}" if source is not None else ""
+
+
 def _stored_days(lo: datetime, hi: datetime, source: str | None) -> str:
-    of = f" of source {source!r}" if source is not None else ""
-    return f"the store's labelled impressions{of} run from {lo} to {hi}"
+    return f"the store's labelled impressions{_of_source(source)} run from {lo} to {hi}"
 
 
 def check_window_labels(engine: Engine, since: datetime, valid_start: datetime, until: datetime, *,
@@ -197,21 +200,11 @@ def _no_validation_auc(valid_start: datetime, until: datetime, problem: str) -> 
     )
 
 
-def scoreable_impressions(impressions: Impressions) -> int:
-    """Impressions with both a click and a non-click: those the per-impression AUC averages
-    over (``training.mean_impression_auc`` skips the others)."""
-    # One boolean per candidate at most (a MIND-large day holds tens of millions of them).
-    starts = impressions.candidate_offsets[:-1][np.diff(impressions.candidate_offsets) > 0]
-    if len(starts) == 0:
-        return 0
-    clicked = np.logical_or.reduceat(impressions.labels == 1, starts)
-    skipped = np.logical_or.reduceat(impressions.labels == 0, starts)
-    return int((clicked & skipped).sum())
-
-
 def warn_thin_validation(valid: Impressions, valid_start: datetime, until: datetime) -> int:
     """The validation window's scoreable impressions; a warning when the AUC rests on few of them
     (fewer than ``MIN_SCOREABLE_IMPRESSIONS``, or than ``MIN_SCOREABLE_SHARE`` of the window)."""
+    from recsys.models.training import scoreable_impressions
+
     scoreable = scoreable_impressions(valid)
     if scoreable < MIN_SCOREABLE_IMPRESSIONS or scoreable < MIN_SCOREABLE_SHARE * len(valid):
         log.warning("the validation AUC rests on %d impression%s (of %d in the validation window %s .. %s, only those "
