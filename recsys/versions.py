@@ -261,8 +261,9 @@ def set_current(engine: Engine, version: str, *,
     return previous
 
 
-def check_encoders(mv: ModelVersion, text_info: dict, image_info: dict) -> None:
-    """Refuse to combine a version with features from other encoders.
+def check_encoders(mv: ModelVersion, text_info: dict, image_info: dict | None) -> None:
+    """Refuse to combine a version with features from other encoders. ``image_info`` None: the
+    image encoder is not compared (a custom image model, whose identity needs TensorFlow).
 
     Raises:
         ModelMismatchError: naming the encoder, the saved identity and the given one.
@@ -271,7 +272,7 @@ def check_encoders(mv: ModelVersion, text_info: dict, image_info: dict) -> None:
     what = f"model version {mv.version}"
     for key, given in (("text_encoder", text_info), ("image_encoder", image_info)):
         saved = mv.field(key)
-        if saved != given:
+        if given is not None and saved != given:
             # The text variant is part of the identity: a '+abstract' name is [encoders]
             # use_abstract = true, the version's '+len:N' is text_max_length = N.
             keys = " ([encoders] use_abstract and text_max_length)" if key == "text_encoder" else ""

@@ -294,8 +294,7 @@ def _check_encoders(engine: Engine, config: Config) -> None:
         mv = get_version(engine)
     except NotFoundError:
         return  # no model yet: the job says so after the ingest
-    saved_image = mv.manifest.get("image_encoder") if image is None else image
-    check_encoders(mv, text, saved_image)
+    check_encoders(mv, text, image)
 
 
 def _nightly_job(
