@@ -22,18 +22,10 @@ from recsys.ranking.engines import MIN_PROBE_S, RAY_CONNECT_TIMEOUT_S, check_ray
 from recsys.ranking.lock import read_lock
 from recsys.ranking.nightly import run_nightly
 from recsys.store import schema as s
+from tests.ranking.stored import run_rows
 from recsys.threads import default_threads
 from tests.signals import swallowed_sigterm
 from tests.sockets import needs_linux, port_that_never_answers
-
-
-def _rows(engine, run_id) -> pd.DataFrame:
-    rec = s.recommendations.c
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(rec.user_id, rec.rank, rec.news_id, rec.score).where(rec.run_id == run_id).order_by(rec.user_id, rec.rank)
-        ).all()
-    return pd.DataFrame(rows, columns=[USER_ID, RANK, NEWS_ID, SCORE])
 
 
 def _run(engine, world, **kw):
@@ -58,7 +50,7 @@ def test_local_worker_processes_equal_in_process(world_store, world):
     here = _run(world_store, world, num_workers=0)
     pooled = _run(world_store, world, num_workers=2)
     assert pooled["counts"]["recommendations"] == here["counts"]["recommendations"]
-    _assert_same(_rows(world_store, pooled["run_id"]), _rows(world_store, here["run_id"]))
+    _assert_same(run_rows(world_store, pooled["run_id"]), run_rows(world_store, here["run_id"]))
 
 
 @pytest.mark.slow
@@ -69,7 +61,7 @@ def test_ray_engine_equals_local(world_store, world):
     assert on_ray["engine"] == "ray" and on_ray["status"] == "complete"
     assert on_ray["counts"]["shards"] == local["counts"]["shards"]
     assert on_ray["counts"]["candidates_scored"] == local["counts"]["candidates_scored"]
-    _assert_same(_rows(world_store, on_ray["run_id"]), _rows(world_store, local["run_id"]))
+    _assert_same(run_rows(world_store, on_ray["run_id"]), run_rows(world_store, local["run_id"]))
 
 
 def _port_nobody_listens_on() -> int:

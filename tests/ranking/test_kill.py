@@ -19,6 +19,7 @@ from recsys.ranking import runs
 from recsys.ranking.lock import this_host
 from recsys.ranking.nightly import run_nightly
 from recsys.store import schema as s
+from tests.ranking.stored import run_rows
 
 # rerank: each run ranks the same inputs again (else a night already done is returned as it is).
 SETTINGS = dict(shard_size=5, k=10, num_candidates=40, active_days=7, freshness_days=3, keep_runs=3, rerank=True)
@@ -42,15 +43,6 @@ SCRIPT = textwrap.dedent("""
 """).replace("{settings}", repr(SETTINGS))
 
 
-def _rows(engine, run_id) -> pd.DataFrame:
-    rec = s.recommendations.c
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(rec.user_id, rec.rank, rec.news_id, rec.score).where(rec.run_id == run_id).order_by(rec.user_id, rec.rank)
-        ).all()
-    return pd.DataFrame(rows, columns=[USER_ID, RANK, NEWS_ID, SCORE])
-
-
 def _shards_of_newer_runs(engine, run_id) -> int:
     rs = s.run_shards.c
     with engine.connect() as conn:
@@ -60,7 +52,7 @@ def _shards_of_newer_runs(engine, run_id) -> int:
 @pytest.mark.slow
 def test_kill_9_then_rerun(world_store, store_url, world, tmp_path, caplog):
     first = run_nightly(world_store, model_dir=world.model_dir, index_dir=world.index_dir, num_workers=0, **SETTINGS)
-    before = _rows(world_store, first["run_id"])
+    before = run_rows(world_store, first["run_id"])
     script = tmp_path / "nightly_job.py"
     script.write_text(SCRIPT)
     proc = subprocess.Popen(
@@ -90,7 +82,7 @@ def test_kill_9_then_rerun(world_store, store_url, world, tmp_path, caplog):
     assert 0 < len(runs.finished_shards(world_store, killed.run_id)) < killed.plan["num_shards"]
     # The previous run is still the one readers see, intact.
     assert runs.latest_run(world_store).run_id == first["run_id"]
-    pd.testing.assert_frame_equal(_rows(world_store, first["run_id"]), before)
+    pd.testing.assert_frame_equal(run_rows(world_store, first["run_id"]), before)
     user = world.active_users[0]
     assert runs.recommendations_for_user(world_store, user).attrs["run_id"] == first["run_id"]
 
@@ -99,7 +91,7 @@ def test_kill_9_then_rerun(world_store, store_url, world, tmp_path, caplog):
         rerun = run_nightly(world_store, model_dir=world.model_dir, index_dir=world.index_dir, num_workers=0, **SETTINGS)
     assert f"took over stale lock 'nightly' from {this_host()}:{proc.pid}" in caplog.text
     assert rerun["run_id"] == killed.run_id and rerun["resumed"] and rerun["counts"]["shards_resumed"] > 0
-    after = _rows(world_store, rerun["run_id"])
+    after = run_rows(world_store, rerun["run_id"])
     assert not after.duplicated([USER_ID, RANK]).any()
     assert len(after) == rerun["counts"]["recommendations"] == len(before)
     pd.testing.assert_frame_equal(after[[USER_ID, RANK, NEWS_ID]], before[[USER_ID, RANK, NEWS_ID]])
@@ -152,7 +144,7 @@ def test_a_worker_killed_by_a_signal_stops_the_run_resumably(world_store, world,
     rerun = run_nightly(world_store, model_dir=world.model_dir, index_dir=world.index_dir, num_workers=0, **SETTINGS)
     assert rerun["run_id"] == 1 and rerun["resumed"] and rerun["counts"]["shards_resumed"] == written
     clean = run_nightly(world_store, model_dir=world.model_dir, index_dir=world.index_dir, num_workers=0, **SETTINGS)
-    pd.testing.assert_frame_equal(_rows(world_store, 1)[[USER_ID, RANK, NEWS_ID]], _rows(world_store, clean["run_id"])[[USER_ID, RANK, NEWS_ID]])
+    pd.testing.assert_frame_equal(run_rows(world_store, 1)[[USER_ID, RANK, NEWS_ID]], run_rows(world_store, clean["run_id"])[[USER_ID, RANK, NEWS_ID]])
 
 
 @pytest.mark.slow
@@ -208,4 +200,4 @@ def test_a_ray_worker_that_keeps_dying_stops_the_run_resumably(world_store, worl
     rerun = run_nightly(world_store, model_dir=world.model_dir, index_dir=world.index_dir, num_workers=0, **SETTINGS)
     assert rerun["run_id"] == 1 and rerun["resumed"] and rerun["status"] == "complete"
     clean = run_nightly(world_store, model_dir=world.model_dir, index_dir=world.index_dir, num_workers=0, **SETTINGS)
-    pd.testing.assert_frame_equal(_rows(world_store, 1)[[USER_ID, RANK, NEWS_ID]], _rows(world_store, clean["run_id"])[[USER_ID, RANK, NEWS_ID]])
+    pd.testing.assert_frame_equal(run_rows(world_store, 1)[[USER_ID, RANK, NEWS_ID]], run_rows(world_store, clean["run_id"])[[USER_ID, RANK, NEWS_ID]])

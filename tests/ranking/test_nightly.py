@@ -18,6 +18,7 @@ from recsys.ranking import runs
 from recsys.ranking.lock import acquire_lock, read_lock
 from recsys.ranking.nightly import run_nightly
 from recsys.store import schema as s
+from tests.ranking.stored import run_rows
 
 K = 10
 
@@ -29,15 +30,6 @@ def _nightly(engine, world, **overrides):
     return run_nightly(engine, **args)
 
 
-def _run_rows(engine, run_id) -> pd.DataFrame:
-    rec = s.recommendations.c
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(rec.user_id, rec.rank, rec.news_id, rec.score).where(rec.run_id == run_id).order_by(rec.user_id, rec.rank)
-        ).all()
-    return pd.DataFrame(rows, columns=[USER_ID, RANK, NEWS_ID, SCORE])
-
-
 def test_nightly_ranks_every_active_user(world_store, world):
     summary = _nightly(world_store, world)
     assert summary["status"] == "complete" and summary["model_version"] == "model-v1"
@@ -46,7 +38,7 @@ def test_nightly_ranks_every_active_user(world_store, world):
     assert counts["shards"] == -(-len(world.active_users) // 7) and counts["shards_resumed"] == 0
     assert counts["users_with_recommendations"] == len(world.active_users)
     assert counts["users_without_recommendations"] == 0
-    rows = _run_rows(world_store, summary["run_id"])
+    rows = run_rows(world_store, summary["run_id"])
     assert counts["recommendations"] == len(rows) == summary["recommendations_stored"]
     assert set(rows[USER_ID]) == set(world.active_users)
     assert not rows.duplicated([USER_ID, RANK]).any() and not rows.duplicated([USER_ID, NEWS_ID]).any()
@@ -77,7 +69,7 @@ def test_reader_cold_start_and_unknown_users(world_store, world):
 @pytest.mark.slow
 def test_interrupted_run_resumes_and_matches_a_clean_run(world_store, world):
     clean = _nightly(world_store, world)
-    clean_rows = _run_rows(world_store, clean["run_id"])
+    clean_rows = run_rows(world_store, clean["run_id"])
     seen = []
 
     def interrupting_progress(description, total):
@@ -102,7 +94,7 @@ def test_interrupted_run_resumes_and_matches_a_clean_run(world_store, world):
     resumed = _nightly(world_store, world, rerank=True)
     assert resumed["resumed"] and resumed["counts"]["shards_resumed"] == 3
     assert resumed["run_id"] != clean["run_id"]
-    pd.testing.assert_frame_equal(_run_rows(world_store, resumed["run_id"]), clean_rows, check_exact=False, rtol=1e-6)
+    pd.testing.assert_frame_equal(run_rows(world_store, resumed["run_id"]), clean_rows, check_exact=False, rtol=1e-6)
 
 
 @contextmanager
@@ -132,14 +124,14 @@ def test_running_lock_refuses_a_second_run(world_store, world):
         with pytest.raises(RunLockedError, match=r"lock 'nightly' is held by other-host:4242 since .* UTC"):
             _nightly(world_store, world)
     assert runs.latest_run(world_store).run_id == first["run_id"]
-    assert len(_run_rows(world_store, first["run_id"])) == first["counts"]["recommendations"]
+    assert len(run_rows(world_store, first["run_id"])) == first["counts"]["recommendations"]
 
 
 @pytest.mark.slow
 def test_pruning_keeps_the_newest_runs(world_store, world):
     ids = [_nightly(world_store, world, keep_runs=2, rerank=True)["run_id"] for _ in range(3)]
     assert [runs.get_run(world_store, i).status for i in ids] == ["pruned", "complete", "complete"]
-    assert _run_rows(world_store, ids[0]).empty and not _run_rows(world_store, ids[1]).empty
+    assert run_rows(world_store, ids[0]).empty and not run_rows(world_store, ids[1]).empty
 
 
 def test_a_retry_of_a_night_already_done_returns_its_run_without_ranking_again(world_store, world):
@@ -167,8 +159,8 @@ def test_a_retry_that_finds_the_night_done_abandons_a_killed_rerank_of_it(world_
     assert again["already_complete"] and again["run_id"] == first["run_id"] and again["abandoned_runs"] == [killed]
     info = runs.get_run(world_store, killed)
     assert (info.status, info.message) == ("failed", f"superseded by run {first['run_id']}, which ranked the same inputs")
-    assert runs.finished_shards(world_store, killed) == {} and _run_rows(world_store, killed).empty
-    assert len(_run_rows(world_store, first["run_id"])) == first["counts"]["recommendations"]
+    assert runs.finished_shards(world_store, killed) == {} and run_rows(world_store, killed).empty
+    assert len(run_rows(world_store, first["run_id"])) == first["counts"]["recommendations"]
 
 
 def test_a_new_recsys_release_ranks_the_night_again(world_store, world, monkeypatch):
@@ -283,18 +275,17 @@ def test_histories_are_read_as_the_model_was_trained(world_store, world, tmp_pat
     assert asked and set(asked) == {True}
 
 
-
 def test_impression_clicks_a_model_does_not_read_are_not_recommended(world_store, world):
     """A model trained on the History column only (``logged_clicks = false``) is not shown the
     clicks of impressions, but the lists must still leave out everything the reader clicked."""
     from sqlalchemy import insert
 
-    first = _run_rows(world_store, _nightly(world_store, world)["run_id"])
+    first = run_rows(world_store, _nightly(world_store, world)["run_id"])
     top = first[first[RANK] == 1].set_index(USER_ID)[NEWS_ID]
     with world_store.begin() as conn:  # each reader has since clicked their first recommendation
         conn.execute(insert(s.clicks), [{"user_id": u, "news_id": n, "history_pos": None,
                                          "clicked_at": world.as_of - timedelta(hours=1)} for u, n in top.items()])
-    second = _run_rows(world_store, _nightly(world_store, world)["run_id"])
+    second = run_rows(world_store, _nightly(world_store, world)["run_id"])
     again = second.merge(top.rename("clicked").reset_index(), on=USER_ID)
     assert len(top) > 10 and not (again[NEWS_ID] == again["clicked"]).any()
 
@@ -404,7 +395,7 @@ def test_cold_start_readers_who_clicked_popular_articles_still_get_k(world_store
         conn.execute(insert(s.clicks), [{"user_id": u, "news_id": n, "history_pos": None,
                                          "clicked_at": world.as_of - timedelta(hours=1)}
                                         for u in world.cold_users for n in top])
-    rows = _run_rows(world_store, _nightly(world_store, world, k=10, num_candidates=10)["run_id"])
+    rows = run_rows(world_store, _nightly(world_store, world, k=10, num_candidates=10)["run_id"])
     cold = rows[rows[USER_ID].isin(world.cold_users)]
     fresh = {n for n, t in zip(world.news_ids, world.first_seen) if t is not None and t >= world.as_of - timedelta(days=3)}
     assert len(fresh - set(top)) >= 10  # enough eligible articles for a full list
@@ -429,7 +420,7 @@ def test_a_run_that_recommends_nothing_fails_and_readers_keep_the_last_lists(wor
     with pytest.raises(NothingToRecommendError, match=r"readers keep no lists \(there is no complete run\)"):
         _nightly(world_store, world, index_dir=_empty_index(world, tmp_path))
     yesterday = _nightly(world_store, world)
-    kept = _run_rows(world_store, yesterday["run_id"])
+    kept = run_rows(world_store, yesterday["run_id"])
     assert not kept.empty
     message = (rf"^run (\d+) recommends nothing to any of its {len(world.active_users)} users: no article was eligible "
                rf"\(the index holds 0; .*\); the run is marked failed and readers keep run {yesterday['run_id']}'s lists")
@@ -438,7 +429,7 @@ def test_a_run_that_recommends_nothing_fails_and_readers_keep_the_last_lists(wor
     failed = runs.get_run(world_store, int(re.match(message, str(raised.value)).group(1)))
     assert failed.status == "failed" and "recommends nothing" in failed.message
     assert runs.latest_run(world_store).run_id == yesterday["run_id"]
-    pd.testing.assert_frame_equal(_run_rows(world_store, yesterday["run_id"]), kept)
+    pd.testing.assert_frame_equal(run_rows(world_store, yesterday["run_id"]), kept)
     user = kept[USER_ID].iloc[0]
     assert runs.recommendations_for_user(world_store, user, k=K)[NEWS_ID].tolist() == kept[kept[USER_ID] == user][NEWS_ID].tolist()
 
