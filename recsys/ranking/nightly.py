@@ -157,6 +157,7 @@ def run_nightly(
     held = nullcontext(lock) if lock is not None else acquire_lock(engine, NIGHTLY_LOCK, stale_after=lock_stale_after)
     with held as lock:
         clock = time.perf_counter()
+        clock_from_store = as_of is None
         as_of, users = _active_users(engine, as_of=as_of, active_days=active_days)
         shards = [(i, users[start : start + shard_size]) for i, start in enumerate(range(0, len(users), shard_size))]
         timings["select_users"] = time.perf_counter() - clock
@@ -214,10 +215,12 @@ def run_nightly(
                 raise NothingToRecommendError(
                     f"run {run_id} recommends nothing to any of its {counts['users']} users: no article was eligible "
                     f"(the index holds {plan['index_items']}; only those first seen within nightly.freshness_days = "
-                    f"{freshness_days:g} days before {plan['as_of']} and not clicked by the reader count); the run is "
-                    "marked failed and readers keep "
+                    f"{freshness_days:g} days before {plan['as_of']}"
+                    + (", the store's latest impression time," if clock_from_store else "")
+                    + " and not clicked by the reader count); the run is marked failed and readers keep "
                     + (f"run {kept.run_id}'s lists" if kept is not None else "no lists (there is no complete run)")
                     + ": check the ingest and that window"
+                    + (" (one stored impression dated after the rest moves that time)" if clock_from_store else "")
                 )
             lock.check()
             runs.complete_run(engine, run_id, counts=counts, timings=timings, num_shards=len(shards))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import numpy as np
 import pandas as pd
@@ -423,11 +423,18 @@ def test_a_run_that_recommends_nothing_fails_and_readers_keep_the_last_lists(wor
     kept = run_rows(world_store, yesterday["run_id"])
     assert not kept.empty
     message = (rf"^run (\d+) recommends nothing to any of its {len(world.active_users)} users: no article was eligible "
-               rf"\(the index holds 0; .*\); the run is marked failed and readers keep run {yesterday['run_id']}'s lists")
+               rf"\(the index holds 0; .*, the store's latest impression time, .*\); the run is marked failed and readers "
+               rf"keep run {yesterday['run_id']}'s lists: check the ingest and that window \(one stored impression dated "
+               rf"after the rest moves that time\)$")
     with pytest.raises(NothingToRecommendError, match=message) as raised:
         _nightly(world_store, world, index_dir=_empty_index(world, tmp_path))
     failed = runs.get_run(world_store, int(re.match(message, str(raised.value)).group(1)))
     assert failed.status == "failed" and "recommends nothing" in failed.message
+    # A clock the caller gave is not the store's: the message does not blame a stored line.
+    with pytest.raises(NothingToRecommendError) as given:
+        _nightly(world_store, world, index_dir=_empty_index(world, tmp_path),
+                 as_of=datetime.fromisoformat(failed.plan["as_of"]))
+    assert "latest impression" not in str(given.value) and "moves that time" not in str(given.value)
     assert runs.latest_run(world_store).run_id == yesterday["run_id"]
     pd.testing.assert_frame_equal(run_rows(world_store, yesterday["run_id"]), kept)
     user = kept[USER_ID].iloc[0]
