@@ -69,9 +69,10 @@ class AppContext:
 
     def engine(self, *, create: bool = False):
         """The store, migrated; ``create`` for the commands that write data in (see ``open_store``)."""
-        from recsys.store.database import open_store
+        from recsys.store.database import open_store, refuse_in_memory_sqlite
 
         self.check_config()  # before the workspace or the store is created
+        refuse_in_memory_sqlite(self.db_url, self.db_source)  # each command is its own process
         self.workspace.ensure()
         engine = open_store(self.db_url, create=create, source=self.db_source)
         if self.call_on_close is not None:
@@ -180,7 +181,7 @@ def db_upgrade(ctx: typer.Context, revision: Annotated[str, typer.Option(help="T
 
     c = _ctx(ctx)
     c.check_config()
-    refuse_in_memory_sqlite(c.db_url, c.db_source)  # as open_store does: migrating one would keep nothing
+    refuse_in_memory_sqlite(c.db_url, c.db_source)  # as AppContext.engine does: migrating one would keep nothing
     c.workspace.ensure()
     ensure_sqlite_folder(c.db_url)  # as every other command does through open_store
     engine = create_engine_for(c.db_url)

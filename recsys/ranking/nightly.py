@@ -26,7 +26,7 @@ from sqlalchemy import Engine
 
 import recsys
 from recsys.config import ENGINES, MAX_DAYS, MAX_RANK
-from recsys.errors import ConfigError, RecsysError
+from recsys.errors import ConfigError, RecsysError, StoreError
 from recsys.models.side_features import SideFeatures
 from recsys.ranking import runs
 from recsys.ranking.engines import (
@@ -129,6 +129,7 @@ def run_nightly(
         WorkerDiedError: a worker process died; the run is left resumable.
         LockLostError: another job took the lock over as stale; this one stopped.
         NotFoundError: the model bundle or the index is missing.
+        StoreError: ``engine`` is an in-memory SQLite database (no worker could open it).
         ModelMismatchError: the model's config is unreadable, or its embedding size differs
             from the index's.
     """
@@ -154,6 +155,7 @@ def run_nightly(
         raise ValueError(f"the lock handed to run_nightly must be the held {NIGHTLY_LOCK!r} lock, got {lock.name!r}")
     if lock is not None:
         lock.check()  # LockLostError when another job took it over meanwhile
+    worker_url(engine)  # StoreError for a store no worker can open, before a run is created
     held = nullcontext(lock) if lock is not None else acquire_lock(engine, NIGHTLY_LOCK, stale_after=lock_stale_after)
     with held as lock:
         clock = time.perf_counter()
@@ -390,7 +392,20 @@ def _rank(engine, engine_name, run_id, prepared, todo, *, model_dir, index_dir, 
 
 
 def worker_url(engine: Engine) -> str:
-    """The store URL for workers, which may run in another directory (Ray): SQLite paths made absolute."""
+    """The store URL for workers, which may run in another directory (Ray): SQLite paths made absolute.
+
+    Raises:
+        StoreError: ``engine`` is an in-memory SQLite database, which no other process can open.
+    """
+    from recsys.store.database import is_in_memory_sqlite
+
+    rendered = engine.url.render_as_string(hide_password=False)
+    if is_in_memory_sqlite(rendered):
+        raise StoreError(
+            f"the store {rendered!r} is an in-memory SQLite database: the nightly job's worker and helper processes "
+            "open the store by its URL and would each get an empty database of their own; give a file "
+            "(sqlite:///path/to/store.db) or a PostgreSQL URL"
+        )
     url = engine.url
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         if not url.database.startswith("file:") and not Path(url.database).is_absolute():

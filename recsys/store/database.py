@@ -454,9 +454,12 @@ def open_store(url: str, *, create: bool = True, source: str | None = None) -> E
     Raises:
         StoreError: the store cannot be reached, it is missing or empty and ``create`` is
             False, it is at a revision this version of recsys does not know (written by a
-            newer version), or it is an in-memory SQLite database.
+            newer version).
+
+    An in-memory SQLite URL is accepted here, for use within one process (a notebook, a test);
+    the command line refuses it (``refuse_in_memory_sqlite``), and so do the nightly job's
+    worker processes (``recsys.ranking.nightly.worker_url``).
     """
-    refuse_in_memory_sqlite(url, source)
     if create:
         ensure_sqlite_folder(url)
     else:

@@ -22,6 +22,7 @@ from recsys.store.database import (
     is_in_memory_sqlite,
     mask_url,
     open_store,
+    refuse_in_memory_sqlite,
     upgrade,
 )
 from tests.sockets import needs_linux, port_that_never_answers
@@ -360,12 +361,39 @@ IN_MEMORY_URLS = [
 
 
 @pytest.mark.parametrize("url", IN_MEMORY_URLS)
-def test_open_store_refuses_an_in_memory_sqlite_database(url):
-    # It would take the data and exit 0; the next command finds nothing.
+def test_refuse_in_memory_sqlite_names_where_the_url_came_from(url):
+    # A command would take the data and exit 0; the next command finds nothing.
     with pytest.raises(StoreError, match=r"\(check --db / RECSYS_DB\) is an in-memory SQLite database, which keeps nothing"):
-        open_store(url)
+        refuse_in_memory_sqlite(url)
     with pytest.raises(StoreError, match=r"\(from RECSYS_DB\) is an in-memory"):
-        open_store(url, create=False, source="RECSYS_DB")
+        refuse_in_memory_sqlite(url, "RECSYS_DB")
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_open_store_keeps_an_in_memory_database_within_the_process(url):
+    # In one process (a notebook, a test suite of the product's users) it is a working store;
+    # refusing it in open_store broke that. A second connection sees the migrated tables.
+    engine = open_store(url)
+    try:
+        with engine.connect() as conn:
+            assert MigrationContext.configure(conn).get_current_revision() == head_revision()
+            assert conn.execute(sa.select(sa.func.count()).select_from(schema.news)).scalar() == 0
+    finally:
+        engine.dispose()
+
+
+def test_the_nightly_refuses_an_in_memory_store_before_it_creates_a_run(tmp_path):
+    # Its workers and its index helper open the store by URL: each would get an empty database.
+    from recsys.ranking.nightly import run_nightly
+
+    engine = open_store("sqlite://")
+    try:
+        with pytest.raises(StoreError, match=r"in-memory SQLite database: the nightly job's worker and helper processes"):
+            run_nightly(engine, model_dir=tmp_path / "model", index_dir=tmp_path / "index", num_workers=0)
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(schema.runs)).scalar() == 0
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.parametrize("url", ["sqlite:///store.db", "sqlite:///file:store.db?uri=true", "sqlite:///file:store.db?mode=ro&uri=true",
