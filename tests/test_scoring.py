@@ -39,6 +39,19 @@ def trained(tmp_path_factory):
     engine.dispose()
 
 
+def test_the_manifest_counts_the_validation_impressions_its_auc_averages(trained):
+    """``data.valid_scoreable_impressions`` of a real training, counted from the behaviors file."""
+    from datetime import datetime
+
+    world, ws, engine, config, versions = trained
+    for version in versions.values():
+        manifest = get_version(engine, version).manifest
+        start, until = (datetime.fromisoformat(manifest["training_window"][key]) for key in ("valid_start", "until"))
+        rows = [row for row in iter_behaviors(world / "behaviors_train.tsv") if start <= row.time <= until]
+        assert manifest["data"]["valid_impressions"] == len(rows) > 0
+        assert manifest["data"]["valid_scoreable_impressions"] == sum(set(row.labels) == {0, 1} for row in rows)
+
+
 def test_catalogue_clicks_are_the_clicks_of_the_ingested_file(trained):
     world, ws, engine, config, _ = trained
     catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)

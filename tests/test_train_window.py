@@ -162,10 +162,11 @@ def _window_store(engine, tmp_path, valid_labels: list[list[str]], train_labels:
     [
         ([["N3-1", "N4-0"]], "the validation AUC rests on 1 impression (of 1 in the validation window"),
         ([["N3-1", "N4-0"]] * 29 + [["N3-1"]] * 5, "the validation AUC rests on 29 impressions (of 34"),
-        ([["N3-1", "N4-0"]] * 30 + [["N3-1"]] * 271, "the validation AUC rests on 30 impressions (of 301"),
-        ([["N3-1", "N4-0"]] * 30 + [["N3-0"]] * 270, None),
+        # A log that keeps impressions without a click: 30 of 301 is as steady a mean as 30 of 30.
+        ([["N3-1", "N4-0"]] * 30 + [["N3-0"]] * 271, None),
+        ([["N3-1", "N4-0"]] * 30, None),
     ],
-    ids=["one", "under 30", "under 10%", "enough"],
+    ids=["one", "under 30", "30 among many without a click", "enough"],
 )
 def test_a_validation_auc_of_few_impressions_is_warned_about_not_refused(engine, tmp_path, monkeypatch, caplog,
                                                                           valid_labels, warned):

@@ -25,10 +25,11 @@ from recsys.versions import new_version_name, publish_version, staging_dir
 
 log = logging.getLogger("recsys.train")
 
-# Below either floor the validation AUC (which picks the epoch and is published with the version)
-# is warned about: it is the mean over few impressions. MIND's days hold tens of thousands.
+# Below this floor the validation AUC (which picks the epoch and is published with the version)
+# is warned about: it is the mean over few impressions. MIND's days hold tens of thousands. Not a
+# share of the window: how steady a mean is depends on how many impressions it averages, and a
+# log that keeps impressions without a click (MIND drops them) would be warned about every time.
 MIN_SCOREABLE_IMPRESSIONS = 30
-MIN_SCOREABLE_SHARE = 0.1
 
 
 def parse_time(value: str | None, flag: str) -> datetime | None:
@@ -201,12 +202,12 @@ def _no_validation_auc(valid_start: datetime, until: datetime, problem: str) -> 
 
 
 def warn_thin_validation(valid: Impressions, valid_start: datetime, until: datetime) -> int:
-    """The validation window's scoreable impressions; a warning when the AUC rests on few of them
-    (fewer than ``MIN_SCOREABLE_IMPRESSIONS``, or than ``MIN_SCOREABLE_SHARE`` of the window)."""
+    """The validation window's scoreable impressions; a warning when the AUC rests on fewer than
+    ``MIN_SCOREABLE_IMPRESSIONS`` of them."""
     from recsys.models.training import scoreable_impressions
 
     scoreable = scoreable_impressions(valid)
-    if scoreable < MIN_SCOREABLE_IMPRESSIONS or scoreable < MIN_SCOREABLE_SHARE * len(valid):
+    if scoreable < MIN_SCOREABLE_IMPRESSIONS:
         log.warning("the validation AUC rests on %d impression%s (of %d in the validation window %s .. %s, only those "
                     "with both a click and a non-click count): it picks the epoch and is published with the version, "
                     "so treat it as rough; widen the validation window (model.valid_days, --until) for a steadier one",
