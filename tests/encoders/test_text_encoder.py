@@ -233,3 +233,14 @@ def test_a_plugged_model_is_cut_at_the_config_json_beside_it(tmp_path, caplog):
         (tmp_path / "config.json").write_text(
             f'{{"model_type": "{model_type}", "max_position_embeddings": 514, "pad_token_id": 1}}')
         assert TextEncoder(path, DEFAULT_TOKENIZER_PATH, max_length=600).truncate_at == 512
+    # BERT's relative distances are bounded by the table too.
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "bert", "max_position_embeddings": 256, "position_embedding_type": "relative_key"}')
+    assert TextEncoder(path, DEFAULT_TOKENIZER_PATH, max_length=300).truncate_at == 256
+    # Positions that do not bound the input: DeBERTa-v2/v3's buckets, rotary, ALiBi. Cutting
+    # them at 512 would change what a long text encodes to under the same +len:N identity.
+    for extra in ('"model_type": "deberta-v2", "position_biased_input": false',
+                  '"model_type": "nomic_bert", "position_embedding_type": "rotary"',
+                  '"model_type": "bert", "position_embedding_type": "alibi"'):
+        (tmp_path / "config.json").write_text(f'{{{extra}, "max_position_embeddings": 512}}')
+        assert TextEncoder(path, DEFAULT_TOKENIZER_PATH, max_length=1024).truncate_at == 1024, extra
