@@ -14,13 +14,17 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
 def source_fingerprint(package_dir: Path) -> str:
     """sha256 (hex) over the relative path and bytes of every ``.py`` file under ``package_dir``.
 
-    Two trees with the same sources give the same value; caches (``__pycache__``) are not read.
-    A tree shipped without sources (compiled, the ``.py`` files removed) is read by its ``.pyc``
-    files instead, or every release would give the hash of nothing.
+    Two trees with the same sources give the same value; caches (``__pycache__``) and hidden
+    names (an editor's ``.#cli.py`` lock, often a link to nothing) are not read: no import
+    reads them either. A tree shipped without sources (compiled, the ``.py`` files removed) is
+    read by its ``.pyc`` files instead, or every release would give the hash of nothing.
     """
-    files = [p for p in package_dir.rglob("*.py") if "__pycache__" not in p.parts]
+    def code(pattern: str) -> list[Path]:
+        return [p for p in package_dir.rglob(pattern) if p.is_file()
+                and not any(part == "__pycache__" or part.startswith(".") for part in p.relative_to(package_dir).parts)]
+
     digest = hashlib.sha256()
-    for path in sorted(files or package_dir.rglob("*.pyc")):
+    for path in sorted(code("*.py") or package_dir.rglob("*.pyc")):
         digest.update(path.relative_to(package_dir).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()

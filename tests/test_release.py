@@ -41,6 +41,18 @@ def test_the_fingerprint_against_a_hand_computed_one(tmp_path):
     assert source_fingerprint(tmp_path) == want.hexdigest()
 
 
+def test_hidden_names_and_dangling_links_are_not_read(tmp_path):
+    # An editor's lock file (.#cli.py, a link to nothing) made the nightly exit 2 after its ingest.
+    (tmp_path / "a.py").write_bytes(b"x = 1\n")
+    before = source_fingerprint(tmp_path)
+    (tmp_path / ".#a.py").symlink_to("user@host.1234:1700000000")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "b.py").write_bytes(b"y = 2\n")
+    (tmp_path / "gone.py").symlink_to(tmp_path / "missing.py")
+    assert source_fingerprint(tmp_path) == before == hashlib.sha256(
+        b"a.py\0" + hashlib.sha256(b"x = 1\n").digest()).hexdigest()
+
+
 def test_release_names_the_version_and_this_tree():
     assert recsys.release() == f"{recsys.__version__}+{source_fingerprint(Path(recsys.__file__).parent)[:16]}"
 
