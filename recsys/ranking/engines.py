@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -28,6 +29,8 @@ import numpy as np
 from recsys.errors import ModelMismatchError, RecsysError
 from recsys.interrupts import raise_if_terminated
 from recsys.threads import configure_threads, default_threads
+
+log = logging.getLogger(__name__)
 
 # (shard number, user ids of the shard)
 Shard = tuple[int, np.ndarray]
@@ -499,6 +502,10 @@ def _init_ray(ray_address: str | None, num_cpus: int | None = None) -> None:
         else:
             # "local": a new instance whatever RAY_ADDRESS says; with address None ray.init joined
             # the cluster named there, refused num_cpus (ValueError, exit 2) after the night's ingest.
+            if os.environ.get("RAY_ADDRESS"):  # e.g. inside `ray job submit`: said, not silently left
+                log.warning("RAY_ADDRESS=%s is not used: nightly.ray_address is empty, so a Ray instance of this "
+                            "machine ranks; --ray-address auto (or nightly.ray_address) joins that cluster",
+                            os.environ["RAY_ADDRESS"])
             ray.init(address="local", num_cpus=num_cpus or default_threads(), include_dashboard=False,
                      log_to_driver=False)
     except ConnectionError as exc:  # no cluster found for "auto", or Ray's own wait ran out

@@ -247,7 +247,7 @@ def test_a_local_ray_instance_gets_the_actors_cpus_not_every_core(store, world, 
     assert asked["num_cpus"] == 6 and asked["address"] == "local"
 
 
-def test_a_local_ray_instance_is_started_whatever_ray_address_says(store, world, monkeypatch):
+def test_a_local_ray_instance_is_started_whatever_ray_address_says(store, world, monkeypatch, caplog):
     # With RAY_ADDRESS set, ray.init(address=None) joined that cluster and refused num_cpus:
     # "ValueError: When connecting to an existing cluster, num_cpus and num_gpus must not be
     # provided", exit 2 after the night's ingest. "local" makes ray.init ignore the variable.
@@ -264,9 +264,12 @@ def test_a_local_ray_instance_is_started_whatever_ray_address_says(store, world,
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6390")
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", record)
-    with pytest.raises(RecsysError, match="stop here"):
+    with caplog.at_level("WARNING", logger="recsys.ranking.engines"), pytest.raises(RecsysError, match="stop here"):
         run_ray(_setup(store, world, num_threads=1), [(0, ["U000"])], num_workers=1)
     assert asked["address"] == "local" and asked["num_cpus"] == 1
+    # Inside `ray job submit` the variable names the cluster: not left silently.
+    assert "RAY_ADDRESS=127.0.0.1:6390 is not used: nightly.ray_address is empty" in caplog.text
+    assert "--ray-address auto" in caplog.text
 
 
 @pytest.mark.ray
