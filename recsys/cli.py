@@ -88,9 +88,9 @@ def _ctx(ctx: typer.Context) -> AppContext:
 def main_options(
     ctx: typer.Context,
     # str, not Path: click turns '' into Path('.'), the working directory.
-    workspace: Annotated[Optional[str], typer.Option(help="Workspace folder (models, caches, reports, default SQLite store). Env: RECSYS_WORKSPACE.")] = None,
-    db: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the store. Env: RECSYS_DB. Default: SQLite in the workspace.")] = None,
-    config: Annotated[Optional[str], typer.Option(help="Config file (TOML). Default: recsys.toml in the workspace.")] = None,
+    workspace: Annotated[Optional[str], typer.Option(metavar="<path>", help="Workspace folder (models, caches, reports, default SQLite store). Env: RECSYS_WORKSPACE.")] = None,
+    db: Annotated[Optional[str], typer.Option(metavar="<url>", help="SQLAlchemy URL of the store. Env: RECSYS_DB. Default: SQLite in the workspace.")] = None,
+    config: Annotated[Optional[str], typer.Option(metavar="<path>", help="Config file (TOML). Default: recsys.toml in the workspace.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging and tracebacks on errors.")] = False,
 ) -> None:
     configure_logging(logging.DEBUG if verbose else logging.INFO)

@@ -7,7 +7,6 @@ from recsys.config import (
     MAX_SEED,
     MAX_THREADS,
     Config,
-    EncodersConfig,
     RuntimeConfig,
     Workspace,
     config_from_dict,

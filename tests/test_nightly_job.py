@@ -426,17 +426,22 @@ def test_a_job_whose_encoders_cannot_load_stops_before_the_ingest(tmp_path, trai
     with pytest.raises(ConfigError, match=rf"^\[encoders\] cannot be used, nothing was ingested: .*{message}"):
         run_nightly_job(engine, ws, config, behaviors=world / "behaviors_test.tsv")
     assert store_stats(engine) == before and _runs(engine) == runs_before
+    # A night given no files to ingest does not say it ingested nothing.
+    with pytest.raises(ConfigError, match=rf"^\[encoders\] cannot be used: .*{message}"):
+        run_nightly_job(engine, ws, config)
+    assert store_stats(engine) == before and _runs(engine) == runs_before
 
 
 def test_a_job_whose_encoders_differ_from_the_current_versions_stops_before_the_ingest(trained):
-    """use_abstract other than the version's: refused by the index refresh, after the ingest."""
+    """use_abstract other than the version's: refused before the lock and the ingest."""
     from recsys.errors import ModelMismatchError
 
     world, ws, engine, config = trained
-    manifest = get_version(engine).manifest
+    current = get_version(engine)
     flipped = load_config(None, {**TRAINED, "encoders.use_abstract": not config.encoders.use_abstract})
     before, runs_before = store_stats(engine), _runs(engine)
     with pytest.raises(ModelMismatchError, match=rf"model version {get_version(engine).version} was built with text_encoder"):
         run_nightly_job(engine, ws, flipped, behaviors=world / "behaviors_test.tsv")
     assert store_stats(engine) == before and _runs(engine) == runs_before
-    assert manifest["text_encoder"]  # the version is untouched
+    after = get_version(engine)  # the version is untouched, and still the one served
+    assert (after.version, after.manifest) == (current.version, current.manifest)

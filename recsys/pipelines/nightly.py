@@ -241,7 +241,7 @@ def run_nightly_job(
     if export is not None:  # found now, not after the night's ranking
         check_output_folder("--export", export)
     _check_workspace_writable(engine, workspace)
-    _check_encoders(engine, config)
+    _check_encoders(engine, config, ingesting=news is not None or behaviors is not None)
     if config.nightly.engine != "ray" and config.nightly.ray_address:
         # A config file's cluster with `--engine local` (say, while the cluster is down) is fine;
         # said, so that a job meant for the cluster is not taken to have run there.
@@ -277,7 +277,7 @@ def _check_workspace_writable(engine: Engine, workspace: Workspace) -> None:
             check_writable("--workspace", workspace.root, folder)
 
 
-def _check_encoders(engine: Engine, config: Config) -> None:
+def _check_encoders(engine: Engine, config: Config, *, ingesting: bool) -> None:
     """Raises ConfigError (a missing or unusable model file) or ModelMismatchError (encoders other
     than the current version's) when ``[encoders]`` cannot give the night's features: found now,
     not by the index refresh after the night's files are ingested.
@@ -289,7 +289,7 @@ def _check_encoders(engine: Engine, config: Config) -> None:
     try:
         text, image = configured_encoder_infos(config, load_image_model=False)
     except ConfigError as exc:
-        raise ConfigError(f"[encoders] cannot be used, nothing was ingested: {exc}") from exc
+        raise ConfigError(f"[encoders] cannot be used{', nothing was ingested' if ingesting else ''}: {exc}") from exc
     try:
         mv = get_version(engine)
     except NotFoundError:

@@ -98,7 +98,8 @@ def check_window_labels(engine: Engine, since: datetime, valid_start: datetime, 
     after the reads is refused at once, with the same message.
 
     Raises:
-        RecsysError / NoTrainingClicksError / NoValidationAUCError: as ``read_windows``.
+        RecsysError / NoTrainingClicksError / NoTrainingNonClicksError / NoValidationAUCError:
+            as ``read_windows``.
     """
     from recsys.models.training import unscoreable_reason
 
@@ -140,6 +141,7 @@ def read_windows(
     Raises:
         RecsysError: a window holds no labelled impression.
         NoTrainingClicksError: the training window holds no click.
+        NoTrainingNonClicksError: the training window holds no non-click.
         NoValidationAUCError: the validation window has no impression with both a click and a
             non-click (its AUC, which early stopping follows, is undefined).
     """

@@ -366,7 +366,7 @@ def _when_stale(engine: Engine, lock: LockState, stale_after: timedelta) -> str:
     last = _last_activity(engine, lock)
     said = (f"last activity {last:%Y-%m-%d %H:%M:%S} UTC; a holder on another host counts as gone after {stale_after} "
             f"without activity, so from {last + stale_after:%Y-%m-%d %H:%M:%S} UTC")
-    if lock.holder.rpartition(":")[0] == socket.gethostname():
+    if lock.host == socket.gethostname():
         # hostname:pid, as releases before the host key wrote it: on an upgrade night this is
         # most likely this machine's killed job, which no pid check can confirm.
         said += ("; its holder names this host's name without a host key, as a recsys release before the key "
