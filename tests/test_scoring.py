@@ -39,6 +39,40 @@ def trained(tmp_path_factory):
     engine.dispose()
 
 
+def test_a_version_of_other_encoders_is_refused_before_anything_is_encoded(trained, tmp_path, monkeypatch):
+    """predict, evaluate (with its ablations), index build and the nightly's refresh encoded the
+    whole catalogue (minutes to hours at MIND size) and only then found the version's encoders
+    were not the configured ones."""
+    from recsys.encoders import pipeline
+    from recsys.errors import ModelMismatchError
+    from recsys.pipelines.evaluate import run_evaluate, train_missing_ablations
+    from recsys.pipelines.index import run_index_build
+    from recsys.pipelines.nightly import refresh_index
+
+    world, ws, engine, config, versions = trained
+    other = load_config(None, {"encoders.use_abstract": not config.encoders.use_abstract})
+
+    def encoded(*args, **kwargs):
+        raise AssertionError("the catalogue was encoded before the encoders were checked")
+
+    monkeypatch.setattr(pipeline, "encode_items", encoded)
+    mv = get_version(engine, versions[True])
+    mismatch = rf"model version {mv.version} was built with text_encoder"
+    calls = {
+        "predict": lambda: run_predict(engine, ws, other, behaviors=world / "behaviors_test.tsv", out=tmp_path / "p.txt",
+                                       version=mv.version),
+        "evaluate": lambda: run_evaluate(engine, ws, other, behaviors=world / "behaviors_test.tsv", out=tmp_path / "e",
+                                         versions=[mv.version]),
+        "ablations": lambda: train_missing_ablations(engine, ws, other, mv, {}),
+        "index build": lambda: run_index_build(engine, ws, other, version=mv.version),
+        "refresh": lambda: refresh_index(engine, ws, other, mv),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ModelMismatchError, match=mismatch):
+            call()
+    assert not (tmp_path / "p.txt").exists()
+
+
 def test_the_manifest_counts_the_validation_impressions_its_auc_averages(trained):
     """``data.valid_scoreable_impressions`` of a real training, counted from the behaviors file."""
     from datetime import datetime

@@ -33,7 +33,7 @@ from recsys.pipelines.scoring import (
 )
 from recsys.store import repository as repo
 from recsys.threads import configure_threads
-from recsys.versions import ModelVersion, get_version, list_versions
+from recsys.versions import ModelVersion, check_encoders, get_version, list_versions
 
 log = logging.getLogger("recsys.evaluate")
 
@@ -77,13 +77,17 @@ def find_ablations(engine: Engine, current: ModelVersion) -> dict[str, ModelVers
 def train_missing_ablations(engine: Engine, workspace: Workspace, config: Config, current: ModelVersion, found: dict) -> dict:
     """Train the missing text-only and image-only versions with the current version's settings
     (today's config fills in what an older manifest does not record), on its window."""
+    from recsys.pipelines.features import configured_encoder_infos
     from recsys.pipelines.train import run_train
 
     window = current.field("training_window")
     settings = training_settings(current.manifest)
-    for modalities in ablation_modalities(current):
-        if modalities in found:
-            continue
+    missing = [modalities for modalities in ablation_modalities(current) if modalities not in found]
+    if missing:
+        # The ablations are trained with today's [encoders]: other than the version's, they would be
+        # trained (minutes) and then refused beside it.
+        check_encoders(current, *configured_encoder_infos(config))
+    for modalities in missing:
         log.info("no %s-only version for the current training window: training one", modalities)
         cfg = replace(config, model=replace(config.model, **{**settings, "modalities": modalities}))
         result = run_train(engine, workspace, cfg, since=window["since"], until=window["until"], source=window.get("source"),
@@ -258,7 +262,7 @@ def run_evaluate(
                     "validation from %s), which chose its epoch and fitted it: these figures are not held-out",
                     behaviors, scan.first, scan.last, mv, window["since"], window["until"], window.get("valid_start"))
     catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images,
-                                       span=scoring_span(scan, chosen))
+                                       span=scoring_span(scan, chosen), versions=chosen)
     times = feature_times(catalogue, features_at)
     scorers = {mv.version: VersionScorer(mv, catalogue, times=times) for mv in chosen}
     names = {mv.version: _display_name(mv, kinds[mv.version]) for mv in chosen}

@@ -3,6 +3,7 @@ frozen encoders through the feature cache, and the model version that embeds the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError
 from recsys.progress import progress
 from recsys.store import repository as repo
-from recsys.versions import ModelVersion
+from recsys.versions import ModelVersion, check_encoders
 
 MAX_CACHE_SHARDS = 256
 
@@ -61,15 +62,26 @@ def configured_encoder_infos(config: Config, *, load_image_model: bool = True) -
     return text_info_for(text.info, use_abstract=enc.use_abstract).to_dict(), image and image.to_dict()
 
 
-def encode_news(news: pd.DataFrame, workspace: Workspace, config: Config, *, encoders=None) -> ItemFeatures:
+def encode_news(news: pd.DataFrame, workspace: Workspace, config: Config, *, encoders=None,
+                versions: Sequence[ModelVersion] = ()) -> ItemFeatures:
     """Features of ``news`` rows (store columns), encoding only what the cache lacks.
 
     Image paths in the store are absolute (checked at ingest to lie inside the images folder).
+
+    Args:
+        versions: model versions the features are for: one built with other encoders is
+            refused before anything is encoded (a whole catalogue takes minutes to hours).
+
+    Raises:
+        ModelMismatchError: a version of ``versions`` was built with other encoders.
     """
     from recsys.encoders.cache import FeatureCache
-    from recsys.encoders.pipeline import encode_items
+    from recsys.encoders.pipeline import encode_items, text_info_for
 
     text, image = encoders or build_encoders(config)
+    for mv in versions:
+        check_encoders(mv, text_info_for(text.info, use_abstract=config.encoders.use_abstract).to_dict(),
+                       image.info.to_dict())
     cache = FeatureCache(workspace.features_dir, text.info, image.info)
     with progress("encoding articles", total=len(news)) as advance:
         features = encode_items(
@@ -82,12 +94,14 @@ def encode_news(news: pd.DataFrame, workspace: Workspace, config: Config, *, enc
     return features
 
 
-def load_catalogue(engine: Engine, workspace: Workspace, config: Config) -> tuple[pd.DataFrame, ItemFeatures]:
-    """The store's articles (``repository.read_news``) and their features, row-aligned."""
+def load_catalogue(engine: Engine, workspace: Workspace, config: Config, *,
+                   versions: Sequence[ModelVersion] = ()) -> tuple[pd.DataFrame, ItemFeatures]:
+    """The store's articles (``repository.read_news``) and their features, row-aligned;
+    ``versions`` as in ``encode_news``."""
     news = repo.read_news(engine)
     if news.empty:
         raise RecsysError("the store holds no articles: run `recsys ingest --news news.tsv` first")
-    return news, encode_news(news, workspace, config)
+    return news, encode_news(news, workspace, config, versions=versions)
 
 
 def first_seen_array(news: pd.DataFrame) -> np.ndarray:

@@ -16,7 +16,7 @@ from recsys.errors import ConfigError, NotFoundError
 from recsys.pipelines.features import first_seen_array, load_catalogue, load_version_model
 from recsys.store import repository as repo
 from recsys.threads import configure_threads
-from recsys.versions import ModelVersion, check_encoders, get_version, list_versions
+from recsys.versions import ModelVersion, get_version, list_versions
 
 log = logging.getLogger("recsys.index")
 
@@ -72,8 +72,7 @@ def run_index_build(engine: Engine, workspace: Workspace, config: Config, *, ver
     configure_threads(config.runtime.threads or None)
     mv = get_version(engine, version)
     t0 = time.perf_counter()
-    news, features = load_catalogue(engine, workspace, config)
-    check_encoders(mv, features.text_encoder.to_dict(), features.image_encoder.to_dict())
+    news, features = load_catalogue(engine, workspace, config, versions=[mv])
     model = load_version_model(mv, features)
     embeddings = model.item_embeddings(features)
     t_embed = time.perf_counter() - t0

@@ -58,8 +58,7 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, l
     """
     from recsys.index.faiss_index import FaissIndex
 
-    news, features = load_catalogue(engine, workspace, config)
-    check_encoders(mv, features.text_encoder.to_dict(), features.image_encoder.to_dict())
+    news, features = load_catalogue(engine, workspace, config, versions=[mv])
     embeddings = load_version_model(mv, features).item_embeddings(features)
     published = published_times(engine, news)
     threads = config.runtime.threads or None

@@ -67,7 +67,7 @@ def run_predict(
     t0 = time.perf_counter()
     mv = get_version(engine, version)
     span = scoring_span(scan_behaviors(behaviors), [mv])
-    catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images, span=span)
+    catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images, span=span, versions=[mv])
     times = feature_times(catalogue, features_at)
     scorer = VersionScorer(mv, catalogue, times=times)
     counts = {"impressions": 0, "candidates": 0, IGNORED_HISTORY: 0}

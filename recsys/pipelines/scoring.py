@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -179,9 +179,10 @@ def read_popularity_log(engine: Engine, news_ids: np.ndarray, span: ScoringSpan 
 
 def load_scoring_catalogue(
     engine: Engine, workspace: Workspace, config: Config, *, news: Path | None, images: Path | None,
-    span: ScoringSpan | None = None,
+    span: ScoringSpan | None = None, versions: Sequence[ModelVersion] = (),
 ) -> Catalogue:
-    """Every article the store and ``news`` hold, encoded, with the store's logs.
+    """Every article the store and ``news`` hold, encoded, with the store's logs; ``versions``
+    built with other encoders are refused before anything is encoded (``encode_news``).
 
     ``span``: the popularity log is read only where the file's side features can look
     (``ScoringSpan.log_window``): a day or two of a store that may hold weeks (about 3 GB of
@@ -197,7 +198,7 @@ def load_scoring_catalogue(
     if not frames:
         raise RecsysError("no articles to score: the store is empty and no --news file was given")
     catalogue = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    features = encode_news(catalogue, workspace, config)
+    features = encode_news(catalogue, workspace, config, versions=versions)
     row_of = dict(zip(features.news_ids.tolist(), range(len(features))))
     events, end = read_popularity_log(engine, features.news_ids, span)
     clicks = repo.read_click_log(engine, features.news_ids)
