@@ -304,6 +304,25 @@ def test_a_job_that_finds_the_lock_held_ingests_nothing(tmp_path):
     engine.dispose()
 
 
+def test_an_index_build_while_a_night_holds_the_lock_writes_nothing(trained):
+    """`recsys index build` took no lock: it swapped the index under a night's ranking (the run
+    failed) or saved beside the night's own refresh (both saves could crash)."""
+    from recsys.pipelines.index import run_index_build
+
+    world, ws, engine, config = trained
+    mv = get_version(engine)
+    refresh_index(engine, ws, config, mv)
+    saved = (mv.index_dir / "manifest.json").read_bytes()
+    with acquire_lock(engine, holder="other-host:4242"):  # a night running elsewhere
+        with pytest.raises(RunLockedError, match="lock 'nightly' is held by other-host:4242"):
+            run_index_build(engine, ws, config)
+    assert (mv.index_dir / "manifest.json").read_bytes() == saved
+    run_index_build(engine, ws, config)  # the lock is free again: built, and the lock released
+    assert (mv.index_dir / "manifest.json").read_bytes() != saved
+    with acquire_lock(engine):
+        pass
+
+
 def test_a_job_with_an_export_it_cannot_write_or_lone_ingest_options_stops_before_anything(tmp_path):
     """Found before the lock, the ingest and the ranking: not after the night's work is done."""
     from recsys.errors import RecsysError

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import io
 import json
 import logging
 import math
@@ -97,6 +98,9 @@ STALE_SAVE_SECONDS = 3600
 # between its two renames (microseconds, normally) must not have its old index put back.
 RESTORE_GRACE_SECONDS = 60
 _CALIBRATION_QUERIES = 256
+# Times a load reads the folder again when a save replaced it mid-read (each read is fast: a
+# save landing during every one of them means saves without pause).
+_READ_ATTEMPTS = 5
 # How many vectors a batched exact search (BLAS) compares in the time HNSW or IVF compares
 # one (random memory access, no matrix product): measured ~11 at 1000 queries per batch on
 # the 2-core machine (benchmarks/bench_index.py); small batches gain less from BLAS.
@@ -826,26 +830,25 @@ class FaissIndex:
             IndexFormatError: a file is missing, unreadable or inconsistent with the others.
         """
         directory = _followed(Path(directory))
-        manifest_path = directory / MANIFEST_FILE
         _restore_interrupted_save(directory)
-        if not directory.is_dir():
-            raise NotFoundError(f"no index directory at {directory}")
-        if not manifest_path.is_file():
-            raise IndexFormatError(f"{manifest_path}: missing, expected the index manifest")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise IndexFormatError(f"{manifest_path}: unreadable ({err})") from err
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise IndexFormatError(f"{manifest_path}: field 'format' is not {FORMAT!r}")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise IndexFormatError(
-                f"{manifest_path}: field 'format_version' is {manifest.get('format_version')!r}, "
-                f"expected {FORMAT_VERSION}"
-            )
-        missing = [key for key in MANIFEST_KEYS if key not in manifest]
-        if missing:
-            raise IndexFormatError(f"{manifest_path}: fields {missing} are missing")
+        for _ in range(_READ_ATTEMPTS):
+            try:
+                with _SavedFolder(directory) as folder:
+                    return cls._read(folder, expected, num_threads)
+            except _FolderReplaced:
+                continue  # a save swapped a new folder in while this one was read: read that one
+            except NotFoundError:
+                if not _saves_beside(directory, "old"):
+                    raise
+                time.sleep(0.01)  # a save between its two renames (microseconds): its folder comes
+        raise IndexFormatError(f"{directory}: replaced by another save each of {_READ_ATTEMPTS} times it was read; "
+                               "run again")
+
+    @classmethod
+    def _read(cls, folder: _SavedFolder, expected: Mapping[str, Any] | None, num_threads: int | None) -> FaissIndex:
+        directory = folder.directory
+        manifest_path = directory / MANIFEST_FILE
+        manifest = _parse_manifest(folder)
         for key, want in (expected or {}).items():
             want = json.loads(json.dumps(want))  # compare as JSON: tuples saved as lists
             if key not in manifest:
@@ -854,16 +857,14 @@ class FaissIndex:
                 raise ModelMismatchError(
                     f"{manifest_path}: key {key!r} is {manifest[key]!r} in the saved index, expected {want!r}"
                 )
-        for name in INDEX_FILES:
-            if not (directory / name).is_file():
-                raise IndexFormatError(f"{directory / name}: missing, the index directory is incomplete")
-
+        ids, published, alive = _read_rows(folder)
+        data = folder.read(INDEX_FILE)
         threads = _set_threads(num_threads)
         try:
-            index = faiss.read_index(str(directory / INDEX_FILE))
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         except RuntimeError as err:
             raise IndexFormatError(f"{directory / INDEX_FILE}: FAISS cannot read it ({err})") from err
-        ids, published, alive = _load_rows(directory)
+        del data
         kind = manifest.get("kind")
         if kind not in (FLAT, HNSW, IVF) or not isinstance(index, _INDEX_TYPES[kind]):
             raise IndexFormatError(
@@ -1046,23 +1047,106 @@ def read_published(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
     directory = Path(directory)
     if _saved_at(directory) is None:
         return None
-    ids, published, alive = _load_rows(directory)
-    if not len(ids) == len(published) == len(alive):
-        raise IndexFormatError(f"{directory}: {len(ids)} ids, {len(published)} publication times and {len(alive)} "
-                               "flags, expected one of each per row")
-    return ids[alive], published[alive]
+    for _ in range(_READ_ATTEMPTS):
+        try:
+            with _SavedFolder(directory) as folder:
+                ids, published, alive = _read_rows(folder)
+        except _FolderReplaced:
+            continue
+        except NotFoundError:
+            return None
+        if not len(ids) == len(published) == len(alive):
+            raise IndexFormatError(f"{directory}: {len(ids)} ids, {len(published)} publication times and {len(alive)} "
+                                   "flags, expected one of each per row")
+        return ids[alive], published[alive]
+    raise IndexFormatError(f"{directory}: replaced by another save each of {_READ_ATTEMPTS} times it was read; run again")
 
 
-def _load_rows(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The per-row arrays of a saved index: ids, publication times, live flags."""
-    return (_load_npy(directory / IDS_FILE, "U"), _load_npy(directory / PUBLISHED_FILE, "M").astype("datetime64[s]"),
-            _load_npy(directory / ALIVE_FILE, "b"))
+class _FolderReplaced(Exception):
+    """A file of the folder being read was gone because a save replaced the folder meanwhile."""
 
 
-def _load_npy(path: Path, kind: str) -> np.ndarray:
+class _SavedFolder:
+    """One saved index folder, every file read through one handle on it.
+
+    A save writes a whole new folder and renames it over the old one, then deletes the old one.
+    Read path by path, a reader that overlapped a save mixed the files of two saves (another
+    article's vector under an id, or a false "damaged"). Through the handle opened first, every
+    file read is of one save; a file deleted with the replaced folder before it was opened
+    raises ``_FolderReplaced``, and the caller reads the new folder.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        try:
+            self._fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError) as err:
+            raise NotFoundError(f"no index directory at {directory}") from err
+
+    def __enter__(self) -> _SavedFolder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self._fd)
+
+    def read(self, name: str) -> bytes:
+        """The bytes of file ``name``.
+
+        Raises:
+            IndexFormatError: the file is missing (and the folder was not replaced) or unreadable.
+            _FolderReplaced: the file went with a folder a save replaced.
+        """
+        try:
+            with open(name, "rb", opener=lambda path, flags: os.open(path, flags, dir_fd=self._fd)) as file:
+                return file.read()
+        except FileNotFoundError as err:
+            if self._replaced():
+                raise _FolderReplaced from err
+            what = "expected the index manifest" if name == MANIFEST_FILE else "the index directory is incomplete"
+            raise IndexFormatError(f"{self.directory / name}: missing, {what}") from err
+        except OSError as err:
+            raise IndexFormatError(f"{self.directory / name}: unreadable ({err})") from err
+
+    def _replaced(self) -> bool:
+        try:
+            now = os.stat(self.directory)
+        except FileNotFoundError:
+            return True  # between a save's two renames
+        mine = os.fstat(self._fd)
+        return (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino)
+
+
+def _parse_manifest(folder: _SavedFolder) -> dict:
+    """The folder's manifest, checked for format, version and keys."""
+    manifest_path = folder.directory / MANIFEST_FILE
     try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
+        manifest = json.loads(folder.read(MANIFEST_FILE).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IndexFormatError(f"{manifest_path}: unreadable ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IndexFormatError(f"{manifest_path}: field 'format' is not {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{manifest_path}: field 'format_version' is {manifest.get('format_version')!r}, "
+            f"expected {FORMAT_VERSION}"
+        )
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise IndexFormatError(f"{manifest_path}: fields {missing} are missing")
+    return manifest
+
+
+def _read_rows(folder: _SavedFolder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The per-row arrays of a saved index: ids, publication times, live flags."""
+    return (_read_npy(folder, IDS_FILE, "U"), _read_npy(folder, PUBLISHED_FILE, "M").astype("datetime64[s]"),
+            _read_npy(folder, ALIVE_FILE, "b"))
+
+
+def _read_npy(folder: _SavedFolder, name: str, kind: str) -> np.ndarray:
+    path = folder.directory / name
+    try:
+        array = np.load(io.BytesIO(folder.read(name)), allow_pickle=False)
+    except ValueError as err:
         raise IndexFormatError(f"{path}: unreadable ({err})") from err
     if array.ndim != 1 or array.dtype.kind != kind:
         raise IndexFormatError(f"{path}: holds {array.dtype} of shape {array.shape}, expected a 1-d {kind!r} array")

@@ -66,11 +66,26 @@ def index_manifest(mv: ModelVersion) -> dict:
 
 
 def run_index_build(engine: Engine, workspace: Workspace, config: Config, *, version: str | None = None) -> dict:
-    """Embed every article with the version's item tower and write ``<version>/index``."""
-    from recsys.index.faiss_index import FaissIndex
+    """Embed every article with the version's item tower and write ``<version>/index``.
+
+    Holds the store's lock, as the nightly job and the ingest do: a build that swapped the index
+    under a night's ranking failed the run, and one that saved beside the night's index refresh
+    could crash both saves.
+
+    Raises:
+        RunLockedError: a nightly job or an ingest holds the lock; nothing is written.
+    """
+    from recsys.ranking.lock import NIGHTLY_LOCK, acquire_lock
 
     configure_threads(config.runtime.threads or None)
     mv = get_version(engine, version)
+    with acquire_lock(engine, NIGHTLY_LOCK) as lock:
+        return _build_index(engine, workspace, config, mv, lock)
+
+
+def _build_index(engine: Engine, workspace: Workspace, config: Config, mv: ModelVersion, lock) -> dict:
+    from recsys.index.faiss_index import FaissIndex
+
     t0 = time.perf_counter()
     news, features = load_catalogue(engine, workspace, config, versions=[mv])
     model = load_version_model(mv, features)
@@ -81,6 +96,7 @@ def run_index_build(engine: Engine, workspace: Workspace, config: Config, *, ver
         features.news_ids, embeddings, published=published_times(engine, news), kind=config.index.kind,
         exact_max_items=config.index.exact_max_items, num_threads=config.runtime.threads or None,
     )
+    lock.check()  # LockLostError: another job took the lock over as stale while this one encoded
     index.save(mv.index_dir, manifest_extra=index_manifest(mv))
     t_build = time.perf_counter() - t0
     log.info("index of %d articles (%s) written to %s", len(index), index.kind, mv.index_dir)

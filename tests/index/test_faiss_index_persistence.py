@@ -360,3 +360,30 @@ def test_a_folder_it_cannot_write_beside_is_a_clear_error(world, tmp_path, monke
     with pytest.raises(RecsysError, match=rf"cannot save the index {target}: .* so {tmp_path} must be writable \({error.strerror}\)"):
         FaissIndex.build(ids[:5], items[:5], num_threads=1).save(target)
     assert not target.exists()
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_a_load_overlapped_by_a_save_reads_one_save_whole(world, tmp_path, monkeypatch, kind):
+    # Read path by path, a load that a save overlapped took the FAISS index of one save and the
+    # ids of the next: each article's vector under another article's id (a `recsys similar`
+    # during the nightly's refresh printed wrong neighbours). The files must be of one save.
+    ids, items, published, _ = world
+    first = FaissIndex.build(ids, items, published=published, kind=kind, num_threads=1)
+    order = np.arange(len(ids))[::-1]  # the same articles and vectors, rows in the other order
+    second = FaissIndex.build(ids[order], items[order], published=published[order], kind=kind, num_threads=1)
+    path = first.save(tmp_path / "index")
+    real_load = np.load
+    saves = []
+
+    def load_then_save(*args, **kwargs):
+        array = real_load(*args, **kwargs)
+        if not saves:  # once, between two of the load's reads
+            saves.append(second.save(path))
+        return array
+
+    monkeypatch.setattr(np, "load", load_then_save)
+    loaded = FaissIndex.load(path)
+    monkeypatch.setattr(np, "load", real_load)
+    assert saves, "the save did not overlap the load"
+    np.testing.assert_allclose(loaded.vectors(ids), items, atol=1e-6)
+    np.testing.assert_array_equal(loaded.published(ids), published.astype("datetime64[s]"))
