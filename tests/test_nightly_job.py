@@ -304,6 +304,37 @@ def test_a_job_that_finds_the_lock_held_ingests_nothing(tmp_path):
     engine.dispose()
 
 
+def test_an_emptied_or_damaged_index_is_built_whole_by_the_next_night(trained, caplog):
+    """An index folder emptied by hand stopped every night ('manifest.json: missing'), and
+    `model list` called it present; a truncated index.faiss stopped every night the same way."""
+    from recsys.errors import NotFoundError
+    from recsys.index.faiss_index import IndexFormatError
+    from recsys.pipelines.index import run_similar
+    from recsys.versions import describe_versions
+
+    world, ws, engine, config = trained
+    mv = get_version(engine)
+    refresh_index(engine, ws, config, mv)
+    whole = load_index(mv)
+    some = whole.news_ids[0]
+    for name in ("manifest.json", "index.faiss", "news_ids.npy", "published.npy", "alive.npy"):
+        (mv.index_dir / name).unlink()
+    assert [r["index"] for r in describe_versions(engine) if r["version"] == mv.version] == [False]
+    with pytest.raises(NotFoundError, match=rf"has no index yet: run `recsys index build --model {mv.version}`"):
+        run_similar(engine, ws, news_id=some, k=3)
+    assert refresh_index(engine, ws, config, mv)["index_built"] == len(whole)
+    np.testing.assert_array_equal(load_index(mv).vectors(whole.news_ids), whole.vectors(whole.news_ids))
+
+    data = (mv.index_dir / "index.faiss").read_bytes()
+    (mv.index_dir / "index.faiss").write_bytes(data[: len(data) // 2])
+    with pytest.raises(IndexFormatError, match=rf"FAISS cannot read it .*build it again with `recsys index build --model {mv.version}`"):
+        run_similar(engine, ws, news_id=some, k=3)
+    with caplog.at_level("WARNING"):
+        assert refresh_index(engine, ws, config, mv)["index_built"] == len(whole)
+    assert f"the index of model version {mv.version} cannot be read" in caplog.text and "building it whole" in caplog.text
+    np.testing.assert_array_equal(load_index(mv).vectors(whole.news_ids), whole.vectors(whole.news_ids))
+
+
 def test_an_index_build_while_a_night_holds_the_lock_writes_nothing(trained):
     """`recsys index build` took no lock: it swapped the index under a night's ranking (the run
     failed) or saved beside the night's own refresh (both saves could crash)."""

@@ -272,7 +272,12 @@ def test_describe_versions_lists_every_version_even_a_missing_or_damaged_one(eng
     _publish(engine, models, "v2", fusion="concat", metrics={"val_auc": 0.63})
     _publish(engine, models, "v3", modalities="text")
     _publish(engine, models, "v4", make_current=False)
-    (models / "v1" / "index").mkdir()  # FaissIndex.exists reads the folder
+    import numpy as np
+
+    from recsys.index import FaissIndex
+
+    FaissIndex.build(np.array(["N1", "N2"]), np.eye(2, 4, dtype=np.float32), num_threads=1).save(models / "v1" / "index")
+    (models / "v4" / "index").mkdir()  # an emptied folder holds no index
     (models / "v2" / versions.MANIFEST).write_text("[1]")
     shutil.rmtree(models / "v3")
     rows = versions.describe_versions(engine)

@@ -799,10 +799,11 @@ class FaissIndex:
 
     @staticmethod
     def exists(directory: str | os.PathLike) -> bool:
-        """Whether ``directory`` holds an index (after putting back one that a killed save moved aside)."""
+        """Whether ``directory`` holds a saved index, every file and a manifest that parses (after
+        putting back one that a killed save moved aside); an emptied folder holds none."""
         directory = _followed(Path(directory))
         _restore_interrupted_save(directory)
-        return directory.is_dir()
+        return _saved_at(directory) is not None
 
     @classmethod
     def load(
@@ -831,14 +832,14 @@ class FaissIndex:
         """
         directory = _followed(Path(directory))
         _restore_interrupted_save(directory)
-        for _ in range(_READ_ATTEMPTS):
+        for attempt in range(_READ_ATTEMPTS):
             try:
                 with _SavedFolder(directory) as folder:
                     return cls._read(folder, expected, num_threads)
             except _FolderReplaced:
                 continue  # a save swapped a new folder in while this one was read: read that one
             except NotFoundError:
-                if not _saves_beside(directory, "old"):
+                if attempt + 1 == _READ_ATTEMPTS or not _saving_now(directory):
                     raise
                 time.sleep(0.01)  # a save between its two renames (microseconds): its folder comes
         raise IndexFormatError(f"{directory}: replaced by another save each of {_READ_ATTEMPTS} times it was read; "
@@ -1191,6 +1192,18 @@ def _saves_beside(directory: Path, kind: str) -> list[Path]:
     if not directory.parent.is_dir():
         return []
     return [p for p in directory.parent.glob(f".{directory.name}.{kind}-*") if p.is_dir()]
+
+
+def _saving_now(directory: Path) -> bool:
+    """Whether a save may be between its two renames: it moved the old folder aside less than
+    ``RESTORE_GRACE_SECONDS`` ago (an older one is a killed save's, which a load puts back)."""
+    for old in _saves_beside(directory, "old"):
+        try:
+            if age_seconds(old) < RESTORE_GRACE_SECONDS:
+                return True
+        except FileNotFoundError:
+            continue  # removed by the save that finished meanwhile
+    return False
 
 
 def _saved_at(directory: Path) -> str | None:

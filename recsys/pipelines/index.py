@@ -107,12 +107,24 @@ def _build_index(engine: Engine, workspace: Workspace, config: Config, mv: Model
 
 
 def load_index(mv: ModelVersion, *, num_threads: int | None = None):
-    """The version's FAISS index, refusing one built for other encoders or dims."""
-    from recsys.index.faiss_index import FaissIndex
+    """The version's FAISS index, refusing one built for other encoders or dims.
 
+    Raises:
+        NotFoundError: the version has no complete index.
+        IndexFormatError: its index is damaged; the message says how to build it again.
+        ModelMismatchError: its index was built for other encoders or dims.
+    """
+    from recsys.index.faiss_index import FaissIndex, IndexFormatError
+
+    build = f"`recsys index build --model {mv.version}`"
     if not FaissIndex.exists(mv.index_dir):
-        raise NotFoundError(f"model version {mv.version} has no index yet: run `recsys index build`")
-    return FaissIndex.load(mv.index_dir, expected=index_manifest(mv), num_threads=num_threads)
+        raise NotFoundError(f"model version {mv.version} has no index yet: run {build} (the next nightly also builds "
+                            "the current version's)")
+    try:
+        return FaissIndex.load(mv.index_dir, expected=index_manifest(mv), num_threads=num_threads)
+    except IndexFormatError as exc:
+        raise IndexFormatError(f"{exc}; build it again with {build} (the next nightly also rebuilds the current "
+                               "version's)") from exc
 
 
 def run_similar(engine: Engine, workspace: Workspace, *, news_id: str, k: int, version: str | None = None,

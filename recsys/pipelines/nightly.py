@@ -56,13 +56,21 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, l
     With ``lock``, the index is written only while the store still names this job its holder
     (encoding a large batch of new articles takes a while).
     """
-    from recsys.index.faiss_index import FaissIndex
+    from recsys.index.faiss_index import FaissIndex, IndexFormatError
 
     news, features = load_catalogue(engine, workspace, config, versions=[mv])
     embeddings = load_version_model(mv, features).item_embeddings(features)
     published = published_times(engine, news)
     threads = config.runtime.threads or None
-    if not FaissIndex.exists(mv.index_dir):
+    index = None
+    if FaissIndex.exists(mv.index_dir):
+        try:
+            index = FaissIndex.load(mv.index_dir, expected=index_manifest(mv), num_threads=threads)
+        except IndexFormatError as exc:
+            # Everything an index holds comes from the store and the features: built again, the
+            # night goes on (it used to stop every night until someone ran `index build`).
+            log.warning("the index of model version %s cannot be read (%s): building it whole", mv.version, exc)
+    if index is None:
         index = FaissIndex.build(
             features.news_ids, embeddings, published=published, kind=config.index.kind,
             exact_max_items=config.index.exact_max_items, num_threads=threads,
@@ -71,7 +79,6 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, l
             lock.check()
         index.save(mv.index_dir, manifest_extra=index_manifest(mv))
         return {"index_built": len(index), "index_added": len(index)}
-    index = load_index(mv, num_threads=threads)
     present = np.array([nid in index for nid in features.news_ids], dtype=bool)
     changed = ~present
     moved = np.zeros(len(present), dtype=bool)
