@@ -324,13 +324,22 @@ def test_an_emptied_or_damaged_index_is_built_whole_by_the_next_night(trained, c
         run_similar(engine, ws, news_id=some, k=3)
     assert refresh_index(engine, ws, config, mv)["index_built"] == len(whole)
     np.testing.assert_array_equal(load_index(mv).vectors(whole.news_ids), whole.vectors(whole.news_ids))
+    # Not indexed: a typo, or an article ingested since the last refresh.
+    with pytest.raises(NotFoundError, match="is not in the index of model version .*: the store holds no article with that id"):
+        run_similar(engine, ws, news_id="N_TYPO", k=3)
+    news = world.parent / "one_more_news.tsv"
+    news.write_text("NLATE\tnews\tsub\tA late story\t\thttps://x\t[]\t[]\n")
+    run_ingest(engine, ws, news=news, images=None, behaviors=None)
+    with pytest.raises(NotFoundError, match=rf"the store holds it, ingested since the index was last refreshed; the next "
+                                            rf"nightly adds it, or run `recsys index build --model {mv.version}`"):
+        run_similar(engine, ws, news_id="NLATE", k=3)
 
     data = (mv.index_dir / "index.faiss").read_bytes()
     (mv.index_dir / "index.faiss").write_bytes(data[: len(data) // 2])
     with pytest.raises(IndexFormatError, match=rf"FAISS cannot read it .*build it again with `recsys index build --model {mv.version}`"):
         run_similar(engine, ws, news_id=some, k=3)
     with caplog.at_level("WARNING"):
-        assert refresh_index(engine, ws, config, mv)["index_built"] == len(whole)
+        assert refresh_index(engine, ws, config, mv)["index_built"] == len(whole) + 1  # with NLATE
     assert f"the index of model version {mv.version} cannot be read" in caplog.text and "building it whole" in caplog.text
     np.testing.assert_array_equal(load_index(mv).vectors(whole.news_ids), whole.vectors(whole.news_ids))
 

@@ -136,7 +136,13 @@ def run_similar(engine: Engine, workspace: Workspace, *, news_id: str, k: int, v
     mv = get_version(engine, version)
     index = load_index(mv, num_threads=num_threads)
     if news_id not in index:
-        raise NotFoundError(f"news id '{news_id}' is not in the index of model version {mv.version}")
+        # A typo and an article ingested since the index was refreshed call for different things.
+        stored = not repo.read_news_titles(engine, [news_id]).empty
+        raise NotFoundError(
+            f"news id '{news_id}' is not in the index of model version {mv.version}: "
+            + (f"the store holds it, ingested since the index was last refreshed; the next nightly adds it, or run "
+               f"`recsys index build --model {mv.version}`" if stored else "the store holds no article with that id")
+        )
     hits = index.search(index.vector(news_id)[None, :], k, exclude=[{news_id}])[0]
     meta = repo.read_news_titles(engine, hits.news_ids)
     return [

@@ -469,7 +469,8 @@ def read_news_titles(engine: Engine, news_ids) -> pd.DataFrame:
     """Title and category of the given articles, indexed by news id (for printing lists)."""
     n = s.news.c
     ids = list(map(str, news_ids))
-    with engine.connect() as conn:
-        df = pd.read_sql(select(n.news_id, n.title, n.category).where(n.news_id.in_(ids)), conn)
-    df.columns = [NEWS_ID, TITLE, CATEGORY]
-    return df.set_index(NEWS_ID)
+    with engine.connect() as conn:  # in chunks: one IN list of 65,536 ids is past psycopg's parameters
+        rows = [row for start in range(0, len(ids), _IN_CHUNK)
+                for row in conn.execute(select(n.news_id, n.title, n.category)
+                                        .where(n.news_id.in_(ids[start : start + _IN_CHUNK])))]
+    return pd.DataFrame(rows, columns=[NEWS_ID, TITLE, CATEGORY]).set_index(NEWS_ID)

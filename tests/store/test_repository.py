@@ -110,6 +110,9 @@ def test_click_log_and_time_range(engine, tmp_path):
     assert news_ids[later.item_rows].tolist() == ["N2"] and later.clicks.tolist() == [1]
     titles = repo.read_news_titles(engine, ["N2"])
     assert titles.loc["N2", "title"] == "Title of N2"
+    # `similar --k` past 65,535 articles: one IN list of them was an internal error on PostgreSQL.
+    many = repo.read_news_titles(engine, [f"X{i}" for i in range(70_000)] + ["N1"])
+    assert many.index.tolist() == ["N1"] and many.loc["N1", "title"] == "Title of N1"
 
 
 def test_click_log_holds_labelled_clicks_before_until(engine, tmp_path):
