@@ -344,6 +344,32 @@ def test_an_emptied_or_damaged_index_is_built_whole_by_the_next_night(trained, c
     np.testing.assert_array_equal(load_index(mv).vectors(whole.news_ids), whole.vectors(whole.news_ids))
 
 
+def test_an_auto_index_follows_its_kind_as_the_catalogue_passes_exact_max_items(trained, caplog):
+    """An existing index was only ever extended: a flat one stayed flat past exact_max_items
+    (`index build` made HNSW of the same catalogue), and a changed threshold was never read."""
+    world, ws, engine, config = trained
+    mv = get_version(engine)
+    refresh_index(engine, ws, config, mv)
+    before = load_index(mv)
+    assert before.kind == "flat"
+    ids = before.news_ids
+    small = load_config(None, {**TRAINED, "index.exact_max_items": len(ids) - 1})
+    summary = refresh_index(engine, ws, small, mv)
+    assert summary["index_rebuilt"] == {"from": "flat", "to": "hnsw", "items": len(ids)}
+    assert summary["index_exact_max_items"] == {"from": config.index.exact_max_items, "to": len(ids) - 1}
+    after = load_index(mv)
+    assert (after.kind, after.exact_max_items) == ("hnsw", len(ids) - 1)
+    np.testing.assert_array_equal(after.vectors(ids), before.vectors(ids))
+    np.testing.assert_array_equal(after.published(ids), before.published(ids))
+    assert "index_rebuilt" not in refresh_index(engine, ws, small, mv)  # settled
+    # An explicit kind may have come from `index build --kind`: said, not rebuilt.
+    with caplog.at_level("WARNING"):
+        assert "index_rebuilt" not in refresh_index(engine, ws, load_config(None, {**TRAINED, "index.kind": "flat"}), mv)
+    assert f"is hnsw, [index] kind is 'flat': `recsys index build --model {mv.version}` builds it so" in caplog.text
+    assert refresh_index(engine, ws, config, mv)["index_rebuilt"]["to"] == "flat"  # the default threshold again
+    np.testing.assert_array_equal(load_index(mv).vectors(ids), before.vectors(ids))
+
+
 def test_an_index_build_while_a_night_holds_the_lock_writes_nothing(trained):
     """`recsys index build` took no lock: it swapped the index under a night's ranking (the run
     failed) or saved beside the night's own refresh (both saves could crash)."""

@@ -225,7 +225,7 @@ class FaissIndex:
         if not isinstance(exact_max_items, int) or exact_max_items < 0:
             raise ConfigError(f"exact_max_items must be an integer >= 0, got {exact_max_items!r}")
         _check_target_recall(target_recall)
-        resolved = _resolve_kind(kind, len(ids), exact_max_items)
+        resolved = resolve_kind(kind, len(ids), exact_max_items)
         if resolved == IVF and len(ids) == 0:
             raise ValueError("kind='ivf' needs at least one vector to train its coarse quantizer, got 0")
         checked = _check_params(APPROXIMATE_AUTO_KIND if kind == AUTO else resolved, params)
@@ -428,6 +428,13 @@ class FaissIndex:
     @property
     def exact_max_items(self) -> int:
         return self._exact_max_items
+
+    @exact_max_items.setter
+    def exact_max_items(self, value: int) -> None:
+        """Also the largest filtered candidate set an approximate index searches exactly; saved."""
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"exact_max_items must be an integer >= 0, got {value!r}")
+        self._exact_max_items = value
 
     @property
     def calibration(self) -> dict[str, Any] | None:
@@ -928,7 +935,9 @@ def _new_index(kind: str, dim: int, params: Mapping[str, int]) -> faiss.Index:
     return index
 
 
-def _resolve_kind(kind: str, num_items: int, exact_max_items: int) -> str:
+def resolve_kind(kind: str, num_items: int, exact_max_items: int) -> str:
+    """The kind ``build`` makes of ``kind`` for ``num_items`` items: "auto" is flat up to
+    ``exact_max_items``, HNSW beyond. Raises ConfigError for an unknown kind."""
     if kind not in KINDS:
         raise ConfigError(f"index kind {kind!r} is unknown, expected one of {', '.join(KINDS)}")
     if kind != AUTO:

@@ -94,7 +94,8 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, l
         index.set_published(features.news_ids[moved], published[moved])
     if len(rows):
         index.add(features.news_ids[rows], embeddings[rows], published=published[rows])
-    maintained = maintain_index(index)
+    index, maintained = _follow_index_config(index, config, mv)
+    maintained.update(maintain_index(index))
     if len(rows) or moved.any() or maintained:
         if lock is not None:
             lock.check()
@@ -208,6 +209,35 @@ def _refresh_in_helper(url: str, workspace: Workspace, config: Config, mv, lock_
         return refresh_index(engine, workspace, config, mv, lock=None if lock_state is None else LockView(engine, lock_state))
     finally:
         engine.dispose()
+
+
+def _follow_index_config(index, config: Config, mv) -> tuple[object, dict]:
+    """The index built again from its own vectors when ``[index] kind = "auto"`` now resolves to
+    another kind (a flat index whose catalogue grew past ``exact_max_items`` becomes HNSW, as
+    ``index build`` would make it); only a warning for an explicit kind other than the index's,
+    which may have come from ``index build --kind``. Returns the index and what was done."""
+    from recsys.index.faiss_index import AUTO, FaissIndex, resolve_kind
+
+    settings = config.index
+    if settings.kind != AUTO:
+        if settings.kind != index.kind:
+            log.warning("the index of model version %s is %s, [index] kind is %r: `recsys index build --model %s` "
+                        "builds it so", mv.version, index.kind, settings.kind, mv.version)
+        return index, {}
+    if index.exact_max_items != settings.exact_max_items:  # it also steers the filtered search
+        done = {"index_exact_max_items": {"from": index.exact_max_items, "to": settings.exact_max_items}}
+        index.exact_max_items = settings.exact_max_items
+    else:
+        done = {}
+    if resolve_kind(AUTO, len(index), settings.exact_max_items) == index.kind:
+        return index, done
+    ids = index.news_ids
+    t0 = time.perf_counter()
+    rebuilt = FaissIndex.build(ids, index.vectors(ids), published=index.published(ids), kind=AUTO,
+                               exact_max_items=settings.exact_max_items, num_threads=index.num_threads)
+    log.info("index of %d articles rebuilt as %s (was %s; [index] kind = \"auto\", exact_max_items = %d) in %.1f s",
+             len(rebuilt), rebuilt.kind, index.kind, settings.exact_max_items, time.perf_counter() - t0)
+    return rebuilt, {**done, "index_rebuilt": {"from": index.kind, "to": rebuilt.kind, "items": len(rebuilt)}}
 
 
 def maintain_index(index) -> dict:
