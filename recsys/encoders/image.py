@@ -9,6 +9,7 @@ never a zero vector passed off as a picture.
 from __future__ import annotations
 
 import logging
+import stat
 import struct
 import warnings
 import zipfile
@@ -47,7 +48,7 @@ class ImageDecodeError(RecsysError):
 def load_image_rgb(path: str | Path, size: int) -> np.ndarray:
     """Decode a cover image safely into a square RGB array.
 
-    Refuses files over ``MAX_IMAGE_BYTES`` before opening them and images over
+    Refuses anything but a regular file, and files over ``MAX_IMAGE_BYTES``, before opening them and images over
     ``MAX_IMAGE_PIXELS`` from their header, before decoding. Applies the EXIF orientation;
     converts palette, greyscale, CMYK and 16-bit images to 8-bit RGB and composites
     transparent ones on white. The image is scaled so that its shorter side is ``size`` and
@@ -62,16 +63,21 @@ def load_image_rgb(path: str | Path, size: int) -> np.ndarray:
         (size, size, 3) uint8 RGB.
 
     Raises:
-        ImageDecodeError: the file is missing, empty, too large, not an image, truncated or
-            otherwise undecodable; the message names the file and the reason.
+        ImageDecodeError: the file is missing, not a regular file (a named pipe, a folder:
+            never opened), empty, too large, not an image, truncated or otherwise
+            undecodable; the message names the file and the reason.
     """
     if size < 1:
         raise ValueError(f"image size is {size}, expected at least 1 pixel")
     path = Path(path)
     try:
-        num_bytes = path.stat().st_size
+        status = path.stat()
     except OSError as exc:
         raise ImageDecodeError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(status.st_mode):
+        # Never opened: reading a named pipe or a device blocks or never ends.
+        raise ImageDecodeError(path, f"is {_file_kind(status.st_mode)}, not a regular file")
+    num_bytes = status.st_size
     if num_bytes == 0:
         raise ImageDecodeError(path, "file is empty (0 bytes)")
     if num_bytes > MAX_IMAGE_BYTES:
@@ -102,6 +108,14 @@ def load_image_rgb(path: str | Path, size: int) -> np.ndarray:
         raise ImageDecodeError(path, f"too many pixels, refused as a decompression bomb ({exc})") from exc
     except _PIL_DECODE_ERRORS as exc:
         raise ImageDecodeError(path, f"cannot be decoded ({type(exc).__name__}: {exc})") from exc
+
+
+def _file_kind(mode: int) -> str:
+    """What a path that is not a regular file is, for messages ("a named pipe")."""
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a device"
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

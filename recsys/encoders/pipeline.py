@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -162,10 +164,13 @@ def _check_news(news: pd.DataFrame) -> None:
 
 
 def _unreadable(path: Path | None) -> bool:
-    """True when a cover the ingest found usable cannot even be opened now."""
+    """True when a cover the ingest found usable cannot even be opened now, or is no longer a
+    regular file (a named pipe copied over it would block ``open`` for ever: never opened)."""
     if path is None:
         return False
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return True
         with open(path, "rb"):
             return False
     except OSError:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+from contextlib import contextmanager
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -132,6 +136,46 @@ def test_a_cover_that_cannot_be_opened_is_not_cached(news, tmp_path, fake_encode
     assert second.has_image.tolist() == [i % 3 != 2 and i != 4 for i in range(10)]
     reference = encode_items(frame, images, FakeTextEncoder(), FakeImageEncoder(), FeatureCache(tmp_path / "fresh", text_enc.info, image_enc.info))
     assert_same_features(second, reference)
+
+
+class Blocked(Exception):
+    """Not an OSError (as TimeoutError is), which the code under test may catch."""
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Turn a call that would block for ever into ``Blocked``."""
+
+    def expire(signum, frame):
+        raise Blocked(f"blocked for more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_cover_replaced_by_a_named_pipe_is_never_opened(news, tmp_path, fake_encoders):
+    # Opening a named pipe for reading blocks until a writer comes: the encode would hang.
+    frame, images = news
+    text_enc, image_enc = fake_encoders
+    picture = (images / "N1.jpg").read_bytes()
+    (images / "N1.jpg").unlink()
+    os.mkfifo(images / "N1.jpg")
+    with time_limit(10):
+        first = encode_items(frame, images, text_enc, image_enc, FeatureCache(tmp_path / "cache", text_enc.info, image_enc.info))
+    assert first.has_image.tolist() == [i % 3 != 2 and i not in (1, 4) for i in range(10)]
+
+    # Not cached as "no image": once the picture is back, it is encoded.
+    (images / "N1.jpg").unlink()
+    (images / "N1.jpg").write_bytes(picture)
+    text_again, image_again = FakeTextEncoder(), FakeImageEncoder()
+    second = encode_items(frame, images, text_again, image_again, FeatureCache(tmp_path / "cache", text_again.info, image_again.info))
+    assert image_again.paths_seen == [images / "N1.jpg"]
+    assert second.has_image[1]
 
 
 def test_changed_content_hash_reencodes_only_that_article(news, tmp_path, fake_encoders):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 
@@ -109,6 +110,16 @@ def test_zero_byte_file(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ImageDecodeError, match=r"nope.jpg: cannot be read \(No such file or directory\)"):
         load_image_rgb(tmp_path / "nope.jpg", 32)
+
+
+def test_a_named_pipe_or_a_folder_is_refused_without_being_opened(tmp_path):
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)  # opening it for reading would block until a writer comes
+    with pytest.raises(ImageDecodeError, match=r"pipe.jpg: is a named pipe, not a regular file"):
+        load_image_rgb(pipe, 32)
+    (tmp_path / "folder.jpg").mkdir()
+    with pytest.raises(ImageDecodeError, match=r"folder.jpg: is a folder, not a regular file"):
+        load_image_rgb(tmp_path / "folder.jpg", 32)
 
 
 def test_non_image_bytes_with_a_jpg_name(tmp_path):
