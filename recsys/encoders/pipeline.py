@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,10 +52,10 @@ def encode_items(
     Articles whose (news id, content hash) is in ``cache`` are read from it; the others are
     encoded in batches of ``batch_size`` and each batch is stored in the cache as soon as it
     is done, so memory stays bounded and an interrupted run resumes where it stopped. Images
-    are encoded only where ``IMAGE_STATUS == "ok"``; an image that fails to decode now gives
-    ``has_image`` False (and a zero row that must not be read as a picture). An image file that
-    cannot be opened at all is treated the same way but not cached, so that a later call reads
-    it again once it is back.
+    are encoded only where ``IMAGE_STATUS == "ok"``; an image that cannot be read or decoded
+    now gives ``has_image`` False (and a zero row that must not be read as a picture), with a
+    warning naming the file, and is not cached: ingest decoded it, so the file changed since,
+    and a later call reads it again once it is restored.
 
     With ``use_abstract`` the text is ``"title. abstract"``; the text encoder's name gets a
     ``+abstract`` suffix in the result and such vectors are cached apart from title-only ones.
@@ -111,18 +109,17 @@ def encode_items(
         image = np.zeros((n, image_encoder.info.dim), dtype=np.float32)
         has_image = np.zeros(n, dtype=bool)
     todo = np.flatnonzero(~cached)
-    unread_rows, unread_text = [], []  # covers that could not be read this time: not cached
+    unread_rows, unread_text = [], []  # covers that failed this time: not cached
     for start in range(0, len(todo), batch_size):
         raise_if_terminated()  # a SIGTERM whose exception some library swallowed
         rows = todo[start : start + batch_size]
         batch_text = text_encoder.encode([article_text(titles[r], abstracts[r], use_abstract=use_abstract) for r in rows])
         batch_image, batch_ok = image_encoder.encode([image_paths[r] for r in rows])
         if cache is not None:
-            # A file that fails to decode fails the same way next time, and new bytes give a
-            # new content hash, so that failure is cached. A file that cannot be read at all
-            # (folder moved or unmounted, permissions) is not: caching it would drop the
-            # picture for good once the file is back.
-            unread = np.array([not ok and _unreadable(image_paths[r]) for r, ok in zip(rows, batch_ok)], dtype=bool)
+            # Ingest decoded every "ok" cover, so one that fails now has changed since (copied
+            # over in place, truncated, unmounted, an I/O error). The content hash still covers
+            # the bytes ingest read: a cached "no image" would outlive the file's repair.
+            unread = np.array([image_paths[r] is not None and not ok for r, ok in zip(rows, batch_ok)], dtype=bool)
             keep = ~unread
             cache.put(ids[rows[keep]], keys[rows[keep]], batch_text[keep], batch_image[keep], batch_ok[keep])
             unread_rows.extend(rows[unread].tolist())
@@ -140,9 +137,11 @@ def encode_items(
         text[~unread], image[~unread], has_image[~unread] = cache.load(ids[~unread])
         if unread_rows:
             text[unread_rows] = np.asarray(unread_text, dtype=np.float32)
+            shown = ", ".join(str(image_paths[r]) for r in unread_rows[:5])
+            more = f" and {len(unread_rows) - 5} more" if len(unread_rows) > 5 else ""
             log.warning(
-                "%d cover images could not be read (first: %s); those articles are encoded without an image "
-                "this time and again at the next encode", len(unread_rows), image_paths[unread_rows[0]],
+                "%d cover images that ingest found usable cannot be read or decoded now (%s%s); those articles are "
+                "encoded without an image this time and again at the next encode", len(unread_rows), shown, more,
             )
     categories = news[CATEGORY].fillna("").astype(str).to_numpy(dtype=object)
     return ItemFeatures(ids, text, image, has_image, categories, text_info, image_encoder.info)
@@ -161,20 +160,6 @@ def _check_news(news: pd.DataFrame) -> None:
     if missing.any():
         row = int(np.flatnonzero(missing)[0])
         raise SchemaError("news table", None, CONTENT_HASH, None, f"a content hash for news id {ids.iloc[row]!r}")
-
-
-def _unreadable(path: Path | None) -> bool:
-    """True when a cover the ingest found usable cannot even be opened now, or is no longer a
-    regular file (a named pipe copied over it would block ``open`` for ever: never opened)."""
-    if path is None:
-        return False
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return True
-        with open(path, "rb"):
-            return False
-    except OSError:
-        return True
 
 
 def _image_paths(news: pd.DataFrame, images_dir: Path | None) -> list[Path | None]:

@@ -29,7 +29,7 @@ from recsys.errors import ModelMismatchError, SchemaError
 
 
 def make_news(images_dir, n: int = 10) -> pd.DataFrame:
-    """n articles; every third has no image, article 4's image fails to decode."""
+    """n articles; every third has no image, article 4's image was found corrupt at ingest."""
     rows = []
     for i in range(n):
         news_id = f"N{i}"
@@ -38,6 +38,7 @@ def make_news(images_dir, n: int = 10) -> pd.DataFrame:
             status, rel = IMAGE_MISSING, None
         else:
             (images_dir / rel).write_bytes(b"bad" if i == 4 else f"pixels of {news_id}".encode())
+            status = IMAGE_CORRUPT if i == 4 else status
         rows.append(
             {
                 NEWS_ID: news_id,
@@ -97,7 +98,7 @@ def test_features_are_row_aligned_with_an_explicit_no_image_path(news, fake_enco
     assert (features.image[features.has_image] > 0).all()
     # Articles without an "ok" image are never handed to the image encoder.
     paths = image_enc.paths_seen
-    assert sum(p is not None for p in paths) == 7 and paths[2] is None
+    assert sum(p is not None for p in paths) == 6 and paths[2] is None and paths[4] is None
     np.testing.assert_array_equal(features.text[3], text_enc.encode(["Headline number 3"])[0])
     assert features.text_encoder == text_enc.info and features.image_encoder == image_enc.info
 
@@ -132,7 +133,7 @@ def test_a_cover_that_cannot_be_opened_is_not_cached(news, tmp_path, fake_encode
     (images / "N1.jpg").write_bytes(picture)
     text_again, image_again = FakeTextEncoder(), FakeImageEncoder()
     second = encode_items(frame, images, text_again, image_again, FeatureCache(tmp_path / "cache", text_again.info, image_again.info))
-    assert image_again.paths_seen == [images / "N1.jpg"]  # only the unread one; article 4's bad file stays cached
+    assert image_again.paths_seen == [images / "N1.jpg"]  # only the unread one
     assert second.has_image.tolist() == [i % 3 != 2 and i != 4 for i in range(10)]
     reference = encode_items(frame, images, FakeTextEncoder(), FakeImageEncoder(), FeatureCache(tmp_path / "fresh", text_enc.info, image_enc.info))
     assert_same_features(second, reference)
@@ -156,6 +157,28 @@ def time_limit(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_cover_that_fails_to_decode_at_encode_time_is_not_cached(news, tmp_path, fake_encoders, caplog):
+    # Ingest decoded the cover; then it was copied over in place (or truncated). The content
+    # hash still covers the bytes ingest read, so a cached "no image" would outlive the repair.
+    frame, images = news
+    text_enc, image_enc = fake_encoders
+    picture = (images / "N1.jpg").read_bytes()
+    (images / "N1.jpg").write_bytes(b"bad")
+    first = encode_items(frame, images, text_enc, image_enc, FeatureCache(tmp_path / "cache", text_enc.info, image_enc.info))
+    assert first.has_image.tolist() == [i % 3 != 2 and i not in (1, 4) for i in range(10)]
+    assert not first.image[1].any()
+    np.testing.assert_array_equal(first.text[1], text_enc.encode(["Headline number 1"])[0])
+
+    (images / "N1.jpg").write_bytes(picture)
+    text_again, image_again = FakeTextEncoder(), FakeImageEncoder()
+    second = encode_items(frame, images, text_again, image_again, FeatureCache(tmp_path / "cache", text_again.info, image_again.info))
+    assert image_again.paths_seen == [images / "N1.jpg"]
+    assert second.has_image[1]
+    # The picture's own vector (the fake encodes the file's bytes), to float16 precision.
+    np.testing.assert_allclose(second.image[1], FakeImageEncoder().encode([images / "N1.jpg"])[0][0], rtol=1e-3)
+    assert f"1 cover images that ingest found usable cannot be read or decoded now ({images / 'N1.jpg'})" in caplog.text
 
 
 def test_a_cover_replaced_by_a_named_pipe_is_never_opened(news, tmp_path, fake_encoders):
