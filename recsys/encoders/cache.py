@@ -10,7 +10,8 @@ A shard holds ``news_ids`` and ``content_hashes`` (unicode), ``text`` (n, text_d
 ``image`` (n, image_dim) float16 and ``has_image`` (n,) bool. Shards are written to a
 temporary name and renamed, so a killed run loses at most the batch it was writing. When an
 article is stored again (its content changed), the newer shard wins; ``compact`` rewrites the
-live entries into one shard.
+live entries into one shard. A shard found damaged (disk damage: renames make torn shards
+impossible) is moved aside and its articles count as not cached, so they are encoded again.
 
 Housekeeping on every open: temporary files that killed writers left (``.*.tmp``) are
 removed after an hour, and the folders of other encoder pairs after 30 days unused (opening a
@@ -32,6 +33,7 @@ import re
 import time
 import uuid
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,7 +41,7 @@ import numpy as np
 
 from recsys.atomic import remove_stale
 from recsys.encoders.item_features import EncoderInfo
-from recsys.errors import ModelMismatchError, NotFoundError
+from recsys.errors import DamagedFileError, ModelMismatchError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,9 @@ MANIFEST_NAME = "manifest.json"
 _SHARD_GLOB = "shard-*.npz"
 _IMAGE_DTYPE = np.float16
 _SHARD_KEYS = ("news_ids", "content_hashes", "text", "image", "has_image")
+# What np.load raises on a damaged .npz (found by flipping bits): zip structure, member CRC,
+# compression method, .npy header. OSError also covers a file that cannot be read now.
+_SHARD_DAMAGE_ERRORS = (ValueError, KeyError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error)
 # A temporary file unchanged this long belongs to a killed writer (a live one writes a shard
 # in seconds and keeps its mtime fresh).
 STALE_TEMP_SECONDS = 3600
@@ -108,12 +113,14 @@ class FeatureCache:
         # news id -> (shard index, row, content hash), the newest shard winning.
         self._index: dict[str, tuple[int, int, str]] = {}
         self._shards: list[Path] = []
+        self._unreadable: set[Path] = set()  # left out for good by this process
         self._list_shards()
 
     def _list_shards(self) -> None:
         self._index, self._shards = {}, []
         for shard in sorted(self.path.glob(_SHARD_GLOB)):
-            self._index_shard(shard)
+            if shard not in self._unreadable:
+                self._index_shard(shard)
 
     def _housekeep(self) -> None:
         """Mark this folder used; remove killed writers' temporary files and the folders of
@@ -174,14 +181,41 @@ class FeatureCache:
                 ids, hashes = z["news_ids"], z["content_hashes"]
         except FileNotFoundError:  # merged into a newer shard by another process's compact
             return
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-            # Renames make torn shards impossible short of disk damage; re-encoding heals it.
-            log.warning("feature cache shard %s is unreadable (%s); its articles will be encoded again", shard, exc)
+        except (OSError, *_SHARD_DAMAGE_ERRORS) as exc:
+            self._leave_out(shard, exc)
             return
         number = len(self._shards)
         self._shards.append(shard)
         for row, (news_id, content_hash) in enumerate(zip(ids.tolist(), hashes.tolist())):
             self._index[news_id] = (number, row, content_hash)
+
+    def _leave_out(self, shard: Path, exc: Exception) -> None:
+        """Stop using an unreadable shard: its articles count as not cached (re-encoding heals it).
+
+        A damaged one is moved aside under a temporary name, so that later commands neither
+        warn again nor encode its articles again (housekeeping removes it after an hour, and
+        compaction only deletes shards it could index). One that cannot be read for another
+        reason (permissions, an I/O error that may pass) is left where it is.
+        """
+        self._unreadable.add(shard)
+        if isinstance(exc, OSError):
+            log.warning("feature cache shard %s is unreadable (%s); its articles will be encoded again", shard, exc)
+            return
+        aside = shard.with_name(f".{shard.name}.unreadable.tmp")
+        try:
+            os.replace(shard, aside)
+        except FileNotFoundError:  # another process moved it aside or compacted it first
+            return
+        except OSError as err:
+            log.warning(
+                "feature cache shard %s is unreadable (%s); its articles will be encoded again "
+                "(it could not be moved aside: %s)", shard, exc, err,
+            )
+            return
+        log.warning(
+            "feature cache shard %s is unreadable (%s); moved it aside to %s and its articles will be encoded again",
+            shard, exc, aside.name,
+        )
 
     def __len__(self) -> int:
         """Number of articles with cached features."""
@@ -222,6 +256,9 @@ class FeatureCache:
 
         Raises:
             NotFoundError: some ids are not cached.
+            DamagedFileError: a shard holding some of them turned out to be unreadable; it is
+                left out from now on (moved aside when damaged), so ``lookup`` no longer finds
+                its articles: look them up again and encode those.
         """
         try:
             return self._load(news_ids)
@@ -245,11 +282,28 @@ class FeatureCache:
             by_shard.setdefault(number, []).append((out_row, row))
         for number, pairs in by_shard.items():
             out_rows, rows = (np.array(x, dtype=np.int64) for x in zip(*pairs))
-            with np.load(self._shards[number], allow_pickle=False) as z:
-                text[out_rows] = z["text"][rows]
-                image[out_rows] = z["image"][rows]
-                has_image[out_rows] = z["has_image"][rows]
+            shard = self._shards[number]
+            try:
+                with np.load(shard, allow_pickle=False) as z:
+                    text[out_rows] = z["text"][rows]
+                    image[out_rows] = z["image"][rows]
+                    has_image[out_rows] = z["has_image"][rows]
+            except FileNotFoundError:
+                raise  # compacted by another process: the caller lists the cache again
+            except (OSError, *_SHARD_DAMAGE_ERRORS) as exc:
+                # Indexing read only the ids and hashes; a damaged vector member shows up here.
+                self._leave_out(shard, exc)
+                self._list_shards()
+                raise DamagedFileError(
+                    f"feature cache shard {shard} is unreadable ({type(exc).__name__}: {exc}); "
+                    "its articles are no longer cached and must be encoded again"
+                ) from exc
         return text, image, has_image
+
+    @staticmethod
+    def as_stored(image: np.ndarray) -> np.ndarray:
+        """Image features as ``load`` returns them once stored: float32 with float16 rounding."""
+        return np.asarray(image, dtype=np.float32).astype(_IMAGE_DTYPE).astype(np.float32)
 
     def put(
         self,
@@ -318,6 +372,8 @@ class FeatureCache:
             text, image, has_image = self._load(ids)
         except FileNotFoundError:  # another process compacted first: its shard holds these entries
             self._list_shards()
+            return
+        except DamagedFileError:  # left out; the next compaction merges the readable shards
             return
         # Named just after the newest shard it merges, not "now": a shard another process wrote
         # meanwhile (an article encoded again) still sorts after it and wins.

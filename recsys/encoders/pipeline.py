@@ -12,7 +12,7 @@ import pandas as pd
 from recsys.columns import ABSTRACT, CATEGORY, CONTENT_HASH, IMAGE_OK, IMAGE_PATH, IMAGE_STATUS, NEWS_ID, TITLE
 from recsys.encoders.cache import FeatureCache
 from recsys.encoders.item_features import EncoderInfo, ItemFeatures
-from recsys.errors import ModelMismatchError, SchemaError
+from recsys.errors import DamagedFileError, ModelMismatchError, SchemaError
 from recsys.interrupts import raise_if_terminated
 
 REQUIRED_COLUMNS = (NEWS_ID, TITLE, ABSTRACT, CATEGORY, IMAGE_PATH, IMAGE_STATUS, CONTENT_HASH)
@@ -49,7 +49,8 @@ def encode_items(
 ) -> ItemFeatures:
     """Frozen-encoder features of articles, row-aligned with ``news``.
 
-    Articles whose (news id, content hash) is in ``cache`` are read from it; the others are
+    Articles whose (news id, content hash) is in ``cache`` are read from it (those of a cache
+    shard found damaged on the way count as not cached); the others are
     encoded in batches of ``batch_size`` and each batch is stored in the cache as soon as it
     is done, so memory stays bounded and an interrupted run resumes where it stopped. Images
     are encoded only where ``IMAGE_STATUS == "ok"``; an image that cannot be read or decoded
@@ -98,53 +99,68 @@ def encode_items(
     keys = news[CONTENT_HASH].astype(str).to_numpy(dtype=object)
     if use_abstract:
         keys = np.array([k + _ABSTRACT_SUFFIX for k in keys], dtype=object)
-    cached = cache.lookup(ids, keys) if cache is not None else np.zeros(n, dtype=bool)
+    text = np.zeros((n, text_info.dim), dtype=np.float32)
+    image = np.zeros((n, image_encoder.info.dim), dtype=np.float32)
+    has_image = np.zeros(n, dtype=bool)
+    cached = np.zeros(n, dtype=bool)
+    if cache is not None:
+        # Read first: articles of a shard found damaged are then encoded with the others.
+        cached = _load_cached(cache, ids, keys, text, image, has_image)
     if progress is not None and cached.any():
         progress(int(cached.sum()))
 
     titles, abstracts = news[TITLE].to_numpy(dtype=object), news[ABSTRACT].to_numpy(dtype=object)
     image_paths = _image_paths(news, images_dir)
-    if cache is None:
-        text = np.zeros((n, text_info.dim), dtype=np.float32)
-        image = np.zeros((n, image_encoder.info.dim), dtype=np.float32)
-        has_image = np.zeros(n, dtype=bool)
     todo = np.flatnonzero(~cached)
-    unread_rows, unread_text = [], []  # covers that failed this time: not cached
+    unread_rows = []  # covers that failed this time: not cached
     for start in range(0, len(todo), batch_size):
         raise_if_terminated()  # a SIGTERM whose exception some library swallowed
         rows = todo[start : start + batch_size]
         batch_text = text_encoder.encode([article_text(titles[r], abstracts[r], use_abstract=use_abstract) for r in rows])
         batch_image, batch_ok = image_encoder.encode([image_paths[r] for r in rows])
+        batch_text = np.asarray(batch_text, dtype=np.float32)
+        batch_image = np.where(batch_ok[:, None], batch_image, 0.0).astype(np.float32)
+        # Ingest decoded every "ok" cover, so one that fails now has changed since (copied
+        # over in place, truncated, unmounted, an I/O error). The content hash still covers
+        # the bytes ingest read: a cached "no image" would outlive the file's repair.
+        unread = np.array([image_paths[r] is not None and not ok for r, ok in zip(rows, batch_ok)], dtype=bool)
+        unread_rows.extend(rows[unread].tolist())
         if cache is not None:
-            # Ingest decoded every "ok" cover, so one that fails now has changed since (copied
-            # over in place, truncated, unmounted, an I/O error). The content hash still covers
-            # the bytes ingest read: a cached "no image" would outlive the file's repair.
-            unread = np.array([image_paths[r] is not None and not ok for r, ok in zip(rows, batch_ok)], dtype=bool)
             keep = ~unread
             cache.put(ids[rows[keep]], keys[rows[keep]], batch_text[keep], batch_image[keep], batch_ok[keep])
-            unread_rows.extend(rows[unread].tolist())
-            unread_text.extend(batch_text[unread])
-        else:
-            text[rows], image[rows], has_image[rows] = batch_text, np.where(batch_ok[:, None], batch_image, 0.0), batch_ok
+            batch_image = FeatureCache.as_stored(batch_image)  # as a cached rerun returns it
+        text[rows], image[rows], has_image[rows] = batch_text, batch_image, batch_ok
         if progress is not None:
             progress(len(rows))
-    if cache is not None:
-        unread = np.zeros(n, dtype=bool)
-        unread[unread_rows] = True
-        text = np.empty((n, text_info.dim), dtype=np.float32)
-        image = np.zeros((n, image_encoder.info.dim), dtype=np.float32)
-        has_image = np.zeros(n, dtype=bool)
-        text[~unread], image[~unread], has_image[~unread] = cache.load(ids[~unread])
-        if unread_rows:
-            text[unread_rows] = np.asarray(unread_text, dtype=np.float32)
-            shown = ", ".join(str(image_paths[r]) for r in unread_rows[:5])
-            more = f" and {len(unread_rows) - 5} more" if len(unread_rows) > 5 else ""
-            log.warning(
-                "%d cover images that ingest found usable cannot be read or decoded now (%s%s); those articles are "
-                "encoded without an image this time and again at the next encode", len(unread_rows), shown, more,
-            )
+    if unread_rows:
+        shown = ", ".join(str(image_paths[r]) for r in unread_rows[:5])
+        more = f" and {len(unread_rows) - 5} more" if len(unread_rows) > 5 else ""
+        log.warning(
+            "%d cover images that ingest found usable cannot be read or decoded now (%s%s); those articles are "
+            "encoded without an image this time and again at the next encode", len(unread_rows), shown, more,
+        )
     categories = news[CATEGORY].fillna("").astype(str).to_numpy(dtype=object)
     return ItemFeatures(ids, text, image, has_image, categories, text_info, image_encoder.info)
+
+
+def _load_cached(cache: FeatureCache, ids: np.ndarray, keys: np.ndarray, text, image, has_image) -> np.ndarray:
+    """Fill the rows cached with their content hash from ``cache``; returns which rows those are.
+
+    A shard found unreadable on the way is left out by the cache: its articles are looked up
+    again (an older shard may still hold some with their current hash) and the rest is
+    encoded by the caller. Each round leaves out one more shard, so this ends.
+    """
+    cached = cache.lookup(ids, keys)
+    while cached.any():
+        try:
+            text[cached], image[cached], has_image[cached] = cache.load(ids[cached])
+            return cached
+        except DamagedFileError:
+            still = cached & cache.lookup(ids, keys)
+            if still.sum() == cached.sum():  # nothing was left out: not a damaged shard after all
+                raise
+            cached = still
+    return cached
 
 
 def _check_news(news: pd.DataFrame) -> None:

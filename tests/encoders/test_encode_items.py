@@ -26,6 +26,7 @@ from recsys.columns import (
 from recsys.encoders.cache import FeatureCache
 from recsys.encoders.pipeline import article_text, encode_items, text_info_for
 from recsys.errors import ModelMismatchError, SchemaError
+from shard_damage import flip_byte_in_member
 
 
 def make_news(images_dir, n: int = 10) -> pd.DataFrame:
@@ -199,6 +200,34 @@ def test_a_cover_replaced_by_a_named_pipe_is_never_opened(news, tmp_path, fake_e
     second = encode_items(frame, images, text_again, image_again, FeatureCache(tmp_path / "cache", text_again.info, image_again.info))
     assert image_again.paths_seen == [images / "N1.jpg"]
     assert second.has_image[1]
+
+
+def test_a_damaged_cache_shard_gets_its_articles_encoded_again(news, tmp_path, fake_encoders, caplog):
+    frame, images = news
+    text_enc, image_enc = fake_encoders
+    encode_items(frame, images, text_enc, image_enc, FeatureCache(tmp_path / "cache", text_enc.info, image_enc.info), batch_size=4)
+    shards = sorted((tmp_path / "cache").glob("*/shard-*.npz"))
+    assert len(shards) == 3  # articles 0-3, 4-7, 8-9
+    flip_byte_in_member(shards[1], "image.npy")
+
+    text_again, image_again = FakeTextEncoder(), FakeImageEncoder()
+    cache = FeatureCache(tmp_path / "cache", text_again.info, image_again.info)
+    calls = []
+    features = encode_items(frame, images, text_again, image_again, cache, batch_size=4, progress=calls.append)
+    assert sorted(t for call in text_again.calls for t in call) == [f"Headline number {i}" for i in range(4, 8)]
+    assert sum(calls) == 10
+    assert f"feature cache shard {shards[1]} is unreadable" in caplog.text
+    reference = encode_items(frame, images, FakeTextEncoder(), FakeImageEncoder(), None)
+    np.testing.assert_array_equal(features.text, reference.text)
+    np.testing.assert_allclose(features.image, reference.image, rtol=1e-3)  # float16 storage
+    np.testing.assert_array_equal(features.has_image, reference.has_image)
+
+    # Moved aside: the next command neither warns nor encodes anything.
+    caplog.clear()
+    text_third, image_third = FakeTextEncoder(), FakeImageEncoder()
+    third = encode_items(frame, images, text_third, image_third, FeatureCache(tmp_path / "cache", text_third.info, image_third.info))
+    assert text_third.calls == [] and "unreadable" not in caplog.text
+    assert_same_features(third, features)
 
 
 def test_changed_content_hash_reencodes_only_that_article(news, tmp_path, fake_encoders):

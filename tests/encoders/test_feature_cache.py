@@ -18,7 +18,8 @@ from recsys import atomic
 from recsys.encoders import cache as cache_module
 from recsys.encoders.cache import MANIFEST_NAME, FeatureCache, cache_folder_name
 from recsys.encoders.item_features import EncoderInfo
-from recsys.errors import ModelMismatchError, NotFoundError
+from recsys.errors import DamagedFileError, ModelMismatchError, NotFoundError
+from shard_damage import flip_byte_in_member
 
 TEXT = EncoderInfo("text-enc", "1.0", 6)
 IMAGE = EncoderInfo("image-enc", "2.0", 5)
@@ -310,3 +311,45 @@ def test_killed_writer_loses_at_most_the_batch_in_flight(tmp_path):
     written = [f"N{b}-{i}" for b in range(len(cache) // 500) for i in range(500)]
     text, _, has_image = cache.load(written)
     assert np.isfinite(text).all() and has_image.all()
+
+
+def test_a_shard_with_a_damaged_vector_member_is_left_out_and_moved_aside(tmp_path, caplog):
+    # A compacted shard damaged inside image.npy: indexing reads only ids and hashes, so the
+    # damage shows when the vectors are read. Those articles must count as not cached, and
+    # the shard must not warn again on every later command.
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    cache.put(["a", "b"], ["h", "h"], *features(2))
+    cache.put(["c"], ["h"], *features(1, seed=1))
+    cache.compact()
+    (shard,) = cache.path.glob("shard-*.npz")
+    flip_byte_in_member(shard, "image.npy")
+
+    reopened = FeatureCache(tmp_path, TEXT, IMAGE)
+    assert reopened.lookup(["a", "b", "c"], ["h"] * 3).tolist() == [True, True, True]
+    with pytest.raises(DamagedFileError, match=rf"shard {shard} is unreadable \(BadZipFile: Bad CRC-32.*must be encoded again"):
+        reopened.load(["a", "c"])
+    assert reopened.lookup(["a", "b", "c"], ["h"] * 3).tolist() == [False, False, False]
+    assert f"feature cache shard {shard} is unreadable" in caplog.text
+    assert not shard.exists() and (cache.path / f".{shard.name}.unreadable.tmp").exists()
+
+    caplog.clear()
+    again = FeatureCache(tmp_path, TEXT, IMAGE)
+    assert len(again) == 0 and "unreadable" not in caplog.text
+    again.put(["a"], ["h"], *features(1))  # encoded again, cached again
+    assert FeatureCache(tmp_path, TEXT, IMAGE).lookup(["a"], ["h"]).tolist() == [True]
+
+
+def test_a_shard_that_cannot_be_read_now_is_left_where_it_is(tmp_path, monkeypatch, caplog):
+    # Permissions or an I/O error that may pass: not proof of damage, so nothing is moved.
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    cache.put(["a"], ["h"], *features(1))
+    (shard,) = cache.path.glob("shard-*.npz")
+    reopened = FeatureCache(tmp_path, TEXT, IMAGE)
+
+    def io_error(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(cache_module.np, "load", io_error)
+    with pytest.raises(DamagedFileError, match=r"is unreadable \(OSError: \[Errno 5\] Input/output error\)"):
+        reopened.load(["a"])
+    assert shard.exists() and reopened.lookup(["a"], ["h"]).tolist() == [False]
