@@ -13,6 +13,10 @@ article is stored again (its content changed), the newer shard wins; ``compact``
 live entries into one shard. A shard found damaged (disk damage: renames make torn shards
 impossible) is moved aside and its articles count as not cached, so they are encoded again.
 
+A cache this user cannot write (a read-only workspace, a full disk) still serves what it
+holds: the first failed write is logged, and the articles it lacks are encoded without being
+stored for the rest of the command.
+
 Housekeeping on every open: temporary files that killed writers left (``.*.tmp``) are
 removed after an hour, and the folders of other encoder pairs after 30 days unused (opening a
 cache marks its folder used), so changing encoder settings does not keep the old features
@@ -94,6 +98,9 @@ def _write_atomically(path: Path, write) -> None:
 class FeatureCache:
     """Append-only store of text and image features for one pair of encoders.
 
+    A folder that cannot be created (a read-only workspace) gives an empty cache that
+    stores nothing, with a warning naming it: the cache only saves encoding time.
+
     Args:
         root_dir: the cache root (the workspace's ``cache/features``); created if missing.
         text_info: the text encoder the vectors come from.
@@ -107,13 +114,18 @@ class FeatureCache:
         self.root_dir = Path(root_dir)
         self.text_info, self.image_info = text_info, image_info
         self.path = self.root_dir / cache_folder_name(text_info, image_info)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._check_manifest()
-        self._housekeep()
         # news id -> (shard index, row, content hash), the newest shard winning.
         self._index: dict[str, tuple[int, int, str]] = {}
         self._shards: list[Path] = []
         self._unreadable: set[Path] = set()  # left out for good by this process
+        self._write_error: OSError | None = None  # set once a write failed: nothing more is stored
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            self._cannot_write(err)
+            return
+        self._check_manifest()
+        self._housekeep()
         self._list_shards()
 
     def _list_shards(self) -> None:
@@ -162,7 +174,10 @@ class FeatureCache:
         path = self.path / MANIFEST_NAME
         expected = self._manifest()
         if not path.exists():
-            _write_atomically(path, lambda f: f.write(json.dumps(expected, indent=2, sort_keys=True).encode()))
+            try:
+                _write_atomically(path, lambda f: f.write(json.dumps(expected, indent=2, sort_keys=True).encode()))
+            except OSError as err:  # the folder name alone (a digest of both infos) keeps encoders apart
+                self._cannot_write(err)
             return
         try:
             found = json.loads(path.read_text())
@@ -188,6 +203,15 @@ class FeatureCache:
         self._shards.append(shard)
         for row, (news_id, content_hash) in enumerate(zip(ids.tolist(), hashes.tolist())):
             self._index[news_id] = (number, row, content_hash)
+
+    def _cannot_write(self, err: OSError) -> None:
+        """Store nothing more in this cache; warn the first time only (not once per batch)."""
+        if self._write_error is None:
+            log.warning(
+                "feature cache %s cannot be written (%s); articles it lacks are encoded without being stored",
+                self.path, err,
+            )
+        self._write_error = err
 
     def _leave_out(self, shard: Path, exc: Exception) -> None:
         """Stop using an unreadable shard: its articles count as not cached (re-encoding heals it).
@@ -315,6 +339,10 @@ class FeatureCache:
     ) -> None:
         """Store the features of n articles as one new shard (atomically).
 
+        When the cache cannot be written (read-only, disk full), nothing is stored, nothing is
+        left half-written, and a warning names the folder the first time; the caller keeps
+        the features it holds. ``lookup`` then does not find these articles.
+
         Args:
             news_ids: n news ids, unique.
             content_hashes: n content hashes.
@@ -345,7 +373,12 @@ class FeatureCache:
                     f"{name} features have shape {array.shape}, but encoder {info.name} of this cache has dim {info.dim}"
                 )
         image = np.where(has_image[:, None], image, 0.0).astype(_IMAGE_DTYPE)
-        self._write_shard(ids, hashes, text, image, has_image)
+        if self._write_error is not None:
+            return
+        try:
+            self._write_shard(ids, hashes, text, image, has_image)
+        except OSError as err:
+            self._cannot_write(err)
 
     def _write_shard(self, ids, hashes, text, image, has_image, *, time_ns: int | None = None) -> Path:
         stamp = time.time_ns() if time_ns is None else time_ns
@@ -361,9 +394,10 @@ class FeatureCache:
         Safe against a crash at any point: the merged shard is in place before any old shard
         is removed, and it is the newest, so duplicates left behind are shadowed by it. A
         process that listed the old shards before (an evaluate beside the nightly job) finds
-        one gone and lists the cache again (``load``).
+        one gone and lists the cache again (``load``). A cache that cannot be written is
+        left as it is (with ``put``'s warning).
         """
-        if len(self._shards) <= 1:
+        if len(self._shards) <= 1 or self._write_error is not None:
             return
         old = list(self._shards)
         ids = sorted(self._index)
@@ -379,10 +413,15 @@ class FeatureCache:
         # meanwhile (an article encoded again) still sorts after it and wins.
         newest = max((_shard_time(p) for p in old), default=None)
         self._index, self._shards = {}, []
-        self._write_shard(
-            np.array(ids, dtype=str), np.array(hashes, dtype=str), text, image.astype(_IMAGE_DTYPE), has_image,
-            time_ns=None if newest is None else newest + 1,
-        )
+        try:
+            self._write_shard(
+                np.array(ids, dtype=str), np.array(hashes, dtype=str), text, image.astype(_IMAGE_DTYPE), has_image,
+                time_ns=None if newest is None else newest + 1,
+            )
+        except OSError as err:  # nothing written: the old shards still hold every entry
+            self._cannot_write(err)
+            self._list_shards()
+            return
         for shard in old:
             shard.unlink(missing_ok=True)
         self._list_shards()  # with any shard written meanwhile

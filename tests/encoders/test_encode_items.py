@@ -230,6 +230,29 @@ def test_a_damaged_cache_shard_gets_its_articles_encoded_again(news, tmp_path, f
     assert_same_features(third, features)
 
 
+def test_a_read_only_cache_still_gives_the_features_of_new_articles(news, tmp_path, fake_encoders, monkeypatch, caplog):
+    # A user who can only read the workspace's cache encodes what it lacks, in memory.
+    from recsys.encoders import cache as cache_module
+
+    frame, images = news
+    text_enc, image_enc = fake_encoders
+    encode_items(frame.iloc[:6], images, text_enc, image_enc, FeatureCache(tmp_path / "cache", text_enc.info, image_enc.info))
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(cache_module, "open", read_only, raising=False)  # the cache's only writes
+    text_again, image_again = FakeTextEncoder(), FakeImageEncoder()
+    cache = FeatureCache(tmp_path / "cache", text_again.info, image_again.info)
+    features = encode_items(frame, images, text_again, image_again, cache, batch_size=2)
+    assert sorted(t for call in text_again.calls for t in call) == [f"Headline number {i}" for i in range(6, 10)]
+    reference = encode_items(frame, images, FakeTextEncoder(), FakeImageEncoder(), None)
+    np.testing.assert_array_equal(features.text, reference.text)
+    np.testing.assert_allclose(features.image, reference.image, rtol=1e-3)  # float16 storage
+    np.testing.assert_array_equal(features.has_image, reference.has_image)
+    assert caplog.text.count(f"feature cache {cache.path} cannot be written ([Errno 13] Permission denied") == 1
+
+
 def test_changed_content_hash_reencodes_only_that_article(news, tmp_path, fake_encoders):
     frame, images = news
     text_enc, image_enc = fake_encoders

@@ -198,17 +198,53 @@ def test_load_of_unknown_ids_names_them(tmp_path):
         cache.load(["a"] + [f"N{i}" for i in range(1, 8)])
 
 
-def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+def test_failed_write_leaves_nothing_behind_and_warns_once(tmp_path, monkeypatch, caplog):
     cache = FeatureCache(tmp_path, TEXT, IMAGE)
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(np, "savez", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        cache.put(["a"], ["h"], *features(1))
+    cache.put(["a"], ["h"], *features(1))
+    cache.put(["b"], ["h"], *features(1))
     assert sorted(p.name for p in cache.path.iterdir()) == [MANIFEST_NAME]
-    assert len(cache) == 0
+    assert len(cache) == 0 and cache.lookup(["a", "b"], ["h", "h"]).tolist() == [False, False]
+    assert caplog.text.count(f"feature cache {cache.path} cannot be written ([Errno 28] No space left on device)") == 1
+
+
+def test_a_read_only_cache_serves_what_it_holds_and_stores_nothing(tmp_path, monkeypatch, caplog):
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    text, image, has_image = features(2)
+    cache.put(["a", "b"], ["h", "h"], text, image, has_image)
+    cache.put(["c"], ["h"], *features(1, seed=1))
+
+    real_open = open
+
+    def read_only(path, mode="r", *args, **kwargs):  # what a read-only mount answers (root ignores chmod)
+        if any(m in mode for m in "wax+"):
+            raise OSError(30, "Read-only file system", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "open", read_only, raising=False)
+    reader = FeatureCache(tmp_path, TEXT, IMAGE)
+    got_text, _, got_has = reader.load(["b", "a"])
+    np.testing.assert_array_equal(got_text, text[[1, 0]])
+    np.testing.assert_array_equal(got_has, has_image[[1, 0]])
+    reader.put(["d"], ["h"], *features(1, seed=2))
+    reader.compact()  # two shards, but nothing can be written: left as it is
+    assert reader.lookup(["a", "c", "d"], ["h"] * 3).tolist() == [True, True, False]
+    assert reader.num_shards == 2
+    assert caplog.text.count(f"feature cache {reader.path} cannot be written") == 1
+
+
+def test_a_cache_folder_that_cannot_be_created_gives_an_empty_cache(tmp_path, caplog):
+    (tmp_path / "cache").write_bytes(b"a file where the cache folder should be")
+    cache = FeatureCache(tmp_path / "cache" / "features", TEXT, IMAGE)
+    assert f"feature cache {cache.path} cannot be written" in caplog.text
+    cache.put(["a"], ["h"], *features(1))
+    assert len(cache) == 0 and cache.lookup(["a"], ["h"]).tolist() == [False]
+    with pytest.raises(NotFoundError, match="no features for news ids a"):
+        cache.load(["a"])
 
 
 def test_unreadable_shard_is_skipped_and_leftover_temp_files_ignored(tmp_path, caplog):
