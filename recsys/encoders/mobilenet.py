@@ -154,7 +154,9 @@ def load_mobilenet(image_size: int = 224, *, cache_dir: Path | None = None, grap
 
     The file ``<cache_dir>/encoders/mobilenet_v1_1.0_imagenet_<size>-<graph sha256[:16]>.keras``
     is keyed by input size and graph content, written atomically, and rebuilt when it cannot
-    be loaded or has unexpected shapes.
+    be loaded or has unexpected shapes. It is only a cache: when it cannot be written (a
+    read-only folder, a full disk) a warning names the folder and the model built in memory
+    is used.
 
     Args:
         image_size: square input size.
@@ -181,13 +183,19 @@ def load_mobilenet(image_size: int = 224, *, cache_dir: Path | None = None, grap
                 return model
             log.warning("cached MobileNet %s has shapes %s -> %s; rebuilding it", path, model.input_shape, model.output_shape)
     model = build_mobilenet(image_size, graph_path)
-    folder.mkdir(parents=True, exist_ok=True)
     # Keras picks the format from the suffix, so the temporary name must end in .keras too.
     tmp = folder / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.keras"
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         model.save(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        log.warning("could not cache MobileNet in %s (%s); using the model built from %s", folder, err, graph_path)
+        return model
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the folder was never there, or cannot be written: nothing to remove
+            pass
     log.info("built MobileNet from %s and cached it in %s", graph_path, path)
     return model

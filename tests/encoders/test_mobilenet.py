@@ -138,6 +138,29 @@ def test_cached_file_with_other_shapes_is_rebuilt(tmp_path, caplog):
     assert keras.saving.load_model(path).output_shape == (None, 1024)
 
 
+def test_a_cache_folder_that_cannot_be_made_leaves_the_model_in_memory(tmp_path, caplog, photos_224):
+    blocked = tmp_path / "cache"
+    blocked.write_bytes(b"a file where the cache folder should be")
+    model = mobilenet.load_mobilenet(224, cache_dir=blocked)
+    assert f"could not cache MobileNet in {blocked / 'encoders'} ([Errno 20] Not a directory" in caplog.text
+    images = np.stack(list(photos_224.values())).astype(np.float32)
+    expected, _ = frozen_graph_features(images)
+    assert np.abs(np.asarray(model(images, training=False)) - expected).max() < 1e-3
+
+
+def test_a_read_only_cache_folder_leaves_the_model_in_memory(tmp_path, monkeypatch, caplog):
+    import keras
+
+    def read_only(self, filepath, *args, **kwargs):  # what a read-only mount answers (root ignores chmod)
+        raise OSError(30, "Read-only file system", str(filepath))
+
+    monkeypatch.setattr(keras.Model, "save", read_only)
+    model = mobilenet.load_mobilenet(64, cache_dir=tmp_path)
+    assert f"could not cache MobileNet in {tmp_path / 'encoders'} ([Errno 30] Read-only file system" in caplog.text
+    assert model.input_shape == (None, 64, 64, 3) and model.output_shape == (None, 1024)
+    assert list((tmp_path / "encoders").iterdir()) == []
+
+
 def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("RECSYS_CACHE_DIR", str(tmp_path / "explicit"))
     assert mobilenet.default_cache_dir() == tmp_path / "explicit"
