@@ -7,7 +7,8 @@ import io
 import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -159,11 +160,25 @@ def _check_file(root: Path, candidate: Path) -> ImageCheck:
     return ImageCheck(relative if status == IMAGE_OK else None, status, digest)
 
 
+@contextmanager
+def decoding_rules() -> Iterator[None]:
+    """Warning filters for decoding a cover, shared by ingest's check and the image encoder so
+    that both reach the same verdict whatever the process's own filters (``-W error``).
+
+    Pillow warns (not raises) between its own decompression-bomb limit and twice it: refused,
+    as an error. Its other warnings (a corrupt EXIF block) say nothing about the pixels:
+    ignored, so a damaged EXIF never makes a cover unusable. Changes the process's warning
+    filters while it lasts: one thread at a time.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def _decode_status(data: bytes) -> str:
     try:
-        with warnings.catch_warnings():
-            # Pillow warns (not raises) between its own bomb limit and twice it; refuse those.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with decoding_rules():
             with Image.open(io.BytesIO(data), formats=_DECODERS) as image:
                 if image.format not in _ACCEPTED_FORMATS:
                     return IMAGE_CORRUPT

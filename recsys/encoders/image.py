@@ -11,15 +11,14 @@ from __future__ import annotations
 import logging
 import stat
 import struct
-import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from recsys.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from recsys.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decoding_rules
 from recsys.encoders.item_features import EncoderInfo
 from recsys.errors import ConfigError, RecsysError
 
@@ -30,6 +29,16 @@ log = logging.getLogger(__name__)
 _PIL_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, TypeError, IndexError, KeyError)
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+# EXIF orientation -> the transpose that shows the picture upright (as ImageOps.exif_transpose).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageDecodeError(RecsysError):
@@ -49,7 +58,9 @@ def load_image_rgb(path: str | Path, size: int) -> np.ndarray:
     """Decode a cover image safely into a square RGB array.
 
     Refuses anything but a regular file, and files over ``MAX_IMAGE_BYTES``, before opening them and images over
-    ``MAX_IMAGE_PIXELS`` from their header, before decoding. Applies the EXIF orientation;
+    ``MAX_IMAGE_PIXELS`` from their header, before decoding. Applies the EXIF orientation
+    (a damaged EXIF block never makes a cover unusable: ingest does not read it either, and
+    an orientation that cannot be read leaves the picture as stored);
     converts palette, greyscale, CMYK and 16-bit images to 8-bit RGB and composites
     transparent ones on white. The image is scaled so that its shorter side is ``size`` and
     the centre is cropped (as ImageNet models were evaluated), so wide covers lose their edges
@@ -83,9 +94,7 @@ def load_image_rgb(path: str | Path, size: int) -> np.ndarray:
     if num_bytes > MAX_IMAGE_BYTES:
         raise ImageDecodeError(path, f"file is {num_bytes} bytes, over the limit of {MAX_IMAGE_BYTES} bytes")
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between its own limit and twice it; refuse those as well.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with decoding_rules():  # the same verdicts as ingest's check
             with Image.open(path) as image:
                 width, height = image.size
                 if width * height > MAX_IMAGE_PIXELS:
@@ -97,7 +106,7 @@ def load_image_rgb(path: str | Path, size: int) -> np.ndarray:
                 # JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below `size`.
                 image.draft(None, (size, size))
                 image.load()
-                rgb = _to_rgb(ImageOps.exif_transpose(image))
+                rgb = _to_rgb(_upright(image, path))
                 fitted = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BICUBIC)
                 return np.asarray(fitted, dtype=np.uint8)
     except ImageDecodeError:
@@ -108,6 +117,22 @@ def load_image_rgb(path: str | Path, size: int) -> np.ndarray:
         raise ImageDecodeError(path, f"too many pixels, refused as a decompression bomb ({exc})") from exc
     except _PIL_DECODE_ERRORS as exc:
         raise ImageDecodeError(path, f"cannot be decoded ({type(exc).__name__}: {exc})") from exc
+
+
+def _upright(image: Image.Image, path: Path) -> Image.Image:
+    """``image`` turned as its EXIF orientation says; as stored when that cannot be read.
+
+    Not ``ImageOps.exif_transpose``: it also rewrites the EXIF block without the orientation,
+    which fails on any damaged tag (struct.error) although only the orientation matters. On a
+    truncated block Pillow warns (ignored by ``decoding_rules``) and returns what it parsed.
+    """
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    except _PIL_DECODE_ERRORS as exc:
+        log.warning("cover image %s: EXIF cannot be read (%s: %s); used as stored, unrotated", path, type(exc).__name__, exc)
+        return image
+    return image if method is None else image.transpose(method)
 
 
 def _file_kind(mode: int) -> str:

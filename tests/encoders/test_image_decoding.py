@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from recsys.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from recsys.columns import IMAGE_OK
+from recsys.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, check_image_file
 from recsys.encoders.image import ImageDecodeError, load_image_rgb
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
@@ -98,6 +99,39 @@ def test_exif_orientation_is_applied(tmp_path):
     assert np.abs(out[2, 16].astype(int) - RED).max() < 40
     assert np.abs(out[29, 16].astype(int) - BLUE).max() < 40
     assert np.abs(out[2, 2].astype(int) - out[2, 29].astype(int)).max() < 40  # top row is all red
+
+
+def rotated_jpeg_with_a_damaged_tag(path) -> None:
+    """halves(80, 40) with EXIF orientation 6 and a DateTime entry whose tag id was hit by a bit
+    flip: it now reads as BitsPerSample (a number) holding text, as fuzzed camera files do."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x0132] = "2019:01:01 00:00:00"
+    data = exif.tobytes()
+    entry = b"\x01\x32\x00\x02"  # big-endian: tag 0x0132 (DateTime), type 2 (ASCII)
+    assert data.count(entry) == 1
+    halves(80, 40).save(path, exif=data.replace(entry, b"\x01\x02\x00\x02"), quality=95)
+
+
+def test_a_damaged_exif_tag_does_not_stop_the_orientation(tmp_path):
+    # ImageOps.exif_transpose rewrote the whole EXIF block and raised struct.error on it; ingest,
+    # which does not read EXIF, had found the cover usable.
+    path = tmp_path / "damaged_tag.jpg"
+    rotated_jpeg_with_a_damaged_tag(path)
+    assert check_image_file(path).status == IMAGE_OK
+    out = load_image_rgb(path, 32)
+    assert np.abs(out[2, 16].astype(int) - RED).max() < 40  # upright: red on top, blue below
+    assert np.abs(out[29, 16].astype(int) - BLUE).max() < 40
+
+
+def test_an_unreadable_exif_orientation_leaves_the_picture_as_stored(tmp_path):
+    path = tmp_path / "truncated_exif.jpg"
+    # One IFD entry (the orientation) announced, its 12 bytes cut short.
+    halves(80, 40).save(path, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03", quality=95)
+    assert check_image_file(path).status == IMAGE_OK
+    out = load_image_rgb(path, 32)
+    assert np.abs(out[16, 2].astype(int) - RED).max() < 40  # as stored: red left, blue right
+    assert np.abs(out[16, 29].astype(int) - BLUE).max() < 40
 
 
 def test_zero_byte_file(tmp_path):
