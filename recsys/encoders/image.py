@@ -144,20 +144,24 @@ def _file_kind(mode: int) -> str:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB version of any Pillow image; transparency is composited on white."""
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    elif image.mode == "L" and "transparency" in image.info:
-        image = image.convert("LA")
+    """8-bit RGB version of any Pillow image; transparency is composited on white, whether
+    it is an alpha channel or a transparent colour (a PNG tRNS chunk, in any mode)."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # Pillow's own conversion clips 16-bit values at 255; scale the full range instead.
+        raw = np.asarray(image)
+        grey = Image.fromarray(np.clip(np.rint(raw.astype(np.float32) / 257.0), 0, 255).astype(np.uint8))
+        transparent = image.info.get("transparency")
+        if not isinstance(transparent, int):
+            return grey.convert("RGB")
+        # Matched on the 16-bit values: after scaling, its neighbours would turn transparent too.
+        alpha = Image.fromarray(np.where(raw == transparent, 0, 255).astype(np.uint8))
+        image = Image.merge("LA", (grey, alpha))
+    elif "transparency" in image.info and image.mode not in _ALPHA_MODES:
+        image = image.convert("RGBA")  # P, L, 1 and RGB: Pillow turns the tRNS colour into alpha
     if image.mode in _ALPHA_MODES:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    if image.mode in _SIXTEEN_BIT_MODES:
-        # Pillow's own conversion clips 16-bit values at 255; scale the full range instead.
-        grey = np.asarray(image).astype(np.float32)
-        grey = np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
     if image.mode != "RGB":
         return image.convert("RGB")
     return image

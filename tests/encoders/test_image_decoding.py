@@ -89,6 +89,30 @@ def test_palette_with_transparency_is_composited_on_white(tmp_path):
     assert tuple(load_image_rgb(path, 10)[5, 5]) == WHITE
 
 
+def test_a_transparent_colour_in_an_rgb_png_is_composited_on_white(tmp_path):
+    pixels = np.zeros((20, 20, 3), np.uint8)  # left half black: the tRNS colour
+    pixels[:, 10:] = (200, 30, 60)
+    path = tmp_path / "rgb_trns.png"
+    Image.fromarray(pixels).save(path, transparency=(0, 0, 0))
+    out = load_image_rgb(path, 20)
+    assert tuple(out[10, 3]) == WHITE
+    assert tuple(out[10, 16]) == (200, 30, 60)
+
+
+def test_a_transparent_value_in_a_sixteen_bit_grey_png_is_composited_on_white(tmp_path):
+    values = np.zeros((30, 30), np.uint16)  # left third 0: the tRNS value
+    values[:, 10:20] = 1  # 1 / 257 rounds to 0, but it is not the transparent value: black
+    values[:, 20:] = 32896  # 32896 / 257 = 128
+    path = tmp_path / "grey16_trns.png"
+    Image.fromarray(values).save(path, transparency=0)
+    with Image.open(path) as check:
+        assert check.mode.startswith("I") and check.info["transparency"] == 0
+    out = load_image_rgb(path, 30)
+    assert tuple(out[15, 4]) == WHITE
+    assert tuple(out[15, 14]) == (0, 0, 0)
+    assert tuple(out[15, 25]) == (128, 128, 128)
+
+
 def test_exif_orientation_is_applied(tmp_path):
     path = tmp_path / "rotated.jpg"
     exif = Image.Exif()
