@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import json
 import logging
 import os
 import time as clock
@@ -674,8 +675,17 @@ def content_hash(title: str, abstract: str, category: str, subcategory: str, ima
     """sha256 over what the encoders read: an article whose hash is unchanged needs no re-encoding.
 
     Fields are joined with the unit separator (\\x1f), so ("ab", "c") and ("a", "bc") differ.
+    A field holding \\x1f itself would make the join ambiguous (("a\\x1fb", "c") and
+    ("a", "b\\x1fc") join alike), so then the fields are hashed as ``"json\\x1f" + JSON``
+    instead. JSON escapes \\x1f: that text holds one raw \\x1f, where a join of five fields
+    free of it holds exactly four, so the two kinds never meet, and the hash of every article
+    without \\x1f stays what earlier releases stored (the feature cache's key).
     """
-    text = "\x1f".join((title, abstract, category, subcategory, image_sha256 or ""))
+    fields = (title, abstract, category, subcategory, image_sha256 or "")
+    if any("\x1f" in field for field in fields):
+        text = "json\x1f" + json.dumps(fields, ensure_ascii=False)
+    else:
+        text = "\x1f".join(fields)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

@@ -118,6 +118,22 @@ def test_content_hash_covers_text_fields_and_image(engine, small_world, quaranti
     assert content_hash("a", "b", "c", "d", None) != content_hash("a", "b", "c", "d", "00" * 32)
 
 
+def test_content_hash_is_unambiguous_and_keeps_every_earlier_hash():
+    # A unit separator inside a field made two versions of an article join alike, so the
+    # second kept the first one's cached vectors (title + abstract text differs).
+    assert content_hash("a\x1fb", "c", "x", "y", None) != content_hash("a", "b\x1fc", "x", "y", None)
+    assert content_hash("a\x1f", "b", "x", "y", None) != content_hash("a", "\x1fb", "x", "y", None)
+    # Fields free of it hash as before (worked out with hashlib, as earlier releases stored
+    # them): upgrading re-encodes nothing.
+    assert content_hash("Team wins the cup", "", "sports", "football", None) == (
+        "b536713d248ab878d131c70de47fe4fd23a7f217138dd3479d1a37c15bebcac7"
+    )
+    joined = "\x1f".join(["Crème brûlée \x1e\U0001f600", 'say "hi"\\', "food", "", "0f" * 32])
+    assert content_hash("Crème brûlée \x1e\U0001f600", 'say "hi"\\', "food", "", "0f" * 32) == (
+        hashlib.sha256(joined.encode()).hexdigest()
+    )
+
+
 def test_crlf_files_give_the_same_store(engine, small_world, quarantine_dir, tmp_path):
     run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], source="s")
     expected = dump_store(engine)
