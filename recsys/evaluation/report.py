@@ -14,12 +14,14 @@ plus ``"schema_version": 1``)::
                 "model_versions": [str, ...], "encoders": {name: description},
                 "side_features_at": str | None,   # where popularity and age were read
                 "bootstrap": {"unit", "num_resamples", "breakdown_resamples", "confidence",
-                              "seed", "pooled_auc"}},
+                              "seed", "pooled_auc", "min_units"}},
      "models": {name: {                         # in evaluation order; the first is the reference
          "kind": "model" | "baseline" | "oracle" | "ablation",
          "metrics": {metric: {"value", "ci_low", "ci_high"}},   # metric in METRICS
          "diff_to_first": {metric: value},
          "diff_to_first_ci": {metric: {"ci_low", "ci_high"}},  # paired bootstrap
+         # An interval resting on fewer than bootstrap.min_units users is None, and its dict
+         # adds "num_units" (ImpressionMetrics.result).
          "gap_closed": float | None,     # (AUC - 0.5) / (oracle AUC - 0.5), per-impression AUC
          "probabilistic": bool,          # every score in [0, 1]: log loss and calibration apply
          "tied_impressions": int,        # impressions where the model tied two candidates
@@ -38,6 +40,7 @@ Values are None where a metric is undefined. Every number the HTML shows is in t
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import math
@@ -342,8 +345,9 @@ def render_html(document: Mapping) -> str:
     env.filters["num"] = _format_number
     env.filters["count"] = _format_count
     env.filters["pct"] = _format_percent
-    env.filters["interval"] = _format_interval
-    env.filters["signed_interval"] = _format_signed_interval
+    unit = (document["header"].get("bootstrap") or {}).get("unit", "impression")
+    env.filters["interval"] = functools.partial(_format_interval, unit=unit)
+    env.filters["signed_interval"] = functools.partial(_format_signed_interval, unit=unit)
     env.filters["describe"] = _describe
     return env.get_template("report.html.j2").render(**_context(document))
 
@@ -369,21 +373,25 @@ def _format_percent(value, digits: int = 1) -> str:
     return "n/a" if value is None else f"{100.0 * value:.{digits}f} %"
 
 
-def _format_interval(entry: Mapping | None, digits: int = 4) -> str:
+def _format_interval(entry: Mapping | None, digits: int = 4, *, unit: str = "impression") -> str:
     if not entry or entry.get("value") is None:
         return "n/a"
     text = f"{entry['value']:.{digits}f}"
     if entry.get("ci_low") is not None and entry.get("ci_high") is not None:
         text += f" [{entry['ci_low']:.{digits}f}, {entry['ci_high']:.{digits}f}]"
+    elif entry.get("num_units") is not None:
+        text += f" [too few {unit}s for an interval]"
     return text
 
 
-def _format_signed_interval(value, ci: Mapping | None, digits: int = 4) -> str:
+def _format_signed_interval(value, ci: Mapping | None, digits: int = 4, *, unit: str = "impression") -> str:
     if value is None:
         return "n/a"
     text = f"{value:+.{digits}f}"
     if ci and ci.get("ci_low") is not None and ci.get("ci_high") is not None:
         text += f" [{ci['ci_low']:+.{digits}f}, {ci['ci_high']:+.{digits}f}]"
+    elif ci and ci.get("num_units") is not None:
+        text += f" [too few {unit}s for an interval]"
     return text
 
 

@@ -54,6 +54,11 @@ _KNOWN_ORDERS = (HISTORY_LENGTH_ORDER, ARTICLE_AGE_ORDER)
 _FLUSH_CANDIDATES = 1_000_000  # buffered candidates before they are compacted
 _CHUNK_CANDIDATES = 2_000_000  # candidates scored at once in result(), bounds temporaries
 _CACHE_COUNTS_LIMIT = 300_000_000  # resample-count entries kept (uint8) for reuse by breakdowns
+# Fewest resampled units (users, or impressions) behind a statistic for it to get an interval.
+# With one unit every resample repeats it and the interval has zero width; with a handful, the
+# percentile bootstrap sees few distinct resamples and shrinks the spread by (n-1)/n, so a 95%
+# interval covers far less than 95%. Below this the interval is withheld, not shown too narrow.
+MIN_INTERVAL_UNITS = 10
 
 
 def history_length_bucket(history_length: int, *, short_max: int = 10) -> str:
@@ -92,10 +97,13 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise MetricInputError(f"{name} is {_show(value)}, expected an integer >= {minimum}")
 
 
-def _interval(value, low, high) -> dict:
+def _interval(value, low, high, num_units: int | None = None) -> dict:
+    """``{"value", "ci_low", "ci_high"}``, plus ``num_units`` when too few units withheld the interval."""
     def plain(x):
         return None if x is None or not np.isfinite(x) else float(x)
 
+    if value is not None and num_units is not None and num_units < MIN_INTERVAL_UNITS:
+        return {"value": plain(value), "ci_low": None, "ci_high": None, "num_units": int(num_units)}
     return {"value": plain(value), "ci_low": plain(low), "ci_high": plain(high)}
 
 
@@ -475,7 +483,7 @@ class ImpressionMetrics:
                 {"num_impressions", "num_labelled_impressions", "num_unlabelled", "num_scored",
                  "num_single_class", "num_candidates", "num_clicked",
                  "bootstrap": {"unit", "num_resamples", "breakdown_resamples", "confidence",
-                               "seed", "pooled_auc"},
+                               "seed", "pooled_auc", "min_units"},
                  "models": {name: {
                      "metrics": {metric: {"value", "ci_low", "ci_high"}},
                      "diff_to_first": {metric: value},
@@ -487,7 +495,9 @@ class ImpressionMetrics:
                          "metrics": {metric: {"value", "ci_low", "ci_high"}}}}}}}}
 
             Metrics are ``METRICS``; a value is None where undefined (no scored impression,
-            one class only, or log loss of scores outside [0, 1]).
+            one class only, or log loss of scores outside [0, 1]). An interval (or a difference's
+            interval) that rests on fewer than ``MIN_INTERVAL_UNITS`` resampled units (users, or
+            impressions) is None, and its dict adds ``"num_units"``: how many there were.
         """
         self._flush()
         data = _Data.build(self)
@@ -506,6 +516,7 @@ class ImpressionMetrics:
                 "confidence": self.confidence,
                 "seed": self.seed,
                 "pooled_auc": "linearized",
+                "min_units": MIN_INTERVAL_UNITS,
             },
             "models": {},
         }
@@ -535,6 +546,7 @@ class ImpressionMetrics:
         if len(main):
             samples = main.samples(num_resamples=self.num_resamples, seed=self.seed, units=data.units)
             low, high = percentile_interval(samples, confidence=self.confidence)
+            num_units = main.num_units(data.units)
 
         first = self.model_names[0]
         for name in self.model_names:
@@ -543,13 +555,18 @@ class ImpressionMetrics:
                 col, ref_col = main.column_of.get((name, metric)), main.column_of.get((first, metric))
                 value, ref_value = per_model[name][metric], per_model[first][metric]
                 # A value exists exactly when its column does, so ``samples`` exists too.
-                metrics[metric] = _interval(value, *((low[col], high[col]) if col is not None else (None, None)))
+                metrics[metric] = _interval(
+                    value, *((low[col], high[col], num_units[col]) if col is not None else (None, None))
+                )
                 if value is None or ref_value is None:
                     diff[metric], diff_ci[metric] = None, {"ci_low": None, "ci_high": None}
                     continue
                 diff[metric] = float(value - ref_value)
+                few = min(num_units[col], num_units[ref_col])
                 if name == first:
                     diff_ci[metric] = {"ci_low": 0.0, "ci_high": 0.0}
+                elif few < MIN_INTERVAL_UNITS:
+                    diff_ci[metric] = {"ci_low": None, "ci_high": None, "num_units": int(few)}
                 else:
                     d_low, d_high = percentile_interval(samples[:, col] - samples[:, ref_col], confidence=self.confidence)
                     diff_ci[metric] = {"ci_low": float(d_low), "ci_high": float(d_high)}
@@ -694,8 +711,9 @@ class _Breakdown:
         if self.resamples and len(table):
             samples = table.samples(num_resamples=self.resamples, seed=self.seed, counts=self.counts_cache, units=data.units)
             low, high = percentile_interval(samples, confidence=self.confidence)
+            num_units = table.num_units(data.units)
             for (g, metric), col in table.column_of.items():
-                self.bounds[name, g, metric] = (low[col], high[col])
+                self.bounds[name, g, metric] = (low[col], high[col], num_units[col])
 
     def result(self, name: str) -> dict:
         """group -> counts and metrics of one model, groups in display order."""
@@ -703,7 +721,7 @@ class _Breakdown:
             self.keys[g]: {
                 **self.counts[g],
                 "metrics": {
-                    m: _interval(self.values[name, g][m], *self.bounds.get((name, g, m), (None, None))) for m in METRICS
+                    m: _interval(self.values[name, g][m], *self.bounds.get((name, g, m), (None, None, None))) for m in METRICS
                 },
             }
             for g in self.order
@@ -722,19 +740,38 @@ class _StatTable:
         self.column_of: dict = {}
         self._denominators: list[np.ndarray] = []
         self._den_ids: dict = {}
+        self._supports: dict = {}  # key -> (n,) array, nonzero for the impressions a statistic rests on
+        self.support_of: list = []
 
     def __len__(self) -> int:
         return len(self.numerators)
 
-    def add(self, key, numerator: np.ndarray, denominator_key, denominator, offset: float = 0.0) -> None:
-        """Add column ``key``; ``denominator`` is a callable, evaluated once per key."""
+    def add(self, key, numerator: np.ndarray, denominator_key, denominator, offset: float = 0.0, *,
+            support_key=None, support=None) -> None:
+        """Add column ``key``; ``denominator`` is a callable, evaluated once per key.
+
+        ``support`` (a callable, evaluated once per ``support_key``) is nonzero for the
+        impressions the statistic rests on; by default those of a nonzero denominator.
+        """
         if denominator_key not in self._den_ids:
             self._den_ids[denominator_key] = len(self._denominators)
             self._denominators.append(np.asarray(denominator(), dtype=self.dtype))
+        if support_key is None:
+            support_key = ("denominator", denominator_key)
+            self._supports.setdefault(support_key, self._denominators[self._den_ids[denominator_key]])
+        elif support_key not in self._supports:
+            self._supports[support_key] = np.asarray(support())
         self.column_of[key] = len(self.numerators)
         self.numerators.append(np.asarray(numerator, dtype=self.dtype))
         self.denominator_of.append(self._den_ids[denominator_key])
+        self.support_of.append(support_key)
         self.offsets.append(offset)
+
+    def num_units(self, units: "_Units") -> np.ndarray:
+        """(columns,) distinct resampled units (users, or impressions) each statistic rests on."""
+        counts = {key: int((units.sums((support != 0).astype(np.int64)[:, None])[:, 0] > 0).sum())
+                  for key, support in self._supports.items()}
+        return np.array([counts[key] for key in self.support_of], dtype=np.int64)
 
     def samples(self, *, num_resamples: int, seed: int, counts=None, units: "_Units | None" = None) -> np.ndarray:
         numerators = np.column_stack(self.numerators)
@@ -793,7 +830,9 @@ def _group_metrics(
         values["pooled_auc"] = None
     else:
         values["pooled_auc"] = auc
-        table.add((key, "pooled_auc"), n * psi, "ones", lambda: np.ones(n), offset=auc)
+        # It rests on the impressions with a candidate here, not on every impression ("ones").
+        table.add((key, "pooled_auc"), n * psi, "ones", lambda: np.ones(n), offset=auc,
+                  support_key=denominators[1], support=lambda: np.bincount(impressions, minlength=n))
 
     if candidates.losses is None or len(impressions) == 0:
         values["log_loss"] = None

@@ -217,3 +217,56 @@ def test_the_notes_name_the_bootstrap_unit_the_header_names(tmp_path, synthetic_
     assert said in text
     other = "impressions" if unit == "user" else "users"
     assert f"bootstrap over {other}" not in text
+
+
+class _DiffCells(HTMLParser):
+    """(class, text) of every data cell of the difference table."""
+
+    def __init__(self):
+        super().__init__()
+        self.cells, self._in_diff, self._cell = [], False, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self._in_diff = attrs.get("id") == "diff-table"
+        elif tag == "td" and self._in_diff and "name" not in (attrs.get("class") or ""):
+            self._cell = [attrs.get("class") or ""]
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None:
+            self.cells.append((self._cell[0], "".join(self._cell[1:]).strip()))
+            self._cell = None
+        elif tag == "table":
+            self._in_diff = False
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _diff_cells(html: str) -> list[tuple[str, str]]:
+    parser = _DiffCells()
+    parser.feed(html)
+    return parser.cells
+
+
+def test_one_reader_gives_no_interval_and_no_coloured_difference(tmp_path):
+    # One user's 40 impressions: the old report showed "+0.0161 [+0.0161, +0.0161]", coloured.
+    import numpy as np
+
+    from recsys.evaluation.report import build_result
+    from recsys.metrics.accumulator import ImpressionMetrics
+
+    rng = np.random.default_rng(3)
+    acc = ImpressionMetrics(["a", "b"], num_resamples=50, cluster_unit="user")
+    for _ in range(40):
+        p = rng.random(8)
+        labels = (rng.random(8) < p).astype(int)
+        acc.add(labels, {"a": rng.random(8), "b": p}, cluster="U1")
+    _, html_path = write_report(build_result(acc), tmp_path)
+    html = html_path.read_text()
+    cells = _diff_cells(html)
+    assert cells and all(cls == "" for cls, _ in cells)
+    assert all(text.endswith("[too few users for an interval]") for _, text in cells if text != "n/a")
+    assert "A value resting on fewer than 10 users gets no interval" in html

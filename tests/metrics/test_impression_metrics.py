@@ -470,3 +470,59 @@ def test_age_buckets_vectorised_match_the_edges_and_the_scalar_form():
     expected = ["< 6 h", "< 6 h", "6-24 h", "6-24 h", "1-3 d", "1-3 d", "> 3 d", "> 3 d", "unknown"]
     assert article_age_buckets(hours).tolist() == expected
     assert [article_age_bucket(None if np.isnan(h) else float(h)) for h in hours] == expected
+
+
+def _all_intervals(entry):
+    """(where, interval dict) of every metric, difference and breakdown interval of a model entry."""
+    for metric, interval in entry["metrics"].items():
+        yield ("metrics", metric), interval
+    for metric, interval in entry["diff_to_first_ci"].items():
+        yield ("diff", metric), interval
+    for scheme, groups in entry["breakdowns"].items():
+        for group, counts in groups.items():
+            for metric, interval in counts["metrics"].items():
+                yield (scheme, group, metric), interval
+
+
+@pytest.mark.parametrize("num_users", [1, 9])
+def test_fewer_users_than_the_minimum_give_no_interval(world, result, num_users):
+    # A bootstrap over one user repeats that user: a zero-width interval that looks certain.
+    users = [f"U{i % num_users}" for i in range(len(world))]
+    got = _accumulate_clustered(world, users).result()
+    assert got["bootstrap"]["min_units"] == 10
+    for name in MODELS:
+        for where, interval in _all_intervals(got["models"][name]):
+            if name == "good" and where[0] == "diff":
+                continue  # the reference against itself: exactly 0
+            assert interval["ci_low"] is None and interval["ci_high"] is None, (name, where)
+        # The values themselves do not depend on the resampling unit.
+        for metric in METRICS:
+            assert got["models"][name]["metrics"][metric]["value"] == result["models"][name]["metrics"][metric]["value"]
+    assert got["models"]["noisy"]["metrics"]["mrr"]["num_units"] == num_users
+    assert got["models"]["noisy"]["diff_to_first_ci"]["mrr"]["num_units"] == num_users
+
+
+def test_ten_users_give_intervals(world):
+    users = [f"U{i % 10}" for i in range(len(world))]
+    got = _accumulate_clustered(world, users).result()["models"]["noisy"]
+    for metric in ("impression_auc", "mrr", "pooled_auc"):
+        assert got["metrics"][metric]["ci_low"] < got["metrics"][metric]["ci_high"]
+        assert "num_units" not in got["metrics"][metric]
+        assert got["diff_to_first_ci"][metric]["ci_low"] < got["diff_to_first_ci"][metric]["ci_high"]
+
+
+def test_a_breakdown_group_of_one_user_has_no_interval(world):
+    # 30 users; a category only user U0 is shown. Its group rests on one user, the others on many.
+    users = [f"U{i % 30}" for i in range(len(world))]
+    changed = []
+    for (labels, scores, item_groups, impression_groups), user in zip(world, users):
+        category = item_groups["category"].copy()
+        if user == "U0":
+            category[:] = "rare"
+        changed.append((labels, scores, {**item_groups, "category": category}, impression_groups))
+    got = _accumulate_clustered(changed, users).result()["models"]["good"]["breakdowns"]["category"]
+    for metric in ("impression_auc", "pooled_auc"):
+        assert got["rare"]["metrics"][metric]["value"] is not None
+        assert got["rare"]["metrics"][metric]["ci_low"] is None
+        assert got["rare"]["metrics"][metric]["num_units"] == 1
+        assert got["news"]["metrics"][metric]["ci_low"] < got["news"]["metrics"][metric]["ci_high"]
