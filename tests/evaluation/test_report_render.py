@@ -270,3 +270,29 @@ def test_one_reader_gives_no_interval_and_no_coloured_difference(tmp_path):
     assert cells and all(cls == "" for cls, _ in cells)
     assert all(text.endswith("[too few users for an interval]") for _, text in cells if text != "n/a")
     assert "A value resting on fewer than 10 users gets no interval" in html
+
+
+def test_a_difference_is_coloured_only_when_its_interval_excludes_zero(tmp_path, synthetic_result):
+    from recsys.metrics.accumulator import HIGHER_IS_BETTER, METRICS
+
+    result = copy.deepcopy(synthetic_result)
+    # The hunter's cell: worse by the sign, but the interval covers 0.
+    result["models"]["v1"]["diff_to_first"]["mrr"] = -0.0094
+    result["models"]["v1"]["diff_to_first_ci"]["mrr"] = {"ci_low": -0.0205, "ci_high": 0.0011}
+    _, html_path = write_report(result, tmp_path)
+    cells = _diff_cells(html_path.read_text())
+    assert ("", "-0.0094 [-0.0205, +0.0011]") in cells
+    seen = set()
+    for i, (cls, text) in enumerate(cells):
+        metric = METRICS[i % len(METRICS)]
+        found = re.fullmatch(r"[+-]\d\.\d{4} \[([+-]\d\.\d{4}), ([+-]\d\.\d{4})\]", text)
+        if not found:
+            continue
+        low, high = float(found.group(1)), float(found.group(2))
+        if low <= 0 <= high:
+            expected = ""
+        else:
+            expected = "better" if (low > 0) == HIGHER_IS_BETTER[metric] else "worse"
+        assert cls == expected, (metric, text)
+        seen.add(expected)
+    assert seen == {"", "better", "worse"}  # the synthetic report has all three kinds of cell
