@@ -303,6 +303,7 @@ def test_evaluate_into_an_earlier_reports_folder_leaves_one_evaluation(trained, 
                          versions=[versions[True], versions[False]], num_resamples=10)
     assert first["removed_stale_predictions"] == []
     (out / "notes.txt").write_text("mine")  # not a prediction file: kept
+    (out / "prediction-mine.txt").write_text("1 [1,2]\n")  # named like one, but no report wrote it: kept
     with caplog.at_level("WARNING", logger="recsys.evaluate"):
         second = run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=out,
                               versions=[versions[True]], num_resamples=10)
@@ -310,7 +311,7 @@ def test_evaluate_into_an_earlier_reports_folder_leaves_one_evaluation(trained, 
     assert second["removed_stale_predictions"] == [str(gone)]
     assert f"removed {gone}: an earlier report's prediction file" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == sorted(["metrics.json", "report.html", "notes.txt",
-                                                             f"prediction-{versions[True]}.txt"])
+                                                             "prediction-mine.txt", f"prediction-{versions[True]}.txt"])
     assert list(json.loads((out / "metrics.json").read_text())["header"]["model_versions"]) == [versions[True]]
 
 

@@ -7,6 +7,7 @@ per-candidate values (see recsys.metrics.accumulator).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
@@ -339,11 +340,12 @@ def run_evaluate(
         behaviors_sha256=scan.sha256,
         ignored_history_entries=tally[IGNORED_HISTORY],
     )
+    # Read before write_report replaces the earlier report's metrics.json, which names them.
+    stale = earlier_prediction_files(out, keep=[Path(p) for p in prediction_files.values()])
     metrics_path, html_path = write_report(result, out)
     # An earlier report in the same folder left its models' prediction files: beside a
     # metrics.json that no longer describes them, a MIND scorer run over the folder would mix
     # two evaluations. Removed only now that the new report is whole.
-    stale = sorted(p for p in out.glob("prediction-*.txt") if str(p) not in prediction_files.values() and p.is_file())
     for path in stale:
         path.unlink()
         log.warning("removed %s: an earlier report's prediction file, not of this report's models", path)
@@ -368,6 +370,33 @@ def run_evaluate(
         "gap_closed": gaps, "seconds": round(time.perf_counter() - t_start, 2), "scoring_seconds": round(t_scored, 2),
         "trained_on_the_file": sorted(trained_on), **warning,
     }
+
+
+def earlier_prediction_files(out: Path, *, keep: list[Path]) -> list[Path]:
+    """The prediction files that the earlier report in ``out`` wrote, less ``keep``: the
+    ``prediction-<version>.txt`` of the versions its ``metrics.json`` lists. Any other file
+    (a ``prediction-mine.txt`` of the user's, or anything beside a missing or unreadable
+    ``metrics.json``) was not written by recsys and is not ours to remove."""
+    try:
+        with open(out / "metrics.json", encoding="utf-8") as f:
+            document = json.load(f)
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return []
+    header = document.get("header") if isinstance(document, dict) else None
+    versions = header.get("model_versions") if isinstance(header, dict) else None
+    if not isinstance(versions, list):
+        return []
+    kept = {Path(p) for p in keep}
+    found = []
+    for version in versions:
+        name = f"prediction-{version}.txt"
+        # A version id is one file name; anything else in a hand-edited file names no file of ours.
+        if not isinstance(version, str) or Path(name).name != name:
+            continue
+        path = out / name
+        if path not in kept and path.is_file() and not path.is_symlink():
+            found.append(path)
+    return sorted(set(found))
 
 
 def trained_on_the_file(scan, versions: list[ModelVersion]) -> dict[str, dict]:
