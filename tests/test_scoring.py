@@ -800,6 +800,11 @@ def test_evaluate_says_when_the_file_lies_in_a_models_training_window(trained, t
     result = run_evaluate(engine, ws, config, behaviors=seen, out=tmp_path / "r", versions=[version], num_resamples=10)
     assert result["trained_on_the_file"] == [version]
     assert f"lie in the training window of model version {version}" in caplog.text
+    # The report says it too, not only the command's log and summary.
+    header = json.loads((tmp_path / "r" / "metrics.json").read_text())["header"]
+    assert header["trained_on_the_file"] == [version]
+    assert any(f"training window of model version {version}" in w and w.endswith("not held-out") for w in header["warnings"])
+    assert "these figures are not held-out" in (tmp_path / "r" / "report.html").read_text().split('id="header"')[0]
     caplog.clear()
     held_out = run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=tmp_path / "t",
                             versions=[version], num_resamples=10)

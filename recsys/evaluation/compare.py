@@ -207,4 +207,17 @@ def _describe(path: str | os.PathLike, document: Mapping) -> str:
     # Reports written before the header recorded it lack side_features_at.
     if header.get("side_features_at"):
         facts.append(f"side features: {header['side_features_at']}")
-    return f"{Path(path)}" + (f" ({'; '.join(facts)})" if facts else "")
+    return f"{Path(path)}" + (f" ({'; '.join(facts)})" if facts else "") + "".join(f"; {w}" for w in _warnings(header))
+
+
+def _warnings(header: Mapping) -> list[str]:
+    """What makes a report's figures not what they seem, in capitals on its A or B line (the
+    counts also tell it for reports written before the header carried ``trained_on_the_file``)."""
+    out = []
+    if header.get("trained_on_the_file"):
+        out.append(f"WARNING: NOT HELD-OUT, the file lies in the training window of {', '.join(header['trained_on_the_file'])}")
+    if header.get("num_labelled_impressions") == 0:
+        out.append("WARNING: UNLABELLED file, every metric is n/a")
+    elif header.get("num_labelled_impressions") and header.get("num_scored") == 0:
+        out.append("WARNING: ALL SINGLE-CLASS impressions, the per-impression metrics are n/a")
+    return out

@@ -13,6 +13,8 @@ plus ``"schema_version": 1``)::
                 "ignored_history_entries": int | None,   # History ids naming no known article
                 "model_versions": [str, ...], "encoders": {name: description},
                 "side_features_at": str | None,   # where popularity and age were read
+                "trained_on_the_file": [str, ...],  # versions whose training window holds the file
+                "warnings": [str, ...],   # figures not held-out, no label, only single-class impressions
                 "bootstrap": {"unit", "num_resamples", "breakdown_resamples", "confidence",
                               "seed", "pooled_auc", "min_units"}},
      "models": {name: {                         # in evaluation order; the first is the reference
@@ -92,6 +94,8 @@ def build_result(
     side_features_at: str | None = None,
     behaviors_sha256: str | None = None,
     ignored_history_entries: int | None = None,
+    trained_on_the_file: Sequence[str] = (),
+    warnings: Sequence[str] = (),
 ) -> dict:
     """The report dict (module docstring) from an accumulator and the header facts.
 
@@ -110,6 +114,10 @@ def build_result(
             reports of different data.
         ignored_history_entries: History entries of the file that name no known article,
             left out of the readers' histories.
+        trained_on_the_file: versions whose training window holds a time of the file: their
+            figures are not held-out.
+        warnings: what the reader must know before reading the figures (e.g. why they are
+            not held-out); ``label_warning``'s, when the file has one, is added after them.
 
     Returns:
         The report dict.
@@ -151,9 +159,28 @@ def build_result(
         "model_versions": [str(v) for v in model_versions],
         "encoders": {str(k): v for k, v in (encoders or {}).items()},
         "side_features_at": side_features_at,
+        "trained_on_the_file": [str(v) for v in trained_on_the_file],
+        "warnings": [str(w) for w in warnings],
         "bootstrap": raw["bootstrap"],
     }
+    about_labels = label_warning(behaviors_file, raw["num_labelled_impressions"], raw["num_scored"])
+    if about_labels:
+        header["warnings"].append(about_labels)
     return {"header": header, "models": models, "beyond_accuracy": None if beyond_accuracy is None else dict(beyond_accuracy)}
+
+
+def label_warning(behaviors_file, num_labelled_impressions: int, num_scored: int) -> str | None:
+    """Why every figure, or every per-impression figure, is n/a; None when the file has scored impressions."""
+    where = "the file" if behaviors_file is None else str(behaviors_file)
+    if num_labelled_impressions == 0:  # a MIND test file: nothing to measure
+        return (f"{where} has no labelled impression: every metric is n/a; the prediction files are written "
+                "(recsys predict writes one without a report)")
+    if num_scored == 0:  # labelled, but no impression has both a click and a skip
+        return (f"{where}: none of its {num_labelled_impressions} labelled impressions has both a clicked and a "
+                "skipped candidate, so the per-impression metrics are n/a (single-class impressions have no AUC and "
+                "recsys leaves them out of every mean; the MIND scorer prints NaN for them: docs/evaluation.md, "
+                "Averaging)")
+    return None
 
 
 def beyond_accuracy(

@@ -233,7 +233,7 @@ def run_evaluate(
     """
     from recsys.atomic import atomic_open
     from recsys.evaluation.prediction_file import format_prediction_line
-    from recsys.evaluation.report import build_result, write_report
+    from recsys.evaluation.report import build_result, label_warning, write_report
 
     behaviors = Path(behaviors)
     check_file("--behaviors", behaviors)
@@ -258,10 +258,14 @@ def run_evaluate(
                 kinds[mv.version] = "ablation"
     scan = scan_behaviors(behaviors)  # the checksum for the report, and the span of store data to read
     trained_on = trained_on_the_file(scan, chosen)
-    for mv, window in trained_on.items():
-        log.warning("%s: its impressions (%s .. %s) lie in the training window of model version %s (%s .. %s, "
-                    "validation from %s), which chose its epoch and fitted it: these figures are not held-out",
-                    behaviors, scan.first, scan.last, mv, window["since"], window["until"], window.get("valid_start"))
+    not_held_out = [
+        f"{behaviors}: its impressions ({scan.first} .. {scan.last}) lie in the training window of model version {mv} "
+        f"({window['since']} .. {window['until']}, validation from {window.get('valid_start')}), which chose its epoch "
+        "and fitted it: these figures are not held-out"
+        for mv, window in trained_on.items()
+    ]
+    for text in not_held_out:
+        log.warning("%s", text)
     catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images,
                                        span=scoring_span(scan, chosen), versions=chosen)
     times = feature_times(catalogue, features_at)
@@ -339,6 +343,8 @@ def run_evaluate(
         side_features_at=times.describe(),
         behaviors_sha256=scan.sha256,
         ignored_history_entries=tally[IGNORED_HISTORY],
+        trained_on_the_file=sorted(trained_on),
+        warnings=not_held_out,  # the report shows them too, not only this command's log
     )
     # Read before write_report replaces the earlier report's metrics.json, which names them.
     stale = earlier_prediction_files(out, keep=[Path(p) for p in prediction_files.values()])
@@ -351,16 +357,10 @@ def run_evaluate(
         log.warning("removed %s: an earlier report's prediction file, not of this report's models", path)
     gaps = {name: m.get("gap_closed") for name, m in result["models"].items()}
     warning = {}
-    if result["header"]["num_labelled_impressions"] == 0:  # a MIND test file: nothing to measure
-        warning = {"warning": f"{behaviors} has no labelled impression: every metric is n/a; the prediction files "
-                              "are written (recsys predict writes one without a report)"}
-    elif result["header"]["num_scored"] == 0:  # labelled, but no impression has both a click and a skip
-        warning = {"warning": f"{behaviors}: none of its {result['header']['num_labelled_impressions']} labelled "
-                              "impressions has both a clicked and a skipped candidate, so the per-impression metrics "
-                              "are n/a (single-class impressions have no AUC and recsys leaves them out of every "
-                              "mean; the MIND scorer prints NaN for them: docs/evaluation.md, Averaging)"}
-    if warning:
-        log.warning(warning["warning"])
+    about_labels = label_warning(behaviors, result["header"]["num_labelled_impressions"], result["header"]["num_scored"])
+    if about_labels:
+        warning = {"warning": about_labels}
+        log.warning(about_labels)
     return {
         "metrics_json": str(metrics_path), "html": str(html_path), "predictions": prediction_files,
         "removed_stale_predictions": [str(p) for p in stale],

@@ -179,3 +179,21 @@ def test_a_hand_edited_value_that_is_not_a_number_reads_as_missing(two_reports):
     rows = {(r.model, r.metric): r for r in compare_metrics(a, b)}
     assert rows["v2", "mrr"].a is None and rows["v2", "mrr"].diff is None
     assert "v2" in format_comparison(list(rows.values()))
+
+
+def test_the_a_and_b_lines_carry_each_reports_warnings(tmp_path, synthetic_result):
+    # A report of a file a version trained on, or of an unlabelled file, read as any other.
+    held_out, trained_on, unlabelled = (copy.deepcopy(synthetic_result) for _ in range(3))
+    trained_on["header"]["trained_on_the_file"] = ["v1"]
+    unlabelled["header"].update(num_labelled_impressions=0, num_scored=0)
+    paths = {}
+    for name, result in (("held_out", held_out), ("trained_on", trained_on), ("unlabelled", unlabelled)):
+        write_report(result, tmp_path / name)
+        paths[name] = tmp_path / name / "metrics.json"
+    lines = compare_files(paths["held_out"], paths["trained_on"]).splitlines()
+    a_line, b_line = next(l for l in lines if l.startswith("A: ")), next(l for l in lines if l.startswith("B: "))
+    assert "WARNING" not in a_line
+    assert b_line.endswith("; WARNING: NOT HELD-OUT, the file lies in the training window of v1")
+    text = compare_files(paths["unlabelled"], paths["held_out"], allow_different_data=True)
+    a_line = next(l for l in text.splitlines() if l.startswith("A: "))
+    assert a_line.endswith("; WARNING: UNLABELLED file, every metric is n/a")

@@ -296,3 +296,59 @@ def test_a_difference_is_coloured_only_when_its_interval_excludes_zero(tmp_path,
         assert cls == expected, (metric, text)
         seen.add(expected)
     assert seen == {"", "better", "worse"}  # the synthetic report has all three kinds of cell
+
+
+def _unlabelled_accumulator():
+    from recsys.metrics.accumulator import ImpressionMetrics
+
+    acc = ImpressionMetrics(["a", "most popular"], num_resamples=20)
+    acc.add([-1, -1, -1], {"a": [0.3, 0.1, 0.2], "most popular": [3.0, 1.0, 2.0]})
+    acc.add([-1, -1], {"a": [0.5, 0.1], "most popular": [5.0, 1.0]})
+    return acc
+
+
+def _single_class_accumulator():
+    from recsys.metrics.accumulator import ImpressionMetrics
+
+    acc = ImpressionMetrics(["a"], num_resamples=20)
+    acc.add([0, 0, 0], {"a": [0.3, 0.1, 0.2]})
+    acc.add([1, 1], {"a": [0.5, 0.1]})
+    return acc
+
+
+def _banner(html: str) -> str:
+    found = re.search(r'<div class="banner" id="warnings" role="alert">(.*?)</div>', html, re.S)
+    return "" if found is None else found.group(1)
+
+
+def test_a_not_held_out_file_is_said_in_metrics_json_and_at_the_top_of_the_page(tmp_path):
+    # The warning was only in the CLI's summary: the report read as held-out figures.
+    from recsys.evaluation.report import build_result
+
+    said = "behaviors.tsv: its impressions (...) lie in the training window of model version v1 (...): these figures are not held-out"
+    result = build_result(make_accumulator(60), behaviors_file="behaviors.tsv", trained_on_the_file=["v1"], warnings=[said])
+    json_path, html_path = write_report(result, tmp_path)
+    header = json.loads(json_path.read_text())["header"]
+    assert header["trained_on_the_file"] == ["v1"] and header["warnings"] == [said]
+    html = html_path.read_text()
+    assert said in _banner(html)
+    assert html.index('id="warnings"') < html.index('id="header"')  # before any figure
+
+
+@pytest.mark.parametrize(("accumulator", "said"), [
+    (_unlabelled_accumulator, "test.tsv has no labelled impression: every metric is n/a"),
+    (_single_class_accumulator, "test.tsv: none of its 2 labelled impressions has both a clicked and a skipped candidate"),
+])
+def test_an_unlabelled_or_single_class_file_is_said_at_the_top_of_the_page(tmp_path, accumulator, said):
+    from recsys.evaluation.report import build_result
+
+    json_path, html_path = write_report(build_result(accumulator(), behaviors_file="test.tsv"), tmp_path)
+    warnings = json.loads(json_path.read_text())["header"]["warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith(said)
+    assert said in _banner(html_path.read_text())
+
+
+def test_a_held_out_labelled_file_has_no_banner(written):
+    _, json_path, html_path = written
+    assert json.loads(json_path.read_text())["header"]["warnings"] == []
+    assert 'id="warnings"' not in html_path.read_text()
