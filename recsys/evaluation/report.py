@@ -25,7 +25,8 @@ plus ``"schema_version": 1``)::
          # An interval resting on fewer than bootstrap.min_units users is None, and its dict
          # adds "num_units" (ImpressionMetrics.result).
          "gap_closed": float | None,     # (AUC - 0.5) / (oracle AUC - 0.5), per-impression AUC
-         "probabilistic": bool,          # every score in [0, 1]: log loss and calibration apply
+         "probabilistic": bool | None,   # every score in [0, 1]: log loss and calibration apply;
+                                         # None: no labelled impression, so no score was seen
          "tied_impressions": int,        # impressions where the model tied two candidates
          "calibration": {"strategy", "num_bins", "bins": [{"lower", "upper", "count",
                          "mean_predicted", "fraction_positive"}], "ece"} | None,
@@ -460,8 +461,11 @@ def _context(document: Mapping) -> dict:
         "calibrated": calibrated,
         "schemes": schemes,
         "beyond": document.get("beyond_accuracy"),
+        "labelled": bool(document["header"].get("num_labelled_impressions", 1)),
         "plots": {
-            "metrics": _plot_metrics(ordered, colors, document["header"].get("bootstrap", {}).get("confidence", 0.95)),
+            # An unlabelled file has no value to draw: no empty chart.
+            "metrics": _plot_metrics(ordered, colors, document["header"].get("bootstrap", {}).get("confidence", 0.95))
+            if any(entry["metrics"][m]["value"] is not None for _, entry in ordered for m in METRICS) else None,
             "reliability": _plot_reliability(calibrated, colors) if calibrated else None,
         },
         "schema_version": document["schema_version"],

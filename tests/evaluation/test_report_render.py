@@ -352,3 +352,24 @@ def test_a_held_out_labelled_file_has_no_banner(written):
     _, json_path, html_path = written
     assert json.loads(json_path.read_text())["header"]["warnings"] == []
     assert 'id="warnings"' not in html_path.read_text()
+
+
+def test_an_unlabelled_file_explains_its_empty_sections(tmp_path):
+    # It said "No model produced probabilities", "No breakdowns were requested", drew an empty
+    # chart, and called a click count probabilistic.
+    from recsys.evaluation.report import build_result
+    from recsys.metrics.accumulator import ImpressionMetrics
+
+    acc = ImpressionMetrics(["a", "most popular"], item_groups=("category",), num_resamples=20)
+    acc.add([-1, -1, -1], {"a": [0.3, 0.1, 0.2], "most popular": [3.0, 1.0, 2.0]}, item_groups={"category": ["x", "y", "x"]})
+    json_path, html_path = write_report(build_result(acc), tmp_path)
+    models = json.loads(json_path.read_text())["models"]
+    assert models["most popular"]["probabilistic"] is None and models["a"]["probabilistic"] is None
+    html = html_path.read_text()
+    assert "calibration does not apply" not in html and "No breakdowns were requested" not in html
+    assert "The file has no labelled impression: calibration cannot be measured." in html
+    assert "The file has no labelled impression: there is nothing to break down." in html
+    assert 'id="plot-metrics"' not in html
+    page = _Page()
+    page.feed(html)
+    assert page.images == []

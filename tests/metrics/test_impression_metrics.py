@@ -230,6 +230,15 @@ def test_no_labelled_impression_gives_empty_metrics():
     assert out["models"]["a"]["breakdowns"] == {"category": {}}
 
 
+def test_no_labelled_impression_leaves_probabilistic_unknown():
+    # A click count was reported as probabilistic: nothing had been seen to say otherwise.
+    acc = ImpressionMetrics(["p", "count"])
+    acc.add_batch([-1, -1, -1, -1, -1], {"p": [0.1, 0.2, 0.3, 0.4, 0.5], "count": [3.0, 7.0, 1.0, 2.0, 9.0]}, [0, 2, 5])
+    assert [acc.result()["models"][m]["probabilistic"] for m in ("p", "count")] == [None, None]
+    acc.add([1, 0], {"p": [0.9, 0.1], "count": [5.0, 2.0]})
+    assert [acc.result()["models"][m]["probabilistic"] for m in ("p", "count")] == [True, False]
+
+
 def test_only_single_class_impressions_leave_per_impression_metrics_undefined():
     acc = ImpressionMetrics(["a"], num_resamples=20)
     acc.add([1, 1], {"a": [0.9, 0.2]})
