@@ -523,28 +523,55 @@ def _tick_label(label: str) -> str:
     return label if len(label) <= _MAX_TICK_LABEL else label[: _MAX_TICK_LABEL - 1] + "…"
 
 
+def _legend_below(figure, axes, num_entries: int, *, max_columns: int = 3) -> None:
+    """One legend for the figure, below the axes: inside an axes it covered bars, and model
+    names of ~40 characters pushed it past the figure's left edge."""
+    handles, labels = axes.get_legend_handles_labels()
+    if handles:
+        figure.legend(handles, labels, loc="outside lower center", ncols=min(num_entries, max_columns), fontsize="small")
+
+
+def _shown_in_plots(rows: list[tuple[str, Mapping]]) -> list[tuple[str, Mapping]]:
+    """Rows drawn in the reliability diagram and log-loss panel: baselines left out (they stay
+    in the tables), as the random baseline's ECE of ~0.4 set the axes and left the models in a
+    corner; all rows when there are only baselines."""
+    return [(name, entry) for name, entry in rows if entry.get("kind") != "baseline"] or rows
+
+
 def _plot_metrics(ordered: list[tuple[str, Mapping]], colors: Mapping[str, str], confidence: float) -> str:
+    return _png_data_uri(_metrics_figure(ordered, colors, confidence))
+
+
+def _metrics_figure(ordered: list[tuple[str, Mapping]], colors: Mapping[str, str], confidence: float):
     ranking = [m for m in METRICS if m != "log_loss"]
-    has_loss = any(entry["metrics"]["log_loss"]["value"] is not None for _, entry in ordered)
-    figure = _figure(11 if has_loss else 9, 4.2)
-    axes = figure.subplots(1, 2, width_ratios=[4, 1]) if has_loss else [figure.subplots()]
-    _grouped_bars(axes[0], [METRIC_LABELS[m] for m in ranking],
+    losses = [(name, entry) for name, entry in _shown_in_plots(ordered) if entry["metrics"]["log_loss"]["value"] is not None]
+    figure = _figure(11 if losses else 9, 4.2 + 0.25 * math.ceil(len(ordered) / 3))
+    axes = figure.subplots(1, 2, width_ratios=[4, 1]) if losses else [figure.subplots()]
+    # Two-line labels: one-line ones ("AUC per impression") overlapped their neighbours.
+    _grouped_bars(axes[0], [METRIC_LABELS[m].replace(" ", "\n", 1) for m in ranking],
                   [(name, [entry["metrics"][m] for m in ranking]) for name, entry in ordered], colors)
     axes[0].set_ylabel("score (0-1, higher is better)")
     axes[0].set_ylim(0, 1)
     axes[0].set_title(f"Metrics with {100 * confidence:.0f}% bootstrap intervals")
-    axes[0].legend(fontsize="small", ncols=min(len(ordered), 4))
-    if has_loss:
-        _grouped_bars(axes[1], ["Log loss"], [(name, [entry["metrics"]["log_loss"]]) for name, entry in ordered], colors)
+    _legend_below(figure, axes[0], len(ordered))
+    if losses:
+        _grouped_bars(axes[1], ["Log loss"], [(name, [entry["metrics"]["log_loss"]]) for name, entry in losses], colors)
         axes[1].set_ylabel("nats (lower is better)")
-    return _png_data_uri(figure)
+        if len(losses) < sum(entry["metrics"]["log_loss"]["value"] is not None for _, entry in ordered):
+            axes[1].set_title("baselines: see table", fontsize="small")
+    return figure
 
 
 def _plot_reliability(calibrated: list[tuple[str, Mapping]], colors: Mapping[str, str]) -> str:
-    figure = _figure(6, 5)
+    return _png_data_uri(_reliability_figure(calibrated, colors))
+
+
+def _reliability_figure(calibrated: list[tuple[str, Mapping]], colors: Mapping[str, str]):
+    shown = _shown_in_plots(calibrated)
+    figure = _figure(8, 5 + 0.25 * math.ceil((len(shown) + 1) / 2))
     ax = figure.subplots()
     top = 0.0
-    for name, entry in calibrated:
+    for name, entry in shown:
         bins = [b for b in entry["calibration"]["bins"] if b["count"]]
         x = [b["mean_predicted"] for b in bins]
         y = [b["fraction_positive"] for b in bins]
@@ -556,14 +583,20 @@ def _plot_reliability(calibrated: list[tuple[str, Mapping]], colors: Mapping[str
     ax.set_ylim(0, top)
     ax.set_xlabel("mean predicted click probability")
     ax.set_ylabel("observed click rate")
-    ax.set_title("Reliability diagram")
-    ax.legend(fontsize="small")
-    return _png_data_uri(figure)
+    left_out = len(calibrated) - len(shown)
+    ax.set_title("Reliability diagram" + (" (baselines: see the table)" if left_out else ""))
+    _legend_below(figure, ax, len(shown) + 1, max_columns=2)  # labels carry the ECE: longer
+    return figure
 
 
 def _plot_breakdown(scheme: str, groups: list[str], ordered: list[tuple[str, Mapping]], colors: Mapping[str, str]) -> str:
+    return _png_data_uri(_breakdown_figure(scheme, groups, ordered, colors))
+
+
+def _breakdown_figure(scheme: str, groups: list[str], ordered: list[tuple[str, Mapping]], colors: Mapping[str, str]):
     shown = groups[:_MAX_PLOTTED_GROUPS]
-    figure = _figure(9, 1.2 + 0.35 * len(shown) * max(1, min(len(ordered), 4)) / 2)
+    height = 1.2 + 0.35 * len(shown) * max(1, min(len(ordered), 4)) / 2 + 0.25 * math.ceil(len(ordered) / 3)
+    figure = _figure(9, height)
     ax = figure.subplots()
     series = [
         (name, [entry["breakdowns"].get(scheme, {}).get(g, {}).get("metrics", {}).get("impression_auc") for g in shown])
@@ -575,5 +608,5 @@ def _plot_breakdown(scheme: str, groups: list[str], ordered: list[tuple[str, Map
     ax.set_xlabel("AUC per impression within the group (0-1, higher is better)")
     more = f" (largest {len(shown)} of {len(groups)})" if len(groups) > len(shown) else ""
     ax.set_title(f"AUC per impression by {scheme}{more}")
-    ax.legend(fontsize="small")
-    return _png_data_uri(figure)
+    _legend_below(figure, ax, len(ordered))
+    return figure
