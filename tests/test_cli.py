@@ -190,6 +190,10 @@ def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
     beyond = metrics["beyond_accuracy"]
     assert (beyond["num_users"], beyond["num_recommendations"]) == (exported["user_id"].nunique(), len(exported))
     assert beyond["num_distinct_items"] == exported["news_id"].nunique()
+    # ... of which run and model: the nightly above, scored by the evaluated current version.
+    assert (beyond["run_id"], beyond["model_version"], beyond["model_version_evaluated"]) == (run_id, trained["version"], True)
+    assert f"Recommendation lists of the latest nightly run: run {run_id}, model version {trained['version']}" in (
+        report_dir / "report.html").read_text()
     version = trained["version"]
     pred_file = Path(result["predictions"][version])
     labelled = read_tsv(world / "behaviors_test.tsv")

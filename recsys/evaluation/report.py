@@ -32,7 +32,9 @@ plus ``"schema_version": 1``)::
                          "mean_predicted", "fraction_positive"}], "ece"} | None,
          "breakdowns": {scheme: {group: {"num_impressions", "num_scored", "num_candidates",
                                          "num_clicked", "metrics": {metric: {...}}}}}}},
-     "beyond_accuracy": {"num_users", "num_recommendations", "catalogue_size",
+     "beyond_accuracy": {"run_id", "model_version", "as_of",   # which nightly run (recsys evaluate)
+                         "model_version_evaluated",   # is its version one of model_versions
+                         "num_users", "num_recommendations", "catalogue_size",
                          "num_distinct_items", "coverage", "intra_list_diversity",
                          "gini_simpson_diversity", "novelty", "mean_popularity_percentile",
                          "new_since"} | None}

@@ -339,7 +339,7 @@ def run_evaluate(
             "text": catalogue.features.text_encoder.to_dict(),
             "image": catalogue.features.image_encoder.to_dict(),
         },
-        beyond_accuracy=_beyond_accuracy(engine, catalogue, popularity),
+        beyond_accuracy=_beyond_accuracy(engine, catalogue, popularity, evaluated=list(scorers)),
         side_features_at=times.describe(),
         behaviors_sha256=scan.sha256,
         ignored_history_entries=tally[IGNORED_HISTORY],
@@ -439,8 +439,23 @@ def _oracle_scores(oracle: dict, imps, catalogue: Catalogue, behaviors: Path, li
     return out
 
 
-def _beyond_accuracy(engine: Engine, catalogue: Catalogue, popularity: np.ndarray) -> dict | None:
-    """Coverage, diversity, novelty and popularity bias of the latest complete nightly run."""
+def describe_run(run, evaluated: list[str]) -> dict:
+    """Which nightly run the beyond-accuracy figures describe: ``{"run_id", "model_version",
+    "as_of", "model_version_evaluated"}``. The run's lists may come from a version other than
+    the evaluated ones (an older current version, say): the report must not pass them off as
+    the evaluated model's."""
+    as_of = pd.Timestamp(run.plan.get("as_of") or run.started_at)
+    return {
+        "run_id": int(run.run_id),
+        "model_version": run.model_version,
+        "as_of": as_of.isoformat(),
+        "model_version_evaluated": run.model_version in evaluated,
+    }
+
+
+def _beyond_accuracy(engine: Engine, catalogue: Catalogue, popularity: np.ndarray, *, evaluated: list[str]) -> dict | None:
+    """Coverage, diversity, novelty and popularity bias of the latest complete nightly run, and
+    which run that is (``describe_run``)."""
     from recsys.evaluation.report import beyond_accuracy
     from recsys.ranking.runs import latest_run
 
@@ -455,8 +470,9 @@ def _beyond_accuracy(engine: Engine, catalogue: Catalogue, popularity: np.ndarra
         ids = catalogue.features.news_ids
         first_seen = pd.Series(pd.to_datetime(catalogue.first_seen), index=ids)
         # "New" = first shown within the day before the run's as-of time (or never shown).
-        as_of = pd.Timestamp(run.plan.get("as_of") or run.started_at)
-        return beyond_accuracy(
+        run_facts = describe_run(run, evaluated)
+        as_of = pd.Timestamp(run_facts["as_of"])
+        return run_facts | beyond_accuracy(
             chain([first], chunks), pd.Series(catalogue.news[CATEGORY].to_numpy(), index=ids),
             first_seen, pd.Series(popularity, index=ids), len(ids), as_of - pd.Timedelta(days=1),
         )
