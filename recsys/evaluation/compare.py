@@ -21,13 +21,16 @@ _EXTRA = {
 
 
 class ComparisonRow(NamedTuple):
-    """One model's metric in two reports; ``diff`` is ``b - a`` when both exist."""
+    """One model's metric in two reports; ``diff`` is ``b - a`` when both exist; ``a_ci`` and
+    ``b_ci`` each report's own ``(low, high)`` interval, where it has one."""
 
     model: str
     metric: str
     a: float | None
     b: float | None
     diff: float | None
+    a_ci: tuple[float, float] | None = None
+    b_ci: tuple[float, float] | None = None
 
 
 def load_metrics(path: str | os.PathLike) -> dict:
@@ -60,6 +63,14 @@ def _metric_value(entry: Mapping | None, metric: str):
     return ((entry.get("metrics") or {}).get(metric) or {}).get("value")
 
 
+def _metric_interval(entry: Mapping | None, metric: str) -> tuple[float, float] | None:
+    if entry is None or metric in _EXTRA:
+        return None
+    found = (entry.get("metrics") or {}).get(metric) or {}
+    low, high = _number(found.get("ci_low")), _number(found.get("ci_high"))
+    return None if low is None or high is None else (low, high)
+
+
 def compare_metrics(a: Mapping, b: Mapping) -> list[ComparisonRow]:
     """Differences per model and metric between two report dicts.
 
@@ -86,7 +97,8 @@ def compare_metrics(a: Mapping, b: Mapping) -> list[ComparisonRow]:
             if value_a is None and value_b is None:
                 continue
             diff = value_b - value_a if value_a is not None and value_b is not None else None
-            rows.append(ComparisonRow(name, metric, value_a, value_b, diff))
+            rows.append(ComparisonRow(name, metric, value_a, value_b, diff,
+                                      _metric_interval(entry_a, metric), _metric_interval(entry_b, metric)))
     return rows
 
 
@@ -133,16 +145,21 @@ def _pairs(models_a: Mapping, models_b: Mapping) -> list[tuple[str, str | None, 
 
 
 def format_comparison(rows: list[ComparisonRow], *, a_label: str = "A", b_label: str = "B") -> str:
-    """A plain-text table of ``compare_metrics`` rows."""
+    """A plain-text table of ``compare_metrics`` rows: each value with its report's interval in
+    brackets; gap closed in % (its difference in percentage points), as the HTML report shows it."""
     labels = {**METRIC_LABELS, "gap_closed": "Gap closed", "ece": "ECE"}
 
-    def show(value, signed: bool = False) -> str:
+    def show(value, metric: str, ci=None, signed: bool = False) -> str:
         if value is None:
             return "-"
-        return f"{value:+.4f}" if signed else f"{value:.4f}"
+        if metric == "gap_closed":
+            return f"{100 * value:+.1f} pp" if signed else f"{100 * value:.1f} %"
+        text = f"{value:+.4f}" if signed else f"{value:.4f}"
+        return text + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
 
     table = [("model", "metric", a_label, b_label, f"{b_label} - {a_label}")]
-    table += [(r.model, labels.get(r.metric, r.metric), show(r.a), show(r.b), show(r.diff, signed=True)) for r in rows]
+    table += [(r.model, labels.get(r.metric, r.metric), show(r.a, r.metric, r.a_ci), show(r.b, r.metric, r.b_ci),
+               show(r.diff, r.metric, signed=True)) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(5)]
     lines = []
     for i, row in enumerate(table):
@@ -196,7 +213,37 @@ def compare_files(a: str | os.PathLike, b: str | os.PathLike, *, allow_different
         )
     rows = compare_metrics(doc_a, doc_b)
     warning = f"WARNING: different impressions ({'; '.join(differences)})\n" if differences else ""
-    return f"{warning}A: {_describe(a, doc_a)}\nB: {_describe(b, doc_b)}\n\n" + format_comparison(rows)
+    settings = "".join(f"WARNING: {text}\n" for text in setting_differences(doc_a, doc_b))
+    return (f"{warning}A: {_describe(a, doc_a)}\nB: {_describe(b, doc_b)}\n{settings}\n" + format_comparison(rows)
+            + "\n\n" + _UNPAIRED)
+
+
+# B - A of two reports has no interval of its own: each report resampled its own users.
+_UNPAIRED = ("Note: brackets hold each report's own interval. B - A compares two reports, so it is unpaired: "
+             "their intervals may overlap while a paired difference is clear, or the reverse. For a paired "
+             "interval of the difference, evaluate both versions in one report (recsys evaluate --models A,B).")
+
+
+def setting_differences(a: Mapping, b: Mapping) -> list[str]:
+    """How two reports of the same impressions were computed differently, beyond the models:
+    where side features were read (which includes the store's end), whether the file was
+    held-out, and whether an oracle row sets the gap closed. Empty when alike."""
+    head_a, head_b = a.get("header") or {}, b.get("header") or {}
+    out = []
+    side_a, side_b = head_a.get("side_features_at"), head_b.get("side_features_at")
+    if side_a != side_b:
+        out.append(f"side features read differently (store end included): A {side_a or 'not recorded'}; "
+                   f"B {side_b or 'not recorded'}")
+    if "trained_on_the_file" in head_a and "trained_on_the_file" in head_b:
+        trained_a, trained_b = head_a["trained_on_the_file"] or [], head_b["trained_on_the_file"] or []
+        if bool(trained_a) != bool(trained_b):
+            which, versions = ("A", trained_a) if trained_a else ("B", trained_b)
+            out.append(f"only {which} is not held-out (the file lies in the training window of {', '.join(versions)})")
+    oracle_a, oracle_b = (any(isinstance(e, Mapping) and e.get("kind") == "oracle" for e in doc["models"].values())
+                          for doc in (a, b))
+    if oracle_a != oracle_b:
+        out.append(f"only {'A' if oracle_a else 'B'} has an oracle row: gap closed exists in one report only")
+    return out
 
 
 def _describe(path: str | os.PathLike, document: Mapping) -> str:

@@ -53,7 +53,8 @@ def test_printed_table(two_reports):
 def test_missing_values_print_as_dashes(two_reports):
     a, b = two_reports
     rows = [r for r in compare_metrics(a, b) if r.model == "v3" and r.metric == "mrr"]
-    assert format_comparison(rows).splitlines()[2].split()[-3:] == ["-", f"{rows[0].b:.4f}", "-"]
+    low, high = rows[0].b_ci
+    assert format_comparison(rows).splitlines()[2].split()[-5:] == ["-", f"{rows[0].b:.4f}", f"[{low:.4f},", f"{high:.4f}]", "-"]
 
 
 @pytest.mark.parametrize(
@@ -197,3 +198,54 @@ def test_the_a_and_b_lines_carry_each_reports_warnings(tmp_path, synthetic_resul
     text = compare_files(paths["unlabelled"], paths["held_out"], allow_different_data=True)
     a_line = next(l for l in text.splitlines() if l.startswith("A: "))
     assert a_line.endswith("; WARNING: UNLABELLED file, every metric is n/a")
+
+
+def _line(text: str, model: str, metric: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(model + " ") and f"  {metric}  " in line)
+
+
+def test_each_value_shows_its_reports_interval_and_the_difference_is_called_unpaired(tmp_path, two_reports):
+    # Only B - A was printed: nothing told how uncertain A and B were, nor that B - A is unpaired.
+    a, b = two_reports
+    text = compare_files(*_write(tmp_path, a, b))
+    mrr_a, mrr_b = a["models"]["v2"]["metrics"]["mrr"], b["models"]["v2"]["metrics"]["mrr"]
+    line = _line(text, "v2", "MRR")
+    assert f"{mrr_a['value']:.4f} [{mrr_a['ci_low']:.4f}, {mrr_a['ci_high']:.4f}]" in line
+    assert f"{mrr_b['value']:.4f} [{mrr_b['ci_low']:.4f}, {mrr_b['ci_high']:.4f}]" in line
+    assert line.endswith("+0.0100")
+    assert "B - A compares two reports, so it is unpaired" in text
+    assert "evaluate both versions in one report (recsys evaluate --models A,B)" in text
+
+
+def test_gap_closed_is_a_percentage_as_in_the_html_report(tmp_path, two_reports, synthetic_result):
+    a, b = copy.deepcopy(two_reports[0]), copy.deepcopy(two_reports[1])
+    b["models"]["v2"]["gap_closed"] = a["models"]["v2"]["gap_closed"] + 0.012
+    line = _line(compare_files(*_write(tmp_path, a, b)), "v2", "Gap closed")
+    shown = f"{100 * a['models']['v2']['gap_closed']:.1f} %"
+    assert shown in line and line.endswith("+1.2 pp")
+    _, html_path = write_report(synthetic_result, tmp_path / "html")
+    assert f"<td>{shown}</td>" in html_path.read_text()  # the HTML's gap closed cell, same text
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    (lambda a, b: b["header"].update(side_features_at="store end 2019-11-15T00:00:01"),
+     "WARNING: side features read differently (store end included): A not recorded; B store end 2019-11-15T00:00:01"),
+    (lambda a, b: (a["header"].update(trained_on_the_file=[]), b["header"].update(trained_on_the_file=["v9"])),
+     "WARNING: only B is not held-out (the file lies in the training window of v9)"),
+    (lambda a, b: b["models"].pop("oracle"),
+     "WARNING: only A has an oracle row: gap closed exists in one report only"),
+])
+def test_reports_computed_differently_on_the_same_file_are_warned_of(tmp_path, two_reports, change, said):
+    # Only the behaviors file's sha256 was checked: these passed without a word.
+    a, b = copy.deepcopy(two_reports[0]), copy.deepcopy(two_reports[1])
+    assert "WARNING" not in compare_files(*_write(tmp_path, a, b))
+    change(a, b)
+    lines = compare_files(*_write(tmp_path, a, b)).splitlines()
+    assert lines[2] == said and lines[0].startswith("A: ") and lines[1].startswith("B: ")
+
+
+def test_the_html_header_shows_the_behaviors_sha256(tmp_path, synthetic_result):
+    result = copy.deepcopy(synthetic_result)
+    result["header"]["behaviors_sha256"] = "ab" * 32
+    _, html_path = write_report(result, tmp_path)
+    assert f"<code>{'ab' * 32}</code>" in html_path.read_text()
