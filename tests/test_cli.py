@@ -688,7 +688,10 @@ def test_model_list_and_use(capsys, tmp_path: Path, monkeypatch):
     code, out, err = run(capsys, *ws, "model", "list", "--json")
     assert (code, json.loads(out)) == (0, []), err
     _register_versions(tmp_path, ["v1", "v2", "v3"])
-    (tmp_path / "models" / "v2" / "index").mkdir()
+    from recsys.index import FaissIndex
+
+    FaissIndex.build(np.array(["N1", "N2"]), np.eye(2, 4, dtype=np.float32), num_threads=1).save(
+        tmp_path / "models" / "v2" / "index")
     code, out, err = run(capsys, *ws, "model", "list", "--json")
     assert code == 0, err
     rows = json.loads(out)
