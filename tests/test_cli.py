@@ -633,7 +633,7 @@ def test_similar_runs_faiss_on_the_configured_threads(capsys, tmp_path: Path, mo
     from types import SimpleNamespace
 
     monkeypatch.setattr(recsys.pipelines.index, "get_version", lambda *_a, **_k: SimpleNamespace(version="v1"))
-    monkeypatch.setattr(recsys.pipelines.index, "load_index", lambda mv, num_threads=None: seen.append(num_threads) or {})
+    monkeypatch.setattr(recsys.pipelines.index, "load_index", lambda mv, num_threads=None, **_: seen.append(num_threads) or {})
     assert run(capsys, "--workspace", str(tmp_path), "db", "upgrade")[0] == 0
     (tmp_path / "recsys.toml").write_text("[runtime]\nthreads = 1\n")
     code, _, err = run(capsys, "--workspace", str(tmp_path), "similar", "--news", "N1")

@@ -334,6 +334,12 @@ def test_an_emptied_or_damaged_index_is_built_whole_by_the_next_night(trained, c
                                             rf"nightly adds it, or run `recsys index build --model {mv.version}`"):
         run_similar(engine, ws, news_id="NLATE", k=3)
 
+    # Only the manifest gone: the folder holds nothing but index files, so it is replaced
+    # (the save refused it as "not an index directory", and the night stopped every time).
+    (mv.index_dir / "manifest.json").unlink()
+    with pytest.raises(IndexFormatError, match="manifest.json: missing"):
+        run_similar(engine, ws, news_id=some, k=3)
+    assert refresh_index(engine, ws, config, mv)["index_built"] == len(whole) + 1  # with NLATE
     data = (mv.index_dir / "index.faiss").read_bytes()
     (mv.index_dir / "index.faiss").write_bytes(data[: len(data) // 2])
     with pytest.raises(IndexFormatError, match=rf"FAISS cannot read it .*build it again with `recsys index build --model {mv.version}`"):
@@ -362,17 +368,25 @@ def test_an_auto_index_follows_its_kind_as_the_catalogue_passes_exact_max_items(
     np.testing.assert_array_equal(after.vectors(ids), before.vectors(ids))
     np.testing.assert_array_equal(after.published(ids), before.published(ids))
     assert "index_rebuilt" not in refresh_index(engine, ws, small, mv)  # settled
-    # An explicit kind may have come from `index build --kind`: said, not rebuilt.
-    with caplog.at_level("WARNING"):
-        assert "index_rebuilt" not in refresh_index(engine, ws, load_config(None, {**TRAINED, "index.kind": "flat"}), mv)
-    assert f"is hnsw, [index] kind is 'flat': `recsys index build --model {mv.version}` builds it so" in caplog.text
     assert refresh_index(engine, ws, config, mv)["index_rebuilt"]["to"] == "flat"  # the default threshold again
     np.testing.assert_array_equal(load_index(mv).vectors(ids), before.vectors(ids))
+    # An index built with an explicit kind (`index build --kind ivf`) keeps it under "auto": the
+    # night turned it flat. A config naming another explicit kind is said, not applied.
+    from recsys.pipelines.index import run_index_build
+
+    run_index_build(engine, ws, load_config(None, {**TRAINED, "index.kind": "ivf"}))
+    assert (load_index(mv).kind, load_index(mv).requested_kind) == ("ivf", "ivf")
+    assert "index_rebuilt" not in refresh_index(engine, ws, config, mv)
+    with caplog.at_level("WARNING"):
+        assert "index_rebuilt" not in refresh_index(engine, ws, load_config(None, {**TRAINED, "index.kind": "hnsw"}), mv)
+    assert f"was built as ivf, [index] kind is now 'hnsw': `recsys index build --model {mv.version}` builds it so" in caplog.text
+    assert load_index(mv).kind == "ivf"
 
 
 def test_an_index_build_while_a_night_holds_the_lock_writes_nothing(trained):
     """`recsys index build` took no lock: it swapped the index under a night's ranking (the run
-    failed) or saved beside the night's own refresh (both saves could crash)."""
+    failed) or saved beside the night's own refresh (both saves could crash). It takes it for
+    its save only: an encode of hours must not refuse a night."""
     from recsys.pipelines.index import run_index_build
 
     world, ws, engine, config = trained
@@ -380,7 +394,8 @@ def test_an_index_build_while_a_night_holds_the_lock_writes_nothing(trained):
     refresh_index(engine, ws, config, mv)
     saved = (mv.index_dir / "manifest.json").read_bytes()
     with acquire_lock(engine, holder="other-host:4242"):  # a night running elsewhere
-        with pytest.raises(RunLockedError, match="lock 'nightly' is held by other-host:4242"):
+        with pytest.raises(RunLockedError, match=rf"lock 'nightly' is held by other-host:4242.*; the index of model version "
+                                                 rf"{mv.version} was built but not saved"):
             run_index_build(engine, ws, config)
     assert (mv.index_dir / "manifest.json").read_bytes() == saved
     run_index_build(engine, ws, config)  # the lock is free again: built, and the lock released

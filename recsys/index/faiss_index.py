@@ -81,6 +81,8 @@ MANIFEST_KEYS = (
     "num_tombstones", "exact_max_items", "built_at", "build_seconds", "saved_at", "faiss_version",
     "calibration",
 )
+# Written since the nightly began to follow "auto"; an index saved before lacks it.
+OPTIONAL_MANIFEST_KEYS = ("requested_kind",)
 
 # Rows per block when an exact search runs over a subset of rows: bounds the copy to 64 MiB
 # at dim 128 whatever the index size.
@@ -111,6 +113,10 @@ _BATCHED_QUERIES = 64
 
 class IndexFormatError(RecsysError):
     """A saved index directory is incomplete, corrupt or of an unknown format."""
+
+
+class IndexBusyError(RecsysError):
+    """Saves replaced the index folder while it was read, every time: nothing wrong with it."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -158,6 +164,7 @@ class FaissIndex:
         build_seconds: float,
         manifest_extra: dict[str, Any] | None = None,
         calibration: dict[str, Any] | None = None,
+        requested_kind: str | None = None,
     ):
         self._index = index
         self._ids = news_ids
@@ -171,6 +178,7 @@ class FaissIndex:
         self._build_seconds = build_seconds
         self.manifest_extra: dict[str, Any] = dict(manifest_extra or {})
         self._calibration = calibration
+        self._requested_kind = requested_kind
         self._rebuild_row_map()
 
     # ------------------------------------------------------------------ building
@@ -242,7 +250,7 @@ class FaissIndex:
         built = cls(
             index, ids, pub, np.ones(len(ids), dtype=bool),
             kind=resolved, params=full_params, exact_max_items=exact_max_items,
-            num_threads=threads, built_at=_utc_now(), build_seconds=0.0,
+            num_threads=threads, built_at=_utc_now(), build_seconds=0.0, requested_kind=kind,
         )
         if resolved != FLAT and target_recall is not None and len(ids):
             breadth = _SEARCH_PARAMS[resolved][0]
@@ -427,11 +435,12 @@ class FaissIndex:
 
     @property
     def exact_max_items(self) -> int:
+        """The most items "auto" searches exactly; also the largest filtered candidate set an
+        approximate index searches exactly. Settable (and saved), as the config changes."""
         return self._exact_max_items
 
     @exact_max_items.setter
     def exact_max_items(self, value: int) -> None:
-        """Also the largest filtered candidate set an approximate index searches exactly; saved."""
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"exact_max_items must be an integer >= 0, got {value!r}")
         self._exact_max_items = value
@@ -440,6 +449,12 @@ class FaissIndex:
     def calibration(self) -> dict[str, Any] | None:
         """The last ``calibrate`` record (recall@100 vs exact search), None if never run."""
         return None if self._calibration is None else dict(self._calibration)
+
+    @property
+    def requested_kind(self) -> str | None:
+        """The kind ``build`` was asked for ("auto", or the explicit kind); None for an index
+        saved before it was recorded."""
+        return self._requested_kind
 
     @property
     def num_threads(self) -> int:
@@ -751,7 +766,7 @@ class FaissIndex:
                               "(a disk not mounted?); nothing was written")
         _restore_interrupted_save(directory)
         extra = dict(self.manifest_extra if manifest_extra is None else manifest_extra)
-        clashing = sorted(set(extra) & set(MANIFEST_KEYS))
+        clashing = sorted(set(extra) & {*MANIFEST_KEYS, *OPTIONAL_MANIFEST_KEYS})
         if clashing:
             raise ValueError(f"manifest_extra keys {clashing} are reserved for the index manifest")
         if directory.exists() and not _is_index_directory(directory):
@@ -775,6 +790,7 @@ class FaissIndex:
             "saved_at": _utc_now(),
             "faiss_version": faiss.__version__,
             "calibration": self._calibration,
+            "requested_kind": self._requested_kind,
             **extra,
         }
         text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"  # fails before any write
@@ -836,21 +852,11 @@ class FaissIndex:
             ModelMismatchError: an expected entry is missing or differs (the message names
                 the key, the saved value and the expected one).
             IndexFormatError: a file is missing, unreadable or inconsistent with the others.
+            IndexBusyError: saves replaced the folder during every read of it.
         """
         directory = _followed(Path(directory))
         _restore_interrupted_save(directory)
-        for attempt in range(_READ_ATTEMPTS):
-            try:
-                with _SavedFolder(directory) as folder:
-                    return cls._read(folder, expected, num_threads)
-            except _FolderReplaced:
-                continue  # a save swapped a new folder in while this one was read: read that one
-            except NotFoundError:
-                if attempt + 1 == _READ_ATTEMPTS or not _saving_now(directory):
-                    raise
-                time.sleep(0.01)  # a save between its two renames (microseconds): its folder comes
-        raise IndexFormatError(f"{directory}: replaced by another save each of {_READ_ATTEMPTS} times it was read; "
-                               "run again")
+        return _read_saved(directory, lambda folder: cls._read(folder, expected, num_threads))
 
     @classmethod
     def _read(cls, folder: _SavedFolder, expected: Mapping[str, Any] | None, num_threads: int | None) -> FaissIndex:
@@ -866,13 +872,12 @@ class FaissIndex:
                     f"{manifest_path}: key {key!r} is {manifest[key]!r} in the saved index, expected {want!r}"
                 )
         ids, published, alive = _read_rows(folder)
-        data = folder.read(INDEX_FILE)
         threads = _set_threads(num_threads)
         try:
-            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+            # Streamed: the file's bytes held whole and then copied by FAISS tripled the peak.
+            index = folder.read(INDEX_FILE, lambda file: faiss.read_index(faiss.PyCallbackIOReader(file.read)))
         except RuntimeError as err:
             raise IndexFormatError(f"{directory / INDEX_FILE}: FAISS cannot read it ({err})") from err
-        del data
         kind = manifest.get("kind")
         if kind not in (FLAT, HNSW, IVF) or not isinstance(index, _INDEX_TYPES[kind]):
             raise IndexFormatError(
@@ -883,12 +888,12 @@ class FaissIndex:
                 raise IndexFormatError(f"{directory / name}: {len(array)} rows, {INDEX_FILE} holds {index.ntotal}")
         if manifest.get("dim") != index.d:
             raise IndexFormatError(f"{manifest_path}: field 'dim' is {manifest.get('dim')!r}, {INDEX_FILE} has {index.d}")
-        extra = {key: value for key, value in manifest.items() if key not in MANIFEST_KEYS}
+        extra = {key: value for key, value in manifest.items() if key not in (*MANIFEST_KEYS, *OPTIONAL_MANIFEST_KEYS)}
         return cls(
             index, ids, published, alive,
             kind=kind, params=manifest["params"], exact_max_items=manifest["exact_max_items"],
             num_threads=threads, built_at=manifest["built_at"], build_seconds=manifest["build_seconds"],
-            manifest_extra=extra, calibration=manifest["calibration"],
+            manifest_extra=extra, calibration=manifest["calibration"], requested_kind=manifest.get("requested_kind"),
         )
 
     # ------------------------------------------------------------------ internals
@@ -1057,19 +1062,36 @@ def read_published(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
     directory = Path(directory)
     if _saved_at(directory) is None:
         return None
-    for _ in range(_READ_ATTEMPTS):
+    try:
+        ids, published, alive = _read_saved(directory, _read_rows)
+    except NotFoundError:
+        return None
+    if not len(ids) == len(published) == len(alive):
+        raise IndexFormatError(f"{directory}: {len(ids)} ids, {len(published)} publication times and {len(alive)} "
+                               "flags, expected one of each per row")
+    return ids[alive], published[alive]
+
+
+def _read_saved(directory: Path, read):
+    """``read(folder)`` of the saved index in ``directory`` (a ``_SavedFolder``), read again when
+    a save replaced the folder meanwhile, or waited for when a save is between its two renames.
+
+    Raises:
+        NotFoundError: no index folder (and no save under way).
+        IndexBusyError: saves replaced the folder during every attempt.
+    """
+    for attempt in range(_READ_ATTEMPTS):
         try:
             with _SavedFolder(directory) as folder:
-                ids, published, alive = _read_rows(folder)
+                return read(folder)
         except _FolderReplaced:
-            continue
+            continue  # a save swapped a new folder in while this one was read: read that one
         except NotFoundError:
-            return None
-        if not len(ids) == len(published) == len(alive):
-            raise IndexFormatError(f"{directory}: {len(ids)} ids, {len(published)} publication times and {len(alive)} "
-                                   "flags, expected one of each per row")
-        return ids[alive], published[alive]
-    raise IndexFormatError(f"{directory}: replaced by another save each of {_READ_ATTEMPTS} times it was read; run again")
+            if attempt + 1 == _READ_ATTEMPTS or not _saving_now(directory):
+                raise
+            time.sleep(0.01)  # a save between its two renames (microseconds): its folder comes
+    raise IndexBusyError(f"{directory}: replaced by another save each of the {_READ_ATTEMPTS} times it was read; "
+                         "run again")
 
 
 class _FolderReplaced(Exception):
@@ -1099,8 +1121,8 @@ class _SavedFolder:
     def __exit__(self, *exc) -> None:
         os.close(self._fd)
 
-    def read(self, name: str) -> bytes:
-        """The bytes of file ``name``.
+    def read(self, name: str, parse=bytes):
+        """``parse(file)`` of file ``name`` opened for reading (by default its bytes).
 
         Raises:
             IndexFormatError: the file is missing (and the folder was not replaced) or unreadable.
@@ -1108,7 +1130,7 @@ class _SavedFolder:
         """
         try:
             with open(name, "rb", opener=lambda path, flags: os.open(path, flags, dir_fd=self._fd)) as file:
-                return file.read()
+                return file.read() if parse is bytes else parse(file)
         except FileNotFoundError as err:
             if self._replaced():
                 raise _FolderReplaced from err
@@ -1154,10 +1176,13 @@ def _read_rows(folder: _SavedFolder) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 def _read_npy(folder: _SavedFolder, name: str, kind: str) -> np.ndarray:
     path = folder.directory / name
+    data = folder.read(name)
     try:
-        array = np.load(io.BytesIO(folder.read(name)), allow_pickle=False)
-    except ValueError as err:
-        raise IndexFormatError(f"{path}: unreadable ({err})") from err
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except MemoryError:
+        raise
+    except Exception as err:  # a damaged header raises EOFError, tokenize.TokenError, SyntaxError...
+        raise IndexFormatError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
     if array.ndim != 1 or array.dtype.kind != kind:
         raise IndexFormatError(f"{path}: holds {array.dtype} of shape {array.shape}, expected a 1-d {kind!r} array")
     return array
@@ -1166,8 +1191,8 @@ def _read_npy(folder: _SavedFolder, name: str, kind: str) -> np.ndarray:
 def _is_index_directory(directory: Path) -> bool:
     if not directory.is_dir():
         return False
-    names = {p.name for p in directory.iterdir()}
-    return names <= set(INDEX_FILES) and (not names or MANIFEST_FILE in names)
+    # Only recsys's own file names: the guard is for a folder of someone else's files.
+    return {p.name for p in directory.iterdir()} <= set(INDEX_FILES)
 
 
 def _swap_in(new: Path, directory: Path) -> None:

@@ -68,24 +68,21 @@ def index_manifest(mv: ModelVersion) -> dict:
 def run_index_build(engine: Engine, workspace: Workspace, config: Config, *, version: str | None = None) -> dict:
     """Embed every article with the version's item tower and write ``<version>/index``.
 
-    Holds the store's lock, as the nightly job and the ingest do: a build that swapped the index
-    under a night's ranking failed the run, and one that saved beside the night's index refresh
-    could crash both saves.
+    The save holds the store's lock, as the nightly job and the ingest do: a build that swapped
+    the index under a night's ranking failed the run, and one that saved beside the night's
+    index refresh could crash both saves. The encoding before it (hours for a cold cache at
+    MIND size) does not, so no night or ingest is refused meanwhile.
 
     Raises:
-        RunLockedError: a nightly job or an ingest holds the lock; nothing is written.
+        RunLockedError: a nightly job or an ingest held the lock when the index was ready;
+            nothing was written.
     """
+    from recsys.errors import RunLockedError
+    from recsys.index.faiss_index import FaissIndex
     from recsys.ranking.lock import NIGHTLY_LOCK, acquire_lock
 
     configure_threads(config.runtime.threads or None)
     mv = get_version(engine, version)
-    with acquire_lock(engine, NIGHTLY_LOCK) as lock:
-        return _build_index(engine, workspace, config, mv, lock)
-
-
-def _build_index(engine: Engine, workspace: Workspace, config: Config, mv: ModelVersion, lock) -> dict:
-    from recsys.index.faiss_index import FaissIndex
-
     t0 = time.perf_counter()
     news, features = load_catalogue(engine, workspace, config, versions=[mv])
     model = load_version_model(mv, features)
@@ -96,8 +93,12 @@ def _build_index(engine: Engine, workspace: Workspace, config: Config, mv: Model
         features.news_ids, embeddings, published=published_times(engine, news), kind=config.index.kind,
         exact_max_items=config.index.exact_max_items, num_threads=config.runtime.threads or None,
     )
-    lock.check()  # LockLostError: another job took the lock over as stale while this one encoded
-    index.save(mv.index_dir, manifest_extra=index_manifest(mv))
+    try:
+        with acquire_lock(engine, NIGHTLY_LOCK):
+            index.save(mv.index_dir, manifest_extra=index_manifest(mv))
+    except RunLockedError as exc:
+        raise RunLockedError(f"{exc}; the index of model version {mv.version} was built but not saved: run "
+                             "`recsys index build` again once that run ends") from exc
     t_build = time.perf_counter() - t0
     log.info("index of %d articles (%s) written to %s", len(index), index.kind, mv.index_dir)
     return {
@@ -106,25 +107,28 @@ def _build_index(engine: Engine, workspace: Workspace, config: Config, mv: Model
     }
 
 
-def load_index(mv: ModelVersion, *, num_threads: int | None = None):
-    """The version's FAISS index, refusing one built for other encoders or dims.
+def load_index(mv: ModelVersion, *, num_threads: int | None = None, current: bool = True):
+    """The version's FAISS index, refusing one built for other encoders or dims. ``current``:
+    the version is the one the nightly serves (and so refreshes), said in the errors.
 
     Raises:
-        NotFoundError: the version has no complete index.
+        NotFoundError: the version has no index (none, or an emptied folder).
         IndexFormatError: its index is damaged; the message says how to build it again.
+        IndexBusyError: saves replaced it during every read.
         ModelMismatchError: its index was built for other encoders or dims.
     """
     from recsys.index.faiss_index import FaissIndex, IndexFormatError
 
-    build = f"`recsys index build --model {mv.version}`"
-    if not FaissIndex.exists(mv.index_dir):
-        raise NotFoundError(f"model version {mv.version} has no index yet: run {build} (the next nightly also builds "
-                            "the current version's)")
-    try:
+    build = f"`recsys index build --model {mv.version}`" + (" (the next nightly also builds it)" if current else "")
+    no_index = NotFoundError(f"model version {mv.version} has no index yet: run {build}")
+    try:  # no exists() first: it reads path by path, and a save under way would read as "no index"
         return FaissIndex.load(mv.index_dir, expected=index_manifest(mv), num_threads=num_threads)
+    except NotFoundError:
+        raise no_index from None
     except IndexFormatError as exc:
-        raise IndexFormatError(f"{exc}; build it again with {build} (the next nightly also rebuilds the current "
-                               "version's)") from exc
+        if mv.index_dir.is_dir() and not any(mv.index_dir.iterdir()):  # emptied by hand
+            raise no_index from None
+        raise IndexFormatError(f"{exc}; build it again with {build}") from exc
 
 
 def run_similar(engine: Engine, workspace: Workspace, *, news_id: str, k: int, version: str | None = None,
@@ -134,13 +138,18 @@ def run_similar(engine: Engine, workspace: Workspace, *, news_id: str, k: int, v
     if k < 1:
         raise ConfigError(f"k is {k}, expected at least 1")
     mv = get_version(engine, version)
-    index = load_index(mv, num_threads=num_threads)
+    try:
+        current = mv.version == get_version(engine).version
+    except NotFoundError:  # no version is current yet
+        current = False
+    index = load_index(mv, num_threads=num_threads, current=current)
     if news_id not in index:
         # A typo and an article ingested since the index was refreshed call for different things.
         stored = not repo.read_news_titles(engine, [news_id]).empty
+        adds = "the next nightly adds it, or run " if current else "run "
         raise NotFoundError(
             f"news id '{news_id}' is not in the index of model version {mv.version}: "
-            + (f"the store holds it, ingested since the index was last refreshed; the next nightly adds it, or run "
+            + (f"the store holds it, ingested since the index was last refreshed; {adds}"
                f"`recsys index build --model {mv.version}`" if stored else "the store holds no article with that id")
         )
     hits = index.search(index.vector(news_id)[None, :], k, exclude=[{news_id}])[0]

@@ -212,30 +212,32 @@ def _refresh_in_helper(url: str, workspace: Workspace, config: Config, mv, lock_
 
 
 def _follow_index_config(index, config: Config, mv) -> tuple[object, dict]:
-    """The index built again from its own vectors when ``[index] kind = "auto"`` now resolves to
-    another kind (a flat index whose catalogue grew past ``exact_max_items`` becomes HNSW, as
-    ``index build`` would make it); only a warning for an explicit kind other than the index's,
-    which may have come from ``index build --kind``. Returns the index and what was done."""
+    """The index as ``[index]`` now asks: ``exact_max_items`` taken from the config (it also
+    steers the filtered search), and an index built as "auto" built again from its own vectors
+    when auto now resolves to another kind (a flat index whose catalogue grew past
+    ``exact_max_items`` becomes HNSW, as ``index build`` would make it). An index built with an
+    explicit kind (``index build --kind``, or the config's) keeps it; a config that now names
+    another explicit kind is warned about. Returns the index and what was done."""
     from recsys.index.faiss_index import AUTO, FaissIndex, resolve_kind
 
     settings = config.index
-    if settings.kind != AUTO:
-        if settings.kind != index.kind:
-            log.warning("the index of model version %s is %s, [index] kind is %r: `recsys index build --model %s` "
-                        "builds it so", mv.version, index.kind, settings.kind, mv.version)
-        return index, {}
-    if index.exact_max_items != settings.exact_max_items:  # it also steers the filtered search
-        done = {"index_exact_max_items": {"from": index.exact_max_items, "to": settings.exact_max_items}}
+    done = {}
+    if index.exact_max_items != settings.exact_max_items:
+        done["index_exact_max_items"] = {"from": index.exact_max_items, "to": settings.exact_max_items}
         index.exact_max_items = settings.exact_max_items
-    else:
-        done = {}
+    asked = index.requested_kind  # None: saved before it was recorded, so not known to be "auto"
+    if asked != AUTO:
+        if settings.kind not in (AUTO, index.kind) and asked is not None:
+            log.warning("the index of model version %s was built as %s, [index] kind is now %r: `recsys index build "
+                        "--model %s` builds it so", mv.version, index.kind, settings.kind, mv.version)
+        return index, done
     if resolve_kind(AUTO, len(index), settings.exact_max_items) == index.kind:
         return index, done
     ids = index.news_ids
     t0 = time.perf_counter()
     rebuilt = FaissIndex.build(ids, index.vectors(ids), published=index.published(ids), kind=AUTO,
                                exact_max_items=settings.exact_max_items, num_threads=index.num_threads)
-    log.info("index of %d articles rebuilt as %s (was %s; [index] kind = \"auto\", exact_max_items = %d) in %.1f s",
+    log.info("index of %d articles rebuilt as %s (was %s; built as \"auto\", exact_max_items = %d) in %.1f s",
              len(rebuilt), rebuilt.kind, index.kind, settings.exact_max_items, time.perf_counter() - t0)
     return rebuilt, {**done, "index_rebuilt": {"from": index.kind, "to": rebuilt.kind, "items": len(rebuilt)}}
 
@@ -278,6 +280,9 @@ def run_nightly_job(
         check_output_folder("--export", export)
     _check_workspace_writable(engine, workspace)
     _check_encoders(engine, config, ingesting=news is not None or behaviors is not None)
+    from recsys.ranking.nightly import worker_url
+
+    worker_url(engine)  # StoreError for an in-memory store, which the helper and workers cannot open
     if config.nightly.engine != "ray" and config.nightly.ray_address:
         # A config file's cluster with `--engine local` (say, while the cluster is down) is fine;
         # said, so that a job meant for the cluster is not taken to have run there.

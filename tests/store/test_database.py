@@ -392,6 +392,15 @@ def test_the_nightly_refuses_an_in_memory_store_before_it_creates_a_run(tmp_path
             run_nightly(engine, model_dir=tmp_path / "model", index_dir=tmp_path / "index", num_workers=0)
         with engine.connect() as conn:
             assert conn.execute(sa.select(sa.func.count()).select_from(schema.runs)).scalar() == 0
+        # The whole job refuses it before its ingest, not at the index refresh after it.
+        from recsys.config import Workspace, load_config
+        from recsys.pipelines.nightly import run_nightly_job
+
+        with pytest.raises(StoreError, match=r"in-memory SQLite database: the nightly job's worker and helper processes"):
+            run_nightly_job(engine, Workspace(tmp_path / "ws").ensure(), load_config(None, {}),
+                            behaviors=tmp_path / "not-read.tsv")
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(schema.impressions)).scalar() == 0
     finally:
         engine.dispose()
 
