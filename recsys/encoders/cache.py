@@ -36,8 +36,6 @@ import os
 import re
 import time
 import uuid
-import zipfile
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,9 +52,6 @@ MANIFEST_NAME = "manifest.json"
 _SHARD_GLOB = "shard-*.npz"
 _IMAGE_DTYPE = np.float16
 _SHARD_KEYS = ("news_ids", "content_hashes", "text", "image", "has_image")
-# What np.load raises on a damaged .npz (found by flipping bits): zip structure, member CRC,
-# compression method, .npy header. OSError also covers a file that cannot be read now.
-_SHARD_DAMAGE_ERRORS = (ValueError, KeyError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error)
 # A temporary file unchanged this long belongs to a killed writer (a live one writes a shard
 # in seconds and keeps its mtime fresh).
 STALE_TEMP_SECONDS = 3600
@@ -196,7 +191,13 @@ class FeatureCache:
                 ids, hashes = z["news_ids"], z["content_hashes"]
         except FileNotFoundError:  # merged into a newer shard by another process's compact
             return
-        except (OSError, *_SHARD_DAMAGE_ERRORS) as exc:
+        except MemoryError:  # the machine's, not the file's
+            raise
+        except Exception as exc:
+            # A damaged .npz raises whatever parser meets the damage: zip structure, CRC,
+            # compression, or the .npy header, read as a Python literal before the CRC check
+            # in large members (tokenize.TokenError, SyntaxError, ...). A list of types always
+            # missed one, so every error counts; _leave_out keeps an OSError apart.
             self._leave_out(shard, exc)
             return
         number = len(self._shards)
@@ -314,7 +315,9 @@ class FeatureCache:
                     has_image[out_rows] = z["has_image"][rows]
             except FileNotFoundError:
                 raise  # compacted by another process: the caller lists the cache again
-            except (OSError, *_SHARD_DAMAGE_ERRORS) as exc:
+            except MemoryError:
+                raise
+            except Exception as exc:  # any error, as in _index_shard
                 # Indexing read only the ids and hashes; a damaged vector member shows up here.
                 self._leave_out(shard, exc)
                 self._list_shards()
