@@ -250,6 +250,11 @@ class FeatureCache:
     def num_shards(self) -> int:
         return len(self._shards)
 
+    @property
+    def num_left_out(self) -> int:
+        """Shards this cache stopped using because they could not be read (damaged, or an I/O error)."""
+        return len(self._unreadable)
+
     def lookup(self, news_ids: Sequence[str], content_hashes: Sequence[str]) -> np.ndarray:
         """Which articles are cached with exactly this content.
 

@@ -50,7 +50,8 @@ def encode_items(
     """Frozen-encoder features of articles, row-aligned with ``news``.
 
     Articles whose (news id, content hash) is in ``cache`` are read from it (those of a cache
-    shard found damaged on the way count as not cached); the others are
+    shard found damaged on the way count as not cached, unless an older shard holds them
+    too); the others are
     encoded in batches of ``batch_size`` and each batch is stored in the cache as soon as it
     is done, so memory stays bounded and an interrupted run resumes where it stopped. Images
     are encoded only where ``IMAGE_STATUS == "ok"``; an image that cannot be read or decoded
@@ -147,19 +148,22 @@ def _load_cached(cache: FeatureCache, ids: np.ndarray, keys: np.ndarray, text, i
     """Fill the rows cached with their content hash from ``cache``; returns which rows those are.
 
     A shard found unreadable on the way is left out by the cache: its articles are looked up
-    again (an older shard may still hold some with their current hash) and the rest is
+    again (an older shard may still hold them all with their current hash: two encoders that
+    ran at once, a compaction killed before it deleted the old shards) and the rest is
     encoded by the caller. Each round leaves out one more shard, so this ends.
     """
     cached = cache.lookup(ids, keys)
     while cached.any():
+        left_out = cache.num_left_out
         try:
             text[cached], image[cached], has_image[cached] = cache.load(ids[cached])
             return cached
         except DamagedFileError:
-            still = cached & cache.lookup(ids, keys)
-            if still.sum() == cached.sum():  # nothing was left out: not a damaged shard after all
+            # Progress is a shard left out, not fewer articles found: an older shard may hold
+            # every one of them again.
+            if cache.num_left_out == left_out:
                 raise
-            cached = still
+            cached &= cache.lookup(ids, keys)
     return cached
 
 

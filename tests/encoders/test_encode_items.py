@@ -25,7 +25,7 @@ from recsys.columns import (
 )
 from recsys.encoders.cache import FeatureCache
 from recsys.encoders.pipeline import article_text, encode_items, text_info_for
-from recsys.errors import ModelMismatchError, SchemaError
+from recsys.errors import DamagedFileError, ModelMismatchError, SchemaError
 from shard_damage import flip_byte_in_member, flip_header_byte_in_member
 
 
@@ -228,6 +228,43 @@ def test_a_damaged_cache_shard_gets_its_articles_encoded_again(news, tmp_path, f
     third = encode_items(frame, images, text_third, image_third, FeatureCache(tmp_path / "cache", text_third.info, image_third.info))
     assert text_third.calls == [] and "unreadable" not in caplog.text
     assert_same_features(third, features)
+
+
+def test_a_damaged_shard_whose_articles_an_older_shard_also_holds_is_read_from_that_one(news, tmp_path, caplog):
+    # Two encoders that ran at once both stored the same new articles; the newer shard is
+    # damaged. Looking up again finds every article (in the older shard): that is progress.
+    frame, images = news
+    encoders = [(FakeTextEncoder(), FakeImageEncoder()) for _ in range(2)]
+    caches = [FeatureCache(tmp_path / "cache", t.info, i.info) for t, i in encoders]  # both open before either writes
+    for (text_enc, image_enc), cache in zip(encoders, caches):
+        encode_items(frame, images, text_enc, image_enc, cache)
+        assert text_enc.num_encoded == 10
+    older, newer = sorted((tmp_path / "cache").glob("*/shard-*.npz"))
+    flip_byte_in_member(newer, "image.npy")
+
+    text_again, image_again = FakeTextEncoder(), FakeImageEncoder()
+    cache = FeatureCache(tmp_path / "cache", text_again.info, image_again.info)
+    features = encode_items(frame, images, text_again, image_again, cache)
+    assert text_again.calls == [] and image_again.calls == []
+    assert f"feature cache shard {newer} is unreadable" in caplog.text and older.exists()
+    reference = encode_items(frame, images, FakeTextEncoder(), FakeImageEncoder(), None)
+    np.testing.assert_array_equal(features.text, reference.text)
+    np.testing.assert_allclose(features.image, reference.image, rtol=1e-3)  # float16 storage
+    np.testing.assert_array_equal(features.has_image, reference.has_image)
+
+
+def test_a_damaged_file_error_that_left_out_no_shard_is_raised_not_retried(news, tmp_path, fake_encoders, monkeypatch):
+    frame, images = news
+    text_enc, image_enc = fake_encoders
+    cache = FeatureCache(tmp_path / "cache", text_enc.info, image_enc.info)
+    encode_items(frame, images, text_enc, image_enc, cache)
+
+    def damaged_without_leaving_out(news_ids):
+        raise DamagedFileError("shard X is unreadable")
+
+    monkeypatch.setattr(cache, "load", damaged_without_leaving_out)
+    with pytest.raises(DamagedFileError, match="shard X is unreadable"):
+        encode_items(frame, images, FakeTextEncoder(), FakeImageEncoder(), cache)
 
 
 @pytest.mark.parametrize("member", ["news_ids.npy", "text.npy"])
