@@ -13,9 +13,10 @@ article is stored again (its content changed), the newer shard wins; ``compact``
 live entries into one shard. A shard found damaged (disk damage: renames make torn shards
 impossible) is moved aside and its articles count as not cached, so they are encoded again.
 
-A cache this user cannot write (a read-only workspace, a full disk) still serves what it
-holds: the first failed write is logged, and the articles it lacks are encoded without being
-stored for the rest of the command.
+A cache this user cannot write (a read-only workspace) still serves what it holds: the
+first failed write is logged, and the articles it lacks are encoded without being stored for
+the rest of the command. A write error that may pass (a full disk, an I/O error) loses only
+that batch: it is logged once per kind of error and every later batch is tried again.
 
 Housekeeping on every open: temporary files that killed writers left (``.*.tmp``) are
 removed after an hour, and the folders of other encoder pairs after 30 days unused (opening a
@@ -29,6 +30,7 @@ halves the disk and the memory of the largest column. Text vectors stay float32.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -52,6 +54,10 @@ MANIFEST_NAME = "manifest.json"
 _SHARD_GLOB = "shard-*.npz"
 _IMAGE_DTYPE = np.float16
 _SHARD_KEYS = ("news_ids", "content_hashes", "text", "image", "has_image")
+# Write errors that last the whole command: a cache this user can only read. Any other (a full
+# disk that a cleanup frees, an I/O error) may pass, and a first MIND-large encode takes
+# hours: giving up on the first one would store nothing that a later kill could keep.
+_LASTING_WRITE_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 # A temporary file unchanged this long belongs to a killed writer (a live one writes a shard
 # in seconds and keeps its mtime fresh).
 STALE_TEMP_SECONDS = 3600
@@ -113,11 +119,12 @@ class FeatureCache:
         self._index: dict[str, tuple[int, int, str]] = {}
         self._shards: list[Path] = []
         self._unreadable: set[Path] = set()  # left out for good by this process
-        self._write_error: OSError | None = None  # set once a write failed: nothing more is stored
+        self._read_only: OSError | None = None  # set by a lasting write error: nothing more is stored
+        self._warned_errnos: set[int | None] = set()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            self._cannot_write(err)
+        except OSError as err:  # no folder: no write can succeed
+            self._cannot_write(err, lasting=True)
             return
         self._check_manifest()
         self._housekeep()
@@ -205,14 +212,25 @@ class FeatureCache:
         for row, (news_id, content_hash) in enumerate(zip(ids.tolist(), hashes.tolist())):
             self._index[news_id] = (number, row, content_hash)
 
-    def _cannot_write(self, err: OSError) -> None:
-        """Store nothing more in this cache; warn the first time only (not once per batch)."""
-        if self._write_error is None:
-            log.warning(
-                "feature cache %s cannot be written (%s); articles it lacks are encoded without being stored",
-                self.path, err,
-            )
-        self._write_error = err
+    def _cannot_write(self, err: OSError, *, lasting: bool = False) -> None:
+        """Note a failed write, warning once per errno (not once per batch). A lasting error (a
+        cache this user can only read) stops all later writes; after any other, each later
+        write is tried again."""
+        lasting = lasting or err.errno in _LASTING_WRITE_ERRNOS
+        if err.errno not in self._warned_errnos:
+            self._warned_errnos.add(err.errno)
+            if lasting:
+                log.warning(
+                    "feature cache %s cannot be written (%s); articles it lacks are encoded without being stored",
+                    self.path, err,
+                )
+            else:
+                log.warning(
+                    "feature cache %s could not be written (%s); later writes are tried again, and articles "
+                    "not stored are encoded again by the next command", self.path, err,
+                )
+        if lasting:
+            self._read_only = err
 
     def _leave_out(self, shard: Path, exc: Exception) -> None:
         """Stop using an unreadable shard: its articles count as not cached (re-encoding heals it).
@@ -348,8 +366,10 @@ class FeatureCache:
         """Store the features of n articles as one new shard (atomically).
 
         When the cache cannot be written (read-only, disk full), nothing is stored, nothing is
-        left half-written, and a warning names the folder the first time; the caller keeps
-        the features it holds. ``lookup`` then does not find these articles.
+        left half-written, and a warning names the folder the first time each kind of error
+        occurs; the caller keeps the features it holds. ``lookup`` then does not find these
+        articles. After an error that may pass (anything but a cache this user can only
+        read: ``EROFS``, ``EACCES``, ``EPERM``) the next ``put`` tries again.
 
         Args:
             news_ids: n news ids, unique.
@@ -381,7 +401,7 @@ class FeatureCache:
                     f"{name} features have shape {array.shape}, but encoder {info.name} of this cache has dim {info.dim}"
                 )
         image = np.where(has_image[:, None], image, 0.0).astype(_IMAGE_DTYPE)
-        if self._write_error is not None:
+        if self._read_only is not None:
             return
         try:
             self._write_shard(ids, hashes, text, image, has_image)
@@ -402,10 +422,11 @@ class FeatureCache:
         Safe against a crash at any point: the merged shard is in place before any old shard
         is removed, and it is the newest, so duplicates left behind are shadowed by it. A
         process that listed the old shards before (an evaluate beside the nightly job) finds
-        one gone and lists the cache again (``load``). A cache that cannot be written is
-        left as it is (with ``put``'s warning).
+        one gone and lists the cache again (``load``). A cache this user can only read is left
+        as it is; a merged shard that cannot be written leaves the old ones, with ``put``'s
+        warning.
         """
-        if len(self._shards) <= 1 or self._write_error is not None:
+        if len(self._shards) <= 1 or self._read_only is not None:
             return
         old = list(self._shards)
         ids = sorted(self._index)

@@ -198,18 +198,46 @@ def test_load_of_unknown_ids_names_them(tmp_path):
         cache.load(["a"] + [f"N{i}" for i in range(1, 8)])
 
 
-def test_failed_write_leaves_nothing_behind_and_warns_once(tmp_path, monkeypatch, caplog):
+def test_failed_writes_leave_nothing_behind_and_warn_once_per_error(tmp_path, monkeypatch, caplog):
     cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    errors = [OSError(28, "No space left on device"), OSError(28, "No space left on device"),
+              OSError(5, "Input/output error"), OSError(28, "No space left on device")]
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    def failing(*args, **kwargs):
+        raise errors.pop(0)
 
-    monkeypatch.setattr(np, "savez", disk_full)
-    cache.put(["a"], ["h"], *features(1))
-    cache.put(["b"], ["h"], *features(1))
+    monkeypatch.setattr(np, "savez", failing)
+    for news_id in "abcd":
+        cache.put([news_id], ["h"], *features(1))
+    assert errors == []  # each batch was tried: these errors may pass
     assert sorted(p.name for p in cache.path.iterdir()) == [MANIFEST_NAME]
-    assert len(cache) == 0 and cache.lookup(["a", "b"], ["h", "h"]).tolist() == [False, False]
-    assert caplog.text.count(f"feature cache {cache.path} cannot be written ([Errno 28] No space left on device)") == 1
+    assert len(cache) == 0 and cache.lookup(list("abcd"), ["h"] * 4).tolist() == [False] * 4
+    assert caplog.text.count(f"feature cache {cache.path} could not be written ([Errno 28] No space left on device)") == 1
+    assert caplog.text.count(f"feature cache {cache.path} could not be written ([Errno 5] Input/output error)") == 1
+
+
+def test_a_write_error_that_passes_loses_only_its_batch(tmp_path, monkeypatch, caplog):
+    # A full disk that a cleanup freed: the batches after it are stored (a first encode of
+    # MIND-large takes hours, and a later kill must not lose them all).
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    real_savez, calls = np.savez, []
+
+    def full_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real_savez(*args, **kwargs)
+
+    monkeypatch.setattr(np, "savez", full_once)
+    text, image, has_image = features(5)
+    for i in range(5):
+        cache.put([f"N{i}"], ["h"], text[i:i + 1], image[i:i + 1], has_image[i:i + 1])
+    reopened = FeatureCache(tmp_path, TEXT, IMAGE)
+    assert reopened.lookup([f"N{i}" for i in range(5)], ["h"] * 5).tolist() == [False, True, True, True, True]
+    got_text, _, got_has = reopened.load([f"N{i}" for i in range(1, 5)])
+    np.testing.assert_array_equal(got_text, text[1:])
+    np.testing.assert_array_equal(got_has, has_image[1:])
+    assert caplog.text.count("could not be written ([Errno 28] No space left on device); later writes are tried again") == 1
 
 
 def test_a_read_only_cache_serves_what_it_holds_and_stores_nothing(tmp_path, monkeypatch, caplog):
