@@ -14,17 +14,18 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
 def source_fingerprint(package_dir: Path) -> str:
     """sha256 (hex) over the relative path and bytes of every ``.py`` file under ``package_dir``.
 
-    Two trees with the same sources give the same value; caches (``__pycache__``) and hidden
-    names (an editor's ``.#cli.py`` lock, often a link to nothing) are not read: no import
-    reads them either. A tree shipped without sources (compiled, the ``.py`` files removed) is
-    read by its ``.pyc`` files instead, or every release would give the hash of nothing.
+    Two trees with the same sources give the same value; caches (``__pycache__``), hidden
+    names (an editor's ``.#cli.py`` lock, often a link to nothing) and links to nothing are
+    not read: no import reads them either. A tree shipped without sources (compiled, the
+    ``.py`` files removed) is read by its ``.pyc`` files instead, or every release would give
+    the hash of nothing; the same hidden names and links to nothing are passed over there.
     """
-    def code(pattern: str) -> list[Path]:
+    def code(pattern: str, *, skip: tuple[str, ...] = ()) -> list[Path]:
         return [p for p in package_dir.rglob(pattern) if p.is_file()
-                and not any(part == "__pycache__" or part.startswith(".") for part in p.relative_to(package_dir).parts)]
+                and not any(part in skip or part.startswith(".") for part in p.relative_to(package_dir).parts)]
 
     digest = hashlib.sha256()
-    for path in sorted(code("*.py") or package_dir.rglob("*.pyc")):
+    for path in sorted(code("*.py", skip=("__pycache__",)) or code("*.pyc")):
         digest.update(path.relative_to(package_dir).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()

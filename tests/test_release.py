@@ -66,3 +66,17 @@ def test_a_tree_without_sources_is_read_by_its_compiled_files(tmp_path):
     assert before != hashlib.sha256().hexdigest()
     compiled.write_bytes(b"two")
     assert source_fingerprint(tmp_path) != before
+
+
+def test_a_tree_without_sources_passes_over_hidden_names_and_dangling_links_too(tmp_path):
+    # The .pyc fallback read an editor's lock file (a link to nothing) and failed, as the .py
+    # path once did.
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"one")
+    want = hashlib.sha256(b"__pycache__/a.cpython-311.pyc\0" + hashlib.sha256(b"one").digest()).hexdigest()
+    assert source_fingerprint(tmp_path) == want
+    (tmp_path / ".#a.cpython-311.pyc").symlink_to("user@host.1234:1700000000")
+    (tmp_path / ".hidden" / "__pycache__").mkdir(parents=True)
+    (tmp_path / ".hidden" / "__pycache__" / "b.cpython-311.pyc").write_bytes(b"two")
+    (tmp_path / "__pycache__" / "gone.cpython-311.pyc").symlink_to(tmp_path / "missing.pyc")
+    assert source_fingerprint(tmp_path) == want
