@@ -490,13 +490,14 @@ def _png_data_uri(figure) -> str:
 
 
 def _errors(entries: list[Mapping]) -> np.ndarray:
-    """(2, k) asymmetric error bar lengths; 0 where an interval is missing."""
+    """(2, k) asymmetric error bar lengths; NaN where an interval is missing (matplotlib draws no
+    bar and no caps there: a zero length drew the zero-width bar that looks certain)."""
     lows, highs = [], []
     for e in entries:
         value = e.get("value")
         ok = value is not None and e.get("ci_low") is not None and e.get("ci_high") is not None
-        lows.append(max(value - e["ci_low"], 0.0) if ok else 0.0)
-        highs.append(max(e["ci_high"] - value, 0.0) if ok else 0.0)
+        lows.append(max(value - e["ci_low"], 0.0) if ok else np.nan)
+        highs.append(max(e["ci_high"] - value, 0.0) if ok else np.nan)
     return np.array([lows, highs])
 
 

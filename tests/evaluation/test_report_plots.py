@@ -101,3 +101,24 @@ def test_the_log_loss_panel_is_set_by_the_models_not_the_random_baseline(drawn, 
     models_top = max(e["ci_high"] for name, e in losses.items() if dict(ordered)[name]["kind"] != "baseline")
     assert losses["random"]["value"] > 1.5 * models_top
     assert figure.axes[1].get_ylim()[1] < losses["random"]["value"]
+
+
+@pytest.mark.parametrize("horizontal", [False, True])
+def test_a_withheld_interval_draws_no_error_bar(horizontal):
+    # A zero length drew caps at the bar's top: the zero-width bar that looks certain, which the
+    # withheld interval (too few users) was meant to remove. The other bar keeps its interval.
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, axes = plt.subplots()
+    try:
+        entries = [{"value": 0.7, "ci_low": None, "ci_high": None, "num_units": 1},
+                   {"value": 0.6, "ci_low": 0.5, "ci_high": 0.65}]
+        report_module._grouped_bars(axes, ["auc", "mrr"], [("m", entries)], {"m": "C0"}, horizontal=horizontal)
+        (container,) = [c for c in axes.containers if type(c).__name__ == "ErrorbarContainer"]
+        lower, upper = (np.asarray(cap.get_xdata() if horizontal else cap.get_ydata(), dtype=float)
+                        for cap in container.lines[1])
+        assert np.isnan(lower[0]) and np.isnan(upper[0])  # the withheld interval: no caps
+        np.testing.assert_allclose([lower[1], upper[1]], [0.5, 0.65])
+    finally:
+        plt.close(figure)

@@ -520,6 +520,21 @@ def test_ten_users_give_intervals(world):
         assert got["diff_to_first_ci"][metric]["ci_low"] < got["diff_to_first_ci"][metric]["ci_high"]
 
 
+def test_pooled_auc_counts_the_users_who_clicked_not_everyone_shown(world):
+    # 30 users see candidates, 5 of them click: pooled AUC rests on those 5 (counted as every
+    # user with a candidate, its interval was shown and a difference from 5 users coloured).
+    users = [f"U{i % 30}" for i in range(len(world))]
+    clickers = {f"U{i}" for i in range(5)}
+    quiet = [(labels if user in clickers else np.zeros_like(labels), scores, item_groups, impression_groups)
+             for (labels, scores, item_groups, impression_groups), user in zip(world, users)]
+    got = _accumulate_clustered(quiet, users).result()["models"]["noisy"]
+    assert got["metrics"]["pooled_auc"]["value"] is not None
+    assert got["metrics"]["pooled_auc"]["ci_low"] is None and got["metrics"]["pooled_auc"]["num_units"] == 5
+    assert got["diff_to_first_ci"]["pooled_auc"]["num_units"] == 5
+    # Log loss rests on every user shown a candidate: 30, an interval.
+    assert got["metrics"]["log_loss"]["ci_low"] < got["metrics"]["log_loss"]["ci_high"]
+
+
 def test_a_breakdown_group_of_one_user_has_no_interval(world):
     # 30 users; a category only user U0 is shown. Its group rests on one user, the others on many.
     users = [f"U{i % 30}" for i in range(len(world))]
