@@ -379,8 +379,24 @@ def test_an_auto_index_follows_its_kind_as_the_catalogue_passes_exact_max_items(
     assert "index_rebuilt" not in refresh_index(engine, ws, config, mv)
     with caplog.at_level("WARNING"):
         assert "index_rebuilt" not in refresh_index(engine, ws, load_config(None, {**TRAINED, "index.kind": "hnsw"}), mv)
-    assert f"was built as ivf, [index] kind is now 'hnsw': `recsys index build --model {mv.version}` builds it so" in caplog.text
+    assert f"is ivf, [index] kind is now 'hnsw': `recsys index build --model {mv.version}` builds it so" in caplog.text
     assert load_index(mv).kind == "ivf"
+
+    # An index saved before requested_kind was recorded: IVF is never auto's, so it is kept; a
+    # flat one under an "auto" config is taken as auto's and follows it.
+    def legacy():
+        manifest = json.loads((mv.index_dir / "manifest.json").read_text())
+        del manifest["requested_kind"]
+        (mv.index_dir / "manifest.json").write_text(json.dumps(manifest))
+
+    legacy()
+    summary = refresh_index(engine, ws, small, mv)
+    assert (summary["index_requested_kind"], load_index(mv).kind, load_index(mv).requested_kind) == ("ivf", "ivf", "ivf")
+    run_index_build(engine, ws, config)
+    legacy()
+    summary = refresh_index(engine, ws, small, mv)
+    assert summary["index_requested_kind"] == "auto" and summary["index_rebuilt"]["to"] == "hnsw"
+    assert load_index(mv).requested_kind == "auto"
 
 
 def test_an_index_build_while_a_night_holds_the_lock_writes_nothing(trained):

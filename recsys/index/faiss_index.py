@@ -453,8 +453,14 @@ class FaissIndex:
     @property
     def requested_kind(self) -> str | None:
         """The kind ``build`` was asked for ("auto", or the explicit kind); None for an index
-        saved before it was recorded."""
+        saved before it was recorded. Settable (and saved) for such an index."""
         return self._requested_kind
+
+    @requested_kind.setter
+    def requested_kind(self, value: str) -> None:
+        if value not in KINDS:
+            raise ConfigError(f"index kind {value!r} is unknown, expected one of {', '.join(KINDS)}")
+        self._requested_kind = value
 
     @property
     def num_threads(self) -> int:

@@ -213,23 +213,30 @@ def _refresh_in_helper(url: str, workspace: Workspace, config: Config, mv, lock_
 
 def _follow_index_config(index, config: Config, mv) -> tuple[object, dict]:
     """The index as ``[index]`` now asks: ``exact_max_items`` taken from the config (it also
-    steers the filtered search), and an index built as "auto" built again from its own vectors
-    when auto now resolves to another kind (a flat index whose catalogue grew past
-    ``exact_max_items`` becomes HNSW, as ``index build`` would make it). An index built with an
-    explicit kind (``index build --kind``, or the config's) keeps it; a config that now names
-    another explicit kind is warned about. Returns the index and what was done."""
-    from recsys.index.faiss_index import AUTO, FaissIndex, resolve_kind
+    steers the filtered search), and an index built as "auto" built again from its own vectors,
+    while the config says "auto" too, when auto now resolves to another kind (a flat index whose
+    catalogue grew past ``exact_max_items`` becomes HNSW, as ``index build`` would make it). An
+    index built with an explicit kind (``index build --kind``, or the config's) keeps it; a
+    config naming an explicit kind other than the index's is warned about. Returns the index
+    and what was done."""
+    from recsys.index.faiss_index import AUTO, IVF, FaissIndex, resolve_kind
 
     settings = config.index
     done = {}
     if index.exact_max_items != settings.exact_max_items:
         done["index_exact_max_items"] = {"from": index.exact_max_items, "to": settings.exact_max_items}
         index.exact_max_items = settings.exact_max_items
-    asked = index.requested_kind  # None: saved before it was recorded, so not known to be "auto"
-    if asked != AUTO:
-        if settings.kind not in (AUTO, index.kind) and asked is not None:
-            log.warning("the index of model version %s was built as %s, [index] kind is now %r: `recsys index build "
-                        "--model %s` builds it so", mv.version, index.kind, settings.kind, mv.version)
+    if index.requested_kind is None:
+        # Saved before the kind asked for was recorded: auto never makes IVF, and a flat or HNSW
+        # index under an "auto" config was most likely built by it. Recorded with this save.
+        index.requested_kind = index.kind if index.kind == IVF or settings.kind != AUTO else AUTO
+        done["index_requested_kind"] = index.requested_kind
+        log.info("the index of model version %s records no kind asked for: taken as %r", mv.version,
+                 index.requested_kind)
+    if settings.kind not in (AUTO, index.kind):
+        log.warning("the index of model version %s is %s, [index] kind is now %r: `recsys index build --model %s` "
+                    "builds it so", mv.version, index.kind, settings.kind, mv.version)
+    if not settings.kind == index.requested_kind == AUTO:
         return index, done
     if resolve_kind(AUTO, len(index), settings.exact_max_items) == index.kind:
         return index, done
