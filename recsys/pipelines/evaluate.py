@@ -347,7 +347,8 @@ def run_evaluate(
         warnings=not_held_out,  # the report shows them too, not only this command's log
     )
     # Read before write_report replaces the earlier report's metrics.json, which names them.
-    stale = earlier_prediction_files(out, keep=[Path(p) for p in prediction_files.values()])
+    stale = earlier_prediction_files(out, keep=[Path(p) for p in prediction_files.values()],
+                                     known_versions=[row["version"] for row in list_versions(engine)])
     metrics_path, html_path = write_report(result, out)
     # An earlier report in the same folder left its models' prediction files: beside a
     # metrics.json that no longer describes them, a MIND scorer run over the folder would mix
@@ -372,20 +373,22 @@ def run_evaluate(
     }
 
 
-def earlier_prediction_files(out: Path, *, keep: list[Path]) -> list[Path]:
-    """The prediction files that the earlier report in ``out`` wrote, less ``keep``: the
-    ``prediction-<version>.txt`` of the versions its ``metrics.json`` lists. Any other file
-    (a ``prediction-mine.txt`` of the user's, or anything beside a missing or unreadable
-    ``metrics.json``) was not written by recsys and is not ours to remove."""
+def earlier_prediction_files(out: Path, *, keep: list[Path], known_versions: list[str] = ()) -> list[Path]:
+    """The prediction files that an earlier evaluate wrote in ``out``, less ``keep``: the
+    ``prediction-<version>.txt`` of the versions its ``metrics.json`` lists, or of any version
+    in ``known_versions`` (the store's: a run interrupted after it wrote its prediction files
+    left them beside the older metrics.json, which does not list them). Any other file (a
+    ``prediction-mine.txt`` of the user's) was not written by recsys and is not ours to remove."""
+    versions = list(known_versions)
     try:
         with open(out / "metrics.json", encoding="utf-8") as f:
             document = json.load(f)
     except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
-        return []
+        document = None
     header = document.get("header") if isinstance(document, dict) else None
-    versions = header.get("model_versions") if isinstance(header, dict) else None
-    if not isinstance(versions, list):
-        return []
+    listed = header.get("model_versions") if isinstance(header, dict) else None
+    if isinstance(listed, list):
+        versions += listed
     kept = {Path(p) for p in keep}
     found = []
     for version in versions:

@@ -40,3 +40,13 @@ def test_a_version_that_is_not_one_file_name_names_nothing(tmp_path):
     (tmp_path / "prediction-..").mkdir()
     (tmp_path / "prediction-..").joinpath("x.txt").write_text("keep")
     assert earlier_prediction_files(out, keep=[]) == [out / "prediction-v2.txt"]
+
+
+def test_an_interrupted_runs_prediction_files_are_named_by_the_stores_versions(tmp_path):
+    # A run stopped after writing its prediction files (during the bootstrap) left v3's beside
+    # the older metrics.json, which lists v1 only: no later run removed it. The store knows v3.
+    out = _folder(tmp_path, ["v1"], ["prediction-v1.txt", "prediction-v3.txt", "prediction-mine.txt"])
+    assert earlier_prediction_files(out, keep=[out / "prediction-v1.txt"], known_versions=["v1", "v3"]) == [
+        out / "prediction-v3.txt"]
+    (out / "metrics.json").unlink()  # even with no earlier report left
+    assert earlier_prediction_files(out, keep=[], known_versions=["v3"]) == [out / "prediction-v3.txt"]
