@@ -36,8 +36,12 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
+import tokenize
 import uuid
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,6 +62,14 @@ _SHARD_KEYS = ("news_ids", "content_hashes", "text", "image", "has_image")
 # disk that a cleanup frees, an I/O error) may pass, and a first MIND-large encode takes
 # hours: giving up on the first one would store nothing that a later kill could keep.
 _LASTING_WRITE_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+# What the parsers of a damaged .npz raise (zip structure, member CRC, compression, the .npy
+# header read as a Python literal before the CRC check in large members): such a shard is moved
+# aside. Any other error leaves it out for the command but in place.
+_SHARD_DAMAGE = (zipfile.BadZipFile, zlib.error, ValueError, KeyError, EOFError, NotImplementedError, SyntaxError,
+                 tokenize.TokenError)
+# After a full disk a write is tried again only when the disk has room for twice the shard: each
+# try fills the disk to the last byte before it fails, and the store and the index share it.
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 # A temporary file unchanged this long belongs to a killed writer (a live one writes a shard
 # in seconds and keeps its mtime fresh).
 STALE_TEMP_SECONDS = 3600
@@ -121,6 +133,7 @@ class FeatureCache:
         self._unreadable: set[Path] = set()  # left out for good by this process
         self._read_only: OSError | None = None  # set by a lasting write error: nothing more is stored
         self._warned_errnos: set[int | None] = set()
+        self._disk_full = False  # the last write found the disk full
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:  # no folder: no write can succeed
@@ -201,10 +214,8 @@ class FeatureCache:
         except MemoryError:  # the machine's, not the file's
             raise
         except Exception as exc:
-            # A damaged .npz raises whatever parser meets the damage: zip structure, CRC,
-            # compression, or the .npy header, read as a Python literal before the CRC check
-            # in large members (tokenize.TokenError, SyntaxError, ...). A list of types always
-            # missed one, so every error counts; _leave_out keeps an OSError apart.
+            # Every error leaves the shard out (re-encoding heals it): a list of types always
+            # missed one. _leave_out moves aside only what damage explains (_SHARD_DAMAGE).
             self._leave_out(shard, exc)
             return
         number = len(self._shards)
@@ -231,6 +242,16 @@ class FeatureCache:
                 )
         if lasting:
             self._read_only = err
+        self._disk_full = err.errno in _NO_SPACE_ERRNOS
+
+    def _room_for(self, num_bytes: int) -> bool:
+        """After a full disk: whether it has room for ``num_bytes`` twice now."""
+        if not self._disk_full:
+            return True
+        try:
+            return shutil.disk_usage(self.path).free >= 2 * num_bytes
+        except OSError:
+            return False
 
     def _leave_out(self, shard: Path, exc: Exception) -> None:
         """Stop using an unreadable shard: its articles count as not cached (re-encoding heals it).
@@ -238,11 +259,13 @@ class FeatureCache:
         A damaged one is moved aside under a temporary name, so that later commands neither
         warn again nor encode its articles again (housekeeping removes it after an hour, and
         compaction only deletes shards it could index). One that cannot be read for another
-        reason (permissions, an I/O error that may pass) is left where it is.
+        reason (permissions, an I/O error that may pass, an error no damage explains) is left
+        where it is.
         """
         self._unreadable.add(shard)
-        if isinstance(exc, OSError):
-            log.warning("feature cache shard %s is unreadable (%s); its articles will be encoded again", shard, exc)
+        if not isinstance(exc, _SHARD_DAMAGE):
+            log.warning("feature cache shard %s is unreadable (%s: %s); its articles will be encoded again", shard,
+                        type(exc).__name__, exc)
             return
         aside = shard.with_name(f".{shard.name}.unreadable.tmp")
         try:
@@ -401,12 +424,14 @@ class FeatureCache:
                     f"{name} features have shape {array.shape}, but encoder {info.name} of this cache has dim {info.dim}"
                 )
         image = np.where(has_image[:, None], image, 0.0).astype(_IMAGE_DTYPE)
-        if self._read_only is not None:
+        if self._read_only is not None or not self._room_for(text.nbytes + image.nbytes + ids.nbytes + hashes.nbytes):
             return
         try:
             self._write_shard(ids, hashes, text, image, has_image)
         except OSError as err:
             self._cannot_write(err)
+        else:
+            self._disk_full = False
 
     def _write_shard(self, ids, hashes, text, image, has_image, *, time_ns: int | None = None) -> Path:
         stamp = time.time_ns() if time_ns is None else time_ns

@@ -240,6 +240,39 @@ def test_a_write_error_that_passes_loses_only_its_batch(tmp_path, monkeypatch, c
     assert caplog.text.count("could not be written ([Errno 28] No space left on device); later writes are tried again") == 1
 
 
+def test_after_a_full_disk_a_write_waits_for_room(tmp_path, monkeypatch):
+    # Tried on every batch of a long encode, each write filled a full disk to its last byte
+    # before failing, under the store and the index that share it. Tried again once there is
+    # room for twice the shard.
+    import collections
+
+    from recsys.encoders import cache as cache_module
+
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    real_savez, calls = np.savez, []
+
+    def full_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real_savez(*args, **kwargs)
+
+    free = {"bytes": 10}
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(np, "savez", full_once)
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: usage(10**9, 10**9, free["bytes"]))
+    text, image, has_image = features(5)
+    for i in range(3):
+        cache.put([f"N{i}"], ["h"], text[i:i + 1], image[i:i + 1], has_image[i:i + 1])
+    assert len(calls) == 1  # the failed write; the next two found no room and did not try
+    free["bytes"] = 10**9
+    for i in range(3, 5):
+        cache.put([f"N{i}"], ["h"], text[i:i + 1], image[i:i + 1], has_image[i:i + 1])
+    assert len(calls) == 3
+    assert FeatureCache(tmp_path, TEXT, IMAGE).lookup([f"N{i}" for i in range(5)], ["h"] * 5).tolist() == [
+        False, False, False, True, True]
+
+
 def test_a_read_only_cache_serves_what_it_holds_and_stores_nothing(tmp_path, monkeypatch, caplog):
     cache = FeatureCache(tmp_path, TEXT, IMAGE)
     text, image, has_image = features(2)
