@@ -399,6 +399,37 @@ def test_an_auto_index_follows_its_kind_as_the_catalogue_passes_exact_max_items(
     assert load_index(mv).requested_kind == "auto"
 
 
+def test_an_index_build_does_not_save_over_a_newer_index_a_night_saved(trained, monkeypatch):
+    """The build reads the store without the lock: a night that ingested and refreshed the
+    index meanwhile saw its index replaced by the build's older snapshot."""
+    import time
+
+    import recsys.pipelines.index as index_module
+    from recsys.errors import RecsysError
+    from recsys.index import FaissIndex
+
+    world, ws, engine, config = trained
+    mv = get_version(engine)
+    refresh_index(engine, ws, config, mv)
+    real, nights = index_module.load_catalogue, []
+
+    def a_night_saves_meanwhile(*args, **kwargs):
+        read = real(*args, **kwargs)
+        time.sleep(1.1)  # saves are stamped in whole seconds
+        load_index(mv).save(mv.index_dir)  # the night's refresh, after the build began
+        nights.append(FaissIndex.saved_at(mv.index_dir))
+        return read
+
+    monkeypatch.setattr(index_module, "load_catalogue", a_night_saves_meanwhile)
+    with pytest.raises(RecsysError, match=rf"the index of model version {mv.version} was saved at .* by another job"):
+        index_module.run_index_build(engine, ws, config)
+    assert FaissIndex.saved_at(mv.index_dir) == nights[0]  # the night's index stays
+    monkeypatch.setattr(index_module, "load_catalogue", real)
+    time.sleep(1.1)
+    index_module.run_index_build(engine, ws, config)  # nothing saved since it began: saved
+    assert FaissIndex.saved_at(mv.index_dir) > nights[0]
+
+
 def test_an_index_build_while_a_night_holds_the_lock_writes_nothing(trained):
     """`recsys index build` took no lock: it swapped the index under a night's ranking (the run
     failed) or saved beside the night's own refresh (both saves could crash). It takes it for

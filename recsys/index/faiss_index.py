@@ -834,6 +834,16 @@ class FaissIndex:
         _restore_interrupted_save(directory)
         return _saved_at(directory) is not None
 
+    @staticmethod
+    def saved_at(directory: str | os.PathLike) -> dt.datetime | None:
+        """When the complete index in ``directory`` was saved (UTC, whole seconds); None when
+        it holds none."""
+        saved = _saved_at(_followed(Path(directory)))
+        try:
+            return dt.datetime.fromisoformat(saved) if saved else None
+        except ValueError:
+            return None
+
     @classmethod
     def load(
         cls,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from sqlalchemy import Engine
 
 from recsys.columns import CATEGORY, NEWS_ID, TITLE
 from recsys.config import Config, Workspace
-from recsys.errors import ConfigError, NotFoundError
+from recsys.errors import ConfigError, NotFoundError, RecsysError
 from recsys.pipelines.features import first_seen_array, load_catalogue, load_version_model
 from recsys.store import repository as repo
 from recsys.threads import configure_threads
@@ -76,6 +77,8 @@ def run_index_build(engine: Engine, workspace: Workspace, config: Config, *, ver
     Raises:
         RunLockedError: a nightly job or an ingest held the lock when the index was ready;
             nothing was written.
+        RecsysError: another job saved the version's index after this build began; nothing
+            was written.
     """
     from recsys.errors import RunLockedError
     from recsys.index.faiss_index import FaissIndex
@@ -83,6 +86,8 @@ def run_index_build(engine: Engine, workspace: Workspace, config: Config, *, ver
 
     configure_threads(config.runtime.threads or None)
     mv = get_version(engine, version)
+    # Whole seconds, as saves are stamped (a save within this very second is taken as earlier).
+    began = datetime.now(timezone.utc).replace(microsecond=0)
     t0 = time.perf_counter()
     news, features = load_catalogue(engine, workspace, config, versions=[mv])
     model = load_version_model(mv, features)
@@ -95,6 +100,14 @@ def run_index_build(engine: Engine, workspace: Workspace, config: Config, *, ver
     )
     try:
         with acquire_lock(engine, NIGHTLY_LOCK):
+            saved = FaissIndex.saved_at(mv.index_dir)
+            if saved is not None and saved > began:
+                # A night refreshed it while this build read the store: it may hold articles
+                # ingested since, which this older snapshot would drop until the next night.
+                raise RecsysError(
+                    f"the index of model version {mv.version} was saved at {saved:%Y-%m-%d %H:%M:%S} UTC by another "
+                    f"job (a nightly refresh), after this build began at {began:%H:%M:%S}: nothing was saved, as it "
+                    "may hold articles this build did not read; run `recsys index build` again")
             index.save(mv.index_dir, manifest_extra=index_manifest(mv))
     except RunLockedError as exc:
         raise RunLockedError(f"{exc}; the index of model version {mv.version} was built but not saved: run "
