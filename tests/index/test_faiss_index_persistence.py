@@ -404,3 +404,19 @@ def test_a_damaged_row_file_is_an_index_format_error(saved, damage):
         target.write_bytes(bytes(data))
     with pytest.raises(IndexFormatError, match=rf"{damage.split()[-1]}: unreadable"):
         FaissIndex.load(path)
+
+
+def test_an_index_replaced_during_every_read_is_busy_not_damaged(saved, monkeypatch):
+    # Reported as damaged, the nightly would have rebuilt it and `similar` said to rebuild it.
+    from recsys.index import IndexBusyError
+    from recsys.index import faiss_index
+
+    _, path = saved
+
+    def replaced(self, name, parse=bytes):
+        raise faiss_index._FolderReplaced
+
+    monkeypatch.setattr(faiss_index._SavedFolder, "read", replaced)
+    with pytest.raises(IndexBusyError, match="replaced by another save each of the 5 times it was read; run again"):
+        FaissIndex.load(path)
+    assert not issubclass(IndexBusyError, IndexFormatError)
