@@ -65,11 +65,13 @@ _LASTING_WRITE_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 # What the parsers of a damaged .npz raise (zip structure, member CRC, compression, the .npy
 # header read as a Python literal before the CRC check in large members): such a shard is moved
 # aside. Any other error leaves it out for the command but in place.
+# RuntimeError: zipfile's "is encrypted", a flipped flag bit.
 _SHARD_DAMAGE = (zipfile.BadZipFile, zlib.error, ValueError, KeyError, EOFError, NotImplementedError, SyntaxError,
-                 tokenize.TokenError)
+                 tokenize.TokenError, RuntimeError)
 # After a full disk a write is tried again only when the disk has room for twice the shard: each
 # try fills the disk to the last byte before it fails, and the store and the index share it.
-_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# (Not EDQUOT: statvfs does not see a user's quota, so free space cannot tell when to retry.)
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC})
 # A temporary file unchanged this long belongs to a killed writer (a live one writes a shard
 # in seconds and keeps its mtime fresh).
 STALE_TEMP_SECONDS = 3600
@@ -454,6 +456,13 @@ class FeatureCache:
         if len(self._shards) <= 1 or self._read_only is not None:
             return
         old = list(self._shards)
+        try:
+            size = sum(p.stat().st_size for p in old)
+        except FileNotFoundError:  # another process compacted first
+            self._list_shards()
+            return
+        if not self._room_for(size):  # after a full disk: the largest write of all would refill it
+            return
         ids = sorted(self._index)
         hashes = [self._index[i][2] for i in ids]
         try:
@@ -476,6 +485,7 @@ class FeatureCache:
             self._cannot_write(err)
             self._list_shards()
             return
+        self._disk_full = False
         for shard in old:
             shard.unlink(missing_ok=True)
         self._list_shards()  # with any shard written meanwhile

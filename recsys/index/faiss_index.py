@@ -835,14 +835,16 @@ class FaissIndex:
         return _saved_at(directory) is not None
 
     @staticmethod
-    def saved_at(directory: str | os.PathLike) -> dt.datetime | None:
-        """When the complete index in ``directory`` was saved (UTC, whole seconds); None when
-        it holds none."""
-        saved = _saved_at(_followed(Path(directory)))
+    def save_identity(directory: str | os.PathLike) -> tuple | None:
+        """Which save the folder holds: each save swaps a new folder in, whose (device, inode)
+        differs from the folder it replaces; with the manifest's ``saved_at``, as a file system
+        may give a later save a freed inode again. None when there is no folder."""
+        directory = _followed(Path(directory))
         try:
-            return dt.datetime.fromisoformat(saved) if saved else None
-        except ValueError:
+            status = os.stat(directory)
+        except FileNotFoundError:
             return None
+        return status.st_dev, status.st_ino, _saved_at(directory)
 
     @classmethod
     def load(

@@ -841,11 +841,11 @@ def _group_metrics(
         values["pooled_auc"] = auc
         # It rests on the users who clicked and on those who skipped here (the fewer of the
         # two), not on every impression ("ones"): many viewers and five clickers is five.
-        labels = candidates.labels.astype(np.float64)
+        clicked = candidates.labels == 1
         table.add((key, "pooled_auc"), n * psi, "ones", lambda: np.ones(n), offset=auc,
                   support_key=("pooled_auc", denominators[1]),
-                  support=lambda: (np.bincount(impressions, weights=labels, minlength=n),
-                                   np.bincount(impressions, weights=1.0 - labels, minlength=n)))
+                  support=lambda: (np.bincount(impressions[clicked], minlength=n) > 0,
+                                   np.bincount(impressions[~clicked], minlength=n) > 0))
 
     if candidates.losses is None or len(impressions) == 0:
         values["log_loss"] = None

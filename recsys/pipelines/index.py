@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -86,8 +85,7 @@ def run_index_build(engine: Engine, workspace: Workspace, config: Config, *, ver
 
     configure_threads(config.runtime.threads or None)
     mv = get_version(engine, version)
-    # Whole seconds, as saves are stamped (a save within this very second is taken as earlier).
-    began = datetime.now(timezone.utc).replace(microsecond=0)
+    found = FaissIndex.save_identity(mv.index_dir)  # the save this build would replace
     t0 = time.perf_counter()
     news, features = load_catalogue(engine, workspace, config, versions=[mv])
     model = load_version_model(mv, features)
@@ -100,14 +98,13 @@ def run_index_build(engine: Engine, workspace: Workspace, config: Config, *, ver
     )
     try:
         with acquire_lock(engine, NIGHTLY_LOCK):
-            saved = FaissIndex.saved_at(mv.index_dir)
-            if saved is not None and saved > began:
+            if FaissIndex.save_identity(mv.index_dir) != found:
                 # A night refreshed it while this build read the store: it may hold articles
                 # ingested since, which this older snapshot would drop until the next night.
                 raise RecsysError(
-                    f"the index of model version {mv.version} was saved at {saved:%Y-%m-%d %H:%M:%S} UTC by another "
-                    f"job (a nightly refresh), after this build began at {began:%H:%M:%S}: nothing was saved, as it "
-                    "may hold articles this build did not read; run `recsys index build` again")
+                    f"the index of model version {mv.version} was saved by another job (a nightly refresh) after "
+                    "this build began: nothing was saved, as it may hold articles this build did not read; run "
+                    "`recsys index build` again")
             index.save(mv.index_dir, manifest_extra=index_manifest(mv))
     except RunLockedError as exc:
         raise RunLockedError(f"{exc}; the index of model version {mv.version} was built but not saved: run "

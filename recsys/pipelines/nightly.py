@@ -219,20 +219,22 @@ def _follow_index_config(index, config: Config, mv) -> tuple[object, dict]:
     index built with an explicit kind (``index build --kind``, or the config's) keeps it; a
     config naming an explicit kind other than the index's is warned about. Returns the index
     and what was done."""
-    from recsys.index.faiss_index import AUTO, IVF, FaissIndex, resolve_kind
+    from recsys.index.faiss_index import AUTO, FaissIndex, resolve_kind
 
     settings = config.index
     done = {}
+    if index.requested_kind is None:
+        # Saved before the kind asked for was recorded. Auto's, when the config says "auto" and
+        # auto gives its kind at its own threshold (never IVF; HNSW only past exact_max_items);
+        # explicit otherwise. Recorded with this save.
+        by_auto = settings.kind == AUTO and resolve_kind(AUTO, len(index), index.exact_max_items) == index.kind
+        index.requested_kind = AUTO if by_auto else index.kind
+        done["index_requested_kind"] = index.requested_kind
+        log.warning("the index of model version %s records no kind asked for (saved by an earlier release): taken "
+                    "as %r", mv.version, index.requested_kind)
     if index.exact_max_items != settings.exact_max_items:
         done["index_exact_max_items"] = {"from": index.exact_max_items, "to": settings.exact_max_items}
         index.exact_max_items = settings.exact_max_items
-    if index.requested_kind is None:
-        # Saved before the kind asked for was recorded: auto never makes IVF, and a flat or HNSW
-        # index under an "auto" config was most likely built by it. Recorded with this save.
-        index.requested_kind = index.kind if index.kind == IVF or settings.kind != AUTO else AUTO
-        done["index_requested_kind"] = index.requested_kind
-        log.info("the index of model version %s records no kind asked for: taken as %r", mv.version,
-                 index.requested_kind)
     if settings.kind not in (AUTO, index.kind):
         log.warning("the index of model version %s is %s, [index] kind is now %r: `recsys index build --model %s` "
                     "builds it so", mv.version, index.kind, settings.kind, mv.version)

@@ -271,6 +271,13 @@ def test_after_a_full_disk_a_write_waits_for_room(tmp_path, monkeypatch):
     assert len(calls) == 3
     assert FeatureCache(tmp_path, TEXT, IMAGE).lookup([f"N{i}" for i in range(5)], ["h"] * 5).tolist() == [
         False, False, False, True, True]
+    # Compaction, the largest write, waits for room too.
+    calls.clear()
+    monkeypatch.setattr(np, "savez", full_once)  # its first call fails again
+    cache.put(["N9"], ["h"], *features(1, seed=3))
+    free["bytes"] = 10
+    cache.compact()
+    assert len(calls) == 1 and cache.num_shards == 2
 
 
 def test_a_read_only_cache_serves_what_it_holds_and_stores_nothing(tmp_path, monkeypatch, caplog):
