@@ -216,10 +216,8 @@ def test_failed_writes_leave_nothing_behind_and_warn_once_per_error(tmp_path, mo
     assert caplog.text.count(f"feature cache {cache.path} could not be written ([Errno 5] Input/output error)") == 1
 
 
-def test_a_write_error_that_passes_loses_only_its_batch(tmp_path, monkeypatch, caplog):
-    # A full disk that a cleanup freed: the batches after it are stored (a first encode of
-    # MIND-large takes hours, and a later kill must not lose them all).
-    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+def _disk_full_once(monkeypatch) -> list:
+    """np.savez fails with ENOSPC on its first call from now on, then writes; returns the calls."""
     real_savez, calls = np.savez, []
 
     def full_once(*args, **kwargs):
@@ -229,6 +227,14 @@ def test_a_write_error_that_passes_loses_only_its_batch(tmp_path, monkeypatch, c
         return real_savez(*args, **kwargs)
 
     monkeypatch.setattr(np, "savez", full_once)
+    return calls
+
+
+def test_a_write_error_that_passes_loses_only_its_batch(tmp_path, monkeypatch, caplog):
+    # A full disk that a cleanup freed: the batches after it are stored (a first encode of
+    # MIND-large takes hours, and a later kill must not lose them all).
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    _disk_full_once(monkeypatch)
     text, image, has_image = features(5)
     for i in range(5):
         cache.put([f"N{i}"], ["h"], text[i:i + 1], image[i:i + 1], has_image[i:i + 1])
@@ -249,17 +255,9 @@ def test_after_a_full_disk_a_write_waits_for_room(tmp_path, monkeypatch):
     from recsys.encoders import cache as cache_module
 
     cache = FeatureCache(tmp_path, TEXT, IMAGE)
-    real_savez, calls = np.savez, []
-
-    def full_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise OSError(28, "No space left on device")
-        return real_savez(*args, **kwargs)
-
+    calls = _disk_full_once(monkeypatch)
     free = {"bytes": 10}
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(np, "savez", full_once)
     monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: usage(10**9, 10**9, free["bytes"]))
     text, image, has_image = features(5)
     for i in range(3):
@@ -272,8 +270,7 @@ def test_after_a_full_disk_a_write_waits_for_room(tmp_path, monkeypatch):
     assert FeatureCache(tmp_path, TEXT, IMAGE).lookup([f"N{i}" for i in range(5)], ["h"] * 5).tolist() == [
         False, False, False, True, True]
     # Compaction, the largest write, waits for room too.
-    calls.clear()
-    monkeypatch.setattr(np, "savez", full_once)  # its first call fails again
+    calls = _disk_full_once(monkeypatch)  # its first call fails again
     cache.put(["N9"], ["h"], *features(1, seed=3))
     free["bytes"] = 10
     cache.compact()
