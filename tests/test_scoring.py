@@ -313,6 +313,14 @@ def test_evaluate_into_an_earlier_reports_folder_leaves_one_evaluation(trained, 
     assert sorted(p.name for p in out.iterdir()) == sorted(["metrics.json", "report.html", "notes.txt",
                                                              "prediction-mine.txt", f"prediction-{versions[True]}.txt"])
     assert list(json.loads((out / "metrics.json").read_text())["header"]["model_versions"]) == [versions[True]]
+    # A run interrupted after its prediction files were written left one that no metrics.json
+    # lists: named after a version of the store, it is recsys's and goes too.
+    (out / f"prediction-{versions[False]}.txt").write_text("1 [1,2]\n")
+    (out / "metrics.json").unlink()
+    third = run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=out,
+                         versions=[versions[True]], num_resamples=10)
+    assert third["removed_stale_predictions"] == [str(gone)] and not gone.exists()
+    assert (out / "prediction-mine.txt").exists()
 
 
 def test_iter_scored_shares_a_reading_and_scores_each_model_as_alone(trained):
