@@ -118,28 +118,6 @@ def test_second_run_encodes_nothing(news, tmp_path, fake_encoders):
     assert_same_features(first, second)
 
 
-def test_a_cover_that_cannot_be_opened_is_not_cached(news, tmp_path, fake_encoders):
-    # The images folder is unmounted or moved during one run: that run has no picture for the
-    # article, and the next run, with the file back, encodes it instead of reading "no image".
-    frame, images = news
-    text_enc, image_enc = fake_encoders
-    cache = FeatureCache(tmp_path / "cache", text_enc.info, image_enc.info)
-    picture = (images / "N1.jpg").read_bytes()
-    (images / "N1.jpg").unlink()
-    first = encode_items(frame, images, text_enc, image_enc, cache, batch_size=4)
-    assert first.has_image.tolist() == [i % 3 != 2 and i not in (1, 4) for i in range(10)]
-    assert not first.image[1].any()
-    np.testing.assert_array_equal(first.text[1], text_enc.encode(["Headline number 1"])[0])
-
-    (images / "N1.jpg").write_bytes(picture)
-    text_again, image_again = FakeTextEncoder(), FakeImageEncoder()
-    second = encode_items(frame, images, text_again, image_again, FeatureCache(tmp_path / "cache", text_again.info, image_again.info))
-    assert image_again.paths_seen == [images / "N1.jpg"]  # only the unread one
-    assert second.has_image.tolist() == [i % 3 != 2 and i != 4 for i in range(10)]
-    reference = encode_items(frame, images, FakeTextEncoder(), FakeImageEncoder(), FeatureCache(tmp_path / "fresh", text_enc.info, image_enc.info))
-    assert_same_features(second, reference)
-
-
 class Blocked(Exception):
     """Not an OSError (as TimeoutError is), which the code under test may catch."""
 
@@ -160,46 +138,46 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def test_a_cover_that_fails_to_decode_at_encode_time_is_not_cached(news, tmp_path, fake_encoders, caplog):
-    # Ingest decoded the cover; then it was copied over in place (or truncated). The content
-    # hash still covers the bytes ingest read, so a cached "no image" would outlive the repair.
+def _unmounted(path):  # the images folder unmounted or moved during one run
+    path.unlink()
+
+
+def _copied_over(path):  # ingest decoded it; then it was copied over in place, or truncated
+    path.write_bytes(b"bad")
+
+
+def _named_pipe(path):  # opening one for reading blocks until a writer comes: the encode would hang
+    path.unlink()
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize("break_cover", [_unmounted, _copied_over, _named_pipe])
+def test_a_cover_that_fails_at_encode_time_is_not_cached(news, tmp_path, fake_encoders, caplog, break_cover):
+    # That run has no picture for the article. The content hash still covers the bytes ingest
+    # read, so a cached "no image" would outlive the repair: the next run, with the file back,
+    # encodes it instead.
     frame, images = news
     text_enc, image_enc = fake_encoders
     picture = (images / "N1.jpg").read_bytes()
-    (images / "N1.jpg").write_bytes(b"bad")
-    first = encode_items(frame, images, text_enc, image_enc, FeatureCache(tmp_path / "cache", text_enc.info, image_enc.info))
+    break_cover(images / "N1.jpg")
+    with time_limit(10):
+        first = encode_items(frame, images, text_enc, image_enc,
+                             FeatureCache(tmp_path / "cache", text_enc.info, image_enc.info), batch_size=4)
     assert first.has_image.tolist() == [i % 3 != 2 and i not in (1, 4) for i in range(10)]
     assert not first.image[1].any()
     np.testing.assert_array_equal(first.text[1], text_enc.encode(["Headline number 1"])[0])
-
-    (images / "N1.jpg").write_bytes(picture)
-    text_again, image_again = FakeTextEncoder(), FakeImageEncoder()
-    second = encode_items(frame, images, text_again, image_again, FeatureCache(tmp_path / "cache", text_again.info, image_again.info))
-    assert image_again.paths_seen == [images / "N1.jpg"]
-    assert second.has_image[1]
-    # The picture's own vector (the fake encodes the file's bytes), to float16 precision.
-    np.testing.assert_allclose(second.image[1], FakeImageEncoder().encode([images / "N1.jpg"])[0][0], rtol=1e-3)
     assert f"1 cover images that ingest found usable cannot be read or decoded now ({images / 'N1.jpg'})" in caplog.text
 
-
-def test_a_cover_replaced_by_a_named_pipe_is_never_opened(news, tmp_path, fake_encoders):
-    # Opening a named pipe for reading blocks until a writer comes: the encode would hang.
-    frame, images = news
-    text_enc, image_enc = fake_encoders
-    picture = (images / "N1.jpg").read_bytes()
-    (images / "N1.jpg").unlink()
-    os.mkfifo(images / "N1.jpg")
-    with time_limit(10):
-        first = encode_items(frame, images, text_enc, image_enc, FeatureCache(tmp_path / "cache", text_enc.info, image_enc.info))
-    assert first.has_image.tolist() == [i % 3 != 2 and i not in (1, 4) for i in range(10)]
-
-    # Not cached as "no image": once the picture is back, it is encoded.
-    (images / "N1.jpg").unlink()
+    (images / "N1.jpg").unlink(missing_ok=True)
     (images / "N1.jpg").write_bytes(picture)
     text_again, image_again = FakeTextEncoder(), FakeImageEncoder()
     second = encode_items(frame, images, text_again, image_again, FeatureCache(tmp_path / "cache", text_again.info, image_again.info))
-    assert image_again.paths_seen == [images / "N1.jpg"]
-    assert second.has_image[1]
+    assert image_again.paths_seen == [images / "N1.jpg"]  # only the one that failed
+    assert second.has_image.tolist() == [i % 3 != 2 and i != 4 for i in range(10)]
+    # The picture's own vector (the fake encodes the file's bytes), to float16 precision.
+    np.testing.assert_allclose(second.image[1], FakeImageEncoder().encode([images / "N1.jpg"])[0][0], rtol=1e-3)
+    reference = encode_items(frame, images, FakeTextEncoder(), FakeImageEncoder(), FeatureCache(tmp_path / "fresh", text_enc.info, image_enc.info))
+    assert_same_features(second, reference)
 
 
 def test_a_damaged_cache_shard_gets_its_articles_encoded_again(news, tmp_path, fake_encoders, caplog):
