@@ -426,14 +426,22 @@ class FeatureCache:
                     f"{name} features have shape {array.shape}, but encoder {info.name} of this cache has dim {info.dim}"
                 )
         image = np.where(has_image[:, None], image, 0.0).astype(_IMAGE_DTYPE)
-        if self._read_only is not None or not self._room_for(text.nbytes + image.nbytes + ids.nbytes + hashes.nbytes):
-            return
+        self._store_shard(ids, hashes, text, image, has_image,
+                          num_bytes=text.nbytes + image.nbytes + ids.nbytes + hashes.nbytes)
+
+    def _store_shard(self, ids, hashes, text, image, has_image, *, num_bytes: int, time_ns: int | None = None) -> bool:
+        """``_write_shard`` unless this cache cannot be written now (read-only, or a full disk
+        without room for ``num_bytes`` twice); a failed write is noted (``_cannot_write``).
+        Returns whether the shard was written."""
+        if self._read_only is not None or not self._room_for(num_bytes):
+            return False
         try:
-            self._write_shard(ids, hashes, text, image, has_image)
+            self._write_shard(ids, hashes, text, image, has_image, time_ns=time_ns)
         except OSError as err:
             self._cannot_write(err)
-        else:
-            self._disk_full = False
+            return False
+        self._disk_full = False
+        return True
 
     def _write_shard(self, ids, hashes, text, image, has_image, *, time_ns: int | None = None) -> Path:
         stamp = time.time_ns() if time_ns is None else time_ns
@@ -462,7 +470,7 @@ class FeatureCache:
             self._list_shards()
             return
         if not self._room_for(size):  # after a full disk: the largest write of all would refill it
-            return
+            return  # (checked before the whole cache is read into memory)
         ids = sorted(self._index)
         hashes = [self._index[i][2] for i in ids]
         try:
@@ -476,16 +484,12 @@ class FeatureCache:
         # meanwhile (an article encoded again) still sorts after it and wins.
         newest = max((_shard_time(p) for p in old), default=None)
         self._index, self._shards = {}, []
-        try:
-            self._write_shard(
-                np.array(ids, dtype=str), np.array(hashes, dtype=str), text, image.astype(_IMAGE_DTYPE), has_image,
-                time_ns=None if newest is None else newest + 1,
-            )
-        except OSError as err:  # nothing written: the old shards still hold every entry
-            self._cannot_write(err)
+        if not self._store_shard(
+            np.array(ids, dtype=str), np.array(hashes, dtype=str), text, image.astype(_IMAGE_DTYPE), has_image,
+            num_bytes=size, time_ns=None if newest is None else newest + 1,
+        ):  # nothing written: the old shards still hold every entry
             self._list_shards()
             return
-        self._disk_full = False
         for shard in old:
             shard.unlink(missing_ok=True)
         self._list_shards()  # with any shard written meanwhile

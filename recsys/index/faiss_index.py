@@ -1246,16 +1246,22 @@ def _saves_beside(directory: Path, kind: str) -> list[Path]:
     return [p for p in directory.parent.glob(f".{directory.name}.{kind}-*") if p.is_dir()]
 
 
-def _saving_now(directory: Path) -> bool:
-    """Whether a save may be between its two renames: it moved the old folder aside less than
-    ``RESTORE_GRACE_SECONDS`` ago (an older one is a killed save's, which a load puts back)."""
+def _moved_aside(directory: Path) -> list[tuple[Path, bool]]:
+    """The ``.<name>.old-*`` folders saves moved aside, each with whether it is younger than
+    ``RESTORE_GRACE_SECONDS``: a young one may belong to a save still between its two renames,
+    an older one to a killed save. One removed meanwhile (its save finished) is left out."""
+    found = []
     for old in _saves_beside(directory, "old"):
         try:
-            if age_seconds(old) < RESTORE_GRACE_SECONDS:
-                return True
+            found.append((old, age_seconds(old) < RESTORE_GRACE_SECONDS))
         except FileNotFoundError:
-            continue  # removed by the save that finished meanwhile
-    return False
+            continue
+    return found
+
+
+def _saving_now(directory: Path) -> bool:
+    """Whether a save may be between its two renames (a folder moved aside just now)."""
+    return any(young for _, young in _moved_aside(directory))
 
 
 def _saved_at(directory: Path) -> str | None:
@@ -1281,13 +1287,8 @@ def _restore_interrupted_save(directory: Path) -> None:
     if directory.exists() or directory.is_symlink():
         return
     candidates = []
-    for old in _saves_beside(directory, "old"):
-        try:
-            if age_seconds(old) < RESTORE_GRACE_SECONDS:
-                continue
-        except FileNotFoundError:
-            continue
-        saved_at = _saved_at(old)
+    for old, young in _moved_aside(directory):
+        saved_at = None if young else _saved_at(old)
         if saved_at is not None:
             candidates.append((saved_at, old.name, old))
     if not candidates:

@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 
 from recsys.config import Config, Workspace
 from recsys.errors import ConfigError, NotFoundError, RecsysError
-from recsys.pipelines.index import index_manifest, load_index, published_times
+from recsys.pipelines.index import index_manifest, published_times
 from recsys.pipelines.inputs import check_images_go_with_news, check_output_folder, check_writable
 from recsys.pipelines.features import first_seen_array, load_catalogue, load_version_model
 from recsys.progress import progress

@@ -407,7 +407,7 @@ def worker_url(engine: Engine) -> str:
             "(sqlite:///path/to/store.db) or a PostgreSQL URL"
         )
     url = engine.url
-    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+    if url.get_backend_name() == "sqlite" and url.database:  # (an in-memory one was refused above)
         if not url.database.startswith("file:") and not Path(url.database).is_absolute():
             url = url.set(database=str(Path(url.database).resolve()))
     return url.render_as_string(hide_password=False)
