@@ -61,7 +61,7 @@ def _mib(n: int) -> float:
 
 def make_world(args, seed: int):
     from recsys.data.interactions import InteractionLog, first_shown
-from recsys.models.synthetic import make_synthetic_world
+    from recsys.models.synthetic import make_synthetic_world
 
     world = make_synthetic_world(
         num_items=args.items, num_users=args.users, num_impressions=args.impressions,
