@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 ## demo: create the environment, then run the whole pipeline on the committed sample world
+# --db names the workspace's own SQLite file, so that a RECSYS_DB exported in the shell (a
+# production store) is not where the sample goes; the demo refuses a store holding other data.
 demo: $(STAMP)
-	$(VENV)/bin/recsys --workspace $(DEMO_WORKSPACE) demo
+	$(VENV)/bin/recsys --workspace $(DEMO_WORKSPACE) --db sqlite:///$(abspath $(DEMO_WORKSPACE))/recsys.db demo
 
 ## test: create the environment (and headless Chromium for the report test), run every test
 test: $(STAMP) browser

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import zipfile
 from datetime import datetime
 from pathlib import Path
@@ -640,9 +641,7 @@ def test_similar_runs_faiss_on_the_configured_threads(capsys, tmp_path: Path, mo
     assert (code, seen) == (1, [1]) and "news id 'N1' is not in the index" in err
 
 
-def test_demo_creates_the_store_of_a_new_workspace(capsys, tmp_path: Path, world: Path, monkeypatch):
-    # `make demo` on a fresh clone stopped at once with "no store at ..." when reading commands
-    # stopped creating stores; the demo ingests first, so it creates it. Stopped after the ingest.
+def _stop_after_ingest(monkeypatch) -> None:
     import recsys.errors
     import recsys.pipelines.train
 
@@ -650,11 +649,58 @@ def test_demo_creates_the_store_of_a_new_workspace(capsys, tmp_path: Path, world
         raise recsys.errors.RecsysError("stopped after the ingest")
 
     monkeypatch.setattr(recsys.pipelines.train, "run_train", stop)
+
+
+def test_demo_creates_the_store_of_a_new_workspace(capsys, tmp_path: Path, world: Path, monkeypatch):
+    # `make demo` on a fresh clone stopped at once with "no store at ..." when reading commands
+    # stopped creating stores; the demo ingests first, so it creates it. Stopped after the ingest.
+    _stop_after_ingest(monkeypatch)
     ws = tmp_path / "ws"
-    code, _, err = run(capsys, "--workspace", str(ws), "demo", "--sample", str(world))
-    assert code == 1 and err.strip().endswith("error: stopped after the ingest"), err
+    for _ in range(2):  # a second demo of the same world in the same workspace is not refused
+        code, _, err = run(capsys, "--workspace", str(ws), "demo", "--sample", str(world))
+        assert code == 1 and err.strip().endswith("error: stopped after the ingest"), err
     code, out, _ = run(capsys, "--workspace", str(ws), "stats", "--json")
     assert code == 0 and json.loads(out)["impressions"] == len((world / "behaviors_train.tsv").read_text().splitlines())
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+@pytest.mark.parametrize("other", ["behaviors", "news"])
+def test_demo_refuses_a_store_with_other_data(capsys, tmp_path: Path, world: Path, monkeypatch, db_url: str, other: str):
+    # It ingested the sample into whatever store it was given (an exported RECSYS_DB: production),
+    # trained on the mixture and made its model current. Now refused before it writes anything.
+    _stop_after_ingest(monkeypatch)
+    ws = ["--workspace", str(tmp_path / "ws"), "--db", db_url]
+    if other == "behaviors":  # another file's impressions (source "sample/behaviors_test")
+        given = ["--news", str(world / "news.tsv"), "--behaviors", str(world / "behaviors_test.tsv")]
+        said = "already holds impressions of another behaviors file (source 'sample/behaviors_test')"
+    else:  # an article the sample does not have
+        news = tmp_path / "news.tsv"
+        news.write_text("N999999\tnews\tworld\tA real article\t\t\t[]\t[]\n", encoding="utf-8")
+        given = ["--news", str(news)]
+        said = f"already holds articles that are not in {world / 'news.tsv'} (first N999999)"
+    assert run(capsys, *ws, "ingest", *given)[0] == 0
+    before = json.loads(run(capsys, *ws, "stats", "--json")[1])
+    code, out, err = run(capsys, *ws, "demo", "--sample", str(world))
+    assert code == 1 and said in err and "Give it a workspace of its own" in err, err
+    assert json.loads(run(capsys, *ws, "stats", "--json")[1]) == before
+
+
+def test_demo_checks_the_sample_folder_before_it_starts(capsys, tmp_path: Path, world: Path, monkeypatch):
+    # A folder without its test file was found out at step 7, after three trainings and a nightly
+    # run; one without images/ (a MIND download) stopped at the ingest.
+    _stop_after_ingest(monkeypatch)
+    folder = tmp_path / "mind"
+    folder.mkdir()
+    for name in ("news.tsv", "behaviors_train.tsv"):
+        shutil.copy(world / name, folder / name)
+    code, out, err = run(capsys, "--workspace", str(tmp_path / "ws"), "demo", "--sample", str(folder))
+    assert (code, out) == (1, "") and f"error: --sample {folder}: no behaviors_test.tsv there" in err, err
+    assert not (tmp_path / "ws" / "recsys.db").exists()
+    shutil.copy(world / "behaviors_test.tsv", folder / "behaviors_test.tsv")
+    code, _, err = run(capsys, "--workspace", str(tmp_path / "ws"), "demo", "--sample", str(folder))
+    assert code == 1 and err.strip().endswith("error: stopped after the ingest"), err
+    stats = json.loads(run(capsys, "--workspace", str(tmp_path / "ws"), "stats", "--json")[1])
+    assert stats["news_with_image"] == 0 and stats["impressions"] > 0
 
 
 def _register_versions(workspace: Path, names: list[str], encoders: tuple[dict, dict] | None = None) -> None:

@@ -14,11 +14,19 @@ log = logging.getLogger("recsys.demo")
 COMMITTED_SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
 
 
+# What the demo reads from a world folder: (file, required). Checked before anything is done, so
+# a folder without its test file is not found out after three trainings and a nightly run.
+SAMPLE_FILES = (("news.tsv", True), ("behaviors_train.tsv", True), ("behaviors_test.tsv", True),
+                ("images", False), ("truth.tsv", False))
+
+
 def find_sample(sample: Path | None, workspace_root: Path) -> Path:
     """The sample world to run on: given, committed, or generated into the workspace."""
     if sample is not None:
-        if not (Path(sample) / "news.tsv").is_file():
-            raise RecsysError(f"--sample {sample}: no news.tsv there")
+        for name, required in SAMPLE_FILES:
+            if required and not (Path(sample) / name).is_file():
+                raise RecsysError(f"--sample {sample}: no {name} there (the demo needs news.tsv, "
+                                  "behaviors_train.tsv and behaviors_test.tsv; images/ and truth.tsv are optional)")
         return Path(sample)
     if (COMMITTED_SAMPLE / "news.tsv").is_file():
         return COMMITTED_SAMPLE
@@ -29,6 +37,40 @@ def find_sample(sample: Path | None, workspace_root: Path) -> Path:
         log.info("no committed sample found; generating one into %s", out)
         run_generate_sample(out, users=1000, news=1000, impressions=1800, seed=7)
     return out
+
+
+def check_store_is_the_demos(engine, world: Path) -> None:
+    """Refuse a store that holds anything but this world's data.
+
+    The demo ingests the world into the store it is given, trains on everything there and makes
+    its model current: pointed at a real store (an exported RECSYS_DB, a production workspace) it
+    would mix the sample into real readers' histories and serve the sample's model. An empty
+    store, or one an earlier demo of the same world filled, is fine.
+    """
+    import sqlalchemy as sa
+
+    from recsys.store import schema
+    from recsys.store.database import mask_url
+    from recsys.store.ingest import default_source
+
+    own_source = default_source(world / "behaviors_train.tsv")
+    with engine.connect() as conn:
+        sources = conn.execute(sa.select(schema.impressions.c.source).distinct().limit(5)).scalars().all()
+        news_ids = conn.execute(sa.select(schema.news.c.news_id)).scalars()
+        with open(world / "news.tsv", encoding="utf-8", errors="replace") as f:
+            world_ids = {line.split("\t", 1)[0] for line in f}
+        foreign_news = next((i for i in news_ids if i not in world_ids), None)
+    foreign_source = next((source for source in sources if source != own_source), None)
+    if foreign_source is None and foreign_news is None:
+        return
+    what = (f"impressions of another behaviors file (source {foreign_source!r})" if foreign_source is not None
+            else f"articles that are not in {world / 'news.tsv'} (first {foreign_news})")
+    raise RecsysError(
+        f"the store at {mask_url(engine.url)} already holds {what}: the demo ingests the sample world "
+        "into its store, trains on all of it and makes its model current, so it runs only on an empty store or "
+        "one an earlier demo of this world filled. Give it a workspace of its own (--workspace DIR) and no "
+        "--db or RECSYS_DB"
+    )
 
 
 def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> dict:
@@ -49,10 +91,12 @@ def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> d
     ws = ctx.workspace.ensure()
     world = find_sample(sample, ws.root)
     engine = ctx.engine(create=True)  # it ingests the sample first
+    check_store_is_the_demos(engine, world)
     step = lambda text: console.rule(Text(text, style="bold"))  # noqa: E731  (the sample path is not markup)
 
     step(f"1/7 ingest {world}")
-    run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=world / "images")
+    images = world / "images" if (world / "images").is_dir() else None  # a MIND download has no covers
+    run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=images)
     console.print_json(json.dumps(store_stats(engine)))
 
     step("2/7 train the CTR model (text + image), then its text-only and image-only ablations")
