@@ -449,7 +449,7 @@ def predict(
 @app.command()
 def evaluate(
     ctx: typer.Context,
-    behaviors: Annotated[Optional[Path], typer.Option(help="Held-out MIND behaviors file (labelled).")] = None,
+    behaviors: Annotated[Optional[Path], typer.Option(help="Held-out MIND behaviors file (labelled; an unlabelled one gives counts and prediction files, no metrics).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Report folder (metrics.json, report.html, predictions).")] = None,
     models: Annotated[Optional[str], typer.Option(help="Comma-separated model versions (default: current).")] = None,
     baselines: Annotated[bool, typer.Option("--baselines", help="Also the text-only and image-only ablations of the first model evaluated (reused, or trained with its settings).")] = False,
