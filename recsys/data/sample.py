@@ -901,7 +901,9 @@ def _write_behaviors(world: World, pool: _Pool, split: str, num: int, files: dic
             labelled.append(head + " ".join(f"{nid}-{y}" for nid, y in zip(ids[begin:end_], ys[begin:end_])) + "\n")
             if "bare" in files:
                 bare.append(head + " ".join(ids[begin:end_]) + "\n")
-        positions = (np.arange(len(rows)) - np.repeat(np.concatenate([[0], ends[:-1]]), sizes)).tolist()
+        # int64 even for a one-impression chunk, whose empty ends[:-1] would make the starts float.
+        starts = np.array([0] + ends[:-1], dtype=np.int64)
+        positions = (np.arange(len(rows)) - np.repeat(starts, sizes)).tolist()
         item_impressions = np.repeat(np.arange(lo + 1, lo + m + 1), sizes).tolist()
         shown = np.clip(conditional, 1e-6, 1 - 1e-6).tolist()
         files["truth"].write("".join(

@@ -202,6 +202,17 @@ def test_truth_matches_the_behaviors(behaviors, truth):
     assert all(0 < p < 1 for *_, p, _ in truth)
 
 
+def test_one_impression_chunks_have_integer_positions(tmp_path):
+    # 1001 and 1 leave a last chunk of one impression, whose positions came out as "0.0".
+    from recsys.pipelines.evaluate import load_truth
+
+    out = tmp_path / "w"
+    generate_sample(out, **{**SMALL, "num_users": 10, "num_news": 100, "num_impressions": 1001,
+                            "num_test_impressions": 1})
+    assert all(re.fullmatch(r"[0-9]+", row[3]) for row in _read_tsv(out / "truth.tsv"))
+    assert len(load_truth(out / "truth.tsv", "train")) == 1001 and len(load_truth(out / "truth.tsv", "test")) == 1
+
+
 def test_images_decode_and_match_articles(world_dir, world):
     files = sorted((world_dir / "images").iterdir())
     names = {p.stem for p in files}
