@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import numbers
 import os
 import shutil
 import tempfile
@@ -926,6 +927,11 @@ def _write_behaviors(world: World, pool: _Pool, split: str, num: int, files: dic
 # The whole sample
 
 
+def default_test_impressions(num_impressions: int) -> int:
+    """The test window's impressions when not given: a third of the training ones, at least 1."""
+    return max(1, (int(num_impressions) + 1) // 3)  # round(n / 3) in integers: no float overflow for huge n
+
+
 def generate_sample(
     out_dir: str | os.PathLike,
     *,
@@ -982,8 +988,8 @@ def generate_sample(
         SampleError: if ``out_dir`` holds something other than a sample world.
     """
     began = time.perf_counter()
-    if num_test_impressions is None and not isinstance(num_impressions, bool) and isinstance(num_impressions, int):
-        num_test_impressions = max(1, round(num_impressions / 3))
+    if num_test_impressions is None and not isinstance(num_impressions, bool) and isinstance(num_impressions, numbers.Integral):
+        num_test_impressions = default_test_impressions(num_impressions)
     _check_int("num_impressions", num_impressions, 1)
     _check_int("num_test_impressions", num_test_impressions, 1)
     _check_int("image_size", image_size, 32, 512)

@@ -465,6 +465,12 @@ def test_regenerating_replaces_an_earlier_world(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]  # no staging or old folders left
 
 
+def test_numpy_integer_sizes_get_the_default_test_window(tmp_path):
+    summary = generate_sample(tmp_path / "w", **{**SMALL, "num_users": np.int64(10), "num_news": np.int64(100),
+                                                 "num_impressions": np.int64(30)})
+    assert (summary["train_impressions"], summary["test_impressions"]) == (30, 10)
+
+
 def test_failed_generation_leaves_nothing_behind(tmp_path):
     def fail(_):
         raise RuntimeError("stop here")
