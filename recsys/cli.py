@@ -119,9 +119,9 @@ def _print_json(obj) -> None:
 @app.command("generate-sample")
 def generate_sample_cmd(
     out: Annotated[Path, typer.Option(help="Output folder.")],
-    users: Annotated[int, typer.Option(help="Number of users.")] = 1000,
-    news: Annotated[int, typer.Option(help="Number of articles.")] = 1000,
-    impressions: Annotated[int, typer.Option(help="Number of training impressions (the test window adds a third as many).")] = 1800,
+    users: Annotated[int, typer.Option(help="Number of users (10 to 10 million).")] = 1000,
+    news: Annotated[int, typer.Option(help="Number of articles (100 to 2 million).")] = 1000,
+    impressions: Annotated[int, typer.Option(help="Number of training impressions, 1 to 50 million (the test window adds a third as many).")] = 1800,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same files.")] = 7,
 ) -> None:
     """Write a MIND-format sample world with cover images and true click probabilities."""

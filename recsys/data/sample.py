@@ -373,6 +373,12 @@ WORLD_FILE = "world.json"
 IMAGES_DIR = "images"
 WORLD_FORMAT = "recsys-sample-world/1"
 
+# Size caps, well above MIND-large (1M users, 161k articles, 15M impressions), so that a typo
+# (a few zeros too many) is one clear line rather than a MemoryError or OverflowError in NumPy.
+MAX_USERS = 10_000_000
+MAX_NEWS = 2_000_000
+MAX_IMPRESSIONS = 50_000_000  # in each window
+
 # Random streams: every generator is keyed by (seed, stream[, chunk or item]).
 _NEWS, _USERS, _HISTORY, _TEXT, _IMAGES, _TRAIN, _TEST = range(1, 8)
 _CHUNK = 1000  # impressions per random-stream chunk; fixed so output never depends on speed knobs
@@ -488,8 +494,8 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> N
 
 def _check_world_args(num_users: int, num_news: int, seed: int, history_days: int, train_days: int,
                       test_days: int, freshness_days: int) -> None:
-    _check_int("num_users", num_users, 10)
-    _check_int("num_news", num_news, 100)
+    _check_int("num_users", num_users, 10, MAX_USERS)
+    _check_int("num_news", num_news, 100, MAX_NEWS)
     _check_int("seed", seed, 0)
     _check_int("history_days", history_days, 1)
     _check_int("train_days", train_days, 1)
@@ -515,8 +521,8 @@ def build_world(
     """Draw a world's hidden state: articles, users, preferences and click histories.
 
     Args:
-        num_users: number of users (at least 10).
-        num_news: number of articles (at least 100).
+        num_users: number of users (10 to ``MAX_USERS``, 10 million).
+        num_news: number of articles (100 to ``MAX_NEWS``, 2 million).
         seed: non-negative generator seed.
         start: first day of the history period, ``YYYY-MM-DD``.
         history_days: days of history before the training window.
@@ -959,12 +965,12 @@ def generate_sample(
 
     Args:
         out_dir: output folder; it must not exist, be empty, or hold an earlier sample world.
-        num_users: number of users (at least 10).
-        num_news: number of articles (at least 100).
-        num_impressions: impressions in the training window (at least 1).
+        num_users: number of users (10 to ``MAX_USERS``, 10 million).
+        num_news: number of articles (100 to ``MAX_NEWS``, 2 million).
+        num_impressions: impressions in the training window (1 to ``MAX_IMPRESSIONS``, 50 million).
         seed: non-negative seed; the same arguments give the same bytes.
         num_test_impressions: impressions in the test window; None means a third of
-            ``num_impressions`` (at least 1).
+            ``num_impressions`` (at least 1); at most ``MAX_IMPRESSIONS`` too.
         image_size: side of the square cover pictures in pixels (32 to 512).
         start: first day of the history period, ``YYYY-MM-DD``.
         history_days: days of click history before training.
@@ -990,8 +996,8 @@ def generate_sample(
     began = time.perf_counter()
     if num_test_impressions is None and not isinstance(num_impressions, bool) and isinstance(num_impressions, numbers.Integral):
         num_test_impressions = default_test_impressions(num_impressions)
-    _check_int("num_impressions", num_impressions, 1)
-    _check_int("num_test_impressions", num_test_impressions, 1)
+    _check_int("num_impressions", num_impressions, 1, MAX_IMPRESSIONS)
+    _check_int("num_test_impressions", num_test_impressions, 1, MAX_IMPRESSIONS)
     _check_int("image_size", image_size, 32, 512)
     _check_int("workers", workers, 1)
     out = Path(out_dir)

@@ -8,7 +8,9 @@ from recsys.progress import progress
 
 
 def run_generate_sample(out: Path, *, users: int, news: int, impressions: int, seed: int) -> dict:
-    from recsys.data.sample import generate_sample
+    from recsys.data.sample import default_test_impressions, generate_sample
 
-    with progress("generating sample world", total=None) as advance:
+    # generate_sample's progress units: articles, then the impressions of both windows.
+    total = news + impressions + default_test_impressions(impressions)
+    with progress("generating sample world", total=total) as advance:
         return generate_sample(Path(out), num_users=users, num_news=news, num_impressions=impressions, seed=seed, progress=advance)

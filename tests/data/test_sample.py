@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from datetime import datetime
 from pathlib import Path
@@ -457,6 +458,14 @@ def test_progress_reports_every_article_and_impression(tmp_path):
     assert sum(seen) == SMALL["num_news"] + SMALL["num_impressions"] + NUM_TEST
 
 
+def test_command_progress_shows_the_total(tmp_path, caplog):
+    from recsys.pipelines.sample import run_generate_sample
+
+    caplog.set_level(logging.INFO, logger="recsys")
+    run_generate_sample(tmp_path / "w", users=10, news=100, impressions=30, seed=1)
+    assert "generating sample world: done 140/140 in" in caplog.text  # 100 articles, 30 + 10 impressions
+
+
 def test_regenerating_replaces_an_earlier_world(tmp_path):
     out = tmp_path / "w"
     generate_sample(out, **SMALL)
@@ -493,13 +502,18 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_sample(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"num_users": 0}, "num_users is 0, expected an integer >= 10"),
-        ({"num_news": 99}, "num_news is 99, expected an integer >= 100"),
+        ({"num_users": 0}, "num_users is 0, expected an integer from 10 to 10000000"),
+        ({"num_users": 100_000_000_000}, "num_users is 100000000000, expected an integer from 10 to 10000000"),
+        ({"num_users": 10**23}, f"num_users is {10**23}, expected an integer from 10 to 10000000"),
+        ({"num_news": 99}, "num_news is 99, expected an integer from 100 to 2000000"),
+        ({"num_news": 2_000_001}, "num_news is 2000001, expected an integer from 100 to 2000000"),
         ({"num_news": 150.0}, "num_news is 150.0, expected an integer"),
         ({"seed": -1}, "seed is -1, expected an integer >= 0"),
-        ({"num_impressions": 0}, "num_impressions is 0, expected an integer >= 1"),
-        ({"num_impressions": True}, "num_impressions is True, expected an integer >= 1"),
-        ({"num_test_impressions": 0}, "num_test_impressions is 0, expected an integer >= 1"),
+        ({"num_impressions": 0}, "num_impressions is 0, expected an integer from 1 to 50000000"),
+        ({"num_impressions": True}, "num_impressions is True, expected an integer from 1 to 50000000"),
+        ({"num_impressions": 10**30}, f"num_impressions is {10**30}, expected an integer from 1 to 50000000"),
+        ({"num_test_impressions": 0}, "num_test_impressions is 0, expected an integer from 1 to 50000000"),
+        ({"num_test_impressions": 50_000_001}, "num_test_impressions is 50000001, expected an integer from 1 to 50000000"),
         ({"image_size": 16}, "image_size is 16, expected an integer from 32 to 512"),
         ({"image_size": 1024}, "image_size is 1024, expected an integer from 32 to 512"),
         ({"workers": 0}, "workers is 0, expected an integer >= 1"),
