@@ -372,6 +372,9 @@ TRUTH_FILE = "truth.tsv"
 WORLD_FILE = "world.json"
 IMAGES_DIR = "images"
 WORLD_FORMAT = "recsys-sample-world/1"
+# Everything generate_sample writes (and images/ holds only files): a folder holding anything
+# else is not replaced, since replacing deletes the whole folder.
+_WORLD_FILES = frozenset({NEWS_FILE, TRAIN_FILE, TEST_FILE, TEST_UNLABELLED_FILE, TRUTH_FILE, WORLD_FILE})
 
 # Size caps, well above MIND-large (1M users, 161k articles, 15M impressions), so that a typo
 # (a few zeros too many) is one clear line rather than a MemoryError or OverflowError in NumPy.
@@ -964,7 +967,8 @@ def generate_sample(
     renamed into place at the end, so ``out_dir`` is either the old world or the new one.
 
     Args:
-        out_dir: output folder; it must not exist, be empty, or hold an earlier sample world.
+        out_dir: output folder; it must not exist, be empty, or be exactly an earlier sample
+            world (its files and nothing else), which is replaced as a whole.
         num_users: number of users (10 to ``MAX_USERS``, 10 million).
         num_news: number of articles (100 to ``MAX_NEWS``, 2 million).
         num_impressions: impressions in the training window (1 to ``MAX_IMPRESSIONS``, 50 million).
@@ -991,7 +995,7 @@ def generate_sample(
 
     Raises:
         ConfigError: if an argument is out of range.
-        SampleError: if ``out_dir`` holds something other than a sample world.
+        SampleError: if ``out_dir`` holds anything but an earlier sample world.
     """
     began = time.perf_counter()
     if num_test_impressions is None and not isinstance(num_impressions, bool) and isinstance(num_impressions, numbers.Integral):
@@ -1091,13 +1095,34 @@ def _write_world_files(world, staging, images_dir, batches, num_train, num_test,
 
 
 def _check_out_dir(out: Path) -> None:
+    """Refuses an ``out`` holding anything but an earlier sample world: replacing a folder
+    deletes all of it, so a user's own file must stop it."""
     if out.exists() and not out.is_dir():
         raise SampleError(f"{out}: exists and is not a folder, expected a folder for the sample world")
-    if out.is_dir() and any(out.iterdir()) and not (out / WORLD_FILE).is_file():
-        raise SampleError(
-            f"{out}: folder is not empty and holds no {WORLD_FILE}, expected an empty folder or an earlier "
-            "sample world to replace"
-        )
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    refuse = "so it is not an earlier sample world to replace; choose an empty or new folder"
+    for entry in sorted(out.iterdir()):
+        if entry.name == IMAGES_DIR and entry.is_dir() and not entry.is_symlink():
+            odd = next((p for p in sorted(entry.iterdir()) if not _is_plain_file(p)), None)
+        else:
+            odd = None if entry.name in _WORLD_FILES and _is_plain_file(entry) else entry
+        if odd is not None:
+            raise SampleError(f"{out}: holds {odd.relative_to(out)}, which generate-sample does not write, {refuse}")
+    world = out / WORLD_FILE
+    if not world.exists():
+        raise SampleError(f"{out}: holds no {WORLD_FILE}, {refuse}")
+    try:
+        document = json.loads(world.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SampleError(f"{world}: cannot be read ({err}), {refuse}") from None
+    found = document.get("format") if isinstance(document, dict) else type(document).__name__
+    if found != WORLD_FORMAT:
+        raise SampleError(f"{world}: field 'format' has {found!r}, expected {WORLD_FORMAT!r}, {refuse}")
+
+
+def _is_plain_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
 
 
 def _swap_in(staging: Path, out: Path) -> None:

@@ -31,6 +31,7 @@ from recsys.errors import ConfigError
 MIND_TIME = "%m/%d/%Y %I:%M:%S %p"
 SMALL = dict(num_users=200, num_news=300, num_impressions=450, seed=3, image_size=48, workers=1)
 NUM_TEST = 150  # a third of the training impressions by default
+TINY = {**SMALL, "num_users": 10, "num_news": 100, "num_impressions": 30}  # for tests of the output folder
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -491,12 +492,43 @@ def test_failed_generation_leaves_nothing_behind(tmp_path):
 
 def test_refuses_to_overwrite_a_folder_that_is_not_a_sample(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
-    with pytest.raises(SampleError, match="not empty and holds no world.json"):
+    with pytest.raises(SampleError, match="holds notes.txt, which generate-sample does not write"):
         generate_sample(tmp_path, **SMALL)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
     (tmp_path / "file").write_text("x")
     with pytest.raises(SampleError, match="exists and is not a folder"):
         generate_sample(tmp_path / "file", **SMALL)
+
+
+def test_refuses_a_folder_whose_world_json_is_not_a_sample_world(tmp_path):
+    # A project's own world.json made the folder look like a world, and all of it was deleted.
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "world.json").write_text('{"my": "x"}')
+    with pytest.raises(SampleError, match=r"world.json: field 'format' has None.*choose an empty or new folder"):
+        generate_sample(proj, **TINY)
+    (proj / "thesis.txt").write_text("precious")
+    with pytest.raises(SampleError, match=r"proj: holds thesis.txt, which generate-sample does not write"):
+        generate_sample(proj, **TINY)
+    (proj / "world.json").write_text(json.dumps({"format": sample.WORLD_FORMAT}))
+    with pytest.raises(SampleError, match=r"proj: holds thesis.txt"):
+        generate_sample(proj, **TINY)
+    assert (proj / "thesis.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["proj"]
+
+
+@pytest.mark.parametrize(("added", "named"), [("NOTES.md", "NOTES.md"), ("ws/recsys.db", "ws"),
+                                              ("images/originals/N1.jpg", "images/originals")])
+def test_refuses_to_replace_a_world_with_files_of_its_user(tmp_path, added, named):
+    out = tmp_path / "w"
+    generate_sample(out, **TINY)
+    (out / added).parent.mkdir(exist_ok=True)
+    (out / added).write_text("keep me")
+    before = _digest(out)
+    with pytest.raises(SampleError, match=f"w: holds {named}, which generate-sample does not write"):
+        generate_sample(out, **{**TINY, "seed": 9})
+    assert _digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
 
 
 @pytest.mark.parametrize(
