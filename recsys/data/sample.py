@@ -995,7 +995,8 @@ def generate_sample(
 
     Raises:
         ConfigError: if an argument is out of range.
-        SampleError: if ``out_dir`` holds anything but an earlier sample world.
+        SampleError: if ``out_dir`` holds anything but an earlier sample world, or is the
+            current folder or one above it.
     """
     began = time.perf_counter()
     if num_test_impressions is None and not isinstance(num_impressions, bool) and isinstance(num_impressions, numbers.Integral):
@@ -1095,8 +1096,12 @@ def _write_world_files(world, staging, images_dir, batches, num_train, num_test,
 
 
 def _check_out_dir(out: Path) -> None:
-    """Refuses an ``out`` holding anything but an earlier sample world: replacing a folder
-    deletes all of it, so a user's own file must stop it."""
+    """Refuses an ``out`` the world cannot be renamed onto, and one holding anything but an
+    earlier sample world: replacing a folder deletes all of it, so a user's own file must stop it."""
+    here = Path.cwd().resolve()
+    if out.name in ("", "..") or out.resolve() == here or out.resolve() in here.parents:
+        raise SampleError(f"{out}: is the current folder or one above it, which the new world cannot be renamed "
+                          "onto; choose an empty or new folder of its own")
     if out.exists() and not out.is_dir():
         raise SampleError(f"{out}: exists and is not a folder, expected a folder for the sample world")
     if not out.is_dir() or not any(out.iterdir()):
@@ -1131,8 +1136,17 @@ def _swap_in(staging: Path, out: Path) -> None:
         os.replace(staging, out)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    os.replace(staging, out)
+    try:
+        os.replace(out, old / out.name)
+    except BaseException:
+        old.rmdir()
+        raise
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(old / out.name, out)  # the earlier world back: out is never left missing
+        old.rmdir()
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

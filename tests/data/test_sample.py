@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import re
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +28,7 @@ from recsys.data.sample import (
     generate_sample,
     read_world,
 )
-from recsys.errors import ConfigError
+from recsys.errors import ConfigError, RecsysError
 
 MIND_TIME = "%m/%d/%Y %I:%M:%S %p"
 SMALL = dict(num_users=200, num_news=300, num_impressions=450, seed=3, image_size=48, workers=1)
@@ -529,6 +531,49 @@ def test_refuses_to_replace_a_world_with_files_of_its_user(tmp_path, added, name
         generate_sample(out, **{**TINY, "seed": 9})
     assert _digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
+
+
+@pytest.mark.parametrize("out", [".", "..", "w"])
+def test_refuses_the_current_folder_and_those_above_it(tmp_path, monkeypatch, out):
+    # The world is renamed onto out: '.' failed half-way (EBUSY) and left an ..old- folder behind,
+    # and a folder above the current one was renamed away from under it.
+    generate_sample(tmp_path / "w", **TINY)
+    before = _digest(tmp_path)
+    monkeypatch.chdir(tmp_path / "w" / "images" if out == "w" else tmp_path / "w")
+    with pytest.raises(SampleError, match="is the current folder or one above it"):
+        generate_sample(tmp_path / out if out == "w" else out, **{**TINY, "seed": 9})
+    assert _digest(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
+
+
+def test_a_failed_swap_puts_the_earlier_world_back(tmp_path, monkeypatch):
+    out = tmp_path / "w"
+    generate_sample(out, **TINY)
+    before = _digest(out)
+    replace = os.replace
+
+    def busy_staging(src, dst):
+        if ".partial-" in str(src):
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        replace(src, dst)
+
+    monkeypatch.setattr(sample.os, "replace", busy_staging)
+    with pytest.raises(OSError, match="busy"):
+        generate_sample(out, **{**TINY, "seed": 9})
+    assert _digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
+
+
+def test_command_refuses_an_out_it_cannot_create(tmp_path):
+    from recsys.pipelines.sample import run_generate_sample
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    for out, message in ((tmp_path / "file" / "w", "file is a file, expected a folder"),
+                         (tmp_path / "link", "link is a link to .*gone, which does not exist")):
+        with pytest.raises(RecsysError, match=f"--out {re.escape(str(out))}: .*{message}"):
+            run_generate_sample(out, users=10, news=100, impressions=30, seed=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link"]
 
 
 @pytest.mark.parametrize(
