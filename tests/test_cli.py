@@ -362,6 +362,8 @@ def test_nightly_creates_the_store_of_a_new_workspace(capsys, tmp_path: Path, wo
     assert code == 1 and "no current model version: run `recsys train` first" in err, err
     code, out, _ = run(capsys, "--workspace", str(ws), "stats", "--json")
     assert code == 0 and json.loads(out)["impressions"] == len((world / "behaviors_train.tsv").read_text().splitlines())
+    # The articles published by the end of training, not the test window's (its nightly recommended those).
+    assert json.loads(out)["news"] == len(read_tsv(world / "news_train.tsv")) < len(read_tsv(world / "news.tsv"))
 
 
 def test_train_on_empty_store_exits_1(capsys, tmp_path: Path):
@@ -661,6 +663,8 @@ def test_demo_creates_the_store_of_a_new_workspace(capsys, tmp_path: Path, world
         assert code == 1 and err.strip().endswith("error: stopped after the ingest"), err
     code, out, _ = run(capsys, "--workspace", str(ws), "stats", "--json")
     assert code == 0 and json.loads(out)["impressions"] == len((world / "behaviors_train.tsv").read_text().splitlines())
+    # The articles published by the end of training, not the test window's (its nightly recommended those).
+    assert json.loads(out)["news"] == len(read_tsv(world / "news_train.tsv")) < len(read_tsv(world / "news.tsv"))
 
 
 @pytest.mark.parametrize("db_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
@@ -701,6 +705,7 @@ def test_demo_checks_the_sample_folder_before_it_starts(capsys, tmp_path: Path, 
     assert code == 1 and err.strip().endswith("error: stopped after the ingest"), err
     stats = json.loads(run(capsys, "--workspace", str(tmp_path / "ws"), "stats", "--json")[1])
     assert stats["news_with_image"] == 0 and stats["impressions"] > 0
+    assert stats["news"] == len(read_tsv(folder / "news.tsv"))  # no news_train.tsv: the one news file
 
 
 def _register_versions(workspace: Path, names: list[str], encoders: tuple[dict, dict] | None = None) -> None:

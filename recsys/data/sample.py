@@ -365,6 +365,9 @@ DIURNAL = np.array([1, 0.6, 0.4, 0.3, 0.4, 0.8, 1.8, 3.0, 3.6, 3.4, 3.0, 3.0,
 DIURNAL = DIURNAL / DIURNAL.sum()
 
 NEWS_FILE = "news.tsv"
+# The articles published before the test window: what a news.tsv given to the nightly job at the
+# end of training holds (MIND's train folder has its own news.tsv, without the dev window's articles).
+NEWS_TRAIN_FILE = "news_train.tsv"
 TRAIN_FILE = "behaviors_train.tsv"
 TEST_FILE = "behaviors_test.tsv"
 TEST_UNLABELLED_FILE = "behaviors_test_unlabelled.tsv"
@@ -374,7 +377,7 @@ IMAGES_DIR = "images"
 WORLD_FORMAT = "recsys-sample-world/1"
 # Everything generate_sample writes (and images/ holds only files): a folder holding anything
 # else is not replaced, since replacing deletes the whole folder.
-_WORLD_FILES = frozenset({NEWS_FILE, TRAIN_FILE, TEST_FILE, TEST_UNLABELLED_FILE, TRUTH_FILE, WORLD_FILE})
+_WORLD_FILES = frozenset({NEWS_FILE, NEWS_TRAIN_FILE, TRAIN_FILE, TEST_FILE, TEST_UNLABELLED_FILE, TRUTH_FILE, WORLD_FILE})
 
 # Size caps, well above MIND-large (1M users, 161k articles, 15M impressions), so that a typo
 # (a few zeros too many) is one clear line rather than a MemoryError or OverflowError in NumPy.
@@ -714,7 +717,8 @@ def _slug(text: str) -> str:
     return "-".join(words[:8])
 
 
-def _write_news(world: World, path: Path) -> None:
+def _write_news(world: World, path: Path, train_path: Path) -> None:
+    """news.tsv (every article) and news_train.tsv (those published before the test window)."""
     draws = np.random.default_rng([world.seed, _TEXT]).random((world.num_news, 2 * _DRAWS_PER_TEXT + 1)).tolist()
     lines = []
     for row, u in enumerate(draws):
@@ -727,6 +731,8 @@ def _write_news(world: World, path: Path) -> None:
         lines.append("\t".join((news_id, topic.category, subcategory, title, abstract, url,
                                 _entities_json(title, topic), _entities_json(abstract, topic))) + "\n")
     path.write_text("".join(lines), encoding="utf-8")
+    published = world.news_published < world.windows.test_start
+    train_path.write_text("".join(line for line, keep in zip(lines, published) if keep), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------
@@ -960,7 +966,8 @@ def generate_sample(
 ) -> dict:
     """Generate a MIND-format sample world into ``out_dir``.
 
-    Writes ``news.tsv``, ``behaviors_train.tsv``, ``behaviors_test.tsv`` (labelled),
+    Writes ``news.tsv`` (every article), ``news_train.tsv`` (those published before the test
+    window), ``behaviors_train.tsv``, ``behaviors_test.tsv`` (labelled),
     ``behaviors_test_unlabelled.tsv`` (bare candidate ids, as MIND test files come),
     ``truth.tsv`` (true click probability of every shown item), ``world.json`` and
     ``images/<NewsID>.<jpg|png|webp>``. The world is built in a hidden sibling folder and
@@ -1017,7 +1024,7 @@ def generate_sample(
     try:
         staging.chmod(0o755)  # mkdtemp makes it private; the world is an ordinary shared folder
         (staging / IMAGES_DIR).mkdir()
-        _write_news(world, staging / NEWS_FILE)
+        _write_news(world, staging / NEWS_FILE, staging / NEWS_TRAIN_FILE)
         covers = [(row, str(world.news_ids[row]), int(world.news_style[row]), int(world.news_image[row]))
                   for row in range(world.num_news) if world.news_image[row] > 0]
         if progress is not None and len(covers) < world.num_news:

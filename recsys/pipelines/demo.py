@@ -17,7 +17,7 @@ COMMITTED_SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
 # What the demo reads from a world folder: (file, required). Checked before anything is done, so
 # a folder without its test file is not found out after three trainings and a nightly run.
 SAMPLE_FILES = (("news.tsv", True), ("behaviors_train.tsv", True), ("behaviors_test.tsv", True),
-                ("images", False), ("truth.tsv", False))
+                ("news_train.tsv", False), ("images", False), ("truth.tsv", False))
 
 
 def find_sample(sample: Path | None, workspace_root: Path) -> Path:
@@ -26,7 +26,7 @@ def find_sample(sample: Path | None, workspace_root: Path) -> Path:
         for name, required in SAMPLE_FILES:
             if required and not (Path(sample) / name).is_file():
                 raise RecsysError(f"--sample {sample}: no {name} there (the demo needs news.tsv, "
-                                  "behaviors_train.tsv and behaviors_test.tsv; images/ and truth.tsv are optional)")
+                                  "behaviors_train.tsv and behaviors_test.tsv; news_train.tsv, images/ and truth.tsv are optional)")
         return Path(sample)
     if (COMMITTED_SAMPLE / "news.tsv").is_file():
         return COMMITTED_SAMPLE
@@ -96,7 +96,10 @@ def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> d
 
     step(f"1/7 ingest {world}")
     images = world / "images" if (world / "images").is_dir() else None  # a MIND download has no covers
-    run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=images)
+    # The articles published by the end of training, where the world has them apart: the nightly
+    # then ranks what exists on its night, and the evaluation encodes the later ones from news.tsv.
+    news = world / "news_train.tsv" if (world / "news_train.tsv").is_file() else world / "news.tsv"
+    run_ingest(engine, ws, news=news, behaviors=world / "behaviors_train.tsv", images=images)
     console.print_json(json.dumps(store_stats(engine)))
 
     step("2/7 train the CTR model (text + image), then its text-only and image-only ablations")
@@ -128,7 +131,7 @@ def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> d
     out = ws.reports_dir / "demo"
     report = run_evaluate(
         engine, ws, config, behaviors=world / "behaviors_test.tsv", out=out, versions=None, ablations=True,
-        truth=world / "truth.tsv" if (world / "truth.tsv").exists() else None, news=None, images=None,
+        truth=world / "truth.tsv" if (world / "truth.tsv").exists() else None, news=world / "news.tsv", images=images,
     )
     console.print("report:", Text(str(report["html"]), style="bold"))
     console.print("metrics:", Text(str(report["metrics_json"])))

@@ -124,6 +124,19 @@ def test_read_world_rebuilds_the_hidden_state(world_dir, world):
     assert news_ids == world.news_ids.tolist()
 
 
+def test_news_train_holds_the_articles_published_before_the_test_window(world_dir, world):
+    # The demo ingested news.tsv, so its nightly recommended articles published after its night.
+    every = _read_tsv(world_dir / "news.tsv")
+    published = dict(zip(world.news_ids.tolist(), world.news_published))
+    before = [cols for cols in every if published[cols[0]] < world.windows.test_start]
+    assert 0 < len(before) < len(every)
+    assert _read_tsv(world_dir / "news_train.tsv") == before  # whole lines, in news.tsv's order
+    kept = {cols[0] for cols in before}
+    for cols in _read_tsv(world_dir / "behaviors_train.tsv"):  # training shows only those
+        assert set(cols[3].split()) <= kept
+        assert {item.rsplit("-", 1)[0] for item in cols[4].split()} <= kept
+
+
 # --------------------------------------------------------------------------------------------
 # MIND format
 
@@ -634,6 +647,7 @@ def test_committed_sample_is_complete_and_small():
     }
     assert document["seed"] == COMMITTED_ARGS["seed"]
     counts = document["counts"]
+    assert 0 < len(_read_tsv(COMMITTED / "news_train.tsv")) < counts["news"]
     for name, expected in (("news.tsv", counts["news"]), ("behaviors_train.tsv", counts["train_impressions"]),
                            ("behaviors_test.tsv", counts["test_impressions"]),
                            ("behaviors_test_unlabelled.tsv", counts["test_impressions"]),
