@@ -33,10 +33,13 @@ def progress(description: str, total: int | None = None, *, interval_s: float = 
         interval_s: seconds between log lines when not on a terminal.
     """
     if sys.stderr.isatty():
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-        with Progress(*columns, transient=False) as bar:
+        # On stderr, where the test above looked: rich's default console is stdout, which holds the
+        # command's JSON (`recsys ingest > report.json` from a terminal began with the bar).
+        with Progress(*columns, transient=False, console=Console(stderr=True)) as bar:
             task = bar.add_task(description, total=total)
             yield lambda n=1: bar.advance(task, n)
         return
