@@ -818,3 +818,19 @@ def test_evaluate_says_when_the_file_lies_in_a_models_training_window(trained, t
                             versions=[version], num_resamples=10)
     assert held_out["trained_on_the_file"] == [] and "training window" not in caplog.text
 
+
+
+def test_predict_and_evaluate_report_their_progress_through_the_file(trained, tmp_path, caplog):
+    # Both were silent while scoring: about 25 minutes on MIND-large's test file.
+    from recsys.pipelines.evaluate import run_evaluate
+
+    world, ws, engine, config, _ = trained
+    lines = (world / "behaviors_test.tsv").read_text().splitlines(keepends=True)[:25]
+    path = tmp_path / "some.tsv"
+    path.write_text("".join(lines))
+    with caplog.at_level("INFO", logger="recsys"):
+        run_predict(engine, ws, config, behaviors=path, out=tmp_path / "p.txt")
+        run_evaluate(engine, ws, config, behaviors=path, out=tmp_path / "r", num_resamples=10, chunk_size=10)
+    done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scoring impressions: done")]
+    assert [m.split(" in ")[0] for m in done] == ["scoring impressions: done 25/25"] * 2, done
+    assert "computing metrics and their intervals (10 bootstrap resamples of 25 impressions)" in caplog.text

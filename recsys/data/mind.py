@@ -399,12 +399,14 @@ class BehaviorsScan:
         sha256: hex digest of the file's bytes.
         bulk: the earliest and latest Time of its middle 98% of lines (1% left out at each
             end), None below ``BULK_MIN_LINES`` lines with a Time.
+        lines: lines with a Time that parses (the total of a progress display).
     """
 
     first: datetime | None
     last: datetime | None
     sha256: str
     bulk: tuple[datetime, datetime] | None = None
+    lines: int = 0
 
     @property
     def plausible(self) -> tuple[datetime, datetime] | None:
@@ -469,7 +471,7 @@ def scan_behaviors(path: str | Path, *, block_bytes: int = 1 << 20) -> Behaviors
     if len(times) >= BULK_MIN_LINES:
         n = len(times) - 1
         bulk = at(int(np.ceil(BULK_TRIM * n))), at(int(np.floor((1 - BULK_TRIM) * n)))
-    return BehaviorsScan(at(0), at(len(times) - 1), digest.hexdigest(), bulk)
+    return BehaviorsScan(at(0), at(len(times) - 1), digest.hexdigest(), bulk, len(times))
 
 
 def _line_time(line: bytes) -> datetime | None:

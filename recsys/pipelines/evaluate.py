@@ -28,6 +28,7 @@ from recsys.errors import RecsysError, SchemaError
 from recsys.metrics.accumulator import ImpressionMetrics, article_age_buckets, history_length_bucket
 from recsys.pipelines.inputs import check_file, check_folder, check_images_go_with_news, check_output_folder
 from recsys.pipelines.predict import split_scores
+from recsys.progress import progress
 from recsys.pipelines.scoring import (
     IGNORED_HISTORY, Catalogue, VersionScorer, DEFAULT_FEATURES_AT, check_features_at, feature_times, iter_scored, load_scoring_catalogue,
     scoring_span,
@@ -295,6 +296,8 @@ def run_evaluate(
     try:
         with ExitStack() as files:
             written = {v: files.enter_context(atomic_open(path, "w", newline="\n")) for v, path in prediction_files.items()}
+            # Minutes on a MIND dev file: a line every 10 s says how far it got.
+            advance = files.enter_context(progress("scoring impressions", total=scan.lines or None))
             for chunk in iter_scored(behaviors, catalogue, scorers, chunk_size=chunk_size, tally=tally):
                 imps = chunk.impressions
                 window[0] = imps.times.min() if window[0] is None else min(window[0], imps.times.min())
@@ -320,6 +323,7 @@ def run_evaluate(
                 for v, s in chunk.scores.items():
                     for impression_id, row in zip(imps.impression_ids.tolist(), split_scores(imps.candidate_offsets, s)):
                         written[v].write(format_prediction_line(impression_id, row) + "\n")
+                advance(len(imps))
             if acc.num_impressions == 0:
                 raise RecsysError(f"{behaviors}: no impressions")
     except BaseException:
@@ -329,6 +333,8 @@ def run_evaluate(
         raise
     prediction_files = {v: str(path) for v, path in prediction_files.items()}
     t_scored = time.perf_counter() - t_start
+    log.info("computing metrics and their intervals (%d bootstrap resamples of %d impressions)", num_resamples,
+             acc.num_impressions)
     result = build_result(
         acc,
         kinds={**{names[v]: kinds[v] for v in scorers}, RANDOM: "baseline", POPULAR: "baseline", **({ORACLE: "oracle"} if oracle else {})},

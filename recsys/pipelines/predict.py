@@ -13,6 +13,7 @@ from recsys.config import Config, Workspace
 from recsys.data.mind import scan_behaviors
 from recsys.errors import RecsysError
 from recsys.pipelines.inputs import check_file, check_folder, check_images_go_with_news, check_writable
+from recsys.progress import progress
 from recsys.pipelines.scoring import (
     IGNORED_HISTORY, VersionScorer, DEFAULT_FEATURES_AT, check_features_at, feature_times, iter_scored, load_scoring_catalogue,
     scoring_span,
@@ -66,20 +67,24 @@ def run_predict(
     configure_threads(config.runtime.threads or None)
     t0 = time.perf_counter()
     mv = get_version(engine, version)
-    span = scoring_span(scan_behaviors(behaviors), [mv])
+    scan = scan_behaviors(behaviors)
+    span = scoring_span(scan, [mv])
     catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images, span=span, versions=[mv])
     times = feature_times(catalogue, features_at)
     scorer = VersionScorer(mv, catalogue, times=times)
     counts = {"impressions": 0, "candidates": 0, IGNORED_HISTORY: 0}
 
-    def rows():
+    def rows(advance):
         for chunk in iter_scored(Path(behaviors), catalogue, {mv.version: scorer}, tally=counts):
             imps = chunk.impressions
             counts["impressions"] += len(imps)
             counts["candidates"] += len(imps.candidate_items)
             yield from zip(imps.impression_ids.tolist(), split_scores(imps.candidate_offsets, chunk.scores[mv.version]))
+            advance(len(imps))
 
-    write_predictions(Path(out), rows())
+    # MIND-large's test file is minutes of scoring: a line every 10 s says how far it got.
+    with progress("scoring impressions", total=scan.lines or None) as advance:
+        write_predictions(Path(out), rows(advance))
     warning = {}
     if counts["impressions"] == 0:  # valid (an empty prediction file), but most likely a broken upstream step
         warning = {"warning": f"{behaviors} has no impression: the prediction file {out} is empty"}
