@@ -24,13 +24,16 @@ Advance = Callable[[int], None]
 
 
 @contextmanager
-def progress(description: str, total: int | None = None, *, interval_s: float = 10.0) -> Iterator[Advance]:
+def progress(description: str, total: int | None = None, *, interval_s: float = 10.0,
+             summary: bool = True) -> Iterator[Advance]:
     """Yield ``advance(n)``; shows a rich bar on a TTY, else a log line every ``interval_s``.
 
     Args:
         description: what is being done ("encoding articles").
         total: number of units if known.
         interval_s: seconds between log lines when not on a terminal.
+        summary: end with a "done" line (off: the bar is removed at the end, for a step
+            whose caller logs its own summary, such as a training epoch).
     """
     if sys.stderr.isatty():
         from rich.console import Console
@@ -39,7 +42,7 @@ def progress(description: str, total: int | None = None, *, interval_s: float = 
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
         # On stderr, where the test above looked: rich's default console is stdout, which holds the
         # command's JSON (`recsys ingest > report.json` from a terminal began with the bar).
-        with Progress(*columns, transient=False, console=Console(stderr=True)) as bar:
+        with Progress(*columns, transient=not summary, console=Console(stderr=True)) as bar:
             task = bar.add_task(description, total=total)
             yield lambda n=1: bar.advance(task, n)
         return
@@ -56,5 +59,6 @@ def progress(description: str, total: int | None = None, *, interval_s: float = 
             log.info("%s: %d%s (%.0f s)", description, done, of, now - start)
 
     yield advance
-    of = f"/{total}" if total else ""
-    log.info("%s: done %d%s in %.1f s", description, done, of, time.monotonic() - start)
+    if summary:
+        of = f"/{total}" if total else ""
+        log.info("%s: done %d%s in %.1f s", description, done, of, time.monotonic() - start)

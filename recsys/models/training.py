@@ -38,6 +38,7 @@ from recsys.data.interactions import (
     with_logged_clicks,
 )
 from recsys.models.side_features import SideFeatures
+from recsys.progress import progress as progress_lines
 
 LOSSES = ("pointwise", "listwise")
 # Impressions per chunk of ``mean_impression_auc``.
@@ -600,18 +601,21 @@ def _train_networks(
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(eligible)
         total, steps = 0.0, 0
-        for lo in range(0, len(order), batch_size):
-            raise_if_terminated()  # a SIGTERM whose exception some library swallowed
-            batch = maker.make(order[lo : lo + batch_size], rng, listwise=listwise)
-            if listwise and len(batch["groups"]) == 0:
-                continue
-            value = train_step(
-                text_table, image_table, batch["rows"], batch["has_image"], batch["category"],
-                batch["history_index"], batch["history_mask"], batch["candidate_index"], batch["side"],
-                batch["labels"], batch["weights"], batch["groups"],
-            )
-            total += float(value)
-            steps += 1
+        # An epoch of MIND-large is about an hour: a line every 10 s (a bar on a terminal) within it.
+        with progress_lines(f"training epoch {epoch}/{epochs}", total=len(order), summary=False) as advance:
+            for lo in range(0, len(order), batch_size):
+                raise_if_terminated()  # a SIGTERM whose exception some library swallowed
+                advance(min(batch_size, len(order) - lo))
+                batch = maker.make(order[lo : lo + batch_size], rng, listwise=listwise)
+                if listwise and len(batch["groups"]) == 0:
+                    continue
+                value = train_step(
+                    text_table, image_table, batch["rows"], batch["has_image"], batch["category"],
+                    batch["history_index"], batch["history_mask"], batch["candidate_index"], batch["side"],
+                    batch["labels"], batch["weights"], batch["groups"],
+                )
+                total += float(value)
+                steps += 1
         train_seconds = time.perf_counter() - started
         if not math.isfinite(total):
             # Publishing NaN weights would serve NaN scores; early stopping cannot tell (an

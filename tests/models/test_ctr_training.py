@@ -362,3 +362,20 @@ def test_anchor_start_weights_are_set_and_checked():
     np.testing.assert_allclose(layer.anchor_start_weights(), [0.25, 4.0], rtol=1e-6)
     with pytest.raises(ValueError, match="expected one positive weight per anchor block"):
         layer.set_anchor_start_weights([1.0])
+
+
+def test_train_ctr_reports_progress_within_each_epoch(world, log, monkeypatch, caplog):
+    # It logged once per epoch: about an hour of silence an epoch on MIND-large.
+    from types import SimpleNamespace
+
+    import recsys.progress
+
+    clock = iter(range(0, 10**9, 20))  # each reading 20 s after the last: every advance logs a line
+    monkeypatch.setattr(recsys.progress, "time", SimpleNamespace(monotonic=lambda: float(next(clock))))
+    with caplog.at_level("INFO", logger="recsys"):
+        _, history = train_ctr(world.features, world.train, world.valid, log, epochs=2, batch_size=32,
+                               embedding_dim=16, history_len=8, patience=5)
+    n = history["train_impressions"]
+    steps = [f"{min(k, n)}/{n}" for k in range(32, n + 32, 32)]
+    lines = [r.getMessage().split(" (")[0] for r in caplog.records if r.getMessage().startswith("training epoch")]
+    assert lines == [f"training epoch {e}/2: {step}" for e in (1, 2) for step in steps]
