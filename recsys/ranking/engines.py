@@ -490,7 +490,9 @@ def _init_ray(ray_address: str | None, num_cpus: int | None = None) -> None:
     fully started are not known to it; Ray ties them to this process, so they end with it).
 
     Raises:
-        RecsysError: ray.init could not connect to ``ray_address``.
+        RecsysError: ray.init could not connect to ``ray_address``, or could not start Ray
+            for a cause of the environment (an OSError: Ray's socket path too long for the
+            temp folder, ``$TMPDIR/ray`` a file, a full disk).
     """
     import ray
 
@@ -510,6 +512,11 @@ def _init_ray(ray_address: str | None, num_cpus: int | None = None) -> None:
                      log_to_driver=False)
     except ConnectionError as exc:  # no cluster found for "auto", or Ray's own wait ran out
         raise RecsysError(f"{_ray_unreachable(ray_address)}: {exc}") from exc
+    except OSError as exc:  # the environment: a socket path too long, $TMPDIR/ray a file, a full disk
+        raise RecsysError(
+            f"cannot start Ray: {exc}; Ray keeps its sockets and logs under its temp folder ({_ray_temp_dir()}, "
+            "from RAY_TMPDIR or TMPDIR): point TMPDIR (or RAY_TMPDIR) at a short, writable folder"
+        ) from exc
     except SystemExit as exc:  # Ray's handler: a SIGTERM arrived during the start-up
         ray.shutdown()
         if exc.code == signal.SIGTERM and callable(previous):
@@ -518,6 +525,16 @@ def _init_ray(ray_address: str | None, num_cpus: int | None = None) -> None:
     finally:
         if in_main_thread:  # None: a handler not set from Python, i.e. the default
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _ray_temp_dir() -> str:
+    """The folder where ray.init puts its sessions: "ray" under RAY_TMPDIR, else TMPDIR, else /tmp."""
+    try:
+        from ray._common.utils import get_default_ray_temp_dir  # private: as this Ray version reads it
+
+        return get_default_ray_temp_dir()
+    except Exception:  # noqa: BLE001 - another Ray version: the same rule, as Ray 2.60 has it
+        return os.path.join(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp", "ray")
 
 
 class RayShardActor:

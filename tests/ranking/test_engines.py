@@ -433,3 +433,24 @@ def test_an_error_lets_the_local_workers_finish_their_shards():
                 time.sleep(0.01)  # handed to the worker: what shutdown(cancel_futures=True) cannot cancel
             raise ValueError("one shard failed")
     assert future.result(timeout=0) == 7  # shut down with wait: the shard in flight was finished
+
+
+@pytest.mark.parametrize("error", [
+    OSError("validate_socket_filename failed: AF_UNIX path length cannot exceed 107 bytes: /tmp/x/ray/session/sockets/plasma_store"),
+    FileExistsError(17, "File exists", "/tmp/ray"),
+])
+def test_ray_that_cannot_start_for_its_temp_folder_is_a_recsys_error(monkeypatch, error):
+    # A TMPDIR too long for Ray's AF_UNIX socket path, or $TMPDIR/ray a file, was "internal
+    # error" (exit 2) after the night's ingest: the environment's cause, named, exit 1.
+    import ray
+
+    from recsys.ranking.engines import _init_ray
+
+    def cannot_start(**kwargs):
+        raise error
+
+    monkeypatch.setenv("RAY_TMPDIR", "/some/temp")
+    monkeypatch.setattr(ray, "init", cannot_start)
+    with pytest.raises(RecsysError, match=r"cannot start Ray: .*\(/some/temp/ray, from RAY_TMPDIR or TMPDIR\)") as caught:
+        _init_ray(None, num_cpus=1)
+    assert str(error) in str(caught.value)
