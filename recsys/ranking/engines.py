@@ -9,10 +9,12 @@ retried Ray task, an orphaned worker) is written once.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -538,15 +540,108 @@ def _ray_temp_dir() -> str:
 
 
 class RayShardActor:
-    """Ray Data actor: one ``ShardWorker`` per actor, one shard per batch row."""
+    """Ray Data actor: one ``ShardWorker`` per actor, one shard per batch row.
+
+    An error of the worker's set-up (a truncated model file, an index that changed) is kept
+    and raised with the first shard, as the local engine's ``_init_worker`` does: raised from
+    the constructor, Ray reported it as the actor's death (retried, then ``WorkerDiedError``
+    with the run left running) and lost its type and message.
+    """
 
     def __init__(self, setup: WorkerSetup):
-        self.worker = ShardWorker(setup)
+        self.worker: ShardWorker | None = None
+        self.error: Exception | None = None
+        try:
+            self.worker = ShardWorker(setup)
+        except Exception as exc:  # noqa: BLE001 - raised from __call__, unwrapped by run_ray
+            self.error = exc
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.worker is None:
+            raise self.error or RecsysError("worker was not initialised")
         rows = [self.worker.process(int(shard), np.asarray(users, dtype=object)).to_row()
                 for shard, users in zip(batch["shard"], batch["user_ids"])]
         return {key: np.asarray([row[key] for row in rows]) for key in rows[0]} if rows else {}
+
+
+# How long Ray Data may take to start the actor pool (placing the actors, loading the model)
+# before the job stops; Ray Data's default waits for ever, e.g. for actors that ask for more
+# CPUs than any node has, the nightly lock held all along.
+RAY_START_ACTORS_TIMEOUT_S = 600
+
+
+def _alive_node_cpus() -> list[float]:
+    """The CPUs of every alive node of the Ray cluster this process is connected to."""
+    import ray
+
+    return [float(node.get("Resources", {}).get("CPU", 0.0)) for node in ray.nodes() if node.get("Alive")]
+
+
+def ray_pool_shape(node_cpus: Sequence[float], num_workers: int, cpus_per_actor: int) -> tuple[int, int]:
+    """(CPUs per actor, actors that fit the alive nodes' CPUs) for a pool of ``num_workers``
+    actors asking ``cpus_per_actor`` CPUs each: the CPUs are capped at the largest node's (an
+    actor asking more than any node has is never placed); none is capped where no node has a
+    whole CPU (the start's timeout reports it)."""
+    largest = int(max(node_cpus, default=0))
+    cpus = min(cpus_per_actor, largest) if largest >= 1 else cpus_per_actor
+    fit = sum(int(c // cpus) for c in node_cpus)
+    return cpus, min(fit, num_workers)
+
+
+def _ray_error(exc: BaseException) -> BaseException | None:
+    """The exception an actor raised, out of Ray's wrappers (RayTaskError, Ray Data's
+    UserCodeException); None when Ray did not keep it (not picklable, an older Ray)."""
+    import ray
+
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ray.exceptions.RayTaskError):
+            exc = exc.cause
+        elif isinstance(exc, ray.exceptions.UserCodeException) or isinstance(exc, ray.exceptions.RayError):
+            if exc.__cause__ is None:
+                return None
+            exc = exc.__cause__
+        else:
+            return exc
+    return None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# What Ray Data appends to a failed map's exception message (its retry context, Ray 2.60).
+_RAY_RETRY_NOTE = re.compile(r"\n?Failed to [^\n]* after \d+/\d+ attempts \(total backoff [^)]*\)\..*\Z", re.DOTALL)
+
+
+def _without_ray_note(exc: BaseException) -> BaseException:
+    """``exc`` with the retry note Ray Data appended to its message taken off again."""
+    args = list(exc.args)
+    if args and isinstance(args[-1], str) and _RAY_RETRY_NOTE.search(args[-1]):
+        stripped = _RAY_RETRY_NOTE.sub("", args[-1])
+        if stripped or len(args) == 1:
+            args[-1] = stripped
+        else:
+            args.pop()
+        try:
+            exc.args = tuple(args)
+        except Exception:  # noqa: BLE001 - a read-only args: kept with its note
+            pass
+    return exc
+
+
+def _ray_error_line(exc: BaseException) -> str:
+    """One line for an error Ray did not keep: the last line of its traceback, which names the
+    original exception ("recsys.errors.StoreError: ..."), without Ray's colour codes."""
+    text = _RAY_RETRY_NOTE.sub("", _ANSI.sub("", str(exc)))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _cpus_text(node_cpus: Sequence[float]) -> str:
+    return "+".join(f"{c:g}" for c in node_cpus) if node_cpus else "an unknown number of"
+
+
+class RayWorkerError(RuntimeError):
+    """An error raised in a Ray worker that Ray did not hand back (an internal error, exit 2)."""
 
 
 def run_ray(
@@ -580,6 +675,9 @@ def run_ray(
             within ``RAY_CONNECT_TIMEOUT_S``, or ray.init failing to connect).
         WorkerDiedError: an actor died more than ``RAY_ACTOR_RESTARTS`` times (one that dies
             less often is replaced and its shard ranked again).
+        RecsysError: the actor pool did not start within ``RAY_START_ACTORS_TIMEOUT_S``.
+        Exception: what an actor's ``ShardWorker`` raised (set-up or shard), as itself, as
+            the local engine raises it; ``RayWorkerError`` where Ray did not keep it.
     """
     import ray
 
@@ -596,6 +694,26 @@ def run_ray(
         _init_ray(ray_address, num_cpus=num_workers * setup.num_threads)
     try:
         raise_if_terminated()  # one that landed during ray.init
+        try:
+            node_cpus = _alive_node_cpus()
+        except Exception as exc:  # noqa: BLE001 - not known (Ray Client, another version): asked as given
+            log.warning("cannot read the Ray cluster's CPUs (%s: %s): each actor asks for %d", type(exc).__name__, exc,
+                        setup.num_threads)
+            node_cpus = []
+        cpus, fit = ray_pool_shape(node_cpus, num_workers, setup.num_threads) if node_cpus else (setup.num_threads, num_workers)
+        if cpus < setup.num_threads:
+            log.warning("each Ray actor would ask for %d CPUs (runtime.threads or this machine's cores, shared among "
+                        "--workers %d) but the largest node of the cluster has %d: each asks for %d and runs as many "
+                        "threads", setup.num_threads, num_workers, cpus, cpus)
+            setup = dataclasses.replace(setup, num_threads=cpus)
+        if 0 < fit < num_workers:
+            # Ray Data would otherwise wait for the whole pool before starting (below): the
+            # actors that fit start it, the others join when the cluster has room for them.
+            log.warning("--workers %d actors of %d CPUs do not fit the Ray cluster's CPUs now (%s): the pool starts "
+                        "with %d and grows as room frees", num_workers, cpus, _cpus_text(node_cpus), fit)
+            compute = ray.data.ActorPoolStrategy(min_size=fit, max_size=num_workers)
+        else:
+            compute = ray.data.ActorPoolStrategy(size=num_workers)
         dataset = ray.data.from_items(
             [{"shard": int(shard), "user_ids": [str(u) for u in users]} for shard, users in shards],
             override_num_blocks=len(shards),
@@ -608,11 +726,16 @@ def run_ray(
                 RayShardActor,
                 batch_size=1,
                 batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=num_workers),
+                compute=compute,
                 num_cpus=setup.num_threads,
                 max_restarts=RAY_ACTOR_RESTARTS,
                 fn_constructor_kwargs={"setup": setup},
             )
+        # This dataset's own context (a copy of the process's): a pool that cannot be placed
+        # stops the job instead of hanging it, and a worker's exception comes back as itself
+        # (RayTaskError(StoreError)) rather than as a UserCodeException that has lost it.
+        ranked.context.wait_for_min_actors_s = RAY_START_ACTORS_TIMEOUT_S
+        ranked.context.raise_original_map_exception = True
         try:
             for row in ranked.iter_rows():
                 raise_if_terminated()
@@ -626,6 +749,20 @@ def run_ray(
                 "often for memory: fewer workers or a smaller shard size need less); the run stays resumable, and the "
                 f"next attempt with the same plan ranks only the shards not yet written ({type(exc).__name__})"
             ) from exc
+        except ray.exceptions.GetTimeoutError as exc:  # Ray Data's wait_for_min_actors_s
+            raise RecsysError(
+                f"the Ray cluster did not start the {num_workers} ranking workers (--workers) of {setup.num_threads} "
+                f"CPUs each (runtime.threads, or the driver's cores, shared among the workers) within "
+                f"{RAY_START_ACTORS_TIMEOUT_S} s; its alive nodes have {_cpus_text(node_cpus)} CPUs, other jobs may "
+                "hold them: fewer workers, or a cluster with room for them"
+            ) from exc
+        except ray.exceptions.RayTaskError as exc:
+            # As the local engine: the worker's own exception, type and one-line message (a
+            # RecsysError exits 1), not Ray's wrapper and its remote traceback (exit 2).
+            original = _ray_error(exc)
+            if isinstance(original, Exception):
+                raise _without_ray_note(original) from exc
+            raise RayWorkerError(f"a Ray ranking worker failed: {_ray_error_line(exc)}") from None
     finally:
         if started_here:
             ray.shutdown()
