@@ -138,5 +138,8 @@ def test_another_file_under_the_same_default_source_is_counted_and_named_on_the_
     assert again["impressions_changed"] == 0 and "had another user or time" not in caplog.text
     replaced = run_ingest(engine, ws, news=None, behaviors=second / "behaviors.tsv", images=None)
     assert (replaced["source"], replaced["impressions"], replaced["impressions_changed"]) == ("train/behaviors", 4, 4)
-    assert "4 impressions stored under source 'train/behaviors' had another user or time" in caplog.text
+    first_id = other[0].split("\t")[0]
+    assert replaced["first_changed_impression"] == f"line 1 (impression id {first_id})"
+    assert (f"4 impressions stored under source 'train/behaviors' had another user or time and were replaced by this "
+            f"file's (first: line 1 (impression id {first_id}))") in caplog.text
     assert _count(engine, s.impressions) == 10

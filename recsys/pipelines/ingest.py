@@ -96,9 +96,9 @@ def run_ingest(
     changed = summary.get("impressions_changed", 0)
     if changed:
         log.warning("%d impressions stored under source '%s' had another user or time and were replaced by this "
-                    "file's: if it is another file than the one ingested before (MIND restarts impression ids at 1 in "
-                    "every file), its impressions took their place; ingest each file under its own --source",
-                    changed, summary.get("source"))
+                    "file's (first: %s): if it is another file than the one ingested before (MIND restarts impression "
+                    "ids at 1 in every file), its impressions took their place; ingest each file under its own --source",
+                    changed, summary.get("source"), summary.get("first_changed_impression"))
     elsewhere = summary.get("impressions_stored_elsewhere", 0)
     if elsewhere:
         log.warning("%d impressions of this file were not stored under source '%s': the store holds each of them (same "

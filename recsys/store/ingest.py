@@ -72,6 +72,8 @@ class IngestReport:
         impressions_changed: of those, impressions whose (source, impression id) the store held
             with another user or time: replaced by a corrected file, or by another file stored
             under the same source name (MIND restarts impression ids at 1 in every file).
+        first_changed_impression: the first of those, "line L (impression id I)" of the
+            behaviors file; None when there is none.
         impressions_stored_elsewhere: impressions not stored because the store holds the same
             impression (user, time, candidates and labels) under another source: the same file
             ingested again under another name, or files whose windows overlap. Stored twice,
@@ -100,6 +102,7 @@ class IngestReport:
     users: int = 0
     impressions: int = 0
     impressions_changed: int = 0
+    first_changed_impression: str | None = None
     impressions_stored_elsewhere: int = 0
     impressions_repeated: int = 0
     impression_items: int = 0
@@ -572,7 +575,11 @@ class _Job:
         before = w.select_in(by_source.add_columns(impressions.c.user_id, impressions.c.time), impressions.c.impression_id, ids)
         if before:
             incoming = {r.impression_id: (r.user_id, r.time) for r in rows}
-            report.impressions_changed += sum(incoming[imp_id] != (user, time) for _, imp_id, user, time in before)
+            changed = {imp_id for _, imp_id, user, time in before if incoming[imp_id] != (user, time)}
+            if changed and report.first_changed_impression is None:  # named: a renumbered copy shows itself there
+                first = next(r for r in rows if r.impression_id in changed)
+                report.first_changed_impression = f"line {first.line} (impression id {first.impression_id})"
+            report.impressions_changed += len(changed)
         w.upsert(
             impressions, ("source", "impression_id", "user_id", "time"),
             [(source, r.impression_id, r.user_id, r.time) for r in rows], key=("source", "impression_id"),

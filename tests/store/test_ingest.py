@@ -465,6 +465,7 @@ def test_a_redelivery_with_a_line_inserted_is_stored_as_it_is_whatever_the_batch
     ])
     report = run(engine, quarantine_dir, behaviors_path=shifted, source="s", batch_size=batch_size)
     assert (report.impressions, report.impressions_repeated, report.impressions_changed) == (5, 0, 4)
+    assert report.first_changed_impression == "line 1 (impression id 1)"  # the log names it: a renumbered copy shows
     assert rows(engine, "impressions", "impression_id", "user_id", "time") == [
         (1, "U2", T0 + 2 * D), (2, "U1", T0), (3, "U2", T0 + H), (4, "U1", T0 + D), (5, "U3", T0 - 2 * H)]
     assert store_stats(engine)["impression_items"] == 12
