@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -53,6 +53,11 @@ MAX_ABSTRACT_CHARS = 10_000
 MAX_CATEGORY_CHARS = 128
 MAX_HISTORY_IDS = 10_000
 MAX_CANDIDATES = 1_000
+# News ids (History + candidates) one batch of behaviors rows may hold, whatever its line
+# count (``batches``): a parsed id costs ~75 bytes, and lines of 10,000 History ids made a
+# 20,000-line chunk ~15 GB. MIND averages ~70 ids a line, so its 20,000-line scoring chunks and
+# 5,000-line ingest batches stay cut by their line count.
+MAX_BATCH_IDS = 3_000_000
 # Raw lines kept in bad-row records are cut to this many characters.
 RAW_CHARS = 200
 
@@ -364,6 +369,45 @@ def repeated_impression_ids(rows: list[BehaviorRow], seen: FirstLines, name: str
                                    f"an id unique within the file (line {first} has it)", row.raw)
     seen.add(ids[new], np.fromiter((r.line for r in rows), dtype=np.int64, count=len(rows))[new])
     return bad
+
+
+def batches(rows: Iterable, max_lines: int, max_ids: int | None = None) -> Iterator[list]:
+    """Consecutive rows in lists, in order: a list ends at ``max_lines`` rows, or before the
+    row that would take the News ids of its ``BehaviorRow``s (History + candidates) past
+    ``max_ids``; a row over ``max_ids`` alone is a list of its own. Other rows (``NewsRow``,
+    ``BadRow``) count no ids: their size is bounded by the line. ``max_ids`` None:
+    ``MAX_BATCH_IDS``, read at the call.
+
+    Yields:
+        lists of 1 to ``max_lines`` rows; joined, they are ``rows``. A list held with the row
+        read after it is bounded by ``max_ids`` plus one line's ids, whatever the lines hold.
+    """
+    max_ids = MAX_BATCH_IDS if max_ids is None else max_ids
+    it = iter(rows)
+    pending = None  # the row that ended the last list by its ids: it starts the next
+    while True:
+        batch, ids = ([pending], _num_ids(pending)) if pending is not None else ([], 0)
+        pending = None
+        while len(batch) < max_lines:
+            row = next(it, _END)
+            if row is _END:
+                break
+            n = _num_ids(row)
+            if batch and ids + n > max_ids:
+                pending = row
+                break
+            batch.append(row)
+            ids += n
+        if not batch:
+            return
+        yield batch
+
+
+_END = object()
+
+
+def _num_ids(row) -> int:
+    return len(row.history) + len(row.news_ids) if isinstance(row, BehaviorRow) else 0
 
 
 def iter_behaviors(path: str | Path, *, scan: BehaviorsScan | None = None) -> RowStream:

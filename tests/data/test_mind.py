@@ -437,3 +437,43 @@ def test_an_article_shown_twice_in_one_impression_needs_one_label(tmp_path):
     assert (rows[1].line, rows[1].field, rows[1].value) == (2, "impressions", "N2")
     assert "expected one label per article: it is shown twice in the impression, clicked and not clicked" in rows[1].reason
     assert isinstance(rows[2], BehaviorRow)
+
+
+# --- batches -----------------------------------------------------------------------------------
+
+
+def _row(line: int, num_history: int, num_candidates: int = 1) -> BehaviorRow:
+    return BehaviorRow(line, line, "U1", datetime(2019, 11, 11), tuple(f"H{i}" for i in range(num_history)),
+                       tuple(f"C{i}" for i in range(num_candidates)), None, "")
+
+
+def test_batches_end_at_the_line_count_or_before_the_row_past_the_id_budget():
+    # 20,000 parsed lines of 2,000 History ids held 3 GB: a chunk is cut by its ids too.
+    from recsys.data.mind import batches
+
+    rows = [_row(1, 2), _row(2, 3), _row(3, 30), _row(4, 0), BadRow("f", 5, "time", "x", "a time", "raw"),
+            _row(6, 1), _row(7, 1), _row(8, 1), _row(9, 9)]
+    # ids a row: 3, 4, 31 (over the budget of 10), 1, 0, 2, 2, 2, 10 (exactly the budget)
+    cut = [[r.line for r in b] for b in batches(rows, max_lines=3, max_ids=10)]
+    assert cut == [[1, 2], [3], [4, 5, 6], [7, 8], [9]]
+    assert [r for b in batches(rows, 3, 10) for r in b] == rows  # order and contents kept
+    assert [[r.line for r in b] for b in batches(rows, max_lines=100, max_ids=10 ** 9)] == [list(range(1, 10))]
+    assert [[r.line for r in b] for b in batches(rows, max_lines=1, max_ids=10)] == [[i] for i in range(1, 10)]
+    assert [[r.line for r in b] for b in batches([_row(1, 50)], max_lines=5, max_ids=10)] == [[1]]
+    assert list(batches([], 5, 10)) == []
+
+
+def test_batches_read_at_most_one_row_past_the_batch_and_default_to_max_batch_ids(monkeypatch):
+    from recsys.data.mind import batches
+
+    pulled = []
+
+    def rows():
+        for i in range(1, 7):
+            pulled.append(i)
+            yield _row(i, 4)  # 5 ids each
+
+    it = batches(rows(), max_lines=10, max_ids=12)
+    assert [r.line for r in next(it)] == [1, 2] and pulled == [1, 2, 3]
+    monkeypatch.setattr(mind, "MAX_BATCH_IDS", 10)
+    assert [[r.line for r in b] for b in batches(rows(), max_lines=10)] == [[1, 2], [3, 4], [5, 6]]
