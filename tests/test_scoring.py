@@ -834,3 +834,69 @@ def test_predict_and_evaluate_report_their_progress_through_the_file(trained, tm
     done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scoring impressions: done")]
     assert [m.split(" in ")[0] for m in done] == ["scoring impressions: done 25/25"] * 2, done
     assert "computing metrics and their intervals (10 bootstrap resamples of 25 impressions)" in caplog.text
+
+
+def _long_histories(src: Path, dst: Path, news_ids: list[str], extra: int) -> Path:
+    """``src`` with ``extra`` more History ids a line (a rotating run of ``news_ids``, and an
+    unknown id that ``IGNORED_HISTORY`` counts)."""
+    out = []
+    for i, line in enumerate(src.read_text(encoding="utf-8").splitlines()):
+        cols = line.split("\t")
+        more = [news_ids[(i + k) % len(news_ids)] for k in range(extra)] + ["N999999"]
+        cols[3] = " ".join(cols[3].split() + more)
+        out.append("\t".join(cols))
+    dst.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return dst
+
+
+def test_chunks_of_long_histories_are_cut_by_ids_and_read_the_same(tmp_path, monkeypatch):
+    # 20,000 lines of 2,000 History ids made one chunk hold 3 GB of parsed ids.
+    from types import SimpleNamespace
+
+    from recsys.data import mind
+
+    path = tmp_path / "behaviors.tsv"
+    hist = lambda n: " ".join(f"N{k % 3 + 1}" for k in range(n))  # noqa: E731
+    path.write_text("".join(f"{i}\tU{i}\t11/11/2019 9:05:58 AM\t{hist(i * 10)} N7\tN1-0 N2-1\n" for i in range(1, 9)))
+    catalogue = SimpleNamespace(row_of={"N1": 0, "N2": 1, "N3": 2}, span=None, bad_news={})
+
+    def read(budget):
+        monkeypatch.setattr(mind, "MAX_BATCH_IDS", budget)
+        tally = {}
+        return list(iter_behavior_chunks(path, catalogue, chunk_size=3, history_len=50, tally=tally)), tally
+
+    whole, whole_tally = read(10 ** 9)
+    cut, cut_tally = read(60)  # a line holds 10 * i + 3 ids: 13, 23, 33, ..., 83 (over the budget alone)
+    assert [lines.tolist() for _, lines in whole] == [[1, 2, 3], [4, 5, 6], [7, 8]]
+    assert [lines.tolist() for _, lines in cut] == [[1, 2], [3], [4], [5], [6], [7], [8]]
+    assert cut_tally == whole_tally == {"ignored_history_entries": 8}
+    for field in ("impression_ids", "user_ids", "times", "history_items", "candidate_items", "labels"):
+        np.testing.assert_array_equal(np.concatenate([getattr(imps, field) for imps, _ in cut]),
+                                      np.concatenate([getattr(imps, field) for imps, _ in whole]))
+    np.testing.assert_array_equal(np.concatenate([np.diff(imps.history_offsets) for imps, _ in cut]),
+                                  np.concatenate([np.diff(imps.history_offsets) for imps, _ in whole]))
+
+
+def test_predict_cuts_long_histories_by_ids_and_writes_the_same_file(trained, tmp_path, monkeypatch):
+    from recsys.data import mind
+    from recsys.pipelines.scoring import iter_scored
+
+    world, ws, engine, config, versions = trained
+    news_ids = [line.split("\t", 1)[0] for line in (world / "news.tsv").read_text(encoding="utf-8").splitlines()]
+    path = _long_histories(world / "behaviors_test.tsv", tmp_path / "long.tsv", news_ids, 300)
+    num_lines = len(path.read_text(encoding="utf-8").splitlines())
+    summaries, predictions = {}, {}
+    for budget in (10 ** 9, 3_000):
+        monkeypatch.setattr(mind, "MAX_BATCH_IDS", budget)
+        out = tmp_path / f"prediction-{budget}.txt"
+        summary = run_predict(engine, ws, config, behaviors=path, out=out, version=versions[True])
+        summary.pop("seconds"), summary.pop("out")
+        summaries[budget], predictions[budget] = summary, out.read_text()
+    assert summaries[3_000] == summaries[10 ** 9] and summaries[3_000]["ignored_history_entries"] >= num_lines
+    assert predictions[3_000] == predictions[10 ** 9] and len(predictions[3_000].splitlines()) == num_lines
+
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    scorers = {"v": VersionScorer(get_version(engine, versions[True]), catalogue)}
+    sizes = [len(chunk.impressions) for chunk in iter_scored(path, catalogue, scorers)]
+    # 300+ ids a line: 3,000 ids hold at most 9 lines, where 20,000 lines made one chunk
+    assert sum(sizes) == num_lines and max(sizes) <= 9 and len(sizes) >= num_lines // 9

@@ -17,7 +17,6 @@ Impressions inside the store's time range read both at their own time in every m
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -217,7 +216,8 @@ class ScoredChunk:
 def iter_behavior_chunks(
     path: Path, catalogue: Catalogue, *, chunk_size: int = 20_000, history_len: int = 50, tally: dict | None = None,
 ) -> Iterator[tuple[Impressions, np.ndarray]]:
-    """Chunks of a behaviors file as ``Impressions`` (labels -1 where the file has none).
+    """Chunks of a behaviors file as ``Impressions`` (labels -1 where the file has none), each
+    of at most ``chunk_size`` lines and ``MAX_BATCH_IDS`` News ids (``recsys.data.mind.batches``).
 
     History entries that name no article of the catalogue are left out of the histories;
     ``tally[IGNORED_HISTORY]`` counts them (predict and evaluate report it).
@@ -225,12 +225,13 @@ def iter_behavior_chunks(
     Raises:
         SchemaError: a malformed row, or a candidate article missing from the catalogue.
     """
-    from recsys.data.mind import FirstLines, iter_behaviors
+    from recsys.data.mind import FirstLines, batches, iter_behaviors
 
     missing_history = 0
     seen = FirstLines()  # a repeated ImpressionID would put two lines of one id in the prediction file
     with iter_behaviors(path) as rows:  # closed also when a bad line stops the read
-        while buf := list(itertools.islice(rows, chunk_size)):
+        # Cut by ids too: a chunk of lines with thousands of History ids each held GBs of strings.
+        for buf in batches(rows, chunk_size):
             _refuse_bad_rows(buf, seen, catalogue, path, history_len)
             imps, dropped = _chunk(buf, catalogue, path, history_len)
             missing_history += dropped
