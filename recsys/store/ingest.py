@@ -34,8 +34,8 @@ from recsys.clock import utc_now
 from recsys.columns import IMAGE_MISSING, IMAGE_OK, IMAGE_STATUSES
 from recsys.data.images import ImageCheck, check_image_file, image_names, inspect_image, list_images
 from recsys.data.mind import (
-    EXPECTED_LABEL, IMPRESSIONS, BadRow, BehaviorRow, FirstLines, NewsRow, RowStream, is_bad_label, iter_behaviors,
-    iter_news, repeated_impression_ids, scan_behaviors,
+    EXPECTED_LABEL, IMPRESSIONS, BadRow, BehaviorRow, FirstLines, NewsRow, RowStream, batches, is_bad_label,
+    iter_behaviors, iter_news, repeated_impression_ids, scan_behaviors,
 )
 from recsys.errors import ConfigError
 from recsys.interrupts import raise_if_terminated
@@ -157,7 +157,8 @@ def ingest(
         strict: stop at the first bad row with SchemaError and write nothing.
         quarantine_dir: where the quarantine TSV is written
             (``<timestamp>-<file stem>.tsv``, one per call, only when there are bad rows).
-        batch_size: lines per transaction.
+        batch_size: lines per transaction (fewer when they hold more than ``MAX_BATCH_IDS``
+            News ids, ``recsys.data.mind.batches``).
         progress: called with the number of lines done after each batch is written
             (and committed, unless ``strict``).
 
@@ -731,8 +732,9 @@ def _unknown_news(row: BehaviorRow, missing: set[str], known: dict[str, datetime
 
 
 def _batches(rows: Iterable, size: int) -> Iterator[list]:
-    it = iter(rows)
-    while batch := list(itertools.islice(it, size)):
+    # Cut by News ids too: a History (stored whole) may hold 10,000 ids, and 5,000 such lines
+    # held GBs of strings. Batch boundaries change no stored row (see ``_without_stored_twice``).
+    for batch in batches(rows, size):
         raise_if_terminated()  # a SIGTERM whose exception some library swallowed
         yield batch
 

@@ -849,3 +849,35 @@ def test_a_quarantined_line_brings_nothing_a_later_line_could_repeat(engine, sma
                                               behavior_line(2, "U1", T0, [], ["N3-1", "N4-0"])])
     report = run(engine, quarantine_dir, behaviors_path=later, source="s")
     assert (report.num_bad_rows, report.impressions, report.impressions_repeated) == (1, 1, 0)
+
+
+def test_batches_of_long_histories_are_cut_by_ids_and_store_the_same(engine, quarantine_dir, tmp_path, monkeypatch):
+    # 5,000 lines of 2,000 History ids held 1.8 GB; the History is stored whole, so the batch is cut.
+    from recsys.data import mind
+
+    news = write_lines(tmp_path / "news.tsv", [news_line(f"N{i}") for i in range(1, 41)])
+    lines = []
+    for i in range(1, 13):  # four users, each on three lines in different batches; 22 to 44 ids a line
+        history = [f"N{(i * 7 + k) % 40 + 1}" for k in range(20 + 2 * i)] + (["N99"] if i % 5 == 0 else [])
+        lines.append(behavior_line(i, f"U{i % 4}", T0 + i * H, history, [f"N{i}-1", f"N{i + 20}-0"]))
+    lines.insert(6, behavior_line(3, "UX", T0, ["N1"], ["N2-1"]))  # a repeated id, in a later batch once cut
+    lines.insert(9, behavior_line(50, "UY", T0, ["N1"], ["N98-1"]))  # an unknown candidate
+    behaviors = write_lines(tmp_path / "behaviors.tsv", lines)
+
+    def ingested(budget):
+        monkeypatch.setattr(mind, "MAX_BATCH_IDS", budget)
+        wipe_store(engine)
+        done: list[int] = []
+        report = run(engine, quarantine_dir, news_path=news, behaviors_path=behaviors, progress=done.append)
+        quarantined = Path(report.quarantine_file).read_text(encoding="utf-8")
+        Path(report.quarantine_file).unlink()
+        # clicks counts click-row writes per batch (docs/data-contract.md), not rows stored
+        figures = {k: v for k, v in vars(report).items() if k not in ("elapsed", "quarantine_file", "clicks")}
+        return dump_store(engine), figures, quarantined, done
+
+    store, figures, quarantined, done = ingested(10 ** 9)
+    assert done == [40, 14]  # news, then behaviors: one batch each
+    cut_store, cut_figures, cut_quarantined, cut_done = ingested(100)
+    assert cut_done[0] == 40 and sum(cut_done[1:]) == 14 and len(cut_done) > 5
+    assert cut_store == store and cut_figures == figures and cut_quarantined == quarantined
+    assert (figures["impressions"], figures["num_bad_rows"], figures["unknown_history_ids"]) == (12, 2, 2)
