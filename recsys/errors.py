@@ -30,6 +30,11 @@ class SchemaError(RecsysError):
         where = f"{self.path} line {line}" if line is not None else self.path
         super().__init__(f"{where}: field '{field}' has {shown}, expected {expected}")
 
+    def __reduce__(self):
+        # Rebuilt from its five fields: raised in a worker process (local or Ray), it is pickled
+        # back, and the default (its one message argument) failed to unpickle it.
+        return type(self), (self.path, self.line, self.field, self.value, self.expected)
+
 
 class StoreError(RecsysError):
     """The SQL store cannot be reached or is in an unexpected state."""

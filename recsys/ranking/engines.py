@@ -515,6 +515,8 @@ def _init_ray(ray_address: str | None, num_cpus: int | None = None) -> None:
     except ConnectionError as exc:  # no cluster found for "auto", or Ray's own wait ran out
         raise RecsysError(f"{_ray_unreachable(ray_address)}: {exc}") from exc
     except OSError as exc:  # the environment: a socket path too long, $TMPDIR/ray a file, a full disk
+        if ray_address:  # joining a cluster (a TimeoutError, say): nothing of this machine's temp folder
+            raise RecsysError(f"{_ray_unreachable(ray_address)}: {type(exc).__name__}: {exc}") from exc
         raise RecsysError(
             f"cannot start Ray: {exc}; Ray keeps its sockets and logs under its temp folder ({_ray_temp_dir()}, "
             "from RAY_TMPDIR or TMPDIR): point TMPDIR (or RAY_TMPDIR) at a short, writable folder"
@@ -614,15 +616,10 @@ _RAY_RETRY_NOTE = re.compile(r"\n?Failed to [^\n]* after \d+/\d+ attempts \(tota
 
 def _without_ray_note(exc: BaseException) -> BaseException:
     """``exc`` with the retry note Ray Data appended to its message taken off again."""
-    args = list(exc.args)
-    if args and isinstance(args[-1], str) and _RAY_RETRY_NOTE.search(args[-1]):
-        stripped = _RAY_RETRY_NOTE.sub("", args[-1])
-        if stripped or len(args) == 1:
-            args[-1] = stripped
-        else:
-            args.pop()
+    args = tuple(_RAY_RETRY_NOTE.sub("", a) if isinstance(a, str) else a for a in exc.args)  # Ray notes args[0]
+    if args != exc.args:
         try:
-            exc.args = tuple(args)
+            exc.args = args
         except Exception:  # noqa: BLE001 - a read-only args: kept with its note
             pass
     return exc
@@ -707,13 +704,15 @@ def run_ray(
                         "threads", setup.num_threads, num_workers, cpus, cpus)
             setup = dataclasses.replace(setup, num_threads=cpus)
         if 0 < fit < num_workers:
-            # Ray Data would otherwise wait for the whole pool before starting (below): the
-            # actors that fit start it, the others join when the cluster has room for them.
-            log.warning("--workers %d actors of %d CPUs do not fit the Ray cluster's CPUs now (%s): the pool starts "
-                        "with %d and grows as room frees", num_workers, cpus, _cpus_text(node_cpus), fit)
-            compute = ray.data.ActorPoolStrategy(min_size=fit, max_size=num_workers)
-        else:
+            log.warning("--workers %d actors of %d CPUs do not fit the Ray cluster's CPUs (%s): the pool starts "
+                        "with the actors that fit and grows as room frees", num_workers, cpus, _cpus_text(node_cpus))
+        if started_here and not ray_address:  # our own instance, sized for the whole pool
             compute = ray.data.ActorPoolStrategy(size=num_workers)
+        else:
+            # Ray Data waits (below) for the pool's minimum to start: on a shared cluster other
+            # jobs may hold CPUs the totals count, so one actor starts it and the others join
+            # as room frees, as Ray Data's unbounded wait used to allow.
+            compute = ray.data.ActorPoolStrategy(min_size=1, max_size=num_workers)
         dataset = ray.data.from_items(
             [{"shard": int(shard), "user_ids": [str(u) for u in users]} for shard, users in shards],
             override_num_blocks=len(shards),
@@ -762,6 +761,8 @@ def run_ray(
             original = _ray_error(exc)
             if isinstance(original, Exception):
                 raise _without_ray_note(original) from exc
+            raise RayWorkerError(f"a Ray ranking worker failed: {_ray_error_line(exc)}") from None
+        except ray.exceptions.RayError as exc:  # e.g. UnserializableException: a worker's error Ray could not send back
             raise RayWorkerError(f"a Ray ranking worker failed: {_ray_error_line(exc)}") from None
     finally:
         if started_here:

@@ -59,6 +59,7 @@ def _in_thread(fn, timeout: float = 240):
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the engine, not the store, is under test
 def test_actors_asking_more_cpus_than_any_node_has_are_capped(one_cpu_ray, world_store, world, caplog):
     # 4 threads for 2 workers: 2 CPUs per actor on a cluster whose largest node has 1. Ray
     # Data waited for ever ("Cluster resources are not enough"), the nightly lock held.
@@ -68,7 +69,7 @@ def test_actors_asking_more_cpus_than_any_node_has_are_capped(one_cpu_ray, world
     assert "error" not in outcome, outcome
     assert outcome["value"]["status"] == "complete"
     assert "the largest node of the cluster has 1: each asks for 1" in caplog.text
-    assert "the pool starts with 1 and grows as room frees" in caplog.text
+    assert "the pool starts with the actors that fit and grows as room frees" in caplog.text
 
 
 def _clean(message: str) -> None:
@@ -77,6 +78,7 @@ def _clean(message: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the engine, not the store, is under test
 def test_a_ray_workers_setup_error_fails_the_run_as_the_local_engine_does(one_cpu_ray, world_store, world, tmp_path):
     # It was the actor's death: retried, then WorkerDiedError "died 3 times (... often for
     # memory ...)" with the run left running, the real cause (here a truncated scorer.keras) lost.
@@ -97,6 +99,7 @@ def test_a_ray_workers_setup_error_fails_the_run_as_the_local_engine_does(one_cp
 
 
 @pytest.mark.ray
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the engine, not the store, is under test
 def test_a_ray_workers_error_keeps_its_type_and_message(one_cpu_ray, world_store, world):
     # Ray wrapped it in RayTaskError(UserCodeException): "internal error" (exit 2) with Ray's
     # remote traceback and colour codes, stored as the run's message; the local engine gives
@@ -113,8 +116,7 @@ def test_a_ray_workers_error_keeps_its_type_and_message(one_cpu_ray, world_store
     _clean(str(outcome["error"]))
 
 
-@pytest.mark.ray
-def test_a_ray_workers_error_ray_did_not_keep_is_one_line(one_cpu_ray):
+def test_a_ray_workers_error_ray_did_not_keep_is_one_line():
     # An exception that cannot be pickled back (or an older Ray's UserCodeException): an
     # internal error still, but one line, not Ray's remote traceback.
     import ray
@@ -128,3 +130,24 @@ def test_a_ray_workers_error_ray_did_not_keep_is_one_line(one_cpu_ray):
     assert _ray_error(wrapped) is None
     assert _ray_error_line(wrapped) == "recsys.errors.StoreError: run 1 is failed"
     assert issubclass(RayWorkerError, RuntimeError) and not issubclass(RayWorkerError, RecsysError)
+
+
+def test_ray_s_retry_note_comes_off_every_argument_of_a_workers_error():
+    # Ray Data appends its note to args[0]; only args[-1] was cleaned.
+    from recsys.ranking.engines import _without_ray_note
+
+    note = "\nFailed to apply UDF transform after 1/1 attempts (total backoff 0.0s). If you believe this to be transient."
+    exc = _without_ray_note(ValueError("first message" + note, 42))
+    assert exc.args == ("first message", 42)
+
+
+def test_a_schema_error_survives_the_trip_back_from_a_worker_process():
+    # Its five-argument constructor made the default pickling fail: Ray handed it back as an
+    # UnserializableException with its coloured remote traceback (exit 2).
+    import pickle
+
+    from recsys.errors import SchemaError
+
+    error = SchemaError("/data/behaviors.tsv", 3, "Time", "yesterday", "a MIND time")
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is SchemaError and str(back) == str(error) and (back.line, back.field) == (3, "Time")
