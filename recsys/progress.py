@@ -41,8 +41,9 @@ def progress(description: str, total: int | None = None, *, interval_s: float = 
 
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
         # On stderr, where the test above looked: rich's default console is stdout, which holds the
-        # command's JSON (`recsys ingest > report.json` from a terminal began with the bar).
-        with Progress(*columns, transient=not summary, console=Console(stderr=True)) as bar:
+        # command's JSON (`recsys ingest > report.json` from a terminal began with the bar); and
+        # stdout left alone (rich would send what is printed there to the terminal meanwhile).
+        with Progress(*columns, transient=not summary, console=Console(stderr=True), redirect_stdout=False) as bar:
             task = bar.add_task(description, total=total)
             yield lambda n=1: bar.advance(task, n)
         return
