@@ -651,6 +651,14 @@ def _stop_after_ingest(monkeypatch) -> None:
     monkeypatch.setattr(recsys.pipelines.train, "run_train", stop)
 
 
+def _sample_files(world: Path, folder: Path, *names: str) -> Path:
+    """A new folder holding copies of some of the world's files."""
+    folder.mkdir()
+    for name in names:
+        shutil.copy(world / name, folder / name)
+    return folder
+
+
 def test_demo_creates_the_store_of_a_new_workspace(capsys, tmp_path: Path, world: Path, monkeypatch):
     # `make demo` on a fresh clone stopped at once with "no store at ..." when reading commands
     # stopped creating stores; the demo ingests first, so it creates it. Stopped after the ingest.
@@ -705,10 +713,7 @@ def test_demo_of_an_earlier_store_with_the_later_articles_says_so(capsys, tmp_pa
 def test_demo_runs_again_on_a_sample_whose_news_file_has_a_bom(capsys, tmp_path: Path, world: Path, monkeypatch):
     # Its store check read the first id as '\ufeffN...', which ingest does not: the second run was refused.
     _stop_after_ingest(monkeypatch)
-    folder = tmp_path / "bom"
-    folder.mkdir()
-    for name in ("behaviors_train.tsv", "behaviors_test.tsv"):
-        shutil.copy(world / name, folder / name)
+    folder = _sample_files(world, tmp_path / "bom", "behaviors_train.tsv", "behaviors_test.tsv")
     (folder / "news.tsv").write_bytes(b"\xef\xbb\xbf" + (world / "news.tsv").read_bytes())
     for _ in range(2):
         code, _, err = run(capsys, "--workspace", str(tmp_path / "ws"), "demo", "--sample", str(folder))
@@ -719,10 +724,7 @@ def test_demo_checks_the_sample_folder_before_it_starts(capsys, tmp_path: Path, 
     # A folder without its test file was found out at step 7, after three trainings and a nightly
     # run; one without images/ (a MIND download) stopped at the ingest.
     _stop_after_ingest(monkeypatch)
-    folder = tmp_path / "mind"
-    folder.mkdir()
-    for name in ("news.tsv", "behaviors_train.tsv"):
-        shutil.copy(world / name, folder / name)
+    folder = _sample_files(world, tmp_path / "mind", "news.tsv", "behaviors_train.tsv")
     code, out, err = run(capsys, "--workspace", str(tmp_path / "ws"), "demo", "--sample", str(folder))
     assert (code, out) == (1, "") and f"error: --sample {folder}: no behaviors_test.tsv there" in err, err
     assert not (tmp_path / "ws" / "recsys.db").exists()
