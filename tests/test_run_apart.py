@@ -14,8 +14,18 @@ from recsys.pipelines.nightly import HelperTraceback, run_apart
 from recsys.ranking.engines import WorkerDiedError
 
 
-def raise_schema_error(value):
+class TwoPartError(RecsysError):
     """A RecsysError whose constructor does not take its message: it cannot be unpickled as is."""
+
+    def __init__(self, what: str, why: str):
+        super().__init__(f"{what}: {why}")
+
+
+def raise_two_part_error(value):
+    raise TwoPartError("behaviors.tsv line 3", value)
+
+
+def raise_schema_error(value):
     raise SchemaError("behaviors.tsv", 3, "time", value, "a time")
 
 
@@ -27,8 +37,12 @@ def test_the_result_and_the_errors_come_back_to_the_job():
     assert run_apart(pow, 2, 10, died="x") == 1024
     with pytest.raises(ValueError, match="invalid literal"):
         run_apart(int, "x", died="x")
-    with pytest.raises(RecsysError, match=r"SchemaError: behaviors.tsv line 3: field 'time' has 'soon', expected a time"):
+    with pytest.raises(RecsysError, match=r"^TwoPartError: behaviors.tsv line 3: soon$"):
+        run_apart(raise_two_part_error, "soon", died="x")
+    # SchemaError pickles (rebuilt from its fields): it comes back as itself.
+    with pytest.raises(SchemaError, match=r"^behaviors.tsv line 3: field 'time' has 'soon', expected a time$") as raised:
         run_apart(raise_schema_error, "soon", died="x")
+    assert (raised.value.line, raised.value.field) == (3, "time")
     with pytest.raises(KeyError, match="k"):
         run_apart(raise_plain, "k", died="x")
 
