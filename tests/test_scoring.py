@@ -820,9 +820,15 @@ def test_evaluate_says_when_the_file_lies_in_a_models_training_window(trained, t
 
 
 
-def test_predict_and_evaluate_report_their_progress_through_the_file(trained, tmp_path, caplog):
+def test_predict_and_evaluate_report_their_progress_through_the_file(trained, tmp_path, caplog, monkeypatch):
     # Both were silent while scoring: about 25 minutes on MIND-large's test file.
+    from types import SimpleNamespace
+
+    import recsys.progress
     from recsys.pipelines.evaluate import run_evaluate
+
+    # Log lines, not a bar, even when pytest -s runs on a terminal.
+    monkeypatch.setattr(recsys.progress, "sys", SimpleNamespace(stderr=SimpleNamespace(isatty=lambda: False)))
 
     world, ws, engine, config, _ = trained
     lines = (world / "behaviors_test.tsv").read_text().splitlines(keepends=True)[:25]

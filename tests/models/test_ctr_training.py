@@ -372,6 +372,8 @@ def test_train_ctr_reports_progress_within_each_epoch(world, log, monkeypatch, c
 
     clock = iter(range(0, 10**9, 20))  # each reading 20 s after the last: every advance logs a line
     monkeypatch.setattr(recsys.progress, "time", SimpleNamespace(monotonic=lambda: float(next(clock))))
+    # Log lines, not a bar, even when pytest -s runs on a terminal.
+    monkeypatch.setattr(recsys.progress, "sys", SimpleNamespace(stderr=SimpleNamespace(isatty=lambda: False)))
     with caplog.at_level("INFO", logger="recsys"):
         _, history = train_ctr(world.features, world.train, world.valid, log, epochs=2, batch_size=32,
                                embedding_dim=16, history_len=8, patience=5)
