@@ -21,11 +21,13 @@ SAMPLE_FILES = (("news.tsv", True), ("behaviors_train.tsv", True), ("behaviors_t
 
 
 def _news_ids(path: Path) -> set[str]:
-    """The NewsIDs of a news file (empty when there is none), as ingest reads them (a BOM is no part of one)."""
+    """The NewsIDs of a news file's good lines (empty when there is none), read by ingest's own reader."""
+    from recsys.data.mind import NewsRow, iter_news
+
     if not path.is_file():
         return set()
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        return {line.split("\t", 1)[0] for line in f if line.strip()}
+    with iter_news(path) as rows:
+        return {row.news_id for row in rows if isinstance(row, NewsRow)}
 
 
 def find_sample(sample: Path | None, workspace_root: Path) -> Path:
