@@ -695,6 +695,25 @@ def test_demo_refuses_a_store_with_other_data(capsys, tmp_path: Path, world: Pat
     assert json.loads(run(capsys, *ws, "stats", "--json")[1]) == before
 
 
+@pytest.mark.parametrize("db_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+def test_demo_refuses_another_applications_database_before_adding_tables(capsys, tmp_path: Path, world: Path,
+                                                                         monkeypatch, db_url: str):
+    # The store check ran after open_store, which had already added recsys's tables to the database.
+    import sqlalchemy as sa
+
+    _stop_after_ingest(monkeypatch)
+    other = sa.create_engine(db_url)
+    with other.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE orders (id INTEGER PRIMARY KEY, total INTEGER)"))
+        conn.execute(sa.text("INSERT INTO orders VALUES (1, 30)"))
+    code, out, err = run(capsys, "--workspace", str(tmp_path / "ws"), "--db", db_url, "demo", "--sample", str(world))
+    assert code == 1 and "holds tables of another application (orders) and no recsys store" in err, err
+    with other.connect() as conn:
+        assert sa.inspect(conn).get_table_names() == ["orders"]
+        assert conn.execute(sa.text("SELECT id, total FROM orders")).all() == [(1, 30)]
+    other.dispose()
+
+
 def test_demo_of_an_earlier_store_with_the_later_articles_says_so(capsys, tmp_path: Path, world: Path, monkeypatch,
                                                                     caplog):
     # A workspace an earlier demo filled from news.tsv keeps the test window's articles (ingest

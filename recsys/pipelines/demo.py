@@ -49,6 +49,40 @@ def find_sample(sample: Path | None, workspace_root: Path) -> Path:
     return out
 
 
+def refuse_another_applications_database(url: str) -> None:
+    """Refuse a database that holds tables but no recsys store (another application's).
+
+    ``check_store_is_the_demos`` reads the store after ``open_store`` made it: pointed at such a
+    database, the demo would first have added recsys's tables to it. A missing SQLite file, an
+    empty database or a recsys store are left to that check; a database that cannot be reached
+    is left to ``open_store``, whose message names the cause.
+    """
+    import sqlalchemy as sa
+
+    from recsys.errors import StoreError
+    from recsys.store.database import VERSION_TABLE, create_engine_for, mask_url, sqlite_file
+
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        return  # connecting would create it
+    try:
+        engine = create_engine_for(url)
+    except StoreError:
+        return
+    try:
+        with engine.connect() as conn:
+            tables = sorted(sa.inspect(conn).get_table_names())
+    finally:
+        engine.dispose()
+    if tables and VERSION_TABLE not in tables:
+        shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
+        raise RecsysError(
+            f"the database at {mask_url(url)} holds tables of another application ({shown}) and no recsys "
+            "store: the demo would add its tables there and fill them with the sample world. Give it a "
+            "workspace of its own (--workspace DIR) and no --db or RECSYS_DB"
+        )
+
+
 def check_store_is_the_demos(engine, world: Path) -> None:
     """Refuse a store that holds anything but this world's data.
 
@@ -105,6 +139,7 @@ def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> d
     config = ctx.config({"model.epochs": epochs}, flags={"model.epochs": "--epochs"})
     ws = ctx.workspace.ensure()
     world = find_sample(sample, ws.root)
+    refuse_another_applications_database(ctx.db_url)  # before ctx.engine creates recsys tables in it
     engine = ctx.engine(create=True)  # it ingests the sample first
     check_store_is_the_demos(engine, world)
     step = lambda text: console.rule(Text(text, style="bold"))  # noqa: E731  (the sample path is not markup)

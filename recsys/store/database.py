@@ -40,7 +40,7 @@ SQLITE_BEGIN = "recsys_sqlite_begin"
 # version (two trainings finishing at once must leave one current version).
 _MIGRATION_LOCK_KEY = 0x7265637379730001
 PUBLISH_LOCK_KEY = 0x7265637379730002
-_VERSION_TABLE = "alembic_version"
+VERSION_TABLE = "alembic_version"
 
 
 @contextmanager
@@ -269,9 +269,9 @@ def current_revision(engine: Engine) -> str | None:
 def _revision_of(conn: Connection) -> str | None:
     # Read alembic's table directly: a MigrationContext logs its set-up at INFO on every call,
     # and every command opens the store.
-    if not sa.inspect(conn).has_table(_VERSION_TABLE):
+    if not sa.inspect(conn).has_table(VERSION_TABLE):
         return None
-    versions = conn.execute(sa.text(f"SELECT version_num FROM {_VERSION_TABLE}")).scalars().all()
+    versions = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()
     if len(versions) > 1:
         raise StoreError(f"the store has {len(versions)} migration heads ({', '.join(versions)}), expected one")
     return versions[0] if versions else None
