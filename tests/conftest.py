@@ -8,10 +8,8 @@ unreachable the PostgreSQL cases skip, except with ``CI=true``, where they fail.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +18,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
+
+from tests.ray_lock import ray_tests_lock
 
 PG_SERVER_URL = os.environ.get("RECSYS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -139,6 +139,6 @@ def _one_ray_test_at_a_time(request) -> Iterator[None]:
     if request.node.get_closest_marker("ray") is None:
         yield
         return
-    with open(Path(tempfile.gettempdir()) / "recsys-tests-ray.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with ray_tests_lock():
         yield
+

@@ -33,12 +33,16 @@ def one_cpu_ray():
     import ray
 
     from recsys.ranking.engines import _init_ray
+    from tests.ray_lock import ray_tests_lock
 
-    _init_ray(None, num_cpus=1)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    # Under the Ray tests' lock from the start: started beside test_kill's Ray test, its workers
+    # were among the processes that test kills.
+    with ray_tests_lock():
+        _init_ray(None, num_cpus=1)
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def _in_thread(fn, timeout: float = 240):
