@@ -69,7 +69,7 @@ def test_train_keeps_the_better_of_the_model_and_the_one_without_its_silent_text
     manifest = json.loads((Path(result["path"]) / "manifest.json").read_text())
     tried = manifest["history"]["modalities_tried"]
     assert manifest["history"]["requested_anchor_similarity_auc"]["text"] < 0.52
-    assert set(tried) == {"text,image", "image"} and "training a image model as well" in caplog.text
+    assert set(tried) == {"text,image", "image"} and "training a model on image as well" in caplog.text
     assert manifest["modalities"] == max(tried, key=tried.get) and manifest["modalities_requested"] == "text,image"
     assert manifest["model_config"]["modalities"] == manifest["modalities"]  # ablations are trained alike
     assert manifest["metrics"]["val_auc"] == pytest.approx(tried[manifest["modalities"]])

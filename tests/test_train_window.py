@@ -416,3 +416,23 @@ def test_window_labels_answer_what_the_rows_say(engine, tmp_path, seed):
             assert repo.window_labels(engine, since=T0 + lo * D, until=T0 + hi * D) == want, (lo, hi)
             assert repo.window_labels(engine, since=T0 + lo * D, until=T0 + hi * D, asks=("scoreable",)) == {
                 "scoreable": want["scoreable"]}
+
+
+@pytest.mark.parametrize("folder", ["models", "cache/features"])
+def test_a_workspace_folder_train_cannot_write_is_refused_before_encoding(engine, tmp_path, monkeypatch, folder):
+    # A file where models/ goes was found at the save, after the encoding and the training: exit 2,
+    # "internal error: NotADirectoryError".
+    ws = _five_days_and_a_validation_day(engine, tmp_path, monkeypatch, ["N2-1", "N3-0"], ["N3-1", "N4-0"])
+    in_the_way = ws.root / folder
+    in_the_way.parent.mkdir(parents=True, exist_ok=True)
+    in_the_way.write_text("not a folder")
+
+    def encoding(*args, **kwargs):
+        raise AssertionError("the catalogue was encoded")
+
+    monkeypatch.setattr(train_pipeline, "load_catalogue", encoding)
+    with pytest.raises(RecsysError, match=rf"^--workspace {re.escape(str(in_the_way))}: {re.escape(str(in_the_way))} is a "
+                                          r"file, expected a folder$"):
+        run_train(engine, ws, load_config(None, {}))
+    assert _stored_runs_and_versions(engine) == (0, 0)
+    assert in_the_way.read_text() == "not a folder"

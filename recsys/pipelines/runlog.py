@@ -40,7 +40,7 @@ def recorded_run(engine: Engine, kind: str, *, model_version: str | None = None,
             with engine.begin() as conn:
                 conn.execute(
                     update(s.runs).where(s.runs.c.run_id == run_id).values(
-                        status="failed", finished_at=utc_now(), message=f"{type(exc).__name__}: {exc}"[:2000],
+                        status="failed", finished_at=utc_now(), message=_failure_message(exc),
                         counts=record["counts"], timings=record["timings"],
                     )
                 )
@@ -103,3 +103,9 @@ def _sweep_running(engine: Engine, kind: str, *, every: bool) -> tuple[list[int]
         log.warning("%s run %d marked failed: %s before it recorded an outcome", kind, run_id, reason)
     alive = [(int(row.run_id), row.holder, row.started_at) for row in rows if row.run_id not in dead]
     return list(dead), alive
+
+
+def _failure_message(exc: BaseException) -> str:
+    """The run's message: the error's type and text ("Terminated" alone for a SIGTERM, not "Terminated: ")."""
+    text = str(exc)
+    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:2000]

@@ -18,6 +18,7 @@ from recsys.errors import RecsysError
 from recsys.data.interactions import ClickLog, Impressions, InteractionLog, without_later_clicks
 from recsys.models.side_features import SideFeatures
 from recsys.pipelines.features import first_seen_array, load_catalogue
+from recsys.pipelines.inputs import check_output_folder
 from recsys.pipelines.runlog import recorded_run, running_runs
 from recsys.store import repository as repo
 from recsys.threads import configure_threads
@@ -260,6 +261,10 @@ def run_train(
         log.warning("ingest run %d (%s, started %s UTC) is still running: this training reads only the batches it "
                     "has committed so far; train again after it ends to learn from the whole file", run_id, holder, started)
     check_window_labels(engine, since_dt, valid_start, until_dt, source=source)
+    # The folders it writes: a file in the way or a read-only mount found now, not at the save
+    # after the whole catalogue is encoded and trained on.
+    for folder in (workspace.features_dir, workspace.models_dir):
+        check_output_folder("--workspace", folder)
     t0 = time.perf_counter()
     news, features = load_catalogue(engine, workspace, config)
     timings["encode_s"] = round(time.perf_counter() - t0, 2)
@@ -299,7 +304,7 @@ def run_train(
         tried, requested_aucs = {modalities: _served_val_auc(history)}, history.get("anchor_similarity_auc", {})
         if without is not None:
             log.warning("the %s features' similarity to the readers' histories does not rank the training clicks "
-                        "(per-impression AUC %s): training a %s model as well, the better on validation is kept",
+                        "(per-impression AUC %s): training a model on %s as well, the better on validation is kept",
                         "/".join(m for m in modalities.split(",") if m not in without.split(",")) or modalities,
                         history["anchor_similarity_auc"], without)
             other_model, other_history = train_with(without)
