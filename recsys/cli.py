@@ -13,14 +13,14 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from typer.exceptions import TyperException
 
-from recsys.config import Config, Workspace, load_config, resolve_db_url
+from recsys.config import Config, Workspace, parse_config, read_config_text, resolve_db_url
 from recsys.errors import RecsysError
 from recsys.interrupts import sigterm_unwinds, terminated
 from recsys.progress import configure_logging
@@ -58,10 +58,16 @@ class AppContext:
     verbose: bool
     call_on_close: Callable[[Callable[[], object]], object] | None = None
     db_source: str | None = None  # "--db" or "RECSYS_DB"; None: the workspace's own SQLite file
+    # The config file's text, read once: a pipe (--config <(...)) reads empty the second time.
+    _config_text: str | None = field(default=None, init=False)
+    _config_read: bool = field(default=False, init=False)
 
     def config(self, overrides: dict | None = None, flags: dict[str, str] | None = None) -> Config:
         """The config with ``overrides`` ({"model.seed": 3}); ``flags`` names the option each came from."""
-        return load_config(self.config_path, overrides, flags=flags)
+        if not self._config_read:
+            self._config_text = read_config_text(self.config_path)
+            self._config_read = True
+        return parse_config(self._config_text, self.config_path, overrides, flags=flags)
 
     def check_config(self) -> None:
         """Refuse a bad config file even in a command that reads none of its keys (docs/configuration.md)."""
@@ -102,7 +108,7 @@ def main_options(
             raise RecsysError(f"{option} is {value!r}, expected {expected} (leave the option out for the default)")
     ws = Workspace.resolve(workspace)
     config = Path(config) if config is not None else None
-    # A dangling link is named as one by load_config, which every command calls.
+    # A dangling link is named as one by AppContext.config, which every command calls.
     if config is not None and not config.exists() and not config.is_symlink():
         raise RecsysError(f"config file {config} does not exist")
     db_source = "--db" if db else "RECSYS_DB" if os.environ.get("RECSYS_DB") else None

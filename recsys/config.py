@@ -232,18 +232,43 @@ def load_config(path: Path | None, overrides: dict | None = None, *, flags: dict
     Raises:
         ConfigError: unreadable TOML, unknown keys, wrong types or values.
     """
+    return parse_config(read_config_text(path), path, overrides, flags=flags)
+
+
+def read_config_text(path: Path | None) -> str | None:
+    """The text of the config file at ``path``; None when there is none.
+
+    A caller that needs the config more than once keeps this text: a file given as a pipe
+    (``--config <(...)``, ``/dev/stdin``) can be read only once, and a second read is empty.
+
+    Raises:
+        ConfigError: a dangling link, a folder, a file that cannot be read or is not UTF-8.
+    """
+    if path is None:
+        return None
+    _refuse_dangling_link(Path(path))
+    if not Path(path).exists():
+        return None
+    if Path(path).is_dir():
+        raise ConfigError(f"config file {path} is a folder, expected a TOML file")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except OSError as exc:  # unreadable (permissions): the operator's file, exit 1
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from exc
+
+
+def parse_config(text: str | None, path: Path | None, overrides: dict | None = None, *,
+                 flags: dict[str, str] | None = None) -> Config:
+    """The config from ``text`` (read from ``path`` by ``read_config_text``) with ``overrides``;
+    see ``load_config``."""
     data: dict = {}
-    if path is not None:
-        _refuse_dangling_link(Path(path))
-    if path is not None and Path(path).exists():
-        if Path(path).is_dir():
-            raise ConfigError(f"config file {path} is a folder, expected a TOML file")
+    if text is not None:
         try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-        except OSError as exc:  # unreadable (permissions): the operator's file, exit 1
-            raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from exc
     from_file = {f"{s}.{k}" for s, section in data.items() if isinstance(section, dict) for k in section}
     for dotted, value in (overrides or {}).items():
         if value is None:

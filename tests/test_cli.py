@@ -641,6 +641,28 @@ def test_similar_runs_faiss_on_the_configured_threads(capsys, tmp_path: Path, mo
     assert (code, seen) == (1, [1]) and "news id 'N1' is not in the index" in err
 
 
+def test_a_config_given_as_a_pipe_is_read_once(capsys, tmp_path: Path, monkeypatch):
+    # `--config <(cat recsys.toml)`: the store check read the pipe, and the command's own read of
+    # the config then found it empty and ran on the defaults without a word.
+    import os
+    from types import SimpleNamespace
+
+    import recsys.pipelines.index
+
+    seen = []
+    monkeypatch.setattr(recsys.pipelines.index, "get_version", lambda *_a, **_k: SimpleNamespace(version="v1"))
+    monkeypatch.setattr(recsys.pipelines.index, "load_index", lambda mv, num_threads=None, **_: seen.append(num_threads) or {})
+    assert run(capsys, "--workspace", str(tmp_path), "db", "upgrade")[0] == 0
+    read, write = os.pipe()
+    try:
+        os.write(write, b"[runtime]\nthreads = 1\n")
+        os.close(write)
+        code, _, err = run(capsys, "--workspace", str(tmp_path), "--config", f"/dev/fd/{read}", "similar", "--news", "N1")
+    finally:
+        os.close(read)
+    assert (code, seen) == (1, [1]) and "news id 'N1' is not in the index" in err, err
+
+
 def _stop_after_ingest(monkeypatch) -> None:
     import recsys.errors
     import recsys.pipelines.train
