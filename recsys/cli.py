@@ -79,8 +79,19 @@ class AppContext:
 
         self.check_config()  # before the workspace or the store is created
         refuse_in_memory_sqlite(self.db_url, self.db_source)  # each command is its own process
-        self.workspace.ensure()
+        if create:
+            self.workspace.ensure()
+        else:
+            # A reading command creates the workspace only once the store opens: `--workspace /typo
+            # stats` left an empty /typo folder behind.
+            self.workspace.check()
         engine = open_store(self.db_url, create=create, source=self.db_source)
+        if not create:
+            try:
+                self.workspace.ensure()
+            except BaseException:
+                engine.dispose()
+                raise
         if self.call_on_close is not None:
             self.call_on_close(engine.dispose)  # close pooled connections when the command ends
         return engine
@@ -146,11 +157,14 @@ def ingest(
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad row with exit 1 and store none of the data (the runs table records the failed attempt).")] = False,
 ) -> None:
     """Validate and load MIND files into the store; bad rows go to quarantine."""
-    from recsys.pipelines.ingest import run_ingest
+    from recsys.pipelines.ingest import check_ingest_inputs, run_ingest
 
     c = _ctx(ctx)
     if news is None and behaviors is None:
         raise RecsysError("ingest needs --news and/or --behaviors")
+    c.check_config()
+    # Before engine(create=True): a mistyped path left a new, empty store that `stats` then read.
+    check_ingest_inputs(news=news, behaviors=behaviors, images=images, source=source)
     report = run_ingest(c.engine(create=True), c.workspace, news=news, behaviors=behaviors, images=images, source=source, strict=strict)
     _print_json(report)
 

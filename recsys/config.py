@@ -352,11 +352,15 @@ class Workspace:
     def exports_dir(self) -> Path:
         return self.root / "exports"
 
+    def check(self) -> None:
+        """ConfigError when something other than a folder stands at the workspace's path."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"workspace {self.root} is a file, expected a folder")
+
     def ensure(self) -> "Workspace":
         """Create the workspace folder; ConfigError when its path cannot be one (a file in the way,
         a folder that cannot be created): the operator's path, not an internal error."""
-        if self.root.exists() and not self.root.is_dir():
-            raise ConfigError(f"workspace {self.root} is a file, expected a folder")
+        self.check()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -286,6 +286,43 @@ def test_missing_input_file_exits_1_naming_it(capsys, tmp_path: Path):
     assert f"--news {tmp_path}: not a regular file" in err
 
 
+@pytest.mark.parametrize("db_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+@pytest.mark.parametrize("given", [["--news", "{tmp}/nope.tsv"], ["--behaviors", "{tmp}/nope.tsv"],
+                                   ["--news", "{tmp}/news.tsv", "--images", "{tmp}/nope"],
+                                   ["--behaviors", "{tmp}/news.tsv", "--source", " "]])
+def test_ingest_of_bad_inputs_creates_no_store(capsys, tmp_path: Path, db_url: str, given):
+    # The store was created (a new recsys.db, or recsys tables in an empty database) before the
+    # inputs were checked: `stats` then answered zeros instead of "no store".
+    import sqlalchemy as sa
+
+    (tmp_path / "news.tsv").write_text("N1\tnews\tworld\tA title\t\t\t[]\t[]\n", encoding="utf-8")
+    ws = tmp_path / "ws"
+    given = [arg.format(tmp=tmp_path) for arg in given]
+    code, out, err = run(capsys, "--workspace", str(ws), "--db", db_url, "ingest", *given)
+    assert (code, out) == (1, ""), err
+    assert not ws.exists()
+    other = sa.create_engine(db_url)
+    with other.connect() as conn:
+        assert sa.inspect(conn).get_table_names() == []
+    other.dispose()
+
+
+def test_ingest_of_a_missing_file_into_a_new_workspace_leaves_nothing(capsys, tmp_path: Path):
+    ws = tmp_path / "ws"
+    code, out, err = run(capsys, "--workspace", str(ws), "ingest", "--news", str(tmp_path / "nope.tsv"))
+    assert (code, out) == (1, "") and "nope.tsv" in err, err
+    assert not ws.exists()
+
+
+@pytest.mark.parametrize("command", [["stats"], ["model", "list"], ["recommend", "--user", "U1"]])
+def test_a_reading_command_creates_no_workspace_for_a_store_it_cannot_open(capsys, tmp_path: Path, command):
+    # `recsys --workspace /typo stats` refused the missing store but left an empty /typo folder.
+    typo = tmp_path / "typo"
+    code, out, err = run(capsys, "--workspace", str(typo), *command)
+    assert (code, out) == (1, "") and f"no store at {typo / 'recsys.db'}" in err, err
+    assert not typo.exists()
+
+
 def test_ctrl_c_exits_2_saying_interrupted(capsys, tmp_path: Path, monkeypatch):
     import recsys.store.stats
 

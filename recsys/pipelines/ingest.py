@@ -43,6 +43,32 @@ def _refuse_files_without_a_good_row(summary: dict, *, news: Path | None, behavi
                              "file (news.tsv and behaviors.tsv swapped?)")
 
 
+def check_ingest_inputs(*, news: Path | None, behaviors: Path | None, images: Path | None,
+                        source: str | None) -> None:
+    """The checks of ``run_ingest`` that need no store: the command line runs them before it
+    creates one, so that a mistyped path leaves no empty store behind.
+
+    Raises:
+        RecsysError: a file or folder that is missing or of the wrong kind, a path or
+            ``source`` the store cannot record; the message names the option.
+    """
+    from recsys.store.ingest import check_path_name, check_source
+
+    for label, path in (("--news", news), ("--behaviors", behaviors)):
+        if path is not None:
+            check_file(label, path)  # not a pipe either: bad rows are recorded by the file's path
+            check_path_name(label, path)
+    if news is not None and behaviors is not None and Path(news).resolve() == Path(behaviors).resolve():
+        # Its bad rows would be counted and quarantined under one key for both readings.
+        raise RecsysError(f"--news and --behaviors are the same file {Path(news).resolve()}: "
+                          "expected news.tsv and behaviors.tsv")
+    check_images_go_with_news("ingest", news, images)
+    if images is not None:
+        check_folder("--images", images)
+    if source is not None:
+        check_source(source, "--source")
+
+
 def run_ingest(
     engine: Engine,
     workspace: Workspace,
@@ -60,20 +86,12 @@ def run_ingest(
     job) already holds it, else it is taken here.
 
     Raises:
+        RecsysError: bad inputs (``check_ingest_inputs``); nothing is written.
         RunLockedError: another ingest or nightly job holds the lock; nothing is written.
     """
     from recsys.store.ingest import ingest
 
-    for label, path in (("--news", news), ("--behaviors", behaviors)):
-        if path is not None:
-            check_file(label, path)  # not a pipe either: bad rows are recorded by the file's path
-    if news is not None and behaviors is not None and Path(news).resolve() == Path(behaviors).resolve():
-        # Its bad rows would be counted and quarantined under one key for both readings.
-        raise RecsysError(f"--news and --behaviors are the same file {Path(news).resolve()}: "
-                          "expected news.tsv and behaviors.tsv")
-    check_images_go_with_news("ingest", news, images)
-    if images is not None:
-        check_folder("--images", images)
+    check_ingest_inputs(news=news, behaviors=behaviors, images=images, source=source)
     workspace.quarantine_dir.mkdir(parents=True, exist_ok=True)
     # The nightly job's lock: two ingests at once would race on the same users' histories,
     # and a nightly job ranking while an ingest writes would read half of it.

@@ -128,6 +128,38 @@ def default_source(behaviors_path: str | Path) -> str:
     return f"{path.parent.name}/{path.stem}"
 
 
+def check_source(source: str, label: str = "source") -> None:
+    """Refuse a source name the store cannot hold, before anything is written.
+
+    Raises:
+        ConfigError: not UTF-8, blank, or too long; the message starts with ``label``.
+    """
+    limit = schema.impressions.c.source.type.length
+    try:
+        source.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as surrogates: no driver sends them
+        raise ConfigError(f"{label} {source.encode('utf-8', 'surrogateescape')!r}: not valid UTF-8") from None
+    if not source.strip():  # an unset variable or a stray space: a name nobody would find again
+        raise ConfigError(f"{label} {source!r} is blank, expected a name of 1 to {limit} characters")
+    if len(source) > limit:
+        raise ConfigError(f"{label} {source!r} must have 1 to {limit} characters")
+
+
+def check_path_name(label: str, path: str | Path) -> None:
+    """Refuse a file whose path is not UTF-8: the store records each file by its path
+    (``quarantine_key``, ``default_source``), which no driver can send.
+
+    Raises:
+        ConfigError: naming the file (its bytes).
+    """
+    try:
+        quarantine_key(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path)
+        raise ConfigError(f"{label} {shown!r}: its path is not valid UTF-8 (the store records files by path): "
+                          "rename it") from None
+
+
 def ingest(
     engine: Engine,
     *,
@@ -176,10 +208,12 @@ def ingest(
         raise ConfigError("ingest needs a news file, a behaviors file or both")
     if batch_size < 1:
         raise ConfigError(f"batch_size is {batch_size}, expected at least 1")
+    for label, path in (("news file", news_path), ("behaviors file", behaviors_path)):
+        if path is not None:
+            check_path_name(label, path)
     if behaviors_path is not None:
         source = default_source(behaviors_path) if source is None else source
-        if not 0 < len(source) <= schema.impressions.c.source.type.length:
-            raise ConfigError(f"source {source!r} must have 1 to {schema.impressions.c.source.type.length} characters")
+        check_source(source)
     listing = None
     if images_dir is not None:
         images_dir = Path(images_dir)
