@@ -117,6 +117,9 @@ def main_options(
                                     ("--config", config, "a TOML file")):
         if value is not None and not value.strip():
             raise RecsysError(f"{option} is {value!r}, expected {expected} (leave the option out for the default)")
+    env_workspace = os.environ.get("RECSYS_WORKSPACE", "")
+    if workspace is None and env_workspace and not env_workspace.strip():  # it made a folder named " "
+        raise RecsysError(f"RECSYS_WORKSPACE is {env_workspace!r}, expected a folder (unset it for the default)")
     ws = Workspace.resolve(workspace)
     config = Path(config) if config is not None else None
     # A dangling link is named as one by AppContext.config, which every command calls.
@@ -227,6 +230,7 @@ def train(
     """Train the CTR model on a time window; write a model version and mark it current."""
     from recsys.pipelines.train import run_train
 
+    _check_name("--source", source, "the source of a behaviors file")
     c = _ctx(ctx)
     config = c.config(
         {"model.modalities": modalities, "model.fusion": fusion, "model.epochs": epochs, "model.seed": seed},
@@ -303,6 +307,7 @@ def index_build(
     """Embed every article with the model's item tower and build the FAISS index."""
     from recsys.pipelines.index import run_index_build
 
+    _check_name("--model", model, _A_MODEL_VERSION)
     c = _ctx(ctx)
     config = c.config({"index.kind": kind}, flags={"index.kind": "--kind"})
     _print_json(run_index_build(c.engine(), c.workspace, config, version=model))
@@ -320,6 +325,7 @@ def similar(
     from recsys.pipelines.index import run_similar
 
     _check_id("--news", news)
+    _check_name("--model", model, _A_MODEL_VERSION)
     c = _ctx(ctx)
     rows = run_similar(c.engine(), c.workspace, news_id=news, k=k, version=model,
                        num_threads=c.config().runtime.threads or None)
@@ -347,7 +353,12 @@ def nightly(
 ) -> None:
     """The nightly job: ingest, encode new articles, rank every active user, switch atomically."""
     from recsys.pipelines.nightly import run_nightly_job
+    from recsys.store.ingest import check_source
 
+    if ray_address is not None:
+        _check_id("--ray-address", ray_address)
+    if source is not None:  # an option's typo, not a failed ingest (exit 3) after the store is opened
+        check_source(source, "--source")
     c = _ctx(ctx)
     config = c.config({
         "nightly.engine": engine_name, "nightly.k": k, "nightly.num_candidates": candidates,
@@ -425,6 +436,18 @@ def _check_id(option: str, value: str) -> None:
         raise RecsysError(f"{option} {value.encode('utf-8', 'surrogateescape')!r}: not valid UTF-8") from None
 
 
+_A_MODEL_VERSION = "a model version (see `recsys model list`)"
+
+
+def _check_name(option: str, value: str | None, expected: str) -> None:
+    # An empty value is a script's unset variable (--model "$VERSION"): it meant the default.
+    if value is None:
+        return
+    if not value.strip():
+        raise RecsysError(f"{option} is {value!r}, expected {expected} (leave the option out for the default)")
+    _check_id(option, value)
+
+
 def _print_rows(rows: list[dict], as_json: bool, *, title: str) -> None:
     keys = ["rank", "news_id", "title", "category", "score"]
     clean = [{key: row[key] for key in keys} for row in rows]
@@ -459,6 +482,7 @@ def predict(
     """Score every impression of a behaviors file; write `ImpressionID [r1,r2,...]` lines."""
     from recsys.pipelines.predict import run_predict
 
+    _check_name("--model", model, _A_MODEL_VERSION)
     c = _ctx(ctx)
     _print_json(run_predict(
         c.engine(), c.workspace, c.config(), behaviors=behaviors, out=out, version=model, news=news, images=images,
@@ -505,6 +529,7 @@ def evaluate(
     c = _ctx(ctx)
     versions = None
     if models is not None:
+        _check_id("--models", models)
         versions = [v.strip() for v in models.split(",") if v.strip()]
         if not versions:
             raise RecsysError(f"--models {models!r} names no model version (comma-separated names, see `recsys model list`)")

@@ -634,6 +634,46 @@ def test_an_empty_global_option_exits_1(capsys, tmp_path: Path, monkeypatch, opt
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("option", "command", "expected"), [
+    ("--model", ["index", "build", "--model"], "a model version (see `recsys model list`)"),
+    ("--model", ["similar", "--news", "N1", "--model"], "a model version (see `recsys model list`)"),
+    ("--model", ["predict", "--behaviors", "{tmp}/behaviors.tsv", "--out", "{tmp}/p.txt", "--model"],
+     "a model version (see `recsys model list`)"),
+    ("--source", ["train", "--source"], "the source of a behaviors file"),
+])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_model_or_source_exits_1(capsys, tmp_path: Path, option, command, expected, value):
+    # `index build --model "$UNSET"` rebuilt the current version's index and exited 0.
+    ws = ["--workspace", str(tmp_path / "ws")]
+    assert run(capsys, *ws, "db", "upgrade")[0] == 0
+    command = [arg.format(tmp=tmp_path) for arg in command]
+    code, out, err = run(capsys, *ws, *command, value)
+    assert (code, out, err.strip()) == (1, "", f"error: {option} is {value!r}, expected {expected} (leave the option "
+                                                "out for the default)")
+
+
+@pytest.mark.parametrize("command", [["ingest", "--behaviors"], ["nightly", "--behaviors"]])
+@pytest.mark.parametrize("value", ["", "   "])
+def test_a_blank_ingest_source_exits_1_and_stores_nothing(capsys, tmp_path: Path, world: Path, command, value):
+    # "   " was stored as a source name (and nightly took "" as a failed ingest, exit 3).
+    ws = ["--workspace", str(tmp_path / "ws")]
+    assert run(capsys, *ws, "db", "upgrade")[0] == 0
+    code, out, err = run(capsys, *ws, *command, str(world / "behaviors_train.tsv"), "--source", value)
+    assert (code, out, err.strip()) == (1, "", f"error: --source {value!r} is blank, expected a name of 1 to 255 "
+                                                "characters")
+    assert json.loads(run(capsys, *ws, "stats", "--json")[1])["impressions"] == 0
+
+
+def test_a_blank_workspace_variable_exits_1(capsys, tmp_path: Path, monkeypatch):
+    # RECSYS_WORKSPACE=" " made a folder named " " in the working directory.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RECSYS_WORKSPACE", " ")
+    code, out, err = run(capsys, "ingest", "--news", str(tmp_path / "nope.tsv"))
+    assert (code, out, err.strip()) == (1, "", "error: RECSYS_WORKSPACE is ' ', expected a folder (unset it for the "
+                                                "default)")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_refuses_a_run_id_beyond_64_bits(capsys, tmp_path: Path):
     # An OverflowError (SQLite) or a driver error with the SQL (PostgreSQL): exit 2.
     ws = ["--workspace", str(tmp_path / "ws")]
@@ -651,6 +691,48 @@ def test_an_id_that_is_not_utf8_exits_1(capsys, tmp_path: Path, command):
     value = b"U10\xff20".decode("utf-8", "surrogateescape")  # how Python hands over such an argument
     code, out, err = run(capsys, "--workspace", str(tmp_path), *command, value)
     assert (code, out, err.strip()) == (1, "", f"error: {command[1]} b'U10\\xff20': not valid UTF-8")
+
+
+_NOT_UTF8 = b"x\xff".decode("utf-8", "surrogateescape")  # how Python hands over such an argument
+
+
+@pytest.mark.parametrize(("option", "command"), [
+    ("--source", ["train", "--source"]),
+    ("--model", ["index", "build", "--model"]),
+    ("--model", ["similar", "--news", "N1", "--model"]),
+    ("--model", ["predict", "--behaviors", "{tmp}/behaviors.tsv", "--out", "{tmp}/p.txt", "--model"]),
+    ("--models", ["evaluate", "--behaviors", "{tmp}/behaviors.tsv", "--out", "{tmp}/report", "--models"]),
+    ("--ray-address", ["nightly", "--engine", "ray", "--ray-address"]),
+    ("--source", ["nightly", "--behaviors", "{tmp}/behaviors.tsv", "--source"]),
+    ("--source", ["ingest", "--news", "{tmp}/news.tsv", "--behaviors", "{tmp}/behaviors.tsv", "--source"]),
+])
+def test_an_option_that_is_not_utf8_exits_1_and_stores_nothing(capsys, tmp_path: Path, world: Path, option, command):
+    # Exit 2 before ("internal error: UnicodeEncodeError ... surrogates not allowed"); ingest had
+    # committed the news file before the bad --source failed.
+    for name in ("news.tsv", "behaviors.tsv"):
+        shutil.copy(world / ("behaviors_train.tsv" if name == "behaviors.tsv" else name), tmp_path / name)
+    ws = ["--workspace", str(tmp_path / "ws")]
+    assert run(capsys, *ws, "db", "upgrade")[0] == 0
+    before = json.loads(run(capsys, *ws, "stats", "--json")[1])
+    command = [arg.format(tmp=tmp_path) for arg in command]
+    code, out, err = run(capsys, *ws, *command, _NOT_UTF8)
+    assert (code, out, err.strip()) == (1, "", f"error: {option} b'x\\xff': not valid UTF-8")
+    assert json.loads(run(capsys, *ws, "stats", "--json")[1]) == before
+
+
+@pytest.mark.parametrize("option", ["--news", "--behaviors"])
+def test_ingest_of_a_file_whose_name_is_not_utf8_exits_1_naming_it(capsys, tmp_path: Path, world: Path, option):
+    # `ingest --behaviors "odd/$(printf 'b\xff').tsv"`: exit 2 (UnicodeEncodeError) from the path
+    # the store records the file by, after the other file was committed.
+    odd = tmp_path / b"b\xff.tsv".decode("utf-8", "surrogateescape")
+    shutil.copy(world / ("news.tsv" if option == "--news" else "behaviors_train.tsv"), odd)
+    other = ["--behaviors", str(world / "behaviors_train.tsv")] if option == "--news" else ["--news", str(world / "news.tsv")]
+    ws = tmp_path / "ws"
+    code, out, err = run(capsys, "--workspace", str(ws), "ingest", option, str(odd), *other)
+    assert (code, out) == (1, ""), err
+    assert err.strip() == (f"error: {option} {bytes(tmp_path)!r}"[:-1] + "/b\\xff.tsv': its path is not valid UTF-8 "
+                           "(the store records files by path): rename it"), err
+    assert not ws.exists()
 
 
 def test_similar_with_no_other_article_says_so_on_stderr(capsys, tmp_path: Path, monkeypatch):
