@@ -674,6 +674,24 @@ def test_a_blank_workspace_variable_exits_1(capsys, tmp_path: Path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("url", "shown", "sync"), [
+    ("postgresql+psycopg_async://u:secret@127.0.0.1:5432/x", "postgresql+psycopg_async://u:***@127.0.0.1:5432/x",
+     "postgresql+psycopg://"),
+    ("sqlite+aiosqlite:///{tmp}/store.db", "sqlite+aiosqlite:///{tmp}/store.db", "sqlite:///"),
+])
+@pytest.mark.parametrize("command", [["stats"], ["ingest", "--news", "{world}/news.tsv"]])
+def test_an_asyncio_store_driver_exits_1_naming_the_sync_one(capsys, tmp_path: Path, world: Path, url, shown, sync,
+                                                             command):
+    # psycopg_async failed at connect with "internal error: ImportError ... greenlet" (exit 2).
+    url, shown = url.format(tmp=tmp_path), shown.format(tmp=tmp_path)
+    command = [arg.format(world=world) for arg in command]
+    code, out, err = run(capsys, "--workspace", str(tmp_path / "ws"), "--db", url, *command)
+    driver = url.partition(":")[0]
+    assert (code, out, err.strip()) == (1, "", f"error: store URL {shown!r} names the asyncio driver {driver!r}, which "
+                                                f"recsys cannot use: use a synchronous one, e.g. {sync}...")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_refuses_a_run_id_beyond_64_bits(capsys, tmp_path: Path):
     # An OverflowError (SQLite) or a driver error with the SQL (PostgreSQL): exit 2.
     ws = ["--workspace", str(tmp_path / "ws")]

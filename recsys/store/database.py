@@ -105,6 +105,16 @@ def _normalise(url: str) -> URL:
         ) from exc
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
+    try:
+        is_async = parsed.get_dialect().is_async
+    except (ArgumentError, ImportError):  # an unknown dialect or driver: create_engine_for names it
+        is_async = False
+    if is_async:
+        # The store is used synchronously: an asyncio driver failed at connect (greenlet), exit 2.
+        backend = parsed.get_backend_name()
+        sync = {"postgresql": "postgresql+psycopg://", "sqlite": "sqlite:///"}.get(backend, f"{backend}://")
+        raise StoreError(f"store URL {mask_url(parsed)!r} names the asyncio driver {parsed.drivername!r}, which recsys "
+                         f"cannot use: use a synchronous one, e.g. {sync}...")
     return parsed
 
 
