@@ -117,6 +117,11 @@ def run_ingest(
                     "file's (first: %s): if it is another file than the one ingested before (MIND restarts impression "
                     "ids at 1 in every file), its impressions took their place; ingest each file under its own --source",
                     changed, summary.get("source"), summary.get("first_changed_impression"))
+    not_replaced = summary.get("histories_not_replaced", 0)
+    if not_replaced:
+        log.warning("%d lines carried a History other than the one the store keeps for the same user at the very same "
+                    "time (the first ingested is kept): a corrected file re-delivered with the same times does not "
+                    "replace Histories; ingest the correction with later times, or into a new store", not_replaced)
     elsewhere = summary.get("impressions_stored_elsewhere", 0)
     if elsewhere:
         log.warning("%d impressions of this file were not stored under source '%s': the store holds each of them (same "

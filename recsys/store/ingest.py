@@ -82,6 +82,9 @@ class IngestReport:
             the same impression under another impression id (a log line written twice): stored
             twice, its clicks would count twice. That id keeps what it holds.
         impression_items: candidate rows written.
+        histories_not_replaced: lines whose History was not stored although no stored or earlier
+            History of the user is more recent: another History of the same user at the very same
+            second was ingested first (by an earlier call or an earlier line) and is kept.
         unknown_history_ids: History entries naming an article neither the store nor the news
             file has (a news line quarantined, say), left out of the stored History; their
             impressions are kept, as ``predict`` and ``evaluate`` keep theirs.
@@ -107,6 +110,7 @@ class IngestReport:
     impressions_repeated: int = 0
     impression_items: int = 0
     unknown_history_ids: int = 0
+    histories_not_replaced: int = 0
     clicks: int = 0
     num_bad_rows: int = 0
     bad_rows_by_file: dict[str, int] = field(default_factory=dict)
@@ -568,6 +572,7 @@ class _Job:
         # Users: first/last seen, and whose History this batch brings the latest of (ties:
         # the first listed, so that batch boundaries do not change the outcome).
         per_user: dict[str, list] = {}
+        tied: dict[str, list] = {}  # per user, the other Histories of lines at its latest time
         for r in rows:
             agg = per_user.get(r.user_id)
             if agg is None:
@@ -577,6 +582,9 @@ class _Job:
                 agg[1] = max(agg[1], r.time)
                 if r.time > agg[2]:
                     agg[2], agg[3] = r.time, r.history
+                    tied.pop(r.user_id, None)
+                elif r.time == agg[2]:
+                    tied.setdefault(r.user_id, []).append(r.history)
         stored = {
             u: (at, digest)
             for u, at, digest in w.select_in(
@@ -589,9 +597,16 @@ class _Job:
             old_at, old_hash = stored.get(u, (None, None))
             if old_at is None or at > old_at:
                 new_history[u], stored_hash[u] = history, old_hash
-                user_rows.append((u, first, last, at, _history_hash(history)))
+                kept = _history_hash(history)
+                user_rows.append((u, first, last, at, kept))
             else:
                 user_rows.append((u, first, last, old_at, old_hash))
+                kept = old_hash if at == old_at else None
+                if kept is not None:
+                    tied.setdefault(u, []).append(history)
+            # A corrected History re-delivered at the same time is not stored: said, not silent.
+            if kept is not None:  # (None: the stored History is more recent than this batch's)
+                report.histories_not_replaced += sum(_history_hash(h) != kept for h in tied.get(u, ()))
         w.upsert(
             users, ("user_id", "first_seen_at", "last_seen_at", "history_at", "history_hash"), user_rows, key=("user_id",),
             update=lambda ex, t: {

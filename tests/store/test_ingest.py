@@ -881,3 +881,38 @@ def test_batches_of_long_histories_are_cut_by_ids_and_store_the_same(engine, qua
     assert cut_done[0] == 40 and sum(cut_done[1:]) == 14 and len(cut_done) > 5
     assert cut_store == store and cut_figures == figures and cut_quarantined == quarantined
     assert (figures["impressions"], figures["num_bad_rows"], figures["unknown_history_ids"]) == (12, 2, 2)
+
+
+def _history_of(engine, user: str) -> list[str]:
+    held = rows(engine, "clicks", "user_id", "news_id", "history_pos")
+    return [news for _, news, pos in sorted(r for r in held if r[0] == user and r[2] is not None)]
+
+
+@pytest.mark.parametrize("batch_size", [5000, 1])
+def test_a_history_corrected_at_the_same_time_is_kept_out_and_counted(engine, small_world, quarantine_dir, tmp_path,
+                                                                       batch_size):
+    # The first ingested History wins among equal times (docs/data-contract.md): a corrected file
+    # re-delivered with the same times changed nothing, and nothing said so.
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], source="s")
+    assert _history_of(engine, "U1") == ["N1", "N2", "N3"]
+    corrected = write_lines(tmp_path / "corrected.tsv", [
+        behavior_line(3, "U1", T0 + D, ["N1", "N5"], ["N4-1", "N5-0"]),  # the same time: kept out
+        behavior_line(4, "U3", T0 - 2 * H, ["N6"], ["N3-0", "N4-0"]),  # the same History: nothing to say
+        behavior_line(5, "U2", T0 - D, ["N4"], ["N1-0"]),  # older than U2's stored impression: not a tie
+    ])
+    report = run(engine, quarantine_dir, behaviors_path=corrected, source="s", batch_size=batch_size)
+    assert report.histories_not_replaced == 1
+    assert (_history_of(engine, "U1"), _history_of(engine, "U3"), _history_of(engine, "U2")) == (
+        ["N1", "N2", "N3"], ["N6"], [])
+    # Within one file: two lines of a user at one second with two Histories; the first listed is kept.
+    twice = write_lines(tmp_path / "twice.tsv", [
+        behavior_line(1, "U7", T0, ["N1"], ["N3-1", "N4-0"]),
+        behavior_line(2, "U7", T0, ["N2"], ["N5-0", "N6-1"]),
+        behavior_line(3, "U7", T0, ["N1"], ["N2-0", "N6-0"]),
+    ])
+    report = run(engine, quarantine_dir, behaviors_path=twice, source="t", batch_size=batch_size)
+    assert (report.histories_not_replaced, _history_of(engine, "U7")) == (1, ["N1"])
+    # The same files again: counted again (the store still keeps the first), nothing changes.
+    before = dump_store(engine)
+    assert run(engine, quarantine_dir, behaviors_path=twice, source="t", batch_size=batch_size).histories_not_replaced == 1
+    assert dump_store(engine) == before
