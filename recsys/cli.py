@@ -325,6 +325,7 @@ def similar(
     from recsys.pipelines.index import run_similar
 
     _check_id("--news", news)
+    _check_k(k)
     _check_name("--model", model, _A_MODEL_VERSION)
     c = _ctx(ctx)
     rows = run_similar(c.engine(), c.workspace, news_id=news, k=k, version=model,
@@ -417,6 +418,7 @@ def recommend(
     from recsys.ranking.runs import recommendations_for_user
 
     _check_id("--user", user)
+    _check_k(k)
     rows = recommendations_for_user(_ctx(ctx).engine(), user, k)
     if rows.empty:
         # Known user, empty list: say why on stderr, so that the output stays a valid (empty) list.
@@ -434,6 +436,12 @@ def _check_id(option: str, value: str) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise RecsysError(f"{option} {value.encode('utf-8', 'surrogateescape')!r}: not valid UTF-8") from None
+
+
+def _check_k(k: int) -> None:
+    # The library checks it too, but cannot name the option.
+    if k < 1:
+        raise RecsysError(f"--k is {k}, expected at least 1")
 
 
 _A_MODEL_VERSION = "a model version (see `recsys model list`)"

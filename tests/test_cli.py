@@ -93,7 +93,7 @@ def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
     scores = [r["score"] for r in similar]
     assert scores == sorted(scores, reverse=True)
     code, _, err = run(capsys, *ws, "similar", "--news", probe, "--k", "-3")
-    assert (code, err.strip()) == (1, "error: k is -3, expected at least 1")
+    assert (code, err.strip()) == (1, "error: --k is -3, expected at least 1")
     code, out, err = run(capsys, *ws, "similar", "--news", probe, "--k", "5")  # the table
     assert code == 0, err
     assert [n for n in re.findall(r"\bN\d+\b", out) if n != probe] == [r["news_id"] for r in similar]
@@ -709,6 +709,16 @@ def test_an_id_that_is_not_utf8_exits_1(capsys, tmp_path: Path, command):
     value = b"U10\xff20".decode("utf-8", "surrogateescape")  # how Python hands over such an argument
     code, out, err = run(capsys, "--workspace", str(tmp_path), *command, value)
     assert (code, out, err.strip()) == (1, "", f"error: {command[1]} b'U10\\xff20': not valid UTF-8")
+
+
+@pytest.mark.parametrize("command", [["recommend", "--user", "U1"], ["similar", "--news", "N1"]])
+@pytest.mark.parametrize("k", ["0", "-3"])
+def test_a_k_below_1_exits_1_naming_the_option(capsys, tmp_path: Path, command, k):
+    # The message said "k is 0, expected at least 1": no option of that name.
+    ws = ["--workspace", str(tmp_path)]
+    assert run(capsys, *ws, "db", "upgrade")[0] == 0
+    code, out, err = run(capsys, *ws, *command, "--k", k)
+    assert (code, out, err.strip()) == (1, "", f"error: --k is {k}, expected at least 1")
 
 
 _NOT_UTF8 = b"x\xff".decode("utf-8", "surrogateescape")  # how Python hands over such an argument
