@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
@@ -48,6 +49,9 @@ app.add_typer(index_app, name="index")
 app.add_typer(model_app, name="model")
 
 log = logging.getLogger("recsys")
+# --verbose as click parsed it (main_options sets it), for the error handling in _main: an
+# argument "-v" after the command is some option's value (`recommend --user -v`), not the flag.
+_verbose: ContextVar[bool] = ContextVar("recsys_cli_verbose", default=False)
 
 
 @dataclass
@@ -110,6 +114,7 @@ def main_options(
     config: Annotated[Optional[str], typer.Option(metavar="<path>", help="Config file (TOML). Default: recsys.toml in the workspace.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging and tracebacks on errors.")] = False,
 ) -> None:
+    _verbose.set(verbose)
     configure_logging(logging.DEBUG if verbose else logging.INFO)
     # An empty value is a script's unset variable (--db "$STORE"): --db fell through to RECSYS_DB,
     # --workspace and --config to the working directory.
@@ -575,7 +580,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
+    token = _verbose.set(False)
+    try:
+        return _run(argv)
+    finally:
+        _verbose.reset(token)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         # Outside standalone mode click hands back a command's typer.Exit code as the result.
         code = app(args=argv, standalone_mode=False)
@@ -593,7 +605,7 @@ def _main(argv: list[str] | None) -> int:
             typer.echo(f"error: {exc.format_message()}", err=True)
         return 1
     except RecsysError as exc:
-        if verbose:
+        if _verbose.get():
             log.exception("failed")
         typer.echo(f"error: {exc}", err=True)
         return 1
@@ -601,7 +613,7 @@ def _main(argv: list[str] | None) -> int:
         typer.echo("terminated (SIGTERM)" if terminated() else "interrupted", err=True)
         return 2
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: exit code 2
-        if verbose:
+        if _verbose.get():
             log.exception("internal error")
         typer.echo(f"internal error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)", err=True)
         return 2

@@ -479,6 +479,18 @@ def test_internal_error_exits_2_without_traceback(capsys, tmp_path: Path, monkey
     assert "disk on fire" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("value", ["-v", "--verbose"])
+def test_only_the_global_verbose_flag_logs_tracebacks(capsys, caplog, tmp_path: Path, value):
+    # Any argument "-v" counted: `recommend --user -v` (a user id) printed a traceback.
+    ws = ["--workspace", str(tmp_path)]
+    code, out, err = run(capsys, *ws, "recommend", "--user", value)
+    assert (code, out) == (1, "") and err.startswith("error: no store at "), err
+    assert not [record for record in caplog.records if record.exc_info]
+    code, out, err = run(capsys, *ws, value, "recommend", "--user", "U1")
+    assert (code, out) == (1, "") and err.startswith("error: no store at "), err
+    assert [record.msg for record in caplog.records if record.exc_info] == ["failed"]
+
+
 def check_similar_share_topic_or_style(world: Path, workspace: Path) -> None:
     """Neighbours in the item-embedding space share the hidden topic (only in the title) or
     cover style (only in the picture) far more often than chance."""
