@@ -582,6 +582,18 @@ def test_images_without_news_are_refused_not_ignored(capsys, tmp_path: Path, com
     assert not (tmp_path / "prediction.txt").exists() and not (tmp_path / "report").exists()
 
 
+@pytest.mark.parametrize("command", ["ingest", "nightly"])
+def test_source_without_behaviors_is_refused_before_the_store_is_opened(capsys, tmp_path: Path, world: Path, command):
+    # `ingest --news news.tsv --source night-1` ignored --source without a word, exit 0.
+    ws = tmp_path / "ws"
+    code, out, err = run(capsys, "--workspace", str(ws), command, "--news", str(world / "news.tsv"),
+                         "--source", "night-1")
+    assert (code, out) == (1, "")
+    assert err.strip() == (f"error: {command} --source 'night-1' goes with --behaviors: it names the impressions of a "
+                           "behaviors file, so without one it would be ignored")
+    assert not ws.exists()
+
+
 @pytest.mark.parametrize(("extra", "named"), [
     (["--behaviors", "b.tsv", "--out", "zz"], "--behaviors, --out"),
     (["--models", "v1", "--baselines"], "--models, --baselines"),

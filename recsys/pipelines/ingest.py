@@ -11,7 +11,12 @@ from sqlalchemy import Engine
 
 from recsys.config import Workspace
 from recsys.errors import RecsysError
-from recsys.pipelines.inputs import check_file, check_folder, check_images_go_with_news
+from recsys.pipelines.inputs import (
+    check_file,
+    check_folder,
+    check_images_go_with_news,
+    check_source_goes_with_behaviors,
+)
 from recsys.pipelines.runlog import recorded_run
 from recsys.progress import progress
 from recsys.ranking.lock import NIGHTLY_LOCK, StoreLock, acquire_lock
@@ -63,6 +68,7 @@ def check_ingest_inputs(*, news: Path | None, behaviors: Path | None, images: Pa
         raise RecsysError(f"--news and --behaviors are the same file {Path(news).resolve()}: "
                           "expected news.tsv and behaviors.tsv")
     check_images_go_with_news("ingest", news, images)
+    check_source_goes_with_behaviors("ingest", behaviors, source)
     if images is not None:
         check_folder("--images", images)
     if source is not None:

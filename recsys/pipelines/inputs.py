@@ -31,6 +31,14 @@ def check_images_go_with_news(command: str, news: Path | str | None, images: Pat
                           "a news.tsv, so without one they would be ignored")
 
 
+def check_source_goes_with_behaviors(command: str, behaviors: Path | str | None, source: str | None) -> None:
+    """Raises RecsysError for ``--source`` without ``--behaviors``: a source names the
+    impressions of a behaviors file, so without one it would be ignored without a word."""
+    if source is not None and behaviors is None:
+        raise RecsysError(f"{command} --source {source!r} goes with --behaviors: it names the impressions of a "
+                          "behaviors file, so without one it would be ignored")
+
+
 def check_writable(option: str, value: Path | str, folder: Path) -> None:
     """Raises RecsysError when files cannot be created in ``folder`` (permissions, a read-only
     file system), which would otherwise surface only once everything is scored."""

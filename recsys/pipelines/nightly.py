@@ -25,7 +25,12 @@ from sqlalchemy import Engine
 from recsys.config import Config, Workspace
 from recsys.errors import ConfigError, NotFoundError, RecsysError
 from recsys.pipelines.index import index_manifest, published_times
-from recsys.pipelines.inputs import check_images_go_with_news, check_output_folder, check_writable
+from recsys.pipelines.inputs import (
+    check_images_go_with_news,
+    check_output_folder,
+    check_source_goes_with_behaviors,
+    check_writable,
+)
 from recsys.pipelines.features import first_seen_array, load_catalogue, load_version_model
 from recsys.progress import progress
 from recsys.ranking.lock import NIGHTLY_LOCK, LockView, StoreLock, acquire_lock
@@ -285,6 +290,7 @@ def run_nightly_job(
     if news is None and behaviors is None and (images is not None or source is not None):
         raise RecsysError("nightly --images and --source go with --news and/or --behaviors (the files to ingest)")
     check_images_go_with_news("nightly", news, images)
+    check_source_goes_with_behaviors("nightly", behaviors, source)
     if export is not None:  # found now, not after the night's ranking
         check_output_folder("--export", export)
     _check_workspace_writable(engine, workspace)
