@@ -252,7 +252,8 @@ def read_config_text(path: Path | None) -> str | None:
     if Path(path).is_dir():
         raise ConfigError(f"config file {path} is a folder, expected a TOML file")
     try:
-        return Path(path).read_text(encoding="utf-8")
+        # utf-8-sig: Windows editors (Notepad) start a UTF-8 file with a byte-order mark.
+        return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     except OSError as exc:  # unreadable (permissions): the operator's file, exit 1

@@ -192,6 +192,13 @@ def test_bad_toml_names_the_file(tmp_path: Path):
         load_config(path)
 
 
+def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path: Path):
+    # Windows editors write one: it was "not valid TOML: Invalid statement (at line 1, column 1)".
+    path = tmp_path / "recsys.toml"
+    path.write_bytes("\ufeff[nightly]\nk = 5\n".encode("utf-8"))
+    assert load_config(path).nightly.k == 5
+
+
 def test_workspace_and_db_resolution(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("RECSYS_WORKSPACE", str(tmp_path / "ws"))
     monkeypatch.delenv("RECSYS_DB", raising=False)
