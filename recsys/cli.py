@@ -517,7 +517,7 @@ def evaluate(
     truth: Annotated[Optional[Path], typer.Option(help="Sample-world truth.tsv for the oracle row (found beside the behaviors file by default).")] = None,
     news: Annotated[Optional[Path], typer.Option(help="news.tsv with articles the store does not know.")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Cover images of those articles.")] = None,
-    compare: Annotated[Optional[list[Path]], typer.Option(help="Two metrics.json files to compare (give the option twice).")] = None,
+    compare: Annotated[Optional[list[Path]], typer.Option(metavar="<path>", help="Two metrics.json files to compare (give the option twice).")] = None,
     features_at: Annotated[str, typer.Option("--features-at", help=_FEATURES_AT_HELP)] = "popularity-at-end",
     allow_different_data: Annotated[bool, typer.Option("--allow-different-data", help="--compare two reports of different behaviors files (refused by default).")] = False,
 ) -> None:

@@ -276,6 +276,19 @@ def test_every_help_shows_its_texts_verbatim_and_no_value_for_flags(capsys):
             assert re.sub(r"\s+", "", param.help or "") in shown, (path, param.name)
 
 
+def test_no_help_shows_a_python_type_as_a_metavar(capsys):
+    # `evaluate --help` showed "--compare <list[Path]>".
+    import typer
+
+    from recsys.cli import app
+
+    for path, _ in _commands(typer.main.get_command(app)):
+        code, out, _ = run(capsys, *path, "--help")
+        assert code == 0, path
+        assert not re.search(r"--[\w-]+ <[^>\s]*\[", out), (path, out)
+    assert re.search(r"^\s+--compare <path>\s", run(capsys, "evaluate", "--help")[1], re.M)
+
+
 def test_missing_input_file_exits_1_naming_it(capsys, tmp_path: Path):
     code, _, err = run(capsys, "--workspace", str(tmp_path), "ingest", "--news", str(tmp_path / "nope.tsv"))
     assert code == 1
