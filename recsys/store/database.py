@@ -220,6 +220,7 @@ def create_engine_for(url: str) -> Engine:
         reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         raise StoreError(f"cannot use the store at {shown}: {reason}") from exc
     if engine.dialect.name == "sqlite":
+        check_sqlite_path(parsed)
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
         event.listen(engine, "handle_error", lambda context: _sqlite_on_error(shown, context))
@@ -382,15 +383,40 @@ def ensure_sqlite_folder(url: str) -> None:
     """Create the folder of a SQLite file URL when missing (nothing for other URLs).
 
     Raises:
-        StoreError: the URL does not parse, or the folder cannot be created.
+        StoreError: the URL does not parse, its path is a folder or runs through a file, or the
+            folder cannot be created.
     """
     path = sqlite_file(url)
     if path is None:
         return
+    check_sqlite_path(url)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"cannot create the folder of the store at {mask_url(url)}: {exc}") from exc
+
+
+def check_sqlite_path(url: str | URL) -> None:
+    """Refuse a SQLite file URL whose path cannot be a file: a folder stands there
+    (``sqlite:////tmp``), or a file stands where one of its folders should be
+    (``sqlite:////etc/passwd/x.db``). The driver said only "unable to open database file", and
+    creating the folder "[Errno 17] File exists".
+
+    Raises:
+        StoreError: naming the URL (password masked) and the path in the way.
+    """
+    path = sqlite_file(url)
+    if path is None:
+        return
+    if path.is_dir():
+        raise StoreError(f"the store at {mask_url(url)}: {path} is a folder, expected a SQLite file "
+                         f"(such as {path / 'recsys.db'}); check --db / RECSYS_DB")
+    for folder in path.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise StoreError(f"the store at {mask_url(url)}: {folder} is a file, expected a folder to hold "
+                                 f"{path.relative_to(folder)}; check --db / RECSYS_DB")
+            return
 
 
 def sqlite_file(url: str | URL) -> Path | None:
@@ -441,6 +467,7 @@ def refuse_in_memory_sqlite(url: str, source: str | None = None) -> None:
 
 def _refuse_missing_sqlite_file(url: str) -> None:
     # Connecting would create the file (and the WAL files beside it); check first.
+    check_sqlite_path(url)
     path = sqlite_file(url)
     if path is not None and not path.exists():
         raise StoreError(

@@ -332,8 +332,24 @@ def test_db_upgrade_creates_the_sqlite_folder_as_other_commands_do(tmp_path, cap
 
 def test_sqlite_folder_that_cannot_be_created_is_a_store_error(tmp_path):
     (tmp_path / "blocker").write_text("a file where the store's folder should be")
-    with pytest.raises(StoreError, match=r"cannot create the folder of the store at sqlite:///.*/blocker/sub/store\.db"):
+    with pytest.raises(StoreError, match=r"the store at sqlite:///.*/blocker/sub/store\.db: .*/blocker is a file, "
+                                         r"expected a folder to hold sub/store\.db"):
         open_store(f"sqlite:///{tmp_path / 'blocker' / 'sub' / 'store.db'}")
+
+
+@pytest.mark.parametrize("command", [["stats"], ["db", "upgrade"], ["nightly"]])
+def test_a_sqlite_path_that_is_a_folder_or_runs_through_a_file_exits_1_saying_so(tmp_path, capsys, command):
+    # The driver's "unable to open database file" and mkdir's "[Errno 17] File exists" before.
+    from recsys.cli import main
+
+    (tmp_path / "afile").write_text("")
+    for path, problem in [(tmp_path, f"{tmp_path} is a folder, expected a SQLite file (such as {tmp_path}/recsys.db)"),
+                          (tmp_path / "afile" / "x.db", f"{tmp_path}/afile is a file, expected a folder to hold x.db")]:
+        code = main(["--workspace", str(tmp_path / "ws"), "--db", f"sqlite:///{path}", *command])
+        out, err = capsys.readouterr()
+        assert (code, out, err.strip()) == (1, "", f"error: the store at sqlite:///{path}: {problem}; check --db / "
+                                                   "RECSYS_DB")
+    assert (tmp_path / "afile").read_text() == "" and not (tmp_path / "recsys.db").exists()
 
 
 def test_writing_to_a_read_only_sqlite_store_is_a_store_error(tmp_path):
