@@ -917,6 +917,8 @@ def test_demo_refuses_another_applications_database_before_adding_tables(capsys,
     with other.connect() as conn:
         assert sa.inspect(conn).get_table_names() == ["orders"]
         assert conn.execute(sa.text("SELECT id, total FROM orders")).all() == [(1, 30)]
+        if db_url.startswith("sqlite"):  # not switched to WAL either, as the store's connections do
+            assert conn.execute(sa.text("PRAGMA journal_mode")).scalar_one() == "delete"
     other.dispose()
 
 

@@ -66,9 +66,11 @@ def refuse_another_applications_database(url: str) -> None:
     if path is not None and not path.exists():
         return  # connecting would create it
     try:
-        engine = create_engine_for(url)
+        engine = create_engine_for(url) if path is None else None
     except StoreError:
         return
+    if engine is None:  # read only and without the store's hooks, which turn a SQLite file to WAL
+        engine = sa.create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
     try:
         with engine.connect() as conn:
             tables = sorted(sa.inspect(conn).get_table_names())

@@ -159,7 +159,7 @@ def check_path_name(label: str, path: str | Path) -> None:
     try:
         quarantine_key(path).encode("utf-8")
     except UnicodeEncodeError:
-        shown = os.fsencode(path)
+        shown = os.fsencode(Path(path).resolve())  # the folder above may be what is not UTF-8
         raise ConfigError(f"{label} {shown!r}: its path is not valid UTF-8 (the store records files by path): "
                           "rename it") from None
 
