@@ -597,16 +597,14 @@ class _Job:
             old_at, old_hash = stored.get(u, (None, None))
             if old_at is None or at > old_at:
                 new_history[u], stored_hash[u] = history, old_hash
-                kept = _history_hash(history)
+                kept, rivals = _history_hash(history), tied.get(u, [])
                 user_rows.append((u, first, last, at, kept))
             else:
                 user_rows.append((u, first, last, old_at, old_hash))
-                kept = old_hash if at == old_at else None
-                if kept is not None:
-                    tied.setdefault(u, []).append(history)
+                # At the stored time every line of the batch at it is a rival; earlier lines are not.
+                kept, rivals = old_hash, ([history, *tied.get(u, [])] if at == old_at else [])
             # A corrected History re-delivered at the same time is not stored: said, not silent.
-            if kept is not None:  # (None: the stored History is more recent than this batch's)
-                report.histories_not_replaced += sum(_history_hash(h) != kept for h in tied.get(u, ()))
+            report.histories_not_replaced += sum(_history_hash(h) != kept for h in rivals)
         w.upsert(
             users, ("user_id", "first_seen_at", "last_seen_at", "history_at", "history_hash"), user_rows, key=("user_id",),
             update=lambda ex, t: {
