@@ -922,6 +922,19 @@ def test_demo_refuses_another_applications_database_before_adding_tables(capsys,
     other.dispose()
 
 
+@pytest.mark.parametrize("name", ["store.db", "odd #1.db"])  # "#": the check opens the file by URI
+def test_demos_database_check_leaves_an_unreadable_file_to_the_stores_message(capsys, tmp_path: Path, world: Path,
+                                                                             monkeypatch, name: str):
+    # Read without the store's engine, a file that is no database raised DatabaseError: exit 2.
+    _stop_after_ingest(monkeypatch)
+    garbage = tmp_path / name
+    garbage.write_bytes(b"not a database" * 100)
+    code, _, err = run(capsys, "--workspace", str(tmp_path / "ws"), "--db", f"sqlite:///{garbage}", "demo",
+                       "--sample", str(world))
+    assert code == 1 and "cannot reach the store at sqlite:///" in err and "file is not a database" in err, err
+    assert garbage.read_bytes() == b"not a database" * 100
+
+
 def test_demo_of_an_earlier_store_with_the_later_articles_says_so(capsys, tmp_path: Path, world: Path, monkeypatch,
                                                                     caplog):
     # A workspace an earlier demo filled from news.tsv keeps the test window's articles (ingest

@@ -53,30 +53,12 @@ def refuse_another_applications_database(url: str) -> None:
     """Refuse a database that holds tables but no recsys store (another application's).
 
     ``check_store_is_the_demos`` reads the store after ``open_store`` made it: pointed at such a
-    database, the demo would first have added recsys's tables to it. A missing SQLite file, an
-    empty database or a recsys store are left to that check; a database that cannot be reached
-    is left to ``open_store``, whose message names the cause.
+    database, the demo would first have added recsys's tables to it.
     """
-    import sqlalchemy as sa
+    from recsys.store.database import foreign_tables, mask_url
 
-    from recsys.errors import StoreError
-    from recsys.store.database import VERSION_TABLE, create_engine_for, mask_url, sqlite_file
-
-    path = sqlite_file(url)
-    if path is not None and not path.exists():
-        return  # connecting would create it
-    try:
-        engine = create_engine_for(url) if path is None else None
-    except StoreError:
-        return
-    if engine is None:  # read only and without the store's hooks, which turn a SQLite file to WAL
-        engine = sa.create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
-    try:
-        with engine.connect() as conn:
-            tables = sorted(sa.inspect(conn).get_table_names())
-    finally:
-        engine.dispose()
-    if tables and VERSION_TABLE not in tables:
+    tables = foreign_tables(url)
+    if tables:
         shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
         raise RecsysError(
             f"the database at {mask_url(url)} holds tables of another application ({shown}) and no recsys "

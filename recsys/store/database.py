@@ -40,7 +40,7 @@ SQLITE_BEGIN = "recsys_sqlite_begin"
 # version (two trainings finishing at once must leave one current version).
 _MIGRATION_LOCK_KEY = 0x7265637379730001
 PUBLISH_LOCK_KEY = 0x7265637379730002
-VERSION_TABLE = "alembic_version"
+_VERSION_TABLE = "alembic_version"
 
 
 @contextmanager
@@ -280,9 +280,9 @@ def current_revision(engine: Engine) -> str | None:
 def _revision_of(conn: Connection) -> str | None:
     # Read alembic's table directly: a MigrationContext logs its set-up at INFO on every call,
     # and every command opens the store.
-    if not sa.inspect(conn).has_table(VERSION_TABLE):
+    if not sa.inspect(conn).has_table(_VERSION_TABLE):
         return None
-    versions = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()
+    versions = conn.execute(sa.text(f"SELECT version_num FROM {_VERSION_TABLE}")).scalars().all()
     if len(versions) > 1:
         raise StoreError(f"the store has {len(versions)} migration heads ({', '.join(versions)}), expected one")
     return versions[0] if versions else None
@@ -417,6 +417,32 @@ def check_sqlite_path(url: str | URL) -> None:
                 raise StoreError(f"the store at {mask_url(url)}: {folder} is a file, expected a folder to hold "
                                  f"{path.relative_to(folder)}; check --db / RECSYS_DB")
             return
+
+
+def foreign_tables(url: str) -> list[str]:
+    """The tables of the database at ``url`` when it holds tables but no recsys store (another
+    application's), sorted; ``[]`` for a recsys store, an empty database, a missing SQLite file
+    and a database that cannot be read (``open_store`` then says why). Nothing is created or
+    changed: a SQLite file is opened read-only, without the store's hooks (they turn it to WAL).
+    """
+    path = sqlite_file(url)
+    if path is not None:
+        if not path.is_file():
+            return []
+        engine = sa.create_engine("sqlite://", creator=lambda: sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True))
+    else:
+        try:
+            engine = create_engine_for(url)
+        except StoreError:
+            return []
+    try:
+        with engine.connect() as conn:
+            tables = sorted(sa.inspect(conn).get_table_names())
+    except DBAPIError:  # not a database, unreadable: open_store names it
+        return []
+    finally:
+        engine.dispose()
+    return [] if _VERSION_TABLE in tables else tables
 
 
 def sqlite_file(url: str | URL) -> Path | None:
