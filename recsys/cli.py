@@ -358,8 +358,7 @@ def nightly(
     rerank: Annotated[bool, typer.Option("--rerank", help="Rank even when the latest complete run had the same inputs (by default a retried night returns that run).")] = False,
 ) -> None:
     """The nightly job: ingest, encode new articles, rank every active user, switch atomically."""
-    from recsys.pipelines.inputs import check_images_go_with_news, check_source_goes_with_behaviors
-    from recsys.pipelines.nightly import run_nightly_job
+    from recsys.pipelines.nightly import check_nightly_inputs, run_nightly_job
     from recsys.store.ingest import check_source
 
     if ray_address is not None:
@@ -367,8 +366,7 @@ def nightly(
     if source is not None:  # an option's typo, not a failed ingest (exit 3) after the store is opened
         check_source(source, "--source")
     # Before the store is opened (run_nightly_job checks them again, for callers in Python).
-    check_images_go_with_news("nightly", news, images)
-    check_source_goes_with_behaviors("nightly", behaviors, source)
+    check_nightly_inputs(news=news, behaviors=behaviors, images=images, source=source)
     c = _ctx(ctx)
     config = c.config({
         "nightly.engine": engine_name, "nightly.k": k, "nightly.num_candidates": candidates,

@@ -287,10 +287,7 @@ def run_nightly_job(
     Raises:
         RunLockedError: another nightly job holds the lock; nothing is ingested or indexed.
     """
-    if news is None and behaviors is None and (images is not None or source is not None):
-        raise RecsysError("nightly --images and --source go with --news and/or --behaviors (the files to ingest)")
-    check_images_go_with_news("nightly", news, images)
-    check_source_goes_with_behaviors("nightly", behaviors, source)
+    check_nightly_inputs(news=news, behaviors=behaviors, images=images, source=source)
     if export is not None:  # found now, not after the night's ranking
         check_output_folder("--export", export)
     _check_workspace_writable(engine, workspace)
@@ -317,6 +314,16 @@ def run_nightly_job(
             engine, workspace, config, lock, news=news, behaviors=behaviors, images=images, source=source, export=export,
             rerank=rerank,
         )
+
+
+def check_nightly_inputs(*, news: Path | None, behaviors: Path | None, images: Path | None,
+                         source: str | None) -> None:
+    """Raises RecsysError for ``images`` or ``source`` without the file they go with. The command
+    line runs it before it opens the store; ``run_nightly_job`` again, for callers in Python."""
+    if news is None and behaviors is None and (images is not None or source is not None):
+        raise RecsysError("nightly --images and --source go with --news and/or --behaviors (the files to ingest)")
+    check_images_go_with_news("nightly", news, images)
+    check_source_goes_with_behaviors("nightly", behaviors, source)
 
 
 def _check_workspace_writable(engine: Engine, workspace: Workspace) -> None:
