@@ -33,6 +33,7 @@ import tensorflow as tf
 from recsys.encoders.item_features import EncoderInfo, ItemFeatures
 from recsys.errors import DamagedFileError, ModelMismatchError, NotFoundError
 from recsys.models import NUM_HEADS
+from recsys.models.exposure import ExposureCalibration
 from recsys.models.fusion import CategoryVocabulary, build_item_tower, parse_modalities
 from recsys.data.interactions import Impressions, InteractionLog, slice_impressions
 from recsys.models.scorer import Scorer, build_scorer
@@ -92,6 +93,8 @@ class RankingConfig:
             second-moment term (mean squared similarity to the history); () or all 0: off.
         moment_dim: ``Q``, the columns of that term in user vectors: anchor_dim squared per
             modality when it is on, else 0. Item embeddings do not carry them.
+        file_exposure: the file-exposure calibration fitted on validation
+            (``recsys.models.exposure``); None for a bundle trained without one (or before it existed).
         info: free-form training facts (loss, metrics, data counts) for manifests.
     """
 
@@ -109,6 +112,7 @@ class RankingConfig:
     prior_dim: int = 0
     moment_weights: tuple[float, ...] = ()
     moment_dim: int = 0
+    file_exposure: ExposureCalibration | None = None
     info: dict = field(default_factory=dict)
 
     @property
@@ -141,6 +145,7 @@ class RankingConfig:
             "moment_dim": self.moment_dim,
             "serving_dim": self.serving_dim,  # for readers that do not load TensorFlow (the nightly driver)
             "user_dim": self.user_dim,
+            "file_exposure": None if self.file_exposure is None else self.file_exposure.to_dict(),
             "info": self.info,
         }
 
@@ -161,6 +166,7 @@ class RankingConfig:
             prior_dim=int(d.get("prior_dim", 0)),
             moment_weights=tuple(float(w) for w in d.get("moment_weights", ())),
             moment_dim=int(d.get("moment_dim", 0)),
+            file_exposure=None if d.get("file_exposure") is None else ExposureCalibration.from_dict(d["file_exposure"]),
             info=dict(d.get("info", {})),
         )
 
@@ -610,6 +616,13 @@ class RankingModel:
     ) -> np.ndarray:
         """Uncalibrated logits of (user, candidate) pairs; same arguments as ``score``."""
         return self._pairs(self._logit_fn, user_vectors, candidate_embeddings, side, batch_size)
+
+    def calibrated_logits(self, logits: np.ndarray) -> np.ndarray:
+        """(c,) float64: uncalibrated ``logits`` (c,) through the scorer's Platt calibration
+        (``sigmoid`` of them is what ``score`` returns)."""
+        layer = self._scorer_layer
+        slope, intercept = float(layer.calibration_slope.numpy()), float(layer.calibration_intercept.numpy())
+        return slope * np.asarray(logits, dtype=np.float64) + intercept
 
     def _pairs(self, fn, user_vectors, candidate_embeddings, side, batch_size: int) -> np.ndarray:
         p = len(user_vectors)

@@ -34,9 +34,11 @@ from recsys.models.bundle import RankingModel
 from recsys.models.ctr import CTRModel, listwise_loss, pointwise_loss
 from recsys.models.fusion import ANCHOR_START_WEIGHT, WEAK_ANCHOR_START_WEIGHT, CategoryVocabulary
 from recsys.data.interactions import (
-    ClickLog, Impressions, InteractionLog, concat_impressions, first_shown, gather_csr,
+    ClickLog, Impressions, InteractionLog, candidate_impression_rows, concat_impressions, first_shown, gather_csr,
     with_logged_clicks,
 )
+from recsys.data.exposure import FileShows
+from recsys.models.exposure import ExposureCalibration, fit_exposure_calibration
 from recsys.models.side_features import SideFeatures
 from recsys.progress import progress as progress_lines
 
@@ -318,6 +320,7 @@ def train_ctr(
     content_prior: bool = False,
     feature_clock_hours: float = 0.0,
     refit: bool = False,
+    file_exposure: bool = True,
     progress: Callable[[dict], None] | None = None,
 ) -> tuple[RankingModel, dict]:
     """Train the CTR model; early-stop on the validation per-impression AUC.
@@ -371,6 +374,11 @@ def train_ctr(
             ``valid``: the served networks then learn from the newest window too. The
             validation figures returned are the first training's (nothing is left to validate
             the refit on).
+        file_exposure: after those fits, fit the file-exposure calibration
+            (``recsys.models.exposure``) on ``valid`` read as a later file is served: the store
+            ending where ``valid`` begins, each candidate's earlier shows in ``valid`` as the
+            scored file's exposure (``_fit_file_exposure``). ``recsys predict`` and ``recsys
+            evaluate`` apply it to impressions after the store's end.
         progress: called after every epoch with a dict (epoch, loss, val_auc, ...).
 
     Returns:
@@ -412,6 +420,7 @@ def train_ctr(
         first_seen = first_shown([train, valid], n)
     if feature_clock_hours < 0:
         raise ValueError(f"feature_clock_hours is {feature_clock_hours!r}, expected >= 0")
+    valid_at_true_times = valid  # what a later file's exposure is read at
     if feature_clock_hours > 0:  # histories are already read at the true times; only side features move
         train = dataclasses.replace(train, times=clock_floor(train.times, feature_clock_hours))
         valid = dataclasses.replace(valid, times=clock_floor(valid.times, feature_clock_hours))
@@ -442,6 +451,10 @@ def train_ctr(
     history.update(prior_weights=list(prior_weights), moment_weights=list(moment_weights), served_val_auc=served_auc,
                    calibration={"slope": slope, "intercept": intercept})
 
+    exposure = None
+    if file_exposure:
+        exposure, history["file_exposure"] = _fit_file_exposure(model, features, valid_at_true_times, log, first_seen, seed)
+
     refit_info = None
     if refit:
         # Everything fitted on ``valid`` (the epoch count, the prior's weights, the calibration) is
@@ -465,8 +478,9 @@ def train_ctr(
         "refit": refit_info, "anchor_similarity_auc": history["anchor_similarity_auc"],
         "silent_modalities": history["silent_modalities"],
         "anchor_start_weights": history["anchor_start_weights"],
+        "file_exposure": history.get("file_exposure"),
     }
-    config = dataclasses.replace(model.config, info=info)
+    config = dataclasses.replace(model.config, info=info, file_exposure=exposure)
     return RankingModel(model.item_tower, model.user_encoder, model.scorer, config), history
 
 
@@ -711,6 +725,31 @@ def _fit_prior_weights(
                 if auc > best_auc + 1e-9:
                     best, best_auc = candidate, auc
     return tuple(best[:blocks]), tuple(best[blocks:]), best_auc, logits_of(best).astype(np.float32)
+
+
+def _fit_file_exposure(
+    model: RankingModel, features: ItemFeatures, valid: Impressions, log: InteractionLog, first_seen: np.ndarray, seed: int,
+) -> tuple[ExposureCalibration, dict]:
+    """The file-exposure calibration fitted on ``valid`` read as ``recsys evaluate`` reads a file
+    after the store: the store ends where ``valid`` begins, so popularity is read at that start
+    (``popularity_until``), an article first seen in ``valid`` is fresh (never seen: age 0, as
+    one the store does not know), and each candidate's earlier shows in ``valid`` are the file's
+    exposure. Returns it and the facts a manifest records (its weights, and the validation
+    per-impression AUC of the logits read so, without and with it: the latter in-sample)."""
+    start = valid.times.min()
+    seen = ~np.isnat(first_seen) & (first_seen < start)
+    owner = candidate_impression_rows(valid)
+    times = valid.times[owner]
+    logits = model.score_impressions(valid, _embeddings_for(model, features, valid), log,
+                                     np.where(seen, first_seen, np.datetime64("NaT")), popularity_until=start, logits=True)
+    counts, hours = FileShows.from_events(valid.candidate_items, times).earlier(valid.candidate_items, times)
+    fresh = ~seen[valid.candidate_items]
+    calibration = fit_exposure_calibration(logits, counts, hours, fresh, valid.labels, owner, seed=seed)
+    auc = lambda scores: round(float(mean_impression_auc(valid.labels, scores, valid.candidate_offsets)[0]), 6)  # noqa: E731
+    return calibration, {
+        **calibration.to_dict(), "valid_fresh_share": round(float(fresh.mean()), 6),
+        "valid_auc_after_store": auc(logits), "valid_auc_with_exposure": auc(calibration.logits(logits, counts, hours, fresh)),
+    }
 
 
 def evaluate_logits(

@@ -390,7 +390,8 @@ def _final_metrics(history: dict) -> dict:
     """Validation metrics of the served model: the kept epoch, with the content prior if fitted.
 
     ``val_auc`` is the served model's (networks plus prior); ``val_auc_networks`` the kept
-    epoch's alone; ``val_log_loss`` is the kept epoch's, before the prior.
+    epoch's alone; ``val_log_loss`` is the kept epoch's, before the prior; ``file_exposure`` the
+    calibration fitted for predict and evaluate (``training._fit_file_exposure``), if any.
     """
     best = history.get("best_epoch")
     out = {"best_epoch": best, "val_auc": history.get("served_val_auc", history.get("best_val_auc")),
@@ -398,6 +399,8 @@ def _final_metrics(history: dict) -> dict:
            "content_prior_moment_weights": history.get("moment_weights", [])}
     if best and history.get("val_log_loss"):  # epochs count from 1
         out["val_log_loss"] = history["val_log_loss"][best - 1]
+    if history.get("file_exposure"):
+        out["file_exposure"] = history["file_exposure"]
     if history.get("refit"):  # the served networks are the refit's; the figures above are the first training's
         from recsys.models.training import REFIT_SUMMARY  # loaded with train_ctr already: no start-up cost
 

@@ -10,7 +10,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from recsys.models.ctr import listwise_loss, pointwise_loss
 from recsys.data.interactions import (
-    ClickLog, Impressions, InteractionLog, first_shown, select_impressions, with_logged_clicks,
+    ClickLog, Impressions, InteractionLog, candidate_impression_rows, first_shown, select_impressions, with_logged_clicks,
 )
 from recsys.models import training
 from recsys.models.training import (
@@ -381,3 +381,40 @@ def test_train_ctr_reports_progress_within_each_epoch(world, log, monkeypatch, c
     steps = [f"{min(k, n)}/{n}" for k in range(32, n + 32, 32)]
     lines = [r.getMessage().split(" (")[0] for r in caplog.records if r.getMessage().startswith("training epoch")]
     assert lines == [f"training epoch {e}/2: {step}" for e in (1, 2) for step in steps]
+
+
+def test_the_file_exposure_calibration_is_fitted_on_validation_read_as_a_later_file(world, log):
+    """train_ctr fits it on the validation window as predict reads a file after the store: the
+    store ending where the window begins, the window's own earlier shows as the file's exposure.
+    Rebuilt here from a brute-force count and scikit-learn's fit."""
+    from sklearn.linear_model import LogisticRegression
+
+    from recsys.models.exposure import exposure_design
+
+    train = select_impressions(world.train, np.arange(len(world.train) - 600, len(world.train)))  # the newest: valid shows some
+    kwargs = dict(epochs=1, batch_size=32, embedding_dim=32, history_len=20)
+    model, history = train_ctr(world.features, train, world.valid, log, **kwargs)
+    cal = model.config.file_exposure
+    assert cal is not None and history["file_exposure"]["weights"] == list(cal.weights)
+    assert model.config.info["file_exposure"] == history["file_exposure"]
+
+    valid, n = world.valid, len(world.features)
+    first_seen = first_shown([train, valid], n)
+    start = valid.times.min()
+    seen = ~np.isnat(first_seen) & (first_seen < start)
+    owner = candidate_impression_rows(valid)
+    times = valid.times[owner]
+    items = valid.candidate_items
+    counts = np.array([np.sum((items == item) & (times < t)) for item, t in zip(items, times)])
+    hours = np.array([(t - times[(items == item) & (times < t)].min()) / np.timedelta64(1, "h") if c else 0.0
+                      for item, t, c in zip(items, times, counts)])
+    fresh = ~seen[items]
+    assert fresh.any() and (~fresh).any() and (counts > 0).any()  # every column of the design is exercised
+    logits = model.score_impressions(valid, model.item_embeddings(world.features), log,
+                                     np.where(seen, first_seen, np.datetime64("NaT")), popularity_until=start, logits=True)
+    expected = LogisticRegression(C=1.0, max_iter=1000).fit(exposure_design(logits, counts, hours, fresh), valid.labels)
+    np.testing.assert_allclose(cal.weights, expected.coef_[0], rtol=1e-4, atol=1e-5)
+    assert cal.intercept == pytest.approx(expected.intercept_[0], rel=1e-4, abs=1e-5)
+
+    without, _ = train_ctr(world.features, train, world.valid, log, file_exposure=False, **kwargs)
+    assert without.config.file_exposure is None and without.config.info["file_exposure"] is None

@@ -88,6 +88,38 @@ def test_logged_clicks_flag_survives_save_and_old_bundles_read_false(small_world
     assert RankingModel.load(tmp_path / "bundle").config.logged_clicks is False
 
 
+def test_file_exposure_calibration_survives_save_and_old_bundles_have_none(model, tmp_path):
+    from recsys.errors import DamagedFileError
+    from recsys.models.exposure import ExposureCalibration
+
+    cal = ExposureCalibration((0.4, 0.5, -0.7, 0.1, 0.2), -2.5)
+    with_cal = RankingModel(model.item_tower, model.user_encoder, model.scorer,
+                            dataclasses.replace(model.config, file_exposure=cal))
+    with_cal.save(tmp_path / "bundle")
+    assert RankingModel.load(tmp_path / "bundle").config.file_exposure == cal
+    path = tmp_path / "bundle" / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "file_exposure": {**config["file_exposure"], "weights": [0.4, 0.5]}}))
+    with pytest.raises(DamagedFileError, match=re.escape(f"{path}: the file is there but cannot be read (")):
+        RankingModel.load(tmp_path / "bundle")
+    del config["file_exposure"]  # saved before the calibration existed
+    path.write_text(json.dumps(config))
+    assert RankingModel.load(tmp_path / "bundle").config.file_exposure is None
+
+
+def test_calibrated_logits_are_what_score_applies_to_logits(model, small):
+    world, log, first = small
+    layer = model._scorer_layer
+    layer.set_calibration(1.7, -0.4)
+    try:
+        emb = model.item_embeddings(world.features)
+        logits = model.score_impressions(world.test, emb, log, first, logits=True)
+        probabilities = model.score_impressions(world.test, emb, log, first)
+        np.testing.assert_allclose(1 / (1 + np.exp(-model.calibrated_logits(logits))), probabilities, rtol=1e-5, atol=1e-6)
+    finally:
+        layer.set_calibration(1.0, 0.0)
+
+
 def test_save_replaces_an_existing_bundle_and_failure_keeps_the_old(model, tmp_path, monkeypatch):
     target = tmp_path / "bundle"
     model.save(target)

@@ -1,0 +1,97 @@
+"""The file-exposure calibration: the served logit combined with what a scored file says of
+each candidate's exposure before its impression.
+
+For a candidate the store never showed ("fresh": its popularity features read nothing), the
+file's earlier shows of the article and the hours since its first; for the others, their
+earlier shows in the file. A logistic regression on the validation window, read as a later
+file is served (the store ending where the window begins), fits one weight each
+(``fit_exposure_calibration``); ``recsys predict`` and ``recsys evaluate`` apply it to
+impressions after the store's end. The nightly job cannot: tomorrow's shows are unknown
+tonight (docs/model.md, "Exposure in the scored file").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# The design matrix's columns, in order.
+FEATURES = ("logit", "fresh_log_shows", "fresh_log_hours", "fresh", "seen_log_shows")
+# Rows a fit reads at most (a random sample of impressions beyond): five weights need far fewer.
+MAX_FIT_ROWS = 2_000_000
+
+
+def exposure_design(logits: np.ndarray, counts: np.ndarray, hours: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+    """(c, 5) float64 design matrix (``FEATURES``) of c candidates.
+
+    Args:
+        logits: (c,) served logits (uncalibrated, the content prior included).
+        counts: (c,) earlier shows of each candidate's article in the file.
+        hours: (c,) hours since the first of those shows (0 without one).
+        fresh: (c,) bool, the store never showed the article before its end.
+    """
+    f = np.asarray(fresh, dtype=np.float64)
+    shows = np.log1p(np.asarray(counts, dtype=np.float64))
+    return np.column_stack([np.asarray(logits, dtype=np.float64), f * shows,
+                            f * np.log1p(np.asarray(hours, dtype=np.float64)), f, (1.0 - f) * shows])
+
+
+@dataclass(frozen=True)
+class ExposureCalibration:
+    """``logit' = intercept + weights . exposure_design(...)``, fitted on validation.
+
+    Attributes:
+        weights: (5,) one per ``FEATURES`` column.
+        intercept: the constant.
+    """
+
+    weights: tuple[float, ...]
+    intercept: float
+
+    def __post_init__(self) -> None:
+        if len(self.weights) != len(FEATURES) or not all(math.isfinite(w) for w in (*self.weights, self.intercept)):
+            raise ValueError(f"file exposure calibration: weights {list(self.weights)} and intercept {self.intercept!r}, "
+                             f"expected {len(FEATURES)} finite weights ({', '.join(FEATURES)}) and a finite intercept")
+
+    def logits(self, logits: np.ndarray, counts: np.ndarray, hours: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+        """(c,) float64 calibrated logits (arguments as ``exposure_design``)."""
+        return exposure_design(logits, counts, hours, fresh) @ np.asarray(self.weights) + self.intercept
+
+    def to_dict(self) -> dict:
+        return {"features": list(FEATURES), "weights": list(self.weights), "intercept": self.intercept}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExposureCalibration":
+        """Raises ValueError for columns other than ``FEATURES`` or weights that are not finite numbers."""
+        if list(d.get("features", FEATURES)) != list(FEATURES):
+            raise ValueError(f"file exposure calibration over {d['features']}, expected {list(FEATURES)}")
+        return cls(tuple(float(w) for w in d["weights"]), float(d["intercept"]))
+
+
+def fit_exposure_calibration(
+    logits: np.ndarray, counts: np.ndarray, hours: np.ndarray, fresh: np.ndarray, labels: np.ndarray,
+    owner: np.ndarray, *, seed: int = 0,
+) -> ExposureCalibration:
+    """A logistic regression of ``labels`` (c,) 0/1 on ``exposure_design`` (other arguments as
+    there). ``owner`` (c,) gives each candidate's impression: beyond ``MAX_FIT_ROWS``
+    candidates a random sample of whole impressions (seeded) is read.
+
+    Raises:
+        ValueError: the labels are not both 0 and 1.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    labels = np.asarray(labels)
+    keep = np.ones(len(labels), dtype=bool)
+    if len(labels) > MAX_FIT_ROWS:
+        impressions = np.unique(owner)
+        share = MAX_FIT_ROWS / len(labels)
+        chosen = np.random.default_rng(seed).random(len(impressions)) < share
+        keep = np.isin(owner, impressions[chosen])
+    if len(np.unique(labels[keep])) != 2:
+        raise ValueError("the file exposure calibration needs clicks and non-clicks")
+    x = exposure_design(logits[keep], counts[keep], hours[keep], fresh[keep])
+    model = LogisticRegression(C=1.0, max_iter=1000).fit(x, labels[keep])
+    return ExposureCalibration(tuple(float(w) for w in model.coef_[0]), float(model.intercept_[0]))
