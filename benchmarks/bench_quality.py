@@ -7,6 +7,11 @@ random and most-popular baselines. About half of the test window's candidates ar
 published after training (never clicked in the training window), so the "fresh" rows show
 how well content alone carries the prediction.
 
+The test window is evaluated twice: as ``recsys evaluate`` does by default (impressions after
+the store's end read the file's earlier shows of each candidate through the model's
+file-exposure calibration) and with ``--no-file-exposure`` (what the nightly job can serve:
+tomorrow's shows are unknown tonight), rows ``*_without_file_exposure``.
+
 Prints a table and writes benchmarks/results/quality.json.
 
 Usage:
@@ -230,8 +235,29 @@ def run_seed(seed: int, args, root: Path) -> dict:
         result = run_train(engine, ws, cfg, make_current=(modalities == "text,image"),
                            exact_modalities=(modalities != "text,image"))  # the ablations are what they say
         versions[modalities] = result["version"]
-    report = run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=ws.reports_dir / "quality",
-                          ablations=True, truth=world / "truth.tsv", num_resamples=200)
+    rows, fresh, seen = evaluated_rows(engine, ws, config, world, ws.reports_dir / "quality", versions, file_exposure=True)
+    off = dict(zip(("rows", "fresh", "seen"), evaluated_rows(
+        engine, ws, config, world, ws.reports_dir / "quality-no-exposure", versions, file_exposure=False)))
+    oracle = next(r["impression_auc"] for r in rows.values() if r["kind"] == "oracle")
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    references = {}
+    for name, fn in (("hidden_label_ceiling", hidden_label_ceiling), ("content_similarity", content_similarity_reference)):
+        for logged in (True, False):
+            ref = fn(world, catalogue, logged_clicks=logged)
+            ref["gap_closed"] = (ref["impression_auc"] - 0.5) / (oracle - 0.5)
+            references[name + ("" if logged else "_history_column_only")] = ref
+    return {"seed": seed, "rows": rows, "fresh": fresh, "seen": seen, **references,
+            **{f"{key}_without_file_exposure": value for key, value in off.items()},
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def evaluated_rows(engine, ws, config, world: Path, out: Path, versions: dict[str, str], *, file_exposure: bool):
+    """``recsys evaluate`` of the world's test file with the current version and its ablations:
+    (rows by model name, AUC on fresh candidates only, AUC on the others)."""
+    from recsys.pipelines.evaluate import run_evaluate
+
+    report = run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=out, ablations=True,
+                          truth=world / "truth.tsv", num_resamples=200, file_exposure=file_exposure)
     metrics = json.loads(Path(report["metrics_json"]).read_text())
     rows = {}
     for name, m in metrics["models"].items():
@@ -242,18 +268,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
             "gap_closed": m["gap_closed"],
             "log_loss": m["metrics"]["log_loss"]["value"],
         }
-    fresh = subset_rows(world, ws.reports_dir / "quality", versions, fresh_only=True)
-    seen = subset_rows(world, ws.reports_dir / "quality", versions, fresh_only=False)
-    oracle = next(r["impression_auc"] for r in rows.values() if r["kind"] == "oracle")
-    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
-    references = {}
-    for name, fn in (("hidden_label_ceiling", hidden_label_ceiling), ("content_similarity", content_similarity_reference)):
-        for logged in (True, False):
-            ref = fn(world, catalogue, logged_clicks=logged)
-            ref["gap_closed"] = (ref["impression_auc"] - 0.5) / (oracle - 0.5)
-            references[name + ("" if logged else "_history_column_only")] = ref
-    return {"seed": seed, "rows": rows, "fresh": fresh, "seen": seen, **references,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    return (rows, subset_rows(world, out, versions, fresh_only=True), subset_rows(world, out, versions, fresh_only=False))
 
 
 def add_world_arguments(parser: argparse.ArgumentParser) -> None:
@@ -394,6 +409,11 @@ def _show_seed(res: dict) -> None:
             print(f"  {label + note:<78} {c['impression_auc']:>8.4f} {100 * c['gap_closed']:.1f}%")
     for subset in ("fresh", "seen"):
         print(f"  {subset} candidates only (AUC/imp):", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res[subset].items()})
+    if "rows_without_file_exposure" in res:
+        print("  --no-file-exposure (what the nightly can serve):")
+        print_rows(res["rows_without_file_exposure"])
+        print("  fresh candidates only (AUC/imp):",
+              {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res["fresh_without_file_exposure"].items()})
 
 
 def main() -> None:
@@ -404,17 +424,19 @@ def main() -> None:
     args = parser.parse_args()
     results = on_held_out_worlds(args, run_seed, "recsys-quality-", show=_show_seed, keep=args.keep)
     summary = {}
-    for kind_label in ("text+image", "text only", "image only", "most popular", "random"):
-        gaps = [r["gap_closed"] for res in results for n, r in res["rows"].items() if n.startswith(kind_label) and r["gap_closed"] is not None]
-        if gaps:
-            summary[kind_label] = {"mean_gap_closed": float(np.mean(gaps)), "min_gap_closed": float(np.min(gaps))}
-    for subset in ("fresh", "seen"):
-        gaps = []
-        for res in results:
-            f = res[subset]
-            if f.get("text,image") is not None and f.get("oracle"):
-                gaps.append((f["text,image"] - 0.5) / (f["oracle"] - 0.5))
-        summary[f"{subset}_gap_closed_text+image"] = gaps
+    for suffix in ("", "_without_file_exposure"):
+        for kind_label in ("text+image", "text only", "image only", "most popular", "random"):
+            gaps = [r["gap_closed"] for res in results for n, r in res["rows" + suffix].items()
+                    if n.startswith(kind_label) and r["gap_closed"] is not None]
+            if gaps:
+                summary[kind_label + suffix] = {"mean_gap_closed": float(np.mean(gaps)), "min_gap_closed": float(np.min(gaps))}
+        for subset in ("fresh", "seen"):
+            gaps = []
+            for res in results:
+                f = res[subset + suffix]
+                if f.get("text,image") is not None and f.get("oracle"):
+                    gaps.append((f["text,image"] - 0.5) / (f["oracle"] - 0.5))
+            summary[f"{subset}_gap_closed_text+image{suffix}"] = gaps
     for key in ("hidden_label_ceiling", "content_similarity"):
         for suffix in ("", "_history_column_only"):
             summary[f"{key}{suffix}_gap_closed"] = [res[key + suffix]["gap_closed"] for res in results]

@@ -188,13 +188,17 @@ def run_seed(seed: int, args, root: Path) -> dict:
     world, ws, engine, counts = ingested_world(seed, args, root, foreign=True)
     config = load_config(None, config_overrides(args))
     version = run_train(engine, ws, config)["version"]
-    report = run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=ws.reports_dir / "foreign",
-                          truth=world / "truth.tsv", num_resamples=200)
-    metrics = json.loads(Path(report["metrics_json"]).read_text())
-    # "text+image (v2026...)" -> "text+image": one row name across seeds
-    rows = {name.split(" (v")[0]: {"kind": m["kind"], "impression_auc": m["metrics"]["impression_auc"]["value"],
-                   "gap_closed": m["gap_closed"], "log_loss": m["metrics"]["log_loss"]["value"]}
-            for name, m in metrics["models"].items()}
+    rows = {}
+    for file_exposure, suffix in ((True, ""), (False, ", --no-file-exposure")):
+        out = ws.reports_dir / ("foreign" if file_exposure else "foreign-no-exposure")
+        report = run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=out,
+                              truth=world / "truth.tsv", num_resamples=200, file_exposure=file_exposure)
+        metrics = json.loads(Path(report["metrics_json"]).read_text())
+        # "text+image (v2026...)" -> "text+image": one row name across seeds
+        rows.update({name.split(" (v")[0] + (suffix if m["kind"] == "model" else ""): {
+            "kind": m["kind"], "impression_auc": m["metrics"]["impression_auc"]["value"],
+            "gap_closed": m["gap_closed"], "log_loss": m["metrics"]["log_loss"]["value"]}
+            for name, m in metrics["models"].items() if file_exposure or m["kind"] == "model"})
     oracle = next(r["impression_auc"] for r in rows.values() if r["kind"] == "oracle")
     catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
     for name, ref in (("reference: content similarity, no training", content_similarity_reference(world, catalogue, logged_clicks=True)),
@@ -202,6 +206,8 @@ def run_seed(seed: int, args, root: Path) -> dict:
         rows[name] = {"kind": "reference", "impression_auc": ref["impression_auc"],
                       "gap_closed": (ref["impression_auc"] - 0.5) / (oracle - 0.5), "log_loss": None}
     fresh = subset_rows(world, ws.reports_dir / "foreign", {"text,image": version}, fresh_only=True)
+    fresh_off = subset_rows(world, ws.reports_dir / "foreign-no-exposure", {"text,image": version}, fresh_only=True)
+    fresh["text,image, --no-file-exposure"] = fresh_off["text,image"]
     engine.dispose()
     return {"seed": seed, "counts": counts, "rows": rows, "fresh": fresh, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -219,19 +225,25 @@ def main() -> None:
         print(f"\nforeign world {res['seed']} ({res['seconds']} s, impressions {res['counts']})")
         print_rows(res["rows"])
         f = res["fresh"]
-        if f.get("text,image") is not None:
-            print(f"  fresh candidates only: model {f['text,image']:.4f}, oracle {f['oracle']:.4f}, "
-                  f"gap {100 * (f['text,image'] - 0.5) / (f['oracle'] - 0.5):.1f}%")
+        for key in ("text,image", "text,image, --no-file-exposure"):
+            if f.get(key) is not None:
+                print(f"  fresh candidates only: model ({key}) {f[key]:.4f}, oracle {f['oracle']:.4f}, "
+                      f"gap {100 * (f[key] - 0.5) / (f['oracle'] - 0.5):.1f}%")
 
     results = on_held_out_worlds(args, run_seed, "recsys-foreign-", show=show)
     mean_gap = mean_gap_closed(results)
     fresh = [(r["fresh"]["text,image"] - 0.5) / (r["fresh"]["oracle"] - 0.5) for r in results if r["fresh"].get("text,image")]
+    fresh_off = [(r["fresh"]["text,image, --no-file-exposure"] - 0.5) / (r["fresh"]["oracle"] - 0.5) for r in results
+                 if r["fresh"].get("text,image, --no-file-exposure")]
     print("\nmean gap closed over foreign worlds:")
     for name, value in mean_gap.items():
         print(f"  {name:<48} {100 * value:5.1f}%")
     if fresh:
         print(f"  {'model, fresh candidates only':<48} {100 * float(np.mean(fresh)):5.1f}%")
-    write_results("quality_foreign", args, results, mean_gap_closed=mean_gap, fresh_gap_closed=fresh)
+    if fresh_off:
+        print(f"  {'model, --no-file-exposure, fresh candidates only':<48} {100 * float(np.mean(fresh_off)):5.1f}%")
+    write_results("quality_foreign", args, results, mean_gap_closed=mean_gap, fresh_gap_closed=fresh,
+                  fresh_gap_closed_without_file_exposure=fresh_off)
 
 
 if __name__ == "__main__":

@@ -145,14 +145,18 @@ def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
     # each impression's time (the scores themselves: tests/test_scoring.py).
     last_show = max(datetime.strptime(row[2], "%m/%d/%Y %I:%M:%S %p") for row in train_rows)  # MIND's time format
     end = (np.datetime64(last_show, "s") + np.timedelta64(1, "s")).astype(str)
-    default_reading = f"popularity at impression time, at most the store's end {end}; age at impression time"
+    exposure = "; file exposure (earlier shows in the file) after the store's end"
+    default_reading = f"popularity at impression time, at most the store's end {end}; age at impression time" + exposure
     assert json.loads(out)["side_features_at"] == default_reading
 
     # --features-at store-end / impression: the same impressions, both features read at the end / at each impression.
-    for mode, reading in (("store-end", f"impression time, at most the store's end {end}"), ("impression", "impression time")):
+    # --no-file-exposure: what the nightly job can serve (tomorrow's shows are unknown tonight).
+    for mode, reading in (("store-end", f"impression time, at most the store's end {end}{exposure}"),
+                          ("impression", f"impression time{exposure}"),
+                          ("popularity-at-end", default_reading.replace(exposure, "; file exposure off"))):
         other = workspace / f"prediction-{mode}.txt"
         code, out, err = run(capsys, *ws, "predict", "--behaviors", str(world / "behaviors_test_unlabelled.tsv"), "--out",
-                             str(other), "--features-at", mode)
+                             str(other), "--features-at", mode, *(["--no-file-exposure"] if mode == "popularity-at-end" else []))
         assert code == 0, err
         assert json.loads(out)["side_features_at"] == reading
         assert [x.split()[0] for x in other.read_text().splitlines()] == [x.split()[0] for x in lines]
@@ -611,6 +615,7 @@ def test_source_without_behaviors_is_refused_before_the_store_is_opened(capsys, 
     (["--behaviors", "b.tsv", "--out", "zz"], "--behaviors, --out"),
     (["--models", "v1", "--baselines"], "--models, --baselines"),
     (["--features-at", "impression"], "--features-at"),
+    (["--no-file-exposure"], "--no-file-exposure"),
 ])
 def test_compare_refuses_the_scoring_options_it_would_ignore(capsys, tmp_path: Path, extra, named):
     code, out, err = run(capsys, "--workspace", str(tmp_path), "evaluate", "--compare", "a.json", "--compare", "b.json", *extra)

@@ -17,7 +17,8 @@ from recsys.errors import RecsysError
 from recsys.data.interactions import InteractionLog, candidate_impression_rows, with_logged_clicks
 from recsys.pipelines.predict import run_predict
 from recsys.pipelines.scoring import (
-    FEATURES_AT, FeatureTimes, VersionScorer, feature_times, iter_behavior_chunks, load_scoring_catalogue, scoring_span,
+    FEATURES_AT, FeatureTimes, VersionScorer, feature_times, iter_behavior_chunks, load_scoring_catalogue, read_file_shows,
+    scoring_span,
 )
 from recsys.pipelines.train import run_train
 from recsys.versions import get_version
@@ -906,3 +907,102 @@ def test_predict_cuts_long_histories_by_ids_and_writes_the_same_file(trained, tm
     sizes = [len(chunk.impressions) for chunk in iter_scored(path, catalogue, scorers)]
     # 300+ ids a line: 3,000 ids hold at most 9 lines, where 20,000 lines made one chunk
     assert sum(sizes) == num_lines and max(sizes) <= 9 and len(sizes) >= num_lines // 9
+
+
+def _file_exposure_by_hand(path: Path, end: np.datetime64, stored_ids: set[str]):
+    """Per candidate of ``path``, in file order: (news id, earlier shows in the file at or after
+    ``end``, hours since the first of them, fresh), counted line by line from the file's text."""
+    rows = list(iter_behaviors(path))
+    shows = [(np.datetime64(r.time, "s"), n) for r in rows if np.datetime64(r.time, "s") >= end for n in r.news_ids]
+    out = []
+    for r in rows:
+        t = np.datetime64(r.time, "s")
+        for n in r.news_ids:
+            before = [s for s, m in shows if m == n and s < t] if t >= end else []
+            hours = (t - min(before)) / np.timedelta64(1, "h") if before else 0.0
+            out.append((n, len(before), hours, n not in stored_ids))
+    return out
+
+
+def test_file_exposure_scores_later_impressions_with_the_files_earlier_shows(trained):
+    """The default of predict and evaluate: the version's calibration over its logit and the
+    file's earlier shows, checked against a count from the file's text."""
+    world, ws, engine, config, versions = trained
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    path = world / "behaviors_test.tsv"
+    mv = get_version(engine, versions[True])
+    times = feature_times(catalogue, "popularity-at-end")
+    served = VersionScorer(mv, catalogue, times=times, shows=read_file_shows(path, catalogue))
+    plain = VersionScorer(mv, catalogue, times=times)
+    cal = served.model.config.file_exposure
+    assert cal is not None and served.uses_file_exposure and not plain.uses_file_exposure
+    imps, _ = next(iter_behavior_chunks(path, catalogue, chunk_size=10**6, history_len=50))
+    logits = plain.model.score_impressions(plain.read(imps), plain.embeddings, catalogue.log, catalogue.first_seen,
+                                           popularity_until=times.popularity_until, logits=True).astype(np.float64)
+    # "fresh": never shown or listed in the ingested behaviors (the store's first_seen_at)
+    stored = {n for r in iter_behaviors(world / "behaviors_train.tsv") for n in (*r.news_ids, *r.history)}
+    by_hand = _file_exposure_by_hand(path, catalogue.end, stored)
+    assert [catalogue.features.news_ids[i] for i in imps.candidate_items] == [n for n, *_ in by_hand]
+    counts, hours, fresh = (np.array(column, dtype=float) for column in list(zip(*by_hand))[1:])
+    assert fresh.any() and (fresh == 0).any() and (counts > 0).any()
+    w = cal.weights
+    z = (cal.intercept + w[0] * logits + w[1] * fresh * np.log1p(counts) + w[2] * fresh * np.log1p(hours) + w[3] * fresh
+         + w[4] * (1 - fresh) * np.log1p(counts))
+    np.testing.assert_allclose(served.score(imps), 1 / (1 + np.exp(-z)), rtol=1e-5, atol=1e-7)
+    assert np.abs(served.score(imps) - plain.score(imps)).max() > 1e-3
+
+
+def test_file_exposure_reads_no_label_and_no_later_impression(trained, tmp_path):
+    """Predictions of a file are the same with its labels flipped, and an impression's are the
+    same in a file cut after it: only earlier shows count."""
+    world, ws, engine, config, _ = trained
+    lines = (world / "behaviors_test.tsv").read_text().splitlines()
+    flipped = tmp_path / "flipped.tsv"
+    swap = {"-1": "-0", "-0": "-1"}
+    flipped.write_text("".join("\t".join(line.split("\t")[:4] + [" ".join(c[:-2] + swap[c[-2:]] for c in line.split("\t")[4].split())]) + "\n"
+                               for line in lines))
+    rows = list(iter_behaviors(world / "behaviors_test.tsv"))
+    cut_at = sorted(row.time for row in rows)[len(rows) // 2]
+    kept = [line for line, row in zip(lines, rows, strict=True) if row.time <= cut_at]
+    earlier = tmp_path / "earlier.tsv"
+    earlier.write_text("".join(line + "\n" for line in kept))
+    predicted = {}
+    for name, path in (("all", world / "behaviors_test.tsv"), ("flipped", flipped), ("earlier", earlier)):
+        out = tmp_path / f"{name}.txt"
+        summary = run_predict(engine, ws, config, behaviors=path, out=out)
+        assert summary["side_features_at"].endswith("; file exposure (earlier shows in the file) after the store's end")
+        predicted[name] = out.read_text().splitlines()
+    assert predicted["flipped"] == predicted["all"]
+    assert 0 < len(predicted["earlier"]) < len(predicted["all"])
+    by_id = dict(line.split(" ", 1) for line in predicted["all"])
+    assert all(by_id[i] == ranks for i, ranks in (line.split(" ", 1) for line in predicted["earlier"]))
+    off = tmp_path / "off.txt"
+    assert run_predict(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=off,
+                       file_exposure=False)["side_features_at"].endswith("; file exposure off")
+    assert off.read_text().splitlines() != predicted["all"]
+
+
+def test_impressions_inside_the_stores_time_range_read_no_file_exposure(trained):
+    world, ws, engine, config, versions = trained
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    path = world / "behaviors_train.tsv"
+    mv = get_version(engine, versions[True])
+    shows = read_file_shows(path, catalogue)
+    assert len(shows) == 0  # every show of the file is before the store's end
+    imps, _ = next(iter_behavior_chunks(path, catalogue, history_len=50))
+    np.testing.assert_array_equal(VersionScorer(mv, catalogue, shows=shows).score(imps), VersionScorer(mv, catalogue).score(imps))
+
+
+def test_versions_without_a_calibration_are_named_and_scored_without_it(caplog):
+    from types import SimpleNamespace
+
+    from recsys.pipelines.scoring import describe_reading
+
+    with_it, without = SimpleNamespace(uses_file_exposure=True), SimpleNamespace(uses_file_exposure=False)
+    times = FeatureTimes()
+    assert describe_reading(times, {"v1": with_it}, False) == "impression time; file exposure off"
+    assert not caplog.records
+    assert describe_reading(times, {"v1": with_it, "v0": without}, True) == (
+        "impression time; file exposure (earlier shows in the file) after the store's end, not for v0 (no calibration)")
+    assert describe_reading(times, {"v0": without}, True) == "impression time; file exposure: no version has a calibration"
+    assert "model version v0 has no file-exposure calibration" in caplog.text

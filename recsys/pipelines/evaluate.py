@@ -30,8 +30,8 @@ from recsys.pipelines.inputs import check_file, check_folder, check_images_go_wi
 from recsys.pipelines.predict import split_scores
 from recsys.progress import progress
 from recsys.pipelines.scoring import (
-    IGNORED_HISTORY, Catalogue, VersionScorer, DEFAULT_FEATURES_AT, check_features_at, feature_times, iter_scored, load_scoring_catalogue,
-    scoring_span,
+    IGNORED_HISTORY, Catalogue, VersionScorer, DEFAULT_FEATURES_AT, check_features_at, describe_reading, feature_times,
+    iter_scored, load_scoring_catalogue, read_file_shows, scoring_span,
 )
 from recsys.store import repository as repo
 from recsys.threads import configure_threads
@@ -226,11 +226,14 @@ def run_evaluate(
     engine: Engine, workspace: Workspace, config: Config, *, behaviors: Path, out: Path, versions: list[str] | None = None,
     ablations: bool = False, truth: Path | None = None, news: Path | None = None, images: Path | None = None,
     chunk_size: int = 20_000, num_resamples: int = 1000, features_at: str = DEFAULT_FEATURES_AT,
+    file_exposure: bool = True,
 ) -> dict:
     """Score ``behaviors`` with the chosen versions and the baselines; write the report to ``out``.
 
     ``features_at``: one of ``FEATURES_AT`` (recsys.pipelines.scoring), the same
-    for every version; the report's header records it.
+    for every version; ``file_exposure``: score impressions after the store's end with the
+    file's earlier shows of each candidate (``read_file_shows``) through each version's
+    file-exposure calibration. The report's header records both.
     """
     from recsys.atomic import atomic_open
     from recsys.evaluation.prediction_file import format_prediction_line
@@ -270,7 +273,9 @@ def run_evaluate(
     catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images,
                                        span=scoring_span(scan, chosen), versions=chosen)
     times = feature_times(catalogue, features_at)
-    scorers = {mv.version: VersionScorer(mv, catalogue, times=times) for mv in chosen}
+    shows = read_file_shows(behaviors, catalogue) if file_exposure else None
+    scorers = {mv.version: VersionScorer(mv, catalogue, times=times, shows=shows) for mv in chosen}
+    reading = describe_reading(times, scorers, file_exposure)
     names = {mv.version: _display_name(mv, kinds[mv.version]) for mv in chosen}
 
     oracle = _oracle(behaviors, truth)
@@ -346,7 +351,7 @@ def run_evaluate(
             "image": catalogue.features.image_encoder.to_dict(),
         },
         beyond_accuracy=_beyond_accuracy(engine, catalogue, popularity, evaluated=list(scorers)),
-        side_features_at=times.describe(),
+        side_features_at=reading,
         behaviors_sha256=scan.sha256,
         ignored_history_entries=tally[IGNORED_HISTORY],
         trained_on_the_file=sorted(trained_on),

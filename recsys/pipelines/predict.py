@@ -15,8 +15,8 @@ from recsys.errors import RecsysError
 from recsys.pipelines.inputs import check_file, check_folder, check_images_go_with_news, check_writable
 from recsys.progress import progress
 from recsys.pipelines.scoring import (
-    IGNORED_HISTORY, VersionScorer, DEFAULT_FEATURES_AT, check_features_at, feature_times, iter_scored, load_scoring_catalogue,
-    scoring_span,
+    IGNORED_HISTORY, VersionScorer, DEFAULT_FEATURES_AT, check_features_at, describe_reading, feature_times, iter_scored,
+    load_scoring_catalogue, read_file_shows, scoring_span,
 )
 from recsys.store.database import sqlite_file
 from recsys.threads import configure_threads
@@ -50,10 +50,13 @@ def check_out(out: Path, inputs: dict[str, Path | str | None] | None = None) -> 
 def run_predict(
     engine: Engine, workspace: Workspace, config: Config, *, behaviors: Path, out: Path, version: str | None = None,
     news: Path | None = None, images: Path | None = None, features_at: str = DEFAULT_FEATURES_AT,
+    file_exposure: bool = True,
 ) -> dict:
     """Write ``ImpressionID [r1,r2,...]`` for every impression of ``behaviors``, in file order.
 
-    ``features_at``: one of ``FEATURES_AT`` (recsys.pipelines.scoring).
+    ``features_at``: one of ``FEATURES_AT`` (recsys.pipelines.scoring). ``file_exposure``:
+    score impressions after the store's end with the file's earlier shows of each candidate
+    (``read_file_shows``) through the version's file-exposure calibration.
     """
     from recsys.evaluation.prediction_file import write_predictions
 
@@ -71,7 +74,9 @@ def run_predict(
     span = scoring_span(scan, [mv])
     catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images, span=span, versions=[mv])
     times = feature_times(catalogue, features_at)
-    scorer = VersionScorer(mv, catalogue, times=times)
+    shows = read_file_shows(Path(behaviors), catalogue) if file_exposure else None
+    scorer = VersionScorer(mv, catalogue, times=times, shows=shows)
+    reading = describe_reading(times, {mv.version: scorer}, file_exposure)
     counts = {"impressions": 0, "candidates": 0, IGNORED_HISTORY: 0}
 
     def rows(advance):
@@ -89,5 +94,5 @@ def run_predict(
     if counts["impressions"] == 0:  # valid (an empty prediction file), but most likely a broken upstream step
         warning = {"warning": f"{behaviors} has no impression: the prediction file {out} is empty"}
         log.warning(warning["warning"])
-    return {"version": mv.version, "out": str(out), **counts, "side_features_at": times.describe(),
+    return {"version": mv.version, "out": str(out), **counts, "side_features_at": reading,
             "seconds": round(time.perf_counter() - t0, 2), **warning}

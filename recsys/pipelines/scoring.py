@@ -13,6 +13,11 @@ would read every article as unpopular. ``features_at="impression"`` reads both a
 impression's time, ``"store-end"`` both at the store's end, as the nightly job reads tomorrow's
 candidates with tonight's statistics (docs/model.md, "When a later window's features are read").
 Impressions inside the store's time range read both at their own time in every mode.
+
+With the file's exposure on (``read_file_shows``, the default of both commands), an impression
+after the store's end is scored by the model's file-exposure calibration
+(``recsys.models.exposure``): its logit combined with how often the file showed each candidate
+before it, and since when. Only shows are read, never labels.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from recsys.data.mind import EXPECTED_LABEL, IMPRESSIONS, BadRow, BehaviorsScan,
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError, SchemaError
 from recsys.interrupts import raise_if_terminated
-from recsys.data.interactions import ClickLog, Impressions, InteractionLog, with_logged_clicks
+from recsys.data.exposure import FileShows
+from recsys.data.interactions import ClickLog, Impressions, InteractionLog, candidate_impression_rows, with_logged_clicks
 from recsys.models.side_features import SideFeatures
 from recsys.pipelines.features import encode_news, first_seen_array, load_version_model
 from recsys.store import repository as repo
@@ -350,20 +356,59 @@ def feature_times(catalogue: Catalogue, features_at: str) -> FeatureTimes:
     return FeatureTimes(popularity_until=end, age_until=end)
 
 
+def read_file_shows(path: Path, catalogue: Catalogue, *, chunk_size: int = 20_000) -> FileShows:
+    """Every show of ``path``'s impressions at or after the store's end (all of them for a store
+    without one): a pass over the file before it is scored, 8 bytes a candidate kept (16 at the
+    peak, when the parts are joined). Labels are not read. Malformed lines and unknown
+    candidates are skipped here: the scoring pass stops at them with their line's error."""
+    from recsys.data.mind import batches, iter_behaviors
+
+    end = catalogue.end
+    parts = []
+    with iter_behaviors(path) as rows:
+        for buf in batches(rows, chunk_size):
+            raise_if_terminated()
+            items, times = [], []
+            for row in buf:
+                if isinstance(row, BadRow):
+                    continue
+                t = np.datetime64(row.time, "s")
+                if end is not None and t < end:
+                    continue
+                found = [r for r in map(catalogue.row_of.get, row.news_ids) if r is not None]
+                items.extend(found)
+                times.extend([t] * len(found))
+            parts.append(FileShows.pack(np.array(items, dtype=np.int64), np.array(times, dtype="datetime64[s]")))
+    return FileShows.from_packed(parts)
+
+
 class VersionScorer:
     """A model version ready to score chunks: its bundle and the catalogue's embeddings.
 
     ``times``: where side features are read (``feature_times(catalogue, features_at)``); the
     default reads each impression's at its own time.
+    ``shows``: the scored file's shows (``read_file_shows``): impressions after the store's end
+    are scored with the version's file-exposure calibration, if it has one. None: without.
     """
 
-    def __init__(self, mv: ModelVersion, catalogue: Catalogue, *, times: FeatureTimes = FeatureTimes()):
+    def __init__(self, mv: ModelVersion, catalogue: Catalogue, *, times: FeatureTimes = FeatureTimes(),
+                 shows: FileShows | None = None):
         check_encoders(mv, catalogue.features.text_encoder.to_dict(), catalogue.features.image_encoder.to_dict())
         self.version = mv
         self.model = load_version_model(mv, catalogue.features)
         self.embeddings = self.model.item_embeddings(catalogue.features)
         self.catalogue = catalogue
         self.times = times
+        self.exposure = self.model.config.file_exposure if shows is not None else None
+        self.shows = shows
+        first_seen = catalogue.first_seen
+        # Fresh: never shown or listed in the store before its end; its popularity reads nothing.
+        self.fresh = np.isnat(first_seen) if catalogue.end is None else np.isnat(first_seen) | (first_seen >= catalogue.end)
+
+    @property
+    def uses_file_exposure(self) -> bool:
+        """Whether impressions after the store's end are scored with the file's exposure."""
+        return self.exposure is not None
 
     @property
     def history_len(self) -> int:
@@ -386,9 +431,34 @@ class VersionScorer:
 
     def score_read(self, read: Impressions) -> np.ndarray:
         """(c,) probabilities of impressions already ``read`` by this model."""
-        return self.model.score_impressions(read, self.embeddings, self.catalogue.log, self.catalogue.first_seen,
-                                            popularity_until=self.times.popularity_until,
-                                            age_until=self.times.age_until)
+        args = (read, self.embeddings, self.catalogue.log, self.catalogue.first_seen)
+        at = dict(popularity_until=self.times.popularity_until, age_until=self.times.age_until)
+        times = read.times[candidate_impression_rows(read)]
+        after = np.ones(len(times), dtype=bool) if self.catalogue.end is None else times >= self.catalogue.end
+        if self.exposure is None or not after.any():
+            return self.model.score_impressions(*args, **at)
+        logits = self.model.score_impressions(*args, **at, logits=True)
+        items = read.candidate_items
+        counts, hours = self.shows.earlier(items, times)
+        z = np.where(after, self.exposure.logits(logits, counts, hours, self.fresh[items]), self.model.calibrated_logits(logits))
+        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+
+
+def describe_reading(times: FeatureTimes, scorers: dict[str, VersionScorer], file_exposure: bool) -> str:
+    """Where side features were read and whether the file's exposure was (reports and summaries);
+    logs a warning for versions asked to read it that have no calibration."""
+    text = times.describe()
+    if not file_exposure:
+        return f"{text}; file exposure off"
+    without = [name for name, s in scorers.items() if not s.uses_file_exposure]
+    if without:
+        log.warning("model version%s %s %s no file-exposure calibration (trained before recsys fitted one): scored "
+                    "without the file's exposure; retrain, or compare versions with --no-file-exposure",
+                    "s" if len(without) > 1 else "", ", ".join(without), "have" if len(without) > 1 else "has")
+    if len(without) == len(scorers):
+        return f"{text}; file exposure: no version has a calibration"
+    text += "; file exposure (earlier shows in the file) after the store's end"
+    return text + (f", not for {', '.join(without)} (no calibration)" if without else "")
 
 
 def iter_scored(
