@@ -1,5 +1,5 @@
-"""Would counting how often the scored file itself shows each candidate rank better? A measured
-experiment (issue 4: fresh articles have no popularity signal).
+"""Would counting how often the scored file itself shows each candidate rank better? The
+experiment behind ``--file-exposure`` (issue 4: fresh articles have no popularity signal).
 
 Half of a test window's candidates are articles published after training: the model's side
 features (clicks and shows in the 24 h before the store's end) read nothing for them, so
@@ -19,9 +19,12 @@ read the per-impression AUC of
   shows in the file and the hours since their first one) and for the others, combined by a
   logistic regression cross-fitted on the labels of the other half (``logistic_blend``),
 
-over all candidates and over fresh ones (never shown in the store). Nothing here is used by the
-product: serving it would need every impression shown so far tonight in the nightly job, and a
-training feature whose click counts lag its show counts, as the scored file's clicks are unknown.
+over all candidates and over fresh ones (never shown in the store). This was the experiment
+before the product read the file's exposure: ``recsys predict`` and ``recsys evaluate`` now
+apply the same five columns with weights ``recsys train`` fits on its validation window
+(``recsys.models.exposure``), which ``bench_quality.py`` and ``bench_quality_foreign.py``
+measure; the cross-fitted blend here, fitted on the test file's own labels, is the reference
+it is compared with. The nightly job cannot read it (tomorrow's shows are unknown tonight).
 
 Usage:
   python benchmarks/bench_file_exposure.py --seeds 101 102 103
