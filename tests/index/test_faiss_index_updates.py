@@ -213,3 +213,29 @@ def test_the_nightly_refresh_keeps_a_hand_set_breadth_and_the_target_recall():
     off = FaissIndex.build(ids, items, kind="hnsw", exact_max_items=0, target_recall=None, num_threads=1)
     off.add(ids[:300], items[:300][::-1].copy())
     assert maintain_index(off) == {"index_compacted": 300} and off.calibration is None
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_the_content_fingerprint_follows_every_change_a_search_reads(world, kind, tmp_path):
+    # The nightly's plan holds it: a re-embedded article (same id, new vector) left the plan as
+    # it was, so a night resumed, or returned as done, a run ranked on the old content.
+    ids, items, _ = world
+    index = FaissIndex.build(ids, items, kind=kind, num_threads=1)
+    before = index.content_fingerprint()
+    assert len(before) == 16 and int(before, 16) >= 0
+    index.save(tmp_path / "saved")
+    assert FaissIndex.load(tmp_path / "saved").content_fingerprint() == before
+    assert FaissIndex.build(ids, items, kind=kind, num_threads=1).content_fingerprint() == before
+
+    changed = items[7] + np.float32(1e-3)
+    index.add(ids[7:8], (changed / np.linalg.norm(changed))[None, :])
+    assert index.news_ids.tolist().count(ids[7]) == 1 and index.content_fingerprint() != before
+    steps = [index.content_fingerprint()]
+    index.set_published(ids[:1], np.array(["2024-01-02T00:00:00"], dtype="datetime64[s]"))
+    steps.append(index.content_fingerprint())
+    if kind != "flat":
+        index.compact()  # the same live rows, another structure
+        steps.append(index.content_fingerprint())
+        index.set_search_params(**{("ef_search" if kind == "hnsw" else "nprobe"): 3})
+        steps.append(index.content_fingerprint())
+    assert len({before, *steps}) == len(steps) + 1

@@ -118,6 +118,81 @@ def test_changed_inputs_start_a_fresh_run(world_store, world):
     assert runs.finished_shards(world_store, 1) == {}
 
 
+def _index_copy(world, tmp_path):
+    """A copy of the world's index (shared by the session's tests), for a test that changes it."""
+    import shutil
+
+    return shutil.copytree(world.index_dir, tmp_path / "index")
+
+
+def _re_embed(index_dir):
+    """Give every article a new vector under the same id (each takes the next one's), as the
+    nightly's index step does after an ingest changed every title: the same ids in the same
+    order (a flat index re-adds the replaced rows at its end, here all of them), the same times."""
+    from recsys.index.faiss_index import FaissIndex
+
+    index = FaissIndex.load(index_dir, num_threads=1)
+    ids = index.news_ids
+    index.add(ids, np.roll(index.vectors(ids), 1, axis=0), published=index.published(ids))
+    assert index.news_ids.tolist() == ids.tolist()
+    index.save(index_dir)
+
+
+def _stop_after_shards(count):
+    """A progress factory whose ``count``-th advance (a shard written) is a Ctrl-C."""
+    @contextmanager
+    def bar(description, total):
+        seen = []
+
+        def advance(n):
+            seen.append(n)
+            if len(seen) == count:
+                raise KeyboardInterrupt
+
+        yield advance
+
+    return bar
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_the_articles_were_re_embedded_is_not_resumed(world_store, world, tmp_path):
+    # The plan named the index's ids, not its vectors: after an ingest changed titles (same ids)
+    # the retry resumed the killed run, and the users of its first shards kept lists ranked on
+    # the old content.
+    index_dir = _index_copy(world, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        _nightly(world_store, world, index_dir=index_dir, progress=_stop_after_shards(3))
+    assert len(runs.finished_shards(world_store, 1)) == 3
+    _re_embed(index_dir)
+    summary = _nightly(world_store, world, index_dir=index_dir)
+    assert not summary["resumed"] and summary["counts"]["shards_resumed"] == 0 and summary["abandoned_runs"] == [1]
+    assert runs.get_run(world_store, 1).status == "failed" and runs.finished_shards(world_store, 1) == {}
+    assert summary["plan"]["index_content"] != runs.get_run(world_store, 1).plan["index_content"]
+    assert summary["plan"]["index"] == runs.get_run(world_store, 1).plan["index"]  # the same ids
+    clean = _nightly(world_store, world, index_dir=index_dir, rerank=True)
+    pd.testing.assert_frame_equal(run_rows(world_store, summary["run_id"]), run_rows(world_store, clean["run_id"]),
+                                  check_exact=False, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_night_whose_articles_were_re_embedded_since_its_run_ranks_again(world_store, world, tmp_path):
+    # The retry after an ingest of changed articles returned the run ranked on the old content
+    # ("already ranked these inputs"), and readers kept its lists.
+    index_dir = _index_copy(world, tmp_path)
+    first = _nightly(world_store, world, index_dir=index_dir)
+    before = run_rows(world_store, first["run_id"])
+    _re_embed(index_dir)
+    again = _nightly(world_store, world, index_dir=index_dir)
+    assert not again["already_complete"] and again["run_id"] != first["run_id"]
+    assert runs.latest_run(world_store).run_id == again["run_id"]
+    rows = run_rows(world_store, again["run_id"])
+    assert not rows.equals(before)  # the new content ranks other lists
+    clean = _nightly(world_store, world, index_dir=index_dir, rerank=True)
+    pd.testing.assert_frame_equal(rows, run_rows(world_store, clean["run_id"]), check_exact=False, rtol=1e-6)
+    # Nothing changed since: a retry returns the night (and a killed one resumes, tested above).
+    assert _nightly(world_store, world, index_dir=index_dir, progress=lambda *a: pytest.fail("ranked again"))["already_complete"]
+
+
 def test_running_lock_refuses_a_second_run(world_store, world):
     first = _nightly(world_store, world)
     with acquire_lock(world_store, holder="other-host:4242"):
