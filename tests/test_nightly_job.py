@@ -32,6 +32,7 @@ from recsys.store.database import open_store
 from recsys.store.stats import store_stats
 from recsys.versions import get_version
 from tests.sample_store import ingested_sample
+from tests.signals import stop_after_shards
 from tests.store.mind_files import behavior_line, write_lines
 
 pytestmark = pytest.mark.slow
@@ -211,24 +212,6 @@ def _retitled(world: Path, tmp_path: Path) -> Path:
     return write_lines(tmp_path / "retitled" / "news.tsv", ["\t".join(row) for row in fields])
 
 
-def _stop_after_shards(count: int):
-    """A progress factory whose ``count``-th advance (a shard written) is a Ctrl-C."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def bar(description, total):
-        seen = []
-
-        def advance(n):
-            seen.append(n)
-            if len(seen) == count:
-                raise KeyboardInterrupt
-
-        yield advance
-
-    return bar
-
-
 def _rows(engine, run_id) -> list[tuple]:
     rec = schema.recommendations.c
     with engine.connect() as conn:
@@ -248,7 +231,7 @@ def test_a_night_killed_before_an_ingest_changed_the_articles_is_not_resumed(tmp
 
     world, ws, engine, _ = trained
     config = load_config(None, SHARDED)
-    monkeypatch.setattr(nightly_module, "progress", _stop_after_shards(3))
+    monkeypatch.setattr(nightly_module, "progress", stop_after_shards(3))
     with pytest.raises(KeyboardInterrupt):
         run_nightly_job(engine, ws, config)
     monkeypatch.undo()

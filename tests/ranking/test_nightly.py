@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -19,6 +18,7 @@ from recsys.ranking.lock import acquire_lock, read_lock
 from recsys.ranking.nightly import run_nightly
 from recsys.store import schema as s
 from tests.ranking.stored import run_rows
+from tests.signals import stop_after_shards
 
 K = 10
 
@@ -70,24 +70,8 @@ def test_reader_cold_start_and_unknown_users(world_store, world):
 def test_interrupted_run_resumes_and_matches_a_clean_run(world_store, world):
     clean = _nightly(world_store, world)
     clean_rows = run_rows(world_store, clean["run_id"])
-    seen = []
-
-    def interrupting_progress(description, total):
-        from contextlib import contextmanager
-
-        @contextmanager
-        def bar():
-            def advance(n):
-                seen.append(n)
-                if len(seen) == 3:
-                    raise KeyboardInterrupt  # like Ctrl-C or a scheduler's SIGINT mid-run
-
-            yield advance
-
-        return bar()
-
     with pytest.raises(KeyboardInterrupt):  # the same inputs again: rerank, or the clean run is returned
-        _nightly(world_store, world, progress=interrupting_progress, rerank=True)
+        _nightly(world_store, world, progress=stop_after_shards(3), rerank=True)
     assert read_lock(world_store) is None  # released on the way out
     # Readers still see the clean run.
     assert runs.latest_run(world_store).run_id == clean["run_id"]
@@ -97,19 +81,10 @@ def test_interrupted_run_resumes_and_matches_a_clean_run(world_store, world):
     pd.testing.assert_frame_equal(run_rows(world_store, resumed["run_id"]), clean_rows, check_exact=False, rtol=1e-6)
 
 
-@contextmanager
-def _stop_after_the_first_shard(description, total):
-    """A progress bar whose first advance (a shard written) is a Ctrl-C."""
-    def advance(n):
-        raise KeyboardInterrupt
-
-    yield advance
-
-
 @pytest.mark.slow
 def test_changed_inputs_start_a_fresh_run(world_store, world):
     with pytest.raises(KeyboardInterrupt):
-        _nightly(world_store, world, progress=_stop_after_the_first_shard)
+        _nightly(world_store, world, progress=stop_after_shards(1))
     stale = runs.finished_shards(world_store, 1)
     assert len(stale) == 1
     summary = _nightly(world_store, world, k=5)
@@ -138,22 +113,6 @@ def _re_embed(index_dir):
     index.save(index_dir)
 
 
-def _stop_after_shards(count):
-    """A progress factory whose ``count``-th advance (a shard written) is a Ctrl-C."""
-    @contextmanager
-    def bar(description, total):
-        seen = []
-
-        def advance(n):
-            seen.append(n)
-            if len(seen) == count:
-                raise KeyboardInterrupt
-
-        yield advance
-
-    return bar
-
-
 @pytest.mark.slow
 def test_a_run_killed_before_the_articles_were_re_embedded_is_not_resumed(world_store, world, tmp_path):
     # The plan named the index's ids, not its vectors: after an ingest changed titles (same ids)
@@ -161,7 +120,7 @@ def test_a_run_killed_before_the_articles_were_re_embedded_is_not_resumed(world_
     # the old content.
     index_dir = _index_copy(world, tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        _nightly(world_store, world, index_dir=index_dir, progress=_stop_after_shards(3))
+        _nightly(world_store, world, index_dir=index_dir, progress=stop_after_shards(3))
     assert len(runs.finished_shards(world_store, 1)) == 3
     _re_embed(index_dir)
     summary = _nightly(world_store, world, index_dir=index_dir)
@@ -227,7 +186,7 @@ def test_a_retry_that_finds_the_night_done_abandons_a_killed_rerank_of_it(world_
     # run and left it, so monitoring saw a run that never finished.
     first = _nightly(world_store, world)
     with pytest.raises(KeyboardInterrupt):
-        _nightly(world_store, world, rerank=True, progress=_stop_after_the_first_shard)
+        _nightly(world_store, world, rerank=True, progress=stop_after_shards(1))
     killed = first["run_id"] + 1
     assert runs.get_run(world_store, killed).status == "running" and runs.finished_shards(world_store, killed)
     again = _nightly(world_store, world, progress=lambda *a: pytest.fail("ranked the night again"))
