@@ -486,8 +486,8 @@ _FEATURES_AT_HELP = (
 _FILE_EXPOSURE_HELP = (
     "For impressions later than the store's last logged show, combine the model's score with how often the file "
     "showed each candidate before that impression, and since when (shows only, never labels; the model version's "
-    "calibration, fitted on its validation window). The nightly job cannot read tomorrow's shows: "
-    "--no-file-exposure gives the figures that match what it serves."
+    "calibration, fitted on its validation window for the default --features-at). The nightly job cannot read "
+    "tomorrow's shows: --no-file-exposure gives the figures that match what it serves."
 )
 
 

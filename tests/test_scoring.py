@@ -1006,3 +1006,43 @@ def test_versions_without_a_calibration_are_named_and_scored_without_it(caplog):
         "impression time; file exposure (earlier shows in the file) after the store's end, not for v0 (no calibration)")
     assert describe_reading(times, {"v0": without}, True) == "impression time; file exposure: no version has a calibration"
     assert "model version v0 has no file-exposure calibration" in caplog.text
+
+
+def test_with_the_file_exposure_a_fresh_article_is_read_as_new_whatever_the_store_dates_it(trained):
+    """An unlabelled file ingested after the store dates its articles by their first show there
+    (still fresh: the store's end counts labelled shows only). The calibration was fitted with
+    fresh articles of age 0, their hours in the file its own column: scoring reads them so."""
+    import dataclasses
+
+    world, ws, engine, config, versions = trained
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    path = world / "behaviors_test.tsv"
+    shows = read_file_shows(path, catalogue)
+    never = np.isnat(catalogue.first_seen)
+    assert never.any()
+    dated = dataclasses.replace(catalogue, first_seen=np.where(never, catalogue.end + np.timedelta64(3600, "s"),
+                                                               catalogue.first_seen).astype(catalogue.first_seen.dtype))
+    mv = get_version(engine, versions[True])
+    imps, _ = next(iter_behavior_chunks(path, catalogue, chunk_size=10**6, history_len=50))
+    on = [VersionScorer(mv, c, times=feature_times(c, "popularity-at-end"), shows=shows).score(imps) for c in (catalogue, dated)]
+    np.testing.assert_array_equal(on[0], on[1])
+    off = [VersionScorer(mv, c, times=feature_times(c, "popularity-at-end")).score(imps) for c in (catalogue, dated)]
+    assert np.abs(off[0] - off[1]).max() > 1e-4  # without it the dated articles are older
+
+
+def test_in_a_file_across_the_stores_end_the_earlier_impressions_score_as_without_the_exposure(trained, tmp_path):
+    world, ws, engine, config, versions = trained
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    across = tmp_path / "across.tsv"
+    train_lines = (world / "behaviors_train.tsv").read_text().splitlines()[-40:]
+    test_lines = (world / "behaviors_test.tsv").read_text().splitlines()[:40]
+    across.write_text("".join(line + "\n" for line in train_lines + test_lines))
+    mv = get_version(engine, versions[True])
+    imps, _ = next(iter_behavior_chunks(across, catalogue, chunk_size=10**6, history_len=50))
+    before = np.repeat(imps.times < catalogue.end, np.diff(imps.candidate_offsets))
+    assert before.any() and (~before).any()
+    times = feature_times(catalogue, "popularity-at-end")
+    on = VersionScorer(mv, catalogue, times=times, shows=read_file_shows(across, catalogue)).score(imps)
+    off = VersionScorer(mv, catalogue, times=times).score(imps)
+    np.testing.assert_array_equal(on[before], off[before])
+    assert np.abs(on[~before] - off[~before]).max() > 1e-3

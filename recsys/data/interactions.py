@@ -347,6 +347,12 @@ class ClickLog:
         where = np.minimum(np.searchsorted(self._user_keys, keys), len(self.user_ids) - 1)
         return where, self._user_keys[where] == keys
 
+    def until(self, end: np.datetime64) -> "ClickLog":
+        """The clicks strictly before ``end``: the log a store ending there holds."""
+        keep = self.times < np.datetime64(end, "s")
+        owner = np.repeat(self.user_ids, np.diff(self.offsets))
+        return ClickLog.from_events(owner[keep], self.times[keep], self.items[keep])
+
     @classmethod
     def from_events(cls, user_ids, times, items) -> "ClickLog":
         """A log from unsorted clicks: (k,) user ids, (k,) datetime64 times, (k,) item rows.

@@ -405,10 +405,14 @@ def train_ctr(
     n = len(features)
     _check_rows("train", train, n)
     _check_rows("valid", valid, n)
+    exposure_valid = valid  # what a later file's exposure is fitted on (at the true times)
     if clicks is not None:
         if len(clicks) and int(clicks.items.max()) >= n:
             raise ValueError(f"the click log names item row {int(clicks.items.max())}, the feature table has {n} rows")
         train = with_logged_clicks(train, clicks, history_len)
+        # A later file is served with the store's clicks only: the exposure fit leads the
+        # validation histories with the clicks before the window, not the window's own.
+        exposure_valid = with_logged_clicks(valid, clicks.until(valid.times.min()), history_len) if len(valid) else valid
         valid = with_logged_clicks(valid, clicks, history_len)
     if log.num_items != n:
         raise ValueError(f"the interaction log covers {log.num_items} items, the feature table has {n}")
@@ -420,7 +424,6 @@ def train_ctr(
         first_seen = first_shown([train, valid], n)
     if feature_clock_hours < 0:
         raise ValueError(f"feature_clock_hours is {feature_clock_hours!r}, expected >= 0")
-    valid_at_true_times = valid  # what a later file's exposure is read at
     if feature_clock_hours > 0:  # histories are already read at the true times; only side features move
         train = dataclasses.replace(train, times=clock_floor(train.times, feature_clock_hours))
         valid = dataclasses.replace(valid, times=clock_floor(valid.times, feature_clock_hours))
@@ -453,7 +456,7 @@ def train_ctr(
 
     exposure = None
     if file_exposure:
-        exposure, history["file_exposure"] = _fit_file_exposure(model, features, valid_at_true_times, log, first_seen, seed)
+        exposure, history["file_exposure"] = _fit_file_exposure(model, features, exposure_valid, log, first_seen, seed)
 
     refit_info = None
     if refit:
@@ -733,8 +736,8 @@ def _fit_file_exposure(
     """The file-exposure calibration fitted on ``valid`` read as ``recsys evaluate`` reads a file
     after the store: the store ends where ``valid`` begins, so popularity is read at that start
     (``popularity_until``), an article first seen in ``valid`` is fresh (never seen: age 0, as
-    one the store does not know), and each candidate's earlier shows in ``valid`` are the file's
-    exposure. Returns it and the facts a manifest records (its weights, and the validation
+    scoring reads every fresh article), and each candidate's earlier shows in ``valid`` are the
+    file's exposure. ``valid``'s histories are led by the clicks before it only (train_ctr). Returns it and the facts a manifest records (its weights, and the validation
     per-impression AUC of the logits read so, without and with it: the latter in-sample)."""
     start = valid.times.min()
     seen = ~np.isnat(first_seen) & (first_seen < start)

@@ -405,6 +405,10 @@ class VersionScorer:
         first_seen = catalogue.first_seen
         # Fresh: never shown or listed in the store before its end; its popularity reads nothing.
         self.fresh = np.isnat(first_seen) if catalogue.end is None else np.isnat(first_seen) | (first_seen >= catalogue.end)
+        # Read with the exposure, a fresh article is of age 0, as the calibration was fitted
+        # (an unlabelled file ingested after the store dates it by its first show there: that
+        # age is the exposure's hours column, not to be counted twice).
+        self.exposure_first_seen = np.where(self.fresh, np.datetime64("NaT"), first_seen).astype(first_seen.dtype)
 
     @property
     def uses_file_exposure(self) -> bool:
@@ -432,17 +436,21 @@ class VersionScorer:
 
     def score_read(self, read: Impressions) -> np.ndarray:
         """(c,) probabilities of impressions already ``read`` by this model."""
-        args = (read, self.embeddings, self.catalogue.log, self.catalogue.first_seen)
         at = dict(popularity_until=self.times.popularity_until, age_until=self.times.age_until)
         times = read.times[candidate_impression_rows(read)]
         after = np.ones(len(times), dtype=bool) if self.catalogue.end is None else times >= self.catalogue.end
         if self.exposure is None or not after.any():
-            return self.model.score_impressions(*args, **at)
-        logits = self.model.score_impressions(*args, **at, logits=True)
+            return self.model.score_impressions(read, self.embeddings, self.catalogue.log, self.catalogue.first_seen, **at)
+        logits = self.model.score_impressions(read, self.embeddings, self.catalogue.log, self.exposure_first_seen, **at,
+                                              logits=True)
         items = read.candidate_items
         counts, hours = self.shows.earlier(items, times)
-        z = np.where(after, self.exposure.logits(logits, counts, hours, self.fresh[items]), self.model.calibrated_logits(logits))
-        return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # the sigmoid, without exp's overflow
+        z = self.exposure.logits(logits, counts, hours, self.fresh[items])
+        scores = (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # the sigmoid, without exp's overflow
+        if not after.all():  # a chunk across the store's end: the impressions before it exactly as without
+            plain = self.model.score_impressions(read, self.embeddings, self.catalogue.log, self.catalogue.first_seen, **at)
+            scores = np.where(after, scores, plain)
+        return scores
 
 
 def describe_reading(times: FeatureTimes, scorers: dict[str, VersionScorer], file_exposure: bool) -> str:

@@ -385,20 +385,23 @@ def test_train_ctr_reports_progress_within_each_epoch(world, log, monkeypatch, c
 
 def test_the_file_exposure_calibration_is_fitted_on_validation_read_as_a_later_file(world, log):
     """train_ctr fits it on the validation window as predict reads a file after the store: the
-    store ending where the window begins, the window's own earlier shows as the file's exposure.
-    Rebuilt here from a brute-force count and scikit-learn's fit."""
+    store ending where the window begins (histories led by the clicks before it only), the
+    window's own earlier shows as the file's exposure. Rebuilt here from a brute-force count
+    and scikit-learn's fit."""
     from sklearn.linear_model import LogisticRegression
 
     from recsys.models.exposure import exposure_design
 
     train = select_impressions(world.train, np.arange(len(world.train) - 600, len(world.train)))  # the newest: valid shows some
     kwargs = dict(epochs=1, batch_size=32, embedding_dim=32, history_len=20)
-    model, history = train_ctr(world.features, train, world.valid, log, **kwargs)
+    model, history = train_ctr(world.features, train, world.valid, log,
+                               clicks=ClickLog.from_impressions([train, world.valid]), **kwargs)
     cal = model.config.file_exposure
     assert cal is not None and history["file_exposure"]["weights"] == list(cal.weights)
     assert model.config.info["file_exposure"] == history["file_exposure"]
 
-    valid, n = world.valid, len(world.features)
+    # served with the store's clicks only: those of the training window, before the validation one
+    valid, n = with_logged_clicks(world.valid, ClickLog.from_impressions([train]), 20), len(world.features)
     first_seen = first_shown([train, valid], n)
     start = valid.times.min()
     seen = ~np.isnat(first_seen) & (first_seen < start)
@@ -418,3 +421,13 @@ def test_the_file_exposure_calibration_is_fitted_on_validation_read_as_a_later_f
 
     without, _ = train_ctr(world.features, train, world.valid, log, file_exposure=False, **kwargs)
     assert without.config.file_exposure is None and without.config.info["file_exposure"] is None
+
+
+def test_a_click_log_until_a_time_keeps_the_clicks_strictly_before_it():
+    t = np.datetime64("2019-11-15T10:00:00", "s")
+    clicks = ClickLog.from_events(np.array(["u1", "u2", "u1", "u3"], object),
+                                  np.array([t - np.timedelta64(5, "s"), t, t + np.timedelta64(1, "s"), t - np.timedelta64(1, "h")]),
+                                  np.array([1, 2, 3, 4]))
+    kept = clicks.until(t)
+    assert kept.user_ids.tolist() == ["u1", "u3"] and kept.items.tolist() == [1, 4]
+    assert len(clicks.until(t - np.timedelta64(2, "h"))) == 0
