@@ -1,5 +1,5 @@
 """Would counting how often the scored file itself shows each candidate rank better? The
-experiment behind ``--file-exposure`` (issue 4: fresh articles have no popularity signal).
+experiment behind the file exposure of `predict` and `evaluate` (issue 4: fresh articles have no popularity signal).
 
 Half of a test window's candidates are articles published after training: the model's side
 features (clicks and shows in the 24 h before the store's end) read nothing for them, so

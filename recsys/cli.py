@@ -484,10 +484,10 @@ _FEATURES_AT_HELP = (
 )
 
 _FILE_EXPOSURE_HELP = (
-    "For impressions later than the store's last logged show, combine the model's score with how often the file "
-    "showed each candidate before that impression, and since when (shows only, never labels; the model version's "
-    "calibration, fitted on its validation window for the default --features-at). The nightly job cannot read "
-    "tomorrow's shows: --no-file-exposure gives the figures that match what it serves."
+    "Score without the file's exposure. By default an impression later than the store's last logged show is scored "
+    "with how often the file showed each candidate before it, and since when (shows only, never labels), through "
+    "the model version's calibration, fitted on its validation window for the default --features-at. The nightly "
+    "job cannot read tomorrow's shows: this gives the figures that match what it serves."
 )
 
 
@@ -500,7 +500,7 @@ def predict(
     news: Annotated[Optional[Path], typer.Option(help="news.tsv with articles the store does not know.")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Cover images of those articles.")] = None,
     features_at: Annotated[str, typer.Option("--features-at", help=_FEATURES_AT_HELP)] = "popularity-at-end",
-    file_exposure: Annotated[bool, typer.Option("--file-exposure/--no-file-exposure", help=_FILE_EXPOSURE_HELP)] = True,
+    no_file_exposure: Annotated[bool, typer.Option("--no-file-exposure", help=_FILE_EXPOSURE_HELP)] = False,
 ) -> None:
     """Score every impression of a behaviors file; write `ImpressionID [r1,r2,...]` lines."""
     from recsys.pipelines.predict import run_predict
@@ -509,7 +509,7 @@ def predict(
     c = _ctx(ctx)
     _print_json(run_predict(
         c.engine(), c.workspace, c.config(), behaviors=behaviors, out=out, version=model, news=news, images=images,
-        features_at=features_at, file_exposure=file_exposure,
+        features_at=features_at, file_exposure=not no_file_exposure,
     ))
 
 
@@ -525,14 +525,14 @@ def evaluate(
     images: Annotated[Optional[Path], typer.Option(help="Cover images of those articles.")] = None,
     compare: Annotated[Optional[list[Path]], typer.Option(metavar="<path>", help="Two metrics.json files to compare (give the option twice).")] = None,
     features_at: Annotated[str, typer.Option("--features-at", help=_FEATURES_AT_HELP)] = "popularity-at-end",
-    file_exposure: Annotated[bool, typer.Option("--file-exposure/--no-file-exposure", help=_FILE_EXPOSURE_HELP)] = True,
+    no_file_exposure: Annotated[bool, typer.Option("--no-file-exposure", help=_FILE_EXPOSURE_HELP)] = False,
     allow_different_data: Annotated[bool, typer.Option("--allow-different-data", help="--compare two reports of different behaviors files (refused by default).")] = False,
 ) -> None:
     """Offline CTR evaluation report: metrics.json, report.html and MIND prediction files."""
     scoring = {"--behaviors": behaviors is not None, "--out": out is not None, "--models": models is not None,
                "--baselines": baselines, "--truth": truth is not None, "--news": news is not None,
                "--images": images is not None, "--features-at": features_at != "popularity-at-end",
-               "--no-file-exposure": not file_exposure}
+               "--no-file-exposure": no_file_exposure}
     if compare:
         from recsys.evaluation.compare import compare_files
 
@@ -562,7 +562,7 @@ def evaluate(
             raise RecsysError(f"--models names {', '.join(twice)} more than once")
     summary = run_evaluate(
         c.engine(), c.workspace, c.config(), behaviors=behaviors, out=out, versions=versions,
-        ablations=baselines, truth=truth, news=news, images=images, features_at=features_at, file_exposure=file_exposure,
+        ablations=baselines, truth=truth, news=news, images=images, features_at=features_at, file_exposure=not no_file_exposure,
     )
     _print_json(summary)
 
