@@ -737,8 +737,9 @@ def _fit_file_exposure(
     after the store: the store ends where ``valid`` begins, so popularity is read at that start
     (``popularity_until``), an article first seen in ``valid`` is fresh (never seen: age 0, as
     scoring reads every fresh article), and each candidate's earlier shows in ``valid`` are the
-    file's exposure. ``valid``'s histories are led by the clicks before it only (train_ctr). Returns it and the facts a manifest records (its weights, and the validation
-    per-impression AUC of the logits read so, without and with it: the latter in-sample)."""
+    file's exposure. ``valid``'s histories are led by the clicks before it only (train_ctr).
+    Returns it and the facts a manifest records (its weights, and the validation per-impression
+    AUC of the logits read so, without and with it: the latter in-sample)."""
     start = valid.times.min()
     seen = ~np.isnat(first_seen) & (first_seen < start)
     owner = candidate_impression_rows(valid)
