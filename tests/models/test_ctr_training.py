@@ -201,11 +201,12 @@ def test_train_ctr_with_a_click_log_trains_and_validates_on_led_histories(world,
                          history_len=8, clicks=clicks)
     assert model.config.logged_clicks is True
     # Both windows were rebuilt with the model's cap, and the validation histories gained
-    # items (its users clicked in training impressions).
-    assert [s[:2] for s in seen] == [(200, 8), (len(world.valid), 8)]
-    assert seen[1][2] > 0
+    # items (its users clicked in training impressions); the validation window once more for
+    # the file-exposure fit, led by the clicks before it only (tested with that fit).
+    assert [s[:2] for s in seen] == [(200, 8), (len(world.valid), 8), (len(world.valid), 8)]
+    assert seen[2][2] > 0
     plain, _ = train_ctr(world.features, train, world.valid, log, epochs=1, batch_size=32, embedding_dim=16, history_len=8)
-    assert plain.config.logged_clicks is False and len(seen) == 2
+    assert plain.config.logged_clicks is False and len(seen) == 3
 
 
 @pytest.mark.slow
