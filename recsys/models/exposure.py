@@ -38,6 +38,23 @@ def exposure_design(logits: np.ndarray, counts: np.ndarray, hours: np.ndarray, f
                             f * np.log1p(np.asarray(hours, dtype=np.float64)), f, (1.0 - f) * shows])
 
 
+def fresh_as_of(first_seen: np.ndarray, end: np.datetime64 | None) -> tuple[np.ndarray, np.ndarray]:
+    """Which articles a store ending at ``end`` never showed or listed, and their first-seen
+    times as the calibration reads them: the same for the fit (``end`` the validation window's
+    start) and for scoring (the store's end).
+
+    Args:
+        first_seen: (n,) datetime64 first appearance of each article (NaT: never seen).
+        end: the store's end; None: a store without one, where only never-seen articles are fresh.
+
+    Returns:
+        fresh: (n,) bool; first_seen: (n,) the same times with the fresh ones NaT (age 0 to the
+        model: their hours in the file are the calibration's own column, not to count twice).
+    """
+    fresh = np.isnat(first_seen) if end is None else np.isnat(first_seen) | (first_seen >= end)
+    return fresh, np.where(fresh, np.datetime64("NaT"), first_seen).astype(first_seen.dtype)
+
+
 @dataclass(frozen=True)
 class ExposureCalibration:
     """``logit' = intercept + weights . exposure_design(...)``, fitted on validation.

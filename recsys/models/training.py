@@ -38,7 +38,7 @@ from recsys.data.interactions import (
     with_logged_clicks,
 )
 from recsys.data.exposure import FileShows
-from recsys.models.exposure import ExposureCalibration, fit_exposure_calibration
+from recsys.models.exposure import ExposureCalibration, fit_exposure_calibration, fresh_as_of
 from recsys.models.side_features import SideFeatures
 from recsys.progress import progress as progress_lines
 
@@ -741,13 +741,13 @@ def _fit_file_exposure(
     Returns it and the facts a manifest records (its weights, and the validation per-impression
     AUC of the logits read so, without and with it: the latter in-sample)."""
     start = valid.times.min()
-    seen = ~np.isnat(first_seen) & (first_seen < start)
+    fresh_items, first_seen_then = fresh_as_of(first_seen, start)
     owner = candidate_impression_rows(valid)
     times = valid.times[owner]
-    logits = model.score_impressions(valid, _embeddings_for(model, features, valid), log,
-                                     np.where(seen, first_seen, np.datetime64("NaT")), popularity_until=start, logits=True)
+    logits = model.score_impressions(valid, _embeddings_for(model, features, valid), log, first_seen_then,
+                                     popularity_until=start, logits=True)
     counts, hours = FileShows.from_events(valid.candidate_items, times).earlier(valid.candidate_items, times)
-    fresh = ~seen[valid.candidate_items]
+    fresh = fresh_items[valid.candidate_items]
     calibration = fit_exposure_calibration(logits, counts, hours, fresh, valid.labels, owner, seed=seed)
     auc = lambda scores: round(float(mean_impression_auc(valid.labels, scores, valid.candidate_offsets)[0]), 6)  # noqa: E731
     return calibration, {

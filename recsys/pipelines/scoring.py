@@ -43,6 +43,7 @@ from recsys.errors import RecsysError, SchemaError
 from recsys.interrupts import raise_if_terminated
 from recsys.data.exposure import FileShows
 from recsys.data.interactions import ClickLog, Impressions, InteractionLog, candidate_impression_rows, with_logged_clicks
+from recsys.models.exposure import fresh_as_of
 from recsys.models.side_features import SideFeatures
 from recsys.pipelines.features import encode_news, first_seen_array, load_version_model
 from recsys.store import repository as repo
@@ -402,13 +403,10 @@ class VersionScorer:
         self.times = times
         self.exposure = self.model.config.file_exposure if shows is not None else None
         self.shows = shows
-        first_seen = catalogue.first_seen
-        # Fresh: never shown or listed in the store before its end; its popularity reads nothing.
-        self.fresh = np.isnat(first_seen) if catalogue.end is None else np.isnat(first_seen) | (first_seen >= catalogue.end)
-        # Read with the exposure, a fresh article is of age 0, as the calibration was fitted
-        # (an unlabelled file ingested after the store dates it by its first show there: that
-        # age is the exposure's hours column, not to be counted twice).
-        self.exposure_first_seen = np.where(self.fresh, np.datetime64("NaT"), first_seen).astype(first_seen.dtype)
+        # Fresh: never shown or listed in the store before its end; its popularity reads nothing,
+        # and with the exposure it is of age 0, as in the fit (an unlabelled file ingested after
+        # the store dates it by its first show there: that age is the hours column's).
+        self.fresh, self.exposure_first_seen = fresh_as_of(catalogue.first_seen, catalogue.end)
 
     @property
     def uses_file_exposure(self) -> bool:
