@@ -8,7 +8,8 @@ A bundle directory holds::
                          (served user vectors append the content prior's columns, if fitted)
     scorer.keras         user (D,), candidate (D,), side (S,) -> click probability
     config.json          category vocabulary, history_len, side-feature statistics,
-                         modalities, fusion mode, embedding_dim, encoder identities, seed
+                         modalities, fusion mode, embedding_dim, encoder identities, seed,
+                         the file-exposure calibration's weights (``file_exposure``)
 
 Each ``.keras`` file loads with plain ``keras.saving.load_model``. ``RankingModel`` wraps
 them with numpy-in/numpy-out batched methods; the nightly job computes item embeddings once
