@@ -18,8 +18,13 @@ read the per-impression AUC of
 - the served model's logit with the file's exposure evidence for fresh candidates (their earlier
   shows in the file and the hours since their first one) and for the others, combined by a
   logistic regression cross-fitted on the labels of the other half (``logistic_blend``),
+- the same with, for the candidates the store has shown, their popularity over the whole store
+  (not the side features' 24 h window: shows, clicks and a smoothed click-through logit), alone
+  and on top of the file's exposure: does a longer popularity window carry more than the model
+  already reads?
 
-over all candidates and over fresh ones (never shown in the store). This was the experiment
+over all candidates and over fresh ones (never shown in the store). The served model reads as
+``recsys evaluate --no-file-exposure`` does (popularity at the store's end). This was the experiment
 before the product read the file's exposure: ``recsys predict`` and ``recsys evaluate`` now
 apply the same five columns with weights ``recsys train`` fits on its validation window
 (``recsys.models.exposure``), which ``bench_quality.py`` and ``bench_quality_foreign.py``
@@ -71,21 +76,36 @@ def file_history(imps) -> tuple[np.ndarray, np.ndarray]:
     return counts, hours
 
 
-def logistic_blend(imps, logits: np.ndarray, fresh: np.ndarray) -> tuple[np.ndarray, list[list[float]]]:
-    """The served logit and the file's exposure combined by a logistic regression on the labels
-    of the other fold (two folds by impression row parity, as ``cross_fitted``).
-
-    Features: the logit; for fresh candidates log1p(earlier shows in the file), log1p(hours
+def exposure_columns(imps, fresh: np.ndarray) -> list[np.ndarray]:
+    """The file's exposure: for fresh candidates log1p(earlier shows in the file), log1p(hours
     since their first show in the file) and a fresh flag; for the others log1p(earlier shows).
     The model's own popularity features read nothing for fresh articles, so the file's
     evidence enters for them apart."""
+    counts, hours = file_history(imps)
+    f = fresh.astype(np.float64)
+    return [f * np.log1p(counts), f * np.log1p(hours), f, (1 - f) * np.log1p(counts)]
+
+
+def store_popularity_columns(imps, log, fresh: np.ndarray) -> list[np.ndarray]:
+    """For the candidates the store has shown, popularity over the whole store at its end, not
+    the side features' 24 h window: log1p(shows), log1p(clicks) and a smoothed click-through
+    logit log((clicks + 1) / (shows - clicks + 20)); 0 for fresh candidates."""
+    items = imps.candidate_items
+    at = np.full(len(items), log.end)
+    clicks, shows = log.window_counts(items, at, window=at[0] - log.times.min())
+    seen = 1.0 - fresh.astype(np.float64)
+    ctr = np.log((clicks + 1.0) / (shows - clicks + 20.0))
+    return [seen * np.log1p(shows), seen * np.log1p(clicks), seen * ctr]
+
+
+def logistic_blend(imps, logits: np.ndarray, columns: list[np.ndarray]) -> tuple[np.ndarray, list[list[float]]]:
+    """The served logit and ``columns`` combined by a logistic regression on the labels of the
+    other fold (two folds by impression row parity, as ``cross_fitted``)."""
     from sklearn.linear_model import LogisticRegression
 
     from recsys.data.interactions import candidate_impression_rows
 
-    counts, hours = file_history(imps)
-    f = fresh.astype(np.float64)
-    x = np.column_stack([logits, f * np.log1p(counts), f * np.log1p(hours), f, (1 - f) * np.log1p(counts)])
+    x = np.column_stack([logits, *columns])
     fold = candidate_impression_rows(imps) % 2
     out, coefs = np.empty_like(logits), []
     for k in (0, 1):
@@ -127,8 +147,9 @@ def run_seed(seed: int, args, root: Path) -> dict:
     version = run_train(engine, ws, config, make_current=False)["version"]
     scorer = VersionScorer(get_version(engine, version), catalogue)
     test = file_impressions(world / "behaviors_test.tsv", catalogue, logged_clicks=True, history_len=scorer.history_len)
+    # Read as `recsys evaluate --no-file-exposure` does (`--features-at popularity-at-end`).
     logits = scorer.model.score_impressions(test, scorer.embeddings, catalogue.log, catalogue.first_seen,
-                                            logits=True).astype(np.float64)
+                                            popularity_until=catalogue.end, logits=True).astype(np.float64)
     fresh = fresh_candidates(test, catalogue)
     shows = np.log1p(file_shows(test)).astype(np.float64)
     # Ties broken by a tiny, fixed jitter: many candidates share a count.
@@ -140,9 +161,14 @@ def run_seed(seed: int, args, root: Path) -> dict:
     out["rows"]["served model"] = test_file_row(test, logits, oracle, fresh)
     out["rows"]["shows in the file, last 24 h"] = test_file_row(test, shows + jitter, oracle, fresh)
     out["rows"]["served model + w * shows (cross-fitted w)"] = test_file_row(test, blended, oracle, fresh)
-    exposure, coefs = logistic_blend(test, logits, fresh)
+    expo, store = exposure_columns(test, fresh), store_popularity_columns(test, catalogue.log, fresh)
+    exposure, coefs = logistic_blend(test, logits, expo)
     out["rows"]["served model + file exposure (cross-fitted logistic)"] = test_file_row(test, exposure, oracle, fresh)
     out["logistic_coefficients"] = coefs
+    popular, _ = logistic_blend(test, logits, store)
+    out["rows"]["served model + the store's whole-log popularity (cross-fitted logistic)"] = test_file_row(test, popular, oracle, fresh)
+    both, out["logistic_coefficients_with_store"] = logistic_blend(test, logits, expo + store)
+    out["rows"]["served model + file exposure + whole-log popularity"] = test_file_row(test, both, oracle, fresh)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     engine.dispose()
     return out
