@@ -20,7 +20,7 @@ import logging
 import os
 import time as clock
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -253,12 +253,15 @@ def ingest(
                     known = {n: t for n, t in conn.execute(sa.select(schema.news.c.news_id, schema.news.c.first_seen_at))}
                 if news_stream is not None:
                     stage_start = clock.perf_counter()
-                    job.ingest_news(news_stream, images_dir, listing, known)
+                    job.ingest_news(news_stream, images_dir, listing, known, last_stage=behaviors_stream is None)
                     report.elapsed["news"] = clock.perf_counter() - stage_start
                 if behaviors_stream is not None:
                     stage_start = clock.perf_counter()
-                    job.ingest_behaviors(behaviors_stream, source, known)
+                    job.ingest_behaviors(behaviors_stream, source, known, last_stage=True)
                     report.elapsed["behaviors"] = clock.perf_counter() - stage_start
+        # Already done in the last batch's transaction; here only when the last file had no line.
+        path = quarantine.finish()
+        quarantine.keep()
     except BaseException:
         quarantine.discard()
         raise
@@ -271,7 +274,6 @@ def ingest(
                     "first %s: the last ingest of an article wins, so replaying an older news file undoes later "
                     "corrections; they are encoded again by the next nightly run", report.news_changed, news_path,
                     job.first_changed_news)
-    path = quarantine.finish()
     report.quarantine_file = str(path) if path is not None else None
     report.elapsed["total"] = clock.perf_counter() - started
     return report
@@ -318,14 +320,25 @@ class _Job:
                 key=("file", "line"), update=lambda ex, t: {"field": ex.field, "reason": ex.reason},
             )
 
-    def _done(self, num_lines: int) -> None:
+    def _seal(self, last: bool) -> None:
+        """Inside a batch's transaction, after its writes: the batch's bad lines reach the
+        quarantine file (written and synced), which the batch holding the ingest's last line also
+        renames into place, so that a file that cannot be written rolls its batch back."""
+        self.quarantine.flush()
+        if last:
+            self.quarantine.finish()
+
+    def _done(self, num_lines: int, last: bool) -> None:
+        if last and not self.strict:  # committed: the quarantine file stays whatever happens now
+            self.quarantine.keep()
         self.quarantine.keep_alive()
         if self.progress is not None:
             self.progress(num_lines)
 
     # --- news ---------------------------------------------------------------------------
 
-    def ingest_news(self, stream: RowStream, images_dir: Path | None, listing, known: dict[str, datetime | None]) -> None:
+    def ingest_news(self, stream: RowStream, images_dir: Path | None, listing, known: dict[str, datetime | None], *,
+                    last_stage: bool) -> None:
         file_key = quarantine_key(stream.path)
         self._begin_file(file_key)
         counts = self.report.image_status
@@ -336,7 +349,8 @@ class _Job:
         # written (a first pass over the file, 0.4 s at 65k articles), so that an earlier line
         # is never stored in between and a second ingest of the file changes nothing.
         last_line = {r.news_id: r.line for r in iter_news(stream.path) if isinstance(r, NewsRow)}
-        for lines in _batches(stream, self.batch_size):
+        for lines, last in _batches(stream, self.batch_size):
+            last = last and last_stage
             pending_bad: list[tuple] = []
             latest: dict[str, NewsRow] = {}
             for row in lines:
@@ -375,10 +389,11 @@ class _Job:
                         update=_news_update, where=_news_changed,
                     )
                 self._write_quarantine(pending_bad)
+                self._seal(last)
             for news_id in latest:
                 known.setdefault(news_id, None)
             self.report.news += len(records)
-            self._done(len(lines))
+            self._done(len(lines), last)
 
     def _count_changed_news(self, hashes: dict[str, str], known: dict[str, datetime | None]) -> None:
         """Count (and name the first of) the stored articles this batch gives other content.
@@ -434,12 +449,14 @@ class _Job:
 
     # --- behaviors ----------------------------------------------------------------------
 
-    def ingest_behaviors(self, stream: RowStream, source: str, known: dict[str, datetime | None]) -> None:
+    def ingest_behaviors(self, stream: RowStream, source: str, known: dict[str, datetime | None], *,
+                         last_stage: bool) -> None:
         file_key = quarantine_key(stream.path)
         self._begin_file(file_key)
         seen = FirstLines()
         brought = FirstLines()  # the ids this file stored, and the lines that brought them
-        for lines in _batches(stream, self.batch_size):
+        for lines, last in _batches(stream, self.batch_size):
+            last = last and last_stage
             pending_bad: list[tuple] = []
             good: list[BehaviorRow] = []
             parsed = [r for r in lines if isinstance(r, BehaviorRow)]
@@ -461,7 +478,8 @@ class _Job:
                     brought.add(np.fromiter((r.impression_id for r in good), np.int64, len(good)),
                                 np.fromiter((r.line for r in good), np.int64, len(good)))
                 self._write_quarantine(pending_bad)
-            self._done(len(lines))
+                self._seal(last)
+            self._done(len(lines), last)
 
     def _without_stored_twice(self, rows: list[BehaviorRow], source: str, brought: FirstLines) -> list[BehaviorRow]:
         """The rows less those whose impression the store would then hold twice.
@@ -778,12 +796,56 @@ def _unknown_news(row: BehaviorRow, missing: set[str], known: dict[str, datetime
     return None
 
 
-def _batches(rows: Iterable, size: int) -> Iterator[list]:
+def _batches(rows: Iterable, size: int) -> Iterator[tuple[list, bool]]:
+    """``(batch, is the file's last)``: the last one is known before it is written (a row read
+    ahead), so that the quarantine file is renamed into place before the last commit."""
     # Cut by News ids too: a History (stored whole) may hold 10,000 ids, and 5,000 such lines
     # held GBs of strings. Batch boundaries change no stored row (see ``_without_stored_twice``).
-    for batch in batches(rows, size):
+    ahead = _ReadAhead(rows)
+    given = 0
+    for batch in batches(ahead, size):
         raise_if_terminated()  # a SIGTERM whose exception some library swallowed
-        yield batch
+        given += len(batch)
+        # A row taken and not given is the one that starts the next batch (cut by its ids).
+        yield batch, given == ahead.taken and ahead.at_end()
+
+
+_NOTHING = object()
+
+
+class _ReadAhead:
+    """An iterator that can tell whether another row follows, by reading it ahead."""
+
+    def __init__(self, rows: Iterable):
+        self._rows = iter(rows)
+        self._next = _NOTHING
+        self._ended = False
+        self.taken = 0  # rows handed out
+
+    def __iter__(self) -> _ReadAhead:
+        return self
+
+    def __next__(self):
+        if self._next is not _NOTHING:
+            row, self._next = self._next, _NOTHING
+        elif self._ended:
+            raise StopIteration
+        else:
+            try:
+                row = next(self._rows)
+            except StopIteration:
+                self._ended = True
+                raise
+        self.taken += 1
+        return row
+
+    def at_end(self) -> bool:
+        if self._next is _NOTHING and not self._ended:
+            try:
+                self._next = next(self._rows)
+            except StopIteration:
+                self._ended = True
+        return self._next is _NOTHING and self._ended
 
 
 # --- quarantine file ---------------------------------------------------------------------------
@@ -791,6 +853,13 @@ def _batches(rows: Iterable, size: int) -> Iterator[list]:
 
 class _QuarantineFile:
     """The bad rows of one ingest call as TSV, written to a temp name and renamed at the end.
+
+    Each batch's bad lines are written and synced inside the batch's transaction (``flush``),
+    and the batch holding the ingest's last line renames the file into place before it commits
+    (``finish``): a file that cannot be written (a full disk, a read-only mount) fails the
+    ingest with ConfigError and rolls that batch back, and ``discard`` removes what was written
+    (the renamed file too, until ``keep`` says its batch committed). So a stored bad line is in
+    the file, as in the ``quarantine`` table, and a rerun gives the clean result.
 
     An ingest that was killed leaves its temp file; the next ingest removes those unchanged
     for ``STALE_QUARANTINE_SECONDS``. A live ingest touches its own after every batch
@@ -801,35 +870,78 @@ class _QuarantineFile:
         self.path = directory / name
         self._tmp = directory / f".{name}.tmp"
         self._file = None
+        self._created = self._renamed = self._kept = self._unsynced = False
         remove_stale(directory.glob(".*.tsv.tmp"), STALE_QUARANTINE_SECONDS, why="left by an ingest that was killed")
+
+    def _error(self, exc: OSError) -> ConfigError:
+        return ConfigError(f"quarantine file {self.path} cannot be written ({exc.strerror or exc}): the ingest stopped; "
+                           "rerun it once the quarantine folder has room and is writable")
 
     def keep_alive(self) -> None:
         if self._file is not None:
-            os.utime(self._tmp)
+            try:
+                os.utime(self._tmp)
+            except OSError as exc:
+                raise self._error(exc) from exc
 
     def add(self, file_key: str, bad: BadRow) -> None:
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self._tmp, "w", encoding="utf-8", newline="")  # noqa: SIM115 - closed in finish/discard
-            self._file.write("\t".join(_QUARANTINE_HEADER) + "\n")
         cells = (file_key, str(bad.line), bad.field, bad.reason, bad.raw)
-        self._file.write("\t".join(_tsv_cell(c) for c in cells) + "\n")
+        try:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self._tmp, "w", encoding="utf-8", newline="")  # noqa: SIM115 - closed in finish/discard
+                self._created = True
+                self._file.write("\t".join(_QUARANTINE_HEADER) + "\n")
+            self._file.write("\t".join(_tsv_cell(c) for c in cells) + "\n")
+        except OSError as exc:
+            raise self._error(exc) from exc
+        self._unsynced = True
+
+    def flush(self) -> None:
+        """Write and sync the lines added since the last call (called before a batch commits)."""
+        if self._file is None or not self._unsynced:
+            return
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            raise self._error(exc) from exc
+        self._unsynced = False
 
     def finish(self) -> Path | None:
+        """Sync, close and rename into place: the path, None when there was no bad row."""
+        if self._renamed:
+            return self.path
         if self._file is None:
             return None
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        os.replace(self._tmp, self.path)
-        return self.path
-
-    def discard(self) -> None:
-        if self._file is not None:
+        self.flush()
+        try:
             self._file.close()
             self._file = None
-            self._tmp.unlink(missing_ok=True)
+            os.replace(self._tmp, self.path)
+        except OSError as exc:
+            raise self._error(exc) from exc
+        self._renamed = True
+        return self.path
+
+    def keep(self) -> None:
+        """The batch that renamed the file has committed: ``discard`` leaves it."""
+        self._kept = True
+
+    def discard(self) -> None:
+        """Remove what this call wrote, unless kept; never raises OSError (it runs while an
+        error propagates)."""
+        if self._file is not None:
+            with suppress(OSError):  # closed even when its flush fails (a full disk)
+                self._file.close()
+            self._file = None
+        if self._kept or not self._created:
+            return
+        path = self.path if self._renamed else self._tmp
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not remove %s, the quarantine file of a failed ingest (%s)", path, exc)
 
 
 def _tsv_cell(text: str) -> str:

@@ -477,3 +477,18 @@ def test_batches_read_at_most_one_row_past_the_batch_and_default_to_max_batch_id
     assert [r.line for r in next(it)] == [1, 2] and pulled == [1, 2, 3]
     monkeypatch.setattr(mind, "MAX_BATCH_IDS", 10)
     assert [[r.line for r in b] for b in batches(rows(), max_lines=10)] == [[1, 2], [3, 4], [5, 6]]
+
+
+def test_the_ingests_batches_flag_the_last_one_before_it_is_written(monkeypatch):
+    # The batch holding a file's last line renames the quarantine file before it commits.
+    from recsys.store.ingest import _batches
+
+    rows = [_row(1, 2), _row(2, 3), _row(3, 30), _row(4, 0), BadRow("f", 5, "time", "x", "a time", "raw"),
+            _row(6, 1), _row(7, 1), _row(8, 1), _row(9, 9)]
+    monkeypatch.setattr(mind, "MAX_BATCH_IDS", 10)
+    for n in range(len(rows) + 1):
+        for size in (1, 2, 3, 100):
+            got = [([r.line for r in b], last) for b, last in _batches(rows[:n], size)]
+            expected = [[r.line for r in b] for b in mind.batches(rows[:n], size, 10)]
+            assert [b for b, _ in got] == expected  # the same cut, ids included (row 3 alone; row 9 last)
+            assert [last for _, last in got] == [i == len(expected) - 1 for i in range(len(expected))]

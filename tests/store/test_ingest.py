@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import re
@@ -248,6 +249,8 @@ def test_a_live_ingest_touches_its_quarantine_temp_file_after_every_batch(engine
     import time
 
     files = _world_with(tmp_path, "behaviors", behavior_line(9, "U1", T0, [], ["N1-1", "N55-x"]))  # bad row first
+    with open(files["behaviors"], "a") as f:  # two batches after it (the last renames the file into place)
+        f.write(behavior_line(3, "U3", T0 + 2 * H, [], ["N2-1", "N3-0"]) + "\n")
     past = time.time() - 86400
     seen = []
 
@@ -258,6 +261,86 @@ def test_a_live_ingest_touches_its_quarantine_temp_file_after_every_batch(engine
 
     run(engine, quarantine_dir, news_path=files["news"], behaviors_path=files["behaviors"], batch_size=1, progress=backdate)
     assert len(seen) >= 2 and min(seen) > time.time() - 60
+
+
+class _FullDiskFile:
+    """A text file on a full disk: writes are buffered, and fail once they reach the disk."""
+
+    def __init__(self, path, *args, **kwargs):
+        self._file = open(path, *args, **kwargs)  # noqa: SIM115 - closed by close()
+        self._pending = False
+
+    def write(self, text: str) -> int:
+        self._pending = True
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def close(self) -> None:  # closed even when its flush fails, as a real file is
+        self._file.close()
+        pending, self._pending = self._pending, False
+        if pending:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _quarantine_fails(monkeypatch, quarantine_dir: Path, where: str) -> None:
+    """The quarantine folder cannot take the file: read-only (``open``), full (``write``), or
+    full when the file is renamed into place (``rename``)."""
+    import recsys.store.ingest as ingest_module
+
+    if where == "open":
+        def fail_open(path, *args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+        monkeypatch.setattr(ingest_module, "open", fail_open, raising=False)
+    elif where == "write":
+        monkeypatch.setattr(ingest_module, "open", _FullDiskFile, raising=False)
+    else:
+        real_replace = ingest_module.os.replace
+
+        def fail_replace(src, dst, *args, **kwargs):
+            if Path(dst).parent == quarantine_dir:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_replace(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(ingest_module.os, "replace", fail_replace)
+
+
+@pytest.mark.parametrize("where", ["open", "write", "rename"])
+@pytest.mark.parametrize("batch_size", [5000, 1])
+def test_a_quarantine_file_that_cannot_be_written_fails_the_ingest_and_its_batch(engine, tmp_path, quarantine_dir,
+                                                                                 monkeypatch, where, batch_size):
+    # On a full disk the ingest committed every line, then failed (exit 2) writing the quarantine
+    # file: a failed run whose data and quarantine rows were stored, the file missing, a .tmp left.
+    files = _world_with(tmp_path, "behaviors", behavior_line(9, "U1", T0, [], ["N1-1", "N55-x"]))
+    args = {"news_path": files["news"], "behaviors_path": files["behaviors"], "batch_size": batch_size}
+    clean = run(engine, tmp_path / "clean", **args)
+    clean_store, clean_file = dump_store(engine), Path(clean.quarantine_file).read_text()
+    wipe_store(engine)
+    news_only = run(engine, tmp_path / "news-only", news_path=files["news"])
+    assert news_only.quarantine_file is None
+    before = dump_store(engine)
+
+    with monkeypatch.context() as patch:
+        _quarantine_fails(patch, quarantine_dir, where)
+        reason = "Read-only file system" if where == "open" else "No space left on device"
+        with pytest.raises(ConfigError, match=rf"quarantine file {re.escape(str(quarantine_dir))}/\S+-behaviors\.tsv "
+                                              rf"cannot be written \({reason}\): the ingest stopped"):
+            run(engine, quarantine_dir, **args)
+    assert list(quarantine_dir.iterdir()) == []  # no .tmp, no file that names rows the store lacks
+    if batch_size == 5000:  # one batch, rolled back: the store is as it was
+        assert dump_store(engine) == before
+    else:  # the batches before the failing one stay, as after a crash: line 1 (line 2 is bad)
+        assert rows(engine, "impressions", "impression_id") == [(1,)]
+
+    report = run(engine, quarantine_dir, **args)  # the rerun gives what one clean run gives
+    assert dump_store(engine) == clean_store
+    assert Path(report.quarantine_file).read_text() == clean_file
 
 
 def test_first_lines_agrees_with_a_dict(tmp_path):
