@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -318,6 +319,47 @@ def test_a_night_whose_files_have_no_good_line_exits_3_and_ranks_the_stored_data
     assert err.strip().splitlines()[-1].startswith("error: ingest failed, the run ranked the data already stored: --news")
     after = store_stats(engine)
     assert (after["news"], after["impressions"]) == (before["news"], before["impressions"])
+
+
+def test_a_night_whose_quarantine_file_cannot_be_written_exits_3_and_ranks_the_stored_data(tmp_path, trained, capsys,
+                                                                                         monkeypatch):
+    # On a full disk the quarantine writer's OSError stopped the whole night (exit 2, no run).
+    import errno
+
+    import recsys.store.ingest as store_ingest
+
+    world, ws, engine, _ = trained
+    before = store_stats(engine)
+    quarantined = set(ws.quarantine_dir.glob("*")) | set(ws.quarantine_dir.glob(".*"))
+    article = (world / "news.tsv").read_text(encoding="utf-8").split("\t", 1)[0]
+    night = repo.time_range(engine)[1]
+    (tmp_path / "night").mkdir()
+    behaviors = write_lines(tmp_path / "night" / "behaviors.tsv", [
+        behavior_line(1, "U_new", night, [], [f"{article}-1"]), behavior_line(2, "U_new", night, [], ["N_nowhere-1"])])
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(store_ingest, "open", full_disk, raising=False)
+    code = main(["--workspace", str(ws.root), "nightly", "--k", "3", "--workers", "1", "--behaviors", str(behaviors),
+                 "--source", "full"])
+    out, err = capsys.readouterr()
+    assert code == 3, err
+    summary = json.loads(out)
+    error = summary["ingest"]["error"]
+    message = (rf"quarantine file {re.escape(str(ws.quarantine_dir))}/\S+-behaviors\.tsv cannot be written "
+               r"\(No space left on device\): the ingest stopped; .*")
+    assert re.fullmatch(message, error), error
+    assert summary["run"]["status"] == "complete"
+    assert err.strip().splitlines()[-1] == f"error: ingest failed, the run ranked the data already stored: {error}"
+    assert store_stats(engine) == before  # its one batch rolled back, the ingest recorded failed
+    assert [status for _, kind, status in _runs(engine) if kind == "ingest"][-1] == "failed"
+    assert set(ws.quarantine_dir.glob("*")) | set(ws.quarantine_dir.glob(".*")) == quarantined
+    # `recsys ingest` says so with exit 1 (was exit 2, an internal error).
+    code = main(["--workspace", str(ws.root), "ingest", "--behaviors", str(behaviors), "--source", "full"])
+    assert code == 1
+    assert re.fullmatch("error: " + message, capsys.readouterr().err.strip().splitlines()[-1])
+    assert store_stats(engine) == before
 
 
 def test_an_export_that_fails_after_the_run_still_prints_the_summary_and_exits_1(tmp_path, trained, capsys, monkeypatch):
