@@ -203,8 +203,9 @@ def ingest(
 
     Raises:
         SchemaError: ``strict`` and a bad row (the message names file, line, field, value).
-        ConfigError: no input file, a bad ``batch_size`` or ``source``, or a missing
-            images folder.
+        ConfigError: no input file, a bad ``batch_size`` or ``source``, a missing
+            images folder, or a quarantine file that cannot be written (its batch is rolled
+            back, see ``_QuarantineFile``).
         MindFileError: an input file cannot be opened.
         StoreError: the store is neither SQLite nor PostgreSQL.
     """
