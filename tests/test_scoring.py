@@ -294,6 +294,52 @@ def test_evaluate_writes_prediction_files_per_chunk_and_keeps_the_old_ones_on_fa
     assert not (tmp_path / "new").exists()
 
 
+class _FullDisk:
+    """A file whose writes fail: the disk is full."""
+
+    def __init__(self, file):
+        self._file = file
+
+    def write(self, data):
+        raise OSError(28, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+def test_evaluate_whose_report_cannot_be_written_leaves_the_earlier_report_whole(trained, tmp_path, monkeypatch):
+    # metrics.json was replaced before report.html was written: on a full disk a new
+    # metrics.json sat beside the old page, and a new folder kept the prediction files alone.
+    from contextlib import contextmanager
+
+    import recsys.evaluation.report as report_module
+    from recsys.pipelines.evaluate import run_evaluate
+
+    world, ws, engine, config, versions = trained
+    out = tmp_path / "report"
+    run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=out, versions=[versions[True]],
+                 num_resamples=10)
+    before = {name: (out / name).read_bytes() for name in ("metrics.json", "report.html")}
+    real_open = report_module.atomic_open
+
+    @contextmanager
+    def page_on_a_full_disk(path, *args, **kwargs):
+        with real_open(path, *args, **kwargs) as out_file:
+            yield _FullDisk(out_file) if Path(path).name == "report.html" else out_file
+
+    monkeypatch.setattr(report_module, "atomic_open", page_on_a_full_disk)
+    both = [versions[True], versions[False]]
+    with pytest.raises((OSError, RecsysError), match="No space left on device"):
+        run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=out, versions=both, num_resamples=10)
+    assert {name: (out / name).read_bytes() for name in before} == before  # the earlier pair, whole
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    # Into a new folder: removed with the prediction files the failed run wrote into it.
+    with pytest.raises((OSError, RecsysError), match="No space left on device"):
+        run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=tmp_path / "new" / "report",
+                     versions=both, num_resamples=10)
+    assert not (tmp_path / "new").exists()
+
+
 def test_evaluate_into_an_earlier_reports_folder_leaves_one_evaluation(trained, tmp_path, caplog):
     # The earlier report's prediction files of other models stayed beside the new metrics.json.
     from recsys.pipelines.evaluate import run_evaluate

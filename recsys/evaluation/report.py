@@ -51,6 +51,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -331,13 +332,22 @@ def _plain(value):
     return value
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    with atomic_open(path, "wb") as out:
-        out.write(data)
+def _write_all_atomic(files: Mapping[Path, bytes]) -> None:
+    """Write every file to its temporary name, then replace them: a write that fails (a full
+    disk) replaces none, so an old report.html never sits beside a new metrics.json. Only the
+    renames, which write no data, come after the first replacement."""
+    with ExitStack() as stack:
+        for path, data in files.items():
+            out = stack.enter_context(atomic_open(path, "wb"))
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
 
 
 def write_report(result: Mapping, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``metrics.json`` and ``report.html`` into ``out_dir`` (created if missing).
+    """Write ``metrics.json`` and ``report.html`` into ``out_dir`` (created if missing). Both
+    are written whole before either replaces the one an earlier report left: a failed write
+    leaves the earlier pair as it was.
 
     Args:
         result: the report dict (module docstring), e.g. from ``build_result``.
@@ -356,8 +366,10 @@ def write_report(result: Mapping, out_dir: str | os.PathLike) -> tuple[Path, Pat
     document.setdefault("beyond_accuracy", None)
     html = render_html(document)
     json_path, html_path = out_dir / "metrics.json", out_dir / "report.html"
-    _write_atomic(json_path, (json.dumps(document, indent=2, allow_nan=False) + "\n").encode("utf-8"))
-    _write_atomic(html_path, html.encode("utf-8"))
+    # The page is replaced first: metrics.json, which names the report's prediction files
+    # (``earlier_prediction_files``), last.
+    _write_all_atomic({json_path: (json.dumps(document, indent=2, allow_nan=False) + "\n").encode("utf-8"),
+                       html_path: html.encode("utf-8")})
     return json_path, html_path
 
 

@@ -332,35 +332,43 @@ def run_evaluate(
             if acc.num_impressions == 0:
                 raise RecsysError(f"{behaviors}: no impressions")
     except BaseException:
-        for folder in created:  # a failed run leaves no empty report folder behind
-            with suppress(OSError):
-                folder.rmdir()
+        _remove_created(created)
         raise
-    prediction_files = {v: str(path) for v, path in prediction_files.items()}
-    t_scored = time.perf_counter() - t_start
-    log.info("computing metrics and their intervals (%d bootstrap resamples of %d impressions)", num_resamples,
-             acc.num_impressions)
-    result = build_result(
-        acc,
-        kinds={**{names[v]: kinds[v] for v in scorers}, RANDOM: "baseline", POPULAR: "baseline", **({ORACLE: "oracle"} if oracle else {})},
-        behaviors_file=behaviors,
-        data_window=f"{window[0]} to {window[1]}",
-        model_versions=list(scorers),
-        encoders={
-            "text": catalogue.features.text_encoder.to_dict(),
-            "image": catalogue.features.image_encoder.to_dict(),
-        },
-        beyond_accuracy=_beyond_accuracy(engine, catalogue, popularity, evaluated=list(scorers)),
-        side_features_at=reading,
-        behaviors_sha256=scan.sha256,
-        ignored_history_entries=tally[IGNORED_HISTORY],
-        trained_on_the_file=sorted(trained_on),
-        warnings=not_held_out,  # the report shows them too, not only this command's log
-    )
-    # Read before write_report replaces the earlier report's metrics.json, which names them.
-    stale = earlier_prediction_files(out, keep=[Path(p) for p in prediction_files.values()],
-                                     known_versions=[row["version"] for row in list_versions(engine)])
-    metrics_path, html_path = write_report(result, out)
+    try:
+        prediction_files = {v: str(path) for v, path in prediction_files.items()}
+        t_scored = time.perf_counter() - t_start
+        log.info("computing metrics and their intervals (%d bootstrap resamples of %d impressions)", num_resamples,
+                 acc.num_impressions)
+        result = build_result(
+            acc,
+            kinds={**{names[v]: kinds[v] for v in scorers}, RANDOM: "baseline", POPULAR: "baseline", **({ORACLE: "oracle"} if oracle else {})},
+            behaviors_file=behaviors,
+            data_window=f"{window[0]} to {window[1]}",
+            model_versions=list(scorers),
+            encoders={
+                "text": catalogue.features.text_encoder.to_dict(),
+                "image": catalogue.features.image_encoder.to_dict(),
+            },
+            beyond_accuracy=_beyond_accuracy(engine, catalogue, popularity, evaluated=list(scorers)),
+            side_features_at=reading,
+            behaviors_sha256=scan.sha256,
+            ignored_history_entries=tally[IGNORED_HISTORY],
+            trained_on_the_file=sorted(trained_on),
+            warnings=not_held_out,  # the report shows them too, not only this command's log
+        )
+        # Read before write_report replaces the earlier report's metrics.json, which names them.
+        stale = earlier_prediction_files(out, keep=[Path(p) for p in prediction_files.values()],
+                                         known_versions=[row["version"] for row in list_versions(engine)])
+        metrics_path, html_path = write_report(result, out)
+    except BaseException:
+        # A report folder this run created is not left holding prediction files alone; in an
+        # existing one they stay, replaced (the next evaluate there removes them if stale).
+        if out in created:
+            for path in prediction_files.values():
+                with suppress(OSError):
+                    Path(path).unlink()
+        _remove_created(created)
+        raise
     # An earlier report in the same folder left its models' prediction files: beside a
     # metrics.json that no longer describes them, a MIND scorer run over the folder would mix
     # two evaluations. Removed only now that the new report is whole.
@@ -382,6 +390,13 @@ def run_evaluate(
         "gap_closed": gaps, "seconds": round(time.perf_counter() - t_start, 2), "scoring_seconds": round(t_scored, 2),
         "trained_on_the_file": sorted(trained_on), **warning,
     }
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the folders a failed run created for its report, deepest first, if empty."""
+    for folder in created:
+        with suppress(OSError):
+            folder.rmdir()
 
 
 def earlier_prediction_files(out: Path, *, keep: list[Path], known_versions: list[str] = ()) -> list[Path]:
