@@ -12,6 +12,7 @@ Layout of a version directory::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -27,6 +28,8 @@ from recsys.clock import utc_now
 from recsys.errors import DamagedFileError, ModelMismatchError, NotFoundError
 from recsys.store import schema as s
 from recsys.store.database import PUBLISH_LOCK_KEY, serialized_transaction
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 # recsys.models.bundle.MODEL_FILES, named here so that `model list` and `model use` check a
@@ -136,22 +139,44 @@ def publish_version(engine: Engine, models_dir: Path, version: str, staged: Path
     """Rename the staged directory into place and register it (current if asked), atomically.
 
     The directory rename happens first; if the process dies between the rename and the
-    database commit, the directory is an orphan that no reader ever sees.
+    database commit, the directory is an orphan that no reader ever sees. A registration that
+    fails (a full store, say) removes the directory again before the error goes on, unless the
+    store cannot tell whether the version was registered after all.
     """
     write_json_atomic(staged / MANIFEST, manifest)
     final = models_dir / version
     os.replace(staged, final)
-    # Serialised: two trainings publishing at once would each clear the flags the other had
-    # not yet set (PostgreSQL, read committed) and both insert a current version.
-    with serialized_transaction(engine, PUBLISH_LOCK_KEY) as conn:
-        if make_current:
-            conn.execute(update(s.model_versions).values(is_current=False))
-        conn.execute(
-            insert(s.model_versions).values(
-                version=version, path=str(final), created_at=utc_now(), is_current=make_current, manifest=manifest
+    try:
+        # Serialised: two trainings publishing at once would each clear the flags the other
+        # had not yet set (PostgreSQL, read committed) and both insert a current version.
+        with serialized_transaction(engine, PUBLISH_LOCK_KEY) as conn:
+            if make_current:
+                conn.execute(update(s.model_versions).values(is_current=False))
+            conn.execute(
+                insert(s.model_versions).values(
+                    version=version, path=str(final), created_at=utc_now(), is_current=make_current, manifest=manifest
+                )
             )
-        )
+    except BaseException:
+        _unpublish(engine, version, final)
+        raise
     return ModelVersion(version, final, manifest)
+
+
+def _unpublish(engine: Engine, version: str, final: Path) -> None:
+    """Remove the folder of a version whose registration failed; kept when the store cannot
+    say that it holds no such version (a commit whose connection dropped may have landed)."""
+    try:
+        with engine.connect() as conn:
+            registered = conn.execute(select(s.model_versions.c.version).where(s.model_versions.c.version == version)).first()
+    except Exception as exc:  # noqa: BLE001 - the registration's own error goes on
+        log.warning("model version folder %s kept: its registration failed and the store cannot say whether it "
+                    "holds the version (%s)", final, exc)
+        return
+    if registered is None:
+        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():
+            log.warning("could not remove %s, the folder of a model version whose registration failed", final)
 
 
 def get_version(engine: Engine, version: str | None = None) -> ModelVersion:

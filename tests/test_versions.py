@@ -326,3 +326,66 @@ def test_no_current_version_points_at_model_use_when_versions_exist(engine, tmp_
     _publish(engine, tmp_path / "models", "v1", make_current=False)  # a first `train --keep-current`
     with pytest.raises(NotFoundError, match=r"none is current .*`recsys model use VERSION` serves one"):
         versions.get_version(engine)
+
+
+def _registration_fails(monkeypatch):
+    """The store refuses the registration's commit: a SQLite store on a full disk."""
+    import sqlite3
+    from contextlib import contextmanager
+
+    from sqlalchemy.exc import OperationalError
+
+    real = versions.serialized_transaction
+
+    @contextmanager
+    def full_store(engine, key):
+        with real(engine, key) as conn:
+            yield conn
+            raise OperationalError("COMMIT", {}, sqlite3.OperationalError("database or disk is full"))
+
+    monkeypatch.setattr(versions, "serialized_transaction", full_store)
+
+
+def test_a_version_whose_registration_fails_leaves_no_folder(engine, tmp_path, monkeypatch):
+    # The folder was renamed into place before the commit and stayed: an unregistered version.
+    import pytest
+    from sqlalchemy.exc import OperationalError
+
+    models = tmp_path / "models"
+    versions.publish_version(engine, models, "v0", _stage(models, "v0"), {"seed": 0})
+    _registration_fails(monkeypatch)
+    with pytest.raises(OperationalError, match="database or disk is full"):
+        versions.publish_version(engine, models, "v1", _stage(models, "v1"), {"seed": 1})
+    assert sorted(p.name for p in models.iterdir()) == ["v0"]
+    assert versions.get_version(engine).version == "v0"
+    assert [row["version"] for row in versions.list_versions(engine)] == ["v0"]
+
+
+def test_a_version_the_store_may_hold_keeps_its_folder(engine, tmp_path, monkeypatch, caplog):
+    # A commit whose connection dropped may have landed: a registered version without its
+    # folder would be worse than an orphan folder.
+    import pytest
+    from sqlalchemy.exc import OperationalError
+
+    from contextlib import contextmanager
+
+    models = tmp_path / "models"
+
+    def unreachable(*args, **kwargs):
+        raise OperationalError("SELECT", {}, ConnectionError("server closed the connection"))
+
+    class Statements:
+        def execute(self, *args, **kwargs):
+            pass
+
+    @contextmanager
+    def dropped_at_commit(engine, key):
+        yield Statements()
+        unreachable()  # the connection dropped during the commit
+
+    monkeypatch.setattr(versions, "serialized_transaction", dropped_at_commit)
+    monkeypatch.setattr(engine, "connect", unreachable)
+    with pytest.raises(OperationalError, match="server closed the connection"):
+        versions.publish_version(engine, models, "v1", _stage(models, "v1"), {"seed": 1})
+    assert (models / "v1" / versions.MANIFEST).exists()
+    assert "store cannot say whether it holds the version" in caplog.text
