@@ -63,8 +63,12 @@ def write_world(out: Path, *, num_news: int, num_users: int, num_impressions: in
     num_items = 0
     with open(out / "behaviors.tsv", "w", encoding="utf-8", newline="\n") as f:
         for i in range(num_impressions):
-            k = int(counts[i])
-            picks = rng.choice(num_news, k, p=popularity)
+            # Drawn with replacement (fast), then each article once, in order of first draw: an
+            # impression listing an article twice, clicked and not, is a bad row (`data/mind.py`).
+            picks = rng.choice(num_news, int(counts[i]), p=popularity)
+            _, first = np.unique(picks, return_index=True)
+            picks = picks[np.sort(first)]
+            k = len(picks)
             clicked = rng.random(k) < 0.04
             clicked[rng.integers(0, k)] = True
             items = " ".join(np.where(clicked, positives[picks], negatives[picks]))
