@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from recsys.errors import DiskError, disk_error
+
 log = logging.getLogger(__name__)
 
 
@@ -25,9 +27,19 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
         path: the final file.
         mode: "w" (text; ``encoding`` defaults to UTF-8) or "wb".
         **kwargs: passed to ``open`` (e.g. ``newline``).
+
+    Raises:
+        DiskError: the disk is full or read-only (the message names ``path``, not the
+            temporary file); an error about another file the block wrote is raised as it is.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # names the temporary file, which the user never sees
+        error = disk_error("write", path, exc)
+        if error is None:
+            raise
+        raise error from exc
     if "b" not in mode:
         kwargs.setdefault("encoding", "utf-8")
     try:
@@ -37,9 +49,20 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        error = _disk_error(path, exc, tmp)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _disk_error(path: Path, exc: BaseException, tmp: str | Path) -> DiskError | None:
+    """A DiskError naming ``path`` when ``exc`` is a full or read-only disk and names no file or
+    one of ours (the block may write other files); else None."""
+    if isinstance(exc, OSError) and exc.filename not in (None, str(tmp), str(path)):
+        return None
+    return disk_error("write", path, exc)
 
 
 def age_seconds(path: Path) -> float:

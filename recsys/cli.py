@@ -22,7 +22,7 @@ import typer
 from typer.exceptions import TyperException
 
 from recsys.config import Config, Workspace, parse_config, read_config_text, resolve_db_url
-from recsys.errors import RecsysError
+from recsys.errors import RecsysError, disk_errno, disk_problem
 from recsys.interrupts import sigterm_unwinds, terminated
 from recsys.progress import configure_logging
 
@@ -625,8 +625,15 @@ def _run(argv: list[str] | None) -> int:
         typer.echo("terminated (SIGTERM)" if terminated() else "interrupted", err=True)
         return 2
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: exit code 2
+        disk = disk_errno(exc) if isinstance(exc, OSError) else None
         if _verbose.get():
-            log.exception("internal error")
+            log.exception("failed" if disk is not None else "internal error")
+        if disk is not None:
+            # A full or read-only disk that no write site turned into a RecsysError: the
+            # operator's to fix, not a bug (the write sites name their path; this, the file if any).
+            where = f"cannot write {exc.filename}" if exc.filename is not None else "a write failed"
+            typer.echo(f"error: {where}: {disk_problem(disk)} (run with --verbose for the traceback)", err=True)
+            return 1
         typer.echo(f"internal error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)", err=True)
         return 2
     if code == _TYPER_CTRL_C:

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# What a write meets on a disk that cannot take it: full, over its quota, mounted read-only.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
 
 class RecsysError(Exception):
     """Base class of every error the CLI reports as bad input or bad usage (exit code 1)."""
@@ -54,3 +62,57 @@ class NotFoundError(RecsysError):
 
 class DamagedFileError(RecsysError):
     """A saved artefact (a model bundle's file, a version manifest) is truncated or corrupt."""
+
+
+class DiskError(RecsysError):
+    """A write failed because its disk is full, over quota or read-only (``disk_error``)."""
+
+
+def disk_errno(exc: BaseException) -> int | None:
+    """ENOSPC, EDQUOT or EROFS when ``exc`` says its disk is full or read-only, else None.
+
+    An OSError's errno, or the system's words within the text of a library's error: FAISS raises
+    RuntimeError("... write error in <file>: 307155 != 570880 (No space left on device)").
+    """
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        return exc.errno
+    if isinstance(exc, (OSError, RuntimeError)):
+        text = str(exc)
+        for code in DISK_ERRNOS:
+            if os.strerror(code) in text:
+                return code
+    return None
+
+
+def disk_problem(code: int) -> str:
+    """"no space left on device", "disk quota exceeded" or "read-only file system"."""
+    words = os.strerror(code)
+    return words[:1].lower() + words[1:]
+
+
+def disk_error(action: str, path: str | os.PathLike, exc: BaseException) -> DiskError | None:
+    """``DiskError("cannot <action> <path>: no space left on device")`` when ``exc`` is a full or
+    read-only disk (``disk_errno``), else None: the caller raises it ``from exc``, or ``exc``.
+
+    Args:
+        action: what failed, e.g. "save the index" or "write".
+        path: the file or folder being written (the one the user knows, not a temporary).
+        exc: the error the write raised.
+    """
+    code = disk_errno(exc)
+    if code is None:
+        return None
+    return DiskError(f"cannot {action} {path}: {disk_problem(code)}")
+
+
+@contextmanager
+def disk_errors(action: str, path: str | os.PathLike) -> Iterator[None]:
+    """Raise what the block raises, as ``disk_error(action, path, ...)`` when it is a full or
+    read-only disk."""
+    try:
+        yield
+    except Exception as exc:
+        error = disk_error(action, path, exc)
+        if error is None:
+            raise
+        raise error from exc

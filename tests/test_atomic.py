@@ -1,3 +1,4 @@
+import errno
 import os
 import time
 from pathlib import Path
@@ -6,6 +7,7 @@ import pytest
 
 from recsys import atomic
 from recsys.atomic import atomic_open
+from recsys.errors import DiskError
 
 
 def test_replaces_whole_file(tmp_path: Path):
@@ -27,6 +29,34 @@ def test_failure_leaves_the_old_file_and_no_temporary(tmp_path: Path):
             raise RuntimeError("boom")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
+def test_a_full_or_read_only_disk_is_a_disk_error_naming_the_file(tmp_path: Path, monkeypatch, code):
+    # An OSError without a file (a write, fsync) was an internal error (exit 2) without a path.
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+
+    def full(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    words = os.strerror(code)
+    with pytest.raises(DiskError, match=f"^cannot write {target}: {words[0].lower()}{words[1:]}$"):
+        with atomic_open(target) as f:
+            f.write("new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_a_full_disk_met_by_another_file_the_block_writes_is_raised_as_it_is(tmp_path: Path):
+    other = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "elsewhere.bin"))
+    with pytest.raises(OSError) as info:
+        with atomic_open(tmp_path / "out.txt") as f:
+            f.write("new")
+            raise other
+    assert info.value is other
+    assert list(tmp_path.iterdir()) == []
 
 
 

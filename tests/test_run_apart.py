@@ -89,3 +89,19 @@ def _interrupt_the_job_while_the_helper_runs():
     with pytest.raises(KeyboardInterrupt):
         run_apart(time.sleep, 120, died="x")
     assert time.monotonic() - t0 < 30  # not the helper's two minutes
+
+
+def raise_disk_error(path):
+    import errno
+
+    from recsys.errors import disk_error
+
+    raise disk_error("save the index", path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+
+def test_a_full_disk_in_the_helper_comes_back_as_a_disk_error_naming_the_path():
+    # The nightly's index refresh runs in the helper: its save on a full disk must stay exit 1.
+    from recsys.errors import DiskError
+
+    with pytest.raises(DiskError, match=r"^cannot save the index /ws/index: no space left on device$"):
+        run_apart(raise_disk_error, "/ws/index", died="x")

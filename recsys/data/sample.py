@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from recsys.data.covers import NUM_STYLES, STYLE_NAMES, draw_cover
-from recsys.errors import ConfigError, RecsysError
+from recsys.errors import ConfigError, RecsysError, disk_errors
 
 
 class SampleError(RecsysError):
@@ -1004,6 +1004,7 @@ def generate_sample(
         ConfigError: if an argument is out of range.
         SampleError: if ``out_dir`` holds anything but an earlier sample world, or is the
             current folder or one above it.
+        DiskError: if the disk is full or read-only (nothing is left of the new world).
     """
     began = time.perf_counter()
     if num_test_impressions is None and not isinstance(num_impressions, bool) and isinstance(num_impressions, numbers.Integral):
@@ -1019,36 +1020,38 @@ def generate_sample(
                         freshness_days=freshness_days)
     num_train, num_test = int(num_impressions), int(num_test_impressions)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the world is an ordinary shared folder
-        (staging / IMAGES_DIR).mkdir()
-        _write_news(world, staging / NEWS_FILE, staging / NEWS_TRAIN_FILE)
-        covers = [(row, str(world.news_ids[row]), int(world.news_style[row]), int(world.news_image[row]))
-                  for row in range(world.num_news) if world.news_image[row] > 0]
-        if progress is not None and len(covers) < world.num_news:
-            progress(world.num_news - len(covers))
-        batches = [covers[i : i + _IMAGE_BATCH] for i in range(0, len(covers), _IMAGE_BATCH)]
-        images_dir = str(staging / IMAGES_DIR)
-        counts = _write_world_files(world, staging, images_dir, batches, num_train, num_test, image_size,
-                                    workers, progress)
-        total_bytes = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
-        summary = {
-            "news": world.num_news,
-            "news_with_image": len(covers),
-            "users": world.num_users,
-            "users_with_history": int((np.diff(world.history_offsets) > 0).sum()),
-            "history_clicks": int(world.history_offsets[-1]),
-            **counts,
-        }
-        _write_world_json(staging / WORLD_FILE, world, summary, num_impressions=num_train,
-                          num_test_impressions=num_test, image_size=image_size, start=start, history_days=history_days,
-                          train_days=train_days, test_days=test_days, freshness_days=freshness_days)
-        _swap_in(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with disk_errors("write the sample world", out):  # covers, behaviors: files of the staging folder
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        try:
+            staging.chmod(0o755)  # mkdtemp makes it private; the world is an ordinary shared folder
+            (staging / IMAGES_DIR).mkdir()
+            _write_news(world, staging / NEWS_FILE, staging / NEWS_TRAIN_FILE)
+            covers = [(row, str(world.news_ids[row]), int(world.news_style[row]), int(world.news_image[row]))
+                      for row in range(world.num_news) if world.news_image[row] > 0]
+            if progress is not None and len(covers) < world.num_news:
+                progress(world.num_news - len(covers))
+            batches = [covers[i : i + _IMAGE_BATCH] for i in range(0, len(covers), _IMAGE_BATCH)]
+            images_dir = str(staging / IMAGES_DIR)
+            counts = _write_world_files(world, staging, images_dir, batches, num_train, num_test, image_size,
+                                        workers, progress)
+            total_bytes = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
+            summary = {
+                "news": world.num_news,
+                "news_with_image": len(covers),
+                "users": world.num_users,
+                "users_with_history": int((np.diff(world.history_offsets) > 0).sum()),
+                "history_clicks": int(world.history_offsets[-1]),
+                **counts,
+            }
+            _write_world_json(staging / WORLD_FILE, world, summary, num_impressions=num_train,
+                              num_test_impressions=num_test, image_size=image_size, start=start,
+                              history_days=history_days, train_days=train_days, test_days=test_days,
+                              freshness_days=freshness_days)
+            _swap_in(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return {"out_dir": str(out), "seed": int(seed), **summary, "bytes": total_bytes,
             "seconds": round(time.perf_counter() - began, 3)}
 

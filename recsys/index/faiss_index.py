@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import errno
 import hashlib
 import io
 import json
@@ -48,7 +49,7 @@ import faiss
 import numpy as np
 
 from recsys.atomic import age_seconds, remove_stale
-from recsys.errors import ConfigError, ModelMismatchError, NotFoundError, RecsysError
+from recsys.errors import ConfigError, ModelMismatchError, NotFoundError, RecsysError, disk_error, disk_errors
 from recsys.threads import default_threads
 
 log = logging.getLogger(__name__)
@@ -790,7 +791,8 @@ class FaissIndex:
 
         Raises:
             ValueError: a manifest_extra key collides with a reserved key.
-            RecsysError: the directory exists and is not an index directory.
+            RecsysError: the directory exists and is not an index directory, or its folder
+                cannot be written (DiskError: the disk is full or read-only).
         """
         given = Path(directory)
         directory = _followed(given)
@@ -833,20 +835,24 @@ class FaissIndex:
         try:
             tmp.mkdir()
         except OSError as exc:  # permissions, a read-only file system, a full disk
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_error("save the index", given, exc) from exc
             raise RecsysError(f"cannot save the index {given}: an index is written beside {directory} and renamed into "
                               f"place, so {directory.parent} must be writable ({exc.strerror})") from exc
-        try:
-            faiss.write_index(self._index, str(tmp / INDEX_FILE))
-            np.save(tmp / IDS_FILE, self._ids, allow_pickle=False)
-            np.save(tmp / PUBLISHED_FILE, self._published, allow_pickle=False)
-            np.save(tmp / ALIVE_FILE, self._alive, allow_pickle=False)
-            (tmp / MANIFEST_FILE).write_text(text, encoding="utf-8")
-            for name in INDEX_FILES:
-                _fsync(tmp / name)
-            _swap_in(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        # A full disk: FAISS raises RuntimeError("... (No space left on device)"), NumPy an OSError.
+        with disk_errors("save the index", given):
+            try:
+                faiss.write_index(self._index, str(tmp / INDEX_FILE))
+                np.save(tmp / IDS_FILE, self._ids, allow_pickle=False)
+                np.save(tmp / PUBLISHED_FILE, self._published, allow_pickle=False)
+                np.save(tmp / ALIVE_FILE, self._alive, allow_pickle=False)
+                (tmp / MANIFEST_FILE).write_text(text, encoding="utf-8")
+                for name in INDEX_FILES:
+                    _fsync(tmp / name)
+                _swap_in(tmp, directory)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         _remove_stale_saves(directory)
         if directory != given:  # what saves left beside the link before links were followed
             _remove_stale_saves(given)

@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from recsys.encoders.item_features import EncoderInfo, ItemFeatures
-from recsys.errors import DamagedFileError, ModelMismatchError, NotFoundError
+from recsys.errors import DamagedFileError, ModelMismatchError, NotFoundError, disk_errors
 from recsys.models import NUM_HEADS
 from recsys.models.exposure import ExposureCalibration
 from recsys.models.fusion import CategoryVocabulary, build_item_tower, parse_modalities
@@ -355,26 +355,30 @@ class RankingModel:
         folder, then the new one moves in); a process killed between them leaves no bundle at
         ``directory`` and the old one in that folder. ``recsys train`` always writes a new
         version folder, so this only concerns callers that overwrite.
+
+        Raises:
+            DiskError: the disk is full or read-only (the message names ``directory``).
         """
         target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            self.item_tower.save(tmp / MODEL_FILES[0])
-            self.user_encoder.save(tmp / MODEL_FILES[1])
-            self.scorer.save(tmp / MODEL_FILES[2])
-            with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
-                json.dump(self.config.to_dict(), f, indent=2, sort_keys=True)
-            if target.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-                os.replace(target, old / "bundle")
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with disk_errors("save the model", target):  # Keras's OSError names no file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+            try:
+                self.item_tower.save(tmp / MODEL_FILES[0])
+                self.user_encoder.save(tmp / MODEL_FILES[1])
+                self.scorer.save(tmp / MODEL_FILES[2])
+                with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
+                    json.dump(self.config.to_dict(), f, indent=2, sort_keys=True)
+                if target.exists():
+                    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                    os.replace(target, old / "bundle")
+                    os.replace(tmp, target)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         return target
 
     @classmethod

@@ -23,7 +23,7 @@ import numpy as np
 from sqlalchemy import Engine
 
 from recsys.config import Config, Workspace
-from recsys.errors import ConfigError, NotFoundError, RecsysError
+from recsys.errors import ConfigError, DiskError, NotFoundError, RecsysError
 from recsys.pipelines.index import index_manifest, published_times
 from recsys.pipelines.inputs import (
     check_images_go_with_news,
@@ -412,7 +412,7 @@ def _index_and_rank(engine: Engine, workspace: Workspace, config: Config, lock: 
         run_id = summary["run"]["run_id"]
         try:
             summary["export"] = str(export_run(engine, Path(export), run_id=run_id))
-        except OSError as exc:  # a full disk, say: the run itself is complete and served
+        except (OSError, DiskError) as exc:  # a full disk, say: the run itself is complete and served
             # Recorded, not raised: the summary (counts, pruned runs) is still printed; the
             # command then exits 1.
             log.error("export failed: %s", exc)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from sqlalchemy import Engine
 
 from recsys.columns import NEWS_ID, RANK, RUN_ID, SCORE, USER_ID
-from recsys.errors import NotFoundError
+from recsys.errors import NotFoundError, disk_errors
 from recsys.ranking.runs import COMPLETE, NIGHTLY, get_run, latest_run
 from recsys.store.repository import iter_run_rows
 
@@ -43,6 +43,7 @@ def export_run(engine: Engine, out_dir: Path, *, run_id: int | None = None, chun
     Raises:
         NotFoundError: no such run, or no complete run when ``run_id`` is None, or the run was
             pruned between its lookup and the read (nothing is written then).
+        DiskError: the disk is full or read-only (the message names the file).
     """
     if run_id is None:
         latest = latest_run(engine)
@@ -57,22 +58,23 @@ def export_run(engine: Engine, out_dir: Path, *, run_id: int | None = None, chun
         if run.status != COMPLETE:
             raise NotFoundError(f"run {run_id} is {run.status}: only complete runs can be exported")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"recommendations-run-{run_id}.parquet"
     tmp = out_dir / f".{path.name}.{os.getpid()}.tmp"
     written = 0
-    try:
-        with pq.ParquetWriter(tmp, EXPORT_SCHEMA) as writer:
-            for df in iter_run_rows(engine, run_id, rows=chunk_rows):
-                df["created_at"] = df["created_at"].dt.tz_localize("UTC")
-                writer.write_table(pa.Table.from_pandas(df, schema=EXPORT_SCHEMA, preserve_index=False))
-                written += len(df)
-        # The read is one statement, so it sees the run whole or not at all; none at all may be a
-        # prune that committed after the lookup, and an empty file would publish empty lists.
-        if written == 0 and (status := get_run(engine, run_id).status) != COMPLETE:
-            raise NotFoundError(f"run {run_id} became {status} while it was exported (a newer run pruned it): "
-                                "nothing was written; export the latest run")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with disk_errors("write", path):  # pyarrow's "[Errno 28] Error writing bytes to file" names none
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with pq.ParquetWriter(tmp, EXPORT_SCHEMA) as writer:
+                for df in iter_run_rows(engine, run_id, rows=chunk_rows):
+                    df["created_at"] = df["created_at"].dt.tz_localize("UTC")
+                    writer.write_table(pa.Table.from_pandas(df, schema=EXPORT_SCHEMA, preserve_index=False))
+                    written += len(df)
+            # The read is one statement, so it sees the run whole or not at all; none at all may be a
+            # prune that committed after the lookup, and an empty file would publish empty lists.
+            if written == 0 and (status := get_run(engine, run_id).status) != COMPLETE:
+                raise NotFoundError(f"run {run_id} became {status} while it was exported (a newer run pruned it): "
+                                    "nothing was written; export the latest run")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from index_data import news_ids, sphere_mixture
 
-from recsys.errors import ModelMismatchError, NotFoundError, RecsysError
+from recsys.errors import DiskError, ModelMismatchError, NotFoundError, RecsysError
 from recsys.index import FaissIndex, IndexFormatError
 
 ALL_KINDS = ("flat", "hnsw", "ivf")
@@ -360,6 +360,43 @@ def test_a_folder_it_cannot_write_beside_is_a_clear_error(world, tmp_path, monke
     with pytest.raises(RecsysError, match=rf"cannot save the index {target}: .* so {tmp_path} must be writable \({error.strerror}\)"):
         FaissIndex.build(ids[:5], items[:5], num_threads=1).save(target)
     assert not target.exists()
+
+
+def _faiss_full_disk(index, path):
+    raise RuntimeError("Error in void faiss::write_index(const Index*, IOWriter*, int) at index_write.cpp:499: "
+                       f"Error: 'ret == (size * 4)' failed: write error in {path}: 307155 != 570880 "
+                       "(No space left on device)")
+
+
+def _numpy_full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("where", ["faiss", "numpy", "mkdir"])
+def test_a_full_disk_is_a_clear_error_naming_the_index_and_keeps_the_saved_one(world, tmp_path, monkeypatch, where):
+    # FAISS raises RuntimeError("... (No space left on device)") and NumPy a bare OSError: both
+    # were internal errors (exit 2), the first naming only the temporary file.
+    ids, items, _, _ = world
+    target = tmp_path / "index"
+    FaissIndex.build(ids[:5], items[:5], num_threads=1).save(target)
+    saved = {p.name: p.read_bytes() for p in target.iterdir()}
+    if where == "faiss":
+        monkeypatch.setattr(faiss, "write_index", _faiss_full_disk)
+    elif where == "numpy":
+        monkeypatch.setattr(np, "save", _numpy_full_disk)
+    else:
+        real_mkdir = Path.mkdir
+
+        def full(self, *args, **kwargs):
+            if ".tmp-" in self.name:
+                raise OSError(28, "No space left on device")
+            return real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", full)
+    with pytest.raises(DiskError, match=rf"^cannot save the index {target}: no space left on device$"):
+        FaissIndex.build(ids[:6], items[:6], num_threads=1).save(target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == saved
+    assert [p.name for p in tmp_path.iterdir()] == ["index"]
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
