@@ -264,6 +264,34 @@ def test_another_os_error_is_still_an_internal_error(capsys, tmp_path, monkeypat
     assert code == 2 and err.startswith("internal error: OSError: [Errno 5]"), err
 
 
+def test_ingest_into_a_full_sqlite_store_exits_1_naming_the_store(tmp_path, capsys, monkeypatch):
+    """SQLite says "database or disk is full" (SQLITE_FULL); a page limit makes it so here."""
+    from recsys.data.sample import generate_sample
+    from recsys.store import database
+
+    world = tmp_path / "world"
+    generate_sample(world, num_users=30, num_news=100, num_impressions=80, seed=5)
+    ws = Workspace(tmp_path / "ws")
+    assert cli(capsys, ws, "db", "upgrade")[0] == 0
+    path = ws.root / "recsys.db"
+    assert path.is_file()
+    real = database._sqlite_on_connect
+
+    def on_connect(dbapi_connection, record):
+        real(dbapi_connection, record)
+        pages = dbapi_connection.execute("PRAGMA page_count").fetchone()[0]
+        dbapi_connection.execute(f"PRAGMA max_page_count = {pages + 2}")  # no room for the articles
+
+    monkeypatch.setattr(database, "_sqlite_on_connect", on_connect)
+    code, out, err = cli(capsys, ws, "ingest", "--news", str(world / "news.tsv"))
+    assert code == 1, err
+    assert last_line(err) == (f"error: the store at sqlite:///{path} cannot be written: its disk is full "
+                              "(database or disk is full)")
+    monkeypatch.setattr(database, "_sqlite_on_connect", real)
+    code, out, err = cli(capsys, ws, "stats", "--json")
+    assert code == 0 and json.loads(out)["news"] == 0, err  # nothing half-written
+
+
 def test_generate_sample_on_a_full_disk_exits_1_and_keeps_the_earlier_world(tmp_path, capsys, monkeypatch):
     import recsys.data.sample as sample
 

@@ -164,15 +164,47 @@ def _sqlite_on_begin(conn: Connection) -> None:
 
 
 def _sqlite_on_error(shown: str, context: ExceptionContext) -> None:
-    # A write to a read-only file, or to a file whose folder is read-only (WAL mode creates
-    # -wal and -shm files beside it), is the operator's to fix: one line, not a traceback.
     orig = context.original_exception
+    error = _sqlite_store_error(shown, orig)
+    if error is not None:
+        raise error from orig
+
+
+def _sqlite_store_error(shown: str, orig: BaseException | None) -> StoreError | None:
+    """The operator's to fix, so one line and not a traceback: a write to a read-only file, or to
+    a file whose folder is read-only (WAL mode creates -wal and -shm files beside it); a full
+    disk (nothing of the failed transaction is kept, the rest of the store is). Else None."""
     code = getattr(orig, "sqlite_errorcode", None)
-    if isinstance(orig, sqlite3.OperationalError) and code is not None and code & 0xFF == sqlite3.SQLITE_READONLY:
-        raise StoreError(
+    if not isinstance(orig, sqlite3.OperationalError) or code is None:
+        return None
+    if code & 0xFF == sqlite3.SQLITE_READONLY:
+        return StoreError(
             f"the store at {shown} is read-only ({orig}): recsys must be able to write the file "
             "and create its -wal and -shm files in the same folder"
-        ) from orig
+        )
+    if code & 0xFF == sqlite3.SQLITE_FULL:
+        return StoreError(f"the store at {shown} cannot be written: its disk is full ({orig})")
+    return None
+
+
+def _sqlite_open_hint(url: URL) -> str:
+    """Why a SQLite file may fail to open ("unable to open database file", "disk I/O error"),
+    when its folder's file system says so: " (... is read-only)", " (... is full)", or ""."""
+    path = sqlite_file(url)
+    if path is None:
+        return ""
+    folder = next((f for f in path.parents if f.is_dir()), None)
+    try:
+        status = os.statvfs(folder) if folder is not None else None
+    except OSError:
+        return ""
+    if status is None:
+        return ""
+    if status.f_flag & os.ST_RDONLY:
+        return f" (the file system of {folder} is read-only)"
+    if status.f_bavail == 0:
+        return f" (the disk of {folder} is full)"
+    return ""
 
 
 @contextmanager
@@ -184,6 +216,11 @@ def driver_errors(conn: Connection, statement: str, params=None) -> Iterator[Non
     try:
         yield
     except dbapi.Error as exc:
+        # The store's handle_error hook does not see these: a read-only or full SQLite store is
+        # told as it is for SQLAlchemy's own statements.
+        error = _sqlite_store_error(mask_url(conn.engine.url), exc) if conn.dialect.name == "sqlite" else None
+        if error is not None:
+            raise error from exc
         raise DBAPIError.instance(statement, params, exc, dbapi.Error) from exc
 
 
@@ -230,6 +267,8 @@ def create_engine_for(url: str) -> Engine:
     except DBAPIError as exc:
         engine.dispose()
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+        if engine.dialect.name == "sqlite" and reason in ("unable to open database file", "disk I/O error"):
+            reason += _sqlite_open_hint(parsed)  # SQLite's words say neither read-only nor full
         raise StoreError(f"cannot reach the store at {shown}: {reason}") from exc
     return engine
 

@@ -365,6 +365,84 @@ def test_writing_to_a_read_only_sqlite_store_is_a_store_error(tmp_path):
     engine.dispose()
 
 
+def _full_after(engine, pages: int = 0) -> None:
+    """Each new connection of ``engine`` may grow the file by ``pages`` pages only: SQLite then
+    says "database or disk is full" (SQLITE_FULL), as on a full disk."""
+
+    @sa.event.listens_for(engine, "connect")
+    def limit(dbapi_connection, _record):
+        size = dbapi_connection.execute("PRAGMA page_count").fetchone()[0]
+        dbapi_connection.execute(f"PRAGMA max_page_count = {size + pages}")
+
+
+def test_writing_to_a_full_sqlite_store_is_a_store_error_naming_it(tmp_path):
+    path = tmp_path / "store.db"
+    open_store(f"sqlite:///{path}").dispose()
+    engine = create_engine_for(f"sqlite:///{path}")
+    engine.dispose()  # the connection opened to check the store had no limit
+    _full_after(engine)
+    with pytest.raises(StoreError, match=rf"^the store at sqlite:///{path} cannot be written: its disk is full "
+                                         r"\(database or disk is full\)$"):
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE filler AS WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 "
+                                 "FROM n WHERE i < 100) SELECT randomblob(1000) AS x FROM n"))
+    assert "filler" not in sa.inspect(engine).get_table_names()
+    engine.dispose()
+
+
+def test_a_full_sqlite_store_met_by_a_statement_on_the_drivers_cursor_is_a_store_error(tmp_path):
+    """Bulk writes run on the driver's cursor (``driver_errors``), which the store's error hook
+    does not see: the ingest of a full store was an internal error."""
+    import sqlite3
+
+    from recsys.store.database import driver_errors
+
+    path = tmp_path / "store.db"
+    engine = open_store(f"sqlite:///{path}")
+    with engine.connect() as conn, pytest.raises(StoreError, match=rf"^the store at sqlite:///{path} cannot be "
+                                                                   "written: its disk is full"):
+        error = sqlite3.OperationalError("database or disk is full")
+        error.sqlite_errorcode, error.sqlite_errorname = sqlite3.SQLITE_FULL, "SQLITE_FULL"
+        with driver_errors(conn, "INSERT INTO news ..."):
+            raise error
+    engine.dispose()
+
+
+@pytest.mark.parametrize(("reason", "flag", "free", "hint"), [
+    ("unable to open database file", "ST_RDONLY", 100, "the file system of {folder} is read-only"),
+    ("disk I/O error", None, 0, "the disk of {folder} is full"),
+    ("unable to open database file", None, 100, None),
+])
+def test_a_sqlite_store_that_cannot_be_opened_says_if_its_disk_is_read_only_or_full(tmp_path, monkeypatch, reason,
+                                                                                      flag, free, hint):
+    # SQLite says only "unable to open database file" (WAL mode cannot create -shm on a
+    # read-only mount) or "disk I/O error" (a full one).
+    import os
+    import sqlite3
+
+    path = tmp_path / "store" / "recsys.db"
+    path.parent.mkdir()
+    real_statvfs = os.statvfs
+
+    def statvfs(folder):
+        status = real_statvfs(folder)
+        if os.path.samefile(folder, path.parent):
+            return os.statvfs_result((status.f_bsize, status.f_frsize, status.f_blocks, free, free, status.f_files,
+                                      status.f_ffree, status.f_favail, getattr(os, flag) if flag else 0,
+                                      status.f_namemax))
+        return status
+
+    def refuse(*args, **kwargs):
+        raise sqlite3.OperationalError(reason)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    monkeypatch.setattr(sqlite3.dbapi2, "connect", refuse)  # what SQLAlchemy calls
+    with pytest.raises(StoreError) as info:
+        create_engine_for(f"sqlite:///{path}")
+    expected = f"cannot reach the store at sqlite:///{path}: {reason}"
+    assert str(info.value) == (expected if hint is None else f"{expected} ({hint.format(folder=path.parent)})")
+
+
 IN_MEMORY_URLS = [
     "sqlite://",
     "sqlite:///",  # what RECSYS_DB="sqlite:///$UNSET_VAR" gives
