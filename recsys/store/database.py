@@ -73,6 +73,10 @@ def serialized_transaction(engine: Engine, key: int) -> Iterator[Connection]:
 # Seconds a migration on PostgreSQL waits for a table lock before it gives up (lock_timeout).
 MIGRATION_LOCK_TIMEOUT_S = 10.0
 _PG_LOCK_NOT_AVAILABLE = "55P03"
+# What a write meets on a server whose disk is full, or on a read-only one (a hot standby,
+# default_transaction_read_only): the operator's to fix.
+_PG_DISK_FULL = "53100"
+_PG_READ_ONLY = "25006"
 
 # Seconds libpq waits for a PostgreSQL connection unless the URL (?connect_timeout=N) or
 # PGCONNECT_TIMEOUT says otherwise; a server that is up answers in milliseconds.
@@ -163,11 +167,28 @@ def _sqlite_on_begin(conn: Connection) -> None:
     conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-def _sqlite_on_error(shown: str, context: ExceptionContext) -> None:
+def _on_error(dialect: str, shown: str, context: ExceptionContext) -> None:
     orig = context.original_exception
-    error = _sqlite_store_error(shown, orig)
+    error = _store_error(dialect, shown, orig)
     if error is not None:
         raise error from orig
+
+
+def _store_error(dialect: str, shown: str, orig: BaseException | None) -> StoreError | None:
+    """A store that cannot take a write (read-only, full disk) as one line; else None."""
+    return _sqlite_store_error(shown, orig) if dialect == "sqlite" else _pg_store_error(shown, orig)
+
+
+def _pg_store_error(shown: str, orig: BaseException | None) -> StoreError | None:
+    """PostgreSQL's two errors that the operator fixes: the server's disk full (53100) and a
+    read-only server or transaction (25006). Else None."""
+    state = getattr(orig, "sqlstate", None)
+    first = str(orig).strip().splitlines()[0] if orig is not None and str(orig).strip() else ""
+    if state == _PG_DISK_FULL:
+        return StoreError(f"the store at {shown} cannot be written: the server's disk is full ({first})")
+    if state == _PG_READ_ONLY:
+        return StoreError(f"the store at {shown} is read-only ({first}): recsys must be able to write to it")
+    return None
 
 
 def _sqlite_store_error(shown: str, orig: BaseException | None) -> StoreError | None:
@@ -216,9 +237,9 @@ def driver_errors(conn: Connection, statement: str, params=None) -> Iterator[Non
     try:
         yield
     except dbapi.Error as exc:
-        # The store's handle_error hook does not see these: a read-only or full SQLite store is
-        # told as it is for SQLAlchemy's own statements.
-        error = _sqlite_store_error(mask_url(conn.engine.url), exc) if conn.dialect.name == "sqlite" else None
+        # The store's handle_error hook does not see these: a read-only or full store is told as
+        # it is for SQLAlchemy's own statements.
+        error = _store_error(conn.dialect.name, mask_url(conn.engine.url), exc)
         if error is not None:
             raise error from exc
         raise DBAPIError.instance(statement, params, exc, dbapi.Error) from exc
@@ -260,7 +281,8 @@ def create_engine_for(url: str) -> Engine:
         check_sqlite_path(parsed)
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
-        event.listen(engine, "handle_error", lambda context: _sqlite_on_error(shown, context))
+    if engine.dialect.name in ("sqlite", "postgresql"):
+        event.listen(engine, "handle_error", lambda context: _on_error(engine.dialect.name, shown, context))
     try:
         with engine.connect():
             pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -521,3 +522,51 @@ def test_every_command_refuses_an_in_memory_store_naming_where_the_url_came_from
     err = capsys.readouterr().err
     assert code == 1, err
     assert f"(from {'--db' if by_flag else 'RECSYS_DB'}) is an in-memory SQLite database, which keeps nothing" in err
+
+
+# --- a PostgreSQL store that cannot take a write ----------------------------------------------
+
+def _read_only(url: str) -> str:
+    """``url`` whose sessions are read-only, as on a hot standby."""
+    return url + ("&" if "?" in url else "?") + "options=-c%20default_transaction_read_only%3Don"
+
+
+@pytest.mark.postgres
+def test_writing_to_a_read_only_postgres_store_is_a_store_error_naming_it(pg_database_url):
+    # An internal error (exit 2) with psycopg's traceback before.
+    from recsys.store.database import driver_errors
+
+    engine = create_engine_for(_read_only(pg_database_url))
+    shown = re.escape(mask_url(engine.url))
+    message = (rf"^the store at {shown} is read-only \(cannot execute CREATE TABLE in a read-only transaction\): "
+               "recsys must be able to write to it$")
+    with pytest.raises(StoreError, match=message):
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE filler (i int)"))
+    with engine.connect() as conn, pytest.raises(StoreError, match=message):  # bulk writes: the driver's cursor
+        with driver_errors(conn, "CREATE TABLE filler (i int)"):
+            conn.connection.driver_connection.cursor().execute("CREATE TABLE filler (i int)")
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_postgres_server_whose_disk_is_full_is_a_store_error_naming_the_store(pg_database_url):
+    # The server's own error with SQLSTATE 53100 (disk_full), as a full data directory raises it.
+    from recsys.store.database import driver_errors
+
+    engine = create_engine_for(pg_database_url)
+    shown = re.escape(mask_url(engine.url))
+    full = ("DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = 'disk_full', "
+            "MESSAGE = 'could not extend file \"base/1/2\": No space left on device'; END $$")
+    message = rf"^the store at {shown} cannot be written: the server's disk is full \(could not extend file"
+    with pytest.raises(StoreError, match=message):
+        with engine.begin() as conn:
+            conn.execute(sa.text(full))
+    with engine.connect() as conn, pytest.raises(StoreError, match=message):
+        with driver_errors(conn, full):
+            conn.connection.driver_connection.cursor().execute(full)
+    # Any other error is the driver's, as before.
+    with pytest.raises(sa.exc.DBAPIError, match="division by zero"):
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1 / 0"))
+    engine.dispose()
