@@ -329,9 +329,13 @@ class _Job:
         if last:
             self.quarantine.finish()
 
-    def _done(self, num_lines: int, last: bool) -> None:
-        if last and not self.strict:  # committed: the quarantine file stays whatever happens now
+    def _committed(self, last: bool) -> None:
+        """Right after a batch's commit: the quarantine file the last batch renamed stays
+        whatever happens next (a SIGTERM in the bookkeeping after it)."""
+        if last and not self.strict:
             self.quarantine.keep()
+
+    def _done(self, num_lines: int) -> None:
         self.quarantine.keep_alive()
         if self.progress is not None:
             self.progress(num_lines)
@@ -391,10 +395,11 @@ class _Job:
                     )
                 self._write_quarantine(pending_bad)
                 self._seal(last)
+            self._committed(last)
             for news_id in latest:
                 known.setdefault(news_id, None)
             self.report.news += len(records)
-            self._done(len(lines), last)
+            self._done(len(lines))
 
     def _count_changed_news(self, hashes: dict[str, str], known: dict[str, datetime | None]) -> None:
         """Count (and name the first of) the stored articles this batch gives other content.
@@ -480,7 +485,8 @@ class _Job:
                                 np.fromiter((r.line for r in good), np.int64, len(good)))
                 self._write_quarantine(pending_bad)
                 self._seal(last)
-            self._done(len(lines), last)
+            self._committed(last)
+            self._done(len(lines))
 
     def _without_stored_twice(self, rows: list[BehaviorRow], source: str, brought: FirstLines) -> list[BehaviorRow]:
         """The rows less those whose impression the store would then hold twice.
@@ -859,8 +865,11 @@ class _QuarantineFile:
     and the batch holding the ingest's last line renames the file into place before it commits
     (``finish``): a file that cannot be written (a full disk, a read-only mount) fails the
     ingest with ConfigError and rolls that batch back, and ``discard`` removes what was written
-    (the renamed file too, until ``keep`` says its batch committed). So a stored bad line is in
-    the file, as in the ``quarantine`` table, and a rerun gives the clean result.
+    (the renamed file too, until ``keep`` says its batch committed). So after an ingest that
+    finishes, a stored bad line is in the file as in the ``quarantine`` table; after one that
+    fails, the committed batches' rows are in the table without a file, as after a crash, and a
+    rerun gives the clean result. (An ingest whose last file has no line renames the file after
+    its last commit.)
 
     An ingest that was killed leaves its temp file; the next ingest removes those unchanged
     for ``STALE_QUARANTINE_SECONDS``. A live ingest touches its own after every batch
