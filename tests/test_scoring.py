@@ -1092,3 +1092,47 @@ def test_in_a_file_across_the_stores_end_the_earlier_impressions_score_as_withou
     off = VersionScorer(mv, catalogue, times=times).score(imps)
     np.testing.assert_array_equal(on[before], off[before])
     assert np.abs(on[~before] - off[~before]).max() > 1e-3
+
+
+def test_evaluate_into_a_new_folder_whose_last_prediction_file_cannot_be_written_leaves_no_folder(
+        trained, tmp_path, monkeypatch):
+    # The prediction files are replaced one by one when scoring ends: with two versions one was
+    # in place when the other met the full disk, and the folder the run created stayed behind
+    # holding it.
+    import os
+    from contextlib import contextmanager
+
+    import recsys.atomic as atomic_module
+    from recsys.pipelines.evaluate import run_evaluate
+
+    world, ws, engine, config, versions = trained
+    real_open = atomic_module.atomic_open  # run_evaluate imports it when it runs
+    opened, full_fd = [], []
+
+    class FullAtSync:  # the first file takes its lines, then finds the disk full when synced
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def fsync(fd):
+            if fd in full_fd:
+                raise OSError(28, "No space left on device")
+            os.fsync(fd)
+
+    @contextmanager
+    def first_full_at_its_sync(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        with real_open(path, *args, **kwargs) as out_file:
+            if len(opened) == 1:
+                # Closed last (an ExitStack): the other version's file is already in place then.
+                full_fd.append(out_file.fileno())
+            yield out_file
+
+    monkeypatch.setattr(atomic_module, "atomic_open", first_full_at_its_sync)
+    monkeypatch.setattr(atomic_module, "os", FullAtSync())
+    out = tmp_path / "new" / "report"
+    with pytest.raises(DiskError, match=r"cannot write .*prediction-.*\.txt: no space left on device"):
+        run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=out,
+                     versions=[versions[True], versions[False]], num_resamples=10)
+    assert len(opened) == 2
+    assert not (tmp_path / "new").exists()

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import warnings
+from collections.abc import Iterable
 from contextlib import ExitStack, closing, suppress
 from dataclasses import fields, replace
 from datetime import datetime
@@ -332,7 +333,8 @@ def run_evaluate(
             if acc.num_impressions == 0:
                 raise RecsysError(f"{behaviors}: no impressions")
     except BaseException:
-        _remove_created(created)
+        # With several versions one prediction file may already be in place when the next fails.
+        _remove_created(created, prediction_files.values())
         raise
     try:
         prediction_files = {v: str(path) for v, path in prediction_files.items()}
@@ -361,13 +363,7 @@ def run_evaluate(
                                          known_versions=[row["version"] for row in list_versions(engine)])
         metrics_path, html_path = write_report(result, out)
     except BaseException:
-        # A report folder this run created is not left holding prediction files alone; in an
-        # existing one they stay, replaced (the next evaluate there removes them if stale).
-        if out in created:
-            for path in prediction_files.values():
-                with suppress(OSError):
-                    Path(path).unlink()
-        _remove_created(created)
+        _remove_created(created, prediction_files.values())
         raise
     # An earlier report in the same folder left its models' prediction files: beside a
     # metrics.json that no longer describes them, a MIND scorer run over the folder would mix
@@ -392,8 +388,14 @@ def run_evaluate(
     }
 
 
-def _remove_created(created: list[Path]) -> None:
-    """Remove the folders a failed run created for its report, deepest first, if empty."""
+def _remove_created(created: list[Path], prediction_files: Iterable[str | Path]) -> None:
+    """After a failed run: the folders it created for its report, deepest first, with the
+    prediction files it wrote into the report folder if it created that one. In an existing
+    folder they stay, replaced (the next evaluate there removes them if stale)."""
+    if created:  # created[0] is the report folder itself
+        for path in prediction_files:
+            with suppress(OSError):
+                Path(path).unlink()
     for folder in created:
         with suppress(OSError):
             folder.rmdir()
