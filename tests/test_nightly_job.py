@@ -707,3 +707,36 @@ def test_a_job_whose_encoders_differ_from_the_current_versions_stops_before_the_
     assert store_stats(engine) == before and _runs(engine) == runs_before
     after = get_version(engine)  # the version is untouched, and still the one served
     assert (after.version, after.manifest) == (current.version, current.manifest)
+
+
+def test_a_night_whose_quarantine_folder_cannot_be_created_exits_3_and_ranks_the_stored_data(tmp_path, trained, capsys,
+                                                                                            monkeypatch):
+    # The folder is made before the ingest: on a full disk its OSError stopped the night (exit 1
+    # since the CLI's last resort, exit 2 before) instead of failing the ingest alone.
+    import errno
+    import pathlib
+    import shutil
+
+    world, ws, engine, _ = trained
+    before = store_stats(engine)
+    shutil.rmtree(ws.quarantine_dir, ignore_errors=True)
+    night = repo.time_range(engine)[1]
+    (tmp_path / "night").mkdir()
+    article = (world / "news.tsv").read_text(encoding="utf-8").split("\t", 1)[0]
+    behaviors = write_lines(tmp_path / "night" / "behaviors.tsv", [behavior_line(1, "U_new", night, [], [f"{article}-1"])])
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == ws.quarantine_dir:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    code = main(["--workspace", str(ws.root), "nightly", "--k", "3", "--workers", "1", "--behaviors", str(behaviors),
+                 "--source", "nofolder"])
+    out, err = capsys.readouterr()
+    assert code == 3, err
+    summary = json.loads(out)
+    assert summary["ingest"]["error"] == f"cannot create the quarantine folder {ws.quarantine_dir}: no space left on device"
+    assert summary["run"]["status"] == "complete"
+    assert store_stats(engine) == before

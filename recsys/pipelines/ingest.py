@@ -10,7 +10,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from recsys.config import Workspace
-from recsys.errors import RecsysError
+from recsys.errors import RecsysError, disk_errors
 from recsys.pipelines.inputs import (
     check_file,
     check_folder,
@@ -98,7 +98,8 @@ def run_ingest(
     from recsys.store.ingest import ingest
 
     check_ingest_inputs(news=news, behaviors=behaviors, images=images, source=source)
-    workspace.quarantine_dir.mkdir(parents=True, exist_ok=True)
+    with disk_errors("create the quarantine folder", workspace.quarantine_dir):  # a failed ingest: nightly ranks on
+        workspace.quarantine_dir.mkdir(parents=True, exist_ok=True)
     # The nightly job's lock: two ingests at once would race on the same users' histories,
     # and a nightly job ranking while an ingest writes would read half of it.
     held = nullcontext(lock) if lock is not None else acquire_lock(engine, NIGHTLY_LOCK)
