@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, insert, select, text, update
 
 from recsys.atomic import atomic_open, remove_stale
 from recsys.clock import utc_now
@@ -168,6 +168,10 @@ def _unpublish(engine: Engine, version: str, final: Path) -> None:
     say that it holds no such version (a commit whose connection dropped may have landed)."""
     try:
         with engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                # A registration whose connection dropped may still be committing on the server:
+                # its transaction holds this lock, so waiting for it lets its row be seen.
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PUBLISH_LOCK_KEY})
             registered = conn.execute(select(s.model_versions.c.version).where(s.model_versions.c.version == version)).first()
     except Exception as exc:  # noqa: BLE001 - the registration's own error goes on
         log.warning("model version folder %s kept: its registration failed and the store cannot say whether it "
