@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 from recsys.clock import utc_now
 from recsys.config import Config, Workspace
 from recsys.encoders.item_features import ItemFeatures
-from recsys.errors import RecsysError
+from recsys.errors import DiskError, RecsysError, disk_error
 from recsys.data.interactions import ClickLog, Impressions, InteractionLog, without_later_clicks
 from recsys.models.side_features import SideFeatures
 from recsys.pipelines.features import first_seen_array, load_catalogue
@@ -315,7 +315,10 @@ def run_train(
         history.update(modalities_tried=tried, requested_anchor_similarity_auc=requested_aucs)
         timings["train_s"] = round(time.perf_counter() - t0, 2)
         staged = staging_dir(workspace.models_dir, version)
-        model.save(staged / "model")
+        try:
+            model.save(staged / "model")
+        except DiskError as exc:  # it names the staging folder; the user knows the models folder
+            raise disk_error(f"save the model version {version} in", workspace.models_dir, exc.__cause__) or exc from exc
         manifest = {
             "version": version,
             "created_at": utc_now().isoformat(),
