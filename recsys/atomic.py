@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from recsys.errors import DiskError, disk_error
+from recsys.errors import DiskError, disk_error, disk_errors
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +33,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
             temporary file); an error about another file the block wrote is raised as it is.
     """
     path = Path(path)
-    try:
+    with disk_errors("write", path):  # mkstemp's error names the temporary file, which the user never sees
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:  # names the temporary file, which the user never sees
-        error = disk_error("write", path, exc)
-        if error is None:
-            raise
-        raise error from exc
     if "b" not in mode:
         kwargs.setdefault("encoding", "utf-8")
     try:

@@ -21,13 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine, insert, select, text, update
+from sqlalchemy import Engine, insert, select, update
 
 from recsys.atomic import atomic_open, remove_stale
 from recsys.clock import utc_now
 from recsys.errors import DamagedFileError, ModelMismatchError, NotFoundError
 from recsys.store import schema as s
-from recsys.store.database import PUBLISH_LOCK_KEY, serialized_transaction
+from recsys.store.database import PUBLISH_LOCK_KEY, serialized_transaction, wait_for_transaction_lock
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +168,9 @@ def _unpublish(engine: Engine, version: str, final: Path) -> None:
     say that it holds no such version (a commit whose connection dropped may have landed)."""
     try:
         with engine.connect() as conn:
-            if conn.dialect.name == "postgresql":
-                # A registration whose connection dropped may still be committing on the server:
-                # its transaction holds this lock, so waiting for it lets its row be seen.
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PUBLISH_LOCK_KEY})
+            # A registration whose connection dropped may still be committing on the server: its
+            # transaction holds this lock, so waiting for it lets its row be seen.
+            wait_for_transaction_lock(conn, PUBLISH_LOCK_KEY)
             registered = conn.execute(select(s.model_versions.c.version).where(s.model_versions.c.version == version)).first()
     except Exception as exc:  # noqa: BLE001 - the registration's own error goes on
         log.warning("model version folder %s kept: its registration failed and the store cannot say whether it "

@@ -65,9 +65,15 @@ def serialized_transaction(engine: Engine, key: int) -> Iterator[Connection]:
     runs one write transaction at a time (``write_transaction``).
     """
     with write_transaction(engine) as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        wait_for_transaction_lock(conn, key)
         yield conn
+
+
+def wait_for_transaction_lock(conn: Connection, key: int) -> None:
+    """On PostgreSQL, take the advisory lock ``key`` until ``conn``'s transaction ends, waiting
+    for any transaction that holds it; nothing on SQLite (one writer at a time already)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 
 # Seconds a migration on PostgreSQL waits for a table lock before it gives up (lock_timeout).
@@ -215,11 +221,11 @@ def _sqlite_open_hint(url: URL) -> str:
     if path is None:
         return ""
     folder = next((f for f in path.parents if f.is_dir()), None)
-    try:
-        status = os.statvfs(folder) if folder is not None else None
-    except OSError:
+    if folder is None:
         return ""
-    if status is None:
+    try:
+        status = os.statvfs(folder)
+    except OSError:
         return ""
     if status.f_flag & os.ST_RDONLY:
         return f" (the file system of {folder} is read-only)"
