@@ -332,11 +332,6 @@ def run_evaluate(
                 advance(len(imps))
             if acc.num_impressions == 0:
                 raise RecsysError(f"{behaviors}: no impressions")
-    except BaseException:
-        # With several versions one prediction file may already be in place when the next fails.
-        _remove_created(created, prediction_files.values())
-        raise
-    try:
         prediction_files = {v: str(path) for v, path in prediction_files.items()}
         t_scored = time.perf_counter() - t_start
         log.info("computing metrics and their intervals (%d bootstrap resamples of %d impressions)", num_resamples,
@@ -363,6 +358,8 @@ def run_evaluate(
                                          known_versions=[row["version"] for row in list_versions(engine)])
         metrics_path, html_path = write_report(result, out)
     except BaseException:
+        # Scoring or the report failed; with several versions one prediction file may already be
+        # in place when the next fails.
         _remove_created(created, prediction_files.values())
         raise
     # An earlier report in the same folder left its models' prediction files: beside a
