@@ -38,7 +38,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
     if "b" not in mode:
         kwargs.setdefault("encoding", "utf-8")
     try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are meant to be shared
+        os.chmod(tmp, umasked(0o666))  # mkstemp creates 0600; as open() would, the umask decides
         with os.fdopen(fd, mode, **kwargs) as out:
             yield out
             out.flush()
@@ -50,6 +50,22 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
         if error is None:
             raise
         raise error from exc
+
+
+def umasked(mode: int) -> int:
+    """``mode`` less the process's umask: what open() (0o666) or mkdir() (0o777) give a new file.
+
+    For files made by mkstemp or folders by mkdtemp (always 0600 and 0700), which are renamed
+    into place: a model version made 0700 could not be read by the data scientists' accounts
+    however the job's umask was set.
+    """
+    try:  # Linux 4.7+ says it without changing it (os.umask would, for a moment, in every thread)
+        with open("/proc/self/status", encoding="ascii") as status:
+            mask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mode & ~mask
 
 
 def _disk_error(path: Path, exc: BaseException, tmp: str | Path) -> DiskError | None:

@@ -104,3 +104,28 @@ def test_remove_stale_logs_a_failure_instead_of_raising(tmp_path: Path, two_hour
         assert atomic.remove_stale([stuck], 3600, why="test") == []
     assert "could not remove" in caplog.text and "read-only file system" in caplog.text
     assert stuck.exists()
+
+
+@pytest.fixture
+def umask():
+    """Set the process's umask for a test (``umask(0o002)``), restored after it."""
+    before = os.umask(0o022)
+    os.umask(before)
+    yield os.umask
+    os.umask(before)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)], ids=["022", "002", "077"])
+def test_a_file_gets_the_mode_open_would_give_under_the_umask(tmp_path: Path, umask, mask, mode):
+    # It was 0644 whatever the umask: wider than a 077 job asked for, narrower than a 002 group's.
+    umask(mask)
+    with atomic_open(tmp_path / "out.txt") as f:
+        f.write("x")
+    (tmp_path / "plain.txt").write_text("x")
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == mode == (tmp_path / "plain.txt").stat().st_mode & 0o777
+
+
+def test_umasked_reads_the_umask_without_changing_it(umask):
+    umask(0o027)
+    assert atomic.umasked(0o777) == 0o750 and atomic.umasked(0o666) == 0o640
+    assert os.umask(0o027) == 0o027

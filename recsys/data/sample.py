@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recsys.atomic import umasked
 from recsys.data.covers import NUM_STYLES, STYLE_NAMES, draw_cover
 from recsys.errors import ConfigError, RecsysError, disk_errors
 
@@ -1024,7 +1025,7 @@ def generate_sample(
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
         try:
-            staging.chmod(0o755)  # mkdtemp makes it private; the world is an ordinary shared folder
+            staging.chmod(umasked(0o777))  # mkdtemp makes it private; the world is an ordinary folder
             (staging / IMAGES_DIR).mkdir()
             _write_news(world, staging / NEWS_FILE, staging / NEWS_TRAIN_FILE)
             covers = [(row, str(world.news_ids[row]), int(world.news_style[row]), int(world.news_image[row]))

@@ -31,6 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from recsys.atomic import umasked
 from recsys.encoders.item_features import EncoderInfo, ItemFeatures
 from recsys.errors import DamagedFileError, ModelMismatchError, NotFoundError, disk_errors
 from recsys.models import NUM_HEADS
@@ -363,6 +364,7 @@ class RankingModel:
         with disk_errors("save the model", target):  # Keras's OSError names no file
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+            os.chmod(tmp, umasked(0o777))  # mkdtemp's 0700 would outlive the rename
             try:
                 self.item_tower.save(tmp / MODEL_FILES[0])
                 self.user_encoder.save(tmp / MODEL_FILES[1])

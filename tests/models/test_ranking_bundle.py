@@ -65,6 +65,21 @@ def test_save_load_gives_identical_predictions(model, small, tmp_path):
     assert config["logged_clicks"] is False
 
 
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o755), (0o002, 0o775), (0o077, 0o700)], ids=["022", "002", "077"])
+def test_a_saved_bundle_folder_follows_the_umask(model, tmp_path, mask, mode):
+    # It was assembled in a mkdtemp folder (0700) and renamed into place: a model version the job
+    # wrote could not be read from the data scientists' accounts whatever the umask.
+    import os
+
+    before = os.umask(mask)
+    try:
+        model.save(tmp_path / "bundle")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "bundle").stat().st_mode & 0o777 == mode
+    assert all(path.stat().st_mode & 0o077 == mode & 0o066 for path in (tmp_path / "bundle").iterdir())
+
+
 def test_the_versions_check_of_a_bundle_passes_a_saved_one(model, tmp_path):
     # `model use` and `model list` check the files without TensorFlow, by their own list of names.
     from recsys.versions import BUNDLE_MODEL_FILES, check_bundle_files
