@@ -22,7 +22,7 @@ import typer
 from typer.exceptions import TyperException
 
 from recsys.config import Config, Workspace, parse_config, read_config_text, resolve_db_url
-from recsys.errors import RecsysError, disk_errno, disk_problem
+from recsys.errors import DiskError, RecsysError, disk_errno, disk_problem
 from recsys.interrupts import sigterm_unwinds, terminated
 from recsys.progress import configure_logging
 
@@ -135,7 +135,31 @@ def main_options(
 
 
 def _print_json(obj) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=str, ensure_ascii=False))
+    """A command's result on stdout: UTF-8 text where stdout takes it, else \\u escapes (still
+    JSON), so that a title's emoji cannot fail a run in a latin-1 locale after its work is done.
+
+    Raises:
+        DiskError: stdout is a file on a full disk (the command's own work is done by then).
+    """
+    text = json.dumps(obj, indent=2, default=str, ensure_ascii=not _takes_any_text(sys.stdout))
+    try:
+        typer.echo(text)
+    except OSError as exc:
+        code = disk_errno(exc)
+        if code is None:
+            raise
+        raise DiskError(f"cannot write the result to standard output: {disk_problem(code)} (the command itself "
+                        "completed)") from exc
+
+
+def _takes_any_text(stream) -> bool:
+    """Whether ``stream``'s encoding can write every character (UTF-8, UTF-16, UTF-32)."""
+    encoding = getattr(stream, "encoding", None) or "ascii"
+    try:
+        "\u2014\U0001f680".encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
 
 
 # --- data in ---------------------------------------------------------------------------
@@ -587,8 +611,17 @@ _TYPER_CTRL_C = 130
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps errors to exit codes and one clear line on stderr."""
+    _tolerant_streams()
     with sigterm_unwinds():
         return _main(argv)
+
+
+def _tolerant_streams() -> None:
+    """A terminal or log in a legacy charset (a latin-1 locale) gets \\u escapes for what it
+    cannot show, instead of a UnicodeEncodeError that failed a command after its work was done."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None and not _takes_any_text(stream) and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _main(argv: list[str] | None) -> int:

@@ -8,15 +8,22 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-# The log line of every recsys process (the CLI, and helper processes it spawns).
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# The log line of every recsys process (the CLI, and helper processes it spawns), its time in
+# UTC as every time the store, the run log and the file names hold: the machine's zone, unnamed,
+# made a cron log disagree with the runs it reported.
+LOG_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s"
+LOG_TIME = "%Y-%m-%dT%H:%M:%S"
 
 log = logging.getLogger("recsys")
 
 
 def configure_logging(level: int) -> None:
     """The log set-up of every recsys process: ``LOG_FORMAT`` lines on stderr at ``level``."""
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    formatter = logging.Formatter(LOG_FORMAT, LOG_TIME)
+    formatter.converter = time.gmtime
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=level, handlers=[handler])  # as before, a no-op where logging is set up
     # Which SIMD build FAISS loaded: six INFO lines a process, none of them news.
     logging.getLogger("faiss.loader").setLevel(logging.NOTSET if level <= logging.DEBUG else logging.WARNING)
 
@@ -35,7 +42,7 @@ def progress(description: str, total: int | None = None, *, interval_s: float = 
         summary: end with a "done" line (off: the bar is removed at the end, for a step
             whose caller logs its own summary, such as a training epoch).
     """
-    if sys.stderr.isatty():
+    if sys.stderr is not None and sys.stderr.isatty():  # None: cron's `2>&-` closed it
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
