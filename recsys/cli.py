@@ -611,9 +611,24 @@ _TYPER_CTRL_C = 130
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps errors to exit codes and one clear line on stderr."""
+    _reserve_standard_fds()
     _tolerant_streams()
     with sigterm_unwinds():
         return _main(argv)
+
+
+def _reserve_standard_fds() -> None:
+    """Give a closed stdin, stdout or stderr (cron's `2>&-`) /dev/null: else the next file opened
+    takes its number, and what C libraries write to fd 2 (TensorFlow's start-up lines) would
+    land in that file, a store or a model file. Processes spawned from here inherit them."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def _tolerant_streams() -> None:

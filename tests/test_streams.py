@@ -74,3 +74,15 @@ def test_a_result_that_a_full_stdout_cannot_take_is_exit_1_saying_the_work_is_do
     assert done.stderr.splitlines()[-1] == (
         "error: cannot write the result to standard output: no space left on device (the command itself completed)")
     assert _stored_impressions(tmp_path) == 1
+
+
+def test_a_closed_standard_stream_gets_dev_null_so_no_file_takes_its_number():
+    # With fd 2 closed the next file opened was fd 2, and TensorFlow's C++ start-up lines, written
+    # to fd 2, would go into it (the store, a model file).
+    script = ("import os; from recsys.cli import _reserve_standard_fds; _reserve_standard_fds(); "
+              "print(os.open(os.devnull, os.O_RDONLY), os.path.realpath('/proc/self/fd/2'))")
+    done = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, timeout=120,
+                          preexec_fn=lambda: os.close(2))
+    assert done.returncode == 0
+    fd, stderr_path = done.stdout.split()
+    assert int(fd) >= 3 and stderr_path == os.devnull
