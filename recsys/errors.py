@@ -52,6 +52,12 @@ class RunLockedError(StoreError):
     """Another nightly run holds the lock."""
 
 
+class StoreUnavailableError(StoreError):
+    """The store's connection was lost in the middle of a command (the server restarted, the
+    backend was killed, the network dropped), or the server could not be reached again: what
+    was committed stays, and running the command again is the remedy (a nightly run resumes)."""
+
+
 class ModelMismatchError(RecsysError):
     """A saved artefact was built with other encoders or dimensions than the ones asked for."""
 

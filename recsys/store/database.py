@@ -22,7 +22,7 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
-from recsys.errors import StoreError
+from recsys.errors import StoreError, StoreUnavailableError
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -175,9 +175,34 @@ def _sqlite_on_begin(conn: Connection) -> None:
 
 def _on_error(dialect: str, shown: str, context: ExceptionContext) -> None:
     orig = context.original_exception
+    if context.is_pre_ping:
+        # The pool found an idle connection dead (a server restart, a killed backend) and
+        # replaces it: the command never sees it, unless the new connection fails too.
+        return
+    if context.is_disconnect:
+        # Raised from the hook, SQLAlchemy still invalidates the connection and the pool.
+        raise lost_connection(shown, orig) from orig
+    if dialect == "postgresql" and context.connection is None and context.statement is None:
+        # A connection that could not be opened (the server down or refusing connections): in
+        # the middle of a command as at its start, not an internal error.
+        raise StoreUnavailableError(f"cannot reach the store at {shown}: {_first_line(orig)}") from orig
     error = _store_error(dialect, shown, orig)
     if error is not None:
         raise error from orig
+
+
+def lost_connection(shown: str, orig: BaseException | None) -> StoreUnavailableError:
+    """The error of a connection lost mid-command, one line naming the store (``shown``, the
+    password masked) instead of the driver's text with the statement and its parameters."""
+    return StoreUnavailableError(
+        f"lost the connection to the store at {shown} ({_first_line(orig) or type(orig).__name__}): what was "
+        "committed is kept; run the command again once the store answers (a nightly run resumes where it stopped)"
+    )
+
+
+def _first_line(orig: BaseException | None) -> str:
+    text = str(orig).strip() if orig is not None else ""
+    return text.splitlines()[0] if text else ""
 
 
 def _store_error(dialect: str, shown: str, orig: BaseException | None) -> StoreError | None:
@@ -189,7 +214,7 @@ def _pg_store_error(shown: str, orig: BaseException | None) -> StoreError | None
     """PostgreSQL's two errors that the operator fixes: the server's disk full (53100) and a
     read-only server or transaction (25006). Else None."""
     state = getattr(orig, "sqlstate", None)
-    first = str(orig).strip().splitlines()[0] if orig is not None and str(orig).strip() else ""
+    first = _first_line(orig)
     if state == _PG_DISK_FULL:
         return StoreError(f"the store at {shown} cannot be written: the server's disk is full ({first})")
     if state == _PG_READ_ONLY:
@@ -243,8 +268,11 @@ def driver_errors(conn: Connection, statement: str, params=None) -> Iterator[Non
     try:
         yield
     except dbapi.Error as exc:
-        # The store's handle_error hook does not see these: a read-only or full store is told as
-        # it is for SQLAlchemy's own statements.
+        # The store's handle_error hook does not see these: a lost connection, a read-only or full
+        # store are told as they are for SQLAlchemy's own statements.
+        if not conn.invalidated and conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, None):
+            conn.invalidate(exc)  # as SQLAlchemy does: the pool must not hand the dead connection out again
+            raise lost_connection(mask_url(conn.engine.url), exc) from exc
         error = _store_error(conn.dialect.name, mask_url(conn.engine.url), exc)
         if error is not None:
             raise error from exc
@@ -292,6 +320,9 @@ def create_engine_for(url: str) -> Engine:
     try:
         with engine.connect():
             pass
+    except StoreError:  # told by the handle_error hook (the server unreachable, a read-only file)
+        engine.dispose()
+        raise
     except DBAPIError as exc:
         engine.dispose()
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)

@@ -12,7 +12,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from recsys.errors import StoreError
+from recsys.errors import StoreError, StoreUnavailableError
 from recsys.store import schema
 from recsys.store.database import (
     SQLITE_BEGIN,
@@ -26,6 +26,7 @@ from recsys.store.database import (
     refuse_in_memory_sqlite,
     upgrade,
 )
+from tests.lost_connection import connection_lost_at, lose_connection
 from tests.sockets import needs_linux, port_that_never_answers
 
 
@@ -569,4 +570,68 @@ def test_a_postgres_server_whose_disk_is_full_is_a_store_error_naming_the_store(
     with pytest.raises(sa.exc.DBAPIError, match="division by zero"):
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1 / 0"))
+    engine.dispose()
+
+
+def _lost(engine) -> str:
+    """The message of a lost connection to ``engine``'s store, as a regular expression."""
+    return (rf"^lost the connection to the store at {re.escape(mask_url(engine.url))} \([^)\n]+\): what was committed "
+            r"is kept; run the command again once the store answers \(a nightly run resumes where it stopped\)$")
+
+
+def test_a_connection_lost_mid_command_is_one_line_naming_the_store_and_the_next_one_is_fresh(engine):
+    # It was an internal error (exit 2) with the statement, its parameters and SQLAlchemy's
+    # link, while the same outage at start-up was a clean "cannot reach the store".
+    with connection_lost_at("SELECT 2") as cut, pytest.raises(StoreUnavailableError, match=_lost(engine)) as lost:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+            conn.execute(sa.text("SELECT 2"))
+    assert cut and isinstance(lost.value.__cause__, engine.dialect.loaded_dbapi.Error)
+    with connection_lost_at("INSERT INTO users"), pytest.raises(StoreUnavailableError, match=_lost(engine)):
+        with engine.begin() as conn:  # in a write transaction, which is rolled back
+            conn.execute(sa.insert(schema.users).values(user_id="U1"))
+    with engine.connect() as conn:  # the pool dropped the dead connection
+        assert conn.execute(sa.select(sa.func.count()).select_from(schema.users)).scalar() == 0
+
+
+def test_a_connection_lost_under_a_statement_on_the_drivers_cursor_is_told_the_same(engine):
+    from recsys.store.database import driver_errors
+
+    with engine.connect() as conn:
+        lose_connection(conn)
+        with pytest.raises(StoreUnavailableError, match=_lost(engine)):
+            with driver_errors(conn, "SELECT 1"):
+                conn.connection.driver_connection.cursor().execute("SELECT 1")
+        assert conn.invalidated  # not handed out again by the pool
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+
+
+@pytest.mark.postgres
+def test_a_postgres_connection_ended_while_idle_in_the_pool_is_replaced_unseen(pg_database_url):
+    # The pool's pre-ping meets the dead connection first: it must replace it, not report it.
+    engine = create_engine_for(pg_database_url)
+    with engine.connect() as conn:
+        first = conn.connection.dbapi_connection.info.backend_pid
+        lose_connection(conn)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar() != first
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_postgres_server_that_cannot_be_reached_mid_command_is_told_as_at_start_up(pg_database_url, monkeypatch):
+    import psycopg
+
+    engine = create_engine_for(pg_database_url)
+    engine.pool.dispose()  # the next statement opens a connection
+
+    def refused(*args, **kwargs):
+        raise psycopg.OperationalError("connection failed: the database system is shutting down\nmore")
+
+    monkeypatch.setattr(engine.dialect, "connect", refused)
+    message = rf"^cannot reach the store at {re.escape(mask_url(engine.url))}: connection failed: the database system is shutting down$"
+    with pytest.raises(StoreUnavailableError, match=message):
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
     engine.dispose()
