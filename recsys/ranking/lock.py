@@ -154,7 +154,8 @@ class StoreLock:
     """A lock this process holds; a context manager that releases it on exit.
 
     Use ``with acquire_lock(engine, run_id=...) as lock:``. While held, a daemon thread
-    refreshes the row's ``heartbeat_at`` every ``heartbeat_every``.
+    refreshes the row's ``heartbeat_at`` every ``heartbeat_every``. A release that fails on exit
+    (the store failing) is logged, not raised: the lock is then taken over as stale.
     """
 
     def __init__(self, engine: Engine, state: LockState, *, heartbeat_every: timedelta = HEARTBEAT_EVERY):
@@ -248,14 +249,17 @@ class StoreLock:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.release()
-            return
         try:
             self.release()
-        except Exception as unreleased:  # noqa: BLE001 - the store failing (a full disk) must not hide the cause
-            log.error("could not release lock '%s' after an error (%s: %s); the next run takes it over as stale",
-                      self.name, type(unreleased).__name__, unreleased)
+        except Exception as unreleased:  # noqa: BLE001 - the store failing (a full disk, a lost connection)
+            # After an error it must not hide the cause; after the work is done (committed, served)
+            # it must not turn it into a failure. Either way the next run takes the lock over.
+            if exc_type is not None:
+                log.error("could not release lock '%s' after an error (%s: %s); the next run takes it over as stale",
+                          self.name, type(unreleased).__name__, unreleased)
+            else:
+                log.warning("could not release lock '%s' after the work was done (%s: %s); the next run takes it "
+                            "over as stale", self.name, type(unreleased).__name__, unreleased)
 
 
 def read_lock(engine: Engine, name: str = NIGHTLY_LOCK) -> LockState | None:
