@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from recsys.pipelines.runlog import abandon_dead_runs, recorded_run
 from recsys.ranking.lock import acquire_lock, current_holder, read_lock, this_host, utc_now
 from recsys.store import ingest as store_ingest
 from recsys.store import schema as s
+from tests.lost_connection import connection_lost_at
 from tests.signals import swallowed_sigterm
 
 HOST = this_host()
@@ -201,3 +203,41 @@ def test_a_sigterm_that_a_library_swallowed_still_stops_the_ingest(engine, world
     assert read_lock(engine) is None and _count(engine, s.news) == 0
     ((kind, status, _),) = _runs(engine).values()
     assert (kind, status) == ("ingest", "failed")
+
+
+def test_an_ingest_that_loses_the_store_mid_way_exits_1_naming_it_and_records_the_same_line(engine, world, tmp_path, capsys):
+    # It exited 2 with psycopg's text, 20 lines of SQL and SQLAlchemy's link, which runs.message kept.
+    from recsys.cli import main
+    from recsys.store.database import mask_url
+
+    url = engine.url.render_as_string(hide_password=False)
+    with connection_lost_at("SELECT users.user_id, users.history_at") as cut:
+        code = main(["--workspace", str(tmp_path / "ws"), "--db", url, "ingest", "--news", str(world / "news.tsv"),
+                     "--behaviors", str(world / "behaviors_train.tsv")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert cut and code == 1
+    assert re.fullmatch(rf"error: lost the connection to the store at {re.escape(mask_url(engine.url))} \([^)]+\): what "
+                        r"was committed is kept; run the command again once the store answers \(.*\)", last)
+    ((kind, status, message),) = _runs(engine).values()
+    assert (kind, status, message) == ("ingest", "failed", "StoreUnavailableError: " + last.removeprefix("error: "))
+    assert read_lock(engine) is None and _count(engine, s.impressions) == 0
+
+
+@pytest.mark.parametrize("drops", [1, 2])
+def test_an_ingest_whose_complete_mark_loses_the_store_keeps_its_data_and_says_so(engine, world, tmp_path, caplog, drops):
+    # Everything was committed, yet the ingest exited 2 and its run stayed 'running' (later
+    # abandoned with empty counts). Once: tried again on a fresh connection; twice: logged.
+    ws = Workspace(tmp_path / "ws").ensure()
+    with connection_lost_at("UPDATE runs SET status", times=drops) as cut:
+        summary = run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv", images=None)
+    assert len(cut) == drops
+    assert summary["impressions"] == _count(engine, s.impressions) > 0
+    ((run_id, (kind, status, _)),) = _runs(engine).items()
+    assert "marking it complete lost the store's connection; trying again" in caplog.text
+    if drops == 1:
+        assert status == "complete"
+    else:
+        assert status == "running"
+        assert re.search(rf"ingest run {run_id}: everything it wrote is stored, but the run could not be marked complete "
+                         r"\(StoreUnavailableError: lost the connection", caplog.text)
+    assert read_lock(engine) is None

@@ -6,7 +6,9 @@ import logging
 from contextlib import contextmanager
 
 from sqlalchemy import Engine, and_, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
+from recsys.errors import StoreError, StoreUnavailableError
 from recsys.ranking.lock import current_holder, local_process_gone
 from recsys.store import schema as s
 from recsys.store.database import write_transaction
@@ -23,6 +25,9 @@ def recorded_run(engine: Engine, kind: str, *, model_version: str | None = None,
     First, runs of the same kind left ``running`` by a process that is gone are marked
     failed (see ``abandon_dead_runs``); ``exclusive``: the caller holds the store's lock
     for this kind of run, so every other ``running`` row of it is dead, on any host.
+
+    When the work is done but the store fails the ``complete`` update (a lost connection is
+    tried again once, on a fresh connection), that is logged and the work stands: it is stored.
     """
     abandon_dead_runs(engine, kind, every=exclusive)
     with engine.begin() as conn:
@@ -48,13 +53,31 @@ def recorded_run(engine: Engine, kind: str, *, model_version: str | None = None,
             log.error("could not mark %s run %s failed (%s: %s); it stays running until a later run finds this "
                       "process gone", kind, run_id, type(unrecorded).__name__, unrecorded)
         raise
-    with engine.begin() as conn:
-        conn.execute(
-            update(s.runs).where(s.runs.c.run_id == run_id).values(
-                status="complete", finished_at=utc_now(), counts=record["counts"], timings=record["timings"],
-                model_version=record["model_version"],
-            )
-        )
+    _mark_complete(engine, kind, record)
+
+
+def _mark_complete(engine: Engine, kind: str, record: dict) -> None:
+    """Mark the run complete. Its work is committed by now, so a store that fails this (the
+    connection lost, twice) is logged, not raised: the command did what it was asked to."""
+    values = {"status": "complete", "finished_at": utc_now(), "counts": record["counts"], "timings": record["timings"],
+              "model_version": record["model_version"]}
+    for attempt in (1, 2):
+        try:
+            with engine.begin() as conn:
+                # The same values again if the first try's commit landed before its connection dropped.
+                conn.execute(update(s.runs).where(s.runs.c.run_id == record["run_id"]).values(**values))
+            return
+        except StoreUnavailableError as exc:
+            failure = exc
+            if attempt == 1:  # the pool has dropped the dead connection: the next one is fresh
+                log.warning("%s run %s: marking it complete lost the store's connection; trying again", kind,
+                            record["run_id"])
+        except (StoreError, SQLAlchemyError) as exc:
+            failure = exc
+            break
+    log.error("%s run %s: everything it wrote is stored, but the run could not be marked complete (%s: %s); it stays "
+              "running until a later %s run marks it abandoned", kind, record["run_id"], type(failure).__name__, failure,
+              kind)
 
 
 def abandon_dead_runs(engine: Engine, kind: str, *, every: bool = False) -> list[int]:
