@@ -20,13 +20,14 @@ from sqlalchemy.engine import make_url
 @contextmanager
 def connection_lost_at(statement: str, *, skip: int = 0, times: int = 1) -> Iterator[list[str]]:
     """Lose the connection of every store engine in this process just before statements that
-    match ``statement`` (a regular expression, searched case-insensitively in the SQL): the
-    first ``skip`` matches run, the next ``times`` meet a dead connection, later ones run.
+    match ``statement`` (a regular expression, searched case-insensitively in the SQL, ``.``
+    matching line ends too): the first ``skip`` matches run, the next ``times`` meet a dead
+    connection, later ones run.
 
     Yields:
         The statements that met a dead connection, to check that the cut happened.
     """
-    pattern = re.compile(statement, re.IGNORECASE)
+    pattern = re.compile(statement, re.IGNORECASE | re.DOTALL)
     matched = 0
     cut: list[str] = []
 

@@ -32,6 +32,7 @@ from recsys.store import schema
 from recsys.store.database import open_store
 from recsys.store.stats import store_stats
 from recsys.versions import get_version
+from tests.lost_connection import connection_lost_at
 from tests.sample_store import ingested_sample
 from tests.signals import stop_after_shards
 from tests.store.mind_files import behavior_line, write_lines
@@ -382,6 +383,70 @@ def test_an_export_that_fails_after_the_run_still_prints_the_summary_and_exits_1
                f"on device); once the cause is fixed, `recsys export --run {run_id} --out DIR` writes it")
     assert summary["export"] == {"error": message}
     assert err.strip().splitlines()[-1] == f"error: {message}"
+
+
+# The prune's read of the complete runs (the night's other reads of runs name more columns).
+_PRUNE = r"^SELECT runs\.run_id\s+FROM runs\s+WHERE .* ORDER BY runs\.run_id DESC\s*$"
+
+
+def test_a_night_that_loses_the_store_after_its_switch_prints_its_summary_and_exits_0(tmp_path, trained, capsys, caplog):
+    # Its lists committed and served, the job exited 2 with no summary, and logged that "the
+    # night stopped after its ingest", when the store dropped the connection in the prune or
+    # at the lock's release.
+    world, ws, engine, _ = trained
+    article = (world / "news.tsv").read_text(encoding="utf-8").split("\t", 1)[0]
+    (tmp_path / "night").mkdir()
+    behaviors = write_lines(tmp_path / "night" / "behaviors.tsv",
+                            [behavior_line(1, "U_new", repo.time_range(engine)[1], [], [f"{article}-1"])])
+    capsys.readouterr()
+    with connection_lost_at(_PRUNE) as pruning, connection_lost_at("^DELETE FROM locks") as releasing:
+        code = main(["--workspace", str(ws.root), "nightly", "--k", "3", "--workers", "1", "--behaviors", str(behaviors)])
+    out, err = capsys.readouterr()
+    assert pruning and releasing and code == 0, err
+    summary = json.loads(out)
+    assert summary["ingest"]["impressions"] == 1 and summary["run"]["status"] == "complete"
+    (warning,) = summary["run"]["warnings"]
+    assert warning.startswith(f"run {summary['run']['run_id']} is complete and served, but pruning old runs failed "
+                              "(StoreUnavailableError: lost the connection to the store at ")
+    assert warning.endswith("; the next run prunes them")
+    assert "could not release lock 'nightly' after the work was done (StoreUnavailableError" in caplog.text
+    assert "the night stopped" not in caplog.text
+
+
+def test_an_export_that_cannot_read_the_store_prints_the_summary_and_exits_1(tmp_path, trained, capsys):
+    world, ws, engine, _ = trained
+    out_dir = tmp_path / "out"
+    # The export's own read of the run (after the summary's).
+    with connection_lost_at(r"^SELECT runs\.run_id, runs\.kind.*WHERE runs\.run_id = ", skip=1) as cut:
+        code = main(["--workspace", str(ws.root), "nightly", "--k", "3", "--workers", "1", "--export", str(out_dir)])
+    out, err = capsys.readouterr()
+    assert cut and code == 1
+    summary = json.loads(out)
+    run_id = summary["run"]["run_id"]
+    assert summary["run"]["status"] == "complete" and summary["run"]["warnings"] == []
+    message = summary["export"]["error"]
+    assert re.fullmatch(rf"--export {re.escape(str(out_dir))}: run {run_id} completed, but its export failed \(lost the "
+                        r"connection to the store at .*\); once the cause is fixed, `recsys export --run \d+ --out DIR` "
+                        "writes it", message)
+    assert err.strip().splitlines()[-1] == f"error: {message}"
+    assert main(["--workspace", str(ws.root), "export", "--run", str(run_id), "--out", str(out_dir)]) == 0
+
+
+def test_a_night_stopped_after_its_run_was_complete_does_not_say_it_stopped_after_its_ingest(monkeypatch, caplog):
+    # Ctrl-C in the export, say: the log said only that the ingest was stored.
+    import recsys.pipelines.nightly as job
+
+    def ranked_then_interrupted(engine, workspace, config, lock, summary, **kwargs):
+        summary["run"] = {"run_id": 7, "status": "complete"}
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "_index_and_rank", ranked_then_interrupted)
+    monkeypatch.setattr("recsys.pipelines.ingest.run_ingest", lambda *args, **kwargs: {"impressions": 1})
+    with pytest.raises(KeyboardInterrupt):
+        job._nightly_job(None, None, None, None, news=None, behaviors=Path("b.tsv"), images=None, source=None,
+                         export=None, rerank=False)
+    assert "the night stopped after its run 7 was complete and served; its ingest is stored too: " in caplog.text
+    assert "the night stopped after its ingest" not in caplog.text
 
 
 def test_a_first_night_without_a_model_says_what_its_ingest_stored(tmp_path, capsys, caplog):

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 
 from recsys.config import Config, Workspace
-from recsys.errors import ConfigError, DiskError, NotFoundError, RecsysError
+from recsys.errors import ConfigError, DiskError, NotFoundError, RecsysError, StoreError
 from recsys.pipelines.index import index_manifest, published_times
 from recsys.pipelines.inputs import (
     check_images_go_with_news,
@@ -385,8 +386,12 @@ def _nightly_job(
         # printed (no model version yet, a failed refresh or ranking, Ctrl-C), so the log does.
         ingested = summary.get("ingest")
         if ingested is not None and "error" not in ingested:
-            log.error("the night stopped after its ingest, which is stored and stays: %s",
-                      json.dumps(ingested, default=str))
+            if "run" in summary:  # stopped after the ranking (in the export): the run is served too
+                log.error("the night stopped after its run %s was complete and served; its ingest is stored too: %s",
+                          summary["run"]["run_id"], json.dumps(ingested, default=str))
+            else:
+                log.error("the night stopped after its ingest, which is stored and stays: %s",
+                          json.dumps(ingested, default=str))
         raise
 
 
@@ -412,9 +417,10 @@ def _index_and_rank(engine: Engine, workspace: Workspace, config: Config, lock: 
         run_id = summary["run"]["run_id"]
         try:
             summary["export"] = str(export_run(engine, Path(export), run_id=run_id))
-        except (OSError, DiskError) as exc:  # a full disk, say: the run itself is complete and served
-            # Recorded, not raised: the summary (counts, pruned runs) is still printed; the
-            # command then exits 1.
+        except (OSError, DiskError, StoreError, OperationalError) as exc:
+            # A full disk, or a store that cannot be read (a lost connection, a locked SQLite
+            # file): the run itself is complete and served. Recorded, not raised: the summary
+            # (counts, pruned runs) is still printed; the command then exits 1.
             log.error("export failed: %s", exc)
             summary["export"] = {"error": f"--export {export}: run {run_id} completed, but its export failed ({exc}); "
                                           f"once the cause is fixed, `recsys export --run {run_id} --out DIR` writes it"}

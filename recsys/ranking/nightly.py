@@ -11,6 +11,9 @@ One call, under the store lock:
 3. rank the missing shards with the chosen engine; each shard is written atomically;
 4. switch: the run becomes "complete" in one transaction, readers see it from then on;
 5. prune old runs and return the run summary (counts, timings per stage, model version).
+
+Once the run is complete it is served: a store failing in step 5 is logged and listed in the
+summary's ``warnings``, and left to the next run; it does not fail the night.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 import recsys
 from recsys.config import ENGINES, MAX_DAYS, MAX_RANK
@@ -119,7 +123,9 @@ def run_nightly(
 
     Returns:
         The run summary (see ``docs/operations.md``): run id, status, model version, plan,
-        counts, timings per stage in seconds, resumed shards, pruned runs.
+        counts, timings per stage in seconds, resumed shards, pruned runs, and ``warnings``:
+        what failed after the run was complete (pruning, recording the final timings, reading
+        the summary back; the summary is then the one this process holds), left to the next run.
 
     Raises:
         ConfigError: an argument out of range or an unknown engine.
@@ -187,13 +193,20 @@ def run_nightly(
             # A retry of a night already done (Airflow retries exit 1 and 3 as well): the same
             # inputs rank the same lists, so ranking again would only push a night out of keep_runs.
             log.info("run %s already ranked these inputs (same plan): nothing to rank again", done.run_id)
+            after = _AfterSwitch(done.run_id)
             # A run left running (a killed --rerank of the same night) is dead under our lock;
             # left alone it would stay 'running' with its partial rows.
-            abandoned = runs.abandon_running_runs(engine, keep_run_id=None,
-                                                  message=f"superseded by run {done.run_id}, which ranked the same inputs")
-            summary = runs.run_summary(engine, done.run_id)
+            abandoned = after.attempt(
+                "abandoning unfinished runs", "the next run abandons them", [],
+                lambda: runs.abandon_running_runs(engine, keep_run_id=None,
+                                                  message=f"superseded by run {done.run_id}, which ranked the same inputs"))
+            # The attempt that completed it may have lost the store before its prune.
+            pruned = after.attempt("pruning old runs", "the next run prunes them", [],
+                                   lambda: runs.prune_runs(engine, keep_runs))
+            summary = after.summary(engine, done.model_version, done.plan,
+                                    {k: v for k, v in done.counts.items() if k != "plan"}, done.timings)
             summary.update({"engine": engine_name, "resumed": False, "already_complete": True, "abandoned_runs": abandoned,
-                            "pruned_runs": [], "users_per_second": None})
+                            "pruned_runs": pruned, "users_per_second": None, "warnings": after.warnings})
             return summary
         resumed = runs.find_resumable_run(engine, plan)
         run_id = resumed.run_id if resumed else runs.create_run(engine, model_version=model_version, plan=plan)
@@ -243,17 +256,58 @@ def run_nightly(
                 log.error("could not mark run %s failed (%s: %s); the next run resumes or abandons it",
                           run_id, type(unrecorded).__name__, unrecorded)
             raise
+        # The run is complete and served from here on: the store failing now is the next run's
+        # to tidy up, not this night's failure.
+        after = _AfterSwitch(run_id)
         clock = time.perf_counter()
-        pruned = runs.prune_runs(engine, keep_runs)
+        pruned = after.attempt("pruning old runs", "the next run prunes them", [], lambda: runs.prune_runs(engine, keep_runs))
         timings["prune"] = time.perf_counter() - clock
         timings["total"] = time.perf_counter() - started
-        runs.record_timings(engine, run_id, timings)
-    summary = runs.run_summary(engine, run_id)
+        after.attempt("recording its final timings", "the store keeps those recorded at the switch", None,
+                      lambda: runs.record_timings(engine, run_id, timings))
+    summary = after.summary(engine, model_version, plan, counts, timings)
     summary.update({
         "engine": engine_name, "resumed": resumed is not None, "already_complete": False, "abandoned_runs": abandoned,
-        "pruned_runs": pruned, "users_per_second": len(users) / timings["total"],
+        "pruned_runs": pruned, "users_per_second": len(users) / timings["total"], "warnings": after.warnings,
     })
     return summary
+
+
+class _AfterSwitch:
+    """The steps after a run became complete. The run is served by then: a store that fails
+    one of them (a lost connection, a full disk) is logged as a warning, collected in
+    ``warnings`` for the summary, and left to the next run, instead of failing the night."""
+
+    def __init__(self, run_id: int):
+        self.run_id = run_id
+        self.warnings: list[str] = []
+
+    def attempt(self, step: str, instead: str, fallback, call):
+        """``call()``, or ``fallback`` when the store fails it; ``instead`` says what happens then."""
+        try:
+            return call()
+        except (StoreError, SQLAlchemyError) as exc:
+            warning = (f"run {self.run_id} is complete and served, but {step} failed ({type(exc).__name__}: {exc}); "
+                       f"{instead}")
+            log.warning("%s", warning)
+            self.warnings.append(warning)
+            return fallback
+
+    def summary(self, engine: Engine, model_version: str | None, plan: dict, counts: dict, timings: dict) -> dict:
+        """``runs.run_summary``, or when the store cannot be read, its fields from what this
+        process holds (the scheduler still gets the run id and counts): times unknown (None),
+        every shard written (the switch checked that)."""
+        summary = self.attempt("reading its summary back", "the summary is built from what this process holds", None,
+                               lambda: runs.run_summary(engine, self.run_id))
+        if summary is not None:
+            return summary
+        fingerprint = runs.plan_fingerprint({k: v for k, v in plan.items() if k != "fingerprint"})
+        return {
+            "run_id": self.run_id, "kind": runs.NIGHTLY, "status": runs.COMPLETE, "started_at": None, "finished_at": None,
+            "model_version": model_version, "counts": counts, "plan": {**plan, "fingerprint": fingerprint},
+            "timings": timings, "shards_written": counts.get("shards"), "recommendations_stored": counts.get("recommendations"),
+            "message": None,
+        }
 
 
 def _active_users(engine: Engine, *, as_of: datetime | None, active_days: float) -> tuple[datetime, np.ndarray]:

@@ -17,6 +17,7 @@ from recsys.ranking import runs
 from recsys.ranking.lock import acquire_lock, read_lock
 from recsys.ranking.nightly import run_nightly
 from recsys.store import schema as s
+from tests.lost_connection import connection_lost_at
 from tests.ranking.stored import run_rows
 from tests.signals import stop_after_shards
 
@@ -79,6 +80,35 @@ def test_interrupted_run_resumes_and_matches_a_clean_run(world_store, world):
     assert resumed["resumed"] and resumed["counts"]["shards_resumed"] == 3
     assert resumed["run_id"] != clean["run_id"]
     pd.testing.assert_frame_equal(run_rows(world_store, resumed["run_id"]), clean_rows, check_exact=False, rtol=1e-6)
+
+
+def test_a_run_that_loses_the_store_after_its_switch_is_served_and_leaves_the_rest_to_the_next_run(world_store, world,
+                                                                                                   caplog):
+    # Complete and served, the night still exited 2 without its summary when the store
+    # dropped the connection in its prune, timings or summary; and a retry never pruned.
+    first = _nightly(world_store, world, keep_runs=1)
+    with (connection_lost_at("^DELETE FROM recommendations"), connection_lost_at("^UPDATE runs SET timings"),
+          connection_lost_at(r"^SELECT runs\.run_id, runs\.kind.*WHERE runs\.run_id = ")):
+        night = _nightly(world_store, world, keep_runs=1, rerank=True)
+    assert night["status"] == "complete" and runs.latest_run(world_store).run_id == night["run_id"] != first["run_id"]
+    assert read_lock(world_store) is None
+    steps = ("pruning old runs", "recording its final timings", "reading its summary back")
+    assert [w.split(" failed (")[0] for w in night["warnings"]] == [
+        f"run {night['run_id']} is complete and served, but {step}" for step in steps]
+    assert all("StoreUnavailableError: lost the connection to the store at" in w for w in night["warnings"])
+    assert all(w in caplog.text for w in night["warnings"])
+    # The summary from what the job holds: the counts and plan it completed the run with.
+    stored = runs.run_summary(world_store, night["run_id"])
+    assert (night["counts"], night["plan"]) == (stored["counts"], stored["plan"])
+    assert (night["shards_written"], night["recommendations_stored"]) == (stored["shards_written"], stored["recommendations_stored"])
+    assert night["started_at"] is None and night["pruned_runs"] == []
+    assert "prune" in night["timings"] and "prune" not in stored["timings"]  # the store keeps the switch's
+    assert runs.get_run(world_store, first["run_id"]).status == "complete"  # not pruned yet
+    # The retry finds the night done, and prunes.
+    again = _nightly(world_store, world, keep_runs=1, progress=lambda *a: pytest.fail("ranked the night again"))
+    assert again["already_complete"] and again["run_id"] == night["run_id"]
+    assert again["pruned_runs"] == [first["run_id"]] and again["warnings"] == []
+    assert runs.get_run(world_store, first["run_id"]).status == "pruned" and run_rows(world_store, first["run_id"]).empty
 
 
 @pytest.mark.slow
