@@ -31,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 import recsys
 from recsys.config import ENGINES, MAX_DAYS, MAX_RANK
-from recsys.errors import ConfigError, RecsysError, StoreError
+from recsys.errors import ConfigError, RecsysError, StoreError, StoreUnavailableError
 from recsys.models.side_features import SideFeatures
 from recsys.ranking import runs
 from recsys.ranking.engines import (
@@ -134,6 +134,8 @@ def run_nightly(
         NothingToRecommendError: no user got a single recommendation (no eligible article);
             the run is failed and readers keep the last complete run.
         WorkerDiedError: a worker process died; the run is left resumable.
+        StoreUnavailableError: the connection to the store was lost (in this process or a
+            worker's); the run is left resumable.
         LockLostError: another job took the lock over as stale; this one stopped.
         NotFoundError: the model bundle or the index is missing.
         StoreError: ``engine`` is an in-memory SQLite database (no worker could open it).
@@ -245,9 +247,11 @@ def run_nightly(
             lock.check()
             runs.complete_run(engine, run_id, counts=counts, timings=timings, num_shards=len(shards))
             timings["complete"] = time.perf_counter() - clock
-        except (WorkerDiedError, LockLostError):
-            # As after kill -9 the run stays running (the next attempt resumes it); and a job
-            # that lost the lock leaves the runs to the job that holds it.
+        except (WorkerDiedError, LockLostError, StoreUnavailableError):
+            # As after kill -9 the run stays running (the next attempt resumes it, ranking only
+            # the shards not yet written): a worker that died, or a store that dropped its
+            # connection for a moment, says nothing against the run. A job that lost the lock
+            # leaves the runs to the job that holds it.
             raise
         except Exception as exc:
             try:

@@ -12,7 +12,9 @@ from sqlalchemy import select
 
 import recsys
 from recsys.columns import NEWS_ID, RANK, SCORE, USER_ID
-from recsys.errors import ConfigError, DamagedFileError, ModelMismatchError, NotFoundError, RecsysError, RunLockedError
+from recsys.errors import (
+    ConfigError, DamagedFileError, ModelMismatchError, NotFoundError, RecsysError, RunLockedError, StoreUnavailableError,
+)
 from recsys.ranking import runs
 from recsys.ranking.lock import acquire_lock, read_lock
 from recsys.ranking.nightly import run_nightly
@@ -79,6 +81,26 @@ def test_interrupted_run_resumes_and_matches_a_clean_run(world_store, world):
     resumed = _nightly(world_store, world, rerank=True)
     assert resumed["resumed"] and resumed["counts"]["shards_resumed"] == 3
     assert resumed["run_id"] != clean["run_id"]
+    pd.testing.assert_frame_equal(run_rows(world_store, resumed["run_id"]), clean_rows, check_exact=False, rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["ranking", "switch"])
+def test_a_run_that_loses_the_store_stays_resumable_and_resumes_to_a_clean_runs_lists(world_store, world, where):
+    # It was marked failed, so the retry ranked every shard again (all of them, when the
+    # connection dropped as the run was being completed). As after Ctrl-C or SIGTERM now.
+    clean = _nightly(world_store, world)
+    clean_rows = run_rows(world_store, clean["run_id"])
+    statement, skip = ("INSERT INTO run_shards", 3) if where == "ranking" else ("UPDATE runs SET status", 0)
+    with connection_lost_at(statement, skip=skip) as cut, pytest.raises(StoreUnavailableError, match="lost the connection"):
+        _nightly(world_store, world, rerank=True)
+    assert cut and read_lock(world_store) is None  # released on the way out
+    lost = runs.get_run(world_store, clean["run_id"] + 1)
+    assert lost.status == "running" and runs.latest_run(world_store).run_id == clean["run_id"]
+    written = len(runs.finished_shards(world_store, lost.run_id))
+    assert written == (3 if where == "ranking" else clean["counts"]["shards"])
+    resumed = _nightly(world_store, world, rerank=True)
+    assert resumed["run_id"] == lost.run_id and resumed["resumed"] and resumed["counts"]["shards_resumed"] == written
     pd.testing.assert_frame_equal(run_rows(world_store, resumed["run_id"]), clean_rows, check_exact=False, rtol=1e-6)
 
 
