@@ -306,6 +306,25 @@ def test_a_failed_ingest_ranks_the_stored_data_and_exits_3(tmp_path, trained, ca
     assert [tuple(r) for r in stored] == [("nightly-2019-11-20", "U_new")]
 
 
+def test_a_night_whose_ingest_loses_the_store_stops_with_exit_1_before_ranking(tmp_path, trained, capsys):
+    # It was "ingest failed" and exit 3 ("fix the input files"), after ranking on a store that had
+    # just dropped its connection: the files were fine, and a retry ingests and ranks them.
+    world, ws, engine, _ = trained
+    before = store_stats(engine)
+    article = (world / "news.tsv").read_text(encoding="utf-8").split("\t", 1)[0]
+    (tmp_path / "night").mkdir()
+    behaviors = write_lines(tmp_path / "night" / "behaviors.tsv",
+                            [behavior_line(1, "U_new", repo.time_range(engine)[1], [], [f"{article}-1"])])
+    capsys.readouterr()
+    with connection_lost_at("SELECT users.user_id, users.history_at") as cut:  # the ingest's read of the histories
+        code = main(["--workspace", str(ws.root), "nightly", "--k", "3", "--workers", "1", "--behaviors", str(behaviors)])
+    out, err = capsys.readouterr()
+    assert cut and (code, out) == (1, ""), err
+    assert err.strip().splitlines()[-1].startswith("error: lost the connection to the store at ")
+    assert store_stats(engine) == before
+    assert [kind for _, kind, _ in _runs(engine)].count("nightly") == 0
+
+
 def test_a_night_whose_files_have_no_good_line_exits_3_and_ranks_the_stored_data(tmp_path, trained, capsys):
     # Swapped files were quarantined line by line and the job exited 0: no alert fired.
     world, ws, engine, _ = trained

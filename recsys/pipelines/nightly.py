@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from recsys.config import Config, Workspace
-from recsys.errors import ConfigError, DiskError, NotFoundError, RecsysError, StoreError
+from recsys.errors import ConfigError, DiskError, NotFoundError, RecsysError, StoreError, StoreUnavailableError
 from recsys.pipelines.index import index_manifest, published_times
 from recsys.pipelines.inputs import (
     check_images_go_with_news,
@@ -374,6 +374,10 @@ def _nightly_job(
             summary["ingest"] = run_ingest(
                 engine, workspace, news=news, behaviors=behaviors, images=images, source=source, lock=lock
             )
+        except StoreUnavailableError:
+            # Not the files' fault (exit 3 says "fix the input files"), and a store that just dropped
+            # the connection is no place to rank: the retry ingests them again and ranks (exit 1).
+            raise
         except RecsysError as exc:
             # The rules of ingest hold (nothing half-written); the existing data is still scored.
             log.error("ingest failed, scoring the data already stored: %s", exc)
