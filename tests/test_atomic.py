@@ -125,7 +125,9 @@ def test_a_file_gets_the_mode_open_would_give_under_the_umask(tmp_path: Path, um
     assert (tmp_path / "out.txt").stat().st_mode & 0o777 == mode == (tmp_path / "plain.txt").stat().st_mode & 0o777
 
 
-def test_umasked_reads_the_umask_without_changing_it(umask):
+def test_umasked_reads_the_umask_without_changing_it(umask, monkeypatch):
     umask(0o027)
-    assert atomic.umasked(0o777) == 0o750 and atomic.umasked(0o666) == 0o640
+    with monkeypatch.context() as patched:  # read from /proc/self/status, not set and set back
+        patched.setattr(os, "umask", lambda mask: pytest.fail("os.umask called"))
+        assert atomic.umasked(0o777) == 0o750 and atomic.umasked(0o666) == 0o640
     assert os.umask(0o027) == 0o027

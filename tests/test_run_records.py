@@ -241,3 +241,16 @@ def test_an_ingest_whose_complete_mark_loses_the_store_keeps_its_data_and_says_s
         assert re.search(rf"ingest run {run_id}: everything it wrote is stored, but the run could not be marked complete "
                          r"\(StoreUnavailableError: lost the connection", caplog.text)
     assert read_lock(engine) is None
+
+
+def test_a_bug_in_marking_a_run_complete_is_raised_not_logged_as_a_store_failure(engine):
+    # Only a store that fails is left to the next run: a count the JSON column cannot take was
+    # logged as "could not be marked complete" and the command exited 0, its run left running.
+    import numpy as np
+    import sqlalchemy as sa
+
+    with pytest.raises((sa.exc.StatementError, TypeError), match="not JSON serializable"):  # psycopg: TypeError
+        with recorded_run(engine, "ingest") as record:
+            record["counts"] = {"impressions": np.int64(5)}
+    ((kind, status, _),) = _runs(engine).values()
+    assert (kind, status) == ("ingest", "running")

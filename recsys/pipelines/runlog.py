@@ -6,12 +6,11 @@ import logging
 from contextlib import contextmanager
 
 from sqlalchemy import Engine, and_, insert, select, update
-from sqlalchemy.exc import SQLAlchemyError
 
-from recsys.errors import StoreError, StoreUnavailableError
+from recsys.errors import StoreUnavailableError
 from recsys.ranking.lock import current_holder, local_process_gone
 from recsys.store import schema as s
-from recsys.store.database import write_transaction
+from recsys.store.database import STORE_FAILURES, write_transaction
 from recsys.clock import utc_now
 
 log = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ def _mark_complete(engine: Engine, kind: str, record: dict) -> None:
             if attempt == 1:  # the pool has dropped the dead connection: the next one is fresh
                 log.warning("%s run %s: marking it complete lost the store's connection; trying again", kind,
                             record["run_id"])
-        except (StoreError, SQLAlchemyError) as exc:
+        except STORE_FAILURES as exc:
             failure = exc
             break
     log.error("%s run %s: everything it wrote is stored, but the run could not be marked complete (%s: %s); it stays "

@@ -34,7 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from recsys.clock import utc_now
 from recsys.errors import RunLockedError
 from recsys.store import schema as s
-from recsys.store.database import write_transaction
+from recsys.store.database import STORE_FAILURES, write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +251,10 @@ class StoreLock:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             self.release()
-        except Exception as unreleased:  # noqa: BLE001 - the store failing (a full disk, a lost connection)
-            # After an error it must not hide the cause; after the work is done (committed, served)
-            # it must not turn it into a failure. Either way the next run takes the lock over.
+        except STORE_FAILURES if exc_type is None else Exception as unreleased:  # noqa: BLE001
+            # After an error, whatever the release raises must not hide the cause; after the work
+            # is done (committed, served), a store failing (a full disk, a lost connection) must
+            # not turn it into a failure. Either way the next run takes the lock over.
             if exc_type is not None:
                 log.error("could not release lock '%s' after an error (%s: %s); the next run takes it over as stale",
                           self.name, type(unreleased).__name__, unreleased)

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
 
 import recsys
 from recsys.config import ENGINES, MAX_DAYS, MAX_RANK
@@ -50,6 +49,7 @@ from recsys.ranking.queries import (
     first_seen_times,
     store_marker,
 )
+from recsys.store.database import STORE_FAILURES
 from recsys.store.repository import read_interaction_log, time_range
 from recsys.threads import default_threads
 from recsys.versions import read_bundle_config
@@ -205,8 +205,7 @@ def run_nightly(
             # The attempt that completed it may have lost the store before its prune.
             pruned = after.attempt("pruning old runs", "the next run prunes them", [],
                                    lambda: runs.prune_runs(engine, keep_runs))
-            summary = after.summary(engine, done.model_version, done.plan,
-                                    {k: v for k, v in done.counts.items() if k != "plan"}, done.timings)
+            summary = after.summary(engine, done)
             summary.update({"engine": engine_name, "resumed": False, "already_complete": True, "abandoned_runs": abandoned,
                             "pruned_runs": pruned, "users_per_second": None, "warnings": after.warnings})
             return summary
@@ -269,7 +268,12 @@ def run_nightly(
         timings["total"] = time.perf_counter() - started
         after.attempt("recording its final timings", "the store keeps those recorded at the switch", None,
                       lambda: runs.record_timings(engine, run_id, timings))
-    summary = after.summary(engine, model_version, plan, counts, timings)
+    # What the store holds of the run, as this process knows it (the plan as create_run stores it).
+    fingerprint = runs.plan_fingerprint(plan)
+    held = runs.RunInfo(run_id=run_id, kind=runs.NIGHTLY, status=runs.COMPLETE, started_at=None, finished_at=None,
+                        model_version=model_version, counts={**counts, "plan": {**plan, "fingerprint": fingerprint}},
+                        timings=timings, message=None)
+    summary = after.summary(engine, held)
     summary.update({
         "engine": engine_name, "resumed": resumed is not None, "already_complete": False, "abandoned_runs": abandoned,
         "pruned_runs": pruned, "users_per_second": len(users) / timings["total"], "warnings": after.warnings,
@@ -290,28 +294,23 @@ class _AfterSwitch:
         """``call()``, or ``fallback`` when the store fails it; ``instead`` says what happens then."""
         try:
             return call()
-        except (StoreError, SQLAlchemyError) as exc:
+        except STORE_FAILURES as exc:
             warning = (f"run {self.run_id} is complete and served, but {step} failed ({type(exc).__name__}: {exc}); "
                        f"{instead}")
             log.warning("%s", warning)
             self.warnings.append(warning)
             return fallback
 
-    def summary(self, engine: Engine, model_version: str | None, plan: dict, counts: dict, timings: dict) -> dict:
-        """``runs.run_summary``, or when the store cannot be read, its fields from what this
-        process holds (the scheduler still gets the run id and counts): times unknown (None),
-        every shard written (the switch checked that)."""
+    def summary(self, engine: Engine, held: runs.RunInfo) -> dict:
+        """``runs.run_summary``, or when the store cannot be read, the same fields from ``held``,
+        the run as this process knows it (the scheduler still gets the run id and counts): every
+        shard written (the switch checked that)."""
         summary = self.attempt("reading its summary back", "the summary is built from what this process holds", None,
                                lambda: runs.run_summary(engine, self.run_id))
         if summary is not None:
             return summary
-        fingerprint = runs.plan_fingerprint({k: v for k, v in plan.items() if k != "fingerprint"})
-        return {
-            "run_id": self.run_id, "kind": runs.NIGHTLY, "status": runs.COMPLETE, "started_at": None, "finished_at": None,
-            "model_version": model_version, "counts": counts, "plan": {**plan, "fingerprint": fingerprint},
-            "timings": timings, "shards_written": counts.get("shards"), "recommendations_stored": counts.get("recommendations"),
-            "message": None,
-        }
+        return runs.summary_of(held, shards_written=held.counts.get("shards"),
+                               recommendations_stored=held.counts.get("recommendations"))
 
 
 def _active_users(engine: Engine, *, as_of: datetime | None, active_days: float) -> tuple[datetime, np.ndarray]:

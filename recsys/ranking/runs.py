@@ -57,7 +57,7 @@ class RunInfo:
     run_id: int
     kind: str
     status: str
-    started_at: datetime
+    started_at: datetime | None
     finished_at: datetime | None
     model_version: str | None
     counts: dict
@@ -381,18 +381,26 @@ def run_summary(engine: Engine, run_id: int) -> dict:
         stored = conn.execute(
             select(func.count()).select_from(s.recommendations).where(s.recommendations.c.run_id == run_id)
         ).scalar()
+    return summary_of(info, shards_written=int(shards), recommendations_stored=int(stored))
+
+
+def summary_of(info: RunInfo, *, shards_written: int | None, recommendations_stored: int | None) -> dict:
+    """``run_summary``'s dict of a run row and its counts of rows (times None where unknown)."""
+    def shown(when: datetime | None) -> str | None:
+        return when.isoformat(sep=" ", timespec="seconds") if when else None
+
     return {
         "run_id": info.run_id,
         "kind": info.kind,
         "status": info.status,
-        "started_at": info.started_at.isoformat(sep=" ", timespec="seconds"),
-        "finished_at": info.finished_at.isoformat(sep=" ", timespec="seconds") if info.finished_at else None,
+        "started_at": shown(info.started_at),
+        "finished_at": shown(info.finished_at),
         "model_version": info.model_version,
         "counts": {k: v for k, v in info.counts.items() if k != "plan"},
         "plan": info.plan,
         "timings": info.timings,
-        "shards_written": int(shards),
-        "recommendations_stored": int(stored),
+        "shards_written": shards_written,
+        "recommendations_stored": recommendations_stored,
         "message": info.message,
     }
 

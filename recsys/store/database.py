@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import URL, ExceptionContext, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from recsys.errors import StoreError, StoreUnavailableError
 
@@ -173,8 +173,19 @@ def _sqlite_on_begin(conn: Connection) -> None:
     conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+# What a store that fails, rather than our code, raises: a lost connection, a full or read-only
+# disk (StoreError), a locked SQLite file or a server timeout (OperationalError). Steps that may
+# fail without failing the command (after its work is committed) catch these and nothing wider:
+# an IntegrityError or a StatementError wrapping a TypeError is a bug, and must surface.
+STORE_FAILURES = (StoreError, OperationalError)
+
+
 def _on_error(dialect: str, shown: str, context: ExceptionContext) -> None:
     orig = context.original_exception
+    if not isinstance(orig, Exception):
+        # Ctrl-C or SIGTERM during a statement: SQLAlchemy marks it a disconnect (the connection
+        # is left mid-statement and is dropped), but it is the interrupt that must go on up.
+        return
     if context.is_pre_ping:
         # The pool found an idle connection dead (a server restart, a killed backend) and
         # replaces it: the command never sees it, unless the new connection fails too.
@@ -325,7 +336,7 @@ def create_engine_for(url: str) -> Engine:
         raise
     except DBAPIError as exc:
         engine.dispose()
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+        reason = _first_line(exc.orig) if exc.orig is not None else str(exc)
         if engine.dialect.name == "sqlite" and reason in ("unable to open database file", "disk I/O error"):
             reason += _sqlite_open_hint(parsed)  # SQLite's words say neither read-only nor full
         raise StoreError(f"cannot reach the store at {shown}: {reason}") from exc

@@ -635,3 +635,23 @@ def test_a_postgres_server_that_cannot_be_reached_mid_command_is_told_as_at_star
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
     engine.dispose()
+
+
+def test_an_interrupt_during_a_statement_goes_on_up_as_itself(engine):
+    # SQLAlchemy marks Ctrl-C or SIGTERM during a statement a disconnect: the hook made it a lost
+    # connection (exit 1, "run again"), and after a nightly's switch a warning, the job going on.
+    from recsys.interrupts import Terminated
+
+    def interrupted(cursor, statement, parameters, context):
+        if statement == "SELECT 2":
+            raise Terminated
+
+    sa.event.listen(engine, "do_execute", interrupted)
+    try:
+        with pytest.raises(Terminated):
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT 2"))
+    finally:
+        sa.event.remove(engine, "do_execute", interrupted)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT 1")).scalar() == 1
