@@ -682,6 +682,12 @@ def _run(argv: list[str] | None) -> int:
             where = f"cannot write {exc.filename}" if exc.filename is not None else "a write failed"
             typer.echo(f"error: {where}: {disk_problem(disk)} (run with --verbose for the traceback)", err=True)
             return 1
+        from recsys.store.database import server_refusal
+
+        refusal = server_refusal(exc)
+        if refusal is not None:
+            typer.echo(f"error: {refusal}", err=True)
+            return 1
         typer.echo(f"internal error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)", err=True)
         return 2
     if code == _TYPER_CTRL_C:

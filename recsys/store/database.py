@@ -83,6 +83,8 @@ _PG_LOCK_NOT_AVAILABLE = "55P03"
 # default_transaction_read_only): the operator's to fix.
 _PG_DISK_FULL = "53100"
 _PG_READ_ONLY = "25006"
+_PG_NO_PRIVILEGE = "42501"  # insufficient_privilege: a role without a GRANT, or without TEMP
+_PG_TIMEOUT = "57014"  # query_canceled: statement_timeout
 
 # Seconds libpq waits for a PostgreSQL connection unless the URL (?connect_timeout=N) or
 # PGCONNECT_TIMEOUT says otherwise; a server that is up answers in milliseconds.
@@ -100,7 +102,10 @@ def mask_url(url: str | URL) -> str:
     shown as typed, with whatever stands where a password would stand masked.
     """
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        if "password" in parsed.query:  # libpq takes ?password=... too
+            parsed = parsed.update_query_dict({"password": "***"})
+        return parsed.render_as_string(hide_password=True)
     except (ArgumentError, ValueError):
         return _TEXT_PASSWORD.sub(":***@", str(url), count=1)
 
@@ -230,6 +235,23 @@ def _pg_store_error(shown: str, orig: BaseException | None) -> StoreError | None
         return StoreError(f"the store at {shown} cannot be written: the server's disk is full ({first})")
     if state == _PG_READ_ONLY:
         return StoreError(f"the store at {shown} is read-only ({first}): recsys must be able to write to it")
+    return None
+
+
+def server_refusal(exc: BaseException) -> str | None:
+    """One line for a PostgreSQL error that escaped every command's own handling and is the
+    operator's to fix, not a bug (the CLI's last resort: exit 1, not 2): a missing privilege, a
+    statement_timeout or lock_timeout. Else None. Not raised from the engine's hook: a migration
+    reads lock_not_available itself, and says what to do."""
+    if not isinstance(exc, DBAPIError):
+        return None
+    state, first = getattr(exc.orig, "sqlstate", None), _first_line(exc.orig)
+    if state == _PG_NO_PRIVILEGE:
+        return (f"the store refused this role ({first}): grant it the privilege (docs/operations.md, "
+                "\"PostgreSQL roles\")")
+    if state in (_PG_TIMEOUT, _PG_LOCK_NOT_AVAILABLE):
+        return (f"the store cancelled a statement ({first}): raise the role's statement_timeout or lock_timeout, "
+                "or run again once what holds the lock is done")
     return None
 
 

@@ -655,3 +655,28 @@ def test_an_interrupt_during_a_statement_goes_on_up_as_itself(engine):
         sa.event.remove(engine, "do_execute", interrupted)
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+
+
+def test_a_password_given_in_the_query_is_masked_too():
+    # libpq takes ?password=...: it was shown in clear on stderr and kept in runs.message.
+    shown = mask_url("postgresql+psycopg://job@db.internal:5432/recsys?password=TopSecret9&sslmode=disable")
+    assert "TopSecret9" not in shown and "password=%2A%2A%2A" in shown and "sslmode=disable" in shown
+
+
+@pytest.mark.postgres
+def test_a_statement_the_server_cancels_is_the_operators_to_fix_not_an_internal_error(pg_database_url):
+    # statement_timeout (and lock_timeout, a missing GRANT) ended as exit 2 with the SQL dumped.
+    from recsys.store.database import server_refusal
+
+    engine = create_engine_for(pg_database_url)
+    try:
+        with pytest.raises(sa.exc.DBAPIError) as cancelled:
+            with engine.connect() as conn:
+                conn.execute(sa.text("SET statement_timeout = 1"))
+                conn.execute(sa.text("SELECT pg_sleep(1)"))
+    finally:
+        engine.dispose()
+    assert server_refusal(cancelled.value) == (
+        "the store cancelled a statement (canceling statement due to statement timeout): raise the role's "
+        "statement_timeout or lock_timeout, or run again once what holds the lock is done")
+    assert server_refusal(ValueError("x")) is None
