@@ -22,7 +22,7 @@ import typer
 from typer.exceptions import TyperException
 
 from recsys.config import Config, Workspace, parse_config, read_config_text, resolve_db_url
-from recsys.errors import DiskError, RecsysError, disk_errno, disk_problem
+from recsys.errors import DiskError, RecsysError, disk_errno, disk_error, disk_problem
 from recsys.interrupts import sigterm_unwinds, terminated
 from recsys.progress import configure_logging
 
@@ -145,11 +145,10 @@ def _print_json(obj) -> None:
     try:
         typer.echo(text)
     except OSError as exc:
-        code = disk_errno(exc)
-        if code is None:
+        error = disk_error("write the result to", "standard output", exc)
+        if error is None:
             raise
-        raise DiskError(f"cannot write the result to standard output: {disk_problem(code)} (the command itself "
-                        "completed)") from exc
+        raise DiskError(f"{error} (the command itself completed)") from exc
 
 
 def _takes_any_text(stream) -> bool:

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
 
 from recsys.config import Config, Workspace
-from recsys.errors import ConfigError, DiskError, NotFoundError, RecsysError, StoreError, StoreUnavailableError
+from recsys.errors import ConfigError, DiskError, NotFoundError, RecsysError, StoreUnavailableError
 from recsys.pipelines.index import index_manifest, published_times
 from recsys.pipelines.inputs import (
     check_images_go_with_news,
@@ -36,6 +35,7 @@ from recsys.pipelines.features import first_seen_array, load_catalogue, load_ver
 from recsys.progress import progress
 from recsys.ranking.lock import NIGHTLY_LOCK, LockView, StoreLock, acquire_lock
 from recsys.threads import configure_threads
+from recsys.store.database import STORE_FAILURES
 from recsys.versions import check_encoders, get_version
 
 log = logging.getLogger("recsys.nightly")
@@ -421,7 +421,7 @@ def _index_and_rank(engine: Engine, workspace: Workspace, config: Config, lock: 
         run_id = summary["run"]["run_id"]
         try:
             summary["export"] = str(export_run(engine, Path(export), run_id=run_id))
-        except (OSError, DiskError, StoreError, OperationalError) as exc:
+        except (OSError, DiskError, *STORE_FAILURES) as exc:
             # A full disk, or a store that cannot be read (a lost connection, a locked SQLite
             # file): the run itself is complete and served. Recorded, not raised: the summary
             # (counts, pruned runs) is still printed; the command then exits 1.

@@ -268,10 +268,9 @@ def run_nightly(
         timings["total"] = time.perf_counter() - started
         after.attempt("recording its final timings", "the store keeps those recorded at the switch", None,
                       lambda: runs.record_timings(engine, run_id, timings))
-    # What the store holds of the run, as this process knows it (the plan as create_run stores it).
-    fingerprint = runs.plan_fingerprint(plan)
+    # What the store holds of the run, as this process knows it.
     held = runs.RunInfo(run_id=run_id, kind=runs.NIGHTLY, status=runs.COMPLETE, started_at=None, finished_at=None,
-                        model_version=model_version, counts={**counts, "plan": {**plan, "fingerprint": fingerprint}},
+                        model_version=model_version, counts={**counts, "plan": runs.fingerprinted(plan)},
                         timings=timings, message=None)
     summary = after.summary(engine, held)
     summary.update({

@@ -75,6 +75,11 @@ def plan_fingerprint(plan: dict) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def fingerprinted(plan: dict) -> dict:
+    """``plan`` with its ``fingerprint``, as ``create_run`` stores it (one given is recomputed)."""
+    return {**plan, "fingerprint": plan_fingerprint({k: v for k, v in plan.items() if k != "fingerprint"})}
+
+
 def create_run(engine: Engine, *, model_version: str | None, plan: dict, started_at: datetime | None = None) -> int:
     """Insert a nightly run with status "running".
 
@@ -88,7 +93,7 @@ def create_run(engine: Engine, *, model_version: str | None, plan: dict, started
     Returns:
         The new run id.
     """
-    plan = {**plan, "fingerprint": plan_fingerprint({k: v for k, v in plan.items() if k != "fingerprint"})}
+    plan = fingerprinted(plan)
     with write_transaction(engine) as conn:
         result = conn.execute(
             insert(s.runs).values(
@@ -132,7 +137,7 @@ def find_completed_run(engine: Engine, plan: dict) -> RunInfo | None:
 
 
 def _if_same_inputs(info: RunInfo | None, plan: dict) -> RunInfo | None:
-    fingerprint = plan_fingerprint({k: v for k, v in plan.items() if k != "fingerprint"})
+    fingerprint = fingerprinted(plan)["fingerprint"]
     return info if info is not None and info.plan.get("fingerprint") == fingerprint else None
 
 
