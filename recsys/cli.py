@@ -52,6 +52,8 @@ log = logging.getLogger("recsys")
 # --verbose as click parsed it (main_options sets it), for the error handling in _main: an
 # argument "-v" after the command is some option's value (`recommend --user -v`), not the flag.
 _verbose: ContextVar[bool] = ContextVar("recsys_cli_verbose", default=False)
+# The store the command opened (its masked URL), for the last resort's line on a server refusal.
+_store_shown: ContextVar[str | None] = ContextVar("recsys_cli_store", default=None)
 
 
 @dataclass
@@ -79,7 +81,7 @@ class AppContext:
 
     def engine(self, *, create: bool = False):
         """The store, migrated; ``create`` for the commands that write data in (see ``open_store``)."""
-        from recsys.store.database import open_store, refuse_in_memory_sqlite
+        from recsys.store.database import mask_url, open_store, refuse_in_memory_sqlite
 
         self.check_config()  # before the workspace or the store is created
         refuse_in_memory_sqlite(self.db_url, self.db_source)  # each command is its own process
@@ -89,6 +91,7 @@ class AppContext:
             # A reading command creates the workspace only once the store opens: `--workspace /typo
             # stats` left an empty /typo folder behind.
             self.workspace.check()
+        _store_shown.set(mask_url(self.db_url))  # a refusal may come from open_store's own statements
         engine = open_store(self.db_url, create=create, source=self.db_source)
         if not create:
             try:
@@ -639,11 +642,12 @@ def _tolerant_streams() -> None:
 
 
 def _main(argv: list[str] | None) -> int:
-    token = _verbose.set(False)
+    token, store_token = _verbose.set(False), _store_shown.set(None)
     try:
         return _run(argv)
     finally:
         _verbose.reset(token)
+        _store_shown.reset(store_token)
 
 
 def _run(argv: list[str] | None) -> int:
@@ -683,7 +687,7 @@ def _run(argv: list[str] | None) -> int:
             return 1
         from recsys.store.database import server_refusal
 
-        refusal = server_refusal(exc)
+        refusal = server_refusal(exc, _store_shown.get())
         if refusal is not None:
             typer.echo(f"error: {refusal}", err=True)
             return 1

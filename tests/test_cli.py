@@ -1115,3 +1115,40 @@ def test_evaluate_refuses_a_models_list_that_names_nothing_or_a_version_twice(ca
                          str(tmp_path / "report"), "--models", models)
     assert (code, out) == (1, "") and err.startswith(f"error: {message}"), err
     assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.postgres
+def test_a_statement_the_server_cancels_names_the_store_on_stderr_and_in_the_failed_run(
+        capsys, tmp_path: Path, world: Path, pg_database_url: str):
+    # The line said "the store cancelled a statement" without saying which store (a job reads
+    # several), and the failed ingest run's message kept the driver's text, its SQL and parameters.
+    import uuid
+
+    import sqlalchemy as sa
+
+    from recsys.store.database import mask_url, open_store
+
+    schema = f"refusal_{uuid.uuid4().hex[:8]}"
+    url = f"{pg_database_url}?options=-csearch_path%3D{schema}%20-clock_timeout%3D300"
+    admin = sa.create_engine(pg_database_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        open_store(url, create=True).dispose()  # the tables, in the schema
+        with admin.connect() as holder:
+            holder.exec_driver_sql("BEGIN")  # the lock lasts until the end of this block
+            holder.execute(sa.text(f'LOCK TABLE "{schema}".news IN ACCESS EXCLUSIVE MODE'))
+            code, _, err = run(capsys, "--workspace", str(tmp_path / "ws"), "--db", url, "ingest",
+                               "--news", str(world / "news.tsv"), "--behaviors", str(world / "behaviors_train.tsv"),
+                               "--images", str(world / "images"))
+        assert code == 1, err
+        line = f"the store at {mask_url(url)} cancelled a statement (canceling statement due to lock timeout)"
+        assert err.strip().splitlines()[-1].startswith(f"error: {line}: raise the role's"), err
+        with admin.connect() as conn:
+            rows = conn.execute(sa.text(f'SELECT kind, status, message FROM "{schema}".runs')).all()
+        assert [(kind, status) for kind, status, _ in rows] == [("ingest", "failed")]
+        assert rows[0].message.startswith(line) and "INSERT" not in rows[0].message
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()

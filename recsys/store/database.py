@@ -238,19 +238,21 @@ def _pg_store_error(shown: str, orig: BaseException | None) -> StoreError | None
     return None
 
 
-def server_refusal(exc: BaseException) -> str | None:
+def server_refusal(exc: BaseException, shown: str | None = None) -> str | None:
     """One line for a PostgreSQL error that escaped every command's own handling and is the
-    operator's to fix, not a bug (the CLI's last resort: exit 1, not 2): a missing privilege, a
-    statement_timeout or lock_timeout. Else None. Not raised from the engine's hook: a migration
-    reads lock_not_available itself, and says what to do."""
+    operator's to fix, not a bug (the CLI's last resort: exit 1, not 2; a run's message): a
+    missing privilege, a statement_timeout or lock_timeout. ``shown``: the store's masked URL,
+    named in the line. Else None. Not raised from the engine's hook: a migration reads
+    lock_not_available itself, and says what to do."""
     if not isinstance(exc, DBAPIError):
         return None
     state, first = getattr(exc.orig, "sqlstate", None), _first_line(exc.orig)
+    store = "the store" if shown is None else f"the store at {shown}"
     if state == _PG_NO_PRIVILEGE:
-        return (f"the store refused this role ({first}): grant it the privilege (docs/operations.md, "
+        return (f"{store} refused this role ({first}): grant it the privilege (docs/operations.md, "
                 "\"PostgreSQL roles\")")
     if state in (_PG_TIMEOUT, _PG_LOCK_NOT_AVAILABLE):
-        return (f"the store cancelled a statement ({first}): raise the role's statement_timeout or lock_timeout, "
+        return (f"{store} cancelled a statement ({first}): raise the role's statement_timeout or lock_timeout, "
                 "or run again once what holds the lock is done")
     return None
 

@@ -679,4 +679,6 @@ def test_a_statement_the_server_cancels_is_the_operators_to_fix_not_an_internal_
     assert server_refusal(cancelled.value) == (
         "the store cancelled a statement (canceling statement due to statement timeout): raise the role's "
         "statement_timeout or lock_timeout, or run again once what holds the lock is done")
+    assert server_refusal(cancelled.value, "postgresql+psycopg://job@db/recsys").startswith(
+        "the store at postgresql+psycopg://job@db/recsys cancelled a statement (canceling statement")
     assert server_refusal(ValueError("x")) is None
