@@ -54,3 +54,31 @@ def sigterm_unwinds() -> Iterator[None]:
         _terminated = False
         if in_main_thread:  # None: a handler not set from Python, i.e. the default
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGTERM and Ctrl-C wait for the end of the block, then arrive (and raise) as usual: for a
+    short step that costs far more cut short than finished, such as releasing the store's lock
+    (cut short, a retry on another host waited 15 minutes for it to go stale). Handlers can only
+    be set from the main thread, which is also the only one Python raises them in: elsewhere
+    this changes nothing. (Blocking the signals with ``pthread_sigmask`` would not do: the
+    kernel hands a process's signal to any thread that does not block it.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: arrived.append(signum))
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():  # None: set outside Python, i.e. the default
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if arrived:
+            signum = arrived[0]
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler in (None, signal.SIG_DFL):
+                signal.raise_signal(signum)  # the default action, now that it is back

@@ -33,6 +33,7 @@ from sqlalchemy.exc import IntegrityError
 
 from recsys.clock import utc_now
 from recsys.errors import RunLockedError
+from recsys.interrupts import signals_deferred
 from recsys.store import schema as s
 from recsys.store.database import STORE_FAILURES, write_transaction
 
@@ -240,10 +241,11 @@ class StoreLock:
         if not self._held:
             return False
         self._held = False
-        if self._heartbeat is not threading.current_thread():
-            self._heartbeat.join(timeout=5)
-        with write_transaction(self._engine) as conn:
-            return conn.execute(delete(s.locks).where(self._mine())).rowcount > 0
+        with signals_deferred():  # a SIGTERM here raises once the row is gone, not with it still held
+            if self._heartbeat is not threading.current_thread():
+                self._heartbeat.join(timeout=5)
+            with write_transaction(self._engine) as conn:
+                return conn.execute(delete(s.locks).where(self._mine())).rowcount > 0
 
     def __enter__(self) -> StoreLock:
         return self

@@ -319,3 +319,28 @@ def test_a_lock_an_old_release_wrote_on_this_host_says_how_to_free_it(store):
     with pytest.raises(RunLockedError) as refused:
         acquire_lock(store, "other")
     assert "release before the key" not in str(refused.value)
+
+
+def test_a_sigterm_during_the_release_arrives_after_the_lock_is_gone(store):
+    # Airflow's SIGTERM landing in the release's DELETE rolled it back: exit 2 with the lock
+    # still held, so a retry on another host waited 15 minutes for it to go stale.
+    import os
+    import signal
+
+    import sqlalchemy as sa
+
+    from recsys.interrupts import Terminated, sigterm_unwinds
+
+    def terminate_during_the_delete(conn, cursor, statement, parameters, context, executemany):
+        if statement.startswith("DELETE FROM locks"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler would raise here, inside the statement
+
+    sa.event.listen(store, "before_cursor_execute", terminate_during_the_delete)
+    try:
+        with sigterm_unwinds(), pytest.raises(Terminated):
+            with acquire_lock(store):
+                pass
+    finally:
+        sa.event.remove(store, "before_cursor_execute", terminate_during_the_delete)
+    assert read_lock(store) is None
