@@ -164,7 +164,8 @@ def _stream(conn, query, columns: list[str], rows: int | None = None):
         # set on PostgreSQL), as it does when SQLAlchemy executes the queries itself.
         conn.begin()
     driver_conn = conn.connection.dbapi_connection
-    if conn.dialect.name == "postgresql":
+    postgres = conn.dialect.name == "postgresql"
+    if postgres:
         # Bound parameters, which psycopg adapts itself (times, text, integers; IN lists expanded).
         compiled = query.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
         sql, params = str(compiled), compiled.params
@@ -178,6 +179,11 @@ def _stream(conn, query, columns: list[str], rows: int | None = None):
     # server-side cursor outlives its transaction on PostgreSQL.
     try:
         with driver_errors(conn, sql, params):
+            if postgres:
+                # PostgreSQL plans a cursor to fetch a tenth of its rows (cursor_tuple_fraction), and
+                # for that chose a scan of the whole clicks table for each shard's histories (0.7-0.9 s
+                # a shard at 5M clicks, 0.1 s with the index); every caller here reads to the end.
+                driver_conn.execute("SET LOCAL cursor_tuple_fraction = 1.0")
             cursor.execute(sql) if params is None else cursor.execute(sql, params)
             while chunk := cursor.fetchmany(rows or STREAM_ROWS):
                 yield pd.DataFrame.from_records(chunk, columns=columns)
