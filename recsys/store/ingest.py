@@ -41,7 +41,7 @@ from recsys.errors import ConfigError
 from recsys.interrupts import raise_if_terminated
 from recsys.store import schema
 from recsys.store.bulk import BulkWriter, bulk_writer
-from recsys.store.database import SQLITE_BEGIN
+from recsys.store.database import SQLITE_BEGIN, STORE_FAILURES
 
 _QUARANTINE_HEADER = ("file", "line", "field", "reason", "raw")
 # Unusable cover files named one by one on the log; the rest are counted.
@@ -270,6 +270,7 @@ def ingest(
         for stream in (news_stream, behaviors_stream):
             if stream is not None:
                 stream.close()
+    _refresh_statistics(engine, report)
     if report.news_changed:  # said once it is stored (a strict ingest rolls everything back on a bad row)
         log.warning("%d articles already stored got other content (title, abstract, categories or cover) from %s, "
                     "first %s: the last ingest of an article wins, so replaying an older news file undoes later "
@@ -278,6 +279,22 @@ def ingest(
     report.quarantine_file = str(path) if path is not None else None
     report.elapsed["total"] = clock.perf_counter() - started
     return report
+
+
+def _refresh_statistics(engine: Engine, report: IngestReport) -> None:
+    """Give PostgreSQL's planner the statistics of what the ingest wrote. Autovacuum's analyze
+    comes a while after a bulk load, if it is on at all, and a nightly ranks right after its
+    ingest: without them the histories read scanned every click (1.2 s instead of 0.1 s a shard
+    at 5M clicks) and the cold-start count took twice as long. A role that does not own the
+    tables gets a server WARNING and no statistics, not an error."""
+    if engine.dialect.name != "postgresql" or not (report.news or report.impressions):
+        return
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ANALYZE news, users, impressions, impression_items, clicks")
+    except STORE_FAILURES as exc:  # what the ingest stored is committed and stays
+        log.warning("could not update the store's statistics after the ingest (%s: %s); the next ingest or "
+                    "autovacuum does", type(exc).__name__, exc)
 
 
 @dataclass

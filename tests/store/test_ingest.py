@@ -999,3 +999,22 @@ def test_a_history_corrected_at_the_same_time_is_kept_out_and_counted(engine, sm
     before = dump_store(engine)
     assert run(engine, quarantine_dir, behaviors_path=twice, source="t", batch_size=batch_size).histories_not_replaced == 1
     assert dump_store(engine) == before
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_an_ingest_leaves_postgres_statistics_of_what_it_wrote(engine, small_world, quarantine_dir):
+    # The nightly ranks right after its ingest; autovacuum analyzes a while later, if at all, and
+    # without statistics the planner scanned every click for each shard's histories.
+    tables = ("news", "users", "impressions", "impression_items", "clicks")
+
+    def analyzed() -> dict[str, int]:
+        with engine.connect() as conn:  # a new transaction: the statistics views are read as of now
+            counted = conn.execute(sa.text("SELECT relname, analyze_count FROM pg_stat_user_tables "
+                                           "WHERE schemaname = current_schema()")).all()
+        return {name: count for name, count in counted if name in tables}
+
+    before = analyzed()
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"])
+    after = analyzed()
+    assert {name: after[name] - before.get(name, 0) for name in tables} == dict.fromkeys(tables, 1)
