@@ -140,11 +140,14 @@ def main_options(
 def _print_json(obj) -> None:
     """A command's result on stdout: UTF-8 text where stdout takes it, else \\u escapes (still
     JSON), so that a title's emoji cannot fail a run in a latin-1 locale after its work is done.
+    Indented on a terminal; one line elsewhere, because a scheduler keeps the last line (Airflow's
+    BashOperator pushes it to XCom: indented, that was "}").
 
     Raises:
         DiskError: stdout is a file on a full disk (the command's own work is done by then).
     """
-    text = json.dumps(obj, indent=2, default=str, ensure_ascii=not _takes_any_text(sys.stdout))
+    text = json.dumps(obj, indent=2 if _is_terminal(sys.stdout) else None, default=str,
+                      ensure_ascii=not _takes_any_text(sys.stdout))
     try:
         typer.echo(text)
     except OSError as exc:
@@ -152,6 +155,13 @@ def _print_json(obj) -> None:
         if error is None:
             raise
         raise DiskError(f"{error} (the command itself completed)") from exc
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # closed, or a stand-in without isatty
+        return False
 
 
 def _takes_any_text(stream) -> bool:

@@ -86,3 +86,22 @@ def test_a_closed_standard_stream_gets_dev_null_so_no_file_takes_its_number():
     assert done.returncode == 0
     fd, stderr_path = done.stdout.split()
     assert int(fd) >= 3 and stderr_path == os.devnull
+
+
+def test_the_result_is_one_line_for_a_scheduler_and_indented_on_a_terminal(tmp_path: Path):
+    # Airflow's BashOperator pushes the last line of stdout to XCom: indented, that was "}".
+    import pty
+
+    piped = _recsys(tmp_path, *_ingest_args(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert piped.returncode == 0
+    lines = piped.stdout.decode().splitlines()
+    assert len(lines) == 1 and json.loads(lines[-1])["impressions"] == 1
+    main, terminal = pty.openpty()
+    try:
+        shown = _recsys(tmp_path, "stats", "--json", stdout=terminal, stderr=subprocess.DEVNULL)
+        text = os.read(main, 65536).decode()
+    finally:
+        os.close(main)
+        os.close(terminal)
+    assert shown.returncode == 0
+    assert text.startswith("{\r\n  \"") and json.loads(text)["impressions"] == 1
