@@ -413,7 +413,8 @@ def test_nightly_creates_the_store_of_a_new_workspace(capsys, tmp_path: Path, wo
     ws = tmp_path / "ws"
     code, _, err = run(capsys, "--workspace", str(ws), "nightly", "--news", str(world / "news.tsv"),
                        "--behaviors", str(world / "behaviors_train.tsv"))
-    assert code == 1 and "no current model version: run `recsys train` first" in err, err
+    # Named: from a scheduler's temporary folder a relative --db opens (here creates) another store.
+    assert code == 1 and f"no current model version in the store at sqlite:///{ws / 'recsys.db'}: run `recsys train` first" in err, err
     code, out, _ = run(capsys, "--workspace", str(ws), "stats", "--json")
     assert code == 0 and json.loads(out)["impressions"] == len((world / "behaviors_train.tsv").read_text().splitlines())
 

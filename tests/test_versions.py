@@ -321,7 +321,12 @@ def test_no_current_version_points_at_model_use_when_versions_exist(engine, tmp_
 
     from recsys.errors import NotFoundError
 
-    with pytest.raises(NotFoundError, match=r"^no current model version: run `recsys train` first$"):
+    import re
+
+    from recsys.store.database import mask_url
+
+    store = re.escape(mask_url(engine.url))
+    with pytest.raises(NotFoundError, match=rf"^no current model version in the store at {store}: run `recsys train` first$"):
         versions.get_version(engine)
     _publish(engine, tmp_path / "models", "v1", make_current=False)  # a first `train --keep-current`
     with pytest.raises(NotFoundError, match=r"none is current .*`recsys model use VERSION` serves one"):
