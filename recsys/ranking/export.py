@@ -38,7 +38,8 @@ def export_run(engine: Engine, out_dir: Path, *, run_id: int | None = None, chun
         chunk_rows: rows fetched and written per row group.
 
     Returns:
-        The path of the Parquet file.
+        The absolute path of the Parquet file (a scheduler runs the job in a temporary folder
+        it deletes after, so a path relative to it would name nothing).
 
     Raises:
         NotFoundError: no such run, or no complete run when ``run_id`` is None, or the run was
@@ -57,7 +58,7 @@ def export_run(engine: Engine, out_dir: Path, *, run_id: int | None = None, chun
                                 "run: only complete nightly runs have recommendations to export")
         if run.status != COMPLETE:
             raise NotFoundError(f"run {run_id} is {run.status}: only complete runs can be exported")
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()
     path = out_dir / f"recommendations-run-{run_id}.parquet"
     tmp = out_dir / f".{path.name}.{os.getpid()}.tmp"
     written = 0

@@ -153,3 +153,12 @@ def test_a_complete_run_without_rows_exports_an_empty_file(store, tmp_path):
     runs.complete_run(store, run_id, counts={}, timings={}, num_shards=0)
     table = pq.read_table(export_run(store, tmp_path, run_id=run_id))
     assert table.num_rows == 0 and table.schema.equals(EXPORT_SCHEMA)
+
+
+def test_a_relative_folder_gives_the_absolute_path_of_the_file(store, add_news, tmp_path, monkeypatch):
+    # Airflow runs the job in a temporary folder it deletes: the summary's relative path named nothing.
+    add_news(store, ["N1"])
+    run_id = _run(store, ["U1"], ["N1"])
+    monkeypatch.chdir(tmp_path)
+    path = export_run(store, "exports")
+    assert path == tmp_path / "exports" / f"recommendations-run-{run_id}.parquet" and path.is_file()
