@@ -426,7 +426,10 @@ def nightly(
     failed = summary.get("ingest", {}).get("error")
     if failed is not None:
         # The lists were made from the data already stored; the scheduler must still hear of it.
-        typer.echo(f"error: ingest failed, the run ranked the data already stored: {failed}", err=True)
+        run = summary.get("run", {})
+        done = (f"the complete run {run.get('run_id')} of the data already stored stays served"
+                if run.get("already_complete") else "the run ranked the data already stored")
+        typer.echo(f"error: ingest failed, {done}: {failed}", err=True)
         raise typer.Exit(INGEST_FAILED)
     if export_failed is not None:
         raise typer.Exit(1)

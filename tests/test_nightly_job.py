@@ -294,6 +294,13 @@ def test_a_failed_ingest_ranks_the_stored_data_and_exits_3(tmp_path, trained, ca
     assert err.strip().splitlines()[-1].startswith("error: ingest failed, the run ranked the data already stored:")
     assert str(missing) in err
     assert store_stats(engine) == before
+    # Retried as it is: the same inputs, so the run just made is returned, and not said to be ranked.
+    code = main([*cli, "--news", str(world / "news.tsv"), "--behaviors", str(behaviors), "--images", str(missing)])
+    out, err = capsys.readouterr()
+    retry = json.loads(out)["run"]
+    assert code == 3 and retry["already_complete"] and retry["run_id"] == summary["run"]["run_id"]
+    assert err.strip().splitlines()[-1].startswith(
+        f"error: ingest failed, the complete run {retry['run_id']} of the data already stored stays served: ")
 
     # Without --images the same night loads, under the source it is given.
     code = main([*cli, "--behaviors", str(behaviors), "--source", "nightly-2019-11-20"])

@@ -325,8 +325,8 @@ def acquire_lock(
             )
         if _take_over(engine, current, row):
             log.warning(
-                "took over stale lock '%s' from %s (held since %s UTC, run %s): %s",
-                name, current.holder, current.acquired_at, current.run_id, reason,
+                "took over stale lock '%s' from %s (held since %s UTC%s): %s", name, current.holder,
+                current.acquired_at, "" if current.run_id is None else f", run {current.run_id}", reason,
             )
             return StoreLock(engine, LockState(name, holder, run_id, now), heartbeat_every=heartbeat_every)
     raise RunLockedError(f"lock '{name}' changed hands {_MAX_ATTEMPTS} times while being taken; try again")

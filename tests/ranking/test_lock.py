@@ -69,7 +69,7 @@ def test_dead_pid_on_this_host_is_taken_over(store, caplog):
     with caplog.at_level(logging.WARNING, logger="recsys.ranking.lock"):
         lock = acquire_lock(store)
     assert read_lock(store).holder == current_holder()
-    assert f"took over stale lock 'nightly' from {HOST}:{pid}" in caplog.text
+    assert f"took over stale lock 'nightly' from {HOST}:{pid}" in caplog.text and ", run 3)" in caplog.text
     assert f"process {pid} no longer exists" in caplog.text
     lock.release()
 
@@ -81,6 +81,7 @@ def test_reused_pid_on_this_host_is_taken_over(store, caplog):
         _plant_lock(store, f"{HOST}:{proc.pid}", utc_now() - timedelta(hours=1))
         with caplog.at_level(logging.WARNING, logger="recsys.ranking.lock"), acquire_lock(store):
             assert "started after the lock was taken" in caplog.text
+            assert "run None" not in caplog.text  # a lock taken by an ingest, before any run: no run to name
     finally:
         proc.kill()
         proc.wait()
