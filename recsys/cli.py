@@ -206,10 +206,11 @@ def ingest(
     c = _ctx(ctx)
     if news is None and behaviors is None:
         raise RecsysError("ingest needs --news and/or --behaviors")
-    c.check_config()
+    config = c.config()
     # Before engine(create=True): a mistyped path left a new, empty store that `stats` then read.
     check_ingest_inputs(news=news, behaviors=behaviors, images=images, source=source)
-    report = run_ingest(c.engine(create=True), c.workspace, news=news, behaviors=behaviors, images=images, source=source, strict=strict)
+    report = run_ingest(c.engine(create=True), c.workspace, news=news, behaviors=behaviors, images=images, source=source,
+                        strict=strict, max_bad_share=config.ingest.max_bad_share)
     _print_json(report)
 
 

@@ -57,6 +57,14 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class IngestConfig:
+    # The share of a given file's lines that may be bad before the ingest fails (after storing
+    # its good lines): a behaviors file delivered before its news file quarantined 98% of its
+    # lines and the night exited 0. 1.0: only a file of which every line is bad fails.
+    max_bad_share: float = 0.1
+
+
+@dataclass(frozen=True)
 class IndexConfig:
     kind: str = "auto"
     exact_max_items: int = 100_000
@@ -98,6 +106,7 @@ class RuntimeConfig:
 class Config:
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     nightly: NightlyConfig = field(default_factory=NightlyConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -139,6 +148,9 @@ class Config:
         for key, value in (("nightly.active_days", self.nightly.active_days), ("nightly.freshness_days", self.nightly.freshness_days)):
             if not 0 < value <= MAX_DAYS:  # also rejects NaN and inf, which timedelta cannot hold
                 raise ConfigError(f"config key '{key}' is {value}, expected a number of days above 0 and at most {MAX_DAYS}")
+        if not 0 <= self.ingest.max_bad_share <= 1:  # also rejects NaN
+            raise ConfigError(f"config key 'ingest.max_bad_share' is {self.ingest.max_bad_share}, expected a share from "
+                              "0.0 (any bad line fails the ingest) to 1.0 (only a file of which every line is bad)")
         if not 0 <= self.runtime.threads <= MAX_THREADS:
             raise ConfigError(f"config key 'runtime.threads' is {self.runtime.threads}, expected 0 (every core) to "
                               f"{MAX_THREADS}")

@@ -276,5 +276,27 @@ def test_a_ray_address_in_the_file_goes_with_either_engine(tmp_path: Path):
     assert load_config(config, {"nightly.engine": "ray"}).nightly.ray_address == "auto"
 
 
+@pytest.mark.parametrize(("value", "message"), [
+    (1.5, r"is 1.5, expected a share from 0.0 \(any bad line fails the ingest\) to 1.0 \(only a file of which every line is bad\)"),
+    (-0.1, r"is -0.1, expected a share from 0.0"),
+    (float("nan"), r"is nan, expected a share from 0.0"),
+    (10, r"is 10.0, expected a share from 0.0"),  # a percentage
+    ("10%", r"is '10%', expected float"),
+])
+def test_ingest_max_bad_share_is_a_share_from_0_to_1(tmp_path: Path, value, message):
+    # A behaviors file 98% bad (its news file came late) was stored and served with exit 0.
+    assert Config().ingest.max_bad_share == 0.1
+    with pytest.raises(ConfigError, match=rf"^config key 'ingest.max_bad_share' {message}"):
+        config_from_dict({"ingest": {"max_bad_share": value}})
+    path = tmp_path / "recsys.toml"
+    path.write_text("[ingest]\nmax_bad_share = 0\n")
+    assert load_config(path).ingest.max_bad_share == 0.0  # an int is a float key's value too
+    path.write_text("[ingest]\nmax_bad_share = 1.0\n")
+    assert load_config(path).ingest.max_bad_share == 1.0
+    path.write_text("[ingest]\nmax_bad_rows = 0.5\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'ingest.max_bad_rows' \(known in \[ingest\]: max_bad_share\)"):
+        load_config(path)
+
+
 def test_runtime_threads_at_its_bound_is_accepted():
     assert Config(runtime=RuntimeConfig(threads=MAX_THREADS)).runtime.threads == MAX_THREADS == 4096

@@ -1,15 +1,20 @@
 """`recsys ingest` refuses a file of which no line could be loaded (the wrong file), keeping what
-the other file loaded and quarantining the bad lines as usual."""
+the other file loaded and quarantining the bad lines as usual; and one with more bad lines than
+``ingest.max_bad_share`` allows, after storing its good ones."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from sqlalchemy import func, select
 
+from recsys.cli import main
 from recsys.config import Workspace
 from recsys.errors import RecsysError
 from recsys.pipelines.ingest import NoGoodRowError, run_ingest
 from recsys.store import schema as s
+from tests.store.mind_files import behavior_line, news_line, write_lines
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +73,8 @@ def test_a_file_with_some_good_lines_is_loaded_and_its_bad_lines_quarantined(eng
     lines = (world / "behaviors_train.tsv").read_text().splitlines()
     mixed = tmp_path / "behaviors.tsv"
     mixed.write_text("\n".join([*lines[:5], "not\ta behaviors line"]) + "\n")
-    summary = run_ingest(engine, ws, news=world / "news.tsv", behaviors=mixed, images=None)
+    # One bad line in six is more than the default ingest.max_bad_share: only the all-bad rule here.
+    summary = run_ingest(engine, ws, news=world / "news.tsv", behaviors=mixed, images=None, max_bad_share=1.0)
     assert (summary["impressions"], summary["num_bad_rows"]) == (5, 1)
     assert summary["bad_rows_by_file"] == {str(mixed.resolve()): 1}
     assert summary["first_bad_row"][str(mixed.resolve())].startswith(f"{mixed} line 6: ")
@@ -86,7 +92,7 @@ def test_a_file_already_stored_under_another_source_is_not_refused_as_bad(engine
         path.parent.mkdir()
         path.write_text("\n".join([*lines[:5], *extra]) + "\n")
     run_ingest(engine, ws, news=world / "news.tsv", behaviors=first, images=None)
-    summary = run_ingest(engine, ws, news=None, behaviors=again, images=None)
+    summary = run_ingest(engine, ws, news=None, behaviors=again, images=None, max_bad_share=1.0)  # 1 bad of 6
     assert (summary["impressions"], summary["impressions_stored_elsewhere"], summary["num_bad_rows"]) == (0, 5, 1)
     assert _count(engine, s.impressions) == 5
     assert "5 impressions of this file were not stored under source 'night2/behaviors'" in caplog.text
@@ -143,3 +149,71 @@ def test_another_file_under_the_same_default_source_is_counted_and_named_on_the_
     assert (f"4 impressions stored under source 'train/behaviors' had another user or time and were replaced by this "
             f"file's (first: line 1 (impression id {first_id}))") in caplog.text
     assert _count(engine, s.impressions) == 10
+
+
+def _late_night(world, tmp_path, *, bad: int):
+    """A behaviors file of ten lines whose last ``bad`` show articles of a news file delivered
+    late (N99990, ...; not in the world): those lines are quarantined. Returns it and that news file."""
+    (tmp_path / "night").mkdir()
+    lines = (world / "behaviors_train.tsv").read_text().splitlines()[: 10 - bad]
+    late = [behavior_line(900 + i, "U_late", "11/15/2019 8:00:00 AM", [], [f"N9999{i}-1"]) for i in range(bad)]
+    return (write_lines(tmp_path / "night" / "behaviors.tsv", [*lines, *late]),
+            write_lines(tmp_path / "night" / "news.tsv", [news_line(f"N9999{i}") for i in range(bad)]))
+
+
+def _ingest_runs_in_order(engine) -> list[tuple]:
+    r = s.runs.c
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(select(r.status, r.counts).where(r.kind == "ingest").order_by(r.run_id))]
+
+
+def test_a_file_with_more_bad_lines_than_max_bad_share_fails_after_its_good_lines_are_stored(engine, db_url, world,
+                                                                                           tmp_path, capsys):
+    # A behaviors file delivered before its news file: 249 of its 255 lines were quarantined, the
+    # ingest exited 0 and the night served lists from the other 6, with only a warning.
+    behaviors, late_news = _late_night(world, tmp_path, bad=3)
+    cli = ["--workspace", str(tmp_path / "ws"), "--db", db_url, "ingest"]
+    capsys.readouterr()
+    code = main([*cli, "--news", str(world / "news.tsv"), "--behaviors", str(behaviors)])
+    out, err = capsys.readouterr()
+    assert (code, out) == (1, ""), err
+    (quarantine,) = (tmp_path / "ws" / "quarantine").iterdir()
+    assert err.strip().splitlines()[-1] == (
+        f"error: --behaviors {behaviors}: 3 of its 10 lines were bad (30.0%, more than ingest.max_bad_share = 10%); "
+        f"its 7 good lines are stored (first bad: {behaviors} line 8: field 'impressions' has 'N99990', expected a news "
+        f"id present in the store or in the news file); the lines are in {quarantine}: fix the file (or its news file) "
+        "and ingest it again, or raise ingest.max_bad_share")
+    # The batches are committed: the good lines and the news file stay, the run says what it did.
+    assert (_count(engine, s.news), _count(engine, s.impressions), _count(engine, s.quarantine)) == (100, 7, 3)
+    ((status, counts),) = _ingest_runs_in_order(engine)
+    assert status == "failed" and (counts["impressions"], counts["num_bad_rows"]) == (7, 3)
+
+    # The late news file arrives: the same behaviors file ingests clean, its quarantine rows gone.
+    code = main([*cli, "--news", str(late_news), "--behaviors", str(behaviors)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert (json.loads(out)["impressions"], json.loads(out)["num_bad_rows"]) == (10, 0)
+    assert (_count(engine, s.impressions), _count(engine, s.quarantine)) == (10, 0)
+    assert [status for status, _ in _ingest_runs_in_order(engine)] == ["failed", "complete"]
+
+
+@pytest.mark.parametrize(("bad", "config", "code"), [
+    (1, "", 0),  # 10%: at the default limit, not above it
+    (3, "[ingest]\nmax_bad_share = 1.0\n", 0),  # only a file without a good line fails, as before the key
+    (1, "[ingest]\nmax_bad_share = 0\n", 1),  # any bad line fails the ingest, its good lines stored
+], ids=["at-the-default", "one", "zero"])
+def test_the_bad_share_a_file_may_have_is_the_configs(engine, db_url, world, tmp_path, capsys, bad, config, code):
+    behaviors, _ = _late_night(world, tmp_path, bad=bad)
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "recsys.toml").write_text(config)
+    capsys.readouterr()
+    got = main(["--workspace", str(tmp_path / "ws"), "--db", db_url, "ingest", "--news", str(world / "news.tsv"),
+                "--behaviors", str(behaviors)])
+    out, err = capsys.readouterr()
+    assert got == code, err
+    if code == 0:
+        assert (json.loads(out)["impressions"], json.loads(out)["num_bad_rows"]) == (10 - bad, bad)
+    else:
+        assert f"{bad} of its 10 lines was bad (10.0%, more than ingest.max_bad_share = 0%)" in err
+    assert (_count(engine, s.impressions), _count(engine, s.quarantine)) == (10 - bad, bad)
+    assert [status for status, _ in _ingest_runs_in_order(engine)] == ["complete" if code == 0 else "failed"]

@@ -332,12 +332,14 @@ def test_a_night_whose_ingest_loses_the_store_stops_with_exit_1_before_ranking(t
     assert [kind for _, kind, _ in _runs(engine)].count("nightly") == 0
 
 
-def test_a_night_whose_files_have_no_good_line_exits_3_and_ranks_the_stored_data(tmp_path, trained, capsys):
+def test_a_night_whose_files_have_no_good_line_or_too_many_bad_ones_exits_3_and_ranks_the_stored_data(tmp_path, trained,
+                                                                                                     capsys):
     # Swapped files were quarantined line by line and the job exited 0: no alert fired.
     world, ws, engine, _ = trained
     before = store_stats(engine)
-    code = main(["--workspace", str(ws.root), "nightly", "--k", "3", "--workers", "1",
-                 "--news", str(world / "behaviors_train.tsv"), "--behaviors", str(world / "news.tsv"), "--source", "swapped"])
+    cli = ["--workspace", str(ws.root), "nightly", "--k", "3", "--workers", "1"]
+    code = main([*cli, "--news", str(world / "behaviors_train.tsv"), "--behaviors", str(world / "news.tsv"),
+                 "--source", "swapped"])
     out, err = capsys.readouterr()
     assert code == 3
     summary = json.loads(out)
@@ -346,6 +348,26 @@ def test_a_night_whose_files_have_no_good_line_exits_3_and_ranks_the_stored_data
     assert err.strip().splitlines()[-1].startswith("error: ingest failed, the run ranked the data already stored: --news")
     after = store_stats(engine)
     assert (after["news"], after["impressions"]) == (before["news"], before["impressions"])
+
+    # Half its lines show an article whose news file came late (a hunt: 249 of 255): the good line
+    # is stored and ranked, but the job exits 3 (it served the lists with exit 0).
+    article = (world / "news.tsv").read_text(encoding="utf-8").split("\t", 1)[0]
+    night = repo.time_range(engine)[1]
+    (tmp_path / "night").mkdir()
+    behaviors = write_lines(tmp_path / "night" / "behaviors.tsv", [
+        behavior_line(1, "U_late", night, [], [f"{article}-1"]), behavior_line(2, "U_late", night, [], ["N99999-1"])])
+    code = main([*cli, "--behaviors", str(behaviors), "--source", "late"])
+    out, err = capsys.readouterr()
+    assert code == 3, err
+    summary = json.loads(out)
+    assert summary["ingest"]["error"].startswith(
+        f"--behaviors {behaviors}: 1 of its 2 lines was bad (50.0%, more than ingest.max_bad_share = 10%); its 1 good "
+        f"line is stored (first bad: {behaviors} line 2: ")
+    assert summary["run"]["status"] == "complete" and summary["run"]["counts"]["users"] == before["users"] + 1
+    assert err.strip().splitlines()[-1].startswith("error: ingest failed, the run ranked the data already stored: "
+                                                   "--behaviors")
+    assert store_stats(engine)["impressions"] == before["impressions"] + 1
+    assert [status for _, kind, status in _runs(engine) if kind == "ingest"][-1] == "failed"
 
 
 def test_a_night_whose_quarantine_file_cannot_be_written_exits_3_and_ranks_the_stored_data(tmp_path, trained, capsys,
@@ -463,7 +485,8 @@ def test_a_night_stopped_after_its_run_was_complete_does_not_say_it_stopped_afte
     monkeypatch.setattr(job, "_index_and_rank", ranked_then_interrupted)
     monkeypatch.setattr("recsys.pipelines.ingest.run_ingest", lambda *args, **kwargs: {"impressions": 1})
     with pytest.raises(KeyboardInterrupt):
-        job._nightly_job(None, None, None, None, news=None, behaviors=Path("b.tsv"), images=None, source=None,
+        # The config: the ingest reads its ingest.max_bad_share.
+        job._nightly_job(None, None, load_config(None), None, news=None, behaviors=Path("b.tsv"), images=None, source=None,
                          export=None, rerank=False)
     assert "the night stopped after its run 7 was complete and served; its ingest is stored too: " in caplog.text
     assert "the night stopped after its ingest" not in caplog.text

@@ -29,7 +29,10 @@ def _recsys(tmp_path: Path, *args: str, env: dict | None = None, **kwargs) -> su
 def _ingest_args(tmp_path: Path) -> list[str]:
     news = write_lines(tmp_path / "news.tsv", [*(news_line(n, title=t) for n, t in TITLES.items()), BAD])
     behaviors = write_lines(tmp_path / "behaviors.tsv", [behavior_line(1, "U1", "11/11/2019 9:05:58 AM", [], ["N1-1", "N2-0"])])
-    return ["ingest", "--news", str(news), "--behaviors", str(behaviors)]
+    # One bad line of three is more than the default ingest.max_bad_share; the summary quotes it.
+    config = tmp_path / "recsys.toml"
+    config.write_text("[ingest]\nmax_bad_share = 1.0\n")
+    return ["--config", str(config), "ingest", "--news", str(news), "--behaviors", str(behaviors)]
 
 
 def _stored_impressions(tmp_path: Path) -> int:

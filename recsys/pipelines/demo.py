@@ -133,7 +133,8 @@ def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> d
     # The articles published by the end of training, where the world has them apart: the nightly
     # then ranks what exists on its night, and the evaluation encodes the later ones from news.tsv.
     news = world / "news_train.tsv" if (world / "news_train.tsv").is_file() else world / "news.tsv"
-    run_ingest(engine, ws, news=news, behaviors=world / "behaviors_train.tsv", images=images)
+    run_ingest(engine, ws, news=news, behaviors=world / "behaviors_train.tsv", images=images,
+               max_bad_share=config.ingest.max_bad_share)
     console.print_json(json.dumps(store_stats(engine)))
 
     step("2/7 train the CTR model (text + image), then its text-only and image-only ablations")

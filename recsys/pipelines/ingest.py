@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from recsys.config import Workspace
+from recsys.config import IngestConfig, Workspace
 from recsys.errors import RecsysError, disk_errors
 from recsys.pipelines.inputs import (
     check_file,
@@ -29,23 +29,54 @@ class NoGoodRowError(RecsysError):
     behaviors.tsv swapped, another format), which a lenient ingest would otherwise pass."""
 
 
-def _refuse_files_without_a_good_row(summary: dict, *, news: Path | None, behaviors: Path | None) -> None:
-    # A file whose every line is bad loaded nothing; its bad lines are quarantined as usual,
-    # and what the other file loaded stays (each batch is its own transaction).
+class TooManyBadRowsError(RecsysError):
+    """More than ``ingest.max_bad_share`` of a given file's lines were quarantined (a behaviors
+    file delivered before its news file, say): its good lines are stored, but the ingest fails
+    so that a scheduler hears of it."""
+
+
+def _share(value: float, above: float) -> str:
+    # One decimal, more where that would print the share equal to the limit it is above.
+    for digits in range(1, 7):
+        text = f"{value * 100:.{digits}f}"
+        if float(text) > above * 100:
+            break
+    return f"{text}%"
+
+
+def _refuse_bad_files(summary: dict, *, news: Path | None, behaviors: Path | None, max_bad_share: float) -> None:
+    # A file whose every line is bad loaded nothing; one with more bad lines than the config
+    # allows loaded its good ones. The bad lines are quarantined as usual either way, and what
+    # was loaded stays (each batch is its own transaction).
     from recsys.store.ingest import quarantine_key
 
-    problems = []
+    empty, too_bad, hints = [], [], []
     # A line not stored because the store already holds its impression is a good line.
     behaviors_loaded = summary["impressions"] + summary["impressions_stored_elsewhere"] + summary["impressions_repeated"]
     for option, path, loaded in (("--news", news, summary["news"]), ("--behaviors", behaviors, behaviors_loaded)):
         key = quarantine_key(path) if path is not None else None
         bad = summary["bad_rows_by_file"].get(key, 0)
+        share = bad / (bad + loaded) if bad else 0.0
         if bad and not loaded:
-            problems.append(f"{option} {path}: every one of its {bad} lines was bad, nothing of it was stored "
-                            f"(first: {summary['first_bad_row'][key]})")
-    if problems:
-        raise NoGoodRowError("; ".join(problems) + f"; the lines are in {summary['quarantine_file']}: is it the right "
-                             "file (news.tsv and behaviors.tsv swapped?)")
+            empty.append(f"{option} {path}: every one of its {bad} lines was bad, nothing of it was stored "
+                         f"(first: {summary['first_bad_row'][key]})")
+        elif share > max_bad_share:
+            too_bad.append(f"{option} {path}: {bad} of its {bad + loaded} lines {'was' if bad == 1 else 'were'} bad "
+                           f"({_share(share, max_bad_share)}, more than ingest.max_bad_share = {max_bad_share * 100:g}%); "
+                           f"its {loaded} good {'line is' if loaded == 1 else 'lines are'} stored "
+                           f"(first bad: {summary['first_bad_row'][key]})")
+            # Candidates missing from the store are bad lines too: the night's news file came late.
+            hints.append("fix the file (or its news file)" if option == "--behaviors" else "fix the file")
+    if not empty and not too_bad:
+        return
+    tail = []
+    if empty:
+        tail.append("is it the right file (news.tsv and behaviors.tsv swapped?)")
+    if too_bad:
+        fix = f"{hints[0]} and ingest it again" if len(hints) == 1 else "fix the files and ingest them again"
+        tail.append(f"{fix}, or raise ingest.max_bad_share")
+    message = "; ".join([*empty, *too_bad]) + f"; the lines are in {summary['quarantine_file']}: " + "; ".join(tail)
+    raise (NoGoodRowError if empty else TooManyBadRowsError)(message)
 
 
 def check_ingest_inputs(*, news: Path | None, behaviors: Path | None, images: Path | None,
@@ -85,15 +116,22 @@ def run_ingest(
     source: str | None = None,
     strict: bool = False,
     lock: StoreLock | None = None,
+    max_bad_share: float = IngestConfig.max_bad_share,
 ) -> dict:
     """Ingest and return the report as a plain dict (counts, bad rows, quarantine file).
 
     The ingest holds the store's ``nightly`` lock: ``lock`` when the caller (the nightly
     job) already holds it, else it is taken here.
 
+    Args:
+        max_bad_share: ``ingest.max_bad_share``, the share of a file's lines that may be bad.
+
     Raises:
         RecsysError: bad inputs (``check_ingest_inputs``); nothing is written.
         RunLockedError: another ingest or nightly job holds the lock; nothing is written.
+        NoGoodRowError: a given file had no good line; the other file's lines stay stored.
+        TooManyBadRowsError: a given file had more than ``max_bad_share`` bad lines; its good
+            lines (and the other file's) stay stored. Both leave the run row ``failed``.
     """
     from recsys.store.ingest import ingest
 
@@ -112,7 +150,7 @@ def run_ingest(
         )
         summary = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(report)
         record["counts"] = {k: v for k, v in summary.items() if isinstance(v, int)}
-        _refuse_files_without_a_good_row(summary, news=news, behaviors=behaviors)
+        _refuse_bad_files(summary, news=news, behaviors=behaviors, max_bad_share=max_bad_share)
     unknown = summary.get("unknown_history_ids", 0)
     if unknown:
         log.warning("%d History entries named articles neither the store nor the news file has: left out of the stored "

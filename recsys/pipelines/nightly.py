@@ -372,7 +372,8 @@ def _nightly_job(
         t0 = time.perf_counter()
         try:
             summary["ingest"] = run_ingest(
-                engine, workspace, news=news, behaviors=behaviors, images=images, source=source, lock=lock
+                engine, workspace, news=news, behaviors=behaviors, images=images, source=source, lock=lock,
+                max_bad_share=config.ingest.max_bad_share,
             )
         except StoreUnavailableError:
             # Not the files' fault (exit 3 says "fix the input files"), and a store that just dropped
