@@ -36,11 +36,8 @@ WORDS = tuple(
 )
 
 
-def write_world(out: Path, *, num_news: int, num_users: int, num_impressions: int, mean_candidates: float,
-                seed: int, start: datetime = datetime(2019, 11, 9), days: float = 6.0) -> dict:
-    """Write ``news.tsv`` and ``behaviors.tsv`` (labelled, ``days`` from ``start``) into ``out``;
-    returns row counts."""
-    rng = np.random.default_rng(seed)
+def write_news(out: Path, rng: np.random.Generator, num_news: int) -> np.ndarray:
+    """Write ``out/news.tsv``: ``num_news`` articles N1.. with a category and an 8-word title; their ids."""
     news_ids = np.array([f"N{i}" for i in range(1, num_news + 1)], dtype=object)
     with open(out / "news.tsv", "w", encoding="utf-8", newline="\n") as f:
         cats = rng.integers(0, len(CATEGORIES), num_news)
@@ -50,6 +47,15 @@ def write_world(out: Path, *, num_news: int, num_users: int, num_impressions: in
             entities = '[{"Label": "X", "Type": "P", "WikidataId": "Q1", "Confidence": 1.0, "OccurrenceOffsets": [0], "SurfaceForms": ["X"]}]'
             f.write(f"{news_ids[i]}\t{CATEGORIES[cats[i]]}\tsub{cats[i]}\t{title}\t{title} abstract.\t"
                     f"https://example.com/{news_ids[i]}\t{entities}\t[]\n")
+    return news_ids
+
+
+def write_world(out: Path, *, num_news: int, num_users: int, num_impressions: int, mean_candidates: float,
+                seed: int, start: datetime = datetime(2019, 11, 9), days: float = 6.0) -> dict:
+    """Write ``news.tsv`` and ``behaviors.tsv`` (labelled, ``days`` from ``start``) into ``out``;
+    returns row counts."""
+    rng = np.random.default_rng(seed)
+    news_ids = write_news(out, rng, num_news)
     # Per-user History, fixed as in MIND (the clicks before the behaviours window).
     popularity = rng.lognormal(0.0, 1.0, num_news)
     popularity /= popularity.sum()

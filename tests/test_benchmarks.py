@@ -44,3 +44,31 @@ def test_benchmark_parses_and_its_recsys_imports_resolve(script: Path):
             except ImportError:
                 missing.append(f"{script.name}:{line}: {module} has no {name}")
     assert not missing, "\n".join(missing)
+
+
+def test_the_large_world_writer_writes_files_that_ingest_without_a_bad_line(tmp_path: Path):
+    # Its memory figures (docs/model.md, "At eight times that size") rest on a world of
+    # bench_ingest's kind: every line good, every article once per impression, a click in each.
+    import sys
+
+    from recsys.store.database import open_store
+    from recsys.store.ingest import ingest
+    from recsys.store.stats import store_stats
+
+    sys.path.insert(0, str(BENCHMARKS[0].parent))
+    from write_large_world import write_large_world
+
+    counts = write_large_world(tmp_path / "world", num_news=300, num_users=50, num_impressions=400, mean_candidates=20,
+                               seed=1)
+    lines = (tmp_path / "world" / "behaviors.tsv").read_text().splitlines()
+    items = [line.split("\t")[4].split() for line in lines]
+    assert len(lines) == counts["impressions"] == 400 and sum(map(len, items)) == counts["impression_items"]
+    assert all(len({i[:-2] for i in row}) == len(row) and any(i.endswith("-1") for i in row) for row in items)
+    engine = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    try:
+        report = ingest(engine, news_path=tmp_path / "world" / "news.tsv",
+                        behaviors_path=tmp_path / "world" / "behaviors.tsv", quarantine_dir=tmp_path / "q")
+        assert (report.num_bad_rows, report.news, report.impressions) == (0, 300, 400)
+        assert store_stats(engine)["impressions"] == 400
+    finally:
+        engine.dispose()

@@ -569,6 +569,7 @@ def _train_networks(
     ctr = CTRModel(model.item_tower, model.user_encoder, model.scorer)
     optimizer = keras.optimizers.Adam(learning_rate)
     side = side_spec.compute(train.candidate_items, train_times, log, first_seen)
+    del train_times  # 8 bytes a training pair (0.3 GB at 37M pairs), not needed by the epochs
     maker = _BatchMaker(
         train, side, vocabulary.lookup(features.categories), features.has_image.astype(np.float32),
         history_len=history_len, negatives=negatives, category_dropout=category_dropout,

@@ -272,6 +272,8 @@ def run_train(
         log.warning("no article in the store has a usable cover (the MIND download ships none): the image input reads "
                     "only its placeholder; `--modalities text` trains the same model without it")
     t0 = time.perf_counter()
+    # Minutes at MIND-large size with nothing else said (11 at 1.2M impressions on a busy machine).
+    log.info("reading the impressions of %s .. %s from the store", since_dt, until_dt)
     train, valid, every_click = read_windows(
         engine, features.news_ids, since_dt, valid_start, until_dt, source=source, history_len=mc.history_len
     )
