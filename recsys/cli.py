@@ -81,7 +81,7 @@ class AppContext:
 
     def engine(self, *, create: bool = False):
         """The store, migrated; ``create`` for the commands that write data in (see ``open_store``)."""
-        from recsys.store.database import mask_url, open_store, refuse_in_memory_sqlite
+        from recsys.store.database import open_store, refuse_in_memory_sqlite, shown_store
 
         self.check_config()  # before the workspace or the store is created
         refuse_in_memory_sqlite(self.db_url, self.db_source)  # each command is its own process
@@ -91,7 +91,7 @@ class AppContext:
             # A reading command creates the workspace only once the store opens: `--workspace /typo
             # stats` left an empty /typo folder behind.
             self.workspace.check()
-        _store_shown.set(mask_url(self.db_url))  # a refusal may come from open_store's own statements
+        _store_shown.set(shown_store(self.db_url))  # a refusal may come from open_store's own statements
         engine = open_store(self.db_url, create=create, source=self.db_source)
         if not create:
             try:
@@ -241,12 +241,14 @@ def db_upgrade(ctx: typer.Context, revision: Annotated[str, typer.Option(help="T
         current_revision,
         ensure_sqlite_folder,
         refuse_in_memory_sqlite,
+        shown_store,
         upgrade,
     )
 
     c = _ctx(ctx)
     c.check_config()
     refuse_in_memory_sqlite(c.db_url, c.db_source)  # as AppContext.engine does: migrating one would keep nothing
+    _store_shown.set(shown_store(c.db_url))
     c.workspace.ensure()
     ensure_sqlite_folder(c.db_url)  # as every other command does through open_store
     engine = create_engine_for(c.db_url)

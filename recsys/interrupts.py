@@ -60,25 +60,57 @@ def sigterm_unwinds() -> Iterator[None]:
 def signals_deferred() -> Iterator[None]:
     """SIGTERM and Ctrl-C wait for the end of the block, then arrive (and raise) as usual: for a
     short step that costs far more cut short than finished, such as releasing the store's lock
-    (cut short, a retry on another host waited 15 minutes for it to go stale). Handlers can only
-    be set from the main thread, which is also the only one Python raises them in: elsewhere
-    this changes nothing. (Blocking the signals with ``pthread_sigmask`` would not do: the
-    kernel hands a process's signal to any thread that does not block it.)"""
+    (cut short, a retry on another host waited 15 minutes for it to go stale). A second signal
+    inside the block arrives at once (the step is stuck, or the operator means it); of several,
+    SIGTERM is the one delivered, so the command still says it was terminated.
+
+    Handlers can only be set from the main thread, which is also the only one Python raises them
+    in: elsewhere this changes nothing. (Blocking the signals with ``pthread_sigmask`` would not
+    do: the kernel hands a process's signal to any thread that does not block it.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     arrived: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: arrived.append(signum))
-                for signum in (signal.SIGTERM, signal.SIGINT)}
+    previous: dict[int, object] = {}
+    restored = False
+
+    def restore() -> None:
+        nonlocal restored
+        if not restored:
+            restored = True
+            try:
+                signal.signal(signal.SIGTERM, _handler_or_default(previous[signal.SIGTERM]))
+            finally:
+                signal.signal(signal.SIGINT, _handler_or_default(previous[signal.SIGINT]))
+
+    def deliver() -> None:
+        signum = signal.SIGTERM if signal.SIGTERM in arrived else arrived[0]
+        _deliver(signum, previous[signum])
+
+    def defer(signum, frame) -> None:
+        arrived.append(signum)
+        if len(arrived) > 1 and not restored:
+            restore()
+            deliver()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous[signum] = signal.signal(signum, defer)
     try:
         yield
     finally:
-        for signum, handler in previous.items():  # None: set outside Python, i.e. the default
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        if arrived:
-            signum = arrived[0]
-            handler = previous[signum]
-            if callable(handler):
-                handler(signum, None)
-            elif handler in (None, signal.SIG_DFL):
-                signal.raise_signal(signum)  # the default action, now that it is back
+        if not restored:  # else a second signal was delivered already
+            restore()  # first: one that arrives meanwhile is in ``arrived``, one after meets its handler
+            if arrived:
+                deliver()
+
+
+def _handler_or_default(handler):
+    return signal.SIG_DFL if handler is None else handler  # None: set outside Python, i.e. the default
+
+
+def _deliver(signum: int, handler) -> None:
+    """What ``signum`` would have done under ``handler`` (already put back)."""
+    if callable(handler):
+        handler(signum, None)
+    elif handler in (None, signal.SIG_DFL):
+        signal.raise_signal(signum)  # the default action, now that it is back

@@ -27,7 +27,7 @@ from recsys.atomic import atomic_open, remove_stale
 from recsys.clock import utc_now
 from recsys.errors import DamagedFileError, ModelMismatchError, NotFoundError
 from recsys.store import schema as s
-from recsys.store.database import PUBLISH_LOCK_KEY, mask_url, serialized_transaction, wait_for_transaction_lock
+from recsys.store.database import PUBLISH_LOCK_KEY, serialized_transaction, shown_store, wait_for_transaction_lock
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def get_version(engine: Engine, version: str | None = None) -> ModelVersion:
         with engine.connect() as conn:
             registered = conn.execute(select(mv.version).limit(1)).first() is not None
         # Named: a relative SQLite URL from a scheduler's temporary folder opens (or creates) another store.
-        raise NotFoundError(f"no current model version in the store at {mask_url(engine.url)}: " + (
+        raise NotFoundError(f"no current model version in the store at {shown_store(engine.url)}: " + (
             "versions exist but none is current (trained with --keep-current?): `recsys model use VERSION` serves one "
             "(see `recsys model list`)" if registered else "run `recsys train` first"))
     path = Path(row.path)

@@ -1127,10 +1127,12 @@ def test_a_statement_the_server_cancels_names_the_store_on_stderr_and_in_the_fai
 
     import sqlalchemy as sa
 
-    from recsys.store.database import mask_url, open_store
+    from recsys.store.database import open_store, shown_store
 
     schema = f"refusal_{uuid.uuid4().hex[:8]}"
-    url = f"{pg_database_url}?options=-csearch_path%3D{schema}%20-clock_timeout%3D300"
+    # As operators write it: named as recsys connects to it, postgresql+psycopg://, in both places.
+    url = f"{pg_database_url}?options=-csearch_path%3D{schema}%20-clock_timeout%3D300".replace(
+        "postgresql+psycopg://", "postgresql://")
     admin = sa.create_engine(pg_database_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
@@ -1143,7 +1145,9 @@ def test_a_statement_the_server_cancels_names_the_store_on_stderr_and_in_the_fai
                                "--news", str(world / "news.tsv"), "--behaviors", str(world / "behaviors_train.tsv"),
                                "--images", str(world / "images"))
         assert code == 1, err
-        line = f"the store at {mask_url(url)} cancelled a statement (canceling statement due to lock timeout)"
+        shown = shown_store(url)
+        assert shown.startswith("postgresql+psycopg://")
+        line = f"the store at {shown} cancelled a statement (canceling statement due to lock timeout)"
         assert err.strip().splitlines()[-1].startswith(f"error: {line}: raise the role's"), err
         with admin.connect() as conn:
             rows = conn.execute(sa.text(f'SELECT kind, status, message FROM "{schema}".runs')).all()

@@ -10,7 +10,7 @@ from sqlalchemy import Engine, and_, insert, select, update
 from recsys.errors import StoreUnavailableError
 from recsys.ranking.lock import current_holder, local_process_gone
 from recsys.store import schema as s
-from recsys.store.database import STORE_FAILURES, mask_url, server_refusal, write_transaction
+from recsys.store.database import STORE_FAILURES, failure_message, write_transaction
 from recsys.clock import utc_now
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def recorded_run(engine: Engine, kind: str, *, model_version: str | None = None,
             with engine.begin() as conn:
                 conn.execute(
                     update(s.runs).where(s.runs.c.run_id == run_id).values(
-                        status="failed", finished_at=utc_now(), message=_failure_message(exc, engine),
+                        status="failed", finished_at=utc_now(), message=failure_message(exc, engine),
                         counts=record["counts"], timings=record["timings"],
                     )
                 )
@@ -126,12 +126,3 @@ def _sweep_running(engine: Engine, kind: str, *, every: bool) -> tuple[list[int]
     alive = [(int(row.run_id), row.holder, row.started_at) for row in rows if row.run_id not in dead]
     return list(dead), alive
 
-
-def _failure_message(exc: BaseException, engine: Engine) -> str:
-    """The run's message: the error's type and text ("Terminated" alone for a SIGTERM, not "Terminated: "),
-    or for the server's refusals the CLI's one line (not the driver's SQL and parameters)."""
-    refusal = server_refusal(exc, mask_url(engine.url))
-    if refusal is not None:
-        return refusal[:2000]
-    text = str(exc)
-    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:2000]

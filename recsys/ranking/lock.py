@@ -238,10 +238,10 @@ class StoreLock:
     def release(self) -> bool:
         """Release the lock; False when it was no longer ours (taken over as stale)."""
         self._stop.set()
-        if not self._held:
-            return False
-        self._held = False
         with signals_deferred():  # a SIGTERM here raises once the row is gone, not with it still held
+            if not self._held:
+                return False
+            self._held = False
             if self._heartbeat is not threading.current_thread():
                 self._heartbeat.join(timeout=5)
             with write_transaction(self._engine) as conn:

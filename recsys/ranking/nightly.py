@@ -49,7 +49,7 @@ from recsys.ranking.queries import (
     first_seen_times,
     store_marker,
 )
-from recsys.store.database import STORE_FAILURES
+from recsys.store.database import STORE_FAILURES, failure_message
 from recsys.store.repository import read_interaction_log, time_range
 from recsys.threads import default_threads
 from recsys.versions import read_bundle_config
@@ -254,7 +254,7 @@ def run_nightly(
             raise
         except Exception as exc:
             try:
-                runs.fail_run(engine, run_id, f"{type(exc).__name__}: {exc}")
+                runs.fail_run(engine, run_id, failure_message(exc, engine))
             except Exception as unrecorded:  # noqa: BLE001 - the store itself fails (a full disk): keep the cause
                 log.error("could not mark run %s failed (%s: %s); the next run resumes or abandons it",
                           run_id, type(unrecorded).__name__, unrecorded)

@@ -110,7 +110,21 @@ def mask_url(url: str | URL) -> str:
         return _TEXT_PASSWORD.sub(":***@", str(url), count=1)
 
 
-def _normalise(url: str) -> URL:
+def shown_store(url: str | URL) -> str:
+    """The store as a message names it: the URL recsys connects to (``postgresql://`` read as
+    ``postgresql+psycopg://``) with its password masked, and a relative SQLite file also by
+    its absolute path (a scheduler runs the job in a temporary folder: ``sqlite:///x.db`` there
+    is another store than the operator's)."""
+    try:
+        parsed = _normalise(url)
+    except StoreError:
+        return mask_url(url)
+    shown = mask_url(parsed)
+    path = sqlite_file(parsed)
+    return shown if path is None or path.is_absolute() else f"{shown} ({path.absolute()})"
+
+
+def _normalise(url: str | URL) -> URL:
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
@@ -201,7 +215,7 @@ def _on_error(dialect: str, shown: str, context: ExceptionContext) -> None:
     if dialect == "postgresql" and context.connection is None and context.statement is None:
         # A connection that could not be opened (the server down or refusing connections): in
         # the middle of a command as at its start, not an internal error.
-        raise StoreUnavailableError(f"cannot reach the store at {shown}: {_first_line(orig)}") from orig
+        raise StoreUnavailableError(f"cannot reach the store at {shown}: {first_line(orig)}") from orig
     error = _store_error(dialect, shown, orig)
     if error is not None:
         raise error from orig
@@ -211,12 +225,13 @@ def lost_connection(shown: str, orig: BaseException | None) -> StoreUnavailableE
     """The error of a connection lost mid-command, one line naming the store (``shown``, the
     password masked) instead of the driver's text with the statement and its parameters."""
     return StoreUnavailableError(
-        f"lost the connection to the store at {shown} ({_first_line(orig) or type(orig).__name__}): what was "
+        f"lost the connection to the store at {shown} ({first_line(orig) or type(orig).__name__}): what was "
         "committed is kept; run the command again once the store answers (a nightly run resumes where it stopped)"
     )
 
 
-def _first_line(orig: BaseException | None) -> str:
+def first_line(orig: BaseException | None) -> str:
+    """The first line of an error's text (SQLAlchemy's adds the SQL, its parameters and a link)."""
     text = str(orig).strip() if orig is not None else ""
     return text.splitlines()[0] if text else ""
 
@@ -230,7 +245,7 @@ def _pg_store_error(shown: str, orig: BaseException | None) -> StoreError | None
     """PostgreSQL's two errors that the operator fixes: the server's disk full (53100) and a
     read-only server or transaction (25006). Else None."""
     state = getattr(orig, "sqlstate", None)
-    first = _first_line(orig)
+    first = first_line(orig)
     if state == _PG_DISK_FULL:
         return StoreError(f"the store at {shown} cannot be written: the server's disk is full ({first})")
     if state == _PG_READ_ONLY:
@@ -246,7 +261,7 @@ def server_refusal(exc: BaseException, shown: str | None = None) -> str | None:
     lock_not_available itself, and says what to do."""
     if not isinstance(exc, DBAPIError):
         return None
-    state, first = getattr(exc.orig, "sqlstate", None), _first_line(exc.orig)
+    state, first = getattr(exc.orig, "sqlstate", None), first_line(exc.orig)
     store = "the store" if shown is None else f"the store at {shown}"
     if state == _PG_NO_PRIVILEGE:
         return (f"{store} refused this role ({first}): grant it the privilege (docs/operations.md, "
@@ -255,6 +270,17 @@ def server_refusal(exc: BaseException, shown: str | None = None) -> str | None:
         return (f"{store} cancelled a statement ({first}): raise the role's statement_timeout or lock_timeout, "
                 "or run again once what holds the lock is done")
     return None
+
+
+def failure_message(exc: BaseException, engine: Engine) -> str:
+    """A failed run's ``runs.message``: the error's type and text ("Terminated" alone for a
+    SIGTERM, not "Terminated: "), or for the server's refusals the CLI's one line (not the
+    driver's SQL and parameters); at most 2000 characters."""
+    refusal = server_refusal(exc, shown_store(engine.url))
+    if refusal is not None:
+        return refusal[:2000]
+    text = str(exc)
+    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:2000]
 
 
 def _sqlite_store_error(shown: str, orig: BaseException | None) -> StoreError | None:
@@ -360,7 +386,7 @@ def create_engine_for(url: str) -> Engine:
         raise
     except DBAPIError as exc:
         engine.dispose()
-        reason = _first_line(exc.orig) if exc.orig is not None else str(exc)
+        reason = first_line(exc.orig) if exc.orig is not None else str(exc)
         if engine.dialect.name == "sqlite" and reason in ("unable to open database file", "disk I/O error"):
             reason += _sqlite_open_hint(parsed)  # SQLite's words say neither read-only nor full
         raise StoreError(f"cannot reach the store at {shown}: {reason}") from exc

@@ -41,7 +41,7 @@ from recsys.errors import ConfigError
 from recsys.interrupts import raise_if_terminated
 from recsys.store import schema
 from recsys.store.bulk import BulkWriter, bulk_writer
-from recsys.store.database import SQLITE_BEGIN, STORE_FAILURES
+from recsys.store.database import SQLITE_BEGIN, STORE_FAILURES, first_line
 
 _QUARANTINE_HEADER = ("file", "line", "field", "reason", "raw")
 # Unusable cover files named one by one on the log; the rest are counted.
@@ -284,17 +284,35 @@ def ingest(
 def _refresh_statistics(engine: Engine, report: IngestReport) -> None:
     """Give PostgreSQL's planner the statistics of what the ingest wrote. Autovacuum's analyze
     comes a while after a bulk load, if it is on at all, and a nightly ranks right after its
-    ingest: without them the histories read scanned every click (1.2 s instead of 0.1 s a shard
-    at 5M clicks) and the cold-start count took twice as long. A role that does not own the
-    tables gets a server WARNING and no statistics, not an error."""
+    ingest: without them each shard's history read scanned every click (benchmarks/bench_pg_store.py).
+    Only the tables' owner (or the database's, a superuser; on PostgreSQL 17 a MAINTAIN grant)
+    may analyze them: another role gets the server's warning in the log, and no statistics."""
     if engine.dialect.name != "postgresql" or not (report.news or report.impressions):
         return
+    skipped: list[str] = []
+
+    def on_notice(diagnostic) -> None:
+        if diagnostic.severity_nonlocalized == "WARNING":
+            skipped.append(diagnostic.message_primary or "")
+
     try:
         with engine.begin() as conn:
-            conn.exec_driver_sql("ANALYZE news, users, impressions, impression_items, clicks")
+            # Not behind a VACUUM or an index build for long: the night waits on this.
+            conn.exec_driver_sql("SET LOCAL lock_timeout = '5s'")
+            driver = conn.connection.dbapi_connection
+            driver.add_notice_handler(on_notice)
+            try:
+                conn.exec_driver_sql("ANALYZE news, users, impressions, impression_items, clicks")
+            finally:
+                driver.remove_notice_handler(on_notice)
     except STORE_FAILURES as exc:  # what the ingest stored is committed and stays
-        log.warning("could not update the store's statistics after the ingest (%s: %s); the next ingest or "
-                    "autovacuum does", type(exc).__name__, exc)
+        log.warning("could not update the store's planner statistics after the ingest (%s); the next ingest or "
+                    "autovacuum does", first_line(exc))
+        return
+    if skipped:
+        log.warning("the store's role cannot update its planner statistics (%s): until autovacuum or the tables' "
+                    "owner runs ANALYZE, the nightly reads histories slowly (docs/operations.md, \"PostgreSQL roles\")",
+                    skipped[0])
 
 
 @dataclass

@@ -666,7 +666,7 @@ def test_a_password_given_in_the_query_is_masked_too():
 @pytest.mark.postgres
 def test_a_statement_the_server_cancels_is_the_operators_to_fix_not_an_internal_error(pg_database_url):
     # statement_timeout (and lock_timeout, a missing GRANT) ended as exit 2 with the SQL dumped.
-    from recsys.store.database import server_refusal
+    from recsys.store.database import failure_message, server_refusal
 
     engine = create_engine_for(pg_database_url)
     try:
@@ -681,4 +681,19 @@ def test_a_statement_the_server_cancels_is_the_operators_to_fix_not_an_internal_
         "statement_timeout or lock_timeout, or run again once what holds the lock is done")
     assert server_refusal(cancelled.value, "postgresql+psycopg://job@db/recsys").startswith(
         "the store at postgresql+psycopg://job@db/recsys cancelled a statement (canceling statement")
+    # A failed run's message is that line, not the driver's text with its SQL.
+    assert failure_message(cancelled.value, engine) == server_refusal(cancelled.value, mask_url(engine.url))
+    assert failure_message(ValueError("bad"), engine) == "ValueError: bad"
     assert server_refusal(ValueError("x")) is None
+
+
+def test_a_store_is_shown_as_recsys_connects_to_it(tmp_path, monkeypatch):
+    # A relative SQLite URL under a scheduler's temporary folder opened another store than the
+    # operator's; postgresql:// is connected to as postgresql+psycopg://.
+    from recsys.store.database import shown_store
+
+    monkeypatch.chdir(tmp_path)
+    assert shown_store("sqlite:///x.db") == f"sqlite:///x.db ({tmp_path / 'x.db'})"
+    assert shown_store(f"sqlite:///{tmp_path / 'x.db'}") == f"sqlite:///{tmp_path / 'x.db'}"
+    assert shown_store("postgresql://u:pw@h:5432/db") == "postgresql+psycopg://u:***@h:5432/db"
+    assert shown_store("postgresql//u:pw@h/db") == "postgresql//u:***@h/db"  # not a URL: as typed, masked

@@ -1018,3 +1018,37 @@ def test_an_ingest_leaves_postgres_statistics_of_what_it_wrote(engine, small_wor
     run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"])
     after = analyzed()
     assert {name: after[name] - before.get(name, 0) for name in tables} == dict.fromkeys(tables, 1)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_role_that_may_not_analyze_is_told_in_the_log_and_its_ingest_stands(engine, db_url, small_world,
+                                                                               quarantine_dir, caplog):
+    # The server only logged "skipping ..."; the job's log said nothing and the nights stayed slow.
+    import logging
+    import uuid
+
+    from recsys.store.database import open_store
+
+    role = f"recsys_test_job_{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'CREATE ROLE "{role}" LOGIN'))
+    job = None
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'GRANT USAGE ON SCHEMA public TO "{role}"'))
+            conn.execute(sa.text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"'))
+            conn.execute(sa.text(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{role}"'))
+            conn.execute(sa.text(f'GRANT TEMPORARY ON DATABASE "{engine.url.database}" TO "{role}"'))
+        job = open_store(engine.url.set(username=role).render_as_string(hide_password=False))
+        with caplog.at_level(logging.WARNING, logger="recsys.ingest"):
+            report = run(job, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"])
+        assert report.impressions == 4 and store_stats(engine)["impressions"] == 4
+        assert re.search(r"the store's role cannot update its planner statistics \(skipping \"\w+\" --- only table or "
+                         r"database owner can analyze it\)", caplog.text), caplog.text
+    finally:
+        if job is not None:
+            job.dispose()
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'DROP OWNED BY "{role}"'))
+            conn.execute(sa.text(f'DROP ROLE "{role}"'))
