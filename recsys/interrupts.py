@@ -79,9 +79,11 @@ def signals_deferred() -> Iterator[None]:
         if not restored:
             restored = True
             try:
-                signal.signal(signal.SIGTERM, _handler_or_default(previous[signal.SIGTERM]))
+                if signal.SIGTERM in previous:
+                    signal.signal(signal.SIGTERM, _handler_or_default(previous[signal.SIGTERM]))
             finally:
-                signal.signal(signal.SIGINT, _handler_or_default(previous[signal.SIGINT]))
+                if signal.SIGINT in previous:
+                    signal.signal(signal.SIGINT, _handler_or_default(previous[signal.SIGINT]))
 
     def deliver() -> None:
         signum = signal.SIGTERM if signal.SIGTERM in arrived else arrived[0]
@@ -94,7 +96,8 @@ def signals_deferred() -> Iterator[None]:
             deliver()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
-        previous[signum] = signal.signal(signum, defer)
+        if signal.getsignal(signum) != signal.SIG_IGN:  # ignored stays ignored, and is no second signal
+            previous[signum] = signal.signal(signum, defer)
     try:
         yield
     finally:

@@ -197,6 +197,33 @@ def test_a_file_with_more_bad_lines_than_max_bad_share_fails_after_its_good_line
     assert [status for status, _ in _ingest_runs_in_order(engine)] == ["failed", "complete"]
 
 
+def test_a_file_failed_for_its_bad_share_still_warns_of_what_its_good_lines_did(engine, world, tmp_path, caplog):
+    # The warnings came after the share's check: a failed ingest that had stored its good lines
+    # never said that one of them lost History ids (nor how to restore them).
+    import logging
+
+    (tmp_path / "night").mkdir()
+    known = (world / "news.tsv").read_text().split("\t", 1)[0]
+    lines = [*(world / "behaviors_train.tsv").read_text().splitlines()[:7],
+             behavior_line(800, "U_hist", "11/15/2019 7:00:00 AM", ["N99990"], [f"{known}-1"]),
+             *(behavior_line(900 + i, "U_late", "11/15/2019 8:00:00 AM", [], [f"N9999{i}-1"]) for i in range(2))]
+    behaviors = write_lines(tmp_path / "night" / "behaviors.tsv", lines)
+    with caplog.at_level(logging.WARNING, logger="recsys.ingest"), pytest.raises(RecsysError, match="2 of its 10 lines"):
+        run_ingest(engine, Workspace(tmp_path / "ws"), news=world / "news.tsv", behaviors=behaviors, images=None)
+    assert "1 History entries named articles neither the store nor the news file has" in caplog.text
+    assert _count(engine, s.impressions) == 8
+
+
+def test_a_news_file_that_repeats_its_articles_counts_every_line(engine, world, tmp_path):
+    # Train and dev news files joined repeat articles: only the last line of each is stored, and
+    # the share counted the earlier ones as neither good nor bad (12 of "112" lines, 10.7%).
+    news = (world / "news.tsv").read_text().splitlines()
+    bad = [f"N8888{i}\tnews" for i in range(12)]  # two fields of eight
+    joined = write_lines(tmp_path / "news.tsv", [*news, *news, *bad])
+    summary = run_ingest(engine, Workspace(tmp_path / "ws"), news=joined, behaviors=None, images=None)
+    assert (summary["news"], summary["num_bad_rows"], summary["lines_by_file"][str(joined.resolve())]) == (100, 12, 212)
+
+
 @pytest.mark.parametrize(("bad", "config", "code"), [
     (1, "", 0),  # 10%: at the default limit, not above it
     (3, "[ingest]\nmax_bad_share = 1.0\n", 0),  # only a file without a good line fails, as before the key

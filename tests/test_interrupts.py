@@ -54,3 +54,18 @@ def test_an_ignored_signal_stays_ignored():
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_an_ignored_ctrl_c_is_no_second_signal():
+    # Under nohup SIGINT is ignored: counted anyway, a single SIGTERM after it cut the step short.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    done = []
+    try:
+        with sigterm_unwinds(), pytest.raises(Terminated):
+            with signals_deferred():
+                _send(signal.SIGINT)
+                _send(signal.SIGTERM)
+                done.append("the step")
+        assert done == ["the step"] and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -55,13 +55,13 @@ def refuse_another_applications_database(url: str) -> None:
     ``check_store_is_the_demos`` reads the store after ``open_store`` made it: pointed at such a
     database, the demo would first have added recsys's tables to it.
     """
-    from recsys.store.database import foreign_tables, mask_url
+    from recsys.store.database import foreign_tables, shown_store
 
     tables = foreign_tables(url)
     if tables:
         shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
         raise RecsysError(
-            f"the database at {mask_url(url)} holds tables of another application ({shown}) and no recsys "
+            f"the database at {shown_store(url)} holds tables of another application ({shown}) and no recsys "
             "store: the demo would add its tables there and fill them with the sample world. Give it a "
             "workspace of its own (--workspace DIR) and no --db or RECSYS_DB"
         )
@@ -78,7 +78,7 @@ def check_store_is_the_demos(engine, world: Path) -> None:
     import sqlalchemy as sa
 
     from recsys.store import schema
-    from recsys.store.database import mask_url
+    from recsys.store.database import shown_store
     from recsys.store.ingest import default_source
 
     own_source = default_source(world / "behaviors_train.tsv")
@@ -99,7 +99,7 @@ def check_store_is_the_demos(engine, world: Path) -> None:
     what = (f"impressions of another behaviors file (source {foreign_source!r})" if foreign_source is not None
             else f"articles that are not in {world / 'news.tsv'} (first {foreign_news})")
     raise RecsysError(
-        f"the store at {mask_url(engine.url)} already holds {what}: the demo ingests the sample world "
+        f"the store at {shown_store(engine.url)} already holds {what}: the demo ingests the sample world "
         "into its store, trains on all of it and makes its model current, so it runs only on an empty store or "
         "one an earlier demo of this world filled. Give it a workspace of its own (--workspace DIR) and no "
         "--db or RECSYS_DB"

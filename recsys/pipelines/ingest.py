@@ -56,14 +56,18 @@ def _refuse_bad_files(summary: dict, *, news: Path | None, behaviors: Path | Non
     for option, path, loaded in (("--news", news, summary["news"]), ("--behaviors", behaviors, behaviors_loaded)):
         key = quarantine_key(path) if path is not None else None
         bad = summary["bad_rows_by_file"].get(key, 0)
-        share = bad / (bad + loaded) if bad else 0.0
+        # Lines read, not ids stored: a news file that repeats an article (train and dev news joined)
+        # stores it once, and its earlier lines are good ones all the same.
+        lines = summary["lines_by_file"].get(key, bad + loaded)
+        share = bad / lines if bad else 0.0
         if bad and not loaded:
             empty.append(f"{option} {path}: every one of its {bad} lines was bad, nothing of it was stored "
                          f"(first: {summary['first_bad_row'][key]})")
         elif share > max_bad_share:
-            too_bad.append(f"{option} {path}: {bad} of its {bad + loaded} lines {'was' if bad == 1 else 'were'} bad "
+            good = lines - bad
+            too_bad.append(f"{option} {path}: {bad} of its {lines} lines {'was' if bad == 1 else 'were'} bad "
                            f"({_share(share, max_bad_share)}, more than ingest.max_bad_share = {max_bad_share * 100:g}%); "
-                           f"its {loaded} good {'line is' if loaded == 1 else 'lines are'} stored "
+                           f"its {good} good {'line is' if good == 1 else 'lines are'} stored "
                            f"(first bad: {summary['first_bad_row'][key]})")
             # Candidates missing from the store are bad lines too: the night's news file came late.
             hints.append("fix the file (or its news file)" if option == "--behaviors" else "fix the file")
@@ -77,6 +81,40 @@ def _refuse_bad_files(summary: dict, *, news: Path | None, behaviors: Path | Non
         tail.append(f"{fix}, or raise ingest.max_bad_share")
     message = "; ".join([*empty, *too_bad]) + f"; the lines are in {summary['quarantine_file']}: " + "; ".join(tail)
     raise (NoGoodRowError if empty else TooManyBadRowsError)(message)
+
+
+def _warn_of_what_was_stored(summary: dict) -> None:
+    """The ingest's side effects an operator must hear of (replaced impressions, dropped History
+    ids, ...), one WARNING each."""
+    unknown = summary.get("unknown_history_ids", 0)
+    if unknown:
+        log.warning("%d History entries named articles neither the store nor the news file has: left out of the stored "
+                    "histories (their impressions are kept); ingest the news file that has them, then the behaviors "
+                    "again, to restore them", unknown)
+    changed = summary.get("impressions_changed", 0)
+    if changed:
+        log.warning("%d impressions stored under source '%s' had another user or time and were replaced by this "
+                    "file's (first: %s): if it is another file than the one ingested before (MIND restarts impression "
+                    "ids at 1 in every file), its impressions took their place; ingest each file under its own --source",
+                    changed, summary.get("source"), summary.get("first_changed_impression"))
+    not_replaced = summary.get("histories_not_replaced", 0)
+    if not_replaced:
+        log.warning("%d lines carried a History other than the one the store keeps for the same user at the very same "
+                    "time (the first ingested is kept): a corrected file re-delivered with the same times does not "
+                    "replace Histories; ingest the correction with later times, or into a new store", not_replaced)
+    elsewhere = summary.get("impressions_stored_elsewhere", 0)
+    if elsewhere:
+        log.warning("%d impressions of this file were not stored under source '%s': the store holds each of them (same "
+                    "user, time, candidates and labels) under another source; the same file ingested under a second "
+                    "name would count every click twice", elsewhere, summary.get("source"))
+    repeated = summary.get("impressions_repeated", 0)
+    if repeated:
+        log.warning("%d impressions of this file were not stored: an earlier line of the file brought each of them "
+                    "(same user, time, candidates and labels) under another impression id of source '%s'; a line "
+                    "written twice would count its clicks twice", repeated, summary.get("source"))
+    bad = summary.get("num_bad_rows", 0)
+    if bad:
+        log.warning("%d bad rows quarantined in %s", bad, summary.get("quarantine_file"))
 
 
 def check_ingest_inputs(*, news: Path | None, behaviors: Path | None, images: Path | None,
@@ -150,34 +188,6 @@ def run_ingest(
         )
         summary = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(report)
         record["counts"] = {k: v for k, v in summary.items() if isinstance(v, int)}
+        _warn_of_what_was_stored(summary)  # also when a file fails next: its good lines are stored
         _refuse_bad_files(summary, news=news, behaviors=behaviors, max_bad_share=max_bad_share)
-    unknown = summary.get("unknown_history_ids", 0)
-    if unknown:
-        log.warning("%d History entries named articles neither the store nor the news file has: left out of the stored "
-                    "histories (their impressions are kept); ingest the news file that has them, then the behaviors "
-                    "again, to restore them", unknown)
-    changed = summary.get("impressions_changed", 0)
-    if changed:
-        log.warning("%d impressions stored under source '%s' had another user or time and were replaced by this "
-                    "file's (first: %s): if it is another file than the one ingested before (MIND restarts impression "
-                    "ids at 1 in every file), its impressions took their place; ingest each file under its own --source",
-                    changed, summary.get("source"), summary.get("first_changed_impression"))
-    not_replaced = summary.get("histories_not_replaced", 0)
-    if not_replaced:
-        log.warning("%d lines carried a History other than the one the store keeps for the same user at the very same "
-                    "time (the first ingested is kept): a corrected file re-delivered with the same times does not "
-                    "replace Histories; ingest the correction with later times, or into a new store", not_replaced)
-    elsewhere = summary.get("impressions_stored_elsewhere", 0)
-    if elsewhere:
-        log.warning("%d impressions of this file were not stored under source '%s': the store holds each of them (same "
-                    "user, time, candidates and labels) under another source; the same file ingested under a second "
-                    "name would count every click twice", elsewhere, summary.get("source"))
-    repeated = summary.get("impressions_repeated", 0)
-    if repeated:
-        log.warning("%d impressions of this file were not stored: an earlier line of the file brought each of them "
-                    "(same user, time, candidates and labels) under another impression id of source '%s'; a line "
-                    "written twice would count its clicks twice", repeated, summary.get("source"))
-    bad = summary.get("num_bad_rows", 0)
-    if bad:
-        log.warning("%d bad rows quarantined in %s", bad, summary.get("quarantine_file"))
     return summary

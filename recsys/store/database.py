@@ -333,8 +333,8 @@ def driver_errors(conn: Connection, statement: str, params=None) -> Iterator[Non
         # store are told as they are for SQLAlchemy's own statements.
         if not conn.invalidated and conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, None):
             conn.invalidate(exc)  # as SQLAlchemy does: the pool must not hand the dead connection out again
-            raise lost_connection(mask_url(conn.engine.url), exc) from exc
-        error = _store_error(conn.dialect.name, mask_url(conn.engine.url), exc)
+            raise lost_connection(shown_store(conn.engine.url), exc) from exc
+        error = _store_error(conn.dialect.name, shown_store(conn.engine.url), exc)
         if error is not None:
             raise error from exc
         raise DBAPIError.instance(statement, params, exc, dbapi.Error) from exc
@@ -358,7 +358,7 @@ def create_engine_for(url: str) -> Engine:
             be reached; the message names the URL with its password masked.
     """
     parsed = _normalise(url)
-    shown = mask_url(parsed)
+    shown = shown_store(parsed)
     kwargs: dict = {}
     if parsed.get_backend_name() == "postgresql":
         kwargs["pool_pre_ping"] = True
@@ -464,7 +464,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     from alembic import command
     from alembic.util import CommandError
 
-    shown = mask_url(engine.url)
+    shown = shown_store(engine.url)
     if not revision.strip():
         # Alembic fails on an empty revision with a bare AssertionError.
         raise StoreError(f"cannot migrate the store at {shown}: the target revision is empty, expected e.g. 'head'")
@@ -693,11 +693,11 @@ def open_store(url: str, *, create: bool = True, source: str | None = None) -> E
     try:
         if current is None and not create:
             raise StoreError(
-                f"the store at {mask_url(engine.url)} holds no recsys tables: nothing was ingested "
+                f"the store at {shown_store(engine.url)} holds no recsys tables: nothing was ingested "
                 f"there (check --db / RECSYS_DB, or run `recsys ingest` first)"
             )
         # Checked again under the lock by upgrade(); here so as not to wait on another writer first.
-        _refuse_unknown_or_older(current, "head", mask_url(engine.url))
+        _refuse_unknown_or_older(current, "head", shown_store(engine.url))
         upgrade(engine, "head")
     except BaseException:
         engine.dispose()
