@@ -51,16 +51,15 @@ def _refuse_bad_files(summary: dict, *, news: Path | None, behaviors: Path | Non
     from recsys.store.ingest import quarantine_key
 
     empty, too_bad, hints = [], [], []
-    # A line not stored because the store already holds its impression is a good line.
-    behaviors_loaded = summary["impressions"] + summary["impressions_stored_elsewhere"] + summary["impressions_repeated"]
-    for option, path, loaded in (("--news", news, summary["news"]), ("--behaviors", behaviors, behaviors_loaded)):
+    for option, path in (("--news", news), ("--behaviors", behaviors)):
         key = quarantine_key(path) if path is not None else None
         bad = summary["bad_rows_by_file"].get(key, 0)
         # Lines read, not ids stored: a news file that repeats an article (train and dev news joined)
-        # stores it once, and its earlier lines are good ones all the same.
-        lines = summary["lines_by_file"].get(key, bad + loaded)
+        # stores it once, and a behaviors line whose impression the store holds already stores
+        # nothing; both are good lines all the same.
+        lines = summary["lines_by_file"].get(key, 0)
         share = bad / lines if bad else 0.0
-        if bad and not loaded:
+        if bad and bad == lines:
             empty.append(f"{option} {path}: every one of its {bad} lines was bad, nothing of it was stored "
                          f"(first: {summary['first_bad_row'][key]})")
         elif share > max_bad_share:
