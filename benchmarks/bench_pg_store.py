@@ -11,7 +11,7 @@ Three commits of 2026-12-06 rest on figures from a manual hunt at 156k users / 5
   (0.55 s -> 0.1 s per 5000 users);
 * a PostgreSQL ingest ends with ANALYZE of the tables it wrote.
 
-This benchmark creates its own database ``bench_pg_store_<random>`` on the server of
+This benchmark creates its own database ``recsys_bench_<random>`` on the server of
 ``--admin-url`` (dropped at the end, also on an error or Ctrl-C), migrates it with
 ``open_store``, and fills it by COPY with synthetic rows: ``--news`` articles, ``--users``
 users of which ``--no-click-share`` have no click, and for the others a uniform 1 to
@@ -57,7 +57,6 @@ import json
 import os
 import platform
 import time
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -69,30 +68,6 @@ SET_FRACTION = "SET LOCAL cursor_tuple_fraction"  # the statement repository._st
 COUNT_CHUNK = 5000  # count_without_clicks's IN-list chunk
 WRITTEN_TABLES = ("news", "users", "clicks")
 BASE_TIME = pd.Timestamp("2019-11-15 00:00:00")
-
-
-@contextlib.contextmanager
-def bench_database(admin_url: str):
-    """A fresh database on the server of ``admin_url``; yields its URL and drops it at the end."""
-    import sqlalchemy as sa
-    from sqlalchemy.engine import make_url
-
-    server = make_url(admin_url)
-    if server.drivername in ("postgresql", "postgres"):
-        server = server.set(drivername="postgresql+psycopg")
-    name = f"bench_pg_store_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    print(f"database {name}")
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"), {"d": name})
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
-        print(f"dropped {name}")
 
 
 def make_world(args) -> SimpleNamespace:
@@ -363,7 +338,11 @@ def main(argv: list[str] | None = None) -> dict:
     shards = world.rng.choice(world.user_ids, args.shards * args.shard_size, replace=False).reshape(args.shards, args.shard_size)
     news_ids = np.sort(world.news_ids)  # an ItemFeatures' order
     results: dict = {}
-    with bench_database(args.admin_url) as url:
+    from bench_run_io import fresh_store  # benchmarks/ is on sys.path when run as a script
+    from sqlalchemy.engine import make_url
+
+    with fresh_store("postgresql", Path(), args.admin_url) as url:
+        print(f"database {make_url(url).database}")
         t0 = time.perf_counter()
         engine = open_store(url)
         results["migrate_s"] = round(time.perf_counter() - t0, 2)
