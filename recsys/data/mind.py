@@ -181,12 +181,24 @@ def parse_time(text: str) -> datetime:
         raise ValueError(f"{text!r} is not a time like {TIME_EXAMPLE!r}")
     month, day, year, hour, minute, second = (int(g) for g in m.groups()[:6])
     if not 1 <= hour <= 12:
-        raise ValueError(f"{text!r} is not a time: hour {hour} is not 1..12")
+        raise TimeValueError(f"{text!r} is not a time", f"hour {hour} is not 1..12")
     hour = hour % 12 + (12 if m.group(7) in ("PM", "pm", "Pm", "pM") else 0)
     try:
         return datetime(year, month, day, hour, minute, second)
     except ValueError as exc:
-        raise ValueError(f"{text!r} is not a real date and time ({exc})") from None
+        raise TimeValueError(f"{text!r} is not a real date and time", str(exc)) from None
+
+
+class TimeValueError(ValueError):
+    """A time spelled as MIND spells them that is no real date or time (2/29/2019, hour 13).
+
+    Attributes:
+        reason: what is wrong with it, e.g. ``"day is out of range for month"``.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"{message} ({reason})")
 
 
 def latest_time() -> datetime:
@@ -579,6 +591,8 @@ def _parse_behaviors(name: str, line: int, text: str, *, latest: datetime,
         return bad(USER_ID, user_id, _EXPECTED_ID)
     try:
         time = parse_time(time_text)
+    except TimeValueError as exc:  # the right shape, but no real date or hour: say which part
+        return bad(TIME, time_text, f"a real date and time ({exc.reason})")
     except ValueError:
         return bad(TIME, time_text, f"a time like '{TIME_EXAMPLE}' ({TIME_FORMAT})")
     if time < EARLIEST_TIME or time > latest:

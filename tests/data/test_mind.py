@@ -144,9 +144,15 @@ def test_extra_spaces_between_ids_are_tolerated(tmp_path):
         ("007\tU1\t11/11/2019 9:05:58 AM\t\tN1-1", "impression_id", "field 'impression_id' has '007', expected .* without leading zeros"),
         ("1\tU 1\t11/11/2019 9:05:58 AM\t\tN1-1", "user_id", r"field 'user_id' has 'U 1', expected an id matching"),
         ("1\tU1\t2019-11-11 09:05:58\t\tN1-1", "time", r"field 'time' has '2019-11-11 09:05:58', expected a time like '11/11/2019 9:05:58 AM' \(%m/%d/%Y %I:%M:%S %p\)"),
-        ("1\tU1\t13/11/2019 9:05:58 AM\t\tN1-1", "time", "field 'time' has '13/11/2019 9:05:58 AM'"),
-        ("1\tU1\t11/11/2019 13:05:58 PM\t\tN1-1", "time", "field 'time' has '11/11/2019 13:05:58 PM'"),
-        ("1\tU1\t2/30/2019 1:05:58 PM\t\tN1-1", "time", "field 'time' has '2/30/2019 1:05:58 PM'"),
+        # The right shape but no real date or hour: the message says which part is wrong
+        ("1\tU1\t13/11/2019 9:05:58 AM\t\tN1-1", "time",
+         r"field 'time' has '13/11/2019 9:05:58 AM', expected a real date and time \(month must be in 1\.\.12\)"),
+        ("1\tU1\t11/11/2019 13:05:58 PM\t\tN1-1", "time",
+         r"field 'time' has '11/11/2019 13:05:58 PM', expected a real date and time \(hour 13 is not 1\.\.12\)"),
+        ("1\tU1\t11/11/2019 0:30:00 AM\t\tN1-1", "time", r"expected a real date and time \(hour 0 is not 1\.\.12\)"),
+        ("1\tU1\t2/30/2019 1:05:58 PM\t\tN1-1", "time",
+         r"field 'time' has '2/30/2019 1:05:58 PM', expected a real date and time \(day is out of range for month\)"),
+        ("1\tU1\t2/29/2019 1:05:58 PM\t\tN1-1", "time", r"expected a real date and time \(day is out of range for month\)"),
         # Real dates that no click log holds: a typo would move stored first and last seen times
         ("1\tU1\t11/9/1019 2:02:56 AM\t\tN1-1", "time",
          r"field 'time' has '11/9/1019 2:02:56 AM', expected a time between 1/1/1990 12:00:00 AM and a day from now"),
