@@ -21,6 +21,12 @@ MAX_IMAGE_BYTES = 20 * 1024 * 1024
 # Decompression-bomb guard: more pixels than this is refused (status "too_large").
 MAX_IMAGE_PIXELS = 40_000_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# CPU-bomb guard: a progressive JPEG is decoded scan by scan, each a pass over every pixel, and
+# nothing in the format bounds their number: 259 KB repeating one scan 2000 times took 48 s to
+# decode at 6000x6000 (a 20 MiB file could hold hours). Encoders write 10 or so (libjpeg's
+# progressive script has 10, mozjpeg's tuned ones fewer than 64). As libjpeg-turbo's
+# `djpeg -maxscans` does, more is refused (status "too_large").
+MAX_JPEG_SCANS = 100
 
 # Pillow's plugins tried on a cover, whatever its extension: image CDNs often serve WebP or
 # PNG under a .jpg name, and the encoder decodes by content too.
@@ -29,6 +35,9 @@ _DECODERS = ("JPEG", "PNG", "WEBP")
 # that embed a large preview), which decodes as the first picture.
 _ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
 _NEWS_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Inside a scan's entropy-coded data 0xFF is followed by 0x00 (a stuffed byte) or a restart
+# marker (D0-D7): anything else ends the scan.
+_END_OF_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 
 
 class ImageCheck(NamedTuple):
@@ -160,6 +169,45 @@ def _check_file(root: Path, candidate: Path) -> ImageCheck:
     return ImageCheck(relative if status == IMAGE_OK else None, status, digest)
 
 
+def jpeg_scans(data: bytes, *, limit: int = MAX_JPEG_SCANS) -> int:
+    """The number of scans (SOS segments) of the first picture of a JPEG, counted up to
+    ``limit + 1``, by walking its markers without decoding anything.
+
+    Only the segment structure is read, so an embedded thumbnail (inside an APP segment) is
+    not counted, and an MPO's later pictures, after the first EOI, are not either (Pillow
+    decodes the first). Malformed structure ends the count: decoding then finds the damage.
+
+    Args:
+        data: the file's bytes (anything; 0 for what does not start like a JPEG).
+        limit: stop counting past this many.
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return 0
+    scans, at, end = 0, 2, len(data)
+    while at + 1 < end and scans <= limit:
+        if data[at] != 0xFF:
+            return scans
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            at += 1
+            continue
+        if marker == 0xD9:  # EOI
+            return scans
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            at += 2
+            continue
+        if at + 4 > end:
+            return scans
+        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+        if marker == 0xDA:  # SOS: its header, then entropy-coded data up to the next marker
+            scans += 1
+            found = _END_OF_SCAN.search(data, at)
+            if found is None:
+                return scans
+            at = found.start()
+    return scans
+
+
 @contextmanager
 def decoding_rules() -> Iterator[None]:
     """Warning filters for decoding a cover, shared by ingest's check and the image encoder so
@@ -187,6 +235,8 @@ def _decode_status(data: bytes) -> str:
                     return IMAGE_TOO_LARGE
                 if width < 1 or height < 1:
                     return IMAGE_CORRUPT
+                if image.format in ("JPEG", "MPO") and jpeg_scans(data) > MAX_JPEG_SCANS:
+                    return IMAGE_TOO_LARGE
                 if image.format != "PNG":
                     image.load()  # a full decode is what finds truncated files
                     return IMAGE_OK

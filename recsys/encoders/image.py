@@ -8,6 +8,7 @@ never a zero vector passed off as a picture.
 
 from __future__ import annotations
 
+import io
 import logging
 import stat
 import struct
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from recsys.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decoding_rules
+from recsys.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_JPEG_SCANS, decoding_rules, jpeg_scans
 from recsys.encoders.item_features import EncoderInfo
 from recsys.errors import ConfigError, RecsysError
 
@@ -58,7 +59,7 @@ def load_image_rgb(path: str | Path, size: int) -> np.ndarray:
     """Decode a cover image safely into a square RGB array.
 
     Refuses anything but a regular file, and files over ``MAX_IMAGE_BYTES``, before opening them and images over
-    ``MAX_IMAGE_PIXELS`` from their header, before decoding. Applies the EXIF orientation
+    ``MAX_IMAGE_PIXELS`` from their header, or JPEGs of more than ``MAX_JPEG_SCANS`` scans, before decoding. Applies the EXIF orientation
     (a damaged EXIF block never makes a cover unusable: ingest does not read it either, and
     an orientation that cannot be read leaves the picture as stored);
     converts palette, greyscale, CMYK and 16-bit images to 8-bit RGB and composites
@@ -94,8 +95,15 @@ def load_image_rgb(path: str | Path, size: int) -> np.ndarray:
     if num_bytes > MAX_IMAGE_BYTES:
         raise ImageDecodeError(path, f"file is {num_bytes} bytes, over the limit of {MAX_IMAGE_BYTES} bytes")
     try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)
+    except OSError as exc:
+        raise ImageDecodeError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    if len(data) > MAX_IMAGE_BYTES:  # grew since stat
+        raise ImageDecodeError(path, f"file is over the limit of {MAX_IMAGE_BYTES} bytes")
+    try:
         with decoding_rules():  # the same verdicts as ingest's check
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
                 if width * height > MAX_IMAGE_PIXELS:
                     raise ImageDecodeError(
@@ -103,6 +111,9 @@ def load_image_rgb(path: str | Path, size: int) -> np.ndarray:
                     )
                 if width < 1 or height < 1:
                     raise ImageDecodeError(path, f"image is {width}x{height} pixels")
+                if image.format in ("JPEG", "MPO") and jpeg_scans(data) > MAX_JPEG_SCANS:
+                    raise ImageDecodeError(path, f"progressive JPEG of more than {MAX_JPEG_SCANS} scans, refused as a "
+                                                 "decompression bomb (each scan is a pass over every pixel)")
                 # JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below `size`.
                 image.draft(None, (size, size))
                 image.load()

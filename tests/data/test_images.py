@@ -13,7 +13,16 @@ import pytest
 from PIL import Image
 
 from recsys.columns import IMAGE_BAD_NAME, IMAGE_CORRUPT, IMAGE_EMPTY, IMAGE_MISSING, IMAGE_OK, IMAGE_TOO_LARGE
-from recsys.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ImageCheck, inspect_image, list_images
+from recsys.data.images import (
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    MAX_JPEG_SCANS,
+    ImageCheck,
+    inspect_image,
+    jpeg_scans,
+    list_images,
+)
+from tests.jpeg_scans import progressive_jpeg, with_thumbnail
 
 
 def image_bytes(fmt: str, size=(48, 32), seed: int = 0) -> bytes:
@@ -161,6 +170,31 @@ def test_a_real_compressed_bomb_is_refused_without_decoding(images):
     Image.new("1", (7000, 6000)).save(images / "N1.png")
     assert (images / "N1.png").stat().st_size < 100_000
     assert check(images, "N1").status == IMAGE_TOO_LARGE
+
+
+def test_jpeg_scans_are_counted_from_the_markers():
+    plain, _ = progressive_jpeg(extra_scans=0)
+    for extra in (0, 5):
+        data, scans = progressive_jpeg(extra_scans=extra)
+        assert scans > 1 + extra  # a progressive file has several scans of its own
+        assert jpeg_scans(data) == scans
+        # A thumbnail in an APP segment is skipped, not counted, and does not end the walk.
+        assert jpeg_scans(with_thumbnail(data, plain)) == scans
+    assert jpeg_scans(image_bytes("JPEG")) == 1  # baseline
+    assert jpeg_scans(image_bytes("PNG")) == 0
+    data, scans = progressive_jpeg(extra_scans=50)
+    assert jpeg_scans(data, limit=20) == 21  # stops counting past the limit
+
+
+def test_a_progressive_jpeg_of_too_many_scans_is_too_large_without_decoding(images):
+    data, scans = progressive_jpeg(extra_scans=MAX_JPEG_SCANS)
+    assert scans > MAX_JPEG_SCANS
+    (images / "N1.jpg").write_bytes(data)
+    assert check(images, "N1").status == IMAGE_TOO_LARGE
+    data, scans = progressive_jpeg(extra_scans=MAX_JPEG_SCANS - 20)
+    assert scans <= MAX_JPEG_SCANS
+    (images / "N2.jpg").write_bytes(data)
+    assert check(images, "N2").status == IMAGE_OK
 
 
 def test_file_over_the_byte_limit_is_too_large_without_being_read(images):

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from recsys.columns import IMAGE_OK
-from recsys.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, check_image_file
+from recsys.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_JPEG_SCANS, check_image_file
 from recsys.encoders.image import ImageDecodeError, load_image_rgb
+from tests.jpeg_scans import progressive_jpeg
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -235,6 +236,16 @@ def test_decompression_bomb_is_refused(tmp_path, side):
     assert path.stat().st_size < 100
     with pytest.raises(ImageDecodeError, match=r"bomb.png: too many pixels, refused as a decompression bomb"):
         load_image_rgb(path, 32)
+
+
+def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "scans.jpg"
+    path.write_bytes(progressive_jpeg(extra_scans=MAX_JPEG_SCANS)[0])
+    with pytest.raises(ImageDecodeError, match=rf"scans.jpg: progressive JPEG of more than {MAX_JPEG_SCANS} scans"):
+        load_image_rgb(path, 32)
+    # Under the limit the repeated scans decode to the picture.
+    path.write_bytes(progressive_jpeg(extra_scans=MAX_JPEG_SCANS - 20)[0])
+    assert np.abs(load_image_rgb(path, 32).astype(int) - (90, 140, 200)).max() <= 3
 
 
 def test_size_must_be_positive(tmp_path):
