@@ -618,7 +618,7 @@ BAD_BEHAVIORS = [
     ("9\tU1\t11/11/2019 9:05:58 AM\tN1", "columns", r"behaviors\.tsv line 2: field 'columns' has 4, expected 5 tab-separated columns"),
     (behavior_line("9a", "U1", T0, [], ["N1-1"]), "impression_id", "field 'impression_id' has '9a', expected a non-negative integer"),
     (behavior_line(9, "U/1", T0, [], ["N1-1"]), "user_id", "field 'user_id' has 'U/1', expected an id matching"),
-    (behavior_line(9, "U1", "11/11/2019 25:05:58 AM", [], ["N1-1"]), "time", "field 'time' has '11/11/2019 25:05:58 AM', expected a time like"),
+    (behavior_line(9, "U1", "11/11/2019 25:05:58 AM", [], ["N1-1"]), "time", r"field 'time' has '11/11/2019 25:05:58 AM', expected a real date and time \(hour 25 is not 1\.\.12\)"),
     (behavior_line(9, "U1", T0, ["N1", "N?"], ["N1-1"]), "history", "field 'history' has 'N\\?', expected news ids matching"),
     (behavior_line(9, "U1", T0, [], ["N1-1", "N55-x"]), "impressions", r"behaviors\.tsv line 2: field 'impressions' has 'N55-x', expected label 0 or 1"),
     (behavior_line(9, "U1", T0, [], ["N1-1", "N2"]), "impressions", "field 'impressions' has 'N2', expected a label on every candidate"),
