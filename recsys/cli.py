@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -137,9 +138,16 @@ def main_options(
     ctx.obj = AppContext(ws, resolve_db_url(db, ws), config or ws.config_path, verbose, ctx.call_on_close, db_source)
 
 
+# JSON escapes C0 controls (ESC too) but keeps DEL, C1 (U+009B is a CSI to some terminals) and
+# bidi overrides raw: a publisher's title would reach a terminal that shows the result. Outside
+# strings JSON text is ASCII, so a \u escape here is the same JSON value, only harmless to show.
+_TERMINAL_CONTROLS = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
 def _print_json(obj) -> None:
     """A command's result on stdout: UTF-8 text where stdout takes it, else \\u escapes (still
     JSON), so that a title's emoji cannot fail a run in a latin-1 locale after its work is done.
+    Control and bidi characters are always \\u escapes (`_TERMINAL_CONTROLS`).
     Indented on a terminal; one line elsewhere, because a scheduler keeps the last line (Airflow's
     BashOperator pushes it to XCom: indented, that was "}").
 
@@ -148,6 +156,7 @@ def _print_json(obj) -> None:
     """
     text = json.dumps(obj, indent=2 if _is_terminal(sys.stdout) else None, default=str,
                       ensure_ascii=not _takes_any_text(sys.stdout))
+    text = _TERMINAL_CONTROLS.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
     try:
         typer.echo(text)
     except OSError as exc:

@@ -109,7 +109,7 @@ def check_store_is_the_demos(engine, world: Path) -> None:
 def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> dict:
     from rich.text import Text
 
-    from recsys.display import console as wide_console, rows_table
+    from recsys.display import console as wide_console, escape_controls, rows_table
     from recsys.pipelines.evaluate import run_evaluate
     from recsys.pipelines.index import run_index_build, run_similar
     from recsys.pipelines.ingest import run_ingest
@@ -160,7 +160,7 @@ def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> d
 
     step("6/7 articles similar to the top recommendation")
     for row in run_similar(engine, ws, news_id=recs.iloc[0]["news_id"], k=5, num_threads=config.runtime.threads or None):
-        console.print(f"  {row['rank']}. {row['news_id']} [{row['category']}] {row['title']}  ({row['score']:.3f})", markup=False)
+        console.print(f"  {row['rank']}. {row['news_id']} [{row['category']}] {escape_controls(row['title'])}  ({row['score']:.3f})", markup=False)
 
     step("7/7 offline evaluation on the held-out test window")
     out = ws.reports_dir / "demo"
