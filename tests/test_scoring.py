@@ -646,6 +646,39 @@ def test_an_article_repeated_in_a_news_file_for_scoring_takes_its_last_line(tmp_
     assert bad == {}
 
 
+def test_the_unusable_covers_of_a_news_file_for_scoring_are_named_as_the_ingest_names_them(tmp_path, caplog, monkeypatch):
+    # predict and evaluate scored new articles without their damaged covers and said nothing,
+    # while the ingest names each file; many are named up to a limit, then counted by status.
+    import io
+
+    from PIL import Image
+
+    from recsys.pipelines.scoring import news_from_file
+
+    monkeypatch.setattr("recsys.store.ingest.NAMED_BAD_COVERS", 2)
+    images = tmp_path / "images"
+    images.mkdir()
+    picture = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(picture, format="JPEG")
+    (images / "NX1.jpg").write_bytes(picture.getvalue())
+    (images / "NX2.jpg").write_bytes(b"")
+    (images / "NX3.png").write_text("this is not a picture")
+    (images / "NX4.jpg").write_bytes(b"")
+    (images / "N1.jpg").write_bytes(b"")  # the store's article: scored as stored, its file not read
+    ids = ["NX1", "NX2", "NX3", "NX4", "NX5", "N1"]
+    (tmp_path / "news.tsv").write_text("".join(f"{n}\tnews\tsub\tTitle {n}\t\thttps://x\t[]\t[]\n" for n in ids))
+    with caplog.at_level("WARNING", logger="recsys.scoring"):
+        df, _ = news_from_file(tmp_path / "news.tsv", images, known={"N1": ("news", "sub", "Title N1", "")})
+    assert dict(zip(df["news_id"], df["image_status"])) == {"NX1": "ok", "NX2": "empty", "NX3": "corrupt", "NX4": "empty", "NX5": "missing"}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [
+        f"cover of NX2 is empty ({images / 'NX2.jpg'}): scored without a cover",
+        f"cover of NX3 is corrupt ({images / 'NX3.png'}): scored without a cover",
+        "more unusable cover files: counted below, not named",
+        f"{tmp_path / 'news.tsv'}: 3 new articles have an unusable cover file in {images} (1 corrupt, 2 empty) and are scored without a cover",
+    ]
+
+
 def test_a_news_line_that_differs_from_the_stored_article_is_named(tmp_path, caplog):
     # The store's article is scored (as the nightly ranks it); the file's other title went unsaid.
     from recsys.pipelines.scoring import news_from_file

@@ -86,6 +86,9 @@ def news_from_file(
     scored as stored, as the nightly job ranks them; a line that says otherwise is counted and
     named in a warning (ingest the file to update them).
 
+    Each new article whose cover file in ``images`` is unusable is named on the log, as the
+    ingest names it (``UnusableCovers``), with a count by status when there are many.
+
     A malformed line is left out rather than stopping the command: a behaviors file names only
     some of the articles, and one damaged line among thousands need not be one of them. A
     candidate that only such a line names is the scoring's error, with that line's fault
@@ -93,11 +96,12 @@ def news_from_file(
     """
     from recsys.data.images import inspect_image, list_images
     from recsys.data.mind import iter_news
-    from recsys.store.ingest import content_hash
+    from recsys.store.ingest import NAMED_BAD_COVERS, UnusableCovers, content_hash
 
     root = Path(images).resolve() if images else None
     listing = list_images(root) if root else None
     records = {}
+    checks = {}  # news id -> its cover's check (last line wins)
     bad: dict[str, BadRow] = {}  # in file order: the first value is the first malformed line
     first_changed = None
     good = num_bad = num_changed = 0
@@ -114,6 +118,8 @@ def news_from_file(
             continue
         # An id repeated in the file: its last line wins, as in the ingest.
         check = inspect_image(root, row.news_id, listing=listing) if root else None
+        if check is not None:
+            checks[row.news_id] = check
         image_path = str(root / check.path) if check and check.path else None
         records[row.news_id] = {
             NEWS_ID: row.news_id, CATEGORY: row.category, SUBCATEGORY: row.subcategory, TITLE: row.title,
@@ -121,6 +127,14 @@ def news_from_file(
             CONTENT_HASH: content_hash(row.title, row.abstract, row.category, row.subcategory, check.sha256 if check else None),
             FIRST_SEEN_AT: pd.NaT,
         }
+    # As the ingest names them: the operator needs the file, and nothing else says that an
+    # article was scored without the cover the folder has for it.
+    covers = UnusableCovers(log, rest="counted below, not named")
+    for news_id, check in checks.items():
+        covers.note(images, listing, news_id, check, "scored without a cover")
+    if covers.count > NAMED_BAD_COVERS:
+        log.warning("%s: %d new articles have an unusable cover file in %s (%s) and are scored without a cover",
+                    path, covers.count, images, ", ".join(f"{n} {status}" for status, n in sorted(covers.by_status.items())))
     if bad:
         first_bad = next(iter(bad.values()))
         if not good:  # the wrong file (behaviors.tsv given as --news), as the ingest refuses it

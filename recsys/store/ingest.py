@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time as clock
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
@@ -320,6 +321,47 @@ def _refresh_statistics(engine: Engine, report: IngestReport) -> None:
                     skipped[0])
 
 
+class UnusableCovers:
+    """Names on the log each article whose cover file is there but unusable (empty, corrupt, too
+    large, a bad name), the first ``NAMED_BAD_COVERS`` of them, and counts them all by status: a
+    report only counts statuses, and the operator needs the file. The ingest and the articles
+    that scoring reads from ``--news`` (``news_from_file``) word them alike.
+
+    Args:
+        logger: where the warnings go.
+        rest: what the warning after the last named file says of the others.
+    """
+
+    def __init__(self, logger: logging.Logger, *, rest: str):
+        self.logger = logger
+        self.rest = rest
+        self.by_status: Counter[str] = Counter()
+
+    @property
+    def count(self) -> int:
+        return sum(self.by_status.values())
+
+    def note(self, images_dir: Path | None, listing, news_id: str, check: ImageCheck, outcome: str) -> None:
+        """Count and (the first ``NAMED_BAD_COVERS``) name ``news_id``'s cover if unusable.
+
+        Args:
+            images_dir: the images folder as given (the files are named under it).
+            listing: ``list_images(images_dir)``, or None.
+            news_id: the article.
+            check: ``inspect_image``'s result for it; ok and missing are not named.
+            outcome: what became of the article, e.g. "the article has no cover".
+        """
+        if check.status in (IMAGE_OK, IMAGE_MISSING):
+            return
+        self.by_status[check.status] += 1
+        if self.count <= NAMED_BAD_COVERS:
+            names = image_names(listing, news_id) if listing else []
+            where = ", ".join(str(Path(images_dir) / n) for n in names) or f"in {images_dir}"
+            self.logger.warning("cover of %s is %s (%s): %s", news_id, check.status, where, outcome)
+        elif self.count == NAMED_BAD_COVERS + 1:
+            self.logger.warning("more unusable cover files: %s", self.rest)
+
+
 @dataclass
 class _Job:
     """State of one ingest call: the connection, the writer and the running report."""
@@ -332,7 +374,8 @@ class _Job:
     quarantine: _QuarantineFile
     report: IngestReport
     now: datetime
-    bad_covers: int = 0  # unusable cover files met so far (NAMED_BAD_COVERS of them logged)
+    bad_covers: UnusableCovers = field(default_factory=lambda: UnusableCovers(
+        log, rest="counted in the report's image_status, not named"))
     unknown_history_lines: int = 0  # lines with an unknown History id so far (NAMED_UNKNOWN_HISTORY logged)
     first_changed_news: str | None = None  # the first stored article given other content
 
@@ -462,19 +505,10 @@ class _Job:
         self.report.news_changed += len(changed)
 
     def _name_bad_covers(self, images_dir: Path | None, listing, checks: dict[str, ImageCheck], kept: dict) -> None:
-        """Log each article whose cover file is there but unusable (empty, corrupt, too large,
-        a bad name): the report only counts statuses, and the operator needs the file."""
+        """Name each unusable cover file of the batch, saying whether a stored cover was kept."""
         for news_id, check in checks.items():
-            if check.status in (IMAGE_OK, IMAGE_MISSING):
-                continue
-            self.bad_covers += 1
-            if self.bad_covers <= NAMED_BAD_COVERS:
-                names = image_names(listing, news_id) if listing else []
-                where = ", ".join(str(Path(images_dir) / n) for n in names) or f"in {images_dir}"
-                outcome = "kept the cover stored before" if news_id in kept else "the article has no cover"
-                log.warning("cover of %s is %s (%s): %s", news_id, check.status, where, outcome)
-            elif self.bad_covers == NAMED_BAD_COVERS + 1:
-                log.warning("more unusable cover files: counted in the report's image_status, not named")
+            outcome = "kept the cover stored before" if news_id in kept else "the article has no cover"
+            self.bad_covers.note(images_dir, listing, news_id, check, outcome)
 
     def _stored_covers(self, news_ids: list[str]) -> dict[str, tuple[str, ImageCheck]]:
         """``news_id -> (stored absolute path, its check)`` for the articles among ``news_ids``
