@@ -334,6 +334,26 @@ def is_bad_label(candidate: str, known: Container[str]) -> bool:
     return bool(dash) and news_id in known
 
 
+def malformed_news_id(bad: BadRow) -> str:
+    """The news id a malformed news.tsv line starts with (its first cell, as the reader splits
+    it): a candidate that only such a line names is that line's fault, not an unknown id."""
+    return bad.raw.split("\t", 1)[0].strip()
+
+
+def expected_news_id(news_file: str, malformed: BadRow | None = None) -> str:
+    """What an unknown candidate should have been, as a bad row's ``expected``.
+
+    Args:
+        news_file: how the message names the news file ("--news", "the news file").
+        malformed: the news file's malformed line that starts with the id, if any: its fault
+            is the one to fix, so the message gives it (``malformed_news_id``).
+    """
+    expected = f"a news id present in the store or in {news_file}"
+    if malformed is not None:
+        expected += f" ({news_file} has it only on a malformed line: {malformed.reason})"
+    return expected
+
+
 class FirstLines:
     """The first line of every impression id met so far in one file, in sorted NumPy runs
     (16 bytes an id: MIND-large's 2.2M ids take 36 MB, where a dict took 217 MB).

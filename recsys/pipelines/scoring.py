@@ -37,7 +37,9 @@ from recsys.columns import (
     SUBCATEGORY, TITLE,
 )
 from recsys.config import Config, Workspace
-from recsys.data.mind import EXPECTED_LABEL, IMPRESSIONS, BadRow, BehaviorsScan, is_bad_label
+from recsys.data.mind import (
+    EXPECTED_LABEL, IMPRESSIONS, BadRow, BehaviorsScan, expected_news_id, is_bad_label, malformed_news_id,
+)
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError, SchemaError
 from recsys.interrupts import raise_if_terminated
@@ -108,7 +110,7 @@ def news_from_file(
     for row in iter_news(path):
         if isinstance(row, BadRow):
             num_bad += 1
-            bad.setdefault(row.raw.split("\t", 1)[0].strip(), row)
+            bad.setdefault(malformed_news_id(row), row)
             continue
         good += 1
         if row.news_id in known:
@@ -303,10 +305,7 @@ def _chunk(rows: list, catalogue: Catalogue, path: Path, history_len: int) -> tu
             if r is None:
                 if row.labels is None and is_bad_label(n, row_of):
                     raise SchemaError(path, row.line, IMPRESSIONS, n, EXPECTED_LABEL)
-                expected = "a news id present in the store or in --news"
-                if n in catalogue.bad_news:  # the fault to fix is that line's
-                    expected += f" (--news has it only on a malformed line: {catalogue.bad_news[n].reason})"
-                raise SchemaError(path, row.line, IMPRESSIONS, n, expected)
+                raise SchemaError(path, row.line, IMPRESSIONS, n, expected_news_id("--news", catalogue.bad_news.get(n)))
             cands.append(r)
         c_lists.append(cands)
         l_lists.append(row.labels if row.labels is not None else [-1] * len(cands))

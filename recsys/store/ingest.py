@@ -35,8 +35,8 @@ from recsys.clock import utc_now
 from recsys.columns import IMAGE_MISSING, IMAGE_OK, IMAGE_STATUSES
 from recsys.data.images import ImageCheck, check_image_file, image_names, inspect_image, list_images
 from recsys.data.mind import (
-    EXPECTED_LABEL, IMPRESSIONS, BadRow, BehaviorRow, FirstLines, NewsRow, RowStream, batches, is_bad_label,
-    iter_behaviors, iter_news, repeated_impression_ids, scan_behaviors,
+    EXPECTED_LABEL, IMPRESSIONS, BadRow, BehaviorRow, FirstLines, NewsRow, RowStream, batches, expected_news_id,
+    is_bad_label, iter_behaviors, iter_news, malformed_news_id, repeated_impression_ids, scan_behaviors,
 )
 from recsys.errors import ConfigError
 from recsys.interrupts import raise_if_terminated
@@ -378,6 +378,9 @@ class _Job:
         log, rest="counted in the report's image_status, not named"))
     unknown_history_lines: int = 0  # lines with an unknown History id so far (NAMED_UNKNOWN_HISTORY logged)
     first_changed_news: str | None = None  # the first stored article given other content
+    # The news file's malformed lines by the id each starts with (the first line of an id): an
+    # impression naming an id that only such a line has is that line's fault, and says so.
+    bad_news: dict[str, BadRow] = field(default_factory=dict)
 
     def transaction(self) -> AbstractContextManager:
         # strict mode already holds one transaction around everything.
@@ -447,6 +450,7 @@ class _Job:
             latest: dict[str, NewsRow] = {}
             for row in lines:
                 if isinstance(row, BadRow):
+                    self.bad_news.setdefault(malformed_news_id(row), row)
                     self._bad(row, file_key, pending_bad)
                 elif last_line.get(row.news_id, row.line) == row.line:
                     latest[row.news_id] = row
@@ -549,9 +553,10 @@ class _Job:
             missing = set().union(*(r.news_ids for r in parsed), *(r.history for r in parsed)).difference(known)
             for row in lines:
                 if isinstance(row, BehaviorRow):
-                    row = repeats.get(row.line) or (missing and _unknown_news(row, missing, known, stream.name)) or row
+                    row = (repeats.get(row.line) or (missing and _unknown_news(row, missing, known, stream.name, self.bad_news))
+                           or row)
                 if isinstance(row, BehaviorRow) and missing and not missing.isdisjoint(row.history):
-                    row = self._without_unknown_history(row, missing)
+                    row = self._without_unknown_history(row, missing, stream.name)
                 if isinstance(row, BadRow):
                     self._bad(row, file_key, pending_bad)
                 else:
@@ -657,13 +662,17 @@ class _Job:
                         "labels) under source '%s' as impression %d: not stored again under '%s'",
                         row.line, row.user_id, row.time.isoformat(sep=" "), other_source, holder, source)
 
-    def _without_unknown_history(self, row: BehaviorRow, missing: set[str]) -> BehaviorRow:
-        """The row with its History's unknown articles left out, counted and the first few named."""
+    def _without_unknown_history(self, row: BehaviorRow, missing: set[str], name: str) -> BehaviorRow:
+        """The row of file ``name`` with its History's unknown articles left out, counted and the
+        first few named."""
         unknown = [n for n in row.history if n in missing]
         self.unknown_history_lines += 1
         if self.unknown_history_lines <= NAMED_UNKNOWN_HISTORY:
-            log.warning("behaviors line %d: History names %s, which neither the store nor the news file has: left out "
-                        "of the stored History, the impression is kept", row.line, ", ".join(unknown[:5]))
+            malformed = next((n for n in unknown if n in self.bad_news), None)
+            where = "" if malformed is None else (
+                f" (the news file has {malformed} only on a malformed line: {self.bad_news[malformed].reason})")
+            log.warning("%s line %d: History names %s, which neither the store nor the news file has%s: left out "
+                        "of the stored History, the impression is kept", name, row.line, ", ".join(unknown[:5]), where)
         self.report.unknown_history_ids += len(unknown)
         return dataclasses.replace(row, history=tuple(n for n in row.history if n not in missing))
 
@@ -865,9 +874,11 @@ def _greatest(current, new):
     return sa.case((current.is_(None), new), (new > current, new), else_=current)
 
 
-def _unknown_news(row: BehaviorRow, missing: set[str], known: dict[str, datetime | None], name: str) -> BadRow | None:
+def _unknown_news(row: BehaviorRow, missing: set[str], known: dict[str, datetime | None], name: str,
+                  bad_news: dict[str, BadRow]) -> BadRow | None:
     """The row as a bad row if one of its candidates is a ``missing`` news id (an unknown History
-    entry is left out instead: ``_without_unknown_history``).
+    entry is left out instead: ``_without_unknown_history``); one that the news file has only on a
+    malformed line (``bad_news``) names that line.
 
     An unknown candidate that is a ``known`` id with a bad label (``N17008-x``, see
     ``is_bad_label``) is reported as that, and first: the reader puts bad labels before ids.
@@ -878,7 +889,7 @@ def _unknown_news(row: BehaviorRow, missing: set[str], known: dict[str, datetime
                 return BadRow(name, row.line, IMPRESSIONS, candidate, EXPECTED_LABEL, row.raw)
     for news_id in row.news_ids:
         if news_id in missing:
-            return BadRow(name, row.line, IMPRESSIONS, news_id, "a news id present in the store or in the news file", row.raw)
+            return BadRow(name, row.line, IMPRESSIONS, news_id, expected_news_id("the news file", bad_news.get(news_id)), row.raw)
     return None
 
 

@@ -726,6 +726,24 @@ def test_a_line_dated_far_before_the_rest_of_its_file_is_quarantined(engine, tmp
         ("N1", T0 + H), ("N2", None), ("N3", None), ("N4", T0 + H), ("N5", T0 + H)]
 
 
+def test_an_id_the_news_file_has_only_on_a_malformed_line_names_that_line(engine, tmp_path, quarantine_dir, caplog):
+    # N4's only line had a 1001-character title: its impressions were quarantined as naming an
+    # article "present in neither the store nor the news file", though the news file had it.
+    news = write_lines(tmp_path / "news.tsv", [news_line("N1"), news_line("N4", title="t" * 1001), news_line("N2")])
+    behaviors = write_lines(tmp_path / "behaviors.tsv", [
+        behavior_line(1, "U1", T0, ["N4", "N1"], ["N2-1", "N1-0"]), behavior_line(2, "U2", T0 + H, [], ["N1-0", "N4-1"])])
+    malformed = rf"{re.escape(str(news))} line 2: field 'title' has 'ttt+\.\.\., expected at most 1000 characters \(it has 1001\)"
+    report = run(engine, quarantine_dir, news_path=news, behaviors_path=behaviors)
+    assert (report.news, report.impressions, report.num_bad_rows, report.unknown_history_ids) == (2, 1, 2, 1)
+    ((line, reason),) = [(line, reason) for file, line, reason in rows(engine, "quarantine", "file", "line", "reason")
+                         if file == str(behaviors.resolve())]
+    assert line == 2
+    assert re.fullmatch(rf"{re.escape(str(behaviors))} line 2: field 'impressions' has 'N4', expected a news id present in the "
+                        rf"store or in the news file \(the news file has it only on a malformed line: {malformed}\)", reason), reason
+    assert re.search(rf"{re.escape(str(behaviors))} line 1: History names N4, which neither the store nor the news file has "
+                     rf"\(the news file has N4 only on a malformed line: {malformed}\): left out of the stored History", caplog.text)
+
+
 def test_a_short_file_has_no_bulk_to_bound_its_times(engine, tmp_path, quarantine_dir):
     # Below 100 lines a file's own span says too little: only the clock's rule holds.
     news = write_lines(tmp_path / "news.tsv", [news_line("N1"), news_line("N2")])
@@ -743,7 +761,7 @@ def test_an_unknown_history_id_is_left_out_and_its_impression_kept(engine, tmp_p
     assert rows(engine, "quarantine", "line") == []
     history = [(n, p) for u, n, p in rows(engine, "clicks", "user_id", "news_id", "history_pos") if u == "U7" and p is not None]
     assert sorted(history, key=lambda r: r[1]) == [("N1", 0), ("N3", 1)]
-    assert "behaviors line 2: History names N98, N97, which neither the store nor the news file has" in caplog.text
+    assert f"{files['behaviors']} line 2: History names N98, N97, which neither the store nor the news file has: left out" in caplog.text
     # With --strict it is not a bad row either.
     wipe_store(engine)
     assert run(engine, quarantine_dir, news_path=files["news"], behaviors_path=files["behaviors"], strict=True).impressions == 3
