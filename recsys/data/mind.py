@@ -272,9 +272,11 @@ class RowStream:
                     yield BadRow(name, line_no, "line", f"a line of more than {MAX_LINE_BYTES} bytes",
                                  f"at most {MAX_LINE_BYTES} bytes per line", _shorten(raw.decode("utf-8", "replace")))
                     continue
-                content = raw[:-1] if raw.endswith(b"\n") else raw
-                if content.endswith(b"\r"):
-                    content = content[:-1]
+                # Every CR before the newline, not one: "\r\r\n" is a CRLF file converted to CRLF
+                # again (unix2dos twice, a text-mode write on Windows), which its publisher means
+                # as CRLF. The last column (entities JSON, impressions) never ends in a CR, and one
+                # left there was stored in the JSON ('[]\r') or made an empty column a bad row.
+                content = (raw[:-1] if raw.endswith(b"\n") else raw).rstrip(b"\r")
                 if len(content) > MAX_LINE_BYTES:
                     yield BadRow(name, line_no, "line", f"a line of {len(content)} bytes",
                                  f"at most {MAX_LINE_BYTES} bytes per line", _shorten(content.decode("utf-8", "replace")))

@@ -53,6 +53,16 @@ def test_news_crlf_bom_blank_lines_and_no_final_newline(tmp_path):
     assert [(r.line, r.news_id, r.abstract_entities) for r in rows] == [(1, "N1", "[]"), (3, "N2", "[]")]
 
 
+def test_a_crlf_file_converted_to_crlf_again_reads_as_crlf(tmp_path):
+    # "\r\r\n" lost one CR only: the JSON column was stored as '[]\r', and an empty last column
+    # was a bad row, "field 'abstract_entities' has '\r'".
+    data = (NEWS_OK + "\r\r\n" + "N2\tnews\tnewsus\tT\t\thttps://x\t[]\t\r\r\n").encode()
+    rows = read_news(tmp_path, data)
+    assert [(r.news_id, r.title_entities, r.abstract_entities) for r in rows] == [("N1", "[]", "[]"), ("N2", "[]", "")]
+    (row,) = read_behaviors(tmp_path, B_OK + "\r\r\r\n")
+    assert (row.news_ids, row.labels, row.raw) == (("N3", "N4"), (1, 0), B_OK)
+
+
 def test_empty_abstract_and_empty_entity_columns_are_fine(tmp_path):
     (row,) = read_news(tmp_path, "N1\tnews\tnewsus\tT\t\thttps://x\t\t\n")
     assert (row.abstract, row.title_entities, row.abstract_entities) == ("", "", "")
