@@ -1044,5 +1044,17 @@ class _QuarantineFile:
             log.warning("could not remove %s, the quarantine file of a failed ingest (%s)", path, exc)
 
 
+# The quarantine file is read with less, cat and grep: a bad line's NUL, ESC or C1 byte went
+# into it raw and drove the terminal that showed it, as a bidi override reordered it, and U+2028,
+# U+2029 (like \x1c-\x1e and NEL) end a line for Python's splitlines. Each is escaped as in Python
+# (\xNN, \uNNNN); the backslash is escaped too, so the file reads back exactly.
+_TSV_ESCAPES = {
+    **{code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]},
+    **{code: f"\\u{code:04x}" for code in [0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F),
+                                             *range(0x2066, 0x206A)]},
+    ord("\\"): "\\\\", ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r",
+}
+
+
 def _tsv_cell(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n")
+    return text.translate(_TSV_ESCAPES)

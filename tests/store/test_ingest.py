@@ -768,7 +768,10 @@ def test_an_unknown_history_id_is_left_out_and_its_impression_kept(engine, tmp_p
 
 
 def _unescape(cell: str) -> str:
-    return re.sub(r"\\(.)", lambda m: {"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}[m.group(1)], cell)
+    """A quarantine file's cell as the ingest was given it (docs/data-contract.md, "Quarantine")."""
+    named = {"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}
+    return re.sub(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|.)",
+                  lambda m: named.get(m.group(1)) or chr(int(m.group(1)[1:], 16)), cell)
 
 
 @pytest.mark.parametrize(
@@ -820,6 +823,21 @@ def test_quarantine_file_escapes_tabs_and_newlines(engine, tmp_path, quarantine_
     report = run(engine, quarantine_dir, news_path=files["news"])
     record = Path(report.quarantine_file).read_text(encoding="utf-8").splitlines()[1]
     assert record.endswith("\tN9\\tnews\\twith\\\\backslash")
+
+
+
+def test_quarantine_file_escapes_every_control_and_bidi_character(engine, tmp_path, quarantine_dir):
+    # NUL, ESC and C1 bytes of a bad line went into the file raw: `less` or `cat` of it ran the
+    # line's escape sequences, and a U+2028 split its record for Python's splitlines.
+    line = "N9\tnews\tsub\tT\x00i\x1b[31mt\x9b2J\x7f\u202el\u2028e\\x00\x1f\t\thttps://x\t[]\t[]"
+    files = _world_with(tmp_path, "news", line)
+    report = run(engine, quarantine_dir, news_path=files["news"])
+    text = Path(report.quarantine_file).read_text(encoding="utf-8")
+    assert [c for c in text if ord(c) < 0x20 and c not in "\t\n" or 0x7F <= ord(c) < 0xA0 or ord(c) > 0x7F] == []
+    header, record = text.splitlines()
+    raw = record.split("\t")[-1]
+    assert raw == r"N9\tnews\tsub\tT\x00i\x1b[31mt\x9b2J\x7f\u202el\u2028e\\x00\x1f\t\thttps://x\t[]\t[]"
+    assert _unescape(raw) == line  # the escapes read back exactly
 
 
 # --- images ---------------------------------------------------------------------------------------
