@@ -24,6 +24,7 @@ from typer.exceptions import TyperException
 
 from recsys.config import Config, Workspace, parse_config, read_config_text, resolve_db_url
 from recsys.errors import DiskError, RecsysError, disk_errno, disk_error, disk_problem
+from recsys.escapes import BIDI_CONTROLS, CONTROL_CODES
 from recsys.interrupts import sigterm_unwinds, terminated
 from recsys.progress import configure_logging
 
@@ -138,10 +139,10 @@ def main_options(
     ctx.obj = AppContext(ws, resolve_db_url(db, ws), config or ws.config_path, verbose, ctx.call_on_close, db_source)
 
 
-# JSON escapes C0 controls (ESC too) but keeps DEL, C1 (U+009B is a CSI to some terminals) and
-# bidi overrides raw: a publisher's title would reach a terminal that shows the result. Outside
+# JSON escapes C0 controls (ESC too) but keeps DEL, C1 and the bidi controls raw
+# (``recsys.escapes``): a publisher's title would reach a terminal that shows the result. Outside
 # strings JSON text is ASCII, so a \u escape here is the same JSON value, only harmless to show.
-_TERMINAL_CONTROLS = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_TERMINAL_CONTROLS = re.compile("[" + "".join(chr(c) for c in (*CONTROL_CODES, *BIDI_CONTROLS) if c >= 0x7F) + "]")
 
 
 def _print_json(obj) -> None:

@@ -2,7 +2,7 @@
 
 Cells are plain ``rich.text.Text``, never markup: titles come from the publisher and may hold
 brackets ("[PHOTOS]", "[/x]") that rich would otherwise swallow or reject with an error.
-Their control and bidi characters are shown as escapes (`escape_controls`).
+Their control and bidi characters are shown as escapes (``recsys.escapes.escape_controls``).
 """
 
 from __future__ import annotations
@@ -13,23 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-
-# Publisher text reaches the terminal as it is: an ESC or C1 CSI starts a sequence that recolours,
-# clears or retitles the terminal (OSC), and a bidi override reorders what follows it on the line,
-# so a title could pass for another. Rich drops only BEL, BS, VT, FF and CR. Each such character is
-# shown as its Python escape rather than U+FFFD: the operator sees what the feed holds and can
-# grep the news file for it. Joiners (U+200D, emoji sequences) and other format characters stay.
-_BIDI_CONTROLS = [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
-_SHOWN_ESCAPED = {
-    **{code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]},
-    **{code: f"\\u{code:04x}" for code in _BIDI_CONTROLS},
-}
-
-
-def escape_controls(text: str) -> str:
-    """``text`` with every C0/C1 control character and DEL as ``\\xNN`` and every bidi control
-    (U+061C, U+200E-U+200F, U+202A-U+202E, U+2066-U+2069) as ``\\uNNNN``: safe for a terminal."""
-    return text.translate(_SHOWN_ESCAPED)
+from recsys.escapes import escape_controls
 
 
 def _cell(value: object) -> Text:

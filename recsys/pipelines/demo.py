@@ -109,7 +109,8 @@ def check_store_is_the_demos(engine, world: Path) -> None:
 def run_demo(ctx, *, sample: Path | None = None, epochs: int | None = None) -> dict:
     from rich.text import Text
 
-    from recsys.display import console as wide_console, escape_controls, rows_table
+    from recsys.display import console as wide_console, rows_table
+    from recsys.escapes import escape_controls
     from recsys.pipelines.evaluate import run_evaluate
     from recsys.pipelines.index import run_index_build, run_similar
     from recsys.pipelines.ingest import run_ingest

@@ -39,6 +39,7 @@ from recsys.data.mind import (
     is_bad_label, iter_behaviors, iter_news, malformed_news_id, repeated_impression_ids, scan_behaviors,
 )
 from recsys.errors import ConfigError
+from recsys.escapes import TERMINAL_ESCAPES, escape_of
 from recsys.interrupts import raise_if_terminated
 from recsys.store import schema
 from recsys.store.bulk import BulkWriter, bulk_writer
@@ -48,6 +49,9 @@ _QUARANTINE_HEADER = ("file", "line", "field", "reason", "raw")
 # Unusable cover files named one by one on the log; the rest are counted.
 NAMED_BAD_COVERS = 20
 NAMED_UNKNOWN_HISTORY = 20  # lines named on the log for a History id nobody has
+# Malformed news lines kept to name in the errors of the impressions that need them: a wrong file
+# given as --news (every line bad) would otherwise keep all of its lines.
+REMEMBERED_BAD_NEWS = 10_000
 # Lines named on the log for an impression another source holds, and (separately) for one this
 # source holds under another impression id.
 NAMED_STORED_ELSEWHERE = 5
@@ -378,8 +382,9 @@ class _Job:
         log, rest="counted in the report's image_status, not named"))
     unknown_history_lines: int = 0  # lines with an unknown History id so far (NAMED_UNKNOWN_HISTORY logged)
     first_changed_news: str | None = None  # the first stored article given other content
-    # The news file's malformed lines by the id each starts with (the first line of an id): an
-    # impression naming an id that only such a line has is that line's fault, and says so.
+    # The news file's malformed lines by the id each starts with (the first line of an id, the
+    # first REMEMBERED_BAD_NEWS ids): an impression naming an id that only such a line has is
+    # that line's fault, and says so.
     bad_news: dict[str, BadRow] = field(default_factory=dict)
 
     def transaction(self) -> AbstractContextManager:
@@ -450,7 +455,8 @@ class _Job:
             latest: dict[str, NewsRow] = {}
             for row in lines:
                 if isinstance(row, BadRow):
-                    self.bad_news.setdefault(malformed_news_id(row), row)
+                    if len(self.bad_news) < REMEMBERED_BAD_NEWS:
+                        self.bad_news.setdefault(malformed_news_id(row), row)
                     self._bad(row, file_key, pending_bad)
                 elif last_line.get(row.news_id, row.line) == row.line:
                     latest[row.news_id] = row
@@ -1044,14 +1050,11 @@ class _QuarantineFile:
             log.warning("could not remove %s, the quarantine file of a failed ingest (%s)", path, exc)
 
 
-# The quarantine file is read with less, cat and grep: a bad line's NUL, ESC or C1 byte went
-# into it raw and drove the terminal that showed it, as a bidi override reordered it, and U+2028,
-# U+2029 (like \x1c-\x1e and NEL) end a line for Python's splitlines. Each is escaped as in Python
-# (\xNN, \uNNNN); the backslash is escaped too, so the file reads back exactly.
+# The quarantine file is read with less, cat and grep: its cells escape what a terminal would
+# act on (``recsys.escapes``), and U+2028 and U+2029, which end a line for Python's splitlines;
+# the backslash is escaped too, so the file reads back exactly.
 _TSV_ESCAPES = {
-    **{code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]},
-    **{code: f"\\u{code:04x}" for code in [0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F),
-                                             *range(0x2066, 0x206A)]},
+    **TERMINAL_ESCAPES, **{code: escape_of(code) for code in (0x2028, 0x2029)},
     ord("\\"): "\\\\", ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r",
 }
 
