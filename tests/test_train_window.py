@@ -393,6 +393,64 @@ def test_a_training_started_during_an_ingest_says_so_before_it_reads(store, tmp_
     assert running_runs(store, "ingest") == []
 
 
+def test_an_ingest_that_writes_while_the_training_reads_is_named_and_recorded(store, tmp_path, monkeypatch, caplog):
+    # The first check runs before the catalogue's encoding (22 minutes at MIND size): an ingest
+    # that began after it gave the reads part of its file, and the manifest said none ran.
+    from recsys.pipelines.runlog import recorded_run
+
+    class Stop(Exception):
+        pass
+
+    with recorded_run(store, "ingest"):  # complete before the training: whole, not named
+        pass
+    during = []
+    read_windows = train_pipeline.read_windows
+
+    def read_during_an_ingest(*args, **kwargs):
+        with recorded_run(store, "ingest") as record:
+            during.append(record["run_id"])
+        return read_windows(*args, **kwargs)
+
+    found = {}
+
+    def stop_after(engine, read_started, *, warned):
+        found.update(partial(engine, read_started, warned=warned))
+        raise Stop
+
+    partial = train_pipeline._warn_of_partial_ingests
+    monkeypatch.setattr(train_pipeline, "read_windows", read_during_an_ingest)
+    monkeypatch.setattr(train_pipeline, "_warn_of_partial_ingests", stop_after)
+    ws = Workspace(tmp_path / "ws").ensure()
+    with caplog.at_level("WARNING"), pytest.raises(Stop):
+        run_train(store, ws, load_config(None, {}))
+    assert found == {"ingest_runs_running_at_read": during, "last_ingest_unfinished": None}
+    assert re.search(rf"ingest run {during[0]} \(.*, started .* UTC\) wrote to the store while this training read it: "
+                     "the training read only part of its file", caplog.text)
+    assert "is still running" not in caplog.text
+
+
+def test_an_ingest_that_stopped_before_its_end_is_named_until_one_completes(store, caplog):
+    from recsys.clock import utc_now
+    from recsys.pipelines.runlog import recorded_run
+    from recsys.pipelines.train import _warn_of_partial_ingests
+
+    with pytest.raises(RuntimeError), recorded_run(store, "ingest") as record:
+        raise RuntimeError("disk full\nmore detail")
+    between = utc_now()  # reads that began after it ended: it is not one of theirs
+    with caplog.at_level("WARNING"):
+        assert _warn_of_partial_ingests(store, between, warned=[]) == {
+            "ingest_runs_running_at_read": [], "last_ingest_unfinished": record["run_id"]}
+    assert (f"the latest ingest, run {record['run_id']}, did not complete (failed: RuntimeError: disk full): the store "
+            "holds the batches it committed before it stopped") in caplog.text
+    with recorded_run(store, "ingest") as redone:  # the file ingested again, in the reads' time
+        pass
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert _warn_of_partial_ingests(store, between, warned=[redone["run_id"]]) == {
+            "ingest_runs_running_at_read": [redone["run_id"]], "last_ingest_unfinished": None}
+    assert caplog.text == ""  # named already (warned) and complete
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_window_labels_answer_what_the_rows_say(engine, tmp_path, seed):
     """The EXISTS answers against the labels written, window by window (unlabelled lines too)."""

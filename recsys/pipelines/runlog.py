@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, and_, insert, select, update
+from sqlalchemy import Engine, and_, insert, or_, select, update
 
 from recsys.errors import StoreUnavailableError
 from recsys.ranking.lock import current_holder, local_process_gone
@@ -97,6 +97,30 @@ def running_runs(engine: Engine, kind: str) -> list[tuple[int, str | None, objec
     """``(run_id, holder, started_at)`` of the runs of ``kind`` still running, after those of
     dead processes on this host are marked failed (``abandon_dead_runs``)."""
     return _sweep_running(engine, kind, every=False)[1]
+
+
+def runs_since(engine: Engine, kind: str, since) -> list[tuple[int, str | None, object]]:
+    """``(run_id, holder, started_at)`` of the runs of ``kind`` that were running at some time
+    from ``since`` (naive UTC) to now: still running (or killed before recording an outcome),
+    or finished at or after ``since``, by run id."""
+    r = s.runs.c
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(r.run_id, r.holder, r.started_at)
+            .where(and_(r.kind == kind, or_(r.status == "running", r.finished_at >= since)))
+            .order_by(r.run_id)
+        ).all()
+    return [(int(row.run_id), row.holder, row.started_at) for row in rows]
+
+
+def last_run(engine: Engine, kind: str) -> tuple[int, str, str | None] | None:
+    """``(run_id, status, message)`` of the latest run of ``kind``, or None."""
+    r = s.runs.c
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(r.run_id, r.status, r.message).where(r.kind == kind).order_by(r.run_id.desc()).limit(1)
+        ).first()
+    return None if row is None else (int(row.run_id), row.status, row.message)
 
 
 def _sweep_running(engine: Engine, kind: str, *, every: bool) -> tuple[list[int], list[tuple[int, str | None, object]]]:

@@ -19,7 +19,7 @@ from recsys.data.interactions import ClickLog, Impressions, InteractionLog, with
 from recsys.models.side_features import SideFeatures
 from recsys.pipelines.features import first_seen_array, load_catalogue
 from recsys.pipelines.inputs import check_output_folder
-from recsys.pipelines.runlog import recorded_run, running_runs
+from recsys.pipelines.runlog import last_run, recorded_run, running_runs, runs_since
 from recsys.store import repository as repo
 from recsys.threads import configure_threads
 from recsys.versions import new_version_name, publish_version, staging_dir
@@ -255,7 +255,7 @@ def run_train(
         engine, parse_time(since, "--since"), parse_time(until, "--until"), mc.valid_days, source
     )
     # Train takes no lock, and an ingest commits batch by batch: training now would read part
-    # of its file. Said before the reads, and recorded in the manifest.
+    # of its file. Said before the catalogue's encoding (minutes), and again after the reads.
     ingesting = running_runs(engine, "ingest")
     for run_id, holder, started in ingesting:
         log.warning("ingest run %d (%s, started %s UTC) is still running: this training reads only the batches it "
@@ -274,12 +274,14 @@ def run_train(
     t0 = time.perf_counter()
     # Minutes at MIND-large size with nothing else said (11 at 1.2M impressions on a busy machine).
     log.info("reading the impressions of %s .. %s from the store", since_dt, until_dt)
+    read_started = utc_now()
     train, valid, every_click = read_windows(
         engine, features.news_ids, since_dt, valid_start, until_dt, source=source, history_len=mc.history_len
     )
     window_hours = SideFeatures().window_hours
     events = read_training_log(engine, features.news_ids, since_dt, until_dt, window_hours=window_hours,
                                feature_clock_hours=mc.feature_clock_hours)
+    partial_ingests = _warn_of_partial_ingests(engine, read_started, warned=[run_id for run_id, _, _ in ingesting])
     clicks = every_click if mc.logged_clicks else None
     first_seen = first_seen_array(news)
     timings["read_s"] = round(time.perf_counter() - t0, 2)
@@ -346,13 +348,43 @@ def run_train(
             "history": history,
             "timings": timings,
             "host": platform.node(),
-            "ingest_runs_running_at_read": [run_id for run_id, _, _ in ingesting],
+            **partial_ingests,
         }
         mv = publish_version(engine, workspace.models_dir, version, staged, manifest, make_current=make_current)
         record["counts"] = manifest["data"]
         record["timings"] = timings
     return {"version": mv.version, "path": str(mv.path), "current": make_current, "metrics": manifest["metrics"], "data": manifest["data"], "timings": timings,
-            "ingest_runs_running_at_read": manifest["ingest_runs_running_at_read"]}
+            **partial_ingests}
+
+
+def _warn_of_partial_ingests(engine: Engine, read_started, *, warned: list[int]) -> dict:
+    """What the reads just done may hold of an ingest's file only in part, said on the log and
+    returned for the manifest.
+
+    The reads are several statements, not one snapshot, and an ingest commits batch by batch:
+    one that ran at any moment of them (started before, or during the catalogue's encoding)
+    gave this training part of its file. One that stopped before its end (killed, or failed)
+    left part of its file in the store for every later reader.
+
+    Returns:
+        ``ingest_runs_running_at_read``: the ingest runs that ran during the reads (started
+        before they ended, running or finished after they began); ``last_ingest_unfinished``:
+        the latest ingest run when it did not complete and no longer runs, else None.
+    """
+    during = runs_since(engine, "ingest", read_started)
+    for run_id, holder, started in during:
+        if run_id not in warned:  # (the early warning named those running before the encoding)
+            log.warning("ingest run %d (%s, started %s UTC) wrote to the store while this training read it: the "
+                        "training read only part of its file; train again after it ends to learn from the whole file",
+                        run_id, holder, started)
+    last = last_run(engine, "ingest")
+    unfinished = None
+    if last is not None and last[1] not in ("complete", "running"):
+        unfinished = last[0]
+        log.warning("the latest ingest, run %d, did not complete (%s: %s): the store holds the batches it committed "
+                    "before it stopped, part of its file; ingest that file again (it is safe to) and train after it",
+                    last[0], last[1], next(iter((last[2] or "").splitlines()), "no message recorded"))
+    return {"ingest_runs_running_at_read": [run_id for run_id, _, _ in during], "last_ingest_unfinished": unfinished}
 
 
 def _counts(train: Impressions, valid: Impressions, features: ItemFeatures, *, valid_scoreable: int) -> dict:
