@@ -319,14 +319,14 @@ def acquire_lock(
         if reason is None:
             raise RunLockedError(
                 f"lock '{name}' is held by {current.holder}"
-                + (f" (run {current.run_id})" if current.run_id is not None else "")
+                + (f" ({_run_named(engine, current.run_id)})" if current.run_id is not None else "")
                 + f" since {current.acquired_at:%Y-%m-%d %H:%M:%S} UTC: another run is in progress;"
                 f" wait for it to finish ({_when_stale(engine, current, stale_after)})"
             )
         if _take_over(engine, current, row):
             log.warning(
                 "took over stale lock '%s' from %s (held since %s UTC%s): %s", name, current.holder,
-                current.acquired_at, "" if current.run_id is None else f", run {current.run_id}", reason,
+                current.acquired_at, "" if current.run_id is None else f", {_run_named(engine, current.run_id)}", reason,
             )
             return StoreLock(engine, LockState(name, holder, run_id, now), heartbeat_every=heartbeat_every)
     raise RunLockedError(f"lock '{name}' changed hands {_MAX_ATTEMPTS} times while being taken; try again")
@@ -380,6 +380,18 @@ def _when_stale(engine: Engine, lock: LockState, stale_after: timedelta) -> str:
                  "wrote it: if no recsys job runs on this machine, the lock is a killed old job's, and "
                  f"`DELETE FROM locks WHERE name = '{lock.name}'` frees it now (docs/operations.md, Locks)")
     return said
+
+
+def _run_named(engine: Engine, run_id: int) -> str:
+    """``"ingest run 11"``: the lock is taken by nightly jobs, ingests and index saves alike,
+    and the operator waiting for it needs to know which; ``"run 11"`` when the row is not
+    there (or cannot be read: the message is the point, not this detail)."""
+    try:
+        with engine.connect() as conn:
+            kind = conn.execute(select(s.runs.c.kind).where(s.runs.c.run_id == run_id)).scalar()
+    except STORE_FAILURES:
+        kind = None
+    return f"{kind} run {run_id}" if kind else f"run {run_id}"
 
 
 def _stale_reason(engine: Engine, lock: LockState, *, stale_after: timedelta, now: datetime) -> str | None:

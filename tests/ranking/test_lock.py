@@ -46,6 +46,16 @@ def test_second_acquire_refused_with_holder_and_time(store):
         assert read_lock(store).holder == "other-host:1"
 
 
+def test_the_refusal_names_the_kind_of_the_holders_run(store):
+    # Ingests, nightly jobs and index saves take the same lock: "(run 11)" left the operator to
+    # look up which was in the way.
+    from recsys.pipelines.runlog import recorded_run
+
+    with recorded_run(store, "ingest") as record, acquire_lock(store, run_id=record["run_id"]):
+        with pytest.raises(RunLockedError, match=rf"is held by {HOST}:\d+ \(ingest run {record['run_id']}\) since"):
+            acquire_lock(store, holder="other-host:1")
+
+
 def test_locks_by_name_are_independent(store):
     with acquire_lock(store, "nightly"), acquire_lock(store, "train"):
         assert read_lock(store, "train") is not None
@@ -129,7 +139,7 @@ def test_other_host_with_recent_shards_is_alive(store):
         conn.execute(insert(s.runs).values(run_id=5, kind="nightly", status="running", started_at=now, counts={}, timings={}))
         conn.execute(insert(s.run_shards).values(run_id=5, shard=0, num_users=1, num_recommendations=1, finished_at=now))
     _plant_lock(store, "far-away:99", now - timedelta(hours=3), run_id=5)
-    with pytest.raises(RunLockedError, match=rf"\(run 5\) .*\(last activity {now:%Y-%m-%d %H:%M:%S} UTC"):  # the shard
+    with pytest.raises(RunLockedError, match=rf"\(nightly run 5\) .*\(last activity {now:%Y-%m-%d %H:%M:%S} UTC"):  # the shard
         acquire_lock(store, stale_after=timedelta(hours=1))
 
 
