@@ -672,8 +672,8 @@ def test_the_unusable_covers_of_a_news_file_for_scoring_are_named_as_the_ingest_
     assert dict(zip(df["news_id"], df["image_status"])) == {"NX1": "ok", "NX2": "empty", "NX3": "corrupt", "NX4": "empty", "NX5": "missing"}
     warnings = [r.getMessage() for r in caplog.records]
     assert warnings == [
-        f"cover of NX2 is empty ({images / 'NX2.jpg'}): scored without a cover",
-        f"cover of NX3 is corrupt ({images / 'NX3.png'}): scored without a cover",
+        f"cover of NX2 is empty ({images / 'NX2.jpg'}: 0 bytes): scored without a cover",
+        f"cover of NX3 is corrupt ({images / 'NX3.png'}: not a JPEG, PNG or WebP image): scored without a cover",
         "more unusable cover files: counted below, not named",
         f"{tmp_path / 'news.tsv'}: 3 new articles have an unusable cover file in {images} (1 corrupt, 2 empty) and are scored without a cover",
     ]

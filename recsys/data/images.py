@@ -49,11 +49,15 @@ class ImageCheck(NamedTuple):
         status: one of ``recsys.columns.IMAGE_STATUSES``.
         sha256: hex digest of the file bytes when the file could be read (also for a corrupt
             file, so that replacing it changes the article's content hash), else None.
+        reason: for an unusable file, what is wrong with it, for the log (``"cannot be read:
+            Permission denied"``, ``"6000x9000 = 54000000 pixels, over the limit of 40000000"``);
+            None for ok and missing.
     """
 
     path: str | None
     status: str
     sha256: str | None
+    reason: str | None = None
 
 
 def list_images(images_dir: Path) -> dict[str, str]:
@@ -106,7 +110,7 @@ def inspect_image(images_dir: Path, news_id: str, *, listing: Mapping[str, str] 
     decompression-bomb warning), so call it from one thread at a time.
     """
     if not _NEWS_ID_RE.fullmatch(news_id):
-        return ImageCheck(None, IMAGE_BAD_NAME, None)
+        return ImageCheck(None, IMAGE_BAD_NAME, None, "the news id cannot name a file")
     root = Path(images_dir).resolve()
     if listing is None:
         try:
@@ -141,32 +145,32 @@ def check_image_file(path: str | Path) -> ImageCheck:
 def _check_file(root: Path, candidate: Path) -> ImageCheck:
     try:
         target = candidate.resolve(strict=False)
-    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
-        return ImageCheck(None, IMAGE_BAD_NAME, None)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        return ImageCheck(None, IMAGE_BAD_NAME, None, f"cannot be resolved ({exc})")
     if not target.is_relative_to(root):
-        return ImageCheck(None, IMAGE_BAD_NAME, None)
+        return ImageCheck(None, IMAGE_BAD_NAME, None, f"a link to {target}, outside the images folder")
     if not target.exists():
         return ImageCheck(None, IMAGE_MISSING, None)
     if not target.is_file():
-        return ImageCheck(None, IMAGE_BAD_NAME, None)
+        return ImageCheck(None, IMAGE_BAD_NAME, None, "not a regular file")
     relative = target.relative_to(root).as_posix()
     if not target.name.lower().endswith(IMAGE_EXTENSIONS):  # a link to a file with another extension
-        return ImageCheck(None, IMAGE_BAD_NAME, None)
+        return ImageCheck(None, IMAGE_BAD_NAME, None, f"a link to {target.name}, whose extension is not an image's")
     try:
         size = target.stat().st_size
         if size == 0:
-            return ImageCheck(None, IMAGE_EMPTY, hashlib.sha256(b"").hexdigest())
+            return ImageCheck(None, IMAGE_EMPTY, hashlib.sha256(b"").hexdigest(), "0 bytes")
         if size > MAX_IMAGE_BYTES:
-            return ImageCheck(None, IMAGE_TOO_LARGE, None)
+            return ImageCheck(None, IMAGE_TOO_LARGE, None, f"{size} bytes, over the limit of {MAX_IMAGE_BYTES}")
         with open(target, "rb") as f:
             data = f.read(MAX_IMAGE_BYTES + 1)
-    except OSError:
-        return ImageCheck(None, IMAGE_CORRUPT, None)
+    except OSError as exc:  # a permission, an I/O error: the operator's to fix, so the log says which
+        return ImageCheck(None, IMAGE_CORRUPT, None, f"cannot be read: {exc.strerror or exc}")
     digest = hashlib.sha256(data).hexdigest()
     if len(data) > MAX_IMAGE_BYTES:  # grew since stat
-        return ImageCheck(None, IMAGE_TOO_LARGE, digest)
-    status = _decode_status(data)
-    return ImageCheck(relative if status == IMAGE_OK else None, status, digest)
+        return ImageCheck(None, IMAGE_TOO_LARGE, digest, f"over the limit of {MAX_IMAGE_BYTES} bytes")
+    status, reason = _decode_status(data)
+    return ImageCheck(relative if status == IMAGE_OK else None, status, digest, reason)
 
 
 def jpeg_scans(data: bytes, *, limit: int = MAX_JPEG_SCANS) -> int:
@@ -224,32 +228,33 @@ def decoding_rules() -> Iterator[None]:
         yield
 
 
-def _decode_status(data: bytes) -> str:
+def _decode_status(data: bytes) -> tuple[str, str | None]:
+    """``(status, reason)`` of a cover's bytes; the reason is None for an ok one."""
     try:
         with decoding_rules():
             with Image.open(io.BytesIO(data), formats=_DECODERS) as image:
                 if image.format not in _ACCEPTED_FORMATS:
-                    return IMAGE_CORRUPT
+                    return IMAGE_CORRUPT, f"a {image.format} image, not a JPEG, PNG or WebP"
                 width, height = image.size
                 if width * height > MAX_IMAGE_PIXELS:
-                    return IMAGE_TOO_LARGE
+                    return IMAGE_TOO_LARGE, f"{width}x{height} = {width * height} pixels, over the limit of {MAX_IMAGE_PIXELS}"
                 if width < 1 or height < 1:
-                    return IMAGE_CORRUPT
+                    return IMAGE_CORRUPT, f"{width}x{height} pixels"
                 if image.format in ("JPEG", "MPO") and jpeg_scans(data) > MAX_JPEG_SCANS:
-                    return IMAGE_TOO_LARGE
+                    return IMAGE_TOO_LARGE, f"a JPEG of more than {MAX_JPEG_SCANS} scans"
                 if image.format != "PNG":
                     image.load()  # a full decode is what finds truncated files
-                    return IMAGE_OK
+                    return IMAGE_OK, None
                 image.verify()  # PNG chunk checksums, which decoding alone skips
             # verify() leaves the image unusable; decoding needs a fresh open.
             with Image.open(io.BytesIO(data), formats=_DECODERS) as image:
                 image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return IMAGE_TOO_LARGE
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return IMAGE_TOO_LARGE, f"refused as a decompression bomb ({exc})"
     except UnidentifiedImageError:
-        return IMAGE_CORRUPT
+        return IMAGE_CORRUPT, "not a JPEG, PNG or WebP image"
     except MemoryError:  # the machine's problem, not the file's: do not store the cover as corrupt
         raise
-    except Exception:  # noqa: BLE001 - decoders of damaged files raise many types (OSError, SyntaxError, struct.error, ...)
-        return IMAGE_CORRUPT
-    return IMAGE_OK
+    except Exception as exc:  # noqa: BLE001 - decoders of damaged files raise many types (OSError, SyntaxError, struct.error, ...)
+        return IMAGE_CORRUPT, f"cannot be decoded ({type(exc).__name__}: {exc})"
+    return IMAGE_OK, None

@@ -361,7 +361,8 @@ class UnusableCovers:
         if self.count <= NAMED_BAD_COVERS:
             names = image_names(listing, news_id) if listing else []
             where = ", ".join(str(Path(images_dir) / n) for n in names) or f"in {images_dir}"
-            self.logger.warning("cover of %s is %s (%s): %s", news_id, check.status, where, outcome)
+            why = f": {check.reason}" if check.reason else ""
+            self.logger.warning("cover of %s is %s (%s%s): %s", news_id, check.status, where, why, outcome)
         elif self.count == NAMED_BAD_COVERS + 1:
             self.logger.warning("more unusable cover files: %s", self.rest)
 

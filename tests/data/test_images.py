@@ -83,13 +83,14 @@ def test_first_extension_in_order_wins(images):
 
 def test_zero_byte_file_is_empty(images):
     (images / "N1.jpg").write_bytes(b"")
-    assert check(images, "N1") == ImageCheck(None, IMAGE_EMPTY, hashlib.sha256(b"").hexdigest())
+    assert check(images, "N1") == ImageCheck(None, IMAGE_EMPTY, hashlib.sha256(b"").hexdigest(), "0 bytes")
 
 
 def test_random_bytes_are_corrupt(images):
     data = os.urandom(2000)
     (images / "N1.png").write_bytes(data)
-    assert check(images, "N1") == ImageCheck(None, IMAGE_CORRUPT, hashlib.sha256(data).hexdigest())
+    assert check(images, "N1") == ImageCheck(None, IMAGE_CORRUPT, hashlib.sha256(data).hexdigest(),
+                                             "not a JPEG, PNG or WebP image")
 
 
 @pytest.mark.parametrize(("fmt", "ext"), [("JPEG", ".jpg"), ("PNG", ".png"), ("WEBP", ".webp")])
@@ -136,7 +137,7 @@ def test_a_damaged_first_file_does_not_hide_a_good_second_one(images):
     # None usable: the first file's status, in extension order.
     (images / "N2.jpg").write_bytes(b"")
     (images / "N2.webp").write_bytes(os.urandom(500))
-    assert check(images, "N2") == ImageCheck(None, IMAGE_EMPTY, hashlib.sha256(b"").hexdigest())
+    assert check(images, "N2") == ImageCheck(None, IMAGE_EMPTY, hashlib.sha256(b"").hexdigest(), "0 bytes")
 
 
 def test_other_formats_under_an_image_extension_are_corrupt(images):
@@ -197,10 +198,37 @@ def test_a_progressive_jpeg_of_too_many_scans_is_too_large_without_decoding(imag
     assert check(images, "N2").status == IMAGE_OK
 
 
+def test_the_reasons_say_what_is_wrong_with_the_picture(images):
+    (images / "N1.png").write_bytes(png_header_only(8000, 6000))
+    assert check(images, "N1").reason == "8000x6000 = 48000000 pixels, over the limit of 40000000"
+    (images / "N2.jpg").write_bytes(progressive_jpeg(extra_scans=MAX_JPEG_SCANS)[0])
+    assert check(images, "N2").reason == f"a JPEG of more than {MAX_JPEG_SCANS} scans"
+    (images / "N3.jpg").write_bytes(image_bytes("JPEG")[:300])
+    assert check(images, "N3").reason.startswith("cannot be decoded (OSError: ")
+    (images / "N4.jpg").write_bytes(image_bytes("GIF"))
+    assert check(images, "N4").reason == "not a JPEG, PNG or WebP image"  # Pillow is not asked to read GIF
+
+
+def test_a_cover_that_cannot_be_read_says_why(images, monkeypatch):
+    # A permission to fix, not a damaged picture: the log must say so. As root (CI) the
+    # permission bits do not stop a read, so the refusal is simulated at open().
+    (images / "N1.jpg").write_bytes(image_bytes("JPEG"))
+    real_open = open
+
+    def refusing_open(path, *args, **kwargs):
+        if str(path).endswith("N1.jpg"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refusing_open)
+    assert check(images, "N1") == ImageCheck(None, IMAGE_CORRUPT, None, "cannot be read: Permission denied")
+
+
 def test_file_over_the_byte_limit_is_too_large_without_being_read(images):
     with open(images / "N1.jpg", "wb") as f:
         f.truncate(MAX_IMAGE_BYTES + 1)  # sparse: costs no disk
-    assert check(images, "N1") == ImageCheck(None, IMAGE_TOO_LARGE, None)
+    assert check(images, "N1") == ImageCheck(None, IMAGE_TOO_LARGE, None,
+                                             f"{MAX_IMAGE_BYTES + 1} bytes, over the limit of {MAX_IMAGE_BYTES}")
 
 
 def test_symlink_leaving_the_folder_is_a_bad_name(images, tmp_path):
@@ -208,8 +236,9 @@ def test_symlink_leaving_the_folder_is_a_bad_name(images, tmp_path):
     outside.write_bytes(image_bytes("JPEG"))
     (images / "N1.jpg").symlink_to(outside)
     (images / "N2.jpg").symlink_to("../secret.jpg")
-    assert check(images, "N1") == ImageCheck(None, IMAGE_BAD_NAME, None)
-    assert check(images, "N2") == ImageCheck(None, IMAGE_BAD_NAME, None)
+    outside_folder = ImageCheck(None, IMAGE_BAD_NAME, None, f"a link to {outside.resolve()}, outside the images folder")
+    assert check(images, "N1") == outside_folder
+    assert check(images, "N2") == outside_folder
 
 
 def test_symlink_inside_the_folder_points_at_its_target(images):
@@ -224,23 +253,25 @@ def test_dangling_symlink_is_missing_and_a_loop_is_a_bad_name(images):
     (images / "N1.jpg").symlink_to(images / "gone.jpg")
     (images / "N2.jpg").symlink_to(images / "N2.jpg")
     assert check(images, "N1").status == IMAGE_MISSING
-    assert check(images, "N2").status == IMAGE_BAD_NAME
+    loop = check(images, "N2")
+    assert (loop.status, loop.sha256) == (IMAGE_BAD_NAME, None)
+    assert loop.reason.startswith("cannot be resolved (Symlink loop")
 
 
 def test_symlink_to_a_file_with_another_extension_is_a_bad_name(images):
     (images / "cover.gif").write_bytes(image_bytes("JPEG"))
     (images / "N1.jpg").symlink_to(images / "cover.gif")
-    assert check(images, "N1").status == IMAGE_BAD_NAME
+    assert check(images, "N1") == ImageCheck(None, IMAGE_BAD_NAME, None, "a link to cover.gif, whose extension is not an image's")
 
 
 def test_a_folder_named_like_an_image_is_a_bad_name(images):
     (images / "N1.jpg").mkdir()
-    assert check(images, "N1").status == IMAGE_BAD_NAME
+    assert check(images, "N1") == ImageCheck(None, IMAGE_BAD_NAME, None, "not a regular file")
 
 
 @pytest.mark.parametrize("news_id", ["../N1", "N1/../../x", "", "N 1", "a" * 65])
 def test_ids_that_could_name_another_path_are_bad_names(images, news_id):
-    assert inspect_image(images, news_id) == ImageCheck(None, IMAGE_BAD_NAME, None)
+    assert inspect_image(images, news_id) == ImageCheck(None, IMAGE_BAD_NAME, None, "the news id cannot name a file")
 
 
 def test_images_folder_that_is_a_symlink_is_followed(images, tmp_path):

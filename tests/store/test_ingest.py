@@ -933,8 +933,8 @@ def test_an_unusable_new_cover_is_named_and_keeps_the_good_one_stored_before(eng
     assert after["N1"] == before[0]
     assert after["N2"][1:3] == (None, IMAGE_EMPTY)
     assert report.image_status["ok"] == 1 and report.image_status["empty"] == 1
-    assert f"cover of N1 is corrupt ({tonight / 'N1.jpg'}): kept the cover stored before" in caplog.text
-    assert f"cover of N2 is empty ({tonight / 'N2.png'}): the article has no cover" in caplog.text
+    assert f"cover of N1 is corrupt ({tonight / 'N1.jpg'}: not a JPEG, PNG or WebP image): kept the cover stored before" in caplog.text
+    assert f"cover of N2 is empty ({tonight / 'N2.png'}: 0 bytes): the article has no cover" in caplog.text
 
 
 # --- arguments ------------------------------------------------------------------------------------
