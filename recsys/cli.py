@@ -576,14 +576,15 @@ def evaluate(
     news: Annotated[Optional[Path], typer.Option(help="news.tsv with articles the store does not know.")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Cover images of those articles.")] = None,
     compare: Annotated[Optional[list[Path]], typer.Option(metavar="<path>", help="Two metrics.json files to compare (give the option twice).")] = None,
-    features_at: Annotated[str, typer.Option("--features-at", help=_FEATURES_AT_HELP)] = "popularity-at-end",
+    # None when not given: --compare refuses it even when it names the default.
+    features_at: Annotated[Optional[str], typer.Option("--features-at", help=_FEATURES_AT_HELP, show_default="popularity-at-end")] = None,
     no_file_exposure: Annotated[bool, typer.Option("--no-file-exposure", help=_FILE_EXPOSURE_HELP)] = False,
     allow_different_data: Annotated[bool, typer.Option("--allow-different-data", help="--compare two reports of different behaviors files (refused by default).")] = False,
 ) -> None:
     """Offline CTR evaluation report: metrics.json, report.html and MIND prediction files."""
     scoring = {"--behaviors": behaviors is not None, "--out": out is not None, "--models": models is not None,
                "--baselines": baselines, "--truth": truth is not None, "--news": news is not None,
-               "--images": images is not None, "--features-at": features_at != "popularity-at-end",
+               "--images": images is not None, "--features-at": features_at is not None,
                "--no-file-exposure": no_file_exposure}
     if compare:
         from recsys.evaluation.compare import compare_files
@@ -614,7 +615,8 @@ def evaluate(
             raise RecsysError(f"--models names {', '.join(twice)} more than once")
     summary = run_evaluate(
         c.engine(), c.workspace, c.config(), behaviors=behaviors, out=out, versions=versions,
-        ablations=baselines, truth=truth, news=news, images=images, features_at=features_at, file_exposure=not no_file_exposure,
+        ablations=baselines, truth=truth, news=news, images=images, features_at=features_at or "popularity-at-end",
+        file_exposure=not no_file_exposure,
     )
     _print_json(summary)
 

@@ -199,6 +199,16 @@ def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
     assert (beyond["run_id"], beyond["model_version"], beyond["model_version_evaluated"]) == (run_id, trained["version"], True)
     assert f"Recommendation lists of the latest nightly run: run {run_id}, model version {trained['version']}" in (
         report_dir / "report.html").read_text()
+    # The run's catalogue is the store's articles; those --news adds for scoring are no part of
+    # it (counted, they lowered its coverage and raised its popularity bias).
+    assert beyond["catalogue_size"] == stats["news"]
+    news_plus = workspace / "news_plus.tsv"
+    news_plus.write_text((world / "news.tsv").read_text() + "".join(
+        f"NPLUS{i}\tnews\tsub\tAn article the store lacks {i}\t\thttps://x\t[]\t[]\n" for i in range(30)))
+    code, _, err = run(capsys, *ws, "evaluate", "--behaviors", str(world / "behaviors_test.tsv"), "--news", str(news_plus),
+                       "--out", str(workspace / "report-news"))
+    assert code == 0, err
+    assert json.loads((workspace / "report-news" / "metrics.json").read_text())["beyond_accuracy"] == beyond
     version = trained["version"]
     pred_file = Path(result["predictions"][version])
     labelled = read_tsv(world / "behaviors_test.tsv")
@@ -616,6 +626,7 @@ def test_source_without_behaviors_is_refused_before_the_store_is_opened(capsys, 
     (["--behaviors", "b.tsv", "--out", "zz"], "--behaviors, --out"),
     (["--models", "v1", "--baselines"], "--models, --baselines"),
     (["--features-at", "impression"], "--features-at"),
+    (["--features-at", "popularity-at-end"], "--features-at"),  # the default, but given: ignored without a word
     (["--no-file-exposure"], "--no-file-exposure"),
 ])
 def test_compare_refuses_the_scoring_options_it_would_ignore(capsys, tmp_path: Path, extra, named):

@@ -919,7 +919,7 @@ def test_predict_and_evaluate_report_their_progress_through_the_file(trained, tm
         run_evaluate(engine, ws, config, behaviors=path, out=tmp_path / "r", num_resamples=10, chunk_size=10)
     done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scoring impressions: done")]
     assert [m.split(" in ")[0] for m in done] == ["scoring impressions: done 25/25"] * 2, done
-    assert "computing metrics and their intervals (10 bootstrap resamples of 25 impressions)" in caplog.text
+    assert "computing metrics and their intervals (10 bootstrap resamples of the users of 25 impressions)" in caplog.text
 
 
 def _long_histories(src: Path, dst: Path, news_ids: list[str], extra: int) -> Path:

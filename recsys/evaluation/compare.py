@@ -120,7 +120,8 @@ _VERSION_SUFFIX = re.compile(r" \(v[^()]*\)$")
 def _pairs(models_a: Mapping, models_b: Mapping) -> list[tuple[str, str | None, str | None]]:
     """``(row name, name in a, name in b)``: the same name in both reports, and otherwise the one
     entry of a role that only a has with the one entry of that role that only b has (two
-    reports of two versions: ``text+image (v1 -> v2)``); a's order, then b's new entries."""
+    reports of two versions: ``text+image (v1 -> v2)``), then the one evaluated model left in
+    each (``text+image (v1) -> text only (v2)``); a's order, then b's new entries."""
     only_a = [n for n in models_a if n not in models_b]
     only_b = [n for n in models_b if n not in models_a]
     roles_a = [_role(n, models_a[n]) for n in only_a]
@@ -129,6 +130,12 @@ def _pairs(models_a: Mapping, models_b: Mapping) -> list[tuple[str, str | None, 
     for name, role in zip(only_a, roles_a):
         if roles_a.count(role) == 1 and roles_b.count(role) == 1:
             partner[name] = only_b[roles_b.index(role)]
+    # Then the one evaluated model left in each report, whatever it reads (two versions trained
+    # with other --modalities, evaluated apart): unpaired, every row of both showed no difference.
+    left_a = [n for n, (kind, _) in zip(only_a, roles_a) if kind == "model" and n not in partner]
+    left_b = [n for n, (kind, _) in zip(only_b, roles_b) if kind == "model" and n not in partner.values()]
+    if len(left_a) == 1 and len(left_b) == 1:
+        partner[left_a[0]] = left_b[0]
     paired_b = set(partner.values())
     out = []
     for name in models_a:
@@ -136,8 +143,13 @@ def _pairs(models_a: Mapping, models_b: Mapping) -> list[tuple[str, str | None, 
             out.append((name, name, name))
         elif name in partner:
             version_b = _VERSION_SUFFIX.search(partner[name])
-            out.append((f"{name[:-1]} -> {version_b.group(0)[2:]}" if version_b and name.endswith(")") else name,
-                        name, partner[name]))
+            if _role(name, models_a[name]) != _role(partner[name], models_b[partner[name]]):
+                row = f"{name} -> {partner[name]}"  # two roles: both named
+            elif version_b and name.endswith(")"):
+                row = f"{name[:-1]} -> {version_b.group(0)[2:]}"
+            else:
+                row = name
+            out.append((row, name, partner[name]))
         else:
             out.append((name, name, None))
     out += [(name, None, name) for name in models_b if name not in models_a and name not in paired_b]

@@ -91,7 +91,8 @@ def train_missing_ablations(engine: Engine, workspace: Workspace, config: Config
         # trained (minutes) and then refused beside it.
         check_encoders(current, *configured_encoder_infos(config))
     for modalities in missing:
-        log.info("no %s-only version for the current training window: training one", modalities)
+        log.info("no %s-only version trained with %s's settings on its window: training one", modalities,
+                 current.version)
         cfg = replace(config, model=replace(config.model, **{**settings, "modalities": modalities}))
         result = run_train(engine, workspace, cfg, since=window["since"], until=window["until"], source=window.get("source"),
                            make_current=False, exact_modalities=True)
@@ -334,8 +335,8 @@ def run_evaluate(
                 raise RecsysError(f"{behaviors}: no impressions")
         prediction_files = {v: str(path) for v, path in prediction_files.items()}
         t_scored = time.perf_counter() - t_start
-        log.info("computing metrics and their intervals (%d bootstrap resamples of %d impressions)", num_resamples,
-                 acc.num_impressions)
+        log.info("computing metrics and their intervals (%d bootstrap resamples of the %ss of %d impressions)",
+                 num_resamples, acc.cluster_unit or "impression", acc.num_impressions)
         result = build_result(
             acc,
             kinds={**{names[v]: kinds[v] for v in scorers}, RANDOM: "baseline", POPULAR: "baseline", **({ORACLE: "oracle"} if oracle else {})},
@@ -495,12 +496,15 @@ def _beyond_accuracy(engine: Engine, catalogue: Catalogue, popularity: np.ndarra
         first = next(chunks, None)
         if first is None:
             return None
-        ids = catalogue.features.news_ids
-        first_seen = pd.Series(pd.to_datetime(catalogue.first_seen), index=ids)
+        # The run could recommend only the store's articles: those --news adds for scoring are
+        # no part of its catalogue (counted, they lowered its coverage and raised its bias).
+        n = len(catalogue.features.news_ids) if catalogue.stored is None else catalogue.stored
+        ids = catalogue.features.news_ids[:n]
+        first_seen = pd.Series(pd.to_datetime(catalogue.first_seen[:n]), index=ids)
         # "New" = first shown within the day before the run's as-of time (or never shown).
         run_facts = describe_run(run, evaluated)
         as_of = pd.Timestamp(run_facts["as_of"])
         return run_facts | beyond_accuracy(
-            chain([first], chunks), pd.Series(catalogue.news[CATEGORY].to_numpy(), index=ids),
-            first_seen, pd.Series(popularity, index=ids), len(ids), as_of - pd.Timedelta(days=1),
+            chain([first], chunks), pd.Series(catalogue.news[CATEGORY].to_numpy()[:n], index=ids),
+            first_seen, pd.Series(popularity[:n], index=ids), n, as_of - pd.Timedelta(days=1),
         )

@@ -76,6 +76,8 @@ class Catalogue:
     span: ScoringSpan | None = None  # the file the log was read for (None: the whole store's log)
     # --news lines left out as malformed, by the id they start with (ids no good line has)
     bad_news: dict[str, BadRow] = field(default_factory=dict)
+    # The first ``stored`` articles are the store's, the rest --news's (None: all the store's)
+    stored: int | None = None
 
 
 def news_from_file(
@@ -225,7 +227,7 @@ def load_scoring_catalogue(
     events, end = read_popularity_log(engine, features.news_ids, span)
     clicks = repo.read_click_log(engine, features.news_ids)
     return Catalogue(catalogue, features, row_of, events, first_seen_array(catalogue), clicks,
-                     None if end is None else np.datetime64(end, "s"), span, bad_news)
+                     None if end is None else np.datetime64(end, "s"), span, bad_news, len(stored))
 
 
 @dataclass

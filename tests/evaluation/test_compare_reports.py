@@ -174,6 +174,30 @@ def test_reports_of_two_versions_pair_their_models(two_reports):
     assert not any("->" in r.model for r in compare_metrics(a, b))
 
 
+def test_the_evaluated_models_of_two_reports_pair_whatever_they_read(two_reports):
+    # Two versions trained with other --modalities, evaluated apart: every row of each showed
+    # the other's value as '-', and no difference at all.
+    a, b = copy.deepcopy(two_reports[0]), copy.deepcopy(two_reports[1])
+    first, second = "text+image (v20261201-000000-aaaaaa)", "text only (v20261202-000000-bbbbbb)"
+    a["models"] = {(first if n == "v2" else n): e for n, e in a["models"].items()}
+    b["models"] = {(second if n == "v2" else n): e for n, e in b["models"].items()}
+    b["models"][second]["metrics"]["impression_auc"]["value"] -= 0.03
+    assert a["models"][first]["kind"] == b["models"][second]["kind"] == "model"
+    rows = {(r.model, r.metric): r for r in compare_metrics(a, b)}
+    paired = rows[f"{first} -> {second}", "impression_auc"]
+    assert (paired.a, paired.b) == (a["models"][first]["metrics"]["impression_auc"]["value"],
+                                    b["models"][second]["metrics"]["impression_auc"]["value"])
+    assert paired.diff == pytest.approx(-0.03)
+    assert not any(name in (first, second) for name, _ in rows)
+    # Two other evaluated models in one report: which pairs is ambiguous, so none does.
+    b["models"]["image only (v20261203-000000-cccccc)"] = copy.deepcopy(b["models"][second])
+    assert not any("->" in r.model for r in compare_metrics(a, b))
+    # ... unless one of them has the same role: then that one pairs, by role.
+    b["models"]["text+image (v20261203-000000-cccccc)"] = b["models"].pop("image only (v20261203-000000-cccccc)")
+    assert {r.model for r in compare_metrics(a, b) if "->" in r.model} == {
+        "text+image (v20261201-000000-aaaaaa -> v20261203-000000-cccccc)"}
+
+
 def test_a_hand_edited_value_that_is_not_a_number_reads_as_missing(two_reports):
     a, b = copy.deepcopy(two_reports[0]), two_reports[1]
     a["models"]["v2"]["metrics"]["mrr"]["value"] = "0.5"
