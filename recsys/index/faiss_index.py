@@ -212,7 +212,7 @@ class FaissIndex:
                 filtered candidate set that an approximate index searches exactly.
             params: overrides of ``DEFAULT_PARAMS`` for the kind (for auto: of the
                 approximate kind; ignored when auto picks flat). hnsw: M, ef_construction,
-                ef_search. ivf: nlist (default ~4*sqrt(n), a power of two), nprobe (default
+                ef_search. ivf: nlist (default ~4*sqrt(n) rounded to a power of two, at most n/39), nprobe (default
                 nlist/8, at least 8).
             num_threads: FAISS (OpenMP) threads for this index's work; None means every core
                 available to the process.
@@ -404,20 +404,29 @@ class FaissIndex:
     def set_search_params(self, **params: int) -> None:
         """Change the search-time breadth: ``ef_search`` (hnsw) or ``nprobe`` (ivf).
 
-        Larger values raise recall and cost time; the values are saved with the index.
+        Larger values raise recall and cost time; the values are saved with the index. A
+        breadth set so is kept: a later ``calibrate`` by the nightly job (after a compaction,
+        or once the catalogue has grown) measures its recall instead of tuning it away, so the
+        calibration record says ``tuned: false`` and, until measured, ``recall: null``.
 
         Raises:
             ConfigError: a parameter that is not a search-time parameter of this kind, or a
-                value that is not an integer >= 1.
+                value that is not an integer >= 1 (nprobe: at most nlist).
         """
         allowed = _SEARCH_PARAMS[self._kind]
-        for key, value in _check_params(self._kind, params).items():
+        checked = _check_params(self._kind, params)
+        for key, value in checked.items():
             if key not in allowed:
                 raise ConfigError(
                     f"index parameter {key!r} is fixed at build time for kind {self._kind!r}, "
                     f"search-time parameters: {', '.join(allowed) or 'none'}"
                 )
-            self._params[key] = value
+            if key == "nprobe" and value > self._params["nlist"]:
+                raise ConfigError(f"index parameter 'nprobe' is {value}, expected at most nlist = {self._params['nlist']}")
+        self._params.update(checked)
+        if checked and self._calibration is not None:
+            name = allowed[0]
+            self._calibration = {**self._calibration, "value": self._params[name], "recall": None, "tuned": False}
 
     # ------------------------------------------------------------------ properties
 

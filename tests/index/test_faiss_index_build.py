@@ -88,6 +88,9 @@ def test_set_search_params_changes_breadth_only(world):
         hnsw.set_search_params(M=8)
     with pytest.raises(ConfigError, match=r"'nprobe' is unknown for kind 'hnsw'"):
         hnsw.set_search_params(nprobe=8)
+    ivf = FaissIndex.build(ids, items, kind="ivf", num_threads=1)
+    with pytest.raises(ConfigError, match=rf"'nprobe' is {ivf.params['nlist'] + 1}, expected at most nlist = {ivf.params['nlist']}"):
+        ivf.set_search_params(nprobe=ivf.params["nlist"] + 1)  # capped at search time, without a word
     flat = FaissIndex.build(ids, items, kind="flat", num_threads=1)
     with pytest.raises(ConfigError, match=r"'ef_search' is unknown for kind 'flat', expected none"):
         flat.set_search_params(ef_search=8)

@@ -210,6 +210,17 @@ def test_the_nightly_refresh_keeps_a_hand_set_breadth_and_the_target_recall():
         after = index.calibration
         assert (after["target_recall"], after["tuned"]) == (before["target_recall"], before["tuned"])
     assert hand.params["ef_search"] == 40  # measured, not changed
+    # A breadth set after the build (set_search_params, saved with the index) is kept too.
+    for kind, name in (("hnsw", "ef_search"), ("ivf", "nprobe")):
+        later = FaissIndex.build(ids, items, kind=kind, exact_max_items=0, num_threads=1)
+        value = later.params[name] + 3  # not the tuned breadth
+        assert later.calibration["tuned"]
+        later.set_search_params(**{name: value})
+        assert (later.calibration["value"], later.calibration["tuned"], later.calibration["recall"]) == (value, False, None)
+        later.add(ids[:300], items[:300][::-1].copy())
+        done = maintain_index(later)
+        assert later.params[name] == value and done["index_calibrated"][name] == value  # measured, not changed
+        assert later.calibration["tuned"] is False and 0 < later.calibration["recall"] <= 1
     off = FaissIndex.build(ids, items, kind="hnsw", exact_max_items=0, target_recall=None, num_threads=1)
     off.add(ids[:300], items[:300][::-1].copy())
     assert maintain_index(off) == {"index_compacted": 300} and off.calibration is None
