@@ -713,18 +713,31 @@ class _Job:
         }
         report.users += len(per_user) - len(stored)
         user_rows, new_history, stored_hash = [], {}, {}
+        same_time = {}  # user -> this batch's other History at the stored time
         for u, (first, last, at, history) in per_user.items():
             old_at, old_hash = stored.get(u, (None, None))
             if old_at is None or at > old_at:
                 new_history[u], stored_hash[u] = history, old_hash
-                kept, rivals = _history_hash(history), tied.get(u, [])
-                user_rows.append((u, first, last, at, kept))
+                user_rows.append((u, first, last, at, _history_hash(history)))
             else:
                 user_rows.append((u, first, last, old_at, old_hash))
-                # At the stored time every line of the batch at it is a rival; earlier lines are not.
-                kept, rivals = old_hash, ([history, *tied.get(u, [])] if at == old_at else [])
+                if at == old_at and _history_hash(history) != old_hash:
+                    same_time[u] = history
+        # At the stored time, a History that holds the stored one (its ids in its order, and
+        # more) replaces it: the same line again once the news file brings the ids an earlier
+        # ingest left out (the documented way to restore them), or a fuller correction.
+        extended = self._extending_stored(same_time)
+        for i, (u, first, last, at, old_hash) in enumerate(user_rows):
+            if u in extended:
+                new_history[u], stored_hash[u] = same_time[u], old_hash
+                user_rows[i] = (u, first, last, at, _history_hash(same_time[u]))
+        kept = {row[0]: row[4] for row in user_rows}
+        for u, (first, last, at, history) in per_user.items():
+            old_at = stored.get(u, (None, None))[0]
+            # At the stored time every line of the batch at it is a rival; earlier lines are not.
+            rivals = tied.get(u, []) if old_at is None or at > old_at else [history, *tied.get(u, [])] if at == old_at else []
             # A corrected History re-delivered at the same time is not stored: said, not silent.
-            report.histories_not_replaced += sum(_history_hash(h) != kept for h in rivals)
+            report.histories_not_replaced += sum(_history_hash(h) != kept[u] for h in rivals)
         w.upsert(
             users, ("user_id", "first_seen_at", "last_seen_at", "history_at", "history_hash"), user_rows, key=("user_id",),
             update=lambda ex, t: {
@@ -806,6 +819,25 @@ class _Job:
                 where=lambda ex, t: sa.or_(t.clicked_at.is_(None), ex.clicked_at < t.clicked_at),
             )
         report.clicks += len(clicked)
+
+    def _extending_stored(self, histories: dict[str, tuple[str, ...]]) -> set[str]:
+        """The users among ``histories`` whose stored History (the click rows' positions) is a
+        proper subsequence of the given one: every stored id, in the stored order, and more."""
+        if not histories:
+            return set()
+        c = schema.clicks.c
+        stored: dict[str, list[tuple[int, str]]] = {u: [] for u in histories}
+        for user, news_id, pos in self.writer.select_in(
+                sa.select(c.user_id, c.news_id, c.history_pos).where(c.history_pos.is_not(None)), c.user_id, list(histories)):
+            stored[user].append((pos, news_id))
+        extended = set()
+        for user, history in histories.items():
+            old = [n for _, n in sorted(stored[user])]
+            new = list(dict.fromkeys(history))  # a repeated id keeps its first position, as stored
+            rest = iter(new)
+            if len(new) > len(old) and all(n in rest for n in old):  # `in` advances the iterator: in order
+                extended.add(user)
+        return extended
 
     def _replace_histories(self, new_history: dict[str, tuple[str, ...]], stored_hash: dict[str, str | None],
                            new_users: set[str]) -> int:

@@ -1037,6 +1037,33 @@ def test_a_history_corrected_at_the_same_time_is_kept_out_and_counted(engine, sm
     assert dump_store(engine) == before
 
 
+@pytest.mark.parametrize("batch_size", [5000, 1])
+def test_the_same_line_again_restores_the_history_ids_an_earlier_ingest_left_out(engine, quarantine_dir, tmp_path,
+                                                                                  batch_size, caplog):
+    # The documented way to restore them (ingest the news file that has the articles, then the
+    # behaviors again) did nothing: the line's time equals the stored one, so its History (now
+    # whole) read as a same-second rival and the left-out one stayed.
+    news = write_lines(tmp_path / "news.tsv", [news_line("N1"), "NX\t\tsub\tno category\t\t\t[]\t[]", news_line("N2")])
+    behaviors = write_lines(tmp_path / "behaviors.tsv", [behavior_line(1, "U1", T0, ["N1", "NX", "N1"], ["N2-1"])])
+    report = run(engine, quarantine_dir, news_path=news, behaviors_path=behaviors, batch_size=batch_size)
+    assert (report.unknown_history_ids, _history_of(engine, "U1")) == (1, ["N1"])
+    fixed = write_lines(tmp_path / "fixed.tsv", [news_line("N1"), news_line("NX"), news_line("N2")])
+    run(engine, quarantine_dir, news_path=fixed, batch_size=batch_size)
+    with caplog.at_level("WARNING", logger="recsys.ingest"):
+        report = run(engine, quarantine_dir, behaviors_path=behaviors, batch_size=batch_size)
+    assert (report.unknown_history_ids, report.histories_not_replaced) == (0, 0)
+    assert _history_of(engine, "U1") == ["N1", "NX"]  # the repeated N1 keeps its first position, as stored
+    assert "History other than the one the store keeps" not in caplog.text
+    before = dump_store(engine)
+    assert run(engine, quarantine_dir, behaviors_path=behaviors, batch_size=batch_size).histories_not_replaced == 0
+    assert dump_store(engine) == before  # again: nothing to do
+    # A History that holds only part of the stored one, at the same second, does not replace it
+    # (whichever came first, the fuller one is kept), and is counted.
+    shorter = write_lines(tmp_path / "shorter.tsv", [behavior_line(1, "U1", T0, ["NX"], ["N1-0", "N2-1"])])
+    assert run(engine, quarantine_dir, behaviors_path=shorter, source="b", batch_size=batch_size).histories_not_replaced == 1
+    assert _history_of(engine, "U1") == ["N1", "NX"]
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_an_ingest_leaves_postgres_statistics_of_what_it_wrote(engine, small_world, quarantine_dir):
