@@ -718,6 +718,16 @@ def test_a_blank_ingest_source_exits_1_and_stores_nothing(capsys, tmp_path: Path
     assert json.loads(run(capsys, *ws, "stats", "--json")[1])["impressions"] == 0
 
 
+@pytest.mark.parametrize("value", [" night-1", "night-1 ", "night-1\t"])
+def test_an_ingest_source_with_white_space_at_an_end_exits_1(capsys, tmp_path: Path, world: Path, value):
+    # ' night-1' was stored as given, and `train --source night-1` then found no impressions.
+    ws = ["--workspace", str(tmp_path / "ws")]
+    code, out, err = run(capsys, *ws, "ingest", "--behaviors", str(world / "behaviors_train.tsv"), "--source", value)
+    assert (code, out, err.strip()) == (1, "", f"error: --source {value!r} starts or ends with white space, expected a "
+                                                "name without it")
+    assert not (tmp_path / "ws").exists()
+
+
 def test_a_blank_workspace_variable_exits_1(capsys, tmp_path: Path, monkeypatch):
     # RECSYS_WORKSPACE=" " made a folder named " " in the working directory.
     monkeypatch.chdir(tmp_path)

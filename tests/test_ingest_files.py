@@ -180,7 +180,7 @@ def test_a_file_with_more_bad_lines_than_max_bad_share_fails_after_its_good_line
     (quarantine,) = (tmp_path / "ws" / "quarantine").iterdir()
     assert err.strip().splitlines()[-1] == (
         f"error: --behaviors {behaviors}: 3 of its 10 lines were bad (30.0%, more than ingest.max_bad_share = 10%); "
-        f"its 7 good lines are stored (first bad: {behaviors} line 8: field 'impressions' has 'N99990', expected a news "
+        f"its 7 good lines were ingested (first bad: {behaviors} line 8: field 'impressions' has 'N99990', expected a news "
         f"id present in the store or in the news file); the lines are in {quarantine}: fix the file (or its news file) "
         "and ingest it again, or raise ingest.max_bad_share")
     # The batches are committed: the good lines and the news file stay, the run says what it did.

@@ -580,7 +580,8 @@ def _parse_news(name: str, line: int, text: str) -> NewsRow | BadRow:
         field, value = next((f, v) for f, v in zip(NEWS_TSV_COLUMNS, cols) if "\x00" in v)
         return bad(field, value, "text without NUL (0x00) characters")
     if not category or len(category) > MAX_CATEGORY_CHARS:
-        return bad(CATEGORY, category, f"a non-empty category of at most {MAX_CATEGORY_CHARS} characters")
+        return bad(CATEGORY, category, f"a non-empty category of at most {MAX_CATEGORY_CHARS} characters"
+                                       + (f" (it has {len(category)})" if category else ""))
     if len(subcategory) > MAX_CATEGORY_CHARS:
         return bad(SUBCATEGORY, subcategory, f"at most {MAX_CATEGORY_CHARS} characters (it has {len(subcategory)})")
     if len(title) > MAX_TITLE_CHARS:

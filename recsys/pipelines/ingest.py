@@ -66,7 +66,7 @@ def _refuse_bad_files(summary: dict, *, news: Path | None, behaviors: Path | Non
             good = lines - bad
             too_bad.append(f"{option} {path}: {bad} of its {lines} lines {'was' if bad == 1 else 'were'} bad "
                            f"({_share(share, max_bad_share)}, more than ingest.max_bad_share = {max_bad_share * 100:g}%); "
-                           f"its {good} good {'line is' if good == 1 else 'lines are'} stored "
+                           f"its {good} good {'line was' if good == 1 else 'lines were'} ingested "
                            f"(first bad: {summary['first_bad_row'][key]})")
             # Candidates missing from the store are bad lines too: the night's news file came late.
             hints.append("fix the file (or its news file)" if option == "--behaviors" else "fix the file")

@@ -152,6 +152,8 @@ def check_source(source: str, label: str = "source") -> None:
         raise ConfigError(f"{label} {source.encode('utf-8', 'surrogateescape')!r}: not valid UTF-8") from None
     if not source.strip():  # an unset variable or a stray space: a name nobody would find again
         raise ConfigError(f"{label} {source!r} is blank, expected a name of 1 to {limit} characters")
+    if source != source.strip():  # `train --source x` would not find ' x'
+        raise ConfigError(f"{label} {source!r} starts or ends with white space, expected a name without it")
     if len(source) > limit:
         raise ConfigError(f"{label} {source!r} must have 1 to {limit} characters")
 
@@ -569,7 +571,7 @@ class _Job:
                 else:
                     good.append(row)
             with self.transaction():
-                good = self._without_stored_twice(good, source, brought)
+                good = self._without_stored_twice(good, source, brought, stream.name)
                 if good:
                     self._write_behaviors(good, source, known)
                     brought.add(np.fromiter((r.impression_id for r in good), np.int64, len(good)),
@@ -579,7 +581,8 @@ class _Job:
             self._committed(last)
             self._done(len(lines))
 
-    def _without_stored_twice(self, rows: list[BehaviorRow], source: str, brought: FirstLines) -> list[BehaviorRow]:
+    def _without_stored_twice(self, rows: list[BehaviorRow], source: str, brought: FirstLines,
+                              name: str) -> list[BehaviorRow]:
         """The rows less those whose impression the store would then hold twice.
 
         The same impression is the same user at the same time with the same candidates in the
@@ -641,9 +644,9 @@ class _Job:
             repeat = next((i for s, i in same if s == source and 0 < first_line.get(i, 0) < r.line), None)
             elsewhere = [key for key in same if key[0] != source]
             if repeat is not None:
-                self._name_repeated(r, source, repeat)
+                self._name_repeated(r, source, repeat, name)
             elif elsewhere and r.impression_id not in ours:
-                self._name_stored_elsewhere(r, source, *elsewhere[0])
+                self._name_stored_elsewhere(r, source, *elsewhere[0], name)
             else:
                 kept.append(r)
                 # Its id holds this impression from now on, whatever the store had there before.
@@ -655,19 +658,19 @@ class _Job:
                 first_line[r.impression_id] = r.line
         return kept
 
-    def _name_repeated(self, row: BehaviorRow, source: str, holder: int) -> None:
+    def _name_repeated(self, row: BehaviorRow, source: str, holder: int, name: str) -> None:
         self.report.impressions_repeated += 1
         if self.report.impressions_repeated <= NAMED_STORED_ELSEWHERE:
-            log.warning("behaviors line %d: source '%s' holds this impression (user %s at %s, same candidates and "
-                        "labels) as impression %d: not stored again as impression %d", row.line, source, row.user_id,
+            log.warning("%s line %d: source '%s' holds this impression (user %s at %s, same candidates and "
+                        "labels) as impression %d: not stored again as impression %d", name, row.line, source, row.user_id,
                         row.time.isoformat(sep=" "), holder, row.impression_id)
 
-    def _name_stored_elsewhere(self, row: BehaviorRow, source: str, other_source: str, holder: int) -> None:
+    def _name_stored_elsewhere(self, row: BehaviorRow, source: str, other_source: str, holder: int, name: str) -> None:
         self.report.impressions_stored_elsewhere += 1
         if self.report.impressions_stored_elsewhere <= NAMED_STORED_ELSEWHERE:
-            log.warning("behaviors line %d: the store holds this impression (user %s at %s, same candidates and "
+            log.warning("%s line %d: the store holds this impression (user %s at %s, same candidates and "
                         "labels) under source '%s' as impression %d: not stored again under '%s'",
-                        row.line, row.user_id, row.time.isoformat(sep=" "), other_source, holder, source)
+                        name, row.line, row.user_id, row.time.isoformat(sep=" "), other_source, holder, source)
 
     def _without_unknown_history(self, row: BehaviorRow, missing: set[str], name: str) -> BehaviorRow:
         """The row of file ``name`` with its History's unknown articles left out, counted and the

@@ -76,6 +76,7 @@ def test_empty_abstract_and_empty_entity_columns_are_fine(tmp_path):
         (NEWS_OK.replace("N1", "N/1"), "news_id", r"field 'news_id' has 'N/1', expected an id matching \^\[A-Za-z0-9_-\]\{1,64\}\$"),
         (NEWS_OK.replace("N1", "N" * 65), "news_id", "field 'news_id' has 'NNNN"),
         (NEWS_OK.replace("\tnews\t", "\t\t"), "category", "field 'category' has '', expected a non-empty category of at most 128 characters"),
+        (NEWS_OK.replace("\tnews\t", "\t" + "c" * 129 + "\t"), "category", r"expected a non-empty category of at most 128 characters \(it has 129\)"),
         (NEWS_OK.replace("\tnewsus\t", "\t" + "s" * 129 + "\t"), "subcategory", r"expected at most 128 characters \(it has 129\)"),
         (NEWS_OK.replace("Storm hits the coast", "t" * 1001), "title", r"field 'title' has 'ttt.*\.\.\., expected at most 1000 characters \(it has 1001\)"),
         (NEWS_OK.replace("Heavy rain.", "a" * 10001), "abstract", r"expected at most 10000 characters \(it has 10001\)"),

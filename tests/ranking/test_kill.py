@@ -68,7 +68,7 @@ def test_kill_9_then_rerun(world_store, store_url, world, tmp_path, caplog):
                 pytest.fail("nightly subprocess wrote no shard within 300 s")
             time.sleep(0.05)
         # A second run while the first is alive is refused and names the holder.
-        with pytest.raises(RunLockedError, match=rf"held by {this_host()}:{proc.pid} \(run \d+\) since"):
+        with pytest.raises(RunLockedError, match=rf"held by {this_host()}:{proc.pid} \(nightly run \d+\) since"):
             run_nightly(world_store, model_dir=world.model_dir, index_dir=world.index_dir, num_workers=0, **SETTINGS)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
