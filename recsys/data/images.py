@@ -38,6 +38,8 @@ _NEWS_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Inside a scan's entropy-coded data 0xFF is followed by 0x00 (a stuffed byte) or a restart
 # marker (D0-D7): anything else ends the scan.
 _END_OF_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+# A marker: 0xFF (any number of them: fill bytes) and a byte that is neither 0xFF nor 0x00.
+_NEXT_MARKER = re.compile(rb"\xff+[^\xff\x00]")
 
 
 class ImageCheck(NamedTuple):
@@ -179,7 +181,9 @@ def jpeg_scans(data: bytes, *, limit: int = MAX_JPEG_SCANS) -> int:
 
     Only the segment structure is read, so an embedded thumbnail (inside an APP segment) is
     not counted, and an MPO's later pictures, after the first EOI, are not either (Pillow
-    decodes the first). Malformed structure ends the count: decoding then finds the damage.
+    decodes the first). Bytes between segments that are not a marker are skipped up to the
+    next one, as libjpeg skips them ("extraneous bytes before marker") and decodes on: a count
+    that stopped there let one junk byte hide any number of scans.
 
     Args:
         data: the file's bytes (anything; 0 for what does not start like a JPEG).
@@ -188,21 +192,18 @@ def jpeg_scans(data: bytes, *, limit: int = MAX_JPEG_SCANS) -> int:
     if not data.startswith(b"\xff\xd8"):
         return 0
     scans, at, end = 0, 2, len(data)
-    while at + 1 < end and scans <= limit:
-        if data[at] != 0xFF:
+    while scans <= limit:
+        found = _NEXT_MARKER.search(data, at)  # past junk and fill bytes
+        if found is None:
             return scans
-        marker = data[at + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            at += 1
-            continue
+        marker, at = data[found.end() - 1], found.end()
         if marker == 0xD9:  # EOI
             return scans
         if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            at += 2
             continue
-        if at + 4 > end:
+        if at + 2 > end:
             return scans
-        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+        at += int.from_bytes(data[at:at + 2], "big")
         if marker == 0xDA:  # SOS: its header, then entropy-coded data up to the next marker
             scans += 1
             found = _END_OF_SCAN.search(data, at)

@@ -185,6 +185,13 @@ def test_jpeg_scans_are_counted_from_the_markers():
     assert jpeg_scans(image_bytes("PNG")) == 0
     data, scans = progressive_jpeg(extra_scans=50)
     assert jpeg_scans(data, limit=20) == 21  # stops counting past the limit
+    # Junk between segments and fill bytes before a marker: skipped, as libjpeg skips them and
+    # decodes on (a count that stopped at the junk byte let any number of scans through).
+    app0_end = 4 + int.from_bytes(data[4:6], "big")
+    assert data[app0_end] == 0xFF
+    for junk in (b"\x00", b"junk\xff\x00", b"\xff\xff\xff"):
+        assert jpeg_scans(data[:app0_end] + junk + data[app0_end:], limit=10**6) == scans
+    assert jpeg_scans(b"\xff\xd8" + b"\xff" * 100_000) == 0  # a run of fill bytes, at C speed
 
 
 def test_a_progressive_jpeg_of_too_many_scans_is_too_large_without_decoding(images):
@@ -192,6 +199,9 @@ def test_a_progressive_jpeg_of_too_many_scans_is_too_large_without_decoding(imag
     assert scans > MAX_JPEG_SCANS
     (images / "N1.jpg").write_bytes(data)
     assert check(images, "N1").status == IMAGE_TOO_LARGE
+    app0_end = 4 + int.from_bytes(data[4:6], "big")
+    (images / "N3.jpg").write_bytes(data[:app0_end] + b"\x00" + data[app0_end:])  # decodes all the same
+    assert check(images, "N3").status == IMAGE_TOO_LARGE
     data, scans = progressive_jpeg(extra_scans=MAX_JPEG_SCANS - 20)
     assert scans <= MAX_JPEG_SCANS
     (images / "N2.jpg").write_bytes(data)
