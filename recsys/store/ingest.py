@@ -692,8 +692,9 @@ class _Job:
             schema.users, schema.impressions, schema.impression_items, schema.clicks, schema.news,
         )
 
-        # Users: first/last seen, and whose History this batch brings the latest of (ties:
-        # the first listed, so that batch boundaries do not change the outcome).
+        # Users: first/last seen, and whose History this batch brings the latest of. Among the
+        # Histories of one second, one that holds another (its ids in its order, and more)
+        # wins, else the first listed: batch boundaries do not change the outcome.
         per_user: dict[str, list] = {}
         tied: dict[str, list] = {}  # per user, the other Histories of lines at its latest time
         for r in rows:
@@ -707,7 +708,10 @@ class _Job:
                     agg[2], agg[3] = r.time, r.history
                     tied.pop(r.user_id, None)
                 elif r.time == agg[2]:
-                    tied.setdefault(r.user_id, []).append(r.history)
+                    other = r.history
+                    if _holds(r.history, agg[3]):
+                        agg[3], other = r.history, agg[3]
+                    tied.setdefault(r.user_id, []).append(other)
         stored = {
             u: (at, digest)
             for u, at, digest in w.select_in(
@@ -715,32 +719,26 @@ class _Job:
             )
         }
         report.users += len(per_user) - len(stored)
+        # The stored History of the users whose lines at its very second differ from it: a
+        # fuller one replaces it (the same line again once the news file brings the ids an
+        # earlier ingest left out: the documented way to restore them), a rival does not.
+        at_stored = [u for u, (_, _, at, history) in per_user.items() if u in stored and at == stored[u][0]
+                     and any(_history_hash(h) != stored[u][1] for h in (history, *tied.get(u, [])))]
+        stored_history = self._stored_histories(at_stored)
         user_rows, new_history, stored_hash = [], {}, {}
-        same_time = {}  # user -> this batch's other History at the stored time
         for u, (first, last, at, history) in per_user.items():
             old_at, old_hash = stored.get(u, (None, None))
-            if old_at is None or at > old_at:
+            if old_at is None or at > old_at or (u in stored_history and _holds(history, stored_history[u])):
                 new_history[u], stored_hash[u] = history, old_hash
                 user_rows.append((u, first, last, at, _history_hash(history)))
+                kept, rivals = history, tied.get(u, [])
             else:
                 user_rows.append((u, first, last, old_at, old_hash))
-                if at == old_at and _history_hash(history) != old_hash:
-                    same_time[u] = history
-        # At the stored time, a History that holds the stored one (its ids in its order, and
-        # more) replaces it: the same line again once the news file brings the ids an earlier
-        # ingest left out (the documented way to restore them), or a fuller correction.
-        extended = self._extending_stored(same_time)
-        for i, (u, first, last, at, old_hash) in enumerate(user_rows):
-            if u in extended:
-                new_history[u], stored_hash[u] = same_time[u], old_hash
-                user_rows[i] = (u, first, last, at, _history_hash(same_time[u]))
-        kept = {row[0]: row[4] for row in user_rows}
-        for u, (first, last, at, history) in per_user.items():
-            old_at = stored.get(u, (None, None))[0]
-            # At the stored time every line of the batch at it is a rival; earlier lines are not.
-            rivals = tied.get(u, []) if old_at is None or at > old_at else [history, *tied.get(u, [])] if at == old_at else []
+                # At the stored time every line of the batch at it is a rival; earlier lines are not.
+                kept, rivals = stored_history.get(u, history), ([history, *tied.get(u, [])] if at == old_at else [])
             # A corrected History re-delivered at the same time is not stored: said, not silent.
-            report.histories_not_replaced += sum(_history_hash(h) != kept[u] for h in rivals)
+            # One that the kept History holds (a part of it) loses nothing.
+            report.histories_not_replaced += sum(not _within(h, kept) for h in rivals)
         w.upsert(
             users, ("user_id", "first_seen_at", "last_seen_at", "history_at", "history_hash"), user_rows, key=("user_id",),
             update=lambda ex, t: {
@@ -823,24 +821,16 @@ class _Job:
             )
         report.clicks += len(clicked)
 
-    def _extending_stored(self, histories: dict[str, tuple[str, ...]]) -> set[str]:
-        """The users among ``histories`` whose stored History (the click rows' positions) is a
-        proper subsequence of the given one: every stored id, in the stored order, and more."""
-        if not histories:
-            return set()
+    def _stored_histories(self, users: list[str]) -> dict[str, tuple[str, ...]]:
+        """The stored History of each of ``users``: its click rows in ``history_pos`` order."""
+        if not users:
+            return {}
         c = schema.clicks.c
-        stored: dict[str, list[tuple[int, str]]] = {u: [] for u in histories}
+        held: dict[str, list[tuple[int, str]]] = {u: [] for u in users}
         for user, news_id, pos in self.writer.select_in(
-                sa.select(c.user_id, c.news_id, c.history_pos).where(c.history_pos.is_not(None)), c.user_id, list(histories)):
-            stored[user].append((pos, news_id))
-        extended = set()
-        for user, history in histories.items():
-            old = [n for _, n in sorted(stored[user])]
-            new = list(dict.fromkeys(history))  # a repeated id keeps its first position, as stored
-            rest = iter(new)
-            if len(new) > len(old) and all(n in rest for n in old):  # `in` advances the iterator: in order
-                extended.add(user)
-        return extended
+                sa.select(c.user_id, c.news_id, c.history_pos).where(c.history_pos.is_not(None)), c.user_id, users):
+            held[user].append((pos, news_id))
+        return {u: tuple(n for _, n in sorted(rows)) for u, rows in held.items()}
 
     def _replace_histories(self, new_history: dict[str, tuple[str, ...]], stored_hash: dict[str, str | None],
                            new_users: set[str]) -> int:
@@ -874,6 +864,18 @@ class _Job:
             w.update_in(clicks, clicks.c.user_id, changed, clicks.c.history_pos.is_not(None), history_pos=None)
             w.upsert(clicks, columns, replaced, key=("user_id", "news_id"), update=lambda ex, t: {"history_pos": ex.history_pos})
         return len(fresh) + len(replaced)
+
+
+def _within(part: tuple[str, ...], history: tuple[str, ...]) -> bool:
+    """Whether the ids of ``part`` appear in ``history`` in the same order (each id at its first
+    position, as the store keeps a History)."""
+    rest = iter(dict.fromkeys(history))
+    return all(n in rest for n in dict.fromkeys(part))  # `in` advances the iterator: in order
+
+
+def _holds(history: tuple[str, ...], part: tuple[str, ...]) -> bool:
+    """Whether ``history`` holds ``part`` and more: ``part`` is ``_within`` it, and shorter."""
+    return len(dict.fromkeys(history)) > len(dict.fromkeys(part)) and _within(part, history)
 
 
 def _history_hash(history: tuple[str, ...]) -> str:

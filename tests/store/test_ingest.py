@@ -1061,8 +1061,29 @@ def test_the_same_line_again_restores_the_history_ids_an_earlier_ingest_left_out
     # A History that holds only part of the stored one, at the same second, does not replace it
     # (whichever came first, the fuller one is kept), and is counted.
     shorter = write_lines(tmp_path / "shorter.tsv", [behavior_line(1, "U1", T0, ["NX"], ["N1-0", "N2-1"])])
-    assert run(engine, quarantine_dir, behaviors_path=shorter, source="b", batch_size=batch_size).histories_not_replaced == 1
+    assert run(engine, quarantine_dir, behaviors_path=shorter, source="b", batch_size=batch_size).histories_not_replaced == 0
+    assert _history_of(engine, "U1") == ["N1", "NX"]  # a part of the kept History: it loses nothing, not counted
+    rival = write_lines(tmp_path / "rival.tsv", [behavior_line(1, "U1", T0, ["N2", "N1"], ["N1-0", "N2-0"])])
+    assert run(engine, quarantine_dir, behaviors_path=rival, source="c", batch_size=batch_size).histories_not_replaced == 1
     assert _history_of(engine, "U1") == ["N1", "NX"]
+
+
+@pytest.mark.parametrize("lines", [
+    [["N1"], ["N1", "N2"], ["N2", "N1"]],  # the fuller one second: it still wins, whatever the batch size
+    [["N1", "N2"], ["N1"], ["N2", "N1"]],
+])
+def test_among_histories_of_one_second_the_fuller_one_wins_whatever_the_batches(engine, quarantine_dir, tmp_path, lines):
+    news = write_lines(tmp_path / "news.tsv", [news_line(f"N{i}") for i in range(1, 5)])
+    behaviors = write_lines(tmp_path / "behaviors.tsv", [
+        behavior_line(i + 1, "U7", T0, history, candidates)  # other candidates: three impressions, not one repeated
+        for i, (history, candidates) in enumerate(zip(lines, [["N3-1"], ["N4-1"], ["N3-0", "N4-0"]]))])
+    outcomes = []
+    for batch_size in (5000, 1):
+        wipe_store(engine)
+        report = run(engine, quarantine_dir, news_path=news, behaviors_path=behaviors, batch_size=batch_size)
+        outcomes.append((_history_of(engine, "U7"), report.histories_not_replaced))
+    # [N1] is a part of the kept [N1, N2]; [N2, N1] (another order) is a rival, counted.
+    assert outcomes == [(["N1", "N2"], 1)] * 2
 
 
 @pytest.mark.postgres
