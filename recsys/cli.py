@@ -615,7 +615,7 @@ def evaluate(
             raise RecsysError(f"--models names {', '.join(twice)} more than once")
     summary = run_evaluate(
         c.engine(), c.workspace, c.config(), behaviors=behaviors, out=out, versions=versions,
-        ablations=baselines, truth=truth, news=news, images=images, features_at=features_at or "popularity-at-end",
+        ablations=baselines, truth=truth, news=news, images=images, features_at="popularity-at-end" if features_at is None else features_at,
         file_exposure=not no_file_exposure,
     )
     _print_json(summary)

@@ -393,7 +393,7 @@ def test_a_training_started_during_an_ingest_says_so_before_it_reads(store, tmp_
     assert running_runs(store, "ingest") == []
 
 
-def test_an_ingest_that_writes_while_the_training_reads_is_named_and_recorded(store, tmp_path, monkeypatch, caplog):
+def test_an_ingest_that_writes_while_the_training_reads_is_named_for_the_manifest(store, tmp_path, monkeypatch, caplog):
     # The first check runs before the catalogue's encoding (22 minutes at MIND size): an ingest
     # that began after it gave the reads part of its file, and the manifest said none ran.
     from recsys.pipelines.runlog import recorded_run
@@ -413,8 +413,8 @@ def test_an_ingest_that_writes_while_the_training_reads_is_named_and_recorded(st
 
     found = {}
 
-    def stop_after(engine, read_started, *, warned):
-        found.update(partial(engine, read_started, warned=warned))
+    def stop_after(engine, marks, *, warned):
+        found.update(partial(engine, marks, warned=warned))
         raise Stop
 
     partial = train_pipeline._warn_of_partial_ingests
@@ -430,24 +430,33 @@ def test_an_ingest_that_writes_while_the_training_reads_is_named_and_recorded(st
 
 
 def test_an_ingest_that_stopped_before_its_end_is_named_until_one_completes(store, caplog):
-    from recsys.clock import utc_now
-    from recsys.pipelines.runlog import recorded_run
+    from recsys.pipelines.runlog import ingest_marks, recorded_run
     from recsys.pipelines.train import _warn_of_partial_ingests
 
     with pytest.raises(RuntimeError), recorded_run(store, "ingest") as record:
         raise RuntimeError("disk full\nmore detail")
-    between = utc_now()  # reads that began after it ended: it is not one of theirs
+    marks = ingest_marks(store)  # reads that began after it ended: it is not one of theirs
     with caplog.at_level("WARNING"):
-        assert _warn_of_partial_ingests(store, between, warned=[]) == {
+        assert _warn_of_partial_ingests(store, marks, warned=[]) == {
             "ingest_runs_running_at_read": [], "last_ingest_unfinished": record["run_id"]}
     assert (f"the latest ingest, run {record['run_id']}, did not complete (failed: RuntimeError: disk full): the store "
             "holds the batches it committed before it stopped") in caplog.text
+    # Refused after reading its files whole (ingest.max_bad_share): its good lines are all there.
+    with pytest.raises(RuntimeError), recorded_run(store, "ingest") as refused:
+        refused["counts"] = {"impressions": 6}
+        raise RuntimeError("--behaviors b.tsv: 249 of its 255 lines were bad")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert _warn_of_partial_ingests(store, marks, warned=[refused["run_id"]])["last_ingest_unfinished"] == refused["run_id"]
+    assert (f"the latest ingest, run {refused['run_id']}, failed after reading its files whole (RuntimeError: "
+            "--behaviors b.tsv: 249 of its 255 lines were bad): the store holds their good lines") in caplog.text
+    assert "part of its file" not in caplog.text
     with recorded_run(store, "ingest") as redone:  # the file ingested again, in the reads' time
         pass
     caplog.clear()
     with caplog.at_level("WARNING"):
-        assert _warn_of_partial_ingests(store, between, warned=[redone["run_id"]]) == {
-            "ingest_runs_running_at_read": [redone["run_id"]], "last_ingest_unfinished": None}
+        assert _warn_of_partial_ingests(store, marks, warned=[refused["run_id"], redone["run_id"]]) == {
+            "ingest_runs_running_at_read": [refused["run_id"], redone["run_id"]], "last_ingest_unfinished": None}
     assert caplog.text == ""  # named already (warned) and complete
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, and_, insert, or_, select, update
+from sqlalchemy import Engine, and_, func, insert, or_, select, update
 
 from recsys.errors import StoreUnavailableError
 from recsys.ranking.lock import current_holder, local_process_gone
@@ -99,28 +99,39 @@ def running_runs(engine: Engine, kind: str) -> list[tuple[int, str | None, objec
     return _sweep_running(engine, kind, every=False)[1]
 
 
-def runs_since(engine: Engine, kind: str, since) -> list[tuple[int, str | None, object]]:
-    """``(run_id, holder, started_at)`` of the runs of ``kind`` that were running at some time
-    from ``since`` (naive UTC) to now: still running (or killed before recording an outcome),
-    or finished at or after ``since``, by run id."""
+def ingest_marks(engine: Engine) -> tuple[list[int], int]:
+    """``(ids of the ingest runs running now, the highest ingest run id)``, to tell afterwards
+    which ingests ran during a read (``ingests_since``) without comparing two hosts' clocks."""
+    r = s.runs.c
+    with engine.connect() as conn:
+        running = conn.execute(
+            select(r.run_id).where(and_(r.kind == "ingest", r.status == "running")).order_by(r.run_id)).scalars().all()
+        highest = conn.execute(select(func.max(r.run_id)).where(r.kind == "ingest")).scalar()
+    return [int(i) for i in running], int(highest or 0)
+
+
+def ingests_since(engine: Engine, marks: tuple[list[int], int]) -> list[tuple[int, str | None, object]]:
+    """``(run_id, holder, started_at)`` of the ingest runs that ran at some time since
+    ``marks`` (``ingest_marks``) were taken: those running then, and those started after."""
+    running, highest = marks
     r = s.runs.c
     with engine.connect() as conn:
         rows = conn.execute(
             select(r.run_id, r.holder, r.started_at)
-            .where(and_(r.kind == kind, or_(r.status == "running", r.finished_at >= since)))
+            .where(and_(r.kind == "ingest", or_(r.run_id > highest, r.run_id.in_(running))))
             .order_by(r.run_id)
         ).all()
     return [(int(row.run_id), row.holder, row.started_at) for row in rows]
 
 
-def last_run(engine: Engine, kind: str) -> tuple[int, str, str | None] | None:
-    """``(run_id, status, message)`` of the latest run of ``kind``, or None."""
+def last_run(engine: Engine, kind: str) -> tuple[int, str, str | None, dict] | None:
+    """``(run_id, status, message, counts)`` of the latest run of ``kind``, or None."""
     r = s.runs.c
     with engine.connect() as conn:
         row = conn.execute(
-            select(r.run_id, r.status, r.message).where(r.kind == kind).order_by(r.run_id.desc()).limit(1)
+            select(r.run_id, r.status, r.message, r.counts).where(r.kind == kind).order_by(r.run_id.desc()).limit(1)
         ).first()
-    return None if row is None else (int(row.run_id), row.status, row.message)
+    return None if row is None else (int(row.run_id), row.status, row.message, row.counts or {})
 
 
 def _sweep_running(engine: Engine, kind: str, *, every: bool) -> tuple[list[int], list[tuple[int, str | None, object]]]:

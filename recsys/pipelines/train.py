@@ -19,7 +19,7 @@ from recsys.data.interactions import ClickLog, Impressions, InteractionLog, with
 from recsys.models.side_features import SideFeatures
 from recsys.pipelines.features import first_seen_array, load_catalogue
 from recsys.pipelines.inputs import check_output_folder
-from recsys.pipelines.runlog import last_run, recorded_run, running_runs, runs_since
+from recsys.pipelines.runlog import ingest_marks, ingests_since, last_run, recorded_run, running_runs
 from recsys.store import repository as repo
 from recsys.threads import configure_threads
 from recsys.versions import new_version_name, publish_version, staging_dir
@@ -274,14 +274,14 @@ def run_train(
     t0 = time.perf_counter()
     # Minutes at MIND-large size with nothing else said (11 at 1.2M impressions on a busy machine).
     log.info("reading the impressions of %s .. %s from the store", since_dt, until_dt)
-    read_started = utc_now()
+    marks = ingest_marks(engine)
     train, valid, every_click = read_windows(
         engine, features.news_ids, since_dt, valid_start, until_dt, source=source, history_len=mc.history_len
     )
     window_hours = SideFeatures().window_hours
     events = read_training_log(engine, features.news_ids, since_dt, until_dt, window_hours=window_hours,
                                feature_clock_hours=mc.feature_clock_hours)
-    partial_ingests = _warn_of_partial_ingests(engine, read_started, warned=[run_id for run_id, _, _ in ingesting])
+    partial_ingests = _warn_of_partial_ingests(engine, marks, warned=[run_id for run_id, _, _ in ingesting])
     clicks = every_click if mc.logged_clicks else None
     first_seen = first_seen_array(news)
     timings["read_s"] = round(time.perf_counter() - t0, 2)
@@ -357,21 +357,22 @@ def run_train(
             **partial_ingests}
 
 
-def _warn_of_partial_ingests(engine: Engine, read_started, *, warned: list[int]) -> dict:
+def _warn_of_partial_ingests(engine: Engine, marks: tuple[list[int], int], *, warned: list[int]) -> dict:
     """What the reads just done may hold of an ingest's file only in part, said on the log and
     returned for the manifest.
 
     The reads are several statements, not one snapshot, and an ingest commits batch by batch:
-    one that ran at any moment of them (started before, or during the catalogue's encoding)
-    gave this training part of its file. One that stopped before its end (killed, or failed)
-    left part of its file in the store for every later reader.
+    one that ran at any moment of them (running when ``marks`` were taken, ``ingest_marks``,
+    or started after) gave this training part of its file. One that failed before the end of
+    its files (killed, a full disk) left part of them in the store for every later reader; one
+    refused after reading them whole (``ingest.max_bad_share``) left their good lines.
 
     Returns:
-        ``ingest_runs_running_at_read``: the ingest runs that ran during the reads (started
-        before they ended, running or finished after they began); ``last_ingest_unfinished``:
-        the latest ingest run when it did not complete and no longer runs, else None.
+        ``ingest_runs_running_at_read``: the ingest runs that ran during the reads;
+        ``last_ingest_unfinished``: the latest ingest run when it did not complete and no
+        longer runs, else None.
     """
-    during = runs_since(engine, "ingest", read_started)
+    during = ingests_since(engine, marks)
     for run_id, holder, started in during:
         if run_id not in warned:  # (the early warning named those running before the encoding)
             log.warning("ingest run %d (%s, started %s UTC) wrote to the store while this training read it: the "
@@ -380,10 +381,16 @@ def _warn_of_partial_ingests(engine: Engine, read_started, *, warned: list[int])
     last = last_run(engine, "ingest")
     unfinished = None
     if last is not None and last[1] not in ("complete", "running"):
-        unfinished = last[0]
-        log.warning("the latest ingest, run %d, did not complete (%s: %s): the store holds the batches it committed "
-                    "before it stopped, part of its file; ingest that file again (it is safe to) and train after it",
-                    last[0], last[1], next(iter((last[2] or "").splitlines()), "no message recorded"))
+        run_id, status, message, counts = last
+        unfinished = run_id
+        why = next(iter((message or "").splitlines()), "no message recorded")
+        if counts:  # recorded once its files were read whole: refused for its bad lines
+            log.warning("the latest ingest, run %d, %s after reading its files whole (%s): the store holds their good "
+                        "lines, not the quarantined ones", run_id, status, why)
+        else:
+            log.warning("the latest ingest, run %d, did not complete (%s: %s): the store holds the batches it "
+                        "committed before it stopped, part of its file; ingest that file again (it is safe to) and "
+                        "train after it", run_id, status, why)
     return {"ingest_runs_running_at_read": [run_id for run_id, _, _ in during], "last_ingest_unfinished": unfinished}
 
 

@@ -139,11 +139,16 @@ def default_source(behaviors_path: str | Path) -> str:
     return f"{path.parent.name}/{path.stem}"
 
 
-def check_source(source: str, label: str = "source") -> None:
+def check_source(source: str, label: str = "source", *, given: bool = True) -> None:
     """Refuse a source name the store cannot hold, before anything is written.
 
+    Args:
+        given: typed by the user (``--source``), not ``default_source``'s folder and stem,
+            which may keep a space at an end that nobody typed.
+
     Raises:
-        ConfigError: not UTF-8, blank, or too long; the message starts with ``label``.
+        ConfigError: not UTF-8, blank, too long, or (``given``) with white space at an end;
+            the message starts with ``label``.
     """
     limit = schema.impressions.c.source.type.length
     try:
@@ -152,7 +157,7 @@ def check_source(source: str, label: str = "source") -> None:
         raise ConfigError(f"{label} {source.encode('utf-8', 'surrogateescape')!r}: not valid UTF-8") from None
     if not source.strip():  # an unset variable or a stray space: a name nobody would find again
         raise ConfigError(f"{label} {source!r} is blank, expected a name of 1 to {limit} characters")
-    if source != source.strip():  # `train --source x` would not find ' x'
+    if given and source != source.strip():  # `train --source x` would not find ' x'
         raise ConfigError(f"{label} {source!r} starts or ends with white space, expected a name without it")
     if len(source) > limit:
         raise ConfigError(f"{label} {source!r} must have 1 to {limit} characters")
@@ -226,8 +231,9 @@ def ingest(
         if path is not None:
             check_path_name(label, path)
     if behaviors_path is not None:
+        given = source is not None
         source = default_source(behaviors_path) if source is None else source
-        check_source(source)
+        check_source(source, given=given)
     listing = None
     if images_dir is not None:
         images_dir = Path(images_dir)

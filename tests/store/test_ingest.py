@@ -959,6 +959,21 @@ def test_default_source_is_folder_and_stem(tmp_path):
     assert default_source(tmp_path / "MINDsmall_dev" / "behaviors.tsv") == "MINDsmall_dev/behaviors"
 
 
+def test_a_default_source_may_keep_a_space_nobody_typed(engine, tmp_path, quarantine_dir):
+    # A typed --source ' x' is refused (`train --source x` would not find it); a folder whose
+    # name starts with a space gives such a default, which the user never typed, and ingests.
+    from recsys.store.ingest import check_source
+
+    with pytest.raises(ConfigError, match=r"source ' x' starts or ends with white space"):
+        check_source(" x")
+    check_source(" x/behaviors", given=False)
+    (tmp_path / " night").mkdir()
+    news = write_lines(tmp_path / "news.tsv", [news_line("N1"), news_line("N2")])
+    behaviors = write_lines(tmp_path / " night" / "behaviors.tsv", [behavior_line(1, "U1", T0, [], ["N1-1", "N2-0"])])
+    report = run(engine, quarantine_dir, news_path=news, behaviors_path=behaviors)
+    assert (report.source, report.impressions) == (" night/behaviors", 1)
+
+
 @pytest.mark.parametrize("bad_first", [["N3-1", "N99-0"], ["N3-1", "N3-0"]])  # an unknown article; a label conflict
 def test_a_quarantined_line_brings_nothing_a_later_line_could_repeat(engine, small_world, quarantine_dir, tmp_path, bad_first):
     # Its id used to count as named whatever made it bad: the later line was a repeat when the
