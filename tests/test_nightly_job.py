@@ -362,7 +362,7 @@ def test_a_night_whose_files_have_no_good_line_or_too_many_bad_ones_exits_3_and_
     summary = json.loads(out)
     assert summary["ingest"]["error"].startswith(
         f"--behaviors {behaviors}: 1 of its 2 lines was bad (50.0%, more than ingest.max_bad_share = 10%); its 1 good "
-        f"line is stored (first bad: {behaviors} line 2: ")
+        f"line was ingested (first bad: {behaviors} line 2: ")
     assert summary["run"]["status"] == "complete" and summary["run"]["counts"]["users"] == before["users"] + 1
     assert err.strip().splitlines()[-1].startswith("error: ingest failed, the run ranked the data already stored: "
                                                    "--behaviors")
