@@ -165,6 +165,11 @@ def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
     assert code == 1
     assert "--features-at is 'tomorrow', expected one of ['popularity-at-end', 'impression', 'store-end']" in err, err
     assert not (workspace / "never.txt").exists()
+    # Given empty, it is checked, not taken for the default (the option is None when not given).
+    code, out, err = run(capsys, *ws, "evaluate", "--behaviors", str(world / "behaviors_test.tsv"), "--out",
+                         str(workspace / "never"), "--features-at", "")
+    assert (code, out) == (1, "") and "--features-at is '', expected one of" in err, err
+    assert not (workspace / "never").exists()
 
     # The default model reads title + abstract vectors; served title-only ones it refuses with
     # the settings to change, and writes nothing.
