@@ -213,6 +213,12 @@ def jpeg_scans(data: bytes, *, limit: int = MAX_JPEG_SCANS) -> int:
     return scans
 
 
+def too_many_scans(image_format: str | None, data: bytes) -> bool:
+    """Whether ``data``, opened by Pillow as ``image_format``, is a JPEG of more than
+    ``MAX_JPEG_SCANS`` scans (``jpeg_scans``): refused by ingest's check and the encoder alike."""
+    return image_format in ("JPEG", "MPO") and jpeg_scans(data) > MAX_JPEG_SCANS
+
+
 @contextmanager
 def decoding_rules() -> Iterator[None]:
     """Warning filters for decoding a cover, shared by ingest's check and the image encoder so
@@ -241,7 +247,7 @@ def _decode_status(data: bytes) -> tuple[str, str | None]:
                     return IMAGE_TOO_LARGE, f"{width}x{height} = {width * height} pixels, over the limit of {MAX_IMAGE_PIXELS}"
                 if width < 1 or height < 1:
                     return IMAGE_CORRUPT, f"{width}x{height} pixels"
-                if image.format in ("JPEG", "MPO") and jpeg_scans(data) > MAX_JPEG_SCANS:
+                if too_many_scans(image.format, data):
                     return IMAGE_TOO_LARGE, f"a JPEG of more than {MAX_JPEG_SCANS} scans"
                 if image.format != "PNG":
                     image.load()  # a full decode is what finds truncated files

@@ -336,10 +336,28 @@ def is_bad_label(candidate: str, known: Container[str]) -> bool:
     return bool(dash) and news_id in known
 
 
+# Malformed news lines kept to name in the errors of the impressions that need them: a wrong file
+# given as --news (every line bad) would otherwise keep all of its lines.
+REMEMBERED_BAD_NEWS = 10_000
+
+
 def malformed_news_id(bad: BadRow) -> str:
     """The news id a malformed news.tsv line starts with (its first cell, as the reader splits
     it): a candidate that only such a line names is that line's fault, not an unknown id."""
     return bad.raw.split("\t", 1)[0].strip()
+
+
+def remember_malformed(bad_news: dict[str, BadRow], row: BadRow) -> None:
+    """Keep ``row`` in ``bad_news`` under its ``malformed_news_id`` (the first line of an id, the
+    first ``REMEMBERED_BAD_NEWS`` ids), for ``malformed_note``."""
+    if len(bad_news) < REMEMBERED_BAD_NEWS:
+        bad_news.setdefault(malformed_news_id(row), row)
+
+
+def malformed_note(news_file: str, malformed: BadRow, news_id: str = "it") -> str:
+    """``"the news file has N98 only on a malformed line: <its fault>"``: its fault is the one to
+    fix. ``news_file`` is how the message names the file ("--news", "the news file")."""
+    return f"{news_file} has {news_id} only on a malformed line: {malformed.reason}"
 
 
 def expected_news_id(news_file: str, malformed: BadRow | None = None) -> str:
@@ -347,12 +365,12 @@ def expected_news_id(news_file: str, malformed: BadRow | None = None) -> str:
 
     Args:
         news_file: how the message names the news file ("--news", "the news file").
-        malformed: the news file's malformed line that starts with the id, if any: its fault
-            is the one to fix, so the message gives it (``malformed_news_id``).
+        malformed: the news file's malformed line that starts with the id, if any
+            (``malformed_note``).
     """
     expected = f"a news id present in the store or in {news_file}"
     if malformed is not None:
-        expected += f" ({news_file} has it only on a malformed line: {malformed.reason})"
+        expected += f" ({malformed_note(news_file, malformed)})"
     return expected
 
 

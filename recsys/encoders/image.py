@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from recsys.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_JPEG_SCANS, decoding_rules, jpeg_scans
+from recsys.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_JPEG_SCANS, decoding_rules, too_many_scans
 from recsys.encoders.item_features import EncoderInfo
 from recsys.errors import ConfigError, RecsysError
 
@@ -111,7 +111,7 @@ def load_image_rgb(path: str | Path, size: int) -> np.ndarray:
                     )
                 if width < 1 or height < 1:
                     raise ImageDecodeError(path, f"image is {width}x{height} pixels")
-                if image.format in ("JPEG", "MPO") and jpeg_scans(data) > MAX_JPEG_SCANS:
+                if too_many_scans(image.format, data):
                     raise ImageDecodeError(path, f"progressive JPEG of more than {MAX_JPEG_SCANS} scans, refused as a "
                                                  "decompression bomb (each scan is a pass over every pixel)")
                 # JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below `size`.

@@ -38,7 +38,7 @@ from recsys.columns import (
 )
 from recsys.config import Config, Workspace
 from recsys.data.mind import (
-    EXPECTED_LABEL, IMPRESSIONS, BadRow, BehaviorsScan, expected_news_id, is_bad_label, malformed_news_id,
+    EXPECTED_LABEL, IMPRESSIONS, BadRow, BehaviorsScan, expected_news_id, is_bad_label, remember_malformed,
 )
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError, SchemaError
@@ -100,7 +100,7 @@ def news_from_file(
     """
     from recsys.data.images import inspect_image, list_images
     from recsys.data.mind import iter_news
-    from recsys.store.ingest import NAMED_BAD_COVERS, REMEMBERED_BAD_NEWS, UnusableCovers, content_hash
+    from recsys.store.ingest import NAMED_BAD_COVERS, UnusableCovers, content_hash
 
     root = Path(images).resolve() if images else None
     listing = list_images(root) if root else None
@@ -112,8 +112,7 @@ def news_from_file(
     for row in iter_news(path):
         if isinstance(row, BadRow):
             num_bad += 1
-            if len(bad) < REMEMBERED_BAD_NEWS:  # a wrong file given as --news: not every line kept
-                bad.setdefault(malformed_news_id(row), row)
+            remember_malformed(bad, row)
             continue
         good += 1
         if row.news_id in known:

@@ -36,7 +36,7 @@ from recsys.columns import IMAGE_MISSING, IMAGE_OK, IMAGE_STATUSES
 from recsys.data.images import ImageCheck, check_image_file, image_names, inspect_image, list_images
 from recsys.data.mind import (
     EXPECTED_LABEL, IMPRESSIONS, BadRow, BehaviorRow, FirstLines, NewsRow, RowStream, batches, expected_news_id,
-    is_bad_label, iter_behaviors, iter_news, malformed_news_id, repeated_impression_ids, scan_behaviors,
+    is_bad_label, iter_behaviors, iter_news, malformed_note, remember_malformed, repeated_impression_ids, scan_behaviors,
 )
 from recsys.errors import ConfigError
 from recsys.escapes import TERMINAL_ESCAPES, escape_of
@@ -49,9 +49,6 @@ _QUARANTINE_HEADER = ("file", "line", "field", "reason", "raw")
 # Unusable cover files named one by one on the log; the rest are counted.
 NAMED_BAD_COVERS = 20
 NAMED_UNKNOWN_HISTORY = 20  # lines named on the log for a History id nobody has
-# Malformed news lines kept to name in the errors of the impressions that need them: a wrong file
-# given as --news (every line bad) would otherwise keep all of its lines.
-REMEMBERED_BAD_NEWS = 10_000
 # Lines named on the log for an impression another source holds, and (separately) for one this
 # source holds under another impression id.
 NAMED_STORED_ELSEWHERE = 5
@@ -391,9 +388,8 @@ class _Job:
         log, rest="counted in the report's image_status, not named"))
     unknown_history_lines: int = 0  # lines with an unknown History id so far (NAMED_UNKNOWN_HISTORY logged)
     first_changed_news: str | None = None  # the first stored article given other content
-    # The news file's malformed lines by the id each starts with (the first line of an id, the
-    # first REMEMBERED_BAD_NEWS ids): an impression naming an id that only such a line has is
-    # that line's fault, and says so.
+    # The news file's malformed lines by the id each starts with (``remember_malformed``): an
+    # impression naming an id that only such a line has is that line's fault, and says so.
     bad_news: dict[str, BadRow] = field(default_factory=dict)
 
     def transaction(self) -> AbstractContextManager:
@@ -464,8 +460,7 @@ class _Job:
             latest: dict[str, NewsRow] = {}
             for row in lines:
                 if isinstance(row, BadRow):
-                    if len(self.bad_news) < REMEMBERED_BAD_NEWS:
-                        self.bad_news.setdefault(malformed_news_id(row), row)
+                    remember_malformed(self.bad_news, row)
                     self._bad(row, file_key, pending_bad)
                 elif last_line.get(row.news_id, row.line) == row.line:
                     latest[row.news_id] = row
@@ -685,8 +680,7 @@ class _Job:
         self.unknown_history_lines += 1
         if self.unknown_history_lines <= NAMED_UNKNOWN_HISTORY:
             malformed = next((n for n in unknown if n in self.bad_news), None)
-            where = "" if malformed is None else (
-                f" (the news file has {malformed} only on a malformed line: {self.bad_news[malformed].reason})")
+            where = "" if malformed is None else f" ({malformed_note('the news file', self.bad_news[malformed], malformed)})"
             log.warning("%s line %d: History names %s, which neither the store nor the news file has%s: left out "
                         "of the stored History, the impression is kept", name, row.line, ", ".join(unknown[:5]), where)
         self.report.unknown_history_ids += len(unknown)
