@@ -690,6 +690,10 @@ def test_a_job_with_an_export_it_cannot_write_or_lone_ingest_options_stops_befor
         with pytest.raises(RecsysError, match=rf"^--export {export}: {tmp_path / 'share'} is a link to "
                                               r"/nonexistent/recsys-exports, which does not exist$"):
             run_nightly_job(engine, ws, config, behaviors=world / "behaviors_test.tsv", export=export)
+    # /proc passes the access check for root, and refuses any new folder: found before the night too.
+    with pytest.raises(RecsysError, match=r"^--export /proc/recsys-exports/night-1: (cannot create the folder "
+                                          r"\(No such file or directory\)|folder /proc is not writable)$"):
+        run_nightly_job(engine, ws, config, behaviors=world / "behaviors_test.tsv", export=Path("/proc/recsys-exports/night-1"))
     for kwargs in ({"images": world / "images"}, {"source": "night-1"}):
         with pytest.raises(RecsysError, match="nightly --images and --source go with --news and/or --behaviors"):
             run_nightly_job(engine, ws, config, **kwargs)

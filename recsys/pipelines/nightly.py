@@ -291,6 +291,10 @@ def run_nightly_job(
     check_nightly_inputs(news=news, behaviors=behaviors, images=images, source=source)
     if export is not None:  # found now, not after the night's ranking
         check_output_folder("--export", export)
+        try:  # a writable-looking parent can still refuse the folder (a root job, a special or full file system)
+            Path(export).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RecsysError(f"--export {export}: cannot create the folder ({exc.strerror or exc})") from exc
     _check_workspace_writable(engine, workspace)
     _check_encoders(engine, config, ingesting=news is not None or behaviors is not None)
     from recsys.ranking.nightly import worker_url
