@@ -17,7 +17,8 @@ from recsys.errors import RecsysError, SchemaError
 from recsys.metrics.ranking import MetricInputError, ranks_from_scores
 
 RANKS_FIELD = "ranks"
-_RANK = re.compile(r"[1-9][0-9]*", re.ASCII)
+# At most 18 digits: every such rank fits int64 (a longer one overflowed without naming the line).
+_RANK = re.compile(r"[1-9][0-9]{0,17}", re.ASCII)
 
 
 class PredictionError(RecsysError, ValueError):
@@ -84,7 +85,8 @@ def parse_prediction_line(line: str, *, path: str | os.PathLike = "<predictions>
         ``(impression_id: str, ranks: (n,) int64 array)``.
 
     Raises:
-        SchemaError: not two fields, or a ranks field that is not ``[r1,...]`` with integers >= 1.
+        SchemaError: not two fields, or a ranks field that is not ``[r1,...]`` with integers >= 1
+            of at most 18 digits.
     """
     text = line.rstrip("\r\n")
     fields = text.split()
@@ -97,7 +99,7 @@ def parse_prediction_line(line: str, *, path: str | os.PathLike = "<predictions>
     # ASCII digits without leading zeros: what the MIND scorer's json.loads accepts (str.isdigit
     # would also pass "²" or Arabic-Indic digits, and "01").
     if not all(_RANK.fullmatch(p) for p in parts):
-        raise SchemaError(path, line_number, RANKS_FIELD, field, "comma-separated integers >= 1")
+        raise SchemaError(path, line_number, RANKS_FIELD, field, "comma-separated integers >= 1 (of at most 18 digits)")
     return impression_id, np.array([int(p) for p in parts], dtype=np.int64)
 
 

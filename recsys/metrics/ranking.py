@@ -204,7 +204,8 @@ def scores_from_ranks(ranks) -> np.ndarray:
     """Scores the MIND scorer derives from prediction-file ranks: ``1 / rank``.
 
     Args:
-        ranks: (n,) integer ranks >= 1 (repeats allowed, as the MIND scorer allows them).
+        ranks: (n,) integer ranks >= 1 (repeats allowed, as the MIND scorer allows them;
+            tied scores are then ordered by this module's rule, not NumPy's default sort).
 
     Returns:
         (n,) float64 scores in (0, 1].
@@ -378,7 +379,9 @@ def mind_scores(labels_list: Iterable[Sequence[int]], scores_list: Iterable[Sequ
         labels_list: per impression, the 0/1 labels in candidate order. An empty list or all
             labels -1 marks an unlabelled (masked) impression, which is counted and skipped.
         scores_list: per impression, the scores in the same order (for a prediction file, pass
-            ``scores_from_ranks(ranks)`` to reproduce the scorer exactly). Nothing here sees
+            ``scores_from_ranks(ranks)`` to reproduce the scorer; exactly
+            when the ranks of an impression are distinct, as a prediction file's are: for repeated
+            ranks the scorer's order depends on NumPy's default sort, this module's is fixed). Nothing here sees
             impression ids: the caller must pair each prediction line with the labels of the
             same impression (``read_predictions`` yields the ids), as the MIND scorer refuses
             a file whose ids are out of step.

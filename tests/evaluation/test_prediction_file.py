@@ -68,6 +68,7 @@ def test_bad_rows_are_rejected(tmp_path, row, message):
         ("7 [01,2]\n", "ranks", "comma-separated integers >= 1"),
         ("7 [1,2\u00b2]\n", "ranks", "comma-separated integers >= 1"),
         ("7 [\u0661,2]\n", "ranks", "comma-separated integers >= 1"),
+        ("7 [1,99999999999999999999]\n", "ranks", "comma-separated integers >= 1 \\(of at most 18 digits\\)"),
         ("\n", "line", "two fields"),
     ],
 )
