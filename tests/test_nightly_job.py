@@ -527,7 +527,7 @@ def test_an_emptied_or_damaged_index_is_built_whole_by_the_next_night(trained, c
     """An index folder emptied by hand stopped every night ('manifest.json: missing'), and
     `model list` called it present; a truncated index.faiss stopped every night the same way."""
     from recsys.errors import NotFoundError
-    from recsys.index.faiss_index import IndexFormatError
+    from recsys.index.folder import IndexFormatError
     from recsys.pipelines.index import run_similar
     from recsys.versions import describe_versions
 

@@ -25,6 +25,8 @@ exactly instead, which is faster than walking a graph for a few allowed items an
 misses one. Per-query exclusions (the articles a user already clicked) are removed after the
 search, which over-fetches by the number of excluded rows and retries with a larger k and a
 wider search when an approximate index still comes back short.
+
+The saved folder (its files, atomic replacement, consistent reads) is ``recsys.index.folder``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import dataclasses
 import datetime as dt
 import errno
 import hashlib
-import io
 import json
 import logging
 import math
@@ -48,8 +49,12 @@ from typing import Any
 import faiss
 import numpy as np
 
-from recsys.atomic import age_seconds, remove_stale
 from recsys.errors import ConfigError, ModelMismatchError, NotFoundError, RecsysError, disk_error, disk_errors
+from recsys.index.folder import (
+    ALIVE_FILE, FORMAT, FORMAT_VERSION, IDS_FILE, INDEX_FILE, INDEX_FILES, MANIFEST_FILE, MANIFEST_KEYS,
+    OPTIONAL_MANIFEST_KEYS, PUBLISHED_FILE, IndexFormatError, SavedFolder, fsync, followed, is_index_directory,
+    parse_manifest, read_rows, read_saved, remove_stale_saves, restore_interrupted_save, saved_at, swap_in,
+)
 from recsys.threads import default_threads
 
 log = logging.getLogger(__name__)
@@ -70,21 +75,6 @@ DEFAULT_PARAMS: dict[str, dict[str, int | None]] = {
     IVF: {"nlist": None, "nprobe": None},
 }
 
-INDEX_FILE = "index.faiss"
-IDS_FILE = "news_ids.npy"
-PUBLISHED_FILE = "published.npy"
-ALIVE_FILE = "alive.npy"
-MANIFEST_FILE = "manifest.json"
-INDEX_FILES = (INDEX_FILE, IDS_FILE, PUBLISHED_FILE, ALIVE_FILE, MANIFEST_FILE)
-FORMAT = "recsys.faiss_index"
-FORMAT_VERSION = 1
-MANIFEST_KEYS = (
-    "format", "format_version", "kind", "params", "metric", "dim", "num_items", "num_rows",
-    "num_tombstones", "exact_max_items", "built_at", "build_seconds", "saved_at", "faiss_version",
-    "calibration",
-)
-# Written since the nightly began to follow "auto"; an index saved before lacks it.
-OPTIONAL_MANIFEST_KEYS = ("requested_kind",)
 
 # Rows per block when an exact search runs over a subset of rows: bounds the copy to 64 MiB
 # at dim 128 whatever the index size.
@@ -95,30 +85,13 @@ _MAX_APPROXIMATE_ROUNDS = 4
 # Search breadths tried by calibrate(), smallest first: the first reaching the target wins.
 _EF_SEARCH_LADDER = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 _CALIBRATION_K = 100
-# Leftovers of a save killed mid-way (``.<name>.tmp-*``, ``.<name>.old-*``) older than this are
-# removed by the next save; a younger one may belong to a save still running.
-STALE_SAVE_SECONDS = 3600
-# A missing index is restored from a moved-aside one only after this long: a save still
-# between its two renames (microseconds, normally) must not have its old index put back.
-RESTORE_GRACE_SECONDS = 60
 _CALIBRATION_QUERIES = 256
-# Times a load reads the folder again when a save replaced it mid-read (each read is fast: a
-# save landing during every one of them means saves without pause).
-_READ_ATTEMPTS = 5
 # How many vectors a batched exact search (BLAS) compares in the time HNSW or IVF compares
 # one (random memory access, no matrix product): measured ~11 at 1000 queries per batch on
 # the 2-core machine (benchmarks/bench_index.py); small batches gain less from BLAS.
 _EXACT_ADVANTAGE_BATCHED = 10.0
 _EXACT_ADVANTAGE_SMALL = 2.0
 _BATCHED_QUERIES = 64
-
-
-class IndexFormatError(RecsysError):
-    """A saved index directory is incomplete, corrupt or of an unknown format."""
-
-
-class IndexBusyError(RecsysError):
-    """Saves replaced the index folder while it was read, every time: nothing wrong with it."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -804,16 +777,16 @@ class FaissIndex:
                 cannot be written (DiskError: the disk is full or read-only).
         """
         given = Path(directory)
-        directory = _followed(given)
+        directory = followed(given)
         if directory != given and not directory.parent.is_dir():
             raise RecsysError(f"index {given} links to {directory}, whose folder {directory.parent} does not exist "
                               "(a disk not mounted?); nothing was written")
-        _restore_interrupted_save(directory)
+        restore_interrupted_save(directory)
         extra = dict(self.manifest_extra if manifest_extra is None else manifest_extra)
         clashing = sorted(set(extra) & {*MANIFEST_KEYS, *OPTIONAL_MANIFEST_KEYS})
         if clashing:
             raise ValueError(f"manifest_extra keys {clashing} are reserved for the index manifest")
-        if directory.exists() and not _is_index_directory(directory):
+        if directory.exists() and not is_index_directory(directory):
             raise RecsysError(
                 f"refusing to replace {directory}: it is not an index directory "
                 f"(expected only {', '.join(INDEX_FILES)})"
@@ -857,14 +830,14 @@ class FaissIndex:
                 np.save(tmp / ALIVE_FILE, self._alive, allow_pickle=False)
                 (tmp / MANIFEST_FILE).write_text(text, encoding="utf-8")
                 for name in INDEX_FILES:
-                    _fsync(tmp / name)
-                _swap_in(tmp, directory)
+                    fsync(tmp / name)
+                swap_in(tmp, directory)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-        _remove_stale_saves(directory)
+        remove_stale_saves(directory)
         if directory != given:  # what saves left beside the link before links were followed
-            _remove_stale_saves(given)
+            remove_stale_saves(given)
         self.manifest_extra = extra
         return given
 
@@ -872,21 +845,21 @@ class FaissIndex:
     def exists(directory: str | os.PathLike) -> bool:
         """Whether ``directory`` holds a saved index, every file and a manifest that parses (after
         putting back one that a killed save moved aside); an emptied folder holds none."""
-        directory = _followed(Path(directory))
-        _restore_interrupted_save(directory)
-        return _saved_at(directory) is not None
+        directory = followed(Path(directory))
+        restore_interrupted_save(directory)
+        return saved_at(directory) is not None
 
     @staticmethod
     def save_identity(directory: str | os.PathLike) -> tuple | None:
         """Which save the folder holds: each save swaps a new folder in, whose (device, inode)
         differs from the folder it replaces; with the manifest's ``saved_at``, as a file system
         may give a later save a freed inode again. None when there is no folder."""
-        directory = _followed(Path(directory))
+        directory = followed(Path(directory))
         try:
             status = os.stat(directory)
         except FileNotFoundError:
             return None
-        return status.st_dev, status.st_ino, _saved_at(directory)
+        return status.st_dev, status.st_ino, saved_at(directory)
 
     @classmethod
     def load(
@@ -914,15 +887,15 @@ class FaissIndex:
             IndexFormatError: a file is missing, unreadable or inconsistent with the others.
             IndexBusyError: saves replaced the folder during every read of it.
         """
-        directory = _followed(Path(directory))
-        _restore_interrupted_save(directory)
-        return _read_saved(directory, lambda folder: cls._read(folder, expected, num_threads))
+        directory = followed(Path(directory))
+        restore_interrupted_save(directory)
+        return read_saved(directory, lambda folder: cls._read(folder, expected, num_threads))
 
     @classmethod
-    def _read(cls, folder: _SavedFolder, expected: Mapping[str, Any] | None, num_threads: int | None) -> FaissIndex:
+    def _read(cls, folder: SavedFolder, expected: Mapping[str, Any] | None, num_threads: int | None) -> FaissIndex:
         directory = folder.directory
         manifest_path = directory / MANIFEST_FILE
-        manifest = _parse_manifest(folder)
+        manifest = parse_manifest(folder)
         for key, want in (expected or {}).items():
             want = json.loads(json.dumps(want))  # compare as JSON: tuples saved as lists
             if key not in manifest:
@@ -931,7 +904,7 @@ class FaissIndex:
                 raise ModelMismatchError(
                     f"{manifest_path}: key {key!r} is {manifest[key]!r} in the saved index, expected {want!r}"
                 )
-        ids, published, alive = _read_rows(folder)
+        ids, published, alive = read_rows(folder)
         threads = _set_threads(num_threads)
         try:
             # Streamed: the file's bytes held whole and then copied by FAISS tripled the peak.
@@ -1114,250 +1087,6 @@ def _as_time(value) -> np.datetime64:
     if np.isnat(cutoff):
         raise ValueError("published_after must be a time, got NaT")
     return cutoff
-
-
-def read_published(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(news_ids, published)`` of the live articles of a saved index, read without loading
-    the FAISS index; None when ``directory`` holds no complete saved index."""
-    directory = Path(directory)
-    if _saved_at(directory) is None:
-        return None
-    try:
-        ids, published, alive = _read_saved(directory, _read_rows)
-    except NotFoundError:
-        return None
-    if not len(ids) == len(published) == len(alive):
-        raise IndexFormatError(f"{directory}: {len(ids)} ids, {len(published)} publication times and {len(alive)} "
-                               "flags, expected one of each per row")
-    return ids[alive], published[alive]
-
-
-def _read_saved(directory: Path, read):
-    """``read(folder)`` of the saved index in ``directory`` (a ``_SavedFolder``), read again when
-    a save replaced the folder meanwhile, or waited for when a save is between its two renames.
-
-    Raises:
-        NotFoundError: no index folder (and no save under way).
-        IndexBusyError: saves replaced the folder during every attempt.
-    """
-    for attempt in range(_READ_ATTEMPTS):
-        try:
-            with _SavedFolder(directory) as folder:
-                return read(folder)
-        except _FolderReplaced:
-            continue  # a save swapped a new folder in while this one was read: read that one
-        except NotFoundError:
-            if attempt + 1 == _READ_ATTEMPTS or not _saving_now(directory):
-                raise
-            time.sleep(0.01)  # a save between its two renames (microseconds): its folder comes
-    raise IndexBusyError(f"{directory}: replaced by another save each of the {_READ_ATTEMPTS} times it was read; "
-                         "run again")
-
-
-class _FolderReplaced(Exception):
-    """A file of the folder being read was gone because a save replaced the folder meanwhile."""
-
-
-class _SavedFolder:
-    """One saved index folder, every file read through one handle on it.
-
-    A save writes a whole new folder and renames it over the old one, then deletes the old one.
-    Read path by path, a reader that overlapped a save mixed the files of two saves (another
-    article's vector under an id, or a false "damaged"). Through the handle opened first, every
-    file read is of one save; a file deleted with the replaced folder before it was opened
-    raises ``_FolderReplaced``, and the caller reads the new folder.
-    """
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        try:
-            self._fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        except (FileNotFoundError, NotADirectoryError) as err:
-            raise NotFoundError(f"no index directory at {directory}") from err
-
-    def __enter__(self) -> _SavedFolder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        os.close(self._fd)
-
-    def read(self, name: str, parse=bytes):
-        """``parse(file)`` of file ``name`` opened for reading (by default its bytes).
-
-        Raises:
-            IndexFormatError: the file is missing (and the folder was not replaced) or unreadable.
-            _FolderReplaced: the file went with a folder a save replaced.
-        """
-        try:
-            with open(name, "rb", opener=lambda path, flags: os.open(path, flags, dir_fd=self._fd)) as file:
-                return file.read() if parse is bytes else parse(file)
-        except FileNotFoundError as err:
-            if self._replaced():
-                raise _FolderReplaced from err
-            what = "expected the index manifest" if name == MANIFEST_FILE else "the index directory is incomplete"
-            raise IndexFormatError(f"{self.directory / name}: missing, {what}") from err
-        except OSError as err:
-            raise IndexFormatError(f"{self.directory / name}: unreadable ({err})") from err
-
-    def _replaced(self) -> bool:
-        try:
-            now = os.stat(self.directory)
-        except FileNotFoundError:
-            return True  # between a save's two renames
-        mine = os.fstat(self._fd)
-        return (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino)
-
-
-def _parse_manifest(folder: _SavedFolder) -> dict:
-    """The folder's manifest, checked for format, version and keys."""
-    manifest_path = folder.directory / MANIFEST_FILE
-    try:
-        manifest = json.loads(folder.read(MANIFEST_FILE).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise IndexFormatError(f"{manifest_path}: unreadable ({err})") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise IndexFormatError(f"{manifest_path}: field 'format' is not {FORMAT!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise IndexFormatError(
-            f"{manifest_path}: field 'format_version' is {manifest.get('format_version')!r}, "
-            f"expected {FORMAT_VERSION}"
-        )
-    missing = [key for key in MANIFEST_KEYS if key not in manifest]
-    if missing:
-        raise IndexFormatError(f"{manifest_path}: fields {missing} are missing")
-    return manifest
-
-
-def _read_rows(folder: _SavedFolder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The per-row arrays of a saved index: ids, publication times, live flags."""
-    return (_read_npy(folder, IDS_FILE, "U"), _read_npy(folder, PUBLISHED_FILE, "M").astype("datetime64[s]"),
-            _read_npy(folder, ALIVE_FILE, "b"))
-
-
-def _read_npy(folder: _SavedFolder, name: str, kind: str) -> np.ndarray:
-    path = folder.directory / name
-    data = folder.read(name)
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except MemoryError:
-        raise
-    except Exception as err:  # a damaged header raises EOFError, tokenize.TokenError, SyntaxError...
-        raise IndexFormatError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
-    if array.ndim != 1 or array.dtype.kind != kind:
-        raise IndexFormatError(f"{path}: holds {array.dtype} of shape {array.shape}, expected a 1-d {kind!r} array")
-    return array
-
-
-def _is_index_directory(directory: Path) -> bool:
-    if not directory.is_dir():
-        return False
-    # Only recsys's own file names: the guard is for a folder of someone else's files.
-    return {p.name for p in directory.iterdir()} <= set(INDEX_FILES)
-
-
-def _swap_in(new: Path, directory: Path) -> None:
-    """Rename a complete temporary directory to its final name, replacing an old index."""
-    if not directory.exists():
-        os.replace(new, directory)
-    else:
-        old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex}"
-        os.replace(directory, old)
-        try:
-            os.replace(new, directory)
-        except BaseException:
-            os.replace(old, directory)
-            raise
-        try:
-            shutil.rmtree(old)  # a real folder: a linked index is followed (_followed)
-        except OSError as err:  # the new index is in place; a later save removes the leftover
-            log.warning("could not remove %s (%s)", old, err)
-    _fsync(directory.parent)
-
-
-def _followed(directory: Path) -> Path:
-    """The folder a symlinked index directory points to (a workspace that keeps its index on
-    another disk): saves replace that folder beside itself, so the link stays and keeps
-    pointing at the current index; a save killed between its renames is put back there too."""
-    return Path(os.path.realpath(directory)) if directory.is_symlink() else directory
-
-
-def _saves_beside(directory: Path, kind: str) -> list[Path]:
-    """``.<name>.<kind>-*`` siblings of ``directory`` (kind "tmp" or "old")."""
-    if not directory.parent.is_dir():
-        return []
-    return [p for p in directory.parent.glob(f".{directory.name}.{kind}-*") if p.is_dir()]
-
-
-def _moved_aside(directory: Path) -> list[tuple[Path, bool]]:
-    """The ``.<name>.old-*`` folders saves moved aside, each with whether it is younger than
-    ``RESTORE_GRACE_SECONDS``: a young one may belong to a save still between its two renames,
-    an older one to a killed save. One removed meanwhile (its save finished) is left out."""
-    found = []
-    for old in _saves_beside(directory, "old"):
-        try:
-            found.append((old, age_seconds(old) < RESTORE_GRACE_SECONDS))
-        except FileNotFoundError:
-            continue
-    return found
-
-
-def _saving_now(directory: Path) -> bool:
-    """Whether a save may be between its two renames (a folder moved aside just now)."""
-    return any(young for _, young in _moved_aside(directory))
-
-
-def _saved_at(directory: Path) -> str | None:
-    """The manifest's ``saved_at`` of a complete saved index (every file, a manifest that
-    parses), else None."""
-    if not all((directory / name).is_file() for name in INDEX_FILES):
-        return None
-    try:
-        manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return str(manifest.get("saved_at", "")) if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
-
-
-def _restore_interrupted_save(directory: Path) -> None:
-    """Put back the index a save moved aside before it died (between ``_swap_in``'s renames).
-
-    The index as it was before that save comes back: the caller redoes its change (the nightly
-    refresh adds whatever differs from the index). Only a complete index moved aside more than
-    ``RESTORE_GRACE_SECONDS`` ago is taken (a younger one may belong to a save still between its
-    renames), the most recently saved if there are several. A concurrent restore may win.
-    """
-    if directory.exists() or directory.is_symlink():
-        return
-    candidates = []
-    for old, young in _moved_aside(directory):
-        saved_at = None if young else _saved_at(old)
-        if saved_at is not None:
-            candidates.append((saved_at, old.name, old))
-    if not candidates:
-        return
-    old = max(candidates)[2]
-    try:
-        os.replace(old, directory)
-    except OSError:  # another process restored it first
-        if directory.exists():
-            return
-        raise
-    _fsync(directory.parent)
-    log.warning("%s was missing: restored the index a killed save had moved aside (%s)", directory, old.name)
-
-
-def _remove_stale_saves(directory: Path) -> None:
-    """Remove the temporary and moved-aside folders that killed saves left beside ``directory``."""
-    leftovers = _saves_beside(directory, "tmp") + _saves_beside(directory, "old")
-    remove_stale(leftovers, STALE_SAVE_SECONDS, why="left by a save that did not finish")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _utc_now() -> str:

@@ -49,7 +49,7 @@ def published_times(engine: Engine, news: pd.DataFrame) -> np.ndarray:
 def _saved_stamps(mv: ModelVersion) -> tuple[np.ndarray, np.ndarray] | None:
     """``read_published`` of one version's index; None, with a warning, when it cannot be read:
     another version's damaged index (a candidate's, an old one's) must not stop the night."""
-    from recsys.index.faiss_index import IndexFormatError, read_published
+    from recsys.index.folder import IndexFormatError, read_published
 
     try:
         return read_published(mv.index_dir)
@@ -127,7 +127,7 @@ def load_index(mv: ModelVersion, *, num_threads: int | None = None, current: boo
         IndexBusyError: saves replaced it during every read.
         ModelMismatchError: its index was built for other encoders or dims.
     """
-    from recsys.index.faiss_index import FaissIndex, IndexFormatError
+    from recsys.index import FaissIndex, IndexFormatError
 
     build = f"`recsys index build --model {mv.version}`" + (" (the next nightly also builds it)" if current else "")
     no_index = NotFoundError(f"model version {mv.version} has no index yet: run {build}")

@@ -62,7 +62,7 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, l
     With ``lock``, the index is written only while the store still names this job its holder
     (encoding a large batch of new articles takes a while).
     """
-    from recsys.index.faiss_index import FaissIndex, IndexFormatError
+    from recsys.index import FaissIndex, IndexFormatError
 
     news, features = load_catalogue(engine, workspace, config, versions=[mv])
     embeddings = load_version_model(mv, features).item_embeddings(features)

@@ -219,7 +219,6 @@ _KILL_SAVE = """
 import os, sys
 import numpy as np
 from recsys.index import FaissIndex
-from recsys.index import faiss_index
 
 path, renames_before_kill, during = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 index = FaissIndex.load(path)
@@ -235,8 +234,8 @@ if during == "write":
     real_save = np.save
     def save(*args, **kwargs):
         os._exit(9)
-    faiss_index.np.save = save
-faiss_index.os.replace = replace
+    np.save = save
+os.replace = replace
 smaller = FaissIndex.build(index.news_ids[:10], index.vectors(index.news_ids[:10]), num_threads=1)
 smaller.save(path)
 """
@@ -245,7 +244,7 @@ smaller.save(path)
 @pytest.mark.parametrize("renames_before_kill, during", [(0, "write"), (1, "swap")])
 def test_a_save_killed_midway_leaves_the_previous_index_for_the_next_load(saved, world, tmp_path, monkeypatch,
                                                                           renames_before_kill, during):
-    from recsys.index import faiss_index
+    from recsys.index import folder
 
     index, path = saved
     _, _, _, queries = world
@@ -258,7 +257,7 @@ def test_a_save_killed_midway_leaves_the_previous_index_for_the_next_load(saved,
         assert not path.exists() and leftovers == [".index.old", ".index.tmp"]
         # Just moved aside: it may be a save still between its renames, so it stays for now.
         assert not FaissIndex.exists(path)
-        monkeypatch.setattr(faiss_index, "RESTORE_GRACE_SECONDS", 0)  # as a minute later
+        monkeypatch.setattr(folder, "RESTORE_GRACE_SECONDS", 0)  # as a minute later
         assert FaissIndex.exists(path)  # puts it back
     else:
         assert path.exists() and leftovers == [".index.tmp"]
@@ -269,15 +268,15 @@ def test_a_save_killed_midway_leaves_the_previous_index_for_the_next_load(saved,
     restored.save(path)
     young = sorted(p.name for p in path.parent.iterdir() if p.name.startswith("."))
     assert [n.split("-")[0] for n in young] == [".index.tmp"]
-    monkeypatch.setattr(faiss_index, "STALE_SAVE_SECONDS", 0)  # as an hour later
+    monkeypatch.setattr(folder, "STALE_SAVE_SECONDS", 0)  # as an hour later
     restored.save(path)
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == [] and path.is_dir()
 
 
 def test_only_a_complete_index_moved_aside_is_restored_the_latest_saved_first(saved, world, monkeypatch):
-    from recsys.index import faiss_index
+    from recsys.index import folder
 
-    monkeypatch.setattr(faiss_index, "RESTORE_GRACE_SECONDS", 0)
+    monkeypatch.setattr(folder, "RESTORE_GRACE_SECONDS", 0)
     index, path = saved
     ids, items, _, _ = world
     newer = FaissIndex.build(ids[:30], items[:30], num_threads=1)
@@ -310,12 +309,12 @@ def linked_index(world, tmp_path, name: str) -> tuple[Path, Path]:
 def test_a_symlinked_index_is_followed_and_the_link_stays(world, tmp_path, monkeypatch):
     """A workspace may keep its index on another disk behind a link: saves replace the folder
     the link points to, so the link keeps serving the newest index."""
-    from recsys.index import faiss_index
+    from recsys.index import folder
 
     ids, items, _, _ = world
     target, link = linked_index(world, tmp_path, "index-v1")
     assert FaissIndex.build(ids[:25], items[:25], num_threads=1).save(link) == link
-    monkeypatch.setattr(faiss_index, "STALE_SAVE_SECONDS", 0)
+    monkeypatch.setattr(folder, "STALE_SAVE_SECONDS", 0)
     FaissIndex.build(ids[:26], items[:26], num_threads=1).save(link)
     assert link.is_symlink() and Path(os.readlink(link)) == target
     assert len(FaissIndex.load(link)) == 26 and len(FaissIndex.load(target)) == 26
@@ -324,12 +323,12 @@ def test_a_symlinked_index_is_followed_and_the_link_stays(world, tmp_path, monke
 
 
 def test_a_save_through_a_link_killed_between_its_renames_is_put_back(world, tmp_path, monkeypatch):
-    from recsys.index import faiss_index
+    from recsys.index import folder
 
     target, link = linked_index(world, tmp_path, "index")
     target.rename(target.parent / ".index.old-0123abcd")  # what a save killed between its renames leaves
     assert not link.exists()  # a dangling link
-    monkeypatch.setattr(faiss_index, "RESTORE_GRACE_SECONDS", 0)  # as a minute later
+    monkeypatch.setattr(folder, "RESTORE_GRACE_SECONDS", 0)  # as a minute later
     assert FaissIndex.exists(link) and link.is_symlink()
     assert len(FaissIndex.load(link)) == 20
 
@@ -446,14 +445,14 @@ def test_a_damaged_row_file_is_an_index_format_error(saved, damage):
 def test_an_index_replaced_during_every_read_is_busy_not_damaged(saved, monkeypatch):
     # Reported as damaged, the nightly would have rebuilt it and `similar` said to rebuild it.
     from recsys.index import IndexBusyError
-    from recsys.index import faiss_index
+    from recsys.index import folder
 
     _, path = saved
 
     def replaced(self, name, parse=bytes):
-        raise faiss_index._FolderReplaced
+        raise folder.FolderReplaced
 
-    monkeypatch.setattr(faiss_index._SavedFolder, "read", replaced)
+    monkeypatch.setattr(folder.SavedFolder, "read", replaced)
     with pytest.raises(IndexBusyError, match="replaced by another save each of the 5 times it was read; run again"):
         FaissIndex.load(path)
     assert not issubclass(IndexBusyError, IndexFormatError)
