@@ -31,8 +31,18 @@ from recsys.store import schema as s
 from recsys.store.database import driver_errors
 
 
+def bytewise(engine: Engine, column):
+    """``column`` ordered byte by byte (code point order, as SQLite and Python compare strings).
+
+    A PostgreSQL database created with an en_US or ICU collation orders ``N-1``, ``n1`` and
+    ``N_1`` otherwise; an id's position breaks ties (the history cap, top-k, training order), so
+    the same files would train and rank differently on the two backends.
+    """
+    return column.collate("C") if engine.dialect.name == "postgresql" else column
+
+
 def read_news(engine: Engine) -> pd.DataFrame:
-    """Every article, ordered by news id.
+    """Every article, ordered by news id (code point order on every backend).
 
     Returns:
         DataFrame with the ``NEWS_FRAME_COLUMNS``.
@@ -41,7 +51,7 @@ def read_news(engine: Engine) -> pd.DataFrame:
     query = select(
         n.news_id, n.category, n.subcategory, n.title, n.abstract, n.image_path, n.image_status,
         n.content_hash, n.first_seen_at,
-    ).order_by(n.news_id)
+    ).order_by(bytewise(engine, n.news_id))
     with engine.connect() as conn:
         df = pd.read_sql(query, conn)
     df.columns = list(NEWS_FRAME_COLUMNS)
@@ -278,7 +288,8 @@ def read_impressions(
     history_len: int | None = None,
     labelled_only: bool = False,
 ) -> Impressions:
-    """Impressions with time in ``[since, until)`` as arrays, in time order.
+    """Impressions with time in ``[since, until)`` as arrays, in time order (those of one
+    second by user id, source and impression id).
 
     Histories are the user's stored MIND History column: the one of the user's latest
     impression in the store, which a later file may have extended with clicks from this very
@@ -301,13 +312,17 @@ def read_impressions(
     window = and_(*cond) if cond else true()
     # Two queries: the items (three narrow columns per candidate) and the impressions' own
     # columns once per impression, not repeated on every candidate row (half the read time).
+    # Impressions of one second are ordered by what they hold, not by the row id, which is
+    # the order the lines were ingested in: training batches (and so the model) must not
+    # depend on the line order of a file or on the backend's collation.
+    by = (im.time, bytewise(engine, im.user_id), bytewise(engine, im.source), im.impression_id)
     items_query = (
         select(it.impression_pk, it.news_id, it.label)
         .join(s.impressions, it.impression_pk == im.id)
         .where(and_(window, it.label.is_not(None)) if labelled_only else window)
-        .order_by(im.time, im.id, it.position)
+        .order_by(*by, it.position)
     )
-    heads_query = select(im.id, im.impression_id, im.user_id, im.time).where(window).order_by(im.time, im.id)
+    heads_query = select(im.id, im.impression_id, im.user_id, im.time).where(window).order_by(*by)
     lookup = pd.Index(news_ids, dtype=object)
     pks, starts, rows, labels = [], [], [], []
     last_pk, seen = None, 0  # the previous chunk's last impression, items read so far
