@@ -7,6 +7,7 @@ Every section is a frozen dataclass; an unknown key or a value of the wrong type
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tomllib
 import typing
@@ -19,6 +20,8 @@ from recsys.models import FUSION_MODES, NUM_HEADS, parse_modalities
 MODALITY_SETS = ("text", "image", "text,image")  # what model.modalities may be, canonically spelled
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf")
 ENGINES = ("local", "ray")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -92,9 +95,11 @@ class NightlyConfig:
 
 
 # Most threads runtime.threads may ask for: onnxruntime spends about 40 ms per thread creating
-# a session (100000 threads hung the nightly's index helper); the largest machines (and a Ray
-# cluster's budget, shared out among its actors) have a few hundred cores.
-MAX_THREADS = 4096
+# each session, and every command that reads the catalogue opens one (the text encoder) even
+# when every feature is cached: 4096 stalled `index build` and the nightly for minutes, 100000
+# hung them. 256 start one in about 20 s on a 2-core machine (64: 6 s); the largest machines have
+# a few hundred cores. More threads than the machine's cores are warned (parse_config).
+MAX_THREADS = 256
 
 
 @dataclass(frozen=True)
@@ -290,7 +295,7 @@ def parse_config(text: str | None, path: Path | None, overrides: dict | None = N
         section, _, key = dotted.partition(".")
         data.setdefault(section, {})[key] = value
     try:
-        return config_from_dict(data, source=str(path) if path else "config")
+        config = config_from_dict(data, source=str(path) if path else "config")
     except ConfigError as exc:
         # Every flag given whose key the error names (a rule between two keys names both).
         given = [flag for dotted, flag in (flags or {}).items()
@@ -301,6 +306,23 @@ def parse_config(text: str | None, path: Path | None, overrides: dict | None = N
         if not str(exc).startswith(f"{path}:") and any(f"'{dotted}'" in str(exc) for dotted in from_file):
             raise ConfigError(f"{path}: {exc}") from exc
         raise
+    _warn_threads_above_cores(config.runtime.threads)
+    return config
+
+
+_threads_warned: set[int] = set()
+
+
+def _warn_threads_above_cores(threads: int) -> None:
+    """One warning per process when ``runtime.threads`` is more than the machine's cores: each
+    library's pool then runs more threads than there are cores to run them (a command reads its
+    config several times; the warning is logged once)."""
+    cores = os.cpu_count()
+    if cores is None or threads <= cores or threads in _threads_warned:
+        return
+    _threads_warned.add(threads)
+    log.warning("runtime.threads is %d, more than this machine's %d cores: the threads oversubscribe them "
+                "(0 uses every core available to the process)", threads, cores)
 
 
 def _refuse_dangling_link(path: Path) -> None:

@@ -69,9 +69,11 @@ def test_unknown_section_is_named():
         ({"nightly": {"active_days": float("nan")}}, r"'nightly.active_days' is nan"),
         ({"nightly": {"freshness_days": 0.0}}, r"'nightly.freshness_days' is 0.0"),
         # a negative count aborted TensorFlow in the helper, reported as the out-of-memory killer
-        ({"runtime": {"threads": -1}}, r"'runtime.threads' is -1, expected 0 \(every core\) to 4096"),
+        ({"runtime": {"threads": -1}}, r"'runtime.threads' is -1, expected 0 \(every core\) to 256"),
         # onnxruntime spent about 40 ms per thread creating each session: the nightly hung
-        ({"runtime": {"threads": 100000}}, r"'runtime.threads' is 100000, expected 0 \(every core\) to 4096"),
+        ({"runtime": {"threads": 100000}}, r"'runtime.threads' is 100000, expected 0 \(every core\) to 256"),
+        # 4096, the bound before, stalled `index build` and the nightly for minutes (the text encoder's session)
+        ({"runtime": {"threads": 4096}}, r"'runtime.threads' is 4096, expected 0 \(every core\) to 256"),
         # found by the encoder or the index build only after a nightly's ingest, naming no key;
         # a batch size below 64 was silently raised to 64
         ({"encoders": {"text_max_length": 1}}, r"'encoders.text_max_length' is 1, expected at least 2 tokens"),
@@ -299,4 +301,22 @@ def test_ingest_max_bad_share_is_a_share_from_0_to_1(tmp_path: Path, value, mess
 
 
 def test_runtime_threads_at_its_bound_is_accepted():
-    assert Config(runtime=RuntimeConfig(threads=MAX_THREADS)).runtime.threads == MAX_THREADS == 4096
+    assert Config(runtime=RuntimeConfig(threads=MAX_THREADS)).runtime.threads == MAX_THREADS == 256
+
+
+def test_runtime_threads_above_the_cores_is_warned_once(tmp_path: Path, monkeypatch, caplog):
+    # Threads above the cores oversubscribe them; accepted (a Ray cluster's budget is shared out), but said.
+    monkeypatch.setattr("recsys.config.os.cpu_count", lambda: 8)
+    monkeypatch.setattr("recsys.config._threads_warned", set())
+    path = tmp_path / "recsys.toml"
+    with caplog.at_level("WARNING", logger="recsys.config"):
+        for threads in (0, 8):
+            path.write_text(f"[runtime]\nthreads = {threads}\n")
+            load_config(path)
+        assert not caplog.records
+        path.write_text("[runtime]\nthreads = 9\n")
+        for _ in range(3):  # a command reads its config more than once
+            assert load_config(path).runtime.threads == 9
+    warnings = [record.getMessage() for record in caplog.records]
+    assert warnings == ["runtime.threads is 9, more than this machine's 8 cores: the threads oversubscribe them "
+                        "(0 uses every core available to the process)"]
