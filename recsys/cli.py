@@ -410,8 +410,9 @@ def nightly(
     from recsys.pipelines.nightly import check_nightly_inputs, run_nightly_job
     from recsys.store.ingest import check_source
 
-    if ray_address is not None:
-        _check_id("--ray-address", ray_address)
+    # Blank (a script's unset variable) it meant a local Ray instance; white space around an
+    # address is refused with the config key (Config), both before the night's ingest.
+    _check_name("--ray-address", ray_address, "a Ray cluster address")
     if source is not None:  # an option's typo, not a failed ingest (exit 3) after the store is opened
         check_source(source, "--source")
     # Before the store is opened (run_nightly_job checks them again, for callers in Python).

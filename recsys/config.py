@@ -129,6 +129,13 @@ class Config:
         _check_choice("model.modalities", self.model.modalities, MODALITY_SETS)
         _check_choice("index.kind", self.index.kind, INDEX_KINDS)
         _check_choice("nightly.engine", self.nightly.engine, ENGINES)
+        address = self.nightly.ray_address
+        if address != address.strip():
+            # "   " was taken for a cluster's address: ray.init failed with "Invalid address format"
+            # (exit 2) only after the night's ingest and index.
+            raise ConfigError(f"config key 'nightly.ray_address' is {address!r}, expected a Ray cluster address "
+                              "without white space around it (\"auto\", \"<head-ip>:6379\", \"ray://<head-ip>:10001\"), "
+                              "or \"\" for a local Ray instance")
         for key, value in (
             ("encoders.image_size", self.encoders.image_size),
             ("encoders.batch_size", self.encoders.batch_size),

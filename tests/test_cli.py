@@ -499,6 +499,29 @@ def test_nightly_ray_address_flag_without_the_ray_engine_exits_1_before_the_stor
     assert not (tmp_path / "recsys.db").exists()
 
 
+@pytest.mark.parametrize(("value", "message"), [
+    ("", "--ray-address is '', expected a Ray cluster address (leave the option out for the default)"),
+    ("   ", "--ray-address is '   ', expected a Ray cluster address (leave the option out for the default)"),
+    (" auto", "--ray-address: config key 'nightly.ray_address' is ' auto', expected a Ray cluster address without "
+              "white space around it"),
+])
+def test_nightly_blank_or_padded_ray_address_exits_1_before_the_store_is_opened(capsys, tmp_path: Path, value, message):
+    # "   " reached ray.init ("internal error: ValueError: Invalid address format", exit 2) after the
+    # night's ingest and index; "" silently started a local Ray instance instead of the cluster meant.
+    code, out, err = run(capsys, "--workspace", str(tmp_path), "nightly", "--engine", "ray", "--ray-address", value)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"error: {message}"), err
+    assert not (tmp_path / "recsys.db").exists()
+
+
+def test_nightly_blank_ray_address_in_the_config_file_exits_1_naming_the_file(capsys, tmp_path: Path):
+    (tmp_path / "recsys.toml").write_text('[nightly]\nengine = "ray"\nray_address = "   "\n')
+    code, out, err = run(capsys, "--workspace", str(tmp_path), "nightly")
+    assert (code, out) == (1, "")
+    assert err.startswith(f"error: {tmp_path / 'recsys.toml'}: config key 'nightly.ray_address' is '   ', "), err
+    assert not (tmp_path / "recsys.db").exists()
+
+
 def test_internal_error_exits_2_without_traceback(capsys, tmp_path: Path, monkeypatch):
     import recsys.store.stats as stats_module
 

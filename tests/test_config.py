@@ -1,3 +1,5 @@
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -276,6 +278,18 @@ def test_a_ray_address_in_the_file_goes_with_either_engine(tmp_path: Path):
     config.write_text('[nightly]\nray_address = "auto"\n')
     assert load_config(config).nightly.ray_address == "auto"
     assert load_config(config, {"nightly.engine": "ray"}).nightly.ray_address == "auto"
+
+
+@pytest.mark.parametrize("value", ["   ", " auto", "10.0.0.1:6379\n"])
+def test_a_ray_address_with_white_space_around_it_is_refused_naming_the_file(tmp_path: Path, value):
+    # "   " reached ray.init ("ValueError: Invalid address format", exit 2) after the night's ingest and index.
+    config = tmp_path / "recsys.toml"
+    config.write_text(f"[nightly]\nray_address = {json.dumps(value)}\n")  # a TOML basic string too
+    with pytest.raises(ConfigError, match=rf"^{config}: config key 'nightly.ray_address' is {re.escape(repr(value))}, "
+                                          r"expected a Ray cluster address without white space around it"):
+        load_config(config)
+    config.write_text('[nightly]\nray_address = ""\n')  # no address: a local Ray instance, as before
+    assert load_config(config, {"nightly.engine": "ray"}).nightly.ray_address == ""
 
 
 @pytest.mark.parametrize(("value", "message"), [
