@@ -130,6 +130,16 @@ def main_options(
     env_workspace = os.environ.get("RECSYS_WORKSPACE", "")
     if workspace is None and env_workspace and not env_workspace.strip():  # it made a folder named " "
         raise RecsysError(f"RECSYS_WORKSPACE is {env_workspace!r}, expected a folder (unset it for the default)")
+    env_db = os.environ.get("RECSYS_DB", "")
+    if db is None and env_db and not env_db.strip():  # "store URL '   ' is not a valid ..." named no variable
+        raise RecsysError(f"RECSYS_DB is {env_db!r}, expected a SQLAlchemy URL (unset it for the default)")
+    # The store's URL is text (the default one holds the workspace's path): bytes that are not
+    # UTF-8 failed as an internal error (UnicodeEncodeError), after ingest had made the folder.
+    for name, value in (("--workspace", workspace), ("--db", db),
+                        ("RECSYS_WORKSPACE", env_workspace if workspace is None else None),
+                        ("RECSYS_DB", env_db if db is None else None)):
+        if value:
+            _check_id(name, value)
     ws = Workspace.resolve(workspace)
     config = Path(config) if config is not None else None
     # A dangling link is named as one by AppContext.config, which every command calls.

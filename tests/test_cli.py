@@ -766,6 +766,43 @@ def test_a_blank_workspace_variable_exits_1(capsys, tmp_path: Path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_blank_store_variable_exits_1_naming_it(capsys, tmp_path: Path, monkeypatch):
+    # It said "store URL '   ' is not a valid SQLAlchemy URL", naming neither RECSYS_DB nor --db.
+    monkeypatch.setenv("RECSYS_DB", "   ")
+    code, out, err = run(capsys, "--workspace", str(tmp_path / "ws"), "stats")
+    assert (code, out, err.strip()) == (1, "", "error: RECSYS_DB is '   ', expected a SQLAlchemy URL (unset it for the "
+                                                "default)")
+    assert list(tmp_path.iterdir()) == []
+    # Not read when --db is given; an empty one means the default, as before.
+    assert run(capsys, "--workspace", str(tmp_path / "ws"), "--db", f"sqlite:///{tmp_path}/s.db", "db", "upgrade")[0] == 0
+    monkeypatch.setenv("RECSYS_DB", "")
+    assert run(capsys, "--workspace", str(tmp_path / "ws"), "db", "upgrade")[0] == 0
+    assert (tmp_path / "ws" / "recsys.db").exists()
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("--workspace", "{tmp}/w\udcff"), ("--db", "sqlite:///{tmp}/s\udcff.db"),
+    ("RECSYS_WORKSPACE", "{tmp}/w\udcff"), ("RECSYS_DB", "sqlite:///{tmp}/s\udcff.db"),
+])
+@pytest.mark.parametrize("command", [["stats", "--json"], ["ingest", "--news", "{world}/news.tsv"]])
+def test_a_workspace_or_store_that_is_not_utf8_exits_1_before_anything_is_created(capsys, tmp_path: Path, world: Path,
+                                                                                    monkeypatch, name, value, command):
+    # RECSYS_WORKSPACE=$'/tmp/x/w\xff' recsys stats: "internal error: UnicodeEncodeError" (exit 2) from the
+    # store's URL; ingest had made the folder first.
+    monkeypatch.chdir(tmp_path)
+    value = value.format(tmp=tmp_path)  # "\udcff": how Python hands over the byte 0xff
+    command = [arg.format(world=world) for arg in command]
+    if name.startswith("--"):
+        args = [name, value, *command]
+    else:
+        monkeypatch.setenv(name, value)
+        args = command
+    code, out, err = run(capsys, *args)
+    shown = repr(value.encode("utf-8", "surrogateescape"))
+    assert (code, out, err.strip()) == (1, "", f"error: {name} {shown}: not valid UTF-8")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(("url", "shown", "sync"), [
     ("postgresql+psycopg_async://u:secret@127.0.0.1:5432/x", "postgresql+psycopg_async://u:***@127.0.0.1:5432/x",
      "postgresql+psycopg://"),
