@@ -7,6 +7,7 @@ Every section is a frozen dataclass; an unknown key or a value of the wrong type
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import os
 import tomllib
@@ -216,6 +217,12 @@ def _coerce(key: str, value: object, kind: type) -> object:
     return value
 
 
+def _did_you_mean(name: str, known, *, prefix: str = "") -> str:
+    """"did you mean 'nightly'? " for a close match of ``name`` among ``known``, else ""."""
+    matches = difflib.get_close_matches(name, list(known), n=1)
+    return f"did you mean '{prefix}{matches[0]}'? " if matches else ""
+
+
 def config_from_dict(data: dict, *, source: str = "config") -> Config:
     """Build a Config from nested dicts, rejecting unknown sections and keys.
 
@@ -229,7 +236,8 @@ def config_from_dict(data: dict, *, source: str = "config") -> Config:
             known = ", ".join(hints)
             if not isinstance(section_value, dict):  # `k = 3` above every [section] header
                 raise ConfigError(f"{source}: key '{section_name}' is outside any [section] (sections: {known})")
-            raise ConfigError(f"{source}: unknown section '{section_name}' (known: {known})")
+            raise ConfigError(f"{source}: unknown section '{section_name}' ({_did_you_mean(section_name, hints)}known: "
+                              f"{known})")
         if not isinstance(section_value, dict):
             raise ConfigError(f"{source}: '{section_name}' must be a table, got {section_value!r}")
         section_cls = hints[section_name]
@@ -239,7 +247,8 @@ def config_from_dict(data: dict, *, source: str = "config") -> Config:
             full = f"{section_name}.{key}"
             if key not in field_types:
                 known = ", ".join(field_types)
-                raise ConfigError(f"{source}: unknown key '{full}' (known in [{section_name}]: {known})")
+                guess = _did_you_mean(key, field_types, prefix=f"{section_name}.")
+                raise ConfigError(f"{source}: unknown key '{full}' ({guess}known in [{section_name}]: {known})")
             values[key] = _coerce(full, value, field_types[key])
         sections[section_name] = section_cls(**values)
     return Config(**sections)

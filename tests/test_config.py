@@ -48,6 +48,22 @@ def test_unknown_section_is_named():
         config_from_dict({"nighty": {"k": 1}})
 
 
+@pytest.mark.parametrize(("data", "message"), [
+    ({"nigthly": {"k": 1}}, "config: unknown section 'nigthly' (did you mean 'nightly'? known: encoders, model, ingest, "
+                            "index, nightly, runtime)"),
+    ({"nightly": {"kk": 1}}, "config: unknown key 'nightly.kk' (did you mean 'nightly.k'? known in [nightly]: engine, k, "),
+    ({"model": {"learnig_rate": 0.1}}, "config: unknown key 'model.learnig_rate' (did you mean 'model.learning_rate'? "
+                                       "known in [model]: "),
+    # nothing close: the known names alone, as before
+    ({"cluster": {"k": 1}}, "config: unknown section 'cluster' (known: encoders, model, "),
+    ({"nightly": {"zzz": 1}}, "config: unknown key 'nightly.zzz' (known in [nightly]: engine, "),
+])
+def test_an_unknown_section_or_key_suggests_a_close_match(data, message):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data)
+    assert str(info.value).startswith(message), info.value
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -310,7 +326,8 @@ def test_ingest_max_bad_share_is_a_share_from_0_to_1(tmp_path: Path, value, mess
     path.write_text("[ingest]\nmax_bad_share = 1.0\n")
     assert load_config(path).ingest.max_bad_share == 1.0
     path.write_text("[ingest]\nmax_bad_rows = 0.5\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'ingest.max_bad_rows' \(known in \[ingest\]: max_bad_share\)"):
+    with pytest.raises(ConfigError, match=r"unknown key 'ingest.max_bad_rows' \(did you mean 'ingest.max_bad_share'\? "
+                                          r"known in \[ingest\]: max_bad_share\)"):
         load_config(path)
 
 
