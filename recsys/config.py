@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import logging
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -285,12 +286,22 @@ def read_config_text(path: Path | None) -> str | None:
     if Path(path).is_dir():
         raise ConfigError(f"config file {path} is a folder, expected a TOML file")
     try:
-        # utf-8-sig: Windows editors (Notepad) start a UTF-8 file with a byte-order mark.
-        return Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        # utf-8-sig: Windows editors (Notepad) start a UTF-8 file with a byte-order mark. Bytes
+        # that are not UTF-8 are kept as surrogates, to name the first one and its line: the
+        # decoder's own message gave an offset into one chunk of the file.
+        text = Path(path).read_text(encoding="utf-8-sig", errors="surrogateescape")
     except OSError as exc:  # unreadable (permissions): the operator's file, exit 1
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from exc
+    bad = _NOT_UTF8.search(text)
+    if bad is not None:
+        line = text.count("\n", 0, bad.start()) + 1
+        raise ConfigError(f"{path}: not UTF-8: line {line} holds the byte 0x{ord(bad.group()) - 0xDC00:02x} (a TOML file "
+                          "is UTF-8 text: save it as UTF-8)")
+    return text
+
+
+# What errors="surrogateescape" makes of a byte that is not UTF-8 (0x80 to 0xff).
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
 
 
 def parse_config(text: str | None, path: Path | None, overrides: dict | None = None, *,

@@ -212,6 +212,22 @@ def test_bad_toml_names_the_file(tmp_path: Path):
         load_config(path)
 
 
+@pytest.mark.parametrize(("data", "line", "byte"), [
+    (b'[nightly]\nengine = "local" # caf\xe9\n', 2, "0xe9"),  # latin-1
+    (b"\xef\xbb\xbf[nightly]\r\n\r\nk = 5\r\n# \xff\n", 4, "0xff"),  # a byte-order mark and CRLF lines
+    (b"[model]\nseed = 1\n" + b"# padding\n" * 2000 + b"# \x80\n", 2003, "0x80"),  # beyond the first chunk read
+])
+def test_a_config_file_that_is_not_utf8_names_the_line_and_the_byte(tmp_path: Path, data, line, byte):
+    # It said "not valid TOML: 'utf-8' codec can't decode byte 0xe9 in position 21": no line to look at.
+    path = tmp_path / "recsys.toml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: not UTF-8: line {line} holds the byte {byte} (a TOML file is UTF-8 text: save it as UTF-8)"
+    path.write_bytes(data.replace(bytes([int(byte, 16)]), "\u00e9".encode()))  # the same file in UTF-8 is read
+    assert load_config(path).nightly.engine == "local"
+
+
 def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path: Path):
     # Windows editors write one: it was "not valid TOML: Invalid statement (at line 1, column 1)".
     path = tmp_path / "recsys.toml"
