@@ -327,11 +327,12 @@ def parse_config(text: str | None, path: Path | None, overrides: dict | None = N
         # Every flag given whose key the error names (a rule between two keys names both).
         given = [flag for dotted, flag in (flags or {}).items()
                  if (overrides or {}).get(dotted) is not None and f"'{dotted}'" in str(exc)]
-        if given:
-            raise ConfigError(f"{', '.join(given)}: {exc}") from exc
-        # A bad value read from the file: name the file, as the unknown-key errors do.
-        if not str(exc).startswith(f"{path}:") and any(f"'{dotted}'" in str(exc) for dotted in from_file):
-            raise ConfigError(f"{path}: {exc}") from exc
+        # A bad value read from the file: name the file first, as the unknown-key errors do, also
+        # when a flag is named too (--candidates 20 against the file's k = 50 named no file).
+        in_file = not str(exc).startswith(f"{path}:") and any(f"'{dotted}'" in str(exc) for dotted in from_file)
+        named = ([f"{path}"] if in_file else []) + ([", ".join(given)] if given else [])
+        if named:
+            raise ConfigError(f"{': '.join(named)}: {exc}") from exc
         raise
     _warn_threads_above_cores(config.runtime.threads)
     return config

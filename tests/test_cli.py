@@ -490,6 +490,17 @@ def test_nightly_with_fewer_candidates_than_k_exits_1_before_the_store_is_opened
     assert not (tmp_path / "recsys.db").exists()
 
 
+def test_nightly_candidates_below_the_files_k_names_the_file_and_the_flag(capsys, tmp_path: Path):
+    # It said "--candidates: config key 'nightly.k' is 50, ..." without the file the 50 came from.
+    toml = tmp_path / "k50.toml"
+    toml.write_text("[nightly]\nk = 50\n")
+    code, out, err = run(capsys, "--workspace", str(tmp_path / "ws"), "--config", str(toml), "nightly", "--candidates", "20")
+    assert (code, out) == (1, "")
+    assert err.startswith(f"error: {toml}: --candidates: config key 'nightly.k' is 50, expected at most "
+                          "'nightly.num_candidates' (20)"), err
+    assert not (tmp_path / "ws").exists()
+
+
 def test_nightly_ray_address_flag_without_the_ray_engine_exits_1_before_the_store_is_opened(capsys, tmp_path: Path):
     # The local engine never read it: a job meant for a cluster ranked on this machine, exit 0.
     code, out, err = run(capsys, "--workspace", str(tmp_path), "nightly", "--ray-address", "10.0.0.1:6379")

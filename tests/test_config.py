@@ -177,11 +177,14 @@ def test_fewer_candidates_than_k_is_refused_naming_both_keys_and_the_flags_given
     flags = {"nightly.k": "--k", "nightly.num_candidates": "--candidates"}
     with pytest.raises(ConfigError, match=rf"^--k, --candidates: {message}"):
         load_config(None, {"nightly.k": 10, "nightly.num_candidates": 5}, flags=flags)
-    # Only the flags given are named: here k is the file's.
+    # Only the flags given are named: here k is the file's, and the file is named first (it was not).
     path = tmp_path / "recsys.toml"
     path.write_text("[nightly]\nk = 10\n")
-    with pytest.raises(ConfigError, match=rf"^--candidates: {message}"):
+    with pytest.raises(ConfigError, match=rf"^{path}: --candidates: {message}"):
         load_config(path, {"nightly.k": None, "nightly.num_candidates": 5}, flags=flags)
+    # Both given by flags: the file's k is replaced, so the file is not named.
+    with pytest.raises(ConfigError, match=rf"^--k, --candidates: {message}"):
+        load_config(path, {"nightly.k": 10, "nightly.num_candidates": 5}, flags=flags)
     assert load_config(None, {"nightly.k": 5, "nightly.num_candidates": 5}, flags=flags).nightly.k == 5
 
 
