@@ -37,7 +37,7 @@ from recsys.errors import DamagedFileError, ModelMismatchError, NotFoundError, d
 from recsys.models import NUM_HEADS
 from recsys.models.exposure import ExposureCalibration
 from recsys.models.fusion import CategoryVocabulary, build_item_tower, parse_modalities
-from recsys.data.interactions import Impressions, InteractionLog, slice_impressions
+from recsys.data.interactions import Impressions, InteractionLog, gather_csr, slice_impressions
 from recsys.models.scorer import Scorer, build_scorer
 from recsys.models.side_features import SideFeatures, check_side_inputs
 from recsys.models.user_encoder import build_user_encoder
@@ -701,7 +701,8 @@ class RankingModel:
     def _score_part(self, impressions: Impressions, item_embeddings: np.ndarray, log: InteractionLog,
                     first_seen: np.ndarray, *, as_of, popularity_until, age_until, logits: bool) -> np.ndarray:
         """``score_impressions`` on one chunk."""
-        users = self.user_vectors(impressions.history_offsets, impressions.history_items, item_embeddings)
+        offsets, histories, which = self._distinct_histories(impressions)
+        users = self.user_vectors(offsets, histories, item_embeddings)[which]
         counts = np.diff(impressions.candidate_offsets)
         owner = np.repeat(np.arange(len(impressions)), counts)
         items = impressions.candidate_items.astype(np.int64)
@@ -719,6 +720,21 @@ class RankingModel:
             hi = min(lo + step, len(items))
             out[lo:hi] = fn(users[owner[lo:hi]], item_embeddings[items[lo:hi]], side[lo:hi])
         return out
+
+    def _distinct_histories(self, impressions: Impressions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The distinct capped histories of ``impressions``: (offsets (u + 1,), items) CSR and
+        (m,) which of them each impression has.
+
+        A user's impressions of one file mostly share one history, so each user vector is
+        computed once, not once per impression (a user shown 19 lists got 19 equal vectors).
+        """
+        if len(impressions) == 0:
+            return impressions.history_offsets, impressions.history_items, np.zeros(0, dtype=np.int64)
+        rows, mask = self.history_matrix(impressions.history_offsets, impressions.history_items)
+        keys = np.where(mask > 0, rows, -1)  # (m, H): padding is not an item
+        _, first, which = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        offsets, items = gather_csr(impressions.history_offsets, impressions.history_items, first)
+        return offsets, items, which.reshape(-1)
 
     def _check_embeddings(self, item_embeddings: np.ndarray) -> None:
         if item_embeddings.ndim != 2 or item_embeddings.shape[1] != self.config.serving_dim:

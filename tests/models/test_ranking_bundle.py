@@ -16,7 +16,7 @@ from recsys.errors import ModelMismatchError, NotFoundError
 from recsys.models import bundle
 from recsys.models.bundle import MODEL_FILES, RankingModel
 from recsys.models.ctr import CTRModel
-from recsys.data.interactions import InteractionLog, candidate_impression_rows, first_shown
+from recsys.data.interactions import InteractionLog, candidate_impression_rows, first_shown, select_impressions
 from recsys.models.training import _BatchMaker
 
 
@@ -278,6 +278,31 @@ def test_score_impressions_matches_the_building_blocks(model, small):
     assert np.abs(pop_capped - capped)[times > until].max() > 1e-4  # the true age moved the later ones
     with pytest.raises(ValueError, match=r"score expects user_vectors \(3, 16\)"):
         model.score(users[:3], emb[:2], side[:3])
+
+
+def test_each_distinct_history_gets_its_user_vector_once(model, small, monkeypatch):
+    # A user shown several lists of one file had the same vector computed once per list.
+    world, log, first = small
+    emb = model.item_embeddings(world.features)
+    lengths = np.diff(world.test.history_offsets)
+    a, b = np.flatnonzero(lengths > 0)[:2]
+    cold = int(np.flatnonzero(lengths == 0)[0]) if (lengths == 0).any() else None
+    rows = [a, b, a, a, b] + ([cold, cold] if cold is not None else [])
+    repeated = select_impressions(world.test, np.array(rows))
+    computed = []
+    real = model.user_vectors
+
+    def counted(offsets, items, embeddings, **kwargs):
+        computed.append(len(offsets) - 1)
+        return real(offsets, items, embeddings, **kwargs)
+
+    monkeypatch.setattr(model, "user_vectors", counted)
+    scores = model.score_impressions(repeated, emb, log, first)
+    assert computed == [len(set(rows))]
+    owner = candidate_impression_rows(repeated)
+    users = real(repeated.history_offsets, repeated.history_items, emb)
+    side = model.side_features(repeated.candidate_items, repeated.times[owner], log, first)
+    np.testing.assert_allclose(scores, model.score(users[owner], emb[repeated.candidate_items], side), atol=1e-6)
 
 
 def test_score_impressions_a_chunk_of_impressions_at_a_time(model, small, monkeypatch):
