@@ -44,7 +44,9 @@ from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError, SchemaError
 from recsys.interrupts import raise_if_terminated
 from recsys.data.exposure import FileShows
-from recsys.data.interactions import ClickLog, Impressions, InteractionLog, candidate_impression_rows, with_logged_clicks
+from recsys.data.interactions import (
+    ClickLog, Impressions, InteractionLog, candidate_impression_rows, select_impressions, with_logged_clicks,
+)
 from recsys.models.exposure import fresh_as_of
 from recsys.models.side_features import SideFeatures
 from recsys.pipelines.features import encode_news, first_seen_array, load_version_model
@@ -449,21 +451,32 @@ class VersionScorer:
 
     def score_read(self, read: Impressions) -> np.ndarray:
         """(c,) probabilities of impressions already ``read`` by this model."""
-        at = dict(popularity_until=self.times.popularity_until, age_until=self.times.age_until)
-        times = read.times[candidate_impression_rows(read)]
-        after = np.ones(len(times), dtype=bool) if self.catalogue.end is None else times >= self.catalogue.end
+        after = np.ones(len(read), dtype=bool) if self.catalogue.end is None else read.times >= self.catalogue.end
         if self.exposure is None or not after.any():
-            return self.model.score_impressions(read, self.embeddings, self.catalogue.log, self.catalogue.first_seen, **at)
-        logits = self.model.score_impressions(read, self.embeddings, self.catalogue.log, self.exposure_first_seen, **at,
-                                              logits=True)
+            return self._score_plain(read)
+        if after.all():
+            return self._score_exposed(read)
+        # A chunk across the store's end: the impressions before it exactly as without the
+        # file's exposure, each part scored once.
+        out = np.empty(len(read.candidate_items), dtype=np.float32)
+        exposed = after[candidate_impression_rows(read)]
+        out[exposed] = self._score_exposed(select_impressions(read, after))
+        out[~exposed] = self._score_plain(select_impressions(read, ~after))
+        return out
+
+    def _score_plain(self, read: Impressions) -> np.ndarray:
+        return self.model.score_impressions(read, self.embeddings, self.catalogue.log, self.catalogue.first_seen,
+                                            popularity_until=self.times.popularity_until, age_until=self.times.age_until)
+
+    def _score_exposed(self, read: Impressions) -> np.ndarray:
+        """Probabilities with the file's exposure (impressions at or after the store's end)."""
+        logits = self.model.score_impressions(read, self.embeddings, self.catalogue.log, self.exposure_first_seen,
+                                              popularity_until=self.times.popularity_until,
+                                              age_until=self.times.age_until, logits=True)
         items = read.candidate_items
-        counts, hours = self.shows.earlier(items, times)
+        counts, hours = self.shows.earlier(items, read.times[candidate_impression_rows(read)])
         z = self.exposure.logits(logits, counts, hours, self.fresh[items])
-        scores = (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # the sigmoid, without exp's overflow
-        if not after.all():  # a chunk across the store's end: the impressions before it exactly as without
-            plain = self.model.score_impressions(read, self.embeddings, self.catalogue.log, self.catalogue.first_seen, **at)
-            scores = np.where(after, scores, plain)
-        return scores
+        return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # the sigmoid, without exp's overflow
 
 
 def describe_reading(times: FeatureTimes, scorers: dict[str, VersionScorer], file_exposure: bool) -> str:
