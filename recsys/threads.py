@@ -37,6 +37,24 @@ def default_threads() -> int:
     return max(1, int(joblib.cpu_count()))
 
 
+def limit_this_thread(num_threads: int) -> None:
+    """Apply ``num_threads`` to the OpenMP pools of the calling thread.
+
+    OpenMP keeps its thread count per thread: ``configure_threads`` on a worker's set-up thread
+    left the thread that runs its work (a Ray actor's method thread) at every core in FAISS
+    and in OpenMP builds of BLAS.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(num_threads)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(num_threads)
+    except ImportError:
+        pass
+
+
 def configure_threads(num_threads: int | None = None, *, tensorflow: bool = True) -> int:
     """Set TensorFlow, FAISS, OpenMP, BLAS and tokenizer (Rayon) thread counts for this process.
 

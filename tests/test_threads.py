@@ -111,3 +111,23 @@ def test_every_blas_and_openmp_pool_loaded_gets_the_configured_count():
     pools = json.loads(out.stdout.split("\n")[-2])
     assert any(api == "openblas" for api, _ in pools)
     assert [count for _, count in pools] == [1] * len(pools), pools
+
+
+def test_the_openmp_count_is_set_on_the_calling_thread():
+    import threading
+
+    import faiss
+
+    from recsys.threads import limit_this_thread
+
+    before = faiss.omp_get_max_threads()
+    seen = []
+
+    def work():
+        limit_this_thread(before + 2)
+        seen.append(faiss.omp_get_max_threads())
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert seen == [before + 2] and faiss.omp_get_max_threads() == before  # the other thread's own

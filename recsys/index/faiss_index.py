@@ -936,7 +936,8 @@ class FaissIndex:
         self._row_of: dict[str, int] = dict(zip(self._ids[live].tolist(), live.tolist()))
 
     def _use_threads(self) -> None:
-        # OpenMP's thread count is process-wide and other code may have changed it.
+        # OpenMP's thread count is per calling thread (a Ray actor's method thread starts at the
+        # default, every core), and other code may have changed it.
         faiss.omp_set_num_threads(self._num_threads)
 
     def _gather(self, rows: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ import numpy as np
 
 from recsys.errors import ModelMismatchError, RecsysError
 from recsys.interrupts import raise_if_terminated
-from recsys.threads import configure_threads, default_threads
+from recsys.threads import configure_threads, default_threads, limit_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class ShardWorker:
         from recsys.ranking.candidates import Catalogue
         from recsys.store.database import create_engine_for
 
-        configure_threads(setup.num_threads)
+        self.threads = configure_threads(setup.num_threads)
         self.setup = setup
         self.model = RankingModel.load(setup.model_dir)
         self.index = FaissIndex.load(
@@ -171,6 +171,7 @@ class ShardWorker:
         from recsys.store.repository import read_user_histories
 
         user_ids = np.asarray(user_ids, dtype=object)
+        limit_this_thread(self.threads)  # Ray runs the work on another thread than the set-up
         timings: dict = {}
         clock = time.perf_counter()
         # The history the model was trained on: led by the logged clicks only if it read them.

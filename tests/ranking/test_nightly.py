@@ -388,6 +388,18 @@ def test_the_thread_budget_reaches_an_in_process_worker(world_store, world, monk
     assert seen == [num_threads or default_threads()]
 
 
+def test_each_shard_applies_the_thread_budget_on_the_thread_that_ranks_it(world_store, world, monkeypatch):
+    # OpenMP's count is per thread: set on the worker's set-up thread only, a Ray actor's
+    # method thread ran FAISS (and OpenMP BLAS) on every core.
+    from recsys.ranking import engines
+
+    seen = []
+    real = engines.limit_this_thread
+    monkeypatch.setattr(engines, "limit_this_thread", lambda n: seen.append(n) or real(n))
+    run = _nightly(world_store, world, num_threads=1, num_workers=0, shard_size=7)
+    assert len(seen) == run["counts"]["shards"] > 1 and set(seen) == {1}
+
+
 def test_worker_processes_share_the_thread_budget(world_store, world, monkeypatch, caplog):
     from recsys.ranking import nightly
 
