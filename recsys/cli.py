@@ -141,6 +141,8 @@ def main_options(
         if value:
             _check_id(name, value)
     ws = Workspace.resolve(workspace)
+    if not (db or env_db):  # the default store's URL holds the workspace's absolute path
+        _check_id("workspace", str(ws.root))  # a relative one under a working directory that is not UTF-8
     config = Path(config) if config is not None else None
     # A dangling link is named as one by AppContext.config, which every command calls.
     if config is not None and not config.exists() and not config.is_symlink():

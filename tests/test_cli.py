@@ -814,6 +814,23 @@ def test_a_workspace_or_store_that_is_not_utf8_exits_1_before_anything_is_create
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("workspace", [["--workspace", "ws"], []])
+def test_a_relative_workspace_under_a_folder_that_is_not_utf8_exits_1_before_anything_is_created(
+        capsys, tmp_path: Path, world: Path, monkeypatch, workspace):
+    # The options were UTF-8, but the default store's URL holds the absolute path: exit 2 after
+    # ingest had made the folder.
+    monkeypatch.delenv("RECSYS_WORKSPACE", raising=False)
+    monkeypatch.delenv("RECSYS_DB", raising=False)
+    here = tmp_path / "bad\udcff"  # the byte 0xff, as Python hands it over
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, out, err = run(capsys, *workspace, "ingest", "--news", str(world / "news.tsv"))
+    folder = here / ("ws" if workspace else "workspace")
+    assert (code, out, err.strip()) == (1, "", f"error: workspace {str(folder).encode('utf-8', 'surrogateescape')!r}: "
+                                               "not valid UTF-8")
+    assert list(here.iterdir()) == []
+
+
 @pytest.mark.parametrize(("url", "shown", "sync"), [
     ("postgresql+psycopg_async://u:secret@127.0.0.1:5432/x", "postgresql+psycopg_async://u:***@127.0.0.1:5432/x",
      "postgresql+psycopg://"),
