@@ -38,7 +38,8 @@ def default_threads() -> int:
 
 
 def limit_this_thread(num_threads: int) -> None:
-    """Apply ``num_threads`` to the OpenMP pools of the calling thread.
+    """Apply ``num_threads`` to the OpenMP pools of the calling thread (and, as
+    ``configure_threads`` does, to the process-wide BLAS pools).
 
     OpenMP keeps its thread count per thread: ``configure_threads`` on a worker's set-up thread
     left the thread that runs its work (a Ray actor's method thread) at every core in FAISS

@@ -127,7 +127,10 @@ def test_the_openmp_count_is_set_on_the_calling_thread():
         limit_this_thread(before + 2)
         seen.append(faiss.omp_get_max_threads())
 
-    thread = threading.Thread(target=work)
-    thread.start()
-    thread.join()
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=None):  # puts back the process-wide (BLAS) pools it also sets
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
     assert seen == [before + 2] and faiss.omp_get_max_threads() == before  # the other thread's own
