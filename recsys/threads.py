@@ -77,15 +77,7 @@ def configure_threads(num_threads: int | None = None, *, tensorflow: bool = True
     # set the variables for the pools of libraries loaded later and of child processes.
     for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(n)
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(n)
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(n)
-    except ImportError:
-        pass
+    limit_this_thread(n)
     if not tensorflow:
         return n
     import tensorflow as tf
