@@ -148,6 +148,13 @@ def test_another_file_under_the_same_default_source_is_counted_and_named_on_the_
     assert replaced["first_changed_impression"] == f"line 1 (impression id {first_id})"
     assert (f"4 impressions stored under source 'train/behaviors' had another user or time and were replaced by this "
             f"file's (first: line 1 (impression id {first_id}))") in caplog.text
+    # The replaced lines' clicks were their users' only: each clicked (user, article) pair of
+    # them that the file's other lines do not click is withdrawn.
+    def clicked(lines):
+        return {(c[1], n[:-2]) for c in (line.split("\t") for line in lines) for n in c[4].split() if n.endswith("-1")}
+    withdrawn = len(clicked(lines[:4]) - clicked(lines[4:10]))
+    assert withdrawn > 0 and replaced["clicks_withdrawn"] == withdrawn
+    assert f"{withdrawn} clicks that only the replaced impressions gave are no longer stored as clicks" in caplog.text
     assert _count(engine, s.impressions) == 10
 
 

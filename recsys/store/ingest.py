@@ -93,6 +93,8 @@ class IngestReport:
         clicks: click-row writes: History entries of replaced histories + (user, article) pairs
             clicked, per batch. Not the rows added to ``clicks``: a pair both in the History and
             clicked counts twice, and a rerun counts its clicked pairs again (docs/data-contract.md).
+        clicks_withdrawn: (user, article) clicks that only replaced impressions gave: the
+            corrected lines no longer click them, so they are no longer stored as clicked.
         num_bad_rows: lines not loaded (also in the quarantine file and table).
         lines_by_file: {file (resolved path): its lines read, good and bad}.
         bad_rows_by_file: {file (resolved path): its lines not loaded}.
@@ -115,6 +117,7 @@ class IngestReport:
     unknown_history_ids: int = 0
     histories_not_replaced: int = 0
     clicks: int = 0
+    clicks_withdrawn: int = 0
     num_bad_rows: int = 0
     lines_by_file: dict[str, int] = field(default_factory=dict)
     bad_rows_by_file: dict[str, int] = field(default_factory=dict)
@@ -755,9 +758,17 @@ class _Job:
         ids = [r.impression_id for r in rows]
         by_source = sa.select(impressions.c.id, impressions.c.impression_id).where(impressions.c.source == source)
         before = w.select_in(by_source.add_columns(impressions.c.user_id, impressions.c.time), impressions.c.impression_id, ids)
+        # The clicks the impressions about to be replaced gave, less those their new lines give
+        # again at the same time: what they leave behind is recounted from the store below.
+        old_clicks = self._clicks_of(before)
+        for r in rows:
+            if r.labels is not None:
+                old_clicks.difference_update((r.user_id, r.time, n) for n, label in zip(r.news_ids, r.labels) if label == 1)
+        moved_from: set[str] = set()  # users an impression moved away from (another user or time)
         if before:
             incoming = {r.impression_id: (r.user_id, r.time) for r in rows}
             changed = {imp_id for _, imp_id, user, time in before if incoming[imp_id] != (user, time)}
+            moved_from = {user for _, imp_id, user, _ in before if imp_id in changed}
             if changed and report.first_changed_impression is None:  # named: a renumbered copy shows itself there
                 first = next(r for r in rows if r.impression_id in changed)
                 report.first_changed_impression = f"line {first.line} (impression id {first.impression_id})"
@@ -820,6 +831,50 @@ class _Job:
                 where=lambda ex, t: sa.or_(t.clicked_at.is_(None), ex.clicked_at < t.clicked_at),
             )
         report.clicks += len(clicked)
+        # A corrected line takes back what the line it replaces gave: the clicks and the
+        # users' first- and last-seen times are recounted from what the store now holds.
+        self._recount_clicks({(user, news_id) for user, _, news_id in old_clicks})
+        self._recount_user_times(moved_from)
+
+    def _clicks_of(self, stored: list[tuple]) -> set[tuple[str, datetime, str]]:
+        """(user, time, article) of each click of the ``stored`` impressions, rows (pk, impression
+        id, user, time)."""
+        items = schema.impression_items
+        at = {pk: (user, time) for pk, _, user, time in stored}
+        return {(*at[pk], news_id) for pk, news_id in self.writer.select_in(
+            sa.select(items.c.impression_pk, items.c.news_id).where(items.c.label == 1), items.c.impression_pk, list(at))}
+
+    def _recount_clicks(self, pairs: set[tuple[str, str]]) -> None:
+        """Set the click time of these (user, article) pairs to their earliest click among the
+        stored impressions; a pair no impression clicks any more loses its click time, and its
+        row when the user's History does not list the article."""
+        if not pairs:
+            return
+        imp, items, clicks, w = schema.impressions, schema.impression_items, schema.clicks, self.writer
+        users = sorted({user for user, _ in pairs})
+        earliest = {(user, news_id): t for user, news_id, t in w.select_in(
+            sa.select(imp.c.user_id, items.c.news_id, sa.func.min(imp.c.time))
+            .join(items, items.c.impression_pk == imp.c.id).where(items.c.label == 1)
+            .group_by(imp.c.user_id, items.c.news_id), imp.c.user_id, users)}
+        w.upsert(clicks, ("user_id", "news_id", "history_pos", "clicked_at"),
+                 [(user, news_id, None, earliest.get((user, news_id))) for user, news_id in sorted(pairs)],
+                 key=("user_id", "news_id"), update=lambda ex, t: {"clicked_at": ex.clicked_at})
+        # Neither clicked nor in the History: a row only the replaced impression gave.
+        w.delete_in(clicks, clicks.c.user_id, users, clicks.c.clicked_at.is_(None), clicks.c.history_pos.is_(None))
+        self.report.clicks_withdrawn += sum(pair not in earliest for pair in pairs)
+
+    def _recount_user_times(self, users: set[str]) -> None:
+        """Set these users' first- and last-seen times to those of their stored impressions
+        (NULL when none is left: the user row stays, as it may hold a History)."""
+        if not users:
+            return
+        imp, w = schema.impressions, self.writer
+        span = {user: (first, last) for user, first, last in w.select_in(
+            sa.select(imp.c.user_id, sa.func.min(imp.c.time), sa.func.max(imp.c.time)).group_by(imp.c.user_id),
+            imp.c.user_id, sorted(users))}
+        w.update(schema.users, "user_id", ("user_id", "first_seen_at", "last_seen_at"),
+                 [(user, *span.get(user, (None, None))) for user in sorted(users)],
+                 values=lambda src: {"first_seen_at": src["first_seen_at"], "last_seen_at": src["last_seen_at"]})
 
     def _stored_histories(self, users: list[str]) -> dict[str, tuple[str, ...]]:
         """The stored History of each of ``users``: its click rows in ``history_pos`` order."""

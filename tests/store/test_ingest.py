@@ -586,6 +586,41 @@ def test_a_changed_impression_replaces_all_its_items(engine, small_world, quaran
     assert [tuple(r) for r in items] == [(0, "N6")]
 
 
+@pytest.mark.parametrize("batch_size", [5000, 1])
+def test_a_corrected_file_takes_back_the_clicks_and_seen_times_of_the_lines_it_replaces(engine, small_world, quarantine_dir,
+                                                                                       tmp_path, batch_size):
+    first = write_lines(tmp_path / "first.tsv", [
+        behavior_line(1, "U1", T0, ["N1", "N2"], ["N3-1", "N4-1", "N5-0"]),
+        behavior_line(2, "U2", T0 + H, [], ["N1-0", "N2-1", "N6-1"]),
+        behavior_line(3, "U1", T0 + D, ["N1", "N2", "N3"], ["N4-1", "N5-0"]),
+        behavior_line(4, "U3", T0 - 2 * H, ["N6"], ["N3-1", "N4-0"]),
+    ])
+    corrected = write_lines(tmp_path / "corrected.tsv", [
+        behavior_line(1, "U1", T0, ["N1", "N2"], ["N3-1", "N4-0", "N5-0"]),  # N4 was clicked only a day later
+        behavior_line(2, "U2", T0 + 3 * H, [], ["N1-0", "N2-1", "N6-0"]),  # another time, N6 not clicked
+        behavior_line(3, "U1", T0 + D, ["N1", "N2", "N3"], ["N4-1", "N5-0"]),
+        behavior_line(4, "U4", T0 - 2 * H, ["N6"], ["N3-1", "N4-0"]),  # another user's
+    ])
+    # What the corrected file alone gives: the independent answer.
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=corrected, source="s")
+    rebuilt = dump_store(engine)
+    wipe_store(engine)
+
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=first, source="s")
+    report = run(engine, quarantine_dir, behaviors_path=corrected, source="s", batch_size=batch_size)
+    assert (report.impressions_changed, report.clicks_withdrawn) == (2, 2)  # U2's N6, U3's N3
+    store = dump_store(engine)
+    assert store["impressions"] == rebuilt["impressions"] and store["impression_items"] == rebuilt["impression_items"]
+    # U3 is left with no impression: its seen times go, the History its line gave stays (documented).
+    assert [r for r in store["users"] if r[0] != "U3"] == rebuilt["users"]
+    assert [r[:3] for r in store["users"] if r[0] == "U3"] == [("U3", None, None)]
+    assert [r for r in store["clicks"] if r[0] != "U3"] == rebuilt["clicks"]
+    assert [r for r in store["clicks"] if r[0] == "U3"] == [("U3", "N6", 0, None)]
+    # Ingested again, the correction changes nothing more.
+    again = run(engine, quarantine_dir, behaviors_path=corrected, source="s", batch_size=batch_size)
+    assert (again.impressions_changed, again.clicks_withdrawn) == (0, 0) and dump_store(engine) == store
+
+
 def test_behaviors_may_reference_news_ingested_earlier(engine, small_world, quarantine_dir):
     run(engine, quarantine_dir, news_path=small_world["news"])
     report = run(engine, quarantine_dir, behaviors_path=small_world["behaviors"])
