@@ -6,6 +6,7 @@ import pytest
 
 from recsys.config import (
     MAX_DAYS,
+    MAX_RANK,
     MAX_SEED,
     MAX_THREADS,
     Config,
@@ -370,3 +371,35 @@ def test_runtime_threads_above_the_cores_is_warned_once(tmp_path: Path, monkeypa
     warnings = [record.getMessage() for record in caplog.records]
     assert warnings == ["runtime.threads is 9, more than this machine's 8 cores: the threads oversubscribe them "
                         "(0 uses every core available to the process)"]
+
+
+# Boundaries a mutation hunt found unpinned: the value at each bound is accepted, one past it refused.
+def test_index_exact_max_items_zero_means_never_exact_and_is_accepted():
+    assert config_from_dict({"index": {"exact_max_items": 0}}).index.exact_max_items == 0
+
+
+@pytest.mark.parametrize("key", ["learning_rate", "valid_days", "feature_clock_hours"])
+def test_a_bool_for_a_float_key_is_refused(key):
+    # TOML's true is not the number 1.0: an int is accepted for a float key, a bool is not.
+    with pytest.raises(ConfigError, match=rf"^config key 'model.{key}' is True, expected float$"):
+        config_from_dict({"model": {key: True}})
+
+
+def test_k_equal_to_num_candidates_is_accepted_and_one_more_is_refused():
+    assert config_from_dict({"nightly": {"k": 7, "num_candidates": 7}}).nightly.k == 7
+    with pytest.raises(ConfigError, match=r"^config key 'nightly.k' is 8, expected at most 'nightly.num_candidates' \(7\)"):
+        config_from_dict({"nightly": {"k": 8, "num_candidates": 7}})
+
+
+def test_k_at_the_largest_storable_rank_is_accepted_and_one_more_is_refused():
+    assert MAX_RANK == 32_767  # recommendations.rank is a SmallInteger
+    config = config_from_dict({"nightly": {"k": MAX_RANK, "num_candidates": MAX_RANK + 1}})
+    assert config.nightly.k == MAX_RANK
+    with pytest.raises(ConfigError, match=rf"^config key 'nightly.k' is {MAX_RANK + 1}, expected at most {MAX_RANK} "):
+        config_from_dict({"nightly": {"k": MAX_RANK + 1, "num_candidates": MAX_RANK + 1}})
+
+
+def test_image_size_32_is_accepted_and_31_refused():
+    assert config_from_dict({"encoders": {"image_size": 32}}).encoders.image_size == 32
+    with pytest.raises(ConfigError, match=r"^config key 'encoders.image_size' is 31, expected at least 32$"):
+        config_from_dict({"encoders": {"image_size": 31}})
