@@ -509,3 +509,21 @@ def test_the_ingests_batches_flag_the_last_one_before_it_is_written(monkeypatch)
             expected = [[r.line for r in b] for b in mind.batches(rows[:n], size, 10)]
             assert [b for b, _ in got] == expected  # the same cut, ids included (row 3 alone; row 9 last)
             assert [last for _, last in got] == [i == len(expected) - 1 for i in range(len(expected))]
+
+
+def test_an_impression_of_exactly_max_candidates_is_read(tmp_path):
+    # 1001 are refused (test_absurd_history_and_candidate_counts); the bound itself is read.
+    assert mind.MAX_CANDIDATES == 1000
+    candidates = " ".join(f"N{i}-0" for i in range(1_000))
+    rows = read_behaviors(tmp_path, f"1\tU1\t11/11/2019 9:05:58 AM\t\t{candidates}\n")
+    assert isinstance(rows[0], BehaviorRow) and len(rows[0].news_ids) == 1000
+
+
+def test_scan_bulk_rounds_the_1_and_99_percent_positions_inward_to_whole_lines(tmp_path):
+    # 150 distinct times a minute apart: the 1% point is at position 0.01 * 149 = 1.49, not a
+    # whole line; the bulk starts at the next line up (position 2, 9:02) and ends at the line
+    # below 0.99 * 149 = 147.51 (position 147, 9:00 + 147 min = 11:27), no time interpolated.
+    start = datetime(2019, 11, 11, 9, 0, 0)
+    times = [start + timedelta(minutes=i) for i in range(150)]
+    path = write(tmp_path, "behaviors.tsv", "".join(_behavior_text(i, t) + "\n" for i, t in enumerate(reversed(times))).encode())
+    assert mind.scan_behaviors(path).bulk == (datetime(2019, 11, 11, 9, 2), datetime(2019, 11, 11, 11, 27))

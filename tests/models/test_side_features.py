@@ -42,6 +42,19 @@ def test_popularity_worked_by_hand(hand_log):
     np.testing.assert_array_equal(shows, [1])
 
 
+def test_popularity_window_includes_its_start_and_excludes_t(hand_log):
+    # [t - window, t): at 12:00 a 2 h window starts at 10:00 exactly, so the 10:00 click and
+    # the 11:00 show count (2 shows, 1 click); the 12:00 click is at t and does not.
+    clicks, shows = hand_log.window_counts(np.array([0, 2]), np.array([_at(12), _at(13)]), window=np.timedelta64(2, "h"))
+    np.testing.assert_array_equal(clicks, [1, 0])
+    np.testing.assert_array_equal(shows, [2, 1])  # item 2: its 11:00 show is the start of [11:00, 13:00)
+    # One second shorter, the window starts after 10:00 and 11:00 respectively.
+    clicks, shows = hand_log.window_counts(np.array([0, 2]), np.array([_at(12), _at(13)]),
+                                           window=np.timedelta64(2 * 3600 - 1, "s"))
+    np.testing.assert_array_equal(clicks, [0, 0])
+    np.testing.assert_array_equal(shows, [1, 0])
+
+
 def test_raw_features_and_age_worked_by_hand(hand_log):
     first_seen = np.array([_at(10), np.datetime64("NaT"), _at(11)], dtype="datetime64[s]")
     raw = raw_side_features(

@@ -780,6 +780,18 @@ def test_an_id_the_news_file_has_only_on_a_malformed_line_names_that_line(engine
                      rf"\(the news file has N4 only on a malformed line: {malformed}\): left out of the stored History", caplog.text)
 
 
+def test_an_id_malformed_on_two_news_lines_names_the_first_of_them(engine, tmp_path, quarantine_dir):
+    # The first malformed line of an id is the one to fix first: a later one must not replace it.
+    news = write_lines(tmp_path / "news.tsv", [news_line("N1"), news_line("N4", title="t" * 1001),
+                                               news_line("N4", category=""), news_line("N2")])
+    behaviors = write_lines(tmp_path / "behaviors.tsv", [behavior_line(1, "U1", T0, [], ["N1-0", "N4-1"])])
+    report = run(engine, quarantine_dir, news_path=news, behaviors_path=behaviors)
+    assert (report.news, report.impressions) == (2, 0)
+    (reason,) = [reason for file, reason in rows(engine, "quarantine", "file", "reason") if file == str(behaviors.resolve())]
+    assert (f"(the news file has it only on a malformed line: {news} line 2: field 'title' has 'ttt" in reason
+            and "line 3" not in reason), reason
+
+
 def test_a_short_file_has_no_bulk_to_bound_its_times(engine, tmp_path, quarantine_dir):
     # Below 100 lines a file's own span says too little: only the clock's rule holds.
     news = write_lines(tmp_path / "news.tsv", [news_line("N1"), news_line("N2")])
