@@ -410,6 +410,37 @@ def test_an_article_only_listed_in_histories_is_as_old_as_its_first_listing(engi
     ]
 
 
+@pytest.mark.parametrize("batch_size", [5000, 1])
+def test_a_click_repeated_a_day_later_keeps_its_first_time(engine, small_world, quarantine_dir, tmp_path, batch_size):
+    # The later line comes first in the file: in one batch, then in a batch of its own (the upsert).
+    behaviors = write_lines(tmp_path / "behaviors.tsv", [
+        behavior_line(1, "U1", T0 + D, [], ["N3-1", "N4-0"]), behavior_line(2, "U1", T0, [], ["N3-1", "N5-0"])])
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=behaviors, batch_size=batch_size)
+    assert rows(engine, "clicks", "user_id", "news_id", "history_pos", "clicked_at") == [("U1", "N3", None, T0)]
+
+
+def test_a_click_earlier_than_the_stored_one_replaces_it_across_ingests(engine, small_world, quarantine_dir, tmp_path):
+    later = write_lines(tmp_path / "later.tsv", [behavior_line(1, "U1", T0 + D, [], ["N3-1", "N4-0"])])
+    earlier = write_lines(tmp_path / "earlier.tsv", [behavior_line(2, "U1", T0, [], ["N3-1", "N5-0"])])
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=later, source="s")
+    assert rows(engine, "clicks", "news_id", "clicked_at") == [("N3", T0 + D)]
+    run(engine, quarantine_dir, behaviors_path=earlier, source="s")
+    assert rows(engine, "clicks", "news_id", "clicked_at") == [("N3", T0)]
+    run(engine, quarantine_dir, behaviors_path=later, source="s")  # the later click again moves nothing
+    assert rows(engine, "clicks", "news_id", "clicked_at") == [("N3", T0)]
+
+
+def test_an_id_repeated_in_a_history_keeps_its_first_position(engine, small_world, quarantine_dir, tmp_path):
+    # docs/data-contract.md: history_pos is the index in the History; a repeated id keeps its first.
+    first = write_lines(tmp_path / "first.tsv", [behavior_line(1, "U1", T0, ["N1", "N2", "N1"], ["N3-0"])])
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=first, source="s")
+    assert rows(engine, "clicks", "user_id", "news_id", "history_pos") == [("U1", "N1", 0), ("U1", "N2", 1)]
+    # A later History replaces the stored one by the same rule.
+    later = write_lines(tmp_path / "later.tsv", [behavior_line(2, "U1", T0 + D, ["N2", "N1", "N2", "N4"], ["N3-0"])])
+    run(engine, quarantine_dir, behaviors_path=later, source="s")
+    assert rows(engine, "clicks", "user_id", "news_id", "history_pos") == [("U1", "N1", 1), ("U1", "N2", 0), ("U1", "N4", 3)]
+
+
 def test_an_older_history_does_not_replace_a_newer_one(engine, small_world, quarantine_dir, tmp_path):
     run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"])
     before = rows(engine, "clicks")
@@ -997,9 +1028,19 @@ def test_argument_errors(engine, small_world, quarantine_dir, tmp_path):
         run(engine, quarantine_dir, news_path=small_world["news"], images_dir=tmp_path / "nope")
     with pytest.raises(ConfigError, match="source 'xxx.*' must have 1 to 255 characters"):
         run(engine, quarantine_dir, behaviors_path=small_world["behaviors"], source="x" * 256)
+    with pytest.raises(ConfigError, match="source 'ééé.*' must have 1 to 255 characters"):
+        run(engine, quarantine_dir, behaviors_path=small_world["behaviors"], source="é" * 256)  # characters, not bytes
     with pytest.raises(MindFileError, match=r"missing\.tsv: cannot be read"):
         run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=tmp_path / "missing.tsv")
     assert dump_store(engine)["news"] == []  # nothing started before the inputs were checked
+
+
+def test_a_source_of_exactly_255_characters_is_stored(engine, small_world, quarantine_dir):
+    source = "s" * 254 + "é"  # 255 characters (256 bytes): the column's length counts characters
+    report = run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"],
+                 source=source)
+    assert report.impressions == 4
+    assert rows(engine, "impressions", "source") == [(source,)] * 4
 
 
 def test_default_source_is_folder_and_stem(tmp_path):

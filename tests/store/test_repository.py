@@ -60,6 +60,22 @@ def test_serving_history_puts_impression_clicks_first(engine, tmp_path):
     assert news_ids[training[1]].tolist() == ["N3", "N2", "N1"]
 
 
+def test_a_training_history_keeps_the_column_order_when_its_oldest_entry_was_clicked_again(engine, tmp_path):
+    # N1, the oldest entry of the History, is clicked again in a later impression: the training
+    # read (History column only) must not move it ahead of N3 and N2 for having a click time.
+    ids = [f"N{i}" for i in range(1, 6)]
+    _ingest(engine, tmp_path, ids, [
+        behavior_line(1, "U1", T0, ["N1", "N2", "N3"], ["N4-0", "N5-0"]),
+        behavior_line(2, "U1", T0 + timedelta(hours=1), ["N1", "N2", "N3"], ["N1-1", "N5-0"]),
+    ])
+    news_ids = repo.read_news(engine)["news_id"].to_numpy()
+    users = np.array(["U1"], dtype=object)
+    training = repo.read_user_histories(engine, users, news_ids, include_impression_clicks=False)
+    assert news_ids[training[1]].tolist() == ["N3", "N2", "N1"]
+    # Serving leads with the timed click, then the rest of the column, newest first.
+    assert news_ids[repo.read_user_histories(engine, users, news_ids)[1]].tolist() == ["N1", "N3", "N2"]
+
+
 def test_the_cap_keeps_the_same_clicks_of_one_impression_whatever_order_the_database_returns(engine, tmp_path, monkeypatch):
     # Five clicks of one impression share its time and have no History position: with the cap
     # at 3, which three a user's history kept followed the query plan (the nightly's lists then
