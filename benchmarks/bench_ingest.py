@@ -3,7 +3,8 @@
 Writes news.tsv and behaviors.tsv directly (NumPy draws, no images), then runs ``ingest``
 once per backend in a child process, so that each backend's peak RSS (``ru_maxrss``) is
 its own; then, into the loaded store, the next six days of the same users and the first file
-again, each under a new source (``later_ingests``). PostgreSQL gets a fresh database that is dropped afterwards.
+again, each under a new source, and a corrected copy of the first file under its own source
+(``later_ingests``). PostgreSQL gets a fresh database that is dropped afterwards.
 
 Full size (the goal is < 90 s and < 1.5 GB per backend on the 2-core machine):
     .venv/bin/python benchmarks/bench_ingest.py --news 65000 --users 50000 --impressions 150000
@@ -87,6 +88,23 @@ def write_world(out: Path, *, num_news: int, num_users: int, num_impressions: in
             "history_ids": int(history_len.sum())}
 
 
+def write_corrected(path: Path, out: Path, every: int = 100) -> Path:
+    """A copy of behaviors file ``path`` whose every ``every``-th line has its clicks moved to
+    the next candidate (the last one's to the first): a corrected re-delivery."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, encoding="utf-8") as src, open(out, "w", encoding="utf-8", newline="\n") as dst:
+        for i, line in enumerate(src):
+            if i % every == 0:
+                cells = line.rstrip("\n").split("\t")
+                items = cells[4].split()
+                labels = [item[-1] for item in items]
+                labels = labels[-1:] + labels[:-1]
+                cells[4] = " ".join(item[:-1] + label for item, label in zip(items, labels))
+                line = "\t".join(cells) + "\n"
+            dst.write(line)
+    return out
+
+
 def run_child(backend: str, url: str, folder: Path, batch_size: int) -> dict:
     """Ingest into a fresh store; runs inside the child process."""
     from recsys.store.database import open_store
@@ -99,16 +117,22 @@ def run_child(backend: str, url: str, folder: Path, batch_size: int) -> dict:
                     quarantine_dir=folder / "quarantine", batch_size=batch_size)
     wall = time.perf_counter() - start
     stats = store_stats(engine)
-    # Two behaviors files into the loaded store under new sources: the next days of the same
-    # users (what a nightly ingest is), and the first file again (a re-delivered file, whose
-    # every impression the store holds under the first source).
+    # Three behaviors files into the loaded store: under new sources, the next days of the same
+    # users (what a nightly ingest is) and the first file again (a re-delivered file, whose
+    # every impression the store holds under the first source); then, under the first source,
+    # a corrected copy of the first file (every impression id held: replaced in place, and the
+    # clicks of its corrected lines recounted).
     later = {}
-    for name, path in (("next_days", folder / "next" / "behaviors.tsv"), ("same_file_again", folder / "behaviors.tsv")):
+    corrected = write_corrected(folder / "behaviors.tsv", folder / "corrected" / "behaviors.tsv")
+    for name, path, source in (("next_days", folder / "next" / "behaviors.tsv", "next_days"),
+                               ("same_file_again", folder / "behaviors.tsv", "same_file_again"),
+                               ("corrected_file", corrected, report.source)):
         started = time.perf_counter()
-        again = ingest(engine, behaviors_path=path, source=name, quarantine_dir=folder / "quarantine", batch_size=batch_size)
+        again = ingest(engine, behaviors_path=path, source=source, quarantine_dir=folder / "quarantine", batch_size=batch_size)
         later[name] = {"wall_s": round(time.perf_counter() - started, 2), "impressions": again.impressions,
                        "impressions_stored_elsewhere": getattr(again, "impressions_stored_elsewhere", None),
-                       "impressions_repeated": getattr(again, "impressions_repeated", None)}
+                       "impressions_repeated": getattr(again, "impressions_repeated", None),
+                       "clicks_withdrawn": getattr(again, "clicks_withdrawn", None)}
     engine.dispose()
     return {
         "backend": backend,
