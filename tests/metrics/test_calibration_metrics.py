@@ -38,6 +38,13 @@ def test_ece_hand_worked():
     assert expected_calibration_error([0, 1], [0.0, 1.0], num_bins=10) == 0.0
 
 
+def test_ece_adds_gaps_of_opposite_sign():
+    # Bin [0, 0.5]: predictions 0.2, 0.4 (mean 0.3), no click: over-confident by 0.3.
+    # Bin (0.5, 1]: predictions 0.6, 0.8 (mean 0.7), two clicks: under-confident by 0.3.
+    # Each gap counts in full (|gap|), so they do not cancel: 2/4 * 0.3 + 2/4 * 0.3 = 0.3.
+    assert expected_calibration_error([0, 0, 1, 1], [0.2, 0.4, 0.6, 0.8], num_bins=2) == pytest.approx(0.3)
+
+
 def test_empty_bins_are_reported_as_none():
     bins = reliability_curve([0, 1], [0.05, 0.95], num_bins=4).bins()
     assert [b["count"] for b in bins] == [1, 0, 0, 1]

@@ -42,6 +42,7 @@ def test_log_loss_clips_certain_mistakes():
         (lambda: auc_score([1, 1, 1], [0.1, 0.2, 0.3]), "pooled AUC is undefined: 3 clicked and 0 non-clicked"),
         (lambda: auc_score([1, 0], [0.1]), r"y_score has shape \(1,\), expected \(2,\)"),
         (lambda: log_loss([1, 0], [0.5, 1.5]), "y_prob holds 1.5, expected probabilities in \\[0, 1\\]"),
+        (lambda: log_loss([1, 0], [0.5, -0.25]), "y_prob holds -0.25, expected probabilities in \\[0, 1\\]"),
         (lambda: log_loss([], []), "log loss is undefined for no candidates"),
         (lambda: log_loss([1, 3], [0.5, 0.5]), "y_true holds 3, expected labels 0 or 1"),
         (lambda: log_loss([1], [0.5], eps=0.5), "eps is 0.5, expected 0 < eps < 0.5"),

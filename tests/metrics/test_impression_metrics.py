@@ -239,6 +239,40 @@ def test_no_labelled_impression_leaves_probabilistic_unknown():
     assert [acc.result()["models"][m]["probabilistic"] for m in ("p", "count")] == [True, False]
 
 
+def test_a_score_of_exactly_one_is_still_a_probability():
+    # 1.0 is a certain click, not a count: log loss and calibration are still reported,
+    # the 1.0 clipped to 1 - 1e-7 as log_loss clips it. (Values exact in float32.)
+    acc = ImpressionMetrics(["p"], num_resamples=20)
+    acc.add([1, 0], {"p": [1.0, 0.25]})
+    acc.add([0, 1], {"p": [0.5, 0.75]})
+    out = acc.result()["models"]["p"]
+    assert out["probabilistic"] is True
+    assert out["calibration"] is not None
+    expected = sklearn.metrics.log_loss([1, 0, 0, 1], np.clip([1.0, 0.25, 0.5, 0.75], 1e-7, 1 - 1e-7))
+    assert out["metrics"]["log_loss"]["value"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_calibration_uses_the_num_bins_asked_for():
+    probs = np.arange(1, 25) / 32  # 24 distinct probabilities, exact in float32
+    labels = np.arange(24) % 3 == 0
+    acc = ImpressionMetrics(["p"], num_resamples=20, num_bins=4)
+    for start in range(0, 24, 6):
+        acc.add(labels[start : start + 6].astype(int), {"p": probs[start : start + 6]})
+    calibration = acc.result()["models"]["p"]["calibration"]
+    expected = reliability_curve(labels.astype(int), probs, num_bins=4, strategy="quantile").bins()
+    assert calibration["num_bins"] == 4 and len(expected) == 4
+    assert calibration["bins"] == expected
+
+
+def test_groups_without_a_declared_order_come_most_candidates_first():
+    # First seen in the order a, b, c (also alphabetical): 1, 3 and 5 candidates.
+    acc = ImpressionMetrics(["a"], item_groups=("category",), num_resamples=20)
+    acc.add([1, 0, 0, 1, 0], {"a": [0.9, 0.1, 0.2, 0.3, 0.4]}, item_groups={"category": ["a", "b", "b", "b", "c"]})
+    acc.add([0, 1, 0, 1], {"a": [0.5, 0.6, 0.7, 0.8]}, item_groups={"category": ["c", "c", "c", "c"]})
+    breakdown = acc.result()["models"]["a"]["breakdowns"]["category"]
+    assert list(breakdown) == ["c", "b", "a"]
+
+
 def test_only_single_class_impressions_leave_per_impression_metrics_undefined():
     acc = ImpressionMetrics(["a"], num_resamples=20)
     acc.add([1, 1], {"a": [0.9, 0.2]})
@@ -532,6 +566,20 @@ def test_pooled_auc_counts_the_users_who_clicked_not_everyone_shown(world):
     assert got["metrics"]["pooled_auc"]["ci_low"] is None and got["metrics"]["pooled_auc"]["num_units"] == 5
     assert got["diff_to_first_ci"]["pooled_auc"]["num_units"] == 5
     # Log loss rests on every user shown a candidate: 30, an interval.
+    assert got["metrics"]["log_loss"]["ci_low"] < got["metrics"]["log_loss"]["ci_high"]
+
+
+def test_pooled_auc_counts_the_users_who_skipped_not_everyone_shown(world):
+    # The mirror: 30 users click, only 5 of them skip anything (the other 25 click every
+    # candidate shown). Pooled AUC compares clicked with skipped candidates: it rests on 5 users.
+    users = [f"U{i % 30}" for i in range(len(world))]
+    skippers = {f"U{i}" for i in range(5)}
+    eager = [(labels if user in skippers else np.where(labels < 0, labels, 1), scores, item_groups, impression_groups)
+             for (labels, scores, item_groups, impression_groups), user in zip(world, users)]
+    got = _accumulate_clustered(eager, users).result()["models"]["noisy"]
+    assert got["metrics"]["pooled_auc"]["value"] is not None
+    assert got["metrics"]["pooled_auc"]["ci_low"] is None and got["metrics"]["pooled_auc"]["num_units"] == 5
+    assert got["diff_to_first_ci"]["pooled_auc"]["num_units"] == 5
     assert got["metrics"]["log_loss"]["ci_low"] < got["metrics"]["log_loss"]["ci_high"]
 
 
