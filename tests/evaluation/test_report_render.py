@@ -272,6 +272,23 @@ def test_one_reader_gives_no_interval_and_no_coloured_difference(tmp_path):
     assert "A value resting on fewer than 10 users gets no interval" in html
 
 
+def test_a_metric_resting_on_too_few_units_says_so_in_its_cell(tmp_path, synthetic_result):
+    result = copy.deepcopy(synthetic_result)
+    result["header"]["bootstrap"]["unit"] = "user"
+    result["models"]["v2"]["metrics"]["mrr"] = {"value": 0.3125, "ci_low": None, "ci_high": None, "num_units": 3}
+    _, html_path = write_report(result, tmp_path)
+    page = _Page()
+    page.feed(html_path.read_text())
+    assert "0.3125 [too few users for an interval]" in [cell.strip() for cell in page.cells]
+
+
+def test_a_nan_beyond_accuracy_value_is_written_as_null(tmp_path, synthetic_result):
+    result = copy.deepcopy(synthetic_result)
+    result["beyond_accuracy"]["novelty"] = float("nan")
+    json_path, _ = write_report(result, tmp_path)
+    assert json.loads(json_path.read_text())["beyond_accuracy"]["novelty"] is None
+
+
 def test_a_difference_is_coloured_only_when_its_interval_excludes_zero(tmp_path, synthetic_result):
     from recsys.metrics.accumulator import HIGHER_IS_BETTER, METRICS
 

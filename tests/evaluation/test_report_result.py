@@ -44,6 +44,18 @@ def test_without_an_oracle_no_gap_is_reported():
     assert datetime.fromisoformat(result["header"]["generated_at"]).tzinfo == timezone.utc
 
 
+def test_an_oracle_no_better_than_random_gives_no_gap():
+    # The oracle ranks its one click above 2 of 5 skipped candidates: AUC 0.4, below random;
+    # a share of the random-to-oracle gap has no meaning then.
+    from recsys.metrics.accumulator import ImpressionMetrics
+
+    acc = ImpressionMetrics(["m", "oracle"], num_resamples=20)
+    acc.add([1, 0, 0, 0, 0, 0], {"m": [0.9, 0.1, 0.2, 0.3, 0.4, 0.5], "oracle": [0.5, 0.9, 0.8, 0.7, 0.1, 0.2]})
+    result = build_result(acc, kinds={"oracle": "oracle"})
+    assert result["models"]["oracle"]["metrics"]["impression_auc"]["value"] == pytest.approx(0.4)
+    assert [entry["gap_closed"] for entry in result["models"].values()] == [None, None]
+
+
 @pytest.mark.parametrize(
     "kinds, message",
     [
@@ -83,6 +95,14 @@ def test_beyond_accuracy_hand_worked():
     assert out["new_since"] == "2019-11-15T00:00:00+00:00"
 
 
+def test_an_article_first_seen_exactly_at_new_since_is_new():
+    # "At or after": N1 at the instant counts, N2 a second before does not.
+    recs = pd.DataFrame({"user_id": ["U1", "U1"], "rank": [1, 2], "news_id": ["N1", "N2"]})
+    first_seen = {"N1": "2019-11-15 00:00:00", "N2": "2019-11-14 23:59:59"}
+    out = beyond_accuracy(recs, {}, first_seen, {}, catalogue_size=2, new_since="2019-11-15")
+    assert out["novelty"] == pytest.approx(1 / 2)
+
+
 def test_popularity_percentile_of_the_whole_catalogue_averages_fifty():
     items = [f"N{i}" for i in range(40)]
     recs = pd.DataFrame({"user_id": ["U"] * 40, "rank": range(1, 41), "news_id": items})
@@ -98,6 +118,7 @@ def test_popularity_percentile_of_the_whole_catalogue_averages_fifty():
         (RECS.drop(columns="rank"), POPULARITY, 10, r"recommendations lack columns \['rank'\]"),
         (RECS.iloc[:0], POPULARITY, 10, "recommendations are empty"),
         (RECS, POPULARITY, 4, "catalogue_size is 4, expected at least 5"),
+        (RECS.iloc[:3], {}, 2, "catalogue_size is 2, expected at least 3"),  # 3 distinct recommended
         (RECS, {"N1": -1.0}, 10, "item_popularity of 'N1' is -1.0, expected a number >= 0"),
     ],
 )
