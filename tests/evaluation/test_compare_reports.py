@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from recsys.evaluation.compare import compare_files, compare_metrics, format_comparison, load_metrics, print_comparison
+from recsys.evaluation.compare import (
+    compare_files,
+    compare_metrics,
+    data_differences,
+    format_comparison,
+    load_metrics,
+    print_comparison,
+)
 from recsys.evaluation.report import ReportError, write_report
 
 
@@ -144,6 +151,15 @@ def test_older_reports_without_the_sha256_compare_their_counts(tmp_path, two_rep
     assert compare_files(*_write(tmp_path, a, b)).startswith("A: ")
 
 
+def test_a_sha256_in_one_report_only_compares_the_counts(tmp_path, two_reports):
+    # A newer report beside an older one: the counts decide, and they are equal.
+    a, b = copy.deepcopy(two_reports[0]), copy.deepcopy(two_reports[1])
+    a["header"]["behaviors_sha256"] = "ab" * 32
+    b["header"].pop("behaviors_sha256", None)
+    assert data_differences(a, b) == [] and data_differences(b, a) == []
+    assert compare_files(*_write(tmp_path, a, b)).startswith("A: ")
+
+
 def test_the_cli_refuses_different_data_with_exit_1(tmp_path, two_reports, capsys):
     from recsys.cli import main
 
@@ -198,6 +214,21 @@ def test_the_evaluated_models_of_two_reports_pair_whatever_they_read(two_reports
         "text+image (v20261201-000000-aaaaaa -> v20261203-000000-cccccc)"}
 
 
+def test_two_entries_of_one_role_in_a_are_not_paired(two_reports):
+    # The mirror of the ambiguous case above: A holds two versions of the evaluated model, B one.
+    # Neither of A's is "the one entry of that role", and two evaluated models are left in A:
+    # nothing pairs, every row keeps its own name.
+    a, b = copy.deepcopy(two_reports[0]), copy.deepcopy(two_reports[1])
+    first, second, third = (f"text+image (v2026120{i}-000000-{c * 6})" for i, c in ((1, "a"), (2, "b"), (3, "c")))
+    a["models"] = {(first if n == "v2" else n): e for n, e in a["models"].items()}
+    a["models"][second] = copy.deepcopy(a["models"][first])
+    b["models"] = {(third if n == "v2" else n): e for n, e in b["models"].items()}
+    rows = compare_metrics(a, b)
+    assert not any("->" in r.model for r in rows)
+    assert {r.model for r in rows} >= {first, second, third}
+    assert all(r.diff is None for r in rows if r.model in (first, second, third))
+
+
 def test_a_hand_edited_value_that_is_not_a_number_reads_as_missing(two_reports):
     a, b = copy.deepcopy(two_reports[0]), two_reports[1]
     a["models"]["v2"]["metrics"]["mrr"]["value"] = "0.5"
@@ -222,6 +253,29 @@ def test_the_a_and_b_lines_carry_each_reports_warnings(tmp_path, synthetic_resul
     text = compare_files(paths["unlabelled"], paths["held_out"], allow_different_data=True)
     a_line = next(l for l in text.splitlines() if l.startswith("A: "))
     assert a_line.endswith("; WARNING: UNLABELLED file, every metric is n/a")
+
+
+def test_all_single_class_impressions_are_warned_of_on_the_a_and_b_lines(tmp_path, two_reports):
+    # Labelled, but no impression holds both a click and a skip: the per-impression metrics are n/a.
+    a, b = copy.deepcopy(two_reports[0]), copy.deepcopy(two_reports[1])
+    for document in (a, b):
+        document["header"].update(num_labelled_impressions=5, num_scored=0)
+    lines = compare_files(*_write(tmp_path, a, b)).splitlines()
+    for prefix in ("A: ", "B: "):
+        line = next(l for l in lines if l.startswith(prefix))
+        assert line.endswith("; WARNING: ALL SINGLE-CLASS impressions, the per-impression metrics are n/a")
+
+
+def test_two_reports_both_not_held_out_are_not_warned_of_as_one(tmp_path, two_reports):
+    # Both files lie in a training window (of other versions): each line says so, and no
+    # "only A is not held-out" follows, since both are not.
+    a, b = copy.deepcopy(two_reports[0]), copy.deepcopy(two_reports[1])
+    a["header"]["trained_on_the_file"], b["header"]["trained_on_the_file"] = ["v1"], ["v2"]
+    lines = compare_files(*_write(tmp_path, a, b)).splitlines()
+    assert lines[0].endswith("; WARNING: NOT HELD-OUT, the file lies in the training window of v1")
+    assert lines[1].endswith("; WARNING: NOT HELD-OUT, the file lies in the training window of v2")
+    assert lines[2] == ""
+    assert not any("is not held-out" in line for line in lines)
 
 
 def _line(text: str, model: str, metric: str) -> str:
