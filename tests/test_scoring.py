@@ -900,6 +900,25 @@ def test_evaluate_says_when_the_file_lies_in_a_models_training_window(trained, t
 
 
 
+def test_a_file_touches_a_training_window_from_its_since_up_to_but_not_at_its_until():
+    # The window is [since, until): until is one second after the last training impression.
+    from datetime import datetime
+    from types import SimpleNamespace
+
+    from recsys.pipelines.evaluate import trained_on_the_file
+
+    window = {"since": "2019-11-09T00:00:00", "until": "2019-11-14T00:00:00"}
+    versions = [SimpleNamespace(version="v1", manifest={"training_window": window})]
+
+    def scan(first, last):
+        return SimpleNamespace(first=datetime.fromisoformat(first), last=datetime.fromisoformat(last))
+
+    assert trained_on_the_file(scan("2019-11-14T00:00:00", "2019-11-15T00:00:00"), versions) == {}
+    assert trained_on_the_file(scan("2019-11-13T23:59:59", "2019-11-15T00:00:00"), versions) == {"v1": window}
+    assert trained_on_the_file(scan("2019-11-08T00:00:00", "2019-11-09T00:00:00"), versions) == {"v1": window}
+    assert trained_on_the_file(scan("2019-11-08T00:00:00", "2019-11-08T23:59:59"), versions) == {}
+
+
 def test_predict_and_evaluate_report_their_progress_through_the_file(trained, tmp_path, caplog, monkeypatch):
     # Both were silent while scoring: about 25 minutes on MIND-large's test file.
     from types import SimpleNamespace

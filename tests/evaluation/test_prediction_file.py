@@ -69,6 +69,7 @@ def test_bad_rows_are_rejected(tmp_path, row, message):
         ("7 [1,2\u00b2]\n", "ranks", "comma-separated integers >= 1"),
         ("7 [\u0661,2]\n", "ranks", "comma-separated integers >= 1"),
         ("7 [1,99999999999999999999]\n", "ranks", "comma-separated integers >= 1 \\(of at most 18 digits\\)"),
+        ("7 [1,1000000000000000000]\n", "ranks", "comma-separated integers >= 1 \\(of at most 18 digits\\)"),  # 19 digits
         ("\n", "line", "two fields"),
     ],
 )
@@ -80,3 +81,11 @@ def test_malformed_lines_name_file_line_and_field(tmp_path, line, field, message
     with pytest.raises(SchemaError, match=f"prediction.txt line 2: field '{field}' has .*{message}") as info:
         next(reader)
     assert info.value.line == 2 and info.value.field == field
+
+
+def test_a_rank_of_18_digits_is_read(tmp_path):
+    # The documented bound: at most 18 digits, every such rank fitting int64.
+    path = tmp_path / "prediction.txt"
+    path.write_text("7 [999999999999999999,1]\n")
+    [(impression_id, ranks)] = read_predictions(path)
+    assert impression_id == "7" and ranks.tolist() == [999999999999999999, 1]
