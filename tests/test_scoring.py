@@ -6,13 +6,14 @@ import gc
 import json
 import re
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from recsys.config import load_config
-from recsys.data.mind import iter_behaviors, scan_behaviors
+from recsys.data.mind import TIME_FORMAT, iter_behaviors, scan_behaviors
 from recsys.errors import DiskError, RecsysError
 from recsys.data.interactions import InteractionLog, candidate_impression_rows, with_logged_clicks
 from recsys.pipelines.predict import run_predict
@@ -1151,6 +1152,40 @@ def test_in_a_file_across_the_stores_end_the_earlier_impressions_score_as_withou
     off = VersionScorer(mv, catalogue, times=times).score(imps)
     np.testing.assert_allclose(on[before], off[before], rtol=0, atol=1e-6)  # float rounding of the batches apart
     assert np.abs(on[~before] - off[~before]).max() > 1e-3
+
+
+def test_an_impression_at_exactly_the_stores_end_reads_the_files_exposure_and_its_shows_count_later(trained, tmp_path):
+    """The store's end is one second after its last labelled show: the store holds [first, end),
+    so an impression at exactly ``end`` is the file's first past the store. It is scored with the
+    file's exposure, and its shows count for later impressions; one a second earlier is neither."""
+    world, ws, engine, config, versions = trained
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    end = catalogue.end.astype("datetime64[s]").item()
+    base = (world / "behaviors_test.tsv").read_text().splitlines()[0].split("\t")
+    path = tmp_path / "at_end.tsv"
+    # One line three times: a second before the end (A), at the end (B), an hour after it (C).
+    path.write_text("".join("\t".join([str(i), base[1], when.strftime(TIME_FORMAT), *base[3:]]) + "\n" for i, when in
+                            enumerate([end - timedelta(seconds=1), end, end + timedelta(hours=1)], start=1)))
+    mv = get_version(engine, versions[True])
+    times = feature_times(catalogue, "popularity-at-end")
+    served = VersionScorer(mv, catalogue, times=times, shows=read_file_shows(path, catalogue))
+    plain = VersionScorer(mv, catalogue, times=times)
+    imps, _ = next(iter_behavior_chunks(path, catalogue, chunk_size=10**6, history_len=50))
+    line = np.repeat(np.arange(3), np.diff(imps.candidate_offsets))
+    on, off = served.score(imps), plain.score(imps)
+    np.testing.assert_allclose(on[line == 0], off[line == 0], rtol=0, atol=1e-6)  # A: inside the store
+    logits = plain.model.score_impressions(plain.read(imps), plain.embeddings, catalogue.log, catalogue.first_seen,
+                                           popularity_until=times.popularity_until, logits=True).astype(np.float64)
+    stored = {n for r in iter_behaviors(world / "behaviors_train.tsv") for n in (*r.news_ids, *r.history)}
+    fresh = np.array([catalogue.features.news_ids[i] not in stored for i in imps.candidate_items], dtype=float)
+    # B: no earlier show in the file counts (A's are the store's); C: B's one show, an hour before.
+    counts = np.where(line == 2, 1.0, 0.0)
+    hours = np.where(line == 2, 1.0, 0.0)
+    cal = served.model.config.file_exposure
+    w = cal.weights
+    z = (cal.intercept + w[0] * logits + w[1] * fresh * np.log1p(counts) + w[2] * fresh * np.log1p(hours) + w[3] * fresh
+         + w[4] * (1 - fresh) * np.log1p(counts))
+    np.testing.assert_allclose(on[line > 0], (1 / (1 + np.exp(-z)))[line > 0], rtol=1e-5, atol=1e-7)
 
 
 def test_evaluate_into_a_new_folder_whose_last_prediction_file_cannot_be_written_leaves_no_folder(

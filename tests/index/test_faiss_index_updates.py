@@ -90,6 +90,32 @@ def test_compact_drops_tombstones_and_keeps_results(world, kind):
     assert index._index.ntotal == 400
 
 
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_compact_keeps_each_articles_latest_publication_time(world, kind, tmp_path):
+    """Re-adding the first ids leaves tombstones at the front and the new rows at the end:
+    compaction must carry every live row's own time with it, not the first len(live) times."""
+    ids, items, _ = world
+    day = np.datetime64("2019-11-10T00:00:00", "s")
+    published = day + np.arange(len(ids)).astype("timedelta64[h]")  # N0 at day, N1 an hour later, ...
+    index = FaissIndex.build(ids, items, published=published, kind=kind, exact_max_items=0, num_threads=1)
+    later = day + np.timedelta64(30, "D") + np.arange(50).astype("timedelta64[h]")
+    index.add(ids[:50], items[:50], published=later)  # rows 0-49 become tombstones
+    assert index.num_tombstones == 50
+    want = np.concatenate([later, published[50:]])
+    index.compact()
+    assert index.num_tombstones == 0
+    np.testing.assert_array_equal(index.published(ids), want)
+    # The filter reads the same times: from N350's time on, N350..N399 and the 50 re-added.
+    cutoff = published[350]
+    expected = {f"N{i}" for i in range(50)} | {f"N{i}" for i in range(350, 400)}
+    hits = index.search(items[:1], 400, published_after=cutoff)[0]
+    assert set(hits.news_ids.tolist()) == expected and len(hits) == 100
+    index.save(tmp_path / "idx")
+    loaded = FaissIndex.load(tmp_path / "idx", num_threads=1)
+    np.testing.assert_array_equal(loaded.published(ids), want)
+    assert set(loaded.search(items[:1], 400, published_after=cutoff)[0].news_ids.tolist()) == expected
+
+
 def test_add_nothing_is_a_no_op(world):
     ids, items, _ = world
     index = FaissIndex.build(ids, items, num_threads=1)

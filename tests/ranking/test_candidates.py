@@ -248,3 +248,98 @@ def test_an_empty_index_gives_empty_lists(parts):
     got = rank_users(np.array(["a", "b"], dtype=object), np.zeros(3, np.int64), np.zeros(0, np.int64), model,
                      nothing, empty, k=10, popular=np.zeros(0, np.int64))
     assert got.empty and list(got.columns) == [USER_ID, RANK, NEWS_ID, SCORE]
+
+
+def test_popular_items_ties_go_to_the_newer_article_and_the_cutoff_itself_is_fresh():
+    now = np.datetime64("2019-11-15T12:00:00", "s")
+    hour = np.timedelta64(1, "h")
+    cutoff = now - 72 * hour
+    # Rows 0 and 1: one click and one show each, row 1 the newer; rows 2-4: nothing in the window.
+    rows = np.array([0, 0, 1, 1])
+    log = InteractionLog.from_events(rows, np.full(4, now - hour), np.array([1, 0, 1, 0]), 5)
+    seen = np.array([now - 10 * hour, now - 5 * hour,  # 0 older than 1
+                     cutoff,  # exactly at the cut-off: fresh, as the index's published_after keeps it
+                     cutoff - np.timedelta64(1, "s"),  # a second before: stale
+                     cutoff + hour], dtype="datetime64[s]")
+    order = popular_items(log, seen, now=now, window=24 * hour, fresh_after=cutoff)
+    assert order.tolist() == [1, 0, 4, 2]
+
+
+def test_a_warm_users_clicked_nearest_articles_are_skipped_before_the_cut(world, parts):
+    """The index leaves out what the user clicked before it cuts to num_candidates: a reader
+    whose clicks are the nearest articles to their vector still gets k of the rest."""
+    model, index, catalogue, _, _ = parts
+    user, offsets, items, clicked, nearest = _clicked_the_nearest(world, model, catalogue)
+    got = rank_users(user, offsets, items, model, catalogue, index, num_candidates=5, k=5, clicked=clicked)
+    unclicked = [r for r in nearest if r not in set(clicked[1].tolist())]
+    assert len(got) == 5 and set(got[NEWS_ID]) == set(catalogue.news_ids[unclicked[:5]])
+    assert not set(got[NEWS_ID]) & set(catalogue.news_ids[clicked[1]])
+
+
+class _IgnoresExclude:
+    """An index that returns the clicked articles anyway."""
+
+    def __init__(self, index):
+        self._index = index
+
+    def search(self, queries, k, *, exclude=None, published_after=None):
+        return self._index.search(queries, k, published_after=published_after)
+
+
+def test_clicked_articles_the_index_returns_are_still_dropped(world, parts):
+    """rank_users drops the user's clicks itself (``_clean_pairs``), not only through the index."""
+    model, index, catalogue, _, _ = parts
+    user, offsets, items, clicked, nearest = _clicked_the_nearest(world, model, catalogue)
+    got = rank_users(user, offsets, items, model, catalogue, _IgnoresExclude(index), num_candidates=10, k=10,
+                     clicked=clicked)
+    # The 10 nearest hold the 5 clicked (and maybe some of the history): only the others are left.
+    want = [r for r in nearest[:10] if r not in set(clicked[1].tolist())]
+    assert 0 < len(want) <= 5 and sorted(got[NEWS_ID]) == sorted(catalogue.news_ids[want])
+
+
+def _clicked_the_nearest(world, model, catalogue):
+    """A warm user who (besides their history) clicked the 5 articles nearest to their vector.
+
+    Returns user ids, history offsets and items, ``clicked`` and every article, nearest first.
+    """
+    user = np.array(world.active_users[:1], dtype=object)
+    offsets, items = _histories(world, list(user), catalogue.news_ids)
+    vector = model.user_vectors(offsets, items, catalogue.embeddings)[0, : catalogue.embeddings.shape[1]]
+    by_nearness = np.argsort(-(catalogue.embeddings.astype(np.float64) @ vector), kind="stable")
+    clicked_items = np.unique(np.r_[items, by_nearness[:5]]).astype(np.int64)
+    return user, offsets, items, (np.array([0, len(clicked_items)]), clicked_items), by_nearness
+
+
+def test_ids_the_index_holds_but_the_catalogue_lacks_are_never_recommended(parts):
+    """An id the index returns that the catalogue lacks is dropped; it must not become row -1
+    (the catalogue's last article), which both users clicked."""
+    model, _, catalogue, _, _ = parts
+    wide = FaissIndex.build(catalogue.news_ids[:12].astype(str), catalogue.embeddings[:12], kind="flat", num_threads=1)
+    narrow = Catalogue(catalogue.news_ids[:8], catalogue.embeddings[:8], catalogue.side[:8])  # lacks 4 of them
+    users = np.array(["a", "b"], dtype=object)
+    offsets = np.array([0, 2, 4])
+    items = np.array([0, 7, 3, 7])  # a clicked rows 0 and 7, b rows 3 and 7
+    got = rank_users(users, offsets, items, model, narrow, wide, num_candidates=12, k=12)
+    by_user = {u: g for u, g in got.groupby(USER_ID)}
+    assert sorted(by_user["a"][NEWS_ID]) == sorted(narrow.news_ids[[1, 2, 3, 4, 5, 6]])
+    assert sorted(by_user["b"][NEWS_ID]) == sorted(narrow.news_ids[[0, 1, 2, 4, 5, 6]])
+    assert by_user["a"][RANK].tolist() == by_user["b"][RANK].tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def test_equal_scores_rank_the_lower_row_first(parts):
+    """Two articles with the same embedding and side features score the same: the lower row
+    comes first, so that every engine picks the same list."""
+    model, _, catalogue, _, _ = parts
+    rows = np.array([0, 1, 2, 3, 4, 5])
+    embeddings, side = catalogue.embeddings[rows].copy(), catalogue.side[rows].copy()
+    embeddings[4], side[4] = embeddings[1], side[1]  # rows 1 and 4: twins
+    tiny = Catalogue(catalogue.news_ids[rows], embeddings, side)
+    twins = tiny.news_ids[[1, 4]]
+    for order in ([0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]):  # whatever order the index holds them in
+        index = FaissIndex.build(tiny.news_ids[order].astype(str), embeddings[order], kind="flat", num_threads=1)
+        got = rank_users(np.array(["a"], dtype=object), np.array([0, 1]), np.array([0]), model, tiny, index,
+                         num_candidates=10, k=10)
+        listed = got[NEWS_ID].tolist()
+        assert len(listed) == 5
+        first, second = listed.index(twins[0]), listed.index(twins[1])
+        assert second == first + 1 and got[SCORE].iloc[first] == got[SCORE].iloc[second]

@@ -45,6 +45,13 @@ def test_threads_per_worker_never_oversubscribes():
         assert workers * threads_per_worker(workers) <= max(default_threads(), workers)
 
 
+def test_threads_per_worker_shares_an_explicit_budget_rounding_down():
+    assert threads_per_worker(2, 8) == 4
+    assert threads_per_worker(3, 8) == 2  # 3 x 3 would be 9 threads on 8
+    assert threads_per_worker(4, 2) == 1  # more workers than threads: one each
+    assert threads_per_worker(1, 5) == 5
+
+
 @pytest.mark.slow
 def test_local_worker_processes_equal_in_process(world_store, world):
     here = _run(world_store, world, num_workers=0)

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import pandas as pd
 import pytest
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 import recsys
 from recsys.columns import NEWS_ID, RANK, SCORE, USER_ID
@@ -18,6 +18,7 @@ from recsys.errors import (
 from recsys.ranking import runs
 from recsys.ranking.lock import acquire_lock, read_lock
 from recsys.ranking.nightly import run_nightly
+from recsys.ranking.queries import active_user_ids
 from recsys.store import schema as s
 from tests.lost_connection import connection_lost_at
 from tests.ranking.stored import run_rows
@@ -57,6 +58,22 @@ def test_nightly_ranks_every_active_user(world_store, world):
     for stage in stages:
         assert summary["timings"][stage] >= 0
     assert summary["plan"]["as_of"] == "2019-11-15 12:00:00"
+
+
+def test_active_users_are_those_shown_an_impression_in_the_closed_window(store, add_users):
+    """[since, until]: an impression exactly active_days before as_of counts, as one at as_of does."""
+    until = datetime(2019, 11, 15, 12, 0, 0)
+    since = until - timedelta(days=7)
+    second = timedelta(seconds=1)
+    times = {"at-since": since, "before-since": since - second, "at-until": until, "after-until": until + second,
+             "inside": since + timedelta(days=3)}
+    add_users(store, list(times))
+    with store.begin() as conn:
+        conn.execute(insert(s.impressions), [
+            {"source": "test/behaviors", "impression_id": i, "user_id": user, "time": when}
+            for i, (user, when) in enumerate(times.items(), start=1)
+        ])
+    assert active_user_ids(store, since=since, until=until).tolist() == ["at-since", "at-until", "inside"]
 
 
 def test_reader_cold_start_and_unknown_users(world_store, world):
