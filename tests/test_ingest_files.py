@@ -154,7 +154,18 @@ def test_another_file_under_the_same_default_source_is_counted_and_named_on_the_
         return {(c[1], n[:-2]) for c in (line.split("\t") for line in lines) for n in c[4].split() if n.endswith("-1")}
     withdrawn = len(clicked(lines[:4]) - clicked(lines[4:10]))
     assert withdrawn > 0 and replaced["clicks_withdrawn"] == withdrawn
-    assert f"{withdrawn} clicks that only the replaced impressions gave are no longer stored as clicks" in caplog.text
+    assert f"{withdrawn} clicks that only the replaced impressions gave are no longer stored with a click time" in caplog.text
+    assert replaced["labels_dropped"] == 0 and "replaced by unlabelled lines" not in caplog.text
+    # The first file again, its labels cut: every impression of it that had a click loses it.
+    unlabelled = ["\t".join(c[:4] + [" ".join(n[:-2] for n in c[4].split())]) for c in (line.split("\t") for line in lines[:10])]
+    (first / "behaviors.tsv").write_text("\n".join(lines[:10]) + "\n")
+    run_ingest(engine, ws, news=None, behaviors=first / "behaviors.tsv", images=None)
+    (first / "behaviors.tsv").write_text("\n".join(unlabelled) + "\n")
+    dropped = run_ingest(engine, ws, news=None, behaviors=first / "behaviors.tsv", images=None)
+    with_clicks = sum("-1" in line.split("\t")[4] for line in lines[:10])
+    assert with_clicks > 0 and dropped["labels_dropped"] == with_clicks
+    assert (f"{with_clicks} impressions with clicks stored under source 'train/behaviors' were replaced by unlabelled "
+            f"lines of this file") in caplog.text
     assert _count(engine, s.impressions) == 10
 
 

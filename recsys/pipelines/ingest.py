@@ -96,11 +96,18 @@ def _warn_of_what_was_stored(summary: dict) -> None:
                     "file's (first: %s): if it is another file than the one ingested before (MIND restarts impression "
                     "ids at 1 in every file), its impressions took their place; ingest each file under its own --source",
                     changed, summary.get("source"), summary.get("first_changed_impression"))
+    dropped = summary.get("labels_dropped", 0)
+    if dropped:
+        log.warning("%d impressions with clicks stored under source '%s' were replaced by unlabelled lines of this file "
+                    "(a test file under a labelled file's source?): their labels and clicks are gone; ingest the "
+                    "labelled file again to restore them, and each file under its own --source", dropped,
+                    summary.get("source"))
     withdrawn = summary.get("clicks_withdrawn", 0)
     if withdrawn:
-        log.warning("%d clicks that only the replaced impressions gave are no longer stored as clicks (the users' "
-                    "Histories and the articles' first-seen times they gave stay: a store rebuilt from the corrected "
-                    "files removes those)", withdrawn)
+        log.warning("%d clicks that only the replaced impressions gave are no longer stored with a click time, so the "
+                    "histories that lead with a user's clicks no longer read them (an article the user's History lists "
+                    "stays in it; the Histories and articles' first-seen times the replaced lines gave stay: a store "
+                    "rebuilt from the corrected files removes those)", withdrawn)
     not_replaced = summary.get("histories_not_replaced", 0)
     if not_replaced:
         log.warning("%d lines carried a History other than the one the store keeps for the same user at the very same "

@@ -93,8 +93,12 @@ class IngestReport:
         clicks: click-row writes: History entries of replaced histories + (user, article) pairs
             clicked, per batch. Not the rows added to ``clicks``: a pair both in the History and
             clicked counts twice, and a rerun counts its clicked pairs again (docs/data-contract.md).
-        clicks_withdrawn: (user, article) clicks that only replaced impressions gave: the
-            corrected lines no longer click them, so they are no longer stored as clicked.
+        clicks_withdrawn: (user, article) pairs that only the impressions this file replaced in
+            place had clicked: the file's lines do not click them and no other stored impression
+            does, so they are no longer stored with a click time. Counted once per file,
+            whatever the batches.
+        labels_dropped: impressions with clicks that an unlabelled line of this file (a test
+            file under the source of a labelled one) replaced: their labels and clicks are gone.
         num_bad_rows: lines not loaded (also in the quarantine file and table).
         lines_by_file: {file (resolved path): its lines read, good and bad}.
         bad_rows_by_file: {file (resolved path): its lines not loaded}.
@@ -118,6 +122,7 @@ class IngestReport:
     histories_not_replaced: int = 0
     clicks: int = 0
     clicks_withdrawn: int = 0
+    labels_dropped: int = 0
     num_bad_rows: int = 0
     lines_by_file: dict[str, int] = field(default_factory=dict)
     bad_rows_by_file: dict[str, int] = field(default_factory=dict)
@@ -394,6 +399,9 @@ class _Job:
     # The news file's malformed lines by the id each starts with (``remember_malformed``): an
     # impression naming an id that only such a line has is that line's fault, and says so.
     bad_news: dict[str, BadRow] = field(default_factory=dict)
+    # (user, article) pairs whose only clicks this file's lines replaced, less those a later
+    # batch clicks again: counted once per file, whatever the batches (``clicks_withdrawn``).
+    withdrawn: set[tuple[str, str]] = field(default_factory=set)
 
     def transaction(self) -> AbstractContextManager:
         # strict mode already holds one transaction around everything.
@@ -760,10 +768,14 @@ class _Job:
         before = w.select_in(by_source.add_columns(impressions.c.user_id, impressions.c.time), impressions.c.impression_id, ids)
         # The clicks the impressions about to be replaced gave, less those their new lines give
         # again at the same time: what they leave behind is recounted from the store below.
-        old_clicks = self._clicks_of(before)
+        held_clicks = self._clicks_of(before)
+        old_clicks = {(user, time, news_id) for _, user, time, news_id in held_clicks}
+        clicked_ids = {imp_id for imp_id, _, _, _ in held_clicks}
         for r in rows:
             if r.labels is not None:
                 old_clicks.difference_update((r.user_id, r.time, n) for n, label in zip(r.news_ids, r.labels) if label == 1)
+            elif r.impression_id in clicked_ids:
+                report.labels_dropped += 1  # an unlabelled line took the place of a clicked impression
         moved_from: set[str] = set()  # users an impression moved away from (another user or time)
         if before:
             incoming = {r.impression_id: (r.user_id, r.time) for r in rows}
@@ -831,18 +843,20 @@ class _Job:
                 where=lambda ex, t: sa.or_(t.clicked_at.is_(None), ex.clicked_at < t.clicked_at),
             )
         report.clicks += len(clicked)
+        self.withdrawn.difference_update(clicked)
         # A corrected line takes back what the line it replaces gave: the clicks and the
         # users' first- and last-seen times are recounted from what the store now holds.
         self._recount_clicks({(user, news_id) for user, _, news_id in old_clicks})
         self._recount_user_times(moved_from)
+        report.clicks_withdrawn = len(self.withdrawn)
 
-    def _clicks_of(self, stored: list[tuple]) -> set[tuple[str, datetime, str]]:
-        """(user, time, article) of each click of the ``stored`` impressions, rows (pk, impression
-        id, user, time)."""
+    def _clicks_of(self, stored: list[tuple]) -> list[tuple[int, str, datetime, str]]:
+        """(impression id, user, time, article) of each click of the ``stored`` impressions, rows
+        (pk, impression id, user, time)."""
         items = schema.impression_items
-        at = {pk: (user, time) for pk, _, user, time in stored}
-        return {(*at[pk], news_id) for pk, news_id in self.writer.select_in(
-            sa.select(items.c.impression_pk, items.c.news_id).where(items.c.label == 1), items.c.impression_pk, list(at))}
+        at = {pk: (imp_id, user, time) for pk, imp_id, user, time in stored}
+        return [(*at[pk], news_id) for pk, news_id in self.writer.select_in(
+            sa.select(items.c.impression_pk, items.c.news_id).where(items.c.label == 1), items.c.impression_pk, list(at))]
 
     def _recount_clicks(self, pairs: set[tuple[str, str]]) -> None:
         """Set the click time of these (user, article) pairs to their earliest click among the
@@ -861,7 +875,8 @@ class _Job:
                  key=("user_id", "news_id"), update=lambda ex, t: {"clicked_at": ex.clicked_at})
         # Neither clicked nor in the History: a row only the replaced impression gave.
         w.delete_in(clicks, clicks.c.user_id, users, clicks.c.clicked_at.is_(None), clicks.c.history_pos.is_(None))
-        self.report.clicks_withdrawn += sum(pair not in earliest for pair in pairs)
+        self.withdrawn.update(pair for pair in pairs if pair not in earliest)
+        self.withdrawn.difference_update(earliest)
 
     def _recount_user_times(self, users: set[str]) -> None:
         """Set these users' first- and last-seen times to those of their stored impressions

@@ -652,6 +652,34 @@ def test_a_corrected_file_takes_back_the_clicks_and_seen_times_of_the_lines_it_r
     assert (again.impressions_changed, again.clicks_withdrawn) == (0, 0) and dump_store(engine) == store
 
 
+@pytest.mark.parametrize("batch_size", [5000, 1])
+def test_a_click_a_correction_moves_to_a_later_line_is_not_withdrawn_whatever_the_batches(engine, small_world,
+                                                                                        quarantine_dir, tmp_path, batch_size):
+    # With a batch per line, the first batch finds no click of N1 left (line 2 still holds its
+    # old labels) and the second brings it back: the pair is not withdrawn at the end.
+    first = write_lines(tmp_path / "first.tsv", [behavior_line(1, "U1", T0, [], ["N1-1", "N2-0"]),
+                                                 behavior_line(2, "U1", T0 + H, [], ["N1-0", "N3-0"])])
+    corrected = write_lines(tmp_path / "corrected.tsv", [behavior_line(1, "U1", T0, [], ["N1-0", "N2-0"]),
+                                                         behavior_line(2, "U1", T0 + H, [], ["N1-1", "N3-0"])])
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=first, source="s")
+    report = run(engine, quarantine_dir, behaviors_path=corrected, source="s", batch_size=batch_size)
+    assert (report.clicks_withdrawn, report.labels_dropped) == (0, 0)
+    assert rows(engine, "clicks") == [("U1", "N1", None, T0 + H)]
+
+
+def test_an_unlabelled_copy_under_a_labelled_files_source_is_counted_as_dropping_labels(engine, small_world,
+                                                                                       quarantine_dir, tmp_path):
+    labelled = write_lines(tmp_path / "dev.tsv", [behavior_line(1, "U1", T0, ["N5"], ["N1-1", "N2-0"]),
+                                                  behavior_line(2, "U2", T0, [], ["N1-0", "N2-0"])])
+    unlabelled = write_lines(tmp_path / "test.tsv", [behavior_line(1, "U1", T0, ["N5"], "N1 N2"),
+                                                     behavior_line(2, "U2", T0, [], "N1 N2")])
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=labelled, source="s")
+    report = run(engine, quarantine_dir, behaviors_path=unlabelled, source="s")
+    # Only impression 1 had a click; U1's History entry stays, its click is gone.
+    assert (report.impressions_changed, report.labels_dropped, report.clicks_withdrawn) == (0, 1, 1)
+    assert rows(engine, "clicks") == [("U1", "N5", 0, None)]
+
+
 def test_behaviors_may_reference_news_ingested_earlier(engine, small_world, quarantine_dir):
     run(engine, quarantine_dir, news_path=small_world["news"])
     report = run(engine, quarantine_dir, behaviors_path=small_world["behaviors"])
