@@ -434,3 +434,42 @@ def test_a_click_log_until_a_time_keeps_the_clicks_strictly_before_it():
     kept = clicks.until(t)
     assert kept.user_ids.tolist() == ["u1", "u3"] and kept.items.tolist() == [1, 4]
     assert len(clicks.until(t - np.timedelta64(2, "h"))) == 0
+
+
+def _scripted_validation(monkeypatch, aucs):
+    """Replaces the per-epoch validation with ``aucs`` in turn; returns the list that receives a
+    snapshot of the networks' weights at each validation (item tower, user encoder, scorer)."""
+    script, snapshots = iter(aucs), []
+
+    def scripted(model, features, impressions, log_, first_seen, **kwargs):
+        snapshots.append([layer.get_weights() for layer in (model.item_tower, model.user_encoder, model.scorer)])
+        return {"auc": next(script), "log_loss": 0.5, "num_scored": len(impressions), "scores": None}
+
+    monkeypatch.setattr(training, "evaluate_impressions", scripted)
+    return snapshots
+
+
+def _same_weights(a, b) -> bool:
+    return all(len(x) == len(y) and all(np.array_equal(u, v) for u, v in zip(x, y)) for x, y in zip(a, b))
+
+
+_SCRIPTED_RUN = dict(batch_size=32, embedding_dim=16, history_len=8, calibrate=False, file_exposure=False)
+
+
+def test_early_stopping_returns_the_best_epochs_weights_not_the_last(world, log, monkeypatch):
+    snapshots = _scripted_validation(monkeypatch, [0.7, 0.5])
+    train = select_impressions(world.train, np.arange(200))
+    model, history = train_ctr(world.features, train, world.valid, log, epochs=2, patience=2, **_SCRIPTED_RUN)
+    assert history["val_auc"] == [0.7, 0.5] and history["best_epoch"] == 1
+    served = [layer.get_weights() for layer in (model.item_tower, model.user_encoder, model.scorer)]
+    assert not _same_weights(snapshots[0], snapshots[1])  # epoch 2 moved the weights
+    assert _same_weights(served, snapshots[0])
+
+
+def test_early_stopping_stops_once_patience_epochs_pass_without_a_better_auc(world, log, monkeypatch):
+    # patience=2: epochs 2 and 3 are not better than epoch 1, so epoch 4 (0.7) never runs.
+    _scripted_validation(monkeypatch, [0.6, 0.5, 0.5, 0.7, 0.8])
+    train = select_impressions(world.train, np.arange(200))
+    _, history = train_ctr(world.features, train, world.valid, log, epochs=5, patience=2, **_SCRIPTED_RUN)
+    assert len(history["loss"]) == 3 and history["val_auc"] == [0.6, 0.5, 0.5]
+    assert history["best_epoch"] == 1 and history["best_val_auc"] == 0.6
