@@ -131,6 +131,18 @@ def test_fit_normalises_the_training_samples(hand_log):
     assert SideFeatures.from_dict(spec.to_dict()) == spec
 
 
+def test_fit_keeps_its_window_and_normalises_with_it(hand_log):
+    # Item 0 (clicks at 10:00 and 12:00, shows at 10:00, 11:00, 12:00), seen at 13:00 and 20:00.
+    # A 6 h window at 13:00 is [07:00, 13:00): 2 clicks, 3 shows; at 20:00 [14:00, 20:00): none.
+    # (A 24 h window would count them at 20:00 as well.)
+    items, times = np.array([0, 0]), np.array([_at(13), _at(20)])
+    spec = SideFeatures(window_hours=6).fit(items, times, hand_log, hand_log.first_shown())
+    assert spec.window_hours == 6.0
+    np.testing.assert_allclose(spec.mean[:2], [np.log1p(2) / 2, np.log1p(3) / 2], rtol=1e-12)
+    np.testing.assert_allclose(spec.std[:2], [np.log1p(2) / 2, np.log1p(3) / 2], rtol=1e-12)
+    assert SideFeatures.from_dict(spec.to_dict()).window_hours == 6.0
+
+
 def test_a_feature_constant_in_training_is_centred_not_blown_up(hand_log, caplog):
     # A first window where nothing had been shown: popularity and age are 0 on every sample.
     first_seen = np.full(3, np.datetime64("NaT"), dtype="datetime64[s]")
@@ -152,6 +164,14 @@ def test_errors_name_the_problem(hand_log):
     first_seen = hand_log.first_shown()
     with pytest.raises(ValueError, match="item row 5 at position 1 is outside the log"):
         raw_side_features(np.array([0, 5]), np.array([_at(1), _at(1)]), hand_log, first_seen, window_hours=24)
+    with pytest.raises(ValueError, match="item row -1 at position 1 is outside the log"):
+        raw_side_features(np.array([0, -1]), np.array([_at(1), _at(1)]), hand_log, first_seen, window_hours=24)
+    # A row must lie in both the log (3 items) and first_seen, whichever is shorter.
+    longer = np.concatenate([first_seen, first_seen[:2]])
+    with pytest.raises(ValueError, match=r"item row 3 at position 0 is outside the log \(3 items\) or first_seen \(5 items\)"):
+        raw_side_features(np.array([3]), np.array([_at(1)]), hand_log, longer, window_hours=24)
+    with pytest.raises(ValueError, match=r"item row 2 at position 0 is outside the log \(3 items\) or first_seen \(2 items\)"):
+        raw_side_features(np.array([2]), np.array([_at(1)]), hand_log, first_seen[:2], window_hours=24)
     with pytest.raises(ValueError, match="window_hours is 0, expected a positive number"):
         raw_side_features(np.array([0]), np.array([_at(1)]), hand_log, first_seen, window_hours=0)
     with pytest.raises(ValueError, match="got 2 item rows but 1 times"):
