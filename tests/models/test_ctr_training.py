@@ -96,6 +96,74 @@ def test_batches_index_unique_items_and_group_negatives_of_the_same_impression(w
     assert np.all(groups[:, 1:] // width == (groups[:, :1] // width))  # same impression
 
 
+def _hand_impressions(candidates: list[list[int]], labels: list[list[int]]) -> Impressions:
+    """Impressions with these candidates and labels, each with a one-item history (item 0)."""
+    m = len(candidates)
+    return Impressions(
+        impression_ids=np.arange(1, m + 1, dtype=np.int64), user_ids=np.array([f"U{i}" for i in range(m)], dtype=object),
+        times=np.full(m, np.datetime64("2019-11-14T10:00:00", "s")),
+        history_offsets=np.arange(m + 1, dtype=np.int64), history_items=np.zeros(m, dtype=np.int32),
+        candidate_offsets=np.concatenate([[0], np.cumsum([len(c) for c in candidates])]).astype(np.int64),
+        candidate_items=np.concatenate(candidates).astype(np.int32), labels=np.concatenate(labels).astype(np.int8),
+    )
+
+
+def _hand_maker(imps: Impressions, num_items: int, *, negatives: int = 4, category_dropout: float = 0.0) -> _BatchMaker:
+    side = np.zeros((len(imps.candidate_items), 3), dtype=np.float32)
+    return _BatchMaker(imps, side, 1 + np.arange(num_items) % 5, np.ones(num_items, np.float32), history_len=4,
+                       negatives=negatives, category_dropout=category_dropout)
+
+
+def test_an_impression_whose_candidates_are_all_clicked_makes_no_listwise_group():
+    # Impression 0 has no non-click: its clicks have nothing to be ranked above in their own
+    # impression, and must not borrow impression 1's negatives.
+    imps = _hand_impressions([[1, 2], [3, 4, 5, 6]], [[1, 1], [1, 0, 0, 0]])
+    batch = _hand_maker(imps, 7).make(np.array([0, 1]), np.random.default_rng(0), listwise=True)
+    width = batch["labels"].shape[1]
+    assert batch["groups"].shape == (1, 5)
+    assert batch["groups"][0, 0] == width  # impression 1's click, slot 0
+    assert set(batch["groups"][0, 1:].tolist()) <= {width + 1, width + 2, width + 3}
+
+
+def test_listwise_negatives_are_drawn_from_every_non_click_of_the_impression():
+    # One click and 3 non-clicks, 4 draws a batch, 50 batches: 200 uniform draws over 3 slots
+    # (each slot missed by all of them with probability (2/3)**200).
+    imps = _hand_impressions([[1, 2, 3, 4]], [[0, 1, 0, 0]])
+    maker, rng = _hand_maker(imps, 5), np.random.default_rng(0)
+    drawn = np.concatenate([maker.make(np.array([0]), rng, listwise=True)["groups"][:, 1:].ravel() for _ in range(50)])
+    counts = np.bincount(drawn, minlength=4)
+    assert counts[1] == 0 and counts.sum() == 200
+    assert all(40 <= c <= 95 for c in counts[[0, 2, 3]])  # about 200/3 each
+
+
+def test_category_dropout_replaces_that_share_of_the_batchs_categories_with_unknown():
+    n = 1000
+    imps = _hand_impressions([list(range(1, n + 1))], [[1] + [0] * (n - 1)])
+    batch = _hand_maker(imps, n + 1, category_dropout=0.3).make(np.array([0]), np.random.default_rng(0), listwise=False)
+    assert len(batch["rows"]) == n + 1 and np.all(batch["category"][batch["category"] != 0] == 1 + batch["rows"][batch["category"] != 0] % 5)
+    assert 0.25 <= np.mean(batch["category"] == 0) <= 0.35  # every id is >= 1 before the dropout
+    none = _hand_maker(imps, n + 1).make(np.array([0]), np.random.default_rng(0), listwise=False)
+    assert np.all(none["category"] == 1 + none["rows"] % 5)
+
+
+def test_platt_calibration_is_fitted_on_the_labelled_candidates_only():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=300)
+    labels = (rng.random(300) < 1 / (1 + np.exp(-(1.5 * logits - 0.5)))).astype(np.int8)
+    unknown = labels.copy()
+    unknown[::7] = -1  # unlabelled candidates: left out of the fit
+    keep = unknown >= 0
+    # The unregularised maximum-likelihood fit on the labelled rows, by Newton's method.
+    x, y, w = np.column_stack([logits[keep], np.ones(keep.sum())]), labels[keep].astype(np.float64), np.zeros(2)
+    for _ in range(50):
+        p = 1 / (1 + np.exp(-x @ w))
+        w += np.linalg.solve(x.T @ (x * (p * (1 - p))[:, None]), x.T @ (y - p))
+    slope, intercept = training._fit_platt(logits, unknown)
+    assert slope == pytest.approx(w[0], abs=1e-3) and intercept == pytest.approx(w[1], abs=1e-3)
+    # Labelled rows of one class only (the -1 rows are no second class): nothing to fit, identity.
+    assert training._fit_platt(logits[:3], np.array([0, -1, 0], dtype=np.int8)) == (1.0, 0.0)
+
+
 def test_train_ctr_rejects_bad_arguments(world, log):
     args = (world.features, world.train, world.valid, log)
     with pytest.raises(ValueError, match="loss is 'hinge', expected one of pointwise, listwise"):
