@@ -45,6 +45,13 @@ def test_get_config_round_trip_gives_same_outputs(fusion, modalities):
     np.testing.assert_allclose(clone(_inputs()), layer(_inputs()), atol=1e-6)
 
 
+def test_get_config_keeps_the_dropout_rate():
+    # Dropout acts only in training, so equal outputs do not show it came back: the rate itself does.
+    layer = _layer(dropout=0.2)
+    assert layer.get_config()["dropout"] == 0.2
+    assert MultimodalFusion.from_config(layer.get_config()).dropout == 0.2
+
+
 @pytest.mark.parametrize("fusion", FUSION_MODES)
 def test_output_is_unit_norm_and_finite(fusion):
     out = np.asarray(_layer(fusion=fusion)(_inputs()))
@@ -85,6 +92,11 @@ def test_unknown_category_ids_behave_as_out_of_vocabulary():
     negative = dict(x, category=np.full(6, -1, dtype=np.int32))
     np.testing.assert_allclose(np.asarray(layer(beyond)), np.asarray(layer(oov)), atol=1e-6)
     np.testing.assert_allclose(np.asarray(layer(negative)), np.asarray(layer(oov)), atol=1e-6)
+    # Known ids run 1..NUM_CATEGORIES (0 is unknown): the last is known, the one after it is not.
+    last = dict(x, category=np.full(6, NUM_CATEGORIES, dtype=np.int32))
+    after = dict(x, category=np.full(6, NUM_CATEGORIES + 1, dtype=np.int32))
+    assert not np.allclose(np.asarray(layer(last)), np.asarray(layer(oov)), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(layer(after)), np.asarray(layer(oov)), atol=1e-6)
 
 
 def test_content_not_ids_identical_features_give_identical_embeddings():

@@ -33,6 +33,8 @@ def test_get_config_round_trip_gives_same_outputs():
     clone.set_weights(encoder.get_weights())
     assert clone.get_config() == encoder.get_config()
     np.testing.assert_allclose(np.asarray(clone(*_history())), np.asarray(encoder(*_history())), atol=1e-6)
+    # Dropout acts only in training, so equal outputs do not show it came back: the rate itself does.
+    assert encoder.get_config()["dropout"] == 0.2 and clone.dropout == 0.2
 
 
 def test_cold_start_user_gets_the_learned_vector():
@@ -76,6 +78,8 @@ def test_invalid_arguments_are_rejected():
         UserEncoder(num_heads=0)
     with pytest.raises(ValueError, match="dropout is -0.1"):
         UserEncoder(dropout=-0.1)
+    with pytest.raises(ValueError, match="dropout is 1.0, expected 0 <= dropout < 1"):
+        UserEncoder(dropout=1.0)
     with pytest.raises(ValueError, match="embedding dim 16 is not divisible by num_heads 3"):
         UserEncoder(num_heads=3)(*_history())
     with pytest.raises(ValueError, match="embedding_dim is 0"):
