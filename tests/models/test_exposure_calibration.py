@@ -84,3 +84,16 @@ def test_a_large_window_is_fitted_on_whole_impressions_of_a_seeded_sample(monkey
 def test_a_single_class_window_is_refused():
     with pytest.raises(ValueError, match="clicks and non-clicks"):
         fit_exposure_calibration(np.zeros(4), np.zeros(4), np.zeros(4), np.zeros(4, bool), np.zeros(4), np.arange(4))
+
+
+def test_fresh_as_of_a_store_end_is_what_the_store_never_held():
+    # A store ending at ``end`` holds [its first time, end): an article first seen one second
+    # before holds a place in it, one first seen at ``end`` (the window that follows) does not.
+    end = np.datetime64("2019-11-15T00:00:00", "s")
+    first_seen = np.array([end - np.timedelta64(1, "s"), end, np.datetime64("NaT")], dtype="datetime64[s]")
+    fresh, times = exposure.fresh_as_of(first_seen, end)
+    assert fresh.tolist() == [False, True, True]
+    assert times[0] == first_seen[0] and np.isnat(times[1:]).all()  # fresh ones read as never seen (age 0)
+    # A store without an end: only never-seen articles are fresh.
+    fresh, times = exposure.fresh_as_of(first_seen, None)
+    assert fresh.tolist() == [False, False, True] and times[1] == end
