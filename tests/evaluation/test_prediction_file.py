@@ -45,6 +45,9 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     "row, message",
     [
         (("a b", [0.1]), "impression id 'a b' is empty or holds whitespace"),
+        # Any whitespace, not only a space: a tab splits the line's fields, a newline the line.
+        (("a\tb", [0.1]), r"impression id 'a\\tb' is empty or holds whitespace"),
+        (("7\n8", [0.1]), r"impression id '7\\n8' is empty or holds whitespace"),
         (("", [0.1]), "impression id '' is empty"),
         ((3, []), "impression 3 has no candidate scores"),
     ],
