@@ -81,6 +81,27 @@ def test_first_extension_in_order_wins(images):
     assert check(images, "N1").path == "N1.jpg"
 
 
+def test_extensions_are_tried_jpg_jpeg_png_webp(images):
+    # The documented order, every pair of it: the first usable file wins.
+    for ext, fmt in ((".webp", "WEBP"), (".png", "PNG"), (".jpeg", "JPEG")):
+        (images / f"N1{ext}").write_bytes(image_bytes(fmt))
+        assert check(images, "N1").path == f"N1{ext}"
+
+
+def test_an_extension_in_two_cases_picks_the_first_name_in_sorted_order(images):
+    # "N1.JPG" < "N1.jpg" (upper case sorts first), whatever the directory order.
+    (images / "N1.jpg").write_bytes(image_bytes("JPEG", seed=1))
+    upper = image_bytes("JPEG", seed=2)
+    (images / "N1.JPG").write_bytes(upper)
+    assert check(images, "N1") == ImageCheck("N1.JPG", IMAGE_OK, hashlib.sha256(upper).hexdigest())
+
+
+@pytest.mark.parametrize("news_id", ["N_1", "N-1", "a" * 64])
+def test_ids_of_letters_digits_underscore_and_hyphen_up_to_64_name_their_cover(images, news_id):
+    (images / f"{news_id}.png").write_bytes(image_bytes("PNG"))
+    assert check(images, news_id).path == f"{news_id}.png"
+
+
 def test_zero_byte_file_is_empty(images):
     (images / "N1.jpg").write_bytes(b"")
     assert check(images, "N1") == ImageCheck(None, IMAGE_EMPTY, hashlib.sha256(b"").hexdigest(), "0 bytes")
@@ -154,6 +175,14 @@ def test_more_pixels_than_the_limit_is_too_large(images):
     assert check(images, "N1").status == IMAGE_TOO_LARGE
 
 
+def test_exactly_the_pixel_limit_is_not_too_large(images):
+    # 8000 x 5000 = 40 000 000 = MAX_IMAGE_PIXELS: allowed, so the header-only file is then
+    # decoded and found corrupt (its data chunk is far too short), not refused for its size.
+    assert 8000 * 5000 == MAX_IMAGE_PIXELS
+    (images / "N1.png").write_bytes(png_header_only(8000, 5000))
+    assert check(images, "N1").status == IMAGE_CORRUPT
+
+
 def test_decompression_bomb_beyond_pillows_own_limit_is_too_large(images):
     # 40000 x 40000 = 1.6e9 pixels: Pillow itself raises DecompressionBombError on open.
     (images / "N1.png").write_bytes(png_header_only(40_000, 40_000))
@@ -208,6 +237,17 @@ def test_a_progressive_jpeg_of_too_many_scans_is_too_large_without_decoding(imag
     assert check(images, "N2").status == IMAGE_OK
 
 
+def test_a_jpeg_of_exactly_the_scan_limit_is_ok(images):
+    _, own = progressive_jpeg(extra_scans=0)
+    data, scans = progressive_jpeg(extra_scans=MAX_JPEG_SCANS - own)
+    assert scans == MAX_JPEG_SCANS
+    (images / "N1.jpg").write_bytes(data)
+    assert check(images, "N1").status == IMAGE_OK
+    data, scans = progressive_jpeg(extra_scans=MAX_JPEG_SCANS - own + 1)
+    (images / "N2.jpg").write_bytes(data)
+    assert check(images, "N2").status == IMAGE_TOO_LARGE
+
+
 def test_the_reasons_say_what_is_wrong_with_the_picture(images):
     (images / "N1.png").write_bytes(png_header_only(8000, 6000))
     assert check(images, "N1").reason == "8000x6000 = 48000000 pixels, over the limit of 40000000"
@@ -239,6 +279,14 @@ def test_file_over_the_byte_limit_is_too_large_without_being_read(images):
         f.truncate(MAX_IMAGE_BYTES + 1)  # sparse: costs no disk
     assert check(images, "N1") == ImageCheck(None, IMAGE_TOO_LARGE, None,
                                              f"{MAX_IMAGE_BYTES + 1} bytes, over the limit of {MAX_IMAGE_BYTES}")
+
+
+def test_file_of_exactly_the_byte_limit_is_read(images):
+    with open(images / "N1.jpg", "wb") as f:
+        f.truncate(MAX_IMAGE_BYTES)  # sparse zeros: read, hashed, and not an image
+    check_ = check(images, "N1")
+    assert (check_.status, check_.reason) == (IMAGE_CORRUPT, "not a JPEG, PNG or WebP image")
+    assert check_.sha256 == hashlib.sha256(bytes(MAX_IMAGE_BYTES)).hexdigest()
 
 
 def test_symlink_leaving_the_folder_is_a_bad_name(images, tmp_path):

@@ -444,6 +444,13 @@ def test_draw_cover_rejects_bad_arguments():
         draw_cover(NUM_STYLES, np.random.default_rng(0))
     with pytest.raises(ValueError, match="cover size 8 is too small"):
         draw_cover(0, np.random.default_rng(0), 8)
+    # A negative index must not wrap round to the last style.
+    with pytest.raises(ValueError, match="style -1 is not a style index"):
+        draw_cover(-1, np.random.default_rng(0))
+    # 32 pixels is the smallest side allowed.
+    with pytest.raises(ValueError, match="cover size 31 is too small"):
+        draw_cover(0, np.random.default_rng(0), 31)
+    assert draw_cover(0, np.random.default_rng(0), 32).size == (32, 32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -104,6 +104,29 @@ def test_features_are_row_aligned_with_an_explicit_no_image_path(news, fake_enco
     assert features.text_encoder == text_enc.info and features.image_encoder == image_enc.info
 
 
+def test_a_missing_category_is_empty_not_nan(news, fake_encoders):
+    frame, images = news
+    frame.loc[1, CATEGORY] = None
+    features = encode_items(frame, images, *fake_encoders, None, batch_size=4)
+    assert features.categories[1] == ""
+    assert features.categories[0] == "sports"
+
+
+def test_rows_the_image_encoder_could_not_read_are_zeros_whatever_it_returned(news):
+    # The has_image flag, not the encoder's filler, decides: a failed row must never look
+    # like a picture, even from an encoder that leaves something in it.
+    class FillingImageEncoder(FakeImageEncoder):
+        def encode(self, paths, batch_size: int = 32):
+            features, ok = super().encode(paths, batch_size)
+            features[~ok] = 7.0
+            return features, ok
+
+    frame, images = news
+    features = encode_items(frame, images, FakeTextEncoder(), FillingImageEncoder(), None, batch_size=4)
+    assert features.has_image.tolist() == [i % 3 != 2 and i != 4 for i in range(10)]
+    assert not features.image[~features.has_image].any()
+
+
 def test_second_run_encodes_nothing(news, tmp_path, fake_encoders):
     frame, images = news
     text_enc, image_enc = fake_encoders
@@ -469,3 +492,24 @@ def test_real_encoders_end_to_end(tmp_path, sample_photos, text_encoder, image_e
     assert cosine >= 0.999  # float16 storage
     second = encode_items(frame, images_dir, text_encoder, image_encoder, FeatureCache(tmp_path, text_encoder.info, image_encoder.info))
     assert_same_features(first, second)
+
+
+@pytest.mark.parametrize("column", ["text", "image", "has_image", "categories"])
+def test_item_features_refuse_a_column_of_another_length(column):
+    from recsys.encoders.item_features import EncoderInfo, ItemFeatures
+
+    columns = {"text": np.zeros((3, 2), np.float32), "image": np.zeros((3, 2), np.float32),
+               "has_image": np.zeros(3, bool), "categories": np.array(["a", "b", "c"], dtype=object)}
+    columns[column] = columns[column][:2]
+    info = EncoderInfo("enc", "1", 2)
+    with pytest.raises(ValueError, match=f"ItemFeatures.{column} has 2 rows, expected 3"):
+        ItemFeatures(np.array(["N1", "N2", "N3"], dtype=object), text_encoder=info, image_encoder=info, **columns)
+
+
+def test_encoder_info_round_trips_through_its_dict():
+    from recsys.encoders.item_features import EncoderInfo
+
+    info = EncoderInfo("all-MiniLM-L6-v2-int8", "sha256:0123abcd+len:128", 384)
+    as_dict = info.to_dict()
+    assert as_dict == {"name": "all-MiniLM-L6-v2-int8", "version": "sha256:0123abcd+len:128", "dim": 384}
+    assert EncoderInfo.from_dict(as_dict) == info

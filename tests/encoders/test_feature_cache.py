@@ -166,6 +166,17 @@ def test_manifest_recording_other_encoders_is_refused(tmp_path):
         FeatureCache(tmp_path, TEXT, IMAGE)
 
 
+def test_manifest_recording_another_image_dtype_is_refused(tmp_path):
+    # Image vectors stored as float32 by another version must not be read as float16.
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    manifest = json.loads((cache.path / MANIFEST_NAME).read_text())
+    assert manifest["image_dtype"] == "float16"
+    manifest["image_dtype"] = "float32"
+    (cache.path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ModelMismatchError, match="image_dtype 'float32'"):
+        FeatureCache(tmp_path, TEXT, IMAGE)
+
+
 def test_unreadable_manifest_is_refused(tmp_path):
     cache = FeatureCache(tmp_path, TEXT, IMAGE)
     (cache.path / MANIFEST_NAME).write_text("{broken")
@@ -277,6 +288,30 @@ def test_after_a_full_disk_a_write_waits_for_room(tmp_path, monkeypatch):
     assert len(calls) == 1 and cache.num_shards == 2
 
 
+def test_after_a_full_disk_room_means_twice_the_shard(tmp_path, monkeypatch):
+    import collections
+
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    calls = _disk_full_once(monkeypatch)
+    usage = collections.namedtuple("usage", "total used free")
+    # One article's shard: text 6 float32 (24 bytes) + image 5 float16 (10) + id "N1" as <U2 (8)
+    # + hash "h" as <U1 (4) = 46 bytes.
+    shard_bytes = 24 + 10 + 8 + 4
+    free = {"bytes": 10**9}
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: usage(10**9, 10**9, free["bytes"]))
+    cache.put(["N0"], ["h"], *features(1))  # fails: the disk is full
+    free["bytes"] = 2 * shard_bytes - 1
+    cache.put(["N1"], ["h"], *features(1, seed=1))
+    assert len(calls) == 1  # room for the shard once, not twice: not tried
+    free["bytes"] = 2 * shard_bytes
+    cache.put(["N1"], ["h"], *features(1, seed=1))
+    assert len(calls) == 2 and cache.lookup(["N1"], ["h"]).tolist() == [True]
+    # A write that succeeded ends the wait: the next one is tried whatever the free space says.
+    free["bytes"] = 0
+    cache.put(["N2"], ["h"], *features(1, seed=2))
+    assert len(calls) == 3 and cache.lookup(["N2"], ["h"]).tolist() == [True]
+
+
 def test_a_read_only_cache_serves_what_it_holds_and_stores_nothing(tmp_path, monkeypatch, caplog):
     cache = FeatureCache(tmp_path, TEXT, IMAGE)
     text, image, has_image = features(2)
@@ -300,6 +335,24 @@ def test_a_read_only_cache_serves_what_it_holds_and_stores_nothing(tmp_path, mon
     assert reader.lookup(["a", "c", "d"], ["h"] * 3).tolist() == [True, True, False]
     assert reader.num_shards == 2
     assert caplog.text.count(f"feature cache {reader.path} cannot be written") == 1
+
+
+@pytest.mark.parametrize(("code", "message"), [(1, "Operation not permitted"), (13, "Permission denied"),
+                                               (30, "Read-only file system")])
+def test_a_write_refused_for_good_stops_later_writes(tmp_path, monkeypatch, code, message):
+    # EPERM, EACCES and EROFS last the whole command: after the first, no write is tried.
+    cache = FeatureCache(tmp_path, TEXT, IMAGE)
+    calls = []
+
+    def refusing(*args, **kwargs):
+        calls.append(1)
+        raise OSError(code, message)
+
+    monkeypatch.setattr(np, "savez", refusing)
+    for news_id in "abc":
+        cache.put([news_id], ["h"], *features(1))
+    assert len(calls) == 1
+    assert len(cache) == 0
 
 
 def test_a_cache_folder_that_cannot_be_created_gives_an_empty_cache(tmp_path, caplog):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -244,3 +245,19 @@ def test_a_plugged_model_is_cut_at_the_config_json_beside_it(tmp_path, caplog):
                   '"model_type": "bert", "position_embedding_type": "alibi"'):
         (tmp_path / "config.json").write_text(f'{{{extra}, "max_position_embeddings": 512}}')
         assert TextEncoder(path, DEFAULT_TOKENIZER_PATH, max_length=1024).truncate_at == 1024, extra
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ({"model_type": "bert", "max_position_embeddings": 2}, 2),  # the smallest table that holds CLS and SEP
+    ({"model_type": "bert", "max_position_embeddings": 1}, None),
+    ({"model_type": "roberta", "max_position_embeddings": 514}, 512),  # no pad_token_id: RoBERTa's 1, so 2 fewer
+    ({"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 0}, 513),
+    ({"model_type": "markuplm", "max_position_embeddings": 514, "pad_token_id": 1}, 512),
+    ({"model_type": "ibert", "max_position_embeddings": 514, "pad_token_id": 1}, 512),
+])
+def test_config_json_positions(tmp_path, config, expected):
+    from recsys.encoders.positions import text_model_max_positions
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    found = text_model_max_positions(tmp_path / "model.onnx")
+    assert (found and found[0]) == expected
