@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -221,6 +222,21 @@ def test_jpeg_scans_are_counted_from_the_markers():
     for junk in (b"\x00", b"junk\xff\x00", b"\xff\xff\xff"):
         assert jpeg_scans(data[:app0_end] + junk + data[app0_end:], limit=10**6) == scans
     assert jpeg_scans(b"\xff\xd8" + b"\xff" * 100_000) == 0  # a run of fill bytes, at C speed
+
+
+def test_a_run_of_0xff_that_no_marker_ends_is_walked_in_linear_time(images):
+    # "\xff+" then a marker byte, searched for, was tried again from every byte of such a run:
+    # quadratic, 15 s for 40 KB after a scan (weeks for a 20 MiB cover), in ingest's check of
+    # a file Pillow opens as a 16x16 JPEG.
+    baseline = image_bytes("JPEG", size=(16, 16))
+    sos = baseline.index(b"\xff\xda")
+    header = baseline[: sos + 2 + int.from_bytes(baseline[sos + 2 : sos + 4], "big")]
+    data = header + b"\xff" * 60_000 + b"\x00" + b"\xff\xd9"
+    start = time.perf_counter()
+    assert jpeg_scans(data) == 1  # one SOS; 0xFF 0x00 is no marker, then EOI
+    assert time.perf_counter() - start < 2  # about 40 s before
+    (images / "N1.jpg").write_bytes(data)
+    assert check(images, "N1").sha256 == hashlib.sha256(data).hexdigest()
 
 
 def test_a_progressive_jpeg_of_too_many_scans_is_too_large_without_decoding(images):
