@@ -212,6 +212,10 @@ def test_jpeg_scans_are_counted_from_the_markers():
         # A thumbnail in an APP segment is skipped, not counted, and does not end the walk.
         assert jpeg_scans(with_thumbnail(data, plain)) == scans
     assert jpeg_scans(image_bytes("JPEG")) == 1  # baseline
+    # The count stops at the first picture's EOI (an MPO's later pictures, here after some
+    # padding, are not decoded).
+    data, scans = progressive_jpeg(extra_scans=5)
+    assert jpeg_scans(data + bytes(16) + data) == scans
     assert jpeg_scans(image_bytes("PNG")) == 0
     data, scans = progressive_jpeg(extra_scans=50)
     assert jpeg_scans(data, limit=20) == 21  # stops counting past the limit

@@ -387,6 +387,10 @@ def test_cache_of_other_encoders_is_refused(news, tmp_path, fake_encoders):
     cache = FeatureCache(tmp_path / "cache", FakeTextEncoder(name="other-text").info, image_enc.info)
     with pytest.raises(ModelMismatchError, match=r"is for encoders other-text \(1\) and fake-image \(1\), not fake-text"):
         encode_items(frame, images, text_enc, image_enc, cache)
+    # The image encoder alone differing is refused as well: its vectors are not these.
+    cache = FeatureCache(tmp_path / "cache", text_enc.info, FakeImageEncoder(name="other-image").info)
+    with pytest.raises(ModelMismatchError, match=r"is for encoders fake-text \(1\) and other-image \(1\)"):
+        encode_items(frame, images, text_enc, image_enc, cache)
 
 
 def test_use_abstract_changes_the_text_and_its_identity(news, tmp_path, fake_encoders):

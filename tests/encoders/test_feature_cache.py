@@ -156,6 +156,14 @@ def test_other_encoders_get_their_own_folder(tmp_path):
     assert cache_folder_name(TEXT, IMAGE).startswith("text-enc__image-enc__")
 
 
+def test_an_encoder_name_with_a_slash_names_one_folder(tmp_path):
+    # Hugging Face ids hold a slash: the folder must stay one level under the root.
+    text = EncoderInfo("sentence-transformers/all-MiniLM-L6-v2", "1", 6)
+    name = cache_folder_name(text, IMAGE)
+    assert name.startswith("sentence-transformers-all-MiniLM-L6-v2__image-enc__")
+    assert FeatureCache(tmp_path, text, IMAGE).path.parent == tmp_path
+
+
 def test_manifest_recording_other_encoders_is_refused(tmp_path):
     cache = FeatureCache(tmp_path, TEXT, IMAGE)
     manifest = json.loads((cache.path / MANIFEST_NAME).read_text())
@@ -409,6 +417,21 @@ def test_folders_of_other_encoders_go_after_30_days_unused(tmp_path, monkeypatch
     current = FeatureCache(tmp_path, TEXT, IMAGE)
     assert not old.path.exists()
     assert used.path.exists() and not_a_cache.exists() and current.path.exists()
+
+
+def test_a_link_to_another_cache_folder_is_never_removed(tmp_path, monkeypatch):
+    # A symlink beside the caches points at someone else's folder: not this cache's to tidy.
+    elsewhere = tmp_path / "elsewhere"
+    target = FeatureCache(elsewhere, EncoderInfo("text-enc", "0.9", 6), IMAGE)
+    target.put(["a"], ["h"], *features(1))
+    root = tmp_path / "root"
+    root.mkdir()
+    link = root / target.path.name
+    link.symlink_to(target.path, target_is_directory=True)
+    later = time.time() + cache_module.UNUSED_FOLDER_SECONDS + 60
+    monkeypatch.setattr(atomic.time, "time", lambda: later)
+    FeatureCache(root, TEXT, IMAGE)
+    assert link.is_symlink() and len(list(target.path.glob("shard-*.npz"))) == 1
 
 
 
