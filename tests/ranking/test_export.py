@@ -36,6 +36,11 @@ def test_round_trip(store, add_news, tmp_path):
     assert path.name == f"recommendations-run-{run_id}.parquet"
     table = pq.read_table(path)
     assert table.schema.equals(EXPORT_SCHEMA)
+    # The columns and types docs/operations.md promises downstream readers (EXPORT_SCHEMA could drift).
+    assert [(f.name, str(f.type), f.nullable) for f in table.schema] == [
+        ("run_id", "int64", False), ("user_id", "string", False), ("rank", "int16", False), ("news_id", "string", False),
+        ("score", "double", False), ("created_at", "timestamp[us, tz=UTC]", False)]
+    assert pq.ParquetFile(path).metadata.num_row_groups == 8  # 75 rows, 10 a group: streamed, not read whole
     got = table.to_pandas()
     with store.connect() as conn:
         want = pd.read_sql(

@@ -48,3 +48,11 @@ def test_counts_after_ingest_match_the_tables(engine, small_world, quarantine_di
     assert expected == {"news": 6, "news_with_image": 0, "users": 3, "impressions": 4, "impression_items": 10,
                         "labelled_items": 10, "clicked_items": 4, "clicks": 7, "quarantined": 1}
     assert stats["image_missing"] == 6 and sum(stats[f"image_{s}"] for s in IMAGE_STATUSES) == 6
+    assert stats["sources"] == 1  # one behaviors file, whose 4 impressions all name it
+    # A status another tool wrote is counted under its own name, not dropped from the total.
+    with engine.begin() as conn:
+        conn.execute(sa.update(schema.news).where(schema.news.c.news_id == sa.select(sa.func.min(schema.news.c.news_id))
+                                                  .scalar_subquery()).values(image_status="other-tool"))
+    stats = store_stats(engine)
+    assert (stats["image_missing"], stats["image_other-tool"]) == (5, 1)
+    assert sum(v for k, v in stats.items() if k.startswith("image_")) == stats["news"] == 6
