@@ -244,6 +244,37 @@ def test_a_refit_version_records_it_and_scores_a_behaviors_file(trained, tmp_pat
     assert len(lines) == sum(1 for _ in iter_behaviors(world / "behaviors_test.tsv"))
 
 
+def test_predict_ranks_each_impressions_candidates_by_the_chosen_versions_scores(trained, tmp_path):
+    """Each line is the impression id and, per candidate in file order, 1 + the number of its
+    candidates scored higher (ties in candidate order), by the version and reading asked for:
+    worked out here from the version's own scores, for the labelled file and its unlabelled copy."""
+    world, ws, engine, config, versions = trained
+    path = world / "behaviors_test.tsv"
+    unlabelled = tmp_path / "unlabelled.tsv"
+    unlabelled.write_text("".join("\t".join(line.split("\t")[:4] + [" ".join(c.rsplit("-", 1)[0] for c in line.split("\t")[4].split())])
+                                  + "\n" for line in path.read_text().splitlines()))
+    rows = list(iter_behaviors(path))
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    mv = get_version(engine, versions[False])  # not the current version: predict must serve the one named
+    scorer = VersionScorer(mv, catalogue, times=feature_times(catalogue, "impression"), shows=read_file_shows(path, catalogue))
+    imps, _ = next(iter_behavior_chunks(path, catalogue, chunk_size=10**6, history_len=scorer.history_len))
+    assert [catalogue.features.news_ids[i] for i in imps.candidate_items] == [n for r in rows for n in r.news_ids]
+    scores, offsets = scorer.score(imps), imps.candidate_offsets
+    expected = []
+    for i, row in enumerate(rows):
+        s = scores[offsets[i]:offsets[i + 1]].tolist()
+        assert len(s) == len(row.news_ids)
+        ranks = [1 + sum(x > y for x in s) + sum(x == y for x in s[:j]) for j, y in enumerate(s)]
+        expected.append(f"{row.impression_id} [{','.join(map(str, ranks))}]")
+    assert any(line.split()[1] != "[" + ",".join(map(str, range(1, line.count(",") + 2))) + "]" for line in expected)
+    for name, behaviors in (("labelled", path), ("unlabelled", unlabelled)):
+        out = tmp_path / f"{name}.txt"
+        summary = run_predict(engine, ws, config, behaviors=behaviors, out=out, version=mv.version, features_at="impression")
+        assert out.read_text().splitlines() == expected, name
+        assert (summary["version"], summary["impressions"], summary["candidates"]) == (
+            mv.version, len(rows), sum(len(r.news_ids) for r in rows))
+
+
 def test_history_length_groups_count_the_clicks_the_model_reads(trained, tmp_path):
     """A user with an empty History column who clicked in the ingested window is not cold to a
     model that reads logged clicks; counted from the files alone."""
