@@ -16,7 +16,7 @@ from sqlalchemy import func, insert, select
 from recsys.config import Workspace
 from recsys.errors import RunLockedError
 from recsys.pipelines.ingest import run_ingest
-from recsys.pipelines.runlog import abandon_dead_runs, recorded_run
+from recsys.pipelines.runlog import abandon_dead_runs, ingest_marks, ingests_since, recorded_run, running_runs
 from recsys.ranking.lock import acquire_lock, current_holder, read_lock, this_host, utc_now
 from recsys.store import ingest as store_ingest
 from recsys.store import schema as s
@@ -137,6 +137,42 @@ def test_recorded_run_records_its_process_and_clears_dead_runs_of_its_kind(engin
         row = conn.execute(select(r.status, r.holder).where(r.run_id == record["run_id"])).one()
     assert tuple(row) == ("complete", f"{HOST}:{os.getpid()}")
     assert _runs(engine)[dead][1] == "failed"
+
+
+def test_running_runs_lists_only_the_runs_whose_process_may_be_alive(engine):
+    """A training started after a killed ingest was told an ingest was still running."""
+    dead = _plant_run(engine, "ingest", f"{HOST}:{_dead_pid()}")
+    remote = _plant_run(engine, "ingest", "other-host:99")
+    _plant_run(engine, "train", "other-host:98")  # another kind
+    assert [run_id for run_id, *_ in running_runs(engine, "ingest")] == [remote]
+    assert _runs(engine)[dead][1] == "failed"
+
+
+def test_ingests_since_names_those_running_at_the_marks_and_those_started_after(engine):
+    """An ingest still writing when a read began wrote during it, as one started later did;
+    one that ended before the marks did not."""
+    with recorded_run(engine, "ingest"):
+        pass
+    earlier = _plant_run(engine, "ingest", "other-host:97")  # running at the marks (another host: left alone)
+    marks = ingest_marks(engine)
+    _plant_run(engine, "train", "other-host:96")
+    later = _plant_run(engine, "ingest", "other-host:95")
+    assert [run_id for run_id, *_ in ingests_since(engine, marks)] == [earlier, later]
+
+
+def test_a_failed_run_keeps_the_counts_and_timings_it_filled_and_its_error(engine):
+    """What a run did before it failed (rows ingested, seconds spent) is what the operator
+    needs to judge a retry: the failed row keeps it, as the complete row would."""
+    with pytest.raises(ValueError, match="disk on fire"):
+        with recorded_run(engine, "train", model_version="v1") as record:
+            record["counts"]["impressions"] = 7
+            record["timings"]["read"] = 1.5
+            raise ValueError("disk on fire")
+    r = s.runs.c
+    with engine.connect() as conn:
+        row = conn.execute(select(r.status, r.counts, r.timings, r.message).where(r.run_id == record["run_id"])).one()
+    assert (row.status, row.counts, row.timings) == ("failed", {"impressions": 7}, {"read": 1.5})
+    assert "disk on fire" in row.message
 
 
 def test_a_store_that_fails_the_failed_mark_does_not_replace_the_runs_own_error(engine, monkeypatch, caplog):
