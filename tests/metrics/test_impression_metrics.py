@@ -554,32 +554,25 @@ def test_ten_users_give_intervals(world):
         assert got["diff_to_first_ci"][metric]["ci_low"] < got["diff_to_first_ci"][metric]["ci_high"]
 
 
-def test_pooled_auc_counts_the_users_who_clicked_not_everyone_shown(world):
-    # 30 users see candidates, 5 of them click: pooled AUC rests on those 5 (counted as every
-    # user with a candidate, its interval was shown and a difference from 5 users coloured).
+@pytest.mark.parametrize("others", [
+    # 30 users see candidates, 5 of them click (counted as every user with a candidate, its
+    # interval was shown and a difference from 5 users coloured).
+    pytest.param(lambda labels: np.zeros_like(labels), id="five_click"),
+    # The mirror: 30 users click, only 5 of them skip anything (the other 25 click every
+    # candidate shown). Pooled AUC compares clicked with skipped candidates.
+    pytest.param(lambda labels: np.where(labels < 0, labels, 1), id="five_skip"),
+])
+def test_pooled_auc_rests_on_the_fewer_of_the_users_who_clicked_and_who_skipped(world, others):
+    # U0-U4 keep their labels, the 25 others get ``others``': pooled AUC rests on those 5.
     users = [f"U{i % 30}" for i in range(len(world))]
-    clickers = {f"U{i}" for i in range(5)}
-    quiet = [(labels if user in clickers else np.zeros_like(labels), scores, item_groups, impression_groups)
-             for (labels, scores, item_groups, impression_groups), user in zip(world, users)]
-    got = _accumulate_clustered(quiet, users).result()["models"]["noisy"]
+    five = {f"U{i}" for i in range(5)}
+    relabelled = [(labels if user in five else others(labels), scores, item_groups, impression_groups)
+                  for (labels, scores, item_groups, impression_groups), user in zip(world, users)]
+    got = _accumulate_clustered(relabelled, users).result()["models"]["noisy"]
     assert got["metrics"]["pooled_auc"]["value"] is not None
     assert got["metrics"]["pooled_auc"]["ci_low"] is None and got["metrics"]["pooled_auc"]["num_units"] == 5
     assert got["diff_to_first_ci"]["pooled_auc"]["num_units"] == 5
     # Log loss rests on every user shown a candidate: 30, an interval.
-    assert got["metrics"]["log_loss"]["ci_low"] < got["metrics"]["log_loss"]["ci_high"]
-
-
-def test_pooled_auc_counts_the_users_who_skipped_not_everyone_shown(world):
-    # The mirror: 30 users click, only 5 of them skip anything (the other 25 click every
-    # candidate shown). Pooled AUC compares clicked with skipped candidates: it rests on 5 users.
-    users = [f"U{i % 30}" for i in range(len(world))]
-    skippers = {f"U{i}" for i in range(5)}
-    eager = [(labels if user in skippers else np.where(labels < 0, labels, 1), scores, item_groups, impression_groups)
-             for (labels, scores, item_groups, impression_groups), user in zip(world, users)]
-    got = _accumulate_clustered(eager, users).result()["models"]["noisy"]
-    assert got["metrics"]["pooled_auc"]["value"] is not None
-    assert got["metrics"]["pooled_auc"]["ci_low"] is None and got["metrics"]["pooled_auc"]["num_units"] == 5
-    assert got["diff_to_first_ci"]["pooled_auc"]["num_units"] == 5
     assert got["metrics"]["log_loss"]["ci_low"] < got["metrics"]["log_loss"]["ci_high"]
 
 
