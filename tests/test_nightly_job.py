@@ -566,7 +566,9 @@ def test_an_emptied_or_damaged_index_is_built_whole_by_the_next_night(trained, c
     with caplog.at_level("WARNING"):
         assert refresh_index(engine, ws, config, mv)["index_built"] == len(whole) + 1  # with NLATE
     assert f"the index of model version {mv.version} cannot be read" in caplog.text and "building it whole" in caplog.text
-    np.testing.assert_array_equal(load_index(mv).vectors(whole.news_ids), whole.vectors(whole.news_ids))
+    # Embedded in batches of another size (201 articles, not 200), a row can differ in its last
+    # bits (3e-8 seen): the refresh's own threshold for a changed embedding is 1e-5.
+    np.testing.assert_allclose(load_index(mv).vectors(whole.news_ids), whole.vectors(whole.news_ids), rtol=0, atol=1e-6)
 
 
 def test_an_auto_index_follows_its_kind_as_the_catalogue_passes_exact_max_items(trained, caplog):
