@@ -854,3 +854,84 @@ def test_a_night_whose_quarantine_folder_cannot_be_created_exits_3_and_ranks_the
     assert summary["ingest"]["error"] == f"cannot create the quarantine folder {ws.quarantine_dir}: no space left on device"
     assert summary["run"]["status"] == "complete"
     assert store_stats(engine) == before
+
+
+def _current(engine, mv, config) -> bool:
+    """What a night asks before it starts the refresh helper."""
+    from recsys.pipelines.nightly import catalogue_state, index_is_current
+
+    return index_is_current(mv, config, catalogue_state(repo.read_news_state(engine), config))
+
+
+def test_a_night_whose_store_is_as_its_index_last_read_it_skips_the_refresh(trained, monkeypatch, caplog):
+    # A retried night (or one whose files brought no article) started the refresh helper, which
+    # loaded TensorFlow, the encoders and every article's features to find nothing to do.
+    import recsys.pipelines.nightly as nightly_module
+
+    world, ws, engine, _ = trained
+    config = load_config(None, SHARDED)
+    calls = []
+    real = nightly_module.refresh_index_apart
+    monkeypatch.setattr(nightly_module, "refresh_index_apart", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    first = run_nightly_job(engine, ws, config)
+    assert len(calls) == 1 and first["index"]["index_added"] == 200
+    with caplog.at_level("INFO", logger="recsys.nightly"):
+        retry = run_nightly_job(engine, ws, config, rerank=True)
+    assert len(calls) == 1, "the retry started the refresh helper"
+    assert retry["index"] == {"index_added": 0, "index_updated": 0, "index_republished": 0}
+    assert "holds the store's articles as they are now: not refreshed" in caplog.text
+    assert retry["run"]["run_id"] != first["run"]["run_id"]
+    assert _rows(engine, retry["run"]["run_id"]) == _rows(engine, first["run"]["run_id"])
+
+
+def test_what_the_refresh_reads_makes_the_index_not_current(tmp_path, trained, caplog):
+    from recsys.pipelines.index import run_index_build
+
+    world, ws, engine, config = trained
+    mv = get_version(engine)
+    run_index_build(engine, ws, config)  # `recsys index build` records no catalogue
+    assert not _current(engine, mv, config)
+    # A refresh that finds nothing to change still saves the index, with the record.
+    assert refresh_index(engine, ws, config, mv) == {"index_added": 0, "index_updated": 0, "index_republished": 0}
+    assert _current(engine, mv, config)
+    seen = first_seen(engine)
+    shown = sorted(n for n, t in seen.items() if t is not None)
+
+    # An older behaviors file moves an article's first-seen time earlier: restamped.
+    older = min(t for t in seen.values() if t is not None) - timedelta(days=3)
+    (tmp_path / "older").mkdir()
+    run_ingest(engine, ws, news=None, images=None, behaviors=write_lines(
+        tmp_path / "older" / "behaviors.tsv", [behavior_line(1, "U_old", older, [], [f"{shown[0]}-0"])]))
+    assert not _current(engine, mv, config)
+    assert refresh_index(engine, ws, config, mv)["index_republished"] == 1
+    assert _current(engine, mv, config)
+
+    # One article's title changed (the same id): embedded again.
+    lines = (world / "news.tsv").read_text(encoding="utf-8").splitlines()
+    row = lines[0].split("\t")
+    row[3] = f"Update: {row[3]}"
+    (tmp_path / "one").mkdir()
+    run_ingest(engine, ws, news=write_lines(tmp_path / "one" / "news.tsv", ["\t".join(row)]), images=world / "images",
+               behaviors=None)
+    assert not _current(engine, mv, config)
+    assert refresh_index(engine, ws, config, mv)["index_updated"] == 1
+    assert _current(engine, mv, config)
+
+    # Other [index] settings: the refresh applies them (here a new threshold, recorded).
+    other = load_config(None, {**TRAINED, "index.exact_max_items": 150})
+    assert not _current(engine, mv, other) and _current(engine, mv, config)
+    assert refresh_index(engine, ws, other, mv)["index_rebuilt"] == {"from": "flat", "to": "hnsw", "items": 200}
+    assert _current(engine, mv, other) and not _current(engine, mv, config)
+    # An explicit kind the index is not: said on every night, the skipped ones too.
+    explicit = load_config(None, {**TRAINED, "index.exact_max_items": 150, "index.kind": "flat"})
+    refresh_index(engine, ws, explicit, mv)
+    with caplog.at_level("WARNING", logger="recsys.nightly"):
+        assert _current(engine, mv, explicit)
+    assert "is hnsw, [index] kind is now 'flat'" in caplog.text
+
+    # A damaged index is not current, whatever its manifest records: the refresh builds it whole.
+    data = (mv.index_dir / "index.faiss").read_bytes()
+    (mv.index_dir / "index.faiss").write_bytes(data[: len(data) // 2])
+    assert not _current(engine, mv, explicit)
+    assert refresh_index(engine, ws, explicit, mv)["index_built"] == 200
+    assert _current(engine, mv, explicit)

@@ -13,6 +13,8 @@ The whole job holds the store's ``nightly`` lock, so a second job ingests nothin
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -20,8 +22,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from sqlalchemy import Engine
 
+from recsys import release
+from recsys.columns import CONTENT_HASH, IMAGE_STATUS, NEWS_ID
 from recsys.config import Config, Workspace
 from recsys.errors import ConfigError, DiskError, NotFoundError, RecsysError, StoreUnavailableError
 from recsys.pipelines.index import index_manifest, published_times
@@ -35,6 +40,7 @@ from recsys.pipelines.features import first_seen_array, load_catalogue, load_ver
 from recsys.progress import progress
 from recsys.ranking.lock import NIGHTLY_LOCK, LockView, StoreLock, acquire_lock
 from recsys.threads import configure_threads
+from recsys.store import repository as repo
 from recsys.store.database import STORE_FAILURES
 from recsys.versions import check_encoders, get_version
 
@@ -48,6 +54,46 @@ COMPACT_TOMBSTONE_SHARE = 0.2
 # The search breadth is tuned to a target recall on the catalogue as it was; re-tuned after a
 # compaction or once the catalogue has grown by this factor since.
 RECALIBRATE_GROWTH = 1.25
+# The index manifest's record of the store's catalogue that its last refresh read.
+CATALOGUE_STATE = "catalogue_state"
+
+
+def catalogue_state(news: pd.DataFrame, config: Config) -> str:
+    """Digest of all that a refresh of a version's index reads besides the version itself:
+    each article's id, cover status, content hash and first-seen time (``read_news_state``'s
+    columns, in its order), the ``[index]`` settings and the running code (``release``).
+
+    ``refresh_index`` records it in the index manifest; a night that finds the store's digest
+    equal to it has nothing to encode, embed, restamp or rebuild (``index_is_current``).
+    """
+    frame = pd.DataFrame({
+        NEWS_ID: news[NEWS_ID], IMAGE_STATUS: news[IMAGE_STATUS], CONTENT_HASH: news[CONTENT_HASH],
+        "first_seen": first_seen_array(news).astype("int64"),  # NaT reads as int64's minimum
+    })
+    digest = hashlib.sha256(json.dumps({"code": release(), "index": dataclasses.asdict(config.index),
+                                        "articles": len(frame)}, sort_keys=True).encode())
+    # A fixed hash key: the same rows give the same digest in every process.
+    digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def index_is_current(mv, config: Config, state: str) -> bool:
+    """Whether the version's index was refreshed from a catalogue of digest ``state`` under
+    today's settings, and reads whole: then a refresh would change nothing, and the night skips
+    its helper (loading TensorFlow and every article's features only to find so). An index that
+    cannot be read is not current: the refresh builds it again."""
+    from recsys.index import FaissIndex
+
+    if not FaissIndex.exists(mv.index_dir):
+        return False
+    try:
+        index = FaissIndex.load(mv.index_dir, expected={**index_manifest(mv), CATALOGUE_STATE: state},
+                                num_threads=config.runtime.threads or None)
+    except (RecsysError, OSError):
+        # Another record, a damaged or busy folder: the refresh deals with it as it always has.
+        return False
+    _warn_of_another_kind(index, config, mv)
+    return True
 
 
 def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, lock: StoreLock | LockView | None = None) -> dict:
@@ -69,6 +115,8 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, l
     published = published_times(engine, news)
     threads = config.runtime.threads or None
     index = None
+    state = catalogue_state(news, config)
+    manifest = {**index_manifest(mv), CATALOGUE_STATE: state}
     if FaissIndex.exists(mv.index_dir):
         try:
             index = FaissIndex.load(mv.index_dir, expected=index_manifest(mv), num_threads=threads)
@@ -83,7 +131,7 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, l
         )
         if lock is not None:
             lock.check()
-        index.save(mv.index_dir, manifest_extra=index_manifest(mv))
+        index.save(mv.index_dir, manifest_extra=manifest)
         return {"index_built": len(index), "index_added": len(index)}
     present = np.array([nid in index for nid in features.news_ids], dtype=bool)
     changed = ~present
@@ -102,10 +150,11 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, l
         index.add(features.news_ids[rows], embeddings[rows], published=published[rows])
     index, maintained = _follow_index_config(index, config, mv)
     maintained.update(maintain_index(index))
-    if len(rows) or moved.any() or maintained:
+    # Saved when only the record of the catalogue is new, too, so the next nights can skip.
+    if len(rows) or moved.any() or maintained or index.manifest_extra.get(CATALOGUE_STATE) != state:
         if lock is not None:
             lock.check()
-        index.save(mv.index_dir, manifest_extra=index_manifest(mv))
+        index.save(mv.index_dir, manifest_extra=manifest)
     return {"index_added": int((~present).sum()), "index_updated": int(len(rows) - (~present).sum()),
             "index_republished": int(moved.sum()), **maintained}
 
@@ -241,9 +290,7 @@ def _follow_index_config(index, config: Config, mv) -> tuple[object, dict]:
     if index.exact_max_items != settings.exact_max_items:
         done["index_exact_max_items"] = {"from": index.exact_max_items, "to": settings.exact_max_items}
         index.exact_max_items = settings.exact_max_items
-    if settings.kind not in (AUTO, index.kind):
-        log.warning("the index of model version %s is %s, [index] kind is now %r: `recsys index build --model %s` "
-                    "builds it so", mv.version, index.kind, settings.kind, mv.version)
+    _warn_of_another_kind(index, config, mv)
     if not settings.kind == index.requested_kind == AUTO:
         return index, done
     if resolve_kind(AUTO, len(index), settings.exact_max_items) == index.kind:
@@ -255,6 +302,15 @@ def _follow_index_config(index, config: Config, mv) -> tuple[object, dict]:
     log.info("index of %d articles rebuilt as %s (was %s; built as \"auto\", exact_max_items = %d) in %.1f s",
              len(rebuilt), rebuilt.kind, index.kind, settings.exact_max_items, time.perf_counter() - t0)
     return rebuilt, {**done, "index_rebuilt": {"from": index.kind, "to": rebuilt.kind, "items": len(rebuilt)}}
+
+
+def _warn_of_another_kind(index, config: Config, mv) -> None:
+    """Said every night while ``[index] kind`` names another explicit kind than the index's."""
+    from recsys.index.faiss_index import AUTO
+
+    if config.index.kind not in (AUTO, index.kind):
+        log.warning("the index of model version %s is %s, [index] kind is now %r: `recsys index build --model %s` "
+                    "builds it so", mv.version, index.kind, config.index.kind, mv.version)
 
 
 def maintain_index(index) -> dict:
@@ -411,7 +467,12 @@ def _index_and_rank(engine: Engine, workspace: Workspace, config: Config, lock: 
     nc = config.nightly
     mv = get_version(engine)
     t0 = time.perf_counter()
-    summary["index"] = refresh_index_apart(engine, workspace, config, mv, lock=lock)
+    if index_is_current(mv, config, catalogue_state(repo.read_news_state(engine), config)):
+        # A retried night, or one whose files brought no article: nothing to encode or embed.
+        log.info("the index of model version %s holds the store's articles as they are now: not refreshed", mv.version)
+        summary["index"] = {"index_added": 0, "index_updated": 0, "index_republished": 0}
+    else:
+        summary["index"] = refresh_index_apart(engine, workspace, config, mv, lock=lock)
     summary["timings"]["encode_and_index_s"] = round(time.perf_counter() - t0, 2)
     summary["run"] = run_nightly(
         engine, model_dir=mv.model_dir, index_dir=mv.index_dir, model_version=mv.version, engine_name=nc.engine,

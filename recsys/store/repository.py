@@ -16,6 +16,9 @@ from sqlalchemy import Engine, and_, case, func, select, true
 
 from recsys.columns import (
     CATEGORY,
+    CONTENT_HASH,
+    FIRST_SEEN_AT,
+    IMAGE_STATUS,
     IMPRESSION_ID,
     LABEL,
     NEWS_FRAME_COLUMNS,
@@ -55,6 +58,18 @@ def read_news(engine: Engine) -> pd.DataFrame:
     with engine.connect() as conn:
         df = pd.read_sql(query, conn)
     df.columns = list(NEWS_FRAME_COLUMNS)
+    return df
+
+
+def read_news_state(engine: Engine) -> pd.DataFrame:
+    """What of each article an index refresh depends on, in ``read_news``'s order and types:
+    news id, cover status, content hash and first-seen time (no titles: a nightly retry reads
+    this to tell whether the index is already current)."""
+    n = s.news.c
+    query = select(n.news_id, n.image_status, n.content_hash, n.first_seen_at).order_by(bytewise(engine, n.news_id))
+    with engine.connect() as conn:
+        df = pd.read_sql(query, conn)
+    df.columns = [NEWS_ID, IMAGE_STATUS, CONTENT_HASH, FIRST_SEEN_AT]
     return df
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from recsys.store import repository as repo
@@ -425,3 +426,21 @@ def test_ids_are_ordered_by_code_point_in_a_postgresql_database_with_a_language_
             conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"), {"name": name})
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
+
+
+def test_the_news_state_is_read_news_narrowed_and_digests_alike(engine, tmp_path, small_world):
+    """A nightly retry digests ``read_news_state``; the refresh that recorded the index digested
+    ``read_news``: the same rows, values and types on either backend, or every night would
+    refresh (or, worse, a changed article would be missed)."""
+    from recsys.config import load_config
+    from recsys.pipelines.nightly import catalogue_state
+
+    news = small_world["news"].read_text(encoding="utf-8") + news_line("N0") + "\n"  # never shown nor listed
+    ingest(engine, news_path=write_lines(tmp_path / "more_news.tsv", news.splitlines()),
+           behaviors_path=small_world["behaviors"], quarantine_dir=tmp_path / "q")
+    full, narrow = repo.read_news(engine), repo.read_news_state(engine)
+    assert narrow["news_id"].tolist() == ["N0", "N1", "N2", "N3", "N4", "N5", "N6"]
+    pd.testing.assert_frame_equal(narrow, full[list(narrow.columns)])
+    assert narrow["first_seen_at"].isna().tolist() == [True, *[False] * 6]
+    config = load_config(None)
+    assert catalogue_state(narrow, config) == catalogue_state(full, config)
