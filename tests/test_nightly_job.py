@@ -40,6 +40,28 @@ from tests.store.mind_files import behavior_line, write_lines
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _in_this_process(request, monkeypatch):
+    """The index refresh and the ranking run in the test's own process (``refresh_index``; the
+    local engine with ``num_workers=0``), not in the spawned helper and worker processes, which
+    load TensorFlow again on each night (about 8 s each): these tests are about the job's steps
+    and their failures. The processes themselves: ``test_the_jobs_own_process_never_loads_tensorflow``
+    here (a real `recsys nightly`), tests/test_run_apart.py, tests/ranking/test_engines.py and
+    test_kill.py, and the end-to-end tests of tests/test_cli.py and tests/test_foreign_mind.py.
+    A test marked ``spawned`` keeps them."""
+    if request.node.get_closest_marker("spawned"):
+        return
+    import recsys.pipelines.nightly as nightly_module
+    import recsys.ranking.nightly as ranking_module
+    from recsys.ranking.engines import run_local
+
+    monkeypatch.setattr(nightly_module, "refresh_index_apart",
+                        lambda engine, ws, config, mv, *, lock=None: refresh_index(engine, ws, config, mv, lock=lock))
+    monkeypatch.setattr(ranking_module, "run_local",
+                        lambda setup, shards, *, num_workers, on_result=None: run_local(
+                            setup, shards, num_workers=0, on_result=on_result))
+
+
 def first_seen(engine) -> dict[str, datetime | None]:
     with engine.connect() as conn:
         return dict(conn.execute(sa.select(schema.news.c.news_id, schema.news.c.first_seen_at)).all())
