@@ -210,9 +210,6 @@ class ImageEncoder:
         num_threads: int | None = None,
         cache_dir: str | Path | None = None,
     ) -> None:
-        import tensorflow as tf
-
-        from recsys.encoders import mobilenet
         from recsys.encoders.text import file_sha256
         from recsys.threads import configure_threads
 
@@ -221,20 +218,41 @@ class ImageEncoder:
         if image_size < 1:
             raise ConfigError(f"encoders.image_size is {image_size}, expected a positive number of pixels")
         self.image_size = int(image_size)
+        self._cache_dir = Path(cache_dir) if cache_dir else None
+        self._loaded = None
+        self._forward_fn = None
         if model_path is None:
+            # Loaded by the first cover to encode: a catalogue the feature cache holds whole
+            # (predict, evaluate, a night without new articles) needs no MobileNet (1-2 s to load).
             self.model_path = None
-            self._model = mobilenet.load_mobilenet(self.image_size, cache_dir=Path(cache_dir) if cache_dir else None)
-            name, version = mobilenet.MOBILENET_NAME, mobilenet.graph_package_version()
+            self._info = self.default_info(self.image_size)
         else:
             self.model_path = Path(model_path)
-            self._model = self._load_custom(self.model_path)
+            self._loaded = self._load_custom(self.model_path)
             name, version = self.model_path.stem, f"sha256:{file_sha256(self.model_path)[:16]}"
-        self._pool = len(self._model.output_shape) == 4
-        dim = self._check_shapes()
-        self._info = _info(name, version, self.image_size, dim)
-        spec = tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)
-        # One traced graph for every batch size: far cheaper per call than eager model(x).
-        self._forward = tf.function(self._call_model, input_signature=[spec], autograph=False)
+            self._info = _info(name, version, self.image_size, self._check_shapes())
+
+    @property
+    def _model(self):
+        """The Keras model (the default MobileNet loaded at its first use)."""
+        if self._loaded is None:
+            from recsys.encoders import mobilenet
+
+            self._loaded = mobilenet.load_mobilenet(self.image_size, cache_dir=self._cache_dir)
+            dim = self._check_shapes()
+            if dim != self._info.dim:  # load_mobilenet checks its shapes; the identity must follow them
+                raise ConfigError(f"the default MobileNet outputs {dim} features, its identity says {self._info.dim}")
+        return self._loaded
+
+    def _forward(self, images):
+        """``_call_model`` as one traced graph for every batch size: far cheaper per call than eager."""
+        if self._forward_fn is None:
+            import tensorflow as tf
+
+            self._model  # loaded here, eagerly: not inside the trace
+            spec = tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)
+            self._forward_fn = tf.function(self._call_model, input_signature=[spec], autograph=False)
+        return self._forward_fn(images)
 
     @property
     def info(self) -> EncoderInfo:
@@ -290,8 +308,9 @@ class ImageEncoder:
     def _call_model(self, images):
         import tensorflow as tf
 
-        features = self._model(images, training=False)
-        return tf.reduce_mean(features, axis=(1, 2)) if self._pool else features
+        model = self._model
+        features = model(images, training=False)
+        return tf.reduce_mean(features, axis=(1, 2)) if len(model.output_shape) == 4 else features
 
     def encode(self, paths: Sequence[Path | str | None], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """Features of cover images; a missing or undecodable image is reported, not fatal.

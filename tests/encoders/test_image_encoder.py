@@ -119,3 +119,21 @@ def test_bad_model_files_are_config_errors(tmp_path):
 def test_image_size_must_be_positive():
     with pytest.raises(ConfigError, match="encoders.image_size is 0"):
         ImageEncoder(image_size=0)
+
+
+def test_the_default_model_is_loaded_by_the_first_cover_it_encodes(mobilenet_cache_dir, sample_photos, monkeypatch):
+    # predict, evaluate and a night without new articles read every feature from the cache, and
+    # each loaded MobileNet first (1-2 s a command, three times for `evaluate --baselines`).
+    from recsys.encoders import mobilenet
+
+    loads = []
+    real = mobilenet.load_mobilenet
+    monkeypatch.setattr(mobilenet, "load_mobilenet", lambda *a, **kw: loads.append(a) or real(*a, **kw))
+    encoder = ImageEncoder(image_size=224, num_threads=2, cache_dir=mobilenet_cache_dir)
+    assert encoder.info == ImageEncoder.default_info(224)
+    features, ok = encoder.encode([None, None])
+    assert (features.shape, ok.tolist(), loads) == ((2, 1024), [False, False], [])
+    features, ok = encoder.encode([sample_photos["flower"], None])
+    assert ok.tolist() == [True, False] and features[0].max() > 1.0 and len(loads) == 1
+    encoder.encode([sample_photos["china"]])
+    assert len(loads) == 1
