@@ -8,7 +8,7 @@ import pytest
 
 import recsys
 from recsys.config import load_config
-from recsys.pipelines.nightly import catalogue_state
+from recsys.pipelines.index import catalogue_state
 
 
 def _news() -> pd.DataFrame:
@@ -45,10 +45,32 @@ def test_the_digest_reads_the_content_through_its_hash_and_is_the_same_in_every_
     assert catalogue_state(_news().assign(title=["x", "y", "z"], category=["a", "b", "c"]), config) == state
 
 
-def test_the_digest_follows_the_index_settings_and_the_running_code(monkeypatch):
+@pytest.mark.parametrize("overrides", [
+    {"index.exact_max_items": 5}, {"index.kind": "hnsw"},
+    {"encoders.image_size": 160}, {"encoders.use_abstract": False}, {"encoders.text_max_length": 16},
+])
+def test_the_digest_follows_the_settings_the_refresh_reads(overrides):
+    assert catalogue_state(_news(), load_config(None, overrides)) != catalogue_state(_news(), load_config(None))
+
+
+def test_the_digest_follows_the_running_code_and_libraries(monkeypatch):
+    import recsys.pipelines.index as index_module
+
     config = load_config(None)
     state = catalogue_state(_news(), config)
-    assert catalogue_state(_news(), load_config(None, {"index.exact_max_items": 5})) != state
-    assert catalogue_state(_news(), load_config(None, {"index.kind": "hnsw"})) != state
-    monkeypatch.setattr("recsys.pipelines.nightly.release", lambda: recsys.release() + "-other")
+    monkeypatch.setattr(index_module, "release", lambda: recsys.release() + "-other")
+    assert catalogue_state(_news(), config) != state
+    monkeypatch.undo()
+    real = index_module._installed
+    monkeypatch.setattr(index_module, "_installed", lambda name: "9.9" if name == "faiss-cpu" else real(name))
+    assert catalogue_state(_news(), config) != state
+
+
+def test_the_digest_follows_a_custom_image_models_file_not_only_its_name(tmp_path):
+    # The job checks only that the file is there before its ingest; the refresh checks what it is.
+    model = tmp_path / "covers.keras"
+    model.write_bytes(b"one model")
+    config = load_config(None, {"encoders.image_model": str(model)})
+    state = catalogue_state(_news(), config)
+    model.write_bytes(b"another model")
     assert catalogue_state(_news(), config) != state

@@ -41,16 +41,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(autouse=True)
-def _in_this_process(request, monkeypatch):
+def _in_this_process(monkeypatch):
     """The index refresh and the ranking run in the test's own process (``refresh_index``; the
     local engine with ``num_workers=0``), not in the spawned helper and worker processes, which
     load TensorFlow again on each night (about 8 s each): these tests are about the job's steps
     and their failures. The processes themselves: ``test_the_jobs_own_process_never_loads_tensorflow``
     here (a real `recsys nightly`), tests/test_run_apart.py, tests/ranking/test_engines.py and
-    test_kill.py, and the end-to-end tests of tests/test_cli.py and tests/test_foreign_mind.py.
-    A test marked ``spawned`` keeps them."""
-    if request.node.get_closest_marker("spawned"):
-        return
+    test_kill.py, and the end-to-end tests of tests/test_cli.py and tests/test_foreign_mind.py."""
     import recsys.pipelines.nightly as nightly_module
     import recsys.ranking.nightly as ranking_module
     from recsys.ranking.engines import run_local
@@ -287,7 +284,7 @@ def test_a_night_done_before_its_articles_changed_ranks_again(tmp_path, trained)
     clean = run_nightly_job(engine, ws, config, rerank=True)["run"]
     assert _rows(engine, night["run"]["run_id"]) == _rows(engine, clean["run_id"])
     assert _rows(engine, night["run"]["run_id"]) != _rows(engine, first["run_id"])
-    # Nothing changed since (the refresh saves no index): a retry returns the night as it is.
+    # Nothing changed since (the index is current, the refresh skipped): a retry returns the night as it is.
     retry = run_nightly_job(engine, ws, config)
     assert retry["index"] == {"index_added": 0, "index_updated": 0, "index_republished": 0}
     assert retry["run"]["already_complete"] and retry["run"]["run_id"] == clean["run_id"]
@@ -464,7 +461,7 @@ def test_a_night_that_loses_the_store_after_its_switch_prints_its_summary(tmp_pa
     # night stopped after its ingest", when the store dropped the connection in the prune, in the
     # export's read of the run or at the lock's release. The prune and the release are now
     # warnings; the export follows the export rule (the summary, then exit 1). One night for all
-    # three: each costs the spawned index and worker processes.
+    # three.
     world, ws, engine, _ = trained
     article = (world / "news.tsv").read_text(encoding="utf-8").split("\t", 1)[0]
     (tmp_path / "night").mkdir()
@@ -880,7 +877,8 @@ def test_a_night_whose_quarantine_folder_cannot_be_created_exits_3_and_ranks_the
 
 def _current(engine, mv, config) -> bool:
     """What a night asks before it starts the refresh helper."""
-    from recsys.pipelines.nightly import catalogue_state, index_is_current
+    from recsys.pipelines.index import catalogue_state
+    from recsys.pipelines.nightly import index_is_current
 
     return index_is_current(mv, config, catalogue_state(repo.read_news_state(engine), config))
 
@@ -911,9 +909,15 @@ def test_what_the_refresh_reads_makes_the_index_not_current(tmp_path, trained, c
 
     world, ws, engine, config = trained
     mv = get_version(engine)
-    run_index_build(engine, ws, config)  # `recsys index build` records no catalogue
+    run_index_build(engine, ws, config)  # `recsys index build` records the catalogue it read
+    assert _current(engine, mv, config)
+    # An index saved by an earlier release records none: the refresh finds nothing to change and
+    # still saves it, with the record.
+    from recsys.index import FaissIndex
+    from recsys.pipelines.index import index_manifest
+
+    FaissIndex.load(mv.index_dir).save(mv.index_dir, manifest_extra=index_manifest(mv))
     assert not _current(engine, mv, config)
-    # A refresh that finds nothing to change still saves the index, with the record.
     assert refresh_index(engine, ws, config, mv) == {"index_added": 0, "index_updated": 0, "index_republished": 0}
     assert _current(engine, mv, config)
     seen = first_seen(engine)

@@ -224,7 +224,10 @@ class ImageEncoder:
         if model_path is None:
             # Loaded by the first cover to encode: a catalogue the feature cache holds whole
             # (predict, evaluate, a night without new articles) needs no MobileNet (1-2 s to load).
+            from recsys.encoders import mobilenet
+
             self.model_path = None
+            mobilenet.frozen_graph_path()  # its package missing is a ConfigError now, not at the first cover
             self._info = self.default_info(self.image_size)
         else:
             self.model_path = Path(model_path)

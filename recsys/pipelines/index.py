@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
 import logging
 import time
 from pathlib import Path
@@ -10,7 +14,8 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import Engine
 
-from recsys.columns import CATEGORY, NEWS_ID, TITLE
+from recsys import release
+from recsys.columns import CATEGORY, CONTENT_HASH, IMAGE_STATUS, NEWS_ID, TITLE
 from recsys.config import Config, Workspace
 from recsys.errors import ConfigError, NotFoundError, RecsysError
 from recsys.pipelines.features import first_seen_array, load_catalogue, load_version_model
@@ -19,6 +24,11 @@ from recsys.threads import configure_threads
 from recsys.versions import ModelVersion, get_version, list_versions
 
 log = logging.getLogger("recsys.index")
+
+# The index manifest's record of the store's catalogue (and settings) that its last save read.
+CATALOGUE_STATE = "catalogue_state"
+# Libraries whose release can move the embeddings or the index file: a new one refreshes once.
+_EMBEDDING_LIBRARIES = ("tensorflow", "keras", "faiss-cpu", "onnxruntime", "tokenizers", "numpy")
 
 
 def published_times(engine: Engine, news: pd.DataFrame) -> np.ndarray:
@@ -56,6 +66,43 @@ def _saved_stamps(mv: ModelVersion) -> tuple[np.ndarray, np.ndarray] | None:
     except IndexFormatError as exc:
         log.warning("the index of model version %s cannot be read (%s): its first-seen stamps of never-shown articles "
                     "are not reused; rebuild it with `recsys index build --model %s`", mv.version, exc, mv.version)
+        return None
+
+
+def catalogue_state(news: pd.DataFrame, config: Config) -> str:
+    """Digest of all that a refresh of a version's index reads besides the version itself:
+    each article's id, cover status, content hash and first-seen time (``read_news_state``'s
+    columns, in its order), the ``[index]`` and ``[encoders]`` settings with a custom image
+    model's file content, and the running code (``release``) and libraries.
+
+    ``refresh_index`` and ``index build`` record it in the index manifest; a night that finds
+    the store's digest equal to it has nothing to encode, embed, restamp or rebuild
+    (``nightly.index_is_current``). A custom image model is identified by its file, since the
+    job checks only that file's presence before its ingest; the refresh checks its identity.
+    """
+    from recsys.encoders.text import file_sha256
+
+    frame = pd.DataFrame({
+        NEWS_ID: news[NEWS_ID], IMAGE_STATUS: news[IMAGE_STATUS], CONTENT_HASH: news[CONTENT_HASH],
+        "first_seen": first_seen_array(news).astype("int64"),  # NaT reads as int64's minimum
+    })
+    image_model = Path(config.encoders.image_model) if config.encoders.image_model else None
+    settings = {
+        "code": release(), "libraries": {name: _installed(name) for name in _EMBEDDING_LIBRARIES},
+        "index": dataclasses.asdict(config.index), "encoders": dataclasses.asdict(config.encoders),
+        "image_model_sha256": file_sha256(image_model) if image_model and image_model.is_file() else None,
+        "articles": len(frame),
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    # A fixed hash key: the same rows give the same digest in every process.
+    digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _installed(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 
@@ -105,7 +152,7 @@ def run_index_build(engine: Engine, workspace: Workspace, config: Config, *, ver
                     f"the index of model version {mv.version} was saved by another job (a nightly refresh) after "
                     "this build began: nothing was saved, as it may hold articles this build did not read; run "
                     "`recsys index build` again")
-            index.save(mv.index_dir, manifest_extra=index_manifest(mv))
+            index.save(mv.index_dir, manifest_extra={**index_manifest(mv), CATALOGUE_STATE: catalogue_state(news, config)})
     except RunLockedError as exc:
         raise RunLockedError(f"{exc}; the index of model version {mv.version} was built but not saved: run "
                              "`recsys index build` again once that run ends") from exc

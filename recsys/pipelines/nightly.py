@@ -13,8 +13,6 @@ The whole job holds the store's ``nightly`` lock, so a second job ingests nothin
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -22,14 +20,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from sqlalchemy import Engine
 
-from recsys import release
-from recsys.columns import CONTENT_HASH, IMAGE_STATUS, NEWS_ID
 from recsys.config import Config, Workspace
 from recsys.errors import ConfigError, DiskError, NotFoundError, RecsysError, StoreUnavailableError
-from recsys.pipelines.index import index_manifest, published_times
+from recsys.pipelines.index import CATALOGUE_STATE, catalogue_state, index_manifest, published_times
 from recsys.pipelines.inputs import (
     check_images_go_with_news,
     check_output_folder,
@@ -54,29 +49,6 @@ COMPACT_TOMBSTONE_SHARE = 0.2
 # The search breadth is tuned to a target recall on the catalogue as it was; re-tuned after a
 # compaction or once the catalogue has grown by this factor since.
 RECALIBRATE_GROWTH = 1.25
-# The index manifest's record of the store's catalogue that its last refresh read.
-CATALOGUE_STATE = "catalogue_state"
-
-
-def catalogue_state(news: pd.DataFrame, config: Config) -> str:
-    """Digest of all that a refresh of a version's index reads besides the version itself:
-    each article's id, cover status, content hash and first-seen time (``read_news_state``'s
-    columns, in its order), the ``[index]`` settings and the running code (``release``).
-
-    ``refresh_index`` records it in the index manifest; a night that finds the store's digest
-    equal to it has nothing to encode, embed, restamp or rebuild (``index_is_current``).
-    """
-    frame = pd.DataFrame({
-        NEWS_ID: news[NEWS_ID], IMAGE_STATUS: news[IMAGE_STATUS], CONTENT_HASH: news[CONTENT_HASH],
-        "first_seen": first_seen_array(news).astype("int64"),  # NaT reads as int64's minimum
-    })
-    digest = hashlib.sha256(json.dumps({"code": release(), "index": dataclasses.asdict(config.index),
-                                        "articles": len(frame)}, sort_keys=True).encode())
-    # A fixed hash key: the same rows give the same digest in every process.
-    digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
-    return digest.hexdigest()
-
-
 def index_is_current(mv, config: Config, state: str) -> bool:
     """Whether the version's index was refreshed from a catalogue of digest ``state`` under
     today's settings, and reads whole: then a refresh would change nothing, and the night skips

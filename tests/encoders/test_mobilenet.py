@@ -193,3 +193,12 @@ def test_missing_package_is_a_config_error(monkeypatch):
     monkeypatch.setattr(mobilenet, "GRAPH_PACKAGE", "no_such_package_recsys")
     with pytest.raises(ConfigError, match=r"package 'no_such_package_recsys' \(MobileNet weights\) is not installed"):
         mobilenet.frozen_graph_path()
+
+
+def test_a_missing_package_stops_the_image_encoder_when_it_is_made(monkeypatch):
+    # MobileNet itself is loaded at the first cover; its package is looked for at once.
+    from recsys.encoders.image import ImageEncoder
+
+    monkeypatch.setattr(mobilenet, "GRAPH_PACKAGE", "no_such_package_recsys")
+    with pytest.raises(ConfigError, match=r"package 'no_such_package_recsys' \(MobileNet weights\) is not installed"):
+        ImageEncoder(image_size=224)

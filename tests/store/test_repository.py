@@ -433,7 +433,7 @@ def test_the_news_state_is_read_news_narrowed_and_digests_alike(engine, tmp_path
     ``read_news``: the same rows, values and types on either backend, or every night would
     refresh (or, worse, a changed article would be missed)."""
     from recsys.config import load_config
-    from recsys.pipelines.nightly import catalogue_state
+    from recsys.pipelines.index import catalogue_state
 
     news = small_world["news"].read_text(encoding="utf-8") + news_line("N0") + "\n"  # never shown nor listed
     ingest(engine, news_path=write_lines(tmp_path / "more_news.tsv", news.splitlines()),
