@@ -29,3 +29,21 @@ def with_thumbnail(data: bytes, thumbnail: bytes) -> bytes:
     cameras put their EXIF thumbnails."""
     body = b"Exif\x00\x00" + thumbnail
     return data[:2] + b"\xff\xe1" + (len(body) + 2).to_bytes(2, "big") + body + data[2:]
+
+
+def progressive_mpo(side: int = 64, *, extra_scans: int = 0) -> tuple[bytes, int]:
+    """A two-picture MPO (a camera's stereo pair) whose first picture, the one Pillow decodes,
+    has its last scan written ``extra_scans`` more times; and that picture's number of scans.
+
+    The second picture's offset in the MP index goes stale, which Pillow does not check until
+    it seeks to it; the first picture decodes as it is.
+    """
+    out = io.BytesIO()
+    first, second = (Image.new("RGB", (side, side), colour) for colour in ((90, 140, 200), (200, 40, 20)))
+    first.save(out, "MPO", save_all=True, append_images=[second], progressive=True, quality=90)
+    data = out.getvalue()
+    end = data.index(b"\xff\xd9") + 2
+    picture = data[:end]
+    last_scan = picture[picture.rindex(b"\xff\xda"):-2]
+    picture = picture[:-2] + last_scan * extra_scans + b"\xff\xd9"
+    return picture + data[end:], picture.count(b"\xff\xda")

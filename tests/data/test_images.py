@@ -23,7 +23,7 @@ from recsys.data.images import (
     jpeg_scans,
     list_images,
 )
-from tests.jpeg_scans import progressive_jpeg, with_thumbnail
+from tests.jpeg_scans import progressive_jpeg, progressive_mpo, with_thumbnail
 
 
 def image_bytes(fmt: str, size=(48, 32), seed: int = 0) -> bytes:
@@ -253,6 +253,21 @@ def test_a_progressive_jpeg_of_too_many_scans_is_too_large_without_decoding(imag
     assert check(images, "N3").status == IMAGE_TOO_LARGE
     data, scans = progressive_jpeg(extra_scans=MAX_JPEG_SCANS - 20)
     assert scans <= MAX_JPEG_SCANS
+    (images / "N2.jpg").write_bytes(data)
+    assert check(images, "N2").status == IMAGE_OK
+
+
+def test_an_mpo_is_held_to_the_scan_limit_by_the_picture_pillow_decodes(images):
+    # A camera's stereo pair opens as MPO, not JPEG: its first picture is what gets decoded.
+    data, scans = progressive_mpo(extra_scans=MAX_JPEG_SCANS)
+    assert scans > MAX_JPEG_SCANS and jpeg_scans(data) == MAX_JPEG_SCANS + 1
+    with Image.open(io.BytesIO(data)) as opened:
+        assert (opened.format, opened.n_frames) == ("MPO", 2)
+    (images / "N1.jpg").write_bytes(data)
+    assert check(images, "N1").status == IMAGE_TOO_LARGE
+    # Under the limit in its first picture, over it with the second's (which is never decoded).
+    data, scans = progressive_mpo(extra_scans=MAX_JPEG_SCANS - 15)
+    assert scans <= MAX_JPEG_SCANS < data.count(b"\xff\xda")
     (images / "N2.jpg").write_bytes(data)
     assert check(images, "N2").status == IMAGE_OK
 

@@ -13,7 +13,7 @@ from PIL import Image
 from recsys.columns import IMAGE_OK
 from recsys.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_JPEG_SCANS, check_image_file
 from recsys.encoders.image import ImageDecodeError, load_image_rgb
-from tests.jpeg_scans import progressive_jpeg
+from tests.jpeg_scans import progressive_jpeg, progressive_mpo
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -245,6 +245,15 @@ def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_pat
         load_image_rgb(path, 32)
     # Under the limit the repeated scans decode to the picture.
     path.write_bytes(progressive_jpeg(extra_scans=MAX_JPEG_SCANS - 20)[0])
+    assert np.abs(load_image_rgb(path, 32).astype(int) - (90, 140, 200)).max() <= 3
+
+
+def test_an_mpo_of_too_many_scans_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "pair.jpg"
+    path.write_bytes(progressive_mpo(extra_scans=MAX_JPEG_SCANS)[0])
+    with pytest.raises(ImageDecodeError, match=rf"pair.jpg: progressive JPEG of more than {MAX_JPEG_SCANS} scans"):
+        load_image_rgb(path, 32)
+    path.write_bytes(progressive_mpo(extra_scans=MAX_JPEG_SCANS - 20)[0])
     assert np.abs(load_image_rgb(path, 32).astype(int) - (90, 140, 200)).max() <= 3
 
 
