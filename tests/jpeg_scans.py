@@ -31,9 +31,10 @@ def with_thumbnail(data: bytes, thumbnail: bytes) -> bytes:
     return data[:2] + b"\xff\xe1" + (len(body) + 2).to_bytes(2, "big") + body + data[2:]
 
 
-def progressive_mpo(side: int = 64, *, extra_scans: int = 0) -> tuple[bytes, int]:
+def progressive_mpo(side: int = 64, *, extra_scans: int = 0, later_scans: int = 0) -> tuple[bytes, int]:
     """A two-picture MPO (a camera's stereo pair) whose first picture, the one Pillow decodes,
-    has its last scan written ``extra_scans`` more times; and that picture's number of scans.
+    has its last scan written ``extra_scans`` more times, and whose second picture has its last
+    scan written ``later_scans`` more times; and the first picture's number of scans.
 
     The second picture's offset in the MP index goes stale, which Pillow does not check until
     it seeks to it; the first picture decodes as it is.
@@ -46,4 +47,6 @@ def progressive_mpo(side: int = 64, *, extra_scans: int = 0) -> tuple[bytes, int
     picture = data[:end]
     last_scan = picture[picture.rindex(b"\xff\xda"):-2]
     picture = picture[:-2] + last_scan * extra_scans + b"\xff\xd9"
-    return picture + data[end:], picture.count(b"\xff\xda")
+    later = data[end:]  # Pillow writes it progressive or not, by release
+    later = later[:-2] + later[later.rindex(b"\xff\xda"):-2] * later_scans + b"\xff\xd9"
+    return picture + later, picture.count(b"\xff\xda")
