@@ -50,26 +50,24 @@ def read_news(engine: Engine) -> pd.DataFrame:
     Returns:
         DataFrame with the ``NEWS_FRAME_COLUMNS``.
     """
-    n = s.news.c
-    query = select(
-        n.news_id, n.category, n.subcategory, n.title, n.abstract, n.image_path, n.image_status,
-        n.content_hash, n.first_seen_at,
-    ).order_by(bytewise(engine, n.news_id))
-    with engine.connect() as conn:
-        df = pd.read_sql(query, conn)
-    df.columns = list(NEWS_FRAME_COLUMNS)
-    return df
+    return _read_news_columns(engine, NEWS_FRAME_COLUMNS)
 
 
 def read_news_state(engine: Engine) -> pd.DataFrame:
     """What of each article an index refresh depends on, in ``read_news``'s order and types:
     news id, cover status, content hash and first-seen time (no titles: a nightly retry reads
     this to tell whether the index is already current)."""
+    return _read_news_columns(engine, (NEWS_ID, IMAGE_STATUS, CONTENT_HASH, FIRST_SEEN_AT))
+
+
+def _read_news_columns(engine: Engine, columns) -> pd.DataFrame:
+    """These ``news`` columns (the frame's names are the table's) of every article, ordered by
+    news id in code point order on every backend."""
     n = s.news.c
-    query = select(n.news_id, n.image_status, n.content_hash, n.first_seen_at).order_by(bytewise(engine, n.news_id))
+    query = select(*(n[name] for name in columns)).order_by(bytewise(engine, n.news_id))
     with engine.connect() as conn:
         df = pd.read_sql(query, conn)
-    df.columns = [NEWS_ID, IMAGE_STATUS, CONTENT_HASH, FIRST_SEEN_AT]
+    df.columns = list(columns)
     return df
 
 
