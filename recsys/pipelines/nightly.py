@@ -49,6 +49,8 @@ COMPACT_TOMBSTONE_SHARE = 0.2
 # The search breadth is tuned to a target recall on the catalogue as it was; re-tuned after a
 # compaction or once the catalogue has grown by this factor since.
 RECALIBRATE_GROWTH = 1.25
+
+
 def index_is_current(mv, config: Config, state: str) -> bool:
     """Whether the version's index was refreshed from a catalogue of digest ``state`` under
     today's settings, and reads whole: then a refresh would change nothing, and the night skips
