@@ -875,14 +875,6 @@ def test_a_night_whose_quarantine_folder_cannot_be_created_exits_3_and_ranks_the
     assert store_stats(engine) == before
 
 
-def _current(engine, mv, config) -> bool:
-    """What a night asks before it starts the refresh helper."""
-    from recsys.pipelines.index import catalogue_state
-    from recsys.pipelines.nightly import index_is_current
-
-    return index_is_current(mv, config, catalogue_state(repo.read_news_state(engine), config))
-
-
 def test_a_night_whose_store_is_as_its_index_last_read_it_skips_the_refresh(trained, monkeypatch, caplog):
     # A retried night (or one whose files brought no article) started the refresh helper, which
     # loaded TensorFlow, the encoders and every article's features to find nothing to do.
@@ -905,21 +897,22 @@ def test_a_night_whose_store_is_as_its_index_last_read_it_skips_the_refresh(trai
 
 
 def test_what_the_refresh_reads_makes_the_index_not_current(tmp_path, trained, caplog):
+    from recsys.pipelines.nightly import index_is_current
     from recsys.pipelines.index import run_index_build
 
     world, ws, engine, config = trained
     mv = get_version(engine)
     run_index_build(engine, ws, config)  # `recsys index build` records the catalogue it read
-    assert _current(engine, mv, config)
+    assert index_is_current(engine, mv, config)
     # An index saved by an earlier release records none: the refresh finds nothing to change and
     # still saves it, with the record.
     from recsys.index import FaissIndex
     from recsys.pipelines.index import index_manifest
 
     FaissIndex.load(mv.index_dir).save(mv.index_dir, manifest_extra=index_manifest(mv))
-    assert not _current(engine, mv, config)
+    assert not index_is_current(engine, mv, config)
     assert refresh_index(engine, ws, config, mv) == {"index_added": 0, "index_updated": 0, "index_republished": 0}
-    assert _current(engine, mv, config)
+    assert index_is_current(engine, mv, config)
     seen = first_seen(engine)
     shown = sorted(n for n, t in seen.items() if t is not None)
 
@@ -928,9 +921,9 @@ def test_what_the_refresh_reads_makes_the_index_not_current(tmp_path, trained, c
     (tmp_path / "older").mkdir()
     run_ingest(engine, ws, news=None, images=None, behaviors=write_lines(
         tmp_path / "older" / "behaviors.tsv", [behavior_line(1, "U_old", older, [], [f"{shown[0]}-0"])]))
-    assert not _current(engine, mv, config)
+    assert not index_is_current(engine, mv, config)
     assert refresh_index(engine, ws, config, mv)["index_republished"] == 1
-    assert _current(engine, mv, config)
+    assert index_is_current(engine, mv, config)
 
     # One article's title changed (the same id): embedded again.
     lines = (world / "news.tsv").read_text(encoding="utf-8").splitlines()
@@ -939,25 +932,25 @@ def test_what_the_refresh_reads_makes_the_index_not_current(tmp_path, trained, c
     (tmp_path / "one").mkdir()
     run_ingest(engine, ws, news=write_lines(tmp_path / "one" / "news.tsv", ["\t".join(row)]), images=world / "images",
                behaviors=None)
-    assert not _current(engine, mv, config)
+    assert not index_is_current(engine, mv, config)
     assert refresh_index(engine, ws, config, mv)["index_updated"] == 1
-    assert _current(engine, mv, config)
+    assert index_is_current(engine, mv, config)
 
     # Other [index] settings: the refresh applies them (here a new threshold, recorded).
     other = load_config(None, {**TRAINED, "index.exact_max_items": 150})
-    assert not _current(engine, mv, other) and _current(engine, mv, config)
+    assert not index_is_current(engine, mv, other) and index_is_current(engine, mv, config)
     assert refresh_index(engine, ws, other, mv)["index_rebuilt"] == {"from": "flat", "to": "hnsw", "items": 200}
-    assert _current(engine, mv, other) and not _current(engine, mv, config)
+    assert index_is_current(engine, mv, other) and not index_is_current(engine, mv, config)
     # An explicit kind the index is not: said on every night, the skipped ones too.
     explicit = load_config(None, {**TRAINED, "index.exact_max_items": 150, "index.kind": "flat"})
     refresh_index(engine, ws, explicit, mv)
     with caplog.at_level("WARNING", logger="recsys.nightly"):
-        assert _current(engine, mv, explicit)
+        assert index_is_current(engine, mv, explicit)
     assert "is hnsw, [index] kind is now 'flat'" in caplog.text
 
     # A damaged index is not current, whatever its manifest records: the refresh builds it whole.
     data = (mv.index_dir / "index.faiss").read_bytes()
     (mv.index_dir / "index.faiss").write_bytes(data[: len(data) // 2])
-    assert not _current(engine, mv, explicit)
+    assert not index_is_current(engine, mv, explicit)
     assert refresh_index(engine, ws, explicit, mv)["index_built"] == 200
-    assert _current(engine, mv, explicit)
+    assert index_is_current(engine, mv, explicit)

@@ -51,15 +51,17 @@ COMPACT_TOMBSTONE_SHARE = 0.2
 RECALIBRATE_GROWTH = 1.25
 
 
-def index_is_current(mv, config: Config, state: str) -> bool:
-    """Whether the version's index was refreshed from a catalogue of digest ``state`` under
-    today's settings, and reads whole: then a refresh would change nothing, and the night skips
-    its helper (loading TensorFlow and every article's features only to find so). An index that
-    cannot be read is not current: the refresh builds it again."""
+def index_is_current(engine: Engine, mv, config: Config) -> bool:
+    """Whether the version's index was refreshed from the store's catalogue as it is now
+    (``catalogue_state`` of ``read_news_state``) under today's settings, and reads whole: then a
+    refresh would change nothing, and the night skips its helper (loading TensorFlow and every
+    article's features only to find so). An index that cannot be read is not current: the
+    refresh builds it again."""
     from recsys.index import FaissIndex
 
     if not FaissIndex.exists(mv.index_dir):
         return False
+    state = catalogue_state(repo.read_news_state(engine), config)
     try:
         index = FaissIndex.load(mv.index_dir, expected={**index_manifest(mv), CATALOGUE_STATE: state},
                                 num_threads=config.runtime.threads or None)
@@ -441,7 +443,7 @@ def _index_and_rank(engine: Engine, workspace: Workspace, config: Config, lock: 
     nc = config.nightly
     mv = get_version(engine)
     t0 = time.perf_counter()
-    if index_is_current(mv, config, catalogue_state(repo.read_news_state(engine), config)):
+    if index_is_current(engine, mv, config):
         # A retried night, or one whose files brought no article: nothing to encode or embed.
         log.info("the index of model version %s holds the store's articles as they are now: not refreshed", mv.version)
         summary["index"] = {"index_added": 0, "index_updated": 0, "index_republished": 0}
