@@ -57,6 +57,31 @@ def pg_database_url() -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture
+def icu_engine(pg_database_url) -> Iterator[sa.Engine]:
+    """A migrated store in a PostgreSQL database of its own with an ICU en-US collation, as
+    production clusters are often created: it orders "n1" before "N1" and skips "-" and "_"
+    (this server's own databases order by code point). Dropped after the test."""
+    from recsys.store.database import open_store
+
+    admin = _admin_engine()
+    name = f"recsys_test_icu_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE \"{name}\" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' "
+                             "LOCALE 'C.UTF-8'"))
+    try:
+        engine = open_store(admin.url.set(database=name).render_as_string(hide_password=False))
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"), {"name": name})
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
 def _reset_pg(url: str, *, keep_migrated: bool) -> None:
     """Drop and recreate the public schema; or, when ``keep_migrated`` and the schema is
     exactly the migrated store, just empty its tables (much faster than migrating again)."""

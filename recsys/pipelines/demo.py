@@ -180,6 +180,7 @@ def _example_user(engine) -> str:
 
     from recsys.ranking.runs import latest_run
     from recsys.store import schema as s
+    from recsys.store.repository import bytewise
 
     latest = latest_run(engine)
     if latest is None:
@@ -190,7 +191,7 @@ def _example_user(engine) -> str:
             select(s.recommendations.c.user_id)
             .join(s.clicks, s.clicks.c.user_id == s.recommendations.c.user_id)
             .where(s.recommendations.c.run_id == run_id)
-            .order_by(s.recommendations.c.user_id)
+            .order_by(bytewise(engine, s.recommendations.c.user_id))  # the same user on either backend
             .limit(1)
         ).scalar()
     if user is None:

@@ -471,7 +471,7 @@ def iter_run_recommendations(engine: Engine, run_id: int) -> Iterator[pd.DataFra
     """A run's recommendations (``user_id``, ``rank``, ``news_id``), streamed in DataFrames of
     about ``STREAM_ROWS`` rows that each hold whole lists: every user's rows in one, by rank."""
     r = s.recommendations.c
-    query = select(r.user_id, r.rank, r.news_id).where(r.run_id == run_id).order_by(r.user_id, r.rank)
+    query = select(r.user_id, r.rank, r.news_id).where(r.run_id == run_id).order_by(bytewise(engine, r.user_id), r.rank)
     carry = None
     with engine.connect() as conn:
         for df in _stream(conn, query, [USER_ID, RANK, NEWS_ID]):
@@ -491,7 +491,7 @@ def iter_run_rows(engine: Engine, run_id: int, *, rows: int | None = None) -> It
     SCORE, ``created_at``), by user and rank, streamed in DataFrames of at most ``rows`` rows."""
     r = s.recommendations.c
     query = (select(r.run_id, r.user_id, r.rank, r.news_id, r.score, r.created_at)
-             .where(r.run_id == run_id).order_by(r.user_id, r.rank))
+             .where(r.run_id == run_id).order_by(bytewise(engine, r.user_id), r.rank))
     with engine.connect() as conn:
         for df in _stream(conn, query, ["run_id", USER_ID, RANK, NEWS_ID, SCORE, "created_at"], rows):
             # The driver's values: ISO text on SQLite, datetime on PostgreSQL.

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from recsys.columns import NEWS_ID, RANK, SCORE, USER_ID
 from recsys.errors import NotFoundError
@@ -55,6 +55,25 @@ def test_round_trip(store, add_news, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         f"recommendations-run-{old}.parquet", f"recommendations-run-{run_id}.parquet",
     ]
+
+
+@pytest.mark.postgres
+def test_rows_come_by_user_id_in_code_point_order_whatever_the_databases_collation(icu_engine, add_news, tmp_path):
+    """An en-US database orders "u1" before "U_2" and skips "-" and "_": the export and the
+    evaluation's list reader would list the same run's users in another order than on SQLite
+    or a C-collated database."""
+    from recsys.store.repository import iter_run_recommendations
+
+    add_news(icu_engine, ["N1", "N2"])
+    users = ["u1", "U_2", "U-3", "U1", "Ub", "UA"]
+    with icu_engine.connect() as conn:  # the database's own order is not the code point order
+        assert conn.execute(text("SELECT unnest(CAST(:u AS text[])) AS u ORDER BY u"), {"u": users}).scalars().all() != sorted(users)
+    run_id = _run(icu_engine, users, ["N2", "N1"])
+    got = pq.read_table(export_run(icu_engine, tmp_path, chunk_rows=5)).to_pandas()
+    assert got[USER_ID].tolist() == [u for u in sorted(users) for _ in range(2)]
+    assert got[RANK].tolist() == [1, 2] * len(users)
+    chunks = list(iter_run_recommendations(icu_engine, run_id))
+    assert pd.concat(chunks)[USER_ID].tolist() == got[USER_ID].tolist()
 
 
 def test_created_at_is_a_utc_timestamp(store, add_news, tmp_path):

@@ -388,44 +388,25 @@ def test_impressions_of_one_second_are_read_by_user_not_by_the_line_order(engine
 
 
 @pytest.mark.postgres
-def test_ids_are_ordered_by_code_point_in_a_postgresql_database_with_a_language_collation(tmp_path):
+def test_ids_are_ordered_by_code_point_in_a_postgresql_database_with_a_language_collation(icu_engine, tmp_path):
     # A production cluster is often created with en_US or ICU collations, which order "n1"
     # before "N1" and skip "-" and "_": an article's position breaks the ties of the history
     # cap, top-k and training order, so the same files trained and ranked differently there.
-    import uuid
-
     import sqlalchemy as sa
 
-    from recsys.store.database import open_store
-    from tests.conftest import _admin_engine
-
-    admin = _admin_engine()
-    name = f"recsys_test_icu_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE \"{name}\" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' "
-                             "LOCALE 'C.UTF-8'"))
-    try:
-        engine = open_store(admin.url.set(database=name).render_as_string(hide_password=False))
-        try:
-            ids = ["n1", "N_3", "N-2", "N1", "Nb", "NA"]
-            with engine.connect() as conn:  # the database's own order is not the code point order
-                in_db = conn.execute(sa.text("SELECT unnest(CAST(:ids AS text[])) AS i ORDER BY i"), {"ids": ids}).scalars().all()
-            assert in_db != sorted(ids)
-            _ingest(engine, tmp_path, ids, [
-                behavior_line(1, "u1", T0, [], ["N1-1", "n1-0"]),
-                behavior_line(2, "U_2", T0, [], ["N1-0", "n1-1"]),
-                behavior_line(3, "U-3", T0, [], ["NA-1", "Nb-0"]),
-            ])
-            news_ids = repo.read_news(engine)["news_id"].to_numpy()
-            assert news_ids.tolist() == sorted(ids)
-            assert repo.read_impressions(engine, news_ids).user_ids.tolist() == sorted(["u1", "U_2", "U-3"])
-        finally:
-            engine.dispose()
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"), {"name": name})
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+    engine = icu_engine
+    ids = ["n1", "N_3", "N-2", "N1", "Nb", "NA"]
+    with engine.connect() as conn:  # the database's own order is not the code point order
+        in_db = conn.execute(sa.text("SELECT unnest(CAST(:ids AS text[])) AS i ORDER BY i"), {"ids": ids}).scalars().all()
+    assert in_db != sorted(ids)
+    _ingest(engine, tmp_path, ids, [
+        behavior_line(1, "u1", T0, [], ["N1-1", "n1-0"]),
+        behavior_line(2, "U_2", T0, [], ["N1-0", "n1-1"]),
+        behavior_line(3, "U-3", T0, [], ["NA-1", "Nb-0"]),
+    ])
+    news_ids = repo.read_news(engine)["news_id"].to_numpy()
+    assert news_ids.tolist() == sorted(ids)
+    assert repo.read_impressions(engine, news_ids).user_ids.tolist() == sorted(["u1", "U_2", "U-3"])
 
 
 def test_the_news_state_is_read_news_narrowed_and_digests_alike(engine, tmp_path, small_world):
