@@ -896,6 +896,56 @@ def test_a_night_whose_store_is_as_its_index_last_read_it_skips_the_refresh(trai
     assert _rows(engine, retry["run"]["run_id"]) == _rows(engine, first["run"]["run_id"])
 
 
+def test_a_cover_the_refresh_could_not_read_is_read_again_by_the_next_night(tmp_path, trained):
+    # A cover that ingest found usable but the refresh could not read (moved, an unmounted
+    # share) is embedded without it and not cached. The store's digest does not change, so a
+    # recorded digest let every later night skip the refresh and serve that vector until some
+    # other article changed.
+    from recsys.pipelines.index import run_index_build
+    from recsys.pipelines.nightly import index_is_current
+
+    world, ws, engine, config = trained
+    mv = get_version(engine)
+    run_index_build(engine, ws, config)
+    lines = {line.split("\t")[0]: line.split("\t") for line in (world / "news.tsv").read_text(encoding="utf-8").splitlines()}
+    cover = sorted((world / "images").iterdir())[0]
+    row = [*lines[cover.stem]]
+    row[0], row[3] = "Nnewcover", "A new article with its own cover"
+    (tmp_path / "covers").mkdir()
+    (tmp_path / "one").mkdir()
+    placed = tmp_path / "covers" / f"Nnewcover{cover.suffix}"
+    shutil.copyfile(cover, placed)
+    run_ingest(engine, ws, news=write_lines(tmp_path / "one" / "news.tsv", ["\t".join(row)]), images=tmp_path / "covers",
+               behaviors=None)
+    assert repo.read_news(engine).set_index("news_id").at["Nnewcover", "image_status"] == "ok"
+    assert not index_is_current(engine, mv, config)
+
+    away = placed.rename(tmp_path / "away")
+    assert refresh_index(engine, ws, config, mv)["index_added"] == 1
+    without = load_index(mv).vectors(np.array(["Nnewcover"], dtype=object))
+    assert not index_is_current(engine, mv, config)  # the next night tries again
+    assert refresh_index(engine, ws, config, mv)["index_updated"] == 0  # still unreadable: the same vector
+    assert not index_is_current(engine, mv, config)
+
+    away.rename(placed)
+    assert refresh_index(engine, ws, config, mv)["index_updated"] == 1
+    assert index_is_current(engine, mv, config)
+    assert not np.allclose(load_index(mv).vectors(np.array(["Nnewcover"], dtype=object)), without, atol=1e-4)
+    # Once encoded with it, the article comes from the feature cache: a cover gone later changes nothing.
+    placed.rename(away)
+    run_index_build(engine, ws, config)
+    assert index_is_current(engine, mv, config)
+    # `recsys index build` records the same way as the refresh.
+    row[0] = "Nnewcover2"
+    second = tmp_path / "covers" / f"Nnewcover2{cover.suffix}"
+    shutil.copyfile(cover, second)
+    run_ingest(engine, ws, news=write_lines(tmp_path / "one" / "news.tsv", ["\t".join(row)]), images=tmp_path / "covers",
+               behaviors=None)
+    second.unlink()
+    run_index_build(engine, ws, config)
+    assert not index_is_current(engine, mv, config)
+
+
 def test_what_the_refresh_reads_makes_the_index_not_current(tmp_path, trained, caplog):
     from recsys.pipelines.nightly import index_is_current
     from recsys.pipelines.index import run_index_build

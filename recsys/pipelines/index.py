@@ -15,7 +15,7 @@ import pandas as pd
 from sqlalchemy import Engine
 
 from recsys import release
-from recsys.columns import CATEGORY, CONTENT_HASH, IMAGE_STATUS, NEWS_ID, TITLE
+from recsys.columns import CATEGORY, CONTENT_HASH, IMAGE_OK, IMAGE_STATUS, NEWS_ID, TITLE
 from recsys.config import Config, Workspace
 from recsys.errors import ConfigError, NotFoundError, RecsysError
 from recsys.pipelines.features import first_seen_array, load_catalogue, load_version_model
@@ -99,6 +99,17 @@ def catalogue_state(news: pd.DataFrame, config: Config) -> str:
     return digest.hexdigest()
 
 
+def recorded_state(news: pd.DataFrame, features, config: Config) -> str | None:
+    """The ``catalogue_state`` an index embedded from ``features`` (rows of ``news``) records:
+    None when a cover that ingest found usable could not be read for them (moved, unmounted, an
+    I/O error). ``encode_items`` caches no such row and encodes it again at its next call, but
+    the store's digest is unchanged, so a recorded digest would have let every night skip the
+    refresh and serve the article's no-cover vector until some other article changed. None
+    matches no store: the next night refreshes and reads the cover again."""
+    unread = (news[IMAGE_STATUS].to_numpy(dtype=object) == IMAGE_OK) & ~features.has_image
+    return None if unread.any() else catalogue_state(news, config)
+
+
 def _installed(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
@@ -152,7 +163,7 @@ def run_index_build(engine: Engine, workspace: Workspace, config: Config, *, ver
                     f"the index of model version {mv.version} was saved by another job (a nightly refresh) after "
                     "this build began: nothing was saved, as it may hold articles this build did not read; run "
                     "`recsys index build` again")
-            index.save(mv.index_dir, manifest_extra={**index_manifest(mv), CATALOGUE_STATE: catalogue_state(news, config)})
+            index.save(mv.index_dir, manifest_extra={**index_manifest(mv), CATALOGUE_STATE: recorded_state(news, features, config)})
     except RunLockedError as exc:
         raise RunLockedError(f"{exc}; the index of model version {mv.version} was built but not saved: run "
                              "`recsys index build` again once that run ends") from exc

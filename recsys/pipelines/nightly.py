@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 
 from recsys.config import Config, Workspace
 from recsys.errors import ConfigError, DiskError, NotFoundError, RecsysError, StoreUnavailableError
-from recsys.pipelines.index import CATALOGUE_STATE, catalogue_state, index_manifest, published_times
+from recsys.pipelines.index import CATALOGUE_STATE, catalogue_state, index_manifest, published_times, recorded_state
 from recsys.pipelines.inputs import (
     check_images_go_with_news,
     check_output_folder,
@@ -91,7 +91,7 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, l
     published = published_times(engine, news)
     threads = config.runtime.threads or None
     index = None
-    state = catalogue_state(news, config)
+    state = recorded_state(news, features, config)
     manifest = {**index_manifest(mv), CATALOGUE_STATE: state}
     if FaissIndex.exists(mv.index_dir):
         try:
