@@ -635,6 +635,26 @@ def test_evaluate_refuses_a_truth_file_that_is_not_there(trained, tmp_path):
         run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=tmp_path / "r", truth=tmp_path)
 
 
+def test_evaluate_refuses_a_damaged_truth_file_before_it_trains_or_encodes(trained, tmp_path, monkeypatch):
+    from recsys.errors import SchemaError
+    from recsys.pipelines import evaluate
+
+    world, ws, engine, config, _ = trained
+    lines = (world / "truth.tsv").read_text(encoding="utf-8").splitlines()
+    damaged = tmp_path / "truth.tsv"
+    damaged.write_text("\n".join([*lines[:3], "\t".join(lines[3].split("\t")[:-1]), *lines[4:]]) + "\n", encoding="utf-8")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the truth file must be read before ablations are trained or articles encoded")
+
+    monkeypatch.setattr(evaluate, "train_missing_ablations", refuse)
+    monkeypatch.setattr(evaluate, "load_scoring_catalogue", refuse)
+    with pytest.raises(SchemaError, match=r"truth.tsv.*line 4"):
+        evaluate.run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=tmp_path / "r", truth=damaged,
+                              ablations=True)
+    assert not (tmp_path / "r").exists()
+
+
 def test_predict_and_evaluate_refuse_bad_paths_before_scoring(trained, tmp_path, monkeypatch):
     """Each is one clear RecsysError (exit 1) raised before the store or a model is read."""
     import os

@@ -7,6 +7,7 @@ per-candidate values (see recsys.metrics.accumulator).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -143,7 +144,9 @@ def load_truth(path: Path, split: str) -> dict[int, tuple[list, np.ndarray]]:
         if field != "columns":
             value = df[field].iat[row]
         else:
-            value = "an empty line" if df["split"].iat[row] == df["impression_id"].iat[row] == "" else "a shorter line"
+            value = _columns_of_line(path, row + 1)
+            if value == f"{len(TRUTH_COLUMNS)} columns":  # all six, the last one empty
+                field, value, expected = "label", "", "label 0 or 1"
         raise SchemaError(str(path), row + 1, field, value, f"{expected} (a sample world's truth.tsv)")
     df = df.assign(impression_id=numbers["impression_id"].astype(np.int64), position=numbers["position"].astype(np.int64),
                    p=numbers["p"].astype(np.float64))
@@ -152,6 +155,13 @@ def load_truth(path: Path, split: str) -> dict[int, tuple[list, np.ndarray]]:
     for iid, group in df.groupby("impression_id", sort=False):
         out[int(iid)] = (group[NEWS_ID].tolist(), group["p"].to_numpy(np.float64))
     return out
+
+
+def _columns_of_line(path: Path, number: int) -> str:
+    """``"N columns"`` of line ``number`` of ``path`` (1-based), or ``"an empty line"``."""
+    with open(path, encoding="utf-8", newline="") as lines:
+        line = next(itertools.islice(lines, number - 1, None)).rstrip("\r\n")
+    return f"{line.count(chr(9)) + 1} columns" if line else "an empty line"
 
 
 def _refuse_wide_truth_line(path: Path) -> None:
@@ -252,6 +262,9 @@ def run_evaluate(
     if truth is not None and not Path(truth).is_file():
         what = "is not a file" if Path(truth).exists() else "no such file"
         raise RecsysError(f"--truth {truth}: {what} (a sample world's truth.tsv, as generate-sample writes it)")
+    # Read before the ablations are trained and the catalogue encoded (minutes to hours): a
+    # damaged truth file is refused before that work, not after it.
+    oracle = _oracle(behaviors, truth)
     configure_threads(config.runtime.threads or None)
     t_start = time.perf_counter()
     chosen = [get_version(engine, v) for v in versions] if versions else [get_version(engine)]
@@ -280,7 +293,6 @@ def run_evaluate(
     reading = describe_reading(times, scorers, file_exposure)
     names = {mv.version: _display_name(mv, kinds[mv.version]) for mv in chosen}
 
-    oracle = _oracle(behaviors, truth)
     popularity = _popularity(engine, catalogue, chosen[0])
     rng = np.random.default_rng(0)
 

@@ -33,7 +33,8 @@ def test_one_splits_rows_in_candidate_order(tmp_path):
     ("test\t9\tN4\t0\t1.7\t0", "p", "1.7"),
     ("test\t9\tN4\t0\t-0.1\t0", "p", "-0.1"),
     ("test\t9\tN4\t0\tnan\t0", "p", "nan"),
-    ("test\t9\tN4\t0", "columns", "a shorter line"),
+    ("test\t9\tN4\t0", "columns", "4 columns"),
+    ("test\t9\tN4\t0\t\t", "label", ""),  # six columns, the last ones empty
     ("", "columns", "an empty line"),  # not skipped: later lines would be misnumbered
     ("test\tx9\tN4\t0\t0.5\t0", "impression_id", "x9"),
     ("test\t9\t\t0\t0.5\t0", "news_id", ""),
@@ -73,7 +74,7 @@ def test_a_truth_file_found_beside_is_passed_over_only_when_its_first_line_is_of
     truth = tmp_path / "truth.tsv"
     good = "test\t1\tN1\t0\t0.25\t1\n"
     truth.write_text(good + "test\t1\tN2\t1\t0.5\n")  # ours, damaged on line 2: still an error
-    with pytest.raises(SchemaError, match=r"truth\.tsv line 2: field 'columns' has 'a shorter line'"):
+    with pytest.raises(SchemaError, match=r"truth\.tsv line 2: field 'columns' has '5 columns'"):
         _oracle(behaviors, None)
     for damage in ("test\t1\tN2\t1\t0.5\t0\textra\tcolumns\n", b"test\t1\tN\xff\t1\t0.5\t0\n"):  # after line 1
         if isinstance(damage, bytes):
