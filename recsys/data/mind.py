@@ -270,7 +270,8 @@ class RowStream:
                 if len(raw) == limit and not raw.endswith(b"\n"):
                     self.bytes_read += _skip_to_newline(f)
                     yield BadRow(name, line_no, "line", f"a line of more than {MAX_LINE_BYTES} bytes",
-                                 f"at most {MAX_LINE_BYTES} bytes per line", _shorten(raw.decode("utf-8", "replace")))
+                                 f"at most {MAX_LINE_BYTES} bytes per line" + _carriage_returns(raw.rstrip(b"\r")),
+                                 _shorten(raw.decode("utf-8", "replace")))
                     continue
                 # Every CR before the newline, not one: "\r\r\n" is a CRLF file converted to CRLF
                 # again (unix2dos twice, a text-mode write on Windows), which its publisher means
@@ -293,6 +294,15 @@ class RowStream:
                 yield parse(name, line_no, text)
         finally:
             f.close()
+
+
+def _carriage_returns(content: bytes | str) -> str:
+    """What to add to a "columns" or "line" error when the line holds carriage returns inside it
+    (its CRLF or CR ending already taken off): a file whose lines end in CR alone (classic Mac OS,
+    some exports) reads as one line, and "has 2201 columns" alone does not say why."""
+    count = content.count(b"\r" if isinstance(content, bytes) else "\r")
+    return (f" (the line holds {count} carriage returns (CR): are the file's lines ended by CR alone? "
+            "convert them to LF or CRLF)") if count else ""
 
 
 def _skip_to_newline(f) -> int:
@@ -584,7 +594,8 @@ def _line_time(line: bytes) -> datetime | None:
 def _parse_news(name: str, line: int, text: str) -> NewsRow | BadRow:
     cols = text.split("\t")
     if len(cols) != NUM_NEWS_COLUMNS:
-        return BadRow(name, line, "columns", len(cols), f"{NUM_NEWS_COLUMNS} tab-separated columns", _shorten(text))
+        return BadRow(name, line, "columns", len(cols), f"{NUM_NEWS_COLUMNS} tab-separated columns" + _carriage_returns(text),
+                      _shorten(text))
     news_id, category, subcategory, title, abstract, url, title_entities, abstract_entities = cols
 
     def bad(field: str, value: object, expected: str) -> BadRow:
@@ -620,7 +631,8 @@ def _parse_behaviors(name: str, line: int, text: str, *, latest: datetime,
                      bulk: tuple[datetime, datetime] | None = None) -> BehaviorRow | BadRow:
     cols = text.split("\t")
     if len(cols) != NUM_BEHAVIORS_COLUMNS:
-        return BadRow(name, line, "columns", len(cols), f"{NUM_BEHAVIORS_COLUMNS} tab-separated columns", _shorten(text))
+        return BadRow(name, line, "columns", len(cols), f"{NUM_BEHAVIORS_COLUMNS} tab-separated columns" + _carriage_returns(text),
+                      _shorten(text))
     impression_id, user_id, time_text, history_text, impressions_text = cols
 
     def bad(field: str, value: object, expected: str) -> BadRow:

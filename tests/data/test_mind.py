@@ -231,6 +231,23 @@ def test_over_long_line_is_a_bad_row_and_the_next_line_still_reads(tmp_path):
     assert isinstance(good, BehaviorRow) and (good.line, good.impression_id) == (2, 2)
 
 
+def test_a_file_with_cr_only_line_endings_is_named_as_such(tmp_path, monkeypatch):
+    # Lines ended by CR alone read as one line: "has 16 columns" did not say why.
+    bad = only_bad(read_news(tmp_path, "\r".join([NEWS_OK, NEWS_OK.replace("N1", "N2"), NEWS_OK.replace("N1", "N3")]) + "\r"))
+    with pytest.raises(SchemaError, match=r"news\.tsv line 1: field 'columns' has 22, expected 8 tab-separated columns "
+                                          r"\(the line holds 2 carriage returns \(CR\): are the file's lines ended by CR alone\?"):
+        raise bad.to_error()
+    bad = only_bad(read_behaviors(tmp_path, "\r".join([B_OK, B_OK.replace("1\tU1", "2\tU1", 1)]) + "\r\n"))
+    with pytest.raises(SchemaError, match=r"has 9, expected 5 tab-separated columns \(the line holds 1 carriage returns"):
+        raise bad.to_error()
+    # A file too long for one line says so as well; a line without a CR inside says nothing of it.
+    monkeypatch.setattr(mind, "MAX_LINE_BYTES", 3 * len(B_OK))
+    bad = only_bad(read_behaviors(tmp_path, "\r".join([B_OK] * 5)))
+    with pytest.raises(SchemaError, match=r"expected at most \d+ bytes per line \(the line holds \d+ carriage returns"):
+        raise bad.to_error()
+    assert "carriage" not in str(only_bad(read_behaviors(tmp_path, B_OK + "\tx\r\r\n")).to_error())
+
+
 def test_a_bom_does_not_lift_the_first_lines_limit_or_shift_line_numbers(tmp_path, monkeypatch):
     monkeypatch.setattr(mind, "MAX_LINE_BYTES", len(B_OK))
     bom = b"\xef\xbb\xbf"
