@@ -44,10 +44,12 @@ def test_the_default_window_follows_the_source(store):
     # Training on train alone must not validate on the dev day that follows it.
     since, valid_start, until = train_window(store, None, None, 1.0, "train/behaviors")
     assert (since, valid_start, until) == (T0, T0 + 3 * D + timedelta(seconds=1), T0 + 4 * D + timedelta(seconds=1))
-    with pytest.raises(RecsysError, match="no labelled impressions of source 'test/behaviors'"):
-        train_window(store, None, None, 1.0, "test/behaviors")
-    with pytest.raises(RecsysError, match="no labelled impressions of source 'nope'"):
-        train_window(store, None, None, 1.0, "nope")
+    # An unlabelled file's source, or a mistyped one: the sources that have labels are named.
+    for source in ("test/behaviors", "nope"):
+        with pytest.raises(RecsysError, match=re.escape(
+                f"the store holds no labelled impressions of source '{source}': --source takes one of "
+                "'dev/behaviors', 'train/behaviors' (the sources with labelled impressions)")):
+            train_window(store, None, None, 1.0, source)
 
 
 def test_time_zone_offsets_are_converted_to_the_stores_naive_utc():

@@ -96,6 +96,14 @@ def time_range(
     return lo, hi
 
 
+def labelled_sources(engine: Engine) -> list[str]:
+    """The sources (behaviors files) with at least one labelled impression, in code point order."""
+    im, it = s.impressions.c, s.impression_items.c
+    labelled = select(it.impression_pk).where(it.impression_pk == im.id, it.label.is_not(None)).exists()
+    with engine.connect() as conn:
+        return sorted(conn.execute(select(im.source).where(labelled).distinct()).scalars().all())
+
+
 def _window(since: datetime | None, until: datetime | None, source: str | None = None) -> list:
     """Conditions on ``impressions``: time in ``[since, until)`` (a None end: unbounded) and,
     unless None, of ``source``."""
