@@ -221,6 +221,7 @@ def ingest(
     images: Annotated[Optional[Path], typer.Option(help="Folder of cover images <NewsID>.<jpg|jpeg|png|webp>.")] = None,
     source: Annotated[Optional[str], typer.Option(help="Name of this behaviors file in the store (impression ids are unique per source). Default: <folder>/<file stem>.")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad row with exit 1 and store none of the data (the runs table records the failed attempt).")] = False,
+    replace: Annotated[bool, typer.Option("--replace", help="Let the behaviors file replace the impressions stored under its source even where it drops most of them (a correction that re-times them all). Without it such a file is refused as another file under the same source name.")] = False,
 ) -> None:
     """Validate and load MIND files into the store; bad rows go to quarantine."""
     from recsys.pipelines.ingest import check_ingest_inputs, run_ingest
@@ -232,7 +233,7 @@ def ingest(
     # Before engine(create=True): a mistyped path left a new, empty store that `stats` then read.
     check_ingest_inputs(news=news, behaviors=behaviors, images=images, source=source)
     report = run_ingest(c.engine(create=True), c.workspace, news=news, behaviors=behaviors, images=images, source=source,
-                        strict=strict, max_bad_share=config.ingest.max_bad_share)
+                        strict=strict, max_bad_share=config.ingest.max_bad_share, replace=replace)
     _print_json(report)
 
 

@@ -262,3 +262,33 @@ def test_the_bad_share_a_file_may_have_is_the_configs(engine, db_url, world, tmp
         assert f"{bad} of its 10 lines was bad (10.0%, more than ingest.max_bad_share = 0%)" in err
     assert (_count(engine, s.impressions), _count(engine, s.quarantine)) == (10 - bad, bad)
     assert [status for status, _ in _ingest_runs_in_order(engine)] == ["complete" if code == 0 else "failed"]
+
+
+def test_the_cli_refuses_another_file_under_the_same_source_until_replace_is_given(world, tmp_path, capsys):
+    news_ids = [line.split("\t")[0] for line in (world / "news.tsv").read_text().splitlines()]
+
+    def day(users: str, hour: int) -> list[str]:
+        from datetime import datetime, timedelta
+
+        t0 = datetime(2019, 11, 14, hour)
+        return [behavior_line(i + 1, f"{users}{i}", t0 + timedelta(minutes=i), news_ids[:2],
+                              [f"{news_ids[2]}-1", f"{news_ids[3]}-0"]) for i in range(25)]
+
+    first, second = tmp_path / "monday" / "latest", tmp_path / "tuesday" / "latest"
+    for folder, users, hour in ((first, "A", 8), (second, "B", 20)):
+        folder.mkdir(parents=True)
+        write_lines(folder / "behaviors.tsv", day(users, hour))
+    ws = ["--workspace", str(tmp_path / "ws")]
+    assert main([*ws, "ingest", "--news", str(world / "news.tsv"), "--behaviors", str(first / "behaviors.tsv")]) == 0
+    capsys.readouterr()
+    assert main([*ws, "stats", "--json"]) == 0
+    stats = capsys.readouterr().out
+    # Both default to the source 'latest/behaviors': refused, exit 1, nothing stored.
+    assert main([*ws, "ingest", "--behaviors", str(second / "behaviors.tsv")]) == 1
+    err = capsys.readouterr().err
+    assert ("25 of the 25 impressions that source 'latest/behaviors' holds under this file's impression ids would be "
+            "replaced") in err and "--replace" in err, err
+    assert main([*ws, "stats", "--json"]) == 0
+    assert capsys.readouterr().out == stats
+    assert main([*ws, "ingest", "--behaviors", str(second / "behaviors.tsv"), "--replace"]) == 0
+    assert json.loads(capsys.readouterr().out)["impressions_changed"] == 25

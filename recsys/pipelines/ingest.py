@@ -166,6 +166,7 @@ def run_ingest(
     strict: bool = False,
     lock: StoreLock | None = None,
     max_bad_share: float = IngestConfig.max_bad_share,
+    replace: bool = False,
 ) -> dict:
     """Ingest and return the report as a plain dict (counts, bad rows, quarantine file).
 
@@ -174,6 +175,8 @@ def run_ingest(
 
     Args:
         max_bad_share: ``ingest.max_bad_share``, the share of a file's lines that may be bad.
+        replace: the behaviors file may drop most of the impressions stored under its source
+            (``recsys.store.ingest.ingest``): a correction that re-times them all.
 
     Raises:
         RecsysError: bad inputs (``check_ingest_inputs``); nothing is written.
@@ -181,6 +184,8 @@ def run_ingest(
         NoGoodRowError: a given file had no good line; the other file's lines stay stored.
         TooManyBadRowsError: a given file had more than ``max_bad_share`` bad lines; its good
             lines (and the other file's) stay stored. Both leave the run row ``failed``.
+        ReplacingImpressionsError: the behaviors file looks like another file under the same
+            source name (``recsys.store.ingest.ingest``); nothing of either file is stored.
     """
     from recsys.store.ingest import ingest
 
@@ -195,7 +200,7 @@ def run_ingest(
             store_lock.attach_run(record["run_id"])
         report = ingest(
             engine, news_path=news, behaviors_path=behaviors, images_dir=images, source=source,
-            strict=strict, quarantine_dir=workspace.quarantine_dir, progress=advance,
+            strict=strict, quarantine_dir=workspace.quarantine_dir, progress=advance, replace=replace,
         )
         summary = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(report)
         record["counts"] = {k: v for k, v in summary.items() if isinstance(v, int)}

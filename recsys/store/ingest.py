@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
@@ -36,9 +37,10 @@ from recsys.columns import IMAGE_MISSING, IMAGE_OK, IMAGE_STATUSES
 from recsys.data.images import ImageCheck, check_image_file, image_names, inspect_image, list_images
 from recsys.data.mind import (
     EXPECTED_LABEL, IMPRESSIONS, BadRow, BehaviorRow, FirstLines, NewsRow, RowStream, batches, expected_news_id,
-    is_bad_label, iter_behaviors, iter_news, malformed_note, remember_malformed, repeated_impression_ids, scan_behaviors,
+    impression_keys, is_bad_label, iter_behaviors, iter_news, malformed_note, remember_malformed, repeated_impression_ids,
+    scan_behaviors, user_time_key,
 )
-from recsys.errors import ConfigError
+from recsys.errors import ConfigError, RecsysError
 from recsys.escapes import TERMINAL_ESCAPES, escape_of
 from recsys.interrupts import raise_if_terminated
 from recsys.store import schema
@@ -59,6 +61,23 @@ _NEWS_UPDATED = (
     "category", "subcategory", "title", "abstract", "url", "title_entities", "abstract_entities",
     "image_path", "image_status", "content_hash",
 )
+
+
+# A behaviors file whose impressions would replace, under ids its source name already holds,
+# more than this share of those stored impressions (at least MIN_LOST_IMPRESSIONS of them)
+# with ones of another user or time that the file does not bring back under any id, is refused
+# as another file under the same name: MIND restarts impression ids at 1 in every file, so a
+# dev file in a folder named like train's, or a daily file at a fixed path, would replace
+# yesterday's impressions in place. A redelivery of the same log (lines dropped, inserted or
+# renumbered) or a correction of some lines loses few; ``ingest(replace=True)`` lets a file
+# that re-times them all (a time-zone correction) through.
+MAX_LOST_SHARE = 0.5
+MIN_LOST_IMPRESSIONS = 20
+
+
+class ReplacingImpressionsError(RecsysError):
+    """A behaviors file would replace most impressions its source name holds with others: most
+    likely another file under the same source name. Nothing of the call is stored."""
 
 
 @dataclass
@@ -194,6 +213,7 @@ def ingest(
     quarantine_dir: Path,
     batch_size: int = 5000,
     progress: Callable[[int], None] | None = None,
+    replace: bool = False,
 ) -> IngestReport:
     """Validate MIND files and load them into the store.
 
@@ -216,12 +236,16 @@ def ingest(
             News ids, ``recsys.data.mind.batches``).
         progress: called with the number of lines done after each batch is written
             (and committed, unless ``strict``).
+        replace: let the behaviors file replace the impressions its source holds even where it
+            would drop most of them (``MAX_LOST_SHARE``): a correction that re-times them all.
 
     Returns:
         The counts, bad-row summary and timings.
 
     Raises:
         SchemaError: ``strict`` and a bad row (the message names file, line, field, value).
+        ReplacingImpressionsError: without ``replace``, the behaviors file would drop most of
+            the impressions its source holds under its ids (``MAX_LOST_SHARE``); nothing is stored.
         ConfigError: no input file, a bad ``batch_size`` or ``source``, a missing
             images folder, or a quarantine file that cannot be written (its batch is rolled
             back, see ``_QuarantineFile``).
@@ -246,6 +270,8 @@ def ingest(
             raise ConfigError(f"images folder {images_dir} does not exist or is not a folder")
         listing = list_images(images_dir)
 
+    if behaviors_path is not None and not replace:
+        _refuse_another_file(engine, behaviors_path, source)
     started = clock.perf_counter()
     now = utc_now()
     report = IngestReport(source=source if behaviors_path is not None else None)
@@ -299,6 +325,46 @@ def ingest(
     report.quarantine_file = str(path) if path is not None else None
     report.elapsed["total"] = clock.perf_counter() - started
     return report
+
+
+def _refuse_another_file(engine: Engine, path: str | Path, source: str) -> None:
+    """Raise ReplacingImpressionsError when ``path`` would replace most of the impressions that
+    ``source`` holds under its ids with others, dropping them (``MAX_LOST_SHARE``). Reads the
+    file's ids, users and times only when the store holds impressions of ``source`` (a re-ingest:
+    a first ingest replaces nothing), then streams that source's impressions once."""
+    im = schema.impressions.c
+    with engine.connect() as conn:
+        if conn.execute(sa.select(im.id).where(im.source == source).limit(1)).first() is None:
+            return
+    file_ids, file_keys = impression_keys(path)
+    first_of = pd.Index(file_ids).drop_duplicates()  # a repeated id keeps its first line
+    keys_of = pd.Series(file_keys, index=file_ids).groupby(level=0).first()
+    brought = np.unique(file_keys)
+    held = lost = 0
+    example = None
+    query = sa.select(im.impression_id, im.user_id, im.time).where(im.source == source).order_by(im.impression_id)
+    with engine.connect() as conn:
+        result = conn.execution_options(stream_results=True, yield_per=50_000).execute(query)
+        for chunk in result.partitions():
+            ids = np.fromiter((r[0] for r in chunk), np.int64, len(chunk))
+            mine = first_of.get_indexer(ids) >= 0
+            if not mine.any():
+                continue
+            stored = np.fromiter((user_time_key(r[1], r[2]) for r in chunk), np.int64, len(chunk))
+            incoming = keys_of.reindex(ids[mine]).to_numpy(np.int64)
+            gone = (incoming != stored[mine]) & ~np.isin(stored[mine], brought)
+            held += int(mine.sum())
+            lost += int(gone.sum())
+            if example is None and gone.any():
+                r = [row for row, m in zip(chunk, mine) if m][int(np.flatnonzero(gone)[0])]
+                example = f"impression id {r[0]}, stored for user {r[1]} at {r[2]}"
+    if lost >= MIN_LOST_IMPRESSIONS and lost > MAX_LOST_SHARE * held:
+        raise ReplacingImpressionsError(
+            f"{path}: {lost} of the {held} impressions that source {source!r} holds under this file's impression ids "
+            f"would be replaced by impressions of another user or time and dropped (first: {example}): this looks like "
+            "another behaviors file under the same source name (MIND restarts impression ids at 1 in every file). "
+            "Nothing was stored. Give each file its own --source (a nightly file at a fixed path: --source with the "
+            "date); if this file corrects the one stored under that name, ingest it with --replace")
 
 
 def _refresh_statistics(engine: Engine, report: IngestReport) -> None:

@@ -1269,3 +1269,66 @@ def test_a_role_that_may_not_analyze_is_told_in_the_log_and_its_ingest_stands(en
         with engine.begin() as conn:
             conn.execute(sa.text(f'DROP OWNED BY "{role}"'))
             conn.execute(sa.text(f'DROP ROLE "{role}"'))
+
+
+# --- another file under the same source name -------------------------------------------------------
+
+
+def _day(first_id: int, users: str, day: int, n: int = 30) -> list[str]:
+    return [behavior_line(first_id + i, f"{users}{i}", T0 + day * D + i * H, ["N1"], ["N2-1", "N3-0"]) for i in range(n)]
+
+
+def test_another_file_under_the_same_source_name_is_refused_and_nothing_is_stored(engine, small_world, quarantine_dir,
+                                                                                  tmp_path):
+    # MIND restarts impression ids at 1 in every file: a second day's file under the first's
+    # source name (a dev file in a folder named like train's, a nightly file at a fixed path
+    # without --source) replaced that day's impressions in place, and the ingest exited 0.
+    from recsys.store.ingest import MIN_LOST_IMPRESSIONS, ReplacingImpressionsError
+
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=write_lines(tmp_path / "d1.tsv", _day(1, "A", 0)),
+        source="daily")
+    before = dump_store(engine)
+    second = write_lines(tmp_path / "d2.tsv", _day(1, "B", 1, n=40))
+    with pytest.raises(ReplacingImpressionsError, match=re.escape(
+            f"{second}: 30 of the 30 impressions that source 'daily' holds under this file's impression ids would be "
+            f"replaced by impressions of another user or time and dropped (first: impression id 1, stored for user A0 at {T0}): "
+            "this looks like another behaviors file under the same source name")) as info:
+        run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=second, source="daily")
+    assert "give each file its own --source" in str(info.value).lower() and "--replace" in str(info.value)
+    assert dump_store(engine) == before  # neither file's lines, not even the news file's
+    # Under its own name it is stored beside the first day.
+    assert run(engine, quarantine_dir, behaviors_path=second, source="daily-2").impressions == 40
+    wipe_store(engine)
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=write_lines(tmp_path / "d1.tsv", _day(1, "A", 0)),
+        source="daily")
+    # A file that replaces them on purpose says so.
+    report = run(engine, quarantine_dir, behaviors_path=second, source="daily", replace=True)
+    assert (report.impressions, report.impressions_changed) == (40, 30)
+    # Below MIN_LOST_IMPRESSIONS dropped, a file is let through: a corrected file of a few lines.
+    few = write_lines(tmp_path / "few.tsv", _day(1, "C", 2, n=MIN_LOST_IMPRESSIONS - 1))
+    assert run(engine, quarantine_dir, behaviors_path=few, source="daily").impressions_changed == MIN_LOST_IMPRESSIONS - 1
+
+
+def test_a_redelivery_or_a_correction_of_some_lines_is_not_taken_for_another_file(engine, small_world, quarantine_dir,
+                                                                                  tmp_path):
+    from recsys.store.ingest import ReplacingImpressionsError
+
+    lines = _day(1, "A", 0, n=60)
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=write_lines(tmp_path / "d1.tsv", lines),
+        source="s")
+    # The log delivered again with a line inserted at the top: every id names another impression,
+    # but each stored one comes back under the next id; nothing is dropped.
+    shifted = [behavior_line(1, "Z", T0 - H, [], ["N2-0", "N3-1"]),
+               *(f"{int(imp_id) + 1}\t{rest}" for imp_id, rest in (line.split("\t", 1) for line in lines))]
+    assert run(engine, quarantine_dir, behaviors_path=write_lines(tmp_path / "shifted.tsv", shifted),
+               source="s").impressions_changed == 60
+    # Half of them corrected to another user (30 of 61 dropped, not more than half): stored.
+    corrected = [line.replace("\tA", "\tX") if i % 2 else line for i, line in enumerate(shifted)]
+    assert run(engine, quarantine_dir, behaviors_path=write_lines(tmp_path / "half.tsv", corrected),
+               source="s").impressions_changed == 30
+    # Every one re-timed (a time-zone fix): refused unless asked for.
+    retimed = write_lines(tmp_path / "retimed.tsv", [
+        behavior_line(i + 1, f"A{i}", T0 + i * H + 5 * H, ["N1"], ["N2-1", "N3-0"]) for i in range(60)])
+    with pytest.raises(ReplacingImpressionsError, match="would be replaced by impressions of another user or time"):
+        run(engine, quarantine_dir, behaviors_path=retimed, source="s")
+    assert run(engine, quarantine_dir, behaviors_path=retimed, source="s", replace=True).impressions_changed == 60
