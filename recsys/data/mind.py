@@ -589,8 +589,8 @@ def impression_keys(path: str | Path, *, block_bytes: int = 1 << 20) -> tuple[np
     Raises:
         MindFileError: the file cannot be opened or read.
     """
-    ids: list[int] = []
-    keys: list[int] = []
+    id_blocks: list[np.ndarray] = []  # per block of the file, not per line: 16 bytes a line
+    key_blocks: list[np.ndarray] = []
     tail, skipping = b"", False
     try:
         with open(path, "rb") as f:
@@ -600,6 +600,8 @@ def impression_keys(path: str | Path, *, block_bytes: int = 1 << 20) -> tuple[np
                 tail = lines.pop() if block else b""
                 if skipping and lines:
                     lines, skipping = lines[1:], False
+                ids: list[int] = []
+                keys: list[int] = []
                 for line in lines:
                     cols = line.split(b"\t", 3)
                     if len(cols) < 4:
@@ -613,13 +615,15 @@ def impression_keys(path: str | Path, *, block_bytes: int = 1 << 20) -> tuple[np
                         continue
                     ids.append(imp_id)
                     keys.append(user_time_key(user, time))
+                id_blocks.append(np.array(ids, dtype=np.int64))
+                key_blocks.append(np.array(keys, dtype=np.int64))
                 if len(tail) > MAX_LINE_BYTES + 8:
                     tail, skipping = b"", True
                 if not block:
                     break
     except OSError as exc:
         raise MindFileError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
-    return np.array(ids, dtype=np.int64), np.array(keys, dtype=np.int64)
+    return np.concatenate(id_blocks), np.concatenate(key_blocks)
 
 
 def user_time_key(user: str, time: datetime) -> int:
