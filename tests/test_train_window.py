@@ -48,8 +48,17 @@ def test_the_default_window_follows_the_source(store):
     for source in ("test/behaviors", "nope"):
         with pytest.raises(RecsysError, match=re.escape(
                 f"the store holds no labelled impressions of source '{source}': --source takes one of "
-                "'dev/behaviors', 'train/behaviors' (the sources with labelled impressions)")):
+                "'dev/behaviors', 'train/behaviors' (the 2 sources with labelled impressions)")):
             train_window(store, None, None, 1.0, source)
+    # A store fed by nightly runs under dated sources holds hundreds: the first ten are named.
+    from recsys.store import repository
+
+    many = [f"nightly-2019-11-{d:02d}" for d in range(1, 31)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(repository, "labelled_sources", lambda engine: many)
+        with pytest.raises(RecsysError, match=re.escape(
+                f"--source takes one of {', '.join(map(repr, many[:10]))} and 20 more (the 30 sources with labelled")):
+            train_window(store, None, None, 1.0, "nope")
 
 
 def test_time_zone_offsets_are_converted_to_the_stores_naive_utc():

@@ -603,17 +603,17 @@ def impression_keys(path: str | Path, *, block_bytes: int = 1 << 20) -> tuple[np
                 ids: list[int] = []
                 keys: list[int] = []
                 for line in lines:
-                    cols = line.split(b"\t", 3)
-                    if len(cols) < 4:
+                    cols = line.split(b"\t", 4)
+                    if len(cols) < 5:
                         continue
                     try:
-                        imp_id = int(cols[0].removeprefix(_UTF8_BOM))
+                        id_text = cols[0].removeprefix(_UTF8_BOM).decode("utf-8")
                         user, time = cols[1].decode("utf-8"), parse_time(cols[2].decode("utf-8"))
                     except (UnicodeDecodeError, ValueError):
                         continue
-                    if not 0 <= imp_id < 1 << 63:
+                    if not _INT_RE.fullmatch(id_text):  # as the parse reads ids: at most 18 digits
                         continue
-                    ids.append(imp_id)
+                    ids.append(int(id_text))
                     keys.append(user_time_key(user, time))
                 id_blocks.append(np.array(ids, dtype=np.int64))
                 key_blocks.append(np.array(keys, dtype=np.int64))

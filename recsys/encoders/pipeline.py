@@ -138,7 +138,9 @@ def encode_items(
         more = f" and {len(unread_rows) - 5} more" if len(unread_rows) > 5 else ""
         log.warning(
             "%d cover images that ingest found usable cannot be read or decoded now (%s%s); those articles are "
-            "encoded without an image this time and again at the next encode", len(unread_rows), shown, more,
+            "encoded without an image this time and again at the next encode (each night refreshes the index until "
+            "then; covers gone for good: ingest their news file again, which records them missing)",
+            len(unread_rows), shown, more,
         )
     categories = news[CATEGORY].fillna("").astype(str).to_numpy(dtype=object)
     return ItemFeatures(ids, text, image, has_image, categories, text_info, image_encoder.info)

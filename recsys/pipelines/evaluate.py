@@ -7,7 +7,6 @@ per-candidate values (see recsys.metrics.accumulator).
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import time
@@ -129,8 +128,13 @@ def load_truth(path: Path, split: str) -> dict[int, tuple[list, np.ndarray]]:
         raise RecsysError(f"{path}: {str(exc).strip()}; expected six tab-separated columns (split, impression id, news id, "
                           "position, true probability, label)") from None
     numbers = {c: pd.to_numeric(df[c], errors="coerce") for c in ("impression_id", "position", "p")}
+    # A short line leaves the last column empty; so does a line of six whose label is empty.
+    widths = np.full(len(df), len(TRUTH_COLUMNS))
+    if (df["label"] == "").any():
+        counted = _line_widths(path)[: len(df)]  # pandas' rows are the file's lines
+        widths[: len(counted)] = counted
     checks = (  # (field, rows where it is wrong, what was expected), in column order
-        ("columns", df["label"] == "", "six tab-separated columns"),  # a short line leaves the last one empty
+        ("columns", pd.Series(widths < len(TRUTH_COLUMNS)), "six tab-separated columns"),
         ("impression_id", ~df["impression_id"].str.fullmatch(r"[0-9]{1,18}"), "a non-negative integer"),
         (NEWS_ID, df[NEWS_ID] == "", "a news id"),
         ("position", ~df["position"].str.fullmatch(r"[0-9]{1,9}"), "a non-negative integer"),
@@ -144,9 +148,7 @@ def load_truth(path: Path, split: str) -> dict[int, tuple[list, np.ndarray]]:
         if field != "columns":
             value = df[field].iat[row]
         else:
-            value = _columns_of_line(path, row + 1)
-            if value == f"{len(TRUTH_COLUMNS)} columns":  # all six, the last one empty
-                field, value, expected = "label", "", "label 0 or 1"
+            value = f"{widths[row]} columns" if widths[row] else "an empty line"
         raise SchemaError(str(path), row + 1, field, value, f"{expected} (a sample world's truth.tsv)")
     df = df.assign(impression_id=numbers["impression_id"].astype(np.int64), position=numbers["position"].astype(np.int64),
                    p=numbers["p"].astype(np.float64))
@@ -157,11 +159,11 @@ def load_truth(path: Path, split: str) -> dict[int, tuple[list, np.ndarray]]:
     return out
 
 
-def _columns_of_line(path: Path, number: int) -> str:
-    """``"N columns"`` of line ``number`` of ``path`` (1-based), or ``"an empty line"``."""
-    with open(path, encoding="utf-8", newline="") as lines:
-        line = next(itertools.islice(lines, number - 1, None)).rstrip("\r\n")
-    return f"{line.count(chr(9)) + 1} columns" if line else "an empty line"
+def _line_widths(path: Path) -> np.ndarray:
+    """The number of tab-separated columns of each line of ``path`` (0 for an empty line), lines
+    ended by LF, CRLF or CR as pandas reads them."""
+    with open(path, encoding="utf-8", newline=None) as lines:
+        return np.array([line.count("\t") + 1 if line.rstrip("\n") else 0 for line in lines], dtype=np.int64)
 
 
 def _refuse_wide_truth_line(path: Path) -> None:

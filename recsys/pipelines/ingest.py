@@ -185,7 +185,8 @@ def run_ingest(
         TooManyBadRowsError: a given file had more than ``max_bad_share`` bad lines; its good
             lines (and the other file's) stay stored. Both leave the run row ``failed``.
         ReplacingImpressionsError: the behaviors file looks like another file under the same
-            source name (``recsys.store.ingest.ingest``); nothing of either file is stored.
+            source name (``recsys.store.ingest.ingest``); none of its lines is stored, the news
+            file's stay stored.
     """
     from recsys.store.ingest import ingest
 

@@ -65,8 +65,9 @@ def train_window(engine: Engine, since: datetime | None, until: datetime | None,
     if lo is None:
         others = repo.labelled_sources(engine) if source is not None else []
         if others:  # a mistyped --source, or one of an unlabelled test file
-            raise RecsysError(f"the store holds no labelled impressions{of}: --source takes one of "
-                              f"{', '.join(map(repr, others))} (the sources with labelled impressions)")
+            shown = ", ".join(map(repr, others[:10])) + (f" and {len(others) - 10} more" if len(others) > 10 else "")
+            raise RecsysError(f"the store holds no labelled impressions{of}: --source takes one of {shown} "
+                              f"(the {len(others)} sources with labelled impressions)")
         raise RecsysError(f"the store holds no labelled impressions{of}: run `recsys ingest --behaviors behaviors.tsv` first")
     # A default bound is not what the user typed: said as such, or "--until 2019-11-13 23:47:13"
     # reads like a typo of a flag never given.

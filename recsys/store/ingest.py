@@ -77,7 +77,7 @@ MIN_LOST_IMPRESSIONS = 20
 
 class ReplacingImpressionsError(RecsysError):
     """A behaviors file would replace most impressions its source name holds with others: most
-    likely another file under the same source name. Nothing of the call is stored."""
+    likely another file under the same source name. None of its lines is stored."""
 
 
 @dataclass
@@ -245,7 +245,8 @@ def ingest(
     Raises:
         SchemaError: ``strict`` and a bad row (the message names file, line, field, value).
         ReplacingImpressionsError: without ``replace``, the behaviors file would drop most of
-            the impressions its source holds under its ids (``MAX_LOST_SHARE``); nothing is stored.
+            the impressions its source holds under its ids (``MAX_LOST_SHARE``); none of its lines
+            is stored (the news file's are, as when it has too many bad lines).
         ConfigError: no input file, a bad ``batch_size`` or ``source``, a missing
             images folder, or a quarantine file that cannot be written (its batch is rolled
             back, see ``_QuarantineFile``).
@@ -270,8 +271,6 @@ def ingest(
             raise ConfigError(f"images folder {images_dir} does not exist or is not a folder")
         listing = list_images(images_dir)
 
-    if behaviors_path is not None and not replace:
-        _refuse_another_file(engine, behaviors_path, source)
     started = clock.perf_counter()
     now = utc_now()
     report = IngestReport(source=source if behaviors_path is not None else None)
@@ -304,6 +303,15 @@ def ingest(
                     report.elapsed["news"] = clock.perf_counter() - stage_start
                 if behaviors_stream is not None:
                     stage_start = clock.perf_counter()
+                    if not replace:
+                        try:
+                            with job.transaction():
+                                _refuse_another_file(conn, behaviors_path, source)
+                        except ReplacingImpressionsError:
+                            if not strict:  # the news file's lines are stored: so stays its bad lines' file
+                                quarantine.finish()
+                                quarantine.keep()
+                            raise
                     job.ingest_behaviors(behaviors_stream, source, known, last_stage=True)
                     report.elapsed["behaviors"] = clock.perf_counter() - stage_start
         # Already done in the last batch's transaction; here only when the last file had no line.
@@ -327,43 +335,44 @@ def ingest(
     return report
 
 
-def _refuse_another_file(engine: Engine, path: str | Path, source: str) -> None:
+def _refuse_another_file(conn: Connection, path: str | Path, source: str) -> None:
     """Raise ReplacingImpressionsError when ``path`` would replace most of the impressions that
     ``source`` holds under its ids with others, dropping them (``MAX_LOST_SHARE``). Reads the
     file's ids, users and times only when the store holds impressions of ``source`` (a re-ingest:
     a first ingest replaces nothing), then streams that source's impressions once."""
     im = schema.impressions.c
-    with engine.connect() as conn:
-        if conn.execute(sa.select(im.id).where(im.source == source).limit(1)).first() is None:
-            return
+    if conn.execute(sa.select(im.id).where(im.source == source).limit(1)).first() is None:
+        return
     file_ids, file_keys = impression_keys(path)
     first_of = pd.Index(file_ids).drop_duplicates()  # a repeated id keeps its first line
     keys_of = pd.Series(file_keys, index=file_ids).groupby(level=0).first()
-    brought = np.unique(file_keys)
+    brought = np.unique(file_keys)  # sorted: looked up by searchsorted, not np.isin per chunk
     held = lost = 0
     example = None
     query = sa.select(im.impression_id, im.user_id, im.time).where(im.source == source).order_by(im.impression_id)
-    with engine.connect() as conn:
-        result = conn.execution_options(stream_results=True, yield_per=50_000).execute(query)
-        for chunk in result.partitions():
-            ids = np.fromiter((r[0] for r in chunk), np.int64, len(chunk))
-            mine = first_of.get_indexer(ids) >= 0
-            if not mine.any():
-                continue
-            stored = np.fromiter((user_time_key(r[1], r[2]) for r in chunk), np.int64, len(chunk))
-            incoming = keys_of.reindex(ids[mine]).to_numpy(np.int64)
-            gone = (incoming != stored[mine]) & ~np.isin(stored[mine], brought)
-            held += int(mine.sum())
-            lost += int(gone.sum())
-            if example is None and gone.any():
-                r = [row for row, m in zip(chunk, mine) if m][int(np.flatnonzero(gone)[0])]
-                example = f"impression id {r[0]}, stored for user {r[1]} at {r[2]}"
+    # Streamed for this statement only: the job's later statements on ``conn`` read whole.
+    result = conn.execute(query, execution_options={"stream_results": True, "yield_per": 50_000})
+    for chunk in result.partitions():
+        ids = np.fromiter((r[0] for r in chunk), np.int64, len(chunk))
+        mine = first_of.get_indexer(ids) >= 0
+        if not mine.any():
+            continue
+        stored = np.fromiter((user_time_key(r[1], r[2]) for r in chunk), np.int64, len(chunk))[mine]
+        incoming = keys_of.reindex(ids[mine]).to_numpy(np.int64)
+        at = np.minimum(np.searchsorted(brought, stored), max(len(brought) - 1, 0))
+        kept = brought[at] == stored if len(brought) else np.zeros(len(stored), bool)
+        gone = (incoming != stored) & ~kept
+        held += int(mine.sum())
+        lost += int(gone.sum())
+        if example is None and gone.any():
+            r = [row for row, m in zip(chunk, mine) if m][int(np.flatnonzero(gone)[0])]
+            example = f"impression id {r[0]}, stored for user {r[1]} at {r[2]}"
     if lost >= MIN_LOST_IMPRESSIONS and lost > MAX_LOST_SHARE * held:
         raise ReplacingImpressionsError(
             f"{path}: {lost} of the {held} impressions that source {source!r} holds under this file's impression ids "
             f"would be replaced by impressions of another user or time and dropped (first: {example}): this looks like "
             "another behaviors file under the same source name (MIND restarts impression ids at 1 in every file). "
-            "Nothing was stored. Give each file its own --source (a nightly file at a fixed path: --source with the "
+            "None of its lines were stored (a news file given with it was, unless --strict). Give each file its own --source (a nightly file at a fixed path: --source with the "
             "date); if this file corrects the one stored under that name, ingest it with --replace")
 
 

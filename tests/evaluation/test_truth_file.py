@@ -34,7 +34,8 @@ def test_one_splits_rows_in_candidate_order(tmp_path):
     ("test\t9\tN4\t0\t-0.1\t0", "p", "-0.1"),
     ("test\t9\tN4\t0\tnan\t0", "p", "nan"),
     ("test\t9\tN4\t0", "columns", "4 columns"),
-    ("test\t9\tN4\t0\t\t", "label", ""),  # six columns, the last ones empty
+    ("test\t9\tN4\t0\t\t", "p", ""),  # six columns, the last two empty: the first of them named
+    ("test\t9\tN4\t0\t0.5\t", "label", ""),
     ("", "columns", "an empty line"),  # not skipped: later lines would be misnumbered
     ("test\tx9\tN4\t0\t0.5\t0", "impression_id", "x9"),
     ("test\t9\t\t0\t0.5\t0", "news_id", ""),

@@ -1289,13 +1289,26 @@ def test_another_file_under_the_same_source_name_is_refused_and_nothing_is_store
         source="daily")
     before = dump_store(engine)
     second = write_lines(tmp_path / "d2.tsv", _day(1, "B", 1, n=40))
+    # With --strict nothing of the call is stored, its news file neither.
+    new_article = write_lines(tmp_path / "n7.tsv", [news_line("N7", title="Tonight's article"), "N8\tbad line"])
     with pytest.raises(ReplacingImpressionsError, match=re.escape(
             f"{second}: 30 of the 30 impressions that source 'daily' holds under this file's impression ids would be "
             f"replaced by impressions of another user or time and dropped (first: impression id 1, stored for user A0 at {T0}): "
             "this looks like another behaviors file under the same source name")) as info:
-        run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=second, source="daily")
+        run(engine, quarantine_dir, news_path=write_lines(tmp_path / "n7-good.tsv", [news_line("N7")]), behaviors_path=second,
+            source="daily", strict=True)
     assert "give each file its own --source" in str(info.value).lower() and "--replace" in str(info.value)
-    assert dump_store(engine) == before  # neither file's lines, not even the news file's
+    assert dump_store(engine) == before and not list(quarantine_dir.glob("*"))
+    # Without it the news file is stored (tonight's articles are tonight's candidates), with its
+    # quarantine file, as when a behaviors file has too many bad lines; the behaviors file is not.
+    with pytest.raises(ReplacingImpressionsError):
+        run(engine, quarantine_dir, news_path=new_article, behaviors_path=second, source="daily")
+    after = dump_store(engine)
+    assert [r[0] for r in after["news"]] == [r[0] for r in before["news"]] + ["N7"]
+    assert {k: v for k, v in after.items() if k not in ("news", "quarantine")} == {
+        k: v for k, v in before.items() if k not in ("news", "quarantine")}
+    (kept,) = quarantine_dir.glob("*")
+    assert "N8" in kept.read_text(encoding="utf-8")
     # Under its own name it is stored beside the first day.
     assert run(engine, quarantine_dir, behaviors_path=second, source="daily-2").impressions == 40
     wipe_store(engine)
