@@ -547,25 +547,10 @@ def scan_behaviors(path: str | Path, *, block_bytes: int = 1 << 20) -> Behaviors
     """
     digest = hashlib.sha256()
     blocks: list[np.ndarray] = []  # seconds since the epoch: 8 bytes a line
-    tail, skipping = b"", False  # skipping: the rest of a line longer than MAX_LINE_BYTES
-    try:
-        with open(path, "rb") as f:
-            while True:
-                block = f.read(block_bytes)
-                digest.update(block)
-                lines = (tail + block).split(b"\n")
-                tail = lines.pop() if block else b""  # at the end, the last line needs no newline
-                if skipping and lines:
-                    lines, skipping = lines[1:], False
-                times = [t for t in map(_line_time, lines) if t is not None]
-                if times:
-                    blocks.append(np.array(times, dtype="datetime64[s]").astype(np.int64))
-                if len(tail) > MAX_LINE_BYTES + 8:  # room for a BOM and "\r\n" around an accepted line
-                    tail, skipping = b"", True
-                if not block:
-                    break
-    except OSError as exc:
-        raise MindFileError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    for lines in _line_blocks(path, block_bytes, digest.update):
+        times = [t for t in map(_line_time, lines) if t is not None]
+        if times:
+            blocks.append(np.array(times, dtype="datetime64[s]").astype(np.int64))
     times = np.sort(np.concatenate(blocks)) if blocks else np.zeros(0, np.int64)
     if not len(times):
         return BehaviorsScan(None, None, digest.hexdigest())
@@ -591,39 +576,55 @@ def impression_keys(path: str | Path, *, block_bytes: int = 1 << 20) -> tuple[np
     """
     id_blocks: list[np.ndarray] = []  # per block of the file, not per line: 16 bytes a line
     key_blocks: list[np.ndarray] = []
-    tail, skipping = b"", False
+    for lines in _line_blocks(path, block_bytes):
+        ids: list[int] = []
+        keys: list[int] = []
+        for line in lines:
+            cols = line.split(b"\t", 4)
+            if len(cols) < 5:
+                continue
+            try:
+                id_text = cols[0].removeprefix(_UTF8_BOM).decode("utf-8")
+                user, time = cols[1].decode("utf-8"), parse_time(cols[2].decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                continue
+            if not _INT_RE.fullmatch(id_text):  # as the parse reads ids: at most 18 digits
+                continue
+            ids.append(int(id_text))
+            keys.append(user_time_key(user, time))
+        id_blocks.append(np.array(ids, dtype=np.int64))
+        key_blocks.append(np.array(keys, dtype=np.int64))
+    return np.concatenate(id_blocks), np.concatenate(key_blocks)
+
+
+def _line_blocks(path: str | Path, block_bytes: int,
+                 read: Callable[[bytes], object] | None = None) -> Iterator[list[bytes]]:
+    """The lines of a file (split at ``\\n``, ends not stripped), a block of ``block_bytes`` at a
+    time, for the quick passes that read a column or two. A line longer than ``MAX_LINE_BYTES``
+    (with room for a BOM and ``\\r\\n``) is passed over whole, so memory stays one block and one
+    line. ``read`` is given every block as it is read (a checksum).
+
+    Raises:
+        MindFileError: the file cannot be opened or read.
+    """
+    tail, skipping = b"", False  # skipping: the rest of a line longer than MAX_LINE_BYTES
     try:
         with open(path, "rb") as f:
             while True:
                 block = f.read(block_bytes)
+                if read is not None:
+                    read(block)
                 lines = (tail + block).split(b"\n")
-                tail = lines.pop() if block else b""
+                tail = lines.pop() if block else b""  # at the end, the last line needs no newline
                 if skipping and lines:
                     lines, skipping = lines[1:], False
-                ids: list[int] = []
-                keys: list[int] = []
-                for line in lines:
-                    cols = line.split(b"\t", 4)
-                    if len(cols) < 5:
-                        continue
-                    try:
-                        id_text = cols[0].removeprefix(_UTF8_BOM).decode("utf-8")
-                        user, time = cols[1].decode("utf-8"), parse_time(cols[2].decode("utf-8"))
-                    except (UnicodeDecodeError, ValueError):
-                        continue
-                    if not _INT_RE.fullmatch(id_text):  # as the parse reads ids: at most 18 digits
-                        continue
-                    ids.append(int(id_text))
-                    keys.append(user_time_key(user, time))
-                id_blocks.append(np.array(ids, dtype=np.int64))
-                key_blocks.append(np.array(keys, dtype=np.int64))
-                if len(tail) > MAX_LINE_BYTES + 8:
+                yield lines
+                if len(tail) > MAX_LINE_BYTES + 8:  # room for a BOM and "\r\n" around an accepted line
                     tail, skipping = b"", True
                 if not block:
                     break
     except OSError as exc:
         raise MindFileError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
-    return np.concatenate(id_blocks), np.concatenate(key_blocks)
 
 
 def user_time_key(user: str, time: datetime) -> int:

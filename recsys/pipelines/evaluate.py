@@ -168,12 +168,11 @@ def _line_widths(path: Path) -> np.ndarray:
 
 def _refuse_wide_truth_line(path: Path) -> None:
     """Raises SchemaError naming the first line of ``path`` with more than six columns."""
-    with open(path, encoding="utf-8", newline="") as lines:
-        for number, line in enumerate(lines, start=1):
-            columns = line.rstrip("\r\n").count("\t") + 1
-            if columns > len(TRUTH_COLUMNS):
-                raise SchemaError(str(path), number, "columns", f"{columns} columns",
-                                  "six tab-separated columns (a sample world's truth.tsv)")
+    widths = _line_widths(path)
+    wide = np.flatnonzero(widths > len(TRUTH_COLUMNS))
+    if len(wide):
+        raise SchemaError(str(path), int(wide[0]) + 1, "columns", f"{widths[wide[0]]} columns",
+                          "six tab-separated columns (a sample world's truth.tsv)")
 
 
 def _oracle(behaviors: Path, truth: Path | None) -> dict | None:

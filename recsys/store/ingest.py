@@ -303,14 +303,7 @@ def ingest(
                 if behaviors_stream is not None:
                     stage_start = clock.perf_counter()
                     if not replace:
-                        try:
-                            with job.transaction():
-                                _refuse_another_file(conn, behaviors_path, source)
-                        except ReplacingImpressionsError:
-                            if not strict:  # the news file's lines are stored: so stays its bad lines' file
-                                quarantine.finish()
-                                quarantine.keep()
-                            raise
+                        job.refuse_another_file(behaviors_path, source)
                     job.ingest_behaviors(behaviors_stream, source, known, last_stage=True)
                     report.elapsed["behaviors"] = clock.perf_counter() - stage_start
         # Already done in the last batch's transaction; here only when the last file had no line.
@@ -370,8 +363,9 @@ def _refuse_another_file(conn: Connection, path: str | Path, source: str) -> Non
             f"{path}: {lost} of the {held} impressions that source {source!r} holds under this file's impression ids "
             f"would be replaced by impressions of another user or time and dropped (first: {example}): this looks like "
             "another behaviors file under the same source name (MIND restarts impression ids at 1 in every file). "
-            "None of its lines were stored (a news file given with it was, unless --strict). Give each file its own --source (a nightly file at a fixed path: --source with the "
-            "date); if this file corrects the one stored under that name, ingest it with --replace")
+            "None of its lines were stored (a news file given with it was, unless --strict). Give each file its own "
+            "--source (a nightly file at a fixed path: --source with the date); if this file corrects the one stored "
+            "under that name, ingest it with --replace")
 
 
 def _found(sorted_values: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -488,6 +482,18 @@ class _Job:
     def transaction(self) -> AbstractContextManager:
         # strict mode already holds one transaction around everything.
         return nullcontext() if self.strict else self.conn.begin()
+
+    def refuse_another_file(self, path: str | Path, source: str) -> None:
+        """``_refuse_another_file`` before the behaviors stage; the news file's lines are stored
+        by then (unless ``strict``), and so stays the quarantine file of its bad lines."""
+        try:
+            with self.transaction():
+                _refuse_another_file(self.conn, path, source)
+        except ReplacingImpressionsError:
+            if not self.strict:
+                self.quarantine.finish()
+                self.quarantine.keep()
+            raise
 
     def _read(self, file_key: str, num_lines: int) -> None:
         self.report.lines_by_file[file_key] = self.report.lines_by_file.get(file_key, 0) + num_lines
