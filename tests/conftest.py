@@ -49,12 +49,7 @@ def pg_database_url() -> Iterator[str]:
     try:
         yield admin.url.set(database=name).render_as_string(hide_password=False)
     finally:
-        with admin.connect() as conn:
-            conn.execute(
-                sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"), {"name": name}
-            )
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+        _drop_database(admin, name)
 
 
 @pytest.fixture
@@ -76,10 +71,16 @@ def icu_engine(pg_database_url) -> Iterator[sa.Engine]:
         finally:
             engine.dispose()
     finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"), {"name": name})
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+        _drop_database(admin, name)
+
+
+def _drop_database(admin: sa.Engine, name: str) -> None:
+    """Drop the test database ``name`` (its lingering connections closed first) and dispose of
+    ``admin``."""
+    with admin.connect() as conn:
+        conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"), {"name": name})
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
 
 
 def _reset_pg(url: str, *, keep_migrated: bool) -> None:
