@@ -58,7 +58,7 @@ log = logging.getLogger("recsys.ingest")
 STALE_QUARANTINE_SECONDS = 3600
 _NEWS_UPDATED = (
     "category", "subcategory", "title", "abstract", "url", "title_entities", "abstract_entities",
-    "image_path", "image_status", "content_hash",
+    "image_path", "image_status", "image_sha256", "content_hash",
 )
 
 
@@ -569,7 +569,7 @@ class _Job:
                 for news_id in latest
             }
             # No new file, or an unusable one: a good cover stored before is kept, not lost.
-            kept = self._stored_covers([n for n, check in checks.items() if check.status != IMAGE_OK])
+            kept = self._stored_covers({n: check for n, check in checks.items() if check.status != IMAGE_OK})
             self._name_bad_covers(images_dir, listing, checks, kept)
             records, hashes = [], {}
             for row in latest.values():
@@ -584,7 +584,8 @@ class _Job:
                 hashes[row.news_id] = content_hash(row.title, row.abstract, row.category, row.subcategory, check.sha256)
                 records.append((
                     row.news_id, row.category, row.subcategory, row.title, row.abstract, row.url,
-                    row.title_entities, row.abstract_entities, path, check.status, hashes[row.news_id], self.now,
+                    row.title_entities, row.abstract_entities, path, check.status, check.sha256, hashes[row.news_id],
+                    self.now,
                 ))
             with self.transaction():
                 self._count_changed_news(hashes, known)
@@ -623,25 +624,33 @@ class _Job:
             outcome = "kept the cover stored before" if news_id in kept else "the article has no cover"
             self.bad_covers.note(images_dir, listing, news_id, check, outcome)
 
-    def _stored_covers(self, news_ids: list[str]) -> dict[str, tuple[str, ImageCheck]]:
-        """``news_id -> (stored absolute path, its check)`` for the articles among ``news_ids``
-        whose cover an earlier ingest stored and whose file still checks ``ok``.
+    def _stored_covers(self, checks: dict[str, ImageCheck]) -> dict[str, tuple[str | None, ImageCheck]]:
+        """``news_id -> (stored absolute path or None, its check)`` for the articles of
+        ``checks`` (this file's checks that are not ok) whose stored cover is kept.
 
         A news file that brings no cover for an article (ingested without ``--images``, as
         MIND's dev file repeating train's articles is, or with a folder of the new covers
-        only) keeps the stored one instead of stripping it. A stored file that has gone or
-        changed into something unusable is not kept: the article's status then says so.
+        only) keeps the stored one instead of stripping it: a good cover whose file still
+        checks ok (also when this file's cover is unusable), and a stored unusable cover's
+        status and digest (when this file has none), so that the store keeps saying which covers
+        are broken and the article's content hash does not change. A stored good file that has
+        gone or changed into something unusable is not kept: the article then has no cover.
         """
-        if not news_ids:
+        if not checks:
             return {}
-        query = sa.select(schema.news.c.news_id, schema.news.c.image_path).where(schema.news.c.image_status == IMAGE_OK)
+        news = schema.news
+        query = sa.select(news.c.news_id, news.c.image_path, news.c.image_status, news.c.image_sha256).where(
+            news.c.image_status != IMAGE_MISSING)
         with self.transaction():
-            stored = self.writer.select_in(query, schema.news.c.news_id, news_ids)
+            stored = self.writer.select_in(query, news.c.news_id, list(checks))
         kept = {}
-        for news_id, path in stored:
-            check = check_image_file(path)
-            if check.status == IMAGE_OK:
-                kept[news_id] = (path, check)
+        for news_id, path, status, sha256 in stored:
+            if status == IMAGE_OK:
+                check = check_image_file(path)
+                if check.status == IMAGE_OK:
+                    kept[news_id] = (path, check)
+            elif checks[news_id].status == IMAGE_MISSING:
+                kept[news_id] = (None, ImageCheck(None, status, sha256))
         return kept
 
     # --- behaviors ----------------------------------------------------------------------

@@ -51,6 +51,9 @@ news = Table(
     # when there is no usable image (see image_status).
     Column("image_path", Text, nullable=True),
     Column("image_status", String(16), nullable=False),
+    # sha256 of the cover file's bytes whenever it could be read (an empty or corrupt one too),
+    # so that a later news file without covers keeps a bad cover's status and content hash.
+    Column("image_sha256", String(64), nullable=True),
     # sha256 of the fields the encoders read (title, abstract, category, image bytes).
     Column("content_hash", String(64), nullable=False),
     # MIND has no publication time: the first impression that showed the article stands in.

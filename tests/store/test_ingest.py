@@ -1023,6 +1023,43 @@ def test_a_news_file_without_covers_keeps_the_stored_ones(engine, small_world, q
     assert after["N2"][1:4] == (None, IMAGE_MISSING, content_hash("Team wins the cup", "", "sports", "football", None))
 
 
+def test_a_news_file_without_covers_keeps_the_broken_ones_on_record(engine, small_world, quarantine_dir, tmp_path):
+    """Re-ingesting the news without --images turned each corrupt or empty cover into a
+    missing one: the store forgot which covers were broken, and the changed content hash sent
+    those articles back through the text encoder."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "N1.jpg").write_text("this is not a picture")
+    (images / "N2.png").write_bytes(b"")
+    (images / "N3.jpg").write_bytes(_jpeg(3))
+    run(engine, quarantine_dir, news_path=small_world["news"], images_dir=images)
+    columns = ("news_id", "image_path", "image_status", "image_sha256", "content_hash", "updated_at")
+    before = {r[0]: r for r in rows(engine, "news", *columns)}
+    assert [before[n][1:4] for n in ("N1", "N2", "N4")] == [
+        (None, IMAGE_CORRUPT, hashlib.sha256(b"this is not a picture").hexdigest()),
+        (None, IMAGE_EMPTY, hashlib.sha256(b"").hexdigest()),
+        (None, IMAGE_MISSING, None),
+    ]
+    assert before["N3"][1:4] == (str(images.resolve() / "N3.jpg"), IMAGE_OK, hashlib.sha256(_jpeg(3)).hexdigest())
+    assert before["N1"][4] == content_hash("Storm hits the coast", "Heavy rain.", "news", "newsus", hashlib.sha256(b"this is not a picture").hexdigest())
+
+    report = run(engine, quarantine_dir, news_path=small_world["news"])  # no covers this time
+    assert {r[0]: r for r in rows(engine, "news", *columns)} == before
+    assert (report.image_status["corrupt"], report.image_status["empty"], report.image_status["ok"]) == (1, 1, 1)
+    assert report.news_changed == 0
+
+    # A folder that brings a good N1 and another broken N2 replaces both; N3's good cover stays.
+    tonight = tmp_path / "tonight"
+    tonight.mkdir()
+    (tonight / "N1.jpg").write_bytes(_jpeg(1))
+    (tonight / "N2.jpg").write_text("still not a picture")
+    run(engine, quarantine_dir, news_path=small_world["news"], images_dir=tonight)
+    after = {r[0]: r for r in rows(engine, "news", *columns)}
+    assert after["N1"][1:4] == (str(tonight.resolve() / "N1.jpg"), IMAGE_OK, hashlib.sha256(_jpeg(1)).hexdigest())
+    assert after["N2"][1:4] == (None, IMAGE_CORRUPT, hashlib.sha256(b"still not a picture").hexdigest())
+    assert after["N3"] == before["N3"]
+
+
 def test_an_unusable_new_cover_is_named_and_keeps_the_good_one_stored_before(engine, small_world, quarantine_dir, tmp_path, caplog):
     # A corrupt N1.jpg in tonight's folder replaced yesterday's good cover (status corrupt, no
     # picture), and nothing on the log named the article or the file.
