@@ -451,8 +451,14 @@ def train_ctr(
             valid_logits = evaluate_logits(model, features, valid, log, first_seen)
         slope, intercept = _fit_platt(valid_logits, valid.labels)
         ctr.scorer_layer.set_calibration(slope, intercept)
+    # The served model's log loss: the kept epoch's figure is the networks' before the prior
+    # and the calibration, which can be several times the served one.
+    served_log_loss = history["val_log_loss"][best_epoch - 1] if best_epoch and history["val_log_loss"] else None
+    if valid_logits is not None:
+        probs = 1.0 / (1.0 + np.exp(-(slope * valid_logits.astype(np.float64) + intercept)))
+        served_log_loss = binary_log_loss(valid.labels, probs)
     history.update(prior_weights=list(prior_weights), moment_weights=list(moment_weights), served_val_auc=served_auc,
-                   calibration={"slope": slope, "intercept": intercept})
+                   served_val_log_loss=served_log_loss, calibration={"slope": slope, "intercept": intercept})
 
     exposure = None
     if file_exposure:

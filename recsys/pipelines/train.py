@@ -438,16 +438,18 @@ def _served_val_auc(history: dict) -> float:
 def _final_metrics(history: dict) -> dict:
     """Validation metrics of the served model: the kept epoch, with the content prior if fitted.
 
-    ``val_auc`` is the served model's (networks plus prior); ``val_auc_networks`` the kept
-    epoch's alone; ``val_log_loss`` is the kept epoch's, before the prior; ``file_exposure`` the
-    calibration fitted for predict and evaluate (``training._fit_file_exposure``), if any.
+    ``val_auc`` and ``val_log_loss`` are the served model's (networks, prior and calibration,
+    without the file's exposure); ``val_auc_networks`` and ``val_log_loss_networks`` the kept
+    epoch's networks alone; ``file_exposure`` the calibration fitted for predict and evaluate
+    (``training._fit_file_exposure``), if any.
     """
     best = history.get("best_epoch")
     out = {"best_epoch": best, "val_auc": history.get("served_val_auc", history.get("best_val_auc")),
            "val_auc_networks": history.get("best_val_auc"), "content_prior_weights": history.get("prior_weights", []),
            "content_prior_moment_weights": history.get("moment_weights", [])}
     if best and history.get("val_log_loss"):  # epochs count from 1
-        out["val_log_loss"] = history["val_log_loss"][best - 1]
+        out["val_log_loss_networks"] = history["val_log_loss"][best - 1]
+        out["val_log_loss"] = history.get("served_val_log_loss", out["val_log_loss_networks"])
     if history.get("file_exposure"):
         out["file_exposure"] = history["file_exposure"]
     if history.get("refit"):  # the served networks are the refit's; the figures above are the first training's

@@ -335,9 +335,14 @@ def test_content_prior_weights_are_the_best_on_validation(world, log):
     # Its weighted similarity shifts the logits, so the probabilities are re-calibrated (Platt)
     # on the validation window: their mean there matches the click rate.
     assert history["calibration"]["slope"] > 0 and history["calibration"] != {"slope": 1.0, "intercept": 0.0}
-    probs = evaluate_impressions(model, world.features, world.valid, log, first_seen)["scores"]
+    served = evaluate_impressions(model, world.features, world.valid, log, first_seen)
     labelled = world.valid.labels >= 0
-    assert probs[labelled].mean() == pytest.approx(world.valid.labels[labelled].mean(), abs=0.02)
+    assert served["scores"][labelled].mean() == pytest.approx(world.valid.labels[labelled].mean(), abs=0.02)
+    # The recorded log loss is the served model's (it was the networks' before the prior and
+    # the calibration), recomputed here by scikit-learn from the served probabilities.
+    expected = log_loss(world.valid.labels[labelled], served["scores"][labelled].astype(np.float64))
+    assert history["served_val_log_loss"] == pytest.approx(expected, rel=1e-4)
+    assert history["served_val_log_loss"] < history["val_log_loss"][history["best_epoch"] - 1]
 
 
 @pytest.mark.slow
