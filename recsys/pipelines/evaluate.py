@@ -295,7 +295,6 @@ def run_evaluate(
     names = {mv.version: _display_name(mv, kinds[mv.version]) for mv in chosen}
 
     popularity = _popularity(engine, catalogue, chosen[0])
-    rng = np.random.default_rng(0)
 
     model_names = [names[v] for v in scorers] + [RANDOM, POPULAR] + ([ORACLE] if oracle else [])
     acc = ImpressionMetrics(
@@ -323,9 +322,10 @@ def run_evaluate(
                 window[0] = imps.times.min() if window[0] is None else min(window[0], imps.times.min())
                 window[1] = imps.times.max() if window[1] is None else max(window[1], imps.times.max())
                 scores = {names[v]: s for v, s in chunk.scores.items()}
-                scores[RANDOM] = rng.random(len(imps.candidate_items))
-                # Click counts tie often; a random tie-break keeps candidate order out of the baseline.
-                scores[POPULAR] = popularity[imps.candidate_items] + 0.5 * rng.random(len(imps.candidate_items))
+                scores[RANDOM] = fixed_uniform(imps.impression_ids, imps.candidate_offsets, imps.candidate_items, salt=1)
+                # Click counts tie often; a pseudo-random tie-break keeps candidate order out of the baseline.
+                scores[POPULAR] = popularity[imps.candidate_items] + 0.5 * fixed_uniform(
+                    imps.impression_ids, imps.candidate_offsets, imps.candidate_items, salt=2)
                 if oracle is not None:
                     scores[ORACLE] = _oracle_scores(oracle, imps, catalogue, behaviors, chunk.lines)
                 # The history the first model reads: a user with an empty History column may not be cold.
@@ -397,6 +397,34 @@ def run_evaluate(
         "gap_closed": gaps, "seconds": round(time.perf_counter() - t_start, 2), "scoring_seconds": round(t_scored, 2),
         "trained_on_the_file": sorted(trained_on), **warning,
     }
+
+
+def fixed_uniform(impression_ids: np.ndarray, candidate_offsets: np.ndarray, candidate_items: np.ndarray, *,
+                  salt: int) -> np.ndarray:
+    """A pseudo-random number in [0, 1) for each candidate, fixed by its impression's id, its
+    article's catalogue row and ``salt`` (splitmix64's mixer), for the baselines' scores.
+
+    A draw from one generator moved with the chunk size (each chunk draws in turn) and its
+    numbers followed the candidates' positions; these are the same on every run, in every
+    chunking and in any candidate order.
+
+    Args:
+        impression_ids: (m,) int64.
+        candidate_offsets: (m + 1,) int64, the candidates of impression ``i`` at
+            ``candidate_offsets[i]:candidate_offsets[i + 1]``.
+        candidate_items: (n,) int64 catalogue rows.
+    Returns:
+        (n,) float64.
+    """
+    owners = np.repeat(np.asarray(impression_ids, dtype=np.int64), np.diff(candidate_offsets))
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the mixer wants
+        x = (owners.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+             + np.asarray(candidate_items, dtype=np.int64).astype(np.uint64) * np.uint64(0xD1B54A32D192ED03)
+             + np.uint64(salt))
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def _remove_created(created: list[Path], prediction_files: Iterable[str | Path]) -> None:
