@@ -251,6 +251,10 @@ def setting_differences(a: Mapping, b: Mapping) -> list[str]:
         if bool(trained_a) != bool(trained_b):
             which, versions = ("A", trained_a) if trained_a else ("B", trained_b)
             out.append(f"only {which} is not held-out (the file lies in the training window of {', '.join(versions)})")
+    stored_a, stored_b = head_a.get("labelled_impressions_in_store"), head_b.get("labelled_impressions_in_store")
+    if bool(stored_a) != bool(stored_b) and None not in (stored_a, stored_b):
+        which, count = ("A", stored_a) if stored_a else ("B", stored_b)
+        out.append(f"only {which} is not held-out (its store held {count} of the file's impressions with their clicks)")
     oracle_a, oracle_b = (any(isinstance(e, Mapping) and e.get("kind") == "oracle" for e in doc["models"].values())
                           for doc in (a, b))
     if oracle_a != oracle_b:
@@ -275,6 +279,9 @@ def _warnings(header: Mapping) -> list[str]:
     out = []
     if header.get("trained_on_the_file"):
         out.append(f"WARNING: NOT HELD-OUT, the file lies in the training window of {', '.join(header['trained_on_the_file'])}")
+    if header.get("labelled_impressions_in_store"):
+        out.append(f"WARNING: NOT HELD-OUT, the store held {header['labelled_impressions_in_store']} of the file's "
+                   "impressions with their clicks")
     if header.get("num_labelled_impressions") == 0:
         out.append("WARNING: UNLABELLED file, every metric is n/a")
     elif header.get("num_labelled_impressions") and header.get("num_scored") == 0:

@@ -14,6 +14,7 @@ plus ``"schema_version": 1``)::
                 "model_versions": [str, ...], "encoders": {name: description},
                 "side_features_at": str | None,   # where popularity and age were read
                 "trained_on_the_file": [str, ...],  # versions whose training window holds the file
+                "labelled_impressions_in_store": int | None,  # the file's impressions stored with labels
                 "warnings": [str, ...],   # figures not held-out, no label, only single-class impressions
                 "bootstrap": {"unit", "num_resamples", "breakdown_resamples", "confidence",
                               "seed", "pooled_auc", "min_units"}},
@@ -99,6 +100,7 @@ def build_result(
     behaviors_sha256: str | None = None,
     ignored_history_entries: int | None = None,
     trained_on_the_file: Sequence[str] = (),
+    labelled_impressions_in_store: int | None = None,
     warnings: Sequence[str] = (),
 ) -> dict:
     """The report dict (module docstring) from an accumulator and the header facts.
@@ -120,6 +122,8 @@ def build_result(
             left out of the readers' histories.
         trained_on_the_file: versions whose training window holds a time of the file: their
             figures are not held-out.
+        labelled_impressions_in_store: how many of the file's impressions the store holds with
+            their labels (their clicks reach the models' inputs: not held-out); None: not checked.
         warnings: what the reader must know before reading the figures (e.g. why they are
             not held-out); ``label_warning``'s, when the file has one, is added after them.
 
@@ -164,6 +168,7 @@ def build_result(
         "encoders": {str(k): v for k, v in (encoders or {}).items()},
         "side_features_at": side_features_at,
         "trained_on_the_file": [str(v) for v in trained_on_the_file],
+        "labelled_impressions_in_store": labelled_impressions_in_store,
         "warnings": [str(w) for w in warnings],
         "bootstrap": raw["bootstrap"],
     }

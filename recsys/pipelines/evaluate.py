@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 
 from recsys.columns import CATEGORY, NEWS_ID
 from recsys.config import Config, ModelConfig, Workspace
-from recsys.data.mind import scan_behaviors
+from recsys.data.mind import impression_keys, scan_behaviors, user_time_key
 from recsys.errors import RecsysError, SchemaError
 from recsys.metrics.accumulator import ImpressionMetrics, article_age_buckets, history_length_bucket
 from recsys.pipelines.inputs import check_file, check_folder, check_images_go_with_news, check_output_folder
@@ -284,6 +284,13 @@ def run_evaluate(
         "and fitted it: these figures are not held-out"
         for mv, window in trained_on.items()
     ]
+    in_store, in_sources = labelled_impressions_in_store(engine, behaviors, scan)
+    if in_store:
+        not_held_out.append(
+            f"{behaviors}: the store holds {in_store} of its {scan.lines} impressions with their clicks (the same reader at "
+            f"the same second, ingested as source {', '.join(repr(x) for x in in_sources)}): the popularity, histories and "
+            "article ages the models read include the file's own clicks, so these figures are not held-out; evaluate "
+            "it against a store that has not ingested it with its labels")
     for text in not_held_out:
         log.warning("%s", text)
     catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images,
@@ -365,6 +372,7 @@ def run_evaluate(
             behaviors_sha256=scan.sha256,
             ignored_history_entries=tally[IGNORED_HISTORY],
             trained_on_the_file=sorted(trained_on),
+            labelled_impressions_in_store=in_store,
             warnings=not_held_out,  # the report shows them too, not only this command's log
         )
         # Read before write_report replaces the earlier report's metrics.json, which names them.
@@ -395,7 +403,7 @@ def run_evaluate(
         IGNORED_HISTORY: tally[IGNORED_HISTORY],
         "impression_auc": {name: m["metrics"]["impression_auc"]["value"] for name, m in result["models"].items()},
         "gap_closed": gaps, "seconds": round(time.perf_counter() - t_start, 2), "scoring_seconds": round(t_scored, 2),
-        "trained_on_the_file": sorted(trained_on), **warning,
+        "trained_on_the_file": sorted(trained_on), "labelled_impressions_in_store": in_store, **warning,
     }
 
 
@@ -482,6 +490,26 @@ def trained_on_the_file(scan, versions: list[ModelVersion]) -> dict[str, dict]:
                 scan.first < datetime.fromisoformat(window["until"]) and scan.last >= datetime.fromisoformat(window["since"])):
             out[mv.version] = window
     return out
+
+
+def labelled_impressions_in_store(engine: Engine, behaviors: Path, scan) -> tuple[int, list[str]]:
+    """How many of the file's impressions the store holds with labels (a stored labelled
+    impression of the same user at the same second), and under which sources.
+
+    A file ingested with its labels (a nightly flow that ingests MIND dev, then evaluates on
+    it) feeds its own clicks to the popularity, the histories and the first-seen times the
+    models read: its figures are not held-out, though no model trained on it. Reads the
+    store's labelled impressions of the file's span and the file's users and times once more.
+    """
+    if scan.first is None:
+        return 0, []
+    users, times, sources = repo.read_labelled_user_times(engine, first=scan.first, last=scan.last)
+    if not len(users):
+        return 0, []
+    _, file_keys = impression_keys(behaviors)
+    stored_keys = np.fromiter((user_time_key(u, t) for u, t in zip(users, times.astype(object))), np.int64, len(users))
+    held = np.isin(stored_keys, file_keys)
+    return int(np.isin(file_keys, stored_keys[held]).sum()), sorted(set(sources[held].tolist()))
 
 
 def _display_name(mv: ModelVersion, kind: str) -> str:

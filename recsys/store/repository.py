@@ -118,6 +118,23 @@ def _window(since: datetime | None, until: datetime | None, source: str | None =
     return cond
 
 
+def read_labelled_user_times(engine: Engine, *, first: datetime, last: datetime) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The stored labelled impressions of ``[first, last]`` (both ends included), for telling
+    which of a file's impressions the store holds with their clicks.
+
+    Returns:
+        ``(user_ids, times, sources)``: (m,) object, (m,) datetime64[s] (naive UTC), (m,) object.
+    """
+    im, it = s.impressions.c, s.impression_items.c
+    labelled = select(it.impression_pk).where(it.impression_pk == im.id, it.label.is_not(None)).exists()
+    query = select(im.user_id, im.time, im.source).where(im.time >= first, im.time <= last, labelled)
+    columns = [USER_ID, TIME, "source"]
+    with engine.connect() as conn:
+        frames = list(_stream(conn, query, columns))
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({c: [] for c in columns}, dtype=object)
+    return df[USER_ID].to_numpy(object), _seconds(df[TIME]), df["source"].to_numpy(object)
+
+
 WINDOW_LABEL_ASKS = ("labelled", "clicked", "skipped", "scoreable")
 
 

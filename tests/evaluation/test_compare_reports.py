@@ -250,6 +250,12 @@ def test_the_a_and_b_lines_carry_each_reports_warnings(tmp_path, synthetic_resul
     a_line, b_line = next(l for l in lines if l.startswith("A: ")), next(l for l in lines if l.startswith("B: "))
     assert "WARNING" not in a_line
     assert b_line.endswith("; WARNING: NOT HELD-OUT, the file lies in the training window of v1")
+    in_store = copy.deepcopy(held_out)
+    in_store["header"]["labelled_impressions_in_store"] = 12
+    write_report(in_store, tmp_path / "in_store")
+    b_line = next(l for l in compare_files(paths["held_out"], tmp_path / "in_store" / "metrics.json").splitlines()
+                  if l.startswith("B: "))
+    assert b_line.endswith("; WARNING: NOT HELD-OUT, the store held 12 of the file's impressions with their clicks")
     text = compare_files(paths["unlabelled"], paths["held_out"], allow_different_data=True)
     a_line = next(l for l in text.splitlines() if l.startswith("A: "))
     assert a_line.endswith("; WARNING: UNLABELLED file, every metric is n/a")
@@ -312,6 +318,8 @@ def test_gap_closed_is_a_percentage_as_in_the_html_report(tmp_path, two_reports,
      "WARNING: only B is not held-out (the file lies in the training window of v9)"),
     (lambda a, b: b["models"].pop("oracle"),
      "WARNING: only A has an oracle row: gap closed exists in one report only"),
+    (lambda a, b: (a["header"].update(labelled_impressions_in_store=37), b["header"].update(labelled_impressions_in_store=0)),
+     "WARNING: only A is not held-out (its store held 37 of the file's impressions with their clicks)"),
 ])
 def test_reports_computed_differently_on_the_same_file_are_warned_of(tmp_path, two_reports, change, said):
     # Only the behaviors file's sha256 was checked: these passed without a word.
