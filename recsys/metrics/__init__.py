@@ -6,6 +6,7 @@ arguments come first and options are keyword-only.
 
 from recsys.metrics.accumulator import (
     ARTICLE_AGE_ORDER,
+    NEW_TO_STORE,
     HIGHER_IS_BETTER,
     HISTORY_LENGTH_ORDER,
     METRICS,
@@ -38,6 +39,7 @@ from recsys.metrics.ranking import (
 
 __all__ = [
     "ARTICLE_AGE_ORDER",
+    "NEW_TO_STORE",
     "HIGHER_IS_BETTER",
     "HISTORY_LENGTH_ORDER",
     "METRICS",

@@ -48,7 +48,10 @@ HIGHER_IS_BETTER = {name: name != "log_loss" for name in METRICS}
 MAX_CANDIDATES = np.iinfo(np.uint16).max  # ranks are stored as uint16
 MAX_GROUPS = np.iinfo(np.int16).max
 HISTORY_LENGTH_ORDER = ("cold", "short", "long")
-ARTICLE_AGE_ORDER = ("< 6 h", "6-24 h", "1-3 d", "> 3 d", "unknown")
+# "new to the store": an article the store never showed or listed before the impression (the
+# issue's fresh articles), whose age the store cannot tell; the others by their age then.
+NEW_TO_STORE = "new to the store"
+ARTICLE_AGE_ORDER = (NEW_TO_STORE, "< 6 h", "6-24 h", "1-3 d", "> 3 d", "unknown")
 
 _KNOWN_ORDERS = (HISTORY_LENGTH_ORDER, ARTICLE_AGE_ORDER)
 _FLUSH_CANDIDATES = 1_000_000  # buffered candidates before they are compacted
@@ -75,7 +78,8 @@ AGE_EDGES_H = (6.0, 24.0, 72.0)  # hours: the edges between ARTICLE_AGE_ORDER's 
 
 
 def article_age_buckets(age_hours) -> np.ndarray:
-    """Ages of articles when shown, in hours, as ``ARTICLE_AGE_ORDER`` labels.
+    """Ages of articles when shown, in hours, as ``ARTICLE_AGE_ORDER`` labels (all but
+    ``NEW_TO_STORE``, which the caller gives the articles it knows no first-seen time of).
 
     Args:
         age_hours: (n,) floats; NaN is "unknown".
@@ -85,7 +89,7 @@ def article_age_buckets(age_hours) -> np.ndarray:
     """
     age = np.asarray(age_hours, dtype=np.float64)
     code = np.where(np.isnan(age), len(AGE_EDGES_H) + 1, np.digitize(np.nan_to_num(age), AGE_EDGES_H))
-    return np.array(ARTICLE_AGE_ORDER, dtype=object)[code]
+    return np.array(ARTICLE_AGE_ORDER[1:], dtype=object)[code]
 
 
 def article_age_bucket(age_hours: float | None) -> str:

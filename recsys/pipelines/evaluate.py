@@ -26,7 +26,7 @@ from recsys.columns import CATEGORY, NEWS_ID
 from recsys.config import Config, ModelConfig, Workspace
 from recsys.data.mind import impression_keys, scan_behaviors, user_time_key
 from recsys.errors import RecsysError, SchemaError
-from recsys.metrics.accumulator import ImpressionMetrics, article_age_buckets, history_length_bucket
+from recsys.metrics.accumulator import NEW_TO_STORE, ImpressionMetrics, article_age_buckets, history_length_bucket
 from recsys.pipelines.inputs import check_file, check_folder, check_images_go_with_news, check_output_folder
 from recsys.pipelines.predict import split_scores
 from recsys.progress import progress
@@ -228,11 +228,13 @@ def split_of(behaviors: Path) -> str:
 
 def _age_groups(times: np.ndarray, offsets: np.ndarray, items: np.ndarray, first_seen: np.ndarray) -> list[str]:
     """(c,) age group of each candidate when shown; one the store never saw before its
-    impression is brand new (the youngest group), as the model's age feature reads it."""
+    impression is ``NEW_TO_STORE`` (the model's age feature reads it as brand new; the file
+    may have shown it for hours), the others by their age since the store first saw them."""
     shown_at = np.repeat(times, np.diff(offsets))
     fs = first_seen[items]
     age_h = (shown_at - fs).astype("timedelta64[s]").astype(np.float64) / 3600.0
-    return article_age_buckets(np.where(np.isnat(fs) | (age_h < 0), 0.0, age_h)).tolist()
+    new = np.isnat(fs) | (age_h < 0)
+    return np.where(new, NEW_TO_STORE, article_age_buckets(np.where(new, 0.0, age_h))).tolist()
 
 
 def run_evaluate(
