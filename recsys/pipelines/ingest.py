@@ -106,8 +106,12 @@ def _warn_of_what_was_stored(summary: dict) -> None:
     if withdrawn:
         log.warning("%d clicks that only the replaced impressions gave are no longer stored with a click time, so the "
                     "histories that lead with a user's clicks no longer read them (an article the user's History lists "
-                    "stays in it; the Histories and articles' first-seen times the replaced lines gave stay: a store "
-                    "rebuilt from the corrected files removes those)", withdrawn)
+                    "stays in it; the articles the replaced lines' History columns listed keep those lines' times as "
+                    "their earliest listing: a store rebuilt from the corrected files removes those)", withdrawn)
+    recounted = summary.get("first_seen_recounted", 0)
+    if recounted:
+        log.info("%d articles had their first-seen time set by a replaced impression: recounted from the stored "
+                 "shows and History listings", recounted)
     not_replaced = summary.get("histories_not_replaced", 0)
     if not_replaced:
         log.warning("%d lines carried a History other than the one the store keeps for the same user at the very same "

@@ -115,6 +115,9 @@ class IngestReport:
             place had clicked: the file's lines do not click them and no other stored impression
             does, so they are no longer stored with a click time. Counted once per file,
             whatever the batches.
+        first_seen_recounted: articles whose first-seen time the impressions this file moved (a
+            corrected user or time under the same id) had set: recounted from the stored shows
+            and History listings at the end of the file.
         labels_dropped: impressions with clicks that an unlabelled line of this file (a test
             file under the source of a labelled one) replaced: their labels and clicks are gone.
         num_bad_rows: lines not loaded (also in the quarantine file and table).
@@ -140,6 +143,7 @@ class IngestReport:
     histories_not_replaced: int = 0
     clicks: int = 0
     clicks_withdrawn: int = 0
+    first_seen_recounted: int = 0
     labels_dropped: int = 0
     num_bad_rows: int = 0
     lines_by_file: dict[str, int] = field(default_factory=dict)
@@ -478,6 +482,10 @@ class _Job:
     # (user, article) pairs whose only clicks this file's lines replaced, less those a later
     # batch clicks again: counted once per file, whatever the batches (``clicks_withdrawn``).
     withdrawn: set[tuple[str, str]] = field(default_factory=set)
+    # The articles whose first show a moved line was (recounted with the file's last batch), and
+    # each article's first History listing, as stored (read when the behaviors stage starts).
+    recount_first_seen: set[str] = field(default_factory=set)
+    first_listed: dict[str, datetime | None] = field(default_factory=dict)
 
     def transaction(self) -> AbstractContextManager:
         # strict mode already holds one transaction around everything.
@@ -661,6 +669,10 @@ class _Job:
         self._begin_file(file_key)
         seen = FirstLines()
         brought = FirstLines()  # the ids this file stored, and the lines that brought them
+        news = schema.news.c
+        with self.transaction():
+            self.first_listed = dict(self.conn.execute(
+                sa.select(news.news_id, news.first_listed_at).where(news.first_listed_at.is_not(None))).tuples().all())
         for lines, last in _batches(stream, self.batch_size):
             last = last and last_stage
             self._read(file_key, len(lines))
@@ -685,6 +697,8 @@ class _Job:
                     self._write_behaviors(good, source, known)
                     brought.add(np.fromiter((r.impression_id for r in good), np.int64, len(good)),
                                 np.fromiter((r.line for r in good), np.int64, len(good)))
+                if last:
+                    self._recount_first_seen(known)
                 self._write_quarantine(pending_bad)
                 self._seal(last)
             self._committed(last)
@@ -800,6 +814,23 @@ class _Job:
             schema.users, schema.impressions, schema.impression_items, schema.clicks, schema.news,
         )
 
+        # The impressions of this source under the batch's ids, as stored before it: one whose
+        # user or time the batch changes is a corrected (or another file's) line, and takes back
+        # what it gave (below).
+        ids = [r.impression_id for r in rows]
+        by_source = sa.select(impressions.c.id, impressions.c.impression_id).where(impressions.c.source == source)
+        before = w.select_in(by_source.add_columns(impressions.c.user_id, impressions.c.time), impressions.c.impression_id, ids)
+        incoming = {r.impression_id: (r.user_id, r.time) for r in rows}
+        changed = {imp_id for _, imp_id, user, time in before if incoming[imp_id] != (user, time)}
+        moved = {(user, time) for _, imp_id, user, time in before if imp_id in changed}  # what they were
+        # Gone for good: no line of the batch brings it back, and no other stored impression
+        # (another id or source) is of that user at that second.
+        gone = moved - set(incoming.values()) - {
+            (user, time) for user, time, src, imp_id in w.select_pairs_in(
+                sa.select(impressions.c.user_id, impressions.c.time, impressions.c.source, impressions.c.impression_id),
+                (impressions.c.user_id, impressions.c.time), moved)
+            if not (src == source and imp_id in changed)}
+
         # Users: first/last seen, and whose History this batch brings the latest of. Among the
         # Histories of one second, one that holds another (its ids in its order, and more)
         # wins, else the first listed: batch boundaries do not change the outcome.
@@ -827,6 +858,10 @@ class _Job:
             )
         }
         report.users += len(per_user) - len(stored)
+        # A stored History of the very (user, time) of a line this batch moves away for good came
+        # from that line: it no longer stands (a clock error's future date would have kept every real
+        # History out), so the batch's own latest History of the user replaces it whatever its time.
+        orphaned = {u for u, (at, _) in stored.items() if (u, at) in gone}
         # The stored History of the users whose lines at its very second differ from it: a
         # fuller one replaces it (the same line again once the news file brings the ids an
         # earlier ingest left out: the documented way to restore them), a rival does not.
@@ -836,7 +871,7 @@ class _Job:
         user_rows, new_history, stored_hash = [], {}, {}
         for u, (first, last, at, history) in per_user.items():
             old_at, old_hash = stored.get(u, (None, None))
-            if old_at is None or at > old_at or (u in stored_history and _holds(history, stored_history[u])):
+            if old_at is None or at > old_at or u in orphaned or (u in stored_history and _holds(history, stored_history[u])):
                 new_history[u], stored_hash[u] = history, old_hash
                 user_rows.append((u, first, last, at, _history_hash(history)))
                 kept, rivals = history, tied.get(u, [])
@@ -860,9 +895,6 @@ class _Job:
         # Impressions, then their items (replaced whole, so a changed impression leaves no
         # stale positions behind). One stored under this source with another user or time is
         # counted: a re-ingest of the same file changes none.
-        ids = [r.impression_id for r in rows]
-        by_source = sa.select(impressions.c.id, impressions.c.impression_id).where(impressions.c.source == source)
-        before = w.select_in(by_source.add_columns(impressions.c.user_id, impressions.c.time), impressions.c.impression_id, ids)
         # The clicks the impressions about to be replaced gave, less those their new lines give
         # again at the same time: what they leave behind is recounted from the store below.
         held_clicks = self._clicks_of(before)
@@ -873,12 +905,9 @@ class _Job:
                 old_clicks.difference_update((r.user_id, r.time, n) for n, label in zip(r.news_ids, r.labels) if label == 1)
             elif r.impression_id in clicked_ids:
                 report.labels_dropped += 1  # an unlabelled line took the place of a clicked impression
-        moved_from: set[str] = set()  # users an impression moved away from (another user or time)
-        if before:
-            incoming = {r.impression_id: (r.user_id, r.time) for r in rows}
-            changed = {imp_id for _, imp_id, user, time in before if incoming[imp_id] != (user, time)}
-            moved_from = {user for _, imp_id, user, _ in before if imp_id in changed}
-            if changed and report.first_changed_impression is None:  # named: a renumbered copy shows itself there
+        moved_from = {user for user, _ in moved}  # users an impression moved away from (another user or time)
+        if changed:
+            if report.first_changed_impression is None:  # named: a renumbered copy shows itself there
                 first = next(r for r in rows if r.impression_id in changed)
                 report.first_changed_impression = f"line {first.line} (impression id {first.impression_id})"
             report.impressions_changed += len(changed)
@@ -892,6 +921,14 @@ class _Job:
         pk_of = {imp_id: pk for pk, imp_id, _, _ in before}
         pk_of.update((imp_id, pk) for pk, imp_id in
                      w.select_in(by_source, impressions.c.impression_id, [i for i in ids if i not in pk_of]))
+        if changed:
+            # The articles a moved line showed first: their first-seen time is recounted from the
+            # stored shows at the end of the file (one pass over them), so that a misdated line,
+            # once corrected, no longer ages them for good.
+            at = {pk: time for pk, imp_id, _, time in before if imp_id in changed}
+            self.recount_first_seen.update(
+                n for pk, n in w.select_in(sa.select(items.c.impression_pk, items.c.news_id), items.c.impression_pk, list(at))
+                if known.get(n) == at[pk])
         w.delete_in(items, items.c.impression_pk, list(pk_of.values()))
         item_rows = []
         for r in rows:
@@ -907,18 +944,24 @@ class _Job:
         # it. Without the History, the back catalogue that MIND's logs only list as old clicks
         # would read as never seen: brand new to the age feature and the freshness filter.
         # Only times that move earlier than what the store holds are written.
+        # The History listings are also kept apart (first_listed_at): the shows can be recounted
+        # from the store when a line is corrected, the listings cannot.
         first_seen: dict[str, datetime] = {}
+        listed: dict[str, datetime] = {}
         for r in sorted(rows, key=lambda r: r.time, reverse=True):
-            first_seen.update(dict.fromkeys(r.history, r.time))  # earlier times overwrite later
+            listed.update(dict.fromkeys(r.history, r.time))  # earlier times overwrite later
+            first_seen.update(dict.fromkeys(r.history, r.time))
             first_seen.update(dict.fromkeys(r.news_ids, r.time))
         first_seen = {n: t for n, t in first_seen.items() if known[n] is None or t < known[n]}
-        w.update(
-            news, "news_id", ("news_id", "first_seen_at"), list(first_seen.items()),
-            values=lambda src: {"first_seen_at": src["first_seen_at"]},
-            where=lambda src, t: sa.or_(t.first_seen_at.is_(None), t.first_seen_at > src["first_seen_at"]),
-        )
-
+        listed = {n: t for n, t in listed.items() if self.first_listed.get(n) is None or t < self.first_listed[n]}
+        for column, times in (("first_seen_at", first_seen), ("first_listed_at", listed)):
+            w.update(
+                news, "news_id", ("news_id", column), list(times.items()),
+                values=lambda src, c=column: {c: src[c]},
+                where=lambda src, t, c=column: sa.or_(t[c].is_(None), t[c] > src[c]),
+            )
         known.update(first_seen)
+        self.first_listed.update(listed)
         report.clicks += self._replace_histories(new_history, stored_hash, {u for u in per_user if u not in stored})
 
         # Clicked candidates: one row per (user, article), keeping the earliest click.
@@ -945,6 +988,11 @@ class _Job:
         # users' first- and last-seen times are recounted from what the store now holds.
         self._recount_clicks({(user, news_id) for user, _, news_id in old_clicks})
         self._recount_user_times(moved_from)
+        # A History the moved line left to a user this batch brings no line of can be replaced
+        # by the user's next line, whatever its time.
+        w.update(users, "user_id", ("user_id", "history_at"),
+                 [(u, at) for u, at in sorted(gone) if u not in per_user],
+                 values=lambda src: {"history_at": sa.null()}, where=lambda src, t: t.history_at == src["history_at"])
         report.clicks_withdrawn = len(self.withdrawn)
 
     def _clicks_of(self, stored: list[tuple]) -> list[tuple[int, str, datetime, str]]:
@@ -974,6 +1022,34 @@ class _Job:
         w.delete_in(clicks, clicks.c.user_id, users, clicks.c.clicked_at.is_(None), clicks.c.history_pos.is_(None))
         self.withdrawn.update(pair for pair in pairs if pair not in earliest)
         self.withdrawn.difference_update(earliest)
+
+    def _recount_first_seen(self, known: dict[str, datetime | None]) -> None:
+        """Recount the first-seen time of the articles that lines moved by this file (a
+        correction, another user or time under the same id) had shown first: the earlier of
+        their earliest stored show and their first History listing (``first_listed_at``).
+
+        Runs once, with the file's last batch: impression_items has no index on news_id, so
+        this is one pass over the shows. A listing in a moved line's History is not taken back
+        (the store does not keep each line's History): an article that line listed keeps the
+        line's time as its earliest listing.
+        """
+        affected = sorted(self.recount_first_seen)
+        self.recount_first_seen.clear()
+        if not affected:
+            return
+        news, imp, items, w = schema.news, schema.impressions, schema.impression_items, self.writer
+        shown = dict(w.select_in(
+            sa.select(items.c.news_id, sa.func.min(imp.c.time)).join(imp, imp.c.id == items.c.impression_pk)
+            .group_by(items.c.news_id), items.c.news_id, affected))
+        before = {n: known.get(n) for n in affected}
+        recounted = {}
+        for n in affected:
+            times = [t for t in (shown.get(n), self.first_listed.get(n)) if t is not None]
+            recounted[n] = min(times) if times else None
+        w.update(news, "news_id", ("news_id", "first_seen_at"), sorted(recounted.items()),
+                 values=lambda src: {"first_seen_at": src["first_seen_at"]})
+        known.update(recounted)
+        self.report.first_seen_recounted += sum(recounted[n] != before[n] for n in affected)
 
     def _recount_user_times(self, users: set[str]) -> None:
         """Set these users' first- and last-seen times to those of their stored impressions

@@ -56,8 +56,12 @@ news = Table(
     Column("image_sha256", String(64), nullable=True),
     # sha256 of the fields the encoders read (title, abstract, category, image bytes).
     Column("content_hash", String(64), nullable=False),
-    # MIND has no publication time: the first impression that showed the article stands in.
+    # MIND has no publication time: the first impression that showed the article, or listed it
+    # in a History, stands in.
     Column("first_seen_at", DateTime, nullable=True),
+    # The first impression whose History listed it: kept apart because a corrected line's shows
+    # can be recounted from the stored impressions, its History column cannot.
+    Column("first_listed_at", DateTime, nullable=True),
     Column("updated_at", DateTime, nullable=False),
 )
 

@@ -205,6 +205,37 @@ def test_a_0001_store_with_data_upgrades_to_head_and_keeps_its_rows(db_url):
     engine.dispose()
 
 
+def test_0006_fills_first_listed_at_from_the_first_seen_times_no_stored_show_explains(db_url):
+    """An article first seen before any stored show of it was first seen in a History: that
+    time becomes its first_listed_at, which a later recount of the shows keeps."""
+    from datetime import datetime, timedelta
+
+    t0 = datetime(2019, 11, 14, 9, 0, 0)
+    bare = create_engine_for(db_url)
+    upgrade(bare, "0005")
+    with bare.begin() as conn:
+        article = dict(category="news", subcategory="x", title="t", abstract="", url="", title_entities="[]",
+                       abstract_entities="[]", image_status="missing", content_hash="0" * 64, updated_at=t0)
+        conn.execute(schema.news.insert(), [
+            {**article, "news_id": "LISTED", "first_seen_at": t0 - timedelta(days=2)},  # shown later, listed first
+            {**article, "news_id": "SHOWN", "first_seen_at": t0},  # its first show
+            {**article, "news_id": "ONLY_LISTED", "first_seen_at": t0 - timedelta(hours=5)},
+            {**article, "news_id": "UNSEEN", "first_seen_at": None},
+        ])
+        conn.execute(schema.users.insert(), [{"user_id": "U1", "first_seen_at": t0, "last_seen_at": t0}])
+        conn.execute(schema.impressions.insert(), [{"id": 1, "source": "s", "impression_id": 1, "user_id": "U1", "time": t0}])
+        conn.execute(schema.impression_items.insert(), [
+            {"impression_pk": 1, "position": 0, "news_id": "LISTED", "label": 0},
+            {"impression_pk": 1, "position": 1, "news_id": "SHOWN", "label": 1},
+        ])
+    bare.dispose()
+    engine = open_store(db_url)  # migrates 0005 -> head
+    with engine.connect() as conn:
+        listed = dict(conn.execute(sa.select(schema.news.c.news_id, schema.news.c.first_listed_at)).tuples().all())
+    assert listed == {"LISTED": t0 - timedelta(days=2), "SHOWN": None, "ONLY_LISTED": t0 - timedelta(hours=5), "UNSEEN": None}
+    engine.dispose()
+
+
 def test_a_migration_never_waits_long_on_a_table_a_reader_holds(db_url, monkeypatch):
     """A nightly run's open read transaction on ``runs``: on PostgreSQL 0004's ALTER TABLE waited
     for it for ever (and queued every later reader behind it); now it gives up after the lock

@@ -526,6 +526,80 @@ def test_a_renumbered_copy_under_the_same_source_is_replaced_in_place_and_stays_
     assert dump_store(engine) == once
 
 
+def _news_first_seen(engine) -> dict[str, tuple]:
+    return {n: (seen, listed) for n, seen, listed in rows(engine, "news", "news_id", "first_seen_at", "first_listed_at")}
+
+
+@pytest.mark.parametrize("batch_size", [5000, 1])
+def test_a_corrected_misdated_line_gives_its_articles_their_first_seen_time_back(
+        engine, small_world, quarantine_dir, tmp_path, batch_size):
+    """A year's typo in one line made the articles it showed a year old, and correcting the
+    line (the same id, the right time) left them so: they were never fresh again (an audit's
+    three most recommended articles vanished from every list)."""
+    typo = write_lines(tmp_path / "typo.tsv", [behavior_line(9, "U4", T0 - 365 * D, ["N1"], ["N5-1", "N6-0"])])
+    fixed = write_lines(tmp_path / "fixed.tsv", [
+        behavior_line(8, "U2", T0 + 3 * H, [], ["N2-1", "N3-0"]),
+        behavior_line(9, "U4", T0 + 2 * H, ["N1"], ["N5-1", "N6-0"]),
+    ])
+    for path in (small_world["behaviors"], fixed):
+        run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=path, source=path.stem)
+    clean, clean_seen = dump_store(engine), _news_first_seen(engine)
+    assert clean_seen["N5"] == (T0, None) and clean_seen["N6"] == (T0 - 2 * H, T0 - 2 * H)  # N6: listed by U3
+
+    wipe_store(engine)
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], source="behaviors")
+    run(engine, quarantine_dir, behaviors_path=typo, source="fixed")
+    assert _news_first_seen(engine)["N5"] == (T0 - 365 * D, None)
+    report = run(engine, quarantine_dir, behaviors_path=fixed, source="fixed", batch_size=batch_size)
+    assert (report.impressions_changed, report.first_seen_recounted) == (1, 2)  # N5 and N6
+    seen = _news_first_seen(engine)
+    assert {n: seen[n] for n in seen if n != "N1"} == {n: clean_seen[n] for n in clean_seen if n != "N1"}
+    # The typo's History listed N1 a year early; the store keeps no line's History, so that
+    # listing is not taken back (docs/data-contract.md).
+    assert seen["N1"] == (T0 - 365 * D, T0 - 365 * D)
+    after = dump_store(engine)
+    assert {k: v for k, v in after.items() if k != "news"} == {k: v for k, v in clean.items() if k != "news"}
+    again = run(engine, quarantine_dir, behaviors_path=fixed, source="fixed", batch_size=batch_size)
+    assert (again.impressions_changed, again.first_seen_recounted) == (0, 0) and dump_store(engine) == after
+
+
+def test_a_corrected_future_dated_line_lets_the_readers_next_histories_in(engine, small_world, quarantine_dir, tmp_path):
+    """A line of a clock set months ahead made its History the user's latest; corrected, it
+    kept that History and its date, so no real line could replace it (and none was counted in
+    histories_not_replaced)."""
+    future = write_lines(tmp_path / "future.tsv", [behavior_line(9, "U1", T0 + 200 * D, ["N6"], ["N5-1", "N4-0"])])
+    fixed = write_lines(tmp_path / "fixed.tsv", [behavior_line(9, "U1", T0 + 2 * D, ["N6"], ["N5-1", "N4-0"])])
+    elsewhere = write_lines(tmp_path / "elsewhere.tsv", [behavior_line(9, "U5", T0 + 2 * D, ["N6"], ["N5-1", "N4-0"])])
+    next_day = write_lines(tmp_path / "next_day.tsv", [
+        behavior_line(1, "U1", T0 + 3 * D, ["N1", "N2", "N3", "N6"], ["N2-1", "N4-0"]),
+        behavior_line(2, "U5", T0 + 3 * D, ["N3"], ["N2-0", "N4-1"]),
+    ])
+
+    def ingest_all(*files) -> dict:
+        wipe_store(engine)
+        run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], source="behaviors")
+        for path, source in files:
+            report = run(engine, quarantine_dir, behaviors_path=path, source=source)
+        return report
+
+    ingest_all((fixed, "extra"))
+    clean = dump_store(engine)
+    ingest_all((future, "extra"), (fixed, "extra"))
+    assert dump_store(engine) == clean
+    assert ingest_all((fixed, "extra"), (next_day, "day3")).histories_not_replaced == 0
+    clean_next = dump_store(engine)
+    assert ingest_all((future, "extra"), (fixed, "extra"), (next_day, "day3")).histories_not_replaced == 0
+    assert dump_store(engine) == clean_next
+    # The line was another reader's: U1 keeps the future line's History (the store has no other
+    # of its lines' Histories) until U1's next line, which now replaces it.
+    ingest_all((elsewhere, "extra"), (next_day, "day3"))
+    clean_next = dump_store(engine)
+    ingest_all((future, "extra"), (elsewhere, "extra"))
+    assert rows(engine, "users", "user_id", "history_at")[0] == ("U1", None)
+    run(engine, quarantine_dir, behaviors_path=next_day, source="day3")
+    assert dump_store(engine) == clean_next
+
+
 @pytest.mark.parametrize("batch_size", [5000, 1])
 def test_a_line_repeated_under_another_id_is_stored_once(engine, small_world, quarantine_dir, tmp_path, caplog, batch_size):
     # A log line written twice: stored twice, its click counted twice in popularity and training.
