@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -25,7 +26,7 @@ from typer.exceptions import TyperException
 from recsys.config import Config, Workspace, parse_config, read_config_text, resolve_db_url
 from recsys.errors import DiskError, RecsysError, disk_errno, disk_error, disk_problem
 from recsys.escapes import BIDI_CONTROLS, CONTROL_CODES
-from recsys.interrupts import sigterm_unwinds, terminated
+from recsys.interrupts import sigterm_unwinds, termination_signal
 from recsys.progress import configure_logging
 
 # Plain click help, not Rich's: Rich reads a help text's "[r1,r2,...]" as markup and drops
@@ -715,7 +716,7 @@ def _run(argv: list[str] | None) -> int:
         typer.echo(f"error: {exc}", err=True)
         return 1
     except KeyboardInterrupt:
-        typer.echo("terminated (SIGTERM)" if terminated() else "interrupted", err=True)
+        typer.echo(_interrupted(), err=True)
         return 2
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: exit code 2
         disk = disk_errno(exc) if isinstance(exc, OSError) else None
@@ -736,13 +737,38 @@ def _run(argv: list[str] | None) -> int:
         typer.echo(f"internal error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)", err=True)
         return 2
     if code == _TYPER_CTRL_C:
-        typer.echo("terminated (SIGTERM)" if terminated() else "interrupted", err=True)
+        typer.echo(_interrupted(), err=True)
         return 2
     return code if isinstance(code, int) else 0
+
+
+def _interrupted() -> str:
+    name = termination_signal()
+    return f"terminated ({name})" if name else "interrupted"
 
 
 def entry() -> None:
     # TensorFlow's C++ start-up chatter (CUDA probing, CPU flags) buries the job's own log
     # lines in cron mails; users can still set the variable themselves.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.exit(main())
+    code = main()
+    _exit_on_late_signals(code)
+    sys.exit(code)
+
+
+def _exit_on_late_signals(code: int) -> None:
+    """The command is done and its result written; the interpreter's shutdown (TensorFlow's, 1-2 s)
+    follows. A SIGTERM or SIGHUP then (a scheduler's timeout) ends the process at once with the
+    command's own exit code: it used to kill it with the signal's, and a finished job read as killed."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):  # closed or gone: nothing left to flush
+            pass
+
+    def finish(signum, frame) -> None:
+        os._exit(code)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, finish)

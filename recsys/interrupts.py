@@ -1,4 +1,5 @@
-"""SIGTERM (a scheduler's timeout, ``kill``) unwound like Ctrl-C, and remembered.
+"""SIGTERM (a scheduler's timeout, ``kill``) and SIGHUP (an operator's ssh session that drops)
+unwound like Ctrl-C, and remembered.
 
 The handler raises ``Terminated`` so that the store's lock is released and a nightly run stays
 resumable; otherwise a retry on another host would wait for the lock to go stale (15 minutes).
@@ -16,20 +17,25 @@ from contextlib import contextmanager
 
 
 class Terminated(KeyboardInterrupt):
-    """Raised in the main thread on SIGTERM."""
+    """Raised in the main thread on SIGTERM (or SIGHUP)."""
 
 
-_terminated = False
+_terminated: str | None = None  # the name of the signal that arrived
 
 
 def on_sigterm(signum, frame) -> None:
     global _terminated
-    _terminated = True
+    _terminated = signal.Signals(signum).name
     raise Terminated
 
 
 def terminated() -> bool:
-    """Whether a SIGTERM arrived inside the current ``sigterm_unwinds`` block."""
+    """Whether a SIGTERM (or SIGHUP) arrived inside the current ``sigterm_unwinds`` block."""
+    return _terminated is not None
+
+
+def termination_signal() -> str | None:
+    """The name of the signal that terminated the current ``sigterm_unwinds`` block, if any."""
     return _terminated
 
 
@@ -45,24 +51,28 @@ def sigterm_unwinds() -> Iterator[None]:
     thread; elsewhere the process keeps its handler). The previous handler is restored after,
     and a SIGTERM of this block is forgotten: the next command starts afresh."""
     global _terminated
-    _terminated = False
+    _terminated = None
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
+    previous = {}
+    if in_main_thread:
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_sigterm)
+        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # nohup's stays ignored
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_sigterm)
     try:
         yield
     finally:
-        _terminated = False
-        if in_main_thread:  # None: a handler not set from Python, i.e. the default
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        _terminated = None
+        for signum, handler in previous.items():  # None: a handler not set from Python, i.e. the default
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 @contextmanager
 def signals_deferred() -> Iterator[None]:
-    """SIGTERM and Ctrl-C wait for the end of the block, then arrive (and raise) as usual: for a
+    """SIGTERM, SIGHUP and Ctrl-C wait for the end of the block, then arrive (and raise) as usual: for a
     short step that costs far more cut short than finished, such as releasing the store's lock
     (cut short, a retry on another host waited 15 minutes for it to go stale). A second signal
     inside the block arrives at once (the step is stuck, or the operator means it); of several,
-    SIGTERM is the one delivered, so the command still says it was terminated.
+    SIGTERM (else SIGHUP) is the one delivered, so the command still says it was terminated.
 
     Handlers can only be set from the main thread, which is also the only one Python raises them
     in: elsewhere this changes nothing. (Blocking the signals with ``pthread_sigmask`` would not
@@ -78,15 +88,11 @@ def signals_deferred() -> Iterator[None]:
         nonlocal restored
         if not restored:
             restored = True
-            try:
-                if signal.SIGTERM in previous:
-                    signal.signal(signal.SIGTERM, _handler_or_default(previous[signal.SIGTERM]))
-            finally:
-                if signal.SIGINT in previous:
-                    signal.signal(signal.SIGINT, _handler_or_default(previous[signal.SIGINT]))
+            for signum, handler in previous.items():
+                signal.signal(signum, _handler_or_default(handler))
 
     def deliver() -> None:
-        signum = signal.SIGTERM if signal.SIGTERM in arrived else arrived[0]
+        signum = next((s for s in (signal.SIGTERM, signal.SIGHUP) if s in arrived), arrived[0])
         _deliver(signum, previous[signum])
 
     def defer(signum, frame) -> None:
@@ -95,7 +101,7 @@ def signals_deferred() -> Iterator[None]:
             restore()
             deliver()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         if signal.getsignal(signum) != signal.SIG_IGN:  # ignored stays ignored, and is no second signal
             previous[signum] = signal.signal(signum, defer)
     try:

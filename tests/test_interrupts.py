@@ -1,14 +1,17 @@
-"""recsys.interrupts.signals_deferred: SIGTERM and Ctrl-C held for a short step, then delivered."""
+"""recsys.interrupts: SIGTERM and SIGHUP unwound like Ctrl-C; signals_deferred holds them for a short
+step, then delivers them; a signal after a command's result keeps the command's exit code."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from recsys.interrupts import Terminated, signals_deferred, sigterm_unwinds, terminated
+from recsys.interrupts import Terminated, signals_deferred, sigterm_unwinds, terminated, termination_signal
 
 
 def _send(signum: int) -> None:
@@ -69,3 +72,49 @@ def test_an_ignored_ctrl_c_is_no_second_signal():
         assert done == ["the step"] and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_sighup_unwinds_like_sigterm_and_is_named():
+    # An operator's ssh session dropping during a manual nightly: the process died with the
+    # lock held and its run left 'running'.
+    before = signal.getsignal(signal.SIGHUP)
+    with sigterm_unwinds():
+        with pytest.raises(Terminated):
+            _send(signal.SIGHUP)
+        assert terminated() and termination_signal() == "SIGHUP"
+        done = []
+        with pytest.raises(Terminated):
+            with signals_deferred():
+                _send(signal.SIGHUP)
+                done.append("the step")
+        assert done == ["the step"]
+    assert signal.getsignal(signal.SIGHUP) == before and termination_signal() is None
+
+
+def test_sighup_under_nohup_stays_ignored():
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with sigterm_unwinds():
+            _send(signal.SIGHUP)
+            assert not terminated() and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 0), (signal.SIGHUP, 3)])
+def test_a_signal_after_the_result_keeps_the_commands_exit_code(signum, code):
+    """train printed its result, then TensorFlow's shutdown took 1.4 s: a SIGTERM then killed the
+    process with the signal's code (-15), and a finished job read as killed."""
+    script = (
+        "import os, signal, sys, time\n"
+        "from recsys.cli import _exit_on_late_signals\n"
+        "print('the result')\n"
+        f"_exit_on_late_signals({code})\n"
+        f"os.kill(os.getpid(), {int(signum)})\n"
+        "time.sleep(30)\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (code, "the result\n")
+    assert time.monotonic() - started < 20

@@ -194,9 +194,12 @@ def test_a_store_that_fails_the_failed_mark_does_not_replace_the_runs_own_error(
     assert "server closed the connection unexpectedly" in caplog.text
 
 
-def test_sigterm_mid_ingest_releases_the_lock_and_fails_the_run(engine, world, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_mid_ingest_releases_the_lock_and_fails_the_run(engine, world, tmp_path, monkeypatch, capsys, signum):
     """Airflow's timeout sends SIGTERM: the process died holding the lock, so a retry on another
-    host was refused for 15 minutes (until the lock went stale). Now it unwinds like Ctrl-C."""
+    host was refused for 15 minutes (until the lock went stale). Now it unwinds like Ctrl-C. So
+    does SIGHUP (an operator's ssh session dropping during a manual run), which left the lock
+    and a run 'running' behind."""
     import time
 
     from recsys.cli import main
@@ -205,20 +208,20 @@ def test_sigterm_mid_ingest_releases_the_lock_and_fails_the_run(engine, world, t
 
     def terminated_midway(eng, **kwargs):
         assert read_lock(eng) is not None  # held while ingesting
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
         time.sleep(5)  # the handler raises at the next bytecode, long before this ends
         return real_ingest(eng, **kwargs)
 
     monkeypatch.setattr(store_ingest, "ingest", terminated_midway)
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signum)
     code = main(["--workspace", str(tmp_path / "ws"), "--db", str(engine.url.render_as_string(hide_password=False)),
                  "ingest", "--news", str(world / "news.tsv"), "--behaviors", str(world / "behaviors_train.tsv")])
-    assert (code, capsys.readouterr().err.strip().splitlines()[-1]) == (2, "terminated (SIGTERM)")
+    assert (code, capsys.readouterr().err.strip().splitlines()[-1]) == (2, f"terminated ({signum.name})")
     assert read_lock(engine) is None
     ((kind, status, message),) = _runs(engine).values()
     assert (kind, status, message) == ("ingest", "failed", "Terminated")  # not "Terminated: "
     assert _count(engine, s.news) == 0
-    assert signal.getsignal(signal.SIGTERM) == before  # main() leaves the process's handler as it was
+    assert signal.getsignal(signum) == before  # main() leaves the process's handler as it was
 
 
 def test_a_sigterm_that_a_library_swallowed_still_stops_the_ingest(engine, world, tmp_path, monkeypatch, capsys):
