@@ -758,17 +758,13 @@ def entry() -> None:
 
 def _exit_on_late_signals(code: int) -> None:
     """The command is done and its result written; the interpreter's shutdown (TensorFlow's, 1-2 s)
-    follows. A SIGTERM or SIGHUP then (a scheduler's timeout) ends the process at once with the
-    command's own exit code: it used to kill it with the signal's, and a finished job read as killed."""
+    follows. A SIGTERM or SIGHUP then (a scheduler's timeout) is ignored, so the process ends with
+    the command's own exit code: it used to die of the signal, and a finished job read as killed.
+    Ignored, not handled: Python runs no handler once its shutdown is past the atexit callbacks."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError, AttributeError):  # closed or gone: nothing left to flush
             pass
-
-    def finish(signum, frame) -> None:
-        os._exit(code)
-
     for signum in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) != signal.SIG_IGN:
-            signal.signal(signum, finish)
+        signal.signal(signum, signal.SIG_IGN)
