@@ -79,6 +79,11 @@ class BulkWriter(ABC):
 
     _chunk = _IN_CHUNK
 
+    @property
+    def in_chunk(self) -> int:
+        """The most values ``select_in`` sends in one statement."""
+        return self._chunk
+
     def select_in(self, query, column, values: Iterable) -> list[tuple]:
         """Rows of ``query`` where ``column`` is among ``values`` (in chunks)."""
         values = list(values)

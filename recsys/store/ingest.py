@@ -482,9 +482,7 @@ class _Job:
     # (user, article) pairs whose only clicks this file's lines replaced, less those a later
     # batch clicks again: counted once per file, whatever the batches (``clicks_withdrawn``).
     withdrawn: set[tuple[str, str]] = field(default_factory=set)
-    # The articles whose first show a moved line was (recounted with the file's last batch), and
-    # each article's first History listing, as stored (read when the behaviors stage starts).
-    recount_first_seen: set[str] = field(default_factory=set)
+    # Each article's first History listing, as stored (read when the behaviors stage starts).
     first_listed: dict[str, datetime | None] = field(default_factory=dict)
 
     def transaction(self) -> AbstractContextManager:
@@ -697,8 +695,6 @@ class _Job:
                     self._write_behaviors(good, source, known)
                     brought.add(np.fromiter((r.impression_id for r in good), np.int64, len(good)),
                                 np.fromiter((r.line for r in good), np.int64, len(good)))
-                if last:
-                    self._recount_first_seen(known)
                 self._write_quarantine(pending_bad)
                 self._seal(last)
             self._committed(last)
@@ -921,12 +917,12 @@ class _Job:
         pk_of = {imp_id: pk for pk, imp_id, _, _ in before}
         pk_of.update((imp_id, pk) for pk, imp_id in
                      w.select_in(by_source, impressions.c.impression_id, [i for i in ids if i not in pk_of]))
+        recount: set[str] = set()
         if changed:
             # The articles a moved line showed first: their first-seen time is recounted from the
-            # stored shows at the end of the file (one pass over them), so that a misdated line,
-            # once corrected, no longer ages them for good.
+            # stored shows below, so that a misdated line, once corrected, no longer ages them for good.
             at = {pk: time for pk, imp_id, _, time in before if imp_id in changed}
-            self.recount_first_seen.update(
+            recount.update(
                 n for pk, n in w.select_in(sa.select(items.c.impression_pk, items.c.news_id), items.c.impression_pk, list(at))
                 if known.get(n) == at[pk])
         w.delete_in(items, items.c.impression_pk, list(pk_of.values()))
@@ -993,6 +989,7 @@ class _Job:
         w.update(users, "user_id", ("user_id", "history_at"),
                  [(u, at) for u, at in sorted(gone) if u not in per_user],
                  values=lambda src: {"history_at": sa.null()}, where=lambda src, t: t.history_at == src["history_at"])
+        self._recount_first_seen(recount, known)
         report.clicks_withdrawn = len(self.withdrawn)
 
     def _clicks_of(self, stored: list[tuple]) -> list[tuple[int, str, datetime, str]]:
@@ -1023,33 +1020,36 @@ class _Job:
         self.withdrawn.update(pair for pair in pairs if pair not in earliest)
         self.withdrawn.difference_update(earliest)
 
-    def _recount_first_seen(self, known: dict[str, datetime | None]) -> None:
-        """Recount the first-seen time of the articles that lines moved by this file (a
-        correction, another user or time under the same id) had shown first: the earlier of
+    def _recount_first_seen(self, affected: set[str], known: dict[str, datetime | None]) -> None:
+        """Recount the first-seen time of ``affected``, the articles that lines this batch moved
+        (a correction: another user or time under the same id) had shown first: the earlier of
         their earliest stored show and their first History listing (``first_listed_at``).
 
-        Runs once, with the file's last batch: impression_items has no index on news_id, so
-        this is one pass over the shows. A listing in a moved line's History is not taken back
-        (the store does not keep each line's History): an article that line listed keeps the
-        line's time as its earliest listing.
+        In the batch's transaction, so that an interrupted ingest leaves none of them behind (its
+        rerun finds the lines already moved). impression_items has no index on news_id, so this
+        reads the shows once (filtered by article, or all of them grouped when the articles are
+        more than one IN list). A line the file brings back in a later batch lowers the time
+        again there. A listing in a moved line's History is not taken back (the store does not
+        keep each line's History): an article that line listed keeps the line's time as its
+        earliest listing.
         """
-        affected = sorted(self.recount_first_seen)
-        self.recount_first_seen.clear()
         if not affected:
             return
         news, imp, items, w = schema.news, schema.impressions, schema.impression_items, self.writer
-        shown = dict(w.select_in(
-            sa.select(items.c.news_id, sa.func.min(imp.c.time)).join(imp, imp.c.id == items.c.impression_pk)
-            .group_by(items.c.news_id), items.c.news_id, affected))
-        before = {n: known.get(n) for n in affected}
+        query = (sa.select(items.c.news_id, sa.func.min(imp.c.time)).join(imp, imp.c.id == items.c.impression_pk)
+                 .group_by(items.c.news_id))
+        if len(affected) <= w.in_chunk:
+            shown = dict(w.select_in(query, items.c.news_id, sorted(affected)))
+        else:
+            shown = {n: t for n, t in self.conn.execute(query).tuples() if n in affected}
         recounted = {}
-        for n in affected:
+        for n in sorted(affected):
             times = [t for t in (shown.get(n), self.first_listed.get(n)) if t is not None]
             recounted[n] = min(times) if times else None
         w.update(news, "news_id", ("news_id", "first_seen_at"), sorted(recounted.items()),
                  values=lambda src: {"first_seen_at": src["first_seen_at"]})
+        self.report.first_seen_recounted += sum(recounted[n] != known.get(n) for n in affected)
         known.update(recounted)
-        self.report.first_seen_recounted += sum(recounted[n] != before[n] for n in affected)
 
     def _recount_user_times(self, users: set[str]) -> None:
         """Set these users' first- and last-seen times to those of their stored impressions

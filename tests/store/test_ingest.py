@@ -18,6 +18,7 @@ from recsys.columns import IMAGE_BAD_NAME, IMAGE_CORRUPT, IMAGE_EMPTY, IMAGE_MIS
 from recsys.data.mind import MAX_LINE_BYTES, MindFileError
 from recsys.errors import ConfigError, SchemaError
 from recsys.store import schema
+from recsys.store.bulk import BulkWriter
 from recsys.store.ingest import content_hash, default_source, ingest
 from recsys.store.stats import store_stats
 
@@ -530,9 +531,9 @@ def _news_first_seen(engine) -> dict[str, tuple]:
     return {n: (seen, listed) for n, seen, listed in rows(engine, "news", "news_id", "first_seen_at", "first_listed_at")}
 
 
-@pytest.mark.parametrize("batch_size", [5000, 1])
+@pytest.mark.parametrize(("batch_size", "one_id_at_a_time"), [(5000, False), (1, False), (5000, True)])
 def test_a_corrected_misdated_line_gives_its_articles_their_first_seen_time_back(
-        engine, small_world, quarantine_dir, tmp_path, batch_size):
+        engine, small_world, quarantine_dir, tmp_path, monkeypatch, batch_size, one_id_at_a_time):
     """A year's typo in one line made the articles it showed a year old, and correcting the
     line (the same id, the right time) left them so: they were never fresh again (an audit's
     three most recommended articles vanished from every list)."""
@@ -550,6 +551,8 @@ def test_a_corrected_misdated_line_gives_its_articles_their_first_seen_time_back
     run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], source="behaviors")
     run(engine, quarantine_dir, behaviors_path=typo, source="fixed")
     assert _news_first_seen(engine)["N5"] == (T0 - 365 * D, None)
+    if one_id_at_a_time:  # more articles to recount than one IN list holds: the shows are read grouped, whole
+        monkeypatch.setattr(BulkWriter, "in_chunk", property(lambda self: 1))
     report = run(engine, quarantine_dir, behaviors_path=fixed, source="fixed", batch_size=batch_size)
     assert (report.impressions_changed, report.first_seen_recounted) == (1, 2)  # N5 and N6
     seen = _news_first_seen(engine)
@@ -561,6 +564,37 @@ def test_a_corrected_misdated_line_gives_its_articles_their_first_seen_time_back
     assert {k: v for k, v in after.items() if k != "news"} == {k: v for k, v in clean.items() if k != "news"}
     again = run(engine, quarantine_dir, behaviors_path=fixed, source="fixed", batch_size=batch_size)
     assert (again.impressions_changed, again.first_seen_recounted) == (0, 0) and dump_store(engine) == after
+
+
+def test_a_correction_interrupted_after_the_line_moved_still_recounts_on_the_rerun(
+        engine, small_world, quarantine_dir, tmp_path, monkeypatch):
+    """The recount ran with the file's last batch: a correction stopped after the batch that moved
+    the line (a SIGTERM) left the articles a year old, and its rerun found nothing to move."""
+    from recsys.store.ingest import _Job
+
+    typo = write_lines(tmp_path / "typo.tsv", [behavior_line(9, "U4", T0 - 365 * D, ["N1"], ["N5-1", "N6-0"])])
+    fixed = write_lines(tmp_path / "fixed.tsv", [
+        behavior_line(9, "U4", T0 + 2 * H, ["N1"], ["N5-1", "N6-0"]),
+        behavior_line(8, "U2", T0 + 3 * H, [], ["N2-1", "N3-0"]),
+    ])
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], source="behaviors")
+    run(engine, quarantine_dir, behaviors_path=typo, source="fixed")
+    real = _Job._write_behaviors
+    calls = []
+
+    def stopped_at_the_second_batch(self, rows, source, known):
+        calls.append(len(rows))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, rows, source, known)
+
+    monkeypatch.setattr(_Job, "_write_behaviors", stopped_at_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(engine, quarantine_dir, behaviors_path=fixed, source="fixed", batch_size=1)
+    monkeypatch.setattr(_Job, "_write_behaviors", real)
+    assert _news_first_seen(engine)["N5"] == (T0, None)  # recounted with the batch that moved the line
+    run(engine, quarantine_dir, behaviors_path=fixed, source="fixed", batch_size=1)
+    assert _news_first_seen(engine)["N5"] == (T0, None) and _news_first_seen(engine)["N6"] == (T0 - 2 * H, T0 - 2 * H)
 
 
 def test_a_corrected_future_dated_line_lets_the_readers_next_histories_in(engine, small_world, quarantine_dir, tmp_path):
