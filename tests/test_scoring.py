@@ -352,12 +352,13 @@ def test_the_baselines_are_the_same_in_any_chunking_and_candidate_order(trained,
 
 
 def test_fixed_uniform_numbers_are_uniform_and_independent_of_position():
-    from recsys.pipelines.evaluate import fixed_uniform
+    from recsys.pipelines.evaluate import fixed_uniform, news_id_keys
 
     rng = np.random.default_rng(3)
     ids = rng.integers(0, 10**18, 2000)
     offsets = np.arange(0, 2001 * 50, 50)
-    items = rng.integers(0, 60_000, 2000 * 50)
+    items = news_id_keys([f"N{i}" for i in rng.integers(0, 60_000, 2000 * 50)])
+    assert news_id_keys(["N1", "N2"]).tolist() == news_id_keys(["N0", "N2", "N1"])[[2, 1]].tolist()  # by id, not row
     u = fixed_uniform(ids, offsets, items, salt=1)
     assert u.shape == (100_000,) and u.min() >= 0.0 and u.max() < 1.0
     # Uniform: each tenth of [0, 1) holds a tenth of the numbers (binomial sd about 95).

@@ -7,6 +7,7 @@ per-candidate values (see recsys.metrics.accumulator).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -304,6 +305,7 @@ def run_evaluate(
     names = {mv.version: _display_name(mv, kinds[mv.version]) for mv in chosen}
 
     popularity = _popularity(engine, catalogue, chosen[0])
+    article_keys = news_id_keys(catalogue.features.news_ids)
 
     model_names = [names[v] for v in scorers] + [RANDOM, POPULAR] + ([ORACLE] if oracle else [])
     acc = ImpressionMetrics(
@@ -331,10 +333,11 @@ def run_evaluate(
                 window[0] = imps.times.min() if window[0] is None else min(window[0], imps.times.min())
                 window[1] = imps.times.max() if window[1] is None else max(window[1], imps.times.max())
                 scores = {names[v]: s for v, s in chunk.scores.items()}
-                scores[RANDOM] = fixed_uniform(imps.impression_ids, imps.candidate_offsets, imps.candidate_items, salt=1)
+                keys = article_keys[imps.candidate_items]
+                scores[RANDOM] = fixed_uniform(imps.impression_ids, imps.candidate_offsets, keys, salt=1)
                 # Click counts tie often; a pseudo-random tie-break keeps candidate order out of the baseline.
                 scores[POPULAR] = popularity[imps.candidate_items] + 0.5 * fixed_uniform(
-                    imps.impression_ids, imps.candidate_offsets, imps.candidate_items, salt=2)
+                    imps.impression_ids, imps.candidate_offsets, keys, salt=2)
                 if oracle is not None:
                     scores[ORACLE] = _oracle_scores(oracle, imps, catalogue, behaviors, chunk.lines)
                 # The history the first model reads: a user with an empty History column may not be cold.
@@ -409,27 +412,34 @@ def run_evaluate(
     }
 
 
-def fixed_uniform(impression_ids: np.ndarray, candidate_offsets: np.ndarray, candidate_items: np.ndarray, *,
+def news_id_keys(news_ids) -> np.ndarray:
+    """(n,) uint64 key of each news id (the first 8 bytes of its BLAKE2b digest): the same for an
+    article in every catalogue, whatever its row."""
+    return np.array([int.from_bytes(hashlib.blake2b(str(n).encode("utf-8"), digest_size=8).digest(), "little")
+                     for n in news_ids], dtype=np.uint64)
+
+
+def fixed_uniform(impression_ids: np.ndarray, candidate_offsets: np.ndarray, candidate_keys: np.ndarray, *,
                   salt: int) -> np.ndarray:
     """A pseudo-random number in [0, 1) for each candidate, fixed by its impression's id, its
-    article's catalogue row and ``salt`` (splitmix64's mixer), for the baselines' scores.
+    article's key (``news_id_keys``) and ``salt`` (splitmix64's mixer), for the baselines' scores.
 
     A draw from one generator moved with the chunk size (each chunk draws in turn) and its
     numbers followed the candidates' positions; these are the same on every run, in every
-    chunking and in any candidate order.
+    chunking, in any candidate order and whatever other articles the catalogue holds.
 
     Args:
         impression_ids: (m,) int64.
         candidate_offsets: (m + 1,) int64, the candidates of impression ``i`` at
             ``candidate_offsets[i]:candidate_offsets[i + 1]``.
-        candidate_items: (n,) int64 catalogue rows.
+        candidate_keys: (n,) uint64 keys of the candidates' articles.
     Returns:
         (n,) float64.
     """
     owners = np.repeat(np.asarray(impression_ids, dtype=np.int64), np.diff(candidate_offsets))
     with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the mixer wants
         x = (owners.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-             + np.asarray(candidate_items, dtype=np.int64).astype(np.uint64) * np.uint64(0xD1B54A32D192ED03)
+             + np.asarray(candidate_keys, dtype=np.uint64) * np.uint64(0xD1B54A32D192ED03)
              + np.uint64(salt))
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
