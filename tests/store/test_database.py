@@ -206,8 +206,9 @@ def test_a_0001_store_with_data_upgrades_to_head_and_keeps_its_rows(db_url):
 
 
 def test_0006_fills_first_listed_at_from_the_first_seen_times_no_stored_show_explains(db_url):
-    """An article first seen before any stored show of it was first seen in a History: that
-    time becomes its first_listed_at, which a later recount of the shows keeps."""
+    """An article first seen before any stored show of it was first seen in a History, and one a
+    stored History lists was listed then: the earlier becomes its first_listed_at, which a later
+    recount of the shows keeps."""
     from datetime import datetime, timedelta
 
     t0 = datetime(2019, 11, 14, 9, 0, 0)
@@ -222,7 +223,9 @@ def test_0006_fills_first_listed_at_from_the_first_seen_times_no_stored_show_exp
             {**article, "news_id": "ONLY_LISTED", "first_seen_at": t0 - timedelta(hours=5)},
             {**article, "news_id": "UNSEEN", "first_seen_at": None},
         ])
-        conn.execute(schema.users.insert(), [{"user_id": "U1", "first_seen_at": t0, "last_seen_at": t0}])
+        conn.execute(schema.users.insert(), [{"user_id": "U1", "first_seen_at": t0, "last_seen_at": t0,
+                                              "history_at": t0 + timedelta(hours=1)}])
+        conn.execute(schema.clicks.insert(), [{"user_id": "U1", "news_id": "SHOWN", "history_pos": 0, "clicked_at": None}])
         conn.execute(schema.impressions.insert(), [{"id": 1, "source": "s", "impression_id": 1, "user_id": "U1", "time": t0}])
         conn.execute(schema.impression_items.insert(), [
             {"impression_pk": 1, "position": 0, "news_id": "LISTED", "label": 0},
@@ -232,7 +235,9 @@ def test_0006_fills_first_listed_at_from_the_first_seen_times_no_stored_show_exp
     engine = open_store(db_url)  # migrates 0005 -> head
     with engine.connect() as conn:
         listed = dict(conn.execute(sa.select(schema.news.c.news_id, schema.news.c.first_listed_at)).tuples().all())
-    assert listed == {"LISTED": t0 - timedelta(days=2), "SHOWN": None, "ONLY_LISTED": t0 - timedelta(hours=5), "UNSEEN": None}
+    # SHOWN: first seen at its show, and listed since in U1's stored History.
+    assert listed == {"LISTED": t0 - timedelta(days=2), "SHOWN": t0 + timedelta(hours=1),
+                      "ONLY_LISTED": t0 - timedelta(hours=5), "UNSEEN": None}
     engine.dispose()
 
 
