@@ -65,7 +65,7 @@ ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
 TIME_EXAMPLE = "11/11/2019 9:05:58 AM"
 # A behaviors time outside these bounds is a typo (1019, 2099), not a click: stored, it would
-# move first-seen and last-seen times that only ever move one way. MIND's times are naive
+# move first-seen and last-seen times (a later correction of the line takes most of that back). MIND's times are naive
 # local times, so the upper bound allows a day beyond the present in UTC.
 EARLIEST_TIME = datetime(1990, 1, 1)
 FUTURE_SLACK = timedelta(days=1)

@@ -4,7 +4,10 @@ News first, then behaviors. Files are streamed; each batch of lines is written i
 transaction, and every write is an upsert whose result does not depend on what an earlier,
 interrupted run already wrote (minimum of first-seen times, the history of the latest
 impression, delete-then-insert of an impression's items). So the same files twice give the
-same store, and a crash followed by a rerun gives the store one clean run gives.
+same store, and a crash followed by a rerun gives the store one clean run gives. A corrected
+line (the same source and id, another user or time) takes back the first-seen times its show
+set and the History it gave: both are recounted in the batch that moves it, or before the
+first batch, so a rerun finds nothing left to do.
 
 ``strict=True`` runs the whole ingest in one transaction that is rolled back at the first
 bad row, so nothing at all is written (no quarantine file either).
@@ -227,7 +230,8 @@ def ingest(
             in the store or in ``news_path``, else the line is a bad row.
         images_dir: folder of cover images ``<NewsID>.<jpg|jpeg|png|webp>``. An article it
             has no usable file for (or every article, without it) keeps the cover an earlier
-            ingest stored if that file still checks ok, else gets image status "missing".
+            ingest stored if that file still checks ok; one it has no file for at all keeps a
+            stored unusable cover's status and digest; else it gets image status "missing".
         source: name under which the impressions are stored (MIND impression ids restart in
             every file); default ``<parent folder>/<file stem>``. The caller keeps other
             writers of impressions out meanwhile (``recsys.pipelines.ingest.run_ingest`` holds
@@ -306,8 +310,7 @@ def ingest(
                     report.elapsed["news"] = clock.perf_counter() - stage_start
                 if behaviors_stream is not None:
                     stage_start = clock.perf_counter()
-                    if not replace:
-                        job.refuse_another_file(behaviors_path, source)
+                    job.before_behaviors(behaviors_path, source, refuse=not replace)
                     job.ingest_behaviors(behaviors_stream, source, known, last_stage=True)
                     report.elapsed["behaviors"] = clock.perf_counter() - stage_start
         # Already done in the last batch's transaction; here only when the last file had no line.
@@ -331,20 +334,27 @@ def ingest(
     return report
 
 
-def _refuse_another_file(conn: Connection, path: str | Path, source: str) -> None:
-    """Raise ReplacingImpressionsError when ``path`` would replace most of the impressions that
-    ``source`` holds under its ids with others, dropping them (``MAX_LOST_SHARE``). Reads the
-    file's ids, users and times only when the store holds impressions of ``source`` (a re-ingest:
-    a first ingest replaces nothing), then streams that source's impressions once."""
+def _moved_for_good(conn: Connection, path: str | Path, source: str, *,
+                    refuse: bool) -> dict[tuple[str, datetime], list[int]]:
+    """``{(user, time): impression ids}`` of the impressions that ``source`` holds under ``path``'s
+    ids and that the file replaces with another user or time without bringing back under any id.
+
+    Raises ReplacingImpressionsError (with ``refuse``) when those are most of the impressions the
+    source holds under the file's ids (``MAX_LOST_SHARE``): another file under the same source
+    name. Reads the file's ids, users and times only when the store holds impressions of
+    ``source`` (a re-ingest: a first ingest replaces nothing), then streams that source's
+    impressions once.
+    """
     im = schema.impressions.c
     if conn.execute(sa.select(im.id).where(im.source == source).limit(1)).first() is None:
-        return
+        return {}
     file_ids, file_keys = impression_keys(path)
     # Sorted arrays, looked up by searchsorted (pandas here cost the ingest 70 MB of RSS).
     ids_in_file, first_line = np.unique(file_ids, return_index=True)  # a repeated id: its first line
     key_of_id = file_keys[first_line]
     brought = np.unique(file_keys)
-    held = lost = 0
+    held = num_lost = 0
+    lost: dict[tuple[str, datetime], list[int]] = {}
     example = None
     query = sa.select(im.impression_id, im.user_id, im.time).where(im.source == source).order_by(im.impression_id)
     # Streamed for this statement only: the job's later statements on ``conn`` read whole.
@@ -356,20 +366,24 @@ def _refuse_another_file(conn: Connection, path: str | Path, source: str) -> Non
             continue
         stored = np.fromiter((user_time_key(r[1], r[2]) for r in chunk), np.int64, len(chunk))[mine]
         incoming = key_of_id[at[mine]]
-        gone = (incoming != stored) & ~_found(brought, stored)[0]
+        gone = np.flatnonzero((incoming != stored) & ~_found(brought, stored)[0])
         held += int(mine.sum())
-        lost += int(gone.sum())
-        if example is None and gone.any():
-            r = [row for row, m in zip(chunk, mine) if m][int(np.flatnonzero(gone)[0])]
+        num_lost += len(gone)
+        rows = [row for row, m in zip(chunk, mine) if m]
+        for i in gone:
+            lost.setdefault((rows[i][1], rows[i][2]), []).append(rows[i][0])
+        if example is None and len(gone):
+            r = rows[int(gone[0])]
             example = f"impression id {r[0]}, stored for user {r[1]} at {r[2]}"
-    if lost >= MIN_LOST_IMPRESSIONS and lost > MAX_LOST_SHARE * held:
+    if refuse and num_lost >= MIN_LOST_IMPRESSIONS and num_lost > MAX_LOST_SHARE * held:
         raise ReplacingImpressionsError(
-            f"{path}: {lost} of the {held} impressions that source {source!r} holds under this file's impression ids "
+            f"{path}: {num_lost} of the {held} impressions that source {source!r} holds under this file's impression ids "
             f"would be replaced by impressions of another user or time and dropped (first: {example}): this looks like "
             "another behaviors file under the same source name (MIND restarts impression ids at 1 in every file). "
             "None of its lines were stored (a news file given with it was, unless --strict). Give each file its own "
             "--source (a nightly file at a fixed path: --source with the date); if this file corrects the one stored "
             "under that name, ingest it with --replace")
+    return lost
 
 
 def _found(sorted_values: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -489,12 +503,30 @@ class _Job:
         # strict mode already holds one transaction around everything.
         return nullcontext() if self.strict else self.conn.begin()
 
-    def refuse_another_file(self, path: str | Path, source: str) -> None:
-        """``_refuse_another_file`` before the behaviors stage; the news file's lines are stored
-        by then (unless ``strict``), and so stays the quarantine file of its bad lines."""
+    def before_behaviors(self, path: str | Path, source: str, *, refuse: bool) -> None:
+        """Before the behaviors stage (the news file's lines are stored by then, unless
+        ``strict``, and so stays the quarantine file of its bad lines): refuse another file
+        under the same source (``_moved_for_good``, with ``refuse``), and let go of the Histories
+        that lines this file moves away for good gave.
+
+        A user's History is replaced only by a later line (``users.history_at``). One that a
+        moved line gave (a clock error's future date) would keep the user's real lines out, so
+        its time is cleared for the whole file before its first batch: the file's lines of the
+        user then compete as on a store that never held it, whatever the batches. The History
+        itself stays until the user's next line (the store keeps no other line's History).
+        """
         try:
             with self.transaction():
-                _refuse_another_file(self.conn, path, source)
+                gone = _moved_for_good(self.conn, path, source, refuse=refuse)
+                if gone:
+                    im = schema.impressions.c
+                    # Not when another stored impression that stays is of that user at that second.
+                    elsewhere = {(u, t) for u, t, src, imp_id in self.writer.select_pairs_in(
+                        sa.select(im.user_id, im.time, im.source, im.impression_id), (im.user_id, im.time), list(gone))
+                        if src != source or imp_id not in gone[(u, t)]}
+                    self.writer.update(
+                        schema.users, "user_id", ("user_id", "history_at"), sorted(set(gone) - elsewhere),
+                        values=lambda src: {"history_at": sa.null()}, where=lambda src, t: t.history_at == src["history_at"])
         except ReplacingImpressionsError:
             if not self.strict:
                 self.quarantine.finish()
@@ -819,13 +851,6 @@ class _Job:
         incoming = {r.impression_id: (r.user_id, r.time) for r in rows}
         changed = {imp_id for _, imp_id, user, time in before if incoming[imp_id] != (user, time)}
         moved = {(user, time) for _, imp_id, user, time in before if imp_id in changed}  # what they were
-        # Gone for good: no line of the batch brings it back, and no other stored impression
-        # (another id or source) is of that user at that second.
-        gone = moved - set(incoming.values()) - {
-            (user, time) for user, time, src, imp_id in w.select_pairs_in(
-                sa.select(impressions.c.user_id, impressions.c.time, impressions.c.source, impressions.c.impression_id),
-                (impressions.c.user_id, impressions.c.time), moved)
-            if not (src == source and imp_id in changed)}
 
         # Users: first/last seen, and whose History this batch brings the latest of. Among the
         # Histories of one second, one that holds another (its ids in its order, and more)
@@ -854,10 +879,6 @@ class _Job:
             )
         }
         report.users += len(per_user) - len(stored)
-        # A stored History of the very (user, time) of a line this batch moves away for good came
-        # from that line: it no longer stands (a clock error's future date would have kept every real
-        # History out), so the batch's own latest History of the user replaces it whatever its time.
-        orphaned = {u for u, (at, _) in stored.items() if (u, at) in gone}
         # The stored History of the users whose lines at its very second differ from it: a
         # fuller one replaces it (the same line again once the news file brings the ids an
         # earlier ingest left out: the documented way to restore them), a rival does not.
@@ -867,7 +888,7 @@ class _Job:
         user_rows, new_history, stored_hash = [], {}, {}
         for u, (first, last, at, history) in per_user.items():
             old_at, old_hash = stored.get(u, (None, None))
-            if old_at is None or at > old_at or u in orphaned or (u in stored_history and _holds(history, stored_history[u])):
+            if old_at is None or at > old_at or (u in stored_history and _holds(history, stored_history[u])):
                 new_history[u], stored_hash[u] = history, old_hash
                 user_rows.append((u, first, last, at, _history_hash(history)))
                 kept, rivals = history, tied.get(u, [])
@@ -984,11 +1005,6 @@ class _Job:
         # users' first- and last-seen times are recounted from what the store now holds.
         self._recount_clicks({(user, news_id) for user, _, news_id in old_clicks})
         self._recount_user_times(moved_from)
-        # A History the moved line left to a user this batch brings no line of can be replaced
-        # by the user's next line, whatever its time.
-        w.update(users, "user_id", ("user_id", "history_at"),
-                 [(u, at) for u, at in sorted(gone) if u not in per_user],
-                 values=lambda src: {"history_at": sa.null()}, where=lambda src, t: t.history_at == src["history_at"])
         self._recount_first_seen(recount, known)
         report.clicks_withdrawn = len(self.withdrawn)
 

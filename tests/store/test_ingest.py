@@ -566,6 +566,26 @@ def test_a_corrected_misdated_line_gives_its_articles_their_first_seen_time_back
     assert (again.impressions_changed, again.first_seen_recounted) == (0, 0) and dump_store(engine) == after
 
 
+@pytest.mark.parametrize("batch_size", [5000, 1])
+def test_a_corrected_future_dated_line_leaves_the_history_a_clean_store_has_whatever_the_batches(
+        engine, small_world, quarantine_dir, tmp_path, batch_size):
+    """Cleared batch by batch, the future line's History gave way to the corrected line's own
+    (T+2d) when the user's later line (T+5d) came in an earlier batch: the result depended on the
+    batches, where a clean store keeps the T+5d History."""
+    later = behavior_line(4, "U1", T0 + 5 * D, ["N1", "N2"], ["N3-1", "N4-0"])
+    future = write_lines(tmp_path / "future.tsv", [later, behavior_line(9, "U1", T0 + 200 * D, ["N6"], ["N5-1", "N4-0"])])
+    fixed = write_lines(tmp_path / "fixed.tsv", [later, behavior_line(9, "U1", T0 + 2 * D, ["N6"], ["N5-1", "N4-0"])])
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], source="behaviors")
+    run(engine, quarantine_dir, behaviors_path=fixed, source="extra")
+    clean = dump_store(engine)
+    wipe_store(engine)
+    run(engine, quarantine_dir, news_path=small_world["news"], behaviors_path=small_world["behaviors"], source="behaviors")
+    run(engine, quarantine_dir, behaviors_path=future, source="extra")
+    run(engine, quarantine_dir, behaviors_path=fixed, source="extra", batch_size=batch_size)
+    assert dump_store(engine) == clean
+    assert ("U1", T0 + 5 * D) in rows(engine, "users", "user_id", "history_at")
+
+
 def test_a_correction_interrupted_after_the_line_moved_still_recounts_on_the_rerun(
         engine, small_world, quarantine_dir, tmp_path, monkeypatch):
     """The recount ran with the file's last batch: a correction stopped after the batch that moved
