@@ -3,8 +3,8 @@
 Writes news.tsv and behaviors.tsv directly (NumPy draws, no images), then runs ``ingest``
 once per backend in a child process, so that each backend's peak RSS (``ru_maxrss``) is
 its own; then, into the loaded store, the next six days of the same users and the first file
-again, each under a new source, and a corrected copy of the first file under its own source
-(``later_ingests``). PostgreSQL gets a fresh database that is dropped afterwards.
+again, each under a new source, then a corrected copy of the first file (labels moved) and a
+re-timed one (every 100th line an hour later) under its own source (``later_ingests``). PostgreSQL gets a fresh database that is dropped afterwards.
 
 Full size (the goal is < 90 s and < 1.5 GB per backend on the 2-core machine):
     .venv/bin/python benchmarks/bench_ingest.py --news 65000 --users 50000 --impressions 150000
@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import timedelta
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -105,6 +106,23 @@ def write_corrected(path: Path, out: Path, every: int = 100) -> Path:
     return out
 
 
+def write_retimed(path: Path, out: Path, every: int = 100, hours: int = 1) -> Path:
+    """A copy of behaviors file ``path`` whose every ``every``-th line is ``hours`` later: a
+    correction of some lines' times (a time-zone fix), which moves those impressions under
+    their ids, so the ingest recounts what they gave (first-seen times, Histories, clicks)."""
+    from recsys.data.mind import format_time, parse_time
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, encoding="utf-8") as src, open(out, "w", encoding="utf-8", newline="\n") as dst:
+        for i, line in enumerate(src):
+            if i % every == 0:
+                cells = line.rstrip("\n").split("\t")
+                cells[2] = format_time(parse_time(cells[2]) + timedelta(hours=hours))
+                line = "\t".join(cells) + "\n"
+            dst.write(line)
+    return out
+
+
 def run_child(backend: str, url: str, folder: Path, batch_size: int) -> dict:
     """Ingest into a fresh store; runs inside the child process."""
     from recsys.store.database import open_store
@@ -121,18 +139,23 @@ def run_child(backend: str, url: str, folder: Path, batch_size: int) -> dict:
     # users (what a nightly ingest is) and the first file again (a re-delivered file, whose
     # every impression the store holds under the first source); then, under the first source,
     # a corrected copy of the first file (every impression id held: replaced in place, and the
-    # clicks of its corrected lines recounted).
+    # clicks of its corrected lines recounted), and a copy with every 100th line an hour later
+    # (those impressions move under their ids: first-seen times and Histories recounted too).
     later = {}
     corrected = write_corrected(folder / "behaviors.tsv", folder / "corrected" / "behaviors.tsv")
+    retimed = write_retimed(folder / "behaviors.tsv", folder / "retimed" / "behaviors.tsv")
     for name, path, source in (("next_days", folder / "next" / "behaviors.tsv", "next_days"),
                                ("same_file_again", folder / "behaviors.tsv", "same_file_again"),
-                               ("corrected_file", corrected, report.source)):
+                               ("corrected_file", corrected, report.source),
+                               ("retimed_file", retimed, report.source)):
         started = time.perf_counter()
         again = ingest(engine, behaviors_path=path, source=source, quarantine_dir=folder / "quarantine", batch_size=batch_size)
         later[name] = {"wall_s": round(time.perf_counter() - started, 2), "impressions": again.impressions,
                        "impressions_stored_elsewhere": getattr(again, "impressions_stored_elsewhere", None),
                        "impressions_repeated": getattr(again, "impressions_repeated", None),
-                       "clicks_withdrawn": getattr(again, "clicks_withdrawn", None)}
+                       "clicks_withdrawn": getattr(again, "clicks_withdrawn", None),
+                       "impressions_changed": getattr(again, "impressions_changed", None),
+                       "first_seen_recounted": getattr(again, "first_seen_recounted", None)}
     engine.dispose()
     return {
         "backend": backend,
