@@ -65,8 +65,8 @@ ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
 TIME_EXAMPLE = "11/11/2019 9:05:58 AM"
 # A behaviors time outside these bounds is a typo (1019, 2099), not a click: stored, it would
-# move first-seen and last-seen times (a later correction of the line takes most of that back). MIND's times are naive
-# local times, so the upper bound allows a day beyond the present in UTC.
+# move first-seen and last-seen times (a later correction of the line takes most of that back).
+# MIND's times are naive local times, so the upper bound allows a day beyond the present in UTC.
 EARLIEST_TIME = datetime(1990, 1, 1)
 FUTURE_SLACK = timedelta(days=1)
 # A file's bulk: the span of its middle lines, once it has enough lines to have one. A line

@@ -119,8 +119,8 @@ class IngestReport:
             does, so they are no longer stored with a click time. Counted once per file,
             whatever the batches.
         first_seen_recounted: articles whose first-seen time the impressions this file moved (a
-            corrected user or time under the same id) had set: recounted from the stored shows
-            and History listings at the end of the file.
+            corrected user or time under the same id) had set, and which the recount from the
+            stored shows and History listings, in the batch that moved them, changed.
         labels_dropped: impressions with clicks that an unlabelled line of this file (a test
             file under the source of a labelled one) replaced: their labels and clicks are gone.
         num_bad_rows: lines not loaded (also in the quarantine file and table).
@@ -300,10 +300,15 @@ def ingest(
             job = _Job(conn, bulk_writer(conn), strict, batch_size, progress, quarantine, report, now)
             with conn.begin() if strict else nullcontext():
                 with job.transaction():
-                    # Every known article with its first-seen time: the one thing held in
-                    # memory for the whole ingest (it decides unknown ids and which
-                    # first-seen times an impression actually moves).
-                    known = {n: t for n, t in conn.execute(sa.select(schema.news.c.news_id, schema.news.c.first_seen_at))}
+                    # Every known article with its first-seen time: held in memory for the
+                    # whole ingest (it decides unknown ids and which first-seen times an
+                    # impression actually moves), with the first History listings read alongside.
+                    news = schema.news.c
+                    known = {}
+                    for n, seen, listed in conn.execute(sa.select(news.news_id, news.first_seen_at, news.first_listed_at)):
+                        known[n] = seen
+                        if listed is not None:
+                            job.first_listed[n] = listed
                 if news_stream is not None:
                     stage_start = clock.perf_counter()
                     job.ingest_news(news_stream, images_dir, listing, known, last_stage=behaviors_stream is None)
@@ -353,7 +358,7 @@ def _moved_for_good(conn: Connection, path: str | Path, source: str, *,
     ids_in_file, first_line = np.unique(file_ids, return_index=True)  # a repeated id: its first line
     key_of_id = file_keys[first_line]
     brought = np.unique(file_keys)
-    held = num_lost = 0
+    held = 0
     lost: dict[tuple[str, datetime], list[int]] = {}
     example = None
     query = sa.select(im.impression_id, im.user_id, im.time).where(im.source == source).order_by(im.impression_id)
@@ -368,13 +373,15 @@ def _moved_for_good(conn: Connection, path: str | Path, source: str, *,
         incoming = key_of_id[at[mine]]
         gone = np.flatnonzero((incoming != stored) & ~_found(brought, stored)[0])
         held += int(mine.sum())
-        num_lost += len(gone)
+        if not len(gone):
+            continue
         rows = [row for row, m in zip(chunk, mine) if m]
         for i in gone:
             lost.setdefault((rows[i][1], rows[i][2]), []).append(rows[i][0])
-        if example is None and len(gone):
+        if example is None:
             r = rows[int(gone[0])]
             example = f"impression id {r[0]}, stored for user {r[1]} at {r[2]}"
+    num_lost = sum(map(len, lost.values()))
     if refuse and num_lost >= MIN_LOST_IMPRESSIONS and num_lost > MAX_LOST_SHARE * held:
         raise ReplacingImpressionsError(
             f"{path}: {num_lost} of the {held} impressions that source {source!r} holds under this file's impression ids "
@@ -496,7 +503,7 @@ class _Job:
     # (user, article) pairs whose only clicks this file's lines replaced, less those a later
     # batch clicks again: counted once per file, whatever the batches (``clicks_withdrawn``).
     withdrawn: set[tuple[str, str]] = field(default_factory=set)
-    # Each article's first History listing, as stored (read when the behaviors stage starts).
+    # Each article's first History listing (the ones stored, read with ``known``; none for most).
     first_listed: dict[str, datetime | None] = field(default_factory=dict)
 
     def transaction(self) -> AbstractContextManager:
@@ -699,10 +706,6 @@ class _Job:
         self._begin_file(file_key)
         seen = FirstLines()
         brought = FirstLines()  # the ids this file stored, and the lines that brought them
-        news = schema.news.c
-        with self.transaction():
-            self.first_listed = dict(self.conn.execute(
-                sa.select(news.news_id, news.first_listed_at).where(news.first_listed_at.is_not(None))).tuples().all())
         for lines, last in _batches(stream, self.batch_size):
             last = last and last_stage
             self._read(file_key, len(lines))
