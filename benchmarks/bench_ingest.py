@@ -92,18 +92,13 @@ def write_world(out: Path, *, num_news: int, num_users: int, num_impressions: in
 def write_corrected(path: Path, out: Path, every: int = 100) -> Path:
     """A copy of behaviors file ``path`` whose every ``every``-th line has its clicks moved to
     the next candidate (the last one's to the first): a corrected re-delivery."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, encoding="utf-8") as src, open(out, "w", encoding="utf-8", newline="\n") as dst:
-        for i, line in enumerate(src):
-            if i % every == 0:
-                cells = line.rstrip("\n").split("\t")
-                items = cells[4].split()
-                labels = [item[-1] for item in items]
-                labels = labels[-1:] + labels[:-1]
-                cells[4] = " ".join(item[:-1] + label for item, label in zip(items, labels))
-                line = "\t".join(cells) + "\n"
-            dst.write(line)
-    return out
+    def move_clicks(cells: list[str]) -> None:
+        items = cells[4].split()
+        labels = [item[-1] for item in items]
+        labels = labels[-1:] + labels[:-1]
+        cells[4] = " ".join(item[:-1] + label for item, label in zip(items, labels))
+
+    return _write_changed(path, out, every, move_clicks)
 
 
 def write_retimed(path: Path, out: Path, every: int = 100, hours: int = 1) -> Path:
@@ -112,12 +107,21 @@ def write_retimed(path: Path, out: Path, every: int = 100, hours: int = 1) -> Pa
     their ids, so the ingest recounts what they gave (first-seen times, Histories, clicks)."""
     from recsys.data.mind import format_time, parse_time
 
+    def later(cells: list[str]) -> None:
+        cells[2] = format_time(parse_time(cells[2]) + timedelta(hours=hours))
+
+    return _write_changed(path, out, every, later)
+
+
+def _write_changed(path: Path, out: Path, every: int, change) -> Path:
+    """Copy ``path`` to ``out``, ``change`` (given a line's cells, edits them) applied to every
+    ``every``-th line."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(path, encoding="utf-8") as src, open(out, "w", encoding="utf-8", newline="\n") as dst:
         for i, line in enumerate(src):
             if i % every == 0:
                 cells = line.rstrip("\n").split("\t")
-                cells[2] = format_time(parse_time(cells[2]) + timedelta(hours=hours))
+                change(cells)
                 line = "\t".join(cells) + "\n"
             dst.write(line)
     return out
