@@ -10,6 +10,11 @@ try:
 except PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "unknown"
 
+# Before anything imports TensorFlow: its start-up lines go to the log at DEBUG, not stderr.
+from recsys import tensorflow_startup  # noqa: E402
+
+tensorflow_startup.install()
+
 
 def source_fingerprint(package_dir: Path) -> str:
     """sha256 (hex) over the relative path and bytes of every ``.py`` file under ``package_dir``.
