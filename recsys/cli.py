@@ -128,11 +128,14 @@ def main_options(
                                     ("--config", config, "a TOML file")):
         if value is not None and not value.strip():
             raise RecsysError(f"{option} is {value!r}, expected {expected} (leave the option out for the default)")
-    env_workspace = os.environ.get("RECSYS_WORKSPACE", "")
-    if workspace is None and env_workspace and not env_workspace.strip():  # it made a folder named " "
+    # Set but blank is refused too: " " made a folder named " "; "" (an Airflow template that
+    # rendered empty) silently meant the default, so a night's ingest went to a new SQLite
+    # file in the workspace instead of the production store, and exited 0.
+    env_workspace = os.environ.get("RECSYS_WORKSPACE")
+    if workspace is None and env_workspace is not None and not env_workspace.strip():
         raise RecsysError(f"RECSYS_WORKSPACE is {env_workspace!r}, expected a folder (unset it for the default)")
-    env_db = os.environ.get("RECSYS_DB", "")
-    if db is None and env_db and not env_db.strip():  # "store URL '   ' is not a valid ..." named no variable
+    env_db = os.environ.get("RECSYS_DB")
+    if db is None and env_db is not None and not env_db.strip():
         raise RecsysError(f"RECSYS_DB is {env_db!r}, expected a SQLAlchemy URL (unset it for the default)")
     # The store's URL is text (the default one holds the workspace's path): bytes that are not
     # UTF-8 failed as an internal error (UnicodeEncodeError), after ingest had made the folder.

@@ -784,11 +784,27 @@ def test_a_blank_store_variable_exits_1_naming_it(capsys, tmp_path: Path, monkey
     assert (code, out, err.strip()) == (1, "", "error: RECSYS_DB is '   ', expected a SQLAlchemy URL (unset it for the "
                                                 "default)")
     assert list(tmp_path.iterdir()) == []
-    # Not read when --db is given; an empty one means the default, as before.
+    # Not read when --db is given.
     assert run(capsys, "--workspace", str(tmp_path / "ws"), "--db", f"sqlite:///{tmp_path}/s.db", "db", "upgrade")[0] == 0
-    monkeypatch.setenv("RECSYS_DB", "")
-    assert run(capsys, "--workspace", str(tmp_path / "ws"), "db", "upgrade")[0] == 0
-    assert (tmp_path / "ws" / "recsys.db").exists()
+    assert not (tmp_path / "ws" / "recsys.db").exists()
+
+
+@pytest.mark.parametrize(("name", "expected"), [("RECSYS_DB", "a SQLAlchemy URL"), ("RECSYS_WORKSPACE", "a folder")])
+def test_an_empty_store_or_workspace_variable_exits_1_and_stores_nothing(capsys, tmp_path: Path, world: Path,
+                                                                          monkeypatch, name, expected):
+    # RECSYS_DB= (an Airflow template that rendered empty) meant the default: the night's ingest
+    # went to a new SQLite file in the workspace instead of PostgreSQL, and exited 0.
+    monkeypatch.chdir(tmp_path)
+    other = "RECSYS_WORKSPACE" if name == "RECSYS_DB" else "RECSYS_DB"
+    monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(name, "")
+    ws = ["--workspace", str(tmp_path / "ws")] if name == "RECSYS_DB" else []
+    code, out, err = run(capsys, *ws, "ingest", "--news", str(world / "news_train.tsv"))
+    assert (code, out, err.strip()) == (1, "", f"error: {name} is '', expected {expected} (unset it for the default)")
+    assert list(tmp_path.iterdir()) == []
+    # The option, when given, wins over the variable, empty or not.
+    flag = ["--db", f"sqlite:///{tmp_path}/s.db"] if name == "RECSYS_DB" else ["--workspace", str(tmp_path / "ws")]
+    assert run(capsys, *ws, *flag, "db", "upgrade")[0] == 0
 
 
 @pytest.mark.parametrize(("name", "value"), [
