@@ -329,8 +329,11 @@ def ingest(
             if stream is not None:
                 stream.close()
     _refresh_statistics(engine, report)
-    if report.news_changed:  # said once it is stored (a strict ingest rolls everything back on a bad row)
-        log.warning("%d articles already stored got other content (title, abstract, categories or cover) from %s, "
+    # Said once it is stored (a strict ingest rolls everything back on a bad row). INFO, not a
+    # warning: a publisher's daily feed corrects titles every night, and nothing here can tell
+    # that from the replay of an older file.
+    if report.news_changed:
+        log.info("%d articles already stored got other content (title, abstract, categories or cover) from %s, "
                     "first %s: the last ingest of an article wins, so replaying an older news file undoes later "
                     "corrections; they are encoded again by the next nightly run", report.news_changed, news_path,
                     job.first_changed_news)
