@@ -82,8 +82,13 @@ class AppContext:
         """Refuse a bad config file even in a command that reads none of its keys (docs/configuration.md)."""
         self.config()
 
-    def engine(self, *, create: bool = False):
-        """The store, migrated; ``create`` for the commands that write data in (see ``open_store``)."""
+    def engine(self, *, create: bool = False, uses_workspace: bool = True):
+        """The store, migrated; ``create`` for the commands that write data in (see ``open_store``).
+
+        ``uses_workspace=False`` for a command that only reads the store (``recommend``, ``stats``,
+        ``model list``...): the workspace folder is then never created, so a product surface in
+        a container with a read-only file system reads PostgreSQL from any working directory.
+        """
         from recsys.store.database import open_store, refuse_in_memory_sqlite, shown_store
 
         self.check_config()  # before the workspace or the store is created
@@ -96,7 +101,7 @@ class AppContext:
             self.workspace.check()
         _store_shown.set(shown_store(self.db_url))  # a refusal may come from open_store's own statements
         engine = open_store(self.db_url, create=create, source=self.db_source)
-        if not create:
+        if not create and uses_workspace:
             try:
                 self.workspace.ensure()
             except BaseException:
@@ -246,7 +251,7 @@ def stats(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", he
     """Counts of what the store holds."""
     from recsys.store.stats import store_stats
 
-    counts = store_stats(_ctx(ctx).engine())
+    counts = store_stats(_ctx(ctx).engine(uses_workspace=False))
     if as_json:
         _print_json(counts)
         return
@@ -322,7 +327,7 @@ def model_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json
     """Every model version, oldest first: current or not, settings, training window, validation AUC, index."""
     from recsys.versions import describe_versions
 
-    rows = describe_versions(_ctx(ctx).engine())
+    rows = describe_versions(_ctx(ctx).engine(uses_workspace=False))
     if as_json:
         _print_json(rows)
         return
@@ -481,7 +486,7 @@ def export(
         raise RecsysError(f"--run {run}: expected a run id from 1 to {MAX_RUN_ID} (see the runs of `recsys nightly`)")
     check_output_folder("--out", out)
     c = _ctx(ctx)
-    typer.echo(str(export_run(c.engine(), out, run_id=run)))
+    typer.echo(str(export_run(c.engine(uses_workspace=False), out, run_id=run)))
 
 
 @app.command()
@@ -496,7 +501,7 @@ def recommend(
 
     _check_id("--user", user)
     _check_k(k)
-    rows = recommendations_for_user(_ctx(ctx).engine(), user, k)
+    rows = recommendations_for_user(_ctx(ctx).engine(uses_workspace=False), user, k)
     if rows.empty:
         # Known user, empty list: say why on stderr, so that the output stays a valid (empty) list.
         typer.echo(

@@ -1287,3 +1287,24 @@ def test_a_statement_the_server_cancels_names_the_store_on_stderr_and_in_the_fai
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+def test_commands_that_only_read_the_store_do_not_create_the_workspace(capsys, tmp_path: Path, world: Path,
+                                                                         monkeypatch):
+    # A web backend ran `recsys --db postgresql://... recommend` from a read-only root: "workspace
+    # /app/workspace cannot be created: Read-only file system" (exit 1); from a writable folder it
+    # left an empty ./workspace behind.
+    store = ["--db", f"sqlite:///{tmp_path / 'store.db'}"]
+    assert run(capsys, "--workspace", str(tmp_path / "ws"), *store, "ingest", "--news",
+               str(world / "news_train.tsv"))[0] == 0
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    monkeypatch.delenv("RECSYS_WORKSPACE", raising=False)
+    assert json.loads(run(capsys, *store, "stats", "--json")[1])["news"] > 0
+    assert run(capsys, *store, "model", "list", "--json")[:2] == (0, "[]\n")
+    code, out, err = run(capsys, *store, "recommend", "--user", "U1")
+    assert (code, out, err) == (1, "", "error: user 'U1' is unknown: not in the store and no recommendations\n")
+    code, out, err = run(capsys, *store, "export", "--out", str(tmp_path / "exports"))
+    assert (code, out) == (1, "") and err.startswith("error: "), err
+    assert list(here.iterdir()) == []
