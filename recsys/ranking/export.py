@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from sqlalchemy import Engine
 
 from recsys.columns import NEWS_ID, RANK, RUN_ID, SCORE, USER_ID
-from recsys.errors import NotFoundError, disk_errors
+from recsys.errors import NotFoundError, RecsysError, disk_errors
 from recsys.ranking.runs import COMPLETE, NIGHTLY, get_run, latest_run
 from recsys.store.repository import iter_run_rows
 
@@ -45,6 +45,7 @@ def export_run(engine: Engine, out_dir: Path, *, run_id: int | None = None, chun
         NotFoundError: no such run, or no complete run when ``run_id`` is None, or the run was
             pruned between its lookup and the read (nothing is written then).
         DiskError: the disk is full or read-only (the message names the file).
+        RecsysError: another system error writing the file (a folder in its place, no permission).
     """
     if run_id is None:
         latest = latest_run(engine)
@@ -61,6 +62,16 @@ def export_run(engine: Engine, out_dir: Path, *, run_id: int | None = None, chun
     out_dir = Path(out_dir).absolute()
     path = out_dir / f"recommendations-run-{run_id}.parquet"
     tmp = out_dir / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        _write(engine, run_id, path, tmp, chunk_rows)
+    except OSError as exc:  # a folder in the file's place, no permission: the operator's to fix, not a bug
+        raise RecsysError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def _write(engine: Engine, run_id: int, path: Path, tmp: Path, chunk_rows: int) -> None:
+    """``export_run``'s write: the rows into ``tmp``, then renamed to ``path``."""
+    out_dir = path.parent
     written = 0
     with disk_errors("write", path):  # pyarrow's "[Errno 28] Error writing bytes to file" names none
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -78,4 +89,3 @@ def export_run(engine: Engine, out_dir: Path, *, run_id: int | None = None, chun
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-    return path

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select, text
 
 from recsys.columns import NEWS_ID, RANK, SCORE, USER_ID
-from recsys.errors import NotFoundError
+from recsys.errors import NotFoundError, RecsysError
 from recsys.ranking import runs
 from recsys.ranking.export import EXPORT_SCHEMA, export_run
 from recsys.store import schema as s
@@ -186,3 +186,17 @@ def test_a_relative_folder_gives_the_absolute_path_of_the_file(store, add_news, 
     monkeypatch.chdir(tmp_path)
     path = export_run(store, "exports")
     assert path == tmp_path / "exports" / f"recommendations-run-{run_id}.parquet" and path.is_file()
+
+
+def test_a_folder_in_the_files_place_is_an_error_naming_the_file(store, add_news, tmp_path):
+    # `recsys export` ended in "internal error: IsADirectoryError" (exit 2), where `nightly --export`
+    # said what was wrong (exit 1).
+    add_news(store, ["N1"])
+    run_id = _run(store, ["U1"], ["N1"])
+    out = tmp_path / "exports"
+    in_the_way = out / f"recommendations-run-{run_id}.parquet"
+    (in_the_way / "kept").mkdir(parents=True)
+    with pytest.raises(RecsysError) as raised:
+        export_run(store, out)
+    assert str(raised.value) == f"cannot write {in_the_way}: Is a directory"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [in_the_way.name, f"{in_the_way.name}/kept"]
