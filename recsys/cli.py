@@ -508,6 +508,11 @@ def recommend(
             f"note: user {user!r} has no list in run {rows.attrs.get('run_id')}: not active in that run's window "
             "(nightly.active_days) or no eligible article", err=True,
         )
+    elif len(rows) < k:  # --k 1000 printed the 10 stored without a word
+        typer.echo(
+            f"note: run {rows.attrs.get('run_id')} holds {len(rows)} articles for user {user!r}, fewer than --k {k}: "
+            "a night stores at most its own k (nightly.k) per user, fewer when fewer articles are eligible", err=True,
+        )
     _print_rows(rows.to_dict("records"), as_json, title=f"recommendations for {user}")
 
 

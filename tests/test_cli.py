@@ -123,6 +123,12 @@ def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
     assert len({r["news_id"] for r in recs}) == len(recs)
     clicked = {n for row in train_rows if row[1] == user for n in row[3].split()}
     assert not clicked & {r["news_id"] for r in recs}
+    # More than the night stored: the stored list, and a note on stderr (it said nothing).
+    code, out, err = run(capsys, *ws, "recommend", "--user", user, "--json", "--k", "50")
+    assert (code, json.loads(out)) == (0, recs)
+    assert err == (f"note: run {run_id} holds {len(recs)} articles for user {user!r}, fewer than --k 50: a night "
+                   "stores at most its own k (nightly.k) per user, fewer when fewer articles are eligible\n")
+    assert run(capsys, *ws, "recommend", "--user", user, "--json", "--k", str(len(recs)))[2] == ""
 
     code, _, err = run(capsys, *ws, "recommend", "--user", "U_nobody")
     assert code == 1
