@@ -503,7 +503,7 @@ def _init_ray(ray_address: str | None, num_cpus: int | None = None) -> None:
     previous = signal.getsignal(signal.SIGTERM) if in_main_thread else None
     try:
         if ray_address:
-            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         else:
             # "local": a new instance whatever RAY_ADDRESS says; with address None ray.init joined
             # the cluster named there, refused num_cpus (ValueError, exit 2) after the night's ingest.
@@ -512,7 +512,7 @@ def _init_ray(ray_address: str | None, num_cpus: int | None = None) -> None:
                             "machine ranks; --ray-address auto (or nightly.ray_address) joins that cluster",
                             os.environ["RAY_ADDRESS"])
             ray.init(address="local", num_cpus=num_cpus or default_threads(), include_dashboard=False,
-                     log_to_driver=False)
+                     log_to_driver=False, logging_level=logging.WARNING)
     except ConnectionError as exc:  # no cluster found for "auto", or Ray's own wait ran out
         raise RecsysError(f"{_ray_unreachable(ray_address)}: {exc}") from exc
     except OSError as exc:  # the environment: a socket path too long, $TMPDIR/ray a file, a full disk
@@ -683,6 +683,8 @@ def run_ray(
     results: list[ShardResult] = []
     if not shards:
         return results
+    # No more actors than shards: an idle one costs a TensorFlow start, and Ray Data warned of it.
+    num_workers = min(num_workers, len(shards))
     started_here = not ray.is_initialized()
     if started_here:
         if ray_address:
@@ -736,6 +738,8 @@ def run_ray(
         # (RayTaskError(StoreError)) rather than as a UserCodeException that has lost it.
         ranked.context.wait_for_min_actors_s = RAY_START_ACTORS_TIMEOUT_S
         ranked.context.raise_original_map_exception = True
+        # The job logs its own progress; Ray Data's (a dozen INFO lines a night) went to cron's mail.
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         try:
             for row in ranked.iter_rows():
                 raise_if_terminated()
