@@ -450,6 +450,19 @@ def test_an_export_that_fails_after_the_run_still_prints_the_summary_and_exits_1
                f"on device); once the cause is fixed, `recsys export --run {run_id} --out DIR` writes it")
     assert summary["export"] == {"error": message}
     assert err.strip().splitlines()[-1] == f"error: {message}"
+    # A real one: a folder where the next night's file goes. It stopped the job after its switch
+    # with no summary (export raised a RecsysError, which the clause above did not catch).
+    monkeypatch.undo()
+    in_the_way = tmp_path / "out" / f"recommendations-run-{run_id + 1}.parquet"
+    in_the_way.mkdir(parents=True)
+    code = main(["--workspace", str(ws.root), "nightly", "--k", "3", "--workers", "1", "--rerank",
+                 "--export", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert (code, summary["run"]["run_id"], summary["run"]["status"]) == (1, run_id + 1, "complete")
+    assert summary["export"] == {"error": f"--export {tmp_path / 'out'}: run {run_id + 1} completed, but its export "
+                                          f"failed (cannot write {in_the_way}: Is a directory); once the cause is "
+                                          f"fixed, `recsys export --run {run_id + 1} --out DIR` writes it"}
 
 
 # The prune's read of the complete runs (the night's other reads of runs name more columns).
@@ -588,6 +601,35 @@ def test_an_emptied_or_damaged_index_is_built_whole_by_the_next_night(trained, c
     # Embedded in batches of another size (201 articles, not 200), a row can differ in its last
     # bits (3e-8 seen): the refresh's own threshold for a changed embedding is 1e-5.
     np.testing.assert_allclose(load_index(mv).vectors(whole.news_ids), whole.vectors(whole.news_ids), rtol=0, atol=1e-6)
+
+
+def test_articles_the_index_holds_but_the_store_does_not_are_removed_by_the_next_night(trained, capsys, caplog):
+    """A store restored from a backup older than the index (or a workspace copied onto another
+    store): the nightly served the index's extra articles, 2,223 of 6,930 list slots, titled nan."""
+    from recsys.pipelines.index import CATALOGUE_STATE
+
+    world, ws, engine, config = trained
+    mv = get_version(engine)
+    refresh_index(engine, ws, config, mv)
+    index = load_index(mv)
+    held = index.news_ids
+    extra = np.array(["N_GONE1", "N_GONE2"], dtype=object)
+    # Near a user's taste: the vectors of articles every list would pick.
+    index.add(extra, index.vectors(held[:2]) * 1.01, published=np.full(2, np.datetime64("2019-11-14T00:00:00", "s")))
+    index.save(mv.index_dir, manifest_extra={**index.manifest_extra, CATALOGUE_STATE: "the record of another store"})
+    with caplog.at_level("WARNING", logger="recsys.nightly"):
+        code = main(["--workspace", str(ws.root), "nightly", "--k", "5", "--workers", "1", "--rerank"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["index"]["index_removed"] == 2
+    assert f"the index of model version {mv.version} held 2 articles the store does not hold: removed" in caplog.text
+    with engine.connect() as conn:
+        listed = {row[0] for row in conn.execute(sa.text("SELECT news_id FROM current_recommendations"))}
+        stored = {row[0] for row in conn.execute(sa.text("SELECT news_id FROM news"))}
+    assert listed and listed <= stored
+    np.testing.assert_array_equal(load_index(mv).news_ids, held)
+    assert refresh_index(engine, ws, config, mv) == {"index_added": 0, "index_updated": 0, "index_republished": 0}
 
 
 def test_an_auto_index_follows_its_kind_as_the_catalogue_passes_exact_max_items(trained, caplog):

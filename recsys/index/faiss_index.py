@@ -278,6 +278,27 @@ class FaissIndex:
         else:
             self._row_of.update(zip(ids.tolist(), range(first_new_row, first_new_row + len(ids))))
 
+    def remove(self, news_ids: Sequence[str] | np.ndarray) -> int:
+        """Remove articles (ids the index does not hold are passed over); returns how many it held.
+
+        As ``add`` replaces: a flat index drops the rows, HNSW and IVF keep them as tombstones
+        that search never returns (``compact()`` drops them).
+        """
+        ids = _as_ids(news_ids, "news_ids")
+        rows = np.array(sorted(self._row_of[i] for i in set(ids.tolist()) if i in self._row_of), dtype=np.int64)
+        if len(rows) == 0:
+            return 0
+        self._use_threads()
+        if self._kind == FLAT:
+            self._index.remove_ids(rows)
+            keep = np.ones(len(self._ids), dtype=bool)
+            keep[rows] = False
+            self._ids, self._published, self._alive = self._ids[keep], self._published[keep], self._alive[keep]
+        else:
+            self._alive[rows] = False
+        self._rebuild_row_map()
+        return len(rows)
+
     def compact(self) -> None:
         """Rebuild the approximate index without its tombstones (from the stored vectors).
 

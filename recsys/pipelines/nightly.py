@@ -23,7 +23,7 @@ import numpy as np
 from sqlalchemy import Engine
 
 from recsys.config import Config, Workspace
-from recsys.errors import ConfigError, DiskError, NotFoundError, RecsysError, StoreUnavailableError
+from recsys.errors import ConfigError, NotFoundError, RecsysError, StoreUnavailableError
 from recsys.pipelines.index import CATALOGUE_STATE, catalogue_state, index_manifest, published_times, recorded_state
 from recsys.pipelines.inputs import (
     check_images_go_with_news,
@@ -109,6 +109,13 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, l
             lock.check()
         index.save(mv.index_dir, manifest_extra=manifest)
         return {"index_built": len(index), "index_added": len(index)}
+    # Articles the store does not hold (a store restored from a backup older than the index, a
+    # workspace copied onto another store) were recommended, with no title: taken out.
+    held = set(features.news_ids.tolist())
+    removed = index.remove([nid for nid in index.news_ids.tolist() if nid not in held])
+    if removed:
+        log.warning("the index of model version %s held %d articles the store does not hold: removed (a store older "
+                    "than the index, or a workspace used with another store)", mv.version, removed)
     present = np.array([nid in index for nid in features.news_ids], dtype=bool)
     changed = ~present
     moved = np.zeros(len(present), dtype=bool)
@@ -127,12 +134,12 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, l
     index, maintained = _follow_index_config(index, config, mv)
     maintained.update(maintain_index(index))
     # Saved when only the record of the catalogue is new, too, so the next nights can skip.
-    if len(rows) or moved.any() or maintained or index.manifest_extra.get(CATALOGUE_STATE) != state:
+    if len(rows) or removed or moved.any() or maintained or index.manifest_extra.get(CATALOGUE_STATE) != state:
         if lock is not None:
             lock.check()
         index.save(mv.index_dir, manifest_extra=manifest)
     return {"index_added": int((~present).sum()), "index_updated": int(len(rows) - (~present).sum()),
-            "index_republished": int(moved.sum()), **maintained}
+            "index_republished": int(moved.sum()), **({"index_removed": removed} if removed else {}), **maintained}
 
 
 def refresh_index_apart(engine: Engine, workspace: Workspace, config: Config, mv, *, lock: StoreLock | None = None) -> dict:
@@ -463,9 +470,10 @@ def _index_and_rank(engine: Engine, workspace: Workspace, config: Config, lock: 
         run_id = summary["run"]["run_id"]
         try:
             summary["export"] = str(export_run(engine, Path(export), run_id=run_id))
-        except (OSError, DiskError, *STORE_FAILURES) as exc:
-            # A full disk, or a store that cannot be read (a lost connection, a locked SQLite
-            # file): the run itself is complete and served. Recorded, not raised: the summary
+        except (OSError, RecsysError, *STORE_FAILURES) as exc:
+            # A full disk, a folder in the file's place (export_run's RecsysError), or a store
+            # that cannot be read (a lost connection, a locked SQLite file): the run itself is
+            # complete and served. Recorded, not raised: the summary
             # (counts, pruned runs) is still printed; the command then exits 1.
             log.error("export failed: %s", exc)
             summary["export"] = {"error": f"--export {export}: run {run_id} completed, but its export failed ({exc}); "

@@ -33,6 +33,30 @@ def test_add_appends_without_rebuilding_the_old_rows(world, kind):
     assert hits.news_ids.tolist() == ["N350"]
 
 
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_removed_articles_are_never_found_again(world, kind, tmp_path):
+    ids, items, queries = world
+    index = FaissIndex.build(ids, items, kind=kind, exact_max_items=0, num_threads=1)
+    gone = ["N3", "N150", "N399"]
+    assert index.remove([*gone, "N_UNKNOWN"]) == 3
+    assert index.remove(gone) == 0  # already out
+    kept = np.array([i for i in ids.tolist() if i not in gone], dtype=object)
+    assert len(index) == 397 and index.news_ids.tolist() == kept.tolist()
+    assert index.num_tombstones == (0 if kind == "flat" else 3)
+    for name in gone:
+        assert name not in index
+    found = {n for hits in index.search(items[[3, 150, 399]], 400) for n in hits.news_ids.tolist()}
+    assert not found & set(gone)
+    if kind == "flat":  # exact: every other article comes back
+        assert len(found) == 397
+    np.testing.assert_array_equal(index.vectors(kept), items[[int(i[1:]) for i in kept]])
+    index.save(tmp_path / "index")
+    again = FaissIndex.load(tmp_path / "index", num_threads=1)
+    assert again.news_ids.tolist() == kept.tolist() and "N150" not in again
+    again.compact()
+    assert again.num_tombstones == 0 and again.news_ids.tolist() == kept.tolist()
+
+
 def test_flat_after_add_equals_a_flat_built_at_once(world):
     ids, items, queries = world
     grown = FaissIndex.build(ids[:250], items[:250], kind="flat", num_threads=1)
