@@ -493,22 +493,23 @@ def export(
 def recommend(
     ctx: typer.Context,
     user: Annotated[str, typer.Option(help="User id.")],
-    k: Annotated[int, typer.Option(help="How many.")] = 10,
+    k: Annotated[Optional[int], typer.Option(help="How many (default 10).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
 ) -> None:
     """The latest complete nightly run's recommendations for a user."""
     from recsys.ranking.runs import recommendations_for_user
 
     _check_id("--user", user)
-    _check_k(k)
-    rows = recommendations_for_user(_ctx(ctx).engine(uses_workspace=False), user, k)
+    if k is not None:
+        _check_k(k)
+    rows = recommendations_for_user(_ctx(ctx).engine(uses_workspace=False), user, 10 if k is None else k)
     if rows.empty:
         # Known user, empty list: say why on stderr, so that the output stays a valid (empty) list.
         typer.echo(
             f"note: user {user!r} has no list in run {rows.attrs.get('run_id')}: not active in that run's window "
             "(nightly.active_days) or no eligible article", err=True,
         )
-    elif len(rows) < k:  # --k 1000 printed the 10 stored without a word
+    elif k is not None and len(rows) < k:  # --k 1000 printed the 10 stored without a word; a list shorter than the default is no news
         typer.echo(
             f"note: run {rows.attrs.get('run_id')} holds {len(rows)} articles for user {user!r}, fewer than --k {k}: "
             "a night stores at most its own k (nightly.k) per user, fewer when fewer articles are eligible", err=True,

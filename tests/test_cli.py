@@ -129,6 +129,8 @@ def test_pipeline_end_to_end(world: Path, workspace: Path, capsys):
     assert err == (f"note: run {run_id} holds {len(recs)} articles for user {user!r}, fewer than --k 50: a night "
                    "stores at most its own k (nightly.k) per user, fewer when fewer articles are eligible\n")
     assert run(capsys, *ws, "recommend", "--user", user, "--json", "--k", str(len(recs)))[2] == ""
+    assert run(capsys, *ws, "recommend", "--user", user, "--json")[1:] == (out, "")  # 5 of the default 10: no note
+    assert run(capsys, *ws, "recommend", "--user", user, "--k", "0")[:3:2] == (1, "error: --k is 0, expected at least 1\n")
 
     code, _, err = run(capsys, *ws, "recommend", "--user", "U_nobody")
     assert code == 1
