@@ -1,85 +1,112 @@
 """TensorFlow's C++ start-up chatter, kept out of stderr.
 
-Importing TensorFlow (2.16 and later) writes six lines to the process's stderr before absl
-logging is set up ("All log messages before absl::InitializeLog() ...", oneDNN, "Could not find
-cuda drivers"), and its first look at the devices an ERROR line ("failed call to cuInit") on
-every machine without a GPU. ``TF_CPP_MIN_LOG_LEVEL`` does not reach them. A nightly run starts
-TensorFlow in two or three processes, so cron mailed a dozen such lines every night and a
-``grep ERROR`` on the log fired on every clean run.
+Importing TensorFlow writes lines to the process's stderr before its log level is read
+(2.17 and later: "All log messages before absl::InitializeLog() ...", oneDNN, "Could not find
+cuda drivers"; ``TF_CPP_MIN_LOG_LEVEL`` does not reach them), and on a machine without a CUDA
+driver its first look at the devices writes an ERROR line ("failed call to cuInit"). A nightly
+run starts TensorFlow in two or three processes, so cron mailed a dozen such lines every night
+and a ``grep ERROR`` on the log fired on every clean run.
 
 ``install()`` (called when the ``recsys`` package is imported, so in every process: the command,
 its helper, local and Ray workers) makes the first ``import tensorflow`` of the process run with
-file descriptor 2 sent to a temporary file, and looks at the devices there too. Afterwards the
-lines that are this chatter go to the log at DEBUG (``--verbose`` shows them, logger
-``recsys.tensorflow``); every other byte written meanwhile (another thread's log line, a real
-error) is written back to stderr as it was.
+file descriptor 2 sent through a filter process, which drops those lines and passes every other
+byte on as it comes (another thread's log line, a real error, the last words of a crash: the
+filter outlives the process that feeds it). On a machine without a CUDA driver the import also
+lists the devices there, which is where the cuInit line comes from; elsewhere nothing about
+CUDA is held back. With debug logging on (``--verbose``) nothing is filtered.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.abc
 import importlib.util
 import logging
 import os
-import re
+import subprocess
 import sys
-import tempfile
 from contextlib import contextmanager
 from typing import Iterator
 
 log = logging.getLogger("recsys.tensorflow")
 
-# absl's own line, absl-format lines (``I0000 00:00:1796637744.226342   21476 port.cc:153] ...``)
-# of level I or W; of level E only the CUDA probe's, so a real error still reaches stderr.
-_CHATTER = re.compile(
-    rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-    rb"|[IW]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] .*"
-    rb"|E\d{4} [\d:.]+ +\d+ cuda_\w+\.cc:\d+\] failed call to cuInit: .*"
-    # The second line of cpu_feature_guard's message (shown when TF_CPP_MIN_LOG_LEVEL is unset).
-    rb"|To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags\."
-)
+# Run by the filter process (``python -I -S -c``): argv[1] is "1" to drop the cuInit line too.
+# Two line formats: absl's (TensorFlow 2.17+: ``I0000 00:00:1796637744.226342   21476 port.cc:153] ...``)
+# and TSL's (2.16: ``2024-05-07 19:48:22.210161: I tensorflow/core/util/port.cc:113] ...``).
+FILTER = r"""
+import re, sys
+
+def absl(levels, where=rb"[\w./-]+"):
+    return b"[" + levels + rb"]\d{4} [\d:.]+ +\d+ " + where + rb":\d+\] "
+
+def tsl(levels, where=rb"[\w./-]+"):
+    return rb"\d{4}-\d\d-\d\d [\d:.]+: [" + levels + b"] " + where + rb":\d+\] "
+
+patterns = [
+    rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR",
+    absl(b"IW") + rb".*",
+    tsl(b"IW") + rb".*",
+    # The second line of cpu_feature_guard's message (when TF_CPP_MIN_LOG_LEVEL is unset).
+    rb"To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags\.",
+]
+if sys.argv[1] == "1":
+    cuda = rb"[\w./-]*cuda_\w+\.cc"
+    patterns += [absl(b"E", cuda) + rb"failed call to cuInit: .*", tsl(b"E", cuda) + rb"failed call to cuInit: .*"]
+chatter = re.compile(b"|".join(b"(?:" + p + b")" for p in patterns))
+out = sys.stdout.buffer
+for line in sys.stdin.buffer:
+    if not chatter.fullmatch(line.rstrip(b"\r\n")):
+        out.write(line)
+        out.flush()
+"""
 
 
-def replay(captured: bytes) -> None:
-    """Log the chatter lines of ``captured`` at DEBUG and write every other line to fd 2 unchanged."""
-    other = []
-    for line in captured.splitlines(keepends=True):
-        if _CHATTER.fullmatch(line.rstrip(b"\r\n")):
-            log.debug("%s", line.rstrip(b"\r\n").decode("utf-8", "replace"))
-        else:
-            other.append(line)
-    if other:
-        os.write(2, b"".join(other))
+def has_cuda_driver() -> bool:
+    """Whether this machine has the CUDA driver library TensorFlow looks for."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
 
 
 @contextmanager
-def stderr_captured() -> Iterator[None]:
-    """Send file descriptor 2 to a temporary file for the block, then ``replay`` what it got.
+def stderr_filtered(*, drop_cuinit: bool) -> Iterator[None]:
+    """Send file descriptor 2 through the ``FILTER`` process for the block.
 
-    Without a descriptor 2 (cron's ``2>&-``) or a temporary file, the block runs as it is.
+    The block runs unfiltered when debug logging is on, when there is no descriptor 2 (cron's
+    ``2>&-``) or when the filter cannot start.
     """
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
     try:
         saved = os.dup(2)
     except OSError:
         yield
         return
     try:
-        sink = tempfile.TemporaryFile()
-    except OSError:
+        filter_process = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", FILTER, "1" if drop_cuinit else "0"],
+            stdin=subprocess.PIPE, stdout=saved, stderr=saved,
+        )
+    except (OSError, ValueError):  # no interpreter to start (an embedded Python)
         os.close(saved)
         yield
         return
-    with sink:
-        _flush_stderr()
-        os.dup2(sink.fileno(), 2)
+    _flush_stderr()
+    os.dup2(filter_process.stdin.fileno(), 2)
+    try:
+        yield
+    finally:
+        _flush_stderr()  # what Python wrote meanwhile goes through the filter, not to the next owner of fd 2
+        os.dup2(saved, 2)
+        os.close(saved)
+        filter_process.stdin.close()  # the filter's end of input: it passes on the rest and exits
         try:
-            yield
-        finally:
-            _flush_stderr()  # what Python wrote meanwhile belongs to the file, not the next owner of fd 2
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            replay(sink.read())
+            filter_process.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # a child of the block holds the pipe open: it ends with it
+            log.debug("the stderr filter of TensorFlow's import is still running")
 
 
 def _flush_stderr() -> None:
@@ -91,7 +118,7 @@ def _flush_stderr() -> None:
 
 
 class _QuietLoader(importlib.abc.Loader):
-    """Runs the real loader of ``tensorflow`` with stderr captured, then probes the devices."""
+    """Runs the real loader of ``tensorflow`` through the filter, then probes the devices."""
 
     def __init__(self, loader: importlib.abc.Loader) -> None:
         self._loader = loader
@@ -100,29 +127,38 @@ class _QuietLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:
+        _remove()
         # The module keeps its real loader: nothing after the import should see this one.
         module.__loader__ = self._loader
         module.__spec__.loader = self._loader
-        with stderr_captured():
+        no_driver = not has_cuda_driver()
+        with stderr_filtered(drop_cuinit=no_driver):
             self._loader.exec_module(module)
-            # Lists the devices (the CUDA probe and its cuInit line) without starting the
-            # runtime, so thread counts can still be set afterwards (recsys.threads). A failure
-            # here is TensorFlow's to report at its first real use, not the import's.
-            try:
-                module.config.list_physical_devices()
-            except Exception as exc:  # noqa: BLE001
-                log.debug("listing TensorFlow's devices failed: %s", exc)
+            if no_driver:
+                # The cuInit line comes from the first look at the devices; listing them does not
+                # start the runtime, so thread counts can still be set afterwards (recsys.threads).
+                # A failure here is TensorFlow's to report at its first real use, not the import's.
+                try:
+                    module.config.list_physical_devices()
+                except Exception as exc:  # noqa: BLE001
+                    log.debug("listing TensorFlow's devices failed: %s", exc)
 
 
 class _QuietFinder(importlib.abc.MetaPathFinder):
-    """Finds ``tensorflow`` with the other finders and wraps its loader; once per process."""
+    """Finds ``tensorflow`` with the other finders and wraps its loader, until it is imported."""
+
+    def __init__(self) -> None:
+        self._finding = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
+        if name != "tensorflow" or self._finding:
             return None
-        _remove()
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.loader is not None:
+        self._finding = True  # importlib.util.find_spec below asks this finder again
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._finding = False
+        if spec is not None and spec.loader is not None and not isinstance(spec.loader, _QuietLoader):
             spec.loader = _QuietLoader(spec.loader)
         return spec
 
