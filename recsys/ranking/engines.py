@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -503,7 +504,7 @@ def _init_ray(ray_address: str | None, num_cpus: int | None = None) -> None:
     previous = signal.getsignal(signal.SIGTERM) if in_main_thread else None
     try:
         if ray_address:
-            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, logging_level=_ray_console_level())
         else:
             # "local": a new instance whatever RAY_ADDRESS says; with address None ray.init joined
             # the cluster named there, refused num_cpus (ValueError, exit 2) after the night's ingest.
@@ -512,7 +513,7 @@ def _init_ray(ray_address: str | None, num_cpus: int | None = None) -> None:
                             "machine ranks; --ray-address auto (or nightly.ray_address) joins that cluster",
                             os.environ["RAY_ADDRESS"])
             ray.init(address="local", num_cpus=num_cpus or default_threads(), include_dashboard=False,
-                     log_to_driver=False, logging_level=logging.WARNING)
+                     log_to_driver=False, logging_level=_ray_console_level())
     except ConnectionError as exc:  # no cluster found for "auto", or Ray's own wait ran out
         raise RecsysError(f"{_ray_unreachable(ray_address)}: {exc}") from exc
     except OSError as exc:  # the environment: a socket path too long, $TMPDIR/ray a file, a full disk
@@ -530,6 +531,21 @@ def _init_ray(ray_address: str | None, num_cpus: int | None = None) -> None:
     finally:
         if in_main_thread:  # None: a handler not set from Python, i.e. the default
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _ray_console_level() -> int:
+    """The level of Ray's own lines on stderr: warnings, or everything under ``--verbose``. The job
+    logs its own progress; Ray's INFO lines (its start, Ray Data's progress: a dozen a night) went
+    to cron's mail."""
+    return logging.INFO if logging.getLogger().isEnabledFor(logging.DEBUG) else logging.WARNING
+
+
+def _quiet_ray_data_console() -> None:
+    """Ray Data's console handler at ``_ray_console_level()``; its session log file keeps every line."""
+    level = _ray_console_level()
+    for handler in logging.getLogger("ray.data").handlers:
+        if getattr(handler, "stream", None) in (sys.stderr, sys.__stderr__):
+            handler.setLevel(max(handler.level, level))
 
 
 def _ray_temp_dir() -> str:
@@ -683,8 +699,6 @@ def run_ray(
     results: list[ShardResult] = []
     if not shards:
         return results
-    # No more actors than shards: an idle one costs a TensorFlow start, and Ray Data warned of it.
-    num_workers = min(num_workers, len(shards))
     started_here = not ray.is_initialized()
     if started_here:
         if ray_address:
@@ -738,8 +752,7 @@ def run_ray(
         # (RayTaskError(StoreError)) rather than as a UserCodeException that has lost it.
         ranked.context.wait_for_min_actors_s = RAY_START_ACTORS_TIMEOUT_S
         ranked.context.raise_original_map_exception = True
-        # The job logs its own progress; Ray Data's (a dozen INFO lines a night) went to cron's mail.
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        _quiet_ray_data_console()
         try:
             for row in ranked.iter_rows():
                 raise_if_terminated()
