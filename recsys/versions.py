@@ -348,7 +348,11 @@ def describe_versions(engine: Engine) -> list[dict]:
             "valid_start": window.get("valid_start"),
             "source": window.get("source"),
             "val_auc": metrics.get("val_auc"),
-            "val_log_loss": metrics.get("val_log_loss"),
+            # The served model's since 2026-12-07; before, the manifest recorded the networks'
+            # under this name (0.265 where the served model scores 0.223): listed as that, so
+            # that versions of both kinds are never compared on one column.
+            "val_log_loss": metrics.get("val_log_loss") if "val_log_loss_networks" in metrics else None,
+            "val_log_loss_networks": metrics.get("val_log_loss_networks", metrics.get("val_log_loss")),
             "best_epoch": metrics.get("best_epoch"),
             "train_impressions": data.get("train_impressions"),
             "valid_impressions": data.get("valid_impressions"),

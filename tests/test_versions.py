@@ -269,7 +269,7 @@ def test_describe_versions_lists_every_version_even_a_missing_or_damaged_one(eng
               "source": None}
     _publish(engine, models, "v1", training_window=window, metrics={"val_auc": 0.61, "best_epoch": 2},
              data={"train_impressions": 100, "valid_impressions": 20, "valid_scoreable_impressions": 17})
-    _publish(engine, models, "v2", fusion="concat", metrics={"val_auc": 0.63})
+    _publish(engine, models, "v2", fusion="concat", metrics={"val_auc": 0.63, "val_log_loss": 0.2654})
     _publish(engine, models, "v3", modalities="text")
     _publish(engine, models, "v4", make_current=False)
     import numpy as np
@@ -286,6 +286,12 @@ def test_describe_versions_lists_every_version_even_a_missing_or_damaged_one(eng
     first = rows[0]
     assert (first["modalities"], first["fusion"], first["since"], first["until"], first["val_auc"], first["best_epoch"],
             first["train_impressions"]) == ("text,image", "gated", window["since"], window["until"], 0.61, 2, 100)
+    # A version trained before 2026-12-07 recorded its networks' log loss as val_log_loss: listed
+    # as what it is, not next to the served figures of newer versions.
+    assert [(r["val_log_loss"], r["val_log_loss_networks"]) for r in rows[:2]] == [(None, None), (None, 0.2654)]
+    _publish(engine, models, "v5", metrics={"val_log_loss": 0.2232, "val_log_loss_networks": 0.2654})
+    assert [(r["val_log_loss"], r["val_log_loss_networks"]) for r in versions.describe_versions(engine)
+            if r["version"] == "v5"] == [(0.2232, 0.2654)]
     # What val_auc averages over; None for a version trained before it was recorded.
     assert (first["valid_scoreable_impressions"], rows[3]["valid_scoreable_impressions"]) == (17, None)
     # A damaged or missing folder: the reason, and the figures of the store's copy of the manifest.

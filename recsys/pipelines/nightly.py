@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -161,8 +162,19 @@ def refresh_index_apart(engine: Engine, workspace: Workspace, config: Config, mv
     args = (worker_url(engine), workspace, config, mv, None if lock is None else lock.state,
             logging.getLogger().level, os.getpid())
     return run_apart(_refresh_in_helper, *args, died=(
-        "the index refresh process died (killed by a signal, often the out-of-memory killer); the index is "
-        "the previous night's or this one's, whole, and the next run refreshes it again"))
+        "the index refresh process died before it answered; the index is the previous night's or this one's, "
+        "whole, and the next run refreshes it again"))
+
+
+def _how_it_ended(exitcode: int | None) -> str:
+    """A dead process's end in words: it said "killed by a signal" whatever the exit code."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"killed by {name}{', often the out-of-memory killer' if -exitcode == signal.SIGKILL else ''}"
+    return f"exit code {exitcode}: its error, if it wrote one, is above on stderr"
 
 
 def run_apart(target, *args, died: str):
@@ -171,8 +183,9 @@ def run_apart(target, *args, died: str):
     RecsysError, RuntimeError otherwise, with its class name and message).
 
     Raises:
-        WorkerDiedError: the helper died (killed by a signal) before it answered, with the
-            message ``died`` and its exit code.
+        WorkerDiedError: the helper died before it answered (a signal, or an exit before it
+            could report an error: a module that fails to import), with the message ``died``
+            and how it ended.
     """
     import multiprocessing
 
@@ -188,7 +201,7 @@ def run_apart(target, *args, died: str):
             ok, value, trace = answer.recv()
         except EOFError:
             helper.join()
-            raise WorkerDiedError(f"{died} (exit code {helper.exitcode})") from None
+            raise WorkerDiedError(f"{died} ({_how_it_ended(helper.exitcode)})") from None
         helper.join()
         if ok:
             return value
