@@ -794,7 +794,7 @@ def test_a_blank_store_variable_exits_1_naming_it(capsys, tmp_path: Path, monkey
     assert list(tmp_path.iterdir()) == []
     # Not read when --db is given.
     assert run(capsys, "--workspace", str(tmp_path / "ws"), "--db", f"sqlite:///{tmp_path}/s.db", "db", "upgrade")[0] == 0
-    assert not (tmp_path / "ws" / "recsys.db").exists()
+    assert (tmp_path / "s.db").is_file()
 
 
 @pytest.mark.parametrize(("name", "expected"), [("RECSYS_DB", "a SQLAlchemy URL"), ("RECSYS_WORKSPACE", "a folder")])
