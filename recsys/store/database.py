@@ -22,7 +22,7 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
-from recsys.errors import StoreError, StoreUnavailableError
+from recsys.errors import RunLockedError, StoreError, StoreUnavailableError
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -459,6 +459,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             or the database holds tables that no migration created (e.g. made by hand), or a
             migration fails, or (PostgreSQL) waited ``MIGRATION_LOCK_TIMEOUT_S`` for a table
             that another session holds.
+        RunLockedError: an ingest or nightly job holds its lock (``_refuse_under_a_running_job``).
     """
     _quiet_alembic_import()
     from alembic import command
@@ -471,7 +472,9 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     try:
         with serialized_transaction(engine, _MIGRATION_LOCK_KEY) as conn:
             _refuse_unmanaged_tables(conn, shown)
-            _refuse_unknown_or_older(_revision_of(conn), revision, shown)
+            current = _revision_of(conn)
+            _refuse_unknown_or_older(current, revision, shown)
+            _refuse_under_a_running_job(conn, current, revision, shown)
             if conn.dialect.name == "postgresql":
                 # A migration's ALTER TABLE waits for every open transaction on its table (a
                 # nightly run's reads), and every later reader queues behind it: the product's
@@ -488,6 +491,39 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
                 "when that session has finished"
             ) from exc
         raise StoreError(f"migrating the store at {shown} failed: {exc.orig}") from exc
+
+
+def _refuse_under_a_running_job(conn: Connection, current: str | None, target: str, shown: str) -> None:
+    """Refuse to migrate while an ingest or nightly job holds its lock in the store.
+
+    Started before an upgrade, such a job runs the previous release's code: its writes after the
+    migration skip what the migration fills in (an upgrade audit saw 0006's ``first_listed_at``
+    stay null for every article an older ingest stored after it). A store already at the
+    target, or a new one, has nothing to migrate. A lock whose holder is gone (a dead pid of
+    this host, or no sign of life for the locks' stale time) does not count.
+    """
+    if current is None or current == target or not sa.inspect(conn).has_table("locks"):
+        return
+    # The locks' own rule of a live holder (recsys.ranking.lock), read here without taking a lock.
+    from recsys.clock import utc_now
+    from recsys.ranking.lock import DEFAULT_STALE_AFTER, local_process_gone
+    from recsys.store.schema import locks
+
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("locks")}
+    lk = locks.c
+    picked = [lk.name, lk.holder, lk.acquired_at] + ([lk.heartbeat_at] if "heartbeat_at" in columns else [])
+    now = utc_now()
+    for row in conn.execute(sa.select(*picked)).mappings():
+        last = max(t for t in (row["acquired_at"], row.get("heartbeat_at")) if t is not None)
+        if now - last > DEFAULT_STALE_AFTER or local_process_gone(row["holder"], row["acquired_at"],
+                                                                   since_what="the lock was taken"):
+            continue
+        raise RunLockedError(
+            f"cannot migrate the store at {shown} from {current!r} to {target!r}: lock {row['name']!r} is held by "
+            f"{row['holder']} since {row['acquired_at']:%Y-%m-%d %H:%M:%S} UTC, a job of the recsys that wrote the "
+            "store, which would go on writing without what the migration adds; nothing was changed: run again when "
+            f"it has finished (a killed job's lock counts as free {DEFAULT_STALE_AFTER} after its last sign of life)"
+        )
 
 
 def _refuse_unknown_or_older(current: str | None, target: str, shown: str) -> None:

@@ -241,6 +241,46 @@ def test_0006_fills_first_listed_at_from_the_first_seen_times_no_stored_show_exp
     engine.dispose()
 
 
+def test_no_migration_runs_while_a_job_of_the_previous_release_holds_its_lock(db_url):
+    """An ingest started before an upgrade went on writing after a new command migrated the store
+    under it: 0006's first_listed_at stayed null for every article it stored. The migration waits
+    for the job; a lock whose holder is gone does not hold it up."""
+    import os
+    from datetime import timedelta
+
+    from recsys.clock import utc_now
+    from recsys.errors import RunLockedError
+    from recsys.ranking.lock import DEFAULT_STALE_AFTER, this_host
+
+    bare = create_engine_for(db_url)
+    upgrade(bare, "0005")
+    now = utc_now()
+    with bare.begin() as conn:
+        conn.execute(schema.locks.insert(), [{"name": "ingest", "holder": "oldhost:3868", "acquired_at": now,
+                                              "heartbeat_at": now}])
+    with pytest.raises(RunLockedError, match=r"^cannot migrate the store at .* from '0005' to 'head': lock 'ingest' is "
+                                             r"held by oldhost:3868 since .* UTC, a job of the recsys that wrote the "
+                                             r"store, which would go on writing without what the migration adds; "
+                                             r"nothing was changed"):
+        open_store(db_url)
+    assert current_revision(bare) == "0005"
+    # Its last sign of life older than the stale time: migrated.
+    with bare.begin() as conn:
+        old = now - DEFAULT_STALE_AFTER - timedelta(minutes=1)
+        conn.execute(schema.locks.update().values(acquired_at=old, heartbeat_at=old))
+        # A fresh lock of this host whose process is gone does not hold it up either.
+        conn.execute(schema.locks.insert(), [{"name": "nightly", "holder": f"{this_host()}:{2**22 + 17}",
+                                              "acquired_at": now, "heartbeat_at": now}])
+    open_store(db_url).dispose()
+    assert current_revision(bare) == head_revision()
+    # This process's own live lock is a job running: a store at the head has nothing to migrate.
+    with bare.begin() as conn:
+        conn.execute(schema.locks.insert(), [{"name": "mine", "holder": f"{this_host()}:{os.getpid()}",
+                                              "acquired_at": now, "heartbeat_at": now}])
+    open_store(db_url).dispose()
+    bare.dispose()
+
+
 def test_a_migration_never_waits_long_on_a_table_a_reader_holds(db_url, monkeypatch):
     """A nightly run's open read transaction on ``runs``: on PostgreSQL 0004's ALTER TABLE waited
     for it for ever (and queued every later reader behind it); now it gives up after the lock
