@@ -226,8 +226,9 @@ def compare_files(a: str | os.PathLike, b: str | os.PathLike, *, allow_different
     rows = compare_metrics(doc_a, doc_b)
     warning = f"WARNING: different impressions ({'; '.join(differences)})\n" if differences else ""
     settings = "".join(f"WARNING: {text}\n" for text in setting_differences(doc_a, doc_b))
+    note = release_note(doc_a, doc_b)
     return (f"{warning}A: {_describe(a, doc_a)}\nB: {_describe(b, doc_b)}\n{settings}\n" + format_comparison(rows)
-            + "\n\n" + _UNPAIRED)
+            + "\n\n" + _UNPAIRED + (f"\n{note}" if note else ""))
 
 
 # B - A of two reports has no interval of its own: each report resampled its own users.
@@ -243,7 +244,7 @@ def setting_differences(a: Mapping, b: Mapping) -> list[str]:
     head_a, head_b = a.get("header") or {}, b.get("header") or {}
     out = []
     side_a, side_b = head_a.get("side_features_at"), head_b.get("side_features_at")
-    if side_a != side_b:
+    if _read_exposure(side_a) != _read_exposure(side_b):
         out.append(f"side features read differently (store end included): A {side_a or 'not recorded'}; "
                    f"B {side_b or 'not recorded'}")
     if "trained_on_the_file" in head_a and "trained_on_the_file" in head_b:
@@ -260,6 +261,28 @@ def setting_differences(a: Mapping, b: Mapping) -> list[str]:
     if oracle_a != oracle_b:
         out.append(f"only {'A' if oracle_a else 'B'} has an oracle row: gap closed exists in one report only")
     return out
+
+
+# Endings of side_features_at that say the file's exposure was not read: the same reading as a
+# report written before recsys could read it, whose text has no such ending.
+_EXPOSURE_NOT_READ = ("; file exposure off", "; file exposure: no version has a calibration")
+
+
+def _read_exposure(reading: str | None) -> str | None:
+    """``side_features_at`` without an ending that says the file's exposure was not read."""
+    for ending in _EXPOSURE_NOT_READ:
+        if reading is not None and reading.endswith(ending):
+            return reading[: -len(ending)]
+    return reading
+
+
+def release_note(a: Mapping, b: Mapping) -> str | None:
+    """A note when two reports were computed by different code (``header.recsys_release``)."""
+    release_a, release_b = ((doc.get("header") or {}).get("recsys_release") for doc in (a, b))
+    if release_a == release_b:
+        return None
+    return (f"Note: computed by different releases of recsys (A {release_a or 'not recorded'}, B "
+            f"{release_b or 'not recorded'}): the baselines' tie orders and the metrics' code may differ too")
 
 
 def _describe(path: str | os.PathLike, document: Mapping) -> str:

@@ -59,6 +59,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from recsys import release
 from recsys.atomic import atomic_open
 from recsys.columns import NEWS_ID, RANK, USER_ID
 from recsys.errors import RecsysError
@@ -156,6 +157,9 @@ def build_result(
     when = generated_at or datetime.now(timezone.utc)
     header = {
         "generated_at": when.isoformat(timespec="seconds"),
+        # The code that computed it: two releases may break the baselines' ties or read features
+        # differently, which `--compare` says.
+        "recsys_release": release(),
         "data_window": data_window,
         "behaviors_file": None if behaviors_file is None else str(behaviors_file),
         "behaviors_sha256": behaviors_sha256,

@@ -335,3 +335,28 @@ def test_the_html_header_shows_the_behaviors_sha256(tmp_path, synthetic_result):
     result["header"]["behaviors_sha256"] = "ab" * 32
     _, html_path = write_report(result, tmp_path)
     assert f"<code>{'ab' * 32}</code>" in html_path.read_text()
+
+
+def test_a_report_from_before_the_files_exposure_reads_as_one_that_did_not_read_it(tmp_path, two_reports):
+    # An upgrade audit compared a report of an older release ("popularity at ...") with one of
+    # this release that read no exposure either ("...; file exposure: no version has a
+    # calibration"): "WARNING: side features read differently", about nothing.
+    a, b = copy.deepcopy(two_reports[0]), copy.deepcopy(two_reports[1])
+    reading = "popularity at the store's end 2019-11-15T00:00:01; age at impression time"
+    for ending, warned in (("; file exposure: no version has a calibration", False), ("; file exposure off", False),
+                           ("; file exposure (earlier shows in the file) after the store's end", True)):
+        a["header"]["side_features_at"], b["header"]["side_features_at"] = reading, reading + ending
+        text = compare_files(*_write(tmp_path, a, b))
+        assert ("WARNING: side features read differently" in text) is warned, ending
+
+
+def test_reports_of_different_releases_say_so(tmp_path, two_reports):
+    # The random baseline moved by 0.003 AUC between two releases with nothing to say why.
+    a, b = copy.deepcopy(two_reports[0]), copy.deepcopy(two_reports[1])
+    assert a["header"]["recsys_release"] == b["header"]["recsys_release"]  # written by this code
+    assert "different releases" not in compare_files(*_write(tmp_path, a, b))
+    del a["header"]["recsys_release"]  # a report written before the header recorded it
+    b["header"]["recsys_release"] = "0.1.0+abc"
+    lines = compare_files(*_write(tmp_path, a, b)).splitlines()
+    assert lines[-1] == ("Note: computed by different releases of recsys (A not recorded, B 0.1.0+abc): the baselines' "
+                         "tie orders and the metrics' code may differ too")
