@@ -394,6 +394,12 @@ def _run_named(engine: Engine, run_id: int) -> str:
     return f"{kind} run {run_id}" if kind else f"run {run_id}"
 
 
+def stale_reason(engine: Engine, lock: LockState) -> str | None:
+    """Why ``lock`` is stale by the rule ``acquire_lock`` takes a lock over by, or None when its
+    holder may still be working (read by a migration, which must not run under a live job)."""
+    return _stale_reason(engine, lock, stale_after=DEFAULT_STALE_AFTER, now=utc_now())
+
+
 def _stale_reason(engine: Engine, lock: LockState, *, stale_after: timedelta, now: datetime) -> str | None:
     """Why the lock is stale, or None when its holder may still be working."""
     if lock.on_this_host:

@@ -498,31 +498,31 @@ def _refuse_under_a_running_job(conn: Connection, current: str | None, target: s
 
     Started before an upgrade, such a job runs the previous release's code: its writes after the
     migration skip what the migration fills in (an upgrade audit saw 0006's ``first_listed_at``
-    stay null for every article an older ingest stored after it). A store already at the
-    target, or a new one, has nothing to migrate. A lock whose holder is gone (a dead pid of
-    this host, or no sign of life for the locks' stale time) does not count.
+    stay null for every article an older ingest stored after it). A new store, or one already at
+    the target, has nothing to migrate. A lock is live by the rule ``acquire_lock`` takes one
+    over by (``recsys.ranking.lock.stale_reason``).
     """
-    if current is None or current == target or not sa.inspect(conn).has_table("locks"):
+    if current is None or not sa.inspect(conn).has_table("locks"):
         return
-    # The locks' own rule of a live holder (recsys.ranking.lock), read here without taking a lock.
-    from recsys.clock import utc_now
-    from recsys.ranking.lock import DEFAULT_STALE_AFTER, local_process_gone
+    if current == (head_revision() if target == "head" else target):
+        return
+    # The locks' own rule, read here without taking a lock (imported here: the lock module sits
+    # above the store's).
+    from recsys.ranking.lock import DEFAULT_STALE_AFTER, LockState, stale_reason
     from recsys.store.schema import locks
 
     columns = {c["name"] for c in sa.inspect(conn).get_columns("locks")}
-    lk = locks.c
-    picked = [lk.name, lk.holder, lk.acquired_at] + ([lk.heartbeat_at] if "heartbeat_at" in columns else [])
-    now = utc_now()
+    picked = [locks.c[name] for name in ("name", "holder", "run_id", "acquired_at", "heartbeat_at") if name in columns]
     for row in conn.execute(sa.select(*picked)).mappings():
-        last = max(t for t in (row["acquired_at"], row.get("heartbeat_at")) if t is not None)
-        if now - last > DEFAULT_STALE_AFTER or local_process_gone(row["holder"], row["acquired_at"],
-                                                                   since_what="the lock was taken"):
+        state = LockState(row["name"], row["holder"], row.get("run_id"), row["acquired_at"], row.get("heartbeat_at"))
+        if stale_reason(conn.engine, state) is not None:
             continue
         raise RunLockedError(
-            f"cannot migrate the store at {shown} from {current!r} to {target!r}: lock {row['name']!r} is held by "
-            f"{row['holder']} since {row['acquired_at']:%Y-%m-%d %H:%M:%S} UTC, a job of the recsys that wrote the "
+            f"cannot migrate the store at {shown} from {current!r} to {target!r}: lock {state.name!r} is held by "
+            f"{state.holder} since {state.acquired_at:%Y-%m-%d %H:%M:%S} UTC, a job of the recsys that wrote the "
             "store, which would go on writing without what the migration adds; nothing was changed: run again when "
-            f"it has finished (a killed job's lock counts as free {DEFAULT_STALE_AFTER} after its last sign of life)"
+            f"it has finished (a killed job's lock counts as free {DEFAULT_STALE_AFTER} after its last sign of life, "
+            "at once on this host)"
         )
 
 

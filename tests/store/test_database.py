@@ -273,11 +273,36 @@ def test_no_migration_runs_while_a_job_of_the_previous_release_holds_its_lock(db
                                               "acquired_at": now, "heartbeat_at": now}])
     open_store(db_url).dispose()
     assert current_revision(bare) == head_revision()
-    # This process's own live lock is a job running: a store at the head has nothing to migrate.
+    # A store at the head has nothing to migrate: `db upgrade` after installing a release, while
+    # a job runs, is a no-op, not an error.
     with bare.begin() as conn:
         conn.execute(schema.locks.insert(), [{"name": "mine", "holder": f"{this_host()}:{os.getpid()}",
                                               "acquired_at": now, "heartbeat_at": now}])
-    open_store(db_url).dispose()
+    upgrade(bare, "head")
+    upgrade(bare, head_revision())
+    bare.dispose()
+
+
+def test_a_store_from_before_the_locks_heartbeat_is_not_migrated_under_a_live_job(db_url):
+    # 0001-0002 have no heartbeat_at: the holder's liveness comes from its pid on this host.
+    import os
+
+    from recsys.clock import utc_now
+    from recsys.errors import RunLockedError
+    from recsys.ranking.lock import this_host
+
+    bare = create_engine_for(db_url)
+    upgrade(bare, "0002")
+    with bare.begin() as conn:
+        conn.execute(sa.text("INSERT INTO locks (name, holder, run_id, acquired_at) VALUES (:n, :h, NULL, :t)"),
+                     {"n": "nightly", "h": f"{this_host()}:{os.getpid()}", "t": utc_now()})
+    with pytest.raises(RunLockedError, match=r"from '0002' to 'head': lock 'nightly' is held by "):
+        upgrade(bare, "head")
+    assert current_revision(bare) == "0002"
+    with bare.begin() as conn:
+        conn.execute(sa.text("DELETE FROM locks"))
+    upgrade(bare, "head")
+    assert current_revision(bare) == head_revision()
     bare.dispose()
 
 
