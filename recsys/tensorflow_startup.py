@@ -11,9 +11,10 @@ and a ``grep ERROR`` on the log fired on every clean run.
 its helper, local and Ray workers) makes the first ``import tensorflow`` of the process run with
 file descriptor 2 sent through a filter process, which drops those lines and passes every other
 byte on as it comes (another thread's log line, a real error, the last words of a crash: the
-filter outlives the process that feeds it). On a machine without a CUDA driver the import also
-lists the devices there, which is where the cuInit line comes from; elsewhere nothing about
-CUDA is held back. With debug logging on (``--verbose``) nothing is filtered.
+filter outlives the process that feeds it). Where TensorFlow can find no GPU (no CUDA driver,
+or every GPU hidden by ``CUDA_VISIBLE_DEVICES``) the import also lists the devices there, which
+is where the cuInit line comes from; elsewhere nothing about CUDA is held back. With debug
+logging on (``--verbose``) nothing is filtered.
 """
 
 from __future__ import annotations
@@ -23,18 +24,23 @@ import importlib.abc
 import importlib.util
 import logging
 import os
+import select
 import subprocess
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
 log = logging.getLogger("recsys.tensorflow")
 
-# Run by the filter process (``python -I -S -c``): argv[1] is "1" to drop the cuInit line too.
+# Run by the filter process (``python -I -S -c``): argv[1] is "1" to drop the cuInit line too,
+# argv[2] the descriptor it says it started on.
 # Two line formats: absl's (TensorFlow 2.17+: ``I0000 00:00:1796637744.226342   21476 port.cc:153] ...``)
 # and TSL's (2.16: ``2024-05-07 19:48:22.210161: I tensorflow/core/util/port.cc:113] ...``).
 FILTER = r"""
-import re, sys
+import os, re, sys
+os.write(int(sys.argv[2]), b"1")  # started: the parent sends fd 2 here only now
+os.close(int(sys.argv[2]))
 
 def absl(levels, where=rb"[\w./-]+"):
     return b"[" + levels + rb"]\d{4} [\d:.]+ +\d+ " + where + rb":\d+\] "
@@ -61,13 +67,22 @@ for line in sys.stdin.buffer:
 """
 
 
-def has_cuda_driver() -> bool:
-    """Whether this machine has the CUDA driver library TensorFlow looks for."""
+def cuda_unusable() -> bool:
+    """Whether TensorFlow can find no GPU here: no CUDA driver library, or every GPU hidden
+    (``CUDA_VISIBLE_DEVICES`` empty or -1, as CPU batch jobs on GPU hosts set it)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
+        return True
     try:
         ctypes.CDLL("libcuda.so.1")
     except OSError:
-        return False
-    return True
+        return True
+    return False
+
+
+# Filters whose input outlives the block (a child process started during the import holds the
+# pipe): kept, so that they are not collected while they run.
+_RUNNING: list[subprocess.Popen] = []
+_STARTED_WITHIN_S = 10.0
 
 
 @contextmanager
@@ -75,28 +90,20 @@ def stderr_filtered(*, drop_cuinit: bool) -> Iterator[None]:
     """Send file descriptor 2 through the ``FILTER`` process for the block.
 
     The block runs unfiltered when debug logging is on, when there is no descriptor 2 (cron's
-    ``2>&-``) or when the filter cannot start.
+    ``2>&-``), or when the filter does not start (an embedded Python whose ``sys.executable`` is
+    no interpreter). The filter runs in a session of its own, so that a signal to the job's
+    process group (a scheduler stopping it) leaves it to pass on the job's last words.
     """
     if log.isEnabledFor(logging.DEBUG):
         yield
         return
-    try:
-        saved = os.dup(2)
-    except OSError:
+    filter_process, saved = _start_filter(drop_cuinit)
+    if filter_process is None:
         yield
         return
     try:
-        filter_process = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", FILTER, "1" if drop_cuinit else "0"],
-            stdin=subprocess.PIPE, stdout=saved, stderr=saved,
-        )
-    except (OSError, ValueError):  # no interpreter to start (an embedded Python)
-        os.close(saved)
-        yield
-        return
-    _flush_stderr()
-    os.dup2(filter_process.stdin.fileno(), 2)
-    try:
+        _flush_stderr()
+        os.dup2(filter_process.stdin.fileno(), 2)
         yield
     finally:
         _flush_stderr()  # what Python wrote meanwhile goes through the filter, not to the next owner of fd 2
@@ -104,9 +111,39 @@ def stderr_filtered(*, drop_cuinit: bool) -> Iterator[None]:
         os.close(saved)
         filter_process.stdin.close()  # the filter's end of input: it passes on the rest and exits
         try:
-            filter_process.wait(timeout=10)
+            filter_process.wait(timeout=2)
         except subprocess.TimeoutExpired:  # a child of the block holds the pipe open: it ends with it
-            log.debug("the stderr filter of TensorFlow's import is still running")
+            _RUNNING.append(filter_process)
+
+
+def _start_filter(drop_cuinit: bool) -> tuple[subprocess.Popen | None, int]:
+    """The filter process and a copy of the real fd 2, or (None, -1) when it did not start."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        return None, -1
+    ready, told = os.pipe()
+    try:
+        filter_process = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", FILTER, "1" if drop_cuinit else "0", str(told)],
+            stdin=subprocess.PIPE, stdout=saved, stderr=saved, pass_fds=(told,), start_new_session=True,
+        )
+    except (OSError, ValueError):  # no interpreter to start
+        os.close(saved)
+        return None, -1
+    finally:
+        os.close(told)
+    try:
+        started = select.select([ready], [], [], _STARTED_WITHIN_S)[0] and os.read(ready, 1) == b"1"
+    finally:
+        os.close(ready)
+    if not started:  # not Python, or it failed: its own words, if any, went to the real stderr
+        filter_process.stdin.close()
+        filter_process.kill()
+        filter_process.wait()
+        os.close(saved)
+        return None, -1
+    return filter_process, saved
 
 
 def _flush_stderr() -> None:
@@ -131,10 +168,10 @@ class _QuietLoader(importlib.abc.Loader):
         # The module keeps its real loader: nothing after the import should see this one.
         module.__loader__ = self._loader
         module.__spec__.loader = self._loader
-        no_driver = not has_cuda_driver()
-        with stderr_filtered(drop_cuinit=no_driver):
+        no_gpu = cuda_unusable()
+        with stderr_filtered(drop_cuinit=no_gpu):
             self._loader.exec_module(module)
-            if no_driver:
+            if no_gpu:
                 # The cuInit line comes from the first look at the devices; listing them does not
                 # start the runtime, so thread counts can still be set afterwards (recsys.threads).
                 # A failure here is TensorFlow's to report at its first real use, not the import's.
@@ -148,16 +185,16 @@ class _QuietFinder(importlib.abc.MetaPathFinder):
     """Finds ``tensorflow`` with the other finders and wraps its loader, until it is imported."""
 
     def __init__(self) -> None:
-        self._finding = False
+        self._finding = threading.local()  # per thread: another thread's look must not hide this one
 
     def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow" or self._finding:
+        if name != "tensorflow" or getattr(self._finding, "on", False):
             return None
-        self._finding = True  # importlib.util.find_spec below asks this finder again
+        self._finding.on = True  # importlib.util.find_spec below asks this finder again
         try:
             spec = importlib.util.find_spec(name)
         finally:
-            self._finding = False
+            self._finding.on = False
         if spec is not None and spec.loader is not None and not isinstance(spec.loader, _QuietLoader):
             spec.loader = _QuietLoader(spec.loader)
         return spec

@@ -48,8 +48,14 @@ LAST = b"a last line without its newline"
 
 
 def _filter(data: bytes, drop_cuinit: str) -> bytes:
-    done = subprocess.run([sys.executable, "-I", "-S", "-c", tensorflow_startup.FILTER, drop_cuinit], input=data,
-                          capture_output=True, timeout=60)
+    ready, told = os.pipe()
+    try:
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", tensorflow_startup.FILTER, drop_cuinit, str(told)],
+                              input=data, capture_output=True, timeout=60, pass_fds=(told,))
+        os.close(told)
+        assert os.read(ready, 10) == b"1"  # it said it started
+    finally:
+        os.close(ready)
     assert (done.returncode, done.stderr) == (0, b"")
     return done.stdout
 
@@ -94,8 +100,8 @@ def test_a_crash_in_the_block_still_says_its_last_words():
     assert done.stderr == "F0000 00:00:1.6   7 cpu_feature_guard.cc:1] no AVX\n"
 
 
-@pytest.mark.slow
 def test_importing_tensorflow_after_recsys_writes_nothing_to_stderr():
+    # Not marked slow (5 s): `make test-lowest` runs it on TensorFlow 2.16, whose lines read otherwise.
     # A night wrote 9-23 such lines, one of them "E0000 ... failed call to cuInit", to cron's mail.
     done = _python("import recsys, keras, tensorflow as tf; tf.constant(1.0) + 1; print('ok')")
     assert (done.returncode, done.stdout, done.stderr) == (0, "ok\n", "")
@@ -125,3 +131,61 @@ def test_without_a_stderr_the_block_just_runs():
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=60, preexec_fn=lambda: os.close(2),
     )
     assert (done.returncode, done.stdout) == (0, "ran\n")
+
+
+def test_a_signal_to_the_jobs_process_group_leaves_the_filter_to_pass_on_its_last_words():
+    # A scheduler stops a job by its process group: the filter, in a session of its own, outlives it.
+    done = _python("""
+        import os, signal
+        from recsys import tensorflow_startup
+        with tensorflow_startup.stderr_filtered(drop_cuinit=True):
+            os.write(2, b"I0000 00:00:1.5   7 port.cc:1] chatter\\nstopped while importing\\n")
+            os.killpg(0, signal.SIGTERM)
+    """, start_new_session=True)
+    assert (done.returncode, done.stderr) == (-15, "stopped while importing\n")
+
+
+def test_a_filter_that_does_not_start_leaves_stderr_unfiltered():
+    # sys.executable that is no Python (an embedded interpreter): every line still gets through.
+    done = _python("""
+        import os, sys
+        from recsys import tensorflow_startup
+        sys.executable = "/bin/false"
+        with tensorflow_startup.stderr_filtered(drop_cuinit=True):
+            os.write(2, b"I0000 00:00:1.5   7 port.cc:1] chatter\\nreal\\n")
+        os.write(2, b"after\\n")
+    """)
+    assert (done.returncode, done.stderr) == (0, "I0000 00:00:1.5   7 port.cc:1] chatter\nreal\nafter\n")
+
+
+def test_a_child_that_outlives_the_block_does_not_hold_it_up():
+    done = _python("""
+        import os, subprocess, time, warnings
+        warnings.simplefilter("error")
+        from recsys import tensorflow_startup
+        started = time.monotonic()
+        with tensorflow_startup.stderr_filtered(drop_cuinit=True):
+            child = subprocess.Popen(["sleep", "6"])
+            os.write(2, b"I0000 00:00:1.5   7 port.cc:1] chatter\\nfrom the block\\n")
+        print(round(time.monotonic() - started) < 5)
+        child.kill(); child.wait()
+    """)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "True\n", "from the block\n")
+
+
+@pytest.mark.parametrize(("value", "unusable"), [("-1", True), ("", True), (" ", True), ("0", None)])
+def test_hidden_gpus_count_as_none(monkeypatch, value, unusable):
+    # CPU batch jobs on GPU hosts hide the GPUs: TensorFlow's cuInit then fails as without a driver.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+    expected = unusable if unusable is not None else not _driver_loads()
+    assert tensorflow_startup.cuda_unusable() is expected
+
+
+def _driver_loads() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
