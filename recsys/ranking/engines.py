@@ -699,6 +699,9 @@ def run_ray(
     results: list[ShardResult] = []
     if not shards:
         return results
+    # No more actors than shards: Ray Data warned of the idle ones (a night of up to
+    # shard_size users has one shard), and each loads TensorFlow, the model and the index.
+    workers_asked, num_workers = num_workers, min(num_workers, len(shards))
     started_here = not ray.is_initialized()
     if started_here:
         if ray_address:
@@ -718,11 +721,12 @@ def run_ray(
         if cpus < setup.num_threads:
             log.warning("each Ray actor would ask for %d CPUs (runtime.threads or this machine's cores, shared among "
                         "--workers %d) but the largest node of the cluster has %d: each asks for %d and runs as many "
-                        "threads", setup.num_threads, num_workers, cpus, cpus)
+                        "threads", setup.num_threads, workers_asked, cpus, cpus)
             setup = dataclasses.replace(setup, num_threads=cpus)
         if 0 < fit < num_workers:
-            log.warning("--workers %d actors of %d CPUs do not fit the Ray cluster's CPUs (%s): the pool starts "
-                        "with the actors that fit and grows as room frees", num_workers, cpus, _cpus_text(node_cpus))
+            log.warning("%d actors (--workers %d, at most one a shard) of %d CPUs do not fit the Ray cluster's CPUs "
+                        "(%s): the pool starts with the actors that fit and grows as room frees", num_workers,
+                        workers_asked, cpus, _cpus_text(node_cpus))
         if started_here and not ray_address:  # our own instance, sized for the whole pool
             compute = ray.data.ActorPoolStrategy(size=num_workers)
         else:
@@ -768,7 +772,8 @@ def run_ray(
             ) from exc
         except ray.exceptions.GetTimeoutError as exc:  # Ray Data's wait_for_min_actors_s
             raise RecsysError(
-                f"the Ray cluster did not start the {num_workers} ranking workers (--workers) of {setup.num_threads} "
+                f"the Ray cluster did not start the {num_workers} ranking workers (--workers {workers_asked}, at most "
+                f"one a shard) of {setup.num_threads} "
                 f"CPUs each (runtime.threads, or the driver's cores, shared among the workers) within "
                 f"{RAY_START_ACTORS_TIMEOUT_S} s; its alive nodes have {_cpus_text(node_cpus)} CPUs, other jobs may "
                 "hold them: fewer workers, or a cluster with room for them"

@@ -250,8 +250,12 @@ def test_a_local_ray_instance_gets_the_actors_cpus_not_every_core(store, world, 
     monkeypatch.setattr(ray, "init", record)
     monkeypatch.setattr("recsys.ranking.engines.default_threads", lambda: 64)
     with pytest.raises(RecsysError, match="stop here"):
-        run_ray(_setup(store, world, num_threads=3), [(0, ["U000"])], num_workers=2)
+        run_ray(_setup(store, world, num_threads=3), [(0, ["U000"]), (1, ["U001"])], num_workers=2)
     assert asked["num_cpus"] == 6 and asked["address"] == "local"
+    # One shard: one actor (an idle one loaded TensorFlow, the model and the index for nothing).
+    with pytest.raises(RecsysError, match="stop here"):
+        run_ray(_setup(store, world, num_threads=3), [(0, ["U000"])], num_workers=2)
+    assert asked["num_cpus"] == 3
 
 
 def test_a_local_ray_instance_is_started_whatever_ray_address_says(store, world, monkeypatch, caplog):
