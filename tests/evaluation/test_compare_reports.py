@@ -337,6 +337,17 @@ def test_the_html_header_shows_the_behaviors_sha256(tmp_path, synthetic_result):
     assert f"<code>{'ab' * 32}</code>" in html_path.read_text()
 
 
+def test_the_html_report_names_the_release_that_computed_it(tmp_path, synthetic_result):
+    from recsys import release
+
+    _, html_path = write_report(synthetic_result, tmp_path / "now")
+    assert f" by recsys <code>{release()}</code> (report schema" in html_path.read_text()
+    older = copy.deepcopy(synthetic_result)
+    del older["header"]["recsys_release"]  # a metrics.json written before the header recorded it
+    _, html_path = write_report(older, tmp_path / "older")
+    assert " by recsys " not in html_path.read_text()
+
+
 def test_a_report_from_before_the_files_exposure_reads_as_one_that_did_not_read_it(tmp_path, two_reports):
     # An upgrade audit compared a report of an older release ("popularity at ...") with one of
     # this release that read no exposure either ("...; file exposure: no version has a
