@@ -10,7 +10,7 @@ try:
 except PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "unknown"
 
-# Before anything imports TensorFlow: its start-up lines go to the log at DEBUG, not stderr.
+# Before anything imports TensorFlow: its start-up lines are filtered out of stderr (tensorflow_startup).
 from recsys import tensorflow_startup  # noqa: E402
 
 tensorflow_startup.install()

@@ -261,13 +261,7 @@ class FaissIndex:
             return
         self._use_threads()
         old_rows = np.array([self._row_of[i] for i in ids.tolist() if i in self._row_of], dtype=np.int64)
-        if len(old_rows) and self._kind == FLAT:
-            self._index.remove_ids(old_rows)
-            keep = np.ones(len(self._ids), dtype=bool)
-            keep[old_rows] = False
-            self._ids, self._published, self._alive = self._ids[keep], self._published[keep], self._alive[keep]
-        elif len(old_rows):
-            self._alive[old_rows] = False
+        self._drop_rows(old_rows)
         first_new_row = len(self._ids)
         self._index.add(x)
         self._ids = np.concatenate([self._ids, ids])
@@ -289,6 +283,15 @@ class FaissIndex:
         if len(rows) == 0:
             return 0
         self._use_threads()
+        self._drop_rows(rows)
+        self._rebuild_row_map()
+        return len(rows)
+
+    def _drop_rows(self, rows: np.ndarray) -> None:
+        """Take rows out of search: a flat index removes them (later rows shift down), HNSW and IVF
+        mark them tombstones. The row map is the caller's to rebuild."""
+        if len(rows) == 0:
+            return
         if self._kind == FLAT:
             self._index.remove_ids(rows)
             keep = np.ones(len(self._ids), dtype=bool)
@@ -296,8 +299,6 @@ class FaissIndex:
             self._ids, self._published, self._alive = self._ids[keep], self._published[keep], self._alive[keep]
         else:
             self._alive[rows] = False
-        self._rebuild_row_map()
-        return len(rows)
 
     def compact(self) -> None:
         """Rebuild the approximate index without its tombstones (from the stored vectors).

@@ -334,9 +334,9 @@ def ingest(
     # that from the replay of an older file.
     if report.news_changed:
         log.info("%d articles already stored got other content (title, abstract, categories or cover) from %s, "
-                    "first %s: the last ingest of an article wins, so replaying an older news file undoes later "
-                    "corrections; they are encoded again by the next nightly run", report.news_changed, news_path,
-                    job.first_changed_news)
+                 "first %s: the last ingest of an article wins, so replaying an older news file undoes later "
+                 "corrections; they are encoded again by the next nightly run", report.news_changed, news_path,
+                 job.first_changed_news)
     report.quarantine_file = str(path) if path is not None else None
     report.elapsed["total"] = clock.perf_counter() - started
     return report
