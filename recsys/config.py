@@ -59,6 +59,9 @@ class ModelConfig:
     feature_clock_hours: float = 0.0
     # After early stopping, train the networks again on the training and validation windows together.
     refit: bool = False
+    # Combine the served logit with the reader's clicks and skips per category and subcategory,
+    # weights fitted on the validation window (recsys.models.affinity).
+    category_affinity: bool = True
 
 
 @dataclass(frozen=True)

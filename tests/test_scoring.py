@@ -33,11 +33,15 @@ pytestmark = pytest.mark.slow  # every test reads the module's two trained versi
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A sample world ingested, and two one-epoch models: with and without logged clicks."""
+    """A sample world ingested, and two one-epoch models: with and without logged clicks (both
+    without the category affinity, so that their scores are the networks' and the exposure's);
+    ``versions["affinity"]``: with logged clicks and the category affinity (the default)."""
     world, ws, engine = ingested_sample(tmp_path_factory.mktemp("sample"), num_users=80, num_news=160, num_impressions=400, seed=5)
     versions = {}
+    base = {"model.epochs": 1, "model.embedding_dim": 32, "model.anchor_dim": 4}
+    versions["affinity"] = run_train(engine, ws, load_config(None, base), make_current=False)["version"]
     for flag in (False, True):
-        config = load_config(None, {"model.epochs": 1, "model.logged_clicks": flag, "model.embedding_dim": 32, "model.anchor_dim": 4})
+        config = load_config(None, {**base, "model.logged_clicks": flag, "model.category_affinity": False})
         versions[flag] = run_train(engine, ws, config, make_current=flag)["version"]
     yield world, ws, engine, config, versions
     engine.dispose()
@@ -106,8 +110,8 @@ def test_each_model_is_served_the_histories_it_was_trained_on(trained):
     world, ws, engine, config, versions = trained
     catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
     imps, _ = next(iter_behavior_chunks(Path(world / "behaviors_test.tsv"), catalogue, history_len=50))
-    for flag, version in versions.items():
-        mv = get_version(engine, version)
+    for flag in (False, True):
+        mv = get_version(engine, versions[flag])
         assert mv.manifest["logged_clicks"] is flag
         scorer = VersionScorer(mv, catalogue)
         assert scorer.model.config.logged_clicks is flag
@@ -292,7 +296,8 @@ def test_history_length_groups_count_the_clicks_the_model_reads(trained, tmp_pat
     no_click_before = [not any(t < row.time for t in clicked_at.get(row.user_id, [])) for row in test_rows]
     expected = {False: sum(empty_column), True: sum(e and n for e, n in zip(empty_column, no_click_before))}
     assert expected[True] < expected[False], "the world should have users with clicks but an empty History column"
-    for flag, version in versions.items():
+    for flag in (False, True):
+        version = versions[flag]
         summary = run_evaluate(engine, ws, config, behaviors=world / "behaviors_test.tsv", out=tmp_path / str(flag),
                                versions=[version], num_resamples=10)
         groups = json.loads((tmp_path / str(flag) / "metrics.json").read_text())["models"]
@@ -491,7 +496,7 @@ def test_iter_scored_shares_a_reading_and_scores_each_model_as_alone(trained):
     world, ws, engine, config, versions = trained
     catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
     scorers = {flag: VersionScorer(get_version(engine, v), catalogue) for flag, v in versions.items()}
-    for order in ((True, False, True), (False, True)):
+    for order in ((True, False, True), (False, True), ("affinity", True, "affinity")):
         chosen = {f"{flag}-{i}": scorers[flag] for i, flag in enumerate(order)}
         for chunk in iter_scored(world / "behaviors_test.tsv", catalogue, chosen, chunk_size=50):
             for name, scorer in chosen.items():
@@ -1183,6 +1188,95 @@ def test_file_exposure_scores_later_impressions_with_the_files_earlier_shows(tra
          + w[4] * (1 - fresh) * np.log1p(counts))
     np.testing.assert_allclose(served.score(imps), 1 / (1 + np.exp(-z)), rtol=1e-5, atol=1e-7)
     assert np.abs(served.score(imps) - plain.score(imps)).max() > 1e-3
+
+
+def _affinity_by_hand(world: Path, read, news_ids: np.ndarray, skip_rows) -> np.ndarray:
+    """(c, 13) design of the category affinity for every candidate of ``read`` (the impressions
+    with the histories the model reads), its skips counted from the text of ``skip_rows`` (the
+    behaviors lines the store holds before the scored file): per user, the distinct articles of
+    each category and (category, subcategory) shown with label 0."""
+    keys = {}
+    for line in (world / "news.tsv").read_text(encoding="utf-8").splitlines():
+        news_id, category, subcategory = line.split("\t")[:3]
+        keys[news_id] = (category, (category, subcategory))
+    skipped: dict[str, set] = {}
+    for row in skip_rows:
+        skipped.setdefault(row.user_id, set()).update(n for n, label in zip(row.news_ids, row.labels) if label == 0)
+    rows = []
+    for i in range(len(read)):
+        history = [keys[news_ids[h]] for h in read.history(i)]
+        skips = [keys[n] for n in skipped.get(read.user_ids[i], ())]
+        n, m = len(history), len(skips)
+        for c in read.candidates(i):
+            row = []
+            for k in range(2):
+                clicks = sum(1 for key in history if key[k] == keys[news_ids[c]][k])
+                skip = sum(1 for key in skips if key[k] == keys[news_ids[c]][k])
+                lift = np.log((clicks + 0.5) / (skip + 0.5)) - np.log((n + 0.5) / (m + 0.5))
+                row += [np.log1p(clicks), np.log1p(skip), clicks / max(n, 1), skip / max(m, 1), lift]
+            rows.append(row + [np.log1p(n), np.log1p(m)])
+    return np.array(rows)
+
+
+def test_the_category_affinity_reads_each_readers_category_clicks_and_skips_before_the_file(trained):
+    """A version trained with the affinity (the default) scores with it, without and with the
+    file's exposure on top, checked against counts from the files' text; one trained with
+    ``model.category_affinity = false`` has none."""
+    world, ws, engine, config, versions = trained
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    path = world / "behaviors_test.tsv"
+    mv = get_version(engine, versions["affinity"])
+    times = feature_times(catalogue, "popularity-at-end")
+    plain = VersionScorer(mv, catalogue, times=times)
+    served = VersionScorer(mv, catalogue, times=times, shows=read_file_shows(path, catalogue))
+    aff, exposure = plain.model.config.category_affinity, plain.model.config.file_exposure
+    assert aff is not None and exposure is not None
+    assert VersionScorer(get_version(engine, versions[True]), catalogue).model.config.category_affinity is None
+    facts = mv.manifest["metrics"]["category_affinity"]
+    assert facts == plain.model.config.info["category_affinity"] and facts["weights"] == list(aff.weights)
+    assert 0 < facts["valid_impressions_with_skips"] <= 1 and "category_affinity" not in get_version(
+        engine, versions[True]).manifest["metrics"]
+
+    imps, _ = next(iter_behavior_chunks(path, catalogue, chunk_size=10**6, history_len=50))
+    read = plain.read(imps)
+    logits = plain.model.score_impressions(read, plain.embeddings, catalogue.log, catalogue.first_seen,
+                                           popularity_until=times.popularity_until, logits=True).astype(np.float64)
+    design = _affinity_by_hand(world, read, catalogue.features.news_ids, iter_behaviors(world / "behaviors_train.tsv"))
+    assert (design[:, 2] > 0).any() and (design[:, 1] > 0).any()  # skips and clicks of the candidates' categories
+    z = aff.intercept + logits * aff.weights[0] + design @ np.array(aff.weights[1:])
+    np.testing.assert_allclose(plain.score(imps), 1 / (1 + np.exp(-z)), rtol=1e-5, atol=1e-7)
+    # The file's exposure is fitted on top of the affinity, and so applied.
+    stored = {n for r in iter_behaviors(world / "behaviors_train.tsv") for n in (*r.news_ids, *r.history)}
+    by_hand = _file_exposure_by_hand(path, catalogue.end, stored)
+    counts, hours, fresh = (np.array(column, dtype=float) for column in list(zip(*by_hand))[1:])
+    on_fresh = plain.model.score_impressions(read, plain.embeddings, catalogue.log, served.exposure_first_seen,
+                                             popularity_until=times.popularity_until, logits=True).astype(np.float64)
+    z_fresh = aff.intercept + on_fresh * aff.weights[0] + design @ np.array(aff.weights[1:])
+    w = exposure.weights
+    exposed = (exposure.intercept + w[0] * z_fresh + w[1] * fresh * np.log1p(counts) + w[2] * fresh * np.log1p(hours)
+               + w[3] * fresh + w[4] * (1 - fresh) * np.log1p(counts))
+    np.testing.assert_allclose(served.score(imps), 1 / (1 + np.exp(-exposed)), rtol=1e-5, atol=1e-7)
+
+
+def test_the_category_affinity_reads_no_skip_of_the_scored_file_or_after_it(trained):
+    """Scoring the training file itself (inside the store): the skips read are those before its
+    first impression, none, and not the file's own."""
+    world, ws, engine, config, versions = trained
+    path = world / "behaviors_train.tsv"
+    mv = get_version(engine, versions["affinity"])
+    span = scoring_span(scan_behaviors(path), [mv])
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None, span=span)
+    scorer = VersionScorer(mv, catalogue)
+    aff = scorer.model.config.category_affinity
+    imps, _ = next(iter_behavior_chunks(path, catalogue, chunk_size=10**6, history_len=50))
+    read = scorer.read(imps)
+    logits = scorer.model.score_impressions(read, scorer.embeddings, catalogue.log, catalogue.first_seen,
+                                            logits=True).astype(np.float64)
+    design = _affinity_by_hand(world, read, catalogue.features.news_ids, [])
+    z = aff.intercept + logits * aff.weights[0] + design @ np.array(aff.weights[1:])
+    np.testing.assert_allclose(scorer.score(imps), 1 / (1 + np.exp(-z)), rtol=1e-5, atol=1e-7)
+    whole = load_scoring_catalogue(engine, ws, config, news=None, images=None)  # no span: every skip the store holds
+    assert np.abs(VersionScorer(mv, whole).score(imps) - scorer.score(imps)).max() > 1e-3
 
 
 def test_file_exposure_reads_no_label_and_no_later_impression(trained, tmp_path):

@@ -9,7 +9,8 @@ A bundle directory holds::
     scorer.keras         user (D,), candidate (D,), side (S,) -> click probability
     config.json          category vocabulary, history_len, side-feature statistics,
                          modalities, fusion mode, embedding_dim, encoder identities, seed,
-                         the file-exposure calibration's weights (``file_exposure``)
+                         the category affinity's and the file-exposure calibration's
+                         weights (``category_affinity``, ``file_exposure``)
 
 Each ``.keras`` file loads with plain ``keras.saving.load_model``. ``RankingModel`` wraps
 them with numpy-in/numpy-out batched methods; the nightly job computes item embeddings once
@@ -35,6 +36,7 @@ from recsys.atomic import umasked
 from recsys.encoders.item_features import EncoderInfo, ItemFeatures
 from recsys.errors import DamagedFileError, ModelMismatchError, NotFoundError, disk_errors
 from recsys.models import NUM_HEADS
+from recsys.models.affinity import AffinityCalibration
 from recsys.models.exposure import ExposureCalibration
 from recsys.models.fusion import CategoryVocabulary, build_item_tower, parse_modalities
 from recsys.data.interactions import Impressions, InteractionLog, gather_csr, slice_impressions
@@ -97,6 +99,8 @@ class RankingConfig:
             modality when it is on, else 0. Item embeddings do not carry them.
         file_exposure: the file-exposure calibration fitted on validation
             (``recsys.models.exposure``); None for a bundle trained without one (or before it existed).
+        category_affinity: the reader's category affinity fitted on validation
+            (``recsys.models.affinity``), applied before the file exposure; None: without.
         info: free-form training facts (loss, metrics, data counts) for manifests.
     """
 
@@ -115,6 +119,7 @@ class RankingConfig:
     moment_weights: tuple[float, ...] = ()
     moment_dim: int = 0
     file_exposure: ExposureCalibration | None = None
+    category_affinity: AffinityCalibration | None = None
     info: dict = field(default_factory=dict)
 
     @property
@@ -148,6 +153,7 @@ class RankingConfig:
             "serving_dim": self.serving_dim,  # for readers that do not load TensorFlow (the nightly driver)
             "user_dim": self.user_dim,
             "file_exposure": None if self.file_exposure is None else self.file_exposure.to_dict(),
+            "category_affinity": None if self.category_affinity is None else self.category_affinity.to_dict(),
             "info": self.info,
         }
 
@@ -169,6 +175,8 @@ class RankingConfig:
             moment_weights=tuple(float(w) for w in d.get("moment_weights", ())),
             moment_dim=int(d.get("moment_dim", 0)),
             file_exposure=None if d.get("file_exposure") is None else ExposureCalibration.from_dict(d["file_exposure"]),
+            category_affinity=(None if d.get("category_affinity") is None
+                               else AffinityCalibration.from_dict(d["category_affinity"])),
             info=dict(d.get("info", {})),
         )
 

@@ -38,6 +38,7 @@ from recsys.data.interactions import (
     with_logged_clicks,
 )
 from recsys.data.exposure import FileShows
+from recsys.models.affinity import AffinityCalibration, SkipCounts, affinity_inputs, fit_affinity_calibration
 from recsys.models.exposure import ExposureCalibration, fit_exposure_calibration, fresh_as_of
 from recsys.models.side_features import SideFeatures
 from recsys.progress import progress as progress_lines
@@ -321,6 +322,8 @@ def train_ctr(
     feature_clock_hours: float = 0.0,
     refit: bool = False,
     file_exposure: bool = True,
+    skips: SkipCounts | None = None,
+    item_codes: np.ndarray | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> tuple[RankingModel, dict]:
     """Train the CTR model; early-stop on the validation per-impression AUC.
@@ -379,6 +382,11 @@ def train_ctr(
             ending where ``valid`` begins, each candidate's earlier shows in ``valid`` as the
             scored file's exposure (``_fit_file_exposure``). ``recsys predict`` and ``recsys
             evaluate`` apply it to impressions after the store's end.
+        skips: the store's skip counts before ``valid`` begins, of (at least) ``valid``'s users;
+            with ``item_codes`` (n, 2) (each item's category and subcategory codes, the same
+            ``KeyVocabulary``), fit the reader's category affinity (``recsys.models.affinity``)
+            on ``valid`` read as a later file is served, before the file exposure, which is then
+            fitted on top of it. None: without.
         progress: called after every epoch with a dict (epoch, loss, val_auc, ...).
 
     Returns:
@@ -460,9 +468,16 @@ def train_ctr(
     history.update(prior_weights=list(prior_weights), moment_weights=list(moment_weights), served_val_auc=served_auc,
                    served_val_log_loss=served_log_loss, calibration={"slope": slope, "intercept": intercept})
 
+    later = _later_file_logits(model, features, exposure_valid, log, first_seen) if (file_exposure or skips is not None) else None
+    affinity = None
+    if skips is not None:
+        if item_codes is None or len(item_codes) != n:
+            raise ValueError(f"the category affinity needs item codes for the {n} items")
+        affinity, history["category_affinity"], logits = _fit_affinity(later, exposure_valid, skips, item_codes, seed)
+        later = dataclasses.replace(later, logits=logits)  # what the file exposure is fitted on top of
     exposure = None
     if file_exposure:
-        exposure, history["file_exposure"] = _fit_file_exposure(model, features, exposure_valid, log, first_seen, seed)
+        exposure, history["file_exposure"] = _fit_file_exposure(later, exposure_valid, seed)
 
     refit_info = None
     if refit:
@@ -488,8 +503,9 @@ def train_ctr(
         "silent_modalities": history["silent_modalities"],
         "anchor_start_weights": history["anchor_start_weights"],
         "file_exposure": history.get("file_exposure"),
+        "category_affinity": history.get("category_affinity"),
     }
-    config = dataclasses.replace(model.config, info=info, file_exposure=exposure)
+    config = dataclasses.replace(model.config, info=info, file_exposure=exposure, category_affinity=affinity)
     return RankingModel(model.item_tower, model.user_encoder, model.scorer, config), history
 
 
@@ -737,29 +753,66 @@ def _fit_prior_weights(
     return tuple(best[:blocks]), tuple(best[blocks:]), best_auc, logits_of(best).astype(np.float32)
 
 
-def _fit_file_exposure(
-    model: RankingModel, features: ItemFeatures, valid: Impressions, log: InteractionLog, first_seen: np.ndarray, seed: int,
-) -> tuple[ExposureCalibration, dict]:
-    """The file-exposure calibration fitted on ``valid`` read as ``recsys evaluate`` reads a file
-    after the store: the store ends where ``valid`` begins, so popularity is read at that start
-    (``popularity_until``), an article first seen in ``valid`` is fresh (never seen: age 0, as
-    scoring reads every fresh article), and each candidate's earlier shows in ``valid`` are the
-    file's exposure. ``valid``'s histories are led by the clicks before it only (train_ctr).
-    Returns it and the facts a manifest records (its weights, and the validation per-impression
-    AUC of the logits read so, without and with it: the latter in-sample)."""
+@dataclasses.dataclass(frozen=True)
+class LaterFileLogits:
+    """``valid`` read as ``recsys evaluate`` reads a file after the store, which ends where
+    ``valid`` begins: popularity read at that start (``popularity_until``), an article first
+    seen in ``valid`` fresh (never seen: age 0, as scoring reads every fresh article).
+
+    Attributes:
+        logits: (c,) uncalibrated served logits read so (with the affinity, once fitted).
+        fresh: (c,) bool, each candidate's article is fresh.
+        owner: (c,) each candidate's impression.
+        times: (c,) each candidate's impression time.
+    """
+
+    logits: np.ndarray
+    fresh: np.ndarray
+    owner: np.ndarray
+    times: np.ndarray
+
+
+def _later_file_logits(model: RankingModel, features: ItemFeatures, valid: Impressions, log: InteractionLog,
+                       first_seen: np.ndarray) -> LaterFileLogits:
+    """``valid``'s histories are led by the clicks before it only (train_ctr)."""
     start = valid.times.min()
     fresh_items, first_seen_then = fresh_as_of(first_seen, start)
     owner = candidate_impression_rows(valid)
-    times = valid.times[owner]
     logits = model.score_impressions(valid, _embeddings_for(model, features, valid), log, first_seen_then,
-                                     popularity_until=start, logits=True)
-    counts, hours = FileShows.from_events(valid.candidate_items, times).earlier(valid.candidate_items, times)
-    fresh = fresh_items[valid.candidate_items]
-    calibration = fit_exposure_calibration(logits, counts, hours, fresh, valid.labels, owner, seed=seed)
+                                     popularity_until=start, logits=True).astype(np.float64)
+    return LaterFileLogits(logits, fresh_items[valid.candidate_items], owner, valid.times[owner])
+
+
+def _fit_affinity(later: LaterFileLogits, valid: Impressions, skips: SkipCounts, item_codes: np.ndarray,
+                  seed: int) -> tuple[AffinityCalibration, dict, np.ndarray]:
+    """The category affinity fitted on ``valid`` read as a later file (``later``), with the skips
+    before it. Returns it, the facts a manifest records (its weights, the share of validation
+    impressions whose user has skips, and the validation per-impression AUC without and with it:
+    the latter in-sample), and the logits with it."""
+    inputs = affinity_inputs(valid, skips, item_codes)
+    calibration = fit_affinity_calibration(later.logits, *inputs, valid.labels, later.owner, seed=seed)
+    logits = calibration.logits(later.logits, *inputs)
+    auc = lambda scores: round(float(mean_impression_auc(valid.labels, scores, valid.candidate_offsets)[0]), 6)  # noqa: E731
+    with_skips = skips.users.get_indexer(np.asarray(valid.user_ids, dtype=object)) >= 0
+    return calibration, {
+        **calibration.to_dict(), "valid_impressions_with_skips": round(float(with_skips.mean()) if len(valid) else 0.0, 6),
+        "valid_auc_after_store": auc(later.logits), "valid_auc_with_affinity": auc(logits),
+    }, logits
+
+
+def _fit_file_exposure(later: LaterFileLogits, valid: Impressions, seed: int) -> tuple[ExposureCalibration, dict]:
+    """The file-exposure calibration fitted on ``valid`` read as a later file (``later``): each
+    candidate's earlier shows in ``valid`` are the file's exposure. Returns it and the facts a
+    manifest records (its weights, and the validation per-impression AUC of the logits read so,
+    without and with it: the latter in-sample)."""
+    items = valid.candidate_items
+    counts, hours = FileShows.from_events(items, later.times).earlier(items, later.times)
+    calibration = fit_exposure_calibration(later.logits, counts, hours, later.fresh, valid.labels, later.owner, seed=seed)
     auc = lambda scores: round(float(mean_impression_auc(valid.labels, scores, valid.candidate_offsets)[0]), 6)  # noqa: E731
     return calibration, {
-        **calibration.to_dict(), "valid_fresh_share": round(float(fresh.mean()), 6),
-        "valid_auc_after_store": auc(logits), "valid_auc_with_exposure": auc(calibration.logits(logits, counts, hours, fresh)),
+        **calibration.to_dict(), "valid_fresh_share": round(float(later.fresh.mean()), 6),
+        "valid_auc_after_store": auc(later.logits),
+        "valid_auc_with_exposure": auc(calibration.logits(later.logits, counts, hours, later.fresh)),
     }
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import Engine
 
-from recsys.columns import FIRST_SEEN_AT
+from recsys.columns import CATEGORY, FIRST_SEEN_AT, SUBCATEGORY
 from recsys.config import Config, Workspace
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError
@@ -102,6 +102,15 @@ def load_catalogue(engine: Engine, workspace: Workspace, config: Config, *,
     if news.empty:
         raise RecsysError("the store holds no articles: run `recsys ingest --news news.tsv` first")
     return news, encode_news(news, workspace, config, versions=versions)
+
+
+def item_key_codes(news: pd.DataFrame):
+    """``(KeyVocabulary, (n, 2) int64 codes)`` of the articles' categories and subcategories,
+    row-aligned with ``news`` (the category affinity's keys, ``recsys.models.affinity``)."""
+    from recsys.models.affinity import KeyVocabulary
+
+    vocabulary = KeyVocabulary.of(news[CATEGORY], news[SUBCATEGORY])
+    return vocabulary, vocabulary.codes(news[CATEGORY], news[SUBCATEGORY])
 
 
 def first_seen_array(news: pd.DataFrame) -> np.ndarray:

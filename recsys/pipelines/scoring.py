@@ -47,9 +47,10 @@ from recsys.data.exposure import FileShows
 from recsys.data.interactions import (
     ClickLog, Impressions, InteractionLog, candidate_impression_rows, select_impressions, with_logged_clicks,
 )
+from recsys.models.affinity import KeyVocabulary, SkipCounts, affinity_inputs
 from recsys.models.exposure import fresh_as_of
 from recsys.models.side_features import SideFeatures
-from recsys.pipelines.features import encode_news, first_seen_array, load_version_model
+from recsys.pipelines.features import encode_news, first_seen_array, item_key_codes, load_version_model
 from recsys.store import repository as repo
 from recsys.versions import ModelVersion, check_encoders, read_bundle_config
 
@@ -80,6 +81,28 @@ class Catalogue:
     bad_news: dict[str, BadRow] = field(default_factory=dict)
     # The first ``stored`` articles are the store's, the rest --news's (None: all the store's)
     stored: int | None = None
+    # Each article's category and subcategory codes (n, 2), and the store's skips of a chunk's
+    # users, for models with the category affinity (None: none can be read)
+    item_codes: np.ndarray | None = None
+    skips: "SkipReader | None" = None
+
+
+class SkipReader:
+    """The store's skip counts (``repository.read_skip_counts``) of a chunk's users before
+    ``until`` (the scored file's first impression: none of the file's own, nor any later), one
+    query a chunk, which every version that scores the chunk shares."""
+
+    def __init__(self, engine: Engine, until: datetime | None, vocabulary: KeyVocabulary):
+        self.engine, self.until, self.vocabulary = engine, until, vocabulary
+        self._last: tuple[np.ndarray, SkipCounts] | None = None
+
+    def __call__(self, user_ids: np.ndarray) -> SkipCounts:
+        users = np.unique(np.asarray(user_ids, dtype=object))
+        if self._last is not None and np.array_equal(self._last[0], users):
+            return self._last[1]
+        counts = SkipCounts.from_rows(repo.read_skip_counts(self.engine, until=self.until, user_ids=users), self.vocabulary)
+        self._last = (users, counts)
+        return counts
 
 
 def news_from_file(
@@ -228,8 +251,10 @@ def load_scoring_catalogue(
     row_of = dict(zip(features.news_ids.tolist(), range(len(features))))
     events, end = read_popularity_log(engine, features.news_ids, span)
     clicks = repo.read_click_log(engine, features.news_ids)
+    vocabulary, item_codes = item_key_codes(catalogue)
+    skips = SkipReader(engine, span.first if span is not None else None, vocabulary)
     return Catalogue(catalogue, features, row_of, events, first_seen_array(catalogue), clicks,
-                     None if end is None else np.datetime64(end, "s"), span, bad_news, len(stored))
+                     None if end is None else np.datetime64(end, "s"), span, bad_news, len(stored), item_codes, skips)
 
 
 @dataclass
@@ -419,6 +444,9 @@ class VersionScorer:
         self.catalogue = catalogue
         self.times = times
         self.exposure = self.model.config.file_exposure if shows is not None else None
+        self.affinity = self.model.config.category_affinity
+        if self.affinity is not None and catalogue.skips is None:
+            raise ValueError(f"model version {mv.version} reads the category affinity; the catalogue has no skip reader")
         self.shows = shows
         # Fresh: never shown or listed in the store before its end; its popularity reads nothing,
         # and with the exposure it is of age 0, as in the fit (an unlabelled file ingested after
@@ -465,18 +493,33 @@ class VersionScorer:
         return out
 
     def _score_plain(self, read: Impressions) -> np.ndarray:
-        return self.model.score_impressions(read, self.embeddings, self.catalogue.log, self.catalogue.first_seen,
-                                            popularity_until=self.times.popularity_until, age_until=self.times.age_until)
+        if self.affinity is None:
+            return self.model.score_impressions(read, self.embeddings, self.catalogue.log, self.catalogue.first_seen,
+                                                popularity_until=self.times.popularity_until, age_until=self.times.age_until)
+        logits = self.model.score_impressions(read, self.embeddings, self.catalogue.log, self.catalogue.first_seen,
+                                              popularity_until=self.times.popularity_until,
+                                              age_until=self.times.age_until, logits=True)
+        return _sigmoid(self._with_affinity(read, logits))
 
     def _score_exposed(self, read: Impressions) -> np.ndarray:
         """Probabilities with the file's exposure (impressions at or after the store's end)."""
         logits = self.model.score_impressions(read, self.embeddings, self.catalogue.log, self.exposure_first_seen,
                                               popularity_until=self.times.popularity_until,
                                               age_until=self.times.age_until, logits=True)
+        if self.affinity is not None:  # fitted first, as the exposure was fitted on top of it
+            logits = self._with_affinity(read, logits)
         items = read.candidate_items
         counts, hours = self.shows.earlier(items, read.times[candidate_impression_rows(read)])
-        z = self.exposure.logits(logits, counts, hours, self.fresh[items])
-        return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # the sigmoid, without exp's overflow
+        return _sigmoid(self.exposure.logits(logits, counts, hours, self.fresh[items]))
+
+    def _with_affinity(self, read: Impressions, logits: np.ndarray) -> np.ndarray:
+        """(c,) float64 ``logits`` combined with the readers' category affinity."""
+        skips = self.catalogue.skips(read.user_ids)
+        return self.affinity.logits(logits, *affinity_inputs(read, skips, self.catalogue.item_codes))
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # without exp's overflow
 
 
 def describe_reading(times: FeatureTimes, scorers: dict[str, VersionScorer], file_exposure: bool) -> str:

@@ -16,8 +16,9 @@ from recsys.config import Config, Workspace
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import DiskError, RecsysError, disk_error
 from recsys.data.interactions import ClickLog, Impressions, InteractionLog, without_later_clicks
+from recsys.models.affinity import SkipCounts
 from recsys.models.side_features import SideFeatures
-from recsys.pipelines.features import first_seen_array, load_catalogue
+from recsys.pipelines.features import first_seen_array, item_key_codes, load_catalogue
 from recsys.pipelines.inputs import check_output_folder
 from recsys.pipelines.runlog import ingest_marks, ingests_since, last_run, recorded_run, running_runs
 from recsys.store import repository as repo
@@ -289,6 +290,12 @@ def run_train(
     partial_ingests = _warn_of_partial_ingests(engine, marks, warned=[run_id for run_id, _, _ in ingesting])
     clicks = every_click if mc.logged_clicks else None
     first_seen = first_seen_array(news)
+    skips, item_codes = None, None
+    if mc.category_affinity:
+        # The skips a later day is served with: the store's before the validation window, of its users.
+        vocabulary, item_codes = item_key_codes(news)
+        skips = SkipCounts.from_rows(repo.read_skip_counts(engine, until=valid_start, user_ids=np.unique(valid.user_ids)),
+                                     vocabulary)
     timings["read_s"] = round(time.perf_counter() - t0, 2)
     scoreable = warn_thin_validation(valid, valid_start, until_dt)
     log.info("training on %d impressions, validating on %d (%s .. %s .. %s)", len(train), len(valid), since_dt, valid_start, until_dt)
@@ -303,7 +310,8 @@ def run_train(
                 anchor_dim=mc.anchor_dim,
                 history_len=mc.history_len, epochs=mc.epochs, batch_size=mc.batch_size, learning_rate=mc.learning_rate,
                 seed=mc.seed, first_seen=first_seen, clicks=clicks, content_prior=mc.content_prior,
-                feature_clock_hours=mc.feature_clock_hours, refit=mc.refit, window_hours=window_hours, progress=_log_epoch,
+                feature_clock_hours=mc.feature_clock_hours, refit=mc.refit, window_hours=window_hours,
+                skips=skips, item_codes=item_codes, progress=_log_epoch,
             )
 
         modalities = mc.modalities
@@ -440,8 +448,8 @@ def _final_metrics(history: dict) -> dict:
 
     ``val_auc`` and ``val_log_loss`` are the served model's (networks, prior and calibration,
     without the file's exposure); ``val_auc_networks`` and ``val_log_loss_networks`` the kept
-    epoch's networks alone; ``file_exposure`` the calibration fitted for predict and evaluate
-    (``training._fit_file_exposure``), if any.
+    epoch's networks alone; ``category_affinity`` and ``file_exposure`` the weights fitted on top
+    (``training._fit_affinity``, ``training._fit_file_exposure``), if any.
     """
     best = history.get("best_epoch")
     out = {"best_epoch": best, "val_auc": history.get("served_val_auc", history.get("best_val_auc")),
@@ -450,8 +458,9 @@ def _final_metrics(history: dict) -> dict:
     if best and history.get("val_log_loss"):  # epochs count from 1
         out["val_log_loss_networks"] = history["val_log_loss"][best - 1]
         out["val_log_loss"] = history.get("served_val_log_loss", out["val_log_loss_networks"])
-    if history.get("file_exposure"):
-        out["file_exposure"] = history["file_exposure"]
+    for fitted in ("category_affinity", "file_exposure"):
+        if history.get(fitted):
+            out[fitted] = history[fitted]
     if history.get("refit"):  # the served networks are the refit's; the figures above are the first training's
         from recsys.models.training import REFIT_SUMMARY  # loaded with train_ctr already: no start-up cost
 

@@ -17,6 +17,7 @@ import pandas as pd
 from recsys.columns import NEWS_ID, RANK, SCORE, USER_ID
 from recsys.errors import ConfigError
 from recsys.data.interactions import InteractionLog
+from recsys.models.affinity import SkipCounts, history_key_counts
 from recsys.models.side_features import SideFeatures
 
 # Pairs scored per ``model.score`` call: big enough to amortise the call, small enough that the
@@ -35,17 +36,21 @@ class Catalogue:
         side: (n, S) float32 side features of each article at the run's time: at serving time
             popularity and age depend on the article only, so they are computed once a night
             for every article rather than once per (user, candidate) pair.
+        codes: (n, 2) int64 category and subcategory codes (``KeyVocabulary.codes``) for a model
+            with the category affinity; None: none.
     """
 
     news_ids: np.ndarray
     embeddings: np.ndarray
     side: np.ndarray
+    codes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.news_ids)
-        if len(self.embeddings) != n or len(self.side) != n:
+        if len(self.embeddings) != n or len(self.side) != n or (self.codes is not None and len(self.codes) != n):
             raise ValueError(
                 f"Catalogue has {n} news ids, {len(self.embeddings)} embeddings and {len(self.side)} side rows"
+                + ("" if self.codes is None else f" and {len(self.codes)} key codes")
             )
 
     def __len__(self) -> int:
@@ -139,6 +144,7 @@ def rank_users(
     popular: np.ndarray | None = None,
     timings: dict | None = None,
     clicked: tuple[np.ndarray, np.ndarray] | None = None,
+    skips: SkipCounts | None = None,
 ) -> pd.DataFrame:
     """Top-k recommendations for a shard of users.
 
@@ -165,6 +171,8 @@ def rank_users(
         clicked: (offsets (m + 1,), items) of every article each user clicked, which are never
             recommended; default: the history. A model that reads the History column only
             (``logged_clicks = false``) does not see the clicks of impressions, but they count here.
+        skips: the users' skip counts, built with the vocabulary of ``catalogue.codes``; required
+            (with the codes) by a model with the category affinity, which the scores then read.
 
     Returns:
         DataFrame with USER_ID, RANK (1-based), NEWS_ID, SCORE; users in input order, best
@@ -172,7 +180,8 @@ def rank_users(
 
     Raises:
         ConfigError: k or num_candidates below 1.
-        ValueError: history offsets that do not match the users.
+        ValueError: history offsets that do not match the users; a model with the category
+            affinity without ``skips`` or ``catalogue.codes``.
     """
     if k < 1 or num_candidates < 1:
         raise ConfigError(f"k is {k} and num_candidates is {num_candidates}, expected both at least 1")
@@ -182,6 +191,9 @@ def rank_users(
     m = len(user_ids)
     if len(history_offsets) != m + 1:
         raise ValueError(f"history offsets have {len(history_offsets)} entries for {m} users, expected {m + 1}")
+    affinity = model.config.category_affinity
+    if affinity is not None and (skips is None or catalogue.codes is None):
+        raise ValueError("the model reads the category affinity: rank_users needs skips and catalogue.codes")
     timings = {} if timings is None else timings
     if m == 0 or len(catalogue) == 0:  # an empty index: nothing to recommend, no user vector to read
         return _empty_result()
@@ -223,12 +235,20 @@ def rank_users(
     timings["candidates"] = timings.get("candidates", 0) + len(items)
 
     scores = np.empty(len(items), dtype=np.float64)
+    score = model.score if affinity is None else model.logits
     for start in range(0, len(items), SCORE_BATCH):
         stop = start + SCORE_BATCH
         u, i = users[start:stop], items[start:stop]
         scores[start:stop] = np.asarray(
-            model.score(vectors[u], catalogue.embeddings[i], catalogue.side[i]), dtype=np.float64
+            score(vectors[u], catalogue.embeddings[i], catalogue.side[i]), dtype=np.float64
         ).reshape(-1)
+    if affinity is not None:
+        # As the fit read them: the history the user encoder reads (its first history_len), the store's skips.
+        offsets, capped = _first_of_each(history_offsets, history_items, model.config.history_len)
+        codes = catalogue.codes[items]
+        clicks, history = history_key_counts(users, codes, offsets, capped, catalogue.codes)
+        skip_keys, skipped = skips.lookup(user_ids[users], codes)
+        scores = 0.5 * (1.0 + np.tanh(0.5 * affinity.logits(scores, clicks, skip_keys, history, skipped)))
     clock = _tick(timings, "score", clock)
 
     keep_users, keep_ranks, keep_items, keep_scores = _top_k(users, items, scores, k)
@@ -240,6 +260,15 @@ def rank_users(
     })
     _tick(timings, "top_k", clock)
     return frame
+
+
+def _first_of_each(offsets: np.ndarray, items: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """The CSR lists ``(offsets, items)`` cut to their first ``cap`` entries each."""
+    lengths = np.minimum(np.diff(offsets), cap)
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    return out, items[offsets[:-1][owner] + np.arange(out[-1]) - out[:-1][owner]]
 
 
 def _empty_result() -> pd.DataFrame:

@@ -31,6 +31,7 @@ import numpy as np
 
 from recsys.errors import ModelMismatchError, RecsysError
 from recsys.interrupts import raise_if_terminated
+from recsys.models.affinity import KeyVocabulary, SkipCounts
 from recsys.threads import configure_threads, default_threads, limit_this_thread
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class WorkerSetup:
         catalogue_fingerprint: ``ids_fingerprint`` of the index rows the driver saw.
         num_threads: threads per worker for TensorFlow and FAISS.
         created_at: timestamp written on every recommendation of the run.
+        key_vocabulary / item_codes: the index rows' category and subcategory codes
+            (``recsys.models.affinity``), for a model with the category affinity; None: without.
     """
 
     db_url: str
@@ -84,6 +87,8 @@ class WorkerSetup:
     catalogue_fingerprint: str
     num_threads: int
     created_at: datetime
+    key_vocabulary: KeyVocabulary | None = None
+    item_codes: np.ndarray | None = None
 
 
 @dataclass
@@ -152,7 +157,9 @@ class ShardWorker:
                 f"(fingerprint {ids_fingerprint(news_ids)}, expected {setup.catalogue_fingerprint})"
             )
         embeddings = np.asarray(self.index.vectors(news_ids), dtype=np.float32)
-        self.catalogue = Catalogue(news_ids, embeddings, setup.side)
+        self.catalogue = Catalogue(news_ids, embeddings, setup.side, setup.item_codes)
+        if self.model.config.category_affinity is not None and setup.key_vocabulary is None:
+            raise ModelMismatchError(f"model {setup.model_dir} reads the category affinity; the run prepared no key codes")
         self.engine = create_engine_for(setup.db_url)
         self._warm_up()
         # Reported with the first shard, so that the driver can tell start-up from work.
@@ -169,7 +176,7 @@ class ShardWorker:
         """Rank one shard's users and write the shard (one transaction)."""
         from recsys.ranking.candidates import rank_users
         from recsys.ranking.runs import write_shard
-        from recsys.store.repository import read_user_histories
+        from recsys.store.repository import read_skip_counts, read_user_histories
 
         user_ids = np.asarray(user_ids, dtype=object)
         limit_this_thread(self.threads)  # Ray runs the work on another thread than the set-up
@@ -181,10 +188,18 @@ class ShardWorker:
         offsets, items = read_user_histories(self.engine, user_ids, self.catalogue.news_ids, include_impression_clicks=logged)
         clicked = None if logged else read_user_histories(self.engine, user_ids, self.catalogue.news_ids)
         timings["read_histories"] = time.perf_counter() - clock
+        skips = None
+        if self.model.config.category_affinity is not None:
+            # Every skip the store holds: a run's as_of is never before the store's latest impression.
+            clock = time.perf_counter()
+            skips = SkipCounts.from_rows(read_skip_counts(self.engine, user_ids=user_ids),
+                                         self.setup.key_vocabulary)
+            timings["read_skips"] = time.perf_counter() - clock
         recs = rank_users(
             user_ids, offsets, items, self.model, self.catalogue, self.index,
             num_candidates=self.setup.num_candidates, k=self.setup.k,
             published_after=self.setup.published_after, popular=self.setup.popular, timings=timings, clicked=clicked,
+            skips=skips,
         )
         num_candidates = int(timings.pop("candidates", 0))
         clock = time.perf_counter()

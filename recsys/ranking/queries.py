@@ -66,6 +66,25 @@ def first_seen_times(engine: Engine, news_ids: np.ndarray) -> np.ndarray:
     return aligned.to_numpy(dtype="datetime64[ns]").astype("datetime64[s]")
 
 
+def index_key_codes(engine: Engine, news_ids: np.ndarray):
+    """``(KeyVocabulary, (n, 2) int64 codes)`` of the categories and subcategories of the store's
+    articles, codes aligned with ``news_ids`` (-1 for an article the store lacks): the category
+    affinity's keys (``recsys.models.affinity``). The vocabulary covers every stored article, so
+    skips of articles outside the index still count in their users' totals."""
+    from recsys.models.affinity import KeyVocabulary
+
+    n = s.news.c
+    with engine.connect() as conn:
+        frame = pd.DataFrame(conn.execute(select(n.news_id, n.category, n.subcategory)).all(),
+                             columns=["news_id", "category", "subcategory"])
+    vocabulary = KeyVocabulary.of(frame["category"], frame["subcategory"])
+    rows = pd.Index(frame["news_id"]).get_indexer(pd.Index(news_ids, dtype=object))
+    codes = vocabulary.codes(frame["category"], frame["subcategory"])
+    aligned = np.full((len(rows), 2), -1, dtype=np.int64)
+    aligned[rows >= 0] = codes[rows[rows >= 0]]
+    return vocabulary, aligned
+
+
 def store_marker(engine: Engine) -> dict:
     """Cheap counters that change whenever behaviors are ingested (part of a run's plan)."""
     with engine.connect() as conn:

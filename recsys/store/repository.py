@@ -25,6 +25,7 @@ from recsys.columns import (
     NEWS_ID,
     RANK,
     SCORE,
+    SUBCATEGORY,
     TIME,
     TITLE,
     USER_ID,
@@ -495,6 +496,45 @@ def read_click_log(engine: Engine, news_ids: np.ndarray, *, until: datetime | No
         engine, news_ids, s.impressions.c.user_id, object, s.impression_items.c.label == 1, until=until
     )
     return ClickLog.from_events(users, times, rows)
+
+
+SKIP_COUNT_COLUMNS = [USER_ID, CATEGORY, SUBCATEGORY, "skips"]
+
+
+def read_skip_counts(engine: Engine, *, until: datetime | None = None, user_ids=None) -> pd.DataFrame:
+    """Distinct articles each user was shown and did not click (label 0) in labelled
+    impressions before ``until``, per (category, subcategory) of the article.
+
+    The skip evidence of the category affinity (``recsys.models.affinity``): grouped in the
+    store, a few rows per user, not the ~20 skips per click a MIND log holds.
+
+    Args:
+        until: only impressions strictly before it (None: all).
+        user_ids: only these users (read ``_IN_CHUNK`` at a time); None: every user.
+
+    Returns:
+        DataFrame with USER_ID, CATEGORY, SUBCATEGORY, ``skips`` (int64).
+    """
+    im, it, n = s.impressions.c, s.impression_items.c, s.news.c
+    query = (select(im.user_id, n.category, n.subcategory, func.count(it.news_id.distinct()))
+             .select_from(s.impression_items.join(s.impressions, it.impression_pk == im.id)
+                          .join(s.news, n.news_id == it.news_id))
+             .where(it.label == 0, *_window(None, until))
+             .group_by(im.user_id, n.category, n.subcategory))
+    if user_ids is None:
+        queries = [query]
+    else:
+        ids = [str(u) for u in user_ids]
+        queries = [query.where(im.user_id.in_(ids[start : start + _IN_CHUNK])) for start in range(0, len(ids), _IN_CHUNK)]
+    parts = []
+    with engine.connect() as conn:
+        for q in queries:
+            parts += list(_stream(conn, q, SKIP_COUNT_COLUMNS))
+    if not parts:
+        return pd.DataFrame({USER_ID: pd.Series(dtype=object), CATEGORY: pd.Series(dtype=object),
+                             SUBCATEGORY: pd.Series(dtype=object), "skips": pd.Series(dtype=np.int64)})
+    frame = pd.concat(parts, ignore_index=True)
+    return frame.astype({"skips": np.int64})
 
 
 def iter_run_recommendations(engine: Engine, run_id: int) -> Iterator[pd.DataFrame]:

@@ -499,6 +499,63 @@ def test_the_file_exposure_calibration_is_fitted_on_validation_read_as_a_later_f
     assert without.config.file_exposure is None and without.config.info["file_exposure"] is None
 
 
+def test_the_category_affinity_is_fitted_on_validation_read_as_a_later_file_before_the_exposure(world, log):
+    """train_ctr with the store's skips: the affinity is scikit-learn's fit of the validation
+    labels on the later-file logits and each reader's category clicks and skips (counted here
+    from the training impressions), and the file exposure is fitted on top of its logits."""
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+
+    from recsys.models.affinity import KeyVocabulary, SkipCounts, affinity_design, affinity_inputs
+    from recsys.models.exposure import exposure_design
+
+    train = select_impressions(world.train, np.arange(len(world.train) - 600, len(world.train)))
+    subcategories = np.array([f"s{i % 3}" for i in range(len(world.features))], dtype=object)
+    vocabulary = KeyVocabulary.of(world.features.categories, subcategories)
+    codes = vocabulary.codes(world.features.categories, subcategories)
+    skipped = {}  # (user, category, subcategory) -> articles skipped in training
+    for i in range(len(train)):
+        for item, label in zip(train.candidates(i), train.candidate_labels(i)):
+            if label == 0:
+                key = (train.user_ids[i], world.features.categories[item], subcategories[item])
+                skipped.setdefault(key, set()).add(int(item))
+    rows = pd.DataFrame([(*key, len(v)) for key, v in skipped.items()], columns=["user_id", "category", "subcategory", "skips"])
+    skips = SkipCounts.from_rows(rows, vocabulary)
+    kwargs = dict(epochs=1, batch_size=32, embedding_dim=32, history_len=20)
+    model, history = train_ctr(world.features, train, world.valid, log, clicks=ClickLog.from_impressions([train, world.valid]),
+                               skips=skips, item_codes=codes, **kwargs)
+    aff, cal = model.config.category_affinity, model.config.file_exposure
+    assert aff is not None and history["category_affinity"]["weights"] == list(aff.weights)
+    assert model.config.info["category_affinity"] == history["category_affinity"]
+
+    valid, n = with_logged_clicks(world.valid, ClickLog.from_impressions([train]), 20), len(world.features)
+    first_seen = first_shown([train, valid], n)
+    start = valid.times.min()
+    seen = ~np.isnat(first_seen) & (first_seen < start)
+    logits = model.score_impressions(valid, model.item_embeddings(world.features), log,
+                                     np.where(seen, first_seen, np.datetime64("NaT")), popularity_until=start,
+                                     logits=True).astype(np.float64)
+    inputs = affinity_inputs(valid, skips, codes)
+    assert (inputs[1] > 0).any() and (inputs[0] > 0).any()
+    x = affinity_design(logits, *inputs)
+    mean, scale = x.mean(0), x.std(0)
+    expected = LogisticRegression(C=1.0, max_iter=2000).fit((x - mean) / scale, valid.labels)
+    with_affinity = aff.logits(logits, *inputs)
+    np.testing.assert_allclose(with_affinity, expected.decision_function((x - mean) / scale), rtol=1e-4, atol=1e-4)
+
+    owner = candidate_impression_rows(valid)
+    times, items = valid.times[owner], valid.candidate_items
+    counts = np.array([np.sum((items == item) & (times < t)) for item, t in zip(items, times)])
+    hours = np.array([(t - times[(items == item) & (times < t)].min()) / np.timedelta64(1, "h") if c else 0.0
+                      for item, t, c in zip(items, times, counts)])
+    on_top = LogisticRegression(C=1.0, max_iter=1000).fit(exposure_design(with_affinity, counts, hours, ~seen[items]),
+                                                           valid.labels)
+    np.testing.assert_allclose(cal.weights, on_top.coef_[0], rtol=1e-3, atol=1e-4)
+
+    without, _ = train_ctr(world.features, train, world.valid, log, **kwargs)
+    assert without.config.category_affinity is None and without.config.info["category_affinity"] is None
+
+
 def test_a_click_log_until_a_time_keeps_the_clicks_strictly_before_it():
     t = np.datetime64("2019-11-15T10:00:00", "s")
     clicks = ClickLog.from_events(np.array(["u1", "u2", "u1", "u3"], object),

@@ -122,6 +122,25 @@ def test_file_exposure_calibration_survives_save_and_old_bundles_have_none(model
     assert RankingModel.load(tmp_path / "bundle").config.file_exposure is None
 
 
+def test_the_category_affinity_survives_save_and_old_bundles_have_none(model, tmp_path):
+    from recsys.errors import DamagedFileError
+    from recsys.models.affinity import FEATURES, AffinityCalibration
+
+    aff = AffinityCalibration(tuple(np.linspace(-1.0, 1.5, len(FEATURES))), -1.25)
+    with_aff = RankingModel(model.item_tower, model.user_encoder, model.scorer,
+                            dataclasses.replace(model.config, category_affinity=aff))
+    with_aff.save(tmp_path / "bundle")
+    assert RankingModel.load(tmp_path / "bundle").config.category_affinity == aff
+    path = tmp_path / "bundle" / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "category_affinity": {**config["category_affinity"], "weights": [0.4]}}))
+    with pytest.raises(DamagedFileError, match=re.escape(f"{path}: the file is there but cannot be read (")):
+        RankingModel.load(tmp_path / "bundle")
+    del config["category_affinity"]  # saved before the affinity existed
+    path.write_text(json.dumps(config))
+    assert RankingModel.load(tmp_path / "bundle").config.category_affinity is None
+
+
 def test_calibrated_logits_are_what_score_applies_to_logits(model, small):
     world, log, first = small
     layer = model._scorer_layer

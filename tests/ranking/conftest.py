@@ -136,6 +136,29 @@ def world(tmp_path_factory) -> World:
     return _build_world(tmp_path_factory.mktemp("world"))
 
 
+# The category affinity of ``affinity_model_dir`` (recsys.models.affinity), one weight per FEATURES column.
+AFFINITY_WEIGHTS = [1.3, 0.4, -0.8, 2.0, -1.5, 0.3, 0.2, -0.1, 0.5, -0.6, 0.05, -0.2, 0.25]
+AFFINITY_INTERCEPT = -0.7
+
+
+@pytest.fixture(scope="session")
+def affinity_model_dir(world, tmp_path_factory) -> Path:
+    """The world's model bundle with a category affinity added to its config (what ``recsys
+    train`` fits by default), over the same networks."""
+    import json
+    import shutil
+
+    from recsys.models.affinity import FEATURES
+
+    model = tmp_path_factory.mktemp("affinity") / "model-affinity"
+    shutil.copytree(world.model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    assert config.get("category_affinity") is None
+    config["category_affinity"] = {"features": list(FEATURES), "weights": AFFINITY_WEIGHTS, "intercept": AFFINITY_INTERCEPT}
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
 def _populate(engine, world: World) -> None:
     """Write the world into an empty store: news, users, impressions with items, clicks."""
     rng = np.random.default_rng(11)

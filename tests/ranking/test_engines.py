@@ -29,8 +29,8 @@ from tests.sockets import needs_linux, port_that_never_answers
 
 
 def _run(engine, world, **kw):
-    return run_nightly(engine, model_dir=world.model_dir, index_dir=world.index_dir, shard_size=9, k=10,
-                       num_candidates=40, keep_runs=5, **kw)
+    return run_nightly(engine, **{"model_dir": world.model_dir, "index_dir": world.index_dir, "shard_size": 9, "k": 10,
+                                  "num_candidates": 40, "keep_runs": 5, **kw})
 
 
 def _assert_same(a: pd.DataFrame, b: pd.DataFrame) -> None:
@@ -53,18 +53,22 @@ def test_threads_per_worker_shares_an_explicit_budget_rounding_down():
 
 
 @pytest.mark.slow
-def test_local_worker_processes_equal_in_process(world_store, world):
-    here = _run(world_store, world, num_workers=0)
-    pooled = _run(world_store, world, num_workers=2)
+@pytest.mark.parametrize("affinity", [False, True], ids=["plain", "category-affinity"])
+def test_local_worker_processes_equal_in_process(world_store, world, affinity, affinity_model_dir):
+    model = {"model_dir": affinity_model_dir} if affinity else {}
+    here = _run(world_store, world, num_workers=0, **model)
+    pooled = _run(world_store, world, num_workers=2, **model)
     assert pooled["counts"]["recommendations"] == here["counts"]["recommendations"]
     _assert_same(run_rows(world_store, pooled["run_id"]), run_rows(world_store, here["run_id"]))
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_ray_engine_equals_local(world_store, world):
-    local = _run(world_store, world, num_workers=0)
-    on_ray = _run(world_store, world, engine_name="ray", num_workers=2)
+def test_ray_engine_equals_local(world_store, world, affinity_model_dir):
+    # With the category affinity, what recsys train fits by default: its key codes travel to the
+    # actors and each reads its shard's skips.
+    local = _run(world_store, world, num_workers=0, model_dir=affinity_model_dir)
+    on_ray = _run(world_store, world, engine_name="ray", num_workers=2, model_dir=affinity_model_dir)
     assert on_ray["engine"] == "ray" and on_ray["status"] == "complete"
     assert on_ray["counts"]["shards"] == local["counts"]["shards"]
     assert on_ray["counts"]["candidates_scored"] == local["counts"]["candidates_scored"]

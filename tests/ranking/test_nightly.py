@@ -21,6 +21,7 @@ from recsys.ranking.nightly import run_nightly
 from recsys.ranking.queries import active_user_ids
 from recsys.store import schema as s
 from tests.lost_connection import connection_lost_at
+from tests.ranking.conftest import AFFINITY_INTERCEPT, AFFINITY_WEIGHTS
 from tests.ranking.stored import run_rows
 from tests.signals import stop_after_shards
 
@@ -376,6 +377,42 @@ def test_histories_are_read_as_the_model_was_trained(world_store, world, tmp_pat
     asked.clear()
     _nightly(world_store, world, model_dir=logged)
     assert asked and set(asked) == {True}
+
+
+def test_the_category_affinity_rescores_every_candidate_with_the_readers_clicks_and_skips(world_store, world,
+                                                                                          affinity_model_dir):
+    """A model with the category affinity: each stored score is the affinity over the plain
+    model's logit, with the reader's category clicks (the History the model reads: its newest
+    history_len) and skips (label 0 in the store's impressions) counted here from the world."""
+    every = dict(k=40, num_candidates=40)  # every candidate stored, so that both runs hold the same pairs
+    plain = run_rows(world_store, _nightly(world_store, world, **every)["run_id"])
+    rescored = run_rows(world_store, _nightly(world_store, world, model_dir=affinity_model_dir, **every)["run_id"])
+    weights = AFFINITY_WEIGHTS
+
+    with world_store.connect() as conn:
+        shown = conn.execute(select(s.impressions.c.user_id, s.impression_items.c.news_id)
+                             .join(s.impressions, s.impressions.c.id == s.impression_items.c.impression_pk)
+                             .where(s.impression_items.c.label == 0)).all()
+    skipped: dict = {}
+    for user, news_id in shown:
+        skipped.setdefault(user, set()).add(news_id)
+    category = dict(zip(world.news_ids, world.categories))  # one subcategory, "sub", for all
+    pairs = plain.merge(rescored, on=[USER_ID, NEWS_ID], suffixes=("_plain", "_affinity"))
+    assert len(pairs) == len(plain) == len(rescored) > 100
+    expected = []
+    for user, news_id, p in zip(pairs[USER_ID], pairs[NEWS_ID], pairs[f"{SCORE}_plain"]):
+        history = [category[n] for n in world.clicks.get(user, [])[-8:]]  # the History column's newest 8
+        skips = [category[n] for n in skipped.get(user, ())]
+        n, m = len(history), len(skips)
+        c, k = history.count(category[news_id]), skips.count(category[news_id])
+        row = [np.log(p / (1 - p))]
+        for clicks, skip in ((c, k), (c, k)):  # category, then subcategory within it: the same here
+            lift = np.log((clicks + 0.5) / (skip + 0.5)) - np.log((n + 0.5) / (m + 0.5))
+            row += [np.log1p(clicks), np.log1p(skip), clicks / max(n, 1), skip / max(m, 1), lift]
+        z = AFFINITY_INTERCEPT + np.dot(weights, row + [np.log1p(n), np.log1p(m)])
+        expected.append(1 / (1 + np.exp(-z)))
+    np.testing.assert_allclose(pairs[f"{SCORE}_affinity"], expected, rtol=2e-4, atol=1e-6)
+    assert np.abs(pairs[f"{SCORE}_affinity"] - pairs[f"{SCORE}_plain"]).max() > 0.05
 
 
 def test_impression_clicks_a_model_does_not_read_are_not_recommended(world_store, world):

@@ -1,0 +1,183 @@
+"""The reader's category affinity: its design matrix, counts, fit and saved form."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from recsys.data.interactions import Impressions
+from recsys.models import affinity
+from recsys.models.affinity import (
+    FEATURES, AffinityCalibration, KeyVocabulary, SkipCounts, affinity_design, affinity_inputs,
+    fit_affinity_calibration, history_key_counts,
+)
+
+
+def test_design_reads_counts_shares_and_lift_per_key():
+    x = affinity_design(np.array([0.5]), np.array([[3, 1]]), np.array([[1, 0]]), np.array([4]), np.array([10]))
+    lift_cat = np.log(3.5 / 1.5) - np.log(4.5 / 10.5)
+    lift_sub = np.log(1.5 / 0.5) - np.log(4.5 / 10.5)
+    expected = [0.5, np.log(4), np.log(2), 3 / 4, 1 / 10, lift_cat, np.log(2), 0.0, 1 / 4, 0.0, lift_sub, np.log(5), np.log(11)]
+    np.testing.assert_allclose(x[0], expected)
+    assert x.shape == (1, len(FEATURES))
+
+
+def test_a_reader_with_nothing_on_record_reads_zeros_not_a_division_by_zero():
+    x = affinity_design(np.array([1.0]), np.zeros((1, 2)), np.zeros((1, 2)), np.array([0]), np.array([0]))
+    assert np.isfinite(x).all()
+    np.testing.assert_allclose(x[0], [1.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+
+
+def test_logits_are_the_weighted_design_plus_intercept_and_survive_a_round_trip():
+    weights = tuple(np.linspace(-1, 1, len(FEATURES)))
+    cal = AffinityCalibration(weights, -2.0)
+    args = (np.array([0.3, -0.2]), np.array([[2, 1], [0, 0]]), np.array([[5, 2], [1, 1]]), np.array([6, 0]), np.array([30, 3]))
+    np.testing.assert_allclose(cal.logits(*args), affinity_design(*args) @ np.array(weights) - 2.0)
+    assert AffinityCalibration.from_dict(cal.to_dict()) == cal
+
+
+@pytest.mark.parametrize("saved, message", [
+    ({"weights": [1, 2, 3], "intercept": 0.0}, "expected 13 finite weights"),
+    ({"weights": [float("nan")] * 13, "intercept": 0.0}, "expected 13 finite weights"),
+    ({"weights": [0.0] * 13, "intercept": float("inf")}, "finite intercept"),
+    ({"features": ["logit", "clicks"], "weights": [1, 2], "intercept": 0.0}, "expected \\['logit'"),
+])
+def test_a_bad_saved_affinity_is_refused(saved, message):
+    with pytest.raises(ValueError, match=message):
+        AffinityCalibration.from_dict(saved)
+
+
+def _sample(rng, n):
+    logits = rng.normal(0, 1, n)
+    history = rng.integers(0, 40, n)
+    skipped = rng.integers(0, 300, n)
+    clicks = np.minimum(rng.integers(0, 10, (n, 2)), history[:, None])
+    skips = np.minimum(rng.integers(0, 60, (n, 2)), skipped[:, None])
+    return logits, clicks, skips, history, skipped
+
+
+def test_the_fit_is_sklearns_logistic_regression_on_the_standardised_design_mapped_back():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    logits, clicks, skips, history, skipped = _sample(rng, 20_000)
+    x = affinity_design(logits, clicks, skips, history, skipped)
+    z = 0.8 * logits + 0.6 * x[:, 1] - 0.4 * x[:, 2] + 1.5 * x[:, 3] - 2.0
+    labels = (rng.random(len(z)) < 1 / (1 + np.exp(-z))).astype(np.int8)
+    cal = fit_affinity_calibration(logits, clicks, skips, history, skipped, labels, np.arange(len(z)) // 20)
+    mean, scale = x.mean(0), x.std(0)
+    reference = LogisticRegression(C=1.0, max_iter=2000).fit((x - mean) / scale, labels)
+    np.testing.assert_allclose(cal.logits(logits, clicks, skips, history, skipped),
+                               reference.decision_function((x - mean) / scale), atol=1e-6)
+    # and it finds the probabilities that drew the clicks
+    fitted = 1 / (1 + np.exp(-cal.logits(logits, clicks, skips, history, skipped)))
+    assert np.abs(fitted - 1 / (1 + np.exp(-z))).mean() < 0.015
+
+
+def test_a_store_without_skips_gives_constant_columns_a_zero_weight():
+    rng = np.random.default_rng(1)
+    logits, clicks, _, history, _ = _sample(rng, 5_000)
+    zeros = np.zeros((5_000, 2), dtype=np.int64)
+    labels = (rng.random(5_000) < 1 / (1 + np.exp(-(logits - 2)))).astype(np.int8)
+    cal = fit_affinity_calibration(logits, clicks, zeros, history, np.zeros(5_000, np.int64), labels, np.arange(5_000))
+    skip_columns = [FEATURES.index(f"{k}_{c}") for k in ("category", "subcategory") for c in ("log_skips", "skip_share")]
+    assert all(cal.weights[i] == 0.0 for i in skip_columns + [FEATURES.index("log_skips")])
+    assert np.isfinite(cal.weights).all()
+
+
+def test_a_large_window_is_fitted_on_whole_impressions_of_a_seeded_sample(monkeypatch):
+    rng = np.random.default_rng(2)
+    logits, clicks, skips, history, skipped = _sample(rng, 4_000)
+    labels = (rng.random(4_000) < 0.2).astype(np.int8)
+    owner = np.arange(4_000) // 10
+    seen = []
+    real = affinity.affinity_design
+
+    def spy(*args):
+        seen.append(args[0].copy())
+        return real(*args)
+
+    monkeypatch.setattr(affinity, "MAX_FIT_ROWS", 1_000)
+    monkeypatch.setattr(affinity, "affinity_design", spy)
+    first = fit_affinity_calibration(logits, clicks, skips, history, skipped, labels, owner, seed=3)
+    assert first == fit_affinity_calibration(logits, clicks, skips, history, skipped, labels, owner, seed=3)
+    rows = np.flatnonzero(np.isin(logits, seen[0]))
+    assert 500 < len(rows) < 1_600
+    kept = np.unique(owner[rows])
+    assert np.array_equal(np.flatnonzero(np.isin(owner, kept)), rows)  # whole impressions
+
+
+def test_a_single_class_window_is_refused():
+    logits, clicks, skips, history, skipped = _sample(np.random.default_rng(3), 100)
+    with pytest.raises(ValueError, match="clicks and non-clicks"):
+        fit_affinity_calibration(logits, clicks, skips, history, skipped, np.zeros(100, np.int8), np.arange(100))
+
+
+def test_a_subcategory_is_keyed_within_its_category_and_unknown_keys_read_minus_one():
+    vocabulary = KeyVocabulary.of(["sports", "news", "sports"], ["local", "local", "golf"])
+    codes = vocabulary.codes(["news", "sports", "sports", "travel", "news"], ["local", "local", "golf", "local", "golf"])
+    assert vocabulary.sizes == (2, 3)
+    assert codes[0, 0] != codes[1, 0] and codes[0, 1] != codes[1, 1]  # "local" of news is not "local" of sports
+    assert codes[1, 0] == codes[2, 0] and codes[1, 1] != codes[2, 1]
+    assert list(codes[3]) == [-1, -1] and codes[4, 0] == codes[0, 0] and codes[4, 1] == -1
+
+
+def test_skip_counts_sum_per_category_and_per_user_and_read_zero_where_nothing_is_known():
+    vocabulary = KeyVocabulary.of(["sports", "sports", "news"], ["golf", "tennis", "local"])
+    rows = pd.DataFrame({"user_id": ["a", "a", "a", "b", "b"],
+                         "category": ["sports", "sports", "weather", "news", "sports"],
+                         "subcategory": ["golf", "tennis", "storms", "local", "golf"],
+                         "skips": [3, 2, 4, 1, 6]})
+    counts = SkipCounts.from_rows(rows, vocabulary)
+    codes = vocabulary.codes(["sports", "news", "sports", "sports"], ["golf", "local", "tennis", "golf"])
+    keys, totals = counts.lookup(np.array(["a", "a", "b", "nobody"], dtype=object), codes)
+    # a: sports 3 + 2 (golf 3, tennis 2), news 0; weather (no article of the index has it) only in a's total
+    np.testing.assert_array_equal(keys, [[5, 3], [0, 0], [6, 0], [0, 0]])
+    np.testing.assert_array_equal(totals, [9, 9, 7, 0])
+    empty = SkipCounts.empty(vocabulary)
+    np.testing.assert_array_equal(empty.lookup(np.array(["a"], dtype=object), codes[:1])[0], [[0, 0]])
+
+
+def _brute_force_history_counts(owner, cand_codes, offsets, items, item_codes):
+    clicks = np.zeros((len(owner), 2), dtype=np.int64)
+    for j, i in enumerate(owner):
+        hist = items[offsets[i]:offsets[i + 1]]
+        for k in range(2):
+            if cand_codes[j, k] >= 0:
+                clicks[j, k] = sum(1 for h in hist if item_codes[h, k] == cand_codes[j, k])
+    return clicks, np.diff(offsets)[owner]
+
+
+def test_history_key_counts_match_a_loop():
+    rng = np.random.default_rng(4)
+    item_codes = np.column_stack([rng.integers(-1, 4, 60), rng.integers(-1, 9, 60)])
+    lengths = rng.integers(0, 12, 30)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    items = rng.integers(0, 60, offsets[-1])
+    owner = rng.integers(0, 30, 500)
+    cand_codes = item_codes[rng.integers(0, 60, 500)]
+    got = history_key_counts(owner, cand_codes, offsets, items, item_codes)
+    expected = _brute_force_history_counts(owner, cand_codes, offsets, items, item_codes)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+
+
+def test_affinity_inputs_read_each_impressions_history_and_its_users_skips():
+    vocabulary = KeyVocabulary.of(["a", "a", "b", "b"], ["x", "y", "x", "z"])
+    item_codes = vocabulary.codes(["a", "a", "b", "b"], ["x", "y", "x", "z"])
+    imps = Impressions(
+        impression_ids=np.array([1, 2]), user_ids=np.array(["u", "v"], dtype=object),
+        times=np.array(["2019-11-15T00:00", "2019-11-15T01:00"], dtype="datetime64[s]"),
+        history_offsets=np.array([0, 3, 3]), history_items=np.array([0, 1, 2], np.int32),
+        candidate_offsets=np.array([0, 2, 4]), candidate_items=np.array([1, 3, 0, 2], np.int32),
+        labels=np.array([1, 0, 0, 1], np.int8),
+    )
+    skips = SkipCounts.from_rows(pd.DataFrame({"user_id": ["v"], "category": ["b"], "subcategory": ["x"], "skips": [2]}),
+                                 vocabulary)
+    clicks, skip_keys, history, skipped = affinity_inputs(imps, skips, item_codes)
+    # u's history: (a,x), (a,y), (b,x); candidates (a,y) and (b,z). v: no history, skipped two (b,x)
+    np.testing.assert_array_equal(clicks, [[2, 1], [1, 0], [0, 0], [0, 0]])
+    np.testing.assert_array_equal(skip_keys, [[0, 0], [0, 0], [0, 0], [2, 2]])
+    np.testing.assert_array_equal(history, [3, 3, 0, 0])
+    np.testing.assert_array_equal(skipped, [0, 0, 2, 2])
