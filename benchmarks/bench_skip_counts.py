@@ -1,17 +1,20 @@
-"""What the category affinity's skip counts cost to read from the store.
+"""What the category affinity's skips cost to read from the store.
 
-The affinity (``recsys.models.affinity``) reads, per user, the distinct articles they were
-shown and did not click, grouped by category and subcategory in the store
-(``repository.read_skip_counts``). Three commands read them:
+The affinity (``recsys.models.affinity``) counts, per user, the distinct articles they were
+shown and did not click, per category and subcategory. The store gives the (user, article)
+pairs (``repository.read_skipped``) and ``SkipCounts.from_pairs`` counts them. Three commands
+read them:
 
 - ``recsys train``: the validation window's users, before the window (once per training);
 - ``recsys predict`` / ``evaluate``: each chunk's users (20,000 impressions a chunk);
 - the nightly job: each shard's users (``nightly.shard_size``, 2,000 by default), beside the
   shard's histories (``read_user_histories``), which are timed too for scale.
 
-Each read is timed with the building of its ``SkipCounts``, on bench_train_data's
-MIND-small-size world (65k articles, 50k users, 150k impressions, ~37 candidates; no covers),
-on SQLite and on PostgreSQL (a fresh database, dropped afterwards).
+Each read is timed with its counting. ``grouped_sql_*`` times the first version, which grouped
+in the database (``count(DISTINCT news_id)`` per user, category and subcategory over a join of
+the items, their impressions and the articles), on the same users. The world is
+bench_train_data's MIND-small-size one (65k articles, 50k users, 150k impressions, ~37
+candidates; no covers), on SQLite and on PostgreSQL (a fresh database, dropped afterwards).
 
 Usage (the SQLite store is bench_train_data's, reused when it exists):
     .venv/bin/python benchmarks/bench_skip_counts.py --store /tmp/bts150
@@ -43,64 +46,83 @@ SHARDS = 10
 CHUNK_IMPRESSIONS = 20_000
 
 
+def grouped_sql(engine, users, until=None) -> int:
+    """The first version's read: grouped in the database; returns its rows."""
+    import sqlalchemy as sa
+
+    from recsys.store import schema as s
+
+    im, it, n = s.impressions.c, s.impression_items.c, s.news.c
+    query = (sa.select(im.user_id, n.category, n.subcategory, sa.func.count(it.news_id.distinct()))
+             .select_from(s.impression_items.join(s.impressions, it.impression_pk == im.id)
+                          .join(s.news, n.news_id == it.news_id))
+             .where(it.label == 0, *([im.time < until] if until is not None else []))
+             .group_by(im.user_id, n.category, n.subcategory))
+    ids = [str(u) for u in users]
+    rows = 0
+    with engine.connect() as conn:
+        for start in range(0, len(ids), 5000):
+            rows += len(conn.execute(query.where(im.user_id.in_(ids[start:start + 5000]))).all())
+    return rows
+
+
 def measure(url: str) -> dict:
+    import sqlalchemy as sa
+
     from recsys.models.affinity import SkipCounts
     from recsys.pipelines.features import item_key_codes
     from recsys.store import repository as repo
+    from recsys.store import schema as s
     from recsys.store.database import open_store
 
     engine = open_store(url)
     news = repo.read_news(engine)
-    vocabulary, _ = item_key_codes(news)
-    first, last = repo.time_range(engine, labelled_only=True)
+    news_ids = news["news_id"].to_numpy(dtype=object)
+    codes = item_key_codes(news)
+    _, last = repo.time_range(engine, labelled_only=True)
     valid_start = last - timedelta(days=1)
+    im = s.impressions.c
     with engine.connect() as conn:
-        import sqlalchemy as sa
-
-        from recsys.store import schema as s
-
-        im = s.impressions.c
         rows = conn.execute(sa.select(im.user_id, im.time).order_by(im.time, im.id)).all()
     users_by_time = np.array([u for u, _ in rows], dtype=object)
     times = np.array([t for _, t in rows])
-    valid_users = np.unique(users_by_time[times >= valid_start])
     every_user = np.unique(users_by_time)
     out = {"impressions": len(rows), "users": len(every_user), "articles": len(news),
-           "categories": vocabulary.sizes[0], "subcategories": vocabulary.sizes[1]}
+           "categories": int(codes[:, 0].max()) + 1, "subcategories": int(codes[:, 1].max()) + 1}
 
-    def timed(fn):
+    def counted(users, until=None) -> tuple[int, SkipCounts, float]:
         t0 = time.perf_counter()
-        value = fn()
-        return value, time.perf_counter() - t0
+        who, items = repo.read_skipped(engine, users, news_ids, until=until)
+        counts = SkipCounts.from_pairs(users, who, items, codes)
+        return len(who), counts, time.perf_counter() - t0
 
-    def read(**kwargs):
-        frame = repo.read_skip_counts(engine, **kwargs)
-        return frame, SkipCounts.from_rows(frame, vocabulary)
+    def grouped(users, until=None) -> float:
+        t0 = time.perf_counter()
+        grouped_sql(engine, users, until)
+        return time.perf_counter() - t0
 
-    (frame, counts), seconds = timed(lambda: read(until=valid_start, user_ids=valid_users))
-    out["train"] = {"users": len(valid_users), "seconds": round(seconds, 3), "rows": len(frame),
-                    "skips": int(counts.totals.sum())}
+    valid_users = np.unique(users_by_time[times >= valid_start])
+    pairs, counts, seconds = counted(valid_users, valid_start)
+    out["train"] = {"users": len(valid_users), "seconds": round(seconds, 3), "pairs_read": pairs,
+                    "distinct_skips": int(counts.totals.sum()), "grouped_sql_seconds": round(grouped(valid_users, valid_start), 3)}
     chunk_users = np.unique(users_by_time[-CHUNK_IMPRESSIONS:])
-    (frame, _), seconds = timed(lambda: read(until=None, user_ids=chunk_users))
+    pairs, counts, seconds = counted(chunk_users)
     out["predict_chunk"] = {"impressions": CHUNK_IMPRESSIONS, "users": len(chunk_users), "seconds": round(seconds, 3),
-                            "rows": len(frame)}
-    (frame, counts), seconds = timed(lambda: read())
-    out["whole_store"] = {"users": len(counts.users), "seconds": round(seconds, 3), "rows": len(frame),
-                          "rows_per_user": round(len(frame) / max(len(counts.users), 1), 2),
-                          "skips": int(counts.totals.sum()),
-                          "skip_counts_mb": round(sum(a.nbytes for a in (*counts.pair_keys, *counts.pair_counts, counts.totals))
-                                                  / 2**20, 2)}
-    rng = np.random.default_rng(0)
-    shuffled = rng.permutation(every_user)
-    skip_s, history_s = [], []
+                            "pairs_read": pairs, "grouped_sql_seconds": round(grouped(chunk_users), 3),
+                            "skip_counts_mb": round(sum(a.nbytes for a in (*counts.pair_keys, *counts.pair_counts,
+                                                                              counts.totals)) / 2**20, 2)}
+    shuffled = np.random.default_rng(0).permutation(every_user)
+    skip_s, grouped_s, history_s = [], [], []
     for i in range(SHARDS):
         shard = shuffled[i * SHARD:(i + 1) * SHARD]
-        _, seconds = timed(lambda: read(user_ids=shard))
-        skip_s.append(seconds)
-        _, seconds = timed(lambda: repo.read_user_histories(engine, shard, news["news_id"].to_numpy(dtype=object)))
-        history_s.append(seconds)
+        skip_s.append(counted(shard)[2])
+        grouped_s.append(grouped(shard))
+        t0 = time.perf_counter()
+        repo.read_user_histories(engine, shard, news_ids)
+        history_s.append(time.perf_counter() - t0)
     out["nightly_shard"] = {"users": SHARD, "shards": SHARDS, "skip_seconds_mean": round(float(np.mean(skip_s)), 4),
                             "skip_seconds_max": round(float(np.max(skip_s)), 4),
+                            "grouped_sql_seconds_mean": round(float(np.mean(grouped_s)), 4),
                             "history_seconds_mean": round(float(np.mean(history_s)), 4)}
     out["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     engine.dispose()

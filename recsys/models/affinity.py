@@ -39,8 +39,6 @@ KEY_FEATURES = ("log_clicks", "log_skips", "click_share", "skip_share", "lift")
 FEATURES = ("logit", *(f"{key}_{kind}" for key in KEYS for kind in KEY_FEATURES), "log_history", "log_skips")
 # Rows a fit reads at most (a random sample of impressions beyond): 13 weights need far fewer.
 MAX_FIT_ROWS = 2_000_000
-# A subcategory is read within its category: MIND reuses none across categories, another feed may.
-_SEPARATOR = "\x1f"
 
 
 def affinity_design(logits: np.ndarray, clicks: np.ndarray, skips: np.ndarray, history: np.ndarray,
@@ -137,23 +135,22 @@ class KeyVocabulary:
 
     @classmethod
     def of(cls, categories, subcategories) -> "KeyVocabulary":
-        cats = np.asarray(categories, dtype=object)
-        return cls(pd.Index(pd.unique(cats)), pd.Index(pd.unique(_sub_keys(cats, subcategories))))
+        return cls(pd.Index(pd.unique(np.asarray(categories, dtype=object))), _sub_keys(categories, subcategories).unique())
 
     def codes(self, categories, subcategories) -> np.ndarray:
         """(n, 2) int64 codes of each article's category and subcategory; -1 where unknown."""
-        cats = np.asarray(categories, dtype=object)
-        return np.column_stack([self.categories.get_indexer(cats),
-                                self.subcategories.get_indexer(_sub_keys(cats, subcategories))]).astype(np.int64)
+        return np.column_stack([self.categories.get_indexer(np.asarray(categories, dtype=object)),
+                                self.subcategories.get_indexer(_sub_keys(categories, subcategories))]).astype(np.int64)
 
     @property
     def sizes(self) -> tuple[int, int]:
         return len(self.categories), len(self.subcategories)
 
 
-def _sub_keys(categories: np.ndarray, subcategories) -> np.ndarray:
-    subs = np.asarray(subcategories, dtype=object)
-    return np.array([f"{c}{_SEPARATOR}{s}" for c, s in zip(categories, subs)], dtype=object)
+def _sub_keys(categories, subcategories) -> pd.MultiIndex:
+    """(category, subcategory) pairs: a subcategory is read within its category (MIND reuses
+    no subcategory name across categories; another feed may)."""
+    return pd.MultiIndex.from_arrays([np.asarray(categories, dtype=object), np.asarray(subcategories, dtype=object)])
 
 
 @dataclass(frozen=True)
@@ -161,11 +158,11 @@ class SkipCounts:
     """Per user, the distinct articles they skipped, per key code, from the store.
 
     Attributes:
-        users: the users with at least one skip, in code order.
+        users: the users read (``users[i]`` is user code i), with or without skips.
         pair_keys: per key, (q,) sorted int64 ``user code * key size + key code``.
         pair_counts: per key, (q,) the skips of each pair.
         totals: (len(users),) the distinct articles each user skipped.
-        sizes: the vocabulary's sizes the pair keys were built with.
+        sizes: the key sizes the pair keys were built with (one more than the largest code).
     """
 
     users: pd.Index
@@ -175,44 +172,50 @@ class SkipCounts:
     sizes: tuple[int, int]
 
     @classmethod
-    def from_rows(cls, rows: pd.DataFrame, vocabulary: KeyVocabulary) -> "SkipCounts":
-        """``rows`` (user_id, category, subcategory, skips): distinct skipped articles per user
-        and (category, subcategory), as ``repository.read_skip_counts`` returns them. Each article
-        has one category and subcategory, so the sums per category and per user are distinct
-        counts too. Keys the vocabulary lacks count in the totals only (no candidate has them)."""
-        users = pd.Index(pd.unique(rows["user_id"].to_numpy(dtype=object)))
-        user_code = users.get_indexer(rows["user_id"].to_numpy(dtype=object)).astype(np.int64)
-        counts = rows["skips"].to_numpy(dtype=np.int64)
-        codes = vocabulary.codes(rows["category"].to_numpy(dtype=object), rows["subcategory"].to_numpy(dtype=object))
-        keys, sums = [], []
-        for k, size in enumerate(vocabulary.sizes):
-            known = codes[:, k] >= 0
-            combined = user_code[known] * size + codes[known, k]
-            unique, inverse = np.unique(combined, return_inverse=True)
-            keys.append(unique)
-            sums.append(np.bincount(inverse, weights=counts[known], minlength=len(unique)).astype(np.int64))
-        totals = np.bincount(user_code, weights=counts, minlength=len(users)).astype(np.int64)
-        return cls(users, (keys[0], keys[1]), (sums[0], sums[1]), totals, vocabulary.sizes)
+    def from_pairs(cls, user_ids: np.ndarray, user_index: np.ndarray, item_rows: np.ndarray,
+                   item_codes: np.ndarray) -> "SkipCounts":
+        """Count skips from (user, article) pairs, as ``repository.read_skipped`` returns them.
 
-    @classmethod
-    def empty(cls, vocabulary: KeyVocabulary) -> "SkipCounts":
-        return cls.from_rows(pd.DataFrame({"user_id": [], "category": [], "subcategory": [], "skips": []}), vocabulary)
+        Args:
+            user_ids: (u,) unique user ids.
+            user_index: (q,) the user of each skip, an index into ``user_ids``.
+            item_rows: (q,) the article of each skip, a row of ``item_codes``; a pair repeated
+                (an article skipped in two impressions) counts once.
+            item_codes: (n, 2) key codes of every article (``KeyVocabulary.codes``); an article
+                whose key is -1 counts in its user's total only.
+        """
+        users = pd.Index(np.asarray(user_ids, dtype=object))
+        n = len(item_codes)
+        pairs = np.unique(np.asarray(user_index, dtype=np.int64) * max(n, 1) + np.asarray(item_rows, dtype=np.int64))
+        user_code, rows = pairs // max(n, 1), pairs % max(n, 1)
+        sizes = tuple(int(item_codes[:, k].max(initial=-1)) + 1 for k in range(len(KEYS)))
+        keys, sums = [], []
+        for k, size in enumerate(sizes):
+            codes = item_codes[rows, k]
+            known = codes >= 0
+            unique, counts = np.unique(user_code[known] * size + codes[known], return_counts=True)
+            keys.append(unique)
+            sums.append(counts.astype(np.int64))
+        totals = np.bincount(user_code, minlength=len(users)).astype(np.int64)
+        return cls(users, (keys[0], keys[1]), (sums[0], sums[1]), totals, (sizes[0], sizes[1]))
 
     def lookup(self, user_ids: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Skips of each (user, candidate) pair: ((c, 2) of the candidate's keys, (c,) in all).
 
         Args:
-            user_ids: (c,) the user of each pair.
-            codes: (c, 2) the candidate's key codes (``KeyVocabulary.codes``; -1 reads 0).
+            user_ids: (c,) the user of each pair; a user not read has none.
+            codes: (c, 2) the candidate's key codes (the ``item_codes`` the counts were built
+                from; -1 reads 0).
         """
         user_code = self.users.get_indexer(np.asarray(user_ids, dtype=object)).astype(np.int64)
         known_user = user_code >= 0
         out = np.zeros((len(user_code), len(KEYS)), dtype=np.int64)
         for k, size in enumerate(self.sizes):
-            ok = known_user & (codes[:, k] >= 0)
+            ok = known_user & (codes[:, k] >= 0) & (codes[:, k] < size)
             out[ok, k] = _sorted_lookup(self.pair_keys[k], self.pair_counts[k], user_code[ok] * size + codes[ok, k])
-        totals = np.where(known_user, self.totals[np.maximum(user_code, 0)] if len(self.totals) else 0, 0)
-        return out, totals.astype(np.int64)
+        totals = np.zeros(len(user_code), dtype=np.int64)
+        totals[known_user] = self.totals[user_code[known_user]]
+        return out, totals
 
 
 def history_key_counts(owner: np.ndarray, candidate_codes: np.ndarray, history_offsets: np.ndarray,
@@ -254,17 +257,30 @@ def _sorted_lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> 
     return out
 
 
-def affinity_inputs(impressions: Impressions, skips: SkipCounts, item_codes: np.ndarray):
+def affinity_inputs(impressions: Impressions, skips: SkipCounts, item_codes: np.ndarray, history_len: int):
     """``(clicks, skips, history, skipped)`` of every candidate of ``impressions`` (the inputs of
     ``AffinityCalibration.logits`` after the logits): its keys' clicks in the impression's
-    history, its user's skips of them in ``skips``, and both totals.
+    history as the user encoder reads it (its first ``history_len``, the newest), its user's
+    skips of them in ``skips``, and both totals.
 
     Args:
-        item_codes: (n, 2) key codes of every item row (``KeyVocabulary.codes``; the vocabulary
-            ``skips`` was built with).
+        item_codes: (n, 2) key codes of every item row (``KeyVocabulary.codes``; those ``skips``
+            was built from).
+        history_len: the model's history cap: a history read for several models may be longer.
     """
     owner = candidate_impression_rows(impressions)
     codes = item_codes[impressions.candidate_items]
-    clicks, history = history_key_counts(owner, codes, impressions.history_offsets, impressions.history_items, item_codes)
+    offsets, items = first_of_each(impressions.history_offsets, impressions.history_items, history_len)
+    clicks, history = history_key_counts(owner, codes, offsets, items, item_codes)
     skipped_keys, skipped = skips.lookup(impressions.user_ids[owner], codes)
     return clicks, skipped_keys, history, skipped
+
+
+def first_of_each(offsets: np.ndarray, items: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """The CSR lists ``(offsets (m + 1,), items)`` cut to their first ``cap`` entries each."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    lengths = np.minimum(np.diff(offsets), cap)
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    return out, np.asarray(items)[offsets[:-1][owner] + np.arange(out[-1]) - out[:-1][owner]]

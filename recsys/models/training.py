@@ -473,7 +473,8 @@ def train_ctr(
     if skips is not None:
         if item_codes is None or len(item_codes) != n:
             raise ValueError(f"the category affinity needs item codes for the {n} items")
-        affinity, history["category_affinity"], logits = _fit_affinity(later, exposure_valid, skips, item_codes, seed)
+        affinity, history["category_affinity"], logits = _fit_affinity(later, exposure_valid, skips, item_codes,
+                                                                        history_len, seed)
         later = dataclasses.replace(later, logits=logits)  # what the file exposure is fitted on top of
     exposure = None
     if file_exposure:
@@ -784,16 +785,16 @@ def _later_file_logits(model: RankingModel, features: ItemFeatures, valid: Impre
 
 
 def _fit_affinity(later: LaterFileLogits, valid: Impressions, skips: SkipCounts, item_codes: np.ndarray,
-                  seed: int) -> tuple[AffinityCalibration, dict, np.ndarray]:
+                  history_len: int, seed: int) -> tuple[AffinityCalibration, dict, np.ndarray]:
     """The category affinity fitted on ``valid`` read as a later file (``later``), with the skips
     before it. Returns it, the facts a manifest records (its weights, the share of validation
     impressions whose user has skips, and the validation per-impression AUC without and with it:
     the latter in-sample), and the logits with it."""
-    inputs = affinity_inputs(valid, skips, item_codes)
+    inputs = affinity_inputs(valid, skips, item_codes, history_len)
     calibration = fit_affinity_calibration(later.logits, *inputs, valid.labels, later.owner, seed=seed)
     logits = calibration.logits(later.logits, *inputs)
     auc = lambda scores: round(float(mean_impression_auc(valid.labels, scores, valid.candidate_offsets)[0]), 6)  # noqa: E731
-    with_skips = skips.users.get_indexer(np.asarray(valid.user_ids, dtype=object)) >= 0
+    with_skips = skips.lookup(valid.user_ids, np.full((len(valid), 2), -1))[1] > 0  # the users' totals
     return calibration, {
         **calibration.to_dict(), "valid_impressions_with_skips": round(float(with_skips.mean()) if len(valid) else 0.0, 6),
         "valid_auc_after_store": auc(later.logits), "valid_auc_with_affinity": auc(logits),

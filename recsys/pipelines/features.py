@@ -104,13 +104,12 @@ def load_catalogue(engine: Engine, workspace: Workspace, config: Config, *,
     return news, encode_news(news, workspace, config, versions=versions)
 
 
-def item_key_codes(news: pd.DataFrame):
-    """``(KeyVocabulary, (n, 2) int64 codes)`` of the articles' categories and subcategories,
-    row-aligned with ``news`` (the category affinity's keys, ``recsys.models.affinity``)."""
+def item_key_codes(news: pd.DataFrame) -> np.ndarray:
+    """(n, 2) int64 codes of the articles' categories and subcategories, row-aligned with
+    ``news`` (the category affinity's keys, ``recsys.models.affinity``)."""
     from recsys.models.affinity import KeyVocabulary
 
-    vocabulary = KeyVocabulary.of(news[CATEGORY], news[SUBCATEGORY])
-    return vocabulary, vocabulary.codes(news[CATEGORY], news[SUBCATEGORY])
+    return KeyVocabulary.of(news[CATEGORY], news[SUBCATEGORY]).codes(news[CATEGORY], news[SUBCATEGORY])
 
 
 def first_seen_array(news: pd.DataFrame) -> np.ndarray:

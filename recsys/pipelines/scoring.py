@@ -47,7 +47,7 @@ from recsys.data.exposure import FileShows
 from recsys.data.interactions import (
     ClickLog, Impressions, InteractionLog, candidate_impression_rows, select_impressions, with_logged_clicks,
 )
-from recsys.models.affinity import KeyVocabulary, SkipCounts, affinity_inputs
+from recsys.models.affinity import SkipCounts, affinity_inputs
 from recsys.models.exposure import fresh_as_of
 from recsys.models.side_features import SideFeatures
 from recsys.pipelines.features import encode_news, first_seen_array, item_key_codes, load_version_model
@@ -88,19 +88,21 @@ class Catalogue:
 
 
 class SkipReader:
-    """The store's skip counts (``repository.read_skip_counts``) of a chunk's users before
-    ``until`` (the scored file's first impression: none of the file's own, nor any later), one
-    query a chunk, which every version that scores the chunk shares."""
+    """The store's skips (``repository.read_skipped``) of a chunk's users before ``until`` (the
+    scored file's first impression: none of the file's own, nor any later), counted per key of
+    the catalogue's ``item_codes``; one query a chunk, which every version that scores the chunk
+    shares."""
 
-    def __init__(self, engine: Engine, until: datetime | None, vocabulary: KeyVocabulary):
-        self.engine, self.until, self.vocabulary = engine, until, vocabulary
+    def __init__(self, engine: Engine, until: datetime | None, news_ids: np.ndarray, item_codes: np.ndarray):
+        self.engine, self.until, self.news_ids, self.item_codes = engine, until, news_ids, item_codes
         self._last: tuple[np.ndarray, SkipCounts] | None = None
 
     def __call__(self, user_ids: np.ndarray) -> SkipCounts:
         users = np.unique(np.asarray(user_ids, dtype=object))
         if self._last is not None and np.array_equal(self._last[0], users):
             return self._last[1]
-        counts = SkipCounts.from_rows(repo.read_skip_counts(self.engine, until=self.until, user_ids=users), self.vocabulary)
+        skipped = repo.read_skipped(self.engine, users, self.news_ids, until=self.until)
+        counts = SkipCounts.from_pairs(users, *skipped, self.item_codes)
         self._last = (users, counts)
         return counts
 
@@ -251,8 +253,8 @@ def load_scoring_catalogue(
     row_of = dict(zip(features.news_ids.tolist(), range(len(features))))
     events, end = read_popularity_log(engine, features.news_ids, span)
     clicks = repo.read_click_log(engine, features.news_ids)
-    vocabulary, item_codes = item_key_codes(catalogue)
-    skips = SkipReader(engine, span.first if span is not None else None, vocabulary)
+    item_codes = item_key_codes(catalogue)
+    skips = SkipReader(engine, span.first if span is not None else None, features.news_ids, item_codes)
     return Catalogue(catalogue, features, row_of, events, first_seen_array(catalogue), clicks,
                      None if end is None else np.datetime64(end, "s"), span, bad_news, len(stored), item_codes, skips)
 
@@ -515,7 +517,7 @@ class VersionScorer:
     def _with_affinity(self, read: Impressions, logits: np.ndarray) -> np.ndarray:
         """(c,) float64 ``logits`` combined with the readers' category affinity."""
         skips = self.catalogue.skips(read.user_ids)
-        return self.affinity.logits(logits, *affinity_inputs(read, skips, self.catalogue.item_codes))
+        return self.affinity.logits(logits, *affinity_inputs(read, skips, self.catalogue.item_codes, self.history_len))
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

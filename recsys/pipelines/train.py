@@ -293,9 +293,10 @@ def run_train(
     skips, item_codes = None, None
     if mc.category_affinity:
         # The skips a later day is served with: the store's before the validation window, of its users.
-        vocabulary, item_codes = item_key_codes(news)
-        skips = SkipCounts.from_rows(repo.read_skip_counts(engine, until=valid_start, user_ids=np.unique(valid.user_ids)),
-                                     vocabulary)
+        item_codes = item_key_codes(news)
+        users = np.unique(valid.user_ids)
+        skips = SkipCounts.from_pairs(users, *repo.read_skipped(engine, users, features.news_ids, until=valid_start),
+                                      item_codes)
     timings["read_s"] = round(time.perf_counter() - t0, 2)
     scoreable = warn_thin_validation(valid, valid_start, until_dt)
     log.info("training on %d impressions, validating on %d (%s .. %s .. %s)", len(train), len(valid), since_dt, valid_start, until_dt)

@@ -17,7 +17,7 @@ import pandas as pd
 from recsys.columns import NEWS_ID, RANK, SCORE, USER_ID
 from recsys.errors import ConfigError
 from recsys.data.interactions import InteractionLog
-from recsys.models.affinity import SkipCounts, history_key_counts
+from recsys.models.affinity import SkipCounts, first_of_each, history_key_counts
 from recsys.models.side_features import SideFeatures
 
 # Pairs scored per ``model.score`` call: big enough to amortise the call, small enough that the
@@ -244,7 +244,7 @@ def rank_users(
         ).reshape(-1)
     if affinity is not None:
         # As the fit read them: the history the user encoder reads (its first history_len), the store's skips.
-        offsets, capped = _first_of_each(history_offsets, history_items, model.config.history_len)
+        offsets, capped = first_of_each(history_offsets, history_items, model.config.history_len)
         codes = catalogue.codes[items]
         clicks, history = history_key_counts(users, codes, offsets, capped, catalogue.codes)
         skip_keys, skipped = skips.lookup(user_ids[users], codes)
@@ -260,15 +260,6 @@ def rank_users(
     })
     _tick(timings, "top_k", clock)
     return frame
-
-
-def _first_of_each(offsets: np.ndarray, items: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """The CSR lists ``(offsets, items)`` cut to their first ``cap`` entries each."""
-    lengths = np.minimum(np.diff(offsets), cap)
-    out = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=out[1:])
-    owner = np.repeat(np.arange(len(lengths)), lengths)
-    return out, items[offsets[:-1][owner] + np.arange(out[-1]) - out[:-1][owner]]
 
 
 def _empty_result() -> pd.DataFrame:

@@ -31,7 +31,7 @@ import numpy as np
 
 from recsys.errors import ModelMismatchError, RecsysError
 from recsys.interrupts import raise_if_terminated
-from recsys.models.affinity import KeyVocabulary, SkipCounts
+from recsys.models.affinity import SkipCounts
 from recsys.threads import configure_threads, default_threads, limit_this_thread
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class WorkerSetup:
         catalogue_fingerprint: ``ids_fingerprint`` of the index rows the driver saw.
         num_threads: threads per worker for TensorFlow and FAISS.
         created_at: timestamp written on every recommendation of the run.
-        key_vocabulary / item_codes: the index rows' category and subcategory codes
+        item_codes: (n, 2) the index rows' category and subcategory codes
             (``recsys.models.affinity``), for a model with the category affinity; None: without.
     """
 
@@ -87,7 +87,6 @@ class WorkerSetup:
     catalogue_fingerprint: str
     num_threads: int
     created_at: datetime
-    key_vocabulary: KeyVocabulary | None = None
     item_codes: np.ndarray | None = None
 
 
@@ -158,7 +157,7 @@ class ShardWorker:
             )
         embeddings = np.asarray(self.index.vectors(news_ids), dtype=np.float32)
         self.catalogue = Catalogue(news_ids, embeddings, setup.side, setup.item_codes)
-        if self.model.config.category_affinity is not None and setup.key_vocabulary is None:
+        if self.model.config.category_affinity is not None and setup.item_codes is None:
             raise ModelMismatchError(f"model {setup.model_dir} reads the category affinity; the run prepared no key codes")
         self.engine = create_engine_for(setup.db_url)
         self._warm_up()
@@ -176,7 +175,7 @@ class ShardWorker:
         """Rank one shard's users and write the shard (one transaction)."""
         from recsys.ranking.candidates import rank_users
         from recsys.ranking.runs import write_shard
-        from recsys.store.repository import read_skip_counts, read_user_histories
+        from recsys.store.repository import read_skipped, read_user_histories
 
         user_ids = np.asarray(user_ids, dtype=object)
         limit_this_thread(self.threads)  # Ray runs the work on another thread than the set-up
@@ -192,8 +191,8 @@ class ShardWorker:
         if self.model.config.category_affinity is not None:
             # Every skip the store holds: a run's as_of is never before the store's latest impression.
             clock = time.perf_counter()
-            skips = SkipCounts.from_rows(read_skip_counts(self.engine, user_ids=user_ids),
-                                         self.setup.key_vocabulary)
+            skipped = read_skipped(self.engine, user_ids, self.catalogue.news_ids)
+            skips = SkipCounts.from_pairs(user_ids, *skipped, self.catalogue.codes)
             timings["read_skips"] = time.perf_counter() - clock
         recs = rank_users(
             user_ids, offsets, items, self.model, self.catalogue, self.index,

@@ -399,12 +399,10 @@ def _prepare(engine: Engine, model_dir, index_dir, *, as_of: datetime, freshness
     events = read_interaction_log(engine, news_ids, since=popular_at - window, until=popular_at)
     first_seen = first_seen_times(engine, news_ids)
     fresh_after = np.datetime64(as_of - timedelta(days=freshness_days), "s")
-    vocabulary, item_codes = None, None
-    if config.get("category_affinity") is not None:
-        vocabulary, item_codes = index_key_codes(engine, news_ids)
     return {
-        "key_vocabulary": vocabulary,
-        "item_codes": item_codes,
+        # The index holds every stored article (the refresh before the ranking adds and removes
+        # them), so the skips the workers count are all of the store's.
+        "item_codes": index_key_codes(engine, news_ids) if config.get("category_affinity") is not None else None,
         "news_ids": news_ids,
         "fingerprint": ids_fingerprint(news_ids),
         "content": index.content_fingerprint(),
@@ -437,7 +435,6 @@ def _rank(engine, engine_name, run_id, prepared, todo, *, model_dir, index_dir, 
         catalogue_fingerprint=prepared["fingerprint"],
         num_threads=num_threads if num_workers == 0 else threads_per_worker(num_workers, num_threads),
         created_at=utc_now(),
-        key_vocabulary=prepared["key_vocabulary"],
         item_codes=prepared["item_codes"],
     )
     stages: dict[str, float] = {}

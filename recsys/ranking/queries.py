@@ -66,23 +66,23 @@ def first_seen_times(engine: Engine, news_ids: np.ndarray) -> np.ndarray:
     return aligned.to_numpy(dtype="datetime64[ns]").astype("datetime64[s]")
 
 
-def index_key_codes(engine: Engine, news_ids: np.ndarray):
-    """``(KeyVocabulary, (n, 2) int64 codes)`` of the categories and subcategories of the store's
-    articles, codes aligned with ``news_ids`` (-1 for an article the store lacks): the category
-    affinity's keys (``recsys.models.affinity``). The vocabulary covers every stored article, so
-    skips of articles outside the index still count in their users' totals."""
+def index_key_codes(engine: Engine, news_ids: np.ndarray) -> np.ndarray:
+    """(n, 2) int64 codes of the categories and subcategories of ``news_ids`` (the index rows)
+    as the store holds them, -1 for an article it lacks: the category affinity's keys
+    (``recsys.models.affinity``)."""
     from recsys.models.affinity import KeyVocabulary
 
     n = s.news.c
     with engine.connect() as conn:
         frame = pd.DataFrame(conn.execute(select(n.news_id, n.category, n.subcategory)).all(),
                              columns=["news_id", "category", "subcategory"])
-    vocabulary = KeyVocabulary.of(frame["category"], frame["subcategory"])
-    rows = pd.Index(frame["news_id"]).get_indexer(pd.Index(news_ids, dtype=object))
-    codes = vocabulary.codes(frame["category"], frame["subcategory"])
-    aligned = np.full((len(rows), 2), -1, dtype=np.int64)
-    aligned[rows >= 0] = codes[rows[rows >= 0]]
-    return vocabulary, aligned
+    frame = frame.set_index("news_id").reindex(pd.Index(news_ids, dtype=object))
+    known = frame["category"].notna().to_numpy()
+    codes = np.full((len(frame), 2), -1, dtype=np.int64)
+    if known.any():
+        cats, subs = frame["category"].to_numpy(dtype=object)[known], frame["subcategory"].to_numpy(dtype=object)[known]
+        codes[known] = KeyVocabulary.of(cats, subs).codes(cats, subs)
+    return codes
 
 
 def store_marker(engine: Engine) -> dict:

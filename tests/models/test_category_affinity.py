@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from recsys.data.interactions import Impressions
 from recsys.models import affinity
 from recsys.models.affinity import (
     FEATURES, AffinityCalibration, KeyVocabulary, SkipCounts, affinity_design, affinity_inputs,
-    fit_affinity_calibration, history_key_counts,
+    first_of_each, fit_affinity_calibration, history_key_counts,
 )
 
 
@@ -123,20 +122,40 @@ def test_a_subcategory_is_keyed_within_its_category_and_unknown_keys_read_minus_
     assert list(codes[3]) == [-1, -1] and codes[4, 0] == codes[0, 0] and codes[4, 1] == -1
 
 
-def test_skip_counts_sum_per_category_and_per_user_and_read_zero_where_nothing_is_known():
-    vocabulary = KeyVocabulary.of(["sports", "sports", "news"], ["golf", "tennis", "local"])
-    rows = pd.DataFrame({"user_id": ["a", "a", "a", "b", "b"],
-                         "category": ["sports", "sports", "weather", "news", "sports"],
-                         "subcategory": ["golf", "tennis", "storms", "local", "golf"],
-                         "skips": [3, 2, 4, 1, 6]})
-    counts = SkipCounts.from_rows(rows, vocabulary)
-    codes = vocabulary.codes(["sports", "news", "sports", "sports"], ["golf", "local", "tennis", "golf"])
-    keys, totals = counts.lookup(np.array(["a", "a", "b", "nobody"], dtype=object), codes)
-    # a: sports 3 + 2 (golf 3, tennis 2), news 0; weather (no article of the index has it) only in a's total
-    np.testing.assert_array_equal(keys, [[5, 3], [0, 0], [6, 0], [0, 0]])
-    np.testing.assert_array_equal(totals, [9, 9, 7, 0])
-    empty = SkipCounts.empty(vocabulary)
+def test_skip_counts_count_each_article_once_per_user_and_key_and_read_zero_where_nothing_is_known():
+    categories = ["sports", "sports", "news", "weather", "sports"]
+    subcategories = ["golf", "tennis", "local", "storms", "golf"]
+    codes = KeyVocabulary.of(categories, subcategories).codes(categories, subcategories)
+    codes[3] = -1  # an article whose keys are unknown: in its reader's total only
+    users = np.array(["a", "b", "c"], dtype=object)
+    # a skipped 0 twice, 1, 3 and 4; b skipped 2 and 4; c nothing
+    user_index = np.array([0, 0, 0, 0, 0, 1, 1])
+    item_rows = np.array([0, 0, 1, 3, 4, 2, 4])
+    counts = SkipCounts.from_pairs(users, user_index, item_rows, codes)
+    cand = codes[[0, 2, 1, 4, 0]]
+    keys, totals = counts.lookup(np.array(["a", "a", "b", "c", "nobody"], dtype=object), cand)
+    # a: sports 0, 1, 4 (golf 0 and 4, tennis 1), news none, 4 articles in all
+    np.testing.assert_array_equal(keys, [[3, 2], [0, 0], [1, 0], [0, 0], [0, 0]])
+    np.testing.assert_array_equal(totals, [4, 4, 2, 0, 0])
+    empty = SkipCounts.from_pairs(users[:0], np.zeros(0, np.int64), np.zeros(0, np.int64), codes)
     np.testing.assert_array_equal(empty.lookup(np.array(["a"], dtype=object), codes[:1])[0], [[0, 0]])
+
+
+def test_skip_counts_match_a_loop():
+    rng = np.random.default_rng(5)
+    codes = np.column_stack([rng.integers(-1, 5, 80), rng.integers(-1, 12, 80)])
+    users = np.array([f"u{i}" for i in range(40)], dtype=object)
+    user_index, item_rows = rng.integers(0, 40, 3000), rng.integers(0, 80, 3000)
+    counts = SkipCounts.from_pairs(users, user_index, item_rows, codes)
+    asked_users, asked_items = rng.integers(0, 45, 500), rng.integers(0, 80, 500)
+    names = np.array([f"u{i}" for i in asked_users], dtype=object)
+    keys, totals = counts.lookup(names, codes[asked_items])
+    for j, (u, c) in enumerate(zip(asked_users, asked_items)):
+        skipped = set(item_rows[user_index == u].tolist()) if u < 40 else set()
+        assert totals[j] == len(skipped)
+        for k in range(2):
+            expected = sum(1 for r in skipped if codes[r, k] == codes[c, k]) if codes[c, k] >= 0 else 0
+            assert keys[j, k] == expected
 
 
 def _brute_force_history_counts(owner, cand_codes, offsets, items, item_codes):
@@ -173,11 +192,29 @@ def test_affinity_inputs_read_each_impressions_history_and_its_users_skips():
         candidate_offsets=np.array([0, 2, 4]), candidate_items=np.array([1, 3, 0, 2], np.int32),
         labels=np.array([1, 0, 0, 1], np.int8),
     )
-    skips = SkipCounts.from_rows(pd.DataFrame({"user_id": ["v"], "category": ["b"], "subcategory": ["x"], "skips": [2]}),
-                                 vocabulary)
-    clicks, skip_keys, history, skipped = affinity_inputs(imps, skips, item_codes)
-    # u's history: (a,x), (a,y), (b,x); candidates (a,y) and (b,z). v: no history, skipped two (b,x)
+    skips = SkipCounts.from_pairs(np.array(["v"], dtype=object), np.array([0, 0, 0]), np.array([2, 2, 2]), item_codes)
+    clicks, skip_keys, history, skipped = affinity_inputs(imps, skips, item_codes, 50)
+    # u's history: (a,x), (a,y), (b,x); candidates (a,y) and (b,z). v: no history, skipped (b,x)
+    # three times, one article
     np.testing.assert_array_equal(clicks, [[2, 1], [1, 0], [0, 0], [0, 0]])
-    np.testing.assert_array_equal(skip_keys, [[0, 0], [0, 0], [0, 0], [2, 2]])
+    np.testing.assert_array_equal(skip_keys, [[0, 0], [0, 0], [0, 0], [1, 1]])
     np.testing.assert_array_equal(history, [3, 3, 0, 0])
-    np.testing.assert_array_equal(skipped, [0, 0, 2, 2])
+    np.testing.assert_array_equal(skipped, [0, 0, 1, 1])
+    # The user encoder reads the first history_len (the newest): a history read for a model with
+    # a longer cap is counted as this model reads it, (a,x) and (a,y) only.
+    clicks, _, history, _ = affinity_inputs(imps, skips, item_codes, 2)
+    np.testing.assert_array_equal(clicks, [[2, 1], [0, 0], [0, 0], [0, 0]])
+    np.testing.assert_array_equal(history, [2, 2, 0, 0])
+
+
+def test_first_of_each_cuts_every_list_to_its_first_entries():
+    offsets, items = np.array([0, 3, 3, 8, 9]), np.arange(9) * 10
+    cut_offsets, cut = first_of_each(offsets, items, 2)
+    assert cut_offsets.tolist() == [0, 2, 2, 4, 5] and cut.tolist() == [0, 10, 30, 40, 80]
+    same_offsets, same = first_of_each(offsets, items, 100)
+    assert same_offsets.tolist() == offsets.tolist() and same.tolist() == items.tolist()
+
+
+def test_a_category_named_with_any_characters_keys_its_subcategories_apart():
+    vocabulary = KeyVocabulary.of(["a\x1fb", "a"], ["c", "b\x1fc"])
+    assert vocabulary.sizes == (2, 2)

@@ -503,7 +503,6 @@ def test_the_category_affinity_is_fitted_on_validation_read_as_a_later_file_befo
     """train_ctr with the store's skips: the affinity is scikit-learn's fit of the validation
     labels on the later-file logits and each reader's category clicks and skips (counted here
     from the training impressions), and the file exposure is fitted on top of its logits."""
-    import pandas as pd
     from sklearn.linear_model import LogisticRegression
 
     from recsys.models.affinity import KeyVocabulary, SkipCounts, affinity_design, affinity_inputs
@@ -513,14 +512,11 @@ def test_the_category_affinity_is_fitted_on_validation_read_as_a_later_file_befo
     subcategories = np.array([f"s{i % 3}" for i in range(len(world.features))], dtype=object)
     vocabulary = KeyVocabulary.of(world.features.categories, subcategories)
     codes = vocabulary.codes(world.features.categories, subcategories)
-    skipped = {}  # (user, category, subcategory) -> articles skipped in training
-    for i in range(len(train)):
-        for item, label in zip(train.candidates(i), train.candidate_labels(i)):
-            if label == 0:
-                key = (train.user_ids[i], world.features.categories[item], subcategories[item])
-                skipped.setdefault(key, set()).add(int(item))
-    rows = pd.DataFrame([(*key, len(v)) for key, v in skipped.items()], columns=["user_id", "category", "subcategory", "skips"])
-    skips = SkipCounts.from_rows(rows, vocabulary)
+    users = np.unique(train.user_ids)  # every skip of the training impressions, as the store holds them
+    owner = candidate_impression_rows(train)
+    skipped = train.labels == 0
+    skips = SkipCounts.from_pairs(users, np.searchsorted(users, train.user_ids[owner][skipped]),
+                                  train.candidate_items[skipped], codes)
     kwargs = dict(epochs=1, batch_size=32, embedding_dim=32, history_len=20)
     model, history = train_ctr(world.features, train, world.valid, log, clicks=ClickLog.from_impressions([train, world.valid]),
                                skips=skips, item_codes=codes, **kwargs)
@@ -535,7 +531,7 @@ def test_the_category_affinity_is_fitted_on_validation_read_as_a_later_file_befo
     logits = model.score_impressions(valid, model.item_embeddings(world.features), log,
                                      np.where(seen, first_seen, np.datetime64("NaT")), popularity_until=start,
                                      logits=True).astype(np.float64)
-    inputs = affinity_inputs(valid, skips, codes)
+    inputs = affinity_inputs(valid, skips, codes, 20)
     assert (inputs[1] > 0).any() and (inputs[0] > 0).any()
     x = affinity_design(logits, *inputs)
     mean, scale = x.mean(0), x.std(0)

@@ -61,6 +61,9 @@ def add_users():
 
 AS_OF = datetime(2019, 11, 15, 12, 0, 0)
 CATEGORIES = ("sports", "news", "finance", "travel", "health")
+# Each category holds both: a subcategory name shared by two categories is two keys to the
+# category affinity.
+SUBCATEGORIES = ("local", "national")
 NUM_NEWS = 150
 NUM_OLD = 30  # first seen 10 days before AS_OF: outside a 3-day freshness window
 NUM_NEVER_SHOWN = 10  # no first_seen_at (NaT)
@@ -82,6 +85,7 @@ class World:
     clicks: dict  # user -> list of news ids
     model_dir: Path
     index_dir: Path
+    subcategories: np.ndarray
     as_of: datetime = AS_OF  # the store's latest impression time
 
 
@@ -94,6 +98,8 @@ def _build_world(root: Path) -> World:
     rng = np.random.default_rng(7)
     news_ids = np.array([f"N{i:03d}" for i in range(NUM_NEWS)], dtype=object)
     categories = np.array([CATEGORIES[i % len(CATEGORIES)] for i in range(NUM_NEWS)], dtype=object)
+    subcategories = np.array([SUBCATEGORIES[(i // len(CATEGORIES)) % len(SUBCATEGORIES)] for i in range(NUM_NEWS)],
+                             dtype=object)
     first_seen = []
     for i in range(NUM_NEWS):
         if i < NUM_OLD:
@@ -127,7 +133,7 @@ def _build_world(root: Path) -> World:
     model_dir, index_dir = root / "model-v1", root / "index-v1"
     model.save(model_dir)
     index.save(index_dir)
-    return World(news_ids, categories, first_seen, warm + cold, cold, inactive, clicks, model_dir, index_dir)
+    return World(news_ids, categories, first_seen, warm + cold, cold, inactive, clicks, model_dir, index_dir, subcategories)
 
 
 @pytest.fixture(scope="session")
@@ -164,9 +170,9 @@ def _populate(engine, world: World) -> None:
     rng = np.random.default_rng(11)
     shown_fresh = [n for n, t in zip(world.news_ids, world.first_seen) if t is not None and t > AS_OF - timedelta(days=3)]
     news_rows, impression_rows, item_rows, click_rows = [], [], [], []
-    for n, category, seen in zip(world.news_ids, world.categories, world.first_seen):
+    for n, category, subcategory, seen in zip(world.news_ids, world.categories, world.subcategories, world.first_seen):
         news_rows.append({
-            "news_id": n, "category": category, "subcategory": "sub", "title": f"title of {n}", "abstract": "",
+            "news_id": n, "category": category, "subcategory": subcategory, "title": f"title of {n}", "abstract": "",
             "url": "", "title_entities": "[]", "abstract_entities": "[]", "image_path": None,
             "image_status": "missing", "content_hash": "0" * 64, "first_seen_at": seen, "updated_at": AS_OF,
         })

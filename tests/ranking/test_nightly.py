@@ -396,17 +396,18 @@ def test_the_category_affinity_rescores_every_candidate_with_the_readers_clicks_
     skipped: dict = {}
     for user, news_id in shown:
         skipped.setdefault(user, set()).add(news_id)
-    category = dict(zip(world.news_ids, world.categories))  # one subcategory, "sub", for all
+    keys = {n: (c, (c, sub)) for n, c, sub in zip(world.news_ids, world.categories, world.subcategories)}
     pairs = plain.merge(rescored, on=[USER_ID, NEWS_ID], suffixes=("_plain", "_affinity"))
     assert len(pairs) == len(plain) == len(rescored) > 100
     expected = []
     for user, news_id, p in zip(pairs[USER_ID], pairs[NEWS_ID], pairs[f"{SCORE}_plain"]):
-        history = [category[n] for n in world.clicks.get(user, [])[-8:]]  # the History column's newest 8
-        skips = [category[n] for n in skipped.get(user, ())]
+        history = [keys[n] for n in world.clicks.get(user, [])[-8:]]  # the History column's newest 8
+        skips = [keys[n] for n in skipped.get(user, ())]
         n, m = len(history), len(skips)
-        c, k = history.count(category[news_id]), skips.count(category[news_id])
         row = [np.log(p / (1 - p))]
-        for clicks, skip in ((c, k), (c, k)):  # category, then subcategory within it: the same here
+        for k in range(2):  # the category, then the subcategory within it
+            clicks = sum(key[k] == keys[news_id][k] for key in history)
+            skip = sum(key[k] == keys[news_id][k] for key in skips)
             lift = np.log((clicks + 0.5) / (skip + 0.5)) - np.log((n + 0.5) / (m + 0.5))
             row += [np.log1p(clicks), np.log1p(skip), clicks / max(n, 1), skip / max(m, 1), lift]
         z = AFFINITY_INTERCEPT + np.dot(weights, row + [np.log1p(n), np.log1p(m)])

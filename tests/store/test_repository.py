@@ -166,42 +166,40 @@ def test_click_counts_count_labelled_clicks_in_the_window(engine, tmp_path):
     assert first_day.tolist() == np.bincount(log.item_rows, weights=log.clicks, minlength=4).tolist()
 
 
-def test_skip_counts_count_each_users_distinct_skipped_articles_per_category_before_until(engine, tmp_path):
-    news = [news_line("N1", category="sports", subcategory="golf"), news_line("N2", category="sports", subcategory="golf"),
-            news_line("N3", category="sports", subcategory="tennis"), news_line("N4", category="news", subcategory="golf"),
-            news_line("N5", category="news", subcategory="local")]
+def test_skipped_articles_are_the_label_0_candidates_of_each_users_labelled_impressions_before_until(engine, tmp_path):
     behaviors = [
         behavior_line(1, "U1", T0, ["N5"], ["N1-0", "N2-0", "N3-1", "N4-0"]),
-        behavior_line(2, "U1", T0 + timedelta(hours=1), [], ["N1-0", "N3-0", "N5-1"]),  # N1 skipped again: once
+        behavior_line(2, "U1", T0 + timedelta(hours=1), [], ["N1-0", "N3-0", "N5-1"]),  # N1 skipped again
         behavior_line(3, "U2", T0 + timedelta(hours=2), [], ["N4-0", "N5-0", "N1-1"]),
-        behavior_line(4, "U1", T0 + timedelta(days=1), [], ["N5-0", "N4-0"]),  # at until: not read
+        behavior_line(4, "U1", T0 + timedelta(days=1), [], ["N5-0", "N6-0"]),  # at until: not read
         behavior_line(5, "U3", T0 + timedelta(hours=3), [], ["N1", "N2"]),  # unlabelled: not skips
     ]
-    ingest(engine, news_path=write_lines(tmp_path / "news.tsv", news), behaviors_path=write_lines(tmp_path / "b.tsv", behaviors),
-           quarantine_dir=tmp_path / "q")
+    _ingest(engine, tmp_path, ["N1", "N2", "N3", "N4", "N5", "N6"], behaviors)
+    news_ids = np.array(["N6", "N5", "N4", "N3", "N2", "N1"], dtype=object)
 
-    def counts(**kwargs):
-        got = repo.read_skip_counts(engine, **kwargs)
-        assert list(got.columns) == ["user_id", "category", "subcategory", "skips"] and got["skips"].dtype == np.int64
-        return sorted(map(tuple, got.to_numpy().tolist()))
+    def skipped(users, **kwargs):
+        who, rows = repo.read_skipped(engine, users, news_ids, **kwargs)
+        assert who.dtype == rows.dtype == np.int64
+        return sorted(zip(np.asarray(users, dtype=object)[who].tolist(), news_ids[rows].tolist()))
 
-    # Counted by hand from the lines above: U1 skipped N1, N2 (sports/golf), N3 (sports/tennis),
-    # N4 (news/golf: another category's golf) before T0 + 1 day; U2 skipped N4 and N5.
-    before = [("U1", "news", "golf", 1), ("U1", "sports", "golf", 2), ("U1", "sports", "tennis", 1),
-              ("U2", "news", "golf", 1), ("U2", "news", "local", 1)]
-    assert counts(until=T0 + timedelta(days=1)) == before
-    assert counts(until=T0 + timedelta(days=1), user_ids=["U2", "U9"]) == before[3:]
-    assert counts(until=T0 + timedelta(hours=1)) == [("U1", "news", "golf", 1), ("U1", "sports", "golf", 2)]
-    # Without until, U1's later skip of N5 counts; N4 was skipped already.
-    assert counts() == sorted(before + [("U1", "news", "local", 1)])
-    assert counts(user_ids=[]) == [] and counts(until=T0) == []
+    # Counted by hand from the lines above; a pair skipped twice is there twice.
+    before = [("U1", "N1"), ("U1", "N1"), ("U1", "N2"), ("U1", "N3"), ("U1", "N4"), ("U2", "N4"), ("U2", "N5")]
+    assert skipped(["U1", "U2", "U3"], until=T0 + timedelta(days=1)) == before
+    assert skipped(["U2", "U9"], until=T0 + timedelta(days=1)) == before[5:]
+    assert skipped(["U1", "U2"], until=T0 + timedelta(hours=1)) == [("U1", "N1"), ("U1", "N2"), ("U1", "N4")]
+    assert skipped(["U1", "U2"]) == sorted(before + [("U1", "N5"), ("U1", "N6")])  # without until: all
+    assert skipped([]) == [] and skipped(["U1"], until=T0) == []
+    # An article missing from the ordering is dropped (the catalogue names every stored one).
+    who, rows = repo.read_skipped(engine, ["U1"], np.array(["N1"], dtype=object))
+    assert rows.tolist() == [0, 0] and who.tolist() == [0, 0]  # N1, skipped in lines 1 and 2
 
 
-def test_skip_counts_of_many_users_are_read_in_chunks(engine, tmp_path):
+def test_skipped_articles_of_many_users_are_read_in_chunks(engine, tmp_path):
     users = [f"U{i}" for i in range(5003)]
     _ingest(engine, tmp_path, ["N1", "N2"], [behavior_line(i + 1, u, T0, [], ["N1-0", "N2-1"]) for i, u in enumerate(users)])
-    got = repo.read_skip_counts(engine, user_ids=users[::-1])
-    assert sorted(got["user_id"]) == sorted(users) and set(got["skips"]) == {1}
+    asked = users[::-1]
+    who, rows = repo.read_skipped(engine, asked, np.array(["N1", "N2"], dtype=object))
+    assert sorted(np.asarray(asked)[who].tolist()) == sorted(users) and set(rows.tolist()) == {0}
 
 
 def test_training_histories_do_not_read_a_later_files_clicks(engine, tmp_path):
