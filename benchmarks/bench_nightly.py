@@ -135,12 +135,15 @@ def synthetic_features(news_ids, categories, seed: int):
                         EncoderInfo("synthetic-text", "1", TEXT_DIM), EncoderInfo("synthetic-image", "1", IMAGE_DIM))
 
 
-def build_model_and_index(work: Path, world: dict, *, seed: int, content_prior: tuple = (0.0,)) -> dict:
+def build_model_and_index(work: Path, world: dict, *, seed: int, content_prior: tuple = (0.0,),
+                          category_affinity: bool = False) -> dict:
     """An untrained model at production sizes, item embeddings of every article, the index.
 
     ``content_prior`` (weight, optional second-moment weight), any > 0, serves it as ``train``
     does when it fits the prior: anchors fitted on the features, D + 32 item columns (plus 512
     scorer-only user columns with the second moment), the prior's terms in every score.
+    ``category_affinity``: serve a category affinity (fixed weights, all nonzero) as ``train``
+    fits by default: every shard reads its readers' skips and every candidate is rescored.
     """
     from recsys.index.faiss_index import FaissIndex
     from recsys.models.bundle import RankingModel
@@ -154,6 +157,14 @@ def build_model_and_index(work: Path, world: dict, *, seed: int, content_prior: 
     if any(content_prior):
         model.item_tower.get_layer("fusion").adapt(features.text, features.image, features.has_image)
         model = model.with_content_prior(*content_prior)
+    if category_affinity:
+        import dataclasses
+
+        from recsys.models.affinity import FEATURES, AffinityCalibration
+
+        weights = tuple(np.linspace(-1.0, 1.0, len(FEATURES)) + 0.05)
+        model = RankingModel(model.item_tower, model.user_encoder, model.scorer,
+                             dataclasses.replace(model.config, category_affinity=AffinityCalibration(weights, -1.0)))
     model.save(work / "model")
     clock = time.perf_counter()
     embeddings = model.item_embeddings(features)
@@ -268,6 +279,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--content-prior", type=float, nargs="+", default=[0.0], metavar="W [MU]",
                         help="serve the model with content-prior weight W and second-moment weight MU "
                              "(trained models get 0-32 each; 0: off)")
+    parser.add_argument("--category-affinity", action="store_true",
+                        help="serve the model with a category affinity (each shard reads its readers' skips)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the world here (default: a temp dir, removed)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "nightly.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -293,7 +306,8 @@ def main(argv=None) -> int:
         world = write_store(db_path, num_news=args.news, user_groups=groups, clicks_min=args.clicks_min,
                             clicks_max=args.clicks_max, seed=args.seed)
         print(f"  {world['clicks']} clicks in {world['write_seconds']:.1f} s; building model and index ...", flush=True)
-        built = build_model_and_index(work, world, seed=args.seed, content_prior=args.content_prior)
+        built = build_model_and_index(work, world, seed=args.seed, content_prior=args.content_prior,
+                                      category_affinity=args.category_affinity)
         model = built.pop("model")
         runs = []
         base = {"url": f"sqlite:///{db_path}", "model_dir": str(work / "model"), "index_dir": str(work / "index"),

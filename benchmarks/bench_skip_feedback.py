@@ -132,40 +132,57 @@ def fit_listwise(x: np.ndarray, labels: np.ndarray, offsets: np.ndarray, l2: flo
     return minimize(loss, start, jac=True, method="L-BFGS-B").x
 
 
-def run_seed(seed: int, args, root: Path) -> dict:
-    from bench_quality import config_overrides, file_impressions, ingested_world, oracle_auc
+def served_world(seed: int, args, root: Path):
+    """The held-out world of ``seed`` ingested and the default model trained on it, with what the
+    experiments read of it (shared with bench_user_category.py): the scoring catalogue, the
+    version, its model and item embeddings, the validation window and the test file as the
+    model reads them, and every user's skips in the store (label 0, a ``ClickLog``)."""
+    from types import SimpleNamespace
+
+    from bench_quality import config_overrides, file_impressions, ingested_world
     from recsys.config import load_config
     from recsys.data.interactions import ClickLog, with_logged_clicks
-    from recsys.models.training import mean_impression_auc
     from recsys.pipelines.scoring import VersionScorer, load_scoring_catalogue
     from recsys.pipelines.train import run_train
     from recsys.store import repository as repo
     from recsys.store import schema
     from recsys.versions import get_version
 
-    t0 = time.perf_counter()
     world, ws, engine, _ = ingested_world(seed, args, root, foreign=args.foreign)
     config = load_config(None, config_overrides(args))
     run_train(engine, ws, config)
     catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
     version = get_version(engine)
     scorer = VersionScorer(version, catalogue)
-    model, embeddings = scorer.model, scorer.embeddings
-    d, h = model.config.embedding_dim, model.config.history_len
+    h = scorer.model.config.history_len
+    users, rows, times = repo._labelled_items(  # the read behind read_click_log, with label 0
+        engine, catalogue.features.news_ids, schema.impressions.c.user_id, object, schema.impression_items.c.label == 0
+    )
+    window = version.manifest["training_window"]
+    valid = repo.read_impressions(engine, catalogue.features.news_ids, since=datetime.fromisoformat(window["valid_start"]),
+                                  until=datetime.fromisoformat(window["until"]), history_len=h, labelled_only=True)
+    return SimpleNamespace(
+        world=world, engine=engine, catalogue=catalogue, version=version, model=scorer.model,
+        embeddings=scorer.embeddings, skips=ClickLog.from_events(users, times, rows),
+        valid=with_logged_clicks(valid, catalogue.clicks, h),
+        test=file_impressions(world / "behaviors_test.tsv", catalogue, logged_clicks=True, history_len=h),
+    )
+
+
+def run_seed(seed: int, args, root: Path) -> dict:
+    from bench_quality import oracle_auc
+    from recsys.data.interactions import with_logged_clicks
+    from recsys.models.training import mean_impression_auc
+
+    t0 = time.perf_counter()
+    setup = served_world(seed, args, root)
+    world, engine, catalogue, model, embeddings = setup.world, setup.engine, setup.catalogue, setup.model, setup.embeddings
+    skips, valid, test = setup.skips, setup.valid, setup.test
+    d = model.config.embedding_dim
     if not model.config.prior_dim:
         raise SystemExit(f"seed {seed}: the trained model serves no content prior; nothing to compare against")
     anchors = embeddings[:, d:]  # unscaled: the served weight sits in the user vectors
     networks = model.with_content_prior(0.0)
-
-    users, rows, times = repo._labelled_items(  # the read behind read_click_log, with label 0
-        engine, catalogue.features.news_ids, schema.impressions.c.user_id, object, schema.impression_items.c.label == 0
-    )
-    skips = ClickLog.from_events(users, times, rows)
-    window = version.manifest["training_window"]
-    valid = repo.read_impressions(engine, catalogue.features.news_ids, since=datetime.fromisoformat(window["valid_start"]),
-                                  until=datetime.fromisoformat(window["until"]), history_len=h, labelled_only=True)
-    valid = with_logged_clicks(valid, catalogue.clicks, h)
-    test = file_impressions(world / "behaviors_test.tsv", catalogue, logged_clicks=True, history_len=h)
 
     def mean_anchor_dot(imps, offsets, items) -> np.ndarray:
         """(c,) <mean anchors of each impression's list, anchors of its candidates>; 0 for an empty list."""

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -72,42 +71,21 @@ def columns(keys: tuple[int, ...], kinds: tuple[str, ...], n_keys: int = 2) -> l
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
-    from bench_quality import config_overrides, file_impressions, ingested_world, oracle_auc
-    from bench_skip_feedback import fit_listwise
+    from bench_quality import oracle_auc
+    from bench_skip_feedback import fit_listwise, served_world
     from sklearn.linear_model import LogisticRegression
 
     from recsys.columns import CATEGORY, NEWS_ID, SUBCATEGORY
-    from recsys.config import load_config
-    from recsys.data.interactions import ClickLog, with_logged_clicks
+    from recsys.data.interactions import with_logged_clicks
     from recsys.models.training import mean_impression_auc
-    from recsys.pipelines.scoring import VersionScorer, load_scoring_catalogue
-    from recsys.pipelines.train import run_train
-    from recsys.store import repository as repo
-    from recsys.store import schema
-    from recsys.versions import get_version
 
     t0 = time.perf_counter()
-    world, ws, engine, _ = ingested_world(seed, args, root, foreign=args.foreign)
-    config = load_config(None, config_overrides(args))
-    run_train(engine, ws, config)
-    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
-    version = get_version(engine)
-    scorer = VersionScorer(version, catalogue)
-    model, embeddings = scorer.model, scorer.embeddings
-    h = model.config.history_len
-
+    setup = served_world(seed, args, root)
+    world, engine, catalogue, model, embeddings = setup.world, setup.engine, setup.catalogue, setup.model, setup.embeddings
+    skips, valid, test = setup.skips, setup.valid, setup.test
     by_id = catalogue.news.set_index(NEWS_ID)
     codes = [np.unique(by_id.loc[catalogue.features.news_ids, key].to_numpy(str), return_inverse=True)[1]
              for key in (CATEGORY, SUBCATEGORY)]
-    users, rows, times = repo._labelled_items(  # the read behind read_click_log, with label 0
-        engine, catalogue.features.news_ids, schema.impressions.c.user_id, object, schema.impression_items.c.label == 0
-    )
-    skips = ClickLog.from_events(users, times, rows)
-    window = version.manifest["training_window"]
-    valid = repo.read_impressions(engine, catalogue.features.news_ids, since=datetime.fromisoformat(window["valid_start"]),
-                                  until=datetime.fromisoformat(window["until"]), history_len=h, labelled_only=True)
-    valid = with_logged_clicks(valid, catalogue.clicks, h)
-    test = file_impressions(world / "behaviors_test.tsv", catalogue, logged_clicks=True, history_len=h)
 
     def skip_lists(imps):
         empty = replace(imps, history_offsets=np.zeros(len(imps) + 1, np.int64), history_items=np.zeros(0, np.int32))
