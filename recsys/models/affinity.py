@@ -25,13 +25,14 @@ read like any other.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 
 from recsys.data.interactions import Impressions, candidate_impression_rows
+from recsys.models.linear_blend import LinearBlend, whole_impressions_sample
 
 KEYS = ("category", "subcategory")
 KEY_FEATURES = ("log_clicks", "log_skips", "click_share", "skip_share", "lift")
@@ -62,36 +63,17 @@ def affinity_design(logits: np.ndarray, clicks: np.ndarray, skips: np.ndarray, h
 
 
 @dataclass(frozen=True)
-class AffinityCalibration:
-    """``logit' = intercept + weights . affinity_design(...)``, fitted on validation.
+class AffinityCalibration(LinearBlend):
+    """``logit' = intercept + weights . affinity_design(...)``, fitted on validation; ``weights``
+    (13,) one per ``FEATURES`` column."""
 
-    Attributes:
-        weights: (13,) one per ``FEATURES`` column.
-        intercept: the constant.
-    """
-
-    weights: tuple[float, ...]
-    intercept: float
-
-    def __post_init__(self) -> None:
-        if len(self.weights) != len(FEATURES) or not all(math.isfinite(w) for w in (*self.weights, self.intercept)):
-            raise ValueError(f"category affinity: weights {list(self.weights)} and intercept {self.intercept!r}, "
-                             f"expected {len(FEATURES)} finite weights ({', '.join(FEATURES)}) and a finite intercept")
+    FEATURES: ClassVar[tuple[str, ...]] = FEATURES
+    LABEL: ClassVar[str] = "category affinity"
 
     def logits(self, logits: np.ndarray, clicks: np.ndarray, skips: np.ndarray, history: np.ndarray,
                skipped: np.ndarray) -> np.ndarray:
         """(c,) float64 logits with the affinity (arguments as ``affinity_design``)."""
-        return affinity_design(logits, clicks, skips, history, skipped) @ np.asarray(self.weights) + self.intercept
-
-    def to_dict(self) -> dict:
-        return {"features": list(FEATURES), "weights": list(self.weights), "intercept": self.intercept}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AffinityCalibration":
-        """Raises ValueError for columns other than ``FEATURES`` or weights that are not finite numbers."""
-        if list(d.get("features", FEATURES)) != list(FEATURES):
-            raise ValueError(f"category affinity over {d['features']}, expected {list(FEATURES)}")
-        return cls(tuple(float(w) for w in d["weights"]), float(d["intercept"]))
+        return self.apply(affinity_design(logits, clicks, skips, history, skipped))
 
 
 def fit_affinity_calibration(
@@ -111,11 +93,7 @@ def fit_affinity_calibration(
     from sklearn.linear_model import LogisticRegression
 
     labels = np.asarray(labels)
-    keep = np.ones(len(labels), dtype=bool)
-    if len(labels) > MAX_FIT_ROWS:
-        impressions = np.unique(owner)
-        chosen = np.random.default_rng(seed).random(len(impressions)) < MAX_FIT_ROWS / len(labels)
-        keep = np.isin(owner, impressions[chosen])
+    keep = whole_impressions_sample(owner, MAX_FIT_ROWS, seed)
     if len(np.unique(labels[keep])) != 2:
         raise ValueError("the category affinity needs clicks and non-clicks")
     x = affinity_design(logits[keep], clicks[keep], skips[keep], history[keep], skipped[keep])

@@ -12,10 +12,12 @@ tonight (docs/model.md, "Exposure in the scored file").
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
+
+from recsys.models.linear_blend import LinearBlend, whole_impressions_sample
 
 # The design matrix's columns, in order.
 FEATURES = ("logit", "fresh_log_shows", "fresh_log_hours", "fresh", "seen_log_shows")
@@ -56,35 +58,16 @@ def fresh_as_of(first_seen: np.ndarray, end: np.datetime64 | None) -> tuple[np.n
 
 
 @dataclass(frozen=True)
-class ExposureCalibration:
-    """``logit' = intercept + weights . exposure_design(...)``, fitted on validation.
+class ExposureCalibration(LinearBlend):
+    """``logit' = intercept + weights . exposure_design(...)``, fitted on validation; ``weights``
+    (5,) one per ``FEATURES`` column."""
 
-    Attributes:
-        weights: (5,) one per ``FEATURES`` column.
-        intercept: the constant.
-    """
-
-    weights: tuple[float, ...]
-    intercept: float
-
-    def __post_init__(self) -> None:
-        if len(self.weights) != len(FEATURES) or not all(math.isfinite(w) for w in (*self.weights, self.intercept)):
-            raise ValueError(f"file exposure calibration: weights {list(self.weights)} and intercept {self.intercept!r}, "
-                             f"expected {len(FEATURES)} finite weights ({', '.join(FEATURES)}) and a finite intercept")
+    FEATURES: ClassVar[tuple[str, ...]] = FEATURES
+    LABEL: ClassVar[str] = "file exposure calibration"
 
     def logits(self, logits: np.ndarray, counts: np.ndarray, hours: np.ndarray, fresh: np.ndarray) -> np.ndarray:
         """(c,) float64 calibrated logits (arguments as ``exposure_design``)."""
-        return exposure_design(logits, counts, hours, fresh) @ np.asarray(self.weights) + self.intercept
-
-    def to_dict(self) -> dict:
-        return {"features": list(FEATURES), "weights": list(self.weights), "intercept": self.intercept}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ExposureCalibration":
-        """Raises ValueError for columns other than ``FEATURES`` or weights that are not finite numbers."""
-        if list(d.get("features", FEATURES)) != list(FEATURES):
-            raise ValueError(f"file exposure calibration over {d['features']}, expected {list(FEATURES)}")
-        return cls(tuple(float(w) for w in d["weights"]), float(d["intercept"]))
+        return self.apply(exposure_design(logits, counts, hours, fresh))
 
 
 def fit_exposure_calibration(
@@ -101,12 +84,7 @@ def fit_exposure_calibration(
     from sklearn.linear_model import LogisticRegression
 
     labels = np.asarray(labels)
-    keep = np.ones(len(labels), dtype=bool)
-    if len(labels) > MAX_FIT_ROWS:
-        impressions = np.unique(owner)
-        share = MAX_FIT_ROWS / len(labels)
-        chosen = np.random.default_rng(seed).random(len(impressions)) < share
-        keep = np.isin(owner, impressions[chosen])
+    keep = whole_impressions_sample(owner, MAX_FIT_ROWS, seed)
     if len(np.unique(labels[keep])) != 2:
         raise ValueError("the file exposure calibration needs clicks and non-clicks")
     x = exposure_design(logits[keep], counts[keep], hours[keep], fresh[keep])
