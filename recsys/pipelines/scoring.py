@@ -91,17 +91,20 @@ class SkipReader:
     """The store's skips (``repository.read_skipped``) of a chunk's users before ``until`` (the
     scored file's first impression: none of the file's own, nor any later), counted per key of
     the catalogue's ``item_codes``; one query a chunk, which every version that scores the chunk
-    shares."""
+    shares. Only the impressions stored when it was made are read (``through_pk``), as the rest
+    of the catalogue was read then: an ingest committing during a long ``predict`` changes no
+    later chunk's counts."""
 
     def __init__(self, engine: Engine, until: datetime | None, news_ids: np.ndarray, item_codes: np.ndarray):
         self.engine, self.until, self.news_ids, self.item_codes = engine, until, news_ids, item_codes
+        self.through_pk = repo.last_impression_pk(engine)
         self._last: tuple[np.ndarray, SkipCounts] | None = None
 
     def __call__(self, user_ids: np.ndarray) -> SkipCounts:
         users = np.unique(np.asarray(user_ids, dtype=object))
         if self._last is not None and np.array_equal(self._last[0], users):
             return self._last[1]
-        skipped = repo.read_skipped(self.engine, users, self.news_ids, until=self.until)
+        skipped = repo.read_skipped(self.engine, users, self.news_ids, until=self.until, through_pk=self.through_pk)
         counts = SkipCounts.from_pairs(users, *skipped, self.item_codes)
         self._last = (users, counts)
         return counts
@@ -482,41 +485,41 @@ class VersionScorer:
     def score_read(self, read: Impressions) -> np.ndarray:
         """(c,) probabilities of impressions already ``read`` by this model."""
         after = np.ones(len(read), dtype=bool) if self.catalogue.end is None else read.times >= self.catalogue.end
+        skips = None if self.affinity is None else self.catalogue.skips(read.user_ids)  # one read for both parts
         if self.exposure is None or not after.any():
-            return self._score_plain(read)
+            return self._score_plain(read, skips)
         if after.all():
-            return self._score_exposed(read)
+            return self._score_exposed(read, skips)
         # A chunk across the store's end: the impressions before it exactly as without the
         # file's exposure, each part scored once.
         out = np.empty(len(read.candidate_items), dtype=np.float32)
         exposed = after[candidate_impression_rows(read)]
-        out[exposed] = self._score_exposed(select_impressions(read, after))
-        out[~exposed] = self._score_plain(select_impressions(read, ~after))
+        out[exposed] = self._score_exposed(select_impressions(read, after), skips)
+        out[~exposed] = self._score_plain(select_impressions(read, ~after), skips)
         return out
 
-    def _score_plain(self, read: Impressions) -> np.ndarray:
+    def _score_plain(self, read: Impressions, skips: SkipCounts | None) -> np.ndarray:
         if self.affinity is None:
             return self.model.score_impressions(read, self.embeddings, self.catalogue.log, self.catalogue.first_seen,
                                                 popularity_until=self.times.popularity_until, age_until=self.times.age_until)
         logits = self.model.score_impressions(read, self.embeddings, self.catalogue.log, self.catalogue.first_seen,
                                               popularity_until=self.times.popularity_until,
                                               age_until=self.times.age_until, logits=True)
-        return _sigmoid(self._with_affinity(read, logits))
+        return _sigmoid(self._with_affinity(read, logits, skips))
 
-    def _score_exposed(self, read: Impressions) -> np.ndarray:
+    def _score_exposed(self, read: Impressions, skips: SkipCounts | None) -> np.ndarray:
         """Probabilities with the file's exposure (impressions at or after the store's end)."""
         logits = self.model.score_impressions(read, self.embeddings, self.catalogue.log, self.exposure_first_seen,
                                               popularity_until=self.times.popularity_until,
                                               age_until=self.times.age_until, logits=True)
         if self.affinity is not None:  # fitted first, as the exposure was fitted on top of it
-            logits = self._with_affinity(read, logits)
+            logits = self._with_affinity(read, logits, skips)
         items = read.candidate_items
         counts, hours = self.shows.earlier(items, read.times[candidate_impression_rows(read)])
         return _sigmoid(self.exposure.logits(logits, counts, hours, self.fresh[items]))
 
-    def _with_affinity(self, read: Impressions, logits: np.ndarray) -> np.ndarray:
-        """(c,) float64 ``logits`` combined with the readers' category affinity."""
-        skips = self.catalogue.skips(read.user_ids)
+    def _with_affinity(self, read: Impressions, logits: np.ndarray, skips: SkipCounts) -> np.ndarray:
+        """(c,) float64 ``logits`` combined with the readers' category affinity (``skips``: theirs)."""
         return self.affinity.logits(logits, *affinity_inputs(read, skips, self.catalogue.item_codes, self.history_len))
 
 

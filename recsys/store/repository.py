@@ -498,7 +498,7 @@ def read_click_log(engine: Engine, news_ids: np.ndarray, *, until: datetime | No
 
 
 def read_skipped(engine: Engine, user_ids, news_ids: np.ndarray, *, until: datetime | None = None,
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 through_pk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The articles each of ``user_ids`` was shown and did not click (label 0) in labelled
     impressions before ``until``: the skip evidence of the category affinity
     (``recsys.models.affinity.SkipCounts.from_pairs``).
@@ -513,6 +513,9 @@ def read_skipped(engine: Engine, user_ids, news_ids: np.ndarray, *, until: datet
         news_ids: (n,) the item ordering the returned rows index into; skips of articles
             missing from it are dropped.
         until: only impressions strictly before it (None: all).
+        through_pk: only impressions stored by then (``impressions.id`` at most this, from
+            ``last_impression_pk``): a command that reads chunk by chunk does not see an
+            ingest that commits while it runs. None: all.
 
     Returns:
         ``(user_index, item_rows)``: (q,) int64 indices into ``user_ids`` and into ``news_ids``,
@@ -520,7 +523,7 @@ def read_skipped(engine: Engine, user_ids, news_ids: np.ndarray, *, until: datet
     """
     im, it = s.impressions.c, s.impression_items.c
     query = select(im.user_id, it.news_id).join(s.impressions, it.impression_pk == im.id).where(
-        it.label == 0, *_window(None, until))
+        it.label == 0, *_window(None, until), *([] if through_pk is None else [im.id <= through_pk]))
     ids = np.asarray([str(u) for u in user_ids], dtype=object)
     users, lookup = pd.Index(ids), pd.Index(news_ids, dtype=object)
     who, rows = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
@@ -532,6 +535,12 @@ def read_skipped(engine: Engine, user_ids, news_ids: np.ndarray, *, until: datet
                 who.append(users.get_indexer(df[USER_ID].to_numpy(dtype=object))[known].astype(np.int64))
                 rows.append(found[known].astype(np.int64))
     return np.concatenate(who), np.concatenate(rows)
+
+
+def last_impression_pk(engine: Engine) -> int:
+    """The largest ``impressions.id`` stored (0 for none): ingest gives new impressions larger ones."""
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.max(s.impressions.c.id))).scalar() or 0)
 
 
 def iter_run_recommendations(engine: Engine, run_id: int) -> Iterator[pd.DataFrame]:
