@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from recsys.data.interactions import Impressions, candidate_impression_rows
-from recsys.models.linear_blend import LinearBlend, whole_impressions_sample
+from recsys.models.linear_blend import LinearBlend
 
 KEYS = ("category", "subcategory")
 KEY_FEATURES = ("log_clicks", "log_skips", "click_share", "skip_share", "lift")
@@ -93,9 +93,7 @@ def fit_affinity_calibration(
     from sklearn.linear_model import LogisticRegression
 
     labels = np.asarray(labels)
-    keep = whole_impressions_sample(owner, MAX_FIT_ROWS, seed)
-    if len(np.unique(labels[keep])) != 2:
-        raise ValueError("the category affinity needs clicks and non-clicks")
+    keep = AffinityCalibration.fit_rows(labels, owner, MAX_FIT_ROWS, seed)
     x = affinity_design(logits[keep], clicks[keep], skips[keep], history[keep], skipped[keep])
     mean, scale = x.mean(0), x.std(0)
     scale[scale < 1e-9] = 1.0  # a constant column (no skips at all): its weight stays 0
@@ -123,6 +121,11 @@ class KeyVocabulary:
     @property
     def sizes(self) -> tuple[int, int]:
         return len(self.categories), len(self.subcategories)
+
+
+def key_codes(categories, subcategories) -> np.ndarray:
+    """(n, 2) int64 codes of n articles' categories and subcategories, numbered among themselves."""
+    return KeyVocabulary.of(categories, subcategories).codes(categories, subcategories)
 
 
 def _sub_keys(categories, subcategories) -> pd.MultiIndex:
@@ -236,21 +239,32 @@ def _sorted_lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> 
 
 
 def affinity_inputs(impressions: Impressions, skips: SkipCounts, item_codes: np.ndarray, history_len: int):
-    """``(clicks, skips, history, skipped)`` of every candidate of ``impressions`` (the inputs of
-    ``AffinityCalibration.logits`` after the logits): its keys' clicks in the impression's
+    """``pair_inputs`` of every candidate of ``impressions``, each read against its impression's
+    history and user."""
+    return pair_inputs(candidate_impression_rows(impressions), impressions.user_ids, impressions.candidate_items,
+                       impressions.history_offsets, impressions.history_items, skips, item_codes, history_len)
+
+
+def pair_inputs(owner: np.ndarray, list_users: np.ndarray, candidate_items: np.ndarray, history_offsets: np.ndarray,
+                history_items: np.ndarray, skips: SkipCounts, item_codes: np.ndarray, history_len: int):
+    """``(clicks, skips, history, skipped)`` of (list, candidate) pairs, the inputs of
+    ``AffinityCalibration.logits`` after the logits: the candidate's keys' clicks in its list's
     history as the user encoder reads it (its first ``history_len``, the newest), its user's
     skips of them in ``skips``, and both totals.
 
     Args:
+        owner: (c,) the list (an impression, or a user of the nightly's shard) of each pair.
+        list_users: (m,) the user id of each list.
+        candidate_items: (c,) the candidate's item row of each pair.
+        history_offsets / history_items: the lists' histories (CSR, newest first).
         item_codes: (n, 2) key codes of every item row (``KeyVocabulary.codes``; those ``skips``
             was built from).
         history_len: the model's history cap: a history read for several models may be longer.
     """
-    owner = candidate_impression_rows(impressions)
-    codes = item_codes[impressions.candidate_items]
-    offsets, items = first_of_each(impressions.history_offsets, impressions.history_items, history_len)
+    codes = item_codes[candidate_items]
+    offsets, items = first_of_each(history_offsets, history_items, history_len)
     clicks, history = history_key_counts(owner, codes, offsets, items, item_codes)
-    skipped_keys, skipped = skips.lookup(impressions.user_ids[owner], codes)
+    skipped_keys, skipped = skips.lookup(np.asarray(list_users, dtype=object)[owner], codes)
     return clicks, skipped_keys, history, skipped
 
 

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from recsys.models.linear_blend import LinearBlend, whole_impressions_sample
+from recsys.models.linear_blend import LinearBlend
 
 # The design matrix's columns, in order.
 FEATURES = ("logit", "fresh_log_shows", "fresh_log_hours", "fresh", "seen_log_shows")
@@ -84,9 +84,7 @@ def fit_exposure_calibration(
     from sklearn.linear_model import LogisticRegression
 
     labels = np.asarray(labels)
-    keep = whole_impressions_sample(owner, MAX_FIT_ROWS, seed)
-    if len(np.unique(labels[keep])) != 2:
-        raise ValueError("the file exposure calibration needs clicks and non-clicks")
+    keep = ExposureCalibration.fit_rows(labels, owner, MAX_FIT_ROWS, seed)
     x = exposure_design(logits[keep], counts[keep], hours[keep], fresh[keep])
     model = LogisticRegression(C=1.0, max_iter=1000).fit(x, labels[keep])
     return ExposureCalibration(tuple(float(w) for w in model.coef_[0]), float(model.intercept_[0]))

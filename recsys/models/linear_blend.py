@@ -44,11 +44,28 @@ class LinearBlend:
         return {"features": list(self.FEATURES), "weights": list(self.weights), "intercept": self.intercept}
 
     @classmethod
+    def fit_rows(cls, labels: np.ndarray, owner: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
+        """(c,) bool: the candidates a fit reads (``whole_impressions_sample``).
+
+        Raises:
+            ValueError: their labels are not both 0 and 1.
+        """
+        keep = whole_impressions_sample(owner, max_rows, seed)
+        if len(np.unique(np.asarray(labels)[keep])) != 2:
+            raise ValueError(f"the {cls.LABEL} needs clicks and non-clicks")
+        return keep
+
+    @classmethod
     def from_dict(cls, d: dict):
         """Raises ValueError for columns other than ``FEATURES`` or weights that are not finite numbers."""
         if list(d.get("features", cls.FEATURES)) != list(cls.FEATURES):
             raise ValueError(f"{cls.LABEL} over {d['features']}, expected {list(cls.FEATURES)}")
         return cls(tuple(float(w) for w in d["weights"]), float(d["intercept"]))
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """(c,) float64 probabilities of logits ``z``, without ``exp``'s overflow."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=np.float64)))
 
 
 def whole_impressions_sample(owner: np.ndarray, max_rows: int, seed: int) -> np.ndarray:

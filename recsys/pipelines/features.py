@@ -107,9 +107,9 @@ def load_catalogue(engine: Engine, workspace: Workspace, config: Config, *,
 def item_key_codes(news: pd.DataFrame) -> np.ndarray:
     """(n, 2) int64 codes of the articles' categories and subcategories, row-aligned with
     ``news`` (the category affinity's keys, ``recsys.models.affinity``)."""
-    from recsys.models.affinity import KeyVocabulary
+    from recsys.models.affinity import key_codes
 
-    return KeyVocabulary.of(news[CATEGORY], news[SUBCATEGORY]).codes(news[CATEGORY], news[SUBCATEGORY])
+    return key_codes(news[CATEGORY], news[SUBCATEGORY])
 
 
 def first_seen_array(news: pd.DataFrame) -> np.ndarray:

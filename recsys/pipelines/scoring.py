@@ -49,6 +49,7 @@ from recsys.data.interactions import (
 )
 from recsys.models.affinity import SkipCounts, affinity_inputs
 from recsys.models.exposure import fresh_as_of
+from recsys.models.linear_blend import sigmoid
 from recsys.models.side_features import SideFeatures
 from recsys.pipelines.features import encode_news, first_seen_array, item_key_codes, load_version_model
 from recsys.store import repository as repo
@@ -524,7 +525,7 @@ class VersionScorer:
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # without exp's overflow
+    return sigmoid(z).astype(np.float32)
 
 
 def describe_reading(times: FeatureTimes, scorers: dict[str, VersionScorer], file_exposure: bool) -> str:

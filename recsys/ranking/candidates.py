@@ -17,7 +17,8 @@ import pandas as pd
 from recsys.columns import NEWS_ID, RANK, SCORE, USER_ID
 from recsys.errors import ConfigError
 from recsys.data.interactions import InteractionLog
-from recsys.models.affinity import SkipCounts, first_of_each, history_key_counts
+from recsys.models.affinity import SkipCounts, pair_inputs
+from recsys.models.linear_blend import sigmoid
 from recsys.models.side_features import SideFeatures
 
 # Pairs scored per ``model.score`` call: big enough to amortise the call, small enough that the
@@ -171,8 +172,8 @@ def rank_users(
         clicked: (offsets (m + 1,), items) of every article each user clicked, which are never
             recommended; default: the history. A model that reads the History column only
             (``logged_clicks = false``) does not see the clicks of impressions, but they count here.
-        skips: the users' skip counts, built with the vocabulary of ``catalogue.codes``; required
-            (with the codes) by a model with the category affinity, which the scores then read.
+        skips: the users' skip counts, built from ``catalogue.codes``; required (with the codes)
+            by a model with the category affinity, which the scores then read.
 
     Returns:
         DataFrame with USER_ID, RANK (1-based), NEWS_ID, SCORE; users in input order, best
@@ -244,11 +245,9 @@ def rank_users(
         ).reshape(-1)
     if affinity is not None:
         # As the fit read them: the history the user encoder reads (its first history_len), the store's skips.
-        offsets, capped = first_of_each(history_offsets, history_items, model.config.history_len)
-        codes = catalogue.codes[items]
-        clicks, history = history_key_counts(users, codes, offsets, capped, catalogue.codes)
-        skip_keys, skipped = skips.lookup(user_ids[users], codes)
-        scores = 0.5 * (1.0 + np.tanh(0.5 * affinity.logits(scores, clicks, skip_keys, history, skipped)))
+        inputs = pair_inputs(users, user_ids, items, history_offsets, history_items, skips, catalogue.codes,
+                             model.config.history_len)
+        scores = sigmoid(affinity.logits(scores, *inputs))
     clock = _tick(timings, "score", clock)
 
     keep_users, keep_ranks, keep_items, keep_scores = _top_k(users, items, scores, k)

@@ -16,6 +16,7 @@ import pandas as pd
 from sqlalchemy import Engine, and_, exists, func, select
 
 from recsys.store import schema as s
+from recsys.store.repository import last_impression_pk
 
 
 def active_user_ids(engine: Engine, *, since: datetime, until: datetime) -> np.ndarray:
@@ -70,7 +71,7 @@ def index_key_codes(engine: Engine, news_ids: np.ndarray) -> np.ndarray:
     """(n, 2) int64 codes of the categories and subcategories of ``news_ids`` (the index rows)
     as the store holds them, -1 for an article it lacks: the category affinity's keys
     (``recsys.models.affinity``)."""
-    from recsys.models.affinity import KeyVocabulary
+    from recsys.models.affinity import key_codes
 
     n = s.news.c
     with engine.connect() as conn:
@@ -81,13 +82,12 @@ def index_key_codes(engine: Engine, news_ids: np.ndarray) -> np.ndarray:
     codes = np.full((len(frame), 2), -1, dtype=np.int64)
     if known.any():
         cats, subs = frame["category"].to_numpy(dtype=object)[known], frame["subcategory"].to_numpy(dtype=object)[known]
-        codes[known] = KeyVocabulary.of(cats, subs).codes(cats, subs)
+        codes[known] = key_codes(cats, subs)
     return codes
 
 
 def store_marker(engine: Engine) -> dict:
     """Cheap counters that change whenever behaviors are ingested (part of a run's plan)."""
     with engine.connect() as conn:
-        last_impression = conn.execute(select(func.max(s.impressions.c.id))).scalar()
         clicks = conn.execute(select(func.count()).select_from(s.clicks)).scalar()
-    return {"last_impression_pk": int(last_impression or 0), "clicks": int(clicks or 0)}
+    return {"last_impression_pk": last_impression_pk(engine), "clicks": int(clicks or 0)}
