@@ -62,6 +62,9 @@ class ModelConfig:
     # Combine the served logit with the reader's clicks and skips per category and subcategory,
     # weights fitted on the validation window (recsys.models.affinity).
     category_affinity: bool = True
+    # ... and per content cluster: this many k-means centres of each modality's content anchors
+    # (0: the publisher's keys only). Read only with category_affinity and the content prior.
+    affinity_clusters: int = 16
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,9 @@ class IndexConfig:
 MAX_DAYS = 36_500
 # NumPy and TensorFlow seeds are unsigned 32-bit integers.
 MAX_SEED = 2**32 - 1
+# Content clusters per modality the category affinity may ask for: each is 5 columns of a
+# reader's counts, read against a few thousand labelled validation impressions.
+MAX_AFFINITY_CLUSTERS = 4096
 # The largest rank the store's recommendations.rank column (SmallInteger) holds.
 MAX_RANK = 32_767
 
@@ -197,6 +203,9 @@ class Config:
                 f"config key 'model.embedding_dim' is {self.model.embedding_dim}, expected a multiple of {NUM_HEADS} "
                 "(the heads of the user encoder's self-attention)"
             )
+        if not 0 <= self.model.affinity_clusters <= MAX_AFFINITY_CLUSTERS:
+            raise ConfigError(f"config key 'model.affinity_clusters' is {self.model.affinity_clusters}, expected 0 (the "
+                              f"publisher's keys only) to {MAX_AFFINITY_CLUSTERS} content clusters per modality")
         anchors = self.model.anchor_dim * len(self.model.modalities.split(","))
         if self.model.anchor_dim < 0 or anchors >= self.model.embedding_dim:
             raise ConfigError(

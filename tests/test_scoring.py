@@ -1190,15 +1190,33 @@ def test_file_exposure_scores_later_impressions_with_the_files_earlier_shows(tra
     assert np.abs(served.score(imps) - plain.score(imps)).max() > 1e-3
 
 
-def _affinity_by_hand(world: Path, read, news_ids: np.ndarray, skip_rows) -> np.ndarray:
-    """(c, 13) design of the category affinity for every candidate of ``read`` (the impressions
-    with the histories the model reads), its skips counted from the text of ``skip_rows`` (the
-    behaviors lines the store holds before the scored file): per user, the distinct articles of
-    each category and (category, subcategory) shown with label 0."""
+def _cluster_keys_by_hand(scorer) -> dict:
+    """news id -> the content-cluster code of each of the version's clustered anchor blocks (None
+    where the block is zero: no cover), by a loop over the stored centres of the served vectors'
+    anchor columns."""
+    clusters = scorer.model.config.category_affinity.clusters
+    assert clusters is not None and clusters.blocks
+    anchors = scorer.embeddings[:, scorer.model.config.embedding_dim :]
+    out = {}
+    for row, news_id in enumerate(scorer.catalogue.features.news_ids):
+        codes = []
+        for offset, table in zip(clusters.offsets, clusters.centres):
+            x = anchors[row, offset : offset + len(table[0])].astype(np.float64)
+            codes.append(None if x @ x < 0.5 else int(np.argmax([x @ np.array(c) for c in table])))
+        out[news_id] = tuple(codes)
+    return out
+
+
+def _affinity_by_hand(world: Path, read, news_ids: np.ndarray, skip_rows, clusters: dict) -> np.ndarray:
+    """(c, 3 + 5 K - 1) design of the category affinity without its logit column for every
+    candidate of ``read`` (the impressions with the histories the model reads), its skips counted
+    from the text of ``skip_rows`` (the behaviors lines the store holds before the scored file):
+    per user, the distinct articles of each category, (category, subcategory) and content
+    cluster (``clusters``: news id -> codes, None for none) shown with label 0."""
     keys = {}
     for line in (world / "news.tsv").read_text(encoding="utf-8").splitlines():
         news_id, category, subcategory = line.split("\t")[:3]
-        keys[news_id] = (category, (category, subcategory))
+        keys[news_id] = (category, (category, subcategory), *clusters[news_id])
     skipped: dict[str, set] = {}
     for row in skip_rows:
         skipped.setdefault(row.user_id, set()).update(n for n, label in zip(row.news_ids, row.labels) if label == 0)
@@ -1209,9 +1227,9 @@ def _affinity_by_hand(world: Path, read, news_ids: np.ndarray, skip_rows) -> np.
         n, m = len(history), len(skips)
         for c in read.candidates(i):
             row = []
-            for k in range(2):
-                clicks = sum(1 for key in history if key[k] == keys[news_ids[c]][k])
-                skip = sum(1 for key in skips if key[k] == keys[news_ids[c]][k])
+            for k, mine in enumerate(keys[news_ids[c]]):
+                clicks = sum(1 for key in history if mine is not None and key[k] == mine)
+                skip = sum(1 for key in skips if mine is not None and key[k] == mine)
                 lift = np.log((clicks + 0.5) / (skip + 0.5)) - np.log((n + 0.5) / (m + 0.5))
                 row += [np.log1p(clicks), np.log1p(skip), clicks / max(n, 1), skip / max(m, 1), lift]
             rows.append(row + [np.log1p(n), np.log1p(m)])
@@ -1251,8 +1269,11 @@ def test_the_category_affinity_reads_each_readers_category_clicks_and_skips_befo
     read = plain.read(imps)
     logits = plain.model.score_impressions(read, plain.embeddings, catalogue.log, catalogue.first_seen,
                                            popularity_until=times.popularity_until, logits=True).astype(np.float64)
-    design = _affinity_by_hand(world, read, catalogue.features.news_ids, iter_behaviors(world / "behaviors_train.tsv"))
+    design = _affinity_by_hand(world, read, catalogue.features.news_ids, iter_behaviors(world / "behaviors_train.tsv"),
+                               _cluster_keys_by_hand(plain))
     assert (design[:, 2] > 0).any() and (design[:, 1] > 0).any()  # skips and clicks of the candidates' categories
+    assert aff.keys == ("category", "subcategory", "text_cluster", "image_cluster")  # the default: 16 clusters each
+    assert (design[:, [10, 11, 15, 16]] > 0).any(axis=0).all()  # and of their text and image clusters
     z = aff.intercept + logits * aff.weights[0] + design @ np.array(aff.weights[1:])
     np.testing.assert_allclose(plain.score(imps), 1 / (1 + np.exp(-z)), rtol=1e-5, atol=1e-7)
     # The file's exposure is fitted on top of the affinity, and so applied.
@@ -1282,7 +1303,7 @@ def test_the_category_affinity_reads_no_skip_of_the_scored_file_or_after_it(trai
     read = scorer.read(imps)
     logits = scorer.model.score_impressions(read, scorer.embeddings, catalogue.log, catalogue.first_seen,
                                             logits=True).astype(np.float64)
-    design = _affinity_by_hand(world, read, catalogue.features.news_ids, [])
+    design = _affinity_by_hand(world, read, catalogue.features.news_ids, [], _cluster_keys_by_hand(scorer))
     z = aff.intercept + logits * aff.weights[0] + design @ np.array(aff.weights[1:])
     np.testing.assert_allclose(scorer.score(imps), 1 / (1 + np.exp(-z)), rtol=1e-5, atol=1e-7)
     whole = load_scoring_catalogue(engine, ws, config, news=None, images=None)  # no span: every skip the store holds

@@ -18,6 +18,12 @@ as a later day is served (clicks and skips before the window), fits one weight e
 served logit (``fit_affinity_calibration``); ``recsys predict``, ``recsys evaluate`` and the
 nightly job apply it (docs/model.md, "The reader's category affinity").
 
+Where a publisher's categories are coarse (one category holding several themes), the same
+counts are read per *content cluster* as well (``ContentClusters``, ``model.affinity_clusters``):
+each modality's content anchors (the fixed reduced encoder features the served vectors carry)
+clustered by spherical k-means at training time, one more key per modality. A fresh article's
+cluster is that of its nearest centre, so the key is carried by content, not ids.
+
 Codes are built from the category strings at scoring time (``KeyVocabulary``): the weights
 read counts and shares, never a particular category, so a category the training never saw is
 read like any other.
@@ -34,27 +40,41 @@ import pandas as pd
 from recsys.data.interactions import Impressions, candidate_impression_rows
 from recsys.models.linear_blend import LinearBlend
 
+# The publisher's keys: the codes of ``KeyVocabulary``, the first columns of every item-code table.
 KEYS = ("category", "subcategory")
 KEY_FEATURES = ("log_clicks", "log_skips", "click_share", "skip_share", "lift")
-# The design matrix's columns, in order.
-FEATURES = ("logit", *(f"{key}_{kind}" for key in KEYS for kind in KEY_FEATURES), "log_history", "log_skips")
-# Rows a fit reads at most (a random sample of impressions beyond): 13 weights need far fewer.
+
+
+def design_features(keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The design matrix's columns, in order, for the given keys."""
+    return ("logit", *(f"{key}_{kind}" for key in keys for kind in KEY_FEATURES), "log_history", "log_skips")
+
+
+# The design of the publisher's keys alone.
+FEATURES = design_features(KEYS)
+# Rows a fit reads at most (a random sample of impressions beyond): 23 weights need far fewer.
 MAX_FIT_ROWS = 2_000_000
+# Spherical k-means of the content clusters: iterations, restarts (the best objective is kept:
+# one start can split a theme and merge two others), and points per centre read at most.
+KMEANS_ITERATIONS = 25
+KMEANS_RESTARTS = 3
+KMEANS_POINTS_PER_CENTRE = 256
 
 
 def affinity_design(logits: np.ndarray, clicks: np.ndarray, skips: np.ndarray, history: np.ndarray,
                     skipped: np.ndarray) -> np.ndarray:
-    """(c, 13) float64 design matrix (``FEATURES``) of c candidates.
+    """(c, 3 + 5 K) float64 design matrix (``design_features`` of the K keys) of c candidates.
 
     Args:
         logits: (c,) served logits (uncalibrated, the content prior included).
-        clicks: (c, 2) articles of the candidate's category / subcategory in its user's history.
-        skips: (c, 2) distinct articles of those keys its user skipped.
+        clicks: (c, K) articles of each of the candidate's keys in its user's history.
+        skips: (c, K) distinct articles of those keys its user skipped.
         history: (c,) length of the user's history.
         skipped: (c,) distinct articles the user skipped.
     """
-    c = np.asarray(clicks, dtype=np.float64).reshape(-1, len(KEYS))
-    s = np.asarray(skips, dtype=np.float64).reshape(-1, len(KEYS))
+    c = np.asarray(clicks, dtype=np.float64)
+    s = np.asarray(skips, dtype=np.float64)
+    c, s = c.reshape(len(c), -1), s.reshape(len(s), -1)
     n = np.asarray(history, dtype=np.float64)[:, None]
     m = np.asarray(skipped, dtype=np.float64)[:, None]
     lift = np.log((c + 0.5) / (s + 0.5)) - np.log((n + 0.5) / (m + 0.5))
@@ -63,26 +83,178 @@ def affinity_design(logits: np.ndarray, clicks: np.ndarray, skips: np.ndarray, h
 
 
 @dataclass(frozen=True)
+class ContentClusters:
+    """Spherical k-means centres of each content-anchor block of the served item vectors.
+
+    Attributes:
+        blocks: the modality of each clustered anchor block (``RankingModel.anchor_blocks``
+            order, text first); a modality with no usable rows at training (no covers) is absent.
+        offsets: the first anchor column of each block, counted from the first anchor column.
+        centres: per block, (k, anchor_dim) unit centres as nested tuples (comparable, JSON).
+    """
+
+    blocks: tuple[str, ...]
+    offsets: tuple[int, ...]
+    centres: tuple[tuple[tuple[float, ...], ...], ...]
+
+    def __post_init__(self) -> None:
+        if not (len(self.blocks) == len(self.offsets) == len(self.centres)) or not self.blocks:
+            raise ValueError(f"content clusters: {len(self.blocks)} blocks, {len(self.offsets)} offsets and "
+                             f"{len(self.centres)} centre tables, expected one of each per block (at least one)")
+        for name, offset, table in zip(self.blocks, self.offsets, self.centres):
+            widths = {len(row) for row in table}
+            if offset < 0 or len(table) < 1 or len(widths) != 1 or widths == {0} or not np.isfinite(table).all():
+                raise ValueError(f"content clusters of block {name!r}: offset {offset} and {len(table)} centres of "
+                                 f"widths {sorted(widths)}, expected an offset >= 0 and at least one finite centre")
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(f"{name}_cluster" for name in self.blocks)
+
+    @classmethod
+    def fit(cls, anchors: np.ndarray, blocks: tuple[str, ...], rows: np.ndarray, k: int,
+            seed: int) -> "ContentClusters | None":
+        """Fit ``k`` centres per anchor block on ``anchors[rows]``.
+
+        Args:
+            anchors: (n, len(blocks) * a) content anchors (``RankingModel.content_anchors``):
+                per block unit rows, zero where the modality is missing (no cover).
+            blocks: the modality of each block.
+            rows: the item rows to fit on (the training window's articles).
+            k: centres per block; fewer where a block has fewer usable rows.
+            seed: seeds the k-means.
+
+        Returns:
+            The clusters of the blocks with at least 2 usable rows; None when no block has.
+        """
+        import faiss
+
+        width = anchors.shape[1] // max(len(blocks), 1)
+        kept, offsets, centres = [], [], []
+        for b, name in enumerate(blocks):
+            x = np.ascontiguousarray(anchors[np.asarray(rows, dtype=np.int64), b * width : (b + 1) * width], dtype=np.float32)
+            x = x[np.square(x).sum(axis=1) > 0.5]  # unit rows; a missing modality's are zero
+            size = min(k, len(x))
+            if size < 2:
+                continue
+            km = faiss.Kmeans(width, size, niter=KMEANS_ITERATIONS, nredo=KMEANS_RESTARTS, seed=seed, spherical=True, verbose=False,
+                              min_points_per_centroid=1, max_points_per_centroid=KMEANS_POINTS_PER_CENTRE)
+            km.train(x)
+            kept.append(name)
+            offsets.append(b * width)
+            centres.append(tuple(tuple(float(v) for v in row) for row in km.centroids))
+        return cls(tuple(kept), tuple(offsets), tuple(centres)) if kept else None
+
+    def codes(self, anchors: np.ndarray) -> np.ndarray:
+        """(n, len(blocks)) int64 nearest centre of each row's anchor block; -1 where the block
+        is zero (the modality is missing).
+
+        Args:
+            anchors: (n, A) the content-anchor columns of served item vectors.
+        """
+        out = np.empty((len(anchors), len(self.blocks)), dtype=np.int64)
+        for b, (offset, table) in enumerate(zip(self.offsets, self.centres)):
+            centres = np.asarray(table, dtype=np.float32)
+            x = np.asarray(anchors[:, offset : offset + centres.shape[1]], dtype=np.float32)
+            if x.shape[1] != centres.shape[1]:
+                raise ValueError(f"content clusters of block {self.blocks[b]!r} read anchor columns {offset} .. "
+                                 f"{offset + centres.shape[1] - 1}; the vectors have {anchors.shape[1]} anchor columns")
+            out[:, b] = np.where(np.square(x).sum(axis=1) > 0.5, np.argmax(x @ centres.T, axis=1), -1)
+        return out
+
+    def expressed_in(self, anchors: np.ndarray, codes: np.ndarray, rows: np.ndarray) -> "ContentClusters":
+        """The same clusters with centres in another anchor space (networks trained again on a
+        basis fitted on more articles): each centre the normalised mean of ``anchors`` (n, A)
+        of the articles of ``rows`` that ``codes`` (n, len(blocks)) put in it. A centre with
+        none of them is zero and never nearest to a unit row."""
+        rows = np.asarray(rows, dtype=np.int64)
+        tables = []
+        for b, (offset, table) in enumerate(zip(self.offsets, self.centres)):
+            width = len(table[0])
+            x = np.asarray(anchors[rows, offset : offset + width], dtype=np.float64)
+            member = codes[rows, b]
+            sums = np.zeros((len(table), width))
+            np.add.at(sums, member[member >= 0], x[member >= 0])
+            sums /= np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+            tables.append(tuple(tuple(float(v) for v in row) for row in sums.astype(np.float32)))
+        return ContentClusters(self.blocks, self.offsets, tuple(tables))
+
+    def to_dict(self) -> dict:
+        return {"blocks": list(self.blocks), "offsets": list(self.offsets),
+                "centres": [[list(row) for row in table] for table in self.centres]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ContentClusters":
+        return cls(tuple(str(b) for b in d["blocks"]), tuple(int(o) for o in d["offsets"]),
+                   tuple(tuple(tuple(float(v) for v in row) for row in table) for table in d["centres"]))
+
+
+@dataclass(frozen=True)
 class AffinityCalibration(LinearBlend):
     """``logit' = intercept + weights . affinity_design(...)``, fitted on validation; ``weights``
-    (13,) one per ``FEATURES`` column."""
+    one per ``features`` column: 13 for the publisher's keys, 5 more per content-cluster key.
+
+    Attributes:
+        clusters: the content clusters whose codes follow the publisher's keys (None: none).
+    """
+
+    clusters: ContentClusters | None = None
 
     FEATURES: ClassVar[tuple[str, ...]] = FEATURES
     LABEL: ClassVar[str] = "category affinity"
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return KEYS + (self.clusters.keys if self.clusters is not None else ())
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return design_features(self.keys)
+
+    def item_codes(self, publisher_codes: np.ndarray, anchors: np.ndarray | None) -> np.ndarray:
+        """(n, len(keys)) int64 key codes of n articles: the publisher's (n, 2)
+        (``KeyVocabulary.codes``), then each content cluster's of their anchors (n, A) (the
+        served vectors' anchor columns; read only with clusters)."""
+        codes = np.asarray(publisher_codes, dtype=np.int64).reshape(-1, len(KEYS))
+        if self.clusters is None:
+            return codes
+        if anchors is None or len(anchors) != len(codes):
+            raise ValueError(f"the category affinity's content clusters need the anchors of the {len(codes)} articles")
+        return np.column_stack([codes, self.clusters.codes(anchors)])
 
     def logits(self, logits: np.ndarray, clicks: np.ndarray, skips: np.ndarray, history: np.ndarray,
                skipped: np.ndarray) -> np.ndarray:
         """(c,) float64 logits with the affinity (arguments as ``affinity_design``)."""
         return self.apply(affinity_design(logits, clicks, skips, history, skipped))
 
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if self.clusters is not None:
+            out["clusters"] = self.clusters.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AffinityCalibration":
+        """Raises ValueError for columns other than those of its keys, bad clusters or weights
+        that are not finite numbers. A bundle of before the content clusters reads as without."""
+        try:
+            clusters = None if d.get("clusters") is None else ContentClusters.from_dict(d["clusters"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{cls.LABEL}: unreadable content clusters ({type(e).__name__}: {e})") from e
+        expected = design_features(KEYS + (clusters.keys if clusters is not None else ()))
+        if list(d.get("features", expected)) != list(expected):
+            raise ValueError(f"{cls.LABEL} over {d['features']}, expected {list(expected)}")
+        return cls(tuple(float(w) for w in d["weights"]), float(d["intercept"]), clusters)
+
 
 def fit_affinity_calibration(
     logits: np.ndarray, clicks: np.ndarray, skips: np.ndarray, history: np.ndarray, skipped: np.ndarray,
-    labels: np.ndarray, owner: np.ndarray, *, seed: int = 0,
+    labels: np.ndarray, owner: np.ndarray, *, seed: int = 0, clusters: ContentClusters | None = None,
 ) -> AffinityCalibration:
     """A logistic regression of ``labels`` (c,) 0/1 on ``affinity_design`` (other arguments as
-    there). ``owner`` (c,) gives each candidate's impression: beyond ``MAX_FIT_ROWS`` candidates
-    a random sample of whole impressions (seeded) is read.
+    there; ``clusters``: those whose codes follow the publisher's in ``clicks`` and ``skips``).
+    ``owner`` (c,) gives each candidate's impression: beyond ``MAX_FIT_ROWS`` candidates a
+    random sample of whole impressions (seeded) is read.
 
     The columns are standardised for the fit (its L2 penalty then weighs them alike) and the
     weights mapped back, so that the stored weights read the raw design.
@@ -99,7 +271,7 @@ def fit_affinity_calibration(
     scale[scale < 1e-9] = 1.0  # a constant column (no skips at all): its weight stays 0
     model = LogisticRegression(C=1.0, max_iter=2000).fit((x - mean) / scale, labels[keep])
     weights = model.coef_[0] / scale
-    return AffinityCalibration(tuple(float(w) for w in weights), float(model.intercept_[0] - weights @ mean))
+    return AffinityCalibration(tuple(float(w) for w in weights), float(model.intercept_[0] - weights @ mean), clusters)
 
 
 @dataclass(frozen=True)
@@ -135,6 +307,26 @@ def _sub_keys(categories, subcategories) -> pd.MultiIndex:
 
 
 @dataclass(frozen=True)
+class SkippedArticles:
+    """The articles each of a set of users was shown and did not click, as
+    ``repository.read_skipped`` returns them, before they are counted per key.
+
+    Attributes:
+        user_ids: (u,) unique user ids.
+        user_index: (q,) the user of each skip, an index into ``user_ids``.
+        item_rows: (q,) the article of each skip, an item row.
+    """
+
+    user_ids: np.ndarray
+    user_index: np.ndarray
+    item_rows: np.ndarray
+
+    def counts(self, item_codes: np.ndarray) -> "SkipCounts":
+        """``SkipCounts`` per key of ``item_codes`` (n, K) (``AffinityCalibration.item_codes``)."""
+        return SkipCounts.from_pairs(self.user_ids, self.user_index, self.item_rows, item_codes)
+
+
+@dataclass(frozen=True)
 class SkipCounts:
     """Per user, the distinct articles they skipped, per key code, from the store.
 
@@ -147,10 +339,10 @@ class SkipCounts:
     """
 
     users: pd.Index
-    pair_keys: tuple[np.ndarray, np.ndarray]
-    pair_counts: tuple[np.ndarray, np.ndarray]
+    pair_keys: tuple[np.ndarray, ...]
+    pair_counts: tuple[np.ndarray, ...]
     totals: np.ndarray
-    sizes: tuple[int, int]
+    sizes: tuple[int, ...]
 
     @classmethod
     def from_pairs(cls, user_ids: np.ndarray, user_index: np.ndarray, item_rows: np.ndarray,
@@ -162,14 +354,14 @@ class SkipCounts:
             user_index: (q,) the user of each skip, an index into ``user_ids``.
             item_rows: (q,) the article of each skip, a row of ``item_codes``; a pair repeated
                 (an article skipped in two impressions) counts once.
-            item_codes: (n, 2) key codes of every article (``KeyVocabulary.codes``); an article
-                whose key is -1 counts in its user's total only.
+            item_codes: (n, K) key codes of every article (``AffinityCalibration.item_codes``);
+                an article whose key is -1 counts in its user's total only.
         """
         users = pd.Index(np.asarray(user_ids, dtype=object))
         n = len(item_codes)
         pairs = np.unique(np.asarray(user_index, dtype=np.int64) * max(n, 1) + np.asarray(item_rows, dtype=np.int64))
         user_code, rows = pairs // max(n, 1), pairs % max(n, 1)
-        sizes = tuple(int(item_codes[:, k].max(initial=-1)) + 1 for k in range(len(KEYS)))
+        sizes = tuple(int(item_codes[:, k].max(initial=-1)) + 1 for k in range(item_codes.shape[1]))
         keys, sums = [], []
         for k, size in enumerate(sizes):
             codes = item_codes[rows, k]
@@ -178,19 +370,19 @@ class SkipCounts:
             keys.append(unique)
             sums.append(counts.astype(np.int64))
         totals = np.bincount(user_code, minlength=len(users)).astype(np.int64)
-        return cls(users, (keys[0], keys[1]), (sums[0], sums[1]), totals, (sizes[0], sizes[1]))
+        return cls(users, tuple(keys), tuple(sums), totals, sizes)
 
     def lookup(self, user_ids: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Skips of each (user, candidate) pair: ((c, 2) of the candidate's keys, (c,) in all).
+        """Skips of each (user, candidate) pair: ((c, K) of the candidate's keys, (c,) in all).
 
         Args:
             user_ids: (c,) the user of each pair; a user not read has none.
-            codes: (c, 2) the candidate's key codes (the ``item_codes`` the counts were built
+            codes: (c, K) the candidate's key codes (the ``item_codes`` the counts were built
                 from; -1 reads 0).
         """
         user_code = self.users.get_indexer(np.asarray(user_ids, dtype=object)).astype(np.int64)
         known_user = user_code >= 0
-        out = np.zeros((len(user_code), len(KEYS)), dtype=np.int64)
+        out = np.zeros((len(user_code), len(self.sizes)), dtype=np.int64)
         for k, size in enumerate(self.sizes):
             ok = known_user & (codes[:, k] >= 0) & (codes[:, k] < size)
             out[ok, k] = _sorted_lookup(self.pair_keys[k], self.pair_counts[k], user_code[ok] * size + codes[ok, k])
@@ -205,19 +397,19 @@ def history_key_counts(owner: np.ndarray, candidate_codes: np.ndarray, history_o
 
     Args:
         owner: (c,) the list (impression or user) of each candidate.
-        candidate_codes: (c, 2) the candidate's key codes.
+        candidate_codes: (c, K) the candidate's key codes.
         history_offsets: (m + 1,) CSR offsets of the lists' histories.
         history_items: (h,) item rows of the histories.
-        item_codes: (n, 2) key codes of every item row.
+        item_codes: (n, K) key codes of every item row.
 
     Returns:
-        ((c, 2) history articles of the candidate's category / subcategory, (c,) history length).
+        ((c, K) history articles of each of the candidate's keys, (c,) history length).
     """
     owner = np.asarray(owner, dtype=np.int64)
     lengths = np.diff(np.asarray(history_offsets, dtype=np.int64))
     hist_owner = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
-    out = np.zeros((len(owner), len(KEYS)), dtype=np.int64)
-    for k in range(len(KEYS)):
+    out = np.zeros((len(owner), item_codes.shape[1]), dtype=np.int64)
+    for k in range(item_codes.shape[1]):
         hist_codes = item_codes[np.asarray(history_items, dtype=np.int64), k]
         size = int(max(item_codes[:, k].max(initial=-1), candidate_codes[:, k].max(initial=-1))) + 1
         known = hist_codes >= 0
@@ -257,8 +449,8 @@ def pair_inputs(owner: np.ndarray, list_users: np.ndarray, candidate_items: np.n
         list_users: (m,) the user id of each list.
         candidate_items: (c,) the candidate's item row of each pair.
         history_offsets / history_items: the lists' histories (CSR, newest first).
-        item_codes: (n, 2) key codes of every item row (``KeyVocabulary.codes``; those ``skips``
-            was built from).
+        item_codes: (n, K) key codes of every item row (``AffinityCalibration.item_codes``;
+            those ``skips`` was built from).
         history_len: the model's history cap: a history read for several models may be longer.
     """
     codes = item_codes[candidate_items]

@@ -472,6 +472,26 @@ class RankingModel:
         """
         return self.item_tower.get_layer("fusion").content_anchors(features.text, features.image, features.has_image)
 
+    def affinity_item_codes(self, publisher_codes: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+        """(n, K) key codes of n articles for the category affinity: the publisher's (n, 2)
+        (``KeyVocabulary.codes``), then those of the affinity's content clusters, read from the
+        anchor columns of the articles' served vectors (n, serving_dim) (``item_embeddings``, or
+        the index's vectors).
+
+        Raises:
+            ValueError: the model has no category affinity, or ``embeddings`` are not served vectors.
+        """
+        affinity = self.config.category_affinity
+        if affinity is None:
+            raise ValueError("the model has no category affinity: it reads no key codes")
+        if affinity.clusters is None:
+            return affinity.item_codes(publisher_codes, None)
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.config.serving_dim or self.config.prior_dim == 0:
+            raise ValueError(f"the category affinity's content clusters read the anchor columns of served vectors "
+                             f"({self.config.serving_dim} wide with {self.config.prior_dim} anchor columns); "
+                             f"got vectors of shape {embeddings.shape}")
+        return affinity.item_codes(publisher_codes, embeddings[:, self.config.embedding_dim :])
+
     @property
     def anchor_columns(self) -> int:
         """``A``: content-anchor columns of the item tower (anchor_dim x modalities; 0 without)."""

@@ -31,17 +31,22 @@ class LinearBlend:
     LABEL: ClassVar[str] = "linear blend"
 
     def __post_init__(self) -> None:
-        n = len(self.FEATURES)
+        n = len(self.features)
         if len(self.weights) != n or not all(math.isfinite(w) for w in (*self.weights, self.intercept)):
             raise ValueError(f"{self.LABEL}: weights {list(self.weights)} and intercept {self.intercept!r}, "
-                             f"expected {n} finite weights ({', '.join(self.FEATURES)}) and a finite intercept")
+                             f"expected {n} finite weights ({', '.join(self.features)}) and a finite intercept")
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The design's columns: ``FEATURES``, unless a subclass's depend on its fields."""
+        return self.FEATURES
 
     def apply(self, design: np.ndarray) -> np.ndarray:
         """(c,) float64 blended logits of a (c, len(FEATURES)) design matrix."""
         return design @ np.asarray(self.weights) + self.intercept
 
     def to_dict(self) -> dict:
-        return {"features": list(self.FEATURES), "weights": list(self.weights), "intercept": self.intercept}
+        return {"features": list(self.features), "weights": list(self.weights), "intercept": self.intercept}
 
     @classmethod
     def fit_rows(cls, labels: np.ndarray, owner: np.ndarray, max_rows: int, seed: int) -> np.ndarray:

@@ -38,7 +38,14 @@ from recsys.data.interactions import (
     with_logged_clicks,
 )
 from recsys.data.exposure import FileShows
-from recsys.models.affinity import AffinityCalibration, SkipCounts, affinity_inputs, fit_affinity_calibration
+from recsys.models.affinity import (
+    AffinityCalibration,
+    ContentClusters,
+    SkipCounts,
+    SkippedArticles,
+    affinity_inputs,
+    fit_affinity_calibration,
+)
 from recsys.models.exposure import ExposureCalibration, fit_exposure_calibration, fresh_as_of
 from recsys.models.side_features import SideFeatures
 from recsys.progress import progress as progress_lines
@@ -322,8 +329,9 @@ def train_ctr(
     feature_clock_hours: float = 0.0,
     refit: bool = False,
     file_exposure: bool = True,
-    skips: SkipCounts | None = None,
+    skips: SkippedArticles | None = None,
     item_codes: np.ndarray | None = None,
+    affinity_clusters: int = 0,
     progress: Callable[[dict], None] | None = None,
 ) -> tuple[RankingModel, dict]:
     """Train the CTR model; early-stop on the validation per-impression AUC.
@@ -382,11 +390,15 @@ def train_ctr(
             ending where ``valid`` begins, each candidate's earlier shows in ``valid`` as the
             scored file's exposure (``_fit_file_exposure``). ``recsys predict`` and ``recsys
             evaluate`` apply it to impressions after the store's end.
-        skips: the store's skip counts before ``valid`` begins, of (at least) ``valid``'s users;
-            with ``item_codes`` (n, 2) (each item's category and subcategory codes, the same
-            ``KeyVocabulary``), fit the reader's category affinity (``recsys.models.affinity``)
-            on ``valid`` read as a later file is served, before the file exposure, which is then
-            fitted on top of it. None: without.
+        skips: the store's skipped articles before ``valid`` begins, of (at least) ``valid``'s
+            users; with ``item_codes`` (n, 2) (each item's category and subcategory codes, the
+            same ``KeyVocabulary``), fit the reader's category affinity
+            (``recsys.models.affinity``) on ``valid`` read as a later file is served, before the
+            file exposure, which is then fitted on top of it. None: without.
+        affinity_clusters: with ``skips`` and a served content prior, also key the affinity by
+            content cluster: this many spherical k-means centres per modality, fitted on the
+            content anchors of the training window's articles (``ContentClusters``). 0: the
+            publisher's keys only.
         progress: called after every epoch with a dict (epoch, loss, val_auc, ...).
 
     Returns:
@@ -469,12 +481,20 @@ def train_ctr(
                    served_val_log_loss=served_log_loss, calibration={"slope": slope, "intercept": intercept})
 
     later = _later_file_logits(model, features, exposure_valid, log, first_seen) if (file_exposure or skips is not None) else None
-    affinity = None
+    affinity, cluster_codes, cluster_rows = None, None, None
     if skips is not None:
         if item_codes is None or len(item_codes) != n:
             raise ValueError(f"the category affinity needs item codes for the {n} items")
-        affinity, history["category_affinity"], logits = _fit_affinity(later, exposure_valid, skips, item_codes,
-                                                                        history_len, seed)
+        clusters = None
+        if affinity_clusters and model.config.prior_dim:  # the codes are read from the served vectors' anchors
+            cluster_rows = np.unique(np.concatenate([train.history_items, train.candidate_items]).astype(np.int64))
+            anchors = model.content_anchors(features)
+            blocks = tuple(model.config.modalities.split(","))
+            clusters = ContentClusters.fit(anchors, blocks, cluster_rows, affinity_clusters, seed)
+            cluster_codes = None if clusters is None else clusters.codes(anchors)
+        codes = item_codes if clusters is None else np.column_stack([item_codes, cluster_codes])
+        affinity, history["category_affinity"], logits = _fit_affinity(later, exposure_valid, skips.counts(codes), codes,
+                                                                        history_len, seed, clusters)
         later = dataclasses.replace(later, logits=logits)  # what the file exposure is fitted on top of
     exposure = None
     if file_exposure:
@@ -491,6 +511,11 @@ def train_ctr(
         if prior_weights:
             model = model.with_content_prior(prior_weights, moment_weights)
         ctr.scorer_layer.set_calibration(slope, intercept)
+        if affinity is not None and affinity.clusters is not None:
+            # The new networks' anchors come from a basis fitted on both windows: the same
+            # clusters (the same articles together) are given centres in that space.
+            affinity = dataclasses.replace(affinity, clusters=affinity.clusters.expressed_in(
+                model.content_anchors(features), cluster_codes, cluster_rows))
         refit_info = {"epochs": best_epoch, **{key: refit_history[key] for key in REFIT_SUMMARY[1:]}}
         history["refit"] = {**refit_info, "loss": refit_history["loss"], "epoch_seconds": refit_history["epoch_seconds"]}
 
@@ -785,18 +810,24 @@ def _later_file_logits(model: RankingModel, features: ItemFeatures, valid: Impre
 
 
 def _fit_affinity(later: LaterFileLogits, valid: Impressions, skips: SkipCounts, item_codes: np.ndarray,
-                  history_len: int, seed: int) -> tuple[AffinityCalibration, dict, np.ndarray]:
+                  history_len: int, seed: int,
+                  clusters: ContentClusters | None = None) -> tuple[AffinityCalibration, dict, np.ndarray]:
     """The category affinity fitted on ``valid`` read as a later file (``later``), with the skips
-    before it. Returns it, the facts a manifest records (its weights, the share of validation
-    impressions whose user has skips, and the validation per-impression AUC without and with it:
-    the latter in-sample), and the logits with it."""
+    before it (counted per key of ``item_codes`` (n, K): the publisher's, then ``clusters``').
+    Returns it, the facts a manifest records (its weights, the share of validation impressions
+    whose user has skips, the articles per content cluster, and the validation per-impression
+    AUC without and with it: the latter in-sample), and the logits with it."""
     inputs = affinity_inputs(valid, skips, item_codes, history_len)
-    calibration = fit_affinity_calibration(later.logits, *inputs, valid.labels, later.owner, seed=seed)
+    calibration = fit_affinity_calibration(later.logits, *inputs, valid.labels, later.owner, seed=seed, clusters=clusters)
     logits = calibration.logits(later.logits, *inputs)
     auc = lambda scores: round(float(mean_impression_auc(valid.labels, scores, valid.candidate_offsets)[0]), 6)  # noqa: E731
-    with_skips = skips.lookup(valid.user_ids, np.full((len(valid), 2), -1))[1] > 0  # the users' totals
+    with_skips = skips.lookup(valid.user_ids, np.full((len(valid), item_codes.shape[1]), -1))[1] > 0  # the users' totals
+    facts = {k: v for k, v in calibration.to_dict().items() if k != "clusters"}  # the centres are the bundle's
+    if clusters is not None:
+        facts["cluster_sizes"] = {key: np.bincount(item_codes[:, 2 + b][item_codes[:, 2 + b] >= 0]).tolist()
+                                  for b, key in enumerate(clusters.keys)}
     return calibration, {
-        **calibration.to_dict(), "valid_impressions_with_skips": round(float(with_skips.mean()) if len(valid) else 0.0, 6),
+        **facts, "valid_impressions_with_skips": round(float(with_skips.mean()) if len(valid) else 0.0, 6),
         "valid_auc_after_store": auc(later.logits), "valid_auc_with_affinity": auc(logits),
     }, logits
 

@@ -47,7 +47,7 @@ from recsys.data.exposure import FileShows
 from recsys.data.interactions import (
     ClickLog, Impressions, InteractionLog, candidate_impression_rows, select_impressions, with_logged_clicks,
 )
-from recsys.models.affinity import SkipCounts, affinity_inputs
+from recsys.models.affinity import SkipCounts, SkippedArticles, affinity_inputs
 from recsys.models.exposure import fresh_as_of
 from recsys.models.linear_blend import sigmoid
 from recsys.models.side_features import SideFeatures
@@ -90,25 +90,24 @@ class Catalogue:
 
 class SkipReader:
     """The store's skips (``repository.read_skipped``) of a chunk's users before ``until`` (the
-    scored file's first impression: none of the file's own, nor any later), counted per key of
-    the catalogue's ``item_codes``; one query a chunk, which every version that scores the chunk
-    shares. Only the impressions stored when it was made are read (``through_pk``), as the rest
-    of the catalogue was read then: an ingest committing during a long ``predict`` changes no
-    later chunk's counts."""
+    scored file's first impression: none of the file's own, nor any later); one query a chunk,
+    which every version that scores the chunk shares (each counts them per key of its own item
+    codes: its content clusters are its own). Only the impressions stored when it was made are
+    read (``through_pk``), as the rest of the catalogue was read then: an ingest committing
+    during a long ``predict`` changes no later chunk's counts."""
 
-    def __init__(self, engine: Engine, until: datetime | None, news_ids: np.ndarray, item_codes: np.ndarray):
-        self.engine, self.until, self.news_ids, self.item_codes = engine, until, news_ids, item_codes
+    def __init__(self, engine: Engine, until: datetime | None, news_ids: np.ndarray):
+        self.engine, self.until, self.news_ids = engine, until, news_ids
         self.through_pk = repo.last_impression_pk(engine)
-        self._last: tuple[np.ndarray, SkipCounts] | None = None
+        self._last: SkippedArticles | None = None
 
-    def __call__(self, user_ids: np.ndarray) -> SkipCounts:
+    def __call__(self, user_ids: np.ndarray) -> SkippedArticles:
         users = np.unique(np.asarray(user_ids, dtype=object))
-        if self._last is not None and np.array_equal(self._last[0], users):
-            return self._last[1]
-        skipped = repo.read_skipped(self.engine, users, self.news_ids, until=self.until, through_pk=self.through_pk)
-        counts = SkipCounts.from_pairs(users, *skipped, self.item_codes)
-        self._last = (users, counts)
-        return counts
+        if self._last is not None and np.array_equal(self._last.user_ids, users):
+            return self._last
+        self._last = SkippedArticles(users, *repo.read_skipped(self.engine, users, self.news_ids, until=self.until,
+                                                               through_pk=self.through_pk))
+        return self._last
 
 
 def news_from_file(
@@ -258,7 +257,7 @@ def load_scoring_catalogue(
     events, end = read_popularity_log(engine, features.news_ids, span)
     clicks = repo.read_click_log(engine, features.news_ids)
     item_codes = item_key_codes(catalogue)
-    skips = SkipReader(engine, span.first if span is not None else None, features.news_ids, item_codes)
+    skips = SkipReader(engine, span.first if span is not None else None, features.news_ids)
     return Catalogue(catalogue, features, row_of, events, first_seen_array(catalogue), clicks,
                      None if end is None else np.datetime64(end, "s"), span, bad_news, len(stored), item_codes, skips)
 
@@ -453,6 +452,9 @@ class VersionScorer:
         self.affinity = self.model.config.category_affinity
         if self.affinity is not None and catalogue.skips is None:
             raise ValueError(f"model version {mv.version} reads the category affinity; the catalogue has no skip reader")
+        # Each article's keys: the publisher's, then this version's content clusters.
+        self.item_codes = (None if self.affinity is None
+                           else self.model.affinity_item_codes(catalogue.item_codes, self.embeddings))
         self.shows = shows
         # Fresh: never shown or listed in the store before its end; its popularity reads nothing,
         # and with the exposure it is of age 0, as in the fit (an unlabelled file ingested after
@@ -486,7 +488,8 @@ class VersionScorer:
     def score_read(self, read: Impressions) -> np.ndarray:
         """(c,) probabilities of impressions already ``read`` by this model."""
         after = np.ones(len(read), dtype=bool) if self.catalogue.end is None else read.times >= self.catalogue.end
-        skips = None if self.affinity is None else self.catalogue.skips(read.user_ids)  # one read for both parts
+        # one read for both parts (and for every version scoring the chunk)
+        skips = None if self.affinity is None else self.catalogue.skips(read.user_ids).counts(self.item_codes)
         if self.exposure is None or not after.any():
             return self._score_plain(read, skips)
         if after.all():
@@ -521,7 +524,7 @@ class VersionScorer:
 
     def _with_affinity(self, read: Impressions, logits: np.ndarray, skips: SkipCounts) -> np.ndarray:
         """(c,) float64 ``logits`` combined with the readers' category affinity (``skips``: theirs)."""
-        return self.affinity.logits(logits, *affinity_inputs(read, skips, self.catalogue.item_codes, self.history_len))
+        return self.affinity.logits(logits, *affinity_inputs(read, skips, self.item_codes, self.history_len))
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from recsys.config import Config, Workspace
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import DiskError, RecsysError, disk_error
 from recsys.data.interactions import ClickLog, Impressions, InteractionLog, without_later_clicks
-from recsys.models.affinity import SkipCounts
+from recsys.models.affinity import SkippedArticles
 from recsys.models.side_features import SideFeatures
 from recsys.pipelines.features import first_seen_array, item_key_codes, load_catalogue
 from recsys.pipelines.inputs import check_output_folder
@@ -295,8 +295,7 @@ def run_train(
         # The skips a later day is served with: the store's before the validation window, of its users.
         item_codes = item_key_codes(news)
         users = np.unique(valid.user_ids)
-        skips = SkipCounts.from_pairs(users, *repo.read_skipped(engine, users, features.news_ids, until=valid_start),
-                                      item_codes)
+        skips = SkippedArticles(users, *repo.read_skipped(engine, users, features.news_ids, until=valid_start))
     timings["read_s"] = round(time.perf_counter() - t0, 2)
     scoreable = warn_thin_validation(valid, valid_start, until_dt)
     log.info("training on %d impressions, validating on %d (%s .. %s .. %s)", len(train), len(valid), since_dt, valid_start, until_dt)
@@ -312,7 +311,7 @@ def run_train(
                 history_len=mc.history_len, epochs=mc.epochs, batch_size=mc.batch_size, learning_rate=mc.learning_rate,
                 seed=mc.seed, first_seen=first_seen, clicks=clicks, content_prior=mc.content_prior,
                 feature_clock_hours=mc.feature_clock_hours, refit=mc.refit, window_hours=window_hours,
-                skips=skips, item_codes=item_codes, progress=_log_epoch,
+                skips=skips, item_codes=item_codes, affinity_clusters=mc.affinity_clusters, progress=_log_epoch,
             )
 
         modalities = mc.modalities

@@ -37,8 +37,9 @@ class Catalogue:
         side: (n, S) float32 side features of each article at the run's time: at serving time
             popularity and age depend on the article only, so they are computed once a night
             for every article rather than once per (user, candidate) pair.
-        codes: (n, 2) int64 category and subcategory codes (``KeyVocabulary.codes``) for a model
-            with the category affinity; None: none.
+        codes: (n, K) int64 key codes (``RankingModel.affinity_item_codes``: category,
+            subcategory, then the content clusters) for a model with the category affinity;
+            None: none.
     """
 
     news_ids: np.ndarray

@@ -72,7 +72,8 @@ class WorkerSetup:
         num_threads: threads per worker for TensorFlow and FAISS.
         created_at: timestamp written on every recommendation of the run.
         item_codes: (n, 2) the index rows' category and subcategory codes
-            (``recsys.models.affinity``), for a model with the category affinity; None: without.
+            (``recsys.models.affinity``), for a model with the category affinity (each worker
+            adds the model's content clusters); None: without.
     """
 
     db_url: str
@@ -156,9 +157,13 @@ class ShardWorker:
                 f"(fingerprint {ids_fingerprint(news_ids)}, expected {setup.catalogue_fingerprint})"
             )
         embeddings = np.asarray(self.index.vectors(news_ids), dtype=np.float32)
-        self.catalogue = Catalogue(news_ids, embeddings, setup.side, setup.item_codes)
-        if self.model.config.category_affinity is not None and setup.item_codes is None:
-            raise ModelMismatchError(f"model {setup.model_dir} reads the category affinity; the run prepared no key codes")
+        codes = None
+        if self.model.config.category_affinity is not None:
+            if setup.item_codes is None:
+                raise ModelMismatchError(f"model {setup.model_dir} reads the category affinity; the run prepared no key codes")
+            # The publisher's keys, then the model's content clusters of the index's own vectors.
+            codes = self.model.affinity_item_codes(setup.item_codes, embeddings)
+        self.catalogue = Catalogue(news_ids, embeddings, setup.side, codes)
         self.engine = create_engine_for(setup.db_url)
         self._warm_up()
         # Reported with the first shard, so that the driver can tell start-up from work.

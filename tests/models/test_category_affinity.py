@@ -142,8 +142,8 @@ def test_skip_counts_count_each_article_once_per_user_and_key_and_read_zero_wher
 
 
 def test_skip_counts_match_a_loop():
-    rng = np.random.default_rng(5)
-    codes = np.column_stack([rng.integers(-1, 5, 80), rng.integers(-1, 12, 80)])
+    rng = np.random.default_rng(5)  # the publisher's two keys and two content clusters
+    codes = np.column_stack([rng.integers(-1, 5, 80), rng.integers(-1, 12, 80), rng.integers(0, 7, 80), rng.integers(-1, 3, 80)])
     users = np.array([f"u{i}" for i in range(40)], dtype=object)
     user_index, item_rows = rng.integers(0, 40, 3000), rng.integers(0, 80, 3000)
     counts = SkipCounts.from_pairs(users, user_index, item_rows, codes)
@@ -153,16 +153,16 @@ def test_skip_counts_match_a_loop():
     for j, (u, c) in enumerate(zip(asked_users, asked_items)):
         skipped = set(item_rows[user_index == u].tolist()) if u < 40 else set()
         assert totals[j] == len(skipped)
-        for k in range(2):
+        for k in range(4):
             expected = sum(1 for r in skipped if codes[r, k] == codes[c, k]) if codes[c, k] >= 0 else 0
             assert keys[j, k] == expected
 
 
 def _brute_force_history_counts(owner, cand_codes, offsets, items, item_codes):
-    clicks = np.zeros((len(owner), 2), dtype=np.int64)
+    clicks = np.zeros((len(owner), item_codes.shape[1]), dtype=np.int64)
     for j, i in enumerate(owner):
         hist = items[offsets[i]:offsets[i + 1]]
-        for k in range(2):
+        for k in range(item_codes.shape[1]):
             if cand_codes[j, k] >= 0:
                 clicks[j, k] = sum(1 for h in hist if item_codes[h, k] == cand_codes[j, k])
     return clicks, np.diff(offsets)[owner]
@@ -170,7 +170,7 @@ def _brute_force_history_counts(owner, cand_codes, offsets, items, item_codes):
 
 def test_history_key_counts_match_a_loop():
     rng = np.random.default_rng(4)
-    item_codes = np.column_stack([rng.integers(-1, 4, 60), rng.integers(-1, 9, 60)])
+    item_codes = np.column_stack([rng.integers(-1, 4, 60), rng.integers(-1, 9, 60), rng.integers(-1, 5, 60)])
     lengths = rng.integers(0, 12, 30)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     items = rng.integers(0, 60, offsets[-1])
@@ -218,3 +218,115 @@ def test_first_of_each_cuts_every_list_to_its_first_entries():
 def test_a_category_named_with_any_characters_keys_its_subcategories_apart():
     vocabulary = KeyVocabulary.of(["a\x1fb", "a"], ["c", "b\x1fc"])
     assert vocabulary.sizes == (2, 2)
+
+
+def _blobs(rng, centres: np.ndarray, per: int, spread: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """(len(centres) * per, a) unit rows scattered around each unit centre, and their blob."""
+    label = np.repeat(np.arange(len(centres)), per)
+    x = centres[label] + rng.normal(0, spread, (len(label), centres.shape[1]))
+    return x / np.linalg.norm(x, axis=1, keepdims=True), label
+
+
+def _unit(rng, k: int, a: int) -> np.ndarray:
+    x = rng.normal(size=(k, a))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two labelings group the rows alike (up to renaming)."""
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def test_content_clusters_recover_separated_themes_per_block_and_code_the_nearest_centre():
+    from recsys.models.affinity import ContentClusters
+
+    rng = np.random.default_rng(0)
+    text, topic = _blobs(rng, np.eye(6)[:4], 50)  # four themes, well apart
+    image, _ = _blobs(rng, _unit(rng, 3, 6), 67)
+    image = image[rng.permutation(len(image))[: len(text)]]
+    no_cover = np.arange(len(text)) % 10 == 0
+    image[no_cover] = 0.0  # a missing cover is a zero block
+    anchors = np.column_stack([text, image]).astype(np.float32)
+    clusters = ContentClusters.fit(anchors, ("text", "image"), np.arange(0, len(anchors), 2), 4, seed=1)
+    assert clusters.blocks == ("text", "image") and clusters.offsets == (0, 6)
+    assert clusters.keys == ("text_cluster", "image_cluster")
+    codes = clusters.codes(anchors)
+    assert codes.shape == (len(anchors), 2) and codes.dtype == np.int64
+    assert _same_partition(codes[:, 0], topic)  # the rows not fitted on too
+    assert (codes[no_cover, 1] == -1).all() and (codes[~no_cover, 1] >= 0).all()
+    for b, table in enumerate(clusters.centres):  # nearest centre, by a loop
+        centres = np.array(table)
+        for row in range(0, len(anchors), 7):
+            x = anchors[row, 6 * b : 6 * b + 6].astype(np.float64)
+            if x @ x > 0.5:
+                assert codes[row, b] == int(np.argmax([x @ c for c in centres]))
+    assert ContentClusters.from_dict(clusters.to_dict()) == clusters
+
+
+def test_a_block_without_usable_rows_is_left_out_and_fewer_rows_than_centres_fit_fewer():
+    from recsys.models.affinity import ContentClusters
+
+    rng = np.random.default_rng(2)
+    anchors = np.column_stack([_unit(rng, 5, 4), np.zeros((5, 4))]).astype(np.float32)  # no covers at all
+    clusters = ContentClusters.fit(anchors, ("text", "image"), np.arange(5), 16, seed=0)
+    assert clusters.blocks == ("text",) and len(clusters.centres[0]) == 5
+    assert clusters.codes(anchors).shape == (5, 1)
+    assert ContentClusters.fit(np.zeros((5, 8), np.float32), ("text", "image"), np.arange(5), 16, seed=0) is None
+
+
+def test_clusters_expressed_in_a_rotated_anchor_space_code_the_same_articles_alike():
+    """The refit's networks read anchors on another basis: the same clusters, re-centred on the
+    new anchors of their members, code the articles as before."""
+    from recsys.models.affinity import ContentClusters
+
+    rng = np.random.default_rng(3)
+    text, _ = _blobs(rng, _unit(rng, 5, 8), 40)
+    anchors = text.astype(np.float32)
+    clusters = ContentClusters.fit(anchors, ("text",), np.arange(len(anchors)), 5, seed=0)
+    rotation = np.linalg.qr(rng.normal(size=(8, 8)))[0]
+    rotated = (anchors @ rotation).astype(np.float32)
+    before = clusters.codes(anchors)
+    moved = clusters.expressed_in(rotated, before, np.arange(len(anchors)))
+    np.testing.assert_array_equal(moved.codes(rotated), before)
+    assert clusters.codes(rotated).tolist() != before.tolist()  # the old centres do not fit the new space
+
+
+def test_the_affinity_with_clusters_reads_their_codes_after_the_publishers_and_survives_a_round_trip():
+    from recsys.models.affinity import ContentClusters, design_features
+
+    clusters = ContentClusters(("text", "image"), (0, 2), (((1.0, 0.0), (0.0, 1.0)), ((0.6, 0.8), (-0.6, -0.8), (1.0, 0.0))))
+    features = design_features(("category", "subcategory", "text_cluster", "image_cluster"))
+    assert len(features) == 23 and features[11:13] == ("text_cluster_log_clicks", "text_cluster_log_skips")
+    cal = AffinityCalibration(tuple(np.linspace(-1, 1, 23)), 0.5, clusters)
+    assert cal.features == features and cal.to_dict()["features"] == list(features)
+    assert AffinityCalibration.from_dict(cal.to_dict()) == cal
+    publisher = np.array([[0, 1], [1, -1], [0, 0]])
+    anchors = np.array([[0.9, 0.1, 0.0, 0.0], [0.1, -0.9, -0.5, -0.9], [0.2, 0.9, 1.0, 0.1]], np.float32)
+    anchors[:, :2] /= np.linalg.norm(anchors[:, :2], axis=1, keepdims=True)
+    np.testing.assert_array_equal(cal.item_codes(publisher, anchors), [[0, 1, 0, -1], [1, -1, 0, 1], [0, 0, 1, 2]])
+    with pytest.raises(ValueError, match="need the anchors of the 3 articles"):
+        cal.item_codes(publisher, None)
+    args = (np.array([0.3]), np.array([[2, 1, 0, 3]]), np.array([[5, 2, 1, 0]]), np.array([6]), np.array([30]))
+    np.testing.assert_allclose(cal.logits(*args), affinity_design(*args) @ np.array(cal.weights) + 0.5)
+    assert AffinityCalibration.from_dict({"weights": [0.0] * 13, "intercept": 0.0}).clusters is None  # an older bundle
+
+
+@pytest.mark.parametrize("clusters, message", [
+    ({"blocks": ["text"], "offsets": [0], "centres": [[[1.0, 0.0], [0.0]]]}, "widths \\[1, 2\\]"),
+    ({"blocks": ["text"], "offsets": [0, 2], "centres": [[[1.0, 0.0]]]}, "1 blocks, 2 offsets"),
+    ({"blocks": ["text"], "offsets": [0], "centres": [[[float("nan"), 0.0]]]}, "at least one finite centre"),
+    ({"blocks": ["text"], "centres": [[[1.0, 0.0]]]}, "unreadable content clusters"),
+])
+def test_bad_saved_clusters_are_refused(clusters, message):
+    weights = [0.0] * 18
+    with pytest.raises(ValueError, match=message):
+        AffinityCalibration.from_dict({"weights": weights, "intercept": 0.0, "clusters": clusters})
+
+
+def test_codes_of_vectors_narrower_than_the_clusters_read_are_refused():
+    from recsys.models.affinity import ContentClusters
+
+    clusters = ContentClusters(("text", "image"), (0, 2), (((1.0, 0.0),), ((1.0, 0.0),)))
+    with pytest.raises(ValueError, match="read anchor columns 2 .. 3; the vectors have 3 anchor columns"):
+        clusters.codes(np.ones((4, 3), np.float32))

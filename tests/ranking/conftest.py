@@ -142,25 +142,44 @@ def world(tmp_path_factory) -> World:
     return _build_world(tmp_path_factory.mktemp("world"))
 
 
-# The category affinity of ``affinity_model_dir`` (recsys.models.affinity), one weight per FEATURES column.
-AFFINITY_WEIGHTS = [1.3, 0.4, -0.8, 2.0, -1.5, 0.3, 0.2, -0.1, 0.5, -0.6, 0.05, -0.2, 0.25]
+# The category affinity of ``affinity_model_dir`` (recsys.models.affinity), one weight per
+# design column: the publisher's keys, then (the "clusters" variant) one text and one image
+# content cluster.
+AFFINITY_WEIGHTS = [1.3, 0.4, -0.8, 2.0, -1.5, 0.3, 0.2, -0.1, 0.5, -0.6, 0.05]
+CLUSTER_WEIGHTS = [0.6, -0.3, 1.1, -0.9, 0.35, -0.45, 0.25, 0.7, -0.5, 0.15]
+AFFINITY_TOTAL_WEIGHTS = [-0.2, 0.25]
 AFFINITY_INTERCEPT = -0.7
 
 
-@pytest.fixture(scope="session")
-def affinity_model_dir(world, tmp_path_factory) -> Path:
+@pytest.fixture(scope="session", params=["publisher", "clusters"])
+def affinity_model_dir(request, world, tmp_path_factory) -> Path:
     """The world's model bundle with a category affinity added to its config (what ``recsys
-    train`` fits by default), over the same networks."""
+    train`` fits by default), over the same networks: keyed by the publisher's category and
+    subcategory, or by those and 3 content clusters per modality whose centres are the anchors
+    of some of the world's articles."""
     import json
     import shutil
 
-    from recsys.models.affinity import FEATURES
+    from recsys.index.faiss_index import FaissIndex
+    from recsys.models.affinity import FEATURES, ContentClusters, design_features
 
-    model = tmp_path_factory.mktemp("affinity") / "model-affinity"
+    model = tmp_path_factory.mktemp("affinity") / f"model-affinity-{request.param}"
     shutil.copytree(world.model_dir, model)
     config = json.loads((model / "config.json").read_text())
     assert config.get("category_affinity") is None
-    config["category_affinity"] = {"features": list(FEATURES), "weights": AFFINITY_WEIGHTS, "intercept": AFFINITY_INTERCEPT}
+    affinity = {"features": list(FEATURES), "weights": AFFINITY_WEIGHTS + AFFINITY_TOTAL_WEIGHTS,
+                "intercept": AFFINITY_INTERCEPT}
+    if request.param == "clusters":
+        anchors = FaissIndex.load(world.index_dir).vectors(world.news_ids)[:, config["embedding_dim"]:]
+        width = anchors.shape[1] // 2
+        with_image = np.flatnonzero(np.square(anchors[:, width:]).sum(axis=1) > 0.5)
+        clusters = ContentClusters(("text", "image"), (0, width), (
+            tuple(tuple(float(v) for v in anchors[i, :width]) for i in (0, 1, 2)),
+            tuple(tuple(float(v) for v in anchors[i, width:]) for i in with_image[:3])))
+        affinity = {"features": list(design_features(("category", "subcategory", *clusters.keys))),
+                    "weights": AFFINITY_WEIGHTS + CLUSTER_WEIGHTS + AFFINITY_TOTAL_WEIGHTS,
+                    "intercept": AFFINITY_INTERCEPT, "clusters": clusters.to_dict()}
+    config["category_affinity"] = affinity
     (model / "config.json").write_text(json.dumps(config))
     return model
 

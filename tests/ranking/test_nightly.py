@@ -21,7 +21,7 @@ from recsys.ranking.nightly import run_nightly
 from recsys.ranking.queries import active_user_ids
 from recsys.store import schema as s
 from tests.lost_connection import connection_lost_at
-from tests.ranking.conftest import AFFINITY_INTERCEPT, AFFINITY_WEIGHTS
+from tests.ranking.conftest import AFFINITY_INTERCEPT
 from tests.ranking.stored import run_rows
 from tests.signals import stop_after_shards
 
@@ -382,12 +382,18 @@ def test_histories_are_read_as_the_model_was_trained(world_store, world, tmp_pat
 def test_the_category_affinity_rescores_every_candidate_with_the_readers_clicks_and_skips(world_store, world,
                                                                                           affinity_model_dir):
     """A model with the category affinity: each stored score is the affinity over the plain
-    model's logit, with the reader's category clicks (the History the model reads: its newest
-    history_len) and skips (label 0 in the store's impressions) counted here from the world."""
+    model's logit, with the reader's clicks (the History the model reads: its newest
+    history_len) and skips (label 0 in the store's impressions) of the candidate's category,
+    subcategory and (with content clusters) nearest centres, counted here from the world."""
+    import json
+
+    from recsys.index.faiss_index import FaissIndex
+
     every = dict(k=40, num_candidates=40)  # every candidate stored, so that both runs hold the same pairs
     plain = run_rows(world_store, _nightly(world_store, world, **every)["run_id"])
     rescored = run_rows(world_store, _nightly(world_store, world, model_dir=affinity_model_dir, **every)["run_id"])
-    weights = AFFINITY_WEIGHTS
+    affinity = json.loads((affinity_model_dir / "config.json").read_text())["category_affinity"]
+    weights = affinity["weights"]
 
     with world_store.connect() as conn:
         shown = conn.execute(select(s.impressions.c.user_id, s.impression_items.c.news_id)
@@ -397,6 +403,17 @@ def test_the_category_affinity_rescores_every_candidate_with_the_readers_clicks_
     for user, news_id in shown:
         skipped.setdefault(user, set()).add(news_id)
     keys = {n: (c, (c, sub)) for n, c, sub in zip(world.news_ids, world.categories, world.subcategories)}
+    if "clusters" in affinity:  # each block's nearest centre, by a loop; None where the block is zero
+        vectors = FaissIndex.load(world.index_dir).vectors(world.news_ids)
+        anchors = vectors[:, json.loads((affinity_model_dir / "config.json").read_text())["embedding_dim"]:].astype(float)
+        clusters = affinity["clusters"]
+        for row, n in enumerate(world.news_ids):
+            codes = []
+            for offset, table in zip(clusters["offsets"], clusters["centres"]):
+                x = anchors[row, offset : offset + len(table[0])]
+                codes.append(None if x @ x < 0.5 else int(np.argmax([x @ np.array(c) for c in table])))
+            keys[n] = (*keys[n], *codes)
+        assert {key[2] for key in keys.values()} == {0, 1, 2} and {key[3] for key in keys.values()} == {None, 0, 1, 2}
     pairs = plain.merge(rescored, on=[USER_ID, NEWS_ID], suffixes=("_plain", "_affinity"))
     assert len(pairs) == len(plain) == len(rescored) > 100
     expected = []
@@ -405,9 +422,9 @@ def test_the_category_affinity_rescores_every_candidate_with_the_readers_clicks_
         skips = [keys[n] for n in skipped.get(user, ())]
         n, m = len(history), len(skips)
         row = [np.log(p / (1 - p))]
-        for k in range(2):  # the category, then the subcategory within it
-            clicks = sum(key[k] == keys[news_id][k] for key in history)
-            skip = sum(key[k] == keys[news_id][k] for key in skips)
+        for k, mine in enumerate(keys[news_id]):  # the category, the subcategory within it, the clusters
+            clicks = sum(mine is not None and key[k] == mine for key in history)
+            skip = sum(mine is not None and key[k] == mine for key in skips)
             lift = np.log((clicks + 0.5) / (skip + 0.5)) - np.log((n + 0.5) / (m + 0.5))
             row += [np.log1p(clicks), np.log1p(skip), clicks / max(n, 1), skip / max(m, 1), lift]
         z = AFFINITY_INTERCEPT + np.dot(weights, row + [np.log1p(n), np.log1p(m)])

@@ -204,13 +204,13 @@ def test_a_scoring_run_reads_no_skip_an_ingest_commits_while_it_runs(engine, tmp
     _ingest(engine, tmp_path, ["N1", "N2", "N3"], [behavior_line(1, "U1", T0, [], ["N1-0", "N3-1"])])
     news_ids = np.array(["N1", "N2", "N3"], dtype=object)
     codes = KeyVocabulary.of(["a", "a", "b"], ["x", "y", "x"]).codes(["a", "a", "b"], ["x", "y", "x"])
-    reader = SkipReader(engine, T0 + timedelta(days=10), news_ids, codes)
-    assert reader(np.array(["U1"], dtype=object)).lookup(np.array(["U1"], dtype=object), codes[:1])[1].tolist() == [1]
+    reader = SkipReader(engine, T0 + timedelta(days=10), news_ids)
+    assert reader(np.array(["U1"], dtype=object)).counts(codes).lookup(np.array(["U1"], dtype=object), codes[:1])[1].tolist() == [1]
     later = write_lines(tmp_path / "later.tsv", [behavior_line(1, "U1", T0 + timedelta(days=1), [], ["N2-0", "N3-1"])])
     ingest(engine, behaviors_path=later, quarantine_dir=tmp_path / "q")
     users = np.array(["U1", "U2"], dtype=object)  # another chunk's users: not the cached read
-    assert reader(users).lookup(users[:1], codes[:1])[1].tolist() == [1]
-    assert SkipReader(engine, T0 + timedelta(days=10), news_ids, codes)(users).lookup(users[:1], codes[:1])[1].tolist() == [2]
+    assert reader(users).counts(codes).lookup(users[:1], codes[:1])[1].tolist() == [1]
+    assert SkipReader(engine, T0 + timedelta(days=10), news_ids)(users).counts(codes).lookup(users[:1], codes[:1])[1].tolist() == [2]
     before = repo.last_impression_pk(engine)
     assert repo.read_skipped(engine, ["U1"], news_ids, through_pk=before - 1)[1].tolist() == [0]
 
