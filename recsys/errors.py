@@ -48,6 +48,10 @@ class StoreError(RecsysError):
     """The SQL store cannot be reached or is in an unexpected state."""
 
 
+class ReadOnlyStoreError(StoreError):
+    """The store refused a write: a read-only file, user, transaction or server."""
+
+
 class RunLockedError(StoreError):
     """Another nightly run holds the lock."""
 

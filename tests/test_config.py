@@ -78,6 +78,8 @@ def test_an_unknown_section_or_key_suggests_a_close_match(data, message):
         ({"nightly": 3}, r"'nightly' must be a table"),
         ({"model": {"anchor_dim": 64}}, r"'model.anchor_dim' is 64, expected 0 or more with anchor_dim x modalities \(128\)"),
         ({"model": {"anchor_dim": -1}}, r"'model.anchor_dim' is -1"),
+        ({"model": {"affinity_clusters": -1}}, r"'model.affinity_clusters' is -1, expected 0 \(the publisher's keys only\) to 4096"),
+        ({"model": {"affinity_clusters": 5000}}, r"'model.affinity_clusters' is 5000, expected 0"),
         ({"model": {"feature_clock_hours": -24.0}}, r"'model.feature_clock_hours' is -24.0, expected 0 \(off\) or a period"),
         ({"model": {"feature_clock_hours": 1e-4}}, r"'model.feature_clock_hours' is 0.0001, expected 0 \(off\)"),
         ({"model": {"feature_clock_hours": float("nan")}}, r"'model.feature_clock_hours' is nan"),

@@ -29,7 +29,7 @@ import tensorflow as tf
 from recsys.encoders.item_features import ItemFeatures
 from recsys.errors import RecsysError
 from recsys.interrupts import raise_if_terminated
-from recsys.models import NUM_HEADS
+from recsys.models import NUM_HEADS, parse_modalities
 from recsys.models.bundle import RankingModel
 from recsys.models.ctr import CTRModel, listwise_loss, pointwise_loss
 from recsys.models.fusion import ANCHOR_START_WEIGHT, WEAK_ANCHOR_START_WEIGHT, CategoryVocabulary
@@ -489,7 +489,7 @@ def train_ctr(
         if affinity_clusters and model.config.prior_dim:  # the codes are read from the served vectors' anchors
             cluster_rows = np.unique(np.concatenate([train.history_items, train.candidate_items]).astype(np.int64))
             anchors = model.content_anchors(features)
-            blocks = tuple(model.config.modalities.split(","))
+            blocks = tuple(parse_modalities(model.config.modalities))  # anchor blocks, text first
             clusters = ContentClusters.fit(anchors, blocks, cluster_rows, affinity_clusters, seed)
             cluster_codes = None if clusters is None else clusters.codes(anchors)
         codes = item_codes if clusters is None else np.column_stack([item_codes, cluster_codes])

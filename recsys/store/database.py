@@ -22,7 +22,7 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
-from recsys.errors import RunLockedError, StoreError, StoreUnavailableError
+from recsys.errors import ReadOnlyStoreError, RunLockedError, StoreError, StoreUnavailableError
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -249,7 +249,7 @@ def _pg_store_error(shown: str, orig: BaseException | None) -> StoreError | None
     if state == _PG_DISK_FULL:
         return StoreError(f"the store at {shown} cannot be written: the server's disk is full ({first})")
     if state == _PG_READ_ONLY:
-        return StoreError(f"the store at {shown} is read-only ({first}): recsys must be able to write to it")
+        return ReadOnlyStoreError(f"the store at {shown} is read-only ({first}): recsys must be able to write to it")
     return None
 
 
@@ -291,7 +291,7 @@ def _sqlite_store_error(shown: str, orig: BaseException | None) -> StoreError | 
     if not isinstance(orig, sqlite3.OperationalError) or code is None:
         return None
     if code & 0xFF == sqlite3.SQLITE_READONLY:
-        return StoreError(
+        return ReadOnlyStoreError(
             f"the store at {shown} is read-only ({orig}): recsys must be able to write the file "
             "and create its -wal and -shm files in the same folder"
         )
@@ -734,7 +734,16 @@ def open_store(url: str, *, create: bool = True, source: str | None = None) -> E
             )
         # Checked again under the lock by upgrade(); here so as not to wait on another writer first.
         _refuse_unknown_or_older(current, "head", shown_store(engine.url))
-        upgrade(engine, "head")
+        try:
+            upgrade(engine, "head")
+        except ReadOnlyStoreError as exc:
+            if current is None:
+                raise
+            # A store an older release wrote, opened where the migration cannot write (a
+            # read-only user, file or replica): say why this command wanted to write.
+            raise ReadOnlyStoreError(f"{exc}; the store is at revision {current}, older than this release's {head_revision()}: "
+                             "run `recsys db upgrade` as a user that may change its tables, or read it with the "
+                             "release that wrote it") from exc
     except BaseException:
         engine.dispose()
         raise

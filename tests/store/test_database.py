@@ -798,3 +798,32 @@ def test_a_store_is_shown_as_recsys_connects_to_it(tmp_path, monkeypatch):
     assert shown_store(f"sqlite:///{tmp_path / 'x.db'}") == f"sqlite:///{tmp_path / 'x.db'}"
     assert shown_store("postgresql://u:pw@h:5432/db") == "postgresql+psycopg://u:***@h:5432/db"
     assert shown_store("postgresql//u:pw@h/db") == "postgresql//u:***@h/db"  # not a URL: as typed, masked
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_an_older_store_that_cannot_be_migrated_here_names_its_revision_and_the_upgrade_command(
+        backend, tmp_path, request, capsys):
+    """A reading command on a store an older release wrote migrates it first; where it may not
+    write (a read-only user, a replica) it said only the database's refusal."""
+    from recsys.cli import main
+
+    if backend == "sqlite":
+        path = tmp_path / "store.db"
+        url, read_only = f"sqlite:///{path}", f"sqlite:///file:{path}?mode=ro&uri=true"
+    else:
+        url = request.getfixturevalue("pg_database_url")
+        read_only = _read_only(url)
+    bare = create_engine_for(url)
+    upgrade(bare, "0005")
+    bare.dispose()
+    with pytest.raises(StoreError) as caught:
+        open_store(read_only, create=False)
+    message = str(caught.value)
+    assert "read-only" in message or "readonly" in message, message
+    assert message.endswith(f"; the store is at revision 0005, older than this release's {head_revision()}: run `recsys db "
+                            "upgrade` as a user that may change its tables, or read it with the release that wrote it")
+    assert main(["--db", read_only, "stats"]) == 1
+    assert "run `recsys db upgrade` as a user that may change its tables" in capsys.readouterr().err
+    check = create_engine_for(url)
+    assert current_revision(check) == "0005"  # nothing changed
+    check.dispose()
