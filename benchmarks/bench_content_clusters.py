@@ -29,7 +29,6 @@ Prints a table and writes benchmarks/results/content_clusters.json (content_clus
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -79,12 +78,10 @@ def rate_features(imps, skipped, codes: list[np.ndarray], strength: float = 2.0)
 def run_seed(seed: int, args, root: Path) -> dict:
     from bench_quality import oracle_auc
     from bench_skip_feedback import served_world
-    from bench_user_category import KEY_COLUMNS, SKIP_CAP, key_features
+    from bench_user_category import KEY_COLUMNS, impression_auc, key_features, skip_lists
     from sklearn.linear_model import LogisticRegression
 
     from recsys.columns import CATEGORY, NEWS_ID, SUBCATEGORY
-    from recsys.data.interactions import with_logged_clicks
-    from recsys.models.training import mean_impression_auc
 
     t0 = time.perf_counter()
     setup = served_world(seed, args, root)
@@ -107,16 +104,10 @@ def run_seed(seed: int, args, root: Path) -> dict:
         spaces["text anchors"] = (embeddings[:, d : d + a], None)
         spaces["image anchors"] = (embeddings[:, d + a :], features.has_image)
 
-    def skip_lists(imps):
-        empty = replace(imps, history_offsets=np.zeros(len(imps) + 1, np.int64), history_items=np.zeros(0, np.int32))
-        return with_logged_clicks(empty, skips, SKIP_CAP)
-
-    def auc(imps, scores) -> float:
-        return float(mean_impression_auc(imps.labels, scores, imps.candidate_offsets)[0])
-
+    auc = impression_auc
     served = [model.score_impressions(x, embeddings, catalogue.log, catalogue.first_seen, logits=True).astype(np.float64)
               for x in (valid, test)]
-    skip_of = [skip_lists(x) for x in (valid, test)]
+    skip_of = [skip_lists(x, skips) for x in (valid, test)]
     oracle = oracle_auc(setup.world)
     gap = lambda a: (a - 0.5) / (oracle - 0.5)  # noqa: E731
     a = auc(test, served[1])

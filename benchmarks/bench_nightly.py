@@ -143,7 +143,9 @@ def build_model_and_index(work: Path, world: dict, *, seed: int, content_prior: 
     does when it fits the prior: anchors fitted on the features, D + 32 item columns (plus 512
     scorer-only user columns with the second moment), the prior's terms in every score.
     ``category_affinity``: serve a category affinity (fixed weights, all nonzero) as ``train``
-    fits by default: every shard reads its readers' skips and every candidate is rescored.
+    fits by default: every shard reads its readers' skips and every candidate is rescored; with
+    the content prior, keyed by 16 content clusters per modality as well (fitted here on every
+    article's anchors), so that each worker codes the index's articles by their nearest centre.
     """
     from recsys.index.faiss_index import FaissIndex
     from recsys.models.bundle import RankingModel
@@ -160,11 +162,17 @@ def build_model_and_index(work: Path, world: dict, *, seed: int, content_prior: 
     if category_affinity:
         import dataclasses
 
-        from recsys.models.affinity import FEATURES, AffinityCalibration
+        from recsys.models.affinity import KEYS, AffinityCalibration, ContentClusters, design_features
 
-        weights = tuple(np.linspace(-1.0, 1.0, len(FEATURES)) + 0.05)
+        clusters = None
+        if any(content_prior):
+            clusters = ContentClusters.fit(model.content_anchors(features), ("text", "image"),
+                                           np.arange(len(features)), 16, seed)
+        keys = KEYS + (clusters.keys if clusters is not None else ())
+        weights = tuple(np.linspace(-1.0, 1.0, len(design_features(keys))) + 0.05)
         model = RankingModel(model.item_tower, model.user_encoder, model.scorer,
-                             dataclasses.replace(model.config, category_affinity=AffinityCalibration(weights, -1.0)))
+                             dataclasses.replace(model.config,
+                                                 category_affinity=AffinityCalibration(weights, -1.0, clusters)))
     model.save(work / "model")
     clock = time.perf_counter()
     embeddings = model.item_embeddings(features)

@@ -63,6 +63,22 @@ def key_features(imps, skipped, codes: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(out)
 
 
+def skip_lists(imps, skips):
+    """``imps`` with each user's skips in the store strictly before the impression (newest
+    ``SKIP_CAP``, a ``ClickLog`` of label-0 items) in place of their histories."""
+    from recsys.data.interactions import with_logged_clicks
+
+    empty = replace(imps, history_offsets=np.zeros(len(imps) + 1, np.int64), history_items=np.zeros(0, np.int32))
+    return with_logged_clicks(empty, skips, SKIP_CAP)
+
+
+def impression_auc(imps, scores) -> float:
+    """Mean per-impression AUC of ``scores`` over ``imps``."""
+    from recsys.models.training import mean_impression_auc
+
+    return float(mean_impression_auc(imps.labels, scores, imps.candidate_offsets)[0])
+
+
 def columns(keys: tuple[int, ...], kinds: tuple[str, ...], n_keys: int = 2) -> list[int]:
     """Columns of ``key_features`` for the given keys (0 category, 1 subcategory) and kinds,
     plus the two totals."""
@@ -76,8 +92,6 @@ def run_seed(seed: int, args, root: Path) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     from recsys.columns import CATEGORY, NEWS_ID, SUBCATEGORY
-    from recsys.data.interactions import with_logged_clicks
-    from recsys.models.training import mean_impression_auc
 
     t0 = time.perf_counter()
     setup = served_world(seed, args, root)
@@ -87,16 +101,10 @@ def run_seed(seed: int, args, root: Path) -> dict:
     codes = [np.unique(by_id.loc[catalogue.features.news_ids, key].to_numpy(str), return_inverse=True)[1]
              for key in (CATEGORY, SUBCATEGORY)]
 
-    def skip_lists(imps):
-        empty = replace(imps, history_offsets=np.zeros(len(imps) + 1, np.int64), history_items=np.zeros(0, np.int32))
-        return with_logged_clicks(empty, skips, SKIP_CAP)
-
-    def auc(imps, scores) -> float:
-        return float(mean_impression_auc(imps.labels, scores, imps.candidate_offsets)[0])
-
+    auc = impression_auc
     served = [model.score_impressions(x, embeddings, catalogue.log, catalogue.first_seen, logits=True).astype(np.float64)
               for x in (valid, test)]
-    feats = [key_features(x, skip_lists(x), codes) for x in (valid, test)]
+    feats = [key_features(x, skip_lists(x, skips), codes) for x in (valid, test)]
     oracle = oracle_auc(world)
     gap = lambda a: (a - 0.5) / (oracle - 0.5)  # noqa: E731
     a = auc(test, served[1])
