@@ -800,18 +800,15 @@ def test_a_store_is_shown_as_recsys_connects_to_it(tmp_path, monkeypatch):
     assert shown_store("postgresql//u:pw@h/db") == "postgresql//u:***@h/db"  # not a URL: as typed, masked
 
 
-@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def test_an_older_store_that_cannot_be_migrated_here_names_its_revision_and_the_upgrade_command(
-        backend, tmp_path, request, capsys):
+def test_an_older_store_that_cannot_be_migrated_here_names_its_revision_and_the_upgrade_command(db_url, capsys):
     """A reading command on a store an older release wrote migrates it first; where it may not
     write (a read-only user, a replica) it said only the database's refusal."""
     from recsys.cli import main
 
-    if backend == "sqlite":
-        path = tmp_path / "store.db"
-        url, read_only = f"sqlite:///{path}", f"sqlite:///file:{path}?mode=ro&uri=true"
+    url = db_url  # an empty database
+    if url.startswith("sqlite:///"):
+        read_only = f"sqlite:///file:{url.removeprefix('sqlite:///')}?mode=ro&uri=true"
     else:
-        url = request.getfixturevalue("pg_database_url")
         read_only = _read_only(url)
     bare = create_engine_for(url)
     upgrade(bare, "0005")
