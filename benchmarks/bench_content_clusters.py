@@ -54,14 +54,15 @@ def kmeans_codes(vectors: np.ndarray, fit_rows: np.ndarray, k: int, seed: int, u
     return np.where(usable, codes, k)
 
 
-def rate_features(imps, skipped, codes: list[np.ndarray], strength: float = 2.0) -> np.ndarray:
+def rate_features(imps, clicked, skipped, codes: list[np.ndarray], strength: float = 2.0) -> np.ndarray:
     """(c, 3 * len(codes)) per key: the raw click and skip counts (a likelihood ratio is linear in
     them) and the log-odds of the user's click rate on the key, shrunk towards their overall rate
-    with ``strength`` pseudo-shows."""
+    with ``strength`` pseudo-shows. The clicks are ``clicked``'s lists (the histories the model
+    reads, or the clicks of the logged impressions alone, whose shows the skips are)."""
     out = []
     for i in range(len(imps)):
         cand = imps.candidates(i)
-        hist = imps.history_items[imps.history_offsets[i] : imps.history_offsets[i + 1]]
+        hist = clicked.history_items[clicked.history_offsets[i] : clicked.history_offsets[i + 1]]
         skip = skipped.history_items[skipped.history_offsets[i] : skipped.history_offsets[i + 1]]
         rate = (len(hist) + 1.0) / (len(hist) + len(skip) + 2.0)
         cols = []
@@ -108,16 +109,19 @@ def run_seed(seed: int, args, root: Path) -> dict:
     served = [model.score_impressions(x, embeddings, catalogue.log, catalogue.first_seen, logits=True).astype(np.float64)
               for x in (valid, test)]
     skip_of = [skip_lists(x, skips) for x in (valid, test)]
+    logged_of = [skip_lists(x, catalogue.clicks) for x in (valid, test)]  # the logged impressions' clicks alone
     oracle = oracle_auc(setup.world)
     gap = lambda a: (a - 0.5) / (oracle - 0.5)  # noqa: E731
     a = auc(test, served[1])
     out = {"seed": seed, "oracle": oracle, "fit_articles": int(len(fit_rows)),
            "rows": {"served model": {"impression_auc": a, "gap_closed": gap(a)}}}
 
-    def row(name: str, codes: list[np.ndarray], rates: bool = False) -> None:
+    def row(name: str, codes: list[np.ndarray], rates: str = "") -> None:
         feats = [key_features(x, s, codes) for x, s in zip((valid, test), skip_of)]
         if rates:
-            feats = [np.column_stack([f, rate_features(x, s, codes)]) for f, x, s in zip(feats, (valid, test), skip_of)]
+            clicked = [x for x in (valid, test)] if rates == "history" else logged_of
+            feats = [np.column_stack([f, rate_features(x, c, s, codes)])
+                     for f, x, c, s in zip(feats, (valid, test), clicked, skip_of)]
         xv, xt = (np.column_stack([s_, f]) for s_, f in zip(served, feats))
         mu, sd = xv.mean(0), xv.std(0) + 1e-9
         fit = LogisticRegression(max_iter=2000).fit((xv - mu) / sd, valid.labels)
@@ -152,7 +156,9 @@ def run_seed(seed: int, args, root: Path) -> dict:
             row(f"served + category, subcategory, text and image anchor clusters {k}",
                 publisher + [codes["text anchors"], codes["image anchors"]])
             row(f"served + category, subcategory, text and image anchor clusters {k}, rate features",
-                publisher + [codes["text anchors"], codes["image anchors"]], rates=True)
+                publisher + [codes["text anchors"], codes["image anchors"]], rates="history")
+            row(f"served + category, subcategory, text and image anchor clusters {k}, logged-click rate features",
+                publisher + [codes["text anchors"], codes["image anchors"]], rates="logged")
     out["seconds"] = round(time.perf_counter() - t0, 1)
     engine.dispose()
     return out
