@@ -136,7 +136,7 @@ def synthetic_features(news_ids, categories, seed: int):
 
 
 def build_model_and_index(work: Path, world: dict, *, seed: int, content_prior: tuple = (0.0,),
-                          category_affinity: bool = False) -> dict:
+                          category_affinity: bool = False, affinity_clusters: int = 16) -> dict:
     """An untrained model at production sizes, item embeddings of every article, the index.
 
     ``content_prior`` (weight, optional second-moment weight), any > 0, serves it as ``train``
@@ -144,8 +144,9 @@ def build_model_and_index(work: Path, world: dict, *, seed: int, content_prior: 
     scorer-only user columns with the second moment), the prior's terms in every score.
     ``category_affinity``: serve a category affinity (fixed weights, all nonzero) as ``train``
     fits by default: every shard reads its readers' skips and every candidate is rescored; with
-    the content prior, keyed by 16 content clusters per modality as well (fitted here on every
-    article's anchors), so that each worker codes the index's articles by their nearest centre.
+    the content prior, keyed by ``affinity_clusters`` content clusters per modality as well
+    (fitted here on every article's anchors; 0: none), so that each worker codes the index's
+    articles by their nearest centre.
     """
     from recsys.index.faiss_index import FaissIndex
     from recsys.models.bundle import RankingModel
@@ -165,9 +166,9 @@ def build_model_and_index(work: Path, world: dict, *, seed: int, content_prior: 
         from recsys.models.affinity import KEYS, AffinityCalibration, ContentClusters, design_features
 
         clusters = None
-        if any(content_prior):
+        if any(content_prior) and affinity_clusters:
             clusters = ContentClusters.fit(model.content_anchors(features), ("text", "image"),
-                                           np.arange(len(features)), 16, seed)
+                                           np.arange(len(features)), affinity_clusters, seed)
         keys = KEYS + (clusters.keys if clusters is not None else ())
         weights = tuple(np.linspace(-1.0, 1.0, len(design_features(keys))) + 0.05)
         model = RankingModel(model.item_tower, model.user_encoder, model.scorer,
@@ -289,6 +290,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(trained models get 0-32 each; 0: off)")
     parser.add_argument("--category-affinity", action="store_true",
                         help="serve the model with a category affinity (each shard reads its readers' skips)")
+    parser.add_argument("--affinity-clusters", type=int, default=16,
+                        help="content clusters per modality of that affinity, with the content prior (0: none)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the world here (default: a temp dir, removed)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "nightly.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -315,7 +318,8 @@ def main(argv=None) -> int:
                             clicks_max=args.clicks_max, seed=args.seed)
         print(f"  {world['clicks']} clicks in {world['write_seconds']:.1f} s; building model and index ...", flush=True)
         built = build_model_and_index(work, world, seed=args.seed, content_prior=args.content_prior,
-                                      category_affinity=args.category_affinity)
+                                      category_affinity=args.category_affinity,
+                                      affinity_clusters=args.affinity_clusters)
         model = built.pop("model")
         runs = []
         base = {"url": f"sqlite:///{db_path}", "model_dir": str(work / "model"), "index_dir": str(work / "index"),
