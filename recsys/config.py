@@ -203,9 +203,9 @@ class Config:
                 f"config key 'model.embedding_dim' is {self.model.embedding_dim}, expected a multiple of {NUM_HEADS} "
                 "(the heads of the user encoder's self-attention)"
             )
-        if not 0 <= self.model.affinity_clusters <= MAX_AFFINITY_CLUSTERS:
+        if not (self.model.affinity_clusters == 0 or 2 <= self.model.affinity_clusters <= MAX_AFFINITY_CLUSTERS):
             raise ConfigError(f"config key 'model.affinity_clusters' is {self.model.affinity_clusters}, expected 0 (the "
-                              f"publisher's keys only) to {MAX_AFFINITY_CLUSTERS} content clusters per modality")
+                              f"publisher's keys only) or 2 to {MAX_AFFINITY_CLUSTERS} content clusters per modality")
         anchors = self.model.anchor_dim * len(self.model.modalities.split(","))
         if self.model.anchor_dim < 0 or anchors >= self.model.embedding_dim:
             raise ConfigError(

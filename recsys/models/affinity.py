@@ -137,7 +137,9 @@ class ContentClusters:
             size = min(k, len(x))
             if size < 2:
                 continue
-            km = faiss.Kmeans(width, size, niter=KMEANS_ITERATIONS, nredo=KMEANS_RESTARTS, seed=seed, spherical=True, verbose=False,
+            # FAISS keeps the seed in a C int; model seeds go to 2**32 - 1.
+            km = faiss.Kmeans(width, size, niter=KMEANS_ITERATIONS, nredo=KMEANS_RESTARTS, seed=int(seed) % 2**31,
+                              spherical=True, verbose=False,
                               min_points_per_centroid=1, max_points_per_centroid=KMEANS_POINTS_PER_CENTRE)
             km.train(x)
             kept.append(name)
@@ -159,14 +161,16 @@ class ContentClusters:
             if x.shape[1] != centres.shape[1]:
                 raise ValueError(f"content clusters of block {self.blocks[b]!r} read anchor columns {offset} .. "
                                  f"{offset + centres.shape[1] - 1}; the vectors have {anchors.shape[1]} anchor columns")
-            out[:, b] = np.where(np.square(x).sum(axis=1) > 0.5, np.argmax(x @ centres.T, axis=1), -1)
+            scores = x @ centres.T
+            scores[:, np.square(centres).sum(axis=1) < 0.5] = -np.inf  # an empty centre (``expressed_in``) is no one's
+            out[:, b] = np.where(np.square(x).sum(axis=1) > 0.5, np.argmax(scores, axis=1), -1)
         return out
 
     def expressed_in(self, anchors: np.ndarray, codes: np.ndarray, rows: np.ndarray) -> "ContentClusters":
         """The same clusters with centres in another anchor space (networks trained again on a
         basis fitted on more articles): each centre the normalised mean of ``anchors`` (n, A)
         of the articles of ``rows`` that ``codes`` (n, len(blocks)) put in it. A centre with
-        none of them is zero and never nearest to a unit row."""
+        none of them is zero, and ``codes`` never gives it."""
         rows = np.asarray(rows, dtype=np.int64)
         tables = []
         for b, (offset, table) in enumerate(zip(self.offsets, self.centres)):

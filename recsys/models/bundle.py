@@ -210,6 +210,22 @@ def _check_widths(directory: Path, config: RankingConfig, item_tower: keras.Mode
             )
 
 
+def _check_clusters(config: RankingConfig, modalities: str, anchor_dim: int) -> None:
+    """Refuse content clusters that do not read the served vectors' anchor blocks: they would
+    fail only when scored (in every nightly worker), or read the wrong columns."""
+    affinity = config.category_affinity
+    clusters = None if affinity is None else affinity.clusters
+    if clusters is None:
+        return
+    blocks = modalities.split(",")
+    for name, offset, table in zip(clusters.blocks, clusters.offsets, clusters.centres):
+        if (config.prior_dim == 0 or name not in blocks or offset != blocks.index(name) * anchor_dim
+                or len(table[0]) != anchor_dim):
+            raise ModelMismatchError(
+                f"category affinity: content clusters of block {name!r} at anchor column {offset}, {len(table[0])} wide, "
+                f"but the served vectors carry {config.prior_dim} anchor columns, blocks {blocks} of {anchor_dim}")
+
+
 def _prior_weights(d: dict) -> tuple[float, ...]:
     """Per-block prior weights of a config.json; bundles saved before per-modality weights
     hold one ``prior_weight`` for every block (one block per modality)."""
@@ -286,6 +302,7 @@ class RankingModel:
                 f"anchor blocks of {self._anchor_dim} (expected one weight >= 0 per block, prior_dim {expected[0]}, "
                 f"moment_dim {expected[1]})"
             )
+        _check_clusters(config, fusion.modalities, self._anchor_dim)
         pairs = [tf.TensorSpec((None, config.user_dim), tf.float32), tf.TensorSpec((None, config.serving_dim), tf.float32),
                  tf.TensorSpec((None, s), tf.float32)]
         layer = self._scorer_layer

@@ -330,3 +330,15 @@ def test_codes_of_vectors_narrower_than_the_clusters_read_are_refused():
     clusters = ContentClusters(("text", "image"), (0, 2), (((1.0, 0.0),), ((1.0, 0.0),)))
     with pytest.raises(ValueError, match="read anchor columns 2 .. 3; the vectors have 3 anchor columns"):
         clusters.codes(np.ones((4, 3), np.float32))
+
+
+def test_a_seed_beyond_a_c_int_fits_as_its_remainder_and_an_empty_centre_codes_no_one():
+    from recsys.models.affinity import ContentClusters
+
+    rng = np.random.default_rng(5)
+    anchors = _blobs(rng, np.eye(4)[:3], 20)[0].astype(np.float32)
+    rows = np.arange(len(anchors))
+    assert ContentClusters.fit(anchors, ("text",), rows, 3, 2**32 - 1) == ContentClusters.fit(anchors, ("text",), rows, 3, 2**31 - 1)
+    # A row whose inner product with every real centre is negative still takes one of them.
+    clusters = ContentClusters(("text",), (0,), (((1.0, 0.0), (0.0, 1.0), (0.0, 0.0)),))
+    np.testing.assert_array_equal(clusters.codes(np.array([[-0.6, -0.8], [0.6, 0.8]], np.float32))[:, 0], [0, 1])

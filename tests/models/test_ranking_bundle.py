@@ -597,3 +597,41 @@ def test_content_prior_rejects_bad_weights_and_inconsistent_bundles(prior_model,
         with pytest.raises(ModelMismatchError, match=rf"{expected}, but the item tower has 2 anchor blocks of 2 "
                                                      r"\(expected one weight >= 0 per block, prior_dim 4, moment_dim 8\)"):
             RankingModel.load(tmp_path / "bundle")
+
+
+def test_content_clusters_survive_save_and_must_read_the_served_anchor_blocks(model, small_world, tmp_path):
+    """A bundle's content clusters read the anchor blocks of its served vectors: saved and loaded
+    they code articles alike; clusters that do not fit those blocks are refused when the
+    bundle is made or loaded, not in every nightly worker at scoring."""
+    from recsys.errors import DamagedFileError, ModelMismatchError
+    from recsys.models.affinity import AffinityCalibration, ContentClusters, design_features
+
+    served = model.with_content_prior(1.0)
+    a = served.anchor_columns // served.anchor_blocks
+    anchors = served.content_anchors(small_world.features)
+    clusters = ContentClusters.fit(anchors, ("text", "image"), np.arange(len(anchors)), 3, seed=2**32 - 1)
+    keys = ("category", "subcategory", *clusters.keys)
+    aff = AffinityCalibration(tuple(np.linspace(-1.0, 1.0, len(design_features(keys)))), 0.5, clusters)
+    with_aff = RankingModel(served.item_tower, served.user_encoder, served.scorer,
+                            dataclasses.replace(served.config, category_affinity=aff))
+    with_aff.save(tmp_path / "bundle")
+    loaded = RankingModel.load(tmp_path / "bundle")
+    assert loaded.config.category_affinity == aff
+    publisher = np.zeros((len(anchors), 2), dtype=np.int64)
+    codes = loaded.affinity_item_codes(publisher, loaded.item_embeddings(small_world.features))
+    np.testing.assert_array_equal(codes, with_aff.affinity_item_codes(publisher, with_aff.item_embeddings(small_world.features)))
+    np.testing.assert_array_equal(codes[:, 2:], clusters.codes(anchors))
+
+    for bad, config in (
+        (clusters, model.config),  # the networks' vectors without the anchor columns
+        (dataclasses.replace(clusters, offsets=(0, a + 1)), served.config),  # the image block read from the wrong column
+    ):
+        with pytest.raises(ModelMismatchError, match="content clusters of block"):
+            RankingModel(served.item_tower, served.user_encoder, served.scorer,
+                         dataclasses.replace(config, category_affinity=dataclasses.replace(aff, clusters=bad)))
+    path = tmp_path / "bundle" / "config.json"
+    saved = json.loads(path.read_text())
+    saved["category_affinity"]["clusters"]["centres"][0] = [[1.0] * (a + 1)] * 3  # centres wider than a block
+    path.write_text(json.dumps(saved))
+    with pytest.raises((ModelMismatchError, DamagedFileError), match="content clusters of block 'text'"):
+        RankingModel.load(tmp_path / "bundle")
