@@ -312,12 +312,15 @@ def _sub_keys(categories, subcategories) -> pd.MultiIndex:
 
 @dataclass(frozen=True)
 class SkippedArticles:
-    """The articles each of a set of users was shown and did not click, as
-    ``repository.read_skipped`` returns them, before they are counted per key.
+    """The distinct articles each of a set of users was shown and did not click, from the
+    (user, article) pairs ``repository.read_skipped`` returns, before they are counted per key.
+    The pairs are de-duplicated once here (an article skipped in two impressions counts once):
+    a chunk scored by several versions counts them per key of each version's codes.
 
     Attributes:
         user_ids: (u,) unique user ids.
-        user_index: (q,) the user of each skip, an index into ``user_ids``.
+        user_index: (q,) the user of each skip, an index into ``user_ids``; sorted, with
+            ``item_rows``, and each pair once.
         item_rows: (q,) the article of each skip, an item row.
     """
 
@@ -325,9 +328,27 @@ class SkippedArticles:
     user_index: np.ndarray
     item_rows: np.ndarray
 
+    def __post_init__(self) -> None:
+        who, rows = np.asarray(self.user_index, dtype=np.int64), np.asarray(self.item_rows, dtype=np.int64)
+        width = int(rows.max(initial=-1)) + 1
+        pairs = np.unique(who * max(width, 1) + rows)
+        object.__setattr__(self, "user_index", pairs // max(width, 1))
+        object.__setattr__(self, "item_rows", pairs % max(width, 1))
+
     def counts(self, item_codes: np.ndarray) -> "SkipCounts":
         """``SkipCounts`` per key of ``item_codes`` (n, K) (``AffinityCalibration.item_codes``)."""
-        return SkipCounts.from_pairs(self.user_ids, self.user_index, self.item_rows, item_codes)
+        users = pd.Index(np.asarray(self.user_ids, dtype=object))
+        user_code, rows = self.user_index, self.item_rows
+        sizes = tuple(int(item_codes[:, k].max(initial=-1)) + 1 for k in range(item_codes.shape[1]))
+        keys, sums = [], []
+        for k, size in enumerate(sizes):
+            codes = item_codes[rows, k]
+            known = codes >= 0
+            unique, counts = np.unique(user_code[known] * size + codes[known], return_counts=True)
+            keys.append(unique)
+            sums.append(counts.astype(np.int64))
+        totals = np.bincount(user_code, minlength=len(users)).astype(np.int64)
+        return SkipCounts(users, tuple(keys), tuple(sums), totals, sizes)
 
 
 @dataclass(frozen=True)
@@ -361,20 +382,7 @@ class SkipCounts:
             item_codes: (n, K) key codes of every article (``AffinityCalibration.item_codes``);
                 an article whose key is -1 counts in its user's total only.
         """
-        users = pd.Index(np.asarray(user_ids, dtype=object))
-        n = len(item_codes)
-        pairs = np.unique(np.asarray(user_index, dtype=np.int64) * max(n, 1) + np.asarray(item_rows, dtype=np.int64))
-        user_code, rows = pairs // max(n, 1), pairs % max(n, 1)
-        sizes = tuple(int(item_codes[:, k].max(initial=-1)) + 1 for k in range(item_codes.shape[1]))
-        keys, sums = [], []
-        for k, size in enumerate(sizes):
-            codes = item_codes[rows, k]
-            known = codes >= 0
-            unique, counts = np.unique(user_code[known] * size + codes[known], return_counts=True)
-            keys.append(unique)
-            sums.append(counts.astype(np.int64))
-        totals = np.bincount(user_code, minlength=len(users)).astype(np.int64)
-        return cls(users, tuple(keys), tuple(sums), totals, sizes)
+        return SkippedArticles(user_ids, user_index, item_rows).counts(item_codes)
 
     def lookup(self, user_ids: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Skips of each (user, candidate) pair: ((c, K) of the candidate's keys, (c,) in all).
