@@ -39,6 +39,7 @@ from recsys.data.interactions import (
 )
 from recsys.data.exposure import FileShows
 from recsys.models.affinity import (
+    KEYS,
     AffinityCalibration,
     ContentClusters,
     SkipCounts,
@@ -824,8 +825,9 @@ def _fit_affinity(later: LaterFileLogits, valid: Impressions, skips: SkipCounts,
     with_skips = skips.lookup(valid.user_ids, np.full((len(valid), item_codes.shape[1]), -1))[1] > 0  # the users' totals
     facts = {k: v for k, v in calibration.to_dict().items() if k != "clusters"}  # the centres are the bundle's
     if clusters is not None:
-        facts["cluster_sizes"] = {key: np.bincount(item_codes[:, 2 + b][item_codes[:, 2 + b] >= 0],
-                                               minlength=len(clusters.centres[b])).tolist()
+        cluster_codes = item_codes[:, len(KEYS):]  # after the publisher's keys
+        facts["cluster_sizes"] = {key: np.bincount(cluster_codes[:, b][cluster_codes[:, b] >= 0],
+                                                   minlength=len(clusters.centres[b])).tolist()
                                   for b, key in enumerate(clusters.keys)}
     return calibration, {
         **facts, "valid_impressions_with_skips": round(float(with_skips.mean()) if len(valid) else 0.0, 6),
