@@ -193,6 +193,17 @@ class ContentClusters:
                    tuple(tuple(tuple(float(v) for v in row) for row in table) for table in d["centres"]))
 
 
+def keyed_codes(publisher_codes: np.ndarray, clusters: ContentClusters | None, anchors: np.ndarray | None) -> np.ndarray:
+    """(n, K) int64 key codes of n articles: the publisher's (n, 2) (``KeyVocabulary.codes``),
+    then each of ``clusters``' codes of their anchors (n, A) (read only with clusters)."""
+    codes = np.asarray(publisher_codes, dtype=np.int64).reshape(-1, len(KEYS))
+    if clusters is None:
+        return codes
+    if anchors is None or len(anchors) != len(codes):
+        raise ValueError(f"the category affinity's content clusters need the anchors of the {len(codes)} articles")
+    return np.column_stack([codes, clusters.codes(anchors)])
+
+
 @dataclass(frozen=True)
 class AffinityCalibration(LinearBlend):
     """``logit' = intercept + weights . affinity_design(...)``, fitted on validation; ``weights``
@@ -219,12 +230,7 @@ class AffinityCalibration(LinearBlend):
         """(n, len(keys)) int64 key codes of n articles: the publisher's (n, 2)
         (``KeyVocabulary.codes``), then each content cluster's of their anchors (n, A) (the
         served vectors' anchor columns; read only with clusters)."""
-        codes = np.asarray(publisher_codes, dtype=np.int64).reshape(-1, len(KEYS))
-        if self.clusters is None:
-            return codes
-        if anchors is None or len(anchors) != len(codes):
-            raise ValueError(f"the category affinity's content clusters need the anchors of the {len(codes)} articles")
-        return np.column_stack([codes, self.clusters.codes(anchors)])
+        return keyed_codes(publisher_codes, self.clusters, anchors)
 
     def logits(self, logits: np.ndarray, clicks: np.ndarray, skips: np.ndarray, history: np.ndarray,
                skipped: np.ndarray) -> np.ndarray:

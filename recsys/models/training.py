@@ -46,6 +46,7 @@ from recsys.models.affinity import (
     SkippedArticles,
     affinity_inputs,
     fit_affinity_calibration,
+    keyed_codes,
 )
 from recsys.models.exposure import ExposureCalibration, fit_exposure_calibration, fresh_as_of
 from recsys.models.side_features import SideFeatures
@@ -486,14 +487,14 @@ def train_ctr(
     if skips is not None:
         if item_codes is None or len(item_codes) != n:
             raise ValueError(f"the category affinity needs item codes for the {n} items")
-        clusters = None
+        clusters, anchors = None, None
         if affinity_clusters and model.config.prior_dim:  # the codes are read from the served vectors' anchors
             cluster_rows = np.unique(np.concatenate([train.history_items, train.candidate_items]).astype(np.int64))
             anchors = model.content_anchors(features)
             blocks = tuple(parse_modalities(model.config.modalities))  # anchor blocks, text first
             clusters = ContentClusters.fit(anchors, blocks, cluster_rows, affinity_clusters, seed)
-            cluster_codes = None if clusters is None else clusters.codes(anchors)
-        codes = item_codes if clusters is None else np.column_stack([item_codes, cluster_codes])
+        codes = keyed_codes(item_codes, clusters, anchors)
+        cluster_codes = None if clusters is None else codes[:, len(KEYS):]
         affinity, history["category_affinity"], logits = _fit_affinity(later, exposure_valid, skips.counts(codes), codes,
                                                                         history_len, seed, clusters)
         later = dataclasses.replace(later, logits=logits)  # what the file exposure is fitted on top of
