@@ -1147,16 +1147,18 @@ def test_predict_cuts_long_histories_by_ids_and_writes_the_same_file(trained, tm
     assert sum(sizes) == num_lines and max(sizes) <= 9 and len(sizes) >= num_lines // 9
 
 
-def _file_exposure_by_hand(path: Path, end: np.datetime64, stored_ids: set[str]):
+def _file_exposure_by_hand(path: Path, end: np.datetime64, stored_ids: set[str], window_hours: float | None = None):
     """Per candidate of ``path``, in file order: (news id, earlier shows in the file at or after
-    ``end``, hours since the first of them, fresh), counted line by line from the file's text."""
+    ``end`` (within ``window_hours`` before it, if given), hours since the first of them, fresh),
+    counted line by line from the file's text."""
     rows = list(iter_behaviors(path))
     shows = [(np.datetime64(r.time, "s"), n) for r in rows if np.datetime64(r.time, "s") >= end for n in r.news_ids]
     out = []
     for r in rows:
         t = np.datetime64(r.time, "s")
+        since = t - np.timedelta64(int(round(window_hours * 3600)), "s") if window_hours else np.datetime64("1970-01-01", "s")
         for n in r.news_ids:
-            before = [s for s, m in shows if m == n and s < t] if t >= end else []
+            before = [s for s, m in shows if m == n and since <= s < t] if t >= end else []
             hours = (t - min(before)) / np.timedelta64(1, "h") if before else 0.0
             out.append((n, len(before), hours, n not in stored_ids))
     return out
@@ -1164,7 +1166,8 @@ def _file_exposure_by_hand(path: Path, end: np.datetime64, stored_ids: set[str])
 
 def test_file_exposure_scores_later_impressions_with_the_files_earlier_shows(trained):
     """The default of predict and evaluate: the version's calibration over its logit and the
-    file's earlier shows, checked against a count from the file's text."""
+    file's earlier shows within the span of the validation window it was fitted on (the file
+    is longer), checked against a count from the file's text."""
     world, ws, engine, config, versions = trained
     catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
     path = world / "behaviors_test.tsv"
@@ -1179,10 +1182,13 @@ def test_file_exposure_scores_later_impressions_with_the_files_earlier_shows(tra
                                            popularity_until=times.popularity_until, logits=True).astype(np.float64)
     # "fresh": never shown or listed in the ingested behaviors (the store's first_seen_at)
     stored = {n for r in iter_behaviors(world / "behaviors_train.tsv") for n in (*r.news_ids, *r.history)}
-    by_hand = _file_exposure_by_hand(path, catalogue.end, stored)
+    assert 20 < cal.window_hours <= 24  # the validation day's span
+    by_hand = _file_exposure_by_hand(path, catalogue.end, stored, cal.window_hours)
     assert [catalogue.features.news_ids[i] for i in imps.candidate_items] == [n for n, *_ in by_hand]
     counts, hours, fresh = (np.array(column, dtype=float) for column in list(zip(*by_hand))[1:])
     assert fresh.any() and (fresh == 0).any() and (counts > 0).any()
+    every = np.array([c for _, c, *_ in _file_exposure_by_hand(path, catalogue.end, stored)], dtype=float)
+    assert (every > counts).any() and hours.max() <= cal.window_hours  # the window leaves shows out
     w = cal.weights
     z = (cal.intercept + w[0] * logits + w[1] * fresh * np.log1p(counts) + w[2] * fresh * np.log1p(hours) + w[3] * fresh
          + w[4] * (1 - fresh) * np.log1p(counts))
@@ -1278,7 +1284,7 @@ def test_the_category_affinity_reads_each_readers_category_clicks_and_skips_befo
     np.testing.assert_allclose(plain.score(imps), 1 / (1 + np.exp(-z)), rtol=1e-5, atol=1e-7)
     # The file's exposure is fitted on top of the affinity, and so applied.
     stored = {n for r in iter_behaviors(world / "behaviors_train.tsv") for n in (*r.news_ids, *r.history)}
-    by_hand = _file_exposure_by_hand(path, catalogue.end, stored)
+    by_hand = _file_exposure_by_hand(path, catalogue.end, stored, exposure.window_hours)
     counts, hours, fresh = (np.array(column, dtype=float) for column in list(zip(*by_hand))[1:])
     on_fresh = plain.model.score_impressions(read, plain.embeddings, catalogue.log, served.exposure_first_seen,
                                              popularity_until=times.popularity_until, logits=True).astype(np.float64)

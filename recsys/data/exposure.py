@@ -71,18 +71,23 @@ class FileShows:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def earlier(self, items: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def earlier(self, items: np.ndarray, times: np.ndarray, *,
+                window_hours: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """For each (article, time) pair: how often the file showed the article strictly before
         ``time`` and the hours since the first of those shows.
 
         Args:
             items: (c,) item rows.
             times: (c,) datetime64 times of the impressions they were shown in.
+            window_hours: count only the shows in ``[time - window_hours, time)`` (the hours are
+                then since the first of those); None: every earlier show.
 
         Returns:
             counts: (c,) int64 earlier shows; hours: (c,) float64 hours since the first of them,
             0 where there is none.
         """
+        if window_hours is not None and not window_hours > 0:  # also NaN
+            raise ValueError(f"window_hours is {window_hours}, expected a number of hours above 0 (or None: every show)")
         items = np.asarray(items, dtype=np.int64)
         times = np.asarray(times, dtype="datetime64[s]")
         counts = np.zeros(len(items), dtype=np.int64)
@@ -90,8 +95,9 @@ class FileShows:
         if not len(self.keys) or not len(items):
             return counts, hours
         seconds = (times - _EPOCH).astype(np.int64)
-        start = np.searchsorted(self.keys, items << _SECONDS_BITS, side="left")
-        # Clipped so that the packed key stays in its item's range (a time past 2106 counts every show).
+        # Clipped so that a packed key stays in its item's range (a time past 2106 counts every show).
+        since = 0 if window_hours is None else seconds - int(round(window_hours * 3600))
+        start = np.searchsorted(self.keys, (items << _SECONDS_BITS) + np.clip(since, 0, _SECONDS_MASK + 1), side="left")
         stop = np.searchsorted(self.keys, (items << _SECONDS_BITS) + np.clip(seconds, 0, _SECONDS_MASK + 1), side="left")
         counts = np.where(seconds > 0, stop - start, 0).astype(np.int64)
         has = counts > 0

@@ -12,6 +12,7 @@ tonight (docs/model.md, "Exposure in the scored file").
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -60,10 +61,42 @@ def fresh_as_of(first_seen: np.ndarray, end: np.datetime64 | None) -> tuple[np.n
 @dataclass(frozen=True)
 class ExposureCalibration(LinearBlend):
     """``logit' = intercept + weights . exposure_design(...)``, fitted on validation; ``weights``
-    (5,) one per ``FEATURES`` column."""
+    (5,) one per ``FEATURES`` column.
+
+    Attributes:
+        window_hours: the span of the validation window it was fitted on. A scored file's shows
+            are counted over at most that many hours before each impression, so that a file
+            longer than the fit's window (a validation day against a two-day file) is read
+            within the range the weights were fitted on. None (a bundle of before): every
+            earlier show of the file.
+    """
+
+    window_hours: float | None = None
 
     FEATURES: ClassVar[tuple[str, ...]] = FEATURES
     LABEL: ClassVar[str] = "file exposure calibration"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window_hours is not None and not (math.isfinite(self.window_hours) and self.window_hours > 0):
+            raise ValueError(f"{self.LABEL}: window_hours is {self.window_hours!r}, expected a finite number of hours above 0")
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if self.window_hours is not None:
+            out["window_hours"] = self.window_hours
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExposureCalibration":
+        """Raises ValueError for other columns, weights that are not finite numbers or a bad
+        window. A bundle of before the window reads every earlier show."""
+        blend = super().from_dict({k: v for k, v in d.items() if k != "window_hours"})
+        try:
+            window = None if d.get("window_hours") is None else float(d["window_hours"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{cls.LABEL}: window_hours is {d['window_hours']!r}, expected a number of hours") from e
+        return cls(blend.weights, blend.intercept, window)
 
     def logits(self, logits: np.ndarray, counts: np.ndarray, hours: np.ndarray, fresh: np.ndarray) -> np.ndarray:
         """(c,) float64 calibrated logits (arguments as ``exposure_design``)."""
@@ -72,11 +105,12 @@ class ExposureCalibration(LinearBlend):
 
 def fit_exposure_calibration(
     logits: np.ndarray, counts: np.ndarray, hours: np.ndarray, fresh: np.ndarray, labels: np.ndarray,
-    owner: np.ndarray, *, seed: int = 0,
+    owner: np.ndarray, *, seed: int = 0, window_hours: float | None = None,
 ) -> ExposureCalibration:
     """A logistic regression of ``labels`` (c,) 0/1 on ``exposure_design`` (other arguments as
     there). ``owner`` (c,) gives each candidate's impression: beyond ``MAX_FIT_ROWS``
-    candidates a random sample of whole impressions (seeded) is read.
+    candidates a random sample of whole impressions (seeded) is read. ``window_hours``: the span
+    of the window the counts were read in, kept with the weights (``ExposureCalibration``).
 
     Raises:
         ValueError: the labels are not both 0 and 1.
@@ -87,4 +121,4 @@ def fit_exposure_calibration(
     keep = ExposureCalibration.fit_rows(labels, owner, MAX_FIT_ROWS, seed)
     x = exposure_design(logits[keep], counts[keep], hours[keep], fresh[keep])
     model = LogisticRegression(C=1.0, max_iter=1000).fit(x, labels[keep])
-    return ExposureCalibration(tuple(float(w) for w in model.coef_[0]), float(model.intercept_[0]))
+    return ExposureCalibration(tuple(float(w) for w in model.coef_[0]), float(model.intercept_[0]), window_hours)

@@ -842,8 +842,12 @@ def _fit_file_exposure(later: LaterFileLogits, valid: Impressions, seed: int) ->
     manifest records (its weights, and the validation per-impression AUC of the logits read so,
     without and with it: the latter in-sample)."""
     items = valid.candidate_items
-    counts, hours = FileShows.from_events(items, later.times).earlier(items, later.times)
-    calibration = fit_exposure_calibration(later.logits, counts, hours, later.fresh, valid.labels, later.owner, seed=seed)
+    # The window's span bounds what the fit sees of a file's past; a longer file is read within it.
+    span = (later.times.max() - later.times.min()) / np.timedelta64(1, "s")
+    window = max(float(span), 1.0) / 3600.0
+    counts, hours = FileShows.from_events(items, later.times).earlier(items, later.times, window_hours=window)
+    calibration = fit_exposure_calibration(later.logits, counts, hours, later.fresh, valid.labels, later.owner, seed=seed,
+                                           window_hours=window)
     auc = lambda scores: round(float(mean_impression_auc(valid.labels, scores, valid.candidate_offsets)[0]), 6)  # noqa: E731
     return calibration, {
         **calibration.to_dict(), "valid_fresh_share": round(float(later.fresh.mean()), 6),

@@ -519,7 +519,8 @@ class VersionScorer:
         if self.affinity is not None:  # fitted first, as the exposure was fitted on top of it
             logits = self._with_affinity(read, logits, skips)
         items = read.candidate_items
-        counts, hours = self.shows.earlier(items, read.times[candidate_impression_rows(read)])
+        counts, hours = self.shows.earlier(items, read.times[candidate_impression_rows(read)],
+                                           window_hours=self.exposure.window_hours)
         return _sigmoid(self.exposure.logits(logits, counts, hours, self.fresh[items]))
 
     def _with_affinity(self, read: Impressions, logits: np.ndarray, skips: SkipCounts) -> np.ndarray:

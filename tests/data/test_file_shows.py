@@ -27,6 +27,29 @@ def test_counts_only_earlier_shows_and_hours_since_the_first():
     np.testing.assert_allclose(hours, [0, 0.5, 1, 1.5, 6, 0, 1, 0])
 
 
+def test_a_window_counts_only_the_shows_within_it_and_hours_since_the_first_of_those():
+    # article 3 shown at 0 h, 1 h, 1 h and 5 h; article 7 at 2 h; a 2-hour window
+    shows = FileShows.from_events(np.array([3, 7, 3, 3, 3]), np.array([at(1), at(2), at(0), at(5), at(1)]))
+    items = np.array([3, 3, 3, 3, 3, 7, 7])
+    times = np.array([at(0.5), at(2), at(2.5), at(3), at(6), at(3), at(4)])
+    counts, hours = shows.earlier(items, times, window_hours=2)
+    # at 2 h the window [0 h, 2 h) holds all three early shows; at 2.5 h only the two at 1 h;
+    # at 3 h its start (1 h) is inside it; at 6 h only the 5 h show; at 4 h article 7's 2 h show is on the edge
+    np.testing.assert_array_equal(counts, [1, 3, 2, 2, 1, 1, 1])
+    np.testing.assert_allclose(hours, [0.5, 2, 1.5, 2, 1, 1, 2])
+    # a window longer than the file counts every earlier show
+    every = shows.earlier(items, times)
+    for got, expected in zip(shows.earlier(items, times, window_hours=100), every):
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("window", [0, -1, float("nan")])
+def test_a_window_of_no_hours_is_refused(window):
+    shows = FileShows.from_events(np.array([1]), np.array([at(0)]))
+    with pytest.raises(ValueError, match="window_hours is .*expected a number of hours above 0"):
+        shows.earlier(np.array([1]), np.array([at(1)]), window_hours=window)
+
+
 def test_a_time_before_the_first_show_and_an_empty_file_see_nothing():
     shows = FileShows.from_events(np.array([1]), np.array([at(2)]))
     counts, hours = shows.earlier(np.array([1, 1]), np.array([at(-30), at(2)]))
@@ -65,21 +88,22 @@ events = st.lists(st.tuples(st.integers(0, 5), st.integers(0, 50)), max_size=40)
 
 @settings(max_examples=150, deadline=None)
 @given(shown=events, queries=st.lists(st.tuples(st.integers(0, 6), st.integers(-5, 60)), min_size=1, max_size=20),
-       later=events)
-def test_matches_a_brute_force_count_and_later_shows_change_nothing(shown, queries, later):
-    """Against a direct count over the events; adding shows at or after each query's time leaves it unchanged."""
+       later=events, window=st.one_of(st.none(), st.integers(1, 70)))
+def test_matches_a_brute_force_count_and_later_shows_change_nothing(shown, queries, later, window):
+    """Against a direct count over the events (in ``[t - window, t)`` with a window); adding
+    shows at or after each query's time leaves it unchanged."""
     def build(pairs):
         return FileShows.from_events(np.array([i for i, _ in pairs], np.int64),
                                      np.array([at(h) for _, h in pairs], dtype="datetime64[s]"))
 
     items = np.array([i for i, _ in queries], np.int64)
     times = np.array([at(h) for _, h in queries], dtype="datetime64[s]")
-    counts, hours = build(shown).earlier(items, times)
+    counts, hours = build(shown).earlier(items, times, window_hours=window)
     for k, (item, hour) in enumerate(queries):
-        before = [h for i, h in shown if i == item and h < hour]
+        before = [h for i, h in shown if i == item and h < hour and (window is None or h >= hour - window)]
         assert counts[k] == len(before)
         assert hours[k] == pytest.approx(hour - min(before) if before else 0.0)
     for k, (item, hour) in enumerate(queries):
         extra = [(i, max(h, hour)) for i, h in later]  # every added show at or after this query
-        c, h = build(shown + extra).earlier(items[k : k + 1], times[k : k + 1])
+        c, h = build(shown + extra).earlier(items[k : k + 1], times[k : k + 1], window_hours=window)
         assert (c[0], h[0]) == (counts[k], pytest.approx(hours[k]))

@@ -494,6 +494,9 @@ def test_the_file_exposure_calibration_is_fitted_on_validation_read_as_a_later_f
     expected = LogisticRegression(C=1.0, max_iter=1000).fit(exposure_design(logits, counts, hours, fresh), valid.labels)
     np.testing.assert_allclose(cal.weights, expected.coef_[0], rtol=1e-4, atol=1e-5)
     assert cal.intercept == pytest.approx(expected.intercept_[0], rel=1e-4, abs=1e-5)
+    # the window's span: a scored file is read within it (every show above is inside it)
+    assert cal.window_hours == pytest.approx((times.max() - times.min()) / np.timedelta64(1, "h"))
+    assert history["file_exposure"]["window_hours"] == cal.window_hours
 
     without, _ = train_ctr(world.features, train, world.valid, log, file_exposure=False, **kwargs)
     assert without.config.file_exposure is None and without.config.info["file_exposure"] is None

@@ -23,9 +23,16 @@ def test_calibrated_logits_are_the_weighted_design_plus_intercept_and_survive_a_
     by_hand = -2.0 + 0.4 * 1.0 + 0.5 * np.log(2) - 0.7 * np.log(4) + 0.1
     np.testing.assert_allclose(cal.logits(logits, counts, hours, fresh), [by_hand])
     assert ExposureCalibration.from_dict(cal.to_dict()) == cal
+    windowed = ExposureCalibration(cal.weights, cal.intercept, 23.5)
+    assert windowed.to_dict()["window_hours"] == 23.5 and ExposureCalibration.from_dict(windowed.to_dict()) == windowed
+    # saved before the window existed: every earlier show is read, as then
+    assert "window_hours" not in cal.to_dict() and ExposureCalibration.from_dict(cal.to_dict()).window_hours is None
 
 
 @pytest.mark.parametrize("saved, message", [
+    ({"weights": [1, 2, 3, 4, 5], "intercept": 0.0, "window_hours": 0}, "window_hours is 0.0, expected a finite number"),
+    ({"weights": [1, 2, 3, 4, 5], "intercept": 0.0, "window_hours": float("inf")}, "window_hours is inf"),
+    ({"weights": [1, 2, 3, 4, 5], "intercept": 0.0, "window_hours": "a day"}, "window_hours is 'a day', expected a number"),
     ({"weights": [1, 2, 3], "intercept": 0.0}, "expected 5 finite weights"),
     ({"weights": [1, 2, 3, float("nan"), 5], "intercept": 0.0}, "expected 5 finite weights"),
     ({"weights": [1, 2, 3, 4, 5], "intercept": float("inf")}, "finite intercept"),
@@ -50,7 +57,8 @@ def test_the_fit_recovers_the_weights_that_drew_the_clicks():
     true = (0.8, 0.6, -0.9, 0.3, 0.2)
     logits, counts, hours, fresh, labels = _sample(np.random.default_rng(0), 60_000, true, -2.0)
     owner = np.arange(len(labels)) // 20
-    cal = fit_exposure_calibration(logits, counts, hours, fresh, labels, owner)
+    cal = fit_exposure_calibration(logits, counts, hours, fresh, labels, owner, window_hours=20.0)
+    assert cal.window_hours == 20.0
     # the fresh flag and the intercept trade off against each other: checked loosely, and through
     # the probabilities they give together
     np.testing.assert_allclose(np.array(cal.weights)[[0, 1, 2, 4]], np.array(true)[[0, 1, 2, 4]], atol=0.12)

@@ -107,7 +107,7 @@ def test_file_exposure_calibration_survives_save_and_old_bundles_have_none(model
     from recsys.errors import DamagedFileError
     from recsys.models.exposure import ExposureCalibration
 
-    cal = ExposureCalibration((0.4, 0.5, -0.7, 0.1, 0.2), -2.5)
+    cal = ExposureCalibration((0.4, 0.5, -0.7, 0.1, 0.2), -2.5, window_hours=23.75)
     with_cal = RankingModel(model.item_tower, model.user_encoder, model.scorer,
                             dataclasses.replace(model.config, file_exposure=cal))
     with_cal.save(tmp_path / "bundle")
