@@ -1,0 +1,123 @@
+"""Does the file-exposure calibration, fitted on a one-day validation window, read every day of a
+longer scored file as well as its first? A measured check.
+
+``recsys train`` fits the file-exposure calibration (docs/model.md, "Exposure in the scored
+file") on its validation window (a day by default) read as a later file. A scored file can be
+longer: the sample's test files span two days. For each held-out world, train the default
+model (``recsys train``), score the test file as ``recsys evaluate`` does (with the file's
+exposure, ``--features-at popularity-at-end``), and per day of the file compare the share of the
+oracle's gap closed by
+
+- the product (the validation-fitted calibration),
+- the same model without the file's exposure (``--no-file-exposure``),
+- the same exposure columns as the product reads them, fitted on that day's own labels (two
+  folds by impression parity, each scored by the other's fit): what a calibration fitted for
+  that day could reach.
+
+The gap between the first and the last is what the validation fit loses on each day. Nothing
+here is used by the product.
+
+Usage:
+  python benchmarks/bench_exposure_days.py --seeds 101 102 103 --users 3000 --news 2500 --impressions 9000 [--tag TAG]
+
+Prints a table and writes benchmarks/results/exposure_days[_TAG].json.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def run_seed(seed: int, args, root: Path) -> dict:
+    from bench_quality import config_overrides, ingested_world, oracle_auc, subset_auc
+    from sklearn.linear_model import LogisticRegression
+
+    from recsys.config import load_config
+    from recsys.data.interactions import candidate_impression_rows
+    from recsys.models.exposure import exposure_design
+    from recsys.pipelines.scoring import (VersionScorer, feature_times, iter_behavior_chunks, load_scoring_catalogue,
+                                          read_file_shows)
+    from recsys.pipelines.train import run_train
+    from recsys.versions import get_version
+
+    t0 = time.perf_counter()
+    world, ws, engine, _ = ingested_world(seed, args, root, foreign=args.foreign)
+    config = load_config(None, config_overrides(args))
+    run_train(engine, ws, config)
+    catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
+    mv = get_version(engine)
+    path = world / "behaviors_test.tsv"
+    times = feature_times(catalogue, "popularity-at-end")
+    shows = read_file_shows(path, catalogue)
+    served = VersionScorer(mv, catalogue, times=times, shows=shows)
+    plain = VersionScorer(mv, catalogue, times=times)
+    imps, _ = next(iter_behavior_chunks(path, catalogue, chunk_size=10**7, history_len=served.history_len))
+    read = served.read(imps)
+    product, without = served.score_read(read).astype(np.float64), plain.score_read(read).astype(np.float64)
+    calibration = served.exposure
+    window = getattr(calibration, "window_hours", None)  # None: a version of before the window
+    owner = candidate_impression_rows(read)
+    counts, hours = shows.earlier(read.candidate_items, read.times[owner],
+                                  **({"window_hours": window} if window is not None else {}))
+    clipped = np.clip(without, 1e-12, 1 - 1e-12)
+    design = exposure_design(np.log(clipped / (1 - clipped)), counts, hours, served.fresh[read.candidate_items])
+    oracle = oracle_auc(world)
+    gap = lambda a: (a - 0.5) / (oracle - 0.5)  # noqa: E731
+    day = ((read.times - read.times.min()) // np.timedelta64(1, "D")).astype(np.int64)
+    out = {"seed": seed, "oracle": oracle, "window_hours": window, "days": {}, "rows": {}}
+    for d in np.unique(day):
+        keep = (day == d)[owner]
+        refit = np.zeros(len(product))
+        for fold in (0, 1):
+            fit, score = keep & (owner % 2 != fold), keep & (owner % 2 == fold)
+            model = LogisticRegression(C=1.0, max_iter=2000).fit(design[fit], read.labels[fit])
+            refit[score] = model.decision_function(design[score])
+        fresh = keep & served.fresh[read.candidate_items]
+        out["days"][int(d)] = {
+            "impressions": int((day == d).sum()), "fresh_mean_hours": float(hours[fresh & (counts > 0)].mean()),
+            "product": gap(subset_auc(read, product, keep)), "no_file_exposure": gap(subset_auc(read, without, keep)),
+            "fitted_on_the_day": gap(subset_auc(read, refit, keep))}
+    everything = np.ones(len(product), dtype=bool)
+    for name, scores in (("product", product), ("no file exposure", without)):
+        a = subset_auc(read, scores, everything)
+        out["rows"][name] = {"impression_auc": a, "gap_closed": gap(a)}
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    engine.dispose()
+    return out
+
+
+def show(res: dict) -> None:
+    print(f"\nseed {res['seed']} ({res['seconds']} s), oracle {res['oracle']:.4f}, window {res['window_hours']} h")
+    print(f"  {'day':>3} {'impr.':>6} {'fresh h':>8} {'product':>8} {'no expo':>8} {'day fit':>8} {'lost':>6}")
+    for d, r in res["days"].items():
+        print(f"  {d:>3} {r['impressions']:>6} {r['fresh_mean_hours']:>8.1f} {100 * r['product']:>7.1f}% "
+              f"{100 * r['no_file_exposure']:>7.1f}% {100 * r['fitted_on_the_day']:>7.1f}% "
+              f"{100 * (r['fitted_on_the_day'] - r['product']):>5.1f}")
+
+
+def main() -> None:
+    import argparse
+
+    # this folder is on sys.path when run as a script
+    from bench_quality import mean_gap_closed, on_held_out_worlds, parse_experiment_args, write_results
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    args = parse_experiment_args(parser)
+    results = on_held_out_worlds(args, run_seed, "recsys-exposure-days-", show=show)
+    days = sorted({d for r in results for d in r["days"]})
+    by_day = {d: {k: float(np.mean([r["days"][d][k] for r in results if d in r["days"]]))
+                  for k in ("product", "no_file_exposure", "fitted_on_the_day")} for d in days}
+    print("\nmean gap closed over seeds, per day of the file:")
+    for d, r in by_day.items():
+        print(f"  day {d}: product {100 * r['product']:.1f}%, no file exposure {100 * r['no_file_exposure']:.1f}%, "
+              f"fitted on the day {100 * r['fitted_on_the_day']:.1f}% (lost {100 * (r['fitted_on_the_day'] - r['product']):.1f})")
+    mean = mean_gap_closed(results)
+    print("  all days: " + ", ".join(f"{name} {100 * v:.1f}%" for name, v in mean.items()))
+    write_results("exposure_days", args, results, mean_gap_closed=mean, mean_per_day=by_day)
+
+
+if __name__ == "__main__":
+    main()
