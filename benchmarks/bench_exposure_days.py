@@ -58,7 +58,8 @@ def run_seed(seed: int, args, root: Path) -> dict:
     read = served.read(imps)
     product, without = served.score_read(read).astype(np.float64), plain.score_read(read).astype(np.float64)
     calibration = served.exposure
-    window = getattr(calibration, "window_hours", None)  # None: a version of before the window
+    # None: the code before the window (the before_window run), whose earlier() takes none
+    window = getattr(calibration, "window_hours", None)
     owner = candidate_impression_rows(read)
     counts, hours = shows.earlier(read.candidate_items, read.times[owner],
                                   **({"window_hours": window} if window is not None else {}))

@@ -63,13 +63,13 @@ def key_features(imps, skipped, codes: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(out)
 
 
-def skip_lists(imps, skips):
+def skip_lists(imps, skips, cap: int = SKIP_CAP):
     """``imps`` with each user's skips in the store strictly before the impression (newest
-    ``SKIP_CAP``, a ``ClickLog`` of label-0 items) in place of their histories."""
+    ``cap``, a ``ClickLog`` of label-0 items) in place of their histories."""
     from recsys.data.interactions import with_logged_clicks
 
     empty = replace(imps, history_offsets=np.zeros(len(imps) + 1, np.int64), history_items=np.zeros(0, np.int32))
-    return with_logged_clicks(empty, skips, SKIP_CAP)
+    return with_logged_clicks(empty, skips, cap)
 
 
 def impression_auc(imps, scores) -> float:

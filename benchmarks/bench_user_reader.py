@@ -79,11 +79,10 @@ def ridge_scores(imps, skipped, anchors: np.ndarray, blocks: int, lam: float) ->
 def run_seed(seed: int, args, root: Path) -> dict:
     from bench_quality import oracle_auc
     from bench_skip_feedback import count_features, feature_columns, served_world
-    from bench_user_category import impression_auc, key_features
+    from bench_user_category import impression_auc, key_features, skip_lists
     from sklearn.linear_model import LogisticRegression
 
     from recsys.columns import CATEGORY, NEWS_ID, SUBCATEGORY
-    from recsys.data.interactions import with_logged_clicks
 
     t0 = time.perf_counter()
     setup = served_world(seed, args, root)
@@ -102,14 +101,8 @@ def run_seed(seed: int, args, root: Path) -> dict:
         cluster_codes = affinity.clusters.codes(anchors)
         codes += [np.where(c < 0, c.max() + 1, c) for c in cluster_codes.T]
 
-    def skip_lists(imps):
-        from dataclasses import replace
-
-        empty = replace(imps, history_offsets=np.zeros(len(imps) + 1, np.int64), history_items=np.zeros(0, np.int32))
-        return with_logged_clicks(empty, setup.skips, SKIP_CAP)
-
     splits = (valid, test)
-    skipped = [skip_lists(x) for x in splits]
+    skipped = [skip_lists(x, setup.skips, SKIP_CAP) for x in splits]
     served = [model.score_impressions(x, embeddings, catalogue.log, catalogue.first_seen, logits=True).astype(np.float64)
               for x in splits]
     keys = [key_features(x, s, codes) for x, s in zip(splits, skipped)]

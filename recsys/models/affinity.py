@@ -193,6 +193,11 @@ class ContentClusters:
                    tuple(tuple(tuple(float(v) for v in row) for row in table) for table in d["centres"]))
 
 
+def _affinity_keys(clusters: ContentClusters | None) -> tuple[str, ...]:
+    """The affinity's keys: the publisher's, then those of ``clusters``."""
+    return KEYS + (clusters.keys if clusters is not None else ())
+
+
 def keyed_codes(publisher_codes: np.ndarray, clusters: ContentClusters | None, anchors: np.ndarray | None) -> np.ndarray:
     """(n, K) int64 key codes of n articles: the publisher's (n, 2) (``KeyVocabulary.codes``),
     then each of ``clusters``' codes of their anchors (n, A) (read only with clusters)."""
@@ -220,7 +225,7 @@ class AffinityCalibration(LinearBlend):
 
     @property
     def keys(self) -> tuple[str, ...]:
-        return KEYS + (self.clusters.keys if self.clusters is not None else ())
+        return _affinity_keys(self.clusters)
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -251,7 +256,7 @@ class AffinityCalibration(LinearBlend):
             clusters = None if d.get("clusters") is None else ContentClusters.from_dict(d["clusters"])
         except (KeyError, TypeError) as e:
             raise ValueError(f"{cls.LABEL}: unreadable content clusters ({type(e).__name__}: {e})") from e
-        expected = design_features(KEYS + (clusters.keys if clusters is not None else ()))
+        expected = design_features(_affinity_keys(clusters))
         if list(d.get("features", expected)) != list(expected):
             raise ValueError(f"{cls.LABEL} over {d['features']}, expected {list(expected)}")
         return cls(tuple(float(w) for w in d["weights"]), float(d["intercept"]), clusters)
