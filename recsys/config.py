@@ -65,6 +65,9 @@ class ModelConfig:
     # ... and per content cluster: this many k-means centres of each modality's content anchors
     # (0: the publisher's keys only). Read only with category_affinity and the content prior.
     affinity_clusters: int = 16
+    # Serve (and validate) an exponential moving average of the networks' weights over about this
+    # many epochs of steps instead of the last step's weights (0: off).
+    weight_average: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ MAX_SEED = 2**32 - 1
 # Content clusters per modality the category affinity may ask for: each is 5 columns of a
 # reader's counts, read against a few thousand labelled validation impressions.
 MAX_AFFINITY_CLUSTERS = 4096
+# The longest weight-averaging horizon, in epochs: beyond any training's length.
+MAX_WEIGHT_AVERAGE = 1000.0
 # The largest rank the store's recommendations.rank column (SmallInteger) holds.
 MAX_RANK = 32_767
 
@@ -206,6 +211,9 @@ class Config:
         if not (self.model.affinity_clusters == 0 or 2 <= self.model.affinity_clusters <= MAX_AFFINITY_CLUSTERS):
             raise ConfigError(f"config key 'model.affinity_clusters' is {self.model.affinity_clusters}, expected 0 (the "
                               f"publisher's keys only) or 2 to {MAX_AFFINITY_CLUSTERS} content clusters per modality")
+        if not 0 <= self.model.weight_average <= MAX_WEIGHT_AVERAGE:  # also rejects NaN
+            raise ConfigError(f"config key 'model.weight_average' is {self.model.weight_average}, expected 0 (off) or a "
+                              f"horizon above 0 and at most {MAX_WEIGHT_AVERAGE} epochs")
         anchors = self.model.anchor_dim * len(self.model.modalities.split(","))
         if self.model.anchor_dim < 0 or anchors >= self.model.embedding_dim:
             raise ConfigError(

@@ -85,6 +85,9 @@ def test_an_unknown_section_or_key_suggests_a_close_match(data, message):
         ({"model": {"feature_clock_hours": 1e-4}}, r"'model.feature_clock_hours' is 0.0001, expected 0 \(off\)"),
         ({"model": {"feature_clock_hours": float("nan")}}, r"'model.feature_clock_hours' is nan"),
         ({"model": {"refit": "yes"}}, r"'model.refit' is 'yes', expected true or false"),
+        ({"model": {"weight_average": -1.0}}, r"'model.weight_average' is -1.0, expected 0 \(off\) or a horizon above 0 and at most 1000.0 epochs"),
+        ({"model": {"weight_average": float("nan")}}, r"'model.weight_average' is nan"),
+        ({"model": {"weight_average": 5000}}, r"'model.weight_average' is 5000.0, expected 0 \(off\)"),
         # timedelta cannot hold these: they crashed the nightly with an OverflowError
         ({"nightly": {"freshness_days": float("inf")}}, r"'nightly.freshness_days' is inf, expected a number of days above 0 and at most 36500"),
         ({"nightly": {"active_days": 1e12}}, r"'nightly.active_days' is 1000000000000.0, expected a number of days"),

@@ -17,6 +17,7 @@ the features of its unique items once. The step is a ``tf.function`` with a Grad
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -50,6 +51,7 @@ from recsys.models.affinity import (
 )
 from recsys.models.exposure import ExposureCalibration, fit_exposure_calibration, fresh_as_of
 from recsys.models.side_features import SideFeatures
+from recsys.models.weight_average import WeightAverage
 from recsys.progress import progress as progress_lines
 
 LOSSES = ("pointwise", "listwise")
@@ -334,6 +336,7 @@ def train_ctr(
     skips: SkippedArticles | None = None,
     item_codes: np.ndarray | None = None,
     affinity_clusters: int = 0,
+    weight_average: float = 0.0,
     progress: Callable[[dict], None] | None = None,
 ) -> tuple[RankingModel, dict]:
     """Train the CTR model; early-stop on the validation per-impression AUC.
@@ -401,6 +404,11 @@ def train_ctr(
             content cluster: this many spherical k-means centres per modality, fitted on the
             content anchors of the training window's articles (``ContentClusters``). 0: the
             publisher's keys only.
+        weight_average: if > 0, validate, keep and serve each epoch's ``WeightAverage`` of the
+            networks' weights along the training steps, over a horizon of this many epochs of
+            steps, instead of the last step's weights (Polyak averaging; with ``refit``, the
+            second training's average at its end). The steps themselves are those of the
+            training without it. 0: off.
         progress: called after every epoch with a dict (epoch, loss, val_auc, ...).
 
     Returns:
@@ -424,6 +432,8 @@ def train_ctr(
         raise ValueError(f"learning_rate is {learning_rate!r}, expected a finite number > 0")
     if not 0.0 <= category_dropout < 1.0:
         raise ValueError(f"category_dropout is {category_dropout!r}, expected 0 <= value < 1")
+    if not 0.0 <= weight_average < math.inf:  # also rejects NaN
+        raise ValueError(f"weight_average is {weight_average!r}, expected 0 (off) or a finite horizon in epochs")
     n = len(features)
     _check_rows("train", train, n)
     _check_rows("valid", valid, n)
@@ -454,7 +464,7 @@ def train_ctr(
         embedding_dim=embedding_dim, history_len=history_len, batch_size=batch_size, learning_rate=learning_rate,
         seed=seed, negatives=negatives, loss=loss, window_hours=window_hours, num_heads=num_heads,
         scorer_hidden_units=scorer_hidden_units, dropout=dropout, anchor_dim=anchor_dim,
-        category_dropout=category_dropout, logged_clicks=clicks is not None,
+        category_dropout=category_dropout, logged_clicks=clicks is not None, weight_average=weight_average,
     )
     model, ctr, history = _train_networks(train, valid, epochs=epochs, patience=patience, progress=progress, **networks)
     best_epoch, best_auc = history["best_epoch"], history["best_val_auc"]
@@ -580,7 +590,7 @@ def _train_networks(
     train: Impressions, valid: Impressions | None, *, features: ItemFeatures, log: InteractionLog,
     first_seen: np.ndarray, epochs: int, patience: int, loss: str, seed: int, history_len: int,
     batch_size: int, learning_rate: float, negatives: int, window_hours: float, category_dropout: float,
-    logged_clicks: bool, progress: Callable[[dict], None] | None, **architecture,
+    logged_clicks: bool, progress: Callable[[dict], None] | None, weight_average: float = 0.0, **architecture,
 ) -> tuple[RankingModel, CTRModel, dict]:
     """A new model (seeded, its vocabulary, side-feature scaling and centring fitted on
     ``train``) trained on ``train``.
@@ -594,6 +604,9 @@ def _train_networks(
         ``val_auc``, ``val_log_loss``, ``epoch_seconds`` (the ``val_`` lists empty without
         ``valid``) plus ``best_epoch``, ``best_val_auc`` (None without ``valid``),
         ``train_impressions`` and ``train_samples``.
+
+    With ``weight_average`` > 0 every epoch is validated, kept and served with the
+    ``WeightAverage`` of its steps' weights over a horizon of that many epochs.
     """
     listwise = loss == "listwise"
     keras.utils.set_random_seed(seed)
@@ -649,6 +662,8 @@ def _train_networks(
             value = listwise_loss(logits, groups) if listwise else pointwise_loss(logits, labels, weights)
         variables = ctr.trainable_variables
         optimizer.apply(tape.gradient(value, variables), variables)
+        if average is not None:
+            average.update()
         return value
 
     labelled = _per_impression(train.labels >= 0, train.candidate_offsets)
@@ -659,6 +674,10 @@ def _train_networks(
         raise ValueError(f"train has no impression usable by the {loss} loss")
 
     blocks = (model.item_tower, model.user_encoder, model.scorer)
+    average = None
+    if weight_average > 0:
+        steps_per_epoch = -(-len(eligible) // batch_size)
+        average = WeightAverage(ctr.trainable_variables, horizon_steps=weight_average * steps_per_epoch)
     history = {"loss": [], "val_auc": [], "val_log_loss": [], "epoch_seconds": [],
                "train_impressions": int(len(eligible)), "train_samples": int(labelled[eligible].sum()),
                "anchor_similarity_auc": anchor_aucs, "silent_modalities": silent,
@@ -699,7 +718,10 @@ def _train_networks(
             if progress is not None:
                 progress({**report, "refit": True, "seconds": train_seconds})
             continue
-        metrics = evaluate_impressions(model, features, valid, log, first_seen)
+        with average.swapped_in() if average is not None else contextlib.nullcontext():
+            metrics = evaluate_impressions(model, features, valid, log, first_seen)
+            if metrics["auc"] > best_auc:  # the weights validated are the ones kept
+                best_weights = [block.get_weights() for block in blocks]
         if math.isnan(metrics["auc"]):
             raise TrainingDivergedError(f"training diverged: the validation scores are not finite at epoch {epoch}")
         history["val_auc"].append(metrics["auc"])
@@ -708,12 +730,13 @@ def _train_networks(
             progress({**report, "val_auc": metrics["auc"], "val_log_loss": metrics["log_loss"], "seconds": train_seconds})
         if metrics["auc"] > best_auc:
             best_auc, best_epoch, waited = metrics["auc"], epoch, 0
-            best_weights = [block.get_weights() for block in blocks]
         else:
             waited += 1
             if waited >= patience:
                 break
     if valid is None:
+        if average is not None:
+            average.assign()
         history.update(best_epoch=epochs, best_val_auc=None)
     else:
         for block, weights in zip(blocks, best_weights):

@@ -311,7 +311,8 @@ def run_train(
                 history_len=mc.history_len, epochs=mc.epochs, batch_size=mc.batch_size, learning_rate=mc.learning_rate,
                 seed=mc.seed, first_seen=first_seen, clicks=clicks, content_prior=mc.content_prior,
                 feature_clock_hours=mc.feature_clock_hours, refit=mc.refit, window_hours=window_hours,
-                skips=skips, item_codes=item_codes, affinity_clusters=mc.affinity_clusters, progress=_log_epoch,
+                skips=skips, item_codes=item_codes, affinity_clusters=mc.affinity_clusters,
+                weight_average=mc.weight_average, progress=_log_epoch,
             )
 
         modalities = mc.modalities

@@ -178,6 +178,9 @@ def test_train_ctr_rejects_bad_arguments(world, log):
         train_ctr(world.features, bad, world.valid, log)
     with pytest.raises(ValueError, match="the interaction log covers 5 items, the feature table has 600"):
         train_ctr(*args[:3], InteractionLog.from_impressions([], 5))
+    for horizon in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"weight_average is {horizon}, expected 0"):
+            train_ctr(*args, weight_average=horizon)
     far = ClickLog.from_events(np.array(["U1"], dtype=object), world.train.times[:1], np.array([600]))
     with pytest.raises(ValueError, match="the click log names item row 600, the feature table has 600 rows"):
         train_ctr(*args, clicks=far)
@@ -659,3 +662,34 @@ def test_early_stopping_stops_once_patience_epochs_pass_without_a_better_auc(wor
     _, history = train_ctr(world.features, train, world.valid, log, epochs=5, patience=2, **_SCRIPTED_RUN)
     assert len(history["loss"]) == 3 and history["val_auc"] == [0.6, 0.5, 0.5]
     assert history["best_epoch"] == 1 and history["best_val_auc"] == 0.6
+
+
+@pytest.mark.slow
+def test_a_weight_average_is_validated_kept_and_served_and_leaves_the_steps_alone(world, log, monkeypatch):
+    train = select_impressions(world.train, np.arange(200))
+    plain_snapshots = _scripted_validation(monkeypatch, [0.7, 0.5])
+    _, plain_history = train_ctr(world.features, train, world.valid, log, epochs=2, patience=2, **_SCRIPTED_RUN)
+    snapshots = _scripted_validation(monkeypatch, [0.7, 0.5])
+    model, history = train_ctr(world.features, train, world.valid, log, epochs=2, patience=2, weight_average=1.0,
+                               **_SCRIPTED_RUN)
+    served = [layer.get_weights() for layer in (model.item_tower, model.user_encoder, model.scorer)]
+    assert history["best_epoch"] == 1
+    assert _same_weights(served, snapshots[0])  # what epoch 1 validated is what is served
+    assert not _same_weights(snapshots[0], plain_snapshots[0])  # an average, not the last step's weights
+    # The second epoch trained on from the last step's weights, not from the average swapped in
+    # for the validation: its loss is the plain training's.
+    np.testing.assert_allclose(history["loss"], plain_history["loss"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_refit_serves_its_weight_average_at_its_end(world, log, monkeypatch):
+    train = select_impressions(world.train, np.arange(200))
+    blocks = lambda m: [layer.get_weights() for layer in (m.item_tower, m.user_encoder, m.scorer)]  # noqa: E731
+    _scripted_validation(monkeypatch, [0.7])
+    plain, plain_history = train_ctr(world.features, train, world.valid, log, epochs=1, refit=True, **_SCRIPTED_RUN)
+    _scripted_validation(monkeypatch, [0.7])
+    averaged, history = train_ctr(world.features, train, world.valid, log, epochs=1, refit=True, weight_average=1.0,
+                                  **_SCRIPTED_RUN)
+    assert history["refit"]["epochs"] == plain_history["refit"]["epochs"] == 1
+    np.testing.assert_allclose(history["refit"]["loss"], plain_history["refit"]["loss"], rtol=1e-5)  # the same steps
+    assert not _same_weights(blocks(averaged), blocks(plain))  # served: their average, not the last step's
