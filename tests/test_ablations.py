@@ -47,3 +47,20 @@ def test_ablations_take_the_evaluated_versions_settings_not_todays_config(tmp_pa
 def test_settings_of_a_manifest_from_before_model_config_was_recorded():
     old = {"modalities": "text,image", "fusion": "gated", "seed": 2, "embedding_dim": 64, "version": "v1", "metrics": {}}
     assert training_settings(old) == {"modalities": "text,image", "fusion": "gated", "seed": 2, "embedding_dim": 64}
+
+
+def test_a_setting_added_since_reads_as_it_was_before_it_existed():
+    """A version whose model_config predates a key was trained without it: an averaged model is
+    not trained alike with one from before the average existed."""
+    from recsys.config import ModelConfig
+    from recsys.pipelines.evaluate import _trained_alike
+    from dataclasses import asdict
+
+    today = {"model_config": {**asdict(ModelConfig()), "weight_average": 0.5}}
+    before = {"model_config": {k: v for k, v in asdict(ModelConfig()).items()
+                               if k not in ("category_affinity", "affinity_clusters", "weight_average")}}
+    settings = training_settings(before)
+    assert (settings["category_affinity"], settings["affinity_clusters"], settings["weight_average"]) == (False, 0, 0.0)
+    assert not _trained_alike(before, today)
+    assert _trained_alike(before, {"model_config": {**asdict(ModelConfig()), "category_affinity": False,
+                                                    "affinity_clusters": 0}})

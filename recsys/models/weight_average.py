@@ -24,7 +24,10 @@ class WeightAverage:
 
     every step counting, the newer ones more, over about ``horizon_steps`` steps. The division by
     the sum of the factors (Adam's bias correction) makes it a weighted mean from the first step
-    on, not an average pulled toward zero or toward the initial weights.
+    on, not an average pulled toward zero or toward the initial weights. It is kept as the mean
+    itself, moved toward each step's weights by ``(1 - d) / n_t`` with ``n_t = sum_s d^(t-s)``
+    tracked in float64: float32 running sums of a long training (tens of thousands of steps)
+    would carry rounding errors up to a few per cent of what the average changes.
 
     Args:
         variables: the trainable variables to average (any shapes, float).
@@ -36,21 +39,21 @@ class WeightAverage:
             raise ValueError(f"horizon_steps is {horizon_steps!r}, expected a number above 0")
         self.variables = list(variables)
         self.decay = 1.0 - 1.0 / max(float(horizon_steps), 1.0)
-        self._sums = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.variables]
-        self._norm = tf.Variable(0.0, dtype=tf.float32, trainable=False)
+        self._means = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.variables]
+        self._norm = tf.Variable(0.0, dtype=tf.float64, trainable=False)  # n_t
 
     def update(self) -> None:
         """Count the variables' current values as one more step (callable inside ``tf.function``)."""
-        for total, v in zip(self._sums, self.variables):
-            total.assign(self.decay * total + (1.0 - self.decay) * v)
         self._norm.assign(self.decay * self._norm + (1.0 - self.decay))
+        rate = (1.0 - self.decay) / self._norm  # 1 at the first step: the mean is that step's weights
+        for mean, v in zip(self._means, self.variables):
+            mean.assign_add(tf.cast(rate, mean.dtype) * (v - mean))
 
     def values(self) -> list[np.ndarray]:
         """The averaged weights, one array per variable (their shapes)."""
-        norm = float(self._norm.numpy())
-        if norm == 0.0:
+        if float(self._norm.numpy()) == 0.0:
             raise ValueError("no step was averaged yet")
-        return [total.numpy() / norm for total in self._sums]
+        return [mean.numpy() for mean in self._means]
 
     def assign(self) -> None:
         """Replace the variables' values by their average."""

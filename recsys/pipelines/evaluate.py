@@ -44,12 +44,19 @@ log = logging.getLogger("recsys.evaluate")
 RANDOM, POPULAR, ORACLE = "random", "most popular", "oracle (true probability)"
 
 
+# [model] keys added after manifests began to record every setting (``model_config``), with the
+# value each had in effect before it existed: a manifest that records no such key was trained so.
+ADDED_SETTINGS = {"category_affinity": False, "affinity_clusters": 0, "weight_average": 0.0}
+
+
 def training_settings(manifest: dict) -> dict:
     """The ``[model]`` settings a version was trained with, as far as its manifest records them
-    (all of them since ``model_config`` was recorded; a few named keys before)."""
+    (all of them since ``model_config`` was recorded, those added since at the value they had
+    before they existed; a few named keys before)."""
     names = {f.name for f in fields(ModelConfig)}
-    recorded = manifest.get("model_config") or manifest
-    return {k: v for k, v in recorded.items() if k in names}
+    if not manifest.get("model_config"):
+        return {k: v for k, v in manifest.items() if k in names}
+    return {**ADDED_SETTINGS, **{k: v for k, v in manifest["model_config"].items() if k in names}}
 
 
 def _trained_alike(manifest: dict, current: dict) -> bool:

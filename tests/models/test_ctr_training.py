@@ -670,10 +670,24 @@ def test_a_weight_average_is_validated_kept_and_served_and_leaves_the_steps_alon
     plain_snapshots = _scripted_validation(monkeypatch, [0.7, 0.5])
     _, plain_history = train_ctr(world.features, train, world.valid, log, epochs=2, patience=2, **_SCRIPTED_RUN)
     snapshots = _scripted_validation(monkeypatch, [0.7, 0.5])
+    built = []
+
+    class Recorded(training.WeightAverage):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(training, "WeightAverage", Recorded)
     model, history = train_ctr(world.features, train, world.valid, log, epochs=2, patience=2, weight_average=1.0,
                                **_SCRIPTED_RUN)
     served = [layer.get_weights() for layer in (model.item_tower, model.user_encoder, model.scorer)]
     assert history["best_epoch"] == 1
+    # Every trainable weight of the three served blocks is averaged, no more.
+    averaged = {id(v) for v in built[0].variables}
+    assert averaged == {id(w) for block in (model.item_tower, model.user_encoder, model.scorer)
+                        for w in block.trainable_weights}
+    # A horizon of one epoch: as many steps as batches of 32 impressions.
+    assert built[0].decay == pytest.approx(1 - 1 / -(-history["train_impressions"] // _SCRIPTED_RUN["batch_size"]))
     assert _same_weights(served, snapshots[0])  # what epoch 1 validated is what is served
     assert not _same_weights(snapshots[0], plain_snapshots[0])  # an average, not the last step's weights
     # The second epoch trained on from the last step's weights, not from the average swapped in
