@@ -14,11 +14,16 @@ oracle's gap closed by
   folds by impression parity, each scored by the other's fit): what a calibration fitted for
   that day could reach.
 
-The gap between the first and the last is what the validation fit loses on each day. Nothing
-here is used by the product.
+The gap between the first and the last is what the validation fit loses on each day. A fourth
+column reads the product's calibration with every earlier show of the file, as it was read
+before the calibration kept its window (``window_hours``): how much the window matters on a
+file much longer than the validation window (``--test-days``: the generator's test file spans
+that many days, 2 by default; the same number of test impressions in all). Nothing here is
+used by the product.
 
 Usage:
   python benchmarks/bench_exposure_days.py --seeds 101 102 103 --users 3000 --news 2500 --impressions 9000 [--tag TAG]
+  python benchmarks/bench_exposure_days.py --seeds 101 102 103 --users 3000 --news 2500 --impressions 9000 --test-days 5 --tag five_days
 
 Prints a table and writes benchmarks/results/exposure_days[_TAG].json.
 """
@@ -44,7 +49,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
     from recsys.versions import get_version
 
     t0 = time.perf_counter()
-    world, ws, engine, _ = ingested_world(seed, args, root, foreign=args.foreign)
+    world, ws, engine, _ = ingested_world(seed, args, root, foreign=args.foreign, test_days=args.test_days)
     config = load_config(None, config_overrides(args))
     run_train(engine, ws, config)
     catalogue = load_scoring_catalogue(engine, ws, config, news=None, images=None)
@@ -64,7 +69,14 @@ def run_seed(seed: int, args, root: Path) -> dict:
     counts, hours = shows.earlier(read.candidate_items, read.times[owner],
                                   **({"window_hours": window} if window is not None else {}))
     clipped = np.clip(without, 1e-12, 1 - 1e-12)
-    design = exposure_design(np.log(clipped / (1 - clipped)), counts, hours, served.fresh[read.candidate_items])
+    logit_without = np.log(clipped / (1 - clipped))
+    design = exposure_design(logit_without, counts, hours, served.fresh[read.candidate_items])
+    # The product's own reading, rebuilt here: what the column below changes is only the window.
+    windowed = 1 / (1 + np.exp(-calibration.logits(logit_without, counts, hours, served.fresh[read.candidate_items])))
+    np.testing.assert_allclose(windowed, product, atol=1e-4)
+    # The same calibration reading every earlier show of the file (no window).
+    every_counts, every_hours = shows.earlier(read.candidate_items, read.times[owner])
+    every_show = calibration.logits(logit_without, every_counts, every_hours, served.fresh[read.candidate_items])
     oracle = oracle_auc(world)
     gap = lambda a: (a - 0.5) / (oracle - 0.5)  # noqa: E731
     day = ((read.times - read.times.min()) // np.timedelta64(1, "D")).astype(np.int64)
@@ -80,9 +92,10 @@ def run_seed(seed: int, args, root: Path) -> dict:
         out["days"][int(d)] = {
             "impressions": int((day == d).sum()), "fresh_mean_hours": float(hours[fresh & (counts > 0)].mean()),
             "product": gap(subset_auc(read, product, keep)), "no_file_exposure": gap(subset_auc(read, without, keep)),
+            "every_earlier_show": gap(subset_auc(read, every_show, keep)),
             "fitted_on_the_day": gap(subset_auc(read, refit, keep))}
     everything = np.ones(len(product), dtype=bool)
-    for name, scores in (("product", product), ("no file exposure", without)):
+    for name, scores in (("product", product), ("no file exposure", without), ("every earlier show", every_show)):
         a = subset_auc(read, scores, everything)
         out["rows"][name] = {"impression_auc": a, "gap_closed": gap(a)}
     out["seconds"] = round(time.perf_counter() - t0, 1)
@@ -92,10 +105,11 @@ def run_seed(seed: int, args, root: Path) -> dict:
 
 def show(res: dict) -> None:
     print(f"\nseed {res['seed']} ({res['seconds']} s), oracle {res['oracle']:.4f}, window {res['window_hours']} h")
-    print(f"  {'day':>3} {'impr.':>6} {'fresh h':>8} {'product':>8} {'no expo':>8} {'day fit':>8} {'lost':>6}")
+    print(f"  {'day':>3} {'impr.':>6} {'fresh h':>8} {'product':>8} {'no expo':>8} {'every':>8} {'day fit':>8} {'lost':>6}")
     for d, r in res["days"].items():
+        every = f"{100 * r['every_earlier_show']:>7.1f}%" if "every_earlier_show" in r else f"{'':>8}"
         print(f"  {d:>3} {r['impressions']:>6} {r['fresh_mean_hours']:>8.1f} {100 * r['product']:>7.1f}% "
-              f"{100 * r['no_file_exposure']:>7.1f}% {100 * r['fitted_on_the_day']:>7.1f}% "
+              f"{100 * r['no_file_exposure']:>7.1f}% {every} {100 * r['fitted_on_the_day']:>7.1f}% "
               f"{100 * (r['fitted_on_the_day'] - r['product']):>5.1f}")
 
 
@@ -106,14 +120,18 @@ def main() -> None:
     from bench_quality import mean_gap_closed, on_held_out_worlds, parse_experiment_args, write_results
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--test-days", type=int, default=2, help="days the generator's test file spans")
     args = parse_experiment_args(parser)
+    if args.foreign and args.test_days != 2:
+        raise SystemExit("--test-days: the second click model's worlds have a fixed test file")
     results = on_held_out_worlds(args, run_seed, "recsys-exposure-days-", show=show)
     days = sorted({d for r in results for d in r["days"]})
     by_day = {d: {k: float(np.mean([r["days"][d][k] for r in results if d in r["days"]]))
-                  for k in ("product", "no_file_exposure", "fitted_on_the_day")} for d in days}
+                  for k in ("product", "no_file_exposure", "every_earlier_show", "fitted_on_the_day")} for d in days}
     print("\nmean gap closed over seeds, per day of the file:")
     for d, r in by_day.items():
         print(f"  day {d}: product {100 * r['product']:.1f}%, no file exposure {100 * r['no_file_exposure']:.1f}%, "
+              f"every earlier show {100 * r['every_earlier_show']:.1f}%, "
               f"fitted on the day {100 * r['fitted_on_the_day']:.1f}% (lost {100 * (r['fitted_on_the_day'] - r['product']):.1f})")
     mean = mean_gap_closed(results)
     print("  all days: " + ", ".join(f"{name} {100 * v:.1f}%" for name, v in mean.items()))

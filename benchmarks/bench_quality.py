@@ -316,10 +316,11 @@ def parse_experiment_args(parser: argparse.ArgumentParser) -> argparse.Namespace
     return args
 
 
-def ingested_world(seed: int, args: argparse.Namespace, root: Path, *, foreign: bool = False):
+def ingested_world(seed: int, args: argparse.Namespace, root: Path, *, foreign: bool = False, test_days: int = 2):
     """Write the held-out world of ``seed`` under ``root`` (``foreign``: the second click model's
-    of ``bench_quality_foreign.py``, no covers) and ingest its news and training behaviors into a
-    new workspace; ``(world folder, workspace, engine, the writer's summary)``."""
+    of ``bench_quality_foreign.py``, no covers; else the generator's, its test file spanning
+    ``test_days``) and ingest its news and training behaviors into a new workspace; ``(world
+    folder, workspace, engine, the writer's summary)``."""
     from recsys.config import Workspace
     from recsys.data.sample import generate_sample
     from recsys.pipelines.ingest import run_ingest
@@ -332,7 +333,8 @@ def ingested_world(seed: int, args: argparse.Namespace, root: Path, *, foreign: 
         world.mkdir()
         summary = write_world(world, seed=seed, users=args.users, news=args.news, impressions=args.impressions)
     else:
-        summary = generate_sample(world, num_users=args.users, num_news=args.news, num_impressions=args.impressions, seed=seed)
+        summary = generate_sample(world, num_users=args.users, num_news=args.news, num_impressions=args.impressions, seed=seed,
+                                  test_days=test_days)
     ws = Workspace(root / f"ws-{seed}").ensure()
     engine = open_store(ws.default_db_url)
     run_ingest(engine, ws, news=world / "news.tsv", behaviors=world / "behaviors_train.tsv",
