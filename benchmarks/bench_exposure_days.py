@@ -43,6 +43,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
     from recsys.config import load_config
     from recsys.data.interactions import candidate_impression_rows
     from recsys.models.exposure import exposure_design
+    from recsys.models.linear_blend import sigmoid
     from recsys.pipelines.scoring import (VersionScorer, feature_times, iter_behavior_chunks, load_scoring_catalogue,
                                           read_file_shows)
     from recsys.pipelines.train import run_train
@@ -70,13 +71,13 @@ def run_seed(seed: int, args, root: Path) -> dict:
                                   **({"window_hours": window} if window is not None else {}))
     clipped = np.clip(without, 1e-12, 1 - 1e-12)
     logit_without = np.log(clipped / (1 - clipped))
-    design = exposure_design(logit_without, counts, hours, served.fresh[read.candidate_items])
+    fresh_candidates = served.fresh[read.candidate_items]
+    design = exposure_design(logit_without, counts, hours, fresh_candidates)
     # The product's own reading, rebuilt here: what the column below changes is only the window.
-    windowed = 1 / (1 + np.exp(-calibration.logits(logit_without, counts, hours, served.fresh[read.candidate_items])))
-    np.testing.assert_allclose(windowed, product, atol=1e-4)
+    np.testing.assert_allclose(sigmoid(calibration.apply(design)), product, atol=1e-4)
     # The same calibration reading every earlier show of the file (no window).
     every_counts, every_hours = shows.earlier(read.candidate_items, read.times[owner])
-    every_show = calibration.logits(logit_without, every_counts, every_hours, served.fresh[read.candidate_items])
+    every_show = calibration.logits(logit_without, every_counts, every_hours, fresh_candidates)
     oracle = oracle_auc(world)
     gap = lambda a: (a - 0.5) / (oracle - 0.5)  # noqa: E731
     day = ((read.times - read.times.min()) // np.timedelta64(1, "D")).astype(np.int64)
@@ -88,7 +89,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
             fit, score = keep & (owner % 2 != fold), keep & (owner % 2 == fold)
             model = LogisticRegression(C=1.0, max_iter=2000).fit(design[fit], read.labels[fit])
             refit[score] = model.decision_function(design[score])
-        fresh = keep & served.fresh[read.candidate_items]
+        fresh = keep & fresh_candidates
         out["days"][int(d)] = {
             "impressions": int((day == d).sum()), "fresh_mean_hours": float(hours[fresh & (counts > 0)].mean()),
             "product": gap(subset_auc(read, product, keep)), "no_file_exposure": gap(subset_auc(read, without, keep)),

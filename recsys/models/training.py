@@ -720,7 +720,8 @@ def _train_networks(
             continue
         with average.swapped_in() if average is not None else contextlib.nullcontext():
             metrics = evaluate_impressions(model, features, valid, log, first_seen)
-            if metrics["auc"] > best_auc:  # the weights validated are the ones kept
+            improved = metrics["auc"] > best_auc
+            if improved:  # the weights validated are the ones kept
                 best_weights = [block.get_weights() for block in blocks]
         if math.isnan(metrics["auc"]):
             raise TrainingDivergedError(f"training diverged: the validation scores are not finite at epoch {epoch}")
@@ -728,7 +729,7 @@ def _train_networks(
         history["val_log_loss"].append(metrics["log_loss"])
         if progress is not None:
             progress({**report, "val_auc": metrics["auc"], "val_log_loss": metrics["log_loss"], "seconds": train_seconds})
-        if metrics["auc"] > best_auc:
+        if improved:
             best_auc, best_epoch, waited = metrics["auc"], epoch, 0
         else:
             waited += 1
