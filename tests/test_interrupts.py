@@ -14,6 +14,23 @@ import pytest
 from recsys.interrupts import Terminated, signals_deferred, sigterm_unwinds, terminated, termination_signal
 
 
+@pytest.fixture(autouse=True)
+def _python_default_handlers():
+    """Each test starts from the handlers an interactive Python has. A test run started in the
+    background of a non-interactive shell (`make test &`, a CI runner's script) inherits SIGINT
+    ignored, so Python installs no Ctrl-C handler: the tests of what a handled Ctrl-C does would
+    then read an ignored one. Tests of ignored signals set that themselves."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _send(signum: int) -> None:
     os.kill(os.getpid(), signum)
     time.sleep(0.05)  # Python runs the handler at its next check: here, not after the statement
