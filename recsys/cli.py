@@ -327,7 +327,8 @@ def model_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json
     """Every model version, oldest first: current or not, settings, training window, validation AUC, index."""
     from recsys.versions import describe_versions
 
-    rows = describe_versions(_ctx(ctx).engine(uses_workspace=False))
+    c = _ctx(ctx)
+    rows = describe_versions(c.engine(uses_workspace=False), models_dir=c.workspace.models_dir)
     if as_json:
         _print_json(rows)
         return
@@ -366,8 +367,9 @@ def model_use(ctx: typer.Context, version: Annotated[str, typer.Argument(metavar
     c = _ctx(ctx)
     config = c.config()
     engine = c.engine()
-    previous = set_current(engine, version, encoders=lambda: configured_encoder_infos(config))
-    mv = get_version(engine, version)
+    previous = set_current(engine, version, encoders=lambda: configured_encoder_infos(config),
+                           models_dir=c.workspace.models_dir)
+    mv = get_version(engine, version, models_dir=c.workspace.models_dir)
     if previous == version:
         typer.echo(f"note: model version '{version}' is already current: nothing changed", err=True)
     _print_json({"current": version, "previous": previous, "changed": previous != version,

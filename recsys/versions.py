@@ -182,8 +182,40 @@ def _unpublish(engine: Engine, version: str, final: Path) -> None:
             log.warning("could not remove %s, the folder of a model version whose registration failed", final)
 
 
-def get_version(engine: Engine, version: str | None = None) -> ModelVersion:
-    """The named version, or the current one.
+def version_folder(version: str, recorded: str | Path, stored_manifest, models_dir: Path | None) -> Path:
+    """The folder a command reads and writes for ``version``.
+
+    The store records the absolute path the version was published at. When the workspace's own
+    ``models_dir`` holds a folder of that name whose manifest is the store's copy of it (the
+    workspace copied or moved together with its store: a staging copy, a restored backup), that
+    folder is the version's: a copy that read the recorded path wrote its nightly articles into
+    the original's index. Otherwise the recorded path (a version another workspace published in a
+    store both use).
+
+    Args:
+        recorded: ``model_versions.path``.
+        stored_manifest: ``model_versions.manifest``, the copy written at publishing.
+        models_dir: the workspace's ``models/``; None: the recorded path.
+    """
+    recorded = Path(recorded)
+    if models_dir is None:
+        return recorded
+    own = models_dir / version
+    if own == recorded:
+        return recorded
+    try:
+        manifest = json.loads((own / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return recorded  # no such folder here (or not one to trust): the recorded one's errors say more
+    # As JSON text: key order aside, a copy's manifest is the store's to the character.
+    if json.dumps(manifest, sort_keys=True) != json.dumps(stored_manifest, sort_keys=True, default=str):
+        return recorded
+    return own
+
+
+def get_version(engine: Engine, version: str | None = None, *, models_dir: Path | None = None) -> ModelVersion:
+    """The named version, or the current one; its folder as ``version_folder`` finds it in the
+    workspace whose ``models_dir`` is given.
 
     Raises:
         NotFoundError: no such version, or no current version yet (train first).
@@ -204,7 +236,7 @@ def get_version(engine: Engine, version: str | None = None) -> ModelVersion:
         raise NotFoundError(f"no current model version in the store at {shown_store(engine.url)}: " + (
             "versions exist but none is current (trained with --keep-current?): `recsys model use VERSION` serves one "
             "(see `recsys model list`)" if registered else "run `recsys train` first"))
-    path = Path(row.path)
+    path = version_folder(row.version, row.path, row.manifest, models_dir)
     return ModelVersion(row.version, path, read_manifest(row.version, path))
 
 
@@ -227,13 +259,14 @@ def read_manifest(version: str, path: Path) -> dict:
     return manifest
 
 
-def list_versions(engine: Engine) -> list[dict]:
-    """Every registered version's row (version, path, created_at, is_current, manifest), oldest first."""
+def list_versions(engine: Engine, *, models_dir: Path | None = None) -> list[dict]:
+    """Every registered version's row (version, path, created_at, is_current, manifest), oldest
+    first; ``path`` the folder ``version_folder`` finds in the workspace of ``models_dir``."""
     mv = s.model_versions.c
     with engine.connect() as conn:
         rows = conn.execute(select(mv.version, mv.path, mv.created_at, mv.is_current, mv.manifest)
                             .order_by(mv.created_at, mv.version)).all()
-    return [dict(r._mapping) for r in rows]
+    return [{**r._mapping, "path": str(version_folder(r.version, r.path, r.manifest, models_dir))} for r in rows]
 
 
 # How many version names a refusal lists (the newest); `recsys model list` shows them all.
@@ -241,7 +274,8 @@ SHOWN_VERSIONS = 10
 
 
 def set_current(engine: Engine, version: str, *,
-                encoders: tuple[dict, dict] | Callable[[], tuple[dict, dict]] | None = None) -> str | None:
+                encoders: tuple[dict, dict] | Callable[[], tuple[dict, dict]] | None = None,
+                models_dir: Path | None = None) -> str | None:
     """Make ``version`` the one current version (``recsys model use``, a rollback); returns the
     version that was current before (None when none was). Using the current version again
     changes nothing but still leaves it the only current row.
@@ -255,6 +289,8 @@ def set_current(engine: Engine, version: str, *,
             dicts), or a function giving them, called once the version is known to exist (it
             may open the encoders); a version built with other encoders is refused
             (``check_encoders``).
+        models_dir: the workspace's ``models/``, where the version's folder is looked for first
+            (``version_folder``).
 
     Raises:
         NotFoundError: no such version (the message lists the newest known ones), or its folder
@@ -275,7 +311,7 @@ def set_current(engine: Engine, version: str, *,
         more = f" (the newest {SHOWN_VERSIONS} of {len(known)}; `recsys model list` shows them all)" \
             if len(known) > SHOWN_VERSIONS else " (see `recsys model list`)"
         raise NotFoundError(f"model version '{version}' does not exist; known versions: {shown}{more}")
-    chosen = get_version(engine, version)
+    chosen = get_version(engine, version, models_dir=models_dir)
     # The nightly loads the model from this folder: a bundle without its config or with a
     # deleted or truncated Keras file would fail there, at night.
     check_bundle_files(chosen.model_dir)
@@ -311,17 +347,18 @@ def check_encoders(mv: ModelVersion, text_info: dict, image_info: dict | None) -
             )
 
 
-def describe_versions(engine: Engine) -> list[dict]:
+def describe_versions(engine: Engine, *, models_dir: Path | None = None) -> list[dict]:
     """One summary per registered version, oldest first (``recsys model list``): its training
     settings, window and validation metrics from the manifest, whether it is current and whether
     its index exists. A version whose folder is missing, or whose manifest or model bundle is
     damaged (``check_bundle_files``), is listed too, ``status`` "missing" or "damaged" with the
     reason in ``problem``; the figures of a version without a readable manifest come from the
-    copy of the manifest in the store."""
+    copy of the manifest in the store. ``path``: the folder ``version_folder`` finds in the
+    workspace of ``models_dir``."""
     from recsys.index.faiss_index import FaissIndex
 
     out = []
-    for row in list_versions(engine):
+    for row in list_versions(engine, models_dir=models_dir):
         path = Path(row["path"])
         status, problem = "ok", None
         try:

@@ -82,7 +82,8 @@ TRAINED = {"model.epochs": 1, "model.embedding_dim": 16, "model.anchor_dim": 4}
 @pytest.fixture
 def trained(_trained_snapshot):
     """``(world, workspace, engine, config)``: the trained workspace as it was after training,
-    restored under its own path (the store records the model version's absolute path)."""
+    restored under its own path (the store records the model version's absolute path, which
+    these tests read: ``get_version`` without a workspace)."""
     live = _trained_snapshot / "live"
     shutil.rmtree(live)
     shutil.copytree(_trained_snapshot / "snapshot", live, symlinks=True)
@@ -288,6 +289,42 @@ def test_a_night_done_before_its_articles_changed_ranks_again(tmp_path, trained)
     retry = run_nightly_job(engine, ws, config)
     assert retry["index"] == {"index_added": 0, "index_updated": 0, "index_republished": 0}
     assert retry["run"]["already_complete"] and retry["run"]["run_id"] == clean["run_id"]
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_night_on_a_copy_of_the_workspace_and_its_store_leaves_the_original_as_it_was(tmp_path, trained, capsys):
+    # The store records each version's folder by its absolute path: a night on a staging copy of
+    # the workspace and its store wrote the copy's changed articles into the original's index.
+    world, ws, engine, _ = trained
+    run_nightly_job(engine, ws, load_config(None, SHARDED))  # the original's index, built
+    version = get_version(engine).version
+    engine.dispose()  # the last connection checkpoints SQLite's WAL into the store file copied
+    copy = Workspace(tmp_path / "copy")
+    shutil.copytree(ws.root, copy.root, symlinks=True)
+    original = _digests(ws.root)
+    copied = open_store(copy.default_db_url)
+    try:
+        night = run_nightly_job(copied, copy, load_config(None, SHARDED), news=_retitled(world, tmp_path),
+                                images=world / "images")
+        assert night["run"]["status"] == "complete", night
+        assert night["index"]["index_updated"] == 200, night["index"]
+        assert get_version(copied, models_dir=copy.models_dir).path == copy.models_dir / version
+    finally:
+        copied.dispose()
+    assert _digests(ws.root) == original
+    changed = {name for name, digest in _digests(copy.models_dir).items()
+               if original.get(str(Path("models") / name)) != digest}
+    assert changed and all(name.startswith(f"{version}/index/") for name in changed)
+    # `model list` on the copy names the copy's folder.
+    capsys.readouterr()
+    assert main(["--workspace", str(copy.root), "model", "list", "--json"]) == 0
+    assert [row["path"] for row in json.loads(capsys.readouterr().out)] == [str(copy.models_dir / version)]
 
 
 def test_a_failed_ingest_ranks_the_stored_data_and_exits_3(tmp_path, trained, capsys):

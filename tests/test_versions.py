@@ -400,3 +400,44 @@ def test_a_version_the_store_may_hold_keeps_its_folder(engine, tmp_path, monkeyp
         versions.publish_version(engine, models, "v1", _stage(models, "v1"), {"seed": 1})
     assert (models / "v1" / versions.MANIFEST).exists()
     assert "store cannot say whether it holds the version" in caplog.text
+
+
+# --- a workspace copied or moved together with its store ---------------------------------------
+
+
+def test_a_copied_workspace_reads_and_writes_its_own_version_folders(engine, tmp_path):
+    # The store records each folder's absolute path: a copy of the workspace and its store read the
+    # original's folders, and its nightly added articles to the original's index.
+    import shutil
+
+    original, copy = tmp_path / "original" / "models", tmp_path / "copy" / "models"
+    _publish(engine, original, "v1", seed=1, metrics={"val_auc": 0.61})
+    _publish(engine, original, "v2", seed=2)
+    shutil.copytree(original, copy)
+    assert versions.get_version(engine).path == original / "v2"  # no workspace given: the recorded path
+    assert versions.get_version(engine, models_dir=copy).path == copy / "v2"
+    assert versions.get_version(engine, "v1", models_dir=copy).path == copy / "v1"
+    assert versions.get_version(engine, "v1", models_dir=original).path == original / "v1"
+    assert [r["path"] for r in versions.list_versions(engine, models_dir=copy)] == [str(copy / "v1"), str(copy / "v2")]
+    assert [r["path"] for r in versions.describe_versions(engine, models_dir=copy)] == [str(copy / "v1"), str(copy / "v2")]
+    # Moved rather than copied: the recorded folder is gone, the workspace's own one serves.
+    shutil.rmtree(original)
+    assert versions.set_current(engine, "v1", encoders=(TEXT, IMAGE), models_dir=copy) == "v2"
+    assert [r["status"] for r in versions.describe_versions(engine, models_dir=copy)] == ["ok", "ok"]
+    assert [r["status"] for r in versions.describe_versions(engine)] == ["missing", "missing"]
+
+
+def test_a_workspace_folder_of_the_same_name_but_another_manifest_is_not_the_stores_version(engine, tmp_path):
+    # Another store's version that happens to share the name (or a folder edited by hand): the
+    # store's own record stands.
+    other = tmp_path / "other" / "models"
+    published = _publish(engine, tmp_path / "models", "v1", seed=1)
+    staged = versions.staging_dir(other, "v1")
+    versions.write_json_atomic(staged / versions.MANIFEST, {**published.manifest, "seed": 2})
+    staged.rename(other / "v1")
+    assert versions.get_version(engine, models_dir=other).path == published.path
+    (other / "v1" / versions.MANIFEST).write_text("not json")  # unreadable: not trusted either
+    assert versions.get_version(engine, models_dir=other).path == published.path
+    (other / "v1" / versions.MANIFEST).unlink()
+    assert versions.get_version(engine, models_dir=other).path == published.path
+    assert versions.get_version(engine, models_dir=tmp_path / "nowhere").path == published.path

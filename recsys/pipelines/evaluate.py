@@ -71,9 +71,10 @@ def ablation_modalities(current: ModelVersion) -> tuple[str, ...]:
     return tuple(m for m in ("text", "image") if m != current.manifest.get("modalities"))
 
 
-def find_ablations(engine: Engine, current: ModelVersion) -> dict[str, ModelVersion]:
+def find_ablations(engine: Engine, current: ModelVersion, *, models_dir: Path | None = None) -> dict[str, ModelVersion]:
     """The latest versions of ``ablation_modalities`` trained like the current one: the same
-    window and the same settings apart from the modalities (seed, epochs, history, prior...)."""
+    window and the same settings apart from the modalities (seed, epochs, history, prior...);
+    their folders as found in the workspace of ``models_dir`` (``recsys.versions.version_folder``)."""
     found = {}
     window = current.manifest.get("training_window")
     wanted = ablation_modalities(current)
@@ -81,7 +82,7 @@ def find_ablations(engine: Engine, current: ModelVersion) -> dict[str, ModelVers
         m = row["manifest"]
         if (m.get("modalities") in wanted and m["modalities"] not in found
                 and m.get("training_window") == window and _trained_alike(m, current.manifest)):
-            found[m["modalities"]] = get_version(engine, row["version"])
+            found[m["modalities"]] = get_version(engine, row["version"], models_dir=models_dir)
     return found
 
 
@@ -104,7 +105,7 @@ def train_missing_ablations(engine: Engine, workspace: Workspace, config: Config
         cfg = replace(config, model=replace(config.model, **{**settings, "modalities": modalities}))
         result = run_train(engine, workspace, cfg, since=window["since"], until=window["until"], source=window.get("source"),
                            make_current=False, exact_modalities=True)
-        found[modalities] = get_version(engine, result["version"])
+        found[modalities] = get_version(engine, result["version"], models_dir=workspace.models_dir)
     return found
 
 
@@ -278,10 +279,12 @@ def run_evaluate(
     oracle = _oracle(behaviors, truth)
     configure_threads(config.runtime.threads or None)
     t_start = time.perf_counter()
-    chosen = [get_version(engine, v) for v in versions] if versions else [get_version(engine)]
+    chosen = ([get_version(engine, v, models_dir=workspace.models_dir) for v in versions] if versions
+              else [get_version(engine, models_dir=workspace.models_dir)])
     kinds = {mv.version: "model" for mv in chosen}
     if ablations:
-        found = train_missing_ablations(engine, workspace, config, chosen[0], find_ablations(engine, chosen[0]))
+        found = find_ablations(engine, chosen[0], models_dir=workspace.models_dir)
+        found = train_missing_ablations(engine, workspace, config, chosen[0], found)
         for modalities, mv in sorted(found.items()):
             if mv.version not in kinds:  # also listed in --models: it stays a model
                 chosen.append(mv)

@@ -31,7 +31,7 @@ CATALOGUE_STATE = "catalogue_state"
 _EMBEDDING_LIBRARIES = ("tensorflow", "keras", "faiss-cpu", "onnxruntime", "tokenizers", "numpy")
 
 
-def published_times(engine: Engine, news: pd.DataFrame) -> np.ndarray:
+def published_times(engine: Engine, news: pd.DataFrame, *, models_dir: Path | None = None) -> np.ndarray:
     """(n,) datetime64[s] publication stand-in: first shown or listed in a History, else the
     time an index first stamped it, else "now" of the store.
 
@@ -40,7 +40,8 @@ def published_times(engine: Engine, news: pd.DataFrame) -> np.ndarray:
     filter keeps it, and it ages from there. A full build (a new model version's index, or
     `recsys index build`) reads that stamp back from the indexes already saved (the earliest,
     where several hold it): stamped anew, every never-shown article of the back catalogue was
-    fresh again after each retraining.
+    fresh again after each retraining. The indexes are read where ``version_folder`` finds
+    them in the workspace of ``models_dir``.
     """
     first_seen = first_seen_array(news)
     _, latest = repo.time_range(engine)
@@ -48,7 +49,8 @@ def published_times(engine: Engine, news: pd.DataFrame) -> np.ndarray:
     unseen = np.isnat(first_seen)
     stamped = np.full(len(news), np.datetime64("NaT", "s"))
     if unseen.any():
-        saved = [_saved_stamps(ModelVersion(v["version"], Path(v["path"]), v["manifest"])) for v in list_versions(engine)]
+        saved = [_saved_stamps(ModelVersion(v["version"], Path(v["path"]), v["manifest"]))
+                 for v in list_versions(engine, models_dir=models_dir)]
         stamps = [pd.Series(published, index=ids) for ids, published in filter(None, saved)]
         if stamps:
             earliest = pd.concat(stamps).groupby(level=0).min()
@@ -142,7 +144,7 @@ def run_index_build(engine: Engine, workspace: Workspace, config: Config, *, ver
     from recsys.ranking.lock import NIGHTLY_LOCK, acquire_lock
 
     configure_threads(config.runtime.threads or None)
-    mv = get_version(engine, version)
+    mv = get_version(engine, version, models_dir=workspace.models_dir)
     found = FaissIndex.save_identity(mv.index_dir)  # the save this build would replace
     t0 = time.perf_counter()
     news, features = load_catalogue(engine, workspace, config, versions=[mv])
@@ -151,7 +153,7 @@ def run_index_build(engine: Engine, workspace: Workspace, config: Config, *, ver
     t_embed = time.perf_counter() - t0
     t0 = time.perf_counter()
     index = FaissIndex.build(
-        features.news_ids, embeddings, published=published_times(engine, news), kind=config.index.kind,
+        features.news_ids, embeddings, published=published_times(engine, news, models_dir=workspace.models_dir), kind=config.index.kind,
         exact_max_items=config.index.exact_max_items, num_threads=config.runtime.threads or None,
     )
     try:
@@ -205,9 +207,9 @@ def run_similar(engine: Engine, workspace: Workspace, *, news_id: str, k: int, v
     ``num_threads`` (``[runtime] threads``; None: every core)."""
     if k < 1:
         raise ConfigError(f"k is {k}, expected at least 1")
-    mv = get_version(engine, version)
+    mv = get_version(engine, version, models_dir=workspace.models_dir)
     try:
-        current = mv.version == get_version(engine).version
+        current = mv.version == get_version(engine, models_dir=workspace.models_dir).version
     except NotFoundError:  # no version is current yet
         current = False
     index = load_index(mv, num_threads=num_threads, current=current)

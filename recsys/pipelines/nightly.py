@@ -89,7 +89,7 @@ def refresh_index(engine: Engine, workspace: Workspace, config: Config, mv, *, l
 
     news, features = load_catalogue(engine, workspace, config, versions=[mv])
     embeddings = load_version_model(mv, features).item_embeddings(features)
-    published = published_times(engine, news)
+    published = published_times(engine, news, models_dir=workspace.models_dir)
     threads = config.runtime.threads or None
     index = None
     state = recorded_state(news, features, config)
@@ -348,7 +348,7 @@ def run_nightly_job(
         except OSError as exc:
             raise RecsysError(f"--export {export}: cannot create the folder ({exc.strerror or exc})") from exc
     _check_workspace_writable(engine, workspace)
-    _check_encoders(engine, config, ingesting=news is not None or behaviors is not None)
+    _check_encoders(engine, workspace, config, ingesting=news is not None or behaviors is not None)
     from recsys.ranking.nightly import worker_url
 
     worker_url(engine)  # StoreError for an in-memory store, which the helper and workers cannot open
@@ -389,7 +389,7 @@ def _check_workspace_writable(engine: Engine, workspace: Workspace) -> None:
     now, not after the night's files are ingested."""
     folders = [workspace.root, workspace.features_dir, workspace.models_dir, workspace.quarantine_dir]
     try:
-        folders.append(get_version(engine).path)
+        folders.append(get_version(engine, models_dir=workspace.models_dir).path)
     except NotFoundError:
         pass  # no model yet: the job says so after the ingest
     for folder in folders:
@@ -397,7 +397,7 @@ def _check_workspace_writable(engine: Engine, workspace: Workspace) -> None:
             check_writable("--workspace", workspace.root, folder)
 
 
-def _check_encoders(engine: Engine, config: Config, *, ingesting: bool) -> None:
+def _check_encoders(engine: Engine, workspace: Workspace, config: Config, *, ingesting: bool) -> None:
     """Raises ConfigError (a missing or unusable model file) or ModelMismatchError (encoders other
     than the current version's) when ``[encoders]`` cannot give the night's features: found now,
     not by the index refresh after the night's files are ingested.
@@ -411,7 +411,7 @@ def _check_encoders(engine: Engine, config: Config, *, ingesting: bool) -> None:
     except ConfigError as exc:
         raise ConfigError(f"[encoders] cannot be used{', nothing was ingested' if ingesting else ''}: {exc}") from exc
     try:
-        mv = get_version(engine)
+        mv = get_version(engine, models_dir=workspace.models_dir)
     except NotFoundError:
         return  # no model yet: the job says so after the ingest
     check_encoders(mv, text, image)
@@ -461,7 +461,7 @@ def _index_and_rank(engine: Engine, workspace: Workspace, config: Config, lock: 
     from recsys.ranking.nightly import run_nightly
 
     nc = config.nightly
-    mv = get_version(engine)
+    mv = get_version(engine, models_dir=workspace.models_dir)
     t0 = time.perf_counter()
     if index_is_current(engine, mv, config):
         # A retried night, or one whose files brought no article: nothing to encode or embed.

@@ -69,7 +69,7 @@ def run_predict(
     check_features_at(features_at)
     configure_threads(config.runtime.threads or None)
     t0 = time.perf_counter()
-    mv = get_version(engine, version)
+    mv = get_version(engine, version, models_dir=workspace.models_dir)
     scan = scan_behaviors(behaviors)
     span = scoring_span(scan, [mv])
     catalogue = load_scoring_catalogue(engine, workspace, config, news=news, images=images, span=span, versions=[mv])
