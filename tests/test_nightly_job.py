@@ -32,6 +32,7 @@ from recsys.store import schema
 from recsys.store.database import open_store
 from recsys.store.stats import store_stats
 from recsys.versions import get_version
+from tests.digests import file_digests
 from tests.lost_connection import connection_lost_at
 from tests.sample_store import ingested_sample
 from tests.signals import stop_after_shards
@@ -291,13 +292,6 @@ def test_a_night_done_before_its_articles_changed_ranks_again(tmp_path, trained)
     assert retry["run"]["already_complete"] and retry["run"]["run_id"] == clean["run_id"]
 
 
-def _digests(folder: Path) -> dict[str, str]:
-    import hashlib
-
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_a_night_on_a_copy_of_the_workspace_and_its_store_leaves_the_original_as_it_was(tmp_path, trained, capsys):
     # The store records each version's folder by its absolute path: a night on a staging copy of
     # the workspace and its store wrote the copy's changed articles into the original's index.
@@ -307,7 +301,7 @@ def test_a_night_on_a_copy_of_the_workspace_and_its_store_leaves_the_original_as
     engine.dispose()  # the last connection checkpoints SQLite's WAL into the store file copied
     copy = Workspace(tmp_path / "copy")
     shutil.copytree(ws.root, copy.root, symlinks=True)
-    original = _digests(ws.root)
+    original = file_digests(ws.root)
     copied = open_store(copy.default_db_url)
     try:
         night = run_nightly_job(copied, copy, load_config(None, SHARDED), news=_retitled(world, tmp_path),
@@ -317,8 +311,8 @@ def test_a_night_on_a_copy_of_the_workspace_and_its_store_leaves_the_original_as
         assert get_version(copied, models_dir=copy.models_dir).path == copy.models_dir / version
     finally:
         copied.dispose()
-    assert _digests(ws.root) == original
-    changed = {name for name, digest in _digests(copy.models_dir).items()
+    assert file_digests(ws.root) == original
+    changed = {name for name, digest in file_digests(copy.models_dir).items()
                if original.get(str(Path("models") / name)) != digest}
     assert changed and all(name.startswith(f"{version}/index/") for name in changed)
     # `model list` on the copy names the copy's folder.

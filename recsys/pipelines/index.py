@@ -153,8 +153,8 @@ def run_index_build(engine: Engine, workspace: Workspace, config: Config, *, ver
     t_embed = time.perf_counter() - t0
     t0 = time.perf_counter()
     index = FaissIndex.build(
-        features.news_ids, embeddings, published=published_times(engine, news, models_dir=workspace.models_dir), kind=config.index.kind,
-        exact_max_items=config.index.exact_max_items, num_threads=config.runtime.threads or None,
+        features.news_ids, embeddings, published=published_times(engine, news, models_dir=workspace.models_dir),
+        kind=config.index.kind, exact_max_items=config.index.exact_max_items, num_threads=config.runtime.threads or None,
     )
     try:
         with acquire_lock(engine, NIGHTLY_LOCK):

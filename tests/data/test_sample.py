@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -29,19 +28,12 @@ from recsys.data.sample import (
     read_world,
 )
 from recsys.errors import ConfigError, RecsysError
+from tests.digests import file_digests
 
 MIND_TIME = "%m/%d/%Y %I:%M:%S %p"
 SMALL = dict(num_users=200, num_news=300, num_impressions=450, seed=3, image_size=48, workers=1)
 NUM_TEST = 150  # a third of the training impressions by default
 TINY = {**SMALL, "num_users": 10, "num_news": 100, "num_impressions": 30}  # for tests of the output folder
-
-
-def _digest(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _read_tsv(path: Path) -> list[list[str]]:
@@ -90,20 +82,20 @@ def truth(world_dir):
 def test_same_seed_gives_identical_files(world_dir, tmp_path):
     again = tmp_path / "again"
     generate_sample(again, **SMALL)
-    assert _digest(again) == _digest(world_dir)
+    assert file_digests(again) == file_digests(world_dir)
 
 
 @pytest.mark.slow
 def test_worker_processes_do_not_change_the_bytes(world_dir, tmp_path):
     pooled = tmp_path / "pooled"
     generate_sample(pooled, **{**SMALL, "workers": 2})
-    assert _digest(pooled) == _digest(world_dir)
+    assert file_digests(pooled) == file_digests(world_dir)
 
 
 def test_other_seed_gives_other_files(world_dir, tmp_path):
     other = tmp_path / "other"
     generate_sample(other, **{**SMALL, "seed": 4})
-    a, b = _digest(world_dir), _digest(other)
+    a, b = file_digests(world_dir), file_digests(other)
     for name in ("news.tsv", "behaviors_train.tsv", "behaviors_test.tsv", "truth.tsv"):
         assert a[name] != b[name]
 
@@ -546,10 +538,10 @@ def test_refuses_to_replace_a_world_with_files_of_its_user(tmp_path, added, name
     generate_sample(out, **TINY)
     (out / added).parent.mkdir(exist_ok=True)
     (out / added).write_text("keep me")
-    before = _digest(out)
+    before = file_digests(out)
     with pytest.raises(SampleError, match=f"w: holds {named}, which generate-sample does not write"):
         generate_sample(out, **{**TINY, "seed": 9})
-    assert _digest(out) == before
+    assert file_digests(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
 
 
@@ -558,18 +550,18 @@ def test_refuses_the_current_folder_and_those_above_it(tmp_path, monkeypatch, ou
     # The world is renamed onto out: '.' failed half-way (EBUSY) and left an ..old- folder behind,
     # and a folder above the current one was renamed away from under it.
     generate_sample(tmp_path / "w", **TINY)
-    before = _digest(tmp_path)
+    before = file_digests(tmp_path)
     monkeypatch.chdir(tmp_path / "w" / "images" if out == "w" else tmp_path / "w")
     with pytest.raises(SampleError, match="is the current folder or one above it"):
         generate_sample(tmp_path / out if out == "w" else out, **{**TINY, "seed": 9})
-    assert _digest(tmp_path) == before
+    assert file_digests(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
 
 
 def test_a_failed_swap_puts_the_earlier_world_back(tmp_path, monkeypatch):
     out = tmp_path / "w"
     generate_sample(out, **TINY)
-    before = _digest(out)
+    before = file_digests(out)
     replace = os.replace
 
     def busy_staging(src, dst):
@@ -580,7 +572,7 @@ def test_a_failed_swap_puts_the_earlier_world_back(tmp_path, monkeypatch):
     monkeypatch.setattr(sample.os, "replace", busy_staging)
     with pytest.raises(OSError, match="busy"):
         generate_sample(out, **{**TINY, "seed": 9})
-    assert _digest(out) == before
+    assert file_digests(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
 
 
@@ -668,7 +660,7 @@ def test_committed_sample_is_complete_and_small():
 def test_committed_sample_is_what_the_generator_writes(tmp_path):
     fresh = tmp_path / "sample"
     generate_sample(fresh, **COMMITTED_ARGS, workers=1)
-    a, b = _digest(fresh), _digest(COMMITTED)
+    a, b = file_digests(fresh), file_digests(COMMITTED)
     # Text files byte for byte; pictures by name (JPEG/WebP encoders may differ between Pillow builds).
     assert {k: v for k, v in a.items() if not k.startswith("images")} == {
         k: v for k, v in b.items() if not k.startswith("images")
