@@ -631,6 +631,8 @@ def _train_networks(
             [WEAK_ANCHOR_START_WEIGHT if name in silent else ANCHOR_START_WEIGHT for name in anchor_aucs])
     ctr = CTRModel(model.item_tower, model.user_encoder, model.scorer)
     optimizer = keras.optimizers.Adam(learning_rate)
+    # Slots created before the first step: created inside it, TensorFlow traces the step twice.
+    optimizer.build(ctr.trainable_variables)
     side = side_spec.compute(train.candidate_items, train_times, log, first_seen)
     del train_times  # 8 bytes a training pair (0.3 GB at 37M pairs), not needed by the epochs
     maker = _BatchMaker(

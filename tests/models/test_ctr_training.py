@@ -294,6 +294,22 @@ def test_same_seed_same_metrics(world, log):
     assert not np.allclose(first["val_auc"], other["val_auc"], atol=5e-4)
 
 
+def test_a_training_traces_its_step_once(world, log, monkeypatch):
+    """The step's Python body runs only while TensorFlow traces it. An optimizer that creates its
+    slots in the first call makes TensorFlow trace it twice (seconds per training)."""
+    traces = []
+
+    def counted(*args):
+        traces.append(1)
+        return pointwise_loss(*args)
+
+    monkeypatch.setattr(training, "pointwise_loss", counted)
+    train = select_impressions(world.train, np.arange(150))  # several batches, the last one shorter
+    _, history = train_ctr(world.features, train, world.valid, log, epochs=2, batch_size=32, embedding_dim=16)
+    assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
+    assert len(traces) == 1
+
+
 @pytest.mark.slow
 def test_listwise_training_is_calibrated_afterwards(world, log):
     train = select_impressions(world.train, np.arange(700))
