@@ -766,6 +766,51 @@ class RankingModel:
             out[lo:hi] = fn(users[owner[lo:hi]], item_embeddings[items[lo:hi]], side[lo:hi])
         return out
 
+    def content_prior_terms(self, impressions: Impressions, item_embeddings: np.ndarray) -> np.ndarray:
+        """Each candidate's content-prior terms against its impression's capped history, unweighted.
+
+        ``s1_b = mean_h <a_hb, a_cb>`` and ``s2_b = mean_h <a_hb, a_cb>^2`` per anchor block ``b``
+        (text first), read from the anchor columns of the served embeddings, as the served user
+        vector reads them (``with_content_prior``): with weights ``lambda`` and ``mu`` the served
+        logit is the networks' plus ``sum_b lambda_b s1_b + mu_b s2_b``. 0 for a cold user.
+        ``train_ctr`` fits the weights from these without scoring the networks once per term.
+
+        Args:
+            impressions: ``m`` impressions with ``c`` candidates.
+            item_embeddings: (n, serving_dim) embeddings of a model serving the prior (``D + A``
+                columns: the anchors after the networks' ``D``).
+
+        Returns:
+            (c, 2B) float64: the ``B`` mean-similarity columns, then the ``B`` mean-squared ones.
+
+        Raises:
+            ValueError: the model serves no anchor columns.
+        """
+        if not self.config.prior_dim:
+            raise ValueError("content prior terms need a model serving the prior's anchor columns (prior_dim 0)")
+        self._check_embeddings(item_embeddings)
+        d, blocks, k = self.config.embedding_dim, self._anchor_blocks, self._anchor_dim
+        out = np.empty((len(impressions.candidate_items), 2 * blocks), dtype=np.float64)
+        for lo in range(0, len(impressions), SCORE_IMPRESSIONS):
+            part = slice_impressions(impressions, lo, min(lo + SCORE_IMPRESSIONS, len(impressions)))
+            offsets, histories, which = self._distinct_histories(part)
+            rows, mask = self.history_matrix(offsets, np.asarray(histories, dtype=np.int64))
+            anchors = item_embeddings[rows][..., d:].astype(np.float64).reshape(*rows.shape, blocks, k)  # (u, H, B, k)
+            count = np.maximum(mask.sum(axis=1), 1.0)[:, None, None]
+            mean = np.einsum("uh,uhbi->ubi", mask, anchors) / count  # (u, B, k)
+            second = np.einsum("uh,uhbi,uhbj->ubij", mask, anchors, anchors) / count[..., None]  # (u, B, k, k)
+            owner = which[np.repeat(np.arange(len(part)), np.diff(part.candidate_offsets))]
+            start = impressions.candidate_offsets[lo]
+            step = 8192  # candidates per gather of their users' (B, k, k) moments
+            for c0 in range(0, len(owner), step):
+                users = owner[c0 : c0 + step]
+                cand = item_embeddings[part.candidate_items[c0 : c0 + step]][:, d:].astype(np.float64)
+                cand = cand.reshape(len(users), blocks, k)
+                rows_out = slice(start + c0, start + c0 + len(users))
+                out[rows_out, :blocks] = np.einsum("pbi,pbi->pb", mean[users], cand)
+                out[rows_out, blocks:] = np.einsum("pbij,pbi,pbj->pb", second[users], cand, cand)
+        return out
+
     def _distinct_histories(self, impressions: Impressions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The distinct capped histories of ``impressions``: (offsets (u + 1,), items) CSR and
         (m,) which of them each impression has.

@@ -763,7 +763,7 @@ def _fit_prior_weights(
     for the Platt fit that follows).
 
     Logits are linear in every weight, so the networks are run once with the prior off and
-    once per term and anchor block with that weight 1 (five passes for text + image); every
+    each term and anchor block is read once (``RankingModel.content_prior_terms``); every
     candidate is then a sum. The search: the best pair of ``PRIOR_WEIGHTS`` x
     ``MOMENT_WEIGHTS`` shared by all blocks (ties to the smaller weights, the moment weight
     first: the prior stays off unless something beats the networks alone), then two sweeps of
@@ -775,13 +775,8 @@ def _fit_prior_weights(
     """
     blocks = model.anchor_blocks
     base = evaluate_logits(model, features, valid, log, first_seen).astype(np.float64)
-
-    def unit_term(moment: bool, block: int) -> np.ndarray:
-        unit = np.eye(blocks)[block]
-        served = model.with_content_prior(0.0, unit) if moment else model.with_content_prior(unit)
-        return evaluate_logits(served, features, valid, log, first_seen) - base
-
-    terms = [unit_term(False, b) for b in range(blocks)] + [unit_term(True, b) for b in range(blocks)]
+    unit = model.with_content_prior(1.0, 1.0)  # serves the anchors each term reads
+    terms = list(unit.content_prior_terms(valid, _embeddings_for(unit, features, valid)).T)
     grids = [PRIOR_WEIGHTS] * blocks + [MOMENT_WEIGHTS] * blocks
 
     def logits_of(weights) -> np.ndarray:

@@ -547,6 +547,40 @@ def test_content_prior_terms_add_their_weighted_similarities_per_modality(prior_
         served.score(users[:3, :20], emb[:3], side[:3])
 
 
+def test_content_prior_terms_are_each_terms_share_of_the_served_logit(prior_model, small, monkeypatch):
+    import recsys.models.bundle as bundle_module
+
+    world, log, first = small
+    imps = world.test
+    unit = prior_model.with_content_prior(1.0, 1.0)
+    emb = unit.item_embeddings(world.features)
+    terms = unit.content_prior_terms(imps, emb)
+    assert terms.shape == (len(imps.candidate_items), 4)
+    # By hand, impression by impression: mean and mean squared similarity per block, 0 for a cold user.
+    anchors = emb[:, 16:].astype(np.float64)
+    expected = np.zeros_like(terms)
+    for i in range(len(imps)):
+        hist, cands = imps.history(i)[:5], imps.candidates(i)
+        lo, hi = imps.candidate_offsets[i], imps.candidate_offsets[i + 1]
+        for b, block in enumerate((slice(0, 2), slice(2, 4))):
+            if len(hist):
+                sims = anchors[cands, block] @ anchors[hist, block].T
+                expected[lo:hi, b], expected[lo:hi, 2 + b] = sims.mean(axis=1), (sims**2).mean(axis=1)
+    assert (expected[:, 0] == 0).any() and (expected != 0).any()  # cold users and warm ones
+    np.testing.assert_allclose(terms, expected, atol=1e-9)
+    # Weighted and summed, they are what the served model adds to the networks' logit.
+    weights, moments = (1.5, 0.5), (3.0, 1.0)
+    served = prior_model.with_content_prior(weights, moments)
+    base = prior_model.score_impressions(imps, emb[:, :16], log, first, logits=True)
+    np.testing.assert_allclose(served.score_impressions(imps, emb, log, first, logits=True),
+                               base + terms @ np.array(weights + moments), atol=1e-4)
+    # In chunks of impressions (one user vector per distinct history within each), the same.
+    monkeypatch.setattr(bundle_module, "SCORE_IMPRESSIONS", 7)
+    np.testing.assert_allclose(unit.content_prior_terms(imps, emb), terms, atol=1e-12)
+    with pytest.raises(ValueError, match="prior_dim 0"):
+        prior_model.content_prior_terms(imps, emb[:, :16])
+
+
 def test_content_prior_survives_save_and_load(prior_model, small, tmp_path):
     served = prior_model.with_content_prior((1.25, 2.0), 0.5)
     served.save(tmp_path / "bundle")
