@@ -19,7 +19,7 @@ TRAIN_ARGS = dict(epochs=10, batch_size=16, learning_rate=2e-3, patience=4)
 
 @pytest.fixture(scope="session", autouse=True)
 def _threads():
-    configure_threads(2)
+    configure_threads()  # this process's share of the cores (tests/conftest.py)
 
 
 @pytest.fixture(scope="session")
