@@ -254,10 +254,10 @@ def test_a_night_killed_before_an_ingest_changed_the_articles_is_not_resumed(tmp
 
     world, ws, engine, _ = trained
     config = load_config(None, SHARDED)
-    monkeypatch.setattr(nightly_module, "progress", stop_after_shards(3))
-    with pytest.raises(KeyboardInterrupt):
+    # A context, not monkeypatch.undo(): that would also undo _in_this_process's patches.
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(nightly_module, "progress", stop_after_shards(3))
         run_nightly_job(engine, ws, config)
-    monkeypatch.undo()
     (killed,) = [run_id for run_id, kind, status in _runs(engine) if (kind, status) == (runs.NIGHTLY, "running")]
     assert len(runs.finished_shards(engine, killed)) == 3
 
@@ -470,8 +470,9 @@ def test_an_export_that_fails_after_the_run_still_prints_the_summary_and_exits_1
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(recsys.ranking.export, "export_run", full_disk)
-    code = main(["--workspace", str(ws.root), "nightly", "--k", "3", "--workers", "1", "--export", str(tmp_path / "out")])
+    with monkeypatch.context() as patch:  # not monkeypatch.undo(): that would undo _in_this_process too
+        patch.setattr(recsys.ranking.export, "export_run", full_disk)
+        code = main(["--workspace", str(ws.root), "nightly", "--k", "3", "--workers", "1", "--export", str(tmp_path / "out")])
     out, err = capsys.readouterr()
     assert code == 1
     summary = json.loads(out)
@@ -483,7 +484,6 @@ def test_an_export_that_fails_after_the_run_still_prints_the_summary_and_exits_1
     assert err.strip().splitlines()[-1] == f"error: {message}"
     # A real one: a folder where the next night's file goes. It stopped the job after its switch
     # with no summary (export raised a RecsysError, which the clause above did not catch).
-    monkeypatch.undo()
     in_the_way = tmp_path / "out" / f"recommendations-run-{run_id + 1}.parquet"
     in_the_way.mkdir(parents=True)
     code = main(["--workspace", str(ws.root), "nightly", "--k", "3", "--workers", "1", "--rerank",
