@@ -71,6 +71,8 @@ MODEL_FILES = ("item_tower.keras", "user_encoder.keras", "scorer.keras")
 FORMAT_VERSION = 1
 # Impressions scored at a time by ``score_impressions``.
 SCORE_IMPRESSIONS = 1 << 14
+# Distinct histories per batch of content_prior_terms: 1024 x 50 x 32 float64 anchors, 13 MB.
+PRIOR_TERM_USERS = 1024
 
 
 @dataclass(frozen=True)
@@ -794,11 +796,16 @@ class RankingModel:
         for lo in range(0, len(impressions), SCORE_IMPRESSIONS):
             part = slice_impressions(impressions, lo, min(lo + SCORE_IMPRESSIONS, len(impressions)))
             offsets, histories, which = self._distinct_histories(part)
-            rows, mask = self.history_matrix(offsets, np.asarray(histories, dtype=np.int64))
-            anchors = item_embeddings[rows][..., d:].astype(np.float64).reshape(*rows.shape, blocks, k)  # (u, H, B, k)
-            count = np.maximum(mask.sum(axis=1), 1.0)[:, None, None]
-            mean = np.einsum("uh,uhbi->ubi", mask, anchors) / count  # (u, B, k)
-            second = np.einsum("uh,uhbi,uhbj->ubij", mask, anchors, anchors) / count[..., None]  # (u, B, k, k)
+            histories = np.asarray(histories, dtype=np.int64)
+            u = len(offsets) - 1
+            mean, second = np.empty((u, blocks, k)), np.empty((u, blocks, k, k))
+            for u0 in range(0, u, PRIOR_TERM_USERS):  # bounded (users, H, A) temporaries
+                users = np.arange(u0, min(u0 + PRIOR_TERM_USERS, u))
+                rows, mask = self.history_matrix(offsets, histories, users)
+                anchors = item_embeddings[rows][..., d:].astype(np.float64).reshape(*rows.shape, blocks, k)
+                count = np.maximum(mask.sum(axis=1), 1.0)[:, None, None]  # 0 terms for a cold user
+                mean[users] = np.einsum("uh,uhbi->ubi", mask, anchors) / count
+                second[users] = np.einsum("uh,uhbi,uhbj->ubij", mask, anchors, anchors) / count[..., None]
             owner = which[np.repeat(np.arange(len(part)), np.diff(part.candidate_offsets))]
             start = impressions.candidate_offsets[lo]
             step = 8192  # candidates per gather of their users' (B, k, k) moments

@@ -574,8 +574,10 @@ def test_content_prior_terms_are_each_terms_share_of_the_served_logit(prior_mode
     base = prior_model.score_impressions(imps, emb[:, :16], log, first, logits=True)
     np.testing.assert_allclose(served.score_impressions(imps, emb, log, first, logits=True),
                                base + terms @ np.array(weights + moments), atol=1e-4)
-    # In chunks of impressions (one user vector per distinct history within each), the same.
+    # In chunks of impressions (one user vector per distinct history within each) and batches
+    # of their distinct histories, the same.
     monkeypatch.setattr(bundle_module, "SCORE_IMPRESSIONS", 7)
+    monkeypatch.setattr(bundle_module, "PRIOR_TERM_USERS", 3)
     np.testing.assert_allclose(unit.content_prior_terms(imps, emb), terms, atol=1e-12)
     with pytest.raises(ValueError, match="prior_dim 0"):
         prior_model.content_prior_terms(imps, emb[:, :16])
